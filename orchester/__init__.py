@@ -1,0 +1,33 @@
+"""Orchester: a ZeroMQ message bus that runs scientific tasks on satellites.
+
+The client API::
+
+    from orchester import Client, LocalCluster
+
+    with LocalCluster(satellites=2, workers=2) as cluster, cluster.client() as client:
+        print(client.submit("echo", [1, 2, 3]).result(timeout=30))
+"""
+
+from .aio import AsyncClient
+from .client import Client, TaskFuture
+from .errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
+from .events import Event, EventStream
+from .local import ClusterError, LocalCluster
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ClientClosed",
+    "ClusterError",
+    "Event",
+    "EventStream",
+    "LocalCluster",
+    "OrchesterError",
+    "RemoteError",
+    "TaskFailed",
+    "TaskFuture",
+    "Unreachable",
+    "__version__",
+]

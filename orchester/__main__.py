@@ -1,0 +1,5 @@
+"""``python -m orchester``: the orchester command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,184 @@
+"""The asyncio client: the same protocol core as :class:`~orchester.Client`, on ``zmq.asyncio``.
+
+Example::
+
+    import asyncio
+    from orchester import AsyncClient
+
+    async def main():
+        async with AsyncClient("tcp://127.0.0.1:5555") as client:
+            print(await client.submit("echo", 42))
+            print(await client.map("echo", range(10)))
+
+    asyncio.run(main())
+
+Use one instance from one event loop. Submitting returns an ``asyncio.Future``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any, Iterable, Sequence
+
+import zmq
+import zmq.asyncio
+
+from serializers import ProtocolError
+from serializers import protocol as P
+
+from .client_core import ClientCore
+from .errors import ClientClosed, Unreachable
+
+log = logging.getLogger("orchester.client")
+_counter = itertools.count()
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class AsyncClient:
+    """Submit tasks from asyncio code over one pipelined DEALER socket."""
+
+    def __init__(self, endpoints: str | Sequence[str], *, codec: str = "msgpack",
+                 heartbeat_interval: float = 1.0, liveness: int = 3,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not self.endpoints:
+            raise ValueError("a client needs at least one orchestrator endpoint")
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self.core = ClientCore(_resolve, _reject, codec=codec)
+        self._index = 0
+        self._sock = self._connect()
+        self._reader: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.routing_id = f"a:{self.core.name}:{next(_counter)}".encode()
+        s.sndhwm = s.rcvhwm = 100_000
+        s.connect(self.endpoints[self._index % len(self.endpoints)])
+        return s
+
+    def _ensure_reader(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
+                     timeout: float | None = None, codec: str | None = None, **kwargs: Any) -> Any:
+        """Submit a task and wait for its result (see :meth:`orchester.Client.submit`)."""
+        return await self.submit_nowait(kind, *args, priority=priority, tags=tags, timeout=timeout,
+                                        codec=codec, **kwargs)
+
+    def submit_nowait(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
+                      timeout: float | None = None, codec: str | None = None,
+                      **kwargs: Any) -> asyncio.Future[Any]:
+        """Submit a task; return an ``asyncio.Future`` of its result at once."""
+        self._ensure_reader()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        _, frames = self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
+                                     timeout=timeout, codec=codec)
+        self._sock.send_multipart(frames, copy=False)
+        return fut
+
+    async def map(self, kind: str, iterable: Iterable[Any], **options: Any) -> list[Any]:
+        """Submit ``kind(item)`` for every item; return the results in order."""
+        futs = [self.submit_nowait(kind, item, **options) for item in iterable]
+        return list(await asyncio.gather(*futs))
+
+    async def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the result of any task by id."""
+        self._ensure_reader()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._sock.send_multipart(self.core.fetch(fut, task_id))
+        return await asyncio.wait_for(fut, timeout)
+
+    async def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        self._ensure_reader()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._sock.send_multipart(self.core.request(fut, cmd, body))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self.core.forget(fut)
+            raise Unreachable(f"no answer within {timeout}s") from None
+
+    async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """The orchestrator's status (see :meth:`orchester.Client.status`)."""
+        return await self._ask(P.STATUS, {}, timeout)
+
+    async def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Cancel a task."""
+        return await self._ask(P.CANCEL, {"id": task_id}, timeout)
+
+    async def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Switch the routing strategy at run time."""
+        return await self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+
+    async def _read(self) -> None:
+        core = self.core
+        last_heard = last_ping = time.monotonic()
+        silent_after = self.heartbeat_interval * self.liveness
+        while not self._closed:
+            sock = self._sock
+            if await sock.poll(self.heartbeat_interval * 500):
+                while True:
+                    try:
+                        frames = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    last_heard = time.monotonic()
+                    try:
+                        if core.handle(frames):
+                            for f in core.pending_frames():
+                                sock.send_multipart(f, copy=False)
+                    except ProtocolError as exc:
+                        log.warning("bad message from orchestrator: %s", exc)
+            now = time.monotonic()
+            busy = bool(core.tasks or core.requests)
+            if busy and now - last_ping >= self.heartbeat_interval:
+                sock.send_multipart(core.ping())
+                last_ping = now
+            if not busy:
+                last_heard = now
+            elif now - last_heard > silent_after and len(self.endpoints) > 1:
+                self._index += 1
+                sock.close(0)
+                self._sock = self._connect()
+                last_heard = now
+                for f in core.pending_frames():
+                    self._sock.send_multipart(f, copy=False)
+
+    async def close(self) -> None:
+        """Stop reading, close the socket and fail what is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.core.fail_all(ClientClosed("the client was closed"))
+        self._sock.close(0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

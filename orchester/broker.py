@@ -1,0 +1,182 @@
+"""The orchestrator's socket adapter: one poll loop around :class:`~orchester.core.Orchestrator`.
+
+Sockets are created in the thread that runs :meth:`Broker.run` (or in the
+constructor when the caller runs the loop in its own thread) and closed in
+``finally`` with ``linger=0``. Each wake-up drains every readable socket in
+batches, then runs the core's housekeeping and flushes what it produced.
+
+Example::
+
+    from orchester.broker import Broker
+    from orchester.config import OrchestratorConfig
+
+    broker = Broker(OrchestratorConfig(bind=["tcp://127.0.0.1:*"], pub=["tcp://127.0.0.1:*"]))
+    print(broker.endpoints)      # the endpoints actually bound
+    broker.run()                 # until broker.stop() from another thread, or SIGTERM in the CLI
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from .config import OrchestratorConfig
+from .core import Orchestrator
+
+log = logging.getLogger("orchester")
+
+#: errnos that mean "this peer cannot take the message now"; anything else propagates.
+_UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
+
+
+class Broker:
+    """Bind the orchestrator's sockets and run its poll loop."""
+
+    def __init__(self, config: OrchestratorConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config.validate()
+        self.ctx = context or zmq.Context.instance()
+        self.core = Orchestrator(config, time.monotonic())
+        self._stop = threading.Event()
+        self._routers: list[zmq.Socket[Any]] = []
+        self.endpoints: dict[str, list[str]] = {"bind": [], "satellite_bind": [], "pub": []}
+        try:
+            self.router = self._router(config.bind, "bind")
+            self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
+                if config.satellite_bind else self.router
+            self.xpub = self.ctx.socket(zmq.XPUB)
+            self.xpub.linger = 0
+            self.xpub.sndhwm = config.hwm * 10
+            self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+            for ep in config.pub:
+                self.xpub.bind(ep)
+                self.endpoints["pub"].append(self.xpub.last_endpoint.decode())
+        except Exception:
+            self.close()
+            raise
+        self.core.pub_endpoints = self.endpoints["pub"]
+        if config.endpoint_file:
+            write_endpoint_file(config.endpoint_file, self.endpoints)
+
+    def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
+        s = self.ctx.socket(zmq.ROUTER)
+        self._routers.append(s)
+        s.linger = 0
+        s.router_mandatory = 1
+        s.sndhwm = self.config.hwm
+        s.rcvhwm = self.config.hwm
+        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
+        for ep in endpoints:
+            s.bind(ep)
+            self.endpoints[name].append(s.last_endpoint.decode())
+        return s
+
+    @property
+    def client_endpoint(self) -> str:
+        """The first bound client endpoint."""
+        return self.endpoints["bind"][0]
+
+    @property
+    def pub_endpoint(self) -> str:
+        """The first bound event endpoint."""
+        return self.endpoints["pub"][0]
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe); it returns within one poll timeout."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
+        core, cfg = self.core, self.config
+        poller = zmq.Poller()
+        for s in self._routers:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        batch, xpub = cfg.batch, self.xpub
+        monotonic = time.monotonic
+        log.info("orchestrator %s listening on %s, events on %s", core.epoch,
+                 self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
+        try:
+            while not self._stop.is_set():
+                timeout_ms = min(core.next_wakeup(monotonic()), 0.25) * 1000
+                ready = poller.poll(timeout_ms)
+                now = monotonic()
+                for sock, _ in ready:
+                    if sock is xpub:
+                        self._drain_subscriptions()
+                        continue
+                    for _ in range(batch):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        core.handle(sock, frames, now)
+                core.housekeeping(now)
+                self._flush()
+        finally:
+            self.close()
+
+    def _drain_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self.xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.core.subscription(msg)
+
+    def _flush(self) -> None:
+        core = self.core
+        if core.out:
+            out, core.out = core.out, []
+            for sock, frames, task_id in out:
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.ZMQError as exc:
+                    if exc.errno not in _UNDELIVERABLE:
+                        raise
+                    if task_id is not None:
+                        core.undeliverable(task_id)
+                    else:
+                        core.counters["undeliverable"] += 1
+        if core.pub:
+            pub, core.pub = core.pub, []
+            for frames in pub:
+                try:
+                    self.xpub.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    core.counters["events_dropped"] += 1
+
+    def close(self) -> None:
+        """Close every socket (idempotent)."""
+        for s in [*self._routers, getattr(self, "xpub", None)]:
+            if s is not None and not s.closed:
+                s.close(linger=0)
+
+
+def write_endpoint_file(path: str, endpoints: dict[str, list[str]]) -> None:
+    """Atomically write the bound endpoints as JSON (readers never see a partial file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**endpoints, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+class BrokerThread:
+    """Run a :class:`Broker` in a background thread (for tests and embedding)."""
+
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.broker = Broker(config)
+        self._thread = threading.Thread(target=self.broker.run, name="orchester-broker", daemon=True)
+
+    def __enter__(self) -> Broker:
+        self._thread.start()
+        return self.broker
+
+    def __exit__(self, *exc: object) -> None:
+        self.broker.stop()
+        self._thread.join(10)

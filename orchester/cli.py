@@ -1,0 +1,234 @@
+"""The ``orchester`` command line: serve, submit, status, watch, demo.
+
+Every flag can also come from a TOML file given with ``--config`` (a table per
+command: ``[serve]``, ``[submit]``, ``[status]``, ``[watch]``, ``[demo]``; a
+``[client]`` table applies to every client command) and from environment
+variables ``ORCHESTER_<COMMAND>_<FLAG>``; the endpoint also from
+``ORCHESTER_CONNECT``. Exit codes: 0 ok, 1 a task failed, 2 usage or
+configuration error, 3 orchestrator unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
+
+EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+CLIENT_COMMANDS = ("submit", "status", "watch")
+
+
+def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def config_default_map(path: str, commands: dict[str, str]) -> dict[str, Any]:
+    """Read a TOML config into click's ``default_map`` ({command: {flag: value}})."""
+    data = load_toml(path)
+    out: dict[str, Any] = {}
+    client = data.get("client", {})
+    for cmd, section in commands.items():
+        table = dict(client) if cmd in CLIENT_COMMANDS else {}
+        table.update(data.get(section, {}))
+        if table:
+            out[cmd] = {k.replace("-", "_"): v for k, v in table.items()}
+    return out
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        try:
+            ctx.default_map = config_default_map(value, {c: c for c in (*CLIENT_COMMANDS, "serve", "demo")})
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@click.group(context_settings={"auto_envvar_prefix": "ORCHESTER", "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False, help="TOML file with a table of flags per command.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.version_option(package_name="orchester")
+def main(log_level: str) -> None:
+    """Orchester: a ZeroMQ message bus for scientific tasks on satellites."""
+    setup_logging(log_level)
+
+
+connect_option = click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
+                              default=("tcp://127.0.0.1:5555",), show_default=True,
+                              help="Orchestrator endpoint (repeat for a failover pair).")
+timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True,
+                              help="Seconds to wait for the orchestrator before exit code 3.")
+
+
+@main.command()
+@click.option("--bind", multiple=True, default=("tcp://127.0.0.1:5555",), show_default=True,
+              help="Endpoint for clients (and satellites); repeatable.")
+@click.option("--satellite-bind", multiple=True, help="Separate endpoint for satellites; repeatable.")
+@click.option("--pub", multiple=True, default=("tcp://127.0.0.1:5556",), show_default=True,
+              help="Endpoint for the event stream; repeatable.")
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
+@click.option("--liveness", type=int, default=3, show_default=True,
+              help="Heartbeats missed before a satellite is lost.")
+@click.option("--strategy", default="least_loaded", show_default=True,
+              help="least_loaded, round_robin, tags, or module:Class.")
+@click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True)
+@click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True)
+@click.option("--max-attempts", type=int, default=OrchestratorConfig.max_attempts, show_default=True)
+@click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True)
+@click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True)
+@click.option("--endpoint-file", type=click.Path(dir_okay=False),
+              help="Write the bound endpoints (JSON) here once listening.")
+def serve(**kw: Any) -> None:
+    """Run an orchestrator until SIGTERM or Ctrl-C."""
+    from .broker import Broker
+
+    for key in ("bind", "satellite_bind", "pub"):
+        kw[key] = list(kw[key])
+    try:
+        config = from_mapping(OrchestratorConfig, kw, "serve")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    broker = Broker(config)
+    signal.signal(signal.SIGTERM, lambda *_: broker.stop())
+    signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    broker.run()
+
+
+def _parse_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@main.command()
+@click.argument("kind")
+@click.argument("args", nargs=-1)
+@connect_option
+@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--tags", default="", help="Comma-separated tags a satellite must have.")
+@click.option("--task-timeout", type=float, default=None, help="Fail the task after this many seconds.")
+@timeout_option
+@click.option("--no-wait", is_flag=True, help="Print the task id and exit once accepted.")
+def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority: int, tags: str,
+           task_timeout: float | None, timeout: float, no_wait: bool) -> None:
+    """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
+    from .client import Client
+    from .errors import RemoteError, TaskFailed
+
+    with Client(list(connect)) as client:
+        try:
+            client.status(timeout=timeout)
+        except Exception:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        fut = client.submit(kind, *[_parse_arg(a) for a in args], priority=priority,
+                            tags=[t for t in tags.split(",") if t], timeout=task_timeout)
+        if no_wait:
+            click.echo(fut.task_id if hasattr(fut, "task_id") else "submitted")
+            return
+        try:
+            value = fut.result()
+        except TaskFailed as exc:
+            click.echo(f"task failed: {exc.type}: {exc.message}", err=True)
+            if exc.remote_traceback:
+                click.echo(exc.remote_traceback, err=True)
+            sys.exit(EXIT_TASK_FAILED)
+        except RemoteError as exc:
+            click.echo(f"refused: {exc}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+        click.echo(json.dumps(value, default=_jsonable))
+
+
+def _jsonable(o: Any) -> Any:
+    tolist = getattr(o, "tolist", None)
+    if tolist is not None:
+        return tolist()
+    if isinstance(o, bytes):
+        return o.decode(errors="replace")
+    return repr(o)
+
+
+@main.command()
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Show tasks per state, queues and satellites."""
+    from .client import Client
+    from .errors import Unreachable
+
+    with Client(list(connect)) as client:
+        try:
+            st = client.status(timeout=timeout)
+        except Unreachable:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    from .render import render_status
+
+    render_status(st)
+
+
+@main.command()
+@connect_option
+@click.option("--pub", default=None, help="Event endpoint (asked of the orchestrator if omitted).")
+@click.option("--topic", "topics", multiple=True, default=("",), help="Topic prefix; repeatable.")
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], count: int,
+          timeout: float, as_json: bool) -> None:
+    """Print the event stream."""
+    from .client import Client
+    from .errors import Unreachable
+
+    with Client(list(connect), pub=pub) as client:
+        try:
+            stream = client.subscribe(topics, timeout=timeout)
+        except Unreachable:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+    n = 0
+    with stream:
+        try:
+            for ev in stream:
+                if as_json:
+                    click.echo(json.dumps({"topic": ev.topic, **ev.data}, default=_jsonable))
+                else:
+                    fields = " ".join(f"{k}={v}" for k, v in ev.data.items() if k != "t")
+                    click.echo(f"{time.strftime('%H:%M:%S', time.localtime(ev.data.get('t', 0)))} "
+                               f"{ev.topic} {fields}")
+                n += 1
+                if count and n >= count:
+                    break
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command()
+@click.option("--satellites", type=int, default=2, show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes per satellite.")
+@click.option("--tasks", "n_tasks", type=int, default=200, show_default=True, help="Tasks in the batch.")
+@click.option("--seconds", type=float, default=0.02, show_default=True, help="Duration of each sleep task.")
+def demo(satellites: int, workers: int, n_tasks: int, seconds: float) -> None:
+    """Start a local cluster and run a batch of built-in tasks with a progress bar."""
+    from .demo import run_demo
+
+    sys.exit(run_demo(satellites, workers, n_tasks, seconds))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,302 @@
+"""The thread-based client: futures over one pipelined DEALER socket.
+
+Example::
+
+    from orchester import Client
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        fut = client.submit("echo", {"hello": "world"})
+        print(fut.result(timeout=10))
+        print(list(client.map("echo", range(5))))
+        print(client.status()["satellites"])
+
+The socket belongs to a background I/O thread; calling threads hand it
+requests through a queue and a wake-up socket, so any number of threads may
+share one client. Submitted tasks are kept until their result arrives and
+are resent with their original ids when the orchestrator restarts or the
+client fails over to another endpoint (the orchestrator deduplicates them).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Iterable, Iterator, Sequence
+
+import zmq
+
+from serializers import ProtocolError
+from serializers import protocol as P
+
+from .client_core import ClientCore
+from .errors import ClientClosed, Unreachable
+
+log = logging.getLogger("orchester.client")
+
+
+def _resolve(fut: cf.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _reject(fut: cf.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """A :class:`concurrent.futures.Future` that knows its task id."""
+
+    task_id: str = ""
+
+
+class Client:
+    """Submit tasks and ask questions of an orchestrator.
+
+    ``endpoints`` is one endpoint or a list (the client fails over to the next
+    one when the current stays silent for ``liveness × heartbeat_interval``
+    seconds while requests are outstanding). ``pub`` names the event endpoint
+    for :meth:`subscribe` (asked of the orchestrator when omitted).
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None,
+                 codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
+                 context: zmq.Context[Any] | None = None) -> None:
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not self.endpoints:
+            raise ValueError("a client needs at least one orchestrator endpoint")
+        self.pub = pub
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.ctx = context or zmq.Context.instance()
+        self.core = ClientCore(_resolve, _reject, codec=codec)
+        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wake_addr = f"inproc://orchester-client-{self.core.name}"
+        self._wake_rx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx.linger = 0
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_tx.linger = 0
+        self._wake_tx.connect(self._wake_addr)
+        self._signalled = False
+        self._thread = threading.Thread(target=self._run, name=f"orchester-client-{self.core.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- public API
+    def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
+               timeout: float | None = None, codec: str | None = None, **kwargs: Any) -> TaskFuture:
+        """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
+
+        ``priority``: higher runs first; ``tags``: a satellite must have all of them;
+        ``timeout``: seconds after which the orchestrator fails the task (``TaskTimeout``)
+        and kills its worker. The future's exception is :class:`~orchester.TaskFailed`
+        when the task fails, :class:`~orchester.RemoteError` when it is refused.
+        """
+        fut = TaskFuture()
+        fut.task_id = tid = self.core.task_id()
+        self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
+                                            timeout=timeout, codec=codec, task_id=tid)[1], fut)
+        return fut
+
+    def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
+            **options: Any) -> Iterator[Any]:
+        """Submit ``kind(item)`` for every item (pipelined); yield the results in order.
+
+        ``timeout`` bounds the wait for each result (seconds). Other keyword arguments
+        are passed to :meth:`submit`.
+        """
+        futures = [self._prepare(kind, (item,), options) for item in iterable]
+        self._wake()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            yield fut.result(remaining)
+
+    def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[TaskFuture]:
+        """Submit one task per argument tuple with a single wake-up of the I/O thread."""
+        futures = [self._prepare(kind, tuple(args), options) for args in args_list]
+        self._wake()
+        return futures
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the result of any task by id (also one submitted by another client)."""
+        fut: cf.Future[Any] = cf.Future()
+        self._post(lambda: self.core.fetch(fut, task_id), fut)
+        return fut.result(timeout)
+
+    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Tasks per state, queue depths, satellites and counters of the orchestrator."""
+        return self._ask(P.STATUS, {}, timeout)
+
+    def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Cancel a task (its worker is killed if it is running)."""
+        return self._ask(P.CANCEL, {"id": task_id}, timeout)
+
+    def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Switch the orchestrator's routing strategy at run time (published as an event)."""
+        return self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+
+    def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
+        """An :class:`~orchester.events.EventStream` of the orchestrator's events under ``topics``."""
+        from .events import EventStream
+
+        pub = self.pub or self.status(timeout).get("pub", [None])[0]
+        if not pub:
+            raise Unreachable("the orchestrator did not say where it publishes events")
+        return EventStream(pub, topics, context=self.ctx)
+
+    def close(self) -> None:
+        """Stop the I/O thread, close the sockets and fail what is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake(force=True)
+        self._thread.join(10)
+        with self._lock:
+            self._wake_tx.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- internals
+    def _prepare(self, kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> TaskFuture:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        fut = TaskFuture()
+        fut.task_id = self.core.task_id()
+        kwargs = dict(options)
+        opts = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec") if k in kwargs}
+        opts["task_id"] = fut.task_id
+        self._outbox.append(("submit", fut, kind, args, kwargs, opts))
+        return fut
+
+    def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        fut: cf.Future[Any] = cf.Future()
+        self._post(lambda: self.core.request(fut, cmd, body), fut)
+        try:
+            return fut.result(timeout)
+        except cf.TimeoutError:
+            self._outbox.append(("forget", fut))
+            raise Unreachable(f"no answer from {self.endpoints[self._index % len(self.endpoints)]} "
+                              f"within {timeout}s") from None
+
+    def _post(self, build: Any, fut: cf.Future[Any]) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        self._outbox.append(("build", build, fut))
+        self._wake()
+
+    def _wake(self, force: bool = False) -> None:
+        with self._lock:
+            if (not self._signalled or force) and not self._wake_tx.closed:
+                self._signalled = True
+                self._wake_tx.send(b"")
+
+    _index = 0
+
+    def _connect(self) -> zmq.Socket[Any]:
+        s = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.routing_id = f"c:{self.core.name}:{next(_counter)}".encode()
+        s.sndhwm = s.rcvhwm = 100_000
+        s.connect(self.endpoints[self._index % len(self.endpoints)])
+        return s
+
+    def _run(self) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        core = self.core
+        last_heard = last_ping = time.monotonic()
+        silent_after = self.heartbeat_interval * self.liveness
+        try:
+            while True:
+                ready = dict(poller.poll(self.heartbeat_interval * 500))
+                now = time.monotonic()
+                if self._wake_rx in ready:
+                    with self._lock:
+                        while True:
+                            try:
+                                self._wake_rx.recv(zmq.NOBLOCK)
+                            except zmq.Again:
+                                break
+                        self._signalled = False
+                    if self._closed:
+                        break
+                self._drain_outbox(sock)
+                if sock in ready:
+                    for _ in range(1024):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        last_heard = now
+                        try:
+                            restarted = core.handle(frames)
+                        except ProtocolError as exc:
+                            log.warning("bad message from orchestrator: %s", exc)
+                            continue
+                        if restarted:
+                            log.warning("orchestrator changed (epoch %s): resending %d request(s)",
+                                        core.epoch, len(core.tasks) + len(core.requests))
+                            for f in core.pending_frames():
+                                sock.send_multipart(f, copy=False)
+                busy = bool(core.tasks or core.requests)
+                if busy and now - last_ping >= self.heartbeat_interval:
+                    sock.send_multipart(core.ping())
+                    last_ping = now
+                if not busy:
+                    last_heard = now
+                elif now - last_heard > silent_after and len(self.endpoints) > 1:
+                    self._index += 1
+                    log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
+                                self.endpoints[self._index % len(self.endpoints)])
+                    poller.unregister(sock)
+                    sock.close(0)
+                    sock = self._connect()
+                    poller.register(sock, zmq.POLLIN)
+                    last_heard = now
+                    sock.send_multipart(core.ping())
+                    for f in core.pending_frames():
+                        sock.send_multipart(f, copy=False)
+        finally:
+            core.fail_all(ClientClosed("the client was closed"))
+            sock.close(0)
+            self._wake_rx.close(0)
+
+    def _drain_outbox(self, sock: zmq.Socket[Any]) -> None:
+        outbox = self._outbox
+        core = self.core
+        while outbox:
+            item = outbox.popleft()
+            if item[0] == "build":
+                try:
+                    frames = item[1]()
+                except Exception as exc:  # an argument the codec cannot encode, for example
+                    _reject(item[2], exc)
+                    continue
+            elif item[0] == "forget":
+                core.forget(item[1])
+                continue
+            else:
+                _, fut, kind, args, kwargs, opts = item
+                try:
+                    frames = core.submit(fut, kind, args, kwargs, **opts)[1]
+                except Exception as exc:
+                    _reject(fut, exc)
+                    continue
+            sock.send_multipart(frames, copy=False)
+
+
+_counter = itertools.count()

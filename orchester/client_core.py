@@ -1,0 +1,175 @@
+"""The client's protocol core, shared by :class:`~orchester.Client` and :class:`~orchester.AsyncClient`.
+
+It builds request frames, remembers what is pending, and turns incoming
+messages into outcomes. It owns no socket and no thread; futures are whatever
+the adapter gives it (``concurrent.futures.Future`` or ``asyncio.Future``)
+through the :class:`Resolver` callbacks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any, Callable, Sequence
+
+from serializers import ProtocolError, codecs, pack, unpack
+from serializers import protocol as P
+
+from .errors import RemoteError, TaskFailed
+
+Resolve = Callable[[Any, Any], None]  # (future, value)
+Reject = Callable[[Any, BaseException], None]  # (future, exception)
+
+
+class Pending:
+    """A request waiting for its answer: the future and the frames to resend."""
+
+    __slots__ = ("future", "frames", "acked")
+
+    def __init__(self, future: Any, frames: list[Any] | None) -> None:
+        self.future = future
+        self.frames = frames
+        self.acked = False
+
+
+class ClientCore:
+    """Request building, pending bookkeeping and reply handling (no I/O)."""
+
+    def __init__(self, resolve: Resolve, reject: Reject, codec: str = codecs.DEFAULT_CODEC,
+                 keep_for_resend: bool = True) -> None:
+        self.name = uuid.uuid4().hex[:12]
+        self.codec = codec
+        self.keep_for_resend = keep_for_resend
+        self._resolve = resolve
+        self._reject = reject
+        self._ids = itertools.count(1)
+        self.tasks: dict[str, Pending] = {}
+        self.requests: dict[int, Pending] = {}
+        self.epoch: str | None = None
+
+    # ------------------------------------------------------------ requests
+    def task_id(self) -> str:
+        """A new task id, unique across clients."""
+        return f"{self.name}-{next(self._ids)}"
+
+    def submit(self, future: Any, kind: str, args: Sequence[Any], kwargs: dict[str, Any], *,
+               priority: int = 0, tags: Sequence[str] = (), timeout: float | None = None,
+               codec: str | None = None, task_id: str | None = None) -> tuple[str, list[Any]]:
+        """Register ``future`` for a new task and return ``(task_id, frames)`` to send."""
+        codec = codec or self.codec
+        meta, body = codecs.encode([list(args), kwargs], codec)
+        tid = task_id or self.task_id()
+        hdr: dict[str, Any] = {"id": tid, "k": kind, "c": codec}
+        if priority:
+            hdr["p"] = int(priority)
+        if tags:
+            hdr["tg"] = list(tags)
+        if timeout is not None:
+            hdr["to"] = float(timeout)
+        if meta:
+            hdr["arr"] = meta
+        frames = [P.SIGNATURE, P.SUBMIT, pack(hdr), *body]
+        self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None)
+        return tid, frames
+
+    def fetch(self, future: Any, task_id: str) -> list[Any]:
+        """Register ``future`` for the result of an existing task; return the FETCH frames."""
+        rid = next(self._ids)
+        frames = [P.SIGNATURE, P.FETCH, pack({"id": task_id, "rid": rid})]
+        self.tasks[task_id] = Pending(future, None)
+        return frames
+
+    def request(self, future: Any, cmd: bytes, body: dict[str, Any]) -> list[Any]:
+        """Register ``future`` for a STATUS/CANCEL/CONTROL reply; return the frames."""
+        rid = next(self._ids)
+        body = {**body, "rid": rid}
+        frames = [P.SIGNATURE, cmd, pack(body)]
+        self.requests[rid] = Pending(future, frames)
+        return frames
+
+    @staticmethod
+    def ping() -> list[Any]:
+        """A client heartbeat; the orchestrator answers with its epoch."""
+        return [P.SIGNATURE, P.HEARTBEAT, pack({})]
+
+    def pending_frames(self) -> list[list[Any]]:
+        """Every request to resend after a reconnect or an orchestrator restart."""
+        out = [p.frames for p in self.tasks.values() if p.frames is not None]
+        out += [p.frames for p in self.requests.values() if p.frames is not None]
+        return out
+
+    def forget(self, future: Any) -> None:
+        """Drop a pending entry whose future the caller gave up on."""
+        for table in (self.tasks, self.requests):
+            for key, p in list(table.items()):
+                if p.future is future:
+                    del table[key]  # type: ignore[attr-defined]
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Reject every pending future (on close)."""
+        for table in (self.tasks, self.requests):
+            for p in table.values():
+                self._reject(p.future, exc)
+            table.clear()
+
+    # ------------------------------------------------------------- replies
+    def handle(self, frames: list[Any]) -> bool:
+        """Handle one message from the orchestrator. Returns True when its epoch changed
+        (the orchestrator restarted or failed over: the caller should resend :meth:`pending_frames`).
+        """
+        if len(frames) < 3:
+            raise ProtocolError(P.E_MALFORMED, f"expected at least 3 frames, got {len(frames)}")
+        if bytes(frames[0]) != P.SIGNATURE:
+            raise ProtocolError(P.E_VERSION, f"unexpected signature {bytes(frames[0])[:16]!r}")
+        cmd = bytes(frames[1])
+        hdr = unpack(bytes(frames[2]))
+        if cmd == P.RESULT:
+            self._on_result(hdr, frames[3:])
+        elif cmd == P.ACK:
+            for tid in hdr.get("ids", ()):
+                p = self.tasks.get(tid)
+                if p is not None:
+                    p.acked = True
+        elif cmd == P.REPLY:
+            rid = hdr.pop("rid", None)
+            p = self.requests.pop(rid, None) if isinstance(rid, int) else None
+            if p is not None:
+                self._resolve(p.future, hdr)
+        elif cmd == P.ERROR:
+            self._on_error(hdr)
+        elif cmd != P.HEARTBEAT:
+            raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unexpected command {P.command_name(cmd)}")
+        epoch = hdr.get("e")
+        if isinstance(epoch, str) and epoch != self.epoch:
+            changed = self.epoch is not None
+            self.epoch = epoch
+            return changed
+        return False
+
+    def _on_result(self, hdr: dict[str, Any], payload: list[Any]) -> None:
+        tid = hdr.get("id")
+        p = self.tasks.pop(tid, None) if isinstance(tid, str) else None
+        if p is None:
+            return  # a duplicate (resent task) or a result we stopped waiting for
+        if hdr.get("ok"):
+            try:
+                value = codecs.decode(hdr.get("c", codecs.DEFAULT_CODEC), hdr.get("arr"), payload)
+            except ProtocolError as exc:
+                self._reject(p.future, RemoteError(exc.code, f"cannot decode result: {exc.detail}"))
+                return
+            self._resolve(p.future, value)
+        else:
+            err = hdr.get("err") or {}
+            self._reject(p.future, TaskFailed(tid, str(err.get("type", "Error")), str(err.get("msg", "")),
+                                              str(err.get("tb", "")), hdr.get("sat")))
+
+    def _on_error(self, hdr: dict[str, Any]) -> None:
+        exc = RemoteError(str(hdr.get("code", "error")), str(hdr.get("msg", "")))
+        tid, rid = hdr.get("id"), hdr.get("rid")
+        p = None
+        if isinstance(tid, str):
+            p = self.tasks.pop(tid, None)
+        if p is None and isinstance(rid, int):
+            p = self.requests.pop(rid, None)
+        if p is not None:
+            self._reject(p.future, exc)

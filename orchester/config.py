@@ -1,0 +1,100 @@
+"""Typed configuration of each Orchester process, built from flags, TOML and environment.
+
+One config object per process. The CLI fills it from (in increasing priority)
+defaults, a TOML file (``--config``; section ``[serve]`` for the orchestrator,
+``[satellite]`` for satellites, ``[client]`` for client commands), environment
+variables (``ORCHESTER_*``) and command-line flags. Embedders build it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serializers.protocol import DEFAULT_MAX_MESSAGE
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used, with the reason."""
+
+
+@dataclass
+class OrchestratorConfig:
+    """Settings of one orchestrator process."""
+
+    #: Endpoints of the ROUTER socket for clients (and satellites, unless ``satellite_bind`` is set).
+    bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
+    #: Optional separate ROUTER endpoints for satellites.
+    satellite_bind: list[str] = field(default_factory=list)
+    #: Endpoints of the event PUB socket.
+    pub: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5556"])
+    #: Seconds between heartbeats to satellites (and expected from them).
+    heartbeat_interval: float = 1.0
+    #: A satellite silent for ``liveness × heartbeat_interval`` is lost and its tasks requeued.
+    liveness: int = 3
+    #: Initial routing strategy (built-in name or ``module:Class``).
+    strategy: str = "least_loaded"
+    #: Largest message accepted, in bytes (also set as ZMQ_MAXMSGSIZE on every socket).
+    max_message: int = DEFAULT_MAX_MESSAGE
+    #: Most tasks queued at once; further submits get a ``busy`` error.
+    max_queue: int = 1_000_000
+    #: How many attempts a task gets before it fails with ``RetriesExhausted``.
+    max_attempts: int = 5
+    #: Finished results kept for fetch by task id (count and total bytes).
+    result_retention: int = 10_000
+    result_retention_bytes: int = 256 * 1024 * 1024
+    #: Messages queued per peer by ZeroMQ before sends to it are refused (SNDHWM/RCVHWM).
+    hwm: int = 1000
+    #: Most messages drained from one socket per wake-up.
+    batch: int = 256
+    #: Write the bound endpoints (JSON) to this file once listening.
+    endpoint_file: str | None = None
+
+    def validate(self) -> OrchestratorConfig:
+        """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        if not self.bind:
+            raise ConfigError("bind: at least one endpoint is required")
+        for name in ("heartbeat_interval",):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, not {getattr(self, name)!r}")
+        for name in ("liveness", "max_message", "max_queue", "max_attempts", "result_retention",
+                     "result_retention_bytes", "hwm", "batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        for ep in [*self.bind, *self.satellite_bind, *self.pub]:
+            if not isinstance(ep, str) or "://" not in ep:
+                raise ConfigError(f"endpoint {ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
+        return self
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file; :class:`ConfigError` with the reason if it cannot be used."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def from_mapping(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"{where}: unknown setting {key!r}; known: {sorted(names)}")
+        kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    validate = getattr(obj, "validate", None)
+    return validate() if validate else obj

@@ -1,0 +1,42 @@
+"""Exceptions raised to users of the client API."""
+
+from __future__ import annotations
+
+
+class OrchesterError(Exception):
+    """Base class of every Orchester client error."""
+
+
+class RemoteError(OrchesterError):
+    """The orchestrator refused a request with a structured error (``code`` and message)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class TaskFailed(OrchesterError):
+    """A task ended with an error: its handler raised, its worker died, it timed out or was cancelled.
+
+    ``type`` is the remote exception type name (or an Orchester reason such as
+    ``WorkerDied``, ``TaskTimeout``, ``Cancelled``), ``remote_traceback`` the formatted
+    traceback from the satellite when there is one.
+    """
+
+    def __init__(self, task_id: str, type: str, message: str, remote_traceback: str = "",
+                 satellite: str | None = None) -> None:
+        super().__init__(f"task {task_id} failed: {type}: {message}")
+        self.task_id = task_id
+        self.type = type
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.satellite = satellite
+
+
+class Unreachable(OrchesterError):
+    """No orchestrator answered within the timeout."""
+
+
+class ClientClosed(OrchesterError):
+    """The client was closed before the request completed."""

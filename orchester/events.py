@@ -1,0 +1,79 @@
+"""Reading the orchestrator's event stream (PUB/SUB).
+
+Events are two frames: a topic and a msgpack map. Topics:
+
+* ``task:<id>``: a task changed state (``state``, ``attempt``, ``sat``, ``reason``)
+* ``progress:<id>``: progress reported by a running task (its handler's keywords)
+* ``sat:<id>``: a satellite joined, was lost or left
+* ``control:strategy``: the routing strategy was switched
+
+Subscribe to a prefix (``"task:"``, or ``""`` for everything).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import zmq
+
+from serializers import ProtocolError, unpack
+
+
+@dataclass(frozen=True)
+class Event:
+    """One published event."""
+
+    topic: str
+    data: dict[str, Any]
+
+    @property
+    def category(self) -> str:
+        """``task``, ``progress``, ``sat`` or ``control``."""
+        return self.topic.split(":", 1)[0]
+
+
+class EventStream:
+    """A SUB socket on the orchestrator's event endpoint; iterate or call :meth:`recv`.
+
+    Use it from one thread; close it (or use ``with``) when done.
+    """
+
+    def __init__(self, endpoint: str, topics: Sequence[str] = ("",),
+                 context: zmq.Context[Any] | None = None) -> None:
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.linger = 0
+        self.sock.rcvhwm = 100_000
+        for t in topics:
+            self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
+        self.sock.connect(endpoint)
+
+    def recv(self, timeout: float | None = None) -> Event | None:
+        """The next event, or ``None`` after ``timeout`` seconds without one."""
+        if timeout is not None and not self.sock.poll(timeout * 1000):
+            return None
+        frames = self.sock.recv_multipart()
+        if len(frames) != 2:
+            return self.recv(timeout)
+        try:
+            data = unpack(frames[1])
+        except ProtocolError:
+            return self.recv(timeout)
+        return Event(frames[0].decode(errors="replace"), data)
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            ev = self.recv()
+            if ev is not None:
+                yield ev
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close(0)
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

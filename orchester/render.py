@@ -1,0 +1,31 @@
+"""Terminal rendering of status replies (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def render_status(st: dict[str, Any], console: Console | None = None) -> None:
+    """Print a status reply as tables: tasks per state, queues, satellites."""
+    console = console or Console()
+    console.print(f"[bold]orchestrator[/] {st.get('epoch')}  uptime {st.get('uptime', 0):.0f}s  "
+                  f"strategy [cyan]{st.get('strategy')}[/]  results kept {st.get('results_retained', 0)}")
+    tasks = Table(title="tasks")
+    tasks.add_column("state")
+    tasks.add_column("count", justify="right")
+    for state, n in sorted(st.get("tasks", {}).items()):
+        tasks.add_row(state, str(n))
+    for kind, n in sorted(st.get("queued", {}).items()):
+        tasks.add_row(f"queued {kind}", str(n))
+    console.print(tasks)
+    sats = Table(title="satellites")
+    for col in ("id", "state", "host", "inflight/slots", "done", "failed", "heartbeat age", "tags"):
+        sats.add_column(col)
+    for s in st.get("satellites", []):
+        sats.add_row(s["id"], s["state"], s.get("host", ""), f"{s['inflight']}/{s['slots']}",
+                     str(s.get("done", 0)), str(s.get("failed", 0)), f"{s.get('heartbeat_age', 0):.1f}s",
+                     ",".join(s.get("tags", [])))
+    console.print(sats)

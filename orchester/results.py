@@ -1,0 +1,83 @@
+"""Bounded retention of finished results, kept for fetch by task id.
+
+Results are retained up to ``max_results`` entries and ``max_bytes`` bytes.
+When over either bound the oldest *delivered* result is evicted first; an
+undelivered one (its client had gone or was not reading) is evicted only when
+nothing delivered is left, and that eviction is counted as a drop.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+
+class StoredResult:
+    """The frames of one finished task's RESULT message, header first."""
+
+    __slots__ = ("frames", "size", "delivered")
+
+    def __init__(self, frames: list[Any], size: int, delivered: bool) -> None:
+        self.frames = frames
+        self.size = size
+        self.delivered = delivered
+
+
+class ResultStore:
+    """An insertion-ordered, size-bounded map of task id → :class:`StoredResult`."""
+
+    def __init__(self, max_results: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_results = max_results
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.dropped_undelivered = 0
+        self._delivered: OrderedDict[str, StoredResult] = OrderedDict()
+        self._undelivered: OrderedDict[str, StoredResult] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._delivered) + len(self._undelivered)
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._delivered or task_id in self._undelivered
+
+    def get(self, task_id: str) -> StoredResult | None:
+        """The stored result of ``task_id``, if retained."""
+        return self._delivered.get(task_id) or self._undelivered.get(task_id)
+
+    def put(self, task_id: str, frames: list[Any], size: int, delivered: bool) -> list[str]:
+        """Retain a result; return the ids evicted to stay within bounds."""
+        r = StoredResult(frames, size, delivered)
+        (self._delivered if delivered else self._undelivered)[task_id] = r
+        self.bytes += size
+        return self._evict()
+
+    def mark(self, task_id: str, delivered: bool) -> None:
+        """Move a result between the delivered and undelivered lists."""
+        src, dst = (self._undelivered, self._delivered) if delivered else (self._delivered, self._undelivered)
+        r = src.pop(task_id, None)
+        if r is not None:
+            r.delivered = delivered
+            dst[task_id] = r
+
+    def pop(self, task_id: str) -> StoredResult | None:
+        """Forget a result (e.g. replaced after a retry)."""
+        r = self._delivered.pop(task_id, None) or self._undelivered.pop(task_id, None)
+        if r is not None:
+            self.bytes -= r.size
+        return r
+
+    def undelivered(self) -> list[str]:
+        """Ids of results whose client has not received them."""
+        return list(self._undelivered)
+
+    def _evict(self) -> list[str]:
+        evicted: list[str] = []
+        while len(self) > self.max_results or (self.bytes > self.max_bytes and len(self) > 1):
+            if self._delivered:
+                tid, r = self._delivered.popitem(last=False)
+            else:
+                tid, r = self._undelivered.popitem(last=False)
+                self.dropped_undelivered += 1
+            self.bytes -= r.size
+            evicted.append(tid)
+        return evicted

@@ -1,0 +1,126 @@
+"""The task record and the pending queues: plain data, no sockets, no clock."""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Iterator
+
+from tracker import TaskState
+from tracker.timers import Timer
+
+QueueKey = tuple[str, frozenset[str]]
+
+
+class Task:
+    """One task as the orchestrator holds it. Payload frames are kept opaque."""
+
+    __slots__ = (
+        "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
+        "state", "attempt", "satellite", "submitted", "seq", "timer", "size",
+        "dispatched_at", "error",
+    )
+
+    def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
+                 client: bytes, csock: Any, header: Any, payload: list[Any],
+                 submitted: float, seq: int, size: int) -> None:
+        self.id = task_id
+        self.kind = kind
+        self.priority = priority
+        self.tags = tags
+        self.client = client  #: routing identity of the client to answer
+        self.csock = csock  #: socket key the client is reached on
+        self.header = header  #: the client's header frame, forwarded as is
+        self.payload = payload  #: opaque payload frames, forwarded as is
+        self.state = TaskState.PENDING
+        self.attempt = 0
+        self.satellite: str | None = None
+        self.submitted = submitted
+        self.seq = seq
+        self.timer: Timer[str] | None = None
+        self.size = size
+        self.dispatched_at = 0.0
+        self.error: str | None = None
+
+    @property
+    def queue_key(self) -> QueueKey:
+        """The queue this task waits in: its kind and required tags."""
+        return (self.kind, self.tags)
+
+    def __repr__(self) -> str:
+        return f"Task({self.id!r}, {self.kind!r}, {self.state.name}, attempt={self.attempt})"
+
+
+class TaskQueues:
+    """Pending tasks per (kind, tags): higher priority first, FIFO within a priority.
+
+    Entries of tasks that left PENDING (cancelled, expired) are dropped lazily
+    when they reach the head of their queue.
+    """
+
+    def __init__(self) -> None:
+        self._queues: dict[QueueKey, list[tuple[int, int, Task]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        """Number of entries queued (including not-yet-dropped stale ones)."""
+        return self._count
+
+    def push(self, task: Task) -> None:
+        """Queue ``task``; a requeued task keeps its original place (its ``seq``)."""
+        q = self._queues.get(task.queue_key)
+        if q is None:
+            q = self._queues[task.queue_key] = []
+        heapq.heappush(q, (-task.priority, task.seq, task))
+        self._count += 1
+
+    def head(self, key: QueueKey) -> Task | None:
+        """The next pending task of queue ``key`` without removing it."""
+        q = self._queues.get(key)
+        while q:
+            task = q[0][2]
+            if task.state is TaskState.PENDING:
+                return task
+            heapq.heappop(q)
+            self._count -= 1
+        if q is not None:
+            del self._queues[key]
+        return None
+
+    def pop(self, key: QueueKey) -> Task:
+        """Remove and return the head of queue ``key`` (call :meth:`head` first)."""
+        self._count -= 1
+        return heapq.heappop(self._queues[key])[2]
+
+    def best_key(self, allowed: Any = None) -> QueueKey | None:
+        """The queue whose head comes first overall (priority, then age), among ``allowed`` keys."""
+        best: QueueKey | None = None
+        best_rank: tuple[int, int] | None = None
+        for key in list(self._queues):
+            if allowed is not None and key not in allowed:
+                continue
+            task = self.head(key)
+            if task is None:
+                continue
+            rank = (-task.priority, task.seq)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = key, rank
+        return best
+
+    def keys(self) -> list[QueueKey]:
+        """Keys of the non-empty queues."""
+        return [k for k, q in self._queues.items() if q]
+
+    def depth(self) -> dict[str, int]:
+        """Pending tasks per kind (stale entries excluded)."""
+        out: dict[str, int] = {}
+        for (kind, _), q in self._queues.items():
+            n = sum(1 for _, _, t in q if t.state is TaskState.PENDING)
+            if n:
+                out[kind] = out.get(kind, 0) + n
+        return out
+
+    def __iter__(self) -> Iterator[Task]:
+        for q in self._queues.values():
+            for _, _, t in q:
+                if t.state is TaskState.PENDING:
+                    yield t

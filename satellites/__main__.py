@@ -1,0 +1,5 @@
+"""``python -m satellites``: the satellite command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,77 @@
+"""The ``satellite`` command line: ``satellite run``.
+
+Flags can also come from a TOML file (``--config``, table ``[satellite]``) and
+from environment variables ``SATELLITE_RUN_<FLAG>``; the endpoint also from
+``ORCHESTER_CONNECT``. Exit codes: 0 ok, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any
+
+import click
+
+
+def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        from orchester.cli import config_default_map
+        from orchester.config import ConfigError
+
+        try:
+            ctx.default_map = config_default_map(value, {"run": "satellite"})
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SATELLITE", "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
+              expose_value=False, help="TOML file with a [satellite] table of flags.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.version_option(package_name="orchester")
+def main(log_level: str) -> None:
+    """Orchester satellites: run tasks for an orchestrator."""
+    from orchester.cli import setup_logging
+
+    setup_logging(log_level)
+
+
+@main.command()
+@click.option("--connect", multiple=True, envvar="ORCHESTER_CONNECT", default=("tcp://127.0.0.1:5555",),
+              show_default=True, help="Orchestrator endpoint (repeat for a failover pair).")
+@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
+@click.option("--tags", default="", help="Comma-separated tags this satellite announces.")
+@click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
+@click.option("--id", "sid", default=None, help="Satellite id (default: host-pid-random).")
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
+@click.option("--liveness", type=int, default=3, show_default=True)
+@click.option("--prefetch", type=int, default=1, show_default=True,
+              help="Tasks accepted beyond the number of workers.")
+@click.option("--allow-pickle", is_flag=True, help="Accept the pickle codec (it runs code on load).")
+def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
+        heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool) -> None:
+    """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
+    from .satellite import Satellite
+
+    if workers < 1 or prefetch < 0 or heartbeat_interval <= 0 or liveness < 1:
+        raise click.UsageError("need --workers >= 1, --prefetch >= 0, --heartbeat-interval > 0, --liveness >= 1")
+    try:
+        sat = Satellite(list(connect), workers=workers, tags=[t for t in tags.split(",") if t],
+                        tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
+                        liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle)
+    except ImportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+    def stop(*_: Any) -> None:
+        sat.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sat.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,42 @@
+"""What a running handler can know and say: its task id, attempt, and progress."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class TaskContext:
+    """The task a worker process is running now."""
+
+    task_id: str
+    attempt: int
+    kind: str
+    satellite: str
+    _send: Callable[[dict[str, Any]], None] | None = None
+
+    def progress(self, **info: Any) -> None:
+        """Send a progress report (any msgpack-encodable keyword values) to the orchestrator."""
+        if self._send is not None:
+            self._send(info)
+
+
+_current: TaskContext | None = None
+
+
+def current() -> TaskContext | None:
+    """The context of the task running in this worker process, or ``None`` outside a task."""
+    return _current
+
+
+def set_current(ctx: TaskContext | None) -> None:
+    """Install the context of the task about to run (used by the worker loop)."""
+    global _current
+    _current = ctx
+
+
+def progress(**info: Any) -> None:
+    """Report progress of the current task (a no-op when called outside a satellite)."""
+    if _current is not None:
+        _current.progress(**info)

@@ -1,0 +1,288 @@
+"""A satellite: the I/O loop that owns the orchestrator socket, and its worker pool.
+
+The I/O loop never runs a task itself: tasks run in worker processes (see
+:mod:`satellites.pool`), so a CPU-bound task never delays a heartbeat. The
+loop polls the orchestrator DEALER, the workers' ROUTER and every worker's
+process sentinel; after each wake-up it sends heartbeats when due, notices a
+silent orchestrator (and reconnects, to the next endpoint if several are
+given), and hands queued tasks to idle workers.
+
+Example::
+
+    from satellites import Satellite
+
+    sat = Satellite(["tcp://127.0.0.1:5555"], workers=2, tags=["genx"])
+    sat.run()           # until sat.stop(), SIGTERM (CLI) or the process ends
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import socket as _socket
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from serializers import ProtocolError, check_signature, pack, unpack
+from serializers import protocol as P
+
+from orchester.logutil import warn_limited
+
+from . import worker as W
+from .pool import WorkerPool
+from .registry import load_task_modules, registry
+
+log = logging.getLogger("satellites")
+
+
+class Satellite:
+    """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes."""
+
+    def __init__(self, connect: list[str] | str, *, workers: int = 2, tags: list[str] | tuple[str, ...] = (),
+                 tasks: list[str] | tuple[str, ...] = (), sid: str | None = None,
+                 heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
+                 allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE) -> None:
+        self.endpoints = [connect] if isinstance(connect, str) else list(connect)
+        if not self.endpoints:
+            raise ValueError("a satellite needs at least one orchestrator endpoint")
+        if workers < 1 or prefetch < 0:
+            raise ValueError("workers must be >= 1 and prefetch >= 0")
+        self.workers = workers
+        self.tags = sorted(set(tags))
+        self.modules = list(tasks)
+        self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.slots = workers + prefetch
+        self.allow_pickle = allow_pickle
+        self.max_message = max_message
+        self.registered = False
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._stop = threading.Event()
+        self._endpoint_index = 0
+        self._queue: collections.deque[list[Any]] = collections.deque()  # dispatched, not yet running
+        self._running: dict[str, Any] = {}  # task id -> Worker
+        load_task_modules(self.modules)  # fail fast, in this process, on a bad --tasks module
+        self.kinds = registry.kinds()
+
+    def stop(self) -> None:
+        """Ask the loop to leave cleanly (thread-safe)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        """Run until :meth:`stop`: start workers, connect, serve, then leave and clean up."""
+        ctx = zmq.Context()
+        tmpdir = tempfile.mkdtemp(prefix="orchester-sat-")
+        wsock = ctx.socket(zmq.ROUTER)
+        wsock.linger = 0
+        wsock.bind(f"ipc://{tmpdir}/workers")
+        self._wsock = wsock
+        self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
+                               self.allow_pickle)
+        self.orch: zmq.Socket[Any] | None = None
+        try:
+            self.pool.start()
+            self._connect(ctx)
+            self._loop(ctx)
+        finally:
+            if self.orch is not None:
+                try:
+                    self.orch.send_multipart([P.SIGNATURE, P.LEAVE, pack({"sid": self.sid})], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                self.orch.close(linger=200)
+            self.pool.close()
+            wsock.close(0)
+            ctx.term()
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            log.info("satellite %s stopped", self.sid)
+
+    def _connect(self, ctx: zmq.Context[Any]) -> None:
+        """(Re)create the orchestrator socket, to the current endpoint, and register."""
+        if self.orch is not None:
+            self.orch.close(0)
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.routing_id = f"s:{self.sid}:{uuid.uuid4().hex[:8]}".encode()
+        s.setsockopt(zmq.MAXMSGSIZE, self.max_message)
+        s.sndhwm = s.rcvhwm = 10_000
+        endpoint = self.endpoints[self._endpoint_index % len(self.endpoints)]
+        s.connect(endpoint)
+        self.orch = s
+        self.registered = False
+        self._queue.clear()  # the orchestrator requeues whatever was only queued here
+        now = time.monotonic()
+        self._last_heard = now
+        self._last_sent = 0.0
+        self._register(now)
+        log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, endpoint,
+                 self.workers, self.kinds)
+
+    def _register(self, now: float) -> None:
+        self._send([P.REGISTER, pack({
+            "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
+            "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
+            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
+        })], now)
+
+    def _send(self, frames: list[Any], now: float) -> None:
+        assert self.orch is not None
+        try:
+            self.orch.send_multipart([P.SIGNATURE, *frames], zmq.NOBLOCK, copy=False)
+            self._last_sent = now
+        except zmq.Again:
+            self.counters["send_dropped"] += 1
+
+    def _loop(self, ctx: zmq.Context[Any]) -> None:
+        expiry = self.heartbeat_interval * self.liveness
+        while not self._stop.is_set():
+            poller = zmq.Poller()
+            assert self.orch is not None
+            orch = self.orch
+            poller.register(orch, zmq.POLLIN)
+            poller.register(self._wsock, zmq.POLLIN)
+            for fd in self.pool.sentinels():
+                poller.register(fd, zmq.POLLIN)
+            ready = poller.poll(min(self.heartbeat_interval / 2, 0.25) * 1000)
+            now = time.monotonic()
+            for item, _ in ready:
+                if item is orch:
+                    self._drain_orchestrator(orch, now)
+                elif item is self._wsock:
+                    self._drain_workers(now)
+                else:
+                    self._worker_died(int(item), now)  # type: ignore[arg-type]
+            # housekeeping after every wake-up
+            if now - self._last_heard > expiry:
+                log.warning("orchestrator silent for %.1fs: reconnecting", now - self._last_heard)
+                self.counters["reconnects"] += 1
+                self._endpoint_index += 1
+                self._connect(ctx)
+                continue
+            if now - self._last_sent >= self.heartbeat_interval:
+                self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
+            for index in self.pool.missing():
+                self.pool.replace(index)
+            self._assign(now)
+
+    # ------------------------------------------------------- orchestrator side
+    def _drain_orchestrator(self, orch: zmq.Socket[Any], now: float) -> None:
+        for _ in range(256):
+            try:
+                frames = orch.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._last_heard = now
+            try:
+                self._handle(frames, now)
+            except ProtocolError as exc:
+                self.counters["bad_messages"] += 1
+                warn_limited(log, "bad message from orchestrator: %s", exc)
+                if len(frames) > 1 and bytes(frames[1]) != P.ERROR:  # never answer an error with one
+                    self._send([P.ERROR, pack({"code": exc.code, "msg": exc.detail, "sid": self.sid})], now)
+
+    def _handle(self, frames: list[Any], now: float) -> None:
+        if len(frames) < 3:
+            raise ProtocolError(P.E_MALFORMED, f"expected at least 3 frames, got {len(frames)}")
+        check_signature(bytes(frames[0]))
+        cmd = bytes(frames[1])
+        if cmd == P.DISPATCH:
+            if len(frames) < 5:
+                raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
+            self._queue.append(frames[2:])
+            self.counters["received"] += 1
+        elif cmd == P.HEARTBEAT:
+            pass
+        elif cmd == P.ABORT:
+            hdr = unpack(bytes(frames[2]))
+            self._abort(str(hdr.get("id")), int(hdr.get("a", 0)), now)
+        elif cmd == P.WELCOME:
+            hdr = unpack(bytes(frames[2]))
+            self.registered = True
+            log.info("satellite %s registered with orchestrator %s", self.sid, hdr.get("e"))
+        elif cmd == P.RECONNECT:
+            log.info("orchestrator asks satellite %s to register again", self.sid)
+            self._queue.clear()
+            self._register(now)
+        elif cmd == P.ERROR:
+            hdr = unpack(bytes(frames[2]))
+            self.counters["errors_received"] += 1
+            log.warning("orchestrator error %s: %s", hdr.get("code"), hdr.get("msg"))
+        else:
+            raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")
+
+    def _abort(self, tid: str, attempt: int, now: float) -> None:
+        """Cancel a task: drop it if only queued here, kill its worker if running."""
+        for i, frames in enumerate(self._queue):
+            hdr = unpack(bytes(frames[0]))
+            if hdr.get("id") == tid:
+                del self._queue[i]
+                break
+        else:
+            w = self._running.get(tid)
+            if w is None:
+                return
+            self.pool.kill(w)  # its sentinel fires; _worker_died reports nothing more for it
+            w.task = None
+            del self._running[tid]
+        self.counters["aborted"] += 1
+        self._send([P.DONE, W.error_header(tid, attempt, self.sid, etype=P.ERR_CANCELLED,
+                                           msg="cancelled")], now)
+
+    # ------------------------------------------------------------ worker side
+    def _assign(self, now: float) -> None:
+        while self._queue:
+            w = self.pool.idle()
+            if w is None:
+                return
+            frames = self._queue.popleft()
+            hdr = unpack(bytes(frames[0]))
+            w.task = (str(hdr.get("id")), int(hdr.get("a", 0)))
+            w.started = now
+            self._running[w.task[0]] = w
+            self._wsock.send_multipart([w.ident, W.RUN, *frames], copy=False)
+
+    def _drain_workers(self, now: float) -> None:
+        for _ in range(256):
+            try:
+                frames = self._wsock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            ident, tag = bytes(frames[0]), bytes(frames[1])
+            w = self.pool.workers.get(ident)
+            if w is None:
+                continue  # a killed worker's last words
+            if tag == W.DONE:
+                if w.task is not None:
+                    self._running.pop(w.task[0], None)
+                    w.task = None
+                    self.counters["done"] += 1
+                    self._send([P.DONE, *frames[2:]], now)
+            elif tag == W.PROGRESS:
+                if w.task is not None:
+                    self._send([P.PROGRESS, frames[2]], now)
+            elif tag == W.READY:
+                w.ready = True
+        self._assign(now)
+
+    def _worker_died(self, sentinel: int, now: float) -> None:
+        w = self.pool.reap(sentinel)
+        if w is None:
+            return
+        if w.task is not None:
+            tid, attempt = w.task
+            self._running.pop(tid, None)
+            code = w.process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            self.counters["worker_deaths"] += 1
+            self._send([P.DONE, W.error_header(tid, attempt, self.sid, etype=P.ERR_WORKER_DIED,
+                                               msg=f"worker process died ({how}) while running the task")], now)
+        self.pool.replace(w.index)

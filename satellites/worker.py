@@ -1,0 +1,112 @@
+"""The worker process: runs one task at a time for its satellite's I/O thread.
+
+Internal transport (never seen by the orchestrator): the worker's DEALER talks
+to the satellite's ROUTER over ``ipc://``. Messages, first frame a tag:
+
+* worker → satellite: ``[READY, pid]``, ``[DONE, result_header, body, *buffers]``
+  (``result_header`` is the wire RESULT header, forwarded as is), ``[PROGRESS, header]``
+* satellite → worker: ``[RUN, dispatch_header, task_header, body, *buffers]``
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from serializers import ProtocolError, codecs, pack, unpack
+from serializers import protocol as P
+
+from . import context
+from .registry import UnknownKind, load_task_modules, registry
+
+READY = b"R"
+RUN = b"T"
+DONE = b"D"
+PROGRESS = b"P"
+
+#: Minimum seconds between two progress messages of one task (extra reports are dropped).
+PROGRESS_MIN_INTERVAL = 0.05
+#: Arrays at least this large are sent without a copy.
+ZERO_COPY_MIN = 64 * 1024
+
+
+def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None = None, *,
+                 etype: str | None = None, msg: str | None = None, tb: str = "") -> bytes:
+    """The RESULT header of a failed task: ``err`` holds type, message and traceback."""
+    if exc is not None:
+        etype = type(exc).__name__
+        msg = str(exc)
+        tb = "".join(traceback.format_exception(exc))
+    return pack({"id": task_id, "a": attempt, "ok": False, "sat": sid,
+                 "err": {"type": etype or "Error", "msg": msg or "", "tb": tb}})
+
+
+def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
+    """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers]``).
+
+    Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
+    for a handler's failure: it becomes a structured error header.
+    """
+    dispatch = unpack(frames[0])
+    tid, attempt = str(dispatch.get("id")), int(dispatch.get("a", 0))
+    t0 = time.perf_counter()
+    try:
+        hdr = unpack(frames[1])
+        kind = registry.get(str(hdr.get("k")))
+        codec = hdr.get("c", codecs.DEFAULT_CODEC)
+        call = codecs.decode(codec, hdr.get("arr"), frames[2:])
+        if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], list)
+                and isinstance(call[1], dict)):
+            raise ProtocolError(P.E_MALFORMED, "task body must be [args, kwargs]")
+        last = [0.0]
+
+        def progress(info: dict[str, Any]) -> None:
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_MIN_INTERVAL:
+                last[0] = now
+                send_progress(pack({"id": tid, "a": attempt, "sat": sid, **info}))
+
+        context.set_current(context.TaskContext(tid, attempt, kind.name, sid, progress))
+        try:
+            value = kind.fn(*call[0], **call[1])
+        finally:
+            context.set_current(None)
+        meta, out = codecs.encode(value, codec)
+    except UnknownKind as exc:
+        return [error_header(tid, attempt, sid, etype=P.ERR_UNKNOWN_KIND, msg=str(exc))]
+    except Exception as exc:
+        return [error_header(tid, attempt, sid, exc)]
+    rh: dict[str, Any] = {"id": tid, "a": attempt, "ok": True, "c": codec, "sat": sid,
+                          "dt": round(time.perf_counter() - t0, 6)}
+    if meta:
+        rh["arr"] = meta
+    return [pack(rh), *out]
+
+
+def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_pickle: bool) -> None:
+    """Entry point of a worker process: connect, announce, run tasks until the socket closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the satellite decides when workers stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    codecs.allow_pickle(allow_pickle)
+    load_task_modules(modules)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.routing_id = f"w{index}-{os.getpid()}".encode()
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart([READY, str(os.getpid()).encode()])
+        while True:
+            frames = sock.recv_multipart(copy=False)
+            if bytes(frames[0]) != RUN:
+                continue
+            out = run_task(frames[1:], sid, lambda h: sock.send_multipart([PROGRESS, h]))
+            sock.send_multipart([DONE, *out], copy=False)
+    finally:
+        sock.close(0)
+        ctx.term()

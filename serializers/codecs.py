@@ -1,0 +1,228 @@
+"""Pluggable payload codecs; numpy arrays travel as their own zero-copy frames.
+
+A payload is ``[body, buffer0, buffer1, ...]``: ``body`` is the value encoded by
+the named codec with every numpy array replaced by a reference to a buffer
+frame, and the header carries the codec name (``"c"``) and, for each buffer,
+its dtype and shape (``"arr"``). Receivers rebuild arrays with
+:func:`numpy.frombuffer` on the received frame, without a copy.
+
+Built-in codecs: ``msgpack`` (default), ``json`` (for debugging) and
+``pickle``, which executes code on load and is therefore refused unless the
+process opts in with :func:`allow_pickle` (or ``ORCHESTER_ALLOW_PICKLE=1``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+from typing import Any, Protocol, Sequence
+
+import msgpack
+import numpy as np
+
+from . import protocol as P
+from .header import ProtocolError
+
+#: msgpack extension type used for a reference to an array buffer frame.
+EXT_ARRAY = 1
+#: Default codec name.
+DEFAULT_CODEC = "msgpack"
+
+Buffer = bytes | memoryview
+ArrayMeta = list[Any]  # [dtype.str, [shape...]]
+
+
+class Codec(Protocol):
+    """What a codec implements. Register new ones with :func:`register_codec`."""
+
+    name: str
+
+    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+        """Encode ``obj``; append each numpy array found to ``arrays`` and reference it by index."""
+
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+        """Decode ``body``, resolving array references into ``arrays``."""
+
+
+class MsgpackCodec:
+    """The default codec: msgpack with numpy arrays as extension references."""
+
+    name = "msgpack"
+
+    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+        def default(o: Any) -> Any:
+            if isinstance(o, np.ndarray):
+                arrays.append(o)
+                return msgpack.ExtType(EXT_ARRAY, (len(arrays) - 1).to_bytes(4, "big"))
+            if isinstance(o, np.generic):
+                return o.item()
+            if isinstance(o, (set, frozenset)):
+                return list(o)
+            raise TypeError(f"cannot encode object of type {type(o).__name__} with msgpack")
+
+        return msgpack.packb(obj, default=default, use_bin_type=True)
+
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+        def ext_hook(code: int, data: bytes) -> Any:
+            if code == EXT_ARRAY:
+                return arrays[int.from_bytes(data, "big")]
+            return msgpack.ExtType(code, data)
+
+        return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False)
+
+
+class JsonCodec:
+    """Human-readable JSON; arrays and bytes become tagged objects."""
+
+    name = "json"
+
+    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+        def default(o: Any) -> Any:
+            if isinstance(o, np.ndarray):
+                arrays.append(o)
+                return {"__ndarray__": len(arrays) - 1}
+            if isinstance(o, np.generic):
+                return o.item()
+            if isinstance(o, (bytes, bytearray, memoryview)):
+                return {"__bytes__": base64.b64encode(bytes(o)).decode()}
+            if isinstance(o, (set, frozenset)):
+                return list(o)
+            raise TypeError(f"cannot encode object of type {type(o).__name__} as JSON")
+
+        return json.dumps(obj, default=default, separators=(",", ":")).encode()
+
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+        def hook(d: dict[str, Any]) -> Any:
+            if len(d) == 1:
+                if "__ndarray__" in d:
+                    return arrays[d["__ndarray__"]]
+                if "__bytes__" in d:
+                    return base64.b64decode(d["__bytes__"])
+            return d
+
+        return json.loads(bytes(body), object_hook=hook)
+
+
+class PickleCodec:
+    """Pickle protocol 5 with out-of-band buffers. Executes code on load: opt-in only."""
+
+    name = "pickle"
+
+    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+        _require_pickle()
+
+        def callback(buf: pickle.PickleBuffer) -> None:
+            arrays.append(np.frombuffer(buf.raw(), dtype=np.uint8))
+
+        return pickle.dumps(obj, protocol=5, buffer_callback=callback)
+
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+        _require_pickle()
+        return pickle.loads(body, buffers=[memoryview(a) for a in arrays])
+
+
+_CODECS: dict[str, Codec] = {}
+_pickle_allowed = os.environ.get("ORCHESTER_ALLOW_PICKLE", "") not in ("", "0", "false", "no")
+
+
+def allow_pickle(enabled: bool = True) -> None:
+    """Opt this process in (or out) of the pickle codec, which runs code on load."""
+    global _pickle_allowed
+    _pickle_allowed = enabled
+
+
+def pickle_allowed() -> bool:
+    """Whether this process accepts the pickle codec."""
+    return _pickle_allowed
+
+
+def _require_pickle() -> None:
+    if not _pickle_allowed:
+        raise ProtocolError(
+            P.E_CODEC,
+            "the pickle codec is disabled: it executes code on load "
+            "(opt in with serializers.allow_pickle() or ORCHESTER_ALLOW_PICKLE=1)",
+        )
+
+
+def register_codec(codec: Codec) -> None:
+    """Make ``codec`` available under ``codec.name`` for encoding and decoding."""
+    _CODECS[codec.name] = codec
+
+
+def get_codec(name: str) -> Codec:
+    """Return the codec registered under ``name``; :class:`ProtocolError` if unknown."""
+    try:
+        return _CODECS[name]
+    except (KeyError, TypeError):
+        raise ProtocolError(P.E_CODEC, f"unknown codec {name!r}; known: {sorted(_CODECS)}") from None
+
+
+def codec_names() -> list[str]:
+    """Names of the registered codecs."""
+    return sorted(_CODECS)
+
+
+for _c in (MsgpackCodec(), JsonCodec(), PickleCodec()):
+    register_codec(_c)
+
+
+def encode(obj: Any, codec: str = DEFAULT_CODEC) -> tuple[list[ArrayMeta], list[Buffer]]:
+    """Encode ``obj`` into ``(array_meta, frames)`` where ``frames = [body, *buffers]``.
+
+    Array buffers are memoryviews of the (C-contiguous) arrays: send them with
+    ``copy=False`` to avoid any copy.
+    """
+    arrays: list[np.ndarray] = []
+    try:
+        body = get_codec(codec).dumps(obj, arrays)
+    except ProtocolError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(P.E_CODEC, f"cannot encode with {codec}: {exc}") from None
+    meta: list[ArrayMeta] = []
+    frames: list[Buffer] = [body]
+    for a in arrays:
+        if a.dtype.hasobject:
+            raise ProtocolError(P.E_CODEC, "arrays of Python objects need the pickle codec")
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        meta.append([a.dtype.str, list(a.shape)])
+        frames.append(memoryview(a).cast("B") if a.size else b"")
+    return meta, frames
+
+
+def decode(codec: str, meta: Any, frames: Sequence[Any]) -> Any:
+    """Decode ``frames = [body, *buffers]`` (bytes, memoryviews or zmq Frames).
+
+    Arrays are rebuilt with :func:`numpy.frombuffer` on the frames (read-only, no copy).
+    """
+    if not frames:
+        raise ProtocolError(P.E_MALFORMED, "payload body frame is missing")
+    meta = meta or []
+    if not isinstance(meta, list) or len(meta) != len(frames) - 1:
+        raise ProtocolError(P.E_MALFORMED, f"header announces {len(meta) if isinstance(meta, list) else '?'} "
+                            f"array frames, message has {len(frames) - 1}")
+    arrays: list[np.ndarray] = []
+    for m, f in zip(meta, frames[1:]):
+        try:
+            dtype, shape = np.dtype(m[0]), tuple(int(s) for s in m[1])
+            if dtype.hasobject:
+                raise ValueError("object arrays are not accepted")
+            arrays.append(np.frombuffer(_buffer(f), dtype=dtype).reshape(shape))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ProtocolError(P.E_MALFORMED, f"bad array frame {m!r}: {exc}") from None
+    try:
+        return get_codec(codec).loads(_buffer(frames[0]), arrays)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(P.E_CODEC, f"cannot decode {codec} payload: {exc}") from None
+
+
+def _buffer(f: Any) -> Buffer:
+    """The bytes-like view of a frame: zmq.Frame exposes ``.buffer``."""
+    buf = getattr(f, "buffer", None)
+    return buf if buf is not None else f

@@ -1,0 +1,118 @@
+"""Wire protocol constants: the one place that names every frame and command.
+
+Every Orchester message is a ZeroMQ multipart message laid out as::
+
+    [routing envelope (ROUTER side only)] SIGNATURE COMMAND HEADER [PAYLOAD ...]
+
+* ``SIGNATURE`` names the protocol and its version (``b"ORCH/1"``). A peer that
+  sends another signature is refused with an ``ERROR`` whose code is
+  ``"version"`` (same prefix, other version) or ``"malformed"``.
+* ``COMMAND`` is one byte (see the constants below).
+* ``HEADER`` is a small msgpack map with short keys.
+* ``PAYLOAD`` frames are opaque to the orchestrator: a body encoded by the codec
+  named in the header, followed by one frame per numpy array buffer.
+
+The full specification lives in ``docs/protocol.rst``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Protocol family prefix; a signature with this prefix but another version is
+#: refused with the ``version`` error code rather than ``malformed``.
+FAMILY: Final = b"ORCH/"
+#: Protocol version implemented by this package.
+VERSION: Final = 1
+#: The first frame of every message.
+SIGNATURE: Final = FAMILY + str(VERSION).encode()
+
+# -- commands valid in both directions on every socket ----------------------
+HEARTBEAT: Final = b"\x01"
+ERROR: Final = b"\x02"
+
+# -- client -> orchestrator ------------------------------------------------
+SUBMIT: Final = b"\x10"
+FETCH: Final = b"\x11"
+STATUS: Final = b"\x12"
+CANCEL: Final = b"\x13"
+CONTROL: Final = b"\x14"
+
+# -- orchestrator -> client ------------------------------------------------
+ACK: Final = b"\x18"
+RESULT: Final = b"\x19"
+REPLY: Final = b"\x1a"
+
+# -- satellite -> orchestrator ---------------------------------------------
+REGISTER: Final = b"\x20"
+DONE: Final = b"\x21"
+PROGRESS: Final = b"\x22"
+LEAVE: Final = b"\x23"
+
+# -- orchestrator -> satellite ---------------------------------------------
+WELCOME: Final = b"\x28"
+DISPATCH: Final = b"\x29"
+ABORT: Final = b"\x2a"
+RECONNECT: Final = b"\x2b"
+
+#: Human-readable names, for logs and error messages.
+COMMAND_NAMES: Final[dict[bytes, str]] = {
+    HEARTBEAT: "HEARTBEAT",
+    ERROR: "ERROR",
+    SUBMIT: "SUBMIT",
+    FETCH: "FETCH",
+    STATUS: "STATUS",
+    CANCEL: "CANCEL",
+    CONTROL: "CONTROL",
+    ACK: "ACK",
+    RESULT: "RESULT",
+    REPLY: "REPLY",
+    REGISTER: "REGISTER",
+    DONE: "DONE",
+    PROGRESS: "PROGRESS",
+    LEAVE: "LEAVE",
+    WELCOME: "WELCOME",
+    DISPATCH: "DISPATCH",
+    ABORT: "ABORT",
+    RECONNECT: "RECONNECT",
+}
+
+#: Commands a client may send to the orchestrator.
+CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL})
+#: Commands a satellite may send to the orchestrator.
+SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, ERROR})
+
+# -- structured error codes (ERROR header key "code") ----------------------
+E_MALFORMED: Final = "malformed"  # frames missing, header not a msgpack map, bad field
+E_VERSION: Final = "version"  # incompatible protocol version
+E_UNKNOWN_COMMAND: Final = "unknown_command"
+E_UNKNOWN_KIND: Final = "unknown_kind"  # no registered satellite offers the task kind
+E_UNKNOWN_TASK: Final = "unknown_task"
+E_TOO_LARGE: Final = "too_large"  # message above the configured maximum size
+E_BUSY: Final = "busy"  # queue full; retry later
+E_BAD_REQUEST: Final = "bad_request"  # well-formed but invalid request (e.g. bad strategy)
+E_CODEC: Final = "codec"  # payload cannot be decoded by the named codec
+
+# -- task outcome error types (RESULT header "err"."type") -----------------
+ERR_CANCELLED: Final = "Cancelled"
+ERR_TIMEOUT: Final = "TaskTimeout"
+ERR_WORKER_DIED: Final = "WorkerDied"
+ERR_UNKNOWN_KIND: Final = "UnknownKind"
+ERR_RETRIES: Final = "RetriesExhausted"
+
+#: Frame index of the command and header (after the routing envelope).
+I_SIG: Final = 0
+I_CMD: Final = 1
+I_HDR: Final = 2
+I_BODY: Final = 3
+
+#: Default maximum message size accepted by the orchestrator (also ZMQ_MAXMSGSIZE).
+DEFAULT_MAX_MESSAGE: Final = 256 * 1024 * 1024
+
+
+def command_name(cmd: bytes) -> str:
+    """Return a printable name for a command byte (``"0x7f"`` when unknown)."""
+    name = COMMAND_NAMES.get(cmd)
+    if name is not None:
+        return name
+    return "0x" + cmd.hex() if cmd else "<empty>"

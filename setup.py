@@ -1,0 +1,39 @@
+"""Packaging of Orchester: one distribution, five packages, two console scripts."""
+
+from setuptools import setup
+
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10"]
+DOCS = ["sphinx>=7"]
+
+setup(
+    name="orchester",
+    version="0.1.0",
+    description="A ZeroMQ message bus that runs scientific tasks (GenX fits first) on satellites",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="GPL-3.0-or-later",
+    python_requires=">=3.11",
+    packages=["orchester", "satellites", "serializers", "tracker", "topology_tests"],
+    package_data={p: ["py.typed"] for p in ("orchester", "satellites", "serializers", "tracker", "topology_tests")},
+    install_requires=[
+        "pyzmq>=25",
+        "msgpack>=1.0",
+        "numpy>=1.24",
+        "click>=8.1",
+        "rich>=13",
+        "transitions>=0.9",
+    ],
+    extras_require={"test": TESTS, "docs": DOCS},
+    entry_points={
+        "console_scripts": [
+            "orchester = orchester.cli:main",
+            "satellite = satellites.cli:main",
+        ]
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
+        "Topic :: Scientific/Engineering",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
