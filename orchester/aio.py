@@ -21,7 +21,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -113,7 +114,7 @@ class AsyncClient:
         self._sock.send_multipart(self.core.request(fut, cmd, body))
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.core.forget(fut)
             raise Unreachable(f"no answer within {timeout}s") from None
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import zmq
 
+from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+
 from .config import OrchestratorConfig
 from .core import Orchestrator
 
@@ -99,6 +101,7 @@ class Broker:
         poller.register(self.xpub, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
         monotonic = time.monotonic
+        counters = core.counters
         log.info("orchestrator %s listening on %s, events on %s", core.epoch,
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
@@ -106,15 +109,17 @@ class Broker:
                 timeout_ms = min(core.next_wakeup(monotonic()), 0.25) * 1000
                 ready = poller.poll(timeout_ms)
                 now = monotonic()
+                counters["wakeups"] += 1
                 for sock, _ in ready:
                     if sock is xpub:
                         self._drain_subscriptions()
                         continue
                     for _ in range(batch):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock, NOBLOCK, 4)
                         except zmq.Again:
                             break
+                        counters["messages_in"] += 1
                         core.handle(sock, frames, now)
                 core.housekeeping(now)
                 self._flush()
@@ -135,7 +140,7 @@ class Broker:
             out, core.out = core.out, []
             for sock, frames, task_id in out:
                 try:
-                    sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    send_frames(sock, frames, NOBLOCK)
                 except zmq.ZMQError as exc:
                     if exc.errno not in _UNDELIVERABLE:
                         raise

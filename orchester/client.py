@@ -25,12 +25,14 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import zmq
 
 from serializers import ProtocolError
 from serializers import protocol as P
+from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .client_core import ClientCore
 from .errors import ClientClosed, Unreachable
@@ -238,7 +240,7 @@ class Client:
                 if sock in ready:
                     for _ in range(1024):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = recv_frames(sock, NOBLOCK, 3)
                         except zmq.Again:
                             break
                         last_heard = now
@@ -251,7 +253,7 @@ class Client:
                             log.warning("orchestrator changed (epoch %s): resending %d request(s)",
                                         core.epoch, len(core.tasks) + len(core.requests))
                             for f in core.pending_frames():
-                                sock.send_multipart(f, copy=False)
+                                send_frames(sock, f)
                 busy = bool(core.tasks or core.requests)
                 if busy and now - last_ping >= self.heartbeat_interval:
                     sock.send_multipart(core.ping())
@@ -296,7 +298,7 @@ class Client:
                 except Exception as exc:
                     _reject(fut, exc)
                     continue
-            sock.send_multipart(frames, copy=False)
+            send_frames(sock, frames)
 
 
 _counter = itertools.count()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from serializers import ProtocolError, codecs, pack, unpack
 from serializers import protocol as P

@@ -18,15 +18,16 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
 from tracker import SatelliteState, TaskState, TimerHeap
 
 from .config import OrchestratorConfig
-from .logutil import warn_limited
 from .fleet import Fleet, SatelliteRecord
+from .logutil import warn_limited
 from .results import ResultStore
 from .routing import make_strategy
 from .tasks import QueueKey, Task, TaskQueues

@@ -12,8 +12,9 @@ Subscribe to a prefix (``"task:"``, or ``""`` for everything).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import zmq
 

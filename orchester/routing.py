@@ -12,7 +12,8 @@ class by import path (``package.module:ClassName``).
 from __future__ import annotations
 
 import importlib
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from .fleet import SatelliteRecord
 from .tasks import Task

@@ -30,10 +30,10 @@ from typing import Any
 
 import zmq
 
+from orchester.logutil import warn_limited
 from serializers import ProtocolError, check_signature, pack, unpack
 from serializers import protocol as P
-
-from orchester.logutil import warn_limited
+from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from . import worker as W
 from .pool import WorkerPool
@@ -67,7 +67,8 @@ class Satellite:
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._endpoint_index = 0
-        self._queue: collections.deque[list[Any]] = collections.deque()  # dispatched, not yet running
+        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on)
+        self._queue: collections.deque[tuple[str, int, list[Any]]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
         load_task_modules(self.modules)  # fail fast, in this process, on a bad --tasks module
         self.kinds = registry.kinds()
@@ -136,22 +137,31 @@ class Satellite:
     def _send(self, frames: list[Any], now: float) -> None:
         assert self.orch is not None
         try:
-            self.orch.send_multipart([P.SIGNATURE, *frames], zmq.NOBLOCK, copy=False)
+            send_frames(self.orch, [P.SIGNATURE, *frames], NOBLOCK)
             self._last_sent = now
         except zmq.Again:
             self.counters["send_dropped"] += 1
 
+    def _poller(self) -> zmq.Poller:
+        """A poller over the orchestrator socket, the workers' socket and every worker's sentinel."""
+        poller = zmq.Poller()
+        assert self.orch is not None
+        poller.register(self.orch, zmq.POLLIN)
+        poller.register(self._wsock, zmq.POLLIN)
+        for fd in self.pool.sentinels():
+            poller.register(fd, zmq.POLLIN)
+        self._poll_key = (self.orch, tuple(self.pool.sentinels()))
+        return poller
+
     def _loop(self, ctx: zmq.Context[Any]) -> None:
         expiry = self.heartbeat_interval * self.liveness
+        timeout_ms = min(self.heartbeat_interval / 2, 0.25) * 1000
+        poller = self._poller()
         while not self._stop.is_set():
-            poller = zmq.Poller()
-            assert self.orch is not None
+            if self._poll_key != (self.orch, tuple(self.pool.sentinels())):
+                poller = self._poller()  # a worker was replaced or we reconnected
             orch = self.orch
-            poller.register(orch, zmq.POLLIN)
-            poller.register(self._wsock, zmq.POLLIN)
-            for fd in self.pool.sentinels():
-                poller.register(fd, zmq.POLLIN)
-            ready = poller.poll(min(self.heartbeat_interval / 2, 0.25) * 1000)
+            ready = poller.poll(timeout_ms)
             now = time.monotonic()
             for item, _ in ready:
                 if item is orch:
@@ -169,15 +179,17 @@ class Satellite:
                 continue
             if now - self._last_sent >= self.heartbeat_interval:
                 self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
-            for index in self.pool.missing():
-                self.pool.replace(index)
-            self._assign(now)
+            if len(self.pool.workers) < self.pool.size:
+                for index in self.pool.missing():
+                    self.pool.replace(index)
+            if self._queue:
+                self._assign(now)
 
     # ------------------------------------------------------- orchestrator side
     def _drain_orchestrator(self, orch: zmq.Socket[Any], now: float) -> None:
         for _ in range(256):
             try:
-                frames = orch.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(orch, NOBLOCK, 3)
             except zmq.Again:
                 return
             self._last_heard = now
@@ -197,7 +209,8 @@ class Satellite:
         if cmd == P.DISPATCH:
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            self._queue.append(frames[2:])
+            dispatch = unpack(bytes(frames[2]))
+            self._queue.append((str(dispatch.get("id")), int(dispatch.get("a", 0)), frames[2:]))
             self.counters["received"] += 1
         elif cmd == P.HEARTBEAT:
             pass
@@ -221,9 +234,8 @@ class Satellite:
 
     def _abort(self, tid: str, attempt: int, now: float) -> None:
         """Cancel a task: drop it if only queued here, kill its worker if running."""
-        for i, frames in enumerate(self._queue):
-            hdr = unpack(bytes(frames[0]))
-            if hdr.get("id") == tid:
+        for i, (qtid, _, _) in enumerate(self._queue):
+            if qtid == tid:
                 del self._queue[i]
                 break
         else:
@@ -243,17 +255,16 @@ class Satellite:
             w = self.pool.idle()
             if w is None:
                 return
-            frames = self._queue.popleft()
-            hdr = unpack(bytes(frames[0]))
-            w.task = (str(hdr.get("id")), int(hdr.get("a", 0)))
+            tid, attempt, frames = self._queue.popleft()
+            w.task = (tid, attempt)
             w.started = now
             self._running[w.task[0]] = w
-            self._wsock.send_multipart([w.ident, W.RUN, *frames], copy=False)
+            send_frames(self._wsock, [w.ident, W.RUN, *frames])
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(256):
             try:
-                frames = self._wsock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(self._wsock, NOBLOCK, 3)
             except zmq.Again:
                 return
             ident, tag = bytes(frames[0]), bytes(frames[1])

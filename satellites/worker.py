@@ -20,6 +20,7 @@ import zmq
 
 from serializers import ProtocolError, codecs, pack, unpack
 from serializers import protocol as P
+from serializers.zmqframes import recv_frames, send_frames
 
 from . import context
 from .registry import UnknownKind, load_task_modules, registry
@@ -31,8 +32,6 @@ PROGRESS = b"P"
 
 #: Minimum seconds between two progress messages of one task (extra reports are dropped).
 PROGRESS_MIN_INTERVAL = 0.05
-#: Arrays at least this large are sent without a copy.
-ZERO_COPY_MIN = 64 * 1024
 
 
 def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None = None, *,
@@ -102,11 +101,11 @@ def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_p
     try:
         sock.send_multipart([READY, str(os.getpid()).encode()])
         while True:
-            frames = sock.recv_multipart(copy=False)
+            frames = recv_frames(sock, 0, 3)
             if bytes(frames[0]) != RUN:
                 continue
             out = run_task(frames[1:], sid, lambda h: sock.send_multipart([PROGRESS, h]))
-            sock.send_multipart([DONE, *out], copy=False)
+            send_frames(sock, [DONE, *out])
     finally:
         sock.close(0)
         ctx.term()

@@ -17,7 +17,8 @@ import base64
 import json
 import os
 import pickle
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -206,7 +207,7 @@ def decode(codec: str, meta: Any, frames: Sequence[Any]) -> Any:
         raise ProtocolError(P.E_MALFORMED, f"header announces {len(meta) if isinstance(meta, list) else '?'} "
                             f"array frames, message has {len(frames) - 1}")
     arrays: list[np.ndarray] = []
-    for m, f in zip(meta, frames[1:]):
+    for m, f in zip(meta, frames[1:], strict=True):
         try:
             dtype, shape = np.dtype(m[0]), tuple(int(s) for s in m[1])
             if dtype.hasobject:

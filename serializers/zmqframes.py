@@ -1,0 +1,45 @@
+"""Fast multipart send/receive on pyzmq's backend socket methods.
+
+pyzmq's ``send_multipart``/``recv_multipart`` pay for flag enums and
+per-frame checks on every part; on the hot path these helpers call the
+backend directly. :func:`recv_frames` returns the first ``head`` parts as
+``bytes`` (envelope, signature, command, header: small, decoded) and the rest
+as zero-copy :class:`zmq.Frame` objects (payloads, forwarded or wrapped by
+numpy without a copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+from zmq.backend import Socket as _Base
+
+_send = _Base.send
+_recv = _Base.recv
+_get = _Base.get
+SNDMORE = int(zmq.SNDMORE)
+NOBLOCK = int(zmq.NOBLOCK)
+RCVMORE = int(zmq.RCVMORE)
+#: Frames at least this large are sent without a copy (smaller ones are cheaper to copy).
+ZERO_COPY_MIN = 64 * 1024
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
+    """Send a multipart message; large buffers go out without a copy."""
+    last = len(frames) - 1
+    more = flags | SNDMORE
+    for i, f in enumerate(frames):
+        copy = not (isinstance(f, (memoryview, zmq.Frame)) and len(f) >= ZERO_COPY_MIN)
+        _send(sock, f, flags if i == last else more, copy, False)
+
+
+def recv_frames(sock: zmq.Socket[Any], flags: int = 0, head: int = 4) -> list[Any]:
+    """Receive a multipart message: ``head`` leading parts as bytes, the rest as zmq Frames."""
+    parts = [_recv(sock, flags, True, False)]
+    n = 1
+    while _get(sock, RCVMORE):
+        parts.append(_recv(sock, flags, n < head, False))
+        n += 1
+    return parts
