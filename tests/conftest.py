@@ -1,0 +1,69 @@
+"""Shared fixtures: every socket and process a test makes is closed by the fixture that made it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from orchester import LocalCluster
+from orchester.broker import BrokerThread
+from orchester.config import OrchestratorConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Environment for processes that must import tests/orchester_test_tasks.py.
+TEST_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH", "")]))}
+FAST_HB = 0.2
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[Any]]:
+    """A fresh context; terminated at teardown (a leaked socket would hang term: the timeout fails it)."""
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+@pytest.fixture
+def socket(ctx: zmq.Context[Any]) -> Iterator[Any]:
+    """A socket factory: ``socket(zmq.DEALER)``; every socket made is closed with linger=0."""
+    made: list[zmq.Socket[Any]] = []
+
+    def make(kind: int) -> zmq.Socket[Any]:
+        s = ctx.socket(kind)
+        s.linger = 0
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close(0)
+
+
+def broker_config(**kw: Any) -> OrchestratorConfig:
+    """A loopback config with OS-chosen ports and fast heartbeats."""
+    base: dict[str, Any] = {"bind": ["tcp://127.0.0.1:*"], "pub": ["tcp://127.0.0.1:*"],
+                            "heartbeat_interval": FAST_HB, "liveness": 3}
+    base.update(kw)
+    return OrchestratorConfig(**base)
+
+
+@pytest.fixture
+def broker() -> Iterator[Any]:
+    """An orchestrator running in a thread of this process, on loopback."""
+    bt = BrokerThread(broker_config())
+    with bt as b:
+        yield b
+    assert not any(t.name == "orchester-broker" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    """An orchestrator and two satellites (two workers each) as real processes, fast heartbeats."""
+    with LocalCluster(satellites=2, workers=2, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
+                      liveness=3, env=TEST_ENV, log_level="WARNING") as c:
+        yield c

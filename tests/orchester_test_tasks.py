@@ -1,0 +1,44 @@
+"""Task kinds used by the integration tests (imported by satellites with --tasks)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from satellites import current, progress, task
+
+
+@task("t.pid")
+def pid() -> int:
+    """The worker process id."""
+    return os.getpid()
+
+
+@task("t.exit")
+def hard_exit(code: int = 3) -> None:
+    """Leave the worker process at once, as a crash would."""
+    os._exit(code)
+
+
+@task("t.segv")
+def segfault() -> None:
+    """Die by SIGSEGV."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+@task("t.progress", reports_progress=True)
+def with_progress(steps: int = 5, pause: float = 0.06) -> str:
+    """Report progress ``steps`` times; return the task id seen by the handler."""
+    for i in range(steps):
+        time.sleep(pause)
+        progress(step=i + 1, of=steps)
+    ctx = current()
+    return ctx.task_id if ctx else ""
+
+
+@task("t.identity")
+def identity(x: object) -> dict[str, object]:
+    """Return the input with the worker's satellite id."""
+    ctx = current()
+    return {"x": x, "sat": ctx.satellite if ctx else None, "attempt": ctx.attempt if ctx else None}
