@@ -141,6 +141,8 @@ class Broker:
             for sock, frames, task_id in out:
                 try:
                     send_frames(sock, frames, NOBLOCK)
+                    if task_id is not None:
+                        core.delivered(task_id)
                 except zmq.ZMQError as exc:
                     if exc.errno not in _UNDELIVERABLE:
                         raise

@@ -387,21 +387,26 @@ class Orchestrator:
     def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
         self.out.append((task.csock, [task.client, *frames], task.id))
         if store:
-            for tid in self.results.put(task.id, frames, size, delivered=True):
-                old = self.tasks.get(tid)
-                if old is not None and old.state.terminal:
-                    del self.tasks[tid]
+            self.results.put(task.id, frames, size)
         else:
-            self.results.mark(task.id, True)
+            self.results.mark(task.id, False)
+
+    def delivered(self, task_id: str) -> None:
+        """The adapter handed a result to its client's socket: it may be evicted first."""
+        self.results.mark(task_id, True)
 
     def undeliverable(self, task_id: str) -> None:
         """The adapter could not hand a result to its client: keep it for fetch."""
         self.counters["results_undeliverable"] += 1
-        self.results.mark(task_id, False)
 
     # ---------------------------------------------------------- housekeeping
     def housekeeping(self, now: float) -> None:
-        """Run after every wake-up: timeouts, lost satellites, heartbeats, acks, dispatch."""
+        """Run after every wake-up: retention, timeouts, lost satellites, heartbeats, acks, dispatch."""
+        if len(self.results) > self.cfg.result_retention or self.results.bytes > self.results.max_bytes:
+            for tid in self.results.trim():
+                old = self.tasks.get(tid)
+                if old is not None and old.state.terminal:
+                    del self.tasks[tid]
         if len(self.timers):
             for tid in self.timers.pop_expired(now):
                 task = self.tasks.get(tid)

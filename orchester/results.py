@@ -44,12 +44,11 @@ class ResultStore:
         """The stored result of ``task_id``, if retained."""
         return self._delivered.get(task_id) or self._undelivered.get(task_id)
 
-    def put(self, task_id: str, frames: list[Any], size: int, delivered: bool) -> list[str]:
-        """Retain a result; return the ids evicted to stay within bounds."""
+    def put(self, task_id: str, frames: list[Any], size: int, delivered: bool = False) -> None:
+        """Retain a result (call :meth:`trim` later to get back within bounds)."""
         r = StoredResult(frames, size, delivered)
         (self._delivered if delivered else self._undelivered)[task_id] = r
         self.bytes += size
-        return self._evict()
 
     def mark(self, task_id: str, delivered: bool) -> None:
         """Move a result between the delivered and undelivered lists."""
@@ -70,7 +69,8 @@ class ResultStore:
         """Ids of results whose client has not received them."""
         return list(self._undelivered)
 
-    def _evict(self) -> list[str]:
+    def trim(self) -> list[str]:
+        """Evict until within bounds (delivered results first, oldest first); return the evicted ids."""
         evicted: list[str] = []
         while len(self) > self.max_results or (self.bytes > self.max_bytes and len(self) > 1):
             if self._delivered:

@@ -10,7 +10,7 @@ from satellites import current, progress, task
 
 
 @task("t.pid")
-def pid() -> int:
+def pid(_: object = None) -> int:
     """The worker process id."""
     return os.getpid()
 
@@ -42,3 +42,9 @@ def identity(x: object) -> dict[str, object]:
     """Return the input with the worker's satellite id."""
     ctx = current()
     return {"x": x, "sat": ctx.satellite if ctx else None, "attempt": ctx.attempt if ctx else None}
+
+
+@task("t.blob")
+def blob(size: int) -> str:
+    """A result of ``size`` characters from a tiny input."""
+    return "x" * size

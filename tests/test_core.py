@@ -24,10 +24,17 @@ class Harness:
         self.now = 100.0
         self.core = Orchestrator(OrchestratorConfig(**base), self.now, wall=lambda: 1234.5)
 
-    def tick(self, dt: float = 0.0) -> list[tuple[Any, list[Any], Any]]:
+    def tick(self, dt: float = 0.0, undeliverable: tuple[str, ...] = ()) -> list[tuple[Any, list[Any], Any]]:
+        """Run housekeeping and 'send' what it produced, as the adapter would."""
         self.now += dt
         self.core.housekeeping(self.now)
         out, self.core.out = self.core.out, []
+        for _, _, tid in out:
+            if tid is not None:
+                if tid in undeliverable:
+                    self.core.undeliverable(tid)
+                else:
+                    self.core.delivered(tid)
         return out
 
     def send(self, sock: Any, ident: bytes, cmd: bytes, hdr: Any, *payload: Any, raw: bool = False) -> None:
@@ -282,9 +289,7 @@ def test_results_are_retained_within_bounds_and_undelivered_ones_kept_longest() 
     h.tick()
     for i in range(6):
         h.done(sat, f"t{i}")
-        if i == 0:
-            h.tick()
-            h.core.undeliverable("t0")  # the adapter could not hand it over
+        h.tick(undeliverable=("t0",))  # the adapter could not hand t0 over
     h.tick()
     assert len(h.core.results) == 3
     assert "t0" in h.core.results and h.core.results.undelivered() == ["t0"]

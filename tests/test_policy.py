@@ -111,12 +111,17 @@ def test_timer_heap_expires_many_at_once() -> None:
 def test_result_store_bounds_by_count_and_bytes() -> None:
     r = ResultStore(max_results=3, max_bytes=100)
     for i in range(3):
-        assert r.put(f"t{i}", [b"x"], 10, delivered=True) == []
-    assert r.put("t3", [b"x"], 10, delivered=True) == ["t0"]
+        r.put(f"t{i}", [b"x"], 10, delivered=True)
+    assert r.trim() == []
+    r.put("t3", [b"x"], 10)  # not yet handed over: kept before delivered ones
+    assert r.trim() == ["t0"]
+    r.mark("t3", True)
     r.mark("t1", False)
-    assert r.put("big", [b"x"], 80, delivered=True) == ["t2"]  # count bound
+    r.put("big", [b"x"], 80, delivered=True)
+    assert r.trim() == ["t2"]  # count bound
     assert set(r.undelivered()) == {"t1"} and r.bytes == 100
-    assert r.put("big2", [b"x"], 95, delivered=False) == ["t3", "big", "t1"]  # delivered ones go first
+    r.put("big2", [b"x"], 95)
+    assert r.trim() == ["t3", "big", "t1"]  # delivered ones go first
     assert r.dropped_undelivered == 1 and r.get("big2") is not None
     assert r.pop("big2") is not None and len(r) == 0 and r.bytes == 0
 
