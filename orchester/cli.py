@@ -23,6 +23,8 @@ from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 CLIENT_COMMANDS = ("submit", "status", "watch")
+#: The tables one deployment-wide config file may hold (each process reads its own).
+CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "demo", "satellite"})
 
 
 def setup_logging(level: str) -> None:
@@ -31,23 +33,40 @@ def setup_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
 
-def config_default_map(path: str, commands: dict[str, str]) -> dict[str, Any]:
-    """Read a TOML config into click's ``default_map`` ({command: {flag: value}})."""
+def config_default_map(path: str, group: click.Group, commands: dict[str, str]) -> dict[str, Any]:
+    """Read a TOML config into click's ``default_map`` ({command: {flag: value}}).
+
+    ``commands`` maps each command name to its table in the file. Unknown tables and
+    unknown settings are errors (:class:`ConfigError`), never silently ignored.
+    """
     data = load_toml(path)
+    for table in data:
+        if table not in CONFIG_TABLES:
+            raise ConfigError(f"{path}: unknown table [{table}]; known: {sorted(CONFIG_TABLES)}")
     out: dict[str, Any] = {}
     client = data.get("client", {})
     for cmd, section in commands.items():
         table = dict(client) if cmd in CLIENT_COMMANDS else {}
         table.update(data.get(section, {}))
-        if table:
-            out[cmd] = {k.replace("-", "_"): v for k, v in table.items()}
+        if not table:
+            continue
+        command = group.commands[cmd]
+        names = {p.name for p in command.params}
+        settings = {k.replace("-", "_"): v for k, v in table.items()}
+        for key in settings:
+            if key not in names:
+                raise ConfigError(f"{path}: [{section}] has unknown setting {key!r}; "
+                                  f"known: {sorted(n for n in names if n)}")
+        out[cmd] = settings
     return out
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
+        assert isinstance(ctx.command, click.Group)
         try:
-            ctx.default_map = config_default_map(value, {c: c for c in (*CLIENT_COMMANDS, "serve", "demo")})
+            ctx.default_map = config_default_map(value, ctx.command,
+                                                 {c: c for c in (*CLIENT_COMMANDS, "serve", "demo")})
         except ConfigError as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
@@ -134,10 +153,15 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             sys.exit(EXIT_UNREACHABLE)
         fut = client.submit(kind, *[_parse_arg(a) for a in args], priority=priority,
                             tags=[t for t in tags.split(",") if t], timeout=task_timeout)
-        if no_wait:
-            click.echo(fut.task_id if hasattr(fut, "task_id") else "submitted")
-            return
         try:
+            if no_wait:
+                # requests on one socket are handled in order: once this status is answered the
+                # orchestrator has accepted (or refused) the submit
+                client.status(timeout=timeout)
+                if fut.done():
+                    fut.result()
+                click.echo(fut.task_id)
+                return
             value = fut.result()
         except TaskFailed as exc:
             click.echo(f"task failed: {exc.type}: {exc.message}", err=True)

@@ -19,8 +19,9 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         from orchester.cli import config_default_map
         from orchester.config import ConfigError
 
+        assert isinstance(ctx.command, click.Group)
         try:
-            ctx.default_map = config_default_map(value, {"run": "satellite"})
+            ctx.default_map = config_default_map(value, ctx.command, {"run": "satellite"})
         except ConfigError as exc:
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
