@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 
 import numpy as np
 import pytest
+from conftest import FAST_HB, TEST_ENV
 
 from orchester import AsyncClient, Client, LocalCluster, RemoteError, TaskFailed
 from serializers import protocol as P
-
-from conftest import FAST_HB, TEST_ENV
 
 pytestmark = pytest.mark.integration
 
