@@ -106,7 +106,7 @@ class Broker:
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
             while not self._stop.is_set():
-                timeout_ms = min(core.next_wakeup(monotonic()), 0.25) * 1000
+                timeout_ms = int(min(core.next_wakeup(monotonic()), 0.25) * 1000)
                 ready = poller.poll(timeout_ms)
                 now = monotonic()
                 counters["wakeups"] += 1

@@ -40,9 +40,9 @@ def config_default_map(path: str, group: click.Group, commands: dict[str, str]) 
     unknown settings are errors (:class:`ConfigError`), never silently ignored.
     """
     data = load_toml(path)
-    for table in data:
-        if table not in CONFIG_TABLES:
-            raise ConfigError(f"{path}: unknown table [{table}]; known: {sorted(CONFIG_TABLES)}")
+    for name in data:
+        if name not in CONFIG_TABLES:
+            raise ConfigError(f"{path}: unknown table [{name}]; known: {sorted(CONFIG_TABLES)}")
     out: dict[str, Any] = {}
     client = data.get("client", {})
     for cmd, section in commands.items():

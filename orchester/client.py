@@ -177,7 +177,7 @@ class Client:
         fut = TaskFuture()
         fut.task_id = self.core.task_id()
         kwargs = dict(options)
-        opts = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec") if k in kwargs}
+        opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec") if k in kwargs}
         opts["task_id"] = fut.task_id
         self._outbox.append(("submit", fut, kind, args, kwargs, opts))
         return fut
@@ -224,7 +224,7 @@ class Client:
         silent_after = self.heartbeat_interval * self.liveness
         try:
             while True:
-                ready = dict(poller.poll(self.heartbeat_interval * 500))
+                ready = dict(poller.poll(int(self.heartbeat_interval * 500)))
                 now = time.monotonic()
                 if self._wake_rx in ready:
                     with self._lock:

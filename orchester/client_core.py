@@ -101,10 +101,12 @@ class ClientCore:
 
     def forget(self, future: Any) -> None:
         """Drop a pending entry whose future the caller gave up on."""
-        for table in (self.tasks, self.requests):
-            for key, p in list(table.items()):
-                if p.future is future:
-                    del table[key]  # type: ignore[attr-defined]
+        for tid, p in list(self.tasks.items()):
+            if p.future is future:
+                del self.tasks[tid]
+        for rid, p in list(self.requests.items()):
+            if p.future is future:
+                del self.requests[rid]
 
     def fail_all(self, exc: BaseException) -> None:
         """Reject every pending future (on close)."""
@@ -161,7 +163,7 @@ class ClientCore:
             self._resolve(p.future, value)
         else:
             err = hdr.get("err") or {}
-            self._reject(p.future, TaskFailed(tid, str(err.get("type", "Error")), str(err.get("msg", "")),
+            self._reject(p.future, TaskFailed(str(tid), str(err.get("type", "Error")), str(err.get("msg", "")),
                                               str(err.get("tb", "")), hdr.get("sat")))
 
     def _on_error(self, hdr: dict[str, Any]) -> None:

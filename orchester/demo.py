@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import random
 import time
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,7 +31,7 @@ def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds:
     failed = 0
     try:
         client = cluster.client()
-        futures: list[tuple[str, cf.Future[object], object]] = []
+        futures: list[tuple[str, cf.Future[Any], Any]] = []
         t1 = time.monotonic()
         for i in range(n_tasks):
             r = rng.random()

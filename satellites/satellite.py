@@ -155,7 +155,7 @@ class Satellite:
 
     def _loop(self, ctx: zmq.Context[Any]) -> None:
         expiry = self.heartbeat_interval * self.liveness
-        timeout_ms = min(self.heartbeat_interval / 2, 0.25) * 1000
+        timeout_ms = int(min(self.heartbeat_interval / 2, 0.25) * 1000)
         poller = self._poller()
         while not self._stop.is_set():
             if self._poll_key != (self.orch, tuple(self.pool.sentinels())):

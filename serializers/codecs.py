@@ -121,7 +121,7 @@ class PickleCodec:
 
     def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
         _require_pickle()
-        return pickle.loads(body, buffers=[memoryview(a) for a in arrays])
+        return pickle.loads(body, buffers=[memoryview(a) for a in arrays])  # type: ignore[arg-type]
 
 
 _CODECS: dict[str, Codec] = {}
@@ -191,7 +191,7 @@ def encode(obj: Any, codec: str = DEFAULT_CODEC) -> tuple[list[ArrayMeta], list[
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
         meta.append([a.dtype.str, list(a.shape)])
-        frames.append(memoryview(a).cast("B") if a.size else b"")
+        frames.append(memoryview(a).cast("B") if a.size else b"")  # type: ignore[arg-type]
     return meta, frames
 
 

@@ -37,7 +37,7 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
 
 def recv_frames(sock: zmq.Socket[Any], flags: int = 0, head: int = 4) -> list[Any]:
     """Receive a multipart message: ``head`` leading parts as bytes, the rest as zmq Frames."""
-    parts = [_recv(sock, flags, True, False)]
+    parts: list[Any] = [_recv(sock, flags, True, False)]
     n = 1
     while _get(sock, RCVMORE):
         parts.append(_recv(sock, flags, n < head, False))
