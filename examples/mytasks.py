@@ -16,12 +16,13 @@ from satellites import progress, task
 @task("mytasks.integrate", reports_progress=True, stall_timeout=60)
 def integrate(a: float, b: float, n: int) -> float:
     """Integrate sin(x) from a to b with the trapezoid rule in ``n`` steps, reporting progress."""
-    chunks = np.array_split(np.linspace(a, b, int(n) + 1), 10)
+    edges = np.linspace(a, b, 11)
     total = 0.0
-    for i, xs in enumerate(chunks):
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        xs = np.linspace(lo, hi, max(2, int(n) // 10 + 1))
         ys = np.sin(xs)
-        total += float(np.trapezoid(ys, xs)) if hasattr(np, "trapezoid") else float(np.trapz(ys, xs))
-        progress(done=i + 1, total=len(chunks))
+        total += float(((ys[1:] + ys[:-1]) * np.diff(xs)).sum() / 2)
+        progress(done=i + 1, total=10)
     return total
 
 
