@@ -152,6 +152,7 @@ class Client:
         pub = self.pub or self.status(timeout).get("pub", [None])[0]
         if not pub:
             raise Unreachable("the orchestrator did not say where it publishes events")
+        pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
         return EventStream(pub, topics, context=self.ctx)
 
     def close(self) -> None:
@@ -302,3 +303,18 @@ class Client:
 
 
 _counter = itertools.count()
+
+
+def reachable_endpoint(endpoint: str, via: str) -> str:
+    """Replace a wildcard host (``0.0.0.0``, ``*``, ``[::]``) in ``endpoint`` by the host of ``via``.
+
+    The orchestrator reports the endpoints it bound; a wildcard bind is reached at the
+    address the client already uses.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and host in ("0.0.0.0", "*", "[::]", "::"):
+        via_host = via.partition("://")[2].rpartition(":")[0]
+        if via_host:
+            return f"tcp://{via_host}:{port}"
+    return endpoint

@@ -1,0 +1,97 @@
+"""Where a task's CPU goes: CPU time per task of every process on the path, measured from /proc.
+
+Runs a LocalCluster (2 satellites × 1 worker) and a windowed stream of ``echo``
+tasks, then prints the user+system CPU each process spent per task: the
+client (this process), the orchestrator, each satellite's I/O loop and its
+worker processes. On a 2-core machine the sum bounds throughput at about
+``2 / sum`` tasks per second, which is what this benchmark is for: naming
+exactly what holds throughput back.
+
+Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import deque
+
+import numpy as np
+
+from orchester import LocalCluster
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (its threads included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren, ...)."""
+    parents: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            parents.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=20000)
+    ap.add_argument("--payload", type=int, default=0, help="bytes of float64 array per task (0: an int)")
+    ap.add_argument("--window", type=int, default=500)
+    ap.add_argument("--prefetch", type=int, default=8)
+    args = ap.parse_args(argv)
+    arg = np.zeros(args.payload // 8) if args.payload else 1
+    with LocalCluster(satellites=2, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:
+        client = cluster.client()
+        for f in [client.submit("echo", arg) for _ in range(200)]:
+            f.result(60)
+        assert cluster.orchestrator is not None
+        procs = {"orchestrator": cluster.orchestrator.pid}
+        for i, sat in enumerate(cluster.satellites):
+            procs[f"satellite {i} I/O"] = sat.pid
+            for j, pid in enumerate(descendants(sat.pid)):
+                procs[f"satellite {i} child {j}"] = pid
+        before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+        me0 = time.process_time()
+        t0 = time.perf_counter()
+        window: deque = deque()
+        for _ in range(args.n):
+            window.append(client.submit("echo", arg))
+            if len(window) >= args.window:
+                window.popleft().result(60)
+        for f in window:
+            f.result(60)
+        elapsed = time.perf_counter() - t0
+        rows = [("client (this process)", time.process_time() - me0)]
+        rows += [(name, cpu_seconds(pid) - before[name]) for name, pid in procs.items()]
+    print(f"{args.n} echo tasks, payload {args.payload} B: {args.n / elapsed:.0f} tasks/s")
+    total = 0.0
+    for name, sec in rows:
+        if sec > 0:
+            total += sec
+            print(f"  {name:28s} {sec / args.n * 1e6:8.1f} µs CPU per task")
+    print(f"  {'total':28s} {total / args.n * 1e6:8.1f} µs CPU per task "
+          f"(2 cores: at most {2 * args.n / total:.0f} tasks/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The orchestrator in a thread of the test process: size limits, wildcard endpoints, clean leave."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import pytest
+import zmq
+from conftest import FAST_HB, broker_config
+
+from orchester import LocalCluster
+from orchester.broker import BrokerThread
+from orchester.client import reachable_endpoint
+from serializers import encode, pack, unpack
+from serializers import protocol as P
+
+pytestmark = pytest.mark.integration
+
+
+def ask(sock: Any, frames: list[bytes], timeout: float = 10) -> list[bytes]:
+    sock.send_multipart(frames)
+    assert sock.poll(timeout * 1000), "no answer"
+    return sock.recv_multipart()
+
+
+def test_oversized_messages(socket: Any) -> None:
+    with BrokerThread(broker_config(max_message=4096)) as broker:
+        big = socket(zmq.DEALER)
+        big.connect(broker.client_endpoint)
+        # several frames, each under the limit, together over it: a structured error
+        _, body = encode([["x" * 3000], {}])
+        reply = ask(big, [P.SIGNATURE, P.SUBMIT, pack({"id": "big", "k": "echo"}), *body, b"y" * 3000])
+        assert reply[1] == P.ERROR and unpack(reply[2])["code"] == P.E_TOO_LARGE
+        assert unpack(reply[2])["id"] == "big"
+        # one frame over the limit: ZMQ_MAXMSGSIZE drops the connection before Python sees it
+        huge = socket(zmq.DEALER)
+        huge.connect(broker.client_endpoint)
+        huge.send_multipart([P.SIGNATURE, P.STATUS, pack({"rid": 1}), b"z" * 10_000])
+        assert not huge.poll(500)
+        # the orchestrator still serves everyone else
+        ok = socket(zmq.DEALER)
+        ok.connect(broker.client_endpoint)
+        reply = ask(ok, [P.SIGNATURE, P.STATUS, pack({"rid": 2})])
+        st = unpack(reply[2])
+        assert reply[1] == P.REPLY and st["rid"] == 2 and st["counters"]["errors.too_large"] == 1
+
+
+def test_version_mismatch_is_refused_with_the_supported_version(broker: Any, socket: Any) -> None:
+    s = socket(zmq.DEALER)
+    s.connect(broker.client_endpoint)
+    reply = ask(s, [b"ORCH/2", P.SUBMIT, pack({"id": "x", "k": "echo"}), b"\x90"])
+    hdr = unpack(reply[2])
+    assert reply[:2] == [P.SIGNATURE, P.ERROR] and hdr["code"] == P.E_VERSION and "ORCH/1" in hdr["msg"]
+
+
+def test_wildcard_endpoints_are_reached_through_the_known_host() -> None:
+    assert reachable_endpoint("tcp://0.0.0.0:5556", "tcp://head.example:5555") == "tcp://head.example:5556"
+    assert reachable_endpoint("tcp://*:7", "tcp://10.1.2.3:5555") == "tcp://10.1.2.3:7"
+    assert reachable_endpoint("tcp://127.0.0.1:5556", "tcp://other:1") == "tcp://127.0.0.1:5556"
+    assert reachable_endpoint("ipc:///tmp/x", "tcp://h:1") == "ipc:///tmp/x"
+
+
+def test_satellite_sigterm_leaves_cleanly_and_its_task_is_rerouted_at_once() -> None:
+    with LocalCluster(satellites=2, workers=1, heartbeat_interval=FAST_HB, liveness=50,
+                      log_level="ERROR") as cluster:
+        c = cluster.client()
+        futs = [c.submit("sleep", 1.0) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        while sum(s["inflight"] for s in c.status()["satellites"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        cluster.satellites[0].send_signal(signal.SIGTERM)
+        assert cluster.satellites[0].wait(20) == 0
+        assert [f.result(30) for f in futs] == [1.0, 1.0]
+        # with liveness 50 × 0.2 s, only the LEAVE message can explain a fast reroute
+        assert time.monotonic() - t0 < 8
+        st = c.status()
+        assert [s["id"] for s in st["satellites"]] == ["local-1"]
+        assert st["counters"]["requeued"] >= 1 and st["counters"].get("satellites_lost", 0) == 0
