@@ -151,8 +151,11 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
         except Exception:
             click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
             sys.exit(EXIT_UNREACHABLE)
+        tid = client.core.task_id()
+        show = not no_wait and sys.stderr.isatty()
+        stream = client.subscribe([f"progress:{tid}", f"task:{tid}"], timeout=timeout) if show else None
         fut = client.submit(kind, *[_parse_arg(a) for a in args], priority=priority,
-                            tags=[t for t in tags.split(",") if t], timeout=task_timeout)
+                            tags=[t for t in tags.split(",") if t], timeout=task_timeout, task_id=tid)
         try:
             if no_wait:
                 # requests on one socket are handled in order: once this status is answered the
@@ -162,6 +165,9 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
                     fut.result()
                 click.echo(fut.task_id)
                 return
+            if stream is not None:
+                with stream:
+                    _show_progress(fut, stream)
             value = fut.result()
         except TaskFailed as exc:
             click.echo(f"task failed: {exc.type}: {exc.message}", err=True)
@@ -172,6 +178,28 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             click.echo(f"refused: {exc}", err=True)
             sys.exit(EXIT_TASK_FAILED)
         click.echo(json.dumps(value, default=_jsonable))
+
+
+def _show_progress(fut: Any, stream: Any) -> None:
+    """A live bar on stderr from the task's events until its future is done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
+        row = bar.add_task(fut.task_id, total=None, info="pending")
+        while not fut.done():
+            ev = stream.recv(timeout=0.2)
+            if ev is None:
+                continue
+            data = {k: v for k, v in ev.data.items() if k not in ("id", "a", "sat", "t")}
+            if ev.category == "task":
+                bar.update(row, info=str(data.get("state")))
+                continue
+            done, total = data.get("done", data.get("step")), data.get("total", data.get("of"))
+            if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+                bar.update(row, completed=done, total=total)
+            bar.update(row, info=" ".join(f"{k}={v}" for k, v in data.items()))
 
 
 def _jsonable(o: Any) -> Any:

@@ -93,16 +93,18 @@ class Client:
 
     # ------------------------------------------------------------- public API
     def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
-               timeout: float | None = None, codec: str | None = None, **kwargs: Any) -> TaskFuture:
+               timeout: float | None = None, codec: str | None = None, task_id: str | None = None,
+               **kwargs: Any) -> TaskFuture:
         """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
 
         ``priority``: higher runs first; ``tags``: a satellite must have all of them;
         ``timeout``: seconds after which the orchestrator fails the task (``TaskTimeout``)
-        and kills its worker. The future's exception is :class:`~orchester.TaskFailed`
+        and kills its worker. ``task_id``: your own unique id (submitting the same id twice
+        runs the task once). The future's exception is :class:`~orchester.TaskFailed`
         when the task fails, :class:`~orchester.RemoteError` when it is refused.
         """
         fut = TaskFuture()
-        fut.task_id = tid = self.core.task_id()
+        fut.task_id = tid = task_id or self.core.task_id()
         self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
                                             timeout=timeout, codec=codec, task_id=tid)[1], fut)
         return fut

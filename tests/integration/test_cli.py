@@ -156,3 +156,32 @@ def test_demo_runs_the_main_job() -> None:
             timeout=120)
     assert r.returncode == 0, r.stderr
     assert "40 tasks in" in r.stdout and "0 failed, 0 wrong results" in r.stdout
+
+
+def test_submit_shows_progress_on_a_terminal(served: dict[str, str]) -> None:
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "orchester", "submit", "sleep", "1.0", "5", "--connect",
+                          served["connect"]], stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "COLUMNS": "120", "TERM": "xterm"})
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while p.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:
+                    break
+        out, _ = p.communicate(timeout=30)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+            p.wait(5)
+    assert p.returncode == 0 and json.loads(out) == 1.0
+    text = seen.decode(errors="replace")
+    assert "done=" in text and "total=5" in text  # the bar showed the task's progress reports
