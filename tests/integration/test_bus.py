@@ -258,6 +258,7 @@ def test_async_client(cluster: LocalCluster) -> None:
 def test_result_by_id_from_a_second_client(cluster: LocalCluster) -> None:
     a, b = cluster.client(), cluster.client()
     fut = a.submit("sleep", 0.2)
+    a.status()  # requests on one socket are handled in order: the submit is in once this returns
     assert b.result(fut.task_id, timeout=30) == 0.2
     with pytest.raises(RemoteError) as e:
         b.result("never-submitted", timeout=30)
