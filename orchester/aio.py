@@ -86,13 +86,13 @@ class AsyncClient:
                                         codec=codec, **kwargs)
 
     def submit_nowait(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
-                      timeout: float | None = None, codec: str | None = None,
-                      **kwargs: Any) -> asyncio.Future[Any]:
+                      timeout: float | None = None, codec: str | None = None, ttl: float | None = None,
+                      max_run: float | None = None, **kwargs: Any) -> asyncio.Future[Any]:
         """Submit a task; return an ``asyncio.Future`` of its result at once."""
         self._ensure_reader()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         _, frames = self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
-                                     timeout=timeout, codec=codec)
+                                     timeout=timeout, codec=codec, ttl=ttl, max_run=max_run)
         self._sock.send_multipart(frames, copy=False)
         return fut
 
@@ -121,6 +121,10 @@ class AsyncClient:
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""
         return await self._ask(P.STATUS, {}, timeout)
+
+    async def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """One task's state, attempts and history of transitions."""
+        return (await self._ask(P.STATUS, {"task": task_id}, timeout))["task"]
 
     async def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task."""

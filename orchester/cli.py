@@ -102,7 +102,22 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="least_loaded, round_robin, tags, or module:Class.")
 @click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True)
 @click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True)
-@click.option("--max-attempts", type=int, default=OrchestratorConfig.max_attempts, show_default=True)
+@click.option("--retries", type=int, default=OrchestratorConfig.retries, show_default=True,
+              help="Crashes (satellite lost, stalled, worker killed) before a task is quarantined.")
+@click.option("--retry-backoff", type=float, default=OrchestratorConfig.retry_backoff, show_default=True,
+              help="First back-off in seconds before a retry, doubled per crash.")
+@click.option("--queue-ttl", type=float, default=0.0, show_default=True,
+              help="Seconds a task may wait in the queue before it expires (0: forever).")
+@click.option("--dispatch-timeout", type=float, default=0.0, show_default=True,
+              help="Seconds a dispatched task may wait to be started before it stalls (0: forever).")
+@click.option("--stall-timeout", type=float, default=0.0, show_default=True,
+              help="Seconds without progress before a progress-reporting task stalls (0: the kind's own).")
+@click.option("--max-run-time", type=float, default=0.0, show_default=True,
+              help="Seconds a task may run before its worker is killed (0: no limit).")
+@click.option("--probation-after", type=int, default=OrchestratorConfig.probation_after, show_default=True,
+              help="Consecutive failed tasks that put a satellite on probation (half credit).")
+@click.option("--drain-after", type=int, default=OrchestratorConfig.drain_after, show_default=True,
+              help="Consecutive failed tasks that drain a satellite on probation (no credit).")
 @click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True)
 @click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True)
 @click.option("--endpoint-file", type=click.Path(dir_okay=False),

@@ -94,19 +94,22 @@ class Client:
     # ------------------------------------------------------------- public API
     def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                timeout: float | None = None, codec: str | None = None, task_id: str | None = None,
-               **kwargs: Any) -> TaskFuture:
+               ttl: float | None = None, max_run: float | None = None, **kwargs: Any) -> TaskFuture:
         """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
 
         ``priority``: higher runs first; ``tags``: a satellite must have all of them;
         ``timeout``: seconds after which the orchestrator fails the task (``TaskTimeout``)
-        and kills its worker. ``task_id``: your own unique id (submitting the same id twice
-        runs the task once). The future's exception is :class:`~orchester.TaskFailed`
-        when the task fails, :class:`~orchester.RemoteError` when it is refused.
+        and kills its worker; ``ttl``: seconds it may wait in the queue (``Expired``);
+        ``max_run``: seconds it may run once started (``MaxRunTime``). ``task_id``: your own
+        unique id (submitting the same id twice runs the task once). The future's exception is
+        :class:`~orchester.TaskFailed` when the task fails, :class:`~orchester.RemoteError` when
+        it is refused.
         """
         fut = TaskFuture()
         fut.task_id = tid = task_id or self.core.task_id()
         self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
-                                            timeout=timeout, codec=codec, task_id=tid)[1], fut)
+                                            timeout=timeout, codec=codec, task_id=tid, ttl=ttl,
+                                            max_run=max_run)[1], fut)
         return fut
 
     def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
@@ -138,6 +141,10 @@ class Client:
     def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Tasks per state, queue depths, satellites and counters of the orchestrator."""
         return self._ask(P.STATUS, {}, timeout)
+
+    def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """One task's state, attempts and history of transitions."""
+        return self._ask(P.STATUS, {"task": task_id}, timeout)["task"]
 
     def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task (its worker is killed if it is running)."""
@@ -180,7 +187,8 @@ class Client:
         fut = TaskFuture()
         fut.task_id = self.core.task_id()
         kwargs = dict(options)
-        opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec") if k in kwargs}
+        opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec", "ttl",
+                                                           "max_run") if k in kwargs}
         opts["task_id"] = fut.task_id
         self._outbox.append(("submit", fut, kind, args, kwargs, opts))
         return fut

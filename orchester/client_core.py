@@ -55,7 +55,8 @@ class ClientCore:
 
     def submit(self, future: Any, kind: str, args: Sequence[Any], kwargs: dict[str, Any], *,
                priority: int = 0, tags: Sequence[str] = (), timeout: float | None = None,
-               codec: str | None = None, task_id: str | None = None) -> tuple[str, list[Any]]:
+               codec: str | None = None, task_id: str | None = None, ttl: float | None = None,
+               max_run: float | None = None) -> tuple[str, list[Any]]:
         """Register ``future`` for a new task and return ``(task_id, frames)`` to send."""
         codec = codec or self.codec
         meta, body = codecs.encode([list(args), kwargs], codec)
@@ -67,6 +68,10 @@ class ClientCore:
             hdr["tg"] = list(tags)
         if timeout is not None:
             hdr["to"] = float(timeout)
+        if ttl is not None:
+            hdr["ttl"] = float(ttl)
+        if max_run is not None:
+            hdr["mr"] = float(max_run)
         if meta:
             hdr["arr"] = meta
         frames = [P.SIGNATURE, P.SUBMIT, pack(hdr), *body]

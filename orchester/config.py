@@ -41,8 +41,22 @@ class OrchestratorConfig:
     max_message: int = DEFAULT_MAX_MESSAGE
     #: Most tasks queued at once; further submits get a ``busy`` error.
     max_queue: int = 1_000_000
-    #: How many attempts a task gets before it fails with ``RetriesExhausted``.
-    max_attempts: int = 5
+    #: Crashes (satellite lost, stalled, worker died) a task may cause before it is quarantined.
+    retries: int = 3
+    #: First back-off before a retry, doubled per crash (capped at 30 s).
+    retry_backoff: float = 0.5
+    #: Seconds a task may wait in the queue before it expires (0: forever; per task: ``ttl``).
+    queue_ttl: float = 0.0
+    #: Seconds a dispatched task may wait for a worker to start it before it stalls (0: forever).
+    dispatch_timeout: float = 0.0
+    #: Seconds without progress before a running task of a progress-reporting kind stalls
+    #: (0: the kind's own ``stall_timeout``, if it declares one).
+    stall_timeout: float = 0.0
+    #: Seconds a task may run before its worker is killed and it fails (0: no limit; per task: ``max_run``).
+    max_run_time: float = 0.0
+    #: Consecutive failed tasks that put a satellite on probation (half credit), then draining (none).
+    probation_after: int = 5
+    drain_after: int = 10
     #: Finished results kept for fetch by task id (count and total bytes).
     result_retention: int = 10_000
     result_retention_bytes: int = 256 * 1024 * 1024
@@ -60,8 +74,12 @@ class OrchestratorConfig:
         for name in ("heartbeat_interval",):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("liveness", "max_message", "max_queue", "max_attempts", "result_retention",
-                     "result_retention_bytes", "hwm", "batch"):
+        for name in ("retry_backoff", "queue_ttl", "dispatch_timeout", "stall_timeout", "max_run_time"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
+        for name in ("liveness", "max_message", "max_queue", "retries", "result_retention",
+                     "result_retention_bytes", "hwm", "batch", "probation_after", "drain_after"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")

@@ -23,25 +23,23 @@ from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
-from tracker import SatelliteState, TaskState, TimerHeap
+from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerHeap
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
+from .lifecycle import T_DEADLINE, T_STALL, Lifecycle, _len
 from .logutil import warn_limited
 from .results import ResultStore
 from .routing import make_strategy
-from .tasks import QueueKey, Task, TaskQueues
+from .tasks import Task, TaskQueues
 
 log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
+TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
 
-def _len(frames: list[Any]) -> int:
-    return sum(len(f) for f in frames)
-
-
-class Orchestrator:
+class Orchestrator(Lifecycle):
     """Task table, queues, fleet and routing of one orchestrator (pure policy)."""
 
     def __init__(self, config: OrchestratorConfig, now: float, *, epoch: str | None = None,
@@ -56,11 +54,12 @@ class Orchestrator:
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
-        self.timers: TimerHeap[str] = TimerHeap()
+        self.timers: TimerHeap[tuple[str, int]] = TimerHeap()
         self.strategy = make_strategy(config.strategy)
         self.out: list[Out] = []
         self.pub: list[list[bytes]] = []
         self.counters: Counter[str] = Counter()
+        self._init_lifecycle(config)
         self._acks: dict[tuple[Any, bytes], list[str]] = {}
         self._seq = 0
         self._dispatch_seq = 0
@@ -71,9 +70,9 @@ class Orchestrator:
         self._want: dict[bytes, bool] = dict.fromkeys((b"task:", b"progress:", b"sat:", b"control:"), False)
         self._handlers: dict[bytes, Callable[[Any, bytes, list[Any], float], None]] = {
             P.SUBMIT: self._on_submit, P.DONE: self._on_done, P.HEARTBEAT: self._on_heartbeat,
-            P.PROGRESS: self._on_progress, P.REGISTER: self._on_register, P.LEAVE: self._on_leave,
-            P.STATUS: self._on_status, P.FETCH: self._on_fetch, P.CANCEL: self._on_cancel,
-            P.CONTROL: self._on_control, P.ERROR: self._on_peer_error,
+            P.STARTED: self._on_started, P.PROGRESS: self._on_progress, P.REGISTER: self._on_register,
+            P.LEAVE: self._on_leave, P.STATUS: self._on_status, P.FETCH: self._on_fetch,
+            P.CANCEL: self._on_cancel, P.CONTROL: self._on_control, P.ERROR: self._on_peer_error,
         }
 
     # ------------------------------------------------------------------ input
@@ -93,6 +92,8 @@ class Orchestrator:
             sat = self.fleet.by_ident.get(ident)
             if sat is not None:
                 sat.last_seen = now
+                if sat.state is SS.SILENT:
+                    self._heard(sat, now)
             handler(sock, ident, frames, now)
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
@@ -121,6 +122,8 @@ class Orchestrator:
         priority = field(hdr, "p", int, 0)
         tags = field(hdr, "tg", list, [])
         timeout = field(hdr, "to", (int, float), None)
+        ttl = field(hdr, "ttl", (int, float), 0)
+        max_run = field(hdr, "mr", (int, float), 0)
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
         old = self.tasks.get(tid)
@@ -143,14 +146,19 @@ class Orchestrator:
         payload = frames[4:]
         task = Task(tid, kind, priority, frozenset(tags), ident, sock, frames[3], payload,
                     now, self._seq, _len(payload))
+        task.ttl = float(ttl) if ttl == ttl and ttl > 0 else 0.0
+        task.max_run = float(max_run) if max_run == max_run and max_run > 0 else 0.0
         self.tasks[tid] = task
         self.queues.push(task)
         self.counters["submitted"] += 1
         if timeout is not None and timeout > 0:
-            task.timer = self.timers.schedule(now + timeout, tid)
+            task.deadline = self.timers.schedule(now + timeout, (tid, T_DEADLINE))
+        task.history.append((self.wall(), TS.PENDING, 0, None, None))
+        self._arm(task, now)
         self._ack(sock, ident, tid)
         if self._want[b"task:"]:
-            self._task_event(task, "pending")
+            self.pub.append([b"task:" + tid.encode(), pack(
+                {"id": tid, "kind": kind, "state": "pending", "attempt": 0, "sat": None, "t": self.wall()})])
 
     def _ack(self, sock: Any, ident: bytes, tid: str) -> None:
         key = (sock, ident)
@@ -169,7 +177,15 @@ class Orchestrator:
 
     def _on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
-        self._reply(sock, ident, hdr.get("rid"), self.status(now))
+        tid = hdr.get("task")
+        if tid is None:
+            self._reply(sock, ident, hdr.get("rid"), self.status(now))
+            return
+        task = self.tasks.get(tid) if isinstance(tid, str) else None
+        if task is None:
+            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
+                                "or its result has left the retention window)")
+        self._reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
 
     def _on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
@@ -194,7 +210,7 @@ class Orchestrator:
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown")
         was = task.state
         if not was.terminal:
-            self._finish_error(task, TaskState.CANCELLED, P.ERR_CANCELLED, "cancelled by a client", now)
+            self._fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
         self._reply(sock, ident, hdr.get("rid"), {"id": tid, "cancelled": not was.terminal,
                                                   "state": task.state.name.lower()})
 
@@ -211,7 +227,9 @@ class Orchestrator:
         old, self.strategy = self.strategy.name, strategy
         self.counters["strategy_switches"] += 1
         log.info("routing strategy switched from %s to %s", old, strategy.name)
-        self._event(b"control:strategy", {"op": "strategy", "old": old, "new": strategy.name})
+        if self._want[b"control:"]:
+            self.pub.append([b"control:strategy", pack(
+                {"op": "strategy", "old": old, "new": strategy.name, "t": self.wall()})])
         self._reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
 
     def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
@@ -225,25 +243,39 @@ class Orchestrator:
         slots = field(hdr, "slots", int)
         kinds = field(hdr, "kinds", list)
         tags = field(hdr, "tags", list, [])
+        progress = field(hdr, "progress", dict, {})
         if slots < 1 or not all(isinstance(k, str) for k in kinds + tags):
             raise ProtocolError(P.E_MALFORMED, "REGISTER needs slots >= 1 and string kinds and tags")
+        if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in progress.items()):
+            raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts")
         old = self.fleet.by_id.get(sid)
-        if old is not None:  # re-registration (reconnect): requeue what the old session held
-            self._lose(old, now, "re-registered")
-            self.fleet.remove(old)
+        if old is not None:  # re-registration (reconnect): what the old session held is rerouted
+            self._lose(old, now, "re-registered", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
                               host=str(hdr.get("host", "")), pid=int(hdr.get("pid", 0) or 0),
                               workers=int(hdr.get("workers", 0) or 0))
+        sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
         self.fleet.add(sat)
         self.counters["satellites_registered"] += 1
         log.info("satellite %s registered: %d slots, kinds %s, tags %s", sid, slots, kinds, tags)
         self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
             {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
-        self._event(b"sat:" + sid.encode(), {"sat": sid, "state": "idle", "event": "joined",
-                                             "slots": slots, "tags": tags, "kinds": kinds})
+        self._sat_to(sat, SE.welcome, now, "registered")
+
+    def _on_started(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+        sat = self._satellite(sock, ident)
+        if sat is None:
+            return
+        hdr = unpack(bytes(frames[3]))
+        for item in field(hdr, "t", list):
+            if not (isinstance(item, list) and len(item) == 2):
+                raise ProtocolError(P.E_MALFORMED, "STARTED entries are [task id, attempt]")
+            task = sat.inflight.get(item[0]) if isinstance(item[0], str) else None
+            if task is not None and task.attempt == item[1] and task.state is TS.DISPATCHED:
+                self._task_to(task, TE.start, now)
 
     def _on_done(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        sat = self._satellite(sock, ident, frames)
+        sat = self._satellite(sock, ident)
         if sat is None:
             return
         hdr = unpack(bytes(frames[3]))
@@ -254,143 +286,63 @@ class Orchestrator:
             self.counters["stale_results"] += 1
             log.info("discarded stale result of %s attempt %s from %s", tid, attempt, sat.sid)
             return
-        del sat.inflight[tid]
-        self.fleet.free_slots += 1
-        if not sat.inflight:
-            sat.state = SatelliteState.IDLE
-        if task.state.terminal:  # cancelled or timed out while running: the client already knows
+        if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, or was lost
+            self._task_to(task, TE.start, now)
+        if hdr.get("ok"):
+            self._release(task, now, abort=False)
+            self._succeeded(task, sat, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]], now)
             return
-        ok = bool(hdr.get("ok"))
-        if ok:
-            sat.done += 1
-        else:
-            sat.failed += 1
-        task.state = TaskState.DONE if ok else TaskState.FAILED
-        self.counters["done" if ok else "failed"] += 1
-        result = [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]]
-        self._complete(task, result, now)
+        err = hdr.get("err")
+        etype = err.get("type") if isinstance(err, dict) else None
+        if etype == P.ERR_WORKER_DIED:  # it killed its worker: a crash, rerouted or quarantined
+            self._stall(task, now, str(err.get("msg", "worker died")), abort=False)  # type: ignore[union-attr]
+            return
+        self._release(task, now, abort=False)
+        self._failed_on(sat, now)
+        self.counters["failed"] += 1
+        self._task_to(task, TE.fail, now, str(etype))
+        self._complete(task, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]])
 
     def _on_progress(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        if self._satellite(sock, ident, frames) is None:
+        sat = self._satellite(sock, ident)
+        if sat is None:
             return
         self.counters["progress"] += 1
+        hdr = unpack(bytes(frames[3]))
+        tid = field(hdr, "id", str)
+        task = sat.inflight.get(tid)
+        if task is not None and task.attempt == hdr.get("a"):
+            if task.state is TS.DISPATCHED:
+                self._task_to(task, TE.start, now)
+            elif task.timer is not None:  # progress resets the stall timeout
+                self._arm_stall(task, now)
         if self._want[b"progress:"]:
-            hdr = unpack(bytes(frames[3]))
-            tid = field(hdr, "id", str)
             self.pub.append([b"progress:" + tid.encode(), bytes(frames[3])])
+
+    def _arm_stall(self, task: Task, now: float) -> None:
+        self.timers.cancel(task.timer)
+        task.timer = self.timers.schedule(now + self._stall_timeout(task), (task.id, T_STALL))
 
     def _on_leave(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self.fleet.by_ident.get(ident)
         if sat is None:
             return
         log.info("satellite %s left", sat.sid)
-        self._lose(sat, now, "left", state=SatelliteState.LEFT)
-        self.fleet.remove(sat)
+        self._lose(sat, now, "left", SE.leave, crash=False)
 
     def _on_peer_error(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         self.counters["peer_errors"] += 1
         log.warning("peer %r reported error %s: %s", ident, hdr.get("code"), hdr.get("msg"))
 
-    def _satellite(self, sock: Any, ident: bytes, frames: list[Any]) -> SatelliteRecord | None:
+    def _satellite(self, sock: Any, ident: bytes) -> SatelliteRecord | None:
         sat = self.fleet.by_ident.get(ident)
         if sat is None:  # e.g. we restarted: ask it to register again
             self.counters["unknown_satellite"] += 1
             self.out.append((sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.epoch})], None))
         return sat
 
-    def _lose(self, sat: SatelliteRecord, now: float, reason: str,
-              state: SatelliteState = SatelliteState.LOST) -> None:
-        """Requeue every task in flight on ``sat`` (a new attempt each) and mark it lost."""
-        sat.state = state
-        tasks = list(sat.inflight.values())
-        sat.inflight.clear()
-        for task in tasks:
-            if task.state.terminal:
-                continue
-            if task.attempt >= self.cfg.max_attempts:
-                self._finish_error(task, TaskState.FAILED, P.ERR_RETRIES,
-                                   f"{task.attempt} attempts failed; last: satellite {sat.sid} {reason}", now)
-                continue
-            task.state = TaskState.PENDING
-            task.satellite = None
-            self.queues.push(task)
-            self.counters["requeued"] += 1
-            if self._want[b"task:"]:
-                self._task_event(task, "pending", reason=f"satellite {sat.sid} {reason}")
-        if tasks:
-            log.warning("satellite %s %s: requeued %d task(s)", sat.sid, reason, len(tasks))
-        self.fleet.changed()
-        self._event(b"sat:" + sat.sid.encode(), {"sat": sat.sid, "state": state.name.lower(),
-                                                 "event": reason, "requeued": len(tasks)})
-
-    # ------------------------------------------------------------ scheduling
-    def schedule(self) -> None:
-        """Dispatch queued tasks while some eligible satellite has credit."""
-        fleet, queues = self.fleet, self.queues
-        blocked: set[QueueKey] = set()
-        while fleet.free_slots > 0 and len(queues):
-            key = queues.best_key(None) if not blocked else self._best_unblocked(blocked)
-            if key is None:
-                return
-            cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.slots]
-            if not cands:
-                blocked.add(key)
-                continue
-            task = queues.pop(key)
-            self._dispatch(task, self.strategy.choose(task, cands) if len(cands) > 1 else cands[0])
-
-    def _best_unblocked(self, blocked: set[QueueKey]) -> QueueKey | None:
-        allowed = [k for k in self.queues.keys() if k not in blocked]
-        return self.queues.best_key(allowed) if allowed else None
-
-    def _dispatch(self, task: Task, sat: SatelliteRecord) -> None:
-        task.attempt += 1
-        task.state = TaskState.DISPATCHED
-        task.satellite = sat.sid
-        sat.inflight[task.id] = task
-        sat.state = SatelliteState.BUSY
-        self.fleet.free_slots -= 1
-        self._dispatch_seq += 1
-        sat.last_dispatch = self._dispatch_seq
-        self.counters["dispatched"] += 1
-        self.out.append((sat.sock, [sat.ident, P.SIGNATURE, P.DISPATCH,
-                                    pack({"id": task.id, "a": task.attempt}), task.header,
-                                    *task.payload], None))
-        if self._want[b"task:"]:
-            self._task_event(task, "dispatched")
-
-    # ------------------------------------------------------------- completion
-    def _finish_error(self, task: Task, state: TaskState, etype: str, msg: str, now: float) -> None:
-        """End ``task`` with an error the orchestrator decided (cancel, timeout, retries)."""
-        if task.state is TaskState.DISPATCHED and task.satellite is not None:
-            sat = self.fleet.by_id.get(task.satellite)
-            if sat is not None and task.id in sat.inflight:  # credit returns when its DONE arrives
-                self.out.append((sat.sock, [sat.ident, P.SIGNATURE, P.ABORT,
-                                            pack({"id": task.id, "a": task.attempt})], None))
-        task.state = state
-        task.error = etype
-        self.counters["cancelled" if state is TaskState.CANCELLED else "failed"] += 1
-        hdr = pack({"id": task.id, "a": task.attempt, "ok": False,
-                    "err": {"type": etype, "msg": msg, "tb": ""}, "sat": task.satellite})
-        self._complete(task, [P.SIGNATURE, P.RESULT, hdr], now, reason=msg)
-
-    def _complete(self, task: Task, result: list[Any], now: float, reason: str | None = None) -> None:
-        self.timers.cancel(task.timer)
-        task.timer = None
-        task.payload = []  # the input is no longer needed
-        size = _len(result)
-        self._send_result(task, result, size, store=True)
-        if self._want[b"task:"]:
-            self._task_event(task, task.state.name.lower(), reason=reason)
-
-    def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
-        self.out.append((task.csock, [task.client, *frames], task.id))
-        if store:
-            self.results.put(task.id, frames, size)
-        else:
-            self.results.mark(task.id, False)
-
+    # ---------------------------------------------------------- housekeeping
     def delivered(self, task_id: str) -> None:
         """The adapter handed a result to its client's socket: it may be evicted first."""
         self.results.mark(task_id, True)
@@ -399,27 +351,17 @@ class Orchestrator:
         """The adapter could not hand a result to its client: keep it for fetch."""
         self.counters["results_undeliverable"] += 1
 
-    # ---------------------------------------------------------- housekeeping
     def housekeeping(self, now: float) -> None:
-        """Run after every wake-up: retention, timeouts, lost satellites, heartbeats, acks, dispatch."""
+        """Run after every wake-up: retention, timeouts, satellites, heartbeats, acks, dispatch."""
         if len(self.results) > self.cfg.result_retention or self.results.bytes > self.results.max_bytes:
             for tid in self.results.trim():
                 old = self.tasks.get(tid)
                 if old is not None and old.state.terminal:
                     del self.tasks[tid]
         if len(self.timers):
-            for tid in self.timers.pop_expired(now):
-                task = self.tasks.get(tid)
-                if task is not None and not task.state.terminal:
-                    task.timer = None
-                    self.counters["timeouts"] += 1
-                    self._finish_error(task, TaskState.FAILED, P.ERR_TIMEOUT,
-                                       "task exceeded its timeout", now)
-        for sat in self.fleet.expired(now, self._lost_after):
-            log.warning("satellite %s silent for %.1fs: lost", sat.sid, now - sat.last_seen)
-            self.counters["satellites_lost"] += 1
-            self._lose(sat, now, "lost (heartbeat timeout)")
-            self.fleet.remove(sat)
+            for tid, code in self.timers.pop_expired(now):
+                self._on_timer(tid, code, now)
+        self._watch_satellites(now)
         if now >= self._next_hb:
             self._next_hb = now + self._hb_every
             hb = pack({"e": self.epoch})
@@ -429,7 +371,7 @@ class Orchestrator:
             for (sock, ident), ids in self._acks.items():
                 self.out.append((sock, [ident, P.SIGNATURE, P.ACK, pack({"ids": ids, "e": self.epoch})], None))
             self._acks.clear()
-        self.schedule()
+        self.schedule(now)
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until housekeeping has something to do, at most one heartbeat interval."""
@@ -437,8 +379,10 @@ class Orchestrator:
         t = self.timers.next_deadline()
         if t is not None and t < deadline:
             deadline = t
+        silent_after = 2 * self._hb_every
         for sat in self.fleet.by_id.values():
-            expiry = sat.last_seen + self._lost_after
+            expiry = sat.last_seen + (self._lost_after if sat.state is SS.SILENT else
+                                      min(silent_after, self._lost_after))
             if expiry < deadline:
                 deadline = expiry
         return max(0.0, deadline - now)
@@ -458,30 +402,24 @@ class Orchestrator:
         for cat in self._want:
             self._want[cat] = any(p.startswith(cat) or cat.startswith(p) for p in self._subs)
 
-    def _event(self, topic: bytes, body: dict[str, Any]) -> None:
-        for cat, wanted in self._want.items():
-            if topic.startswith(cat):
-                if wanted:
-                    body["t"] = self.wall()
-                    self.pub.append([topic, pack(body)])
-                return
-
-    def _task_event(self, task: Task, state: str, reason: str | None = None) -> None:
-        body = {"id": task.id, "kind": task.kind, "state": state, "attempt": task.attempt,
-                "sat": task.satellite, "t": self.wall()}
-        if reason:
-            body["reason"] = reason
-        self.pub.append([b"task:" + task.id.encode(), pack(body)])
-
     # ---------------------------------------------------------------- status
+    def describe_task(self, task: Task) -> dict[str, Any]:
+        """One task's state, attempts and history, for ``orchester show``."""
+        return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
+                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
+                "tags": sorted(task.tags), "history": self.attempts(task),
+                "result_retained": task.id in self.results}
+
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
         states: Counter[str] = Counter(t.state.name.lower() for t in self.tasks.values())
+        sats = list(self.fleet)
         return {
             "epoch": self.epoch, "uptime": round(now - self.started, 3), "pub": self.pub_endpoints,
             "strategy": self.strategy.name, "tasks": dict(states),
             "queued": self.queues.depth(),
-            "satellites": [s.describe(now) for s in self.fleet],
+            "satellites": [s.describe(now) for s in sats],
+            "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.results),
             "counters": dict(self.counters),
         }

@@ -14,8 +14,9 @@ class SatelliteRecord:
     """One registered satellite: its routing identity, credit and in-flight tasks."""
 
     __slots__ = (
-        "sid", "ident", "sock", "slots", "tags", "kinds", "state", "inflight",
+        "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
+        "fail_streak", "ok_streak", "stall_timeouts",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -24,10 +25,11 @@ class SatelliteRecord:
         self.sid = sid
         self.ident = ident
         self.sock = sock
-        self.slots = slots  #: credit: at most this many tasks in flight
+        self.slots = slots  #: announced capacity
+        self.credit = slots  #: at most this many tasks in flight (fewer on probation, none draining)
         self.tags = tags
         self.kinds = kinds
-        self.state = SatelliteState.IDLE
+        self.state = SatelliteState.JOINING
         self.inflight: dict[str, Task] = {}
         self.last_seen = now
         self.host = host
@@ -37,11 +39,15 @@ class SatelliteRecord:
         self.failed = 0
         self.last_dispatch = 0  #: dispatch sequence number of the last task sent here
         self.workers = workers
+        self.fail_streak = 0  #: consecutive tasks that failed or crashed here
+        self.ok_streak = 0  #: consecutive tasks that succeeded here
+        #: kinds that report progress, with their stall timeout (seconds)
+        self.stall_timeouts: dict[str, float] = {}
 
     @property
     def free(self) -> int:
-        """Credit left."""
-        return self.slots - len(self.inflight)
+        """Credit left (never negative)."""
+        return max(0, self.credit - len(self.inflight))
 
     @property
     def load(self) -> float:
@@ -56,11 +62,12 @@ class SatelliteRecord:
     def describe(self, now: float) -> dict[str, Any]:
         """A msgpack-friendly summary for status replies and events."""
         return {
-            "id": self.sid, "state": self.state.name.lower(), "slots": self.slots,
+            "id": self.sid, "state": self.state.name.lower(), "slots": self.slots, "credit": self.credit,
             "workers": self.workers, "inflight": len(self.inflight), "tags": sorted(self.tags),
             "kinds": sorted(self.kinds), "host": self.host, "pid": self.pid,
             "heartbeat_age": round(now - self.last_seen, 3), "done": self.done,
             "failed": self.failed, "uptime": round(now - self.registered, 3),
+            "fail_streak": self.fail_streak,
         }
 
 
@@ -102,7 +109,8 @@ class Fleet:
         """Satellites able to run tasks of queue ``key`` (cached until the fleet changes)."""
         sats = self._eligible.get(key)
         if sats is None:
-            sats = self._eligible[key] = [s for s in self.by_id.values() if s.can_run(key)]
+            sats = self._eligible[key] = [s for s in self.by_id.values()
+                                          if s.can_run(key) and s.state.accepts_work]
         return sats
 
     def offers(self, kind: str) -> bool:

@@ -17,8 +17,8 @@ class Task:
 
     __slots__ = (
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
-        "state", "attempt", "satellite", "submitted", "seq", "timer", "size",
-        "dispatched_at", "error",
+        "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
+        "size", "crashes", "ttl", "max_run", "history",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -37,10 +37,15 @@ class Task:
         self.satellite: str | None = None
         self.submitted = submitted
         self.seq = seq
-        self.timer: Timer[str] | None = None
+        self.timer: Timer[Any] | None = None  #: the current state's timeout
+        self.run_timer: Timer[Any] | None = None  #: maximum run time
+        self.deadline: Timer[Any] | None = None  #: the client's overall timeout
         self.size = size
-        self.dispatched_at = 0.0
-        self.error: str | None = None
+        self.crashes = 0  #: times it was stalled or killed its worker (the retry budget counts these)
+        self.ttl = 0.0  #: queue time-to-live (0: the orchestrator's default)
+        self.max_run = 0.0  #: maximum run time (0: the orchestrator's default)
+        #: transitions as (wall time, state, attempt, satellite, reason)
+        self.history: list[tuple[float, int, int, str | None, str | None]] = []
 
     @property
     def queue_key(self) -> QueueKey:

@@ -72,6 +72,9 @@ class Satellite:
         self._running: dict[str, Any] = {}  # task id -> Worker
         load_task_modules(self.modules)  # fail fast, in this process, on a bad --tasks module
         self.kinds = registry.kinds()
+        #: kinds that report progress, with the stall timeout they declare
+        self.progress_kinds = {k.name: float(k.stall_timeout or 0) for k in map(registry.get, self.kinds)
+                               if k.reports_progress and k.stall_timeout}
 
     def stop(self) -> None:
         """Ask the loop to leave cleanly (thread-safe)."""
@@ -130,6 +133,7 @@ class Satellite:
     def _register(self, now: float) -> None:
         self._send([P.REGISTER, pack({
             "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
+            "progress": self.progress_kinds,
             "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
             "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
         })], now)
@@ -251,15 +255,20 @@ class Satellite:
 
     # ------------------------------------------------------------ worker side
     def _assign(self, now: float) -> None:
+        """Hand queued tasks to idle workers; tell the orchestrator which started (one message)."""
+        started: list[list[Any]] = []
         while self._queue:
             w = self.pool.idle()
             if w is None:
-                return
+                break
             tid, attempt, frames = self._queue.popleft()
             w.task = (tid, attempt)
             w.started = now
-            self._running[w.task[0]] = w
+            self._running[tid] = w
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
+            started.append([tid, attempt])
+        if started:
+            self._send([P.STARTED, pack({"t": started})], now)
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(256):

@@ -48,6 +48,7 @@ REGISTER: Final = b"\x20"
 DONE: Final = b"\x21"
 PROGRESS: Final = b"\x22"
 LEAVE: Final = b"\x23"
+STARTED: Final = b"\x24"
 
 # -- orchestrator -> satellite ---------------------------------------------
 WELCOME: Final = b"\x28"
@@ -71,6 +72,7 @@ COMMAND_NAMES: Final[dict[bytes, str]] = {
     DONE: "DONE",
     PROGRESS: "PROGRESS",
     LEAVE: "LEAVE",
+    STARTED: "STARTED",
     WELCOME: "WELCOME",
     DISPATCH: "DISPATCH",
     ABORT: "ABORT",
@@ -80,7 +82,7 @@ COMMAND_NAMES: Final[dict[bytes, str]] = {
 #: Commands a client may send to the orchestrator.
 CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL})
 #: Commands a satellite may send to the orchestrator.
-SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, ERROR})
+SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, STARTED, ERROR})
 
 # -- structured error codes (ERROR header key "code") ----------------------
 E_MALFORMED: Final = "malformed"  # frames missing, header not a msgpack map, bad field
@@ -98,7 +100,9 @@ ERR_CANCELLED: Final = "Cancelled"
 ERR_TIMEOUT: Final = "TaskTimeout"
 ERR_WORKER_DIED: Final = "WorkerDied"
 ERR_UNKNOWN_KIND: Final = "UnknownKind"
-ERR_RETRIES: Final = "RetriesExhausted"
+ERR_QUARANTINED: Final = "Quarantined"  # stalled or killed its satellites too often
+ERR_EXPIRED: Final = "Expired"  # no satellite took it within its time-to-live
+ERR_MAX_RUN: Final = "MaxRunTime"  # ran longer than its maximum run time
 
 #: Frame index of the command and header (after the routing envelope).
 I_SIG: Final = 0

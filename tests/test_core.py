@@ -51,10 +51,10 @@ class Harness:
         _, body = encode([[tid], {}])
         self.send(C, client, P.SUBMIT, {"id": tid, "k": kind, "c": "msgpack", **hdr}, *body)
 
-    def done(self, ident: bytes, tid: str, attempt: int = 1, ok: bool = True) -> None:
+    def done(self, ident: bytes, tid: str, attempt: int = 1, ok: bool = True, etype: str = "ValueError") -> None:
         hdr = {"id": tid, "a": attempt, "ok": ok, "c": "msgpack"}
         if not ok:
-            hdr["err"] = {"type": "ValueError", "msg": "bad", "tb": ""}
+            hdr["err"] = {"type": etype, "msg": "bad", "tb": ""}
         self.send(S, ident, P.DONE, hdr, b"\xc0")
 
 
@@ -154,6 +154,10 @@ def test_lost_satellite_requeues_with_a_new_attempt_and_stale_results_are_droppe
     h.send(S, b, P.HEARTBEAT, {"sid": "b"})
     out = h.tick(1.5)  # a silent for 3.5 s > 3 × 1 s
     assert "a" not in h.core.fleet.by_id and h.core.counters["satellites_lost"] == 1
+    assert h.core.tasks["t"].state is TaskState.RETRY and h.core.tasks["t"].crashes == 1
+    assert not of(out, P.DISPATCH)  # back-off first
+    h.send(S, b, P.HEARTBEAT, {"sid": "b"})
+    out = h.tick(0.6)
     d = of(out, P.DISPATCH)
     assert d and d[0][0] == b and unpack(d[0][3]) == {"id": "t", "a": 2}
     h.done(a, "t", attempt=1)  # the old satellite comes back late: unknown, told to reconnect
@@ -177,16 +181,24 @@ def test_heartbeats_keep_a_satellite_and_are_sent_every_interval() -> None:
     assert h.core.next_wakeup(h.now) <= 1.0
 
 
-def test_max_attempts_fails_the_task() -> None:
-    h = Harness(max_attempts=2, liveness=1)
+def test_a_task_that_keeps_crashing_is_quarantined_with_its_history() -> None:
+    h = Harness(retries=2, liveness=1, retry_backoff=0)
+    sats = [h.register(f"s{n}", slots=1) for n in range(2)]
     h.submit("t")
+    out = h.tick()
     for n in range(2):
-        h.register(f"s{n}", slots=1)
-        assert dispatched_ids(h.tick()) == ["t"]
-        out = h.tick(1.5)  # lost
+        d = of(out, P.DISPATCH)
+        assert len(d) == 1 and unpack(d[0][3]) == {"id": "t", "a": n + 1} and d[0][0] in sats
+        h.done(d[0][0], "t", attempt=n + 1, ok=False, etype=P.ERR_WORKER_DIED)
+        out = h.tick()
     res = of(out, P.RESULT)
-    assert len(res) == 1 and unpack(res[0][3])["err"]["type"] == P.ERR_RETRIES
-    assert h.core.tasks["t"].state is TaskState.FAILED
+    err = unpack(res[0][3])["err"]
+    assert len(res) == 1 and err["type"] == P.ERR_QUARANTINED and "2 crashes" in err["msg"]
+    states = [a["state"] for a in err["attempts"]]
+    assert states == ["pending", "dispatched", "running", "stalled", "pending", "dispatched", "running",
+                      "stalled", "quarantined"]  # a result implies the task had started
+    assert h.core.tasks["t"].state is TaskState.QUARANTINED and h.core.counters["quarantined"] == 1
+    assert len(h.core.fleet) == 2  # the satellites survive
 
 
 def test_satellite_reregistration_requeues_its_tasks() -> None:
@@ -227,11 +239,11 @@ def test_cancel_pending_and_running() -> None:
     out = h.tick()
     abort = of(out, P.ABORT)
     assert abort and abort[0][0] == sat and unpack(abort[0][3]) == {"id": "run", "a": 1}
-    assert h.core.fleet.by_id["s1"].free == 0  # credit returns only when the satellite confirms
-    h.done(sat, "run", ok=False)
+    assert h.core.fleet.by_id["s1"].free == 1  # the lease is revoked at once
+    h.done(sat, "run", ok=False, etype=P.ERR_CANCELLED)  # the satellite confirms the kill
     out = h.tick()
     assert not of(out, P.RESULT)  # the client already had its answer
-    assert h.core.fleet.by_id["s1"].free == 1
+    assert h.core.counters["stale_results"] == 1
     h.send(C, b"cli", P.CANCEL, {"id": "nope", "rid": 3})
     assert unpack(of(h.tick(), P.ERROR)[0][3])["code"] == P.E_UNKNOWN_TASK
 
@@ -416,7 +428,8 @@ def test_progress_is_published_without_reencoding() -> None:
     h.core.pub.clear()
     raw = pack({"id": "t", "a": 1, "step": 3})
     h.send(S, sat, P.PROGRESS, raw, raw=True)
-    assert h.core.pub == [[b"progress:t", raw]]
+    assert h.core.pub[-1] == [b"progress:t", raw]  # forwarded as received
+    assert unpack(h.core.pub[0][1])["state"] == "running"  # progress implies the task started
 
 
 def test_satellite_leave_requeues_at_once() -> None:

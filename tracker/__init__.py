@@ -1,9 +1,33 @@
-"""Task and satellite states and the timer heap that drives their deadlines.
+"""Task and satellite state machines, their timer heap and the retry and probation policies.
 
 Nothing here touches a socket, a file or the wall clock: time is passed in.
 """
 
+from .machines import (
+    SATELLITE_MACHINE,
+    TASK_MACHINE,
+    CompiledMachine,
+    InvalidTransition,
+    SatelliteEvent,
+    TaskEvent,
+)
+from .policy import ProbationPolicy, RetryPolicy
 from .states import SATELLITE_STATE_NAMES, TASK_STATE_NAMES, SatelliteState, TaskState
 from .timers import Timer, TimerHeap
 
-__all__ = ["SATELLITE_STATE_NAMES", "TASK_STATE_NAMES", "SatelliteState", "TaskState", "Timer", "TimerHeap"]
+__all__ = [
+    "SATELLITE_MACHINE",
+    "SATELLITE_STATE_NAMES",
+    "TASK_MACHINE",
+    "TASK_STATE_NAMES",
+    "CompiledMachine",
+    "InvalidTransition",
+    "ProbationPolicy",
+    "RetryPolicy",
+    "SatelliteEvent",
+    "SatelliteState",
+    "TaskEvent",
+    "TaskState",
+    "Timer",
+    "TimerHeap",
+]

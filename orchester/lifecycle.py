@@ -1,0 +1,336 @@
+"""Task and satellite lifecycles: every state change, its timers, its events (pure policy).
+
+:class:`Lifecycle` is the half of the orchestrator's core that moves tasks and
+satellites through the machines of :mod:`tracker.machines`: dispatching under
+a lease, starting, finishing, stalling and rerouting, retrying with back-off,
+quarantining, expiring; satellites joining, going silent, lost, on probation,
+draining. Every change goes through :meth:`Lifecycle._task_to` or
+:meth:`Lifecycle._sat_to`, which check the compiled table, arm the state's
+timeout on the one timer heap, record the history and publish the event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from serializers import protocol as P
+from serializers.header import pack
+from tracker import (
+    SATELLITE_MACHINE,
+    TASK_MACHINE,
+    ProbationPolicy,
+    RetryPolicy,
+    SatelliteEvent,
+    SatelliteState,
+    TaskEvent,
+    TaskState,
+    TimerHeap,
+)
+
+from .config import OrchestratorConfig
+from .fleet import Fleet, SatelliteRecord
+from .results import ResultStore
+from .tasks import QueueKey, Task, TaskQueues
+
+log = logging.getLogger("orchester")
+
+# timer codes: what a task's timer guards
+T_EXPIRE, T_START, T_STALL, T_MAX_RUN, T_REQUEUE, T_DEADLINE = range(6)
+
+TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
+
+
+def _len(frames: list[Any]) -> int:
+    return sum(len(f) for f in frames)
+
+
+class Lifecycle:
+    """State changes of tasks and satellites; the message handlers live in :mod:`orchester.core`."""
+
+    cfg: OrchestratorConfig
+    tasks: dict[str, Task]
+    queues: TaskQueues
+    fleet: Fleet
+    results: ResultStore
+    timers: TimerHeap[tuple[str, int]]
+    out: list[tuple[Any, list[Any], str | None]]
+    pub: list[list[bytes]]
+    counters: Counter[str]
+    wall: Callable[[], float]
+    strategy: Any
+    _want: dict[bytes, bool]
+    _dispatch_seq: int
+
+    def _init_lifecycle(self, config: OrchestratorConfig) -> None:
+        self.retry = RetryPolicy(config.retries, config.retry_backoff)
+        self.probation = ProbationPolicy(config.probation_after, config.drain_after)
+
+    # ------------------------------------------------------------ task moves
+    def _task_to(self, task: Task, event: TaskEvent, now: float, reason: str | None = None) -> None:
+        """Fire ``event`` on ``task``: new state, its timer, history and event."""
+        state = TASK_MACHINE.next(task.state, event)
+        task.state = state
+        task.history.append((self.wall(), state, task.attempt, task.satellite, reason))
+        self._arm(task, now)
+        if self._want[b"task:"]:
+            body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),
+                                    "attempt": task.attempt, "sat": task.satellite, "t": self.wall()}
+            if reason:
+                body["reason"] = reason
+            self.pub.append([b"task:" + task.id.encode(), pack(body)])
+
+    def _arm(self, task: Task, now: float) -> None:
+        """Cancel the previous state's timer and start the one of the current state, if any."""
+        timers, cfg, state = self.timers, self.cfg, task.state
+        timers.cancel(task.timer)
+        task.timer = None
+        if state is TS.PENDING:
+            ttl = task.ttl or cfg.queue_ttl
+            if ttl > 0:
+                task.timer = timers.schedule(now + ttl, (task.id, T_EXPIRE))
+        elif state is TS.DISPATCHED:
+            if cfg.dispatch_timeout > 0:
+                task.timer = timers.schedule(now + cfg.dispatch_timeout, (task.id, T_START))
+        elif state is TS.RUNNING:
+            stall = self._stall_timeout(task)
+            if stall > 0:
+                task.timer = timers.schedule(now + stall, (task.id, T_STALL))
+            max_run = task.max_run or cfg.max_run_time
+            if max_run > 0:
+                task.run_timer = timers.schedule(now + max_run, (task.id, T_MAX_RUN))
+        elif state is TS.RETRY:
+            task.timer = timers.schedule(now + self.retry.delay(task.crashes), (task.id, T_REQUEUE))
+        if state is not TS.RUNNING and task.run_timer is not None:
+            timers.cancel(task.run_timer)
+            task.run_timer = None
+        if state.terminal and task.deadline is not None:
+            timers.cancel(task.deadline)
+            task.deadline = None
+
+    def _stall_timeout(self, task: Task) -> float:
+        """Seconds without progress before ``task`` stalls (0: not watched)."""
+        sat = self.fleet.by_id.get(task.satellite or "")
+        declared = sat.stall_timeouts.get(task.kind) if sat is not None else None
+        if declared is None:
+            return 0.0  # the kind does not report progress: only satellite liveness is watched
+        return self.cfg.stall_timeout or declared
+
+    def _enqueue(self, task: Task, now: float, event: TaskEvent, reason: str | None = None) -> None:
+        task.satellite = None
+        self._task_to(task, event, now, reason)
+        self.queues.push(task)
+
+    # -------------------------------------------------------------- dispatch
+    def schedule(self, now: float) -> None:
+        """Dispatch queued tasks while some eligible satellite has credit."""
+        fleet, queues = self.fleet, self.queues
+        blocked: set[QueueKey] = set()
+        while fleet.free_slots > 0 and len(queues):
+            if blocked:
+                allowed = [k for k in queues.keys() if k not in blocked]
+                key = queues.best_key(allowed) if allowed else None
+            else:
+                key = queues.best_key(None)
+            if key is None:
+                return
+            cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit]
+            if not cands:
+                blocked.add(key)
+                continue
+            task = queues.pop(key)
+            self._dispatch(task, self.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
+
+    def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
+        task.attempt += 1
+        task.satellite = sat.sid
+        sat.inflight[task.id] = task
+        if sat.state is SS.IDLE:
+            self._sat_to(sat, SE.load, now)
+        self.fleet.free_slots -= 1
+        self._dispatch_seq += 1
+        sat.last_dispatch = self._dispatch_seq
+        self.counters["dispatched"] += 1
+        self.out.append((sat.sock, [sat.ident, P.SIGNATURE, P.DISPATCH,
+                                    pack({"id": task.id, "a": task.attempt}), task.header,
+                                    *task.payload], None))
+        self._task_to(task, TE.dispatch, now)
+
+    def _release(self, task: Task, now: float, abort: bool) -> SatelliteRecord | None:
+        """Take ``task`` off its satellite's credit (telling the satellite to drop it if ``abort``)."""
+        sat = self.fleet.by_id.get(task.satellite or "")
+        if sat is None or sat.inflight.pop(task.id, None) is None:
+            return None
+        self.fleet.free_slots += 1
+        if abort:
+            self.out.append((sat.sock, [sat.ident, P.SIGNATURE, P.ABORT,
+                                        pack({"id": task.id, "a": task.attempt})], None))
+        if not sat.inflight and sat.state is SS.BUSY:
+            self._sat_to(sat, SE.unload, now)
+        return sat
+
+    # ------------------------------------------------------------ outcomes
+    def _succeeded(self, task: Task, sat: SatelliteRecord, result: list[Any], now: float) -> None:
+        sat.done += 1
+        sat.fail_streak = 0
+        sat.ok_streak += 1
+        if sat.state is SS.PROBATION and self.probation.promote(sat.ok_streak):
+            self._sat_to(sat, SE.promote, now, "tasks succeed again")
+        self.counters["done"] += 1
+        self._task_to(task, TE.finish, now)
+        self._complete(task, result)
+
+    def _failed_on(self, sat: SatelliteRecord, now: float) -> None:
+        """Count a failure against ``sat``: probation, then draining."""
+        sat.failed += 1
+        sat.ok_streak = 0
+        sat.fail_streak += 1
+        if sat.state in (SS.IDLE, SS.BUSY) and self.probation.demote(sat.fail_streak):
+            self._sat_to(sat, SE.demote, now, f"{sat.fail_streak} failed tasks in a row")
+        elif sat.state is SS.PROBATION and self.probation.drain(sat.fail_streak):
+            self._sat_to(sat, SE.drain, now, f"{sat.fail_streak} failed tasks in a row")
+
+    def _fail(self, task: Task, etype: str, msg: str, now: float, event: TaskEvent = TE.fail,
+              abort: bool = True) -> None:
+        """End ``task`` with an error the orchestrator decided (cancel, timeouts, quarantine, expiry)."""
+        if task.state in (TS.DISPATCHED, TS.RUNNING):
+            self._release(task, now, abort)
+        self.counters[{TE.cancel: "cancelled", TE.quarantine: "quarantined",
+                       TE.expire: "expired"}.get(event, "failed")] += 1
+        self._task_to(task, event, now, msg)
+        err: dict[str, Any] = {"type": etype, "msg": msg, "tb": ""}
+        if event is TE.quarantine:
+            err["attempts"] = self.attempts(task)
+        hdr = pack({"id": task.id, "a": task.attempt, "ok": False, "err": err, "sat": task.satellite})
+        self._complete(task, [P.SIGNATURE, P.RESULT, hdr])
+
+    def _stall(self, task: Task, now: float, reason: str, crash: bool = True, abort: bool = True,
+               blame: bool = True) -> None:
+        """The task's attempt is lost: reroute it (after a back-off) or quarantine it.
+
+        ``crash``: counts against the task's retry budget; ``blame``: against its satellite.
+        """
+        sat = self._release(task, now, abort)
+        if crash and blame and sat is not None:
+            self._failed_on(sat, now)
+        self._task_to(task, TE.stall, now, reason)
+        self.counters["stalled"] += 1
+        if crash:
+            task.crashes += 1
+            if self.retry.quarantine(task.crashes):
+                self._fail(task, P.ERR_QUARANTINED, f"quarantined after {task.crashes} crashes; last: {reason}",
+                           now, TE.quarantine)
+                log.warning("task %s quarantined after %d crashes (%s)", task.id, task.crashes, reason)
+                return
+            if self.retry.delay(task.crashes) > 0:
+                self.counters["retries"] += 1
+                self._task_to(task, TE.retry, now, f"retry in {self.retry.delay(task.crashes):g}s")
+                return
+        self.counters["requeued"] += 1
+        self._enqueue(task, now, TE.requeue, reason)
+
+    def _complete(self, task: Task, result: list[Any]) -> None:
+        task.payload = []  # the input is no longer needed
+        self._send_result(task, result, _len(result), store=True)
+
+    def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
+        self.out.append((task.csock, [task.client, *frames], task.id))
+        if store:
+            self.results.put(task.id, frames, size)
+        else:
+            self.results.mark(task.id, False)
+
+    def attempts(self, task: Task) -> list[dict[str, Any]]:
+        """The task's transitions, oldest first, as msgpack-friendly maps."""
+        return [{"t": t, "state": TaskState(s).name.lower(), "attempt": a, "sat": sat, "reason": r}
+                for t, s, a, sat, r in task.history]
+
+    # -------------------------------------------------------------- timers
+    def _on_timer(self, tid: str, code: int, now: float) -> None:
+        task = self.tasks.get(tid)
+        if task is None or task.state.terminal:
+            return
+        if code == T_DEADLINE:
+            task.deadline = None
+            self.counters["timeouts"] += 1
+            self._fail(task, P.ERR_TIMEOUT, "task exceeded its timeout", now)
+            return
+        if code == T_MAX_RUN:
+            task.run_timer = None
+        else:
+            task.timer = None
+        if code == T_EXPIRE and task.state is TS.PENDING:
+            self._fail(task, P.ERR_EXPIRED, self._why_unrouted(task), now, TE.expire)
+        elif code == T_START and task.state is TS.DISPATCHED:
+            self._stall(task, now, f"not started within {self.cfg.dispatch_timeout:g}s on {task.satellite}")
+        elif code == T_STALL and task.state is TS.RUNNING:
+            self._stall(task, now, f"no progress for {self._stall_timeout(task):g}s on {task.satellite}")
+        elif code == T_MAX_RUN and task.state is TS.RUNNING:
+            self._fail(task, P.ERR_MAX_RUN, f"ran longer than {task.max_run or self.cfg.max_run_time:g}s", now)
+        elif code == T_REQUEUE and task.state is TS.RETRY:
+            self._enqueue(task, now, TE.requeue, "back-off over")
+
+    def _why_unrouted(self, task: Task) -> str:
+        ttl = task.ttl or self.cfg.queue_ttl
+        if not self.fleet.eligible(task.queue_key):
+            return (f"expired after {ttl:g}s in the queue: no satellite offers kind {task.kind!r}"
+                    + (f" with tags {sorted(task.tags)}" if task.tags else ""))
+        return f"expired after {ttl:g}s in the queue: every eligible satellite stayed busy"
+
+    # ---------------------------------------------------------- satellites
+    def _sat_to(self, sat: SatelliteRecord, event: SatelliteEvent, now: float, reason: str | None = None) -> None:
+        """Fire ``event`` on ``sat``: new state, credit, eligibility and event."""
+        old = sat.state
+        sat.state = SATELLITE_MACHINE.next(old, event)
+        if sat.state is SS.PROBATION:
+            sat.credit = self.probation.credits(sat.slots)
+        elif sat.state in (SS.DRAINING, SS.SILENT, SS.LOST, SS.LEFT):
+            sat.credit = 0
+        else:
+            sat.credit = sat.slots
+        if sat.state.accepts_work != old.accepts_work or sat.state in (SS.PROBATION, SS.DRAINING) \
+                or old is SS.PROBATION:
+            self.fleet.changed()
+        if event not in (SE.load, SE.unload):
+            log.info("satellite %s: %s -> %s%s", sat.sid, old.name, sat.state.name, f" ({reason})" if reason else "")
+        if self._want[b"sat:"]:
+            body: dict[str, Any] = {"sat": sat.sid, "state": sat.state.name.lower(), "event": event.name,
+                                    "t": self.wall()}
+            if reason:
+                body["reason"] = reason
+            self.pub.append([b"sat:" + sat.sid.encode(), pack(body)])
+
+    def _heard(self, sat: SatelliteRecord, now: float) -> None:
+        """Traffic from a silent satellite: it may have work again."""
+        self._sat_to(sat, SE.hear, now, "heard again")
+        if sat.inflight:
+            self._sat_to(sat, SE.load, now)
+        if self.probation.demote(sat.fail_streak):
+            self._sat_to(sat, SE.demote, now, "still failing")
+
+    def _lose(self, sat: SatelliteRecord, now: float, reason: str, event: SatelliteEvent = SE.lose,
+              crash: bool = True) -> None:
+        """Stall every task in flight on ``sat`` and take it out of the fleet."""
+        tasks = [t for t in sat.inflight.values() if not t.state.terminal]
+        for task in tasks:
+            self._stall(task, now, f"satellite {sat.sid} {reason}", crash=crash, abort=False, blame=False)
+        sat.inflight.clear()
+        self._sat_to(sat, event, now, reason)
+        self.fleet.remove(sat)
+        if tasks:
+            log.warning("satellite %s %s: %d task(s) rerouted", sat.sid, reason, len(tasks))
+
+    def _watch_satellites(self, now: float) -> None:
+        """Silent satellites get no new work; lost ones have their tasks rerouted."""
+        silent_after = 2 * self.cfg.heartbeat_interval
+        lost_after = self.cfg.heartbeat_interval * self.cfg.liveness
+        for sat in list(self.fleet.by_id.values()):
+            quiet = now - sat.last_seen
+            if quiet > lost_after:
+                self.counters["satellites_lost"] += 1
+                log.warning("satellite %s silent for %.1fs: lost", sat.sid, quiet)
+                self._lose(sat, now, "lost (heartbeat timeout)")
+            elif quiet > silent_after and SATELLITE_MACHINE.allows(sat.state, SE.miss):
+                self._sat_to(sat, SE.miss, now, f"silent for {quiet:.1f}s")
