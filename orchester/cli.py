@@ -22,9 +22,9 @@ import click
 from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-CLIENT_COMMANDS = ("submit", "status", "watch")
+CLIENT_COMMANDS = ("submit", "status", "watch", "show")
 #: The tables one deployment-wide config file may hold (each process reads its own).
-CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "demo", "satellite"})
+CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "demo", "satellite"})
 
 
 def setup_logging(level: str) -> None:
@@ -247,6 +247,33 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     from .render import render_status
 
     render_status(st)
+
+
+@main.command()
+@click.argument("task_id")
+@connect_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw answer as JSON.")
+def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Show one task: its state, attempts and history of transitions."""
+    from .client import Client
+    from .errors import RemoteError, Unreachable
+
+    with Client(list(connect)) as client:
+        try:
+            task = client.show(task_id, timeout=timeout)
+        except Unreachable:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        except RemoteError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+    if as_json:
+        click.echo(json.dumps(task, indent=2, sort_keys=True))
+        return
+    from .render import render_task
+
+    render_task(task)
 
 
 @main.command()

@@ -18,14 +18,32 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     tasks.add_column("count", justify="right")
     for state, n in sorted(st.get("tasks", {}).items()):
         tasks.add_row(state, str(n))
+    for state, n in sorted(st.get("satellite_states", {}).items()):
+        tasks.add_row(f"satellites {state}", str(n))
     for kind, n in sorted(st.get("queued", {}).items()):
         tasks.add_row(f"queued {kind}", str(n))
     console.print(tasks)
     sats = Table(title="satellites")
-    for col in ("id", "state", "host", "inflight/slots", "done", "failed", "heartbeat age", "tags"):
+    for col in ("id", "state", "host", "inflight/credit", "done", "failed", "heartbeat age", "tags"):
         sats.add_column(col)
     for s in st.get("satellites", []):
-        sats.add_row(s["id"], s["state"], s.get("host", ""), f"{s['inflight']}/{s['slots']}",
+        sats.add_row(s["id"], s["state"], s.get("host", ""), f"{s['inflight']}/{s.get('credit', s['slots'])}",
                      str(s.get("done", 0)), str(s.get("failed", 0)), f"{s.get('heartbeat_age', 0):.1f}s",
                      ",".join(s.get("tags", [])))
     console.print(sats)
+
+
+def render_task(task: dict[str, Any], console: Console | None = None) -> None:
+    """Print one task's summary and its history of transitions."""
+    import time
+
+    console = console or Console()
+    console.print(f"[bold]task[/] {task['id']}  kind {task['kind']}  state [cyan]{task['state']}[/]  "
+                  f"attempt {task['attempt']}  crashes {task['crashes']}  satellite {task.get('satellite') or '-'}")
+    hist = Table(title="history")
+    for col in ("time", "state", "attempt", "satellite", "reason"):
+        hist.add_column(col)
+    for h in task.get("history", []):
+        stamp = time.strftime("%H:%M:%S", time.localtime(h["t"])) + f".{int(h['t'] % 1 * 1000):03d}"
+        hist.add_row(stamp, h["state"], str(h["attempt"]), h.get("sat") or "", h.get("reason") or "")
+    console.print(hist)
