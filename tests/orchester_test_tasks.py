@@ -48,3 +48,10 @@ def identity(x: object) -> dict[str, object]:
 def blob(size: int) -> str:
     """A result of ``size`` characters from a tiny input."""
     return "x" * size
+
+
+@task("t.hang", reports_progress=True, stall_timeout=0.5)
+def hang(seconds: float = 60.0) -> None:
+    """Report progress once, then stop making progress (an endless loop, seen from outside)."""
+    progress(step=1)
+    time.sleep(seconds)
