@@ -54,7 +54,7 @@ class Orchestrator(Lifecycle):
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
-        self.timers: TimerHeap[tuple[str, int]] = TimerHeap()
+        self.timers: TimerHeap[str] = TimerHeap()
         self.strategy = make_strategy(config.strategy)
         self.out: list[Out] = []
         self.pub: list[list[bytes]] = []
@@ -152,8 +152,8 @@ class Orchestrator(Lifecycle):
         self.queues.push(task)
         self.counters["submitted"] += 1
         if timeout is not None and timeout > 0:
-            task.deadline = self.timers.schedule(now + timeout, (tid, T_DEADLINE))
-        task.history.append((self.wall(), TS.PENDING, 0, None, None))
+            task.deadline = self.timers.schedule(now + timeout, tid, T_DEADLINE)
+        task.history.add(self.wall(), TS.PENDING, 0)
         self._arm(task, now)
         self._ack(sock, ident, tid)
         if self._want[b"task:"]:
@@ -321,7 +321,7 @@ class Orchestrator(Lifecycle):
 
     def _arm_stall(self, task: Task, now: float) -> None:
         self.timers.cancel(task.timer)
-        task.timer = self.timers.schedule(now + self._stall_timeout(task), (task.id, T_STALL))
+        task.timer = self.timers.schedule(now + self._stall_timeout(task), task.id, T_STALL)
 
     def _on_leave(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self.fleet.by_ident.get(ident)
@@ -359,8 +359,8 @@ class Orchestrator(Lifecycle):
                 if old is not None and old.state.terminal:
                     del self.tasks[tid]
         if len(self.timers):
-            for tid, code in self.timers.pop_expired(now):
-                self._on_timer(tid, code, now)
+            for timer in self.timers.pop_expired(now):
+                self._on_timer(timer.key, timer.code, now)
         self._watch_satellites(now)
         if now >= self._next_hb:
             self._next_hb = now + self._hb_every

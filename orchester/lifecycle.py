@@ -55,7 +55,7 @@ class Lifecycle:
     queues: TaskQueues
     fleet: Fleet
     results: ResultStore
-    timers: TimerHeap[tuple[str, int]]
+    timers: TimerHeap[str]
     out: list[tuple[Any, list[Any], str | None]]
     pub: list[list[bytes]]
     counters: Counter[str]
@@ -73,7 +73,7 @@ class Lifecycle:
         """Fire ``event`` on ``task``: new state, its timer, history and event."""
         state = TASK_MACHINE.next(task.state, event)
         task.state = state
-        task.history.append((self.wall(), state, task.attempt, task.satellite, reason))
+        task.history.add(self.wall(), state, task.attempt, task.satellite, reason)
         self._arm(task, now)
         if self._want[b"task:"]:
             body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),
@@ -90,19 +90,19 @@ class Lifecycle:
         if state is TS.PENDING:
             ttl = task.ttl or cfg.queue_ttl
             if ttl > 0:
-                task.timer = timers.schedule(now + ttl, (task.id, T_EXPIRE))
+                task.timer = timers.schedule(now + ttl, task.id, T_EXPIRE)
         elif state is TS.DISPATCHED:
             if cfg.dispatch_timeout > 0:
-                task.timer = timers.schedule(now + cfg.dispatch_timeout, (task.id, T_START))
+                task.timer = timers.schedule(now + cfg.dispatch_timeout, task.id, T_START)
         elif state is TS.RUNNING:
             stall = self._stall_timeout(task)
             if stall > 0:
-                task.timer = timers.schedule(now + stall, (task.id, T_STALL))
+                task.timer = timers.schedule(now + stall, task.id, T_STALL)
             max_run = task.max_run or cfg.max_run_time
             if max_run > 0:
-                task.run_timer = timers.schedule(now + max_run, (task.id, T_MAX_RUN))
+                task.run_timer = timers.schedule(now + max_run, task.id, T_MAX_RUN)
         elif state is TS.RETRY:
-            task.timer = timers.schedule(now + self.retry.delay(task.crashes), (task.id, T_REQUEUE))
+            task.timer = timers.schedule(now + self.retry.delay(task.crashes), task.id, T_REQUEUE)
         if state is not TS.RUNNING and task.run_timer is not None:
             timers.cancel(task.run_timer)
             task.run_timer = None
@@ -244,8 +244,7 @@ class Lifecycle:
 
     def attempts(self, task: Task) -> list[dict[str, Any]]:
         """The task's transitions, oldest first, as msgpack-friendly maps."""
-        return [{"t": t, "state": TaskState(s).name.lower(), "attempt": a, "sat": sat, "reason": r}
-                for t, s, a, sat, r in task.history]
+        return task.history.entries()
 
     # -------------------------------------------------------------- timers
     def _on_timer(self, tid: str, code: int, now: float) -> None:

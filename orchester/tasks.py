@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from tracker import TaskState
+from tracker.history import History
 from tracker.timers import Timer
 
 QueueKey = tuple[str, frozenset[str]]
@@ -44,8 +45,7 @@ class Task:
         self.crashes = 0  #: times it was stalled or killed its worker (the retry budget counts these)
         self.ttl = 0.0  #: queue time-to-live (0: the orchestrator's default)
         self.max_run = 0.0  #: maximum run time (0: the orchestrator's default)
-        #: transitions as (wall time, state, attempt, satellite, reason)
-        self.history: list[tuple[float, int, int, str | None, str | None]] = []
+        self.history = History()  #: every transition, compactly
 
     @property
     def queue_key(self) -> QueueKey:

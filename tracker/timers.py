@@ -17,17 +17,22 @@ K = TypeVar("K", bound=Hashable)
 
 
 class Timer(Generic[K]):
-    """A handle on one scheduled deadline; pass it to :meth:`TimerHeap.cancel`."""
+    """A handle on one scheduled deadline; pass it to :meth:`TimerHeap.cancel`.
 
-    __slots__ = ("deadline", "key", "alive")
+    ``key`` says whose deadline it is and ``code`` what it guards (a small int), so
+    one owner can have several kinds of timer without allocating a key per timer.
+    """
 
-    def __init__(self, deadline: float, key: K) -> None:
+    __slots__ = ("deadline", "key", "code", "alive")
+
+    def __init__(self, deadline: float, key: K, code: int = 0) -> None:
         self.deadline = deadline
         self.key = key
+        self.code = code
         self.alive = True
 
     def __repr__(self) -> str:
-        return f"Timer({self.deadline:.3f}, {self.key!r}, alive={self.alive})"
+        return f"Timer({self.deadline:.3f}, {self.key!r}, {self.code}, alive={self.alive})"
 
 
 class TimerHeap(Generic[K]):
@@ -42,9 +47,9 @@ class TimerHeap(Generic[K]):
         """Number of live (not cancelled, not fired) timers."""
         return self._alive
 
-    def schedule(self, deadline: float, key: K) -> Timer[K]:
-        """Add a timer that fires for ``key`` at ``deadline``."""
-        t = Timer(deadline, key)
+    def schedule(self, deadline: float, key: K, code: int = 0) -> Timer[K]:
+        """Add a timer that fires for ``key`` (and ``code``) at ``deadline``."""
+        t = Timer(deadline, key, code)
         heapq.heappush(self._heap, (deadline, next(self._seq), t))
         self._alive += 1
         return t
@@ -62,10 +67,10 @@ class TimerHeap(Generic[K]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    def pop_expired(self, now: float, limit: int | None = None) -> list[K]:
-        """Remove and return the keys of timers due at ``now`` (at most ``limit``), earliest first."""
+    def pop_expired(self, now: float, limit: int | None = None) -> list[Timer[K]]:
+        """Remove and return the timers due at ``now`` (at most ``limit``), earliest first."""
         heap = self._heap
-        out: list[K] = []
+        out: list[Timer[K]] = []
         while heap and (limit is None or len(out) < limit):
             deadline, _, t = heap[0]
             if not t.alive:
@@ -76,5 +81,5 @@ class TimerHeap(Generic[K]):
             heapq.heappop(heap)
             t.alive = False
             self._alive -= 1
-            out.append(t.key)
+            out.append(t)
         return out

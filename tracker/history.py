@@ -1,0 +1,62 @@
+"""A compact record of one task's transitions: about 16 bytes per transition.
+
+Each transition is two doubles in an ``array('d')``: the wall time, and the state
+and attempt packed as ``state + 16 * attempt``. The satellite of each attempt is
+kept once per attempt, and a reason only for the transitions that have one.
+This keeps the tracker's memory per in-flight task within a few hundred bytes
+(``bench/tracker.py`` measures it).
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Any
+
+from .states import TaskState
+
+
+class History:
+    """Transitions of one task, oldest first."""
+
+    __slots__ = ("_rows", "_sats", "_reasons")
+
+    def __init__(self) -> None:
+        self._rows = array("d")
+        #: the satellite of each attempt: a str while there was one attempt, then a list
+        self._sats: str | list[str | None] | None = None
+        self._reasons: dict[int, str] | None = None
+
+    def add(self, t: float, state: int, attempt: int, sat: str | None = None, reason: str | None = None) -> None:
+        """Record that the task entered ``state`` at wall time ``t`` during ``attempt``."""
+        if reason is not None:
+            if self._reasons is None:
+                self._reasons = {}
+            self._reasons[len(self._rows) // 2] = reason
+        if attempt and sat is not None:
+            sats = self._sats
+            if attempt == 1 and (sats is None or isinstance(sats, str)):
+                self._sats = sat
+            else:
+                if not isinstance(sats, list):
+                    sats = self._sats = [sats]
+                while len(sats) < attempt:
+                    sats.append(None)
+                sats[attempt - 1] = sat
+        self._rows.append(t)
+        self._rows.append(state + 16 * attempt)
+
+    def __len__(self) -> int:
+        return len(self._rows) // 2
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every transition as a map: time, state name, attempt, satellite, reason."""
+        out = []
+        rows, reasons = self._rows, self._reasons or {}
+        sats = [self._sats] if isinstance(self._sats, str) else (self._sats or [])
+        for i in range(len(rows) // 2):
+            packed = int(rows[2 * i + 1])
+            state, attempt = packed % 16, packed // 16
+            out.append({"t": rows[2 * i], "state": TaskState(state).name.lower(), "attempt": attempt,
+                        "sat": sats[attempt - 1] if 0 < attempt <= len(sats) else None,
+                        "reason": reasons.get(i)})
+        return out
