@@ -143,7 +143,7 @@ def test_usage_and_config_errors_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and "no_such_module_here" in r.stderr
 
 
-@pytest.mark.parametrize("cmd", [["orchester"], ["orchester", "serve"], ["orchester", "submit"],
+@pytest.mark.parametrize("cmd", [["orchester"], ["orchester", "serve"], ["orchester", "submit"], ["orchester", "show"],
                                  ["orchester", "status"], ["orchester", "watch"], ["orchester", "demo"],
                                  ["satellites"], ["satellites", "run"]])
 def test_every_command_has_help(cmd: list[str]) -> None:
@@ -185,3 +185,21 @@ def test_submit_shows_progress_on_a_terminal(served: dict[str, str]) -> None:
     assert p.returncode == 0 and json.loads(out) == 1.0
     text = seen.decode(errors="replace")
     assert "done=" in text and "total=5" in text  # the bar showed the task's progress reports
+
+
+def test_show_prints_a_tasks_history(served: dict[str, str]) -> None:
+    r = run("orchester", "submit", "sleep", "0.1", "--no-wait", "--connect", served["connect"])
+    task_id = r.stdout.strip()
+    from orchester import Client
+
+    with Client(served["connect"]) as c:
+        c.result(task_id, timeout=30)
+    r = run("orchester", "show", task_id, "--connect", served["connect"], "--json")
+    assert r.returncode == 0, r.stderr
+    task = json.loads(r.stdout)
+    assert task["state"] == "done" and [h["state"] for h in task["history"]] == \
+        ["pending", "dispatched", "running", "done"]
+    r = run("orchester", "show", task_id, "--connect", served["connect"])
+    assert r.returncode == 0 and "history" in r.stdout and "cli-sat" in r.stdout
+    r = run("orchester", "show", "no-such-task", "--connect", served["connect"])
+    assert r.returncode == 1 and "unknown" in r.stderr
