@@ -23,11 +23,11 @@ from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
-from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerHeap
+from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
-from .lifecycle import T_DEADLINE, T_STALL, Lifecycle, _len
+from .lifecycle import T_DEADLINE, Lifecycle, _len
 from .logutil import warn_limited
 from .results import ResultStore
 from .routing import make_strategy
@@ -54,7 +54,7 @@ class Orchestrator(Lifecycle):
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
-        self.timers: TimerHeap[str] = TimerHeap()
+        self.timers: TimerWheel[str] = TimerWheel()
         self.strategy = make_strategy(config.strategy)
         self.out: list[Out] = []
         self.pub: list[list[bytes]] = []
@@ -314,14 +314,9 @@ class Orchestrator(Lifecycle):
         if task is not None and task.attempt == hdr.get("a"):
             if task.state is TS.DISPATCHED:
                 self._task_to(task, TE.start, now)
-            elif task.timer is not None:  # progress resets the stall timeout
-                self._arm_stall(task, now)
+            task.progress_at = now  # the stall timer looks at it when it fires: no re-arming
         if self._want[b"progress:"]:
             self.pub.append([b"progress:" + tid.encode(), bytes(frames[3])])
-
-    def _arm_stall(self, task: Task, now: float) -> None:
-        self.timers.cancel(task.timer)
-        task.timer = self.timers.schedule(now + self._stall_timeout(task), task.id, T_STALL)
 
     def _on_leave(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self.fleet.by_ident.get(ident)

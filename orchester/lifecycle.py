@@ -6,7 +6,7 @@ a lease, starting, finishing, stalling and rerouting, retrying with back-off,
 quarantining, expiring; satellites joining, going silent, lost, on probation,
 draining. Every change goes through :meth:`Lifecycle._task_to` or
 :meth:`Lifecycle._sat_to`, which check the compiled table, arm the state's
-timeout on the one timer heap, record the history and publish the event.
+timeout on the one timer wheel, record the history and publish the event.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tracker import (
     SatelliteState,
     TaskEvent,
     TaskState,
-    TimerHeap,
+    TimerWheel,
 )
 
 from .config import OrchestratorConfig
@@ -55,7 +55,7 @@ class Lifecycle:
     queues: TaskQueues
     fleet: Fleet
     results: ResultStore
-    timers: TimerHeap[str]
+    timers: TimerWheel[str]
     out: list[tuple[Any, list[Any], str | None]]
     pub: list[list[bytes]]
     counters: Counter[str]
@@ -95,6 +95,7 @@ class Lifecycle:
             if cfg.dispatch_timeout > 0:
                 task.timer = timers.schedule(now + cfg.dispatch_timeout, task.id, T_START)
         elif state is TS.RUNNING:
+            task.progress_at = now
             stall = self._stall_timeout(task)
             if stall > 0:
                 task.timer = timers.schedule(now + stall, task.id, T_STALL)
@@ -265,7 +266,11 @@ class Lifecycle:
         elif code == T_START and task.state is TS.DISPATCHED:
             self._stall(task, now, f"not started within {self.cfg.dispatch_timeout:g}s on {task.satellite}")
         elif code == T_STALL and task.state is TS.RUNNING:
-            self._stall(task, now, f"no progress for {self._stall_timeout(task):g}s on {task.satellite}")
+            stall = self._stall_timeout(task)
+            if now - task.progress_at < stall:  # progress came meanwhile: look again later
+                task.timer = self.timers.schedule(task.progress_at + stall, task.id, T_STALL)
+            else:
+                self._stall(task, now, f"no progress for {stall:g}s on {task.satellite}")
         elif code == T_MAX_RUN and task.state is TS.RUNNING:
             self._fail(task, P.ERR_MAX_RUN, f"ran longer than {task.max_run or self.cfg.max_run_time:g}s", now)
         elif code == T_REQUEUE and task.state is TS.RETRY:

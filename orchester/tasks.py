@@ -19,7 +19,7 @@ class Task:
     __slots__ = (
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
-        "size", "crashes", "ttl", "max_run", "history",
+        "size", "crashes", "ttl", "max_run", "history", "progress_at",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -46,6 +46,7 @@ class Task:
         self.ttl = 0.0  #: queue time-to-live (0: the orchestrator's default)
         self.max_run = 0.0  #: maximum run time (0: the orchestrator's default)
         self.history = History()  #: every transition, compactly
+        self.progress_at = 0.0  #: when it last showed progress (monotonic; the stall timer checks it)
 
     @property
     def queue_key(self) -> QueueKey:

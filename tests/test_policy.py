@@ -11,7 +11,7 @@ from orchester.fleet import SatelliteRecord
 from orchester.results import ResultStore
 from orchester.routing import LeastLoaded, RoundRobin, TagAffinity, make_strategy
 from orchester.tasks import Task, TaskQueues
-from tracker import TaskState, TimerHeap
+from tracker import TaskState, TimerWheel
 
 
 def sat(sid: str, slots: int = 4, inflight: int = 0, tags: tuple[str, ...] = (), last: int = 0) -> SatelliteRecord:
@@ -90,7 +90,7 @@ def test_queues_order_and_lazy_removal() -> None:
 
 
 def test_timer_heap_fires_in_order_and_cancels() -> None:
-    h: TimerHeap[str] = TimerHeap()
+    h: TimerWheel[str] = TimerWheel()
     timers = {k: h.schedule(d, k) for k, d in (("c", 3.0), ("a", 1.0), ("b", 2.0), ("x", 1.5))}
     h.cancel(timers["x"])
     h.cancel(timers["x"])
@@ -102,7 +102,7 @@ def test_timer_heap_fires_in_order_and_cancels() -> None:
 
 
 def test_timer_heap_expires_many_at_once() -> None:
-    h: TimerHeap[int] = TimerHeap()
+    h: TimerWheel[int] = TimerWheel()
     for i in range(10_000):
         h.schedule(float(i % 100), i)
     assert len(h.pop_expired(1e9)) == 10_000

@@ -1,4 +1,4 @@
-"""Task and satellite state machines, their timer heap and the retry and probation policies.
+"""Task and satellite state machines, their timer wheel and the retry and probation policies.
 
 Nothing here touches a socket, a file or the wall clock: time is passed in.
 """
@@ -13,7 +13,7 @@ from .machines import (
 )
 from .policy import ProbationPolicy, RetryPolicy
 from .states import SATELLITE_STATE_NAMES, TASK_STATE_NAMES, SatelliteState, TaskState
-from .timers import Timer, TimerHeap
+from .timers import Timer, TimerWheel
 
 __all__ = [
     "SATELLITE_MACHINE",
@@ -29,5 +29,5 @@ __all__ = [
     "TaskEvent",
     "TaskState",
     "Timer",
-    "TimerHeap",
+    "TimerWheel",
 ]

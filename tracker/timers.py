@@ -1,15 +1,17 @@
-"""One timer heap for every deadline of a process, driven by a clock passed in.
+"""One timer wheel for every deadline of a process, driven by a clock passed in.
 
-Timers are cancelled lazily: :meth:`TimerHeap.cancel` marks the entry dead and
-the heap drops it when it reaches the top. This keeps scheduling and
-cancelling O(log n) / O(1) with no thread per timer. Time is never read here:
+Deadlines are rounded *up* to a tick (1 ms by default) and kept in one bucket
+per tick, with a small heap of the ticks that have buckets. Scheduling is an
+append, cancelling sets a flag (the bucket drops the timer when its tick comes),
+and expiring *n* timers at once costs O(n) list work rather than *n* heap pops.
+A timer never fires early, and at most one tick late. Time is never read here:
 callers pass ``now`` (monotonic seconds), so tests drive it with a fake clock.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
+import math
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -17,7 +19,7 @@ K = TypeVar("K", bound=Hashable)
 
 
 class Timer(Generic[K]):
-    """A handle on one scheduled deadline; pass it to :meth:`TimerHeap.cancel`.
+    """A handle on one scheduled deadline; pass it to :meth:`TimerWheel.cancel`.
 
     ``key`` says whose deadline it is and ``code`` what it guards (a small int), so
     one owner can have several kinds of timer without allocating a key per timer.
@@ -35,12 +37,13 @@ class Timer(Generic[K]):
         return f"Timer({self.deadline:.3f}, {self.key!r}, {self.code}, alive={self.alive})"
 
 
-class TimerHeap(Generic[K]):
-    """A min-heap of deadlines keyed by arbitrary hashable keys."""
+class TimerWheel(Generic[K]):
+    """Timers in per-tick buckets; ``tick`` is the resolution in seconds."""
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Timer[K]]] = []
-        self._seq = itertools.count()
+    def __init__(self, tick: float = 0.001) -> None:
+        self.tick = tick
+        self._buckets: dict[int, list[Timer[K]]] = {}
+        self._ticks: list[int] = []  # heap of the ticks that have a bucket
         self._alive = 0
 
     def __len__(self) -> int:
@@ -50,7 +53,13 @@ class TimerHeap(Generic[K]):
     def schedule(self, deadline: float, key: K, code: int = 0) -> Timer[K]:
         """Add a timer that fires for ``key`` (and ``code``) at ``deadline``."""
         t = Timer(deadline, key, code)
-        heapq.heappush(self._heap, (deadline, next(self._seq), t))
+        slot = math.ceil(deadline / self.tick) if deadline < math.inf else 2**62
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            self._buckets[slot] = [t]
+            heapq.heappush(self._ticks, slot)
+        else:
+            bucket.append(t)
         self._alive += 1
         return t
 
@@ -61,25 +70,34 @@ class TimerHeap(Generic[K]):
             self._alive -= 1
 
     def next_deadline(self) -> float | None:
-        """The earliest live deadline, or ``None`` when no timer is pending."""
-        heap = self._heap
-        while heap and not heap[0][2].alive:
-            heapq.heappop(heap)
-        return heap[0][0] if heap else None
+        """When the earliest bucket with a live timer is due, or ``None`` when none is pending."""
+        ticks, buckets = self._ticks, self._buckets
+        while ticks:
+            slot = ticks[0]
+            if any(t.alive for t in buckets[slot]):
+                return slot * self.tick
+            heapq.heappop(ticks)
+            del buckets[slot]
+        return None
 
     def pop_expired(self, now: float, limit: int | None = None) -> list[Timer[K]]:
-        """Remove and return the timers due at ``now`` (at most ``limit``), earliest first."""
-        heap = self._heap
+        """Remove and return the live timers due at ``now`` (at most ``limit``), earliest tick first."""
+        ticks, buckets = self._ticks, self._buckets
         out: list[Timer[K]] = []
-        while heap and (limit is None or len(out) < limit):
-            deadline, _, t = heap[0]
-            if not t.alive:
-                heapq.heappop(heap)
-                continue
-            if deadline > now:
-                break
-            heapq.heappop(heap)
-            t.alive = False
-            self._alive -= 1
-            out.append(t)
+        due = math.floor(now / self.tick)
+        while ticks and ticks[0] <= due:
+            slot = ticks[0]
+            bucket = buckets[slot]
+            for i, t in enumerate(bucket):
+                if not t.alive:
+                    continue
+                if limit is not None and len(out) >= limit:
+                    buckets[slot] = bucket[i:]
+                    self._alive -= len(out)
+                    return out
+                t.alive = False
+                out.append(t)
+            heapq.heappop(ticks)
+            del buckets[slot]
+        self._alive -= len(out)
         return out
