@@ -86,7 +86,7 @@ def tracker_state(n: int) -> tuple[int, float, float, float]:
     tasks, size, dt = measure(build)
     per_task = (size - sys.getsizeof(tasks)) / n
     transitions = 3 * n / dt  # three transitions per task (with history and a timer)
-    del tasks, heap
+    del tasks
     pop, full_gc = expiry(n, ids)
     return int(per_task), transitions, pop, full_gc
 
