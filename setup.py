@@ -2,7 +2,12 @@
 
 from setuptools import setup
 
-TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10"]
+# genx3 itself declares wxPython (a GUI toolkit that does not build headless): install it with
+#   pip install --no-deps genx3==3.8.13
+# after this extra, which brings its real headless dependencies (and matplotlib for the plots).
+GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0.22", "requests>=2.28",
+        "matplotlib>=3.7"]
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", *GENX]
 DOCS = ["sphinx>=7"]
 
 setup(
@@ -23,7 +28,7 @@ setup(
         "rich>=13",
         "transitions>=0.9",
     ],
-    extras_require={"test": TESTS, "docs": DOCS},
+    extras_require={"test": TESTS, "docs": DOCS, "genx": GENX},
     entry_points={
         "console_scripts": [
             "orchester = orchester.cli:main",

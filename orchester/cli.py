@@ -22,9 +22,9 @@ import click
 from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-CLIENT_COMMANDS = ("submit", "status", "watch", "show")
+CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit")
 #: The tables one deployment-wide config file may hold (each process reads its own).
-CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "demo", "satellite"})
+CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "demo", "satellite"})
 
 
 def setup_logging(level: str) -> None:
@@ -310,6 +310,101 @@ def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], co
                     break
         except KeyboardInterrupt:
             pass
+
+
+@main.command()
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
+              help="Orchestrator endpoint; without it, a local cluster runs the fits.")
+@click.option("--local", "local", type=int, default=0,
+              help="Satellites of the local cluster (default: one per core).")
+@click.option("--generations", type=int, default=100, show_default=True)
+@click.option("--population", type=int, default=50, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--method", default="best_1_bin", show_default=True, help="Differential-evolution trial method.")
+@click.option("--km", type=float, default=0.7, show_default=True, help="Mutation constant.")
+@click.option("--kr", type=float, default=0.7, show_default=True, help="Crossover constant.")
+@click.option("--max-evaluations", type=int, default=None, help="Budget of figure-of-merit evaluations.")
+@click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the results.")
+@click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Fit cache folder (default $ORCHESTER_CACHE or ~/.cache/orchester/fits).")
+@click.option("--genx-examples", is_flag=True, help="Also fit the example models that ship inside genx3.")
+@timeout_option
+def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int, population: int,
+        seed: int, method: str, km: float, kr: float, max_evaluations: int | None, out: str, no_cache: bool,
+        cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
+    """Fit GenX models (.hgx) on satellites; write CSVs, plots, fitted models and summary.csv."""
+    from .fits import FitCache, FitSettings, default_cache_dir
+
+    paths = list(files)
+    if genx_examples:
+        paths += genx_example_files()
+    if not paths:
+        raise click.UsageError("give model files (.hgx), or --genx-examples")
+    settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
+                           method=method, max_evaluations=max_evaluations)
+    cache = None if no_cache else FitCache(cache_dir or default_cache_dir())
+    sys.exit(_run_fit_job(list(connect), local, paths, settings, out, cache, timeout))
+
+
+def genx_example_files() -> list[str]:
+    """The .hgx example models shipped inside the installed genx3 package (GenX is not imported)."""
+    import glob
+    import os
+    from importlib.util import find_spec
+
+    spec = find_spec("genx")
+    if spec is None or not spec.origin:
+        raise click.UsageError("--genx-examples needs GenX installed here (pip install --no-deps genx3)")
+    return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "examples", "*.hgx")))
+
+
+def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any, out: str, cache: Any,
+                 timeout: float) -> int:
+    import os
+
+    from rich.console import Console
+
+    from .client import Client
+    from .errors import OrchesterError, Unreachable
+    from .fitjob import run_fits
+    from .local import LocalCluster
+
+    console = Console(stderr=True)
+    cluster = None
+    try:
+        if connect:
+            client = Client(connect)
+            try:
+                client.status(timeout=timeout)
+            except Unreachable:
+                client.close()
+                click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
+                return EXIT_UNREACHABLE
+        else:
+            n = local or os.cpu_count() or 1
+            with console.status(f"starting a local cluster: {n} satellite(s)"):
+                cluster = LocalCluster(satellites=n, workers=1, log_level="WARNING").start()
+            client = cluster.client()
+        with client:
+            try:
+                rows = run_fits(client, paths, settings, out, cache, console)
+            except OrchesterError as exc:
+                click.echo(f"error: {exc}", err=True)
+                return EXIT_TASK_FAILED
+    finally:
+        if cluster is not None:
+            cluster.close()
+    failed = [r for r in rows if r["status"] != "done"]
+    for r in rows:
+        mark = "ok " if r["status"] == "done" else "FAILED"
+        detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") else "") \
+            if r["status"] == "done" else r.get("error", "")
+        click.echo(f"{mark} {r['file']}: {detail}")
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv)")
+    return EXIT_TASK_FAILED if failed else EXIT_OK
 
 
 @main.command()

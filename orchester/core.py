@@ -255,6 +255,9 @@ class Orchestrator(Lifecycle):
                               host=str(hdr.get("host", "")), pid=int(hdr.get("pid", 0) or 0),
                               workers=int(hdr.get("workers", 0) or 0))
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
+        versions = hdr.get("versions")
+        if isinstance(versions, dict):
+            sat.versions = {str(k): str(v) for k, v in versions.items()}
         self.fleet.add(sat)
         self.counters["satellites_registered"] += 1
         log.info("satellite %s registered: %d slots, kinds %s, tags %s", sid, slots, kinds, tags)

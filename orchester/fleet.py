@@ -16,7 +16,7 @@ class SatelliteRecord:
     __slots__ = (
         "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
-        "fail_streak", "ok_streak", "stall_timeouts",
+        "fail_streak", "ok_streak", "stall_timeouts", "versions",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -43,6 +43,8 @@ class SatelliteRecord:
         self.ok_streak = 0  #: consecutive tasks that succeeded here
         #: kinds that report progress, with their stall timeout (seconds)
         self.stall_timeouts: dict[str, float] = {}
+        #: versions of what some kinds run (e.g. ``{"genx.fit": "3.8.13"}``)
+        self.versions: dict[str, str] = {}
 
     @property
     def free(self) -> int:
@@ -67,7 +69,7 @@ class SatelliteRecord:
             "kinds": sorted(self.kinds), "host": self.host, "pid": self.pid,
             "heartbeat_age": round(now - self.last_seen, 3), "done": self.done,
             "failed": self.failed, "uptime": round(now - self.registered, 3),
-            "fail_streak": self.fail_streak,
+            "fail_streak": self.fail_streak, "versions": self.versions,
         }
 
 

@@ -55,3 +55,14 @@ def spin(seconds: float = 0.1) -> int:
             progress(loops=n)
             next_report = t + 0.5
     return n
+
+
+def _register_genx() -> None:
+    """Offer ``genx.fit`` wherever GenX is installed (GenX itself is imported only when a fit runs)."""
+    from importlib.util import find_spec
+
+    if find_spec("genx") is not None:
+        from . import genx_task  # noqa: F401
+
+
+_register_genx()

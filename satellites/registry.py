@@ -40,8 +40,10 @@ class TaskKind:
     reports_progress: bool = False
     #: Seconds without progress after which the task counts as stalled (progress-reporting kinds).
     stall_timeout: float | None = None
-    #: Tags a satellite must have to run this kind (informational; routing uses the task's tags).
+    #: The docstring of the handler.
     doc: str = ""
+    #: Version of what the kind runs (e.g. the GenX version), told to the orchestrator and clients.
+    version: str = ""
 
 
 class UnknownKind(LookupError):
@@ -55,14 +57,14 @@ class TaskRegistry:
         self._kinds: dict[str, TaskKind] = {}
 
     def register(self, name: str, fn: Callable[..., Any], *, reports_progress: bool = False,
-                 stall_timeout: float | None = None) -> TaskKind:
+                 stall_timeout: float | None = None, version: str = "") -> TaskKind:
         """Register ``fn`` under ``name`` (re-registering the same function is a no-op)."""
         if not name or not isinstance(name, str):
             raise ValueError("a task kind needs a non-empty string name")
         old = self._kinds.get(name)
         if old is not None and old.fn is not fn and getattr(old.fn, "__qualname__", None) != fn.__qualname__:
             raise ValueError(f"task kind {name!r} is already registered to {old.fn!r}")
-        kind = TaskKind(name, fn, reports_progress, stall_timeout, (fn.__doc__ or "").strip())
+        kind = TaskKind(name, fn, reports_progress, stall_timeout, (fn.__doc__ or "").strip(), version)
         self._kinds[name] = kind
         return kind
 
@@ -86,12 +88,12 @@ registry = TaskRegistry()
 
 
 def task(name: str | None = None, *, reports_progress: bool = False,
-         stall_timeout: float | None = None) -> Callable[[F], F]:
+         stall_timeout: float | None = None, version: str = "") -> Callable[[F], F]:
     """Decorator: register the function as task kind ``name`` (default: ``module.function``)."""
 
     def deco(fn: F) -> F:
-        registry.register(name or f"{fn.__module__}.{fn.__name__}", fn,
-                          reports_progress=reports_progress, stall_timeout=stall_timeout)
+        registry.register(name or f"{fn.__module__}.{fn.__name__}", fn, reports_progress=reports_progress,
+                          stall_timeout=stall_timeout, version=version)
         return fn
 
     return deco

@@ -75,6 +75,7 @@ class Satellite:
         #: kinds that report progress, with the stall timeout they declare
         self.progress_kinds = {k.name: float(k.stall_timeout or 0) for k in map(registry.get, self.kinds)
                                if k.reports_progress and k.stall_timeout}
+        self.versions = {k.name: k.version for k in map(registry.get, self.kinds) if k.version}
 
     def stop(self) -> None:
         """Ask the loop to leave cleanly (thread-safe)."""
@@ -133,7 +134,7 @@ class Satellite:
     def _register(self, now: float) -> None:
         self._send([P.REGISTER, pack({
             "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
-            "progress": self.progress_kinds,
+            "progress": self.progress_kinds, "versions": self.versions,
             "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
             "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
         })], now)

@@ -1,0 +1,129 @@
+"""The main job: many GenX fits pushed out to satellites, with a bar per fit and one overall.
+
+Used by ``orchester fit``; callable as a library::
+
+    from orchester import LocalCluster
+    from orchester.fitjob import run_fits
+    from orchester.fits import FitSettings
+
+    with LocalCluster(satellites=2, workers=1) as cluster, cluster.client() as client:
+        rows = run_fits(client, ["a.hgx", "b.hgx"], FitSettings(generations=50), out="fits")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from .client import Client
+from .errors import OrchesterError, RemoteError, TaskFailed
+from .fits import FitCache, FitSettings, fit_key, write_outputs, write_summary
+
+
+def genx_version(client: Client) -> str | None:
+    """The GenX version the satellites report for ``genx.fit`` (``None``: none, or several differ)."""
+    versions = {s.get("versions", {}).get("genx.fit") for s in client.status()["satellites"]}
+    versions.discard(None)
+    return versions.pop() if len(versions) == 1 else None
+
+
+def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings,
+             out: str | os.PathLike[str], cache: FitCache | None = None, console: Console | None = None,
+             timeout: float | None = None) -> list[dict[str, Any]]:
+    """Fit every model file on the satellites; write each fit's files and ``summary.csv`` into ``out``.
+
+    A model that fails (unreadable, bad script, NaN figure of merit) gets a summary row with
+    its error while the others complete. Returns the summary rows.
+    """
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    version = genx_version(client)
+    if version is None:
+        if not any("genx.fit" in s["kinds"] for s in client.status()["satellites"]):
+            raise OrchesterError("no satellite offers genx.fit: install GenX on the satellites "
+                                 "(pip install --no-deps genx3 and the 'genx' extra)")
+        cache = None  # satellites disagree on the GenX version: a cached result could be another's
+    rows: list[dict[str, Any]] = []
+    pending: dict[str, tuple[str, Path, Any, str | None, float]] = {}
+    names: set[str] = set()
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bars:
+        overall = bars.add_task("all fits", total=len(files), info="")
+        per_fit: dict[str, TaskID] = {}
+        stream = client.subscribe(["progress:"])
+        try:
+            for file in files:
+                path = Path(file)
+                name = path.stem
+                while name in names:
+                    name += "_"
+                names.add(name)
+                try:
+                    model = path.read_bytes()
+                except OSError as exc:
+                    rows.append({"file": str(path), "status": "failed", "error": f"cannot read: {exc.strerror}"})
+                    bars.advance(overall)
+                    continue
+                key = fit_key(model, settings, version) if version else None
+                hit = cache.get(key) if cache is not None and key else None
+                if hit is not None:
+                    write_outputs(name, hit, out)
+                    rows.append(_row(path, hit, "done", cached=True))
+                    bars.advance(overall)
+                    continue
+                fut = client.submit("genx.fit", model, **settings.kwargs())
+                per_fit[fut.task_id] = bars.add_task(name[:28], total=settings.generations, info="queued")
+                pending[fut.task_id] = (name, path, fut, key, time.monotonic())
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while pending:
+                ev = stream.recv(timeout=0.1)
+                if ev is not None and ev.category == "progress":
+                    tid = ev.data.get("id")
+                    if tid in per_fit:
+                        bars.update(per_fit[tid], completed=ev.data.get("generation", 0),
+                                    info=f"fom {ev.data.get('fom', 0):.4g}  {ev.data.get('evals_per_s', 0):.0f} ev/s")
+                for tid in [t for t, p in pending.items() if p[2].done()]:
+                    name, path, fut, key, _ = pending.pop(tid)
+                    rows.append(_finish(client, tid, name, path, fut, key, cache, out))
+                    bars.update(per_fit[tid], completed=settings.generations, info=rows[-1]["status"])
+                    bars.advance(overall)
+                if deadline is not None and time.monotonic() > deadline:
+                    for _, path, _, _, _ in pending.values():
+                        rows.append({"file": str(path), "status": "failed", "error": "timed out"})
+                    break
+        finally:
+            stream.close()
+    write_summary(rows, out)
+    return rows
+
+
+def _finish(client: Client, tid: str, name: str, path: Path, fut: Any, key: str | None,
+            cache: FitCache | None, out: Path) -> dict[str, Any]:
+    try:
+        result = fut.result()
+    except TaskFailed as exc:
+        return {"file": str(path), "status": "failed", "error": f"{exc.type}: {exc.message}",
+                "satellite": exc.satellite or ""}
+    except (RemoteError, OrchesterError) as exc:
+        return {"file": str(path), "status": "failed", "error": str(exc)}
+    write_outputs(name, result, out)
+    if cache is not None and key:
+        cache.put(key, result)
+    try:
+        satellite = client.show(tid).get("satellite") or ""
+    except OrchesterError:
+        satellite = ""
+    return _row(path, result, "done", satellite=satellite)
+
+
+def _row(path: Path, result: dict[str, Any], status: str, cached: bool = False, satellite: str = "") -> dict[str, Any]:
+    return {"file": str(path), "fom": f"{result['fom']:.10g}", "generations": result["generations"],
+            "seconds": result["seconds"], "satellite": satellite, "status": status, "error": "",
+            "cached": "yes" if cached else ""}
