@@ -163,9 +163,10 @@ def genx_fit(model: bytes, generations: int = 100, population: int = 50, seed: i
                 error = None
             params.append({"name": name, "value": float(values[i]), "min": float(m.parameters.get_value(row, 3)),
                            "max": float(m.parameters.get_value(row, 4)), "error": error})
-        datasets: list[dict[str, Any]] = [{"name": str(d.name), "x": np.asarray(d.x, dtype=float), "y": np.asarray(d.y, dtype=float),
-                     "error": np.asarray(d.error, dtype=float), "y_sim": np.asarray(d.y_sim, dtype=float)}
-                    for d in m.data if d.use]
+        datasets: list[dict[str, Any]] = [
+            {"name": str(d.name), "x": np.asarray(d.x, dtype=float), "y": np.asarray(d.y, dtype=float),
+             "error": np.asarray(d.error, dtype=float), "y_sim": np.asarray(d.y_sim, dtype=float)}
+            for d in m.data if d.use]
         for d in datasets:
             if not np.all(np.isfinite(d["y_sim"])):
                 raise ValueError(f"the fitted model simulates non-finite values (NaN or inf) for dataset "
