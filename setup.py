@@ -7,7 +7,7 @@ from setuptools import setup
 # after this extra, which brings its real headless dependencies (and matplotlib for the plots).
 GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0.22", "requests>=2.28",
         "matplotlib>=3.7"]
-TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", *GENX]
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7", *GENX]
 DOCS = ["sphinx>=7"]
 
 setup(

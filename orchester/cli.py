@@ -95,13 +95,16 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
 @click.option("--satellite-bind", multiple=True, help="Separate endpoint for satellites; repeatable.")
 @click.option("--pub", multiple=True, default=("tcp://127.0.0.1:5556",), show_default=True,
               help="Endpoint for the event stream; repeatable.")
-@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between heartbeats to and from satellites.")
 @click.option("--liveness", type=int, default=3, show_default=True,
               help="Heartbeats missed before a satellite is lost.")
 @click.option("--strategy", default="least_loaded", show_default=True,
               help="least_loaded, round_robin, tags, or module:Class.")
-@click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True)
-@click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True)
+@click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True,
+              help="Largest message accepted, in bytes (also ZMQ_MAXMSGSIZE per frame).")
+@click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True,
+              help="Most tasks queued; further submits are refused as busy.")
 @click.option("--retries", type=int, default=OrchestratorConfig.retries, show_default=True,
               help="Crashes (satellite lost, stalled, worker killed) before a task is quarantined.")
 @click.option("--retry-backoff", type=float, default=OrchestratorConfig.retry_backoff, show_default=True,
@@ -118,8 +121,10 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Consecutive failed tasks that put a satellite on probation (half credit).")
 @click.option("--drain-after", type=int, default=OrchestratorConfig.drain_after, show_default=True,
               help="Consecutive failed tasks that drain a satellite on probation (no credit).")
-@click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True)
-@click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True)
+@click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True,
+              help="Finished results kept for fetch by task id.")
+@click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True,
+              help="Messages ZeroMQ queues per peer before sends to it fail (memory bound).")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False),
               help="Write the bound endpoints (JSON) here once listening.")
 def serve(**kw: Any) -> None:

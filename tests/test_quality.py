@@ -26,3 +26,8 @@ def test_mypy_clean() -> None:
 def test_packages_are_typed() -> None:
     for pkg in ("orchester", "satellites", "serializers", "tracker", "topology_tests"):
         assert os.path.exists(os.path.join(ROOT, pkg, "py.typed")), pkg
+
+
+def test_docs_build_without_warnings(tmp_path: object) -> None:
+    r = run_tool("sphinx", "-b", "html", "-W", "--keep-going", "-q", "docs", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
