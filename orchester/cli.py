@@ -143,6 +143,22 @@ def serve(**kw: Any) -> None:
     broker.run()
 
 
+def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
+    """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused."""
+    from .client import Client
+    from .errors import RemoteError, Unreachable
+
+    with Client(list(connect), **client_options) as client:
+        try:
+            return request(client)
+        except Unreachable:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
+            sys.exit(EXIT_UNREACHABLE)
+        except RemoteError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+
+
 def _parse_arg(text: str) -> Any:
     try:
         return json.loads(text)
@@ -163,13 +179,13 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
            task_timeout: float | None, timeout: float, no_wait: bool) -> None:
     """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
     from .client import Client
-    from .errors import RemoteError, TaskFailed
+    from .errors import RemoteError, TaskFailed, Unreachable
 
     with Client(list(connect)) as client:
         try:
             client.status(timeout=timeout)
-        except Exception:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
+        except Unreachable:
+            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
             sys.exit(EXIT_UNREACHABLE)
         tid = client.core.task_id()
         show = not no_wait and sys.stderr.isatty()
@@ -237,15 +253,7 @@ def _jsonable(o: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Show tasks per state, queues and satellites."""
-    from .client import Client
-    from .errors import Unreachable
-
-    with Client(list(connect)) as client:
-        try:
-            st = client.status(timeout=timeout)
-        except Unreachable:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
-            sys.exit(EXIT_UNREACHABLE)
+    st = _ask(connect, timeout, lambda c: c.status(timeout=timeout))
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -261,18 +269,7 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw answer as JSON.")
 def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Show one task: its state, attempts and history of transitions."""
-    from .client import Client
-    from .errors import RemoteError, Unreachable
-
-    with Client(list(connect)) as client:
-        try:
-            task = client.show(task_id, timeout=timeout)
-        except Unreachable:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
-            sys.exit(EXIT_UNREACHABLE)
-        except RemoteError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(EXIT_TASK_FAILED)
+    task = _ask(connect, timeout, lambda c: c.show(task_id, timeout=timeout))
     if as_json:
         click.echo(json.dumps(task, indent=2, sort_keys=True))
         return
@@ -291,15 +288,7 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
 def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], count: int,
           timeout: float, as_json: bool) -> None:
     """Print the event stream."""
-    from .client import Client
-    from .errors import Unreachable
-
-    with Client(list(connect), pub=pub) as client:
-        try:
-            stream = client.subscribe(topics, timeout=timeout)
-        except Unreachable:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
-            sys.exit(EXIT_UNREACHABLE)
+    stream = _ask(connect, timeout, lambda c: c.subscribe(topics, timeout=timeout), pub=pub)
     n = 0
     with stream:
         try:
