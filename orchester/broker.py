@@ -22,14 +22,17 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import zmq
 
+from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .config import OrchestratorConfig
 from .core import Orchestrator
+from .journal import Journal, replay
 
 log = logging.getLogger("orchester")
 
@@ -62,8 +65,29 @@ class Broker:
             self.close()
             raise
         self.core.pub_endpoints = self.endpoints["pub"]
+        self.journal: Journal | None = None
+        self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
+        if config.journal:
+            self._open_journal(config.journal, config.durability)
         if config.endpoint_file:
             write_endpoint_file(config.endpoint_file, self.endpoints)
+
+    def _open_journal(self, directory: str, durability: str) -> None:
+        """Take the journal (one writer only), replay it into the core, then journal from here on."""
+        try:
+            self.journal = Journal(directory, durability, context=self.ctx)
+        except Exception:
+            self.close()
+            raise
+        records, report = replay(directory)
+        counts = self.core.restore(records, time.monotonic(), self.router)
+        self.core.journal_out = []
+        log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued",
+                 directory, report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
+        for name, offset, lost in report.damaged:
+            log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
+                      "last before a crash) are lost", name, offset, lost)
+            self.core.counters["journal_lost_bytes"] += lost
 
     def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
         s = self.ctx.socket(zmq.ROUTER)
@@ -99,6 +123,9 @@ class Broker:
         for s in self._routers:
             poller.register(s, zmq.POLLIN)
         poller.register(self.xpub, zmq.POLLIN)
+        journal = self.journal
+        if journal is not None:
+            poller.register(journal.notify, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
         monotonic = time.monotonic
         counters = core.counters
@@ -113,6 +140,9 @@ class Broker:
                 for sock, _ in ready:
                     if sock is xpub:
                         self._drain_subscriptions()
+                        continue
+                    if journal is not None and sock is journal.notify:
+                        self._release(journal.drain_notifications())
                         continue
                     for _ in range(batch):
                         try:
@@ -136,20 +166,23 @@ class Broker:
 
     def _flush(self) -> None:
         core = self.core
+        journal = self.journal
+        hold = False
+        if journal is not None and core.journal_out:
+            if journal.error is not None:
+                raise RuntimeError(f"the journal failed: {journal.error}")
+            for record in core.journal_out:
+                journal.append(record)
+            core.journal_out.clear()
+            hold = journal.waits and journal.seq > journal.durable
         if core.out:
             out, core.out = core.out, []
             for sock, frames, task_id in out:
-                try:
-                    send_frames(sock, frames, NOBLOCK)
-                    if task_id is not None:
-                        core.delivered(task_id)
-                except zmq.ZMQError as exc:
-                    if exc.errno not in _UNDELIVERABLE:
-                        raise
-                    if task_id is not None:
-                        core.undeliverable(task_id)
-                    else:
-                        core.counters["undeliverable"] += 1
+                if (hold or self._held) and frames[2] in (P.ACK, P.RESULT):
+                    assert journal is not None
+                    self._held.append((journal.seq, sock, frames, task_id))  # released once durable
+                    continue
+                self._send(sock, frames, task_id)
         if core.pub:
             pub, core.pub = core.pub, []
             for frames in pub:
@@ -158,8 +191,33 @@ class Broker:
                 except zmq.Again:
                     core.counters["events_dropped"] += 1
 
+    def _release(self, durable: int) -> None:
+        """Send the acknowledgements and results whose journal records are now durable."""
+        held = self._held
+        while held and held[0][0] <= durable:
+            _, sock, frames, task_id = held.popleft()
+            self._send(sock, frames, task_id)
+
+    def _send(self, sock: Any, frames: list[Any], task_id: str | None) -> None:
+        core = self.core
+        try:
+            send_frames(sock, frames, NOBLOCK)
+            if task_id is not None:
+                core.delivered(task_id)
+        except zmq.ZMQError as exc:
+            if exc.errno not in _UNDELIVERABLE:
+                raise
+            if task_id is not None:
+                core.undeliverable(task_id)
+            else:
+                core.counters["undeliverable"] += 1
+
     def close(self) -> None:
-        """Close every socket (idempotent)."""
+        """Close the journal (after writing what is queued) and every socket (idempotent)."""
+        if getattr(self, "journal", None) is not None:
+            assert self.journal is not None
+            self.journal.close()
+            self.journal = None
         for s in [*self._routers, getattr(self, "xpub", None)]:
             if s is not None and not s.closed:
                 s.close(linger=0)

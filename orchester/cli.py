@@ -127,6 +127,10 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Messages ZeroMQ queues per peer before sends to it fail (memory bound).")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False),
               help="Write the bound endpoints (JSON) here once listening.")
+@click.option("--journal", type=click.Path(file_okay=False), default=None,
+              help="Journal folder: tasks survive a crash and are replayed at start.")
+@click.option("--durability", type=click.Choice(["full", "batch", "off"]), default="full", show_default=True,
+              help="full: acknowledge after fsync; batch: after the write; off: do not wait.")
 def serve(**kw: Any) -> None:
     """Run an orchestrator until SIGTERM or Ctrl-C."""
     from .broker import Broker
@@ -137,7 +141,13 @@ def serve(**kw: Any) -> None:
         config = from_mapping(OrchestratorConfig, kw, "serve")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    broker = Broker(config)
+    from .wal import JournalError
+
+    try:
+        broker = Broker(config)
+    except JournalError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     broker.run()

@@ -51,9 +51,23 @@ def _reject(fut: cf.Future[Any], exc: BaseException) -> None:
 
 
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
-    """A :class:`concurrent.futures.Future` that knows its task id."""
+    """A :class:`concurrent.futures.Future` that knows its task id and when it was accepted.
+
+    ``accepted`` is set when the orchestrator acknowledged the task: with a journal, once the
+    task is durable there (it then survives a crash of the orchestrator).
+    """
 
     task_id: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = threading.Event()
+
+
+def _accepted(fut: Any) -> None:
+    event = getattr(fut, "accepted", None)
+    if event is not None:
+        event.set()
 
 
 class Client:
@@ -75,7 +89,7 @@ class Client:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
-        self.core = ClientCore(_resolve, _reject, codec=codec)
+        self.core = ClientCore(_resolve, _reject, codec=codec, accepted=_accepted)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False

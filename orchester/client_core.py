@@ -37,12 +37,13 @@ class ClientCore:
     """Request building, pending bookkeeping and reply handling (no I/O)."""
 
     def __init__(self, resolve: Resolve, reject: Reject, codec: str = codecs.DEFAULT_CODEC,
-                 keep_for_resend: bool = True) -> None:
+                 keep_for_resend: bool = True, accepted: Callable[[Any], None] | None = None) -> None:
         self.name = uuid.uuid4().hex[:12]
         self.codec = codec
         self.keep_for_resend = keep_for_resend
         self._resolve = resolve
         self._reject = reject
+        self._accepted = accepted
         self._ids = itertools.count(1)
         self.tasks: dict[str, Pending] = {}
         self.requests: dict[int, Pending] = {}
@@ -136,8 +137,10 @@ class ClientCore:
         elif cmd == P.ACK:
             for tid in hdr.get("ids", ()):
                 p = self.tasks.get(tid)
-                if p is not None:
+                if p is not None and not p.acked:
                     p.acked = True
+                    if self._accepted is not None:
+                        self._accepted(p.future)
         elif cmd == P.REPLY:
             rid = hdr.pop("rid", None)
             p = self.requests.pop(rid, None) if isinstance(rid, int) else None

@@ -66,6 +66,10 @@ class OrchestratorConfig:
     batch: int = 256
     #: Write the bound endpoints (JSON) to this file once listening.
     endpoint_file: str | None = None
+    #: Journal folder: tasks, transitions and results are kept there and replayed at start.
+    journal: str | None = None
+    #: When acknowledgements wait for the journal: ``full`` (fsync), ``batch`` (written), ``off``.
+    durability: str = "full"
 
     def validate(self) -> OrchestratorConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
@@ -83,6 +87,8 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        if self.durability not in ("full", "batch", "off"):
+            raise ConfigError(f"durability must be full, batch or off, not {self.durability!r}")
         for ep in [*self.bind, *self.satellite_bind, *self.pub]:
             if not isinstance(ep, str) or "://" not in ep:
                 raise ConfigError(f"endpoint {ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")

@@ -63,6 +63,8 @@ class Lifecycle:
     strategy: Any
     _want: dict[bytes, bool]
     _dispatch_seq: int
+    #: records for the journal (``None``: no journal), handed to it by the socket adapter
+    journal_out: list[list[Any]] | None
 
     def _init_lifecycle(self, config: OrchestratorConfig) -> None:
         self.retry = RetryPolicy(config.retries, config.retry_backoff)
@@ -74,6 +76,8 @@ class Lifecycle:
         state = TASK_MACHINE.next(task.state, event)
         task.state = state
         task.history.add(self.wall(), state, task.attempt, task.satellite, reason)
+        if self.journal_out is not None:
+            self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason])
         self._arm(task, now)
         if self._want[b"task:"]:
             body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),
@@ -233,6 +237,8 @@ class Lifecycle:
         self._enqueue(task, now, TE.requeue, reason)
 
     def _complete(self, task: Task, result: list[Any]) -> None:
+        if self.journal_out is not None:
+            self.journal_out.append(["R", task.id, [memoryview(f) for f in result[2:]]])
         task.payload = []  # the input is no longer needed
         self._send_result(task, result, _len(result), store=True)
 

@@ -1,0 +1,153 @@
+"""The journal thread: group commit of the orchestrator's critical records.
+
+The broker hands records (accepted tasks with their payload, state transitions, results) to
+:meth:`Journal.append`, which returns a sequence number. The journal thread takes whatever
+has queued — up to ``batch_max`` records, waiting at most ``batch_wait`` seconds for more —
+writes it with one ``write``, makes it durable, and tells the broker the highest durable
+sequence number through an inproc socket. The broker releases an acknowledgement or a result
+only once the records it depends on are durable.
+
+Durability (``--durability``):
+
+``full``
+    fsync every batch before anything depending on it is released: nothing acknowledged is
+    lost, even to a power cut.
+``batch``
+    release once the batch is written to the operating system (it survives ``kill -9`` of the
+    orchestrator, not a crash of the machine); fsync every ``sync_every`` seconds.
+``off``
+    records are written in the background and nothing waits for them (the history is kept; a
+    crash can lose the last accepted tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from .wal import ReadReport, SegmentWriter, encode_record, read_all
+
+log = logging.getLogger("orchester.journal")
+DURABILITY = ("full", "batch", "off")
+_SEQ = struct.Struct(">Q")
+
+
+class Journal:
+    """A writer thread over a :class:`~orchester.wal.SegmentWriter`."""
+
+    def __init__(self, directory: str | Path, durability: str = "full", context: zmq.Context[Any] | None = None,
+                 batch_max: int = 1024, batch_wait: float = 0.002, sync_every: float = 0.1,
+                 segment_bytes: int = 64 << 20) -> None:
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {DURABILITY}, not {durability!r}")
+        self.dir = Path(directory)
+        self.durability = durability
+        self.batch_max, self.batch_wait, self.sync_every = batch_max, batch_wait, sync_every
+        self.writer = SegmentWriter(self.dir, segment_bytes)  # takes the lock: one writer per journal
+        self.ctx = context or zmq.Context.instance()
+        addr = f"inproc://orchester-journal-{id(self)}"
+        self.notify = self.ctx.socket(zmq.PAIR)  # the broker polls this one
+        self.notify.linger = 0
+        self.notify.bind(addr)
+        self._addr = addr
+        self._queue: deque[tuple[int, list[Any]]] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self.seq = 0  #: last sequence number handed out (broker thread only)
+        self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
+        self.batches = 0
+        self.records = 0
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="orchester-journal", daemon=True)
+        self._thread.start()
+
+    @property
+    def waits(self) -> bool:
+        """Whether acknowledgements and results wait for durability."""
+        return self.durability != "off"
+
+    def append(self, record: list[Any]) -> int:
+        """Queue a record; return its sequence number (called from the broker thread)."""
+        self.seq += 1
+        with self._cond:
+            self._queue.append((self.seq, record))
+            if len(self._queue) == 1:
+                self._cond.notify()
+        return self.seq
+
+    def drain_notifications(self) -> int:
+        """Read the durable sequence numbers the thread reported; return the highest."""
+        while True:
+            try:
+                msg = self.notify.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.durable
+            self.durable = max(self.durable, _SEQ.unpack(msg)[0])
+
+    def _run(self) -> None:
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.linger = 0
+        sock.connect(self._addr)
+        last_sync = time.monotonic()
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stop:
+                        self._cond.wait(self.sync_every)
+                        if not self._queue and self.durability != "full" and \
+                                time.monotonic() - last_sync >= self.sync_every:
+                            break  # a periodic sync is due
+                    if self._stop and not self._queue:
+                        break
+                if self.batch_wait and len(self._queue) < self.batch_max:
+                    time.sleep(self.batch_wait)  # let a group gather (group commit)
+                with self._cond:
+                    n = min(len(self._queue), self.batch_max)
+                    batch = [self._queue.popleft() for _ in range(n)]
+                if batch:
+                    self.writer.write([encode_record(rec) for _, rec in batch])
+                    self.batches += 1
+                    self.records += len(batch)
+                now = time.monotonic()
+                if self.durability == "full" and batch:
+                    self.writer.sync()
+                    last_sync = now
+                elif now - last_sync >= self.sync_every:
+                    self.writer.sync()
+                    last_sync = now
+                if batch:
+                    sock.send(_SEQ.pack(batch[-1][0]))
+        except BaseException as exc:  # a full disk, say: the broker must know, not hang
+            self.error = exc
+            log.critical("journal writer failed: %s", exc)
+            raise
+        finally:
+            try:
+                self.writer.sync()
+            except Exception:
+                pass
+            sock.close(0)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, sync, stop the thread, release the journal."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        self.writer.close()
+        self.notify.close(0)
+
+
+def replay(directory: str | Path) -> tuple[list[list[Any]], ReadReport]:
+    """Every intact record of a journal folder, and what reading it found."""
+    report = ReadReport()
+    d = Path(directory)
+    records = list(read_all(d, report)) if d.exists() else []
+    return records, report

@@ -1,0 +1,144 @@
+"""The journal's live tail: append-only segments of length-prefixed, checksummed records.
+
+A record on disk is ``length (4 bytes, big-endian) | crc32 (4 bytes) | body``; the body is a
+msgpack list. A segment is a file ``wal-<n>.log`` in the journal folder. A reader stops at the
+first record that is short or whose checksum does not match: everything before it is intact
+(it was fsync'ed before anything depending on it was released), everything from it on is
+reported lost. A writer never appends to a damaged or older segment: it starts a new one.
+
+Two processes cannot write one journal: the writer holds an exclusive ``flock`` on
+``DIR/LOCK`` for its lifetime.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+_HEAD = struct.Struct(">II")
+#: Largest record accepted (a task with its payload).
+MAX_RECORD = 1 << 30
+
+
+class JournalError(Exception):
+    """A journal that cannot be used (locked by another process, unreadable folder)."""
+
+
+@dataclass
+class ReadReport:
+    """What reading the segments found."""
+
+    records: int = 0
+    segments: int = 0
+    #: (segment file name, byte offset of the first bad record, bytes after it) per damaged segment
+    damaged: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def lost_bytes(self) -> int:
+        """Bytes after the first damage in every damaged segment."""
+        return sum(n for _, _, n in self.damaged)
+
+
+def encode_record(body: list[Any]) -> bytes:
+    """One on-disk record."""
+    data = msgpack.packb(body, use_bin_type=True)
+    return _HEAD.pack(len(data), zlib.crc32(data)) + data
+
+
+def segments(directory: Path) -> list[Path]:
+    """The journal's segments, oldest first."""
+    return sorted(directory.glob("wal-*.log"))
+
+
+def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
+    """Yield the intact records of one segment; note where it is damaged, if it is."""
+    data = path.read_bytes()
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < _HEAD.size:
+            break
+        length, crc = _HEAD.unpack_from(data, pos)
+        body = data[pos + _HEAD.size: pos + _HEAD.size + length]
+        if length > MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
+            break
+        try:
+            record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception:
+            break
+        if not isinstance(record, list) or not record:
+            break
+        report.records += 1
+        yield record
+        pos += _HEAD.size + length
+    if pos < end:
+        report.damaged.append((path.name, pos, end - pos))
+
+
+def read_all(directory: Path, report: ReadReport | None = None) -> Iterator[list[Any]]:
+    """Every intact record of every segment, in order."""
+    report = report if report is not None else ReadReport()
+    for seg in segments(directory):
+        report.segments += 1
+        yield from read_segment(seg, report)
+
+
+class SegmentWriter:
+    """Appends records to a new segment; rotates at ``segment_bytes``. Not thread-safe: one owner."""
+
+    def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 64 << 20) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise JournalError(f"journal {self.dir} is open for writing by another process") from None
+        existing = segments(self.dir)
+        self._n = int(existing[-1].stem.split("-")[1]) if existing else 0
+        self._file: Any = None
+        self._size = 0
+        self._open_next()
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._n += 1
+        self.path = self.dir / f"wal-{self._n:06d}.log"
+        self._file = open(self.path, "ab", buffering=0)
+        self._size = 0
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new file's directory entry is durable too
+        finally:
+            os.close(dir_fd)
+
+    def write(self, chunks: list[bytes]) -> None:
+        """Append encoded records (one ``write`` call for the whole batch)."""
+        data = b"".join(chunks)
+        self._file.write(data)
+        self._size += len(data)
+
+    def sync(self) -> None:
+        """Make everything written so far durable (fsync), then rotate if the segment is full."""
+        os.fsync(self._file.fileno())
+        if self._size >= self.segment_bytes:
+            self._open_next()
+
+    def close(self) -> None:
+        """Close the segment and release the lock."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,0 +1,158 @@
+"""The journal: acknowledged tasks survive kill -9 of the orchestrator; damaged journals still open."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from orchester import Client, LocalCluster
+from orchester.wal import ReadReport, encode_record, read_all
+from serializers import encode, pack, unpack
+from serializers import protocol as P
+
+pytestmark = pytest.mark.integration
+HB = 0.2
+
+
+def journal_cluster(path: Path, durability: str = "full", satellites: int = 2) -> LocalCluster:
+    return LocalCluster(satellites=satellites, workers=2, heartbeat_interval=HB, log_level="ERROR",
+                        serve_args=["--journal", str(path), "--durability", durability])
+
+
+def restart(cluster: LocalCluster) -> None:
+    assert cluster.orchestrator is not None
+    endpoint, pub = cluster.endpoint, cluster.pub_endpoint
+    cluster.orchestrator.kill()  # SIGKILL: no goodbye, no flush
+    cluster.orchestrator.wait(10)
+    cluster.start_orchestrator(bind=endpoint, pub=pub)
+
+
+def test_finished_results_and_unfinished_tasks_survive_a_kill(tmp_path: Path) -> None:
+    with journal_cluster(tmp_path / "journal") as cluster:
+        with Client(cluster.endpoint) as c:
+            quick = [c.submit("echo", i) for i in range(50)]
+            assert [f.result(30) for f in quick] == list(range(50))
+            slow = [c.submit("sleep", 1.0) for _ in range(4)]
+            assert all(f.accepted.wait(30) for f in slow)  # acknowledged: durable in the journal
+        restart(cluster)  # the client is gone: only the journal can bring these back
+        with Client(cluster.endpoint) as fresh:
+            assert [fresh.result(f.task_id, timeout=60) for f in quick] == list(range(50))
+            assert [fresh.result(f.task_id, timeout=60) for f in slow] == [1.0] * 4
+            shown = fresh.show(slow[0].task_id)
+            assert shown["state"] == "done" and shown["attempt"] >= 1
+            st = fresh.status()
+            assert st["counters"]["journal_restored"] == 54
+
+
+def test_kill_9_at_random_moments_loses_no_acknowledged_task(tmp_path: Path) -> None:
+    rng = random.Random(20261124)
+    acked: set[str] = set()
+    results: collections.Counter[str] = collections.Counter()
+    submitted = 0
+    ctx = zmq.Context()
+    with journal_cluster(tmp_path / "journal", durability="full") as cluster:
+        raw = ctx.socket(zmq.DEALER)  # a client that never resends: only the journal keeps its tasks
+        raw.linger = 0
+        raw.routing_id = b"c:raw-journal-test"
+        raw.connect(cluster.endpoint)
+
+        def pump(seconds: float) -> None:
+            nonlocal submitted
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for _ in range(rng.randint(1, 20)):
+                    _, body = encode([[submitted], {}])
+                    raw.send_multipart([P.SIGNATURE, P.SUBMIT, pack({"id": f"j-{submitted}", "k": "echo"}), *body])
+                    submitted += 1
+                while raw.poll(5):
+                    frames = raw.recv_multipart()
+                    hdr = unpack(frames[2])
+                    if frames[1] == P.ACK:
+                        acked.update(hdr["ids"])
+                    elif frames[1] == P.RESULT:
+                        results[hdr["id"]] += 1
+
+        try:
+            for _ in range(20):
+                pump(rng.uniform(0.05, 0.4))
+                restart(cluster)
+            pump(0.5)
+            with Client(cluster.endpoint) as c:
+                for tid in sorted(acked):
+                    assert c.result(tid, timeout=60) == int(tid.split("-")[1]), tid
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and raw.poll(200):
+                frames = raw.recv_multipart()
+                if frames[1] == P.RESULT:
+                    results[unpack(frames[2])["id"]] += 1
+        finally:
+            raw.close(0)
+            ctx.term()
+    assert len(acked) > 200 and submitted > len(acked) / 2
+    assert not [tid for tid, n in results.items() if n > 1], "a result was delivered twice"
+
+
+def test_damaged_tail_loses_only_what_follows_the_damage(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    with journal_cluster(journal, satellites=1) as cluster, Client(cluster.endpoint) as c:
+        ids = [c.submit("echo", i).task_id for i in range(30)]
+        for tid in ids:
+            c.result(tid, timeout=30)
+    seg = sorted(journal.glob("wal-*.log"))[0]
+    data = seg.read_bytes()
+    report = ReadReport()
+    n_before = len(list(read_all(journal, report)))
+    cut = len(data) * 2 // 3
+    seg.write_bytes(data[:cut] + b"\xff" * 7 + data[cut + 7:])  # flip bytes in the middle of a record
+    report = ReadReport()
+    intact = list(read_all(journal, report))
+    assert len(intact) < n_before and report.damaged and report.damaged[0][0] == seg.name
+    with journal_cluster(journal, satellites=1) as cluster, Client(cluster.endpoint) as c:
+        st = c.status()
+        assert st["counters"]["journal_lost_bytes"] > 0
+        restored = [tid for tid in ids if c.show(tid, timeout=10)]
+        assert restored[:5] == ids[:5]  # what came before the damage is back
+        assert c.submit("echo", "after").result(30) == "after"  # and it serves
+
+
+def test_garbage_journal_files_do_not_stop_the_orchestrator(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    (journal / "wal-000001.log").write_bytes(os.urandom(4096))
+    (journal / "wal-000002.log").write_bytes(encode_record(["S", "broken"]) + encode_record(["T", "x"]))
+    with journal_cluster(journal, satellites=1) as cluster, Client(cluster.endpoint) as c:
+        assert c.submit("echo", 1).result(30) == 1
+        assert c.status()["counters"].get("journal_bad_records", 0) >= 1
+
+
+def test_two_orchestrators_cannot_share_a_journal(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    with journal_cluster(journal, satellites=1):
+        r = subprocess.run([sys.executable, "-m", "orchester", "serve", "--bind", "tcp://127.0.0.1:*", "--pub",
+                            "tcp://127.0.0.1:*", "--journal", str(journal)], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and "open for writing by another process" in r.stderr
+
+
+@pytest.mark.parametrize("durability", ["batch", "off"])
+def test_other_durabilities_serve_and_keep_results(tmp_path: Path, durability: str) -> None:
+    with journal_cluster(tmp_path / "j", durability=durability, satellites=1) as cluster:
+        with Client(cluster.endpoint) as c:
+            futs = [c.submit("echo", i) for i in range(100)]
+            assert [f.result(30) for f in futs] == list(range(100))
+        time.sleep(0.3)  # off: the background writer catches up
+        cluster.orchestrator.terminate()  # type: ignore[union-attr]
+        cluster.orchestrator.wait(10)  # type: ignore[union-attr]
+        cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
+        with Client(cluster.endpoint) as c:
+            assert c.result(futs[-1].task_id, timeout=30) == 99
+
+
