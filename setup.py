@@ -27,6 +27,7 @@ setup(
         "click>=8.1",
         "rich>=13",
         "transitions>=0.9",
+        "tables>=3.9",
     ],
     extras_require={"test": TESTS, "docs": DOCS, "genx": GENX},
     entry_points={

@@ -122,6 +122,11 @@ class AsyncClient:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""
         return await self._ask(P.STATUS, {}, timeout)
 
+    async def history(self, timeout: float | None = 60.0, **filters: Any) -> list[dict[str, Any]]:
+        """The history of every task (see :meth:`orchester.Client.history` for the filters)."""
+        body = {k: (list(v) if k == "ids" else v) for k, v in filters.items() if v is not None}
+        return list((await self._ask(P.HISTORY, body, timeout))["rows"])
+
     async def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""
         return (await self._ask(P.STATUS, {"task": task_id}, timeout))["task"]

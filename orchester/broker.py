@@ -20,22 +20,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from serializers import protocol as P
+from serializers.header import error_frames
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .config import OrchestratorConfig
 from .core import Orchestrator
-from .journal import Journal, replay
+from .journal import HistoryReader, Journal, replay
 
 log = logging.getLogger("orchester")
 
+_TOKEN = struct.Struct(">Q")
 #: errnos that mean "this peer cannot take the message now"; anything else propagates.
 _UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
 
@@ -66,6 +71,9 @@ class Broker:
             raise
         self.core.pub_endpoints = self.endpoints["pub"]
         self.journal: Journal | None = None
+        self.history: HistoryReader | None = None
+        self._queries: dict[int, tuple[Any, bytes, Any]] = {}
+        self._query_ids = 0
         self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
         if config.journal:
             self._open_journal(config.journal, config.durability)
@@ -79,7 +87,8 @@ class Broker:
         except Exception:
             self.close()
             raise
-        records, report = replay(directory)
+        records, report = replay(directory, live=self.journal.writer.path)
+        self.history = HistoryReader(Path(directory), self.ctx)
         counts = self.core.restore(records, time.monotonic(), self.router)
         self.core.journal_out = []
         log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued",
@@ -126,6 +135,9 @@ class Broker:
         journal = self.journal
         if journal is not None:
             poller.register(journal.notify, zmq.POLLIN)
+        history = self.history
+        if history is not None:
+            poller.register(history.results, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
         monotonic = time.monotonic
         counters = core.counters
@@ -143,6 +155,9 @@ class Broker:
                         continue
                     if journal is not None and sock is journal.notify:
                         self._release(journal.drain_notifications())
+                        continue
+                    if history is not None and sock is history.results:
+                        self._answer_queries()
                         continue
                     for _ in range(batch):
                         try:
@@ -175,6 +190,8 @@ class Broker:
                 journal.append(record)
             core.journal_out.clear()
             hold = journal.waits and journal.seq > journal.durable
+        if core.queries and self.history is not None:
+            self._ask_history()
         if core.out:
             out, core.out = core.out, []
             for sock, frames, task_id in out:
@@ -190,6 +207,33 @@ class Broker:
                     self.xpub.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.Again:
                     core.counters["events_dropped"] += 1
+
+    def _ask_history(self) -> None:
+        assert self.history is not None
+        for sock, ident, rid, filters in self.core.queries:
+            self._query_ids += 1
+            self._queries[self._query_ids] = (sock, ident, rid)
+            self.history.ask(self._query_ids, filters)
+        self.core.queries.clear()
+
+    def _answer_queries(self) -> None:
+        assert self.history is not None
+        while True:
+            try:
+                token, body = self.history.results.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            query = self._queries.pop(_TOKEN.unpack(token)[0], None)
+            if query is None:
+                continue
+            sock, ident, rid = query
+            reply = msgpack.unpackb(body, raw=False)
+            if "error" in reply:
+                frames = [ident, *error_frames(P.E_BAD_REQUEST, reply["error"], rid=rid)]
+            else:
+                reply["rid"] = rid
+                frames = [ident, P.SIGNATURE, P.REPLY, msgpack.packb(reply, use_bin_type=True)]
+            self._send(sock, frames, None)
 
     def _release(self, durable: int) -> None:
         """Send the acknowledgements and results whose journal records are now durable."""
@@ -218,6 +262,10 @@ class Broker:
             assert self.journal is not None
             self.journal.close()
             self.journal = None
+        if getattr(self, "history", None) is not None:
+            assert self.history is not None
+            self.history.close()
+            self.history = None
         for s in [*self._routers, getattr(self, "xpub", None)]:
             if s is not None and not s.closed:
                 s.close(linger=0)

@@ -22,9 +22,10 @@ import click
 from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit")
+CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history")
 #: The tables one deployment-wide config file may hold (each process reads its own).
-CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "demo", "satellite"})
+CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "demo",
+                           "satellite"})
 
 
 def setup_logging(level: str) -> None:
@@ -286,6 +287,60 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
     from .render import render_task
 
     render_task(task)
+
+
+def parse_time(text: str | None) -> float | None:
+    """Seconds since the epoch from ``1732460000``, ``2026-11-24T15:00``, or an age like ``30m``/``2h``/``7d``."""
+    if text is None:
+        return None
+    import datetime
+    import time as _time
+
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+            return _time.time() - float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a time (seconds since the epoch, ISO 8601, "
+                                 "or an age such as 30m, 2h, 7d)") from None
+
+
+@main.command()
+@connect_option
+@click.option("--state", default=None, help="Only tasks in this state (done, failed, quarantined, …).")
+@click.option("--kind", default=None, help="Only tasks of this kind.")
+@click.option("--since", default=None, help="Submitted at or after: epoch seconds, ISO 8601, or an age (2h).")
+@click.option("--until", default=None, help="Submitted before (same forms).")
+@click.option("--id", "ids", multiple=True, help="Only these task ids; repeatable.")
+@click.option("--limit", type=int, default=None, help="Only the newest N rows.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds to wait for the orchestrator before exit code 3.")
+def history(connect: tuple[str, ...], state: str | None, kind: str | None, since: str | None, until: str | None,
+            ids: tuple[str, ...], limit: int | None, fmt: str, timeout: float) -> None:
+    """The history of every task: one row per task, filtered, as a table, CSV or JSON."""
+    from .history import COLUMNS
+
+    rows = _ask(connect, timeout, lambda c: c.history(state=state, kind=kind, since=parse_time(since),
+                                                      until=parse_time(until), ids=list(ids) or None,
+                                                      limit=limit, timeout=timeout))
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
+    elif fmt == "csv":
+        import csv
+
+        w = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        from .render import render_history
+
+        render_history(rows)
 
 
 @main.command()

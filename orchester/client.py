@@ -156,6 +156,24 @@ class Client:
         """Tasks per state, queue depths, satellites and counters of the orchestrator."""
         return self._ask(P.STATUS, {}, timeout)
 
+    def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
+                until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,
+                timeout: float | None = 60.0) -> list[dict[str, Any]]:
+        """The history of every task (from the journal when the orchestrator keeps one).
+
+        One row per task: id, kind, state, attempts, satellite, submitted and finished (wall
+        time), error type. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
+        ``[since, until)`` (seconds since the epoch), ``ids``; ``limit`` keeps the newest rows.
+        """
+        body: dict[str, Any] = {}
+        for key, value in (("state", state), ("kind", kind), ("since", since), ("until", until),
+                           ("limit", limit)):
+            if value is not None:
+                body[key] = value
+        if ids is not None:
+            body["ids"] = list(ids)
+        return list(self._ask(P.HISTORY, body, timeout)["rows"])
+
     def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""
         return self._ask(P.STATUS, {"task": task_id}, timeout)["task"]

@@ -27,6 +27,7 @@ from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerW
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
+from .history import HistoryFold, select
 from .lifecycle import T_DEADLINE, Lifecycle, _len
 from .logutil import warn_limited
 from .results import ResultStore
@@ -37,6 +38,7 @@ log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
+TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
 
 
 class Orchestrator(Lifecycle):
@@ -60,6 +62,8 @@ class Orchestrator(Lifecycle):
         self.pub: list[list[bytes]] = []
         self.counters: Counter[str] = Counter()
         self.journal_out = None
+        #: history queries for the journal reader (socket key, identity, rid, filters)
+        self.queries: list[tuple[Any, bytes, Any, dict[str, Any]]] = []
         self._init_lifecycle(config)
         self._acks: dict[tuple[Any, bytes], list[str]] = {}
         self._seq = 0
@@ -74,6 +78,7 @@ class Orchestrator(Lifecycle):
             P.STARTED: self._on_started, P.PROGRESS: self._on_progress, P.REGISTER: self._on_register,
             P.LEAVE: self._on_leave, P.STATUS: self._on_status, P.FETCH: self._on_fetch,
             P.CANCEL: self._on_cancel, P.CONTROL: self._on_control, P.ERROR: self._on_peer_error,
+            P.HISTORY: self._on_history,
         }
 
     # ------------------------------------------------------------------ input
@@ -235,6 +240,31 @@ class Orchestrator(Lifecycle):
             self.pub.append([b"control:strategy", pack(
                 {"op": "strategy", "old": old, "new": strategy.name, "t": self.wall()})])
         self._reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
+
+    def _on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+        hdr = unpack(bytes(frames[3]))
+        filters: dict[str, Any] = {}
+        for key, kind in (("state", str), ("kind", str), ("since", (int, float)), ("until", (int, float)),
+                          ("limit", int), ("ids", list)):
+            value = field(hdr, key, kind, None)
+            if value is not None:
+                filters[key] = value
+        if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
+            raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
+                                f"known: {sorted(TASK_STATE_VALUES)}")
+        if self.journal_out is not None:  # the journal has everything: its reader answers
+            self.queries.append((sock, ident, hdr.get("rid"), filters))
+            return
+        fold = HistoryFold()
+        for task in self.tasks.values():
+            for entry in self.attempts(task):
+                fold.add({"code": "T", "task_id": task.id, "t": entry["t"], "kind": "",
+                          "state": int(TaskState[entry["state"].upper()]), "attempt": entry["attempt"],
+                          "satellite": entry["sat"] or "", "etype": ""})
+            row = fold.rows[task.id]
+            row.kind, row.submitted = task.kind, task.history.entries()[0]["t"]
+        rows = select(fold.rows, **filters)
+        self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
 
     def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
         body["rid"] = rid

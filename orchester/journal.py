@@ -32,7 +32,9 @@ from typing import Any
 
 import zmq
 
-from .wal import ReadReport, SegmentWriter, encode_record, read_all
+from .history import HistoryFold, select
+from .segments import compact, compact_closed, h5_segments, read_h5_fields, read_journal
+from .wal import ReadReport, SegmentWriter, encode_record, read_segment
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -116,12 +118,12 @@ class Journal:
                     self.batches += 1
                     self.records += len(batch)
                 now = time.monotonic()
-                if self.durability == "full" and batch:
-                    self.writer.sync()
+                closed = None
+                if (self.durability == "full" and batch) or now - last_sync >= self.sync_every:
+                    closed = self.writer.sync()
                     last_sync = now
-                elif now - last_sync >= self.sync_every:
-                    self.writer.sync()
-                    last_sync = now
+                if closed is not None:  # a full segment: to PyTables, off this thread
+                    threading.Thread(target=compact, args=(closed,), name="orchester-compact", daemon=True).start()
                 if batch:
                     sock.send(_SEQ.pack(batch[-1][0]))
         except BaseException as exc:  # a full disk, say: the broker must know, not hang
@@ -145,9 +147,91 @@ class Journal:
         self.notify.close(0)
 
 
-def replay(directory: str | Path) -> tuple[list[list[Any]], ReadReport]:
-    """Every intact record of a journal folder, and what reading it found."""
+def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[Any]], ReadReport]:
+    """Compact the closed log segments (all but ``live``), then read every intact record."""
     report = ReadReport()
     d = Path(directory)
-    records = list(read_all(d, report)) if d.exists() else []
-    return records, report
+    if not d.exists():
+        return [], report
+    compact_closed(d, keep=live, damage=report)
+    return list(read_journal(d, report)), report
+
+
+def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
+    """History rows from a journal folder: the columns of compacted segments, then the log tail."""
+    from .history import fields
+
+    for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
+        try:
+            fold = HistoryFold()
+            parts = [(p, "h5") for p in h5_segments(directory)] + \
+                [(p, "log") for p in sorted(directory.glob("wal-*.log"))]
+            for path, kind in sorted(parts, key=lambda pk: int(pk[0].name.split("-")[1].split(".")[0])):
+                if kind == "h5":
+                    for f in read_h5_fields(path):
+                        fold.add(f)
+                else:
+                    for record in read_segment(path, ReadReport()):
+                        cols = fields(record)
+                        if cols is not None:
+                            fold.add(cols)
+            return select(fold.rows, **filters)
+        except FileNotFoundError:
+            continue
+    raise RuntimeError("the journal kept changing while it was read")
+
+
+class HistoryReader:
+    """Answers history queries from the journal in a thread; replies come back on ``results``."""
+
+    def __init__(self, directory: Path, context: zmq.Context[Any]) -> None:
+        self.dir = directory
+        self.ctx = context
+        addr = f"inproc://orchester-history-{id(self)}"
+        self.results = context.socket(zmq.PAIR)
+        self.results.linger = 0
+        self.results.bind(addr)
+        self._addr = addr
+        self._queue: deque[tuple[int, dict[str, Any]] | None] = deque()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="orchester-history", daemon=True)
+        self._thread.start()
+
+    def ask(self, token: int, filters: dict[str, Any]) -> None:
+        """Queue a query; its answer arrives on :attr:`results` as ``[token, msgpack body]``."""
+        with self._cond:
+            self._queue.append((token, filters))
+            self._cond.notify()
+
+    def _run(self) -> None:
+        import msgpack
+
+        sock = self.ctx.socket(zmq.PAIR)
+        sock.linger = 0
+        sock.connect(self._addr)
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue:
+                        self._cond.wait()
+                    item = self._queue.popleft()
+                if item is None:
+                    return
+                token, filters = item
+                try:
+                    rows = history(self.dir, filters)
+                    body = {"rows": rows, "count": len(rows), "source": "journal"}
+                except Exception as exc:
+                    log.exception("history query failed")
+                    body = {"error": f"{type(exc).__name__}: {exc}"}
+                sock.send_multipart([_SEQ.pack(token), msgpack.packb(body, use_bin_type=True)])
+        finally:
+            sock.close(0)
+
+    def close(self) -> None:
+        """Stop the thread."""
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify()
+        self._thread.join(10)
+        self.results.close(0)

@@ -77,7 +77,7 @@ class Lifecycle:
         task.state = state
         task.history.add(self.wall(), state, task.attempt, task.satellite, reason)
         if self.journal_out is not None:
-            self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason])
+            self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason, self.wall()])
         self._arm(task, now)
         if self._want[b"task:"]:
             body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),
@@ -238,7 +238,7 @@ class Lifecycle:
 
     def _complete(self, task: Task, result: list[Any]) -> None:
         if self.journal_out is not None:
-            self.journal_out.append(["R", task.id, [memoryview(f) for f in result[2:]]])
+            self.journal_out.append(["R", task.id, [memoryview(f) for f in result[2:]], self.wall()])
         task.payload = []  # the input is no longer needed
         self._send_result(task, result, _len(result), store=True)
 

@@ -47,3 +47,20 @@ def render_task(task: dict[str, Any], console: Console | None = None) -> None:
         stamp = time.strftime("%H:%M:%S", time.localtime(h["t"])) + f".{int(h['t'] % 1 * 1000):03d}"
         hist.add_row(stamp, h["state"], str(h["attempt"]), h.get("sat") or "", h.get("reason") or "")
     console.print(hist)
+
+
+def render_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """Print history rows as a table."""
+    import time
+
+    def stamp(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+    console = console or Console()
+    table = Table(title=f"{len(rows)} task(s)")
+    for col in ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], r["kind"], r["state"], str(r["attempts"]), r["satellite"], stamp(r["submitted"]),
+                      stamp(r["finished"]), r["error"])
+    console.print(table)

@@ -128,11 +128,14 @@ class SegmentWriter:
         self._file.write(data)
         self._size += len(data)
 
-    def sync(self) -> None:
-        """Make everything written so far durable (fsync), then rotate if the segment is full."""
+    def sync(self) -> Path | None:
+        """Make everything written so far durable (fsync); rotate a full segment and return its path."""
         os.fsync(self._file.fileno())
         if self._size >= self.segment_bytes:
+            closed = self.path
             self._open_next()
+            return closed
+        return None
 
     def close(self) -> None:
         """Close the segment and release the lock."""

@@ -37,6 +37,7 @@ FETCH: Final = b"\x11"
 STATUS: Final = b"\x12"
 CANCEL: Final = b"\x13"
 CONTROL: Final = b"\x14"
+HISTORY: Final = b"\x15"
 
 # -- orchestrator -> client ------------------------------------------------
 ACK: Final = b"\x18"
@@ -65,6 +66,7 @@ COMMAND_NAMES: Final[dict[bytes, str]] = {
     STATUS: "STATUS",
     CANCEL: "CANCEL",
     CONTROL: "CONTROL",
+    HISTORY: "HISTORY",
     ACK: "ACK",
     RESULT: "RESULT",
     REPLY: "REPLY",
@@ -80,7 +82,7 @@ COMMAND_NAMES: Final[dict[bytes, str]] = {
 }
 
 #: Commands a client may send to the orchestrator.
-CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL})
+CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL, HISTORY})
 #: Commands a satellite may send to the orchestrator.
 SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, STARTED, ERROR})
 

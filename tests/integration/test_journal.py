@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import random
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from orchester import Client, LocalCluster
+from orchester import Client, LocalCluster, TaskFailed
 from orchester.wal import ReadReport, encode_record, read_all
 from serializers import encode, pack, unpack
 from serializers import protocol as P
@@ -156,3 +157,54 @@ def test_other_durabilities_serve_and_keep_results(tmp_path: Path, durability: s
             assert c.result(futs[-1].task_id, timeout=30) == 99
 
 
+
+
+def test_history_from_the_journal_across_restarts(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    with journal_cluster(journal, satellites=1) as cluster:
+        with Client(cluster.endpoint) as c:
+            ok = [c.submit("echo", i) for i in range(5)]
+            bad = [c.submit("fail", "nope") for _ in range(2)]
+            for f in ok:
+                f.result(30)
+            for f in bad:
+                with pytest.raises(TaskFailed):
+                    f.result(30)
+        cluster.orchestrator.terminate()  # type: ignore[union-attr]
+        cluster.orchestrator.wait(10)  # type: ignore[union-attr]
+        cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
+        assert list(journal.glob("seg-*.h5"))  # the closed segment went to PyTables
+        with Client(cluster.endpoint) as c:
+            c.submit("echo", "after").result(30)
+            rows = c.history()
+            assert len(rows) == 8 and {r["state"] for r in rows} == {"done", "failed"}
+            failed = c.history(state="failed")
+            assert sorted(r["id"] for r in failed) == sorted(f.task_id for f in bad)
+            assert all(r["error"] == "RuntimeError" and r["kind"] == "fail" for r in failed)
+            assert [r["id"] for r in c.history(limit=1)] == [rows[-1]["id"]]
+            assert c.history(kind="sleep") == []
+        r = subprocess.run([sys.executable, "-m", "orchester", "history", "--connect", cluster.endpoint,
+                            "--state", "failed", "--format", "csv"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.strip().splitlines()
+        assert lines[0].startswith("id,kind,state") and len(lines) == 3
+        r = subprocess.run([sys.executable, "-m", "orchester", "history", "--connect", cluster.endpoint,
+                            "--since", "1h", "--format", "json"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and len(json.loads(r.stdout)) == 8
+        r = subprocess.run([sys.executable, "-m", "orchester", "history", "--connect", cluster.endpoint],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "8 task(s)" in r.stdout
+        r = subprocess.run([sys.executable, "-m", "orchester", "history", "--connect", cluster.endpoint,
+                            "--state", "exploded"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "unknown state" in r.stderr
+
+
+def test_history_without_a_journal_comes_from_memory() -> None:
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=HB, log_level="ERROR") as cluster:
+        with Client(cluster.endpoint) as c:
+            futs = [c.submit("echo", i) for i in range(3)]
+            for f in futs:
+                f.result(30)
+            rows = c.history()
+            assert [r["id"] for r in rows] == [f.task_id for f in futs]
+            assert all(r["state"] == "done" and r["kind"] == "echo" and r["attempts"] == 1 for r in rows)

@@ -1,0 +1,96 @@
+"""The global task history: one row per task, folded from journal records, filtered on demand.
+
+Pure functions: :func:`fields` extracts the indexed columns of one journal record (the
+PyTables segments store exactly these), :class:`HistoryFold` folds them into one row per
+task, and :func:`select` filters and orders the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from serializers import ProtocolError, unpack
+from tracker import TaskState
+
+COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error")
+
+
+def fields(record: list[Any]) -> dict[str, Any] | None:
+    """The indexed columns of a journal record, or ``None`` for a record that has none."""
+    try:
+        code, tid = record[0], str(record[1])
+        if code == "S":
+            hdr = unpack(record[3])
+            return {"code": "S", "task_id": tid, "t": float(record[5]), "kind": str(hdr.get("k", "")),
+                    "state": int(TaskState.PENDING), "attempt": 0, "satellite": "", "etype": ""}
+        if code == "T":
+            t = float(record[6]) if len(record) > 6 else 0.0
+            return {"code": "T", "task_id": tid, "t": t, "kind": "", "state": int(record[2]),
+                    "attempt": int(record[3]), "satellite": str(record[4] or ""), "etype": ""}
+        if code == "R":
+            hdr = unpack(bytes(record[2][0]))
+            err = hdr.get("err") if not hdr.get("ok") else None
+            etype = str(err.get("type", "")) if isinstance(err, dict) else ""
+            t = float(record[3]) if len(record) > 3 else 0.0
+            return {"code": "R", "task_id": tid, "t": t, "kind": "", "state": -1, "attempt": int(hdr.get("a", 0)),
+                    "satellite": str(hdr.get("sat") or ""), "etype": etype}
+    except (IndexError, TypeError, ValueError, ProtocolError):
+        return None
+    return None
+
+
+@dataclass
+class Row:
+    """One task in the history."""
+
+    id: str
+    kind: str = ""
+    state: str = "pending"
+    attempts: int = 0
+    satellite: str = ""
+    submitted: float = 0.0
+    finished: float = 0.0
+    error: str = ""
+
+
+class HistoryFold:
+    """Rows by task id, built from the columns of journal records in journal order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def add(self, f: dict[str, Any]) -> None:
+        """Apply one record's columns."""
+        tid = f["task_id"]
+        row = self.rows.get(tid)
+        if row is None:
+            row = self.rows[tid] = Row(tid)
+        code = f["code"]
+        if code == "S":
+            row.kind, row.submitted = f["kind"], f["t"]
+        elif code == "T":
+            state = TaskState(f["state"])
+            row.state = state.name.lower()
+            row.attempts = max(row.attempts, f["attempt"])
+            if f["satellite"]:
+                row.satellite = f["satellite"]
+            if state.terminal:
+                row.finished = f["t"]
+        elif code == "R" and f["etype"]:
+            row.error = f["etype"]
+
+
+def select(rows: dict[str, Row], *, state: str | None = None, kind: str | None = None,
+           since: float | None = None, until: float | None = None, ids: list[str] | None = None,
+           limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows matching every given filter, oldest submission first (at most ``limit``, the newest)."""
+    wanted = set(ids) if ids else None
+    out = [r for r in rows.values()
+           if r.kind and (wanted is None or r.id in wanted) and (state is None or r.state == state)
+           and (kind is None or r.kind == kind) and (since is None or r.submitted >= since)
+           and (until is None or r.submitted < until)]
+    out.sort(key=lambda r: r.submitted)
+    if limit is not None and limit >= 0:
+        out = out[-limit:] if limit else []
+    return [asdict(r) for r in out]
