@@ -289,60 +289,6 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
     render_task(task)
 
 
-def parse_time(text: str | None) -> float | None:
-    """Seconds since the epoch from ``1732460000``, ``2026-11-24T15:00``, or an age like ``30m``/``2h``/``7d``."""
-    if text is None:
-        return None
-    import datetime
-    import time as _time
-
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-            return _time.time() - float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a time (seconds since the epoch, ISO 8601, "
-                                 "or an age such as 30m, 2h, 7d)") from None
-
-
-@main.command()
-@connect_option
-@click.option("--state", default=None, help="Only tasks in this state (done, failed, quarantined, …).")
-@click.option("--kind", default=None, help="Only tasks of this kind.")
-@click.option("--since", default=None, help="Submitted at or after: epoch seconds, ISO 8601, or an age (2h).")
-@click.option("--until", default=None, help="Submitted before (same forms).")
-@click.option("--id", "ids", multiple=True, help="Only these task ids; repeatable.")
-@click.option("--limit", type=int, default=None, help="Only the newest N rows.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds to wait for the orchestrator before exit code 3.")
-def history(connect: tuple[str, ...], state: str | None, kind: str | None, since: str | None, until: str | None,
-            ids: tuple[str, ...], limit: int | None, fmt: str, timeout: float) -> None:
-    """The history of every task: one row per task, filtered, as a table, CSV or JSON."""
-    from .history import COLUMNS
-
-    rows = _ask(connect, timeout, lambda c: c.history(state=state, kind=kind, since=parse_time(since),
-                                                      until=parse_time(until), ids=list(ids) or None,
-                                                      limit=limit, timeout=timeout))
-    if fmt == "json":
-        click.echo(json.dumps(rows, indent=1))
-    elif fmt == "csv":
-        import csv
-
-        w = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
-        w.writeheader()
-        w.writerows(rows)
-    else:
-        from .render import render_history
-
-        render_history(rows)
-
-
 @main.command()
 @connect_option
 @click.option("--pub", default=None, help="Event endpoint (asked of the orchestrator if omitted).")
@@ -372,101 +318,6 @@ def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], co
 
 
 @main.command()
-@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
-              help="Orchestrator endpoint; without it, a local cluster runs the fits.")
-@click.option("--local", "local", type=int, default=0,
-              help="Satellites of the local cluster (default: one per core).")
-@click.option("--generations", type=int, default=100, show_default=True)
-@click.option("--population", type=int, default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--method", default="best_1_bin", show_default=True, help="Differential-evolution trial method.")
-@click.option("--km", type=float, default=0.7, show_default=True, help="Mutation constant.")
-@click.option("--kr", type=float, default=0.7, show_default=True, help="Crossover constant.")
-@click.option("--max-evaluations", type=int, default=None, help="Budget of figure-of-merit evaluations.")
-@click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the results.")
-@click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Fit cache folder (default $ORCHESTER_CACHE or ~/.cache/orchester/fits).")
-@click.option("--genx-examples", is_flag=True, help="Also fit the example models that ship inside genx3.")
-@timeout_option
-def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int, population: int,
-        seed: int, method: str, km: float, kr: float, max_evaluations: int | None, out: str, no_cache: bool,
-        cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
-    """Fit GenX models (.hgx) on satellites; write CSVs, plots, fitted models and summary.csv."""
-    from .fits import FitCache, FitSettings, default_cache_dir
-
-    paths = list(files)
-    if genx_examples:
-        paths += genx_example_files()
-    if not paths:
-        raise click.UsageError("give model files (.hgx), or --genx-examples")
-    settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
-                           method=method, max_evaluations=max_evaluations)
-    cache = None if no_cache else FitCache(cache_dir or default_cache_dir())
-    sys.exit(_run_fit_job(list(connect), local, paths, settings, out, cache, timeout))
-
-
-def genx_example_files() -> list[str]:
-    """The .hgx example models shipped inside the installed genx3 package (GenX is not imported)."""
-    import glob
-    import os
-    from importlib.util import find_spec
-
-    spec = find_spec("genx")
-    if spec is None or not spec.origin:
-        raise click.UsageError("--genx-examples needs GenX installed here (pip install --no-deps genx3)")
-    return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "examples", "*.hgx")))
-
-
-def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any, out: str, cache: Any,
-                 timeout: float) -> int:
-    import os
-
-    from rich.console import Console
-
-    from .client import Client
-    from .errors import OrchesterError, Unreachable
-    from .fitjob import run_fits
-    from .local import LocalCluster
-
-    console = Console(stderr=True)
-    cluster = None
-    try:
-        if connect:
-            client = Client(connect)
-            try:
-                client.status(timeout=timeout)
-            except Unreachable:
-                client.close()
-                click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
-                return EXIT_UNREACHABLE
-        else:
-            n = local or os.cpu_count() or 1
-            with console.status(f"starting a local cluster: {n} satellite(s)"):
-                cluster = LocalCluster(satellites=n, workers=1, log_level="WARNING").start()
-            client = cluster.client()
-        with client:
-            try:
-                rows = run_fits(client, paths, settings, out, cache, console)
-            except OrchesterError as exc:
-                click.echo(f"error: {exc}", err=True)
-                return EXIT_TASK_FAILED
-    finally:
-        if cluster is not None:
-            cluster.close()
-    failed = [r for r in rows if r["status"] != "done"]
-    for r in rows:
-        mark = "ok " if r["status"] == "done" else "FAILED"
-        detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") else "") \
-            if r["status"] == "done" else r.get("error", "")
-        click.echo(f"{mark} {r['file']}: {detail}")
-    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv)")
-    return EXIT_TASK_FAILED if failed else EXIT_OK
-
-
-@main.command()
 @click.option("--satellites", type=int, default=2, show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker processes per satellite.")
 @click.option("--tasks", "n_tasks", type=int, default=200, show_default=True, help="Tasks in the batch.")
@@ -477,6 +328,8 @@ def demo(satellites: int, workers: int, n_tasks: int, seconds: float) -> None:
 
     sys.exit(run_demo(satellites, workers, n_tasks, seconds))
 
+
+from . import cli_jobs  # noqa: E402,F401  (registers fit, history, replay, journal)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

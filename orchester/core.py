@@ -204,6 +204,9 @@ class Orchestrator(Lifecycle):
         if stored is not None and task is not None:
             task.client, task.csock = ident, sock
             self._send_result(task, stored.frames, stored.size, store=False)
+        elif task is not None and task.state.terminal:  # finished, result dropped by retention
+            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} finished ({task.state.name.lower()}) but its "
+                                "result is no longer kept (journal retention)")
         elif task is not None:  # not finished: the result will go to this client
             task.client, task.csock = ident, sock
             self._reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
@@ -421,52 +424,10 @@ class Orchestrator(Lifecycle):
 
     # ---------------------------------------------------------------- replay
     def restore(self, records: list[list[Any]], now: float, sock: Any) -> dict[str, int]:
-        """Rebuild the task table from journal records (before serving).
+        """Rebuild the task table from journal records, before serving (see :mod:`orchester.restore`)."""
+        from .restore import restore
 
-        Finished tasks keep their results for fetch; unfinished ones are queued again (their
-        next dispatch raises the attempt). Returns counts of what was restored.
-        """
-        tasks: dict[str, Task] = {}
-        results: dict[str, list[Any]] = {}
-        for rec in records:
-            try:
-                code, tid = rec[0], rec[1]
-                if code == "S" and tid not in tasks:
-                    hdr = unpack(rec[3])
-                    tags = hdr.get("tg") or []
-                    self._seq += 1
-                    payload = list(rec[4])
-                    t = Task(tid, str(hdr.get("k")), int(hdr.get("p", 0) or 0), frozenset(tags), rec[2], sock,
-                             rec[3], payload, now, self._seq, _len(payload))
-                    t.ttl = float(hdr.get("ttl", 0) or 0)
-                    t.max_run = float(hdr.get("mr", 0) or 0)
-                    t.history.add(float(rec[5]), TS.PENDING, 0)
-                    tasks[tid] = t
-                elif code == "T" and tid in tasks:
-                    t = tasks[tid]
-                    t.state, t.attempt, t.satellite = TS(rec[2]), int(rec[3]), rec[4]
-                    t.history.add(self.wall(), t.state, t.attempt, t.satellite, rec[5])
-                elif code == "R":
-                    results[tid] = list(rec[2])
-            except (IndexError, TypeError, ValueError, ProtocolError) as exc:
-                self.counters["journal_bad_records"] += 1
-                log.warning("skipped a journal record that cannot be applied: %s", exc)
-        counts: Counter[str] = Counter()
-        for tid, t in tasks.items():
-            self.tasks[tid] = t
-            if t.state.terminal:
-                frames = results.get(tid)
-                if frames is not None:
-                    self.results.put(tid, [P.SIGNATURE, P.RESULT, *frames], _len(frames), delivered=True)
-                t.payload = []
-                counts["finished"] += 1
-            else:
-                t.state, t.satellite = TS.PENDING, None
-                self.queues.push(t)
-                self._arm(t, now)
-                counts["requeued"] += 1
-        self.counters["journal_restored"] += len(tasks)
-        return dict(counts)
+        return restore(self, records, now, sock)
 
     # ---------------------------------------------------------------- events
     def subscription(self, msg: bytes) -> None:

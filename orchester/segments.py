@@ -56,23 +56,19 @@ def _number(path: Path) -> int:
     return int(path.name.split("-")[1].split(".")[0])
 
 
-def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
-    """Convert one closed log segment to an HDF5 segment; return its path (the log is removed).
-
-    Damage found in the log (records after it are dropped) is added to ``damage``.
-    """
+def write_h5(out: Path, records: Iterator[list[Any]] | list[list[Any]]) -> int:
+    """Write ``records`` to a new HDF5 segment ``out`` atomically (tmp, fsync, rename); return the count."""
     tb = _tables()
-    out = log_path.with_name(f"seg-{_number(log_path):06d}.h5")
     tmp = out.with_name(out.name + ".tmp")
-    report = ReadReport()
     filters = tb.Filters(complevel=5, complib="blosc2:lz4", shuffle=True)
+    n = 0
     with tb.open_file(str(tmp), "w") as h5:
         table = h5.create_table("/", "records", _description(), filters=filters, chunkshape=(4096,))
         bodies = h5.create_earray("/", "bodies", tb.UInt8Atom(), shape=(0,), filters=filters,
                                   chunkshape=(1 << 16,))
         row = table.row
         offset = 0
-        for record in read_segment(log_path, report):
+        for record in records:
             f = fields(record) or {"code": str(record[0])[:1], "task_id": str(record[1])[:64], "t": 0.0,
                                    "kind": "", "state": -1, "attempt": 0, "satellite": "", "etype": ""}
             for key, value in f.items():
@@ -82,16 +78,27 @@ def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
             row.append()
             bodies.append(np.frombuffer(body, dtype=np.uint8))
             offset += len(body)
+            n += 1
         table.flush()
         table.cols.task_id.create_index()
         table.cols.t.create_index()
-        h5.root._v_attrs.damaged = [list(d) for d in report.damaged]
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, out)
+    return n
+
+
+def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
+    """Convert one closed log segment to an HDF5 segment; return its path (the log is removed).
+
+    Damage found in the log (records after it are dropped) is added to ``damage``.
+    """
+    out = log_path.with_name(f"seg-{_number(log_path):06d}.h5")
+    report = ReadReport()
+    write_h5(out, read_segment(log_path, report))
     os.unlink(log_path)
     if damage is not None:
         damage.damaged.extend(report.damaged)
@@ -155,3 +162,39 @@ def read_journal(directory: Path, report: ReadReport | None = None) -> Iterator[
                 yield record
         else:
             yield from read_segment(path, report)
+
+
+def apply_retention(directory: Path, results_before: float) -> dict[str, int]:
+    """Drop the bulky parts of old finished tasks from compacted segments; keep every header.
+
+    For tasks that finished before ``results_before`` (wall time): the result's payload is
+    dropped (its header, with the outcome and error type, stays) and the input payload too.
+    Task records, transitions and headers are kept forever, so the history is unchanged.
+    """
+    from tracker import TaskState
+
+    finished: dict[str, float] = {}
+    for path in h5_segments(directory):
+        for f in read_h5_fields(path):
+            if f["code"] == "T" and f["state"] >= 0 and TaskState(f["state"]).terminal:
+                finished[f["task_id"]] = f["t"]
+    old = {tid for tid, t in finished.items() if t < results_before}
+    counts = {"results_dropped": 0, "inputs_dropped": 0, "segments_rewritten": 0}
+    for path in h5_segments(directory):
+        records = list(read_h5(path))
+        changed = False
+        for rec in records:
+            if rec[1] not in old:
+                continue
+            if rec[0] == "R" and len(rec[2]) > 1:
+                rec[2] = rec[2][:1]
+                counts["results_dropped"] += 1
+                changed = True
+            elif rec[0] == "S" and rec[4]:
+                rec[4] = []
+                counts["inputs_dropped"] += 1
+                changed = True
+        if changed:
+            write_h5(path, records)
+            counts["segments_rewritten"] += 1
+    return counts

@@ -208,3 +208,42 @@ def test_history_without_a_journal_comes_from_memory() -> None:
             rows = c.history()
             assert [r["id"] for r in rows] == [f.task_id for f in futs]
             assert all(r["state"] == "done" and r["kind"] == "echo" and r["attempts"] == 1 for r in rows)
+
+
+def test_replay_resubmits_chosen_tasks_and_compact_applies_retention(tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    with journal_cluster(journal, satellites=1) as cluster:
+        with Client(cluster.endpoint) as c:
+            first = c.submit("echo", {"v": 1})
+            assert first.result(30) == {"v": 1}
+            later = [c.submit("echo", i) for i in range(3)]
+            for f in later:
+                f.result(30)
+        r = subprocess.run([sys.executable, "-m", "orchester", "replay", str(journal), "--task", first.task_id,
+                            "--connect", cluster.endpoint, "--wait"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        old, new = r.stdout.splitlines()[0].split(" -> ")
+        assert old == first.task_id and new != old and '{"v": 1}' in r.stdout
+        r = subprocess.run([sys.executable, "-m", "orchester", "replay", str(journal), "--since", "1h",
+                            "--connect", cluster.endpoint], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.count(" -> ") == 5  # four originals and the first replay
+        r = subprocess.run([sys.executable, "-m", "orchester", "replay", str(journal), "--task", "nope",
+                            "--connect", cluster.endpoint], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1
+        r = subprocess.run([sys.executable, "-m", "orchester", "journal", "compact", str(journal)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "compacted" in r.stdout  # the live segment is left to its writer
+        cluster.orchestrator.terminate()  # type: ignore[union-attr]
+        cluster.orchestrator.wait(10)  # type: ignore[union-attr]
+        r = subprocess.run([sys.executable, "-m", "orchester", "journal", "compact", str(journal),
+                            "--keep-results", "0"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "dropped" in r.stdout, r.stderr
+        assert not list(journal.glob("wal-*.log")) and list(journal.glob("seg-*.h5"))
+        cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
+        with Client(cluster.endpoint) as c:
+            assert len(c.history()) >= 9  # the history is intact
+            assert c.show(first.task_id)["state"] == "done"
+            from orchester import RemoteError
+
+            with pytest.raises(RemoteError, match="no longer kept"):
+                c.result(first.task_id, timeout=30)
