@@ -37,10 +37,14 @@ from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 from .config import OrchestratorConfig
 from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
+from .segments import read_task_record
+from .wal import read_at
 
 log = logging.getLogger("orchester")
 
 _TOKEN = struct.Struct(">Q")
+#: Payload bytes the journal may have queued before the broker stops reading new messages.
+JOURNAL_BACKLOG = 32 << 20
 #: errnos that mean "this peer cannot take the message now"; anything else propagates.
 _UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
 
@@ -72,6 +76,8 @@ class Broker:
         self.core.pub_endpoints = self.endpoints["pub"]
         self.journal: Journal | None = None
         self.history: HistoryReader | None = None
+        self._spilling: dict[int, Any] = {}
+        self.core.load_spilled = self._load_spilled
         self._queries: dict[int, tuple[Any, bytes, Any]] = {}
         self._query_ids = 0
         self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
@@ -149,12 +155,20 @@ class Broker:
                 ready = poller.poll(timeout_ms)
                 now = monotonic()
                 counters["wakeups"] += 1
+                journal_full = journal is not None and journal.backlog > JOURNAL_BACKLOG
+                if journal_full:
+                    assert journal is not None
+                    journal.notify.poll(5)  # wait for the writer rather than spin
                 for sock, _ in ready:
+                    if journal_full and sock in self._routers:
+                        core.counters["journal_backpressure"] += 1
+                        continue  # let ZeroMQ's high-water marks push back until the journal catches up
                     if sock is xpub:
                         self._drain_subscriptions()
                         continue
                     if journal is not None and sock is journal.notify:
                         self._release(journal.drain_notifications())
+                        self._spill(journal)
                         continue
                     if history is not None and sock is history.results:
                         self._answer_queries()
@@ -186,8 +200,12 @@ class Broker:
         if journal is not None and core.journal_out:
             if journal.error is not None:
                 raise RuntimeError(f"the journal failed: {journal.error}")
+            to_spill = core.to_spill
             for record in core.journal_out:
-                journal.append(record)
+                task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
+                seq = journal.append(record, spill=task is not None)
+                if task is not None:
+                    self._spilling[seq] = task
             core.journal_out.clear()
             hold = journal.waits and journal.seq > journal.durable
         if core.queries and self.history is not None:
@@ -234,6 +252,34 @@ class Broker:
                 reply["rid"] = rid
                 frames = [ident, P.SIGNATURE, P.REPLY, msgpack.packb(reply, use_bin_type=True)]
             self._send(sock, frames, None)
+
+    def _spill(self, journal: Journal) -> None:
+        """Durable payloads of tasks still queued leave memory; they are read back when dispatched."""
+        while journal.locations:
+            seq, path, offset = journal.locations.popleft()
+            journal.spillable.discard(seq)
+            task = self._spilling.pop(seq, None)
+            if task is not None:
+                self.core.spilled(task, (path, offset))
+
+    @staticmethod
+    def _load_spilled(task: Any) -> list[Any]:
+        """Read a spilled task's payload from its journal record (in the log, or once compacted)."""
+        path, offset = task.spilled
+        record: list[Any] | None
+        try:
+            record = read_at(path, offset)
+        except FileNotFoundError:  # the segment went to PyTables meanwhile
+            record = None
+            for _ in range(50):  # the compaction renames the HDF5 file before removing the log
+                h5 = path.with_name(path.name.replace("wal-", "seg-").replace(".log", ".h5"))
+                if h5.exists():
+                    record = read_task_record(h5, task.id)
+                    break
+                time.sleep(0.01)
+        if record is None:
+            raise RuntimeError(f"the spilled payload of task {task.id} is missing from the journal")
+        return [bytes(f) for f in record[4]]
 
     def _release(self, durable: int) -> None:
         """Send the acknowledgements and results whose journal records are now durable."""

@@ -132,6 +132,8 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Journal folder: tasks survive a crash and are replayed at start.")
 @click.option("--durability", type=click.Choice(["full", "batch", "off"]), default="full", show_default=True,
               help="full: acknowledge after fsync; batch: after the write; off: do not wait.")
+@click.option("--spill-bytes", type=int, default=0, show_default=True,
+              help="With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never).")
 def serve(**kw: Any) -> None:
     """Run an orchestrator until SIGTERM or Ctrl-C."""
     from .broker import Broker

@@ -70,6 +70,9 @@ class OrchestratorConfig:
     journal: str | None = None
     #: When acknowledgements wait for the journal: ``full`` (fsync), ``batch`` (written), ``off``.
     durability: str = "full"
+    #: With a journal: once queued payloads pass this many bytes, further ones are dropped from
+    #: memory once durable and read back from the journal when dispatched (0: never).
+    spill_bytes: int = 0
 
     def validate(self) -> OrchestratorConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
@@ -87,6 +90,10 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        if not isinstance(self.spill_bytes, int) or self.spill_bytes < 0:
+            raise ConfigError(f"spill_bytes must be an integer >= 0, not {self.spill_bytes!r}")
+        if self.spill_bytes and not self.journal:
+            raise ConfigError("spilling queued payloads to disk needs a journal (--journal DIR)")
         if self.durability not in ("full", "batch", "off"):
             raise ConfigError(f"durability must be full, batch or off, not {self.durability!r}")
         for ep in [*self.bind, *self.satellite_bind, *self.pub]:

@@ -62,6 +62,11 @@ class Orchestrator(Lifecycle):
         self.pub: list[list[bytes]] = []
         self.counters: Counter[str] = Counter()
         self.journal_out = None
+        self.queued_bytes = 0  #: payload bytes of queued tasks held in memory
+        #: tasks whose payload should leave memory once their journal record is durable
+        self.to_spill: dict[str, Task] = {}
+        #: reads a spilled task's payload back (set by the socket adapter)
+        self.load_spilled: Callable[[Task], list[Any]] | None = None
         #: history queries for the journal reader (socket key, identity, rid, filters)
         self.queries: list[tuple[Any, bytes, Any, dict[str, Any]]] = []
         self._init_lifecycle(config)
@@ -160,9 +165,12 @@ class Orchestrator(Lifecycle):
         if timeout is not None and timeout > 0:
             task.deadline = self.timers.schedule(now + timeout, tid, T_DEADLINE)
         task.history.add(self.wall(), TS.PENDING, 0)
+        self.queued_bytes += task.size
         if self.journal_out is not None:
             self.journal_out.append(["S", tid, ident, bytes(frames[3]), [memoryview(f) for f in payload],
                                      self.wall(), timeout])
+            if self.cfg.spill_bytes and self.queued_bytes > self.cfg.spill_bytes:
+                self.to_spill[tid] = task
         self._arm(task, now)
         self._ack(sock, ident, tid)
         if self._want[b"task:"]:

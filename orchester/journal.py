@@ -60,12 +60,19 @@ class Journal:
         self.notify.bind(addr)
         self._addr = addr
         self._queue: deque[tuple[int, list[Any]]] = deque()
+        #: where spillable records landed: (seq, segment path, offset), read by the broker
+        self.locations: deque[tuple[int, Path, int]] = deque()
+        self.spillable: set[int] = set()  #: seqs whose location the broker wants (broker thread adds)
         self._cond = threading.Condition()
         self._stop = False
         self.seq = 0  #: last sequence number handed out (broker thread only)
         self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
         self.batches = 0
         self.records = 0
+        self.queued_bytes = 0  #: payload bytes handed to the journal (broker thread only)
+        self.written_bytes = 0  #: payload bytes written (journal thread only)
+        self._compactions: deque[Path] = deque()
+        self._compactor: threading.Thread | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="orchester-journal", daemon=True)
         self._thread.start()
@@ -75,9 +82,17 @@ class Journal:
         """Whether acknowledgements and results wait for durability."""
         return self.durability != "off"
 
-    def append(self, record: list[Any]) -> int:
-        """Queue a record; return its sequence number (called from the broker thread)."""
+    def append(self, record: list[Any], spill: bool = False) -> int:
+        """Queue a record; return its sequence number (called from the broker thread).
+
+        ``spill``: report where the record lands (:attr:`locations`), so that its payload can be
+        dropped from memory and read back later.
+        """
         self.seq += 1
+        if spill:
+            self.spillable.add(self.seq)
+        if record[0] == "S":
+            self.queued_bytes += sum(len(f) for f in record[4])
         with self._cond:
             self._queue.append((self.seq, record))
             if len(self._queue) == 1:
@@ -114,7 +129,12 @@ class Journal:
                     n = min(len(self._queue), self.batch_max)
                     batch = [self._queue.popleft() for _ in range(n)]
                 if batch:
-                    self.writer.write([encode_record(rec) for _, rec in batch])
+                    self.written_bytes += sum(sum(len(f) for f in rec[4]) for _, rec in batch if rec[0] == "S")
+                    path = self.writer.path
+                    offsets = self.writer.write([encode_record(rec) for _, rec in batch])
+                    for (seq, _), offset in zip(batch, offsets, strict=True):
+                        if seq in self.spillable:
+                            self.locations.append((seq, path, offset))
                     self.batches += 1
                     self.records += len(batch)
                 now = time.monotonic()
@@ -122,8 +142,12 @@ class Journal:
                 if (self.durability == "full" and batch) or now - last_sync >= self.sync_every:
                     closed = self.writer.sync()
                     last_sync = now
-                if closed is not None:  # a full segment: to PyTables, off this thread
-                    threading.Thread(target=compact, args=(closed,), name="orchester-compact", daemon=True).start()
+                if closed is not None:  # a full segment: to PyTables, off this thread, one at a time
+                    self._compactions.append(closed)
+                    if self._compactor is None or not self._compactor.is_alive():
+                        self._compactor = threading.Thread(target=self._compact_all, name="orchester-compact",
+                                                           daemon=True)
+                        self._compactor.start()
                 if batch:
                     sock.send(_SEQ.pack(batch[-1][0]))
         except BaseException as exc:  # a full disk, say: the broker must know, not hang
@@ -137,12 +161,27 @@ class Journal:
                 pass
             sock.close(0)
 
+    @property
+    def backlog(self) -> int:
+        """Payload bytes queued for the journal and not yet written."""
+        return self.queued_bytes - self.written_bytes
+
+    def _compact_all(self) -> None:
+        while self._compactions:
+            path = self._compactions.popleft()
+            try:
+                compact(path)
+            except Exception:
+                log.exception("compacting %s failed; it stays a log segment", path.name)
+
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued, sync, stop the thread, release the journal."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout)
+        if self._compactor is not None:
+            self._compactor.join(timeout)  # a compaction cut short leaves its log: it is redone at start
         self.writer.close()
         self.notify.close(0)
 

@@ -63,6 +63,8 @@ class Lifecycle:
     strategy: Any
     _want: dict[bytes, bool]
     _dispatch_seq: int
+    queued_bytes: int
+    load_spilled: Callable[[Task], list[Any]] | None
     #: records for the journal (``None``: no journal), handed to it by the socket adapter
     journal_out: list[list[Any]] | None
 
@@ -125,6 +127,7 @@ class Lifecycle:
 
     def _enqueue(self, task: Task, now: float, event: TaskEvent, reason: str | None = None) -> None:
         task.satellite = None
+        self.queued_bytes += task.size
         self._task_to(task, event, now, reason)
         self.queues.push(task)
 
@@ -149,6 +152,13 @@ class Lifecycle:
             self._dispatch(task, self.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
 
     def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
+        if task.spilled is not None:  # its payload waits on disk: read it back
+            assert self.load_spilled is not None
+            task.payload = self.load_spilled(task)
+            task.spilled = None
+            self.counters["unspilled"] += 1
+        else:
+            self.queued_bytes -= task.size
         task.attempt += 1
         task.satellite = sat.sid
         sat.inflight[task.id] = task
@@ -202,6 +212,8 @@ class Lifecycle:
         """End ``task`` with an error the orchestrator decided (cancel, timeouts, quarantine, expiry)."""
         if task.state in (TS.DISPATCHED, TS.RUNNING):
             self._release(task, now, abort)
+        elif task.state is TS.PENDING and task.spilled is None:
+            self.queued_bytes -= task.size  # it leaves the queue without being dispatched
         self.counters[{TE.cancel: "cancelled", TE.quarantine: "quarantined",
                        TE.expire: "expired"}.get(event, "failed")] += 1
         self._task_to(task, event, now, msg)
@@ -235,6 +247,14 @@ class Lifecycle:
                 return
         self.counters["requeued"] += 1
         self._enqueue(task, now, TE.requeue, reason)
+
+    def spilled(self, task: Task, where: Any) -> None:
+        """The adapter wrote ``task``'s payload to disk (at ``where``): drop it from memory."""
+        if task.state is TS.PENDING and task.payload and task.spilled is None:
+            task.payload = []
+            task.spilled = where
+            self.queued_bytes -= task.size
+            self.counters["spilled"] += 1
 
     def _complete(self, task: Task, result: list[Any]) -> None:
         if self.journal_out is not None:

@@ -62,6 +62,7 @@ def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any)
         else:
             t.state, t.satellite = TS.PENDING, None
             core.queues.push(t)
+            core.queued_bytes += t.size
             core._arm(t, now)
             counts["requeued"] += 1
     core.counters["journal_restored"] += len(tasks)

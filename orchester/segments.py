@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from .history import fields
 from .wal import ReadReport, read_segment
 
 log = logging.getLogger("orchester.journal")
+#: HDF5 is not thread-safe: every PyTables call of this process goes through this lock.
+HDF5_LOCK = threading.RLock()
 
 
 def _tables() -> Any:
@@ -62,7 +65,7 @@ def write_h5(out: Path, records: Iterator[list[Any]] | list[list[Any]]) -> int:
     tmp = out.with_name(out.name + ".tmp")
     filters = tb.Filters(complevel=5, complib="blosc2:lz4", shuffle=True)
     n = 0
-    with tb.open_file(str(tmp), "w") as h5:
+    with HDF5_LOCK, tb.open_file(str(tmp), "w") as h5:
         table = h5.create_table("/", "records", _description(), filters=filters, chunkshape=(4096,))
         bodies = h5.create_earray("/", "bodies", tb.UInt8Atom(), shape=(0,), filters=filters,
                                   chunkshape=(1 << 16,))
@@ -124,6 +127,20 @@ def compact_closed(directory: Path, keep: Path | None = None, damage: ReadReport
     return done
 
 
+def read_task_record(path: Path, task_id: str, code: str = "S") -> list[Any] | None:
+    """The ``code`` record of ``task_id`` in a compacted segment, found through the task id index."""
+    tb = _tables()
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+        rows = h5.root.records.read_where("(task_id == tid) & (code == c)",
+                                          condvars={"tid": task_id.encode(), "c": code.encode()})
+        if not len(rows):
+            return None
+        offset, length = int(rows[0]["offset"]), int(rows[0]["length"])
+        body = h5.root.bodies[offset:offset + length].tobytes()
+    record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    return record if isinstance(record, list) else None
+
+
 def h5_segments(directory: Path) -> list[Path]:
     """Compacted segments, oldest first."""
     return sorted(directory.glob("seg-*.h5"))
@@ -132,7 +149,7 @@ def h5_segments(directory: Path) -> list[Path]:
 def read_h5(path: Path) -> Iterator[list[Any]]:
     """The records of a compacted segment, in order."""
     tb = _tables()
-    with tb.open_file(str(path), "r") as h5:
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
         index = h5.root.records.read(field="offset"), h5.root.records.read(field="length")
         data = h5.root.bodies.read().tobytes()
     for offset, length in zip(*index, strict=True):
@@ -142,7 +159,7 @@ def read_h5(path: Path) -> Iterator[list[Any]]:
 def read_h5_fields(path: Path) -> Iterator[dict[str, Any]]:
     """The indexed columns of a compacted segment (without the bodies: fast)."""
     tb = _tables()
-    with tb.open_file(str(path), "r") as h5:
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
         data = h5.root.records.read()
     for r in data:
         yield {"code": r["code"].decode(), "task_id": r["task_id"].decode(), "t": float(r["t"]),

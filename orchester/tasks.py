@@ -19,7 +19,7 @@ class Task:
     __slots__ = (
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
-        "size", "crashes", "ttl", "max_run", "history", "progress_at",
+        "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -47,6 +47,7 @@ class Task:
         self.max_run = 0.0  #: maximum run time (0: the orchestrator's default)
         self.history = History()  #: every transition, compactly
         self.progress_at = 0.0  #: when it last showed progress (monotonic; the stall timer checks it)
+        self.spilled: Any = None  #: where its payload is on disk while it is not in memory
 
     @property
     def queue_key(self) -> QueueKey:

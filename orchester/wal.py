@@ -82,6 +82,21 @@ def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
         report.damaged.append((path.name, pos, end - pos))
 
 
+def read_at(path: Path, offset: int) -> list[Any]:
+    """The record at ``offset`` of a log segment (checked like any other)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        head = f.read(_HEAD.size)
+        length, crc = _HEAD.unpack(head)
+        body = f.read(length)
+    if len(body) != length or zlib.crc32(body) != crc:
+        raise JournalError(f"the record at {path.name}:{offset} is damaged")
+    record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    if not isinstance(record, list):
+        raise JournalError(f"the record at {path.name}:{offset} is not a record")
+    return record
+
+
 def read_all(directory: Path, report: ReadReport | None = None) -> Iterator[list[Any]]:
     """Every intact record of every segment, in order."""
     report = report if report is not None else ReadReport()
@@ -122,11 +137,25 @@ class SegmentWriter:
         finally:
             os.close(dir_fd)
 
-    def write(self, chunks: list[bytes]) -> None:
-        """Append encoded records (one ``write`` call for the whole batch)."""
-        data = b"".join(chunks)
-        self._file.write(data)
-        self._size += len(data)
+    def write(self, chunks: list[bytes]) -> list[int]:
+        """Append encoded records (one ``write`` call for the whole batch); return each one's offset."""
+        offsets = []
+        pos = self._size
+        for c in chunks:
+            offsets.append(pos)
+            pos += len(c)
+        fd = self._file.fileno()
+        for start in range(0, len(chunks), 512):  # writev: no copy of the batch into one buffer
+            part = chunks[start:start + 512]
+            total = sum(len(c) for c in part)
+            written = os.writev(fd, part)
+            if written != total:  # a short write (a full disk, say): finish it or fail loudly
+                rest = b"".join(part)[written:]
+                while rest:
+                    n = os.write(fd, rest)
+                    rest = rest[n:]
+        self._size = pos
+        return offsets
 
     def sync(self) -> Path | None:
         """Make everything written so far durable (fsync); rotate a full segment and return its path."""

@@ -247,3 +247,38 @@ def test_replay_resubmits_chosen_tasks_and_compact_applies_retention(tmp_path: P
 
             with pytest.raises(RemoteError, match="no longer kept"):
                 c.result(first.task_id, timeout=30)
+
+
+def test_queued_payloads_spill_to_the_journal_and_come_back(tmp_path: Path) -> None:
+    with LocalCluster(satellites=0, workers=1, heartbeat_interval=HB, log_level="ERROR",
+                      serve_args=["--journal", str(tmp_path / "j"), "--spill-bytes", "100000"]) as cluster:
+        with Client(cluster.endpoint) as c:
+            blobs = [bytes([i % 256]) * 10_000 for i in range(200)]
+            futs = [c.submit("echo", b) for b in blobs]
+            assert all(f.accepted.wait(30) for f in futs)
+            deadline = time.monotonic() + 20
+            while c.status()["counters"].get("spilled", 0) < 150:
+                assert time.monotonic() < deadline, c.status()["counters"]
+                time.sleep(0.05)
+            cluster.add_satellite("late")  # now they can run: payloads are read back from disk
+            assert [f.result(60) for f in futs] == blobs
+            assert c.status()["counters"]["unspilled"] >= 150
+
+
+def test_a_spilled_payload_is_found_after_its_segment_was_compacted(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from orchester.broker import Broker
+    from orchester.segments import compact
+    from orchester.wal import SegmentWriter
+
+    w = SegmentWriter(tmp_path)
+    rec = ["S", "spilled-task", b"c", pack({"id": "spilled-task", "k": "echo"}), [b"body", b"buffer"], 1.0, None]
+    offsets = w.write([encode_record(["T", "x", 0, 0, None, None, 0.0]), encode_record(rec)])
+    w.sync()
+    path = w.path
+    w.close()
+    task = SimpleNamespace(id="spilled-task", spilled=(path, offsets[1]))
+    assert Broker._load_spilled(task) == [b"body", b"buffer"]
+    compact(path)
+    assert Broker._load_spilled(task) == [b"body", b"buffer"]
