@@ -115,3 +115,17 @@ def test_fields_of_bad_records_are_none() -> None:
     fold.add(fields(transition("orphan", TaskState.DONE)))  # type: ignore[arg-type]
     assert select(fold.rows) == []  # no submit record: not a task we can describe
     assert P.HISTORY == b"\x15"
+
+
+def test_a_log_damaged_at_any_byte_yields_an_intact_prefix(tmp_path: Path) -> None:
+    log = write(tmp_path, RECORDS)
+    data = log.read_bytes()
+    for cut in range(0, len(data), 7):
+        for damage in ("truncate", "flip"):
+            log.write_bytes(data[:cut] if damage == "truncate" else
+                            data[:cut] + bytes([data[cut] ^ 0xFF]) + data[cut + 1:])
+            report = ReadReport()
+            got = list(read_all(tmp_path, report))
+            assert got == RECORDS[:len(got)]  # a prefix, never garbage, never an exception
+            if damage == "flip":
+                assert report.damaged and len(got) < len(RECORDS)  # the checksum catches every flip
