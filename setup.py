@@ -7,7 +7,9 @@ from setuptools import setup
 # after this extra, which brings its real headless dependencies (and matplotlib for the plots).
 GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0.22", "requests>=2.28",
         "matplotlib>=3.7"]
-TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7", *GENX]
+MPI = ["mpi4py>=3.1", "mpich"]
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7", *GENX,
+         *MPI]
 DOCS = ["sphinx>=7"]
 
 setup(
@@ -29,7 +31,7 @@ setup(
         "transitions>=0.9",
         "tables>=3.9",
     ],
-    extras_require={"test": TESTS, "docs": DOCS, "genx": GENX},
+    extras_require={"test": TESTS, "docs": DOCS, "genx": GENX, "mpi": MPI},
     entry_points={
         "console_scripts": [
             "orchester = orchester.cli:main",

@@ -82,7 +82,7 @@ class Client:
     def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None,
                  codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
                  context: zmq.Context[Any] | None = None) -> None:
-        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.endpoints = [resolve_endpoint(e) for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
         if not self.endpoints:
             raise ValueError("a client needs at least one orchestrator endpoint")
         self.pub = pub
@@ -108,13 +108,15 @@ class Client:
     # ------------------------------------------------------------- public API
     def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                timeout: float | None = None, codec: str | None = None, task_id: str | None = None,
-               ttl: float | None = None, max_run: float | None = None, **kwargs: Any) -> TaskFuture:
+               ttl: float | None = None, max_run: float | None = None, duration: float | None = None,
+               **kwargs: Any) -> TaskFuture:
         """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
 
         ``priority``: higher runs first; ``tags``: a satellite must have all of them;
         ``timeout``: seconds after which the orchestrator fails the task (``TaskTimeout``)
         and kills its worker; ``ttl``: seconds it may wait in the queue (``Expired``);
-        ``max_run``: seconds it may run once started (``MaxRunTime``). ``task_id``: your own
+        ``max_run``: seconds it may run once started (``MaxRunTime``); ``duration``: the seconds
+        it is expected to run (only satellites whose allocation lasts that long get it). ``task_id``: your own
         unique id (submitting the same id twice runs the task once). The future's exception is
         :class:`~orchester.TaskFailed` when the task fails, :class:`~orchester.RemoteError` when
         it is refused.
@@ -123,7 +125,7 @@ class Client:
         fut.task_id = tid = task_id or self.core.task_id()
         self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
                                             timeout=timeout, codec=codec, task_id=tid, ttl=ttl,
-                                            max_run=max_run)[1], fut)
+                                            max_run=max_run, duration=duration)[1], fut)
         return fut
 
     def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
@@ -220,7 +222,7 @@ class Client:
         fut.task_id = self.core.task_id()
         kwargs = dict(options)
         opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec", "ttl",
-                                                           "max_run") if k in kwargs}
+                                                           "max_run", "duration") if k in kwargs}
         opts["task_id"] = fut.task_id
         self._outbox.append(("submit", fut, kind, args, kwargs, opts))
         return fut
@@ -345,6 +347,19 @@ class Client:
 
 
 _counter = itertools.count()
+
+
+def resolve_endpoint(endpoint: str) -> str:
+    """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
+    if not endpoint.startswith("@"):
+        return endpoint
+    import json
+
+    try:
+        with open(endpoint[1:]) as f:
+            return str(json.load(f)["bind"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"cannot read an endpoint from {endpoint[1:]}: {exc}") from None
 
 
 def reachable_endpoint(endpoint: str, via: str) -> str:

@@ -57,7 +57,7 @@ class ClientCore:
     def submit(self, future: Any, kind: str, args: Sequence[Any], kwargs: dict[str, Any], *,
                priority: int = 0, tags: Sequence[str] = (), timeout: float | None = None,
                codec: str | None = None, task_id: str | None = None, ttl: float | None = None,
-               max_run: float | None = None) -> tuple[str, list[Any]]:
+               max_run: float | None = None, duration: float | None = None) -> tuple[str, list[Any]]:
         """Register ``future`` for a new task and return ``(task_id, frames)`` to send."""
         codec = codec or self.codec
         meta, body = codecs.encode([list(args), kwargs], codec)
@@ -73,6 +73,8 @@ class ClientCore:
             hdr["ttl"] = float(ttl)
         if max_run is not None:
             hdr["mr"] = float(max_run)
+        if duration is not None:
+            hdr["dur"] = float(duration)
         if meta:
             hdr["arr"] = meta
         frames = [P.SIGNATURE, P.SUBMIT, pack(hdr), *body]

@@ -135,6 +135,7 @@ class Orchestrator(Lifecycle):
         timeout = field(hdr, "to", (int, float), None)
         ttl = field(hdr, "ttl", (int, float), 0)
         max_run = field(hdr, "mr", (int, float), 0)
+        duration = field(hdr, "dur", (int, float), 0)
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
         old = self.tasks.get(tid)
@@ -159,6 +160,7 @@ class Orchestrator(Lifecycle):
                     now, self._seq, _len(payload))
         task.ttl = float(ttl) if ttl == ttl and ttl > 0 else 0.0
         task.max_run = float(max_run) if max_run == max_run and max_run > 0 else 0.0
+        task.duration = float(duration) if duration == duration and duration > 0 else 0.0
         self.tasks[tid] = task
         self.queues.push(task)
         self.counters["submitted"] += 1
@@ -300,6 +302,9 @@ class Orchestrator(Lifecycle):
                               host=str(hdr.get("host", "")), pid=int(hdr.get("pid", 0) or 0),
                               workers=int(hdr.get("workers", 0) or 0))
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
+        walltime = hdr.get("walltime")
+        if isinstance(walltime, (int, float)) and walltime >= 0:
+            sat.deadline = now + float(walltime)
         versions = hdr.get("versions")
         if isinstance(versions, dict):
             sat.versions = {str(k): str(v) for k, v in versions.items()}

@@ -16,7 +16,7 @@ class SatelliteRecord:
     __slots__ = (
         "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
-        "fail_streak", "ok_streak", "stall_timeouts", "versions",
+        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -45,6 +45,8 @@ class SatelliteRecord:
         self.stall_timeouts: dict[str, float] = {}
         #: versions of what some kinds run (e.g. ``{"genx.fit": "3.8.13"}``)
         self.versions: dict[str, str] = {}
+        #: when its allocation ends (monotonic; inf: unknown)
+        self.deadline = float("inf")
 
     @property
     def free(self) -> int:
@@ -70,6 +72,7 @@ class SatelliteRecord:
             "heartbeat_age": round(now - self.last_seen, 3), "done": self.done,
             "failed": self.failed, "uptime": round(now - self.registered, 3),
             "fail_streak": self.fail_streak, "versions": self.versions,
+            "walltime_left": None if self.deadline == float("inf") else round(self.deadline - now, 1),
         }
 
 

@@ -145,6 +145,9 @@ class Lifecycle:
             if key is None:
                 return
             cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit]
+            head = queues.head(key) if cands else None
+            if head is not None and head.duration:  # only where it can finish before the allocation ends
+                cands = [s for s in cands if s.deadline - now >= head.duration]
             if not cands:
                 blocked.add(key)
                 continue

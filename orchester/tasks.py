@@ -19,7 +19,7 @@ class Task:
     __slots__ = (
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
-        "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled",
+        "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled", "duration",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -48,6 +48,7 @@ class Task:
         self.history = History()  #: every transition, compactly
         self.progress_at = 0.0  #: when it last showed progress (monotonic; the stall timer checks it)
         self.spilled: Any = None  #: where its payload is on disk while it is not in memory
+        self.duration = 0.0  #: expected run time declared by the client (0: unknown)
 
     @property
     def queue_key(self) -> QueueKey:

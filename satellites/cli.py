@@ -51,8 +51,10 @@ def main(log_level: str) -> None:
 @click.option("--prefetch", type=int, default=1, show_default=True,
               help="Tasks accepted beyond the number of workers.")
 @click.option("--allow-pickle", is_flag=True, help="Accept the pickle codec (it runs code on load).")
+@click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS): tasks that "
+              "would not finish are not sent here, and the satellite leaves a minute before it ends.")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
-        heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool) -> None:
+        heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, walltime: str | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -61,7 +63,8 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
     try:
         sat = Satellite(list(connect), workers=workers, tags=[t for t in tags.split(",") if t],
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
-                        liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle)
+                        liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
+                        walltime=parse_duration(walltime))
     except ImportError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -72,6 +75,57 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     sat.run()
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds from ``3600``, ``90m``, ``2h`` or ``HH:MM:SS`` (``None`` stays ``None``)."""
+    if text is None or text == "":
+        return None
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            seconds = 0.0
+            for p in parts:
+                seconds = seconds * 60 + p
+            return seconds
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        if text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration (seconds, 90m, 2h or HH:MM:SS)") from None
+
+
+@main.command()
+@click.option("--connect", multiple=True, default=(), help="An external orchestrator: every rank is a satellite.")
+@click.option("--orchestrator-rank", type=int, default=0, show_default=True,
+              help="The rank that runs the orchestrator (without --connect).")
+@click.option("--workers-per-rank", type=int, default=1, show_default=True)
+@click.option("--tags", default="", help="Comma-separated tags for every satellite (host and rank are added).")
+@click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
+@click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the orchestrator's endpoints (JSON) here, for clients on the login node.")
+@click.option("--bind-host", default="*", show_default=True,
+              help="Interface the orchestrator rank binds (its host name is broadcast).")
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
+@click.option("--liveness", type=int, default=3, show_default=True)
+@click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS).")
+@click.option("--serve-option", "serve_args", multiple=True,
+              help="An option for the orchestrator rank's 'orchester serve' (e.g. --serve-option=--journal=DIR).")
+def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int, tags: str, modules: tuple[str, ...],
+        endpoint_file: str | None, bind_host: str, heartbeat_interval: float, liveness: int, walltime: str | None,
+        serve_args: tuple[str, ...]) -> None:
+    """Run under mpiexec: one rank the orchestrator, every other rank a satellite."""
+    from .mpi import MPIMismatch, run_mpi
+
+    try:
+        code = run_mpi(list(connect), orchestrator_rank, workers_per_rank, [t for t in tags.split(",") if t],
+                       list(modules), endpoint_file, bind_host, heartbeat_interval, liveness,
+                       parse_duration(walltime), list(serve_args))
+    except (MPIMismatch, ValueError, ImportError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

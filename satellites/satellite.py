@@ -48,7 +48,8 @@ class Satellite:
     def __init__(self, connect: list[str] | str, *, workers: int = 2, tags: list[str] | tuple[str, ...] = (),
                  tasks: list[str] | tuple[str, ...] = (), sid: str | None = None,
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
-                 allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE) -> None:
+                 allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
+                 walltime: float | None = None, leave_before: float = 60.0) -> None:
         self.endpoints = [connect] if isinstance(connect, str) else list(connect)
         if not self.endpoints:
             raise ValueError("a satellite needs at least one orchestrator endpoint")
@@ -64,6 +65,10 @@ class Satellite:
         self.allow_pickle = allow_pickle
         self.max_message = max_message
         self.registered = False
+        #: when the allocation ends (monotonic), if known: tasks that would not finish are not sent
+        #: here, and the satellite leaves ``leave_before`` seconds before it
+        self.deadline = time.monotonic() + walltime if walltime else None
+        self.leave_before = leave_before
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._endpoint_index = 0
@@ -135,6 +140,7 @@ class Satellite:
         self._send([P.REGISTER, pack({
             "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
             "progress": self.progress_kinds, "versions": self.versions,
+            **({"walltime": max(0.0, self.deadline - now)} if self.deadline is not None else {}),
             "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
             "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
         })], now)
@@ -184,6 +190,9 @@ class Satellite:
                 continue
             if now - self._last_sent >= self.heartbeat_interval:
                 self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
+            if self.deadline is not None and now >= self.deadline - self.leave_before:
+                log.warning("satellite %s: the allocation ends in %.0fs: leaving", self.sid, self.deadline - now)
+                self.stop()
             if len(self.pool.workers) < self.pool.size:
                 for index in self.pool.missing():
                     self.pool.replace(index)
