@@ -136,6 +136,15 @@ class Lifecycle:
         """Dispatch queued tasks while some eligible satellite has credit."""
         fleet, queues = self.fleet, self.queues
         blocked: set[QueueKey] = set()
+        deferred: list[Task] = []  # heads too long for every allocation with credit: let others pass
+        try:
+            self._schedule(now, fleet, queues, blocked, deferred)
+        finally:
+            for task in deferred:
+                queues.push(task)
+
+    def _schedule(self, now: float, fleet: Fleet, queues: TaskQueues, blocked: set[QueueKey],
+                  deferred: list[Task]) -> None:
         while fleet.free_slots > 0 and len(queues):
             if blocked:
                 allowed = [k for k in queues.keys() if k not in blocked]
@@ -148,6 +157,9 @@ class Lifecycle:
             head = queues.head(key) if cands else None
             if head is not None and head.duration:  # only where it can finish before the allocation ends
                 cands = [s for s in cands if s.deadline - now >= head.duration]
+                if not cands:
+                    deferred.append(queues.pop(key))
+                    continue
             if not cands:
                 blocked.add(key)
                 continue

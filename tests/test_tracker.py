@@ -292,3 +292,18 @@ def test_late_result_after_a_reroute_is_discarded() -> None:
     h.done(a, "t", attempt=1)
     assert not of(h.tick(), P.RESULT) and h.core.counters["stale_results"] == 1
     _ = pack
+
+
+def test_tasks_with_a_duration_go_only_where_the_allocation_lasts() -> None:
+    h = Harness()
+    h.send("sat", b"id-short", P.REGISTER, {"sid": "short", "slots": 4, "kinds": ["echo"], "walltime": 100.0})
+    h.send("sat", b"id-long", P.REGISTER, {"sid": "long", "slots": 1, "kinds": ["echo"], "walltime": 3600.0})
+    _, body = encode([[1], {}])
+    h.send("cli", b"c", P.SUBMIT, {"id": "big", "k": "echo", "dur": 1000.0}, *body)
+    h.send("cli", b"c", P.SUBMIT, {"id": "huge", "k": "echo", "dur": 7200.0}, *body)
+    h.submit("quick")
+    out = h.tick()
+    where = {unpack(f[3])["id"]: f[0] for f in of(out, P.DISPATCH)}
+    assert where["big"] == b"id-long" and where["quick"] == b"id-short" and "huge" not in where
+    st = h.core.status(h.now)
+    assert {s["id"]: s["walltime_left"] for s in st["satellites"]} == {"short": 100.0, "long": 3600.0}

@@ -78,3 +78,16 @@ def test_satellite_sigterm_leaves_cleanly_and_its_task_is_rerouted_at_once() -> 
         # liveness is 50 × 0.2 s: the task was requeued by the satellite's LEAVE, not by its silence
         assert [s["id"] for s in st["satellites"]] == ["local-1"]
         assert st["counters"]["requeued"] >= 1 and st["counters"].get("satellites_lost", 0) == 0
+
+
+def test_a_satellite_leaves_before_its_walltime_ends() -> None:
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=FAST_HB, log_level="ERROR") as cluster:
+        c = cluster.client()
+        short = cluster.add_satellite("short-lived", extra=["--walltime", "61.5"])  # leaves 60 s before the end
+        deadline = time.monotonic() + 30
+        while "short-lived" not in [s["id"] for s in c.status()["satellites"]]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert short.wait(30) == 0  # it left by itself, cleanly
+        assert [s["id"] for s in c.status()["satellites"]] == ["local-0"]
+        assert c.submit("echo", 1, duration=10).result(30) == 1
