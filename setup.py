@@ -8,8 +8,10 @@ from setuptools import setup
 GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0.22", "requests>=2.28",
         "matplotlib>=3.7"]
 MPI = ["mpi4py>=3.1", "mpich"]
+# a real Graphite carbon-cache for the metrics tests (operators run their own)
+CARBON = ["carbon>=1.1", "whisper>=1.1"]
 TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7", *GENX,
-         *MPI]
+         *MPI, *CARBON]
 DOCS = ["sphinx>=7"]
 
 setup(

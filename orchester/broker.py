@@ -37,6 +37,7 @@ from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 from .config import OrchestratorConfig
 from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
+from .metrics import CarbonSender, Collector, parse_carbon
 from .segments import read_task_record
 from .wal import read_at
 
@@ -77,6 +78,13 @@ class Broker:
         self.journal: Journal | None = None
         self.history: HistoryReader | None = None
         self._spilling: dict[int, Any] = {}
+        self.metrics: CarbonSender | None = None
+        self._collector: Collector | None = None
+        if config.carbon:
+            host, port = parse_carbon(config.carbon)
+            self.metrics = CarbonSender(host, port, config.carbon_protocol)
+            self._collector = Collector(config.metrics_prefix)
+            self.core.metrics_on = True
         self.core.load_spilled = self._load_spilled
         self._queries: dict[int, tuple[Any, bytes, Any]] = {}
         self._query_ids = 0
@@ -147,6 +155,8 @@ class Broker:
         batch, xpub = cfg.batch, self.xpub
         monotonic = time.monotonic
         counters = core.counters
+        metrics_on = self.metrics is not None
+        next_report = monotonic() + cfg.metrics_interval
         log.info("orchestrator %s listening on %s, events on %s", core.epoch,
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
@@ -179,9 +189,14 @@ class Broker:
                         except zmq.Again:
                             break
                         counters["messages_in"] += 1
+                        if metrics_on:
+                            counters["bytes_in"] += sum(len(f) for f in frames)
                         core.handle(sock, frames, now)
                 core.housekeeping(now)
                 self._flush()
+                if metrics_on and now >= next_report:
+                    next_report = now + cfg.metrics_interval
+                    self._report(now)
         finally:
             self.close()
 
@@ -225,6 +240,12 @@ class Broker:
                     self.xpub.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.Again:
                     core.counters["events_dropped"] += 1
+
+    def _report(self, now: float) -> None:
+        """Collect this interval's points and hand them to the sender (never waits)."""
+        assert self.metrics is not None and self._collector is not None
+        points = self._collector.collect(self.core, now, time.time(), self.journal, extra=self.metrics.stats())
+        self.metrics.send(points)
 
     def _ask_history(self) -> None:
         assert self.history is not None
@@ -292,6 +313,8 @@ class Broker:
         core = self.core
         try:
             send_frames(sock, frames, NOBLOCK)
+            if self.metrics is not None:
+                core.counters["bytes_out"] += sum(len(f) for f in frames)
             if task_id is not None:
                 core.delivered(task_id)
         except zmq.ZMQError as exc:
@@ -308,6 +331,10 @@ class Broker:
             assert self.journal is not None
             self.journal.close()
             self.journal = None
+        if getattr(self, "metrics", None) is not None:
+            assert self.metrics is not None
+            self.metrics.close()
+            self.metrics = None
         if getattr(self, "history", None) is not None:
             assert self.history is not None
             self.history.close()

@@ -132,6 +132,11 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Journal folder: tasks survive a crash and are replayed at start.")
 @click.option("--durability", type=click.Choice(["full", "batch", "off"]), default="full", show_default=True,
               help="full: acknowledge after fsync; batch: after the write; off: do not wait.")
+@click.option("--carbon", default=None, help="Send metrics to this carbon daemon (HOST:PORT).")
+@click.option("--metrics-prefix", default="orchester", show_default=True, help="Metric names start with this.")
+@click.option("--metrics-interval", type=float, default=10.0, show_default=True,
+              help="Seconds between two metric reports.")
+@click.option("--carbon-protocol", type=click.Choice(["pickle", "plaintext"]), default="pickle", show_default=True)
 @click.option("--spill-bytes", type=int, default=0, show_default=True,
               help="With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never).")
 def serve(**kw: Any) -> None:

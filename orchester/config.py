@@ -73,6 +73,14 @@ class OrchestratorConfig:
     #: With a journal: once queued payloads pass this many bytes, further ones are dropped from
     #: memory once durable and read back from the journal when dispatched (0: never).
     spill_bytes: int = 0
+    #: carbon daemon (``HOST:PORT``) to send metrics to (``None``: no metrics)
+    carbon: str | None = None
+    #: metric names start with this
+    metrics_prefix: str = "orchester"
+    #: seconds between two metric reports
+    metrics_interval: float = 10.0
+    #: ``pickle`` (batches, the default) or ``plaintext``
+    carbon_protocol: str = "pickle"
 
     def validate(self) -> OrchestratorConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
@@ -94,6 +102,17 @@ class OrchestratorConfig:
             raise ConfigError(f"spill_bytes must be an integer >= 0, not {self.spill_bytes!r}")
         if self.spill_bytes and not self.journal:
             raise ConfigError("spilling queued payloads to disk needs a journal (--journal DIR)")
+        if self.carbon is not None:
+            from .metrics import parse_carbon
+
+            try:
+                parse_carbon(self.carbon)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        if self.carbon_protocol not in ("pickle", "plaintext"):
+            raise ConfigError(f"carbon_protocol must be pickle or plaintext, not {self.carbon_protocol!r}")
+        if not self.metrics_interval > 0:
+            raise ConfigError("metrics_interval must be > 0")
         if self.durability not in ("full", "batch", "off"):
             raise ConfigError(f"durability must be full, batch or off, not {self.durability!r}")
         for ep in [*self.bind, *self.satellite_bind, *self.pub]:

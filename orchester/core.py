@@ -63,6 +63,10 @@ class Orchestrator(Lifecycle):
         self.counters: Counter[str] = Counter()
         self.journal_out = None
         self.queued_bytes = 0  #: payload bytes of queued tasks held in memory
+        #: metrics (filled only when ``metrics_on``): transitions per (kind, state), latencies per kind
+        self.metrics_on = False
+        self.kind_counts: Counter[tuple[str, str]] = Counter()
+        self.latencies: list[tuple[str, float]] = []
         #: tasks whose payload should leave memory once their journal record is durable
         self.to_spill: dict[str, Task] = {}
         #: reads a spilled task's payload back (set by the socket adapter)
@@ -189,6 +193,11 @@ class Orchestrator(Lifecycle):
 
     def _on_heartbeat(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
+        report = hdr.get("m")
+        if isinstance(report, dict):
+            sat = self.fleet.by_ident.get(ident)
+            if sat is not None:
+                sat.reported = {str(k): float(v) for k, v in report.items() if isinstance(v, (int, float))}
         if "sid" in hdr and ident not in self.fleet.by_ident:
             self.out.append((sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.epoch})], None))
         elif "sid" not in hdr:  # a client's ping

@@ -16,7 +16,7 @@ class SatelliteRecord:
     __slots__ = (
         "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
-        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline",
+        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -47,6 +47,8 @@ class SatelliteRecord:
         self.versions: dict[str, str] = {}
         #: when its allocation ends (monotonic; inf: unknown)
         self.deadline = float("inf")
+        #: what it reports of itself (cpu_percent, rss_mb, task_seconds_avg, …)
+        self.reported: dict[str, float] = {}
 
     @property
     def free(self) -> int:
@@ -73,6 +75,7 @@ class SatelliteRecord:
             "failed": self.failed, "uptime": round(now - self.registered, 3),
             "fail_streak": self.fail_streak, "versions": self.versions,
             "walltime_left": None if self.deadline == float("inf") else round(self.deadline - now, 1),
+            "reported": self.reported,
         }
 
 

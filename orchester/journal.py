@@ -69,6 +69,7 @@ class Journal:
         self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
         self.batches = 0
         self.records = 0
+        self._stats = {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0}
         self.queued_bytes = 0  #: payload bytes handed to the journal (broker thread only)
         self.written_bytes = 0  #: payload bytes written (journal thread only)
         self._compactions: deque[Path] = deque()
@@ -128,6 +129,7 @@ class Journal:
                 with self._cond:
                     n = min(len(self._queue), self.batch_max)
                     batch = [self._queue.popleft() for _ in range(n)]
+                t_write = time.perf_counter()
                 if batch:
                     self.written_bytes += sum(sum(len(f) for f in rec[4]) for _, rec in batch if rec[0] == "S")
                     path = self.writer.path
@@ -149,6 +151,12 @@ class Journal:
                                                            daemon=True)
                         self._compactor.start()
                 if batch:
+                    took = time.perf_counter() - t_write
+                    st = self._stats
+                    st["batches"] += 1
+                    st["records"] += len(batch)
+                    st["flush_sum"] += took
+                    st["flush_max"] = max(st["flush_max"], took)
                     sock.send(_SEQ.pack(batch[-1][0]))
         except BaseException as exc:  # a full disk, say: the broker must know, not hang
             self.error = exc
@@ -160,6 +168,11 @@ class Journal:
             except Exception:
                 pass
             sock.close(0)
+
+    def take_stats(self) -> dict[str, float]:
+        """Batches, records and flush times (sum, max) since the last call; resets them."""
+        stats, self._stats = self._stats, {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0}
+        return stats
 
     @property
     def backlog(self) -> int:

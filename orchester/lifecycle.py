@@ -64,6 +64,9 @@ class Lifecycle:
     _want: dict[bytes, bool]
     _dispatch_seq: int
     queued_bytes: int
+    metrics_on: bool
+    kind_counts: Counter[tuple[str, str]]
+    latencies: list[tuple[str, float]]
     load_spilled: Callable[[Task], list[Any]] | None
     #: records for the journal (``None``: no journal), handed to it by the socket adapter
     journal_out: list[list[Any]] | None
@@ -80,6 +83,10 @@ class Lifecycle:
         task.history.add(self.wall(), state, task.attempt, task.satellite, reason)
         if self.journal_out is not None:
             self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason, self.wall()])
+        if self.metrics_on:
+            self.kind_counts[(task.kind, state.name.lower())] += 1
+            if state.terminal:
+                self.latencies.append((task.kind, now - task.submitted))
         self._arm(task, now)
         if self._want[b"task:"]:
             body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),

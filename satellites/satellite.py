@@ -40,6 +40,25 @@ from .pool import WorkerPool
 from .registry import load_task_modules, registry
 
 log = logging.getLogger("satellites")
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 2**20
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class Satellite:
@@ -69,6 +88,11 @@ class Satellite:
         #: here, and the satellite leaves ``leave_before`` seconds before it
         self.deadline = time.monotonic() + walltime if walltime else None
         self.leave_before = leave_before
+        #: seconds between two reports of CPU, memory and task durations to the orchestrator
+        self.report_every = max(5 * heartbeat_interval, 1.0)
+        self._next_report = 0.0
+        self._cpu_mark = (time.monotonic(), 0.0)
+        self._durations: list[float] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._endpoint_index = 0
@@ -188,7 +212,10 @@ class Satellite:
                 self._endpoint_index += 1
                 self._connect(ctx)
                 continue
-            if now - self._last_sent >= self.heartbeat_interval:
+            if now >= self._next_report:  # what it knows of itself, for the operators' metrics
+                self._next_report = now + self.report_every
+                self._send([P.HEARTBEAT, pack({"sid": self.sid, "m": self._self_report(now)})], now)
+            elif now - self._last_sent >= self.heartbeat_interval:
                 self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
             if self.deadline is not None and now >= self.deadline - self.leave_before:
                 log.warning("satellite %s: the allocation ends in %.0fs: leaving", self.sid, self.deadline - now)
@@ -198,6 +225,18 @@ class Satellite:
                     self.pool.replace(index)
             if self._queue:
                 self._assign(now)
+
+    def _self_report(self, now: float) -> dict[str, float]:
+        """CPU (%, this process and its workers), resident memory (MB) and task durations since last time."""
+        cpu = _cpu_seconds(os.getpid()) + sum(_cpu_seconds(w.process.pid) for w in self.pool.workers.values())
+        t0, c0 = self._cpu_mark
+        self._cpu_mark = (now, cpu)
+        rss = _rss_mb(os.getpid()) + sum(_rss_mb(w.process.pid) for w in self.pool.workers.values())
+        durations, self._durations = self._durations, []
+        return {"cpu_percent": round(100.0 * max(0.0, cpu - c0) / max(now - t0, 1e-9), 1), "rss_mb": round(rss, 1),
+                "tasks_done": float(len(durations)),
+                "task_seconds_avg": round(sum(durations) / len(durations), 6) if durations else 0.0,
+                "workers": float(len(self.pool.workers)), "queued_here": float(len(self._queue))}
 
     # ------------------------------------------------------- orchestrator side
     def _drain_orchestrator(self, orch: zmq.Socket[Any], now: float) -> None:
@@ -292,6 +331,7 @@ class Satellite:
                 continue  # a killed worker's last words
             if tag == W.DONE:
                 if w.task is not None:
+                    self._durations.append(now - w.started)
                     self._running.pop(w.task[0], None)
                     w.task = None
                     self.counters["done"] += 1
