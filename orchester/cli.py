@@ -22,10 +22,10 @@ import click
 from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
-CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history")
+CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history", "top")
 #: The tables one deployment-wide config file may hold (each process reads its own).
-CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "demo",
-                           "satellite"})
+CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "top",
+                           "demo", "satellite"})
 
 
 def setup_logging(level: str) -> None:

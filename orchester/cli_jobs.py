@@ -295,3 +295,15 @@ def cluster_script(scheduler: str, nodes: int, walltime: str, workers: int, modu
                                          job_name, journal, python, list(directives))), nl=False)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@main.command()
+@connect_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=None, help="Stop after this many refreshes (default: Ctrl-C).")
+@timeout_option
+def top(connect: tuple[str, ...], interval: float, iterations: int | None, timeout: float) -> None:
+    """A live view of satellites, queues, throughput and latency."""
+    from .top import run_top
+
+    _ask(connect, timeout, lambda c: (c.status(timeout=timeout), run_top(c, interval, iterations=iterations)))

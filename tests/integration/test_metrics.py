@@ -168,3 +168,36 @@ def test_status_shows_what_satellites_report() -> None:
             time.sleep(0.1)
         reported = c.status()["satellites"][0]["reported"]
         assert reported["rss_mb"] > 10 and "cpu_percent" in reported and reported["workers"] == 1
+
+
+def test_top_renders_satellites_queues_throughput_and_latency() -> None:
+    from rich.console import Console
+
+    from orchester.top import TopModel, run_top
+
+    model = TopModel()
+    model.on_status({"epoch": "e1", "strategy": "least_loaded", "counters": {"done": 0}, "tasks": {"pending": 3},
+                     "queued": {"echo": 3}, "satellites": [
+                         {"id": "sat-a", "state": "busy", "inflight": 2, "credit": 4, "slots": 4, "heartbeat_age": 0.3,
+                          "done": 10, "failed": 1, "reported": {"cpu_percent": 87.0, "rss_mb": 140.0}}]}, 0.0)
+    model.on_event("task:t1", {"id": "t1", "state": "pending", "attempt": 0, "t": 100.0})
+    model.on_event("task:t1", {"id": "t1", "state": "running", "sat": "sat-a", "attempt": 1, "t": 100.1})
+    console = Console(record=True, width=140)
+    console.print(model.render())
+    text = console.export_text()
+    assert "sat-a" in text and "busy" in text and "2/4" in text and "t1" in text and "87" in text
+    assert "queued echo" in text
+    model.on_event("task:t1", {"id": "t1", "state": "done", "sat": "sat-a", "attempt": 1, "t": 100.25})
+    model.on_status({"counters": {"done": 50}, "satellites": []}, 2.0)
+    console = Console(record=True, width=140)
+    console.print(model.render())
+    text = console.export_text()
+    assert "throughput 25.0 tasks/s" in text and "p50 250.0 ms" in text
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=0.2, log_level="ERROR") as cluster, \
+            Client(cluster.endpoint) as c:
+        futs = [c.submit("sleep", 0.05) for _ in range(20)]
+        console = Console(record=True, width=140)
+        live = run_top(c, interval=0.5, console=console, iterations=3)
+        for f in futs:
+            f.result(30)
+        assert "local-0" in console.export_text() and live.status["satellites"]
