@@ -190,7 +190,7 @@ class Broker:
                             break
                         counters["messages_in"] += 1
                         if metrics_on:
-                            counters["bytes_in"] += sum(len(f) for f in frames)
+                            counters["bytes_in"] += sum(map(len, frames))
                         core.handle(sock, frames, now)
                 core.housekeeping(now)
                 self._flush()
@@ -314,7 +314,7 @@ class Broker:
         try:
             send_frames(sock, frames, NOBLOCK)
             if self.metrics is not None:
-                core.counters["bytes_out"] += sum(len(f) for f in frames)
+                core.counters["bytes_out"] += sum(map(len, frames))
             if task_id is not None:
                 core.delivered(task_id)
         except zmq.ZMQError as exc:

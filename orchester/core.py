@@ -65,7 +65,7 @@ class Orchestrator(Lifecycle):
         self.queued_bytes = 0  #: payload bytes of queued tasks held in memory
         #: metrics (filled only when ``metrics_on``): transitions per (kind, state), latencies per kind
         self.metrics_on = False
-        self.kind_counts: Counter[tuple[str, str]] = Counter()
+        self.kind_counts: dict[str, list[int]] = {}  #: kind -> transitions into each TaskState
         self.latencies: list[tuple[str, float]] = []
         #: tasks whose payload should leave memory once their journal record is durable
         self.to_spill: dict[str, Task] = {}

@@ -65,7 +65,7 @@ class Lifecycle:
     _dispatch_seq: int
     queued_bytes: int
     metrics_on: bool
-    kind_counts: Counter[tuple[str, str]]
+    kind_counts: dict[str, list[int]]
     latencies: list[tuple[str, float]]
     load_spilled: Callable[[Task], list[Any]] | None
     #: records for the journal (``None``: no journal), handed to it by the socket adapter
@@ -84,7 +84,10 @@ class Lifecycle:
         if self.journal_out is not None:
             self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason, self.wall()])
         if self.metrics_on:
-            self.kind_counts[(task.kind, state.name.lower())] += 1
+            per_state = self.kind_counts.get(task.kind)
+            if per_state is None:
+                per_state = self.kind_counts[task.kind] = [0] * len(TaskState)
+            per_state[state] += 1
             if state.terminal:
                 self.latencies.append((task.kind, now - task.submitted))
         self._arm(task, now)

@@ -67,8 +67,12 @@ class Collector:
             value = counters.get(name, 0)
             add(f"counters.{name}", value - self._last[name])
             self._last[name] = value
-        for (kind, state), n in sorted(core.kind_counts.items()):
-            add(f"tasks.{safe(kind)}.{state}", n)
+        from tracker import TaskState
+
+        for kind, per_state in sorted(core.kind_counts.items()):
+            for state, n in zip(TaskState, per_state, strict=True):
+                if n:
+                    add(f"tasks.{safe(kind)}.{state.name.lower()}", n)
         core.kind_counts.clear()
         depth: Counter[tuple[str, int]] = Counter()
         if len(core.queues) <= 100_000:  # beyond, per kind only (a full scan would cost too much)
@@ -80,8 +84,8 @@ class Collector:
             add(f"queue.{safe(kind)}.depth", n)
         add("queue.total", len(core.queues))
         states = Counter(s.state.name.lower() for s in core.fleet)
-        for state in ("joining", "idle", "busy", "silent", "probation", "draining"):
-            add(f"satellites.{state}", states.get(state, 0))
+        for sat_state in ("joining", "idle", "busy", "silent", "probation", "draining"):
+            add(f"satellites.{sat_state}", states.get(sat_state, 0))
         for sat in core.fleet:
             base = f"satellite.{safe(sat.sid)}"
             add(f"{base}.inflight", len(sat.inflight))
