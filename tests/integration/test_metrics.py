@@ -201,3 +201,18 @@ def test_top_renders_satellites_queues_throughput_and_latency() -> None:
         for f in futs:
             f.result(30)
         assert "local-0" in console.export_text() and live.status["satellites"]
+
+
+def test_grafana_dashboard_targets_name_real_metrics() -> None:
+    import json
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    dash = json.loads((root / "examples" / "grafana" / "dashboard.json").read_text())
+    docs = (root / "docs" / "metrics.rst").read_text()
+    assert len(dash["panels"]) >= 10 and {v["name"] for v in dash["templating"]["list"]} == {"datasource", "prefix"}
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            for path in re.findall(r"\$prefix\.([\w.*{},]+)", target["target"]):
+                first = path.split(".")[0]
+                assert f"orchester.{first}." in docs, (panel["title"], path)
