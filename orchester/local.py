@@ -100,8 +100,9 @@ class LocalCluster:
         self.endpoint, self.pub_endpoint = eps["bind"][0], eps["pub"][0]
 
     def add_satellite(self, sid: str | None = None, workers: int | None = None,
-                      tags: Sequence[str] | None = None, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-        """Start one more satellite process connected to the orchestrator."""
+                      tags: Sequence[str] | None = None, extra: Sequence[str] = (),
+                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more satellite process connected to the orchestrator (``env``: extra variables)."""
         cmd = [sys.executable, "-m", "satellites", "--log-level", self.log_level, "run",
                "--connect", self.endpoint, "--workers", str(workers or self.workers),
                "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
@@ -114,7 +115,7 @@ class LocalCluster:
         for m in self.tasks:
             cmd += ["--tasks", m]
         cmd += list(extra)
-        p = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        p = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL)
         self.satellites.append(p)
         return p
 

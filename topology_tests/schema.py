@@ -58,7 +58,7 @@ class SatelliteGroup:
 class ClientLoad:
     """One client's workload: closed loop with ``concurrency`` outstanding tasks."""
 
-    kind: str = "sleep"
+    kind: str = "topo.work"
     tasks: int = 100
     concurrency: int = 10
     #: Seconds each task takes at speed 1.0.

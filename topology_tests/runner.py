@@ -1,0 +1,210 @@
+"""Run a topology as real processes on this machine and measure what a routing strategy does.
+
+One run: a local orchestrator with the chosen strategy, the declared satellite groups (each
+satellite a process with its workers, tags and speed), the clients' workloads (closed loop:
+``concurrency`` tasks in flight until ``tasks`` are done), and the faults at their times
+(``kill`` = SIGKILL, ``stop`` = SIGSTOP, ``cont`` = SIGCONT of satellite N). Every task event
+is recorded from the event stream; :class:`RunResult` holds the figures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchester import LocalCluster, OrchesterError
+
+from .schema import Topology
+from .tasks import SPEED_VARIABLE
+
+
+@dataclass
+class RunResult:
+    """The figures of one run of one strategy."""
+
+    strategy: str
+    tasks: int
+    makespan: float
+    throughput: float
+    latency_p50: float
+    latency_p99: float
+    utilisation: dict[str, float] = field(default_factory=dict)
+    done_per_satellite: dict[str, int] = field(default_factory=dict)
+    fairness: float = 1.0
+    rerouted: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    recovery: list[float] = field(default_factory=list)
+    completions: list[float] = field(default_factory=list)  #: seconds since start, one per task
+    faults: list[float] = field(default_factory=list)  #: seconds since start
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for tables and CSV."""
+        return {"strategy": self.strategy, "tasks": self.tasks, "makespan_s": round(self.makespan, 3),
+                "throughput_per_s": round(self.throughput, 1), "latency_p50_ms": round(self.latency_p50 * 1e3, 1),
+                "latency_p99_ms": round(self.latency_p99 * 1e3, 1), "fairness": round(self.fairness, 3),
+                "rerouted": self.rerouted, "lost": self.lost, "duplicated": self.duplicated,
+                "recovery_s": ";".join(f"{r:.2f}" for r in self.recovery),
+                "utilisation": ";".join(f"{k}={v:.2f}" for k, v in sorted(self.utilisation.items()))}
+
+
+def jain(values: list[float]) -> float:
+    """Jain's fairness index: 1 when all equal, 1/n when one has everything."""
+    if not values or not any(values):
+        return 1.0
+    return sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+
+
+def recovery_time(completions: list[float], fault: float, window: float = 0.5) -> float:
+    """Seconds after ``fault`` until the completion rate over ``window`` is back to 80 % of the rate
+    in the window before it (0 if nothing was completing before; NaN if it never comes back)."""
+    before = sum(1 for c in completions if fault - window < c <= fault)
+    if before == 0:
+        return 0.0
+    t, end = fault, max(completions, default=fault)
+    while t <= end:
+        if sum(1 for c in completions if t < c <= t + window) >= 0.8 * before:
+            return round(t - fault, 3)
+        t += 0.05
+    return float("nan")
+
+
+def run(topo: Topology, strategy: str, timeout: float = 600.0) -> RunResult:
+    """Run ``topo`` once with ``strategy``; return its figures."""
+    topo.validate()
+    with LocalCluster(satellites=0, tasks=["topology_tests.tasks"], strategy=strategy,
+                      heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness,
+                      log_level="ERROR") as cluster:
+        procs, workers = [], {}
+        for gi, group in enumerate(topo.satellites):
+            for k in range(group.count):
+                sid = f"g{gi}-{k}"
+                procs.append(cluster.add_satellite(sid, workers=group.workers, tags=group.tags,
+                                                   extra=["--prefetch", str(group.prefetch)],
+                                                   env={SPEED_VARIABLE: str(group.speed)}))
+                workers[sid] = group.workers
+        cluster.wait_for_satellites(len(procs))
+        client = cluster.client()
+        events: list[tuple[str, dict[str, Any]]] = []
+        stream = client.subscribe(["task:"])
+        stop = threading.Event()
+
+        def record() -> None:
+            while not stop.is_set():
+                ev = stream.recv(timeout=0.1)
+                if ev is not None:
+                    events.append((ev.topic, ev.data))
+
+        recorder = threading.Thread(target=record, daemon=True)
+        recorder.start()
+        time.sleep(0.3)  # let the subscription reach the orchestrator
+        start = time.time()
+        fault_times: list[float] = []
+
+        def inject() -> None:
+            for f in sorted(topo.faults, key=lambda f: f.at):
+                if stop.wait(max(0.0, start + f.at - time.time())):
+                    return
+                sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}[f.action]
+                try:
+                    os.kill(procs[f.satellite].pid, sig)
+                    fault_times.append(time.time() - start)
+                except ProcessLookupError:
+                    pass
+
+        injector = threading.Thread(target=inject, daemon=True)
+        injector.start()
+        submitted: dict[str, float] = {}
+        finished: dict[str, float] = {}
+        failed = 0
+        outstanding: list[tuple[Any, Any]] = []
+        todo = [(load, n) for load in topo.clients for n in range(load.tasks)]
+        per_client: Counter[int] = Counter()
+        deadline = time.monotonic() + timeout
+        index = 0
+        while index < len(todo) or outstanding:
+            while index < len(todo):
+                load, _ = todo[index]
+                key = id(load)
+                if per_client[key] >= load.concurrency:
+                    break
+                fut = client.submit("topo.work", load.duration, b"x" * load.payload_bytes, tags=load.tags)
+                submitted[fut.task_id] = time.time()
+                outstanding.append((fut, key))
+                per_client[key] += 1
+                index += 1
+            still = []
+            for fut, key in outstanding:
+                if fut.done():
+                    per_client[key] -= 1
+                    try:
+                        fut.result()
+                        finished[fut.task_id] = time.time()
+                    except OrchesterError:
+                        failed += 1
+                else:
+                    still.append((fut, key))
+            outstanding = still
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        end = time.time()
+        time.sleep(0.3)  # the last events
+        stop.set()
+        recorder.join(5)
+        injector.join(5)
+        stream.close()
+        for p in procs:  # thaw frozen satellites so the cluster can stop them
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    return _figures(strategy, topo, start, end, submitted, finished, failed, events, workers, fault_times)
+
+
+def _figures(strategy: str, topo: Topology, start: float, end: float, submitted: dict[str, float],
+             finished: dict[str, float], failed: int, events: list[tuple[str, dict[str, Any]]],
+             workers: dict[str, int], fault_times: list[float]) -> RunResult:
+    latencies = sorted(finished[t] - submitted[t] for t in finished)
+    makespan = (max(finished.values()) - start) if finished else end - start
+    done_events: Counter[str] = Counter()
+    done_by_sat: Counter[str] = Counter()
+    running: dict[tuple[str, int], tuple[str, float]] = {}
+    busy: defaultdict[str, float] = defaultdict(float)
+    rerouted = 0
+    for _, data in events:
+        tid, state, sat, t = data.get("id"), data.get("state"), data.get("sat"), float(data.get("t", 0))
+        if not isinstance(tid, str) or tid not in submitted:
+            continue
+        key = (tid, int(data.get("attempt", 0)))
+        if state == "running" and sat:
+            running[key] = (sat, t)
+        elif state in ("done", "failed", "stalled"):
+            began = running.pop(key, None)
+            if began is not None:
+                busy[began[0]] += t - began[1]
+            if state == "done":
+                done_events[tid] += 1
+                if sat:
+                    done_by_sat[sat] += 1
+            if state == "stalled":
+                rerouted += 1
+    utilisation = {sat: busy.get(sat, 0.0) / (makespan * n) if makespan > 0 else 0.0 for sat, n in workers.items()}
+    completions = sorted(t - start for t in finished.values())
+    recovery = [recovery_time(completions, ft) for ft in fault_times]
+    total = sum(load.tasks for load in topo.clients)
+    return RunResult(
+        strategy=strategy, tasks=len(finished), makespan=makespan,
+        throughput=len(finished) / makespan if makespan > 0 else 0.0,
+        latency_p50=statistics.median(latencies) if latencies else 0.0,
+        latency_p99=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0,
+        utilisation=utilisation, done_per_satellite=dict(done_by_sat),
+        fairness=jain(list(utilisation.values())), rerouted=rerouted,
+        lost=total - len(finished), duplicated=sum(1 for n in done_events.values() if n > 1),
+        recovery=recovery, completions=completions, faults=fault_times)
