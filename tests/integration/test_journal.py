@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from orchester import Client, LocalCluster, TaskFailed
+from orchester import Client, LocalCluster, RemoteError, TaskFailed
 from orchester.wal import ReadReport, encode_record, read_all
 from serializers import encode, pack, unpack
 from serializers import protocol as P
@@ -119,8 +119,14 @@ def test_damaged_tail_loses_only_what_follows_the_damage(tmp_path: Path) -> None
     with journal_cluster(journal, satellites=1) as cluster, Client(cluster.endpoint) as c:
         st = c.status()
         assert st["counters"]["journal_lost_bytes"] > 0
-        restored = [tid for tid in ids if c.show(tid, timeout=10)]
-        assert restored[:5] == ids[:5]  # what came before the damage is back
+        restored = []
+        for tid in ids:
+            try:
+                c.show(tid, timeout=10)
+                restored.append(tid)
+            except RemoteError:  # recorded after the damage: lost, and said so
+                pass
+        assert restored[:5] == ids[:5]  # what came before the damage is back (what follows may be lost)
         assert c.submit("echo", "after").result(30) == "after"  # and it serves
 
 
@@ -243,8 +249,6 @@ def test_replay_resubmits_chosen_tasks_and_compact_applies_retention(tmp_path: P
         with Client(cluster.endpoint) as c:
             assert len(c.history()) >= 9  # the history is intact
             assert c.show(first.task_id)["state"] == "done"
-            from orchester import RemoteError
-
             with pytest.raises(RemoteError, match="no longer kept"):
                 c.result(first.task_id, timeout=30)
 
