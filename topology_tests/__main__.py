@@ -37,7 +37,7 @@ def run_command(topology: str, strategies: str | None, repeat: int, out: str) ->
     table(results)
     write_csv(results, out_dir / "results.csv")
     plots(results, out_dir)
-    click.echo(f"report in {out_dir}/ (results.csv, throughput.png, completions.png)")
+    click.echo(f"report in {out_dir}/ (results.csv, throughput.png, latency_cdf.png)")
     if any(r.lost or r.duplicated for r in results):
         click.echo("error: tasks were lost or duplicated", err=True)
         sys.exit(1)

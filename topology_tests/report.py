@@ -67,16 +67,17 @@ def plots(results: list[RunResult], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     try:
         for r in results:
-            lat = sorted(r.completions)
-            if lat:
-                ax.plot(lat, np.linspace(0, 1, len(lat)), label=f"{r.strategy} (makespan {r.makespan:.1f}s)")
-        ax.set_xlabel("completion time (s)")
-        ax.set_ylabel("fraction of tasks done")
-        ax.set_title("completions over time")
+            lat = np.asarray(sorted(r.latencies)) * 1000.0
+            if lat.size:
+                ax.plot(lat, np.linspace(0, 1, lat.size), label=f"{r.strategy} (p99 {r.latency_p99 * 1e3:.0f} ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, submission to result (ms)")
+        ax.set_ylabel("fraction of tasks")
+        ax.set_title("latency CDF")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "completions.png", dpi=100)
-        written.append(out / "completions.png")
+        fig.savefig(out / "latency_cdf.png", dpi=100)
+        written.append(out / "latency_cdf.png")
     finally:
         plt.close(fig)
     return written

@@ -42,6 +42,7 @@ class RunResult:
     duplicated: int = 0
     recovery: list[float] = field(default_factory=list)
     completions: list[float] = field(default_factory=list)  #: seconds since start, one per task
+    latencies: list[float] = field(default_factory=list)  #: seconds from submission to result, sorted
     faults: list[float] = field(default_factory=list)  #: seconds since start
 
     def row(self) -> dict[str, Any]:
@@ -207,4 +208,4 @@ def _figures(strategy: str, topo: Topology, start: float, end: float, submitted:
         utilisation=utilisation, done_per_satellite=dict(done_by_sat),
         fairness=jain(list(utilisation.values())), rerouted=rerouted,
         lost=total - len(finished), duplicated=sum(1 for n in done_events.values() if n > 1),
-        recovery=recovery, completions=completions, faults=fault_times)
+        recovery=recovery, completions=completions, faults=fault_times, latencies=latencies)

@@ -37,7 +37,7 @@ def test_the_command_line_writes_a_report_and_takes_a_strategy_by_import_path(tm
     assert r.returncode == 0, r.stderr
     csv_text = (tmp_path / "results.csv").read_text()
     assert csv_text.count("\n") == 3 and "least_loaded" in csv_text and "orchester.routing:TagAffinity" in csv_text
-    assert (tmp_path / "throughput.png").stat().st_size > 5000 and (tmp_path / "completions.png").exists()
+    assert (tmp_path / "throughput.png").stat().st_size > 5000 and (tmp_path / "latency_cdf.png").exists()
     bad = tmp_path / "bad.toml"
     bad.write_text("[[satellites]]\ncount = 0\n")
     r = subprocess.run([sys.executable, "-m", "topology_tests", "run", str(bad)], capture_output=True, text=True,
