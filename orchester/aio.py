@@ -30,21 +30,11 @@ import zmq.asyncio
 from serializers import ProtocolError
 from serializers import protocol as P
 
-from .client_core import ClientCore
+from .client_core import ClientCore, reject_future, resolve_future
 from .errors import ClientClosed, Unreachable
 
 log = logging.getLogger("orchester.client")
 _counter = itertools.count()
-
-
-def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _reject(fut: asyncio.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class AsyncClient:
@@ -59,7 +49,7 @@ class AsyncClient:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.asyncio.Context.instance()
-        self.core = ClientCore(_resolve, _reject, codec=codec)
+        self.core = ClientCore(resolve_future, reject_future, codec=codec)
         self._index = 0
         self._sock = self._connect()
         self._reader: asyncio.Task[None] | None = None

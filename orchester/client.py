@@ -34,20 +34,10 @@ from serializers import ProtocolError
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
-from .client_core import ClientCore
+from .client_core import ClientCore, reject_future, resolve_future
 from .errors import ClientClosed, Unreachable
 
 log = logging.getLogger("orchester.client")
-
-
-def _resolve(fut: cf.Future[Any], value: Any) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _reject(fut: cf.Future[Any], exc: BaseException) -> None:
-    if not fut.done():
-        fut.set_exception(exc)
 
 
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
@@ -89,7 +79,7 @@ class Client:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
-        self.core = ClientCore(_resolve, _reject, codec=codec, accepted=_accepted)
+        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -331,7 +321,7 @@ class Client:
                 try:
                     frames = item[1]()
                 except Exception as exc:  # an argument the codec cannot encode, for example
-                    _reject(item[2], exc)
+                    reject_future(item[2], exc)
                     continue
             elif item[0] == "forget":
                 core.forget(item[1])
@@ -341,7 +331,7 @@ class Client:
                 try:
                     frames = core.submit(fut, kind, args, kwargs, **opts)[1]
                 except Exception as exc:
-                    _reject(fut, exc)
+                    reject_future(fut, exc)
                     continue
             send_frames(sock, frames)
 

@@ -22,6 +22,18 @@ Resolve = Callable[[Any, Any], None]  # (future, value)
 Reject = Callable[[Any, BaseException], None]  # (future, exception)
 
 
+def resolve_future(fut: Any, value: Any) -> None:
+    """Set a future's result unless it is already done (concurrent or asyncio futures alike)."""
+    if not fut.done():
+        fut.set_result(value)
+
+
+def reject_future(fut: Any, exc: BaseException) -> None:
+    """Set a future's exception unless it is already done."""
+    if not fut.done():
+        fut.set_exception(exc)
+
+
 class Pending:
     """A request waiting for its answer: the future and the frames to resend."""
 
