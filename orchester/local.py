@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .client import Client
+from .errors import OrchesterError
 
 
 class ClusterError(RuntimeError):
@@ -131,7 +132,7 @@ class LocalCluster:
                     st = c.status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                     if len(st["satellites"]) >= n:
                         return
-                except Exception:
+                except OrchesterError:  # not up yet: the deadline below bounds the wait
                     pass
                 if time.monotonic() > deadline:
                     raise ClusterError(f"fewer than {n} satellites registered in time")

@@ -266,7 +266,7 @@ class Satellite:
             self._queue.append((str(dispatch.get("id")), int(dispatch.get("a", 0)), frames[2:]))
             self.counters["received"] += 1
         elif cmd == P.HEARTBEAT:
-            pass
+            pass  # any message counts as a heartbeat: _last_heard was updated above
         elif cmd == P.ABORT:
             hdr = unpack(bytes(frames[2]))
             self._abort(str(hdr.get("id")), int(hdr.get("a", 0)), now)
