@@ -113,6 +113,7 @@ class WorkerPool:
 
     def kill(self, worker: Worker) -> None:
         """Kill a worker at once (used to cancel its task); its sentinel then fires."""
+        worker.ready = False  # never hand it another task while its death is on its way
         if worker.process.is_alive():
             worker.process.kill()
 

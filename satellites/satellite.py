@@ -33,6 +33,7 @@ import zmq
 from orchester.logutil import warn_limited
 from serializers import ProtocolError, check_signature, pack, unpack
 from serializers import protocol as P
+from serializers.header import field
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from . import worker as W
@@ -263,13 +264,13 @@ class Satellite:
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
             dispatch = unpack(bytes(frames[2]))
-            self._queue.append((str(dispatch.get("id")), int(dispatch.get("a", 0)), frames[2:]))
+            self._queue.append((field(dispatch, "id", str), field(dispatch, "a", int), frames[2:]))
             self.counters["received"] += 1
         elif cmd == P.HEARTBEAT:
             pass  # any message counts as a heartbeat: _last_heard was updated above
         elif cmd == P.ABORT:
             hdr = unpack(bytes(frames[2]))
-            self._abort(str(hdr.get("id")), int(hdr.get("a", 0)), now)
+            self._abort(field(hdr, "id", str), field(hdr, "a", int), now)
         elif cmd == P.WELCOME:
             hdr = unpack(bytes(frames[2]))
             self.registered = True

@@ -51,8 +51,11 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
     for a handler's failure: it becomes a structured error header.
     """
-    dispatch = unpack(frames[0])
-    tid, attempt = str(dispatch.get("id")), int(dispatch.get("a", 0))
+    try:
+        dispatch = unpack(bytes(frames[0]))
+        tid, attempt = str(dispatch.get("id")), int(dispatch.get("a", 0))
+    except (ProtocolError, TypeError, ValueError) as exc:  # never let a bad message kill the worker
+        return [error_header("", 0, sid, exc)]
     t0 = time.perf_counter()
     try:
         hdr = unpack(frames[1])
@@ -104,7 +107,10 @@ def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_p
             frames = recv_frames(sock, 0, 3)
             if bytes(frames[0]) != RUN:
                 continue
-            out = run_task(frames[1:], sid, lambda h: sock.send_multipart([PROGRESS, h]))
+            try:
+                out = run_task(frames[1:], sid, lambda h: sock.send_multipart([PROGRESS, h]))
+            except Exception as exc:  # a bug of ours must not cost the satellite a worker per task
+                out = [error_header("", 0, sid, exc)]
             send_frames(sock, [DONE, *out])
     finally:
         sock.close(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -122,8 +123,11 @@ class FakeOrchestrator:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
+        self.router.sndhwm = 0  # a ROUTER drops what exceeds its high-water mark: keep the whole storm
+        self.router.router_mandatory = 1
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", "ERROR", "run",
+        level = os.environ.get("FZ_LOG", "ERROR")
+        self.proc = subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", level, "run",
                                       "--connect", f"tcp://127.0.0.1:{port}", "--workers", "1", "--id", "fz",
                                       "--heartbeat-interval", "5"], stdin=subprocess.DEVNULL)
         self.ident = b""
@@ -163,7 +167,8 @@ def test_satellite_survives_garbage_and_still_runs_a_task() -> None:
         _, body = encode([["after the storm"], {}])
         fake.router.send_multipart([fake.ident, P.SIGNATURE, P.DISPATCH, pack({"id": "real", "a": 1}),
                                     pack({"id": "real", "k": "echo", "c": "msgpack"}), *body])
-        done = fake.recv(lambda m: m[2] == P.DONE and unpack(m[3]).get("id") == "real")
+        done = fake.recv(lambda m: m[2] == P.DONE and unpack(m[3]).get("id") == "real",
+                         timeout=float(os.environ.get("FZ_TIMEOUT", "120")))
         hdr = unpack(done[3])
         assert hdr["ok"] is True and hdr["a"] == 1
         assert fake.proc.poll() is None
