@@ -170,18 +170,18 @@ class Orchestrator(Lifecycle):
         self.counters["submitted"] += 1
         if timeout is not None and timeout > 0:
             task.deadline = self.timers.schedule(now + timeout, tid, T_DEADLINE)
-        task.history.add(self.wall(), TS.PENDING, 0)
+        wall = self.wall()
+        task.history.add(wall, TS.PENDING, 0)
         self.queued_bytes += task.size
         if self.journal_out is not None:
             self.journal_out.append(["S", tid, ident, bytes(frames[3]), [memoryview(f) for f in payload],
-                                     self.wall(), timeout])
+                                     wall, timeout])
             if self.cfg.spill_bytes and self.queued_bytes > self.cfg.spill_bytes:
                 self.to_spill[tid] = task
         self._arm(task, now)
         self._ack(sock, ident, tid)
         if self._want[b"task:"]:
-            self.pub.append([b"task:" + tid.encode(), pack(
-                {"id": tid, "kind": kind, "state": "pending", "attempt": 0, "sat": None, "t": self.wall()})])
+            self._publish_task(task, wall)
 
     def _ack(self, sock: Any, ident: bytes, tid: str) -> None:
         key = (sock, ident)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 from tracker import SatelliteState
@@ -131,7 +130,3 @@ class Fleet:
         for s in self.by_id.values():
             out |= s.kinds
         return out
-
-    def expired(self, now: float, timeout: float) -> Iterable[SatelliteRecord]:
-        """Satellites not heard from for ``timeout`` seconds."""
-        return [s for s in self.by_id.values() if now - s.last_seen > timeout]

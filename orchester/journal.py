@@ -33,7 +33,7 @@ from typing import Any
 import zmq
 
 from .history import HistoryFold, select
-from .segments import compact, compact_closed, h5_segments, read_h5_fields, read_journal
+from .segments import compact, compact_closed, parts, read_h5_fields, read_journal
 from .wal import ReadReport, SegmentWriter, encode_record, read_segment
 
 log = logging.getLogger("orchester.journal")
@@ -67,8 +67,6 @@ class Journal:
         self._stop = False
         self.seq = 0  #: last sequence number handed out (broker thread only)
         self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
-        self.batches = 0
-        self.records = 0
         self._stats = {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0}
         self.queued_bytes = 0  #: payload bytes handed to the journal (broker thread only)
         self.written_bytes = 0  #: payload bytes written (journal thread only)
@@ -137,8 +135,6 @@ class Journal:
                     for (seq, _), offset in zip(batch, offsets, strict=True):
                         if seq in self.spillable:
                             self.locations.append((seq, path, offset))
-                    self.batches += 1
-                    self.records += len(batch)
                 now = time.monotonic()
                 closed = None
                 if (self.durability == "full" and batch) or now - last_sync >= self.sync_every:
@@ -216,9 +212,7 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
     for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
         try:
             fold = HistoryFold()
-            parts = [(p, "h5") for p in h5_segments(directory)] + \
-                [(p, "log") for p in sorted(directory.glob("wal-*.log"))]
-            for path, kind in sorted(parts, key=lambda pk: int(pk[0].name.split("-")[1].split(".")[0])):
+            for path, kind in parts(directory):
                 if kind == "h5":
                     for f in read_h5_fields(path):
                         fold.add(f)

@@ -80,9 +80,10 @@ class Lifecycle:
         """Fire ``event`` on ``task``: new state, its timer, history and event."""
         state = TASK_MACHINE.next(task.state, event)
         task.state = state
-        task.history.add(self.wall(), state, task.attempt, task.satellite, reason)
+        wall = self.wall()  # one reading for the history, the journal and the event
+        task.history.add(wall, state, task.attempt, task.satellite, reason)
         if self.journal_out is not None:
-            self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason, self.wall()])
+            self.journal_out.append(["T", task.id, int(state), task.attempt, task.satellite, reason, wall])
         if self.metrics_on:
             per_state = self.kind_counts.get(task.kind)
             if per_state is None:
@@ -92,11 +93,15 @@ class Lifecycle:
                 self.latencies.append((task.kind, now - task.submitted))
         self._arm(task, now)
         if self._want[b"task:"]:
-            body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": state.name.lower(),
-                                    "attempt": task.attempt, "sat": task.satellite, "t": self.wall()}
-            if reason:
-                body["reason"] = reason
-            self.pub.append([b"task:" + task.id.encode(), pack(body)])
+            self._publish_task(task, wall, reason)
+
+    def _publish_task(self, task: Task, wall: float, reason: str | None = None) -> None:
+        """The ``task:<id>`` event of the task's current state."""
+        body: dict[str, Any] = {"id": task.id, "kind": task.kind, "state": task.state.name.lower(),
+                                "attempt": task.attempt, "sat": task.satellite, "t": wall}
+        if reason:
+            body["reason"] = reason
+        self.pub.append([b"task:" + task.id.encode(), pack(body)])
 
     def _arm(self, task: Task, now: float) -> None:
         """Cancel the previous state's timer and start the one of the current state, if any."""

@@ -17,7 +17,6 @@ import re
 import socket
 import struct
 import threading
-import time
 from collections import Counter, deque
 from typing import Any
 
@@ -205,8 +204,3 @@ def parse_carbon(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"carbon address {address!r} is not HOST:PORT")
     return host, int(port)
-
-
-def now_wall() -> float:
-    """The wall-clock time for metric timestamps."""
-    return time.time()

@@ -167,11 +167,16 @@ def read_h5_fields(path: Path) -> Iterator[dict[str, Any]]:
                "satellite": r["satellite"].decode(), "etype": r["etype"].decode()}
 
 
+def parts(directory: Path) -> list[tuple[Path, str]]:
+    """A journal's segments in order, each with its kind: ``"h5"`` (compacted) or ``"log"``."""
+    found = [(p, "h5") for p in h5_segments(directory)] + [(p, "log") for p in directory.glob("wal-*.log")]
+    return sorted(found, key=lambda pk: _number(pk[0]))
+
+
 def read_journal(directory: Path, report: ReadReport | None = None) -> Iterator[list[Any]]:
     """Every record of a journal: compacted segments, then the log segments, in order."""
     report = report if report is not None else ReadReport()
-    parts = [(p, "h5") for p in h5_segments(directory)] + [(p, "log") for p in sorted(directory.glob("wal-*.log"))]
-    for path, kind in sorted(parts, key=lambda pk: _number(pk[0])):
+    for path, kind in parts(directory):
         report.segments += 1
         if kind == "h5":
             for record in read_h5(path):

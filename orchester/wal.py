@@ -41,11 +41,6 @@ class ReadReport:
     #: (segment file name, byte offset of the first bad record, bytes after it) per damaged segment
     damaged: list[tuple[str, int, int]] = field(default_factory=list)
 
-    @property
-    def lost_bytes(self) -> int:
-        """Bytes after the first damage in every damaged segment."""
-        return sum(n for _, _, n in self.damaged)
-
 
 def encode_record(body: list[Any]) -> bytes:
     """One on-disk record."""

@@ -50,7 +50,7 @@ def _callbacks(started: float) -> Any:
             self.generation = 0
 
         def text_output(self, text: str) -> None:
-            pass
+            """GenX's status lines: progress carries what matters."""
 
         def plot_output(self, update_data: Any) -> None:
             self.generation += 1
@@ -62,13 +62,13 @@ def _callbacks(started: float) -> Any:
                      evaluations=evals, evals_per_s=round(evals / elapsed, 1))
 
         def parameter_output(self, param_info: Any) -> None:
-            pass
+            """Parameter updates: the result carries the best values."""
 
         def fitting_ended(self, result_data: Any) -> None:
-            pass
+            """The end of the fit: :func:`genx_fit` continues synchronously after ``optimize()``."""
 
         def autosave(self) -> None:
-            pass
+            """GenX's autosave: the fitted model is returned, never written behind the user's back."""
 
     return Progress()
 

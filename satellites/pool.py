@@ -56,7 +56,6 @@ class WorkerPool:
         self.allow_pickle = allow_pickle
         self.workers: dict[bytes, Worker] = {}
         self.by_sentinel: dict[int, Worker] = {}
-        self.deaths = 0
         self._recent_deaths: list[float] = []
 
     def start(self) -> None:
@@ -92,7 +91,6 @@ class WorkerPool:
             return None
         self.workers.pop(w.ident, None)
         w.process.join(1)
-        self.deaths += 1
         self._recent_deaths.append(time.monotonic())
         log.warning("worker %s (pid %s) exited with %s%s", w.index, w.process.pid, w.process.exitcode,
                     f" while running {w.task[0]}" if w.task else "")

@@ -106,12 +106,6 @@ ERR_QUARANTINED: Final = "Quarantined"  # stalled or killed its satellites too o
 ERR_EXPIRED: Final = "Expired"  # no satellite took it within its time-to-live
 ERR_MAX_RUN: Final = "MaxRunTime"  # ran longer than its maximum run time
 
-#: Frame index of the command and header (after the routing envelope).
-I_SIG: Final = 0
-I_CMD: Final = 1
-I_HDR: Final = 2
-I_BODY: Final = 3
-
 #: Default maximum message size accepted by the orchestrator (also ZMQ_MAXMSGSIZE).
 DEFAULT_MAX_MESSAGE: Final = 256 * 1024 * 1024
 
