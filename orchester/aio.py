@@ -50,6 +50,7 @@ class AsyncClient:
         self.liveness = liveness
         self.ctx = context or zmq.asyncio.Context.instance()
         self.core = ClientCore(resolve_future, reject_future, codec=codec)
+        self.core.alternatives = len(self.endpoints) > 1
         self._index = 0
         self._sock = self._connect()
         self._reader: asyncio.Task[None] | None = None
@@ -131,11 +132,11 @@ class AsyncClient:
 
     async def _read(self) -> None:
         core = self.core
-        last_heard = last_ping = time.monotonic()
+        last_heard = last_ping = redirect_after = time.monotonic()
         silent_after = self.heartbeat_interval * self.liveness
         while not self._closed:
             sock = self._sock
-            if await sock.poll(self.heartbeat_interval * 500):
+            if await sock.poll(self.heartbeat_interval * 250):
                 while True:
                     try:
                         frames = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -149,6 +150,11 @@ class AsyncClient:
                     except ProtocolError as exc:
                         log.warning("bad message from orchestrator: %s", exc)
             now = time.monotonic()
+            if core.redirect and now >= redirect_after:  # a passive server refused us
+                core.redirect = False
+                redirect_after = now + self.heartbeat_interval / 2
+                self._switch(vote=False)
+                last_heard = last_ping = now
             busy = bool(core.tasks or core.requests)
             if busy and now - last_ping >= self.heartbeat_interval:
                 sock.send_multipart(core.ping())
@@ -156,12 +162,19 @@ class AsyncClient:
             if not busy:
                 last_heard = now
             elif now - last_heard > silent_after and len(self.endpoints) > 1:
-                self._index += 1
-                sock.close(0)
-                self._sock = self._connect()
-                last_heard = now
-                for f in core.pending_frames():
-                    self._sock.send_multipart(f, copy=False)
+                log.warning("orchestrator silent for %.1fs: failing over", now - last_heard)
+                self._switch(vote=True)
+                last_heard = last_ping = now
+
+    def _switch(self, vote: bool) -> None:
+        """Connect to the next endpoint, vote if we left on silence, resend what is pending."""
+        self._sock.close(0)
+        self._index += 1
+        self._sock = self._connect()
+        self.core.epoch = None
+        self._sock.send_multipart(self.core.ping(vote=vote))
+        for f in self.core.pending_frames():
+            self._sock.send_multipart(f, copy=False)
 
     async def close(self) -> None:
         """Stop reading, close the socket and fail what is still pending."""

@@ -34,10 +34,12 @@ from serializers import protocol as P
 from serializers.header import error_frames
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
+from .bstar import HAState
 from .config import OrchestratorConfig
 from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
 from .metrics import CarbonSender, Collector, parse_carbon
+from .pair import Pair
 from .segments import read_task_record
 from .wal import read_at
 
@@ -89,6 +91,19 @@ class Broker:
         self._queries: dict[int, tuple[Any, bytes, Any]] = {}
         self._query_ids = 0
         self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
+        self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
+        #: set when the process must end with this exit code (a backup stepping down from a dual active)
+        self.exit_code = 0
+        self.pair: Pair | None = None
+        if config.ha:
+            try:
+                self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
+                                 self._journal_append if config.journal else None, lambda: self._rseq)
+            except Exception:
+                self.close()
+                raise
+            self.endpoints["state"] = [self.pair.endpoint]
+            self.core.journal_out = []  # records are streamed to the peer, journal or not
         if config.journal:
             self._open_journal(config.journal, config.durability)
         if config.endpoint_file:
@@ -103,10 +118,16 @@ class Broker:
             raise
         records, report = replay(directory, live=self.journal.writer.path)
         self.history = HistoryReader(Path(directory), self.ctx)
-        counts = self.core.restore(records, time.monotonic(), self.router)
         self.core.journal_out = []
-        log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued",
-                 directory, report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
+        if self.pair is not None:  # installed only if and when this server becomes active
+            for record in records:
+                self.pair.fold.add(record)
+            log.info("journal %s: %d records in %d segment(s), %d task(s), kept until this server is active",
+                     directory, report.records, report.segments, len(self.pair.fold.tasks))
+        else:
+            counts = self.core.restore(records, time.monotonic(), self.router)
+            log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued", directory,
+                     report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
         for name, offset, lost in report.damaged:
             log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
                       "last before a crash) are lost", name, offset, lost)
@@ -152,6 +173,9 @@ class Broker:
         history = self.history
         if history is not None:
             poller.register(history.results, zmq.POLLIN)
+        pair = self.pair
+        if pair is not None:
+            poller.register(pair.sub, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
         monotonic = time.monotonic
         counters = core.counters
@@ -161,8 +185,10 @@ class Broker:
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
             while not self._stop.is_set():
-                timeout_ms = int(min(core.next_wakeup(monotonic()), 0.25) * 1000)
-                ready = poller.poll(timeout_ms)
+                timeout = min(core.next_wakeup(monotonic()), 0.25)
+                if pair is not None:
+                    timeout = min(timeout, pair.next_wakeup(monotonic()))
+                ready = poller.poll(int(timeout * 1000))
                 now = monotonic()
                 counters["wakeups"] += 1
                 journal_full = journal is not None and journal.backlog > JOURNAL_BACKLOG
@@ -177,11 +203,16 @@ class Broker:
                         self._drain_subscriptions()
                         continue
                     if journal is not None and sock is journal.notify:
-                        self._release(journal.drain_notifications())
+                        durable = journal.drain_notifications()
+                        if pair is not None and pair.state is HAState.PASSIVE:
+                            pair.durable(durable)
                         self._spill(journal)
                         continue
                     if history is not None and sock is history.results:
                         self._answer_queries()
+                        continue
+                    if pair is not None and sock is pair.sub:
+                        pair.apply(pair.drain(now), now)
                         continue
                     for _ in range(batch):
                         try:
@@ -191,9 +222,19 @@ class Broker:
                         counters["messages_in"] += 1
                         if metrics_on:
                             counters["bytes_in"] += sum(map(len, frames))
+                        if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
+                            continue
                         core.handle(sock, frames, now)
+                if pair is not None:
+                    pair.tick(now)
+                    core.ha = pair.describe(now)
+                    if pair.exit_code:
+                        self.exit_code = pair.exit_code
+                        break
                 core.housekeeping(now)
-                self._flush()
+                self._flush(now)
+                if self._held:
+                    self._release(self._gate(now))
                 if metrics_on and now >= next_report:
                     next_report = now + cfg.metrics_interval
                     self._report(now)
@@ -208,29 +249,54 @@ class Broker:
                 return
             self.core.subscription(msg)
 
-    def _flush(self) -> None:
+    def _gate(self, now: float) -> int | None:
+        """Highest record whose acknowledgements and results may go out (``None``: all of them)."""
+        gate = None
+        journal = self.journal
+        if journal is not None and journal.waits:
+            gate = journal.durable
+        if self.pair is not None:
+            replicated = self.pair.gate(now)
+            if replicated is not None:
+                gate = replicated if gate is None else min(gate, replicated)
+        return gate
+
+    def _journal_append(self, record: list[Any]) -> int:
+        """Journal a record replicated from the active (passive side); returns its local number."""
+        assert self.journal is not None
+        return self.journal.append(record)
+
+    def _flush(self, now: float) -> None:
         core = self.core
         journal = self.journal
+        pair = self.pair
         hold = False
-        if journal is not None and core.journal_out:
-            if journal.error is not None:
+        if core.journal_out:
+            if journal is not None and journal.error is not None:
                 raise RuntimeError(f"the journal failed: {journal.error}")
             to_spill = core.to_spill
             for record in core.journal_out:
-                task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
-                seq = journal.append(record, spill=task is not None)
-                if task is not None:
-                    self._spilling[seq] = task
+                if journal is not None:
+                    task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
+                    seq = self._rseq = journal.append(record, spill=task is not None)
+                    if task is not None:
+                        self._spilling[seq] = task
+                else:
+                    self._rseq += 1
+                if pair is not None:
+                    pair.replicate(self._rseq, record)
             core.journal_out.clear()
-            hold = journal.waits and journal.seq > journal.durable
+            if pair is not None:
+                pair.flush()
+            gate = self._gate(now)
+            hold = gate is not None and gate < self._rseq
         if core.queries and self.history is not None:
             self._ask_history()
         if core.out:
             out, core.out = core.out, []
             for sock, frames, task_id in out:
                 if (hold or self._held) and frames[2] in (P.ACK, P.RESULT):
-                    assert journal is not None
-                    self._held.append((journal.seq, sock, frames, task_id))  # released once durable
+                    self._held.append((self._rseq, sock, frames, task_id))  # released once durable
                     continue
                 self._send(sock, frames, task_id)
         if core.pub:
@@ -302,10 +368,10 @@ class Broker:
             raise RuntimeError(f"the spilled payload of task {task.id} is missing from the journal")
         return [bytes(f) for f in record[4]]
 
-    def _release(self, durable: int) -> None:
-        """Send the acknowledgements and results whose journal records are now durable."""
+    def _release(self, durable: int | None) -> None:
+        """Send the acknowledgements and results whose records are now durable (and replicated)."""
         held = self._held
-        while held and held[0][0] <= durable:
+        while held and (durable is None or held[0][0] <= durable):
             _, sock, frames, task_id = held.popleft()
             self._send(sock, frames, task_id)
 
@@ -339,6 +405,9 @@ class Broker:
             assert self.history is not None
             self.history.close()
             self.history = None
+        if getattr(self, "pair", None) is not None:
+            assert self.pair is not None
+            self.pair.close()
         for s in [*self._routers, getattr(self, "xpub", None)]:
             if s is not None and not s.closed:
                 s.close(linger=0)

@@ -139,6 +139,15 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
 @click.option("--carbon-protocol", type=click.Choice(["pickle", "plaintext"]), default="pickle", show_default=True)
 @click.option("--spill-bytes", type=int, default=0, show_default=True,
               help="With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never).")
+@click.option("--primary", "ha", flag_value="primary", default=None,
+              help="Binary star: run as the primary of a pair (with --state-bind and --peer).")
+@click.option("--backup", "ha", flag_value="backup", help="Binary star: run as the backup of a pair.")
+@click.option("--state-bind", default=None, help="Binary star: this server's state endpoint (bound).")
+@click.option("--peer", default=None, help="Binary star: the other server's state endpoint.")
+@click.option("--replication", type=click.Choice(["sync", "async"]), default="sync", show_default=True,
+              help="Binary star: acknowledge a task once the passive has it (sync), or without waiting.")
+@click.option("--ha-heartbeat", type=float, default=1.0, show_default=True,
+              help="Binary star: seconds between state messages; the peer expires after two.")
 def serve(**kw: Any) -> None:
     """Run an orchestrator until SIGTERM or Ctrl-C."""
     from .broker import Broker
@@ -159,6 +168,8 @@ def serve(**kw: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     broker.run()
+    if broker.exit_code:
+        sys.exit(broker.exit_code)
 
 
 def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
@@ -278,6 +289,16 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     from .render import render_status
 
     render_status(st)
+
+
+@main.command()
+@click.option("--connect", required=True, help="The binary-star server to promote (one endpoint).")
+@timeout_option
+@click.option("--force", is_flag=True, help="Promote even while its peer says it is active.")
+def promote(connect: str, timeout: float, force: bool) -> None:
+    """Make one server of a binary-star pair ACTIVE (manual recovery)."""
+    answer = _ask((connect,), timeout, lambda c: c.promote(force, timeout=timeout))
+    click.echo(f"{connect}: {answer['state']}" + ("" if answer.get("changed") else " (already)"))
 
 
 @main.command()

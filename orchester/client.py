@@ -80,6 +80,7 @@ class Client:
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
         self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
+        self.core.alternatives = len(self.endpoints) > 1
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -178,6 +179,13 @@ class Client:
         """Switch the orchestrator's routing strategy at run time (published as an event)."""
         return self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
 
+    def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Make the binary-star server this client talks to ACTIVE (manual recovery, see ``docs/ha.rst``).
+
+        Refused while its peer is active and alive, unless ``force``.
+        """
+        return self._ask(P.CONTROL, {"op": "promote", "force": bool(force)}, timeout)
+
     def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
         """An :class:`~orchester.events.EventStream` of the orchestrator's events under ``topics``."""
         from .events import EventStream
@@ -255,11 +263,11 @@ class Client:
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
         core = self.core
-        last_heard = last_ping = time.monotonic()
+        last_heard = last_ping = redirect_after = time.monotonic()
         silent_after = self.heartbeat_interval * self.liveness
         try:
             while True:
-                ready = dict(poller.poll(int(self.heartbeat_interval * 500)))
+                ready = dict(poller.poll(int(self.heartbeat_interval * 250)))
                 now = time.monotonic()
                 if self._wake_rx in ready:
                     with self._lock:
@@ -289,6 +297,13 @@ class Client:
                                         core.epoch, len(core.tasks) + len(core.requests))
                             for f in core.pending_frames():
                                 send_frames(sock, f)
+                if core.redirect and now >= redirect_after:  # a passive server refused us
+                    core.redirect = False
+                    redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
+                    poller.unregister(sock)
+                    sock = self._switch(sock, vote=False)
+                    poller.register(sock, zmq.POLLIN)
+                    last_heard = last_ping = now
                 busy = bool(core.tasks or core.requests)
                 if busy and now - last_ping >= self.heartbeat_interval:
                     sock.send_multipart(core.ping())
@@ -296,21 +311,27 @@ class Client:
                 if not busy:
                     last_heard = now
                 elif now - last_heard > silent_after and len(self.endpoints) > 1:
-                    self._index += 1
                     log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
-                                self.endpoints[self._index % len(self.endpoints)])
+                                self.endpoints[(self._index + 1) % len(self.endpoints)])
                     poller.unregister(sock)
-                    sock.close(0)
-                    sock = self._connect()
+                    sock = self._switch(sock, vote=True)
                     poller.register(sock, zmq.POLLIN)
-                    last_heard = now
-                    sock.send_multipart(core.ping())
-                    for f in core.pending_frames():
-                        sock.send_multipart(f, copy=False)
+                    last_heard = last_ping = now
         finally:
             core.fail_all(ClientClosed("the client was closed"))
             sock.close(0)
             self._wake_rx.close(0)
+
+    def _switch(self, sock: zmq.Socket[Any], vote: bool) -> zmq.Socket[Any]:
+        """Close ``sock``, connect to the next endpoint, vote if we left on silence, resend what is pending."""
+        sock.close(0)
+        self._index += 1
+        sock = self._connect()
+        self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
+        sock.send_multipart(self.core.ping(vote=vote))
+        for f in self.core.pending_frames():
+            send_frames(sock, f)
+        return sock
 
     def _drain_outbox(self, sock: zmq.Socket[Any]) -> None:
         outbox = self._outbox

@@ -60,6 +60,10 @@ class ClientCore:
         self.tasks: dict[str, Pending] = {}
         self.requests: dict[int, Pending] = {}
         self.epoch: str | None = None
+        #: whether there is another orchestrator to turn to (a binary-star pair): set by the adapter
+        self.alternatives = False
+        #: a passive server refused us: the adapter should switch to the other endpoint
+        self.redirect = False
 
     # ------------------------------------------------------------ requests
     def task_id(self) -> str:
@@ -109,9 +113,13 @@ class ClientCore:
         return frames
 
     @staticmethod
-    def ping() -> list[Any]:
-        """A client heartbeat; the orchestrator answers with its epoch."""
-        return [P.SIGNATURE, P.HEARTBEAT, pack({})]
+    def ping(vote: bool = False) -> list[Any]:
+        """A client heartbeat; the orchestrator answers with its epoch.
+
+        ``vote``: this client failed over because the other server went silent; a passive
+        server of a binary-star pair takes over on such a vote (see :mod:`orchester.bstar`).
+        """
+        return [P.SIGNATURE, P.HEARTBEAT, pack({"vote": True} if vote else {})]
 
     def pending_frames(self) -> list[list[Any]]:
         """Every request to resend after a reconnect or an orchestrator restart."""
@@ -189,6 +197,9 @@ class ClientCore:
                                               str(err.get("tb", "")), hdr.get("sat")))
 
     def _on_error(self, hdr: dict[str, Any]) -> None:
+        if hdr.get("code") == P.E_NOT_ACTIVE and self.alternatives:
+            self.redirect = True  # keep everything pending: it is resent to the other server
+            return
         exc = RemoteError(str(hdr.get("code", "error")), str(hdr.get("msg", "")))
         tid, rid = hdr.get("id"), hdr.get("rid")
         p = None

@@ -73,6 +73,16 @@ class OrchestratorConfig:
     #: With a journal: once queued payloads pass this many bytes, further ones are dropped from
     #: memory once durable and read back from the journal when dispatched (0: never).
     spill_bytes: int = 0
+    #: Binary star: ``primary`` or ``backup`` (``None``: a single orchestrator).
+    ha: str | None = None
+    #: Binary star: this server's state endpoint (bound; the peer connects to it).
+    state_bind: str | None = None
+    #: Binary star: the peer's state endpoint (connected).
+    peer: str | None = None
+    #: Binary star: ``sync`` (acknowledge once the passive has the record) or ``async``.
+    replication: str = "sync"
+    #: Binary star: seconds between state messages; the peer expires after two without one.
+    ha_heartbeat: float = 1.0
     #: carbon daemon (``HOST:PORT``) to send metrics to (``None``: no metrics)
     carbon: str | None = None
     #: metric names start with this
@@ -115,7 +125,16 @@ class OrchestratorConfig:
             raise ConfigError("metrics_interval must be > 0")
         if self.durability not in ("full", "batch", "off"):
             raise ConfigError(f"durability must be full, batch or off, not {self.durability!r}")
-        for ep in [*self.bind, *self.satellite_bind, *self.pub]:
+        if self.ha is not None:
+            if self.ha not in ("primary", "backup"):
+                raise ConfigError(f"ha must be primary or backup, not {self.ha!r}")
+            if not self.state_bind or not self.peer:
+                raise ConfigError("a binary-star server needs --state-bind (its own) and --peer (the other's)")
+            if self.replication not in ("sync", "async"):
+                raise ConfigError(f"replication must be sync or async, not {self.replication!r}")
+            if not self.ha_heartbeat > 0:
+                raise ConfigError(f"ha_heartbeat must be > 0, not {self.ha_heartbeat!r}")
+        for ep in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind, self.peer))]:
             if not isinstance(ep, str) or "://" not in ep:
                 raise ConfigError(f"endpoint {ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
         return self

@@ -73,6 +73,13 @@ class Orchestrator(Lifecycle):
         self.load_spilled: Callable[[Task], list[Any]] | None = None
         #: history queries for the journal reader (socket key, identity, rid, filters)
         self.queries: list[tuple[Any, bytes, Any, dict[str, Any]]] = []
+        #: restored tasks that were in flight, waiting for their satellite to re-announce them
+        self.reclaim: dict[str, Task] = {}
+        self.reclaim_until = 0.0
+        #: what the binary-star adapter reports in status replies (empty when not in a pair)
+        self.ha: dict[str, Any] = {}
+        #: the binary-star adapter's operations (``promote``; ``peer_link`` as a test fault hook)
+        self.ha_control: Callable[[dict[str, Any], float], dict[str, Any]] | None = None
         self._init_lifecycle(config)
         self._acks: dict[tuple[Any, bytes], list[str]] = {}
         self._seq = 0
@@ -248,8 +255,13 @@ class Orchestrator(Lifecycle):
     def _on_control(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         op = field(hdr, "op", str)
+        if op in ("promote", "peer_link"):
+            if self.ha_control is None:
+                raise ProtocolError(P.E_BAD_REQUEST, "this orchestrator is not part of a binary-star pair")
+            self._reply(sock, ident, hdr.get("rid"), self.ha_control(hdr, now))
+            return
         if op != "strategy":
-            raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; known: ['strategy']")
+            raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; known: ['strategy', 'promote']")
         name = field(hdr, "name", str)
         try:
             strategy = make_strategy(name)
@@ -323,6 +335,39 @@ class Orchestrator(Lifecycle):
         self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
             {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
         self._sat_to(sat, SE.welcome, now, "registered")
+        running = hdr.get("running")
+        if isinstance(running, list) and running:
+            self.adopt(sat, running, now)
+
+    def adopt(self, sat: SatelliteRecord, running: list[Any], now: float) -> None:
+        """Take back tasks a (re-)registering satellite says it is still running.
+
+        After a restart or a failover the task table comes from the journal, where these
+        tasks were in flight: they are given back to the satellite running them under the
+        attempt it runs, instead of being dispatched a second time. A satellite also lists
+        the tasks it finished lately and sends their results again right after: those are
+        taken back the same way and finish at once. Tasks this orchestrator
+        does not know, or knows finished, are left to finish; their results are discarded.
+        """
+        for item in running:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], int)):
+                raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
+            tid, attempt = item
+            task = self.reclaim.pop(tid, None) or self.tasks.get(tid)
+            if task is None or task.state is not TS.PENDING or attempt < task.attempt:
+                self.counters["adopt_refused"] += 1
+                continue
+            self.queued_bytes -= task.size
+            task.attempt = attempt
+            task.satellite = sat.sid
+            sat.inflight[tid] = task
+            if sat.state is SS.IDLE:
+                self._sat_to(sat, SE.load, now)
+            self.fleet.free_slots -= 1
+            self._task_to(task, TE.dispatch, now, "adopted")
+            self._task_to(task, TE.start, now, "adopted")
+            self.counters["adopted"] += 1
 
     def _on_started(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
@@ -415,6 +460,12 @@ class Orchestrator(Lifecycle):
                 old = self.tasks.get(tid)
                 if old is not None and old.state.terminal:
                     del self.tasks[tid]
+        if self.reclaim and now >= self.reclaim_until:
+            for task in self.reclaim.values():  # nobody re-announced them: run them again
+                self.queues.push(task)
+                self._arm(task, now)
+            self.counters["reclaim_requeued"] += len(self.reclaim)
+            self.reclaim.clear()
         if len(self.timers):
             for timer in self.timers.pop_expired(now):
                 self._on_timer(timer.key, timer.code, now)
@@ -436,6 +487,8 @@ class Orchestrator(Lifecycle):
         t = self.timers.next_deadline()
         if t is not None and t < deadline:
             deadline = t
+        if self.reclaim and self.reclaim_until < deadline:
+            deadline = self.reclaim_until
         silent_after = 2 * self._hb_every
         for sat in self.fleet.by_id.values():
             expiry = sat.last_seen + (self._lost_after if sat.state is SS.SILENT else
@@ -445,11 +498,15 @@ class Orchestrator(Lifecycle):
         return max(0.0, deadline - now)
 
     # ---------------------------------------------------------------- replay
-    def restore(self, records: list[list[Any]], now: float, sock: Any) -> dict[str, int]:
-        """Rebuild the task table from journal records, before serving (see :mod:`orchester.restore`)."""
+    def restore(self, records: list[list[Any]], now: float, sock: Any, reclaim: float | None = None) -> dict[str, int]:
+        """Rebuild the task table from journal records, before serving (see :mod:`orchester.restore`).
+
+        Tasks that were in flight wait ``reclaim`` seconds (default: a satellite's liveness
+        period) for their satellite to re-announce them before they are queued again.
+        """
         from .restore import restore
 
-        return restore(self, records, now, sock)
+        return restore(self, records, now, sock, self._lost_after if reclaim is None else reclaim)
 
     # ---------------------------------------------------------------- events
     def subscription(self, msg: bytes) -> None:
@@ -486,4 +543,5 @@ class Orchestrator(Lifecycle):
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.results),
             "counters": dict(self.counters),
+            **({"ha": dict(self.ha)} if self.ha else {}),
         }

@@ -105,7 +105,7 @@ class LocalCluster:
                       env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start one more satellite process connected to the orchestrator (``env``: extra variables)."""
         cmd = [sys.executable, "-m", "satellites", "--log-level", self.log_level, "run",
-               "--connect", self.endpoint, "--workers", str(workers or self.workers),
+               *self._connect_args(), "--workers", str(workers or self.workers),
                "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
                "--prefetch", str(self.prefetch)]
         if sid:
@@ -120,10 +120,17 @@ class LocalCluster:
         self.satellites.append(p)
         return p
 
+    def _connect_args(self) -> list[str]:
+        return ["--connect", self.endpoint]
+
+    def _status_endpoint(self) -> str:
+        """The endpoint whose status counts the satellites (the active one of a pair)."""
+        return self.endpoint
+
     def wait_for_satellites(self, n: int, timeout: float | None = None) -> None:
         """Block until at least ``n`` satellites are registered (bounded by ``timeout``)."""
         deadline = time.monotonic() + (timeout or self.start_timeout)
-        with Client(self.endpoint) as c:
+        with Client(self._status_endpoint()) as c:
             while True:
                 for p in self.satellites:
                     if p.poll() is not None and p.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):

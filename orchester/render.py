@@ -13,6 +13,12 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     console.print(f"[bold]orchestrator[/] {st.get('epoch')}  uptime {st.get('uptime', 0):.0f}s  "
                   f"strategy [cyan]{st.get('strategy')}[/]  results kept {st.get('results_retained', 0)}")
+    ha = st.get("ha")
+    if isinstance(ha, dict):
+        alarms = ", ".join(f"{k} ×{v}" for k, v in ha.get("alarms", {}).items())
+        console.print(f"[bold]binary star[/] {ha.get('role')} [cyan]{ha.get('state')}[/]  peer {ha.get('peer')} "
+                      f"({'alive' if ha.get('peer_alive') else 'silent'})  replication {ha.get('replication')}"
+                      + (f"  [red]alarms {alarms}[/]" if alarms else ""))
     tasks = Table(title="tasks")
     tasks.add_column("state")
     tasks.add_column("count", justify="right")

@@ -1,9 +1,17 @@
-"""Rebuilding an orchestrator's task table from its journal, at start."""
+"""Rebuilding an orchestrator's task table from journal records, and describing it as records.
+
+:class:`RestoreFold` takes records one at a time (from the journal at start, or from the
+active's replication stream on a passive server) and :meth:`RestoreFold.finish` installs
+what they say into a fresh :class:`~orchester.core.Orchestrator`. A ``Z`` record is a
+snapshot barrier: what came before it is superseded by the snapshot that follows.
+:func:`snapshot` is the other direction: the records that rebuild a running core's table.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from serializers import protocol as P
@@ -17,53 +25,126 @@ if TYPE_CHECKING:
     from .core import Orchestrator
 
 log = logging.getLogger("orchester.journal")
+#: A snapshot barrier: records before it are superseded by the snapshot after it.
+BARRIER = "Z"
+_IN_FLIGHT = (TS.DISPATCHED, TS.RUNNING)
 
 
-def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any) -> dict[str, int]:
-    """Rebuild the task table from journal records (before serving).
+class RestoreFold:
+    """Journal records folded into task descriptions, ready to install."""
 
-    Finished tasks keep their results for fetch; unfinished ones are queued again (their
-    next dispatch raises the attempt). Returns counts of what was restored.
-    """
-    tasks: dict[str, Task] = {}
-    results: dict[str, list[Any]] = {}
-    for rec in records:
+    def __init__(self) -> None:
+        self.tasks: dict[str, list[Any]] = {}  #: id -> [S record, last T record or None]
+        self.results: dict[str, list[Any]] = {}
+        self.history: dict[str, list[tuple[float, TS, int, Any, Any]]] = {}
+        self.bad = 0
+        self.records = 0
+
+    def reset(self) -> None:
+        """Forget everything (a snapshot follows)."""
+        self.tasks.clear()
+        self.results.clear()
+        self.history.clear()
+
+    def add(self, rec: list[Any]) -> None:
+        """Fold one record; a record that cannot be applied is counted and skipped."""
+        self.records += 1
         try:
-            code, tid = rec[0], rec[1]
-            if code == "S" and tid not in tasks:
-                hdr = unpack(rec[3])
-                tags = hdr.get("tg") or []
+            code = rec[0]
+            if code == BARRIER:
+                self.reset()
+                return
+            tid = rec[1]
+            if code == "S":
+                if tid not in self.tasks:
+                    unpack(bytes(rec[3]))  # refuse a record whose header is unreadable, now
+                    self.tasks[tid] = [rec, None]
+                    self.history[tid] = [(float(rec[5]), TS.PENDING, 0, None, None)]
+            elif code == "T":
+                entry = self.tasks.get(tid)
+                if entry is not None:
+                    entry[1] = rec
+                    self.history[tid].append((float(rec[6]) if len(rec) > 6 else 0.0, TS(rec[2]), int(rec[3]),
+                                              rec[4], rec[5]))
+            elif code == "R":
+                self.results[tid] = list(rec[2])
+        except (IndexError, TypeError, ValueError, ProtocolError, KeyError) as exc:
+            self.bad += 1
+            log.warning("skipped a journal record that cannot be applied: %s", exc)
+
+    def finish(self, core: Orchestrator, now: float, sock: Any, reclaim: float = 0.0) -> dict[str, int]:
+        """Install the folded tasks into ``core`` (before it serves); returns counts.
+
+        Finished tasks keep their results for fetch; unfinished ones are queued again (their
+        next dispatch raises the attempt). With ``reclaim`` > 0, tasks that were in flight wait
+        that many seconds for their satellite to re-announce them (see
+        :meth:`~orchester.core.Orchestrator.adopt`) before they are queued.
+        """
+        counts: Counter[str] = Counter()
+        for tid, (srec, trec) in self.tasks.items():
+            try:
+                hdr = unpack(bytes(srec[3]))
                 core._seq += 1
-                payload = list(rec[4])
-                t = Task(tid, str(hdr.get("k")), int(hdr.get("p", 0) or 0), frozenset(tags), rec[2], sock,
-                         rec[3], payload, now, core._seq, _len(payload))
+                payload = list(srec[4])
+                t = Task(tid, str(hdr.get("k")), int(hdr.get("p", 0) or 0), frozenset(hdr.get("tg") or []),
+                         bytes(srec[2]), sock, bytes(srec[3]), payload, now, core._seq, _len(payload))
                 t.ttl = float(hdr.get("ttl", 0) or 0)
                 t.max_run = float(hdr.get("mr", 0) or 0)
-                t.history.add(float(rec[5]), TS.PENDING, 0)
-                tasks[tid] = t
-            elif code == "T" and tid in tasks:
-                t = tasks[tid]
-                t.state, t.attempt, t.satellite = TS(rec[2]), int(rec[3]), rec[4]
-                t.history.add(float(rec[6]) if len(rec) > 6 else core.wall(), t.state, t.attempt, t.satellite, rec[5])
-            elif code == "R":
-                results[tid] = list(rec[2])
-        except (IndexError, TypeError, ValueError, ProtocolError) as exc:
-            core.counters["journal_bad_records"] += 1
-            log.warning("skipped a journal record that cannot be applied: %s", exc)
-    counts: Counter[str] = Counter()
-    for tid, t in tasks.items():
-        core.tasks[tid] = t
-        if t.state.terminal:
-            frames = results.get(tid)
-            if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
-                core.results.put(tid, [P.SIGNATURE, P.RESULT, *frames], _len(frames), delivered=True)
-            t.payload = []
-            counts["finished"] += 1
-        else:
+                for wall, state, attempt, sat, reason in self.history[tid]:
+                    t.history.add(wall or core.wall(), state, attempt, sat, reason)
+                if trec is not None:
+                    t.state, t.attempt, t.satellite = TS(trec[2]), int(trec[3]), trec[4]
+            except (IndexError, TypeError, ValueError, ProtocolError) as exc:
+                core.counters["journal_bad_records"] += 1
+                log.warning("skipped a task that cannot be restored: %s", exc)
+                continue
+            core.tasks[tid] = t
+            if t.state.terminal:
+                frames = self.results.get(tid)
+                if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
+                    core.results.put(tid, [P.SIGNATURE, P.RESULT, *frames], _len(frames), delivered=True)
+                t.payload = []
+                counts["finished"] += 1
+                continue
+            in_flight = t.state in _IN_FLIGHT
             t.state, t.satellite = TS.PENDING, None
-            core.queues.push(t)
             core.queued_bytes += t.size
-            core._arm(t, now)
+            if reclaim > 0 and in_flight:
+                core.reclaim[tid] = t
+                counts["reclaimable"] += 1
+            else:
+                core.queues.push(t)
+                core._arm(t, now)
             counts["requeued"] += 1
-    core.counters["journal_restored"] += len(tasks)
-    return dict(counts)
+        if core.reclaim:
+            core.reclaim_until = now + reclaim
+        core.counters["journal_restored"] += len(self.tasks)
+        core.counters["journal_bad_records"] += self.bad
+        return dict(counts)
+
+
+def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any,
+            reclaim: float = 0.0) -> dict[str, int]:
+    """Rebuild the task table from journal records (before serving)."""
+    fold = RestoreFold()
+    for rec in records:
+        fold.add(rec)
+    return fold.finish(core, now, sock, reclaim)
+
+
+def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
+    """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
+    its transitions and its stored result (what a passive server needs to take over)."""
+    yield [BARRIER, "", core.wall()]
+    for tid, t in list(core.tasks.items()):
+        payload = t.payload
+        if t.spilled is not None and core.load_spilled is not None:
+            payload = core.load_spilled(t)
+        entries = t.history.entries()
+        submitted = entries[0]["t"] if entries else core.wall()
+        yield ["S", tid, t.client, bytes(t.header), [bytes(f) for f in payload], submitted, None]
+        for e in entries[1:]:
+            yield ["T", tid, int(TS[e["state"].upper()]), e["attempt"], e["sat"], e["reason"], e["t"]]
+        stored = core.results.get(tid)
+        if stored is not None:
+            yield ["R", tid, [bytes(f) for f in stored.frames[2:]], core.wall()]

@@ -97,9 +97,14 @@ class Satellite:
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._endpoint_index = 0
+        self._redirect = False  #: a passive orchestrator refused us: switch endpoints
+        self._redirect_after = 0.0
         #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on)
         self._queue: collections.deque[tuple[str, int, list[Any]]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
+        #: results sent lately, (sent at, task id, attempt, DONE frames): after a failover they are
+        #: announced and sent again, so the new orchestrator neither loses nor reruns them
+        self._recent: collections.deque[tuple[float, str, int, list[Any]]] = collections.deque()
         load_task_modules(self.modules)  # fail fast, in this process, on a bad --tasks module
         self.kinds = registry.kinds()
         #: kinds that report progress, with the stall timeout they declare
@@ -140,8 +145,12 @@ class Satellite:
             shutil.rmtree(tmpdir, ignore_errors=True)
             log.info("satellite %s stopped", self.sid)
 
-    def _connect(self, ctx: zmq.Context[Any]) -> None:
-        """(Re)create the orchestrator socket, to the current endpoint, and register."""
+    def _connect(self, ctx: zmq.Context[Any], vote: bool = False) -> None:
+        """(Re)create the orchestrator socket, to the current endpoint, and register.
+
+        ``vote``: we left the previous orchestrator because it went silent; a passive
+        binary-star server takes over on such a vote.
+        """
         if self.orch is not None:
             self.orch.close(0)
         s = ctx.socket(zmq.DEALER)
@@ -157,17 +166,23 @@ class Satellite:
         now = time.monotonic()
         self._last_heard = now
         self._last_sent = 0.0
-        self._register(now)
+        self._register(now, vote)
+        self._trim_recent(now)
+        for _, _, _, frames in self._recent:  # results the previous orchestrator may not have kept
+            self._send(frames, now)
+        self.counters["results_resent"] += len(self._recent)
         log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, endpoint,
                  self.workers, self.kinds)
 
-    def _register(self, now: float) -> None:
+    def _register(self, now: float, vote: bool = False) -> None:
         self._send([P.REGISTER, pack({
+            **({"vote": True} if vote else {}),
             "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
             "progress": self.progress_kinds, "versions": self.versions,
             **({"walltime": max(0.0, self.deadline - now)} if self.deadline is not None else {}),
             "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
-            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
+            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task]
+            + [[tid, attempt] for _, tid, attempt, _ in self._recent],
         })], now)
 
     def _send(self, frames: list[Any], now: float) -> None:
@@ -210,6 +225,13 @@ class Satellite:
             if now - self._last_heard > expiry:
                 log.warning("orchestrator silent for %.1fs: reconnecting", now - self._last_heard)
                 self.counters["reconnects"] += 1
+                self._endpoint_index += 1
+                self._connect(ctx, vote=True)
+                continue
+            if self._redirect and now >= self._redirect_after and len(self.endpoints) > 1:
+                self._redirect = False  # a passive server refused us: try the other one
+                self._redirect_after = now + self.heartbeat_interval / 2
+                self.counters["redirects"] += 1
                 self._endpoint_index += 1
                 self._connect(ctx)
                 continue
@@ -282,6 +304,9 @@ class Satellite:
         elif cmd == P.ERROR:
             hdr = unpack(bytes(frames[2]))
             self.counters["errors_received"] += 1
+            if hdr.get("code") == P.E_NOT_ACTIVE:
+                self._redirect = True
+                return
             log.warning("orchestrator error %s: %s", hdr.get("code"), hdr.get("msg"))
         else:
             raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")
@@ -332,17 +357,28 @@ class Satellite:
                 continue  # a killed worker's last words
             if tag == W.DONE:
                 if w.task is not None:
+                    tid, attempt = w.task
                     self._durations.append(now - w.started)
-                    self._running.pop(w.task[0], None)
+                    self._running.pop(tid, None)
                     w.task = None
                     self.counters["done"] += 1
-                    self._send([P.DONE, *frames[2:]], now)
+                    done = [P.DONE, *frames[2:]]
+                    self._send(done, now)
+                    self._recent.append((now, tid, attempt, done))
+                    self._trim_recent(now)
             elif tag == W.PROGRESS:
                 if w.task is not None:
                     self._send([P.PROGRESS, frames[2]], now)
             elif tag == W.READY:
                 w.ready = True
         self._assign(now)
+
+    def _trim_recent(self, now: float) -> None:
+        """Keep the results of the last liveness period (and at most 10,000 of them)."""
+        recent = self._recent
+        horizon = now - self.heartbeat_interval * (self.liveness + 1)
+        while recent and (recent[0][0] < horizon or len(recent) > 10_000):
+            recent.popleft()
 
     def _worker_died(self, sentinel: int, now: float) -> None:
         w = self.pool.reap(sentinel)

@@ -55,3 +55,16 @@ def hang(seconds: float = 60.0) -> None:
     """Report progress once, then stop making progress (an endless loop, seen from outside)."""
     progress(step=1)
     time.sleep(seconds)
+
+
+@task("t.mark")
+def mark(path: str, key: str, seconds: float = 0.0) -> str:
+    """Sleep, then append ``key`` to the file at ``path`` (one line per execution) and return it."""
+    if seconds:
+        time.sleep(seconds)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (key + "\n").encode())
+    finally:
+        os.close(fd)
+    return key

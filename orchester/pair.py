@@ -1,0 +1,394 @@
+"""The binary-star adapter: the link between the two servers of a pair.
+
+Each server binds a PUB socket on its state endpoint (``--state-bind``) and
+subscribes to its peer's (``--peer``). Over that link:
+
+* ``STATE {s, role, e, q}`` every heartbeat: the sender's :class:`~orchester.bstar.HAState`.
+* The active streams its journal records: ``REC {e, q}`` followed by one frame per record
+  (msgpack, as in the journal), numbered ``q, q+1, ...`` in the active's journal order.
+* The passive asks for a snapshot with ``SYNC`` when it has none or sees a gap; the active
+  answers with ``SNAP {e, q, i, last}`` chunks (:func:`~orchester.restore.snapshot`), the
+  state as of record ``q``, then streams from ``q + 1``.
+* The passive acknowledges with ``ACK {e, q}`` once the records up to ``q`` are in its
+  journal (durable, per its ``--durability``), or at once without a journal.
+
+With ``--replication sync`` the active releases an acknowledgement or a result only once
+the passive has acknowledged the records it depends on — while the peer is alive and in
+sync; when the peer goes silent the active falls back to local durability and says so.
+This module owns the sockets and the replication bookkeeping; the decisions of the pair are
+:class:`~orchester.bstar.BinaryStar`'s, and the broker applies what they change.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import zmq
+
+from serializers import protocol as P
+from serializers.header import ProtocolError, error_frames, pack, unpack
+
+from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
+from .config import OrchestratorConfig
+from .restore import RestoreFold, snapshot
+
+if TYPE_CHECKING:
+    from .core import Orchestrator
+
+log = logging.getLogger("orchester.ha")
+
+STATE, REC, SYNC, SNAP, ACK = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK"
+#: Records per snapshot message.
+SNAP_CHUNK = 500
+
+
+def _pack(body: dict[str, Any]) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+class Pair:
+    """This server's half of the pair: state link, replication out (active) or in (passive)."""
+
+    def __init__(self, config: OrchestratorConfig, ctx: zmq.Context[Any], core: Orchestrator, router: Any,
+                 now: float, append: Callable[[list[Any]], int] | None, last_seq: Callable[[], int]) -> None:
+        assert config.state_bind and config.peer
+        self.cfg = config
+        self.core = core  #: the orchestrator core (snapshots are taken from it; a takeover fills it)
+        self.router = router  #: the socket key restored tasks answer their clients on
+        self.exit_code = 0  #: set when this server must stop (a backup stepping down from a dual active)
+        core.ha_control = self.control
+        #: ``CONTROL peer_link`` (cut or restore the peer link) is honoured only with this set
+        self.fault_hooks = os.environ.get("ORCHESTER_FAULT_HOOKS") == "1"
+        self.epoch: str = core.epoch
+        self.last_seq = last_seq  #: the number of the last record this server journaled
+        self.star = BinaryStar(config.ha == "primary", config.ha_heartbeat, now)
+        self.sync = config.replication == "sync"
+        self.counters = core.counters
+        self._append = append  #: writes a replicated record to the local journal, returns its seq
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.linger = 0
+        self.pub.sndhwm = 100_000
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.linger = 0
+        self.sub.rcvhwm = 100_000
+        try:
+            self.pub.bind(config.state_bind)
+            self.endpoint = self.pub.last_endpoint.decode()
+            self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+            self.sub.connect(config.peer)
+        except Exception:
+            self.close()
+            raise
+        self.fold = RestoreFold()  #: what this server would install if it became active
+        self.link_up = True  #: a test fault hook: False drops everything on the peer link
+        self._next_state = now
+        # active side
+        self.follower = False  #: the passive asked for the stream
+        self.synced = False  #: ... and acknowledged the snapshot
+        self.snap_seq = 0
+        self.acked = 0  #: highest record the passive acknowledged
+        self._batch: list[bytes] = []
+        self._batch_first = 0
+        # passive side
+        self.stream: str | None = None  #: the active's epoch whose stream we follow
+        self.applied = 0  #: last record applied from that stream
+        self._chunk = 0  #: next snapshot chunk expected (-1: none in progress)
+        self._pending_acks: deque[tuple[int, int]] = deque()  #: (local journal seq, stream seq)
+        self._ack_due = 0
+        self._ack_sent = 0
+        self._next_sync = now
+
+    # ------------------------------------------------------------- status
+    @property
+    def state(self) -> HAState:
+        """This server's current state."""
+        return self.star.state
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The pair as seen from here (status replies, ``orchester status``)."""
+        return {"state": self.star.state.name.lower(), "role": self.star.role,
+                "peer": self.star.peer.name.lower() if self.star.peer else None,
+                "peer_alive": self.star.peer_alive(now), "replication": self.replication_mode(now),
+                "stream": self.stream, "applied": self.applied, "acked": self.acked,
+                "alarms": dict(self.star.alarms)}
+
+    def replication_mode(self, now: float) -> str:
+        """``sync``/``async`` while the passive follows, ``local`` when it does not, ``follower`` on a passive."""
+        if self.star.state is not HAState.ACTIVE:
+            return "follower" if self.stream else "none"
+        if self.follower and self.synced and self.star.peer_alive(now):
+            return "sync" if self.sync else "async"
+        return "local"
+
+    def gate(self, now: float) -> int | None:
+        """Highest record whose dependants may be released, or ``None`` when replication does not gate."""
+        if self.sync and self.follower and self.synced and self.star.peer_alive(now):
+            return self.acked
+        return None
+
+    # --------------------------------------------------------- peer link in
+    def drain(self, now: float) -> list[Change]:
+        """Read everything the peer sent; return the state changes it caused."""
+        changes: list[Change] = []
+        for _ in range(10_000):
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if not self.link_up:
+                continue
+            try:
+                change = self._on_peer(frames, now)
+            except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as exc:
+                self.counters["ha_bad_messages"] += 1
+                log.warning("bad message on the peer link: %s", exc)
+                continue
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def _on_peer(self, frames: list[bytes], now: float) -> Change | None:
+        kind = frames[0]
+        body = msgpack.unpackb(frames[1], raw=False) if len(frames) > 1 else {}
+        if not isinstance(body, dict):
+            raise ValueError("peer message header is not a map")
+        if kind == STATE:
+            if self.stream is not None and body.get("f") is False and self.star.state is HAState.PASSIVE:
+                self.stream, self._chunk = None, 0  # the active no longer streams to us: resynchronise
+                self.counters["ha_stream_gaps"] += 1
+            return self.star.peer_state(HAState(int(body["s"])), now)
+        if kind == REC and self.star.state is HAState.PASSIVE:
+            self._on_records(str(body["e"]), int(body["q"]), frames[2:])
+        elif kind == SNAP and self.star.state is HAState.PASSIVE:
+            self._on_snapshot(body, frames[2:], now)
+        elif kind == SYNC and self.star.state is HAState.ACTIVE:
+            self._send_snapshot()
+        elif kind == ACK and self.star.state is HAState.ACTIVE and body.get("e") == self.epoch:
+            self.acked = max(self.acked, int(body["q"]))
+            if not self.synced and self.follower and self.acked >= self.snap_seq:
+                self.synced = True
+                self.core.pub.append([b"ha:replication", pack({"mode": "sync" if self.sync else "async",
+                                                               "why": "the passive is in sync", "e": self.epoch,
+                                                               "t": self.core.wall()})])
+                log.info("the passive is in sync at record %d: replication %s", self.acked,
+                         "synchronous" if self.sync else "asynchronous")
+        return None
+
+    def _on_records(self, epoch: str, first: int, records: list[bytes]) -> None:
+        if self._chunk != -1 or epoch != self.stream or first != self.applied + 1:
+            if self.stream is not None:
+                self.counters["ha_stream_gaps"] += 1
+            self._chunk, self.stream = 0, None  # out of sync: ask for a snapshot
+            return
+        for data in records:
+            self.applied += 1
+            self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), self.applied)
+
+    def _on_snapshot(self, body: dict[str, Any], records: list[bytes], now: float) -> None:
+        index = int(body["i"])
+        if index == 0:
+            self._chunk = 0
+            self.stream = None
+            self._ack_due = self._ack_sent = 0
+            self._pending_acks.clear()
+        elif index != self._chunk:
+            self.counters["ha_stream_gaps"] += 1
+            self._chunk, self.stream = 0, None
+            return
+        last = bool(body.get("last"))
+        q = int(body["q"])
+        for n, data in enumerate(records, 1):
+            self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False),
+                        q if last and n == len(records) else 0)
+        self._chunk = index + 1
+        if last:
+            self._chunk = -1
+            self.stream = str(body["e"])
+            self.applied = q
+            self.counters["ha_snapshots_received"] += 1
+            log.info("in sync with the active %s at record %d (%d tasks)", self.stream, self.applied,
+                     len(self.fold.tasks))
+
+    def _apply(self, record: list[Any], stream_seq: int) -> None:
+        """Fold one record and journal it; ``stream_seq`` (0: none) is acknowledged once durable."""
+        self.fold.add(record)
+        self.counters["ha_records_applied"] += 1
+        if self._append is None:
+            self._ack_due = max(self._ack_due, stream_seq)
+            return
+        local = self._append(record)
+        if stream_seq:
+            self._pending_acks.append((local, stream_seq))
+
+    def durable(self, local_seq: int) -> None:
+        """The local journal made records up to ``local_seq`` durable (passive side)."""
+        acks = self._pending_acks
+        while acks and acks[0][0] <= local_seq:
+            self._ack_due = max(self._ack_due, acks.popleft()[1])
+
+    # -------------------------------------------------------- peer link out
+    def replicate(self, seq: int, record: list[Any]) -> None:
+        """Stream one record (active side; sent on :meth:`flush`)."""
+        if not self.follower:
+            return
+        if not self._batch:
+            self._batch_first = seq
+        self._batch.append(msgpack.packb(record, use_bin_type=True))
+
+    def flush(self) -> None:
+        """Send the records streamed since the last flush."""
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._send([REC, _pack({"e": self.epoch, "q": self._batch_first}), *batch])
+
+    def _send_snapshot(self, seq: int | None = None) -> None:
+        """Answer a SYNC: the whole task table as of the last record, then the stream."""
+        self.flush()
+        q = self.last_seq() if seq is None else seq
+        records = [msgpack.packb(r, use_bin_type=True) for r in snapshot(self.core)]  # never empty: a barrier
+        chunks = [records[i:i + SNAP_CHUNK] for i in range(0, len(records), SNAP_CHUNK)]
+        for index, chunk in enumerate(chunks):
+            self._send([SNAP, _pack({"e": self.epoch, "q": q, "i": index, "last": index == len(chunks) - 1}),
+                        *chunk])
+        self.follower, self.synced, self.snap_seq = True, False, q
+        self.counters["ha_snapshots_sent"] += 1
+        log.info("sent a snapshot of %d records to the passive at record %d", len(records), q)
+
+    def _send(self, frames: list[bytes]) -> None:
+        if not self.link_up:
+            return
+        try:
+            self.pub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["ha_link_dropped"] += 1
+
+    def tick(self, now: float) -> None:
+        """Housekeeping on every wake-up: state heartbeat, acks, sync requests, peer expiry."""
+        star = self.star
+        if now >= self._next_state:
+            self._next_state = now + star.heartbeat
+            self._send([STATE, _pack({"s": int(star.state), "role": star.role, "e": self.epoch,
+                                      "q": self.last_seq(), "f": self.follower})])
+        if star.state is HAState.PASSIVE:
+            if self._ack_due > self._ack_sent and self.stream is not None:
+                self._ack_sent = self._ack_due
+                self._send([ACK, _pack({"e": self.stream, "q": self._ack_due})])
+            if self.stream is None and self._chunk <= 0 and now >= self._next_sync and star.peer_alive(now):
+                self._next_sync = now + 2 * star.heartbeat
+                self._send([SYNC, _pack({"e": self.epoch})])
+        elif star.state is HAState.ACTIVE and self.follower and not star.peer_alive(now):
+            self.follower = self.synced = False
+            self._batch = []
+            self.counters["ha_peer_lost"] += 1
+            log.warning("the passive is silent: acknowledging on local durability alone")
+            self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": "the passive is silent",
+                                                           "e": self.epoch, "t": self.core.wall()})])
+
+    # ------------------------------------------------------ clients' side
+    def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:
+        """A request reached a server that is not ACTIVE: serve it (True) or refuse it.
+
+        ``STATUS`` is always answered (operators ask a passive server how it is); a
+        ``CONTROL promote`` is an operator's manual recovery; anything else is a client
+        request for the table (a vote when its header says ``vote: true``).
+        """
+        core = self.core
+        cmd = bytes(frames[2]) if len(frames) > 2 else b""
+        if cmd == P.ERROR:
+            return False  # never answered
+        try:
+            hdr = unpack(bytes(frames[3])) if len(frames) > 3 else {}
+        except ProtocolError:
+            hdr = {}
+        if cmd == P.STATUS:
+            return True
+        if cmd == P.CONTROL and hdr.get("op") in ("promote", "peer_link"):
+            return True  # the core refers it back to control()
+        serve, change = self.star.request(now, vote=hdr.get("vote") is True)
+        if change is not None:
+            self.apply([change], now)
+        if serve:
+            return True
+        core.counters["ha_refused"] += 1
+        ids = {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
+        state = self.star.state.name.lower()
+        core.out.append((sock, [bytes(frames[0]), *error_frames(
+            P.E_NOT_ACTIVE, f"this orchestrator is {state} ({self.star.role}); ask its peer", **ids)], None))
+        return False
+
+    def control(self, hdr: dict[str, Any], now: float) -> dict[str, Any]:
+        """``CONTROL`` operations of the pair: ``promote`` and the ``peer_link`` fault hook."""
+        if hdr.get("op") == "promote":
+            return self.promote(hdr.get("force") is True, now)
+        if not self.fault_hooks:
+            raise ProtocolError(P.E_BAD_REQUEST, "peer_link is a test fault hook: start the server with "
+                                "ORCHESTER_FAULT_HOOKS=1 to allow it")
+        self.link_up = hdr.get("up") is not False
+        log.warning("fault hook: the peer link is %s", "up" if self.link_up else "cut")
+        return {"peer_link": "up" if self.link_up else "cut"}
+
+    def promote(self, force: bool, now: float) -> dict[str, Any]:
+        """An operator's ``orchester promote``: become ACTIVE now (refused while the peer is active)."""
+        star = self.star
+        if star.state is HAState.ACTIVE:
+            return {"state": "active", "changed": False}
+        if star.peer is HAState.ACTIVE and star.peer_alive(now) and not force:
+            raise ProtocolError(P.E_BAD_REQUEST, "the peer is active and alive: promoting would make two "
+                                "actives (use --force only if you know the peer is cut off for good)")
+        self.apply([star.promote()], now)
+        return {"state": "active", "changed": True}
+
+    def apply(self, changes: list[Change], now: float) -> None:
+        """Act on state changes: take over, report alarms, step down."""
+        core = self.core
+        for change in changes:
+            row = change.row
+            wall = core.wall()
+            if change.before is not change.after:
+                log.warning("binary star: %s -> %s: %s", change.before.name, change.after.name, row.why)
+                core.pub.append([b"ha:state", pack({
+                    "state": change.after.name.lower(), "was": change.before.name.lower(),
+                    "role": self.star.role, "why": row.why, "e": self.epoch, "t": wall})])
+                core.counters[f"ha_to_{change.after.name.lower()}"] += 1
+                if change.after is HAState.ACTIVE:
+                    self._activate(change.before, now)
+            if row.alarm is not None:
+                log.error("binary star alarm (%s): %s", row.alarm, row.why)
+                core.counters[f"ha_{row.alarm}"] += 1
+                core.pub.append([b"ha:alarm", pack({"alarm": row.alarm, "why": row.why, "role": self.star.role,
+                                                    "state": self.star.state.name.lower(), "e": self.epoch,
+                                                    "t": wall})])
+                if row.alarm == DUAL_ACTIVE and not self.star.primary and self.star.state is HAState.ACTIVE:
+                    log.critical("dual active: this backup stops serving and exits; the tasks it accepted "
+                                 "while cut off stay in its journal")
+                    core.pub.append([b"ha:state", pack({"state": "stopped", "was": "active", "role": "backup",
+                                                        "why": "dual active: the backup steps down",
+                                                        "e": self.epoch, "t": wall})])
+                    self.exit_code = 3
+
+    def _activate(self, before: HAState, now: float) -> None:
+        """Install what the journal and the stream said, then serve."""
+        core = self.core
+        fold, self.fold = self.fold, RestoreFold()
+        counts = fold.finish(core, now, self.router, reclaim=core.cfg.heartbeat_interval * core.cfg.liveness)
+        if before is HAState.PASSIVE:
+            core.counters["failovers"] += 1
+        self.stream = None
+        log.warning("active with %d task(s): %d finished, %d to run (%d awaiting their satellite)",
+                    len(core.tasks), counts.get("finished", 0), counts.get("requeued", 0),
+                    counts.get("reclaimable", 0))
+
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until :meth:`tick` has something to do."""
+        return max(0.0, min(self._next_state, self.star.peer_expiry if self.follower else self._next_state) - now)
+
+    def close(self) -> None:
+        """Close both sockets (idempotent)."""
+        for s in (self.pub, self.sub):
+            if not s.closed:
+                s.close(linger=0)
