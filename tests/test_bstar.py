@@ -18,7 +18,6 @@ from orchester.bstar import (
     BinaryStar,
     HAEvent,
     HAState,
-    Row,
     compile_table,
 )
 from orchester.config import OrchestratorConfig
