@@ -209,3 +209,15 @@ class BinaryStar:
         if row.alarm == DUAL_PASSIVE and self.primary:
             self.state = HAState.ACTIVE  # someone must serve: the primary takes over
         return Change(row, before, self.state)
+
+
+def table_rst() -> str:
+    """:data:`TABLE` as a reStructuredText list-table (pasted in ``docs/ha.rst``; a test keeps them equal)."""
+    lines = [".. list-table::", "   :header-rows: 1", "",
+             "   * - state", "     - event", "     - guard", "     - next", "     - request", "     - alarm",
+             "     - why"]
+    for r in TABLE:
+        lines += [f"   * - {r.state.name}", f"     - {r.event.name}", f"     - {r.guard or ''}",
+                  f"     - {r.next.name if r.next else '(stays)'}", f"     - {r.verdict or ''}",
+                  f"     - {r.alarm or ''}", f"     - {r.why}"]
+    return "\n".join(line.rstrip() for line in lines) + "\n"

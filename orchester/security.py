@@ -30,6 +30,8 @@ import re
 import struct
 import tempfile
 import threading
+import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,6 +351,10 @@ class KeyRing:
 # -- the ZAP handler -------------------------------------------------------------------------
 
 
+#: Contexts in which a CurveAuthenticator of this process runs (libzmq allows one ZAP handler each).
+_ZAP_CONTEXTS: weakref.WeakSet[zmq.Context[Any]] = weakref.WeakSet()
+
+
 class _ZapAgent(ThreadAuthenticator):
     """pyzmq's threaded ZAP handler, asking the ring on every CURVE handshake."""
 
@@ -421,24 +427,37 @@ class CurveAuthenticator:
             warn_limited(log, "denied CURVE key %s: not in %s", key.decode("ascii", "replace"), self.ring.directory)
 
     def start(self) -> None:
-        """Bind the context's ZAP endpoint and start answering; SecurityError if one already runs."""
+        """Bind the context's ZAP endpoint and start answering; SecurityError if one already runs.
+
+        Closing an inproc endpoint completes in libzmq's background thread, so just after a
+        ``stop()`` the endpoint may still be taken for a moment: the bind is retried for a second.
+        """
         if self._agent is not None:
             raise RuntimeError("CurveAuthenticator already started")
-        agent = _ZapAgent(self, self.context)
-        agent.configure_curve_callback(self.domain, credentials_provider=agent)
-        try:
-            agent.start()
-        except zmq.ZMQError as e:
-            agent.stop()
-            if e.errno == errno.EADDRINUSE:
-                raise SecurityError("another ZAP handler already runs in this zmq context") from e
-            raise
+        if self.context in _ZAP_CONTEXTS:
+            raise SecurityError("another CurveAuthenticator already runs in this zmq context")
+        deadline = time.monotonic() + 1.0
+        while True:
+            agent = _ZapAgent(self, self.context)
+            agent.configure_curve_callback(self.domain, credentials_provider=agent)
+            try:
+                agent.start()
+                break
+            except zmq.ZMQError as e:
+                agent.stop()
+                if e.errno != errno.EADDRINUSE:
+                    raise
+                if time.monotonic() > deadline:
+                    raise SecurityError("another ZAP handler already runs in this zmq context") from e
+                time.sleep(0.01)
         self._agent = agent
+        _ZAP_CONTEXTS.add(self.context)
 
     def stop(self) -> None:
         """Stop the thread and close its sockets; a no-op when not running."""
         agent, self._agent = self._agent, None
         if agent is not None:
+            _ZAP_CONTEXTS.discard(self.context)
             agent.stop()
 
     def __enter__(self) -> CurveAuthenticator:

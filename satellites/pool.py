@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import time
 from typing import Any
 
@@ -65,7 +66,7 @@ class WorkerPool:
 
     def _spawn(self, index: int) -> Worker:
         p = _mp.Process(target=worker_main, name=f"satellite-{self.sid}-w{index}",
-                        args=(self.endpoint, self.sid, index, self.modules, self.allow_pickle),
+                        args=(self.endpoint, self.sid, index, self.modules, self.allow_pickle, os.getpid()),
                         daemon=True)
         p.start()
         w = Worker(index, p)

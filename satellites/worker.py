@@ -90,8 +90,22 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     return [pack(rh), *out]
 
 
-def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_pickle: bool) -> None:
-    """Entry point of a worker process: connect, announce, run tasks until the socket closes."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_pickle: bool,
+                satellite_pid: int = 0) -> None:
+    """Entry point of a worker process: connect, announce, run tasks until the socket closes.
+
+    A worker whose satellite died without stopping it (``kill -9``) exits within a second.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the satellite decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     codecs.allow_pickle(allow_pickle)
@@ -104,6 +118,9 @@ def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_p
     try:
         sock.send_multipart([READY, str(os.getpid()).encode()])
         while True:
+            while not sock.poll(1000):
+                if satellite_pid and not _alive(satellite_pid):
+                    return  # orphaned: nobody will ever send us a task
             frames = recv_frames(sock, 0, 3)
             if bytes(frames[0]) != RUN:
                 continue

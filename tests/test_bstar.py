@@ -193,3 +193,12 @@ def test_a_re_registering_satellite_gets_its_running_task_back() -> None:
     done = pack({"id": "a", "a": 2, "ok": True, "sat": "sat-1"})
     core.handle("s", [b"sat", P.SIGNATURE, P.DONE, done, b"result"], 0.6)
     assert task.state is TaskState.DONE
+
+
+def test_docs_show_the_table_as_it_is() -> None:
+    from pathlib import Path
+
+    from orchester.bstar import table_rst
+
+    doc = (Path(__file__).parent.parent / "docs" / "ha.rst").read_text()
+    assert table_rst() in doc, "docs/ha.rst is stale: paste orchester.bstar.table_rst() into it"

@@ -105,7 +105,7 @@ class CompiledMachine(Generic[St, E]):
     def declare(self) -> Machine:
         """The same machine as a :class:`transitions.Machine` (the readable spec; validates names)."""
         return Machine(
-            states=[s.name for s in self.states], initial=self.initial.name, auto_transitions=False,
+            model=None, states=[s.name for s in self.states], initial=self.initial.name, auto_transitions=False,
             transitions=[{"trigger": e.name, "source": [s.name for s in src], "dest": d.name}
                          for e, src, d in self.transitions],
         )
