@@ -46,7 +46,7 @@ def main() -> None:
     hb = args.heartbeat
     times: list[float] = []
     lock = threading.Lock()
-    arrivals: list[float] = []  # monotonic time of every result
+    arrivals: list[tuple[float, int]] = []  # (monotonic time, endpoint index of the client) of every result
     results: dict[str, str] = {}
     errors: list[str] = []
     submitted = 0
@@ -61,7 +61,7 @@ def main() -> None:
             try:
                 value = fut.result()  # type: ignore[attr-defined]
                 with lock:
-                    arrivals.append(time.monotonic())
+                    arrivals.append((time.monotonic(), client._index))  # callbacks run in the client's I/O thread
                     if key in results:
                         errors.append(f"{key}: a second result")
                     results[key] = value
@@ -91,12 +91,13 @@ def main() -> None:
             _wait_in_sync(pair, other, 60)
             with lock:
                 seen = len(arrivals)
+            index = client._index
             t_kill = time.monotonic()
             pair.kill(role)
             deadline = t_kill + 60
             while time.monotonic() < deadline:
                 with lock:
-                    fresh = [t for t in arrivals[seen:] if t > t_kill]
+                    fresh = [t for t, i in arrivals[seen:] if t > t_kill and i != index]  # from the new active
                 if fresh:
                     times.append(fresh[0] - t_kill)
                     break

@@ -62,10 +62,19 @@ class Collector:
         for name in ("submitted", "dispatched", "done", "failed", "cancelled", "requeued", "stalled", "retries",
                      "quarantined", "expired", "timeouts", "bad_messages", "stale_results", "progress",
                      "duplicate_submits", "satellites_lost", "results_undeliverable", "events_dropped",
-                     "spilled", "unspilled", "bytes_in", "bytes_out", "messages_in", "wakeups"):
+                     "spilled", "unspilled", "bytes_in", "bytes_out", "messages_in", "wakeups",
+                     "failovers", "adopted", "reclaim_requeued",
+                     *sorted(k for k in counters if k.startswith("ha_"))):
             value = counters.get(name, 0)
             add(f"counters.{name}", value - self._last[name])
             self._last[name] = value
+        ha = core.ha
+        if ha:  # binary star: this server's state (1 primary, 2 backup, 3 active, 4 passive) and its link
+            from .bstar import HAState
+
+            add("ha.state", HAState[ha["state"].upper()].value)
+            add("ha.peer_alive", 1.0 if ha["peer_alive"] else 0.0)
+            add("ha.replicating", 1.0 if ha["replication"] in ("sync", "async") else 0.0)
         from tracker import TaskState
 
         for kind, per_state in sorted(core.kind_counts.items()):

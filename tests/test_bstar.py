@@ -202,3 +202,15 @@ def test_docs_show_the_table_as_it_is() -> None:
 
     doc = (Path(__file__).parent.parent / "docs" / "ha.rst").read_text()
     assert table_rst() in doc, "docs/ha.rst is stale: paste orchester.bstar.table_rst() into it"
+
+
+def test_metrics_carry_the_pair_state_and_its_counters() -> None:
+    from orchester.metrics import Collector
+
+    core = _core()
+    core.ha = {"state": "passive", "peer_alive": True, "replication": "follower"}
+    core.counters["ha_refused"] += 3
+    core.counters["failovers"] += 1
+    points = {name: value for name, _, value in Collector("o").collect(core, 0.0, 1000.0)}
+    assert points["o.ha.state"] == 4 and points["o.ha.peer_alive"] == 1 and points["o.ha.replicating"] == 0
+    assert points["o.counters.ha_refused"] == 3 and points["o.counters.failovers"] == 1

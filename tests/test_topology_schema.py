@@ -50,7 +50,11 @@ def test_load_a_topology(tmp_path: Path) -> None:
     ({"faults": [{"at": 1, "action": "explode"}]}, "action must be one of"),
     ({"faults": [{"at": 1, "action": "kill", "satellite": 9}]}, "out of range"),
     ({"faults": [{"action": "kill"}]}, "faults"),
-    ({"liveness": "three"}, "wrong type"),
+    ({"liveness": "three"}, r"liveness must be an integer >= 1, not 'three'"),
+    ({"orchestrators": 3}, "orchestrators must be 1 or 2"),
+    ({"journal": "yes"}, "journal must be true or false"),
+    ({"clients": [{"rate": -1}]}, r"clients\[0\].rate must be"),
+    ({"faults": [{"at": 1, "action": "kill_orchestrator"}]}, "without a journal loses every task"),
     ({"satellites": [], "clients": []}, "at least one"),
 ])
 def test_bad_topologies_name_the_field(data: dict, match: str) -> None:
@@ -65,3 +69,24 @@ def test_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[[satellites]\n")
     with pytest.raises(TopologyError, match="not valid TOML"):
         load(bad)
+
+
+def test_a_bad_field_in_a_file_names_its_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("strategy = 'least_loaded'\n\n[[satellites]]\ncount = 1\n\n[[satellites]]\n"
+                   "workers = 2\ncount = 0\n\n[[clients]]\ntasks = 10\n")
+    with pytest.raises(TopologyError, match=r"line 8: satellites\[1\].count must be an integer >= 1, not 0"):
+        load(bad)
+    bad.write_text("liveness = 0\n[[clients]]\ntasks = 1\n")
+    with pytest.raises(TopologyError, match="line 1: liveness"):
+        load(bad)
+    bad.write_text("[[clients]]\ntasks = 1\ncolour = 'red'\n")
+    with pytest.raises(TopologyError, match=r"line 3: clients\[0\]: unknown field"):
+        load(bad)
+
+
+def test_pairs_open_loops_and_journals_load() -> None:
+    t = from_dict({"orchestrators": 2, "journal": True, "clients": [{"rate": 50.0, "tasks": 100}],
+                   "faults": [{"at": 1.0, "action": "kill_orchestrator"},
+                              {"at": 2.0, "action": "restart_orchestrator"}]})
+    assert t.orchestrators == 2 and t.journal and t.clients[0].rate == 50.0 and len(t.faults) == 2

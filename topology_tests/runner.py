@@ -1,24 +1,32 @@
 """Run a topology as real processes on this machine and measure what a routing strategy does.
 
-One run: a local orchestrator with the chosen strategy, the declared satellite groups (each
-satellite a process with its workers, tags and speed), the clients' workloads (closed loop:
-``concurrency`` tasks in flight until ``tasks`` are done), and the faults at their times
-(``kill`` = SIGKILL, ``stop`` = SIGSTOP, ``cont`` = SIGCONT of satellite N). Every task event
-is recorded from the event stream; :class:`RunResult` holds the figures.
+One run: a local orchestrator (or a binary-star pair) with the chosen strategy, the declared
+satellite groups (each satellite a process with its workers, tags and speed), the clients'
+workloads (closed loop: ``concurrency`` tasks in flight until ``tasks`` are done; open loop:
+``rate`` submissions a second), and the faults at their times (``kill`` = SIGKILL, ``stop`` =
+SIGSTOP, ``cont`` = SIGCONT of satellite N; ``kill_orchestrator`` = SIGKILL of the active
+orchestrator, ``restart_orchestrator`` = start the last one killed again). Every task event is
+recorded from the event streams of every orchestrator; :class:`RunResult` holds the figures.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
+import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
 from orchester import LocalCluster, OrchesterError
+from orchester.localpair import LocalPair
+from serializers import ProtocolError, unpack
 
 from .schema import Topology
 from .tasks import SPEED_VARIABLE
@@ -76,97 +84,160 @@ def recovery_time(completions: list[float], fault: float, window: float = 0.5) -
     return float("nan")
 
 
+def _cluster(topo: Topology, strategy: str, journal_dir: str) -> LocalCluster:
+    common: dict[str, Any] = {"satellites": 0, "tasks": ["topology_tests.tasks"], "strategy": strategy,
+                              "heartbeat_interval": topo.heartbeat_interval, "liveness": topo.liveness,
+                              "log_level": "ERROR"}
+    if topo.orchestrators == 2:
+        return LocalPair(ha_heartbeat=topo.heartbeat_interval, journal=topo.journal, **common)
+    return LocalCluster(serve_args=["--journal", journal_dir] if topo.journal else [], **common)
+
+
+class _Recorder:
+    """Every ``task:`` event of every orchestrator, read by a thread."""
+
+    def __init__(self, endpoints: list[str]) -> None:
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.linger = 0
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"task:")
+        for ep in endpoints:
+            self.sub.connect(ep)
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if not self.sub.poll(100):
+                continue
+            frames = self.sub.recv_multipart()
+            try:
+                self.events.append((frames[0].decode(), unpack(frames[1])))
+            except (ProtocolError, IndexError, UnicodeDecodeError):
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sub.close(0)
+        self.ctx.term()
+
+
 def run(topo: Topology, strategy: str, timeout: float = 600.0) -> RunResult:
     """Run ``topo`` once with ``strategy``; return its figures."""
     topo.validate()
-    with LocalCluster(satellites=0, tasks=["topology_tests.tasks"], strategy=strategy,
-                      heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness,
-                      log_level="ERROR") as cluster:
-        procs, workers = [], {}
-        for gi, group in enumerate(topo.satellites):
-            for k in range(group.count):
-                sid = f"g{gi}-{k}"
-                procs.append(cluster.add_satellite(sid, workers=group.workers, tags=group.tags,
-                                                   extra=["--prefetch", str(group.prefetch)],
-                                                   env={SPEED_VARIABLE: str(group.speed)}))
-                workers[sid] = group.workers
-        cluster.wait_for_satellites(len(procs))
-        client = cluster.client()
-        events: list[tuple[str, dict[str, Any]]] = []
-        stream = client.subscribe(["task:"])
-        stop = threading.Event()
+    journal_dir = tempfile.mkdtemp(prefix="orchester-topo-journal-")
+    try:
+        with _cluster(topo, strategy, journal_dir) as cluster:
+            return _run(topo, strategy, cluster, timeout)
+    finally:
+        shutil.rmtree(journal_dir, ignore_errors=True)
 
-        def record() -> None:
-            while not stop.is_set():
-                ev = stream.recv(timeout=0.1)
-                if ev is not None:
-                    events.append((ev.topic, ev.data))
 
-        recorder = threading.Thread(target=record, daemon=True)
-        recorder.start()
-        time.sleep(0.3)  # let the subscription reach the orchestrator
-        start = time.time()
-        fault_times: list[float] = []
+def _run(topo: Topology, strategy: str, cluster: LocalCluster, timeout: float) -> RunResult:
+    pair = cluster if isinstance(cluster, LocalPair) else None
+    procs, workers = [], {}
+    for gi, group in enumerate(topo.satellites):
+        for k in range(group.count):
+            sid = f"g{gi}-{k}"
+            procs.append(cluster.add_satellite(sid, workers=group.workers, tags=group.tags,
+                                               extra=["--prefetch", str(group.prefetch)],
+                                               env={SPEED_VARIABLE: str(group.speed)}))
+            workers[sid] = group.workers
+    cluster.wait_for_satellites(len(procs))
+    client = cluster.client(heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness)
+    recorder = _Recorder(list(pair.pub_endpoints.values()) if pair else [cluster.pub_endpoint])
+    time.sleep(0.3)  # let the subscriptions reach the orchestrators
+    start = time.time()
+    fault_times: list[float] = []
+    stop = threading.Event()
+    killed: list[str] = []
 
-        def inject() -> None:
-            for f in sorted(topo.faults, key=lambda f: f.at):
-                if stop.wait(max(0.0, start + f.at - time.time())):
-                    return
-                sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}[f.action]
-                try:
-                    os.kill(procs[f.satellite].pid, sig)
-                    fault_times.append(time.time() - start)
-                except ProcessLookupError:
-                    pass
+    def orchestrator_fault(action: str) -> None:
+        if action == "kill_orchestrator":
+            if pair is not None:
+                role = pair.active_role()
+                if role is not None:
+                    pair.kill(role)
+                    killed.append(role)
+            elif cluster.orchestrator is not None:
+                cluster.orchestrator.kill()
+                cluster.orchestrator.wait(10)
+                killed.append("single")
+        elif killed:
+            role = killed.pop()
+            if pair is not None:
+                pair.start_server(role)
+            else:
+                cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
 
-        injector = threading.Thread(target=inject, daemon=True)
-        injector.start()
-        submitted: dict[str, float] = {}
-        finished: dict[str, float] = {}
-        failed = 0
-        outstanding: list[tuple[Any, Any]] = []
-        todo = [(load, n) for load in topo.clients for n in range(load.tasks)]
-        per_client: Counter[int] = Counter()
-        deadline = time.monotonic() + timeout
-        index = 0
-        while index < len(todo) or outstanding:
-            while index < len(todo):
-                load, _ = todo[index]
-                key = id(load)
-                if per_client[key] >= load.concurrency:
+    def inject() -> None:
+        for f in sorted(topo.faults, key=lambda f: f.at):
+            if stop.wait(max(0.0, start + f.at - time.time())):
+                return
+            if f.action in ("kill_orchestrator", "restart_orchestrator"):
+                orchestrator_fault(f.action)
+                fault_times.append(time.time() - start)
+                continue
+            sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}[f.action]
+            try:
+                os.kill(procs[f.satellite].pid, sig)
+                fault_times.append(time.time() - start)
+            except ProcessLookupError:
+                pass
+
+    injector = threading.Thread(target=inject, daemon=True)
+    injector.start()
+    submitted: dict[str, float] = {}
+    finished: dict[str, float] = {}
+    failed = 0
+    outstanding: list[tuple[Any, int]] = []
+    sent = [0] * len(topo.clients)
+    in_flight = [0] * len(topo.clients)
+    deadline = time.monotonic() + timeout
+    while any(n < load.tasks for n, load in zip(sent, topo.clients, strict=True)) or outstanding:
+        now = time.time()
+        for i, load in enumerate(topo.clients):
+            while sent[i] < load.tasks:
+                if load.rate > 0:  # open loop: on schedule, whatever is outstanding
+                    if now < start + sent[i] / load.rate:
+                        break
+                elif in_flight[i] >= load.concurrency:
                     break
                 fut = client.submit("topo.work", load.duration, b"x" * load.payload_bytes, tags=load.tags)
                 submitted[fut.task_id] = time.time()
-                outstanding.append((fut, key))
-                per_client[key] += 1
-                index += 1
-            still = []
-            for fut, key in outstanding:
-                if fut.done():
-                    per_client[key] -= 1
-                    try:
-                        fut.result()
-                        finished[fut.task_id] = time.time()
-                    except OrchesterError:
-                        failed += 1
-                else:
-                    still.append((fut, key))
-            outstanding = still
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.002)
-        end = time.time()
-        time.sleep(0.3)  # the last events
-        stop.set()
-        recorder.join(5)
-        injector.join(5)
-        stream.close()
-        for p in procs:  # thaw frozen satellites so the cluster can stop them
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-    return _figures(strategy, topo, start, end, submitted, finished, failed, events, workers, fault_times)
+                outstanding.append((fut, i))
+                sent[i] += 1
+                in_flight[i] += 1
+        still = []
+        for fut, i in outstanding:
+            if fut.done():
+                in_flight[i] -= 1
+                try:
+                    fut.result()
+                    finished[fut.task_id] = time.time()
+                except OrchesterError:
+                    failed += 1
+            else:
+                still.append((fut, i))
+        outstanding = still
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.002)
+    end = time.time()
+    time.sleep(0.3)  # the last events
+    stop.set()
+    injector.join(5)
+    recorder.close()
+    for p in procs:  # thaw frozen satellites so the cluster can stop them
+        try:
+            os.kill(p.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return _figures(strategy, topo, start, end, submitted, finished, failed, recorder.events, workers,
+                    fault_times)
 
 
 def _figures(strategy: str, topo: Topology, start: float, end: float, submitted: dict[str, float],
@@ -174,7 +245,7 @@ def _figures(strategy: str, topo: Topology, start: float, end: float, submitted:
              workers: dict[str, int], fault_times: list[float]) -> RunResult:
     latencies = sorted(finished[t] - submitted[t] for t in finished)
     makespan = (max(finished.values()) - start) if finished else end - start
-    done_events: Counter[str] = Counter()
+    done_attempts: defaultdict[str, set[int]] = defaultdict(set)
     done_by_sat: Counter[str] = Counter()
     running: dict[tuple[str, int], tuple[str, float]] = {}
     busy: defaultdict[str, float] = defaultdict(float)
@@ -191,7 +262,7 @@ def _figures(strategy: str, topo: Topology, start: float, end: float, submitted:
             if began is not None:
                 busy[began[0]] += t - began[1]
             if state == "done":
-                done_events[tid] += 1
+                done_attempts[tid].add(key[1])
                 if sat:
                     done_by_sat[sat] += 1
             if state == "stalled":
@@ -207,5 +278,5 @@ def _figures(strategy: str, topo: Topology, start: float, end: float, submitted:
         latency_p99=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else 0.0,
         utilisation=utilisation, done_per_satellite=dict(done_by_sat),
         fairness=jain(list(utilisation.values())), rerouted=rerouted,
-        lost=total - len(finished), duplicated=sum(1 for n in done_events.values() if n > 1),
+        lost=total - len(finished), duplicated=sum(1 for a in done_attempts.values() if len(a) > 1),
         recovery=recovery, completions=completions, faults=fault_times, latencies=latencies)

@@ -21,10 +21,17 @@ A topology file::
     concurrency = 50
     duration = 0.02
 
+    [[clients]]             # open loop: 50 tasks a second, however many are outstanding
+    rate = 50.0
+    tasks = 200
+
     [[faults]]
     at = 2.0
-    action = "kill"         # kill | stop | cont
+    action = "kill"         # kill | stop | cont (satellite N) | kill_orchestrator | restart_orchestrator
     satellite = 0
+
+``orchestrators = 2`` runs a binary-star pair (``kill_orchestrator`` then kills the active
+one: the other takes over); ``journal = true`` gives each orchestrator a journal.
 
 Every value is checked when loaded; a bad file gives a :class:`TopologyError`
 naming the field.
@@ -33,13 +40,18 @@ naming the field.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 
 class TopologyError(ValueError):
-    """A topology that cannot be built, with the reason."""
+    """A topology that cannot be built, with the reason (and, read from a file, where)."""
+
+    def __init__(self, message: str, where: str | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.where = where  #: ``topology``, ``satellites[1]``, ...
+        self.field = field  #: the field's name, when one is to blame
 
 
 @dataclass
@@ -56,11 +68,13 @@ class SatelliteGroup:
 
 @dataclass
 class ClientLoad:
-    """One client's workload: closed loop with ``concurrency`` outstanding tasks."""
+    """One client's workload: closed loop with ``concurrency`` outstanding tasks, or open loop
+    at ``rate`` tasks per second (``rate`` > 0: submissions do not wait for results)."""
 
     kind: str = "topo.work"
     tasks: int = 100
     concurrency: int = 10
+    rate: float = 0.0
     #: Seconds each task takes at speed 1.0.
     duration: float = 0.01
     payload_bytes: int = 0
@@ -72,11 +86,13 @@ class Fault:
     """Something done to a process at ``at`` seconds into the run."""
 
     at: float
-    action: str  #: kill | stop | cont
+    action: str  #: kill | stop | cont (a satellite) | kill_orchestrator | restart_orchestrator
     satellite: int = 0  #: index among all satellites, in declaration order
 
 
-ACTIONS = ("kill", "stop", "cont")
+SATELLITE_ACTIONS = ("kill", "stop", "cont")
+ORCHESTRATOR_ACTIONS = ("kill_orchestrator", "restart_orchestrator")
+ACTIONS = SATELLITE_ACTIONS + ORCHESTRATOR_ACTIONS
 
 
 @dataclass
@@ -86,6 +102,10 @@ class Topology:
     strategy: str = "least_loaded"
     heartbeat_interval: float = 0.5
     liveness: int = 3
+    #: 1: one orchestrator; 2: a binary-star pair (primary and backup)
+    orchestrators: int = 1
+    #: give each orchestrator a journal (acknowledgements wait for it)
+    journal: bool = False
     satellites: list[SatelliteGroup] = field(default_factory=lambda: [SatelliteGroup(count=2)])
     clients: list[ClientLoad] = field(default_factory=lambda: [ClientLoad()])
     faults: list[Fault] = field(default_factory=list)
@@ -96,23 +116,59 @@ class Topology:
         return sum(g.count for g in self.satellites)
 
     def validate(self) -> Topology:
-        """Check every value; raise :class:`TopologyError` naming the first bad one."""
-        if self.heartbeat_interval <= 0 or self.liveness < 1:
-            raise TopologyError("heartbeat_interval must be > 0 and liveness >= 1")
+        """Check every value; raise :class:`TopologyError` naming the first bad field."""
+        def need(ok: bool, where: str, name: str, rule: str, value: Any) -> None:
+            if not ok:
+                prefix = f"{where}." if where != "topology" else ""
+                raise TopologyError(f"{prefix}{name} must be {rule}, not {value!r}", where, name)
+
+        need(_num(self.heartbeat_interval) and self.heartbeat_interval > 0, "topology", "heartbeat_interval",
+             "a number > 0", self.heartbeat_interval)
+        need(_int(self.liveness) and self.liveness >= 1, "topology", "liveness", "an integer >= 1", self.liveness)
+        need(isinstance(self.strategy, str), "topology", "strategy", "a string", self.strategy)
+        need(self.orchestrators in (1, 2) and _int(self.orchestrators), "topology", "orchestrators",
+             "1 or 2 (a binary-star pair)", self.orchestrators)
+        need(isinstance(self.journal, bool), "topology", "journal", "true or false", self.journal)
         if not self.satellites or not self.clients:
             raise TopologyError("a topology needs at least one satellite group and one client")
         for i, g in enumerate(self.satellites):
-            if g.count < 1 or g.workers < 1 or g.speed <= 0 or g.prefetch < 0:
-                raise TopologyError(f"satellites[{i}]: count and workers >= 1, speed > 0, prefetch >= 0")
+            w = f"satellites[{i}]"
+            need(_int(g.count) and g.count >= 1, w, "count", "an integer >= 1", g.count)
+            need(_int(g.workers) and g.workers >= 1, w, "workers", "an integer >= 1", g.workers)
+            need(_num(g.speed) and g.speed > 0, w, "speed", "a number > 0", g.speed)
+            need(_int(g.prefetch) and g.prefetch >= 0, w, "prefetch", "an integer >= 0", g.prefetch)
+            need(isinstance(g.tags, list) and all(isinstance(t, str) for t in g.tags), w, "tags",
+                 "a list of strings", g.tags)
         for i, c in enumerate(self.clients):
-            if c.tasks < 1 or c.concurrency < 1 or c.duration < 0 or c.payload_bytes < 0:
-                raise TopologyError(f"clients[{i}]: tasks and concurrency >= 1, duration and payload >= 0")
+            w = f"clients[{i}]"
+            need(_int(c.tasks) and c.tasks >= 1, w, "tasks", "an integer >= 1", c.tasks)
+            need(_int(c.concurrency) and c.concurrency >= 1, w, "concurrency", "an integer >= 1", c.concurrency)
+            need(_num(c.rate) and c.rate >= 0, w, "rate", "a number >= 0 (tasks per second; 0: closed loop)",
+                 c.rate)
+            need(_num(c.duration) and c.duration >= 0, w, "duration", "a number >= 0", c.duration)
+            need(_int(c.payload_bytes) and c.payload_bytes >= 0, w, "payload_bytes", "an integer >= 0",
+                 c.payload_bytes)
+            need(isinstance(c.tags, list) and all(isinstance(t, str) for t in c.tags), w, "tags",
+                 "a list of strings", c.tags)
         for i, f in enumerate(self.faults):
-            if f.action not in ACTIONS:
-                raise TopologyError(f"faults[{i}].action must be one of {ACTIONS}, not {f.action!r}")
-            if not 0 <= f.satellite < self.satellite_count or f.at < 0:
-                raise TopologyError(f"faults[{i}]: satellite index out of range or negative time")
+            w = f"faults[{i}]"
+            need(f.action in ACTIONS, w, "action", f"one of {ACTIONS}", f.action)
+            need(_num(f.at) and f.at >= 0, w, "at", "a number of seconds >= 0", f.at)
+            if f.action in SATELLITE_ACTIONS:
+                need(_int(f.satellite) and 0 <= f.satellite < self.satellite_count, w, "satellite",
+                     f"a satellite index from 0 to {self.satellite_count - 1} (out of range)", f.satellite)
+            elif self.orchestrators == 1 and f.action == "kill_orchestrator" and not self.journal:
+                raise TopologyError(f"{w}: killing the only orchestrator without a journal loses every task: "
+                                    "set journal = true or orchestrators = 2", w, "action")
         return self
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -121,11 +177,14 @@ def _build(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise TopologyError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}")
+        raise TopologyError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(names)}", where,
+                            sorted(unknown)[0])
     try:
         return cls(**data)
     except TypeError as exc:
-        raise TopologyError(f"{where}: {exc}") from None
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING
+                   and f.default_factory is MISSING]
+        raise TopologyError(f"{where}: {exc}", where, missing[0] if missing else None) from None
 
 
 def from_dict(data: dict[str, Any]) -> Topology:
@@ -140,9 +199,6 @@ def from_dict(data: dict[str, Any]) -> Topology:
                 raise TopologyError(f"{key} must be an array of tables ([[{key}]])")
             parts[key] = [_build(cls, item, f"{key}[{i}]") for i, item in enumerate(items)]
     topo: Topology = _build(Topology, {**data, **parts}, "topology")
-    for name, kind in (("heartbeat_interval", (int, float)), ("liveness", int), ("strategy", str)):
-        if not isinstance(getattr(topo, name), kind):
-            raise TopologyError(f"topology: {name} has the wrong type")
     return topo.validate()
 
 
@@ -155,4 +211,34 @@ def load(path: str | Path) -> Topology:
         raise TopologyError(f"cannot read {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(f"{path} is not valid TOML: {exc}") from None
-    return from_dict(data)
+    try:
+        return from_dict(data)
+    except TopologyError as exc:
+        line = locate(Path(path).read_text(errors="replace"), exc.where, exc.field)
+        at = f"{path}, line {line}" if line else str(path)
+        raise TopologyError(f"{at}: {exc}", exc.where, exc.field) from None
+
+
+def locate(text: str, where: str | None, name: str | None) -> int | None:
+    """The line (1-based) of field ``name`` in table ``where`` (``satellites[1]``) of a TOML text."""
+    lines = text.splitlines()
+    start, end = 0, len(lines)
+    if where and where != "topology":
+        table, _, index = where.partition("[")
+        n = int(index.rstrip("]") or 0)
+        heads = [i for i, ln in enumerate(lines) if ln.strip().replace(" ", "") == f"[[{table}]]"]
+        if n >= len(heads):
+            return None
+        start = heads[n] + 1
+        end = next((i for i in range(start, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        if name is None:
+            return heads[n] + 1
+    else:
+        end = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("[")), len(lines))
+    if name is None:
+        return None
+    for i in range(start, end):
+        key = lines[i].split("=", 1)[0].strip()
+        if "=" in lines[i] and key == name:
+            return i + 1
+    return start if where and where != "topology" else None

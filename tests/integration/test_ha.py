@@ -211,3 +211,15 @@ def test_orchester_promote_makes_a_lone_backup_active(tmp_path: Path) -> None:
         assert lone.state("backup")["state"] == "active"  # type: ignore[index]
     finally:
         lone.close()
+
+
+def test_asynchronous_replication_fails_over_without_loss_while_clients_live() -> None:
+    with LocalPair(satellites=1, workers=2, tasks=["orchester_test_tasks"], heartbeat_interval=HB, liveness=3,
+                   ha_heartbeat=HB, replication="async", env=TEST_ENV, log_level="WARNING") as pair:
+        pair.wait_state("backup", "passive")
+        with pair.client(heartbeat_interval=HB, liveness=3) as client:
+            futs = [client.submit("echo", i) for i in range(300)]
+            pair.kill("primary")
+            assert [f.result(timeout=60) for f in futs] == list(range(300))
+        st = pair.state("backup")
+        assert st is not None and st["state"] == "active"

@@ -54,3 +54,25 @@ def test_figures() -> None:
     completions = [i * 0.01 for i in range(100)] + [1.5 + i * 0.01 for i in range(100)]
     assert recovery_time(completions, 1.0) == pytest.approx(0.4, abs=0.06)  # 80 % of the rate is back
     assert recovery_time([], 1.0) == 0.0
+
+
+def test_an_orchestrator_failover_under_an_open_loop_loses_nothing() -> None:
+    topo = load(EXAMPLES / "failover.toml")
+    assert topo.orchestrators == 2 and topo.journal and topo.clients[0].rate > 0
+    result = run(topo, "least_loaded")
+    assert result.tasks == 400 and result.lost == 0 and result.duplicated == 0
+    assert len(result.faults) == 2 and len(result.recovery) == 2
+    # open loop: submissions went on during the failover, so some tasks waited for it
+    assert result.latency_p99 > 0.5 * topo.heartbeat_interval * topo.liveness
+
+
+def test_one_orchestrator_with_a_journal_survives_its_kill() -> None:
+    from topology_tests import from_dict
+
+    topo = from_dict({"heartbeat_interval": 0.2, "journal": True,
+                      "satellites": [{"count": 2, "workers": 2}],
+                      "clients": [{"tasks": 200, "concurrency": 20, "duration": 0.01}],
+                      "faults": [{"at": 0.5, "action": "kill_orchestrator"},
+                                 {"at": 0.8, "action": "restart_orchestrator"}]})
+    result = run(topo, "least_loaded")
+    assert result.tasks == 200 and result.lost == 0 and result.duplicated == 0
