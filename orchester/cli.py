@@ -122,6 +122,10 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Consecutive failed tasks that put a satellite on probation (half credit).")
 @click.option("--drain-after", type=int, default=OrchestratorConfig.drain_after, show_default=True,
               help="Consecutive failed tasks that drain a satellite on probation (no credit).")
+@click.option("--max-client-tasks", type=int, default=OrchestratorConfig.max_client_tasks, show_default=True,
+              help="Most unfinished tasks one client may have; further submits get the 'limit' error.")
+@click.option("--max-client-bytes", type=int, default=OrchestratorConfig.max_client_bytes, show_default=True,
+              help="Most payload bytes of one client's unfinished tasks held by the orchestrator.")
 @click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True,
               help="Finished results kept for fetch by task id.")
 @click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True,

@@ -73,6 +73,10 @@ class OrchestratorConfig:
     #: With a journal: once queued payloads pass this many bytes, further ones are dropped from
     #: memory once durable and read back from the journal when dispatched (0: never).
     spill_bytes: int = 0
+    #: Most unfinished tasks one client may have (further submits get the ``limit`` error).
+    max_client_tasks: int = 100_000
+    #: Most payload bytes of one client's unfinished tasks the orchestrator holds.
+    max_client_bytes: int = 1 << 30
     #: Binary star: ``primary`` or ``backup`` (``None``: a single orchestrator).
     ha: str | None = None
     #: Binary star: this server's state endpoint (bound; the peer connects to it).
@@ -104,7 +108,8 @@ class OrchestratorConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
         for name in ("liveness", "max_message", "max_queue", "retries", "result_retention",
-                     "result_retention_bytes", "hwm", "batch", "probation_after", "drain_after"):
+                     "result_retention_bytes", "hwm", "batch", "probation_after", "drain_after",
+                     "max_client_tasks", "max_client_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")

@@ -76,6 +76,9 @@ class Orchestrator(Lifecycle):
         #: restored tasks that were in flight, waiting for their satellite to re-announce them
         self.reclaim: dict[str, Task] = {}
         self.reclaim_until = 0.0
+        #: per client (key name or routing identity): [unfinished tasks, their payload bytes]
+        self.client_load: dict[str | bytes, list[int]] = {}
+        self._user: str | None = None
         #: what the binary-star adapter reports in status replies (empty when not in a pair)
         self.ha: dict[str, Any] = {}
         #: the binary-star adapter's operations (``promote``; ``peer_link`` as a test fault hook)
@@ -98,9 +101,13 @@ class Orchestrator(Lifecycle):
         }
 
     # ------------------------------------------------------------------ input
-    def handle(self, sock: Any, frames: list[Any], now: float) -> None:
-        """Handle one message received on a ROUTER socket (``frames[0]`` is the identity)."""
+    def handle(self, sock: Any, frames: list[Any], now: float, user: str | None = None) -> None:
+        """Handle one message received on a ROUTER socket (``frames[0]`` is the identity).
+
+        ``user``: the name of the key the sender authenticated with (CurveZMQ), if any.
+        """
         ident = bytes(frames[0])
+        self._user = user
         try:
             if len(frames) < 4:
                 raise ProtocolError(P.E_MALFORMED, f"expected at least 4 frames, got {len(frames)}")
@@ -160,6 +167,19 @@ class Orchestrator(Lifecycle):
             return
         if len(self.queues) >= self.cfg.max_queue:
             raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks)")
+        owner = self._user or ident
+        load = self.client_load.get(owner)
+        size = _len(frames[4:])
+        if load is not None:
+            if load[0] >= self.cfg.max_client_tasks:
+                raise ProtocolError(P.E_LIMIT, f"this client has {load[0]} unfinished tasks, the most allowed "
+                                    f"(--max-client-tasks): wait for results")
+            if load[1] + size > self.cfg.max_client_bytes:
+                raise ProtocolError(P.E_LIMIT, f"this client's unfinished tasks hold {load[1]} bytes; "
+                                    f"{size} more would pass --max-client-bytes {self.cfg.max_client_bytes}")
+        elif size > self.cfg.max_client_bytes:
+            raise ProtocolError(P.E_LIMIT, f"a task of {size} bytes passes --max-client-bytes "
+                                f"{self.cfg.max_client_bytes}")
         if len(self.fleet) and not self.fleet.offers(kind):
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; "
                                 f"offered: {sorted(self.fleet.kinds())}")
@@ -172,6 +192,12 @@ class Orchestrator(Lifecycle):
         task.ttl = float(ttl) if ttl == ttl and ttl > 0 else 0.0
         task.max_run = float(max_run) if max_run == max_run and max_run > 0 else 0.0
         task.duration = float(duration) if duration == duration and duration > 0 else 0.0
+        task.owner, task.counted = owner, True
+        if load is None:
+            self.client_load[owner] = [1, task.size]
+        else:
+            load[0] += 1
+            load[1] += task.size
         self.tasks[tid] = task
         self.queues.push(task)
         self.counters["submitted"] += 1

@@ -64,6 +64,7 @@ class Lifecycle:
     _want: dict[bytes, bool]
     _dispatch_seq: int
     queued_bytes: int
+    client_load: dict[str | bytes, list[int]]
     metrics_on: bool
     kind_counts: dict[str, list[int]]
     latencies: list[tuple[str, float]]
@@ -287,6 +288,14 @@ class Lifecycle:
             self.counters["spilled"] += 1
 
     def _complete(self, task: Task, result: list[Any]) -> None:
+        if task.counted:  # it no longer counts against its client's limits
+            task.counted = False
+            load = self.client_load.get(task.owner)  # type: ignore[arg-type]
+            if load is not None:
+                load[0] -= 1
+                load[1] -= task.size
+                if load[0] <= 0:
+                    del self.client_load[task.owner]  # type: ignore[arg-type]
         if self.journal_out is not None:
             self.journal_out.append(["R", task.id, [memoryview(f) for f in result[2:]], self.wall()])
         task.payload = []  # the input is no longer needed

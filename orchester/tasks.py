@@ -19,7 +19,7 @@ class Task:
     __slots__ = (
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
-        "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled", "duration",
+        "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled", "duration", "owner", "counted",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -49,6 +49,9 @@ class Task:
         self.progress_at = 0.0  #: when it last showed progress (monotonic; the stall timer checks it)
         self.spilled: Any = None  #: where its payload is on disk while it is not in memory
         self.duration = 0.0  #: expected run time declared by the client (0: unknown)
+        #: who submitted it: the authenticated key's name, or the client's routing identity
+        self.owner: str | bytes | None = None
+        self.counted = False  #: whether it counts against its owner's limits (unfinished, not restored)
 
     @property
     def queue_key(self) -> QueueKey:

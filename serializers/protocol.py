@@ -96,6 +96,8 @@ E_TOO_LARGE: Final = "too_large"  # message above the configured maximum size
 E_BUSY: Final = "busy"  # queue full; retry later
 E_BAD_REQUEST: Final = "bad_request"  # well-formed but invalid request (e.g. bad strategy)
 E_CODEC: Final = "codec"  # payload cannot be decoded by the named codec
+E_LIMIT: Final = "limit"  # a per-client limit (unfinished tasks or their bytes) is reached: wait for results
+E_FORBIDDEN: Final = "forbidden"  # the authenticated key lacks the role this command needs
 E_NOT_ACTIVE: Final = "not_active"  # a passive server of a binary-star pair: ask the other one
 
 # -- task outcome error types (RESULT header "err"."type") -----------------

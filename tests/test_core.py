@@ -442,3 +442,28 @@ def test_satellite_leave_requeues_at_once() -> None:
     b = h.register("b", slots=1)
     out = h.tick()
     assert of(out, P.DISPATCH)[0][0] == b
+
+
+def test_per_client_limits_refuse_with_a_structured_error_and_free_up_with_results() -> None:
+    h = Harness(max_client_tasks=3, max_client_bytes=10_000)
+    sat = h.register(slots=1)
+    h.tick()
+    for i in range(3):
+        h.submit(f"a{i}", client=b"alice")
+    h.submit("a3", client=b"alice")  # a fourth unfinished task: refused
+    h.submit("b0", client=b"bob")  # another client is not affected
+    out = h.tick()
+    errors = [unpack(f[3]) for f in of(out, P.ERROR)]
+    assert [(e["code"], e["id"]) for e in errors] == [(P.E_LIMIT, "a3")]
+    assert "max-client-tasks" in errors[0]["msg"]
+    assert h.core.client_load[b"alice"][0] == 3 and h.core.client_load[b"bob"][0] == 1
+    h.done(sat, "a0")
+    h.tick()
+    assert h.core.client_load[b"alice"][0] == 2
+    h.submit("a3", client=b"alice")  # room again
+    out = h.tick()
+    assert not of(out, P.ERROR) and "a3" in h.core.tasks
+    big = b"x" * 20_000
+    h.send(C, b"carol", P.SUBMIT, {"id": "c0", "k": "echo", "c": "msgpack"}, big)
+    err = unpack(of(h.tick(), P.ERROR)[0][3])
+    assert err["code"] == P.E_LIMIT and "max-client-bytes" in err["msg"] and b"carol" not in h.core.client_load
