@@ -32,6 +32,8 @@ from serializers import protocol as P
 
 from .client_core import ClientCore, reject_future, resolve_future
 from .errors import ClientClosed, Unreachable
+from .keys import client_curve
+from .security import secure_client
 
 log = logging.getLogger("orchester.client")
 _counter = itertools.count()
@@ -42,13 +44,16 @@ class AsyncClient:
 
     def __init__(self, endpoints: str | Sequence[str], *, codec: str = "msgpack",
                  heartbeat_interval: float = 1.0, liveness: int = 3,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, curve_secret: str | None = None,
+                 server_key: str | None = None) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("a client needs at least one orchestrator endpoint")
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.asyncio.Context.instance()
+        #: CurveZMQ keys, as for :class:`~orchester.Client` (arguments or ORCHESTER_CURVE_SECRET/SERVER_KEY)
+        self.curve = client_curve(curve_secret, server_key)
         self.core = ClientCore(resolve_future, reject_future, codec=codec)
         self.core.alternatives = len(self.endpoints) > 1
         self._index = 0
@@ -61,6 +66,8 @@ class AsyncClient:
         s.linger = 0
         s.routing_id = f"a:{self.core.name}:{next(_counter)}".encode()
         s.sndhwm = s.rcvhwm = 100_000
+        if self.curve is not None:
+            secure_client(s, *self.curve)
         s.connect(self.endpoints[self._index % len(self.endpoints)])
         return s
 

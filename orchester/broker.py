@@ -40,6 +40,7 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
+from .security import ROLES, CurveAuthenticator, Identity, KeyRing, check_binds, load_keypair, secure_server, user_of
 from .segments import read_task_record
 from .wal import read_at
 
@@ -62,12 +63,33 @@ class Broker:
         self._stop = threading.Event()
         self._routers: list[zmq.Socket[Any]] = []
         self.endpoints: dict[str, list[str]] = {"bind": [], "satellite_bind": [], "pub": []}
+        self.auth: CurveAuthenticator | None = None
+        #: this server's CURVE key pair (public, secret), when CurveZMQ is on
+        self.curve: tuple[bytes, bytes] | None = None
+        self.ring: KeyRing | None = None
+        if config.secure:
+            assert config.curve_secret and config.authorized_keys
+            self.curve = load_keypair(config.curve_secret)
+            self.ring = KeyRing(config.authorized_keys)
+            self.ring.allow(self.curve[0], Identity("orchestrator", frozenset(ROLES)))  # the pair's peer
+            self.auth = CurveAuthenticator(self.ring, self.ctx)
+            self.auth.start()
+            self.core.identify = self.ring.by_name
+            log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)
+            for err in self.ring.errors:
+                log.warning("authorised keys: skipped %s", err)
+        exposed = check_binds([*config.bind, *config.satellite_bind, *config.pub], config.secure, config.insecure)
+        if exposed and not config.secure:
+            log.warning("--insecure: %s reachable beyond this machine without authentication or encryption",
+                        ", ".join(exposed))
         try:
             self.router = self._router(config.bind, "bind")
             self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
                 if config.satellite_bind else self.router
             self.xpub = self.ctx.socket(zmq.XPUB)
             self.xpub.linger = 0
+            if self.curve is not None:
+                secure_server(self.xpub, *self.curve)
             self.xpub.sndhwm = config.hwm * 10
             self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
             for ep in config.pub:
@@ -98,7 +120,8 @@ class Broker:
         if config.ha:
             try:
                 self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
-                                 self._journal_append if config.journal else None, lambda: self._rseq)
+                                 self._journal_append if config.journal else None, lambda: self._rseq,
+                                 curve=self.curve)
             except Exception:
                 self.close()
                 raise
@@ -141,6 +164,8 @@ class Broker:
         s.sndhwm = self.config.hwm
         s.rcvhwm = self.config.hwm
         s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
+        if self.curve is not None:
+            secure_server(s, *self.curve)
         for ep in endpoints:
             s.bind(ep)
             self.endpoints[name].append(s.last_endpoint.decode())
@@ -160,6 +185,18 @@ class Broker:
         """Ask the loop to end (thread-safe); it returns within one poll timeout."""
         self._stop.set()
 
+    def reload_keys(self) -> tuple[set[str], set[str]]:
+        """Re-read the authorised keys (SIGHUP): new keys work, removed ones are refused at once."""
+        if self.ring is None:
+            return set(), set()
+        added, removed = self.ring.reload()
+        self.core.counters["key_reloads"] += 1
+        log.warning("authorised keys re-read: %d key(s); added %s, removed %s", len(self.ring),
+                    sorted(added) or "none", sorted(removed) or "none")
+        for err in self.ring.errors:
+            log.warning("authorised keys: skipped %s", err)
+        return added, removed
+
     def run(self) -> None:
         """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
         core, cfg = self.core, self.config
@@ -177,6 +214,7 @@ class Broker:
         if pair is not None:
             poller.register(pair.sub, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
+        secure = self.curve is not None
         monotonic = time.monotonic
         counters = core.counters
         metrics_on = self.metrics is not None
@@ -215,8 +253,14 @@ class Broker:
                         pair.apply(pair.drain(now), now)
                         continue
                     for _ in range(batch):
+                        user = None
                         try:
-                            frames = recv_frames(sock, NOBLOCK, 4)
+                            if secure:
+                                frames = sock.recv_multipart(NOBLOCK, copy=False)
+                                user = user_of(frames[0])
+                                frames[:4] = [f.bytes for f in frames[:4]]
+                            else:
+                                frames = recv_frames(sock, NOBLOCK, 4)
                         except zmq.Again:
                             break
                         counters["messages_in"] += 1
@@ -224,7 +268,7 @@ class Broker:
                             counters["bytes_in"] += sum(map(len, frames))
                         if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
                             continue
-                        core.handle(sock, frames, now)
+                        core.handle(sock, frames, now, user)
                 if pair is not None:
                     pair.tick(now)
                     core.ha = pair.describe(now)
@@ -411,6 +455,10 @@ class Broker:
         for s in [*self._routers, getattr(self, "xpub", None)]:
             if s is not None and not s.closed:
                 s.close(linger=0)
+        if getattr(self, "auth", None) is not None:
+            assert self.auth is not None
+            self.auth.stop()
+            self.auth = None
 
 
 def write_endpoint_file(path: str, endpoints: dict[str, list[str]]) -> None:

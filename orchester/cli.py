@@ -77,10 +77,20 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
               expose_value=False, help="TOML file with a table of flags per command.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
+              help="CurveZMQ for client commands: your secret key file (also ORCHESTER_CURVE_SECRET).")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None,
+              help="CurveZMQ for client commands: the orchestrator's public key file (also ORCHESTER_SERVER_KEY).")
 @click.version_option(package_name="orchester")
-def main(log_level: str) -> None:
+def main(log_level: str, curve_secret: str | None, server_key: str | None) -> None:
     """Orchester: a ZeroMQ message bus for scientific tasks on satellites."""
+    import os
+
     setup_logging(log_level)
+    if curve_secret:  # every Client of this process picks them up (orchester.keys.client_curve)
+        os.environ["ORCHESTER_CURVE_SECRET"] = curve_secret
+    if server_key:
+        os.environ["ORCHESTER_SERVER_KEY"] = server_key
 
 
 connect_option = click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
@@ -143,6 +153,12 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
 @click.option("--carbon-protocol", type=click.Choice(["pickle", "plaintext"]), default="pickle", show_default=True)
 @click.option("--spill-bytes", type=int, default=0, show_default=True,
               help="With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never).")
+@click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
+              help="CurveZMQ: this server's secret key file; needs --authorized-keys.")
+@click.option("--authorized-keys", type=click.Path(file_okay=False), default=None,
+              help="CurveZMQ: directory of authorised public keys (NAME.key), re-read on SIGHUP.")
+@click.option("--insecure", is_flag=True,
+              help="Allow binding a non-loopback address without CurveZMQ (a warning is logged).")
 @click.option("--primary", "ha", flag_value="primary", default=None,
               help="Binary star: run as the primary of a pair (with --state-bind and --peer).")
 @click.option("--backup", "ha", flag_value="backup", help="Binary star: run as the backup of a pair.")
@@ -162,18 +178,54 @@ def serve(**kw: Any) -> None:
         config = from_mapping(OrchestratorConfig, kw, "serve")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    from .security import SecurityError
     from .wal import JournalError
 
     try:
         broker = Broker(config)
-    except JournalError as exc:
+    except (JournalError, SecurityError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
+    signal.signal(signal.SIGHUP, lambda *_: _reload_keys(broker))
     broker.run()
     if broker.exit_code:
         sys.exit(broker.exit_code)
+
+
+def _reload_keys(broker: Any) -> None:
+    from .security import SecurityError
+
+    try:
+        broker.reload_keys()
+    except SecurityError as exc:  # the directory went away: the previous keys stay
+        logging.getLogger("orchester").error("cannot re-read the authorised keys: %s", exc)
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ key pairs for orchestrators, satellites and clients."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where to write NAME.key (public) and NAME.key_secret (secret, mode 0600).")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["satellite", "submit", "admin"]),
+              help="A role the key holds (repeatable; default: submit).")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+def keys_generate(name: str, directory: str, roles: tuple[str, ...], force: bool) -> None:
+    """Write a key pair NAME.key / NAME.key_secret (pyzmq's certificate format)."""
+    from .keys import generate_keys
+
+    try:
+        public, secret = generate_keys(name, directory, roles or ("submit",), force=force)
+    except (ValueError, FileExistsError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"public key: {public}  (copy it into the orchestrator's --authorized-keys directory)")
+    click.echo(f"secret key: {secret}  (keep it on this machine: mode 0600)")
 
 
 def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:

@@ -35,7 +35,9 @@ from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .client_core import ClientCore, reject_future, resolve_future
-from .errors import ClientClosed, Unreachable
+from .errors import ClientClosed, RemoteError, Unreachable
+from .keys import client_curve
+from .security import secure_client
 
 log = logging.getLogger("orchester.client")
 
@@ -67,11 +69,17 @@ class Client:
     one when the current stays silent for ``liveness × heartbeat_interval``
     seconds while requests are outstanding). ``pub`` names the event endpoint
     for :meth:`subscribe` (asked of the orchestrator when omitted).
+
+    CurveZMQ: ``curve_secret`` is this client's secret key file and ``server_key`` the
+    orchestrator's public key file (``orchester keys generate``; defaults:
+    ``ORCHESTER_CURVE_SECRET`` and ``ORCHESTER_SERVER_KEY``). If the orchestrator refuses the
+    key, every pending request fails with :class:`~orchester.errors.RemoteError` ``forbidden``.
     """
 
     def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None,
                  codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, curve_secret: str | None = None,
+                 server_key: str | None = None) -> None:
         self.endpoints = [resolve_endpoint(e) for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
         if not self.endpoints:
             raise ValueError("a client needs at least one orchestrator endpoint")
@@ -79,6 +87,10 @@ class Client:
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
+        self.curve = client_curve(curve_secret, server_key)
+        self._refused: str | None = None  #: why the orchestrator refused our key, once it did
+        self._monitor: zmq.Socket[Any] | None = None
+        self.sends_dropped = 0  #: requests a peer could not take at once (resent on reconnect)
         self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
         self.core.alternatives = len(self.endpoints) > 1
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -194,7 +206,7 @@ class Client:
         if not pub:
             raise Unreachable("the orchestrator did not say where it publishes events")
         pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
-        return EventStream(pub, topics, context=self.ctx)
+        return EventStream(pub, topics, context=self.ctx, curve=self.curve)
 
     def close(self) -> None:
         """Stop the I/O thread, close the sockets and fail what is still pending."""
@@ -254,14 +266,34 @@ class Client:
         s.linger = 0
         s.routing_id = f"c:{self.core.name}:{next(_counter)}".encode()
         s.sndhwm = s.rcvhwm = 100_000
+        if self.curve is not None:
+            secure_client(s, *self.curve)
+            if self._monitor is not None:
+                self._monitor.close(0)
+            self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         s.connect(self.endpoints[self._index % len(self.endpoints)])
         return s
+
+    def _key_refused(self, poller: zmq.Poller) -> None:
+        """The orchestrator refused our key: fail what is pending, and every later request."""
+        assert self._monitor is not None
+        try:
+            self._monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        endpoint = self.endpoints[self._index % len(self.endpoints)]
+        self._refused = f"the orchestrator at {endpoint} refused this client's CurveZMQ key (not authorised)"
+        log.error("%s", self._refused)
+        self.core.fail_all(RemoteError(P.E_FORBIDDEN, self._refused))
 
     def _run(self) -> None:
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
+        monitor = self._monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         core = self.core
         last_heard = last_ping = redirect_after = time.monotonic()
         silent_after = self.heartbeat_interval * self.liveness
@@ -279,6 +311,14 @@ class Client:
                         self._signalled = False
                     if self._closed:
                         break
+                if self._monitor is not monitor:  # a new socket after a failover: its own monitor
+                    if monitor is not None:
+                        poller.unregister(monitor)
+                    monitor = self._monitor
+                    if monitor is not None:
+                        poller.register(monitor, zmq.POLLIN)
+                if monitor is not None and monitor in ready:
+                    self._key_refused(poller)
                 self._drain_outbox(sock)
                 if sock in ready:
                     for _ in range(1024):
@@ -296,7 +336,7 @@ class Client:
                             log.warning("orchestrator changed (epoch %s): resending %d request(s)",
                                         core.epoch, len(core.tasks) + len(core.requests))
                             for f in core.pending_frames():
-                                send_frames(sock, f)
+                                _offer(sock, f)
                 if core.redirect and now >= redirect_after:  # a passive server refused us
                     core.redirect = False
                     redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
@@ -306,7 +346,7 @@ class Client:
                     last_heard = last_ping = now
                 busy = bool(core.tasks or core.requests)
                 if busy and now - last_ping >= self.heartbeat_interval:
-                    sock.send_multipart(core.ping())
+                    _offer(sock, core.ping())
                     last_ping = now
                 if not busy:
                     last_heard = now
@@ -320,6 +360,8 @@ class Client:
         finally:
             core.fail_all(ClientClosed("the client was closed"))
             sock.close(0)
+            if self._monitor is not None:
+                self._monitor.close(0)
             self._wake_rx.close(0)
 
     def _switch(self, sock: zmq.Socket[Any], vote: bool) -> zmq.Socket[Any]:
@@ -328,9 +370,9 @@ class Client:
         self._index += 1
         sock = self._connect()
         self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
-        sock.send_multipart(self.core.ping(vote=vote))
+        _offer(sock, self.core.ping(vote=vote))
         for f in self.core.pending_frames():
-            send_frames(sock, f)
+            _offer(sock, f)
         return sock
 
     def _drain_outbox(self, sock: zmq.Socket[Any]) -> None:
@@ -338,6 +380,10 @@ class Client:
         core = self.core
         while outbox:
             item = outbox.popleft()
+            if self._refused is not None and item[0] != "forget":
+                fut = item[2] if item[0] == "build" else item[1]
+                reject_future(fut, RemoteError(P.E_FORBIDDEN, self._refused))
+                continue
             if item[0] == "build":
                 try:
                     frames = item[1]()
@@ -354,10 +400,20 @@ class Client:
                 except Exception as exc:
                     reject_future(fut, exc)
                     continue
-            send_frames(sock, frames)
+            if not _offer(sock, frames):
+                self.sends_dropped += 1  # the peer cannot take it now: it goes with the next resend
 
 
 _counter = itertools.count()
+
+
+def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
+    """Send without blocking: a socket with no peer (a refused key, a full queue) must not hang the I/O thread."""
+    try:
+        send_frames(sock, frames, NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
 
 
 def resolve_endpoint(endpoint: str) -> str:

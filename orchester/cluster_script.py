@@ -47,6 +47,7 @@ def launch_line(s: ScriptSettings, ranks: str) -> str:
         args += ["--tasks", module]
     if s.journal:
         args += ["--serve-option", f"--journal={s.journal}"]
+    args += ["--insecure"]  # explained in the script (render): keys are the way out
     quoted = " ".join(f'"{a}"' if "$" in a else shlex.quote(a) for a in args)
     hosts = ' -f "$PBS_NODEFILE"' if s.scheduler == "pbs" else ""
     return f"mpiexec{hosts} -n {ranks} {quoted}"
@@ -79,6 +80,10 @@ def render(s: ScriptSettings) -> str:
         f'cd "{workdir}"',
         f'mkdir -p "$(dirname "{endpoint}")"',
         "export UCX_TLS=${UCX_TLS:-self,sm,tcp}",
+        "# --insecure: the orchestrator listens on the allocation's network without authentication.",
+        "# To require keys instead (docs/security.rst): drop it, add",
+        "#   --serve-option=--curve-secret=server.key_secret --serve-option=--authorized-keys=keys/",
+        "# and export ORCHESTER_CURVE_SECRET=satellite.key_secret ORCHESTER_SERVER_KEY=server.key",
         line,
         "",
     ])

@@ -77,6 +77,13 @@ class OrchestratorConfig:
     max_client_tasks: int = 100_000
     #: Most payload bytes of one client's unfinished tasks the orchestrator holds.
     max_client_bytes: int = 1 << 30
+    #: CurveZMQ: this server's secret key file (``orchester keys generate``); with
+    #: ``authorized_keys``, every socket of the orchestrator requires an authorised key.
+    curve_secret: str | None = None
+    #: CurveZMQ: directory of the authorised public keys (``NAME.key``), re-read on SIGHUP.
+    authorized_keys: str | None = None
+    #: Allow binding a non-loopback address without CurveZMQ (logged as a warning).
+    insecure: bool = False
     #: Binary star: ``primary`` or ``backup`` (``None``: a single orchestrator).
     ha: str | None = None
     #: Binary star: this server's state endpoint (bound; the peer connects to it).
@@ -95,6 +102,11 @@ class OrchestratorConfig:
     metrics_interval: float = 10.0
     #: ``pickle`` (batches, the default) or ``plaintext``
     carbon_protocol: str = "pickle"
+
+    @property
+    def secure(self) -> bool:
+        """Whether CurveZMQ is on."""
+        return bool(self.curve_secret and self.authorized_keys)
 
     def validate(self) -> OrchestratorConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
@@ -142,6 +154,16 @@ class OrchestratorConfig:
         for ep in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind, self.peer))]:
             if not isinstance(ep, str) or "://" not in ep:
                 raise ConfigError(f"endpoint {ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
+        if bool(self.curve_secret) != bool(self.authorized_keys):
+            raise ConfigError("CurveZMQ needs both --curve-secret (this server's secret key file) and "
+                              "--authorized-keys (the directory of authorised public keys)")
+        from .security import SecurityError, check_binds
+
+        try:
+            check_binds([*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind,))],
+                        secure=self.secure, insecure=self.insecure)
+        except SecurityError as exc:
+            raise ConfigError(str(exc)) from None
         return self
 
 

@@ -39,6 +39,12 @@ log = logging.getLogger("orchester")
 Out = tuple[Any, list[Any], "str | None"]
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
+#: The role an authenticated key needs for each command (CurveZMQ on); absent: any authorised key.
+ROLE_OF: dict[bytes, str] = {
+    P.SUBMIT: "submit", P.FETCH: "submit", P.CANCEL: "submit", P.HISTORY: "submit", P.CONTROL: "admin",
+    P.REGISTER: "satellite", P.DONE: "satellite", P.PROGRESS: "satellite", P.STARTED: "satellite",
+    P.LEAVE: "satellite",
+}
 
 
 class Orchestrator(Lifecycle):
@@ -79,6 +85,8 @@ class Orchestrator(Lifecycle):
         #: per client (key name or routing identity): [unfinished tasks, their payload bytes]
         self.client_load: dict[str | bytes, list[int]] = {}
         self._user: str | None = None
+        #: CurveZMQ on: the identity (name, roles) of a key name, ``None`` if not authorised
+        self.identify: Callable[[str | None], Any] | None = None
         #: what the binary-star adapter reports in status replies (empty when not in a pair)
         self.ha: dict[str, Any] = {}
         #: the binary-star adapter's operations (``promote``; ``peer_link`` as a test fault hook)
@@ -118,6 +126,8 @@ class Orchestrator(Lifecycle):
                 raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")
             if self.cfg.max_message and len(frames) > 4 and _len(frames) > self.cfg.max_message:
                 raise ProtocolError(P.E_TOO_LARGE, f"message exceeds {self.cfg.max_message} bytes")
+            if self.identify is not None:
+                self._authorise(cmd, user)
             sat = self.fleet.by_ident.get(ident)
             if sat is not None:
                 sat.last_seen = now
@@ -134,6 +144,29 @@ class Orchestrator(Lifecycle):
             if exc.code != P.E_MALFORMED or len(frames) >= 4:
                 extra = self._request_ids(frames)
             self.out.append((sock, [ident, *error_frames(exc.code, exc.detail, **extra)], None))
+
+    def _authorise(self, cmd: bytes, user: str | None) -> None:
+        """Refuse a command the sender's key may not give (CurveZMQ on)."""
+        assert self.identify is not None
+        who = self.identify(user)
+        if who is None:
+            self.counters["forbidden"] += 1
+            raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} is not (or no longer) authorised")
+        role = ROLE_OF.get(cmd)
+        if role is not None and role not in who.roles:
+            self.counters["forbidden"] += 1
+            raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} does not hold the {role!r} role "
+                                f"{P.command_name(cmd)} needs (it holds: {', '.join(sorted(who.roles)) or 'none'})")
+
+    def _may_touch(self, task: Task) -> None:
+        """Only its owner, or an admin, may fetch or cancel another key's task (CurveZMQ on)."""
+        if self.identify is None or task.owner is None or task.owner == self._user:
+            return
+        who = self.identify(self._user)
+        if who is None or "admin" not in who.roles:
+            self.counters["forbidden"] += 1
+            raise ProtocolError(P.E_FORBIDDEN, f"task {task.id!r} belongs to another key: only its owner or "
+                                "an admin may fetch or cancel it")
 
     def _request_ids(self, frames: list[Any]) -> dict[str, Any]:
         """Best effort: the ``id``/``rid`` of the refused request, so the sender can match the error."""
@@ -158,6 +191,7 @@ class Orchestrator(Lifecycle):
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
         old = self.tasks.get(tid)
         if old is not None:  # a resend (after reconnect or failover): idempotent by id
+            self._may_touch(old)
             self.counters["duplicate_submits"] += 1
             old.client, old.csock = ident, sock
             self._ack(sock, ident, tid)
@@ -208,7 +242,7 @@ class Orchestrator(Lifecycle):
         self.queued_bytes += task.size
         if self.journal_out is not None:
             self.journal_out.append(["S", tid, ident, bytes(frames[3]), [memoryview(f) for f in payload],
-                                     wall, timeout])
+                                     wall, timeout, self._user])
             if self.cfg.spill_bytes and self.queued_bytes > self.cfg.spill_bytes:
                 self.to_spill[tid] = task
         self._arm(task, now)
@@ -253,6 +287,8 @@ class Orchestrator(Lifecycle):
         tid = field(hdr, "id", str)
         stored = self.results.get(tid)
         task = self.tasks.get(tid)
+        if task is not None:
+            self._may_touch(task)
         if stored is not None and task is not None:
             task.client, task.csock = ident, sock
             self._send_result(task, stored.frames, stored.size, store=False)
@@ -272,6 +308,7 @@ class Orchestrator(Lifecycle):
         task = self.tasks.get(tid)
         if task is None:
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown")
+        self._may_touch(task)
         was = task.state
         if not was.terminal:
             self._fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
@@ -323,6 +360,7 @@ class Orchestrator(Lifecycle):
                           "satellite": entry["sat"] or "", "etype": ""})
             row = fold.rows[task.id]
             row.kind, row.submitted = task.kind, task.history.entries()[0]["t"]
+            row.owner = task.owner if isinstance(task.owner, str) else ""
         rows = select(fold.rows, **filters)
         self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
 
@@ -349,6 +387,7 @@ class Orchestrator(Lifecycle):
                               host=str(hdr.get("host", "")), pid=int(hdr.get("pid", 0) or 0),
                               workers=int(hdr.get("workers", 0) or 0))
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
+        sat.user = self._user
         walltime = hdr.get("walltime")
         if isinstance(walltime, (int, float)) and walltime >= 0:
             sat.deadline = now + float(walltime)
@@ -555,6 +594,7 @@ class Orchestrator(Lifecycle):
         return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
                 "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
                 "tags": sorted(task.tags), "history": self.attempts(task),
+                "owner": task.owner if isinstance(task.owner, str) else None,
                 "result_retained": task.id in self.results}
 
     def status(self, now: float) -> dict[str, Any]:

@@ -41,10 +41,13 @@ class EventStream:
     """
 
     def __init__(self, endpoint: str, topics: Sequence[str] = ("",),
-                 context: zmq.Context[Any] | None = None) -> None:
+                 context: zmq.Context[Any] | None = None, curve: tuple[bytes, bytes, bytes] | None = None) -> None:
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.linger = 0
+        if curve is not None:  # (public, secret, server public): see orchester.keys.client_curve
+            self.sock.curve_secretkey, self.sock.curve_publickey = curve[1], curve[0]
+            self.sock.curve_serverkey = curve[2]
         self.sock.rcvhwm = 100_000
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())

@@ -15,7 +15,7 @@ class SatelliteRecord:
     __slots__ = (
         "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
-        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported",
+        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -37,6 +37,7 @@ class SatelliteRecord:
         self.done = 0
         self.failed = 0
         self.last_dispatch = 0  #: dispatch sequence number of the last task sent here
+        self.user: str | None = None  #: the name of the key it authenticated with (CurveZMQ)
         self.workers = workers
         self.fail_streak = 0  #: consecutive tasks that failed or crashed here
         self.ok_streak = 0  #: consecutive tasks that succeeded here
@@ -74,7 +75,7 @@ class SatelliteRecord:
             "failed": self.failed, "uptime": round(now - self.registered, 3),
             "fail_streak": self.fail_streak, "versions": self.versions,
             "walltime_left": None if self.deadline == float("inf") else round(self.deadline - now, 1),
-            "reported": self.reported,
+            "reported": self.reported, "user": self.user,
         }
 
 

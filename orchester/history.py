@@ -13,17 +13,18 @@ from typing import Any
 from serializers import ProtocolError, unpack
 from tracker import TaskState
 
-COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error")
+COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner")
 
 
 def fields(record: list[Any]) -> dict[str, Any] | None:
     """The indexed columns of a journal record, or ``None`` for a record that has none."""
     try:
         code, tid = record[0], str(record[1])
-        if code == "S":
+        if code == "S":  # its "satellite" column holds who submitted it (the key name, CurveZMQ on)
             hdr = unpack(record[3])
+            owner = record[7] if len(record) > 7 and isinstance(record[7], str) else ""
             return {"code": "S", "task_id": tid, "t": float(record[5]), "kind": str(hdr.get("k", "")),
-                    "state": int(TaskState.PENDING), "attempt": 0, "satellite": "", "etype": ""}
+                    "state": int(TaskState.PENDING), "attempt": 0, "satellite": owner, "etype": ""}
         if code == "T":
             t = float(record[6]) if len(record) > 6 else 0.0
             return {"code": "T", "task_id": tid, "t": t, "kind": "", "state": int(record[2]),
@@ -52,6 +53,7 @@ class Row:
     submitted: float = 0.0
     finished: float = 0.0
     error: str = ""
+    owner: str = ""  #: who submitted it: the key's name (CurveZMQ on), else empty
 
 
 class HistoryFold:
@@ -69,6 +71,7 @@ class HistoryFold:
         code = f["code"]
         if code == "S":
             row.kind, row.submitted = f["kind"], f["t"]
+            row.owner = f["satellite"]
         elif code == "T":
             state = TaskState(f["state"])
             row.state = state.name.lower()

@@ -102,6 +102,8 @@ class Lifecycle:
                                 "attempt": task.attempt, "sat": task.satellite, "t": wall}
         if reason:
             body["reason"] = reason
+        if isinstance(task.owner, str):
+            body["by"] = task.owner  # the submitter's key name (CurveZMQ)
         self.pub.append([b"task:" + task.id.encode(), pack(body)])
 
     def _arm(self, task: Task, now: float) -> None:

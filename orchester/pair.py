@@ -36,6 +36,7 @@ from serializers.header import ProtocolError, error_frames, pack, unpack
 from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
 from .restore import RestoreFold, snapshot
+from .security import secure_client, secure_server
 
 if TYPE_CHECKING:
     from .core import Orchestrator
@@ -55,7 +56,8 @@ class Pair:
     """This server's half of the pair: state link, replication out (active) or in (passive)."""
 
     def __init__(self, config: OrchestratorConfig, ctx: zmq.Context[Any], core: Orchestrator, router: Any,
-                 now: float, append: Callable[[list[Any]], int] | None, last_seq: Callable[[], int]) -> None:
+                 now: float, append: Callable[[list[Any]], int] | None, last_seq: Callable[[], int],
+                 curve: tuple[bytes, bytes] | None = None) -> None:
         assert config.state_bind and config.peer
         self.cfg = config
         self.core = core  #: the orchestrator core (snapshots are taken from it; a takeover fills it)
@@ -76,6 +78,9 @@ class Pair:
         self.sub = ctx.socket(zmq.SUB)
         self.sub.linger = 0
         self.sub.rcvhwm = 100_000
+        if curve is not None:  # both servers share the server key pair
+            secure_server(self.pub, *curve)
+            secure_client(self.sub, curve[0], curve[1], curve[0])
         try:
             self.pub.bind(config.state_bind)
             self.endpoint = self.pub.last_endpoint.decode()

@@ -90,6 +90,8 @@ class RestoreFold:
                          bytes(srec[2]), sock, bytes(srec[3]), payload, now, core._seq, _len(payload))
                 t.ttl = float(hdr.get("ttl", 0) or 0)
                 t.max_run = float(hdr.get("mr", 0) or 0)
+                if len(srec) > 7 and isinstance(srec[7], str):
+                    t.owner = srec[7]
                 for wall, state, attempt, sat, reason in self.history[tid]:
                     t.history.add(wall or core.wall(), state, attempt, sat, reason)
                 if trec is not None:
@@ -142,7 +144,8 @@ def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
             payload = core.load_spilled(t)
         entries = t.history.entries()
         submitted = entries[0]["t"] if entries else core.wall()
-        yield ["S", tid, t.client, bytes(t.header), [bytes(f) for f in payload], submitted, None]
+        yield ["S", tid, t.client, bytes(t.header), [bytes(f) for f in payload], submitted, None,
+               t.owner if isinstance(t.owner, str) else None]
         for e in entries[1:]:
             yield ["T", tid, int(TS[e["state"].upper()]), e["attempt"], e["sat"], e["reason"], e["t"]]
         stored = core.results.get(tid)

@@ -26,13 +26,10 @@ import errno
 import ipaddress
 import logging
 import os
-import re
-import struct
-import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -43,25 +40,25 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from .errors import OrchesterError
+from .keys import (
+    DEFAULT_ROLES,
+    ROLES,
+    ZAP_DOMAIN,
+    SecurityError,
+    check_name,
+    generate_keys,
+    load_keypair,
+    load_public,
+    parse_roles,
+    read_cert,
+)
 from .logutil import warn_limited
 
 log = logging.getLogger("orchester.security")
 
-#: The roles a key may hold: ``satellite`` registers and runs tasks; ``submit`` submits,
-#: fetches, watches and cancels its own tasks; ``admin`` switches routing, drains satellites
-#: and cancels anyone's tasks. No role implies another.
-ROLES = ("satellite", "submit", "admin")
-#: Roles of a key file whose metadata names none (a key made by another tool, or by hand).
-DEFAULT_ROLES = ("submit",)
-#: The ZAP domain :func:`secure_server` sets and :class:`CurveAuthenticator` answers for.
-ZAP_DOMAIN = "orchester"
-
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class SecurityError(OrchesterError, ValueError):
-    """A key file is unreadable or malformed, or a configuration would expose the bus."""
+__all__ = ["DEFAULT_ROLES", "ROLES", "ZAP_DOMAIN", "CurveAuthenticator", "Identity", "KeyRing",
+           "SecurityError", "allowed", "check_binds", "generate_keys", "is_loopback", "load_keypair",
+           "load_public", "secure_client", "secure_server", "user_of"]
 
 
 @dataclass(frozen=True)
@@ -96,12 +93,9 @@ def is_loopback(endpoint: str) -> bool:
     host and interface names (even ``lo``: no lookups are made) and other transports are not.
     """
     transport, sep, address = endpoint.partition("://")
-    transport = transport.lower()
-    if not sep:
-        return False
-    if transport in ("ipc", "inproc"):
+    if sep and transport.lower() in ("ipc", "inproc"):
         return True
-    if transport != "tcp" or ";" in address:
+    if not sep or transport.lower() != "tcp" or ";" in address:
         return False
     if address.startswith("["):
         host = address[1:address.find("]")] if "]" in address else ""
@@ -119,11 +113,8 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def check_binds(endpoints: Iterable[str], secure: bool, insecure: bool) -> list[str]:
-    """Return the endpoints that are not loopback; refuse them when neither keys nor ``--insecure``.
-
-    Raises :class:`SecurityError` when some endpoint is reachable from other machines,
-    ``secure`` is false (no server key) and ``insecure`` is false (the user did not accept it).
-    """
+    """The endpoints that are not loopback; :class:`SecurityError` if there are some and
+    neither ``secure`` (a server key) nor ``insecure`` (the user accepts the risk) is set."""
     exposed = [e for e in endpoints if not is_loopback(e)]
     if exposed and not secure and not insecure:
         raise SecurityError(
@@ -133,127 +124,9 @@ def check_binds(endpoints: Iterable[str], secure: bool, insecure: bool) -> list[
     return exposed
 
 
-def _parse_roles(roles: str | Iterable[str]) -> frozenset[str]:
-    """Roles from a comma-separated string or an iterable; ValueError on an unknown one."""
-    items = roles.split(",") if isinstance(roles, str) else list(roles)
-    found = frozenset(r.strip() for r in items if r.strip())
-    unknown = sorted(found - set(ROLES))
-    if unknown:
-        raise ValueError(f"unknown role(s) {', '.join(map(repr, unknown))}; roles are {', '.join(ROLES)}")
-    return found
 
+# -- the authorised key ring -----------------------------------------------------------------
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"key name {name!r} must be a simple file name: 1-64 letters, digits, '.', '_' "
-                         "or '-', starting with a letter or digit")
-
-
-# -- key files -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Cert:
-    public: bytes
-    secret: bytes | None
-    metadata: Mapping[str, str]
-
-
-def _read_cert(path: str | os.PathLike[str]) -> _Cert:
-    """Parse a ZPL certificate (czmq's and pyzmq's format): a ``metadata`` and a ``curve`` section."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SecurityError(f"cannot read key file {path}: {e}") from e
-    section = ""
-    values: dict[str, dict[str, str]] = {"metadata": {}, "curve": {}}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if raw[0] not in " \t":
-            section = line
-        elif section in values and "=" in line:
-            key, _, value = line.partition("=")
-            values[section][key.strip()] = value.strip().strip("'\"")
-    public, secret = values["curve"].get("public-key"), values["curve"].get("secret-key")
-    if not public:
-        raise SecurityError(f"{path} is not a CURVE key file: no public-key")
-    return _Cert(_z85_key(public, path, "public"), _z85_key(secret, path, "secret") if secret else None,
-                 values["metadata"])
-
-
-def _z85_key(text: str, path: str | os.PathLike[str], label: str) -> bytes:
-    """``text`` as a Z85 key (40 characters decoding to 32 bytes); SecurityError otherwise."""
-    key = text.encode("ascii", "replace")
-    try:
-        if len(key) == 40:
-            z85.decode(key)
-            return key
-    except (ValueError, KeyError, struct.error):
-        pass
-    raise SecurityError(f"{path}: the {label} key is not 40 characters of Z85")
-
-
-def load_public(path: str | os.PathLike[str]) -> bytes:
-    """The Z85 public key in a key file (a public ``.key`` or a ``.key_secret`` file)."""
-    return _read_cert(path).public
-
-
-def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
-    """The Z85 ``(public, secret)`` keys in a ``NAME.key_secret`` file.
-
-    Raises :class:`SecurityError` when the file is unreadable, holds no secret key (a public
-    ``.key`` file) or its keys do not belong together. Logs a warning when the file is
-    readable by other users.
-    """
-    cert = _read_cert(path)
-    if cert.secret is None:
-        raise SecurityError(f"{path} holds no secret key (is it the public .key file? pass NAME.key_secret)")
-    if zmq.curve_public(cert.secret) != cert.public:
-        raise SecurityError(f"{path}: its public key does not belong to its secret key")
-    mode = os.stat(path).st_mode
-    if mode & 0o077:
-        log.warning("secret key file %s is readable by other users (mode %o): chmod 600 it", path, mode & 0o777)
-    return cert.public, cert.secret
-
-
-def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Iterable[str] = DEFAULT_ROLES,
-                  *, force: bool = False) -> tuple[Path, Path]:
-    """Write a new key pair as ``DIRECTORY/NAME.key`` and ``DIRECTORY/NAME.key_secret``.
-
-    Both files are pyzmq certificates (:func:`zmq.auth.load_certificate` reads them) whose
-    metadata holds ``roles = submit,admin``; unlike :func:`zmq.auth.create_certificates`
-    alone, the *public* file carries the roles too, because that is the file the orchestrator
-    reads from its authorised keys directory. The secret file is mode 0600 from the start; the
-    directory is created (mode 0700) if missing. Raises ValueError for an unknown or empty
-    role list or a name that is not a simple file name, FileExistsError when either file exists
-    and ``force`` is false. Returns ``(public path, secret path)``.
-    """
-    _check_name(name)
-    role_set = _parse_roles(roles)
-    if not role_set:
-        raise ValueError(f"a key needs at least one role; roles are {', '.join(ROLES)}")
-    ordered = ",".join(r for r in ROLES if r in role_set)
-    target = Path(directory)
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
-    public, secret = target / f"{name}.key", target / f"{name}.key_secret"
-    existing = [str(p) for p in (public, secret) if p.exists() or p.is_symlink()]
-    if existing and not force:
-        raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (pass force=True / --force)")
-    # Written in a private (0700) directory next to the targets, then moved into place: a
-    # reader never sees a half-written file, nobody else ever sees the secret.
-    with tempfile.TemporaryDirectory(dir=target, prefix=".orchester-keys-") as tmp:
-        tmp_public, tmp_secret = map(Path, zmq.auth.create_certificates(tmp, name, metadata={"roles": ordered}))
-        text = tmp_public.read_text(encoding="utf-8")
-        if f"roles = {ordered}" not in text:  # pyzmq writes metadata into the secret file only
-            text = text.replace("metadata\n", f"metadata\n    roles = {ordered}\n", 1)
-            tmp_public.write_text(text, encoding="utf-8")
-        os.chmod(tmp_secret, 0o600)
-        os.chmod(tmp_public, 0o644)
-        os.replace(tmp_secret, secret)
-        os.replace(tmp_public, public)
-    return public, secret
 
 
 # -- the authorised key ring -----------------------------------------------------------------
@@ -274,9 +147,9 @@ def _scan(directory: Path) -> _Snapshot:
     errors: list[str] = []
     for path in sorted(directory.glob("*.key")):
         try:
-            _check_name(path.stem)
-            cert = _read_cert(path)
-            roles = _parse_roles(cert.metadata["roles"]) if "roles" in cert.metadata else frozenset(DEFAULT_ROLES)
+            check_name(path.stem)
+            cert = read_cert(path)
+            roles = parse_roles(cert.metadata["roles"]) if "roles" in cert.metadata else frozenset(DEFAULT_ROLES)
             if cert.public in by_key:
                 raise SecurityError(f"same public key as {by_key[cert.public].name}.key")
         except ValueError as e:  # SecurityError is one
@@ -311,14 +184,20 @@ class KeyRing:
         self.directory = Path(directory)
         self._lock = threading.Lock()
         self._snap = _scan(self.directory)
+        self._static: dict[bytes, Identity] = {}
+        self._static_names: dict[str, Identity] = {}
+
+    def allow(self, public: bytes, identity: Identity) -> None:
+        """Always authorise ``public`` as ``identity``, whatever the directory says (the
+        orchestrator's own key, which the other server of a binary-star pair presents)."""
+        self._static[public] = identity
+        self._static_names[identity.name] = identity
 
     def reload(self) -> tuple[set[str], set[str]]:
         """Re-read the directory; return the names ``(added, removed)``.
 
-        A name whose key changed counts as both removed and added; a change of roles only as
-        neither. If the directory has gone, raises :class:`SecurityError` and keeps the
-        previous keys.
-        """
+        A name whose key changed is in both; a change of roles only, in neither. If the
+        directory has gone, raises :class:`SecurityError` and keeps the previous keys."""
         with self._lock:
             old, new = self._snap, _scan(self.directory)
             self._snap = new
@@ -328,12 +207,14 @@ class KeyRing:
 
     def by_key(self, public: bytes) -> Identity | None:
         """The identity of a Z85 public key, or None when it is not authorised."""
-        return self._snap.by_key.get(public)
+        return self._snap.by_key.get(public) or self._static.get(public)
 
     def by_name(self, name: str | None) -> Identity | None:
         """The identity called ``name`` (a ``User-Id``), or None (also for ``name=None``)."""
-        entry = self._snap.by_name.get(name) if name is not None else None
-        return entry[1] if entry else None
+        if name is None:
+            return None
+        entry = self._snap.by_name.get(name)
+        return entry[1] if entry else self._static_names.get(name)
 
     def names(self) -> list[str]:
         """The authorised names, sorted."""
@@ -429,9 +310,8 @@ class CurveAuthenticator:
     def start(self) -> None:
         """Bind the context's ZAP endpoint and start answering; SecurityError if one already runs.
 
-        Closing an inproc endpoint completes in libzmq's background thread, so just after a
-        ``stop()`` the endpoint may still be taken for a moment: the bind is retried for a second.
-        """
+        libzmq releases a closed inproc endpoint in its own thread, so just after a ``stop()``
+        it may still be taken: the bind is retried for up to a second."""
         if self._agent is not None:
             raise RuntimeError("CurveAuthenticator already started")
         if self.context in _ZAP_CONTEXTS:

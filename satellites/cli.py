@@ -51,10 +51,15 @@ def main(log_level: str) -> None:
 @click.option("--prefetch", type=int, default=1, show_default=True,
               help="Tasks accepted beyond the number of workers.")
 @click.option("--allow-pickle", is_flag=True, help="Accept the pickle codec (it runs code on load).")
+@click.option("--curve-secret", envvar="ORCHESTER_CURVE_SECRET", default=None, type=click.Path(dir_okay=False),
+              help="CurveZMQ: this satellite's secret key file (orchester keys generate NAME --role satellite).")
+@click.option("--server-key", envvar="ORCHESTER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
+              help="CurveZMQ: the orchestrator's public key file.")
 @click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS): tasks that "
               "would not finish are not sent here, and the satellite leaves a minute before it ends.")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
-        heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, walltime: str | None) -> None:
+        heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
+        server_key: str | None, walltime: str | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -64,8 +69,8 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
         sat = Satellite(list(connect), workers=workers, tags=[t for t in tags.split(",") if t],
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
-                        walltime=parse_duration(walltime))
-    except ImportError as exc:
+                        walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key)
+    except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
@@ -112,16 +117,23 @@ def parse_duration(text: str | None) -> float | None:
 @click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS).")
 @click.option("--serve-option", "serve_args", multiple=True,
               help="An option for the orchestrator rank's 'orchester serve' (e.g. --serve-option=--journal=DIR).")
+@click.option("--insecure", is_flag=True,
+              help="Let the orchestrator rank bind a non-loopback address without CurveZMQ keys.")
 def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int, tags: str, modules: tuple[str, ...],
         endpoint_file: str | None, bind_host: str, heartbeat_interval: float, liveness: int, walltime: str | None,
-        serve_args: tuple[str, ...]) -> None:
-    """Run under mpiexec: one rank the orchestrator, every other rank a satellite."""
+        serve_args: tuple[str, ...], insecure: bool) -> None:
+    """Run under mpiexec: one rank the orchestrator, every other rank a satellite.
+
+    CurveZMQ: give the orchestrator rank its keys with ``--serve-option=--curve-secret=FILE``
+    and ``--serve-option=--authorized-keys=DIR``, and the satellites theirs with
+    ``ORCHESTER_CURVE_SECRET`` and ``ORCHESTER_SERVER_KEY``.
+    """
     from .mpi import MPIMismatch, run_mpi
 
     try:
         code = run_mpi(list(connect), orchestrator_rank, workers_per_rank, [t for t in tags.split(",") if t],
                        list(modules), endpoint_file, bind_host, heartbeat_interval, liveness,
-                       parse_duration(walltime), list(serve_args))
+                       parse_duration(walltime), [*serve_args, *(["--insecure"] if insecure else [])])
     except (MPIMismatch, ValueError, ImportError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

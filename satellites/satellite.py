@@ -30,7 +30,9 @@ from typing import Any
 
 import zmq
 
+from orchester.keys import client_curve
 from orchester.logutil import warn_limited
+from orchester.security import secure_client
 from serializers import ProtocolError, check_signature, pack, unpack
 from serializers import protocol as P
 from serializers.header import field
@@ -69,12 +71,16 @@ class Satellite:
                  tasks: list[str] | tuple[str, ...] = (), sid: str | None = None,
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
-                 walltime: float | None = None, leave_before: float = 60.0) -> None:
+                 walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
+                 server_key: str | None = None) -> None:
         self.endpoints = [connect] if isinstance(connect, str) else list(connect)
         if not self.endpoints:
             raise ValueError("a satellite needs at least one orchestrator endpoint")
         if workers < 1 or prefetch < 0:
             raise ValueError("workers must be >= 1 and prefetch >= 0")
+        #: CurveZMQ keys (public, secret, server public), from the arguments or ORCHESTER_CURVE_SECRET
+        #: and ORCHESTER_SERVER_KEY; None without CurveZMQ
+        self.curve = client_curve(curve_secret, server_key)
         self.workers = workers
         self.tags = sorted(set(tags))
         self.modules = list(tasks)
@@ -158,6 +164,8 @@ class Satellite:
         s.routing_id = f"s:{self.sid}:{uuid.uuid4().hex[:8]}".encode()
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         s.sndhwm = s.rcvhwm = 10_000
+        if self.curve is not None:
+            secure_client(s, *self.curve)
         endpoint = self.endpoints[self._endpoint_index % len(self.endpoints)]
         s.connect(endpoint)
         self.orch = s
