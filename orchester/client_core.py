@@ -14,11 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serializers import ProtocolError, codecs, pack, unpack
+from serializers.header import MAX_HEADER
 from serializers import protocol as P
 
 from .errors import RemoteError, TaskFailed
 
 Resolve = Callable[[Any, Any], None]  # (future, value)
+#: Largest REPLY header a client takes (a status of a large fleet, many history rows).
+REPLY_LIMIT = 256 * 1024 * 1024
 Reject = Callable[[Any, BaseException], None]  # (future, exception)
 
 
@@ -153,7 +156,7 @@ class ClientCore:
         if bytes(frames[0]) != P.SIGNATURE:
             raise ProtocolError(P.E_VERSION, f"unexpected signature {bytes(frames[0])[:16]!r}")
         cmd = bytes(frames[1])
-        hdr = unpack(bytes(frames[2]))
+        hdr = unpack(bytes(frames[2]), REPLY_LIMIT if cmd == P.REPLY else MAX_HEADER)
         if cmd == P.RESULT:
             self._on_result(hdr, frames[3:])
         elif cmd == P.ACK:

@@ -38,10 +38,14 @@ def pack(header: dict[str, Any]) -> bytes:
     return _packb(header)
 
 
-def unpack(raw: bytes | memoryview) -> dict[str, Any]:
-    """Decode and validate a header frame: it must be a msgpack map with str keys."""
-    if len(raw) > MAX_HEADER:
-        raise ProtocolError(P.E_TOO_LARGE, f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
+def unpack(raw: bytes | memoryview, limit: int = MAX_HEADER) -> dict[str, Any]:
+    """Decode and validate a header frame: it must be a msgpack map with str keys, at most ``limit`` bytes.
+
+    (A reply from the orchester — a status of a large fleet, rows of history — may be larger:
+    clients pass a larger ``limit`` for those.)
+    """
+    if len(raw) > limit:
+        raise ProtocolError(P.E_TOO_LARGE, f"header of {len(raw)} bytes exceeds {limit}")
     try:
         obj = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises a zoo of exception types on garbage

@@ -467,3 +467,15 @@ def test_per_client_limits_refuse_with_a_structured_error_and_free_up_with_resul
     h.send(C, b"carol", P.SUBMIT, {"id": "c0", "k": "echo", "c": "msgpack"}, big)
     err = unpack(of(h.tick(), P.ERROR)[0][3])
     assert err["code"] == P.E_LIMIT and "max-client-bytes" in err["msg"] and b"carol" not in h.core.client_load
+
+
+def test_a_client_takes_a_reply_larger_than_a_request_header() -> None:
+    """Found by the 100k-frame fuzz run: a status of a large fleet passed 64 KiB and clients dropped it."""
+    from orchester.client_core import ClientCore
+
+    got: list[Any] = []
+    core = ClientCore(lambda fut, v: got.append(v), lambda fut, e: got.append(e))
+    frames = core.request("fut", P.STATUS, {})
+    rid = unpack(frames[2])["rid"]
+    core.handle([P.SIGNATURE, P.REPLY, pack({"rid": rid, "satellites": ["x" * 100] * 2000})])
+    assert len(got) == 1 and len(got[0]["satellites"]) == 2000

@@ -64,33 +64,62 @@ def fuzz_cluster() -> Iterator[LocalCluster]:
         yield c
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+#: Frames thrown in the CI run, and how much the orchestrator's memory may grow meanwhile.
+FUZZ_FRAMES = 100_000
+RSS_GROWTH_MB = 64
+
+
 def test_orchestrator_survives_random_and_mutated_frames(fuzz_cluster: LocalCluster) -> None:
+    assert fuzz_cluster.orchestrator is not None
+    pid = fuzz_cluster.orchestrator.pid
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     s.connect(fuzz_cluster.endpoint)
     rng = random.Random(1234)
     sent = 0
+    rss_before = 0.0
     try:
-        for msg in mutations(rng, 20_000):
+        for msg in mutations(rng, FUZZ_FRAMES * 9 // 10):
             s.send_multipart(msg)
             sent += 1
             while s.poll(0):
                 s.recv_multipart()
-        for _ in range(5000):
+            if sent == 5000:  # after the warm-up: imports, buffers and caches are in place
+                rss_before = rss_mb(pid)
+        for _ in range(FUZZ_FRAMES // 10):
             s.send_multipart([rng.randbytes(rng.randrange(30)) for _ in range(rng.randrange(1, 6))])
             sent += 1
             while s.poll(0):
                 s.recv_multipart()
+        s.send_multipart([P.SIGNATURE, P.STATUS, pack({"rid": 424242})])  # answered after all of the above
+        deadline = time.monotonic() + 120
+        while True:
+            assert s.poll(max(0.0, deadline - time.monotonic()) * 1000), "the orchestrator stopped answering"
+            reply = s.recv_multipart()
+            if reply[1] == P.REPLY and unpack(reply[2], 1 << 30).get("rid") == 424242:
+                break
     finally:
         s.close(0)
         ctx.term()
-    assert fuzz_cluster.orchestrator is not None and fuzz_cluster.orchestrator.poll() is None
+    assert fuzz_cluster.orchestrator.poll() is None
     c = fuzz_cluster.client()
     assert c.submit("echo", "still here").result(60) == "still here"
     st_ = c.status()
-    assert st_["counters"]["bad_messages"] > 1000
-    assert sent == 25_000
+    assert st_["counters"]["messages_in"] >= FUZZ_FRAMES  # every one reached the handlers
+    assert st_["counters"]["bad_messages"] > FUZZ_FRAMES // 4
+    assert sent == FUZZ_FRAMES
+    growth = rss_mb(pid) - rss_before
+    assert growth < RSS_GROWTH_MB, f"the orchestrator grew by {growth:.0f} MB under {FUZZ_FRAMES} fuzzed messages"
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
