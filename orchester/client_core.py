@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from serializers import ProtocolError, codecs, pack, unpack
-from serializers.header import MAX_HEADER
 from serializers import protocol as P
+from serializers.header import MAX_HEADER
 
 from .errors import RemoteError, TaskFailed
 
