@@ -102,10 +102,13 @@ class LocalCluster:
 
     def add_satellite(self, sid: str | None = None, workers: int | None = None,
                       tags: Sequence[str] | None = None, extra: Sequence[str] = (),
-                      env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start one more satellite process connected to the orchestrator (``env``: extra variables)."""
+                      env: dict[str, str] | None = None,
+                      connect: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more satellite process connected to the orchestrator (``env``: extra variables;
+        ``connect``: other endpoints to reach it by, a relay for instance)."""
+        where = [a for ep in connect for a in ("--connect", ep)] if connect else self._connect_args()
         cmd = [sys.executable, "-m", "satellites", "--log-level", self.log_level, "run",
-               *self._connect_args(), "--workers", str(workers or self.workers),
+               *where, "--workers", str(workers or self.workers),
                "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
                "--prefetch", str(self.prefetch)]
         if sid:

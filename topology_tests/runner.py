@@ -28,6 +28,7 @@ from orchester import LocalCluster, OrchesterError
 from orchester.localpair import LocalPair
 from serializers import ProtocolError, unpack
 
+from .linkproxy import LinkProxy
 from .schema import Topology
 from .tasks import SPEED_VARIABLE
 
@@ -138,14 +139,32 @@ def run(topo: Topology, strategy: str, timeout: float = 600.0) -> RunResult:
 
 def _run(topo: Topology, strategy: str, cluster: LocalCluster, timeout: float) -> RunResult:
     pair = cluster if isinstance(cluster, LocalPair) else None
-    procs, workers = [], {}
+    procs: list[Any] = []
+    workers: dict[str, int] = {}
+    proxies: dict[int, list[LinkProxy]] = {}  # satellite index -> its relays (one per orchestrator)
+    delayed = {f.satellite for f in topo.faults if f.action == "delay"}
+    upstreams = list(pair.endpoints.values()) if pair else [cluster.endpoint]
     for gi, group in enumerate(topo.satellites):
         for k in range(group.count):
             sid = f"g{gi}-{k}"
+            connect = None
+            if group.delay_ms > 0 or len(procs) in delayed:
+                proxies[len(procs)] = [LinkProxy(up, group.delay_ms / 1000).start() for up in upstreams]
+                connect = [p.endpoint for p in proxies[len(procs)]]
             procs.append(cluster.add_satellite(sid, workers=group.workers, tags=group.tags,
                                                extra=["--prefetch", str(group.prefetch)],
-                                               env={SPEED_VARIABLE: str(group.speed)}))
+                                               env={SPEED_VARIABLE: str(group.speed)}, connect=connect))
             workers[sid] = group.workers
+    try:
+        return _drive(topo, strategy, cluster, pair, procs, workers, proxies, timeout)
+    finally:
+        for relays in proxies.values():
+            for proxy in relays:
+                proxy.close()
+
+
+def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair | None, procs: list[Any],
+           workers: dict[str, int], proxies: dict[int, list[LinkProxy]], timeout: float) -> RunResult:
     cluster.wait_for_satellites(len(procs))
     client = cluster.client(heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness)
     recorder = _Recorder(list(pair.pub_endpoints.values()) if pair else [cluster.pub_endpoint])
@@ -179,6 +198,11 @@ def _run(topo: Topology, strategy: str, cluster: LocalCluster, timeout: float) -
                 return
             if f.action in ("kill_orchestrator", "restart_orchestrator"):
                 orchestrator_fault(f.action)
+                fault_times.append(time.time() - start)
+                continue
+            if f.action == "delay":
+                for proxy in proxies[f.satellite]:
+                    proxy.delay = f.ms / 1000
                 fault_times.append(time.time() - start)
                 continue
             sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}[f.action]

@@ -27,8 +27,9 @@ A topology file::
 
     [[faults]]
     at = 2.0
-    action = "kill"         # kill | stop | cont (satellite N) | kill_orchestrator | restart_orchestrator
+    action = "kill"         # kill | stop | cont | delay (satellite N) | kill_orchestrator | restart_orchestrator
     satellite = 0
+    # ms = 50.0             # for "delay": the satellite's link delay from then on, each way
 
 ``orchestrators = 2`` runs a binary-star pair (``kill_orchestrator`` then kills the active
 one: the other takes over); ``journal = true`` gives each orchestrator a journal.
@@ -64,6 +65,8 @@ class SatelliteGroup:
     #: Relative speed (1.0 normal, 0.25 four times slower): task durations are divided by it.
     speed: float = 1.0
     prefetch: int = 1
+    #: Milliseconds added each way on these satellites' links (a relay: see ``linkproxy``).
+    delay_ms: float = 0.0
 
 
 @dataclass
@@ -86,11 +89,12 @@ class Fault:
     """Something done to a process at ``at`` seconds into the run."""
 
     at: float
-    action: str  #: kill | stop | cont (a satellite) | kill_orchestrator | restart_orchestrator
+    action: str  #: kill | stop | cont | delay (a satellite) | kill_orchestrator | restart_orchestrator
     satellite: int = 0  #: index among all satellites, in declaration order
+    ms: float = 0.0  #: ``delay``: the satellite's link delay from then on, each way
 
 
-SATELLITE_ACTIONS = ("kill", "stop", "cont")
+SATELLITE_ACTIONS = ("kill", "stop", "cont", "delay")
 ORCHESTRATOR_ACTIONS = ("kill_orchestrator", "restart_orchestrator")
 ACTIONS = SATELLITE_ACTIONS + ORCHESTRATOR_ACTIONS
 
@@ -137,6 +141,7 @@ class Topology:
             need(_int(g.workers) and g.workers >= 1, w, "workers", "an integer >= 1", g.workers)
             need(_num(g.speed) and g.speed > 0, w, "speed", "a number > 0", g.speed)
             need(_int(g.prefetch) and g.prefetch >= 0, w, "prefetch", "an integer >= 0", g.prefetch)
+            need(_num(g.delay_ms) and g.delay_ms >= 0, w, "delay_ms", "a number of milliseconds >= 0", g.delay_ms)
             need(isinstance(g.tags, list) and all(isinstance(t, str) for t in g.tags), w, "tags",
                  "a list of strings", g.tags)
         for i, c in enumerate(self.clients):
@@ -154,6 +159,7 @@ class Topology:
             w = f"faults[{i}]"
             need(f.action in ACTIONS, w, "action", f"one of {ACTIONS}", f.action)
             need(_num(f.at) and f.at >= 0, w, "at", "a number of seconds >= 0", f.at)
+            need(_num(f.ms) and f.ms >= 0, w, "ms", "a number of milliseconds >= 0", f.ms)
             if f.action in SATELLITE_ACTIONS:
                 need(_int(f.satellite) and 0 <= f.satellite < self.satellite_count, w, "satellite",
                      f"a satellite index from 0 to {self.satellite_count - 1} (out of range)", f.satellite)

@@ -180,3 +180,24 @@ def test_non_loopback_binds_need_keys_or_insecure(tmp_path: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert "without authentication" in err
+
+
+def test_a_binary_star_pair_shares_the_server_key_and_fails_over_with_keys(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchester.localpair import LocalPair
+
+    keys = Keys(tmp_path)
+    for k, v in keys.env("ops").items():
+        monkeypatch.setenv(k, v)
+    with LocalPair(satellites=0, workers=1, heartbeat_interval=HB, ha_heartbeat=HB, env=TEST_ENV,
+                   log_level="WARNING", serve_args=["--curve-secret", str(keys.server_secret),
+                                                    "--authorized-keys", str(keys.authorized)]) as pair:
+        pair.wait_state("backup", "passive")  # the peer link itself is CurveZMQ, with the shared key
+        pair.add_satellite("good", env=keys.env("sat"))
+        pair.wait_for_satellites(1)
+        with pair.client(heartbeat_interval=HB, liveness=3) as ops:
+            first = [ops.submit("echo", i) for i in range(20)]
+            assert [f.result(timeout=30) for f in first] == list(range(20))
+            pair.kill("primary")
+            assert ops.submit("echo", "after").result(timeout=60) == "after"
+            assert ops.show(first[0].task_id)["owner"] == "ops"  # replicated with its owner

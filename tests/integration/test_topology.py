@@ -76,3 +76,38 @@ def test_one_orchestrator_with_a_journal_survives_its_kill() -> None:
                                  {"at": 0.8, "action": "restart_orchestrator"}]})
     result = run(topo, "least_loaded")
     assert result.tasks == 200 and result.lost == 0 and result.duplicated == 0
+
+
+def test_a_link_proxy_delays_each_way_and_slow_links_cost_latency() -> None:
+    import time as _time
+
+    import zmq
+
+    from topology_tests.linkproxy import LinkProxy
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind("tcp://127.0.0.1:*")
+    proxy = LinkProxy(router.last_endpoint.decode(), delay=0.05).start()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    try:
+        dealer.connect(proxy.endpoint)
+        t0 = _time.monotonic()
+        dealer.send(b"ping")
+        assert router.poll(10_000)
+        ident, msg = router.recv_multipart()
+        router.send_multipart([ident, b"pong"])
+        assert dealer.poll(10_000) and dealer.recv() == b"pong"
+        assert _time.monotonic() - t0 >= 0.1  # at least the delay, each way (a lower bound, not a speed)
+        assert msg == b"ping" and proxy.bytes > 0
+    finally:
+        dealer.close(0)
+        router.close(0)
+        proxy.close()
+        ctx.term()
+    result = run(load(EXAMPLES / "slow_link.toml"), "least_loaded")
+    assert result.tasks == 600 and result.lost == 0 and result.duplicated == 0
+    assert result.latency_p99 >= 0.08  # a task over the 40 ms link waits two crossings at least
+    assert len(result.faults) == 1
