@@ -272,8 +272,10 @@ class Broker:
                 if pair is not None:
                     pair.tick(now)
                     core.ha = pair.describe(now)
-                    if pair.exit_code:
+                    if pair.exit_code:  # stepping down: say why on the event stream, then stop
                         self.exit_code = pair.exit_code
+                        self._flush(now)
+                        self._xpub_linger = 1000
                         break
                 core.housekeeping(now)
                 self._flush(now)
@@ -452,9 +454,12 @@ class Broker:
         if getattr(self, "pair", None) is not None:
             assert self.pair is not None
             self.pair.close()
-        for s in [*self._routers, getattr(self, "xpub", None)]:
-            if s is not None and not s.closed:
+        for s in self._routers:
+            if not s.closed:
                 s.close(linger=0)
+        xpub = getattr(self, "xpub", None)
+        if xpub is not None and not xpub.closed:
+            xpub.close(linger=getattr(self, "_xpub_linger", 0))
         if getattr(self, "auth", None) is not None:
             assert self.auth is not None
             self.auth.stop()

@@ -104,6 +104,9 @@ class Lifecycle:
             body["reason"] = reason
         if isinstance(task.owner, str):
             body["by"] = task.owner  # the submitter's key name (CurveZMQ)
+            sat = self.fleet.by_id.get(task.satellite) if task.satellite else None
+            if sat is not None and sat.user:
+                body["ran_by"] = sat.user  # the satellite's key name
         self.pub.append([b"task:" + task.id.encode(), pack(body)])
 
     def _arm(self, task: Task, now: float) -> None:

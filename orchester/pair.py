@@ -374,6 +374,8 @@ class Pair:
                     core.pub.append([b"ha:state", pack({"state": "stopped", "was": "active", "role": "backup",
                                                         "why": "dual active: the backup steps down",
                                                         "e": self.epoch, "t": wall})])
+                    self._next_state = now  # one last state message, so that the primary learns it too
+                    self.tick(now)
                     self.exit_code = 3
 
     def _activate(self, before: HAState, now: float) -> None:
@@ -396,4 +398,4 @@ class Pair:
         """Close both sockets (idempotent)."""
         for s in (self.pub, self.sub):
             if not s.closed:
-                s.close(linger=0)
+                s.close(linger=1000 if self.exit_code and s is self.pub else 0)

@@ -223,3 +223,37 @@ def test_asynchronous_replication_fails_over_without_loss_while_clients_live() -
             assert [f.result(timeout=60) for f in futs] == list(range(300))
         st = pair.state("backup")
         assert st is not None and st["state"] == "active"
+
+
+def test_a_dual_active_is_detected_and_the_backup_steps_down(pair: LocalPair) -> None:
+    """Two islands: the link cut and a client that reaches only the backup votes for it."""
+    events = Events(list(pair.pub_endpoints.values()))
+    try:
+        time.sleep(0.3)
+        for role in ("primary", "backup"):
+            assert _ask(pair.endpoints[role], P.CONTROL, {"op": "peer_link", "up": False})["peer_link"] == "cut"
+        time.sleep(4 * HB)  # both see their peer gone
+        ctx = zmq.Context()
+        try:  # the other island's client fails over to the backup and votes
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.connect(pair.endpoints["backup"])
+            s.send_multipart([P.SIGNATURE, P.HEARTBEAT, msgpack.packb({"vote": True})])
+            assert s.poll(10_000) and s.recv_multipart()[1] == P.HEARTBEAT  # served: it is active now
+            s.close(0)
+        finally:
+            ctx.term()
+        assert pair.wait_state("backup", "active")["state"] == "active"
+        for role in ("primary", "backup"):
+            _ask(pair.endpoints[role], P.CONTROL, {"op": "peer_link", "up": True})
+        backup = pair.servers["backup"]
+        assert backup is not None
+        assert backup.wait(30) == 3  # it stepped down and stopped
+        with pair.client(heartbeat_interval=HB, liveness=3) as client:  # the primary serves on
+            assert client.submit("echo", "still").result(timeout=30) == "still"
+    finally:
+        events.close()
+    alarms = [(e["role"], e["alarm"]) for e in events.events if e["topic"] == "ha:alarm"]
+    assert ("primary", "dual_active") in alarms and ("backup", "dual_active") in alarms
+    assert any(e["topic"] == "ha:state" and e["state"] == "stopped" and e["role"] == "backup"
+               for e in events.events)

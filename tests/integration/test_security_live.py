@@ -65,8 +65,19 @@ def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[L
 def test_an_authorised_client_and_satellite_work_and_tasks_carry_the_owner(secured: Any) -> None:
     cluster, keys = secured
     with keys.client(cluster.endpoint, "alice") as alice:
+        stream = alice.subscribe(["task:"])
+        time.sleep(0.3)  # let the subscription reach the orchestrator
         fut = alice.submit("echo", "hello")
         assert fut.result(timeout=30) == "hello"
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while not any(e.get("state") == "done" for e in seen) and time.monotonic() < deadline:
+            ev = stream.recv(timeout=0.5)
+            if ev is not None:
+                seen.append(ev.data)
+        stream.close()
+        done = next(e for e in seen if e.get("state") == "done")
+        assert done["by"] == "alice" and done["ran_by"] == "sat"
         shown = alice.show(fut.task_id)
         assert shown["owner"] == "alice"
         assert [r["owner"] for r in alice.history(ids=[fut.task_id])] == ["alice"]
