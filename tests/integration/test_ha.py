@@ -13,11 +13,11 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from conftest import TEST_ENV
 
 from orchester import Client
 from orchester.localpair import LocalPair
 from serializers import protocol as P
-from tests.conftest import TEST_ENV
 
 HB = 0.2
 

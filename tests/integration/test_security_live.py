@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import zmq
+from conftest import TEST_ENV
 
 from orchester import Client, LocalCluster
 from orchester.errors import RemoteError
 from orchester.keys import generate_keys, load_keypair, load_public
 from serializers import pack, unpack
 from serializers import protocol as P
-from tests.conftest import TEST_ENV
 
 HB = 0.2
 
