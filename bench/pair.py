@@ -1,8 +1,8 @@
 """What a binary-star pair costs: throughput of a pair (sync and async replication) against one
 orchester with the same journal, measured in the same run.
 
-Each configuration is fresh (2 satellites × 1 worker, journals in a temporary folder, the
-given ``--durability``); a client keeps ``--window`` echo tasks in flight. With ``sync`` an
+Each configuration is fresh (2 satellites × 1 worker, ``ipc://`` endpoints, journals in a
+temporary folder, the given ``--durability``); a client keeps ``--window`` echo tasks in flight. With ``sync`` an
 acknowledgement and a result wait until the passive has journaled the records they depend
 on; with ``async`` they do not wait for it.
 
@@ -51,11 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="orchester-bench-pair-") as tmp:
         for r in range(args.rounds):
-            single = LocalCluster(satellites=2, workers=1, prefetch=8, log_level="ERROR",
+            single = LocalCluster(satellites=0, workers=1, prefetch=8, log_level="ERROR",
                                   serve_args=["--journal", f"{tmp}/single-{r}", "--durability", args.durability])
-            with single:
+            try:  # on ipc:// like the pair, so that only the pair differs
+                single.start_orchestrator(bind=f"ipc://{tmp}/single-{r}.sock", pub=f"ipc://{tmp}/single-{r}.pub")
+                for i in range(2):
+                    single.add_satellite(f"s{i}")
+                single.wait_for_satellites(2)
                 results["one orchestrator"] = max(results.get("one orchestrator", 0.0),
                                                   drive(single, args.n, args.window))
+            finally:
+                single.close()
             for mode in ("sync", "async"):
                 pair = LocalPair(satellites=2, workers=1, prefetch=8, log_level="ERROR", replication=mode,
                                  durability=args.durability)
