@@ -348,6 +348,16 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("satellite")
+@connect_option
+@timeout_option
+def drain(satellite: str, connect: tuple[str, ...], timeout: float) -> None:
+    """Send no more tasks to SATELLITE (its running tasks finish); stop it afterwards."""
+    answer = _ask(connect, timeout, lambda c: c.drain(satellite, timeout=timeout))
+    click.echo(f"{answer['sid']}: {answer['state']}, {answer['inflight']} task(s) still running")
+
+
+@main.command()
 @click.option("--connect", required=True, help="The binary-star server to promote (one endpoint).")
 @timeout_option
 @click.option("--force", is_flag=True, help="Promote even while its peer says it is active.")

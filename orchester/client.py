@@ -191,6 +191,10 @@ class Client:
         """Switch the orchestrator's routing strategy at run time (published as an event)."""
         return self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
 
+    def drain(self, satellite: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Send no more tasks to ``satellite``; what it runs finishes (then stop it). Needs ``admin`` with keys."""
+        return self._ask(P.CONTROL, {"op": "drain", "sid": satellite}, timeout)
+
     def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
         """Make the binary-star server this client talks to ACTIVE (manual recovery, see ``docs/ha.rst``).
 

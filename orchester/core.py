@@ -23,7 +23,7 @@ from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
-from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
+from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
@@ -323,8 +323,12 @@ class Orchestrator(Lifecycle):
                 raise ProtocolError(P.E_BAD_REQUEST, "this orchestrator is not part of a binary-star pair")
             self._reply(sock, ident, hdr.get("rid"), self.ha_control(hdr, now))
             return
+        if op == "drain":
+            self._drain(sock, ident, hdr, now)
+            return
         if op != "strategy":
-            raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; known: ['strategy', 'promote']")
+            raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; "
+                                "known: ['strategy', 'drain', 'promote']")
         name = field(hdr, "name", str)
         try:
             strategy = make_strategy(name)
@@ -337,6 +341,20 @@ class Orchestrator(Lifecycle):
             self.pub.append([b"control:strategy", pack(
                 {"op": "strategy", "old": old, "new": strategy.name, "t": self.wall()})])
         self._reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
+
+    def _drain(self, sock: Any, ident: bytes, hdr: dict[str, Any], now: float) -> None:
+        """An operator drains a satellite: no new tasks; what it runs finishes; then stop it."""
+        sid = field(hdr, "sid", str)
+        sat = self.fleet.by_id.get(sid)
+        if sat is None:
+            raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.fleet.by_id)}")
+        if sat.state is not SS.DRAINING:
+            if not SATELLITE_MACHINE.allows(sat.state, SE.drain):
+                raise ProtocolError(P.E_BAD_REQUEST, f"satellite {sid} is {sat.state.name.lower()}: it cannot drain")
+            self._sat_to(sat, SE.drain, now, "drained by an operator")
+            self.counters["drains"] += 1
+        self._reply(sock, ident, hdr.get("rid"), {"sid": sid, "state": sat.state.name.lower(),
+                                                  "inflight": len(sat.inflight)})
 
     def _on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))

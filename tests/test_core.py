@@ -479,3 +479,22 @@ def test_a_client_takes_a_reply_larger_than_a_request_header() -> None:
     rid = unpack(frames[2])["rid"]
     core.handle([P.SIGNATURE, P.REPLY, pack({"rid": rid, "satellites": ["x" * 100] * 2000})])
     assert len(got) == 1 and len(got[0]["satellites"]) == 2000
+
+
+def test_an_operator_drains_a_satellite() -> None:
+    h = Harness()
+    sat = h.register("s1", slots=2)
+    h.register("s2", slots=2)
+    h.tick()
+    h.send(C, b"ops", P.CONTROL, {"op": "drain", "sid": "s1", "rid": 5})
+    out = h.tick()
+    reply = unpack(of(out, P.REPLY)[0][3])
+    assert reply == {"rid": 5, "sid": "s1", "state": "draining", "inflight": 0}
+    for i in range(4):
+        h.submit(f"t{i}")
+    out = h.tick()
+    assert all(f[0] == b"id-s2" for f in of(out, P.DISPATCH))  # nothing more for the drained one
+    h.send(C, b"ops", P.CONTROL, {"op": "drain", "sid": "nope", "rid": 6})
+    err = unpack(of(h.tick(), P.ERROR)[0][3])
+    assert err["code"] == P.E_BAD_REQUEST and "no satellite 'nope'" in err["msg"]
+    assert sat == b"id-s1"

@@ -132,6 +132,8 @@ def test_roles_are_enforced(secured: Any) -> None:
         fut = alice.submit("sleep", 30)  # alice's task: bob may not cancel it, ops may
         with pytest.raises(RemoteError, match="belongs to another key"):
             bob.cancel(fut.task_id)
+        with pytest.raises(RemoteError, match="admin"):
+            alice.drain("good")
         with Client(cluster.endpoint) as ops:
             assert ops.set_strategy("round_robin")["strategy"] == "round_robin"
             assert ops.cancel(fut.task_id)["cancelled"] is True
