@@ -89,7 +89,8 @@ class Pair:
         except Exception:
             self.close()
             raise
-        self.fold = RestoreFold()  #: what this server would install if it became active
+        #: what this server would install if it became active
+        self.fold = RestoreFold(keep_finished=config.result_retention)
         self.link_up = True  #: a test fault hook: False drops everything on the peer link
         self._next_state = now
         # active side
@@ -381,7 +382,7 @@ class Pair:
     def _activate(self, before: HAState, now: float) -> None:
         """Install what the journal and the stream said, then serve."""
         core = self.core
-        fold, self.fold = self.fold, RestoreFold()
+        fold, self.fold = self.fold, RestoreFold(keep_finished=core.cfg.result_retention)
         counts = fold.finish(core, now, self.router, reclaim=core.cfg.heartbeat_interval * core.cfg.liveness)
         if before is HAState.PASSIVE:
             core.counters["failovers"] += 1

@@ -31,12 +31,20 @@ _IN_FLIGHT = (TS.DISPATCHED, TS.RUNNING)
 
 
 class RestoreFold:
-    """Journal records folded into task descriptions, ready to install."""
+    """Journal records folded into task descriptions, ready to install.
 
-    def __init__(self) -> None:
+    A finished task's payload is dropped as soon as its end is folded, and at most
+    ``keep_finished`` finished tasks are kept (the oldest go first, as the active's result
+    retention drops them): a passive server following a long run holds what the active holds,
+    not the whole run.
+    """
+
+    def __init__(self, keep_finished: int | None = None) -> None:
         self.tasks: dict[str, list[Any]] = {}  #: id -> [S record, last T record or None]
         self.results: dict[str, list[Any]] = {}
         self.history: dict[str, list[tuple[float, TS, int, Any, Any]]] = {}
+        self.keep_finished = keep_finished
+        self._finished: dict[str, None] = {}  #: finished task ids, oldest first
         self.bad = 0
         self.records = 0
 
@@ -45,6 +53,20 @@ class RestoreFold:
         self.tasks.clear()
         self.results.clear()
         self.history.clear()
+        self._finished.clear()
+
+    def _ended(self, tid: str, entry: list[Any]) -> None:
+        srec = entry[0]
+        if len(srec) > 4 and srec[4]:
+            entry[0] = [*srec[:4], [], *srec[5:]]  # a copy: the record itself may still be on its way to disk
+        self._finished[tid] = None
+        if self.keep_finished is not None:
+            while len(self._finished) > self.keep_finished:
+                old = next(iter(self._finished))
+                del self._finished[old]
+                self.tasks.pop(old, None)
+                self.history.pop(old, None)
+                self.results.pop(old, None)
 
     def add(self, rec: list[Any]) -> None:
         """Fold one record; a record that cannot be applied is counted and skipped."""
@@ -64,9 +86,12 @@ class RestoreFold:
                 entry = self.tasks.get(tid)
                 if entry is not None:
                     entry[1] = rec
-                    self.history[tid].append((float(rec[6]) if len(rec) > 6 else 0.0, TS(rec[2]), int(rec[3]),
+                    state = TS(rec[2])
+                    self.history[tid].append((float(rec[6]) if len(rec) > 6 else 0.0, state, int(rec[3]),
                                               rec[4], rec[5]))
-            elif code == "R":
+                    if state.terminal:
+                        self._ended(tid, entry)
+            elif code == "R" and tid in self.tasks:
                 self.results[tid] = list(rec[2])
         except (IndexError, TypeError, ValueError, ProtocolError, KeyError) as exc:
             self.bad += 1

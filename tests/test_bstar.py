@@ -214,3 +214,16 @@ def test_metrics_carry_the_pair_state_and_its_counters() -> None:
     points = {name: value for name, _, value in Collector("o").collect(core, 0.0, 1000.0)}
     assert points["o.ha.state"] == 4 and points["o.ha.peer_alive"] == 1 and points["o.ha.replicating"] == 0
     assert points["o.counters.ha_refused"] == 3 and points["o.counters.failovers"] == 1
+
+
+def test_a_following_fold_drops_finished_payloads_and_keeps_what_retention_keeps() -> None:
+    fold = RestoreFold(keep_finished=2)
+    for i in range(5):
+        s_rec = ["S", f"t{i}", b"c", pack({"id": f"t{i}", "k": "echo"}), [b"payload"], 1.0, None]
+        fold.add(s_rec)
+        fold.add(["T", f"t{i}", int(TaskState.DONE), 1, "sat", None, 2.0])
+        fold.add(["R", f"t{i}", [pack({"id": f"t{i}", "ok": True}), b"r"], 2.0])
+        assert s_rec[4] == [b"payload"]  # the record itself is untouched (it may be on its way to disk)
+    fold.add(["S", "open", b"c", pack({"id": "open", "k": "echo"}), [b"keep"], 1.0, None])
+    assert sorted(fold.tasks) == ["open", "t3", "t4"] and sorted(fold.results) == ["t3", "t4"]
+    assert fold.tasks["t4"][0][4] == [] and fold.tasks["open"][0][4] == [b"keep"]
