@@ -141,6 +141,7 @@ class Broker:
             raise
         records, report = replay(directory, live=self.journal.writer.path)
         self.history = HistoryReader(Path(directory), self.ctx)
+        self.core.history_reader = True
         self.core.journal_out = []
         if self.pair is not None:  # installed only if and when this server becomes active
             for record in records:
@@ -270,6 +271,8 @@ class Broker:
                             continue
                         core.handle(sock, frames, now, user)
                 if pair is not None:
+                    if journal is not None and journal.error is not None:  # a passive must not follow blind
+                        raise RuntimeError(f"the journal failed: {journal.error}")
                     pair.tick(now)
                     core.ha = pair.describe(now)
                     if pair.exit_code:  # stepping down: say why on the event stream, then stop

@@ -90,7 +90,8 @@ class Client:
         self.curve = client_curve(curve_secret, server_key)
         self._refused: str | None = None  #: why the orchestrator refused our key, once it did
         self._monitor: zmq.Socket[Any] | None = None
-        self.sends_dropped = 0  #: requests a peer could not take at once (resent on reconnect)
+        self.sends_deferred = 0  #: requests the socket could not take at once (retried, in order)
+        self._unsent: collections.deque[list[Any]] = collections.deque()
         self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
         self.core.alternatives = len(self.endpoints) > 1
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -303,7 +304,7 @@ class Client:
         silent_after = self.heartbeat_interval * self.liveness
         try:
             while True:
-                ready = dict(poller.poll(int(self.heartbeat_interval * 250)))
+                ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
                 now = time.monotonic()
                 if self._wake_rx in ready:
                     with self._lock:
@@ -340,7 +341,7 @@ class Client:
                             log.warning("orchestrator changed (epoch %s): resending %d request(s)",
                                         core.epoch, len(core.tasks) + len(core.requests))
                             for f in core.pending_frames():
-                                _offer(sock, f)
+                                self._send_or_defer(sock, f)
                 if core.redirect and now >= redirect_after:  # a passive server refused us
                     core.redirect = False
                     redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
@@ -372,16 +373,28 @@ class Client:
         """Close ``sock``, connect to the next endpoint, vote if we left on silence, resend what is pending."""
         sock.close(0)
         self._index += 1
+        self._unsent.clear()  # everything pending is resent below
         sock = self._connect()
         self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
         _offer(sock, self.core.ping(vote=vote))
         for f in self.core.pending_frames():
-            _offer(sock, f)
+            self._send_or_defer(sock, f)
         return sock
+
+    def _send_or_defer(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+        """Send now if nothing waits before it and the socket takes it; else queue it, in order."""
+        if self._unsent or not _offer(sock, frames):
+            self.sends_deferred += 1
+            self._unsent.append(frames)
 
     def _drain_outbox(self, sock: zmq.Socket[Any]) -> None:
         outbox = self._outbox
         core = self.core
+        unsent = self._unsent
+        while unsent:  # what the socket could not take last time goes first, in order
+            if not _offer(sock, unsent[0]):
+                return
+            unsent.popleft()
         while outbox:
             item = outbox.popleft()
             if self._refused is not None and item[0] != "forget":
@@ -404,8 +417,10 @@ class Client:
                 except Exception as exc:
                     reject_future(fut, exc)
                     continue
-            if not _offer(sock, frames):
-                self.sends_dropped += 1  # the peer cannot take it now: it goes with the next resend
+            if not _offer(sock, frames):  # the queue to the orchestrator is full: keep it, retry soon
+                self.sends_deferred += 1
+                unsent.append(frames)
+                return
 
 
 _counter = itertools.count()

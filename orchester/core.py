@@ -28,7 +28,7 @@ from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
 from .history import HistoryFold, select
-from .lifecycle import T_DEADLINE, Lifecycle, _len
+from .lifecycle import T_DEADLINE, T_RESULT, Lifecycle, _len
 from .logutil import warn_limited
 from .results import ResultStore
 from .routing import make_strategy
@@ -82,6 +82,7 @@ class Orchestrator(Lifecycle):
         #: restored tasks that were in flight, waiting for their satellite to re-announce them
         self.reclaim: dict[str, Task] = {}
         self.reclaim_until = 0.0
+        self.adopt_until = 0.0  #: until when satellites may claim restored tasks (after a restart)
         #: per client (key name or routing identity): [unfinished tasks, their payload bytes]
         self.client_load: dict[str | bytes, list[int]] = {}
         self._user: str | None = None
@@ -89,6 +90,8 @@ class Orchestrator(Lifecycle):
         self.identify: Callable[[str | None], Any] | None = None
         #: what the binary-star adapter reports in status replies (empty when not in a pair)
         self.ha: dict[str, Any] = {}
+        #: a journal reader answers history queries (set by the socket adapter with a journal)
+        self.history_reader = False
         #: the binary-star adapter's operations (``promote``; ``peer_link`` as a test fault hook)
         self.ha_control: Callable[[dict[str, Any], float], dict[str, Any]] | None = None
         self._init_lifecycle(config)
@@ -133,7 +136,13 @@ class Orchestrator(Lifecycle):
                 sat.last_seen = now
                 if sat.state is SS.SILENT:
                     self._heard(sat, now)
-            handler(sock, ident, frames, now)
+            try:
+                handler(sock, ident, frames, now)
+            except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as exc:
+                # a field of a shape no validation foresaw: refuse it rather than stop the loop
+                self.counters["handler_errors"] += 1
+                log.exception("a %s message from %r could not be handled", P.command_name(bytes(frames[2])), ident)
+                raise ProtocolError(P.E_MALFORMED, f"cannot handle this message: {type(exc).__name__}: {exc}") from None
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
             self.counters[f"errors.{exc.code}"] += 1
@@ -367,7 +376,7 @@ class Orchestrator(Lifecycle):
         if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
                                 f"known: {sorted(TASK_STATE_VALUES)}")
-        if self.journal_out is not None:  # the journal has everything: its reader answers
+        if self.history_reader:  # the journal has everything: its reader answers
             self.queries.append((sock, ident, hdr.get("rid"), filters))
             return
         fold = HistoryFold()
@@ -402,8 +411,8 @@ class Orchestrator(Lifecycle):
         if old is not None:  # re-registration (reconnect): what the old session held is rerouted
             self._lose(old, now, "re-registered", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
-                              host=str(hdr.get("host", "")), pid=int(hdr.get("pid", 0) or 0),
-                              workers=int(hdr.get("workers", 0) or 0))
+                              host=str(hdr.get("host", ""))[:256], pid=field(hdr, "pid", int, 0),
+                              workers=field(hdr, "workers", int, 0))
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
         sat.user = self._user
         walltime = hdr.get("walltime")
@@ -421,26 +430,43 @@ class Orchestrator(Lifecycle):
         running = hdr.get("running")
         if isinstance(running, list) and running:
             self.adopt(sat, running, now)
+        recent = hdr.get("recent")
+        if isinstance(recent, list) and recent:
+            self.adopt(sat, recent, now, finished=True)
 
-    def adopt(self, sat: SatelliteRecord, running: list[Any], now: float) -> None:
+    def adopt(self, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
         """Take back tasks a (re-)registering satellite says it is still running.
 
         After a restart or a failover the task table comes from the journal, where these
         tasks were in flight: they are given back to the satellite running them under the
         attempt it runs, instead of being dispatched a second time. A satellite also lists
         the tasks it finished lately and sends their results again right after: those are
-        taken back the same way and finish at once. Tasks this orchestrator
-        does not know, or knows finished, are left to finish; their results are discarded.
+        taken back the same way (``finished``) and must finish within a liveness period.
+
+        Only what the journal says this satellite had, under the attempt it had, is given
+        back: a task in flight on it when the journal ended. Shortly after a restart (one
+        liveness period), a queued task may also be claimed under the attempt after the
+        journaled one (its dispatch record did not reach the disk before the crash). Anything
+        else is refused and left to finish; its result is discarded.
         """
+        if len(running) > 100_000:
+            raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
         for item in running:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], int)):
+                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
                 raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
             tid, attempt = item
-            task = self.reclaim.pop(tid, None) or self.tasks.get(tid)
-            if task is None or task.state is not TS.PENDING or attempt < task.attempt:
+            task = self.reclaim.get(tid)
+            if task is not None:
+                ok = task.satellite == sat.sid and attempt == task.attempt
+            else:
+                task = self.tasks.get(tid)
+                ok = task is not None and task.state is TS.PENDING and now < self.adopt_until \
+                    and attempt == task.attempt + 1
+            if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds:
                 self.counters["adopt_refused"] += 1
                 continue
+            self.reclaim.pop(tid, None)
             self.queued_bytes -= task.size
             task.attempt = attempt
             task.satellite = sat.sid
@@ -451,6 +477,8 @@ class Orchestrator(Lifecycle):
             self._task_to(task, TE.dispatch, now, "adopted")
             self._task_to(task, TE.start, now, "adopted")
             self.counters["adopted"] += 1
+            if finished:  # its result was sent again right after the registration
+                task.timer = self.timers.schedule(now + self._lost_after, tid, T_RESULT)
 
     def _on_started(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
@@ -545,6 +573,7 @@ class Orchestrator(Lifecycle):
                     del self.tasks[tid]
         if self.reclaim and now >= self.reclaim_until:
             for task in self.reclaim.values():  # nobody re-announced them: run them again
+                task.satellite = None
                 self.queues.push(task)
                 self._arm(task, now)
             self.counters["reclaim_requeued"] += len(self.reclaim)

@@ -38,7 +38,7 @@ from .tasks import QueueKey, Task, TaskQueues
 log = logging.getLogger("orchester")
 
 # timer codes: what a task's timer guards
-T_EXPIRE, T_START, T_STALL, T_MAX_RUN, T_REQUEUE, T_DEADLINE = range(6)
+T_EXPIRE, T_START, T_STALL, T_MAX_RUN, T_REQUEUE, T_DEADLINE, T_RESULT = range(7)
 
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
@@ -343,6 +343,8 @@ class Lifecycle:
                 self._stall(task, now, f"no progress for {stall:g}s on {task.satellite}")
         elif code == T_MAX_RUN and task.state is TS.RUNNING:
             self._fail(task, P.ERR_MAX_RUN, f"ran longer than {task.max_run or self.cfg.max_run_time:g}s", now)
+        elif code == T_RESULT and task.state is TS.RUNNING:  # adopted as finished: its result never came
+            self._stall(task, now, f"its result did not come back from {task.satellite} after a restart")
         elif code == T_REQUEUE and task.state is TS.RETRY:
             self._enqueue(task, now, TE.requeue, "back-off over")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,14 @@ SNAP_CHUNK = 500
 
 def _pack(body: dict[str, Any]) -> bytes:
     return msgpack.packb(body, use_bin_type=True)
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+    """An integer field of a peer message (ValueError otherwise: the message is dropped)."""
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{key} must be an integer >= 0, not {value!r}")
+    return value
 
 
 class Pair:
@@ -98,6 +107,8 @@ class Pair:
         self.synced = False  #: ... and acknowledged the snapshot
         self.snap_seq = 0
         self.acked = 0  #: highest record the passive acknowledged
+        self._ack_progress = now  #: when ``acked`` last moved
+        self._sent_upto = 0  #: highest record streamed
         self._batch: list[bytes] = []
         self._batch_first = 0
         # passive side
@@ -150,9 +161,9 @@ class Pair:
                 continue
             try:
                 change = self._on_peer(frames, now)
-            except (ValueError, TypeError, KeyError, IndexError, msgpack.UnpackException) as exc:
+            except Exception as exc:  # the peer link never stops the loop: count, log, drop the message
                 self.counters["ha_bad_messages"] += 1
-                log.warning("bad message on the peer link: %s", exc)
+                log.warning("bad message on the peer link: %s: %s", type(exc).__name__, exc)
                 continue
             if change is not None:
                 changes.append(change)
@@ -164,26 +175,35 @@ class Pair:
         if not isinstance(body, dict):
             raise ValueError("peer message header is not a map")
         if kind == STATE:
-            if self.stream is not None and body.get("f") is False and self.star.state is HAState.PASSIVE:
-                self.stream, self._chunk = None, 0  # the active no longer streams to us: resynchronise
-                self.counters["ha_stream_gaps"] += 1
-            return self.star.peer_state(HAState(int(body["s"])), now)
+            if self.star.state is HAState.PASSIVE and self.stream is not None and body.get("e") == self.stream:
+                # every record up to q was sent before this message: one not applied was lost
+                if body.get("f") is False or _int(body, "q") > self.applied:
+                    self.stream, self._chunk = None, 0  # resynchronise
+                    self.counters["ha_stream_gaps"] += 1
+            if self.star.state is HAState.ACTIVE and body.get("st") == self.epoch and "a" in body:
+                self._on_ack(_int(body, "a"), now)  # the passive repeats its acknowledgement every heartbeat
+            return self.star.peer_state(HAState(_int(body, "s")), now)
         if kind == REC and self.star.state is HAState.PASSIVE:
-            self._on_records(str(body["e"]), int(body["q"]), frames[2:])
+            self._on_records(str(body["e"]), _int(body, "q"), frames[2:])
         elif kind == SNAP and self.star.state is HAState.PASSIVE:
             self._on_snapshot(body, frames[2:], now)
         elif kind == SYNC and self.star.state is HAState.ACTIVE:
             self._send_snapshot()
         elif kind == ACK and self.star.state is HAState.ACTIVE and body.get("e") == self.epoch:
-            self.acked = max(self.acked, int(body["q"]))
-            if not self.synced and self.follower and self.acked >= self.snap_seq:
-                self.synced = True
-                self.core.pub.append([b"ha:replication", pack({"mode": "sync" if self.sync else "async",
-                                                               "why": "the passive is in sync", "e": self.epoch,
-                                                               "t": self.core.wall()})])
-                log.info("the passive is in sync at record %d: replication %s", self.acked,
-                         "synchronous" if self.sync else "asynchronous")
+            self._on_ack(_int(body, "q"), now)
         return None
+
+    def _on_ack(self, q: int, now: float) -> None:
+        if q > self.acked:
+            self.acked = q
+            self._ack_progress = now
+        if not self.synced and self.follower and self.acked >= self.snap_seq:
+            self.synced = True
+            self.core.pub.append([b"ha:replication", pack({"mode": "sync" if self.sync else "async",
+                                                           "why": "the passive is in sync", "e": self.epoch,
+                                                           "t": self.core.wall()})])
+            log.info("the passive is in sync at record %d: replication %s", self.acked,
+                     "synchronous" if self.sync else "asynchronous")
 
     def _on_records(self, epoch: str, first: int, records: list[bytes]) -> None:
         if self._chunk != -1 or epoch != self.stream or first != self.applied + 1:
@@ -196,7 +216,7 @@ class Pair:
             self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), self.applied)
 
     def _on_snapshot(self, body: dict[str, Any], records: list[bytes], now: float) -> None:
-        index = int(body["i"])
+        index = _int(body, "i")
         if index == 0:
             self._chunk = 0
             self.stream = None
@@ -207,7 +227,7 @@ class Pair:
             self._chunk, self.stream = 0, None
             return
         last = bool(body.get("last"))
-        q = int(body["q"])
+        q = _int(body, "q")
         for n, data in enumerate(records, 1):
             self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False),
                         q if last and n == len(records) else 0)
@@ -250,6 +270,7 @@ class Pair:
         """Send the records streamed since the last flush."""
         if self._batch:
             batch, self._batch = self._batch, []
+            self._sent_upto = self._batch_first + len(batch) - 1
             self._send([REC, _pack({"e": self.epoch, "q": self._batch_first}), *batch])
 
     def _send_snapshot(self, seq: int | None = None) -> None:
@@ -262,6 +283,8 @@ class Pair:
             self._send([SNAP, _pack({"e": self.epoch, "q": q, "i": index, "last": index == len(chunks) - 1}),
                         *chunk])
         self.follower, self.synced, self.snap_seq = True, False, q
+        self._sent_upto = q
+        self._ack_progress = time.monotonic()
         self.counters["ha_snapshots_sent"] += 1
         log.info("sent a snapshot of %d records to the passive at record %d", len(records), q)
 
@@ -279,7 +302,8 @@ class Pair:
         if now >= self._next_state:
             self._next_state = now + star.heartbeat
             self._send([STATE, _pack({"s": int(star.state), "role": star.role, "e": self.epoch,
-                                      "q": self.last_seq(), "f": self.follower})])
+                                      "q": self.last_seq(), "f": self.follower,
+                                      **({"st": self.stream, "a": self._ack_sent} if self.stream else {})})])
         if star.state is HAState.PASSIVE:
             if self._ack_due > self._ack_sent and self.stream is not None:
                 self._ack_sent = self._ack_due
@@ -287,13 +311,19 @@ class Pair:
             if self.stream is None and self._chunk <= 0 and now >= self._next_sync and star.peer_alive(now):
                 self._next_sync = now + 2 * star.heartbeat
                 self._send([SYNC, _pack({"e": self.epoch})])
-        elif star.state is HAState.ACTIVE and self.follower and not star.peer_alive(now):
-            self.follower = self.synced = False
-            self._batch = []
-            self.counters["ha_peer_lost"] += 1
-            log.warning("the passive is silent: acknowledging on local durability alone")
-            self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": "the passive is silent",
-                                                           "e": self.epoch, "t": self.core.wall()})])
+        elif star.state is HAState.ACTIVE and self.follower:
+            why = None
+            if not star.peer_alive(now):
+                why = "the passive is silent"
+            elif self.acked < self._sent_upto and now - self._ack_progress > 4 * star.heartbeat:
+                why = "the passive stopped acknowledging"
+            if why is not None:
+                self.follower = self.synced = False
+                self._batch = []
+                self.counters["ha_peer_lost"] += 1
+                log.warning("%s: acknowledging on local durability alone", why)
+                self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": why, "e": self.epoch,
+                                                               "t": self.core.wall()})])
 
     # ------------------------------------------------------ clients' side
     def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:

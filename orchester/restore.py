@@ -77,13 +77,21 @@ class RestoreFold:
                 self.reset()
                 return
             tid = rec[1]
+            if not isinstance(tid, str):
+                raise TypeError(f"task id {tid!r} is not a string")
             if code == "S":
                 if tid not in self.tasks:
                     unpack(bytes(rec[3]))  # refuse a record whose header is unreadable, now
+                    if not isinstance(rec[4], list) or not all(isinstance(f, (bytes, memoryview)) for f in rec[4]):
+                        raise TypeError("a task's payload must be a list of byte strings")
                     self.tasks[tid] = [rec, None]
                     self.history[tid] = [(float(rec[5]), TS.PENDING, 0, None, None)]
             elif code == "T":
                 entry = self.tasks.get(tid)
+                if not isinstance(rec[3], int) or not 0 <= rec[3] <= 1_000_000 or \
+                        not (rec[4] is None or isinstance(rec[4], str)):
+                    raise ValueError(f"a transition needs an attempt from 0 to 10^6 and a satellite id, not "
+                                     f"{rec[3]!r}, {rec[4]!r}")
                 if entry is not None:
                     entry[1] = rec
                     state = TS(rec[2])
@@ -92,7 +100,12 @@ class RestoreFold:
                     if state.terminal:
                         self._ended(tid, entry)
             elif code == "R" and tid in self.tasks:
-                self.results[tid] = list(rec[2])
+                frames = rec[2]
+                if not isinstance(frames, list) or not frames or \
+                        not all(isinstance(f, (bytes, memoryview)) for f in frames):
+                    raise TypeError("a result must be a non-empty list of byte strings")
+                unpack(bytes(frames[0]))
+                self.results[tid] = list(frames)
         except (IndexError, TypeError, ValueError, ProtocolError, KeyError) as exc:
             self.bad += 1
             log.warning("skipped a journal record that cannot be applied: %s", exc)
@@ -127,24 +140,26 @@ class RestoreFold:
                 continue
             core.tasks[tid] = t
             if t.state.terminal:
-                frames = self.results.get(tid)
+                frames = self.results.get(tid)  # validated when folded
                 if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
                     core.results.put(tid, [P.SIGNATURE, P.RESULT, *frames], _len(frames), delivered=True)
                 t.payload = []
                 counts["finished"] += 1
                 continue
             in_flight = t.state in _IN_FLIGHT
-            t.state, t.satellite = TS.PENDING, None
+            t.state = TS.PENDING
             core.queued_bytes += t.size
-            if reclaim > 0 and in_flight:
+            if reclaim > 0 and in_flight:  # keeps its satellite and attempt: only that one may claim it
                 core.reclaim[tid] = t
                 counts["reclaimable"] += 1
             else:
+                t.satellite = None
                 core.queues.push(t)
                 core._arm(t, now)
             counts["requeued"] += 1
         if core.reclaim:
             core.reclaim_until = now + reclaim
+        core.adopt_until = now + reclaim
         core.counters["journal_restored"] += len(self.tasks)
         core.counters["journal_bad_records"] += self.bad
         return dict(counts)

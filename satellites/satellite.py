@@ -174,13 +174,18 @@ class Satellite:
         now = time.monotonic()
         self._last_heard = now
         self._last_sent = 0.0
-        self._register(now, vote)
-        self._trim_recent(now)
-        for _, _, _, frames in self._recent:  # results the previous orchestrator may not have kept
-            self._send(frames, now)
-        self.counters["results_resent"] += len(self._recent)
+        self._announce(now, vote)
         log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, endpoint,
                  self.workers, self.kinds)
+
+    def _announce(self, now: float, vote: bool = False) -> None:
+        """Register, then send again the results of the last liveness period (the orchestrator
+        may have restarted or failed over without them: it takes them back, see ``adopt``)."""
+        self._trim_recent(now)
+        self._register(now, vote)
+        for _, _, _, frames in self._recent:
+            self._send(frames, now)
+        self.counters["results_resent"] += len(self._recent)
 
     def _register(self, now: float, vote: bool = False) -> None:
         self._send([P.REGISTER, pack({
@@ -189,8 +194,8 @@ class Satellite:
             "progress": self.progress_kinds, "versions": self.versions,
             **({"walltime": max(0.0, self.deadline - now)} if self.deadline is not None else {}),
             "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
-            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task]
-            + [[tid, attempt] for _, tid, attempt, _ in self._recent],
+            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
+            "recent": [[tid, attempt] for _, tid, attempt, _ in self._recent],
         })], now)
 
     def _send(self, frames: list[Any], now: float) -> None:
@@ -308,7 +313,7 @@ class Satellite:
         elif cmd == P.RECONNECT:
             log.info("orchestrator asks satellite %s to register again", self.sid)
             self._queue.clear()
-            self._register(now)
+            self._announce(now)
         elif cmd == P.ERROR:
             hdr = unpack(bytes(frames[2]))
             self.counters["errors_received"] += 1
