@@ -33,6 +33,7 @@ import zmq
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, error_frames, pack, unpack
+from tracker import TaskState as TS
 
 from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orchester.ha")
 
-STATE, REC, SYNC, SNAP, ACK = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK"
+STATE, REC, SYNC, SNAP, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK", b"ORPHANS"
 #: Records per snapshot message.
 SNAP_CHUNK = 500
 
@@ -115,6 +116,10 @@ class Pair:
         self.stream: str | None = None  #: the active's epoch whose stream we follow
         self.applied = 0  #: last record applied from that stream
         self._chunk = 0  #: next snapshot chunk expected (-1: none in progress)
+        self._snap_buf: list[bytes] = []  #: the chunks of a snapshot in progress
+        self._snap_started = now
+        #: the fold came from this server's own journal (not yet replaced by a snapshot)
+        self._fold_is_own = True
         self._pending_acks: deque[tuple[int, int]] = deque()  #: (local journal seq, stream seq)
         self._ack_due = 0
         self._ack_sent = 0
@@ -189,6 +194,8 @@ class Pair:
             self._on_snapshot(body, frames[2:], now)
         elif kind == SYNC and self.star.state is HAState.ACTIVE:
             self._send_snapshot()
+        elif kind == ORPHANS and self.star.state is HAState.ACTIVE:
+            self._on_orphans(frames[2:], now)
         elif kind == ACK and self.star.state is HAState.ACTIVE and body.get("e") == self.epoch:
             self._on_ack(_int(body, "q"), now)
         return None
@@ -216,29 +223,81 @@ class Pair:
             self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), self.applied)
 
     def _on_snapshot(self, body: dict[str, Any], records: list[bytes], now: float) -> None:
+        """Gather the chunks; only a complete snapshot replaces what this server follows (a
+        partial one, cut by the active's death, is dropped: the previous fold stays)."""
         index = _int(body, "i")
         if index == 0:
             self._chunk = 0
             self.stream = None
-            self._ack_due = self._ack_sent = 0
-            self._pending_acks.clear()
+            self._snap_buf = []
+            self._snap_started = now
         elif index != self._chunk:
             self.counters["ha_stream_gaps"] += 1
-            self._chunk, self.stream = 0, None
+            self._chunk, self.stream, self._snap_buf = 0, None, []
             return
-        last = bool(body.get("last"))
-        q = _int(body, "q")
-        for n, data in enumerate(records, 1):
-            self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False),
-                        q if last and n == len(records) else 0)
+        self._snap_buf.extend(records)
         self._chunk = index + 1
-        if last:
-            self._chunk = -1
-            self.stream = str(body["e"])
-            self.applied = q
-            self.counters["ha_snapshots_received"] += 1
-            log.info("in sync with the active %s at record %d (%d tasks)", self.stream, self.applied,
-                     len(self.fold.tasks))
+        if not body.get("last"):
+            return
+        q = _int(body, "q")
+        records, self._snap_buf = [bytes(r) for r in self._snap_buf], []
+        previous, self.fold = self.fold, RestoreFold(keep_finished=self.cfg.result_retention)
+        self._ack_due = self._ack_sent = 0
+        self._pending_acks.clear()
+        for n, data in enumerate(records, 1):
+            self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), q if n == len(records) else 0)
+        self._chunk = -1
+        self.stream = str(body["e"])
+        self.applied = q
+        self.counters["ha_snapshots_received"] += 1
+        log.info("in sync with the active %s at record %d (%d tasks)", self.stream, self.applied,
+                 len(self.fold.tasks))
+        self._hand_back(previous, own=self._fold_is_own)
+        self._fold_is_own = False
+
+    def _hand_back(self, previous: RestoreFold, own: bool) -> None:
+        """Send the active the tasks this server knew and the active does not.
+
+        Unfinished ones always (accepted here while this server was active alone: they must run);
+        finished ones too when ``previous`` came from this server's own journal (their results
+        were never replicated). The active takes them as if they had been submitted to it."""
+        out: list[bytes] = []
+        for tid, (srec, trec) in previous.tasks.items():
+            if tid in self.fold.tasks:
+                continue
+            finished = trec is not None and TS(trec[2]).terminal
+            if finished and not own:
+                continue
+            out.append(msgpack.packb(srec, use_bin_type=True))
+            for wall, state, attempt, sat, reason in previous.history.get(tid, [])[1:]:
+                out.append(msgpack.packb(["T", tid, int(state), attempt, sat, reason, wall], use_bin_type=True))
+            if tid in previous.results:
+                out.append(msgpack.packb(["R", tid, previous.results[tid], 0.0], use_bin_type=True))
+        if out:
+            log.warning("handing %d record(s) of tasks the active does not know back to it", len(out))
+            self.counters["ha_handed_back"] += len(out)
+            self._send([ORPHANS, _pack({"e": self.stream}), *out])
+
+    def _on_orphans(self, records: list[bytes], now: float) -> None:
+        """Take the tasks a rejoining server accepted while it was alone (active side)."""
+        fold = RestoreFold()
+        for data in records:
+            fold.add(msgpack.unpackb(data, raw=False, strict_map_key=False))
+        for tid in [t for t in fold.tasks if t in self.core.tasks]:
+            del fold.tasks[tid]
+        if not fold.tasks:
+            return
+        wanted = set(fold.tasks)
+        counts = fold.finish(self.core, now, self.router)
+        journal = self.core.journal_out
+        if journal is not None:  # journaled (and streamed back) as this server's own from now on
+            for data in records:
+                rec = msgpack.unpackb(data, raw=False, strict_map_key=False)
+                if isinstance(rec, list) and len(rec) > 1 and rec[1] in wanted:
+                    journal.append(rec)
+        self.counters["ha_orphans_taken"] += len(wanted)
+        log.warning("took %d task(s) the other server accepted while it was alone: %d finished, %d to run",
+                    len(wanted), counts.get("finished", 0), counts.get("requeued", 0))
 
     def _apply(self, record: list[Any], stream_seq: int) -> None:
         """Fold one record and journal it; ``stream_seq`` (0: none) is acknowledged once durable."""
@@ -308,6 +367,8 @@ class Pair:
             if self._ack_due > self._ack_sent and self.stream is not None:
                 self._ack_sent = self._ack_due
                 self._send([ACK, _pack({"e": self.stream, "q": self._ack_due})])
+            if self._chunk > 0 and now - self._snap_started > 4 * star.heartbeat:
+                self._chunk, self._snap_buf = 0, []  # a snapshot that stalled: ask again
             if self.stream is None and self._chunk <= 0 and now >= self._next_sync and star.peer_alive(now):
                 self._next_sync = now + 2 * star.heartbeat
                 self._send([SYNC, _pack({"e": self.epoch})])

@@ -257,3 +257,30 @@ def test_a_dual_active_is_detected_and_the_backup_steps_down(pair: LocalPair) ->
     assert ("primary", "dual_active") in alarms and ("backup", "dual_active") in alarms
     assert any(e["topic"] == "ha:state" and e["state"] == "stopped" and e["role"] == "backup"
                for e in events.events)
+
+
+def test_tasks_the_backup_took_alone_survive_a_restart_of_both(pair: LocalPair) -> None:
+    """Found in review: the restarted primary (older journal) went active and the backup's newer tasks were lost."""
+    pair.kill("primary")
+    with pair.client(heartbeat_interval=HB, liveness=3) as client:
+        fut = client.submit("sleep", 0.05, task_id="taken-alone")
+        assert fut.accepted.wait(30)
+        assert fut.result(timeout=30) == pytest.approx(0.05, abs=1)  # finished on the backup alone
+        waiting = client.submit("echo", "later", tags=["nobody"], task_id="waits-alone")
+        assert waiting.accepted.wait(30)
+    pair.kill("backup")
+    pair.start_server("primary")
+    pair.start_server("backup")
+    pair.wait_active()
+    pair.wait_state("backup", "passive")
+    deadline = time.monotonic() + 30
+    with Client(pair.endpoints["primary"]) as c:
+        while True:  # the backup hands them back once it has the primary's snapshot
+            try:
+                shown = {t: c.show(t, timeout=5)["state"] for t in ("taken-alone", "waits-alone")}
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the primary never learnt the backup's tasks"
+                time.sleep(0.1)
+        assert shown == {"taken-alone": "done", "waits-alone": "pending"}
+        assert c.result("taken-alone", timeout=30) == pytest.approx(0.05, abs=1)
