@@ -40,7 +40,7 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
-from .security import ROLES, CurveAuthenticator, Identity, KeyRing, check_binds, load_keypair, secure_server, user_of
+from .security import CurveAuthenticator, KeyRing, check_binds, load_keypair, secure_server, user_of
 from .segments import read_task_record
 from .wal import read_at
 
@@ -71,8 +71,8 @@ class Broker:
             assert config.curve_secret and config.authorized_keys
             self.curve = load_keypair(config.curve_secret)
             self.ring = KeyRing(config.authorized_keys)
-            self.ring.allow(self.curve[0], Identity("orchestrator", frozenset(ROLES)))  # the pair's peer
-            self.auth = CurveAuthenticator(self.ring, self.ctx)
+            # the pair's peer link has its own ZAP domain, where only the server key gets in
+            self.auth = CurveAuthenticator(self.ring, self.ctx, peer_keys=[self.curve[0]])
             self.auth.start()
             self.core.identify = self.ring.by_name
             log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)

@@ -38,7 +38,7 @@ from tracker import TaskState as TS
 from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
 from .restore import RestoreFold, snapshot
-from .security import secure_client, secure_server
+from .security import PEER_DOMAIN, secure_client, secure_server
 
 if TYPE_CHECKING:
     from .core import Orchestrator
@@ -89,7 +89,7 @@ class Pair:
         self.sub.linger = 0
         self.sub.rcvhwm = 100_000
         if curve is not None:  # both servers share the server key pair
-            secure_server(self.pub, *curve)
+            secure_server(self.pub, *curve, domain=PEER_DOMAIN)
             secure_client(self.sub, curve[0], curve[1], curve[0])
         try:
             self.pub.bind(config.state_bind)

@@ -125,6 +125,12 @@ def check_binds(endpoints: Iterable[str], secure: bool, insecure: bool) -> list[
 
 
 
+#: The ZAP domain of the binary-star link: only the servers' own key gets in (not the key ring:
+#: what travels there is every task's payload and result).
+PEER_DOMAIN = "orchester-peer"
+PEER_IDENTITY = Identity("orchestrator", frozenset(ROLES))
+
+
 # -- the authorised key ring -----------------------------------------------------------------
 
 
@@ -246,6 +252,11 @@ class _ZapAgent(ThreadAuthenticator):
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by pyzmq (in the ZAP thread) with the client's Z85 key: is it authorised?"""
+        if domain == PEER_DOMAIN:  # the binary-star link: the other server, and nobody else
+            identity = PEER_IDENTITY if key in self._owner.peer_keys else None
+            self._last = (key, identity) if identity else None
+            self._owner._count(identity, key)
+            return identity is not None
         try:
             identity = self._owner.ring.by_key(key)
         except Exception:  # never let the ZAP thread die: every later handshake would hang
@@ -276,8 +287,11 @@ class CurveAuthenticator:
     closed (:func:`secure_server` makes them refuse everyone while no handler runs).
     """
 
-    def __init__(self, ring: KeyRing, context: zmq.Context[Any] | None = None, *, domain: str = ZAP_DOMAIN) -> None:
+    def __init__(self, ring: KeyRing, context: zmq.Context[Any] | None = None, *, domain: str = ZAP_DOMAIN,
+                 peer_keys: Iterable[bytes] = ()) -> None:
         self.ring = ring
+        #: keys allowed on :data:`PEER_DOMAIN` sockets only (the binary-star link): the server's own
+        self.peer_keys = frozenset(peer_keys)
         self.context: zmq.Context[Any] = context if context is not None else zmq.Context.instance()
         self.domain = domain
         self._agent: _ZapAgent | None = None
@@ -320,6 +334,8 @@ class CurveAuthenticator:
         while True:
             agent = _ZapAgent(self, self.context)
             agent.configure_curve_callback(self.domain, credentials_provider=agent)
+            if self.peer_keys:
+                agent.configure_curve_callback(PEER_DOMAIN, credentials_provider=agent)
             try:
                 agent.start()
                 break

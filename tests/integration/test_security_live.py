@@ -208,9 +208,20 @@ def test_a_binary_star_pair_shares_the_server_key_and_fails_over_with_keys(tmp_p
         pair.wait_state("backup", "passive")  # the peer link itself is CurveZMQ, with the shared key
         pair.add_satellite("good", env=keys.env("sat"))
         pair.wait_for_satellites(1)
+        ctx = zmq.Context()
+        spy = ctx.socket(zmq.SUB)  # an authorised satellite key on the peer link: it carries every payload
+        spy.linger = 0
+        public, secret = load_keypair(keys.secrets["sat"])
+        spy.curve_publickey, spy.curve_secretkey = public, secret
+        spy.curve_serverkey = load_public(keys.server_public)
+        spy.setsockopt(zmq.SUBSCRIBE, b"")
+        spy.connect(pair.state_endpoints["primary"])
         with pair.client(heartbeat_interval=HB, liveness=3) as ops:
             first = [ops.submit("echo", i) for i in range(20)]
             assert [f.result(timeout=30) for f in first] == list(range(20))
+            assert spy.poll(500) == 0  # only the other server's key gets in there
+            spy.close(0)
+            ctx.term()
             pair.kill("primary")
             assert ops.submit("echo", "after").result(timeout=60) == "after"
             assert ops.show(first[0].task_id)["owner"] == "ops"  # replicated with its owner
