@@ -40,7 +40,7 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
-from .security import CurveAuthenticator, KeyRing, check_binds, load_keypair, secure_server, user_of
+from .security import CurveAuthenticator, KeyRing, check_binds, load_keypair, secure_server, verified_user
 from .segments import read_task_record
 from .wal import read_at
 
@@ -216,6 +216,7 @@ class Broker:
             poller.register(pair.sub, zmq.POLLIN)
         batch, xpub = cfg.batch, self.xpub
         secure = self.curve is not None
+        ring = self.ring
         monotonic = time.monotonic
         counters = core.counters
         metrics_on = self.metrics is not None
@@ -258,7 +259,7 @@ class Broker:
                         try:
                             if secure:
                                 frames = sock.recv_multipart(NOBLOCK, copy=False)
-                                user = user_of(frames[0])
+                                user = verified_user(ring, frames[0]) if ring is not None else None
                                 frames[:4] = [f.bytes for f in frames[:4]]
                             else:
                                 frames = recv_frames(sock, NOBLOCK, 4)

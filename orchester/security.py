@@ -267,12 +267,13 @@ class _ZapAgent(ThreadAuthenticator):
         return identity is not None
 
     def curve_user_id(self, client_public_key: bytes) -> str:
-        """The ``User-Id`` of an allowed client: its key's name (called right after callback)."""
+        """The ``User-Id`` of an allowed client: ``NAME/KEY``, its key's name and the key itself
+        (so that a name given a new key no longer covers connections made with the old one)."""
         key = z85.encode(client_public_key)
         if self._last is not None and self._last[0] == key:
-            return self._last[1].name
+            return f"{self._last[1].name}/{key.decode()}"
         identity = self._owner.ring.by_key(key)
-        return identity.name if identity else super().curve_user_id(client_public_key)
+        return f"{identity.name}/{key.decode()}" if identity else super().curve_user_id(client_public_key)
 
 
 class CurveAuthenticator:
@@ -392,13 +393,30 @@ def secure_client(sock: zmq.Socket[Any], public: bytes, secret: bytes, server_pu
     sock.curve_serverkey = server_public
 
 
-def user_of(frame: zmq.Frame) -> str | None:
-    """The ``User-Id`` of a frame received with ``copy=False``, or None when the peer has none.
-
-    Behind :func:`secure_server` and a :class:`CurveAuthenticator` it is the sender's key name.
-    """
+def credentials_of(frame: zmq.Frame) -> tuple[str, bytes] | None:
+    """``(key name, Z85 public key)`` of the sender of a frame received with ``copy=False``
+    behind :func:`secure_server` and a :class:`CurveAuthenticator`; None without them."""
     try:
         user = frame.get("User-Id")
     except zmq.ZMQError:
         return None
-    return user if isinstance(user, str) and user else None
+    if not isinstance(user, str) or not user:
+        return None
+    name, _, key = user.partition("/")
+    return name, key.encode()
+
+
+def user_of(frame: zmq.Frame) -> str | None:
+    """The sender's key name (see :func:`credentials_of`), or None when the peer has none."""
+    creds = credentials_of(frame)
+    return creds[0] if creds else None
+
+
+def verified_user(ring: KeyRing, frame: zmq.Frame) -> str | None:
+    """The sender's key name if its key is (still) the ring's key for that name; else a name that
+    no ring holds (``!NAME``: refused as not authorised); None without authentication."""
+    creds = credentials_of(frame)
+    if creds is None:
+        return None
+    who = ring.by_key(creds[1])
+    return creds[0] if who is not None and who.name == creds[0] else f"!{creds[0]}"

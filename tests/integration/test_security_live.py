@@ -225,3 +225,22 @@ def test_a_binary_star_pair_shares_the_server_key_and_fails_over_with_keys(tmp_p
             pair.kill("primary")
             assert ops.submit("echo", "after").result(timeout=60) == "after"
             assert ops.show(first[0].task_id)["owner"] == "ops"  # replicated with its owner
+
+
+def test_a_name_given_a_new_key_no_longer_covers_the_old_key(secured: Any) -> None:
+    cluster, keys = secured
+    with keys.client(cluster.endpoint, "bob") as bob:
+        assert bob.submit("echo", 1).result(timeout=30) == 1
+        new_public, _ = generate_keys("bob", keys.root / "new", ["submit"])  # bob's key was stolen: replaced
+        (keys.authorized / "bob.key").write_bytes(new_public.read_bytes())
+        assert cluster.orchestrator is not None
+        cluster.orchestrator.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while True:  # the old key's connection is refused from the reload on, although the name stays
+            try:
+                bob.submit("echo", 2).result(timeout=10)
+            except RemoteError as exc:
+                assert exc.code == P.E_FORBIDDEN
+                break
+            assert time.monotonic() < deadline, "the old key still works"
+            time.sleep(0.1)
