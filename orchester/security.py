@@ -190,14 +190,6 @@ class KeyRing:
         self.directory = Path(directory)
         self._lock = threading.Lock()
         self._snap = _scan(self.directory)
-        self._static: dict[bytes, Identity] = {}
-        self._static_names: dict[str, Identity] = {}
-
-    def allow(self, public: bytes, identity: Identity) -> None:
-        """Always authorise ``public`` as ``identity``, whatever the directory says (the
-        orchestrator's own key, which the other server of a binary-star pair presents)."""
-        self._static[public] = identity
-        self._static_names[identity.name] = identity
 
     def reload(self) -> tuple[set[str], set[str]]:
         """Re-read the directory; return the names ``(added, removed)``.
@@ -213,14 +205,14 @@ class KeyRing:
 
     def by_key(self, public: bytes) -> Identity | None:
         """The identity of a Z85 public key, or None when it is not authorised."""
-        return self._snap.by_key.get(public) or self._static.get(public)
+        return self._snap.by_key.get(public)
 
     def by_name(self, name: str | None) -> Identity | None:
         """The identity called ``name`` (a ``User-Id``), or None (also for ``name=None``)."""
         if name is None:
             return None
         entry = self._snap.by_name.get(name)
-        return entry[1] if entry else self._static_names.get(name)
+        return entry[1] if entry else None
 
     def names(self) -> list[str]:
         """The authorised names, sorted."""
