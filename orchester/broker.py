@@ -114,6 +114,12 @@ class Broker:
         self._query_ids = 0
         self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
         self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
+        #: what waits for the records it depends on: acknowledgements and results; in a pair with
+        #: synchronous replication, dispatches too (a task never runs before the passive knows it is
+        #: dispatched, so that after a failover it is claimed back, not run a second time)
+        self._gated: tuple[bytes, ...] = (P.ACK, P.RESULT)
+        if config.ha and config.replication == "sync":
+            self._gated = (P.ACK, P.RESULT, P.DISPATCH)
         #: set when the process must end with this exit code (a backup stepping down from a dual active)
         self.exit_code = 0
         self.pair: Pair | None = None
@@ -344,8 +350,9 @@ class Broker:
             self._ask_history()
         if core.out:
             out, core.out = core.out, []
+            gated = self._gated
             for sock, frames, task_id in out:
-                if (hold or self._held) and frames[2] in (P.ACK, P.RESULT):
+                if (hold or self._held) and frames[2] in gated:
                     self._held.append((self._rseq, sock, frames, task_id))  # released once durable
                     continue
                 self._send(sock, frames, task_id)
