@@ -20,33 +20,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import zmq
 
 from serializers import protocol as P
-from serializers.header import error_frames
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .bstar import HAState
 from .config import OrchestratorConfig
 from .core import Orchestrator
-from .journal import HistoryReader, Journal, replay
+from .journal import HistoryReader, Journal, load_spilled, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
 from .security import CurveAuthenticator, KeyRing, check_binds, load_keypair, secure_server, verified_user
-from .segments import read_task_record
-from .wal import read_at
 
 log = logging.getLogger("orchester")
 
-_TOKEN = struct.Struct(">Q")
 #: Payload bytes the journal may have queued before the broker stops reading new messages.
 JOURNAL_BACKLOG = 32 << 20
 #: errnos that mean "this peer cannot take the message now"; anything else propagates.
@@ -109,9 +103,7 @@ class Broker:
             self.metrics = CarbonSender(host, port, config.carbon_protocol)
             self._collector = Collector(config.metrics_prefix)
             self.core.metrics_on = True
-        self.core.load_spilled = self._load_spilled
-        self._queries: dict[int, tuple[Any, bytes, Any]] = {}
-        self._query_ids = 0
+        self.core.load_spilled = load_spilled
         self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
         self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
         #: what waits for the records it depends on: acknowledgements and results; in a pair with
@@ -255,7 +247,8 @@ class Broker:
                         self._spill(journal)
                         continue
                     if history is not None and sock is history.results:
-                        self._answer_queries()
+                        for qsock, frames in history.replies():
+                            self._send(qsock, frames, None)
                         continue
                     if pair is not None and sock is pair.sub:
                         pair.apply(pair.drain(now), now)
@@ -347,7 +340,8 @@ class Broker:
             gate = self._gate(now)
             hold = gate is not None and gate < self._rseq
         if core.queries and self.history is not None:
-            self._ask_history()
+            self.history.ask_all(core.queries)
+            core.queries.clear()
         if core.out:
             out, core.out = core.out, []
             gated = self._gated
@@ -370,33 +364,6 @@ class Broker:
         points = self._collector.collect(self.core, now, time.time(), self.journal, extra=self.metrics.stats())
         self.metrics.send(points)
 
-    def _ask_history(self) -> None:
-        assert self.history is not None
-        for sock, ident, rid, filters in self.core.queries:
-            self._query_ids += 1
-            self._queries[self._query_ids] = (sock, ident, rid)
-            self.history.ask(self._query_ids, filters)
-        self.core.queries.clear()
-
-    def _answer_queries(self) -> None:
-        assert self.history is not None
-        while True:
-            try:
-                token, body = self.history.results.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            query = self._queries.pop(_TOKEN.unpack(token)[0], None)
-            if query is None:
-                continue
-            sock, ident, rid = query
-            reply = msgpack.unpackb(body, raw=False)
-            if "error" in reply:
-                frames = [ident, *error_frames(P.E_BAD_REQUEST, reply["error"], rid=rid)]
-            else:
-                reply["rid"] = rid
-                frames = [ident, P.SIGNATURE, P.REPLY, msgpack.packb(reply, use_bin_type=True)]
-            self._send(sock, frames, None)
-
     def _spill(self, journal: Journal) -> None:
         """Durable payloads of tasks still queued leave memory; they are read back when dispatched."""
         while journal.locations:
@@ -405,25 +372,6 @@ class Broker:
             task = self._spilling.pop(seq, None)
             if task is not None:
                 self.core.spilled(task, (path, offset))
-
-    @staticmethod
-    def _load_spilled(task: Any) -> list[Any]:
-        """Read a spilled task's payload from its journal record (in the log, or once compacted)."""
-        path, offset = task.spilled
-        record: list[Any] | None
-        try:
-            record = read_at(path, offset)
-        except FileNotFoundError:  # the segment went to PyTables meanwhile
-            record = None
-            for _ in range(50):  # the compaction renames the HDF5 file before removing the log
-                h5 = path.with_name(path.name.replace("wal-", "seg-").replace(".log", ".h5"))
-                if h5.exists():
-                    record = read_task_record(h5, task.id)
-                    break
-                time.sleep(0.01)
-        if record is None:
-            raise RuntimeError(f"the spilled payload of task {task.id} is missing from the journal")
-        return [bytes(f) for f in record[4]]
 
     def _release(self, durable: int | None) -> None:
         """Send the acknowledgements and results whose records are now durable (and replicated)."""

@@ -23,13 +23,13 @@ from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
-from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
+from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
-from .history import HistoryFold, select
-from .lifecycle import T_DEADLINE, T_RESULT, Lifecycle, _len
+from .lifecycle import T_DEADLINE, _len
 from .logutil import warn_limited
+from .requests import Requests
 from .results import ResultStore
 from .routing import make_strategy
 from .tasks import Task, TaskQueues
@@ -38,16 +38,9 @@ log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
-TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
-#: The role an authenticated key needs for each command (CurveZMQ on); absent: any authorised key.
-ROLE_OF: dict[bytes, str] = {
-    P.SUBMIT: "submit", P.FETCH: "submit", P.CANCEL: "submit", P.HISTORY: "submit", P.CONTROL: "admin",
-    P.REGISTER: "satellite", P.DONE: "satellite", P.PROGRESS: "satellite", P.STARTED: "satellite",
-    P.LEAVE: "satellite",
-}
 
 
-class Orchestrator(Lifecycle):
+class Orchestrator(Requests):
     """Task table, queues, fleet and routing of one orchestrator (pure policy)."""
 
     def __init__(self, config: OrchestratorConfig, now: float, *, epoch: str | None = None,
@@ -154,29 +147,6 @@ class Orchestrator(Lifecycle):
                 extra = self._request_ids(frames)
             self.out.append((sock, [ident, *error_frames(exc.code, exc.detail, **extra)], None))
 
-    def _authorise(self, cmd: bytes, user: str | None) -> None:
-        """Refuse a command the sender's key may not give (CurveZMQ on)."""
-        assert self.identify is not None
-        who = self.identify(user)
-        if who is None:
-            self.counters["forbidden"] += 1
-            raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} is not (or no longer) authorised")
-        role = ROLE_OF.get(cmd)
-        if role is not None and role not in who.roles:
-            self.counters["forbidden"] += 1
-            raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} does not hold the {role!r} role "
-                                f"{P.command_name(cmd)} needs (it holds: {', '.join(sorted(who.roles)) or 'none'})")
-
-    def _may_touch(self, task: Task) -> None:
-        """Only its owner, or an admin, may fetch or cancel another key's task (CurveZMQ on)."""
-        if self.identify is None or task.owner is None or task.owner == self._user:
-            return
-        who = self.identify(self._user)
-        if who is None or "admin" not in who.roles:
-            self.counters["forbidden"] += 1
-            raise ProtocolError(P.E_FORBIDDEN, f"task {task.id!r} belongs to another key: only its owner or "
-                                "an admin may fetch or cancel it")
-
     def _request_ids(self, frames: list[Any]) -> dict[str, Any]:
         """Best effort: the ``id``/``rid`` of the refused request, so the sender can match the error."""
         try:
@@ -279,122 +249,6 @@ class Orchestrator(Lifecycle):
         elif "sid" not in hdr:  # a client's ping
             self.out.append((sock, [ident, P.SIGNATURE, P.HEARTBEAT, pack({"e": self.epoch})], None))
 
-    def _on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = hdr.get("task")
-        if tid is None:
-            self._reply(sock, ident, hdr.get("rid"), self.status(now))
-            return
-        task = self.tasks.get(tid) if isinstance(tid, str) else None
-        if task is None:
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
-                                "or its result has left the retention window)")
-        self._reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
-
-    def _on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
-        stored = self.results.get(tid)
-        task = self.tasks.get(tid)
-        if task is not None:
-            self._may_touch(task)
-        if stored is not None and task is not None:
-            task.client, task.csock = ident, sock
-            self._send_result(task, stored.frames, stored.size, store=False)
-        elif task is not None and task.state.terminal:  # finished, result dropped by retention
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} finished ({task.state.name.lower()}) but its "
-                                "result is no longer kept (journal retention)")
-        elif task is not None:  # not finished: the result will go to this client
-            task.client, task.csock = ident, sock
-            self._reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
-        else:
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
-                                "or its result has left the retention window)")
-
-    def _on_cancel(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
-        task = self.tasks.get(tid)
-        if task is None:
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown")
-        self._may_touch(task)
-        was = task.state
-        if not was.terminal:
-            self._fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
-        self._reply(sock, ident, hdr.get("rid"), {"id": tid, "cancelled": not was.terminal,
-                                                  "state": task.state.name.lower()})
-
-    def _on_control(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        op = field(hdr, "op", str)
-        if op in ("promote", "peer_link"):
-            if self.ha_control is None:
-                raise ProtocolError(P.E_BAD_REQUEST, "this orchestrator is not part of a binary-star pair")
-            self._reply(sock, ident, hdr.get("rid"), self.ha_control(hdr, now))
-            return
-        if op == "drain":
-            self._drain(sock, ident, hdr, now)
-            return
-        if op != "strategy":
-            raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; "
-                                "known: ['strategy', 'drain', 'promote']")
-        name = field(hdr, "name", str)
-        try:
-            strategy = make_strategy(name)
-        except ValueError as exc:
-            raise ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
-        old, self.strategy = self.strategy.name, strategy
-        self.counters["strategy_switches"] += 1
-        log.info("routing strategy switched from %s to %s", old, strategy.name)
-        if self._want[b"control:"]:
-            self.pub.append([b"control:strategy", pack(
-                {"op": "strategy", "old": old, "new": strategy.name, "t": self.wall()})])
-        self._reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
-
-    def _drain(self, sock: Any, ident: bytes, hdr: dict[str, Any], now: float) -> None:
-        """An operator drains a satellite: no new tasks; what it runs finishes; then stop it."""
-        sid = field(hdr, "sid", str)
-        sat = self.fleet.by_id.get(sid)
-        if sat is None:
-            raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.fleet.by_id)}")
-        if sat.state is not SS.DRAINING:
-            if not SATELLITE_MACHINE.allows(sat.state, SE.drain):
-                raise ProtocolError(P.E_BAD_REQUEST, f"satellite {sid} is {sat.state.name.lower()}: it cannot drain")
-            self._sat_to(sat, SE.drain, now, "drained by an operator")
-            self.counters["drains"] += 1
-        self._reply(sock, ident, hdr.get("rid"), {"sid": sid, "state": sat.state.name.lower(),
-                                                  "inflight": len(sat.inflight)})
-
-    def _on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        filters: dict[str, Any] = {}
-        for key, kind in (("state", str), ("kind", str), ("since", (int, float)), ("until", (int, float)),
-                          ("limit", int), ("ids", list)):
-            value = field(hdr, key, kind, None)
-            if value is not None:
-                filters[key] = value
-        if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
-            raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
-                                f"known: {sorted(TASK_STATE_VALUES)}")
-        if self.history_reader:  # the journal has everything: its reader answers
-            self.queries.append((sock, ident, hdr.get("rid"), filters))
-            return
-        fold = HistoryFold()
-        for task in self.tasks.values():
-            for entry in self.attempts(task):
-                fold.add({"code": "T", "task_id": task.id, "t": entry["t"], "kind": "",
-                          "state": int(TaskState[entry["state"].upper()]), "attempt": entry["attempt"],
-                          "satellite": entry["sat"] or "", "etype": ""})
-            row = fold.rows[task.id]
-            row.kind, row.submitted = task.kind, task.history.entries()[0]["t"]
-            row.owner = task.owner if isinstance(task.owner, str) else ""
-        rows = select(fold.rows, **filters)
-        self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
-
-    def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
-        body["rid"] = rid
-        self.out.append((sock, [ident, P.SIGNATURE, P.REPLY, pack(body)], None))
-
     # -------------------------------------------------------------- satellites
     def _on_register(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
@@ -435,50 +289,10 @@ class Orchestrator(Lifecycle):
             self.adopt(sat, recent, now, finished=True)
 
     def adopt(self, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
-        """Take back tasks a (re-)registering satellite says it is still running.
+        """Take back tasks a re-registering satellite runs or just ran (:func:`orchester.restore.adopt`)."""
+        from .restore import adopt
 
-        After a restart or a failover the task table comes from the journal, where these
-        tasks were in flight: they are given back to the satellite running them under the
-        attempt it runs, instead of being dispatched a second time. A satellite also lists
-        the tasks it finished lately and sends their results again right after: those are
-        taken back the same way (``finished``) and must finish within a liveness period.
-
-        Only what the journal says this satellite had, under the attempt it had, is given
-        back: a task in flight on it when the journal ended. Shortly after a restart (one
-        liveness period), a queued task may also be claimed under the attempt after the
-        journaled one (its dispatch record did not reach the disk before the crash). Anything
-        else is refused and left to finish; its result is discarded.
-        """
-        if len(running) > 100_000:
-            raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
-        for item in running:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
-                raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
-            tid, attempt = item
-            task = self.reclaim.get(tid)
-            if task is not None:
-                ok = task.satellite == sat.sid and attempt == task.attempt
-            else:
-                task = self.tasks.get(tid)
-                ok = task is not None and task.state is TS.PENDING and now < self.adopt_until \
-                    and attempt == task.attempt + 1
-            if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds:
-                self.counters["adopt_refused"] += 1
-                continue
-            self.reclaim.pop(tid, None)
-            self.queued_bytes -= task.size
-            task.attempt = attempt
-            task.satellite = sat.sid
-            sat.inflight[tid] = task
-            if sat.state is SS.IDLE:
-                self._sat_to(sat, SE.load, now)
-            self.fleet.free_slots -= 1
-            self._task_to(task, TE.dispatch, now, "adopted")
-            self._task_to(task, TE.start, now, "adopted")
-            self.counters["adopted"] += 1
-            if finished:  # its result was sent again right after the registration
-                task.timer = self.timers.schedule(now + self._lost_after, tid, T_RESULT)
+        adopt(self, sat, running, now, finished)
 
     def _on_started(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
@@ -636,25 +450,3 @@ class Orchestrator(Lifecycle):
             self._want[cat] = any(p.startswith(cat) or cat.startswith(p) for p in self._subs)
 
     # ---------------------------------------------------------------- status
-    def describe_task(self, task: Task) -> dict[str, Any]:
-        """One task's state, attempts and history, for ``orchester show``."""
-        return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
-                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
-                "tags": sorted(task.tags), "history": self.attempts(task),
-                "owner": task.owner if isinstance(task.owner, str) else None,
-                "result_retained": task.id in self.results}
-
-    def status(self, now: float) -> dict[str, Any]:
-        """A summary of tasks, queues and satellites for ``STATUS`` replies."""
-        states: Counter[str] = Counter(t.state.name.lower() for t in self.tasks.values())
-        sats = list(self.fleet)
-        return {
-            "epoch": self.epoch, "uptime": round(now - self.started, 3), "pub": self.pub_endpoints,
-            "strategy": self.strategy.name, "tasks": dict(states),
-            "queued": self.queues.depth(),
-            "satellites": [s.describe(now) for s in sats],
-            "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
-            "results_retained": len(self.results),
-            "counters": dict(self.counters),
-            **({"ha": dict(self.ha)} if self.ha else {}),
-        }

@@ -27,6 +27,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,28 @@ class Journal:
         self.notify.close(0)
 
 
+def load_spilled(task: Any) -> list[Any]:
+    """Read a spilled task's payload from its journal record (in the log, or once compacted)."""
+    from .segments import read_task_record
+    from .wal import read_at
+
+    path, offset = task.spilled
+    record: list[Any] | None
+    try:
+        record = read_at(path, offset)
+    except FileNotFoundError:  # the segment went to PyTables meanwhile
+        record = None
+        for _ in range(50):  # the compaction renames the HDF5 file before removing the log
+            h5 = path.with_name(path.name.replace("wal-", "seg-").replace(".log", ".h5"))
+            if h5.exists():
+                record = read_task_record(h5, task.id)
+                break
+            time.sleep(0.01)
+    if record is None:
+        raise RuntimeError(f"the spilled payload of task {task.id} is missing from the journal")
+    return [bytes(f) for f in record[4]]
+
+
 def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[Any]], ReadReport]:
     """Compact the closed log segments (all but ``live``), then read every intact record."""
     report = ReadReport()
@@ -239,9 +262,41 @@ class HistoryReader:
         self.results.bind(addr)
         self._addr = addr
         self._queue: deque[tuple[int, dict[str, Any]] | None] = deque()
+        self._pending: dict[int, tuple[Any, bytes, Any]] = {}  #: token -> (socket key, identity, rid)
+        self._query_ids = 0
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="orchester-history", daemon=True)
         self._thread.start()
+
+    def ask_all(self, queries: list[tuple[Any, bytes, Any, dict[str, Any]]]) -> None:
+        """Queue the core's history queries ``(socket key, identity, rid, filters)``."""
+        for sock, ident, rid, filters in queries:
+            self._query_ids += 1
+            self._pending[self._query_ids] = (sock, ident, rid)
+            self.ask(self._query_ids, filters)
+
+    def replies(self) -> Iterator[tuple[Any, list[Any]]]:
+        """``(socket key, frames)`` of the answers that arrived on :attr:`results` (broker thread)."""
+        import msgpack
+
+        from serializers import protocol as P
+        from serializers.header import error_frames
+
+        while True:
+            try:
+                token, body = self.results.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            query = self._pending.pop(_SEQ.unpack(token)[0], None)
+            if query is None:
+                continue
+            sock, ident, rid = query
+            reply = msgpack.unpackb(body, raw=False)
+            if "error" in reply:
+                yield sock, [ident, *error_frames(P.E_BAD_REQUEST, reply["error"], rid=rid)]
+            else:
+                reply["rid"] = rid
+                yield sock, [ident, P.SIGNATURE, P.REPLY, msgpack.packb(reply, use_bin_type=True)]
 
     def ask(self, token: int, filters: dict[str, Any]) -> None:
         """Queue a query; its answer arrives on :attr:`results` as ``[token, msgpack body]``."""

@@ -33,11 +33,10 @@ import zmq
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, error_frames, pack, unpack
-from tracker import TaskState as TS
 
 from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
-from .restore import RestoreFold, snapshot
+from .restore import RestoreFold, snapshot, take_over, unknown_to
 from .security import PEER_DOMAIN, secure_client, secure_server
 
 if TYPE_CHECKING:
@@ -256,23 +255,8 @@ class Pair:
         self._fold_is_own = False
 
     def _hand_back(self, previous: RestoreFold, own: bool) -> None:
-        """Send the active the tasks this server knew and the active does not.
-
-        Unfinished ones always (accepted here while this server was active alone: they must run);
-        finished ones too when ``previous`` came from this server's own journal (their results
-        were never replicated). The active takes them as if they had been submitted to it."""
-        out: list[bytes] = []
-        for tid, (srec, trec) in previous.tasks.items():
-            if tid in self.fold.tasks:
-                continue
-            finished = trec is not None and TS(trec[2]).terminal
-            if finished and not own:
-                continue
-            out.append(msgpack.packb(srec, use_bin_type=True))
-            for wall, state, attempt, sat, reason in previous.history.get(tid, [])[1:]:
-                out.append(msgpack.packb(["T", tid, int(state), attempt, sat, reason, wall], use_bin_type=True))
-            if tid in previous.results:
-                out.append(msgpack.packb(["R", tid, previous.results[tid], 0.0], use_bin_type=True))
+        """Send the active the tasks this server knew and it does not (:func:`~orchester.restore.unknown_to`)."""
+        out = [msgpack.packb(rec, use_bin_type=True) for rec in unknown_to(previous, self.fold, own)]
         if out:
             log.warning("handing %d record(s) of tasks the active does not know back to it", len(out))
             self.counters["ha_handed_back"] += len(out)
@@ -280,21 +264,10 @@ class Pair:
 
     def _on_orphans(self, records: list[bytes], now: float) -> None:
         """Take the tasks a rejoining server accepted while it was alone (active side)."""
-        fold = RestoreFold()
-        for data in records:
-            fold.add(msgpack.unpackb(data, raw=False, strict_map_key=False))
-        for tid in [t for t in fold.tasks if t in self.core.tasks]:
-            del fold.tasks[tid]
-        if not fold.tasks:
+        wanted, counts = take_over(self.core, [msgpack.unpackb(d, raw=False, strict_map_key=False) for d in records],
+                                   now, self.router)
+        if not wanted:
             return
-        wanted = set(fold.tasks)
-        counts = fold.finish(self.core, now, self.router)
-        journal = self.core.journal_out
-        if journal is not None:  # journaled (and streamed back) as this server's own from now on
-            for data in records:
-                rec = msgpack.unpackb(data, raw=False, strict_map_key=False)
-                if isinstance(rec, list) and len(rec) > 1 and rec[1] in wanted:
-                    journal.append(rec)
         self.counters["ha_orphans_taken"] += len(wanted)
         log.warning("took %d task(s) the other server accepted while it was alone: %d finished, %d to run",
                     len(wanted), counts.get("finished", 0), counts.get("requeued", 0))

@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, unpack
+from tracker import SatelliteEvent as SE
+from tracker import SatelliteState as SS
+from tracker import TaskEvent as TE
 from tracker import TaskState as TS
 
-from .lifecycle import _len
+from .lifecycle import T_RESULT, _len
 from .tasks import Task
 
 if TYPE_CHECKING:
     from .core import Orchestrator
+    from .fleet import SatelliteRecord
 
 log = logging.getLogger("orchester.journal")
 #: A snapshot barrier: records before it are superseded by the snapshot after it.
@@ -191,3 +195,88 @@ def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
         stored = core.results.get(tid)
         if stored is not None:
             yield ["R", tid, [bytes(f) for f in stored.frames[2:]], core.wall()]
+
+
+def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
+    """Take back tasks a (re-)registering satellite says it is still running.
+
+    After a restart or a failover the task table comes from the journal, where these
+    tasks were in flight: they are given back to the satellite running them under the
+    attempt it runs, instead of being dispatched a second time. A satellite also lists
+    the tasks it finished lately and sends their results again right after: those are
+    taken back the same way (``finished``) and must finish within a liveness period.
+
+    Only what the journal says this satellite had, under the attempt it had, is given
+    back: a task in flight on it when the journal ended. Shortly after a restart (one
+    liveness period), a queued task may also be claimed under the attempt after the
+    journaled one (its dispatch record did not reach the disk before the crash). Anything
+    else is refused and left to finish; its result is discarded.
+    """
+    if len(running) > 100_000:
+        raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
+    for item in running:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
+        tid, attempt = item
+        task = core.reclaim.get(tid)
+        if task is not None:
+            ok = task.satellite == sat.sid and attempt == task.attempt
+        else:
+            task = core.tasks.get(tid)
+            ok = task is not None and task.state is TS.PENDING and now < core.adopt_until \
+                and attempt == task.attempt + 1
+        if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds:
+            core.counters["adopt_refused"] += 1
+            continue
+        core.reclaim.pop(tid, None)
+        core.queued_bytes -= task.size
+        task.attempt = attempt
+        task.satellite = sat.sid
+        sat.inflight[tid] = task
+        if sat.state is SS.IDLE:
+            core._sat_to(sat, SE.load, now)
+        core.fleet.free_slots -= 1
+        core._task_to(task, TE.dispatch, now, "adopted")
+        core._task_to(task, TE.start, now, "adopted")
+        core.counters["adopted"] += 1
+        if finished:  # its result was sent again right after the registration
+            task.timer = core.timers.schedule(now + core._lost_after, tid, T_RESULT)
+
+
+def unknown_to(previous: RestoreFold, current: RestoreFold, own: bool) -> list[list[Any]]:
+    """Records of the tasks ``previous`` knows and ``current`` does not.
+
+    Unfinished ones always (accepted by a server while it was active alone: they must run);
+    finished ones too when ``own`` (``previous`` came from that server's own journal: their
+    results were never replicated).
+    """
+    out: list[list[Any]] = []
+    for tid, (srec, trec) in previous.tasks.items():
+        if tid in current.tasks:
+            continue
+        if trec is not None and TS(trec[2]).terminal and not own:
+            continue
+        out.append(srec)
+        for wall, state, attempt, sat, reason in previous.history.get(tid, [])[1:]:
+            out.append(["T", tid, int(state), attempt, sat, reason, wall])
+        if tid in previous.results:
+            out.append(["R", tid, previous.results[tid], 0.0])
+    return out
+
+
+def take_over(core: Orchestrator, records: list[Any], now: float, sock: Any) -> tuple[set[str], dict[str, int]]:
+    """Install the tasks ``records`` describe that ``core`` does not know, as its own from now on
+    (they are journaled, and streamed to a passive peer); returns their ids and the counts."""
+    fold = RestoreFold()
+    for rec in records:
+        fold.add(rec)
+    for tid in [t for t in fold.tasks if t in core.tasks]:
+        del fold.tasks[tid]
+    if not fold.tasks:
+        return set(), {}
+    wanted = set(fold.tasks)
+    counts = fold.finish(core, now, sock)
+    if core.journal_out is not None:
+        core.journal_out.extend(r for r in records if isinstance(r, list) and len(r) > 1 and r[1] in wanted)
+    return wanted, counts

@@ -272,7 +272,7 @@ def test_queued_payloads_spill_to_the_journal_and_come_back(tmp_path: Path) -> N
 def test_a_spilled_payload_is_found_after_its_segment_was_compacted(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from orchester.broker import Broker
+    from orchester.journal import load_spilled
     from orchester.segments import compact
     from orchester.wal import SegmentWriter
 
@@ -283,6 +283,6 @@ def test_a_spilled_payload_is_found_after_its_segment_was_compacted(tmp_path: Pa
     path = w.path
     w.close()
     task = SimpleNamespace(id="spilled-task", spilled=(path, offsets[1]))
-    assert Broker._load_spilled(task) == [b"body", b"buffer"]
+    assert load_spilled(task) == [b"body", b"buffer"]
     compact(path)
-    assert Broker._load_spilled(task) == [b"body", b"buffer"]
+    assert load_spilled(task) == [b"body", b"buffer"]
