@@ -168,6 +168,10 @@ class ClientCore:
                         self._accepted(p.future)
         elif cmd == P.REPLY:
             rid = hdr.pop("rid", None)
+            ha = hdr.get("ha")
+            if self.alternatives and isinstance(ha, dict) and ha.get("state") != "active" and "uptime" in hdr:
+                self.redirect = True  # a status from the passive server of a pair: ask the active one
+                return False
             p = self.requests.pop(rid, None) if isinstance(rid, int) else None
             if p is not None:
                 self._resolve(p.future, hdr)

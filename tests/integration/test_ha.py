@@ -193,6 +193,9 @@ def test_a_passive_refuses_plain_requests_and_promote_needs_force(pair: LocalPai
             c.promote()
         st = c.status(timeout=10)
         assert st["ha"]["state"] == "passive" and st["ha"]["role"] == "backup"
+    with Client([pair.endpoints["backup"], pair.endpoints["primary"]], heartbeat_interval=HB) as both:
+        st = both.status(timeout=10)  # knowing both, a client asks the active one
+        assert st["ha"]["state"] == "active" and st["ha"]["role"] == "primary"
 
 
 def test_orchester_promote_makes_a_lone_backup_active(tmp_path: Path) -> None:
