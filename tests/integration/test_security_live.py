@@ -130,6 +130,7 @@ def test_roles_are_enforced(secured: Any) -> None:
             alice.set_strategy("round_robin")
         assert err.value.code == P.E_FORBIDDEN and "admin" in err.value.message
         fut = alice.submit("sleep", 30)  # alice's task: bob may not cancel it, ops may
+        assert fut.accepted.wait(30)  # known to the orchestrator before bob asks (another connection)
         with pytest.raises(RemoteError, match="belongs to another key"):
             bob.cancel(fut.task_id)
         with pytest.raises(RemoteError, match="admin"):
