@@ -134,6 +134,7 @@ class Satellite:
         self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
                                self.allow_pickle)
         self.orch: zmq.Socket[Any] | None = None
+        self._monitor: zmq.Socket[Any] | None = None  #: CurveZMQ: tells when the orchestrator refuses our key
         try:
             self.pool.start()
             self._connect(ctx)
@@ -145,6 +146,8 @@ class Satellite:
                 except zmq.ZMQError:
                     pass
                 self.orch.close(linger=200)
+            if self._monitor is not None:
+                self._monitor.close(0)
             self.pool.close()
             wsock.close(0)
             ctx.term()
@@ -166,6 +169,9 @@ class Satellite:
         s.sndhwm = s.rcvhwm = 10_000
         if self.curve is not None:
             secure_client(s, *self.curve)
+            if self._monitor is not None:
+                self._monitor.close(0)
+            self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         endpoint = self.endpoints[self._endpoint_index % len(self.endpoints)]
         s.connect(endpoint)
         self.orch = s
@@ -235,6 +241,12 @@ class Satellite:
                 else:
                     self._worker_died(int(item), now)  # type: ignore[arg-type]
             # housekeeping after every wake-up
+            if self._monitor is not None and self._monitor.poll(0):
+                self._monitor.recv_multipart()
+                self.counters["key_refused"] += 1
+                log.error("the orchestrator at %s refused this satellite's CurveZMQ key: it is not (or no longer) "
+                          "in its authorised keys; retrying every %.0fs", self.endpoints[self._endpoint_index %
+                          len(self.endpoints)], expiry)
             if now - self._last_heard > expiry:
                 log.warning("orchestrator silent for %.1fs: reconnecting", now - self._last_heard)
                 self.counters["reconnects"] += 1
