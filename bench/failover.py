@@ -5,7 +5,7 @@ A client keeps ``--inflight`` short tasks outstanding against a :class:`~orchest
 measures the time until the next result reaches the client (it can only come from the new
 active), restarts the killed server (it rejoins as passive and resynchronises), and waits
 until the pair is healthy again. At the end every task must have produced exactly one
-result and run exactly once (the tasks append their key to a file).
+result and run exactly once (the ``topo.mark`` kind appends its key to a file).
 
 The baseline is the pair's own detection floor, measured in the same run: the time for the
 passive to see its peer expire (two ``--heartbeat`` intervals after the last state message)
@@ -42,7 +42,6 @@ def main() -> None:
     args = ap.parse_args()
 
     marks = Path(tempfile.mkdtemp(prefix="orchester-failover-")) / "marks"
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH", "")]))}
     hb = args.heartbeat
     times: list[float] = []
     lock = threading.Lock()
@@ -50,8 +49,8 @@ def main() -> None:
     results: dict[str, str] = {}
     errors: list[str] = []
     submitted = 0
-    with LocalPair(satellites=2, workers=2, tasks=["failover_tasks"], heartbeat_interval=hb,
-                   liveness=args.liveness, ha_heartbeat=hb, env=env, log_level="ERROR") as pair:
+    with LocalPair(satellites=2, workers=2, tasks=["topology_tests.tasks"], heartbeat_interval=hb,
+                   liveness=args.liveness, ha_heartbeat=hb, log_level="ERROR") as pair:
         pair.wait_state("backup" if pair.active_role() == "primary" else "primary", "passive")
         client = pair.client(heartbeat_interval=hb, liveness=args.liveness)
         stop = threading.Event()
@@ -77,7 +76,7 @@ def main() -> None:
                     continue
                 key = f"k{submitted}"
                 submitted += 1
-                fut = client.submit("bench.mark", str(marks), key, args.task_seconds)
+                fut = client.submit("topo.mark", str(marks), key, args.task_seconds)
                 fut.add_done_callback(lambda f, k=key: on_done(f, k))
 
         feeder = threading.Thread(target=pump, daemon=True)

@@ -14,7 +14,8 @@ import argparse
 import sys
 import tempfile
 import time
-from collections import deque
+
+from closedloop import echo_rate  # bench/ is this script's folder, first on the path
 
 from orchester import LocalCluster
 
@@ -22,18 +23,7 @@ from orchester import LocalCluster
 def run(n: int, window: int, payload: bytes, serve_args: list[str]) -> float:
     """Tasks per second through a fresh cluster started with ``serve_args``."""
     with LocalCluster(satellites=2, workers=1, prefetch=8, log_level="ERROR", serve_args=serve_args) as cluster:
-        client = cluster.client()
-        for f in [client.submit("echo", payload) for _ in range(200)]:
-            f.result(60)
-        t0 = time.perf_counter()
-        pending: deque = deque()
-        for _ in range(n):
-            pending.append(client.submit("echo", payload))
-            if len(pending) >= window:
-                pending.popleft().result(60)
-        for f in pending:
-            f.result(60)
-        return n / (time.perf_counter() - t0)
+        return echo_rate(cluster.client(), n, window, payload)
 
 
 def peak_rss_mb(pid: int) -> float:

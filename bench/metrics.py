@@ -12,8 +12,8 @@ import argparse
 import socket
 import sys
 import threading
-import time
-from collections import deque
+
+from closedloop import echo_rate  # bench/ is this script's folder, first on the path
 
 from orchester import LocalCluster
 
@@ -46,18 +46,7 @@ def sink() -> tuple[int, threading.Event]:
 
 def run(n: int, window: int, serve_args: list[str]) -> float:
     with LocalCluster(satellites=2, workers=1, prefetch=8, log_level="ERROR", serve_args=serve_args) as cluster:
-        client = cluster.client()
-        for f in [client.submit("echo", 1) for _ in range(200)]:
-            f.result(60)
-        pending: deque = deque()
-        t0 = time.perf_counter()
-        for i in range(n):
-            pending.append(client.submit("echo", i))
-            if len(pending) >= window:
-                pending.popleft().result(60)
-        for f in pending:
-            f.result(60)
-        return n / (time.perf_counter() - t0)
+        return echo_rate(cluster.client(), n, window, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

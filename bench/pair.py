@@ -15,11 +15,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
-from collections import deque
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/*.py must not shadow packages
+sys.path.append(HERE)  # last: for closedloop, after every package
+
+from closedloop import echo_rate  # noqa: E402
 
 from orchester import LocalCluster  # noqa: E402
 from orchester.localpair import LocalPair  # noqa: E402
@@ -27,18 +28,7 @@ from orchester.localpair import LocalPair  # noqa: E402
 
 def drive(cluster: LocalCluster, n: int, window: int) -> float:
     """Tasks per second through ``cluster`` (after a warm-up)."""
-    client = cluster.client()
-    for f in [client.submit("echo", b"x" * 100) for _ in range(200)]:
-        f.result(60)
-    t0 = time.perf_counter()
-    pending: deque = deque()
-    for _ in range(n):
-        pending.append(client.submit("echo", b"x" * 100))
-        if len(pending) >= window:
-            pending.popleft().result(60)
-    for f in pending:
-        f.result(60)
-    return n / (time.perf_counter() - t0)
+    return echo_rate(cluster.client(), n, window, b"x" * 100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,13 +12,14 @@ import os
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/*.py must not shadow packages
+sys.path.append(HERE)  # last: for closedloop, after every package
 
 import zmq  # noqa: E402
+from closedloop import echo_rate  # noqa: E402
 
 from orchester import LocalCluster  # noqa: E402
 from orchester.keys import generate_keys, load_keypair, load_public  # noqa: E402
@@ -38,18 +39,7 @@ def cluster_rate(n: int, window: int, payload: bytes, keys: Path | None) -> floa
     os.environ.update(env)  # this process's clients, and the satellites it starts
     try:
         with LocalCluster(satellites=2, workers=1, prefetch=8, log_level="ERROR", serve_args=serve_args) as c:
-            client = c.client()
-            for f in [client.submit("echo", payload) for _ in range(200)]:
-                f.result(60)
-            t0 = time.perf_counter()
-            pending: deque = deque()
-            for _ in range(n):
-                pending.append(client.submit("echo", payload))
-                if len(pending) >= window:
-                    pending.popleft().result(60)
-            for f in pending:
-                f.result(60)
-            return n / (time.perf_counter() - t0)
+            return echo_rate(c.client(), n, window, payload)
     finally:
         for k, v in old.items():
             if v is None:

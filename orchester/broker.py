@@ -37,7 +37,7 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, load_spilled, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
-from .security import CurveAuthenticator, KeyRing, check_binds, load_keypair, secure_server, verified_user
+from .security import CurveAuthenticator, KeyRing, load_keypair, secure_server, verified_user
 
 log = logging.getLogger("orchester")
 
@@ -72,7 +72,7 @@ class Broker:
             log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)
             for err in self.ring.errors:
                 log.warning("authorised keys: skipped %s", err)
-        exposed = check_binds([*config.bind, *config.satellite_bind, *config.pub], config.secure, config.insecure)
+        exposed = config.exposed_endpoints  # validate() refused them unless keys or --insecure
         if exposed and not config.secure:
             log.warning("--insecure: %s reachable beyond this machine without authentication or encryption",
                         ", ".join(exposed))
@@ -270,11 +270,10 @@ class Broker:
                         if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
                             continue
                         core.handle(sock, frames, now, user)
+                if journal is not None and journal.error is not None:  # never acknowledge, or follow, blind
+                    raise RuntimeError(f"the journal failed: {journal.error}")
                 if pair is not None:
-                    if journal is not None and journal.error is not None:  # a passive must not follow blind
-                        raise RuntimeError(f"the journal failed: {journal.error}")
                     pair.tick(now)
-                    core.ha = pair.describe(now)
                     if pair.exit_code:  # stepping down: say why on the event stream, then stop
                         self.exit_code = pair.exit_code
                         self._flush(now)
@@ -282,8 +281,6 @@ class Broker:
                         break
                 core.housekeeping(now)
                 self._flush(now)
-                if self._held:
-                    self._release(self._gate(now))
                 if metrics_on and now >= next_report:
                     next_report = now + cfg.metrics_interval
                     self._report(now)
@@ -319,10 +316,8 @@ class Broker:
         core = self.core
         journal = self.journal
         pair = self.pair
-        hold = False
+        gating = bool(core.journal_out or self._held)
         if core.journal_out:
-            if journal is not None and journal.error is not None:
-                raise RuntimeError(f"the journal failed: {journal.error}")
             to_spill = core.to_spill
             for record in core.journal_out:
                 if journal is not None:
@@ -337,8 +332,8 @@ class Broker:
             core.journal_out.clear()
             if pair is not None:
                 pair.flush()
-            gate = self._gate(now)
-            hold = gate is not None and gate < self._rseq
+        gate = self._gate(now) if gating else None  # once per wake-up: what may go out
+        hold = gating and gate is not None and gate < self._rseq
         if core.queries and self.history is not None:
             self.history.ask_all(core.queries)
             core.queries.clear()
@@ -350,6 +345,8 @@ class Broker:
                     self._held.append((self._rseq, sock, frames, task_id))  # released once durable
                     continue
                 self._send(sock, frames, task_id)
+        if self._held:
+            self._release(gate)
         if core.pub:
             pub, core.pub = core.pub, []
             for frames in pub:

@@ -279,7 +279,7 @@ class Client:
         s.connect(self.endpoints[self._index % len(self.endpoints)])
         return s
 
-    def _key_refused(self, poller: zmq.Poller) -> None:
+    def _key_refused(self) -> None:
         """The orchestrator refused our key: fail what is pending, and every later request."""
         assert self._monitor is not None
         try:
@@ -323,7 +323,7 @@ class Client:
                     if monitor is not None:
                         poller.register(monitor, zmq.POLLIN)
                 if monitor is not None and monitor in ready:
-                    self._key_refused(poller)
+                    self._key_refused()
                 self._drain_outbox(sock)
                 if sock in ready:
                     for _ in range(1024):

@@ -104,6 +104,14 @@ class OrchestratorConfig:
     carbon_protocol: str = "pickle"
 
     @property
+    def exposed_endpoints(self) -> list[str]:
+        """The endpoints this server binds that are reachable beyond this machine."""
+        from .security import is_loopback
+
+        return [e for e in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind,))]
+                if not is_loopback(e)]
+
+    @property
     def secure(self) -> bool:
         """Whether CurveZMQ is on."""
         return bool(self.curve_secret and self.authorized_keys)
@@ -160,8 +168,7 @@ class OrchestratorConfig:
         from .security import SecurityError, check_binds
 
         try:
-            check_binds([*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind,))],
-                        secure=self.secure, insecure=self.insecure)
+            check_binds(self.exposed_endpoints, secure=self.secure, insecure=self.insecure)
         except SecurityError as exc:
             raise ConfigError(str(exc)) from None
         return self

@@ -74,15 +74,14 @@ class Orchestrator(Requests):
         self.queries: list[tuple[Any, bytes, Any, dict[str, Any]]] = []
         #: restored tasks that were in flight, waiting for their satellite to re-announce them
         self.reclaim: dict[str, Task] = {}
-        self.reclaim_until = 0.0
-        self.adopt_until = 0.0  #: until when satellites may claim restored tasks (after a restart)
+        self.reclaim_until = 0.0  #: until when satellites may claim restored tasks (after a restart)
         #: per client (key name or routing identity): [unfinished tasks, their payload bytes]
         self.client_load: dict[str | bytes, list[int]] = {}
         self._user: str | None = None
         #: CurveZMQ on: the identity (name, roles) of a key name, ``None`` if not authorised
         self.identify: Callable[[str | None], Any] | None = None
-        #: what the binary-star adapter reports in status replies (empty when not in a pair)
-        self.ha: dict[str, Any] = {}
+        #: the binary-star adapter's view of the pair, for status replies and metrics (None: no pair)
+        self.ha_status: Callable[[float], dict[str, Any]] | None = None
         #: a journal reader answers history queries (set by the socket adapter with a journal)
         self.history_reader = False
         #: the binary-star adapter's operations (``promote``; ``peer_link`` as a test fault hook)
@@ -181,36 +180,27 @@ class Orchestrator(Requests):
         if len(self.queues) >= self.cfg.max_queue:
             raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks)")
         owner = self._user or ident
-        load = self.client_load.get(owner)
-        size = _len(frames[4:])
-        if load is not None:
-            if load[0] >= self.cfg.max_client_tasks:
-                raise ProtocolError(P.E_LIMIT, f"this client has {load[0]} unfinished tasks, the most allowed "
-                                    f"(--max-client-tasks): wait for results")
-            if load[1] + size > self.cfg.max_client_bytes:
-                raise ProtocolError(P.E_LIMIT, f"this client's unfinished tasks hold {load[1]} bytes; "
-                                    f"{size} more would pass --max-client-bytes {self.cfg.max_client_bytes}")
-        elif size > self.cfg.max_client_bytes:
-            raise ProtocolError(P.E_LIMIT, f"a task of {size} bytes passes --max-client-bytes "
-                                f"{self.cfg.max_client_bytes}")
+        unfinished, held = self.client_load.get(owner, (0, 0))
+        payload = frames[4:]
+        size = _len(payload)
+        if unfinished >= self.cfg.max_client_tasks or held + size > self.cfg.max_client_bytes:
+            raise ProtocolError(P.E_LIMIT, f"this client has {unfinished} unfinished tasks holding {held} bytes; "
+                                f"a task of {size} bytes more would pass --max-client-tasks "
+                                f"{self.cfg.max_client_tasks} or --max-client-bytes {self.cfg.max_client_bytes}")
         if len(self.fleet) and not self.fleet.offers(kind):
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; "
                                 f"offered: {sorted(self.fleet.kinds())}")
         if not all(isinstance(t, str) for t in tags):
             raise ProtocolError(P.E_MALFORMED, "tags must be strings")
         self._seq += 1
-        payload = frames[4:]
-        task = Task(tid, kind, priority, frozenset(tags), ident, sock, frames[3], payload,
-                    now, self._seq, _len(payload))
+        task = Task(tid, kind, priority, frozenset(tags), ident, sock, frames[3], payload, now, self._seq, size)
         task.ttl = float(ttl) if ttl == ttl and ttl > 0 else 0.0
         task.max_run = float(max_run) if max_run == max_run and max_run > 0 else 0.0
         task.duration = float(duration) if duration == duration and duration > 0 else 0.0
         task.owner, task.counted = owner, True
-        if load is None:
-            self.client_load[owner] = [1, task.size]
-        else:
-            load[0] += 1
-            load[1] += task.size
+        load = self.client_load.setdefault(owner, [0, 0])
+        load[0] += 1
+        load[1] += size
         self.tasks[tid] = task
         self.queues.push(task)
         self.counters["submitted"] += 1

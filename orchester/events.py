@@ -6,12 +6,14 @@ Events are two frames: a topic and a msgpack map. Topics:
 * ``progress:<id>``: progress reported by a running task (its handler's keywords)
 * ``sat:<id>``: a satellite joined, was lost or left
 * ``control:strategy``: the routing strategy was switched
+* ``ha:state``, ``ha:alarm``, ``ha:replication``: the binary-star pair (see ``docs/ha.rst``)
 
 Subscribe to a prefix (``"task:"``, or ``""`` for everything).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,23 +37,26 @@ class Event:
 
 
 class EventStream:
-    """A SUB socket on the orchestrator's event endpoint; iterate or call :meth:`recv`.
+    """A SUB socket on the orchestrator's event endpoint (or several: both servers of a pair);
+    iterate or call :meth:`recv`.
 
     Use it from one thread; close it (or use ``with``) when done.
     """
 
-    def __init__(self, endpoint: str, topics: Sequence[str] = ("",),
+    def __init__(self, endpoint: str | Sequence[str], topics: Sequence[str] = ("",),
                  context: zmq.Context[Any] | None = None, curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        from .security import secure_client
+
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.linger = 0
         if curve is not None:  # (public, secret, server public): see orchester.keys.client_curve
-            self.sock.curve_secretkey, self.sock.curve_publickey = curve[1], curve[0]
-            self.sock.curve_serverkey = curve[2]
+            secure_client(self.sock, *curve)
         self.sock.rcvhwm = 100_000
         for t in topics:
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
-        self.sock.connect(endpoint)
+        for ep in [endpoint] if isinstance(endpoint, str) else endpoint:
+            self.sock.connect(ep)
 
     def recv(self, timeout: float | None = None) -> Event | None:
         """The next event, or ``None`` after ``timeout`` seconds without one."""
@@ -81,3 +86,30 @@ class EventStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EventRecorder:
+    """Every event under ``topics`` from ``endpoints``, kept in :attr:`received` by a thread
+    until :meth:`close` (for measurements and tests: a run's whole event history)."""
+
+    def __init__(self, endpoints: str | Sequence[str], topics: Sequence[str] = ("",),
+                 curve: tuple[bytes, bytes, bytes] | None = None) -> None:
+        self._ctx: zmq.Context[Any] = zmq.Context()
+        self._stream = EventStream(endpoints, topics, self._ctx, curve)  # used by the thread only from here on
+        self.received: list[Event] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="orchester-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            event = self._stream.recv(timeout=0.05)
+            if event is not None:
+                self.received.append(event)
+
+    def close(self) -> None:
+        """Stop reading; close the socket."""
+        self._stop.set()
+        self._thread.join(5)
+        self._stream.close()
+        self._ctx.term()

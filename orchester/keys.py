@@ -94,12 +94,12 @@ def _z85_key(text: str, path: str | os.PathLike[str], label: str) -> bytes:
     """``text`` as a Z85 key (40 characters decoding to 32 bytes); SecurityError otherwise."""
     key = text.encode("ascii", "replace")
     try:
-        if len(key) == 40:
-            z85.decode(key)
-            return key
+        valid = len(key) == 40 and len(z85.decode(key)) == 32
     except (ValueError, KeyError, struct.error):
-        pass
-    raise SecurityError(f"{path}: the {label} key is not 40 characters of Z85")
+        valid = False
+    if not valid:
+        raise SecurityError(f"{path}: the {label} key is not 40 characters of Z85")
+    return key
 
 
 def load_public(path: str | os.PathLike[str]) -> bytes:

@@ -68,7 +68,7 @@ class Collector:
             value = counters.get(name, 0)
             add(f"counters.{name}", value - self._last[name])
             self._last[name] = value
-        ha = core.ha
+        ha = core.ha_status(now) if core.ha_status is not None else None
         if ha:  # binary star: this server's state (1 primary, 2 backup, 3 active, 4 passive) and its link
             from .bstar import HAState
 

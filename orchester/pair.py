@@ -73,6 +73,7 @@ class Pair:
         self.router = router  #: the socket key restored tasks answer their clients on
         self.exit_code = 0  #: set when this server must stop (a backup stepping down from a dual active)
         core.ha_control = self.control
+        core.ha_status = self.describe
         #: ``CONTROL peer_link`` (cut or restore the peer link) is honoured only with this set
         self.fault_hooks = os.environ.get("ORCHESTER_FAULT_HOOKS") == "1"
         self.epoch: str = core.epoch
@@ -142,15 +143,17 @@ class Pair:
         """``sync``/``async`` while the passive follows, ``local`` when it does not, ``follower`` on a passive."""
         if self.star.state is not HAState.ACTIVE:
             return "follower" if self.stream else "none"
-        if self.follower and self.synced and self.star.peer_alive(now):
+        if self._replicating(now):
             return "sync" if self.sync else "async"
         return "local"
 
+    def _replicating(self, now: float) -> bool:
+        """A live passive follows the stream and has acknowledged its snapshot."""
+        return self.follower and self.synced and self.star.peer_alive(now)
+
     def gate(self, now: float) -> int | None:
         """Highest record whose dependants may be released, or ``None`` when replication does not gate."""
-        if self.sync and self.follower and self.synced and self.star.peer_alive(now):
-            return self.acked
-        return None
+        return self.acked if self.sync and self._replicating(now) else None
 
     # --------------------------------------------------------- peer link in
     def drain(self, now: float) -> list[Change]:

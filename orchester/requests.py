@@ -41,7 +41,7 @@ class Requests(Lifecycle):
     pub_endpoints: list[str]
     identify: Callable[[str | None], Any] | None
     ha_control: Callable[[dict[str, Any], float], dict[str, Any]] | None
-    ha: dict[str, Any]
+    ha_status: Callable[[float], dict[str, Any]] | None
     history_reader: bool
     queries: list[tuple[Any, bytes, Any, dict[str, Any]]]
     _user: str | None
@@ -205,5 +205,5 @@ class Requests(Lifecycle):
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.results),
             "counters": dict(self.counters),
-            **({"ha": dict(self.ha)} if self.ha else {}),
+            **({"ha": self.ha_status(now)} if self.ha_status is not None else {}),
         }

@@ -161,9 +161,7 @@ class RestoreFold:
                 core.queues.push(t)
                 core._arm(t, now)
             counts["requeued"] += 1
-        if core.reclaim:
-            core.reclaim_until = now + reclaim
-        core.adopt_until = now + reclaim
+        core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
         core.counters["journal_restored"] += len(self.tasks)
         core.counters["journal_bad_records"] += self.bad
         return dict(counts)
@@ -224,7 +222,7 @@ def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: flo
             ok = task.satellite == sat.sid and attempt == task.attempt
         else:
             task = core.tasks.get(tid)
-            ok = task is not None and task.state is TS.PENDING and now < core.adopt_until \
+            ok = task is not None and task.state is TS.PENDING and now < core.reclaim_until \
                 and attempt == task.attempt + 1
         if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds:
             core.counters["adopt_refused"] += 1

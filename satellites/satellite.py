@@ -218,6 +218,8 @@ class Satellite:
         assert self.orch is not None
         poller.register(self.orch, zmq.POLLIN)
         poller.register(self._wsock, zmq.POLLIN)
+        if self._monitor is not None:  # made with the orchestrator socket: rebuilt with it
+            poller.register(self._monitor, zmq.POLLIN)
         for fd in self.pool.sentinels():
             poller.register(fd, zmq.POLLIN)
         self._poll_key = (self.orch, tuple(self.pool.sentinels()))
@@ -238,15 +240,15 @@ class Satellite:
                     self._drain_orchestrator(orch, now)
                 elif item is self._wsock:
                     self._drain_workers(now)
+                elif item is self._monitor:
+                    self._monitor.recv_multipart()
+                    self.counters["key_refused"] += 1
+                    log.error("the orchestrator at %s refused this satellite's CurveZMQ key: it is not (or no "
+                              "longer) in its authorised keys; retrying every %.0fs",
+                              self.endpoints[self._endpoint_index % len(self.endpoints)], expiry)
                 else:
                     self._worker_died(int(item), now)  # type: ignore[arg-type]
             # housekeeping after every wake-up
-            if self._monitor is not None and self._monitor.poll(0):
-                self._monitor.recv_multipart()
-                self.counters["key_refused"] += 1
-                log.error("the orchestrator at %s refused this satellite's CurveZMQ key: it is not (or no longer) "
-                          "in its authorised keys; retrying every %.0fs", self.endpoints[self._endpoint_index %
-                          len(self.endpoints)], expiry)
             if now - self._last_heard > expiry:
                 log.warning("orchestrator silent for %.1fs: reconnecting", now - self._last_heard)
                 self.counters["reconnects"] += 1

@@ -208,7 +208,7 @@ def test_metrics_carry_the_pair_state_and_its_counters() -> None:
     from orchester.metrics import Collector
 
     core = _core()
-    core.ha = {"state": "passive", "peer_alive": True, "replication": "follower"}
+    core.ha_status = lambda now: {"state": "passive", "peer_alive": True, "replication": "follower"}
     core.counters["ha_refused"] += 3
     core.counters["failovers"] += 1
     points = {name: value for name, _, value in Collector("o").collect(core, 0.0, 1000.0)}

@@ -11,6 +11,7 @@ recorded from the event streams of every orchestrator; :class:`RunResult` holds 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,11 +23,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
 from orchester import LocalCluster, OrchesterError
+from orchester.events import EventRecorder
 from orchester.localpair import LocalPair
-from serializers import ProtocolError, unpack
 
 from .linkproxy import LinkProxy
 from .schema import Topology
@@ -94,38 +93,6 @@ def _cluster(topo: Topology, strategy: str, journal_dir: str) -> LocalCluster:
     return LocalCluster(serve_args=["--journal", journal_dir] if topo.journal else [], **common)
 
 
-class _Recorder:
-    """Every ``task:`` event of every orchestrator, read by a thread."""
-
-    def __init__(self, endpoints: list[str]) -> None:
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.linger = 0
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"task:")
-        for ep in endpoints:
-            self.sub.connect(ep)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            if not self.sub.poll(100):
-                continue
-            frames = self.sub.recv_multipart()
-            try:
-                self.events.append((frames[0].decode(), unpack(frames[1])))
-            except (ProtocolError, IndexError, UnicodeDecodeError):
-                continue
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sub.close(0)
-        self.ctx.term()
-
-
 def run(topo: Topology, strategy: str, timeout: float = 600.0) -> RunResult:
     """Run ``topo`` once with ``strategy``; return its figures."""
     topo.validate()
@@ -167,7 +134,7 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
            workers: dict[str, int], proxies: dict[int, list[LinkProxy]], timeout: float) -> RunResult:
     cluster.wait_for_satellites(len(procs))
     client = cluster.client(heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness)
-    recorder = _Recorder(list(pair.pub_endpoints.values()) if pair else [cluster.pub_endpoint])
+    recorder = EventRecorder(list(pair.pub_endpoints.values()) if pair else [cluster.pub_endpoint], ["task:"])
     time.sleep(0.3)  # let the subscriptions reach the orchestrators
     start = time.time()
     fault_times: list[float] = []
@@ -206,11 +173,9 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
                 fault_times.append(time.time() - start)
                 continue
             sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "cont": signal.SIGCONT}[f.action]
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone: no fault to time
                 os.kill(procs[f.satellite].pid, sig)
                 fault_times.append(time.time() - start)
-            except ProcessLookupError:
-                pass
 
     injector = threading.Thread(target=inject, daemon=True)
     injector.start()
@@ -256,12 +221,10 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
     injector.join(5)
     recorder.close()
     for p in procs:  # thaw frozen satellites so the cluster can stop them
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
-    return _figures(strategy, topo, start, end, submitted, finished, failed, recorder.events, workers,
-                    fault_times)
+    return _figures(strategy, topo, start, end, submitted, finished, failed,
+                    [(e.topic, e.data) for e in recorder.received], workers, fault_times)
 
 
 def _figures(strategy: str, topo: Topology, start: float, end: float, submitted: dict[str, float],

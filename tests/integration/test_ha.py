@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import zmq
 from conftest import TEST_ENV
 
 from orchester import Client
+from orchester.events import EventRecorder
 from orchester.localpair import LocalPair
 from serializers import protocol as P
 
@@ -39,32 +39,15 @@ def executions(path: Path) -> collections.Counter[str]:
     return collections.Counter(path.read_text().split())
 
 
-class Events:
-    """Every ``ha:`` event of both servers, in arrival order, read by a thread until closed."""
+class Events(EventRecorder):
+    """Every ``ha:`` event of both servers, in arrival order, as maps with their topic."""
 
     def __init__(self, endpoints: list[str]) -> None:
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.linger = 0
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"ha:")
-        for ep in endpoints:
-            self.sub.connect(ep)
-        self.events: list[dict[str, Any]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(endpoints, ["ha:"])
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.sub.poll(50):
-                topic, body = self.sub.recv_multipart()
-                self.events.append({"topic": topic.decode(), **msgpack.unpackb(body)})
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sub.close(0)
-        self.ctx.term()
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [{"topic": e.topic, **e.data} for e in self.received]
 
 
 def _ask(endpoint: str, cmd: bytes, body: dict[str, Any]) -> dict[str, Any]:

@@ -85,41 +85,30 @@ def test_an_authorised_client_and_satellite_work_and_tasks_carry_the_owner(secur
         assert [s["user"] for s in st["satellites"]] == ["sat"]
 
 
-def test_unauthorised_satellite_and_client_are_refused_and_see_nothing(secured: Any) -> None:
+def test_unauthorised_satellite_and_client_are_refused_and_see_nothing(secured: Any, socket: Any) -> None:
     cluster, keys = secured
     bad_sat = cluster.add_satellite("bad", env=keys.env("mallory"))
-    events_ctx = zmq.Context()
-    try:
-        sub = events_ctx.socket(zmq.SUB)  # mallory listens to the event stream
-        sub.linger = 0
-        public, secret = load_keypair(keys.secrets["mallory"])
-        sub.curve_publickey, sub.curve_secretkey = public, secret
-        sub.curve_serverkey = load_public(keys.server_public)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(cluster.pub_endpoint)
-        plain = events_ctx.socket(zmq.SUB)  # and so does someone without any key
-        plain.linger = 0
-        plain.setsockopt(zmq.SUBSCRIBE, b"")
-        plain.connect(cluster.pub_endpoint)
-        with keys.client(cluster.endpoint, "mallory") as mallory:
-            with pytest.raises(RemoteError) as err:
-                mallory.submit("echo", 1).result(timeout=30)
-            assert err.value.code == P.E_FORBIDDEN and "refused" in err.value.message
-        anonymous = events_ctx.socket(zmq.DEALER)  # no key at all: its handshake fails, nothing comes back
-        anonymous.linger = 0
-        anonymous.connect(cluster.endpoint)
-        anonymous.send_multipart([P.SIGNATURE, P.STATUS, pack({"rid": 1})], zmq.NOBLOCK)
-        assert anonymous.poll(1000) == 0
-        anonymous.close(0)
-    finally:
-        pass
+    sub = socket(zmq.SUB)  # mallory listens to the event stream (the fixture closes every socket)
+    public, secret = load_keypair(keys.secrets["mallory"])
+    sub.curve_publickey, sub.curve_secretkey = public, secret
+    sub.curve_serverkey = load_public(keys.server_public)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(cluster.pub_endpoint)
+    plain = socket(zmq.SUB)  # and so does someone without any key
+    plain.setsockopt(zmq.SUBSCRIBE, b"")
+    plain.connect(cluster.pub_endpoint)
+    with keys.client(cluster.endpoint, "mallory") as mallory:
+        with pytest.raises(RemoteError) as err:
+            mallory.submit("echo", 1).result(timeout=30)
+        assert err.value.code == P.E_FORBIDDEN and "refused" in err.value.message
+    anonymous = socket(zmq.DEALER)  # no key at all: its handshake fails, nothing comes back
+    anonymous.connect(cluster.endpoint)
+    anonymous.send_multipart([P.SIGNATURE, P.STATUS, pack({"rid": 1})], zmq.NOBLOCK)
+    assert anonymous.poll(1000) == 0
     with Client(cluster.endpoint) as ops:  # the fixture's key: traffic flows meanwhile
         assert [f.result(timeout=30) for f in [ops.submit("echo", i) for i in range(20)]] == list(range(20))
         assert [s["id"] for s in ops.status()["satellites"]] == ["good"]  # 'bad' never registered
     assert sub.poll(500) == 0 and plain.poll(100) == 0  # neither saw a single event
-    sub.close(0)
-    plain.close(0)
-    events_ctx.term()
     assert bad_sat.poll() is None  # the refused satellite keeps running (and retrying), harmlessly
 
 
