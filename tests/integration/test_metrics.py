@@ -10,7 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,20 +81,35 @@ CARBON_METRIC_INTERVAL = 0
             proc.wait(5)
 
 
-def whisper_sum(root: Path, name: str) -> float:
-    """The sum of the points of a metric, read from its whisper file (retrying while it is created)."""
+def whisper_sum(root: Path, name: str, until: Callable[[float], bool] = lambda v: v > 0,
+                timeout: float = 30.0) -> float:
+    """The sum of the points of a metric, read from its whisper file once ``until(sum)`` holds.
+
+    carbon's writer thread creates a file before it writes the points it holds for it, and may still
+    hold points after the sender closed: so poll (bounded) until the points are there, and return the
+    last sum read, for the caller's assertion to show.
+    """
     import whisper
 
     path = root / (name.replace(".", "/") + ".wsp")
-    for _ in range(100):
+    deadline = time.monotonic() + timeout
+    last: float | None = None
+    while time.monotonic() < deadline:
         if path.exists():
             try:
-                _, values = whisper.fetch(str(path), time.time() - 3600, time.time() + 5)
-                return float(sum(v for v in values if v is not None))
+                # The 1 s archive, named: left to choose, whisper takes the 60 s one (which averages these
+                # sparse points away) whenever a second boundary falls between ``now`` here and in fetch.
+                now = int(time.time())
+                _, values = whisper.fetch(str(path), now - 1800, now + 5, now=now, archiveToSelect="1s")
+                last = float(sum(v for v in values if v is not None))
+                if until(last):
+                    return last
             except whisper.CorruptWhisperFile:
                 pass
         time.sleep(0.1)
-    raise AssertionError(f"no whisper file for {name}")
+    if last is None:
+        raise AssertionError(f"no whisper file for {name}")
+    return last
 
 
 @pytest.mark.parametrize("protocol", ["pickle", "plaintext"])
@@ -111,11 +126,11 @@ def test_the_numbers_reach_carbon(carbon: dict[str, Any], protocol: str) -> None
         time.sleep(3.0)  # two more reports
     root = carbon["whisper"]
     p = f"test_{protocol}"
-    assert whisper_sum(root, f"{p}.counters.submitted") == n + 1
-    assert whisper_sum(root, f"{p}.counters.done") == n
-    assert whisper_sum(root, f"{p}.tasks.echo.done") == n
+    assert whisper_sum(root, f"{p}.counters.submitted", lambda v: v >= n + 1) == n + 1
+    assert whisper_sum(root, f"{p}.counters.done", lambda v: v >= n) == n
+    assert whisper_sum(root, f"{p}.tasks.echo.done", lambda v: v >= n) == n
     assert whisper_sum(root, f"{p}.tasks.fail.failed") == 1
-    assert whisper_sum(root, f"{p}.latency.echo.count") == n
+    assert whisper_sum(root, f"{p}.latency.echo.count", lambda v: v >= n) == n
     assert whisper_sum(root, f"{p}.latency.echo.p99") > 0
     assert whisper_sum(root, f"{p}.satellites.idle") > 0
     assert whisper_sum(root, f"{p}.satellite.local-0.rss_mb") > 0  # reported by the satellite itself
