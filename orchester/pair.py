@@ -7,8 +7,8 @@ subscribes to its peer's (``--peer``). Over that link:
 * The active streams its journal records: ``REC {e, q}`` followed by one frame per record
   (msgpack, as in the journal), numbered ``q, q+1, ...`` in the active's journal order.
 * The passive asks for a snapshot with ``SYNC`` when it has none or sees a gap; the active
-  answers with ``SNAP {e, q, i, last}`` chunks (:func:`~orchester.restore.snapshot`), the
-  state as of record ``q``, then streams from ``q + 1``.
+  answers with ``SNAP {e, q, i, last}`` chunks (:mod:`orchester.resync`, a few per wake-up),
+  the state as of record ``q``, then streams from ``q + 1``.
 * The passive acknowledges with ``ACK {e, q}`` once the records up to ``q`` are in its
   journal (durable, per its ``--durability``), or at once without a journal.
 
@@ -31,12 +31,13 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import zmq
 
-from serializers import protocol as P
-from serializers.header import ProtocolError, error_frames, pack, unpack
+from serializers.header import pack
 
 from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
-from .restore import RestoreFold, snapshot, take_over, unknown_to
+from .pairrequests import PairRequests
+from .restore import RestoreFold, take_over, unknown_to
+from .resync import IncomingSnapshot, OutgoingSnapshot
 from .security import PEER_DOMAIN, secure_client, secure_server
 
 if TYPE_CHECKING:
@@ -45,8 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("orchester.ha")
 
 STATE, REC, SYNC, SNAP, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK", b"ORPHANS"
-#: Records per snapshot message.
-SNAP_CHUNK = 500
 
 
 def _pack(body: dict[str, Any]) -> bytes:
@@ -61,7 +60,7 @@ def _int(body: dict[str, Any], key: str) -> int:
     return value
 
 
-class Pair:
+class Pair(PairRequests):
     """This server's half of the pair: state link, replication out (active) or in (passive)."""
 
     def __init__(self, config: OrchestratorConfig, ctx: zmq.Context[Any], core: Orchestrator, router: Any,
@@ -112,12 +111,11 @@ class Pair:
         self._sent_upto = 0  #: highest record streamed
         self._batch: list[bytes] = []
         self._batch_first = 0
+        self.outgoing: OutgoingSnapshot | None = None  #: a snapshot being sent (the stream waits for it)
         # passive side
         self.stream: str | None = None  #: the active's epoch whose stream we follow
         self.applied = 0  #: last record applied from that stream
-        self._chunk = 0  #: next snapshot chunk expected (-1: none in progress)
-        self._snap_buf: list[bytes] = []  #: the chunks of a snapshot in progress
-        self._snap_started = now
+        self.incoming: IncomingSnapshot | None = None  #: a snapshot being received
         #: the fold came from this server's own journal (not yet replaced by a snapshot)
         self._fold_is_own = True
         self._pending_acks: deque[tuple[int, int]] = deque()  #: (local journal seq, stream seq)
@@ -185,7 +183,7 @@ class Pair:
             if self.star.state is HAState.PASSIVE and self.stream is not None and body.get("e") == self.stream:
                 # every record up to q was sent before this message: one not applied was lost
                 if body.get("f") is False or _int(body, "q") > self.applied:
-                    self.stream, self._chunk = None, 0  # resynchronise
+                    self.stream = None  # resynchronise
                     self.counters["ha_stream_gaps"] += 1
             if self.star.state is HAState.ACTIVE and body.get("st") == self.epoch and "a" in body:
                 self._on_ack(_int(body, "a"), now)  # the passive repeats its acknowledgement every heartbeat
@@ -215,10 +213,10 @@ class Pair:
                      "synchronous" if self.sync else "asynchronous")
 
     def _on_records(self, epoch: str, first: int, records: list[bytes]) -> None:
-        if self._chunk != -1 or epoch != self.stream or first != self.applied + 1:
+        if epoch != self.stream or first != self.applied + 1:
             if self.stream is not None:
                 self.counters["ha_stream_gaps"] += 1
-            self._chunk, self.stream = 0, None  # out of sync: ask for a snapshot
+            self.stream = None  # out of sync: ask for a snapshot (records before one are covered by it)
             return
         for data in records:
             self.applied += 1
@@ -229,26 +227,22 @@ class Pair:
         partial one, cut by the active's death, is dropped: the previous fold stays)."""
         index = _int(body, "i")
         if index == 0:
-            self._chunk = 0
             self.stream = None
-            self._snap_buf = []
-            self._snap_started = now
-        elif index != self._chunk:
-            self.counters["ha_stream_gaps"] += 1
-            self._chunk, self.stream, self._snap_buf = 0, None, []
+            self.incoming = IncomingSnapshot(now)
+        if self.incoming is None or not self.incoming.add(index, records, now):
+            if self.incoming is not None:
+                self.counters["ha_stream_gaps"] += 1
+            self.incoming = self.stream = None  # a broken snapshot: ask for another one
             return
-        self._snap_buf.extend(records)
-        self._chunk = index + 1
         if not body.get("last"):
             return
         q = _int(body, "q")
-        records, self._snap_buf = [bytes(r) for r in self._snap_buf], []
+        records, self.incoming = self.incoming.records, None
         previous, self.fold = self.fold, RestoreFold(keep_finished=self.cfg.result_retention)
         self._ack_due = self._ack_sent = 0
         self._pending_acks.clear()
         for n, data in enumerate(records, 1):
             self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), q if n == len(records) else 0)
-        self._chunk = -1
         self.stream = str(body["e"])
         self.applied = q
         self.counters["ha_snapshots_received"] += 1
@@ -302,26 +296,37 @@ class Pair:
         self._batch.append(msgpack.packb(record, use_bin_type=True))
 
     def flush(self) -> None:
-        """Send the records streamed since the last flush."""
-        if self._batch:
+        """Send the records streamed since the last flush (held while a snapshot is on its way)."""
+        if self._batch and self.outgoing is None:
             batch, self._batch = self._batch, []
             self._sent_upto = self._batch_first + len(batch) - 1
             self._send([REC, _pack({"e": self.epoch, "q": self._batch_first}), *batch])
 
     def _send_snapshot(self, seq: int | None = None) -> None:
-        """Answer a SYNC: the whole task table as of the last record, then the stream."""
+        """Answer a SYNC: the whole task table as of the last record (sent over the next
+        wake-ups by :meth:`_pump`), then the stream. A SYNC during a snapshot starts a new one."""
+        self.outgoing = None
         self.flush()
         q = self.last_seq() if seq is None else seq
-        records = [msgpack.packb(r, use_bin_type=True) for r in snapshot(self.core)]  # never empty: a barrier
-        chunks = [records[i:i + SNAP_CHUNK] for i in range(0, len(records), SNAP_CHUNK)]
-        for index, chunk in enumerate(chunks):
-            self._send([SNAP, _pack({"e": self.epoch, "q": q, "i": index, "last": index == len(chunks) - 1}),
-                        *chunk])
+        self._batch = []  # what was not sent yet is in the snapshot
+        self.outgoing = OutgoingSnapshot(self.core, q)
         self.follower, self.synced, self.snap_seq = True, False, q
         self._sent_upto = q
-        self._ack_progress = time.monotonic()
-        self.counters["ha_snapshots_sent"] += 1
-        log.info("sent a snapshot of %d records to the passive at record %d", len(records), q)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Send the next slice of the outgoing snapshot; after its last chunk, the held stream."""
+        out = self.outgoing
+        if out is None:
+            return
+        for message in out.messages(self.epoch):
+            self._send(message)
+        if out.done:
+            self.outgoing = None
+            self._ack_progress = time.monotonic()
+            self.counters["ha_snapshots_sent"] += 1
+            log.info("sent a snapshot of %d records to the passive at record %d", len(out.records), out.q)
+            self.flush()
 
     def _send(self, frames: list[bytes]) -> None:
         if not self.link_up:
@@ -343,78 +348,28 @@ class Pair:
             if self._ack_due > self._ack_sent and self.stream is not None:
                 self._ack_sent = self._ack_due
                 self._send([ACK, _pack({"e": self.stream, "q": self._ack_due})])
-            if self._chunk > 0 and now - self._snap_started > 4 * star.heartbeat:
-                self._chunk, self._snap_buf = 0, []  # a snapshot that stalled: ask again
-            if self.stream is None and self._chunk <= 0 and now >= self._next_sync and star.peer_alive(now):
+            if self.incoming is not None and self.incoming.stalled(now, 4 * star.heartbeat):
+                self.incoming = None  # a snapshot that stalled: ask again
+            if self.stream is None and self.incoming is None and now >= self._next_sync and star.peer_alive(now):
                 self._next_sync = now + 2 * star.heartbeat
                 self._send([SYNC, _pack({"e": self.epoch})])
         elif star.state is HAState.ACTIVE and self.follower:
             why = None
             if not star.peer_alive(now):
                 why = "the passive is silent"
-            elif self.acked < self._sent_upto and now - self._ack_progress > 4 * star.heartbeat:
+            elif self.outgoing is None and self.acked < self._sent_upto \
+                    and now - self._ack_progress > 4 * star.heartbeat:
                 why = "the passive stopped acknowledging"
             if why is not None:
                 self.follower = self.synced = False
-                self._batch = []
+                self._batch, self.outgoing = [], None
                 self.counters["ha_peer_lost"] += 1
                 log.warning("%s: acknowledging on local durability alone", why)
                 self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": why, "e": self.epoch,
                                                                "t": self.core.wall()})])
-
-    # ------------------------------------------------------ clients' side
-    def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:
-        """A request reached a server that is not ACTIVE: serve it (True) or refuse it.
-
-        ``STATUS`` is always answered (operators ask a passive server how it is); a
-        ``CONTROL promote`` is an operator's manual recovery; anything else is a client
-        request for the table (a vote when its header says ``vote: true``).
-        """
-        core = self.core
-        cmd = bytes(frames[2]) if len(frames) > 2 else b""
-        if cmd == P.ERROR:
-            return False  # never answered
-        try:
-            hdr = unpack(bytes(frames[3])) if len(frames) > 3 else {}
-        except ProtocolError:
-            hdr = {}
-        if cmd == P.STATUS:
-            return True
-        if cmd == P.CONTROL and hdr.get("op") in ("promote", "peer_link"):
-            return True  # the core refers it back to control()
-        serve, change = self.star.request(now, vote=hdr.get("vote") is True)
-        if change is not None:
-            self.apply([change], now)
-        if serve:
-            return True
-        core.counters["ha_refused"] += 1
-        ids = {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
-        state = self.star.state.name.lower()
-        core.out.append((sock, [bytes(frames[0]), *error_frames(
-            P.E_NOT_ACTIVE, f"this orchestrator is {state} ({self.star.role}); ask its peer", **ids)], None))
-        return False
-
-    def control(self, hdr: dict[str, Any], now: float) -> dict[str, Any]:
-        """``CONTROL`` operations of the pair: ``promote`` and the ``peer_link`` fault hook."""
-        if hdr.get("op") == "promote":
-            return self.promote(hdr.get("force") is True, now)
-        if not self.fault_hooks:
-            raise ProtocolError(P.E_BAD_REQUEST, "peer_link is a test fault hook: start the server with "
-                                "ORCHESTER_FAULT_HOOKS=1 to allow it")
-        self.link_up = hdr.get("up") is not False
-        log.warning("fault hook: the peer link is %s", "up" if self.link_up else "cut")
-        return {"peer_link": "up" if self.link_up else "cut"}
-
-    def promote(self, force: bool, now: float) -> dict[str, Any]:
-        """An operator's ``orchester promote``: become ACTIVE now (refused while the peer is active)."""
-        star = self.star
-        if star.state is HAState.ACTIVE:
-            return {"state": "active", "changed": False}
-        if star.peer is HAState.ACTIVE and star.peer_alive(now) and not force:
-            raise ProtocolError(P.E_BAD_REQUEST, "the peer is active and alive: promoting would make two "
-                                "actives (use --force only if you know the peer is cut off for good)")
-        self.apply([star.promote()], now)
-        return {"state": "active", "changed": True}
+            self._pump()
+        if star.state is not HAState.ACTIVE:
+            self.outgoing = None
 
     def apply(self, changes: list[Change], now: float) -> None:
         """Act on state changes: take over, report alarms, step down."""
@@ -460,6 +415,8 @@ class Pair:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
+        if self.outgoing is not None:
+            return 0.0  # the rest of a snapshot to send
         return max(0.0, min(self._next_state, self.star.peer_expiry if self.follower else self._next_state) - now)
 
     def close(self) -> None:

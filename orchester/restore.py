@@ -9,9 +9,12 @@ snapshot barrier: what came before it is superseded by the snapshot that follows
 
 from __future__ import annotations
 
+import gc
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from serializers import protocol as P
@@ -20,6 +23,7 @@ from tracker import SatelliteEvent as SE
 from tracker import SatelliteState as SS
 from tracker import TaskEvent as TE
 from tracker import TaskState as TS
+from tracker.history import History
 
 from .lifecycle import T_RESULT, _len
 from .tasks import Task
@@ -34,6 +38,22 @@ BARRIER = "Z"
 _IN_FLIGHT = (TS.DISPATCHED, TS.RUNNING)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a bulk of long-lived objects is built.
+
+    A collection pass walks the whole heap; building a large table (a snapshot, a takeover) triggers
+    dozens of them, which cost more than the building itself (measured: about two thirds).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class RestoreFold:
     """Journal records folded into task descriptions, ready to install.
 
@@ -44,9 +64,10 @@ class RestoreFold:
     """
 
     def __init__(self, keep_finished: int | None = None) -> None:
-        self.tasks: dict[str, list[Any]] = {}  #: id -> [S record, last T record or None]
+        self.tasks: dict[str, list[Any]] = {}  #: id -> [S record, last T record or None, its header]
         self.results: dict[str, list[Any]] = {}
-        self.history: dict[str, list[tuple[float, TS, int, Any, Any]]] = {}
+        #: each task's transitions, built as they are folded (a takeover installs them as they are)
+        self.history: dict[str, History] = {}
         self.keep_finished = keep_finished
         self._finished: dict[str, None] = {}  #: finished task ids, oldest first
         self.bad = 0
@@ -85,11 +106,13 @@ class RestoreFold:
                 raise TypeError(f"task id {tid!r} is not a string")
             if code == "S":
                 if tid not in self.tasks:
-                    unpack(bytes(rec[3]))  # refuse a record whose header is unreadable, now
+                    hdr = unpack(bytes(rec[3]))  # refuse a record whose header is unreadable, now
                     if not isinstance(rec[4], list) or not all(isinstance(f, (bytes, memoryview)) for f in rec[4]):
                         raise TypeError("a task's payload must be a list of byte strings")
-                    self.tasks[tid] = [rec, None]
-                    self.history[tid] = [(float(rec[5]), TS.PENDING, 0, None, None)]
+                    history = History()
+                    history.add(float(rec[5]), TS.PENDING, 0)
+                    self.tasks[tid] = [rec, None, hdr]
+                    self.history[tid] = history
             elif code == "T":
                 entry = self.tasks.get(tid)
                 if not isinstance(rec[3], int) or not 0 <= rec[3] <= 1_000_000 or \
@@ -97,10 +120,10 @@ class RestoreFold:
                     raise ValueError(f"a transition needs an attempt from 0 to 10^6 and a satellite id, not "
                                      f"{rec[3]!r}, {rec[4]!r}")
                 if entry is not None:
-                    entry[1] = rec
                     state = TS(rec[2])
-                    self.history[tid].append((float(rec[6]) if len(rec) > 6 else 0.0, state, int(rec[3]),
-                                              rec[4], rec[5]))
+                    entry[1] = rec
+                    self.history[tid].add(float(rec[6]) if len(rec) > 6 else time.time(), state, rec[3], rec[4],
+                                          rec[5] if isinstance(rec[5], str) else None)
                     if state.terminal:
                         self._ended(tid, entry)
             elif code == "R" and tid in self.tasks:
@@ -122,10 +145,17 @@ class RestoreFold:
         that many seconds for their satellite to re-announce them (see
         :meth:`~orchester.core.Orchestrator.adopt`) before they are queued.
         """
+        with gc_paused():
+            counts = self._install(core, now, sock, reclaim)
+        core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
+        core.counters["journal_restored"] += len(self.tasks)
+        core.counters["journal_bad_records"] += self.bad
+        return dict(counts)
+
+    def _install(self, core: Orchestrator, now: float, sock: Any, reclaim: float) -> Counter[str]:
         counts: Counter[str] = Counter()
-        for tid, (srec, trec) in self.tasks.items():
+        for tid, (srec, trec, hdr) in self.tasks.items():
             try:
-                hdr = unpack(bytes(srec[3]))
                 core._seq += 1
                 payload = list(srec[4])
                 t = Task(tid, str(hdr.get("k")), int(hdr.get("p", 0) or 0), frozenset(hdr.get("tg") or []),
@@ -134,8 +164,7 @@ class RestoreFold:
                 t.max_run = float(hdr.get("mr", 0) or 0)
                 if len(srec) > 7 and isinstance(srec[7], str):
                     t.owner = srec[7]
-                for wall, state, attempt, sat, reason in self.history[tid]:
-                    t.history.add(wall or core.wall(), state, attempt, sat, reason)
+                t.history = self.history[tid]
                 if trec is not None:
                     t.state, t.attempt, t.satellite = TS(trec[2]), int(trec[3]), trec[4]
             except (IndexError, TypeError, ValueError, ProtocolError) as exc:
@@ -161,10 +190,7 @@ class RestoreFold:
                 core.queues.push(t)
                 core._arm(t, now)
             counts["requeued"] += 1
-        core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
-        core.counters["journal_restored"] += len(self.tasks)
-        core.counters["journal_bad_records"] += self.bad
-        return dict(counts)
+        return counts
 
 
 def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any,
@@ -178,21 +204,24 @@ def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any,
 
 def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
     """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
-    its transitions and its stored result (what a passive server needs to take over)."""
+    its transitions and its stored result (what a passive server needs to take over).
+
+    Frames are memoryviews of the table's own (immutable) frames, not copies: packing them
+    copies once, and a snapshot sent over several wake-ups holds no second table."""
     yield [BARRIER, "", core.wall()]
     for tid, t in list(core.tasks.items()):
         payload = t.payload
         if t.spilled is not None and core.load_spilled is not None:
             payload = core.load_spilled(t)
-        entries = t.history.entries()
-        submitted = entries[0]["t"] if entries else core.wall()
-        yield ["S", tid, t.client, bytes(t.header), [bytes(f) for f in payload], submitted, None,
+        rows = t.history.rows()
+        submitted = rows[0][0] if rows else core.wall()
+        yield ["S", tid, t.client, t.header, [memoryview(f) for f in payload], submitted, None,
                t.owner if isinstance(t.owner, str) else None]
-        for e in entries[1:]:
-            yield ["T", tid, int(TS[e["state"].upper()]), e["attempt"], e["sat"], e["reason"], e["t"]]
+        for when, state, attempt, sat, reason in rows[1:]:
+            yield ["T", tid, state, attempt, sat, reason, when]
         stored = core.results.get(tid)
         if stored is not None:
-            yield ["R", tid, [bytes(f) for f in stored.frames[2:]], core.wall()]
+            yield ["R", tid, [memoryview(f) for f in stored.frames[2:]], core.wall()]
 
 
 def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
@@ -250,14 +279,15 @@ def unknown_to(previous: RestoreFold, current: RestoreFold, own: bool) -> list[l
     results were never replicated).
     """
     out: list[list[Any]] = []
-    for tid, (srec, trec) in previous.tasks.items():
+    for tid, (srec, trec, _) in previous.tasks.items():
         if tid in current.tasks:
             continue
         if trec is not None and TS(trec[2]).terminal and not own:
             continue
         out.append(srec)
-        for wall, state, attempt, sat, reason in previous.history.get(tid, [])[1:]:
-            out.append(["T", tid, int(state), attempt, sat, reason, wall])
+        history = previous.history.get(tid)
+        for wall, state, attempt, sat, reason in history.rows()[1:] if history is not None else []:
+            out.append(["T", tid, state, attempt, sat, reason, wall])
         if tid in previous.results:
             out.append(["R", tid, previous.results[tid], 0.0])
     return out

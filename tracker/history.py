@@ -48,15 +48,19 @@ class History:
     def __len__(self) -> int:
         return len(self._rows) // 2
 
-    def entries(self) -> list[dict[str, Any]]:
-        """Every transition as a map: time, state name, attempt, satellite, reason."""
-        out = []
+    def rows(self) -> list[tuple[float, int, int, str | None, str | None]]:
+        """Every transition as ``(time, state number, attempt, satellite, reason)`` (cheap: no maps)."""
         rows, reasons = self._rows, self._reasons or {}
         sats = [self._sats] if isinstance(self._sats, str) else (self._sats or [])
+        nsats = len(sats)
+        out = []
         for i in range(len(rows) // 2):
-            packed = int(rows[2 * i + 1])
-            state, attempt = packed % 16, packed // 16
-            out.append({"t": rows[2 * i], "state": TaskState(state).name.lower(), "attempt": attempt,
-                        "sat": sats[attempt - 1] if 0 < attempt <= len(sats) else None,
-                        "reason": reasons.get(i)})
+            attempt, state = divmod(int(rows[2 * i + 1]), 16)
+            out.append((rows[2 * i], state, attempt, sats[attempt - 1] if 0 < attempt <= nsats else None,
+                        reasons.get(i)))
         return out
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every transition as a map: time, state name, attempt, satellite, reason."""
+        return [{"t": t, "state": TaskState(state).name.lower(), "attempt": attempt, "sat": sat, "reason": reason}
+                for t, state, attempt, sat, reason in self.rows()]

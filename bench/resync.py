@@ -1,0 +1,164 @@
+"""A passive catching up with a large table: how long the active's poll loop stops, and takeover.
+
+Two halves of a pair (:class:`orchester.pair.Pair`, real cores, ``ipc://`` peer link) are driven
+the way the broker drives them. The active holds ``--tasks`` queued tasks of ``--payload``
+bytes; the passive joins and asks for a snapshot. Measured in the same run:
+
+* **raw pyzmq**: the same snapshot messages, packed beforehand, through a bare PUB/SUB pair:
+  the floor for moving those bytes.
+* **one slice**: the whole snapshot sent in the wake-up that answers ``SYNC`` (how Orchester
+  sent it before 0.1's resync change): the longest wake-up of the active is the whole snapshot.
+* **sliced**: the default, :data:`orchester.resync.SLICE` seconds of sending per wake-up.
+
+For each: the longest single wake-up of the active (what delays its heartbeats and every client
+and satellite) and the time until the passive is in sync. Then the passive takes over
+(:meth:`~orchester.restore.RestoreFold.finish`), timed per task.
+
+Run: ``python bench/resync.py [--tasks 100000] [--payload 1000] [--rounds 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/*.py must not shadow packages
+
+import zmq  # noqa: E402
+
+from orchester import resync  # noqa: E402
+from orchester.config import OrchestratorConfig  # noqa: E402
+from orchester.core import Orchestrator  # noqa: E402
+from orchester.pair import Pair  # noqa: E402
+from serializers import pack  # noqa: E402
+from serializers import protocol as P  # noqa: E402
+
+
+class Half:
+    """One server of the pair without its client sockets, woken as the broker wakes it."""
+
+    def __init__(self, ctx: zmq.Context[Any], primary: bool, mine: str, peer: str) -> None:
+        cfg = OrchestratorConfig(ha="primary" if primary else "backup", state_bind=mine, peer=peer,
+                                 ha_heartbeat=1.0, max_client_tasks=10**7, max_client_bytes=2**40)
+        self.core = Orchestrator(cfg, time.monotonic())
+        self.core.journal_out = []
+        self.seq = 0
+        self.pair = Pair(cfg, ctx, self.core, "router", time.monotonic(), None, lambda: self.seq)
+        self.longest = 0.0
+
+    def wake(self) -> None:
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        self.pair.apply(self.pair.drain(now), now)
+        self.pair.tick(now)
+        self.seq += len(self.core.journal_out)  # queued tasks: their records are in the snapshot
+        self.core.journal_out.clear()
+        self.pair.flush()
+        self.longest = max(self.longest, time.perf_counter() - t0)
+
+
+def fill(core: Orchestrator, n: int, payload: bytes) -> None:
+    for i in range(n):
+        core.handle("c", [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": f"t{i}", "k": "echo"}), payload], 0.0)
+
+
+def pair_run(n: int, payload: bytes, slice_s: float, tmp: str) -> dict[str, float]:
+    """Longest wake-up of the active while the passive catches up, time to sync, takeover time."""
+    resync.SLICE = slice_s
+    ctx: zmq.Context[Any] = zmq.Context()
+    a_ep, b_ep = f"ipc://{tmp}/a-{slice_s}", f"ipc://{tmp}/b-{slice_s}"
+    a = Half(ctx, True, a_ep, b_ep)
+    b = Half(ctx, False, b_ep, a_ep)
+    try:
+        fill(a.core, n, payload)
+        a.wake()  # the active counts the records of the table
+        a.longest = 0.0
+        start = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while not (a.pair.synced and b.pair.applied == a.seq):
+            a.wake()
+            b.wake()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the passive did not catch up in 10 minutes")
+            time.sleep(0.0005)
+        synced = time.perf_counter() - start
+        fresh = Orchestrator(OrchestratorConfig(), time.monotonic())
+        t0 = time.perf_counter()
+        b.pair.fold.finish(fresh, time.monotonic(), "router")
+        takeover = time.perf_counter() - t0
+        assert len(fresh.tasks) == n
+        return {"longest": a.longest, "synced": synced, "takeover": takeover}
+    finally:
+        a.pair.close()
+        b.pair.close()
+        ctx.term()
+
+
+def raw_run(n: int, payload: bytes, tmp: str) -> dict[str, float]:
+    """The same snapshot messages, packed beforehand, through a bare PUB/SUB pair."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    core = Orchestrator(OrchestratorConfig(max_client_tasks=10**7, max_client_bytes=2**40), 0.0)
+    fill(core, n, payload)
+    messages = list(resync.OutgoingSnapshot(core, 0).messages("e", budget=float("inf")))
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    try:
+        pub.sndhwm = sub.rcvhwm = 100_000
+        pub.bind(f"ipc://{tmp}/raw")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"ipc://{tmp}/raw")
+        for _ in range(200):  # the subscription reaches the publisher
+            pub.send(b"hello")
+            if sub.poll(10):
+                sub.recv()
+                break
+        while sub.poll(50):
+            sub.recv()
+        start = time.perf_counter()
+        for m in messages:
+            pub.send_multipart(m)
+        for _ in messages:
+            sub.recv_multipart()
+        return {"synced": time.perf_counter() - start}
+    finally:
+        pub.close(0)
+        sub.close(0)
+        ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", type=int, default=100_000)
+    ap.add_argument("--payload", type=int, default=1000, help="bytes per task")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds (the best of each figure is kept)")
+    args = ap.parse_args(argv)
+    payload = b"x" * args.payload
+    best: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="orchester-bench-resync-") as tmp:
+        for _ in range(args.rounds):
+            for name, run in (("raw pyzmq", lambda: raw_run(args.tasks, payload, tmp)),
+                              ("one slice", lambda: pair_run(args.tasks, payload, float("inf"), tmp)),
+                              ("sliced", lambda: pair_run(args.tasks, payload, 0.02, tmp))):
+                got = run()
+                best[name] = {k: min(v, best.get(name, {}).get(k, v)) for k, v in got.items()}
+    raw = best["raw pyzmq"]["synced"]
+    one = best["one slice"]["longest"]
+    print(f"{args.tasks} queued tasks of {args.payload} B; best of {args.rounds} rounds")
+    print(f"{'':12} {'longest wake-up':>16} {'vs one slice':>13} {'time to sync':>13} {'vs raw pyzmq':>13}")
+    for name, figures in best.items():
+        longest = figures.get("longest")
+        cells = (f"{longest * 1000:13.0f} ms" if longest is not None else f"{'-':>16}",
+                 f"{longest / one:12.3f}×" if longest is not None else f"{'-':>13}")
+        print(f"{name:12} {cells[0]:>16} {cells[1]:>13} {figures['synced']:12.2f}s "
+              f"{figures['synced'] / raw:12.2f}×")
+    takeover = best["sliced"]["takeover"]
+    print(f"takeover of {args.tasks} tasks by the passive: {takeover:.2f} s ({takeover / args.tasks * 1e6:.1f} µs a task)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

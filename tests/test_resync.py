@@ -1,0 +1,153 @@
+"""A passive catching up with a large table: the snapshot goes out over several wake-ups.
+
+Two :class:`~orchester.pair.Pair` halves on real ``ipc://`` sockets, each driven the way the
+broker drives it (drain, tick, stream); the cores are real, only the client sockets are absent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from orchester import resync
+from orchester.bstar import HAState
+from orchester.config import OrchestratorConfig
+from orchester.core import Orchestrator
+from orchester.pair import Pair
+from orchester.restore import BARRIER
+from serializers import pack
+from serializers import protocol as P
+
+N = 3000
+
+
+class Server:
+    """One server of the pair, without its client sockets."""
+
+    def __init__(self, ctx: zmq.Context[Any], primary: bool, mine: str, peer: str) -> None:
+        cfg = OrchestratorConfig(ha="primary" if primary else "backup", state_bind=mine, peer=peer,
+                                 ha_heartbeat=0.2)
+        self.core = Orchestrator(cfg, time.monotonic())
+        self.core.journal_out = []
+        self.seq = 0
+        self.pair = Pair(cfg, ctx, self.core, "router", time.monotonic(), None, lambda: self.seq)
+
+    def submit(self, tid: str) -> None:
+        self.core.handle("c", [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": tid, "k": "echo"}), b"x" * 100],
+                         time.monotonic())
+
+    def wake(self) -> None:
+        now = time.monotonic()
+        self.pair.apply(self.pair.drain(now), now)
+        self.pair.tick(now)
+        for record in self.core.journal_out:
+            self.seq += 1
+            self.pair.replicate(self.seq, record)
+        self.core.journal_out.clear()
+        self.pair.flush()
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[Server, Server]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    a_ep, b_ep = f"ipc://{tmp_path}/a.state", f"ipc://{tmp_path}/b.state"
+    a = Server(ctx, True, a_ep, b_ep)
+    b = Server(ctx, False, b_ep, a_ep)
+    try:
+        yield a, b
+    finally:
+        a.pair.close()
+        b.pair.close()
+        ctx.term()
+
+
+def run_until(a: Server, b: Server, done: Any, seconds: float = 30.0, each: Any = None) -> int:
+    """Wake both servers until ``done()``; returns the number of rounds (bounded in count and time)."""
+    deadline = time.monotonic() + seconds
+    for rounds in range(1, 200_000):
+        a.wake()
+        b.wake()
+        if each is not None:
+            each()
+        if done():
+            return rounds
+        assert time.monotonic() < deadline, "the pair did not get there in time"
+        time.sleep(0.001)
+    raise AssertionError("too many rounds")
+
+
+def in_sync(a: Server, b: Server) -> bool:
+    return a.pair.synced and b.pair.stream == a.core.epoch and b.pair.applied == a.seq
+
+
+def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_it(
+        servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resync, "SLICE", 0.0)  # one chunk per wake-up
+    a, b = servers
+    for i in range(N):
+        a.submit(f"t{i}")
+    during: list[int] = []
+
+    def submit_during_the_snapshot() -> None:
+        out = a.pair.outgoing
+        if out is not None:
+            during.append(out.index)
+            if len(during) == 2:  # records journaled while the snapshot is on its way
+                for j in range(10):
+                    a.submit(f"late{j}")
+
+    run_until(a, b, lambda: in_sync(a, b), each=submit_during_the_snapshot)
+    assert a.pair.state is HAState.ACTIVE and b.pair.state is HAState.PASSIVE
+    chunks = -(-(N + 1) // resync.SNAP_CHUNK)  # the tasks' submissions and a barrier
+    # one chunk per wake-up (two in the first: the answer to SYNC, then the wake-up's slice)
+    assert len(during) >= chunks - 2
+    assert sorted(during) == during
+    assert set(b.pair.fold.tasks) == {f"t{i}" for i in range(N)} | {f"late{j}" for j in range(10)}
+    assert a.core.counters["ha_snapshots_sent"] == 1
+    assert b.core.counters["ha_snapshots_received"] == 1
+    assert b.core.counters["ha_stream_gaps"] == 0
+    assert a.pair.replication_mode(time.monotonic()) == "sync"
+
+    a.submit("after")  # and the stream goes on
+    run_until(a, b, lambda: "after" in b.pair.fold.tasks and in_sync(a, b))
+
+
+def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
+        servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resync, "SLICE", 0.0)
+    a, b = servers
+    for i in range(N):
+        a.submit(f"t{i}")
+    cut: list[int] = []
+
+    def drop_the_third_chunk() -> None:
+        out = a.pair.outgoing
+        if out is not None and out.index == 2 and not cut:
+            cut.append(1)
+            a.pair.link_up = False  # the next wake-up's chunk is lost
+        elif cut == [1]:
+            cut.append(2)
+            a.pair.link_up = True
+
+    run_until(a, b, lambda: in_sync(a, b), each=drop_the_third_chunk)
+    assert cut == [1, 2]
+    assert b.core.counters["ha_stream_gaps"] >= 1
+    assert a.core.counters["ha_snapshots_sent"] >= 2  # the broken one, then a whole one
+    assert b.core.counters["ha_snapshots_received"] == 1
+    assert len(b.pair.fold.tasks) == N
+
+
+def test_the_snapshot_holds_references_and_starts_with_a_barrier(servers: tuple[Server, Server]) -> None:
+    a, _ = servers
+    a.submit("one")
+    out = resync.OutgoingSnapshot(a.core, 7)
+    assert out.records[0][0] == BARRIER and out.q == 7
+    payload = out.records[1][4]
+    assert all(isinstance(f, memoryview) for f in payload) and bytes(payload[0]) == b"x" * 100
+    messages = list(out.messages("epoch"))
+    assert out.done and len(messages) == 1 and messages[0][0] == b"SNAP"
