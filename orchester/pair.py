@@ -228,7 +228,7 @@ class Pair(PairRequests):
         index = _int(body, "i")
         if index == 0:
             self.stream = None
-            self.incoming = IncomingSnapshot(now)
+            self.incoming = IncomingSnapshot(now, self.cfg.result_retention)
         if self.incoming is None or not self.incoming.add(index, records, now):
             if self.incoming is not None:
                 self.counters["ha_stream_gaps"] += 1
@@ -237,12 +237,12 @@ class Pair(PairRequests):
         if not body.get("last"):
             return
         q = _int(body, "q")
-        records, self.incoming = self.incoming.records, None
-        previous, self.fold = self.fold, RestoreFold(keep_finished=self.cfg.result_retention)
+        snap, self.incoming = self.incoming, None
+        previous, self.fold = self.fold, snap.fold  # folded chunk by chunk as they came
         self._ack_due = self._ack_sent = 0
         self._pending_acks.clear()
-        for n, data in enumerate(records, 1):
-            self._apply(msgpack.unpackb(data, raw=False, strict_map_key=False), q if n == len(records) else 0)
+        for n, record in enumerate(snap.records, 1):
+            self._journal(record, q if n == len(snap.records) else 0)
         self.stream = str(body["e"])
         self.applied = q
         self.counters["ha_snapshots_received"] += 1
@@ -272,6 +272,10 @@ class Pair(PairRequests):
     def _apply(self, record: list[Any], stream_seq: int) -> None:
         """Fold one record and journal it; ``stream_seq`` (0: none) is acknowledged once durable."""
         self.fold.add(record)
+        self._journal(record, stream_seq)
+
+    def _journal(self, record: list[Any], stream_seq: int) -> None:
+        """Journal one folded record; ``stream_seq`` (0: none) is acknowledged once durable."""
         self.counters["ha_records_applied"] += 1
         if self._append is None:
             self._ack_due = max(self._ack_due, stream_seq)
@@ -325,7 +329,8 @@ class Pair(PairRequests):
             self.outgoing = None
             self._ack_progress = time.monotonic()
             self.counters["ha_snapshots_sent"] += 1
-            log.info("sent a snapshot of %d records to the passive at record %d", len(out.records), out.q)
+            log.info("sent a snapshot of %d tasks (%d records) to the passive at record %d", len(out.items),
+                     out.records, out.q)
             self.flush()
 
     def _send(self, frames: list[bytes]) -> None:

@@ -31,6 +31,7 @@ from .tasks import Task
 if TYPE_CHECKING:
     from .core import Orchestrator
     from .fleet import SatelliteRecord
+    from .results import StoredResult
 
 log = logging.getLogger("orchester.journal")
 #: A snapshot barrier: records before it are superseded by the snapshot after it.
@@ -202,26 +203,48 @@ def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any,
     return fold.finish(core, now, sock, reclaim)
 
 
+#: What a snapshot needs of one task, taken at one instant (see :func:`capture`).
+Captured = tuple[Task, list[Any], int, "StoredResult | None"]
+
+
+def capture(core: Orchestrator) -> list[Captured]:
+    """The table as of now, cheaply: per task, the task, its payload frames, how many
+    transitions it had and its stored result.
+
+    Everything else :func:`task_records` reads later does not change: a task's header,
+    client and owner are fixed, its history only grows (the count cuts it back to now), a
+    payload or a result is replaced, never altered. A payload waiting on disk is read now
+    (its journal record may be compacted away once the task ends).
+    """
+    load, results = core.load_spilled, core.results
+    out: list[Captured] = []
+    for tid, t in core.tasks.items():
+        payload = load(t) if t.spilled is not None and load is not None else t.payload
+        out.append((t, payload, len(t.history), results.get(tid)))
+    return out
+
+
+def task_records(core: Orchestrator, item: Captured) -> list[list[Any]]:
+    """The records of one captured task: its submission, its transitions, its stored result.
+
+    Frames are memoryviews of the table's own frames, not copies: packing them copies once."""
+    t, payload, count, stored = item
+    rows = t.history.rows(count)
+    submitted = rows[0][0] if rows else core.wall()
+    out: list[list[Any]] = [["S", t.id, t.client, t.header, [memoryview(f) for f in payload], submitted, None,
+                             t.owner if isinstance(t.owner, str) else None]]
+    out.extend(["T", t.id, state, attempt, sat, reason, when] for when, state, attempt, sat, reason in rows[1:])
+    if stored is not None:
+        out.append(["R", t.id, [memoryview(f) for f in stored.frames[2:]], core.wall()])
+    return out
+
+
 def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
     """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
-    its transitions and its stored result (what a passive server needs to take over).
-
-    Frames are memoryviews of the table's own (immutable) frames, not copies: packing them
-    copies once, and a snapshot sent over several wake-ups holds no second table."""
+    its transitions and its stored result (what a passive server needs to take over)."""
     yield [BARRIER, "", core.wall()]
-    for tid, t in list(core.tasks.items()):
-        payload = t.payload
-        if t.spilled is not None and core.load_spilled is not None:
-            payload = core.load_spilled(t)
-        rows = t.history.rows()
-        submitted = rows[0][0] if rows else core.wall()
-        yield ["S", tid, t.client, t.header, [memoryview(f) for f in payload], submitted, None,
-               t.owner if isinstance(t.owner, str) else None]
-        for when, state, attempt, sat, reason in rows[1:]:
-            yield ["T", tid, state, attempt, sat, reason, when]
-        stored = core.results.get(tid)
-        if stored is not None:
-            yield ["R", tid, [memoryview(f) for f in stored.frames[2:]], core.wall()]
+    for item in capture(core):
+        yield from task_records(core, item)
 
 
 def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
@@ -142,12 +143,23 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
     assert len(b.pair.fold.tasks) == N
 
 
-def test_the_snapshot_holds_references_and_starts_with_a_barrier(servers: tuple[Server, Server]) -> None:
+def test_the_snapshot_describes_the_table_as_it_was_when_captured(servers: tuple[Server, Server]) -> None:
     a, _ = servers
     a.submit("one")
+    a.submit("two")
     out = resync.OutgoingSnapshot(a.core, 7)
-    assert out.records[0][0] == BARRIER and out.q == 7
-    payload = out.records[1][4]
+    assert out.q == 7 and not out.done
+    a.core.handle("c", [b"client", P.SIGNATURE, P.CANCEL, pack({"id": "two"})], time.monotonic())
+    assert a.core.tasks["two"].state.terminal  # changed after the capture ...
+    a.submit("three")  # ... and a task the capture does not know
+    records = out.chunk()
+    assert out.done
+    assert records[0][0] == BARRIER
+    assert [(r[0], r[1]) for r in records[1:]] == [("S", "one"), ("S", "two")]  # two as it was: pending
+    payload = records[1][4]
     assert all(isinstance(f, memoryview) for f in payload) and bytes(payload[0]) == b"x" * 100
-    messages = list(out.messages("epoch"))
-    assert out.done and len(messages) == 1 and messages[0][0] == b"SNAP"
+    fresh = resync.OutgoingSnapshot(a.core, 8)
+    messages = list(fresh.messages("epoch"))
+    assert fresh.done and len(messages) == 1 and messages[0][0] == b"SNAP"
+    kinds = [(r[0], r[1]) for r in (msgpack.unpackb(f, raw=False) for f in messages[0][2:])]
+    assert kinds == [(BARRIER, ""), ("S", "one"), ("S", "two"), ("T", "two"), ("R", "two"), ("S", "three")]

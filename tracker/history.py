@@ -48,13 +48,15 @@ class History:
     def __len__(self) -> int:
         return len(self._rows) // 2
 
-    def rows(self) -> list[tuple[float, int, int, str | None, str | None]]:
-        """Every transition as ``(time, state number, attempt, satellite, reason)`` (cheap: no maps)."""
+    def rows(self, count: int | None = None) -> list[tuple[float, int, int, str | None, str | None]]:
+        """The first ``count`` transitions (all by default) as ``(time, state number, attempt,
+        satellite, reason)`` (cheap: no maps)."""
         rows, reasons = self._rows, self._reasons or {}
         sats = [self._sats] if isinstance(self._sats, str) else (self._sats or [])
         nsats = len(sats)
         out = []
-        for i in range(len(rows) // 2):
+        n = len(rows) // 2
+        for i in range(n if count is None else min(count, n)):
             attempt, state = divmod(int(rows[2 * i + 1]), 16)
             out.append((rows[2 * i], state, attempt, sats[attempt - 1] if 0 < attempt <= nsats else None,
                         reasons.get(i)))
