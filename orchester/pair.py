@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("orchester.ha")
 
 STATE, REC, SYNC, SNAP, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK", b"ORPHANS"
+#: Seconds of peer messages handled per wake-up (a passive folding a large snapshot still beats).
+DRAIN_SLICE = 0.05
 
 
 def _pack(body: dict[str, Any]) -> bytes:
@@ -155,8 +157,11 @@ class Pair(PairRequests):
 
     # --------------------------------------------------------- peer link in
     def drain(self, now: float) -> list[Change]:
-        """Read everything the peer sent; return the state changes it caused."""
+        """Read what the peer sent, for at most :data:`DRAIN_SLICE` seconds (the rest waits for the
+        next wake-up, which comes at once: the heartbeats go out in between); return the state
+        changes it caused."""
         changes: list[Change] = []
+        start = time.perf_counter()
         for _ in range(10_000):
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
@@ -169,9 +174,11 @@ class Pair(PairRequests):
             except Exception as exc:  # the peer link never stops the loop: count, log, drop the message
                 self.counters["ha_bad_messages"] += 1
                 log.warning("bad message on the peer link: %s: %s", type(exc).__name__, exc)
-                continue
+                change = None
             if change is not None:
                 changes.append(change)
+            if time.perf_counter() - start > DRAIN_SLICE:
+                break
         return changes
 
     def _on_peer(self, frames: list[bytes], now: float) -> Change | None:
@@ -293,8 +300,8 @@ class Pair(PairRequests):
     # -------------------------------------------------------- peer link out
     def replicate(self, seq: int, record: list[Any]) -> None:
         """Stream one record (active side; sent on :meth:`flush`)."""
-        if not self.follower:
-            return
+        if not self.follower or seq <= self.snap_seq:
+            return  # a record the snapshot already covers
         if not self._batch:
             self._batch_first = seq
         self._batch.append(msgpack.packb(record, use_bin_type=True))
@@ -306,13 +313,14 @@ class Pair(PairRequests):
             self._sent_upto = self._batch_first + len(batch) - 1
             self._send([REC, _pack({"e": self.epoch, "q": self._batch_first}), *batch])
 
-    def _send_snapshot(self, seq: int | None = None) -> None:
+    def _send_snapshot(self) -> None:
         """Answer a SYNC: the whole task table as of the last record (sent over the next
         wake-ups by :meth:`_pump`), then the stream. A SYNC during a snapshot starts a new one."""
         self.outgoing = None
         self.flush()
-        q = self.last_seq() if seq is None else seq
-        self._batch = []  # what was not sent yet is in the snapshot
+        # the table already shows what the records of this wake-up say; they are numbered later,
+        # at the end of the wake-up: the snapshot covers them (and :meth:`replicate` skips them)
+        q = self.last_seq() + len(self.core.journal_out or ())
         self.outgoing = OutgoingSnapshot(self.core, q)
         self.follower, self.synced, self.snap_seq = True, False, q
         self._sent_upto = q
@@ -323,8 +331,15 @@ class Pair(PairRequests):
         out = self.outgoing
         if out is None:
             return
-        for message in out.messages(self.epoch):
-            self._send(message)
+        try:
+            for message in out.messages(self.epoch):
+                self._send(message)
+        except Exception:  # never stop the loop: the passive, left without the rest, asks again
+            log.exception("building the snapshot failed; the passive will ask for another one")
+            self.counters["ha_snapshot_errors"] += 1
+            self.outgoing, self._batch = None, []
+            self.follower = self.synced = False
+            return
         if out.done:
             self.outgoing = None
             self._ack_progress = time.monotonic()
@@ -373,8 +388,6 @@ class Pair(PairRequests):
                 self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": why, "e": self.epoch,
                                                                "t": self.core.wall()})])
             self._pump()
-        if star.state is not HAState.ACTIVE:
-            self.outgoing = None
 
     def apply(self, changes: list[Change], now: float) -> None:
         """Act on state changes: take over, report alarms, step down."""
@@ -409,6 +422,7 @@ class Pair(PairRequests):
     def _activate(self, before: HAState, now: float) -> None:
         """Install what the journal and the stream said, then serve."""
         core = self.core
+        self.incoming = None  # a snapshot cut short by the takeover is of no use any more
         fold, self.fold = self.fold, RestoreFold(keep_finished=core.cfg.result_retention)
         counts = fold.finish(core, now, self.router, reclaim=core.cfg.heartbeat_interval * core.cfg.liveness)
         if before is HAState.PASSIVE:

@@ -211,10 +211,12 @@ def capture(core: Orchestrator) -> list[Captured]:
     """The table as of now, cheaply: per task, the task, its payload frames, how many
     transitions it had and its stored result.
 
-    Everything else :func:`task_records` reads later does not change: a task's header,
-    client and owner are fixed, its history only grows (the count cuts it back to now), a
-    payload or a result is replaced, never altered. A payload waiting on disk is read now
-    (its journal record may be compacted away once the task ends).
+    What :func:`task_records` reads later does not change in a way that matters: a task's
+    header and owner are fixed (its client may be rebound by a FETCH: the snapshot then
+    carries the newer one), its history only grows (the count cuts it back to now), a payload
+    or a result is replaced, never altered. A payload waiting on disk is read now (its journal
+    record may be compacted away once the task ends): with much spilled, the capture costs
+    that much reading.
     """
     load, results = core.load_spilled, core.results
     out: list[Captured] = []

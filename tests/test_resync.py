@@ -15,6 +15,7 @@ import msgpack
 import pytest
 import zmq
 
+from orchester import pair as pair_module
 from orchester import resync
 from orchester.bstar import HAState
 from orchester.config import OrchestratorConfig
@@ -121,6 +122,7 @@ def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_i
 def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
         servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resync, "SLICE", 0.0)
+    monkeypatch.setattr(pair_module, "DRAIN_SLICE", 0.0)  # and the passive takes one message per wake-up
     a, b = servers
     for i in range(N):
         a.submit(f"t{i}")
@@ -141,6 +143,44 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
     assert a.core.counters["ha_snapshots_sent"] >= 2  # the broken one, then a whole one
     assert b.core.counters["ha_snapshots_received"] == 1
     assert len(b.pair.fold.tasks) == N
+
+
+def test_records_of_the_wake_up_that_brings_sync_are_covered_once(servers: tuple[Server, Server]) -> None:
+    a, b = servers
+    for i in range(N):
+        a.submit(f"t{i}")
+    cancelled: list[str] = []
+
+    def cancel_before_the_peer_link() -> None:
+        # the broker reads clients before the peer link: a cancel handled in the wake-up that
+        # drains SYNC changes the table before its record is numbered, at the end of the wake-up
+        if a.pair.state is HAState.ACTIVE and not a.pair.follower and len(cancelled) < N:
+            tid = f"t{len(cancelled)}"
+            a.core.handle("c", [b"client", P.SIGNATURE, P.CANCEL, pack({"id": tid})], time.monotonic())
+            cancelled.append(tid)
+
+    original = a.wake
+
+    def wake() -> None:
+        cancel_before_the_peer_link()
+        original()
+
+    a.wake = wake  # type: ignore[method-assign]
+    run_until(a, b, lambda: in_sync(a, b))
+    assert cancelled
+    for tid, history in b.pair.fold.history.items():
+        assert [r[1] for r in history.rows()] == [r[1] for r in a.core.tasks[tid].history.rows()], tid
+
+
+def test_a_takeover_in_the_middle_of_a_snapshot_drops_it(
+        servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(resync, "SLICE", 0.0)
+    a, b = servers
+    for i in range(N):
+        a.submit(f"t{i}")
+    run_until(a, b, lambda: b.pair.incoming is not None and b.pair.incoming.next >= 2)
+    assert b.pair.promote(True, time.monotonic())["changed"]
+    assert b.pair.incoming is None and b.pair.state is HAState.ACTIVE
 
 
 def test_the_snapshot_describes_the_table_as_it_was_when_captured(servers: tuple[Server, Server]) -> None:
