@@ -33,7 +33,7 @@ class Server:
 
     def __init__(self, ctx: zmq.Context[Any], primary: bool, mine: str, peer: str) -> None:
         cfg = OrchestratorConfig(ha="primary" if primary else "backup", state_bind=mine, peer=peer,
-                                 ha_heartbeat=0.2)
+                                 ha_heartbeat=0.5)
         self.core = Orchestrator(cfg, time.monotonic())
         self.core.journal_out = []
         self.seq = 0
@@ -175,6 +175,7 @@ def test_records_of_the_wake_up_that_brings_sync_are_covered_once(servers: tuple
 def test_a_takeover_in_the_middle_of_a_snapshot_drops_it(
         servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resync, "SLICE", 0.0)
+    monkeypatch.setattr(pair_module, "DRAIN_SLICE", 0.0)  # one message per wake-up: chunk 2 is seen
     a, b = servers
     for i in range(N):
         a.submit(f"t{i}")
