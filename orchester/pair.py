@@ -37,7 +37,7 @@ from .bstar import DUAL_ACTIVE, BinaryStar, Change, HAState
 from .config import OrchestratorConfig
 from .pairrequests import PairRequests
 from .restore import RestoreFold, take_over, unknown_to
-from .resync import IncomingSnapshot, OutgoingSnapshot
+from .resync import SNAP, IncomingSnapshot, OutgoingSnapshot
 from .security import PEER_DOMAIN, secure_client, secure_server
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orchester.ha")
 
-STATE, REC, SYNC, SNAP, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"SNAP", b"ACK", b"ORPHANS"
+STATE, REC, SYNC, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"ACK", b"ORPHANS"  # and SNAP (resync)
 #: Seconds of peer messages handled per wake-up (a passive folding a large snapshot still beats).
 DRAIN_SLICE = 0.05
 
@@ -316,10 +316,10 @@ class Pair(PairRequests):
     def _send_snapshot(self) -> None:
         """Answer a SYNC: the whole task table as of the last record (sent over the next
         wake-ups by :meth:`_pump`), then the stream. A SYNC during a snapshot starts a new one."""
-        self.outgoing = None
-        self.flush()
-        # the table already shows what the records of this wake-up say; they are numbered later,
-        # at the end of the wake-up: the snapshot covers them (and :meth:`replicate` skips them)
+        # the snapshot covers every record journaled so far (a batch not sent yet, or held by a
+        # snapshot this one replaces); and the table already shows what the records of this
+        # wake-up say, numbered at its end: it covers those too (:meth:`replicate` skips them)
+        self._batch = []
         q = self.last_seq() + len(self.core.journal_out or ())
         self.outgoing = OutgoingSnapshot(self.core, q)
         self.follower, self.synced, self.snap_seq = True, False, q

@@ -25,6 +25,8 @@ from .restore import BARRIER, RestoreFold, capture, gc_paused, task_records
 if TYPE_CHECKING:
     from .core import Orchestrator
 
+#: The peer-link message that carries a snapshot chunk (:mod:`orchester.pair` has the others).
+SNAP = b"SNAP"
 #: Records per snapshot message.
 SNAP_CHUNK = 500
 #: Seconds of snapshot sending per wake-up of the active's loop (at least one chunk is sent).
@@ -73,7 +75,7 @@ class OutgoingSnapshot:
             index = self.index
             records = [msgpack.packb(r, use_bin_type=True) for r in self.chunk()]
             head = msgpack.packb({"e": epoch, "q": self.q, "i": index, "last": self.done})
-            yield [b"SNAP", head, *records]
+            yield [SNAP, head, *records]
             if perf_counter() - start >= budget:
                 return
 

@@ -39,6 +39,11 @@ class Server:
         self.seq = 0
         self.pair = Pair(cfg, ctx, self.core, "router", time.monotonic(), None, lambda: self.seq)
 
+    def fill(self, n: int) -> None:
+        """Submit ``t0`` ... ``t{n-1}``."""
+        for i in range(n):
+            self.submit(f"t{i}")
+
     def submit(self, tid: str) -> None:
         self.core.handle("c", [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": tid, "k": "echo"}), b"x" * 100],
                          time.monotonic())
@@ -91,8 +96,7 @@ def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_i
         servers: tuple[Server, Server], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resync, "SLICE", 0.0)  # one chunk per wake-up
     a, b = servers
-    for i in range(N):
-        a.submit(f"t{i}")
+    a.fill(N)
     during: list[int] = []
 
     def submit_during_the_snapshot() -> None:
@@ -124,8 +128,7 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
     monkeypatch.setattr(resync, "SLICE", 0.0)
     monkeypatch.setattr(pair_module, "DRAIN_SLICE", 0.0)  # and the passive takes one message per wake-up
     a, b = servers
-    for i in range(N):
-        a.submit(f"t{i}")
+    a.fill(N)
     cut: list[int] = []
 
     def drop_the_third_chunk() -> None:
@@ -147,8 +150,7 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
 
 def test_records_of_the_wake_up_that_brings_sync_are_covered_once(servers: tuple[Server, Server]) -> None:
     a, b = servers
-    for i in range(N):
-        a.submit(f"t{i}")
+    a.fill(N)
     cancelled: list[str] = []
 
     def cancel_before_the_peer_link() -> None:
@@ -177,8 +179,7 @@ def test_a_takeover_in_the_middle_of_a_snapshot_drops_it(
     monkeypatch.setattr(resync, "SLICE", 0.0)
     monkeypatch.setattr(pair_module, "DRAIN_SLICE", 0.0)  # one message per wake-up: chunk 2 is seen
     a, b = servers
-    for i in range(N):
-        a.submit(f"t{i}")
+    a.fill(N)
     run_until(a, b, lambda: b.pair.incoming is not None and b.pair.incoming.next >= 2)
     assert b.pair.promote(True, time.monotonic())["changed"]
     assert b.pair.incoming is None and b.pair.state is HAState.ACTIVE
