@@ -50,10 +50,6 @@ STATE, REC, SYNC, ACK, ORPHANS = b"STATE", b"REC", b"SYNC", b"ACK", b"ORPHANS"  
 DRAIN_SLICE = 0.05
 
 
-def _pack(body: dict[str, Any]) -> bytes:
-    return msgpack.packb(body, use_bin_type=True)
-
-
 def _int(body: dict[str, Any], key: str) -> int:
     """An integer field of a peer message (ValueError otherwise: the message is dropped)."""
     value = body.get(key)
@@ -264,7 +260,7 @@ class Pair(PairRequests):
         if out:
             log.warning("handing %d record(s) of tasks the active does not know back to it", len(out))
             self.counters["ha_handed_back"] += len(out)
-            self._send([ORPHANS, _pack({"e": self.stream}), *out])
+            self._send([ORPHANS, pack({"e": self.stream}), *out])
 
     def _on_orphans(self, records: list[bytes], now: float) -> None:
         """Take the tasks a rejoining server accepted while it was alone (active side)."""
@@ -311,7 +307,7 @@ class Pair(PairRequests):
         if self._batch and self.outgoing is None:
             batch, self._batch = self._batch, []
             self._sent_upto = self._batch_first + len(batch) - 1
-            self._send([REC, _pack({"e": self.epoch, "q": self._batch_first}), *batch])
+            self._send([REC, pack({"e": self.epoch, "q": self._batch_first}), *batch])
 
     def _send_snapshot(self) -> None:
         """Answer a SYNC: the whole task table as of the last record (sent over the next
@@ -361,18 +357,18 @@ class Pair(PairRequests):
         star = self.star
         if now >= self._next_state:
             self._next_state = now + star.heartbeat
-            self._send([STATE, _pack({"s": int(star.state), "role": star.role, "e": self.epoch,
+            self._send([STATE, pack({"s": int(star.state), "role": star.role, "e": self.epoch,
                                       "q": self.last_seq(), "f": self.follower,
                                       **({"st": self.stream, "a": self._ack_sent} if self.stream else {})})])
         if star.state is HAState.PASSIVE:
             if self._ack_due > self._ack_sent and self.stream is not None:
                 self._ack_sent = self._ack_due
-                self._send([ACK, _pack({"e": self.stream, "q": self._ack_due})])
+                self._send([ACK, pack({"e": self.stream, "q": self._ack_due})])
             if self.incoming is not None and self.incoming.stalled(now, 4 * star.heartbeat):
                 self.incoming = None  # a snapshot that stalled: ask again
             if self.stream is None and self.incoming is None and now >= self._next_sync and star.peer_alive(now):
                 self._next_sync = now + 2 * star.heartbeat
-                self._send([SYNC, _pack({"e": self.epoch})])
+                self._send([SYNC, pack({"e": self.epoch})])
         elif star.state is HAState.ACTIVE and self.follower:
             why = None
             if not star.peer_alive(now):

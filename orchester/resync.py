@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from serializers.header import pack
+
 from .restore import BARRIER, RestoreFold, capture, gc_paused, task_records
 
 if TYPE_CHECKING:
@@ -74,7 +76,7 @@ class OutgoingSnapshot:
         while not self.done:
             index = self.index
             records = [msgpack.packb(r, use_bin_type=True) for r in self.chunk()]
-            head = msgpack.packb({"e": epoch, "q": self.q, "i": index, "last": self.done})
+            head = pack({"e": epoch, "q": self.q, "i": index, "last": self.done})
             yield [SNAP, head, *records]
             if perf_counter() - start >= budget:
                 return
