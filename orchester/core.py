@@ -133,7 +133,7 @@ class Orchestrator(Requests):
             except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as exc:
                 # a field of a shape no validation foresaw: refuse it rather than stop the loop
                 self.counters["handler_errors"] += 1
-                log.exception("a %s message from %r could not be handled", P.command_name(bytes(frames[2])), ident)
+                log.exception("a %s message from %r could not be handled", P.command_name(cmd), ident)
                 raise ProtocolError(P.E_MALFORMED, f"cannot handle this message: {type(exc).__name__}: {exc}") from None
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1

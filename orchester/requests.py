@@ -33,6 +33,11 @@ ROLE_OF: dict[bytes, str] = {
 }
 
 
+def _unknown(tid: Any) -> ProtocolError:
+    return ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
+                         "or its result has left the retention window)")
+
+
 class Requests(Lifecycle):
     """Status, show, fetch, cancel, control and history requests, and who may make them."""
 
@@ -77,8 +82,7 @@ class Requests(Lifecycle):
             return
         task = self.tasks.get(tid) if isinstance(tid, str) else None
         if task is None:
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
-                                "or its result has left the retention window)")
+            raise _unknown(tid)
         self._reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
 
     def _on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
@@ -98,8 +102,7 @@ class Requests(Lifecycle):
             task.client, task.csock = ident, sock
             self._reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
         else:
-            raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown (never submitted, "
-                                "or its result has left the retention window)")
+            raise _unknown(tid)
 
     def _on_cancel(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
