@@ -7,14 +7,22 @@ For each model ``<name>`` a fit writes ``<name>.csv`` (x, data, error and fitted
 dataset), ``<name>_params.csv``, ``<name>_fom.csv`` (figure of merit per generation),
 ``<name>.png`` (log reflectivity against Q with the fit, and the figure of merit per
 generation) and the fitted ``<name>.hgx``.
+
+The cache is private and every entry is authenticated (see :class:`FitCache`): an entry that
+another local user planted or altered is never served.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import json
+import logging
 import os
+import re
+import secrets
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,10 @@ import msgpack
 import numpy as np
 
 from serializers import codecs
+
+from .wal import DIR_MODE, JournalError, open_private, private_directory
+
+log = logging.getLogger("orchester.fits")
 
 
 @dataclass
@@ -55,36 +67,181 @@ def fit_key(model: bytes, settings: FitSettings, genx_version: str) -> str:
     return h.hexdigest()
 
 
+#: First bytes of an authenticated cache entry: ``MAGIC | HMAC-SHA256 (32 bytes) | msgpack entry``.
+ENTRY_MAGIC = b"OFC2"
+_MAC_SIZE = 32
+_MAC_DOMAIN = b"orchester fit cache entry v2\0"
+#: The per-user secret key of a cache folder, 32 random bytes, 0600.
+SECRET_NAME = "hmac.key"
+_KEY = re.compile(r"[0-9a-f]{16,128}")
+
+
 class FitCache:
-    """Finished fit results on disk, one file per key (written atomically)."""
+    """Finished fit results on disk, one file per key, private to this user and authenticated.
+
+    The folder is created 0700 (entries 0600, written to a temporary name and renamed). A
+    folder that another user owns or that group or others can write is not used at all: one
+    warning, then every lookup misses and nothing is stored. Each entry carries an HMAC-SHA256
+    of its key and content under a secret that is kept 0600 in the folder
+    (:data:`SECRET_NAME`), made at first use; an entry that fails the check (planted, altered,
+    truncated, or written by an older version) is moved aside as ``<key>.rejected`` and never
+    served.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.dir = Path(directory)
+        #: why the cache is not used (``None`` while it is)
+        self.disabled: str | None = None
+        self._secret: bytes | None = None
 
     def _path(self, key: str) -> Path:
+        if not _KEY.fullmatch(key):
+            raise ValueError(f"not a fit key: {key!r}")
         return self.dir / key[:2] / f"{key}.fit"
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The cached result of ``key``, or ``None`` (also for an unreadable entry)."""
+    def _ready(self, create: bool) -> bytes | None:
+        """The folder's secret once the folder is checked (created if ``create``); ``None``: no cache."""
+        if self._secret is not None or self.disabled is not None:
+            return self._secret
+        if not create and not self.dir.exists():
+            return None  # nothing cached yet; the folder is made (and checked) at the first store
         try:
-            raw = self._path(key).read_bytes()
-            entry = msgpack.unpackb(raw, raw=False)
+            try:  # seen before the folder is tightened: a secret others could read signs nothing any more
+                exposed = bool(os.lstat(self.dir / SECRET_NAME).st_mode & 0o077)
+            except OSError:
+                exposed = False
+            before, tightened = private_directory(self.dir, "fit cache")
+            if before & 0o077 or tightened:
+                log.warning("fit cache %s was readable by others (folder mode %04o, %d entries not private): "
+                            "made it 0700 and its files 0600", self.dir, before, tightened)
+            self._secret = self._load_secret(exposed)
+        except (JournalError, OSError) as exc:
+            self.disabled = str(exc) if isinstance(exc, JournalError) else f"fit cache {self.dir}: {exc}"
+            log.warning("%s; running without the fit cache", self.disabled)
+            return None
+        return self._secret
+
+    def _load_secret(self, exposed: bool = False) -> bytes:
+        """The folder's secret: read, made at first use, or replaced when it cannot be trusted."""
+        path = self.dir / SECRET_NAME
+        if exposed:
+            log.warning("fit cache %s: its key %s was readable by others: made a new one (every entry is dropped "
+                        "as it is next read)", self.dir, SECRET_NAME)
+            return self._new_secret(path, replace=True)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return self._new_secret(path, replace=False)
+        except OSError:  # a symlink, say: not ours to trust
+            return self._new_secret(path, replace=True)
+        try:
+            st = os.fstat(fd)
+            secret = os.read(fd, _MAC_SIZE + 1)
+        finally:
+            os.close(fd)
+        if (stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+                and len(secret) == _MAC_SIZE):
+            return secret
+        log.warning("fit cache %s: its key %s was not private or not whole: made a new one (every entry is "
+                    "dropped as it is next read)", self.dir, SECRET_NAME)
+        return self._new_secret(path, replace=True)
+
+    def _new_secret(self, path: Path, replace: bool) -> bytes:
+        secret = secrets.token_bytes(_MAC_SIZE)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = open_private(tmp, os.O_WRONLY | os.O_EXCL)
+        try:
+            os.write(fd, secret)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            if replace:
+                os.replace(tmp, path)
+                return secret
+            try:
+                os.link(tmp, path)  # never over a key another process made meanwhile
+                return secret
+            except FileExistsError:
+                return self._load_secret()
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _mac(secret: bytes, key: str, payload: bytes) -> bytes:
+        return hmac.new(secret, _MAC_DOMAIN + key.encode() + b"\0" + payload, hashlib.sha256).digest()
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The cached result of ``key``, or ``None`` (no entry, no usable cache, or an entry that fails its check)."""
+        path = self._path(key)
+        secret = self._ready(create=False)
+        if secret is None:
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._reject(path, f"cannot be read ({exc.strerror})")
+            return None
+        try:
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            self._reject(path, f"cannot be read ({exc.strerror})")
+            return None
+        head = len(ENTRY_MAGIC) + _MAC_SIZE
+        payload = raw[head:]
+        if len(raw) < head or raw[:len(ENTRY_MAGIC)] != ENTRY_MAGIC or \
+                not hmac.compare_digest(raw[len(ENTRY_MAGIC):head], self._mac(secret, key, payload)):
+            self._reject(path, "fails verification")
+            return None
+        try:  # authentic from here on: what fails now is a format this version cannot read
+            entry = msgpack.unpackb(payload, raw=False)
             value = codecs.decode("msgpack", entry["meta"], [entry["body"], *entry["buffers"]])
-        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException):
+        except Exception:
+            value = None
+        if not isinstance(value, dict):
+            self._reject(path, "cannot be decoded")
             return None
-        except Exception:  # a damaged entry is a miss, never a crash
-            return None
-        return value if isinstance(value, dict) else None
+        return value
+
+    def _reject(self, path: Path, why: str) -> None:
+        """Move a bad entry aside (``<key>.rejected``, replacing an older one), or remove it."""
+        aside = path.with_suffix(".rejected")
+        log.warning("fit cache entry %s %s: ignored, moved aside to %s", path, why, aside.name)
+        try:
+            os.replace(path, aside)
+        except OSError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def put(self, key: str, result: dict[str, Any]) -> None:
-        """Store ``result`` under ``key``."""
+        """Store ``result`` under ``key`` (a failure to store is logged, never raised: it is only a cache)."""
+        path = self._path(key)
+        secret = self._ready(create=True)
+        if secret is None:
+            return
         meta, frames = codecs.encode(result)
         entry = {"meta": meta, "body": bytes(frames[0]), "buffers": [bytes(b) for b in frames[1:]]}
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(msgpack.packb(entry, use_bin_type=True))
-        os.replace(tmp, path)
+        payload = msgpack.packb(entry, use_bin_type=True)
+        data = ENTRY_MAGIC + self._mac(secret, key, payload) + payload
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            try:
+                os.mkdir(path.parent, DIR_MODE)
+                os.chmod(path.parent, DIR_MODE)  # exactly 0700, whatever the umask
+            except FileExistsError:
+                pass
+            fd = open_private(tmp, os.O_WRONLY | os.O_EXCL)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("fit cache %s: cannot store %s: %s", self.dir, path.name, exc)
+            tmp.unlink(missing_ok=True)
 
 
 def default_cache_dir() -> Path:

@@ -18,6 +18,11 @@ Durability (``--durability``):
 ``off``
     records are written in the background and nothing waits for them (the history is kept; a
     crash can lose the last accepted tasks).
+
+The journal holds payloads and results in the clear: its folder is private to the user that
+runs the orchestrator (0700, every file 0600, a folder others can write refused; see
+:func:`orchester.wal.private_directory`). Spilled payloads are not copied anywhere: they are
+read back from the journal's own records (:func:`load_spilled`), so they are as private.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ chunk shapes (HDF5 does not compress variable-length arrays). The file is writte
 any moment leaves either the log or a complete HDF5 file (when both exist, the HDF5 file wins
 and the log is removed). HDF5 files are only ever read once closed; the live tail stays in the
 checksummed log, because an HDF5 file open for writing does not survive ``kill -9``.
+
+Like every file of the journal, an HDF5 segment is private (0600): its temporary file is
+created 0600 before PyTables opens it (HDF5 truncates it and keeps its mode), and set 0600
+again as soon as PyTables has it open, before any record is written.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import msgpack
 import numpy as np
 
 from .history import fields
-from .wal import ReadReport, read_segment
+from .wal import FILE_MODE, ReadReport, open_private, read_segment
 
 log = logging.getLogger("orchester.journal")
 #: HDF5 is not thread-safe: every PyTables call of this process goes through this lock.
@@ -65,7 +69,10 @@ def write_h5(out: Path, records: Iterator[list[Any]] | list[list[Any]]) -> int:
     tmp = out.with_name(out.name + ".tmp")
     filters = tb.Filters(complevel=5, complib="blosc2:lz4", shuffle=True)
     n = 0
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted rewrite
+    os.close(open_private(tmp, os.O_WRONLY | os.O_EXCL))  # 0600 before PyTables writes a byte into it
     with HDF5_LOCK, tb.open_file(str(tmp), "w") as h5:
+        os.chmod(tmp, FILE_MODE)  # should HDF5 have made the file anew: private before any record lands
         table = h5.create_table("/", "records", _description(), filters=filters, chunkshape=(4096,))
         bodies = h5.create_earray("/", "bodies", tb.UInt8Atom(), shape=(0,), filters=filters,
                                   chunkshape=(1 << 16,))

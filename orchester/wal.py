@@ -8,12 +8,20 @@ reported lost. A writer never appends to a damaged or older segment: it starts a
 
 Two processes cannot write one journal: the writer holds an exclusive ``flock`` on
 ``DIR/LOCK`` for its lifetime.
+
+The journal holds payloads and results in the clear, so it is private to the user that runs
+the orchestrator: :func:`private_directory` creates the folder 0700 (whatever the umask) and
+refuses one that another user owns or that group or others can write; every file in it (log
+segments, HDF5 segments and their temporary files, the lock) is created 0600 through
+:func:`open_private`. A folder left readable by an older version is tightened, with a warning.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import stat
 import struct
 import zlib
 from collections.abc import Iterator
@@ -26,10 +34,104 @@ import msgpack
 _HEAD = struct.Struct(">II")
 #: Largest record accepted (a task with its payload).
 MAX_RECORD = 1 << 30
+#: Mode of the journal folder (and of the fit cache's): the owner's alone.
+DIR_MODE = 0o700
+#: Mode of every file in it.
+FILE_MODE = 0o600
+log = logging.getLogger("orchester.journal")
 
 
 class JournalError(Exception):
     """A journal that cannot be used (locked by another process, unreadable folder)."""
+
+
+class UnsafeDirectoryError(JournalError):
+    """A folder that must be private is not: another user owns it, or others can write into it."""
+
+
+def _who(mode: int) -> str:
+    return " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
+
+
+def private_directory(directory: str | os.PathLike[str], what: str = "journal") -> tuple[int, int]:
+    """Create ``directory`` 0700, or check an existing one and make it private.
+
+    Refuses (:class:`UnsafeDirectoryError`) a folder that another uid owns, that group or
+    others can write, or that holds anything another uid owns (it could have been planted
+    while the folder was open). A folder that group or others can merely read or enter (as an
+    older version left it) is set to 0700, and every file below it to 0600, every folder to
+    0700. Returns the folder's mode before and the number of entries tightened; the caller
+    warns when either was loose. ``what`` names the folder in messages.
+    """
+    d = Path(directory)
+    created = False
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(d, DIR_MODE)
+        created = True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise JournalError(f"{what} {d}: cannot create it: {exc.strerror}") from None
+    try:
+        st = os.stat(d)
+    except OSError as exc:
+        raise JournalError(f"{what} {d}: {exc.strerror}") from None
+    uid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise JournalError(f"{what} {d} is not a directory")
+    if st.st_uid != uid:
+        raise UnsafeDirectoryError(f"{what} {d} is owned by uid {st.st_uid}, not by this user (uid {uid}): "
+                                   f"refusing it")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise UnsafeDirectoryError(f"{what} {d} is writable by {_who(mode)} (mode {mode:04o}): refusing it; "
+                                   f"check its files, then chmod 700 it")
+    tightened = 0
+    for root, dirs, files in os.walk(d):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            est = os.lstat(path)
+            if est.st_uid != uid:
+                raise UnsafeDirectoryError(f"{what} {d} holds {os.path.relpath(path, d)}, owned by uid "
+                                           f"{est.st_uid}, not by this user (uid {uid}): refusing it")
+            emode = stat.S_IMODE(est.st_mode)
+            if stat.S_ISDIR(est.st_mode):
+                if emode & 0o022:
+                    raise UnsafeDirectoryError(f"{what} {d} holds the folder {os.path.relpath(path, d)}, "
+                                               f"writable by {_who(emode)} (mode {emode:04o}): refusing it")
+                if emode != DIR_MODE:
+                    os.chmod(path, DIR_MODE)
+                    tightened += 1
+            elif stat.S_ISREG(est.st_mode) and emode & 0o077:
+                os.chmod(path, FILE_MODE)
+                tightened += 1
+    if created or mode != DIR_MODE:
+        os.chmod(d, DIR_MODE)  # exactly 0700, whatever the umask took away
+    return mode, tightened
+
+
+def open_private(path: str | os.PathLike[str], flags: int) -> int:
+    """``os.open`` a file 0600 whatever the umask (created so, or set so if it exists); never a symlink."""
+    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_lock(directory: str | os.PathLike[str]) -> int:
+    """Open (create 0600) the journal's ``LOCK`` file and return its descriptor, not yet locked.
+
+    The lock lives in the private folder: no other user can open it, so none can hold it.
+    """
+    path = Path(directory) / "LOCK"
+    try:
+        return open_private(path, os.O_RDWR)
+    except OSError as exc:
+        raise JournalError(f"journal {directory}: cannot open {path.name}: {exc.strerror}") from None
 
 
 @dataclass
@@ -105,9 +207,12 @@ class SegmentWriter:
 
     def __init__(self, directory: str | os.PathLike[str], segment_bytes: int = 64 << 20) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        before, tightened = private_directory(self.dir)
+        if before & 0o077 or tightened:
+            log.warning("journal %s was readable by others (folder mode %04o, %d entries not private): made it "
+                        "0700 and its files 0600", self.dir, before, tightened)
         self.segment_bytes = segment_bytes
-        self._lock_fd = os.open(self.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = open_lock(self.dir)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -124,7 +229,7 @@ class SegmentWriter:
             self._file.close()
         self._n += 1
         self.path = self.dir / f"wal-{self._n:06d}.log"
-        self._file = open(self.path, "ab", buffering=0)
+        self._file = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
         self._size = 0
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
