@@ -18,8 +18,8 @@ Use one instance from one event loop. Submitting returns an ``asyncio.Future``.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -36,7 +36,6 @@ from .keys import client_curve
 from .security import secure_client
 
 log = logging.getLogger("orchester.client")
-_counter = itertools.count()
 
 
 class AsyncClient:
@@ -64,7 +63,7 @@ class AsyncClient:
     def _connect(self) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
-        s.routing_id = f"a:{self.core.name}:{next(_counter)}".encode()
+        s.routing_id = f"a:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
         s.sndhwm = s.rcvhwm = 100_000
         if self.curve is not None:
             secure_client(s, *self.curve)

@@ -37,6 +37,7 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, load_spilled, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
+from .peers import Subscriptions
 from .security import CurveAuthenticator, KeyRing, load_keypair, secure_server, verified_user
 
 log = logging.getLogger("orchester")
@@ -80,19 +81,10 @@ class Broker:
             self.router = self._router(config.bind, "bind")
             self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
                 if config.satellite_bind else self.router
-            self.xpub = self.ctx.socket(zmq.XPUB)
-            self.xpub.linger = 0
-            if self.curve is not None:
-                secure_server(self.xpub, *self.curve)
-            self.xpub.sndhwm = config.hwm * 10
-            self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
-            for ep in config.pub:
-                self.xpub.bind(ep)
-                self.endpoints["pub"].append(self.xpub.last_endpoint.decode())
+            self.xpub = self._event_socket(config.pub)
         except Exception:
             self.close()
             raise
-        self.core.pub_endpoints = self.endpoints["pub"]
         self.journal: Journal | None = None
         self.history: HistoryReader | None = None
         self._spilling: dict[int, Any] = {}
@@ -114,6 +106,8 @@ class Broker:
             self._gated = (P.ACK, P.RESULT, P.DISPATCH)
         #: set when the process must end with this exit code (a backup stepping down from a dual active)
         self.exit_code = 0
+        #: key names removed by a reload, whose work and subscriptions the loop ends
+        self._revoked: set[str] = set()
         self.pair: Pair | None = None
         if config.ha:
             try:
@@ -155,6 +149,57 @@ class Broker:
                       "last before a crash) are lost", name, offset, lost)
             self.core.counters["journal_lost_bytes"] += lost
 
+    def _event_socket(self, endpoints: list[str]) -> zmq.Socket[Any]:
+        """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`)."""
+        xpub = self.ctx.socket(zmq.XPUB)
+        xpub.linger = 0
+        if self.curve is not None:
+            secure_server(xpub, *self.curve)
+        xpub.sndhwm = self.config.hwm * 10
+        xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # a subscription longer than a topic may be is refused by libzmq itself (the peer is dropped)
+        xpub.setsockopt(zmq.MAXMSGSIZE, self.config.max_topic + 1)
+        bound = []
+        try:
+            for ep in endpoints:
+                for attempt in range(50):  # re-binding the same port right after a close may need a moment
+                    try:
+                        xpub.bind(ep)
+                        break
+                    except zmq.ZMQError as exc:
+                        if exc.errno != zmq.EADDRINUSE or attempt == 49 or ep.endswith(":*"):
+                            raise
+                        time.sleep(0.02)
+                bound.append(xpub.last_endpoint.decode())
+        except Exception:
+            xpub.close(0)
+            raise
+        self.endpoints["pub"] = bound
+        self.core.pub_endpoints = bound
+        return xpub
+
+    def _revoke(self, names: set[str], poller: zmq.Poller) -> None:
+        """Revoked keys: their work ends in the core, and their event subscriptions with the XPUB
+        socket, which is bound again on the same endpoints (subscribers with a key still authorised
+        reconnect and subscribe again by themselves; a revoked key fails the handshake)."""
+        counts = self.core.revoke(names, time.monotonic())
+        log.warning("revoked %s: %d unfinished task(s) cancelled, %d satellite(s) dropped, %d connection(s) "
+                    "forgotten; event stream re-opened", sorted(names), counts["tasks"], counts["satellites"],
+                    counts["connections"])
+        poller.unregister(self.xpub)
+        endpoints = list(self.endpoints["pub"])
+        self.xpub.close(0)
+        for ep in endpoints:  # libzmq removes an ipc socket file after the close: wait, or it removes the new one
+            path = ep[len("ipc://"):] if ep.startswith("ipc://") else None
+            deadline = time.monotonic() + 2.0
+            while path and os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.core.subs = Subscriptions(self.core.subs.categories, self.config.max_subscriptions,
+                                       self.config.max_topic)
+        self.core._want = self.core.subs.want
+        self.xpub = self._event_socket(endpoints)
+        poller.register(self.xpub, zmq.POLLIN)
+
     def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
         s = self.ctx.socket(zmq.ROUTER)
         self._routers.append(s)
@@ -190,6 +235,7 @@ class Broker:
             return set(), set()
         added, removed = self.ring.reload()
         self.core.counters["key_reloads"] += 1
+        self._revoked |= removed  # applied by the loop at its next wake-up
         log.warning("authorised keys re-read: %d key(s); added %s, removed %s", len(self.ring),
                     sorted(added) or "none", sorted(removed) or "none")
         for err in self.ring.errors:
@@ -212,7 +258,7 @@ class Broker:
         pair = self.pair
         if pair is not None:
             poller.register(pair.sub, zmq.POLLIN)
-        batch, xpub = cfg.batch, self.xpub
+        batch = cfg.batch
         secure = self.curve is not None
         ring = self.ring
         monotonic = time.monotonic
@@ -237,7 +283,7 @@ class Broker:
                     if journal_full and sock in self._routers:
                         core.counters["journal_backpressure"] += 1
                         continue  # let ZeroMQ's high-water marks push back until the journal catches up
-                    if sock is xpub:
+                    if sock is self.xpub:
                         self._drain_subscriptions()
                         continue
                     if journal is not None and sock is journal.notify:
@@ -279,6 +325,9 @@ class Broker:
                         self._flush(now)
                         self._xpub_linger = 1000
                         break
+                if self._revoked:
+                    revoked, self._revoked = self._revoked, set()
+                    self._revoke(revoked, poller)
                 core.housekeeping(now)
                 self._flush(now)
                 if metrics_on and now >= next_report:
@@ -288,7 +337,8 @@ class Broker:
             self.close()
 
     def _drain_subscriptions(self) -> None:
-        while True:
+        """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop."""
+        for _ in range(self.config.batch * 4):
             try:
                 msg = self.xpub.recv(zmq.NOBLOCK)
             except zmq.Again:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
-import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -269,7 +269,7 @@ class Client:
     def _connect(self) -> zmq.Socket[Any]:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
-        s.routing_id = f"c:{self.core.name}:{next(_counter)}".encode()
+        s.routing_id = f"c:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
         s.sndhwm = s.rcvhwm = 100_000
         if self.curve is not None:
             secure_client(s, *self.curve)
@@ -423,7 +423,6 @@ class Client:
                 return
 
 
-_counter = itertools.count()
 
 
 def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:

@@ -9,6 +9,7 @@ through the :class:`Resolver` callbacks.
 from __future__ import annotations
 
 import itertools
+import secrets
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -70,8 +71,8 @@ class ClientCore:
 
     # ------------------------------------------------------------ requests
     def task_id(self) -> str:
-        """A new task id, unique across clients."""
-        return f"{self.name}-{next(self._ids)}"
+        """A new task id: 128 random bits, so nobody can guess (and squat) the next one."""
+        return secrets.token_hex(16)
 
     def submit(self, future: Any, kind: str, args: Sequence[Any], kwargs: dict[str, Any], *,
                priority: int = 0, tags: Sequence[str] = (), timeout: float | None = None,

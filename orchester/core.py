@@ -22,21 +22,37 @@ from collections.abc import Callable
 from typing import Any
 
 from serializers import protocol as P
-from serializers.header import ProtocolError, check_signature, error_frames, field, pack, unpack
+from serializers.header import (
+    MAX_SECONDS,
+    ProtocolError,
+    check_signature,
+    error_frames,
+    field,
+    names,
+    number,
+    pack,
+    text,
+    unpack,
+)
 from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerWheel
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
 from .lifecycle import T_DEADLINE, _len
 from .logutil import warn_limited
+from .peers import ConnectionKeys, RequestRate, Subscriptions
 from .requests import Requests
 from .results import ResultStore
 from .routing import make_strategy
-from .tasks import Task, TaskQueues
+from .tasks import SubmitHeader, Task, TaskQueues
 
 log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
+#: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
+#: Satellite ids one key keeps bound (each new satellite process may pick a new one).
+MAX_SIDS_PER_KEY = 4096
+RATED = frozenset({P.STATUS, P.HISTORY, P.FETCH, P.CANCEL, P.CONTROL})
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
 
@@ -52,6 +68,7 @@ class Orchestrator(Requests):
         #: Event endpoints, told to clients in status replies (set by the socket adapter).
         self.pub_endpoints: list[str] = []
         self.tasks: dict[str, Task] = {}
+        self.state_counts = [0] * len(TaskState)
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
@@ -93,8 +110,16 @@ class Orchestrator(Requests):
         self._hb_every = config.heartbeat_interval
         self._lost_after = config.heartbeat_interval * config.liveness
         self._next_hb = now + self._hb_every
-        self._subs: Counter[bytes] = Counter()
-        self._want: dict[bytes, bool] = dict.fromkeys((b"task:", b"progress:", b"sat:", b"control:"), False)
+        self.subs = Subscriptions((b"task:", b"progress:", b"sat:", b"control:"), config.max_subscriptions,
+                                  config.max_topic)
+        self._want = self.subs.want  #: per event category: whether anyone subscribed to it
+        #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
+        self.conns = ConnectionKeys(config.max_key_connections)
+        self.rate = RequestRate(config.request_rate)
+        #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
+        self.sat_keys: dict[str, str] = {}
+        #: satellite ids the journal knew at start (only those may claim a queued task after a restart)
+        self.journaled_sids: set[str] = set()
         self._handlers: dict[bytes, Callable[[Any, bytes, list[Any], float], None]] = {
             P.SUBMIT: self._on_submit, P.DONE: self._on_done, P.HEARTBEAT: self._on_heartbeat,
             P.STARTED: self._on_started, P.PROGRESS: self._on_progress, P.REGISTER: self._on_register,
@@ -123,6 +148,12 @@ class Orchestrator(Requests):
                 raise ProtocolError(P.E_TOO_LARGE, f"message exceeds {self.cfg.max_message} bytes")
             if self.identify is not None:
                 self._authorise(cmd, user)
+                if user is not None:
+                    self.conns.bind(ident, user, now)  # refuses another key on this identity
+            if cmd in RATED and not self.rate.take(user or ident, now):
+                self.counters["rate_limited"] += 1
+                raise ProtocolError(P.E_BUSY, f"too many requests: at most {self.cfg.request_rate:g} a second "
+                                    "(--request-rate); retry later")
             sat = self.fleet.by_ident.get(ident)
             if sat is not None:
                 sat.last_seen = now
@@ -156,15 +187,8 @@ class Orchestrator(Requests):
 
     # ----------------------------------------------------------------- clients
     def _on_submit(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
-        kind = field(hdr, "k", str)
-        priority = field(hdr, "p", int, 0)
-        tags = field(hdr, "tg", list, [])
-        timeout = field(hdr, "to", (int, float), None)
-        ttl = field(hdr, "ttl", (int, float), 0)
-        max_run = field(hdr, "mr", (int, float), 0)
-        duration = field(hdr, "dur", (int, float), 0)
+        sub = SubmitHeader.parse(unpack(bytes(frames[3])))  # every field checked before anything changes
+        tid, kind, timeout = sub.id, sub.kind, sub.timeout
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
         old = self.tasks.get(tid)
@@ -182,7 +206,8 @@ class Orchestrator(Requests):
         owner = self._user or ident
         unfinished, held = self.client_load.get(owner, (0, 0))
         payload = frames[4:]
-        size = _len(payload)
+        # what this task costs its client: payload, header and identity (a 64 KB header is not free)
+        size = _len(payload) + len(frames[3]) + len(ident) + len(tid)
         if unfinished >= self.cfg.max_client_tasks or held + size > self.cfg.max_client_bytes:
             raise ProtocolError(P.E_LIMIT, f"this client has {unfinished} unfinished tasks holding {held} bytes; "
                                 f"a task of {size} bytes more would pass --max-client-tasks "
@@ -190,24 +215,21 @@ class Orchestrator(Requests):
         if len(self.fleet) and not self.fleet.offers(kind):
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; "
                                 f"offered: {sorted(self.fleet.kinds())}")
-        if not all(isinstance(t, str) for t in tags):
-            raise ProtocolError(P.E_MALFORMED, "tags must be strings")
         self._seq += 1
-        task = Task(tid, kind, priority, frozenset(tags), ident, sock, frames[3], payload, now, self._seq, size)
-        task.ttl = float(ttl) if ttl == ttl and ttl > 0 else 0.0
-        task.max_run = float(max_run) if max_run == max_run and max_run > 0 else 0.0
-        task.duration = float(duration) if duration == duration and duration > 0 else 0.0
+        task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self._seq, size)
+        task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
         task.owner, task.counted = owner, True
+        wall = self.wall()
+        task.history.add(wall, TS.PENDING, 0)
         load = self.client_load.setdefault(owner, [0, 0])
         load[0] += 1
         load[1] += size
         self.tasks[tid] = task
+        self.state_counts[TS.PENDING] += 1
         self.queues.push(task)
         self.counters["submitted"] += 1
-        if timeout is not None and timeout > 0:
+        if timeout is not None:
             task.deadline = self.timers.schedule(now + timeout, tid, T_DEADLINE)
-        wall = self.wall()
-        task.history.add(wall, TS.PENDING, 0)
         self.queued_bytes += task.size
         if self.journal_out is not None:
             self.journal_out.append(["S", tid, ident, bytes(frames[3]), [memoryview(f) for f in payload],
@@ -242,25 +264,37 @@ class Orchestrator(Requests):
     # -------------------------------------------------------------- satellites
     def _on_register(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
-        sid = field(hdr, "sid", str)
-        slots = field(hdr, "slots", int)
-        kinds = field(hdr, "kinds", list)
-        tags = field(hdr, "tags", list, [])
+        sid = text(hdr, "sid", limit=128)
+        slots = number(hdr, "slots", 1, 2**31, integer=True)
+        kinds = names(hdr, "kinds", limit=4096)
+        tags = names(hdr, "tags", [])
         progress = field(hdr, "progress", dict, {})
-        if slots < 1 or not all(isinstance(k, str) for k in kinds + tags):
-            raise ProtocolError(P.E_MALFORMED, "REGISTER needs slots >= 1 and string kinds and tags")
-        if not all(isinstance(k, str) and isinstance(v, (int, float)) for k, v in progress.items()):
-            raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts")
+        if len(progress) > 4096 or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                           and not isinstance(v, bool) and 0 <= v <= MAX_SECONDS
+                                           for k, v in progress.items()):
+            raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts in seconds")
+        walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
+        pid = number(hdr, "pid", 0, 2**31, 0, integer=True)
+        workers = number(hdr, "workers", 0, 2**20, 0, integer=True)
+        if self.identify is not None:  # a satellite id belongs to the key that first registered it
+            owner = self.sat_keys.get(sid)
+            if owner is not None and owner != self._user:
+                self.counters["sid_refused"] += 1
+                raise ProtocolError(P.E_FORBIDDEN, f"satellite id {sid!r} belongs to another key")
+            if owner is None and self._user is not None:
+                self._bind_sid(sid, self._user)
+        if slots > self.cfg.max_slots:
+            log.warning("satellite %r announced %d slots: cut to %d (--max-slots)", sid[:128], slots,
+                        self.cfg.max_slots)
+            slots = self.cfg.max_slots
         old = self.fleet.by_id.get(sid)
         if old is not None:  # re-registration (reconnect): what the old session held is rerouted
             self._lose(old, now, "re-registered", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
-                              host=str(hdr.get("host", ""))[:256], pid=field(hdr, "pid", int, 0),
-                              workers=field(hdr, "workers", int, 0))
+                              host=str(hdr.get("host", ""))[:256], pid=pid, workers=workers)
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
         sat.user = self._user
-        walltime = hdr.get("walltime")
-        if isinstance(walltime, (int, float)) and walltime >= 0:
+        if walltime is not None:
             sat.deadline = now + float(walltime)
         versions = hdr.get("versions")
         if isinstance(versions, dict):
@@ -277,6 +311,17 @@ class Orchestrator(Requests):
         recent = hdr.get("recent")
         if isinstance(recent, list) and recent:
             self.adopt(sat, recent, now, finished=True)
+
+    def _bind_sid(self, sid: str, user: str) -> None:
+        """``sid`` belongs to ``user``'s key from now on (journaled, so a restart keeps it)."""
+        mine = [s for s, u in self.sat_keys.items() if u == user]
+        if len(mine) >= MAX_SIDS_PER_KEY:  # forget the oldest ids of this key that are not registered now
+            for old in mine[:len(mine) - MAX_SIDS_PER_KEY + 1]:
+                if old not in self.fleet.by_id:
+                    del self.sat_keys[old]
+        self.sat_keys[sid] = user
+        if self.journal_out is not None:
+            self.journal_out.append(["K", sid, user, self.wall()])
 
     def adopt(self, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
         """Take back tasks a re-registering satellite runs or just ran (:func:`orchester.restore.adopt`)."""
@@ -319,8 +364,7 @@ class Orchestrator(Requests):
         if etype == P.ERR_WORKER_DIED:  # it killed its worker: a crash, rerouted or quarantined
             self._stall(task, now, str(err.get("msg", "worker died")), abort=False)  # type: ignore[union-attr]
             return
-        self._release(task, now, abort=False)
-        self._failed_on(sat, now)
+        self._release(task, now, abort=False)  # a task's own exception is not its satellite's fault
         self.counters["failed"] += 1
         self._task_to(task, TE.fail, now, str(etype))
         self._complete(task, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]])
@@ -333,10 +377,13 @@ class Orchestrator(Requests):
         hdr = unpack(bytes(frames[3]))
         tid = field(hdr, "id", str)
         task = sat.inflight.get(tid)
-        if task is not None and task.attempt == hdr.get("a"):
-            if task.state is TS.DISPATCHED:
-                self._task_to(task, TE.start, now)
-            task.progress_at = now  # the stall timer looks at it when it fires: no re-arming
+        if task is None or task.attempt != hdr.get("a") or isinstance(hdr.get("a"), bool):
+            # only the satellite running the task, at the attempt it runs, may report its progress
+            self.counters["progress_refused"] += 1
+            return
+        if task.state is TS.DISPATCHED:
+            self._task_to(task, TE.start, now)
+        task.progress_at = now  # the stall timer looks at it when it fires: no re-arming
         if self._want[b"progress:"]:
             self.pub.append([b"progress:" + tid.encode(), bytes(frames[3])])
 
@@ -350,7 +397,9 @@ class Orchestrator(Requests):
     def _on_peer_error(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         self.counters["peer_errors"] += 1
-        log.warning("peer %r reported error %s: %s", ident, hdr.get("code"), hdr.get("msg"))
+        # rate-limited, and the peer's text quoted and cut: it can neither flood the log nor forge a line in it
+        warn_limited(log, "peer %r reported error %r: %r", ident[:64], str(hdr.get("code"))[:64],
+                     str(hdr.get("msg"))[:200])
 
     def _satellite(self, sock: Any, ident: bytes) -> SatelliteRecord | None:
         sat = self.fleet.by_ident.get(ident)
@@ -375,6 +424,7 @@ class Orchestrator(Requests):
                 old = self.tasks.get(tid)
                 if old is not None and old.state.terminal:
                     del self.tasks[tid]
+                    self.state_counts[old.state] -= 1
         if self.reclaim and now >= self.reclaim_until:
             for task in self.reclaim.values():  # nobody re-announced them: run them again
                 task.satellite = None
@@ -382,9 +432,15 @@ class Orchestrator(Requests):
                 self._arm(task, now)
             self.counters["reclaim_requeued"] += len(self.reclaim)
             self.reclaim.clear()
+        if self.identify is not None:
+            self.conns.sweep(now)
         if len(self.timers):
             for timer in self.timers.pop_expired(now):
-                self._on_timer(timer.key, timer.code, now)
+                try:
+                    self._on_timer(timer.key, timer.code, now)
+                except Exception:  # one bad timer (one bad task) never stops the loop, nor the others
+                    self.counters["timer_errors"] += 1
+                    log.exception("the timer of task %r (code %d) failed; it is skipped", timer.key, timer.code)
         self._watch_satellites(now)
         if now >= self._next_hb:
             self._next_hb = now + self._hb_every
@@ -413,6 +469,27 @@ class Orchestrator(Requests):
                 deadline = expiry
         return max(0.0, deadline - now)
 
+    def revoke(self, names: set[str], now: float) -> dict[str, int]:
+        """Keys ``names`` were revoked: end their work and forget their connections.
+
+        Their unfinished tasks are cancelled (error ``Revoked``), their satellites are lost (what
+        they ran goes to others), and nothing more is delivered to their connections.
+        """
+        counts = {"tasks": 0, "satellites": 0, "connections": 0}
+        if not names:
+            return counts
+        for task in [t for t in self.tasks.values() if t.owner in names and not t.state.terminal]:
+            self._fail(task, P.ERR_REVOKED, f"the key {task.owner!r} that submitted it was revoked", now,
+                       TE.cancel)
+            counts["tasks"] += 1
+        for sat in [s for s in self.fleet if s.user in names]:
+            self._lose(sat, now, "revoked (its key was removed)", crash=False)
+            counts["satellites"] += 1
+        for name in names:
+            counts["connections"] += self.conns.forget_key(name)
+        self.counters["revoked_tasks"] += counts["tasks"]
+        return counts
+
     # ---------------------------------------------------------------- replay
     def restore(self, records: list[list[Any]], now: float, sock: Any, reclaim: float | None = None) -> dict[str, int]:
         """Rebuild the task table from journal records, before serving (see :mod:`orchester.restore`).
@@ -427,16 +504,9 @@ class Orchestrator(Requests):
     # ---------------------------------------------------------------- events
     def subscription(self, msg: bytes) -> None:
         """Track an XPUB (un)subscription message so events are built only when wanted."""
-        if not msg:
-            return
-        topic = msg[1:]
-        if msg[0] == 1:
-            self._subs[topic] += 1
-        elif self._subs[topic] > 1:
-            self._subs[topic] -= 1
-        else:
-            self._subs.pop(topic, None)
-        for cat in self._want:
-            self._want[cat] = any(p.startswith(cat) or cat.startswith(p) for p in self._subs)
+        if not self.subs.update(msg):
+            self.counters["subscriptions_refused"] += 1
+            warn_limited(log, "refused an event subscription of %d bytes (at most %d topics of %d bytes)",
+                         len(msg) - 1, self.subs.max_topics, self.subs.max_topic)
 
     # ---------------------------------------------------------------- status

@@ -13,7 +13,7 @@ class SatelliteRecord:
     """One registered satellite: its routing identity, credit and in-flight tasks."""
 
     __slots__ = (
-        "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
+        "recover_at", "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
         "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
     )
@@ -39,7 +39,9 @@ class SatelliteRecord:
         self.last_dispatch = 0  #: dispatch sequence number of the last task sent here
         self.user: str | None = None  #: the name of the key it authenticated with (CurveZMQ)
         self.workers = workers
-        self.fail_streak = 0  #: consecutive tasks that failed or crashed here
+        self.fail_streak = 0  #: consecutive tasks that crashed here (worker died, stalled, never started)
+        #: drained for failing: when it gets a task again, on probation (inf: never, or drained by hand)
+        self.recover_at = float("inf")
         self.ok_streak = 0  #: consecutive tasks that succeeded here
         #: kinds that report progress, with their stall timeout (seconds)
         self.stall_timeouts: dict[str, float] = {}

@@ -64,11 +64,13 @@ class HistoryFold:
 
     def add(self, f: dict[str, Any]) -> None:
         """Apply one record's columns."""
+        code = f["code"]
+        if code not in ("S", "T", "R"):  # not about a task (e.g. a satellite's key, "K")
+            return
         tid = f["task_id"]
         row = self.rows.get(tid)
         if row is None:
             row = self.rows[tid] = Row(tid)
-        code = f["code"]
         if code == "S":
             row.kind, row.submitted = f["kind"], f["t"]
             row.owner = f["satellite"]

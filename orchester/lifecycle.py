@@ -32,6 +32,7 @@ from tracker import (
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
+from .peers import ConnectionKeys
 from .results import ResultStore
 from .tasks import QueueKey, Task, TaskQueues
 
@@ -71,6 +72,10 @@ class Lifecycle:
     load_spilled: Callable[[Task], list[Any]] | None
     #: records for the journal (``None``: no journal), handed to it by the socket adapter
     journal_out: list[list[Any]] | None
+    identify: Callable[[str | None], Any] | None
+    conns: ConnectionKeys
+    #: tasks in the table per state (indexed by :class:`~tracker.TaskState`): status costs nothing
+    state_counts: list[int]
 
     def _init_lifecycle(self, config: OrchestratorConfig) -> None:
         self.retry = RetryPolicy(config.retries, config.retry_backoff)
@@ -80,6 +85,8 @@ class Lifecycle:
     def _task_to(self, task: Task, event: TaskEvent, now: float, reason: str | None = None) -> None:
         """Fire ``event`` on ``task``: new state, its timer, history and event."""
         state = TASK_MACHINE.next(task.state, event)
+        self.state_counts[task.state] -= 1
+        self.state_counts[state] += 1
         task.state = state
         wall = self.wall()  # one reading for the history, the journal and the event
         task.history.add(wall, state, task.attempt, task.satellite, reason)
@@ -234,14 +241,20 @@ class Lifecycle:
         self._complete(task, result)
 
     def _failed_on(self, sat: SatelliteRecord, now: float) -> None:
-        """Count a failure against ``sat``: probation, then draining."""
+        """Count a crash against ``sat`` (its worker died, or a task stalled or never started there):
+        probation, then draining for ``probation_cooldown`` seconds, then probation again.
+
+        A task raising an exception is the task's fault, not the satellite's: it never counts here.
+        """
         sat.failed += 1
         sat.ok_streak = 0
         sat.fail_streak += 1
         if sat.state in (SS.IDLE, SS.BUSY) and self.probation.demote(sat.fail_streak):
             self._sat_to(sat, SE.demote, now, f"{sat.fail_streak} failed tasks in a row")
         elif sat.state is SS.PROBATION and self.probation.drain(sat.fail_streak):
-            self._sat_to(sat, SE.drain, now, f"{sat.fail_streak} failed tasks in a row")
+            sat.recover_at = now + self.cfg.probation_cooldown
+            self._sat_to(sat, SE.drain, now, f"{sat.fail_streak} failed tasks in a row; "
+                         f"on probation again in {self.cfg.probation_cooldown:g}s")
 
     def _fail(self, task: Task, etype: str, msg: str, now: float, event: TaskEvent = TE.fail,
               abort: bool = True) -> None:
@@ -307,11 +320,21 @@ class Lifecycle:
         self._send_result(task, result, _len(result), store=True)
 
     def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
-        self.out.append((task.csock, [task.client, *frames], task.id))
+        if self._deliverable(task):
+            self.out.append((task.csock, [task.client, *frames], task.id))
+        else:  # kept for fetch: only a connection of the owner's key gets it
+            self.counters["results_withheld"] += 1
         if store:
             self.results.put(task.id, frames, size)
         else:
             self.results.mark(task.id, False)
+
+    def _deliverable(self, task: Task) -> bool:
+        """Whether ``task``'s result may go to the connection recorded for it (CurveZMQ on: only to
+        a connection of its owner's key, and only while that key is authorised)."""
+        if self.identify is None or not isinstance(task.owner, str):
+            return True
+        return self.conns.owns(task.client, task.owner) and self.identify(task.owner) is not None
 
     def attempts(self, task: Task) -> list[dict[str, Any]]:
         """The task's transitions, oldest first, as msgpack-friendly maps."""
@@ -410,3 +433,7 @@ class Lifecycle:
                 self._lose(sat, now, "lost (heartbeat timeout)")
             elif quiet > silent_after and SATELLITE_MACHINE.allows(sat.state, SE.miss):
                 self._sat_to(sat, SE.miss, now, f"silent for {quiet:.1f}s")
+            elif sat.state is SS.DRAINING and now >= sat.recover_at:  # a drain for failing is not for good
+                sat.recover_at = float("inf")
+                sat.fail_streak = self.probation.demote_after
+                self._sat_to(sat, SE.recover, now, "cool-down over")

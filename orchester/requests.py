@@ -16,7 +16,6 @@ from serializers import protocol as P
 from serializers.header import ProtocolError, field, pack, unpack
 from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
-from .history import HistoryFold, select
 from .lifecycle import Lifecycle
 from .routing import make_strategy
 from .tasks import Task
@@ -25,6 +24,9 @@ log = logging.getLogger("orchester")
 
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
+#: Rows of an in-memory history reply when the request names no limit, and at most.
+HISTORY_PAGE = 1000
+HISTORY_MAX = 10_000
 #: The role an authenticated key needs for each command (CurveZMQ on); absent: any authorised key.
 ROLE_OF: dict[bytes, str] = {
     P.SUBMIT: "submit", P.FETCH: "submit", P.CANCEL: "submit", P.HISTORY: "submit", P.CONTROL: "admin",
@@ -44,7 +46,6 @@ class Requests(Lifecycle):
     epoch: str
     started: float
     pub_endpoints: list[str]
-    identify: Callable[[str | None], Any] | None
     ha_control: Callable[[dict[str, Any], float], dict[str, Any]] | None
     ha_status: Callable[[float], dict[str, Any]] | None
     history_reader: bool
@@ -150,6 +151,7 @@ class Requests(Lifecycle):
         sat = self.fleet.by_id.get(sid)
         if sat is None:
             raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.fleet.by_id)}")
+        sat.recover_at = float("inf")  # drained by hand: until an operator says otherwise
         if sat.state is not SS.DRAINING:
             if not SATELLITE_MACHINE.allows(sat.state, SE.drain):
                 raise ProtocolError(P.E_BAD_REQUEST, f"satellite {sid} is {sat.state.name.lower()}: it cannot drain")
@@ -172,17 +174,59 @@ class Requests(Lifecycle):
         if self.history_reader:  # the journal has everything: its reader answers
             self.queries.append((sock, ident, hdr.get("rid"), filters))
             return
-        fold = HistoryFold()
-        for task in self.tasks.values():
-            for entry in self.attempts(task):
-                fold.add({"code": "T", "task_id": task.id, "t": entry["t"], "kind": "",
-                          "state": int(TaskState[entry["state"].upper()]), "attempt": entry["attempt"],
-                          "satellite": entry["sat"] or "", "etype": ""})
-            row = fold.rows[task.id]
-            row.kind, row.submitted = task.kind, task.history.entries()[0]["t"]
-            row.owner = task.owner if isinstance(task.owner, str) else ""
-        rows = select(fold.rows, **filters)
+        rows = self._memory_history(**filters)
         self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
+
+    def _memory_history(self, state: str | None = None, kind: str | None = None, since: float | None = None,
+                        until: float | None = None, limit: int | None = None,
+                        ids: list[Any] | None = None) -> list[dict[str, Any]]:
+        """History rows from the task table, newest submissions first found, oldest first returned.
+
+        One request costs at most one pass over the table and builds at most ``limit`` rows
+        (:data:`HISTORY_PAGE` by default, :data:`HISTORY_MAX` at most).
+        """
+        limit = HISTORY_PAGE if limit is None or limit < 0 else min(limit, HISTORY_MAX)
+        if ids is not None:
+            if len(ids) > HISTORY_MAX:
+                raise ProtocolError(P.E_BAD_REQUEST, f"at most {HISTORY_MAX} ids per history request")
+            found = (self.tasks.get(i) if isinstance(i, str) else None for i in ids)
+            candidates: Any = sorted((t for t in found if t is not None), key=lambda t: t.seq, reverse=True)
+        else:
+            candidates = reversed(self.tasks.values())
+        out: list[dict[str, Any]] = []
+        for task in candidates:
+            if len(out) >= limit:
+                break
+            if (state is not None and task.state.name.lower() != state) or (kind is not None and task.kind != kind):
+                continue
+            rows = task.history.rows()
+            submitted = rows[0][0] if rows else 0.0
+            if (since is not None and submitted < since) or (until is not None and submitted >= until):
+                continue
+            out.append(self._history_row(task, rows))
+        out.sort(key=lambda r: r["submitted"])
+        return out
+
+    def _history_row(self, task: Task, rows: list[tuple[float, int, int, str | None, str | None]]) -> dict[str, Any]:
+        """One task as a history row (:data:`orchester.history.COLUMNS`), error type and message included."""
+        sat = next((r[3] for r in reversed(rows) if r[3]), "") or ""
+        error = ""
+        if task.state.terminal and task.state is not TS.DONE:
+            stored = self.results.get(task.id)
+            err = None
+            if stored is not None:
+                try:
+                    err = unpack(bytes(stored.frames[2])).get("err")
+                except ProtocolError:
+                    err = None
+            if isinstance(err, dict):
+                error = f"{err.get('type', '')}: {err.get('msg', '')}".strip(": ")
+            elif rows and rows[-1][4]:
+                error = str(rows[-1][4])
+        return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempts": task.attempt,
+                "satellite": sat, "submitted": rows[0][0] if rows else 0.0,
+                "finished": rows[-1][0] if rows and task.state.terminal else 0.0, "error": error,
+                "owner": task.owner if isinstance(task.owner, str) else ""}
 
     def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
         body["rid"] = rid
@@ -198,11 +242,11 @@ class Requests(Lifecycle):
 
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
-        states: Counter[str] = Counter(t.state.name.lower() for t in self.tasks.values())
+        states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state_counts) if n}
         sats = list(self.fleet)
         return {
             "epoch": self.epoch, "uptime": round(now - self.started, 3), "pub": self.pub_endpoints,
-            "strategy": self.strategy.name, "tasks": dict(states),
+            "strategy": self.strategy.name, "tasks": states,
             "queued": self.queues.depth(),
             "satellites": [s.describe(now) for s in sats],
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),

@@ -26,7 +26,7 @@ from tracker import TaskState as TS
 from tracker.history import History
 
 from .lifecycle import T_RESULT, _len
-from .tasks import Task
+from .tasks import SubmitHeader, Task
 
 if TYPE_CHECKING:
     from .core import Orchestrator
@@ -71,6 +71,8 @@ class RestoreFold:
         self.history: dict[str, History] = {}
         self.keep_finished = keep_finished
         self._finished: dict[str, None] = {}  #: finished task ids, oldest first
+        #: satellite id -> the key it belongs to ("K" records, CurveZMQ on)
+        self.sat_keys: dict[str, str] = {}
         self.bad = 0
         self.records = 0
 
@@ -80,6 +82,7 @@ class RestoreFold:
         self.results.clear()
         self.history.clear()
         self._finished.clear()
+        self.sat_keys.clear()
 
     def _ended(self, tid: str, entry: list[Any]) -> None:
         srec = entry[0]
@@ -107,7 +110,10 @@ class RestoreFold:
                 raise TypeError(f"task id {tid!r} is not a string")
             if code == "S":
                 if tid not in self.tasks:
-                    hdr = unpack(bytes(rec[3]))  # refuse a record whose header is unreadable, now
+                    # refuse, now, a record whose header is unreadable or that a live server would refuse
+                    hdr = SubmitHeader.parse(unpack(bytes(rec[3])))
+                    if hdr.id != tid:
+                        raise ValueError(f"submission record of {tid!r} carries the header of {hdr.id!r}")
                     if not isinstance(rec[4], list) or not all(isinstance(f, (bytes, memoryview)) for f in rec[4]):
                         raise TypeError("a task's payload must be a list of byte strings")
                     history = History()
@@ -127,6 +133,10 @@ class RestoreFold:
                                           rec[5] if isinstance(rec[5], str) else None)
                     if state.terminal:
                         self._ended(tid, entry)
+            elif code == "K":  # a satellite id and the key it belongs to
+                if not isinstance(rec[2], str):
+                    raise TypeError(f"the key of satellite {tid!r} is not a string")
+                self.sat_keys[tid] = rec[2]
             elif code == "R" and tid in self.tasks:
                 frames = rec[2]
                 if not isinstance(frames, list) or not frames or \
@@ -148,6 +158,9 @@ class RestoreFold:
         """
         with gc_paused():
             counts = self._install(core, now, sock, reclaim)
+        for sid, user in self.sat_keys.items():
+            core.sat_keys.setdefault(sid, user)
+        core.journaled_sids.update(self.sat_keys)
         core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
         core.counters["journal_restored"] += len(self.tasks)
         core.counters["journal_bad_records"] += self.bad
@@ -159,10 +172,9 @@ class RestoreFold:
             try:
                 core._seq += 1
                 payload = list(srec[4])
-                t = Task(tid, str(hdr.get("k")), int(hdr.get("p", 0) or 0), frozenset(hdr.get("tg") or []),
-                         bytes(srec[2]), sock, bytes(srec[3]), payload, now, core._seq, _len(payload))
-                t.ttl = float(hdr.get("ttl", 0) or 0)
-                t.max_run = float(hdr.get("mr", 0) or 0)
+                t = Task(tid, hdr.kind, hdr.priority, hdr.tags, bytes(srec[2]), sock, bytes(srec[3]), payload, now,
+                         core._seq, _len(payload))
+                t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
                 if len(srec) > 7 and isinstance(srec[7], str):
                     t.owner = srec[7]
                 t.history = self.history[tid]
@@ -173,6 +185,7 @@ class RestoreFold:
                 log.warning("skipped a task that cannot be restored: %s", exc)
                 continue
             core.tasks[tid] = t
+            core.state_counts[t.state if t.state.terminal else TS.PENDING] += 1
             if t.state.terminal:
                 frames = self.results.get(tid)  # validated when folded
                 if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
@@ -245,6 +258,9 @@ def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
     """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
     its transitions and its stored result (what a passive server needs to take over)."""
     yield [BARRIER, "", core.wall()]
+    wall = core.wall()
+    for sid, user in list(core.sat_keys.items()):
+        yield ["K", sid, user, wall]
     for item in capture(core):
         yield from task_records(core, item)
 
@@ -276,9 +292,11 @@ def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: flo
             ok = task.satellite == sat.sid and attempt == task.attempt
         else:
             task = core.tasks.get(tid)
+            # CurveZMQ on: only a satellite the journal knew (its id bound to its key) may claim
             ok = task is not None and task.state is TS.PENDING and now < core.reclaim_until \
-                and attempt == task.attempt + 1
-        if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds:
+                and attempt == task.attempt + 1 and (core.identify is None or sat.sid in core.journaled_sids)
+        if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds \
+                or not task.tags <= sat.tags:
             core.counters["adopt_refused"] += 1
             continue
         core.reclaim.pop(tid, None)

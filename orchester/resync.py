@@ -60,6 +60,9 @@ class OutgoingSnapshot:
     def chunk(self) -> list[list[Any]]:
         """The records of the next chunk: about :data:`SNAP_CHUNK`, whole tasks (the barrier first)."""
         out: list[list[Any]] = [self.barrier] if self.index == 0 else []
+        if self.index == 0:  # which key each satellite id belongs to
+            wall = self.barrier[2]
+            out.extend(["K", sid, user, wall] for sid, user in self.core.sat_keys.items())
         items, core = self.items, self.core
         while len(out) < SNAP_CHUNK and self.next < len(items):
             out.extend(task_records(core, items[self.next]))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import secrets
 import shutil
 import socket as _socket
 import tempfile
@@ -164,7 +165,7 @@ class Satellite:
             self.orch.close(0)
         s = ctx.socket(zmq.DEALER)
         s.linger = 0
-        s.routing_id = f"s:{self.sid}:{uuid.uuid4().hex[:8]}".encode()
+        s.routing_id = f"s:{self.sid}:{secrets.token_hex(16)}".encode()
         s.setsockopt(zmq.MAXMSGSIZE, self.max_message)
         s.sndhwm = s.rcvhwm = 10_000
         if self.curve is not None:

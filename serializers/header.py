@@ -8,6 +8,7 @@ Headers are the only frames the orchestrator decodes. Every check raises
 
 from __future__ import annotations
 
+import math
 from typing import Any, Final
 
 import msgpack
@@ -80,6 +81,62 @@ def field(header: dict[str, Any], key: str, kind: type | tuple[type, ...], defau
     value = header[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise ProtocolError(P.E_MALFORMED, f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+#: Longest duration a header may name, in seconds (ten years): timeouts, time-to-live, run times.
+MAX_SECONDS: Final = 10 * 366 * 86400.0
+#: Range of a task priority.
+MAX_PRIORITY: Final = 1_000_000
+#: Longest string a header field may hold where no tighter limit applies (ids, kinds, tags, names).
+MAX_NAME: Final = 256
+#: Longest list a header field may hold where no tighter limit applies (tags, kinds).
+MAX_ITEMS: Final = 256
+
+
+def number(header: dict[str, Any], key: str, lo: float, hi: float, default: Any = ...,
+           integer: bool = False) -> Any:
+    """Return the number ``header[key]``, checked to be finite and within ``[lo, hi]``.
+
+    ``integer``: only an ``int`` is accepted (never a ``bool``); otherwise an ``int`` or a ``float``.
+    Every number of a header goes through here before it changes any state (``1e308``, ``nan``,
+    ``inf`` or ``2**63`` in a time-to-live must be refused, not overflow a timer later).
+    """
+    value = field(header, key, int if integer else (int, float), default)
+    if value is default and key not in header:
+        return value
+    if isinstance(value, bool):
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must be a number, not a boolean")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must be finite, not {value!r}")
+    if not lo <= value <= hi:
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must be from {lo:g} to {hi:g}, not {value:g}")
+    return value
+
+
+def text(header: dict[str, Any], key: str, default: Any = ..., limit: int = MAX_NAME) -> Any:
+    """Return the string ``header[key]``, non-empty and at most ``limit`` characters."""
+    value = field(header, key, str, default)
+    if value is default and key not in header:
+        return value
+    if not value or len(value) > limit:
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must hold 1 to {limit} characters, "
+                            f"not {len(value)}")
+    return value
+
+
+def names(header: dict[str, Any], key: str, default: Any = ..., limit: int = MAX_ITEMS,
+          length: int = MAX_NAME) -> Any:
+    """Return ``header[key]`` as a list of at most ``limit`` strings of 1 to ``length`` characters."""
+    value = field(header, key, list, default)
+    if value is default and key not in header:
+        return value
+    if len(value) > limit:
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} lists {len(value)} items; at most {limit}")
+    for item in value:
+        if not isinstance(item, str) or not item or len(item) > length:
+            raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must list strings of 1 to {length} "
+                                "characters")
     return value
 
 

@@ -108,6 +108,7 @@ ERR_UNKNOWN_KIND: Final = "UnknownKind"
 ERR_QUARANTINED: Final = "Quarantined"  # stalled or killed its satellites too often
 ERR_EXPIRED: Final = "Expired"  # no satellite took it within its time-to-live
 ERR_MAX_RUN: Final = "MaxRunTime"  # ran longer than its maximum run time
+ERR_REVOKED: Final = "Revoked"  # the key that submitted it was revoked before it finished
 
 #: Default maximum message size accepted by the orchestrator (also ZMQ_MAXMSGSIZE).
 DEFAULT_MAX_MESSAGE: Final = 256 * 1024 * 1024

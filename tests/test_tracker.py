@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from test_core import Harness, dispatched_ids, of
+from test_core import C, Harness, dispatched_ids, of
 from transitions import Machine, MachineError
 
 from serializers import encode, pack, unpack
@@ -220,34 +220,63 @@ def test_silent_satellite_gets_no_work_until_heard() -> None:
 
 
 def test_probation_halves_credit_then_drains_then_promotes() -> None:
-    h = Harness(probation_after=2, drain_after=4)
+    died = {"ok": False, "etype": P.ERR_WORKER_DIED}  # a worker crash is the satellite's fault
+    h = Harness(probation_after=2, drain_after=4, retries=1, probation_cooldown=30.0, heartbeat_interval=100.0)
     sat = h.register("a", slots=4)
     h.tick()
     rec = h.core.fleet.by_id["a"]
     for i in range(2):
         h.submit(f"f{i}")
         h.tick()
-        h.done(sat, f"f{i}", ok=False)
+        h.done(sat, f"f{i}", **died)
     assert rec.state is SatelliteState.PROBATION and rec.credit == 2
     for i in range(4):
         h.submit(f"w{i}")
     assert len(dispatched_ids(h.tick())) == 2  # half credit
     for i in range(2):
-        h.done(sat, f"w{i}", ok=False)
+        h.done(sat, f"w{i}", **died)
     h.tick()
     assert rec.state is SatelliteState.DRAINING and rec.credit == 0
     assert not dispatched_ids(h.tick())
-    h2 = Harness(probation_after=1)
+    h.tick(29.0)
+    assert rec.state is SatelliteState.DRAINING
+    out = h.tick(1.5)  # the cool-down is over: on probation again, and it gets work
+    assert rec.state in (SatelliteState.PROBATION,) and rec.credit == 2
+    assert dispatched_ids(out) == ["w2", "w3"]
+    h2 = Harness(probation_after=1, retries=1)
     s2 = h2.register("b", slots=2)
     h2.submit("x")
     h2.tick()
-    h2.done(s2, "x", ok=False)
+    h2.done(s2, "x", **died)
     assert h2.core.fleet.by_id["b"].state is SatelliteState.PROBATION
     for i in range(3):
         h2.submit(f"ok{i}")
         h2.tick()
         h2.done(s2, f"ok{i}")
     assert h2.core.fleet.by_id["b"].state is SatelliteState.IDLE and h2.core.fleet.by_id["b"].credit == 2
+
+
+def test_task_exceptions_never_put_a_satellite_on_probation() -> None:
+    """A submit key sending tasks that raise cannot drain the fleet (issue 14, finding 8)."""
+    h = Harness(probation_after=2, drain_after=4)
+    sat = h.register("a", slots=4)
+    h.tick()
+    for i in range(20):
+        h.submit(f"fail{i}")
+        h.tick()
+        h.done(sat, f"fail{i}", ok=False, etype="RuntimeError")
+    rec = h.core.fleet.by_id["a"]
+    assert rec.state is SatelliteState.IDLE and rec.credit == 4
+    assert h.core.counters["failed"] == 20
+
+
+def test_an_operator_drain_is_for_good() -> None:
+    h = Harness(probation_cooldown=1.0, heartbeat_interval=10.0)
+    h.register("a")
+    h.tick()
+    h.send(C, b"ops", P.CONTROL, {"op": "drain", "sid": "a", "rid": 1})
+    h.tick(5.0)
+    assert h.core.fleet.by_id["a"].state is SatelliteState.DRAINING
 
 
 def test_satellite_events_are_published() -> None:

@@ -46,6 +46,7 @@ class SatelliteEvent(IntEnum):
     drain = 7  #: no new tasks (failing on probation, or asked to leave)
     promote = 8  #: on probation, it completed tasks again
     leave = 9  #: it said goodbye
+    recover = 10  #: drained for failing tasks, its cool-down is over: on probation again
 
 
 T = TaskState
@@ -74,6 +75,7 @@ SATELLITE_TRANSITIONS: list[tuple[SatelliteEvent, tuple[SatelliteState, ...], Sa
     (SatelliteEvent.drain, (S.IDLE, S.BUSY, S.PROBATION, S.SILENT), S.DRAINING),
     (SatelliteEvent.promote, (S.PROBATION,), S.IDLE),
     (SatelliteEvent.leave, (S.JOINING, S.IDLE, S.BUSY, S.SILENT, S.PROBATION, S.DRAINING), S.LEFT),
+    (SatelliteEvent.recover, (S.DRAINING,), S.PROBATION),
 ]
 
 E = TypeVar("E", bound=IntEnum)

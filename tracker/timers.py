@@ -17,6 +17,10 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+#: The last tick a timer can be in: a deadline beyond it (``1e308``, ``inf``, ``nan``) waits there,
+#: which is never in practice, instead of overflowing the rounding.
+NEVER_TICK = 2**62
+
 
 class Timer(Generic[K]):
     """A handle on one scheduled deadline; pass it to :meth:`TimerWheel.cancel`.
@@ -53,7 +57,9 @@ class TimerWheel(Generic[K]):
     def schedule(self, deadline: float, key: K, code: int = 0) -> Timer[K]:
         """Add a timer that fires for ``key`` (and ``code``) at ``deadline``."""
         t = Timer(deadline, key, code)
-        slot = math.ceil(deadline / self.tick) if deadline < math.inf else 2**62
+        scaled = deadline / self.tick
+        # clamped: a deadline past the last tick (or not a number at all) waits in the last tick
+        slot = math.ceil(scaled) if -NEVER_TICK < scaled < NEVER_TICK else NEVER_TICK
         bucket = self._buckets.get(slot)
         if bucket is None:
             self._buckets[slot] = [t]

@@ -1,0 +1,177 @@
+"""What the orchestrator knows of its peers, and what each may cost (pure policy, no socket, no clock).
+
+* :class:`ConnectionKeys` binds each routing identity to the key that first spoke on it
+  (CurveZMQ on), refuses another key on that identity, and caps the connections of one key.
+* :class:`RequestRate` is a token bucket per key (or per connection without keys) for requests
+  that walk tables: status, history, show, fetch, cancel, control.
+* :class:`Subscriptions` keeps the event subscriptions incrementally: which event categories
+  someone wants, in constant time per (un)subscription, with a cap on distinct topics.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Final
+
+from serializers import protocol as P
+from serializers.header import ProtocolError
+
+#: A routing identity not heard from for this long no longer counts against its key.
+IDLE_AFTER: Final = 600.0
+
+
+class ConnectionKeys:
+    """Routing identity → the key that owns it (CurveZMQ on).
+
+    An identity belongs to the first key heard on it. A message from another key on that
+    identity is refused and the identity is marked *contested*: nothing of its owner's is
+    delivered there until the owner speaks on it again. One key holds at most
+    ``max_per_key`` identities heard within :data:`IDLE_AFTER` seconds.
+    """
+
+    def __init__(self, max_per_key: int) -> None:
+        self.max_per_key = max_per_key
+        self._owner: dict[bytes, str] = {}
+        self._seen: dict[bytes, float] = {}
+        self._contested: set[bytes] = set()
+        self._per_key: Counter[str] = Counter()
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        """Number of identities bound."""
+        return len(self._owner)
+
+    def bind(self, ident: bytes, key: str, now: float) -> None:
+        """Record that ``key`` spoke on ``ident``; raise ``forbidden`` or ``limit`` if it may not."""
+        owner = self._owner.get(ident)
+        if owner is None:
+            if self._per_key[key] >= self.max_per_key:
+                self.sweep(now, force=True)
+                if self._per_key[key] >= self.max_per_key:
+                    raise ProtocolError(P.E_LIMIT, f"key {key!r} already holds {self.max_per_key} connections "
+                                        "(--max-key-connections)")
+            self._owner[ident] = key
+            self._per_key[key] += 1
+        elif owner != key:
+            self._contested.add(ident)
+            raise ProtocolError(P.E_FORBIDDEN, "this connection's identity belongs to another key")
+        else:
+            self._contested.discard(ident)
+        self._seen[ident] = now
+
+    def owns(self, ident: bytes, key: str) -> bool:
+        """Whether a message for ``key`` may be sent to ``ident`` (bound to it and not contested)."""
+        return self._owner.get(ident) == key and ident not in self._contested
+
+    def owner(self, ident: bytes) -> str | None:
+        """The key ``ident`` is bound to, if any."""
+        return self._owner.get(ident)
+
+    def forget_key(self, key: str) -> int:
+        """Drop every identity of ``key`` (its key was revoked); returns how many."""
+        gone = [i for i, k in self._owner.items() if k == key]
+        for ident in gone:
+            self._drop(ident)
+        return len(gone)
+
+    def sweep(self, now: float, force: bool = False) -> None:
+        """Forget identities idle for :data:`IDLE_AFTER` seconds (at most once a minute unless ``force``)."""
+        if not force and now < self._next_sweep:
+            return
+        self._next_sweep = now + 60.0
+        for ident in [i for i, t in self._seen.items() if now - t > IDLE_AFTER]:
+            self._drop(ident)
+
+    def _drop(self, ident: bytes) -> None:
+        key = self._owner.pop(ident)
+        self._seen.pop(ident, None)
+        self._contested.discard(ident)
+        self._per_key[key] -= 1
+        if self._per_key[key] <= 0:
+            del self._per_key[key]
+
+
+class RequestRate:
+    """A token bucket per caller: ``rate`` requests a second, bursts of ``max(rate, 1)``.
+
+    ``rate`` 0 means no limit. Buckets that are full again are forgotten, so the table holds
+    only callers that asked lately.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.burst = max(rate, 1.0)
+        self._buckets: dict[str | bytes, tuple[float, float]] = {}  #: caller -> (tokens, when)
+
+    def take(self, caller: str | bytes, now: float) -> bool:
+        """Spend one token of ``caller``; ``False`` when its bucket is empty."""
+        if self.rate <= 0:
+            return True
+        tokens, when = self._buckets.get(caller, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        if tokens < 1.0:
+            self._buckets[caller] = (tokens, now)
+            return False
+        self._buckets[caller] = (tokens - 1.0, now)
+        if len(self._buckets) > 4096:  # forget the callers whose bucket has refilled
+            full = [c for c, (t, w) in self._buckets.items() if t + (now - w) * self.rate >= self.burst]
+            for c in full:
+                del self._buckets[c]
+        return True
+
+
+class Subscriptions:
+    """Event subscriptions seen on the XPUB socket, kept so that events are built only when wanted.
+
+    Each (un)subscription costs constant time: a topic's categories are worked out when it
+    first appears and counted per category. At most ``max_topics`` distinct topics of at
+    most ``max_topic`` bytes are kept; further ones are refused (counted, and the events
+    they ask for are built only if another subscription wants them).
+    """
+
+    def __init__(self, categories: tuple[bytes, ...], max_topics: int, max_topic: int) -> None:
+        self.categories = categories
+        self.max_topics = max_topics
+        self.max_topic = max_topic
+        self.want: dict[bytes, bool] = dict.fromkeys(categories, False)
+        self._topics: dict[bytes, int] = {}  #: topic -> subscribers
+        self._per_category: Counter[bytes] = Counter()
+        self.refused = 0
+
+    def __len__(self) -> int:
+        """Number of distinct topics kept."""
+        return len(self._topics)
+
+    def _matches(self, topic: bytes) -> list[bytes]:
+        return [c for c in self.categories if topic.startswith(c) or c.startswith(topic)]
+
+    def update(self, msg: bytes) -> bool:
+        """Apply one XPUB message (``\\x01topic`` or ``\\x00topic``); ``False`` if it was refused."""
+        if not msg or msg[0] not in (0, 1):
+            return False
+        topic = msg[1:]
+        count = self._topics.get(topic)
+        if msg[0] == 1:
+            if count is not None:
+                self._topics[topic] = count + 1
+                return True
+            if len(topic) > self.max_topic or len(self._topics) >= self.max_topics:
+                self.refused += 1
+                return False
+            self._topics[topic] = 1
+            for cat in self._matches(topic):
+                self._per_category[cat] += 1
+                self.want[cat] = True
+            return True
+        if count is None:
+            return True
+        if count > 1:
+            self._topics[topic] = count - 1
+            return True
+        del self._topics[topic]
+        for cat in self._matches(topic):
+            self._per_category[cat] -= 1
+            if self._per_category[cat] <= 0:
+                del self._per_category[cat]
+                self.want[cat] = False
+        return True
