@@ -112,6 +112,9 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Heartbeats missed before a satellite is lost.")
 @click.option("--strategy", default="least_loaded", show_default=True,
               help="least_loaded, round_robin, tags, or module:Class.")
+@click.option("--allow-strategy", "strategies", multiple=True, metavar="MODULE:CLASS",
+              help="A strategy class a CONTROL request may switch to at run time (repeatable; the built-in "
+              "ones and --strategy always may).")
 @click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True,
               help="Largest message accepted, in bytes (also ZMQ_MAXMSGSIZE per frame).")
 @click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True,
@@ -172,7 +175,7 @@ def serve(**kw: Any) -> None:
     """Run an orchestrator until SIGTERM or Ctrl-C."""
     from .broker import Broker
 
-    for key in ("bind", "satellite_bind", "pub"):
+    for key in ("bind", "satellite_bind", "pub", "strategies"):
         kw[key] = list(kw[key])
     try:
         config = from_mapping(OrchestratorConfig, kw, "serve")

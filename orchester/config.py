@@ -35,8 +35,11 @@ class OrchestratorConfig:
     heartbeat_interval: float = 1.0
     #: A satellite silent for ``liveness × heartbeat_interval`` is lost and its tasks requeued.
     liveness: int = 3
-    #: Initial routing strategy (built-in name or ``module:Class``).
+    #: Initial routing strategy (built-in name or ``module:Class``); allowed for CONTROL switches too.
     strategy: str = "least_loaded"
+    #: Further ``module:Class`` strategies an admin's CONTROL request may switch to (the built-in
+    #: ones always may); anything else is refused before its module is imported.
+    strategies: list[str] = field(default_factory=list)
     #: Largest message accepted, in bytes (also set as ZMQ_MAXMSGSIZE on every socket).
     max_message: int = DEFAULT_MAX_MESSAGE
     #: Most tasks queued at once; further submits get a ``busy`` error.
@@ -112,6 +115,11 @@ class OrchestratorConfig:
                 if not is_loopback(e)]
 
     @property
+    def allowed_strategies(self) -> frozenset[str]:
+        """The ``module:Class`` strategies this orchestrator may load: its start strategy and ``strategies``."""
+        return frozenset([self.strategy, *self.strategies])
+
+    @property
     def secure(self) -> bool:
         """Whether CurveZMQ is on."""
         return bool(self.curve_secret and self.authorized_keys)
@@ -133,6 +141,14 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")
+        from .routing import is_strategy_spec
+
+        if not isinstance(self.strategies, (list, tuple)):
+            raise ConfigError(f"strategies must be a list of module:Class paths, not {self.strategies!r}")
+        for name in [self.strategy, *self.strategies]:
+            if not is_strategy_spec(name):
+                raise ConfigError(f"routing strategy {name!r} is neither built-in (least_loaded, round_robin, "
+                                  "tags) nor an import path like package.module:ClassName")
         if not isinstance(self.spill_bytes, int) or self.spill_bytes < 0:
             raise ConfigError(f"spill_bytes must be an integer >= 0, not {self.spill_bytes!r}")
         if self.spill_bytes and not self.journal:
