@@ -115,6 +115,8 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
 @click.option("--allow-strategy", "strategies", multiple=True, metavar="MODULE:CLASS",
               help="A strategy class a CONTROL request may switch to at run time (repeatable; the built-in "
               "ones and --strategy always may).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickle-coded tasks (they run code on the satellites, which need --allow-pickle too).")
 @click.option("--max-message", type=int, default=OrchestratorConfig.max_message, show_default=True,
               help="Largest message accepted, in bytes (also ZMQ_MAXMSGSIZE per frame).")
 @click.option("--max-queue", type=int, default=OrchestratorConfig.max_queue, show_default=True,

@@ -40,6 +40,9 @@ class OrchestratorConfig:
     #: Further ``module:Class`` strategies an admin's CONTROL request may switch to (the built-in
     #: ones always may); anything else is refused before its module is imported.
     strategies: list[str] = field(default_factory=list)
+    #: Accept SUBMITs whose payload is pickle-coded (``"c": "pickle"``) and tell satellites so in
+    #: each DISPATCH; satellites also need ``--allow-pickle``. Off: such submits get the ``codec`` error.
+    allow_pickle: bool = False
     #: Largest message accepted, in bytes (also set as ZMQ_MAXMSGSIZE on every socket).
     max_message: int = DEFAULT_MAX_MESSAGE
     #: Most tasks queued at once; further submits get a ``busy`` error.

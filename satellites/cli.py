@@ -50,7 +50,9 @@ def main(log_level: str) -> None:
 @click.option("--liveness", type=int, default=3, show_default=True)
 @click.option("--prefetch", type=int, default=1, show_default=True,
               help="Tasks accepted beyond the number of workers.")
-@click.option("--allow-pickle", is_flag=True, help="Accept the pickle codec (it runs code on load).")
+@click.option("--allow-pickle", is_flag=True,
+              help="Accept pickle-coded tasks (they run code on load) that the orchestrator accepted too "
+              "(orchester serve --allow-pickle).")
 @click.option("--curve-secret", envvar="ORCHESTER_CURVE_SECRET", default=None, type=click.Path(dir_okay=False),
               help="CurveZMQ: this satellite's secret key file (orchester keys generate NAME --role satellite).")
 @click.option("--server-key", envvar="ORCHESTER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),

@@ -49,7 +49,10 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers]``).
 
     Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
-    for a handler's failure: it becomes a structured error header.
+    for a handler's failure: it becomes a structured error header. The payload is decoded with
+    the codec its header names, pickle only with every party's consent
+    (:func:`serializers.codecs.check_run_codec`); otherwise the task fails with
+    :data:`~serializers.codecs.ERR_CODEC_REFUSED` before anything is decoded.
     """
     try:
         dispatch = unpack(bytes(frames[0]))
@@ -60,7 +63,10 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     try:
         hdr = unpack(frames[1])
         kind = registry.get(str(hdr.get("k")))
-        codec = hdr.get("c", codecs.DEFAULT_CODEC)
+        try:  # pickle only with the submitter's, the orchestrator's and this satellite's consent
+            codec = codecs.check_run_codec(hdr, dispatch)
+        except ProtocolError as exc:
+            return [error_header(tid, attempt, sid, etype=codecs.ERR_CODEC_REFUSED, msg=exc.detail)]
         call = codecs.decode(codec, hdr.get("arr"), frames[2:])
         if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], list)
                 and isinstance(call[1], dict)):

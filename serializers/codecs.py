@@ -9,6 +9,13 @@ its dtype and shape (``"arr"``). Receivers rebuild arrays with
 Built-in codecs: ``msgpack`` (default), ``json`` (for debugging) and
 ``pickle``, which executes code on load and is therefore refused unless the
 process opts in with :func:`allow_pickle` (or ``ORCHESTER_ALLOW_PICKLE=1``).
+
+A pickle-coded *task* runs code on the satellite that decodes it, and a submitter's own
+opt-in cannot be checked (it is whatever its header says), so a task is decoded as pickle
+only when every party that can refuse has agreed: the submitter named it (``"c": "pickle"``,
+never guessed from the bytes), the orchestrator accepts pickle tasks (:func:`check_submit_codec`
+at submit; :func:`dispatch_consent` in each DISPATCH) and the satellite allows pickle
+(:func:`check_run_codec`).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import base64
 import json
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgpack
@@ -146,6 +153,73 @@ def _require_pickle() -> None:
             "the pickle codec is disabled: it executes code on load "
             "(opt in with serializers.allow_pickle() or ORCHESTER_ALLOW_PICKLE=1)",
         )
+
+
+#: DISPATCH header field: ``True`` when the orchestrator accepts pickle-coded tasks (``serve --allow-pickle``).
+PICKLE_CONSENT = "pk"
+#: The error type (``err.type`` of a RESULT) of a task a satellite refuses to decode for lack of consent.
+ERR_CODEC_REFUSED = "CodecRefused"
+#: Longest codec name accepted in a header.
+MAX_CODEC_NAME = 64
+
+
+def header_codec(header: Mapping[str, Any]) -> str:
+    """The codec a task or result header names (``"c"``; the default when absent).
+
+    Raises :class:`ProtocolError` (``malformed``) when it is not a short string.
+    """
+    codec = header.get("c", DEFAULT_CODEC)
+    if not isinstance(codec, str) or not 0 < len(codec) <= MAX_CODEC_NAME:
+        raise ProtocolError(P.E_MALFORMED, f"field 'c' (codec) must be a name of at most {MAX_CODEC_NAME} "
+                            f"characters, not {str(codec)[:80]!r}")
+    return codec
+
+
+def check_submit_codec(header: Mapping[str, Any], *, allow_pickle: bool,
+                       roles: Collection[str] | None = None) -> str:
+    """The orchestrator's check of a SUBMIT header's codec, before any state changes; returns it.
+
+    A pickle-coded task runs code on whichever satellite decodes it, so the orchestrator (the
+    party that authenticates submitters) accepts one only when it was started with
+    ``--allow-pickle`` and, when ``roles`` is given (CurveZMQ: the submitting key's roles), the
+    key holds the ``pickle`` role. Raises :class:`ProtocolError`: ``codec`` when pickle is off,
+    ``forbidden`` when the key may not, ``malformed`` when ``c`` is not a codec name.
+    """
+    codec = header_codec(header)
+    if codec == PickleCodec.name:
+        if not allow_pickle:
+            raise ProtocolError(P.E_CODEC, "this orchestrator does not accept pickle-coded tasks: they run code "
+                                "on the satellites (start it with --allow-pickle to accept them)")
+        if roles is not None and "pickle" not in roles:
+            raise ProtocolError(P.E_FORBIDDEN, "this key may not submit pickle-coded tasks (it needs the "
+                                "'pickle' role)")
+    return codec
+
+
+def dispatch_consent(allow_pickle: bool) -> dict[str, bool]:
+    """The fields the orchestrator adds to every DISPATCH header: its consent to pickle tasks, if given."""
+    return {PICKLE_CONSENT: True} if allow_pickle else {}
+
+
+def check_run_codec(task_header: Mapping[str, Any], dispatch_header: Mapping[str, Any],
+                    allow_pickle: bool | None = None) -> str:
+    """The satellite's check before it decodes a dispatched task; returns the codec to decode with.
+
+    The codec is the one the task header names, never guessed from the payload. A pickle-coded
+    task is decoded only when the submitter named pickle, the orchestrator's DISPATCH header
+    carries its consent (:data:`PICKLE_CONSENT`) and this process allows pickle
+    (``allow_pickle``; default: :func:`pickle_allowed`). Raises :class:`ProtocolError`
+    (``codec``) naming the party that did not consent, or ``malformed`` for a bad ``c``.
+    """
+    codec = header_codec(task_header)
+    if codec == PickleCodec.name:
+        if dispatch_header.get(PICKLE_CONSENT) is not True:
+            raise ProtocolError(P.E_CODEC, "pickle-coded task refused: the orchestrator did not accept pickle "
+                                "for it (orchester serve --allow-pickle); pickle runs code on load")
+        if not (_pickle_allowed if allow_pickle is None else allow_pickle):
+            raise ProtocolError(P.E_CODEC, "pickle-coded task refused: this satellite does not accept pickle "
+                                "(satellite run --allow-pickle); pickle runs code on load")
+    return codec
 
 
 def register_codec(codec: Codec) -> None:

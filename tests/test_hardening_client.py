@@ -111,3 +111,91 @@ def test_the_config_allows_its_start_strategy_and_the_listed_ones() -> None:
         with pytest.raises(ConfigError):
             OrchestratorConfig(**bad).validate()  # type: ignore[arg-type]
 
+
+# ------------------------------------------------------------------ 17: pickle needs every party's consent
+
+def _hit() -> str:
+    """What a pickle payload calls on load (records the call)."""
+    HITS.append(1)
+    return "ran"
+
+
+HITS: list[int] = []
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_hit, ())
+
+
+@pytest.fixture
+def pickle_on() -> Iterator[None]:
+    """This process allows pickle (as a worker of ``satellite run --allow-pickle`` does)."""
+    from serializers import codecs
+
+    HITS.clear()
+    codecs.allow_pickle(True)
+    yield
+    codecs.allow_pickle(False)
+
+
+def _run(task_header: dict[str, Any], body: bytes, dispatch: dict[str, Any]) -> dict[str, Any]:
+    import satellites.builtins  # noqa: F401  (registers echo)
+    from satellites.worker import run_task
+    from serializers import pack, unpack
+
+    out = run_task([pack({"id": "t-1", "a": 1, **dispatch}), pack(task_header), body], "sat-1", lambda h: None)
+    return unpack(out[0])
+
+
+def test_the_orchestrator_accepts_pickle_submits_only_when_started_with_allow_pickle() -> None:
+    from serializers import ProtocolError, check_submit_codec, dispatch_consent
+    from serializers import protocol as P
+
+    assert check_submit_codec({"id": "x"}, allow_pickle=False) == "msgpack"
+    assert check_submit_codec({"c": "json"}, allow_pickle=False) == "json"
+    with pytest.raises(ProtocolError) as e:
+        check_submit_codec({"c": "pickle"}, allow_pickle=False)
+    assert e.value.code == P.E_CODEC and "--allow-pickle" in e.value.detail
+    assert check_submit_codec({"c": "pickle"}, allow_pickle=True) == "pickle"
+    with pytest.raises(ProtocolError) as e:  # CurveZMQ: the key needs the pickle role too
+        check_submit_codec({"c": "pickle"}, allow_pickle=True, roles={"submit"})
+    assert e.value.code == P.E_FORBIDDEN
+    assert check_submit_codec({"c": "pickle"}, allow_pickle=True, roles={"submit", "pickle"}) == "pickle"
+    for bad in (5, None, "", "x" * 65, ["pickle"]):
+        with pytest.raises(ProtocolError) as e:
+            check_submit_codec({"c": bad}, allow_pickle=True)
+        assert e.value.code == P.E_MALFORMED
+    assert dispatch_consent(False) == {} and dispatch_consent(True) == {"pk": True}
+
+
+def test_a_satellite_allowing_pickle_refuses_a_pickle_task_the_orchestrator_did_not_accept(pickle_on: None) -> None:
+    import pickle
+
+    from serializers import ERR_CODEC_REFUSED
+
+    body = pickle.dumps([[_Evil()], {}])
+    r = _run({"k": "echo", "c": "pickle"}, body, {})
+    assert r["ok"] is False and r["err"]["type"] == ERR_CODEC_REFUSED
+    assert "orchestrator did not accept pickle" in r["err"]["msg"] and HITS == []
+    r = _run({"k": "echo", "c": "pickle"}, body, {"pk": 1})  # consent is exactly True
+    assert r["err"]["type"] == ERR_CODEC_REFUSED and HITS == []
+    for codec in ("msgpack", "json"):  # never guessed from the bytes
+        r = _run({"k": "echo", "c": codec}, body, {"pk": True})
+        assert r["ok"] is False and HITS == []
+    r = _run({"k": "echo", "c": "pickle"}, body, {"pk": True})  # every party agreed: it runs
+    assert r["ok"] is True and HITS == [1]
+
+
+def test_a_satellite_without_allow_pickle_refuses_even_with_the_orchestrators_consent() -> None:
+    import pickle
+
+    from serializers import ERR_CODEC_REFUSED, check_run_codec, codecs
+
+    HITS.clear()
+    assert not codecs.pickle_allowed()
+    r = _run({"k": "echo", "c": "pickle"}, pickle.dumps([[_Evil()], {}]), {"pk": True})
+    assert r["err"]["type"] == ERR_CODEC_REFUSED and "satellite run --allow-pickle" in r["err"]["msg"]
+    assert HITS == []
+    assert check_run_codec({"c": "pickle"}, {"pk": True}, allow_pickle=True) == "pickle"
+    assert check_run_codec({}, {}) == "msgpack"

@@ -4,6 +4,8 @@ allows pickle still refuses a pickle task the orchestrator did not accept (17)."
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import subprocess
 import sys
 import time
@@ -12,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from orchester import Client
 from orchester.errors import RemoteError
+from serializers import ERR_CODEC_REFUSED, pack, unpack
 from serializers import protocol as P
 
 pytestmark = pytest.mark.integration
@@ -79,3 +83,95 @@ def test_a_control_strategy_naming_sys_exit_is_refused_and_the_server_keeps_serv
         st = c.status(timeout=10)
         assert st["strategy"] == "least_loaded"
         assert c.set_strategy("round_robin", timeout=10)["strategy"] == "round_robin"
+
+
+class Mkdir:
+    """A pickle payload argument that creates a directory when it is unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.makedirs, (self.path,))
+
+
+def test_a_pickle_submit_never_runs_without_the_orchestrators_consent(served: Any, tmp_path: Path) -> None:
+    """A submitter that never opted in (raw frames, pickle not allowed in its process) sends a pickle payload."""
+    _, endpoint, satellite = served
+    satellite("--allow-pickle")
+    marker = tmp_path / "ran"
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    try:
+        s.connect(endpoint)
+        deadline = time.monotonic() + 30
+        while True:  # until the satellite is there (a submit before it would be refused as unknown_kind)
+            s.send_multipart([P.SIGNATURE, P.STATUS, pack({"rid": 1})])
+            assert s.poll(10_000), "no status reply"
+            if unpack(s.recv_multipart()[2]).get("satellites"):
+                break
+            assert time.monotonic() < deadline, "the satellite did not register"
+            time.sleep(0.1)
+        s.send_multipart([P.SIGNATURE, P.SUBMIT, pack({"id": "evil-1", "k": "echo", "c": "pickle"}),
+                          pickle.dumps([[Mkdir(marker)], {}])])
+        answer = None
+        while answer is None:
+            assert s.poll(30_000), "no answer to the pickle submit"
+            frames = s.recv_multipart()
+            if frames[1] in (P.RESULT, P.ERROR):
+                answer = frames[1], unpack(frames[2])
+        cmd, hdr = answer
+        if cmd == P.ERROR:  # refused at submit by the orchestrator itself
+            assert hdr["code"] == P.E_CODEC and "--allow-pickle" in hdr["msg"]
+        else:  # or failed by the satellite, before anything was decoded
+            assert hdr["ok"] is False and hdr["err"]["type"] == ERR_CODEC_REFUSED, hdr
+            assert "orchestrator did not accept pickle" in hdr["err"]["msg"]
+        time.sleep(0.5)
+        assert not marker.exists(), "the pickle payload ran"
+    finally:
+        s.close(0)
+        ctx.term()
+
+
+def test_a_satellite_runs_pickle_only_when_the_dispatch_carries_the_orchestrators_consent(tmp_path: Path) -> None:
+    """The test is the orchestrator: a real ``satellite run --allow-pickle`` gets two pickle DISPATCHes."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    sat = subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", "WARNING", "run", "--allow-pickle",
+                            "--connect", f"tcp://127.0.0.1:{port}", "--workers", "1", "--heartbeat-interval", "1"],
+                           stdin=subprocess.DEVNULL)
+    try:
+        def next_message(want: bytes) -> tuple[bytes, dict[str, Any]]:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if router.poll(200):
+                    frames = router.recv_multipart()
+                    if frames[2] == want:
+                        return frames[0], unpack(frames[3])
+                elif ident:
+                    router.send_multipart([ident, P.SIGNATURE, P.HEARTBEAT, pack({})])
+            raise AssertionError(f"no {P.command_name(want)} from the satellite")
+
+        ident = b""
+        ident, _ = next_message(P.REGISTER)
+        router.send_multipart([ident, P.SIGNATURE, P.WELCOME, pack({"e": "test"})])
+        refused, allowed = tmp_path / "refused", tmp_path / "allowed"
+        for tid, dispatch, marker in (("t-1", {}, refused), ("t-2", {"pk": True}, allowed)):
+            router.send_multipart([ident, P.SIGNATURE, P.DISPATCH, pack({"id": tid, "a": 1, **dispatch}),
+                                   pack({"id": tid, "k": "echo", "c": "pickle"}),
+                                   pickle.dumps([[Mkdir(marker)], {}])])
+            _, done = next_message(P.DONE)
+            assert done["id"] == tid
+            if tid == "t-1":
+                assert done["ok"] is False and done["err"]["type"] == ERR_CODEC_REFUSED
+                assert "orchestrator did not accept pickle" in done["err"]["msg"]
+                assert not refused.exists()
+            else:
+                assert done["ok"] is True and allowed.is_dir()
+    finally:
+        _stop([sat])
+        router.close(0)
+        ctx.term()
