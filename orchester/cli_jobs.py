@@ -14,7 +14,8 @@ from .cli import EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, _ask, connect_opti
 @main.command()
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
-              help="Orchestrator endpoint; without it, a local cluster runs the fits.")
+              help="Orchestrator endpoint; without it, a local cluster runs the fits (on ipc:// sockets in "
+              "a folder only you can open).")
 @click.option("--local", "local", type=int, default=0,
               help="Satellites of the local cluster (default: one per core).")
 @click.option("--generations", type=int, default=100, show_default=True)

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import TaskFailed
@@ -27,7 +28,8 @@ def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds:
     t0 = time.monotonic()
     with console.status(f"starting an orchestrator and {satellites} satellites × {workers} workers"):
         cluster = LocalCluster(satellites=satellites, workers=workers).start()
-    console.print(f"local cluster up in {time.monotonic() - t0:.1f}s: orchestrator at {cluster.endpoint}")
+    console.print(f"local cluster up in {time.monotonic() - t0:.1f}s: orchestrator at {escape(cluster.endpoint)} "
+                  "(a private folder: no other user can connect)")
     failed = 0
     try:
         client = cluster.client()

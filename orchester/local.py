@@ -8,9 +8,11 @@ Example::
         with cluster.client() as client:
             print(client.submit("echo", 42).result(timeout=30))
 
-Every process binds or connects on loopback with ports chosen by the OS, and
-everything started is stopped on exit (SIGTERM, then SIGKILL after a grace
-period).
+By default the orchestrator binds ``ipc://`` sockets in a private folder (mode 0700, made
+by :func:`tempfile.mkdtemp`): no other user of the machine can connect to them, whereas any
+local user can reach a ``tcp://127.0.0.1`` port. Explicit ``bind``/``pub`` endpoints (tcp
+too) are still accepted by :meth:`LocalCluster.start_orchestrator`. Everything started is
+stopped on exit (SIGTERM, then SIGKILL after a grace period) and the folder removed.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .client import Client
@@ -34,8 +38,69 @@ class ClusterError(RuntimeError):
     """A process of the local cluster did not start."""
 
 
+#: The longest ``ipc://`` path the kernel accepts (``sun_path`` less its final NUL).
+IPC_PATH_MAX = 103 if sys.platform == "darwin" else 107
+#: Room kept for a socket's file name inside the private folder (``primary.state`` is 13).
+IPC_NAME_ROOM = 16
+
+
+def private_dir(prefix: str = "orchester-local-") -> str:
+    """A fresh folder only this user may enter (0700), short enough for ``ipc://`` paths.
+
+    Made by :func:`tempfile.mkdtemp` in the usual temporary folder (``$TMPDIR``, else
+    ``/tmp``); when that path would leave no room for a socket name below
+    :data:`IPC_PATH_MAX`, in ``/tmp`` instead. Its owner and mode are checked after creation.
+    """
+    for base in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        room = len(os.fsencode(os.path.join(base, prefix + "x" * 8, "x" * IPC_NAME_ROOM)))
+        if room <= IPC_PATH_MAX and os.path.isdir(base):
+            break
+    else:
+        raise ClusterError(f"no temporary folder short enough for ipc:// sockets (at most {IPC_PATH_MAX} "
+                           "bytes): set TMPDIR to a short path")
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    os.chmod(path, 0o700)  # mkdtemp makes it 0700 less the umask: make sure we can use it
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        shutil.rmtree(path, ignore_errors=True)
+        raise ClusterError(f"{path} is not private to this user")
+    return path
+
+
+def _stop(procs: Iterable[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM every process still running, wait up to ``grace`` seconds, then SIGKILL the rest."""
+    procs = list({id(p): p for p in procs}.values())
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def _cleanup(procs: list[subprocess.Popen[bytes]], directory: str, grace: float) -> None:
+    """Stop ``procs`` (emptied) and remove ``directory``; also run if a cluster is never closed."""
+    try:
+        _stop(procs, grace)
+    finally:
+        procs.clear()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 class LocalCluster:
-    """Start an orchestrator and ``satellites`` satellite processes with ``workers`` workers each."""
+    """Start an orchestrator and ``satellites`` satellite processes with ``workers`` workers each.
+
+    The processes talk over ``ipc://`` sockets in :attr:`dir`, a private folder (0700), so
+    that no other local user can submit tasks or pose as a satellite; :attr:`endpoint` and
+    :attr:`pub_endpoint` are set once the orchestrator runs.
+    """
 
     def __init__(self, satellites: int = 2, workers: int = 2, *, tasks: Sequence[str] = (),
                  tags: Sequence[str] = (), strategy: str = "least_loaded",
@@ -54,13 +119,27 @@ class LocalCluster:
         self.start_timeout = start_timeout
         self.log_level = log_level
         self.env = {**os.environ, **(env or {})}
-        self.dir = tempfile.mkdtemp(prefix="orchester-local-")
+        #: the private folder (0700) of the sockets and endpoint files, removed by :meth:`close`
+        self.dir = private_dir()
         self.orchestrator: subprocess.Popen[bytes] | None = None
         self.satellites: list[subprocess.Popen[bytes]] = []
         self.endpoint = ""
         self.pub_endpoint = ""
         self._clients: list[Client] = []
         self._started = False
+        #: every process ever started: stopped by close(), or at exit if close() is never called
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self.dir, 5.0)
+
+    def _private_endpoint(self, name: str) -> str:
+        """``ipc://`` endpoint ``name`` inside the private folder."""
+        return f"ipc://{self.dir}/{name}"
+
+    def _popen(self, cmd: list[str], env: dict[str, str], private: bool = False) -> subprocess.Popen[bytes]:
+        """Start a process of the cluster (``private``: files it creates are this user's only)."""
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, umask=0o077 if private else -1)
+        self._procs.append(p)
+        return p
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> LocalCluster:
@@ -79,16 +158,21 @@ class LocalCluster:
         return self
 
     def start_orchestrator(self, bind: str | None = None, pub: str | None = None) -> None:
-        """Start (or restart, on the same endpoints if given) the orchestrator process."""
+        """Start (or restart) the orchestrator process.
+
+        Without ``bind``/``pub`` it binds ``ipc://`` sockets in the private folder (the same
+        ones at every restart); given endpoints (``tcp://`` too) are bound as they are.
+        """
         efile = os.path.join(self.dir, "endpoints.json")
         if os.path.exists(efile):
             os.unlink(efile)
         cmd = [sys.executable, "-m", "orchester", "--log-level", self.log_level, "serve",
-               "--bind", bind or "tcp://127.0.0.1:*", "--pub", pub or "tcp://127.0.0.1:*",
+               "--bind", bind or self._private_endpoint("bus.sock"),
+               "--pub", pub or self._private_endpoint("events.sock"),
                "--endpoint-file", efile, "--strategy", self.strategy,
                "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
                *self.serve_args]
-        self.orchestrator = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        self.orchestrator = self._popen(cmd, self.env, private=True)
         deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(efile):
             if self.orchestrator.poll() is not None:
@@ -119,7 +203,7 @@ class LocalCluster:
         for m in self.tasks:
             cmd += ["--tasks", m]
         cmd += list(extra)
-        p = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL)
+        p = self._popen(cmd, {**self.env, **(env or {})})
         self.satellites.append(p)
         return p
 
@@ -155,24 +239,16 @@ class LocalCluster:
         return c
 
     def close(self, grace: float = 5.0) -> None:
-        """Stop every client and process started (SIGTERM, then SIGKILL) and remove temp files."""
-        for c in self._clients:
-            c.close()
-        self._clients.clear()
-        procs = [*self.satellites, *([self.orchestrator] if self.orchestrator else [])]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for p in procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-        self.satellites.clear()
-        self.orchestrator = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop every client and process started (SIGTERM, then SIGKILL) and remove the private folder."""
+        try:
+            for c in self._clients:
+                c.close()
+        finally:
+            self._clients.clear()
+            self._procs.extend([*self.satellites, *([self.orchestrator] if self.orchestrator else [])])
+            self.satellites.clear()
+            self.orchestrator = None
+            _cleanup(self._procs, self.dir, grace)
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -10,7 +10,8 @@ Example::
             pair.kill(pair.active_role())      # kill -9 of the active server
             print(fut.result(timeout=30))      # answered by the other one
 
-Both servers bind ``ipc://`` endpoints in a private folder, so a server killed and
+Both servers bind ``ipc://`` endpoints in a private folder (0700, like
+:class:`~orchester.LocalCluster`'s: no other local user can connect), so a server killed and
 started again comes back on the same endpoints (clients and satellites keep theirs). Each
 server has its own journal folder (``journals/primary``, ``journals/backup``).
 """
@@ -77,7 +78,7 @@ class LocalPair(LocalCluster):
                "--ha-heartbeat", str(self.ha_heartbeat), *self.serve_args, *extra]
         if self.journal:
             cmd += ["--journal", os.path.join(self.dir, "journals", role), "--durability", self.durability]
-        proc = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        proc = self._popen(cmd, self.env, private=True)
         self.servers[role] = proc
         deadline = time.monotonic() + self.start_timeout
         while not os.path.exists(efile):
