@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from typing import Any
 
 import click
@@ -237,6 +236,7 @@ def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_option
     """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused."""
     from .client import Client
     from .errors import RemoteError, Unreachable
+    from .render import clean_text
 
     with Client(list(connect), **client_options) as client:
         try:
@@ -245,7 +245,7 @@ def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_option
             click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
             sys.exit(EXIT_UNREACHABLE)
         except RemoteError as exc:
-            click.echo(f"error: {exc.message}", err=True)
+            click.echo(f"error: {clean_text(exc.message, 1000)}", err=True)
             sys.exit(EXIT_TASK_FAILED)
 
 
@@ -270,6 +270,7 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
     """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
     from .client import Client
     from .errors import RemoteError, TaskFailed, Unreachable
+    from .render import clean_block, clean_text
 
     with Client(list(connect)) as client:
         try:
@@ -295,37 +296,43 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
                 with stream:
                     _show_progress(fut, stream)
             value = fut.result()
-        except TaskFailed as exc:
-            click.echo(f"task failed: {exc.type}: {exc.message}", err=True)
+        except TaskFailed as exc:  # type, message and traceback come from the satellite: cleaned
+            click.echo(f"task failed: {clean_text(exc.type, 100)}: {clean_text(exc.message, 1000)}", err=True)
             if exc.remote_traceback:
-                click.echo(exc.remote_traceback, err=True)
+                click.echo(clean_block(exc.remote_traceback), err=True)
             sys.exit(EXIT_TASK_FAILED)
         except RemoteError as exc:
-            click.echo(f"refused: {exc}", err=True)
+            click.echo(f"refused: {clean_text(str(exc), 1000)}", err=True)
             sys.exit(EXIT_TASK_FAILED)
         click.echo(json.dumps(value, default=_jsonable))
 
 
 def _show_progress(fut: Any, stream: Any) -> None:
-    """A live bar on stderr from the task's events until its future is done."""
+    """A live bar on stderr from the task's events until its future is done.
+
+    Only the events of this task (the exact topic, not a prefix) are shown; every field is
+    checked and cleaned (:mod:`orchester.render`) before it reaches the bar.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from .render import event_fields, markup, progress_bar
+
+    mine = {f"progress:{fut.task_id}", f"task:{fut.task_id}"}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-        row = bar.add_task(fut.task_id, total=None, info="pending")
+        row = bar.add_task(markup(fut.task_id), total=None, info="pending")
         while not fut.done():
             ev = stream.recv(timeout=0.2)
-            if ev is None:
+            if ev is None or ev.topic not in mine:
                 continue
-            data = {k: v for k, v in ev.data.items() if k not in ("id", "a", "sat", "t")}
             if ev.category == "task":
-                bar.update(row, info=str(data.get("state")))
+                bar.update(row, info=markup(ev.data.get("state"), 40))
                 continue
-            done, total = data.get("done", data.get("step")), data.get("total", data.get("of"))
-            if isinstance(done, (int, float)) and isinstance(total, (int, float)) and total > 0:
+            done, total = progress_bar(ev.data)
+            if done is not None:
                 bar.update(row, completed=done, total=total)
-            bar.update(row, info=" ".join(f"{k}={v}" for k, v in data.items()))
+            bar.update(row, info=markup(event_fields(ev.data, ("id", "a", "sat", "t"), 40, 8), 160))
 
 
 def _jsonable(o: Any) -> Any:
@@ -397,18 +404,18 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], count: int,
           timeout: float, as_json: bool) -> None:
-    """Print the event stream."""
+    """Print the event stream (peers' text cleaned of control characters)."""
+    from .render import clean_text, clock, event_fields, json_safe
+
     stream = _ask(connect, timeout, lambda c: c.subscribe(topics, timeout=timeout), pub=pub)
     n = 0
     with stream:
         try:
             for ev in stream:
-                if as_json:
-                    click.echo(json.dumps({"topic": ev.topic, **ev.data}, default=_jsonable))
-                else:
-                    fields = " ".join(f"{k}={v}" for k, v in ev.data.items() if k != "t")
-                    click.echo(f"{time.strftime('%H:%M:%S', time.localtime(ev.data.get('t', 0)))} "
-                               f"{ev.topic} {fields}")
+                if as_json:  # json.dumps escapes control characters; NaN and infinities become null
+                    click.echo(json.dumps(json_safe({**ev.data, "topic": ev.topic}), default=_jsonable))
+                else:  # peers' text, cleaned of control characters (no escape sequence reaches the terminal)
+                    click.echo(f"{clock(ev.data.get('t'))} {clean_text(ev.topic)} {event_fields(ev.data)}")
                 n += 1
                 if count and n >= count:
                     break

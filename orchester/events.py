@@ -9,11 +9,16 @@ Events are two frames: a topic and a msgpack map. Topics:
 * ``ha:state``, ``ha:alarm``, ``ha:replication``: the binary-star pair (see ``docs/ha.rst``)
 
 Subscribe to a prefix (``"task:"``, or ``""`` for everything).
+
+Event fields come from peers (a satellite reports progress with whatever keywords its task
+passes): treat them as untrusted. :meth:`Event.number` and :meth:`Event.text` read a field
+checked (a finite number; text without control characters, bounded) instead of trusting it.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +39,18 @@ class Event:
     def category(self) -> str:
         """``task``, ``progress``, ``sat`` or ``control``."""
         return self.topic.split(":", 1)[0]
+
+    def number(self, key: str, default: float | None = None) -> float | None:
+        """Field ``key`` if it is a finite number (not a bool, not a string), else ``default``."""
+        from .render import finite
+
+        return finite(self.data.get(key), default)
+
+    def text(self, key: str, limit: int = 200) -> str:
+        """Field ``key`` as text safe to print: control characters replaced, at most ``limit`` characters."""
+        from .render import clean_text
+
+        return clean_text(self.data.get(key), limit)
 
 
 class EventStream:
@@ -59,17 +76,20 @@ class EventStream:
             self.sock.connect(ep)
 
     def recv(self, timeout: float | None = None) -> Event | None:
-        """The next event, or ``None`` after ``timeout`` seconds without one."""
-        if timeout is not None and not self.sock.poll(timeout * 1000):
-            return None
-        frames = self.sock.recv_multipart()
-        if len(frames) != 2:
-            return self.recv(timeout)
-        try:
-            data = unpack(frames[1])
-        except ProtocolError:
-            return self.recv(timeout)
-        return Event(frames[0].decode(errors="replace"), data)
+        """The next event, or ``None`` after ``timeout`` seconds without one (malformed messages are skipped)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if deadline is not None:
+                if not self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    return None
+            frames = self.sock.recv_multipart()
+            if len(frames) != 2:
+                continue
+            try:
+                data = unpack(frames[1])
+            except ProtocolError:
+                continue
+            return Event(frames[0].decode(errors="replace"), data)
 
     def __iter__(self) -> Iterator[Event]:
         while True:

@@ -1,72 +1,238 @@
-"""Terminal rendering of status replies (rich)."""
+"""Terminal rendering of status replies (rich), and the helpers that make peer-supplied values safe to print.
+
+Whatever a peer sends (a satellite's progress, task errors and ids, a forged event) is data,
+never terminal control or rich markup, and never a reason for a client to crash. Before a
+client prints a peer's value it passes it through :func:`clean_text` (control characters out,
+length bounded), :func:`markup` when the text goes inside rich markup, and :func:`finite`
+for numbers; :func:`cell` makes a table cell that rich never parses as markup.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
+
+#: Longest peer-supplied text printed in one place (a longer one is cut, "…" marks the cut).
+MAX_TEXT = 200
+#: Most fields of one event printed (the rest are counted, not shown).
+MAX_FIELDS = 16
+#: Characters never printed as they come: C0 (with ESC, tab and newline), DEL and C1 controls,
+#: zero-width and bidirectional formatting, line and paragraph separators, lone surrogates.
+UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ud800-\udfff]")
+#: What an unsafe character is shown as.
+REPLACEMENT = "\ufffd"
+
+
+def clean_text(value: Any, limit: int = MAX_TEXT) -> str:
+    """A peer-supplied value as text safe for a terminal.
+
+    Strings are taken as they are, numbers and booleans by ``str``, ``None`` as ``""``, anything
+    else by ``repr``; the text is cut to ``limit`` characters and every :data:`UNSAFE`
+    character (ESC included: no escape sequence survives) becomes :data:`REPLACEMENT`.
+    """
+    if isinstance(value, str):
+        text = value
+    elif value is None:
+        text = ""
+    elif isinstance(value, (bool, int, float)):
+        text = str(value) if not isinstance(value, int) or abs(value) < 1 << 64 else f"{value:.3e}"
+    else:
+        text = repr(value)
+    limit = max(1, limit)
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    return UNSAFE.sub(REPLACEMENT, text)
+
+
+def clean_block(value: Any, limit: int = 500, max_lines: int = 200) -> str:
+    """Peer-supplied multi-line text (a remote traceback): each line cleaned and cut, at most ``max_lines``."""
+    lines = (value if isinstance(value, str) else clean_text(value, limit * max_lines)).splitlines()
+    out = [clean_text(line, limit) for line in lines[:max_lines]]
+    if len(lines) > max_lines:
+        out.append(f"… {len(lines) - max_lines} more line(s)")
+    return "\n".join(out)
+
+
+def markup(value: Any, limit: int = MAX_TEXT) -> str:
+    """:func:`clean_text`, with rich markup escaped: for peer text placed inside a markup string."""
+    return escape(clean_text(value, limit))
+
+
+def cell(value: Any, limit: int = MAX_TEXT) -> Text:
+    """A rich table cell of a peer-supplied value: cleaned, and never parsed as markup."""
+    return Text(clean_text(value, limit))
+
+
+def finite(value: Any, default: float | None = None, lo: float = -math.inf, hi: float = math.inf) -> float | None:
+    """``value`` as a float if it is a real, finite number within ``[lo, hi]``; otherwise ``default``.
+
+    Booleans, strings, containers, NaN, infinities and integers too large for a float are
+    not numbers here.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    try:
+        number = float(value)
+    except OverflowError:
+        return default
+    return number if math.isfinite(number) and lo <= number <= hi else default
+
+
+def fmt(value: Any, spec: str = ".1f", missing: str = "") -> str:
+    """A peer-supplied number formatted with ``spec``, or ``missing`` when it is not a finite number."""
+    number = finite(value)
+    return missing if number is None else format(number, spec)
+
+
+def clock(value: Any, pattern: str = "%H:%M:%S") -> str:
+    """A peer-supplied UNIX time as local time, or ``--:--:--`` when it is not a plausible time."""
+    t = finite(value, None, 0.0, 1e11)
+    if t is None:
+        return "--:--:--"
+    try:
+        return time.strftime(pattern, time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return "--:--:--"
+
+
+def event_fields(data: Mapping[str, Any], skip: Iterable[str] = ("t",), limit: int = 80,
+                 max_fields: int = MAX_FIELDS) -> str:
+    """An event's fields as ``key=value`` pairs for a terminal: keys and values cleaned, at most ``max_fields``."""
+    skipped = set(skip)
+    items = [(k, v) for k, v in data.items() if k not in skipped]
+    text = " ".join(f"{clean_text(k, 40)}={clean_text(v, limit)}" for k, v in items[:max_fields])
+    if len(items) > max_fields:
+        text += f" (+{len(items) - max_fields} more)"
+    return text
+
+
+def progress_bar(data: Mapping[str, Any]) -> tuple[float | None, float | None]:
+    """``(done, total)`` of a progress event (``done``/``step`` of ``total``/``of``), each ``None``
+    unless both are finite numbers with ``0 <= done <= total`` and ``total > 0``."""
+    done = finite(data.get("done", data.get("step")), None, 0.0)
+    total = finite(data.get("total", data.get("of")), None, 0.0)
+    if done is None or total is None or total <= 0 or done > total:
+        return None, None
+    return done, total
+
+
+def fit_progress(data: Mapping[str, Any], generations: int) -> tuple[str, float, str] | None:
+    """A ``genx.fit`` progress event as ``(task id, generation, info)`` for ``orchester fit``'s bars.
+
+    ``None`` when the task id is not a string of sensible length; the generation is clamped
+    to ``[0, generations]``, the info is markup-safe text (``fom ... ev/s``).
+    """
+    tid = data.get("id")
+    if not isinstance(tid, str) or not 0 < len(tid) <= 256:
+        return None
+    generation = finite(data.get("generation"), 0.0, 0.0) or 0.0
+    return tid, min(generation, float(generations)), markup(
+        f"fom {fmt(data.get('fom'), '.4g', '?')}  {fmt(data.get('evals_per_s'), '.0f', '?')} ev/s", 60)
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """``value`` with every non-finite float replaced by ``None``, so ``json.dumps`` writes valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth > 64:
+        return None
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else clean_text(k, 100): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v, depth + 1) for v in value]
+    return value
+
+
+def _items(value: Any, limit: int = 10_000) -> list[tuple[Any, Any]]:
+    """The items of a mapping a peer sent (sorted by cleaned key), or none if it is not one."""
+    if not isinstance(value, Mapping):
+        return []
+    return sorted(value.items(), key=lambda kv: clean_text(kv[0]))[:limit]
+
+
+def _rows(value: Any, limit: int = 100_000) -> list[Mapping[str, Any]]:
+    """The maps of a list a peer sent (anything else in it is skipped)."""
+    return [r for r in value[:limit] if isinstance(r, Mapping)] if isinstance(value, list) else []
+
+
+def _count(value: Any) -> str:
+    return fmt(value, ".0f", "?")
 
 
 def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     """Print a status reply as tables: tasks per state, queues, satellites."""
     console = console or Console()
-    console.print(f"[bold]orchestrator[/] {st.get('epoch')}  uptime {st.get('uptime', 0):.0f}s  "
-                  f"strategy [cyan]{st.get('strategy')}[/]  results kept {st.get('results_retained', 0)}")
+    console.print(f"[bold]orchestrator[/] {markup(st.get('epoch'))}  uptime {fmt(st.get('uptime'), '.0f', '?')}s  "
+                  f"strategy [cyan]{markup(st.get('strategy'))}[/]  "
+                  f"results kept {_count(st.get('results_retained', 0))}")
     ha = st.get("ha")
-    if isinstance(ha, dict):
-        alarms = ", ".join(f"{k} ×{v}" for k, v in ha.get("alarms", {}).items())
-        console.print(f"[bold]binary star[/] {ha.get('role')} [cyan]{ha.get('state')}[/]  peer {ha.get('peer')} "
-                      f"({'alive' if ha.get('peer_alive') else 'silent'})  replication {ha.get('replication')}"
-                      + (f"  [red]alarms {alarms}[/]" if alarms else ""))
+    if isinstance(ha, Mapping):
+        alarms = ", ".join(f"{clean_text(k, 40)} ×{_count(v)}" for k, v in _items(ha.get("alarms"), 20))
+        console.print(f"[bold]binary star[/] {markup(ha.get('role'))} [cyan]{markup(ha.get('state'))}[/]  "
+                      f"peer {markup(ha.get('peer'))} ({'alive' if ha.get('peer_alive') is True else 'silent'})  "
+                      f"replication {markup(ha.get('replication'))}"
+                      + (f"  [red]alarms {escape(alarms)}[/]" if alarms else ""))
     tasks = Table(title="tasks")
     tasks.add_column("state")
     tasks.add_column("count", justify="right")
-    for state, n in sorted(st.get("tasks", {}).items()):
-        tasks.add_row(state, str(n))
-    for state, n in sorted(st.get("satellite_states", {}).items()):
-        tasks.add_row(f"satellites {state}", str(n))
-    for kind, n in sorted(st.get("queued", {}).items()):
-        tasks.add_row(f"queued {kind}", str(n))
+    for state, n in _items(st.get("tasks")):
+        tasks.add_row(cell(state), _count(n))
+    for state, n in _items(st.get("satellite_states")):
+        tasks.add_row(cell(f"satellites {clean_text(state)}"), _count(n))
+    for kind, n in _items(st.get("queued")):
+        tasks.add_row(cell(f"queued {clean_text(kind)}"), _count(n))
     console.print(tasks)
     sats = Table(title="satellites")
     for col in ("id", "state", "host", "inflight/credit", "done", "failed", "heartbeat age", "tags"):
         sats.add_column(col)
-    for s in st.get("satellites", []):
-        sats.add_row(s["id"], s["state"], s.get("host", ""), f"{s['inflight']}/{s.get('credit', s['slots'])}",
-                     str(s.get("done", 0)), str(s.get("failed", 0)), f"{s.get('heartbeat_age', 0):.1f}s",
-                     ",".join(s.get("tags", [])))
+    for s in _rows(st.get("satellites")):
+        tags = s.get("tags")
+        sats.add_row(cell(s.get("id")), cell(s.get("state")), cell(s.get("host")),
+                     f"{_count(s.get('inflight'))}/{_count(s.get('credit', s.get('slots')))}",
+                     _count(s.get("done", 0)), _count(s.get("failed", 0)),
+                     f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
+                     cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""))
     console.print(sats)
 
 
 def render_task(task: dict[str, Any], console: Console | None = None) -> None:
     """Print one task's summary and its history of transitions."""
-    import time
-
     console = console or Console()
-    console.print(f"[bold]task[/] {task['id']}  kind {task['kind']}  state [cyan]{task['state']}[/]  "
-                  f"attempt {task['attempt']}  crashes {task['crashes']}  satellite {task.get('satellite') or '-'}")
+    console.print(f"[bold]task[/] {markup(task.get('id'))}  kind {markup(task.get('kind'))}  "
+                  f"state [cyan]{markup(task.get('state'))}[/]  attempt {_count(task.get('attempt'))}  "
+                  f"crashes {_count(task.get('crashes'))}  satellite {markup(task.get('satellite') or '-')}")
     hist = Table(title="history")
     for col in ("time", "state", "attempt", "satellite", "reason"):
         hist.add_column(col)
-    for h in task.get("history", []):
-        stamp = time.strftime("%H:%M:%S", time.localtime(h["t"])) + f".{int(h['t'] % 1 * 1000):03d}"
-        hist.add_row(stamp, h["state"], str(h["attempt"]), h.get("sat") or "", h.get("reason") or "")
+    for h in _rows(task.get("history")):
+        t = finite(h.get("t"), None, 0.0, 1e11)
+        stamp = clock(t) + (f".{int(t % 1 * 1000):03d}" if t is not None else "")
+        hist.add_row(stamp, cell(h.get("state")), _count(h.get("attempt")), cell(h.get("sat") or ""),
+                     cell(h.get("reason") or ""))
     console.print(hist)
 
 
 def render_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     """Print history rows as a table."""
-    import time
 
-    def stamp(t: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+    def stamp(t: Any) -> str:
+        return clock(t, "%Y-%m-%d %H:%M:%S") if t else ""
 
     console = console or Console()
-    table = Table(title=f"{len(rows)} task(s)")
+    usable = _rows(rows)
+    table = Table(title=f"{len(usable)} task(s)")
     for col in ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error"):
         table.add_column(col)
-    for r in rows:
-        table.add_row(r["id"], r["kind"], r["state"], str(r["attempts"]), r["satellite"], stamp(r["submitted"]),
-                      stamp(r["finished"]), r["error"])
+    for r in usable:
+        table.add_row(cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
+                      cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
+                      cell(r.get("error")))
     console.print(table)

@@ -12,6 +12,10 @@ from rich.table import Table
 from rich.text import Text
 
 from .metrics import quantiles
+from .render import cell, clean_text, finite, fmt
+
+#: Most tasks tracked at once (submitted, or running on a satellite); events beyond are not kept.
+MAX_TRACKED = 100_000
 
 
 class TopModel:
@@ -27,25 +31,33 @@ class TopModel:
     def on_status(self, status: dict[str, Any], now: float) -> None:
         """A fresh status reply."""
         self.status = status
-        self.done_marks.append((now, int(status.get("counters", {}).get("done", 0))))
+        counters = status.get("counters")
+        done = finite(counters.get("done"), 0.0, 0.0) if isinstance(counters, dict) else 0.0
+        self.done_marks.append((now, int(done or 0)))
 
     def on_event(self, topic: str, data: dict[str, Any]) -> None:
-        """One event of the stream."""
-        if not topic.startswith("task:"):
+        """One event of the stream (a field of the wrong type or size makes it ignored, never fatal)."""
+        if not topic.startswith("task:") or not isinstance(data, dict):
             return
         tid, state, sat = data.get("id"), data.get("state"), data.get("sat")
-        if not isinstance(tid, str):
+        if not isinstance(tid, str) or not 0 < len(tid) <= 256 or not isinstance(state, str):
             return
+        t = finite(data.get("t"))
         if state == "pending" and data.get("attempt", 0) == 0:
-            self.started[tid] = float(data.get("t", 0))
-        elif state in ("dispatched", "running") and sat:
-            self.current.setdefault(sat, set()).add(tid)
+            if t is not None and len(self.started) < MAX_TRACKED:
+                self.started[tid] = t
+        elif state in ("dispatched", "running") and isinstance(sat, str) and 0 < len(sat) <= 256:
+            running = self.current.get(sat)
+            if running is None and len(self.current) < MAX_TRACKED:
+                running = self.current[sat] = set()
+            if running is not None and len(running) < MAX_TRACKED:
+                running.add(tid)
         elif state in ("done", "failed", "cancelled", "quarantined", "expired", "stalled"):
             for tasks in self.current.values():
                 tasks.discard(tid)
             t0 = self.started.pop(tid, None)
-            if t0 is not None and state == "done":
-                self.latencies.append(float(data.get("t", 0)) - t0)
+            if t0 is not None and t is not None and state == "done":
+                self.latencies.append(t - t0)
 
     def throughput(self) -> float:
         """Tasks done per second over the recent status replies."""
@@ -59,28 +71,34 @@ class TopModel:
         st = self.status
         q = quantiles(list(self.latencies))
         head = Text.assemble(
-            ("orchester top", "bold"), f"  orchestrator {st.get('epoch', '?')}  strategy {st.get('strategy', '?')}"
+            ("orchester top", "bold"),
+            f"  orchestrator {clean_text(st.get('epoch', '?'), 40)}  strategy {clean_text(st.get('strategy', '?'), 80)}"
             f"  throughput {self.throughput():.1f} tasks/s",
             f"  latency p50 {q.get('p50', 0) * 1000:.1f} ms p99 {q.get('p99', 0) * 1000:.1f} ms" if q else "")
         sats = Table(title="satellites", expand=True)
         for col in ("satellite", "state", "load", "current task", "heartbeat", "done", "failed", "cpu %", "rss MB"):
             sats.add_column(col)
-        for s in st.get("satellites", []):
-            current = sorted(self.current.get(s["id"], ()))
+        satellites = st.get("satellites")
+        for s in satellites if isinstance(satellites, list) else []:
+            if not isinstance(s, dict):
+                continue
+            sid = s.get("id")
+            current = sorted(self.current.get(sid, ())) if isinstance(sid, str) else []
             now_running = (current[0] + (f" +{len(current) - 1}" if len(current) > 1 else "")) if current else ""
-            rep = s.get("reported", {})
-            cpu = f"{rep.get('cpu_percent', 0):.0f}" if rep else ""
-            rss = f"{rep.get('rss_mb', 0):.0f}" if rep else ""
-            sats.add_row(s["id"], s["state"], f"{s['inflight']}/{s.get('credit', s['slots'])}", now_running,
-                         f"{s.get('heartbeat_age', 0):.1f}s", str(s.get("done", 0)), str(s.get("failed", 0)),
-                         cpu, rss)
+            rep = s.get("reported")
+            rep = rep if isinstance(rep, dict) else {}
+            sats.add_row(cell(sid), cell(s.get("state")),
+                         f"{fmt(s.get('inflight'), '.0f', '?')}/{fmt(s.get('credit', s.get('slots')), '.0f', '?')}",
+                         cell(now_running), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
+                         fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
+                         fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"))
         queues = Table(title="tasks", expand=True)
         queues.add_column("state or queue")
         queues.add_column("count", justify="right")
-        for state, n in sorted(st.get("tasks", {}).items()):
-            queues.add_row(state, str(n))
-        for kind, n in sorted(st.get("queued", {}).items()):
-            queues.add_row(f"queued {kind}", str(n))
+        for key, label in (("tasks", "{}"), ("queued", "queued {}")):
+            counts = st.get(key)
+            for name, n in sorted(counts.items(), key=lambda kv: clean_text(kv[0])) if isinstance(counts, dict) else []:
+                queues.add_row(cell(label.format(clean_text(name))), fmt(n, ".0f", "?"))
         return Group(head, sats, queues)
 
 

@@ -4,6 +4,7 @@ clients sanitise what peers send before they print it (11)."""
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -199,3 +200,166 @@ def test_a_satellite_without_allow_pickle_refuses_even_with_the_orchestrators_co
     assert HITS == []
     assert check_run_codec({"c": "pickle"}, {"pk": True}, allow_pickle=True) == "pickle"
     assert check_run_codec({}, {}) == "msgpack"
+
+
+# ------------------------------------------------------------------ 11: clients sanitise what peers send
+
+FORGED: dict[str, Any] = {
+    "id": "t-1", "a": 1, "sat": "[/]\x1b[2J", "t": "boom", "fom": "boom", "generation": "x",
+    "evals_per_s": float("nan"), "done": "many", "total": 0,
+    "msg": "line\nforged \x1b]0;title\x07 \x9b31m [bold red]x[/] \u202eevil", "\x1b[31m": 1,
+}
+
+
+def test_clean_text_strips_every_control_character_and_bounds_the_length() -> None:
+    from orchester.render import clean_text
+
+    out = clean_text("a\x1b[31mb\x9b2Jc\nd\re\tf\x00g\x7fh\u202ei\u2028j\ud800k")
+    assert out == "a\ufffd[31mb\ufffd2Jc\ufffdd\ufffde\ufffdf\ufffdg\ufffdh\ufffdi\ufffdj\ufffdk"
+    assert clean_text("x" * 1000, 10) == "x" * 9 + "…" and len(clean_text("é" * 10**6)) == 200
+    assert clean_text(None) == "" and clean_text(1.5) == "1.5" and clean_text(True) == "True"
+    assert clean_text(b"\x1b[2J") == "b'\\x1b[2J'" and clean_text(2**200) == "1.607e+60"
+    assert "\x1b" not in clean_text(["\x1b"]) and clean_text("ok [bold]") == "ok [bold]"
+
+
+def test_finite_accepts_only_real_finite_numbers() -> None:
+    from orchester.render import clock, finite, fmt
+
+    assert finite(3) == 3.0 and finite(-2.5) == -2.5 and finite(1e308) == 1e308
+    for bad in ("boom", "3", True, None, float("nan"), float("inf"), -float("inf"), 10**400, [1], {"a": 1}):
+        assert finite(bad) is None and finite(bad, 7.0) == 7.0
+    assert finite(5, None, 0, 4) is None and finite(-1, 0.0, 0.0) == 0.0
+    assert fmt("boom", ".4g", "?") == "?" and fmt(0.123456, ".2f") == "0.12"
+    assert clock("boom") == clock(1e308) == clock(-5) == clock(float("nan")) == "--:--:--"
+    assert len(clock(1_700_000_000)) == 8
+
+
+def test_markup_and_cells_keep_peer_text_literal() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchester.render import cell, markup
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=200)
+    peer = "[/]x[bold red]y\\"
+    console.print(f"[bold]task[/] {markup(peer)}")
+    table = Table()
+    table.add_column("id")
+    table.add_row(cell("[/][link=file:///etc/passwd]z\x1b[2J"))
+    console.print(table)
+    text = buf.getvalue()
+    assert "[/]x[bold red]y" in text and "[/][link=file:///etc/passwd]z" in text and "\x1b" not in text
+
+
+def test_progress_helpers_survive_forged_fields() -> None:
+    from orchester.render import event_fields, fit_progress, json_safe, progress_bar
+
+    assert progress_bar(FORGED) == (None, None)
+    assert progress_bar({"done": 3, "total": 5}) == (3.0, 5.0) and progress_bar({"step": 9, "of": 5}) == (None, None)
+    tid, generation, info = fit_progress(FORGED, 100) or ("", -1.0, "")
+    assert tid == "t-1" and generation == 0.0 and info == "fom ?  ? ev/s"
+    assert fit_progress({"id": "t", "generation": 1e9, "fom": 0.5}, 100) == ("t", 100.0, "fom 0.5  ? ev/s")
+    assert fit_progress({"id": ["t"]}, 100) is None and fit_progress({"id": "x" * 1000}, 100) is None
+    line = event_fields(FORGED)
+    assert "\x1b" not in line and "\n" not in line and "\x9b" not in line and "\u202e" not in line
+    assert "fom=boom" in line and "t=" not in line.split()  # t is skipped
+    assert len(event_fields({f"k{i}": "v" * 500 for i in range(100)})) < 16 * 90 + 20
+    assert json_safe({"a": [float("nan"), 1.0, {"b": float("inf")}]}) == {"a": [None, 1.0, {"b": None}]}
+
+
+class _Stream:
+    """Events for ``_show_progress``, then the future is done."""
+
+    def __init__(self, events: list[Any], fut: Any) -> None:
+        self.events, self.fut = events, fut
+
+    def recv(self, timeout: float | None = None) -> Any:
+        time.sleep(0.15)  # the bar refreshes (renders each field) in between
+        if not self.events:
+            self.fut.finished = True
+            return None
+        return self.events.pop(0)
+
+
+class _Future:
+    task_id = "t-1"
+    finished = False
+
+    def done(self) -> bool:
+        return self.finished
+
+
+def test_the_submit_progress_bar_survives_forged_progress(capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from orchester.cli import _show_progress
+    from orchester.events import Event
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # render as on a terminal
+    monkeypatch.setenv("COLUMNS", "200")
+    died: list[Any] = []  # the bar is drawn by rich's refresh thread: markup errors kill it there
+    monkeypatch.setattr(threading, "excepthook", died.append)
+
+    fut = _Future()
+    events = [Event("progress:t-1", dict(FORGED)), Event("task:t-1", {"id": "t-1", "state": "[/]\x1b[2J"}),
+              Event("progress:t-1", {"id": "t-1", "done": float("inf"), "total": "[/]"}),
+              Event("progress:t-10", {"id": "t-10", "done": 1, "total": 2}),  # another task: not shown
+              Event("progress:t-1", {"id": "t-1", "done": 2, "total": 5, "note": "[bold]"})]
+    _show_progress(fut, _Stream(events, fut))
+    err = capsys.readouterr().err
+    assert died == [] and "fom=boom" in err
+    assert "\x1b]0;title" not in err and "\x1b[2J" not in err and "\x9b" not in err and "\u202e" not in err
+
+
+def test_top_survives_forged_events_and_status() -> None:
+    import io
+
+    from rich.console import Console
+
+    from orchester.top import TopModel
+
+    model = TopModel()
+    for data in ({"id": "t", "state": "pending", "t": "boom"}, {"id": "t", "state": "running", "sat": ["x"]},
+                 {"id": ["t"], "state": "done"}, {"id": "t", "state": "done", "t": float("nan")},
+                 {"id": "u", "state": "running", "sat": "[/]\x1b[2J"}, {"id": "t", "state": 5}):
+        model.on_event("task:x", data)
+    model.on_status({"epoch": "\x1b[2J", "strategy": "[/]", "counters": {"done": "boom"},
+                     "satellites": [{"id": "[/]\x1b[2J", "state": "[bold]", "inflight": "x", "slots": None,
+                                     "reported": {"cpu_percent": "boom", "rss_mb": float("inf")}}, "junk"],
+                     "tasks": {"[/]": "boom"}, "queued": {"\x1b[2J": 1}}, 0.0)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(model.render())
+    assert "\x1b[2J" not in buf.getvalue() and "[/]" in buf.getvalue()
+
+
+def test_status_show_and_history_tables_survive_forged_text() -> None:
+    import io
+
+    from rich.console import Console
+
+    from orchester.render import render_history, render_status, render_task
+
+    evil = "[/]\x1b[2J\x9b1m"
+    buf = io.StringIO()
+    console = Console(file=buf, width=300)
+    render_status({"epoch": evil, "uptime": "boom", "strategy": evil, "ha": {"role": evil, "alarms": {evil: "x"}},
+                   "tasks": {evil: 1}, "satellites": [{"id": evil, "state": evil, "host": evil, "inflight": 1,
+                                                       "slots": 2, "tags": [evil], "heartbeat_age": "x"}]}, console)
+    render_task({"id": evil, "kind": evil, "state": evil, "history": [{"t": "boom", "state": evil, "reason": evil}]},
+                console)
+    render_history([{"id": evil, "kind": evil, "state": evil, "attempts": 1, "satellite": evil, "submitted": 1e308,
+                     "finished": "x", "error": evil}], console)
+    text = buf.getvalue()
+    assert "\x1b" not in text and "\x9b" not in text and "[/]" in text
+
+
+def test_events_give_checked_fields() -> None:
+    from orchester.events import Event
+
+    ev = Event("progress:t", dict(FORGED))
+    assert ev.number("fom") is None and ev.number("fom", 0.0) == 0.0 and ev.number("a") == 1.0
+    assert "\x1b" not in ev.text("msg") and len(ev.text("msg", 10)) == 10

@@ -175,3 +175,47 @@ def test_a_satellite_runs_pickle_only_when_the_dispatch_carries_the_orchestrator
         _stop([sat])
         router.close(0)
         ctx.term()
+
+
+def _watch(*extra: str) -> tuple[int, str, str]:
+    """Run ``orchester watch`` on a PUB socket of this test that publishes forged events until it exits."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    pub_port = pub.bind_to_random_port("tcp://127.0.0.1")
+    watcher = subprocess.Popen([sys.executable, "-m", "orchester", "watch", "--connect", "tcp://127.0.0.1:1",
+                                "--pub", f"tcp://127.0.0.1:{pub_port}", "--count", "3", *extra],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    forged = {"id": "t-1", "a": 1, "t": "boom", "fom": float("nan"), "sat": "[/]",
+              "msg": "ok\nFORGED LINE \x1b]0;owned\x07\x1b[2J\x9b31m\u202e", "\x1b[31mkey": 1}
+    try:
+        deadline = time.monotonic() + 30
+        while watcher.poll() is None and time.monotonic() < deadline:
+            pub.send_multipart([b"progress:t-1\x1b[2J", pack(forged)])
+            time.sleep(0.05)
+        out, err = watcher.communicate(timeout=30)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait(5)
+        pub.close(0)
+        ctx.term()
+    return watcher.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def test_watch_prints_forged_events_as_inert_text() -> None:
+    """Item 11: a forged progress event (bad time, escape sequences, a planted newline) reaches ``watch``."""
+    code, out, err = _watch()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.startswith("--:--:-- progress:t-1") for line in lines), out
+    assert "\x1b" not in out and "\x9b" not in out and "\u202e" not in out and "fom=nan" in out
+    code, out, err = _watch("--json")
+    assert code == 0, err
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    events = [json.loads(line, parse_constant=no_constants) for line in out.splitlines()]
+    assert len(events) == 3 and events[0]["fom"] is None and events[0]["topic"] == "progress:t-1\x1b[2J"
+    assert "\x1b" not in out  # JSON escapes it
