@@ -157,8 +157,9 @@ class Broker:
             secure_server(xpub, *self.curve)
         xpub.sndhwm = self.config.hwm * 10
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
-        # a subscription longer than a topic may be is refused by libzmq itself (the peer is dropped)
-        xpub.setsockopt(zmq.MAXMSGSIZE, self.config.max_topic + 1)
+        # a subscription much longer than a topic may be is refused by libzmq itself (the peer is dropped);
+        # the limit also applies to the CurveZMQ handshake, whose INITIATE command takes a few hundred bytes
+        xpub.setsockopt(zmq.MAXMSGSIZE, max(self.config.max_topic + 1, 4096))
         bound = []
         try:
             for ep in endpoints:

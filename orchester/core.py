@@ -52,7 +52,7 @@ Out = tuple[Any, list[Any], "str | None"]
 #: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
 MAX_SIDS_PER_KEY = 4096
-RATED = frozenset({P.STATUS, P.HISTORY, P.FETCH, P.CANCEL, P.CONTROL})
+RATED = frozenset({P.STATUS, P.HISTORY})
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
 
