@@ -126,7 +126,7 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="First back-off in seconds before a retry, doubled per crash.")
 @click.option("--queue-ttl", type=float, default=0.0, show_default=True,
               help="Seconds a task may wait in the queue before it expires (0: forever).")
-@click.option("--dispatch-timeout", type=float, default=0.0, show_default=True,
+@click.option("--dispatch-timeout", type=float, default=OrchestratorConfig.dispatch_timeout, show_default=True,
               help="Seconds a dispatched task may wait to be started before it stalls (0: forever).")
 @click.option("--stall-timeout", type=float, default=0.0, show_default=True,
               help="Seconds without progress before a progress-reporting task stalls (0: the kind's own).")
@@ -139,7 +139,19 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
 @click.option("--max-client-tasks", type=int, default=OrchestratorConfig.max_client_tasks, show_default=True,
               help="Most unfinished tasks one client may have; further submits get the 'limit' error.")
 @click.option("--max-client-bytes", type=int, default=OrchestratorConfig.max_client_bytes, show_default=True,
-              help="Most payload bytes of one client's unfinished tasks held by the orchestrator.")
+              help="Most bytes (payload, header, id) of one client's unfinished tasks held by the orchestrator.")
+@click.option("--max-slots", type=int, default=OrchestratorConfig.max_slots, show_default=True,
+              help="Most task slots one satellite may announce (more are cut to this).")
+@click.option("--probation-cooldown", type=float, default=OrchestratorConfig.probation_cooldown, show_default=True,
+              help="Seconds a satellite drained for failing waits before it gets tasks again, on probation.")
+@click.option("--max-key-connections", type=int, default=OrchestratorConfig.max_key_connections,
+              show_default=True, help="CurveZMQ: most connections one key may hold.")
+@click.option("--max-subscriptions", type=int, default=OrchestratorConfig.max_subscriptions, show_default=True,
+              help="Most event subscriptions one key (without keys: everyone together) may hold.")
+@click.option("--max-topic", type=int, default=OrchestratorConfig.max_topic, show_default=True,
+              help="Longest event subscription topic, in bytes.")
+@click.option("--request-rate", type=float, default=OrchestratorConfig.request_rate, show_default=True,
+              help="Requests (status, history, ...) per second one key may make beyond a burst (0: no limit).")
 @click.option("--result-retention", type=int, default=OrchestratorConfig.result_retention, show_default=True,
               help="Finished results kept for fetch by task id.")
 @click.option("--hwm", type=int, default=OrchestratorConfig.hwm, show_default=True,

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from .cli import EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, _ask, connect_option, main, timeout_option
+from .cli import EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, _ask, connect_option, main, timeout_option
+from .render import clean_text
 
 
 @main.command()
@@ -102,7 +103,7 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
         mark = "ok " if r["status"] == "done" else "FAILED"
         detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") else "") \
             if r["status"] == "done" else r.get("error", "")
-        click.echo(f"{mark} {r['file']}: {detail}")
+        click.echo(f"{mark} {clean_text(r['file'], 300)}: {clean_text(detail, 500)}")
     click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv)")
     return EXIT_TASK_FAILED if failed else EXIT_OK
 
@@ -216,7 +217,7 @@ def replay(directory: str, ids: tuple[str, ...], since: str | None, connect: tup
     for fut, value in outcomes if wait else []:
         if isinstance(value, TaskFailed):
             failed += 1
-            click.echo(f"{fut.task_id}: failed: {value.type}: {value.message}")
+            click.echo(f"{fut.task_id}: failed: {clean_text(value.type, 100)}: {clean_text(value.message, 1000)}")
         else:
             click.echo(f"{fut.task_id}: {json.dumps(value, default=repr)}")
     sys.exit(EXIT_TASK_FAILED if failed or len(outcomes) < len(chosen) else EXIT_OK)
@@ -248,10 +249,19 @@ def journal_compact(directory: str, keep_results: float | None) -> None:
     from pathlib import Path
 
     from .segments import apply_retention, compact_closed
+    from .wal import JournalError, open_lock, private_directory
 
     d = Path(directory)
     live = None
-    fd = os.open(d / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    if not d.is_dir():
+        click.echo(f"error: {d} is not a journal folder", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        private_directory(d)  # refuse a folder others can write; never widen the files' modes
+        fd = open_lock(d)
+    except (JournalError, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

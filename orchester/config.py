@@ -53,8 +53,9 @@ class OrchestratorConfig:
     retry_backoff: float = 0.5
     #: Seconds a task may wait in the queue before it expires (0: forever; per task: ``ttl``).
     queue_ttl: float = 0.0
-    #: Seconds a dispatched task may wait for a worker to start it before it stalls (0: forever).
-    dispatch_timeout: float = 0.0
+    #: Seconds a dispatched task may wait for a worker to start it before it stalls (0: forever): a
+    #: satellite that takes tasks and never starts them loses them to the others.
+    dispatch_timeout: float = 60.0
     #: Seconds without progress before a running task of a progress-reporting kind stalls
     #: (0: the kind's own ``stall_timeout``, if it declares one).
     stall_timeout: float = 0.0
@@ -81,8 +82,21 @@ class OrchestratorConfig:
     spill_bytes: int = 0
     #: Most unfinished tasks one client may have (further submits get the ``limit`` error).
     max_client_tasks: int = 100_000
-    #: Most payload bytes of one client's unfinished tasks the orchestrator holds.
+    #: Most bytes (payload, header and id) of one client's unfinished tasks the orchestrator holds.
     max_client_bytes: int = 1 << 30
+    #: Most task slots one satellite may announce (a larger announcement is cut to this).
+    max_slots: int = 1024
+    #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
+    probation_cooldown: float = 30.0
+    #: CurveZMQ: most connections (routing identities heard within ten minutes) one key may hold.
+    max_key_connections: int = 256
+    #: Most event subscriptions one key (without CurveZMQ: all subscribers together) may hold.
+    max_subscriptions: int = 1024
+    #: Longest event subscription topic, in bytes (a longer one is never matched and is not kept).
+    max_topic: int = 256
+    #: Most requests one key (without CurveZMQ: one connection) may make per second, beyond a burst
+    #: of as many (submits, results and heartbeats are not counted).
+    request_rate: float = 50.0
     #: CurveZMQ: this server's secret key file (``orchester keys generate``); with
     #: ``authorized_keys``, every socket of the orchestrator requires an authorised key.
     curve_secret: str | None = None
@@ -134,13 +148,15 @@ class OrchestratorConfig:
         for name in ("heartbeat_interval",):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, not {getattr(self, name)!r}")
-        for name in ("retry_backoff", "queue_ttl", "dispatch_timeout", "stall_timeout", "max_run_time"):
+        for name in ("retry_backoff", "queue_ttl", "dispatch_timeout", "stall_timeout", "max_run_time",
+                     "probation_cooldown", "request_rate"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
         for name in ("liveness", "max_message", "max_queue", "retries", "result_retention",
                      "result_retention_bytes", "hwm", "batch", "probation_after", "drain_after",
-                     "max_client_tasks", "max_client_bytes"):
+                     "max_client_tasks", "max_client_bytes", "max_slots", "max_key_connections",
+                     "max_subscriptions", "max_topic"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")

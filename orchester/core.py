@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serializers import protocol as P
+from serializers.codecs import check_submit_codec
 from serializers.header import (
     MAX_SECONDS,
     ProtocolError,
@@ -73,7 +74,7 @@ class Orchestrator(Requests):
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
         self.timers: TimerWheel[str] = TimerWheel()
-        self.strategy = make_strategy(config.strategy)
+        self.strategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
         self.out: list[Out] = []
         self.pub: list[list[bytes]] = []
         self.counters: Counter[str] = Counter()
@@ -187,7 +188,9 @@ class Orchestrator(Requests):
 
     # ----------------------------------------------------------------- clients
     def _on_submit(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        sub = SubmitHeader.parse(unpack(bytes(frames[3])))  # every field checked before anything changes
+        hdr = unpack(bytes(frames[3]))
+        sub = SubmitHeader.parse(hdr)  # every field checked before anything changes
+        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle)  # pickle only with serve --allow-pickle
         tid, kind, timeout = sub.id, sub.kind, sub.timeout
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")

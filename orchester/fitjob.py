@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from .client import Client
 from .errors import OrchesterError, RemoteError, TaskFailed
 from .fits import FitCache, FitSettings, fit_key, write_outputs, write_summary
+from .render import fit_progress
 
 
 def genx_version(client: Client) -> str | None:
@@ -79,16 +81,15 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
                     bars.advance(overall)
                     continue
                 fut = client.submit("genx.fit", model, **settings.kwargs())
-                per_fit[fut.task_id] = bars.add_task(name[:28], total=settings.generations, info="queued")
+                per_fit[fut.task_id] = bars.add_task(escape(name[:28]), total=settings.generations, info="queued")
                 pending[fut.task_id] = (name, path, fut, key, time.monotonic())
             deadline = None if timeout is None else time.monotonic() + timeout
             while pending:
                 ev = stream.recv(timeout=0.1)
                 if ev is not None and ev.category == "progress":
-                    tid = ev.data.get("id")
-                    if tid in per_fit:
-                        bars.update(per_fit[tid], completed=ev.data.get("generation", 0),
-                                    info=f"fom {ev.data.get('fom', 0):.4g}  {ev.data.get('evals_per_s', 0):.0f} ev/s")
+                    checked = fit_progress(ev.data, settings.generations)  # forged fields never crash the bars
+                    if checked is not None and checked[0] in per_fit:
+                        bars.update(per_fit[checked[0]], completed=checked[1], info=checked[2])
                 for tid in [t for t, p in pending.items() if p[2].done()]:
                     name, path, fut, key, _ = pending.pop(tid)
                     rows.append(_finish(client, tid, name, path, fut, key, cache, out))
@@ -113,17 +114,25 @@ def _finish(client: Client, tid: str, name: str, path: Path, fut: Any, key: str 
                 "satellite": exc.satellite or ""}
     except (RemoteError, OrchesterError) as exc:
         return {"file": str(path), "status": "failed", "error": str(exc)}
-    write_outputs(name, result, out)
+    try:
+        row = _row(path, result, "done")
+        write_outputs(name, result, out)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a result no real fit returns
+        return {"file": str(path), "status": "failed", "error": f"malformed result: {type(exc).__name__}: {exc}"}
     if cache is not None and key:
         cache.put(key, result)
     try:
         satellite = client.show(tid).get("satellite") or ""
     except OrchesterError:
         satellite = ""
-    return _row(path, result, "done", satellite=satellite)
+    row["satellite"] = satellite
+    return row
 
 
 def _row(path: Path, result: dict[str, Any], status: str, cached: bool = False, satellite: str = "") -> dict[str, Any]:
-    return {"file": str(path), "fom": f"{result['fom']:.10g}", "generations": result["generations"],
+    fom = result["fom"]
+    if isinstance(fom, bool) or not isinstance(fom, (int, float)):
+        raise TypeError(f"the figure of merit is a {type(fom).__name__}, not a number")
+    return {"file": str(path), "fom": f"{fom:.10g}", "generations": result["generations"],
             "seconds": result["seconds"], "satellite": satellite, "status": status, "error": "",
             "cached": "yes" if cached else ""}

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serializers import protocol as P
+from serializers.codecs import dispatch_consent
 from serializers.header import pack
 from tracker import (
     SATELLITE_MACHINE,
@@ -78,6 +79,7 @@ class Lifecycle:
     state_counts: list[int]
 
     def _init_lifecycle(self, config: OrchestratorConfig) -> None:
+        self._consent = dispatch_consent(config.allow_pickle)  #: what each DISPATCH says this server accepts
         self.retry = RetryPolicy(config.retries, config.retry_backoff)
         self.probation = ProbationPolicy(config.probation_after, config.drain_after)
 
@@ -212,7 +214,7 @@ class Lifecycle:
         sat.last_dispatch = self._dispatch_seq
         self.counters["dispatched"] += 1
         self.out.append((sat.sock, [sat.ident, P.SIGNATURE, P.DISPATCH,
-                                    pack({"id": task.id, "a": task.attempt}), task.header,
+                                    pack({"id": task.id, "a": task.attempt, **self._consent}), task.header,
                                     *task.payload], None))
         self._task_to(task, TE.dispatch, now)
 

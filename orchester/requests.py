@@ -134,7 +134,7 @@ class Requests(Lifecycle):
                                 "known: ['strategy', 'drain', 'promote']")
         name = field(hdr, "name", str)
         try:
-            strategy = make_strategy(name)
+            strategy = make_strategy(name, allowed=self.cfg.allowed_strategies)
         except ValueError as exc:
             raise ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
         old, self.strategy = self.strategy.name, strategy
