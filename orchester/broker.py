@@ -37,13 +37,14 @@ from .core import Orchestrator
 from .journal import HistoryReader, Journal, load_spilled, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
-from .peers import Subscriptions
-from .security import CurveAuthenticator, KeyRing, load_keypair, secure_server, verified_user
+from .security import EVENTS_DOMAIN, CurveAuthenticator, KeyRing, load_keypair, secure_server, verified_user
 
 log = logging.getLogger("orchester")
 
 #: Payload bytes the journal may have queued before the broker stops reading new messages.
 JOURNAL_BACKLOG = 32 << 20
+#: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
+MUTE_SECONDS = 60.0
 #: errnos that mean "this peer cannot take the message now"; anything else propagates.
 _UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
 
@@ -70,6 +71,7 @@ class Broker:
             self.auth = CurveAuthenticator(self.ring, self.ctx, peer_keys=[self.curve[0]])
             self.auth.start()
             self.core.identify = self.ring.by_name
+            self.core.use_subscriptions(self.core.subscriptions(keys=True))
             log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)
             for err in self.ring.errors:
                 log.warning("authorised keys: skipped %s", err)
@@ -154,7 +156,7 @@ class Broker:
         xpub = self.ctx.socket(zmq.XPUB)
         xpub.linger = 0
         if self.curve is not None:
-            secure_server(xpub, *self.curve)
+            secure_server(xpub, *self.curve, domain=EVENTS_DOMAIN)
         xpub.sndhwm = self.config.hwm * 10
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         # a subscription much longer than a topic may be is refused by libzmq itself (the peer is dropped);
@@ -181,12 +183,28 @@ class Broker:
 
     def _revoke(self, names: set[str], poller: zmq.Poller) -> None:
         """Revoked keys: their work ends in the core, and their event subscriptions with the XPUB
-        socket, which is bound again on the same endpoints (subscribers with a key still authorised
-        reconnect and subscribe again by themselves; a revoked key fails the handshake)."""
+        socket (:meth:`_reopen_events`)."""
         counts = self.core.revoke(names, time.monotonic())
         log.warning("revoked %s: %d unfinished task(s) cancelled, %d satellite(s) dropped, %d connection(s) "
                     "forgotten; event stream re-opened", sorted(names), counts["tasks"], counts["satellites"],
                     counts["connections"])
+        self._reopen_events(poller)
+
+    def _mute(self, names: set[str], poller: zmq.Poller) -> None:
+        """Keys that subscribed beyond ``--max-subscriptions``: shut out of the event stream for
+        :data:`MUTE_SECONDS`, and the subscriptions libzmq kept for them freed."""
+        assert self.auth is not None
+        for name in names:
+            self.auth.mute(name, MUTE_SECONDS)
+        self.core.counters["subscribers_muted"] += len(names)
+        log.warning("key(s) %s subscribed to more than %d topics: no events for them for %gs; event stream "
+                    "re-opened", sorted(names), self.config.max_subscriptions, MUTE_SECONDS)
+        self._reopen_events(poller)
+
+    def _reopen_events(self, poller: zmq.Poller) -> None:
+        """Close the XPUB socket and bind a new one on the same endpoints: every subscription it
+        held is gone (libzmq cannot drop one peer's); subscribers whose key may still subscribe
+        reconnect and subscribe again by themselves, the others fail the handshake."""
         poller.unregister(self.xpub)
         endpoints = list(self.endpoints["pub"])
         self.xpub.close(0)
@@ -195,9 +213,7 @@ class Broker:
             deadline = time.monotonic() + 2.0
             while path and os.path.exists(path) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        self.core.subs = Subscriptions(self.core.subs.categories, self.config.max_subscriptions,
-                                       self.config.max_topic)
-        self.core._want = self.core.subs.want
+        self.core.use_subscriptions(self.core.subscriptions(keys=self.curve is not None))
         self.xpub = self._event_socket(endpoints)
         poller.register(self.xpub, zmq.POLLIN)
 
@@ -329,6 +345,8 @@ class Broker:
                 if self._revoked:
                     revoked, self._revoked = self._revoked, set()
                     self._revoke(revoked, poller)
+                if core.subs.over:
+                    self._mute(set(core.subs.over), poller)
                 core.housekeeping(now)
                 self._flush(now)
                 if metrics_on and now >= next_report:
@@ -338,13 +356,17 @@ class Broker:
             self.close()
 
     def _drain_subscriptions(self) -> None:
-        """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop."""
+        """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop.
+
+        With keys, each one is counted against the key that sent it (its ``User-Id``)."""
+        ring = self.ring
         for _ in range(self.config.batch * 4):
             try:
-                msg = self.xpub.recv(zmq.NOBLOCK)
+                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.core.subscription(msg)
+            user = verified_user(ring, frame) if ring is not None else None
+            self.core.subscription(frame.bytes, user)
 
     def _gate(self, now: float) -> int | None:
         """Highest record whose acknowledgements and results may go out (``None``: all of them)."""

@@ -51,6 +51,8 @@ log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
 #: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
+#: What the event stream publishes, by topic prefix.
+EVENT_CATEGORIES = (b"task:", b"progress:", b"sat:", b"control:")
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
 MAX_SIDS_PER_KEY = 4096
 RATED = frozenset({P.STATUS, P.HISTORY})
@@ -111,8 +113,7 @@ class Orchestrator(Requests):
         self._hb_every = config.heartbeat_interval
         self._lost_after = config.heartbeat_interval * config.liveness
         self._next_hb = now + self._hb_every
-        self.subs = Subscriptions((b"task:", b"progress:", b"sat:", b"control:"), config.max_subscriptions,
-                                  config.max_topic)
+        self.subs = self.subscriptions(keys=False)
         self._want = self.subs.want  #: per event category: whether anyone subscribed to it
         #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
         self.conns = ConnectionKeys(config.max_key_connections)
@@ -505,9 +506,24 @@ class Orchestrator(Requests):
         return restore(self, records, now, sock, self._lost_after if reclaim is None else reclaim)
 
     # ---------------------------------------------------------------- events
-    def subscription(self, msg: bytes) -> None:
-        """Track an XPUB (un)subscription message so events are built only when wanted."""
-        if not self.subs.update(msg):
+    def subscriptions(self, keys: bool) -> Subscriptions:
+        """A fresh subscription table (for a new event socket). With ``keys``, each key may make
+        ``max_subscriptions`` subscriptions and all of them together 16 times as many distinct
+        topics; without, everyone together ``max_subscriptions`` distinct topics."""
+        cfg = self.cfg
+        if keys:
+            return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions * 16, cfg.max_topic, cfg.max_subscriptions)
+        return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions, cfg.max_topic)
+
+    def use_subscriptions(self, subs: Subscriptions) -> None:
+        """Install ``subs`` (the event socket was opened again: its subscriptions start afresh)."""
+        self.subs = subs
+        self._want = subs.want
+
+    def subscription(self, msg: bytes, user: str | None = None) -> None:
+        """Track an XPUB (un)subscription message (sent by ``user``'s key, if known) so events are
+        built only when wanted."""
+        if not self.subs.update(msg, user):
             self.counters["subscriptions_refused"] += 1
             warn_limited(log, "refused an event subscription of %d bytes (at most %d topics of %d bytes)",
                          len(msg) - 1, self.subs.max_topics, self.subs.max_topic)

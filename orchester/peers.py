@@ -127,15 +127,25 @@ class Subscriptions:
     first appears and counted per category. At most ``max_topics`` distinct topics of at
     most ``max_topic`` bytes are kept; further ones are refused (counted, and the events
     they ask for are built only if another subscription wants them).
+
+    With keys (CurveZMQ), each key may make ``per_key`` subscriptions on the socket's
+    lifetime; a key that makes more is put in :attr:`over`, for the socket adapter to shut it
+    out of the event stream (libzmq keeps every subscription of a connected peer: only
+    dropping the peer frees them).
     """
 
-    def __init__(self, categories: tuple[bytes, ...], max_topics: int, max_topic: int) -> None:
+    def __init__(self, categories: tuple[bytes, ...], max_topics: int, max_topic: int,
+                 per_key: int | None = None) -> None:
         self.categories = categories
         self.max_topics = max_topics
         self.max_topic = max_topic
+        self.per_key = per_key
         self.want: dict[bytes, bool] = dict.fromkeys(categories, False)
         self._topics: dict[bytes, int] = {}  #: topic -> subscribers
         self._per_category: Counter[bytes] = Counter()
+        self._per_key: Counter[str] = Counter()
+        #: keys that subscribed beyond ``per_key``: the adapter mutes them and clears this
+        self.over: set[str] = set()
         self.refused = 0
 
     def __len__(self) -> int:
@@ -145,13 +155,20 @@ class Subscriptions:
     def _matches(self, topic: bytes) -> list[bytes]:
         return [c for c in self.categories if topic.startswith(c) or c.startswith(topic)]
 
-    def update(self, msg: bytes) -> bool:
-        """Apply one XPUB message (``\\x01topic`` or ``\\x00topic``); ``False`` if it was refused."""
+    def update(self, msg: bytes, key: str | None = None) -> bool:
+        """Apply one XPUB message (``\\x01topic`` or ``\\x00topic``) sent by ``key`` (None: unknown);
+        ``False`` if it was refused."""
         if not msg or msg[0] not in (0, 1):
             return False
         topic = msg[1:]
         count = self._topics.get(topic)
         if msg[0] == 1:
+            if key is not None and self.per_key is not None:
+                self._per_key[key] += 1
+                if self._per_key[key] > self.per_key:
+                    self.over.add(key)
+                    self.refused += 1
+                    return False
             if count is not None:
                 self._topics[topic] = count + 1
                 return True

@@ -56,7 +56,7 @@ from .logutil import warn_limited
 
 log = logging.getLogger("orchester.security")
 
-__all__ = ["DEFAULT_ROLES", "ROLES", "ZAP_DOMAIN", "CurveAuthenticator", "Identity", "KeyRing",
+__all__ = ["DEFAULT_ROLES", "EVENTS_DOMAIN", "ROLES", "ZAP_DOMAIN", "CurveAuthenticator", "Identity", "KeyRing",
            "SecurityError", "allowed", "check_binds", "generate_keys", "is_loopback", "load_keypair",
            "load_public", "secure_client", "secure_server", "user_of"]
 
@@ -129,6 +129,8 @@ def check_binds(endpoints: Iterable[str], secure: bool, insecure: bool) -> list[
 #: what travels there is every task's payload and result).
 PEER_DOMAIN = "orchester-peer"
 PEER_IDENTITY = Identity("orchestrator", frozenset(ROLES))
+#: The ZAP domain of the event stream: the key ring, less the keys muted for subscribing too much.
+EVENTS_DOMAIN = "orchester-events"
 
 
 # -- the authorised key ring -----------------------------------------------------------------
@@ -254,6 +256,8 @@ class _ZapAgent(ThreadAuthenticator):
         except Exception:  # never let the ZAP thread die: every later handshake would hang
             log.exception("key ring lookup failed; denying %s", key[:8])
             identity = None
+        if identity is not None and domain == EVENTS_DOMAIN and self._owner.muted(identity.name):
+            identity = None  # it subscribed beyond its share: no events for a while
         self._last = (key, identity) if identity else None
         self._owner._count(identity, key)
         return identity is not None
@@ -288,8 +292,23 @@ class CurveAuthenticator:
         self.context: zmq.Context[Any] = context if context is not None else zmq.Context.instance()
         self.domain = domain
         self._agent: _ZapAgent | None = None
+        self._muted: dict[str, float] = {}  #: key name -> until when (monotonic) it may not subscribe
         self._allowed = 0
         self._denied = 0
+
+    def mute(self, name: str, seconds: float) -> None:
+        """Refuse ``name``'s key on the event stream (:data:`EVENTS_DOMAIN`) for ``seconds``."""
+        self._muted[name] = time.monotonic() + seconds
+
+    def muted(self, name: str) -> bool:
+        """Whether ``name``'s key is refused on the event stream now."""
+        until = self._muted.get(name)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        self._muted.pop(name, None)
+        return False
 
     @property
     def allowed(self) -> int:
@@ -327,6 +346,7 @@ class CurveAuthenticator:
         while True:
             agent = _ZapAgent(self, self.context)
             agent.configure_curve_callback(self.domain, credentials_provider=agent)
+            agent.configure_curve_callback(EVENTS_DOMAIN, credentials_provider=agent)
             if self.peer_keys:
                 agent.configure_curve_callback(PEER_DOMAIN, credentials_provider=agent)
             try:

@@ -21,7 +21,7 @@ from conftest import TEST_ENV
 from test_security_live import HB, Keys, secured  # noqa: F401, F811  (the fixture)
 
 from orchester import Client, LocalCluster
-from orchester.errors import RemoteError, TaskFailed
+from orchester.errors import TaskFailed
 from orchester.keys import generate_keys, load_keypair, load_public
 from serializers import encode, pack, unpack
 from serializers import protocol as P
@@ -218,6 +218,56 @@ def test_subscriptions_cannot_stall_or_bloat_the_orchestrator() -> None:
         finally:
             attacker.kill()
             attacker.wait(10)
+
+
+KEYED_ATTACKER = """
+import sys, time, zmq
+from orchester.keys import load_keypair, load_public
+ctx = zmq.Context()
+many = ctx.socket(zmq.SUB)
+many.curve_publickey, many.curve_secretkey = load_keypair(sys.argv[2])
+many.curve_serverkey = load_public(sys.argv[3])
+many.sndhwm = 0
+many.connect(sys.argv[1])
+for i in range(3000):
+    many.setsockopt(zmq.SUBSCRIBE, b"t%08d" % i)
+print("subscribed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_key_subscribing_beyond_its_share_is_shut_out_of_the_events(secured: Any) -> None:  # noqa: F811
+    """With keys, subscriptions count against the key: past ``--max-subscriptions`` it is muted."""
+    cluster, keys = secured
+    with keys.client(cluster.endpoint, "alice") as alice:
+        stream = alice.subscribe(["task:"])
+        attacker = subprocess.Popen([sys.executable, "-c", KEYED_ATTACKER, cluster.pub_endpoint,
+                                     str(keys.secrets["bob"]), str(keys.server_public)], stdout=subprocess.PIPE,
+                                    env={**os.environ, **TEST_ENV})
+        try:
+            assert attacker.stdout is not None and attacker.stdout.readline() == b"subscribed\n"
+            with Client(cluster.endpoint) as ops:
+                deadline = time.monotonic() + 30
+                while ops.status()["counters"].get("subscribers_muted", 0) < 1:
+                    assert time.monotonic() < deadline, ops.status()["counters"]
+                    time.sleep(0.2)
+                settle = time.monotonic() + 1.5  # alice's stream reconnects to the re-opened event socket and
+                while time.monotonic() < settle:  # subscribes again as it is read (libzmq acts on a socket's call)
+                    stream.recv(timeout=0.1)
+                fut = alice.submit("echo", "seen")
+                assert fut.result(timeout=30) == "seen"
+                seen = []
+                deadline = time.monotonic() + 15
+                while not any(e.data.get("id") == fut.task_id for e in seen) and time.monotonic() < deadline:
+                    ev = stream.recv(timeout=0.5)
+                    if ev is not None:
+                        seen.append(ev)
+                assert any(e.data.get("id") == fut.task_id for e in seen)
+                assert ops.status()["counters"]["subscribers_muted"] == 1  # it did not get back in
+        finally:
+            attacker.kill()
+            attacker.wait(10)
+            stream.close()
 
 
 # ------------------------------------------------------------------ finding 6
