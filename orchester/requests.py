@@ -193,7 +193,7 @@ class Requests(Lifecycle):
             candidates: Any = sorted((t for t in found if t is not None), key=lambda t: t.seq, reverse=True)
         else:
             candidates = reversed(self.tasks.values())
-        out: list[dict[str, Any]] = []
+        out: list[tuple[int, dict[str, Any]]] = []
         for task in candidates:
             if len(out) >= limit:
                 break
@@ -203,9 +203,9 @@ class Requests(Lifecycle):
             submitted = rows[0][0] if rows else 0.0
             if (since is not None and submitted < since) or (until is not None and submitted >= until):
                 continue
-            out.append(self._history_row(task, rows))
-        out.sort(key=lambda r: r["submitted"])
-        return out
+            out.append((task.seq, self._history_row(task, rows)))
+        out.sort(key=lambda r: r[0])  # oldest submission first
+        return [row for _, row in out]
 
     def _history_row(self, task: Task, rows: list[tuple[float, int, int, str | None, str | None]]) -> dict[str, Any]:
         """One task as a history row (:data:`orchester.history.COLUMNS`), error type and message included."""

@@ -17,8 +17,13 @@ COMMANDS = sorted(P.COMMAND_NAMES) + [b"", b"\xff", b"\x10\x10"]
 headers = st.one_of(
     st.binary(max_size=64),
     st.dictionaries(st.sampled_from(["id", "k", "p", "tg", "to", "sid", "slots", "kinds", "a", "ok", "op",
-                                     "name", "rid", "c", "arr", "tags"]),
+                                     "name", "rid", "c", "arr", "tags", "ttl", "mr", "dur", "walltime", "progress",
+                                     "running", "recent", "workers", "pid", "limit", "since", "until", "ids",
+                                     "state", "task", "t", "m"]),
                     st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(allow_nan=True),
+                              st.sampled_from([1e308, -1e308, float("inf"), float("-inf"), float("nan"), 2**63 - 1,
+                                               -(2**63), 2**64 - 1, 0, -1, "x" * 70_000]),
+                              st.dictionaries(st.text(max_size=4), st.floats(allow_nan=True), max_size=3),
                               st.text(max_size=8), st.binary(max_size=8),
                               st.lists(st.one_of(st.text(max_size=4), st.integers(-2**63, 2**64 - 1)), max_size=3)),
                     max_size=6).map(pack),
@@ -40,6 +45,10 @@ def test_core_survives_any_frames_and_still_serves(messages: list[Any], garbage:
         core.handle("sock", [ident, sig, cmd, hdr, *payload], now)
         now += 0.01
         core.housekeeping(now)
+    now += 1e6  # every timer a fuzzed message may have armed fires
+    core.housekeeping(now)
+    # nothing a peer sends is our own error: never a handler error, never a failing timer
+    assert core.counters["handler_errors"] == 0 and core.counters["timer_errors"] == 0
     for frames in garbage:
         core.handle("sock", [b"g", *frames], now)
     core.housekeeping(now)

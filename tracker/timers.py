@@ -58,8 +58,10 @@ class TimerWheel(Generic[K]):
         """Add a timer that fires for ``key`` (and ``code``) at ``deadline``."""
         t = Timer(deadline, key, code)
         scaled = deadline / self.tick
-        # clamped: a deadline past the last tick (or not a number at all) waits in the last tick
-        slot = math.ceil(scaled) if -NEVER_TICK < scaled < NEVER_TICK else NEVER_TICK
+        if -NEVER_TICK < scaled < NEVER_TICK:
+            slot = math.ceil(scaled)
+        else:  # clamped: far past fires at once; far future, or not a number at all, waits in the last tick
+            slot = -NEVER_TICK if scaled <= -NEVER_TICK else NEVER_TICK
         bucket = self._buckets.get(slot)
         if bucket is None:
             self._buckets[slot] = [t]

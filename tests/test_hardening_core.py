@@ -1,0 +1,221 @@
+"""Issue 14's rules in the pure parts: header numbers, the timer wheel, replay, identities, rates, subscriptions."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from test_core import C, Harness, S, dispatched_ids, of
+
+from orchester.peers import ConnectionKeys, RequestRate, Subscriptions
+from orchester.restore import RestoreFold
+from orchester.tasks import SubmitHeader
+from serializers import encode, pack, unpack
+from serializers import protocol as P
+from serializers.header import ProtocolError
+from tracker import TaskState, TimerWheel
+
+BAD_NUMBERS: list[Any] = [1e308, -1e308, math.inf, -math.inf, math.nan, 2**63, -(2**63), True, "1", [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("key", ["to", "ttl", "mr", "dur", "p"])
+@pytest.mark.parametrize("value", BAD_NUMBERS)
+def test_a_submit_header_with_an_extreme_number_is_refused(key: str, value: Any) -> None:
+    with pytest.raises(ProtocolError) as err:
+        SubmitHeader.parse({"id": "t", "k": "echo", key: value})
+    assert err.value.code == P.E_MALFORMED
+
+
+def test_a_refused_submit_changes_nothing() -> None:
+    """``ttl: 1e308`` was answered malformed with the task already queued; ``to: 1e308`` left it without history."""
+    h = Harness()
+    for n, key in enumerate(("ttl", "to", "mr", "dur")):
+        h.submit(f"x{n}", **{key: 1e308})
+    out = h.tick()
+    assert len(of(out, P.ERROR)) == 4 and not of(out, P.ACK)
+    assert not h.core.tasks and not len(h.core.queues) and not h.core.client_load and h.core.queued_bytes == 0
+    h.send(C, b"cli", P.HISTORY, {"rid": 1})
+    reply = unpack(of(h.tick(), P.REPLY)[0][3])
+    assert reply["rows"] == []
+
+
+def test_the_timer_wheel_clamps_what_it_cannot_place() -> None:
+    wheel: TimerWheel[str] = TimerWheel()
+    for i, deadline in enumerate([1e308, math.inf, math.nan, -1e308, 5.0]):
+        wheel.schedule(deadline, f"k{i}")
+    assert [t.key for t in wheel.pop_expired(10.0)] == ["k3", "k4"]  # far past: at once
+    assert len(wheel) == 3  # the others wait in the last tick: never, in practice
+
+
+def test_one_failing_timer_is_counted_and_the_others_fire() -> None:
+    h = Harness(queue_ttl=1.0)
+    h.submit("a")
+    h.submit("b")
+    h.tick()
+    original = h.core._on_timer
+
+    def broken(tid: str, code: int, now: float) -> None:
+        if tid == "a":
+            raise OverflowError("cannot convert float infinity to integer")
+        original(tid, code, now)
+
+    h.core._on_timer = broken  # type: ignore[method-assign]
+    h.tick(2.0)
+    assert h.core.counters["timer_errors"] == 1
+    assert h.core.tasks["b"].state is TaskState.EXPIRED
+
+
+def test_replay_skips_a_record_a_live_server_would_refuse() -> None:
+    fold = RestoreFold()
+    _, body = encode([[1], {}])
+    good = pack({"id": "good", "k": "echo"})
+    bad = pack({"id": "bad", "k": "echo", "ttl": 1e308})
+    fold.add(["S", "bad", b"cli", bad, list(body), 1.0, None, None])
+    fold.add(["S", "good", b"cli", good, list(body), 1.0, None, None])
+    fold.add(["S", "other", b"cli", good, list(body), 1.0, None, None])  # header of another task
+    assert set(fold.tasks) == {"good"} and fold.bad == 2
+    h = Harness()
+    counts = fold.finish(h.core, h.now, C)
+    assert counts["requeued"] == 1
+    h.register(slots=1)
+    assert dispatched_ids(h.tick()) == ["good"]
+
+
+def test_status_counts_tasks_without_walking_them() -> None:
+    h = Harness(result_retention=2)
+    sat = h.register(slots=10)
+    for i in range(5):
+        h.submit(f"t{i}")
+    h.tick()
+    for i in range(3):
+        h.done(sat, f"t{i}")
+    h.tick()
+    assert h.core.status(h.now)["tasks"] == {"done": 2, "dispatched": 2}  # one done task left the retention
+    states = [t.state for t in h.core.tasks.values()]
+    assert sum(h.core.state_counts) == len(states)
+
+
+def test_the_memory_history_is_paged() -> None:
+    h = Harness()
+    for i in range(1500):
+        h.submit(f"t{i:04d}")
+    h.tick()
+    h.send(C, b"cli", P.HISTORY, {"rid": 1})
+    rows = unpack(of(h.tick(), P.REPLY)[0][3], limit=1 << 24)["rows"]
+    assert len(rows) == 1000 and rows[0]["id"] == "t0500" and rows[-1]["id"] == "t1499"
+    h.send(C, b"cli", P.HISTORY, {"rid": 2, "limit": 10**9, "ids": ["t0001", "nope", 7]})
+    rows = unpack(of(h.tick(), P.REPLY)[0][3])["rows"]
+    assert [r["id"] for r in rows] == ["t0001"]
+
+
+def test_failed_tasks_show_their_error_type_and_message_in_the_memory_history() -> None:
+    h = Harness()
+    sat = h.register()
+    h.submit("f")
+    h.tick()
+    h.done(sat, "f", ok=False, etype="ValueError")
+    h.tick()
+    h.send(C, b"cli", P.HISTORY, {"rid": 1})
+    (row,) = unpack(of(h.tick(), P.REPLY)[0][3])["rows"]
+    assert row["error"] == "ValueError: bad" and row["state"] == "failed" and row["satellite"] == "s1"
+
+
+def test_an_identity_belongs_to_the_first_key_and_a_contest_stops_deliveries() -> None:
+    conns = ConnectionKeys(max_per_key=2)
+    conns.bind(b"c:1", "alice", 0.0)
+    assert conns.owns(b"c:1", "alice")
+    with pytest.raises(ProtocolError) as err:
+        conns.bind(b"c:1", "mallory", 1.0)
+    assert err.value.code == P.E_FORBIDDEN and not conns.owns(b"c:1", "alice")
+    conns.bind(b"c:1", "alice", 2.0)  # its owner speaks again: delivered again
+    assert conns.owns(b"c:1", "alice")
+    conns.bind(b"c:2", "alice", 2.0)
+    with pytest.raises(ProtocolError) as err:
+        conns.bind(b"c:3", "alice", 3.0)
+    assert err.value.code == P.E_LIMIT
+    conns.bind(b"c:3", "alice", 10_000.0)  # the idle ones were forgotten
+    assert conns.forget_key("alice") == 1 and len(conns) == 0
+
+
+def test_results_go_only_to_a_connection_of_the_owners_key() -> None:
+    h = Harness()
+    keys = {"alice": object(), "sat": object(), "bob": object()}
+    h.core.identify = lambda name: type("Who", (), {"name": name, "roles": frozenset(
+        {"submit", "satellite"})})() if name in keys else None
+    _, body = encode([[1], {}])
+    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now,
+                  "sat")
+    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
+    h.tick()
+    h.core.handle(C, [b"c:a", P.SIGNATURE, P.HEARTBEAT, pack({})], h.now, "bob")  # bob on alice's id
+    h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": True})], h.now, "sat")
+    out = h.tick()
+    assert not of(out, P.RESULT) and h.core.counters["results_withheld"] == 1
+    h.core.handle(C, [b"c:b", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 1})], h.now, "alice")
+    assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:b"]
+
+
+def test_a_satellite_id_is_bound_to_its_key_and_adoption_needs_the_tags() -> None:
+    h = Harness()
+    roles = frozenset({"submit", "satellite"})
+    h.core.identify = lambda name: type("Who", (), {"name": name, "roles": roles})() if name else None
+    h.core.journal_out = []
+    reg = {"sid": "s", "slots": 1, "kinds": ["echo"]}
+    h.core.handle(S, [b"s1", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "sat")
+    h.core.handle(S, [b"s2", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "impostor")
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert [e["code"] for e in errors] == [P.E_FORBIDDEN]
+    assert h.core.fleet.by_id["s"].ident == b"s1"
+    assert ["K", "s", "sat"] == h.core.journal_out[0][:3]
+    fold = RestoreFold()
+    fold.add(h.core.journal_out[0])
+    assert fold.sat_keys == {"s": "sat"}
+
+
+def test_a_request_rate_is_a_token_bucket_per_caller() -> None:
+    rate = RequestRate(10.0)
+    assert sum(rate.take("a", 0.0) for _ in range(30)) == 10
+    assert rate.take("b", 0.0)
+    assert sum(rate.take("a", 1.0) for _ in range(30)) == 10
+    assert all(RequestRate(0).take("a", 0.0) for _ in range(1000))
+
+
+def test_subscriptions_are_counted_incrementally_and_capped() -> None:
+    subs = Subscriptions((b"task:", b"sat:"), max_topics=3, max_topic=16, per_key=2)
+    assert subs.update(b"\x01task:1") and subs.want[b"task:"] and not subs.want[b"sat:"]
+    assert subs.update(b"\x01") and subs.want[b"sat:"]  # everything
+    assert not subs.update(b"\x01" + b"x" * 17)  # too long
+    assert subs.update(b"\x01sat:a") and not subs.update(b"\x01sat:b")  # the fourth distinct topic
+    assert subs.update(b"\x00") and subs.want[b"sat:"]  # sat:a still wants it
+    assert subs.update(b"\x00sat:a") and not subs.want[b"sat:"] and subs.want[b"task:"]
+    assert subs.update(b"\x01task:2", key="bob") and subs.update(b"\x01task:2", key="bob")
+    assert not subs.update(b"\x01task:3", key="bob") and subs.over == {"bob"}
+    assert not subs.update(b"\x02junk") and subs.refused == 3
+
+
+def test_a_forged_progress_is_not_published() -> None:
+    h = Harness()
+    h.core.subscription(b"\x01progress:")
+    sat = h.register("a", slots=1)
+    other = h.register("b", slots=1, kinds=("nothing",))
+    h.submit("t")
+    h.tick()
+    h.send(S, other, P.PROGRESS, {"id": "t", "a": 1, "fom": "boom"})
+    h.send(S, sat, P.PROGRESS, {"id": "t", "a": 2, "fom": 1.0})
+    h.send(S, sat, P.PROGRESS, {"id": "t", "a": True, "fom": 1.0})
+    assert not h.core.pub and h.core.counters["progress_refused"] == 3
+    h.send(S, sat, P.PROGRESS, {"id": "t", "a": 1, "fom": 1.0})
+    assert [f[0] for f in h.core.pub] == [b"progress:t"]
+
+
+def test_slots_are_cut_and_revocation_cancels_a_keys_work() -> None:
+    h = Harness(max_slots=8)
+    h.register("big", slots=1_000_000)
+    assert h.core.fleet.by_id["big"].slots == 8
+    h.submit("mine", tags=["nobody"])
+    h.core.tasks["mine"].owner = "bob"
+    counts = h.core.revoke({"bob"}, h.now)
+    assert counts["tasks"] == 1 and h.core.tasks["mine"].state is TaskState.CANCELLED
+    err = unpack(h.core.results.get("mine").frames[2])["err"]  # type: ignore[union-attr]
+    assert err["type"] == P.ERR_REVOKED
