@@ -64,6 +64,7 @@ class AsyncClient:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         s.routing_id = f"a:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
+        self.core.connected()
         s.sndhwm = s.rcvhwm = 100_000
         if self.curve is not None:
             secure_client(s, *self.curve)
@@ -162,7 +163,7 @@ class AsyncClient:
                 self._switch(vote=False)
                 last_heard = last_ping = now
             busy = bool(core.tasks or core.requests)
-            if busy and now - last_ping >= self.heartbeat_interval:
+            if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
                 sock.send_multipart(core.ping())
                 last_ping = now
             if not busy:

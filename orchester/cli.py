@@ -140,6 +140,8 @@ timeout_option = click.option("--timeout", type=float, default=10.0, show_defaul
               help="Most unfinished tasks one client may have; further submits get the 'limit' error.")
 @click.option("--max-client-bytes", type=int, default=OrchestratorConfig.max_client_bytes, show_default=True,
               help="Most bytes (payload, header, id) of one client's unfinished tasks held by the orchestrator.")
+@click.option("--max-unread-bytes", type=int, default=OrchestratorConfig.max_unread_bytes, show_default=True,
+              help="Result bytes sent to one connection and not yet acknowledged, at most (then results wait).")
 @click.option("--max-slots", type=int, default=OrchestratorConfig.max_slots, show_default=True,
               help="Most task slots one satellite may announce (more are cut to this).")
 @click.option("--probation-cooldown", type=float, default=OrchestratorConfig.probation_cooldown, show_default=True,
@@ -230,13 +232,15 @@ def keys() -> None:
               help="Where to write NAME.key (public) and NAME.key_secret (secret, mode 0600).")
 @click.option("--role", "roles", multiple=True, type=click.Choice(["satellite", "submit", "admin"]),
               help="A role the key holds (repeatable; default: submit).")
+@click.option("--kind", "kinds", multiple=True, metavar="KIND",
+              help="A task kind a satellite with this key may offer (repeatable; default: any).")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-def keys_generate(name: str, directory: str, roles: tuple[str, ...], force: bool) -> None:
+def keys_generate(name: str, directory: str, roles: tuple[str, ...], kinds: tuple[str, ...], force: bool) -> None:
     """Write a key pair NAME.key / NAME.key_secret (pyzmq's certificate format)."""
     from .keys import generate_keys
 
     try:
-        public, secret = generate_keys(name, directory, roles or ("submit",), force=force)
+        public, secret = generate_keys(name, directory, roles or ("submit",), force=force, kinds=kinds)
     except (ValueError, FileExistsError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

@@ -270,6 +270,7 @@ class Client:
         s = self.ctx.socket(zmq.DEALER)
         s.linger = 0
         s.routing_id = f"c:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
+        self.core.connected()
         s.sndhwm = s.rcvhwm = 100_000
         if self.curve is not None:
             secure_client(s, *self.curve)
@@ -350,7 +351,7 @@ class Client:
                     poller.register(sock, zmq.POLLIN)
                     last_heard = last_ping = now
                 busy = bool(core.tasks or core.requests)
-                if busy and now - last_ping >= self.heartbeat_interval:
+                if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
                     _offer(sock, core.ping())
                     last_ping = now
                 if not busy:

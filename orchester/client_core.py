@@ -49,6 +49,11 @@ class Pending:
         self.acked = False
 
 
+#: Result bytes received after which a client says so at once, not at its next heartbeat (a
+#: quarter of the orchestrator's default ``--max-unread-bytes``, so large results keep flowing).
+ACK_BYTES = 16 << 20
+
+
 class ClientCore:
     """Request building, pending bookkeeping and reply handling (no I/O)."""
 
@@ -68,6 +73,9 @@ class ClientCore:
         self.alternatives = False
         #: a passive server refused us: the adapter should switch to the other endpoint
         self.redirect = False
+        #: results received on the current connection (reported in heartbeats)
+        self.rx = 0
+        self._rx_bytes = 0  #: result bytes received since the last heartbeat
 
     # ------------------------------------------------------------ requests
     def task_id(self) -> str:
@@ -116,14 +124,27 @@ class ClientCore:
         self.requests[rid] = Pending(future, frames)
         return frames
 
-    @staticmethod
-    def ping(vote: bool = False) -> list[Any]:
+    def ping(self, vote: bool = False) -> list[Any]:
         """A client heartbeat; the orchestrator answers with its epoch.
 
-        ``vote``: this client failed over because the other server went silent; a passive
-        server of a binary-star pair takes over on such a vote (see :mod:`orchester.bstar`).
+        It carries ``rx``, the results received on this connection so far, so that the
+        orchestrator sends more (it holds back what a connection has not read:
+        ``--max-unread-bytes``). ``vote``: this client failed over because the other server
+        went silent; a passive server of a binary-star pair takes over on such a vote (see
+        :mod:`orchester.bstar`).
         """
-        return [P.SIGNATURE, P.HEARTBEAT, pack({"vote": True} if vote else {})]
+        self._rx_bytes = 0
+        return [P.SIGNATURE, P.HEARTBEAT, pack({"vote": True, "rx": self.rx} if vote else {"rx": self.rx})]
+
+    def connected(self) -> None:
+        """A new connection (a new routing id): its count of received results starts at zero."""
+        self.rx = 0
+        self._rx_bytes = 0
+
+    @property
+    def ack_due(self) -> bool:
+        """Enough result bytes came since the last heartbeat to say so at once (not wait for the next)."""
+        return self._rx_bytes >= ACK_BYTES
 
     def pending_frames(self) -> list[list[Any]]:
         """Every request to resend after a reconnect or an orchestrator restart."""
@@ -159,6 +180,8 @@ class ClientCore:
         cmd = bytes(frames[1])
         hdr = unpack(bytes(frames[2]), REPLY_LIMIT if cmd == P.REPLY else MAX_HEADER)
         if cmd == P.RESULT:
+            self.rx += 1
+            self._rx_bytes += sum(len(f) for f in frames)
             self._on_result(hdr, frames[3:])
         elif cmd == P.ACK:
             for tid in hdr.get("ids", ()):

@@ -88,6 +88,9 @@ class OrchestratorConfig:
     max_slots: int = 1024
     #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
     probation_cooldown: float = 30.0
+    #: Most result bytes pushed to one connection that it has not acknowledged reading; further
+    #: results wait in the orchestrator's result store (one result is always let through).
+    max_unread_bytes: int = 64 << 20
     #: CurveZMQ: most connections (routing identities heard within ten minutes) one key may hold.
     max_key_connections: int = 256
     #: Most event subscriptions one key (without CurveZMQ: all subscribers together) may hold.
@@ -155,7 +158,7 @@ class OrchestratorConfig:
                 raise ConfigError(f"{name} must be a number >= 0, not {value!r}")
         for name in ("liveness", "max_message", "max_queue", "retries", "result_retention",
                      "result_retention_bytes", "hwm", "batch", "probation_after", "drain_after",
-                     "max_client_tasks", "max_client_bytes", "max_slots", "max_key_connections",
+                     "max_client_tasks", "max_client_bytes", "max_slots", "max_key_connections", "max_unread_bytes",
                      "max_subscriptions", "max_topic"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -41,7 +41,7 @@ from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
 from .lifecycle import T_DEADLINE, _len
 from .logutil import warn_limited
-from .peers import ConnectionKeys, RequestRate, Subscriptions
+from .peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
 from .requests import Requests
 from .results import ResultStore
 from .routing import make_strategy
@@ -117,6 +117,8 @@ class Orchestrator(Requests):
         self._want = self.subs.want  #: per event category: whether anyone subscribed to it
         #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
         self.conns = ConnectionKeys(config.max_key_connections)
+        self.unread = UnreadResults(config.max_unread_bytes)
+        self.clock = now
         self.rate = RequestRate(config.request_rate)
         #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
         self.sat_keys: dict[str, str] = {}
@@ -138,6 +140,7 @@ class Orchestrator(Requests):
         """
         ident = bytes(frames[0])
         self._user = user
+        self.clock = now
         try:
             if len(frames) < 4:
                 raise ProtocolError(P.E_MALFORMED, f"expected at least 4 frames, got {len(frames)}")
@@ -262,8 +265,14 @@ class Orchestrator(Requests):
                 sat.reported = {str(k): float(v) for k, v in report.items() if isinstance(v, (int, float))}
         if "sid" in hdr and ident not in self.fleet.by_ident:
             self.out.append((sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.epoch})], None))
-        elif "sid" not in hdr:  # a client's ping
+        elif "sid" not in hdr:  # a client's ping, with how many results it received on this connection
             self.out.append((sock, [ident, P.SIGNATURE, P.HEARTBEAT, pack({"e": self.epoch})], None))
+            received = number(hdr, "rx", 0, 2**62, None, integer=True)
+            if received is not None:
+                for tid in self.unread.ack(ident, received, now):
+                    task, stored = self.tasks.get(tid), self.results.get(tid)
+                    if task is not None and stored is not None and task.client == ident:
+                        self._send_result(task, stored.frames, stored.size, store=False)
 
     # -------------------------------------------------------------- satellites
     def _on_register(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
@@ -287,6 +296,17 @@ class Orchestrator(Requests):
                 raise ProtocolError(P.E_FORBIDDEN, f"satellite id {sid!r} belongs to another key")
             if owner is None and self._user is not None:
                 self._bind_sid(sid, self._user)
+        if self.identify is not None:  # a key may be limited to some task kinds (its file's ``kinds``)
+            allowed = getattr(self.identify(self._user), "kinds", None)
+            if allowed is not None:
+                refused = sorted(set(kinds) - allowed)
+                kinds = [k for k in kinds if k in allowed]
+                if not kinds:
+                    self.counters["kinds_refused"] += 1
+                    raise ProtocolError(P.E_FORBIDDEN, f"key {self._user!r} may offer only the task kinds "
+                                        f"{sorted(allowed)}")
+                if refused:
+                    log.warning("satellite %r: its key may not offer %s; it gets %s only", sid, refused[:20], kinds)
         if slots > self.cfg.max_slots:
             log.warning("satellite %r announced %d slots: cut to %d (--max-slots)", sid[:128], slots,
                         self.cfg.max_slots)
@@ -436,6 +456,8 @@ class Orchestrator(Requests):
                 self._arm(task, now)
             self.counters["reclaim_requeued"] += len(self.reclaim)
             self.reclaim.clear()
+        self.clock = now
+        self.unread.sweep(now)
         if self.identify is not None:
             self.conns.sweep(now)
         if len(self.timers):

@@ -50,6 +50,16 @@ def parse_roles(roles: str | Iterable[str]) -> frozenset[str]:
     return found
 
 
+def parse_kinds(kinds: str | Iterable[str]) -> frozenset[str]:
+    """Task kinds from a comma-separated string or an iterable; ValueError on a malformed one."""
+    items = kinds.split(",") if isinstance(kinds, str) else list(kinds)
+    found = frozenset(k.strip() for k in items if k.strip())
+    bad = sorted(k for k in found if len(k) > 256 or not k.isprintable() or " " in k)
+    if bad:
+        raise ValueError(f"malformed task kind(s) {', '.join(map(repr, bad))}")
+    return found
+
+
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"key name {name!r} must be a simple file name: 1-64 letters, digits, '.', '_' "
@@ -124,7 +134,7 @@ def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 
 
 def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Iterable[str] = DEFAULT_ROLES,
-                  *, force: bool = False) -> tuple[Path, Path]:
+                  *, force: bool = False, kinds: str | Iterable[str] = ()) -> tuple[Path, Path]:
     """Write a new key pair as ``DIRECTORY/NAME.key`` and ``DIRECTORY/NAME.key_secret``.
 
     Both files are pyzmq certificates (:func:`zmq.auth.load_certificate` reads them) whose
@@ -134,8 +144,12 @@ def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Ite
     directory is created (mode 0700) if missing. Raises ValueError for an unknown or empty
     role list or a name that is not a simple file name, FileExistsError when either file exists
     and ``force`` is false. Returns ``(public path, secret path)``.
+
+    ``kinds``: the task kinds a satellite with this key may offer (metadata ``kinds = a,b``;
+    empty: any kind).
     """
     check_name(name)
+    kind_set = sorted(parse_kinds(kinds))
     role_set = parse_roles(roles)
     if not role_set:
         raise ValueError(f"a key needs at least one role; roles are {', '.join(ROLES)}")
@@ -149,11 +163,13 @@ def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Ite
     # Written in a private (0700) directory next to the targets, then moved into place: a
     # reader never sees a half-written file, nobody else ever sees the secret.
     with tempfile.TemporaryDirectory(dir=target, prefix=".orchester-keys-") as tmp:
-        tmp_public, tmp_secret = map(Path, zmq.auth.create_certificates(tmp, name, metadata={"roles": ordered}))
+        metadata = {"roles": ordered, **({"kinds": ",".join(kind_set)} if kind_set else {})}
+        tmp_public, tmp_secret = map(Path, zmq.auth.create_certificates(tmp, name, metadata=metadata))
         text = tmp_public.read_text(encoding="utf-8")
-        if f"roles = {ordered}" not in text:  # pyzmq writes metadata into the secret file only
-            text = text.replace("metadata\n", f"metadata\n    roles = {ordered}\n", 1)
-            tmp_public.write_text(text, encoding="utf-8")
+        for key, value in metadata.items():
+            if f"{key} = {value}" not in text:  # pyzmq writes metadata into the secret file only
+                text = text.replace("metadata\n", f"metadata\n    {key} = {value}\n", 1)
+        tmp_public.write_text(text, encoding="utf-8")
         os.chmod(tmp_secret, 0o600)
         os.chmod(tmp_public, 0o644)
         os.replace(tmp_secret, secret)

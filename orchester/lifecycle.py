@@ -33,7 +33,7 @@ from tracker import (
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
-from .peers import ConnectionKeys
+from .peers import ConnectionKeys, UnreadResults
 from .results import ResultStore
 from .tasks import QueueKey, Task, TaskQueues
 
@@ -75,6 +75,9 @@ class Lifecycle:
     journal_out: list[list[Any]] | None
     identify: Callable[[str | None], Any] | None
     conns: ConnectionKeys
+    unread: UnreadResults
+    #: the monotonic time of the current wake-up (set on every message and housekeeping)
+    clock: float
     #: tasks in the table per state (indexed by :class:`~tracker.TaskState`): status costs nothing
     state_counts: list[int]
 
@@ -322,10 +325,13 @@ class Lifecycle:
         self._send_result(task, result, _len(result), store=True)
 
     def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
-        if self._deliverable(task):
-            self.out.append((task.csock, [task.client, *frames], task.id))
-        else:  # kept for fetch: only a connection of the owner's key gets it
+        if not self._deliverable(task):  # kept for fetch: only a connection of the owner's key gets it
             self.counters["results_withheld"] += 1
+        elif self.unread.admit(task.client, size, self.clock):
+            self.out.append((task.csock, [task.client, *frames], task.id))
+        else:  # its connection has not read what it was sent: this one waits in the store
+            self.unread.hold(task.client, task.id)
+            self.counters["results_waiting"] += 1
         if store:
             self.results.put(task.id, frames, size)
         else:

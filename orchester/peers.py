@@ -4,13 +4,15 @@
   (CurveZMQ on), refuses another key on that identity, and caps the connections of one key.
 * :class:`RequestRate` is a token bucket per key (or per connection without keys) for requests
   that walk tables: status, history, show, fetch, cancel, control.
+* :class:`UnreadResults` bounds the result bytes pushed to one connection and not yet
+  acknowledged by it (clients report the results they received in their heartbeats).
 * :class:`Subscriptions` keeps the event subscriptions incrementally: which event categories
   someone wants, in constant time per (un)subscription, with a cap on distinct topics.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from typing import Final
 
 from serializers import protocol as P
@@ -192,3 +194,81 @@ class Subscriptions:
                 del self._per_category[cat]
                 self.want[cat] = False
         return True
+
+
+class _Unread:
+    __slots__ = ("acked", "sizes", "bytes", "waiting", "seen")
+
+    def __init__(self, now: float) -> None:
+        self.acked = 0  #: results the connection said it received
+        self.sizes: deque[int] = deque()  #: sizes of the results pushed and not acknowledged, oldest first
+        self.bytes = 0
+        self.waiting: deque[str] = deque()  #: task ids whose results wait for room
+        self.seen = now
+
+
+class UnreadResults:
+    """Result bytes pushed to each connection and not yet acknowledged, at most ``cap`` each.
+
+    A client counts the results it receives on a connection and reports the count (``rx``) in
+    its heartbeats; a result that would take a connection past ``cap`` waits (in the result
+    store) until an acknowledgement makes room. One result is always let through to an idle
+    connection, however large. So a peer that stops reading holds at most ``cap`` bytes of
+    results in the orchestrator's send queues, not ``--hwm`` whole results.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._conns: dict[bytes, _Unread] = {}
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        """Connections with results unacknowledged or waiting."""
+        return len(self._conns)
+
+    def admit(self, ident: bytes, size: int, now: float) -> bool:
+        """Whether a result of ``size`` bytes may go to ``ident`` now (it is then counted)."""
+        c = self._conns.get(ident)
+        if c is None:
+            c = self._conns[ident] = _Unread(now)
+        elif c.waiting or (c.bytes and c.bytes + size > self.cap):
+            return False
+        c.sizes.append(size)
+        c.bytes += size
+        c.seen = now
+        return True
+
+    def hold(self, ident: bytes, task_id: str) -> None:
+        """Keep ``task_id``'s result for ``ident`` until it has room (after :meth:`admit` said no)."""
+        self._conns[ident].waiting.append(task_id)
+
+    def unread(self, ident: bytes) -> int:
+        """Bytes pushed to ``ident`` and not acknowledged."""
+        c = self._conns.get(ident)
+        return c.bytes if c is not None else 0
+
+    def ack(self, ident: bytes, received: int, now: float) -> list[str]:
+        """``ident`` received ``received`` results so far: free their room; returns the task ids
+        whose results may go now (the caller sends them and :meth:`admit` counts them again)."""
+        c = self._conns.get(ident)
+        if c is None:
+            return []
+        c.seen = now
+        fresh = received - c.acked
+        if fresh > 0:
+            c.acked = received
+            for _ in range(min(fresh, len(c.sizes))):
+                c.bytes -= c.sizes.popleft()
+        released = list(c.waiting)
+        c.waiting.clear()
+        if not c.sizes and not released:
+            del self._conns[ident]
+        return released
+
+    def sweep(self, now: float) -> None:
+        """Forget connections silent for :data:`IDLE_AFTER` seconds (at most once a minute)."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 60.0
+        for ident in [i for i, c in self._conns.items() if now - c.seen > IDLE_AFTER]:
+            del self._conns[ident]

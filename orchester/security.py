@@ -49,6 +49,7 @@ from .keys import (
     generate_keys,
     load_keypair,
     load_public,
+    parse_kinds,
     parse_roles,
     read_cert,
 )
@@ -63,10 +64,12 @@ __all__ = ["DEFAULT_ROLES", "EVENTS_DOMAIN", "ROLES", "ZAP_DOMAIN", "CurveAuthen
 
 @dataclass(frozen=True)
 class Identity:
-    """Who an authorised key belongs to: its file name (without ``.key``) and its roles."""
+    """Who an authorised key belongs to: its file name (without ``.key``), its roles and the task
+    kinds a satellite with it may offer (``None``: any)."""
 
     name: str
     roles: frozenset[str] = field(default_factory=frozenset)
+    kinds: frozenset[str] | None = None
 
 
 # -- policy (no I/O) -------------------------------------------------------------------------
@@ -158,6 +161,7 @@ def _scan(directory: Path) -> _Snapshot:
             check_name(path.stem)
             cert = read_cert(path)
             roles = parse_roles(cert.metadata["roles"]) if "roles" in cert.metadata else frozenset(DEFAULT_ROLES)
+            kinds = parse_kinds(cert.metadata["kinds"]) if "kinds" in cert.metadata else None
             if cert.public in by_key:
                 raise SecurityError(f"same public key as {by_key[cert.public].name}.key")
         except ValueError as e:  # SecurityError is one
@@ -166,7 +170,7 @@ def _scan(directory: Path) -> _Snapshot:
             continue
         if cert.secret is not None:
             log.warning("authorised key file %s contains a secret key: it should hold the public key only", path)
-        identity = Identity(path.stem, roles)
+        identity = Identity(path.stem, roles, kinds)
         by_key[cert.public] = identity
         by_name[identity.name] = (cert.public, identity)
     return _Snapshot(by_key, by_name, tuple(errors))

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from test_core import C, Harness, S, dispatched_ids, of
 
-from orchester.peers import ConnectionKeys, RequestRate, Subscriptions
+from orchester.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
 from orchester.restore import RestoreFold
 from orchester.tasks import SubmitHeader
 from serializers import encode, pack, unpack
@@ -219,3 +219,35 @@ def test_slots_are_cut_and_revocation_cancels_a_keys_work() -> None:
     assert counts["tasks"] == 1 and h.core.tasks["mine"].state is TaskState.CANCELLED
     err = unpack(h.core.results.get("mine").frames[2])["err"]  # type: ignore[union-attr]
     assert err["type"] == P.ERR_REVOKED
+
+
+def test_unread_result_bytes_are_capped_per_connection() -> None:
+    unread = UnreadResults(cap=10)
+    assert unread.admit(b"c", 25, 0.0)  # one result always goes to an idle connection
+    assert not unread.admit(b"c", 1, 0.0)
+    unread.hold(b"c", "t2")
+    assert not unread.admit(b"c", 1, 0.0)  # no overtaking what waits
+    unread.hold(b"c", "t3")
+    assert unread.ack(b"c", 1, 1.0) == ["t2", "t3"] and unread.unread(b"c") == 0
+    assert unread.admit(b"c", 6, 1.0) and not unread.admit(b"c", 6, 1.0)
+    unread.hold(b"c", "t4")
+    assert unread.ack(b"c", 1, 2.0) == ["t4"]  # a stale count frees nothing, but what waits is retried
+    assert not unread.admit(b"c", 6, 2.0)
+    unread.sweep(10_000.0)
+    assert len(unread) == 0
+
+
+def test_a_client_that_reads_gets_every_result_and_one_that_does_not_is_held() -> None:
+    h = Harness(max_unread_bytes=300)  # each result is about 140 bytes
+    sat = h.register(slots=10)
+    for i in range(6):
+        h.submit(f"t{i}")
+    h.tick()
+    for i in range(6):
+        h.send(S, sat, P.DONE, {"id": f"t{i}", "a": 1, "ok": True, "c": "msgpack"}, b"x" * 90)
+    sent = [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)]
+    assert sent == ["t0", "t1"] and h.core.counters["results_waiting"] == 4
+    h.send(C, b"cli", P.HEARTBEAT, {"rx": 2})
+    assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["t2", "t3"]
+    h.send(C, b"cli", P.HEARTBEAT, {"rx": 4})
+    assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["t4", "t5"]

@@ -306,6 +306,37 @@ def test_headers_and_ids_count_against_the_client_byte_limit(socket: Any) -> Non
         assert 10 <= accepted <= 17  # 1 MiB of 60 KB headers, not 40 of them
 
 
+def test_a_connection_that_does_not_read_holds_at_most_its_unread_byte_cap(socket: Any) -> None:
+    """Results wait in the store once a connection has ``--max-unread-bytes`` it has not acknowledged."""
+    with LocalCluster(satellites=1, workers=2, heartbeat_interval=HB, env=TEST_ENV, log_level="ERROR",
+                      serve_args=["--max-unread-bytes", str(4 << 20)]) as cluster:
+        s = dealer(socket, cluster.endpoint)
+        blob = b"x" * (1 << 20)
+        for i in range(12):
+            s.send_multipart([P.SIGNATURE, P.SUBMIT, pack({"id": f"big{i}", "k": "echo", "c": "msgpack"}),
+                              *body(blob)])
+        with cluster.client() as client:
+            deadline = time.monotonic() + 60
+            while client.status()["tasks"].get("done", 0) < 12:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert client.status()["counters"]["results_waiting"] >= 8
+        results = []
+        while s.poll(1000):
+            frames = s.recv_multipart()
+            if frames[1] == P.RESULT:
+                results.append(unpack(frames[2])["id"])
+        assert 1 <= len(results) <= 4  # at most 4 MiB sent that it did not say it read
+        deadline = time.monotonic() + 30
+        while len(results) < 12 and time.monotonic() < deadline:
+            s.send_multipart([P.SIGNATURE, P.HEARTBEAT, pack({"rx": len(results)})])  # what a Client does
+            while s.poll(300):
+                frames = s.recv_multipart()
+                if frames[1] == P.RESULT:
+                    results.append(unpack(frames[2])["id"])
+        assert sorted(results) == sorted(f"big{i}" for i in range(12))
+
+
 # ------------------------------------------------------------------ finding 8
 def test_failing_tasks_do_not_drain_the_fleet() -> None:
     with LocalCluster(satellites=2, workers=1, heartbeat_interval=HB, env=TEST_ENV, log_level="ERROR") as cluster, \
@@ -346,6 +377,24 @@ def test_a_satellite_that_takes_tasks_and_never_runs_them_loses_them(socket: Any
                     if frames[1] == P.HEARTBEAT:
                         hole.send_multipart([P.SIGNATURE, P.HEARTBEAT, pack({"sid": "hole"})])
             assert [f.result(timeout=1) for f in futures] == list(range(40))
+
+
+def test_a_satellite_key_offers_only_the_kinds_its_file_allows(secured: Any, socket: Any,  # noqa: F811
+                                                               tmp_path: Path) -> None:
+    cluster, keys = secured
+    public, secret = generate_keys("echoer", tmp_path / "echoer", ["satellite"], kinds=["echo"])
+    (keys.authorized / public.name).write_bytes(public.read_bytes())
+    keys.secrets["echoer"] = secret
+    cluster.orchestrator.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    narrow = dealer(socket, cluster.endpoint, keys, "echoer")
+    assert ask(narrow, P.REGISTER, {"sid": "narrow", "slots": 1, "kinds": ["echo", "genx.fit"]})[0] == P.WELCOME
+    other = dealer(socket, cluster.endpoint, keys, "echoer")
+    cmd, hdr = ask(other, P.REGISTER, {"sid": "narrow2", "slots": 1, "kinds": ["genx.fit"]})
+    assert cmd == P.ERROR and hdr["code"] == P.E_FORBIDDEN
+    with Client(cluster.endpoint) as ops:
+        kinds = {s["id"]: s["kinds"] for s in ops.status()["satellites"]}
+        assert kinds["narrow"] == ["echo"] and "narrow2" not in kinds
 
 
 # ------------------------------------------------------------------ finding 11
