@@ -312,6 +312,13 @@ class Orchestrator(Requests):
                         self.cfg.max_slots)
             slots = self.cfg.max_slots
         old = self.fleet.by_id.get(sid)
+        if old is not None and old.ident == ident and old.user == self._user:
+            # the same session registering again (a burst of our RECONNECTs after a restart, or a lost
+            # WELCOME): idempotent, it keeps its tasks
+            self.counters["registered_again"] += 1
+            self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
+                {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
+            return
         if old is not None:  # re-registration (reconnect): what the old session held is rerouted
             self._lose(old, now, "re-registered", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,

@@ -92,6 +92,9 @@ class Satellite:
         self.allow_pickle = allow_pickle
         self.max_message = max_message
         self.registered = False
+        #: the orchestrator epoch whose RECONNECT we answered last, and when (a burst is answered once)
+        self._answered_epoch: object = None
+        self._answered_at = float("-inf")
         #: when the allocation ends (monotonic), if known: tasks that would not finish are not sent
         #: here, and the satellite leaves ``leave_before`` seconds before it
         self.deadline = time.monotonic() + walltime if walltime else None
@@ -326,7 +329,15 @@ class Satellite:
             self.registered = True
             log.info("satellite %s registered with orchestrator %s", self.sid, hdr.get("e"))
         elif cmd == P.RECONNECT:
+            epoch = unpack(bytes(frames[2])).get("e")
+            if epoch is not None and epoch == self._answered_epoch and \
+                    now - self._answered_at < self.heartbeat_interval * self.liveness:
+                # an answer to a message we sent before registering with this orchestrator: a
+                # restarted orchestrator answers each of them; one registration per epoch
+                self.counters["reconnects_ignored"] += 1
+                return
             log.info("orchestrator asks satellite %s to register again", self.sid)
+            self._answered_epoch, self._answered_at = epoch, now
             self._queue.clear()
             self._announce(now)
         elif cmd == P.ERROR:

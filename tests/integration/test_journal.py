@@ -286,3 +286,22 @@ def test_a_spilled_payload_is_found_after_its_segment_was_compacted(tmp_path: Pa
     assert load_spilled(task) == [b"body", b"buffer"]
     compact(path)
     assert load_spilled(task) == [b"body", b"buffer"]
+
+
+def test_restarts_under_load_never_run_a_task_twice_on_untouched_satellites(tmp_path: Path) -> None:
+    """A restarted orchestrator answered each older satellite message with RECONNECT, each extra
+    REGISTER was taken as a lost satellite and its tasks ran two and three times (issue 15, item 2)."""
+    marks = tmp_path / "marks"
+    cluster = LocalCluster(satellites=2, workers=2, heartbeat_interval=HB, log_level="ERROR",
+                           tasks=["topology_tests.tasks"],
+                           serve_args=["--journal", str(tmp_path / "journal"), "--retry-backoff", "0"])
+    with cluster, Client(cluster.endpoint) as client:
+        futures = [client.submit("topo.mark", str(marks), f"k{i}", 0.25) for i in range(40)]
+        for _ in range(3):
+            time.sleep(0.6)  # tasks in flight on both satellites, more queued
+            restart(cluster)
+        assert sorted(f.result(timeout=120) for f in futures) == sorted(f"k{i}" for i in range(40))
+        counters = client.status()["counters"]
+    runs = collections.Counter(marks.read_text().split())
+    assert {k for k, n in runs.items() if n > 1} == set(), runs
+    assert counters.get("satellites_lost", 0) == 0
