@@ -30,7 +30,9 @@ import zmq.asyncio
 from serializers import ProtocolError
 from serializers import protocol as P
 
+from .client import resolve_endpoint
 from .client_core import ClientCore, reject_future, resolve_future
+from .config import check_endpoint
 from .errors import ClientClosed, Unreachable
 from .keys import client_curve
 from .security import secure_client
@@ -39,13 +41,20 @@ log = logging.getLogger("orchester.client")
 
 
 class AsyncClient:
-    """Submit tasks from asyncio code over one pipelined DEALER socket."""
+    """Submit tasks from asyncio code over one pipelined DEALER socket.
+
+    ``endpoints`` as for :class:`~orchester.Client` (one, or a failover pair; ``@FILE`` reads an
+    endpoint file): a malformed one is a :class:`ValueError` here. Should the reading task stop
+    on an error, every pending future and every later call fails with
+    :class:`~orchester.errors.ClientClosed` naming that error (its ``__cause__``).
+    """
 
     def __init__(self, endpoints: str | Sequence[str], *, codec: str = "msgpack",
                  heartbeat_interval: float = 1.0, liveness: int = 3,
                  context: zmq.asyncio.Context | None = None, curve_secret: str | None = None,
                  server_key: str | None = None) -> None:
-        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        self.endpoints = [check_endpoint(resolve_endpoint(e))
+                          for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
         if not self.endpoints:
             raise ValueError("a client needs at least one orchestrator endpoint")
         self.heartbeat_interval = heartbeat_interval
@@ -59,6 +68,8 @@ class AsyncClient:
         self._sock = self._connect()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
+        #: why the reading task stopped, if it stopped on an error: every call then fails with it
+        self.failure: ClientClosed | None = None
 
     def _connect(self) -> zmq.asyncio.Socket:
         s = self.ctx.socket(zmq.DEALER)
@@ -72,6 +83,8 @@ class AsyncClient:
         return s
 
     def _ensure_reader(self) -> None:
+        if self.failure is not None:
+            raise self.failure
         if self._closed:
             raise ClientClosed("the client is closed")
         if self._reader is None:
@@ -138,6 +151,20 @@ class AsyncClient:
         return await self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
 
     async def _read(self) -> None:
+        """The reading task: :meth:`_serve`; if that stops on an error, fail everything pending with it."""
+        try:
+            await self._serve()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever it is, no future may be left waiting
+            log.error("the client's reading task stopped: %s: %s", type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, (zmq.ZMQError, OSError)))
+            failure = ClientClosed(f"the client's reading task stopped: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            self.failure = failure
+            self.core.fail_all(failure)
+
+    async def _serve(self) -> None:
         core = self.core
         last_heard = last_ping = redirect_after = time.monotonic()
         silent_after = self.heartbeat_interval * self.liveness

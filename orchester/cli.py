@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -61,6 +62,66 @@ def config_default_map(path: str, group: click.Group, commands: dict[str, str]) 
     return out
 
 
+class OneLineErrors(click.Group):
+    """A command group whose usage errors (a bad flag or value, a missing argument) are one line on stderr.
+
+    ``error: Invalid value for '--connect': ...`` and exit code 2, instead of click's usage
+    block; ``--help`` still shows the whole usage.
+    """
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        """Parse this group's own flags; a usage error becomes one line."""
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the chosen command; a usage error (its flags, or raised by it) becomes one line."""
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as a single ``error: ...`` line (exit code 2)."""
+
+    def show(self, file: Any = None) -> None:
+        """Print the one line on stderr."""
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _one_line(exc: click.UsageError) -> OneLineUsageError:
+    if isinstance(exc, OneLineUsageError):
+        return exc
+    message = exc.format_message()
+    if (type(exc) is not click.BadParameter) and exc.ctx is not None:  # not a value: say where help is
+        message += f" (try '{exc.ctx.command_path} --help')"
+    return OneLineUsageError(" ".join(message.split()), ctx=exc.ctx)
+
+
+def check_connect(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Click callback of every ``--connect``/``--pub`` flag: each endpoint must be one (``@FILE``: read it).
+
+    A malformed endpoint, from the flag, ``ORCHESTER_CONNECT`` or a config file, is a usage
+    error (exit 2) with the message ``orchester serve`` gives for a bad bind.
+    """
+    from .client import resolve_endpoint
+    from .config import check_endpoint
+
+    for endpoint in (value,) if isinstance(value, str) else (value or ()):
+        try:
+            check_endpoint(resolve_endpoint(endpoint))
+        except ValueError as exc:
+            envvars = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+            named = [v for v in envvars if endpoint in os.environ.get(v, "").split()]
+            where = f" ({named[0]} names it)" if named else ""
+            raise click.BadParameter(f"{exc}{where}", ctx=ctx, param=param) from None
+    return value
+
+
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
         assert isinstance(ctx.command, click.Group)
@@ -71,7 +132,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-@click.group(context_settings={"auto_envvar_prefix": "ORCHESTER", "help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors,
+             context_settings={"auto_envvar_prefix": "ORCHESTER", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with a table of flags per command.")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -83,7 +145,6 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.version_option(package_name="orchester")
 def main(log_level: str, curve_secret: str | None, server_key: str | None) -> None:
     """Orchester: a ZeroMQ message bus for scientific tasks on satellites."""
-    import os
 
     setup_logging(log_level)
     if curve_secret:  # every Client of this process picks them up (orchester.keys.client_curve)
@@ -93,8 +154,8 @@ def main(log_level: str, curve_secret: str | None, server_key: str | None) -> No
 
 
 connect_option = click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
-                              default=("tcp://127.0.0.1:5555",), show_default=True,
-                              help="Orchestrator endpoint (repeat for a failover pair).")
+                              default=("tcp://127.0.0.1:5555",), show_default=True, callback=check_connect,
+                              help="Orchestrator endpoint (repeat for a failover pair; @FILE: from an endpoint file).")
 timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True,
                               help="Seconds to wait for the orchestrator before exit code 3.")
 
@@ -248,13 +309,23 @@ def keys_generate(name: str, directory: str, roles: tuple[str, ...], kinds: tupl
     click.echo(f"secret key: {secret}  (keep it on this machine: mode 0600)")
 
 
-def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
-    """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused."""
+def open_client(connect: list[str] | tuple[str, ...], **client_options: Any) -> Any:
+    """A :class:`~orchester.Client` of ``connect``; exit 2 with one line if an endpoint is malformed."""
     from .client import Client
-    from .errors import RemoteError, Unreachable
+
+    try:
+        return Client(list(connect), **client_options)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
+    """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused or failed."""
+    from .errors import OrchesterError, RemoteError, Unreachable
     from .render import clean_text
 
-    with Client(list(connect), **client_options) as client:
+    with open_client(connect, **client_options) as client:
         try:
             return request(client)
         except Unreachable:
@@ -262,6 +333,9 @@ def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_option
             sys.exit(EXIT_UNREACHABLE)
         except RemoteError as exc:
             click.echo(f"error: {clean_text(exc.message, 1000)}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+        except OrchesterError as exc:  # the client itself failed (its I/O thread stopped)
+            click.echo(f"error: {clean_text(str(exc), 1000)}", err=True)
             sys.exit(EXIT_TASK_FAILED)
 
 
@@ -284,11 +358,10 @@ def _parse_arg(text: str) -> Any:
 def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority: int, tags: str,
            task_timeout: float | None, timeout: float, no_wait: bool) -> None:
     """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
-    from .client import Client
     from .errors import RemoteError, TaskFailed, Unreachable
     from .render import clean_block, clean_text
 
-    with Client(list(connect)) as client:
+    with open_client(connect) as client:
         try:
             client.status(timeout=timeout)
         except Unreachable:
@@ -386,7 +459,8 @@ def drain(satellite: str, connect: tuple[str, ...], timeout: float) -> None:
 
 
 @main.command()
-@click.option("--connect", required=True, help="The binary-star server to promote (one endpoint).")
+@click.option("--connect", required=True, callback=check_connect,
+              help="The binary-star server to promote (one endpoint).")
 @timeout_option
 @click.option("--force", is_flag=True, help="Promote even while its peer says it is active.")
 def promote(connect: str, timeout: float, force: bool) -> None:
@@ -413,7 +487,8 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
 
 @main.command()
 @connect_option
-@click.option("--pub", default=None, help="Event endpoint (asked of the orchestrator if omitted).")
+@click.option("--pub", default=None, callback=check_connect,
+              help="Event endpoint (asked of the orchestrator if omitted).")
 @click.option("--topic", "topics", multiple=True, default=("",), help="Topic prefix; repeatable.")
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
 @timeout_option

@@ -8,13 +8,24 @@ from typing import Any
 
 import click
 
-from .cli import EXIT_OK, EXIT_TASK_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, _ask, connect_option, main, timeout_option
+from .cli import (
+    EXIT_OK,
+    EXIT_TASK_FAILED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    _ask,
+    check_connect,
+    connect_option,
+    main,
+    open_client,
+    timeout_option,
+)
 from .render import clean_text
 
 
 @main.command()
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
-@click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
+@click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT", callback=check_connect,
               help="Orchestrator endpoint; without it, a local cluster runs the fits (on ipc:// sockets in "
               "a folder only you can open).")
 @click.option("--local", "local", type=int, default=0,
@@ -47,7 +58,25 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
     settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
                            method=method, max_evaluations=max_evaluations)
     cache = None if no_cache else FitCache(cache_dir or default_cache_dir())
-    sys.exit(_run_fit_job(list(connect), local, paths, settings, out, cache, timeout))
+    from pathlib import Path
+
+    from .fitjob import FitsInterrupted, interrupted_rows
+    from .fits import write_summary
+    from .local import interrupt_exit_code, signal_name, stop_on_signals
+
+    with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP: the local cluster stops; exit 128 + the signal's number
+        try:
+            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout)
+        except KeyboardInterrupt as exc:
+            code = interrupt_exit_code(exc)
+            rows = exc.rows if isinstance(exc, FitsInterrupted) else interrupted_rows(paths, code - 128)
+            if not isinstance(exc, FitsInterrupted):  # stopped before the fits started: say so all the same
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_summary(rows, out)
+            done = sum(r["status"] == "done" for r in rows)
+            click.echo(f"interrupted by {signal_name(code - 128)}: {done} of {len(rows)} fits done; the others "
+                       f"are marked interrupted in {out}/summary.csv", err=True)
+    sys.exit(code)
 
 
 def genx_example_files() -> list[str]:
@@ -68,7 +97,6 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
 
     from rich.console import Console
 
-    from .client import Client
     from .errors import OrchesterError, Unreachable
     from .fitjob import run_fits
     from .local import LocalCluster
@@ -77,7 +105,7 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
     cluster = None
     try:
         if connect:
-            client = Client(connect)
+            client = open_client(connect)
             try:
                 client.status(timeout=timeout)
             except Unreachable:

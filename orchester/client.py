@@ -35,6 +35,7 @@ from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from .client_core import ClientCore, reject_future, resolve_future
+from .config import check_endpoint
 from .errors import ClientClosed, RemoteError, Unreachable
 from .keys import client_curve
 from .security import secure_client
@@ -74,16 +75,22 @@ class Client:
     orchestrator's public key file (``orchester keys generate``; defaults:
     ``ORCHESTER_CURVE_SECRET`` and ``ORCHESTER_SERVER_KEY``). If the orchestrator refuses the
     key, every pending request fails with :class:`~orchester.errors.RemoteError` ``forbidden``.
+
+    A malformed endpoint (``localhost:5555``, ``tcp://localhost``) is a :class:`ValueError`
+    here, at once. Should the I/O thread ever stop on an error, every pending future and every
+    later request fails with :class:`~orchester.errors.ClientClosed` naming that error (its
+    ``__cause__``): nothing is left waiting.
     """
 
     def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None,
                  codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
                  context: zmq.Context[Any] | None = None, curve_secret: str | None = None,
                  server_key: str | None = None) -> None:
-        self.endpoints = [resolve_endpoint(e) for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
+        self.endpoints = [check_endpoint(resolve_endpoint(e))
+                          for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
         if not self.endpoints:
             raise ValueError("a client needs at least one orchestrator endpoint")
-        self.pub = pub
+        self.pub = None if pub is None else check_endpoint(pub)
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
@@ -97,6 +104,9 @@ class Client:
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
+        #: why the I/O thread stopped, if it stopped on an error: every request then fails with it
+        self.failure: ClientClosed | None = None
+        self._fail_lock = threading.Lock()
         self._wake_addr = f"inproc://orchester-client-{self.core.name}"
         self._wake_rx = self.ctx.socket(zmq.PAIR)
         self._wake_rx.linger = 0
@@ -240,6 +250,8 @@ class Client:
                                                            "max_run", "duration") if k in kwargs}
         opts["task_id"] = fut.task_id
         self._outbox.append(("submit", fut, kind, args, kwargs, opts))
+        if self.failure is not None:
+            self._fail_outbox()
         return fut
 
     def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -256,13 +268,30 @@ class Client:
         if self._closed:
             raise ClientClosed("the client is closed")
         self._outbox.append(("build", build, fut))
-        self._wake()
+        if self.failure is not None:
+            self._fail_outbox()
+        else:
+            self._wake()
 
     def _wake(self, force: bool = False) -> None:
         with self._lock:
-            if (not self._signalled or force) and not self._wake_tx.closed:
+            if (not self._signalled or force) and not self._wake_tx.closed and self.failure is None:
                 self._signalled = True
-                self._wake_tx.send(b"")
+                try:  # one wake-up is outstanding at most: the pipe never fills while the thread runs
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+                except zmq.Again:  # the I/O thread is gone (it stopped on an error)
+                    pass
+
+    def _fail_outbox(self) -> None:
+        """The I/O thread stopped on an error: fail every request still in the outbox with it."""
+        failure = self.failure
+        if failure is None:
+            return
+        with self._fail_lock:
+            while self._outbox:
+                item = self._outbox.popleft()
+                if item[0] != "forget":
+                    reject_future(item[2] if item[0] == "build" else item[1], failure)
 
     _index = 0
 
@@ -277,6 +306,7 @@ class Client:
             if self._monitor is not None:
                 self._monitor.close(0)
             self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._sock = s
         s.connect(self.endpoints[self._index % len(self.endpoints)])
         return s
 
@@ -293,6 +323,29 @@ class Client:
         self.core.fail_all(RemoteError(P.E_FORBIDDEN, self._refused))
 
     def _run(self) -> None:
+        """The I/O thread: serve the socket until closed; if it stops on an error, fail everything with it."""
+        try:
+            self._loop()
+        except BaseException as exc:  # whatever it is, no future may be left waiting
+            log.error("the client's I/O thread stopped: %s: %s", type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, (zmq.ZMQError, OSError)))
+            failure = ClientClosed(f"the client's I/O thread stopped: {type(exc).__name__}: {exc}")
+            failure.__cause__ = exc
+            self.failure = failure
+            with self._fail_lock:
+                self.core.fail_all(failure)
+            self._fail_outbox()
+        finally:
+            self.core.fail_all(ClientClosed("the client was closed"))
+            if self._sock is not None:
+                self._sock.close(0)
+            if self._monitor is not None:
+                self._monitor.close(0)
+            self._wake_rx.close(0)
+
+    _sock: zmq.Socket[Any] | None = None  #: the socket to the orchestrator, once connected
+
+    def _loop(self) -> None:
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -303,72 +356,65 @@ class Client:
         core = self.core
         last_heard = last_ping = redirect_after = time.monotonic()
         silent_after = self.heartbeat_interval * self.liveness
-        try:
-            while True:
-                ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
-                now = time.monotonic()
-                if self._wake_rx in ready:
-                    with self._lock:
-                        while True:
-                            try:
-                                self._wake_rx.recv(zmq.NOBLOCK)
-                            except zmq.Again:
-                                break
-                        self._signalled = False
-                    if self._closed:
-                        break
-                if self._monitor is not monitor:  # a new socket after a failover: its own monitor
-                    if monitor is not None:
-                        poller.unregister(monitor)
-                    monitor = self._monitor
-                    if monitor is not None:
-                        poller.register(monitor, zmq.POLLIN)
-                if monitor is not None and monitor in ready:
-                    self._key_refused()
-                self._drain_outbox(sock)
-                if sock in ready:
-                    for _ in range(1024):
+        while True:
+            ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
+            now = time.monotonic()
+            if self._wake_rx in ready:
+                with self._lock:
+                    while True:
                         try:
-                            frames = recv_frames(sock, NOBLOCK, 3)
+                            self._wake_rx.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        last_heard = now
-                        try:
-                            restarted = core.handle(frames)
-                        except ProtocolError as exc:
-                            log.warning("bad message from orchestrator: %s", exc)
-                            continue
-                        if restarted:
-                            log.warning("orchestrator changed (epoch %s): resending %d request(s)",
-                                        core.epoch, len(core.tasks) + len(core.requests))
-                            for f in core.pending_frames():
-                                self._send_or_defer(sock, f)
-                if core.redirect and now >= redirect_after:  # a passive server refused us
-                    core.redirect = False
-                    redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
-                    poller.unregister(sock)
-                    sock = self._switch(sock, vote=False)
-                    poller.register(sock, zmq.POLLIN)
-                    last_heard = last_ping = now
-                busy = bool(core.tasks or core.requests)
-                if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
-                    _offer(sock, core.ping())
-                    last_ping = now
-                if not busy:
+                    self._signalled = False
+                if self._closed:
+                    break
+            if self._monitor is not monitor:  # a new socket after a failover: its own monitor
+                if monitor is not None:
+                    poller.unregister(monitor)
+                monitor = self._monitor
+                if monitor is not None:
+                    poller.register(monitor, zmq.POLLIN)
+            if monitor is not None and monitor in ready:
+                self._key_refused()
+            self._drain_outbox(sock)
+            if sock in ready:
+                for _ in range(1024):
+                    try:
+                        frames = recv_frames(sock, NOBLOCK, 3)
+                    except zmq.Again:
+                        break
                     last_heard = now
-                elif now - last_heard > silent_after and len(self.endpoints) > 1:
-                    log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
-                                self.endpoints[(self._index + 1) % len(self.endpoints)])
-                    poller.unregister(sock)
-                    sock = self._switch(sock, vote=True)
-                    poller.register(sock, zmq.POLLIN)
-                    last_heard = last_ping = now
-        finally:
-            core.fail_all(ClientClosed("the client was closed"))
-            sock.close(0)
-            if self._monitor is not None:
-                self._monitor.close(0)
-            self._wake_rx.close(0)
+                    try:
+                        restarted = core.handle(frames)
+                    except ProtocolError as exc:
+                        log.warning("bad message from orchestrator: %s", exc)
+                        continue
+                    if restarted:
+                        log.warning("orchestrator changed (epoch %s): resending %d request(s)",
+                                    core.epoch, len(core.tasks) + len(core.requests))
+                        for f in core.pending_frames():
+                            self._send_or_defer(sock, f)
+            if core.redirect and now >= redirect_after:  # a passive server refused us
+                core.redirect = False
+                redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
+                poller.unregister(sock)
+                sock = self._switch(sock, vote=False)
+                poller.register(sock, zmq.POLLIN)
+                last_heard = last_ping = now
+            busy = bool(core.tasks or core.requests)
+            if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
+                _offer(sock, core.ping())
+                last_ping = now
+            if not busy:
+                last_heard = now
+            elif now - last_heard > silent_after and len(self.endpoints) > 1:
+                log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
+                            self.endpoints[(self._index + 1) % len(self.endpoints)])
+                poller.unregister(sock)
+                sock = self._switch(sock, vote=True)
+                poller.register(sock, zmq.POLLIN)
+                last_heard = last_ping = now
 
     def _switch(self, sock: zmq.Socket[Any], vote: bool) -> zmq.Socket[Any]:
         """Close ``sock``, connect to the next endpoint, vote if we left on silence, resend what is pending."""

@@ -197,9 +197,10 @@ class OrchestratorConfig:
                 raise ConfigError(f"replication must be sync or async, not {self.replication!r}")
             if not self.ha_heartbeat > 0:
                 raise ConfigError(f"ha_heartbeat must be > 0, not {self.ha_heartbeat!r}")
-        for ep in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind, self.peer))]:
-            if not isinstance(ep, str) or "://" not in ep:
-                raise ConfigError(f"endpoint {ep!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555")
+        for ep in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind,))]:
+            check_endpoint(ep, bind=True)
+        if self.peer:
+            check_endpoint(self.peer)
         if bool(self.curve_secret) != bool(self.authorized_keys):
             raise ConfigError("CurveZMQ needs both --curve-secret (this server's secret key file) and "
                               "--authorized-keys (the directory of authorised public keys)")
@@ -210,6 +211,61 @@ class OrchestratorConfig:
         except SecurityError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+
+#: Transports a client or a satellite may connect over (libzmq's, for a DEALER socket).
+CONNECT_TRANSPORTS = ("tcp", "ipc", "inproc", "ws", "wss", "tipc", "vmci")
+#: Transports an orchestrator may bind (its sockets are ROUTER and XPUB).
+BIND_TRANSPORTS = (*CONNECT_TRANSPORTS, "pgm", "epgm", "udp")
+
+
+def endpoint_problem(endpoint: object, *, bind: bool = False) -> str | None:
+    """What is wrong with ``endpoint`` as a ZeroMQ endpoint to connect to (``bind``: to bind), or ``None``.
+
+    Pure syntax, no I/O: ``TRANSPORT://ADDRESS`` with a known transport; for ``tcp://``
+    (and ``ws://``) an address ``HOST:PORT`` (``[::1]:PORT`` for IPv6; an optional
+    ``SOURCE;`` or interface before it) whose port is 1-65535 (``*`` or 0 too when binding);
+    a non-empty path or name for ``ipc://`` and ``inproc://``; no white space anywhere.
+    """
+    if not isinstance(endpoint, str):
+        return f"a {type(endpoint).__name__}, not text"
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        return "no transport: write tcp://HOST:PORT, ipc://PATH or inproc://NAME"
+    if transport not in (BIND_TRANSPORTS if bind else CONNECT_TRANSPORTS):
+        return f"unknown transport {transport!r}"
+    if not address or any(c.isspace() for c in endpoint):
+        return "an empty address" if not address else "white space in it"
+    if transport in ("tcp", "ws", "wss"):
+        hostport = address.rpartition(";")[2]
+        if transport != "tcp":
+            hostport = hostport.partition("/")[0]
+        host, colon, port = hostport.rpartition(":")
+        if not colon:
+            return "no port: a tcp endpoint is tcp://HOST:PORT"
+        if not host and not bind:
+            return "no host before the port"
+        if bind and (port == "*" or port.startswith("!ephemeral")):
+            return None
+        if not port.isdigit() or not (0 if bind else 1) <= int(port) <= 65535:
+            return f"port {port!r} is not a number from 1 to 65535" if not bind else \
+                f"port {port!r} is not a number from 0 to 65535 or *"
+    return None
+
+
+def check_endpoint(endpoint: Any, *, bind: bool = False) -> str:
+    """``endpoint`` if it is a usable ZeroMQ endpoint (see :func:`endpoint_problem`), else :class:`ConfigError`.
+
+    The one check of every endpoint a user gives: ``orchester serve``'s binds, the clients'
+    and satellites' ``--connect``, ``ORCHESTER_CONNECT``, :class:`~orchester.Client` and
+    :class:`~orchester.AsyncClient`. The message is the same everywhere::
+
+        endpoint 'localhost:5555' is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 (no transport: ...)
+    """
+    problem = endpoint_problem(endpoint, bind=bind)
+    if problem is not None:
+        raise ConfigError(f"endpoint {endpoint!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555 ({problem})")
+    return str(endpoint)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from orchester.cli import OneLineErrors, check_connect
+
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
@@ -26,7 +28,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
-@click.group(context_settings={"auto_envvar_prefix": "SATELLITE", "help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrors,
+             context_settings={"auto_envvar_prefix": "SATELLITE", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with a [satellite] table of flags.")
 @click.option("--log-level", default="INFO", show_default=True,
@@ -41,7 +44,8 @@ def main(log_level: str) -> None:
 
 @main.command()
 @click.option("--connect", multiple=True, envvar="ORCHESTER_CONNECT", default=("tcp://127.0.0.1:5555",),
-              show_default=True, help="Orchestrator endpoint (repeat for a failover pair).")
+              show_default=True, callback=check_connect,
+              help="Orchestrator endpoint (repeat for a failover pair; @FILE: from an endpoint file).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker processes.")
 @click.option("--tags", default="", help="Comma-separated tags this satellite announces.")
 @click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
@@ -104,7 +108,8 @@ def parse_duration(text: str | None) -> float | None:
 
 
 @main.command()
-@click.option("--connect", multiple=True, default=(), help="An external orchestrator: every rank is a satellite.")
+@click.option("--connect", multiple=True, default=(), callback=check_connect,
+              help="An external orchestrator: every rank is a satellite.")
 @click.option("--orchestrator-rank", type=int, default=0, show_default=True,
               help="The rank that runs the orchestrator (without --connect).")
 @click.option("--workers-per-rank", type=int, default=1, show_default=True)

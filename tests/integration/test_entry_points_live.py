@@ -1,0 +1,81 @@
+"""Bad input at every entry point (issue 15), as a new user meets it: the command lines as real processes.
+
+Every command runs with a timeout; a mistake must end it with its exit code (docs/cli.rst)
+and one line on stderr, never a traceback, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+HERE = Path(__file__).resolve().parent
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+        cwd: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` (``orchester …`` or ``satellites …``) to its end, output captured."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL, cwd=cwd)
+
+
+def one_line(r: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed command printed on stderr (fails the test unless there is exactly one)."""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+# -- item 3: a malformed endpoint ----------------------------------------------------------------
+
+CLIENT_COMMANDS = [["status"], ["submit", "echo", "1"], ["show", "0" * 32], ["watch"], ["drain", "sat-1"],
+                   ["history"], ["top", "--iterations", "1"]]
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:5555", "garbage", "tcp://localhost"])
+def test_a_malformed_endpoint_exits_2_at_once_with_one_line(endpoint: str, tmp_path: Path) -> None:
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    model = tmp_path / "m.hgx"
+    model.write_bytes(b"not read")
+    commands = [["orchester", *c, "--connect", endpoint] for c in CLIENT_COMMANDS]
+    commands += [["orchester", "fit", str(model), "--connect", endpoint],
+                 ["orchester", "replay", str(journal), "--since", "1h", "--connect", endpoint],
+                 ["orchester", "promote", "--connect", endpoint],
+                 ["orchester", "watch", "--pub", endpoint],
+                 ["satellites", "run", "--connect", endpoint],
+                 ["satellites", "mpi", "--connect", endpoint]]
+    for cmd in commands:
+        started = time.monotonic()
+        r = run(*cmd, timeout=30)
+        line = one_line(r)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert f"endpoint {endpoint!r} is not a ZeroMQ endpoint like tcp://127.0.0.1:5555" in line, line
+        assert time.monotonic() - started < 10, cmd
+
+
+def test_a_malformed_endpoint_in_the_environment_exits_2() -> None:
+    for cmd in (["orchester", "status"], ["orchester", "submit", "echo", "1"], ["satellites", "run"]):
+        r = run(*cmd, env={"ORCHESTER_CONNECT": "localhost:5555"}, timeout=30)
+        assert r.returncode == 2 and "ORCHESTER_CONNECT names it" in one_line(r), r.stderr
+
+
+def test_a_malformed_endpoint_in_a_config_file_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "orchester.toml"
+    config.write_text('[client]\nconnect = ["garbage"]\n')
+    r = run("orchester", "--config", str(config), "status", timeout=30)
+    assert r.returncode == 2 and "'garbage' is not a ZeroMQ endpoint" in one_line(r)
+
+
+def test_serve_names_a_malformed_bind_the_same_way() -> None:
+    r = run("orchester", "serve", "--bind", "tcp://localhost", timeout=30)
+    assert r.returncode == 2
+    assert "endpoint 'tcp://localhost' is not a ZeroMQ endpoint like tcp://127.0.0.1:5555" in r.stderr
+    assert "Traceback" not in r.stderr

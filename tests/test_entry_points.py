@@ -1,0 +1,128 @@
+"""Bad input at every entry point (issue 15): the checks themselves, in this process.
+
+The command lines run as real processes in ``tests/integration/test_entry_points_live.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+from orchester import AsyncClient, Client, ClientClosed
+from orchester.config import ConfigError, OrchestratorConfig, check_endpoint, endpoint_problem
+
+BAD_ENDPOINTS = ["localhost:5555", "garbage", "tcp://localhost", "tcp://localhost:", "tcp://:5555",
+                 "tcp://localhost:abc", "tcp://localhost:0", "tcp://localhost:65536", "ipc://", "udp://h:1",
+                 "tcp://127.0.0.1:5555 ", ""]
+GOOD_ENDPOINTS = ["tcp://127.0.0.1:5555", "tcp://head:5555", "tcp://[::1]:5555", "tcp://eth0;head:5555",
+                  "ipc:///tmp/orchester/bus.sock", "inproc://bus"]
+
+
+# -- item 3: one check of every endpoint ---------------------------------------------------------
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+def test_a_malformed_endpoint_is_named_with_the_reason(endpoint: str) -> None:
+    assert endpoint_problem(endpoint) is not None
+    with pytest.raises(ConfigError, match="is not a ZeroMQ endpoint like tcp://127.0.0.1:5555"):
+        check_endpoint(endpoint)
+
+
+@pytest.mark.parametrize("endpoint", GOOD_ENDPOINTS)
+def test_a_well_formed_endpoint_passes(endpoint: str) -> None:
+    assert check_endpoint(endpoint) == endpoint
+
+
+def test_binds_may_use_wildcards_and_os_chosen_ports_connects_may_not() -> None:
+    for endpoint in ("tcp://*:5555", "tcp://127.0.0.1:*", "tcp://0.0.0.0:0"):
+        assert endpoint_problem(endpoint, bind=True) is None
+    assert endpoint_problem("tcp://127.0.0.1:*") is not None
+    with pytest.raises(ConfigError, match="no port"):
+        OrchestratorConfig(bind=["tcp://localhost"]).validate()
+
+
+@pytest.mark.parametrize("endpoint", ["localhost:5555", "garbage", "tcp://localhost"])
+def test_clients_refuse_a_malformed_endpoint_at_once(endpoint: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="is not a ZeroMQ endpoint"):
+        Client(endpoint)
+    with pytest.raises(ValueError, match="is not a ZeroMQ endpoint"):
+        Client(["tcp://127.0.0.1:5555", endpoint])
+    with pytest.raises(ValueError, match="is not a ZeroMQ endpoint"):
+        Client("tcp://127.0.0.1:5555", pub=endpoint)
+    with pytest.raises(ValueError, match="is not a ZeroMQ endpoint"):
+        AsyncClient(endpoint)
+    assert time.monotonic() - started < 1.0
+
+
+class _DeadOnStart(Client):
+    """A client whose I/O thread cannot open its socket."""
+
+    def _connect(self) -> zmq.Socket[Any]:
+        raise zmq.ZMQError(zmq.EINVAL, "Invalid argument")
+
+
+def test_an_io_thread_that_dies_fails_every_pending_future_with_its_error() -> None:
+    client = _DeadOnStart("tcp://127.0.0.1:9")
+    try:
+        started = time.monotonic()
+        fut = client.submit("echo", 1)
+        with pytest.raises(ClientClosed, match="I/O thread stopped: ZMQError: Invalid argument") as err:
+            fut.result(timeout=10)
+        assert isinstance(err.value.__cause__, zmq.ZMQError)
+        with pytest.raises(ClientClosed, match="Invalid argument"):
+            client.status(timeout=10)  # not a 10 s wait and a false "unreachable"
+        futures = client.submit_many("echo", [(1,), (2,)])
+        for f in futures:
+            with pytest.raises(ClientClosed):
+                f.result(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+
+
+def test_an_io_thread_that_dies_mid_run_fails_what_is_pending(broker: Any) -> None:
+    client = Client(broker.endpoints["bind"][0])
+    try:
+        assert client.status(timeout=10)["satellites"] == []
+        fut = client.submit("echo", 1)  # no satellite: it stays pending in the orchestrator
+
+        def broken(frames: Any) -> bool:
+            raise RuntimeError("a bug in the reply handling")
+
+        client.core.handle = broken  # type: ignore[method-assign]
+        with pytest.raises(ClientClosed, match="RuntimeError: a bug in the reply handling"):
+            client.status(timeout=10)
+        with pytest.raises(ClientClosed, match="a bug"):
+            fut.result(timeout=10)
+        with pytest.raises(ClientClosed, match="a bug"):
+            client.submit("echo", 2).result(timeout=10)
+    finally:
+        client.close()
+
+
+def test_an_async_reading_task_that_dies_fails_what_is_pending(broker: Any) -> None:
+    async def scenario() -> None:
+        client = AsyncClient(broker.endpoints["bind"][0])
+        try:
+            await client.status(timeout=10)
+            fut = client.submit_nowait("echo", 1)
+
+            def broken(frames: Any) -> bool:
+                raise RuntimeError("a bug in the reply handling")
+
+            client.core.handle = broken  # type: ignore[method-assign]
+            with pytest.raises(ClientClosed, match="RuntimeError: a bug"):
+                await client.status(timeout=10)
+            with pytest.raises(ClientClosed, match="a bug"):
+                await asyncio.wait_for(fut, 10)
+            with pytest.raises(ClientClosed, match="a bug"):
+                await client.submit("echo", 2)
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
