@@ -30,7 +30,7 @@ import zmq.asyncio
 from serializers import ProtocolError
 from serializers import protocol as P
 
-from .client import resolve_endpoint
+from .client import resolve_endpoint, unreachable_message
 from .client_core import ClientCore, reject_future, resolve_future
 from .config import check_endpoint
 from .errors import ClientClosed, Unreachable
@@ -127,7 +127,8 @@ class AsyncClient:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             self.core.forget(fut)
-            raise Unreachable(f"no answer within {timeout}s") from None
+            raise Unreachable(unreachable_message(self.endpoints[self._index % len(self.endpoints)], timeout,
+                                                  keys=self.curve is not None)) from None
 
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -320,6 +320,15 @@ def open_client(connect: list[str] | tuple[str, ...], **client_options: Any) -> 
         sys.exit(EXIT_USAGE)
 
 
+def unreachable(connect: list[str] | tuple[str, ...], timeout: float) -> NoReturn:
+    """Say that no orchestrator answered (and that one wanting keys looks just like that); exit 3."""
+    from .client import unreachable_message
+
+    keys = bool(os.environ.get("ORCHESTER_CURVE_SECRET") and os.environ.get("ORCHESTER_SERVER_KEY"))
+    click.echo(f"error: {unreachable_message(', '.join(connect), timeout, keys=keys)}", err=True)
+    sys.exit(EXIT_UNREACHABLE)
+
+
 def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
     """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused or failed."""
     from .errors import OrchesterError, RemoteError, Unreachable
@@ -329,8 +338,7 @@ def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_option
         try:
             return request(client)
         except Unreachable:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
-            sys.exit(EXIT_UNREACHABLE)
+            unreachable(connect, timeout)
         except RemoteError as exc:
             click.echo(f"error: {clean_text(exc.message, 1000)}", err=True)
             sys.exit(EXIT_TASK_FAILED)
@@ -363,10 +371,13 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
 
     with open_client(connect) as client:
         try:
-            client.status(timeout=timeout)
+            st = client.status(timeout=timeout)
         except Unreachable:
-            click.echo(f"error: no orchestrator answered at {', '.join(connect)} within {timeout}s", err=True)
-            sys.exit(EXIT_UNREACHABLE)
+            unreachable(connect, timeout)
+        if not st.get("satellites"):  # said once; the task waits in the queue for the first one
+            click.echo(f"warning: no satellite is connected to the orchestrator at {', '.join(connect)}: the task "
+                       + ("waits in its queue until one connects" if no_wait else
+                          "waits until one connects (Ctrl-C stops waiting; the task stays queued)"), err=True)
         tid = client.core.task_id()
         show = not no_wait and sys.stderr.isatty()
         stream = client.subscribe([f"progress:{tid}", f"task:{tid}"], timeout=timeout) if show else None

@@ -11,7 +11,6 @@ import click
 from .cli import (
     EXIT_OK,
     EXIT_TASK_FAILED,
-    EXIT_UNREACHABLE,
     EXIT_USAGE,
     _ask,
     check_connect,
@@ -19,6 +18,7 @@ from .cli import (
     main,
     open_client,
     timeout_option,
+    unreachable,
 )
 from .render import clean_text
 
@@ -110,8 +110,7 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
                 client.status(timeout=timeout)
             except Unreachable:
                 client.close()
-                click.echo(f"error: no orchestrator answered at {', '.join(connect)}", err=True)
-                return EXIT_UNREACHABLE
+                unreachable(connect, timeout)
         else:
             n = local or os.cpu_count() or 1
             with console.status(f"starting a local cluster: {n} satellite(s)"):

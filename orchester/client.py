@@ -261,8 +261,8 @@ class Client:
             return fut.result(timeout)
         except cf.TimeoutError:
             self._outbox.append(("forget", fut))
-            raise Unreachable(f"no answer from {self.endpoints[self._index % len(self.endpoints)]} "
-                              f"within {timeout}s") from None
+            raise Unreachable(unreachable_message(self.endpoints[self._index % len(self.endpoints)], timeout,
+                                                  keys=self.curve is not None)) from None
 
     def _post(self, build: Any, fut: cf.Future[Any]) -> None:
         if self._closed:
@@ -492,6 +492,19 @@ def resolve_endpoint(endpoint: str) -> str:
             return str(json.load(f)["bind"][0])
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ValueError(f"cannot read an endpoint from {endpoint[1:]}: {exc}") from None
+
+
+def unreachable_message(endpoint: str, timeout: float | None, *, keys: bool) -> str:
+    """Why a request to ``endpoint`` got no answer in ``timeout`` seconds, and what to check.
+
+    An orchestrator that wants CurveZMQ keys never answers a client without them (nor one
+    that names another server's public key): it looks exactly like no orchestrator at all,
+    so the message says so. ``keys``: whether the client had keys.
+    """
+    hint = ("with CurveZMQ keys, check that --server-key (server_key) is that orchestrator's public key"
+            if keys else "one that wants CurveZMQ keys does not answer without them: give --curve-secret and "
+            "--server-key (curve_secret/server_key, or ORCHESTER_CURVE_SECRET/ORCHESTER_SERVER_KEY)")
+    return f"no orchestrator answered at {endpoint} within {timeout}s: is one running there? {hint}"
 
 
 def reachable_endpoint(endpoint: str, via: str) -> str:

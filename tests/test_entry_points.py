@@ -126,3 +126,28 @@ def test_an_async_reading_task_that_dies_fails_what_is_pending(broker: Any) -> N
 
     asyncio.run(scenario())
 
+
+
+# -- item 5: no answer may mean "keys wanted" ------------------------------------------------------
+
+def test_no_answer_says_that_the_server_may_want_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchester import Unreachable
+
+    monkeypatch.delenv("ORCHESTER_CURVE_SECRET", raising=False)
+    monkeypatch.delenv("ORCHESTER_SERVER_KEY", raising=False)
+    with Client("tcp://127.0.0.1:9") as client, pytest.raises(Unreachable) as err:
+        client.status(timeout=0.3)
+    assert "no orchestrator answered at tcp://127.0.0.1:9 within 0.3s" in str(err.value)
+    assert "CurveZMQ keys" in str(err.value) and "--curve-secret" in str(err.value)
+
+    async def scenario() -> str:
+        client = AsyncClient("tcp://127.0.0.1:9")
+        try:
+            await client.status(timeout=0.3)
+        except Unreachable as exc:
+            return str(exc)
+        finally:
+            await client.close()
+        return ""
+
+    assert "CurveZMQ keys" in asyncio.run(scenario())

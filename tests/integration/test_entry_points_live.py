@@ -79,3 +79,47 @@ def test_serve_names_a_malformed_bind_the_same_way() -> None:
     assert r.returncode == 2
     assert "endpoint 'tcp://localhost' is not a ZeroMQ endpoint like tcp://127.0.0.1:5555" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# -- item 5: a server that wants keys; no satellite at all ---------------------------------------
+
+def test_no_answer_says_that_the_server_may_want_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchester import LocalCluster
+    from orchester.keys import generate_keys
+
+    authorized = tmp_path / "authorized"
+    server_public, secret = generate_keys("head", tmp_path / "server")
+    _, ops_secret = generate_keys("ops", authorized)  # this process's key, for the cluster's own checks
+    monkeypatch.setenv("ORCHESTER_CURVE_SECRET", str(ops_secret))
+    monkeypatch.setenv("ORCHESTER_SERVER_KEY", str(server_public))
+    env = {k: "" for k in ("ORCHESTER_CURVE_SECRET", "ORCHESTER_SERVER_KEY")}  # the user has no keys
+    with LocalCluster(satellites=0, log_level="WARNING",
+                      serve_args=["--curve-secret", str(secret), "--authorized-keys", str(authorized)]) as cluster:
+        for cmd in (["status"], ["submit", "echo", "1"], ["history"]):
+            r = run("orchester", *cmd, "--connect", cluster.endpoint, "--timeout", "1", env=env, timeout=30)
+            line = one_line(r)
+            assert r.returncode == 3 and "no orchestrator answered" in line, r.stderr
+            assert "--curve-secret" in line and "--server-key" in line, line
+
+
+def test_submit_says_once_that_no_satellite_is_connected_and_keeps_waiting() -> None:
+    from orchester import LocalCluster
+
+    with LocalCluster(satellites=0, workers=1, heartbeat_interval=0.2, log_level="WARNING") as cluster:
+        p = subprocess.Popen([sys.executable, "-m", "orchester", "submit", "echo", '"hello"', "--connect",
+                              cluster.endpoint], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL)
+        try:
+            assert p.stderr is not None
+            line = p.stderr.readline()  # said at once, before any satellite exists
+            assert "no satellite is connected" in line and "waits" in line, line
+            time.sleep(1.0)
+            assert p.poll() is None  # still waiting, as promised
+            cluster.add_satellite("late")
+            out, err = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        assert p.returncode == 0 and out.strip() == '"hello"', err
+        assert "no satellite" not in err  # said once only
