@@ -4,8 +4,8 @@ Every flag can also come from a TOML file given with ``--config`` (a table per
 command: ``[serve]``, ``[submit]``, ``[status]``, ``[watch]``, ``[demo]``; a
 ``[client]`` table applies to every client command) and from environment
 variables ``ORCHESTER_<COMMAND>_<FLAG>``; the endpoint also from
-``ORCHESTER_CONNECT``. Exit codes: 0 ok, 1 a task failed, 2 usage or
-configuration error, 3 orchestrator unreachable.
+``ORCHESTER_CONNECT``. Exit codes (docs/cli.rst): 0 ok, 1 a task or fit failed, 2 usage or
+bad input (one ``error:`` line), 3 orchestrator unreachable, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import click
 from .config import ConfigError, OrchestratorConfig, from_mapping, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: Interrupted (Ctrl-C, SIGINT): 128 + the signal's number, as shells report it.
+EXIT_INTERRUPTED = 130
 CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history", "top")
 #: The tables one deployment-wide config file may hold (each process reads its own).
 CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "top",
@@ -66,7 +68,8 @@ class OneLineErrors(click.Group):
     """A command group whose usage errors (a bad flag or value, a missing argument) are one line on stderr.
 
     ``error: Invalid value for '--connect': ...`` and exit code 2, instead of click's usage
-    block; ``--help`` still shows the whole usage.
+    block; ``--help`` still shows the whole usage. A command interrupted by Ctrl-C (SIGINT)
+    that does not handle it itself exits 130 (click's default would be 1, a failed task's code).
     """
 
     def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
@@ -78,11 +81,16 @@ class OneLineErrors(click.Group):
             raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
-        """Run the chosen command; a usage error (its flags, or raised by it) becomes one line."""
+        """Run the chosen command; a usage error (its flags, or raised by it) becomes one line; Ctrl-C exits 130."""
         try:
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise _one_line(exc) from None
+        except KeyboardInterrupt:
+            if ctx.parent is not None:  # a nested group: the outermost one says it
+                raise
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 class OneLineUsageError(click.UsageError):
@@ -156,7 +164,8 @@ def main(log_level: str, curve_secret: str | None, server_key: str | None) -> No
 connect_option = click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
                               default=("tcp://127.0.0.1:5555",), show_default=True, callback=check_connect,
                               help="Orchestrator endpoint (repeat for a failover pair; @FILE: from an endpoint file).")
-timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True,
+timeout_option = click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=10.0,
+                              show_default=True,
                               help="Seconds to wait for the orchestrator before exit code 3.")
 
 
@@ -395,7 +404,7 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             if stream is not None:
                 with stream:
                     _show_progress(fut, stream)
-            value = fut.result()
+            value = wait_for(fut)
         except TaskFailed as exc:  # type, message and traceback come from the satellite: cleaned
             click.echo(f"task failed: {clean_text(exc.type, 100)}: {clean_text(exc.message, 1000)}", err=True)
             if exc.remote_traceback:
@@ -405,6 +414,21 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             click.echo(f"refused: {clean_text(str(exc), 1000)}", err=True)
             sys.exit(EXIT_TASK_FAILED)
         click.echo(json.dumps(value, default=_jsonable))
+
+
+def wait_for(fut: Any) -> Any:
+    """``fut.result()``, woken twice a second so that Ctrl-C is seen at once.
+
+    A blocked wait is only interrupted by a signal the kernel delivers to the main thread; one
+    that lands on the client's I/O thread would go unnoticed until the result came.
+    """
+    import concurrent.futures as cf
+
+    while True:
+        try:
+            return fut.result(timeout=0.5)
+        except cf.TimeoutError:
+            continue
 
 
 def _show_progress(fut: Any, stream: Any) -> None:

@@ -19,24 +19,38 @@ from .cli import (
     open_client,
     timeout_option,
     unreachable,
+    wait_for,
 )
 from .render import clean_text
 
+#: The differential-evolution trial methods of GenX (``satellites.genx_task.TRIAL_METHODS``, which
+#: this process does not import: it would load GenX).
+TRIAL_METHODS = ("best_1_bin", "rand_1_bin", "best_either_or", "rand_either_or", "jade_best", "simplex_best_1_bin")
+#: The smallest population GenX's differential evolution (and the genx.fit task) takes.
+MIN_POPULATION = 5
+
 
 @main.command()
-@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT", callback=check_connect,
               help="Orchestrator endpoint; without it, a local cluster runs the fits (on ipc:// sockets in "
               "a folder only you can open).")
-@click.option("--local", "local", type=int, default=0,
+@click.option("--local", "local", type=click.IntRange(min=0), default=0,
               help="Satellites of the local cluster (default: one per core).")
-@click.option("--generations", type=int, default=100, show_default=True)
-@click.option("--population", type=int, default=50, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--method", default="best_1_bin", show_default=True, help="Differential-evolution trial method.")
-@click.option("--km", type=float, default=0.7, show_default=True, help="Mutation constant.")
-@click.option("--kr", type=float, default=0.7, show_default=True, help="Crossover constant.")
-@click.option("--max-evaluations", type=int, default=None, help="Budget of figure-of-merit evaluations.")
+@click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Generations of differential evolution per fit (at least 1).")
+@click.option("--population", type=click.IntRange(min=MIN_POPULATION), default=50, show_default=True,
+              help=f"Candidate parameter sets per generation (at least {MIN_POPULATION}).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Random seed (0 to 2**32-1): the same model, settings and seed give the same fit.")
+@click.option("--method", type=click.Choice(TRIAL_METHODS), default="best_1_bin", show_default=True,
+              help="Differential-evolution trial method.")
+@click.option("--km", type=click.FloatRange(0.0, 2.0, min_open=True), default=0.7, show_default=True,
+              help="Mutation constant (0 < km <= 2).")
+@click.option("--kr", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+              help="Crossover constant (0 to 1).")
+@click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
+              help="Budget of figure-of-merit evaluations (instead of --generations).")
 @click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the results.")
 @click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
@@ -165,7 +179,7 @@ def parse_time(text: str | None) -> float | None:
 @click.option("--id", "ids", multiple=True, help="Only these task ids; repeatable.")
 @click.option("--limit", type=int, default=None, help="Only the newest N rows.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the orchestrator before exit code 3.")
 def history(connect: tuple[str, ...], state: str | None, kind: str | None, since: str | None, until: str | None,
             ids: tuple[str, ...], limit: int | None, fmt: str, timeout: float) -> None:
@@ -254,7 +268,7 @@ def _result(fut: Any) -> Any:
     from .errors import TaskFailed
 
     try:
-        return fut.result()
+        return wait_for(fut)
     except TaskFailed as exc:
         return exc
 

@@ -151,3 +151,53 @@ def test_no_answer_says_that_the_server_may_want_keys(monkeypatch: pytest.Monkey
         return ""
 
     assert "CurveZMQ keys" in asyncio.run(scenario())
+
+
+# -- item 6: orchester fit checks its settings before anything is submitted ---------------------------
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    (["--generations", "0"], "'--generations': 0 is not in the range x>=1"),
+    (["--generations", "-5"], "'--generations': -5 is not in the range x>=1"),
+    (["--population", "2"], "'--population': 2 is not in the range x>=5"),
+    (["--seed", "-1"], "'--seed': -1 is not in the range"),
+    (["--method", "best_2_bin"], "'--method': 'best_2_bin' is not one of"),
+    (["--kr", "1.5"], "'--kr': 1.5 is not in the range"),
+    (["--max-evaluations", "0"], "'--max-evaluations': 0 is not in the range x>=1"),
+    (["--timeout", "0"], "'--timeout': 0.0 is not in the range x>0"),
+])
+def test_fit_refuses_bad_settings_before_submitting(args: list[str], complaint: str, tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from orchester.cli import main
+
+    model = tmp_path / "m.hgx"
+    model.write_bytes(b"never read")
+    r = CliRunner().invoke(main, ["fit", *args, str(model), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and complaint in r.output, r.output
+    assert not (tmp_path / "out").exists()  # nothing started, nothing written
+
+
+def test_fit_refuses_a_missing_file_and_a_directory(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from orchester.cli import main
+
+    for path, complaint in ((tmp_path / "nope.hgx", "does not exist"), (tmp_path, "is a directory")):
+        r = CliRunner().invoke(main, ["fit", str(path), "--out", str(tmp_path / "out")])
+        assert r.exit_code == 2 and complaint in r.output and r.output.startswith("error: "), r.output
+
+
+def test_fit_knows_the_trial_methods_of_the_genx_task() -> None:
+    pytest.importorskip("genx")
+    from orchester.cli_jobs import MIN_POPULATION, TRIAL_METHODS
+    from satellites.genx_task import TRIAL_METHODS as ON_SATELLITES
+
+    assert TRIAL_METHODS == ON_SATELLITES and MIN_POPULATION == 5
+
+
+def test_fit_bars_never_pass_the_number_of_generations() -> None:
+    from orchester.render import fit_progress
+
+    # GenX reports the initial population and then every generation: N+1 reports for N generations
+    assert fit_progress({"id": "t", "generation": 151, "fom": 0.1}, 150) == ("t", 150.0, "fom 0.1  ? ev/s")
+    assert fit_progress({"id": "t", "generation": -5}, 150) == ("t", 0.0, "fom ?  ? ev/s")

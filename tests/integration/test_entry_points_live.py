@@ -123,3 +123,36 @@ def test_submit_says_once_that_no_satellite_is_connected_and_keeps_waiting() -> 
                 p.wait(5)
         assert p.returncode == 0 and out.strip() == '"hello"', err
         assert "no satellite" not in err  # said once only
+
+
+# -- item 6: orchester fit checks before it submits; one exit code per kind of mistake ---------------
+
+def test_fit_with_bad_settings_or_files_exits_2_before_starting_anything(tmp_path: Path) -> None:
+    model = tmp_path / "m.hgx"
+    model.write_bytes(b"never read")
+    for args in (["--generations", "0", str(model)], ["--generations", "-5", str(model)],
+                 ["--population", "1", str(model)], ["--seed", "-3", str(model)],
+                 [str(tmp_path / "missing.hgx")], [str(tmp_path)]):
+        started = time.monotonic()
+        r = run("orchester", "fit", *args, "--out", str(tmp_path / "out"), timeout=30)
+        assert r.returncode == 2 and one_line(r).startswith("error: Invalid value for "), (args, r.stderr)
+        assert time.monotonic() - started < 10 and not (tmp_path / "out").exists()  # no local cluster started
+
+
+def test_ctrl_c_exits_130() -> None:
+    import signal
+
+    from orchester import LocalCluster
+
+    with LocalCluster(satellites=0, log_level="WARNING") as cluster:
+        p = subprocess.Popen([sys.executable, "-m", "orchester", "submit", "echo", "1", "--connect", cluster.endpoint],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            assert p.stderr is not None and "no satellite" in p.stderr.readline()  # it waits now
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
