@@ -12,18 +12,30 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .errors import TaskFailed
-from .local import LocalCluster
+from .local import LocalCluster, interrupt_exit_code, signal_name, stop_on_signals
 
 
 def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds: float = 0.02,
              console: Console | None = None) -> int:
     """Run ``n_tasks`` mixed tasks (sleep, spin, echo of numpy arrays) on a local cluster.
 
-    Returns the process exit code: 0 when every task succeeded, 1 otherwise.
+    Returns the process exit code: 0 when every task succeeded, 1 otherwise, and 128 + the
+    signal number after SIGINT (130), SIGTERM (143) or SIGHUP (129), which stop the local
+    cluster's processes before returning (:func:`~orchester.local.stop_on_signals`).
     """
+    console = console or Console()
+    with stop_on_signals():
+        try:
+            return _demo(satellites, workers, n_tasks, seconds, console)
+        except KeyboardInterrupt as exc:
+            code = interrupt_exit_code(exc)
+            console.print(f"interrupted by {signal_name(code - 128)}: the local cluster is stopped")
+            return code
+
+
+def _demo(satellites: int, workers: int, n_tasks: int, seconds: float, console: Console) -> int:
     import numpy as np
 
-    console = console or Console()
     rng = random.Random(0)
     t0 = time.monotonic()
     with console.status(f"starting an orchestrator and {satellites} satellites × {workers} workers"):

@@ -11,7 +11,9 @@ to the satellite's ROUTER over ``ipc://``. Messages, first frame a tag:
 from __future__ import annotations
 
 import os
+import select
 import signal
+import threading
 import time
 import traceback
 from typing import Any
@@ -106,14 +108,50 @@ def _alive(pid: int) -> bool:
     return True
 
 
+#: Seconds between two checks of the satellite where it cannot be waited for (no pidfd).
+WATCH_INTERVAL = 0.5
+
+
+def watch_satellite(satellite_pid: int) -> threading.Thread:
+    """End this worker at once when its satellite ends, whatever it is doing (a daemon thread).
+
+    A worker's parent is the satellite's forkserver, not the satellite, and the forkserver only
+    exits once every worker has (they hold its "alive" pipe): neither notices a satellite killed
+    with ``kill -9``. The thread waits on a pidfd of the satellite (Linux 5.3+; elsewhere it
+    checks every :data:`WATCH_INTERVAL` seconds) and then ends the process with ``os._exit``
+    (at once if the satellite is already gone). Returns the thread.
+    """
+    try:
+        fd: int | None = os.pidfd_open(satellite_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here: poll
+        fd = None
+
+    def wait() -> None:
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _alive(satellite_pid):
+                time.sleep(WATCH_INTERVAL)
+        os._exit(1)  # orphaned: nobody will read this task's result
+
+    t = threading.Thread(target=wait, name="satellite-watch", daemon=True)
+    t.start()
+    return t
+
+
 def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_pickle: bool,
                 satellite_pid: int = 0) -> None:
     """Entry point of a worker process: connect, announce, run tasks until the socket closes.
 
-    A worker whose satellite died without stopping it (``kill -9``) exits within a second.
+    A worker whose satellite died without stopping it (``kill -9``) does not outlive it, even in
+    the middle of a task: see :func:`watch_satellite`.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the satellite decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if satellite_pid:
+        watch_satellite(satellite_pid)
     codecs.allow_pickle(allow_pickle)
     load_task_modules(modules)
     ctx = zmq.Context()

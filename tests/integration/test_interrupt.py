@@ -1,0 +1,228 @@
+"""Clean interruption, with real processes (issue 15, item 7).
+
+* ``orchester demo`` stops every process of its local cluster on SIGINT,
+  SIGTERM and SIGHUP and exits 128 + the signal's number; a ``kill -9`` of it takes the cluster
+  down too (the kernel's parent-death signal), and a satellite killed with ``kill -9`` takes its
+  workers down, even in the middle of a task. Checked in ``/proc``: every descendant collected
+  before the signal, and every process of the command's session, is gone.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchester import LocalCluster
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG")]
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples" / "genx"
+needs_genx = pytest.mark.skipif(importlib.util.find_spec("genx") is None, reason="pip install --no-deps genx3")
+SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+# ------------------------------------------------------------------ /proc helpers
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session, …); None: gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has ended; only its exit status is left)."""
+    st = _stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant of ``pid`` now (children of all its threads, recursively)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for children in glob.glob(f"/proc/{p}/task/*/children"):
+            try:
+                with open(children) as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for k in kids:
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
+
+
+def session_members(sid: int) -> set[int]:
+    """Running processes of session ``sid`` (a command started with ``start_new_session``)."""
+    members = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None and st[0] not in ("Z", "X") and int(st[3]) == sid:
+                members.add(int(entry))
+    return members
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+
+
+def assert_all_gone(pids: set[int], sid: int | None = None, within: float = 15.0) -> None:
+    """Every pid in ``pids`` (and of session ``sid``) ends within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        left = {p for p in pids if running(p)} | (session_members(sid) if sid is not None else set())
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for p in left:  # do not leave them to the next test
+                try:
+                    os.kill(p, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            pytest.fail("left running: " + "; ".join(f"{p} {cmdline(p)[:120]}" for p in sorted(left)))
+        time.sleep(0.1)
+
+
+def _default_signals() -> None:
+    """In the child before exec: SIGINT and SIGHUP as a terminal would deliver them (not ignored)."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class Command:
+    """A command line in its own session, its output collected by a thread."""
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchester", "--log-level", "WARNING", *args], cwd=cwd,
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     start_new_session=True, preexec_fn=_default_signals,
+                                     env={**os.environ, "COLUMNS": "200"})
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pred: Any, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                pytest.fail(f"exited with {self.proc.returncode} before {what}:\n{self.output}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"not {what} after {timeout}s:\n{self.output}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        for p in session_members(self.proc.pid):
+            os.kill(p, signal.SIGKILL)
+        self._reader.join(5)
+
+
+@pytest.fixture
+def command(tmp_path: Path) -> Iterator[Any]:
+    started: list[Command] = []
+
+    def start(*args: str) -> Command:
+        c = Command(list(args), tmp_path)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def cluster_tree(c: Command, at_least: int, timeout: float = 60.0) -> set[int]:
+    """The command's descendants once it has ``at_least`` of them (orchestrator, satellites, workers…)."""
+    c.wait_for(lambda: len(descendants(c.proc.pid)) >= at_least, timeout, f"{at_least} processes started")
+    time.sleep(0.5)
+    tree = descendants(c.proc.pid)
+    assert any("orchester" in cmdline(p) and " serve " in cmdline(p) for p in tree), [cmdline(p) for p in tree]
+    assert any("satellites" in cmdline(p) and " run " in cmdline(p) for p in tree), [cmdline(p) for p in tree]
+    return tree
+
+
+# ------------------------------------------------------------------ item 7: demo
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_stop_signal_stops_every_process_of_orchester_demo(command: Any, sig: signal.Signals) -> None:
+    c = command("demo", "--satellites", "2", "--workers", "1", "--tasks", "3000", "--seconds", "0.5")
+    c.wait_for(lambda: "local cluster up" in c.output, 90, "the cluster was up")
+    # orchestrator, 2 satellites, their workers (and forkservers)
+    tree = cluster_tree(c, at_least=5)
+    os.kill(c.proc.pid, sig)
+    code = c.proc.wait(30)
+    assert_all_gone(tree, sid=c.proc.pid)
+    c._reader.join(5)
+    assert code == 128 + sig, c.output
+    assert f"interrupted by {sig.name}" in c.output
+    assert "Traceback" not in c.output
+
+
+def test_kill_9_of_orchester_demo_takes_its_cluster_down(command: Any) -> None:
+    c = command("demo", "--satellites", "2", "--workers", "1", "--tasks", "3000", "--seconds", "0.5")
+    c.wait_for(lambda: "local cluster up" in c.output, 90, "the cluster was up")
+    tree = cluster_tree(c, at_least=5)
+    os.kill(c.proc.pid, signal.SIGKILL)
+    assert c.proc.wait(30) == -signal.SIGKILL
+    assert_all_gone(tree, sid=c.proc.pid)
+
+
+def test_kill_9_of_a_satellite_takes_its_busy_workers_down() -> None:
+    with LocalCluster(satellites=1, workers=2, log_level="ERROR", heartbeat_interval=0.5) as cluster:
+        client = cluster.client()
+        futs = [client.submit("sleep", 120) for _ in range(2)]
+        sat = cluster.satellites[0]
+        deadline = time.monotonic() + 60
+        while sum(s["inflight"] for s in client.status()["satellites"]) < 2:
+            assert time.monotonic() < deadline, "the sleeps never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        tree = descendants(sat.pid)
+        assert len(tree) >= 2, [cmdline(p) for p in tree]  # its workers (and its forkserver)
+        sat.kill()
+        sat.wait(10)
+        assert_all_gone(tree, within=10)
+        assert not any(f.done() for f in futs)
+
+
+def test_a_cluster_started_from_the_main_thread_asks_for_the_parent_death_signal() -> None:
+    from orchester.local import parent_death_signal
+
+    assert parent_death_signal() is not None
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(parent_death_signal()))
+    t.start()
+    t.join()
+    assert result == [None]  # a thread may end before the process: its children must not die with it
