@@ -8,6 +8,12 @@ orchestrator rank: every rank is a satellite of that external orchestrator.
 MPI is used only to place and start processes: liveness is the bus's business. When one rank
 dies, MPI implementations usually abort the whole job (MPICH's hydra kills every rank); the
 orchestrator then reroutes the tasks those satellites held as soon as it notices them gone.
+The orchestrator process of rank 0 gets SIGTERM when its rank dies, even by ``kill -9``.
+
+A job that cannot start says so in one line, from the orchestrator rank: a wrong
+``--orchestrator-rank``, a job of one rank, or an orchestrator that refuses to start (its own
+message, e.g. a wildcard bind without keys or ``--insecure``); the other ranks exit with the
+same code (2) and print nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import logging
 import os
 import signal
 import socket as _socket
-from typing import Any
+import sys
+import threading
+from typing import IO, Any
 
 log = logging.getLogger("satellites.mpi")
 
@@ -52,16 +60,85 @@ def run_mpi(connect: list[str], orchestrator_rank: int, workers: int, tags: list
     host = _socket.gethostname()
     if connect:
         return _satellite(connect, rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime)
-    if not 0 <= orchestrator_rank < size:
+    if not 0 <= orchestrator_rank < size or size < 2:
+        if rank != 0:
+            return EXIT_NOT_STARTED  # every rank sees the same mistake: rank 0 alone says it
+        if size < 2:
+            raise ValueError("with an orchestrator rank the job needs at least 2 ranks (one orchestrator, "
+                             "one satellite)")
         raise ValueError(f"--orchestrator-rank {orchestrator_rank} is not a rank of this job of size {size}")
-    if size < 2:
-        raise ValueError("with an orchestrator rank the job needs at least 2 ranks (one orchestrator, one satellite)")
     if rank == orchestrator_rank:
         return _orchestrator(comm, host, bind_host, endpoint_file, heartbeat_interval, liveness, serve_args)
     endpoint = comm.bcast(None, root=orchestrator_rank)
-    if not endpoint:
-        raise RuntimeError("the orchestrator rank could not start an orchestrator")
+    if not endpoint:  # the orchestrator rank says why, once for the whole job
+        log.debug("rank %d: no orchestrator: leaving", rank)
+        return EXIT_NOT_STARTED
     return _satellite([endpoint], rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime)
+
+
+#: The exit code of every rank of a job whose orchestrator could not start (a usage or configuration error).
+EXIT_NOT_STARTED = 2
+#: Lines of the orchestrator's early output kept to explain a failed start.
+_HELD_LINES = 200
+
+
+class _StderrRelay:
+    """The orchestrator's stderr: held back while it starts, then passed on to this rank's stderr.
+
+    A failed start is then told in one line (:meth:`reason`) instead of the orchestrator's usage
+    text; once it runs, its log goes out as it comes.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._held: list[bytes] = []
+        self._forward = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="orchestrator-stderr", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for line in iter(self._stream.readline, b""):
+            with self._lock:
+                if self._forward:
+                    _write_stderr(line)
+                elif len(self._held) < _HELD_LINES:
+                    self._held.append(line)
+
+    def forward(self) -> None:
+        """Pass on what was held, and everything that follows."""
+        with self._lock:
+            self._forward = True
+            held, self._held = self._held, []
+            for line in held:
+                _write_stderr(line)
+
+    def join(self, timeout: float) -> None:
+        """Wait (bounded) until the orchestrator closed its stderr."""
+        self._thread.join(timeout)
+
+    def reason(self) -> str:
+        """Why the orchestrator stopped, from what it printed: its ``Error:`` line, else its last line."""
+        with self._lock:
+            lines = [b.decode(errors="replace").strip() for b in self._held]
+        lines = [line for line in lines if line]
+        for line in reversed(lines):
+            if line.startswith("Error: ") or line.startswith("error: "):
+                return line.split(": ", 1)[1]
+        return lines[-1] if lines else ""
+
+
+def _write_stderr(data: bytes) -> None:
+    out = getattr(sys.stderr, "buffer", None)
+    try:
+        if out is not None:
+            out.write(data)
+            out.flush()
+        else:
+            sys.stderr.write(data.decode(errors="replace"))
+            sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed: the orchestrator must not block on a full pipe
+        pass
 
 
 def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | None, heartbeat_interval: float,
@@ -69,9 +146,10 @@ def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | Non
     """Run ``orchester serve`` as a child process of this rank and broadcast its endpoint."""
     import json
     import subprocess
-    import sys
     import tempfile
     import time
+
+    from orchester.local import parent_death_signal
 
     wildcard = bind_host in ("*", "0.0.0.0")
     with tempfile.TemporaryDirectory(prefix="orchester-mpi-") as tmp:
@@ -79,15 +157,26 @@ def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | Non
         proc = subprocess.Popen([sys.executable, "-m", "orchester", "serve", "--bind", f"tcp://{bind_host}:*",
                                  "--pub", f"tcp://{bind_host}:*", "--endpoint-file", efile,
                                  "--heartbeat-interval", str(heartbeat_interval), "--liveness", str(liveness),
-                                 *serve_args], stdin=subprocess.DEVNULL)
+                                 *serve_args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=parent_death_signal(signal.SIGTERM))
+        assert proc.stderr is not None
+        relay = _StderrRelay(proc.stderr)
         signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
         signal.signal(signal.SIGINT, lambda *_: proc.terminate())
         deadline = time.monotonic() + 120
         while not os.path.exists(efile):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                comm.bcast("", root=comm.Get_rank())  # let the satellites fail instead of waiting forever
-                raise RuntimeError(f"the orchestrator did not start (exit code {proc.poll()})")
+            late = time.monotonic() > deadline
+            if proc.poll() is not None or late:
+                if late:
+                    proc.kill()
+                proc.wait()
+                relay.join(5)
+                comm.bcast("", root=comm.Get_rank())  # the satellites leave instead of waiting forever
+                why = "it did not start within 120 s" if late else relay.reason() or f"exit code {proc.returncode}"
+                print(f"error: the orchestrator rank could not start: {why}", file=sys.stderr, flush=True)
+                return EXIT_NOT_STARTED
             time.sleep(0.02)
+        relay.forward()
         with open(efile) as f:
             eps = json.load(f)
     public = {k: [ep.replace("0.0.0.0", host) if wildcard else ep for ep in v]
@@ -99,7 +188,9 @@ def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | Non
             json.dump({**public, "pid": proc.pid}, f)
         os.replace(tmpname, endpoint_file)
     log.info("rank %d: orchestrator at %s", comm.Get_rank(), public["bind"][0])
-    return proc.wait()
+    code = proc.wait()
+    relay.join(5)
+    return code
 
 
 def _satellite(connect: list[str], rank: int, host: str, workers: int, tags: list[str], modules: list[str],

@@ -1,10 +1,11 @@
-"""Clean interruption, with real processes (issue 15, item 7).
+"""Clean interruption, with real processes (issue 15, items 4 and 7).
 
 * ``orchester demo`` stops every process of its local cluster on SIGINT,
   SIGTERM and SIGHUP and exits 128 + the signal's number; a ``kill -9`` of it takes the cluster
   down too (the kernel's parent-death signal), and a satellite killed with ``kill -9`` takes its
   workers down, even in the middle of a task. Checked in ``/proc``: every descendant collected
   before the signal, and every process of the command's session, is gone.
+* ``mpiexec -n 4 satellite mpi`` whose orchestrator rank cannot start prints one line, no traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +228,23 @@ def test_a_cluster_started_from_the_main_thread_asks_for_the_parent_death_signal
     t.start()
     t.join()
     assert result == [None]  # a thread may end before the process: its children must not die with it
+
+
+# ------------------------------------------------------------------ item 4: MPI
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+MPI_ENV = {**os.environ, "UCX_TLS": "self,sm", "MPIEXEC_PORT_RANGE": "50000:50100", "HYDRA_IFACE": "lo"}
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec comes with the test extras (pip install mpich)")
+def test_an_orchestrator_rank_that_cannot_start_gives_one_line(tmp_path: Path) -> None:
+    """A wildcard bind without --insecure: serve refuses; the job prints one line and no traceback."""
+    assert MPIEXEC is not None
+    r = subprocess.run([MPIEXEC, "-n", "4", sys.executable, "-m", "satellites", "--log-level", "WARNING", "mpi",
+                        "--bind-host", "0.0.0.0"], env=MPI_ENV, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=120)
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode != 0
+    assert "Traceback" not in out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    assert lines[0].startswith("error: the orchestrator rank could not start") and "--insecure" in lines[0], out
