@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from .client import Client
 from .errors import OrchesterError, RemoteError, TaskFailed
 from .fits import FitCache, FitSettings, fit_key, write_outputs, write_summary
+from .local import Interrupted, interrupt_exit_code, shielded, signal_name
 from .render import fit_progress
 
 
@@ -35,6 +36,19 @@ def genx_version(client: Client) -> str | None:
     return versions.pop() if len(versions) == 1 else None
 
 
+class FitsInterrupted(Interrupted):
+    """A stop signal ended :func:`run_fits`: ``summary.csv`` is written, with the unfinished fits marked.
+
+    :attr:`rows` are the summary's rows (status ``"interrupted"`` for every fit that did not
+    finish); :attr:`exit_code` is 128 + the signal number (130 for Ctrl-C).
+    """
+
+    def __init__(self, signum: int, rows: list[dict[str, Any]], summary: Path) -> None:
+        super().__init__(signum)
+        self.rows = rows
+        self.summary = summary
+
+
 def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings,
              out: str | os.PathLike[str], cache: FitCache | None = None, console: Console | None = None,
              timeout: float | None = None) -> list[dict[str, Any]]:
@@ -42,18 +56,52 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
 
     A model that fails (unreadable, bad script, NaN figure of merit) gets a summary row with
     its error while the others complete. Returns the summary rows.
+
+    Each fit's files are written all or nothing (:func:`~orchester.fits.write_outputs`). A
+    :class:`KeyboardInterrupt` (Ctrl-C, or SIGTERM/SIGHUP under
+    :func:`~orchester.local.stop_on_signals`) keeps the finished fits, asks the orchestrator to
+    cancel the unfinished ones, writes ``summary.csv`` with those marked ``interrupted`` and
+    raises :class:`FitsInterrupted`.
     """
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    pending: dict[str, tuple[str, Path, Any, str | None, float]] = {}
+    seen = [0]  # files that have a row or a pending fit (the rest were never submitted)
+    try:
+        _run_fits(client, files, settings, out, cache, console, timeout, rows, pending, seen)
+    except KeyboardInterrupt as exc:
+        signum = interrupt_exit_code(exc) - 128
+        rows += interrupted_rows([p[1] for p in pending.values()], signum, "before the fit finished")
+        rows += interrupted_rows(files[seen[0]:], signum)
+        _cancel(client, list(pending))
+        raise FitsInterrupted(signum, rows, write_summary(rows, out)) from exc
+    write_summary(rows, out)
+    return rows
+
+
+def interrupted_rows(files: Sequence[str | os.PathLike[str]], signum: int,
+                     when: str = "before it was submitted") -> list[dict[str, Any]]:
+    """Summary rows (status ``"interrupted"``) for fits that signal ``signum`` stopped ``when``."""
+    why = f"interrupted by {signal_name(signum)} {when}"
+    return [{"file": str(Path(f)), "status": "interrupted", "error": why} for f in files]
+
+
+def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings, out: Path,
+              cache: FitCache | None, console: Console, timeout: float | None, rows: list[dict[str, Any]],
+              pending: dict[str, tuple[str, Path, Any, str | None, float]], seen: list[int]) -> None:
+    """The work of :func:`run_fits`, filling ``rows`` and ``pending`` as it goes (``seen[0]``: files dealt with).
+
+    Each step that changes them is :func:`~orchester.local.shielded`, so that a stop signal
+    never falls between a fit's files and its row.
+    """
     version = genx_version(client)
     if version is None:
         if not any("genx.fit" in s["kinds"] for s in client.status()["satellites"]):
             raise OrchesterError("no satellite offers genx.fit: install GenX on the satellites "
                                  "(pip install --no-deps genx3 and the 'genx' extra)")
         cache = None  # satellites disagree on the GenX version: a cached result could be another's
-    rows: list[dict[str, Any]] = []
-    pending: dict[str, tuple[str, Path, Any, str | None, float]] = {}
     names: set[str] = set()
     with Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bars:
@@ -61,7 +109,7 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
         per_fit: dict[str, TaskID] = {}
         stream = client.subscribe(["progress:"])
         try:
-            for file in files:
+            for index, file in enumerate(files):
                 path = Path(file)
                 name = path.stem
                 while name in names:
@@ -70,19 +118,26 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
                 try:
                     model = path.read_bytes()
                 except OSError as exc:
-                    rows.append({"file": str(path), "status": "failed", "error": f"cannot read: {exc.strerror}"})
+                    with shielded():
+                        rows.append({"file": str(path), "status": "failed",
+                                     "error": f"cannot read: {exc.strerror}"})
+                        seen[0] = index + 1
                     bars.advance(overall)
                     continue
                 key = fit_key(model, settings, version) if version else None
                 hit = cache.get(key) if cache is not None and key else None
                 if hit is not None:
-                    write_outputs(name, hit, out)
-                    rows.append(_row(path, hit, "done", cached=True))
+                    with shielded():
+                        write_outputs(name, hit, out)
+                        rows.append(_row(path, hit, "done", cached=True))
+                        seen[0] = index + 1
                     bars.advance(overall)
                     continue
-                fut = client.submit("genx.fit", model, **settings.kwargs())
+                with shielded():
+                    fut = client.submit("genx.fit", model, **settings.kwargs())
+                    pending[fut.task_id] = (name, path, fut, key, time.monotonic())
+                    seen[0] = index + 1
                 per_fit[fut.task_id] = bars.add_task(escape(name[:28]), total=settings.generations, info="queued")
-                pending[fut.task_id] = (name, path, fut, key, time.monotonic())
             deadline = None if timeout is None else time.monotonic() + timeout
             while pending:
                 ev = stream.recv(timeout=0.1)
@@ -91,22 +146,41 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
                     if checked is not None and checked[0] in per_fit:
                         bars.update(per_fit[checked[0]], completed=checked[1], info=checked[2])
                 for tid in [t for t, p in pending.items() if p[2].done()]:
-                    name, path, fut, key, _ = pending.pop(tid)
-                    rows.append(_finish(client, tid, name, path, fut, key, cache, out))
+                    name, path, fut, key, _ = pending[tid]
+                    satellite = _satellite(client, tid) if fut.exception() is None else ""
+                    with shielded():  # the fit's files, its row and its removal from pending: all or none
+                        rows.append(_finish(tid, name, path, fut, key, cache, out, satellite))
+                        del pending[tid]
                     bars.update(per_fit[tid], completed=settings.generations, info=rows[-1]["status"])
                     bars.advance(overall)
                 if deadline is not None and time.monotonic() > deadline:
                     for _, path, _, _, _ in pending.values():
                         rows.append({"file": str(path), "status": "failed", "error": "timed out"})
+                    pending.clear()
                     break
         finally:
             stream.close()
-    write_summary(rows, out)
-    return rows
 
 
-def _finish(client: Client, tid: str, name: str, path: Path, fut: Any, key: str | None,
-            cache: FitCache | None, out: Path) -> dict[str, Any]:
+def _cancel(client: Client, task_ids: list[str], timeout: float = 2.0) -> None:
+    """Ask the orchestrator to cancel unfinished fits (best effort: stop at the first that gets no answer)."""
+    for tid in task_ids:
+        try:
+            client.cancel(tid, timeout=timeout)
+        except (OrchesterError, TimeoutError):
+            return
+
+
+def _satellite(client: Client, tid: str) -> str:
+    """The satellite that ran task ``tid`` ("" when the orchestrator does not say)."""
+    try:
+        return str(client.show(tid).get("satellite") or "")
+    except OrchesterError:
+        return ""
+
+
+def _finish(tid: str, name: str, path: Path, fut: Any, key: str | None, cache: FitCache | None, out: Path,
+            satellite: str) -> dict[str, Any]:
     try:
         result = fut.result()
     except TaskFailed as exc:
@@ -121,10 +195,6 @@ def _finish(client: Client, tid: str, name: str, path: Path, fut: Any, key: str 
         return {"file": str(path), "status": "failed", "error": f"malformed result: {type(exc).__name__}: {exc}"}
     if cache is not None and key:
         cache.put(key, result)
-    try:
-        satellite = client.show(tid).get("satellite") or ""
-    except OrchesterError:
-        satellite = ""
     row["satellite"] = satellite
     return row
 

@@ -6,7 +6,7 @@ Nothing here imports GenX: fits run on satellites (``genx.fit``, in
 For each model ``<name>`` a fit writes ``<name>.csv`` (x, data, error and fitted curve per
 dataset), ``<name>_params.csv``, ``<name>_fom.csv`` (figure of merit per generation),
 ``<name>.png`` (log reflectivity against Q with the fit, and the figure of merit per
-generation) and the fitted ``<name>.hgx``.
+generation) and the fitted ``<name>.hgx``, all or nothing (see :func:`write_outputs`).
 
 The cache is private and every entry is authenticated (see :class:`FitCache`): an entry that
 another local user planted or altered is never served.
@@ -252,39 +252,61 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orchester" / "fits"
 
 
+def output_paths(name: str, out: str | os.PathLike[str]) -> list[Path]:
+    """The files a fit of model ``name`` writes into ``out``."""
+    out = Path(out)
+    return [out / f"{name}{suffix}" for suffix in (".csv", "_params.csv", "_fom.csv", ".hgx", ".png")]
+
+
+def _part(path: Path, token: str) -> Path:
+    """The temporary name ``path`` is written under (hidden, same folder, same extension)."""
+    return path.with_name(f".{path.stem}.{token}.part{path.suffix}")
+
+
 def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
-    """Write the files of one fit into ``out``; return their paths."""
+    """Write the files of one fit into ``out`` all or nothing; return their paths.
+
+    Every file is first written under a hidden temporary name in ``out``
+    (``.<name>.<random>.part.csv`` …); only when all are complete are they renamed into place,
+    with a stop signal held back meanwhile (:func:`orchester.local.shielded`). A failure or an
+    interruption before that removes the temporary files and leaves the previous files (if any)
+    as they were.
+    """
+    from .local import shielded
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    p = out / f"{name}.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "x", "data", "error", "fit"])
-        for d in result["datasets"]:
-            for row in zip(d["x"], d["y"], d["error"], d["y_sim"], strict=True):
-                w.writerow([d["name"], *(f"{v:.10g}" for v in row)])
-    written.append(p)
-    p = out / f"{name}_params.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["parameter", "value", "min", "max", "error_low", "error_high"])
-        for par in result["parameters"]:
-            err = par.get("error") or ["", ""]
-            w.writerow([par["name"], f"{par['value']:.10g}", par["min"], par["max"], *err])
-    written.append(p)
-    p = out / f"{name}_fom.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["generation", result.get("fom_name", "fom")])
-        for gen, value in np.asarray(result["fom_history"]).reshape(-1, 2):
-            w.writerow([int(gen), f"{value:.10g}"])
-    written.append(p)
-    p = out / f"{name}.hgx"
-    p.write_bytes(bytes(result["model"]))
-    written.append(p)
-    written.append(plot(name, result, out / f"{name}.png"))
-    return written
+    finals = output_paths(name, out)
+    token = secrets.token_hex(4)
+    parts = [_part(p, token) for p in finals]
+    data, params, fom, model, png = parts
+    try:
+        with open(data, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["dataset", "x", "data", "error", "fit"])
+            for d in result["datasets"]:
+                for row in zip(d["x"], d["y"], d["error"], d["y_sim"], strict=True):
+                    w.writerow([d["name"], *(f"{v:.10g}" for v in row)])
+        with open(params, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["parameter", "value", "min", "max", "error_low", "error_high"])
+            for par in result["parameters"]:
+                err = par.get("error") or ["", ""]
+                w.writerow([par["name"], f"{par['value']:.10g}", par["min"], par["max"], *err])
+        with open(fom, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["generation", result.get("fom_name", "fom")])
+            for gen, value in np.asarray(result["fom_history"]).reshape(-1, 2):
+                w.writerow([int(gen), f"{value:.10g}"])
+        model.write_bytes(bytes(result["model"]))
+        plot(name, result, png)
+        with shielded():
+            for part, final in zip(parts, finals, strict=True):
+                os.replace(part, final)
+    finally:
+        for part in parts:  # none left after a complete write
+            part.unlink(missing_ok=True)
+    return finals
 
 
 def plot(name: str, result: dict[str, Any], path: Path) -> Path:
@@ -323,11 +345,16 @@ SUMMARY_FIELDS = ["file", "fom", "generations", "seconds", "satellite", "status"
 
 
 def write_summary(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
-    """``summary.csv``: one row per model."""
+    """``summary.csv``: one row per model (written under a temporary name, then renamed into place)."""
     p = Path(out) / "summary.csv"
-    with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in SUMMARY_FIELDS})
+    tmp = _part(p, secrets.token_hex(4))
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: r.get(k, "") for k in SUMMARY_FIELDS})
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p

@@ -1,15 +1,18 @@
-"""Clean interruption, with real processes (issue 15, items 4 and 7).
+"""Clean interruption, with real processes (issue 15, items 4, 7 and 8).
 
-* ``orchester demo`` stops every process of its local cluster on SIGINT,
-  SIGTERM and SIGHUP and exits 128 + the signal's number; a ``kill -9`` of it takes the cluster
+* ``orchester demo`` and ``orchester fit`` stop every process of their local cluster on SIGINT,
+  SIGTERM and SIGHUP and exit 128 + the signal's number; a ``kill -9`` of them takes the cluster
   down too (the kernel's parent-death signal), and a satellite killed with ``kill -9`` takes its
   workers down, even in the middle of a task. Checked in ``/proc``: every descendant collected
   before the signal, and every process of the command's session, is gone.
+* ``orchester fit`` interrupted keeps the finished fits, writes ``summary.csv`` with the others
+  marked ``interrupted``, and never leaves a model's files half written.
 * ``mpiexec -n 4 satellite mpi`` whose orchestrator rank cannot start prints one line, no traceback.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import importlib.util
 import os
@@ -228,6 +231,160 @@ def test_a_cluster_started_from_the_main_thread_asks_for_the_parent_death_signal
     t.start()
     t.join()
     assert result == [None]  # a thread may end before the process: its children must not die with it
+
+
+# ------------------------------------------------------------------ items 7 and 8: fit
+def _summary(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as f:
+        return {Path(r["file"]).stem: r for r in csv.DictReader(f)}
+
+
+@needs_genx
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_a_stop_signal_ends_orchester_fit_cleanly(command: Any, sig: signal.Signals, tmp_path: Path) -> None:
+    """One satellite, two fits: the first finishes, the signal arrives during the second."""
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(EXAMPLES / "nickel_film.hgx", models / "first.hgx")
+    shutil.copy(EXAMPLES / "nickel_film.hgx", models / "second.hgx")
+    out = tmp_path / "out"
+    # 12,000 evaluations per fit (a few thousand a second here): the signal comes during the second fit
+    c = command("fit", str(models / "first.hgx"), str(models / "second.hgx"), "--local", "1", "--generations",
+                "600", "--population", "20", "--out", str(out), "--no-cache")
+    tree = cluster_tree(c, at_least=3, timeout=120)
+    c.wait_for(lambda: (out / "first.png").exists(), 300, "the first fit was written")
+    os.kill(c.proc.pid, sig)
+    code = c.proc.wait(60)
+    assert_all_gone(tree, sid=c.proc.pid)
+    c._reader.join(5)
+    assert code == 128 + sig, c.output
+    assert "Traceback" not in c.output
+    assert f"interrupted by {sig.name}: 1 of 2 fits done" in " ".join(c.output.split()), c.output
+    rows = _summary(out / "summary.csv")
+    assert rows["first"]["status"] == "done" and float(rows["first"]["fom"]) > 0
+    assert rows["second"]["status"] == "interrupted"
+    assert f"interrupted by {sig.name}" in rows["second"]["error"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["first.csv", "first.hgx", "first.png", "first_fom.csv", "first_params.csv", "summary.csv"]
+
+
+@needs_genx
+def test_a_stop_signal_while_the_cluster_starts_still_writes_the_summary(command: Any, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    c = command("fit", str(EXAMPLES / "nickel_film.hgx"), "--local", "1", "--generations", "5", "--out", str(out),
+                "--no-cache")
+    c.wait_for(lambda: len(descendants(c.proc.pid)) >= 1, 60, "the orchestrator was started")
+    os.kill(c.proc.pid, signal.SIGTERM)
+    code = c.proc.wait(60)
+    assert_all_gone(set(), sid=c.proc.pid)
+    assert code == 143, c.output
+    rows = _summary(out / "summary.csv")
+    assert rows["nickel_film"]["status"] == "interrupted"
+
+
+# ------------------------------------------------------------------ item 8: all-or-nothing files
+RESULT: dict[str, Any] = {
+    "fom": 1.5, "generations": 3, "seconds": 0.1, "fom_name": "chi2",
+    "datasets": [{"name": "d", "x": [0.01, 0.02], "y": [1.0, 0.5], "error": [0.1, 0.05], "y_sim": [0.9, 0.6]}],
+    "parameters": [{"name": "p", "value": 1.0, "min": 0, "max": 2}],
+    "fom_history": [[0, 3.0], [1, 2.0], [2, 1.5]], "model": b"model bytes",
+}
+
+
+@pytest.mark.parametrize("where", ["plot", "replace"])
+def test_a_model_is_written_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Ctrl-C while a model's files are written leaves none of them (and no temporary file)."""
+    from orchester import fits
+
+    def interrupt(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    if where == "plot":
+        monkeypatch.setattr(fits, "plot", interrupt)
+    else:
+        real = os.replace
+        monkeypatch.setattr(fits.os, "replace", lambda a, b: interrupt() if str(b).endswith(".hgx") else real(a, b))
+    with pytest.raises(KeyboardInterrupt):
+        fits.write_outputs("m", RESULT, tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if where == "plot":  # nothing was renamed into place yet
+        assert left == []
+    else:  # Python's own Ctrl-C between two renames: what is in place is complete, no temporary file stays
+        assert all(not n.startswith(".") for n in left)
+    monkeypatch.undo()
+    written = fits.write_outputs("m", RESULT, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_a_stop_signal_waits_for_the_files_to_be_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under stop_on_signals, SIGTERM during the renames is raised once every file is in place."""
+    from orchester import fits
+    from orchester.local import Interrupted, stop_on_signals
+
+    real = os.replace
+    calls = []
+
+    def replace(a: Any, b: Any) -> None:
+        calls.append(b)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs here: it must wait
+        real(a, b)
+
+    monkeypatch.setattr(fits.os, "replace", replace)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(), pytest.raises(Interrupted) as info:
+        fits.write_outputs("m", RESULT, tmp_path)
+    assert info.value.exit_code == 143 and len(calls) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "m.hgx", "m.png", "m_fom.csv", "m_params.csv"]
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_summary_is_written_when_run_fits_is_interrupted(tmp_path: Path) -> None:
+    """run_fits marks the fits that did not finish and raises FitsInterrupted (no cluster needed)."""
+    from concurrent.futures import Future
+
+    from orchester.fitjob import FitsInterrupted, run_fits
+    from orchester.fits import FitSettings
+
+    files = []
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.hgx").write_bytes(name.encode())
+        files.append(tmp_path / f"{name}.hgx")
+
+    class Stream:
+        def recv(self, timeout: float) -> None:
+            raise KeyboardInterrupt  # Ctrl-C while waiting
+
+        def close(self) -> None:
+            pass
+
+    class FakeClient:
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        def status(self, timeout: float = 10) -> dict[str, Any]:
+            return {"satellites": [{"kinds": ["genx.fit"], "versions": {"genx.fit": "3.8.13"}}]}
+
+        def subscribe(self, topics: Any) -> Stream:
+            return Stream()
+
+        def submit(self, kind: str, model: bytes, **kw: Any) -> Any:
+            fut: Future[Any] = Future()
+            fut.task_id = f"t-{model.decode()}"  # type: ignore[attr-defined]
+            return fut
+
+        def cancel(self, tid: str, timeout: float = 10) -> dict[str, Any]:
+            self.cancelled.append(tid)
+            return {}
+
+    client = FakeClient()
+    with pytest.raises(FitsInterrupted) as info:
+        run_fits(client, files, FitSettings(generations=3), tmp_path / "out")  # type: ignore[arg-type]
+    assert info.value.exit_code == 130
+    rows = _summary(tmp_path / "out" / "summary.csv")
+    assert {k: r["status"] for k, r in rows.items()} == {"a": "interrupted", "b": "interrupted", "c": "interrupted"}
+    assert client.cancelled == ["t-a", "t-b", "t-c"]
 
 
 # ------------------------------------------------------------------ item 4: MPI
