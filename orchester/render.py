@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -167,6 +169,98 @@ def _count(value: Any) -> str:
     return fmt(value, ".0f", "?")
 
 
+#: Narrowest a wrapping column (an error message) is made before other columns are dropped.
+WRAP_MIN = 24
+#: What one column costs beyond its text: a space either side and a border.
+COLUMN_EXTRA = 3
+#: Narrowest an id or a wrapping column is folded to on a terminal too narrow for the kept columns.
+NARROWEST = 8
+
+
+@dataclass
+class Column:
+    """One column of a :func:`fitted_table`: its header, its cells, and how it may give way.
+
+    ``whole``: an id, never cut (it must be copied whole into ``show`` or ``drain``); ``keep``:
+    never dropped; ``wrap``: long text that wraps onto more lines (it takes the room left, at
+    least :data:`WRAP_MIN`); ``rank``: the order in which optional columns get room (lower
+    first). Columns that do not fit are left out whole, and the caption names them.
+    """
+
+    header: str
+    cells: list[Text | str] = field(default_factory=list)
+    keep: bool = False
+    whole: bool = False
+    wrap: bool = False
+    rank: int = 0
+    justify: Literal["default", "left", "center", "right", "full"] = "left"
+
+    @property
+    def natural(self) -> int:
+        """The width of the widest cell (or the header)."""
+        return max([cell_len(self.header), *(c.cell_len if isinstance(c, Text) else cell_len(c) for c in self.cells)])
+
+    @property
+    def least(self) -> int:
+        """The narrowest this column may be."""
+        return min(self.natural, max(WRAP_MIN, cell_len(self.header))) if self.wrap else self.natural
+
+
+def fitted_table(title: str, columns: Sequence[Column], width: int, hint: str = "") -> Table:
+    """A table of ``columns`` that fits ``width`` terminal columns without ever cutting a ``whole`` cell.
+
+    The ``keep`` columns are always there; the others join, by ``rank``, while they fit; the
+    table keeps the given order. A ``whole`` cell wider than the terminal itself is folded onto
+    more lines, never shortened. The caption names the columns left out (and ``hint``).
+    """
+    chosen = [c for c in columns if c.keep]
+    used = 1 + sum(c.least + COLUMN_EXTRA for c in chosen)
+    for c in sorted((c for c in columns if not c.keep), key=lambda c: c.rank):
+        if used + c.least + COLUMN_EXTRA <= width:
+            chosen.append(c)
+            used += c.least + COLUMN_EXTRA
+    shown = [c for c in columns if c in chosen]
+    left_out = [c.header for c in columns if c not in chosen]
+    table = Table(title=title, caption=(f"not shown at {width} columns: {', '.join(left_out)}"
+                                        + (f" ({hint})" if hint else "")) if left_out else None)
+    squeezed: dict[int, int] = {}  # the kept columns do not fit: wrapping text gives way first, then ids fold
+    excess = used - width
+    for c in [*(c for c in shown if c.wrap), *(c for c in shown if c.whole)]:
+        give = min(excess, c.least - NARROWEST)
+        if give > 0:
+            squeezed[id(c)] = c.least - give
+            excess -= give
+    for c in shown:
+        if id(c) in squeezed:  # folded onto more lines, every character kept
+            table.add_column(c.header, justify=c.justify, overflow="fold", width=squeezed[id(c)])
+        elif c.whole:  # never cut, never wrapped: copied whole into show or drain
+            table.add_column(c.header, justify=c.justify, no_wrap=True, min_width=c.natural)
+        else:
+            table.add_column(c.header, justify=c.justify, overflow="fold", no_wrap=not c.wrap)
+    for row in zip(*(c.cells for c in shown), strict=True):
+        table.add_row(*row)
+    return table
+
+
+def add_row(columns: Sequence[Column], *values: Text | str) -> None:
+    """Append one row: a value per column, in order."""
+    for col, value in zip(columns, values, strict=True):
+        col.cells.append(value)
+
+
+class FittedTable:
+    """A :func:`fitted_table` made when it is printed, for the width it is printed at (a live view's too)."""
+
+    def __init__(self, title: str, columns: Sequence[Column], hint: str = "") -> None:
+        self.title = title
+        self.columns = list(columns)
+        self.hint = hint
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """Rich's rendering protocol: the table for ``options.max_width``."""
+        yield fitted_table(self.title, self.columns, max(20, options.max_width), self.hint)
+
+
 def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     """Print a status reply as tables: tasks per state, queues, satellites."""
     console = console or Console()
@@ -190,17 +284,17 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     for kind, n in _items(st.get("queued")):
         tasks.add_row(cell(f"queued {clean_text(kind)}"), _count(n))
     console.print(tasks)
-    sats = Table(title="satellites")
-    for col in ("id", "state", "host", "inflight/credit", "done", "failed", "heartbeat age", "tags"):
-        sats.add_column(col)
+    cols = [Column("id", keep=True, whole=True), Column("state", keep=True), Column("host", rank=5, wrap=True),
+            Column("inflight/credit", rank=0, justify="right"), Column("done", rank=1, justify="right"),
+            Column("failed", rank=2, justify="right"), Column("heartbeat age", rank=3, justify="right"),
+            Column("tags", rank=4, wrap=True)]
     for s in _rows(st.get("satellites")):
         tags = s.get("tags")
-        sats.add_row(cell(s.get("id")), cell(s.get("state")), cell(s.get("host")),
-                     f"{_count(s.get('inflight'))}/{_count(s.get('credit', s.get('slots')))}",
-                     _count(s.get("done", 0)), _count(s.get("failed", 0)),
-                     f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
-                     cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""))
-    console.print(sats)
+        add_row(cols, cell(s.get("id")), cell(s.get("state")), cell(s.get("host")),
+                f"{_count(s.get('inflight'))}/{_count(s.get('credit', s.get('slots')))}",
+                _count(s.get("done", 0)), _count(s.get("failed", 0)), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
+                cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""))
+    console.print(FittedTable("satellites", cols, "status --json shows everything"))
 
 
 def render_task(task: dict[str, Any], console: Console | None = None) -> None:
@@ -209,15 +303,14 @@ def render_task(task: dict[str, Any], console: Console | None = None) -> None:
     console.print(f"[bold]task[/] {markup(task.get('id'))}  kind {markup(task.get('kind'))}  "
                   f"state [cyan]{markup(task.get('state'))}[/]  attempt {_count(task.get('attempt'))}  "
                   f"crashes {_count(task.get('crashes'))}  satellite {markup(task.get('satellite') or '-')}")
-    hist = Table(title="history")
-    for col in ("time", "state", "attempt", "satellite", "reason"):
-        hist.add_column(col)
+    cols = [Column("time", keep=True), Column("state", keep=True), Column("attempt", rank=1, justify="right"),
+            Column("satellite", whole=True, rank=0), Column("reason", keep=True, wrap=True)]
     for h in _rows(task.get("history")):
         t = finite(h.get("t"), None, 0.0, 1e11)
         stamp = clock(t) + (f".{int(t % 1 * 1000):03d}" if t is not None else "")
-        hist.add_row(stamp, cell(h.get("state")), _count(h.get("attempt")), cell(h.get("sat") or ""),
-                     cell(h.get("reason") or ""))
-    console.print(hist)
+        add_row(cols, stamp, cell(h.get("state")), _count(h.get("attempt")), cell(h.get("sat") or ""),
+                cell(h.get("reason") or ""))
+    console.print(FittedTable("history", cols, "show --json shows everything"))
 
 
 def render_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
@@ -228,11 +321,11 @@ def render_history(rows: list[dict[str, Any]], console: Console | None = None) -
 
     console = console or Console()
     usable = _rows(rows)
-    table = Table(title=f"{len(usable)} task(s)")
-    for col in ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error"):
-        table.add_column(col)
+    cols = [Column("id", keep=True, whole=True), Column("kind", rank=0), Column("state", keep=True),
+            Column("attempts", rank=2, justify="right"), Column("satellite", whole=True, rank=3),
+            Column("submitted", rank=4), Column("finished", rank=1), Column("error", keep=True, wrap=True)]
     for r in usable:
-        table.add_row(cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
-                      cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
-                      cell(r.get("error")))
-    console.print(table)
+        add_row(cols, cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
+                cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
+                cell(r.get("error")))
+    console.print(FittedTable(f"{len(usable)} task(s)", cols, "--format csv shows every column"))

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .metrics import quantiles
-from .render import cell, clean_text, finite, fmt
+from .render import Column, FittedTable, add_row, cell, clean_text, finite, fmt
 
 #: Most tasks tracked at once (submitted, or running on a satellite); events beyond are not kept.
 MAX_TRACKED = 100_000
@@ -75,9 +75,11 @@ class TopModel:
             f"  orchestrator {clean_text(st.get('epoch', '?'), 40)}  strategy {clean_text(st.get('strategy', '?'), 80)}"
             f"  throughput {self.throughput():.1f} tasks/s",
             f"  latency p50 {q.get('p50', 0) * 1000:.1f} ms p99 {q.get('p99', 0) * 1000:.1f} ms" if q else "")
-        sats = Table(title="satellites", expand=True)
-        for col in ("satellite", "state", "load", "current task", "heartbeat", "done", "failed", "cpu %", "rss MB"):
-            sats.add_column(col)
+        cols = [Column("satellite", keep=True, whole=True), Column("state", keep=True),
+                 Column("load", rank=1, justify="right"), Column("current task", whole=True, rank=0),
+                 Column("heartbeat", rank=4, justify="right"), Column("done", rank=2, justify="right"),
+                 Column("failed", rank=3, justify="right"), Column("cpu %", rank=5, justify="right"),
+                 Column("rss MB", rank=6, justify="right")]
         satellites = st.get("satellites")
         for s in satellites if isinstance(satellites, list) else []:
             if not isinstance(s, dict):
@@ -87,11 +89,12 @@ class TopModel:
             now_running = (current[0] + (f" +{len(current) - 1}" if len(current) > 1 else "")) if current else ""
             rep = s.get("reported")
             rep = rep if isinstance(rep, dict) else {}
-            sats.add_row(cell(sid), cell(s.get("state")),
-                         f"{fmt(s.get('inflight'), '.0f', '?')}/{fmt(s.get('credit', s.get('slots')), '.0f', '?')}",
-                         cell(now_running), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
-                         fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
-                         fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"))
+            add_row(cols, cell(sid), cell(s.get("state")),
+                    f"{fmt(s.get('inflight'), '.0f', '?')}/{fmt(s.get('credit', s.get('slots')), '.0f', '?')}",
+                    cell(now_running), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
+                    fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
+                    fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"))
+        sats = FittedTable("satellites", cols, "a wider terminal shows more")
         queues = Table(title="tasks", expand=True)
         queues.add_column("state or queue")
         queues.add_column("count", justify="right")

@@ -6,6 +6,7 @@ The command lines run as real processes in ``tests/integration/test_entry_points
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -201,3 +202,78 @@ def test_fit_bars_never_pass_the_number_of_generations() -> None:
     # GenX reports the initial population and then every generation: N+1 reports for N generations
     assert fit_progress({"id": "t", "generation": 151, "fom": 0.1}, 150) == ("t", 150.0, "fom 0.1  ? ev/s")
     assert fit_progress({"id": "t", "generation": -5}, 150) == ("t", 0.0, "fom ?  ? ev/s")
+
+
+# -- item 9: ids are never cut ----------------------------------------------------------------------
+
+TASK_IDS = ["8fe34c0b9d5e4a7f1c2b3a4d5e6f7a8b", "a0ace8aa11bb22cc33dd44ee55ff6677"]
+SAT_ID = "vm-25717-d3adbe-compute-node-17"
+
+
+def _history_rows() -> list[dict[str, Any]]:
+    now = time.time()
+    return [{"id": tid, "kind": "genx.fit", "state": "failed", "attempts": 1, "satellite": SAT_ID,
+             "submitted": now, "finished": now, "error": "RuntimeError: kaput, with a message long enough to wrap"}
+            for tid in TASK_IDS]
+
+
+def _status() -> dict[str, Any]:
+    return {"epoch": "e1", "uptime": 5, "strategy": "least_loaded", "tasks": {"running": 1},
+            "satellites": [{"id": SAT_ID, "state": "busy", "host": "vm-25717", "inflight": 1, "credit": 2,
+                            "done": 3, "failed": 0, "heartbeat_age": 0.1, "tags": ["gpu", "big"]}]}
+
+
+def _printed(render: Any, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=width, file=open(os.devnull, "w"))  # noqa: SIM115
+    try:
+        render(console)
+        return console.export_text()
+    finally:
+        console.file.close()
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_history_status_show_and_top_print_whole_ids(width: int) -> None:
+    from orchester.render import render_history, render_status, render_task
+    from orchester.top import TopModel
+
+    text = _printed(lambda c: render_history(_history_rows(), c), width)
+    assert all(tid in text for tid in TASK_IDS) and "…" not in text.split("not shown")[0], text
+    assert all(len(line) <= width for line in text.splitlines())
+    text = _printed(lambda c: render_status(_status(), c), width)
+    assert SAT_ID in text and "…" not in text, text
+    text = _printed(lambda c: render_task({"id": TASK_IDS[0], "kind": "echo", "state": "done",
+                                           "history": [{"t": time.time(), "state": "dispatched", "attempt": 1,
+                                                        "sat": SAT_ID, "reason": ""}]}, c), width)
+    assert TASK_IDS[0] in text and SAT_ID in text, text
+    model = TopModel()
+    model.on_status(_status(), 0.0)
+    model.on_event(f"task:{TASK_IDS[1]}", {"id": TASK_IDS[1], "state": "running", "sat": SAT_ID, "t": 1.0})
+    text = _printed(lambda c: c.print(model.render()), width)
+    assert SAT_ID in text and TASK_IDS[1] in text and "…" not in text, text
+
+
+def _cells(text: str, index: int, sep: str = " ") -> str:
+    """The text of column ``index`` of a printed table's body, its lines joined by ``sep``."""
+    body = text.split("satellites")[-1] if "satellites" in text else text  # the last table
+    rows = [line.split("│") for line in body.splitlines() if line.startswith("│")]
+    return sep.join(row[index + 1].strip() for row in rows if row[index + 1].strip())
+
+
+def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
+    from orchester.render import render_history
+
+    text = _printed(lambda c: render_history(_history_rows()[:1], c), 80)
+    assert "not shown at 80 columns:" in text and "submitted" in text.split("not shown")[1]
+    assert _cells(text, 2) == "RuntimeError: kaput, with a message long enough to wrap", text
+
+
+def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
+    from orchester.render import render_status
+
+    status = _status()
+    status["satellites"][0]["id"] = long_id = "node-" + "x" * 60 + "-end"
+    text = _printed(lambda c: render_status(status, c), 40)
+    assert "…" not in text and _cells(text, 0, "") == long_id, text

@@ -156,3 +156,32 @@ def test_ctrl_c_exits_130() -> None:
                 p.kill()
                 p.wait(5)
         assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+
+
+# -- item 9: ids are never cut, at 80 columns either ----------------------------------------------------
+
+def test_history_status_and_top_print_whole_ids_at_80_columns() -> None:
+    from orchester import Client, LocalCluster, TaskFailed
+
+    sid = "vm-25717-d3adbe-compute-node-17"
+    with LocalCluster(satellites=0, workers=1, heartbeat_interval=0.2, log_level="WARNING") as cluster:
+        cluster.add_satellite(sid)
+        cluster.wait_for_satellites(1)
+        with Client(cluster.endpoint) as client:
+            ok = client.submit("echo", 1)
+            bad = client.submit("fail", "kaput")
+            ok.result(timeout=30)
+            with pytest.raises(TaskFailed):
+                bad.result(timeout=30)
+        env = {"COLUMNS": "80", "LINES": "50"}
+        r = run("orchester", "history", "--connect", cluster.endpoint, env=env, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert ok.task_id in r.stdout and bad.task_id in r.stdout and "…" not in r.stdout.split("not shown")[0]
+        assert max(map(len, r.stdout.splitlines())) <= 80
+        r = run("orchester", "status", "--connect", cluster.endpoint, env=env, timeout=30)
+        assert r.returncode == 0 and sid in r.stdout, r.stdout
+        r = run("orchester", "top", "--iterations", "1", "--interval", "0.2", "--connect", cluster.endpoint,
+                env=env, timeout=30)
+        assert r.returncode == 0 and sid in r.stdout, r.stdout + r.stderr
+        r = run("orchester", "show", bad.task_id, "--connect", cluster.endpoint, env=env, timeout=30)
+        assert r.returncode == 0 and bad.task_id in r.stdout and sid in r.stdout, r.stdout
