@@ -24,6 +24,8 @@ from rich.text import Text
 
 #: Longest peer-supplied text printed in one place (a longer one is cut, "…" marks the cut).
 MAX_TEXT = 200
+#: Longest error printed in a history row ("Type: message"; it wraps, it is not cut to a line).
+MAX_ERROR = 2000
 #: Most fields of one event printed (the rest are counted, not shown).
 MAX_FIELDS = 16
 #: Characters never printed as they come: C0 (with ESC, tab and newline), DEL and C1 controls,
@@ -314,7 +316,7 @@ def render_task(task: dict[str, Any], console: Console | None = None) -> None:
 
 
 def render_history(rows: list[dict[str, Any]], console: Console | None = None) -> None:
-    """Print history rows as a table."""
+    """Print history rows as a table; a failed task's error is its type and message, in full (wrapped)."""
 
     def stamp(t: Any) -> str:
         return clock(t, "%Y-%m-%d %H:%M:%S") if t else ""
@@ -327,5 +329,5 @@ def render_history(rows: list[dict[str, Any]], console: Console | None = None) -
     for r in usable:
         add_row(cols, cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
                 cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
-                cell(r.get("error")))
+                cell(r.get("error"), MAX_ERROR))
     console.print(FittedTable(f"{len(usable)} task(s)", cols, "--format csv shows every column"))

@@ -259,7 +259,7 @@ def _cells(text: str, index: int, sep: str = " ") -> str:
     """The text of column ``index`` of a printed table's body, its lines joined by ``sep``."""
     body = text.split("satellites")[-1] if "satellites" in text else text  # the last table
     rows = [line.split("│") for line in body.splitlines() if line.startswith("│")]
-    return sep.join(row[index + 1].strip() for row in rows if row[index + 1].strip())
+    return sep.join(row[1:-1][index].strip() for row in rows if row[1:-1][index].strip())
 
 
 def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
@@ -277,3 +277,15 @@ def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
     status["satellites"][0]["id"] = long_id = "node-" + "x" * 60 + "-end"
     text = _printed(lambda c: render_status(status, c), 40)
     assert "…" not in text and _cells(text, 0, "") == long_id, text
+
+
+# -- item 10: history shows a failed task's whole error -------------------------------------------------
+
+def test_history_prints_the_error_type_and_whole_message_wrapped() -> None:
+    from orchester.render import render_history
+
+    message = "ValueError: " + " ".join(f"word{i}" for i in range(80))  # about 500 characters
+    row = {**_history_rows()[0], "error": message}
+    for width in (80, 160):
+        text = _printed(lambda c: render_history([row], c), width)
+        assert _cells(text, -1) == message, text  # the error is the last column, wrapped, never cut

@@ -6,6 +6,7 @@ and one line on stderr, never a traceback, never a hang.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -185,3 +186,24 @@ def test_history_status_and_top_print_whole_ids_at_80_columns() -> None:
         assert r.returncode == 0 and sid in r.stdout, r.stdout + r.stderr
         r = run("orchester", "show", bad.task_id, "--connect", cluster.endpoint, env=env, timeout=30)
         assert r.returncode == 0 and bad.task_id in r.stdout and sid in r.stdout, r.stdout
+
+
+# -- item 10: history shows a failed task's type and whole message --------------------------------------
+
+def test_history_shows_the_whole_error_of_a_failed_task() -> None:
+    from orchester import Client, LocalCluster, TaskFailed
+
+    message = "the model diverged: " + " ".join(f"step{i}" for i in range(50))  # longer than a table line
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=0.2, log_level="WARNING") as cluster:
+        with Client(cluster.endpoint) as client:
+            bad = client.submit("fail", message)
+            with pytest.raises(TaskFailed):
+                bad.result(timeout=30)
+        for columns in ("80", "200"):
+            r = run("orchester", "history", "--connect", cluster.endpoint, env={"COLUMNS": columns}, timeout=30)
+            assert r.returncode == 0, r.stderr
+            rows = [line.split("│")[1:-1] for line in r.stdout.splitlines() if line.startswith("│")]
+            error = " ".join(row[-1].strip() for row in rows if row[-1].strip())
+            assert error == f"RuntimeError: {message}", r.stdout
+        r = run("orchester", "history", "--connect", cluster.endpoint, "--format", "json", timeout=30)
+        assert json.loads(r.stdout)[0]["error"] == f"RuntimeError: {message}"
