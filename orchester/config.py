@@ -88,11 +88,12 @@ class OrchestratorConfig:
     max_slots: int = 1024
     #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
     probation_cooldown: float = 30.0
-    #: Most result bytes pushed to one connection that it has not acknowledged reading; further
-    #: results wait in the orchestrator's result store (one result is always let through).
+    #: Most result bytes pushed to one key (without keys: one connection) that it has not acknowledged
+    #: reading; further results wait in the orchestrator's result store (one result always goes).
     max_unread_bytes: int = 64 << 20
-    #: CurveZMQ: most connections (routing identities heard within ten minutes) one key may hold.
-    max_key_connections: int = 256
+    #: CurveZMQ: most connections (routing identities heard within the last minute) one key may hold
+    #: (satellites of a large allocation often share one key).
+    max_key_connections: int = 4096
     #: Most event subscriptions one key (without CurveZMQ: all subscribers together) may hold.
     max_subscriptions: int = 1024
     #: Longest event subscription topic, in bytes (a longer one is never matched and is not kept).

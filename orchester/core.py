@@ -15,6 +15,7 @@ frames are forwarded to the client as received.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,8 @@ log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
 #: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
+#: Tests set ``ORCHESTER_STRICT=1``: an internal error in a handler is raised, not answered.
+STRICT = os.environ.get("ORCHESTER_STRICT", "") not in ("", "0")
 #: What the event stream publishes, by topic prefix.
 EVENT_CATEGORIES = (b"task:", b"progress:", b"sat:", b"control:")
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
@@ -166,11 +169,15 @@ class Orchestrator(Requests):
                     self._heard(sat, now)
             try:
                 handler(sock, ident, frames, now)
-            except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as exc:
-                # a field of a shape no validation foresaw: refuse it rather than stop the loop
+            except ProtocolError:
+                raise
+            except Exception as exc:  # our own failure on a message that decoded: never stop the loop for it
                 self.counters["handler_errors"] += 1
-                log.exception("a %s message from %r could not be handled", P.command_name(cmd), ident)
-                raise ProtocolError(P.E_MALFORMED, f"cannot handle this message: {type(exc).__name__}: {exc}") from None
+                log.exception("a %s message from %r could not be handled", P.command_name(cmd), ident[:64])
+                if STRICT:
+                    raise
+                raise ProtocolError(P.E_INTERNAL, f"the orchestrator failed on this message ({type(exc).__name__}); "
+                                    "it is logged") from None
         except ProtocolError as exc:
             self.counters["bad_messages"] += 1
             self.counters[f"errors.{exc.code}"] += 1
@@ -212,6 +219,7 @@ class Orchestrator(Requests):
             raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks)")
         owner = self._user or ident
         unfinished, held = self.client_load.get(owner, (0, 0))
+        held += self.unread.waiting_bytes(owner)  # its results that wait for it to read
         payload = frames[4:]
         # what this task costs its client: payload, header and identity (a 64 KB header is not free)
         size = _len(payload) + len(frames[3]) + len(ident) + len(tid)
@@ -391,14 +399,22 @@ class Orchestrator(Requests):
             self._succeeded(task, sat, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]], now)
             return
         err = hdr.get("err")
-        etype = err.get("type") if isinstance(err, dict) else None
+        header = frames[3]
+        if not (isinstance(err, dict) and isinstance(err.get("type"), str) and 0 < len(err["type"]) <= 256
+                and isinstance(err.get("msg", ""), str) and isinstance(err.get("tb", ""), str)):
+            # clients read this error: one of the wrong shape is replaced, never forwarded
+            self.counters["bad_results"] += 1
+            err = {"type": "BadResult", "msg": f"satellite {sat.sid!r} reported an error of the wrong shape",
+                   "tb": ""}
+            header = pack({"id": tid, "a": attempt, "ok": False, "sat": sat.sid, "err": err})
+        etype = err["type"]
         if etype == P.ERR_WORKER_DIED:  # it killed its worker: a crash, rerouted or quarantined
-            self._stall(task, now, str(err.get("msg", "worker died")), abort=False)  # type: ignore[union-attr]
+            self._stall(task, now, str(err.get("msg", "worker died"))[:500], abort=False)
             return
         self._release(task, now, abort=False)  # a task's own exception is not its satellite's fault
         self.counters["failed"] += 1
-        self._task_to(task, TE.fail, now, str(etype))
-        self._complete(task, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]])
+        self._task_to(task, TE.fail, now, etype)
+        self._complete(task, [P.SIGNATURE, P.RESULT, header, *frames[4:]])
 
     def _on_progress(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
@@ -447,11 +463,14 @@ class Orchestrator(Requests):
     def undeliverable(self, task_id: str) -> None:
         """The adapter could not hand a result to its client: keep it for fetch."""
         self.counters["results_undeliverable"] += 1
+        task = self.tasks.get(task_id)
+        if task is not None:  # that connection is gone or not reading: stop counting what it was sent
+            self.unread.forget(task.client)
 
     def housekeeping(self, now: float) -> None:
         """Run after every wake-up: retention, timeouts, satellites, heartbeats, acks, dispatch."""
         if len(self.results) > self.cfg.result_retention or self.results.bytes > self.results.max_bytes:
-            for tid in self.results.trim():
+            for tid in self.results.trim(self.unread.pinned):
                 old = self.tasks.get(tid)
                 if old is not None and old.state.terminal:
                     del self.tasks[tid]

@@ -284,7 +284,7 @@ class Lifecycle:
         ``crash``: counts against the task's retry budget; ``blame``: against its satellite.
         """
         sat = self._release(task, now, abort)
-        if crash and blame and sat is not None:
+        if blame and sat is not None:
             self._failed_on(sat, now)
         self._task_to(task, TE.stall, now, reason)
         self.counters["stalled"] += 1
@@ -327,11 +327,11 @@ class Lifecycle:
     def _send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
         if not self._deliverable(task):  # kept for fetch: only a connection of the owner's key gets it
             self.counters["results_withheld"] += 1
-        elif self.unread.admit(task.client, size, self.clock):
+        elif self.unread.admit(task.client, task.owner if task.owner is not None else task.client, size,
+                               self.clock):
             self.out.append((task.csock, [task.client, *frames], task.id))
-        else:  # its connection has not read what it was sent: this one waits in the store
-            self.unread.hold(task.client, task.id)
-            self.counters["results_waiting"] += 1
+        elif self.unread.hold(task.client, task.id, size):  # its key has not read what it was sent: this
+            self.counters["results_waiting"] += 1  # one waits in the store (where it is not evicted)
         if store:
             self.results.put(task.id, frames, size)
         else:
@@ -365,19 +365,30 @@ class Lifecycle:
         if code == T_EXPIRE and task.state is TS.PENDING:
             self._fail(task, P.ERR_EXPIRED, self._why_unrouted(task), now, TE.expire)
         elif code == T_START and task.state is TS.DISPATCHED:
-            self._stall(task, now, f"not started within {self.cfg.dispatch_timeout:g}s on {task.satellite}")
+            sat = self.fleet.by_id.get(task.satellite or "")
+            if sat is not None and self._workers_busy(sat):  # prefetched behind running tasks: it waits its turn
+                task.timer = self.timers.schedule(now + self.cfg.dispatch_timeout, task.id, T_START)
+            else:  # a free worker and it was not started: the satellite's fault, not the task's
+                self._stall(task, now, f"not started within {self.cfg.dispatch_timeout:g}s on {task.satellite}",
+                            crash=False)
         elif code == T_STALL and task.state is TS.RUNNING:
             stall = self._stall_timeout(task)
             if now - task.progress_at < stall:  # progress came meanwhile: look again later
                 task.timer = self.timers.schedule(task.progress_at + stall, task.id, T_STALL)
-            else:
-                self._stall(task, now, f"no progress for {stall:g}s on {task.satellite}")
+            else:  # a task that stops reporting progress is the task's fault, not its heartbeating satellite's
+                self._stall(task, now, f"no progress for {stall:g}s on {task.satellite}", blame=False)
         elif code == T_MAX_RUN and task.state is TS.RUNNING:
             self._fail(task, P.ERR_MAX_RUN, f"ran longer than {task.max_run or self.cfg.max_run_time:g}s", now)
         elif code == T_RESULT and task.state is TS.RUNNING:  # adopted as finished: its result never came
             self._stall(task, now, f"its result did not come back from {task.satellite} after a restart")
         elif code == T_REQUEUE and task.state is TS.RETRY:
             self._enqueue(task, now, TE.requeue, "back-off over")
+
+    @staticmethod
+    def _workers_busy(sat: SatelliteRecord) -> bool:
+        """Whether every worker of ``sat`` runs a task (a dispatched task then waits in its prefetch)."""
+        running = sum(1 for t in sat.inflight.values() if t.state is TS.RUNNING)
+        return running >= (sat.workers or sat.slots)
 
     def _why_unrouted(self, task: Task) -> str:
         ttl = task.ttl or self.cfg.queue_ttl

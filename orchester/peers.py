@@ -18,8 +18,9 @@ from typing import Final
 from serializers import protocol as P
 from serializers.header import ProtocolError
 
-#: A routing identity not heard from for this long no longer counts against its key.
-IDLE_AFTER: Final = 600.0
+#: A routing identity not heard from for this long no longer counts against its key (clients
+#: heartbeat every second while they wait for something; satellites always do).
+IDLE_AFTER: Final = 60.0
 
 
 class ConnectionKeys:
@@ -197,55 +198,76 @@ class Subscriptions:
 
 
 class _Unread:
-    __slots__ = ("acked", "sizes", "bytes", "waiting", "seen")
+    __slots__ = ("owner", "acked", "sizes", "bytes", "waiting", "seen")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, owner: str | bytes, now: float) -> None:
+        self.owner = owner  #: the key (without keys: the connection) whose budget this counts against
         self.acked = 0  #: results the connection said it received
         self.sizes: deque[int] = deque()  #: sizes of the results pushed and not acknowledged, oldest first
         self.bytes = 0
-        self.waiting: deque[str] = deque()  #: task ids whose results wait for room
+        self.waiting: dict[str, int] = {}  #: task ids whose results wait for room -> their sizes (in order)
         self.seen = now
 
 
 class UnreadResults:
-    """Result bytes pushed to each connection and not yet acknowledged, at most ``cap`` each.
+    """Result bytes pushed and not yet acknowledged, at most ``cap`` per key (per connection
+    without keys).
 
     A client counts the results it receives on a connection and reports the count (``rx``) in
-    its heartbeats; a result that would take a connection past ``cap`` waits (in the result
-    store) until an acknowledgement makes room. One result is always let through to an idle
-    connection, however large. So a peer that stops reading holds at most ``cap`` bytes of
-    results in the orchestrator's send queues, not ``--hwm`` whole results.
+    its heartbeats; a result that would take its key past ``cap`` waits (in the result store,
+    where it is not evicted) until an acknowledgement makes room. One result is always let
+    through to an idle connection, however large. So a peer that stops reading holds at most
+    ``cap`` bytes of results in the orchestrator's send queues, not ``--hwm`` whole results. The
+    results waiting count against their key (:meth:`waiting_bytes`, which the orchestrator adds
+    to ``--max-client-bytes``), so a key that never reads cannot have more waiting either.
     """
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self._conns: dict[bytes, _Unread] = {}
+        self._unread: Counter[str | bytes] = Counter()  #: per key: bytes pushed, not acknowledged
+        self._waiting: Counter[str | bytes] = Counter()  #: per key: bytes of results waiting
+        #: every task id whose result waits, somewhere (the result store must keep them)
+        self.pinned: set[str] = set()
         self._next_sweep = 0.0
 
     def __len__(self) -> int:
         """Connections with results unacknowledged or waiting."""
         return len(self._conns)
 
-    def admit(self, ident: bytes, size: int, now: float) -> bool:
-        """Whether a result of ``size`` bytes may go to ``ident`` now (it is then counted)."""
+    def admit(self, ident: bytes, owner: str | bytes, size: int, now: float) -> bool:
+        """Whether a result of ``size`` bytes may go to ``ident`` (a connection of ``owner``) now;
+        it is then counted."""
         c = self._conns.get(ident)
         if c is None:
-            c = self._conns[ident] = _Unread(now)
-        elif c.waiting or (c.bytes and c.bytes + size > self.cap):
+            c = self._conns[ident] = _Unread(owner, now)
+        elif c.waiting or (c.bytes and self._unread[c.owner] + size > self.cap):
             return False
         c.sizes.append(size)
         c.bytes += size
+        self._unread[c.owner] += size
         c.seen = now
         return True
 
-    def hold(self, ident: bytes, task_id: str) -> None:
-        """Keep ``task_id``'s result for ``ident`` until it has room (after :meth:`admit` said no)."""
-        self._conns[ident].waiting.append(task_id)
+    def hold(self, ident: bytes, task_id: str, size: int) -> bool:
+        """Keep ``task_id``'s result for ``ident`` until it has room (after :meth:`admit` said no);
+        ``False`` when it already waits there."""
+        c = self._conns[ident]
+        if task_id in c.waiting:
+            return False
+        c.waiting[task_id] = size
+        self._waiting[c.owner] += size
+        self.pinned.add(task_id)
+        return True
 
     def unread(self, ident: bytes) -> int:
         """Bytes pushed to ``ident`` and not acknowledged."""
         c = self._conns.get(ident)
         return c.bytes if c is not None else 0
+
+    def waiting_bytes(self, owner: str | bytes) -> int:
+        """Bytes of ``owner``'s results waiting for room."""
+        return self._waiting.get(owner, 0)
 
     def ack(self, ident: bytes, received: int, now: float) -> list[str]:
         """``ident`` received ``received`` results so far: free their room; returns the task ids
@@ -258,11 +280,32 @@ class UnreadResults:
         if fresh > 0:
             c.acked = received
             for _ in range(min(fresh, len(c.sizes))):
-                c.bytes -= c.sizes.popleft()
+                size = c.sizes.popleft()
+                c.bytes -= size
+                self._unread[c.owner] -= size
+        return self._release(ident, c)
+
+    def forget(self, ident: bytes) -> list[str]:
+        """A send to ``ident`` failed (it is gone, or not reading at all): stop counting what it was
+        sent; returns the task ids that waited for it (kept for ``FETCH``)."""
+        c = self._conns.get(ident)
+        if c is None:
+            return []
+        self._unread[c.owner] -= c.bytes
+        c.sizes.clear()
+        c.bytes = 0
+        waiting = self._release(ident, c)
+        self._conns.pop(ident, None)
+        return waiting
+
+    def _release(self, ident: bytes, c: _Unread) -> list[str]:
         released = list(c.waiting)
+        self._waiting[c.owner] -= sum(c.waiting.values())
+        self.pinned.difference_update(released)
         c.waiting.clear()
-        if not c.sizes and not released:
-            del self._conns[ident]
+        for counter in (self._unread, self._waiting):
+            if counter.get(c.owner, 1) <= 0:
+                del counter[c.owner]
         return released
 
     def sweep(self, now: float) -> None:
@@ -271,4 +314,4 @@ class UnreadResults:
             return
         self._next_sweep = now + 60.0
         for ident in [i for i, c in self._conns.items() if now - c.seen > IDLE_AFTER]:
-            del self._conns[ident]
+            self.forget(ident)

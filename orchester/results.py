@@ -9,6 +9,7 @@ nothing delivered is left, and that eviction is counted as a drop.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 
@@ -69,15 +70,30 @@ class ResultStore:
         """Ids of results whose client has not received them."""
         return list(self._undelivered)
 
-    def trim(self) -> list[str]:
-        """Evict until within bounds (delivered results first, oldest first); return the evicted ids."""
+    def trim(self, pinned: AbstractSet[str] = frozenset()) -> list[str]:
+        """Evict until within bounds (delivered results first, oldest first); return the evicted ids.
+
+        ``pinned`` results (waiting for their client to have room) are never evicted: the
+        store may stay above its bounds by them (their owners' byte limits bound them)."""
         evicted: list[str] = []
-        while len(self) > self.max_results or (self.bytes > self.max_bytes and len(self) > 1):
+        kept: list[tuple[str, StoredResult]] = []
+        held = 0  #: bytes of the pinned results set aside
+        while len(self) + len(kept) > self.max_results or (self.bytes + held > self.max_bytes and len(self) > 1):
             if self._delivered:
                 tid, r = self._delivered.popitem(last=False)
-            else:
+            elif self._undelivered:
                 tid, r = self._undelivered.popitem(last=False)
+                if tid in pinned:
+                    kept.append((tid, r))
+                    self.bytes -= r.size
+                    held += r.size
+                    continue
                 self.dropped_undelivered += 1
+            else:
+                break
             self.bytes -= r.size
             evicted.append(tid)
+        for tid, r in kept:  # oldest first, still
+            self._undelivered[tid] = r
+            self.bytes += r.size
         return evicted

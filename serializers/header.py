@@ -17,6 +17,9 @@ from . import protocol as P
 
 #: Largest header frame accepted (headers are small by design).
 MAX_HEADER: Final = 64 * 1024
+#: Deepest nesting of lists and maps a header may have (a 1,000-deep list turns into a
+#: RecursionError wherever it is printed or compared).
+MAX_DEPTH: Final = 32
 
 _packb = msgpack.Packer(use_bin_type=True).pack
 
@@ -53,7 +56,23 @@ def unpack(raw: bytes | memoryview, limit: int = MAX_HEADER) -> dict[str, Any]:
         raise ProtocolError(P.E_MALFORMED, f"header is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(P.E_MALFORMED, f"header must be a map, not {type(obj).__name__}")
+    if len(raw) > MAX_DEPTH and not _shallow(obj):
+        raise ProtocolError(P.E_MALFORMED, f"header nests lists and maps deeper than {MAX_DEPTH}")
     return obj
+
+
+def _shallow(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and maps at most ``limit`` deep (iteratively: never recursion)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+    return True
 
 
 def check_signature(sig: bytes) -> None:

@@ -98,6 +98,7 @@ E_BAD_REQUEST: Final = "bad_request"  # well-formed but invalid request (e.g. ba
 E_CODEC: Final = "codec"  # payload cannot be decoded by the named codec
 E_LIMIT: Final = "limit"  # a per-client limit (unfinished tasks or their bytes) is reached: wait for results
 E_FORBIDDEN: Final = "forbidden"  # the authenticated key lacks the role this command needs
+E_INTERNAL: Final = "internal"  # the orchestrator failed on a valid message: our fault, logged with a traceback
 E_NOT_ACTIVE: Final = "not_active"  # a passive server of a binary-star pair: ask the other one
 
 # -- task outcome error types (RESULT header "err"."type") -----------------

@@ -207,9 +207,22 @@ def test_satellite_reregistration_requeues_its_tasks() -> None:
     h.tick()
     h.submit("t")
     h.tick()
-    h.register("a", slots=1)  # same id, e.g. after a reconnect
+    h.send(S, b"id-a-new-session", P.REGISTER, {"sid": "a", "slots": 1, "kinds": ["echo"]})  # a reconnect
     out = h.tick()
     assert [unpack(f[3]) for f in of(out, P.DISPATCH)] == [{"id": "t", "a": 2}]
+
+
+def test_a_registration_again_from_the_same_session_keeps_its_tasks() -> None:
+    """A burst of REGISTERs after an orchestrator restart (issue 15, item 2) is idempotent."""
+    h = Harness()
+    h.register("a", slots=1)
+    h.tick()
+    h.submit("t")
+    h.tick()
+    h.register("a", slots=1)  # the same routing id: the same session
+    out = h.tick()
+    assert of(out, P.WELCOME) and not of(out, P.DISPATCH)
+    assert h.core.tasks["t"].attempt == 1 and h.core.counters["registered_again"] == 1
 
 
 def test_failed_task_result_is_forwarded() -> None:

@@ -221,20 +221,33 @@ def test_slots_are_cut_and_revocation_cancels_a_keys_work() -> None:
     assert err["type"] == P.ERR_REVOKED
 
 
-def test_unread_result_bytes_are_capped_per_connection() -> None:
+def test_unread_result_bytes_are_capped_per_key() -> None:
     unread = UnreadResults(cap=10)
-    assert unread.admit(b"c", 25, 0.0)  # one result always goes to an idle connection
-    assert not unread.admit(b"c", 1, 0.0)
-    unread.hold(b"c", "t2")
-    assert not unread.admit(b"c", 1, 0.0)  # no overtaking what waits
-    unread.hold(b"c", "t3")
-    assert unread.ack(b"c", 1, 1.0) == ["t2", "t3"] and unread.unread(b"c") == 0
-    assert unread.admit(b"c", 6, 1.0) and not unread.admit(b"c", 6, 1.0)
-    unread.hold(b"c", "t4")
+    assert unread.admit(b"c", "k", 25, 0.0)  # one result always goes to an idle connection
+    assert not unread.admit(b"c", "k", 1, 0.0)
+    assert unread.hold(b"c", "t2", 1) and not unread.hold(b"c", "t2", 1)  # once, however often asked
+    assert not unread.admit(b"c", "k", 1, 0.0)  # no overtaking what waits
+    assert unread.hold(b"c", "t3", 1) and unread.pinned == {"t2", "t3"} and unread.waiting_bytes("k") == 2
+    assert not unread.admit(b"d", "k", 1, 0.0) is False  # another connection of the key: idle, one goes
+    assert unread.ack(b"c", 1, 1.0) == ["t2", "t3"] and unread.unread(b"c") == 0 and not unread.pinned
+    assert unread.admit(b"c", "k", 6, 1.0) and not unread.admit(b"c", "k", 6, 1.0)
+    unread.hold(b"c", "t4", 6)
     assert unread.ack(b"c", 1, 2.0) == ["t4"]  # a stale count frees nothing, but what waits is retried
-    assert not unread.admit(b"c", 6, 2.0)
+    assert not unread.admit(b"c", "k", 6, 2.0)
+    unread.hold(b"c", "t5", 6)
+    assert unread.forget(b"c") == ["t5"] and unread.unread(b"c") == 0  # a failed send: stop counting
+    assert unread.admit(b"c", "k", 6, 3.0)
     unread.sweep(10_000.0)
-    assert len(unread) == 0
+    assert len(unread) == 0 and unread.waiting_bytes("k") == 0
+
+
+def test_results_waiting_for_room_are_not_evicted_by_retention() -> None:
+    from orchester.results import ResultStore
+
+    store = ResultStore(max_results=2)
+    for i in range(4):
+        store.put(f"r{i}", [b"x"], 1)
+    assert store.trim({"r0"}) == ["r1", "r2"] and "r0" in store and "r3" in store
 
 
 def test_a_client_that_reads_gets_every_result_and_one_that_does_not_is_held() -> None:

@@ -117,7 +117,22 @@ def test_dispatch_timeout_stalls_and_reroutes() -> None:
     assert of(out, P.ABORT)[0][0] == a  # the satellite is told to drop it
     d = of(out, P.DISPATCH)
     assert d[0][0] == b and unpack(d[0][3]) == {"id": "t", "a": 2}
-    assert h.core.tasks["t"].crashes == 1 and h.core.counters["stalled"] == 1
+    # not started with a free worker: the satellite's fault (blamed), not a crash of the task
+    assert h.core.tasks["t"].crashes == 0 and h.core.counters["stalled"] == 1
+    assert h.core.fleet.by_id["a"].fail_streak == 1
+
+
+def test_a_prefetched_task_waits_for_a_busy_worker_without_stalling() -> None:
+    """With every worker busy, a dispatched task waits its turn however long (it is not a crash)."""
+    h = Harness(dispatch_timeout=1.0, heartbeat_interval=100.0)
+    h.send("sat", b"id-a", P.REGISTER, {"sid": "a", "slots": 2, "workers": 1, "kinds": ["echo"]})
+    h.submit("long")
+    h.submit("next")
+    h.tick()
+    h.send("sat", b"id-a", P.STARTED, {"t": [["long", 1]]})
+    for _ in range(10):
+        h.tick(1.0)
+    assert h.core.tasks["next"].state is TaskState.DISPATCHED and h.core.counters["stalled"] == 0
 
 
 def test_progress_stall_timeout_only_for_kinds_that_report_progress() -> None:
@@ -189,21 +204,20 @@ def test_queue_ttl_expires_a_task_nobody_can_run() -> None:
 
 
 def test_retry_backoff_doubles() -> None:
-    h = Harness(retry_backoff=1.0, retries=5, dispatch_timeout=1.0)
-    h.register("a", slots=1)
+    h = Harness(retry_backoff=1.0, retries=5, heartbeat_interval=100.0)
+    sat = h.register("a", slots=1)
     h.submit("t")
-    h.tick()
     times = []
-    for _ in range(3):
+    for _ in range(4):
         for _ in range(200):
-            h.send("sat", b"id-a", P.HEARTBEAT, {"sid": "a"})
             out = h.tick(0.05)
             if dispatched_ids(out):
                 times.append(round(h.now, 2))
+                h.done(sat, "t", attempt=len(times), ok=False, etype=P.ERR_WORKER_DIED)  # a crash
                 break
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    # each gap: the dispatch timeout (1 s) then the back-off (2 s, then 4 s), to a tick (0.05 s)
-    assert gaps == [pytest.approx(3.0, abs=0.15), pytest.approx(5.0, abs=0.15)]
+    # each gap: the back-off (1 s, then 2 s, then 4 s), to a tick (0.05 s)
+    assert gaps == [pytest.approx(1.0, abs=0.15), pytest.approx(2.0, abs=0.15), pytest.approx(4.0, abs=0.15)]
 
 
 def test_silent_satellite_gets_no_work_until_heard() -> None:
