@@ -3,10 +3,15 @@
 Flags can also come from a TOML file (``--config``, table ``[satellite]``) and
 from environment variables ``SATELLITE_RUN_<FLAG>``; the endpoint also from
 ``ORCHESTER_CONNECT``. Exit codes: 0 ok, 2 usage or configuration error.
+
+``--tasks`` modules are imported as ``python -m`` would: the working directory comes first on
+the import path, so ``satellite run --tasks mytasks`` finds ``./mytasks.py`` (in the satellite
+and in its worker processes).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -69,6 +74,8 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
+    import_from_working_directory()
+
     if workers < 1 or prefetch < 0 or heartbeat_interval <= 0 or liveness < 1:
         raise click.UsageError("need --workers >= 1, --prefetch >= 0, --heartbeat-interval > 0, --liveness >= 1")
     try:
@@ -86,6 +93,19 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     sat.run()
+
+
+def import_from_working_directory() -> None:
+    """Put the working directory first on the import path, as ``python -m`` does.
+
+    The ``satellite`` script's own folder is on the path, not the folder it is run from; without
+    this, ``--tasks mytasks`` would not find ``./mytasks.py`` (while ``python -m satellites``
+    and ``LocalCluster(tasks=["mytasks"])`` do). Worker processes inherit the path: the
+    forkserver they come from is started with this process's ``sys.path``.
+    """
+    here = os.getcwd()
+    if not any(entry in ("", ".", here) for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 def parse_duration(text: str | None) -> float | None:
@@ -137,6 +157,7 @@ def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int,
     """
     from .mpi import MPIMismatch, run_mpi
 
+    import_from_working_directory()
     try:
         code = run_mpi(list(connect), orchestrator_rank, workers_per_rank, [t for t in tags.split(",") if t],
                        list(modules), endpoint_file, bind_host, heartbeat_interval, liveness,

@@ -207,3 +207,36 @@ def test_history_shows_the_whole_error_of_a_failed_task() -> None:
             assert error == f"RuntimeError: {message}", r.stdout
         r = run("orchester", "history", "--connect", cluster.endpoint, "--format", "json", timeout=30)
         assert json.loads(r.stdout)[0]["error"] == f"RuntimeError: {message}"
+
+
+# -- item 11: satellite run --tasks finds a module of the working directory ------------------------------
+
+def test_satellite_script_imports_task_modules_from_the_working_directory(tmp_path: Path) -> None:
+    from orchester import Client, LocalCluster
+
+    (tmp_path / "mytasks.py").write_text(
+        "import os\nfrom satellites import task\n\n\n"
+        "@task('mytasks.shout')\ndef shout(text):\n    return text.upper() + ' from ' + str(os.getpid())\n")
+    script = Path(sys.executable).with_name("satellite")  # the console script, as a user runs it
+    assert script.exists(), script
+    with LocalCluster(satellites=0, heartbeat_interval=0.2, log_level="WARNING") as cluster:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        sat = subprocess.Popen([str(script), "--log-level", "WARNING", "run", "--tasks", "mytasks", "--workers", "1",
+                                "--heartbeat-interval", "0.2", "--connect", cluster.endpoint],
+                               cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            with Client(cluster.endpoint) as client:
+                while not client.status()["satellites"]:
+                    assert sat.poll() is None, sat.communicate()[1]
+                    assert time.monotonic() < deadline, "the satellite did not register"
+                    time.sleep(0.1)
+                answer = client.submit("mytasks.shout", "hello").result(timeout=30)
+            assert answer.startswith("HELLO from ") and answer != f"HELLO from {sat.pid}"  # ran in a worker
+        finally:
+            sat.terminate()
+            try:
+                sat.wait(10)
+            except subprocess.TimeoutExpired:
+                sat.kill()
+                sat.wait(5)
