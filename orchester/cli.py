@@ -145,7 +145,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with a table of flags per command.")
 @click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Least important log messages written to stderr.")
 @click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
               help="CurveZMQ for client commands: your secret key file (also ORCHESTER_CURVE_SECRET).")
 @click.option("--server-key", type=click.Path(dir_okay=False), default=None,
@@ -238,7 +239,8 @@ timeout_option = click.option("--timeout", type=click.FloatRange(0.0, min_open=T
 @click.option("--metrics-prefix", default="orchester", show_default=True, help="Metric names start with this.")
 @click.option("--metrics-interval", type=float, default=10.0, show_default=True,
               help="Seconds between two metric reports.")
-@click.option("--carbon-protocol", type=click.Choice(["pickle", "plaintext"]), default="pickle", show_default=True)
+@click.option("--carbon-protocol", type=click.Choice(["pickle", "plaintext"]), default="pickle", show_default=True,
+              help="How metrics reach carbon: pickled batches, or one plaintext line per metric.")
 @click.option("--spill-bytes", type=int, default=0, show_default=True,
               help="With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never).")
 @click.option("--curve-secret", type=click.Path(dir_okay=False), default=None,
@@ -304,18 +306,42 @@ def keys() -> None:
               help="A role the key holds (repeatable; default: submit).")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
               help="A task kind a satellite with this key may offer (repeatable; default: any).")
+@click.option("--server", is_flag=True,
+              help="The orchestrator's own key pair (for serve --curve-secret): no roles, never authorised.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
-def keys_generate(name: str, directory: str, roles: tuple[str, ...], kinds: tuple[str, ...], force: bool) -> None:
-    """Write a key pair NAME.key / NAME.key_secret (pyzmq's certificate format)."""
+def keys_generate(name: str, directory: str, roles: tuple[str, ...], kinds: tuple[str, ...], server: bool,
+                  force: bool) -> None:
+    """Write a key pair NAME.key / NAME.key_secret (pyzmq's certificate format) and say where each goes.
+
+    A client's or satellite's key (``--role``): its public key goes into the orchestrator's
+    ``--authorized-keys`` directory. The orchestrator's own key (``--server``): its public key
+    goes to every client and satellite (``--server-key``), its secret key to ``serve --curve-secret``.
+    """
     from .keys import generate_keys
 
+    if server and (roles or kinds):
+        raise click.UsageError("--server makes the orchestrator's own key: it takes no --role or --kind")
     try:
         public, secret = generate_keys(name, directory, roles or ("submit",), force=force, kinds=kinds)
     except (ValueError, FileExistsError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
-    click.echo(f"public key: {public}  (copy it into the orchestrator's --authorized-keys directory)")
-    click.echo(f"secret key: {secret}  (keep it on this machine: mode 0600)")
+    for line in key_advice(public, secret, roles or ("submit",), server):
+        click.echo(line)
+
+
+def key_advice(public: Any, secret: Any, roles: tuple[str, ...], server: bool) -> list[str]:
+    """Where each file of a new key pair goes: it depends on whose key it is."""
+    if server:
+        return [f"public key: {public}  (give it to clients and satellites: --server-key {public}; "
+                "do not put it into --authorized-keys)",
+                f"secret key: {secret}  (for orchester serve --curve-secret {secret}; keep it on the "
+                "orchestrator's machine: mode 0600)"]
+    user = ("satellite run" if set(roles) == {"satellite"} else
+            "satellite run or orchester" if "satellite" in roles else "orchester")
+    return [f"public key: {public}  (copy it into the orchestrator's --authorized-keys directory: "
+            f"roles {', '.join(roles)})",
+            f"secret key: {secret}  (for {user} --curve-secret {secret}; keep it on that machine: mode 0600)"]
 
 
 def open_client(connect: list[str] | tuple[str, ...], **client_options: Any) -> Any:
@@ -367,7 +393,8 @@ def _parse_arg(text: str) -> Any:
 @click.argument("kind")
 @click.argument("args", nargs=-1)
 @connect_option
-@click.option("--priority", type=int, default=0, show_default=True)
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Higher runs first among queued tasks of the same kind (negative: later).")
 @click.option("--tags", default="", help="Comma-separated tags a satellite must have.")
 @click.option("--task-timeout", type=float, default=None, help="Fail the task after this many seconds.")
 @timeout_option
@@ -550,10 +577,14 @@ def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], co
 
 
 @main.command()
-@click.option("--satellites", type=int, default=2, show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True, help="Worker processes per satellite.")
-@click.option("--tasks", "n_tasks", type=int, default=200, show_default=True, help="Tasks in the batch.")
-@click.option("--seconds", type=float, default=0.02, show_default=True, help="Duration of each sleep task.")
+@click.option("--satellites", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Satellite processes of the local cluster.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes per satellite.")
+@click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Tasks in the batch.")
+@click.option("--seconds", type=click.FloatRange(min=0.0), default=0.02, show_default=True,
+              help="Duration of each sleep task.")
 def demo(satellites: int, workers: int, n_tasks: int, seconds: float) -> None:
     """Start a local cluster and run a batch of built-in tasks with a progress bar."""
     from .demo import run_demo

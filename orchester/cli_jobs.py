@@ -178,7 +178,8 @@ def parse_time(text: str | None) -> float | None:
 @click.option("--until", default=None, help="Submitted before (same forms).")
 @click.option("--id", "ids", multiple=True, help="Only these task ids; repeatable.")
 @click.option("--limit", type=int, default=None, help="Only the newest N rows.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="A table for the terminal (columns that do not fit are left out), or every column as CSV or JSON.")
 @click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the orchestrator before exit code 3.")
 def history(connect: tuple[str, ...], state: str | None, kind: str | None, since: str | None, until: str | None,
@@ -325,7 +326,8 @@ def cluster() -> None:
 
 
 @cluster.command("script")
-@click.option("--scheduler", type=click.Choice(["slurm", "pbs"]), default="slurm", show_default=True)
+@click.option("--scheduler", type=click.Choice(["slurm", "pbs"]), default="slurm", show_default=True,
+              help="The batch scheduler the script is for.")
 @click.option("--nodes", type=int, default=1, show_default=True, help="Nodes: one satellite on each.")
 @click.option("--walltime", default="01:00:00", show_default=True, help="HH:MM:SS")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes per satellite.")
@@ -333,7 +335,7 @@ def cluster() -> None:
 @click.option("--endpoint-file", default="$HOME/.orchester/endpoint-$JOB_ID.json", show_default=True,
               help="Where the orchestrator's endpoints are written ($JOB_ID: the job's id).")
 @click.option("--journal", default=None, help="Journal folder for the orchestrator.")
-@click.option("--job-name", default="orchester", show_default=True)
+@click.option("--job-name", default="orchester", show_default=True, help="The job's name in the scheduler's queue.")
 @click.option("--python", default="python3", show_default=True, help="The Python with Orchester on the nodes.")
 @click.option("--directive", "directives", multiple=True, help="An extra scheduler line (e.g. '#SBATCH -A proj').")
 def cluster_script(scheduler: str, nodes: int, walltime: str, workers: int, modules: tuple[str, ...],

@@ -1,9 +1,18 @@
-"""``orchester top``: a live terminal view of a bus, from status requests and the event stream."""
+"""``orchester top``: a live terminal view of a bus, from status requests and the event stream.
+
+``q`` (or Ctrl-C) quits: keys are read from the terminal, unbuffered and not echoed, while the
+view runs, and the terminal is restored afterwards.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
+import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console, Group
@@ -74,7 +83,8 @@ class TopModel:
             ("orchester top", "bold"),
             f"  orchestrator {clean_text(st.get('epoch', '?'), 40)}  strategy {clean_text(st.get('strategy', '?'), 80)}"
             f"  throughput {self.throughput():.1f} tasks/s",
-            f"  latency p50 {q.get('p50', 0) * 1000:.1f} ms p99 {q.get('p99', 0) * 1000:.1f} ms" if q else "")
+            f"  latency p50 {q.get('p50', 0) * 1000:.1f} ms p99 {q.get('p99', 0) * 1000:.1f} ms" if q else "",
+            ("  (q quits)", "dim"))
         cols = [Column("satellite", keep=True, whole=True), Column("state", keep=True),
                  Column("load", rank=1, justify="right"), Column("current task", whole=True, rank=0),
                  Column("heartbeat", rank=4, justify="right"), Column("done", rank=2, justify="right"),
@@ -105,20 +115,74 @@ class TopModel:
         return Group(head, sats, queues)
 
 
+#: The keys that quit.
+QUIT_KEYS = frozenset(b"qQ")
+
+
+@contextlib.contextmanager
+def keypresses(fd: int | None) -> Iterator[int | None]:
+    """While inside, terminal ``fd`` hands over each key at once, without echo (``None``: no keys).
+
+    Ctrl-C still interrupts (signals stay on); the terminal's settings are restored on the way
+    out. A ``fd`` that is not a terminal (a pipe in tests) is read as it is.
+    """
+    if fd is None:
+        yield None
+        return
+    import termios
+    import tty
+
+    try:
+        saved = termios.tcgetattr(fd)
+    except (termios.error, OSError):  # not a terminal: read it as it comes
+        yield fd
+        return
+    try:
+        tty.setcbreak(fd, termios.TCSANOW)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def quit_pressed(fd: int | None) -> bool:
+    """Whether ``q`` was typed on ``fd`` since the last look (never waits; end of input is no ``q``)."""
+    if fd is None:
+        return False
+    try:
+        while select.select([fd], [], [], 0)[0]:
+            data = os.read(fd, 64)
+            if not data:
+                return False
+            if QUIT_KEYS & set(data):
+                return True
+    except OSError:
+        return False
+    return False
+
+
 def run_top(client: Any, interval: float = 1.0, console: Console | None = None,
-            iterations: int | None = None) -> TopModel:
-    """Refresh the view every ``interval`` seconds (``iterations`` times, or until Ctrl-C)."""
+            iterations: int | None = None, keys: int | None = -1) -> TopModel:
+    """Refresh the view every ``interval`` seconds (``iterations`` times, or until ``q`` or Ctrl-C).
+
+    ``keys``: the file descriptor ``q`` is read from (default: standard input when it is a
+    terminal; ``None``: no keys).
+    """
+    if keys == -1:
+        keys = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     model = TopModel()
     stream = client.subscribe(["task:"])
     n = 0
     try:
-        with Live(model.render(), console=console, refresh_per_second=4, transient=False) as live:
+        with keypresses(keys) as fd, Live(model.render(), console=console, refresh_per_second=4,
+                                          transient=False) as live:
             while iterations is None or n < iterations:
                 deadline = time.monotonic() + interval
                 while (left := deadline - time.monotonic()) > 0:
                     ev = stream.recv(timeout=min(left, 0.1))
                     if ev is not None:
                         model.on_event(ev.topic, ev.data)
+                    if quit_pressed(fd):
+                        return model
                 model.on_status(client.status(), time.monotonic())
                 live.update(model.render())
                 n += 1

@@ -38,7 +38,8 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
               expose_value=False, help="TOML file with a [satellite] table of flags.")
 @click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Least important log messages written to stderr.")
 @click.version_option(package_name="orchester")
 def main(log_level: str) -> None:
     """Orchester satellites: run tasks for an orchestrator."""
@@ -55,8 +56,10 @@ def main(log_level: str) -> None:
 @click.option("--tags", default="", help="Comma-separated tags this satellite announces.")
 @click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
 @click.option("--id", "sid", default=None, help="Satellite id (default: host-pid-random).")
-@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
-@click.option("--liveness", type=int, default=3, show_default=True)
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between heartbeats to the orchestrator (use the orchestrator's value).")
+@click.option("--liveness", type=int, default=3, show_default=True,
+              help="Heartbeats the orchestrator may miss before this satellite reconnects (or fails over).")
 @click.option("--prefetch", type=int, default=1, show_default=True,
               help="Tasks accepted beyond the number of workers.")
 @click.option("--allow-pickle", is_flag=True,
@@ -132,15 +135,18 @@ def parse_duration(text: str | None) -> float | None:
               help="An external orchestrator: every rank is a satellite.")
 @click.option("--orchestrator-rank", type=int, default=0, show_default=True,
               help="The rank that runs the orchestrator (without --connect).")
-@click.option("--workers-per-rank", type=int, default=1, show_default=True)
+@click.option("--workers-per-rank", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes of each rank's satellite (tasks it runs at once).")
 @click.option("--tags", default="", help="Comma-separated tags for every satellite (host and rank are added).")
 @click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
 @click.option("--endpoint-file", type=click.Path(dir_okay=False), default=None,
               help="Write the orchestrator's endpoints (JSON) here, for clients on the login node.")
 @click.option("--bind-host", default="*", show_default=True,
               help="Interface the orchestrator rank binds (its host name is broadcast).")
-@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True)
-@click.option("--liveness", type=int, default=3, show_default=True)
+@click.option("--heartbeat-interval", type=float, default=1.0, show_default=True,
+              help="Seconds between heartbeats, for the orchestrator rank and every satellite.")
+@click.option("--liveness", type=int, default=3, show_default=True,
+              help="Heartbeats missed before a peer counts as lost (orchestrator and satellites alike).")
 @click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS).")
 @click.option("--serve-option", "serve_args", multiple=True,
               help="An option for the orchestrator rank's 'orchester serve' (e.g. --serve-option=--journal=DIR).")

@@ -289,3 +289,92 @@ def test_history_prints_the_error_type_and_whole_message_wrapped() -> None:
     for width in (80, 160):
         text = _printed(lambda c: render_history([row], c), width)
         assert _cells(text, -1) == message, text  # the error is the last column, wrapped, never cut
+
+
+# -- item 12: help texts, keys advice, top's q, docs that work verbatim ----------------------------------
+
+def _options_without_help() -> list[str]:
+    import click
+
+    from orchester.cli import main as orchester_main
+    from satellites.cli import main as satellite_main
+
+    missing: list[str] = []
+
+    def walk(command: click.Command, path: str) -> None:
+        missing.extend(f"{path} {'/'.join(p.opts)}" for p in command.params
+                       if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip())
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, f"{path} {name}")
+
+    walk(orchester_main, "orchester")
+    walk(satellite_main, "satellite")
+    return missing
+
+
+def test_every_option_of_every_command_has_a_help_text() -> None:
+    assert _options_without_help() == []
+
+
+def test_keys_generate_says_where_each_file_goes(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from orchester.cli import main
+
+    r = CliRunner().invoke(main, ["keys", "generate", "head", "--dir", str(tmp_path / "server"), "--server"])
+    assert r.exit_code == 0, r.output
+    public, secret = r.output.splitlines()
+    assert "give it to clients and satellites: --server-key" in public and "do not put it into" in public
+    assert "orchester serve --curve-secret" in secret
+    r = CliRunner().invoke(main, ["keys", "generate", "node", "--dir", str(tmp_path / "keys"), "--role", "satellite"])
+    public, secret = r.output.splitlines()
+    assert "copy it into the orchestrator's --authorized-keys directory: roles satellite" in public
+    assert "for satellite run --curve-secret" in secret
+    r = CliRunner().invoke(main, ["keys", "generate", "x", "--dir", str(tmp_path / "x"), "--server", "--role", "admin"])
+    assert r.exit_code == 2 and "takes no --role" in r.output and not (tmp_path / "x").exists()
+
+
+class _QuietClient:
+    """Just enough of a client for run_top: an empty bus."""
+
+    class _Stream:
+        def recv(self, timeout: float = 0.0) -> None:
+            time.sleep(timeout)
+
+        def close(self) -> None:
+            pass
+
+    def subscribe(self, topics: Any) -> Any:
+        return self._Stream()
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return {"epoch": "e", "satellites": [], "tasks": {}, "counters": {"done": 0}}
+
+
+def test_top_quits_on_q() -> None:
+    from rich.console import Console
+
+    from orchester.top import run_top
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b"xq")
+        started = time.monotonic()
+        run_top(_QuietClient(), interval=0.2, console=Console(file=open(os.devnull, "w")), keys=r)  # noqa: SIM115
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_docs_examples_work_verbatim() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    quickstart = (root / "docs" / "quickstart.rst").read_text()
+    assert "mkdir -p authorized && cp keys/node.key authorized/" in quickstart
+    assert "keys generate head --dir server/ --server" in quickstart
+    readme = (root / "README.rst").read_text()
+    assert "genx3 3.8.13 requires wxpython" in readme and "expected" in readme
+    assert "mkdir -p authorized" in readme and "--server" in readme

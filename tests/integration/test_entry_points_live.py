@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -240,3 +241,58 @@ def test_satellite_script_imports_task_modules_from_the_working_directory(tmp_pa
             except subprocess.TimeoutExpired:
                 sat.kill()
                 sat.wait(5)
+
+
+# -- item 12: top quits on q; every flag has a help text -------------------------------------------------
+
+def test_top_quits_when_q_is_typed_and_restores_the_terminal() -> None:
+    import pty
+    import select
+    import termios
+
+    from orchester import LocalCluster
+
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=0.2, log_level="WARNING") as cluster:
+        master, slave = pty.openpty()
+        before = termios.tcgetattr(slave)
+        p = subprocess.Popen([sys.executable, "-m", "orchester", "top", "--interval", "0.2", "--connect",
+                              cluster.endpoint], stdin=slave, stdout=slave, stderr=slave,
+                             env={**os.environ, "COLUMNS": "100", "TERM": "xterm"})
+        seen = b""
+        try:
+            deadline = time.monotonic() + 30
+            while b"q quits" not in seen and time.monotonic() < deadline and p.poll() is None:
+                if select.select([master], [], [], 0.1)[0]:
+                    seen += os.read(master, 65536)
+            assert b"q quits" in seen, seen[-2000:]
+            os.write(master, b"q")
+            deadline = time.monotonic() + 10
+            while p.poll() is None and time.monotonic() < deadline:  # keep reading: a full pty would block it
+                if select.select([master], [], [], 0.1)[0]:
+                    seen += os.read(master, 65536)
+            assert p.returncode == 0, seen[-2000:]
+            assert termios.tcgetattr(slave)[3] == before[3]  # echo and line mode are back
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+            os.close(master)
+            os.close(slave)
+
+
+@pytest.mark.parametrize(("command", "flags"), [
+    (["orchester", "fit"], ["--generations", "--population", "--seed"]),
+    (["orchester", "demo"], ["--satellites"]),
+    (["orchester", "submit"], ["--priority"]),
+    (["satellites", "run"], ["--heartbeat-interval", "--liveness"]),
+    (["satellites", "mpi"], ["--workers-per-rank"]),
+])
+def test_the_flags_named_in_the_issue_have_help_texts(command: list[str], flags: list[str]) -> None:
+    r = run(*command, "--help", env={"COLUMNS": "200"}, timeout=30)
+    assert r.returncode == 0
+    for flag in flags:
+        lines = r.stdout.splitlines()
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(flag + " "))
+        line = lines[i] if re.search(r"\S\s{2,}\S", lines[i]) else f"{lines[i]}  {lines[i + 1].strip()}"
+        parts = re.split(r"\s{2,}", line.strip(), maxsplit=1)  # "--flag TYPE", then the help text
+        assert len(parts) == 2 and not parts[1].startswith("["), f"{flag} has no help text: {line!r}"
