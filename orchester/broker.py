@@ -83,6 +83,8 @@ class Broker:
             self.router = self._router(config.bind, "bind")
             self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
                 if config.satellite_bind else self.router
+            self._events_unbound: list[str] = []  #: event endpoints a re-open could not bind again
+            self._events_reopened = False  #: the event socket was re-opened: its endpoints are watched
             self.xpub = self._event_socket(config.pub)
         except Exception:
             self.close()
@@ -151,8 +153,11 @@ class Broker:
                       "last before a crash) are lost", name, offset, lost)
             self.core.counters["journal_lost_bytes"] += lost
 
-    def _event_socket(self, endpoints: list[str]) -> zmq.Socket[Any]:
-        """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`)."""
+    def _event_socket(self, endpoints: list[str], must: bool = True) -> zmq.Socket[Any]:
+        """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`).
+
+        ``must``: an endpoint that cannot be bound is an error (at start); otherwise (a re-open)
+        the socket serves the others and the loop tries that one again every second."""
         xpub = self.ctx.socket(zmq.XPUB)
         xpub.linger = 0
         if self.curve is not None:
@@ -161,25 +166,59 @@ class Broker:
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         # a subscription much longer than a topic may be is refused by libzmq itself (the peer is dropped);
         # the limit also applies to the CurveZMQ handshake, whose INITIATE command takes a few hundred bytes
-        xpub.setsockopt(zmq.MAXMSGSIZE, max(self.config.max_topic + 1, 4096))
+        xpub.setsockopt(zmq.MAXMSGSIZE, max(self.config.max_topic + 1, 512))
+        xpub.rcvhwm = 256  # libzmq files what a read brings in its trie at once: keep each read small
         bound = []
         try:
             for ep in endpoints:
-                for attempt in range(50):  # re-binding the same port right after a close may need a moment
-                    try:
-                        xpub.bind(ep)
-                        break
-                    except zmq.ZMQError as exc:
-                        if exc.errno != zmq.EADDRINUSE or attempt == 49 or ep.endswith(":*"):
-                            raise
-                        time.sleep(0.02)
+                if not self._bind_events(xpub, ep, attempts=50 if must else 5):
+                    if must:
+                        raise zmq.ZMQError(zmq.EADDRINUSE, f"cannot bind {ep}")
+                    self._events_unbound.append(ep)  # someone took it meanwhile: tried again later
+                    log.error("the event endpoint %s cannot be bound again (taken?): retrying every second", ep)
+                    continue
                 bound.append(xpub.last_endpoint.decode())
         except Exception:
             xpub.close(0)
             raise
-        self.endpoints["pub"] = bound
-        self.core.pub_endpoints = bound
+        self.endpoints["pub"] = bound + self._events_unbound
+        self.core.pub_endpoints = self.endpoints["pub"]
         return xpub
+
+    @staticmethod
+    def _bind_events(xpub: zmq.Socket[Any], endpoint: str, attempts: int) -> bool:
+        """Bind ``endpoint``; re-binding a port right after a close may need a moment (``attempts``
+        of 20 ms). Any error but "address in use" propagates."""
+        for attempt in range(attempts):
+            try:
+                xpub.bind(endpoint)
+                return True
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or endpoint.endswith(":*"):
+                    raise
+                if attempt < attempts - 1:
+                    time.sleep(0.02)
+        return False
+
+    def _retry_events(self) -> None:
+        """Bind the event endpoints that could not be bound again after a re-open (and an ``ipc://``
+        one whose socket file went away: a closed socket's listener may remove it late)."""
+        for ep in self.endpoints["pub"]:
+            if ep.startswith("ipc://") and ep not in self._events_unbound and not os.path.exists(ep[6:]):
+                try:
+                    self.xpub.unbind(ep)
+                except zmq.ZMQError:
+                    pass
+                self._events_unbound.append(ep)
+        for ep in list(self._events_unbound):
+            try:
+                ok = self._bind_events(self.xpub, ep, attempts=1)
+            except zmq.ZMQError as exc:
+                log.error("the event endpoint %s cannot be bound: %s", ep, exc)
+                ok = False
+            if ok:
+                self._events_unbound.remove(ep)
+                log.warning("the event endpoint %s is bound again", ep)
 
     def _revoke(self, names: set[str], poller: zmq.Poller) -> None:
         """Revoked keys: their work ends in the core, and their event subscriptions with the XPUB
@@ -191,14 +230,20 @@ class Broker:
         self._reopen_events(poller)
 
     def _mute(self, names: set[str], poller: zmq.Poller) -> None:
-        """Keys that subscribed beyond ``--max-subscriptions``: shut out of the event stream for
-        :data:`MUTE_SECONDS`, and the subscriptions libzmq kept for them freed."""
-        assert self.auth is not None
-        for name in names:
-            self.auth.mute(name, MUTE_SECONDS)
-        self.core.counters["subscribers_muted"] += len(names)
-        log.warning("key(s) %s subscribed to more than %d topics: no events for them for %gs; event stream "
-                    "re-opened", sorted(names), self.config.max_subscriptions, MUTE_SECONDS)
+        """Keys that hold more than ``--max-subscriptions`` subscriptions: shut out of the event
+        stream for :data:`MUTE_SECONDS`; and with them (or when all subscribers together hold
+        more than libzmq should keep), the event socket is re-opened, which frees what libzmq
+        kept (it cannot drop one peer's subscriptions)."""
+        if names and self.auth is not None:
+            for name in names:
+                self.auth.mute(name, MUTE_SECONDS)
+            self.core.counters["subscribers_muted"] += len(names)
+            log.warning("key(s) %s hold more than %d subscriptions: no events for them for %gs; event stream "
+                        "re-opened", sorted(names), self.config.max_subscriptions, MUTE_SECONDS)
+        else:
+            self.core.counters["subscription_floods"] += 1
+            log.warning("subscribers hold more than %d subscriptions together: event stream re-opened (they "
+                        "subscribe again by themselves)", self.core.subs.max_live)
         self._reopen_events(poller)
 
     def _reopen_events(self, poller: zmq.Poller) -> None:
@@ -208,13 +253,10 @@ class Broker:
         poller.unregister(self.xpub)
         endpoints = list(self.endpoints["pub"])
         self.xpub.close(0)
-        for ep in endpoints:  # libzmq removes an ipc socket file after the close: wait, or it removes the new one
-            path = ep[len("ipc://"):] if ep.startswith("ipc://") else None
-            deadline = time.monotonic() + 2.0
-            while path and os.path.exists(path) and time.monotonic() < deadline:
-                time.sleep(0.01)
         self.core.use_subscriptions(self.core.subscriptions(keys=self.curve is not None))
-        self.xpub = self._event_socket(endpoints)
+        self._events_unbound.clear()
+        self._events_reopened = True
+        self.xpub = self._event_socket(endpoints, must=False)
         poller.register(self.xpub, zmq.POLLIN)
 
     def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
@@ -282,6 +324,7 @@ class Broker:
         counters = core.counters
         metrics_on = self.metrics is not None
         next_report = monotonic() + cfg.metrics_interval
+        next_events_retry = 0.0
         log.info("orchestrator %s listening on %s, events on %s", core.epoch,
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
@@ -345,8 +388,11 @@ class Broker:
                 if self._revoked:
                     revoked, self._revoked = self._revoked, set()
                     self._revoke(revoked, poller)
-                if core.subs.over:
+                if core.subs.over or core.subs.flooded:
                     self._mute(set(core.subs.over), poller)
+                if self._events_reopened and now >= next_events_retry:
+                    next_events_retry = now + 1.0
+                    self._retry_events()
                 core.housekeeping(now)
                 self._flush(now)
                 if metrics_on and now >= next_report:
@@ -421,7 +467,7 @@ class Broker:
         if self._held:
             self._release(gate)
         if core.pub:
-            pub, core.pub = core.pub, []
+            pub, core.pub = core.pub, []  # (to an event socket with no endpoint bound: dropped by libzmq)
             for frames in pub:
                 try:
                     self.xpub.send_multipart(frames, zmq.NOBLOCK)

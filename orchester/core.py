@@ -555,13 +555,18 @@ class Orchestrator(Requests):
 
     # ---------------------------------------------------------------- events
     def subscriptions(self, keys: bool) -> Subscriptions:
-        """A fresh subscription table (for a new event socket). With ``keys``, each key may make
+        """A fresh subscription table (for a new event socket). With ``keys``, each key may hold
         ``max_subscriptions`` subscriptions and all of them together 16 times as many distinct
-        topics; without, everyone together ``max_subscriptions`` distinct topics."""
+        topics; without, everyone together ``max_subscriptions`` distinct topics. Either way, all
+        subscribers together hold at most 16 × ``max_subscriptions`` subscriptions, and
+        ``max_subscriptions`` × ``max_topic`` bytes of topics (libzmq's trie costs per byte)."""
         cfg = self.cfg
+        live, live_bytes = cfg.max_subscriptions * 16, cfg.max_subscriptions * cfg.max_topic
         if keys:
-            return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions * 16, cfg.max_topic, cfg.max_subscriptions)
-        return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions, cfg.max_topic)
+            return Subscriptions(EVENT_CATEGORIES, live, cfg.max_topic, cfg.max_subscriptions, max_live=live,
+                                 max_live_bytes=live_bytes)
+        return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions, cfg.max_topic, max_live=live,
+                             max_live_bytes=live_bytes)
 
     def use_subscriptions(self, subs: Subscriptions) -> None:
         """Install ``subs`` (the event socket was opened again: its subscriptions start afresh)."""

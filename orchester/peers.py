@@ -131,24 +131,34 @@ class Subscriptions:
     most ``max_topic`` bytes are kept; further ones are refused (counted, and the events
     they ask for are built only if another subscription wants them).
 
-    With keys (CurveZMQ), each key may make ``per_key`` subscriptions on the socket's
-    lifetime; a key that makes more is put in :attr:`over`, for the socket adapter to shut it
-    out of the event stream (libzmq keeps every subscription of a connected peer: only
-    dropping the peer frees them).
+    libzmq keeps every subscription of a connected peer whatever we keep here (XPUB_VERBOSER
+    tells us of each one, and of each one a leaving peer drops), so two bounds need the socket
+    re-opened, which frees them (the adapter does it): :attr:`flooded` when all subscribers
+    together hold more than ``max_live`` subscriptions or ``max_live_bytes`` bytes of topics;
+    and with keys, each subscription counts against the
+    key that made it while it lasts, and a key holding more than ``per_key`` is put in
+    :attr:`over`, for the adapter to shut it out of the event stream for a while.
     """
 
     def __init__(self, categories: tuple[bytes, ...], max_topics: int, max_topic: int,
-                 per_key: int | None = None) -> None:
+                 per_key: int | None = None, max_live: int | None = None, max_live_bytes: int | None = None) -> None:
         self.categories = categories
         self.max_topics = max_topics
         self.max_topic = max_topic
         self.per_key = per_key
+        self.max_live = max_live if max_live is not None else max_topics * 16
+        #: libzmq keeps a subscription as a trie with a node per byte: the bytes held are bounded too
+        self.max_live_bytes = max_live_bytes if max_live_bytes is not None else max_topics * max_topic
+        self.live_bytes = 0
         self.want: dict[bytes, bool] = dict.fromkeys(categories, False)
         self._topics: dict[bytes, int] = {}  #: topic -> subscribers
         self._per_category: Counter[bytes] = Counter()
         self._per_key: Counter[str] = Counter()
-        #: keys that subscribed beyond ``per_key``: the adapter mutes them and clears this
+        self._holders: dict[bytes, Counter[str]] = {}  #: topic -> keys holding it (with keys)
+        self.live = 0  #: subscriptions libzmq holds (every subscribe less every unsubscribe)
+        #: keys that hold more than ``per_key``: the adapter mutes them and re-opens the socket
         self.over: set[str] = set()
+        self.flooded = False  #: all together hold more than ``max_live``: the adapter re-opens the socket
         self.refused = 0
 
     def __len__(self) -> int:
@@ -159,30 +169,28 @@ class Subscriptions:
         return [c for c in self.categories if topic.startswith(c) or c.startswith(topic)]
 
     def update(self, msg: bytes, key: str | None = None) -> bool:
-        """Apply one XPUB message (``\\x01topic`` or ``\\x00topic``) sent by ``key`` (None: unknown);
-        ``False`` if it was refused."""
+        """Apply one XPUB message (``\\x01topic`` or ``\\x00topic``) sent by ``key`` (None: unknown,
+        as for the unsubscriptions of a peer that left); ``False`` if it was refused."""
         if not msg or msg[0] not in (0, 1):
             return False
         topic = msg[1:]
-        count = self._topics.get(topic)
         if msg[0] == 1:
-            if key is not None and self.per_key is not None:
-                self._per_key[key] += 1
-                if self._per_key[key] > self.per_key:
-                    self.over.add(key)
-                    self.refused += 1
-                    return False
-            if count is not None:
-                self._topics[topic] = count + 1
-                return True
-            if len(topic) > self.max_topic or len(self._topics) >= self.max_topics:
-                self.refused += 1
-                return False
-            self._topics[topic] = 1
-            for cat in self._matches(topic):
-                self._per_category[cat] += 1
-                self.want[cat] = True
-            return True
+            return self._subscribe(topic, key)
+        self.live = max(0, self.live - 1)
+        self.live_bytes = max(0, self.live_bytes - len(topic))
+        holders = self._holders.get(topic)
+        if holders:
+            if key is None or holders.get(key, 0) <= 0:  # a leaving peer's: count it off one holder
+                key = holders.most_common(1)[0][0]
+            holders[key] -= 1
+            if holders[key] <= 0:
+                del holders[key]
+            if not holders:
+                del self._holders[topic]
+            self._per_key[key] -= 1
+            if self._per_key[key] <= 0:
+                del self._per_key[key]
+        count = self._topics.get(topic)
         if count is None:
             return True
         if count > 1:
@@ -194,6 +202,31 @@ class Subscriptions:
             if self._per_category[cat] <= 0:
                 del self._per_category[cat]
                 self.want[cat] = False
+        return True
+
+    def _subscribe(self, topic: bytes, key: str | None) -> bool:
+        self.live += 1
+        self.live_bytes += len(topic)
+        if self.live > self.max_live or self.live_bytes > self.max_live_bytes:
+            self.flooded = True
+        if key is not None and self.per_key is not None:
+            self._per_key[key] += 1
+            self._holders.setdefault(topic, Counter())[key] += 1
+            if self._per_key[key] > self.per_key:
+                self.over.add(key)
+                self.refused += 1
+                return False
+        count = self._topics.get(topic)
+        if count is not None:
+            self._topics[topic] = count + 1
+            return True
+        if len(topic) > self.max_topic or len(self._topics) >= self.max_topics:
+            self.refused += 1
+            return False
+        self._topics[topic] = 1
+        for cat in self._matches(topic):
+            self._per_category[cat] += 1
+            self.want[cat] = True
         return True
 
 

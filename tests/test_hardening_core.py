@@ -228,7 +228,7 @@ def test_unread_result_bytes_are_capped_per_key() -> None:
     assert unread.hold(b"c", "t2", 1) and not unread.hold(b"c", "t2", 1)  # once, however often asked
     assert not unread.admit(b"c", "k", 1, 0.0)  # no overtaking what waits
     assert unread.hold(b"c", "t3", 1) and unread.pinned == {"t2", "t3"} and unread.waiting_bytes("k") == 2
-    assert not unread.admit(b"d", "k", 1, 0.0) is False  # another connection of the key: idle, one goes
+    assert unread.admit(b"d", "k", 1, 0.0) is not False  # another connection of the key: idle, one goes
     assert unread.ack(b"c", 1, 1.0) == ["t2", "t3"] and unread.unread(b"c") == 0 and not unread.pinned
     assert unread.admit(b"c", "k", 6, 1.0) and not unread.admit(b"c", "k", 6, 1.0)
     unread.hold(b"c", "t4", 6)
@@ -264,3 +264,21 @@ def test_a_client_that_reads_gets_every_result_and_one_that_does_not_is_held() -
     assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["t2", "t3"]
     h.send(C, b"cli", P.HEARTBEAT, {"rx": 4})
     assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["t4", "t5"]
+
+
+def test_subscriptions_are_counted_while_they_last_and_a_flood_is_flagged() -> None:
+    subs = Subscriptions((b"task:",), max_topics=100, max_topic=16, per_key=3, max_live=5)
+    for _ in range(10):  # a key subscribing and unsubscribing for ever holds one at a time
+        assert subs.update(b"\x01task:a", key="alice") and subs.update(b"\x00task:a", key="alice")
+    assert not subs.over and subs.live == 0
+    subs.update(b"\x01task:x", key="bob")
+    subs.update(b"\x01task:y", key="bob")
+    subs.update(b"\x00task:x")  # bob's connection left: libzmq reports its subscriptions gone, unattributed
+    subs.update(b"\x00task:y")
+    assert subs.live == 0 and not subs.over
+    for i in range(4):
+        subs.update(b"\x01t%d" % i, key="carol")
+    assert subs.over == {"carol"} and not subs.flooded
+    for i in range(2):
+        subs.update(b"\x01u%d" % i)  # without a key
+    assert subs.flooded
