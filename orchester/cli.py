@@ -86,11 +86,12 @@ class OneLineErrors(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:
             raise _one_line(exc) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if ctx.parent is not None:  # a nested group: the outermost one says it
                 raise
-            click.echo("\ninterrupted", err=True)
-            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+            code = getattr(exc, "exit_code", EXIT_INTERRUPTED)  # a stop signal other than SIGINT: 128 + its number
+            click.echo(f"\n{str(exc) or 'interrupted'}", err=True)
+            raise click.exceptions.Exit(code if isinstance(code, int) else EXIT_INTERRUPTED) from None
 
 
 class OneLineUsageError(click.UsageError):
