@@ -108,6 +108,10 @@ class Broker:
         self._gated: tuple[bytes, ...] = (P.ACK, P.RESULT)
         if config.ha and config.replication == "sync":
             self._gated = (P.ACK, P.RESULT, P.DISPATCH)
+        elif config.secure and config.journal and config.durability != "off":
+            # with keys, a dispatch waits for its record too: after a restart, only the satellite the
+            # journal names may claim a task back (no "the record did not reach the disk" guess)
+            self._gated = (P.ACK, P.RESULT, P.DISPATCH)
         #: set when the process must end with this exit code (a backup stepping down from a dual active)
         self.exit_code = 0
         #: key names removed by a reload, whose work and subscriptions the loop ends

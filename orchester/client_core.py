@@ -41,12 +41,13 @@ def reject_future(fut: Any, exc: BaseException) -> None:
 class Pending:
     """A request waiting for its answer: the future and the frames to resend."""
 
-    __slots__ = ("future", "frames", "acked")
+    __slots__ = ("future", "frames", "acked", "codec")
 
-    def __init__(self, future: Any, frames: list[Any] | None) -> None:
+    def __init__(self, future: Any, frames: list[Any] | None, codec: str | None = None) -> None:
         self.future = future
         self.frames = frames
         self.acked = False
+        self.codec = codec  #: the codec the task was submitted with (None: fetched, not submitted here)
 
 
 #: Result bytes received after which a client says so at once, not at its next heartbeat (a
@@ -106,7 +107,7 @@ class ClientCore:
         if meta:
             hdr["arr"] = meta
         frames = [P.SIGNATURE, P.SUBMIT, pack(hdr), *body]
-        self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None)
+        self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None, codec)
         return tid, frames
 
     def fetch(self, future: Any, task_id: str) -> list[Any]:
@@ -172,7 +173,18 @@ class ClientCore:
     def handle(self, frames: list[Any]) -> bool:
         """Handle one message from the orchestrator. Returns True when its epoch changed
         (the orchestrator restarted or failed over: the caller should resend :meth:`pending_frames`).
+
+        Anything wrong with a message raises :class:`ProtocolError` (the adapter logs it and goes
+        on): fields come from satellites through the orchestrator, so no shape is trusted.
         """
+        try:
+            return self._handle(frames)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a field of a shape nothing foresaw: this message only is dropped
+            raise ProtocolError(P.E_MALFORMED, f"cannot handle a message: {type(exc).__name__}") from None
+
+    def _handle(self, frames: list[Any]) -> bool:
         if len(frames) < 3:
             raise ProtocolError(P.E_MALFORMED, f"expected at least 3 frames, got {len(frames)}")
         if bytes(frames[0]) != P.SIGNATURE:
@@ -215,17 +227,27 @@ class ClientCore:
         p = self.tasks.pop(tid, None) if isinstance(tid, str) else None
         if p is None:
             return  # a duplicate (resent task) or a result we stopped waiting for
+        codec = hdr.get("c", codecs.DEFAULT_CODEC)
+        if hdr.get("ok") and codec == "pickle" and (p.codec or self.codec) != "pickle":
+            # a result runs code when unpickled: only for a task this client submitted with pickle
+            self._reject(p.future, RemoteError(P.E_CODEC, "the result is pickle-coded, but the task was not "
+                                               "submitted with pickle: refused"))
+            return
         if hdr.get("ok"):
             try:
-                value = codecs.decode(hdr.get("c", codecs.DEFAULT_CODEC), hdr.get("arr"), payload)
+                value = codecs.decode(codec, hdr.get("arr"), payload)
             except ProtocolError as exc:
                 self._reject(p.future, RemoteError(exc.code, f"cannot decode result: {exc.detail}"))
                 return
             self._resolve(p.future, value)
         else:
-            err = hdr.get("err") or {}
-            self._reject(p.future, TaskFailed(str(tid), str(err.get("type", "Error")), str(err.get("msg", "")),
-                                              str(err.get("tb", "")), hdr.get("sat")))
+            err = hdr.get("err")
+            if not isinstance(err, dict):
+                err = {"type": "BadResult", "msg": "the task failed with an error of the wrong shape"}
+            sat = hdr.get("sat")
+            self._reject(p.future, TaskFailed(str(tid), str(err.get("type", "Error"))[:256],
+                                              str(err.get("msg", ""))[:100_000], str(err.get("tb", ""))[:1_000_000],
+                                              sat if isinstance(sat, str) else None))
 
     def _on_error(self, hdr: dict[str, Any]) -> None:
         if hdr.get("code") == P.E_NOT_ACTIVE and self.alternatives:

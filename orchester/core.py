@@ -41,7 +41,7 @@ from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState, TimerW
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
 from .lifecycle import T_DEADLINE, _len
-from .logutil import warn_limited
+from .logutil import log_limited, warn_limited
 from .peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
 from .requests import Requests
 from .results import ResultStore
@@ -75,6 +75,7 @@ class Orchestrator(Requests):
         self.pub_endpoints: list[str] = []
         self.tasks: dict[str, Task] = {}
         self.state_counts = [0] * len(TaskState)
+        self.pending_kinds: Counter[str] = Counter()
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
@@ -125,8 +126,6 @@ class Orchestrator(Requests):
         self.rate = RequestRate(config.request_rate)
         #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
         self.sat_keys: dict[str, str] = {}
-        #: satellite ids the journal knew at start (only those may claim a queued task after a restart)
-        self.journaled_sids: set[str] = set()
         self._handlers: dict[bytes, Callable[[Any, bytes, list[Any], float], None]] = {
             P.SUBMIT: self._on_submit, P.DONE: self._on_done, P.HEARTBEAT: self._on_heartbeat,
             P.STARTED: self._on_started, P.PROGRESS: self._on_progress, P.REGISTER: self._on_register,
@@ -209,9 +208,13 @@ class Orchestrator(Requests):
         if old is not None:  # a resend (after reconnect or failover): idempotent by id
             self._may_touch(old)
             self.counters["duplicate_submits"] += 1
-            old.client, old.csock = ident, sock
             self._ack(sock, ident, tid)
             stored = self.results.get(tid)
+            if not self._owner_asks(old):  # an admin resending another key's task: a copy, no rebinding
+                if stored is not None:
+                    self.out.append((sock, [ident, *stored.frames], None))
+                return
+            old.client, old.csock = ident, sock
             if stored is not None:
                 self._send_result(old, stored.frames, stored.size, store=False)
             return
@@ -241,6 +244,7 @@ class Orchestrator(Requests):
         load[1] += size
         self.tasks[tid] = task
         self.state_counts[TS.PENDING] += 1
+        self.pending_kinds[kind] += 1
         self.queues.push(task)
         self.counters["submitted"] += 1
         if timeout is not None:
@@ -340,7 +344,8 @@ class Orchestrator(Requests):
             sat.versions = {str(k): str(v) for k, v in versions.items()}
         self.fleet.add(sat)
         self.counters["satellites_registered"] += 1
-        log.info("satellite %s registered: %d slots, kinds %s, tags %s", sid, slots, kinds, tags)
+        log_limited(log, logging.INFO, "satellite %r registered: %d slots, kinds %s, tags %s", sid, slots,
+                    kinds[:20], tags[:20])
         self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
             {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
         self._sat_to(sat, SE.welcome, now, "registered")
@@ -390,7 +395,8 @@ class Orchestrator(Requests):
         task = sat.inflight.get(tid)
         if task is None or task.attempt != attempt:
             self.counters["stale_results"] += 1
-            log.info("discarded stale result of %s attempt %s from %s", tid, attempt, sat.sid)
+            log_limited(log, logging.INFO, "discarded stale result of %r attempt %s from %s", tid[:256], attempt,
+                        sat.sid)
             return
         if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, or was lost
             self._task_to(task, TE.start, now)
@@ -438,7 +444,7 @@ class Orchestrator(Requests):
         sat = self.fleet.by_ident.get(ident)
         if sat is None:
             return
-        log.info("satellite %s left", sat.sid)
+        log_limited(log, logging.INFO, "satellite %s left", sat.sid)
         self._lose(sat, now, "left", SE.leave, crash=False)
 
     def _on_peer_error(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
@@ -531,6 +537,7 @@ class Orchestrator(Requests):
         if not names:
             return counts
         for task in [t for t in self.tasks.values() if t.owner in names and not t.state.terminal]:
+            self.reclaim.pop(task.id, None)
             self._fail(task, P.ERR_REVOKED, f"the key {task.owner!r} that submitted it was revoked", now,
                        TE.cancel)
             counts["tasks"] += 1
@@ -541,6 +548,18 @@ class Orchestrator(Requests):
             counts["connections"] += self.conns.forget_key(name)
         self.counters["revoked_tasks"] += counts["tasks"]
         return counts
+
+    def revoke_unknown(self, now: float) -> dict[str, int]:
+        """After a restart or a takeover: the keys that own unfinished tasks but are no longer
+        authorised (revoked while this server was down, or unknown to its key directory) are
+        revoked as if by ``SIGHUP`` (:meth:`revoke`)."""
+        if self.identify is None:
+            return {}
+        gone = {t.owner for t in self.tasks.values()
+                if isinstance(t.owner, str) and not t.state.terminal and self.identify(t.owner) is None}
+        if gone:
+            log.warning("tasks of key(s) %s restored, but the key is no longer authorised: cancelled", sorted(gone))
+        return self.revoke(gone, now)
 
     # ---------------------------------------------------------------- replay
     def restore(self, records: list[list[Any]], now: float, sock: Any, reclaim: float | None = None) -> dict[str, int]:

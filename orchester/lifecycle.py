@@ -33,6 +33,7 @@ from tracker import (
 
 from .config import OrchestratorConfig
 from .fleet import Fleet, SatelliteRecord
+from .logutil import log_limited
 from .peers import ConnectionKeys, UnreadResults
 from .results import ResultStore
 from .tasks import QueueKey, Task, TaskQueues
@@ -80,6 +81,15 @@ class Lifecycle:
     clock: float
     #: tasks in the table per state (indexed by :class:`~tracker.TaskState`): status costs nothing
     state_counts: list[int]
+    #: pending tasks per kind (the queue depths of status replies and metrics)
+    pending_kinds: Counter[str]
+
+    def _pending_left(self, kind: str) -> None:
+        n = self.pending_kinds[kind] - 1
+        if n > 0:
+            self.pending_kinds[kind] = n
+        else:
+            del self.pending_kinds[kind]
 
     def _init_lifecycle(self, config: OrchestratorConfig) -> None:
         self._consent = dispatch_consent(config.allow_pickle)  #: what each DISPATCH says this server accepts
@@ -92,6 +102,10 @@ class Lifecycle:
         state = TASK_MACHINE.next(task.state, event)
         self.state_counts[task.state] -= 1
         self.state_counts[state] += 1
+        if task.state is TS.PENDING:
+            self._pending_left(task.kind)
+        elif state is TS.PENDING:
+            self.pending_kinds[task.kind] += 1
         task.state = state
         wall = self.wall()  # one reading for the history, the journal and the event
         task.history.add(wall, state, task.attempt, task.satellite, reason)
@@ -411,8 +425,9 @@ class Lifecycle:
         if sat.state.accepts_work != old.accepts_work or sat.state in (SS.PROBATION, SS.DRAINING) \
                 or old is SS.PROBATION:
             self.fleet.changed()
-        if event not in (SE.load, SE.unload):
-            log.info("satellite %s: %s -> %s%s", sat.sid, old.name, sat.state.name, f" ({reason})" if reason else "")
+        if event not in (SE.load, SE.unload):  # limited: a peer registering in a loop could flood the log
+            log_limited(log, logging.INFO, "satellite %r: %s -> %s%s", sat.sid, old.name, sat.state.name,
+                        f" ({reason})" if reason else "")
         if self._want[b"sat:"]:
             body: dict[str, Any] = {"sat": sat.sid, "state": sat.state.name.lower(), "event": event.name,
                                     "t": self.wall()}

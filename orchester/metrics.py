@@ -88,7 +88,7 @@ class Collector:
                 depth[(task.kind, task.priority)] += 1
             for (kind, prio), n in depth.items():
                 add(f"queue.{safe(kind)}.priority_{prio}", n)
-        for kind, n in core.queues.depth().items():
+        for kind, n in core.pending_kinds.items():
             add(f"queue.{safe(kind)}.depth", n)
         add("queue.total", len(core.queues))
         states = Counter(s.state.name.lower() for s in core.fleet)

@@ -27,6 +27,8 @@ TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
 #: Rows of an in-memory history reply when the request names no limit, and at most.
 HISTORY_PAGE = 1000
 HISTORY_MAX = 10_000
+#: Tasks one in-memory history request looks at, newest first (a journal answers beyond that).
+HISTORY_SCAN = 20_000
 #: The role an authenticated key needs for each command (CurveZMQ on); absent: any authorised key.
 ROLE_OF: dict[bytes, str] = {
     P.SUBMIT: "submit", P.FETCH: "submit", P.CANCEL: "submit", P.HISTORY: "submit", P.CONTROL: "admin",
@@ -75,6 +77,15 @@ class Requests(Lifecycle):
             raise ProtocolError(P.E_FORBIDDEN, f"task {task.id!r} belongs to another key: only its owner or "
                                 "an admin may fetch or cancel it")
 
+    def _owner_asks(self, task: Task) -> bool:
+        """Whether the sender is ``task``'s owner (always, without keys): only then does a FETCH or a
+        resent SUBMIT move the task's delivery to this connection."""
+        return self.identify is None or task.owner is None or task.owner == self._user
+
+    def _is_admin(self) -> bool:
+        who = self.identify(self._user) if self.identify is not None else None
+        return who is not None and "admin" in who.roles
+
     def _on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         tid = hdr.get("task")
@@ -93,14 +104,17 @@ class Requests(Lifecycle):
         task = self.tasks.get(tid)
         if task is not None:
             self._may_touch(task)
-        if stored is not None and task is not None:
+        if stored is not None and task is not None and not self._owner_asks(task):  # an admin: a copy for it
+            self.out.append((sock, [ident, *stored.frames], None))
+        elif stored is not None and task is not None:
             task.client, task.csock = ident, sock
             self._send_result(task, stored.frames, stored.size, store=False)
         elif task is not None and task.state.terminal:  # finished, result dropped by retention
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} finished ({task.state.name.lower()}) but its "
                                 "result is no longer kept (journal retention)")
-        elif task is not None:  # not finished: the result will go to this client
-            task.client, task.csock = ident, sock
+        elif task is not None:  # not finished: the result will go to this client (if it is the owner's)
+            if self._owner_asks(task):
+                task.client, task.csock = ident, sock
             self._reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
         else:
             raise _unknown(tid)
@@ -194,8 +208,9 @@ class Requests(Lifecycle):
         else:
             candidates = reversed(self.tasks.values())
         out: list[tuple[int, dict[str, Any]]] = []
-        for task in candidates:
-            if len(out) >= limit:
+        everyone = self.identify is None or self._is_admin()  # error messages: of one's own tasks only
+        for scanned, task in enumerate(candidates):
+            if len(out) >= limit or scanned >= HISTORY_SCAN:
                 break
             if (state is not None and task.state.name.lower() != state) or (kind is not None and task.kind != kind):
                 continue
@@ -203,12 +218,14 @@ class Requests(Lifecycle):
             submitted = rows[0][0] if rows else 0.0
             if (since is not None and submitted < since) or (until is not None and submitted >= until):
                 continue
-            out.append((task.seq, self._history_row(task, rows)))
+            out.append((task.seq, self._history_row(task, rows, everyone or task.owner == self._user)))
         out.sort(key=lambda r: r[0])  # oldest submission first
         return [row for _, row in out]
 
-    def _history_row(self, task: Task, rows: list[tuple[float, int, int, str | None, str | None]]) -> dict[str, Any]:
-        """One task as a history row (:data:`orchester.history.COLUMNS`), error type and message included."""
+    def _history_row(self, task: Task, rows: list[tuple[float, int, int, str | None, str | None]],
+                     message: bool = True) -> dict[str, Any]:
+        """One task as a history row (:data:`orchester.history.COLUMNS`): its error's type, and its
+        message when ``message`` (the asker's own task, or an admin asking)."""
         sat = next((r[3] for r in reversed(rows) if r[3]), "") or ""
         error = ""
         if task.state.terminal and task.state is not TS.DONE:
@@ -220,9 +237,10 @@ class Requests(Lifecycle):
                 except ProtocolError:
                     err = None
             if isinstance(err, dict):
-                error = f"{err.get('type', '')}: {err.get('msg', '')}".strip(": ")
+                etype, emsg = str(err.get("type", ""))[:256], str(err.get("msg", ""))[:2000]
+                error = f"{etype}: {emsg}".strip(": ") if message else etype
             elif rows and rows[-1][4]:
-                error = str(rows[-1][4])
+                error = str(rows[-1][4]) if message else task.state.name.lower()
         return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempts": task.attempt,
                 "satellite": sat, "submitted": rows[0][0] if rows else 0.0,
                 "finished": rows[-1][0] if rows and task.state.terminal else 0.0, "error": error,
@@ -247,7 +265,7 @@ class Requests(Lifecycle):
         return {
             "epoch": self.epoch, "uptime": round(now - self.started, 3), "pub": self.pub_endpoints,
             "strategy": self.strategy.name, "tasks": states,
-            "queued": self.queues.depth(),
+            "queued": dict(self.pending_kinds),
             "satellites": [s.describe(now) for s in sats],
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.results),

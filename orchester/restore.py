@@ -160,7 +160,7 @@ class RestoreFold:
             counts = self._install(core, now, sock, reclaim)
         for sid, user in self.sat_keys.items():
             core.sat_keys.setdefault(sid, user)
-        core.journaled_sids.update(self.sat_keys)
+        core.revoke_unknown(now)  # a key revoked while this server was down has no work here
         core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
         core.counters["journal_restored"] += len(self.tasks)
         core.counters["journal_bad_records"] += self.bad
@@ -186,6 +186,8 @@ class RestoreFold:
                 continue
             core.tasks[tid] = t
             core.state_counts[t.state if t.state.terminal else TS.PENDING] += 1
+            if not t.state.terminal:
+                core.pending_kinds[t.kind] += 1
             if t.state.terminal:
                 frames = self.results.get(tid)  # validated when folded
                 if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
@@ -276,9 +278,12 @@ def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: flo
 
     Only what the journal says this satellite had, under the attempt it had, is given
     back: a task in flight on it when the journal ended. Shortly after a restart (one
-    liveness period), a queued task may also be claimed under the attempt after the
-    journaled one (its dispatch record did not reach the disk before the crash). Anything
-    else is refused and left to finish; its result is discarded.
+    liveness period), without CurveZMQ, a queued task may also be claimed under the attempt
+    after the journaled one (its dispatch record did not reach the disk before the crash);
+    with keys, dispatches wait for their record, so that guess is never needed (nor allowed:
+    any satellite key could claim any task by it). Anything else is refused and left to
+    finish; its result is discarded. A task is given back only to a satellite that offers its
+    kind and has its tags.
     """
     if len(running) > 100_000:
         raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
@@ -292,15 +297,17 @@ def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: flo
             ok = task.satellite == sat.sid and attempt == task.attempt
         else:
             task = core.tasks.get(tid)
-            # CurveZMQ on: only a satellite the journal knew (its id bound to its key) may claim
+            # without keys only: with them, dispatches wait for their journal record (the broker's
+            # gate), so the journal names every satellite that may hold a task, and no guess is needed
             ok = task is not None and task.state is TS.PENDING and now < core.reclaim_until \
-                and attempt == task.attempt + 1 and (core.identify is None or sat.sid in core.journaled_sids)
+                and attempt == task.attempt + 1 and core.identify is None
         if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds \
                 or not task.tags <= sat.tags:
             core.counters["adopt_refused"] += 1
             continue
         core.reclaim.pop(tid, None)
-        core.queued_bytes -= task.size
+        if task.spilled is None:  # a spilled payload no longer counted in memory
+            core.queued_bytes -= task.size
         task.attempt = attempt
         task.satellite = sat.sid
         sat.inflight[tid] = task

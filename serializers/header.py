@@ -134,13 +134,16 @@ def number(header: dict[str, Any], key: str, lo: float, hi: float, default: Any 
 
 
 def text(header: dict[str, Any], key: str, default: Any = ..., limit: int = MAX_NAME) -> Any:
-    """Return the string ``header[key]``, non-empty and at most ``limit`` characters."""
+    """Return the string ``header[key]``: 1 to ``limit`` printable characters (no line breaks or
+    other control characters: ids and names end up in logs and terminals)."""
     value = field(header, key, str, default)
     if value is default and key not in header:
         return value
     if not value or len(value) > limit:
         raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must hold 1 to {limit} characters, "
                             f"not {len(value)}")
+    if not value.isprintable():
+        raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must hold printable characters only")
     return value
 
 
@@ -153,9 +156,9 @@ def names(header: dict[str, Any], key: str, default: Any = ..., limit: int = MAX
     if len(value) > limit:
         raise ProtocolError(P.E_MALFORMED, f"header field {key!r} lists {len(value)} items; at most {limit}")
     for item in value:
-        if not isinstance(item, str) or not item or len(item) > length:
+        if not isinstance(item, str) or not item or len(item) > length or not item.isprintable():
             raise ProtocolError(P.E_MALFORMED, f"header field {key!r} must list strings of 1 to {length} "
-                                "characters")
+                                "printable characters")
     return value
 
 

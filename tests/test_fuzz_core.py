@@ -49,6 +49,11 @@ def test_core_survives_any_frames_and_still_serves(messages: list[Any], garbage:
     core.housekeeping(now)
     # nothing a peer sends is our own error: never a handler error, never a failing timer
     assert core.counters["handler_errors"] == 0 and core.counters["timer_errors"] == 0
+    # the running counts status replies read agree with the table
+    assert sum(core.state_counts) == len(core.tasks)
+    assert [core.state_counts[s] for s in TaskState] == [sum(t.state is s for t in core.tasks.values())
+                                                          for s in TaskState]
+    assert dict(core.pending_kinds) == core.queues.depth()
     for frames in garbage:
         core.handle("sock", [b"g", *frames], now)
     core.housekeeping(now)

@@ -282,3 +282,106 @@ def test_subscriptions_are_counted_while_they_last_and_a_flood_is_flagged() -> N
     for i in range(2):
         subs.update(b"\x01u%d" % i)  # without a key
     assert subs.flooded
+
+
+def _keyed(h: Harness, admins: tuple[str, ...] = ("ops",)) -> None:
+    def identify(name: str | None) -> Any:
+        if name is None or name.startswith("!"):
+            return None
+        roles = {"submit", "satellite"} | ({"admin"} if name in admins else set())
+        return type("Who", (), {"name": name, "roles": frozenset(roles), "kinds": None})()
+
+    h.core.identify = identify
+
+
+def test_a_header_nested_too_deep_is_refused_before_anything_prints_it() -> None:
+    h = Harness()
+    deep: Any = []
+    for _ in range(1000):
+        deep = [deep]
+    for cmd, hdr in ((P.ERROR, {"code": "x", "msg": deep}), (P.STATUS, {"rid": 1, "task": deep}),
+                     (P.SUBMIT, {"id": "t", "k": "echo", "tg": deep})):
+        h.send(C, b"cli", cmd, hdr, b"\xc0")
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert [e["code"] for e in errors] == [P.E_MALFORMED, P.E_MALFORMED]  # an ERROR is never answered
+    assert all("deeper" in e["msg"] for e in errors) and h.core.counters["handler_errors"] == 0
+
+
+def test_a_result_error_of_the_wrong_shape_is_replaced() -> None:
+    h = Harness()
+    sat = h.register()
+    h.submit("t")
+    h.tick()
+    h.send(S, sat, P.DONE, {"id": "t", "a": 1, "ok": False, "err": [1]})
+    (res,) = of(h.tick(), P.RESULT)
+    assert unpack(res[3])["err"]["type"] == "BadResult" and h.core.counters["bad_results"] == 1
+
+
+def test_an_admin_fetch_does_not_take_the_owners_delivery() -> None:
+    h = Harness()
+    _keyed(h)
+    _, body = encode([[1], {}])
+    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now, "sat")
+    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
+    h.tick()
+    h.core.handle(C, [b"c:o", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 1})], h.now, "ops")
+    h.tick()
+    h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": True})], h.now, "sat")
+    assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:a"]  # the owner's connection still gets it
+    h.core.handle(C, [b"c:o", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 2})], h.now, "ops")
+    assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:o"]  # and the admin a copy, once it is there
+    assert h.core.tasks["t"].client == b"c:a"
+
+
+def test_the_memory_history_shows_error_messages_of_ones_own_tasks_only() -> None:
+    h = Harness()
+    _keyed(h)
+    _, body = encode([[1], {}])
+    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now, "sat")
+    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
+    h.tick()
+    h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": False,
+                                                        "err": {"type": "KeyError", "msg": "secret"}})], h.now, "sat")
+    h.tick()
+    rows = {}
+    for who, ident in (("alice", b"c:a"), ("bob", b"c:b"), ("ops", b"c:o")):
+        h.core.handle(C, [ident, P.SIGNATURE, P.HISTORY, pack({"rid": 1})], h.now, who)
+        rows[who] = unpack(of(h.tick(), P.REPLY)[0][3])["rows"][0]["error"]
+    assert rows == {"alice": "KeyError: secret", "bob": "KeyError", "ops": "KeyError: secret"}
+
+
+def test_with_keys_a_satellite_cannot_claim_a_queued_task_after_a_restart() -> None:
+    """The "attempt + 1" claim let any satellite key take any queued task (issue 14, finding 3)."""
+    _, body = encode([[1], {}])
+    fold = RestoreFold()
+    fold.add(["S", "t", b"c:a", pack({"id": "t", "k": "echo"}), list(body), 1.0, None, "alice"])
+    fold.add(["K", "m1", "mallory", 1.0])
+    for keyed in (False, True):
+        h = Harness()
+        if keyed:
+            _keyed(h)
+        fold.finish(h.core, h.now, C, reclaim=5.0)
+        reg = {"sid": "m1", "slots": 1, "kinds": ["echo"], "running": [["t", 1]]}
+        h.core.handle(S, [b"m", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "mallory" if keyed else None)
+        h.tick()
+        assert (h.core.tasks["t"].state is TaskState.RUNNING) is not keyed
+
+
+def test_work_of_a_key_revoked_while_the_server_was_down_is_cancelled_at_restore() -> None:
+    _, body = encode([[1], {}])
+    fold = RestoreFold()
+    for tid, owner in (("a", "alice"), ("b", "bob")):
+        fold.add(["S", tid, b"c", pack({"id": tid, "k": "echo"}), list(body), 1.0, None, owner])
+    h = Harness()
+    _keyed(h)
+    known = h.core.identify
+    h.core.identify = lambda name: None if name == "bob" else known(name)  # type: ignore[misc]
+    fold.finish(h.core, h.now, C)
+    assert h.core.tasks["a"].state is TaskState.PENDING and h.core.tasks["b"].state is TaskState.CANCELLED
+
+
+def test_ids_with_control_characters_are_refused() -> None:
+    h = Harness()
+    h.send(S, b"s", P.REGISTER, {"sid": "a\nFORGED line", "slots": 1, "kinds": ["echo"]})
+    h.submit("t\x1b[2J")
+    assert [unpack(f[3])["code"] for f in of(h.tick(), P.ERROR)] == [P.E_MALFORMED, P.E_MALFORMED]
