@@ -23,6 +23,11 @@ The journal holds payloads and results in the clear: its folder is private to th
 runs the orchestrator (0700, every file 0600, a folder others can write refused; see
 :func:`orchester.wal.private_directory`). Spilled payloads are not copied anywhere: they are
 read back from the journal's own records (:func:`load_spilled`), so they are as private.
+
+No HDF5 segment is opened unless its SHA-256 matches the journal's manifest: at start,
+:func:`replay` sets damaged segments aside and recovers what it can (see
+:mod:`orchester.segments`); the history and spilled payloads check each segment again (a
+``stat`` when it has not changed since).
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ from typing import Any
 import zmq
 
 from .history import HistoryFold, select
-from .segments import compact, compact_closed, parts, read_h5_fields, read_journal
-from .wal import ReadReport, SegmentWriter, encode_record, read_segment
+from .segments import compact, compact_closed, read_h5_fields, read_journal, recover, verified_parts
+from .wal import JournalError, ReadReport, SegmentWriter, encode_record, read_segment
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -215,7 +220,11 @@ def load_spilled(task: Any) -> list[Any]:
         for _ in range(50):  # the compaction renames the HDF5 file before removing the log
             h5 = path.with_name(path.name.replace("wal-", "seg-").replace(".log", ".h5"))
             if h5.exists():
-                record = read_task_record(h5, task.id)
+                try:
+                    record = read_task_record(h5, task.id)  # only once its checksum matches the manifest
+                except JournalError as exc:
+                    raise RuntimeError(f"the spilled payload of task {task.id} is in a damaged segment: "
+                                       f"{exc}") from None
                 break
             time.sleep(0.01)
     if record is None:
@@ -224,11 +233,19 @@ def load_spilled(task: Any) -> list[Any]:
 
 
 def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[Any]], ReadReport]:
-    """Compact the closed log segments (all but ``live``), then read every intact record."""
+    """Verify the HDF5 segments, compact the closed log segments (all but ``live``), read every intact record.
+
+    Segments that fail verification are moved aside and what they held recovered where it can
+    be (:func:`orchester.segments.recover`); the report says what was lost
+    (:attr:`ReadReport.damaged`, :attr:`ReadReport.damaged_segments`, :meth:`ReadReport.counters`).
+    Raises :class:`~orchester.segments.ManifestError` (a :class:`JournalError`) when the
+    manifest is damaged: what is lost cannot be known.
+    """
     report = ReadReport()
     d = Path(directory)
     if not d.exists():
         return [], report
+    recover(d, live, report)  # before anything opens an HDF5 file
     compact_closed(d, keep=live, damage=report)
     return list(read_journal(d, report)), report
 
@@ -240,7 +257,7 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
     for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
         try:
             fold = HistoryFold()
-            for path, kind in parts(directory):
+            for path, kind in verified_parts(directory):  # a segment that fails its checksum is never opened
                 if kind == "h5":
                     for f in read_h5_fields(path):
                         fold.add(f)

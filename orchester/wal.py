@@ -12,8 +12,15 @@ Two processes cannot write one journal: the writer holds an exclusive ``flock`` 
 The journal holds payloads and results in the clear, so it is private to the user that runs
 the orchestrator: :func:`private_directory` creates the folder 0700 (whatever the umask) and
 refuses one that another user owns or that group or others can write; every file in it (log
-segments, HDF5 segments and their temporary files, the lock) is created 0600 through
-:func:`open_private`. A folder left readable by an older version is tightened, with a warning.
+segments, HDF5 segments and their temporary files, the manifest, the lock) is created 0600
+through :func:`open_private`. A folder left readable by an older version is tightened, with a
+warning.
+
+A new segment takes the number after the highest the journal has used (logs, HDF5 segments,
+segments set aside as damaged, the manifest's entries): a number is never reused, so a new
+log can neither overwrite an HDF5 segment nor be taken for one already compacted. Damaged
+HDF5 segments are reported in :attr:`ReadReport.damaged_segments` (see
+:mod:`orchester.segments`).
 """
 
 from __future__ import annotations
@@ -135,13 +142,72 @@ def open_lock(directory: str | os.PathLike[str]) -> int:
 
 
 @dataclass
+class DamagedSegment:
+    """A compacted (HDF5) segment that failed verification, or went missing, and what became of it."""
+
+    name: str  #: its file name (``seg-<n>.h5``)
+    reason: str  #: what was wrong with it, in words
+    size: int  #: its size in bytes (the manifest's figure when the file is gone)
+    records: int | None = None  #: records it held, when the manifest says
+    moved_to: str | None = None  #: the name it was moved aside to (``None``: gone, or only read past)
+    recovered_from: str | None = None  #: where records were recovered from (its raw log, or the file itself)
+    recovered: int = 0  #: records recovered
+    lost_records: int | None = None  #: records lost (``None``: unknown)
+    lost_bytes: int = 0  #: bytes lost: the file's size, or the bodies of the records not recovered
+
+    def describe(self) -> str:
+        """One line for the log: what was wrong, where the file went, what was recovered and lost."""
+        parts = [f"journal segment {self.name} {self.reason}"]
+        if self.moved_to:
+            parts.append(f"moved aside to {self.moved_to}")
+        if self.recovered_from:
+            held = f" of {self.records}" if self.records is not None else ""
+            parts.append(f"{self.recovered}{held} record(s) recovered from {self.recovered_from}")
+        if self.lost_records is None:
+            size = f", {self.lost_bytes:,} bytes" if self.lost_bytes else ""
+            parts.append(f"lost: an unknown number of record(s){size}")
+        elif self.lost_bytes or self.lost_records:
+            parts.append(f"lost: {self.lost_records} record(s), {self.lost_bytes:,} bytes")
+        else:
+            parts.append("nothing lost")
+        return "; ".join(parts)
+
+
+@dataclass
 class ReadReport:
     """What reading the segments found."""
 
     records: int = 0
     segments: int = 0
-    #: (segment file name, byte offset of the first bad record, bytes after it) per damaged segment
+    #: (segment file name, byte offset of the first bad record, bytes after it) per damaged log segment
     damaged: list[tuple[str, int, int]] = field(default_factory=list)
+    #: compacted segments that failed verification or went missing (moved aside, recovered or lost)
+    damaged_segments: list[DamagedSegment] = field(default_factory=list)
+    #: (file, segment whose bytes it held): swapped or renamed segments put back in their place
+    restored: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def lost_bytes(self) -> int:
+        """Bytes lost in all: damaged log tails and damaged compacted segments."""
+        return sum(lost for _, _, lost in self.damaged) + sum(d.lost_bytes for d in self.damaged_segments)
+
+    def counters(self) -> dict[str, int]:
+        """The orchestrator's counters for what was found: ``journal_lost_bytes``, ``journal_damaged_segments``."""
+        return {"journal_lost_bytes": self.lost_bytes, "journal_damaged_segments": len(self.damaged_segments)}
+
+
+def fsync_directory(directory: str | os.PathLike[str]) -> None:
+    """Make the directory's entries (files created, renamed or removed) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def frame(body: bytes) -> bytes:
+    """One on-disk record around an already-encoded msgpack ``body``."""
+    return _HEAD.pack(len(body), zlib.crc32(body)) + body
 
 
 def encode_record(body: list[Any]) -> bytes:
@@ -202,6 +268,13 @@ def read_all(directory: Path, report: ReadReport | None = None) -> Iterator[list
         yield from read_segment(seg, report)
 
 
+def _highest_number(directory: Path) -> int:
+    """The highest segment number the journal has used: logs, HDF5 segments (also set aside), the manifest."""
+    from .segments import highest_number
+
+    return highest_number(directory)
+
+
 class SegmentWriter:
     """Appends records to a new segment; rotates at ``segment_bytes``. Not thread-safe: one owner."""
 
@@ -218,8 +291,11 @@ class SegmentWriter:
         except BlockingIOError:
             os.close(self._lock_fd)
             raise JournalError(f"journal {self.dir} is open for writing by another process") from None
-        existing = segments(self.dir)
-        self._n = int(existing[-1].stem.split("-")[1]) if existing else 0
+        try:
+            self._n = _highest_number(self.dir)  # never reuse the number of a segment, compacted or set aside
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._file: Any = None
         self._size = 0
         self._open_next()
@@ -231,11 +307,7 @@ class SegmentWriter:
         self.path = self.dir / f"wal-{self._n:06d}.log"
         self._file = os.fdopen(open_private(self.path, os.O_WRONLY | os.O_APPEND), "ab", buffering=0)
         self._size = 0
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the new file's directory entry is durable too
-        finally:
-            os.close(dir_fd)
+        fsync_directory(self.dir)  # the new file's directory entry is durable too
 
     def write(self, chunks: list[bytes]) -> list[int]:
         """Append encoded records (one ``write`` call for the whole batch); return each one's offset."""
