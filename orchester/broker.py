@@ -156,6 +156,9 @@ class Broker:
             log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
                       "last before a crash) are lost", name, offset, lost)
             self.core.counters["journal_lost_bytes"] += lost
+        for seg in report.damaged_segments:  # each one logged, with what it held, where it was found
+            self.core.counters["journal_damaged_segments"] += 1
+            self.core.counters["journal_lost_bytes"] += seg.lost_bytes
 
     def _event_socket(self, endpoints: list[str], must: bool = True) -> zmq.Socket[Any]:
         """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`).

@@ -303,7 +303,7 @@ def keys() -> None:
 @click.argument("name")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Where to write NAME.key (public) and NAME.key_secret (secret, mode 0600).")
-@click.option("--role", "roles", multiple=True, type=click.Choice(["satellite", "submit", "admin"]),
+@click.option("--role", "roles", multiple=True, type=click.Choice(["satellite", "submit", "admin", "pickle"]),
               help="A role the key holds (repeatable; default: submit).")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
               help="A task kind a satellite with this key may offer (repeatable; default: any).")

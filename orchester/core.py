@@ -200,7 +200,10 @@ class Orchestrator(Requests):
     def _on_submit(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         sub = SubmitHeader.parse(hdr)  # every field checked before anything changes
-        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle)  # pickle only with serve --allow-pickle
+        # pickle only with serve --allow-pickle, and with keys only from a key holding the pickle role
+        who = self.identify(self._user) if self.identify is not None else None
+        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle,
+                           roles=getattr(who, "roles", frozenset()) if self.identify is not None else None)
         tid, kind, timeout = sub.id, sub.kind, sub.timeout
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
@@ -333,6 +336,9 @@ class Orchestrator(Requests):
             return
         if old is not None:  # re-registration (reconnect): what the old session held is rerouted
             self._lose(old, now, "re-registered", SE.lose, crash=False)
+        prior = self.fleet.by_ident.get(ident)
+        if prior is not None:  # this connection was another satellite id: that record goes, with its tasks
+            self._lose(prior, now, "replaced on its connection", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
                               host=str(hdr.get("host", ""))[:256], pid=pid, workers=workers)
         sat.stall_timeouts = {k: float(v) for k, v in progress.items()}

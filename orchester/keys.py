@@ -26,8 +26,9 @@ log = logging.getLogger("orchester.security")
 
 #: The roles a key may hold: ``satellite`` registers and runs tasks; ``submit`` submits,
 #: fetches, watches and cancels its own tasks; ``admin`` switches routing, drains satellites
-#: and cancels anyone's tasks. No role implies another.
-ROLES = ("satellite", "submit", "admin")
+#: and cancels anyone's tasks; ``pickle`` may submit pickle-coded tasks (which run code on the
+#: satellites) to an orchestrator started with ``--allow-pickle``. No role implies another.
+ROLES = ("satellite", "submit", "admin", "pickle")
 #: Roles of a key file whose metadata names none (a key made by another tool, or by hand).
 DEFAULT_ROLES = ("submit",)
 #: The ZAP domain :func:`secure_server` sets and :class:`CurveAuthenticator` answers for.

@@ -380,7 +380,7 @@ def test_allowed(identity: Identity | None, role: str, secure: bool, expected: b
 
 
 def test_allowed_refuses_unknown_roles() -> None:
-    assert ROLES == ("satellite", "submit", "admin")
+    assert ROLES == ("satellite", "submit", "admin", "pickle")
     for secure in (False, True):
         with pytest.raises(ValueError, match="unknown role"):
             allowed(OPS, "root", secure)
