@@ -73,6 +73,8 @@ _MAC_SIZE = 32
 _MAC_DOMAIN = b"orchester fit cache entry v2\0"
 #: The per-user secret key of a cache folder, 32 random bytes, 0600.
 SECRET_NAME = "hmac.key"
+#: The names a fit cache folder holds (entry folders, the secret and their temporary files).
+CACHE_NAMES = re.compile(r"[0-9a-f]{2}|hmac\.key|\..*\.tmp")
 _KEY = re.compile(r"[0-9a-f]{16,128}")
 
 
@@ -110,7 +112,7 @@ class FitCache:
                 exposed = bool(os.lstat(self.dir / SECRET_NAME).st_mode & 0o077)
             except OSError:
                 exposed = False
-            before, tightened = private_directory(self.dir, "fit cache")
+            before, tightened = private_directory(self.dir, "fit cache", CACHE_NAMES)
             if before & 0o077 or tightened:
                 log.warning("fit cache %s was readable by others (folder mode %04o, %d entries not private): "
                             "made it 0700 and its files 0600", self.dir, before, tightened)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import stat
 import struct
 import zlib
@@ -60,17 +61,27 @@ def _who(mode: int) -> str:
     return " and ".join(w for w, bit in (("group", 0o020), ("others", 0o002)) if mode & bit)
 
 
-def private_directory(directory: str | os.PathLike[str], what: str = "journal") -> tuple[int, int]:
+#: The names a journal folder holds (anything else in it is left alone, never re-moded).
+JOURNAL_NAMES = re.compile(r"(LOCK|MANIFEST|wal-\d+\.log|seg-\d+\.h5)(\..*)?|\..*\.tmp")
+
+
+def private_directory(directory: str | os.PathLike[str], what: str = "journal",
+                      names: re.Pattern[str] | None = JOURNAL_NAMES) -> tuple[int, int]:
     """Create ``directory`` 0700, or check an existing one and make it private.
 
-    Refuses (:class:`UnsafeDirectoryError`) a folder that another uid owns, that group or
-    others can write, or that holds anything another uid owns (it could have been planted
-    while the folder was open). A folder that group or others can merely read or enter (as an
-    older version left it) is set to 0700, and every file below it to 0600, every folder to
-    0700. Returns the folder's mode before and the number of entries tightened; the caller
-    warns when either was loose. ``what`` names the folder in messages.
+    Refuses (:class:`UnsafeDirectoryError`) a folder that is a symbolic link, that another uid
+    owns, that group or others can write, or that holds anything another uid owns (it could
+    have been planted while the folder was open). A folder that group or others can merely
+    read or enter (as an older version left it) is set to 0700, and its own entries (those
+    whose top-level name matches ``names``; ``None``: all) lose their group and other bits —
+    nothing else of theirs changes, and nothing else in the folder is touched (a journal
+    pointed at a home folder by mistake does not re-mode it). Returns the folder's mode before
+    and the number of entries tightened; the caller warns when either was loose. ``what``
+    names the folder in messages.
     """
     d = Path(directory)
+    if d.is_symlink():
+        raise UnsafeDirectoryError(f"{what} {d} is a symbolic link: refusing it (give the real folder)")
     created = False
     try:
         d.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +107,9 @@ def private_directory(directory: str | os.PathLike[str], what: str = "journal") 
                                    f"check its files, then chmod 700 it")
     tightened = 0
     for root, dirs, files in os.walk(d):
+        if root == str(d) and names is not None:  # only the folder's own entries, and what is below them
+            dirs[:] = [n for n in dirs if names.fullmatch(n)]
+            files = [n for n in files if names.fullmatch(n)]
         for name in dirs + files:
             path = os.path.join(root, name)
             est = os.lstat(path)
@@ -107,11 +121,11 @@ def private_directory(directory: str | os.PathLike[str], what: str = "journal") 
                 if emode & 0o022:
                     raise UnsafeDirectoryError(f"{what} {d} holds the folder {os.path.relpath(path, d)}, "
                                                f"writable by {_who(emode)} (mode {emode:04o}): refusing it")
-                if emode != DIR_MODE:
-                    os.chmod(path, DIR_MODE)
+                if emode & 0o077:
+                    os.chmod(path, emode & 0o700)
                     tightened += 1
             elif stat.S_ISREG(est.st_mode) and emode & 0o077:
-                os.chmod(path, FILE_MODE)
+                os.chmod(path, emode & 0o700)  # group and other bits go; the owner's stay (+x too)
                 tightened += 1
     if created or mode != DIR_MODE:
         os.chmod(d, DIR_MODE)  # exactly 0700, whatever the umask took away

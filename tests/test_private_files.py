@@ -318,3 +318,25 @@ def test_run_fits_fits_again_instead_of_serving_a_planted_entry(tmp_path: Path) 
     rows = run_fits(client, [model], settings, tmp_path / "out2", cache, console=quiet)  # type: ignore[arg-type]
     assert client.submitted == 1 and rows[0]["cached"] == "yes" and rows[0]["fom"] == "0.25"
     quiet.file.close()
+
+
+def test_a_journal_folder_never_re_modes_what_is_not_the_journals(tmp_path: Path) -> None:
+    """``--journal ~`` by mistake must not strip a home folder's files of their modes (review of issue 14)."""
+    from orchester.wal import UnsafeDirectoryError, private_directory
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    os.chmod(home, 0o755)
+    script = home / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    os.chmod(script, 0o755)
+    log = home / "wal-000001.log"
+    log.write_bytes(b"")
+    os.chmod(log, 0o644)
+    private_directory(home)
+    assert stat.S_IMODE(script.stat().st_mode) == 0o755  # not the journal's: untouched
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+    link = tmp_path / "link"
+    link.symlink_to(home)
+    with pytest.raises(UnsafeDirectoryError, match="symbolic link"):
+        private_directory(link)
