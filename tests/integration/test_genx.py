@@ -175,4 +175,9 @@ def test_orchester_fit_command_on_the_shipped_examples(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "orchester", "fit", str(tmp_path / "nope.hgx"), "--local", "1",
                         "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=env,
                        stdin=subprocess.DEVNULL)
-    assert r.returncode == 1 and "FAILED" in r.stdout
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr  # a usage mistake
+    (tmp_path / "broken.hgx").write_bytes(b"not an HDF5 model")
+    r = subprocess.run([sys.executable, "-m", "orchester", "fit", str(tmp_path / "broken.hgx"), "--local", "1",
+                        "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=env,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and "FAILED" in r.stdout  # a model that fails: reported, exit 1
