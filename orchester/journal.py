@@ -43,8 +43,18 @@ from typing import Any
 
 import zmq
 
+from serializers.header import ProtocolError, unpack
+
 from .history import HistoryFold, select
-from .segments import compact, compact_closed, read_h5_fields, read_journal, recover, verified_parts
+from .segments import (
+    compact,
+    compact_closed,
+    read_h5_fields,
+    read_journal,
+    read_task_record,
+    recover,
+    verified_parts,
+)
 from .wal import JournalError, ReadReport, SegmentWriter, encode_record, read_segment
 
 log = logging.getLogger("orchester.journal")
@@ -251,12 +261,19 @@ def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[A
 
 
 def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
-    """History rows from a journal folder: the columns of compacted segments, then the log tail."""
+    """History rows from a journal folder: the columns of compacted segments, then the log tail.
+
+    A failed task's ``error`` is its type and message; the message only for the rows of the
+    key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
+    """
     from .history import fields
 
+    filters = dict(filters)
+    viewer = filters.pop("viewer", None)
     for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
         try:
             fold = HistoryFold()
+            messages: dict[str, str] = {}  #: the log tail's error messages, by task id
             for path, kind in verified_parts(directory):  # a segment that fails its checksum is never opened
                 if kind == "h5":
                     for f in read_h5_fields(path):
@@ -266,10 +283,46 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
                         cols = fields(record)
                         if cols is not None:
                             fold.add(cols)
-            return select(fold.rows, **filters)
+                            if cols["code"] == "R" and cols["etype"]:
+                                messages[cols["task_id"]] = _error_message(record)
+            rows = select(fold.rows, **filters)
+            _add_messages(directory, rows, messages, viewer)
+            return rows
         except FileNotFoundError:
             continue
     raise RuntimeError("the journal kept changing while it was read")
+
+
+def _error_message(record: list[Any]) -> str:
+    """The error message of a result record (``""`` when it has none)."""
+    try:
+        err = unpack(bytes(record[2][0])).get("err")
+    except (ProtocolError, IndexError, TypeError):
+        return ""
+    return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""
+
+
+def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[str, str], viewer: str | None) -> None:
+    """Complete the ``error`` of the failed rows the viewer may read with the error's message (from the
+    log tail, else from the compacted segments, newest first, through their task id index)."""
+    wanted = {r["id"] for r in rows if r["error"] and (viewer is None or r["owner"] == viewer)}
+    missing = wanted - set(messages)
+    if missing:
+        for path, kind in reversed(verified_parts(directory)):
+            if kind != "h5" or not missing:
+                continue
+            for tid in list(missing):
+                try:
+                    record = read_task_record(path, tid, "R")
+                except JournalError:
+                    break
+                if record is not None:
+                    messages[tid] = _error_message(record)
+                    missing.discard(tid)
+    for row in rows:
+        msg = messages.get(row["id"]) if row["id"] in wanted else None
+        if msg:
+            row["error"] = f"{row['error']}: {msg}"
 
 
 class HistoryReader:

@@ -186,7 +186,9 @@ class Requests(Lifecycle):
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
                                 f"known: {sorted(TASK_STATE_VALUES)}")
         if self.history_reader:  # the journal has everything: its reader answers
-            self.queries.append((sock, ident, hdr.get("rid"), filters))
+            # error messages: of the asker's own tasks only (all of them without keys, or to an admin)
+            viewer = None if self.identify is None or self._is_admin() else (self._user or "")
+            self.queries.append((sock, ident, hdr.get("rid"), {**filters, "viewer": viewer}))
             return
         rows = self._memory_history(**filters)
         self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})

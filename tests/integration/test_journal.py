@@ -176,6 +176,8 @@ def test_history_from_the_journal_across_restarts(tmp_path: Path) -> None:
             for f in bad:
                 with pytest.raises(TaskFailed):
                     f.result(30)
+            # from the log tail: the error's type and message (issue 15, item 10)
+            assert {r["error"] for r in c.history(state="failed")} == {"RuntimeError: nope"}
         cluster.orchestrator.terminate()  # type: ignore[union-attr]
         cluster.orchestrator.wait(10)  # type: ignore[union-attr]
         cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
@@ -186,7 +188,8 @@ def test_history_from_the_journal_across_restarts(tmp_path: Path) -> None:
             assert len(rows) == 8 and {r["state"] for r in rows} == {"done", "failed"}
             failed = c.history(state="failed")
             assert sorted(r["id"] for r in failed) == sorted(f.task_id for f in bad)
-            assert all(r["error"] == "RuntimeError" and r["kind"] == "fail" for r in failed)
+            # from a compacted segment too
+            assert all(r["error"] == "RuntimeError: nope" and r["kind"] == "fail" for r in failed)
             assert [r["id"] for r in c.history(limit=1)] == [rows[-1]["id"]]
             assert c.history(kind="sleep") == []
         r = subprocess.run([sys.executable, "-m", "orchester", "history", "--connect", cluster.endpoint,
