@@ -323,7 +323,7 @@ def keys_generate(name: str, directory: str, roles: tuple[str, ...], kinds: tupl
     if server and (roles or kinds):
         raise click.UsageError("--server makes the orchestrator's own key: it takes no --role or --kind")
     try:
-        public, secret = generate_keys(name, directory, roles or ("submit",), force=force, kinds=kinds)
+        public, secret = generate_keys(name, directory, roles or ("submit",), force=force, kinds=kinds, server=server)
     except (ValueError, FileExistsError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)

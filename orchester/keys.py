@@ -135,7 +135,7 @@ def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 
 
 def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Iterable[str] = DEFAULT_ROLES,
-                  *, force: bool = False, kinds: str | Iterable[str] = ()) -> tuple[Path, Path]:
+                  *, force: bool = False, kinds: str | Iterable[str] = (), server: bool = False) -> tuple[Path, Path]:
     """Write a new key pair as ``DIRECTORY/NAME.key`` and ``DIRECTORY/NAME.key_secret``.
 
     Both files are pyzmq certificates (:func:`zmq.auth.load_certificate` reads them) whose
@@ -147,12 +147,13 @@ def generate_keys(name: str, directory: str | os.PathLike[str], roles: str | Ite
     and ``force`` is false. Returns ``(public path, secret path)``.
 
     ``kinds``: the task kinds a satellite with this key may offer (metadata ``kinds = a,b``;
-    empty: any kind).
+    empty: any kind). ``server``: the orchestrator's own key pair, which holds no role (its public
+    key goes to clients and satellites, never into the authorised keys).
     """
     check_name(name)
     kind_set = sorted(parse_kinds(kinds))
-    role_set = parse_roles(roles)
-    if not role_set:
+    role_set = frozenset() if server else parse_roles(roles)
+    if not role_set and not server:
         raise ValueError(f"a key needs at least one role; roles are {', '.join(ROLES)}")
     ordered = ",".join(r for r in ROLES if r in role_set)
     target = Path(directory)

@@ -58,7 +58,8 @@ def _callbacks(started: float) -> Any:
             evals = int(getattr(opt, "n_fom", 0) or 0)
             elapsed = max(time.perf_counter() - started, 1e-9)
             total = int(opt.opt.max_generations) if opt is not None else 0
-            progress(generation=self.generation, total=total, fom=float(update_data.fom_value),
+            # GenX reports the initial population first: generations go 0 (that one) to ``total``
+            progress(generation=self.generation - 1, total=total, fom=float(update_data.fom_value),
                      evaluations=evals, evals_per_s=round(evals / elapsed, 1))
 
         def parameter_output(self, param_info: Any) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from orchester.config import check_endpoint
 from orchester.keys import client_curve
 from orchester.logutil import warn_limited
 from orchester.security import secure_client
@@ -77,6 +78,8 @@ class Satellite:
         self.endpoints = [connect] if isinstance(connect, str) else list(connect)
         if not self.endpoints:
             raise ValueError("a satellite needs at least one orchestrator endpoint")
+        for ep in self.endpoints:  # refused here, not by a connect that never comes (ConfigError is a ValueError)
+            check_endpoint(ep)
         if workers < 1 or prefetch < 0:
             raise ValueError("workers must be >= 1 and prefetch >= 0")
         #: CurveZMQ keys (public, secret, server public), from the arguments or ORCHESTER_CURVE_SECRET

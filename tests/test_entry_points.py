@@ -378,3 +378,22 @@ def test_docs_examples_work_verbatim() -> None:
     readme = (root / "README.rst").read_text()
     assert "genx3 3.8.13 requires wxpython" in readme and "expected" in readme
     assert "mkdir -p authorized" in readme and "--server" in readme
+
+
+def test_an_embedded_satellite_refuses_a_malformed_endpoint() -> None:
+    from satellites.satellite import Satellite
+
+    with pytest.raises(ValueError, match="not a ZeroMQ endpoint"):
+        Satellite(["tcp://127.0.0.1:5555", "garbage"])
+
+
+def test_the_servers_own_key_holds_no_role(tmp_path: Any) -> None:
+    from orchester.keys import generate_keys
+    from orchester.security import KeyRing
+
+    public, _ = generate_keys("head", tmp_path / "server", server=True)
+    (tmp_path / "ring").mkdir()
+    (tmp_path / "ring" / public.name).write_bytes(public.read_bytes())
+    ring = KeyRing(tmp_path / "ring")
+    who = ring.by_name("head")
+    assert who is not None and who.roles == frozenset()  # even if authorised by mistake: it may do nothing
