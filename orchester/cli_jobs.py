@@ -225,11 +225,20 @@ def replay(directory: str, ids: tuple[str, ...], since: str | None, connect: tup
 
     if not ids and since is None:
         raise click.UsageError("choose tasks with --task ID or --since TIME")
+    from .wal import JournalError
+
     start = parse_time(since)
     chosen = []
-    for rec in read_journal(Path(directory)):
-        if rec[0] == "S" and ((ids and rec[1] in ids) or (start is not None and float(rec[5]) >= start)):
-            chosen.append(rec)
+    if not Path(directory).is_dir():
+        click.echo(f"error: {directory} is not a journal folder", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        for rec in read_journal(Path(directory)):
+            if rec[0] == "S" and ((ids and rec[1] in ids) or (start is not None and float(rec[5]) >= start)):
+                chosen.append(rec)
+    except JournalError as exc:  # a damaged manifest, say: what is lost cannot be known
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
     if not chosen:
         click.echo("no task of the journal matches", err=True)
         sys.exit(EXIT_TASK_FAILED)
@@ -310,12 +319,16 @@ def journal_compact(directory: str, keep_results: float | None) -> None:
         except BlockingIOError:  # an orchestrator writes it: leave its live (newest) segment alone
             logs = sorted(d.glob("wal-*.log"))
             live = logs[-1] if logs else None
-        done = compact_closed(d, keep=live)
-        click.echo(f"compacted {len(done)} log segment(s) to PyTables")
-        if keep_results is not None:
-            counts = apply_retention(d, time.time() - keep_results * 86400)
-            click.echo(f"dropped {counts['results_dropped']} result(s) and {counts['inputs_dropped']} input(s) "
-                       f"older than {keep_results:g} day(s) in {counts['segments_rewritten']} segment(s)")
+        try:
+            done = compact_closed(d, keep=live)
+            click.echo(f"compacted {len(done)} log segment(s) to PyTables")
+            if keep_results is not None:
+                counts = apply_retention(d, time.time() - keep_results * 86400)
+                click.echo(f"dropped {counts['results_dropped']} result(s) and {counts['inputs_dropped']} input(s) "
+                           f"older than {keep_results:g} day(s) in {counts['segments_rewritten']} segment(s)")
+        except JournalError as exc:  # a damaged manifest, say: nothing is changed
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
     finally:
         os.close(fd)
 
