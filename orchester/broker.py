@@ -173,7 +173,10 @@ class Broker:
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         # a subscription much longer than a topic may be is refused by libzmq itself (the peer is dropped);
         # the limit also applies to the CurveZMQ handshake, whose INITIATE command takes a few hundred bytes
-        xpub.setsockopt(zmq.MAXMSGSIZE, max(self.config.max_topic + 1, 512))
+        # (ZMTP 3.1 sends a subscription as a SUBSCRIBE command: the topic and 10 bytes; the CurveZMQ
+        # handshake's INITIATE takes up to about 300 bytes: with keys, at least 512)
+        limit = self.config.max_topic + 10
+        xpub.setsockopt(zmq.MAXMSGSIZE, max(limit, 512) if self.curve else limit)
         xpub.rcvhwm = 256  # libzmq files what a read brings in its trie at once: keep each read small
         bound = []
         try:
