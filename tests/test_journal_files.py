@@ -101,7 +101,7 @@ def test_history_rows_from_journal_files(tmp_path: Path) -> None:
     rows = history(tmp_path, {})
     assert [r["id"] for r in rows] == ["a", "b", "c"]
     assert rows[0]["state"] == "done" and rows[0]["satellite"] == "s1" and rows[0]["finished"] == 101.0
-    assert rows[1]["error"] == "ValueError" and rows[2]["state"] == "pending"
+    assert rows[1]["error"] == "ValueError: bad" and rows[2]["state"] == "pending"  # type and message
     assert [r["id"] for r in history(tmp_path, {"state": "failed"})] == ["b"]
     assert [r["id"] for r in history(tmp_path, {"kind": "echo", "since": 150.0})] == ["c"]
     assert [r["id"] for r in history(tmp_path, {"limit": 1})] == ["c"]
