@@ -98,12 +98,15 @@ class AsyncClient:
 
     def submit_nowait(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                       timeout: float | None = None, codec: str | None = None, ttl: float | None = None,
-                      max_run: float | None = None, **kwargs: Any) -> asyncio.Future[Any]:
-        """Submit a task; return an ``asyncio.Future`` of its result at once."""
+                      max_run: float | None = None, duration: float | None = None, task_id: str | None = None,
+                      **kwargs: Any) -> asyncio.Future[Any]:
+        """Submit a task; return an ``asyncio.Future`` of its result at once (the options are those of
+        :meth:`orchester.Client.submit`; other keywords go to the task)."""
         self._ensure_reader()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         _, frames = self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
-                                     timeout=timeout, codec=codec, ttl=ttl, max_run=max_run)
+                                     timeout=timeout, codec=codec, ttl=ttl, max_run=max_run, duration=duration,
+                                     task_id=task_id)
         self._sock.send_multipart(frames, copy=False)
         return fut
 
@@ -150,6 +153,26 @@ class AsyncClient:
     async def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Switch the routing strategy at run time."""
         return await self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+
+    async def drain(self, satellite: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Send no more tasks to ``satellite`` (see :meth:`orchester.Client.drain`)."""
+        return await self._ask(P.CONTROL, {"op": "drain", "sid": satellite}, timeout)
+
+    async def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Make the binary-star server this client talks to ACTIVE (see :meth:`orchester.Client.promote`)."""
+        return await self._ask(P.CONTROL, {"op": "promote", "force": bool(force)}, timeout)
+
+    async def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
+        """An :class:`~orchester.events.EventStream` of the orchestrator's events under ``topics``
+        (a blocking reader: run its ``recv`` in a thread, or poll it with ``timeout=0``)."""
+        from .client import reachable_endpoint
+        from .events import EventStream
+
+        pub = (await self.status(timeout)).get("pub", [None])[0]
+        if not pub:
+            raise Unreachable("the orchestrator did not say where it publishes events")
+        pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
+        return EventStream(pub, topics, curve=self.curve)
 
     async def _read(self) -> None:
         """The reading task: :meth:`_serve`; if that stops on an error, fail everything pending with it."""

@@ -29,6 +29,23 @@ def safe(part: str) -> str:
     return _SAFE.sub("_", part) or "_"
 
 
+#: Counters sent from the first interval on, even before they move (a graph shows 0, not nothing);
+#: every other counter is sent from the interval it first appears in.
+ALWAYS_EXPORTED = frozenset({
+    "adopt_refused", "adopted", "bad_messages", "bad_results", "bytes_in", "bytes_out", "cancelled", "dispatched",
+    "done", "drains", "duplicate_submits", "events_dropped", "expired", "failed", "failovers", "forbidden",
+    "ha_bad_messages", "ha_handed_back", "ha_link_dropped", "ha_orphans_taken", "ha_peer_lost", "ha_records_applied",
+    "ha_refused", "ha_snapshot_errors", "ha_snapshots_received", "ha_snapshots_sent", "ha_stream_gaps",
+    "handler_errors", "journal_backpressure", "journal_bad_records", "journal_damaged_segments", "journal_lost_bytes",
+    "journal_restored", "key_reloads", "kinds_refused", "messages_in", "peer_errors", "progress", "progress_refused",
+    "quarantined", "rate_limited", "reclaim_requeued", "registered_again", "requeued", "results_undeliverable",
+    "results_waiting", "results_withheld", "retries", "revoked_tasks", "satellites_lost", "satellites_registered",
+    "sid_refused", "spilled", "stale_results", "stalled", "strategy_switches", "submitted", "subscribers_muted",
+    "subscription_floods", "subscriptions_refused", "timeouts", "timer_errors", "undeliverable", "unknown_satellite",
+    "unspilled", "wakeups",
+})
+
+
 def quantiles(values: list[float]) -> dict[str, float]:
     """p50, p90, p99, max and count of ``values`` (seconds)."""
     if not values:
@@ -59,14 +76,10 @@ class Collector:
             points.append((f"{p}.{name}", wall, float(value)))
 
         counters = core.counters
-        for name in ("submitted", "dispatched", "done", "failed", "cancelled", "requeued", "stalled", "retries",
-                     "quarantined", "expired", "timeouts", "bad_messages", "stale_results", "progress",
-                     "duplicate_submits", "satellites_lost", "results_undeliverable", "events_dropped",
-                     "spilled", "unspilled", "bytes_in", "bytes_out", "messages_in", "wakeups",
-                     "failovers", "adopted", "reclaim_requeued",
-                     *sorted(k for k in counters if k.startswith("ha_"))):
+        # every counter the orchestrator keeps (those that have not moved yet as zeros, once known)
+        for name in sorted(ALWAYS_EXPORTED.union(counters, self._last)):
             value = counters.get(name, 0)
-            add(f"counters.{name}", value - self._last[name])
+            add(f"counters.{safe(name)}", value - self._last[name])
             self._last[name] = value
         ha = core.ha_status(now) if core.ha_status is not None else None
         if ha:  # binary star: this server's state (1 primary, 2 backup, 3 active, 4 passive) and its link

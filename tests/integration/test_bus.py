@@ -256,6 +256,19 @@ def test_async_client(cluster: LocalCluster) -> None:
                 await c.submit("fail")
             arr = np.arange(10.0)
             np.testing.assert_array_equal(await c.submit("echo", arr), arr)
+            # options are options, never task arguments (they once reached the handler as keywords)
+            assert await c.submit_nowait("echo", 5, duration=1.0, task_id="async-id") == 5
+            assert (await c.show("async-id"))["state"] == "done"
+            stream = await c.subscribe(["task:"])
+            try:
+                await asyncio.sleep(0.3)
+                await c.submit("echo", "seen")
+                events = [await asyncio.to_thread(stream.recv, 5.0) for _ in range(3)]
+                assert any(e is not None and e.category == "task" for e in events)
+            finally:
+                stream.close()
+            drained = await c.drain(st["satellites"][0]["id"])
+            assert drained["state"] == "draining"
 
     asyncio.run(main())
 

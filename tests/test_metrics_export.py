@@ -1,0 +1,29 @@
+"""Every counter the orchestrator keeps reaches carbon (issue 16: 14 of them never did)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from orchester.config import OrchestratorConfig
+from orchester.core import Orchestrator
+from orchester.metrics import ALWAYS_EXPORTED, Collector
+
+ROOT = Path(__file__).resolve().parent.parent / "orchester"
+
+
+def test_every_counter_named_in_the_code_is_exported_from_the_first_interval() -> None:
+    named = set()
+    for path in ROOT.rglob("*.py"):
+        named |= set(re.findall(r'counters\["([a-z_]+)"\]', path.read_text()))
+    assert named and named <= ALWAYS_EXPORTED, sorted(named - ALWAYS_EXPORTED)
+
+
+def test_a_counter_first_seen_later_is_exported_too() -> None:
+    core = Orchestrator(OrchestratorConfig(), 0.0)
+    collector = Collector("o")
+    first = {name for name, _, _ in collector.collect(core, 0.0, 1000.0)}
+    assert {f"o.counters.{n}" for n in ALWAYS_EXPORTED} <= first
+    core.counters["errors.malformed"] += 2
+    points = {name: value for name, _, value in collector.collect(core, 1.0, 1001.0)}
+    assert points["o.counters.errors_malformed"] == 2 and points["o.counters.submitted"] == 0
