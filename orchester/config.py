@@ -16,8 +16,10 @@ from typing import Any
 
 from serializers.protocol import DEFAULT_MAX_MESSAGE
 
+from .errors import OrchesterError
 
-class ConfigError(ValueError):
+
+class ConfigError(OrchesterError, ValueError):
     """A configuration value or file that cannot be used, with the reason."""
 
 

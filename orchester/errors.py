@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 class OrchesterError(Exception):
-    """Base class of every Orchester client error."""
+    """The root of every Orchester exception: client errors (below), and
+    :class:`~orchester.config.ConfigError`, :class:`~orchester.local.ClusterError`,
+    :class:`~orchester.wal.JournalError`, :class:`~orchester.keys.SecurityError`. (The wire
+    format's :class:`~serializers.ProtocolError` and the tracker's ``InvalidTransition`` live in
+    packages that import nothing of Orchester.)"""
 
 
 class RemoteError(OrchesterError):

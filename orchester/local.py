@@ -49,7 +49,7 @@ from .errors import OrchesterError
 log = logging.getLogger("orchester.local")
 
 
-class ClusterError(RuntimeError):
+class ClusterError(OrchesterError, RuntimeError):
     """A process of the local cluster did not start."""
 
 

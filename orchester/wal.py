@@ -39,6 +39,8 @@ from typing import Any
 
 import msgpack
 
+from .errors import OrchesterError
+
 _HEAD = struct.Struct(">II")
 #: Largest record accepted (a task with its payload).
 MAX_RECORD = 1 << 30
@@ -49,7 +51,7 @@ FILE_MODE = 0o600
 log = logging.getLogger("orchester.journal")
 
 
-class JournalError(Exception):
+class JournalError(OrchesterError):
     """A journal that cannot be used (locked by another process, unreadable folder)."""
 
 
