@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 from .bstar import HAState
 from .config import OrchestratorConfig
 from .core import Orchestrator
+from .gate import ReleaseGate, gate_bound
 from .journal import HistoryReader, Journal, load_spilled, replay
 from .metrics import CarbonSender, Collector, parse_carbon
 from .pair import Pair
@@ -100,18 +100,18 @@ class Broker:
             self._collector = Collector(config.metrics_prefix)
             self.core.metrics_on = True
         self.core.load_spilled = load_spilled
-        self._held: deque[tuple[int, Any, list[Any], str | None]] = deque()
         self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
         #: what waits for the records it depends on: acknowledgements and results; in a pair with
         #: synchronous replication, dispatches too (a task never runs before the passive knows it is
         #: dispatched, so that after a failover it is claimed back, not run a second time)
-        self._gated: tuple[bytes, ...] = (P.ACK, P.RESULT)
+        gated: tuple[bytes, ...] = (P.ACK, P.RESULT)
         if config.ha and config.replication == "sync":
-            self._gated = (P.ACK, P.RESULT, P.DISPATCH)
+            gated = (P.ACK, P.RESULT, P.DISPATCH)
         elif config.secure and config.journal and config.durability != "off":
             # with keys, a dispatch waits for its record too: after a restart, only the satellite the
             # journal names may claim a task back (no "the record did not reach the disk" guess)
-            self._gated = (P.ACK, P.RESULT, P.DISPATCH)
+            gated = (P.ACK, P.RESULT, P.DISPATCH)
+        self.gate = ReleaseGate(gated)
         #: set when the process must end with this exit code (a backup stepping down from a dual active)
         self.exit_code = 0
         #: key names removed by a reload, whose work and subscriptions the loop ends
@@ -425,16 +425,10 @@ class Broker:
             self.core.subscription(frame.bytes, user)
 
     def _gate(self, now: float) -> int | None:
-        """Highest record whose acknowledgements and results may go out (``None``: all of them)."""
-        gate = None
+        """Highest record whose gated messages may go out (``None``: all of them)."""
         journal = self.journal
-        if journal is not None and journal.waits:
-            gate = journal.durable
-        if self.pair is not None:
-            replicated = self.pair.gate(now)
-            if replicated is not None:
-                gate = replicated if gate is None else min(gate, replicated)
-        return gate
+        durable = journal.durable if journal is not None and journal.waits else None
+        return gate_bound(durable, self.pair.gate(now) if self.pair is not None else None)
 
     def _journal_append(self, record: list[Any]) -> int:
         """Journal a record replicated from the active (passive side); returns its local number."""
@@ -445,7 +439,7 @@ class Broker:
         core = self.core
         journal = self.journal
         pair = self.pair
-        gating = bool(core.journal_out or self._held)
+        gating = bool(core.journal_out or len(self.gate))
         if core.journal_out:
             to_spill = core.to_spill
             for record in core.journal_out:
@@ -461,21 +455,17 @@ class Broker:
             core.journal_out.clear()
             if pair is not None:
                 pair.flush()
-        gate = self._gate(now) if gating else None  # once per wake-up: what may go out
-        hold = gating and gate is not None and gate < self._rseq
+        bound = self._gate(now) if gating else None  # once per wake-up: what may go out
         if core.queries and self.history is not None:
             self.history.ask_all(core.queries)
             core.queries.clear()
         if core.out:
             out, core.out = core.out, []
-            gated = self._gated
-            for sock, frames, task_id in out:
-                if (hold or self._held) and frames[2] in gated:
-                    self._held.append((self._rseq, sock, frames, task_id))  # released once durable
-                    continue
+            for sock, frames, task_id in self.gate.route(out, self._rseq, bound):
                 self._send(sock, frames, task_id)
-        if self._held:
-            self._release(gate)
+        if len(self.gate):
+            for sock, frames, task_id in self.gate.release(bound):
+                self._send(sock, frames, task_id)
         if core.pub:
             pub, core.pub = core.pub, []  # (to an event socket with no endpoint bound: dropped by libzmq)
             for frames in pub:
@@ -498,13 +488,6 @@ class Broker:
             task = self._spilling.pop(seq, None)
             if task is not None:
                 self.core.spilled(task, (path, offset))
-
-    def _release(self, durable: int | None) -> None:
-        """Send the acknowledgements and results whose records are now durable (and replicated)."""
-        held = self._held
-        while held and (durable is None or held[0][0] <= durable):
-            _, sock, frames, task_id = held.popleft()
-            self._send(sock, frames, task_id)
 
     def _send(self, sock: Any, frames: list[Any], task_id: str | None) -> None:
         core = self.core
