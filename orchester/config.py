@@ -143,6 +143,16 @@ class OrchestratorConfig:
         return frozenset([self.strategy, *self.strategies])
 
     @property
+    def silent_after(self) -> float:
+        """Seconds without a word from a satellite after which it gets no new work (two heartbeats)."""
+        return 2 * self.heartbeat_interval
+
+    @property
+    def lost_after(self) -> float:
+        """Seconds without a word from a satellite after which it is lost and its tasks rerouted."""
+        return self.heartbeat_interval * self.liveness
+
+    @property
     def secure(self) -> bool:
         """Whether CurveZMQ is on."""
         return bool(self.curve_secret and self.authorized_keys)

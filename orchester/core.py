@@ -115,7 +115,7 @@ class Orchestrator(Requests):
         self._seq = 0
         self._dispatch_seq = 0
         self._hb_every = config.heartbeat_interval
-        self._lost_after = config.heartbeat_interval * config.liveness
+        self._lost_after = config.lost_after
         self._next_hb = now + self._hb_every
         self.subs = self.subscriptions(keys=False)
         self._want = self.subs.want  #: per event category: whether anyone subscribed to it
@@ -525,7 +525,7 @@ class Orchestrator(Requests):
             deadline = t
         if self.reclaim and self.reclaim_until < deadline:
             deadline = self.reclaim_until
-        silent_after = 2 * self._hb_every
+        silent_after = self.cfg.silent_after
         for sat in self.fleet.by_id.values():
             expiry = sat.last_seen + (self._lost_after if sat.state is SS.SILENT else
                                       min(silent_after, self._lost_after))

@@ -457,8 +457,7 @@ class Lifecycle:
 
     def _watch_satellites(self, now: float) -> None:
         """Silent satellites get no new work; lost ones have their tasks rerouted."""
-        silent_after = 2 * self.cfg.heartbeat_interval
-        lost_after = self.cfg.heartbeat_interval * self.cfg.liveness
+        silent_after, lost_after = self.cfg.silent_after, self.cfg.lost_after
         for sat in list(self.fleet.by_id.values()):
             quiet = now - sat.last_seen
             if quiet > lost_after:

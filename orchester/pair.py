@@ -420,7 +420,7 @@ class Pair(PairRequests):
         core = self.core
         self.incoming = None  # a snapshot cut short by the takeover is of no use any more
         fold, self.fold = self.fold, RestoreFold(keep_finished=core.cfg.result_retention)
-        counts = fold.finish(core, now, self.router, reclaim=core.cfg.heartbeat_interval * core.cfg.liveness)
+        counts = fold.finish(core, now, self.router, reclaim=core.cfg.lost_after)
         if before is HAState.PASSIVE:
             core.counters["failovers"] += 1
         self.stream = None
