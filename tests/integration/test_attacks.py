@@ -66,8 +66,15 @@ def status(s: Any, rid: int = 1) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ finding 1
+def _deep(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 EXTREMES: list[Any] = [1e308, -1e308, math.inf, -math.inf, math.nan, 2**63 - 1, -(2**63), "x" * 100_000,
-                       list(range(10_000)), {"a": 1}, None, True]
+                       list(range(10_000)), {"a": 1}, None, True, _deep(400), "a\nFORGED\x1b[2J"]
 
 
 def test_extreme_numbers_in_a_submit_are_refused_and_the_orchestrator_lives(tmp_path: Path, socket: Any) -> None:
