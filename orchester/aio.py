@@ -31,7 +31,7 @@ from serializers import ProtocolError
 from serializers import protocol as P
 
 from .client import resolve_endpoint, unreachable_message
-from .client_core import ClientCore, reject_future, resolve_future
+from .client_core import ClientCore, reject_future, resolve_future, stopped
 from .config import check_endpoint
 from .errors import ClientClosed, Unreachable
 from .keys import client_curve
@@ -181,12 +181,8 @@ class AsyncClient:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # whatever it is, no future may be left waiting
-            log.error("the client's reading task stopped: %s: %s", type(exc).__name__, exc,
-                      exc_info=not isinstance(exc, (zmq.ZMQError, OSError)))
-            failure = ClientClosed(f"the client's reading task stopped: {type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            self.failure = failure
-            self.core.fail_all(failure)
+            self.failure = stopped("reading task", exc)
+            self.core.fail_all(self.failure)
 
     async def _serve(self) -> None:
         core = self.core

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -104,14 +105,11 @@ class Broker:
         #: what waits for the records it depends on: acknowledgements and results; in a pair with
         #: synchronous replication, dispatches too (a task never runs before the passive knows it is
         #: dispatched, so that after a failover it is claimed back, not run a second time)
-        gated: tuple[bytes, ...] = (P.ACK, P.RESULT)
-        if config.ha and config.replication == "sync":
-            gated = (P.ACK, P.RESULT, P.DISPATCH)
-        elif config.secure and config.journal and config.durability != "off":
-            # with keys, a dispatch waits for its record too: after a restart, only the satellite the
-            # journal names may claim a task back (no "the record did not reach the disk" guess)
-            gated = (P.ACK, P.RESULT, P.DISPATCH)
-        self.gate = ReleaseGate(gated)
+        # with synchronous replication, and with keys and a journal, a dispatch waits for its record too:
+        # after a failover or a restart, only the satellite the records name may claim a task back
+        dispatches = (config.ha and config.replication == "sync") or \
+            (config.secure and bool(config.journal) and config.durability != "off")
+        self.gate = ReleaseGate((P.ACK, P.RESULT, P.DISPATCH) if dispatches else (P.ACK, P.RESULT))
         #: set when the process must end with this exit code (a backup stepping down from a dual active)
         self.exit_code = 0
         #: key names removed by a reload, whose work and subscriptions the loop ends
@@ -155,10 +153,7 @@ class Broker:
         for name, offset, lost in report.damaged:
             log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
                       "last before a crash) are lost", name, offset, lost)
-            self.core.counters["journal_lost_bytes"] += lost
-        for seg in report.damaged_segments:  # each one logged, with what it held, where it was found
-            self.core.counters["journal_damaged_segments"] += 1
-            self.core.counters["journal_lost_bytes"] += seg.lost_bytes
+        self.core.counters.update(report.counters())  # (damaged segments were logged where they were found)
 
     def _event_socket(self, endpoints: list[str], must: bool = True) -> zmq.Socket[Any]:
         """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`).
@@ -171,13 +166,12 @@ class Broker:
             secure_server(xpub, *self.curve, domain=EVENTS_DOMAIN)
         xpub.sndhwm = self.config.hwm * 10
         xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
-        # a subscription much longer than a topic may be is refused by libzmq itself (the peer is dropped);
-        # the limit also applies to the CurveZMQ handshake, whose INITIATE command takes a few hundred bytes
-        # (ZMTP 3.1 sends a subscription as a SUBSCRIBE command: the topic and 10 bytes; the CurveZMQ
-        # handshake's INITIATE takes up to about 300 bytes: with keys, at least 512)
+        # a subscription longer than a topic may be is refused by libzmq itself (the peer is dropped). ZMTP
+        # 3.1 sends one as a SUBSCRIBE command: the topic and 10 bytes; the limit also applies to the
+        # CurveZMQ handshake, whose INITIATE command takes up to about 300 bytes: with keys, at least 512
         limit = self.config.max_topic + 10
         xpub.setsockopt(zmq.MAXMSGSIZE, max(limit, 512) if self.curve else limit)
-        xpub.rcvhwm = 256  # libzmq files what a read brings in its trie at once: keep each read small
+        xpub.rcvhwm = 256  # (libzmq still files all it has read at once: see docs/security.rst, what remains)
         bound = []
         try:
             for ep in endpoints:
@@ -215,10 +209,8 @@ class Broker:
         one whose socket file went away: a closed socket's listener may remove it late)."""
         for ep in self.endpoints["pub"]:
             if ep.startswith("ipc://") and ep not in self._events_unbound and not os.path.exists(ep[6:]):
-                try:
+                with contextlib.suppress(zmq.ZMQError):  # its listener may already be gone with the file
                     self.xpub.unbind(ep)
-                except zmq.ZMQError:
-                    pass
                 self._events_unbound.append(ep)
         for ep in list(self._events_unbound):
             try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import logging
 import secrets
 import threading
@@ -34,7 +35,7 @@ from serializers import ProtocolError
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
-from .client_core import ClientCore, reject_future, resolve_future
+from .client_core import ClientCore, reject_future, resolve_future, stopped
 from .config import check_endpoint
 from .errors import ClientClosed, RemoteError, Unreachable
 from .keys import client_curve
@@ -277,10 +278,10 @@ class Client:
         with self._lock:
             if (not self._signalled or force) and not self._wake_tx.closed and self.failure is None:
                 self._signalled = True
-                try:  # one wake-up is outstanding at most: the pipe never fills while the thread runs
+                # one wake-up is outstanding at most: the pipe never fills while the thread runs; Again: the
+                # I/O thread is gone (it stopped on an error, and failed what was pending)
+                with contextlib.suppress(zmq.Again):
                     self._wake_tx.send(b"", zmq.NOBLOCK)
-                except zmq.Again:  # the I/O thread is gone (it stopped on an error)
-                    pass
 
     def _fail_outbox(self) -> None:
         """The I/O thread stopped on an error: fail every request still in the outbox with it."""
@@ -327,11 +328,7 @@ class Client:
         try:
             self._loop()
         except BaseException as exc:  # whatever it is, no future may be left waiting
-            log.error("the client's I/O thread stopped: %s: %s", type(exc).__name__, exc,
-                      exc_info=not isinstance(exc, (zmq.ZMQError, OSError)))
-            failure = ClientClosed(f"the client's I/O thread stopped: {type(exc).__name__}: {exc}")
-            failure.__cause__ = exc
-            self.failure = failure
+            failure = self.failure = stopped("I/O thread", exc)
             with self._fail_lock:
                 self.core.fail_all(failure)
             self._fail_outbox()

@@ -9,6 +9,7 @@ through the :class:`Resolver` callbacks.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import uuid
 from collections.abc import Callable, Sequence
@@ -18,7 +19,9 @@ from serializers import ProtocolError, codecs, pack, unpack
 from serializers import protocol as P
 from serializers.header import MAX_HEADER
 
-from .errors import RemoteError, TaskFailed
+from .errors import ClientClosed, RemoteError, TaskFailed
+
+log = logging.getLogger("orchester.client")
 
 Resolve = Callable[[Any, Any], None]  # (future, value)
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows).
@@ -53,6 +56,17 @@ class Pending:
 #: Result bytes received after which a client says so at once, not at its next heartbeat (a
 #: quarter of the orchestrator's default ``--max-unread-bytes``, so large results keep flowing).
 ACK_BYTES = 16 << 20
+
+
+def stopped(what: str, exc: BaseException) -> ClientClosed:
+    """The error every pending request of a client fails with when its ``what`` (the I/O thread,
+    the reading task) stopped on ``exc``; logged (with the traceback unless it is a socket's or the
+    system's: one with an errno)."""
+    log.error("the client's %s stopped: %s: %s", what, type(exc).__name__, exc,
+              exc_info=getattr(exc, "errno", None) is None)
+    failure = ClientClosed(f"the client's {what} stopped: {type(exc).__name__}: {exc}")
+    failure.__cause__ = exc
+    return failure
 
 
 class ClientCore:

@@ -15,6 +15,7 @@ frames are forwarded to the client as received.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -51,13 +52,13 @@ from .tasks import SubmitHeader, Task, TaskQueues
 log = logging.getLogger("orchester")
 
 Out = tuple[Any, list[Any], "str | None"]
-#: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
-#: Tests set ``ORCHESTER_STRICT=1``: an internal error in a handler is raised, not answered.
+#: ``ORCHESTER_STRICT=1``: an internal error in a handler is raised, not answered.
 STRICT = os.environ.get("ORCHESTER_STRICT", "") not in ("", "0")
 #: What the event stream publishes, by topic prefix.
 EVENT_CATEGORIES = (b"task:", b"progress:", b"sat:", b"control:")
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
 MAX_SIDS_PER_KEY = 4096
+#: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
 RATED = frozenset({P.STATUS, P.HISTORY})
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
@@ -200,10 +201,12 @@ class Orchestrator(Requests):
     def _on_submit(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         sub = SubmitHeader.parse(hdr)  # every field checked before anything changes
-        # pickle only with serve --allow-pickle, and with keys only from a key holding the pickle role
-        who = self.identify(self._user) if self.identify is not None else None
-        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle,
-                           roles=getattr(who, "roles", frozenset()) if self.identify is not None else None)
+        # pickle only with serve --allow-pickle, and with keys only from a key holding the pickle role (the
+        # key is looked up for a pickle-coded task only: the roles are not needed for any other)
+        roles: frozenset[str] | None = None
+        if self.identify is not None and hdr.get("c") == "pickle":
+            roles = getattr(self.identify(self._user), "roles", frozenset())
+        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle, roles=roles)
         tid, kind, timeout = sub.id, sub.kind, sub.timeout
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
@@ -277,7 +280,8 @@ class Orchestrator(Requests):
         if isinstance(report, dict):
             sat = self.fleet.by_ident.get(ident)
             if sat is not None:
-                sat.reported = {str(k): float(v) for k, v in report.items() if isinstance(v, (int, float))}
+                sat.reported = {str(k)[:64]: float(v) for k, v in list(report.items())[:64]
+                                if isinstance(v, (int, float)) and math.isfinite(v)}  # these go to carbon
         if "sid" in hdr and ident not in self.fleet.by_ident:
             self.out.append((sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.epoch})], None))
         elif "sid" not in hdr:  # a client's ping, with how many results it received on this connection
@@ -304,14 +308,14 @@ class Orchestrator(Requests):
         walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
         pid = number(hdr, "pid", 0, 2**31, 0, integer=True)
         workers = number(hdr, "workers", 0, 2**20, 0, integer=True)
-        if self.identify is not None:  # a satellite id belongs to the key that first registered it
-            owner = self.sat_keys.get(sid)
+        if self.identify is not None:
+            owner = self.sat_keys.get(sid)  # a satellite id belongs to the key that first registered it
             if owner is not None and owner != self._user:
                 self.counters["sid_refused"] += 1
                 raise ProtocolError(P.E_FORBIDDEN, f"satellite id {sid!r} belongs to another key")
             if owner is None and self._user is not None:
                 self._bind_sid(sid, self._user)
-        if self.identify is not None:  # a key may be limited to some task kinds (its file's ``kinds``)
+            # a key may be limited to some task kinds (its file's ``kinds``)
             allowed = getattr(self.identify(self._user), "kinds", None)
             if allowed is not None:
                 refused = sorted(set(kinds) - allowed)
@@ -331,8 +335,7 @@ class Orchestrator(Requests):
             # the same session registering again (a burst of our RECONNECTs after a restart, or a lost
             # WELCOME): idempotent, it keeps its tasks
             self.counters["registered_again"] += 1
-            self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
-                {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
+            self._welcome(sock, ident)
             return
         if old is not None:  # re-registration (reconnect): what the old session held is rerouted
             self._lose(old, now, "re-registered", SE.lose, crash=False)
@@ -352,8 +355,7 @@ class Orchestrator(Requests):
         self.counters["satellites_registered"] += 1
         log_limited(log, logging.INFO, "satellite %r registered: %d slots, kinds %s, tags %s", sid, slots,
                     kinds[:20], tags[:20])
-        self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
-            {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
+        self._welcome(sock, ident)
         self._sat_to(sat, SE.welcome, now, "registered")
         running = hdr.get("running")
         if isinstance(running, list) and running:
@@ -361,6 +363,10 @@ class Orchestrator(Requests):
         recent = hdr.get("recent")
         if isinstance(recent, list) and recent:
             self.adopt(sat, recent, now, finished=True)
+
+    def _welcome(self, sock: Any, ident: bytes) -> None:
+        self.out.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
+            {"e": self.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
 
     def _bind_sid(self, sid: str, user: str) -> None:
         """``sid`` belongs to ``user``'s key from now on (journaled, so a restart keeps it)."""
@@ -586,12 +592,10 @@ class Orchestrator(Requests):
         subscribers together hold at most 16 × ``max_subscriptions`` subscriptions, and
         ``max_subscriptions`` × ``max_topic`` bytes of topics (libzmq's trie costs per byte)."""
         cfg = self.cfg
-        live, live_bytes = cfg.max_subscriptions * 16, cfg.max_subscriptions * cfg.max_topic
-        if keys:
-            return Subscriptions(EVENT_CATEGORIES, live, cfg.max_topic, cfg.max_subscriptions, max_live=live,
-                                 max_live_bytes=live_bytes)
-        return Subscriptions(EVENT_CATEGORIES, cfg.max_subscriptions, cfg.max_topic, max_live=live,
-                             max_live_bytes=live_bytes)
+        live = cfg.max_subscriptions * 16
+        return Subscriptions(EVENT_CATEGORIES, live if keys else cfg.max_subscriptions, cfg.max_topic,
+                             cfg.max_subscriptions if keys else None, max_live=live,
+                             max_live_bytes=cfg.max_subscriptions * cfg.max_topic)
 
     def use_subscriptions(self, subs: Subscriptions) -> None:
         """Install ``subs`` (the event socket was opened again: its subscriptions start afresh)."""

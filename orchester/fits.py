@@ -14,6 +14,7 @@ another local user planted or altered is never served.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -211,14 +212,17 @@ class FitCache:
     def _reject(self, path: Path, why: str) -> None:
         """Move a bad entry aside (``<key>.rejected``, replacing an older one), or remove it."""
         aside = path.with_suffix(".rejected")
-        log.warning("fit cache entry %s %s: ignored, moved aside to %s", path, why, aside.name)
         try:
             os.replace(path, aside)
-        except OSError:
+            log.warning("fit cache entry %s %s: ignored, moved aside to %s", path, why, aside.name)
+        except OSError as exc:
             try:
                 os.unlink(path)
-            except OSError:
-                pass
+                log.warning("fit cache entry %s %s: ignored and removed (it cannot be moved aside: %s)", path, why,
+                            exc.strerror)
+            except OSError as again:  # it stays, and fails its check again next time: never served
+                log.warning("fit cache entry %s %s: ignored; it can be neither moved aside nor removed (%s)", path,
+                            why, again.strerror)
 
     def put(self, key: str, result: dict[str, Any]) -> None:
         """Store ``result`` under ``key`` (a failure to store is logged, never raised: it is only a cache)."""
@@ -232,11 +236,9 @@ class FitCache:
         data = ENTRY_MAGIC + self._mac(secret, key, payload) + payload
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            try:
+            with contextlib.suppress(FileExistsError):  # made by an earlier entry: checked with the folder
                 os.mkdir(path.parent, DIR_MODE)
                 os.chmod(path.parent, DIR_MODE)  # exactly 0700, whatever the umask
-            except FileExistsError:
-                pass
             fd = open_private(tmp, os.O_WRONLY | os.O_EXCL)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

@@ -240,10 +240,8 @@ def _stop(procs: Iterable[subprocess.Popen[bytes]], grace: float) -> None:
     procs = list({id(p): p for p in procs}.values())
     for p in procs:
         if p.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
                 p.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     deadline = time.monotonic() + grace
     for p in procs:
         try:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from serializers import protocol as P
 from serializers.header import ProtocolError, field, pack, unpack
 from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
+from .history import Row
 from .lifecycle import Lifecycle
 from .routing import make_strategy
 from .tasks import Task
@@ -69,10 +71,9 @@ class Requests(Lifecycle):
 
     def _may_touch(self, task: Task) -> None:
         """Only its owner, or an admin, may fetch or cancel another key's task (CurveZMQ on)."""
-        if self.identify is None or task.owner is None or task.owner == self._user:
+        if self._owner_asks(task):
             return
-        who = self.identify(self._user)
-        if who is None or "admin" not in who.roles:
+        if not self._is_admin():
             self.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"task {task.id!r} belongs to another key: only its owner or "
                                 "an admin may fetch or cancel it")
@@ -83,6 +84,7 @@ class Requests(Lifecycle):
         return self.identify is None or task.owner is None or task.owner == self._user
 
     def _is_admin(self) -> bool:
+        """Whether the sender's key holds the admin role (CurveZMQ on)."""
         who = self.identify(self._user) if self.identify is not None else None
         return who is not None and "admin" in who.roles
 
@@ -211,10 +213,11 @@ class Requests(Lifecycle):
             candidates = reversed(self.tasks.values())
         out: list[tuple[int, dict[str, Any]]] = []
         everyone = self.identify is None or self._is_admin()  # error messages: of one's own tasks only
+        wanted = TaskState[state.upper()] if state is not None else None  # checked against the names before
         for scanned, task in enumerate(candidates):
             if len(out) >= limit or scanned >= HISTORY_SCAN:
                 break
-            if (state is not None and task.state.name.lower() != state) or (kind is not None and task.kind != kind):
+            if (wanted is not None and task.state is not wanted) or (kind is not None and task.kind != kind):
                 continue
             rows = task.history.rows()
             submitted = rows[0][0] if rows else 0.0
@@ -240,13 +243,12 @@ class Requests(Lifecycle):
                     err = None
             if isinstance(err, dict):
                 etype, emsg = str(err.get("type", ""))[:256], str(err.get("msg", ""))[:2000]
-                error = f"{etype}: {emsg}".strip(": ") if message else etype
+                error = ": ".join(part for part in (etype, emsg if message else "") if part)
             elif rows and rows[-1][4]:
                 error = str(rows[-1][4]) if message else task.state.name.lower()
-        return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempts": task.attempt,
-                "satellite": sat, "submitted": rows[0][0] if rows else 0.0,
-                "finished": rows[-1][0] if rows and task.state.terminal else 0.0, "error": error,
-                "owner": task.owner if isinstance(task.owner, str) else ""}
+        return asdict(Row(task.id, task.kind, task.state.name.lower(), task.attempt, sat,
+                          rows[0][0] if rows else 0.0, rows[-1][0] if rows and task.state.terminal else 0.0, error,
+                          task.owner if isinstance(task.owner, str) else ""))
 
     def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
         body["rid"] = rid

@@ -104,9 +104,9 @@ def strategy_class(name: str, allowed: Collection[str] = ()) -> type:
                          "or an allowed module:Class")
     if name not in allowed:
         extra = sorted(a for a in allowed if a not in BUILTIN and a not in BUILTIN_PATHS)
-        raise ValueError(f"routing strategy {name!r} is not allowed on this orchestrator: only the built-in "
+        raise ValueError(f"routing strategy {shown!r} is not allowed on this orchestrator: only the built-in "
                          f"{sorted(BUILTIN)} and the classes it was started with ({extra or 'none'}); "
-                         f"start it with --allow-strategy {name} to allow this one")
+                         f"start it with --allow-strategy {shown} to allow this one")
     mod_name, _, attr = name.partition(":")
     try:
         obj = getattr(importlib.import_module(mod_name), attr)

@@ -43,6 +43,7 @@ again as soon as PyTables has it open, before any record is written; the manifes
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -50,7 +51,6 @@ import logging
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -85,9 +85,9 @@ HDF5_LOCK = threading.RLock()
 MANIFEST = "MANIFEST"
 _FORMAT = "orchester-journal-manifest"
 _VERSION = 1
-_SEGMENT = re.compile(r"seg-(\d+)\.h5")
-_LOG = re.compile(r"wal-(\d+)\.log")
-_NUMBERED = re.compile(r"(?:seg|wal)-(\d+)\.")
+_SEGMENT = re.compile(r"seg-(\d{1,12})\.h5")
+_LOG = re.compile(r"wal-(\d{1,12})\.log")
+_NUMBERED = re.compile(r"(?:seg|wal)-(\d{1,12})\.")  #: (a longer number is no segment of ours)
 _SHA = re.compile(r"[0-9a-f]{64}")
 _JOURNAL_ID = re.compile(r"[0-9a-f]{32}")
 #: Rows read at a time when salvaging a damaged table (its chunk shape).
@@ -309,18 +309,14 @@ def highest_number(directory: Path) -> int:
     numbers = []
     for p in directory.iterdir():
         if p.name.startswith(("seg-", "wal-")) and not p.name.endswith(".tmp"):
-            try:
+            with contextlib.suppress(ValueError):  # a name that holds no number counts for none
                 numbers.append(_number(p))
-            except ValueError:
-                pass
     manifest = Manifest.load(directory)
     if manifest is not None:
         numbers += [_number(name) for name in manifest.segments]
         for d in manifest.damaged:
-            try:
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # an entry without a usable name
                 numbers.append(_number(str(d.get("name", ""))))
-            except (ValueError, TypeError, AttributeError):
-                pass
     return max(numbers, default=0)
 
 
@@ -700,11 +696,9 @@ def _run_child(args: list[str], path: Path) -> tuple[dict[str, Any] | None, str]
         raise JournalError(f"journal {path.parent}: cannot start a process to validate {path.name}: "
                            f"{exc.strerror}") from None
     if r.returncode < 0:
-        try:
-            name = signal.Signals(-r.returncode).name
-        except ValueError:
-            name = f"signal {-r.returncode}"
-        return None, f"reading it killed the process reading it ({name})"
+        from .local import signal_name  # (local imports the client: not at the top of the journal)
+
+        return None, f"reading it killed the process reading it ({signal_name(-r.returncode)})"
     lines = r.stdout.decode(errors="replace").strip().splitlines()
     if r.returncode != 0 or not lines:
         err = r.stderr.decode(errors="replace").splitlines()
@@ -1026,11 +1020,16 @@ def _adopt(directory: Path, files: dict[str, Path], logs: set[int], failed: list
         manifest.journal = identities.pop()  # its segments' own identity: a later salvage can check it
     known = {_number(name) for name in files} | logs
     for p in directory.glob("seg-*.h5.damaged-*"):
-        known.add(_number(p))
-    for n in range(1, max(known, default=0)):
-        if n not in known:
-            failed.append(_Failed(segment_path(directory, n).name, "is missing (a gap in the segment numbers; no "
-                                  "manifest says what it held)", 0, "", None, salvage=False))
+        with contextlib.suppress(ValueError):  # a name that holds no number of ours counts for none
+            known.add(_number(p))
+    # a gap is one entry, however wide (a stray seg-99999999 must not make a hundred million of them)
+    ordered = sorted(known)
+    for before, after in zip([0, *ordered], ordered, strict=False):
+        if after - before > 1:
+            first, last = segment_path(directory, before + 1).name, segment_path(directory, after - 1).name
+            name = first if after - before == 2 else f"{first}..{last}"
+            failed.append(_Failed(name, "is missing (a gap in the segment numbers; no manifest says what it "
+                                  "held)", 0, "", None, salvage=False))
     return manifest
 
 

@@ -89,8 +89,8 @@ def private_directory(directory: str | os.PathLike[str], what: str = "journal",
         d.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(d, DIR_MODE)
         created = True
-    except FileExistsError:
-        pass
+    except FileExistsError:  # an existing folder: checked below
+        created = False
     except OSError as exc:
         raise JournalError(f"{what} {d}: cannot create it: {exc.strerror}") from None
     try:
@@ -228,8 +228,7 @@ def frame(body: bytes) -> bytes:
 
 def encode_record(body: list[Any]) -> bytes:
     """One on-disk record."""
-    data = msgpack.packb(body, use_bin_type=True)
-    return _HEAD.pack(len(data), zlib.crc32(data)) + data
+    return frame(msgpack.packb(body, use_bin_type=True))
 
 
 def segments(directory: Path) -> list[Path]:

@@ -18,6 +18,7 @@ same code (2) and print nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -130,15 +131,13 @@ class _StderrRelay:
 
 def _write_stderr(data: bytes) -> None:
     out = getattr(sys.stderr, "buffer", None)
-    try:
+    with contextlib.suppress(OSError, ValueError):  # stderr closed: the orchestrator must not block on a full pipe
         if out is not None:
             out.write(data)
             out.flush()
         else:
             sys.stderr.write(data.decode(errors="replace"))
             sys.stderr.flush()
-    except (OSError, ValueError):  # stderr closed: the orchestrator must not block on a full pipe
-        pass
 
 
 def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | None, heartbeat_interval: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -67,3 +68,16 @@ def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(satellites=2, workers=2, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
                       liveness=3, env=TEST_ENV, log_level="WARNING") as c:
         yield c
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate ``procs`` and wait for them (killed after 10 s): what a test's fixture started, it stops."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)

@@ -343,7 +343,7 @@ class _QuietClient:
             time.sleep(timeout)
 
         def close(self) -> None:
-            pass
+            """A fake stream holds nothing to close."""
 
     def subscribe(self, topics: Any) -> Any:
         return self._Stream()

@@ -294,6 +294,15 @@ def _keyed(h: Harness, admins: tuple[str, ...] = ("ops",)) -> None:
     h.core.identify = identify
 
 
+def _alice_task_on_sat(h: Harness) -> None:
+    """With keys: satellite ``s`` of key ``sat`` runs task ``t`` of key ``alice`` (her connection ``c:a``)."""
+    _keyed(h)
+    _, body = encode([[1], {}])
+    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now, "sat")
+    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
+    h.tick()
+
+
 def test_a_header_nested_too_deep_is_refused_before_anything_prints_it() -> None:
     h = Harness()
     deep: Any = []
@@ -319,11 +328,7 @@ def test_a_result_error_of_the_wrong_shape_is_replaced() -> None:
 
 def test_an_admin_fetch_does_not_take_the_owners_delivery() -> None:
     h = Harness()
-    _keyed(h)
-    _, body = encode([[1], {}])
-    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now, "sat")
-    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
-    h.tick()
+    _alice_task_on_sat(h)
     h.core.handle(C, [b"c:o", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 1})], h.now, "ops")
     h.tick()
     h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": True})], h.now, "sat")
@@ -335,11 +340,7 @@ def test_an_admin_fetch_does_not_take_the_owners_delivery() -> None:
 
 def test_the_memory_history_shows_error_messages_of_ones_own_tasks_only() -> None:
     h = Harness()
-    _keyed(h)
-    _, body = encode([[1], {}])
-    h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now, "sat")
-    h.core.handle(C, [b"c:a", P.SIGNATURE, P.SUBMIT, pack({"id": "t", "k": "echo"}), *body], h.now, "alice")
-    h.tick()
+    _alice_task_on_sat(h)
     h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": False,
                                                         "err": {"type": "KeyError", "msg": "secret"}})], h.now, "sat")
     h.tick()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_journal_files import write as write_log
 
 from orchester import segments
 from orchester.journal import history, replay
@@ -41,15 +42,6 @@ def result(tid: str, t: float) -> list[Any]:
 
 def task(tid: str, t: float, payload: bytes = b"\x92\x90\x80") -> list[list[Any]]:
     return [submit(tid, t, payload), done(tid, t + 1), result(tid, t + 2)]
-
-
-def write_log(directory: Path, records: list[list[Any]]) -> Path:
-    w = SegmentWriter(directory)
-    w.write([encode_record(r) for r in records])
-    w.sync()
-    path = w.path
-    w.close()
-    return path
 
 
 def journal(directory: Path, per_segment: int = 10, n: int = 3) -> list[list[str]]:
@@ -230,6 +222,16 @@ def test_an_old_journal_is_validated_in_subprocesses_then_listed(tmp_path: Path)
     assert doc["segments"]["seg-000001.h5"]["records"] == 30
     records, report = replay(tmp_path)
     assert not report.damaged_segments and task_ids(records) == set(ids[0]) | set(ids[3])
+
+
+def test_a_stray_high_number_is_one_gap_and_a_huge_one_no_segment(tmp_path: Path) -> None:
+    """A planted ``seg-99999999.h5.damaged-x`` once meant a hundred million gap entries (and log lines)."""
+    ids = old_journal(tmp_path)
+    (tmp_path / "seg-99999999.h5.damaged-x").write_bytes(b"")
+    (tmp_path / ("seg-" + "9" * 200 + ".h5")).write_bytes(b"")  # no segment of ours
+    records, report = replay(tmp_path)
+    assert task_ids(records) == {t for seg_ids in ids for t in seg_ids}
+    assert [d.name for d in report.damaged_segments] == ["seg-000005.h5..seg-99999998.h5"]
 
 
 def test_a_crashing_reader_is_a_failed_validation_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,7 +269,7 @@ class _Stream:
         return None
 
     def close(self) -> None:
-        pass
+        """A fake stream holds nothing to close."""
 
 
 class _Client:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import stop_processes
 
 pytestmark = pytest.mark.integration
 
@@ -47,14 +48,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
             time.sleep(0.1)
         yield {"connect": eps["bind"][0], "pub": eps["pub"][0], "dir": str(d)}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_processes(procs)
 
 
 def test_submit_prints_the_result_as_json(served: dict[str, str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
+from conftest import stop_processes
 
 from orchester import Client
 from orchester.errors import RemoteError
@@ -23,18 +24,6 @@ from serializers import protocol as P
 
 pytestmark = pytest.mark.integration
 HB = "0.2"
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 def _endpoints(efile: Path, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -68,7 +57,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Calla
 
         yield procs[0], endpoint, satellite
     finally:
-        _stop(procs)
+        stop_processes(procs)
 
 
 def test_a_control_strategy_naming_sys_exit_is_refused_and_the_server_keeps_serving(served: Any) -> None:
@@ -172,7 +161,7 @@ def test_a_satellite_runs_pickle_only_when_the_dispatch_carries_the_orchestrator
             else:
                 assert done["ok"] is True and allowed.is_dir()
     finally:
-        _stop([sat])
+        stop_processes([sat])
         router.close(0)
         ctx.term()
 

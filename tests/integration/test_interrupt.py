@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import importlib.util
@@ -100,11 +101,9 @@ def assert_all_gone(pids: set[int], sid: int | None = None, within: float = 15.0
         if not left:
             return
         if time.monotonic() > deadline:
-            for p in left:  # do not leave them to the next test
-                try:
+            for p in left:  # do not leave them to the next test (one that ended meanwhile is fine)
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             pytest.fail("left running: " + "; ".join(f"{p} {cmdline(p)[:120]}" for p in sorted(left)))
         time.sleep(0.1)
 
@@ -357,7 +356,7 @@ def test_summary_is_written_when_run_fits_is_interrupted(tmp_path: Path) -> None
             raise KeyboardInterrupt  # Ctrl-C while waiting
 
         def close(self) -> None:
-            pass
+            """A fake stream holds nothing to close."""
 
     class FakeClient:
         def __init__(self) -> None:
