@@ -1,6 +1,6 @@
 """Packaging of Orchester: one distribution, five packages, two console scripts."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # genx3 itself declares wxPython (a GUI toolkit that does not build headless): install it with
 #   pip install --no-deps genx3==3.8.13
@@ -22,7 +22,8 @@ setup(
     long_description_content_type="text/x-rst",
     license="GPL-3.0-or-later",
     python_requires=">=3.11",
-    packages=["orchester", "satellites", "serializers", "tracker", "topology_tests"],
+    packages=find_packages(include=["orchester", "orchester.*", "satellites", "serializers", "tracker",
+                                    "topology_tests"]),
     package_data={p: ["py.typed"] for p in ("orchester", "satellites", "serializers", "tracker", "topology_tests")},
     install_requires=[
         "pyzmq>=25",
@@ -36,7 +37,7 @@ setup(
     extras_require={"test": TESTS, "docs": DOCS, "genx": GENX, "mpi": MPI},
     entry_points={
         "console_scripts": [
-            "orchester = orchester.cli:main",
+            "orchester = orchester.cli.main:main",
             "satellite = satellites.cli:main",
         ]
     },

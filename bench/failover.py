@@ -1,6 +1,6 @@
 """Failover time of a binary-star pair: from ``kill -9`` of the active to the first result.
 
-A client keeps ``--inflight`` short tasks outstanding against a :class:`~orchester.localpair.LocalPair`
+A client keeps ``--inflight`` short tasks outstanding against a :class:`~orchester.local.pair.LocalPair`
 (two satellites, journals on, synchronous replication). Each round kills the active server,
 measures the time until the next result reaches the client (it can only come from the new
 active), restarts the killed server (it rejoins as passive and resynchronises), and waits
@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/*.py must not shadow packages
 
-from orchester.localpair import LocalPair  # noqa: E402
+from orchester.local.pair import LocalPair  # noqa: E402
 
 
 def main() -> None:

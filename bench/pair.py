@@ -23,7 +23,7 @@ sys.path.append(HERE)  # last: for closedloop, after every package
 from closedloop import echo_rate  # noqa: E402
 
 from orchester import LocalCluster  # noqa: E402
-from orchester.localpair import LocalPair  # noqa: E402
+from orchester.local.pair import LocalPair  # noqa: E402
 
 
 def drive(cluster: LocalCluster, n: int, window: int) -> float:

@@ -1,6 +1,6 @@
 """A passive catching up with a large table: how long the active's poll loop stops, and takeover.
 
-Two halves of a pair (:class:`orchester.pair.Pair`, real cores, ``ipc://`` peer link) are driven
+Two halves of a pair (:class:`orchester.ha.pair.Pair`, real cores, ``ipc://`` peer link) are driven
 the way the broker drives them. The active holds ``--tasks`` queued tasks of ``--payload``
 bytes; the passive joins and asks for a snapshot. Measured in the same run:
 
@@ -8,12 +8,12 @@ bytes; the passive joins and asks for a snapshot. Measured in the same run:
   the floor for moving those bytes.
 * **one slice**: the whole snapshot sent in the wake-up that answers ``SYNC`` (as Orchester
   did before snapshots were sliced): the longest wake-up of the active is the whole snapshot.
-* **sliced**: the default, :data:`orchester.resync.SLICE` seconds of sending per wake-up.
+* **sliced**: the default, :data:`orchester.ha.resync.SLICE` seconds of sending per wake-up.
 
 For each: the longest single wake-up of the active (what delays its heartbeats and every client
 and satellite), the passive's (it must still send its state within two heartbeats, or the
 active gives up on it) and the time until the passive is in sync. Then the passive takes over
-(:meth:`~orchester.restore.RestoreFold.finish`), timed per task.
+(:meth:`~orchester.server.restore.RestoreFold.finish`), timed per task.
 
 Run: ``python bench/resync.py [--tasks 100000] [--payload 1000] [--rounds 2]``
 """
@@ -33,10 +33,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # benc
 
 import zmq  # noqa: E402
 
-from orchester import resync  # noqa: E402
 from orchester.config import OrchestratorConfig  # noqa: E402
-from orchester.core import Orchestrator  # noqa: E402
-from orchester.pair import Pair  # noqa: E402
+from orchester.ha import resync  # noqa: E402
+from orchester.ha.pair import Pair  # noqa: E402
+from orchester.server.core import Orchestrator  # noqa: E402
 from serializers import pack  # noqa: E402
 from serializers import protocol as P  # noqa: E402
 

@@ -22,8 +22,8 @@ import zmq  # noqa: E402
 from closedloop import echo_rate  # noqa: E402
 
 from orchester import LocalCluster  # noqa: E402
-from orchester.keys import generate_keys, load_keypair, load_public  # noqa: E402
-from orchester.security import CurveAuthenticator, KeyRing, secure_client, secure_server  # noqa: E402
+from orchester.security.auth import CurveAuthenticator, KeyRing, secure_client, secure_server  # noqa: E402
+from orchester.security.keys import generate_keys, load_keypair, load_public  # noqa: E402
 
 
 def cluster_rate(n: int, window: int, payload: bytes, keys: Path | None) -> float:

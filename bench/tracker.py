@@ -30,7 +30,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 from transitions import Machine  # noqa: E402
 
 from orchester.config import OrchestratorConfig  # noqa: E402
-from orchester.core import Orchestrator  # noqa: E402
+from orchester.server.core import Orchestrator  # noqa: E402
 from serializers import encode, pack  # noqa: E402
 from serializers import protocol as P  # noqa: E402
 from tracker import TASK_MACHINE, TaskEvent, TaskState, TimerWheel  # noqa: E402

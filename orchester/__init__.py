@@ -8,11 +8,11 @@ The client API::
         print(client.submit("echo", [1, 2, 3]).result(timeout=30))
 """
 
-from .aio import AsyncClient
-from .client import Client, TaskFuture
-from .errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
-from .events import Event, EventStream
-from .local import ClusterError, LocalCluster
+from orchester.client.aio import AsyncClient
+from orchester.client.events import Event, EventStream
+from orchester.client.sync import Client, TaskFuture
+from orchester.errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
+from orchester.local.cluster import ClusterError, LocalCluster
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,5 @@
 """``python -m orchester``: the orchester command line."""
 
-from .cli import main
+from orchester.cli.main import main
 
 main()

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchester.errors import OrchesterError
 from serializers.protocol import DEFAULT_MAX_MESSAGE
-
-from .errors import OrchesterError
 
 
 class ConfigError(OrchesterError, ValueError):
@@ -132,7 +131,7 @@ class OrchestratorConfig:
     @property
     def exposed_endpoints(self) -> list[str]:
         """The endpoints this server binds that are reachable beyond this machine."""
-        from .security import is_loopback
+        from orchester.security.auth import is_loopback
 
         return [e for e in [*self.bind, *self.satellite_bind, *self.pub, *filter(None, (self.state_bind,))]
                 if not is_loopback(e)]
@@ -176,7 +175,7 @@ class OrchestratorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, not {value!r}")
-        from .routing import is_strategy_spec
+        from orchester.server.routing import is_strategy_spec
 
         if not isinstance(self.strategies, (list, tuple)):
             raise ConfigError(f"strategies must be a list of module:Class paths, not {self.strategies!r}")
@@ -189,7 +188,7 @@ class OrchestratorConfig:
         if self.spill_bytes and not self.journal:
             raise ConfigError("spilling queued payloads to disk needs a journal (--journal DIR)")
         if self.carbon is not None:
-            from .metrics import parse_carbon
+            from orchester.metrics.collector import parse_carbon
 
             try:
                 parse_carbon(self.carbon)
@@ -217,7 +216,7 @@ class OrchestratorConfig:
         if bool(self.curve_secret) != bool(self.authorized_keys):
             raise ConfigError("CurveZMQ needs both --curve-secret (this server's secret key file) and "
                               "--authorized-keys (the directory of authorised public keys)")
-        from .security import SecurityError, check_binds
+        from orchester.security.auth import SecurityError, check_binds
 
         try:
             check_binds(self.exposed_endpoints, secure=self.secure, insecure=self.insecure)

@@ -18,12 +18,12 @@ from typing import Any
 
 import click
 
-from orchester.cli_common import OneLineErrors, check_connect
+from orchester.cli.common import OneLineErrors, check_connect
 
 
 def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
     if value:
-        from orchester.cli_common import config_default_map
+        from orchester.cli.common import config_default_map
         from orchester.config import ConfigError
 
         assert isinstance(ctx.command, click.Group)
@@ -43,7 +43,7 @@ def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) 
 @click.version_option(package_name="orchester")
 def main(log_level: str) -> None:
     """Orchester satellites: run tasks for an orchestrator."""
-    from orchester.cli_common import setup_logging
+    from orchester.cli.common import setup_logging
 
     setup_logging(log_level)
 

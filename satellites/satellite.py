@@ -32,9 +32,9 @@ from typing import Any
 import zmq
 
 from orchester.config import check_endpoint
-from orchester.keys import client_curve
 from orchester.logutil import warn_limited
-from orchester.security import secure_client
+from orchester.security.auth import secure_client
+from orchester.security.keys import client_curve
 from serializers import ProtocolError, check_signature, pack, unpack
 from serializers import protocol as P
 from serializers.header import field

@@ -12,8 +12,8 @@ import pytest
 import zmq
 
 from orchester import LocalCluster
-from orchester.broker import BrokerThread
 from orchester.config import OrchestratorConfig
+from orchester.server.broker import BrokerThread
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Environment for processes that must import tests/orchester_test_tasks.py.

@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from orchester.bstar import (
+from orchester.config import OrchestratorConfig
+from orchester.ha.star import (
     ALIVE,
     DUAL_ACTIVE,
     DUAL_PASSIVE,
@@ -20,9 +21,8 @@ from orchester.bstar import (
     HAState,
     compile_table,
 )
-from orchester.config import OrchestratorConfig
-from orchester.core import Orchestrator
-from orchester.restore import BARRIER, RestoreFold, snapshot
+from orchester.server.core import Orchestrator
+from orchester.server.restore import BARRIER, RestoreFold, snapshot
 from serializers import pack
 from serializers import protocol as P
 from tracker import TaskState
@@ -198,14 +198,14 @@ def test_a_re_registering_satellite_gets_its_running_task_back() -> None:
 def test_docs_show_the_table_as_it_is() -> None:
     from pathlib import Path
 
-    from orchester.bstar import table_rst
+    from orchester.ha.star import table_rst
 
     doc = (Path(__file__).parent.parent / "docs" / "ha.rst").read_text()
-    assert table_rst() in doc, "docs/ha.rst is stale: paste orchester.bstar.table_rst() into it"
+    assert table_rst() in doc, "docs/ha.rst is stale: paste orchester.ha.star.table_rst() into it"
 
 
 def test_metrics_carry_the_pair_state_and_its_counters() -> None:
-    from orchester.metrics import Collector
+    from orchester.metrics.collector import Collector
 
     core = _core()
     core.ha_status = lambda now: {"state": "passive", "peer_alive": True, "replication": "follower"}

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from orchester.config import OrchestratorConfig
-from orchester.core import Orchestrator
+from orchester.server.core import Orchestrator
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 from tracker import TaskState
@@ -484,7 +484,7 @@ def test_per_client_limits_refuse_with_a_structured_error_and_free_up_with_resul
 
 def test_a_client_takes_a_reply_larger_than_a_request_header() -> None:
     """Found by the 100k-frame fuzz run: a status of a large fleet passed 64 KiB and clients dropped it."""
-    from orchester.client_core import ClientCore
+    from orchester.client.core import ClientCore
 
     got: list[Any] = []
     core = ClientCore(lambda fut, v: got.append(v), lambda fut, e: got.append(e))

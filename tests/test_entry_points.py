@@ -169,7 +169,7 @@ def test_no_answer_says_that_the_server_may_want_keys(monkeypatch: pytest.Monkey
 def test_fit_refuses_bad_settings_before_submitting(args: list[str], complaint: str, tmp_path: Any) -> None:
     from click.testing import CliRunner
 
-    from orchester.cli import main
+    from orchester.cli.main import main
 
     model = tmp_path / "m.hgx"
     model.write_bytes(b"never read")
@@ -181,7 +181,7 @@ def test_fit_refuses_bad_settings_before_submitting(args: list[str], complaint: 
 def test_fit_refuses_a_missing_file_and_a_directory(tmp_path: Any) -> None:
     from click.testing import CliRunner
 
-    from orchester.cli import main
+    from orchester.cli.main import main
 
     for path, complaint in ((tmp_path / "nope.hgx", "does not exist"), (tmp_path, "is a directory")):
         r = CliRunner().invoke(main, ["fit", str(path), "--out", str(tmp_path / "out")])
@@ -190,14 +190,14 @@ def test_fit_refuses_a_missing_file_and_a_directory(tmp_path: Any) -> None:
 
 def test_fit_knows_the_trial_methods_of_the_genx_task() -> None:
     pytest.importorskip("genx")
-    from orchester.cli_jobs import MIN_POPULATION, TRIAL_METHODS
+    from orchester.cli.jobs import MIN_POPULATION, TRIAL_METHODS
     from satellites.genx_task import TRIAL_METHODS as ON_SATELLITES
 
     assert TRIAL_METHODS == ON_SATELLITES and MIN_POPULATION == 5
 
 
 def test_fit_bars_never_pass_the_number_of_generations() -> None:
-    from orchester.render import fit_progress
+    from orchester.cli.render import fit_progress
 
     # GenX reports the initial population and then every generation: N+1 reports for N generations
     assert fit_progress({"id": "t", "generation": 151, "fom": 0.1}, 150) == ("t", 150.0, "fom 0.1  ? ev/s")
@@ -236,8 +236,8 @@ def _printed(render: Any, width: int) -> str:
 
 @pytest.mark.parametrize("width", [80, 100, 200])
 def test_history_status_show_and_top_print_whole_ids(width: int) -> None:
-    from orchester.render import render_history, render_status, render_task
-    from orchester.top import TopModel
+    from orchester.cli.render import render_history, render_status, render_task
+    from orchester.cli.top import TopModel
 
     text = _printed(lambda c: render_history(_history_rows(), c), width)
     assert all(tid in text for tid in TASK_IDS) and "…" not in text.split("not shown")[0], text
@@ -263,7 +263,7 @@ def _cells(text: str, index: int, sep: str = " ") -> str:
 
 
 def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
-    from orchester.render import render_history
+    from orchester.cli.render import render_history
 
     text = _printed(lambda c: render_history(_history_rows()[:1], c), 80)
     assert "not shown at 80 columns:" in text and "submitted" in text.split("not shown")[1]
@@ -271,7 +271,7 @@ def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
 
 
 def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
-    from orchester.render import render_status
+    from orchester.cli.render import render_status
 
     status = _status()
     status["satellites"][0]["id"] = long_id = "node-" + "x" * 60 + "-end"
@@ -282,7 +282,7 @@ def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
 # -- item 10: history shows a failed task's whole error -------------------------------------------------
 
 def test_history_prints_the_error_type_and_whole_message_wrapped() -> None:
-    from orchester.render import render_history
+    from orchester.cli.render import render_history
 
     message = "ValueError: " + " ".join(f"word{i}" for i in range(80))  # about 500 characters
     row = {**_history_rows()[0], "error": message}
@@ -296,7 +296,7 @@ def test_history_prints_the_error_type_and_whole_message_wrapped() -> None:
 def _options_without_help() -> list[str]:
     import click
 
-    from orchester.cli import main as orchester_main
+    from orchester.cli.main import main as orchester_main
     from satellites.cli import main as satellite_main
 
     missing: list[str] = []
@@ -320,7 +320,7 @@ def test_every_option_of_every_command_has_a_help_text() -> None:
 def test_keys_generate_says_where_each_file_goes(tmp_path: Any) -> None:
     from click.testing import CliRunner
 
-    from orchester.cli import main
+    from orchester.cli.main import main
 
     r = CliRunner().invoke(main, ["keys", "generate", "head", "--dir", str(tmp_path / "server"), "--server"])
     assert r.exit_code == 0, r.output
@@ -355,7 +355,7 @@ class _QuietClient:
 def test_top_quits_on_q() -> None:
     from rich.console import Console
 
-    from orchester.top import run_top
+    from orchester.cli.top import run_top
 
     r, w = os.pipe()
     try:
@@ -388,8 +388,8 @@ def test_an_embedded_satellite_refuses_a_malformed_endpoint() -> None:
 
 
 def test_the_servers_own_key_holds_no_role(tmp_path: Any) -> None:
-    from orchester.keys import generate_keys
-    from orchester.security import KeyRing
+    from orchester.security.auth import KeyRing
+    from orchester.security.keys import generate_keys
 
     public, _ = generate_keys("head", tmp_path / "server", server=True)
     (tmp_path / "ring").mkdir()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from orchester.config import ConfigError
 from orchester.errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
-from orchester.keys import SecurityError
-from orchester.local import ClusterError
-from orchester.segments import ManifestError
-from orchester.wal import JournalError, UnsafeDirectoryError
+from orchester.journal.segments import ManifestError
+from orchester.journal.wal import JournalError, UnsafeDirectoryError
+from orchester.local.cluster import ClusterError
+from orchester.security.keys import SecurityError
 
 
 def test_every_orchester_exception_has_one_root_and_keeps_its_older_bases() -> None:

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchester.config import OrchestratorConfig
-from orchester.core import Orchestrator
+from orchester.server.core import Orchestrator
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 from tracker import TaskState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from orchester.gate import ReleaseGate, gate_bound
+from orchester.server.gate import ReleaseGate, gate_bound
 from serializers import protocol as P
 
 

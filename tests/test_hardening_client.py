@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from orchester.config import ConfigError, OrchestratorConfig
-from orchester.routing import LeastLoaded, TagAffinity, make_strategy
+from orchester.server.routing import LeastLoaded, TagAffinity, make_strategy
 
 # ------------------------------------------------------------------ 15: routing strategies
 
@@ -96,7 +96,7 @@ def test_an_allowed_path_must_name_a_strategy_class_checked_before_it_is_built(p
 
 def test_builtins_are_always_allowed_and_bad_names_are_refused() -> None:
     assert isinstance(make_strategy("least_loaded"), LeastLoaded)
-    assert isinstance(make_strategy("orchester.routing:TagAffinity"), TagAffinity)
+    assert isinstance(make_strategy("orchester.server.routing:TagAffinity"), TagAffinity)
     for bad in ("nope", "os.system", ":x", "a:b:c", "a b:C", "mod:Class()", "x" * 10_000):
         with pytest.raises(ValueError, match="unknown routing strategy"):
             make_strategy(bad, allowed=[bad])
@@ -212,7 +212,7 @@ FORGED: dict[str, Any] = {
 
 
 def test_clean_text_strips_every_control_character_and_bounds_the_length() -> None:
-    from orchester.render import clean_text
+    from orchester.cli.render import clean_text
 
     out = clean_text("a\x1b[31mb\x9b2Jc\nd\re\tf\x00g\x7fh\u202ei\u2028j\ud800k")
     assert out == "a\ufffd[31mb\ufffd2Jc\ufffdd\ufffde\ufffdf\ufffdg\ufffdh\ufffdi\ufffdj\ufffdk"
@@ -223,7 +223,7 @@ def test_clean_text_strips_every_control_character_and_bounds_the_length() -> No
 
 
 def test_finite_accepts_only_real_finite_numbers() -> None:
-    from orchester.render import clock, finite, fmt
+    from orchester.cli.render import clock, finite, fmt
 
     assert finite(3) == 3.0 and finite(-2.5) == -2.5 and finite(1e308) == 1e308
     for bad in ("boom", "3", True, None, float("nan"), float("inf"), -float("inf"), 10**400, [1], {"a": 1}):
@@ -240,7 +240,7 @@ def test_markup_and_cells_keep_peer_text_literal() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchester.render import cell, markup
+    from orchester.cli.render import cell, markup
 
     buf = io.StringIO()
     console = Console(file=buf, width=200)
@@ -255,7 +255,7 @@ def test_markup_and_cells_keep_peer_text_literal() -> None:
 
 
 def test_progress_helpers_survive_forged_fields() -> None:
-    from orchester.render import event_fields, fit_progress, json_safe, progress_bar
+    from orchester.cli.render import event_fields, fit_progress, json_safe, progress_bar
 
     assert progress_bar(FORGED) == (None, None)
     assert progress_bar({"done": 3, "total": 5}) == (3.0, 5.0) and progress_bar({"step": 9, "of": 5}) == (None, None)
@@ -296,8 +296,8 @@ def test_the_submit_progress_bar_survives_forged_progress(capsys: pytest.Capture
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from orchester.cli import _show_progress
-    from orchester.events import Event
+    from orchester.cli.main import _show_progress
+    from orchester.client.events import Event
 
     monkeypatch.setenv("FORCE_COLOR", "1")  # render as on a terminal
     monkeypatch.setenv("COLUMNS", "200")
@@ -320,7 +320,7 @@ def test_top_survives_forged_events_and_status() -> None:
 
     from rich.console import Console
 
-    from orchester.top import TopModel
+    from orchester.cli.top import TopModel
 
     model = TopModel()
     for data in ({"id": "t", "state": "pending", "t": "boom"}, {"id": "t", "state": "running", "sat": ["x"]},
@@ -341,7 +341,7 @@ def test_status_show_and_history_tables_survive_forged_text() -> None:
 
     from rich.console import Console
 
-    from orchester.render import render_history, render_status, render_task
+    from orchester.cli.render import render_history, render_status, render_task
 
     evil = "[/]\x1b[2J\x9b1m"
     buf = io.StringIO()
@@ -358,7 +358,7 @@ def test_status_show_and_history_tables_survive_forged_text() -> None:
 
 
 def test_events_give_checked_fields() -> None:
-    from orchester.events import Event
+    from orchester.client.events import Event
 
     ev = Event("progress:t", dict(FORGED))
     assert ev.number("fom") is None and ev.number("fom", 0.0) == 0.0 and ev.number("a") == 1.0

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from test_core import C, Harness, S, dispatched_ids, of
 
-from orchester.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
-from orchester.restore import RestoreFold
-from orchester.tasks import SubmitHeader
+from orchester.server.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
+from orchester.server.restore import RestoreFold
+from orchester.server.tasks import SubmitHeader
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 from serializers.header import ProtocolError
@@ -242,7 +242,7 @@ def test_unread_result_bytes_are_capped_per_key() -> None:
 
 
 def test_results_waiting_for_room_are_not_evicted_by_retention() -> None:
-    from orchester.results import ResultStore
+    from orchester.server.results import ResultStore
 
     store = ResultStore(max_results=2)
     for i in range(4):

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 from test_journal_files import write as write_log
 
-from orchester import segments
-from orchester.journal import history, replay
-from orchester.segments import apply_retention, compact, h5_segments, read_h5
-from orchester.wal import JournalError, SegmentWriter, encode_record
+from orchester.journal import segments
+from orchester.journal.segments import apply_retention, compact, h5_segments, read_h5
+from orchester.journal.wal import JournalError, SegmentWriter, encode_record
+from orchester.journal.writer import history, replay
 from serializers import pack
 from tracker import TaskState
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchester.history import HistoryFold, fields, select
-from orchester.journal import history, replay
-from orchester.segments import compact, compact_closed, h5_segments, read_h5, read_h5_fields, read_journal
-from orchester.wal import JournalError, ReadReport, SegmentWriter, encode_record, read_all
+from orchester.journal.history import HistoryFold, fields, select
+from orchester.journal.segments import compact, compact_closed, h5_segments, read_h5, read_h5_fields, read_journal
+from orchester.journal.wal import JournalError, ReadReport, SegmentWriter, encode_record, read_all
+from orchester.journal.writer import history, replay
 from serializers import pack
 from serializers import protocol as P
 from tracker import TaskState

@@ -9,8 +9,8 @@ import pytest
 
 
 @pytest.mark.parametrize(("module", "forbidden"), [
-    ("satellites.cli", ("orchester.cli", "orchester.broker", "orchester.core")),
-    ("satellites.satellite", ("orchester.cli", "orchester.broker", "orchester.core")),
+    ("satellites.cli", ("orchester.cli.main", "orchester.server.broker", "orchester.server.core")),
+    ("satellites.satellite", ("orchester.cli.main", "orchester.server.broker", "orchester.server.core")),
     ("serializers", ("orchester", "satellites", "tracker")),
     ("tracker", ("orchester", "satellites", "zmq")),
 ])

@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 from orchester.config import OrchestratorConfig
-from orchester.core import Orchestrator
-from orchester.metrics import ALWAYS_EXPORTED, Collector
+from orchester.metrics.collector import ALWAYS_EXPORTED, Collector
+from orchester.server.core import Orchestrator
 
 ROOT = Path(__file__).resolve().parent.parent / "orchester"
 

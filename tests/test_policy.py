@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from orchester.config import ConfigError, OrchestratorConfig, from_mapping, load_toml
-from orchester.fleet import SatelliteRecord
-from orchester.results import ResultStore
-from orchester.routing import LeastLoaded, RoundRobin, TagAffinity, make_strategy
-from orchester.tasks import Task, TaskQueues
+from orchester.server.fleet import SatelliteRecord
+from orchester.server.results import ResultStore
+from orchester.server.routing import LeastLoaded, RoundRobin, TagAffinity, make_strategy
+from orchester.server.tasks import Task, TaskQueues
 from tracker import TaskState, TimerWheel
 
 
@@ -69,8 +69,8 @@ class TestTagAffinity(StrategyContract):
 
 def test_make_strategy_by_name_and_import_path() -> None:
     assert make_strategy("round_robin").name == "round_robin"
-    assert make_strategy("orchester.routing:TagAffinity").name == "tags"
-    for bad in ("nope", "no.such.module:X", "orchester.routing:Nope", "builtins:object"):
+    assert make_strategy("orchester.server.routing:TagAffinity").name == "tags"
+    for bad in ("nope", "no.such.module:X", "orchester.server.routing:Nope", "builtins:object"):
         with pytest.raises(ValueError):
             make_strategy(bad)
 

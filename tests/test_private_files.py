@@ -17,10 +17,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from orchester.fits import FitCache, FitSettings, fit_key
-from orchester.journal import Journal, replay
-from orchester.segments import apply_retention, compact
-from orchester.wal import JournalError, SegmentWriter, UnsafeDirectoryError, encode_record, read_all
+from orchester.genx.fits import FitCache, FitSettings, fit_key
+from orchester.journal.segments import apply_retention, compact
+from orchester.journal.wal import JournalError, SegmentWriter, UnsafeDirectoryError, encode_record, read_all
+from orchester.journal.writer import Journal, replay
 from serializers import codecs, pack
 
 IS_ROOT = os.geteuid() == 0
@@ -132,7 +132,7 @@ def test_a_readable_journal_of_an_older_version_is_tightened(tmp_path: Path, cap
     (d / "LOCK").write_bytes(b"")
     for p in d.iterdir():
         os.chmod(p, 0o644)
-    with caplog.at_level(logging.WARNING, logger="orchester.journal"):
+    with caplog.at_level(logging.WARNING, logger="orchester.journal.writer"):
         w = SegmentWriter(d)
     w.close()
     assert mode(d) == 0o700
@@ -141,7 +141,7 @@ def test_a_readable_journal_of_an_older_version_is_tightened(tmp_path: Path, cap
     assert any("was readable by others" in r.getMessage() and "0755" in r.getMessage() for r in caplog.records)
     assert [r[0] for r in read_all(d)] == ["S", "R"]  # nothing lost on the way
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="orchester.journal"):
+    with caplog.at_level(logging.WARNING, logger="orchester.journal.writer"):
         SegmentWriter(d).close()
     assert not caplog.records  # private now: no warning at the next start
 
@@ -181,7 +181,7 @@ def test_a_planted_entry_is_never_served(tmp_path: Path, caplog: pytest.LogCaptu
     entry = cache.dir / KEY[:2] / f"{KEY}.fit"
     entry.parent.mkdir(exist_ok=True)
     entry.write_bytes(old_entry(forged))  # what was served as "(cached)" before
-    with caplog.at_level(logging.WARNING, logger="orchester.fits"):
+    with caplog.at_level(logging.WARNING, logger="orchester.genx.fits"):
         assert FitCache(cache.dir).get(KEY) is None
     assert not entry.exists() and entry.with_suffix(".rejected").exists()  # moved aside
     assert any("fails verification" in r.getMessage() for r in caplog.records)
@@ -215,7 +215,7 @@ def test_a_cache_folder_others_can_write_is_not_used(tmp_path: Path, loose: int,
     entry.parent.mkdir()
     entry.write_bytes(old_entry(RESULT))
     cache = FitCache(d)
-    with caplog.at_level(logging.WARNING, logger="orchester.fits"):
+    with caplog.at_level(logging.WARNING, logger="orchester.genx.fits"):
         assert cache.get(KEY) is None
         cache.put(OTHER, RESULT)
         assert cache.get(OTHER) is None
@@ -300,7 +300,7 @@ def test_run_fits_fits_again_instead_of_serving_a_planted_entry(tmp_path: Path) 
     pytest.importorskip("matplotlib")
     from rich.console import Console
 
-    from orchester.fitjob import run_fits
+    from orchester.genx.job import run_fits
 
     model = tmp_path / "film.hgx"
     model.write_bytes(b"model bytes")
@@ -322,7 +322,7 @@ def test_run_fits_fits_again_instead_of_serving_a_planted_entry(tmp_path: Path) 
 
 def test_a_journal_folder_never_re_modes_what_is_not_the_journals(tmp_path: Path) -> None:
     """``--journal ~`` by mistake must not strip a home folder's files of their modes (review of issue 14)."""
-    from orchester.wal import UnsafeDirectoryError, private_directory
+    from orchester.journal.wal import UnsafeDirectoryError, private_directory
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)

@@ -1,6 +1,6 @@
 """A passive catching up with a large table: the snapshot goes out over several wake-ups.
 
-Two :class:`~orchester.pair.Pair` halves on real ``ipc://`` sockets, each driven the way the
+Two :class:`~orchester.ha.pair.Pair` halves on real ``ipc://`` sockets, each driven the way the
 broker drives it (drain, tick, stream); the cores are real, only the client sockets are absent.
 """
 
@@ -15,13 +15,13 @@ import msgpack
 import pytest
 import zmq
 
-from orchester import pair as pair_module
-from orchester import resync
-from orchester.bstar import HAState
 from orchester.config import OrchestratorConfig
-from orchester.core import Orchestrator
-from orchester.pair import Pair
-from orchester.restore import BARRIER
+from orchester.ha import pair as pair_module
+from orchester.ha import resync
+from orchester.ha.pair import Pair
+from orchester.ha.star import HAState
+from orchester.server.core import Orchestrator
+from orchester.server.restore import BARRIER
 from serializers import pack
 from serializers import protocol as P
 

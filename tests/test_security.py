@@ -1,4 +1,4 @@
-"""orchester.security: key files, the key ring, the ZAP handler over real loopback sockets, and the policy."""
+"""orchester.security.auth: key files, the key ring, the ZAP handler over real loopback sockets, and the policy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from orchester.security import (
+from orchester.security.auth import (
     ROLES,
     CurveAuthenticator,
     Identity,

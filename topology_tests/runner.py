@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchester import LocalCluster, OrchesterError
-from orchester.events import EventRecorder
-from orchester.localpair import LocalPair
+from orchester.client.events import EventRecorder
+from orchester.local.pair import LocalPair
 
 from .linkproxy import LinkProxy
 from .schema import Topology

@@ -22,7 +22,7 @@ from test_security_live import HB, Keys, secured  # noqa: F401, F811  (the fixtu
 
 from orchester import Client, LocalCluster
 from orchester.errors import TaskFailed
-from orchester.keys import generate_keys, load_keypair, load_public
+from orchester.security.keys import generate_keys, load_keypair, load_public
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 
@@ -238,7 +238,7 @@ def test_subscriptions_cannot_stall_or_bloat_the_orchestrator() -> None:
 
 KEYED_ATTACKER = """
 import sys, time, zmq
-from orchester.keys import load_keypair, load_public
+from orchester.security.keys import load_keypair, load_public
 ctx = zmq.Context()
 many = ctx.socket(zmq.SUB)
 many.curve_publickey, many.curve_secretkey = load_keypair(sys.argv[2])

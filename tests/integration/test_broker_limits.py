@@ -11,8 +11,8 @@ import zmq
 from conftest import FAST_HB, broker_config
 
 from orchester import LocalCluster
-from orchester.broker import BrokerThread
-from orchester.client import reachable_endpoint
+from orchester.client.sync import reachable_endpoint
+from orchester.server.broker import BrokerThread
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 

@@ -15,7 +15,7 @@ import threading
 import time
 
 from orchester import Client
-from orchester.broker import BrokerThread
+from orchester.server.broker import BrokerThread
 from orchester.config import OrchestratorConfig
 from satellites import Satellite, task
 

@@ -87,7 +87,7 @@ def test_serve_names_a_malformed_bind_the_same_way() -> None:
 
 def test_no_answer_says_that_the_server_may_want_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from orchester import LocalCluster
-    from orchester.keys import generate_keys
+    from orchester.security.keys import generate_keys
 
     authorized = tmp_path / "authorized"
     server_public, secret = generate_keys("head", tmp_path / "server")

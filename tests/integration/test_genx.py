@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from orchester import LocalCluster, TaskFailed
-from orchester.fitjob import run_fits
-from orchester.fits import FitCache, FitSettings
+from orchester.genx.fits import FitCache, FitSettings
+from orchester.genx.job import run_fits
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

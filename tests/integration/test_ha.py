@@ -15,8 +15,8 @@ import zmq
 from conftest import TEST_ENV
 
 from orchester import Client
-from orchester.events import EventRecorder
-from orchester.localpair import LocalPair
+from orchester.client.events import EventRecorder
+from orchester.local.pair import LocalPair
 from serializers import protocol as P
 
 HB = 0.2

@@ -222,7 +222,7 @@ def test_kill_9_of_a_satellite_takes_its_busy_workers_down() -> None:
 
 
 def test_a_cluster_started_from_the_main_thread_asks_for_the_parent_death_signal() -> None:
-    from orchester.local import parent_death_signal
+    from orchester.local.cluster import parent_death_signal
 
     assert parent_death_signal() is not None
     result: list[Any] = []
@@ -293,7 +293,7 @@ RESULT: dict[str, Any] = {
 @pytest.mark.parametrize("where", ["plot", "replace"])
 def test_a_model_is_written_all_or_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     """Ctrl-C while a model's files are written leaves none of them (and no temporary file)."""
-    from orchester import fits
+    from orchester.genx import fits
 
     def interrupt(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
@@ -317,8 +317,8 @@ def test_a_model_is_written_all_or_nothing(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_stop_signal_waits_for_the_files_to_be_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under stop_on_signals, SIGTERM during the renames is raised once every file is in place."""
-    from orchester import fits
-    from orchester.local import Interrupted, stop_on_signals
+    from orchester.genx import fits
+    from orchester.local.cluster import Interrupted, stop_on_signals
 
     real = os.replace
     calls = []
@@ -343,8 +343,8 @@ def test_summary_is_written_when_run_fits_is_interrupted(tmp_path: Path) -> None
     """run_fits marks the fits that did not finish and raises FitsInterrupted (no cluster needed)."""
     from concurrent.futures import Future
 
-    from orchester.fitjob import FitsInterrupted, run_fits
-    from orchester.fits import FitSettings
+    from orchester.genx.fits import FitSettings
+    from orchester.genx.job import FitsInterrupted, run_fits
 
     files = []
     for name in ("a", "b", "c"):

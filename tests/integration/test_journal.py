@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from orchester import Client, LocalCluster, RemoteError, TaskFailed
-from orchester.wal import ReadReport, encode_record, read_all
+from orchester.journal.wal import ReadReport, encode_record, read_all
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 
@@ -275,9 +275,9 @@ def test_queued_payloads_spill_to_the_journal_and_come_back(tmp_path: Path) -> N
 def test_a_spilled_payload_is_found_after_its_segment_was_compacted(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from orchester.journal import load_spilled
-    from orchester.segments import compact
-    from orchester.wal import SegmentWriter
+    from orchester.journal.segments import compact
+    from orchester.journal.wal import SegmentWriter
+    from orchester.journal.writer import load_spilled
 
     w = SegmentWriter(tmp_path)
     rec = ["S", "spilled-task", b"c", pack({"id": "spilled-task", "k": "echo"}), [b"body", b"buffer"], 1.0, None]

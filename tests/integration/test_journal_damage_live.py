@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from orchester import Client, LocalCluster
-from orchester.segments import read_h5
-from orchester.wal import encode_record
+from orchester.journal.segments import read_h5
+from orchester.journal.wal import encode_record
 
 pytestmark = pytest.mark.integration
 LOOPBACK = ["--bind", "tcp://127.0.0.1:*", "--pub", "tcp://127.0.0.1:*"]

@@ -26,7 +26,7 @@ import pytest
 from conftest import FAST_HB
 
 from orchester import LocalCluster
-from orchester.local import IPC_NAME_ROOM, IPC_PATH_MAX, ClusterError, private_dir
+from orchester.local.cluster import IPC_NAME_ROOM, IPC_PATH_MAX, ClusterError, private_dir
 
 pytestmark = pytest.mark.integration
 

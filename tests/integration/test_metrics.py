@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from orchester import Client, LocalCluster, TaskFailed
-from orchester.metrics import CarbonSender, quantiles
+from orchester.metrics.collector import CarbonSender, quantiles
 
 pytestmark = pytest.mark.integration
 CARBON = os.path.join(os.path.dirname(sys.executable), "carbon-cache.py")
@@ -188,7 +188,7 @@ def test_status_shows_what_satellites_report() -> None:
 def test_top_renders_satellites_queues_throughput_and_latency() -> None:
     from rich.console import Console
 
-    from orchester.top import TopModel, run_top
+    from orchester.cli.top import TopModel, run_top
 
     model = TopModel()
     model.on_status({"epoch": "e1", "strategy": "least_loaded", "counters": {"done": 0}, "tasks": {"pending": 3},

@@ -16,7 +16,7 @@ from conftest import TEST_ENV
 
 from orchester import Client, LocalCluster
 from orchester.errors import RemoteError
-from orchester.keys import generate_keys, load_keypair, load_public
+from orchester.security.keys import generate_keys, load_keypair, load_public
 from serializers import pack, unpack
 from serializers import protocol as P
 
@@ -187,7 +187,7 @@ def test_non_loopback_binds_need_keys_or_insecure(tmp_path: Path) -> None:
 
 def test_a_binary_star_pair_shares_the_server_key_and_fails_over_with_keys(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchester.localpair import LocalPair
+    from orchester.local.pair import LocalPair
 
     keys = Keys(tmp_path)
     for k, v in keys.env("ops").items():

@@ -32,11 +32,12 @@ def test_faults_reroute_work_and_lose_nothing() -> None:
 
 def test_the_command_line_writes_a_report_and_takes_a_strategy_by_import_path(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "topology_tests", "run", str(EXAMPLES / "heterogeneous.toml"),
-                        "--strategy", "least_loaded,orchester.routing:TagAffinity", "--out", str(tmp_path)],
+                        "--strategy", "least_loaded,orchester.server.routing:TagAffinity", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     csv_text = (tmp_path / "results.csv").read_text()
-    assert csv_text.count("\n") == 3 and "least_loaded" in csv_text and "orchester.routing:TagAffinity" in csv_text
+    assert csv_text.count("\n") == 3 and "least_loaded" in csv_text
+    assert "orchester.server.routing:TagAffinity" in csv_text
     assert (tmp_path / "throughput.png").stat().st_size > 5000 and (tmp_path / "latency_cdf.png").exists()
     bad = tmp_path / "bad.toml"
     bad.write_text("[[satellites]]\ncount = 0\n")

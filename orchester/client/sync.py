@@ -1,0 +1,518 @@
+"""The thread-based client: futures over one pipelined DEALER socket.
+
+Example::
+
+    from orchester import Client
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        fut = client.submit("echo", {"hello": "world"})
+        print(fut.result(timeout=10))
+        print(list(client.map("echo", range(5))))
+        print(client.status()["satellites"])
+
+The socket belongs to a background I/O thread; calling threads hand it
+requests through a queue and a wake-up socket, so any number of threads may
+share one client. Submitted tasks are kept until their result arrives and
+are resent with their original ids when the orchestrator restarts or the
+client fails over to another endpoint (the orchestrator deduplicates them).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from orchester.client.core import ClientCore, reject_future, resolve_future, stopped
+from orchester.config import check_endpoint
+from orchester.errors import ClientClosed, RemoteError, Unreachable
+from orchester.security.auth import secure_client
+from orchester.security.keys import client_curve
+from serializers import ProtocolError
+from serializers import protocol as P
+from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+
+log = logging.getLogger("orchester.client.sync")
+
+
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """A :class:`concurrent.futures.Future` that knows its task id and when it was accepted.
+
+    ``accepted`` is set when the orchestrator acknowledged the task: with a journal, once the
+    task is durable there (it then survives a crash of the orchestrator).
+    """
+
+    task_id: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.accepted = threading.Event()
+
+
+def _accepted(fut: Any) -> None:
+    event = getattr(fut, "accepted", None)
+    if event is not None:
+        event.set()
+
+
+class Client:
+    """Submit tasks and ask questions of an orchestrator.
+
+    ``endpoints`` is one endpoint or a list (the client fails over to the next
+    one when the current stays silent for ``liveness × heartbeat_interval``
+    seconds while requests are outstanding). ``pub`` names the event endpoint
+    for :meth:`subscribe` (asked of the orchestrator when omitted).
+
+    CurveZMQ: ``curve_secret`` is this client's secret key file and ``server_key`` the
+    orchestrator's public key file (``orchester keys generate``; defaults:
+    ``ORCHESTER_CURVE_SECRET`` and ``ORCHESTER_SERVER_KEY``). If the orchestrator refuses the
+    key, every pending request fails with :class:`~orchester.errors.RemoteError` ``forbidden``.
+
+    A malformed endpoint (``localhost:5555``, ``tcp://localhost``) is a :class:`ValueError`
+    here, at once. Should the I/O thread ever stop on an error, every pending future and every
+    later request fails with :class:`~orchester.errors.ClientClosed` naming that error (its
+    ``__cause__``): nothing is left waiting.
+    """
+
+    def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None,
+                 codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
+                 context: zmq.Context[Any] | None = None, curve_secret: str | None = None,
+                 server_key: str | None = None) -> None:
+        self.endpoints = [check_endpoint(resolve_endpoint(e))
+                          for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
+        if not self.endpoints:
+            raise ValueError("a client needs at least one orchestrator endpoint")
+        self.pub = None if pub is None else check_endpoint(pub)
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.ctx = context or zmq.Context.instance()
+        self.curve = client_curve(curve_secret, server_key)
+        self._refused: str | None = None  #: why the orchestrator refused our key, once it did
+        self._monitor: zmq.Socket[Any] | None = None
+        self.sends_deferred = 0  #: requests the socket could not take at once (retried, in order)
+        self._unsent: collections.deque[list[Any]] = collections.deque()
+        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
+        self.core.alternatives = len(self.endpoints) > 1
+        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        #: why the I/O thread stopped, if it stopped on an error: every request then fails with it
+        self.failure: ClientClosed | None = None
+        self._fail_lock = threading.Lock()
+        self._wake_addr = f"inproc://orchester-client-{self.core.name}"
+        self._wake_rx = self.ctx.socket(zmq.PAIR)
+        self._wake_rx.linger = 0
+        self._wake_rx.bind(self._wake_addr)
+        self._wake_tx = self.ctx.socket(zmq.PAIR)
+        self._wake_tx.linger = 0
+        self._wake_tx.connect(self._wake_addr)
+        self._signalled = False
+        self._thread = threading.Thread(target=self._run, name=f"orchester-client-{self.core.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- public API
+    def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
+               timeout: float | None = None, codec: str | None = None, task_id: str | None = None,
+               ttl: float | None = None, max_run: float | None = None, duration: float | None = None,
+               **kwargs: Any) -> TaskFuture:
+        """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
+
+        ``priority``: higher runs first; ``tags``: a satellite must have all of them;
+        ``timeout``: seconds after which the orchestrator fails the task (``TaskTimeout``)
+        and kills its worker; ``ttl``: seconds it may wait in the queue (``Expired``);
+        ``max_run``: seconds it may run once started (``MaxRunTime``); ``duration``: the seconds
+        it is expected to run (only satellites whose allocation lasts that long get it). ``task_id``: your own
+        unique id (submitting the same id twice runs the task once). The future's exception is
+        :class:`~orchester.TaskFailed` when the task fails, :class:`~orchester.RemoteError` when
+        it is refused.
+        """
+        fut = TaskFuture()
+        fut.task_id = tid = task_id or self.core.task_id()
+        self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
+                                            timeout=timeout, codec=codec, task_id=tid, ttl=ttl,
+                                            max_run=max_run, duration=duration)[1], fut)
+        return fut
+
+    def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
+            **options: Any) -> Iterator[Any]:
+        """Submit ``kind(item)`` for every item (pipelined); yield the results in order.
+
+        ``timeout`` bounds the wait for each result (seconds). Other keyword arguments
+        are passed to :meth:`submit`.
+        """
+        futures = [self._prepare(kind, (item,), options) for item in iterable]
+        self._wake()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for fut in futures:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            yield fut.result(remaining)
+
+    def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[TaskFuture]:
+        """Submit one task per argument tuple with a single wake-up of the I/O thread."""
+        futures = [self._prepare(kind, tuple(args), options) for args in args_list]
+        self._wake()
+        return futures
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the result of any task by id (also one submitted by another client)."""
+        fut: cf.Future[Any] = cf.Future()
+        self._post(lambda: self.core.fetch(fut, task_id), fut)
+        return fut.result(timeout)
+
+    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Tasks per state, queue depths, satellites and counters of the orchestrator."""
+        return self._ask(P.STATUS, {}, timeout)
+
+    def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
+                until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,
+                timeout: float | None = 60.0) -> list[dict[str, Any]]:
+        """The history of every task (from the journal when the orchestrator keeps one).
+
+        One row per task: id, kind, state, attempts, satellite, submitted and finished (wall
+        time), error type. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
+        ``[since, until)`` (seconds since the epoch), ``ids``; ``limit`` keeps the newest rows.
+        """
+        body: dict[str, Any] = {}
+        for key, value in (("state", state), ("kind", kind), ("since", since), ("until", until),
+                           ("limit", limit)):
+            if value is not None:
+                body[key] = value
+        if ids is not None:
+            body["ids"] = list(ids)
+        return list(self._ask(P.HISTORY, body, timeout)["rows"])
+
+    def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """One task's state, attempts and history of transitions."""
+        return self._ask(P.STATUS, {"task": task_id}, timeout)["task"]
+
+    def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Cancel a task (its worker is killed if it is running)."""
+        return self._ask(P.CANCEL, {"id": task_id}, timeout)
+
+    def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Switch the orchestrator's routing strategy at run time (published as an event)."""
+        return self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+
+    def drain(self, satellite: str, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Send no more tasks to ``satellite``; what it runs finishes (then stop it). Needs ``admin`` with keys."""
+        return self._ask(P.CONTROL, {"op": "drain", "sid": satellite}, timeout)
+
+    def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Make the binary-star server this client talks to ACTIVE (manual recovery, see ``docs/ha.rst``).
+
+        Refused while its peer is active and alive, unless ``force``.
+        """
+        return self._ask(P.CONTROL, {"op": "promote", "force": bool(force)}, timeout)
+
+    def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
+        """An :class:`~orchester.client.events.EventStream` of the orchestrator's events under ``topics``."""
+        from orchester.client.events import EventStream
+
+        pub = self.pub or self.status(timeout).get("pub", [None])[0]
+        if not pub:
+            raise Unreachable("the orchestrator did not say where it publishes events")
+        pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
+        return EventStream(pub, topics, context=self.ctx, curve=self.curve)
+
+    def close(self) -> None:
+        """Stop the I/O thread, close the sockets and fail what is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake(force=True)
+        self._thread.join(10)
+        with self._lock:
+            self._wake_tx.close(0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- internals
+    def _prepare(self, kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> TaskFuture:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        fut = TaskFuture()
+        fut.task_id = self.core.task_id()
+        kwargs = dict(options)
+        opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec", "ttl",
+                                                           "max_run", "duration") if k in kwargs}
+        opts["task_id"] = fut.task_id
+        self._outbox.append(("submit", fut, kind, args, kwargs, opts))
+        if self.failure is not None:
+            self._fail_outbox()
+        return fut
+
+    def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        fut: cf.Future[Any] = cf.Future()
+        self._post(lambda: self.core.request(fut, cmd, body), fut)
+        try:
+            return fut.result(timeout)
+        except cf.TimeoutError:
+            self._outbox.append(("forget", fut))
+            raise Unreachable(unreachable_message(self.endpoints[self._index % len(self.endpoints)], timeout,
+                                                  keys=self.curve is not None)) from None
+
+    def _post(self, build: Any, fut: cf.Future[Any]) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        self._outbox.append(("build", build, fut))
+        if self.failure is not None:
+            self._fail_outbox()
+        else:
+            self._wake()
+
+    def _wake(self, force: bool = False) -> None:
+        with self._lock:
+            if (not self._signalled or force) and not self._wake_tx.closed and self.failure is None:
+                self._signalled = True
+                # one wake-up is outstanding at most: the pipe never fills while the thread runs; Again: the
+                # I/O thread is gone (it stopped on an error, and failed what was pending)
+                with contextlib.suppress(zmq.Again):
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def _fail_outbox(self) -> None:
+        """The I/O thread stopped on an error: fail every request still in the outbox with it."""
+        failure = self.failure
+        if failure is None:
+            return
+        with self._fail_lock:
+            while self._outbox:
+                item = self._outbox.popleft()
+                if item[0] != "forget":
+                    reject_future(item[2] if item[0] == "build" else item[1], failure)
+
+    _index = 0
+
+    def _connect(self) -> zmq.Socket[Any]:
+        s = self.ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.routing_id = f"c:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
+        self.core.connected()
+        s.sndhwm = s.rcvhwm = 100_000
+        if self.curve is not None:
+            secure_client(s, *self.curve)
+            if self._monitor is not None:
+                self._monitor.close(0)
+            self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self._sock = s
+        s.connect(self.endpoints[self._index % len(self.endpoints)])
+        return s
+
+    def _key_refused(self) -> None:
+        """The orchestrator refused our key: fail what is pending, and every later request."""
+        assert self._monitor is not None
+        try:
+            self._monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        endpoint = self.endpoints[self._index % len(self.endpoints)]
+        self._refused = f"the orchestrator at {endpoint} refused this client's CurveZMQ key (not authorised)"
+        log.error("%s", self._refused)
+        self.core.fail_all(RemoteError(P.E_FORBIDDEN, self._refused))
+
+    def _run(self) -> None:
+        """The I/O thread: serve the socket until closed; if it stops on an error, fail everything with it."""
+        try:
+            self._loop()
+        except BaseException as exc:  # whatever it is, no future may be left waiting
+            failure = self.failure = stopped("I/O thread", exc)
+            with self._fail_lock:
+                self.core.fail_all(failure)
+            self._fail_outbox()
+        finally:
+            self.core.fail_all(ClientClosed("the client was closed"))
+            if self._sock is not None:
+                self._sock.close(0)
+            if self._monitor is not None:
+                self._monitor.close(0)
+            self._wake_rx.close(0)
+
+    _sock: zmq.Socket[Any] | None = None  #: the socket to the orchestrator, once connected
+
+    def _loop(self) -> None:
+        sock = self._connect()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        monitor = self._monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
+        core = self.core
+        last_heard = last_ping = redirect_after = time.monotonic()
+        silent_after = self.heartbeat_interval * self.liveness
+        while True:
+            ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
+            now = time.monotonic()
+            if self._wake_rx in ready:
+                with self._lock:
+                    while True:
+                        try:
+                            self._wake_rx.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    self._signalled = False
+                if self._closed:
+                    break
+            if self._monitor is not monitor:  # a new socket after a failover: its own monitor
+                if monitor is not None:
+                    poller.unregister(monitor)
+                monitor = self._monitor
+                if monitor is not None:
+                    poller.register(monitor, zmq.POLLIN)
+            if monitor is not None and monitor in ready:
+                self._key_refused()
+            self._drain_outbox(sock)
+            if sock in ready:
+                for _ in range(1024):
+                    try:
+                        frames = recv_frames(sock, NOBLOCK, 3)
+                    except zmq.Again:
+                        break
+                    last_heard = now
+                    try:
+                        restarted = core.handle(frames)
+                    except ProtocolError as exc:
+                        log.warning("bad message from orchestrator: %s", exc)
+                        continue
+                    if restarted:
+                        log.warning("orchestrator changed (epoch %s): resending %d request(s)",
+                                    core.epoch, len(core.tasks) + len(core.requests))
+                        for f in core.pending_frames():
+                            self._send_or_defer(sock, f)
+            if core.redirect and now >= redirect_after:  # a passive server refused us
+                core.redirect = False
+                redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
+                poller.unregister(sock)
+                sock = self._switch(sock, vote=False)
+                poller.register(sock, zmq.POLLIN)
+                last_heard = last_ping = now
+            busy = bool(core.tasks or core.requests)
+            if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
+                _offer(sock, core.ping())
+                last_ping = now
+            if not busy:
+                last_heard = now
+            elif now - last_heard > silent_after and len(self.endpoints) > 1:
+                log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
+                            self.endpoints[(self._index + 1) % len(self.endpoints)])
+                poller.unregister(sock)
+                sock = self._switch(sock, vote=True)
+                poller.register(sock, zmq.POLLIN)
+                last_heard = last_ping = now
+
+    def _switch(self, sock: zmq.Socket[Any], vote: bool) -> zmq.Socket[Any]:
+        """Close ``sock``, connect to the next endpoint, vote if we left on silence, resend what is pending."""
+        sock.close(0)
+        self._index += 1
+        self._unsent.clear()  # everything pending is resent below
+        sock = self._connect()
+        self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
+        _offer(sock, self.core.ping(vote=vote))
+        for f in self.core.pending_frames():
+            self._send_or_defer(sock, f)
+        return sock
+
+    def _send_or_defer(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+        """Send now if nothing waits before it and the socket takes it; else queue it, in order."""
+        if self._unsent or not _offer(sock, frames):
+            self.sends_deferred += 1
+            self._unsent.append(frames)
+
+    def _drain_outbox(self, sock: zmq.Socket[Any]) -> None:
+        outbox = self._outbox
+        core = self.core
+        unsent = self._unsent
+        while unsent:  # what the socket could not take last time goes first, in order
+            if not _offer(sock, unsent[0]):
+                return
+            unsent.popleft()
+        while outbox:
+            item = outbox.popleft()
+            if self._refused is not None and item[0] != "forget":
+                fut = item[2] if item[0] == "build" else item[1]
+                reject_future(fut, RemoteError(P.E_FORBIDDEN, self._refused))
+                continue
+            if item[0] == "build":
+                try:
+                    frames = item[1]()
+                except Exception as exc:  # an argument the codec cannot encode, for example
+                    reject_future(item[2], exc)
+                    continue
+            elif item[0] == "forget":
+                core.forget(item[1])
+                continue
+            else:
+                _, fut, kind, args, kwargs, opts = item
+                try:
+                    frames = core.submit(fut, kind, args, kwargs, **opts)[1]
+                except Exception as exc:
+                    reject_future(fut, exc)
+                    continue
+            if not _offer(sock, frames):  # the queue to the orchestrator is full: keep it, retry soon
+                self.sends_deferred += 1
+                unsent.append(frames)
+                return
+
+
+
+
+def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
+    """Send without blocking: a socket with no peer (a refused key, a full queue) must not hang the I/O thread."""
+    try:
+        send_frames(sock, frames, NOBLOCK)
+        return True
+    except zmq.Again:
+        return False
+
+
+def resolve_endpoint(endpoint: str) -> str:
+    """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
+    if not endpoint.startswith("@"):
+        return endpoint
+    import json
+
+    try:
+        with open(endpoint[1:]) as f:
+            return str(json.load(f)["bind"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"cannot read an endpoint from {endpoint[1:]}: {exc}") from None
+
+
+def unreachable_message(endpoint: str, timeout: float | None, *, keys: bool) -> str:
+    """Why a request to ``endpoint`` got no answer in ``timeout`` seconds, and what to check.
+
+    An orchestrator that wants CurveZMQ keys never answers a client without them (nor one
+    that names another server's public key): it looks exactly like no orchestrator at all,
+    so the message says so. ``keys``: whether the client had keys.
+    """
+    hint = ("with CurveZMQ keys, check that --server-key (server_key) is that orchestrator's public key"
+            if keys else "one that wants CurveZMQ keys does not answer without them: give --curve-secret and "
+            "--server-key (curve_secret/server_key, or ORCHESTER_CURVE_SECRET/ORCHESTER_SERVER_KEY)")
+    return f"no orchestrator answered at {endpoint} within {timeout}s: is one running there? {hint}"
+
+
+def reachable_endpoint(endpoint: str, via: str) -> str:
+    """Replace a wildcard host (``0.0.0.0``, ``*``, ``[::]``) in ``endpoint`` by the host of ``via``.
+
+    The orchestrator reports the endpoints it bound; a wildcard bind is reached at the
+    address the client already uses.
+    """
+    scheme, _, rest = endpoint.partition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme == "tcp" and sep and host in ("0.0.0.0", "*", "[::]", "::"):
+        via_host = via.partition("://")[2].rpartition(":")[0]
+        if via_host:
+            return f"tcp://{via_host}:{port}"
+    return endpoint

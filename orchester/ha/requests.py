@@ -1,0 +1,86 @@
+"""What clients and operators ask of a binary-star server: the mixin behind :class:`~orchester.ha.pair.Pair`.
+
+A request that reaches a server that is not ACTIVE goes through :meth:`PairRequests.gatekeep`
+(served, a failover vote, or refused with ``not_active``); ``CONTROL`` operations of the pair
+(``orchester promote`` and the ``peer_link`` test fault hook) through :meth:`PairRequests.control`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from orchester.ha.star import BinaryStar, Change, HAState
+from serializers import protocol as P
+from serializers.header import ProtocolError, error_frames, unpack
+
+if TYPE_CHECKING:
+    from orchester.server.core import Orchestrator
+
+log = logging.getLogger("orchester.ha")
+
+
+class PairRequests:
+    """Requests to the pair from clients, satellites and operators (mixed into :class:`~orchester.ha.pair.Pair`)."""
+
+    core: Orchestrator
+    star: BinaryStar
+    #: ``CONTROL peer_link`` (cut or restore the peer link) is honoured only with this set
+    fault_hooks: bool
+    link_up: bool  #: a test fault hook: False drops everything on the peer link
+
+    if TYPE_CHECKING:
+        def apply(self, changes: list[Change], now: float) -> None: ...
+
+    def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:
+        """A request reached a server that is not ACTIVE: serve it (True) or refuse it.
+
+        ``STATUS`` is always answered (operators ask a passive server how it is); a
+        ``CONTROL promote`` is an operator's manual recovery; anything else is a client
+        request for the table (a vote when its header says ``vote: true``).
+        """
+        core = self.core
+        cmd = bytes(frames[2]) if len(frames) > 2 else b""
+        if cmd == P.ERROR:
+            return False  # never answered
+        try:
+            hdr = unpack(bytes(frames[3])) if len(frames) > 3 else {}
+        except ProtocolError:
+            hdr = {}
+        if cmd == P.STATUS:
+            return True
+        if cmd == P.CONTROL and hdr.get("op") in ("promote", "peer_link"):
+            return True  # the core refers it back to control()
+        serve, change = self.star.request(now, vote=hdr.get("vote") is True)
+        if change is not None:
+            self.apply([change], now)
+        if serve:
+            return True
+        core.counters["ha_refused"] += 1
+        ids = {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
+        state = self.star.state.name.lower()
+        core.out.append((sock, [bytes(frames[0]), *error_frames(
+            P.E_NOT_ACTIVE, f"this orchestrator is {state} ({self.star.role}); ask its peer", **ids)], None))
+        return False
+
+    def control(self, hdr: dict[str, Any], now: float) -> dict[str, Any]:
+        """``CONTROL`` operations of the pair: ``promote`` and the ``peer_link`` fault hook."""
+        if hdr.get("op") == "promote":
+            return self.promote(hdr.get("force") is True, now)
+        if not self.fault_hooks:
+            raise ProtocolError(P.E_BAD_REQUEST, "peer_link is a test fault hook: start the server with "
+                                "ORCHESTER_FAULT_HOOKS=1 to allow it")
+        self.link_up = hdr.get("up") is not False
+        log.warning("fault hook: the peer link is %s", "up" if self.link_up else "cut")
+        return {"peer_link": "up" if self.link_up else "cut"}
+
+    def promote(self, force: bool, now: float) -> dict[str, Any]:
+        """An operator's ``orchester promote``: become ACTIVE now (refused while the peer is active)."""
+        star = self.star
+        if star.state is HAState.ACTIVE:
+            return {"state": "active", "changed": False}
+        if star.peer is HAState.ACTIVE and star.peer_alive(now) and not force:
+            raise ProtocolError(P.E_BAD_REQUEST, "the peer is active and alive: promoting would make two "
+                                "actives (use --force only if you know the peer is cut off for good)")
+        self.apply([star.promote()], now)
+        return {"state": "active", "changed": True}

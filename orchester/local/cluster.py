@@ -1,0 +1,434 @@
+"""The embedded default: an orchestrator and N satellites as processes on this machine.
+
+Example::
+
+    from orchester import LocalCluster
+
+    with LocalCluster(satellites=2, workers=2) as cluster:
+        with cluster.client() as client:
+            print(client.submit("echo", 42).result(timeout=30))
+
+By default the orchestrator binds ``ipc://`` sockets in a private folder (mode 0700, made
+by :func:`tempfile.mkdtemp`): no other user of the machine can connect to them, whereas any
+local user can reach a ``tcp://127.0.0.1`` port. Explicit ``bind``/``pub`` endpoints (tcp
+too) are still accepted by :meth:`LocalCluster.start_orchestrator`. Everything started is
+stopped on exit (SIGTERM, then SIGKILL after a grace period) and the folder removed.
+
+Signals and hard deaths: on Linux, every process a cluster started from the main thread gets
+SIGTERM from the kernel when the process that started it dies, even by ``kill -9``
+(``prctl(PR_SET_PDEATHSIG)``, see :func:`parent_death_signal`); the satellites then stop their
+workers. Commands that run a cluster (``orchester fit``, ``orchester demo``) wrap their work in
+:func:`stop_on_signals`, which turns SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` in the
+main thread, so that :meth:`LocalCluster.close` runs; :meth:`LocalCluster.close` itself is
+:func:`shielded`: a signal that arrives while it stops the processes waits until it is done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import FrameType
+from typing import Any
+
+from orchester.client.sync import Client
+from orchester.errors import OrchesterError
+
+log = logging.getLogger("orchester.local.cluster")
+
+
+class ClusterError(OrchesterError, RuntimeError):
+    """A process of the local cluster did not start."""
+
+
+# ---------------------------------------------------------------- signals
+#: The signals that stop a command running a local cluster: Ctrl-C, ``kill``/``timeout``/batch
+#: schedulers/systemd, and a closed terminal.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal, raised in the main thread under :func:`stop_on_signals`.
+
+    A :class:`KeyboardInterrupt`, so code that already cleans up after Ctrl-C does the same for
+    SIGTERM and SIGHUP. :attr:`exit_code` is the shell's convention, 128 + the signal number.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal_name(signum)}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
+        return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15 (the number itself for a signal Python does not name)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """The exit code after ``exc``: :attr:`Interrupted.exit_code`, else 130 (a plain Ctrl-C)."""
+    return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
+
+
+class _SignalState:
+    """What the handler of :func:`stop_on_signals` has seen (main thread only)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None  #: the first stop signal
+        self.pending: int | None = None  #: a signal held back by :func:`shielded`
+        self.shield = 0  #: depth of nested :func:`shielded` blocks
+
+
+_state = _SignalState()
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
+    if _state.received is not None:  # the shutdown is under way (and bounded): let it finish
+        log.warning("%s received while stopping: still stopping", signal_name(signum))
+        return
+    _state.received = signum
+    if _state.shield:
+        _state.pending = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
+    """Raise :class:`Interrupted` in the main thread at the first of ``signals``; later ones are ignored.
+
+    The first signal starts a clean shutdown (``finally`` blocks and context managers run, a
+    :class:`LocalCluster` closes); signals that follow are logged and ignored, so that the
+    shutdown, which is bounded, is not cut short. A signal this process ignores when the block is
+    entered (``nohup``, a background job of a script) stays ignored. The previous handlers come
+    back when the block ends. Outside the main thread this does nothing.
+    """
+    if not _main_thread():
+        yield
+        return
+    previous: dict[int, Any] = {}
+    for sig in signals:
+        old = signal.getsignal(sig)
+        if old == signal.SIG_IGN:
+            continue
+        previous[sig] = old
+        signal.signal(sig, _on_stop_signal)
+    saved = (_state.received, _state.pending)
+    _state.received = _state.pending = None
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        _state.received, _state.pending = saved
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Hold back a stop signal of :func:`stop_on_signals` until the block is done, then raise it.
+
+    For short work that must not be left half done (stopping processes, renaming files into
+    place). Only the handler of :func:`stop_on_signals` is held back: Python's default SIGINT
+    handler still raises at once. Outside the main thread this does nothing.
+    """
+    if not _main_thread():
+        yield
+        return
+    _state.shield += 1
+    try:
+        yield
+    finally:
+        _state.shield -= 1
+        if not _state.shield and _state.pending is not None:
+            signum, _state.pending = _state.pending, None
+            raise Interrupted(signum)
+
+
+# ---------------------------------------------------------- parent death
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Any:
+    """libc's ``prctl`` (Linux), resolved once at import so that no child has to look it up."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    return prctl
+
+
+_prctl = _load_prctl()
+
+
+def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child receive ``sig`` when this process dies, even by ``kill -9``.
+
+    ``None`` where it cannot work: not Linux, or not in the main thread (the kernel signals the
+    child when the *thread* that started it ends, and only the main thread lasts as long as the
+    process). The function only makes one system call (``prctl`` is resolved beforehand), as
+    code run between ``fork`` and ``exec`` must.
+    """
+    if _prctl is None or not _main_thread():
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0 and os.getppid() != parent:
+            os._exit(1)  # the parent died between fork and prctl: nobody wants this child
+
+    return preexec
+
+
+#: The longest ``ipc://`` path the kernel accepts (``sun_path`` less its final NUL).
+IPC_PATH_MAX = 103 if sys.platform == "darwin" else 107
+#: Room kept for a socket's file name inside the private folder (``primary.state`` is 13).
+IPC_NAME_ROOM = 16
+
+
+def private_dir(prefix: str = "orchester-local-") -> str:
+    """A fresh folder only this user may enter (0700), short enough for ``ipc://`` paths.
+
+    Made by :func:`tempfile.mkdtemp` in the usual temporary folder (``$TMPDIR``, else
+    ``/tmp``); when that path would leave no room for a socket name below
+    :data:`IPC_PATH_MAX`, in ``/tmp`` instead. Its owner and mode are checked after creation.
+    """
+    for base in dict.fromkeys([tempfile.gettempdir(), "/tmp"]):
+        room = len(os.fsencode(os.path.join(base, prefix + "x" * 8, "x" * IPC_NAME_ROOM)))
+        if room <= IPC_PATH_MAX and os.path.isdir(base):
+            break
+    else:
+        raise ClusterError(f"no temporary folder short enough for ipc:// sockets (at most {IPC_PATH_MAX} "
+                           "bytes): set TMPDIR to a short path")
+    path = tempfile.mkdtemp(prefix=prefix, dir=base)
+    os.chmod(path, 0o700)  # mkdtemp makes it 0700 less the umask: make sure we can use it
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        shutil.rmtree(path, ignore_errors=True)
+        raise ClusterError(f"{path} is not private to this user")
+    return path
+
+
+def _stop(procs: Iterable[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM every process still running, wait up to ``grace`` seconds, then SIGKILL the rest."""
+    procs = list({id(p): p for p in procs}.values())
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def _cleanup(procs: list[subprocess.Popen[bytes]], directory: str, grace: float) -> None:
+    """Stop ``procs`` (emptied) and remove ``directory``; also run if a cluster is never closed."""
+    try:
+        _stop(procs, grace)
+    finally:
+        procs.clear()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class LocalCluster:
+    """Start an orchestrator and ``satellites`` satellite processes with ``workers`` workers each.
+
+    The processes talk over ``ipc://`` sockets in :attr:`dir`, a private folder (0700), so
+    that no other local user can submit tasks or pose as a satellite; :attr:`endpoint` and
+    :attr:`pub_endpoint` are set once the orchestrator runs.
+    """
+
+    def __init__(self, satellites: int = 2, workers: int = 2, *, tasks: Sequence[str] = (),
+                 tags: Sequence[str] = (), strategy: str = "least_loaded",
+                 heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
+                 serve_args: Sequence[str] = (), start_timeout: float = 60.0,
+                 log_level: str = "WARNING", env: dict[str, str] | None = None) -> None:
+        self.n_satellites = satellites
+        self.workers = workers
+        self.tasks = list(tasks)
+        self.tags = list(tags)
+        self.strategy = strategy
+        self.heartbeat_interval = heartbeat_interval
+        self.liveness = liveness
+        self.prefetch = prefetch
+        self.serve_args = list(serve_args)
+        self.start_timeout = start_timeout
+        self.log_level = log_level
+        self.env = {**os.environ, **(env or {})}
+        #: the private folder (0700) of the sockets and endpoint files, removed by :meth:`close`
+        self.dir = private_dir()
+        self.orchestrator: subprocess.Popen[bytes] | None = None
+        self.satellites: list[subprocess.Popen[bytes]] = []
+        self.endpoint = ""
+        self.pub_endpoint = ""
+        self._clients: list[Client] = []
+        self._started = False
+        #: every process ever started: stopped by close(), or at exit if close() is never called
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._finalizer = weakref.finalize(self, _cleanup, self._procs, self.dir, 5.0)
+
+    def _private_endpoint(self, name: str) -> str:
+        """``ipc://`` endpoint ``name`` inside the private folder."""
+        return f"ipc://{self.dir}/{name}"
+
+    def _popen(self, cmd: list[str], env: dict[str, str], private: bool = False) -> subprocess.Popen[bytes]:
+        """Start a process of the cluster (``private``: files it creates are this user's only).
+
+        It gets SIGTERM if this process dies without stopping it (:func:`parent_death_signal`),
+        and it is recorded before a stop signal can interrupt (:func:`shielded`).
+        """
+        with shielded():
+            p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, umask=0o077 if private else -1,
+                                 preexec_fn=parent_death_signal(signal.SIGTERM))
+            self._procs.append(p)
+        return p
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> LocalCluster:
+        """Start the orchestrator, then the satellites; wait until all satellites registered."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self.start_orchestrator()
+            for i in range(self.n_satellites):
+                self.add_satellite(f"local-{i}")
+            self.wait_for_satellites(self.n_satellites)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def start_orchestrator(self, bind: str | None = None, pub: str | None = None) -> None:
+        """Start (or restart) the orchestrator process.
+
+        Without ``bind``/``pub`` it binds ``ipc://`` sockets in the private folder (the same
+        ones at every restart); given endpoints (``tcp://`` too) are bound as they are.
+        """
+        efile = os.path.join(self.dir, "endpoints.json")
+        if os.path.exists(efile):
+            os.unlink(efile)
+        cmd = [sys.executable, "-m", "orchester", "--log-level", self.log_level, "serve",
+               "--bind", bind or self._private_endpoint("bus.sock"),
+               "--pub", pub or self._private_endpoint("events.sock"),
+               "--endpoint-file", efile, "--strategy", self.strategy,
+               "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
+               *self.serve_args]
+        self.orchestrator = self._popen(cmd, self.env, private=True)
+        deadline = time.monotonic() + self.start_timeout
+        while not os.path.exists(efile):
+            if self.orchestrator.poll() is not None:
+                raise ClusterError(f"orchestrator exited with {self.orchestrator.returncode} at start")
+            if time.monotonic() > deadline:
+                raise ClusterError("orchestrator did not start in time")
+            time.sleep(0.02)
+        with open(efile) as f:
+            eps = json.load(f)
+        self.endpoint, self.pub_endpoint = eps["bind"][0], eps["pub"][0]
+
+    def add_satellite(self, sid: str | None = None, workers: int | None = None,
+                      tags: Sequence[str] | None = None, extra: Sequence[str] = (),
+                      env: dict[str, str] | None = None,
+                      connect: Sequence[str] | None = None) -> subprocess.Popen[bytes]:
+        """Start one more satellite process connected to the orchestrator (``env``: extra variables;
+        ``connect``: other endpoints to reach it by, a relay for instance)."""
+        where = [a for ep in connect for a in ("--connect", ep)] if connect else self._connect_args()
+        cmd = [sys.executable, "-m", "satellites", "--log-level", self.log_level, "run",
+               *where, "--workers", str(workers or self.workers),
+               "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
+               "--prefetch", str(self.prefetch)]
+        if sid:
+            cmd += ["--id", sid]
+        t = self.tags if tags is None else list(tags)
+        if t:
+            cmd += ["--tags", ",".join(t)]
+        for m in self.tasks:
+            cmd += ["--tasks", m]
+        cmd += list(extra)
+        p = self._popen(cmd, {**self.env, **(env or {})})
+        self.satellites.append(p)
+        return p
+
+    def _connect_args(self) -> list[str]:
+        return ["--connect", self.endpoint]
+
+    def _status_endpoint(self) -> str:
+        """The endpoint whose status counts the satellites (the active one of a pair)."""
+        return self.endpoint
+
+    def wait_for_satellites(self, n: int, timeout: float | None = None) -> None:
+        """Block until at least ``n`` satellites are registered (bounded by ``timeout``)."""
+        deadline = time.monotonic() + (timeout or self.start_timeout)
+        with Client(self._status_endpoint()) as c:
+            while True:
+                for p in self.satellites:
+                    if p.poll() is not None and p.returncode not in (0, -signal.SIGKILL, -signal.SIGTERM):
+                        raise ClusterError(f"satellite exited with {p.returncode} at start")
+                try:
+                    st = c.status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                    if len(st["satellites"]) >= n:
+                        return
+                except OrchesterError:  # not up yet: the deadline below bounds the wait
+                    pass
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"fewer than {n} satellites registered in time")
+                time.sleep(0.05)
+
+    def client(self, **kwargs: Any) -> Client:
+        """A new :class:`Client` connected to this cluster (closed with the cluster)."""
+        c = Client(self.endpoint, pub=self.pub_endpoint, **kwargs)
+        self._clients.append(c)
+        return c
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every client and process started (SIGTERM, then SIGKILL) and remove the private folder.
+
+        A stop signal that arrives meanwhile (under :func:`stop_on_signals`) is raised once
+        everything is stopped, never halfway.
+        """
+        with shielded():
+            try:
+                for c in self._clients:
+                    c.close()
+            finally:
+                self._clients.clear()
+                self._procs.extend([*self.satellites, *([self.orchestrator] if self.orchestrator else [])])
+                self.satellites.clear()
+                self.orchestrator = None
+                _cleanup(self._procs, self.dir, grace)
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

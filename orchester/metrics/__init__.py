@@ -1,0 +1,2 @@
+"""Metrics: counters and gauges collected in the process and sent to a Graphite carbon.
+"""

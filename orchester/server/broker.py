@@ -1,0 +1,556 @@
+"""The orchestrator's socket adapter: one poll loop around :class:`~orchester.server.core.Orchestrator`.
+
+Sockets are created in the thread that runs :meth:`Broker.run` (or in the
+constructor when the caller runs the loop in its own thread) and closed in
+``finally`` with ``linger=0``. Each wake-up drains every readable socket in
+batches, then runs the core's housekeeping and flushes what it produced.
+
+Example::
+
+    from orchester.server.broker import Broker
+    from orchester.config import OrchestratorConfig
+
+    broker = Broker(OrchestratorConfig(bind=["tcp://127.0.0.1:*"], pub=["tcp://127.0.0.1:*"]))
+    print(broker.endpoints)      # the endpoints actually bound
+    broker.run()                 # until broker.stop() from another thread, or SIGTERM in the CLI
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from orchester.config import OrchestratorConfig
+from orchester.ha.pair import Pair
+from orchester.ha.star import HAState
+from orchester.journal.writer import HistoryReader, Journal, load_spilled, replay
+from orchester.metrics.collector import CarbonSender, Collector, parse_carbon
+from orchester.security.auth import (
+    EVENTS_DOMAIN,
+    CurveAuthenticator,
+    KeyRing,
+    load_keypair,
+    secure_server,
+    verified_user,
+)
+from orchester.server.core import Orchestrator
+from orchester.server.gate import ReleaseGate, gate_bound
+from serializers import protocol as P
+from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+
+log = logging.getLogger("orchester")
+
+#: Payload bytes the journal may have queued before the broker stops reading new messages.
+JOURNAL_BACKLOG = 32 << 20
+#: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
+MUTE_SECONDS = 60.0
+#: errnos that mean "this peer cannot take the message now"; anything else propagates.
+_UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
+
+
+class Broker:
+    """Bind the orchestrator's sockets and run its poll loop."""
+
+    def __init__(self, config: OrchestratorConfig, context: zmq.Context[Any] | None = None) -> None:
+        self.config = config.validate()
+        self.ctx = context or zmq.Context.instance()
+        self.core = Orchestrator(config, time.monotonic())
+        self._stop = threading.Event()
+        self._routers: list[zmq.Socket[Any]] = []
+        self.endpoints: dict[str, list[str]] = {"bind": [], "satellite_bind": [], "pub": []}
+        self.auth: CurveAuthenticator | None = None
+        #: this server's CURVE key pair (public, secret), when CurveZMQ is on
+        self.curve: tuple[bytes, bytes] | None = None
+        self.ring: KeyRing | None = None
+        if config.secure:
+            assert config.curve_secret and config.authorized_keys
+            self.curve = load_keypair(config.curve_secret)
+            self.ring = KeyRing(config.authorized_keys)
+            # the pair's peer link has its own ZAP domain, where only the server key gets in
+            self.auth = CurveAuthenticator(self.ring, self.ctx, peer_keys=[self.curve[0]])
+            self.auth.start()
+            self.core.identify = self.ring.by_name
+            self.core.use_subscriptions(self.core.subscriptions(keys=True))
+            log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)
+            for err in self.ring.errors:
+                log.warning("authorised keys: skipped %s", err)
+        exposed = config.exposed_endpoints  # validate() refused them unless keys or --insecure
+        if exposed and not config.secure:
+            log.warning("--insecure: %s reachable beyond this machine without authentication or encryption",
+                        ", ".join(exposed))
+        try:
+            self.router = self._router(config.bind, "bind")
+            self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
+                if config.satellite_bind else self.router
+            self._events_unbound: list[str] = []  #: event endpoints a re-open could not bind again
+            self._events_reopened = False  #: the event socket was re-opened: its endpoints are watched
+            self.xpub = self._event_socket(config.pub)
+        except Exception:
+            self.close()
+            raise
+        self.journal: Journal | None = None
+        self.history: HistoryReader | None = None
+        self._spilling: dict[int, Any] = {}
+        self.metrics: CarbonSender | None = None
+        self._collector: Collector | None = None
+        if config.carbon:
+            host, port = parse_carbon(config.carbon)
+            self.metrics = CarbonSender(host, port, config.carbon_protocol)
+            self._collector = Collector(config.metrics_prefix)
+            self.core.metrics_on = True
+        self.core.load_spilled = load_spilled
+        self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
+        #: what waits for the records it depends on: acknowledgements and results; in a pair with
+        #: synchronous replication, dispatches too (a task never runs before the passive knows it is
+        #: dispatched, so that after a failover it is claimed back, not run a second time)
+        # with synchronous replication, and with keys and a journal, a dispatch waits for its record too:
+        # after a failover or a restart, only the satellite the records name may claim a task back
+        dispatches = (config.ha and config.replication == "sync") or \
+            (config.secure and bool(config.journal) and config.durability != "off")
+        self.gate = ReleaseGate((P.ACK, P.RESULT, P.DISPATCH) if dispatches else (P.ACK, P.RESULT))
+        #: set when the process must end with this exit code (a backup stepping down from a dual active)
+        self.exit_code = 0
+        #: key names removed by a reload, whose work and subscriptions the loop ends
+        self._revoked: set[str] = set()
+        self.pair: Pair | None = None
+        if config.ha:
+            try:
+                self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
+                                 self._journal_append if config.journal else None, lambda: self._rseq,
+                                 curve=self.curve)
+            except Exception:
+                self.close()
+                raise
+            self.endpoints["state"] = [self.pair.endpoint]
+            self.core.journal_out = []  # records are streamed to the peer, journal or not
+        if config.journal:
+            self._open_journal(config.journal, config.durability)
+        if config.endpoint_file:
+            write_endpoint_file(config.endpoint_file, self.endpoints)
+
+    def _open_journal(self, directory: str, durability: str) -> None:
+        """Take the journal (one writer only), replay it into the core, then journal from here on."""
+        try:
+            self.journal = Journal(directory, durability, context=self.ctx)
+        except Exception:
+            self.close()
+            raise
+        records, report = replay(directory, live=self.journal.writer.path)
+        self.history = HistoryReader(Path(directory), self.ctx)
+        self.core.history_reader = True
+        self.core.journal_out = []
+        if self.pair is not None:  # installed only if and when this server becomes active
+            for record in records:
+                self.pair.fold.add(record)
+            log.info("journal %s: %d records in %d segment(s), %d task(s), kept until this server is active",
+                     directory, report.records, report.segments, len(self.pair.fold.tasks))
+        else:
+            counts = self.core.restore(records, time.monotonic(), self.router)
+            log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued", directory,
+                     report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
+        for name, offset, lost in report.damaged:
+            log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
+                      "last before a crash) are lost", name, offset, lost)
+        self.core.counters.update(report.counters())  # (damaged segments were logged where they were found)
+
+    def _event_socket(self, endpoints: list[str], must: bool = True) -> zmq.Socket[Any]:
+        """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`).
+
+        ``must``: an endpoint that cannot be bound is an error (at start); otherwise (a re-open)
+        the socket serves the others and the loop tries that one again every second."""
+        xpub = self.ctx.socket(zmq.XPUB)
+        xpub.linger = 0
+        if self.curve is not None:
+            secure_server(xpub, *self.curve, domain=EVENTS_DOMAIN)
+        xpub.sndhwm = self.config.hwm * 10
+        xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # a subscription longer than a topic may be is refused by libzmq itself (the peer is dropped). ZMTP
+        # 3.1 sends one as a SUBSCRIBE command: the topic and 10 bytes; the limit also applies to the
+        # CurveZMQ handshake, whose INITIATE command takes up to about 300 bytes: with keys, at least 512
+        limit = self.config.max_topic + 10
+        xpub.setsockopt(zmq.MAXMSGSIZE, max(limit, 512) if self.curve else limit)
+        xpub.rcvhwm = 256  # (libzmq still files all it has read at once: see docs/security.rst, what remains)
+        bound = []
+        try:
+            for ep in endpoints:
+                if not self._bind_events(xpub, ep, attempts=50 if must else 5):
+                    if must:
+                        raise zmq.ZMQError(zmq.EADDRINUSE, f"cannot bind {ep}")
+                    self._events_unbound.append(ep)  # someone took it meanwhile: tried again later
+                    log.error("the event endpoint %s cannot be bound again (taken?): retrying every second", ep)
+                    continue
+                bound.append(xpub.last_endpoint.decode())
+        except Exception:
+            xpub.close(0)
+            raise
+        self.endpoints["pub"] = bound + self._events_unbound
+        self.core.pub_endpoints = self.endpoints["pub"]
+        return xpub
+
+    @staticmethod
+    def _bind_events(xpub: zmq.Socket[Any], endpoint: str, attempts: int) -> bool:
+        """Bind ``endpoint``; re-binding a port right after a close may need a moment (``attempts``
+        of 20 ms). Any error but "address in use" propagates."""
+        for attempt in range(attempts):
+            try:
+                xpub.bind(endpoint)
+                return True
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or endpoint.endswith(":*"):
+                    raise
+                if attempt < attempts - 1:
+                    time.sleep(0.02)
+        return False
+
+    def _retry_events(self) -> None:
+        """Bind the event endpoints that could not be bound again after a re-open (and an ``ipc://``
+        one whose socket file went away: a closed socket's listener may remove it late)."""
+        for ep in self.endpoints["pub"]:
+            if ep.startswith("ipc://") and ep not in self._events_unbound and not os.path.exists(ep[6:]):
+                with contextlib.suppress(zmq.ZMQError):  # its listener may already be gone with the file
+                    self.xpub.unbind(ep)
+                self._events_unbound.append(ep)
+        for ep in list(self._events_unbound):
+            try:
+                ok = self._bind_events(self.xpub, ep, attempts=1)
+            except zmq.ZMQError as exc:
+                log.error("the event endpoint %s cannot be bound: %s", ep, exc)
+                ok = False
+            if ok:
+                self._events_unbound.remove(ep)
+                log.warning("the event endpoint %s is bound again", ep)
+
+    def _revoke(self, names: set[str], poller: zmq.Poller) -> None:
+        """Revoked keys: their work ends in the core, and their event subscriptions with the XPUB
+        socket (:meth:`_reopen_events`)."""
+        counts = self.core.revoke(names, time.monotonic())
+        log.warning("revoked %s: %d unfinished task(s) cancelled, %d satellite(s) dropped, %d connection(s) "
+                    "forgotten; event stream re-opened", sorted(names), counts["tasks"], counts["satellites"],
+                    counts["connections"])
+        self._reopen_events(poller)
+
+    def _mute(self, names: set[str], poller: zmq.Poller) -> None:
+        """Keys that hold more than ``--max-subscriptions`` subscriptions: shut out of the event
+        stream for :data:`MUTE_SECONDS`; and with them (or when all subscribers together hold
+        more than libzmq should keep), the event socket is re-opened, which frees what libzmq
+        kept (it cannot drop one peer's subscriptions)."""
+        if names and self.auth is not None:
+            for name in names:
+                self.auth.mute(name, MUTE_SECONDS)
+            self.core.counters["subscribers_muted"] += len(names)
+            log.warning("key(s) %s hold more than %d subscriptions: no events for them for %gs; event stream "
+                        "re-opened", sorted(names), self.config.max_subscriptions, MUTE_SECONDS)
+        else:
+            self.core.counters["subscription_floods"] += 1
+            log.warning("subscribers hold more than %d subscriptions together: event stream re-opened (they "
+                        "subscribe again by themselves)", self.core.subs.max_live)
+        self._reopen_events(poller)
+
+    def _reopen_events(self, poller: zmq.Poller) -> None:
+        """Close the XPUB socket and bind a new one on the same endpoints: every subscription it
+        held is gone (libzmq cannot drop one peer's); subscribers whose key may still subscribe
+        reconnect and subscribe again by themselves, the others fail the handshake."""
+        poller.unregister(self.xpub)
+        endpoints = list(self.endpoints["pub"])
+        self.xpub.close(0)
+        self.core.use_subscriptions(self.core.subscriptions(keys=self.curve is not None))
+        self._events_unbound.clear()
+        self._events_reopened = True
+        self.xpub = self._event_socket(endpoints, must=False)
+        poller.register(self.xpub, zmq.POLLIN)
+
+    def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
+        s = self.ctx.socket(zmq.ROUTER)
+        self._routers.append(s)
+        s.linger = 0
+        s.router_mandatory = 1
+        s.sndhwm = self.config.hwm
+        s.rcvhwm = self.config.hwm
+        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
+        if self.curve is not None:
+            secure_server(s, *self.curve)
+        for ep in endpoints:
+            s.bind(ep)
+            self.endpoints[name].append(s.last_endpoint.decode())
+        return s
+
+    @property
+    def client_endpoint(self) -> str:
+        """The first bound client endpoint."""
+        return self.endpoints["bind"][0]
+
+    @property
+    def pub_endpoint(self) -> str:
+        """The first bound event endpoint."""
+        return self.endpoints["pub"][0]
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread-safe); it returns within one poll timeout."""
+        self._stop.set()
+
+    def reload_keys(self) -> tuple[set[str], set[str]]:
+        """Re-read the authorised keys (SIGHUP): new keys work, removed ones are refused at once."""
+        if self.ring is None:
+            return set(), set()
+        added, removed = self.ring.reload()
+        self.core.counters["key_reloads"] += 1
+        self._revoked |= removed  # applied by the loop at its next wake-up
+        log.warning("authorised keys re-read: %d key(s); added %s, removed %s", len(self.ring),
+                    sorted(added) or "none", sorted(removed) or "none")
+        for err in self.ring.errors:
+            log.warning("authorised keys: skipped %s", err)
+        return added, removed
+
+    def run(self) -> None:
+        """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
+        core, cfg = self.core, self.config
+        poller = zmq.Poller()
+        for s in self._routers:
+            poller.register(s, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        journal = self.journal
+        if journal is not None:
+            poller.register(journal.notify, zmq.POLLIN)
+        history = self.history
+        if history is not None:
+            poller.register(history.results, zmq.POLLIN)
+        pair = self.pair
+        if pair is not None:
+            poller.register(pair.sub, zmq.POLLIN)
+        batch = cfg.batch
+        secure = self.curve is not None
+        ring = self.ring
+        monotonic = time.monotonic
+        counters = core.counters
+        metrics_on = self.metrics is not None
+        next_report = monotonic() + cfg.metrics_interval
+        next_events_retry = 0.0
+        log.info("orchestrator %s listening on %s, events on %s", core.epoch,
+                 self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
+        try:
+            while not self._stop.is_set():
+                timeout = min(core.next_wakeup(monotonic()), 0.25)
+                if pair is not None:
+                    timeout = min(timeout, pair.next_wakeup(monotonic()))
+                ready = poller.poll(int(timeout * 1000))
+                now = monotonic()
+                counters["wakeups"] += 1
+                journal_full = journal is not None and journal.backlog > JOURNAL_BACKLOG
+                if journal_full:
+                    assert journal is not None
+                    journal.notify.poll(5)  # wait for the writer rather than spin
+                for sock, _ in ready:
+                    if journal_full and sock in self._routers:
+                        core.counters["journal_backpressure"] += 1
+                        continue  # let ZeroMQ's high-water marks push back until the journal catches up
+                    if sock is self.xpub:
+                        self._drain_subscriptions()
+                        continue
+                    if journal is not None and sock is journal.notify:
+                        durable = journal.drain_notifications()
+                        if pair is not None and pair.state is HAState.PASSIVE:
+                            pair.durable(durable)
+                        self._spill(journal)
+                        continue
+                    if history is not None and sock is history.results:
+                        for qsock, frames in history.replies():
+                            self._send(qsock, frames, None)
+                        continue
+                    if pair is not None and sock is pair.sub:
+                        pair.apply(pair.drain(now), now)
+                        continue
+                    for _ in range(batch):
+                        user = None
+                        try:
+                            if secure:
+                                frames = sock.recv_multipart(NOBLOCK, copy=False)
+                                user = verified_user(ring, frames[0]) if ring is not None else None
+                                frames[:4] = [f.bytes for f in frames[:4]]
+                            else:
+                                frames = recv_frames(sock, NOBLOCK, 4)
+                        except zmq.Again:
+                            break
+                        counters["messages_in"] += 1
+                        if metrics_on:
+                            counters["bytes_in"] += sum(map(len, frames))
+                        if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
+                            continue
+                        core.handle(sock, frames, now, user)
+                if journal is not None and journal.error is not None:  # never acknowledge, or follow, blind
+                    raise RuntimeError(f"the journal failed: {journal.error}")
+                if pair is not None:
+                    pair.tick(now)
+                    if pair.exit_code:  # stepping down: say why on the event stream, then stop
+                        self.exit_code = pair.exit_code
+                        self._flush(now)
+                        self._xpub_linger = 1000
+                        break
+                if self._revoked:
+                    revoked, self._revoked = self._revoked, set()
+                    self._revoke(revoked, poller)
+                if core.subs.over or core.subs.flooded:
+                    self._mute(set(core.subs.over), poller)
+                if self._events_reopened and now >= next_events_retry:
+                    next_events_retry = now + 1.0
+                    self._retry_events()
+                core.housekeeping(now)
+                self._flush(now)
+                if metrics_on and now >= next_report:
+                    next_report = now + cfg.metrics_interval
+                    self._report(now)
+        finally:
+            self.close()
+
+    def _drain_subscriptions(self) -> None:
+        """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop.
+
+        With keys, each one is counted against the key that sent it (its ``User-Id``)."""
+        ring = self.ring
+        for _ in range(self.config.batch * 4):
+            try:
+                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            user = verified_user(ring, frame) if ring is not None else None
+            self.core.subscription(frame.bytes, user)
+
+    def _gate(self, now: float) -> int | None:
+        """Highest record whose gated messages may go out (``None``: all of them)."""
+        journal = self.journal
+        durable = journal.durable if journal is not None and journal.waits else None
+        return gate_bound(durable, self.pair.gate(now) if self.pair is not None else None)
+
+    def _journal_append(self, record: list[Any]) -> int:
+        """Journal a record replicated from the active (passive side); returns its local number."""
+        assert self.journal is not None
+        return self.journal.append(record)
+
+    def _flush(self, now: float) -> None:
+        core = self.core
+        journal = self.journal
+        pair = self.pair
+        gating = bool(core.journal_out or len(self.gate))
+        if core.journal_out:
+            to_spill = core.to_spill
+            for record in core.journal_out:
+                if journal is not None:
+                    task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
+                    seq = self._rseq = journal.append(record, spill=task is not None)
+                    if task is not None:
+                        self._spilling[seq] = task
+                else:
+                    self._rseq += 1
+                if pair is not None:
+                    pair.replicate(self._rseq, record)
+            core.journal_out.clear()
+            if pair is not None:
+                pair.flush()
+        bound = self._gate(now) if gating else None  # once per wake-up: what may go out
+        if core.queries and self.history is not None:
+            self.history.ask_all(core.queries)
+            core.queries.clear()
+        if core.out:
+            out, core.out = core.out, []
+            for sock, frames, task_id in self.gate.route(out, self._rseq, bound):
+                self._send(sock, frames, task_id)
+        if len(self.gate):
+            for sock, frames, task_id in self.gate.release(bound):
+                self._send(sock, frames, task_id)
+        if core.pub:
+            pub, core.pub = core.pub, []  # (to an event socket with no endpoint bound: dropped by libzmq)
+            for frames in pub:
+                try:
+                    self.xpub.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    core.counters["events_dropped"] += 1
+
+    def _report(self, now: float) -> None:
+        """Collect this interval's points and hand them to the sender (never waits)."""
+        assert self.metrics is not None and self._collector is not None
+        points = self._collector.collect(self.core, now, time.time(), self.journal, extra=self.metrics.stats())
+        self.metrics.send(points)
+
+    def _spill(self, journal: Journal) -> None:
+        """Durable payloads of tasks still queued leave memory; they are read back when dispatched."""
+        while journal.locations:
+            seq, path, offset = journal.locations.popleft()
+            journal.spillable.discard(seq)
+            task = self._spilling.pop(seq, None)
+            if task is not None:
+                self.core.spilled(task, (path, offset))
+
+    def _send(self, sock: Any, frames: list[Any], task_id: str | None) -> None:
+        core = self.core
+        try:
+            send_frames(sock, frames, NOBLOCK)
+            if self.metrics is not None:
+                core.counters["bytes_out"] += sum(map(len, frames))
+            if task_id is not None:
+                core.delivered(task_id)
+        except zmq.ZMQError as exc:
+            if exc.errno not in _UNDELIVERABLE:
+                raise
+            if task_id is not None:
+                core.undeliverable(task_id)
+            else:
+                core.counters["undeliverable"] += 1
+
+    def close(self) -> None:
+        """Close the journal (after writing what is queued) and every socket (idempotent)."""
+        if getattr(self, "journal", None) is not None:
+            assert self.journal is not None
+            self.journal.close()
+            self.journal = None
+        if getattr(self, "metrics", None) is not None:
+            assert self.metrics is not None
+            self.metrics.close()
+            self.metrics = None
+        if getattr(self, "history", None) is not None:
+            assert self.history is not None
+            self.history.close()
+            self.history = None
+        if getattr(self, "pair", None) is not None:
+            assert self.pair is not None
+            self.pair.close()
+        for s in self._routers:
+            if not s.closed:
+                s.close(linger=0)
+        xpub = getattr(self, "xpub", None)
+        if xpub is not None and not xpub.closed:
+            xpub.close(linger=getattr(self, "_xpub_linger", 0))
+        if getattr(self, "auth", None) is not None:
+            assert self.auth is not None
+            self.auth.stop()
+            self.auth = None
+
+
+def write_endpoint_file(path: str, endpoints: dict[str, list[str]]) -> None:
+    """Atomically write the bound endpoints as JSON (readers never see a partial file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**endpoints, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+class BrokerThread:
+    """Run a :class:`Broker` in a background thread (for tests and embedding)."""
+
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.broker = Broker(config)
+        self._thread = threading.Thread(target=self.broker.run, name="orchester-broker", daemon=True)
+
+    def __enter__(self) -> Broker:
+        self._thread.start()
+        return self.broker
+
+    def __exit__(self, *exc: object) -> None:
+        self.broker.stop()
+        self._thread.join(10)

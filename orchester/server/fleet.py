@@ -1,0 +1,134 @@
+"""The satellites the orchestrator knows: registration, credit and liveness (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from orchester.server.tasks import QueueKey, Task
+from tracker import SatelliteState
+
+
+class SatelliteRecord:
+    """One registered satellite: its routing identity, credit and in-flight tasks."""
+
+    __slots__ = (
+        "recover_at", "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
+        "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
+        "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
+    )
+
+    def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
+                 kinds: frozenset[str], now: float, host: str = "", pid: int = 0,
+                 workers: int = 0) -> None:
+        self.sid = sid
+        self.ident = ident
+        self.sock = sock
+        self.slots = slots  #: announced capacity
+        self.credit = slots  #: at most this many tasks in flight (fewer on probation, none draining)
+        self.tags = tags
+        self.kinds = kinds
+        self.state = SatelliteState.JOINING
+        self.inflight: dict[str, Task] = {}
+        self.last_seen = now
+        self.host = host
+        self.pid = pid
+        self.registered = now
+        self.done = 0
+        self.failed = 0
+        self.last_dispatch = 0  #: dispatch sequence number of the last task sent here
+        self.user: str | None = None  #: the name of the key it authenticated with (CurveZMQ)
+        self.workers = workers
+        self.fail_streak = 0  #: consecutive tasks that crashed here (worker died, stalled, never started)
+        #: drained for failing: when it gets a task again, on probation (inf: never, or drained by hand)
+        self.recover_at = float("inf")
+        self.ok_streak = 0  #: consecutive tasks that succeeded here
+        #: kinds that report progress, with their stall timeout (seconds)
+        self.stall_timeouts: dict[str, float] = {}
+        #: versions of what some kinds run (e.g. ``{"genx.fit": "3.8.13"}``)
+        self.versions: dict[str, str] = {}
+        #: when its allocation ends (monotonic; inf: unknown)
+        self.deadline = float("inf")
+        #: what it reports of itself (cpu_percent, rss_mb, task_seconds_avg, …)
+        self.reported: dict[str, float] = {}
+
+    @property
+    def free(self) -> int:
+        """Credit left (never negative)."""
+        return max(0, self.credit - len(self.inflight))
+
+    @property
+    def load(self) -> float:
+        """In-flight tasks over slots (0 idle, 1 full)."""
+        return len(self.inflight) / self.slots if self.slots else 1.0
+
+    def can_run(self, key: QueueKey) -> bool:
+        """Whether this satellite offers the kind and has every required tag."""
+        kind, tags = key
+        return kind in self.kinds and tags <= self.tags
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """A msgpack-friendly summary for status replies and events."""
+        return {
+            "id": self.sid, "state": self.state.name.lower(), "slots": self.slots, "credit": self.credit,
+            "workers": self.workers, "inflight": len(self.inflight), "tags": sorted(self.tags),
+            "kinds": sorted(self.kinds), "host": self.host, "pid": self.pid,
+            "heartbeat_age": round(now - self.last_seen, 3), "done": self.done,
+            "failed": self.failed, "uptime": round(now - self.registered, 3),
+            "fail_streak": self.fail_streak, "versions": self.versions,
+            "walltime_left": None if self.deadline == float("inf") else round(self.deadline - now, 1),
+            "reported": self.reported, "user": self.user,
+        }
+
+
+class Fleet:
+    """Satellites by id and by routing identity, with an eligibility cache per queue key."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, SatelliteRecord] = {}
+        self.by_ident: dict[bytes, SatelliteRecord] = {}
+        self._eligible: dict[QueueKey, list[SatelliteRecord]] = {}
+        self.free_slots = 0
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __iter__(self) -> Any:
+        return iter(list(self.by_id.values()))
+
+    def add(self, sat: SatelliteRecord) -> None:
+        """Add (or replace) a satellite."""
+        self.by_id[sat.sid] = sat
+        self.by_ident[sat.ident] = sat
+        self.changed()
+
+    def remove(self, sat: SatelliteRecord) -> None:
+        """Forget a satellite (its tasks must already have been requeued)."""
+        if self.by_id.get(sat.sid) is sat:
+            del self.by_id[sat.sid]
+        if self.by_ident.get(sat.ident) is sat:
+            del self.by_ident[sat.ident]
+        self.changed()
+
+    def changed(self) -> None:
+        """Invalidate caches after a registration, loss or departure."""
+        self._eligible.clear()
+        self.free_slots = sum(s.free for s in self.by_id.values())
+
+    def eligible(self, key: QueueKey) -> list[SatelliteRecord]:
+        """Satellites able to run tasks of queue ``key`` (cached until the fleet changes)."""
+        sats = self._eligible.get(key)
+        if sats is None:
+            sats = self._eligible[key] = [s for s in self.by_id.values()
+                                          if s.can_run(key) and s.state.accepts_work]
+        return sats
+
+    def offers(self, kind: str) -> bool:
+        """Whether any registered satellite offers ``kind``."""
+        return any(kind in s.kinds for s in self.by_id.values())
+
+    def kinds(self) -> set[str]:
+        """Every kind offered by some satellite."""
+        out: set[str] = set()
+        for s in self.by_id.values():
+            out |= s.kinds
+        return out
