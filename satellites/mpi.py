@@ -148,7 +148,7 @@ def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | Non
     import tempfile
     import time
 
-    from orchester.local.cluster import parent_death_signal
+    from orchester.signals import parent_death_signal
 
     wildcard = bind_host in ("*", "0.0.0.0")
     with tempfile.TemporaryDirectory(prefix="orchester-mpi-") as tmp:

@@ -197,7 +197,7 @@ def test_fit_knows_the_trial_methods_of_the_genx_task() -> None:
 
 
 def test_fit_bars_never_pass_the_number_of_generations() -> None:
-    from orchester.cli.render import fit_progress
+    from orchester.render import fit_progress
 
     # GenX reports the initial population and then every generation: N+1 reports for N generations
     assert fit_progress({"id": "t", "generation": 151, "fom": 0.1}, 150) == ("t", 150.0, "fom 0.1  ? ev/s")
@@ -236,8 +236,8 @@ def _printed(render: Any, width: int) -> str:
 
 @pytest.mark.parametrize("width", [80, 100, 200])
 def test_history_status_show_and_top_print_whole_ids(width: int) -> None:
-    from orchester.cli.render import render_history, render_status, render_task
     from orchester.cli.top import TopModel
+    from orchester.render import render_history, render_status, render_task
 
     text = _printed(lambda c: render_history(_history_rows(), c), width)
     assert all(tid in text for tid in TASK_IDS) and "…" not in text.split("not shown")[0], text
@@ -263,7 +263,7 @@ def _cells(text: str, index: int, sep: str = " ") -> str:
 
 
 def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
-    from orchester.cli.render import render_history
+    from orchester.render import render_history
 
     text = _printed(lambda c: render_history(_history_rows()[:1], c), 80)
     assert "not shown at 80 columns:" in text and "submitted" in text.split("not shown")[1]
@@ -271,7 +271,7 @@ def test_columns_that_do_not_fit_are_left_out_and_named() -> None:
 
 
 def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
-    from orchester.cli.render import render_status
+    from orchester.render import render_status
 
     status = _status()
     status["satellites"][0]["id"] = long_id = "node-" + "x" * 60 + "-end"
@@ -282,7 +282,7 @@ def test_an_id_wider_than_the_terminal_is_folded_never_cut() -> None:
 # -- item 10: history shows a failed task's whole error -------------------------------------------------
 
 def test_history_prints_the_error_type_and_whole_message_wrapped() -> None:
-    from orchester.cli.render import render_history
+    from orchester.render import render_history
 
     message = "ValueError: " + " ".join(f"word{i}" for i in range(80))  # about 500 characters
     row = {**_history_rows()[0], "error": message}

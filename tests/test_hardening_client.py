@@ -212,7 +212,7 @@ FORGED: dict[str, Any] = {
 
 
 def test_clean_text_strips_every_control_character_and_bounds_the_length() -> None:
-    from orchester.cli.render import clean_text
+    from orchester.render import clean_text
 
     out = clean_text("a\x1b[31mb\x9b2Jc\nd\re\tf\x00g\x7fh\u202ei\u2028j\ud800k")
     assert out == "a\ufffd[31mb\ufffd2Jc\ufffdd\ufffde\ufffdf\ufffdg\ufffdh\ufffdi\ufffdj\ufffdk"
@@ -223,7 +223,7 @@ def test_clean_text_strips_every_control_character_and_bounds_the_length() -> No
 
 
 def test_finite_accepts_only_real_finite_numbers() -> None:
-    from orchester.cli.render import clock, finite, fmt
+    from orchester.render import clock, finite, fmt
 
     assert finite(3) == 3.0 and finite(-2.5) == -2.5 and finite(1e308) == 1e308
     for bad in ("boom", "3", True, None, float("nan"), float("inf"), -float("inf"), 10**400, [1], {"a": 1}):
@@ -240,7 +240,7 @@ def test_markup_and_cells_keep_peer_text_literal() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from orchester.cli.render import cell, markup
+    from orchester.render import cell, markup
 
     buf = io.StringIO()
     console = Console(file=buf, width=200)
@@ -255,7 +255,7 @@ def test_markup_and_cells_keep_peer_text_literal() -> None:
 
 
 def test_progress_helpers_survive_forged_fields() -> None:
-    from orchester.cli.render import event_fields, fit_progress, json_safe, progress_bar
+    from orchester.render import event_fields, fit_progress, json_safe, progress_bar
 
     assert progress_bar(FORGED) == (None, None)
     assert progress_bar({"done": 3, "total": 5}) == (3.0, 5.0) and progress_bar({"step": 9, "of": 5}) == (None, None)
@@ -341,7 +341,7 @@ def test_status_show_and_history_tables_survive_forged_text() -> None:
 
     from rich.console import Console
 
-    from orchester.cli.render import render_history, render_status, render_task
+    from orchester.render import render_history, render_status, render_task
 
     evil = "[/]\x1b[2J\x9b1m"
     buf = io.StringIO()

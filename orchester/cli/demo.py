@@ -12,7 +12,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchester.errors import TaskFailed
-from orchester.local.cluster import LocalCluster, interrupt_exit_code, signal_name, stop_on_signals
+from orchester.local.cluster import LocalCluster
+from orchester.signals import interrupt_exit_code, signal_name, stop_on_signals
 
 
 def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds: float = 0.02,
@@ -21,7 +22,7 @@ def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds:
 
     Returns the process exit code: 0 when every task succeeded, 1 otherwise, and 128 + the
     signal number after SIGINT (130), SIGTERM (143) or SIGHUP (129), which stop the local
-    cluster's processes before returning (:func:`~orchester.local.cluster.stop_on_signals`).
+    cluster's processes before returning (:func:`~orchester.signals.stop_on_signals`).
     """
     console = console or Console()
     with stop_on_signals():

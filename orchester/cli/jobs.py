@@ -21,7 +21,7 @@ from orchester.cli.main import (
     unreachable,
     wait_for,
 )
-from orchester.cli.render import clean_text
+from orchester.render import clean_text
 
 #: The differential-evolution trial methods of GenX (``satellites.genx_task.TRIAL_METHODS``, which
 #: this process does not import: it would load GenX).
@@ -76,7 +76,7 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
 
     from orchester.genx.fits import write_summary
     from orchester.genx.job import FitsInterrupted, interrupted_rows
-    from orchester.local.cluster import interrupt_exit_code, signal_name, stop_on_signals
+    from orchester.signals import interrupt_exit_code, signal_name, stop_on_signals
 
     with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP: the local cluster stops; exit 128 + the signal's number
         try:
@@ -199,7 +199,7 @@ def history(connect: tuple[str, ...], state: str | None, kind: str | None, since
         w.writeheader()
         w.writerows(rows)
     else:
-        from orchester.cli.render import render_history
+        from orchester.render import render_history
 
         render_history(rows)
 

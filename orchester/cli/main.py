@@ -272,8 +272,8 @@ def unreachable(connect: list[str] | tuple[str, ...], timeout: float) -> NoRetur
 
 def _ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
     """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused or failed."""
-    from orchester.cli.render import clean_text
     from orchester.errors import OrchesterError, RemoteError, Unreachable
+    from orchester.render import clean_text
 
     with open_client(connect, **client_options) as client:
         try:
@@ -308,8 +308,8 @@ def _parse_arg(text: str) -> Any:
 def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority: int, tags: str,
            task_timeout: float | None, timeout: float, no_wait: bool) -> None:
     """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
-    from orchester.cli.render import clean_block, clean_text
     from orchester.errors import RemoteError, TaskFailed, Unreachable
+    from orchester.render import clean_block, clean_text
 
     with open_client(connect) as client:
         try:
@@ -368,12 +368,12 @@ def _show_progress(fut: Any, stream: Any) -> None:
     """A live bar on stderr from the task's events until its future is done.
 
     Only the events of this task (the exact topic, not a prefix) are shown; every field is
-    checked and cleaned (:mod:`orchester.cli.render`) before it reaches the bar.
+    checked and cleaned (:mod:`orchester.render`) before it reaches the bar.
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from orchester.cli.render import event_fields, markup, progress_bar
+    from orchester.render import event_fields, markup, progress_bar
 
     mine = {f"progress:{fut.task_id}", f"task:{fut.task_id}"}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -411,7 +411,7 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    from orchester.cli.render import render_status
+    from orchester.render import render_status
 
     render_status(st)
 
@@ -448,7 +448,7 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
     if as_json:
         click.echo(json.dumps(task, indent=2, sort_keys=True))
         return
-    from orchester.cli.render import render_task
+    from orchester.render import render_task
 
     render_task(task)
 
@@ -464,7 +464,7 @@ def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) 
 def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], count: int,
           timeout: float, as_json: bool) -> None:
     """Print the event stream (peers' text cleaned of control characters)."""
-    from orchester.cli.render import clean_text, clock, event_fields, json_safe
+    from orchester.render import clean_text, clock, event_fields, json_safe
 
     stream = _ask(connect, timeout, lambda c: c.subscribe(topics, timeout=timeout), pub=pub)
     n = 0

@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchester.cli.render import Column, FittedTable, add_row, cell, clean_text, finite, fmt
 from orchester.metrics.collector import quantiles
+from orchester.render import Column, FittedTable, add_row, cell, clean_text, finite, fmt
 
 #: Most tasks tracked at once (submitted, or running on a satellite); events beyond are not kept.
 MAX_TRACKED = 100_000

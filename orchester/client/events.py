@@ -42,13 +42,13 @@ class Event:
 
     def number(self, key: str, default: float | None = None) -> float | None:
         """Field ``key`` if it is a finite number (not a bool, not a string), else ``default``."""
-        from orchester.cli.render import finite
+        from orchester.render import finite
 
         return finite(self.data.get(key), default)
 
     def text(self, key: str, limit: int = 200) -> str:
         """Field ``key`` as text safe to print: control characters replaced, at most ``limit`` characters."""
-        from orchester.cli.render import clean_text
+        from orchester.render import clean_text
 
         return clean_text(self.data.get(key), limit)
 

@@ -271,11 +271,11 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
 
     Every file is first written under a hidden temporary name in ``out``
     (``.<name>.<random>.part.csv`` …); only when all are complete are they renamed into place,
-    with a stop signal held back meanwhile (:func:`orchester.local.cluster.shielded`). A failure or an
+    with a stop signal held back meanwhile (:func:`orchester.signals.shielded`). A failure or an
     interruption before that removes the temporary files and leaves the previous files (if any)
     as they were.
     """
-    from orchester.local.cluster import shielded
+    from orchester.signals import shielded
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

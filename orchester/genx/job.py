@@ -22,11 +22,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from orchester.cli.render import fit_progress
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError, RemoteError, TaskFailed
 from orchester.genx.fits import FitCache, FitSettings, fit_key, write_outputs, write_summary
-from orchester.local.cluster import Interrupted, interrupt_exit_code, shielded, signal_name
+from orchester.render import fit_progress
+from orchester.signals import Interrupted, interrupt_exit_code, shielded, signal_name
 
 
 def genx_version(client: Client) -> str | None:
@@ -59,7 +59,7 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
 
     Each fit's files are written all or nothing (:func:`~orchester.genx.fits.write_outputs`). A
     :class:`KeyboardInterrupt` (Ctrl-C, or SIGTERM/SIGHUP under
-    :func:`~orchester.local.cluster.stop_on_signals`) keeps the finished fits, asks the orchestrator to
+    :func:`~orchester.signals.stop_on_signals`) keeps the finished fits, asks the orchestrator to
     cancel the unfinished ones, writes ``summary.csv`` with those marked ``interrupted`` and
     raises :class:`FitsInterrupted`.
     """
@@ -93,7 +93,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
               pending: dict[str, tuple[str, Path, Any, str | None, float]], seen: list[int]) -> None:
     """The work of :func:`run_fits`, filling ``rows`` and ``pending`` as it goes (``seen[0]``: files dealt with).
 
-    Each step that changes them is :func:`~orchester.local.cluster.shielded`, so that a stop signal
+    Each step that changes them is :func:`~orchester.signals.shielded`, so that a stop signal
     never falls between a fit's files and its row.
     """
     version = genx_version(client)

@@ -696,7 +696,7 @@ def _run_child(args: list[str], path: Path) -> tuple[dict[str, Any] | None, str]
         raise JournalError(f"journal {path.parent}: cannot start a process to validate {path.name}: "
                            f"{exc.strerror}") from None
     if r.returncode < 0:
-        from orchester.local.cluster import signal_name  # (local imports the client: not at the top of the journal)
+        from orchester.signals import signal_name  # (local imports the client: not at the top of the journal)
 
         return None, f"reading it killed the process reading it ({signal_name(-r.returncode)})"
     lines = r.stdout.decode(errors="replace").strip().splitlines()

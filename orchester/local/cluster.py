@@ -16,17 +16,16 @@ stopped on exit (SIGTERM, then SIGKILL after a grace period) and the folder remo
 
 Signals and hard deaths: on Linux, every process a cluster started from the main thread gets
 SIGTERM from the kernel when the process that started it dies, even by ``kill -9``
-(``prctl(PR_SET_PDEATHSIG)``, see :func:`parent_death_signal`); the satellites then stop their
-workers. Commands that run a cluster (``orchester fit``, ``orchester demo``) wrap their work in
-:func:`stop_on_signals`, which turns SIGINT, SIGTERM and SIGHUP into :class:`Interrupted` in the
-main thread, so that :meth:`LocalCluster.close` runs; :meth:`LocalCluster.close` itself is
-:func:`shielded`: a signal that arrives while it stops the processes waits until it is done.
+(:func:`~orchester.signals.parent_death_signal`); the satellites then stop their workers.
+Commands that run a cluster (``orchester fit``, ``orchester demo``) wrap their work in
+:func:`~orchester.signals.stop_on_signals`, so that :meth:`LocalCluster.close` runs on SIGINT,
+SIGTERM and SIGHUP; :meth:`LocalCluster.close` itself is :func:`~orchester.signals.shielded`: a
+signal that arrives while it stops the processes waits until it is done.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -36,174 +35,20 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import FrameType
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError
+from orchester.signals import parent_death_signal, shielded
 
 log = logging.getLogger("orchester.local.cluster")
 
 
 class ClusterError(OrchesterError, RuntimeError):
     """A process of the local cluster did not start."""
-
-
-# ---------------------------------------------------------------- signals
-#: The signals that stop a command running a local cluster: Ctrl-C, ``kill``/``timeout``/batch
-#: schedulers/systemd, and a closed terminal.
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal, raised in the main thread under :func:`stop_on_signals`.
-
-    A :class:`KeyboardInterrupt`, so code that already cleans up after Ctrl-C does the same for
-    SIGTERM and SIGHUP. :attr:`exit_code` is the shell's convention, 128 + the signal number.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal_name(signum)}")
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
-        return 128 + self.signum
-
-
-def signal_name(signum: int) -> str:
-    """``SIGTERM`` for 15 (the number itself for a signal Python does not name)."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
-
-def interrupt_exit_code(exc: BaseException) -> int:
-    """The exit code after ``exc``: :attr:`Interrupted.exit_code`, else 130 (a plain Ctrl-C)."""
-    return exc.exit_code if isinstance(exc, Interrupted) else 128 + signal.SIGINT
-
-
-class _SignalState:
-    """What the handler of :func:`stop_on_signals` has seen (main thread only)."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None  #: the first stop signal
-        self.pending: int | None = None  #: a signal held back by :func:`shielded`
-        self.shield = 0  #: depth of nested :func:`shielded` blocks
-
-
-_state = _SignalState()
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _on_stop_signal(signum: int, frame: FrameType | None) -> None:
-    if _state.received is not None:  # the shutdown is under way (and bounded): let it finish
-        log.warning("%s received while stopping: still stopping", signal_name(signum))
-        return
-    _state.received = signum
-    if _state.shield:
-        _state.pending = signum
-        return
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
-    """Raise :class:`Interrupted` in the main thread at the first of ``signals``; later ones are ignored.
-
-    The first signal starts a clean shutdown (``finally`` blocks and context managers run, a
-    :class:`LocalCluster` closes); signals that follow are logged and ignored, so that the
-    shutdown, which is bounded, is not cut short. A signal this process ignores when the block is
-    entered (``nohup``, a background job of a script) stays ignored. The previous handlers come
-    back when the block ends. Outside the main thread this does nothing.
-    """
-    if not _main_thread():
-        yield
-        return
-    previous: dict[int, Any] = {}
-    for sig in signals:
-        old = signal.getsignal(sig)
-        if old == signal.SIG_IGN:
-            continue
-        previous[sig] = old
-        signal.signal(sig, _on_stop_signal)
-    saved = (_state.received, _state.pending)
-    _state.received = _state.pending = None
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        _state.received, _state.pending = saved
-
-
-@contextlib.contextmanager
-def shielded() -> Iterator[None]:
-    """Hold back a stop signal of :func:`stop_on_signals` until the block is done, then raise it.
-
-    For short work that must not be left half done (stopping processes, renaming files into
-    place). Only the handler of :func:`stop_on_signals` is held back: Python's default SIGINT
-    handler still raises at once. Outside the main thread this does nothing.
-    """
-    if not _main_thread():
-        yield
-        return
-    _state.shield += 1
-    try:
-        yield
-    finally:
-        _state.shield -= 1
-        if not _state.shield and _state.pending is not None:
-            signum, _state.pending = _state.pending, None
-            raise Interrupted(signum)
-
-
-# ---------------------------------------------------------- parent death
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Any:
-    """libc's ``prctl`` (Linux), resolved once at import so that no child has to look it up."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-_prctl = _load_prctl()
-
-
-def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
-    """A ``preexec_fn`` making the child receive ``sig`` when this process dies, even by ``kill -9``.
-
-    ``None`` where it cannot work: not Linux, or not in the main thread (the kernel signals the
-    child when the *thread* that started it ends, and only the main thread lasts as long as the
-    process). The function only makes one system call (``prctl`` is resolved beforehand), as
-    code run between ``fork`` and ``exec`` must.
-    """
-    if _prctl is None or not _main_thread():
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0 and os.getppid() != parent:
-            os._exit(1)  # the parent died between fork and prctl: nobody wants this child
-
-    return preexec
 
 
 #: The longest ``ipc://`` path the kernel accepts (``sun_path`` less its final NUL).
@@ -305,7 +150,7 @@ class LocalCluster:
         """Start a process of the cluster (``private``: files it creates are this user's only).
 
         It gets SIGTERM if this process dies without stopping it (:func:`parent_death_signal`),
-        and it is recorded before a stop signal can interrupt (:func:`shielded`).
+        and it is recorded before a stop signal can interrupt (:func:`~orchester.signals.shielded`).
         """
         with shielded():
             p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, umask=0o077 if private else -1,
@@ -413,7 +258,7 @@ class LocalCluster:
     def close(self, grace: float = 5.0) -> None:
         """Stop every client and process started (SIGTERM, then SIGKILL) and remove the private folder.
 
-        A stop signal that arrives meanwhile (under :func:`stop_on_signals`) is raised once
+        A stop signal that arrives meanwhile (under :func:`~orchester.signals.stop_on_signals`) is raised once
         everything is stopped, never halfway.
         """
         with shielded():

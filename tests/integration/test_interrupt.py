@@ -222,7 +222,7 @@ def test_kill_9_of_a_satellite_takes_its_busy_workers_down() -> None:
 
 
 def test_a_cluster_started_from_the_main_thread_asks_for_the_parent_death_signal() -> None:
-    from orchester.local.cluster import parent_death_signal
+    from orchester.signals import parent_death_signal
 
     assert parent_death_signal() is not None
     result: list[Any] = []
@@ -318,7 +318,7 @@ def test_a_model_is_written_all_or_nothing(tmp_path: Path, monkeypatch: pytest.M
 def test_a_stop_signal_waits_for_the_files_to_be_renamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under stop_on_signals, SIGTERM during the renames is raised once every file is in place."""
     from orchester.genx import fits
-    from orchester.local.cluster import Interrupted, stop_on_signals
+    from orchester.signals import Interrupted, stop_on_signals
 
     real = os.replace
     calls = []
