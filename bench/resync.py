@@ -37,6 +37,7 @@ from orchester.config import OrchestratorConfig  # noqa: E402
 from orchester.ha import resync  # noqa: E402
 from orchester.ha.pair import Pair  # noqa: E402
 from orchester.server.core import Orchestrator  # noqa: E402
+from orchester.server.ports import Ports  # noqa: E402
 from serializers import pack  # noqa: E402
 from serializers import protocol as P  # noqa: E402
 
@@ -47,8 +48,7 @@ class Half:
     def __init__(self, ctx: zmq.Context[Any], primary: bool, mine: str, peer: str) -> None:
         cfg = OrchestratorConfig(ha="primary" if primary else "backup", state_bind=mine, peer=peer,
                                  ha_heartbeat=1.0, max_client_tasks=10**7, max_client_bytes=2**40)
-        self.core = Orchestrator(cfg, time.monotonic())
-        self.core.journal_out = []
+        self.core = Orchestrator(cfg, time.monotonic(), ports=Ports(journal=True))
         self.seq = 0
         self.pair = Pair(cfg, ctx, self.core, "router", time.monotonic(), None, lambda: self.seq)
         self.longest = 0.0
@@ -58,8 +58,8 @@ class Half:
         now = time.monotonic()
         self.pair.apply(self.pair.drain(now), now)
         self.pair.tick(now)
-        self.seq += len(self.core.journal_out)  # queued tasks: their records are in the snapshot
-        self.core.journal_out.clear()
+        self.seq += len(self.core.outbox.records)  # queued tasks: their records are in the snapshot
+        self.core.outbox.records.clear()
         self.pair.flush()
         self.longest = max(self.longest, time.perf_counter() - t0)
 
@@ -93,7 +93,7 @@ def pair_run(n: int, payload: bytes, slice_s: float, tmp: str) -> dict[str, floa
         t0 = time.perf_counter()
         b.pair.fold.finish(fresh, time.monotonic(), "router")
         takeover = time.perf_counter() - t0
-        assert len(fresh.tasks) == n
+        assert len(fresh.state.tasks) == n
         return {"longest": a.longest, "passive": b.longest, "synced": synced, "takeover": takeover}
     finally:
         a.pair.close()

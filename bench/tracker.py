@@ -153,8 +153,8 @@ def full_core(n: int) -> dict[str, float]:
         for f in frames:
             core.handle("c", f, 1.0)
         core.housekeeping(1.0)  # n dispatches
-        core.out.clear()
-        ids = list(core.tasks)
+        core.outbox.messages.clear()
+        ids = list(core.state.tasks)
         for i in range(0, n, 1000):
             core.handle("s", [sat, P.SIGNATURE, P.STARTED,
                               pack({"t": [[tid, 1] for tid in ids[i:i + 1000]]})], 2.0)
@@ -168,11 +168,11 @@ def full_core(n: int) -> dict[str, float]:
     for i in range(m):
         core2.handle("c", [b"c", P.SIGNATURE, P.SUBMIT, pack({"id": f"e{i}", "k": "k", "ttl": 5.0}), *body], 0.0)
     core2.housekeeping(0.0)
-    core2.out.clear()
+    core2.outbox.take_messages()
     t0 = time.perf_counter()
     core2.housekeeping(6.0)
     expiry = time.perf_counter() - t0
-    assert core2.counters["expired"] == m
+    assert core2.state.counters["expired"] == m
     return {"bytes_per_task": per_task, "transitions_per_s": 3 * n / dt, "expire_s": expiry, "expired": m}
 
 

@@ -22,6 +22,7 @@ from orchester.ha.star import (
     compile_table,
 )
 from orchester.server.core import Orchestrator
+from orchester.server.ports import Ports
 from orchester.server.restore import BARRIER, RestoreFold, snapshot
 from serializers import pack
 from serializers import protocol as P
@@ -146,8 +147,7 @@ def _submit(core: Orchestrator, tid: str, now: float = 0.0) -> None:
 
 
 def test_a_snapshot_rebuilds_the_same_table_and_a_barrier_supersedes_older_records() -> None:
-    active = _core()
-    active.journal_out = []
+    active = Orchestrator(OrchestratorConfig(), 0.0, wall=lambda: 1000.0, ports=Ports(journal=True))
     for i in range(5):
         _submit(active, f"t{i}")
     records: list[Any] = list(snapshot(active))
@@ -158,10 +158,10 @@ def test_a_snapshot_rebuilds_the_same_table_and_a_barrier_supersedes_older_recor
         fold.add(rec)
     passive = _core()
     counts = fold.finish(passive, 0.0, "router")
-    assert sorted(passive.tasks) == [f"t{i}" for i in range(5)]
+    assert sorted(passive.state.tasks) == [f"t{i}" for i in range(5)]
     assert counts == {"requeued": 5}
-    assert [bytes(f) for f in passive.tasks["t3"].payload] == [b"body-t3"]
-    assert all(t.state is TaskState.PENDING for t in passive.tasks.values())
+    assert [bytes(f) for f in passive.state.tasks["t3"].payload] == [b"body-t3"]
+    assert all(t.state is TaskState.PENDING for t in passive.state.tasks.values())
 
 
 def test_in_flight_tasks_wait_for_their_satellite_then_run_again() -> None:
@@ -172,11 +172,11 @@ def test_in_flight_tasks_wait_for_their_satellite_then_run_again() -> None:
     core = _core()
     counts = fold.finish(core, 0.0, "router", reclaim=3.0)
     assert counts == {"requeued": 1, "reclaimable": 1}
-    assert "a" in core.reclaim and len(core.queues) == 0
+    assert "a" in core.state.reclaim and len(core.state.queues) == 0
     core.housekeeping(2.9)
-    assert "a" in core.reclaim
+    assert "a" in core.state.reclaim
     core.housekeeping(3.0)
-    assert not core.reclaim and len(core.queues) == 1
+    assert not core.state.reclaim and len(core.state.queues) == 1
 
 
 def test_a_re_registering_satellite_gets_its_running_task_back() -> None:
@@ -187,9 +187,9 @@ def test_a_re_registering_satellite_gets_its_running_task_back() -> None:
     fold.finish(core, 0.0, "router", reclaim=3.0)
     core.handle("s", [b"sat", P.SIGNATURE, P.REGISTER, pack(
         {"sid": "sat-1", "slots": 2, "kinds": ["echo"], "running": [["a", 2], ["unknown", 1]]})], 0.5)
-    task = core.tasks["a"]
+    task = core.state.tasks["a"]
     assert task.state is TaskState.RUNNING and task.attempt == 2 and task.satellite == "sat-1"
-    assert core.counters["adopted"] == 1 and core.counters["adopt_refused"] == 1
+    assert core.state.counters["adopted"] == 1 and core.state.counters["adopt_refused"] == 1
     done = pack({"id": "a", "a": 2, "ok": True, "sat": "sat-1"})
     core.handle("s", [b"sat", P.SIGNATURE, P.DONE, done, b"result"], 0.6)
     assert task.state is TaskState.DONE
@@ -207,10 +207,10 @@ def test_docs_show_the_table_as_it_is() -> None:
 def test_metrics_carry_the_pair_state_and_its_counters() -> None:
     from orchester.metrics.collector import Collector
 
-    core = _core()
-    core.ha_status = lambda now: {"state": "passive", "peer_alive": True, "replication": "follower"}
-    core.counters["ha_refused"] += 3
-    core.counters["failovers"] += 1
+    core = Orchestrator(OrchestratorConfig(), 0.0, wall=lambda: 1000.0, ports=Ports(
+        ha_status=lambda now: {"state": "passive", "peer_alive": True, "replication": "follower"}))
+    core.state.counters["ha_refused"] += 3
+    core.state.counters["failovers"] += 1
     points = {name: value for name, _, value in Collector("o").collect(core, 0.0, 1000.0)}
     assert points["o.ha.state"] == 4 and points["o.ha.peer_alive"] == 1 and points["o.ha.replicating"] == 0
     assert points["o.counters.ha_refused"] == 3 and points["o.counters.failovers"] == 1

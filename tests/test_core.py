@@ -8,6 +8,7 @@ import pytest
 
 from orchester.config import OrchestratorConfig
 from orchester.server.core import Orchestrator
+from orchester.server.ports import Ports
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 from tracker import TaskState
@@ -24,11 +25,16 @@ class Harness:
         self.now = 100.0
         self.core = Orchestrator(OrchestratorConfig(**base), self.now, wall=lambda: 1234.5)
 
+    def use_ports(self, **ports: Any) -> Orchestrator:
+        """A fresh core with these :class:`~orchester.server.ports.Ports` (before any message)."""
+        self.core = Orchestrator(self.core.cfg, self.now, ports=Ports(**ports), wall=lambda: 1234.5)
+        return self.core
+
     def tick(self, dt: float = 0.0, undeliverable: tuple[str, ...] = ()) -> list[tuple[Any, list[Any], Any]]:
         """Run housekeeping and 'send' what it produced, as the adapter would."""
         self.now += dt
         self.core.housekeeping(self.now)
-        out, self.core.out = self.core.out, []
+        out = self.core.outbox.take_messages()
         for _, _, tid in out:
             if tid is not None:
                 if tid in undeliverable:
@@ -85,7 +91,7 @@ def test_submit_is_acked_then_dispatched_within_credit() -> None:
     results = of(out, P.RESULT)
     assert len(results) == 1 and results[0][0] == b"cli" and unpack(results[0][3])["id"] == "t0"
     assert dispatched_ids(out) == ["t2"]
-    assert h.core.tasks["t0"].state is TaskState.DONE
+    assert h.core.state.tasks["t0"].state is TaskState.DONE
 
 
 def test_priority_first_then_fifo() -> None:
@@ -128,7 +134,7 @@ def test_a_blocked_queue_does_not_block_others() -> None:
     h.submit("any")
     out = h.tick()
     assert dispatched_ids(out) == ["any"]
-    assert h.core.tasks["needs-gpu"].state is TaskState.PENDING
+    assert h.core.state.tasks["needs-gpu"].state is TaskState.PENDING
 
 
 def test_unknown_kind_is_refused_when_satellites_exist() -> None:
@@ -140,7 +146,7 @@ def test_unknown_kind_is_refused_when_satellites_exist() -> None:
     assert len(err) == 1
     hdr = unpack(err[0][3])
     assert hdr["code"] == P.E_UNKNOWN_KIND and hdr["id"] == "x" and "echo" in hdr["msg"]
-    assert h.core.counters["errors.unknown_kind"] == 1
+    assert h.core.state.counters["errors.unknown_kind"] == 1
 
 
 def test_lost_satellite_requeues_with_a_new_attempt_and_stale_results_are_dropped() -> None:
@@ -153,8 +159,8 @@ def test_lost_satellite_requeues_with_a_new_attempt_and_stale_results_are_droppe
     h.tick(2.0)
     h.send(S, b, P.HEARTBEAT, {"sid": "b"})
     out = h.tick(1.5)  # a silent for 3.5 s > 3 × 1 s
-    assert "a" not in h.core.fleet.by_id and h.core.counters["satellites_lost"] == 1
-    assert h.core.tasks["t"].state is TaskState.RETRY and h.core.tasks["t"].crashes == 1
+    assert "a" not in h.core.state.fleet.by_id and h.core.state.counters["satellites_lost"] == 1
+    assert h.core.state.tasks["t"].state is TaskState.RETRY and h.core.state.tasks["t"].crashes == 1
     assert not of(out, P.DISPATCH)  # back-off first
     h.send(S, b, P.HEARTBEAT, {"sid": "b"})
     out = h.tick(0.6)
@@ -164,7 +170,7 @@ def test_lost_satellite_requeues_with_a_new_attempt_and_stale_results_are_droppe
     out = h.tick()
     assert of(out, P.RECONNECT) and not of(out, P.RESULT)
     h.done(b, "t", attempt=1)  # an old attempt on the new satellite: stale
-    assert not of(h.tick(), P.RESULT) and h.core.counters["stale_results"] == 1
+    assert not of(h.tick(), P.RESULT) and h.core.state.counters["stale_results"] == 1
     h.done(b, "t", attempt=2)
     assert len(of(h.tick(), P.RESULT)) == 1
 
@@ -177,7 +183,7 @@ def test_heartbeats_keep_a_satellite_and_are_sent_every_interval() -> None:
         out = h.tick(1.0)
         assert [f[0] for f in of(out, P.HEARTBEAT)] == [sat]
         h.send(S, sat, P.HEARTBEAT, {"sid": "a"})
-    assert "a" in h.core.fleet.by_id
+    assert "a" in h.core.state.fleet.by_id
     assert h.core.next_wakeup(h.now) <= 1.0
 
 
@@ -197,8 +203,8 @@ def test_a_task_that_keeps_crashing_is_quarantined_with_its_history() -> None:
     states = [a["state"] for a in err["attempts"]]
     assert states == ["pending", "dispatched", "running", "stalled", "pending", "dispatched", "running",
                       "stalled", "quarantined"]  # a result implies the task had started
-    assert h.core.tasks["t"].state is TaskState.QUARANTINED and h.core.counters["quarantined"] == 1
-    assert len(h.core.fleet) == 2  # the satellites survive
+    assert h.core.state.tasks["t"].state is TaskState.QUARANTINED and h.core.state.counters["quarantined"] == 1
+    assert len(h.core.state.fleet) == 2  # the satellites survive
 
 
 def test_satellite_reregistration_requeues_its_tasks() -> None:
@@ -222,7 +228,7 @@ def test_a_registration_again_from_the_same_session_keeps_its_tasks() -> None:
     h.register("a", slots=1)  # the same routing id: the same session
     out = h.tick()
     assert of(out, P.WELCOME) and not of(out, P.DISPATCH)
-    assert h.core.tasks["t"].attempt == 1 and h.core.counters["registered_again"] == 1
+    assert h.core.state.tasks["t"].attempt == 1 and h.core.state.counters["registered_again"] == 1
 
 
 def test_failed_task_result_is_forwarded() -> None:
@@ -234,7 +240,7 @@ def test_failed_task_result_is_forwarded() -> None:
     h.done(sat, "t", ok=False)
     res = of(h.tick(), P.RESULT)
     assert unpack(res[0][3])["err"]["type"] == "ValueError"
-    assert h.core.tasks["t"].state is TaskState.FAILED and h.core.counters["failed"] == 1
+    assert h.core.state.tasks["t"].state is TaskState.FAILED and h.core.state.counters["failed"] == 1
 
 
 def test_cancel_pending_and_running() -> None:
@@ -252,11 +258,11 @@ def test_cancel_pending_and_running() -> None:
     out = h.tick()
     abort = of(out, P.ABORT)
     assert abort and abort[0][0] == sat and unpack(abort[0][3]) == {"id": "run", "a": 1}
-    assert h.core.fleet.by_id["s1"].free == 1  # the lease is revoked at once
+    assert h.core.state.fleet.by_id["s1"].free == 1  # the lease is revoked at once
     h.done(sat, "run", ok=False, etype=P.ERR_CANCELLED)  # the satellite confirms the kill
     out = h.tick()
     assert not of(out, P.RESULT)  # the client already had its answer
-    assert h.core.counters["stale_results"] == 1
+    assert h.core.state.counters["stale_results"] == 1
     h.send(C, b"cli", P.CANCEL, {"id": "nope", "rid": 3})
     assert unpack(of(h.tick(), P.ERROR)[0][3])["code"] == P.E_UNKNOWN_TASK
 
@@ -271,7 +277,7 @@ def test_task_timeout_aborts_and_fails() -> None:
     out = h.tick(5.1)
     assert of(out, P.ABORT)[0][0] == sat
     assert unpack(of(out, P.RESULT)[0][3])["err"]["type"] == P.ERR_TIMEOUT
-    assert h.core.counters["timeouts"] == 1
+    assert h.core.state.counters["timeouts"] == 1
 
 
 def test_duplicate_submit_is_idempotent_and_resends_a_finished_result() -> None:
@@ -287,7 +293,7 @@ def test_duplicate_submit_is_idempotent_and_resends_a_finished_result() -> None:
     assert not of(out, P.DISPATCH)
     res = of(out, P.RESULT)
     assert len(res) == 1 and res[0][0] == b"cli2"
-    assert h.core.counters["duplicate_submits"] == 1 and h.core.counters["submitted"] == 1
+    assert h.core.state.counters["duplicate_submits"] == 1 and h.core.state.counters["submitted"] == 1
 
 
 def test_fetch_by_id_from_another_client() -> None:
@@ -316,9 +322,9 @@ def test_results_are_retained_within_bounds_and_undelivered_ones_kept_longest() 
         h.done(sat, f"t{i}")
         h.tick(undeliverable=("t0",))  # the adapter could not hand t0 over
     h.tick()
-    assert len(h.core.results) == 3
-    assert "t0" in h.core.results and h.core.results.undelivered() == ["t0"]
-    assert set(h.core.tasks) == {"t0", "t4", "t5"}  # finished tasks leave with their results
+    assert len(h.core.state.results) == 3
+    assert "t0" in h.core.state.results and h.core.state.results.undelivered() == ["t0"]
+    assert set(h.core.state.tasks) == {"t0", "t4", "t5"}  # finished tasks leave with their results
 
 
 def test_queue_limit_gives_busy() -> None:
@@ -350,7 +356,7 @@ def test_bad_messages_get_structured_errors(frames: list[bytes], code: str) -> N
     assert len(out) == 1
     assert out[0][1][0] == b"x" and out[0][1][2] == P.ERROR
     assert unpack(out[0][1][3])["code"] == code
-    assert h.core.counters["bad_messages"] == 1
+    assert h.core.state.counters["bad_messages"] == 1
 
 
 def test_errors_are_never_answered_with_errors() -> None:
@@ -358,7 +364,7 @@ def test_errors_are_never_answered_with_errors() -> None:
     h.core.handle(C, [b"x", P.SIGNATURE, P.ERROR, b"\xc1"], h.now)
     h.send(C, b"x", P.ERROR, {"code": "malformed", "msg": "you"})
     assert h.tick() == []
-    assert h.core.counters["bad_messages"] == 1 and h.core.counters["peer_errors"] == 1
+    assert h.core.state.counters["bad_messages"] == 1 and h.core.state.counters["peer_errors"] == 1
 
 
 def test_oversized_message_is_refused() -> None:
@@ -370,7 +376,7 @@ def test_oversized_message_is_refused() -> None:
     out = h.tick()
     assert unpack(of(out, P.ERROR)[0][3]) == {"code": P.E_TOO_LARGE, "msg": "message exceeds 1000 bytes",
                                              "id": "big"}
-    assert "big" not in h.core.tasks
+    assert "big" not in h.core.state.tasks
 
 
 def test_unknown_satellite_is_asked_to_reconnect() -> None:
@@ -385,7 +391,7 @@ def test_client_ping_is_answered_with_the_epoch() -> None:
     h = Harness()
     h.send(C, b"c", P.HEARTBEAT, {})
     out = h.tick()
-    assert unpack(of(out, P.HEARTBEAT)[0][3]) == {"e": h.core.epoch}
+    assert unpack(of(out, P.HEARTBEAT)[0][3]) == {"e": h.core.state.epoch}
 
 
 def test_status_reports_tasks_queues_and_satellites() -> None:
@@ -408,27 +414,27 @@ def test_events_only_when_subscribed_and_strategy_switch_is_published() -> None:
     h.tick()
     h.submit("quiet")
     h.tick()
-    assert h.core.pub == []
+    assert h.core.outbox.events == []
     h.core.subscription(b"\x01task:")
     h.core.subscription(b"\x01control:")
     h.submit("loud")
     h.tick()
-    topics = [f[0] for f in h.core.pub]
+    topics = [f[0] for f in h.core.outbox.events]
     assert topics == [b"task:loud", b"task:loud"]
-    assert [unpack(f[1])["state"] for f in h.core.pub] == ["pending", "dispatched"]
-    h.core.pub.clear()
+    assert [unpack(f[1])["state"] for f in h.core.outbox.events] == ["pending", "dispatched"]
+    h.core.outbox.events.clear()
     h.send(C, b"c", P.CONTROL, {"op": "strategy", "name": "round_robin", "rid": 1})
     out = h.tick()
     assert unpack(of(out, P.REPLY)[0][3]) == {"strategy": "round_robin", "previous": "least_loaded", "rid": 1}
-    assert h.core.strategy.name == "round_robin"
-    assert h.core.pub[0][0] == b"control:strategy"
-    assert unpack(h.core.pub[0][1])["new"] == "round_robin"
+    assert h.core.state.strategy.name == "round_robin"
+    assert h.core.outbox.events[0][0] == b"control:strategy"
+    assert unpack(h.core.outbox.events[0][1])["new"] == "round_robin"
     h.core.subscription(b"\x00task:")
     h.core.subscription(b"\x00control:")
-    h.core.pub.clear()
+    h.core.outbox.events.clear()
     h.submit("quiet2")
     h.tick()
-    assert h.core.pub == []
+    assert h.core.outbox.events == []
 
 
 def test_progress_is_published_without_reencoding() -> None:
@@ -438,11 +444,11 @@ def test_progress_is_published_without_reencoding() -> None:
     h.core.subscription(b"\x01")  # everything
     h.submit("t")
     h.tick()
-    h.core.pub.clear()
+    h.core.outbox.events.clear()
     raw = pack({"id": "t", "a": 1, "step": 3})
     h.send(S, sat, P.PROGRESS, raw, raw=True)
-    assert h.core.pub[-1] == [b"progress:t", raw]  # forwarded as received
-    assert unpack(h.core.pub[0][1])["state"] == "running"  # progress implies the task started
+    assert h.core.outbox.events[-1] == [b"progress:t", raw]  # forwarded as received
+    assert unpack(h.core.outbox.events[0][1])["state"] == "running"  # progress implies the task started
 
 
 def test_satellite_leave_requeues_at_once() -> None:
@@ -469,17 +475,17 @@ def test_per_client_limits_refuse_with_a_structured_error_and_free_up_with_resul
     errors = [unpack(f[3]) for f in of(out, P.ERROR)]
     assert [(e["code"], e["id"]) for e in errors] == [(P.E_LIMIT, "a3")]
     assert "max-client-tasks" in errors[0]["msg"]
-    assert h.core.client_load[b"alice"][0] == 3 and h.core.client_load[b"bob"][0] == 1
+    assert h.core.state.client_load[b"alice"][0] == 3 and h.core.state.client_load[b"bob"][0] == 1
     h.done(sat, "a0")
     h.tick()
-    assert h.core.client_load[b"alice"][0] == 2
+    assert h.core.state.client_load[b"alice"][0] == 2
     h.submit("a3", client=b"alice")  # room again
     out = h.tick()
-    assert not of(out, P.ERROR) and "a3" in h.core.tasks
+    assert not of(out, P.ERROR) and "a3" in h.core.state.tasks
     big = b"x" * 20_000
     h.send(C, b"carol", P.SUBMIT, {"id": "c0", "k": "echo", "c": "msgpack"}, big)
     err = unpack(of(h.tick(), P.ERROR)[0][3])
-    assert err["code"] == P.E_LIMIT and "max-client-bytes" in err["msg"] and b"carol" not in h.core.client_load
+    assert err["code"] == P.E_LIMIT and "max-client-bytes" in err["msg"] and b"carol" not in h.core.state.client_load
 
 
 def test_a_client_takes_a_reply_larger_than_a_request_header() -> None:

@@ -48,29 +48,29 @@ def test_core_survives_any_frames_and_still_serves(messages: list[Any], garbage:
     now += 1e6  # every timer a fuzzed message may have armed fires
     core.housekeeping(now)
     # nothing a peer sends is our own error: never a handler error, never a failing timer
-    assert core.counters["handler_errors"] == 0 and core.counters["timer_errors"] == 0
+    assert core.state.counters["handler_errors"] == 0 and core.state.counters["timer_errors"] == 0
     # the running counts status replies read agree with the table
-    assert sum(core.state_counts) == len(core.tasks)
-    assert [core.state_counts[s] for s in TaskState] == [sum(t.state is s for t in core.tasks.values())
+    assert sum(core.state.state_counts) == len(core.state.tasks)
+    assert [core.state.state_counts[s] for s in TaskState] == [sum(t.state is s for t in core.state.tasks.values())
                                                           for s in TaskState]
-    assert dict(core.pending_kinds) == core.queues.depth()
+    assert dict(core.state.pending_kinds) == core.state.queues.depth()
     for frames in garbage:
         core.handle("sock", [b"g", *frames], now)
     core.housekeeping(now)
     # a normal task still goes through
-    core.out.clear()
+    core.outbox.messages.clear()
     core.handle("sock", [b"good-sat", P.SIGNATURE, P.REGISTER,
                          pack({"sid": "good", "slots": 1, "kinds": ["echo"]})], now)
     _, body = encode([[1], {}])
     core.handle("sock", [b"good-cli", P.SIGNATURE, P.SUBMIT, pack({"id": "good-task", "k": "echo"}), *body], now)
     for _ in range(200):  # fuzzed tasks may be ahead of ours in the queue: finish them as they come
         core.housekeeping(now)
-        dispatched = [f for _, f, _ in core.out if f[0] == b"good-sat" and f[2] == P.DISPATCH]
-        core.out.clear()
+        dispatched = [f for _, f, _ in core.outbox.messages if f[0] == b"good-sat" and f[2] == P.DISPATCH]
+        core.outbox.messages.clear()
         for f in dispatched:
             hdr = unpack(f[3])
             core.handle("sock", [b"good-sat", P.SIGNATURE, P.DONE,
                                  pack({"id": hdr["id"], "a": hdr["a"], "ok": True})], now)
-        if core.tasks["good-task"].state is TaskState.DONE:
+        if core.state.tasks["good-task"].state is TaskState.DONE:
             break
-    assert core.tasks["good-task"].state is TaskState.DONE
+    assert core.state.tasks["good-task"].state is TaskState.DONE

@@ -34,7 +34,8 @@ def test_a_refused_submit_changes_nothing() -> None:
         h.submit(f"x{n}", **{key: 1e308})
     out = h.tick()
     assert len(of(out, P.ERROR)) == 4 and not of(out, P.ACK)
-    assert not h.core.tasks and not len(h.core.queues) and not h.core.client_load and h.core.queued_bytes == 0
+    st = h.core.state
+    assert not st.tasks and not len(st.queues) and not st.client_load and st.queued_bytes == 0
     h.send(C, b"cli", P.HISTORY, {"rid": 1})
     reply = unpack(of(h.tick(), P.REPLY)[0][3])
     assert reply["rows"] == []
@@ -53,17 +54,17 @@ def test_one_failing_timer_is_counted_and_the_others_fire() -> None:
     h.submit("a")
     h.submit("b")
     h.tick()
-    original = h.core._on_timer
+    original = h.core.life.on_timer
 
     def broken(tid: str, code: int, now: float) -> None:
         if tid == "a":
             raise OverflowError("cannot convert float infinity to integer")
         original(tid, code, now)
 
-    h.core._on_timer = broken  # type: ignore[method-assign]
+    h.core.life.on_timer = broken  # type: ignore[method-assign]
     h.tick(2.0)
-    assert h.core.counters["timer_errors"] == 1
-    assert h.core.tasks["b"].state is TaskState.EXPIRED
+    assert h.core.state.counters["timer_errors"] == 1
+    assert h.core.state.tasks["b"].state is TaskState.EXPIRED
 
 
 def test_replay_skips_a_record_a_live_server_would_refuse() -> None:
@@ -91,9 +92,9 @@ def test_status_counts_tasks_without_walking_them() -> None:
     for i in range(3):
         h.done(sat, f"t{i}")
     h.tick()
-    assert h.core.status(h.now)["tasks"] == {"done": 2, "dispatched": 2}  # one done task left the retention
-    states = [t.state for t in h.core.tasks.values()]
-    assert sum(h.core.state_counts) == len(states)
+    assert h.core.requests.status(h.now)["tasks"] == {"done": 2, "dispatched": 2}  # one done task left the retention
+    states = [t.state for t in h.core.state.tasks.values()]
+    assert sum(h.core.state.state_counts) == len(states)
 
 
 def test_the_memory_history_is_paged() -> None:
@@ -141,8 +142,8 @@ def test_an_identity_belongs_to_the_first_key_and_a_contest_stops_deliveries() -
 def test_results_go_only_to_a_connection_of_the_owners_key() -> None:
     h = Harness()
     keys = {"alice": object(), "sat": object(), "bob": object()}
-    h.core.identify = lambda name: type("Who", (), {"name": name, "roles": frozenset(
-        {"submit", "satellite"})})() if name in keys else None
+    h.use_ports(identify=lambda name: type("Who", (), {"name": name, "roles": frozenset(
+        {"submit", "satellite"})})() if name in keys else None)
     _, body = encode([[1], {}])
     h.core.handle(S, [b"s", P.SIGNATURE, P.REGISTER, pack({"sid": "s", "slots": 1, "kinds": ["echo"]})], h.now,
                   "sat")
@@ -151,7 +152,7 @@ def test_results_go_only_to_a_connection_of_the_owners_key() -> None:
     h.core.handle(C, [b"c:a", P.SIGNATURE, P.HEARTBEAT, pack({})], h.now, "bob")  # bob on alice's id
     h.core.handle(S, [b"s", P.SIGNATURE, P.DONE, pack({"id": "t", "a": 1, "ok": True})], h.now, "sat")
     out = h.tick()
-    assert not of(out, P.RESULT) and h.core.counters["results_withheld"] == 1
+    assert not of(out, P.RESULT) and h.core.state.counters["results_withheld"] == 1
     h.core.handle(C, [b"c:b", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 1})], h.now, "alice")
     assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:b"]
 
@@ -159,17 +160,17 @@ def test_results_go_only_to_a_connection_of_the_owners_key() -> None:
 def test_a_satellite_id_is_bound_to_its_key_and_adoption_needs_the_tags() -> None:
     h = Harness()
     roles = frozenset({"submit", "satellite"})
-    h.core.identify = lambda name: type("Who", (), {"name": name, "roles": roles})() if name else None
-    h.core.journal_out = []
+    h.use_ports(identify=lambda name: type("Who", (), {"name": name, "roles": roles})() if name else None,
+                journal=True)
     reg = {"sid": "s", "slots": 1, "kinds": ["echo"]}
     h.core.handle(S, [b"s1", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "sat")
     h.core.handle(S, [b"s2", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "impostor")
     errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
     assert [e["code"] for e in errors] == [P.E_FORBIDDEN]
-    assert h.core.fleet.by_id["s"].ident == b"s1"
-    assert ["K", "s", "sat"] == h.core.journal_out[0][:3]
+    assert h.core.state.fleet.by_id["s"].ident == b"s1"
+    assert ["K", "s", "sat"] == h.core.outbox.records[0][:3]
     fold = RestoreFold()
-    fold.add(h.core.journal_out[0])
+    fold.add(h.core.outbox.records[0])
     assert fold.sat_keys == {"s": "sat"}
 
 
@@ -204,20 +205,20 @@ def test_a_forged_progress_is_not_published() -> None:
     h.send(S, other, P.PROGRESS, {"id": "t", "a": 1, "fom": "boom"})
     h.send(S, sat, P.PROGRESS, {"id": "t", "a": 2, "fom": 1.0})
     h.send(S, sat, P.PROGRESS, {"id": "t", "a": True, "fom": 1.0})
-    assert not h.core.pub and h.core.counters["progress_refused"] == 3
+    assert not h.core.outbox.events and h.core.state.counters["progress_refused"] == 3
     h.send(S, sat, P.PROGRESS, {"id": "t", "a": 1, "fom": 1.0})
-    assert [f[0] for f in h.core.pub] == [b"progress:t"]
+    assert [f[0] for f in h.core.outbox.events] == [b"progress:t"]
 
 
 def test_slots_are_cut_and_revocation_cancels_a_keys_work() -> None:
     h = Harness(max_slots=8)
     h.register("big", slots=1_000_000)
-    assert h.core.fleet.by_id["big"].slots == 8
+    assert h.core.state.fleet.by_id["big"].slots == 8
     h.submit("mine", tags=["nobody"])
-    h.core.tasks["mine"].owner = "bob"
+    h.core.state.tasks["mine"].owner = "bob"
     counts = h.core.revoke({"bob"}, h.now)
-    assert counts["tasks"] == 1 and h.core.tasks["mine"].state is TaskState.CANCELLED
-    err = unpack(h.core.results.get("mine").frames[2])["err"]  # type: ignore[union-attr]
+    assert counts["tasks"] == 1 and h.core.state.tasks["mine"].state is TaskState.CANCELLED
+    err = unpack(h.core.state.results.get("mine").frames[2])["err"]  # type: ignore[union-attr]
     assert err["type"] == P.ERR_REVOKED
 
 
@@ -259,7 +260,7 @@ def test_a_client_that_reads_gets_every_result_and_one_that_does_not_is_held() -
     for i in range(6):
         h.send(S, sat, P.DONE, {"id": f"t{i}", "a": 1, "ok": True, "c": "msgpack"}, b"x" * 90)
     sent = [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)]
-    assert sent == ["t0", "t1"] and h.core.counters["results_waiting"] == 4
+    assert sent == ["t0", "t1"] and h.core.state.counters["results_waiting"] == 4
     h.send(C, b"cli", P.HEARTBEAT, {"rx": 2})
     assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["t2", "t3"]
     h.send(C, b"cli", P.HEARTBEAT, {"rx": 4})
@@ -291,7 +292,7 @@ def _keyed(h: Harness, admins: tuple[str, ...] = ("ops",)) -> None:
         roles = {"submit", "satellite"} | ({"admin"} if name in admins else set())
         return type("Who", (), {"name": name, "roles": frozenset(roles), "kinds": None})()
 
-    h.core.identify = identify
+    h.use_ports(identify=identify)
 
 
 def _alice_task_on_sat(h: Harness) -> None:
@@ -313,7 +314,7 @@ def test_a_header_nested_too_deep_is_refused_before_anything_prints_it() -> None
         h.send(C, b"cli", cmd, hdr, b"\xc0")
     errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
     assert [e["code"] for e in errors] == [P.E_MALFORMED, P.E_MALFORMED]  # an ERROR is never answered
-    assert all("deeper" in e["msg"] for e in errors) and h.core.counters["handler_errors"] == 0
+    assert all("deeper" in e["msg"] for e in errors) and h.core.state.counters["handler_errors"] == 0
 
 
 def test_a_result_error_of_the_wrong_shape_is_replaced() -> None:
@@ -323,7 +324,7 @@ def test_a_result_error_of_the_wrong_shape_is_replaced() -> None:
     h.tick()
     h.send(S, sat, P.DONE, {"id": "t", "a": 1, "ok": False, "err": [1]})
     (res,) = of(h.tick(), P.RESULT)
-    assert unpack(res[3])["err"]["type"] == "BadResult" and h.core.counters["bad_results"] == 1
+    assert unpack(res[3])["err"]["type"] == "BadResult" and h.core.state.counters["bad_results"] == 1
 
 
 def test_an_admin_fetch_does_not_take_the_owners_delivery() -> None:
@@ -335,7 +336,7 @@ def test_an_admin_fetch_does_not_take_the_owners_delivery() -> None:
     assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:a"]  # the owner's connection still gets it
     h.core.handle(C, [b"c:o", P.SIGNATURE, P.FETCH, pack({"id": "t", "rid": 2})], h.now, "ops")
     assert [f[0] for f in of(h.tick(), P.RESULT)] == [b"c:o"]  # and the admin a copy, once it is there
-    assert h.core.tasks["t"].client == b"c:a"
+    assert h.core.state.tasks["t"].client == b"c:a"
 
 
 def test_the_memory_history_shows_error_messages_of_ones_own_tasks_only() -> None:
@@ -365,7 +366,7 @@ def test_with_keys_a_satellite_cannot_claim_a_queued_task_after_a_restart() -> N
         reg = {"sid": "m1", "slots": 1, "kinds": ["echo"], "running": [["t", 1]]}
         h.core.handle(S, [b"m", P.SIGNATURE, P.REGISTER, pack(reg)], h.now, "mallory" if keyed else None)
         h.tick()
-        assert (h.core.tasks["t"].state is TaskState.RUNNING) is not keyed
+        assert (h.core.state.tasks["t"].state is TaskState.RUNNING) is not keyed
 
 
 def test_work_of_a_key_revoked_while_the_server_was_down_is_cancelled_at_restore() -> None:
@@ -375,10 +376,11 @@ def test_work_of_a_key_revoked_while_the_server_was_down_is_cancelled_at_restore
         fold.add(["S", tid, b"c", pack({"id": tid, "k": "echo"}), list(body), 1.0, None, owner])
     h = Harness()
     _keyed(h)
-    known = h.core.identify
-    h.core.identify = lambda name: None if name == "bob" else known(name)  # type: ignore[misc]
+    known = h.core.ports.identify
+    assert known is not None
+    h.use_ports(identify=lambda name: None if name == "bob" else known(name))
     fold.finish(h.core, h.now, C)
-    assert h.core.tasks["a"].state is TaskState.PENDING and h.core.tasks["b"].state is TaskState.CANCELLED
+    assert h.core.state.tasks["a"].state is TaskState.PENDING and h.core.state.tasks["b"].state is TaskState.CANCELLED
 
 
 def test_ids_with_control_characters_are_refused() -> None:

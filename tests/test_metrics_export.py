@@ -24,6 +24,6 @@ def test_a_counter_first_seen_later_is_exported_too() -> None:
     collector = Collector("o")
     first = {name for name, _, _ in collector.collect(core, 0.0, 1000.0)}
     assert {f"o.counters.{n}" for n in ALWAYS_EXPORTED} <= first
-    core.counters["errors.malformed"] += 2
+    core.state.counters["errors.malformed"] += 2
     points = {name: value for name, _, value in collector.collect(core, 1.0, 1001.0)}
     assert points["o.counters.errors_malformed"] == 2 and points["o.counters.submitted"] == 0

@@ -21,6 +21,7 @@ from orchester.ha import resync
 from orchester.ha.pair import Pair
 from orchester.ha.star import HAState
 from orchester.server.core import Orchestrator
+from orchester.server.ports import Ports
 from orchester.server.restore import BARRIER
 from serializers import pack
 from serializers import protocol as P
@@ -34,8 +35,7 @@ class Server:
     def __init__(self, ctx: zmq.Context[Any], primary: bool, mine: str, peer: str) -> None:
         cfg = OrchestratorConfig(ha="primary" if primary else "backup", state_bind=mine, peer=peer,
                                  ha_heartbeat=0.5)
-        self.core = Orchestrator(cfg, time.monotonic())
-        self.core.journal_out = []
+        self.core = Orchestrator(cfg, time.monotonic(), ports=Ports(journal=True))
         self.seq = 0
         self.pair = Pair(cfg, ctx, self.core, "router", time.monotonic(), None, lambda: self.seq)
 
@@ -52,10 +52,10 @@ class Server:
         now = time.monotonic()
         self.pair.apply(self.pair.drain(now), now)
         self.pair.tick(now)
-        for record in self.core.journal_out:
+        for record in self.core.outbox.records:
             self.seq += 1
             self.pair.replicate(self.seq, record)
-        self.core.journal_out.clear()
+        self.core.outbox.records.clear()
         self.pair.flush()
 
 
@@ -89,7 +89,7 @@ def run_until(a: Server, b: Server, done: Any, seconds: float = 30.0, each: Any 
 
 
 def in_sync(a: Server, b: Server) -> bool:
-    return a.pair.synced and b.pair.stream == a.core.epoch and b.pair.applied == a.seq
+    return a.pair.synced and b.pair.stream == a.core.state.epoch and b.pair.applied == a.seq
 
 
 def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_it(
@@ -114,9 +114,9 @@ def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_i
     assert len(during) >= chunks - 2
     assert sorted(during) == during
     assert set(b.pair.fold.tasks) == {f"t{i}" for i in range(N)} | {f"late{j}" for j in range(10)}
-    assert a.core.counters["ha_snapshots_sent"] == 1
-    assert b.core.counters["ha_snapshots_received"] == 1
-    assert b.core.counters["ha_stream_gaps"] == 0
+    assert a.core.state.counters["ha_snapshots_sent"] == 1
+    assert b.core.state.counters["ha_snapshots_received"] == 1
+    assert b.core.state.counters["ha_stream_gaps"] == 0
     assert a.pair.replication_mode(time.monotonic()) == "sync"
 
     a.submit("after")  # and the stream goes on
@@ -142,9 +142,9 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
 
     run_until(a, b, lambda: in_sync(a, b), each=drop_the_third_chunk)
     assert cut == [1, 2]
-    assert b.core.counters["ha_stream_gaps"] >= 1
-    assert a.core.counters["ha_snapshots_sent"] >= 2  # the broken one, then a whole one
-    assert b.core.counters["ha_snapshots_received"] == 1
+    assert b.core.state.counters["ha_stream_gaps"] >= 1
+    assert a.core.state.counters["ha_snapshots_sent"] >= 2  # the broken one, then a whole one
+    assert b.core.state.counters["ha_snapshots_received"] == 1
     assert len(b.pair.fold.tasks) == N
 
 
@@ -171,7 +171,7 @@ def test_records_of_the_wake_up_that_brings_sync_are_covered_once(servers: tuple
     run_until(a, b, lambda: in_sync(a, b))
     assert cancelled
     for tid, history in b.pair.fold.history.items():
-        assert [r[1] for r in history.rows()] == [r[1] for r in a.core.tasks[tid].history.rows()], tid
+        assert [r[1] for r in history.rows()] == [r[1] for r in a.core.state.tasks[tid].history.rows()], tid
 
 
 def test_a_takeover_in_the_middle_of_a_snapshot_drops_it(
@@ -192,7 +192,7 @@ def test_the_snapshot_describes_the_table_as_it_was_when_captured(servers: tuple
     out = resync.OutgoingSnapshot(a.core, 7)
     assert out.q == 7 and not out.done
     a.core.handle("c", [b"client", P.SIGNATURE, P.CANCEL, pack({"id": "two"})], time.monotonic())
-    assert a.core.tasks["two"].state.terminal  # changed after the capture ...
+    assert a.core.state.tasks["two"].state.terminal  # changed after the capture ...
     a.submit("three")  # ... and a task the capture does not know
     records = out.chunk()
     assert out.done

@@ -95,11 +95,11 @@ def test_started_moves_dispatched_to_running() -> None:
     sat = h.register()
     h.submit("t")
     h.tick()
-    assert h.core.tasks["t"].state is TaskState.DISPATCHED
+    assert h.core.state.tasks["t"].state is TaskState.DISPATCHED
     started(h, sat, ("t", 2), ("nope", 1))  # wrong attempt and unknown ids are ignored
-    assert h.core.tasks["t"].state is TaskState.DISPATCHED
+    assert h.core.state.tasks["t"].state is TaskState.DISPATCHED
     started(h, sat, ("t", 1))
-    assert h.core.tasks["t"].state is TaskState.RUNNING
+    assert h.core.state.tasks["t"].state is TaskState.RUNNING
     h.send("sat", sat, P.STARTED, {"t": ["bad"]})
     assert unpack(of(h.tick(), P.ERROR)[0][3])["code"] == P.E_MALFORMED
 
@@ -118,8 +118,8 @@ def test_dispatch_timeout_stalls_and_reroutes() -> None:
     d = of(out, P.DISPATCH)
     assert d[0][0] == b and unpack(d[0][3]) == {"id": "t", "a": 2}
     # not started with a free worker: the satellite's fault (blamed), not a crash of the task
-    assert h.core.tasks["t"].crashes == 0 and h.core.counters["stalled"] == 1
-    assert h.core.fleet.by_id["a"].fail_streak == 1
+    assert h.core.state.tasks["t"].crashes == 0 and h.core.state.counters["stalled"] == 1
+    assert h.core.state.fleet.by_id["a"].fail_streak == 1
 
 
 def test_a_prefetched_task_waits_for_a_busy_worker_without_stalling() -> None:
@@ -132,7 +132,7 @@ def test_a_prefetched_task_waits_for_a_busy_worker_without_stalling() -> None:
     h.send("sat", b"id-a", P.STARTED, {"t": [["long", 1]]})
     for _ in range(10):
         h.tick(1.0)
-    assert h.core.tasks["next"].state is TaskState.DISPATCHED and h.core.counters["stalled"] == 0
+    assert h.core.state.tasks["next"].state is TaskState.DISPATCHED and h.core.state.counters["stalled"] == 0
 
 
 def test_progress_stall_timeout_only_for_kinds_that_report_progress() -> None:
@@ -146,13 +146,13 @@ def test_progress_stall_timeout_only_for_kinds_that_report_progress() -> None:
         h.tick(4.0)
         h.send("sat", sat, P.PROGRESS, {"id": "scanning", "a": 1, "done": 1})
         h.send("sat", sat, P.HEARTBEAT, {"sid": "s1"})
-    assert h.core.tasks["scanning"].state is TaskState.RUNNING
+    assert h.core.state.tasks["scanning"].state is TaskState.RUNNING
     h.tick(5.1)
-    assert h.core.tasks["scanning"].crashes == 1  # stalled, rerouted (here: to the same satellite)
-    assert h.core.tasks["scanning"].attempt == 2
-    assert h.core.tasks["quiet"].state is TaskState.RUNNING  # no progress expected from it
+    assert h.core.state.tasks["scanning"].crashes == 1  # stalled, rerouted (here: to the same satellite)
+    assert h.core.state.tasks["scanning"].attempt == 2
+    assert h.core.state.tasks["quiet"].state is TaskState.RUNNING  # no progress expected from it
     assert any(a["state"] == "stalled" and "no progress for 5s" in a["reason"]
-               for a in h.core.attempts(h.core.tasks["scanning"]))
+               for a in h.core.life.attempts(h.core.state.tasks["scanning"]))
 
 
 def test_configured_stall_timeout_overrides_the_kinds() -> None:
@@ -164,7 +164,7 @@ def test_configured_stall_timeout_overrides_the_kinds() -> None:
     h.tick(1.0)
     h.send("sat", sat, P.HEARTBEAT, {"sid": "s1"})
     h.tick(1.1)
-    assert h.core.tasks["s"].crashes == 1
+    assert h.core.state.tasks["s"].crashes == 1
 
 
 def test_max_run_time_fails_and_kills() -> None:
@@ -179,7 +179,7 @@ def test_max_run_time_fails_and_kills() -> None:
     out = h.tick(1.1)
     assert of(out, P.ABORT)[0][0] == sat
     assert unpack(of(out, P.RESULT)[0][3])["err"]["type"] == P.ERR_MAX_RUN
-    assert h.core.tasks["long"].state is TaskState.FAILED
+    assert h.core.state.tasks["long"].state is TaskState.FAILED
 
 
 def test_queue_ttl_expires_a_task_nobody_can_run() -> None:
@@ -195,12 +195,12 @@ def test_queue_ttl_expires_a_task_nobody_can_run() -> None:
     out = h.tick(5.1)
     err = unpack(of(out, P.RESULT)[0][3])["err"]
     assert err["type"] == P.ERR_EXPIRED and "no satellite offers kind 'echo' with tags ['gpu']" in err["msg"]
-    assert h.core.tasks["gpu"].state is TaskState.EXPIRED
-    assert h.core.tasks["default-ttl"].state is TaskState.PENDING
+    assert h.core.state.tasks["gpu"].state is TaskState.EXPIRED
+    assert h.core.state.tasks["default-ttl"].state is TaskState.PENDING
     for _ in range(5):
         h.send("sat", b"id-s1", P.HEARTBEAT, {"sid": "s1"})
         h.tick(5.0)
-    assert h.core.tasks["default-ttl"].state is TaskState.EXPIRED and h.core.counters["expired"] == 2
+    assert h.core.state.tasks["default-ttl"].state is TaskState.EXPIRED and h.core.state.counters["expired"] == 2
 
 
 def test_retry_backoff_doubles() -> None:
@@ -225,12 +225,12 @@ def test_silent_satellite_gets_no_work_until_heard() -> None:
     sat = h.register("a", slots=2)
     h.tick()
     h.tick(2.5)
-    assert h.core.fleet.by_id["a"].state is SatelliteState.SILENT
+    assert h.core.state.fleet.by_id["a"].state is SatelliteState.SILENT
     h.submit("t")
     assert not dispatched_ids(h.tick())
     h.send("sat", sat, P.HEARTBEAT, {"sid": "a"})
     out = h.tick()
-    assert h.core.fleet.by_id["a"].state is SatelliteState.BUSY and dispatched_ids(out) == ["t"]
+    assert h.core.state.fleet.by_id["a"].state is SatelliteState.BUSY and dispatched_ids(out) == ["t"]
 
 
 def test_probation_halves_credit_then_drains_then_promotes() -> None:
@@ -238,7 +238,7 @@ def test_probation_halves_credit_then_drains_then_promotes() -> None:
     h = Harness(probation_after=2, drain_after=4, retries=1, probation_cooldown=30.0, heartbeat_interval=100.0)
     sat = h.register("a", slots=4)
     h.tick()
-    rec = h.core.fleet.by_id["a"]
+    rec = h.core.state.fleet.by_id["a"]
     for i in range(2):
         h.submit(f"f{i}")
         h.tick()
@@ -262,12 +262,12 @@ def test_probation_halves_credit_then_drains_then_promotes() -> None:
     h2.submit("x")
     h2.tick()
     h2.done(s2, "x", **died)
-    assert h2.core.fleet.by_id["b"].state is SatelliteState.PROBATION
+    assert h2.core.state.fleet.by_id["b"].state is SatelliteState.PROBATION
     for i in range(3):
         h2.submit(f"ok{i}")
         h2.tick()
         h2.done(s2, f"ok{i}")
-    assert h2.core.fleet.by_id["b"].state is SatelliteState.IDLE and h2.core.fleet.by_id["b"].credit == 2
+    assert h2.core.state.fleet.by_id["b"].state is SatelliteState.IDLE and h2.core.state.fleet.by_id["b"].credit == 2
 
 
 def test_task_exceptions_never_put_a_satellite_on_probation() -> None:
@@ -279,9 +279,9 @@ def test_task_exceptions_never_put_a_satellite_on_probation() -> None:
         h.submit(f"fail{i}")
         h.tick()
         h.done(sat, f"fail{i}", ok=False, etype="RuntimeError")
-    rec = h.core.fleet.by_id["a"]
+    rec = h.core.state.fleet.by_id["a"]
     assert rec.state is SatelliteState.IDLE and rec.credit == 4
-    assert h.core.counters["failed"] == 20
+    assert h.core.state.counters["failed"] == 20
 
 
 def test_an_operator_drain_is_for_good() -> None:
@@ -290,7 +290,7 @@ def test_an_operator_drain_is_for_good() -> None:
     h.tick()
     h.send(C, b"ops", P.CONTROL, {"op": "drain", "sid": "a", "rid": 1})
     h.tick(5.0)
-    assert h.core.fleet.by_id["a"].state is SatelliteState.DRAINING
+    assert h.core.state.fleet.by_id["a"].state is SatelliteState.DRAINING
 
 
 def test_satellite_events_are_published() -> None:
@@ -299,7 +299,7 @@ def test_satellite_events_are_published() -> None:
     h.register("a")
     h.tick(2.5)
     h.tick(1.0)
-    states = [unpack(f[1])["state"] for f in h.core.pub if f[0] == b"sat:a"]
+    states = [unpack(f[1])["state"] for f in h.core.outbox.events if f[0] == b"sat:a"]
     assert states == ["idle", "silent", "lost"]
 
 
@@ -328,12 +328,12 @@ def test_late_result_after_a_reroute_is_discarded() -> None:
     for _ in range(3):
         h.send("sat", b, P.HEARTBEAT, {"sid": "b"})
         h.tick(1.0)
-    assert "a" not in h.core.fleet.by_id
+    assert "a" not in h.core.state.fleet.by_id
     h.done(b, "t", attempt=2)
     assert len(of(h.tick(), P.RESULT)) == 1
     h.send("sat", a, P.REGISTER, {"sid": "a", "slots": 1, "kinds": ["echo"]})  # wakes up (SIGCONT)
     h.done(a, "t", attempt=1)
-    assert not of(h.tick(), P.RESULT) and h.core.counters["stale_results"] == 1
+    assert not of(h.tick(), P.RESULT) and h.core.state.counters["stale_results"] == 1
     _ = pack
 
 
@@ -348,5 +348,5 @@ def test_tasks_with_a_duration_go_only_where_the_allocation_lasts() -> None:
     out = h.tick()
     where = {unpack(f[3])["id"]: f[0] for f in of(out, P.DISPATCH)}
     assert where["big"] == b"id-long" and where["quick"] == b"id-short" and "huge" not in where
-    st = h.core.status(h.now)
+    st = h.core.requests.status(h.now)
     assert {s["id"]: s["walltime_left"] for s in st["satellites"]} == {"short": 100.0, "long": 3600.0}

@@ -68,15 +68,13 @@ class Pair(PairRequests):
         self.core = core  #: the orchestrator core (snapshots are taken from it; a takeover fills it)
         self.router = router  #: the socket key restored tasks answer their clients on
         self.exit_code = 0  #: set when this server must stop (a backup stepping down from a dual active)
-        core.ha_control = self.control
-        core.ha_status = self.describe
         #: ``CONTROL peer_link`` (cut or restore the peer link) is honoured only with this set
         self.fault_hooks = os.environ.get("ORCHESTER_FAULT_HOOKS") == "1"
-        self.epoch: str = core.epoch
+        self.epoch: str = core.state.epoch
         self.last_seq = last_seq  #: the number of the last record this server journaled
         self.star = BinaryStar(config.ha == "primary", config.ha_heartbeat, now)
         self.sync = config.replication == "sync"
-        self.counters = core.counters
+        self.counters = core.state.counters
         self._append = append  #: writes a replicated record to the local journal, returns its seq
         self.pub = ctx.socket(zmq.PUB)
         self.pub.linger = 0
@@ -208,9 +206,9 @@ class Pair(PairRequests):
             self._ack_progress = now
         if not self.synced and self.follower and self.acked >= self.snap_seq:
             self.synced = True
-            self.core.pub.append([b"ha:replication", pack({"mode": "sync" if self.sync else "async",
+            self.core.outbox.publish([b"ha:replication", pack({"mode": "sync" if self.sync else "async",
                                                            "why": "the passive is in sync", "e": self.epoch,
-                                                           "t": self.core.wall()})])
+                                                           "t": self.core.state.wall()})])
             log.info("the passive is in sync at record %d: replication %s", self.acked,
                      "synchronous" if self.sync else "asynchronous")
 
@@ -315,7 +313,7 @@ class Pair(PairRequests):
         # snapshot this one replaces); and the table already shows what the records of this
         # wake-up say, numbered at its end: it covers those too (:meth:`replicate` skips them)
         self._batch = []
-        q = self.last_seq() + len(self.core.journal_out or ())
+        q = self.last_seq() + len(self.core.outbox.records or ())
         self.outgoing = OutgoingSnapshot(self.core, q)
         self.follower, self.synced, self.snap_seq = True, False, q
         self._sent_upto = q
@@ -380,8 +378,8 @@ class Pair(PairRequests):
                 self._batch, self.outgoing = [], None
                 self.counters["ha_peer_lost"] += 1
                 log.warning("%s: acknowledging on local durability alone", why)
-                self.core.pub.append([b"ha:replication", pack({"mode": "local", "why": why, "e": self.epoch,
-                                                               "t": self.core.wall()})])
+                self.core.outbox.publish([b"ha:replication", pack({"mode": "local", "why": why, "e": self.epoch,
+                                                               "t": self.core.state.wall()})])
             self._pump()
 
     def apply(self, changes: list[Change], now: float) -> None:
@@ -389,25 +387,25 @@ class Pair(PairRequests):
         core = self.core
         for change in changes:
             row = change.row
-            wall = core.wall()
+            wall = core.state.wall()
             if change.before is not change.after:
                 log.warning("binary star: %s -> %s: %s", change.before.name, change.after.name, row.why)
-                core.pub.append([b"ha:state", pack({
+                core.outbox.publish([b"ha:state", pack({
                     "state": change.after.name.lower(), "was": change.before.name.lower(),
                     "role": self.star.role, "why": row.why, "e": self.epoch, "t": wall})])
-                core.counters[f"ha_to_{change.after.name.lower()}"] += 1
+                core.state.counters[f"ha_to_{change.after.name.lower()}"] += 1
                 if change.after is HAState.ACTIVE:
                     self._activate(change.before, now)
             if row.alarm is not None:
                 log.error("binary star alarm (%s): %s", row.alarm, row.why)
-                core.counters[f"ha_{row.alarm}"] += 1
-                core.pub.append([b"ha:alarm", pack({"alarm": row.alarm, "why": row.why, "role": self.star.role,
+                core.state.counters[f"ha_{row.alarm}"] += 1
+                core.outbox.publish([b"ha:alarm", pack({"alarm": row.alarm, "why": row.why, "role": self.star.role,
                                                     "state": self.star.state.name.lower(), "e": self.epoch,
                                                     "t": wall})])
                 if row.alarm == DUAL_ACTIVE and not self.star.primary and self.star.state is HAState.ACTIVE:
                     log.critical("dual active: this backup stops serving and exits; the tasks it accepted "
                                  "while cut off stay in its journal")
-                    core.pub.append([b"ha:state", pack({"state": "stopped", "was": "active", "role": "backup",
+                    core.outbox.publish([b"ha:state", pack({"state": "stopped", "was": "active", "role": "backup",
                                                         "why": "dual active: the backup steps down",
                                                         "e": self.epoch, "t": wall})])
                     self._next_state = now  # one last state message, so that the primary learns it too
@@ -421,10 +419,10 @@ class Pair(PairRequests):
         fold, self.fold = self.fold, RestoreFold(keep_finished=core.cfg.result_retention)
         counts = fold.finish(core, now, self.router, reclaim=core.cfg.lost_after)
         if before is HAState.PASSIVE:
-            core.counters["failovers"] += 1
+            core.state.counters["failovers"] += 1
         self.stream = None
         log.warning("active with %d task(s): %d finished, %d to run (%d awaiting their satellite)",
-                    len(core.tasks), counts.get("finished", 0), counts.get("requeued", 0),
+                    len(core.state.tasks), counts.get("finished", 0), counts.get("requeued", 0),
                     counts.get("reclaimable", 0))
 
     def next_wakeup(self, now: float) -> float:

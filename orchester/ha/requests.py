@@ -56,10 +56,10 @@ class PairRequests:
             self.apply([change], now)
         if serve:
             return True
-        core.counters["ha_refused"] += 1
+        core.state.counters["ha_refused"] += 1
         ids = {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
         state = self.star.state.name.lower()
-        core.out.append((sock, [bytes(frames[0]), *error_frames(
+        core.outbox.messages.append((sock, [bytes(frames[0]), *error_frames(
             P.E_NOT_ACTIVE, f"this orchestrator is {state} ({self.star.role}); ask its peer", **ids)], None))
         return False
 

@@ -46,7 +46,7 @@ class OutgoingSnapshot:
         with gc_paused():
             self.items = capture(core)
         self.q = q  #: the last record the snapshot covers; the stream resumes at ``q + 1``
-        self.barrier: list[Any] = [BARRIER, "", core.wall()]
+        self.barrier: list[Any] = [BARRIER, "", core.state.wall()]
         self.next = 0  #: the next task to describe
         self.index = 0  #: the next chunk's number
         self.records = 0  #: records sent so far
@@ -61,7 +61,7 @@ class OutgoingSnapshot:
         out: list[list[Any]] = [self.barrier] if self.index == 0 else []
         if self.index == 0:  # which key each satellite id belongs to
             wall = self.barrier[2]
-            out.extend(["K", sid, user, wall] for sid, user in self.core.sat_keys.items())
+            out.extend(["K", sid, user, wall] for sid, user in self.core.state.sat_keys.items())
         items, core = self.items, self.core
         while len(out) < SNAP_CHUNK and self.next < len(items):
             out.extend(task_records(core, items[self.next]))

@@ -75,13 +75,13 @@ class Collector:
         def add(name: str, value: float) -> None:
             points.append((f"{p}.{name}", wall, float(value)))
 
-        counters = core.counters
+        counters = core.state.counters
         # every counter the orchestrator keeps (those that have not moved yet as zeros, once known)
         for name in sorted(ALWAYS_EXPORTED.union(counters, self._last)):
             value = counters.get(name, 0)
             add(f"counters.{safe(name)}", value - self._last[name])
             self._last[name] = value
-        ha = core.ha_status(now) if core.ha_status is not None else None
+        ha = core.ports.ha_status(now) if core.ports.ha_status is not None else None
         if ha:  # binary star: this server's state (1 primary, 2 backup, 3 active, 4 passive) and its link
             from orchester.ha.star import HAState
 
@@ -90,38 +90,38 @@ class Collector:
             add("ha.replicating", 1.0 if ha["replication"] in ("sync", "async") else 0.0)
         from tracker import TaskState
 
-        for kind, per_state in sorted(core.kind_counts.items()):
+        for kind, per_state in sorted(core.state.kind_counts.items()):
             for state, n in zip(TaskState, per_state, strict=True):
                 if n:
                     add(f"tasks.{safe(kind)}.{state.name.lower()}", n)
-        core.kind_counts.clear()
+        core.state.kind_counts.clear()
         depth: Counter[tuple[str, int]] = Counter()
-        if len(core.queues) <= 100_000:  # beyond, per kind only (a full scan would cost too much)
-            for task in core.queues:
+        if len(core.state.queues) <= 100_000:  # beyond, per kind only (a full scan would cost too much)
+            for task in core.state.queues:
                 depth[(task.kind, task.priority)] += 1
             for (kind, prio), n in depth.items():
                 add(f"queue.{safe(kind)}.priority_{prio}", n)
-        for kind, n in core.pending_kinds.items():
+        for kind, n in core.state.pending_kinds.items():
             add(f"queue.{safe(kind)}.depth", n)
-        add("queue.total", len(core.queues))
-        states = Counter(s.state.name.lower() for s in core.fleet)
+        add("queue.total", len(core.state.queues))
+        states = Counter(s.state.name.lower() for s in core.state.fleet)
         for sat_state in ("joining", "idle", "busy", "silent", "probation", "draining"):
             add(f"satellites.{sat_state}", states.get(sat_state, 0))
-        for sat in core.fleet:
+        for sat in core.state.fleet:
             base = f"satellite.{safe(sat.sid)}"
             add(f"{base}.inflight", len(sat.inflight))
             add(f"{base}.busy_ratio", sat.load)
             for key, value in sat.reported.items():
                 add(f"{base}.{safe(key)}", value)
         by_kind: dict[str, list[float]] = {}
-        for kind, seconds in core.latencies:
+        for kind, seconds in core.state.latencies:
             by_kind.setdefault(kind, []).append(seconds)
-        core.latencies.clear()
+        core.state.latencies.clear()
         for kind, values in by_kind.items():
             for q, value in quantiles(values).items():
                 add(f"latency.{safe(kind)}.{q}", value if q == "count" else value * 1000.0)
-        add("tasks.in_memory", len(core.tasks))
-        add("results.retained", len(core.results))
+        add("tasks.in_memory", len(core.state.tasks))
+        add("results.retained", len(core.state.results))
         if journal is not None:
             stats = journal.take_stats()
             add("journal.batches", stats["batches"])

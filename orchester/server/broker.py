@@ -43,7 +43,10 @@ from orchester.security.auth import (
 )
 from orchester.server.core import Orchestrator
 from orchester.server.gate import ReleaseGate, gate_bound
+from orchester.server.ports import Ports
+from orchester.server.restore import restore
 from serializers import protocol as P
+from serializers.header import ProtocolError
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("orchester")
@@ -62,7 +65,6 @@ class Broker:
     def __init__(self, config: OrchestratorConfig, context: zmq.Context[Any] | None = None) -> None:
         self.config = config.validate()
         self.ctx = context or zmq.Context.instance()
-        self.core = Orchestrator(config, time.monotonic())
         self._stop = threading.Event()
         self._routers: list[zmq.Socket[Any]] = []
         self.endpoints: dict[str, list[str]] = {"bind": [], "satellite_bind": [], "pub": []}
@@ -77,8 +79,6 @@ class Broker:
             # the pair's peer link has its own ZAP domain, where only the server key gets in
             self.auth = CurveAuthenticator(self.ring, self.ctx, peer_keys=[self.curve[0]])
             self.auth.start()
-            self.core.identify = self.ring.by_name
-            self.core.use_subscriptions(self.core.subscriptions(keys=True))
             log.info("CurveZMQ on: %d authorised key(s) in %s", len(self.ring), config.authorized_keys)
             for err in self.ring.errors:
                 log.warning("authorised keys: skipped %s", err)
@@ -86,6 +86,15 @@ class Broker:
         if exposed and not config.secure:
             log.warning("--insecure: %s reachable beyond this machine without authentication or encryption",
                         ", ".join(exposed))
+        self.pair: Pair | None = None
+        # the core's connections, declared once: records go to a journal and/or a passive peer; the pair's
+        # view and operations are looked up when asked (the pair is made after the core, around it)
+        self.core = Orchestrator(config, time.monotonic(), ports=Ports(
+            identify=self.ring.by_name if self.ring is not None else None,
+            journal=bool(config.ha or config.journal), history_reader=bool(config.journal),
+            metrics=bool(config.carbon), load_spilled=load_spilled,
+            pub_endpoints=lambda: self.endpoints["pub"],
+            ha_status=self._ha_status if config.ha else None, ha_control=self._ha_control if config.ha else None))
         try:
             self.router = self._router(config.bind, "bind")
             self.sat_router = self._router(config.satellite_bind, "satellite_bind") \
@@ -105,8 +114,6 @@ class Broker:
             host, port = parse_carbon(config.carbon)
             self.metrics = CarbonSender(host, port, config.carbon_protocol)
             self._collector = Collector(config.metrics_prefix)
-            self.core.metrics_on = True
-        self.core.load_spilled = load_spilled
         self._rseq = 0  #: number of the last record journaled (and streamed to a passive peer)
         #: what waits for the records it depends on: acknowledgements and results; in a pair with
         #: synchronous replication, dispatches too (a task never runs before the passive knows it is
@@ -120,7 +127,6 @@ class Broker:
         self.exit_code = 0
         #: key names removed by a reload, whose work and subscriptions the loop ends
         self._revoked: set[str] = set()
-        self.pair: Pair | None = None
         if config.ha:
             try:
                 self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
@@ -130,11 +136,22 @@ class Broker:
                 self.close()
                 raise
             self.endpoints["state"] = [self.pair.endpoint]
-            self.core.journal_out = []  # records are streamed to the peer, journal or not
         if config.journal:
             self._open_journal(config.journal, config.durability)
         if config.endpoint_file:
             write_endpoint_file(config.endpoint_file, self.endpoints)
+
+    def _ha_status(self, now: float) -> dict[str, Any]:
+        """The pair's view of itself, for the core's status replies and metrics."""
+        if self.pair is None:  # (only while the broker is being built)
+            return {"state": "starting"}
+        return self.pair.describe(now)
+
+    def _ha_control(self, hdr: dict[str, Any], now: float) -> dict[str, Any]:
+        """The pair's operations (``promote``, the ``peer_link`` fault hook), asked through the core."""
+        if self.pair is None:
+            raise ProtocolError(P.E_BAD_REQUEST, "the binary-star pair is still starting")
+        return self.pair.control(hdr, now)
 
     def _open_journal(self, directory: str, durability: str) -> None:
         """Take the journal (one writer only), replay it into the core, then journal from here on."""
@@ -145,21 +162,19 @@ class Broker:
             raise
         records, report = replay(directory, live=self.journal.writer.path)
         self.history = HistoryReader(Path(directory), self.ctx)
-        self.core.history_reader = True
-        self.core.journal_out = []
         if self.pair is not None:  # installed only if and when this server becomes active
             for record in records:
                 self.pair.fold.add(record)
             log.info("journal %s: %d records in %d segment(s), %d task(s), kept until this server is active",
                      directory, report.records, report.segments, len(self.pair.fold.tasks))
         else:
-            counts = self.core.restore(records, time.monotonic(), self.router)
+            counts = restore(self.core, records, time.monotonic(), self.router, self.config.lost_after)
             log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued", directory,
                      report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
         for name, offset, lost in report.damaged:
             log.error("journal segment %s is damaged at byte %d: the %d bytes after it (the records written "
                       "last before a crash) are lost", name, offset, lost)
-        self.core.counters.update(report.counters())  # (damaged segments were logged where they were found)
+        self.core.state.counters.update(report.counters())  # (damaged segments were logged where they were found)
 
     def _event_socket(self, endpoints: list[str], must: bool = True) -> zmq.Socket[Any]:
         """The XPUB socket, bound to ``endpoints`` (their resolved names go to :attr:`endpoints`).
@@ -192,7 +207,6 @@ class Broker:
             xpub.close(0)
             raise
         self.endpoints["pub"] = bound + self._events_unbound
-        self.core.pub_endpoints = self.endpoints["pub"]
         return xpub
 
     @staticmethod
@@ -245,13 +259,13 @@ class Broker:
         if names and self.auth is not None:
             for name in names:
                 self.auth.mute(name, MUTE_SECONDS)
-            self.core.counters["subscribers_muted"] += len(names)
+            self.core.state.counters["subscribers_muted"] += len(names)
             log.warning("key(s) %s hold more than %d subscriptions: no events for them for %gs; event stream "
                         "re-opened", sorted(names), self.config.max_subscriptions, MUTE_SECONDS)
         else:
-            self.core.counters["subscription_floods"] += 1
+            self.core.state.counters["subscription_floods"] += 1
             log.warning("subscribers hold more than %d subscriptions together: event stream re-opened (they "
-                        "subscribe again by themselves)", self.core.subs.max_live)
+                        "subscribe again by themselves)", self.core.state.subs.max_live)
         self._reopen_events(poller)
 
     def _reopen_events(self, poller: zmq.Poller) -> None:
@@ -261,7 +275,7 @@ class Broker:
         poller.unregister(self.xpub)
         endpoints = list(self.endpoints["pub"])
         self.xpub.close(0)
-        self.core.use_subscriptions(self.core.subscriptions(keys=self.curve is not None))
+        self.core.use_subscriptions(self.core.state.subscriptions(keys=self.curve is not None))
         self._events_unbound.clear()
         self._events_reopened = True
         self.xpub = self._event_socket(endpoints, must=False)
@@ -301,7 +315,7 @@ class Broker:
         if self.ring is None:
             return set(), set()
         added, removed = self.ring.reload()
-        self.core.counters["key_reloads"] += 1
+        self.core.state.counters["key_reloads"] += 1
         self._revoked |= removed  # applied by the loop at its next wake-up
         log.warning("authorised keys re-read: %d key(s); added %s, removed %s", len(self.ring),
                     sorted(added) or "none", sorted(removed) or "none")
@@ -329,11 +343,11 @@ class Broker:
         secure = self.curve is not None
         ring = self.ring
         monotonic = time.monotonic
-        counters = core.counters
+        counters = core.state.counters
         metrics_on = self.metrics is not None
         next_report = monotonic() + cfg.metrics_interval
         next_events_retry = 0.0
-        log.info("orchestrator %s listening on %s, events on %s", core.epoch,
+        log.info("orchestrator %s listening on %s, events on %s", core.state.epoch,
                  self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
         try:
             while not self._stop.is_set():
@@ -349,7 +363,7 @@ class Broker:
                     journal.notify.poll(5)  # wait for the writer rather than spin
                 for sock, _ in ready:
                     if journal_full and sock in self._routers:
-                        core.counters["journal_backpressure"] += 1
+                        core.state.counters["journal_backpressure"] += 1
                         continue  # let ZeroMQ's high-water marks push back until the journal catches up
                     if sock is self.xpub:
                         self._drain_subscriptions()
@@ -396,8 +410,8 @@ class Broker:
                 if self._revoked:
                     revoked, self._revoked = self._revoked, set()
                     self._revoke(revoked, poller)
-                if core.subs.over or core.subs.flooded:
-                    self._mute(set(core.subs.over), poller)
+                if core.state.subs.over or core.state.subs.flooded:
+                    self._mute(set(core.state.subs.over), poller)
                 if self._events_reopened and now >= next_events_retry:
                     next_events_retry = now + 1.0
                     self._retry_events()
@@ -437,10 +451,11 @@ class Broker:
         core = self.core
         journal = self.journal
         pair = self.pair
-        gating = bool(core.journal_out or len(self.gate))
-        if core.journal_out:
-            to_spill = core.to_spill
-            for record in core.journal_out:
+        records = core.outbox.take_records()
+        gating = bool(records or len(self.gate))
+        if records:
+            to_spill = core.state.to_spill
+            for record in records:
                 if journal is not None:
                     task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
                     seq = self._rseq = journal.append(record, spill=task is not None)
@@ -450,27 +465,25 @@ class Broker:
                     self._rseq += 1
                 if pair is not None:
                     pair.replicate(self._rseq, record)
-            core.journal_out.clear()
             if pair is not None:
                 pair.flush()
         bound = self._gate(now) if gating else None  # once per wake-up: what may go out
-        if core.queries and self.history is not None:
-            self.history.ask_all(core.queries)
-            core.queries.clear()
-        if core.out:
-            out, core.out = core.out, []
+        if core.outbox.queries and self.history is not None:
+            self.history.ask_all(core.outbox.take_queries())
+        if core.outbox.messages:
+            out = core.outbox.take_messages()
             for sock, frames, task_id in self.gate.route(out, self._rseq, bound):
                 self._send(sock, frames, task_id)
         if len(self.gate):
             for sock, frames, task_id in self.gate.release(bound):
                 self._send(sock, frames, task_id)
-        if core.pub:
-            pub, core.pub = core.pub, []  # (to an event socket with no endpoint bound: dropped by libzmq)
+        if core.outbox.events:
+            pub = core.outbox.take_events()  # (to an event socket with no endpoint bound: dropped by libzmq)
             for frames in pub:
                 try:
                     self.xpub.send_multipart(frames, zmq.NOBLOCK)
                 except zmq.Again:
-                    core.counters["events_dropped"] += 1
+                    core.state.counters["events_dropped"] += 1
 
     def _report(self, now: float) -> None:
         """Collect this interval's points and hand them to the sender (never waits)."""
@@ -485,14 +498,14 @@ class Broker:
             journal.spillable.discard(seq)
             task = self._spilling.pop(seq, None)
             if task is not None:
-                self.core.spilled(task, (path, offset))
+                self.core.life.spilled(task, (path, offset))
 
     def _send(self, sock: Any, frames: list[Any], task_id: str | None) -> None:
         core = self.core
         try:
             send_frames(sock, frames, NOBLOCK)
             if self.metrics is not None:
-                core.counters["bytes_out"] += sum(map(len, frames))
+                core.state.counters["bytes_out"] += sum(map(len, frames))
             if task_id is not None:
                 core.delivered(task_id)
         except zmq.ZMQError as exc:
@@ -501,7 +514,7 @@ class Broker:
             if task_id is not None:
                 core.undeliverable(task_id)
             else:
-                core.counters["undeliverable"] += 1
+                core.state.counters["undeliverable"] += 1
 
     def close(self) -> None:
         """Close the journal (after writing what is queued) and every socket (idempotent)."""

@@ -1,7 +1,7 @@
 """Client requests beyond submitting: status, show, fetch, cancel, control, history; who may ask.
 
-A mixin of :class:`~orchester.server.core.Orchestrator` (pure policy, like the rest of the core): the
-handlers answer through :attr:`out`, check the sender's key against :data:`ROLE_OF` when
+A collaborator of :class:`~orchester.server.core.Orchestrator` (pure policy, like the rest of the core):
+the handlers answer through the outbox, check the sender's key against :data:`ROLE_OF` when
 CurveZMQ is on, and never touch a socket.
 """
 
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
 from orchester.journal.history import Row
 from orchester.server.lifecycle import Lifecycle
+from orchester.server.ports import Outbox, Ports
 from orchester.server.routing import make_strategy
+from orchester.server.state import ServerState
 from orchester.server.tasks import Task
 from serializers import protocol as P
 from serializers.header import ProtocolError, field, pack, unpack
@@ -43,103 +44,104 @@ def _unknown(tid: Any) -> ProtocolError:
                          "or its result has left the retention window)")
 
 
-class Requests(Lifecycle):
-    """Status, show, fetch, cancel, control and history requests, and who may make them."""
+class Requests:
+    """Status, show, fetch, cancel, control and history requests, and who may make them.
 
-    epoch: str
-    started: float
-    pub_endpoints: list[str]
-    ha_control: Callable[[dict[str, Any], float], dict[str, Any]] | None
-    ha_status: Callable[[float], dict[str, Any]] | None
-    history_reader: bool
-    queries: list[tuple[Any, bytes, Any, dict[str, Any]]]
-    _user: str | None
+    Works on the shared :class:`~orchester.server.state.ServerState`; moves tasks and satellites
+    through the :class:`~orchester.server.lifecycle.Lifecycle`; answers through the outbox.
+    """
 
-    def _authorise(self, cmd: bytes, user: str | None) -> None:
+    def __init__(self, state: ServerState, life: Lifecycle, outbox: Outbox, ports: Ports) -> None:
+        self.state = state
+        self.life = life
+        self.outbox = outbox
+        self.ports = ports
+
+    def authorise(self, cmd: bytes, user: str | None) -> None:
         """Refuse a command the sender's key may not give (CurveZMQ on)."""
-        assert self.identify is not None
-        who = self.identify(user)
+        assert self.ports.identify is not None
+        who = self.ports.identify(user)
         if who is None:
-            self.counters["forbidden"] += 1
+            self.state.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} is not (or no longer) authorised")
         role = ROLE_OF.get(cmd)
         if role is not None and role not in who.roles:
-            self.counters["forbidden"] += 1
+            self.state.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} does not hold the {role!r} role "
                                 f"{P.command_name(cmd)} needs (it holds: {', '.join(sorted(who.roles)) or 'none'})")
 
-    def _may_touch(self, task: Task) -> None:
+    def may_touch(self, task: Task) -> None:
         """Only its owner, or an admin, may fetch or cancel another key's task (CurveZMQ on)."""
-        if self._owner_asks(task):
+        if self.owner_asks(task):
             return
-        if not self._is_admin():
-            self.counters["forbidden"] += 1
+        if not self.is_admin():
+            self.state.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"task {task.id!r} belongs to another key: only its owner or "
                                 "an admin may fetch or cancel it")
 
-    def _owner_asks(self, task: Task) -> bool:
+    def owner_asks(self, task: Task) -> bool:
         """Whether the sender is ``task``'s owner (always, without keys): only then does a FETCH or a
         resent SUBMIT move the task's delivery to this connection."""
-        return self.identify is None or task.owner is None or task.owner == self._user
+        return self.ports.identify is None or task.owner is None or task.owner == self.state.user
 
-    def _is_admin(self) -> bool:
+    def is_admin(self) -> bool:
         """Whether the sender's key holds the admin role (CurveZMQ on)."""
-        who = self.identify(self._user) if self.identify is not None else None
+        who = self.ports.identify(self.state.user) if self.ports.identify is not None else None
         return who is not None and "admin" in who.roles
 
-    def _on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         tid = hdr.get("task")
         if tid is None:
-            self._reply(sock, ident, hdr.get("rid"), self.status(now))
+            self.reply(sock, ident, hdr.get("rid"), self.status(now))
             return
-        task = self.tasks.get(tid) if isinstance(tid, str) else None
+        task = self.state.tasks.get(tid) if isinstance(tid, str) else None
         if task is None:
             raise _unknown(tid)
-        self._reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
+        self.reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
 
-    def _on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         tid = field(hdr, "id", str)
-        stored = self.results.get(tid)
-        task = self.tasks.get(tid)
+        stored = self.state.results.get(tid)
+        task = self.state.tasks.get(tid)
         if task is not None:
-            self._may_touch(task)
-        if stored is not None and task is not None and not self._owner_asks(task):  # an admin: a copy for it
-            self.out.append((sock, [ident, *stored.frames], None))
+            self.may_touch(task)
+        if stored is not None and task is not None and not self.owner_asks(task):  # an admin: a copy for it
+            self.outbox.send(sock, [ident, *stored.frames])
         elif stored is not None and task is not None:
             task.client, task.csock = ident, sock
-            self._send_result(task, stored.frames, stored.size, store=False)
+            self.life.send_result(task, stored.frames, stored.size, store=False)
         elif task is not None and task.state.terminal:  # finished, result dropped by retention
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} finished ({task.state.name.lower()}) but its "
                                 "result is no longer kept (journal retention)")
         elif task is not None:  # not finished: the result will go to this client (if it is the owner's)
-            if self._owner_asks(task):
+            if self.owner_asks(task):
                 task.client, task.csock = ident, sock
-            self._reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
+            self.reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
         else:
             raise _unknown(tid)
 
-    def _on_cancel(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def on_cancel(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         tid = field(hdr, "id", str)
-        task = self.tasks.get(tid)
+        task = self.state.tasks.get(tid)
         if task is None:
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown")
-        self._may_touch(task)
+        self.may_touch(task)
         was = task.state
         if not was.terminal:
-            self._fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
-        self._reply(sock, ident, hdr.get("rid"), {"id": tid, "cancelled": not was.terminal,
+            self.life.fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
+        self.reply(sock, ident, hdr.get("rid"), {"id": tid, "cancelled": not was.terminal,
                                                   "state": task.state.name.lower()})
 
-    def _on_control(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def on_control(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         op = field(hdr, "op", str)
         if op in ("promote", "peer_link"):
-            if self.ha_control is None:
+            if self.ports.ha_control is None:
                 raise ProtocolError(P.E_BAD_REQUEST, "this orchestrator is not part of a binary-star pair")
-            self._reply(sock, ident, hdr.get("rid"), self.ha_control(hdr, now))
+            self.reply(sock, ident, hdr.get("rid"), self.ports.ha_control(hdr, now))
             return
         if op == "drain":
             self._drain(sock, ident, hdr, now)
@@ -149,33 +151,33 @@ class Requests(Lifecycle):
                                 "known: ['strategy', 'drain', 'promote']")
         name = field(hdr, "name", str)
         try:
-            strategy = make_strategy(name, allowed=self.cfg.allowed_strategies)
+            strategy = make_strategy(name, allowed=self.state.cfg.allowed_strategies)
         except ValueError as exc:
             raise ProtocolError(P.E_BAD_REQUEST, str(exc)) from None
-        old, self.strategy = self.strategy.name, strategy
-        self.counters["strategy_switches"] += 1
+        old, self.state.strategy = self.state.strategy.name, strategy
+        self.state.counters["strategy_switches"] += 1
         log.info("routing strategy switched from %s to %s", old, strategy.name)
-        if self._want[b"control:"]:
-            self.pub.append([b"control:strategy", pack(
-                {"op": "strategy", "old": old, "new": strategy.name, "t": self.wall()})])
-        self._reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
+        if self.state.want[b"control:"]:
+            self.outbox.publish([b"control:strategy", pack(
+                {"op": "strategy", "old": old, "new": strategy.name, "t": self.state.wall()})])
+        self.reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
 
     def _drain(self, sock: Any, ident: bytes, hdr: dict[str, Any], now: float) -> None:
         """An operator drains a satellite: no new tasks; what it runs finishes; then stop it."""
         sid = field(hdr, "sid", str)
-        sat = self.fleet.by_id.get(sid)
+        sat = self.state.fleet.by_id.get(sid)
         if sat is None:
-            raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.fleet.by_id)}")
+            raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.state.fleet.by_id)}")
         sat.recover_at = float("inf")  # drained by hand: until an operator says otherwise
         if sat.state is not SS.DRAINING:
             if not SATELLITE_MACHINE.allows(sat.state, SE.drain):
                 raise ProtocolError(P.E_BAD_REQUEST, f"satellite {sid} is {sat.state.name.lower()}: it cannot drain")
-            self._sat_to(sat, SE.drain, now, "drained by an operator")
-            self.counters["drains"] += 1
-        self._reply(sock, ident, hdr.get("rid"), {"sid": sid, "state": sat.state.name.lower(),
+            self.life.sat_to(sat, SE.drain, now, "drained by an operator")
+            self.state.counters["drains"] += 1
+        self.reply(sock, ident, hdr.get("rid"), {"sid": sid, "state": sat.state.name.lower(),
                                                   "inflight": len(sat.inflight)})
 
-    def _on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
         hdr = unpack(bytes(frames[3]))
         filters: dict[str, Any] = {}
         for key, kind in (("state", str), ("kind", str), ("since", (int, float)), ("until", (int, float)),
@@ -186,13 +188,13 @@ class Requests(Lifecycle):
         if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
                                 f"known: {sorted(TASK_STATE_VALUES)}")
-        if self.history_reader:  # the journal has everything: its reader answers
+        if self.ports.history_reader:  # the journal has everything: its reader answers
             # error messages: of the asker's own tasks only (all of them without keys, or to an admin)
-            viewer = None if self.identify is None or self._is_admin() else (self._user or "")
-            self.queries.append((sock, ident, hdr.get("rid"), {**filters, "viewer": viewer}))
+            viewer = None if self.ports.identify is None or self.is_admin() else (self.state.user or "")
+            self.outbox.queries.append((sock, ident, hdr.get("rid"), {**filters, "viewer": viewer}))
             return
         rows = self._memory_history(**filters)
-        self._reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
+        self.reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
 
     def _memory_history(self, state: str | None = None, kind: str | None = None, since: float | None = None,
                         until: float | None = None, limit: int | None = None,
@@ -206,12 +208,12 @@ class Requests(Lifecycle):
         if ids is not None:
             if len(ids) > HISTORY_MAX:
                 raise ProtocolError(P.E_BAD_REQUEST, f"at most {HISTORY_MAX} ids per history request")
-            found = (self.tasks.get(i) if isinstance(i, str) else None for i in ids)
+            found = (self.state.tasks.get(i) if isinstance(i, str) else None for i in ids)
             candidates: Any = sorted((t for t in found if t is not None), key=lambda t: t.seq, reverse=True)
         else:
-            candidates = reversed(self.tasks.values())
+            candidates = reversed(self.state.tasks.values())
         out: list[tuple[int, dict[str, Any]]] = []
-        everyone = self.identify is None or self._is_admin()  # error messages: of one's own tasks only
+        everyone = self.ports.identify is None or self.is_admin()  # error messages: of one's own tasks only
         wanted = TaskState[state.upper()] if state is not None else None  # checked against the names before
         for scanned, task in enumerate(candidates):
             if len(out) >= limit or scanned >= HISTORY_SCAN:
@@ -222,7 +224,7 @@ class Requests(Lifecycle):
             submitted = rows[0][0] if rows else 0.0
             if (since is not None and submitted < since) or (until is not None and submitted >= until):
                 continue
-            out.append((task.seq, self._history_row(task, rows, everyone or task.owner == self._user)))
+            out.append((task.seq, self._history_row(task, rows, everyone or task.owner == self.state.user)))
         out.sort(key=lambda r: r[0])  # oldest submission first
         return [row for _, row in out]
 
@@ -233,7 +235,7 @@ class Requests(Lifecycle):
         sat = next((r[3] for r in reversed(rows) if r[3]), "") or ""
         error = ""
         if task.state.terminal and task.state is not TS.DONE:
-            stored = self.results.get(task.id)
+            stored = self.state.results.get(task.id)
             err = None
             if stored is not None:
                 try:
@@ -249,29 +251,29 @@ class Requests(Lifecycle):
                           rows[0][0] if rows else 0.0, rows[-1][0] if rows and task.state.terminal else 0.0, error,
                           task.owner if isinstance(task.owner, str) else ""))
 
-    def _reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
+    def reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
         body["rid"] = rid
-        self.out.append((sock, [ident, P.SIGNATURE, P.REPLY, pack(body)], None))
+        self.outbox.send(sock, [ident, P.SIGNATURE, P.REPLY, pack(body)])
 
     def describe_task(self, task: Task) -> dict[str, Any]:
         """One task's state, attempts and history, for ``orchester show``."""
         return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
                 "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
-                "tags": sorted(task.tags), "history": self.attempts(task),
+                "tags": sorted(task.tags), "history": self.life.attempts(task),
                 "owner": task.owner if isinstance(task.owner, str) else None,
-                "result_retained": task.id in self.results}
+                "result_retained": task.id in self.state.results}
 
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
-        states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state_counts) if n}
-        sats = list(self.fleet)
+        states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state.state_counts) if n}
+        sats = list(self.state.fleet)
         return {
-            "epoch": self.epoch, "uptime": round(now - self.started, 3), "pub": self.pub_endpoints,
-            "strategy": self.strategy.name, "tasks": states,
-            "queued": dict(self.pending_kinds),
+            "epoch": self.state.epoch, "uptime": round(now - self.state.started, 3), "pub": self.ports.pub_endpoints(),
+            "strategy": self.state.strategy.name, "tasks": states,
+            "queued": dict(self.state.pending_kinds),
             "satellites": [s.describe(now) for s in sats],
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
-            "results_retained": len(self.results),
-            "counters": dict(self.counters),
-            **({"ha": self.ha_status(now)} if self.ha_status is not None else {}),
+            "results_retained": len(self.state.results),
+            "counters": dict(self.state.counters),
+            **({"ha": self.ports.ha_status(now)} if self.ports.ha_status is not None else {}),
         }

@@ -17,19 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from orchester.server.lifecycle import T_RESULT, _len
+from orchester.server.lifecycle import _len
 from orchester.server.tasks import SubmitHeader, Task
-from serializers import protocol as P
 from serializers.header import ProtocolError, unpack
-from tracker import SatelliteEvent as SE
-from tracker import SatelliteState as SS
-from tracker import TaskEvent as TE
 from tracker import TaskState as TS
 from tracker.history import History
 
 if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
-    from orchester.server.fleet import SatelliteRecord
     from orchester.server.results import StoredResult
 
 log = logging.getLogger("orchester.journal.writer")
@@ -158,21 +153,21 @@ class RestoreFold:
         with gc_paused():
             counts = self._install(core, now, sock, reclaim)
         for sid, user in self.sat_keys.items():
-            core.sat_keys.setdefault(sid, user)
+            core.state.sat_keys.setdefault(sid, user)
         core.revoke_unknown(now)  # a key revoked while this server was down has no work here
-        core.reclaim_until = max(core.reclaim_until, now + reclaim)  # a later, smaller fold never shortens it
-        core.counters["journal_restored"] += len(self.tasks)
-        core.counters["journal_bad_records"] += self.bad
+        # a later, smaller fold never shortens it
+        core.state.reclaim_until = max(core.state.reclaim_until, now + reclaim)
+        core.state.counters["journal_restored"] += len(self.tasks)
+        core.state.counters["journal_bad_records"] += self.bad
         return dict(counts)
 
     def _install(self, core: Orchestrator, now: float, sock: Any, reclaim: float) -> Counter[str]:
         counts: Counter[str] = Counter()
         for tid, (srec, trec, hdr) in self.tasks.items():
             try:
-                core._seq += 1
                 payload = list(srec[4])
                 t = Task(tid, hdr.kind, hdr.priority, hdr.tags, bytes(srec[2]), sock, bytes(srec[3]), payload, now,
-                         core._seq, _len(payload))
+                         core.state.next_seq(), _len(payload))
                 t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
                 if len(srec) > 7 and isinstance(srec[7], str):
                     t.owner = srec[7]
@@ -180,31 +175,13 @@ class RestoreFold:
                 if trec is not None:
                     t.state, t.attempt, t.satellite = TS(trec[2]), int(trec[3]), trec[4]
             except (IndexError, TypeError, ValueError, ProtocolError) as exc:
-                core.counters["journal_bad_records"] += 1
+                core.state.counters["journal_bad_records"] += 1
                 log.warning("skipped a task that cannot be restored: %s", exc)
                 continue
-            core.tasks[tid] = t
-            core.state_counts[t.state if t.state.terminal else TS.PENDING] += 1
-            if not t.state.terminal:
-                core.pending_kinds[t.kind] += 1
-            if t.state.terminal:
-                frames = self.results.get(tid)  # validated when folded
-                if frames is not None and (len(frames) > 1 or not unpack(bytes(frames[0])).get("ok")):
-                    core.results.put(tid, [P.SIGNATURE, P.RESULT, *frames], _len(frames), delivered=True)
-                t.payload = []
-                counts["finished"] += 1
-                continue
-            in_flight = t.state in _IN_FLIGHT
-            t.state = TS.PENDING
-            core.queued_bytes += t.size
-            if reclaim > 0 and in_flight:  # keeps its satellite and attempt: only that one may claim it
-                core.reclaim[tid] = t
-                counts["reclaimable"] += 1
-            else:
-                t.satellite = None
-                core.queues.push(t)
-                core._arm(t, now)
-            counts["requeued"] += 1
+            outcome = core.life.install(t, self.results.get(tid), now, reclaim > 0)
+            counts[outcome] += 1
+            if outcome == "reclaimable":  # (queued too: it runs again unless its satellite claims it)
+                counts["requeued"] += 1
         return counts
 
 
@@ -232,9 +209,9 @@ def capture(core: Orchestrator) -> list[Captured]:
     record may be compacted away once the task ends): with much spilled, the capture costs
     that much reading.
     """
-    load, results = core.load_spilled, core.results
+    load, results = core.ports.load_spilled, core.state.results
     out: list[Captured] = []
-    for tid, t in core.tasks.items():
+    for tid, t in core.state.tasks.items():
         payload = load(t) if t.spilled is not None and load is not None else t.payload
         out.append((t, payload, len(t.history), results.get(tid)))
     return out
@@ -246,78 +223,24 @@ def task_records(core: Orchestrator, item: Captured) -> list[list[Any]]:
     Frames are memoryviews of the table's own frames, not copies: packing them copies once."""
     t, payload, count, stored = item
     rows = t.history.rows(count)
-    submitted = rows[0][0] if rows else core.wall()
+    submitted = rows[0][0] if rows else core.state.wall()
     out: list[list[Any]] = [["S", t.id, t.client, t.header, [memoryview(f) for f in payload], submitted, None,
                              t.owner if isinstance(t.owner, str) else None]]
     out.extend(["T", t.id, state, attempt, sat, reason, when] for when, state, attempt, sat, reason in rows[1:])
     if stored is not None:
-        out.append(["R", t.id, [memoryview(f) for f in stored.frames[2:]], core.wall()])
+        out.append(["R", t.id, [memoryview(f) for f in stored.frames[2:]], core.state.wall()])
     return out
 
 
 def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
     """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
     its transitions and its stored result (what a passive server needs to take over)."""
-    yield [BARRIER, "", core.wall()]
-    wall = core.wall()
-    for sid, user in list(core.sat_keys.items()):
+    yield [BARRIER, "", core.state.wall()]
+    wall = core.state.wall()
+    for sid, user in list(core.state.sat_keys.items()):
         yield ["K", sid, user, wall]
     for item in capture(core):
         yield from task_records(core, item)
-
-
-def adopt(core: Orchestrator, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
-    """Take back tasks a (re-)registering satellite says it is still running.
-
-    After a restart or a failover the task table comes from the journal, where these
-    tasks were in flight: they are given back to the satellite running them under the
-    attempt it runs, instead of being dispatched a second time. A satellite also lists
-    the tasks it finished lately and sends their results again right after: those are
-    taken back the same way (``finished``) and must finish within a liveness period.
-
-    Only what the journal says this satellite had, under the attempt it had, is given
-    back: a task in flight on it when the journal ended. Shortly after a restart (one
-    liveness period), without CurveZMQ, a queued task may also be claimed under the attempt
-    after the journaled one (its dispatch record did not reach the disk before the crash);
-    with keys, dispatches wait for their record, so that guess is never needed (nor allowed:
-    any satellite key could claim any task by it). Anything else is refused and left to
-    finish; its result is discarded. A task is given back only to a satellite that offers its
-    kind and has its tags.
-    """
-    if len(running) > 100_000:
-        raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
-    for item in running:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                and isinstance(item[1], int) and not isinstance(item[1], bool)):
-            raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
-        tid, attempt = item
-        task = core.reclaim.get(tid)
-        if task is not None:
-            ok = task.satellite == sat.sid and attempt == task.attempt
-        else:
-            task = core.tasks.get(tid)
-            # without keys only: with them, dispatches wait for their journal record (the broker's
-            # gate), so the journal names every satellite that may hold a task, and no guess is needed
-            ok = task is not None and task.state is TS.PENDING and now < core.reclaim_until \
-                and attempt == task.attempt + 1 and core.identify is None
-        if not ok or task is None or task.state is not TS.PENDING or task.kind not in sat.kinds \
-                or not task.tags <= sat.tags:
-            core.counters["adopt_refused"] += 1
-            continue
-        core.reclaim.pop(tid, None)
-        if task.spilled is None:  # a spilled payload no longer counted in memory
-            core.queued_bytes -= task.size
-        task.attempt = attempt
-        task.satellite = sat.sid
-        sat.inflight[tid] = task
-        if sat.state is SS.IDLE:
-            core._sat_to(sat, SE.load, now)
-        core.fleet.free_slots -= 1
-        core._task_to(task, TE.dispatch, now, "adopted")
-        core._task_to(task, TE.start, now, "adopted")
-        core.counters["adopted"] += 1
-        if finished:  # its result was sent again right after the registration
-            task.timer = core.timers.schedule(now + core._lost_after, tid, T_RESULT)
 
 
 def unknown_to(previous: RestoreFold, current: RestoreFold, own: bool) -> list[list[Any]]:
@@ -348,12 +271,12 @@ def take_over(core: Orchestrator, records: list[Any], now: float, sock: Any) -> 
     fold = RestoreFold()
     for rec in records:
         fold.add(rec)
-    for tid in [t for t in fold.tasks if t in core.tasks]:
+    for tid in [t for t in fold.tasks if t in core.state.tasks]:
         del fold.tasks[tid]
     if not fold.tasks:
         return set(), {}
     wanted = set(fold.tasks)
     counts = fold.finish(core, now, sock)
-    if core.journal_out is not None:
-        core.journal_out.extend(r for r in records if isinstance(r, list) and len(r) > 1 and r[1] in wanted)
+    if core.outbox.records is not None:
+        core.outbox.records.extend(r for r in records if isinstance(r, list) and len(r) > 1 and r[1] in wanted)
     return wanted, counts

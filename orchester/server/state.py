@@ -1,0 +1,96 @@
+"""What one orchestrator knows: the task table, queues, fleet, results, timers and counts.
+
+One :class:`ServerState` is shared by the core and its collaborators (the lifecycle, the
+requests, restore): each of them holds it instead of being a mixin that expects its host to
+have the right attributes. Plain data and the counts kept with it; no policy, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+from orchester.config import OrchestratorConfig
+from orchester.server.fleet import Fleet
+from orchester.server.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
+from orchester.server.results import ResultStore
+from orchester.server.routing import RoutingStrategy, make_strategy
+from orchester.server.tasks import Task, TaskQueues
+from tracker import TaskState, TimerWheel
+
+#: What the event stream publishes, by topic prefix.
+EVENT_CATEGORIES = (b"task:", b"progress:", b"sat:", b"control:")
+
+
+class ServerState:
+    """The orchestrator's tables (see the module docstring)."""
+
+    def __init__(self, config: OrchestratorConfig, now: float, epoch: str, wall: Callable[[], float],
+                 keys: bool = False) -> None:
+        self.cfg = config
+        self.epoch = epoch  #: this server's run (clients and satellites notice a restart by it)
+        self.wall = wall  #: the wall clock (history rows, journal records, events)
+        self.started = now
+        #: the monotonic time of the current wake-up (set on every message and housekeeping)
+        self.clock = now
+        self.tasks: dict[str, Task] = {}
+        #: tasks in the table per state (indexed by :class:`~tracker.TaskState`): status costs nothing
+        self.state_counts = [0] * len(TaskState)
+        #: pending tasks per kind (the queue depths of status replies and metrics)
+        self.pending_kinds: Counter[str] = Counter()
+        self.queues = TaskQueues()
+        self.fleet = Fleet()
+        self.results = ResultStore(config.result_retention, config.result_retention_bytes)
+        self.timers: TimerWheel[str] = TimerWheel()
+        self.strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
+        self.counters: Counter[str] = Counter()
+        self.queued_bytes = 0  #: payload bytes of queued tasks held in memory
+        self.kind_counts: dict[str, list[int]] = {}  #: kind -> transitions into each TaskState (metrics on)
+        self.latencies: list[tuple[str, float]] = []  #: (kind, seconds from submit to end) (metrics on)
+        #: tasks whose payload should leave memory once their journal record is durable
+        self.to_spill: dict[str, Task] = {}
+        #: restored tasks that were in flight, waiting for their satellite to re-announce them
+        self.reclaim: dict[str, Task] = {}
+        self.reclaim_until = 0.0  #: until when satellites may claim restored tasks (after a restart)
+        #: per client (key name or routing identity): [unfinished tasks, their payload bytes]
+        self.client_load: dict[str | bytes, list[int]] = {}
+        #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
+        self.sat_keys: dict[str, str] = {}
+        #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
+        self.conns = ConnectionKeys(config.max_key_connections)
+        self.unread = UnreadResults(config.max_unread_bytes)
+        self.rate = RequestRate(config.request_rate)
+        self.subs = self.subscriptions(keys)
+        self.user: str | None = None  #: the key name of the message being handled (CurveZMQ)
+        self.seq = 0  #: the submission order of the last task
+        self.dispatch_seq = 0  #: the order of the last dispatch (least recently used satellites first)
+
+    @property
+    def want(self) -> dict[bytes, bool]:
+        """Per event category: whether anyone subscribed to it (events nobody wants are not built)."""
+        return self.subs.want
+
+    def subscriptions(self, keys: bool) -> Subscriptions:
+        """A fresh subscription table (for a new event socket). With ``keys``, each key may hold
+        ``max_subscriptions`` subscriptions and all of them together 16 times as many distinct
+        topics; without, everyone together ``max_subscriptions`` distinct topics. Either way, all
+        subscribers together hold at most 16 × ``max_subscriptions`` subscriptions, and
+        ``max_subscriptions`` × ``max_topic`` bytes of topics (libzmq's trie costs per byte)."""
+        cfg = self.cfg
+        live = cfg.max_subscriptions * 16
+        return Subscriptions(EVENT_CATEGORIES, live if keys else cfg.max_subscriptions, cfg.max_topic,
+                             cfg.max_subscriptions if keys else None, max_live=live,
+                             max_live_bytes=cfg.max_subscriptions * cfg.max_topic)
+
+    def next_seq(self) -> int:
+        """The submission order of a new (or restored) task."""
+        self.seq += 1
+        return self.seq
+
+    def pending_left(self, kind: str) -> None:
+        """One pending task of ``kind`` left the queue (dispatched, expired, cancelled)."""
+        n = self.pending_kinds[kind] - 1
+        if n > 0:
+            self.pending_kinds[kind] = n
+        else:
+            del self.pending_kinds[kind]
