@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,12 @@ class Broker:
         self.exit_code = 0
         #: key names removed by a reload, whose work and subscriptions the loop ends
         self._revoked: set[str] = set()
+        self._poller = zmq.Poller()  #: every socket the loop polls ...
+        #: ... and the handler of each (the Guide's ``mediate()`` table)
+        self._handlers: dict[zmq.Socket[Any], Callable[[zmq.Socket[Any], float], None]] = {}
+        self._journal_full = False  #: this wake-up: the journal is behind, clients and satellites wait
+        self._next_report = 0.0  #: when metrics go to carbon next
+        self._next_events_retry = 0.0  #: when event endpoints that could not be bound again are tried
         if config.ha:
             try:
                 self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
@@ -242,16 +249,16 @@ class Broker:
                 self._events_unbound.remove(ep)
                 log.warning("the event endpoint %s is bound again", ep)
 
-    def _revoke(self, names: set[str], poller: zmq.Poller) -> None:
+    def _revoke(self, names: set[str]) -> None:
         """Revoked keys: their work ends in the core, and their event subscriptions with the XPUB
         socket (:meth:`_reopen_events`)."""
         counts = self.core.revoke(names, time.monotonic())
         log.warning("revoked %s: %d unfinished task(s) cancelled, %d satellite(s) dropped, %d connection(s) "
                     "forgotten; event stream re-opened", sorted(names), counts["tasks"], counts["satellites"],
                     counts["connections"])
-        self._reopen_events(poller)
+        self._reopen_events()
 
-    def _mute(self, names: set[str], poller: zmq.Poller) -> None:
+    def _mute(self, names: set[str]) -> None:
         """Keys that hold more than ``--max-subscriptions`` subscriptions: shut out of the event
         stream for :data:`MUTE_SECONDS`; and with them (or when all subscribers together hold
         more than libzmq should keep), the event socket is re-opened, which frees what libzmq
@@ -266,20 +273,20 @@ class Broker:
             self.core.state.counters["subscription_floods"] += 1
             log.warning("subscribers hold more than %d subscriptions together: event stream re-opened (they "
                         "subscribe again by themselves)", self.core.state.subs.max_live)
-        self._reopen_events(poller)
+        self._reopen_events()
 
-    def _reopen_events(self, poller: zmq.Poller) -> None:
+    def _reopen_events(self) -> None:
         """Close the XPUB socket and bind a new one on the same endpoints: every subscription it
         held is gone (libzmq cannot drop one peer's); subscribers whose key may still subscribe
         reconnect and subscribe again by themselves, the others fail the handshake."""
-        poller.unregister(self.xpub)
+        self._unwatch(self.xpub)
         endpoints = list(self.endpoints["pub"])
         self.xpub.close(0)
         self.core.use_subscriptions(self.core.state.subscriptions(keys=self.curve is not None))
         self._events_unbound.clear()
         self._events_reopened = True
         self.xpub = self._event_socket(endpoints, must=False)
-        poller.register(self.xpub, zmq.POLLIN)
+        self._watch(self.xpub, self._on_subscriptions)
 
     def _router(self, endpoints: list[str], name: str) -> zmq.Socket[Any]:
         s = self.ctx.socket(zmq.ROUTER)
@@ -324,104 +331,132 @@ class Broker:
         return added, removed
 
     def run(self) -> None:
-        """Run the poll loop until :meth:`stop`; closes the sockets on the way out."""
+        """Run the poll loop until :meth:`stop`; closes the sockets on the way out.
+
+        The shape of the ZeroMQ Guide's ``mediate()``: a table from each polled socket to its
+        handler, one poll, the handlers of the sockets that are ready, then the housekeeping that
+        follows every wake-up (:meth:`_after_wakeup`)."""
         core, cfg = self.core, self.config
-        poller = zmq.Poller()
-        for s in self._routers:
-            poller.register(s, zmq.POLLIN)
-        poller.register(self.xpub, zmq.POLLIN)
-        journal = self.journal
-        if journal is not None:
-            poller.register(journal.notify, zmq.POLLIN)
-        history = self.history
-        if history is not None:
-            poller.register(history.results, zmq.POLLIN)
-        pair = self.pair
-        if pair is not None:
-            poller.register(pair.sub, zmq.POLLIN)
-        batch = cfg.batch
-        secure = self.curve is not None
-        ring = self.ring
-        monotonic = time.monotonic
-        counters = core.state.counters
-        metrics_on = self.metrics is not None
-        next_report = monotonic() + cfg.metrics_interval
-        next_events_retry = 0.0
-        log.info("orchestrator %s listening on %s, events on %s", core.state.epoch,
-                 self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
-        try:
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.close)
+            for s in self._routers:
+                self._watch(s, self._on_router)
+            self._watch(self.xpub, self._on_subscriptions)
+            if self.journal is not None:
+                self._watch(self.journal.notify, self._on_journal)
+            if self.history is not None:
+                self._watch(self.history.results, self._on_history)
+            if self.pair is not None:
+                self._watch(self.pair.sub, self._on_peer)
+            monotonic, counters, pair = time.monotonic, core.state.counters, self.pair
+            self._next_report = monotonic() + cfg.metrics_interval
+            log.info("orchestrator %s listening on %s, events on %s", core.state.epoch,
+                     self.endpoints["bind"] + self.endpoints["satellite_bind"], self.endpoints["pub"])
             while not self._stop.is_set():
                 timeout = min(core.next_wakeup(monotonic()), 0.25)
                 if pair is not None:
                     timeout = min(timeout, pair.next_wakeup(monotonic()))
-                ready = poller.poll(int(timeout * 1000))
+                ready = self._poller.poll(int(timeout * 1000))
                 now = monotonic()
                 counters["wakeups"] += 1
-                journal_full = journal is not None and journal.backlog > JOURNAL_BACKLOG
-                if journal_full:
+                journal = self.journal
+                self._journal_full = journal is not None and journal.backlog > JOURNAL_BACKLOG
+                if self._journal_full:
                     assert journal is not None
                     journal.notify.poll(5)  # wait for the writer rather than spin
                 for sock, _ in ready:
-                    if journal_full and sock in self._routers:
-                        core.state.counters["journal_backpressure"] += 1
-                        continue  # let ZeroMQ's high-water marks push back until the journal catches up
-                    if sock is self.xpub:
-                        self._drain_subscriptions()
-                        continue
-                    if journal is not None and sock is journal.notify:
-                        durable = journal.drain_notifications()
-                        if pair is not None and pair.state is HAState.PASSIVE:
-                            pair.durable(durable)
-                        self._spill(journal)
-                        continue
-                    if history is not None and sock is history.results:
-                        for qsock, frames in history.replies():
-                            self._send(qsock, frames, None)
-                        continue
-                    if pair is not None and sock is pair.sub:
-                        pair.apply(pair.drain(now), now)
-                        continue
-                    for _ in range(batch):
-                        user = None
-                        try:
-                            if secure:
-                                frames = sock.recv_multipart(NOBLOCK, copy=False)
-                                user = verified_user(ring, frames[0]) if ring is not None else None
-                                frames[:4] = [f.bytes for f in frames[:4]]
-                            else:
-                                frames = recv_frames(sock, NOBLOCK, 4)
-                        except zmq.Again:
-                            break
-                        counters["messages_in"] += 1
-                        if metrics_on:
-                            counters["bytes_in"] += sum(map(len, frames))
-                        if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
-                            continue
-                        core.handle(sock, frames, now, user)
-                if journal is not None and journal.error is not None:  # never acknowledge, or follow, blind
-                    raise RuntimeError(f"the journal failed: {journal.error}")
-                if pair is not None:
-                    pair.tick(now)
-                    if pair.exit_code:  # stepping down: say why on the event stream, then stop
-                        self.exit_code = pair.exit_code
-                        self._flush(now)
-                        self._xpub_linger = 1000
-                        break
-                if self._revoked:
-                    revoked, self._revoked = self._revoked, set()
-                    self._revoke(revoked, poller)
-                if core.state.subs.over or core.state.subs.flooded:
-                    self._mute(set(core.state.subs.over), poller)
-                if self._events_reopened and now >= next_events_retry:
-                    next_events_retry = now + 1.0
-                    self._retry_events()
-                core.housekeeping(now)
+                    self._handlers[sock](sock, now)
+                if not self._after_wakeup(now):
+                    break
+
+    # ------------------------------------------------------------- the socket table
+    def _watch(self, sock: zmq.Socket[Any], handler: Callable[[zmq.Socket[Any], float], None]) -> None:
+        """Poll ``sock``; when it is readable, call ``handler(sock, now)``."""
+        self._poller.register(sock, zmq.POLLIN)
+        self._handlers[sock] = handler
+
+    def _unwatch(self, sock: zmq.Socket[Any]) -> None:
+        self._poller.unregister(sock)
+        del self._handlers[sock]
+
+    def _on_router(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Up to a batch of messages from clients or satellites, into the core."""
+        counters, pair, ring = self.core.state.counters, self.pair, self.ring
+        if self._journal_full:
+            counters["journal_backpressure"] += 1
+            return  # let ZeroMQ's high-water marks push back until the journal catches up
+        secure, metrics_on, handle = self.curve is not None, self.metrics is not None, self.core.handle
+        frames: list[Any]
+        for _ in range(self.config.batch):
+            user = None
+            try:
+                if secure:
+                    received: list[Any] = sock.recv_multipart(NOBLOCK, copy=False)
+                    user = verified_user(ring, received[0]) if ring is not None else None
+                    received[:4] = [f.bytes for f in received[:4]]
+                    frames = received
+                else:
+                    frames = recv_frames(sock, NOBLOCK, 4)
+            except zmq.Again:
+                break
+            counters["messages_in"] += 1
+            if metrics_on:
+                counters["bytes_in"] += sum(map(len, frames))
+            if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
+                continue
+            handle(sock, frames, now, user)
+
+    def _on_journal(self, sock: zmq.Socket[Any], now: float) -> None:
+        """The journal writer made records durable: release what waited for them; spill payloads."""
+        journal, pair = self.journal, self.pair
+        assert journal is not None
+        durable = journal.drain_notifications()
+        if pair is not None and pair.state is HAState.PASSIVE:
+            pair.durable(durable)
+        self._spill(journal)
+
+    def _on_history(self, sock: zmq.Socket[Any], now: float) -> None:
+        """The journal reader answered history queries."""
+        assert self.history is not None
+        for qsock, frames in self.history.replies():
+            self._send(qsock, frames, None)
+
+    def _on_peer(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Messages from the other server of the pair."""
+        assert self.pair is not None
+        self.pair.apply(self.pair.drain(now), now)
+
+    def _on_subscriptions(self, sock: zmq.Socket[Any], now: float) -> None:
+        self._drain_subscriptions()
+
+    def _after_wakeup(self, now: float) -> bool:
+        """What follows every wake-up: the pair's clock, revoked and muted keys, the event endpoints,
+        the core's housekeeping, the outbox, metrics. ``False``: the loop must end."""
+        core, journal, pair = self.core, self.journal, self.pair
+        if journal is not None and journal.error is not None:  # never acknowledge, or follow, blind
+            raise RuntimeError(f"the journal failed: {journal.error}")
+        if pair is not None:
+            pair.tick(now)
+            if pair.exit_code:  # stepping down: say why on the event stream, then stop
+                self.exit_code = pair.exit_code
                 self._flush(now)
-                if metrics_on and now >= next_report:
-                    next_report = now + cfg.metrics_interval
-                    self._report(now)
-        finally:
-            self.close()
+                self._xpub_linger = 1000
+                return False
+        if self._revoked:
+            revoked, self._revoked = self._revoked, set()
+            self._revoke(revoked)
+        subs = core.state.subs
+        if subs.over or subs.flooded:
+            self._mute(set(subs.over))
+        if self._events_reopened and now >= self._next_events_retry:
+            self._next_events_retry = now + 1.0
+            self._retry_events()
+        core.housekeeping(now)
+        self._flush(now)
+        if self.metrics is not None and now >= self._next_report:
+            self._next_report = now + self.config.metrics_interval
+            self._report(now)
+        return True
 
     def _drain_subscriptions(self) -> None:
         """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop.
