@@ -17,20 +17,20 @@ sends then carries the key's *name* as its ``User-Id`` (:func:`user_of`). The br
         if not allowed(ring.by_name(user_of(frames[-1])), "submit", secure=True):
             ...  # answer with a structured error
 
-The policy half (:func:`allowed`, :func:`is_loopback`, :func:`check_binds`) does no I/O.
+The policy half (:func:`allowed`, :func:`is_loopback`, :func:`check_binds`) does no I/O and lives in
+:mod:`orchester.security.roles`, which the pure core imports.
 """
 
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import threading
 import time
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,10 +42,7 @@ from zmq.utils import z85
 
 from orchester.logutil import warn_limited
 from orchester.security.keys import (
-    DEFAULT_ROLES,
-    ROLES,
     ZAP_DOMAIN,
-    SecurityError,
     check_name,
     generate_keys,
     load_keypair,
@@ -54,78 +51,13 @@ from orchester.security.keys import (
     parse_roles,
     read_cert,
 )
+from orchester.security.roles import DEFAULT_ROLES, ROLES, Identity, SecurityError, allowed, check_binds, is_loopback
 
 log = logging.getLogger("orchester.security.auth")
 
 __all__ = ["DEFAULT_ROLES", "EVENTS_DOMAIN", "ROLES", "ZAP_DOMAIN", "CurveAuthenticator", "Identity", "KeyRing",
            "SecurityError", "allowed", "check_binds", "generate_keys", "is_loopback", "load_keypair",
            "load_public", "secure_client", "secure_server", "user_of"]
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who an authorised key belongs to: its file name (without ``.key``), its roles and the task
-    kinds a satellite with it may offer (``None``: any)."""
-
-    name: str
-    roles: frozenset[str] = field(default_factory=frozenset)
-    kinds: frozenset[str] | None = None
-
-
-# -- policy (no I/O) -------------------------------------------------------------------------
-
-
-def allowed(identity: Identity | None, role: str, secure: bool) -> bool:
-    """May ``identity`` act as ``role``? Without security everyone may; with it, only holders.
-
-    ``identity`` is None for a peer without an authorised key (or a revoked one).
-    Raises ValueError for a role not in :data:`ROLES`, so a typo cannot open a door.
-    """
-    if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-    if not secure:
-        return True
-    return identity is not None and role in identity.roles
-
-
-def is_loopback(endpoint: str) -> bool:
-    """Is ``endpoint`` reachable from this machine only?
-
-    ``ipc://`` and ``inproc://`` are; ``tcp://`` is when its host is ``localhost``, an address
-    in 127.0.0.0/8 or ``[::1]``. Wildcards (``*``, ``0.0.0.0``, ``[::]``), other addresses,
-    host and interface names (even ``lo``: no lookups are made) and other transports are not.
-    """
-    transport, sep, address = endpoint.partition("://")
-    if sep and transport.lower() in ("ipc", "inproc"):
-        return True
-    if not sep or transport.lower() != "tcp" or ";" in address:
-        return False
-    if address.startswith("["):
-        host = address[1:address.find("]")] if "]" in address else ""
-    else:
-        host = address.rpartition(":")[0] if ":" in address else address
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
-
-
-def check_binds(endpoints: Iterable[str], secure: bool, insecure: bool) -> list[str]:
-    """The endpoints that are not loopback; :class:`SecurityError` if there are some and
-    neither ``secure`` (a server key) nor ``insecure`` (the user accepts the risk) is set."""
-    exposed = [e for e in endpoints if not is_loopback(e)]
-    if exposed and not secure and not insecure:
-        raise SecurityError(
-            f"refusing to bind {', '.join(exposed)} without authentication: anyone who can reach it "
-            "could submit tasks or pose as a satellite. Pass --curve-secret FILE and --authorized-keys DIR, "
-            "bind to 127.0.0.1, or pass --insecure to accept the risk")
-    return exposed
-
 
 
 #: The ZAP domain of the binary-star link: only the servers' own key gets in (not the key ring:

@@ -20,25 +20,14 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from orchester.errors import OrchesterError
+from orchester.security.roles import DEFAULT_ROLES, ROLES, SecurityError
 
 log = logging.getLogger("orchester.security.auth")
 
-#: The roles a key may hold: ``satellite`` registers and runs tasks; ``submit`` submits,
-#: fetches, watches and cancels its own tasks; ``admin`` switches routing, drains satellites
-#: and cancels anyone's tasks; ``pickle`` may submit pickle-coded tasks (which run code on the
-#: satellites) to an orchestrator started with ``--allow-pickle``. No role implies another.
-ROLES = ("satellite", "submit", "admin", "pickle")
-#: Roles of a key file whose metadata names none (a key made by another tool, or by hand).
-DEFAULT_ROLES = ("submit",)
 #: The ZAP domain :func:`secure_server` sets and :class:`CurveAuthenticator` answers for.
 ZAP_DOMAIN = "orchester"
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class SecurityError(OrchesterError, ValueError):
-    """A key file is unreadable or malformed, or a configuration would expose the bus."""
 
 
 def parse_roles(roles: str | Iterable[str]) -> frozenset[str]:

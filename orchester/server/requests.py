@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from orchester.journal.history import Row
+from orchester.security.roles import allowed
 from orchester.server.lifecycle import Lifecycle
 from orchester.server.ports import Outbox, Ports
 from orchester.server.routing import make_strategy
@@ -65,7 +66,7 @@ class Requests:
             self.state.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} is not (or no longer) authorised")
         role = ROLE_OF.get(cmd)
-        if role is not None and role not in who.roles:
+        if role is not None and not allowed(who, role, secure=True):
             self.state.counters["forbidden"] += 1
             raise ProtocolError(P.E_FORBIDDEN, f"key {user!r} does not hold the {role!r} role "
                                 f"{P.command_name(cmd)} needs (it holds: {', '.join(sorted(who.roles)) or 'none'})")
