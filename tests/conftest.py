@@ -11,9 +11,14 @@ from typing import Any
 import pytest
 import zmq
 
-from orchester import LocalCluster
-from orchester.config import OrchestratorConfig
-from orchester.server.broker import BrokerThread
+# strict: a failure of our own in the orchestrator's handlers or timers is raised (and a served
+# orchestrator stops), never answered "internal" behind the error boundary; set before orchester
+# is imported, and inherited by every process the tests start
+os.environ.setdefault("ORCHESTER_STRICT", "1")
+
+from orchester import LocalCluster  # noqa: E402
+from orchester.config import OrchestratorConfig  # noqa: E402
+from orchester.server.broker import BrokerThread  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Environment for processes that must import tests/orchester_test_tasks.py.

@@ -51,6 +51,7 @@ def test_the_timer_wheel_clamps_what_it_cannot_place() -> None:
 
 def test_one_failing_timer_is_counted_and_the_others_fire() -> None:
     h = Harness(queue_ttl=1.0)
+    h.core.strict = False  # (the suite runs strict: this test is about the boundary itself)
     h.submit("a")
     h.submit("b")
     h.tick()
@@ -65,6 +66,30 @@ def test_one_failing_timer_is_counted_and_the_others_fire() -> None:
     h.tick(2.0)
     assert h.core.state.counters["timer_errors"] == 1
     assert h.core.state.tasks["b"].state is TaskState.EXPIRED
+
+
+def test_our_own_failure_in_a_handler_is_answered_internal_counted_and_raised_when_strict() -> None:
+    h = Harness()
+    h.submit("a")
+    h.tick()
+
+    def broken(sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+        raise KeyError("a bug of ours, not the peer's")
+
+    h.core._handlers[P.STATUS] = broken
+    h.core.strict = False
+    h.send(C, b"cli", P.STATUS, {"rid": 7})
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert [(e["code"], e["rid"]) for e in errors] == [(P.E_INTERNAL, 7)] and "KeyError" in errors[0]["msg"]
+    assert h.core.state.counters["handler_errors"] == 1 and h.core.state.counters["bad_messages"] == 1
+    assert h.core.state.tasks["a"].state is TaskState.PENDING  # nothing else changed
+    h.core.strict = True
+    with pytest.raises(KeyError):
+        h.send(C, b"cli", P.STATUS, {"rid": 8})
+    assert h.core.state.counters["handler_errors"] == 2
+    h.tick()
+    h.send(C, b"cli", P.HEARTBEAT, {})  # the core still serves what is not broken
+    assert of(h.tick(), P.HEARTBEAT)
 
 
 def test_replay_skips_a_record_a_live_server_would_refuse() -> None:

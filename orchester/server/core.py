@@ -49,7 +49,8 @@ from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
 log = logging.getLogger("orchester")
 
-#: ``ORCHESTER_STRICT=1``: an internal error in a handler is raised, not answered.
+#: ``ORCHESTER_STRICT=1`` (the test suite sets it): an internal error in a handler or a timer is raised, not
+#: answered or skipped, so that no bug of ours hides behind the error boundary.
 STRICT = os.environ.get("ORCHESTER_STRICT", "") not in ("", "0")
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
 MAX_SIDS_PER_KEY = 4096
@@ -67,8 +68,10 @@ class Orchestrator:
     """
 
     def __init__(self, config: OrchestratorConfig, now: float, *, ports: Ports | None = None,
-                 epoch: str | None = None, wall: Callable[[], float] = time.time) -> None:
+                 epoch: str | None = None, wall: Callable[[], float] = time.time, strict: bool = STRICT) -> None:
         self.cfg = config
+        #: raise our own failures instead of answering ``internal`` (default: ``ORCHESTER_STRICT``)
+        self.strict = strict
         self.ports = ports = ports if ports is not None else Ports()
         self.state = ServerState(config, now, epoch or uuid.uuid4().hex[:16], wall, keys=ports.identify is not None)
         self.outbox = Outbox(records=ports.journal)
@@ -125,7 +128,7 @@ class Orchestrator:
             except Exception as exc:  # our own failure on a message that decoded: never stop the loop for it
                 self.state.counters["handler_errors"] += 1
                 log.exception("a %s message from %r could not be handled", P.command_name(cmd), ident[:64])
-                if STRICT:
+                if self.strict:
                     raise
                 raise ProtocolError(P.E_INTERNAL, f"the orchestrator failed on this message ({type(exc).__name__}); "
                                     "it is logged") from None
@@ -457,6 +460,8 @@ class Orchestrator:
                 except Exception:  # one bad timer (one bad task) never stops the loop, nor the others
                     self.state.counters["timer_errors"] += 1
                     log.exception("the timer of task %r (code %d) failed; it is skipped", timer.key, timer.code)
+                    if self.strict:
+                        raise
         self.life.watch_satellites(now)
         if now >= self._next_hb:
             self._next_hb = now + self._hb_every
