@@ -185,7 +185,11 @@ def check_submit_codec(header: Mapping[str, Any], *, allow_pickle: bool,
     key holds the ``pickle`` role. Raises :class:`ProtocolError`: ``codec`` when pickle is off,
     ``forbidden`` when the key may not, ``malformed`` when ``c`` is not a codec name.
     """
-    codec = header_codec(header)
+    return check_codec_consent(header_codec(header), allow_pickle=allow_pickle, roles=roles)
+
+
+def check_codec_consent(codec: str, *, allow_pickle: bool, roles: Collection[str] | None = None) -> str:
+    """The consent part of :func:`check_submit_codec`, for a codec name already checked."""
     if codec == PickleCodec.name:
         if not allow_pickle:
             raise ProtocolError(P.E_CODEC, "this orchestrator does not accept pickle-coded tasks: they run code "

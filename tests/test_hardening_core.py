@@ -10,10 +10,10 @@ from test_core import C, Harness, S, dispatched_ids, of
 
 from orchester.server.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
 from orchester.server.restore import RestoreFold
-from orchester.server.tasks import SubmitHeader
 from serializers import encode, pack, unpack
 from serializers import protocol as P
 from serializers.header import ProtocolError
+from serializers.messages import Submit
 from tracker import TaskState, TimerWheel
 
 BAD_NUMBERS: list[Any] = [1e308, -1e308, math.inf, -math.inf, math.nan, 2**63, -(2**63), True, "1", [1], {"a": 1}]
@@ -23,7 +23,7 @@ BAD_NUMBERS: list[Any] = [1e308, -1e308, math.inf, -math.inf, math.nan, 2**63, -
 @pytest.mark.parametrize("value", BAD_NUMBERS)
 def test_a_submit_header_with_an_extreme_number_is_refused(key: str, value: Any) -> None:
     with pytest.raises(ProtocolError) as err:
-        SubmitHeader.parse({"id": "t", "k": "echo", key: value})
+        Submit.decode({"id": "t", "k": "echo", key: value})
     assert err.value.code == P.E_MALFORMED
 
 
@@ -73,7 +73,7 @@ def test_our_own_failure_in_a_handler_is_answered_internal_counted_and_raised_wh
     h.submit("a")
     h.tick()
 
-    def broken(sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def broken(sock: Any, ident: bytes, msg: Any, frames: list[Any], now: float) -> None:
         raise KeyError("a bug of ours, not the peer's")
 
     h.core._handlers[P.STATUS] = broken

@@ -15,7 +15,6 @@ frames are forwarded to the client as received.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -30,20 +29,29 @@ from orchester.server.peers import Subscriptions
 from orchester.server.ports import Outbox, Ports
 from orchester.server.requests import Requests
 from orchester.server.state import ServerState
-from orchester.server.tasks import SubmitHeader, Task
+from orchester.server.tasks import Task
 from serializers import protocol as P
-from serializers.codecs import check_submit_codec
+from serializers.codecs import check_codec_consent
 from serializers.header import (
-    MAX_SECONDS,
     ProtocolError,
     check_signature,
     error_frames,
-    field,
-    names,
-    number,
     pack,
-    text,
     unpack,
+)
+from serializers.messages import (
+    Done,
+    Heartbeat,
+    Leave,
+    PeerError,
+    Progress,
+    Register,
+    Started,
+    Submit,
+    ack,
+    beat,
+    decode,
+    welcome,
 )
 from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
@@ -81,7 +89,7 @@ class Orchestrator:
         self._hb_every = config.heartbeat_interval
         self._lost_after = config.lost_after
         self._next_hb = now + self._hb_every
-        self._handlers: dict[bytes, Callable[[Any, bytes, list[Any], float], None]] = {
+        self._handlers: dict[bytes, Callable[[Any, bytes, Any, list[Any], float], None]] = {
             P.SUBMIT: self._on_submit, P.DONE: self._on_done, P.HEARTBEAT: self._on_heartbeat,
             P.STARTED: self._on_started, P.PROGRESS: self._on_progress, P.REGISTER: self._on_register,
             P.LEAVE: self._on_leave, P.STATUS: self.requests.on_status, P.FETCH: self.requests.on_fetch,
@@ -116,13 +124,14 @@ class Orchestrator:
                 self.state.counters["rate_limited"] += 1
                 raise ProtocolError(P.E_BUSY, f"too many requests: at most {self.cfg.request_rate:g} a second "
                                     "(--request-rate); retry later")
+            msg = decode(cmd, frames[3])  # every field checked: past this line, any failure is ours
             sat = self.state.fleet.by_ident.get(ident)
             if sat is not None:
                 sat.last_seen = now
                 if sat.state is SS.SILENT:
                     self.life.heard(sat, now)
             try:
-                handler(sock, ident, frames, now)
+                handler(sock, ident, msg, frames, now)
             except ProtocolError:
                 raise
             except Exception as exc:  # our own failure on a message that decoded: never stop the loop for it
@@ -152,15 +161,13 @@ class Orchestrator:
         return {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
 
     # ----------------------------------------------------------------- clients
-    def _on_submit(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        sub = SubmitHeader.parse(hdr)  # every field checked before anything changes
+    def _on_submit(self, sock: Any, ident: bytes, sub: Submit, frames: list[Any], now: float) -> None:
         # pickle only with serve --allow-pickle, and with keys only from a key holding the pickle role (the
         # key is looked up for a pickle-coded task only: the roles are not needed for any other)
         roles: frozenset[str] | None = None
-        if self.ports.identify is not None and hdr.get("c") == "pickle":
+        if self.ports.identify is not None and sub.codec == "pickle":
             roles = getattr(self.ports.identify(self.state.user), "roles", frozenset())
-        check_submit_codec(hdr, allow_pickle=self.cfg.allow_pickle, roles=roles)
+        check_codec_consent(sub.codec, allow_pickle=self.cfg.allow_pickle, roles=roles)
         tid, kind, timeout = sub.id, sub.kind, sub.timeout
         if len(frames) < 5:
             raise ProtocolError(P.E_MALFORMED, "SUBMIT needs a payload body frame")
@@ -228,40 +235,24 @@ class Orchestrator:
         else:
             ids.append(tid)
 
-    def _on_heartbeat(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        report = hdr.get("m")
-        if isinstance(report, dict):
+    def _on_heartbeat(self, sock: Any, ident: bytes, hb: Heartbeat, frames: list[Any], now: float) -> None:
+        if hb.report is not None:
             sat = self.state.fleet.by_ident.get(ident)
             if sat is not None:
-                sat.reported = {str(k)[:64]: float(v) for k, v in list(report.items())[:64]
-                                if isinstance(v, (int, float)) and math.isfinite(v)}  # these go to carbon
-        if "sid" in hdr and ident not in self.state.fleet.by_ident:
-            self.outbox.send(sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.state.epoch})])
-        elif "sid" not in hdr:  # a client's ping, with how many results it received on this connection
-            self.outbox.send(sock, [ident, P.SIGNATURE, P.HEARTBEAT, pack({"e": self.state.epoch})])
-            received = number(hdr, "rx", 0, 2**62, None, integer=True)
-            if received is not None:
-                for tid in self.state.unread.ack(ident, received, now):
+                sat.reported = hb.report  # (finite, at most 64: these go to carbon)
+        if hb.satellite and ident not in self.state.fleet.by_ident:
+            self.outbox.send(sock, [ident, *beat(P.RECONNECT, self.state.epoch)])
+        elif not hb.satellite:  # a client's ping, with how many results it received on this connection
+            self.outbox.send(sock, [ident, *beat(P.HEARTBEAT, self.state.epoch)])
+            if hb.rx is not None:
+                for tid in self.state.unread.ack(ident, hb.rx, now):
                     task, stored = self.state.tasks.get(tid), self.state.results.get(tid)
                     if task is not None and stored is not None and task.client == ident:
                         self.life.send_result(task, stored.frames, stored.size, store=False)
 
     # -------------------------------------------------------------- satellites
-    def _on_register(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        sid = text(hdr, "sid", limit=128)
-        slots = number(hdr, "slots", 1, 2**31, integer=True)
-        kinds = names(hdr, "kinds", limit=4096)
-        tags = names(hdr, "tags", [])
-        progress = field(hdr, "progress", dict, {})
-        if len(progress) > 4096 or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                           and not isinstance(v, bool) and 0 <= v <= MAX_SECONDS
-                                           for k, v in progress.items()):
-            raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts in seconds")
-        walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
-        pid = number(hdr, "pid", 0, 2**31, 0, integer=True)
-        workers = number(hdr, "workers", 0, 2**20, 0, integer=True)
+    def _on_register(self, sock: Any, ident: bytes, reg: Register, frames: list[Any], now: float) -> None:
+        sid, slots, kinds, tags = reg.sid, reg.slots, list(reg.kinds), reg.tags
         if self.ports.identify is not None:
             owner = self.state.sat_keys.get(sid)  # a satellite id belongs to the key that first registered it
             if owner is not None and owner != self.state.user:
@@ -297,30 +288,25 @@ class Orchestrator:
         if prior is not None:  # this connection was another satellite id: that record goes, with its tasks
             self.life.lose(prior, now, "replaced on its connection", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
-                              host=str(hdr.get("host", ""))[:256], pid=pid, workers=workers)
-        sat.stall_timeouts = {k: float(v) for k, v in progress.items()}
+                              host=reg.host, pid=reg.pid, workers=reg.workers)
+        sat.stall_timeouts = dict(reg.progress)
         sat.user = self.state.user
-        if walltime is not None:
-            sat.deadline = now + float(walltime)
-        versions = hdr.get("versions")
-        if isinstance(versions, dict):
-            sat.versions = {str(k): str(v) for k, v in versions.items()}
+        if reg.walltime is not None:
+            sat.deadline = now + reg.walltime
+        sat.versions = dict(reg.versions)
         self.state.fleet.add(sat)
         self.state.counters["satellites_registered"] += 1
         log_limited(log, logging.INFO, "satellite %r registered: %d slots, kinds %s, tags %s", sid, slots,
                     kinds[:20], tags[:20])
         self._welcome(sock, ident)
         self.life.sat_to(sat, SE.welcome, now, "registered")
-        running = hdr.get("running")
-        if isinstance(running, list) and running:
-            self.life.adopt(sat, running, now)
-        recent = hdr.get("recent")
-        if isinstance(recent, list) and recent:
-            self.life.adopt(sat, recent, now, finished=True)
+        if reg.running:
+            self.life.adopt(sat, reg.running, now)
+        if reg.recent:
+            self.life.adopt(sat, reg.recent, now, finished=True)
 
     def _welcome(self, sock: Any, ident: bytes) -> None:
-        self.outbox.messages.append((sock, [ident, P.SIGNATURE, P.WELCOME, pack(
-            {"e": self.state.epoch, "hb": self._hb_every, "liveness": self.cfg.liveness})], None))
+        self.outbox.send(sock, [ident, *welcome(self.state.epoch, self._hb_every, self.cfg.liveness)])
 
     def _bind_sid(self, sid: str, user: str) -> None:
         """``sid`` belongs to ``user``'s key from now on (journaled, so a restart keeps it)."""
@@ -333,25 +319,20 @@ class Orchestrator:
         if self.outbox.records is not None:
             self.outbox.records.append(["K", sid, user, self.state.wall()])
 
-    def _on_started(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def _on_started(self, sock: Any, ident: bytes, msg: Started, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
         if sat is None:
             return
-        hdr = unpack(bytes(frames[3]))
-        for item in field(hdr, "t", list):
-            if not (isinstance(item, list) and len(item) == 2):
-                raise ProtocolError(P.E_MALFORMED, "STARTED entries are [task id, attempt]")
-            task = sat.inflight.get(item[0]) if isinstance(item[0], str) else None
-            if task is not None and task.attempt == item[1] and task.state is TS.DISPATCHED:
+        for tid, attempt in msg.tasks:
+            task = sat.inflight.get(tid) if isinstance(tid, str) else None
+            if task is not None and task.attempt == attempt and task.state is TS.DISPATCHED:
                 self.life.task_to(task, TE.start, now)
 
-    def _on_done(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def _on_done(self, sock: Any, ident: bytes, done: Done, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
         if sat is None:
             return
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
-        attempt = field(hdr, "a", int)
+        tid, attempt = done.id, done.attempt
         task = sat.inflight.get(tid)
         if task is None or task.attempt != attempt:
             self.state.counters["stale_results"] += 1
@@ -360,14 +341,13 @@ class Orchestrator:
             return
         if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, or was lost
             self.life.task_to(task, TE.start, now)
-        if hdr.get("ok"):
+        if done.ok:
             self.life.release(task, now, abort=False)
             self.life.succeeded(task, sat, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]], now)
             return
-        err = hdr.get("err")
+        err = done.error
         header = frames[3]
-        if not (isinstance(err, dict) and isinstance(err.get("type"), str) and 0 < len(err["type"]) <= 256
-                and isinstance(err.get("msg", ""), str) and isinstance(err.get("tb", ""), str)):
+        if err is None:
             # clients read this error: one of the wrong shape is replaced, never forwarded
             self.state.counters["bad_results"] += 1
             err = {"type": "BadResult", "msg": f"satellite {sat.sid!r} reported an error of the wrong shape",
@@ -382,15 +362,14 @@ class Orchestrator:
         self.life.task_to(task, TE.fail, now, etype)
         self.life.complete(task, [P.SIGNATURE, P.RESULT, header, *frames[4:]])
 
-    def _on_progress(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def _on_progress(self, sock: Any, ident: bytes, msg: Progress, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)
         if sat is None:
             return
         self.state.counters["progress"] += 1
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
+        tid = msg.id
         task = sat.inflight.get(tid)
-        if task is None or task.attempt != hdr.get("a") or isinstance(hdr.get("a"), bool):
+        if task is None or msg.attempt is None or task.attempt != msg.attempt:
             # only the satellite running the task, at the attempt it runs, may report its progress
             self.state.counters["progress_refused"] += 1
             return
@@ -400,25 +379,23 @@ class Orchestrator:
         if self.state.want[b"progress:"]:
             self.outbox.publish([b"progress:" + tid.encode(), bytes(frames[3])])
 
-    def _on_leave(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
+    def _on_leave(self, sock: Any, ident: bytes, msg: Leave, frames: list[Any], now: float) -> None:
         sat = self.state.fleet.by_ident.get(ident)
         if sat is None:
             return
         log_limited(log, logging.INFO, "satellite %s left", sat.sid)
         self.life.lose(sat, now, "left", SE.leave, crash=False)
 
-    def _on_peer_error(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
+    def _on_peer_error(self, sock: Any, ident: bytes, msg: PeerError, frames: list[Any], now: float) -> None:
         self.state.counters["peer_errors"] += 1
         # rate-limited, and the peer's text quoted and cut: it can neither flood the log nor forge a line in it
-        warn_limited(log, "peer %r reported error %r: %r", ident[:64], str(hdr.get("code"))[:64],
-                     str(hdr.get("msg"))[:200])
+        warn_limited(log, "peer %r reported error %r: %r", ident[:64], msg.code, msg.msg)
 
     def _satellite(self, sock: Any, ident: bytes) -> SatelliteRecord | None:
         sat = self.state.fleet.by_ident.get(ident)
         if sat is None:  # e.g. we restarted: ask it to register again
             self.state.counters["unknown_satellite"] += 1
-            self.outbox.send(sock, [ident, P.SIGNATURE, P.RECONNECT, pack({"e": self.state.epoch})])
+            self.outbox.send(sock, [ident, *beat(P.RECONNECT, self.state.epoch)])
         return sat
 
     # ---------------------------------------------------------- housekeeping
@@ -465,12 +442,12 @@ class Orchestrator:
         self.life.watch_satellites(now)
         if now >= self._next_hb:
             self._next_hb = now + self._hb_every
-            hb = pack({"e": self.state.epoch})
+            hb = beat(P.HEARTBEAT, self.state.epoch)
             for sat in self.state.fleet:
-                self.outbox.send(sat.sock, [sat.ident, P.SIGNATURE, P.HEARTBEAT, hb])
+                self.outbox.send(sat.sock, [sat.ident, *hb])
         if self._acks:
             for (sock, ident), ids in self._acks.items():
-                self.outbox.send(sock, [ident, P.SIGNATURE, P.ACK, pack({"ids": ids, "e": self.state.epoch})])
+                self.outbox.send(sock, [ident, *ack(ids, self.state.epoch)])
             self._acks.clear()
         self.life.schedule(now)
 

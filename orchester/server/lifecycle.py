@@ -12,6 +12,7 @@ timeout on the one timer wheel, record the history and publish the event.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from orchester.logutil import log_limited
@@ -19,9 +20,10 @@ from orchester.server.fleet import Fleet, SatelliteRecord
 from orchester.server.ports import Outbox, Ports
 from orchester.server.state import ServerState
 from orchester.server.tasks import QueueKey, Task, TaskQueues
+from serializers import messages as M
 from serializers import protocol as P
 from serializers.codecs import dispatch_consent
-from serializers.header import ProtocolError, pack, unpack
+from serializers.header import pack, unpack
 from tracker import (
     SATELLITE_MACHINE,
     TASK_MACHINE,
@@ -92,7 +94,8 @@ class Lifecycle:
         self.arm(task, now)
         return "requeued"
 
-    def adopt(self, sat: SatelliteRecord, running: list[Any], now: float, finished: bool = False) -> None:
+    def adopt(self, sat: SatelliteRecord, running: Sequence[tuple[str, int]], now: float,
+              finished: bool = False) -> None:
         """Take back tasks a (re-)registering satellite says it is still running.
 
         After a restart or a failover the task table comes from the journal, where these
@@ -110,13 +113,7 @@ class Lifecycle:
         finish; its result is discarded. A task is given back only to a satellite that offers its
         kind and has its tags.
         """
-        if len(running) > 100_000:
-            raise ProtocolError(P.E_MALFORMED, "REGISTER lists more than 100,000 tasks")
-        for item in running:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], int) and not isinstance(item[1], bool)):
-                raise ProtocolError(P.E_MALFORMED, "REGISTER running entries are [task id, attempt]")
-            tid, attempt = item
+        for tid, attempt in running:  # (checked when the REGISTER decoded: serializers.messages)
             task = self.state.reclaim.get(tid)
             if task is not None:
                 ok = task.satellite == sat.sid and attempt == task.attempt
@@ -279,9 +276,8 @@ class Lifecycle:
         self.state.dispatch_seq += 1
         sat.last_dispatch = self.state.dispatch_seq
         self.state.counters["dispatched"] += 1
-        self.outbox.messages.append((sat.sock, [sat.ident, P.SIGNATURE, P.DISPATCH,
-                                    pack({"id": task.id, "a": task.attempt, **self._consent}), task.header,
-                                    *task.payload], None))
+        self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent), task.header,
+                                    *task.payload])
         self.task_to(task, TE.dispatch, now)
 
     def release(self, task: Task, now: float, abort: bool) -> SatelliteRecord | None:
@@ -291,8 +287,7 @@ class Lifecycle:
             return None
         self.state.fleet.free_slots += 1
         if abort:
-            self.outbox.messages.append((sat.sock, [sat.ident, P.SIGNATURE, P.ABORT,
-                                        pack({"id": task.id, "a": task.attempt})], None))
+            self.outbox.send(sat.sock, [sat.ident, *M.abort(task.id, task.attempt)])
         if not sat.inflight and sat.state is SS.BUSY:
             self.sat_to(sat, SE.unload, now)
         return sat

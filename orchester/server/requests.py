@@ -20,7 +20,8 @@ from orchester.server.routing import make_strategy
 from orchester.server.state import ServerState
 from orchester.server.tasks import Task
 from serializers import protocol as P
-from serializers.header import ProtocolError, field, pack, unpack
+from serializers.header import ProtocolError, pack, unpack
+from serializers.messages import Cancel, Control, Fetch, History, RequestId, Status, reply
 from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
 log = logging.getLogger("orchester")
@@ -90,20 +91,19 @@ class Requests:
         who = self.ports.identify(self.state.user) if self.ports.identify is not None else None
         return who is not None and "admin" in who.roles
 
-    def on_status(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = hdr.get("task")
-        if tid is None:
-            self.reply(sock, ident, hdr.get("rid"), self.status(now))
+    def on_status(self, sock: Any, ident: bytes, msg: Status, frames: list[Any], now: float) -> None:
+        """STATUS: the summary, or one task."""
+        if msg.task is None:
+            self.reply(sock, ident, msg.rid, self.status(now))
             return
-        task = self.state.tasks.get(tid) if isinstance(tid, str) else None
+        task = self.state.tasks.get(msg.task)
         if task is None:
-            raise _unknown(tid)
-        self.reply(sock, ident, hdr.get("rid"), {"task": self.describe_task(task)})
+            raise _unknown(msg.task)
+        self.reply(sock, ident, msg.rid, {"task": self.describe_task(task)})
 
-    def on_fetch(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
+    def on_fetch(self, sock: Any, ident: bytes, msg: Fetch, frames: list[Any], now: float) -> None:
+        """FETCH: a result again (or the task's state, and its result to this connection later)."""
+        tid = msg.id
         stored = self.state.results.get(tid)
         task = self.state.tasks.get(tid)
         if task is not None:
@@ -119,13 +119,13 @@ class Requests:
         elif task is not None:  # not finished: the result will go to this client (if it is the owner's)
             if self.owner_asks(task):
                 task.client, task.csock = ident, sock
-            self.reply(sock, ident, hdr.get("rid"), {"id": tid, "state": task.state.name.lower()})
+            self.reply(sock, ident, msg.rid, {"id": tid, "state": task.state.name.lower()})
         else:
             raise _unknown(tid)
 
-    def on_cancel(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        tid = field(hdr, "id", str)
+    def on_cancel(self, sock: Any, ident: bytes, msg: Cancel, frames: list[Any], now: float) -> None:
+        """CANCEL: end an unfinished task (its owner's, or anyone's for an admin)."""
+        tid = msg.id
         task = self.state.tasks.get(tid)
         if task is None:
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} is unknown")
@@ -133,24 +133,26 @@ class Requests:
         was = task.state
         if not was.terminal:
             self.life.fail(task, P.ERR_CANCELLED, "cancelled by a client", now, TE.cancel, abort=True)
-        self.reply(sock, ident, hdr.get("rid"), {"id": tid, "cancelled": not was.terminal,
+        self.reply(sock, ident, msg.rid, {"id": tid, "cancelled": not was.terminal,
                                                   "state": task.state.name.lower()})
 
-    def on_control(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        op = field(hdr, "op", str)
+    def on_control(self, sock: Any, ident: bytes, msg: Control, frames: list[Any], now: float) -> None:
+        """CONTROL: switch the routing strategy, drain a satellite, or an operation of the pair."""
+        op = msg.op
         if op in ("promote", "peer_link"):
             if self.ports.ha_control is None:
                 raise ProtocolError(P.E_BAD_REQUEST, "this orchestrator is not part of a binary-star pair")
-            self.reply(sock, ident, hdr.get("rid"), self.ports.ha_control(hdr, now))
+            self.reply(sock, ident, msg.rid, self.ports.ha_control(msg.fields, now))
             return
         if op == "drain":
-            self._drain(sock, ident, hdr, now)
+            assert msg.sid is not None  # (decoded with the op)
+            self._drain(sock, ident, msg.sid, msg.rid, now)
             return
         if op != "strategy":
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; "
                                 "known: ['strategy', 'drain', 'promote']")
-        name = field(hdr, "name", str)
+        name = msg.name
+        assert name is not None  # (decoded with the op)
         try:
             strategy = make_strategy(name, allowed=self.state.cfg.allowed_strategies)
         except ValueError as exc:
@@ -161,11 +163,10 @@ class Requests:
         if self.state.want[b"control:"]:
             self.outbox.publish([b"control:strategy", pack(
                 {"op": "strategy", "old": old, "new": strategy.name, "t": self.state.wall()})])
-        self.reply(sock, ident, hdr.get("rid"), {"strategy": strategy.name, "previous": old})
+        self.reply(sock, ident, msg.rid, {"strategy": strategy.name, "previous": old})
 
-    def _drain(self, sock: Any, ident: bytes, hdr: dict[str, Any], now: float) -> None:
+    def _drain(self, sock: Any, ident: bytes, sid: str, rid: RequestId, now: float) -> None:
         """An operator drains a satellite: no new tasks; what it runs finishes; then stop it."""
-        sid = field(hdr, "sid", str)
         sat = self.state.fleet.by_id.get(sid)
         if sat is None:
             raise ProtocolError(P.E_BAD_REQUEST, f"no satellite {sid!r}; known: {sorted(self.state.fleet.by_id)}")
@@ -175,27 +176,22 @@ class Requests:
                 raise ProtocolError(P.E_BAD_REQUEST, f"satellite {sid} is {sat.state.name.lower()}: it cannot drain")
             self.life.sat_to(sat, SE.drain, now, "drained by an operator")
             self.state.counters["drains"] += 1
-        self.reply(sock, ident, hdr.get("rid"), {"sid": sid, "state": sat.state.name.lower(),
+        self.reply(sock, ident, rid, {"sid": sid, "state": sat.state.name.lower(),
                                                   "inflight": len(sat.inflight)})
 
-    def on_history(self, sock: Any, ident: bytes, frames: list[Any], now: float) -> None:
-        hdr = unpack(bytes(frames[3]))
-        filters: dict[str, Any] = {}
-        for key, kind in (("state", str), ("kind", str), ("since", (int, float)), ("until", (int, float)),
-                          ("limit", int), ("ids", list)):
-            value = field(hdr, key, kind, None)
-            if value is not None:
-                filters[key] = value
+    def on_history(self, sock: Any, ident: bytes, msg: History, frames: list[Any], now: float) -> None:
+        """HISTORY: rows from the journal's reader when there is a journal, else from the table."""
+        filters = msg.filters()
         if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
                                 f"known: {sorted(TASK_STATE_VALUES)}")
         if self.ports.history_reader:  # the journal has everything: its reader answers
             # error messages: of the asker's own tasks only (all of them without keys, or to an admin)
             viewer = None if self.ports.identify is None or self.is_admin() else (self.state.user or "")
-            self.outbox.queries.append((sock, ident, hdr.get("rid"), {**filters, "viewer": viewer}))
+            self.outbox.queries.append((sock, ident, msg.rid, {**filters, "viewer": viewer}))
             return
         rows = self._memory_history(**filters)
-        self.reply(sock, ident, hdr.get("rid"), {"rows": rows, "count": len(rows), "source": "memory"})
+        self.reply(sock, ident, msg.rid, {"rows": rows, "count": len(rows), "source": "memory"})
 
     def _memory_history(self, state: str | None = None, kind: str | None = None, since: float | None = None,
                         until: float | None = None, limit: int | None = None,
@@ -252,9 +248,9 @@ class Requests:
                           rows[0][0] if rows else 0.0, rows[-1][0] if rows and task.state.terminal else 0.0, error,
                           task.owner if isinstance(task.owner, str) else ""))
 
-    def reply(self, sock: Any, ident: bytes, rid: Any, body: dict[str, Any]) -> None:
-        body["rid"] = rid
-        self.outbox.send(sock, [ident, P.SIGNATURE, P.REPLY, pack(body)])
+    def reply(self, sock: Any, ident: bytes, rid: RequestId, body: dict[str, Any]) -> None:
+        """Answer a request (``rid``: its request id)."""
+        self.outbox.send(sock, [ident, *reply(rid, body)])
 
     def describe_task(self, task: Task) -> dict[str, Any]:
         """One task's state, attempts and history, for ``orchester show``."""

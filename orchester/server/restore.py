@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from orchester.server.lifecycle import _len
-from orchester.server.tasks import SubmitHeader, Task
+from orchester.server.tasks import Task
 from serializers.header import ProtocolError, unpack
+from serializers.messages import Submit
 from tracker import TaskState as TS
 from tracker.history import History
 
@@ -105,7 +106,7 @@ class RestoreFold:
             if code == "S":
                 if tid not in self.tasks:
                     # refuse, now, a record whose header is unreadable or that a live server would refuse
-                    hdr = SubmitHeader.parse(unpack(bytes(rec[3])))
+                    hdr = Submit.decode(unpack(bytes(rec[3])))
                     if hdr.id != tid:
                         raise ValueError(f"submission record of {tid!r} carries the header of {hdr.id!r}")
                     if not isinstance(rec[4], list) or not all(isinstance(f, (bytes, memoryview)) for f in rec[4]):

@@ -4,47 +4,13 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-from serializers.header import MAX_PRIORITY, MAX_SECONDS, names, number, text
 from tracker import TaskState
 from tracker.history import History
 from tracker.timers import Timer
 
 QueueKey = tuple[str, frozenset[str]]
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitHeader:
-    """The fields of a SUBMIT header, every one checked (type, range, finite) before any state changes.
-
-    The same check runs on a journal's submission records at replay, so a record that a
-    live orchestrator would refuse can never reach the timer wheel after a restart.
-    """
-
-    id: str
-    kind: str
-    priority: int
-    tags: frozenset[str]
-    timeout: float | None  #: the client's overall timeout (``None``: none)
-    ttl: float  #: time-to-live in the queue (0: the orchestrator's default)
-    max_run: float  #: maximum run time (0: the orchestrator's default)
-    duration: float  #: expected run time (0: unknown)
-
-    @classmethod
-    def parse(cls, hdr: dict[str, Any]) -> SubmitHeader:
-        """Check and convert a decoded SUBMIT header (raises :class:`~serializers.header.ProtocolError`)."""
-        timeout = number(hdr, "to", -MAX_SECONDS, MAX_SECONDS, None)
-        return cls(
-            id=text(hdr, "id"), kind=text(hdr, "k"),
-            priority=number(hdr, "p", -MAX_PRIORITY, MAX_PRIORITY, 0, integer=True),
-            tags=frozenset(names(hdr, "tg", [])),
-            timeout=float(timeout) if timeout is not None and timeout > 0 else None,
-            ttl=max(0.0, float(number(hdr, "ttl", -MAX_SECONDS, MAX_SECONDS, 0))),
-            max_run=max(0.0, float(number(hdr, "mr", -MAX_SECONDS, MAX_SECONDS, 0))),
-            duration=max(0.0, float(number(hdr, "dur", -MAX_SECONDS, MAX_SECONDS, 0))),
-        )
 
 
 class Task:
