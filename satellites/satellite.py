@@ -64,7 +64,14 @@ def _rss_mb(pid: int) -> float:
 
 
 class Satellite:
-    """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes."""
+    """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes.
+
+    ``connect``: one endpoint or several (both servers of a binary-star pair; ``@FILE`` reads an
+    endpoint file), checked here: a malformed one is a :class:`ValueError`. A silent
+    orchestrator is left for the next endpoint (or connected to again, if there is one) with a
+    vote; a passive one that refuses the satellite, for the other. The connection is an
+    :class:`~orchester.client.uplink.Uplink`, as a client's.
+    """
 
     def __init__(self, connect: list[str] | str, *, workers: int = 2, tags: list[str] | tuple[str, ...] = (),
                  tasks: list[str] | tuple[str, ...] = (), sid: str | None = None,

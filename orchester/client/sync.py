@@ -65,10 +65,10 @@ def _accepted(fut: Any) -> None:
 class Client:
     """Submit tasks and ask questions of an orchestrator.
 
-    ``endpoints`` is one endpoint or a list (the client fails over to the next
-    one when the current stays silent for ``liveness × heartbeat_interval``
-    seconds while requests are outstanding). ``pub`` names the event endpoint
-    for :meth:`subscribe` (asked of the orchestrator when omitted).
+    ``endpoints`` is one endpoint or a list (``@FILE`` reads an endpoint file; the client fails
+    over to the next one when the current stays silent for ``liveness × heartbeat_interval``
+    seconds while requests are outstanding, or when a passive server refuses it). ``pub`` names
+    the event endpoint for :meth:`subscribe` (asked of the orchestrator when omitted).
 
     CurveZMQ: ``curve_secret`` is this client's secret key file and ``server_key`` the
     orchestrator's public key file (``orchester keys generate``; defaults:
