@@ -44,7 +44,7 @@ def _option(f: dataclasses.Field[Any], hint: Any, spec: Flag, first: bool) -> cl
     default = field_default(f)
     kind = _value_type(hint)
     name = spec.name or "--" + f.name.replace("_", "-")
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any]
     if spec.value is not None:  # one of the value-less flags that set this field; the first one holds the default
         extra = {"flag_value": spec.value, **({"default": default} if first else {})}
     elif kind is bool:
@@ -53,12 +53,21 @@ def _option(f: dataclasses.Field[Any], hint: Any, spec: Flag, first: bool) -> cl
         multiple = typing.get_origin(kind) is list
         item = typing.get_args(kind)[0] if multiple else kind
         extra = {"multiple": multiple, "default": tuple(default) if multiple else default,
-                 "type": (click.Choice(spec.choices) if spec.choices else
-                          click.Path(dir_okay=spec.path != "file", file_okay=spec.path != "dir") if spec.path else
-                          item)}
+                 "type": _click_type(spec, item)}
         if default is not None and default != []:  # no "[default: None]" nor an empty one
             extra["show_default"] = True
     return click.Option([name, f.name], help=spec.help, metavar=spec.metavar, **extra)
+
+
+def _click_type(spec: Flag, item: Any) -> Any:
+    """The click type of one value of a flag: its choices, a kind of path, or the field's own type."""
+    if spec.choices:
+        return click.Choice(spec.choices)
+    if spec.path == "file":
+        return click.Path(dir_okay=False)
+    if spec.path == "dir":
+        return click.Path(file_okay=False)
+    return item
 
 
 def _value_type(hint: Any) -> Any:
