@@ -190,37 +190,39 @@ class Kind:
     doc: str
 
 
-_E_ACTIVE = Field("e", "epoch", _epoch, "epoch", "the active's epoch")
+#: The value columns of the docs' table.
+_EPOCH, _NUMBER, _BOOL = "str, 1–64 characters", "int ≥ 0", "bool"
+_E_ACTIVE = Field("e", "epoch", _epoch, _EPOCH, "the active's epoch")
 KINDS: Final[dict[bytes, Kind]] = {kind.name: kind for kind in (
     Kind(STATE, State, "both", (
-        Field("s", "state", _state, "1–4", "the sender's state (PRIMARY, BACKUP, ACTIVE, PASSIVE)"),
-        Field("role", "role", _role, "primary, backup", "how the sender was configured"),
-        Field("e", "epoch", _epoch, "epoch", "the sender's epoch"),
-        Field("q", "last", _natural, "record number", "the last record the sender journaled"),
-        Field("f", "streaming", _flag, "bool", "an active: its passive follows its stream"),
-        Field("st", "stream", _epoch, "epoch", "a passive: the stream it follows (with ``a``)", optional=True),
-        Field("a", "acked", _natural, "record number", "a passive: its acknowledgement on ``st``, repeated",
+        Field("s", "state", _state, "int 1–4", "the sender's state (PRIMARY, BACKUP, ACTIVE, PASSIVE)"),
+        Field("role", "role", _role, "``primary``, ``backup``", "how the sender was configured"),
+        Field("e", "epoch", _epoch, _EPOCH, "the sender's epoch"),
+        Field("q", "last", _natural, _NUMBER, "the last record the sender journaled"),
+        Field("f", "streaming", _flag, _BOOL, "an active: its passive follows its stream"),
+        Field("st", "stream", _epoch, _EPOCH, "a passive: the stream it follows (with ``a``)", optional=True),
+        Field("a", "acked", _natural, _NUMBER, "a passive: its acknowledgement on ``st``, repeated",
               optional=True),
     ), None, "every heartbeat; the peer expires after two heartbeats without one"),
     Kind(REC, Records, "active", (
         _E_ACTIVE,
-        Field("q", "first", _natural, "record number", "the number of the first record"),
+        Field("q", "first", _natural, _NUMBER, "the number of the first record"),
     ), 1, "journal records as they are written, numbered ``q``, ``q + 1``, ..."),
     Kind(SYNC, Sync, "passive", (
-        Field("e", "epoch", _epoch, "epoch", "the passive's epoch"),
+        Field("e", "epoch", _epoch, _EPOCH, "the passive's epoch"),
     ), None, "asks for a snapshot: the passive has none, or saw a gap in the stream"),
     Kind(ACK, Ack, "passive", (
-        Field("e", "stream", _epoch, "epoch", "the stream acknowledged (the active's epoch)"),
-        Field("q", "seq", _natural, "record number", "records up to ``q`` are in the passive's journal"),
+        Field("e", "stream", _epoch, _EPOCH, "the stream acknowledged (the active's epoch)"),
+        Field("q", "seq", _natural, _NUMBER, "records up to ``q`` are in the passive's journal"),
     ), None, "acknowledges records once durable (at once without a journal)"),
     Kind(ORPHANS, Orphans, "passive", (
-        Field("e", "stream", _epoch, "epoch", "the stream the passive now follows"),
+        Field("e", "stream", _epoch, _EPOCH, "the stream the passive now follows"),
     ), 0, "hands back the tasks the passive knew and the new snapshot does not"),
     Kind(SNAP, SnapChunk, "active", (
         _E_ACTIVE,
-        Field("q", "seq", _natural, "record number", "the last record the snapshot covers"),
-        Field("i", "index", _natural, "chunk number", "the chunk's number, from 0"),
-        Field("last", "last", _flag, "bool", "the snapshot's last chunk"),
+        Field("q", "seq", _natural, _NUMBER, "the last record the snapshot covers"),
+        Field("i", "index", _natural, _NUMBER, "the chunk's number, from 0"),
+        Field("last", "last", _flag, _BOOL, "the snapshot's last chunk"),
     ), 0, "a chunk of the snapshot that answers ``SYNC`` (a barrier record first)"),
 )}
 
