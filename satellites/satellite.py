@@ -68,9 +68,9 @@ class Satellite:
 
     ``connect``: one endpoint or several (both servers of a binary-star pair; ``@FILE`` reads an
     endpoint file), checked here: a malformed one is a :class:`ValueError`. A silent
-    orchestrator is left for the next endpoint (or connected to again, if there is one) with a
-    vote; a passive one that refuses the satellite, for the other. The connection is an
-    :class:`~orchester.client.uplink.Uplink`, as a client's.
+    orchestrator is left, with a vote, for the next endpoint (with a single endpoint: connected
+    to again, and the satellite registers anew); a passive one that refuses the satellite, for
+    the other. The connection is an :class:`~orchester.client.uplink.Uplink`, as a client's.
     """
 
     def __init__(self, connect: list[str] | str, *, workers: int = 2, tags: list[str] | tuple[str, ...] = (),
