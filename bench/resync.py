@@ -64,6 +64,12 @@ class Half:
         self.longest = max(self.longest, time.perf_counter() - t0)
 
 
+def in_sync(a: Half, b: Half) -> bool:
+    """The active's passive acknowledged its snapshot and applied every record since."""
+    leader, follower = a.pair.leader, b.pair.follower
+    return leader is not None and leader.synced and follower is not None and follower.applied == a.seq
+
+
 def fill(core: Orchestrator, n: int, payload: bytes) -> None:
     for i in range(n):
         core.handle("c", [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": f"t{i}", "k": "echo"}), payload], 0.0)
@@ -82,7 +88,7 @@ def pair_run(n: int, payload: bytes, slice_s: float, tmp: str) -> dict[str, floa
         a.longest = 0.0
         start = time.perf_counter()
         deadline = time.monotonic() + 600
-        while not (a.pair.synced and b.pair.applied == a.seq):
+        while not in_sync(a, b):
             a.wake()
             b.wake()
             if time.monotonic() > deadline:
@@ -106,7 +112,7 @@ def raw_run(n: int, payload: bytes, tmp: str) -> dict[str, float]:
     ctx: zmq.Context[Any] = zmq.Context()
     core = Orchestrator(OrchestratorConfig(max_client_tasks=10**7, max_client_bytes=2**40), 0.0)
     fill(core, n, payload)
-    messages = list(resync.OutgoingSnapshot(core, 0).messages("e", budget=float("inf")))
+    messages = list(resync.OutgoingSnapshot(core, 0).messages("e", time.perf_counter, budget=float("inf")))
     pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
     try:
         pub.sndhwm = sub.rcvhwm = 100_000

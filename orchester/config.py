@@ -4,15 +4,22 @@ One config object per process. The CLI fills it from (in increasing priority)
 defaults, a TOML file (``--config``; section ``[serve]`` for the orchestrator,
 ``[satellite]`` for satellites, ``[client]`` for client commands), environment
 variables (``ORCHESTER_*``) and command-line flags. Embedders build it directly.
+
+:class:`OrchestratorConfig` is also the one table of ``orchester serve``'s flags: a field that
+is a flag carries its help text (and its name, choices or kind of path, if any) in
+``field(metadata=flag(...))``, and the command builds its options from the fields, their
+types and their defaults (:mod:`orchester.cli.serve`). The fields that are deliberately not
+flags are listed in :data:`NOT_FLAGS`. This module imports no click.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchester.errors import OrchesterError
 from serializers.protocol import DEFAULT_MAX_MESSAGE
@@ -22,111 +29,189 @@ class ConfigError(OrchesterError, ValueError):
     """A configuration value or file that cannot be used, with the reason."""
 
 
+@dataclass(frozen=True)
+class Flag:
+    """How a config field is given on the command line; the command line builds its option from this.
+
+    The option's default and type are the field's own: ``int``, ``float`` and ``str`` take a
+    value, ``bool`` is an on/off flag, ``list[str]`` a repeatable flag, ``X | None`` has no
+    default. Its name is ``--`` and the field's name with dashes, unless ``name`` says otherwise.
+    """
+
+    #: The text ``--help`` shows.
+    help: str
+    #: The flag (``--allow-strategy``) when it is not the field's name with dashes.
+    name: str | None = None
+    #: The only values allowed (``--help`` shows them as ``[a|b|c]``).
+    choices: tuple[str, ...] = ()
+    #: A path to a ``file`` (not a folder) or a ``dir`` (not a file); it need not exist yet.
+    path: Literal["file", "dir"] | None = None
+    #: The placeholder of the value in ``--help``.
+    metavar: str | None = None
+    #: A flag that takes no value and sets the field to this one (several such flags may share
+    #: a field: ``--primary`` and ``--backup`` set ``ha``).
+    value: str | None = None
+
+
+#: The key of ``field(metadata=...)`` under which a field's flags are kept (a tuple of :class:`Flag`).
+FLAGS = "flags"
+
+
+def flag(help: str, *, name: str | None = None, choices: tuple[str, ...] = (),
+         path: Literal["file", "dir"] | None = None, metavar: str | None = None) -> Mapping[str, Any]:
+    """The ``metadata`` of a field that is one flag: ``field(default=..., metadata=flag("Help text."))``."""
+    return {FLAGS: (Flag(help, name, choices, path, metavar),)}
+
+
+def field_flags(f: dataclasses.Field[Any]) -> tuple[Flag, ...]:
+    """The flags that set field ``f`` (none: it is not given on the command line)."""
+    return tuple(f.metadata.get(FLAGS, ()))
+
+
 @dataclass
 class OrchestratorConfig:
-    """Settings of one orchestrator process."""
+    """Settings of one orchestrator process; the fields are in the order of ``orchester serve --help``."""
 
     #: Endpoints of the ROUTER socket for clients (and satellites, unless ``satellite_bind`` is set).
-    bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"])
+    bind: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"],
+                            metadata=flag("Endpoint for clients (and satellites); repeatable."))
     #: Optional separate ROUTER endpoints for satellites.
-    satellite_bind: list[str] = field(default_factory=list)
+    satellite_bind: list[str] = field(default_factory=list,
+                                      metadata=flag("Separate endpoint for satellites; repeatable."))
     #: Endpoints of the event PUB socket.
-    pub: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5556"])
+    pub: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5556"],
+                           metadata=flag("Endpoint for the event stream; repeatable."))
     #: Seconds between heartbeats to satellites (and expected from them).
-    heartbeat_interval: float = 1.0
+    heartbeat_interval: float = field(default=1.0,
+                                      metadata=flag("Seconds between heartbeats to and from satellites."))
     #: A satellite silent for ``liveness × heartbeat_interval`` is lost and its tasks requeued.
-    liveness: int = 3
+    liveness: int = field(default=3, metadata=flag("Heartbeats missed before a satellite is lost."))
     #: Initial routing strategy (built-in name or ``module:Class``); allowed for CONTROL switches too.
-    strategy: str = "least_loaded"
+    strategy: str = field(default="least_loaded", metadata=flag("least_loaded, round_robin, tags, or module:Class."))
     #: Further ``module:Class`` strategies an admin's CONTROL request may switch to (the built-in
     #: ones always may); anything else is refused before its module is imported.
-    strategies: list[str] = field(default_factory=list)
+    strategies: list[str] = field(default_factory=list, metadata=flag(
+        "A strategy class a CONTROL request may switch to at run time (repeatable; the built-in ones and "
+        "--strategy always may).", name="--allow-strategy", metavar="MODULE:CLASS"))
     #: Accept SUBMITs whose payload is pickle-coded (``"c": "pickle"``) and tell satellites so in
     #: each DISPATCH; satellites also need ``--allow-pickle``. Off: such submits get the ``codec`` error.
-    allow_pickle: bool = False
+    allow_pickle: bool = field(default=False, metadata=flag(
+        "Accept pickle-coded tasks (they run code on the satellites, which need --allow-pickle too)."))
     #: Largest message accepted, in bytes (also set as ZMQ_MAXMSGSIZE on every socket).
-    max_message: int = DEFAULT_MAX_MESSAGE
+    max_message: int = field(default=DEFAULT_MAX_MESSAGE, metadata=flag(
+        "Largest message accepted, in bytes (also ZMQ_MAXMSGSIZE per frame)."))
     #: Most tasks queued at once; further submits get a ``busy`` error.
-    max_queue: int = 1_000_000
+    max_queue: int = field(default=1_000_000, metadata=flag("Most tasks queued; further submits are refused as busy."))
     #: Crashes (satellite lost, stalled, worker died) a task may cause before it is quarantined.
-    retries: int = 3
+    retries: int = field(default=3, metadata=flag(
+        "Crashes (satellite lost, stalled, worker killed) before a task is quarantined."))
     #: First back-off before a retry, doubled per crash (capped at 30 s).
-    retry_backoff: float = 0.5
+    retry_backoff: float = field(default=0.5, metadata=flag(
+        "First back-off in seconds before a retry, doubled per crash."))
     #: Seconds a task may wait in the queue before it expires (0: forever; per task: ``ttl``).
-    queue_ttl: float = 0.0
+    queue_ttl: float = field(default=0.0, metadata=flag(
+        "Seconds a task may wait in the queue before it expires (0: forever)."))
     #: Seconds a dispatched task may wait for a worker to start it before it stalls (0: forever): a
     #: satellite that takes tasks and never starts them loses them to the others.
-    dispatch_timeout: float = 60.0
+    dispatch_timeout: float = field(default=60.0, metadata=flag(
+        "Seconds a dispatched task may wait to be started before it stalls (0: forever)."))
     #: Seconds without progress before a running task of a progress-reporting kind stalls
     #: (0: the kind's own ``stall_timeout``, if it declares one).
-    stall_timeout: float = 0.0
+    stall_timeout: float = field(default=0.0, metadata=flag(
+        "Seconds without progress before a progress-reporting task stalls (0: the kind's own)."))
     #: Seconds a task may run before its worker is killed and it fails (0: no limit; per task: ``max_run``).
-    max_run_time: float = 0.0
+    max_run_time: float = field(default=0.0, metadata=flag(
+        "Seconds a task may run before its worker is killed (0: no limit)."))
     #: Consecutive failed tasks that put a satellite on probation (half credit), then draining (none).
-    probation_after: int = 5
-    drain_after: int = 10
+    probation_after: int = field(default=5, metadata=flag(
+        "Consecutive failed tasks that put a satellite on probation (half credit)."))
+    drain_after: int = field(default=10, metadata=flag(
+        "Consecutive failed tasks that drain a satellite on probation (no credit)."))
+    #: Most unfinished tasks one client may have (further submits get the ``limit`` error).
+    max_client_tasks: int = field(default=100_000, metadata=flag(
+        "Most unfinished tasks one client may have; further submits get the 'limit' error."))
+    #: Most bytes (payload, header and id) of one client's unfinished tasks the orchestrator holds.
+    max_client_bytes: int = field(default=1 << 30, metadata=flag(
+        "Most bytes (payload, header, id) of one client's unfinished tasks held by the orchestrator."))
+    #: Most result bytes pushed to one key (without keys: one connection) that it has not acknowledged
+    #: reading; further results wait in the orchestrator's result store (one result always goes).
+    max_unread_bytes: int = field(default=64 << 20, metadata=flag(
+        "Result bytes sent to one connection and not yet acknowledged, at most (then results wait)."))
+    #: Most task slots one satellite may announce (a larger announcement is cut to this).
+    max_slots: int = field(default=1024, metadata=flag(
+        "Most task slots one satellite may announce (more are cut to this)."))
+    #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
+    probation_cooldown: float = field(default=30.0, metadata=flag(
+        "Seconds a satellite drained for failing waits before it gets tasks again, on probation."))
+    #: CurveZMQ: most connections (routing identities heard within the last minute) one key may hold
+    #: (satellites of a large allocation often share one key).
+    max_key_connections: int = field(default=4096, metadata=flag("CurveZMQ: most connections one key may hold."))
+    #: Most event subscriptions one key (without CurveZMQ: all subscribers together) may hold.
+    max_subscriptions: int = field(default=1024, metadata=flag(
+        "Most event subscriptions one key (without keys: everyone together) may hold."))
+    #: Longest event subscription topic, in bytes (a longer one is never matched and is not kept).
+    max_topic: int = field(default=256, metadata=flag("Longest event subscription topic, in bytes."))
+    #: Most requests one key (without CurveZMQ: one connection) may make per second, beyond a burst
+    #: of as many (submits, results and heartbeats are not counted).
+    request_rate: float = field(default=50.0, metadata=flag(
+        "Requests (status, history, ...) per second one key may make beyond a burst (0: no limit)."))
     #: Finished results kept for fetch by task id (count and total bytes).
-    result_retention: int = 10_000
+    result_retention: int = field(default=10_000, metadata=flag("Finished results kept for fetch by task id."))
     result_retention_bytes: int = 256 * 1024 * 1024
     #: Messages queued per peer by ZeroMQ before sends to it are refused (SNDHWM/RCVHWM).
-    hwm: int = 1000
+    hwm: int = field(default=1000, metadata=flag(
+        "Messages ZeroMQ queues per peer before sends to it fail (memory bound)."))
     #: Most messages drained from one socket per wake-up.
     batch: int = 256
     #: Write the bound endpoints (JSON) to this file once listening.
-    endpoint_file: str | None = None
+    endpoint_file: str | None = field(default=None, metadata=flag(
+        "Write the bound endpoints (JSON) here once listening.", path="file"))
     #: Journal folder: tasks, transitions and results are kept there and replayed at start.
-    journal: str | None = None
+    journal: str | None = field(default=None, metadata=flag(
+        "Journal folder: tasks survive a crash and are replayed at start.", path="dir"))
     #: When acknowledgements wait for the journal: ``full`` (fsync), ``batch`` (written), ``off``.
-    durability: str = "full"
+    durability: str = field(default="full", metadata=flag(
+        "full: acknowledge after fsync; batch: after the write; off: do not wait.", choices=("full", "batch", "off")))
+    #: carbon daemon (``HOST:PORT``) to send metrics to (``None``: no metrics)
+    carbon: str | None = field(default=None, metadata=flag("Send metrics to this carbon daemon (HOST:PORT)."))
+    #: metric names start with this
+    metrics_prefix: str = field(default="orchester", metadata=flag("Metric names start with this."))
+    #: seconds between two metric reports
+    metrics_interval: float = field(default=10.0, metadata=flag("Seconds between two metric reports."))
+    #: ``pickle`` (batches, the default) or ``plaintext``
+    carbon_protocol: str = field(default="pickle", metadata=flag(
+        "How metrics reach carbon: pickled batches, or one plaintext line per metric.",
+        choices=("pickle", "plaintext")))
     #: With a journal: once queued payloads pass this many bytes, further ones are dropped from
     #: memory once durable and read back from the journal when dispatched (0: never).
-    spill_bytes: int = 0
-    #: Most unfinished tasks one client may have (further submits get the ``limit`` error).
-    max_client_tasks: int = 100_000
-    #: Most bytes (payload, header and id) of one client's unfinished tasks the orchestrator holds.
-    max_client_bytes: int = 1 << 30
-    #: Most task slots one satellite may announce (a larger announcement is cut to this).
-    max_slots: int = 1024
-    #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
-    probation_cooldown: float = 30.0
-    #: Most result bytes pushed to one key (without keys: one connection) that it has not acknowledged
-    #: reading; further results wait in the orchestrator's result store (one result always goes).
-    max_unread_bytes: int = 64 << 20
-    #: CurveZMQ: most connections (routing identities heard within the last minute) one key may hold
-    #: (satellites of a large allocation often share one key).
-    max_key_connections: int = 4096
-    #: Most event subscriptions one key (without CurveZMQ: all subscribers together) may hold.
-    max_subscriptions: int = 1024
-    #: Longest event subscription topic, in bytes (a longer one is never matched and is not kept).
-    max_topic: int = 256
-    #: Most requests one key (without CurveZMQ: one connection) may make per second, beyond a burst
-    #: of as many (submits, results and heartbeats are not counted).
-    request_rate: float = 50.0
+    spill_bytes: int = field(default=0, metadata=flag(
+        "With --journal: queued payloads beyond this many bytes wait on disk, not in memory (0: never)."))
     #: CurveZMQ: this server's secret key file (``orchester keys generate``); with
     #: ``authorized_keys``, every socket of the orchestrator requires an authorised key.
-    curve_secret: str | None = None
+    curve_secret: str | None = field(default=None, metadata=flag(
+        "CurveZMQ: this server's secret key file; needs --authorized-keys.", path="file"))
     #: CurveZMQ: directory of the authorised public keys (``NAME.key``), re-read on SIGHUP.
-    authorized_keys: str | None = None
+    authorized_keys: str | None = field(default=None, metadata=flag(
+        "CurveZMQ: directory of authorised public keys (NAME.key), re-read on SIGHUP.", path="dir"))
     #: Allow binding a non-loopback address without CurveZMQ (logged as a warning).
-    insecure: bool = False
+    insecure: bool = field(default=False, metadata=flag(
+        "Allow binding a non-loopback address without CurveZMQ (a warning is logged)."))
     #: Binary star: ``primary`` or ``backup`` (``None``: a single orchestrator).
-    ha: str | None = None
+    ha: str | None = field(default=None, metadata={FLAGS: (
+        Flag("Binary star: run as the primary of a pair (with --state-bind and --peer).", name="--primary",
+             value="primary"),
+        Flag("Binary star: run as the backup of a pair.", name="--backup", value="backup"))})
     #: Binary star: this server's state endpoint (bound; the peer connects to it).
-    state_bind: str | None = None
+    state_bind: str | None = field(default=None, metadata=flag("Binary star: this server's state endpoint (bound)."))
     #: Binary star: the peer's state endpoint (connected).
-    peer: str | None = None
+    peer: str | None = field(default=None, metadata=flag("Binary star: the other server's state endpoint."))
     #: Binary star: ``sync`` (acknowledge once the passive has the record) or ``async``.
-    replication: str = "sync"
+    replication: str = field(default="sync", metadata=flag(
+        "Binary star: acknowledge a task once the passive has it (sync), or without waiting.",
+        choices=("sync", "async")))
     #: Binary star: seconds between state messages; the peer expires after two without one.
-    ha_heartbeat: float = 1.0
-    #: carbon daemon (``HOST:PORT``) to send metrics to (``None``: no metrics)
-    carbon: str | None = None
-    #: metric names start with this
-    metrics_prefix: str = "orchester"
-    #: seconds between two metric reports
-    metrics_interval: float = 10.0
-    #: ``pickle`` (batches, the default) or ``plaintext``
-    carbon_protocol: str = "pickle"
+    ha_heartbeat: float = field(default=1.0, metadata=flag(
+        "Binary star: seconds between state messages; the peer expires after two."))
 
     @property
     def exposed_endpoints(self) -> list[str]:
@@ -223,6 +308,15 @@ class OrchestratorConfig:
         except SecurityError as exc:
             raise ConfigError(str(exc)) from None
         return self
+
+
+#: The fields of :class:`OrchestratorConfig` that are deliberately no ``serve`` flag (nor a ``[serve]``
+#: setting): embedders set them in code. Every other field is a flag (a test checks it).
+NOT_FLAGS: Mapping[str, str] = {
+    "result_retention_bytes": "the result store's byte bound (256 MiB); deployments size it by count, "
+                              "--result-retention",
+    "batch": "messages drained from one socket per wake-up: a tuning knob of the poll loop, for benchmarks",
+}
 
 
 #: Transports a client or a satellite may connect over (libzmq's, for a DEALER socket).

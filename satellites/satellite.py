@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import secrets
 import shutil
 import socket as _socket
 import tempfile
@@ -31,10 +30,8 @@ from typing import Any
 
 import zmq
 
-from orchester.config import check_endpoint
+from orchester.client.uplink import Uplink
 from orchester.logutil import warn_limited
-from orchester.security.auth import secure_client
-from orchester.security.keys import client_curve
 from serializers import ProtocolError, check_signature, pack, unpack
 from serializers import protocol as P
 from serializers.header import field
@@ -67,7 +64,14 @@ def _rss_mb(pid: int) -> float:
 
 
 class Satellite:
-    """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes."""
+    """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes.
+
+    ``connect``: one endpoint or several (both servers of a binary-star pair; ``@FILE`` reads an
+    endpoint file), checked here: a malformed one is a :class:`ValueError`. A silent
+    orchestrator is left, with a vote, for the next endpoint (with a single endpoint: connected
+    to again, and the satellite registers anew); a passive one that refuses the satellite, for
+    the other. The connection is an :class:`~orchester.client.uplink.Uplink`, as a client's.
+    """
 
     def __init__(self, connect: list[str] | str, *, workers: int = 2, tags: list[str] | tuple[str, ...] = (),
                  tasks: list[str] | tuple[str, ...] = (), sid: str | None = None,
@@ -75,20 +79,22 @@ class Satellite:
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
                  server_key: str | None = None) -> None:
-        self.endpoints = [connect] if isinstance(connect, str) else list(connect)
-        if not self.endpoints:
-            raise ValueError("a satellite needs at least one orchestrator endpoint")
-        for ep in self.endpoints:  # refused here, not by a connect that never comes (ConfigError is a ValueError)
-            check_endpoint(ep)
+        self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: the endpoints (checked here, not by a connect that never comes; ``@FILE`` read), the
+        #: failover rule, the heartbeat clock and (in :meth:`run`) the orchestrator socket and its monitor
+        self._uplink: Uplink[zmq.Socket[Any]] = Uplink(
+            connect, who="satellite", identity=f"s:{self.sid}:", hwm=10_000, max_message=max_message,
+            curve_secret=curve_secret, server_key=server_key, heartbeat_interval=heartbeat_interval,
+            liveness=liveness, reconnect_alone=True)
+        self.endpoints = self._uplink.endpoints
         if workers < 1 or prefetch < 0:
             raise ValueError("workers must be >= 1 and prefetch >= 0")
         #: CurveZMQ keys (public, secret, server public), from the arguments or ORCHESTER_CURVE_SECRET
         #: and ORCHESTER_SERVER_KEY; None without CurveZMQ
-        self.curve = client_curve(curve_secret, server_key)
+        self.curve = self._uplink.curve
         self.workers = workers
         self.tags = sorted(set(tags))
         self.modules = list(tasks)
-        self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.slots = workers + prefetch
@@ -109,9 +115,6 @@ class Satellite:
         self._durations: list[float] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
-        self._endpoint_index = 0
-        self._redirect = False  #: a passive orchestrator refused us: switch endpoints
-        self._redirect_after = 0.0
         #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on)
         self._queue: collections.deque[tuple[str, int, list[Any]]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
@@ -140,21 +143,17 @@ class Satellite:
         self._wsock = wsock
         self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
                                self.allow_pickle)
-        self.orch: zmq.Socket[Any] | None = None
-        self._monitor: zmq.Socket[Any] | None = None  #: CurveZMQ: tells when the orchestrator refuses our key
         try:
             self.pool.start()
             self._connect(ctx)
             self._loop(ctx)
         finally:
-            if self.orch is not None:
+            if self._uplink.sock is not None:
                 try:
-                    self.orch.send_multipart([P.SIGNATURE, P.LEAVE, pack({"sid": self.sid})], zmq.NOBLOCK)
+                    self._uplink.sock.send_multipart([P.SIGNATURE, P.LEAVE, pack({"sid": self.sid})], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-                self.orch.close(linger=200)
-            if self._monitor is not None:
-                self._monitor.close(0)
+            self._uplink.close(linger=200)  # the LEAVE gets its chance
             self.pool.close()
             wsock.close(0)
             ctx.term()
@@ -162,33 +161,18 @@ class Satellite:
             log.info("satellite %s stopped", self.sid)
 
     def _connect(self, ctx: zmq.Context[Any], vote: bool = False) -> None:
-        """(Re)create the orchestrator socket, to the current endpoint, and register.
+        """(Re)create the orchestrator socket, to the uplink's current endpoint, and register.
 
         ``vote``: we left the previous orchestrator because it went silent; a passive
         binary-star server takes over on such a vote.
         """
-        if self.orch is not None:
-            self.orch.close(0)
-        s = ctx.socket(zmq.DEALER)
-        s.linger = 0
-        s.routing_id = f"s:{self.sid}:{secrets.token_hex(16)}".encode()
-        s.setsockopt(zmq.MAXMSGSIZE, self.max_message)
-        s.sndhwm = s.rcvhwm = 10_000
-        if self.curve is not None:
-            secure_client(s, *self.curve)
-            if self._monitor is not None:
-                self._monitor.close(0)
-            self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        endpoint = self.endpoints[self._endpoint_index % len(self.endpoints)]
-        s.connect(endpoint)
-        self.orch = s
+        self._uplink.open(ctx)
         self.registered = False
         self._queue.clear()  # the orchestrator requeues whatever was only queued here
         now = time.monotonic()
-        self._last_heard = now
-        self._last_sent = 0.0
+        self._uplink.restart(now)
         self._announce(now, vote)
-        log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, endpoint,
+        log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, self._uplink.current,
                  self.workers, self.kinds)
 
     def _announce(self, now: float, vote: bool = False) -> None:
@@ -212,34 +196,34 @@ class Satellite:
         })], now)
 
     def _send(self, frames: list[Any], now: float) -> None:
-        assert self.orch is not None
+        assert self._uplink.sock is not None
         try:
-            send_frames(self.orch, [P.SIGNATURE, *frames], NOBLOCK)
-            self._last_sent = now
+            send_frames(self._uplink.sock, [P.SIGNATURE, *frames], NOBLOCK)
+            self._uplink.sent(now)  # every message counts as a heartbeat
         except zmq.Again:
             self.counters["send_dropped"] += 1
 
     def _poller(self) -> zmq.Poller:
         """A poller over the orchestrator socket, the workers' socket and every worker's sentinel."""
         poller = zmq.Poller()
-        assert self.orch is not None
-        poller.register(self.orch, zmq.POLLIN)
+        assert self._uplink.sock is not None
+        poller.register(self._uplink.sock, zmq.POLLIN)
         poller.register(self._wsock, zmq.POLLIN)
-        if self._monitor is not None:  # made with the orchestrator socket: rebuilt with it
-            poller.register(self._monitor, zmq.POLLIN)
+        if self._uplink.monitor is not None:  # made with the orchestrator socket: rebuilt with it
+            poller.register(self._uplink.monitor, zmq.POLLIN)
         for fd in self.pool.sentinels():
             poller.register(fd, zmq.POLLIN)
-        self._poll_key = (self.orch, tuple(self.pool.sentinels()))
+        self._poll_key = (self._uplink.sock, tuple(self.pool.sentinels()))
         return poller
 
     def _loop(self, ctx: zmq.Context[Any]) -> None:
-        expiry = self.heartbeat_interval * self.liveness
+        uplink = self._uplink
         timeout_ms = int(min(self.heartbeat_interval / 2, 0.25) * 1000)
         poller = self._poller()
         while not self._stop.is_set():
-            if self._poll_key != (self.orch, tuple(self.pool.sentinels())):
+            if self._poll_key != (uplink.sock, tuple(self.pool.sentinels())):
                 poller = self._poller()  # a worker was replaced or we reconnected
-            orch = self.orch
+            orch, monitor = uplink.sock, uplink.monitor
             ready = poller.poll(timeout_ms)
             now = time.monotonic()
             for item, _ in ready:
@@ -247,32 +231,24 @@ class Satellite:
                     self._drain_orchestrator(orch, now)
                 elif item is self._wsock:
                     self._drain_workers(now)
-                elif item is self._monitor:
-                    self._monitor.recv_multipart()
+                elif monitor is not None and item is monitor:
+                    monitor.recv_multipart()
                     self.counters["key_refused"] += 1
-                    log.error("the orchestrator at %s refused this satellite's CurveZMQ key: it is not (or no "
-                              "longer) in its authorised keys; retrying every %.0fs",
-                              self.endpoints[self._endpoint_index % len(self.endpoints)], expiry)
+                    log.error("%s; retrying every %.0fs", uplink.refusal(), uplink.silent_after)
                 else:
                     self._worker_died(int(item), now)  # type: ignore[arg-type]
-            # housekeeping after every wake-up
-            if now - self._last_heard > expiry:
-                log.warning("orchestrator silent for %.1fs: reconnecting", now - self._last_heard)
-                self.counters["reconnects"] += 1
-                self._endpoint_index += 1
-                self._connect(ctx, vote=True)
-                continue
-            if self._redirect and now >= self._redirect_after and len(self.endpoints) > 1:
-                self._redirect = False  # a passive server refused us: try the other one
-                self._redirect_after = now + self.heartbeat_interval / 2
-                self.counters["redirects"] += 1
-                self._endpoint_index += 1
-                self._connect(ctx)
+            # housekeeping after every wake-up: a silent orchestrator, or a passive one that refused us
+            move = uplink.check(now)
+            if move is not None:
+                if move.vote:
+                    log.warning("orchestrator silent for %.1fs: reconnecting to %s", move.silent_for, move.endpoint)
+                self.counters["reconnects" if move.vote else "redirects"] += 1
+                self._connect(ctx, vote=move.vote)
                 continue
             if now >= self._next_report:  # what it knows of itself, for the operators' metrics
                 self._next_report = now + self.report_every
                 self._send([P.HEARTBEAT, pack({"sid": self.sid, "m": self._self_report(now)})], now)
-            elif now - self._last_sent >= self.heartbeat_interval:
+            elif uplink.heartbeat_due(now):
                 self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
             if self.deadline is not None and now >= self.deadline - self.leave_before:
                 log.warning("satellite %s: the allocation ends in %.0fs: leaving", self.sid, self.deadline - now)
@@ -302,7 +278,7 @@ class Satellite:
                 frames = recv_frames(orch, NOBLOCK, 3)
             except zmq.Again:
                 return
-            self._last_heard = now
+            self._uplink.heard(now)
             try:
                 self._handle(frames, now)
             except ProtocolError as exc:
@@ -323,7 +299,7 @@ class Satellite:
             self._queue.append((field(dispatch, "id", str), field(dispatch, "a", int), frames[2:]))
             self.counters["received"] += 1
         elif cmd == P.HEARTBEAT:
-            pass  # any message counts as a heartbeat: _last_heard was updated above
+            pass  # any message counts as a heartbeat: the uplink heard it above
         elif cmd == P.ABORT:
             hdr = unpack(bytes(frames[2]))
             self._abort(field(hdr, "id", str), field(hdr, "a", int), now)
@@ -347,7 +323,7 @@ class Satellite:
             hdr = unpack(bytes(frames[2]))
             self.counters["errors_received"] += 1
             if hdr.get("code") == P.E_NOT_ACTIVE:
-                self._redirect = True
+                self._uplink.redirected()  # a passive server: the uplink moves to the other one
                 return
             log.warning("orchestrator error %s: %s", hdr.get("code"), hdr.get("msg"))
         else:

@@ -190,7 +190,7 @@ def test_fit_refuses_a_missing_file_and_a_directory(tmp_path: Any) -> None:
 
 def test_fit_knows_the_trial_methods_of_the_genx_task() -> None:
     pytest.importorskip("genx")
-    from orchester.cli.jobs import MIN_POPULATION, TRIAL_METHODS
+    from orchester.cli.fit import MIN_POPULATION, TRIAL_METHODS
     from satellites.genx_task import TRIAL_METHODS as ON_SATELLITES
 
     assert TRIAL_METHODS == ON_SATELLITES and MIN_POPULATION == 5

@@ -296,7 +296,7 @@ def test_the_submit_progress_bar_survives_forged_progress(capsys: pytest.Capture
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import threading
 
-    from orchester.cli.main import _show_progress
+    from orchester.cli.tasks import _show_progress
     from orchester.client.events import Event
 
     monkeypatch.setenv("FORCE_COLOR", "1")  # render as on a terminal

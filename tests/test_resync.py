@@ -89,7 +89,15 @@ def run_until(a: Server, b: Server, done: Any, seconds: float = 30.0, each: Any 
 
 
 def in_sync(a: Server, b: Server) -> bool:
-    return a.pair.synced and b.pair.stream == a.core.state.epoch and b.pair.applied == a.seq
+    leader, follower = a.pair.leader, b.pair.follower
+    return leader is not None and leader.synced and follower is not None and follower.stream == a.core.state.epoch \
+        and follower.applied == a.seq
+
+
+def outgoing(a: Server) -> resync.OutgoingSnapshot | None:
+    """The snapshot ``a`` is sending, if any."""
+    leader = a.pair.leader
+    return leader.outgoing if leader is not None else None
 
 
 def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_it(
@@ -100,7 +108,7 @@ def test_a_large_snapshot_is_sent_over_several_wake_ups_and_the_stream_follows_i
     during: list[int] = []
 
     def submit_during_the_snapshot() -> None:
-        out = a.pair.outgoing
+        out = outgoing(a)
         if out is not None:
             during.append(out.index)
             if len(during) == 2:  # records journaled while the snapshot is on its way
@@ -132,7 +140,7 @@ def test_a_chunk_lost_on_the_way_makes_the_passive_ask_again(
     cut: list[int] = []
 
     def drop_the_third_chunk() -> None:
-        out = a.pair.outgoing
+        out = outgoing(a)
         if out is not None and out.index == 2 and not cut:
             cut.append(1)
             a.pair.link_up = False  # the next wake-up's chunk is lost
@@ -156,7 +164,8 @@ def test_records_of_the_wake_up_that_brings_sync_are_covered_once(servers: tuple
     def cancel_before_the_peer_link() -> None:
         # the broker reads clients before the peer link: a cancel handled in the wake-up that
         # drains SYNC changes the table before its record is numbered, at the end of the wake-up
-        if a.pair.state is HAState.ACTIVE and not a.pair.follower and len(cancelled) < N:
+        leader = a.pair.leader
+        if leader is not None and not leader.streaming and len(cancelled) < N:
             tid = f"t{len(cancelled)}"
             a.core.handle("c", [b"client", P.SIGNATURE, P.CANCEL, pack({"id": tid})], time.monotonic())
             cancelled.append(tid)
@@ -180,9 +189,11 @@ def test_a_takeover_in_the_middle_of_a_snapshot_drops_it(
     monkeypatch.setattr(pair_module, "DRAIN_SLICE", 0.0)  # one message per wake-up: chunk 2 is seen
     a, b = servers
     a.fill(N)
-    run_until(a, b, lambda: b.pair.incoming is not None and b.pair.incoming.next >= 2)
+    follower = b.pair.follower
+    assert follower is not None
+    run_until(a, b, lambda: follower.incoming is not None and follower.incoming.next >= 2)
     assert b.pair.promote(True, time.monotonic())["changed"]
-    assert b.pair.incoming is None and b.pair.state is HAState.ACTIVE
+    assert b.pair.follower is None and b.pair.leader is not None and b.pair.state is HAState.ACTIVE
 
 
 def test_the_snapshot_describes_the_table_as_it_was_when_captured(servers: tuple[Server, Server]) -> None:
@@ -201,7 +212,7 @@ def test_the_snapshot_describes_the_table_as_it_was_when_captured(servers: tuple
     payload = records[1][4]
     assert all(isinstance(f, memoryview) for f in payload) and bytes(payload[0]) == b"x" * 100
     fresh = resync.OutgoingSnapshot(a.core, 8)
-    messages = list(fresh.messages("epoch"))
+    messages = list(fresh.messages("epoch", time.perf_counter))
     assert fresh.done and len(messages) == 1 and messages[0][0] == b"SNAP"
     kinds = [(r[0], r[1]) for r in (msgpack.unpackb(f, raw=False) for f in messages[0][2:])]
     assert kinds == [(BARRIER, ""), ("S", "one"), ("S", "two"), ("T", "two"), ("R", "two"), ("S", "three")]

@@ -1,4 +1,4 @@
-"""The ``orchester`` command line: the group and the serving commands (``main``), the job commands
-(``jobs``), what both command lines share (``common``), terminal rendering (``render``), ``top``,
-the demo and batch scripts.
+"""The ``orchester`` command line: the group (``main``), one module per command family (``serve``,
+``keys``, ``tasks``, ``control``, ``fit``, ``history``, ``journal``, ``cluster``, ``top``, ``demo``),
+what they share (``common``), and the batch scripts (``scripts``).
 """

@@ -1,7 +1,10 @@
-"""What both command lines (``orchester`` and ``satellite``) share: exit codes, logging, TOML
-config tables, one-line usage errors, the endpoint check of every ``--connect``.
+"""What the command lines share: exit codes, logging, TOML config tables, one-line usage errors,
+the endpoint check of every ``--connect``; and what the ``orchester`` client commands share:
+``--connect`` and ``--timeout``, opening a client, asking it, waiting for a task.
 
-``satellites`` imports this, never :mod:`orchester.cli.main` (which holds the commands).
+Every command family (:mod:`orchester.cli.tasks`, :mod:`orchester.cli.fit`, …) imports this,
+never :mod:`orchester.cli.main` (the group, which imports them); ``satellites`` imports this
+too. Heavier modules (the client) are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -123,3 +126,64 @@ def check_connect(ctx: click.Context, param: click.Parameter, value: Any) -> Any
             where = f" ({named[0]} names it)" if named else ""
             raise click.BadParameter(f"{exc}{where}", ctx=ctx, param=param) from None
     return value
+
+
+connect_option = click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT",
+                              default=("tcp://127.0.0.1:5555",), show_default=True, callback=check_connect,
+                              help="Orchestrator endpoint (repeat for a failover pair; @FILE: from an endpoint file).")
+timeout_option = click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=10.0,
+                              show_default=True,
+                              help="Seconds to wait for the orchestrator before exit code 3.")
+
+
+def open_client(connect: list[str] | tuple[str, ...], **client_options: Any) -> Any:
+    """A :class:`~orchester.Client` of ``connect``; exit 2 with one line if an endpoint is malformed."""
+    from orchester.client.sync import Client
+
+    try:
+        return Client(list(connect), **client_options)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def unreachable(connect: list[str] | tuple[str, ...], timeout: float) -> NoReturn:
+    """Say that no orchestrator answered (and that one wanting keys looks just like that); exit 3."""
+    from orchester.client.sync import unreachable_message
+
+    keys = bool(os.environ.get("ORCHESTER_CURVE_SECRET") and os.environ.get("ORCHESTER_SERVER_KEY"))
+    click.echo(f"error: {unreachable_message(', '.join(connect), timeout, keys=keys)}", err=True)
+    sys.exit(EXIT_UNREACHABLE)
+
+
+def ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options: Any) -> Any:
+    """Open a client, return ``request(client)``; exit 3 when unreachable, 1 when refused or failed."""
+    from orchester.errors import OrchesterError, RemoteError, Unreachable
+    from orchester.render import clean_text
+
+    with open_client(connect, **client_options) as client:
+        try:
+            return request(client)
+        except Unreachable:
+            unreachable(connect, timeout)
+        except RemoteError as exc:
+            click.echo(f"error: {clean_text(exc.message, 1000)}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+        except OrchesterError as exc:  # the client itself failed (its I/O thread stopped)
+            click.echo(f"error: {clean_text(str(exc), 1000)}", err=True)
+            sys.exit(EXIT_TASK_FAILED)
+
+
+def wait_for(fut: Any) -> Any:
+    """``fut.result()``, woken twice a second so that Ctrl-C is seen at once.
+
+    A blocked wait is only interrupted by a signal the kernel delivers to the main thread; one
+    that lands on the client's I/O thread would go unnoticed until the result came.
+    """
+    import concurrent.futures as cf
+
+    while True:
+        try:
+            return fut.result(timeout=0.5)
+        except cf.TimeoutError:
+            continue

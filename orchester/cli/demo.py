@@ -1,19 +1,37 @@
-"""The main job on the embedded default: a local cluster runs a batch of built-in tasks."""
+"""``orchester demo``: the main job on the embedded default, a local cluster runs a batch of built-in tasks.
+
+The local cluster, numpy and the progress bar are imported when the demo runs, not when the
+command line starts.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import random
+import sys
 import time
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from orchester.errors import TaskFailed
-from orchester.local.cluster import LocalCluster
 from orchester.signals import interrupt_exit_code, signal_name, stop_on_signals
+
+
+@click.command()
+@click.option("--satellites", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Satellite processes of the local cluster.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Worker processes per satellite.")
+@click.option("--tasks", "n_tasks", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Tasks in the batch.")
+@click.option("--seconds", type=click.FloatRange(min=0.0), default=0.02, show_default=True,
+              help="Duration of each sleep task.")
+def demo(satellites: int, workers: int, n_tasks: int, seconds: float) -> None:
+    """Start a local cluster and run a batch of built-in tasks with a progress bar."""
+    sys.exit(run_demo(satellites, workers, n_tasks, seconds))
 
 
 def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds: float = 0.02,
@@ -36,6 +54,9 @@ def run_demo(satellites: int = 2, workers: int = 2, n_tasks: int = 200, seconds:
 
 def _demo(satellites: int, workers: int, n_tasks: int, seconds: float, console: Console) -> int:
     import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from orchester.local.cluster import LocalCluster
 
     rng = random.Random(0)
     t0 = time.monotonic()

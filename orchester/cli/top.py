@@ -1,7 +1,8 @@
 """``orchester top``: a live terminal view of a bus, from status requests and the event stream.
 
 ``q`` (or Ctrl-C) quits: keys are read from the terminal, unbuffered and not echoed, while the
-view runs, and the terminal is restored afterwards.
+view runs, and the terminal is restored afterwards. ``rich.live`` and the metrics collector are
+imported when the view runs, not when the command line starts.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import click
 from rich.console import Console, Group
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchester.metrics.collector import quantiles
+from orchester.cli.common import ask, connect_option, timeout_option
 from orchester.render import Column, FittedTable, add_row, cell, clean_text, finite, fmt
 
 #: Most tasks tracked at once (submitted, or running on a satellite); events beyond are not kept.
@@ -77,6 +78,8 @@ class TopModel:
 
     def render(self) -> Group:
         """The whole screen."""
+        from orchester.metrics.collector import quantiles
+
         st = self.status
         q = quantiles(list(self.latencies))
         head = Text.assemble(
@@ -167,6 +170,8 @@ def run_top(client: Any, interval: float = 1.0, console: Console | None = None,
     ``keys``: the file descriptor ``q`` is read from (default: standard input when it is a
     terminal; ``None``: no keys).
     """
+    from rich.live import Live
+
     if keys == -1:
         keys = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     model = TopModel()
@@ -191,3 +196,13 @@ def run_top(client: Any, interval: float = 1.0, console: Console | None = None,
     finally:
         stream.close()
     return model
+
+
+@click.command()
+@connect_option
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--iterations", type=int, default=None, help="Stop after this many refreshes (default: Ctrl-C).")
+@timeout_option
+def top(connect: tuple[str, ...], interval: float, iterations: int | None, timeout: float) -> None:
+    """A live view of satellites, queues, throughput and latency."""
+    ask(connect, timeout, lambda c: (c.status(timeout=timeout), run_top(c, interval, iterations=iterations)))

@@ -12,14 +12,15 @@ Example::
 
     asyncio.run(main())
 
-Use one instance from one event loop. Submitting returns an ``asyncio.Future``.
+Use one instance from one event loop. Submitting returns an ``asyncio.Future`` (an
+:class:`AsyncTaskFuture`, which knows its task id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,67 +29,80 @@ import zmq
 import zmq.asyncio
 
 from orchester.client.core import ClientCore, reject_future, resolve_future, stopped
-from orchester.client.sync import resolve_endpoint, unreachable_message
+from orchester.client.sync import reachable_endpoint, unreachable_message
+from orchester.client.uplink import Uplink
 from orchester.config import check_endpoint
-from orchester.errors import ClientClosed, Unreachable
-from orchester.security.auth import secure_client
-from orchester.security.keys import client_curve
+from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
 from serializers import protocol as P
 
 log = logging.getLogger("orchester.client.sync")
 
 
+class AsyncTaskFuture(asyncio.Future[Any]):
+    """The ``asyncio.Future`` of a submitted task, which knows its task id and when it was accepted.
+
+    The asyncio counterpart of :class:`~orchester.TaskFuture`: ``accepted`` (an
+    :class:`asyncio.Event`) is set when the orchestrator acknowledged the task (with a journal,
+    once the task is durable there).
+    """
+
+    task_id: str = ""
+
+    def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.accepted = asyncio.Event()
+
+
+def _accepted(fut: Any) -> None:
+    if isinstance(fut, AsyncTaskFuture):
+        fut.accepted.set()
+
+
 class AsyncClient:
     """Submit tasks from asyncio code over one pipelined DEALER socket.
 
-    ``endpoints`` as for :class:`~orchester.Client` (one, or a failover pair; ``@FILE`` reads an
-    endpoint file): a malformed one is a :class:`ValueError` here. Should the reading task stop
-    on an error, every pending future and every later call fails with
-    :class:`~orchester.errors.ClientClosed` naming that error (its ``__cause__``).
+    It has every feature of :class:`~orchester.Client`, in async style: ``endpoints`` is one
+    endpoint or a failover pair (``@FILE`` reads an endpoint file; a malformed one is a
+    :class:`ValueError` here), and the client fails over to the next one when the current stays
+    silent for ``liveness × heartbeat_interval`` seconds while requests are outstanding (or when
+    a passive server refuses it), resending what is pending. ``pub`` names the event endpoint
+    for :meth:`subscribe` (asked of the orchestrator when omitted).
+
+    CurveZMQ: ``curve_secret`` and ``server_key`` as for :class:`~orchester.Client` (defaults:
+    ``ORCHESTER_CURVE_SECRET`` and ``ORCHESTER_SERVER_KEY``). If the orchestrator refuses the key,
+    every pending request fails with :class:`~orchester.errors.RemoteError` ``forbidden``, and so
+    does every later one.
+
+    Should the reading task stop on an error, every pending future and every later call fails
+    with :class:`~orchester.errors.ClientClosed` naming that error (its ``__cause__``).
     """
 
-    def __init__(self, endpoints: str | Sequence[str], *, codec: str = "msgpack",
+    def __init__(self, endpoints: str | Sequence[str], *, pub: str | None = None, codec: str = "msgpack",
                  heartbeat_interval: float = 1.0, liveness: int = 3,
                  context: zmq.asyncio.Context | None = None, curve_secret: str | None = None,
                  server_key: str | None = None) -> None:
-        self.endpoints = [check_endpoint(resolve_endpoint(e))
-                          for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
-        if not self.endpoints:
-            raise ValueError("a client needs at least one orchestrator endpoint")
+        #: the endpoints, the failover rule, the socket and its monitor
+        self._uplink: Uplink[zmq.asyncio.Socket] = Uplink(
+            endpoints, who="client", identity="a:", curve_secret=curve_secret, server_key=server_key,
+            heartbeat_interval=heartbeat_interval, liveness=liveness)
+        self.endpoints = self._uplink.endpoints
+        self.pub = None if pub is None else check_endpoint(pub)
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.asyncio.Context.instance()
         #: CurveZMQ keys, as for :class:`~orchester.Client` (arguments or ORCHESTER_CURVE_SECRET/SERVER_KEY)
-        self.curve = client_curve(curve_secret, server_key)
-        self.core = ClientCore(resolve_future, reject_future, codec=codec)
-        self.core.alternatives = len(self.endpoints) > 1
-        self._index = 0
-        self._sock = self._connect()
+        self.curve = self._uplink.curve
+        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
+        self.core.alternatives = self._uplink.alternatives
+        self._refused: str | None = None  #: why the orchestrator refused our key, once it did
+        self._connect()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
         #: why the reading task stopped, if it stopped on an error: every call then fails with it
         self.failure: ClientClosed | None = None
 
-    def _connect(self) -> zmq.asyncio.Socket:
-        s = self.ctx.socket(zmq.DEALER)
-        s.linger = 0
-        s.routing_id = f"a:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
-        self.core.connected()
-        s.sndhwm = s.rcvhwm = 100_000
-        if self.curve is not None:
-            secure_client(s, *self.curve)
-        s.connect(self.endpoints[self._index % len(self.endpoints)])
-        return s
-
-    def _ensure_reader(self) -> None:
-        if self.failure is not None:
-            raise self.failure
-        if self._closed:
-            raise ClientClosed("the client is closed")
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read())
-
+    # ------------------------------------------------------------- public API
     async def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                      timeout: float | None = None, codec: str | None = None, **kwargs: Any) -> Any:
         """Submit a task and wait for its result (see :meth:`orchester.Client.submit`)."""
@@ -98,16 +112,23 @@ class AsyncClient:
     def submit_nowait(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                       timeout: float | None = None, codec: str | None = None, ttl: float | None = None,
                       max_run: float | None = None, duration: float | None = None, task_id: str | None = None,
-                      **kwargs: Any) -> asyncio.Future[Any]:
-        """Submit a task; return an ``asyncio.Future`` of its result at once (the options are those of
-        :meth:`orchester.Client.submit`; other keywords go to the task)."""
+                      **kwargs: Any) -> AsyncTaskFuture:
+        """Submit a task; return an :class:`AsyncTaskFuture` of its result at once (the options are those
+        of :meth:`orchester.Client.submit`; other keywords go to the task)."""
         self._ensure_reader()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut = AsyncTaskFuture(loop=asyncio.get_running_loop())
+        fut.task_id = tid = task_id or self.core.task_id()
+        if self._refuse(fut):
+            return fut
         _, frames = self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
                                      timeout=timeout, codec=codec, ttl=ttl, max_run=max_run, duration=duration,
-                                     task_id=task_id)
-        self._sock.send_multipart(frames, copy=False)
+                                     task_id=tid)
+        self._send(frames)
         return fut
+
+    def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[AsyncTaskFuture]:
+        """One task per argument tuple; return their futures at once (as :meth:`orchester.Client.submit_many`)."""
+        return [self.submit_nowait(kind, *args, **options) for args in args_list]
 
     async def map(self, kind: str, iterable: Iterable[Any], **options: Any) -> list[Any]:
         """Submit ``kind(item)`` for every item; return the results in order."""
@@ -115,22 +136,12 @@ class AsyncClient:
         return list(await asyncio.gather(*futs))
 
     async def result(self, task_id: str, timeout: float | None = None) -> Any:
-        """Wait for the result of any task by id."""
+        """Wait for the result of any task by id (also one submitted by another client)."""
         self._ensure_reader()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._sock.send_multipart(self.core.fetch(fut, task_id))
+        if not self._refuse(fut):
+            self._send(self.core.fetch(fut, task_id))
         return await asyncio.wait_for(fut, timeout)
-
-    async def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        self._ensure_reader()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._sock.send_multipart(self.core.request(fut, cmd, body))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            self.core.forget(fut)
-            raise Unreachable(unreachable_message(self.endpoints[self._index % len(self.endpoints)], timeout,
-                                                  keys=self.curve is not None)) from None
 
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""
@@ -165,13 +176,79 @@ class AsyncClient:
         """An :class:`~orchester.client.events.EventStream` of the orchestrator's events under ``topics``
         (a blocking reader: run its ``recv`` in a thread, or poll it with ``timeout=0``)."""
         from orchester.client.events import EventStream
-        from orchester.client.sync import reachable_endpoint
 
-        pub = (await self.status(timeout)).get("pub", [None])[0]
+        pub = self.pub or (await self.status(timeout)).get("pub", [None])[0]
         if not pub:
             raise Unreachable("the orchestrator did not say where it publishes events")
-        pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
+        pub = reachable_endpoint(pub, self._uplink.current)
         return EventStream(pub, topics, curve=self.curve)
+
+    async def close(self) -> None:
+        """Stop reading, close the socket and fail what is still pending."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it stops here, whatever it was doing
+                await self._reader
+        self.core.fail_all(ClientClosed("the client was closed"))
+        self._uplink.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------- internals
+    def _connect(self) -> zmq.asyncio.Socket:
+        """A new connection to the uplink's current endpoint (the previous socket closed)."""
+        self.core.connected()
+        return self._uplink.open(self.ctx)
+
+    def _ensure_reader(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    def _refuse(self, fut: asyncio.Future[Any]) -> bool:
+        """Fail ``fut`` at once if the orchestrator refused our key (as every later request of a
+        :class:`~orchester.Client` fails); True if it did."""
+        if self._refused is None:
+            return False
+        reject_future(fut, RemoteError(P.E_FORBIDDEN, self._refused))
+        return True
+
+    def _send(self, frames: list[Any]) -> None:
+        """Queue ``frames`` on the socket (sent when it can take them: the event loop never blocks)."""
+        sock = self._uplink.sock
+        assert sock is not None, "the uplink is open from __init__ until close"
+        sock.send_multipart(frames, copy=False)
+
+    async def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        self._ensure_reader()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._refuse(fut):
+            self._send(self.core.request(fut, cmd, body))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self.core.forget(fut)
+            raise Unreachable(unreachable_message(self._uplink.current, timeout, keys=self.curve is not None)) from None
+
+    async def _key_refused(self, monitor: zmq.asyncio.Socket) -> None:
+        """The orchestrator refused our key: fail what is pending, and every later request."""
+        try:
+            await monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self._refused = self._uplink.refusal()
+        log.error("%s", self._refused)
+        self.core.fail_all(RemoteError(P.E_FORBIDDEN, self._refused))
 
     async def _read(self) -> None:
         """The reading task: :meth:`_serve`; if that stops on an error, fail everything pending with it."""
@@ -185,17 +262,29 @@ class AsyncClient:
 
     async def _serve(self) -> None:
         core = self.core
-        last_heard = last_ping = redirect_after = time.monotonic()
-        silent_after = self.heartbeat_interval * self.liveness
+        uplink = self._uplink
+        uplink.restart(time.monotonic())
+        poller = zmq.asyncio.Poller()
+        polled: tuple[Any, Any] = (None, None)
         while not self._closed:
-            sock = self._sock
-            if await sock.poll(self.heartbeat_interval * 250):
+            sock, monitor = uplink.sock, uplink.monitor
+            assert sock is not None, "the uplink is open from __init__ until close"
+            if polled != (sock, monitor):  # the first time, and after a failover: a new socket and monitor
+                poller = zmq.asyncio.Poller()
+                poller.register(sock, zmq.POLLIN)
+                if monitor is not None:
+                    poller.register(monitor, zmq.POLLIN)
+                polled = (sock, monitor)
+            ready = dict(await poller.poll(self.heartbeat_interval * 250))
+            if monitor is not None and monitor in ready:
+                await self._key_refused(monitor)
+            if sock in ready:
                 while True:
                     try:
                         frames = await sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    last_heard = time.monotonic()
+                    uplink.heard(time.monotonic())
                     try:
                         if core.handle(frames):
                             for f in core.pending_frames():
@@ -203,48 +292,23 @@ class AsyncClient:
                     except ProtocolError as exc:
                         log.warning("bad message from orchestrator: %s", exc)
             now = time.monotonic()
-            if core.redirect and now >= redirect_after:  # a passive server refused us
+            if core.redirect:  # a passive server refused us: the uplink moves on when it may
                 core.redirect = False
-                redirect_after = now + self.heartbeat_interval / 2
-                self._switch(vote=False)
-                last_heard = last_ping = now
+                uplink.redirected()
             busy = bool(core.tasks or core.requests)
-            if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
+            move = uplink.check(now, waiting=busy)
+            if move is not None:
+                if move.vote:
+                    log.warning("orchestrator silent for %.1fs: failing over to %s", move.silent_for, move.endpoint)
+                self._switch(move.vote)
+            elif uplink.heartbeat_due(now, waiting=busy) or core.ack_due:
                 sock.send_multipart(core.ping())
-                last_ping = now
-            if not busy:
-                last_heard = now
-            elif now - last_heard > silent_after and len(self.endpoints) > 1:
-                log.warning("orchestrator silent for %.1fs: failing over", now - last_heard)
-                self._switch(vote=True)
-                last_heard = last_ping = now
+                uplink.sent(now)
 
     def _switch(self, vote: bool) -> None:
-        """Connect to the next endpoint, vote if we left on silence, resend what is pending."""
-        self._sock.close(0)
-        self._index += 1
-        self._sock = self._connect()
-        self.core.epoch = None
-        self._sock.send_multipart(self.core.ping(vote=vote))
+        """Connect to the uplink's (new) current endpoint, say the vote, resend what is pending."""
+        sock = self._connect()
+        self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
+        sock.send_multipart(self.core.ping(vote=vote))
         for f in self.core.pending_frames():
-            self._sock.send_multipart(f, copy=False)
-
-    async def close(self) -> None:
-        """Stop reading, close the socket and fail what is still pending."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-        self.core.fail_all(ClientClosed("the client was closed"))
-        self._sock.close(0)
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+            sock.send_multipart(f, copy=False)

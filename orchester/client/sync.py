@@ -23,7 +23,6 @@ import collections
 import concurrent.futures as cf
 import contextlib
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,10 +31,10 @@ from typing import Any
 import zmq
 
 from orchester.client.core import ClientCore, reject_future, resolve_future, stopped
+from orchester.client.uplink import Uplink
+from orchester.client.uplink import resolve_endpoint as resolve_endpoint  # where orchester.cli.common finds it
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
-from orchester.security.auth import secure_client
-from orchester.security.keys import client_curve
 from serializers import ProtocolError
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
@@ -66,10 +65,10 @@ def _accepted(fut: Any) -> None:
 class Client:
     """Submit tasks and ask questions of an orchestrator.
 
-    ``endpoints`` is one endpoint or a list (the client fails over to the next
-    one when the current stays silent for ``liveness × heartbeat_interval``
-    seconds while requests are outstanding). ``pub`` names the event endpoint
-    for :meth:`subscribe` (asked of the orchestrator when omitted).
+    ``endpoints`` is one endpoint or a list (``@FILE`` reads an endpoint file; the client fails
+    over to the next one when the current stays silent for ``liveness × heartbeat_interval``
+    seconds while requests are outstanding, or when a passive server refuses it). ``pub`` names
+    the event endpoint for :meth:`subscribe` (asked of the orchestrator when omitted).
 
     CurveZMQ: ``curve_secret`` is this client's secret key file and ``server_key`` the
     orchestrator's public key file (``orchester keys generate``; defaults:
@@ -86,21 +85,22 @@ class Client:
                  codec: str = "msgpack", heartbeat_interval: float = 1.0, liveness: int = 3,
                  context: zmq.Context[Any] | None = None, curve_secret: str | None = None,
                  server_key: str | None = None) -> None:
-        self.endpoints = [check_endpoint(resolve_endpoint(e))
-                          for e in ([endpoints] if isinstance(endpoints, str) else endpoints)]
-        if not self.endpoints:
-            raise ValueError("a client needs at least one orchestrator endpoint")
+        #: the endpoints, the failover rule and (in the I/O thread) the socket and its monitor
+        self._uplink: Uplink[zmq.Socket[Any]] = Uplink(
+            endpoints, who="client", identity="c:", curve_secret=curve_secret, server_key=server_key,
+            heartbeat_interval=heartbeat_interval, liveness=liveness)
+        self.endpoints = self._uplink.endpoints
         self.pub = None if pub is None else check_endpoint(pub)
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
         self.ctx = context or zmq.Context.instance()
-        self.curve = client_curve(curve_secret, server_key)
+        #: CurveZMQ keys ``(public, secret, server public)`` or None: see :func:`~orchester.security.keys.client_curve`
+        self.curve = self._uplink.curve
         self._refused: str | None = None  #: why the orchestrator refused our key, once it did
-        self._monitor: zmq.Socket[Any] | None = None
         self.sends_deferred = 0  #: requests the socket could not take at once (retried, in order)
         self._unsent: collections.deque[list[Any]] = collections.deque()
         self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
-        self.core.alternatives = len(self.endpoints) > 1
+        self.core.alternatives = self._uplink.alternatives
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -220,7 +220,7 @@ class Client:
         pub = self.pub or self.status(timeout).get("pub", [None])[0]
         if not pub:
             raise Unreachable("the orchestrator did not say where it publishes events")
-        pub = reachable_endpoint(pub, self.endpoints[self._index % len(self.endpoints)])
+        pub = reachable_endpoint(pub, self._uplink.current)
         return EventStream(pub, topics, context=self.ctx, curve=self.curve)
 
     def close(self) -> None:
@@ -261,8 +261,7 @@ class Client:
             return fut.result(timeout)
         except cf.TimeoutError:
             self._outbox.append(("forget", fut))
-            raise Unreachable(unreachable_message(self.endpoints[self._index % len(self.endpoints)], timeout,
-                                                  keys=self.curve is not None)) from None
+            raise Unreachable(unreachable_message(self._uplink.current, timeout, keys=self.curve is not None)) from None
 
     def _post(self, build: Any, fut: cf.Future[Any]) -> None:
         if self._closed:
@@ -293,32 +292,23 @@ class Client:
                 if item[0] != "forget":
                     reject_future(item[2] if item[0] == "build" else item[1], failure)
 
-    _index = 0
+    @property
+    def _index(self) -> int:
+        """How many times this client moved to another endpoint (``bench/failover.py`` reads it)."""
+        return self._uplink.index
 
     def _connect(self) -> zmq.Socket[Any]:
-        s = self.ctx.socket(zmq.DEALER)
-        s.linger = 0
-        s.routing_id = f"c:{secrets.token_hex(16)}".encode()  # 128 random bits: not guessable
+        """A new connection to the uplink's current endpoint (the previous socket closed); in the I/O thread."""
         self.core.connected()
-        s.sndhwm = s.rcvhwm = 100_000
-        if self.curve is not None:
-            secure_client(s, *self.curve)
-            if self._monitor is not None:
-                self._monitor.close(0)
-            self._monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        self._sock = s
-        s.connect(self.endpoints[self._index % len(self.endpoints)])
-        return s
+        return self._uplink.open(self.ctx)
 
-    def _key_refused(self) -> None:
+    def _key_refused(self, monitor: zmq.Socket[Any]) -> None:
         """The orchestrator refused our key: fail what is pending, and every later request."""
-        assert self._monitor is not None
         try:
-            self._monitor.recv_multipart(zmq.NOBLOCK)
+            monitor.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             return
-        endpoint = self.endpoints[self._index % len(self.endpoints)]
-        self._refused = f"the orchestrator at {endpoint} refused this client's CurveZMQ key (not authorised)"
+        self._refused = self._uplink.refusal()
         log.error("%s", self._refused)
         self.core.fail_all(RemoteError(P.E_FORBIDDEN, self._refused))
 
@@ -333,25 +323,20 @@ class Client:
             self._fail_outbox()
         finally:
             self.core.fail_all(ClientClosed("the client was closed"))
-            if self._sock is not None:
-                self._sock.close(0)
-            if self._monitor is not None:
-                self._monitor.close(0)
+            self._uplink.close()
             self._wake_rx.close(0)
 
-    _sock: zmq.Socket[Any] | None = None  #: the socket to the orchestrator, once connected
-
     def _loop(self) -> None:
+        uplink = self._uplink
         sock = self._connect()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_rx, zmq.POLLIN)
-        monitor = self._monitor
+        monitor = uplink.monitor
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
         core = self.core
-        last_heard = last_ping = redirect_after = time.monotonic()
-        silent_after = self.heartbeat_interval * self.liveness
+        uplink.restart(time.monotonic())
         while True:
             ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
             now = time.monotonic()
@@ -365,14 +350,8 @@ class Client:
                     self._signalled = False
                 if self._closed:
                     break
-            if self._monitor is not monitor:  # a new socket after a failover: its own monitor
-                if monitor is not None:
-                    poller.unregister(monitor)
-                monitor = self._monitor
-                if monitor is not None:
-                    poller.register(monitor, zmq.POLLIN)
             if monitor is not None and monitor in ready:
-                self._key_refused()
+                self._key_refused(monitor)
             self._drain_outbox(sock)
             if sock in ready:
                 for _ in range(1024):
@@ -380,7 +359,7 @@ class Client:
                         frames = recv_frames(sock, NOBLOCK, 3)
                     except zmq.Again:
                         break
-                    last_heard = now
+                    uplink.heard(now)
                     try:
                         restarted = core.handle(frames)
                     except ProtocolError as exc:
@@ -391,31 +370,28 @@ class Client:
                                     core.epoch, len(core.tasks) + len(core.requests))
                         for f in core.pending_frames():
                             self._send_or_defer(sock, f)
-            if core.redirect and now >= redirect_after:  # a passive server refused us
+            if core.redirect:  # a passive server refused us: the uplink moves on when it may
                 core.redirect = False
-                redirect_after = now + self.heartbeat_interval / 2  # no ping-pong between two refusals
-                poller.unregister(sock)
-                sock = self._switch(sock, vote=False)
-                poller.register(sock, zmq.POLLIN)
-                last_heard = last_ping = now
+                uplink.redirected()
             busy = bool(core.tasks or core.requests)
-            if (busy and now - last_ping >= self.heartbeat_interval) or core.ack_due:
-                _offer(sock, core.ping())
-                last_ping = now
-            if not busy:
-                last_heard = now
-            elif now - last_heard > silent_after and len(self.endpoints) > 1:
-                log.warning("orchestrator silent for %.1fs: failing over to %s", now - last_heard,
-                            self.endpoints[(self._index + 1) % len(self.endpoints)])
+            move = uplink.check(now, waiting=busy)
+            if move is not None:
+                if move.vote:
+                    log.warning("orchestrator silent for %.1fs: failing over to %s", move.silent_for, move.endpoint)
                 poller.unregister(sock)
-                sock = self._switch(sock, vote=True)
+                if monitor is not None:
+                    poller.unregister(monitor)
+                sock = self._switch(move.vote)
                 poller.register(sock, zmq.POLLIN)
-                last_heard = last_ping = now
+                monitor = uplink.monitor  # a new socket has its own monitor
+                if monitor is not None:
+                    poller.register(monitor, zmq.POLLIN)
+            elif uplink.heartbeat_due(now, waiting=busy) or core.ack_due:
+                _offer(sock, core.ping())
+                uplink.sent(now)
 
-    def _switch(self, sock: zmq.Socket[Any], vote: bool) -> zmq.Socket[Any]:
-        """Close ``sock``, connect to the next endpoint, vote if we left on silence, resend what is pending."""
-        sock.close(0)
-        self._index += 1
+    def _switch(self, vote: bool) -> zmq.Socket[Any]:
+        """Connect to the uplink's (new) current endpoint, say the vote, resend what is pending."""
         self._unsent.clear()  # everything pending is resent below
         sock = self._connect()
         self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
@@ -466,8 +442,6 @@ class Client:
                 return
 
 
-
-
 def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
     """Send without blocking: a socket with no peer (a refused key, a full queue) must not hang the I/O thread."""
     try:
@@ -475,19 +449,6 @@ def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
         return True
     except zmq.Again:
         return False
-
-
-def resolve_endpoint(endpoint: str) -> str:
-    """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
-    if not endpoint.startswith("@"):
-        return endpoint
-    import json
-
-    try:
-        with open(endpoint[1:]) as f:
-            return str(json.load(f)["bind"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"cannot read an endpoint from {endpoint[1:]}: {exc}") from None
 
 
 def unreachable_message(endpoint: str, timeout: float | None, *, keys: bool) -> str:

@@ -1,4 +1,5 @@
-"""What clients and operators ask of a binary-star server: the mixin behind :class:`~orchester.ha.pair.Pair`.
+"""What clients and operators ask of a binary-star server: :class:`PairRequests`, held by the
+:class:`~orchester.ha.pair.Pair`.
 
 A request that reaches a server that is not ACTIVE goes through :meth:`PairRequests.gatekeep`
 (served, a failover vote, or refused with ``not_active``); ``CONTROL`` operations of the pair
@@ -8,6 +9,7 @@ A request that reaches a server that is not ACTIVE goes through :meth:`PairReque
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from orchester.ha.star import BinaryStar, Change, HAState
@@ -21,16 +23,21 @@ log = logging.getLogger("orchester.ha")
 
 
 class PairRequests:
-    """Requests to the pair from clients, satellites and operators (mixed into :class:`~orchester.ha.pair.Pair`)."""
+    """Requests to the pair from clients, satellites and operators.
 
-    core: Orchestrator
-    star: BinaryStar
-    #: ``CONTROL peer_link`` (cut or restore the peer link) is honoured only with this set
-    fault_hooks: bool
-    link_up: bool  #: a test fault hook: False drops everything on the peer link
+    ``core``: the orchestrator (refusals go to its ``out``, counts to its counters); ``star``: the
+    pair's table; ``apply``: acts on the state changes a request makes (:meth:`~orchester.ha.pair.Pair.apply`);
+    ``set_link``: cuts (False) or restores (True) the peer link; ``fault_hooks``: ``CONTROL
+    peer_link`` is honoured only with this set (``ORCHESTER_FAULT_HOOKS=1``).
+    """
 
-    if TYPE_CHECKING:
-        def apply(self, changes: list[Change], now: float) -> None: ...
+    def __init__(self, core: Orchestrator, star: BinaryStar, apply: Callable[[list[Change], float], None],
+                 set_link: Callable[[bool], None], fault_hooks: bool) -> None:
+        self.core = core
+        self.star = star
+        self.apply = apply
+        self.set_link = set_link
+        self.fault_hooks = fault_hooks
 
     def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:
         """A request reached a server that is not ACTIVE: serve it (True) or refuse it.
@@ -70,9 +77,10 @@ class PairRequests:
         if not self.fault_hooks:
             raise ProtocolError(P.E_BAD_REQUEST, "peer_link is a test fault hook: start the server with "
                                 "ORCHESTER_FAULT_HOOKS=1 to allow it")
-        self.link_up = hdr.get("up") is not False
-        log.warning("fault hook: the peer link is %s", "up" if self.link_up else "cut")
-        return {"peer_link": "up" if self.link_up else "cut"}
+        up = hdr.get("up") is not False
+        self.set_link(up)
+        log.warning("fault hook: the peer link is %s", "up" if up else "cut")
+        return {"peer_link": "up" if up else "cut"}
 
     def promote(self, force: bool, now: float) -> dict[str, Any]:
         """An operator's ``orchester promote``: become ACTIVE now (refused while the peer is active)."""

@@ -14,21 +14,16 @@ death or by a lost message is dropped whole, and the passive keeps what it follo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from time import perf_counter
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
+from orchester.ha.link import encode_snap, pack_record
 from orchester.server.restore import BARRIER, RestoreFold, capture, gc_paused, task_records
-from serializers.header import pack
 
 if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
 
-#: The peer-link message that carries a snapshot chunk (:mod:`orchester.ha.pair` has the others).
-SNAP = b"SNAP"
-#: Records per snapshot message.
+#: Records per snapshot message (``SNAP``, :mod:`orchester.ha.link`).
 SNAP_CHUNK = 500
 #: Seconds of snapshot sending per wake-up of the active's loop (at least one chunk is sent).
 SLICE = 0.02
@@ -70,17 +65,16 @@ class OutgoingSnapshot:
         self.records += len(out)
         return out
 
-    def messages(self, epoch: str, budget: float | None = None) -> Iterator[list[bytes]]:
-        """``SNAP`` messages (header and records) until ``budget`` seconds (:data:`SLICE`) are spent
-        or the end."""
+    def messages(self, epoch: str, clock: Callable[[], float], budget: float | None = None) -> Iterator[list[bytes]]:
+        """``SNAP`` messages (header and records) until ``budget`` seconds (:data:`SLICE`) of
+        ``clock`` (the caller's: a work clock such as :func:`time.perf_counter`) are spent, or the end."""
         budget = SLICE if budget is None else budget
-        start = perf_counter()
+        start = clock()
         while not self.done:
             index = self.index
-            records = [msgpack.packb(r, use_bin_type=True) for r in self.chunk()]
-            head = pack({"e": epoch, "q": self.q, "i": index, "last": self.done})
-            yield [SNAP, head, *records]
-            if perf_counter() - start >= budget:
+            records = [pack_record(r) for r in self.chunk()]
+            yield encode_snap(epoch, self.q, index, self.done, records)
+            if clock() - start >= budget:
                 return
 
 
@@ -89,7 +83,7 @@ class IncomingSnapshot:
 
     Each chunk is folded on arrival into a fold of its own, so no wake-up of the passive
     folds the whole table; what it follows and its journal change only when the last chunk
-    has come (:meth:`~orchester.ha.pair.Pair._on_snapshot`).
+    has come (:class:`~orchester.ha.follower.Follower`).
     """
 
     def __init__(self, now: float, keep_finished: int | None) -> None:
@@ -98,11 +92,11 @@ class IncomingSnapshot:
         self.next = 0  #: the chunk expected next
         self.progress = now  #: when the last chunk came
 
-    def add(self, index: int, frames: list[bytes], now: float) -> bool:
-        """Fold chunk ``index``; False when it is not the one expected (the snapshot is broken)."""
+    def add(self, index: int, records: Sequence[list[Any]], now: float) -> bool:
+        """Fold chunk ``index`` (its records decoded by :func:`~orchester.ha.link.decode`); False when
+        it is not the one expected (the snapshot is broken)."""
         if index != self.next:
             return False
-        records = [msgpack.unpackb(f, raw=False, strict_map_key=False) for f in frames]
         for record in records:
             self.fold.add(record)
         self.records.extend(records)

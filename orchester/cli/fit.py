@@ -1,0 +1,136 @@
+"""``orchester fit``: the main job, GenX fits on satellites or on a local cluster."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from orchester.cli.common import EXIT_OK, EXIT_TASK_FAILED, check_connect, open_client, timeout_option, unreachable
+from orchester.render import clean_text
+
+#: The differential-evolution trial methods of GenX (``satellites.genx_task.TRIAL_METHODS``, which
+#: this process does not import: it would load GenX).
+TRIAL_METHODS = ("best_1_bin", "rand_1_bin", "best_either_or", "rand_either_or", "jade_best", "simplex_best_1_bin")
+#: The smallest population GenX's differential evolution (and the genx.fit task) takes.
+MIN_POPULATION = 5
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--connect", "connect", multiple=True, envvar="ORCHESTER_CONNECT", callback=check_connect,
+              help="Orchestrator endpoint; without it, a local cluster runs the fits (on ipc:// sockets in "
+              "a folder only you can open).")
+@click.option("--local", "local", type=click.IntRange(min=0), default=0,
+              help="Satellites of the local cluster (default: one per core).")
+@click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Generations of differential evolution per fit (at least 1).")
+@click.option("--population", type=click.IntRange(min=MIN_POPULATION), default=50, show_default=True,
+              help=f"Candidate parameter sets per generation (at least {MIN_POPULATION}).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Random seed (0 to 2**32-1): the same model, settings and seed give the same fit.")
+@click.option("--method", type=click.Choice(TRIAL_METHODS), default="best_1_bin", show_default=True,
+              help="Differential-evolution trial method.")
+@click.option("--km", type=click.FloatRange(0.0, 2.0, min_open=True), default=0.7, show_default=True,
+              help="Mutation constant (0 < km <= 2).")
+@click.option("--kr", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
+              help="Crossover constant (0 to 1).")
+@click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
+              help="Budget of figure-of-merit evaluations (instead of --generations).")
+@click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the results.")
+@click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Fit cache folder (default $ORCHESTER_CACHE or ~/.cache/orchester/fits).")
+@click.option("--genx-examples", is_flag=True, help="Also fit the example models that ship inside genx3.")
+@timeout_option
+def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int, population: int,
+        seed: int, method: str, km: float, kr: float, max_evaluations: int | None, out: str, no_cache: bool,
+        cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
+    """Fit GenX models (.hgx) on satellites; write CSVs, plots, fitted models and summary.csv."""
+    from orchester.genx.fits import FitCache, FitSettings, default_cache_dir
+
+    paths = list(files)
+    if genx_examples:
+        paths += genx_example_files()
+    if not paths:
+        raise click.UsageError("give model files (.hgx), or --genx-examples")
+    settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
+                           method=method, max_evaluations=max_evaluations)
+    cache = None if no_cache else FitCache(cache_dir or default_cache_dir())
+    from pathlib import Path
+
+    from orchester.genx.fits import write_summary
+    from orchester.genx.job import FitsInterrupted, interrupted_rows
+    from orchester.signals import interrupt_exit_code, signal_name, stop_on_signals
+
+    with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP: the local cluster stops; exit 128 + the signal's number
+        try:
+            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout)
+        except KeyboardInterrupt as exc:
+            code = interrupt_exit_code(exc)
+            rows = exc.rows if isinstance(exc, FitsInterrupted) else interrupted_rows(paths, code - 128)
+            if not isinstance(exc, FitsInterrupted):  # stopped before the fits started: say so all the same
+                Path(out).mkdir(parents=True, exist_ok=True)
+                write_summary(rows, out)
+            done = sum(r["status"] == "done" for r in rows)
+            click.echo(f"interrupted by {signal_name(code - 128)}: {done} of {len(rows)} fits done; the others "
+                       f"are marked interrupted in {out}/summary.csv", err=True)
+    sys.exit(code)
+
+
+def genx_example_files() -> list[str]:
+    """The .hgx example models shipped inside the installed genx3 package (GenX is not imported)."""
+    import glob
+    import os
+    from importlib.util import find_spec
+
+    spec = find_spec("genx")
+    if spec is None or not spec.origin:
+        raise click.UsageError("--genx-examples needs GenX installed here (pip install --no-deps genx3)")
+    return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "examples", "*.hgx")))
+
+
+def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any, out: str, cache: Any,
+                 timeout: float) -> int:
+    import os
+
+    from rich.console import Console
+
+    from orchester.errors import OrchesterError, Unreachable
+    from orchester.genx.job import run_fits
+    from orchester.local.cluster import LocalCluster
+
+    console = Console(stderr=True)
+    cluster = None
+    try:
+        if connect:
+            client = open_client(connect)
+            try:
+                client.status(timeout=timeout)
+            except Unreachable:
+                client.close()
+                unreachable(connect, timeout)
+        else:
+            n = local or os.cpu_count() or 1
+            with console.status(f"starting a local cluster: {n} satellite(s)"):
+                cluster = LocalCluster(satellites=n, workers=1, log_level="WARNING").start()
+            client = cluster.client()
+        with client:
+            try:
+                rows = run_fits(client, paths, settings, out, cache, console)
+            except OrchesterError as exc:
+                click.echo(f"error: {exc}", err=True)
+                return EXIT_TASK_FAILED
+    finally:
+        if cluster is not None:
+            cluster.close()
+    failed = [r for r in rows if r["status"] != "done"]
+    for r in rows:
+        mark = "ok " if r["status"] == "done" else "FAILED"
+        detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") else "") \
+            if r["status"] == "done" else r.get("error", "")
+        click.echo(f"{mark} {clean_text(r['file'], 300)}: {clean_text(detail, 500)}")
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv)")
+    return EXIT_TASK_FAILED if failed else EXIT_OK

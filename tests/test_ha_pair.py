@@ -1,0 +1,123 @@
+"""The pair as the adapter: one message in (the role and the table), the role switched at a takeover.
+
+One :class:`~orchester.ha.pair.Pair` on ``inproc://`` sockets and a real core; the peer's
+messages are handed to :meth:`~orchester.ha.pair.Pair.receive` as frames, and what the pair
+sends is read from its PUB socket.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from orchester.config import OrchestratorConfig
+from orchester.ha import link
+from orchester.ha import pair as pair_module
+from orchester.ha.follower import Follower
+from orchester.ha.leader import Leader
+from orchester.ha.pair import Pair
+from orchester.ha.star import HAState
+from orchester.server.core import Orchestrator
+from orchester.server.ports import Ports
+from serializers import pack
+
+HB = 1.0
+PEER = "feedfacefeedface"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Pair, zmq.Socket[Any]]]:
+    """A backup's half of a pair, and a SUB socket that hears what it sends."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    cfg = OrchestratorConfig(ha="backup", state_bind="inproc://mine", peer="inproc://peer", ha_heartbeat=HB)
+    core = Orchestrator(cfg, 0.0, wall=lambda: 1000.0, ports=Ports(journal=True))
+    half = Pair(cfg, ctx, core, "router", 0.0, None, lambda: 0)
+    spy = ctx.socket(zmq.SUB)
+    spy.linger = 0
+    spy.setsockopt(zmq.SUBSCRIBE, b"")
+    spy.connect("inproc://mine")
+    try:
+        yield half, spy
+    finally:
+        spy.close()
+        half.close()
+        ctx.term()
+
+
+def heard(spy: zmq.Socket[Any]) -> list[link.Message]:
+    """Every message the pair sent since the last call."""
+    out = []
+    while spy.poll(100):
+        out.append(link.decode(spy.recv_multipart()))
+    return out
+
+
+def test_a_state_message_goes_to_the_role_then_the_table(pair: tuple[Pair, zmq.Socket[Any]]) -> None:
+    half, _ = pair
+    active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
+    change = half.receive(active, 1.0)
+    assert change is not None and change.after is HAState.PASSIVE and half.state is HAState.PASSIVE
+    assert isinstance(half.role, Follower) and half.follower is half.role and half.leader is None
+    assert half.receive(active, 1.1) is None  # nothing changes: the role follows, the table stays
+
+
+def test_malformed_messages_are_counted_and_dropped_and_our_failures_are_counted_apart(
+        pair: tuple[Pair, zmq.Socket[Any]], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    half, _ = pair
+    half.receive(link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False), 1.0)
+    assert half.receive([link.STATE, pack({"s": 3})], 1.5) is None
+    assert half.counters["ha_bad_messages"] == 1 and half.star.peer_expiry == 1.0 + 2 * HB  # not heard
+
+    def broken(message: link.Message, now: float) -> None:
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(half.role, "receive", broken)
+    half.core.strict = False  # (the suite runs strict: this test is about the boundary itself)
+    with caplog.at_level(logging.ERROR, "orchester.ha"):
+        assert half.receive(link.encode_records(PEER, 1, [link.pack_record(["Z", "", 0.0])]), 2.0) is None
+    assert half.counters["handler_errors"] == 1 and half.counters["ha_bad_messages"] == 1
+    assert "a Records message on the peer link could not be handled" in caplog.text
+    assert "RuntimeError: a bug of ours" in caplog.text  # with its traceback
+    monkeypatch.setattr(pair_module, "STRICT", True)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        half.receive(link.encode_records(PEER, 1, [link.pack_record(["Z", "", 0.0])]), 2.0)
+
+
+def test_a_takeover_installs_the_fold_and_the_role_becomes_a_leader(pair: tuple[Pair, zmq.Socket[Any]]) -> None:
+    half, spy = pair
+    half.fold.add(["S", "t0", b"c", pack({"id": "t0", "k": "echo"}), [b"x"], 1.0, None])
+    assert half.describe(0.0)["replication"] == "none"
+    assert half.promote(False, 0.0) == {"state": "active", "changed": True}
+    assert isinstance(half.role, Leader) and half.follower is None and half.leader is half.role
+    assert "t0" in half.core.state.tasks
+    with pytest.raises(RuntimeError, match="follows no one"):
+        half.fold  # noqa: B018
+    status = half.describe(0.0)
+    assert list(status) == ["state", "role", "peer", "peer_alive", "replication", "stream", "applied", "acked",
+                            "alarms"]
+    assert status["state"] == "active" and status["replication"] == "local"
+    assert half.gate(0.0) is None  # no one follows: replication does not gate
+
+    half.tick(0.0)  # its heartbeat says it is active and streams to no one
+    (state,) = heard(spy)
+    assert state == link.State(HAState.ACTIVE, "backup", half.epoch, 0, False)
+    half.receive(link.encode_sync(PEER), 0.5)  # the passive asks: a snapshot, then the stream
+    snap = heard(spy)
+    assert [type(m) for m in snap] == [link.SnapChunk] and snap[0].last  # type: ignore[union-attr]
+    assert half.next_wakeup(0.5) == pytest.approx(0.5)  # the next heartbeat (the snapshot went in one slice)
+
+
+def test_the_passive_heartbeat_repeats_its_acknowledgement(pair: tuple[Pair, zmq.Socket[Any]]) -> None:
+    half, spy = pair
+    half.receive(link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False), 0.0)
+    half.receive(link.encode_snap(PEER, 4, 0, True, [link.pack_record(["Z", "", 0.0])]), 0.0)
+    half.tick(0.0)
+    messages = heard(spy)
+    assert link.State(HAState.PASSIVE, "backup", half.epoch, 0, False, stream=PEER, acked=0) in messages
+    assert link.Ack(PEER, 4) in messages
+    half.tick(HB)
+    assert heard(spy) == [link.State(HAState.PASSIVE, "backup", half.epoch, 0, False, stream=PEER, acked=4)]
