@@ -16,7 +16,6 @@ import zmq
 
 from orchester.config import OrchestratorConfig
 from orchester.ha import link
-from orchester.ha import pair as pair_module
 from orchester.ha.follower import Follower
 from orchester.ha.leader import Leader
 from orchester.ha.pair import Pair
@@ -82,7 +81,7 @@ def test_malformed_messages_are_counted_and_dropped_and_our_failures_are_counted
     assert half.counters["handler_errors"] == 1 and half.counters["ha_bad_messages"] == 1
     assert "a Records message on the peer link could not be handled" in caplog.text
     assert "RuntimeError: a bug of ours" in caplog.text  # with its traceback
-    monkeypatch.setattr(pair_module, "STRICT", True)
+    half.core.strict = True
     with pytest.raises(RuntimeError, match="a bug of ours"):
         half.receive(link.encode_records(PEER, 1, [link.pack_record(["Z", "", 0.0])]), 2.0)
 
