@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from orchester.config import ConfigError
 from orchester.errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
-from orchester.journal.segments import ManifestError
-from orchester.journal.wal import JournalError, UnsafeDirectoryError
+from orchester.journal.folder import JournalError, UnsafeDirectoryError
+from orchester.journal.manifest import ManifestError
 from orchester.local.cluster import ClusterError
 from orchester.security.keys import SecurityError
 

@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 from test_journal_files import write as write_log
 
-from orchester.journal import segments
-from orchester.journal.segments import apply_retention, compact, h5_segments, read_h5
-from orchester.journal.wal import JournalError, SegmentWriter, encode_record
+from orchester.journal import child, segments
+from orchester.journal.folder import JournalError
+from orchester.journal.hdf5 import read_h5
+from orchester.journal.manifest import Manifest, ManifestError, h5_segments
+from orchester.journal.segments import apply_retention, compact
+from orchester.journal.wal import SegmentWriter, encode_record
 from orchester.journal.writer import history, replay
 from serializers import pack
 from tracker import TaskState
@@ -187,11 +190,11 @@ def test_a_damaged_manifest_refuses_the_journal_in_one_line(tmp_path: Path) -> N
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(segments.ManifestError) as info:
+    with pytest.raises(ManifestError) as info:
         replay(tmp_path)
     assert isinstance(info.value, JournalError) and "\n" not in str(info.value)
     assert "MANIFEST is damaged" in str(info.value) and "Move" in str(info.value)
-    with pytest.raises(segments.ManifestError):
+    with pytest.raises(ManifestError):
         SegmentWriter(tmp_path)  # before a new log segment is made in it
     assert sorted(p.name for p in tmp_path.glob("wal-*")) == []
     path.rename(tmp_path / "MANIFEST.bad")  # as the message says: the segments are validated again
@@ -236,7 +239,7 @@ def test_a_stray_high_number_is_one_gap_and_a_huge_one_no_segment(tmp_path: Path
 
 def test_a_crashing_reader_is_a_failed_validation_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = old_journal(tmp_path)
-    monkeypatch.setattr(segments, "_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    monkeypatch.setattr(child, "_CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
     records, report = replay(tmp_path)
     assert task_ids(records) == set()  # nothing could be validated: nothing opened in this process
     assert len(report.damaged_segments) == 4 and "SIGSEGV" in report.damaged_segments[0].reason
@@ -317,21 +320,21 @@ def test_retention_rewrites_keep_the_manifest_right_at_every_crash_point(tmp_pat
     ids = journal(tmp_path, n=2)
     name, path = "seg-000001.h5", seg(tmp_path, 1)
     before = path.read_bytes()
-    old = segments.Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
+    old = Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
     assert apply_retention(tmp_path, results_before=1e12)["segments_rewritten"] == 2
     after = path.read_bytes()
-    new = segments.Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
+    new = Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
     assert new["sha256"] == hashlib.sha256(after).hexdigest() and "pending" not in new and after != before
     # killed after the manifest named the new file as pending: before the rename, or after it
     for on_disk in (before, after):
-        manifest = segments.Manifest.load(tmp_path)
+        manifest = Manifest.load(tmp_path)
         assert manifest is not None
         manifest.segments[name] = {**old, "pending": new}
         manifest.save(tmp_path)
         path.write_bytes(on_disk)
         records, report = replay(tmp_path)
         assert not report.damaged_segments and task_ids(records) == set(ids[0]) | set(ids[1])
-        saved = segments.Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
+        saved = Manifest.load(tmp_path).segments[name]  # type: ignore[union-attr]
         assert saved["sha256"] == hashlib.sha256(on_disk).hexdigest() and "pending" not in saved
 
 

@@ -18,8 +18,9 @@ import msgpack
 import pytest
 
 from orchester.genx.fits import FitCache, FitSettings, fit_key
+from orchester.journal.folder import JournalError, UnsafeDirectoryError
 from orchester.journal.segments import apply_retention, compact
-from orchester.journal.wal import JournalError, SegmentWriter, UnsafeDirectoryError, encode_record, read_all
+from orchester.journal.wal import SegmentWriter, encode_record, read_all
 from orchester.journal.writer import Journal, replay
 from serializers import codecs, pack
 
@@ -322,7 +323,7 @@ def test_run_fits_fits_again_instead_of_serving_a_planted_entry(tmp_path: Path) 
 
 def test_a_journal_folder_never_re_modes_what_is_not_the_journals(tmp_path: Path) -> None:
     """``--journal ~`` by mistake must not strip a home folder's files of their modes (review of issue 14)."""
-    from orchester.journal.wal import UnsafeDirectoryError, private_directory
+    from orchester.journal.folder import UnsafeDirectoryError, private_directory
 
     home = tmp_path / "home"
     home.mkdir(mode=0o755)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Submitted, Transition, view
 from serializers import ProtocolError, unpack
 from tracker import TaskState
 
@@ -17,26 +18,23 @@ COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finishe
 
 
 def fields(record: list[Any]) -> dict[str, Any] | None:
-    """The indexed columns of a journal record, or ``None`` for a record that has none."""
+    """The indexed columns of a journal record, or ``None`` for a record that has none (or a bad one)."""
     try:
-        code, tid = record[0], str(record[1])
-        if code == "S":  # its "satellite" column holds who submitted it (the key name, CurveZMQ on)
-            hdr = unpack(record[3])
-            owner = record[7] if len(record) > 7 and isinstance(record[7], str) else ""
-            return {"code": "S", "task_id": tid, "t": float(record[5]), "kind": str(hdr.get("k", "")),
-                    "state": int(TaskState.PENDING), "attempt": 0, "satellite": owner, "etype": ""}
-        if code == "T":
-            t = float(record[6]) if len(record) > 6 else 0.0
-            return {"code": "T", "task_id": tid, "t": t, "kind": "", "state": int(record[2]),
-                    "attempt": int(record[3]), "satellite": str(record[4] or ""), "etype": ""}
-        if code == "R":
-            hdr = unpack(bytes(record[2][0]))
+        v = view(record)
+        if isinstance(v, Submitted):  # its "satellite" column holds who submitted it (the key name, CurveZMQ on)
+            hdr = unpack(v.header)
+            return {"code": SUBMITTED, "task_id": v.task_id, "t": v.time, "kind": str(hdr.get("k", "")),
+                    "state": int(TaskState.PENDING), "attempt": 0, "satellite": v.owner or "", "etype": ""}
+        if isinstance(v, Transition):
+            return {"code": TRANSITION, "task_id": v.task_id, "t": v.time or 0.0, "kind": "", "state": int(v.state),
+                    "attempt": v.attempt, "satellite": v.satellite or "", "etype": ""}
+        if isinstance(v, Result):
+            hdr = unpack(v.header)
             err = hdr.get("err") if not hdr.get("ok") else None
             etype = str(err.get("type", "")) if isinstance(err, dict) else ""
-            t = float(record[3]) if len(record) > 3 else 0.0
-            return {"code": "R", "task_id": tid, "t": t, "kind": "", "state": -1, "attempt": int(hdr.get("a", 0)),
-                    "satellite": str(hdr.get("sat") or ""), "etype": etype}
-    except (IndexError, TypeError, ValueError, ProtocolError):
+            return {"code": RESULT, "task_id": v.task_id, "t": v.time or 0.0, "kind": "", "state": -1,
+                    "attempt": int(hdr.get("a", 0)), "satellite": str(hdr.get("sat") or ""), "etype": etype}
+    except (RecordError, TypeError, ValueError, ProtocolError):
         return None
     return None
 
@@ -65,16 +63,16 @@ class HistoryFold:
     def add(self, f: dict[str, Any]) -> None:
         """Apply one record's columns."""
         code = f["code"]
-        if code not in ("S", "T", "R"):  # not about a task (e.g. a satellite's key, "K")
+        if code not in (SUBMITTED, TRANSITION, RESULT):  # not about a task (e.g. a satellite's key, "K")
             return
         tid = f["task_id"]
         row = self.rows.get(tid)
         if row is None:
             row = self.rows[tid] = Row(tid)
-        if code == "S":
+        if code == SUBMITTED:
             row.kind, row.submitted = f["kind"], f["t"]
             row.owner = f["satellite"]
-        elif code == "T":
+        elif code == TRANSITION:
             state = TaskState(f["state"])
             row.state = state.name.lower()
             row.attempts = max(row.attempts, f["attempt"])
@@ -82,7 +80,7 @@ class HistoryFold:
                 row.satellite = f["satellite"]
             if state.terminal:
                 row.finished = f["t"]
-        elif code == "R" and f["etype"]:
+        elif code == RESULT and f["etype"]:
             row.error = f["etype"]
 
 

@@ -26,8 +26,8 @@ read back from the journal's own records (:func:`load_spilled`), so they are as 
 
 No HDF5 segment is opened unless its SHA-256 matches the journal's manifest: at start,
 :func:`replay` sets damaged segments aside and recovers what it can (see
-:mod:`orchester.journal.segments`); the history and spilled payloads check each segment again (a
-``stat`` when it has not changed since).
+:mod:`orchester.journal.recovery`); the history and spilled payloads check each segment again (a
+``stat`` when it has not changed since, :mod:`orchester.journal.segments`).
 """
 
 from __future__ import annotations
@@ -43,17 +43,13 @@ from typing import Any
 
 import zmq
 
-from orchester.journal.history import HistoryFold, select
-from orchester.journal.segments import (
-    compact,
-    compact_closed,
-    read_h5_fields,
-    read_journal,
-    read_task_record,
-    recover,
-    verified_parts,
-)
-from orchester.journal.wal import JournalError, ReadReport, SegmentWriter, encode_record, read_segment
+from orchester.journal.folder import JournalError
+from orchester.journal.hdf5 import read_h5_fields
+from orchester.journal.history import HistoryFold, fields, select
+from orchester.journal.records import RESULT, RecordError, Result, Submitted, payload_bytes
+from orchester.journal.recovery import recover
+from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record, verified_parts
+from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at, read_segment
 from serializers.header import ProtocolError, unpack
 
 log = logging.getLogger("orchester.journal.writer")
@@ -110,8 +106,7 @@ class Journal:
         self.seq += 1
         if spill:
             self.spillable.add(self.seq)
-        if record[0] == "S":
-            self.queued_bytes += sum(len(f) for f in record[4])
+        self.queued_bytes += payload_bytes(record)
         with self._cond:
             self._queue.append((self.seq, record))
             if len(self._queue) == 1:
@@ -149,7 +144,7 @@ class Journal:
                     batch = [self._queue.popleft() for _ in range(n)]
                 t_write = time.perf_counter()
                 if batch:
-                    self.written_bytes += sum(sum(len(f) for f in rec[4]) for _, rec in batch if rec[0] == "S")
+                    self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
                     path = self.writer.path
                     offsets = self.writer.write([encode_record(rec) for _, rec in batch])
                     for (seq, _), offset in zip(batch, offsets, strict=True):
@@ -217,9 +212,6 @@ class Journal:
 
 def load_spilled(task: Any) -> list[Any]:
     """Read a spilled task's payload from its journal record (in the log, or once compacted)."""
-    from orchester.journal.segments import read_task_record
-    from orchester.journal.wal import read_at
-
     path, offset = task.spilled
     record: list[Any] | None
     try:
@@ -238,16 +230,20 @@ def load_spilled(task: Any) -> list[Any]:
             time.sleep(0.01)
     if record is None:
         raise RuntimeError(f"the spilled payload of task {task.id} is missing from the journal")
-    return [bytes(f) for f in record[4]]
+    try:
+        submission = Submitted.of(record)
+    except RecordError as exc:
+        raise RuntimeError(f"the spilled payload of task {task.id} is not in a task record: {exc}") from None
+    return [bytes(f) for f in submission.payload]
 
 
 def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[Any]], ReadReport]:
     """Verify the HDF5 segments, compact the closed log segments (all but ``live``), read every intact record.
 
     Segments that fail verification are moved aside and what they held recovered where it can
-    be (:func:`orchester.journal.segments.recover`); the report says what was lost
+    be (:func:`orchester.journal.recovery.recover`); the report says what was lost
     (:attr:`ReadReport.damaged`, :attr:`ReadReport.damaged_segments`, :meth:`ReadReport.counters`).
-    Raises :class:`~orchester.journal.segments.ManifestError` (a :class:`JournalError`) when the
+    Raises :class:`~orchester.journal.manifest.ManifestError` (a :class:`JournalError`) when the
     manifest is damaged: what is lost cannot be known.
     """
     report = ReadReport()
@@ -265,8 +261,6 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
     A failed task's ``error`` is its type and message; the message only for the rows of the
     key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
     """
-    from orchester.journal.history import fields
-
     filters = dict(filters)
     viewer = filters.pop("viewer", None)
     for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
@@ -282,7 +276,7 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
                         cols = fields(record)
                         if cols is not None:
                             fold.add(cols)
-                            if cols["code"] == "R" and cols["etype"]:
+                            if cols["code"] == RESULT and cols["etype"]:
                                 messages[cols["task_id"]] = _error_message(record)
             rows = select(fold.rows, **filters)
             _add_messages(directory, rows, messages, viewer)
@@ -295,8 +289,8 @@ def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
 def _error_message(record: list[Any]) -> str:
     """The error message of a result record (``""`` when it has none)."""
     try:
-        err = unpack(bytes(record[2][0])).get("err")
-    except (ProtocolError, IndexError, TypeError):
+        err = unpack(Result.of(record).header).get("err")
+    except (ProtocolError, RecordError):
         return ""
     return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""
 
@@ -312,7 +306,7 @@ def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[st
                 continue
             for tid in list(missing):
                 try:
-                    record = read_task_record(path, tid, "R")
+                    record = read_task_record(path, tid, RESULT)
                 except JournalError:
                     break
                 if record is not None:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from orchester import Client, LocalCluster
-from orchester.journal.segments import read_h5
+from orchester.journal.hdf5 import read_h5
 from orchester.journal.wal import encode_record
 
 pytestmark = pytest.mark.integration

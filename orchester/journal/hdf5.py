@@ -1,0 +1,174 @@
+"""An HDF5 segment file itself: its layout, writing one whole, reading it back.
+
+A closed ``wal-<n>.log`` becomes ``seg-<n>.h5``: a table ``records`` with one row of indexed
+columns per record (code, task id, time, kind, state, attempt, satellite, error type, where its
+body lies and the body's CRC-32; indexes on task id and time) and an ``EArray`` ``bodies`` of
+bytes holding every whole record (msgpack) end to end, both blosc2-compressed with explicit
+chunk shapes (HDF5 does not compress variable-length arrays). The file's root carries its
+segment number and the journal's identity. HDF5 files are only ever read once closed; the live
+tail stays in the checksummed log, because an HDF5 file open for writing does not survive
+``kill -9``.
+
+Nothing here checks a file before opening it: this process opens only segments whose checksum
+the manifest lists (:mod:`orchester.journal.segments`), any other is read in a separate process
+(:mod:`orchester.journal.child`). Like every file of the journal, a segment is private (0600):
+its temporary file is created 0600 before PyTables opens it (HDF5 truncates it and keeps its
+mode), and set 0600 again as soon as PyTables has it open, before any record is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from orchester.journal.folder import FILE_MODE, open_private
+from orchester.journal.history import fields
+from orchester.journal.records import head
+
+#: HDF5 is not thread-safe: every PyTables call of this process goes through this lock.
+HDF5_LOCK = threading.RLock()
+#: Rows of the ``records`` table per chunk (and read at a time when salvaging a damaged one).
+ROWS = 4096
+#: HDF5's file signature: the first 8 bytes of every HDF5 file.
+SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def tables() -> Any:
+    """The ``tables`` module (PyTables), imported when first needed."""
+    import tables
+
+    return tables
+
+
+def _description() -> Any:
+    tb = tables()
+
+    class Record(tb.IsDescription):  # type: ignore[misc, name-defined]
+        code = tb.StringCol(1, pos=0)
+        task_id = tb.StringCol(64, pos=1)
+        t = tb.Float64Col(pos=2)
+        kind = tb.StringCol(48, pos=3)
+        state = tb.Int8Col(pos=4)
+        attempt = tb.Int16Col(pos=5)
+        satellite = tb.StringCol(64, pos=6)
+        etype = tb.StringCol(32, pos=7)
+        offset = tb.Int64Col(pos=8)  # where the record's body starts in ``bodies``
+        length = tb.Int32Col(pos=9)
+        crc = tb.UInt32Col(pos=10)  # CRC-32 of the body: a salvaged record is kept only if it matches
+
+    return Record
+
+
+def _columns(record: list[Any]) -> dict[str, Any]:
+    """A record's indexed columns; for one without any (a key, a barrier, a record no view accepts) its code and id."""
+    f = fields(record)
+    if f is not None:
+        return f
+    code, subject = head(record)
+    return {"code": code[:1], "task_id": subject[:64], "t": 0.0, "kind": "", "state": -1, "attempt": 0,
+            "satellite": "", "etype": ""}
+
+
+def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: str | None) -> dict[str, Any]:
+    """Write ``records`` to a new HDF5 file ``tmp`` (0600), fsync it; return its record count and bodies' hash.
+
+    The file's root carries the segment's number (``segment``) and the journal's identity
+    (``journal``), which a salvage checks before trusting records it reads back.
+    """
+    tb = tables()
+    filters = tb.Filters(complevel=5, complib="blosc2:lz4", shuffle=True)
+    n = 0
+    bodies_hash = hashlib.sha256()
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted rewrite
+    os.close(open_private(tmp, os.O_WRONLY | os.O_EXCL))  # 0600 before PyTables writes a byte into it
+    with HDF5_LOCK, tb.open_file(str(tmp), "w") as h5:
+        os.chmod(tmp, FILE_MODE)  # should HDF5 have made the file anew: private before any record lands
+        h5.root._v_attrs.orchester_segment = segment
+        h5.root._v_attrs.orchester_journal = journal or ""
+        table = h5.create_table("/", "records", _description(), filters=filters, chunkshape=(ROWS,))
+        bodies = h5.create_earray("/", "bodies", tb.UInt8Atom(), shape=(0,), filters=filters,
+                                  chunkshape=(1 << 16,))
+        row = table.row
+        offset = 0
+        for record in records:
+            for key, value in _columns(record).items():
+                row[key] = value.encode()[:64] if isinstance(value, str) else value
+            body = msgpack.packb(record, use_bin_type=True)
+            row["offset"], row["length"], row["crc"] = offset, len(body), zlib.crc32(body)
+            row.append()
+            bodies.append(np.frombuffer(body, dtype=np.uint8))
+            bodies_hash.update(body)
+            offset += len(body)
+            n += 1
+        table.flush()
+        table.cols.task_id.create_index()
+        table.cols.t.create_index()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"records": n, "bodies_sha256": bodies_hash.hexdigest(), "bodies_bytes": offset, "journal": journal}
+
+
+def find_record(path: Path, task_id: str, code: str) -> list[Any] | None:
+    """The ``code`` record of ``task_id`` in a segment, found through the task id index (``None``: none)."""
+    tb = tables()
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+        rows = h5.root.records.read_where("(task_id == tid) & (code == c)",
+                                          condvars={"tid": task_id.encode(), "c": code.encode()})
+        if not len(rows):
+            return None
+        offset, length = int(rows[0]["offset"]), int(rows[0]["length"])
+        body = h5.root.bodies[offset:offset + length].tobytes()
+    record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    return record if isinstance(record, list) else None
+
+
+def read_h5(path: Path) -> Iterator[list[Any]]:
+    """The records of a compacted segment, in order (the caller verified it: see :mod:`orchester.journal.segments`)."""
+    tb = tables()
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+        index = h5.root.records.read(field="offset"), h5.root.records.read(field="length")
+        data = h5.root.bodies.read().tobytes()
+    for offset, length in zip(*index, strict=True):
+        yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
+
+
+def read_h5_fields(path: Path) -> Iterator[dict[str, Any]]:
+    """The indexed columns of a compacted segment (without the bodies: fast; the caller verified it)."""
+    tb = tables()
+    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+        data = h5.root.records.read()
+    for r in data:
+        yield {"code": r["code"].decode(), "task_id": r["task_id"].decode(), "t": float(r["t"]),
+               "kind": r["kind"].decode(), "state": int(r["state"]), "attempt": int(r["attempt"]),
+               "satellite": r["satellite"].decode(), "etype": r["etype"].decode()}
+
+
+def identity(h5: Any) -> dict[str, Any]:
+    """The journal identity and segment number an open segment's root carries (``None`` each if it does not)."""
+    try:
+        attrs = h5.root._v_attrs
+        journal = str(attrs.orchester_journal) if "orchester_journal" in attrs._v_attrnames else None
+        segment = int(attrs.orchester_segment) if "orchester_segment" in attrs._v_attrnames else None
+    except Exception:
+        return {"journal": None, "segment": None}
+    return {"journal": journal or None, "segment": segment}
+
+
+def has_signature(path: Path) -> bool:
+    """Whether a file starts with HDF5's signature (one zeroed or overwritten does not)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == SIGNATURE
+    except OSError:
+        return False
