@@ -6,7 +6,7 @@ from __future__ import annotations
 class OrchesterError(Exception):
     """The root of every Orchester exception: client errors (below), and
     :class:`~orchester.config.ConfigError`, :class:`~orchester.local.cluster.ClusterError`,
-    :class:`~orchester.journal.wal.JournalError`, :class:`~orchester.security.keys.SecurityError`. (The wire
+    :class:`~orchester.journal.folder.JournalError`, :class:`~orchester.security.keys.SecurityError`. (The wire
     format's :class:`~serializers.ProtocolError` and the tracker's ``InvalidTransition`` live in
     packages that import nothing of Orchester.)"""
 

@@ -21,9 +21,10 @@ from orchester.ha.star import (
     HAState,
     compile_table,
 )
+from orchester.journal.records import BARRIER
 from orchester.server.core import Orchestrator
 from orchester.server.ports import Ports
-from orchester.server.restore import BARRIER, RestoreFold, snapshot
+from orchester.server.restore import RestoreFold, snapshot
 from serializers import pack
 from serializers import protocol as P
 from tracker import TaskState
@@ -226,4 +227,4 @@ def test_a_following_fold_drops_finished_payloads_and_keeps_what_retention_keeps
         assert s_rec[4] == [b"payload"]  # the record itself is untouched (it may be on its way to disk)
     fold.add(["S", "open", b"c", pack({"id": "open", "k": "echo"}), [b"keep"], 1.0, None])
     assert sorted(fold.tasks) == ["open", "t3", "t4"] and sorted(fold.results) == ["t3", "t4"]
-    assert fold.tasks["t4"][0][4] == [] and fold.tasks["open"][0][4] == [b"keep"]
+    assert fold.tasks["t4"][0].payload == [] and fold.tasks["open"][0].payload == [b"keep"]

@@ -17,9 +17,10 @@ from orchester.ha import link, resync
 from orchester.ha.follower import Follower
 from orchester.ha.leader import Leader
 from orchester.ha.star import HAState
+from orchester.journal.records import BARRIER
 from orchester.server.core import Orchestrator
 from orchester.server.ports import Ports
-from orchester.server.restore import BARRIER, RestoreFold
+from orchester.server.restore import RestoreFold
 from serializers import pack
 from serializers import protocol as P
 

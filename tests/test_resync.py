@@ -20,9 +20,9 @@ from orchester.ha import pair as pair_module
 from orchester.ha import resync
 from orchester.ha.pair import Pair
 from orchester.ha.star import HAState
+from orchester.journal.records import BARRIER
 from orchester.server.core import Orchestrator
 from orchester.server.ports import Ports
-from orchester.server.restore import BARRIER
 from serializers import pack
 from serializers import protocol as P
 

@@ -80,12 +80,13 @@ def replay(directory: str, ids: tuple[str, ...], since: str | None, connect: tup
     from pathlib import Path
 
     from orchester.errors import TaskFailed
+    from orchester.journal import records
     from orchester.journal.segments import read_journal
     from serializers import ProtocolError, codecs, unpack
 
     if not ids and since is None:
         raise click.UsageError("choose tasks with --task ID or --since TIME")
-    from orchester.journal.wal import JournalError
+    from orchester.journal.folder import JournalError
 
     start = parse_time(since)
     chosen = []
@@ -94,8 +95,13 @@ def replay(directory: str, ids: tuple[str, ...], since: str | None, connect: tup
         sys.exit(EXIT_USAGE)
     try:
         for rec in read_journal(Path(directory)):
-            if rec[0] == "S" and ((ids and rec[1] in ids) or (start is not None and float(rec[5]) >= start)):
-                chosen.append(rec)
+            try:
+                v = records.view(rec)
+            except records.RecordError:
+                continue  # (counted where the journal is served; a replay takes what it can read)
+            if isinstance(v, records.Submitted) and (
+                    (ids and v.task_id in ids) or (start is not None and v.time >= start)):
+                chosen.append(v)
     except JournalError as exc:  # a damaged manifest, say: what is lost cannot be known
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -106,17 +112,17 @@ def replay(directory: str, ids: tuple[str, ...], since: str | None, connect: tup
     def resubmit(client: Any) -> list[tuple[Any, Any]]:
         """Submit each chosen task anew; with ``--wait`` collect results, else wait until accepted."""
         futures = []
-        for rec in chosen:
-            hdr = unpack(rec[3])
+        for sub in chosen:
             try:
-                args, kwargs = codecs.decode(hdr.get("c", "msgpack"), hdr.get("arr"), rec[4])
+                hdr = unpack(sub.header)
+                args, kwargs = codecs.decode(hdr.get("c", "msgpack"), hdr.get("arr"), sub.payload)
             except (ProtocolError, ValueError) as exc:
-                click.echo(f"{rec[1]}: cannot resubmit: {exc}", err=True)
+                click.echo(f"{sub.task_id}: cannot resubmit: {exc}", err=True)
                 continue
             fut = client.submit(str(hdr["k"]), *args, priority=int(hdr.get("p", 0) or 0),
                                 tags=hdr.get("tg") or (), codec=hdr.get("c"), **kwargs)
             futures.append(fut)
-            click.echo(f"{rec[1]} -> {fut.task_id}")
+            click.echo(f"{sub.task_id} -> {fut.task_id}")
         if not wait:
             for fut in futures:
                 fut.accepted.wait(timeout)

@@ -25,8 +25,8 @@ def journal_compact(directory: str, keep_results: float | None) -> None:
     import time
     from pathlib import Path
 
+    from orchester.journal.folder import JournalError, open_lock, private_directory
     from orchester.journal.segments import apply_retention, compact_closed
-    from orchester.journal.wal import JournalError, open_lock, private_directory
 
     d = Path(directory)
     live = None

@@ -89,7 +89,7 @@ def serve(**kw: Any) -> None:
         config = from_mapping(OrchestratorConfig, settings, "serve")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    from orchester.journal.wal import JournalError
+    from orchester.journal.folder import JournalError
     from orchester.security.auth import SecurityError
 
     try:

@@ -31,7 +31,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from orchester.journal.wal import DIR_MODE, JournalError, open_private, private_directory
+from orchester.journal.folder import DIR_MODE, JournalError, open_private, private_directory
 from serializers import codecs
 
 log = logging.getLogger("orchester.genx.fits")

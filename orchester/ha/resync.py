@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from orchester.ha.link import encode_snap, pack_record
-from orchester.server.restore import BARRIER, RestoreFold, capture, gc_paused, task_records
+from orchester.journal import records
+from orchester.server.restore import RestoreFold, capture, gc_paused, task_records
 
 if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
@@ -41,7 +42,8 @@ class OutgoingSnapshot:
         with gc_paused():
             self.items = capture(core)
         self.q = q  #: the last record the snapshot covers; the stream resumes at ``q + 1``
-        self.barrier: list[Any] = [BARRIER, "", core.state.wall()]
+        self.wall = core.state.wall()  #: when the snapshot was taken
+        self.barrier: list[Any] = records.barrier(self.wall)
         self.next = 0  #: the next task to describe
         self.index = 0  #: the next chunk's number
         self.records = 0  #: records sent so far
@@ -55,8 +57,7 @@ class OutgoingSnapshot:
         """The records of the next chunk: about :data:`SNAP_CHUNK`, whole tasks (the barrier first)."""
         out: list[list[Any]] = [self.barrier] if self.index == 0 else []
         if self.index == 0:  # which key each satellite id belongs to
-            wall = self.barrier[2]
-            out.extend(["K", sid, user, wall] for sid, user in self.core.state.sat_keys.items())
+            out.extend(records.satellite_key(sid, user, self.wall) for sid, user in self.core.state.sat_keys.items())
         items, core = self.items, self.core
         while len(out) < SNAP_CHUNK and self.next < len(items):
             out.extend(task_records(core, items[self.next]))

@@ -32,6 +32,7 @@ import zmq
 from orchester.config import OrchestratorConfig
 from orchester.ha.pair import Pair
 from orchester.ha.star import HAState
+from orchester.journal import records
 from orchester.journal.writer import HistoryReader, Journal, load_spilled, replay
 from orchester.metrics.collector import CarbonSender, Collector, parse_carbon
 from orchester.security.auth import (
@@ -486,13 +487,16 @@ class Broker:
         core = self.core
         journal = self.journal
         pair = self.pair
-        records = core.outbox.take_records()
-        gating = bool(records or len(self.gate))
-        if records:
+        written = core.outbox.take_records()
+        gating = bool(written or len(self.gate))
+        if written:
             to_spill = core.state.to_spill
-            for record in records:
+            for record in written:
                 if journal is not None:
-                    task = to_spill.pop(record[1], None) if to_spill and record[0] == "S" else None
+                    task = None
+                    if to_spill:
+                        code, tid = records.head(record)
+                        task = to_spill.pop(tid, None) if code == records.SUBMITTED else None
                     seq = self._rseq = journal.append(record, spill=task is not None)
                     if task is not None:
                         self._spilling[seq] = task

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchester.config import OrchestratorConfig
+from orchester.journal import records
 from orchester.logutil import log_limited, warn_limited
 from orchester.server.fleet import SatelliteRecord
 from orchester.server.lifecycle import T_DEADLINE, Lifecycle, _len
@@ -217,9 +218,9 @@ class Orchestrator:
         if timeout is not None:
             task.deadline = self.state.timers.schedule(now + timeout, tid, T_DEADLINE)
         self.state.queued_bytes += task.size
-        if self.outbox.records is not None:
-            self.outbox.records.append(["S", tid, ident, bytes(frames[3]), [memoryview(f) for f in payload],
-                                     wall, timeout, self.state.user])
+        if self.outbox.journaling:
+            self.outbox.record(records.submitted(tid, ident, bytes(frames[3]), payload, wall, timeout,
+                                                 self.state.user))
             if self.cfg.spill_bytes and self.state.queued_bytes > self.cfg.spill_bytes:
                 self.state.to_spill[tid] = task
         self.life.arm(task, now)
@@ -316,8 +317,7 @@ class Orchestrator:
                 if old not in self.state.fleet.by_id:
                     del self.state.sat_keys[old]
         self.state.sat_keys[sid] = user
-        if self.outbox.records is not None:
-            self.outbox.records.append(["K", sid, user, self.state.wall()])
+        self.outbox.record(records.satellite_key(sid, user, self.state.wall()))
 
     def _on_started(self, sock: Any, ident: bytes, msg: Started, frames: list[Any], now: float) -> None:
         sat = self._satellite(sock, ident)

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from orchester.journal import records
 from orchester.logutil import log_limited
 from orchester.server.fleet import Fleet, SatelliteRecord
 from orchester.server.ports import Outbox, Ports
@@ -155,8 +156,8 @@ class Lifecycle:
         task.state = state
         wall = self.state.wall()  # one reading for the history, the journal and the event
         task.history.add(wall, state, task.attempt, task.satellite, reason)
-        if self.outbox.records is not None:
-            self.outbox.records.append(["T", task.id, int(state), task.attempt, task.satellite, reason, wall])
+        if self.outbox.journaling:
+            self.outbox.record(records.transition(task.id, state, task.attempt, task.satellite, reason, wall))
         if self.ports.metrics:
             per_state = self.state.kind_counts.get(task.kind)
             if per_state is None:
@@ -377,8 +378,8 @@ class Lifecycle:
                 load[1] -= task.size
                 if load[0] <= 0:
                     del self.state.client_load[task.owner]  # type: ignore[arg-type]
-        if self.outbox.records is not None:
-            self.outbox.records.append(["R", task.id, [memoryview(f) for f in result[2:]], self.state.wall()])
+        if self.outbox.journaling:
+            self.outbox.record(records.result(task.id, result[2:], self.state.wall()))
         task.payload = []  # the input is no longer needed
         self.send_result(task, result, _len(result), store=True)
 

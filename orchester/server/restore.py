@@ -9,6 +9,7 @@ snapshot barrier: what came before it is superseded by the snapshot that follows
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from orchester.journal import records
 from orchester.server.lifecycle import _len
 from orchester.server.tasks import Task
 from serializers.header import ProtocolError, unpack
@@ -29,8 +31,6 @@ if TYPE_CHECKING:
     from orchester.server.results import StoredResult
 
 log = logging.getLogger("orchester.journal.writer")
-#: A snapshot barrier: records before it are superseded by the snapshot after it.
-BARRIER = "Z"
 _IN_FLIGHT = (TS.DISPATCHED, TS.RUNNING)
 
 
@@ -80,9 +80,9 @@ class RestoreFold:
         self.sat_keys.clear()
 
     def _ended(self, tid: str, entry: list[Any]) -> None:
-        srec = entry[0]
-        if len(srec) > 4 and srec[4]:
-            entry[0] = [*srec[:4], [], *srec[5:]]  # a copy: the record itself may still be on its way to disk
+        submitted: records.Submitted = entry[0]
+        if submitted.payload:  # a copy without it: the record itself may still be on its way to disk
+            entry[0] = dataclasses.replace(submitted, payload=[])
         self._finished[tid] = None
         if self.keep_finished is not None:
             while len(self._finished) > self.keep_finished:
@@ -96,50 +96,33 @@ class RestoreFold:
         """Fold one record; a record that cannot be applied is counted and skipped."""
         self.records += 1
         try:
-            code = rec[0]
-            if code == BARRIER:
+            v = records.view(rec)  # the shape and every field's type checked (RecordError, a ValueError)
+            if isinstance(v, records.Barrier):
                 self.reset()
-                return
-            tid = rec[1]
-            if not isinstance(tid, str):
-                raise TypeError(f"task id {tid!r} is not a string")
-            if code == "S":
-                if tid not in self.tasks:
+            elif isinstance(v, records.Submitted):
+                if v.task_id not in self.tasks:
                     # refuse, now, a record whose header is unreadable or that a live server would refuse
-                    hdr = Submit.decode(unpack(bytes(rec[3])))
-                    if hdr.id != tid:
-                        raise ValueError(f"submission record of {tid!r} carries the header of {hdr.id!r}")
-                    if not isinstance(rec[4], list) or not all(isinstance(f, (bytes, memoryview)) for f in rec[4]):
-                        raise TypeError("a task's payload must be a list of byte strings")
+                    hdr = Submit.decode(unpack(v.header))
+                    if hdr.id != v.task_id:
+                        raise ValueError(f"submission record of {v.task_id!r} carries the header of {hdr.id!r}")
                     history = History()
-                    history.add(float(rec[5]), TS.PENDING, 0)
-                    self.tasks[tid] = [rec, None, hdr]
-                    self.history[tid] = history
-            elif code == "T":
-                entry = self.tasks.get(tid)
-                if not isinstance(rec[3], int) or not 0 <= rec[3] <= 1_000_000 or \
-                        not (rec[4] is None or isinstance(rec[4], str)):
-                    raise ValueError(f"a transition needs an attempt from 0 to 10^6 and a satellite id, not "
-                                     f"{rec[3]!r}, {rec[4]!r}")
+                    history.add(v.time, TS.PENDING, 0)
+                    self.tasks[v.task_id] = [v, None, hdr]
+                    self.history[v.task_id] = history
+            elif isinstance(v, records.Transition):
+                entry = self.tasks.get(v.task_id)
                 if entry is not None:
-                    state = TS(rec[2])
-                    entry[1] = rec
-                    self.history[tid].add(float(rec[6]) if len(rec) > 6 else time.time(), state, rec[3], rec[4],
-                                          rec[5] if isinstance(rec[5], str) else None)
-                    if state.terminal:
-                        self._ended(tid, entry)
-            elif code == "K":  # a satellite id and the key it belongs to
-                if not isinstance(rec[2], str):
-                    raise TypeError(f"the key of satellite {tid!r} is not a string")
-                self.sat_keys[tid] = rec[2]
-            elif code == "R" and tid in self.tasks:
-                frames = rec[2]
-                if not isinstance(frames, list) or not frames or \
-                        not all(isinstance(f, (bytes, memoryview)) for f in frames):
-                    raise TypeError("a result must be a non-empty list of byte strings")
-                unpack(bytes(frames[0]))
-                self.results[tid] = list(frames)
-        except (IndexError, TypeError, ValueError, ProtocolError, KeyError) as exc:
+                    entry[1] = v
+                    self.history[v.task_id].add(v.time if v.time is not None else time.time(), v.state, v.attempt,
+                                                v.satellite, v.reason)
+                    if v.state.terminal:
+                        self._ended(v.task_id, entry)
+            elif isinstance(v, records.SatelliteKey):  # a satellite id and the key it belongs to
+                self.sat_keys[v.satellite] = v.key
+            elif isinstance(v, records.Result) and v.task_id in self.tasks:
+                unpack(v.header)
+                self.results[v.task_id] = v.frames
+        except (ValueError, ProtocolError) as exc:
             self.bad += 1
             log.warning("skipped a journal record that cannot be applied: %s", exc)
 
@@ -164,21 +147,16 @@ class RestoreFold:
 
     def _install(self, core: Orchestrator, now: float, sock: Any, reclaim: float) -> Counter[str]:
         counts: Counter[str] = Counter()
-        for tid, (srec, trec, hdr) in self.tasks.items():
-            try:
-                payload = list(srec[4])
-                t = Task(tid, hdr.kind, hdr.priority, hdr.tags, bytes(srec[2]), sock, bytes(srec[3]), payload, now,
-                         core.state.next_seq(), _len(payload))
-                t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
-                if len(srec) > 7 and isinstance(srec[7], str):
-                    t.owner = srec[7]
-                t.history = self.history[tid]
-                if trec is not None:
-                    t.state, t.attempt, t.satellite = TS(trec[2]), int(trec[3]), trec[4]
-            except (IndexError, TypeError, ValueError, ProtocolError) as exc:
-                core.state.counters["journal_bad_records"] += 1
-                log.warning("skipped a task that cannot be restored: %s", exc)
-                continue
+        for tid, (sub, last, hdr) in self.tasks.items():
+            payload = list(sub.payload)
+            t = Task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
+                     core.state.next_seq(), _len(payload))
+            t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
+            if sub.owner is not None:
+                t.owner = sub.owner
+            t.history = self.history[tid]
+            if last is not None:
+                t.state, t.attempt, t.satellite = last.state, last.attempt, last.satellite
             outcome = core.life.install(t, self.results.get(tid), now, reclaim > 0)
             counts[outcome] += 1
             if outcome == "reclaimable":  # (queued too: it runs again unless its satellite claims it)
@@ -225,21 +203,22 @@ def task_records(core: Orchestrator, item: Captured) -> list[list[Any]]:
     t, payload, count, stored = item
     rows = t.history.rows(count)
     submitted = rows[0][0] if rows else core.state.wall()
-    out: list[list[Any]] = [["S", t.id, t.client, t.header, [memoryview(f) for f in payload], submitted, None,
-                             t.owner if isinstance(t.owner, str) else None]]
-    out.extend(["T", t.id, state, attempt, sat, reason, when] for when, state, attempt, sat, reason in rows[1:])
+    out = [records.submitted(t.id, t.client, t.header, payload, submitted, None,
+                             t.owner if isinstance(t.owner, str) else None)]
+    out.extend(records.transition(t.id, state, attempt, sat, reason, when)
+               for when, state, attempt, sat, reason in rows[1:])
     if stored is not None:
-        out.append(["R", t.id, [memoryview(f) for f in stored.frames[2:]], core.state.wall()])
+        out.append(records.result(t.id, stored.frames[2:], core.state.wall()))
     return out
 
 
 def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
     """Records that rebuild ``core``'s task table: a barrier, then per task its submission,
     its transitions and its stored result (what a passive server needs to take over)."""
-    yield [BARRIER, "", core.state.wall()]
+    yield records.barrier(core.state.wall())
     wall = core.state.wall()
     for sid, user in list(core.state.sat_keys.items()):
-        yield ["K", sid, user, wall]
+        yield records.satellite_key(sid, user, wall)
     for item in capture(core):
         yield from task_records(core, item)
 
@@ -252,25 +231,25 @@ def unknown_to(previous: RestoreFold, current: RestoreFold, own: bool) -> list[l
     results were never replicated).
     """
     out: list[list[Any]] = []
-    for tid, (srec, trec, _) in previous.tasks.items():
+    for tid, (sub, last, _) in previous.tasks.items():
         if tid in current.tasks:
             continue
-        if trec is not None and TS(trec[2]).terminal and not own:
+        if last is not None and last.state.terminal and not own:
             continue
-        out.append(srec)
+        out.append(sub.record())
         history = previous.history.get(tid)
         for wall, state, attempt, sat, reason in history.rows()[1:] if history is not None else []:
-            out.append(["T", tid, state, attempt, sat, reason, wall])
+            out.append(records.transition(tid, state, attempt, sat, reason, wall))
         if tid in previous.results:
-            out.append(["R", tid, previous.results[tid], 0.0])
+            out.append(records.result(tid, previous.results[tid], 0.0))
     return out
 
 
-def take_over(core: Orchestrator, records: list[Any], now: float, sock: Any) -> tuple[set[str], dict[str, int]]:
-    """Install the tasks ``records`` describe that ``core`` does not know, as its own from now on
+def take_over(core: Orchestrator, given: list[Any], now: float, sock: Any) -> tuple[set[str], dict[str, int]]:
+    """Install the tasks the records ``given`` describe that ``core`` does not know, as its own from now on
     (they are journaled, and streamed to a passive peer); returns their ids and the counts."""
     fold = RestoreFold()
-    for rec in records:
+    for rec in given:
         fold.add(rec)
     for tid in [t for t in fold.tasks if t in core.state.tasks]:
         del fold.tasks[tid]
@@ -279,5 +258,5 @@ def take_over(core: Orchestrator, records: list[Any], now: float, sock: Any) -> 
     wanted = set(fold.tasks)
     counts = fold.finish(core, now, sock)
     if core.outbox.records is not None:
-        core.outbox.records.extend(r for r in records if isinstance(r, list) and len(r) > 1 and r[1] in wanted)
+        core.outbox.records.extend(r for r in given if isinstance(r, list) and records.head(r)[1] in wanted)
     return wanted, counts
