@@ -217,7 +217,7 @@ class Orchestrator:
         self.state.counters["submitted"] += 1
         if timeout is not None:
             task.deadline = self.state.timers.schedule(now + timeout, tid, T_DEADLINE)
-        self.state.queued_bytes += task.size
+        self.state.queued(task)
         if self.outbox.journaling:
             self.outbox.record(records.submitted(tid, ident, bytes(frames[3]), payload, wall, timeout,
                                                  self.state.user))

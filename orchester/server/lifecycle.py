@@ -86,7 +86,7 @@ class Lifecycle:
         state.pending_kinds[task.kind] += 1
         in_flight = task.state in (TS.DISPATCHED, TS.RUNNING)
         task.state = TS.PENDING
-        state.queued_bytes += task.size
+        state.queued(task)
         if reclaim and in_flight:  # keeps its satellite and attempt: only that one may claim it
             state.reclaim[task.id] = task
             return "reclaimable"
@@ -129,8 +129,7 @@ class Lifecycle:
                 self.state.counters["adopt_refused"] += 1
                 continue
             self.state.reclaim.pop(tid, None)
-            if task.spilled is None:  # a spilled payload no longer counted in memory
-                self.state.queued_bytes -= task.size
+            self.state.unqueued(task)
             task.attempt = attempt
             task.satellite = sat.sid
             sat.inflight[tid] = task
@@ -221,7 +220,7 @@ class Lifecycle:
 
     def enqueue(self, task: Task, now: float, event: TaskEvent, reason: str | None = None) -> None:
         task.satellite = None
-        self.state.queued_bytes += task.size
+        self.state.queued(task)
         self.task_to(task, event, now, reason)
         self.state.queues.push(task)
 
@@ -261,13 +260,12 @@ class Lifecycle:
             self._dispatch(task, self.state.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
 
     def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
+        self.state.unqueued(task)
         if task.spilled is not None:  # its payload waits on disk: read it back
             assert self.ports.load_spilled is not None
             task.payload = self.ports.load_spilled(task)
             task.spilled = None
             self.state.counters["unspilled"] += 1
-        else:
-            self.state.queued_bytes -= task.size
         task.attempt += 1
         task.satellite = sat.sid
         sat.inflight[task.id] = task
@@ -325,8 +323,8 @@ class Lifecycle:
         """End ``task`` with an error the orchestrator decided (cancel, timeouts, quarantine, expiry)."""
         if task.state in (TS.DISPATCHED, TS.RUNNING):
             self.release(task, now, abort)
-        elif task.state is TS.PENDING and task.spilled is None:
-            self.state.queued_bytes -= task.size  # it leaves the queue without being dispatched
+        elif task.state is TS.PENDING:
+            self.state.unqueued(task)  # it leaves the queue without being dispatched
         self.state.counters[{TE.cancel: "cancelled", TE.quarantine: "quarantined",
                        TE.expire: "expired"}.get(event, "failed")] += 1
         self.task_to(task, event, now, msg)
@@ -364,9 +362,9 @@ class Lifecycle:
     def spilled(self, task: Task, where: Any) -> None:
         """The adapter wrote ``task``'s payload to disk (at ``where``): drop it from memory."""
         if task.state is TS.PENDING and task.payload and task.spilled is None:
+            self.state.unqueued(task)
             task.payload = []
             task.spilled = where
-            self.state.queued_bytes -= task.size
             self.state.counters["spilled"] += 1
 
     def complete(self, task: Task, result: list[Any]) -> None:

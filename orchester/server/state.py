@@ -44,7 +44,8 @@ class ServerState:
         self.timers: TimerWheel[str] = TimerWheel()
         self.strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
         self.counters: Counter[str] = Counter()
-        self.queued_bytes = 0  #: payload bytes of queued tasks held in memory
+        #: payload bytes of queued tasks held in memory (changed only by :meth:`queued`, :meth:`unqueued`)
+        self.queued_bytes = 0
         self.kind_counts: dict[str, list[int]] = {}  #: kind -> transitions into each TaskState (metrics on)
         self.latencies: list[tuple[str, float]] = []  #: (kind, seconds from submit to end) (metrics on)
         #: tasks whose payload should leave memory once their journal record is durable
@@ -86,6 +87,16 @@ class ServerState:
         """The submission order of a new (or restored) task."""
         self.seq += 1
         return self.seq
+
+    def queued(self, task: Task) -> None:
+        """``task`` joined the queue with its payload in memory (:attr:`queued_bytes` counts it)."""
+        self.queued_bytes += task.size
+
+    def unqueued(self, task: Task) -> None:
+        """``task``'s payload no longer waits in memory: it was dispatched, taken back by its satellite,
+        ended while queued, or written to disk (a payload already on disk was no longer counted)."""
+        if task.spilled is None:
+            self.queued_bytes -= task.size
 
     def pending_left(self, kind: str) -> None:
         """One pending task of ``kind`` left the queue (dispatched, expired, cancelled)."""
