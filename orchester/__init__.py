@@ -8,7 +8,7 @@ The client API::
         print(client.submit("echo", [1, 2, 3]).result(timeout=30))
 """
 
-from orchester.client.aio import AsyncClient
+from orchester.client.aio import AsyncClient, AsyncTaskFuture
 from orchester.client.events import Event, EventStream
 from orchester.client.sync import Client, TaskFuture
 from orchester.errors import ClientClosed, OrchesterError, RemoteError, TaskFailed, Unreachable
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncTaskFuture",
     "Client",
     "ClientClosed",
     "ClusterError",
