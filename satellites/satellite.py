@@ -32,9 +32,9 @@ import zmq
 
 from orchester.client.uplink import Uplink
 from orchester.logutil import warn_limited
-from serializers import ProtocolError, check_signature, pack, unpack
+from serializers import ProtocolError, check_signature
+from serializers import messages as M
 from serializers import protocol as P
-from serializers.header import field
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from . import worker as W
@@ -150,7 +150,7 @@ class Satellite:
         finally:
             if self._uplink.sock is not None:
                 try:
-                    self._uplink.sock.send_multipart([P.SIGNATURE, P.LEAVE, pack({"sid": self.sid})], zmq.NOBLOCK)
+                    self._uplink.sock.send_multipart(M.Leave(self.sid).frames(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
             self._uplink.close(linger=200)  # the LEAVE gets its chance
@@ -185,15 +185,17 @@ class Satellite:
         self.counters["results_resent"] += len(self._recent)
 
     def _register(self, now: float, vote: bool = False) -> None:
-        self._send([P.REGISTER, pack({
-            **({"vote": True} if vote else {}),
-            "sid": self.sid, "slots": self.slots, "workers": self.workers, "kinds": self.kinds,
-            "progress": self.progress_kinds, "versions": self.versions,
-            **({"walltime": max(0.0, self.deadline - now)} if self.deadline is not None else {}),
-            "tags": self.tags, "host": _socket.gethostname(), "pid": os.getpid(),
-            "running": [[tid, w.task[1]] for tid, w in self._running.items() if w.task],
-            "recent": [[tid, attempt] for _, tid, attempt, _ in self._recent],
-        })], now)
+        self._tell(M.Register(
+            sid=self.sid, slots=self.slots, workers=self.workers, kinds=tuple(self.kinds),
+            progress=self.progress_kinds, versions=self.versions,
+            walltime=None if self.deadline is None else max(0.0, self.deadline - now),
+            tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
+            running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task),
+            recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote), now)
+
+    def _tell(self, message: M.Wire, now: float) -> None:
+        """Send a message of :mod:`serializers.messages` (no payload) to the orchestrator."""
+        self._send([message.command, message.encode()], now)
 
     def _send(self, frames: list[Any], now: float) -> None:
         assert self._uplink.sock is not None
@@ -247,9 +249,9 @@ class Satellite:
                 continue
             if now >= self._next_report:  # what it knows of itself, for the operators' metrics
                 self._next_report = now + self.report_every
-                self._send([P.HEARTBEAT, pack({"sid": self.sid, "m": self._self_report(now)})], now)
+                self._tell(M.Heartbeat(sid=self.sid, report=self._self_report(now)), now)
             elif uplink.heartbeat_due(now):
-                self._send([P.HEARTBEAT, pack({"sid": self.sid})], now)
+                self._tell(M.Heartbeat(sid=self.sid), now)
             if self.deadline is not None and now >= self.deadline - self.leave_before:
                 log.warning("satellite %s: the allocation ends in %.0fs: leaving", self.sid, self.deadline - now)
                 self.stop()
@@ -285,49 +287,40 @@ class Satellite:
                 self.counters["bad_messages"] += 1
                 warn_limited(log, "bad message from orchestrator: %s", exc)
                 if len(frames) > 1 and bytes(frames[1]) != P.ERROR:  # never answer an error with one
-                    self._send([P.ERROR, pack({"code": exc.code, "msg": exc.detail, "sid": self.sid})], now)
+                    self._tell(M.PeerError(exc.code, exc.detail, self.sid), now)
 
     def _handle(self, frames: list[Any], now: float) -> None:
         if len(frames) < 3:
             raise ProtocolError(P.E_MALFORMED, f"expected at least 3 frames, got {len(frames)}")
         check_signature(bytes(frames[0]))
-        cmd = bytes(frames[1])
-        if cmd == P.DISPATCH:
+        msg = M.decode_for_satellite(bytes(frames[1]), bytes(frames[2]))
+        if isinstance(msg, M.Dispatch):
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            dispatch = unpack(bytes(frames[2]))
-            self._queue.append((field(dispatch, "id", str), field(dispatch, "a", int), frames[2:]))
+            self._queue.append((msg.id, msg.attempt, frames[2:]))
             self.counters["received"] += 1
-        elif cmd == P.HEARTBEAT:
-            pass  # any message counts as a heartbeat: the uplink heard it above
-        elif cmd == P.ABORT:
-            hdr = unpack(bytes(frames[2]))
-            self._abort(field(hdr, "id", str), field(hdr, "a", int), now)
-        elif cmd == P.WELCOME:
-            hdr = unpack(bytes(frames[2]))
+        elif isinstance(msg, M.Abort):
+            self._abort(msg.id, msg.attempt, now)
+        elif isinstance(msg, M.Welcome):
             self.registered = True
-            log.info("satellite %s registered with orchestrator %s", self.sid, hdr.get("e"))
-        elif cmd == P.RECONNECT:
-            epoch = unpack(bytes(frames[2])).get("e")
-            if epoch is not None and epoch == self._answered_epoch and \
-                    now - self._answered_at < self.heartbeat_interval * self.liveness:
+            log.info("satellite %s registered with orchestrator %s", self.sid, msg.epoch)
+        elif isinstance(msg, M.Reconnect):
+            if msg.epoch == self._answered_epoch and now - self._answered_at < self.heartbeat_interval * self.liveness:
                 # an answer to a message we sent before registering with this orchestrator: a
                 # restarted orchestrator answers each of them; one registration per epoch
                 self.counters["reconnects_ignored"] += 1
                 return
             log.info("orchestrator asks satellite %s to register again", self.sid)
-            self._answered_epoch, self._answered_at = epoch, now
+            self._answered_epoch, self._answered_at = msg.epoch, now
             self._queue.clear()
             self._announce(now)
-        elif cmd == P.ERROR:
-            hdr = unpack(bytes(frames[2]))
+        elif isinstance(msg, M.Error):
             self.counters["errors_received"] += 1
-            if hdr.get("code") == P.E_NOT_ACTIVE:
+            if msg.code == P.E_NOT_ACTIVE:
                 self._uplink.redirected()  # a passive server: the uplink moves to the other one
                 return
-            log.warning("orchestrator error %s: %s", hdr.get("code"), hdr.get("msg"))
-        else:
-            raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")
+            log.warning("orchestrator error %s: %s", msg.code, msg.msg)
+        # a HEARTBEAT (Beat): any message counts as a heartbeat, and the uplink heard it already
 
     def _abort(self, tid: str, attempt: int, now: float) -> None:
         """Cancel a task: drop it if only queued here, kill its worker if running."""
@@ -349,7 +342,7 @@ class Satellite:
     # ------------------------------------------------------------ worker side
     def _assign(self, now: float) -> None:
         """Hand queued tasks to idle workers; tell the orchestrator which started (one message)."""
-        started: list[list[Any]] = []
+        started: list[tuple[str, int]] = []
         while self._queue:
             w = self.pool.idle()
             if w is None:
@@ -359,9 +352,9 @@ class Satellite:
             w.started = now
             self._running[tid] = w
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
-            started.append([tid, attempt])
+            started.append((tid, attempt))
         if started:
-            self._send([P.STARTED, pack({"t": started})], now)
+            self._tell(M.Started(tuple(started)), now)
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(256):

@@ -4,7 +4,8 @@ Internal transport (never seen by the orchestrator): the worker's DEALER talks
 to the satellite's ROUTER over ``ipc://``. Messages, first frame a tag:
 
 * worker → satellite: ``[READY, pid]``, ``[DONE, result_header, body, *buffers]``
-  (``result_header`` is the wire RESULT header, forwarded as is), ``[PROGRESS, header]``
+  (``result_header`` is the wire DONE header, forwarded as is), ``[PROGRESS, header]`` (the wire
+  PROGRESS header); both are built with :mod:`serializers.messages`
 * satellite → worker: ``[RUN, dispatch_header, task_header, body, *buffers]``
 """
 
@@ -20,7 +21,8 @@ from typing import Any
 
 import zmq
 
-from serializers import ProtocolError, codecs, pack, unpack
+from serializers import ProtocolError, codecs, unpack
+from serializers import messages as M
 from serializers import protocol as P
 from serializers.zmqframes import recv_frames, send_frames
 
@@ -43,8 +45,8 @@ def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None
         etype = type(exc).__name__
         msg = str(exc)
         tb = "".join(traceback.format_exception(exc))
-    return pack({"id": task_id, "a": attempt, "ok": False, "sat": sid,
-                 "err": {"type": etype or "Error", "msg": msg or "", "tb": tb}})
+    return M.Done(task_id, attempt, False, err={"type": etype or "Error", "msg": msg or "", "tb": tb},
+                  sat=sid).encode()
 
 
 def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
@@ -58,18 +60,20 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     """
     try:
         dispatch = unpack(bytes(frames[0]))
-        tid, attempt = str(dispatch.get("id")), int(dispatch.get("a", 0))
-    except (ProtocolError, TypeError, ValueError) as exc:  # never let a bad message kill the worker
+        order = M.Dispatch.decode(dispatch)
+    except ProtocolError as exc:  # never let a bad message kill the worker
         return [error_header("", 0, sid, exc)]
+    tid, attempt = order.id, order.attempt
     t0 = time.perf_counter()
     try:
         hdr = unpack(frames[1])
-        kind = registry.get(str(hdr.get("k")))
+        task = M.TaskHeader.decode(hdr)
+        kind = registry.get(task.kind)
         try:  # pickle only with the submitter's, the orchestrator's and this satellite's consent
             codec = codecs.check_run_codec(hdr, dispatch)
         except ProtocolError as exc:
             return [error_header(tid, attempt, sid, etype=codecs.ERR_CODEC_REFUSED, msg=exc.detail)]
-        call = codecs.decode(codec, hdr.get("arr"), frames[2:])
+        call = codecs.decode(codec, list(task.arrays), frames[2:])
         if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], list)
                 and isinstance(call[1], dict)):
             raise ProtocolError(P.E_MALFORMED, "task body must be [args, kwargs]")
@@ -79,7 +83,7 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_MIN_INTERVAL:
                 last[0] = now
-                send_progress(pack({"id": tid, "a": attempt, "sat": sid, **info}))
+                send_progress(M.Progress(tid, attempt, sid, info).encode())
 
         context.set_current(context.TaskContext(tid, attempt, kind.name, sid, progress))
         try:
@@ -91,11 +95,9 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
         return [error_header(tid, attempt, sid, etype=P.ERR_UNKNOWN_KIND, msg=str(exc))]
     except Exception as exc:
         return [error_header(tid, attempt, sid, exc)]
-    rh: dict[str, Any] = {"id": tid, "a": attempt, "ok": True, "c": codec, "sat": sid,
-                          "dt": round(time.perf_counter() - t0, 6)}
-    if meta:
-        rh["arr"] = meta
-    return [pack(rh), *out]
+    done = M.Done(tid, attempt, True, sat=sid, codec=codec, duration=round(time.perf_counter() - t0, 6),
+                  arrays=M.arrays_of(meta))
+    return [done.encode(), *out]
 
 
 def _alive(pid: int) -> bool:

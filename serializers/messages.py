@@ -1,29 +1,55 @@
 """Typed messages: every command's header fields, named and checked in one place.
 
-Each command a peer sends to the orchestrator has a frozen dataclass here whose
-``decode(header)`` checks every field (type, range, finite, printable, bounded) and raises
-only :class:`~serializers.header.ProtocolError`; :func:`decode` picks the class by command.
-The orchestrator decodes a message once, before anything changes; past that point any
-exception is its own (the one error boundary of :mod:`orchester.server.core`).
+Each command has a frozen dataclass here. ``decode(header)`` checks every field of a decoded
+header map (type, range, finite, printable, bounded) and raises only
+:class:`~serializers.header.ProtocolError`; ``header()`` gives the map back with the wire's
+short keys (a field left unset is omitted, as the senders always omitted it), ``encode()`` the
+header frame and ``frames()`` the message without its payload. For a valid message,
+``decode(unpack(m.encode())) == m``.
 
-The short keys of the wire (``"k"`` for a task's kind, ``"a"`` for its attempt, …) are spelled
-only here: senders build headers with the classes' ``encode()`` (or the builders at the end for
-what the orchestrator sends), receivers read them with ``decode()``. ``docs/protocol.rst`` is the
-specification.
+* What the orchestrator receives (:data:`INBOUND`, picked by :func:`decode`): from clients
+  :class:`Submit`, :class:`Status`, :class:`Fetch`, :class:`Cancel`, :class:`Control`,
+  :class:`History`, :class:`Heartbeat`; from satellites :class:`Register`, :class:`Started`,
+  :class:`Done`, :class:`Progress`, :class:`Leave`, :class:`Heartbeat`; from either
+  :class:`PeerError`. Clients and satellites build what they send with these classes.
+* What the orchestrator sends: to clients (:data:`TO_CLIENT`, :func:`decode_for_client`)
+  :class:`Ack`, :class:`Result`, :class:`Reply`, :class:`Error`, :class:`Beat`; to satellites
+  (:data:`TO_SATELLITE`, :func:`decode_for_satellite`) :class:`Welcome`, :class:`Dispatch`,
+  :class:`Abort`, :class:`Reconnect`, :class:`Beat`, :class:`Error`. The orchestrator builds them
+  with the builders at the end (:func:`welcome`, :func:`ack`, ...), which use the same classes.
+
+The orchestrator decodes a message once, before anything changes; past that point any exception
+is its own (the one error boundary of :mod:`orchester.server.core`). Clients and satellites decode
+what they receive the same way: a malformed message is theirs to count and drop, never an
+exception in their I/O loop.
+
+The short keys of the wire (``"k"`` for a task's kind, ``"a"`` for its attempt, ...) are spelled
+only here. ``docs/protocol.rst`` is the specification and names this module as the reference of
+every header's fields.
+
+Example, a round trip::
+
+    >>> frames = Fetch("3f2a", rid=7).frames()
+    >>> frames[2]
+    b'\\x82\\xa2id\\xa43f2a\\xa3rid\\x07'
+    >>> Fetch.decode(unpack(frames[2]))
+    Fetch(id='3f2a', rid=7)
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from . import protocol as P
-from .codecs import header_codec
-from .header import MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
+from .codecs import PICKLE_CONSENT, header_codec
+from .header import MAX_HEADER, MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
 from .header import field as typed
 
-#: Most tasks a REGISTER may claim back (``running`` and ``recent``).
+#: Most tasks a REGISTER may claim back (``running`` and ``recent``), an ACK acknowledge or a HISTORY name.
 MAX_CLAIMS = 100_000
 #: Most entries of a satellite's self-report (``m`` of its heartbeat) kept; keys cut to 64 characters.
 MAX_REPORT = 64
@@ -31,10 +57,23 @@ MAX_REPORT = 64
 MAX_KINDS = 4096
 #: A request id is echoed in the answer: a string of at most this many characters, or an integer.
 MAX_RID = 256
+#: Longest satellite id.
+MAX_SID = 128
+#: Longest error code (``code`` of an ERROR).
+MAX_CODE = 64
+#: Most array frames a payload may announce (``arr``), and most dimensions of each.
+MAX_ARRAYS = 100_000
+MAX_DIMS = 64
+#: Largest REPLY header a client takes (a status of a large fleet, many history rows); other
+#: headers are at most :data:`~serializers.header.MAX_HEADER`.
+MAX_REPLY = 256 * 1024 * 1024
 
 RequestId = int | str | None
+#: ``(dtype, shape)`` of each array frame of a payload (``arr`` on the wire: ``[[dtype, [dims]], ...]``).
+Arrays = tuple[tuple[str, tuple[int, ...]], ...]
 
 
+# ------------------------------------------------------------------ field checks
 def _rid(hdr: dict[str, Any]) -> RequestId:
     """The request id a client chose (echoed in the reply): an int, a short string, or absent."""
     rid = hdr.get("rid")
@@ -48,6 +87,19 @@ def _rid(hdr: dict[str, Any]) -> RequestId:
 
 def _attempt(hdr: dict[str, Any], key: str = "a", default: Any = ...) -> Any:
     return number(hdr, key, 0, 2**31, default, integer=True)
+
+
+def _optional_text(hdr: dict[str, Any], key: str, limit: int) -> str | None:
+    """A string field that may be absent or nil (``None``), checked as :func:`~serializers.header.text` otherwise."""
+    if hdr.get(key) is None:
+        return None
+    value: str = text(hdr, key, limit=limit)
+    return value
+
+
+def _flag(hdr: dict[str, Any], key: str) -> bool:
+    """A boolean field, false when absent (``1`` is no boolean)."""
+    return bool(typed(hdr, key, bool, False))
 
 
 def _claims(hdr: dict[str, Any], key: str) -> tuple[tuple[str, int], ...]:
@@ -64,9 +116,62 @@ def _claims(hdr: dict[str, Any], key: str) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
+def _dimension(n: Any) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and 0 <= n < 2**63
+
+
+def _arrays(hdr: dict[str, Any]) -> Arrays:
+    """``arr``: ``[dtype, [dims]]`` of each array frame that follows the body (none when absent)."""
+    items = typed(hdr, "arr", list, [])
+    if len(items) > MAX_ARRAYS:
+        raise ProtocolError(P.E_MALFORMED, f"header field 'arr' announces more than {MAX_ARRAYS:,} arrays")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and 0 < len(item[0]) <= 64
+                and isinstance(item[1], list) and len(item[1]) <= MAX_DIMS and all(map(_dimension, item[1]))):
+            raise ProtocolError(P.E_MALFORMED, "header field 'arr' must list [dtype, [dimensions]] for each "
+                                "array frame")
+        out.append((item[0], tuple(item[1])))
+    return tuple(out)
+
+
+def _arr(arrays: Arrays) -> list[list[Any]]:
+    return [[dtype, list(shape)] for dtype, shape in arrays]
+
+
+def arrays_of(meta: Iterable[Sequence[Any]]) -> Arrays:
+    """The array descriptions :func:`serializers.codecs.encode` returns (``[[dtype, [dims]], ...]``),
+    as the ``arrays`` field of a :class:`Submit` or :class:`Done`."""
+    return tuple((str(m[0]), tuple(int(n) for n in m[1])) for m in meta)
+
+
+class Wire(ABC):
+    """What every message class has: its command, its header map and frames.
+
+    Subclasses are frozen dataclasses with a ``decode(header)`` class method that checks every
+    field and raises only :class:`~serializers.header.ProtocolError`.
+    """
+
+    __slots__ = ()
+    command: ClassVar[bytes]
+
+    @abstractmethod
+    def header(self) -> dict[str, Any]:
+        """The header map with the wire's short keys; unset optional fields are left out."""
+
+    def encode(self) -> bytes:
+        """The header frame (msgpack)."""
+        return pack(self.header())
+
+    def frames(self) -> list[bytes]:
+        """``[SIGNATURE, COMMAND, HEADER]``: the message without payload frames (and without the
+        routing envelope a ROUTER puts before it)."""
+        return [P.SIGNATURE, self.command, self.encode()]
+
+
 # ---------------------------------------------------------------- clients -> orchestrator
 @dataclass(frozen=True, slots=True)
-class Submit:
+class Submit(Wire):
     """SUBMIT: a task. The header frame is forwarded to the satellite as the client sent it.
 
     The same check runs on a journal's submission records at replay, so a record that a live
@@ -83,6 +188,7 @@ class Submit:
     max_run: float = 0.0  #: maximum run time (0: the orchestrator's default)
     duration: float = 0.0  #: expected run time (0: unknown)
     codec: str = "msgpack"  #: how the payload is encoded (checked against the server's consent apart)
+    arrays: Arrays = ()  #: ``(dtype, shape)`` of each array frame after the body
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Submit:
@@ -97,11 +203,33 @@ class Submit:
             max_run=max(0.0, float(number(hdr, "mr", -MAX_SECONDS, MAX_SECONDS, 0))),
             duration=max(0.0, float(number(hdr, "dur", -MAX_SECONDS, MAX_SECONDS, 0))),
             codec=header_codec(hdr),
+            arrays=_arrays(hdr),
         )
+
+    def header(self) -> dict[str, Any]:
+        """``{id, k, c, p?, tg?, to?, ttl?, mr?, dur?, arr?}``: ``c`` always; the others when set
+        (``to`` whenever a timeout is given; a zero priority, time-to-live, run time or duration is
+        the default and left out); tags sorted."""
+        hdr: dict[str, Any] = {"id": self.id, "k": self.kind, "c": self.codec}
+        if self.priority:
+            hdr["p"] = self.priority
+        if self.tags:
+            hdr["tg"] = sorted(self.tags, key=str)
+        if self.timeout is not None:
+            hdr["to"] = self.timeout
+        if self.ttl:
+            hdr["ttl"] = self.ttl
+        if self.max_run:
+            hdr["mr"] = self.max_run
+        if self.duration:
+            hdr["dur"] = self.duration
+        if self.arrays:
+            hdr["arr"] = _arr(self.arrays)
+        return hdr
 
 
 @dataclass(frozen=True, slots=True)
-class Status:
+class Status(Wire):
     """STATUS: the summary (no ``task``) or one task (``task``: its id)."""
 
     command: ClassVar[bytes] = P.STATUS
@@ -113,9 +241,18 @@ class Status:
         """Check a STATUS header."""
         return cls(_rid(hdr), text(hdr, "task", None))
 
+    def header(self) -> dict[str, Any]:
+        """``{task?, rid}``."""
+        hdr: dict[str, Any] = {}
+        if self.task is not None:
+            hdr["task"] = self.task
+        if self.rid is not None:
+            hdr["rid"] = self.rid
+        return hdr
+
 
 @dataclass(frozen=True, slots=True)
-class Fetch:
+class Fetch(Wire):
     """FETCH: a task's result (or its state, and delivery to this connection when it ends)."""
 
     command: ClassVar[bytes] = P.FETCH
@@ -127,9 +264,13 @@ class Fetch:
         """Check a FETCH header."""
         return cls(text(hdr, "id"), _rid(hdr))
 
+    def header(self) -> dict[str, Any]:
+        """``{id, rid}``."""
+        return {"id": self.id} if self.rid is None else {"id": self.id, "rid": self.rid}
+
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(Wire):
     """CANCEL: end a task that has not finished."""
 
     command: ClassVar[bytes] = P.CANCEL
@@ -141,12 +282,22 @@ class Cancel:
         """Check a CANCEL header."""
         return cls(text(hdr, "id"), _rid(hdr))
 
+    def header(self) -> dict[str, Any]:
+        """``{id, rid}``."""
+        return {"id": self.id} if self.rid is None else {"id": self.id, "rid": self.rid}
+
+
+#: The CONTROL fields :class:`Control` names; any other is an operation's own (``fields``).
+_CONTROL_KEYS = frozenset({"op", "name", "sid", "force", "rid"})
+
 
 @dataclass(frozen=True, slots=True)
-class Control:
+class Control(Wire):
     """CONTROL: an operator's operation (``strategy``, ``drain``, ``promote``, ``peer_link``).
 
-    ``fields`` keeps the header for the binary-star operations, which check their own fields.
+    ``fields`` keeps the header for the binary-star operations, which check their own fields
+    (``up`` of the ``peer_link`` test hook); when encoding, its keys other than those named here
+    follow the named ones.
     """
 
     command: ClassVar[bytes] = P.CONTROL
@@ -154,6 +305,7 @@ class Control:
     rid: RequestId = None
     name: str | None = None  #: ``strategy``: the routing strategy to switch to
     sid: str | None = None  #: ``drain``: the satellite to drain
+    force: bool = False  #: ``promote``: even while the peer is active and alive
     fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -161,12 +313,29 @@ class Control:
         """Check a CONTROL header (the operation's own fields are checked when it needs them)."""
         op = text(hdr, "op", limit=64)
         name = text(hdr, "name", limit=4096) if op == "strategy" else None
-        sid = text(hdr, "sid", limit=128) if op == "drain" else None
-        return cls(op, _rid(hdr), name, sid, hdr)
+        sid = text(hdr, "sid", limit=MAX_SID) if op == "drain" else None
+        force = _flag(hdr, "force") if op == "promote" else False
+        return cls(op, _rid(hdr), name, sid, force, hdr)
+
+    def header(self) -> dict[str, Any]:
+        """``{op, name?, sid?, force?, …, rid}``: ``force`` for ``promote`` only."""
+        hdr: dict[str, Any] = {"op": self.op}
+        if self.name is not None:
+            hdr["name"] = self.name
+        if self.sid is not None:
+            hdr["sid"] = self.sid
+        if self.op == "promote":
+            hdr["force"] = self.force
+        for key, value in self.fields.items():
+            if key not in _CONTROL_KEYS:
+                hdr[key] = value
+        if self.rid is not None:
+            hdr["rid"] = self.rid
+        return hdr
 
 
 @dataclass(frozen=True, slots=True)
-class History:
+class History(Wire):
     """HISTORY: rows of the task history, filtered."""
 
     command: ClassVar[bytes] = P.HISTORY
@@ -177,6 +346,9 @@ class History:
     until: float | None = None
     limit: int | None = None
     ids: tuple[str, ...] | None = None
+
+    #: The filters, by keyword (those of :meth:`orchester.Client.history`).
+    FILTERS: ClassVar[tuple[str, ...]] = ("state", "kind", "since", "until", "limit", "ids")
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> History:
@@ -201,16 +373,32 @@ class History:
             out["ids"] = list(self.ids)
         return out
 
+    def header(self) -> dict[str, Any]:
+        """``{state?, kind?, since?, until?, limit?, ids?, rid}``: the filters given, then the request id."""
+        hdr = self.filters()
+        if self.rid is not None:
+            hdr["rid"] = self.rid
+        return hdr
+
 
 @dataclass(frozen=True, slots=True)
-class Heartbeat:
-    """HEARTBEAT: a satellite's (``satellite``; with its self-report) or a client's (with ``rx``,
-    how many results it received on this connection)."""
+class Heartbeat(Wire):
+    """HEARTBEAT to the orchestrator: a satellite's (``sid``; with its self-report ``m`` now and
+    then) or a client's (with ``rx``, how many results it received on this connection).
+
+    ``vote``: the sender failed over because the other server of a binary-star pair went silent.
+    """
 
     command: ClassVar[bytes] = P.HEARTBEAT
-    satellite: bool = False
+    sid: str | None = None
     report: dict[str, float] | None = None
     rx: int | None = None
+    vote: bool = False
+
+    @property
+    def satellite(self) -> bool:
+        """Whether a satellite sent it (it names itself)."""
+        return self.sid is not None
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Heartbeat:
@@ -220,26 +408,50 @@ class Heartbeat:
         if isinstance(report, dict):
             kept = {str(k)[:64]: float(v) for k, v in list(report.items())[:MAX_REPORT]
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        return cls("sid" in hdr, kept, number(hdr, "rx", 0, 2**62, None, integer=True))
+        return cls(_optional_text(hdr, "sid", MAX_SID), kept, number(hdr, "rx", 0, 2**62, None, integer=True),
+                   _flag(hdr, "vote"))
+
+    def header(self) -> dict[str, Any]:
+        """A client's ``{vote?, rx}``, a satellite's ``{sid, m?}``."""
+        hdr: dict[str, Any] = {}
+        if self.vote:
+            hdr["vote"] = True
+        if self.sid is not None:
+            hdr["sid"] = self.sid
+        if self.report is not None:
+            hdr["m"] = self.report
+        if self.rx is not None:
+            hdr["rx"] = self.rx
+        return hdr
 
 
 @dataclass(frozen=True, slots=True)
-class PeerError:
+class PeerError(Wire):
     """ERROR from a peer: logged (quoted and cut) and counted, never answered."""
 
     command: ClassVar[bytes] = P.ERROR
     code: str
     msg: str
+    sid: str | None = None  #: the satellite that sends it
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> PeerError:
         """Any ERROR header decodes: its fields are shown cut, never trusted."""
-        return cls(str(hdr.get("code"))[:64], str(hdr.get("msg"))[:200])
+        sid = hdr.get("sid")
+        return cls(str(hdr.get("code"))[:64], str(hdr.get("msg"))[:200],
+                   sid[:MAX_SID] if isinstance(sid, str) else None)
+
+    def header(self) -> dict[str, Any]:
+        """``{code, msg, sid?}``."""
+        hdr: dict[str, Any] = {"code": self.code, "msg": self.msg}
+        if self.sid is not None:
+            hdr["sid"] = self.sid
+        return hdr
 
 
 # ------------------------------------------------------------- satellites -> orchestrator
 @dataclass(frozen=True, slots=True)
-class Register:
+class Register(Wire):
     """REGISTER: a satellite joins (or joins again, claiming back what it runs and just ran)."""
 
     command: ClassVar[bytes] = P.REGISTER
@@ -255,6 +467,7 @@ class Register:
     versions: dict[str, str] = field(default_factory=dict)
     running: tuple[tuple[str, int], ...] = ()  #: [task id, attempt] it runs
     recent: tuple[tuple[str, int], ...] = ()  #: [task id, attempt] it just finished (results follow)
+    vote: bool = False  #: it failed over because the other server of a pair went silent
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Register:
@@ -267,7 +480,7 @@ class Register:
         walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
         versions = hdr.get("versions")
         return cls(
-            sid=text(hdr, "sid", limit=128), slots=number(hdr, "slots", 1, 2**31, integer=True),
+            sid=text(hdr, "sid", limit=MAX_SID), slots=number(hdr, "slots", 1, 2**31, integer=True),
             kinds=tuple(names(hdr, "kinds", limit=MAX_KINDS)), tags=tuple(names(hdr, "tags", [])),
             progress={k: float(v) for k, v in progress.items()},
             walltime=None if walltime is None else float(walltime),
@@ -276,11 +489,30 @@ class Register:
             host=str(hdr.get("host", ""))[:256],
             versions={str(k)[:64]: str(v)[:64] for k, v in list(versions.items())[:64]}
             if isinstance(versions, dict) else {},
-            running=_claims(hdr, "running"), recent=_claims(hdr, "recent"))
+            running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"))
+
+    def header(self) -> dict[str, Any]:
+        """``{vote?, sid, slots, workers, kinds, progress, versions, walltime?, tags, host, pid,
+        running, recent}``."""
+        hdr: dict[str, Any] = {"vote": True} if self.vote else {}
+        hdr["sid"] = self.sid
+        hdr["slots"] = self.slots
+        hdr["workers"] = self.workers
+        hdr["kinds"] = list(self.kinds)
+        hdr["progress"] = dict(self.progress)
+        hdr["versions"] = dict(self.versions)
+        if self.walltime is not None:
+            hdr["walltime"] = self.walltime
+        hdr["tags"] = list(self.tags)
+        hdr["host"] = self.host
+        hdr["pid"] = self.pid
+        hdr["running"] = [[tid, attempt] for tid, attempt in self.running]
+        hdr["recent"] = [[tid, attempt] for tid, attempt in self.recent]
+        return hdr
 
 
 @dataclass(frozen=True, slots=True)
-class Started:
+class Started(Wire):
     """STARTED: the tasks (``[task id, attempt]``) a satellite's workers began."""
 
     command: ClassVar[bytes] = P.STARTED
@@ -294,10 +526,15 @@ class Started:
             raise ProtocolError(P.E_MALFORMED, "STARTED entries are [task id, attempt]")
         return cls(tuple((i[0], i[1]) for i in items))
 
+    def header(self) -> dict[str, Any]:
+        """``{t: [[task id, attempt], ...]}``."""
+        return {"t": [[tid, attempt] for tid, attempt in self.tasks]}
+
 
 @dataclass(frozen=True, slots=True)
-class Done:
-    """DONE: a task's outcome. The header frame is forwarded to the client as the result's."""
+class Done(Wire):
+    """DONE: a task's outcome. The header frame is forwarded to the client as the result's
+    (:class:`Result`)."""
 
     command: ClassVar[bytes] = P.DONE
     id: str
@@ -306,11 +543,18 @@ class Done:
     #: the error of a failed task as sent (``{"type", "msg", "tb"}``; its shape is checked by
     #: :attr:`error`, and one of the wrong shape is replaced, not refused)
     err: Any = None
+    sat: str | None = None  #: the satellite that ran it (none for an outcome the orchestrator decided)
+    codec: str | None = None  #: how the result's payload is encoded (absent: the default, ``msgpack``)
+    duration: float | None = None  #: seconds the handler ran (``dt``)
+    arrays: Arrays = ()  #: ``(dtype, shape)`` of each array frame after the body
 
     @classmethod
-    def decode(cls, hdr: dict[str, Any]) -> Done:
+    def decode(cls, hdr: dict[str, Any]) -> Self:
         """Check a DONE header."""
-        return cls(typed(hdr, "id", str), typed(hdr, "a", int), bool(hdr.get("ok")), hdr.get("err"))
+        duration = number(hdr, "dt", 0, MAX_SECONDS, None)
+        return cls(typed(hdr, "id", str), typed(hdr, "a", int), _flag(hdr, "ok"), hdr.get("err"),
+                   _optional_text(hdr, "sat", MAX_SID), header_codec(hdr) if "c" in hdr else None,
+                   None if duration is None else float(duration), _arrays(hdr))
 
     @property
     def error(self) -> dict[str, str] | None:
@@ -321,32 +565,92 @@ class Done:
             return err
         return None
 
+    def header(self) -> dict[str, Any]:
+        """``{id, a, ok, c?, sat?, dt?, arr?, err?}``: a worker's success carries ``c``, ``sat``,
+        ``dt`` (and ``arr``), a failure ``sat`` and ``err``."""
+        hdr: dict[str, Any] = {"id": self.id, "a": self.attempt, "ok": self.ok}
+        if self.codec is not None:
+            hdr["c"] = self.codec
+        if self.sat is not None:
+            hdr["sat"] = self.sat
+        if self.duration is not None:
+            hdr["dt"] = self.duration
+        if self.arrays:
+            hdr["arr"] = _arr(self.arrays)
+        if self.err is not None:
+            hdr["err"] = self.err
+        return hdr
+
+
+#: The PROGRESS fields :class:`Progress` names; the others are the handler's keywords.
+_PROGRESS_KEYS = frozenset({"id", "a", "sat"})
+
 
 @dataclass(frozen=True, slots=True)
-class Progress:
-    """PROGRESS: a running task reports how far it is (the header is published as the event)."""
+class Progress(Wire):
+    """PROGRESS: a running task reports how far it is (the header is published as the event).
+
+    ``info``: the handler's keywords (``generation``, ``fom``, ...), anything msgpack carries; a
+    keyword named like a field of its own (``id``, ``a``, ``sat``) is left out.
+    """
 
     command: ClassVar[bytes] = P.PROGRESS
     id: str
     attempt: int | None
+    sat: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Progress:
         """Check a PROGRESS header (a report without a usable attempt is refused later, counted)."""
         a = hdr.get("a")
-        return cls(typed(hdr, "id", str), a if isinstance(a, int) and not isinstance(a, bool) else None)
+        return cls(typed(hdr, "id", str), a if isinstance(a, int) and not isinstance(a, bool) else None,
+                   _optional_text(hdr, "sat", MAX_SID),
+                   {k: v for k, v in hdr.items() if k not in _PROGRESS_KEYS})
+
+    def header(self) -> dict[str, Any]:
+        """``{id, a, sat, …}``: the handler's keywords after the fields."""
+        hdr: dict[str, Any] = {"id": self.id}
+        if self.attempt is not None:
+            hdr["a"] = self.attempt
+        if self.sat is not None:
+            hdr["sat"] = self.sat
+        for key, value in self.info.items():
+            if key not in _PROGRESS_KEYS:
+                hdr[key] = value
+        return hdr
 
 
 @dataclass(frozen=True, slots=True)
-class Leave:
+class Leave(Wire):
     """LEAVE: a satellite stops; its tasks are rerouted at once."""
 
     command: ClassVar[bytes] = P.LEAVE
+    sid: str | None = None  #: (the orchestrator knows the satellite by its connection)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Leave:
-        """A LEAVE carries nothing the orchestrator reads."""
-        return cls()
+        """Check a LEAVE header."""
+        return cls(_optional_text(hdr, "sid", MAX_SID))
+
+    def header(self) -> dict[str, Any]:
+        """``{sid}``."""
+        return {} if self.sid is None else {"sid": self.sid}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHeader:
+    """What a satellite's worker reads of a dispatched task's header (the client's SUBMIT header,
+    forwarded unchanged): its kind and its array frames. The codec and its consent are checked
+    apart (:func:`serializers.codecs.check_run_codec`); nothing else of it is needed to run it."""
+
+    kind: str
+    arrays: Arrays = ()
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> TaskHeader:
+        """Check the fields a worker reads."""
+        return cls(text(hdr, "k"), _arrays(hdr))
 
 
 Message = (Submit | Status | Fetch | Cancel | Control | History | Heartbeat | PeerError | Register | Started
@@ -367,33 +671,231 @@ def decode(command: bytes, header: bytes | memoryview) -> Message:
     return msg
 
 
+# ------------------------------------------------------------- orchestrator -> peers
+@dataclass(frozen=True, slots=True)
+class Welcome(Wire):
+    """WELCOME: the satellite is registered; beat every ``heartbeat`` s, lost after ``liveness`` misses."""
+
+    command: ClassVar[bytes] = P.WELCOME
+    epoch: str
+    heartbeat: float
+    liveness: int
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Welcome:
+        """Check a WELCOME header."""
+        return cls(text(hdr, "e"), float(number(hdr, "hb", 0, MAX_SECONDS)),
+                   number(hdr, "liveness", 1, 2**31, integer=True))
+
+    def header(self) -> dict[str, Any]:
+        """``{e, hb, liveness}``."""
+        return {"e": self.epoch, "hb": self.heartbeat, "liveness": self.liveness}
+
+
+@dataclass(frozen=True, slots=True)
+class Beat(Wire):
+    """HEARTBEAT from the orchestrator: its run (``e``, the epoch) and nothing else. A client
+    that sees a new epoch resends what it waits for."""
+
+    command: ClassVar[bytes] = P.HEARTBEAT
+    epoch: str
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Self:
+        """Check the header: ``{e}``."""
+        return cls(text(hdr, "e"))
+
+    def header(self) -> dict[str, Any]:
+        """``{e}``."""
+        return {"e": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class Reconnect(Beat):
+    """RECONNECT: the orchestrator (of epoch ``e``) does not know this satellite: register again."""
+
+    command: ClassVar[bytes] = P.RECONNECT
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Wire):
+    """ACK: these submitted tasks are accepted (journaled, when there is a journal)."""
+
+    command: ClassVar[bytes] = P.ACK
+    ids: tuple[str, ...]
+    epoch: str
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Ack:
+        """Check an ACK header."""
+        ids = typed(hdr, "ids", list)
+        if len(ids) > MAX_CLAIMS or not all(isinstance(i, str) for i in ids):
+            raise ProtocolError(P.E_MALFORMED, f"header field 'ids' must list at most {MAX_CLAIMS:,} task ids")
+        return cls(tuple(ids), text(hdr, "e"))
+
+    def header(self) -> dict[str, Any]:
+        """``{ids, e}``."""
+        return {"ids": list(self.ids), "e": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class Result(Done):
+    """RESULT: a task's outcome for its client: the satellite's DONE header forwarded unchanged, or
+    one the orchestrator built for an outcome it decided (``sat`` then names the satellite the
+    task was on, if any). The payload frames follow it when ``ok``."""
+
+    command: ClassVar[bytes] = P.RESULT
+
+
+@dataclass(frozen=True, slots=True)
+class Reply(Wire):
+    """REPLY: the answer to a request, carrying its request id; ``body`` is the rest (its fields
+    depend on the request: ``docs/protocol.rst``, *Replies*)."""
+
+    command: ClassVar[bytes] = P.REPLY
+    rid: RequestId
+    body: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Reply:
+        """Check the request id; the body is the request's own."""
+        return cls(_rid(hdr), {k: v for k, v in hdr.items() if k != "rid"})
+
+    def header(self) -> dict[str, Any]:
+        """``{…, rid}``: the body, then the request id."""
+        return {**self.body, "rid": self.rid}
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Wire):
+    """ERROR from the orchestrator: a message it refused, with the request's ``id`` or ``rid`` when
+    it could read them (echoed as sent: a string or an integer)."""
+
+    command: ClassVar[bytes] = P.ERROR
+    code: str
+    msg: str
+    id: str | int | None = None
+    rid: RequestId = None
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Error:
+        """Check an ERROR header."""
+        tid = hdr.get("id")
+        if not (tid is None or isinstance(tid, str) or (isinstance(tid, int) and not isinstance(tid, bool))):
+            raise ProtocolError(P.E_MALFORMED, "header field 'id' must be a string or an integer")
+        return cls(text(hdr, "code", limit=MAX_CODE), typed(hdr, "msg", str), tid, _rid(hdr))
+
+    def header(self) -> dict[str, Any]:
+        """``{code, msg, id?, rid?}``."""
+        hdr: dict[str, Any] = {"code": self.code, "msg": self.msg}
+        if self.id is not None:
+            hdr["id"] = self.id
+        if self.rid is not None:
+            hdr["rid"] = self.rid
+        return hdr
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch(Wire):
+    """DISPATCH: run this attempt of a task; the client's header and payload frames follow it.
+
+    ``pickle``: the orchestrator accepts pickle-coded tasks (``pk``; consent is exactly ``true``:
+    any other value is no consent, never an error).
+    """
+
+    command: ClassVar[bytes] = P.DISPATCH
+    id: str
+    attempt: int
+    pickle: bool = False
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Dispatch:
+        """Check a DISPATCH header."""
+        return cls(text(hdr, "id"), _attempt(hdr), hdr.get(PICKLE_CONSENT) is True)
+
+    def header(self) -> dict[str, Any]:
+        """``{id, a, pk?}``."""
+        hdr: dict[str, Any] = {"id": self.id, "a": self.attempt}
+        if self.pickle:
+            hdr[PICKLE_CONSENT] = True
+        return hdr
+
+
+@dataclass(frozen=True, slots=True)
+class Abort(Wire):
+    """ABORT: stop this attempt of the task (cancelled, timed out, rerouted)."""
+
+    command: ClassVar[bytes] = P.ABORT
+    id: str
+    attempt: int
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> Abort:
+        """Check an ABORT header."""
+        return cls(text(hdr, "id"), _attempt(hdr))
+
+    def header(self) -> dict[str, Any]:
+        """``{id, a}``."""
+        return {"id": self.id, "a": self.attempt}
+
+
+ToClient = Ack | Result | Reply | Error | Beat
+ToSatellite = Welcome | Dispatch | Abort | Reconnect | Beat | Error
+
+#: The class of each command a client receives.
+TO_CLIENT: dict[bytes, Any] = {P.ACK: Ack, P.RESULT: Result, P.REPLY: Reply, P.ERROR: Error, P.HEARTBEAT: Beat}
+#: The class of each command a satellite receives.
+TO_SATELLITE: dict[bytes, Any] = {P.WELCOME: Welcome, P.DISPATCH: Dispatch, P.ABORT: Abort, P.RECONNECT: Reconnect,
+                                  P.HEARTBEAT: Beat, P.ERROR: Error}
+
+
+def decode_for_client(command: bytes, header: bytes | memoryview) -> ToClient:
+    """What a client received: the typed message of ``command`` from its header frame (a REPLY may
+    be up to :data:`MAX_REPLY` bytes); :class:`ProtocolError` on anything else."""
+    cls = TO_CLIENT.get(command)
+    if cls is None:
+        raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unexpected command {P.command_name(command)}")
+    msg: ToClient = cls.decode(unpack(header, MAX_REPLY if command == P.REPLY else MAX_HEADER))
+    return msg
+
+
+def decode_for_satellite(command: bytes, header: bytes | memoryview) -> ToSatellite:
+    """What a satellite received: the typed message of ``command`` from its header frame;
+    :class:`ProtocolError` on anything else."""
+    cls = TO_SATELLITE.get(command)
+    if cls is None:
+        raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(command)}")
+    msg: ToSatellite = cls.decode(unpack(header))
+    return msg
+
+
 # ------------------------------------------------------------- what the orchestrator sends
 def welcome(epoch: str, heartbeat: float, liveness: int) -> list[bytes]:
     """WELCOME frames: the satellite is registered; beat every ``heartbeat`` s, lost after ``liveness`` misses."""
-    return [P.SIGNATURE, P.WELCOME, pack({"e": epoch, "hb": heartbeat, "liveness": liveness})]
+    return Welcome(epoch, heartbeat, liveness).frames()
 
 
 def beat(command: bytes, epoch: str) -> list[bytes]:
     """HEARTBEAT or RECONNECT frames: this orchestrator's run (``e``) and nothing else."""
-    return [P.SIGNATURE, command, pack({"e": epoch})]
+    return [P.SIGNATURE, command, Beat(epoch).encode()]
 
 
 def ack(ids: list[str], epoch: str) -> list[bytes]:
     """ACK frames: these submitted tasks are accepted (journaled, when there is a journal)."""
-    return [P.SIGNATURE, P.ACK, pack({"ids": ids, "e": epoch})]
+    return Ack(tuple(ids), epoch).frames()
 
 
 def reply(rid: RequestId, body: dict[str, Any]) -> list[bytes]:
     """REPLY frames: the answer to a request, carrying its request id."""
-    body["rid"] = rid
-    return [P.SIGNATURE, P.REPLY, pack(body)]
+    return Reply(rid, body).frames()
 
 
 def dispatch(task_id: str, attempt: int, consent: dict[str, Any]) -> list[bytes]:
-    """DISPATCH frames (without the client's header and payload frames that follow them)."""
-    return [P.SIGNATURE, P.DISPATCH, pack({"id": task_id, "a": attempt, **consent})]
+    """DISPATCH frames (without the client's header and payload frames that follow them);
+    ``consent``: :func:`serializers.codecs.dispatch_consent`."""
+    return Dispatch(task_id, attempt, consent.get(PICKLE_CONSENT) is True).frames()
 
 
 def abort(task_id: str, attempt: int) -> list[bytes]:
     """ABORT frames: stop this attempt of the task (cancelled, timed out, rerouted)."""
-    return [P.SIGNATURE, P.ABORT, pack({"id": task_id, "a": attempt})]
+    return Abort(task_id, attempt).frames()

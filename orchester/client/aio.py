@@ -28,12 +28,13 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from orchester.client.core import ClientCore, reject_future, resolve_future, stopped
+from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
 from orchester.client.sync import reachable_endpoint, unreachable_message
 from orchester.client.uplink import Uplink
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
+from serializers import messages as M
 from serializers import protocol as P
 
 log = logging.getLogger("orchester.client.sync")
@@ -145,32 +146,37 @@ class AsyncClient:
 
     async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""
-        return await self._ask(P.STATUS, {}, timeout)
+        return await self._call(M.Status(), timeout)
 
     async def history(self, timeout: float | None = 60.0, **filters: Any) -> list[dict[str, Any]]:
-        """The history of every task (see :meth:`orchester.Client.history` for the filters)."""
-        body = {k: (list(v) if k == "ids" else v) for k, v in filters.items() if v is not None}
-        return list((await self._ask(P.HISTORY, body, timeout))["rows"])
+        """The history of every task (see :meth:`orchester.Client.history` for the filters; another
+        keyword is a :class:`TypeError`)."""
+        unknown = sorted(set(filters) - set(M.History.FILTERS))
+        if unknown:
+            raise TypeError(f"history() got unknown filters {unknown}; the filters are {list(M.History.FILTERS)}")
+        if filters.get("ids") is not None:
+            filters["ids"] = tuple(filters["ids"])
+        return list((await self._call(M.History(**filters), timeout))["rows"])
 
     async def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""
-        return (await self._ask(P.STATUS, {"task": task_id}, timeout))["task"]
+        return (await self._call(M.Status(task=task_id), timeout))["task"]
 
     async def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task."""
-        return await self._ask(P.CANCEL, {"id": task_id}, timeout)
+        return await self._call(M.Cancel(task_id), timeout)
 
     async def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Switch the routing strategy at run time."""
-        return await self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+        return await self._call(M.Control("strategy", name=name), timeout)
 
     async def drain(self, satellite: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Send no more tasks to ``satellite`` (see :meth:`orchester.Client.drain`)."""
-        return await self._ask(P.CONTROL, {"op": "drain", "sid": satellite}, timeout)
+        return await self._call(M.Control("drain", sid=satellite), timeout)
 
     async def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
         """Make the binary-star server this client talks to ACTIVE (see :meth:`orchester.Client.promote`)."""
-        return await self._ask(P.CONTROL, {"op": "promote", "force": bool(force)}, timeout)
+        return await self._call(M.Control("promote", force=bool(force)), timeout)
 
     async def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
         """An :class:`~orchester.client.events.EventStream` of the orchestrator's events under ``topics``
@@ -229,11 +235,12 @@ class AsyncClient:
         assert sock is not None, "the uplink is open from __init__ until close"
         sock.send_multipart(frames, copy=False)
 
-    async def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    async def _call(self, message: Request, timeout: float | None) -> dict[str, Any]:
+        """Send a request (:mod:`serializers.messages`) and wait for the body of its REPLY."""
         self._ensure_reader()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if not self._refuse(fut):
-            self._send(self.core.request(fut, cmd, body))
+            self._send(self.core.ask(fut, message))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:

@@ -3,11 +3,13 @@
 It builds request frames, remembers what is pending, and turns incoming
 messages into outcomes. It owns no socket and no thread; futures are whatever
 the adapter gives it (``concurrent.futures.Future`` or ``asyncio.Future``)
-through the :class:`Resolver` callbacks.
+through the :class:`Resolver` callbacks. Headers are built and read with the
+typed messages of :mod:`serializers.messages`, the one place that spells their keys.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -17,15 +19,17 @@ from typing import Any
 
 from orchester.errors import ClientClosed, RemoteError, TaskFailed
 from serializers import ProtocolError, codecs, pack, unpack
+from serializers import messages as M
 from serializers import protocol as P
-from serializers.header import MAX_HEADER
 
 log = logging.getLogger("orchester.client.sync")
 
 Resolve = Callable[[Any, Any], None]  # (future, value)
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows).
-REPLY_LIMIT = 256 * 1024 * 1024
+REPLY_LIMIT = M.MAX_REPLY
 Reject = Callable[[Any, BaseException], None]  # (future, exception)
+#: The requests answered with a REPLY (a FETCH is answered with the task's RESULT: :meth:`ClientCore.fetch`).
+Request = M.Status | M.Cancel | M.Control | M.History
 
 
 def resolve_future(fut: Any, value: Any) -> None:
@@ -104,37 +108,34 @@ class ClientCore:
         codec = codec or self.codec
         meta, body = codecs.encode([list(args), kwargs], codec)
         tid = task_id or self.task_id()
-        hdr: dict[str, Any] = {"id": tid, "k": kind, "c": codec}
-        if priority:
-            hdr["p"] = int(priority)
-        if tags:
-            hdr["tg"] = list(tags)
-        if timeout is not None:
-            hdr["to"] = float(timeout)
-        if ttl is not None:
-            hdr["ttl"] = float(ttl)
-        if max_run is not None:
-            hdr["mr"] = float(max_run)
-        if duration is not None:
-            hdr["dur"] = float(duration)
-        if meta:
-            hdr["arr"] = meta
-        frames = [P.SIGNATURE, P.SUBMIT, pack(hdr), *body]
+        # the values as given (the orchestrator checks them): a timeout of 0 or -1 is sent, and means none
+        sub = M.Submit(tid, kind, priority=int(priority), tags=frozenset(tags),
+                       timeout=None if timeout is None else float(timeout), ttl=_seconds(ttl),
+                       max_run=_seconds(max_run), duration=_seconds(duration), codec=codec,
+                       arrays=M.arrays_of(meta))
+        frames: list[Any] = [*sub.frames(), *body]
         self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None, codec)
         return tid, frames
 
     def fetch(self, future: Any, task_id: str) -> list[Any]:
         """Register ``future`` for the result of an existing task; return the FETCH frames."""
-        rid = next(self._ids)
-        frames = [P.SIGNATURE, P.FETCH, pack({"id": task_id, "rid": rid})]
+        frames: list[Any] = M.Fetch(task_id, next(self._ids)).frames()
         self.tasks[task_id] = Pending(future, None)
         return frames
 
-    def request(self, future: Any, cmd: bytes, body: dict[str, Any]) -> list[Any]:
-        """Register ``future`` for a STATUS/CANCEL/CONTROL reply; return the frames."""
+    def ask(self, future: Any, message: Request) -> list[Any]:
+        """Register ``future`` for the REPLY to ``message`` (its request id is set here); return the frames."""
         rid = next(self._ids)
-        body = {**body, "rid": rid}
-        frames = [P.SIGNATURE, cmd, pack(body)]
+        frames: list[Any] = dataclasses.replace(message, rid=rid).frames()
+        self.requests[rid] = Pending(future, frames)
+        return frames
+
+    def request(self, future: Any, cmd: bytes, body: dict[str, Any]) -> list[Any]:
+        """Register ``future`` for the REPLY to command ``cmd`` with header ``body`` as given, plus a
+        request id; return the frames. For a request :mod:`serializers.messages` has no field for
+        (a test's fault hook); the client's own requests go through :meth:`ask`."""
+        rid = next(self._ids)
+        frames = [P.SIGNATURE, cmd, pack({**body, "rid": rid})]
         self.requests[rid] = Pending(future, frames)
         return frames
 
@@ -148,7 +149,8 @@ class ClientCore:
         :mod:`orchester.ha.star`).
         """
         self._rx_bytes = 0
-        return [P.SIGNATURE, P.HEARTBEAT, pack({"vote": True, "rx": self.rx} if vote else {"rx": self.rx})]
+        frames: list[Any] = M.Heartbeat(rx=self.rx, vote=vote).frames()
+        return frames
 
     def connected(self) -> None:
         """A new connection (a new routing id): its count of received results starts at zero."""
@@ -187,8 +189,10 @@ class ClientCore:
         """Handle one message from the orchestrator. Returns True when its epoch changed
         (the orchestrator restarted or failed over: the caller should resend :meth:`pending_frames`).
 
-        Anything wrong with a message raises :class:`ProtocolError` (the adapter logs it and goes
-        on): fields come from satellites through the orchestrator, so no shape is trusted.
+        Every header is decoded by :func:`serializers.messages.decode_for_client`. Anything wrong
+        with a message raises :class:`ProtocolError` (the adapter logs it and goes on), after a
+        RESULT that does not decode failed the future of the task it names: fields come from
+        satellites through the orchestrator, so no shape is trusted.
         """
         try:
             return self._handle(frames)
@@ -203,75 +207,87 @@ class ClientCore:
         if bytes(frames[0]) != P.SIGNATURE:
             raise ProtocolError(P.E_VERSION, f"unexpected signature {bytes(frames[0])[:16]!r}")
         cmd = bytes(frames[1])
-        hdr = unpack(bytes(frames[2]), REPLY_LIMIT if cmd == P.REPLY else MAX_HEADER)
-        if cmd == P.RESULT:
+        if cmd == P.RESULT:  # counted even when malformed: the orchestrator counts what it sent
             self.rx += 1
             self._rx_bytes += sum(len(f) for f in frames)
-            self._on_result(hdr, frames[3:])
-        elif cmd == P.ACK:
-            for tid in hdr.get("ids", ()):
+        try:
+            msg = M.decode_for_client(cmd, bytes(frames[2]))
+        except ProtocolError as exc:
+            if cmd == P.RESULT:
+                self._bad_result(bytes(frames[2]), exc)
+            raise
+        if isinstance(msg, M.Result):
+            self._on_result(msg, frames[3:])
+        elif isinstance(msg, M.Ack):
+            for tid in msg.ids:
                 p = self.tasks.get(tid)
                 if p is not None and not p.acked:
                     p.acked = True
                     if self._accepted is not None:
                         self._accepted(p.future)
-        elif cmd == P.REPLY:
-            rid = hdr.pop("rid", None)
-            ha = hdr.get("ha")
-            if self.alternatives and isinstance(ha, dict) and ha.get("state") != "active" and "uptime" in hdr:
+        elif isinstance(msg, M.Reply):
+            ha = msg.body.get("ha")
+            if self.alternatives and isinstance(ha, dict) and ha.get("state") != "active" and "uptime" in msg.body:
                 self.redirect = True  # a status from the passive server of a pair: ask the active one
                 return False
-            p = self.requests.pop(rid, None) if isinstance(rid, int) else None
+            p = self.requests.pop(msg.rid, None) if isinstance(msg.rid, int) else None
             if p is not None:
-                self._resolve(p.future, hdr)
-        elif cmd == P.ERROR:
-            self._on_error(hdr)
-        elif cmd != P.HEARTBEAT:
-            raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unexpected command {P.command_name(cmd)}")
-        epoch = hdr.get("e")
-        if isinstance(epoch, str) and epoch != self.epoch:
+                self._resolve(p.future, msg.body)
+        elif isinstance(msg, M.Error):
+            self._on_error(msg)
+        if isinstance(msg, (M.Ack, M.Beat)) and msg.epoch != self.epoch:
             changed = self.epoch is not None
-            self.epoch = epoch
+            self.epoch = msg.epoch
             return changed
         return False
 
-    def _on_result(self, hdr: dict[str, Any], payload: list[Any]) -> None:
-        tid = hdr.get("id")
+    def _bad_result(self, raw: bytes, exc: ProtocolError) -> None:
+        """A RESULT that does not decode fails the one future it names, if it names one we wait for."""
+        try:
+            tid = unpack(raw).get("id")
+        except ProtocolError:
+            return
         p = self.tasks.pop(tid, None) if isinstance(tid, str) else None
+        if p is not None:
+            self._reject(p.future, RemoteError(exc.code, f"bad result from the orchestrator: {exc.detail}"))
+
+    def _on_result(self, res: M.Result, payload: list[Any]) -> None:
+        p = self.tasks.pop(res.id, None)
         if p is None:
             return  # a duplicate (resent task) or a result we stopped waiting for
-        codec = hdr.get("c", codecs.DEFAULT_CODEC)
-        if hdr.get("ok") and codec == "pickle" and (p.codec or self.codec) != "pickle":
+        codec = res.codec or codecs.DEFAULT_CODEC
+        if res.ok and codec == "pickle" and (p.codec or self.codec) != "pickle":
             # a result runs code when unpickled: only for a task this client submitted with pickle
             self._reject(p.future, RemoteError(P.E_CODEC, "the result is pickle-coded, but the task was not "
                                                "submitted with pickle: refused"))
             return
-        if hdr.get("ok"):
+        if res.ok:
             try:
-                value = codecs.decode(codec, hdr.get("arr"), payload)
+                value = codecs.decode(codec, list(res.arrays), payload)
             except ProtocolError as exc:
                 self._reject(p.future, RemoteError(exc.code, f"cannot decode result: {exc.detail}"))
                 return
             self._resolve(p.future, value)
         else:
-            err = hdr.get("err")
-            if not isinstance(err, dict):
-                err = {"type": "BadResult", "msg": "the task failed with an error of the wrong shape"}
-            sat = hdr.get("sat")
-            self._reject(p.future, TaskFailed(str(tid), str(err.get("type", "Error"))[:256],
+            err = res.error or {"type": "BadResult", "msg": "the task failed with an error of the wrong shape"}
+            self._reject(p.future, TaskFailed(res.id, str(err.get("type", "Error"))[:256],
                                               str(err.get("msg", ""))[:100_000], str(err.get("tb", ""))[:1_000_000],
-                                              sat if isinstance(sat, str) else None))
+                                              res.sat))
 
-    def _on_error(self, hdr: dict[str, Any]) -> None:
-        if hdr.get("code") == P.E_NOT_ACTIVE and self.alternatives:
+    def _on_error(self, err: M.Error) -> None:
+        if err.code == P.E_NOT_ACTIVE and self.alternatives:
             self.redirect = True  # keep everything pending: it is resent to the other server
             return
-        exc = RemoteError(str(hdr.get("code", "error")), str(hdr.get("msg", "")))
-        tid, rid = hdr.get("id"), hdr.get("rid")
+        exc = RemoteError(err.code, err.msg)
         p = None
-        if isinstance(tid, str):
-            p = self.tasks.pop(tid, None)
-        if p is None and isinstance(rid, int):
-            p = self.requests.pop(rid, None)
+        if isinstance(err.id, str):
+            p = self.tasks.pop(err.id, None)
+        if p is None and isinstance(err.rid, int):
+            p = self.requests.pop(err.rid, None)
         if p is not None:
             self._reject(p.future, exc)
+
+
+def _seconds(value: float | None) -> float:
+    """A duration option of a task as a :class:`~serializers.messages.Submit` field (unset: 0, the default)."""
+    return 0.0 if value is None else float(value)

@@ -30,12 +30,13 @@ from typing import Any
 
 import zmq
 
-from orchester.client.core import ClientCore, reject_future, resolve_future, stopped
+from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
 from orchester.client.uplink import Uplink
 from orchester.client.uplink import resolve_endpoint as resolve_endpoint  # where orchester.cli.common finds it
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
+from serializers import messages as M
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
@@ -170,7 +171,7 @@ class Client:
 
     def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """Tasks per state, queue depths, satellites and counters of the orchestrator."""
-        return self._ask(P.STATUS, {}, timeout)
+        return self._call(M.Status(), timeout)
 
     def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
                 until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,
@@ -181,37 +182,32 @@ class Client:
         time), error type. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
         ``[since, until)`` (seconds since the epoch), ``ids``; ``limit`` keeps the newest rows.
         """
-        body: dict[str, Any] = {}
-        for key, value in (("state", state), ("kind", kind), ("since", since), ("until", until),
-                           ("limit", limit)):
-            if value is not None:
-                body[key] = value
-        if ids is not None:
-            body["ids"] = list(ids)
-        return list(self._ask(P.HISTORY, body, timeout)["rows"])
+        query = M.History(state=state, kind=kind, since=since, until=until, limit=limit,
+                          ids=None if ids is None else tuple(ids))
+        return list(self._call(query, timeout)["rows"])
 
     def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""
-        return self._ask(P.STATUS, {"task": task_id}, timeout)["task"]
+        return self._call(M.Status(task=task_id), timeout)["task"]
 
     def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task (its worker is killed if it is running)."""
-        return self._ask(P.CANCEL, {"id": task_id}, timeout)
+        return self._call(M.Cancel(task_id), timeout)
 
     def set_strategy(self, name: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Switch the orchestrator's routing strategy at run time (published as an event)."""
-        return self._ask(P.CONTROL, {"op": "strategy", "name": name}, timeout)
+        return self._call(M.Control("strategy", name=name), timeout)
 
     def drain(self, satellite: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Send no more tasks to ``satellite``; what it runs finishes (then stop it). Needs ``admin`` with keys."""
-        return self._ask(P.CONTROL, {"op": "drain", "sid": satellite}, timeout)
+        return self._call(M.Control("drain", sid=satellite), timeout)
 
     def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
         """Make the binary-star server this client talks to ACTIVE (manual recovery, see ``docs/ha.rst``).
 
         Refused while its peer is active and alive, unless ``force``.
         """
-        return self._ask(P.CONTROL, {"op": "promote", "force": bool(force)}, timeout)
+        return self._call(M.Control("promote", force=bool(force)), timeout)
 
     def subscribe(self, topics: Sequence[str] = ("",), timeout: float | None = 10.0) -> Any:
         """An :class:`~orchester.client.events.EventStream` of the orchestrator's events under ``topics``."""
@@ -254,9 +250,20 @@ class Client:
             self._fail_outbox()
         return fut
 
+    def _call(self, message: Request, timeout: float | None) -> dict[str, Any]:
+        """Send a request (:mod:`serializers.messages`) and wait for the body of its REPLY."""
+        fut: cf.Future[Any] = cf.Future()
+        self._post(lambda: self.core.ask(fut, message), fut)
+        return self._answer(fut, timeout)
+
     def _ask(self, cmd: bytes, body: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+        """Send command ``cmd`` with header ``body`` as given (:meth:`ClientCore.request`: a test's
+        fault hook) and wait for the body of its REPLY."""
         fut: cf.Future[Any] = cf.Future()
         self._post(lambda: self.core.request(fut, cmd, body), fut)
+        return self._answer(fut, timeout)
+
+    def _answer(self, fut: cf.Future[Any], timeout: float | None) -> dict[str, Any]:
         try:
             return fut.result(timeout)
         except cf.TimeoutError:
