@@ -1,0 +1,113 @@
+"""What a satellite does with what the orchestrator sends, read through :mod:`serializers.messages`:
+each command acts; a malformed message is counted, logged and answered with an ERROR (never an
+ERROR with an ERROR), and the I/O loop goes on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from satellites.satellite import Satellite
+from serializers import ProtocolError, pack, unpack
+from serializers import messages as M
+from serializers import protocol as P
+
+E = "0f3c2a9b1d4e5f60"
+
+#: Messages a satellite cannot read (after the routing envelope), and the error code each gets.
+GARBAGE: list[tuple[list[bytes], str]] = [
+    ([b"junk"], P.E_MALFORMED),
+    ([b"ORCH/9", P.WELCOME, M.Welcome(E, 1.0, 3).encode()], P.E_VERSION),
+    ([b"junk", P.WELCOME, M.Welcome(E, 1.0, 3).encode()], P.E_MALFORMED),
+    ([P.SIGNATURE, P.WELCOME, pack({"e": E, "hb": float("nan"), "liveness": 3})], P.E_MALFORMED),
+    ([P.SIGNATURE, P.WELCOME, pack({"e": E, "hb": 1.0, "liveness": 0})], P.E_MALFORMED),
+    ([P.SIGNATURE, P.DISPATCH, pack({"id": "t9", "a": 1}), pack({"id": "t9", "k": "echo"})], P.E_MALFORMED),
+    ([P.SIGNATURE, P.DISPATCH, pack({"id": "t9", "a": -1}), pack({"id": "t9", "k": "echo"}), b"x"], P.E_MALFORMED),
+    ([P.SIGNATURE, P.DISPATCH, pack({"id": 9, "a": 1}), pack({"id": "t9", "k": "echo"}), b"x"], P.E_MALFORMED),
+    ([P.SIGNATURE, P.ABORT, pack({"id": "t9", "a": 1.5})], P.E_MALFORMED),
+    ([P.SIGNATURE, P.RECONNECT, pack({})], P.E_MALFORMED),
+    ([P.SIGNATURE, P.HEARTBEAT, b"\xc1"], P.E_MALFORMED),
+    ([P.SIGNATURE, P.RESULT, pack({"id": "t9", "a": 1, "ok": True})], P.E_UNKNOWN_COMMAND),
+    ([P.SIGNATURE, P.ERROR, pack({"code": ["x"], "msg": 1})], P.E_MALFORMED),  # counted, never answered
+]
+
+
+@pytest.fixture
+def sat() -> Iterator[Satellite]:
+    """A satellite (of a pair) with nothing connected: what it sends is kept in ``sat.sent``."""
+    s = Satellite(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], sid="sat-1", workers=1, heartbeat_interval=0.5)
+    s.sent = []  # type: ignore[attr-defined]
+    s._send = lambda frames, now: s.sent.append(frames)  # type: ignore[method-assign, attr-defined]
+    yield s
+
+
+def test_each_command_acts(sat: Satellite) -> None:
+    now = 100.0
+    sat._handle(M.welcome(E, 0.5, 3), now)
+    assert sat.registered
+    task = [pack({"id": "t1", "k": "echo"}), b"body"]
+    sat._handle([*M.dispatch("t1", 2, {"pk": True}), *task], now)
+    assert [(tid, a) for tid, a, _ in sat._queue] == [("t1", 2)] and sat._queue[0][2][1:] == task
+    assert unpack(sat._queue[0][2][0]) == {"id": "t1", "a": 2, "pk": True}  # the worker reads it as sent
+    sat._handle(M.beat(P.HEARTBEAT, E), now)
+    sat._handle(M.abort("t1", 2), now)
+    assert not sat._queue and sat.sent[-1] == [P.DONE, M.Done("t1", 2, False, sat="sat-1", err={
+        "type": "Cancelled", "msg": "cancelled", "tb": ""}).encode()]
+    sat._handle(M.beat(P.RECONNECT, E), now)  # register again ...
+    assert sat.sent[-1][0] == P.REGISTER and M.Register.decode(unpack(sat.sent[-1][1])).sid == "sat-1"
+    sent = len(sat.sent)
+    sat._handle(M.beat(P.RECONNECT, E), now + 0.1)  # ... once per epoch while the first registration is fresh
+    assert len(sat.sent) == sent and sat.counters["reconnects_ignored"] == 1
+    sat._handle(M.beat(P.RECONNECT, "another"), now + 0.2)
+    assert len(sat.sent) == sent + 1
+    sat._handle(M.Error("busy", "later").frames(), now)
+    assert sat.counters["errors_received"] == 1 and not sat._uplink._redirect
+    sat._handle(M.Error(P.E_NOT_ACTIVE, "ask its peer").frames(), now)
+    assert sat.counters["errors_received"] == 2 and sat._uplink._redirect
+
+
+@pytest.mark.parametrize(("frames", "code"), GARBAGE, ids=range(len(GARBAGE)))
+def test_a_malformed_message_is_a_protocol_error_and_changes_nothing(sat: Satellite, frames: list[bytes],
+                                                                   code: str) -> None:
+    with pytest.raises(ProtocolError) as e:
+        sat._handle(frames, 0.0)
+    assert e.value.code == code
+    assert not sat._queue and not sat.registered and sat.sent == []  # type: ignore[attr-defined]
+
+
+def test_the_satellite_loop_counts_answers_and_goes_on(socket: Any) -> None:
+    """Over a socket, as ``Satellite.run`` drains it: garbage, then valid messages."""
+    router = socket(zmq.ROUTER)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    sat = Satellite([endpoint], sid="sat-1", workers=1, heartbeat_interval=0.5)
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        orch = sat._uplink.open(ctx)
+        sat._register(time.monotonic())
+        ident, sig, cmd, hdr = router.recv_multipart()
+        assert (sig, cmd) == (P.SIGNATURE, P.REGISTER) and unpack(hdr)["sid"] == "sat-1"
+        for frames, _ in GARBAGE:
+            router.send_multipart([ident, *frames])
+        router.send_multipart([ident, *M.welcome(E, 0.5, 3)])
+        router.send_multipart([ident, *M.dispatch("t1", 1, {}), pack({"id": "t1", "k": "echo"}), b"body"])
+        deadline = time.monotonic() + 5
+        while sat.counters["received"] < 1 and time.monotonic() < deadline:
+            if orch.poll(100):
+                sat._drain_orchestrator(orch, time.monotonic())  # never raises for what it received
+        assert sat.registered and sat.counters["received"] == 1 and sat._queue[0][:2] == ("t1", 1)
+        assert sat.counters["bad_messages"] == len(GARBAGE)
+        answered = [code for frames, code in GARBAGE if len(frames) > 1 and frames[1] != P.ERROR]
+        errors = []
+        while router.poll(500) and len(errors) < len(answered):
+            _, sig, cmd, hdr = router.recv_multipart()
+            assert (sig, cmd) == (P.SIGNATURE, P.ERROR)
+            errors.append(M.PeerError.decode(unpack(hdr)))
+        assert [e.code for e in errors] == answered and {e.sid for e in errors} == {"sat-1"}
+        assert not router.poll(100)  # nothing more: the malformed ERROR got no answer
+    finally:
+        sat._uplink.close()
+        ctx.destroy(linger=0)
