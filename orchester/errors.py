@@ -3,6 +3,25 @@
 from __future__ import annotations
 
 
+def shown(value: object, limit: int = 40) -> str:
+    """A short, safe description of a value that came from a peer or a file, for an error message.
+
+    A scalar's ``repr``, cut to ``limit`` characters; for anything else its type and length only:
+    the ``repr`` of a list nested a thousand deep raises ``RecursionError``, and a long one costs.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+    elif isinstance(value, (str, bytes)):
+        text = repr(value[:limit])
+    else:
+        try:
+            size = f" of {len(value)}"  # type: ignore[arg-type]
+        except TypeError:
+            size = ""
+        return f"a {type(value).__name__}{size}"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class OrchesterError(Exception):
     """The root of every Orchester exception: client errors (below), and
     :class:`~orchester.config.ConfigError`, :class:`~orchester.local.cluster.ClusterError`,

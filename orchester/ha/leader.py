@@ -108,6 +108,7 @@ class Leader:
             self._on_orphans(message, now)
 
     def _on_ack(self, q: int, now: float) -> None:
+        q = min(q, self.sent_upto)  # the passive cannot hold what was never sent: never release past it
         if q > self.acked:
             self.acked = q
             self._ack_progress = now

@@ -34,6 +34,7 @@ from typing import Any, Final
 
 import msgpack
 
+from orchester.errors import shown
 from orchester.ha.star import HAState
 from serializers.header import ProtocolError, pack, unpack
 
@@ -126,19 +127,19 @@ Message = State | Records | Sync | Ack | Orphans | SnapChunk
 # ------------------------------------------------------------------ field checks
 def _natural(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEQ:
-        raise LinkError(f"an integer from 0 to 2**63 - 1, not {value!r:.40}")
+        raise LinkError(f"an integer from 0 to 2**63 - 1, not {shown(value, 40)}")
     return value
 
 
 def _epoch(value: Any) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_EPOCH:
-        raise LinkError(f"a string of 1 to {MAX_EPOCH} characters, not {value!r:.80}")
+        raise LinkError(f"a string of 1 to {MAX_EPOCH} characters, not {shown(value, 80)}")
     return value
 
 
 def _flag(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise LinkError(f"true or false, not {value!r:.40}")
+        raise LinkError(f"true or false, not {shown(value, 40)}")
     return value
 
 
@@ -146,12 +147,12 @@ def _state(value: Any) -> HAState:
     if isinstance(value, int) and not isinstance(value, bool):
         with suppress(ValueError):
             return HAState(value)
-    raise LinkError(f"a state from 1 to {len(HAState)}, not {value!r:.40}")
+    raise LinkError(f"a state from 1 to {len(HAState)}, not {shown(value, 40)}")
 
 
 def _role(value: Any) -> str:
     if value not in ROLES:
-        raise LinkError(f"primary or backup, not {value!r:.40}")
+        raise LinkError(f"primary or backup, not {shown(value, 40)}")
     return str(value)
 
 
@@ -161,7 +162,7 @@ def _record(frame: bytes) -> list[Any]:
     except Exception as exc:  # msgpack raises a zoo of exception types on garbage
         raise LinkError(f"a record frame is not msgpack: {type(exc).__name__}") from None
     if not isinstance(record, list) or not record or not isinstance(record[0], str):
-        raise LinkError(f"a record is a list that starts with its code, not {record!r:.40}")
+        raise LinkError(f"a record is a list that starts with its code, not {shown(record)}")
     return record
 
 
@@ -314,7 +315,7 @@ def read(frames: Sequence[bytes], counters: MutableMapping[str, int]) -> Message
     """:func:`decode`; a malformed message is counted (``ha_bad_messages``), logged and dropped (None)."""
     try:
         return decode(frames)
-    except LinkError as exc:
+    except (LinkError, RecursionError, MemoryError) as exc:  # (a value nested a thousand deep is malformed too)
         counters["ha_bad_messages"] += 1
         log.warning("bad message on the peer link: %s", exc)
         return None

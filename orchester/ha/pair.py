@@ -189,7 +189,7 @@ class Pair:
         a failure in handling one that decoded is ours: logged with its traceback and counted
         (``handler_errors``), raised with ``ORCHESTER_STRICT=1``; the peer link never stops the loop.
         """
-        message = link.read(frames, self.counters)
+        message = link.read(frames, self.counters)  # (never raises: anything malformed is counted and dropped)
         if message is None:
             return None
         try:

@@ -77,6 +77,30 @@ def _columns(record: list[Any]) -> dict[str, Any]:
             "satellite": "", "etype": ""}
 
 
+#: The width in bytes of each text column (a longer value is cut, on a character boundary).
+_WIDTHS = {"code": 1, "task_id": 64, "kind": 48, "satellite": 64, "etype": 32}
+#: What the small integer columns can hold (a larger value is clamped: the body keeps the true one).
+_RANGES = {"state": (-128, 127), "attempt": (-32768, 32767)}
+
+
+def _cut(text: str, width: int) -> bytes:
+    """``text`` in UTF-8, at most ``width`` bytes, never ending inside a character."""
+    raw = text.encode()
+    if len(raw) <= width:
+        return raw
+    return raw[:width].decode("utf-8", "ignore").encode()
+
+
+def _cell(key: str, value: Any) -> Any:
+    """What an index column stores of ``value``: cut or clamped to fit (it only indexes; the body is the record)."""
+    if isinstance(value, str):
+        return _cut(value, _WIDTHS.get(key, 64))
+    bounds = _RANGES.get(key)
+    if bounds is not None and isinstance(value, int):
+        return min(max(value, bounds[0]), bounds[1])
+    return value
+
+
 def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: str | None) -> dict[str, Any]:
     """Write ``records`` to a new HDF5 file ``tmp`` (0600), fsync it; return its record count and bodies' hash.
 
@@ -100,7 +124,7 @@ def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: s
         offset = 0
         for record in records:
             for key, value in _columns(record).items():
-                row[key] = value.encode()[:64] if isinstance(value, str) else value
+                row[key] = _cell(key, value)
             body = msgpack.packb(record, use_bin_type=True)
             row["offset"], row["length"], row["crc"] = offset, len(body), zlib.crc32(body)
             row.append()
@@ -124,13 +148,15 @@ def find_record(path: Path, task_id: str, code: str) -> list[Any] | None:
     tb = tables()
     with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
         rows = h5.root.records.read_where("(task_id == tid) & (code == c)",
-                                          condvars={"tid": task_id.encode(), "c": code.encode()})
-        if not len(rows):
-            return None
-        offset, length = int(rows[0]["offset"]), int(rows[0]["length"])
-        body = h5.root.bodies[offset:offset + length].tobytes()
-    record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    return record if isinstance(record, list) else None
+                                          condvars={"tid": _cut(task_id, _WIDTHS["task_id"]), "c": code.encode()})
+        # the column holds the id's first 64 bytes: ids sharing them all match, the body says which is which
+        for row in rows[:1000]:
+            offset, length = int(row["offset"]), int(row["length"])
+            body = h5.root.bodies[offset:offset + length].tobytes()
+            record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            if isinstance(record, list) and len(record) > 1 and record[0] == code and record[1] == task_id:
+                return record
+    return None
 
 
 def read_h5(path: Path) -> Iterator[list[Any]]:
@@ -149,9 +175,14 @@ def read_h5_fields(path: Path) -> Iterator[dict[str, Any]]:
     with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
         data = h5.root.records.read()
     for r in data:
-        yield {"code": r["code"].decode(), "task_id": r["task_id"].decode(), "t": float(r["t"]),
-               "kind": r["kind"].decode(), "state": int(r["state"]), "attempt": int(r["attempt"]),
-               "satellite": r["satellite"].decode(), "etype": r["etype"].decode()}
+        yield {"code": _text(r["code"]), "task_id": _text(r["task_id"]), "t": float(r["t"]),
+               "kind": _text(r["kind"]), "state": int(r["state"]), "attempt": int(r["attempt"]),
+               "satellite": _text(r["satellite"]), "etype": _text(r["etype"])}
+
+
+def _text(cell: bytes) -> str:
+    """A text column as text (one written by an older version may end inside a character)."""
+    return cell.decode("utf-8", "replace")
 
 
 def identity(h5: Any) -> dict[str, Any]:

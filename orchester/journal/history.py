@@ -34,7 +34,7 @@ def fields(record: list[Any]) -> dict[str, Any] | None:
             etype = str(err.get("type", "")) if isinstance(err, dict) else ""
             return {"code": RESULT, "task_id": v.task_id, "t": v.time or 0.0, "kind": "", "state": -1,
                     "attempt": int(hdr.get("a", 0)), "satellite": str(hdr.get("sat") or ""), "etype": etype}
-    except (RecordError, TypeError, ValueError, ProtocolError):
+    except (RecordError, TypeError, ValueError, OverflowError, RecursionError, ProtocolError):
         return None
     return None
 

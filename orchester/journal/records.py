@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from orchester.errors import OrchesterError
+from orchester.errors import OrchesterError, shown
 from tracker import TaskState
 
 #: A task accepted (``SUBMIT``), with its payload.
@@ -70,7 +70,7 @@ def _shape(record: Any, cls: type[_View]) -> None:
     if not isinstance(record, list) or not record:
         raise RecordError(f"a record is a non-empty list, not {type(record).__name__}")
     if record[0] != cls.CODE:
-        raise RecordError(f"a {cls.TITLE} record has code {cls.CODE!r}, not {record[0]!r}")
+        raise RecordError(f"a {cls.TITLE} record has code {cls.CODE!r}, not {shown(record[0])}")
     low, high = cls.arity()
     if not low <= len(record) <= high:
         span = str(low) if low == high else f"{low} to {high}"
@@ -117,12 +117,12 @@ def _state(value: Any) -> TaskState:
     try:
         return TaskState(value)
     except ValueError:
-        raise RecordError(f"{value} is no task state") from None
+        raise RecordError(f"{shown(value)} is no task state") from None
 
 
 def _count(value: Any, what: str, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-        raise RecordError(f"{what} must be an integer from 0 to {high}, not {value!r}")
+        raise RecordError(f"{what} must be an integer from 0 to {high}, not {shown(value)}")
     return value
 
 
@@ -366,7 +366,14 @@ def head(record: Sequence[Any]) -> tuple[str, str]:
     """
     code = record[0] if len(record) > 0 else ""
     subject = record[1] if len(record) > 1 else ""
-    return (code if isinstance(code, str) else str(code)), (subject if isinstance(subject, str) else str(subject))
+    return _as_text(code), _as_text(subject)
+
+
+def _as_text(value: Any) -> str:
+    """A scalar as text; a list or map as nothing (one nested a thousand deep cannot be printed)."""
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float, bytes)) else ""
 
 
 def without_payload(record: Record) -> Record:

@@ -186,7 +186,7 @@ class Orchestrator:
             if stored is not None:
                 self.life.send_result(old, stored.frames, stored.size, store=False)
             return
-        if len(self.state.queues) >= self.cfg.max_queue:
+        if self.state.state_counts[TS.PENDING] >= self.cfg.max_queue:  # (not cancelled entries the queue skips)
             raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks)")
         owner = self.state.user or ident
         unfinished, held = self.state.client_load.get(owner, (0, 0))
@@ -199,8 +199,11 @@ class Orchestrator:
                                 f"a task of {size} bytes more would pass --max-client-tasks "
                                 f"{self.cfg.max_client_tasks} or --max-client-bytes {self.cfg.max_client_bytes}")
         if len(self.state.fleet) and not self.state.fleet.offers(kind):
-            raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; "
-                                f"offered: {sorted(self.state.fleet.kinds())}")
+            offered = self.state.fleet.kinds()  # (named in part: a refusal costs the same whatever the fleet)
+            shown = sorted(offered)[:20] if len(offered) <= 1000 else []
+            raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; {len(offered)} kind(s) "
+                                f"offered{': ' if shown else ''}{', '.join(shown)}"
+                                f"{' ...' if len(offered) > len(shown) else ''}")
         self.state.seq += 1
         task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.seq, size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
@@ -259,8 +262,6 @@ class Orchestrator:
             if owner is not None and owner != self.state.user:
                 self.state.counters["sid_refused"] += 1
                 raise ProtocolError(P.E_FORBIDDEN, f"satellite id {sid!r} belongs to another key")
-            if owner is None and self.state.user is not None:
-                self._bind_sid(sid, self.state.user)
             # a key may be limited to some task kinds (its file's ``kinds``)
             allowed = getattr(self.ports.identify(self.state.user), "kinds", None)
             if allowed is not None:
@@ -269,9 +270,12 @@ class Orchestrator:
                 if not kinds:
                     self.state.counters["kinds_refused"] += 1
                     raise ProtocolError(P.E_FORBIDDEN, f"key {self.state.user!r} may offer only the task kinds "
-                                        f"{sorted(allowed)}")
+                                        f"{sorted(allowed)[:20]}")
                 if refused:
-                    log.warning("satellite %r: its key may not offer %s; it gets %s only", sid, refused[:20], kinds)
+                    log.warning("satellite %r: its key may not offer %s; it gets %s only", sid, refused[:20],
+                                kinds[:20])
+            if owner is None and self.state.user is not None:  # (only a registration that is accepted)
+                self._bind_sid(sid, self.state.user)
         if slots > self.cfg.max_slots:
             log.warning("satellite %r announced %d slots: cut to %d (--max-slots)", sid[:128], slots,
                         self.cfg.max_slots)

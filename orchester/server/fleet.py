@@ -87,6 +87,7 @@ class Fleet:
         self.by_id: dict[str, SatelliteRecord] = {}
         self.by_ident: dict[bytes, SatelliteRecord] = {}
         self._eligible: dict[QueueKey, list[SatelliteRecord]] = {}
+        self._kinds: frozenset[str] | None = None  #: every kind offered (cached until the fleet changes)
         self.free_slots = 0
 
     def __len__(self) -> int:
@@ -112,6 +113,7 @@ class Fleet:
     def changed(self) -> None:
         """Invalidate caches after a registration, loss or departure."""
         self._eligible.clear()
+        self._kinds = None
         self.free_slots = sum(s.free for s in self.by_id.values())
 
     def eligible(self, key: QueueKey) -> list[SatelliteRecord]:
@@ -124,11 +126,13 @@ class Fleet:
 
     def offers(self, kind: str) -> bool:
         """Whether any registered satellite offers ``kind``."""
-        return any(kind in s.kinds for s in self.by_id.values())
+        return kind in self.kinds()
 
-    def kinds(self) -> set[str]:
-        """Every kind offered by some satellite."""
-        out: set[str] = set()
-        for s in self.by_id.values():
-            out |= s.kinds
-        return out
+    def kinds(self) -> frozenset[str]:
+        """Every kind offered by some satellite (built once per change of the fleet)."""
+        if self._kinds is None:
+            out: set[str] = set()
+            for s in self.by_id.values():
+                out |= s.kinds
+            self._kinds = frozenset(out)
+        return self._kinds

@@ -38,6 +38,10 @@ from tracker import (
 
 log = logging.getLogger("orchester")
 
+#: Attempts after which a task is quarantined however it lost them (crashes have their own, smaller budget:
+#: ``--retries``; a satellite that re-registers or leaves in a loop reroutes without a crash).
+MAX_ATTEMPTS = 1000
+
 # timer codes: what a task's timer guards
 T_EXPIRE, T_START, T_STALL, T_MAX_RUN, T_REQUEUE, T_DEADLINE, T_RESULT = range(7)
 
@@ -260,12 +264,21 @@ class Lifecycle:
             self._dispatch(task, self.state.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
 
     def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
-        self.state.unqueued(task)
         if task.spilled is not None:  # its payload waits on disk: read it back
             assert self.ports.load_spilled is not None
-            task.payload = self.ports.load_spilled(task)
+            try:
+                task.payload = self.ports.load_spilled(task)
+            except Exception as exc:  # the journal no longer has it: this task fails, the others go on
+                self.state.counters["spill_lost"] += 1
+                log.error("the payload of task %s cannot be read back from the journal (%s: %s): it fails",
+                          task.id[:64], type(exc).__name__, str(exc)[:200])
+                self.fail(task, P.ERR_PAYLOAD_LOST, "its payload, kept in the journal while it waited, cannot be "
+                          "read back", now)
+                return
             task.spilled = None
             self.state.counters["unspilled"] += 1
+        else:
+            self.state.unqueued(task)
         task.attempt += 1
         task.satellite = sat.sid
         sat.inflight[task.id] = task
@@ -345,6 +358,13 @@ class Lifecycle:
             self.failed_on(sat, now)
         self.task_to(task, TE.stall, now, reason)
         self.state.counters["stalled"] += 1
+        if task.attempt >= MAX_ATTEMPTS:  # rerouted without a crash this often (a satellite re-registering in a
+            # loop): its history and journal would grow without end, and no task needs that many tries
+            self.fail(task, P.ERR_QUARANTINED, f"quarantined after {task.attempt} attempts; last: {reason}", now,
+                      TE.quarantine)
+            log_limited(log, logging.WARNING, "task %s quarantined after %d attempts (%s)", task.id, task.attempt,
+                        reason)
+            return
         if crash:
             task.crashes += 1
             if self.retry.quarantine(task.crashes):

@@ -122,9 +122,10 @@ class RestoreFold:
             elif isinstance(v, records.Result) and v.task_id in self.tasks:
                 unpack(v.header)
                 self.results[v.task_id] = v.frames
-        except (ValueError, ProtocolError) as exc:
+        except (ValueError, ProtocolError, RecursionError) as exc:  # (a value nested a thousand deep: bad too)
             self.bad += 1
-            log.warning("skipped a journal record that cannot be applied: %s", exc)
+            log.warning("skipped a journal record that cannot be applied: %s", type(exc).__name__ if
+                        isinstance(exc, RecursionError) else exc)
 
     def finish(self, core: Orchestrator, now: float, sock: Any, reclaim: float = 0.0) -> dict[str, int]:
         """Install the folded tasks into ``core`` (before it serves); returns counts.
