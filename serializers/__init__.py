@@ -1,9 +1,10 @@
-"""Orchester's wire format: protocol constants, headers and payload codecs.
+"""Orchester's wire format: protocol constants, headers, typed messages and payload codecs.
 
-This package imports nothing from the rest of Orchester.
+This package imports nothing from the rest of Orchester. :mod:`serializers.messages` names every
+command's header fields (the reference of ``docs/protocol.rst``).
 """
 
-from . import protocol
+from . import messages, protocol
 from .codecs import (
     DEFAULT_CODEC,
     ERR_CODEC_REFUSED,
@@ -40,6 +41,7 @@ __all__ = [
     "error_frames",
     "get_codec",
     "header_codec",
+    "messages",
     "pack",
     "pickle_allowed",
     "protocol",

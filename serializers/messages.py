@@ -183,10 +183,10 @@ class Submit(Wire):
     kind: str
     priority: int = 0
     tags: frozenset[str] = frozenset()
-    timeout: float | None = None  #: the client's overall timeout (``None``: none)
-    ttl: float = 0.0  #: time-to-live in the queue (0: the orchestrator's default)
-    max_run: float = 0.0  #: maximum run time (0: the orchestrator's default)
-    duration: float = 0.0  #: expected run time (0: unknown)
+    timeout: float | None = None  #: the client's overall timeout (``None`` for none)
+    ttl: float = 0.0  #: time-to-live in the queue (0 for the orchestrator's default)
+    max_run: float = 0.0  #: maximum run time (0 for the orchestrator's default)
+    duration: float = 0.0  #: expected run time (0 if unknown)
     codec: str = "msgpack"  #: how the payload is encoded (checked against the server's consent apart)
     arrays: Arrays = ()  #: ``(dtype, shape)`` of each array frame after the body
 
@@ -303,9 +303,9 @@ class Control(Wire):
     command: ClassVar[bytes] = P.CONTROL
     op: str
     rid: RequestId = None
-    name: str | None = None  #: ``strategy``: the routing strategy to switch to
-    sid: str | None = None  #: ``drain``: the satellite to drain
-    force: bool = False  #: ``promote``: even while the peer is active and alive
+    name: str | None = None  #: the routing strategy to switch to (``strategy``)
+    sid: str | None = None  #: the satellite to drain (``drain``)
+    force: bool = False  #: even while the peer is active and alive (``promote``)
     fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -544,7 +544,7 @@ class Done(Wire):
     #: :attr:`error`, and one of the wrong shape is replaced, not refused)
     err: Any = None
     sat: str | None = None  #: the satellite that ran it (none for an outcome the orchestrator decided)
-    codec: str | None = None  #: how the result's payload is encoded (absent: the default, ``msgpack``)
+    codec: str | None = None  #: how the result's payload is encoded (``None`` for the default, ``msgpack``)
     duration: float | None = None  #: seconds the handler ran (``dt``)
     arrays: Arrays = ()  #: ``(dtype, shape)`` of each array frame after the body
 
