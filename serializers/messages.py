@@ -122,7 +122,9 @@ def _dimension(n: Any) -> bool:
 
 def _arrays(hdr: dict[str, Any]) -> Arrays:
     """``arr``: ``[dtype, [dims]]`` of each array frame that follows the body (none when absent)."""
-    items = typed(hdr, "arr", list, [])
+    if "arr" not in hdr:
+        return ()
+    items = typed(hdr, "arr", list)
     if len(items) > MAX_ARRAYS:
         raise ProtocolError(P.E_MALFORMED, f"header field 'arr' announces more than {MAX_ARRAYS:,} arrays")
     out = []
