@@ -259,7 +259,7 @@ HEADERS = st.dictionaries(st.sampled_from(KEYS), VALUES, max_size=8)
 DECODERS = sorted(CLASSES | {M.TaskHeader}, key=lambda c: c.__name__)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cls=st.sampled_from(DECODERS), hdr=HEADERS)
 def test_decode_of_any_map_raises_only_a_protocol_error(cls: Any, hdr: dict[str, Any]) -> None:
     try:
@@ -274,7 +274,7 @@ def test_decode_of_any_map_raises_only_a_protocol_error(cls: Any, hdr: dict[str,
 COMMANDS = sorted(P.COMMAND_NAMES) + [b"", b"\xff"]
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(command=st.sampled_from(COMMANDS), raw=st.one_of(st.binary(max_size=64), HEADERS.map(pack)))
 def test_decode_of_any_frame_raises_only_a_protocol_error(command: bytes, raw: bytes) -> None:
     for decode in (M.decode, M.decode_for_client, M.decode_for_satellite):
