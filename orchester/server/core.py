@@ -37,7 +37,6 @@ from serializers.header import (
     ProtocolError,
     check_signature,
     error_frames,
-    pack,
     unpack,
 )
 from serializers.messages import (
@@ -47,6 +46,7 @@ from serializers.messages import (
     PeerError,
     Progress,
     Register,
+    Result,
     Started,
     Submit,
     ack,
@@ -356,7 +356,7 @@ class Orchestrator:
             self.state.counters["bad_results"] += 1
             err = {"type": "BadResult", "msg": f"satellite {sat.sid!r} reported an error of the wrong shape",
                    "tb": ""}
-            header = pack({"id": tid, "a": attempt, "ok": False, "sat": sat.sid, "err": err})
+            header = Result(tid, attempt, False, err=err, sat=sat.sid).encode()
         etype = err["type"]
         if etype == P.ERR_WORKER_DIED:  # it killed its worker: a crash, rerouted or quarantined
             self.life.stall(task, now, str(err.get("msg", "worker died"))[:500], abort=False)

@@ -344,7 +344,7 @@ class Lifecycle:
         err: dict[str, Any] = {"type": etype, "msg": msg, "tb": ""}
         if event is TE.quarantine:
             err["attempts"] = self.attempts(task)
-        hdr = pack({"id": task.id, "a": task.attempt, "ok": False, "err": err, "sat": task.satellite})
+        hdr = M.Result(task.id, task.attempt, False, err=err, sat=task.satellite).encode()
         self.complete(task, [P.SIGNATURE, P.RESULT, hdr])
 
     def stall(self, task: Task, now: float, reason: str, crash: bool = True, abort: bool = True,
