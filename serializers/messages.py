@@ -176,8 +176,10 @@ class Wire(ABC):
 class Submit(Wire):
     """SUBMIT: a task. The header frame is forwarded to the satellite as the client sent it.
 
-    The same check runs on a journal's submission records at replay, so a record that a live
-    orchestrator would refuse can never reach the timer wheel after a restart.
+    The same field checks run on a journal's submission records at replay, so a record that a live
+    orchestrator would refuse as malformed can never reach the timer wheel after a restart. (The
+    consent to a pickle-coded task is not asked again at replay: each DISPATCH carries the consent of
+    the server that sends it, and a satellite decodes pickle only with it.)
     """
 
     command: ClassVar[bytes] = P.SUBMIT
