@@ -105,8 +105,9 @@ class Orchestrator:
         ``user``: the name of the key the sender authenticated with (CurveZMQ), if any.
         """
         ident = bytes(frames[0])
-        self.state.user = user
-        self.state.clock = now
+        st = self.state
+        st.user = user
+        st.clock = now
         try:
             if len(frames) < 4:
                 raise ProtocolError(P.E_MALFORMED, f"expected at least 4 frames, got {len(frames)}")
@@ -120,13 +121,13 @@ class Orchestrator:
             if self.ports.identify is not None:
                 self.requests.authorise(cmd, user)
                 if user is not None:
-                    self.state.conns.bind(ident, user, now)  # refuses another key on this identity
-            if cmd in RATED and not self.state.rate.take(user or ident, now):
-                self.state.counters["rate_limited"] += 1
+                    st.conns.bind(ident, user, now)  # refuses another key on this identity
+            if cmd in RATED and not st.rate.take(user or ident, now):
+                st.counters["rate_limited"] += 1
                 raise ProtocolError(P.E_BUSY, f"too many requests: at most {self.cfg.request_rate:g} a second "
                                     "(--request-rate); retry later")
             msg = decode(cmd, frames[3])  # every field checked: past this line, any failure is ours
-            sat = self.state.fleet.by_ident.get(ident)
+            sat = st.fleet.by_ident.get(ident)
             if sat is not None:
                 sat.last_seen = now
                 if sat.state is SS.SILENT:

@@ -149,27 +149,30 @@ class Lifecycle:
     # ------------------------------------------------------------ task moves
     def task_to(self, task: Task, event: TaskEvent, now: float, reason: str | None = None) -> None:
         """Fire ``event`` on ``task``: new state, its timer, history and event."""
+        st = self.state  # (the hottest path of the core: one lookup of each collaborator)
         state = TASK_MACHINE.next(task.state, event)
-        self.state.state_counts[task.state] -= 1
-        self.state.state_counts[state] += 1
+        counts = st.state_counts
+        counts[task.state] -= 1
+        counts[state] += 1
         if task.state is TS.PENDING:
-            self.state.pending_left(task.kind)
+            st.pending_left(task.kind)
         elif state is TS.PENDING:
-            self.state.pending_kinds[task.kind] += 1
+            st.pending_kinds[task.kind] += 1
         task.state = state
-        wall = self.state.wall()  # one reading for the history, the journal and the event
+        wall = st.wall()  # one reading for the history, the journal and the event
         task.history.add(wall, state, task.attempt, task.satellite, reason)
-        if self.outbox.journaling:
-            self.outbox.record(records.transition(task.id, state, task.attempt, task.satellite, reason, wall))
+        written = self.outbox.records
+        if written is not None:
+            written.append(records.transition(task.id, state, task.attempt, task.satellite, reason, wall))
         if self.ports.metrics:
-            per_state = self.state.kind_counts.get(task.kind)
+            per_state = st.kind_counts.get(task.kind)
             if per_state is None:
-                per_state = self.state.kind_counts[task.kind] = [0] * len(TaskState)
+                per_state = st.kind_counts[task.kind] = [0] * len(TaskState)
             per_state[state] += 1
             if state.terminal:
-                self.state.latencies.append((task.kind, now - task.submitted))
+                st.latencies.append((task.kind, now - task.submitted))
         self.arm(task, now)
-        if self.state.want[b"task:"]:
+        if st.subs.want[b"task:"]:
             self.publish_task(task, wall, reason)
 
     def publish_task(self, task: Task, wall: float, reason: str | None = None) -> None:
