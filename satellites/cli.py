@@ -18,25 +18,12 @@ from typing import Any
 
 import click
 
-from orchester.cli.common import OneLineErrors, check_connect
-
-
-def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        from orchester.cli.common import config_default_map
-        from orchester.config import ConfigError
-
-        assert isinstance(ctx.command, click.Group)
-        try:
-            ctx.default_map = config_default_map(value, ctx.command, {"run": "satellite"})
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+from orchester.cli.common import OneLineErrors, check_connect, config_option
 
 
 @click.group(cls=OneLineErrors,
              context_settings={"auto_envvar_prefix": "SATELLITE", "help_option_names": ["-h", "--help"]})
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
-              expose_value=False, help="TOML file with a [satellite] table of flags.")
+@config_option({"run": "satellite"}, "TOML file with a [satellite] table of flags.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Least important log messages written to stderr.")

@@ -221,3 +221,15 @@ def test_an_acknowledgement_beyond_what_was_sent_releases_nothing_more() -> None
     leader.receive(link.decode(link.encode_ack(core.state.epoch, 2**63 - 1)), 0.3)
     seq[0] = 500  # more records journaled, none acknowledged
     assert leader.acked <= leader.sent_upto and (leader.gate(True) or 0) <= 10
+
+
+def test_entries_of_cancelled_tasks_are_dropped_before_they_outnumber_the_live_ones() -> None:
+    h = Harness(max_queue=10_000)
+    for i in range(3000):  # no satellite: nothing pops the queue heads
+        h.submit(f"junk{i}", client=b"mallory")
+        h.send(C, b"mallory", P.CANCEL, {"id": f"junk{i}", "rid": i})
+        if i % 100 == 99:
+            h.tick()
+    h.submit("alice", client=b"alice")
+    h.tick()
+    assert len(h.core.state.queues) <= 1024 + 100 + 1 and h.core.state.queues.depth() == {"echo": 1}

@@ -133,7 +133,7 @@ def test_a_readable_journal_of_an_older_version_is_tightened(tmp_path: Path, cap
     (d / "LOCK").write_bytes(b"")
     for p in d.iterdir():
         os.chmod(p, 0o644)
-    with caplog.at_level(logging.WARNING, logger="orchester.journal.writer"):
+    with caplog.at_level(logging.WARNING, logger="orchester.journal"):
         w = SegmentWriter(d)
     w.close()
     assert mode(d) == 0o700
@@ -142,7 +142,7 @@ def test_a_readable_journal_of_an_older_version_is_tightened(tmp_path: Path, cap
     assert any("was readable by others" in r.getMessage() and "0755" in r.getMessage() for r in caplog.records)
     assert [r[0] for r in read_all(d)] == ["S", "R"]  # nothing lost on the way
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="orchester.journal.writer"):
+    with caplog.at_level(logging.WARNING, logger="orchester.journal"):
         SegmentWriter(d).close()
     assert not caplog.records  # private now: no warning at the next start
 
@@ -182,7 +182,7 @@ def test_a_planted_entry_is_never_served(tmp_path: Path, caplog: pytest.LogCaptu
     entry = cache.dir / KEY[:2] / f"{KEY}.fit"
     entry.parent.mkdir(exist_ok=True)
     entry.write_bytes(old_entry(forged))  # what was served as "(cached)" before
-    with caplog.at_level(logging.WARNING, logger="orchester.genx.fits"):
+    with caplog.at_level(logging.WARNING, logger="orchester.fits"):
         assert FitCache(cache.dir).get(KEY) is None
     assert not entry.exists() and entry.with_suffix(".rejected").exists()  # moved aside
     assert any("fails verification" in r.getMessage() for r in caplog.records)
@@ -216,7 +216,7 @@ def test_a_cache_folder_others_can_write_is_not_used(tmp_path: Path, loose: int,
     entry.parent.mkdir()
     entry.write_bytes(old_entry(RESULT))
     cache = FitCache(d)
-    with caplog.at_level(logging.WARNING, logger="orchester.genx.fits"):
+    with caplog.at_level(logging.WARNING, logger="orchester.fits"):
         assert cache.get(KEY) is None
         cache.put(OTHER, RESULT)
         assert cache.get(OTHER) is None

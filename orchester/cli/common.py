@@ -61,6 +61,22 @@ def config_default_map(path: str, group: click.Group, commands: dict[str, str]) 
     return out
 
 
+def config_option(commands: dict[str, str], help: str) -> Any:
+    """The group's ``--config FILE`` option: each command's flags get their defaults from its table
+    (``commands``: command name → table), read before any other flag; a bad file is a usage error."""
+
+    def load(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value:
+            assert isinstance(ctx.command, click.Group)
+            try:
+                ctx.default_map = config_default_map(value, ctx.command, commands)
+            except ConfigError as exc:
+                raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+    return click.option("--config", type=click.Path(dir_okay=False), callback=load, is_eager=True,
+                        expose_value=False, help=help)
+
+
 class OneLineErrors(click.Group):
     """A command group whose usage errors (a bad flag or value, a missing argument) are one line on stderr.
 
@@ -114,7 +130,7 @@ def check_connect(ctx: click.Context, param: click.Parameter, value: Any) -> Any
     A malformed endpoint, from the flag, ``ORCHESTER_CONNECT`` or a config file, is a usage
     error (exit 2) with the message ``orchester serve`` gives for a bad bind.
     """
-    from orchester.client.sync import resolve_endpoint
+    from orchester.client.uplink import resolve_endpoint
     from orchester.config import check_endpoint
 
     for endpoint in (value,) if isinstance(value, str) else (value or ()):

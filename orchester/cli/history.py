@@ -17,18 +17,22 @@ def parse_time(text: str | None) -> float | None:
     if text is None:
         return None
     import datetime
+    import math
     import time as _time
 
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
         if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
-            return _time.time() - float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        return datetime.datetime.fromisoformat(text).timestamp()
-    except ValueError:
+            value = _time.time() - float(text[:-1]) * units[text[-1]]
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                value = datetime.datetime.fromisoformat(text).timestamp()
+        if not math.isfinite(value):  # "inf", "nan", an age of 1e308 days: no time at all
+            raise ValueError(text)
+        return value
+    except (ValueError, OverflowError):
         raise click.BadParameter(f"{text!r} is not a time (seconds since the epoch, ISO 8601, "
                                  "or an age such as 30m, 2h, 7d)") from None
 

@@ -18,7 +18,7 @@ import os
 import click
 
 from orchester.cli.cluster import cluster
-from orchester.cli.common import CLIENT_COMMANDS, OneLineErrors, config_default_map, setup_logging
+from orchester.cli.common import CLIENT_COMMANDS, OneLineErrors, config_option, setup_logging
 from orchester.cli.control import drain, promote
 from orchester.cli.demo import demo
 from orchester.cli.fit import fit
@@ -28,23 +28,11 @@ from orchester.cli.keys import keys
 from orchester.cli.serve import serve
 from orchester.cli.tasks import show, status, submit, watch
 from orchester.cli.top import top
-from orchester.config import ConfigError
-
-
-def _load_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
-    if value:
-        assert isinstance(ctx.command, click.Group)
-        try:
-            ctx.default_map = config_default_map(value, ctx.command,
-                                                 {c: c for c in (*CLIENT_COMMANDS, "serve", "demo")})
-        except ConfigError as exc:
-            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
 @click.group(cls=OneLineErrors,
              context_settings={"auto_envvar_prefix": "ORCHESTER", "help_option_names": ["-h", "--help"]})
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True,
-              expose_value=False, help="TOML file with a table of flags per command.")
+@config_option({c: c for c in (*CLIENT_COMMANDS, "serve", "demo")}, "TOML file with a table of flags per command.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Least important log messages written to stderr.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from typing import Any
@@ -164,15 +165,12 @@ def watch(connect: tuple[str, ...], pub: str | None, topics: tuple[str, ...], co
 
     stream = ask(connect, timeout, lambda c: c.subscribe(topics, timeout=timeout), pub=pub)
     n = 0
-    with stream:
-        try:
-            for ev in stream:
-                if as_json:  # json.dumps escapes control characters; NaN and infinities become null
-                    click.echo(json.dumps(json_safe({**ev.data, "topic": ev.topic}), default=_jsonable))
-                else:  # peers' text, cleaned of control characters (no escape sequence reaches the terminal)
-                    click.echo(f"{clock(ev.data.get('t'))} {clean_text(ev.topic)} {event_fields(ev.data)}")
-                n += 1
-                if count and n >= count:
-                    break
-        except KeyboardInterrupt:
-            pass
+    with stream, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the watch
+        for ev in stream:
+            if as_json:  # json.dumps escapes control characters; NaN and infinities become null
+                click.echo(json.dumps(json_safe({**ev.data, "topic": ev.topic}), default=_jsonable))
+            else:  # peers' text, cleaned of control characters (no escape sequence reaches the terminal)
+                click.echo(f"{clock(ev.data.get('t'))} {clean_text(ev.topic)} {event_fields(ev.data)}")
+            n += 1
+            if count and n >= count:
+                break

@@ -30,14 +30,14 @@ import zmq.asyncio
 
 from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
 from orchester.client.sync import reachable_endpoint, unreachable_message
-from orchester.client.uplink import Uplink
+from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
 from serializers import messages as M
 from serializers import protocol as P
 
-log = logging.getLogger("orchester.client.sync")
+log = logging.getLogger("orchester.client")
 
 
 class AsyncTaskFuture(asyncio.Future[Any]):
@@ -299,16 +299,10 @@ class AsyncClient:
                     except ProtocolError as exc:
                         log.warning("bad message from orchestrator: %s", exc)
             now = time.monotonic()
-            if core.redirect:  # a passive server refused us: the uplink moves on when it may
-                core.redirect = False
-                uplink.redirected()
-            busy = bool(core.tasks or core.requests)
-            move = uplink.check(now, waiting=busy)
+            move, ping = client_step(uplink, core, now)
             if move is not None:
-                if move.vote:
-                    log.warning("orchestrator silent for %.1fs: failing over to %s", move.silent_for, move.endpoint)
                 self._switch(move.vote)
-            elif uplink.heartbeat_due(now, waiting=busy) or core.ack_due:
+            elif ping:
                 sock.send_multipart(core.ping())
                 uplink.sent(now)
 

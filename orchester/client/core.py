@@ -22,7 +22,7 @@ from serializers import ProtocolError, codecs, pack, unpack
 from serializers import messages as M
 from serializers import protocol as P
 
-log = logging.getLogger("orchester.client.sync")
+log = logging.getLogger("orchester.client")
 
 Resolve = Callable[[Any, Any], None]  # (future, value)
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows).

@@ -31,8 +31,7 @@ from typing import Any
 import zmq
 
 from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
-from orchester.client.uplink import Uplink
-from orchester.client.uplink import resolve_endpoint as resolve_endpoint  # where orchester.cli.common finds it
+from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
@@ -40,7 +39,7 @@ from serializers import messages as M
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
-log = logging.getLogger("orchester.client.sync")
+log = logging.getLogger("orchester.client")
 
 
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
@@ -377,14 +376,8 @@ class Client:
                                     core.epoch, len(core.tasks) + len(core.requests))
                         for f in core.pending_frames():
                             self._send_or_defer(sock, f)
-            if core.redirect:  # a passive server refused us: the uplink moves on when it may
-                core.redirect = False
-                uplink.redirected()
-            busy = bool(core.tasks or core.requests)
-            move = uplink.check(now, waiting=busy)
+            move, ping = client_step(uplink, core, now)
             if move is not None:
-                if move.vote:
-                    log.warning("orchestrator silent for %.1fs: failing over to %s", move.silent_for, move.endpoint)
                 poller.unregister(sock)
                 if monitor is not None:
                     poller.unregister(monitor)
@@ -393,7 +386,7 @@ class Client:
                 monitor = uplink.monitor  # a new socket has its own monitor
                 if monitor is not None:
                     poller.register(monitor, zmq.POLLIN)
-            elif uplink.heartbeat_due(now, waiting=busy) or core.ack_due:
+            elif ping:
                 _offer(sock, core.ping())
                 uplink.sent(now)
 

@@ -37,16 +37,19 @@ Example (a loop that only waits for its orchestrator)::
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import zmq
 
 from orchester.config import check_endpoint
 from orchester.security.auth import secure_client
 from orchester.security.keys import client_curve
+
+log = logging.getLogger("orchester.client")
 
 #: A sync socket or a ``zmq.asyncio`` one: whatever the context given to :meth:`Uplink.open` makes.
 S = TypeVar("S", bound="zmq.Socket[Any]")
@@ -61,14 +64,21 @@ _REFUSED_TAIL: dict[str, str] = {
 }
 
 
+#: The largest endpoint file read (``@FILE``).
+MAX_ENDPOINT_FILE = 1 << 16
+
+
 def resolve_endpoint(endpoint: str) -> str:
     """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
     if not endpoint.startswith("@"):
         return endpoint
     try:
-        with open(endpoint[1:]) as f:
-            return str(json.load(f)["bind"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        with open(endpoint[1:], "rb") as f:
+            raw = f.read(MAX_ENDPOINT_FILE + 1)  # (an endpoint file is a few hundred bytes: a huge one is not one)
+        if len(raw) > MAX_ENDPOINT_FILE:
+            raise ValueError(f"larger than {MAX_ENDPOINT_FILE} bytes: not an endpoint file")
+        return str(json.loads(raw)["bind"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
         raise ValueError(f"cannot read an endpoint from {endpoint[1:]}: {exc}") from None
 
 
@@ -228,3 +238,34 @@ class Uplink(Generic[S]):
         if self.monitor is not None:
             self.monitor.close(0)
             self.monitor = None
+
+
+class _ClientState(Protocol):
+    """What :func:`client_step` reads of a client's sans-I/O core (:class:`~orchester.client.core.ClientCore`)."""
+
+    redirect: bool
+    tasks: Any
+    requests: Any
+
+    @property
+    def ack_due(self) -> bool:
+        """Results came that the orchestrator should hear about (a heartbeat carries ``rx``)."""
+
+
+def client_step(uplink: Uplink[Any], core: _ClientState, now: float) -> tuple[Failover | None, bool]:
+    """What a client's I/O loop does after each wake-up, the same for ``Client`` and ``AsyncClient``.
+
+    A redirect (a passive server said ``not_active``) is handed to the uplink; then either the
+    uplink moves on (the :class:`Failover`, logged when it is a vote) or a heartbeat may be due
+    (while something is awaited, or results need acknowledging). Returns ``(failover, ping)``.
+    """
+    if core.redirect:
+        core.redirect = False
+        uplink.redirected()
+    busy = bool(core.tasks or core.requests)
+    move = uplink.check(now, waiting=busy)
+    if move is not None:
+        if move.vote:
+            log.warning("orchestrator silent for %.1fs: failing over to %s", move.silent_for, move.endpoint)
+        return move, False
+    return None, uplink.heartbeat_due(now, waiting=busy) or core.ack_due

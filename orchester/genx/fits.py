@@ -34,7 +34,7 @@ import numpy as np
 from orchester.journal.folder import DIR_MODE, JournalError, open_private, private_directory
 from serializers import codecs
 
-log = logging.getLogger("orchester.genx.fits")
+log = logging.getLogger("orchester.fits")
 
 
 @dataclass

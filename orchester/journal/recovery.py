@@ -49,7 +49,7 @@ from orchester.journal.manifest import (
 from orchester.journal.segments import compact_log
 from orchester.journal.wal import DamagedSegment, ReadReport
 
-log = logging.getLogger("orchester.journal.writer")
+log = logging.getLogger("orchester.journal")
 
 
 def _salvage(moved: Path, n: int, entry: dict[str, Any] | None, journal: str) -> tuple[int, int, int] | None:

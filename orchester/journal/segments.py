@@ -46,7 +46,7 @@ from orchester.journal.records import SUBMITTED, TRANSITION, RecordError, Result
 from orchester.journal.wal import DamagedSegment, ReadReport, read_segment
 from tracker import TaskState
 
-log = logging.getLogger("orchester.journal.writer")
+log = logging.getLogger("orchester.journal")
 _REPORTED: set[tuple[str, Signature]] = set()  #: failing files already logged
 _REPORTED_LOCK = threading.Lock()
 

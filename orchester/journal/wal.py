@@ -39,7 +39,7 @@ from orchester.journal.manifest import highest_number
 _HEAD = struct.Struct(">II")
 #: Largest record accepted (a task with its payload).
 MAX_RECORD = 1 << 30
-log = logging.getLogger("orchester.journal.writer")
+log = logging.getLogger("orchester.journal")
 
 
 @dataclass

@@ -52,7 +52,7 @@ from orchester.journal.segments import compact, compact_closed, read_journal, re
 from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at, read_segment
 from serializers.header import ProtocolError, unpack
 
-log = logging.getLogger("orchester.journal.writer")
+log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
 _SEQ = struct.Struct(">Q")
 

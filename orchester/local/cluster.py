@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
@@ -43,8 +42,6 @@ from typing import Any
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError
 from orchester.signals import parent_death_signal, shielded
-
-log = logging.getLogger("orchester.local.cluster")
 
 
 class ClusterError(OrchesterError, RuntimeError):

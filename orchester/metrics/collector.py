@@ -20,7 +20,7 @@ import threading
 from collections import Counter, deque
 from typing import Any
 
-log = logging.getLogger("orchester.metrics.collector")
+log = logging.getLogger("orchester.metrics")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 

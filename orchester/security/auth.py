@@ -53,7 +53,7 @@ from orchester.security.keys import (
 )
 from orchester.security.roles import DEFAULT_ROLES, ROLES, Identity, SecurityError, allowed, check_binds, is_loopback
 
-log = logging.getLogger("orchester.security.auth")
+log = logging.getLogger("orchester.security")
 
 __all__ = ["DEFAULT_ROLES", "EVENTS_DOMAIN", "ROLES", "ZAP_DOMAIN", "CurveAuthenticator", "Identity", "KeyRing",
            "SecurityError", "allowed", "check_binds", "generate_keys", "is_loopback", "load_keypair",

@@ -22,7 +22,7 @@ from zmq.utils import z85
 
 from orchester.security.roles import DEFAULT_ROLES, ROLES, SecurityError
 
-log = logging.getLogger("orchester.security.auth")
+log = logging.getLogger("orchester.security")
 
 #: The ZAP domain :func:`secure_server` sets and :class:`CurveAuthenticator` answers for.
 ZAP_DOMAIN = "orchester"

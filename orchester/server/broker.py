@@ -427,9 +427,6 @@ class Broker:
         assert self.pair is not None
         self.pair.apply(self.pair.drain(now), now)
 
-    def _on_subscriptions(self, sock: zmq.Socket[Any], now: float) -> None:
-        self._drain_subscriptions()
-
     def _after_wakeup(self, now: float) -> bool:
         """What follows every wake-up: the pair's clock, revoked and muted keys, the event endpoints,
         the core's housekeeping, the outbox, metrics. ``False``: the loop must end."""
@@ -459,14 +456,14 @@ class Broker:
             self._report(now)
         return True
 
-    def _drain_subscriptions(self) -> None:
+    def _on_subscriptions(self, sock: zmq.Socket[Any], now: float) -> None:
         """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop.
 
         With keys, each one is counted against the key that sent it (its ``User-Id``)."""
         ring = self.ring
         for _ in range(self.config.batch * 4):
             try:
-                frame = self.xpub.recv(zmq.NOBLOCK, copy=False)
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             user = verified_user(ring, frame) if ring is not None else None

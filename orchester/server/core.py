@@ -205,8 +205,8 @@ class Orchestrator:
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; {len(offered)} kind(s) "
                                 f"offered{': ' if shown else ''}{', '.join(shown)}"
                                 f"{' ...' if len(offered) > len(shown) else ''}")
-        self.state.seq += 1
-        task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.seq, size)
+        task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.next_seq(),
+                    size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
         task.owner, task.counted = owner, True
         wall = self.state.wall()
@@ -214,14 +214,11 @@ class Orchestrator:
         load = self.state.client_load.setdefault(owner, [0, 0])
         load[0] += 1
         load[1] += size
-        self.state.tasks[tid] = task
-        self.state.state_counts[TS.PENDING] += 1
-        self.state.pending_kinds[kind] += 1
+        self.state.add_pending(task)
         self.state.queues.push(task)
         self.state.counters["submitted"] += 1
         if timeout is not None:
             task.deadline = self.state.timers.schedule(now + timeout, tid, T_DEADLINE)
-        self.state.queued(task)
         if self.outbox.journaling:
             self.outbox.record(records.submitted(tid, ident, bytes(frames[3]), payload, wall, timeout,
                                                  self.state.user))
@@ -424,6 +421,9 @@ class Orchestrator:
                 if old is not None and old.state.terminal:
                     del self.state.tasks[tid]
                     self.state.state_counts[old.state] -= 1
+        queues, pending = self.state.queues, self.state.state_counts[TS.PENDING]
+        if len(queues) - pending > max(1024, pending):  # cancelled or expired while queued: memory, not work
+            queues.drop_stale()
         if self.state.reclaim and now >= self.state.reclaim_until:
             for task in self.state.reclaim.values():  # nobody re-announced them: run them again
                 task.satellite = None

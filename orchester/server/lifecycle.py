@@ -80,17 +80,16 @@ class Lifecycle:
         satellite and attempt and waits for that satellite to claim it back (:meth:`adopt`).
         """
         state = self.state
-        state.tasks[task.id] = task
-        state.state_counts[task.state if task.state.terminal else TS.PENDING] += 1
         if task.state.terminal:
+            state.tasks[task.id] = task
+            state.state_counts[task.state] += 1
             if result is not None and (len(result) > 1 or not unpack(bytes(result[0])).get("ok")):
                 state.results.put(task.id, [P.SIGNATURE, P.RESULT, *result], _len(result), delivered=True)
             task.payload = []
             return "finished"
-        state.pending_kinds[task.kind] += 1
         in_flight = task.state in (TS.DISPATCHED, TS.RUNNING)
         task.state = TS.PENDING
-        state.queued(task)
+        state.add_pending(task)
         if reclaim and in_flight:  # keeps its satellite and attempt: only that one may claim it
             state.reclaim[task.id] = task
             return "reclaimable"

@@ -30,8 +30,7 @@ if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
     from orchester.server.results import StoredResult
 
-log = logging.getLogger("orchester.journal.writer")
-_IN_FLIGHT = (TS.DISPATCHED, TS.RUNNING)
+log = logging.getLogger("orchester.journal")
 
 
 @contextmanager

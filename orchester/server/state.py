@@ -88,6 +88,14 @@ class ServerState:
         self.seq += 1
         return self.seq
 
+    def add_pending(self, task: Task) -> None:
+        """A pending task enters the table (submitted, or rebuilt from the journal): counted, its payload
+        held in memory. Queuing it (or waiting for its satellite to claim it back) is the caller's."""
+        self.tasks[task.id] = task
+        self.state_counts[TaskState.PENDING] += 1
+        self.pending_kinds[task.kind] += 1
+        self.queued(task)
+
     def queued(self, task: Task) -> None:
         """``task`` joined the queue with its payload in memory (:attr:`queued_bytes` counts it)."""
         self.queued_bytes += task.size

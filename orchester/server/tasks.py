@@ -118,6 +118,22 @@ class TaskQueues:
                 best, best_rank = key, rank
         return best
 
+    def drop_stale(self) -> int:
+        """Drop the entries of tasks that left PENDING (cancelled, expired while queued) everywhere,
+        not only at the heads; returns how many. O(entries): call it when they outnumber the live ones."""
+        dropped = 0
+        for key, q in list(self._queues.items()):
+            live = [e for e in q if e[2].state is TaskState.PENDING]
+            if len(live) != len(q):
+                dropped += len(q) - len(live)
+                if live:
+                    heapq.heapify(live)
+                    self._queues[key] = live
+                else:
+                    del self._queues[key]
+        self._count -= dropped
+        return dropped
+
     def keys(self) -> list[QueueKey]:
         """Keys of the non-empty queues."""
         return [k for k, q in self._queues.items() if q]
