@@ -56,22 +56,33 @@ def unpack(raw: bytes | memoryview, limit: int = MAX_HEADER) -> dict[str, Any]:
         raise ProtocolError(P.E_MALFORMED, f"header is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(P.E_MALFORMED, f"header must be a map, not {type(obj).__name__}")
-    if len(raw) > MAX_DEPTH and not _shallow(obj):
+    if len(raw) > MAX_DEPTH and not _CONTAINERS.isdisjoint(map(type, obj.values())) and not _shallow(obj):
         raise ProtocolError(P.E_MALFORMED, f"header nests lists and maps deeper than {MAX_DEPTH}")
     return obj
 
 
+#: The types msgpack decodes a map or an array to.
+_CONTAINERS: Final = frozenset((dict, list))
+
+
 def _shallow(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether ``obj`` nests lists and maps at most ``limit`` deep (iteratively: never recursion)."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
+    """Whether ``obj`` nests lists and maps at most ``limit`` deep (level by level: never recursion).
+
+    msgpack decodes to exact ``dict`` and ``list`` (never subclasses), so the type tests are exact
+    ones: this runs on every header, and most have no container below the top map.
+    """
+    level = [obj]
+    depth = 1
+    while level:
         if depth > limit:
             return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, (dict, list)))
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item if isinstance(v, (dict, list)))
+        below = []
+        for item in level:
+            for value in (item.values() if type(item) is dict else item):
+                if type(value) is dict or type(value) is list:
+                    below.append(value)
+        level = below
+        depth += 1
     return True
 
 

@@ -70,6 +70,7 @@ MAX_DIMS = 64
 MAX_REPLY = 256 * 1024 * 1024
 
 RequestId = int | str | None
+_NO_TAGS: frozenset[str] = frozenset()
 #: ``(dtype, shape)`` of each array frame of a payload (``arr`` on the wire: ``[[dtype, [dims]], ...]``).
 Arrays = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -197,18 +198,19 @@ class Submit(Wire):
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Submit:
-        """Check and convert a decoded SUBMIT header."""
-        timeout = number(hdr, "to", -MAX_SECONDS, MAX_SECONDS, None)
+        """Check and convert a decoded SUBMIT header (an absent optional field is not looked at twice:
+        this runs for every task)."""
+        timeout = number(hdr, "to", -MAX_SECONDS, MAX_SECONDS) if "to" in hdr else None
         return cls(
-            id=text(hdr, "id"), kind=text(hdr, "k"),
-            priority=number(hdr, "p", -MAX_PRIORITY, MAX_PRIORITY, 0, integer=True),
-            tags=frozenset(names(hdr, "tg", [])),
-            timeout=float(timeout) if timeout is not None and timeout > 0 else None,
-            ttl=max(0.0, float(number(hdr, "ttl", -MAX_SECONDS, MAX_SECONDS, 0))),
-            max_run=max(0.0, float(number(hdr, "mr", -MAX_SECONDS, MAX_SECONDS, 0))),
-            duration=max(0.0, float(number(hdr, "dur", -MAX_SECONDS, MAX_SECONDS, 0))),
-            codec=header_codec(hdr),
-            arrays=_arrays(hdr),
+            text(hdr, "id"), text(hdr, "k"),
+            number(hdr, "p", -MAX_PRIORITY, MAX_PRIORITY, integer=True) if "p" in hdr else 0,
+            frozenset(names(hdr, "tg")) if "tg" in hdr else _NO_TAGS,
+            float(timeout) if timeout is not None and timeout > 0 else None,
+            max(0.0, float(number(hdr, "ttl", -MAX_SECONDS, MAX_SECONDS))) if "ttl" in hdr else 0.0,
+            max(0.0, float(number(hdr, "mr", -MAX_SECONDS, MAX_SECONDS))) if "mr" in hdr else 0.0,
+            max(0.0, float(number(hdr, "dur", -MAX_SECONDS, MAX_SECONDS))) if "dur" in hdr else 0.0,
+            header_codec(hdr),
+            _arrays(hdr) if "arr" in hdr else (),
         )
 
     def header(self) -> dict[str, Any]:
@@ -556,10 +558,18 @@ class Done(Wire):
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Self:
         """Check a DONE header."""
-        duration = number(hdr, "dt", 0, MAX_SECONDS, None)
-        return cls(typed(hdr, "id", str), typed(hdr, "a", int), _flag(hdr, "ok"), hdr.get("err"),
-                   _optional_text(hdr, "sat", MAX_SID), header_codec(hdr) if "c" in hdr else None,
-                   None if duration is None else float(duration), _arrays(hdr))
+        tid = hdr.get("id")
+        attempt = hdr.get("a")
+        ok = hdr.get("ok")
+        # the common shapes are checked inline (this runs for every task); anything else goes
+        # through the checking helpers, which raise the errors
+        return cls(tid if type(tid) is str else typed(hdr, "id", str),
+                   attempt if type(attempt) is int else typed(hdr, "a", int),
+                   ok if type(ok) is bool else _flag(hdr, "ok"), hdr.get("err"),
+                   _optional_text(hdr, "sat", MAX_SID) if "sat" in hdr else None,
+                   header_codec(hdr) if "c" in hdr else None,
+                   float(number(hdr, "dt", 0, MAX_SECONDS)) if "dt" in hdr else None,
+                   _arrays(hdr) if "arr" in hdr else ())
 
     @property
     def error(self) -> dict[str, str] | None:
