@@ -10,8 +10,9 @@ GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0
 MPI = ["mpi4py>=3.1", "mpich"]
 # a real Graphite carbon-cache for the metrics tests (operators run their own)
 CARBON = ["carbon>=1.1", "whisper>=1.1"]
-TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7", *GENX,
-         *MPI, *CARBON]
+# Playwright drives Debian's chromium (tests/conftest.py installs it when missing): no browser download
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7",
+         "playwright>=1.40", *GENX, *MPI, *CARBON]
 DOCS = ["sphinx>=7"]
 
 setup(
@@ -24,7 +25,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["orchester", "orchester.*", "satellites", "serializers", "tracker",
                                     "topology_tests"]),
-    package_data={p: ["py.typed"] for p in ("orchester", "satellites", "serializers", "tracker", "topology_tests")},
+    package_data={**{p: ["py.typed"] for p in ("orchester", "satellites", "serializers", "tracker", "topology_tests")},
+                  "orchester.web": ["templates/*.html", "static/*"]},
     install_requires=[
         "pyzmq>=25",
         "msgpack>=1.0",
@@ -33,6 +35,8 @@ setup(
         "rich>=13",
         "transitions>=0.9",
         "tables>=3.9",
+        "tornado>=6.4",
+        "bokeh>=3.4",
     ],
     extras_require={"test": TESTS, "docs": DOCS, "genx": GENX, "mpi": MPI},
     entry_points={

@@ -86,3 +86,38 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
+
+
+#: Where Debian's Chromium lives (``apt-get install chromium``); the browser tests drive it with
+#: Playwright through ``executable_path``: no browser is ever downloaded.
+CHROMIUM = "/usr/bin/chromium"
+#: Chromium's flags for a headless run on a machine without a network (as root: no sandbox).
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+def _install_chromium() -> None:
+    """Install Debian's chromium when it is missing (CI runs as root on a fresh machine)."""
+    if os.path.exists(CHROMIUM):
+        return
+    if os.geteuid() != 0:
+        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium (as root)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=900)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], check=True, env=env,
+                   stdout=subprocess.DEVNULL, timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's) under Playwright; closed at the end of the session."""
+    _install_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

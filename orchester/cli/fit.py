@@ -8,13 +8,8 @@ from typing import Any
 import click
 
 from orchester.cli.common import EXIT_OK, EXIT_TASK_FAILED, check_connect, open_client, timeout_option, unreachable
+from orchester.genx import MIN_POPULATION, TRIAL_METHODS
 from orchester.render import clean_text
-
-#: The differential-evolution trial methods of GenX (``satellites.genx_task.TRIAL_METHODS``, which
-#: this process does not import: it would load GenX).
-TRIAL_METHODS = ("best_1_bin", "rand_1_bin", "best_either_or", "rand_either_or", "jade_best", "simplex_best_1_bin")
-#: The smallest population GenX's differential evolution (and the genx.fit task) takes.
-MIN_POPULATION = 5
 
 
 @click.command()

@@ -28,6 +28,7 @@ from orchester.cli.keys import keys
 from orchester.cli.serve import serve
 from orchester.cli.tasks import show, status, submit, watch
 from orchester.cli.top import top
+from orchester.cli.web import web
 
 
 @click.group(cls=OneLineErrors,
@@ -52,7 +53,7 @@ def main(log_level: str, curve_secret: str | None, server_key: str | None) -> No
 
 
 for _command in (serve, keys, submit, status, show, watch, drain, promote, fit, history, replay, journal, cluster,
-                 top, demo):
+                 top, demo, web):
     main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover

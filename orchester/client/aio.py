@@ -104,6 +104,11 @@ class AsyncClient:
         self.failure: ClientClosed | None = None
 
     # ------------------------------------------------------------- public API
+    @property
+    def current(self) -> str:
+        """The endpoint this client talks to now (the next one of a pair after a failover)."""
+        return self._uplink.current
+
     async def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                      timeout: float | None = None, codec: str | None = None, **kwargs: Any) -> Any:
         """Submit a task and wait for its result (see :meth:`orchester.Client.submit`)."""

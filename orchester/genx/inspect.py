@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from orchester.errors import OrchesterError
+from orchester.genx import DEFAULTS, check_setting
 
 log = logging.getLogger("orchester.genx.inspect")
 
@@ -84,7 +85,6 @@ _FOM_NAME = re.compile(r"[A-Za-z_]\w{0,63}")
 _MODULE = "orchester.genx.inspect"
 _MAX_TEXT = 16 * 1024 * 1024  # longest script or config the child reads (characters)
 _MAX_ROWS = 100_000  # most rows of the parameter grid
-_MAX_COUNT = 2**31 - 1  # largest generations or population proposed (the command line has no bound; msgpack has)
 _KINDS = ("empty", "too_large", "not_hdf5", "not_genx", "damaged", "timeout")
 _DAMAGED = "could not be read: the file is damaged or not a GenX model"
 
@@ -339,8 +339,8 @@ def fit_defaults(genx: Mapping[str, Any], fit_parameters: int) -> tuple[dict[str
     fitted parameters when ``use_pop_mult``, else ``pop_size``; ``generations`` is
     ``max_generations`` when ``use_max_generations``, else ``max_generation_mult`` × fitted
     parameters × population; ``km``, ``kr`` as they are; ``method`` is ``create_trial``. Each is
-    then checked as the ``orchester fit`` option of its name checks it; one that GenX's settings do
-    not determine, that the option refuses, or a count above 2**31 - 1, is the option's default.
+    then checked by :func:`orchester.genx.check_setting` (the ranges ``orchester fit`` accepts); one that
+    GenX's settings do not determine, or out of range, is ``orchester fit``'s default.
 
     Returns the settings and the names of those that are defaults.
     """
@@ -357,39 +357,14 @@ def fit_defaults(genx: Mapping[str, Any], fit_parameters: int) -> tuple[dict[str
         proposed["generations"] = int(genx["max_generation_mult"] * fit_parameters * population)
     defaults: dict[str, Any] = {}
     fallbacks: list[str] = []
-    for name, option in _fit_options().items():
+    for name in SETTINGS:
         value = proposed.get(name)
-        checked = _accepted(option, value) if value is not None else None
+        checked = check_setting(name, value) if value is not None else None
         if checked is None:
             fallbacks.append(name)
-            checked = option.default
+            checked = DEFAULTS[name]
         defaults[name] = checked
     return defaults, tuple(fallbacks)
-
-
-def _fit_options() -> dict[str, Any]:
-    """The ``orchester fit`` options of :data:`SETTINGS`, by name (their types say what they accept)."""
-    from orchester.cli.fit import fit
-
-    options = {p.name: p for p in fit.params if p.name in SETTINGS}
-    return {name: options[name] for name in SETTINGS}
-
-
-def _accepted(option: Any, value: Any) -> Any:
-    """``value`` as the command-line option takes it, or ``None`` when the option refuses it."""
-    import click
-
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None
-    try:
-        converted = option.type.convert(value, option, None)
-    except click.BadParameter:
-        return None
-    if isinstance(converted, float) and not math.isfinite(converted):
-        return None
-    if isinstance(converted, int) and converted > _MAX_COUNT:
-        return None
-    return converted
 
 
 # The child side: ``python -m orchester.genx.inspect`` reads one file on stdin, writes one JSON object.

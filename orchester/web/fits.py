@@ -1,0 +1,384 @@
+"""GenX fits from the browser: uploads checked, submitted to the bus, followed, written to disk.
+
+Each fit lives in a folder of its own under the web process's data folder, named by its id (the
+task's id: 128 random bits)::
+
+    <data>/fits/<id>/fit.json       what the page shows (state, settings, figure of merit per generation)
+    <data>/fits/<id>/model.hgx      the uploaded model, as uploaded
+    <data>/fits/<id>/out/           the files ``orchester fit`` writes for the same model and settings
+                                    (<name>.csv, <name>_params.csv, <name>_fom.csv, <name>.hgx, <name>.png),
+                                    plot.json (the result page's figure) and <name>.zip (all of it)
+
+``fit.json`` is replaced atomically at every change of state, the outputs are written all or
+nothing (:func:`orchester.genx.fits.write_outputs`), so a web process killed at any moment leaves
+fits that a restarted one reads back: a fit that was still running is asked of the bus again
+(the orchestrator keeps results, and journals them when it has a journal).
+
+An upload that is not a GenX model is refused (:class:`~orchester.genx.inspect.ModelError`)
+before anything runs; settings are checked against the ranges ``orchester fit`` accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import time
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchester.client.aio import AsyncClient
+from orchester.errors import OrchesterError, RemoteError, TaskFailed
+from orchester.genx import MIN_POPULATION, TRIAL_METHODS
+from orchester.genx.fits import FitSettings, output_paths, write_outputs
+
+log = logging.getLogger("orchester.web")
+
+#: A fit's id: a task id of 32 hex digits.
+FIT_ID = re.compile(r"[0-9a-f]{32}")
+#: States of a fit, as the page shows them.
+STATES = ("queued", "running", "done", "failed")
+#: Most generations a fit from the browser may ask for, and most figure-of-merit points kept live.
+MAX_GENERATIONS = 100_000
+#: Most fits kept in memory (the oldest finished ones are forgotten first; their folders stay).
+MAX_FITS = 10_000
+
+
+class SettingsError(OrchesterError, ValueError):
+    """A fit setting from the form out of range or of the wrong type (the page shows it; HTTP 400)."""
+
+
+#: Each setting the form may send: (type, lowest, highest, whether the lowest is excluded).
+_RANGES: dict[str, tuple[type, float, float, bool]] = {
+    "generations": (int, 1, MAX_GENERATIONS, False),
+    "population": (int, MIN_POPULATION, 10_000, False),
+    "seed": (int, 0, 2**32 - 1, False),
+    "km": (float, 0.0, 2.0, True),
+    "kr": (float, 0.0, 1.0, False),
+    "max_evaluations": (int, 1, 10**9, False),
+}
+
+
+def parse_settings(form: Mapping[str, str], defaults: Mapping[str, Any]) -> FitSettings:
+    """:class:`FitSettings` from the model file's ``defaults`` and the form's fields (strings).
+
+    An empty field keeps the default; anything else out of range is a :class:`SettingsError`
+    naming the field and the range, as ``orchester fit`` would refuse it.
+    """
+    values: dict[str, Any] = {k: v for k, v in defaults.items() if k in _RANGES or k == "method"}
+    for name, (kind, lo, hi, open_lo) in _RANGES.items():
+        raw = form.get(name, "").strip()
+        if not raw:
+            continue
+        try:
+            number = int(raw) if kind is int else float(raw)
+        except ValueError:
+            raise SettingsError(f"{name}: {raw[:40]!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(number) or number < lo or number > hi or (open_lo and number == lo):
+            bound = f"more than {lo:g}" if open_lo else f"at least {lo:g}"
+            raise SettingsError(f"{name}: {raw[:40]} is out of range ({bound} and at most {hi:g})")
+        values[name] = number
+    method = form.get("method", "").strip()
+    if method:
+        if method not in TRIAL_METHODS:
+            raise SettingsError(f"method: {method[:40]!r} is not one of {', '.join(TRIAL_METHODS)}")
+        values["method"] = method
+    try:
+        return FitSettings(**values)
+    except TypeError as exc:  # a default of a shape FitSettings does not take
+        raise SettingsError(f"settings: {exc}") from None
+
+
+def safe_name(filename: str) -> str:
+    """A model's name for its output files: the upload's file name without folder or extension,
+    letters, digits, ``-``, ``_`` and ``.`` only, at most 80 characters."""
+    stem = Path(filename.replace("\\", "/").rsplit("/", 1)[-1]).stem
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")[:80]
+    return name or "model"
+
+
+@dataclass
+class WebFit:
+    """One fit as the web process follows it (its ``fit.json``)."""
+
+    id: str
+    name: str  #: the model's name (its output files are named after it)
+    file: str  #: the uploaded file's name, as given (shown, never used as a path)
+    settings: dict[str, Any]
+    state: str = "queued"
+    submitted: float = 0.0
+    finished: float | None = None
+    generation: int = 0
+    fom: float | None = None
+    fom_name: str = "fom"
+    #: ``[generation, best figure of merit]`` as the fit reported them
+    fom_history: list[list[float]] = field(default_factory=list)
+    error: str = ""
+    satellite: str = ""
+    seconds: float | None = None
+    files: list[str] = field(default_factory=list)
+    #: the fitted parameters: ``{name, value, min, max, error: [low, high] | None}``
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  #: what inspection read of the model
+
+    def json(self) -> dict[str, Any]:
+        """The fit as ``GET /api/fits/{id}`` gives it."""
+        return {"id": self.id, "name": self.name, "file": self.file, "settings": self.settings,
+                "state": self.state, "submitted": self.submitted, "finished": self.finished,
+                "generation": self.generation, "generations": self.settings.get("generations"),
+                "fom": self.fom, "fom_name": self.fom_name, "fom_history": self.fom_history,
+                "error": self.error, "satellite": self.satellite, "seconds": self.seconds,
+                "files": self.files, "parameters": self.parameters, "model": self.model}
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> WebFit:
+        """A fit read back from its ``fit.json`` (:class:`ValueError` on anything of the wrong shape)."""
+        try:
+            fit = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        if not FIT_ID.fullmatch(str(fit.id)) or fit.state not in STATES or not isinstance(fit.settings, dict):
+            raise ValueError("not a fit record")
+        if not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in fit.files):
+            raise ValueError("a file name of the wrong shape")
+        return fit
+
+
+Inspect = Callable[[bytes], Any]
+
+
+class FitStore:
+    """The fits of one web process: ``root`` is its data folder's ``fits/``.
+
+    ``client`` submits and follows them; ``inspect`` checks an upload (by default
+    :func:`orchester.genx.inspect.inspect_model`, in a child process). Call :meth:`load` once on
+    the event loop, feed progress events to :meth:`on_event`.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], client: AsyncClient, *, inspect: Inspect | None = None,
+                 max_running: int = 1000) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.client = client
+        self.inspect = inspect
+        self.max_running = max_running
+        self.fits: dict[str, WebFit] = {}
+        self._waiting: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------- reading back
+    def load(self) -> int:
+        """Read every fit folder back; follow again the fits that were not finished. Returns how many."""
+        for d in sorted(self.root.iterdir(), key=lambda p: p.name) if self.root.is_dir() else []:
+            if not FIT_ID.fullmatch(d.name):
+                continue
+            try:
+                raw = (d / "fit.json").read_bytes()
+                if len(raw) > 64 * 1024 * 1024:
+                    raise ValueError("larger than 64 MB")
+                fit = WebFit.of(json.loads(raw))
+                if fit.id != d.name:
+                    raise ValueError("its id is not its folder's name")
+            except (OSError, ValueError) as exc:
+                log.warning("fit folder %s skipped: %s", d.name, exc)
+                continue
+            self.fits[fit.id] = fit
+            if fit.state in ("queued", "running"):
+                self._follow(fit, None)
+        return len(self.fits)
+
+    # ------------------------------------------------------------- new fits
+    async def add(self, filename: str, data: bytes, form: Mapping[str, str]) -> WebFit:
+        """Check an uploaded model and its settings, keep it, submit its fit; the new fit.
+
+        :class:`~orchester.genx.inspect.ModelError` for a file that is not a GenX model,
+        :class:`SettingsError` for a bad setting: nothing is kept or run then.
+        """
+        if sum(f.state in ("queued", "running") for f in self.fits.values()) >= self.max_running:
+            raise SettingsError(f"{self.max_running} fits are already waiting or running: wait for some to finish")
+        from orchester.genx.inspect import inspect_model
+
+        info = await asyncio.get_running_loop().run_in_executor(None, self.inspect or inspect_model, data)
+        defaults = dict(getattr(info, "defaults", {}) or {})
+        settings = parse_settings(form, defaults)
+        fid = secrets.token_hex(16)
+        model_info = info.to_json() if hasattr(info, "to_json") else {}
+        fit = WebFit(fid, safe_name(filename), filename[:300], settings.kwargs(), submitted=time.time(),
+                     model=model_info if isinstance(model_info, dict) else {})
+        folder = self.root / fid
+        folder.mkdir(mode=0o700)
+        _write_atomic(folder / "model.hgx", data)
+        self._save(fit)
+        self.fits[fid] = fit
+        try:
+            fut = self.client.submit_nowait("genx.fit", data, task_id=fid, **settings.kwargs())
+        except (OrchesterError, ValueError) as exc:
+            self._finish(fit, "failed", error=f"not submitted: {exc}")
+            return fit
+        self._follow(fit, fut)
+        self._trim()
+        return fit
+
+    def _follow(self, fit: WebFit, fut: Any) -> None:
+        self._waiting[fit.id] = asyncio.get_running_loop().create_task(self._wait(fit, fut),
+                                                                         name=f"orchester-web-fit-{fit.id[:8]}")
+
+    async def _wait(self, fit: WebFit, fut: Any) -> None:
+        """Wait for a fit's result (from its future, or asked of the bus after a restart); write its files."""
+        try:
+            result = await (fut if fut is not None else self.client.result(fit.id))
+        except TaskFailed as exc:
+            self._finish(fit, "failed", error=f"{exc.type}: {exc.message}", satellite=exc.satellite or "")
+            return
+        except (RemoteError, OrchesterError, TimeoutError) as exc:
+            self._finish(fit, "failed", error=str(exc) or type(exc).__name__)
+            return
+        finally:
+            self._waiting.pop(fit.id, None)
+        try:
+            files = await asyncio.get_running_loop().run_in_executor(None, self._write, fit, result)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+            self._finish(fit, "failed", error=f"the result could not be written: {type(exc).__name__}: {exc}")
+            return
+        fom = result.get("fom")
+        fit.fom = float(fom) if isinstance(fom, (int, float)) and math.isfinite(fom) else None
+        fit.fom_name = str(result.get("fom_name", "fom"))[:40]
+        history = result.get("fom_history")
+        if history is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                fit.fom_history = [[float(g), float(v)] for g, v in list(_pairs(history))[:MAX_GENERATIONS]]
+        fit.generation = int(result.get("generations") or fit.generation)
+        fit.seconds = float(result.get("seconds") or 0.0)
+        fit.files = files
+        fit.parameters = [_parameter(p) for p in list(result.get("parameters") or [])[:10_000] if isinstance(p, dict)]
+        self._finish(fit, "done")
+
+    def _write(self, fit: WebFit, result: dict[str, Any]) -> list[str]:
+        """The result's files (those of ``orchester fit``), its figure and a zip of it all: the file names."""
+        out = self.root / fit.id / "out"
+        finals = write_outputs(fit.name, result, out)
+        from orchester.web.plots import result_figure
+
+        _write_atomic(out / "plot.json", json.dumps(result_figure(fit.name, result)).encode())
+        archive = out / f"{fit.name}.zip"
+        part = out / f".{fit.name}.{secrets.token_hex(4)}.part.zip"
+        try:
+            with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in finals:
+                    z.write(p, p.name)
+            os.replace(part, archive)
+        finally:
+            part.unlink(missing_ok=True)
+        return [p.name for p in finals] + [archive.name]
+
+    def _finish(self, fit: WebFit, state: str, *, error: str = "", satellite: str = "") -> None:
+        fit.state = state
+        fit.finished = time.time()
+        fit.error = error[:4000]
+        if satellite:
+            fit.satellite = satellite[:200]
+        self._save(fit)
+
+    def _save(self, fit: WebFit) -> None:
+        _write_atomic(self.root / fit.id / "fit.json", json.dumps(fit.json(), allow_nan=False).encode())
+
+    def _trim(self) -> None:
+        """Forget the oldest finished fits beyond :data:`MAX_FITS` (their folders stay on disk)."""
+        if len(self.fits) <= MAX_FITS:
+            return
+        for fid in [f.id for f in sorted(self.fits.values(), key=lambda f: f.submitted)
+                    if f.state in ("done", "failed")][:len(self.fits) - MAX_FITS]:
+            del self.fits[fid]
+
+    # ------------------------------------------------------------- progress
+    def on_event(self, topic: str, data: dict[str, Any]) -> None:
+        """A bus event: a fit's progress (generation, figure of merit) or its task's state."""
+        if topic.startswith("progress:"):
+            fit = self.fits.get(topic[9:])
+            if fit is None or fit.state not in ("queued", "running"):
+                return
+            gen, fom = data.get("generation"), data.get("fom")
+            fit.state = "running"
+            if isinstance(gen, (int, float)) and not isinstance(gen, bool) and math.isfinite(gen):
+                fit.generation = int(max(0, min(gen, MAX_GENERATIONS)))
+                if isinstance(fom, (int, float)) and not isinstance(fom, bool) and math.isfinite(fom):
+                    fit.fom = float(fom)
+                    if len(fit.fom_history) < MAX_GENERATIONS:
+                        fit.fom_history.append([float(fit.generation), float(fom)])
+        elif topic.startswith("task:"):
+            fit = self.fits.get(topic[5:])
+            if fit is not None and fit.state == "queued" and data.get("state") in ("dispatched", "running"):
+                fit.state = "running"
+                sat = data.get("sat")
+                if isinstance(sat, str):
+                    fit.satellite = sat[:200]
+
+    # ------------------------------------------------------------- files
+    def file(self, fid: str, name: str) -> Path | None:
+        """The path of one of a finished fit's files, or ``None`` (never a path outside its folder)."""
+        fit = self.fits.get(fid)
+        if fit is None or name not in fit.files:
+            return None
+        return self.root / fid / "out" / name
+
+    def figure(self, fid: str) -> bytes | None:
+        """A finished fit's figure (bokeh JSON), or ``None``."""
+        fit = self.fits.get(fid)
+        if fit is None or fit.state != "done":
+            return None
+        try:
+            return (self.root / fid / "out" / "plot.json").read_bytes()
+        except OSError:
+            return None
+
+    async def close(self) -> None:
+        """Stop following the fits (they go on on the bus; a restarted web process follows them again)."""
+        for t in list(self._waiting.values()):
+            t.cancel()
+        for t in list(self._waiting.values()):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._waiting.clear()
+
+
+def expected_files(name: str) -> list[str]:
+    """The names of the files a finished fit of model ``name`` offers."""
+    return [p.name for p in output_paths(name, ".")] + [f"{name}.zip"]
+
+
+def _parameter(p: dict[str, Any]) -> dict[str, Any]:
+    """A fitted parameter as the page shows it (numbers finite or ``None``)."""
+    def num(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    err = p.get("error")
+    return {"name": str(p.get("name", ""))[:200], "value": num(p.get("value")), "min": num(p.get("min")),
+            "max": num(p.get("max")),
+            "error": [num(err[0]), num(err[1])] if isinstance(err, (list, tuple)) and len(err) == 2 else None}
+
+
+def _pairs(history: Any) -> list[tuple[Any, Any]]:
+    import numpy as np
+
+    arr = np.asarray(history, dtype=float).reshape(-1, 2)
+    return [(g, v) for g, v in arr.tolist() if math.isfinite(g) and math.isfinite(v)]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing (a temporary file in the same folder, then renamed)."""
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)

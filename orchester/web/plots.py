@@ -1,0 +1,103 @@
+"""The web pages' figures, made with bokeh and shown by BokehJS (served from the bokeh wheel: no CDN).
+
+Each function returns a figure as :func:`bokeh.embed.json_item` gives it; the page embeds it
+with ``Bokeh.embed.embed_item``. Live figures have named data sources (``name=``) whose data
+the page replaces as new points come (``doc.get_model_by_name``): the figure is made once, the
+data travels as plain JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+#: Colours of successive data sets (bokeh's Category10).
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def _figure(**kw: Any) -> Any:
+    from bokeh.plotting import figure
+
+    base: dict[str, Any] = {"sizing_mode": "stretch_width", "height": 300, "toolbar_location": "above",
+                            "tools": "pan,wheel_zoom,box_zoom,reset,save"}
+    base.update(kw)
+    return figure(**base)
+
+
+def _item(fig: Any) -> dict[str, Any]:
+    from bokeh.embed import json_item
+
+    return dict(json_item(fig))
+
+
+@lru_cache(maxsize=1)
+def fom_figure() -> dict[str, Any]:
+    """The live figure of merit of one fit per generation (source ``fom``: columns ``generation``, ``fom``)."""
+    from bokeh.models import ColumnDataSource
+
+    fig = _figure(height=260, y_axis_type="log", x_axis_label="generation", y_axis_label="best figure of merit")
+    src = ColumnDataSource({"generation": [], "fom": []}, name="fom")
+    fig.line("generation", "fom", source=src, line_width=2)
+    fig.scatter("generation", "fom", source=src, size=3)
+    return _item(fig)
+
+
+@lru_cache(maxsize=1)
+def overview_figures() -> dict[str, Any]:
+    """The overview's live figures, side by side on one time axis: throughput, and satellites with
+    their slots (and the busy ones) and the queue.
+
+    Sources: ``throughput`` (``t``, ``done_per_s``), ``fleet`` (``t``, ``satellites``, ``slots``,
+    ``busy``, ``queued``), ``marks`` (``t``: a failover or a restart of the orchestrator).
+    """
+    from bokeh.layouts import gridplot
+    from bokeh.models import ColumnDataSource
+
+    marks = ColumnDataSource({"t": [], "what": []}, name="marks")
+    tput = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks finished / s", title="Throughput")
+    src = ColumnDataSource({"t": [], "done_per_s": []}, name="throughput")
+    tput.line("t", "done_per_s", source=src, line_width=2)
+    tput.scatter("t", 0, source=marks, marker="triangle", size=12, color="#d62728", legend_label="failover / restart")
+    tput.legend.location = "top_left"
+    fleet = _figure(height=220, x_axis_type="datetime", y_axis_label="count", title="Satellites, slots, queue",
+                    x_range=tput.x_range)
+    fsrc = ColumnDataSource({"t": [], "satellites": [], "slots": [], "busy": [], "queued": []}, name="fleet")
+    for col, colour in (("satellites", PALETTE[0]), ("slots", PALETTE[2]), ("busy", PALETTE[1]),
+                        ("queued", PALETTE[3])):
+        fleet.line("t", col, source=fsrc, line_width=2, color=colour, legend_label=col)
+    fleet.legend.location = "top_left"
+    for fig in (tput, fleet):
+        fig.sizing_mode = "stretch_width"
+    return _item(gridplot([[tput, fleet]], sizing_mode="stretch_width", toolbar_location="right"))
+
+
+def result_figure(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A finished fit: each data set with its error bars and the fitted curve, reflectivity on a log scale."""
+    from bokeh.models import ColumnDataSource
+    from bokeh.models.annotations import Whisker
+
+    fig = _figure(height=380, y_axis_type="log", x_axis_label="Q (1/Å)", y_axis_label="reflectivity",
+                  title=f"{name}: {result.get('fom_name', 'fom')} = {_g(result.get('fom'))}")
+    for i, d in enumerate(result["datasets"]):
+        x, y, e, ys = (np.asarray(d[k], dtype=float) for k in ("x", "y", "error", "y_sim"))
+        colour = PALETTE[i % len(PALETTE)]
+        pos = (y > 0) & np.isfinite(y) & np.isfinite(x)
+        lower = np.maximum(y[pos] - np.nan_to_num(e[pos]), y[pos] * 1e-3)  # a log axis has no room below 0
+        data = ColumnDataSource({"x": x[pos].tolist(), "y": y[pos].tolist(), "lower": lower.tolist(),
+                                 "upper": (y[pos] + np.nan_to_num(e[pos])).tolist()})
+        label = str(d.get("name", f"data {i}"))[:60]
+        fig.scatter("x", "y", source=data, size=4, color=colour, legend_label=f"{label} data")
+        fig.add_layout(Whisker(source=data, base="x", lower="lower", upper="upper", line_color=colour,
+                               line_alpha=0.6, upper_head=None, lower_head=None))
+        fin = np.isfinite(ys) & (ys > 0) & np.isfinite(x)
+        fig.line(x[fin].tolist(), ys[fin].tolist(), line_width=2, color=colour, legend_label=f"{label} fit")
+    fig.legend.location = "top_right"
+    fig.legend.click_policy = "hide"
+    return _item(fig)
+
+
+def _g(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and math.isfinite(value) else "?"

@@ -1,0 +1,296 @@
+// Orchester's pages: plain JavaScript, no build step. Every value from the bus is shown as text
+// (textContent), never parsed as HTML. Figures are bokeh's (BokehJS served by this server).
+"use strict";
+
+const Orchester = (() => {
+  const $ = (sel) => document.querySelector(sel);
+  const xsrf = () => document.body.dataset.xsrf;
+
+  function el(tag, text, cls) {
+    const e = document.createElement(tag);
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (cls) e.className = cls;
+    return e;
+  }
+
+  function link(href, text) {
+    const a = el("a", text);
+    a.href = href;
+    return a;
+  }
+
+  function row(cells) {
+    const tr = document.createElement("tr");
+    for (const c of cells) {
+      const td = document.createElement("td");
+      if (c instanceof Node) td.appendChild(c); else td.textContent = c === null || c === undefined ? "" : String(c);
+      tr.appendChild(td);
+    }
+    return tr;
+  }
+
+  function fill(tbody, rows) {
+    tbody.replaceChildren(...rows);
+  }
+
+  function clock(t) {
+    if (typeof t !== "number") return "";
+    const d = new Date(t * 1000);
+    return d.toLocaleString(undefined, {hour12: false});
+  }
+
+  function num(v, digits) {
+    return typeof v === "number" && isFinite(v) ? Number(v.toPrecision(digits || 4)).toString() : "";
+  }
+
+  function showError(id, message) {
+    const e = $(id);
+    if (!e) return;
+    e.textContent = message || "";
+    e.hidden = !message;
+  }
+
+  async function api(path, options) {
+    const r = await fetch(path, Object.assign({credentials: "same-origin"}, options || {}));
+    let body = null;
+    try { body = await r.json(); } catch (_) { body = null; }
+    if (!r.ok) throw new Error((body && body.error) || `${r.status} ${r.statusText}`);
+    return body;
+  }
+
+  // ---------------------------------------------------------------- figures
+  async function embed(item, target) {
+    const views = await Bokeh.embed.embed_item(item, target);
+    return views;
+  }
+
+  function source(name) {
+    for (const doc of Bokeh.documents) {
+      const m = doc.get_model_by_name(name);
+      if (m) return m;
+    }
+    return null;
+  }
+
+  // ---------------------------------------------------------------- live socket
+  function live(topics, onBatch) {
+    const badge = $("#live");
+    let delay = 500;
+    function connect() {
+      const proto = location.protocol === "https:" ? "wss:" : "ws:";
+      const ws = new WebSocket(`${proto}//${location.host}/ws?topics=${encodeURIComponent(topics.join(","))}`);
+      ws.onopen = () => { delay = 500; if (badge) { badge.textContent = "● live"; badge.className = "live on"; } };
+      ws.onmessage = (m) => { try { onBatch(JSON.parse(m.data)); } catch (e) { console.error(e); } };
+      ws.onclose = () => {
+        if (badge) { badge.textContent = "○ reconnecting"; badge.className = "live off"; }
+        setTimeout(connect, delay);
+        delay = Math.min(delay * 2, 10000);
+      };
+    }
+    connect();
+  }
+
+  function every(seconds, fn) {
+    let busy = false;
+    const tick = async () => {
+      if (busy || document.hidden) return;
+      busy = true;
+      try { await fn(); } finally { busy = false; }
+    };
+    tick();
+    return setInterval(tick, seconds * 1000);
+  }
+
+  // ---------------------------------------------------------------- overview
+  async function overview() {
+    await embed(await api("/api/figures/overview"), "fig-overview");
+    const events = $("#events tbody");
+    live(["sat:", "ha:", "control:", "task:"], (batch) => {
+      const rows = [];
+      for (const ev of batch.events.slice(-50)) {
+        const d = ev.data || {};
+        const what = ["state", "reason", "sat", "attempt"].filter((k) => d[k] !== undefined && d[k] !== null)
+          .map((k) => `${k}=${d[k]}`).join("  ");
+        rows.push(row([clock(ev.t), ev.topic, what]));
+      }
+      if (batch.dropped) rows.push(row(["", `(${batch.dropped} more events not shown)`, ""]));
+      for (const r of rows.reverse()) events.prepend(r);
+      while (events.rows.length > 100) events.deleteRow(-1);
+    });
+    every(1, async () => {
+      let o;
+      try { o = await api("/api/status"); } catch (e) { showError("#status-error", e.message); return; }
+      showError("#status-error", o.status_error ? `orchestrator: ${o.status_error}` : "");
+      const st = o.status || {};
+      const ha = st.ha && st.ha.state ? `${st.ha.state}` : "single";
+      $("#c-ha").textContent = ha;
+      $("#c-epoch").textContent = `epoch ${st.epoch || "?"} · up ${Math.round(st.uptime || 0)} s`;
+      const sats = (st.satellites || []);
+      const live = sats.filter((s) => s.state !== "lost");
+      $("#c-sats").textContent = String(live.length);
+      $("#c-slots").textContent = `${live.reduce((a, s) => a + (s.inflight || 0), 0)} of ${live.reduce((a, s) => a + (s.workers || 0), 0)} slots busy`;
+      const tasks = st.tasks || {};
+      $("#c-tasks").textContent = String(Object.values(tasks).reduce((a, b) => a + b, 0));
+      $("#c-states").textContent = Object.entries(tasks).map(([k, v]) => `${k} ${v}`).join(" · ");
+      const series = o.series || [];
+      $("#c-rate").textContent = series.length ? num(series[series.length - 1].done_per_s, 3) : "…";
+      const t = series.map((p) => p.t * 1000);
+      const tp = source("throughput");
+      if (tp) tp.data = {t, done_per_s: series.map((p) => p.done_per_s)};
+      const fl = source("fleet");
+      if (fl) fl.data = {t, satellites: series.map((p) => p.satellites), slots: series.map((p) => p.slots),
+                         busy: series.map((p) => p.busy), queued: series.map((p) => p.queued)};
+      const mk = source("marks");
+      if (mk) mk.data = {t: o.marks.map((m) => m.t * 1000), what: o.marks.map((m) => m.what)};
+      fill($("#queues tbody"), Object.entries(st.queued || {}).map(([k, v]) => row([k, v])));
+      fill($("#satellites tbody"), sats.map((s) => {
+        const r = s.reported || {};
+        return row([s.id, s.state, s.host, `${s.inflight || 0}/${s.workers || 0}`, s.inflight || 0,
+                    `${num(s.heartbeat_age, 2)} s`, num(r.cpu_percent, 3), num(r.rss_mb, 4),
+                    s.walltime_left === null || s.walltime_left === undefined ? "" : `${Math.round(s.walltime_left)} s`,
+                    s.done, s.failed, (s.kinds || []).join(" ")]);
+      }));
+    });
+  }
+
+  // ---------------------------------------------------------------- tasks
+  function tasks() {
+    const form = $("#filters");
+    const stack = [];  // the "until" of each page shown before this one
+    let until = null;
+    let nextUntil = null;
+    function query(extra) {
+      const p = new URLSearchParams();
+      for (const [k, v] of new FormData(form)) {
+        if (!v) continue;
+        p.set(k, (k === "since" || k === "until") ? String(new Date(v).getTime() / 1000) : v);
+      }
+      if (until !== null) p.set("until", String(until));
+      for (const [k, v] of Object.entries(extra || {})) p.set(k, v);
+      return p;
+    }
+    async function load() {
+      const p = query();
+      $("#csv").href = `/api/tasks?${query({format: "csv"})}`;
+      let body;
+      try { body = await api(`/api/tasks?${p}`); } catch (e) { showError("#tasks-error", e.message); return; }
+      showError("#tasks-error", "");
+      fill($("#tasks tbody"), body.rows.map((r) => row([
+        clock(r.submitted), link(`/tasks/${encodeURIComponent(r.id)}`, r.id.slice(0, 12)), r.kind,
+        el("span", r.state, `state ${r.state}`), r.attempts, r.satellite, r.owner, clock(r.finished), r.error])));
+      nextUntil = body.next_until;
+      $("#older").disabled = nextUntil === null;
+      $("#newer").disabled = stack.length === 0;
+      $("#page-info").textContent = `page ${stack.length + 1} · ${body.rows.length} rows`;
+    }
+    form.addEventListener("submit", (e) => { e.preventDefault(); stack.length = 0; until = null; load(); });
+    $("#older").addEventListener("click", () => { stack.push(until); until = nextUntil; load(); });
+    $("#newer").addEventListener("click", () => { until = stack.pop(); if (until === undefined) until = null; load(); });
+    load();
+  }
+
+  async function task(id) {
+    let t;
+    try { t = await api(`/api/tasks/${encodeURIComponent(id)}`); } catch (e) { showError("#task-error", e.message); return; }
+    const facts = $("#facts");
+    for (const k of ["kind", "state", "attempt", "crashes", "satellite", "priority", "tags", "owner", "result_retained"]) {
+      facts.append(el("dt", k), el("dd", Array.isArray(t[k]) ? t[k].join(", ") : t[k]));
+    }
+    fill($("#timeline tbody"), (t.history || []).map((h) => row([clock(h.t), el("span", h.state, `state ${h.state}`),
+                                                             h.attempt, h.sat, h.reason])));
+    if (t.error) {
+      $("#failure").hidden = false;
+      const e = t.error;
+      $("#traceback").textContent = typeof e === "object" ? `${e.type || ""}: ${e.msg || ""}\n\n${e.tb || ""}` : String(e);
+    }
+  }
+
+  // ---------------------------------------------------------------- fits
+  function fitRow(f) {
+    const gens = f.generations ? `${f.generation} / ${f.generations}` : f.generation;
+    return row([link(`/fits/${f.id}`, f.name), el("span", f.state, `state ${f.state}`), gens, num(f.fom, 5),
+                clock(f.submitted), f.error || ""]);
+  }
+
+  function fits() {
+    const form = $("#fit-form");
+    const input = $("#model");
+    const drop = $("#drop");
+    let chosen = [];
+    function show() {
+      $("#chosen").textContent = chosen.length ? chosen.map((f) => f.name).join(", ") : "no model chosen";
+    }
+    input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
+    for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+    for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
+    drop.addEventListener("drop", (e) => { e.preventDefault(); chosen = Array.from(e.dataTransfer.files); show(); });
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      if (!chosen.length) { showError("#fit-error", "choose or drop one or more .hgx model files first"); return; }
+      const data = new FormData();
+      for (const f of chosen) data.append("model", f, f.name);
+      for (const [k, v] of new FormData(form)) if (k !== "model" && v !== "") data.append(k, v);
+      $("#fit-button").disabled = true;
+      $("#fit-message").textContent = "uploading and checking…";
+      try {
+        const body = await api("/api/fits", {method: "POST", body: data, headers: {"X-XSRFToken": xsrf()}});
+        showError("#fit-error", body.fits.filter((f) => f.error).map((f) => `${f.file}: ${f.error}`).join("; "));
+        $("#fit-message").textContent = `${body.fits.filter((f) => f.id).length} fit(s) submitted`;
+        chosen = []; input.value = ""; show();
+        refresh();
+      } catch (err) {
+        showError("#fit-error", err.message);
+        $("#fit-message").textContent = "";
+      } finally {
+        $("#fit-button").disabled = false;
+      }
+    });
+    async function refresh() {
+      const body = await api("/api/fits");
+      fill($("#fits tbody"), body.fits.map(fitRow));
+    }
+    every(1, refresh);
+  }
+
+  async function fit(id) {
+    const fomFig = await api("/api/figures/fom");
+    await embed(fomFig, "fig-fom");
+    let shown = false;
+    const timer = every(1, async () => {
+      let f;
+      try { f = await api(`/api/fits/${id}`); } catch (e) { showError("#fit-error", e.message); return; }
+      $("#fit-name").textContent = f.name;
+      const st = $("#fit-state");
+      st.textContent = f.state;
+      st.className = `state ${f.state}`;
+      const facts = $("#facts");
+      facts.replaceChildren();
+      const s = f.settings || {};
+      const pairs = [["file", f.file], ["generation", f.generations ? `${f.generation} / ${f.generations}` : f.generation],
+        [f.fom_name || "figure of merit", num(f.fom, 6)], ["satellite", f.satellite], ["seconds", num(f.seconds, 4)],
+        ["settings", Object.entries(s).map(([k, v]) => `${k}=${v}`).join("  ")]];
+      for (const [k, v] of pairs) facts.append(el("dt", k), el("dd", v));
+      showError("#fit-error", f.error);
+      const src = source("fom");
+      if (src) src.data = {generation: f.fom_history.map((p) => p[0]), fom: f.fom_history.map((p) => p[1])};
+      if (f.state === "done" && !shown) {
+        shown = true;
+        $("#result").hidden = false;
+        await embed(await api(`/api/fits/${id}/figure`), "fig-result");
+        fill($("#parameters tbody"), f.parameters.map((p) => row([p.name, num(p.value, 6), num(p.min, 4), num(p.max, 4),
+          p.error ? num(p.error[0], 3) : "", p.error ? num(p.error[1], 3) : ""])));
+        const ul = $("#files");
+        for (const name of f.files) {
+          const li = el("li");
+          const a = link(`/api/fits/${id}/files/${encodeURIComponent(name)}`, name);
+          a.setAttribute("download", name);
+          li.appendChild(a);
+          ul.appendChild(li);
+        }
+      }
+      if (f.state === "done" || f.state === "failed") clearInterval(timer);
+    });
+  }
+
+  return {overview, tasks, task, fits, fit};
+})();
