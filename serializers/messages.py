@@ -47,7 +47,7 @@ from typing import Any, ClassVar, Self
 
 from . import protocol as P
 from .codecs import PICKLE_CONSENT, header_codec
-from .header import MAX_HEADER, MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
+from .header import MAX_HEADER, MAX_NAME, MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
 from .header import field as typed
 
 #: Most tasks a REGISTER may claim back (``running`` and ``recent``), an ACK acknowledge or a HISTORY name.
@@ -353,9 +353,13 @@ class History(Wire):
     until: float | None = None
     limit: int | None = None
     ids: tuple[str, ...] | None = None
+    owner: str | None = None  #: submitted by this key's name (CurveZMQ), ``""``: without keys
+    tag: str | None = None  #: tasks with this tag
+    #: instead of rows: roll-ups in steps of this many seconds (whole minutes) from ``since`` to ``until``
+    rollup: float | None = None
 
     #: The filters, by keyword (those of :meth:`orchester.Client.history`).
-    FILTERS: ClassVar[tuple[str, ...]] = ("state", "kind", "since", "until", "limit", "ids")
+    FILTERS: ClassVar[tuple[str, ...]] = ("state", "kind", "since", "until", "limit", "ids", "owner", "tag")
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> History:
@@ -365,14 +369,22 @@ class History(Wire):
             raise ProtocolError(P.E_MALFORMED, f"header field 'ids' lists more than {MAX_CLAIMS:,} task ids")
         ids = None if listed is None else tuple(i for i in listed if isinstance(i, str))  # (no other id exists)
         since, until = (number(hdr, key, -1e12, 1e12, None) for key in ("since", "until"))
+        rollup = number(hdr, "rollup", 60, MAX_SECONDS, None)
+        if rollup is not None and (since is None or until is None or until <= since):
+            raise ProtocolError(P.E_MALFORMED, "a roll-up needs 'since' and 'until', 'since' first")
+        owner = hdr.get("owner")
+        if owner is not None and not (isinstance(owner, str) and len(owner) <= MAX_NAME and owner.isprintable()):
+            raise ProtocolError(P.E_MALFORMED, f"header field 'owner' must be a name of at most {MAX_NAME} "
+                                "printable characters")
         return cls(_rid(hdr), text(hdr, "state", None, limit=64), text(hdr, "kind", None),
                    None if since is None else float(since), None if until is None else float(until),
-                   number(hdr, "limit", -2**62, 2**62, None, integer=True), ids)
+                   number(hdr, "limit", -2**62, 2**62, None, integer=True), ids, owner, text(hdr, "tag", None),
+                   None if rollup is None else float(rollup))
 
     def filters(self) -> dict[str, Any]:
         """The filters given, by name (as the journal reader takes them)."""
         out: dict[str, Any] = {}
-        for key in ("state", "kind", "since", "until", "limit"):
+        for key in ("state", "kind", "since", "until", "limit", "owner", "tag", "rollup"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value
@@ -381,7 +393,8 @@ class History(Wire):
         return out
 
     def header(self) -> dict[str, Any]:
-        """``{state?, kind?, since?, until?, limit?, ids?, rid}``: the filters given, then the request id."""
+        """``{state?, kind?, since?, until?, limit?, owner?, tag?, rollup?, ids?, rid}``: the filters given,
+        then the request id."""
         hdr = self.filters()
         if self.rid is not None:
             hdr["rid"] = self.rid

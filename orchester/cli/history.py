@@ -62,9 +62,9 @@ def history(connect: tuple[str, ...], state: str | None, kind: str | None, since
     elif fmt == "csv":
         import csv
 
-        w = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS))
+        w = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS), extrasaction="ignore")  # a newer server's columns
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({**r, "tags": " ".join(map(str, r.get("tags") or []))} for r in rows)
     else:
         from orchester.render import render_history
 

@@ -163,6 +163,13 @@ class AsyncClient:
             filters["ids"] = tuple(filters["ids"])
         return list((await self._call(M.History(**filters), timeout))["rows"])
 
+    async def rollup(self, since: float, until: float, step: float = 60.0, *, kind: str | None = None,
+                     tag: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Roll-ups from the journal (see :meth:`orchester.Client.rollup`)."""
+        query = M.History(since=float(since), until=float(until), kind=kind, tag=tag, rollup=float(step))
+        reply = await self._call(query, timeout)
+        return {"step": reply["step"], "buckets": list(reply["buckets"])}
+
     async def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""
         return (await self._call(M.Status(task=task_id), timeout))["task"]

@@ -174,16 +174,30 @@ class Client:
 
     def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
                 until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,
+                owner: str | None = None, tag: str | None = None,
                 timeout: float | None = 60.0) -> list[dict[str, Any]]:
         """The history of every task (from the journal when the orchestrator keeps one).
 
         One row per task: id, kind, state, attempts, satellite, submitted and finished (wall
-        time), error type. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
-        ``[since, until)`` (seconds since the epoch), ``ids``; ``limit`` keeps the newest rows.
+        time), error type, owner, tags. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
+        ``[since, until)`` (seconds since the epoch), ``ids``, ``owner`` (the name of the key
+        that submitted it), ``tag``; ``limit`` keeps the newest rows.
         """
         query = M.History(state=state, kind=kind, since=since, until=until, limit=limit,
-                          ids=None if ids is None else tuple(ids))
+                          ids=None if ids is None else tuple(ids), owner=owner, tag=tag)
         return list(self._call(query, timeout)["rows"])
+
+    def rollup(self, since: float, until: float, step: float = 60.0, *, kind: str | None = None,
+               tag: str | None = None, timeout: float | None = 60.0) -> dict[str, Any]:
+        """Tasks ended, seconds of work and satellites that worked, per ``step`` seconds (whole minutes)
+        from ``since`` to ``until`` (seconds since the epoch), for ``kind`` and ``tag`` if given.
+
+        From the journal's roll-ups (an orchestrator without a journal refuses it): ``{"step",
+        "buckets": [{"t", "done", "failed", "ended", "busy_seconds", "satellites"}, ...]}``.
+        """
+        query = M.History(since=float(since), until=float(until), kind=kind, tag=tag, rollup=float(step))
+        reply = self._call(query, timeout)
+        return {"step": reply["step"], "buckets": list(reply["buckets"])}
 
     def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """One task's state, attempts and history of transitions."""

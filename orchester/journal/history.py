@@ -7,14 +7,14 @@ task, and :func:`select` filters and orders the rows.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Submitted, Transition, view
 from serializers import ProtocolError, unpack
 from tracker import TaskState
 
-COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner")
+COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner", "tags")
 
 
 def fields(record: list[Any]) -> dict[str, Any] | None:
@@ -52,6 +52,7 @@ class Row:
     finished: float = 0.0
     error: str = ""
     owner: str = ""  #: who submitted it: the key's name (CurveZMQ on), else empty
+    tags: list[str] = field(default_factory=list)  #: the task's tags, sorted
 
 
 class HistoryFold:

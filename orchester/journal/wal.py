@@ -136,6 +136,31 @@ def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
         report.damaged.append((path.name, pos, end - pos))
 
 
+def read_from(path: Path, offset: int = 0) -> Iterator[tuple[list[Any], int]]:
+    """The intact records of a log segment from byte ``offset`` on, each with the offset after it.
+
+    It stops at the first record that is incomplete or damaged, without a word: in the live
+    segment that is the record being written (the next call starts there again).
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    pos, end = 0, len(data)
+    while end - pos >= _HEAD.size:
+        length, crc = _HEAD.unpack_from(data, pos)
+        body = data[pos + _HEAD.size: pos + _HEAD.size + length]
+        if length > MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
+            return
+        try:
+            record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+        except Exception:
+            return
+        if not isinstance(record, list) or not record:
+            return
+        pos += _HEAD.size + length
+        yield record, offset + pos
+
+
 def read_at(path: Path, offset: int) -> list[Any]:
     """The record at ``offset`` of a log segment (checked like any other)."""
     with open(path, "rb") as f:

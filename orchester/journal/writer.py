@@ -44,12 +44,11 @@ from typing import Any
 import zmq
 
 from orchester.journal.folder import JournalError
-from orchester.journal.hdf5 import read_h5_fields
-from orchester.journal.history import HistoryFold, fields, select
+from orchester.journal.index import HistoryIndex
 from orchester.journal.records import RESULT, RecordError, Result, Submitted, payload_bytes
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record, verified_parts
-from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at, read_segment
+from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at
 from serializers.header import ProtocolError, unpack
 
 log = logging.getLogger("orchester.journal")
@@ -255,35 +254,19 @@ def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[A
     return list(read_journal(d, report)), report
 
 
-def history(directory: Path, filters: dict[str, Any]) -> list[dict[str, Any]]:
-    """History rows from a journal folder: the columns of compacted segments, then the log tail.
+def history(directory: Path, filters: dict[str, Any], index: HistoryIndex | None = None) -> list[dict[str, Any]]:
+    """History rows from a journal folder (through ``index``, refreshed first; a new one when not given).
 
     A failed task's ``error`` is its type and message; the message only for the rows of the
     key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
     """
     filters = dict(filters)
     viewer = filters.pop("viewer", None)
-    for _ in range(5):  # a segment may be compacted (renamed) while we list the folder
-        try:
-            fold = HistoryFold()
-            messages: dict[str, str] = {}  #: the log tail's error messages, by task id
-            for path, kind in verified_parts(directory):  # a segment that fails its checksum is never opened
-                if kind == "h5":
-                    for f in read_h5_fields(path):
-                        fold.add(f)
-                else:
-                    for record in read_segment(path, ReadReport()):
-                        cols = fields(record)
-                        if cols is not None:
-                            fold.add(cols)
-                            if cols["code"] == RESULT and cols["etype"]:
-                                messages[cols["task_id"]] = _error_message(record)
-            rows = select(fold.rows, **filters)
-            _add_messages(directory, rows, messages, viewer)
-            return rows
-        except FileNotFoundError:
-            continue
-    raise RuntimeError("the journal kept changing while it was read")
+    index = index if index is not None else HistoryIndex(directory)
+    index.refresh()
+    rows = index.rows(filters)
+    _add_messages(directory, rows, dict(index.messages), viewer)
+    return rows
 
 
 def _error_message(record: list[Any]) -> str:
@@ -378,6 +361,7 @@ class HistoryReader:
         sock = self.ctx.socket(zmq.PAIR)
         sock.linger = 0
         sock.connect(self._addr)
+        index = HistoryIndex(self.dir)  # this thread's: built once, then read on from where it stopped
         try:
             while True:
                 with self._cond:
@@ -388,8 +372,14 @@ class HistoryReader:
                     return
                 token, filters = item
                 try:
-                    rows = history(self.dir, filters)
-                    body = {"rows": rows, "count": len(rows), "source": "journal"}
+                    if "rollup" in filters:
+                        index.refresh()
+                        f = dict(filters)
+                        body = {**index.rollup(f["since"], f["until"], f["rollup"], f.get("kind"), f.get("tag")),
+                                "source": "journal"}
+                    else:
+                        rows = history(self.dir, filters, index)
+                        body = {"rows": rows, "count": len(rows), "source": "journal"}
                 except Exception as exc:
                     log.exception("history query failed")
                     body = {"error": f"{type(exc).__name__}: {exc}"}

@@ -114,7 +114,8 @@ class LocalCluster:
                  tags: Sequence[str] = (), strategy: str = "least_loaded",
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  serve_args: Sequence[str] = (), start_timeout: float = 60.0,
-                 log_level: str = "WARNING", env: dict[str, str] | None = None) -> None:
+                 log_level: str = "WARNING", env: dict[str, str] | None = None, web: bool = False,
+                 web_bind: str = "127.0.0.1:0", web_data_dir: str | None = None) -> None:
         self.n_satellites = satellites
         self.workers = workers
         self.tasks = list(tasks)
@@ -133,6 +134,13 @@ class LocalCluster:
         self.satellites: list[subprocess.Popen[bytes]] = []
         self.endpoint = ""
         self.pub_endpoint = ""
+        #: ``web``: also start ``orchester web`` on the cluster (``web_bind``; its fits in ``web_data_dir``,
+        #: by default a folder inside :attr:`dir`); :attr:`web_url` is its link, with the access token
+        self.web = web
+        self.web_bind = web_bind
+        self.web_data_dir = web_data_dir
+        self.web_url = ""
+        self.web_process: subprocess.Popen[bytes] | None = None
         self._clients: list[Client] = []
         self._started = False
         #: every process ever started: stopped by close(), or at exit if close() is never called
@@ -166,6 +174,8 @@ class LocalCluster:
             for i in range(self.n_satellites):
                 self.add_satellite(f"local-{i}")
             self.wait_for_satellites(self.n_satellites)
+            if self.web:
+                self.start_web()
         except BaseException:
             self.close()
             raise
@@ -197,6 +207,33 @@ class LocalCluster:
         with open(efile) as f:
             eps = json.load(f)
         self.endpoint, self.pub_endpoint = eps["bind"][0], eps["pub"][0]
+
+    def start_web(self) -> str:
+        """Start ``orchester web`` on this cluster, a process of its own; return its link (with the token)."""
+        import select
+
+        cmd = [sys.executable, "-m", "orchester", "--log-level", self.log_level, "web", "--connect", self.endpoint,
+               "--bind", self.web_bind, "--data-dir", self.web_data_dir or os.path.join(self.dir, "web")]
+        with shielded():
+            p = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 preexec_fn=parent_death_signal(signal.SIGTERM))
+            self._procs.append(p)
+        self.web_process = p
+        assert p.stdout is not None
+        deadline = time.monotonic() + self.start_timeout
+        line = b""
+        while not line.endswith(b"\n"):  # "Orchester web: <link>", once it listens
+            left = deadline - time.monotonic()
+            if p.poll() is not None or left <= 0:
+                raise ClusterError("the web process exited at start" if p.poll() is not None
+                                   else "the web process did not start in time")
+            if select.select([p.stdout], [], [], min(left, 0.2))[0]:
+                chunk = os.read(p.stdout.fileno(), 4096)
+                if not chunk:
+                    continue
+                line += chunk
+        self.web_url = line.decode().split()[-1]
+        return self.web_url
 
     def add_satellite(self, sid: str | None = None, workers: int | None = None,
                       tags: Sequence[str] | None = None, extra: Sequence[str] = (),

@@ -188,6 +188,9 @@ class Requests:
         if "state" in filters and filters["state"] not in TASK_STATE_VALUES:
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown state {filters['state']!r}; "
                                 f"known: {sorted(TASK_STATE_VALUES)}")
+        if msg.rollup is not None and not self.ports.history_reader:
+            raise ProtocolError(P.E_BAD_REQUEST, "roll-ups come from the journal: this orchestrator keeps none "
+                                "(orchester serve --journal DIR)")
         if self.ports.history_reader:  # the journal has everything: its reader answers
             # error messages: of the asker's own tasks only (all of them without keys, or to an admin)
             viewer = None if self.ports.identify is None or self.is_admin() else (self.state.user or "")
@@ -198,7 +201,8 @@ class Requests:
 
     def _memory_history(self, state: str | None = None, kind: str | None = None, since: float | None = None,
                         until: float | None = None, limit: int | None = None,
-                        ids: list[Any] | None = None) -> list[dict[str, Any]]:
+                        ids: list[Any] | None = None, owner: str | None = None,
+                        tag: str | None = None) -> list[dict[str, Any]]:
         """History rows from the task table, newest submissions first found, oldest first returned.
 
         One request costs at most one pass over the table and builds at most ``limit`` rows
@@ -219,6 +223,8 @@ class Requests:
             if len(out) >= limit or scanned >= HISTORY_SCAN:
                 break
             if (wanted is not None and task.state is not wanted) or (kind is not None and task.kind != kind):
+                continue
+            if (owner is not None and (task.owner or "") != owner) or (tag is not None and tag not in task.tags):
                 continue
             rows = task.history.rows()
             submitted = rows[0][0] if rows else 0.0
@@ -249,7 +255,7 @@ class Requests:
                 error = str(rows[-1][4]) if message else task.state.name.lower()
         return asdict(Row(task.id, task.kind, task.state.name.lower(), task.attempt, sat,
                           rows[0][0] if rows else 0.0, rows[-1][0] if rows and task.state.terminal else 0.0, error,
-                          task.owner if isinstance(task.owner, str) else ""))
+                          task.owner if isinstance(task.owner, str) else "", sorted(task.tags)))
 
     def reply(self, sock: Any, ident: bytes, rid: RequestId, body: dict[str, Any]) -> None:
         """Answer a request (``rid``: its request id)."""

@@ -153,6 +153,10 @@ class FitPage(Page):
     template = "fit.html"
 
 
+class HistoryPage(Page):
+    template = "history.html"
+
+
 # ------------------------------------------------------------------ API
 class StatusApi(Api):
     """``GET /api/status``: the orchestrator's last status, the time series and the failovers."""
@@ -165,10 +169,12 @@ class FiguresApi(Api):
     """``GET /api/figures/{name}``: an empty live figure (bokeh JSON): ``fom`` or ``overview``."""
 
     def get(self, name: str) -> None:
-        from orchester.web.plots import fom_figure, overview_figures
+        from orchester.web.plots import fom_figure, history_figure, overview_figures
 
         if name == "fom":
             self.json(fom_figure())
+        elif name == "history":
+            self.json(history_figure())
         elif name == "overview":
             self.json(overview_figures())
         else:
@@ -208,7 +214,7 @@ def _when(handler: Base, name: str) -> float | None:
 
 
 class TasksApi(Api):
-    """``GET /api/tasks?state=&kind=&owner=&since=&until=&limit=&format=csv``: the whole history, newest first.
+    """``GET /api/tasks?state=&kind=&owner=&tag=&since=&until=&limit=&format=csv``: the whole history, newest first.
 
     Filtered on the orchestrator (from its journal when it keeps one). Pages: ``until`` = the
     ``submitted`` of the last row of the previous page.
@@ -224,27 +230,27 @@ class TasksApi(Api):
         owner = self.get_query_argument("owner", "").strip() or None
         if owner is not None and (len(owner) > 256 or not owner.isprintable()):
             raise self.bad("owner: at most 256 printable characters")
+        tag = self.get_query_argument("tag", "").strip() or None
+        if tag is not None and (len(tag) > 256 or not tag.isprintable()):
+            raise self.bad("tag: at most 256 printable characters")
         since, until = _when(self, "since"), _when(self, "until")
         limit = int(_number(self, "limit", 1, MAX_ROWS) or 100)
         fmt = self.get_query_argument("format", "json")
         if fmt not in ("json", "csv"):
             raise self.bad("format: json or csv")
-        want = limit if owner is None else min(100_000, limit * 20)  # the owner is filtered here
         try:
-            rows = await self.hub.client.history(state=state, kind=kind, since=since, until=until, limit=want,
-                                                 timeout=30)
+            rows = await self.hub.client.history(state=state, kind=kind, since=since, until=until, limit=limit,
+                                                 owner=owner, tag=tag, timeout=30)
         except (OrchesterError, TimeoutError) as exc:
             raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
-        if owner is not None:
-            rows = [r for r in rows if r.get("owner") == owner]
         rows = sorted(rows, key=lambda r: r.get("submitted") or 0, reverse=True)[:limit]
         if fmt == "csv":
             buf = io.StringIO()
-            cols = ("id", "kind", "state", "attempts", "satellite", "owner", "submitted", "finished", "error")
+            cols = ("id", "kind", "state", "attempts", "satellite", "owner", "tags", "submitted", "finished", "error")
             w = csv.writer(buf)
             w.writerow(cols)
             for r in rows:
-                w.writerow([_csv_cell(r.get(c)) for c in cols])
+                w.writerow([_csv_cell(" ".join(map(str, r.get(c) or [])) if c == "tags" else r.get(c)) for c in cols])
             self.set_header("Content-Type", "text/csv; charset=utf-8")
             self.set_header("Content-Disposition", 'attachment; filename="tasks.csv"')
             self.finish(buf.getvalue())
@@ -265,6 +271,55 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+class HistoryApi(Api):
+    """``GET /api/history?since=&until=&step=&kind=&tag=&format=csv``: per step, tasks ended, utilisation
+    and satellites, from the journal's roll-ups (and this process's fleet log for what was available).
+
+    Defaults: the last 24 hours, a step that gives at most about 300 points.
+    """
+
+    async def get(self) -> None:
+        now = time.time()
+        until = _when(self, "until") or now
+        since = _when(self, "since") or until - 86400
+        if since >= until:
+            raise self.bad("since must come before until")
+        step = _number(self, "step", 60, 366 * 86400)
+        if step is None:
+            step = max(60.0, math.ceil((until - since) / 300 / 60) * 60)
+        kind = self.get_query_argument("kind", "").strip() or None
+        tag = self.get_query_argument("tag", "").strip() or None
+        for name, value in (("kind", kind), ("tag", tag)):
+            if value is not None and (len(value) > 256 or not value.isprintable()):
+                raise self.bad(f"{name}: at most 256 printable characters")
+        try:
+            roll = await self.hub.client.rollup(since, until, step, kind=kind, tag=tag, timeout=30)
+        except RemoteError as exc:
+            raise self.bad(exc.message if hasattr(exc, "message") else str(exc)) from None
+        except (OrchesterError, TimeoutError) as exc:
+            raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
+        buckets = []
+        for b in roll["buckets"]:
+            seen = self.hub.fleet.span(b["t"], roll["step"])
+            sats, slots = (None, None) if seen is None else seen
+            util = None if not slots else min(1.0, b["busy_seconds"] / (slots * roll["step"]))
+            buckets.append({**b, "satellites_available": sats, "slots": slots, "utilisation": util,
+                            "workers_busy": round(b["busy_seconds"] / roll["step"], 3)})
+        if self.get_query_argument("format", "json") == "csv":
+            buf = io.StringIO()
+            cols = ("t", "done", "failed", "busy_seconds", "workers_busy", "satellites", "satellites_available",
+                    "slots", "utilisation")
+            w = csv.writer(buf)
+            w.writerow(cols)
+            for b in buckets:
+                w.writerow(["" if b.get(c) is None else b[c] for c in cols])
+            self.set_header("Content-Type", "text/csv; charset=utf-8")
+            self.set_header("Content-Disposition", 'attachment; filename="history.csv"')
+            self.finish(buf.getvalue())
+            return
+        self.json({"since": since, "until": until, "step": roll["step"], "buckets": buckets})
 
 
 class TaskApi(Api):
@@ -437,7 +492,8 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
     return tornado.web.Application(
         [
             (r"/", OverviewPage), (r"/tasks", TasksPage), (r"/tasks/([^/]+)", TaskPage),
-            (r"/fits", FitsPage), (r"/fits/([0-9a-f]{32})", FitPage),
+            (r"/fits", FitsPage), (r"/fits/([0-9a-f]{32})", FitPage), (r"/history", HistoryPage),
+            (r"/api/history", HistoryApi),
             (r"/api/status", StatusApi), (r"/api/figures/([a-z]+)", FiguresApi),
             (r"/api/tasks", TasksApi), (r"/api/tasks/([^/]+)", TaskApi),
             (r"/api/fits", FitsApi), (r"/api/fits/([0-9a-f]{32})", FitApi),

@@ -25,10 +25,12 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -135,6 +137,81 @@ class Point:
                 "running": self.running, "satellites": self.satellites, "slots": self.slots, "busy": self.busy}
 
 
+class FleetLog:
+    """Satellites and worker slots available, per minute, kept in a file of the web process's own.
+
+    The journal records tasks, not the fleet: what was available when is what this process saw in
+    the orchestrator's statuses. One line per minute (JSON: ``t``, ``satellites``, ``slots``, the
+    most seen in that minute) is appended to ``path``; a restarted process reads the file back
+    (a damaged or torn line is skipped) and keeps at most :data:`FleetLog.KEEP` minutes in memory.
+    """
+
+    KEEP = 366 * 24 * 60
+
+    def __init__(self, path: str | os.PathLike[str] | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.minutes: dict[int, tuple[int, int]] = {}
+        self._current: tuple[int, int, int] | None = None  #: (minute, satellites, slots) not written yet
+        if self.path is not None and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        assert self.path is not None
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - self.KEEP * 64))
+                lines = f.read().splitlines()
+        except OSError as exc:
+            log.warning("cannot read the fleet log %s: %s", self.path, exc.strerror)
+            return
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                t, sats, slots = int(rec["t"]), int(rec["satellites"]), int(rec["slots"])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+                continue
+            if 0 <= sats <= 10**7 and 0 <= slots <= 10**9:
+                self.minutes[t // 60] = (sats, slots)
+
+    def add(self, t: float, satellites: int, slots: int) -> None:
+        """One status: ``satellites`` and ``slots`` available at wall time ``t``."""
+        minute = int(t // 60)
+        cur = self._current
+        if cur is not None and cur[0] != minute:
+            self._flush(cur)
+            cur = None
+        if cur is None:
+            cur = (minute, satellites, slots)
+        self._current = (minute, max(cur[1], satellites), max(cur[2], slots))
+        self.minutes[minute] = self._current[1:]
+
+    def _flush(self, cur: tuple[int, int, int]) -> None:
+        if len(self.minutes) > self.KEEP:
+            for m in sorted(self.minutes)[:len(self.minutes) - self.KEEP]:
+                del self.minutes[m]
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"t": cur[0] * 60, "satellites": cur[1], "slots": cur[2]}) + "\n")
+        except OSError as exc:
+            log.warning("cannot write the fleet log %s: %s", self.path, exc.strerror)
+
+    def close(self) -> None:
+        """Write the minute in progress."""
+        if self._current is not None:
+            self._flush(self._current)
+            self._current = None
+
+    def span(self, start: float, seconds: float) -> tuple[int, int] | None:
+        """The most satellites and slots seen from ``start`` for ``seconds``, or ``None`` if none was seen."""
+        seen = [self.minutes[m] for m in range(int(start // 60), int((start + seconds) // 60)) if m in self.minutes]
+        if not seen:
+            return None
+        return max(s for s, _ in seen), max(n for _, n in seen)
+
+
 class Hub:
     """The bus as the web process sees it (see the module's docstring).
 
@@ -143,8 +220,10 @@ class Hub:
     """
 
     def __init__(self, client: AsyncClient, *, refresh: float = 1.0,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None, fleet_log: str | os.PathLike[str] | None = None) -> None:
         self.client = client
+        #: satellites and slots available per minute (``fleet_log``: its file, kept across restarts)
+        self.fleet = FleetLog(fleet_log)
         self.refresh = refresh
         self.ctx = context or zmq.asyncio.Context.instance()
         #: the last status the orchestrator gave (``{}`` until the first), and when (wall time)
@@ -200,6 +279,7 @@ class Hub:
         if self._sub is not None:
             self._sub.close(0)
             self._sub = None
+        self.fleet.close()
         await self.client.close()
 
     # ------------------------------------------------------------- browsers
@@ -249,10 +329,12 @@ class Hub:
         sats = [s for s in st.get("satellites", []) if isinstance(s, dict) and s.get("state") != "lost"]
         tasks: dict[str, Any] = st["tasks"] if isinstance(st.get("tasks"), dict) else {}
         queued: dict[str, Any] = st["queued"] if isinstance(st.get("queued"), dict) else {}
-        self.series.append(Point(
+        point = Point(
             now, rate, sum(v for v in queued.values() if isinstance(v, int)),
             int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0), len(sats),
-            sum(int(s.get("workers") or 0) for s in sats), sum(int(s.get("inflight") or 0) for s in sats)))
+            sum(int(s.get("workers") or 0) for s in sats), sum(int(s.get("inflight") or 0) for s in sats))
+        self.series.append(point)
+        self.fleet.add(now, point.satellites, point.slots)
         for pub in st.get("pub", []) if isinstance(st.get("pub"), list) else []:
             if isinstance(pub, str) and pub not in self._pubs and self._sub is not None:
                 try:

@@ -74,6 +74,34 @@ def overview_figures() -> dict[str, Any]:
     return _item(gridplot([[tput, fleet]], sizing_mode="stretch_width", toolbar_location="right"))
 
 
+@lru_cache(maxsize=1)
+def history_figure() -> dict[str, Any]:
+    """The history page's figures on one time axis: tasks ended per step (done, failed), utilisation
+    (busy slots / available slots), satellites (available, and those that worked).
+
+    Source ``history``: columns ``t`` (the middle of each step), ``w`` (its width; both in ms), ``done``,
+    ``failed``, ``utilisation`` (percent), ``available``, ``active``.
+    """
+    from bokeh.layouts import column
+    from bokeh.models import ColumnDataSource
+
+    src = ColumnDataSource({"t": [], "w": [], "done": [], "failed": [], "utilisation": [], "available": [],
+                            "active": []}, name="history")
+    ended = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks per step", title="Tasks ended")
+    ended.vbar_stack(["done", "failed"], x="t", width="w", source=src, color=[PALETTE[2], PALETTE[3]],
+                     legend_label=["done", "failed"])
+    ended.legend.location = "top_left"
+    util = _figure(height=180, x_axis_type="datetime", y_axis_label="%", title="Utilisation (busy / available slots)",
+                   x_range=ended.x_range)
+    util.line("t", "utilisation", source=src, line_width=2, color=PALETTE[1])
+    fleet = _figure(height=180, x_axis_type="datetime", y_axis_label="satellites", title="Satellites",
+                    x_range=ended.x_range)
+    fleet.step("t", "available", source=src, line_width=2, color=PALETTE[0], legend_label="available", mode="after")
+    fleet.step("t", "active", source=src, line_width=2, color=PALETTE[4], legend_label="worked", mode="after")
+    fleet.legend.location = "top_left"
+    return _item(column(ended, util, fleet, sizing_mode="stretch_width"))
+
+
 def result_figure(name: str, result: dict[str, Any]) -> dict[str, Any]:
     """A finished fit: each data set with its error bars and the fitted curve, reflectivity on a log scale."""
     from bokeh.models import ColumnDataSource

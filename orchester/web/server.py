@@ -39,6 +39,18 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "orchester" / "web"
 
 
+def data_dir(options: WebOptions) -> Path:
+    """The web process's folder (made, this user's only): its fits, its fleet log, a local cluster's journal."""
+    data = Path(options.data_dir) if options.data_dir else default_data_dir()
+    try:
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise WebConfigError(f"cannot use {data} as the data folder: {exc.strerror}") from None
+    if not data.is_dir():
+        raise WebConfigError(f"{data} is not a folder")
+    return data
+
+
 def parse_bind(bind: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6; port 0: one the system chooses) as ``(host, port)``."""
     host, sep, port = bind.rpartition(":")
@@ -119,8 +131,10 @@ def serve_web(options: WebOptions, *, out: TextIO | None = None,
                 from orchester.local.cluster import LocalCluster
 
                 n = options.local or os.cpu_count() or 1
-                print(f"starting a local cluster: {n} satellite(s)", file=sys.stderr, flush=True)
-                cluster = LocalCluster(satellites=n, workers=1, tasks=options.local_tasks, log_level="WARNING").start()
+                journal = data_dir(options) / "journal"  # the history page's source, kept across restarts
+                print(f"starting a local cluster: {n} satellite(s), journal in {journal}", file=sys.stderr, flush=True)
+                cluster = LocalCluster(satellites=n, workers=1, tasks=options.local_tasks, log_level="WARNING",
+                                       serve_args=["--journal", str(journal)]).start()
                 connect = [cluster.endpoint]
             return asyncio.run(_main(options, connect, host, port, tls, out, ready,
                                      pub=cluster.pub_endpoint if cluster is not None else None))
@@ -143,10 +157,9 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    data = Path(options.data_dir) if options.data_dir else default_data_dir()
-    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = data_dir(options)
     client = AsyncClient(connect, pub=pub, curve_secret=options.curve_secret, server_key=options.server_key)
-    hub = Hub(client, refresh=options.refresh)
+    hub = Hub(client, refresh=options.refresh, fleet_log=data / "fleet.jsonl")
     fits = FitStore(data / "fits", client)
     hub.listeners.append(fits.on_event)
     hub.start()

@@ -327,3 +327,71 @@ class TestFits(WebCase):
         fit = self.io_loop.run_sync(restart, timeout=300)
         assert fit["state"] == "done", fit["error"]
         assert "platinum_film_fom.csv" in fit["files"]
+
+
+class TestHistory(WebCase):
+    """History from the journal's roll-ups (this class's cluster keeps a journal)."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.journal = Path(tempfile.mkdtemp(prefix="orchester-web-journal-"))
+        cls.cluster = LocalCluster(satellites=1, workers=2, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
+                                   liveness=3, env=TEST_ENV, log_level="WARNING", tags=["blue"],
+                                   serve_args=["--journal", str(cls.journal / "j")]).start()
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        super().tearDownClass()
+        shutil.rmtree(cls.journal, ignore_errors=True)
+
+    def test_tasks_per_minute_work_and_satellites_from_the_journal(self) -> None:
+        started = time.time()
+        blue = self.submit(*[("echo", (i,), {"tags": ["blue"]}) for i in range(4)])
+        self.submit(*[("echo", (i,), {}) for i in range(6)], ("fail", ("x",), {}), ("fail", ("y",), {}))
+        self.io_loop.run_sync(lambda: asyncio.sleep(0.5))  # a status or two for the fleet log
+        since, until = int(started // 60) * 60 - 60, time.time() + 60
+        h = self.json_of(f"/api/history?since={since}&until={until}&step=60")
+        assert h["step"] == 60
+        assert sum(b["done"] for b in h["buckets"]) == 10 and sum(b["failed"] for b in h["buckets"]) == 2
+        assert sum(b["busy_seconds"] for b in h["buckets"]) > 0
+        assert max(b["satellites"] for b in h["buckets"]) == 1
+        now = [b for b in h["buckets"] if b["t"] <= time.time() < b["t"] + 60]
+        assert now and now[0]["satellites_available"] == 1 and now[0]["slots"] == 2
+        tagged = self.json_of(f"/api/history?since={since}&until={until}&tag=blue")
+        assert sum(b["done"] for b in tagged["buckets"]) == 4
+        rows = self.json_of("/api/tasks?tag=blue&limit=100")["rows"]
+        assert sorted(r["id"] for r in rows) == sorted(blue) and all(r["tags"] == ["blue"] for r in rows)
+        assert self.json_of("/api/tasks?owner=nobody")["rows"] == []
+        r = self.fetch_api(f"/api/history?since={since}&until={until}&format=csv")
+        assert r.code == 200 and r.body.decode().splitlines()[0].startswith("t,done,failed")
+        default = self.json_of("/api/history")  # the last day
+        assert len(default["buckets"]) <= 300 and sum(b["done"] for b in default["buckets"]) >= 10
+        for bad in ("since=2&until=1", "step=1", "step=inf", "since=soon"):
+            assert self.json_of(f"/api/history?{bad}", 400)["status"] == 400
+
+
+class TestNoJournal(WebCase):
+    def test_history_without_a_journal_says_so(self) -> None:
+        body = self.json_of("/api/history", 400)
+        assert "journal" in body["error"]
+
+
+def test_a_local_cluster_can_start_its_web_page(tmp_path: Path) -> None:
+    import urllib.request
+
+    with LocalCluster(satellites=1, workers=1, heartbeat_interval=FAST_HB, liveness=3, log_level="WARNING",
+                      web=True, web_data_dir=str(tmp_path / "web")) as cluster:
+        assert cluster.web_url.startswith("http://127.0.0.1:") and "?token=" in cluster.web_url
+        base, token = cluster.web_url.split("?token=")
+        req = urllib.request.Request(base + "api/status", headers={"Authorization": f"token {token}"})
+        deadline = time.monotonic() + 30
+        while True:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                body = json.loads(r.read())
+            if body["status"].get("satellites") or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert [s["id"] for s in body["status"]["satellites"]] == ["local-0"]
+        web = cluster.web_process
+        assert web is not None and web.poll() is None
+    assert web.poll() is not None  # stopped with the cluster

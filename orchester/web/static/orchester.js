@@ -256,6 +256,16 @@ const Orchester = (() => {
     const fomFig = await api("/api/figures/fom");
     await embed(fomFig, "fig-fom");
     let shown = false;
+    live([`progress:${id}`], (batch) => {  // each generation as it comes; the page's poll brings the rest
+      const src = source("fom");
+      if (!src || shown) return;
+      const g = src.data.generation.slice(), f = src.data.fom.slice();
+      for (const ev of batch.events) {
+        const d = ev.data || {};
+        if (typeof d.generation === "number" && typeof d.fom === "number" && isFinite(d.fom)) { g.push(d.generation); f.push(d.fom); }
+      }
+      src.data = {generation: g, fom: f};
+    });
     const timer = every(1, async () => {
       let f;
       try { f = await api(`/api/fits/${id}`); } catch (e) { showError("#fit-error", e.message); return; }
@@ -292,5 +302,37 @@ const Orchester = (() => {
     });
   }
 
-  return {overview, tasks, task, fits, fit};
+  // ---------------------------------------------------------------- history
+  async function history() {
+    await embed(await api("/api/figures/history"), "fig-history");
+    const form = $("#range");
+    function query(extra) {
+      const p = new URLSearchParams();
+      for (const [k, v] of new FormData(form)) {
+        if (!v) continue;
+        p.set(k, (k === "since" || k === "until") ? String(new Date(v).getTime() / 1000) : v);
+      }
+      for (const [k, v] of Object.entries(extra || {})) p.set(k, v);
+      return p;
+    }
+    async function load() {
+      $("#csv").href = `/api/history?${query({format: "csv"})}`;
+      let h;
+      try { h = await api(`/api/history?${query()}`); } catch (e) { showError("#history-error", e.message); return; }
+      showError("#history-error", "");
+      const b = h.buckets;
+      const total = b.reduce((a, x) => a + x.done + x.failed, 0);
+      $("#history-info").textContent = `${clock(h.since)} to ${clock(h.until)} · one point per ${h.step / 60} min · ` +
+        `${total} tasks ended`;
+      const src = source("history");
+      if (src) src.data = {t: b.map((x) => (x.t + h.step / 2) * 1000), w: b.map(() => h.step * 1000 * 0.85), done: b.map((x) => x.done), failed: b.map((x) => x.failed),
+        utilisation: b.map((x) => x.utilisation === null ? NaN : 100 * x.utilisation),
+        available: b.map((x) => x.satellites_available === null ? NaN : x.satellites_available),
+        active: b.map((x) => x.satellites)};
+    }
+    form.addEventListener("submit", (e) => { e.preventDefault(); load(); });
+    load();
+  }
+
+  return {overview, tasks, task, fits, fit, history};
 })();

@@ -1,0 +1,237 @@
+"""The history index: every task's row and per-minute roll-ups, kept current from the journal's files.
+
+The journal reader thread (:class:`~orchester.journal.writer.HistoryReader`) keeps one
+:class:`HistoryIndex`. Each query first :meth:`~HistoryIndex.refresh`\\ es it: segments read
+before are not read again (a compacted segment is the log it came from, record for record), and
+the live log segment is read on from where the previous refresh stopped. A query then costs a
+pass over the rows in memory, never a scan of the journal's files; a restarted orchestrator
+builds the index once, from its files.
+
+Besides the rows (:mod:`orchester.journal.history`), the index keeps roll-ups per minute and per
+``(kind, tags)``: tasks finished (done, failed, other endings), seconds of work (from each
+attempt's start to its end) and the satellites that worked. :meth:`~HistoryIndex.rollup` sums
+them over a date range, in steps of whole minutes, for a kind and tags: the history page's
+throughput and utilisation, at the cost of the minutes shown, whatever the number of tasks.
+
+A segment removed under the index (retention never removes one; an operator might) makes the
+next refresh start over.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchester.journal.history import HistoryFold, Row, fields, select
+from orchester.journal.manifest import number
+from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Submitted
+from serializers import ProtocolError, unpack
+from tracker import TaskState
+
+log = logging.getLogger("orchester.journal")
+
+#: Seconds of one roll-up bucket.
+MINUTE = 60
+#: Most buckets one roll-up answer holds (a longer range takes longer steps).
+MAX_BUCKETS = 2000
+#: Most tags one task's roll-up key holds (the rest are not indexed).
+MAX_TAGS = 16
+
+_RUNNING = int(TaskState.RUNNING)
+_ENDINGS = {int(s): s.name.lower() for s in TaskState if s.terminal}
+
+Key = tuple[str, frozenset[str]]
+
+
+@dataclass
+class Bucket:
+    """One minute of one ``(kind, tags)``."""
+
+    ended: dict[str, int] = field(default_factory=dict)  #: tasks that ended, by final state
+    busy: float = 0.0  #: seconds of work within the minute
+    satellites: set[str] = field(default_factory=set)  #: satellites that worked within it
+
+
+class HistoryIndex:
+    """Rows and roll-ups of one journal folder (see the module's docstring). One thread uses it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = Path(directory)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.fold = HistoryFold()
+        self.messages: dict[str, str] = {}  #: error messages of failed tasks read from log records
+        self.tags: dict[str, frozenset[str]] = {}  #: tags of the tasks that have some
+        self.buckets: dict[int, dict[Key, Bucket]] = defaultdict(dict)
+        self._running: dict[str, tuple[float, str]] = {}  #: task -> (start of its attempt, satellite)
+        self._done: set[int] = set()  #: segments read to their end
+        self._partial: tuple[int, int, int] | None = None  #: (segment, byte offset, records) of the live log
+        self.records = 0
+
+    # ------------------------------------------------------------- reading
+    def refresh(self) -> None:
+        """Read what the journal gained since the last refresh (everything, the first time)."""
+        from orchester.journal.segments import verified_parts
+
+        for _ in range(5):  # a segment may be compacted (renamed) while we read
+            try:
+                found = verified_parts(self.dir)
+                numbers = {number(p) for p, _ in found}
+                if not self._done <= numbers:
+                    log.info("journal segments vanished under the history index: it is built again")
+                    self._reset()
+                last = max(numbers, default=-1)
+                for path, kind in found:
+                    n = number(path)
+                    if n in self._done:
+                        continue
+                    skip = self._partial[2] if self._partial is not None and self._partial[0] == n else 0
+                    if kind == "h5":
+                        self._read_h5(path, skip)
+                        self._done.add(n)
+                        self._partial = None
+                    else:
+                        closed = n < last
+                        self._read_log(path, n, closed)
+                return
+            except FileNotFoundError:
+                continue
+        raise RuntimeError("the journal kept changing while it was read")
+
+    def _read_h5(self, path: Path, skip: int) -> None:
+        from orchester.journal.hdf5 import read_h5
+
+        for i, record in enumerate(read_h5(path)):
+            if i >= skip:
+                self._add(record)
+
+    def _read_log(self, path: Path, n: int, closed: bool) -> None:
+        from orchester.journal.wal import read_from
+
+        offset, count = (self._partial[1], self._partial[2]) if self._partial and self._partial[0] == n else (0, 0)
+        for record, end in read_from(path, offset):
+            self._add(record)
+            offset, count = end, count + 1
+        if closed:
+            self._done.add(n)
+            self._partial = None
+        else:
+            self._partial = (n, offset, count)
+
+    def _add(self, record: list[Any]) -> None:
+        cols = fields(record)
+        if cols is None:
+            return
+        self.records += 1
+        self.fold.add(cols)
+        code, tid, t = cols["code"], cols["task_id"], cols["t"]
+        if code == SUBMITTED:
+            tags = _tags(record)
+            if tags:
+                self.tags[tid] = tags
+        elif code == TRANSITION:
+            running = self._running.pop(tid, None)
+            if running is not None:
+                self._work(tid, running[0], t, running[1])
+            state = cols["state"]
+            if state == _RUNNING:
+                self._running[tid] = (t, cols["satellite"])
+            elif state in _ENDINGS and math.isfinite(t):
+                bucket = self._bucket(tid, t)
+                name = _ENDINGS[state]
+                bucket.ended[name] = bucket.ended.get(name, 0) + 1
+        elif code == RESULT and cols["etype"]:
+            msg = _message(record)
+            if msg:
+                self.messages[tid] = msg
+
+    def _key(self, tid: str) -> Key:
+        row = self.fold.rows.get(tid)
+        return (row.kind if row is not None else "", self.tags.get(tid, frozenset()))
+
+    def _bucket(self, tid: str, t: float) -> Bucket:
+        minutes = self.buckets[int(t // MINUTE)]
+        key = self._key(tid)
+        b = minutes.get(key)
+        if b is None:
+            b = minutes[key] = Bucket()
+        return b
+
+    def _work(self, tid: str, start: float, end: float, sat: str) -> None:
+        """An attempt's work from ``start`` to ``end``: its seconds into each minute it spans."""
+        if not (math.isfinite(start) and math.isfinite(end)) or end <= start or end - start > 366 * 86400:
+            return
+        t = start
+        while t < end:
+            edge = min(end, (t // MINUTE + 1) * MINUTE)
+            b = self._bucket(tid, t)
+            b.busy += edge - t
+            if sat:
+                b.satellites.add(sat)
+            t = edge
+
+    # ------------------------------------------------------------- queries
+    def rows(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
+        """History rows (as :func:`~orchester.journal.history.select`), also by ``owner`` and ``tag``."""
+        filters = dict(filters)
+        owner, tag = filters.pop("owner", None), filters.pop("tag", None)
+        table: dict[str, Row] = self.fold.rows
+        if owner is not None or tag is not None:
+            table = {tid: r for tid, r in table.items()
+                     if (owner is None or r.owner == owner) and (tag is None or tag in self.tags.get(tid, ()))}
+        out = select(table, **filters)
+        for row in out:
+            row["tags"] = sorted(self.tags.get(row["id"], ()))
+        return out
+
+    def rollup(self, since: float, until: float, step: float, kind: str | None = None,
+               tag: str | None = None) -> dict[str, Any]:
+        """Per ``step`` seconds (whole minutes, at least one) from ``since`` to ``until``: tasks ended
+        (by final state), seconds of work, and satellites that worked — for ``kind`` and ``tag`` if given."""
+        step = max(MINUTE, int(step // MINUTE) * MINUTE)
+        first, last = int(since // MINUTE), int(math.ceil(until / MINUTE))
+        if (last - first) * MINUTE / step > MAX_BUCKETS:
+            step = int(math.ceil((last - first) / MAX_BUCKETS)) * MINUTE
+        per = step // MINUTE
+        out = []
+        for start in range(first, last, per):
+            ended: dict[str, int] = {}
+            busy = 0.0
+            sats: set[str] = set()
+            for minute in range(start, min(start + per, last)):
+                for (k, tags), b in self.buckets.get(minute, {}).items():
+                    if (kind is not None and k != kind) or (tag is not None and tag not in tags):
+                        continue
+                    for name, n in b.ended.items():
+                        ended[name] = ended.get(name, 0) + n
+                    busy += b.busy
+                    sats |= b.satellites
+            out.append({"t": start * MINUTE, "ended": ended, "done": ended.get("done", 0),
+                        "failed": ended.get("failed", 0), "busy_seconds": round(busy, 3),
+                        "satellites": len(sats)})
+        return {"step": step, "buckets": out}
+
+
+def _tags(record: list[Any]) -> frozenset[str]:
+    """The tags a submission record names (those a live orchestrator took: short strings)."""
+    try:
+        tg = unpack(Submitted.of(record).header).get("tg")
+    except (ProtocolError, RecordError):
+        return frozenset()
+    if not isinstance(tg, list):
+        return frozenset()
+    return frozenset(t for t in tg[:MAX_TAGS] if isinstance(t, str) and 0 < len(t) <= 256)
+
+
+def _message(record: list[Any]) -> str:
+    """The error message of a failed task's result record (``""`` when it has none)."""
+    try:
+        err = unpack(Result.of(record).header).get("err")
+    except (ProtocolError, RecordError):
+        return ""
+    return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""

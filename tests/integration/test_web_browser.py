@@ -1,0 +1,159 @@
+"""The web interface end to end in a real headless browser (Debian's chromium, driven by Playwright).
+
+``orchester web`` runs as its own process against a real local cluster; the browser opens the
+printed link, uploads a model, presses Fit, watches the live chart grow, downloads the CSV and
+compares it with what ``orchester fit`` writes for the same model and settings. Screenshots of
+each page are kept in the test's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST_HB, TEST_ENV, stop_processes
+
+from orchester import LocalCluster
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "genx"
+#: Enough generations that the fit runs for a while: the chart is seen growing before it ends.
+GENERATIONS = 1500
+
+
+@pytest.fixture(scope="module")
+def web_cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(satellites=1, workers=1, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
+                      liveness=3, env=TEST_ENV, log_level="WARNING") as c:
+        yield c
+
+
+@pytest.fixture
+def web(web_cluster: LocalCluster, tmp_path: Path) -> Iterator[str]:
+    """``orchester web`` on the cluster, a process of its own; the link it prints (with the token)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchester", "web", "--connect", web_cluster.endpoint, "--bind", "127.0.0.1:0",
+         "--data-dir", str(tmp_path / "web")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **TEST_ENV})
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once it listens
+        m = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([0-9a-f]+)", line)
+        assert m, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        yield m.group(0)
+    finally:
+        stop_processes([proc])  # type: ignore[list-item]
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+
+
+def test_upload_fit_watch_download(web: str, web_cluster: LocalCluster, browser: Any, tmp_path: Path) -> None:
+    base = web.split("?")[0]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        # the link: the token becomes a cookie and leaves the address bar
+        page.goto(web)
+        assert page.url == base
+        page.wait_for_selector("#satellites tbody tr >> text=local-0", timeout=30_000)
+        page.wait_for_selector("#live.on", timeout=30_000)
+        page.wait_for_function("Bokeh.documents.length > 0 && Bokeh.documents[0].get_model_by_name('fleet')"
+                               ".data.t.length > 1", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
+
+        # upload a model, press Fit
+        page.click("text=Fits")
+        page.set_input_files("#model", str(EXAMPLES / "nickel_film.hgx"))
+        page.fill("input[name=generations]", str(GENERATIONS))
+        page.fill("input[name=population]", "12")
+        page.fill("input[name=seed]", "7")
+        page.click("#fit-button")
+        page.wait_for_selector("#fits tbody tr >> text=nickel_film", timeout=60_000)
+        page.screenshot(path=str(tmp_path / "fits.png"), full_page=True)
+        page.click("#fits tbody tr >> text=nickel_film")
+        page.wait_for_url(re.compile(r".*/fits/[0-9a-f]{32}$"))
+
+        # the live chart grows while the fit runs, then the result shows
+        points = "Bokeh.documents[0].get_model_by_name('fom').data.generation.length"
+        page.wait_for_function(f"Bokeh.documents.length > 0 && {points} > 0", timeout=120_000)
+        seen = []  # the chart's points, sampled while the fit runs
+        deadline = time.monotonic() + 240
+        while page.inner_text("#fit-state") != "done" and time.monotonic() < deadline:
+            seen.append(page.evaluate(points))
+            time.sleep(0.1)
+        assert page.inner_text("#fit-state") == "done"
+        growing = sorted({n for n in seen if 0 < n < GENERATIONS})
+        assert len(growing) >= 2, seen  # seen part-way, more than once: it grew while the fit ran
+        assert page.evaluate(points) >= GENERATIONS - 1
+        page.wait_for_selector("#files a >> text=nickel_film.csv", timeout=30_000)
+        page.wait_for_selector("#parameters tbody tr", timeout=30_000)
+        page.wait_for_function("Bokeh.documents.length >= 2", timeout=30_000)  # the data-and-fit figure
+        page.screenshot(path=str(tmp_path / "fit.png"), full_page=True)
+
+        with page.expect_download() as download:
+            page.click("#files a >> text=nickel_film.csv")
+        got = Path(download.value.path()).read_bytes()
+
+        # the tasks page lists the fit's task; its page shows the timeline
+        page.click("text=Tasks")
+        page.wait_for_selector("#tasks tbody tr >> text=genx.fit", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "tasks.png"), full_page=True)
+        page.click("#tasks tbody tr:has-text('genx.fit') a")
+        page.wait_for_selector("#timeline tbody tr >> text=done", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "task.png"), full_page=True)
+
+        # the history page: the day's roll-ups (this cluster keeps no journal: it says so, clearly)
+        page.click("text=History")
+        page.wait_for_selector("#history-error:not([hidden])", timeout=30_000)
+        assert "journal" in page.inner_text("#history-error")
+    finally:
+        context.close()
+    assert not problems, problems
+
+    # the same model and settings through orchester fit
+    out = tmp_path / "cli"
+    run = subprocess.run([sys.executable, "-m", "orchester", "fit", "--connect", web_cluster.endpoint,
+                          "--generations", str(GENERATIONS), "--population", "12", "--seed", "7", "--no-cache",
+                          "--out", str(out), str(EXAMPLES / "nickel_film.hgx")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, **TEST_ENV})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert got == (out / "nickel_film.csv").read_bytes()
+    for name in ("overview", "fits", "fit", "tasks", "task"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+
+
+def test_a_page_without_the_token_says_how_to_get_in(web: str, browser: Any) -> None:
+    page = browser.new_page()
+    try:
+        response = page.goto(web.split("?")[0] + "fits")
+        assert response is not None and response.status == 403
+        assert "link printed" in page.inner_text("body")
+    finally:
+        page.close()
+
+
+def test_a_non_genx_upload_shows_a_clear_error(web: str, browser: Any, tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.hgx"
+    bogus.write_text("these are my notes, not a model")
+    page = browser.new_page()
+    try:
+        page.goto(web)
+        page.goto(web.split("?")[0] + "fits")
+        page.set_input_files("#model", str(bogus))
+        page.click("#fit-button")
+        page.wait_for_selector("#fit-error:not([hidden])", timeout=60_000)
+        text = page.inner_text("#fit-error")
+        assert "notes.hgx" in text and "not" in text and "GenX" in text
+        time.sleep(1.5)
+        assert page.locator("#fits tbody tr").count() == 0
+    finally:
+        page.close()

@@ -1,0 +1,137 @@
+"""The history index: read once, then on from where it stopped; roll-ups per minute; real journal files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from orchester.journal import records as R
+from orchester.journal.index import HistoryIndex
+from orchester.journal.segments import compact
+from orchester.journal.wal import encode_record
+from orchester.journal.writer import history
+from tracker import TaskState as TS
+
+T0 = 1_800_000_000.0  # a whole minute
+
+
+def header(kind: str, tags: list[str] | None = None) -> bytes:
+    hdr: dict[str, Any] = {"id": "x", "k": kind, "c": "msgpack"}
+    if tags:
+        hdr["tg"] = tags
+    return msgpack.packb(hdr)
+
+
+def task(tid: str, kind: str, start: float, run: float, end_state: TS = TS.DONE, sat: str = "s1",
+         tags: list[str] | None = None, owner: str | None = None) -> list[list[Any]]:
+    """The records of one task: submitted at ``start``, running from ``start + 1`` for ``run`` seconds."""
+    recs = [R.submitted(tid, b"c", header(kind, tags), [], start, None, owner),
+            R.transition(tid, TS.DISPATCHED, 1, sat, None, start + 0.5),
+            R.transition(tid, TS.RUNNING, 1, sat, None, start + 1)]
+    ok = end_state is TS.DONE
+    hdr = {"id": tid, "a": 1, "ok": ok, "sat": sat} if ok else {"id": tid, "a": 1, "ok": False, "sat": sat,
+                                                                 "err": {"type": "ValueError", "msg": "bad input"}}
+    recs.append(R.result(tid, [msgpack.packb(hdr)], start + 1 + run))
+    recs.append(R.transition(tid, end_state, 1, sat, None, start + 1 + run))
+    return recs
+
+
+def append(path: Path, recs: list[list[Any]]) -> None:
+    with open(path, "ab") as f:
+        f.write(b"".join(encode_record(r) for r in recs))
+
+
+def test_rows_come_from_every_segment_and_only_new_records_are_read(tmp_path: Path) -> None:
+    first = tmp_path / "wal-000001.log"
+    append(first, task("a", "echo", T0, 10) + task("b", "fit", T0 + 5, 100, TS.FAILED, tags=["gpu"], owner="ann"))
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    assert {r["id"]: r["state"] for r in index.rows({})} == {"a": "done", "b": "failed"}
+    read = index.records
+    index.refresh()
+    assert index.records == read  # nothing new: nothing read again
+    append(first, task("c", "echo", T0 + 120, 3))  # the live segment grows
+    index.refresh()
+    assert index.records == read + 5 and [r["id"] for r in index.rows({"kind": "echo"})] == ["a", "c"]
+    # the segment closes and is compacted while a new one is written: its records are not read twice
+    compact(first)
+    append(tmp_path / "wal-000002.log", task("d", "echo", T0 + 200, 1))
+    index.refresh()
+    assert index.records == read + 10
+    assert [r["id"] for r in index.rows({})] == ["a", "b", "c", "d"]
+    assert [r["id"] for r in index.rows({"tag": "gpu"})] == ["b"] and index.rows({"tag": "gpu"})[0]["tags"] == ["gpu"]
+    assert [r["id"] for r in index.rows({"owner": "ann"})] == ["b"]
+    # what the reader thread answers, with the error's message
+    rows = history(tmp_path, {"state": "failed"}, index)
+    assert [(r["id"], r["error"]) for r in rows] == [("b", "ValueError: bad input")]
+    # and a fresh index reads the same from the files
+    assert history(tmp_path, {}) == history(tmp_path, {}, index)
+
+
+def test_a_half_written_record_is_read_once_it_is_whole(tmp_path: Path) -> None:
+    path = tmp_path / "wal-000001.log"
+    recs = task("a", "echo", T0, 1)
+    whole = b"".join(encode_record(r) for r in recs)
+    path.write_bytes(whole[:-7])  # the writer is in the middle of the last record
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    assert index.rows({})[0]["state"] == "running" and index.records == len(recs) - 1
+    path.write_bytes(whole)
+    index.refresh()
+    assert index.rows({})[0]["state"] == "done" and index.records == len(recs)
+
+
+def test_a_segment_compacted_between_two_reads_is_read_on_from_its_records(tmp_path: Path) -> None:
+    first = tmp_path / "wal-000001.log"
+    append(first, task("a", "echo", T0, 1))
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    append(first, task("b", "echo", T0 + 1, 1))  # more records, then closed and compacted before the next read
+    compact(first)
+    append(tmp_path / "wal-000002.log", task("c", "echo", T0 + 2, 1))
+    index.refresh()
+    assert [r["id"] for r in index.rows({})] == ["a", "b", "c"] and index.records == 15
+
+
+def test_a_vanished_segment_makes_the_index_start_over(tmp_path: Path) -> None:
+    append(tmp_path / "wal-000001.log", task("a", "echo", T0, 1))
+    append(tmp_path / "wal-000002.log", task("b", "echo", T0 + 1, 1))
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    (tmp_path / "wal-000001.log").unlink()
+    index.refresh()
+    assert [r["id"] for r in index.rows({})] == ["b"]
+
+
+def test_rollups_count_endings_work_and_satellites_per_minute(tmp_path: Path) -> None:
+    recs = (task("a", "echo", T0, 10, sat="s1")  # runs T0+1 .. T0+11
+            + task("b", "fit", T0 + 50, 30, TS.FAILED, sat="s2", tags=["gpu"])  # T0+51 .. T0+81: two minutes
+            + task("c", "echo", T0 + 125, 2, sat="s1"))  # the third minute
+    append(tmp_path / "wal-000001.log", recs)
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    roll = index.rollup(T0, T0 + 180, 60)
+    assert roll["step"] == 60 and [b["t"] for b in roll["buckets"]] == [T0, T0 + 60, T0 + 120]
+    first, second, third = roll["buckets"]
+    assert (first["done"], first["failed"], second["done"], second["failed"], third["done"]) == (1, 0, 0, 1, 1)
+    assert first["busy_seconds"] == 10 + 9 and second["busy_seconds"] == 21 and third["busy_seconds"] == 2
+    assert (first["satellites"], second["satellites"], third["satellites"]) == (2, 1, 1)
+    # filtered by kind and tag; and in longer steps
+    assert [b["failed"] for b in index.rollup(T0, T0 + 180, 60, tag="gpu")["buckets"]] == [0, 1, 0]
+    assert [b["done"] for b in index.rollup(T0, T0 + 180, 60, kind="echo")["buckets"]] == [1, 0, 1]
+    whole = index.rollup(T0, T0 + 180, 180)["buckets"]
+    assert len(whole) == 1 and whole[0]["ended"] == {"done": 2, "failed": 1} and whole[0]["busy_seconds"] == 42
+    # a range too long for its step gets longer steps, never more than MAX_BUCKETS points
+    long = index.rollup(T0 - 10 * 86400, T0 + 86400, 60)
+    assert len(long["buckets"]) <= 2000 and long["step"] % 60 == 0
+
+
+def test_records_of_the_wrong_shape_are_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "wal-000001.log"
+    append(path, [["T", "a", "not a state", 1, None, None, T0], ["S"], ["Q", 1, 2]] + task("a", "echo", T0, 1))
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    assert [r["id"] for r in index.rows({})] == ["a"]
+    assert index.rollup(T0, T0 + 60, 60)["buckets"][0]["done"] == 1
