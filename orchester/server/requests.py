@@ -7,6 +7,7 @@ CurveZMQ is on, and never touch a socket.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from dataclasses import asdict
@@ -28,6 +29,8 @@ log = logging.getLogger("orchester")
 
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
+#: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
+RUNNING_SHOWN = 8
 #: Rows of an in-memory history reply when the request names no limit, and at most.
 HISTORY_PAGE = 1000
 HISTORY_MAX = 10_000
@@ -262,22 +265,37 @@ class Requests:
         self.outbox.send(sock, [ident, *reply(rid, body)])
 
     def describe_task(self, task: Task) -> dict[str, Any]:
-        """One task's state, attempts and history, for ``orchester show``."""
-        return {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
-                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
-                "tags": sorted(task.tags), "history": self.life.attempts(task),
-                "owner": task.owner if isinstance(task.owner, str) else None,
-                "result_retained": task.id in self.state.results}
+        """One task's state, attempts and history, for ``orchester show``; a failed task's error
+        (type, message, traceback) to its owner or an admin (to anyone without keys)."""
+        out = {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
+               "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
+               "tags": sorted(task.tags), "history": self.life.attempts(task),
+               "owner": task.owner if isinstance(task.owner, str) else None,
+               "result_retained": task.id in self.state.results}
+        stored = self.state.results.get(task.id) if task.state is TS.FAILED else None
+        if stored is not None and (self.ports.identify is None or self.is_admin() or task.owner == self.state.user):
+            try:
+                err = unpack(bytes(stored.frames[2])).get("err")
+            except ProtocolError:
+                err = None
+            if isinstance(err, dict):
+                out["error"] = {k: str(err.get(k, ""))[:limit] for k, limit in (("type", 256), ("msg", 2000),
+                                                                                 ("tb", 20_000))}
+        return out
 
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
         states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state.state_counts) if n}
         sats = list(self.state.fleet)
+        described = [s.describe(now) for s in sats]
+        if self.ports.identify is None or self.is_admin():  # the tasks running now (ids: of anyone's tasks)
+            for d, s in zip(described, sats, strict=True):
+                d["running"] = list(itertools.islice(s.inflight, RUNNING_SHOWN))
         return {
             "epoch": self.state.epoch, "uptime": round(now - self.state.started, 3), "pub": self.ports.pub_endpoints(),
             "strategy": self.state.strategy.name, "tasks": states,
             "queued": dict(self.state.pending_kinds),
-            "satellites": [s.describe(now) for s in sats],
+            "satellites": described,
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.state.results),
             "counters": dict(self.state.counters),

@@ -338,6 +338,52 @@ class TaskApi(Api):
             raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
 
 
+class TaskResultApi(Api):
+    """``GET /api/tasks/{id}/result``: a finished task's result, as a JSON download.
+
+    Only a task that is done and whose result the orchestrator still keeps (404 otherwise);
+    arrays become lists (at most :data:`MAX_RESULT_ITEMS` numbers), bytes their size.
+    """
+
+    async def get(self, tid: str) -> None:
+        if len(tid) > 256 or not tid.isprintable():
+            raise self.bad("not a task id")
+        client = self.hub.client
+        try:
+            task = await client.show(tid, timeout=10)
+            if task.get("state") != "done" or not task.get("result_retained"):
+                raise tornado.web.HTTPError(404, "no result: the task is not done, or its result is no longer kept")
+            value = await client.result(tid, timeout=30)
+        except RemoteError as exc:
+            raise tornado.web.HTTPError(404, f"no result: {exc}".replace("%", "%%")) from None
+        except (OrchesterError, TimeoutError) as exc:
+            raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Content-Disposition", f'attachment; filename="result-{tid[:32]}.json"')
+        self.finish(dumps(_arrays_as_lists(value)))
+
+
+#: Most numbers of the arrays of one result turned into JSON lists.
+MAX_RESULT_ITEMS = 10_000_000
+
+
+def _arrays_as_lists(value: Any, depth: int = 0) -> Any:
+    """``value`` with numpy arrays (and numpy scalars) as plain lists and numbers, for JSON."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.size <= MAX_RESULT_ITEMS else f"<array {value.shape} {value.dtype}>"
+    if isinstance(value, np.generic):
+        return value.item()
+    if depth > 32:
+        return None
+    if isinstance(value, dict):
+        return {k: _arrays_as_lists(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_arrays_as_lists(v, depth + 1) for v in value]
+    return value
+
+
 @tornado.web.stream_request_body
 class FitsApi(Api):
     """``GET /api/fits``: every fit; ``POST /api/fits`` (multipart: ``model`` files, settings fields): new fits.
@@ -496,6 +542,7 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
             (r"/api/history", HistoryApi),
             (r"/api/status", StatusApi), (r"/api/figures/([a-z]+)", FiguresApi),
             (r"/api/tasks", TasksApi), (r"/api/tasks/([^/]+)", TaskApi),
+            (r"/api/tasks/([^/]+)/result", TaskResultApi),
             (r"/api/fits", FitsApi), (r"/api/fits/([0-9a-f]{32})", FitApi),
             (r"/api/fits/([0-9a-f]{32})/figure", FitFigureApi),
             (r"/api/fits/([0-9a-f]{32})/files/([^/]+)", FitFileApi),

@@ -185,7 +185,27 @@ class TestStatusAndTasks(WebCase):
         states = [h["state"] for h in task["history"]]
         assert states[0] == "pending" and states[-1] == "failed" and "running" in states
         assert any(h["sat"] == "local-0" for h in task["history"])
+        assert task["error"]["type"] and "kaboom" in task["error"]["msg"] and "Traceback" in task["error"]["tb"]
         assert self.json_of("/api/tasks/" + "f" * 32, 404)["status"] == 404
+        assert self.json_of(f"/api/tasks/{bad}/result", 404)["status"] == 404  # failed: no result
+        good = self.submit(("echo", ([1, 2.5, "three"],), {}))[0]
+        r = self.fetch_api(f"/api/tasks/{good}/result")
+        assert r.code == 200 and "attachment" in r.headers["Content-Disposition"]
+        assert json.loads(r.body) == [1, 2.5, "three"]
+
+    def test_the_status_names_the_tasks_each_satellite_runs(self) -> None:
+        async def go() -> list[Any]:
+            futs = [self.client.submit_nowait("sleep", 1.5) for _ in range(2)]
+            deadline = time.monotonic() + 30
+            running: list[Any] = []
+            while time.monotonic() < deadline and len(running) < 2:
+                await asyncio.sleep(0.1)
+                st = await self.client.status()
+                running = [t for s in st["satellites"] for t in s.get("running", [])]
+            await asyncio.gather(*futs)
+            return sorted(running) == sorted(f.task_id for f in futs)
+
+        assert self.io_loop.run_sync(go, timeout=60)
 
 
 class TestEvents(WebCase):
@@ -395,3 +415,40 @@ def test_a_local_cluster_can_start_its_web_page(tmp_path: Path) -> None:
         web = cluster.web_process
         assert web is not None and web.poll() is None
     assert web.poll() is not None  # stopped with the cluster
+
+
+class TestPair(WebCase):
+    """The web process follows the active server of a binary-star pair and marks the failover."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        from orchester.local.pair import LocalPair
+
+        cls.cluster = LocalPair(satellites=1, workers=1, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
+                                liveness=3, env=TEST_ENV, log_level="WARNING", ha_heartbeat=0.2).start()
+        cls.cluster.wait_state("backup", "passive")  # type: ignore[attr-defined]
+
+    def get_app(self) -> Any:
+        app = super().get_app()
+        pair: Any = self.cluster
+        self.client = AsyncClient([pair.endpoints["primary"], pair.endpoints["backup"]], heartbeat_interval=FAST_HB)
+        self.hub.client = self.fits.client = self.client
+        return app
+
+    def test_a_failover_is_followed_and_marked(self) -> None:
+        pair: Any = self.cluster
+        first = self.json_of("/api/status")["status"]["ha"]["state"]
+        assert first == "active"
+        before = self.submit(*[("echo", (i,), {}) for i in range(5)])
+        pair.kill(pair.active_role())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            self.io_loop.run_sync(lambda: asyncio.sleep(0.3))
+            body = self.json_of("/api/status")
+            if body["marks"] and body["status"].get("ha", {}).get("state") == "active":
+                break
+        assert body["marks"], body
+        assert body["status"]["ha"]["state"] == "active" and body["status_error"] == ""
+        after = self.submit(("echo", ("after",), {}))
+        rows = self.json_of("/api/tasks?limit=100")["rows"]
+        assert set(before + after) <= {r["id"] for r in rows}

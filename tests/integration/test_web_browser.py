@@ -157,3 +157,58 @@ def test_a_non_genx_upload_shows_a_clear_error(web: str, browser: Any, tmp_path:
         assert page.locator("#fits tbody tr").count() == 0
     finally:
         page.close()
+
+
+def _start_web(endpoint: str, data: Path) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "orchester", "web", "--connect", endpoint, "--bind", "127.0.0.1:0",
+                             "--data-dir", str(data)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **TEST_ENV})
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "token=" in line, line
+    return proc, line.split()[-1]
+
+
+def _api(link: str, path: str, body: bytes | None = None, ctype: str = "") -> Any:
+    import json
+    import urllib.request
+
+    base, token = link.split("?token=")
+    headers = {"Authorization": f"token {token}", **({"Content-Type": ctype} if ctype else {})}
+    with urllib.request.urlopen(urllib.request.Request(base + path.lstrip("/"), data=body, headers=headers),
+                                timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_killing_the_web_process_costs_the_bus_nothing(web_cluster: LocalCluster, tmp_path: Path) -> None:
+    import signal
+
+    boundary = "b0undary"
+    model = (EXAMPLES / "iron_film.hgx").read_bytes()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"generations\"\r\n\r\n3000\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"population\"\r\n\r\n12\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"iron_film.hgx\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + model + f"\r\n--{boundary}--\r\n".encode()
+    with web_cluster.client() as c:
+        bad_before = c.status()["counters"].get("bad_messages", 0)
+    proc, link = _start_web(web_cluster.endpoint, tmp_path / "web")
+    try:
+        fid = _api(link, "/api/fits", body, f"multipart/form-data; boundary={boundary}")["fits"][0]["id"]
+        deadline = time.monotonic() + 60
+        while _api(link, f"/api/fits/{fid}")["state"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)  # mid-fit, no goodbye
+        proc.wait(10)
+    finally:
+        stop_processes([proc])  # type: ignore[list-item]
+    with web_cluster.client() as c:  # the bus runs the fit to its end all the same
+        assert c.result(fid, timeout=240)["generations"] == 3000
+        assert c.status()["counters"].get("bad_messages", 0) == bad_before
+    proc, link = _start_web(web_cluster.endpoint, tmp_path / "web")  # the same folder: the fit is read back
+    try:
+        deadline = time.monotonic() + 120
+        while (fit := _api(link, f"/api/fits/{fid}"))["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert fit["state"] == "done" and "iron_film.csv" in fit["files"]
+    finally:
+        stop_processes([proc])  # type: ignore[list-item]

@@ -145,7 +145,10 @@ const Orchester = (() => {
       fill($("#queues tbody"), Object.entries(st.queued || {}).map(([k, v]) => row([k, v])));
       fill($("#satellites tbody"), sats.map((s) => {
         const r = s.reported || {};
-        return row([s.id, s.state, s.host, `${s.inflight || 0}/${s.workers || 0}`, s.inflight || 0,
+        const now = Array.isArray(s.running) && s.running.length
+          ? el("span") : (s.inflight || 0);
+        if (now instanceof Node) for (const tid of s.running) { now.append(link(`/tasks/${encodeURIComponent(tid)}`, tid.slice(0, 8)), " "); }
+        return row([s.id, s.state, s.host, `${s.inflight || 0}/${s.workers || 0}`, now,
                     `${num(s.heartbeat_age, 2)} s`, num(r.cpu_percent, 3), num(r.rss_mb, 4),
                     s.walltime_left === null || s.walltime_left === undefined ? "" : `${Math.round(s.walltime_left)} s`,
                     s.done, s.failed, (s.kinds || []).join(" ")]);
@@ -202,6 +205,10 @@ const Orchester = (() => {
       $("#failure").hidden = false;
       const e = t.error;
       $("#traceback").textContent = typeof e === "object" ? `${e.type || ""}: ${e.msg || ""}\n\n${e.tb || ""}` : String(e);
+    }
+    if (t.state === "done" && t.result_retained) {
+      $("#result").hidden = false;
+      $("#result-link").href = `/api/tasks/${encodeURIComponent(id)}/result`;
     }
   }
 
