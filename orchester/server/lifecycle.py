@@ -163,6 +163,8 @@ class Lifecycle:
         written = self.outbox.records
         if written is not None:
             written.append(records.transition(task.id, state, task.attempt, task.satellite, reason, wall))
+        if state.terminal:
+            st.recent_latency.append((now, now - task.submitted))
         if self.ports.metrics:
             per_state = st.kind_counts.get(task.kind)
             if per_state is None:

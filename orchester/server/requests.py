@@ -18,7 +18,7 @@ from orchester.security.roles import allowed
 from orchester.server.lifecycle import Lifecycle
 from orchester.server.ports import Outbox, Ports
 from orchester.server.routing import make_strategy
-from orchester.server.state import ServerState
+from orchester.server.state import LATENCY_WINDOW, ServerState
 from orchester.server.tasks import Task
 from serializers import protocol as P
 from serializers.header import ProtocolError, pack, unpack
@@ -283,6 +283,17 @@ class Requests:
                                                                                  ("tb", 20_000))}
         return out
 
+    def latency(self, now: float) -> dict[str, Any]:
+        """Seconds from submission to end of the tasks that ended in the last :data:`LATENCY_WINDOW`
+        seconds (at most the last :data:`RECENT_LATENCIES`): ``{window, count, p50, p95, max}``."""
+        recent = sorted(s for t, s in self.state.recent_latency if now - t <= LATENCY_WINDOW)
+        out: dict[str, Any] = {"window": LATENCY_WINDOW, "count": len(recent)}
+        if recent:
+            out.update(p50=round(recent[len(recent) // 2], 6), p95=round(recent[min(len(recent) - 1,
+                                                                                     int(len(recent) * 0.95))], 6),
+                       max=round(recent[-1], 6))
+        return out
+
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
         states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state.state_counts) if n}
@@ -298,6 +309,7 @@ class Requests:
             "satellites": described,
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.state.results),
+            "latency": self.latency(now),
             "counters": dict(self.state.counters),
             **({"ha": self.ports.ha_status(now)} if self.ports.ha_status is not None else {}),
         }

@@ -7,7 +7,7 @@ have the right attributes. Plain data and the counts kept with it; no policy, no
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 from orchester.config import OrchestratorConfig
@@ -17,6 +17,11 @@ from orchester.server.results import ResultStore
 from orchester.server.routing import RoutingStrategy, make_strategy
 from orchester.server.tasks import Task, TaskQueues
 from tracker import TaskState, TimerWheel
+
+#: Task latencies kept for the status (the last ones that ended, over :data:`LATENCY_WINDOW` seconds at most).
+RECENT_LATENCIES = 2048
+#: Seconds of ended tasks the status's latency covers.
+LATENCY_WINDOW = 10.0
 
 #: What the event stream publishes, by topic prefix.
 EVENT_CATEGORIES = (b"task:", b"progress:", b"sat:", b"control:")
@@ -48,6 +53,8 @@ class ServerState:
         self.queued_bytes = 0
         self.kind_counts: dict[str, list[int]] = {}  #: kind -> transitions into each TaskState (metrics on)
         self.latencies: list[tuple[str, float]] = []  #: (kind, seconds from submit to end) (metrics on)
+        #: (monotonic end, seconds from submit to end) of the tasks that ended last (status: latency)
+        self.recent_latency: deque[tuple[float, float]] = deque(maxlen=RECENT_LATENCIES)
         #: tasks whose payload should leave memory once their journal record is durable
         self.to_spill: dict[str, Task] = {}
         #: restored tasks that were in flight, waiting for their satellite to re-announce them

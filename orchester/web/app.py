@@ -32,7 +32,7 @@ import tornado.websocket
 
 from orchester.errors import OrchesterError, RemoteError
 from orchester.web.fits import FIT_ID, FitStore, SettingsError
-from orchester.web.hub import Hub, Subscriber, dumps
+from orchester.web.hub import QUIET_TOPICS, Hub, Subscriber, dumps
 
 log = logging.getLogger("orchester.web")
 
@@ -497,8 +497,10 @@ class FitFileApi(Api):
 class Events(tornado.websocket.WebSocketHandler):
     """``/ws``: JSON batches of events (``{"events": [...], "dropped": n}``), at most ten a second.
 
-    ``?topics=task:,progress:`` narrows what comes (prefixes). Same origin only; the token as
-    for every request (the cookie, in a browser).
+    ``?topics=task:,progress:`` says what comes (prefixes; by default the events that come a few at
+    a time: satellites, the pair, control, progress). Task events are followed only while a
+    browser asks for them. Same origin only; the token as for every request (the cookie, in a
+    browser).
     """
 
     sub: Subscriber | None = None
@@ -510,7 +512,7 @@ class Events(tornado.websocket.WebSocketHandler):
     def open(self, *args: str, **kwargs: str) -> None:
         hub: Hub = self.settings["hub"]
         raw = self.get_query_argument("topics", "")
-        topics = tuple(t[:100] for t in raw.split(",") if t)[:20] or ("",)
+        topics = tuple(t[:100] for t in raw.split(",") if t)[:20] or QUIET_TOPICS
         self.sub = hub.subscribe(self._send, self._busy, topics)
 
     def _send(self, text: str) -> Awaitable[None] | None:

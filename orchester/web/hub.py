@@ -51,6 +51,10 @@ SERIES_POINTS = 3600
 MAX_TOPIC = 300
 #: Events read from the SUB socket per wake-up before the loop yields.
 EVENT_BATCH = 2000
+#: What the hub always follows: events that come a few at a time. Task events (``task:``), one per
+#: transition of every task, are subscribed to only while a browser asks for them: an orchestrator
+#: builds them only when someone subscribes, and they would cost the bus at full rate.
+QUIET_TOPICS = ("sat:", "ha:", "control:", "progress:")
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -130,11 +134,14 @@ class Point:
     satellites: int
     slots: int  #: worker slots of the satellites that are not lost
     busy: int  #: of which busy
+    latency_p50: float | None = None  #: seconds from submission to end, of the tasks that just ended
+    latency_p95: float | None = None
 
     def json(self) -> dict[str, Any]:
         """The point as a JSON object."""
         return {"t": self.t, "done_per_s": round(self.done_per_s, 3), "queued": self.queued,
-                "running": self.running, "satellites": self.satellites, "slots": self.slots, "busy": self.busy}
+                "running": self.running, "satellites": self.satellites, "slots": self.slots, "busy": self.busy,
+                "latency_p50": self.latency_p50, "latency_p95": self.latency_p95}
 
 
 class FleetLog:
@@ -244,6 +251,7 @@ class Hub:
         self._ha: str | None = None
         self._finished: int | None = None
         self._ready = asyncio.Event()
+        self._task_followers = 0  #: browsers that asked for task events
 
     # ------------------------------------------------------------- life
     def start(self) -> None:
@@ -255,7 +263,8 @@ class Hub:
             from orchester.security.auth import secure_client
 
             secure_client(self._sub, *self.client.curve)
-        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        for topic in QUIET_TOPICS:
+            self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(f(), name=f"orchester-web-{f.__name__}")
                        for f in (self._poll_status, self._read_events, self._pump)]
@@ -288,10 +297,18 @@ class Hub:
         """A new browser; :meth:`unsubscribe` it when its socket closes."""
         sub = Subscriber(send, busy, topics)
         self.subscribers.add(sub)
+        if _wants_tasks(topics):
+            self._task_followers += 1
+            if self._task_followers == 1 and self._sub is not None:
+                self._sub.setsockopt(zmq.SUBSCRIBE, b"task:")
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         """A browser went away."""
+        if sub in self.subscribers and _wants_tasks(sub.topics):
+            self._task_followers -= 1
+            if self._task_followers == 0 and self._sub is not None:
+                self._sub.setsockopt(zmq.UNSUBSCRIBE, b"task:")
         sub.closed = True
         self.subscribers.discard(sub)
 
@@ -329,10 +346,12 @@ class Hub:
         sats = [s for s in st.get("satellites", []) if isinstance(s, dict) and s.get("state") != "lost"]
         tasks: dict[str, Any] = st["tasks"] if isinstance(st.get("tasks"), dict) else {}
         queued: dict[str, Any] = st["queued"] if isinstance(st.get("queued"), dict) else {}
+        latency: dict[str, Any] = st["latency"] if isinstance(st.get("latency"), dict) else {}
         point = Point(
             now, rate, sum(v for v in queued.values() if isinstance(v, int)),
             int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0), len(sats),
-            sum(int(s.get("workers") or 0) for s in sats), sum(int(s.get("inflight") or 0) for s in sats))
+            sum(int(s.get("workers") or 0) for s in sats), sum(int(s.get("inflight") or 0) for s in sats),
+            _seconds(latency.get("p50")), _seconds(latency.get("p95")))
         self.series.append(point)
         self.fleet.add(now, point.satellites, point.slots)
         for pub in st.get("pub", []) if isinstance(st.get("pub"), list) else []:
@@ -401,6 +420,16 @@ class Hub:
                 "series": [p.json() for p in self.series],
                 "marks": [{"t": t, "what": what} for t, what in self.marks],
                 "web": dict(self.counters, browsers=len(self.subscribers))}
+
+
+def _wants_tasks(topics: tuple[str, ...]) -> bool:
+    """Whether a browser's topics take task events (``task:…``, or a prefix of it such as ``""``)."""
+    return any(t.startswith("task:") or "task:".startswith(t) for t in topics)
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= 0 else None
 
 
 def _quiet(fut: asyncio.Future[Any]) -> None:

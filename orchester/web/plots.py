@@ -47,10 +47,11 @@ def fom_figure() -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def overview_figures() -> dict[str, Any]:
-    """The overview's live figures, side by side on one time axis: throughput, and satellites with
-    their slots (and the busy ones) and the queue.
+    """The overview's live figures, side by side on one time axis: throughput, latency (p50, p95),
+    and satellites with their slots (and the busy ones) and the queue.
 
-    Sources: ``throughput`` (``t``, ``done_per_s``), ``fleet`` (``t``, ``satellites``, ``slots``,
+    Sources: ``throughput`` (``t``, ``done_per_s``), ``latency`` (``t``, ``p50``, ``p95``, in ms),
+    ``fleet`` (``t``, ``satellites``, ``slots``,
     ``busy``, ``queued``), ``marks`` (``t``: a failover or a restart of the orchestrator).
     """
     from bokeh.layouts import gridplot
@@ -69,9 +70,15 @@ def overview_figures() -> dict[str, Any]:
                         ("queued", PALETTE[3])):
         fleet.line("t", col, source=fsrc, line_width=2, color=colour, legend_label=col)
     fleet.legend.location = "top_left"
-    for fig in (tput, fleet):
+    lat = _figure(height=220, x_axis_type="datetime", y_axis_label="ms", y_axis_type="log",
+                  title="Latency, submission to end", x_range=tput.x_range)
+    lsrc = ColumnDataSource({"t": [], "p50": [], "p95": []}, name="latency")
+    lat.line("t", "p50", source=lsrc, line_width=2, color=PALETTE[0], legend_label="p50")
+    lat.line("t", "p95", source=lsrc, line_width=2, color=PALETTE[1], legend_label="p95")
+    lat.legend.location = "top_left"
+    for fig in (tput, lat, fleet):
         fig.sizing_mode = "stretch_width"
-    return _item(gridplot([[tput, fleet]], sizing_mode="stretch_width", toolbar_location="right"))
+    return _item(gridplot([[tput, lat, fleet]], sizing_mode="stretch_width", toolbar_location="right"))
 
 
 @lru_cache(maxsize=1)

@@ -156,6 +156,9 @@ class TestStatusAndTasks(WebCase):
         assert [s["id"] for s in body["status"]["satellites"]] == ["local-0"]
         assert body["series"][-1]["satellites"] == 1 and body["series"][-1]["slots"] == 2
         assert body["status_error"] == ""
+        self.submit(*[("echo", (i,), {}) for i in range(20)])
+        latency = self.io_loop.run_sync(self.client.status)["latency"]
+        assert latency["count"] >= 20 and 0 < latency["p50"] <= latency["p95"] <= latency["max"] < 60
 
     def test_tasks_are_filtered_on_the_server_paged_and_exported(self) -> None:
         ok = self.submit(*[("echo", (i,), {}) for i in range(12)])
@@ -214,6 +217,11 @@ class TestEvents(WebCase):
             req = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{self.get_http_port()}/ws?topics=task:",
                                                  headers={"Authorization": f"token {TOKEN}"})
             ws = await tornado.websocket.websocket_connect(req)
+            assert self.hub._task_followers == 1  # the hub follows task events while this socket asks
+            warm = self.client.submit_nowait("echo", "warm")  # until the subscription reached the orchestrator
+            await warm
+            while not any(e["topic"] == f"task:{warm.task_id}" for e in json.loads(await ws.read_message())["events"]):
+                await self.client.submit_nowait("echo", "warm")
             started = time.monotonic()
             futs = [self.client.submit_nowait("echo", i) for i in range(400)]
             await asyncio.gather(*futs)
@@ -232,6 +240,11 @@ class TestEvents(WebCase):
                 if ids <= seen or dropped:
                     break
             ws.close()
+            for _ in range(50):
+                if not self.hub._task_followers:
+                    break
+                await asyncio.sleep(0.05)
+            assert self.hub._task_followers == 0  # and no more once it left
             return batches, time.monotonic() - started, ids - seen if not dropped else set()
 
         batches, elapsed, missing = self.io_loop.run_sync(go, timeout=90)
@@ -239,6 +252,29 @@ class TestEvents(WebCase):
         assert all(e["topic"].startswith("task:") for b in batches for e in b["events"])
         assert len(batches) <= elapsed * 10 + 2  # batched: never a push per event
         assert sum(len(b["events"]) for b in batches) >= 400
+
+    def test_by_default_a_browser_gets_the_quiet_events_only(self) -> None:
+        async def go() -> list[str]:
+            req = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{self.get_http_port()}/ws",
+                                                 headers={"Authorization": f"token {TOKEN}"})
+            ws = await tornado.websocket.websocket_connect(req)
+            assert self.hub._task_followers == 0
+            await asyncio.gather(*[self.client.submit_nowait("echo", i) for i in range(50)])
+            await self.client.submit_nowait("sleep", 0.3, steps=3)  # progress events
+            topics: list[str] = []
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                try:
+                    msg = await asyncio.wait_for(ws.read_message(), 0.5)
+                except TimeoutError:
+                    continue
+                assert isinstance(msg, str)
+                topics += [e["topic"] for e in json.loads(msg)["events"]]
+            ws.close()
+            return topics
+
+        topics = self.io_loop.run_sync(go, timeout=60)
+        assert not [t for t in topics if t.startswith("task:")]
 
     def test_another_origin_is_refused(self) -> None:
         async def go() -> int:

@@ -105,7 +105,7 @@ const Orchester = (() => {
   async function overview() {
     await embed(await api("/api/figures/overview"), "fig-overview");
     const events = $("#events tbody");
-    live(["sat:", "ha:", "control:", "task:"], (batch) => {
+    live(["sat:", "ha:", "control:"], (batch) => {
       const rows = [];
       for (const ev of batch.events.slice(-50)) {
         const d = ev.data || {};
@@ -137,6 +137,9 @@ const Orchester = (() => {
       const t = series.map((p) => p.t * 1000);
       const tp = source("throughput");
       if (tp) tp.data = {t, done_per_s: series.map((p) => p.done_per_s)};
+      const lat = source("latency");
+      const ms = (v) => (v === null || v === undefined ? NaN : v * 1000);
+      if (lat) lat.data = {t, p50: series.map((p) => ms(p.latency_p50)), p95: series.map((p) => ms(p.latency_p95))};
       const fl = source("fleet");
       if (fl) fl.data = {t, satellites: series.map((p) => p.satellites), slots: series.map((p) => p.slots),
                          busy: series.map((p) => p.busy), queued: series.map((p) => p.queued)};
@@ -311,8 +314,8 @@ const Orchester = (() => {
 
   // ---------------------------------------------------------------- history
   async function history() {
-    await embed(await api("/api/figures/history"), "fig-history");
     const form = $("#range");
+    form.addEventListener("submit", (e) => { e.preventDefault(); load(); });  // before anything is awaited
     function query(extra) {
       const p = new URLSearchParams();
       for (const [k, v] of new FormData(form)) {
@@ -337,7 +340,7 @@ const Orchester = (() => {
         available: b.map((x) => x.satellites_available === null ? NaN : x.satellites_available),
         active: b.map((x) => x.satellites)};
     }
-    form.addEventListener("submit", (e) => { e.preventDefault(); load(); });
+    await embed(await api("/api/figures/history"), "fig-history");
     load();
   }
 
