@@ -12,6 +12,7 @@ a traceback: 400 for bad input, 403 without the token, 404, 413 for an upload ov
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import hmac
 import io
@@ -385,12 +386,8 @@ def _arrays_as_lists(value: Any, depth: int = 0) -> Any:
 
 
 @tornado.web.stream_request_body
-class FitsApi(Api):
-    """``GET /api/fits``: every fit; ``POST /api/fits`` (multipart: ``model`` files, settings fields): new fits.
-
-    The body is streamed and bounded (``max_upload`` bytes, 413 beyond); each model is checked
-    (400 for a file that is not a GenX model, and nothing runs) before any fit is submitted.
-    """
+class Upload(Api):
+    """A POST of ``model`` files (multipart), streamed and bounded: ``max_upload`` bytes, 413 beyond."""
 
     def prepare(self) -> Awaitable[None] | None:
         super().prepare()
@@ -419,11 +416,8 @@ class FitsApi(Api):
             self._refuse_size(self.settings["max_upload"])
         self._body += chunk
 
-    def get(self) -> None:
-        fits = sorted(self.fits.fits.values(), key=lambda f: f.submitted, reverse=True)
-        self.json({"fits": [{k: v for k, v in f.json().items() if k != "fom_history"} for f in fits]})
-
-    async def post(self) -> None:
+    def models(self) -> tuple[list[tornado.httputil.HTTPFile], dict[str, str]]:
+        """The ``model`` files (1 to 100) and the other fields of the body (UTF-8 text, 100 characters each)."""
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
         tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), bytes(self._body),
@@ -437,6 +431,39 @@ class FitsApi(Api):
             form = {k: v[-1].decode("utf-8", "strict")[:100] for k, v in args.items() if k != "_xsrf"}
         except UnicodeDecodeError:
             raise self.bad("settings must be UTF-8 text") from None
+        return models, form
+
+
+class ModelsApi(Upload):
+    """``POST /api/models`` (multipart: one ``model``): what the file holds — data sets, fitted
+    parameters and the fit settings stored in it (the fits page shows them as the defaults).
+    Nothing is kept or run; 400 for a file that is not a GenX model."""
+
+    async def post(self) -> None:
+        from orchester.genx.inspect import ModelError, inspect_model
+
+        models, _ = self.models()
+        m = models[0]
+        try:
+            info = await asyncio.get_running_loop().run_in_executor(None, inspect_model, m.body)
+        except ModelError as exc:
+            raise self.bad(f"{(m.filename or 'model')[:100]}: {exc}") from None
+        self.json({"file": (m.filename or "")[:300], **info.to_json()})
+
+
+class FitsApi(Upload):
+    """``GET /api/fits``: every fit; ``POST /api/fits`` (multipart: ``model`` files, settings fields): new fits.
+
+    Each model is checked (400 for a file that is not a GenX model, and nothing runs) before any
+    fit is submitted.
+    """
+
+    def get(self) -> None:
+        fits = sorted(self.fits.fits.values(), key=lambda f: f.submitted, reverse=True)
+        self.json({"fits": [{k: v for k, v in f.json().items() if k != "fom_history"} for f in fits]})
+
+    async def post(self) -> None:
+        models, form = self.models()
         from orchester.genx.inspect import ModelError
 
         made: list[Any] = []
@@ -545,7 +572,7 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
             (r"/api/status", StatusApi), (r"/api/figures/([a-z]+)", FiguresApi),
             (r"/api/tasks", TasksApi), (r"/api/tasks/([^/]+)", TaskApi),
             (r"/api/tasks/([^/]+)/result", TaskResultApi),
-            (r"/api/fits", FitsApi), (r"/api/fits/([0-9a-f]{32})", FitApi),
+            (r"/api/fits", FitsApi), (r"/api/models", ModelsApi), (r"/api/fits/([0-9a-f]{32})", FitApi),
             (r"/api/fits/([0-9a-f]{32})/figure", FitFigureApi),
             (r"/api/fits/([0-9a-f]{32})/files/([^/]+)", FitFileApi),
             (r"/ws", Events),

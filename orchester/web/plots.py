@@ -103,7 +103,8 @@ def history_figure() -> dict[str, Any]:
     util.line("t", "utilisation", source=src, line_width=2, color=PALETTE[1])
     fleet = _figure(height=180, x_axis_type="datetime", y_axis_label="satellites", title="Satellites",
                     x_range=ended.x_range)
-    fleet.step("t", "available", source=src, line_width=2, color=PALETTE[0], legend_label="available", mode="after")
+    fleet.step("t", "available", source=src, line_width=6, line_alpha=0.45, color=PALETTE[0], legend_label="available",
+               mode="after")
     fleet.step("t", "active", source=src, line_width=2, color=PALETTE[4], legend_label="worked", mode="after")
     fleet.legend.location = "top_left"
     return _item(column(ended, util, fleet, sizing_mode="stretch_width"))

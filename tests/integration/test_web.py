@@ -309,6 +309,18 @@ class TestUploads(WebCase):
         assert self.json_of("/api/fits")["fits"] == []
         assert self.json_of("/api/status")["status"]["counters"].get("submitted", 0) == before
 
+    def test_a_model_shows_the_settings_stored_in_it_and_nothing_runs(self) -> None:
+        before = self.json_of("/api/status")["status"]["counters"].get("submitted", 0)
+        ctype, data = multipart([("iron_film.hgx", (EXAMPLES / "iron_film.hgx").read_bytes())])
+        m = self.json_of("/api/models", method="POST", body=data, headers={"Content-Type": ctype})
+        assert m["file"] == "iron_film.hgx" and m["dataset_count"] >= 1 and m["fit_parameter_count"] >= 1
+        assert set(m["defaults"]) == {"generations", "population", "km", "kr", "method"}
+        ctype, data = multipart([("notes.txt", b"hello")])
+        assert "notes.txt" in self.json_of("/api/models", 400, method="POST", body=data,
+                                           headers={"Content-Type": ctype})["error"]
+        assert self.json_of("/api/fits")["fits"] == []
+        assert self.json_of("/api/status")["status"]["counters"].get("submitted", 0) == before
+
     def test_an_upload_over_the_limit_gets_413(self) -> None:
         ctype, data = multipart([("big.hgx", b"\0" * (MAX_UPLOAD + 10))])
         r = self.json_of("/api/fits", 413, method="POST", body=data, headers={"Content-Type": ctype})

@@ -73,6 +73,8 @@ def test_upload_fit_watch_download(web: str, web_cluster: LocalCluster, browser:
         # upload a model, press Fit
         page.click("text=Fits")
         page.set_input_files("#model", str(EXAMPLES / "nickel_film.hgx"))
+        page.wait_for_selector("#defaults >> text=stored settings", timeout=60_000)  # read from the file
+        assert page.get_attribute("input[name=population]", "placeholder").isdigit()
         page.fill("input[name=generations]", str(GENERATIONS))
         page.fill("input[name=population]", "12")
         page.fill("input[name=seed]", "7")

@@ -227,8 +227,28 @@ const Orchester = (() => {
     const input = $("#model");
     const drop = $("#drop");
     let chosen = [];
-    function show() {
+    async function show() {
       $("#chosen").textContent = chosen.length ? chosen.map((f) => f.name).join(", ") : "no model chosen";
+      const defaults = $("#defaults");
+      defaults.textContent = "";
+      for (const input of form.querySelectorAll("fieldset input, fieldset select")) {
+        if (input.name !== "seed") input.placeholder = "from file";
+      }
+      if (!chosen.length) return;
+      const data = new FormData();
+      data.append("model", chosen[0], chosen[0].name);
+      try {  // the settings stored in the (first) model: shown as the defaults
+        const m = await api("/api/models", {method: "POST", body: data, headers: {"X-XSRFToken": xsrf()}});
+        for (const [k, v] of Object.entries(m.defaults || {})) {
+          const input = form.querySelector(`[name=${k}]`);
+          if (input && input.tagName === "INPUT") input.placeholder = String(v);
+        }
+        defaults.textContent = `${chosen[0].name}: ${m.dataset_count} data set(s), ${m.fit_parameter_count} fitted ` +
+          `parameter(s); stored settings ` + Object.entries(m.defaults || {}).map(([k, v]) => `${k}=${v}`).join(" ");
+        showError("#fit-error", "");
+      } catch (err) {
+        showError("#fit-error", err.message);
+      }
     }
     input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
     for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
