@@ -177,8 +177,9 @@ class TestUploads(WebCase):
         for ctype, body in (("multipart/form-data", b"x"),
                             ("multipart/form-data; boundary=abc", b"--abc\r\nno end"),
                             ("multipart/form-data; boundary=abc", b"--abc\r\n\r\n--abc--\r\n")):
-            r = self.fetch_api("/api/fits", method="POST", body=body, headers={"Content-Type": ctype})
-            assert r.code == 400, (ctype, body, r.code, r.body[:200])
+            for path in ("/api/fits", "/api/models"):
+                r = self.fetch_api(path, method="POST", body=body, headers={"Content-Type": ctype})
+                assert r.code == 400, (path, ctype, body, r.code, r.body[:200])
 
     @pytest.mark.xfail(strict=True, reason="finding 3: a part header that is not UTF-8 is a 500")
     def test_a_file_name_that_is_not_utf8_is_a_400(self) -> None:
