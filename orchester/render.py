@@ -142,6 +142,19 @@ def fit_progress(data: Mapping[str, Any], generations: int) -> tuple[str, float,
         f"fom {fmt(data.get('fom'), '.4g', '?')}  {fmt(data.get('evals_per_s'), '.0f', '?')} ev/s", 60)
 
 
+def csv_text(value: Any) -> str:
+    """A cell of a CSV file from text a peer or a model chose: never a spreadsheet formula (a cell that
+    starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, and is not a number, gets a
+    leading ``'``)."""
+    text = "" if value is None else str(value)
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(text)
+        except ValueError:
+            return "'" + text
+    return text
+
+
 def json_safe(value: Any, depth: int = 0) -> Any:
     """``value`` with every non-finite float replaced by ``None``, so ``json.dumps`` writes valid JSON."""
     if isinstance(value, float):

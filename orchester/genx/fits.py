@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 
 from orchester.journal.folder import DIR_MODE, JournalError, open_private, private_directory
+from orchester.render import csv_text
 from serializers import codecs
 
 log = logging.getLogger("orchester.fits")
@@ -289,13 +290,13 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
             w.writerow(["dataset", "x", "data", "error", "fit"])
             for d in result["datasets"]:
                 for row in zip(d["x"], d["y"], d["error"], d["y_sim"], strict=True):
-                    w.writerow([d["name"], *(f"{v:.10g}" for v in row)])
+                    w.writerow([csv_text(d["name"]), *(f"{v:.10g}" for v in row)])
         with open(params, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["parameter", "value", "min", "max", "error_low", "error_high"])
             for par in result["parameters"]:
                 err = par.get("error") or ["", ""]
-                w.writerow([par["name"], f"{par['value']:.10g}", par["min"], par["max"], *err])
+                w.writerow([csv_text(par["name"]), f"{par['value']:.10g}", par["min"], par["max"], *err])
         with open(fom, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["generation", result.get("fom_name", "fom")])

@@ -198,22 +198,24 @@ class HistoryIndex:
         if (last - first) * MINUTE / step > MAX_BUCKETS:
             step = int(math.ceil((last - first) / MAX_BUCKETS)) * MINUTE
         per = step // MINUTE
-        out = []
-        for start in range(first, last, per):
-            ended: dict[str, int] = {}
-            busy = 0.0
-            sats: set[str] = set()
-            for minute in range(start, min(start + per, last)):
-                for (k, tags), b in self.buckets.get(minute, {}).items():
-                    if (kind is not None and k != kind) or (tag is not None and tag not in tags):
-                        continue
-                    for name, n in b.ended.items():
-                        ended[name] = ended.get(name, 0) + n
-                    busy += b.busy
-                    sats |= b.satellites
-            out.append({"t": start * MINUTE, "ended": ended, "done": ended.get("done", 0),
-                        "failed": ended.get("failed", 0), "busy_seconds": round(busy, 3),
-                        "satellites": len(sats)})
+        count = max(0, math.ceil((last - first) / per))
+        ended: list[dict[str, int]] = [{} for _ in range(count)]
+        busy = [0.0] * count
+        sats: list[set[str]] = [set() for _ in range(count)]
+        for minute, keys in self.buckets.items():  # the minutes that hold something: whatever the range's length
+            if not first <= minute < last:
+                continue
+            i = (minute - first) // per
+            for (k, tags), b in keys.items():
+                if (kind is not None and k != kind) or (tag is not None and tag not in tags):
+                    continue
+                for name, n in b.ended.items():
+                    ended[i][name] = ended[i].get(name, 0) + n
+                busy[i] += b.busy
+                sats[i] |= b.satellites
+        out = [{"t": (first + i * per) * MINUTE, "ended": ended[i], "done": ended[i].get("done", 0),
+                "failed": ended[i].get("failed", 0), "busy_seconds": round(busy[i], 3), "satellites": len(sats[i])}
+               for i in range(count)]
         return {"step": step, "buckets": out}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hashlib
 import hmac
 import io
 import json
@@ -22,6 +23,7 @@ import math
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,8 @@ import tornado.web
 import tornado.websocket
 
 from orchester.errors import OrchesterError, RemoteError
-from orchester.web.fits import FIT_ID, FitStore, SettingsError
+from orchester.render import csv_text
+from orchester.web.fits import FIT_ID, INSPECTORS, FitStore, SettingsError
 from orchester.web.hub import QUIET_TOPICS, Hub, Subscriber, dumps
 
 log = logging.getLogger("orchester.web")
@@ -43,24 +46,105 @@ COOKIE = "orchester_token"
 TASK_STATES = ("pending", "dispatched", "running", "done", "failed", "cancelled", "expired", "quarantined")
 #: Most rows one page of tasks has.
 MAX_ROWS = 1000
+#: Browsers following the events at once, at most.
+MAX_BROWSERS = 256
+#: Uploads being received or checked at once, at most.
+MAX_UPLOADS = 4
+#: Models in one upload, at most.
+MAX_MODELS = 100
+#: Requests a second that reach the bus (tasks, history, a task, a result), and the burst: as much for the
+#: browsers' pages (the cookie) and for scripts (the token in a header), so that a script never starves
+#: the pages; with the hub's status, less than the orchestrator's default ``--request-rate`` (50).
+BUS_REQUESTS, BUS_BURST = 20.0, 40.0
+#: What an upload may send beyond its limit before the connection is cut (so that the 413 is read).
+DRAIN = 256 * 1024 * 1024
+
+
+class Budget:
+    """A token bucket: what the pages may ask of the bus (the orchestrator limits one client's requests
+    a second; the hub's own status request must not be crowded out by a script)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, time.monotonic()
+
+    def take(self) -> bool:
+        """One request, if the budget allows it now."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass
 class Auth:
-    """The access token of one web process (printed at start, as Jupyter does)."""
+    """The access token of one web process (printed at start, as Jupyter does).
+
+    A browser that came with the token gets a session cookie instead: a value derived from the
+    token (not the token, which a cookie sent to another server of this host — cookies ignore
+    ports — would give away), named after the port.
+    """
 
     token: str
+    port: int = 0  #: the port served on (set once bound): it names the cookie
 
     def check(self, given: str | None) -> bool:
         """Whether ``given`` is the token (compared in constant time)."""
         return bool(given) and hmac.compare_digest(str(given).encode(), self.token.encode())
+
+    @property
+    def session(self) -> str:
+        """The cookie's value: an HMAC of the token."""
+        return hmac.new(self.token.encode(), b"orchester web session", hashlib.sha256).hexdigest()
+
+    @property
+    def cookie(self) -> str:
+        """The cookie's name."""
+        return f"{COOKIE}_{self.port}" if self.port else COOKIE
+
+    def check_session(self, given: str | None) -> bool:
+        """Whether ``given`` is the session cookie's value (compared in constant time)."""
+        return bool(given) and hmac.compare_digest(str(given).encode(), self.session.encode())
+
+
+def authenticate(handler: tornado.web.RequestHandler, page: bool) -> str:
+    """Let the request through with the token (header, link) or the session cookie; 403 otherwise.
+
+    The link (``?token=…``) sets the cookie, and a page asked for with it is sent again without it.
+    Returns how the request came in: ``"script"`` (the header) or ``"browser"`` (the link or the cookie).
+    """
+    auth: Auth = handler.settings["auth"]
+    header = handler.request.headers.get("Authorization", "")
+    if header.lower().startswith("token ") and auth.check(header[6:].strip()):
+        return "script"
+    query = handler.get_query_argument("token", None)
+    if query is not None and auth.check(query):
+        handler.set_cookie(auth.cookie, auth.session, httponly=True, samesite="Strict",
+                           secure=handler.request.protocol == "https")
+        if handler.request.method == "GET" and page:  # the token out of the address bar, on this server
+            rest = [(k, v) for k, vs in handler.request.query_arguments.items() if k != "token" for v in vs]
+            target = "/" + handler.request.path.lstrip("/\\")
+            handler.redirect(target + ("?" + urllib.parse.urlencode(rest) if rest else ""))
+        return "browser"
+    if auth.check_session(handler.get_cookie(auth.cookie)):
+        return "browser"
+    raise tornado.web.HTTPError(403, "no valid token: open the link printed when the web server "
+                                "started (…/?token=…), or send 'Authorization: token …'")
+
+
+def redacted_summary(handler: tornado.web.RequestHandler) -> str:
+    """The request as the log shows it: never the token."""
+    uri = re.sub(r"([?&]token=)[^&]*", r"\1…", handler.request.uri or "")
+    return f"{handler.request.method} {uri[:300]} ({handler.request.remote_ip})"
 
 
 class Base(tornado.web.RequestHandler):
     """What every handler does: the token, XSRF for browser posts, errors without tracebacks."""
 
     api = False
-    _by_header = False
 
     @property
     def hub(self) -> Hub:
@@ -70,23 +154,19 @@ class Base(tornado.web.RequestHandler):
     def fits(self) -> FitStore:
         return cast(FitStore, self.settings["fits"])
 
+    _request_summary = redacted_summary
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Frame-Options", "DENY")  # no other page frames these (another port is same-site)
+        self.set_header("Content-Security-Policy", "frame-ancestors 'none'")
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+
+    via = "browser"
+
     def prepare(self) -> Awaitable[None] | None:
-        auth: Auth = self.settings["auth"]
-        header = self.request.headers.get("Authorization", "")
-        if header.lower().startswith("token ") and auth.check(header[6:].strip()):
-            self._by_header = True
-            return None
-        query = self.get_query_argument("token", None)
-        if query is not None and auth.check(query):
-            self.set_cookie(COOKIE, auth.token, httponly=True, samesite="Strict",
-                            secure=self.request.protocol == "https", expires_days=30)
-            if self.request.method == "GET" and not self.api:  # the link's token out of the address bar
-                self.redirect(re.sub(r"([?&])token=[^&]*&?", r"\1", self.request.uri or "/").rstrip("?&"))
-            return None
-        if auth.check(self.get_cookie(COOKIE)):
-            return None
-        raise tornado.web.HTTPError(403, "no valid token: open the link printed when the web server "
-                                    "started (…/?token=…), or send 'Authorization: token …'")
+        self.via = authenticate(self, page=not self.api)
+        return None
 
     def check_xsrf_cookie(self) -> None:
         """XSRF applies to what a browser sends with its cookie; a request with the token in a header is a script's."""
@@ -109,6 +189,11 @@ class Base(tornado.web.RequestHandler):
             self.finish(json.dumps({"error": reason, "status": status_code}))
         else:
             self.finish(self.render_string("error.html", status=status_code, reason=reason))
+
+    def bus(self) -> None:
+        """A request that reaches the bus: 429 when the pages asked too much of it this second."""
+        if not self.settings["bus_budget"][self.via].take():
+            raise tornado.web.HTTPError(429, "too many requests to the bus from the web pages: retry in a moment")
 
     def json(self, value: Any) -> None:
         self.set_header("Content-Type", "application/json")
@@ -234,6 +319,7 @@ class TasksApi(Api):
         tag = self.get_query_argument("tag", "").strip() or None
         if tag is not None and (len(tag) > 256 or not tag.isprintable()):
             raise self.bad("tag: at most 256 printable characters")
+        self.bus()
         since, until = _when(self, "since"), _when(self, "until")
         limit = int(_number(self, "limit", 1, MAX_ROWS) or 100)
         fmt = self.get_query_argument("format", "json")
@@ -260,18 +346,7 @@ class TasksApi(Api):
         self.json({"rows": rows, "limit": limit, "next_until": more})
 
 
-def _csv_cell(value: Any) -> str:
-    """A cell of a CSV export: text that a spreadsheet never runs as a formula."""
-    text = "" if value is None else str(value)
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") and not _is_number(text) else text
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+_csv_cell = csv_text
 
 
 class HistoryApi(Api):
@@ -283,8 +358,9 @@ class HistoryApi(Api):
 
     async def get(self) -> None:
         now = time.time()
-        until = _when(self, "until") or now
-        since = _when(self, "since") or until - 86400
+        given_until, given_since = _when(self, "until"), _when(self, "since")
+        until = now if given_until is None else given_until
+        since = until - 86400 if given_since is None else given_since
         if since >= until:
             raise self.bad("since must come before until")
         step = _number(self, "step", 60, 366 * 86400)
@@ -295,6 +371,7 @@ class HistoryApi(Api):
         for name, value in (("kind", kind), ("tag", tag)):
             if value is not None and (len(value) > 256 or not value.isprintable()):
                 raise self.bad(f"{name}: at most 256 printable characters")
+        self.bus()
         try:
             roll = await self.hub.client.rollup(since, until, step, kind=kind, tag=tag, timeout=30)
         except RemoteError as exc:
@@ -302,8 +379,9 @@ class HistoryApi(Api):
         except (OrchesterError, TimeoutError) as exc:
             raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
         buckets = []
-        for b in roll["buckets"]:
-            seen = self.hub.fleet.span(b["t"], roll["step"])
+        first = roll["buckets"][0]["t"] if roll["buckets"] else since
+        fleet = self.hub.fleet.spans(first, roll["step"], len(roll["buckets"]))
+        for b, seen in zip(roll["buckets"], fleet, strict=True):
             sats, slots = (None, None) if seen is None else seen
             util = None if not slots else min(1.0, b["busy_seconds"] / (slots * roll["step"]))
             buckets.append({**b, "satellites_available": sats, "slots": slots, "utilisation": util,
@@ -327,6 +405,7 @@ class TaskApi(Api):
     """``GET /api/tasks/{id}``: one task with its timeline (every transition, its reason and satellite)."""
 
     async def get(self, tid: str) -> None:
+        self.bus()
         if len(tid) > 256 or not tid.isprintable():
             raise self.bad("not a task id")
         try:
@@ -347,6 +426,7 @@ class TaskResultApi(Api):
     """
 
     async def get(self, tid: str) -> None:
+        self.bus()
         if len(tid) > 256 or not tid.isprintable():
             raise self.bad("not a task id")
         client = self.hub.client
@@ -359,79 +439,143 @@ class TaskResultApi(Api):
             raise tornado.web.HTTPError(404, f"no result: {exc}".replace("%", "%%")) from None
         except (OrchesterError, TimeoutError) as exc:
             raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
+        try:
+            text = await asyncio.get_running_loop().run_in_executor(None, result_json, value)
+        except ValueError as exc:
+            raise tornado.web.HTTPError(413, str(exc).replace("%", "%%")) from None
         self.set_header("Content-Type", "application/json")
         self.set_header("Content-Disposition", f'attachment; filename="result-{tid[:32]}.json"')
-        self.finish(dumps(_arrays_as_lists(value)))
+        self.finish(text)
 
 
-#: Most numbers of the arrays of one result turned into JSON lists.
+#: Most values (numbers, strings, …) of one result offered as JSON.
 MAX_RESULT_ITEMS = 10_000_000
 
 
-def _arrays_as_lists(value: Any, depth: int = 0) -> Any:
-    """``value`` with numpy arrays (and numpy scalars) as plain lists and numbers, for JSON."""
+def result_json(value: Any) -> str:
+    """A task's result as JSON, whole: arrays as lists, bytes as their size, non-finite numbers as
+    ``null``; :class:`ValueError` when it holds more than :data:`MAX_RESULT_ITEMS` values."""
     import numpy as np
 
-    if isinstance(value, np.ndarray):
-        return value.tolist() if value.size <= MAX_RESULT_ITEMS else f"<array {value.shape} {value.dtype}>"
-    if isinstance(value, np.generic):
-        return value.item()
-    if depth > 32:
-        return None
-    if isinstance(value, dict):
-        return {k: _arrays_as_lists(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_arrays_as_lists(v, depth + 1) for v in value]
-    return value
+    count = 0
+
+    def plain_value(v: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_RESULT_ITEMS or depth > 64:
+            raise ValueError(f"the result is too large or too deep to offer as JSON (over {MAX_RESULT_ITEMS:,} "
+                             "values): fetch it with orchester.Client.result")
+        if isinstance(v, np.ndarray):
+            count += int(v.size)
+            if count > MAX_RESULT_ITEMS:
+                return plain_value(None, 65)
+            return plain_value(v.tolist(), depth + 1)
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if v is None or isinstance(v, (bool, int, str)):
+            return v
+        if isinstance(v, dict):
+            return {str(k): plain_value(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain_value(x, depth + 1) for x in v]
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            return f"<{len(v)} bytes>"
+        return str(v)
+
+    return json.dumps(plain_value(value, 0), allow_nan=False, separators=(",", ":"))
+
+
+#: How uploads are parsed: the models, the settings and room to spare (tornado counts every part).
+_PARSE = tornado.httputil.ParseBodyConfig(multipart=tornado.httputil.ParseMultipartConfig(max_parts=MAX_MODELS + 40))
 
 
 @tornado.web.stream_request_body
 class Upload(Api):
     """A POST of ``model`` files (multipart), streamed and bounded: ``max_upload`` bytes, 413 beyond."""
 
-    def prepare(self) -> Awaitable[None] | None:
+    _slot = False
+
+    async def prepare(self) -> None:  # type: ignore[override]
         super().prepare()
         self._body = bytearray()
         self._too_large = False
         if self.request.method != "POST":
-            return None
+            return
         limit: int = self.settings["max_upload"]
         length = self.request.headers.get("Content-Length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            self._refuse_size(limit)
-            return None
+        if length is not None and (not length.isdigit() or int(length) > limit + DRAIN):
+            self._refuse_size()  # at once (the connection closes: the client may not read the answer)
+        if length is not None and int(length) > limit:
+            self._too_large = True  # read and dropped, then answered: a client that sends it all reads the 413
+        uploads: asyncio.Semaphore = self.settings["uploads"]
+        if uploads.locked():
+            raise tornado.web.HTTPError(503, f"{MAX_UPLOADS} uploads are being received or checked: try again "
+                                        "in a moment")
+        await uploads.acquire()
+        self._slot = True
         connection: Any = self.request.connection  # an HTTP1Connection: it can take a larger body than the default
-        connection.set_max_body_size(limit + 1)
-        return None
+        connection.set_max_body_size(limit + DRAIN)  # a bounded excess is read and dropped: the 413 gets through
 
-    def _refuse_size(self, limit: int) -> None:
+    def on_finish(self) -> None:
+        self._release()
+
+    def on_connection_close(self) -> None:
+        self._release()
+        super().on_connection_close()
+
+    def _release(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.settings["uploads"].release()
+
+    def _refuse_size(self) -> None:
         self._too_large = True
-        raise tornado.web.HTTPError(413, f"upload larger than the limit of {limit / 1e6:g} MB "
+        self.set_header("Connection", "close")
+        raise tornado.web.HTTPError(413, f"upload larger than the limit of {self.settings['max_upload'] / 1e6:g} MB "
                                     "(orchester web --max-upload)")
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
             return
         if len(self._body) + len(chunk) > self.settings["max_upload"]:
-            self._refuse_size(self.settings["max_upload"])
+            self._too_large = True  # said in post(): never raise here, the connection would be cut
+            self._body = bytearray()
+            return
         self._body += chunk
 
     def models(self) -> tuple[list[tornado.httputil.HTTPFile], dict[str, str]]:
         """The ``model`` files (1 to 100) and the other fields of the body (UTF-8 text, 100 characters each)."""
+        if self._too_large:
+            self._refuse_size()
         args: dict[str, list[bytes]] = {}
         files: dict[str, list[tornado.httputil.HTTPFile]] = {}
-        tornado.httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), bytes(self._body),
-                                              args, files, self.request.headers)
+        ctype = self.request.headers.get("Content-Type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise self.bad("send the models as multipart/form-data (files named 'model')")
+        body, self._body = bytes(self._body), bytearray()
+        try:
+            tornado.httputil.parse_body_arguments(ctype, body, args, files, self.request.headers,
+                                                  config=_PARSE)
+        except (tornado.httputil.HTTPInputError, UnicodeDecodeError, ValueError) as exc:
+            raise self.bad(f"not a multipart upload this server reads: {str(exc)[:200]}") from None
         models = files.get("model", [])
         if not models:
             raise self.bad("no model file: send one or more .hgx files as 'model'")
-        if len(models) > 100:
-            raise self.bad("at most 100 models at once")
+        if len(models) > MAX_MODELS:
+            raise self.bad(f"at most {MAX_MODELS} models at once")
         try:
             form = {k: v[-1].decode("utf-8", "strict")[:100] for k, v in args.items() if k != "_xsrf"}
         except UnicodeDecodeError:
             raise self.bad("settings must be UTF-8 text") from None
         return models, form
+
+
+#: The fields of a fit in the list of fits (its page has the rest), and most fits listed.
+SUMMARY = frozenset({"id", "name", "file", "state", "submitted", "finished", "generation", "generations", "fom",
+                     "error", "satellite"})
+MAX_LISTED = 1000
 
 
 class ModelsApi(Upload):
@@ -445,9 +589,11 @@ class ModelsApi(Upload):
         models, _ = self.models()
         m = models[0]
         try:
-            info = await asyncio.get_running_loop().run_in_executor(None, inspect_model, m.body)
+            info = await asyncio.get_running_loop().run_in_executor(INSPECTORS, inspect_model, m.body)
         except ModelError as exc:
             raise self.bad(f"{(m.filename or 'model')[:100]}: {exc}") from None
+        except OrchesterError as exc:  # the inspection could not run: this server's trouble, not the file's
+            raise tornado.web.HTTPError(503, f"the model could not be checked: {exc}".replace("%", "%%")) from None
         self.json({"file": (m.filename or "")[:300], **info.to_json()})
 
 
@@ -460,7 +606,7 @@ class FitsApi(Upload):
 
     def get(self) -> None:
         fits = sorted(self.fits.fits.values(), key=lambda f: f.submitted, reverse=True)
-        self.json({"fits": [{k: v for k, v in f.json().items() if k != "fom_history"} for f in fits]})
+        self.json({"fits": [{k: v for k, v in f.json().items() if k in SUMMARY} for f in fits[:MAX_LISTED]]})
 
     async def post(self) -> None:
         models, form = self.models()
@@ -474,6 +620,11 @@ class FitsApi(Upload):
                 if not made:
                     raise self.bad(f"{(m.filename or 'model')[:100]}: {exc}") from None
                 made.append({"file": (m.filename or "")[:100], "error": str(exc)})
+            except OrchesterError as exc:  # the inspection could not run
+                raise tornado.web.HTTPError(503, f"the model could not be checked: {exc}".replace("%", "%%")) from None
+            except OSError as exc:
+                raise tornado.web.HTTPError(507, f"the fit could not be kept: {exc.strerror}".replace("%", "%%")) \
+                    from None
         self.set_status(201)
         self.json({"fits": [f if isinstance(f, dict) else {"id": f.id, "name": f.name, "state": f.state}
                             for f in made]})
@@ -531,10 +682,13 @@ class Events(tornado.websocket.WebSocketHandler):
     """
 
     sub: Subscriber | None = None
-    api = True
+    _request_summary = redacted_summary
 
     def prepare(self) -> Awaitable[None] | None:
-        return Base.prepare(cast(Base, self))
+        authenticate(self, page=False)
+        if len(self.settings["hub"].subscribers) >= MAX_BROWSERS:
+            raise tornado.web.HTTPError(503, f"{MAX_BROWSERS} browsers follow the events already: try later")
+        return None
 
     def open(self, *args: str, **kwargs: str) -> None:
         hub: Hub = self.settings["hub"]
@@ -559,7 +713,7 @@ class Events(tornado.websocket.WebSocketHandler):
 
 
 def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 1024 * 1024,
-             cookie_secret: str | None = None) -> tornado.web.Application:
+             cookie_secret: str | None = None, tls: bool = False) -> tornado.web.Application:
     """The application: pages, API and websocket on ``hub`` and ``fits``, guarded by ``auth``."""
     import bokeh
 
@@ -576,14 +730,26 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
             (r"/api/fits/([0-9a-f]{32})/figure", FitFigureApi),
             (r"/api/fits/([0-9a-f]{32})/files/([^/]+)", FitFileApi),
             (r"/ws", Events),
-            (r"/bokeh/(.*)", tornado.web.StaticFileHandler, {"path": str(bokeh_js)}),
+            (r"/bokeh/(.*)", Static, {"path": str(bokeh_js)}),
         ],
         hub=hub, fits=fits, auth=auth, max_upload=max_upload,
-        template_path=str(HERE / "templates"), static_path=str(HERE / "static"),
-        xsrf_cookies=True, xsrf_cookie_kwargs={"samesite": "Strict", "httponly": False},
+        bus_budget={"browser": Budget(BUS_REQUESTS, BUS_BURST), "script": Budget(BUS_REQUESTS, BUS_BURST)},
+        uploads=asyncio.Semaphore(MAX_UPLOADS),
+        template_path=str(HERE / "templates"), static_path=str(HERE / "static"), static_handler_class=Static,
+        xsrf_cookies=True, xsrf_cookie_kwargs={"samesite": "Strict", "httponly": True, "secure": tls},
         cookie_secret=cookie_secret or os.urandom(32).hex(), autoescape="xhtml_escape",
         default_handler_class=NotFound, serve_traceback=False, compress_response=True,
         websocket_ping_interval=20, started=time.time())
+
+
+class Static(tornado.web.StaticFileHandler):
+    """Static files (ours and BokehJS), with the token as for every request."""
+
+    _request_summary = redacted_summary
+
+    def prepare(self) -> Awaitable[None] | None:
+        authenticate(self, page=False)
+        return None
 
 
 class NotFound(Base):

@@ -31,6 +31,7 @@ import secrets
 import time
 import zipfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ STATES = ("queued", "running", "done", "failed")
 MAX_GENERATIONS = 100_000
 #: Most fits kept in memory (the oldest finished ones are forgotten first; their folders stay).
 MAX_FITS = 10_000
+#: Largest ``fit.json`` read back.
+MAX_FIT_JSON = 64 * 1024 * 1024
 
 
 class SettingsError(OrchesterError, ValueError):
@@ -139,20 +142,37 @@ class WebFit:
                 "files": self.files, "parameters": self.parameters, "model": self.model}
 
     @classmethod
-    def of(cls, data: Mapping[str, Any]) -> WebFit:
-        """A fit read back from its ``fit.json`` (:class:`ValueError` on anything of the wrong shape)."""
-        try:
-            fit = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except TypeError as exc:
-            raise ValueError(str(exc)) from None
-        if not FIT_ID.fullmatch(str(fit.id)) or fit.state not in STATES or not isinstance(fit.settings, dict):
+    def of(cls, data: Any) -> WebFit:
+        """A fit read back from its ``fit.json``: every field checked (:class:`ValueError` on anything of
+        the wrong shape: a damaged or planted file never reaches a path or a page)."""
+        if not isinstance(data, dict):
             raise ValueError("not a fit record")
-        if not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..") for n in fit.files):
-            raise ValueError("a file name of the wrong shape")
-        return fit
+        fid, name, state = data.get("id"), data.get("name"), data.get("state")
+        if not (isinstance(fid, str) and FIT_ID.fullmatch(fid) and state in STATES and isinstance(name, str)
+                and name == safe_name(name)):
+            raise ValueError("not a fit record (id, name or state)")
+        files = data.get("files", [])
+        if not isinstance(files, list) or not set(files) <= set(expected_files(name)):
+            raise ValueError("files that are not this fit's")
+        settings = data.get("settings")
+        if not isinstance(settings, dict) or len(settings) > 20:
+            raise ValueError("settings of the wrong shape")
+        history = data.get("fom_history", [])
+        return cls(
+            fid, name, str(data.get("file", ""))[:300], _plain_settings(settings), state,
+            _number(data.get("submitted")) or 0.0, _number(data.get("finished")),
+            int(_number(data.get("generation")) or 0), _number(data.get("fom")), str(data.get("fom_name", "fom"))[:40],
+            list(_pairs(history))[:MAX_GENERATIONS] if isinstance(history, list) else [],
+            str(data.get("error", ""))[:4000], str(data.get("satellite", ""))[:200], _number(data.get("seconds")),
+            list(files),
+            [_parameter(p) for p in data.get("parameters", [])[:10_000] if isinstance(p, dict)]
+            if isinstance(data.get("parameters"), list) else [],
+            {})
 
 
 Inspect = Callable[[bytes], Any]
+#: The threads that wait for model inspections (each runs a child process): two at a time.
+INSPECTORS = ThreadPoolExecutor(2, thread_name_prefix="orchester-inspect")
 
 
 class FitStore:
@@ -165,12 +185,15 @@ class FitStore:
 
     def __init__(self, root: str | os.PathLike[str], client: AsyncClient, *, inspect: Inspect | None = None,
                  max_running: int = 1000) -> None:
+        from orchester.journal.folder import private_directory
+
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_directory(self.root, "the fits folder", FIT_ID)  # another user's folder is refused
         self.client = client
         self.inspect = inspect
         self.max_running = max_running
         self.fits: dict[str, WebFit] = {}
+        self._checking = 0
         self._waiting: dict[str, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------- reading back
@@ -180,13 +203,14 @@ class FitStore:
             if not FIT_ID.fullmatch(d.name):
                 continue
             try:
-                raw = (d / "fit.json").read_bytes()
-                if len(raw) > 64 * 1024 * 1024:
-                    raise ValueError("larger than 64 MB")
+                with open(d / "fit.json", "rb") as f:
+                    raw = f.read(MAX_FIT_JSON + 1)
+                if len(raw) > MAX_FIT_JSON:
+                    raise ValueError(f"larger than {MAX_FIT_JSON >> 20} MB")
                 fit = WebFit.of(json.loads(raw))
                 if fit.id != d.name:
                     raise ValueError("its id is not its folder's name")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, TypeError, RecursionError) as exc:
                 log.warning("fit folder %s skipped: %s", d.name, exc)
                 continue
             self.fits[fit.id] = fit
@@ -201,11 +225,18 @@ class FitStore:
         :class:`~orchester.genx.inspect.ModelError` for a file that is not a GenX model,
         :class:`SettingsError` for a bad setting: nothing is kept or run then.
         """
-        if sum(f.state in ("queued", "running") for f in self.fits.values()) >= self.max_running:
+        if sum(f.state in ("queued", "running") for f in self.fits.values()) + self._checking >= self.max_running:
             raise SettingsError(f"{self.max_running} fits are already waiting or running: wait for some to finish")
+        self._checking += 1  # counted while its model is checked: concurrent uploads never pass the cap together
+        try:
+            return await self._add(filename, data, form)
+        finally:
+            self._checking -= 1
+
+    async def _add(self, filename: str, data: bytes, form: Mapping[str, str]) -> WebFit:
         from orchester.genx.inspect import inspect_model
 
-        info = await asyncio.get_running_loop().run_in_executor(None, self.inspect or inspect_model, data)
+        info = await asyncio.get_running_loop().run_in_executor(INSPECTORS, self.inspect or inspect_model, data)
         defaults = dict(getattr(info, "defaults", {}) or {})
         settings = parse_settings(form, defaults)
         fid = secrets.token_hex(16)
@@ -231,7 +262,18 @@ class FitStore:
                                                                          name=f"orchester-web-fit-{fit.id[:8]}")
 
     async def _wait(self, fit: WebFit, fut: Any) -> None:
-        """Wait for a fit's result (from its future, or asked of the bus after a restart); write its files."""
+        """Wait for a fit's result (from its future, or asked of the bus after a restart); write its files.
+
+        Whatever goes wrong ends the fit as failed, with the reason: never a fit left running."""
+        try:
+            await self._follow_result(fit, fut)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a result of a shape nothing foresaw: this fit fails, not the process
+            log.exception("fit %s could not be finished", fit.id)
+            self._finish(fit, "failed", error=f"the result could not be read: {type(exc).__name__}")
+
+    async def _follow_result(self, fit: WebFit, fut: Any) -> None:
         try:
             result = await (fut if fut is not None else self.client.result(fit.id))
         except TaskFailed as exc:
@@ -242,22 +284,24 @@ class FitStore:
             return
         finally:
             self._waiting.pop(fit.id, None)
+        if not isinstance(result, dict):
+            self._finish(fit, "failed", error="the result is not a fit's")
+            return
         try:
             files = await asyncio.get_running_loop().run_in_executor(None, self._write, fit, result)
         except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
-            self._finish(fit, "failed", error=f"the result could not be written: {type(exc).__name__}: {exc}")
+            self._finish(fit, "failed", error=f"the result could not be written: {type(exc).__name__}: {exc}"[:500])
             return
-        fom = result.get("fom")
-        fit.fom = float(fom) if isinstance(fom, (int, float)) and math.isfinite(fom) else None
+        fit.fom = _number(result.get("fom"))
         fit.fom_name = str(result.get("fom_name", "fom"))[:40]
-        history = result.get("fom_history")
-        if history is not None:
-            with contextlib.suppress(TypeError, ValueError):
-                fit.fom_history = [[float(g), float(v)] for g, v in list(_pairs(history))[:MAX_GENERATIONS]]
-        fit.generation = int(result.get("generations") or fit.generation)
-        fit.seconds = float(result.get("seconds") or 0.0)
+        fit.fom_history = _pairs(result.get("fom_history"))[:MAX_GENERATIONS]
+        generations = _number(result.get("generations"))
+        fit.generation = int(min(generations, MAX_GENERATIONS)) if generations is not None else fit.generation
+        fit.seconds = _number(result.get("seconds"))
         fit.files = files
-        fit.parameters = [_parameter(p) for p in list(result.get("parameters") or [])[:10_000] if isinstance(p, dict)]
+        params = result.get("parameters")
+        fit.parameters = [_parameter(p) for p in params[:10_000] if isinstance(p, dict)] if isinstance(params, list) \
+            else []
         self._finish(fit, "done")
 
     def _write(self, fit: WebFit, result: dict[str, Any]) -> list[str]:
@@ -353,6 +397,17 @@ def expected_files(name: str) -> list[str]:
     return [p.name for p in output_paths(name, ".")] + [f"{name}.zip"]
 
 
+def _number(v: Any) -> float | None:
+    """A finite number, or ``None``."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _plain_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings read back: short names to numbers or short strings only."""
+    return {str(k)[:40]: (v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)[:40])
+            for k, v in settings.items()}
+
+
 def _parameter(p: dict[str, Any]) -> dict[str, Any]:
     """A fitted parameter as the page shows it (numbers finite or ``None``)."""
     def num(v: Any) -> float | None:
@@ -364,11 +419,15 @@ def _parameter(p: dict[str, Any]) -> dict[str, Any]:
             "error": [num(err[0]), num(err[1])] if isinstance(err, (list, tuple)) and len(err) == 2 else None}
 
 
-def _pairs(history: Any) -> list[tuple[Any, Any]]:
+def _pairs(history: Any) -> list[list[float]]:
+    """``[generation, figure of merit]`` pairs of finite numbers (anything else is left out)."""
     import numpy as np
 
-    arr = np.asarray(history, dtype=float).reshape(-1, 2)
-    return [(g, v) for g, v in arr.tolist() if math.isfinite(g) and math.isfinite(v)]
+    try:
+        arr = np.asarray(history, dtype=float).reshape(-1, 2)
+    except (TypeError, ValueError):
+        return []
+    return [[g, v] for g, v in arr.tolist() if math.isfinite(g) and math.isfinite(v)]
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

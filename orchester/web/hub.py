@@ -96,31 +96,30 @@ class Subscriber:
         self.send = send
         self.busy = busy
         self.topics = topics
-        self.events: deque[dict[str, Any]] = deque(maxlen=self.LIMIT)
+        self.events: deque[str] = deque(maxlen=self.LIMIT)  #: each event as JSON text (encoded once, for all)
         self.dropped = 0  #: events dropped since the last push
         self.pushes = 0
         self.closed = False
 
-    def offer(self, topic: str, data: dict[str, Any], t: float) -> None:
-        """Queue an event if this browser asked for its topic."""
+    def offer(self, topic: str, encoded: str) -> None:
+        """Queue an event (``encoded``: its JSON text) if this browser asked for its topic."""
         if not topic.startswith(self.topics):
             return
         if len(self.events) == self.LIMIT:
             self.dropped += 1
-        self.events.append({"topic": topic, "t": t, "data": data})
+        self.events.append(encoded)
 
     def batch(self, extra: dict[str, Any] | None = None) -> str | None:
         """The next push (events, drops and ``extra``), or ``None`` when there is nothing to say or
         the previous push is still on its way."""
         if self.closed or self.busy() or not (self.events or self.dropped or extra):
             return None
-        body: dict[str, Any] = {"events": list(self.events), "dropped": self.dropped}
-        if extra:
-            body.update(extra)
+        tail = "".join(f",{json.dumps(k)}:{dumps(v)}" for k, v in (extra or {}).items())
+        text = f'{{"events":[{",".join(self.events)}],"dropped":{self.dropped}{tail}}}'
         self.events.clear()
         self.dropped = 0
         self.pushes += 1
-        return dumps(body)
+        return text
 
 
 @dataclass
@@ -211,12 +210,16 @@ class FleetLog:
             self._flush(self._current)
             self._current = None
 
-    def span(self, start: float, seconds: float) -> tuple[int, int] | None:
-        """The most satellites and slots seen from ``start`` for ``seconds``, or ``None`` if none was seen."""
-        seen = [self.minutes[m] for m in range(int(start // 60), int((start + seconds) // 60)) if m in self.minutes]
-        if not seen:
-            return None
-        return max(s for s, _ in seen), max(n for _, n in seen)
+    def spans(self, start: float, step: float, count: int) -> list[tuple[int, int] | None]:
+        """For each of ``count`` steps of ``step`` seconds from ``start``: the most satellites and slots
+        seen, or ``None`` when none was seen (one pass over the minutes kept, whatever the range)."""
+        out: list[tuple[int, int] | None] = [None] * max(0, count)
+        for minute, (sats, slots) in self.minutes.items():
+            i = int((minute * 60 - start) // step) if step > 0 else -1
+            if 0 <= i < len(out):
+                seen = out[i]
+                out[i] = (sats, slots) if seen is None else (max(seen[0], sats), max(seen[1], slots))
+        return out
 
 
 class Hub:
@@ -393,9 +396,10 @@ class Hub:
                 listener(topic, data)
             except Exception:  # one listener's failure is logged, never the end of the stream
                 log.exception("an event listener failed on %s", topic)
-        now = time.time()
-        for s in self.subscribers:
-            s.offer(topic, data, now)
+        if self.subscribers:
+            encoded = dumps({"topic": topic, "t": time.time(), "data": data})
+            for s in self.subscribers:
+                s.offer(topic, encoded)
 
     async def _pump(self) -> None:
         interval = 1.0 / PUSHES_PER_SECOND

@@ -13,21 +13,28 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import signal
 import ssl
 import sys
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import tornado.httpserver
 
 from orchester.errors import OrchesterError
+from orchester.logutil import warn_limited
 
 log = logging.getLogger("orchester.web")
 
 #: Default largest upload, in bytes.
 MAX_UPLOAD = 100 * 1024 * 1024
+#: What the web process keeps in its data folder (made private with it).
+DATA_NAMES = re.compile(r"fits|fleet\.jsonl|journal")
 
 
 class WebConfigError(OrchesterError, ValueError):
@@ -41,13 +48,15 @@ def default_data_dir() -> Path:
 
 def data_dir(options: WebOptions) -> Path:
     """The web process's folder (made, this user's only): its fits, its fleet log, a local cluster's journal."""
+    from orchester.journal.folder import JournalError, private_directory
+
     data = Path(options.data_dir) if options.data_dir else default_data_dir()
     try:
-        data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise WebConfigError(f"cannot use {data} as the data folder: {exc.strerror}") from None
-    if not data.is_dir():
-        raise WebConfigError(f"{data} is not a folder")
+        data.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(data, "the web data folder", DATA_NAMES)
+    except (JournalError, OSError) as exc:
+        raise WebConfigError(str(exc) if isinstance(exc, JournalError) else
+                             f"cannot use {data} as the data folder: {exc.strerror}") from None
     return data
 
 
@@ -63,13 +72,20 @@ def parse_bind(bind: str) -> tuple[str, int]:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine only."""
-    if host == "localhost":
-        return True
+    """Whether ``host`` is reachable from this machine only: a loopback address as such, or
+    ``localhost`` when every address it resolves to is one (no other name, no other spelling)."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        if host != "localhost":
+            return False
+    import socket
+
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
         return False
+    return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
 @dataclass
@@ -112,6 +128,48 @@ class WebOptions:
         return host, port, context
 
 
+#: Seconds a connection may stay idle (or take to send its headers) before it is closed.
+IDLE_TIMEOUT = 15.0
+#: Seconds an upload may take to arrive.
+BODY_TIMEOUT = 300.0
+#: Open connections at most; a new one beyond is closed at once (nobody can hold them all).
+MAX_CONNECTIONS = 512
+
+
+class BoundedHTTPServer(tornado.httpserver.HTTPServer):
+    """An HTTP server that holds at most :data:`MAX_CONNECTIONS` connections: a new one beyond closes
+    the oldest (idle connections cannot lock the owner out: theirs get through, and those held
+    without a word are closed after :data:`IDLE_TIMEOUT` anyway)."""
+
+    def handle_stream(self, stream: Any, address: Any) -> None:
+        """A new connection: served; the oldest one closed when too many are open."""
+        order: OrderedDict[Any, None] = self.__dict__.setdefault("_order", OrderedDict())
+        while order and next(iter(order)).closed():
+            order.popitem(last=False)
+        if len(order) > 2 * MAX_CONNECTIONS:  # closed ones in the middle: forget them
+            for s in [s for s in order if s.closed()]:
+                del order[s]
+        while len(order) >= MAX_CONNECTIONS:
+            oldest, _ = order.popitem(last=False)
+            if not oldest.closed():
+                warn_limited(log, "%d connections open: the oldest closed for a new one", MAX_CONNECTIONS)
+                oldest.close()
+        order[stream] = None
+        super().handle_stream(stream, address)
+
+
+def _raise_file_limit() -> None:
+    """Take the hard limit of open files as the soft one (connections and sockets are files)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
+
+
 def serve_web(options: WebOptions, *, out: TextIO | None = None,
               ready: Callable[[str], None] | None = None) -> int:
     """Run the web process until a stop signal; return its exit code.
@@ -145,7 +203,6 @@ def serve_web(options: WebOptions, *, out: TextIO | None = None,
 
 async def _main(options: WebOptions, connect: list[str], host: str, port: int, tls: ssl.SSLContext | None,
                 out: TextIO, ready: Callable[[str], None] | None, pub: str | None) -> int:
-    import tornado.httpserver
     import tornado.netutil
 
     from orchester.client.aio import AsyncClient
@@ -167,9 +224,11 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     if known:
         log.info("%d fit(s) read back from %s", known, data)
     token = options.token or secrets.token_hex(24)
-    app = make_app(hub, fits, Auth(token), max_upload=options.max_upload)
-    server = tornado.httpserver.HTTPServer(app, ssl_options=tls, max_body_size=1024 * 1024,
-                                           max_buffer_size=64 * 1024 * 1024)
+    auth = Auth(token)
+    app = make_app(hub, fits, auth, max_upload=options.max_upload, tls=tls is not None)
+    _raise_file_limit()
+    server = BoundedHTTPServer(app, ssl_options=tls, max_body_size=1024 * 1024, max_buffer_size=64 * 1024 * 1024,
+                               idle_connection_timeout=IDLE_TIMEOUT, body_timeout=BODY_TIMEOUT)
     try:
         sockets = tornado.netutil.bind_sockets(port, host)
     except OSError as exc:
@@ -178,6 +237,7 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
         raise WebConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     server.add_sockets(sockets)
     bound = sockets[0].getsockname()[1]
+    auth.port = bound  # the session cookie is named after it
     shown = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown}:{bound}/"
     print(f"Orchester web: {url}?token={token}", file=out, flush=True)

@@ -132,7 +132,7 @@ class TestAccess(WebCase):
     def test_a_browser_post_needs_the_xsrf_token_a_script_does_not(self) -> None:
         ctype, body = multipart([("a.hgx", b"not a model")])
         r = self.fetch("/api/fits", method="POST", body=body, raise_error=False,
-                       headers={"Cookie": f"{COOKIE}={TOKEN}", "Content-Type": ctype})
+                       headers={"Cookie": f"{COOKIE}={Auth(TOKEN).session}", "Content-Type": ctype})
         assert r.code == 403 and b"XSRF" in r.body
         r = self.fetch_api("/api/fits", method="POST", body=body, headers={"Content-Type": ctype})
         assert r.code == 400  # past the XSRF check: refused as no GenX model

@@ -1,9 +1,10 @@
 """``orchester web`` as an attacker sees it: each test is one attack on the running code.
 
-A test marked ``xfail(strict=True, reason="finding N: ...")`` demonstrates a weakness that is
-still there (it fails today; fixed, it passes and the strict marker makes the suite say so); an
-unmarked test is a defence that holds. The finding numbers are those of the review that wrote
-this file.
+The review that wrote this file found fourteen weaknesses (idle connections, history ranges,
+malformed uploads, fit.json read back, per-client costs, the token in the cookie and the log,
+cut result downloads, 413s, the data folder, formulas in CSV files, malformed results, static
+files, the link's redirect, since=0); each test here is one attack, and each now shows the
+defence holding.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from orchester.web.app import COOKIE, Auth, make_app
 from orchester.web.fits import FitStore
 
 pytestmark = pytest.mark.integration
+#: the session cookie a browser gets for the token (an HMAC of it, not the token)
+SESSION = Auth(TOKEN).session
 
 
 async def raw_exchange(port: int, request: bytes, *, read_for: float = 5.0, chunks: list[bytes] | None = None,
@@ -81,7 +84,6 @@ class TestAccess(WebCase):
                 r = self.fetch(path, method=method, raise_error=False, **kw)
                 assert r.code == 403, (method, path, r.code)
 
-    @pytest.mark.xfail(strict=True, reason="finding 12: /static/ and /bokeh/ are served without the token")
     def test_static_files_need_the_token(self) -> None:
         for path in ("/bokeh/bokeh.min.js", "/static/orchester.js"):
             assert self.fetch(path, raise_error=False).code == 403, path
@@ -105,8 +107,6 @@ class TestAccess(WebCase):
             r = self.fetch(path, headers=headers, raise_error=False)
             assert r.code == 403, (headers, path, r.code)
 
-    @pytest.mark.xfail(strict=True, reason="finding 13: the link's redirect goes wherever the path says "
-                                            "('//host/?token=…' → Location: //host/)")
     def test_the_link_redirect_stays_on_this_server(self) -> None:
         r = self.fetch(f"//evil.example/?token={TOKEN}", follow_redirects=False, raise_error=False)
         location = r.headers.get("Location", "")
@@ -121,7 +121,8 @@ class TestAccess(WebCase):
         assert r.code == 200
         html, _, script = r.body.partition(b"<script>Orchester.task(")
         assert b"<img" not in html and b"&lt;img src=x" in html  # the heading: escaped
-        assert b"</script><script>" not in script and b"<\\/script>" in script  # the script's string: no way out
+        arg = script.split(b");</script>", 1)[0]  # the task id as the page's script reads it
+        assert b"<" not in arg and b"\\u003c\\/script>" in arg  # no tag, no comment, no way out of the string
 
     def test_error_pages_escape_what_they_echo(self) -> None:
         r = self.fetch("/tasks/%ff%3Cb%3E", headers={"Authorization": f"token {TOKEN}"}, raise_error=False)
@@ -132,17 +133,17 @@ class TestAccess(WebCase):
     def test_a_browser_form_post_from_elsewhere_is_refused(self) -> None:
         """A plain form (no header): even with a cookie tossed from another port (cookies ignore ports)."""
         ctype, body = multipart([("a.hgx", b"x")], {"_xsrf": "2|aaaa|bbbb|1"})
-        for headers in ({"Cookie": f"{COOKIE}={TOKEN}", "Content-Type": ctype},
-                        {"Cookie": f"{COOKIE}={TOKEN}; _xsrf=2|aaaa|bbbb|1", "Content-Type": ctype},
-                        {"Cookie": f"{COOKIE}={TOKEN}", "Content-Type": "application/x-www-form-urlencoded"},
-                        {"Cookie": f"{COOKIE}={TOKEN}", "Content-Type": "text/plain"}):
+        for headers in ({"Cookie": f"{COOKIE}={SESSION}", "Content-Type": ctype},
+                        {"Cookie": f"{COOKIE}={SESSION}; _xsrf=2|aaaa|bbbb|1", "Content-Type": ctype},
+                        {"Cookie": f"{COOKIE}={SESSION}", "Content-Type": "application/x-www-form-urlencoded"},
+                        {"Cookie": f"{COOKIE}={SESSION}", "Content-Type": "text/plain"}):
             r = self.fetch("/api/fits", method="POST", body=body, headers=headers, raise_error=False)
             assert r.code == 403, (headers, r.code)
         assert self.fits.fits == {}
 
     def test_websockets_from_another_origin_are_refused(self) -> None:
         async def code(origin: str | None, cookie: bool) -> int:
-            headers = {"Cookie": f"{COOKIE}={TOKEN}"} if cookie else {"Authorization": f"token {TOKEN}"}
+            headers = {"Cookie": f"{COOKIE}={SESSION}"} if cookie else {"Authorization": f"token {TOKEN}"}
             if origin is not None:
                 headers["Origin"] = origin
             req = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{self.get_http_port()}/ws", headers=headers)
@@ -171,8 +172,6 @@ class TestAccess(WebCase):
 
 # --------------------------------------------------------------------------------------------- uploads
 class TestUploads(WebCase):
-    @pytest.mark.xfail(strict=True, reason="finding 3: a malformed multipart body is a 500 (tornado's "
-                                            "HTTPInputError escapes FitsApi.post)")
     def test_a_malformed_multipart_body_is_a_400(self) -> None:
         for ctype, body in (("multipart/form-data", b"x"),
                             ("multipart/form-data; boundary=abc", b"--abc\r\nno end"),
@@ -181,7 +180,6 @@ class TestUploads(WebCase):
                 r = self.fetch_api(path, method="POST", body=body, headers={"Content-Type": ctype})
                 assert r.code == 400, (path, ctype, body, r.code, r.body[:200])
 
-    @pytest.mark.xfail(strict=True, reason="finding 3: a part header that is not UTF-8 is a 500")
     def test_a_file_name_that_is_not_utf8_is_a_400(self) -> None:
         b = b"----x"
         body = (b"--" + b + b'\r\nContent-Disposition: form-data; name="model"; filename="\xe9.hgx"\r\n\r\nabc\r\n--'
@@ -190,8 +188,6 @@ class TestUploads(WebCase):
                            headers={"Content-Type": "multipart/form-data; boundary=----x"})
         assert r.code == 400, (r.code, r.body[:200])
 
-    @pytest.mark.xfail(strict=True, reason="finding 3: 100 models (the documented most) or 99 and a setting "
-                                            "are a 500: tornado's own limit is 100 parts")
     def test_the_documented_hundred_models_are_not_a_500(self) -> None:
         for files, fields in (([(f"m{i}.hgx", b"x") for i in range(99)], {"seed": "1"}),
                               ([(f"m{i}.hgx", b"x") for i in range(100)], {}),
@@ -200,9 +196,6 @@ class TestUploads(WebCase):
             r = self.fetch_api("/api/fits", method="POST", body=data, headers={"Content-Type": ctype})
             assert r.code == 400, (len(files), r.code, r.body[:200])
 
-    @pytest.mark.xfail(strict=True, reason="finding 8: an upload without Content-Length (chunked) over the limit "
-                                            "gets no 413: a bare '400 Bad Request' without a word (tornado's own "
-                                            "max_body_size), or a dropped connection and a logged traceback")
     def test_a_chunked_upload_over_the_limit_gets_413(self) -> None:
         from test_web import MAX_UPLOAD
 
@@ -295,8 +288,6 @@ async def loop_stall(during: Any, tick: float = 0.01) -> tuple[Any, float]:
 
 
 class TestResources(WebCase):
-    @pytest.mark.xfail(strict=True, reason="finding 5: one token opens any number of websockets (each a "
-                                            "subscriber the hub serialises for ten times a second)")
     def test_websockets_per_process_are_bounded(self) -> None:
         async def go() -> tuple[int, int]:
             opened, refused = [], 0
@@ -316,8 +307,6 @@ class TestResources(WebCase):
         live, refused = self.io_loop.run_sync(go, timeout=120)
         assert refused > 0 and live < 300, (live, refused)
 
-    @pytest.mark.xfail(strict=True, reason="finding 5: with many browsers open, a burst of events stalls the "
-                                            "web process's event loop (one JSON encoding per browser per push)")
     def test_many_browsers_and_a_burst_of_events_do_not_stall_the_web_process(self) -> None:
         """150 websockets that never read (a raw handshake, then silence); 2000 task events in one go,
         through the hub's own event path; the longest the event loop then goes without a turn."""
@@ -366,9 +355,6 @@ class TestHistoryRange(WebCase):
         super().tearDownClass()
         shutil.rmtree(cls.journal, ignore_errors=True)
 
-    @pytest.mark.xfail(strict=True, reason="finding 2: one /api/history request over the range it accepts keeps "
-                                            "the orchestrator's history thread busy for minutes (a loop over every "
-                                            "minute of the range): every other history and tasks query waits")
     def test_a_long_history_range_does_not_stall_everyones_history(self) -> None:
         async def go() -> tuple[int, float]:
             http = self.get_http_client()
@@ -389,8 +375,6 @@ class TestHistoryRange(WebCase):
         code, took = self.io_loop.run_sync(go, timeout=240)
         assert code == 200 and took < 5.0, (code, took)
 
-    @pytest.mark.xfail(strict=True, reason="finding 2: the web process walks every minute of each bucket of a "
-                                            "roll-up (FleetLog.span) on its event loop")
     def test_a_long_history_range_does_not_stall_the_web_process(self) -> None:
         async def go() -> tuple[int, float]:
             http = self.get_http_client()
@@ -403,8 +387,6 @@ class TestHistoryRange(WebCase):
         code, worst = self.io_loop.run_sync(go, timeout=240)
         assert code in (200, 400) and worst < 0.5, (code, worst)
 
-    @pytest.mark.xfail(strict=True, reason="finding 14: since=0 or until=0 is taken as 'not given' (`or` on a "
-                                            "float)")
     def test_since_zero_is_the_epoch(self) -> None:
         h = self.json_of("/api/history?since=0&until=172800&step=86400")
         assert h["since"] == 0 and len(h["buckets"]) == 2, (h["since"], len(h["buckets"]))
@@ -475,9 +457,6 @@ class WebProcess:
         return self.log.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: connections without a token are never timed out nor counted: "
-                                        "idle sockets exhaust the web process's file descriptors, the owner is "
-                                        "locked out")
 def test_idle_connections_without_a_token_cannot_lock_the_owner_out(attack_cluster: LocalCluster,
                                                                     tmp_path: Path) -> None:
     web = WebProcess(attack_cluster, tmp_path / "web", nofile=1024)  # a usual soft limit of open files
@@ -503,8 +482,6 @@ def test_idle_connections_without_a_token_cannot_lock_the_owner_out(attack_clust
         web.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: a half-sent request holds its connection for an hour "
-                                        "(tornado's default idle and header timeouts)")
 def test_a_half_sent_request_is_dropped(attack_cluster: LocalCluster, tmp_path: Path) -> None:
     web = WebProcess(attack_cluster, tmp_path / "web")
     try:
@@ -521,8 +498,6 @@ def test_a_half_sent_request_is_dropped(attack_cluster: LocalCluster, tmp_path: 
         web.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="finding 8: well over the limit, a script that sends its whole body "
-                                        "(urllib, requests) gets a connection reset, not the 413 and its message")
 def test_an_upload_over_the_limit_gets_a_readable_413(attack_cluster: LocalCluster, tmp_path: Path) -> None:
     web = WebProcess(attack_cluster, tmp_path / "web", "--max-upload", "1MB")
     try:
@@ -592,8 +567,6 @@ class _NoClient:
     pytest.param({"files": 5}, id="files-number"),
     pytest.param("deep", id="nested-json"),
 ])
-@pytest.mark.xfail(strict=True, reason="finding 4: one damaged fit.json stops the web process from starting "
-                                        "(TypeError/RecursionError escape FitStore.load)")
 def test_a_damaged_fit_json_is_skipped_not_fatal(tmp_path: Path, bad: Any) -> None:
     root = tmp_path / "fits"
     good = _plant(root, _fit_record("b" * 32))
@@ -605,8 +578,6 @@ def test_a_damaged_fit_json_is_skipped_not_fatal(tmp_path: Path, bad: Any) -> No
     assert store.load() == 1 and list(store.fits) == [good]
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: a fit.json read back is not checked like an upload: its name "
-                                        "(a path component of every output) may climb out of the fit's folder")
 def test_a_fit_json_naming_a_path_outside_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "fits"
     _plant(root, _fit_record("d" * 32, name="../../../../outside", state="done"))
@@ -617,8 +588,6 @@ def test_a_fit_json_naming_a_path_outside_is_refused(tmp_path: Path) -> None:
 
 
 class TestFitFolders(WebCase):
-    @pytest.mark.xfail(strict=True, reason="finding 4: a fit.json with a field of the wrong type (submitted as "
-                                            "text) makes every GET /api/fits a 500")
     def test_one_odd_fit_json_does_not_break_the_list(self) -> None:
         _plant(self.data / "fits", _fit_record("f" * 32, submitted="yesterday"))
         _plant(self.data / "fits", _fit_record("1" * 32, submitted=5.0))
@@ -626,8 +595,6 @@ class TestFitFolders(WebCase):
         r = self.fetch_api("/api/fits")
         assert r.code == 200, (r.code, r.body[:200])
 
-    @pytest.mark.xfail(strict=True, reason="finding 4: a file name from fit.json with a quote or a control "
-                                            "character makes the download a 500 (header or open() refuses it)")
     def test_odd_file_names_in_fit_json_are_not_a_500(self) -> None:
         fid = _plant(self.data / "fits", _fit_record("2" * 32, files=['a".csv', "b\x01.csv", "c\0.csv"]))
         out = self.data / "fits" / fid / "out"
@@ -644,8 +611,6 @@ class TestFitFolders(WebCase):
 
 
 class TestResults(WebCase):
-    @pytest.mark.xfail(strict=True, reason="finding 7: GET /api/tasks/{id}/result silently cuts a list past "
-                                            "10,000 items and a map past 1,000 keys (hub.plain), under a 200")
     def test_a_result_download_is_whole_or_refused(self) -> None:
         big = list(range(25_000))
         keys = {f"k{i}": i for i in range(1500)}
@@ -657,8 +622,6 @@ class TestResults(WebCase):
             got = json.loads(r.body)
             assert got == expected or r.code != 200, (type(got), len(got))
 
-    @pytest.mark.xfail(strict=True, reason="finding 10: a dataset name from the model reaches the downloaded "
-                                            "CSV as a spreadsheet formula")
     def test_fit_csv_downloads_carry_no_formula(self) -> None:
         import h5py
 
@@ -685,9 +648,6 @@ class TestResults(WebCase):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder to another uid")
-@pytest.mark.xfail(strict=True, reason="finding 9: the data folder and its fits/ are used as found: one another "
-                                        "user owns, or everyone may write, is taken (the journal and the fit cache "
-                                        "refuse such folders)")
 def test_a_fits_folder_another_user_owns_is_refused(tmp_path: Path) -> None:
     root = tmp_path / "data" / "fits"
     root.mkdir(parents=True)
@@ -697,8 +657,6 @@ def test_a_fits_folder_another_user_owns_is_refused(tmp_path: Path) -> None:
         FitStore(root, _NoClient())  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(strict=True, reason="finding 11: a result whose 'generations' or 'seconds' is not a number "
-                                        "leaves the fit 'running' for ever (ValueError escapes FitStore._wait)")
 def test_a_result_of_the_wrong_shape_ends_the_fit(tmp_path: Path) -> None:
     from orchester.web.fits import WebFit
 
@@ -742,8 +700,6 @@ class TestCookies(WebCase):
         cookie = [c for c in r.headers.get_list("Set-Cookie") if c.startswith(COOKIE + "=")][0]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
 
-    @pytest.mark.xfail(strict=True, reason="finding 6: the cookie holds the access token itself: it goes to every "
-                                            "server on 127.0.0.1 (cookies ignore ports) and works as the API token")
     def test_the_cookie_is_not_the_token(self) -> None:
         r = self.fetch(f"/?token={TOKEN}", follow_redirects=False, raise_error=False)
         cookie = [c for c in r.headers.get_list("Set-Cookie") if c.startswith(COOKIE + "=")][0]
@@ -768,8 +724,6 @@ class TestCookies(WebCase):
         assert not [c for c in cells if c[:1] in ("=", "+", "@") or (c[:1] == "-" and not c[1:2].isdigit())], rows
 
 
-@pytest.mark.xfail(strict=True, reason="finding 6: the access log writes the token of every ?token= link "
-                                        "(at INFO, on by default)")
 def test_the_token_is_never_written_to_the_log(attack_cluster: LocalCluster, tmp_path: Path) -> None:
     import urllib.error
     import urllib.request
@@ -787,9 +741,6 @@ def test_the_token_is_never_written_to_the_log(attack_cluster: LocalCluster, tmp
 
 
 class TestRequestBudget(WebCase):
-    @pytest.mark.xfail(strict=True, reason="finding 5: the web process is one client of the orchestrator for every "
-                                            "browser: one script spends its whole request budget (--request-rate), "
-                                            "the others get 503 and the overview goes stale")
     def test_one_script_cannot_spend_everyones_request_budget(self) -> None:
         async def go() -> tuple[list[int], int]:
             http = tornado.httpclient.AsyncHTTPClient(force_instance=True, max_clients=100)
@@ -799,9 +750,10 @@ class TestRequestBudget(WebCase):
             burst = [http.fetch(f"{base}/api/tasks/{i:032x}", headers=headers, raise_error=False)
                      for i in range(1500)]  # one script, as fast as it can
             others = []
+            page = {"Cookie": f"{COOKIE}={SESSION}"}  # a browser's page: its own budget, a script cannot spend it
             for _ in range(10):  # another user's page meanwhile
                 await asyncio.sleep(0.05)
-                others.append((await http.fetch(f"{base}/api/tasks?limit=1", headers=headers, raise_error=False)).code)
+                others.append((await http.fetch(f"{base}/api/tasks?limit=1", headers=page, raise_error=False)).code)
             await asyncio.gather(*burst)
             http.close()
             return others, self.hub.counters["status_failures"] - failures
@@ -840,9 +792,6 @@ class TestFitsList(WebCase):
         super().get_app()
         return make_app(self.hub, self.fits, Auth(TOKEN), max_upload=5_000_000)
 
-    @pytest.mark.xfail(strict=True, reason="finding 5: every fit keeps and lists all the names inspection read "
-                                            "(up to 3×1000 of 200 characters): GET /api/fits, polled every second "
-                                            "by each fits page, grows by ~400 KB per upload")
     def test_the_fits_list_does_not_grow_with_what_models_name(self) -> None:
         model = _wide_model()
         for i in range(5):
