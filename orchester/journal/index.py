@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchester.journal.history import HistoryFold, Row, fields, select
+from orchester.journal.history import HistoryFold, Row, select
 from orchester.journal.manifest import number
-from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Submitted
+from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result
 from serializers import ProtocolError, unpack
 from tracker import TaskState
 
@@ -124,14 +124,14 @@ class HistoryIndex:
             self._partial = (n, offset, count)
 
     def _add(self, record: list[Any]) -> None:
-        cols = fields(record)
-        if cols is None:
+        found = columns(record)
+        if found is None:
             return
+        cols, tags = found
         self.records += 1
         self.fold.add(cols)
         code, tid, t = cols["code"], cols["task_id"], cols["t"]
         if code == SUBMITTED:
-            tags = _tags(record)
             if tags:
                 self.tags[tid] = tags
         elif code == TRANSITION:
@@ -219,15 +219,63 @@ class HistoryIndex:
         return {"step": step, "buckets": out}
 
 
-def _tags(record: list[Any]) -> frozenset[str]:
-    """The tags a submission record names (those a live orchestrator took: short strings)."""
-    try:
-        tg = unpack(Submitted.of(record).header).get("tg")
-    except (ProtocolError, RecordError):
-        return frozenset()
-    if not isinstance(tg, list):
-        return frozenset()
-    return frozenset(t for t in tg[:MAX_TAGS] if isinstance(t, str) and 0 < len(t) <= 256)
+_STATES = frozenset(int(s) for s in TaskState)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def columns(record: Any) -> tuple[dict[str, Any], frozenset[str]] | None:
+    """The history columns of a task's record (those of :func:`~orchester.journal.history.fields`) and
+    a submission's tags; ``None`` for any other record or one of the wrong shape.
+
+    The index reads every record of the journal once: this checks the fields it reads (types,
+    known states) and unpacks a header once, never the payload frames it does not read.
+    """
+    if not isinstance(record, list) or len(record) < 4:
+        return None
+    code, tid = record[0], record[1]
+    if not isinstance(tid, str):
+        return None
+    if code == SUBMITTED and len(record) >= 6:
+        header, t = record[3], record[5]
+        owner = record[7] if len(record) > 7 else None
+        if not isinstance(header, (bytes, bytearray)) or not _number(t) \
+                or not (owner is None or isinstance(owner, str)):
+            return None
+        try:
+            hdr = unpack(bytes(header))
+        except ProtocolError:
+            return None
+        tg = hdr.get("tg")
+        tags = frozenset(x for x in tg[:MAX_TAGS] if isinstance(x, str) and 0 < len(x) <= 256) \
+            if isinstance(tg, list) else frozenset()
+        return ({"code": SUBMITTED, "task_id": tid, "t": float(t), "kind": str(hdr.get("k", "")),
+                 "state": int(TaskState.PENDING), "attempt": 0, "satellite": owner or "", "etype": ""}, tags)
+    if code == TRANSITION and len(record) >= 7:
+        state, attempt, sat, t = record[2], record[3], record[4], record[6]
+        if (state not in _STATES or not isinstance(attempt, int) or isinstance(attempt, bool)
+                or not (sat is None or isinstance(sat, str)) or not (t is None or _number(t))):
+            return None
+        return ({"code": TRANSITION, "task_id": tid, "t": float(t or 0.0), "kind": "", "state": int(state),
+                 "attempt": attempt, "satellite": sat or "", "etype": ""}, frozenset())
+    if code == RESULT:
+        frames, t = record[2], record[3]
+        if not isinstance(frames, list) or not frames or not isinstance(frames[0], (bytes, bytearray)) \
+                or not (t is None or _number(t)):
+            return None
+        try:
+            hdr = unpack(bytes(frames[0]))
+        except ProtocolError:
+            return None
+        err = hdr.get("err") if not hdr.get("ok") else None
+        attempt = hdr.get("a", 0)
+        return ({"code": RESULT, "task_id": tid, "t": float(t or 0.0), "kind": "", "state": -1,
+                 "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 0,
+                 "satellite": str(hdr.get("sat") or ""),
+                 "etype": str(err.get("type", "")) if isinstance(err, dict) else ""}, frozenset())
+    return None
 
 
 def _message(record: list[Any]) -> str:

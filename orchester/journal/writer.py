@@ -301,6 +301,12 @@ def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[st
             row["error"] = f"{row['error']}: {msg}"
 
 
+#: Seconds between two reads of what the journal gained, while history queries come.
+REFRESH_EVERY = 5.0
+#: Seconds after the last query during which the index keeps up by itself.
+KEEP_CURRENT_FOR = 600.0
+
+
 class HistoryReader:
     """Answers history queries from the journal in a thread; replies come back on ``results``."""
 
@@ -362,14 +368,25 @@ class HistoryReader:
         sock.linger = 0
         sock.connect(self._addr)
         index = HistoryIndex(self.dir)  # this thread's: built once, then read on from where it stopped
+        asked = None  # when the last query came (monotonic): while history is in use, the index keeps up
         try:
+            self._warm(index)  # at start: the first query does not wait for the whole journal
             while True:
                 with self._cond:
                     while not self._queue:
-                        self._cond.wait()
-                    item = self._queue.popleft()
+                        in_use = asked is not None and time.monotonic() - asked < KEEP_CURRENT_FOR
+                        if not self._cond.wait(REFRESH_EVERY if in_use else None) and in_use:
+                            break
+                    if not self._queue:  # idle while history is in use: read what the journal gained meanwhile
+                        item = None
+                    else:
+                        item = self._queue.popleft()
+                        if item is None:
+                            return
                 if item is None:
-                    return
+                    self._warm(index)
+                    continue
+                asked = time.monotonic()
                 token, filters = item
                 try:
                     if "rollup" in filters:
@@ -386,6 +403,13 @@ class HistoryReader:
                 sock.send_multipart([_SEQ.pack(token), msgpack.packb(body, use_bin_type=True)])
         finally:
             sock.close(0)
+
+    @staticmethod
+    def _warm(index: HistoryIndex) -> None:
+        try:
+            index.refresh()
+        except Exception:  # a query will say what is wrong; the thread goes on
+            log.exception("the history index could not be brought up to date")
 
     def close(self) -> None:
         """Stop the thread."""

@@ -246,7 +246,7 @@ class Hub:
         self.marks: deque[tuple[float, str]] = deque(maxlen=1000)
         self.subscribers: set[Subscriber] = set()
         self.listeners: list[Listener] = []
-        self.counters: dict[str, int] = {"events": 0, "bad_events": 0, "pushes": 0, "status_failures": 0}
+        self.stats: dict[str, int] = {"events": 0, "bad_events": 0, "pushes": 0, "status_failures": 0}
         self._sub: zmq.asyncio.Socket | None = None
         self._pubs: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -322,7 +322,7 @@ class Hub:
             try:
                 st = await self.client.status(timeout=max(2.0, self.refresh * 3))
             except (OrchesterError, TimeoutError) as exc:
-                self.counters["status_failures"] += 1
+                self.stats["status_failures"] += 1
                 self.status_error = str(exc) or type(exc).__name__
             else:
                 self._took(st, time.time())
@@ -387,17 +387,18 @@ class Hub:
             topic = frames[0].decode("utf-8", "replace")
             data = plain(unpack(frames[1]))
         except (ProtocolError, UnicodeError) as exc:
-            self.counters["bad_events"] += 1
+            self.stats["bad_events"] += 1
             log.debug("bad event: %s", exc)
             return
-        self.counters["events"] += 1
+        self.stats["events"] += 1
         for listener in self.listeners:
             try:
                 listener(topic, data)
             except Exception:  # one listener's failure is logged, never the end of the stream
                 log.exception("an event listener failed on %s", topic)
         if self.subscribers:
-            encoded = dumps({"topic": topic, "t": time.time(), "data": data})
+            encoded = json.dumps({"topic": topic, "t": time.time(), "data": data}, separators=(",", ":"),
+                                 allow_nan=False)  # (data is plain already)
             for s in self.subscribers:
                 s.offer(topic, encoded)
 
@@ -409,7 +410,7 @@ class Hub:
                 text = s.batch()
                 if text is None:
                     continue
-                self.counters["pushes"] += 1
+                self.stats["pushes"] += 1
                 try:
                     done = s.send(text)
                     if done is not None:
@@ -423,7 +424,7 @@ class Hub:
         return {"status": self.status, "status_at": self.status_at, "status_error": self.status_error,
                 "series": [p.json() for p in self.series],
                 "marks": [{"t": t, "what": what} for t, what in self.marks],
-                "web": dict(self.counters, browsers=len(self.subscribers))}
+                "web": dict(self.stats, browsers=len(self.subscribers))}
 
 
 def _wants_tasks(topics: tuple[str, ...]) -> bool:
