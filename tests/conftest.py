@@ -109,9 +109,10 @@ def _install_chromium() -> None:
                    stdout=subprocess.DEVNULL, timeout=1200)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless Chromium (Debian's) under Playwright; closed at the end of the session."""
+    """Headless Chromium (Debian's) under Playwright; closed at the end of the module that uses it
+    (Playwright's sync API holds an asyncio loop in this thread while it runs: later tests need none)."""
     _install_chromium()
     from playwright.sync_api import sync_playwright
 

@@ -275,7 +275,7 @@ class FitStore:
 
     async def _follow_result(self, fit: WebFit, fut: Any) -> None:
         try:
-            result = await (fut if fut is not None else self.client.result(fit.id))
+            result = await (fut if fut is not None else self._ask_again(fit))
         except TaskFailed as exc:
             self._finish(fit, "failed", error=f"{exc.type}: {exc.message}", satellite=exc.satellite or "")
             return
@@ -303,6 +303,18 @@ class FitStore:
         fit.parameters = [_parameter(p) for p in params[:10_000] if isinstance(p, dict)] if isinstance(params, list) \
             else []
         self._finish(fit, "done")
+
+    async def _ask_again(self, fit: WebFit) -> Any:
+        """The result of a fit read back: asked of the bus; a fit the bus does not know (the web process
+        was stopped before it was sent) is submitted again from its folder, with the same id."""
+        try:
+            return await self.client.result(fit.id)
+        except RemoteError as exc:
+            if exc.code != "unknown_task":
+                raise
+        model = (self.root / fit.id / "model.hgx").read_bytes()
+        log.info("fit %s was never accepted by the bus: submitted again", fit.id)
+        return await self.client.submit_nowait("genx.fit", model, task_id=fit.id, **fit.settings)
 
     def _write(self, fit: WebFit, result: dict[str, Any]) -> list[str]:
         """The result's files (those of ``orchester fit``), its figure and a zip of it all: the file names."""

@@ -500,3 +500,31 @@ class TestPair(WebCase):
         after = self.submit(("echo", ("after",), {}))
         rows = self.json_of("/api/tasks?limit=100")["rows"]
         assert set(before + after) <= {r["id"] for r in rows}
+
+
+class TestFitNeverSent(WebCase):
+    def test_a_fit_the_bus_never_got_is_submitted_again_after_a_restart(self) -> None:
+        """The web process was killed between keeping a fit and sending it: the next one sends it."""
+        import secrets as _secrets
+
+        fid = _secrets.token_hex(16)
+        folder = self.data / "fits" / fid
+        folder.mkdir(mode=0o700)
+        (folder / "model.hgx").write_bytes((EXAMPLES / "nickel_film.hgx").read_bytes())
+        (folder / "fit.json").write_text(json.dumps({
+            "id": fid, "name": "nickel_film", "file": "nickel_film.hgx", "state": "queued", "submitted": time.time(),
+            "settings": {"generations": 3, "population": 8, "seed": 0, "km": 0.7, "kr": 0.7, "method": "best_1_bin"},
+            "files": []}))
+
+        async def restart() -> dict[str, Any]:
+            again = FitStore(self.data / "fits", self.client)
+            assert again.load() == 1
+            deadline = time.monotonic() + 120
+            while again.fits[fid].state not in ("done", "failed") and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await again.close()
+            return again.fits[fid].json()
+
+        fit = self.io_loop.run_sync(restart, timeout=180)
+        assert fit["state"] == "done", fit["error"]
+        assert "nickel_film.csv" in fit["files"]
