@@ -173,6 +173,9 @@ class WebFit:
 Inspect = Callable[[bytes], Any]
 #: The threads that wait for model inspections (each runs a child process): two at a time.
 INSPECTORS = ThreadPoolExecutor(2, thread_name_prefix="orchester-inspect")
+#: The one thread that writes fits' files: matplotlib (the PNG) and bokeh (the figure) are not
+#: thread-safe, and two fits that end together must not draw at once.
+WRITER = ThreadPoolExecutor(1, thread_name_prefix="orchester-fit-files")
 
 
 class FitStore:
@@ -288,7 +291,7 @@ class FitStore:
             self._finish(fit, "failed", error="the result is not a fit's")
             return
         try:
-            files = await asyncio.get_running_loop().run_in_executor(None, self._write, fit, result)
+            files = await asyncio.get_running_loop().run_in_executor(WRITER, self._write, fit, result)
         except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
             self._finish(fit, "failed", error=f"the result could not be written: {type(exc).__name__}: {exc}"[:500])
             return

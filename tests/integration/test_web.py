@@ -528,3 +528,20 @@ class TestFitNeverSent(WebCase):
         fit = self.io_loop.run_sync(restart, timeout=180)
         assert fit["state"] == "done", fit["error"]
         assert "nickel_film.csv" in fit["files"]
+
+
+class TestFitsTogether(WebCase):
+    def test_fits_that_end_together_all_get_their_files(self) -> None:
+        """Their files are drawn one fit at a time (matplotlib is not thread-safe)."""
+        models = [(p.name, p.read_bytes()) for p in sorted(EXAMPLES.glob("*.hgx"))]
+        models.append(("again_" + models[0][0], models[0][1]))  # four: under this test's upload limit
+        ctype, data = multipart(models, {"generations": "3", "population": "8"})
+        made = self.json_of("/api/fits", 201, method="POST", body=data, headers={"Content-Type": ctype})["fits"]
+        assert len(made) == 4
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            fits = self.json_of("/api/fits")["fits"]
+            if all(f["state"] in ("done", "failed") for f in fits):
+                break
+            self.io_loop.run_sync(lambda: asyncio.sleep(0.3))
+        assert [f["error"] for f in fits if f["state"] != "done"] == []
