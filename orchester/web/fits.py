@@ -302,6 +302,10 @@ class FitStore:
         fit.generation = int(min(generations, MAX_GENERATIONS)) if generations is not None else fit.generation
         fit.seconds = _number(result.get("seconds"))
         fit.files = files
+        if not fit.satellite:  # (a progress event names it, when the satellite says)
+            with contextlib.suppress(OrchesterError, TimeoutError):
+                sat = (await self.client.show(fit.id, timeout=5)).get("satellite")
+                fit.satellite = sat[:200] if isinstance(sat, str) else ""
         params = result.get("parameters")
         fit.parameters = [_parameter(p) for p in params[:10_000] if isinstance(p, dict)] if isinstance(params, list) \
             else []
@@ -365,6 +369,9 @@ class FitStore:
                 return
             gen, fom = data.get("generation"), data.get("fom")
             fit.state = "running"
+            sat = data.get("sat")
+            if isinstance(sat, str) and sat:
+                fit.satellite = sat[:200]
             if isinstance(gen, (int, float)) and not isinstance(gen, bool) and math.isfinite(gen):
                 fit.generation = int(max(0, min(gen, MAX_GENERATIONS)))
                 if isinstance(fom, (int, float)) and not isinstance(fom, bool) and math.isfinite(fom):

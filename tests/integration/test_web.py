@@ -351,6 +351,7 @@ class TestFits(WebCase):
             self.io_loop.run_sync(lambda: asyncio.sleep(0.3))
         assert fit["state"] == "done", fit["error"]
         assert fit["generation"] == 4 and fit["fom_history"] and fit["parameters"]
+        assert fit["satellite"] == "local-0"
         assert sorted(fit["files"]) == sorted(["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv",
                                                "nickel_film.hgx", "nickel_film.png", "nickel_film.zip"])
         figure = self.json_of(f"/api/fits/{fid}/figure")
