@@ -191,6 +191,23 @@ class TestStatusAndTasks(WebCase):
         assert task["error"]["type"] and "kaboom" in task["error"]["msg"] and "Traceback" in task["error"]["tb"]
         assert self.json_of("/api/tasks/" + "f" * 32, 404)["status"] == 404
         assert self.json_of(f"/api/tasks/{bad}/result", 404)["status"] == 404  # failed: no result
+        # a task the orchestrator no longer holds (its show answers unknown_task): its history row
+
+        class Forgetful:
+            async def show(self, tid: str, timeout: float) -> Any:
+                from orchester.errors import RemoteError
+                raise RemoteError("unknown_task", "gone")
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        real = self.hub.client
+        self.hub.client = Forgetful()  # type: ignore[assignment]
+        try:
+            old = self.json_of(f"/api/tasks/{bad}")
+        finally:
+            self.hub.client = real
+        assert old["source"] == "history" and old["state"] == "failed" and old["kind"] == "fail"
         good = self.submit(("echo", ([1, 2.5, "three"],), {}))[0]
         r = self.fetch_api(f"/api/tasks/{good}/result")
         assert r.code == 200 and "attachment" in r.headers["Content-Disposition"]
