@@ -112,39 +112,9 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("wal-*.log"))
 
 
-def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
-    """Yield the intact records of one segment; note where it is damaged, if it is."""
-    data = path.read_bytes()
-    pos, end = 0, len(data)
-    while pos < end:
-        if end - pos < _HEAD.size:
-            break
-        length, crc = _HEAD.unpack_from(data, pos)
-        body = data[pos + _HEAD.size: pos + _HEAD.size + length]
-        if length > MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
-            break
-        try:
-            record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except Exception:
-            break
-        if not isinstance(record, list) or not record:
-            break
-        report.records += 1
-        yield record
-        pos += _HEAD.size + length
-    if pos < end:
-        report.damaged.append((path.name, pos, end - pos))
-
-
-def read_from(path: Path, offset: int = 0) -> Iterator[tuple[list[Any], int]]:
-    """The intact records of a log segment from byte ``offset`` on, each with the offset after it.
-
-    It stops at the first record that is incomplete or damaged, without a word: in the live
-    segment that is the record being written (the next call starts there again).
-    """
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read()
+def _records(data: bytes, base: int = 0) -> Iterator[tuple[list[Any], int]]:
+    """The intact records at the start of ``data`` (read from byte ``base`` of a segment), each with
+    the segment offset after it; it stops at the first incomplete or damaged one."""
     pos, end = 0, len(data)
     while end - pos >= _HEAD.size:
         length, crc = _HEAD.unpack_from(data, pos)
@@ -158,7 +128,31 @@ def read_from(path: Path, offset: int = 0) -> Iterator[tuple[list[Any], int]]:
         if not isinstance(record, list) or not record:
             return
         pos += _HEAD.size + length
-        yield record, offset + pos
+        yield record, base + pos
+
+
+def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
+    """Yield the intact records of one segment; note where it is damaged, if it is."""
+    data = path.read_bytes()
+    pos = 0  # where the intact records end
+    for record, after in _records(data):
+        report.records += 1
+        pos = after
+        yield record
+    if pos < len(data):
+        report.damaged.append((path.name, pos, len(data) - pos))
+
+
+def read_from(path: Path, offset: int = 0) -> Iterator[tuple[list[Any], int]]:
+    """The intact records of a log segment from byte ``offset`` on, each with the offset after it.
+
+    It stops at the first record that is incomplete or damaged, without a word: in the live
+    segment that is the record being written (the next call starts there again).
+    """
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    yield from _records(data, offset)
 
 
 def read_at(path: Path, offset: int) -> list[Any]:

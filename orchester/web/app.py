@@ -210,37 +210,14 @@ class Api(Base):
 
 # ------------------------------------------------------------------ pages
 class Page(Base):
-    """A page: a template with the XSRF token, the figures' JSON and nothing else server-side."""
+    """A page: its template (given in the route) with the XSRF token; the data comes from ``/api/``."""
 
-    template = ""
+    def initialize(self, template: str) -> None:
+        self.template = template
 
     def get(self, *args: str) -> None:
         self.xsrf_token  # noqa: B018  (sets the XSRF cookie the page's posts send back)
         self.render(self.template, page=self.template.removesuffix(".html"), args=args)
-
-
-class OverviewPage(Page):
-    template = "overview.html"
-
-
-class TasksPage(Page):
-    template = "tasks.html"
-
-
-class TaskPage(Page):
-    template = "task.html"
-
-
-class FitsPage(Page):
-    template = "fits.html"
-
-
-class FitPage(Page):
-    template = "fit.html"
-
-
-class HistoryPage(Page):
-    template = "history.html"
 
 
 # ------------------------------------------------------------------ API
@@ -337,7 +314,7 @@ class TasksApi(Api):
             w = csv.writer(buf)
             w.writerow(cols)
             for r in rows:
-                w.writerow([_csv_cell(" ".join(map(str, r.get(c) or [])) if c == "tags" else r.get(c)) for c in cols])
+                w.writerow([csv_text(" ".join(map(str, r.get(c) or [])) if c == "tags" else r.get(c)) for c in cols])
             self.set_header("Content-Type", "text/csv; charset=utf-8")
             self.set_header("Content-Disposition", 'attachment; filename="tasks.csv"')
             self.finish(buf.getvalue())
@@ -346,7 +323,6 @@ class TasksApi(Api):
         self.json({"rows": rows, "limit": limit, "next_until": more})
 
 
-_csv_cell = csv_text
 
 
 class HistoryApi(Api):
@@ -733,8 +709,10 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
     bokeh_js = Path(bokeh.__file__).parent / "server" / "static" / "js"
     return tornado.web.Application(
         [
-            (r"/", OverviewPage), (r"/tasks", TasksPage), (r"/tasks/([^/]+)", TaskPage),
-            (r"/fits", FitsPage), (r"/fits/([0-9a-f]{32})", FitPage), (r"/history", HistoryPage),
+            (r"/", Page, {"template": "overview.html"}), (r"/tasks", Page, {"template": "tasks.html"}),
+            (r"/tasks/([^/]+)", Page, {"template": "task.html"}), (r"/fits", Page, {"template": "fits.html"}),
+            (r"/fits/([0-9a-f]{32})", Page, {"template": "fit.html"}),
+            (r"/history", Page, {"template": "history.html"}),
             (r"/api/history", HistoryApi),
             (r"/api/status", StatusApi), (r"/api/figures/([a-z]+)", FiguresApi),
             (r"/api/tasks", TasksApi), (r"/api/tasks/([^/]+)", TaskApi),

@@ -10,6 +10,7 @@ on the way out; with ``connect``, stopping or killing it costs the bus nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -163,11 +164,10 @@ def _raise_file_limit() -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20), hard))
-        except (ValueError, OSError):
-            pass
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):  # a container may refuse: the soft limit stays
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def serve_web(options: WebOptions, *, out: TextIO | None = None,
