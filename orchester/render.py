@@ -315,9 +315,13 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
 def render_task(task: dict[str, Any], console: Console | None = None) -> None:
     """Print one task's summary and its history of transitions."""
     console = console or Console()
+    crashes = f"crashes {_count(task.get('crashes'))}  " if "crashes" in task else ""
     console.print(f"[bold]task[/] {markup(task.get('id'))}  kind {markup(task.get('kind'))}  "
                   f"state [cyan]{markup(task.get('state'))}[/]  attempt {_count(task.get('attempt'))}  "
-                  f"crashes {_count(task.get('crashes'))}  satellite {markup(task.get('satellite') or '-')}")
+                  f"{crashes}satellite {markup(task.get('satellite') or '-')}")
+    if task.get("source") == "history":  # no longer in the orchestrator's memory: from its journal
+        error = f"  error {markup(task.get('error_type'), MAX_ERROR)}" if task.get("error_type") else ""
+        console.print(f"from the journal (the orchestrator no longer holds it){error}")
     cols = [Column("time", keep=True), Column("state", keep=True), Column("attempt", rank=1, justify="right"),
             Column("satellite", whole=True, rank=0), Column("reason", keep=True, wrap=True)]
     for h in _rows(task.get("history")):

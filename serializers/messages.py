@@ -52,6 +52,8 @@ from .header import field as typed
 
 #: Most tasks a REGISTER may claim back (``running`` and ``recent``), an ACK acknowledge or a HISTORY name.
 MAX_CLAIMS = 100_000
+#: Most tasks one HISTORY may ask the timelines of (each is read back from the journal's files).
+MAX_TIMELINES = 10
 #: Most entries of a satellite's self-report (``m`` of its heartbeat) kept; keys cut to 64 characters.
 MAX_REPORT = 64
 #: Most kinds one satellite may offer.
@@ -357,9 +359,12 @@ class History(Wire):
     tag: str | None = None  #: tasks with this tag
     #: instead of rows: roll-ups in steps of this many seconds (whole minutes) from ``since`` to ``until``
     rollup: float | None = None
+    #: each row also has its ``history``: every transition (only with ``ids``, at most :data:`MAX_TIMELINES`)
+    timeline: bool = False
 
     #: The filters, by keyword (those of :meth:`orchester.Client.history`).
-    FILTERS: ClassVar[tuple[str, ...]] = ("state", "kind", "since", "until", "limit", "ids", "owner", "tag")
+    FILTERS: ClassVar[tuple[str, ...]] = ("state", "kind", "since", "until", "limit", "ids", "owner", "tag",
+                                          "timeline")
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> History:
@@ -372,6 +377,9 @@ class History(Wire):
         rollup = number(hdr, "rollup", 60, MAX_SECONDS, None)
         if rollup is not None and (since is None or until is None or until <= since):
             raise ProtocolError(P.E_MALFORMED, "a roll-up needs 'since' and 'until', 'since' first")
+        timeline = _flag(hdr, "timeline")
+        if timeline and (ids is None or len(ids) > MAX_TIMELINES or rollup is not None):
+            raise ProtocolError(P.E_MALFORMED, f"a timeline is for the tasks named by 'ids', at most {MAX_TIMELINES}")
         owner = hdr.get("owner")
         if owner is not None and not (isinstance(owner, str) and len(owner) <= MAX_NAME and owner.isprintable()):
             raise ProtocolError(P.E_MALFORMED, f"header field 'owner' must be a name of at most {MAX_NAME} "
@@ -379,7 +387,7 @@ class History(Wire):
         return cls(_rid(hdr), text(hdr, "state", None, limit=64), text(hdr, "kind", None),
                    None if since is None else float(since), None if until is None else float(until),
                    number(hdr, "limit", -2**62, 2**62, None, integer=True), ids, owner, text(hdr, "tag", None),
-                   None if rollup is None else float(rollup))
+                   None if rollup is None else float(rollup), timeline)
 
     def filters(self) -> dict[str, Any]:
         """The filters given, by name (as the journal reader takes them)."""
@@ -390,10 +398,12 @@ class History(Wire):
                 out[key] = value
         if self.ids is not None:
             out["ids"] = list(self.ids)
+        if self.timeline:
+            out["timeline"] = True
         return out
 
     def header(self) -> dict[str, Any]:
-        """``{state?, kind?, since?, until?, limit?, owner?, tag?, rollup?, ids?, rid}``: the filters given,
+        """``{state?, kind?, since?, until?, limit?, owner?, tag?, rollup?, ids?, timeline?, rid}``: the filters given,
         then the request id."""
         hdr = self.filters()
         if self.rid is not None:

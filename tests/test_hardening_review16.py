@@ -26,9 +26,10 @@ from orchester.ha.pair import Pair
 from orchester.ha.star import HAState
 from orchester.journal import records as R
 from orchester.journal.hdf5 import read_h5_fields
+from orchester.journal.historian import history
 from orchester.journal.segments import compact, read_task_record
 from orchester.journal.wal import encode_record
-from orchester.journal.writer import history, load_spilled, replay
+from orchester.journal.writer import load_spilled, replay
 from orchester.server.core import Orchestrator
 from orchester.server.lifecycle import MAX_ATTEMPTS
 from orchester.server.ports import Ports

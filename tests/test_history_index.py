@@ -8,10 +8,10 @@ from typing import Any
 import msgpack
 
 from orchester.journal import records as R
+from orchester.journal.historian import history
 from orchester.journal.index import HistoryIndex
 from orchester.journal.segments import compact
 from orchester.journal.wal import encode_record
-from orchester.journal.writer import history
 from tracker import TaskState as TS
 
 T0 = 1_800_000_000.0  # a whole minute
@@ -135,3 +135,105 @@ def test_records_of_the_wrong_shape_are_skipped(tmp_path: Path) -> None:
     index.refresh()
     assert [r["id"] for r in index.rows({})] == ["a"]
     assert index.rollup(T0, T0 + 60, 60)["buckets"][0]["done"] == 1
+
+
+def _states(rows: list[dict[str, Any]]) -> list[tuple[str, str | None]]:
+    return [(h["state"], h["sat"]) for h in rows]
+
+
+def test_a_tasks_timeline_is_read_back_from_log_and_compacted_segments(tmp_path: Path) -> None:
+    first = tmp_path / "wal-000001.log"
+    # task "a" starts in the first segment and ends in the second, retried on another satellite
+    append(first, task("b", "echo", T0, 1) + [
+        R.submitted("a", b"c", header("fit"), [], T0, None, None),
+        R.transition("a", TS.DISPATCHED, 1, "s1", "dispatched", T0 + 1),
+        R.transition("a", TS.RUNNING, 1, "s1", "started", T0 + 2),
+        R.transition("a", TS.STALLED, 1, "s1", "satellite silent", T0 + 3)])
+    second = tmp_path / "wal-000002.log"
+    append(second, [R.transition("a", TS.RETRY, 1, None, "lost", T0 + 4),
+                    R.transition("a", TS.DISPATCHED, 2, "s2", "dispatched", T0 + 5),
+                    R.transition("a", TS.DONE, 2, "s2", "done", T0 + 6)])
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    want = [("dispatched", "s1"), ("running", "s1"), ("stalled", "s1"), ("retry", None), ("dispatched", "s2"),
+            ("done", "s2")]
+    timeline = index.timeline("a")
+    assert _states(timeline) == want
+    assert [h["reason"] for h in timeline][2:4] == ["satellite silent", "lost"] and timeline[0]["t"] == T0 + 1
+    assert timeline[-1]["attempt"] == 2 and index.timeline("nobody") == []
+    # the first segment is compacted after it was read: its part is found through the task id index
+    compact(first)
+    assert _states(index.timeline("a")) == want
+    # a fresh index reads the compacted segment as such
+    fresh = HistoryIndex(tmp_path)
+    fresh.refresh()
+    assert _states(fresh.timeline("a")) == want and fresh.timeline("b")[-1]["state"] == "done"
+    rows = history(tmp_path, {"ids": ["a"], "timeline": True}, fresh)
+    assert [r["id"] for r in rows] == ["a"] and _states(rows[0]["history"]) == want
+    # a removed segment gives what is left
+    second.unlink()
+    assert _states(index.timeline("a")) == want[:3]
+
+
+def test_the_historian_answers_from_its_own_process_and_keeps_current(tmp_path: Path) -> None:
+    import msgpack as mp
+
+    from orchester.journal.historian import Historian
+
+    path = tmp_path / "wal-000001.log"
+    append(path, task("a", "echo", T0, 1))
+    historian = Historian(tmp_path)
+    try:
+        ok, body = historian.ask(1, {"rid": 7, "limit": 10})
+        reply = mp.unpackb(body)
+        assert ok and reply["rid"] == 7 and [r["id"] for r in reply["rows"]] == ["a"]
+        append(path, task("b", "fit", T0 + 60, 5, TS.FAILED))
+        ok, body = historian.ask(2, {"rid": "x", "ids": ["b"], "timeline": True})
+        (row,) = mp.unpackb(body)["rows"]
+        assert ok and row["error"] == "ValueError: bad input" and row["history"][-1]["state"] == "failed"
+        ok, body = historian.ask(3, {"rid": 1, "rollup": 60.0, "since": T0, "until": T0 + 180})
+        assert ok and sum(b["done"] for b in mp.unpackb(body)["buckets"]) == 1
+        ok, body = historian.ask(4, {"rid": 1, "rollup": 60.0})  # a query it cannot answer: an error, it goes on
+        assert not ok and "KeyError" in mp.unpackb(body)["error"]
+        assert historian.ask(5, {"rid": 2})[0] and historian.alive()
+    finally:
+        historian.stop()
+    assert historian.proc.returncode == 0  # its input closed: it ended by itself
+
+
+def test_a_historian_that_dies_fails_its_query_and_the_reader_starts_another(tmp_path: Path) -> None:
+    import signal
+
+    import msgpack as mp
+    import zmq
+
+    from orchester.journal import writer
+
+    append(tmp_path / "wal-000001.log", task("a", "echo", T0, 1))
+    ctx = zmq.Context()
+    reader = writer.HistoryReader(tmp_path, ctx)
+    poller = zmq.Poller()
+    poller.register(reader.results, zmq.POLLIN)
+
+    def one(token: int) -> list[bytes]:
+        reader.ask(token, {"rid": token})
+        assert poller.poll(60_000), "no answer"
+        return reader.results.recv_multipart()
+
+    old_every = writer.RESTART_EVERY
+    writer.RESTART_EVERY = 0.0
+    try:
+        token, ok, body = one(1)
+        assert ok == b"1" and [r["id"] for r in mp.unpackb(body)["rows"]] == ["a"]
+        first = reader._historian
+        assert first is not None
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(10)
+        token, ok, body = one(2)  # a new historian answers
+        assert ok == b"1" and mp.unpackb(body)["rid"] == 2 and reader._historian is not first
+    finally:
+        writer.RESTART_EVERY = old_every
+        historian = reader._historian
+        reader.close()
+        ctx.term()
+    assert historian is not None and historian.proc.poll() is not None  # closed with the reader

@@ -21,10 +21,11 @@ from test_journal_files import write as write_log
 from orchester.journal import child, segments
 from orchester.journal.folder import JournalError
 from orchester.journal.hdf5 import read_h5
+from orchester.journal.historian import history
 from orchester.journal.manifest import Manifest, ManifestError, h5_segments
 from orchester.journal.segments import apply_retention, compact
 from orchester.journal.wal import SegmentWriter, encode_record
-from orchester.journal.writer import history, replay
+from orchester.journal.writer import replay
 from serializers import pack
 from tracker import TaskState
 

@@ -8,11 +8,12 @@ import pytest
 
 from orchester.journal.folder import JournalError
 from orchester.journal.hdf5 import read_h5, read_h5_fields
+from orchester.journal.historian import history
 from orchester.journal.history import HistoryFold, fields, select
 from orchester.journal.manifest import h5_segments
 from orchester.journal.segments import compact, compact_closed, read_journal
 from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_all
-from orchester.journal.writer import history, replay
+from orchester.journal.writer import replay
 from serializers import pack
 from serializers import protocol as P
 from tracker import TaskState

@@ -32,6 +32,7 @@ EXAMPLES: list[M.Wire] = [
     M.Control("promote", 6, force=True), M.Control("promote", 7),
     M.Control("peer_link", 8, fields={"up": False}),
     M.History(), M.History(9, state="failed", kind="echo", since=1.5, until=2e9, limit=10, ids=("a", "b")),
+    M.History(10, ids=("a",), timeline=True),
     M.Heartbeat(rx=0), M.Heartbeat(rx=12, vote=True), M.Heartbeat(sid="s1"),
     M.Heartbeat(sid="s1", report={"cpu_percent": 12.5, "rss_mb": 80.0}),
     M.PeerError("malformed", "bad header", "s1"), M.PeerError("internal", "x"),
@@ -163,7 +164,9 @@ REFUSALS: list[tuple[type[Any], dict[str, Any], list[str], dict[str, list[Any]]]
     (M.Control, {"op": "promote"}, [], {"force": [1, "yes", None]}),
     (M.History, {}, [], {"state": [1, "x" * 65], "kind": ["", 2], "since": [NAN, INF, 1e13, "1"],
                          "until": [-INF, -1e13], "limit": [1.5, 2**63, True, NAN], "rid": [b"r"],
-                         "ids": ["a", {}, ["a"] * (M.MAX_CLAIMS + 1)]}),
+                         "ids": ["a", {}, ["a"] * (M.MAX_CLAIMS + 1)], "timeline": [1, "yes", True]}),
+    (M.History, {"ids": ["a"], "timeline": True}, [],
+     {"ids": [["a"] * (M.MAX_TIMELINES + 1)], "rollup": [60], "timeline": [1]}),
     (M.Heartbeat, {}, [], {"rx": [-1, 1.5, 2**63, True, NAN], "sid": [5, "", "x" * 129], "vote": [1, "true"]}),
     (M.Register, {"sid": "s", "slots": 1, "kinds": ["echo"]}, ["sid", "slots", "kinds"], {
         "sid": [None, 1, "", "x" * 129], "slots": [0, 2**31 + 1, 1.5, NAN, True],

@@ -141,7 +141,7 @@ def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw answer as JSON.")
 def show(task_id: str, connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Show one task: its state, attempts and history of transitions."""
-    task = ask(connect, timeout, lambda c: c.show(task_id, timeout=timeout))
+    task = ask(connect, timeout, lambda c: c.show(task_id, timeout=timeout, journal=True))
     if as_json:
         click.echo(json.dumps(task, indent=2, sort_keys=True))
         return

@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
+from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped, task_of_row
 from orchester.client.sync import reachable_endpoint, unreachable_message
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
@@ -170,9 +170,18 @@ class AsyncClient:
         reply = await self._call(query, timeout)
         return {"step": reply["step"], "buckets": list(reply["buckets"])}
 
-    async def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
-        """One task's state, attempts and history of transitions."""
-        return (await self._call(M.Status(task=task_id), timeout))["task"]
+    async def show(self, task_id: str, timeout: float | None = 10.0, *, journal: bool = False) -> dict[str, Any]:
+        """One task's state, attempts and history of transitions (see :meth:`orchester.Client.show`
+        for ``journal``)."""
+        try:
+            return (await self._call(M.Status(task=task_id), timeout))["task"]
+        except RemoteError as exc:
+            if not journal or exc.code != P.E_UNKNOWN_TASK:
+                raise
+            rows = await self.history(timeout, ids=[task_id], limit=1, timeline=True)
+            if not rows:
+                raise
+            return task_of_row(rows[0])
 
     async def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task."""

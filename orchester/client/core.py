@@ -77,6 +77,15 @@ def stopped(what: str, exc: BaseException) -> ClientClosed:
 _NO_TAGS: frozenset[str] = frozenset()
 
 
+def task_of_row(row: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`~orchester.Client.show` gives for a task the orchestrator no longer holds, made of
+    its history row (``Client.history(ids=[...], timeline=True)``): ``source`` is ``"history"``."""
+    return {"id": row.get("id"), "kind": row.get("kind"), "state": row.get("state"), "attempt": row.get("attempts"),
+            "satellite": row.get("satellite"), "owner": row.get("owner"), "tags": row.get("tags", []),
+            "submitted": row.get("submitted"), "finished": row.get("finished"), "error_type": row.get("error"),
+            "history": row.get("history", []), "result_retained": False, "source": "history"}
+
+
 class _RandomIds:
     """128-bit task ids cut from a buffer of the operating system's random bytes (``os.urandom``,
     as :func:`secrets.token_hex` uses): one system call per 256 ids instead of one per id, and

@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped
+from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped, task_of_row
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
@@ -174,17 +174,20 @@ class Client:
 
     def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
                 until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,
-                owner: str | None = None, tag: str | None = None,
+                owner: str | None = None, tag: str | None = None, timeline: bool = False,
                 timeout: float | None = 60.0) -> list[dict[str, Any]]:
         """The history of every task (from the journal when the orchestrator keeps one).
 
         One row per task: id, kind, state, attempts, satellite, submitted and finished (wall
         time), error type, owner, tags. Filters: ``state`` (``"failed"``…), ``kind``, submitted in
         ``[since, until)`` (seconds since the epoch), ``ids``, ``owner`` (the name of the key
-        that submitted it), ``tag``; ``limit`` keeps the newest rows.
+        that submitted it), ``tag``; ``limit`` keeps the newest rows. With ``timeline`` (and at
+        most ten ``ids``), each row also has its ``history``: every transition (time, state,
+        attempt, satellite, reason), read back from the journal for tasks the orchestrator no
+        longer holds.
         """
         query = M.History(state=state, kind=kind, since=since, until=until, limit=limit,
-                          ids=None if ids is None else tuple(ids), owner=owner, tag=tag)
+                          ids=None if ids is None else tuple(ids), owner=owner, tag=tag, timeline=timeline)
         return list(self._call(query, timeout)["rows"])
 
     def rollup(self, since: float, until: float, step: float = 60.0, *, kind: str | None = None,
@@ -199,9 +202,23 @@ class Client:
         reply = self._call(query, timeout)
         return {"step": reply["step"], "buckets": list(reply["buckets"])}
 
-    def show(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
-        """One task's state, attempts and history of transitions."""
-        return self._call(M.Status(task=task_id), timeout)["task"]
+    def show(self, task_id: str, timeout: float | None = 10.0, *, journal: bool = False) -> dict[str, Any]:
+        """One task's state, attempts and history of transitions.
+
+        With ``journal``, a task the orchestrator no longer holds in memory (it keeps
+        ``--result-retention`` finished ones) is read from its history instead: its row and its
+        transitions, with ``source`` ``"history"`` (an orchestrator without a journal has none:
+        the ``unknown_task`` error stays).
+        """
+        try:
+            return self._call(M.Status(task=task_id), timeout)["task"]
+        except RemoteError as exc:
+            if not journal or exc.code != P.E_UNKNOWN_TASK:
+                raise
+            rows = self.history(ids=[task_id], limit=1, timeline=True, timeout=timeout)
+            if not rows:
+                raise
+            return task_of_row(rows[0])
 
     def cancel(self, task_id: str, timeout: float | None = 10.0) -> dict[str, Any]:
         """Cancel a task (its worker is killed if it is running)."""

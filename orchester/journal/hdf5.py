@@ -145,18 +145,31 @@ def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: s
 
 def find_record(path: Path, task_id: str, code: str) -> list[Any] | None:
     """The ``code`` record of ``task_id`` in a segment, found through the task id index (``None``: none)."""
+    found = find_records(path, task_id, code, most=1)
+    return found[0] if found else None
+
+
+def find_records(path: Path, task_id: str, code: str | None = None, most: int = 1000) -> list[Any]:
+    """The records of ``task_id`` in a segment (only its ``code`` records if given), in order, at most
+    ``most``: found through the task id index."""
     tb = tables()
+    condition = "(task_id == tid)" if code is None else "(task_id == tid) & (code == c)"
+    condvars: dict[str, Any] = {"tid": _cut(task_id, _WIDTHS["task_id"])}
+    if code is not None:
+        condvars["c"] = code.encode()
+    out: list[Any] = []
     with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
-        rows = h5.root.records.read_where("(task_id == tid) & (code == c)",
-                                          condvars={"tid": _cut(task_id, _WIDTHS["task_id"]), "c": code.encode()})
+        rows = h5.root.records.read_where(condition, condvars=condvars)
         # the column holds the id's first 64 bytes: ids sharing them all match, the body says which is which
-        for row in rows[:1000]:
-            offset, length = int(row["offset"]), int(row["length"])
+        for offset, length in sorted((int(r["offset"]), int(r["length"])) for r in rows[:1000]):  # in journal order
             body = h5.root.bodies[offset:offset + length].tobytes()
             record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            if isinstance(record, list) and len(record) > 1 and record[0] == code and record[1] == task_id:
-                return record
-    return None
+            if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
+                    and (code is None or record[0] == code):
+                out.append(record)
+                if len(out) >= most:
+                    break
+    return out
 
 
 def read_h5(path: Path) -> Iterator[list[Any]]:

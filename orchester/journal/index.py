@@ -1,17 +1,20 @@
 """The history index: every task's row and per-minute roll-ups, kept current from the journal's files.
 
-The journal reader thread (:class:`~orchester.journal.writer.HistoryReader`) keeps one
-:class:`HistoryIndex`. Each query first :meth:`~HistoryIndex.refresh`\\ es it: segments read
-before are not read again (a compacted segment is the log it came from, record for record), and
-the live log segment is read on from where the previous refresh stopped. A query then costs a
-pass over the rows in memory, never a scan of the journal's files; a restarted orchestrator
-builds the index once, from its files.
+The historian process (:mod:`orchester.journal.historian`) keeps one :class:`HistoryIndex`.
+Each :meth:`~HistoryIndex.refresh` reads what the journal gained: segments read before are not
+read again (a compacted segment is the log it came from, record for record), and the live log
+segment is read on from where the previous refresh stopped. A query then costs a pass over the
+rows in memory, never a scan of the journal's files; a restarted orchestrator's historian builds
+the index once, from its files.
 
 Besides the rows (:mod:`orchester.journal.history`), the index keeps roll-ups per minute and per
 ``(kind, tags)``: tasks finished (done, failed, other endings), seconds of work (from each
 attempt's start to its end) and the satellites that worked. :meth:`~HistoryIndex.rollup` sums
 them over a date range, in steps of whole minutes, for a kind and tags: the history page's
 throughput and utilisation, at the cost of the minutes shown, whatever the number of tasks.
+
+It also keeps where each task's transitions lie (8 bytes each): :meth:`~HistoryIndex.timeline`
+reads them back, for a task the orchestrator no longer holds in memory.
 
 A segment removed under the index (retention never removes one; an operator might) makes the
 next refresh start over.
@@ -21,14 +24,16 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchester.journal.history import HistoryFold, Row, select
+from orchester.journal.folder import JournalError
+from orchester.journal.history import Row, select
 from orchester.journal.manifest import number
-from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result
+from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Transition
 from serializers import ProtocolError, unpack
 from tracker import TaskState
 
@@ -43,6 +48,13 @@ MAX_TAGS = 16
 
 _RUNNING = int(TaskState.RUNNING)
 _ENDINGS = {int(s): s.name.lower() for s in TaskState if s.terminal}
+_NAMES = {int(s): s.name.lower() for s in TaskState}
+_TERMINAL = frozenset(_ENDINGS)
+#: A transition's place in the journal: segment number << 40 | (byte offset + 1) in a log segment,
+#: or 0 in a compacted one (found there through the task id index).
+_POSITION = struct.Struct("<Q")
+_SEGMENT_SHIFT = 40
+_OFFSET_MASK = (1 << _SEGMENT_SHIFT) - 1
 
 Key = tuple[str, frozenset[str]]
 
@@ -64,20 +76,24 @@ class HistoryIndex:
         self._reset()
 
     def _reset(self) -> None:
-        self.fold = HistoryFold()
+        self.table: dict[str, Row] = {}  #: one row per task, by id
         self.messages: dict[str, str] = {}  #: error messages of failed tasks read from log records
         self.tags: dict[str, frozenset[str]] = {}  #: tags of the tasks that have some
         self.buckets: dict[int, dict[Key, Bucket]] = defaultdict(dict)
+        #: where each task's transitions lie: packed positions (:data:`_POSITION`), for :meth:`timeline`
+        self.where: dict[str, bytes] = {}
         self._running: dict[str, tuple[float, str]] = {}  #: task -> (start of its attempt, satellite)
         self._done: set[int] = set()  #: segments read to their end
         self._partial: tuple[int, int, int] | None = None  #: (segment, byte offset, records) of the live log
         self.records = 0
 
     # ------------------------------------------------------------- reading
-    def refresh(self) -> None:
-        """Read what the journal gained since the last refresh (everything, the first time)."""
+    def refresh(self) -> int:
+        """Read what the journal gained since the last refresh (everything, the first time); the
+        number of records read."""
         from orchester.journal.segments import verified_parts
 
+        before = self.records
         for _ in range(5):  # a segment may be compacted (renamed) while we read
             try:
                 found = verified_parts(self.dir)
@@ -85,6 +101,7 @@ class HistoryIndex:
                 if not self._done <= numbers:
                     log.info("journal segments vanished under the history index: it is built again")
                     self._reset()
+                    before = 0
                 last = max(numbers, default=-1)
                 for path, kind in found:
                     n = number(path)
@@ -92,30 +109,32 @@ class HistoryIndex:
                         continue
                     skip = self._partial[2] if self._partial is not None and self._partial[0] == n else 0
                     if kind == "h5":
-                        self._read_h5(path, skip)
+                        self._read_h5(path, n, skip)
                         self._done.add(n)
                         self._partial = None
                     else:
                         closed = n < last
                         self._read_log(path, n, closed)
-                return
+                return self.records - before
             except FileNotFoundError:
                 continue
         raise RuntimeError("the journal kept changing while it was read")
 
-    def _read_h5(self, path: Path, skip: int) -> None:
+    def _read_h5(self, path: Path, n: int, skip: int) -> None:
         from orchester.journal.hdf5 import read_h5
 
+        where = n << _SEGMENT_SHIFT  # a compacted segment's records are found through its task id index
         for i, record in enumerate(read_h5(path)):
             if i >= skip:
-                self._add(record)
+                self._add(record, where)
 
     def _read_log(self, path: Path, n: int, closed: bool) -> None:
         from orchester.journal.wal import read_from
 
         offset, count = (self._partial[1], self._partial[2]) if self._partial and self._partial[0] == n else (0, 0)
+        base = n << _SEGMENT_SHIFT
         for record, end in read_from(path, offset):
-            self._add(record)
+            self._add(record, base | (offset + 1))
             offset, count = end, count + 1
         if closed:
             self._done.add(n)
@@ -123,35 +142,132 @@ class HistoryIndex:
         else:
             self._partial = (n, offset, count)
 
-    def _add(self, record: list[Any]) -> None:
-        found = columns(record)
-        if found is None:
+    def _row(self, tid: str) -> Row:
+        row = self.table.get(tid)
+        if row is None:
+            row = self.table[tid] = Row(tid)
+        return row
+
+    def _add(self, record: Any, where: int) -> None:
+        """Fold one record of the journal (``where``: its packed position) into the rows and roll-ups.
+
+        Every record of the journal passes here once: the fields it reads are checked (types,
+        known states) inline, a header is unpacked once, payload frames are never read; a record
+        of the wrong shape is skipped.
+        """
+        if type(record) is not list or len(record) < 4:
             return
-        cols, tags = found
-        self.records += 1
-        self.fold.add(cols)
-        code, tid, t = cols["code"], cols["task_id"], cols["t"]
-        if code == SUBMITTED:
-            if tags:
-                self.tags[tid] = tags
-        elif code == TRANSITION:
+        code, tid = record[0], record[1]
+        if type(tid) is not str:
+            return
+        if code == TRANSITION:
+            if len(record) < 7:
+                return
+            state, attempt, sat, t = record[2], record[3], record[4], record[6]
+            if (type(state) is not int or state not in _NAMES or type(attempt) is not int
+                    or not (sat is None or type(sat) is str) or not (t is None or _number(t))):
+                return
+            t = float(t or 0.0)
+            self.records += 1
+            row = self._row(tid)
+            row.state = _NAMES[state]
+            if attempt > row.attempts:
+                row.attempts = attempt
+            if sat:
+                row.satellite = sat
+            if state in _TERMINAL:
+                row.finished = t
+            self.where[tid] = self.where.get(tid, b"") + _POSITION.pack(where)
             running = self._running.pop(tid, None)
             if running is not None:
                 self._work(tid, running[0], t, running[1])
-            state = cols["state"]
             if state == _RUNNING:
-                self._running[tid] = (t, cols["satellite"])
+                self._running[tid] = (t, sat or "")
             elif state in _ENDINGS and math.isfinite(t):
                 bucket = self._bucket(tid, t)
                 name = _ENDINGS[state]
                 bucket.ended[name] = bucket.ended.get(name, 0) + 1
-        elif code == RESULT and cols["etype"]:
-            msg = _message(record)
-            if msg:
-                self.messages[tid] = msg
+        elif code == SUBMITTED:
+            if len(record) < 6:
+                return
+            header, t = record[3], record[5]
+            owner = record[7] if len(record) > 7 else None
+            if type(header) is not bytes or not _number(t) or not (owner is None or type(owner) is str):
+                return
+            try:
+                hdr = unpack(header)
+            except ProtocolError:
+                return
+            self.records += 1
+            row = self._row(tid)
+            row.kind, row.submitted, row.owner = str(hdr.get("k", "")), float(t), owner or ""
+            tg = hdr.get("tg")
+            if type(tg) is list and tg:
+                tags = frozenset(x for x in tg[:MAX_TAGS] if type(x) is str and 0 < len(x) <= 256)
+                if tags:
+                    self.tags[tid] = tags
+        elif code == RESULT:
+            frames, t = record[2], record[3]
+            if type(frames) is not list or not frames or type(frames[0]) is not bytes \
+                    or not (t is None or _number(t)):
+                return
+            try:
+                hdr = unpack(frames[0])
+            except ProtocolError:
+                return
+            self.records += 1
+            row = self._row(tid)
+            err = hdr.get("err") if not hdr.get("ok") else None
+            etype = str(err.get("type", "")) if isinstance(err, dict) else ""
+            if etype:
+                row.error = etype
+                msg = _message(record)
+                if msg:
+                    self.messages[tid] = msg
+
+    def timeline(self, tid: str) -> list[dict[str, Any]]:
+        """Every transition of ``tid``, oldest first, read back from the journal's files: time, state,
+        attempt, satellite, reason (as :meth:`tracker.history.History.entries` gives them).
+
+        The index keeps where each transition lies; a log segment's records are read at their
+        offsets, a compacted segment's through its task id index. Segments removed since, or that
+        fail verification, give nothing.
+        """
+        from orchester.journal.segments import read_task_records, verified_parts
+        from orchester.journal.wal import read_at
+
+        blob = self.where.get(tid)
+        if not blob:
+            return []
+        segments: dict[int, list[int]] = {}
+        for (packed,) in _POSITION.iter_unpack(blob):
+            segments.setdefault(packed >> _SEGMENT_SHIFT, []).append((packed & _OFFSET_MASK) - 1)
+        files = {number(p): (p, kind) for p, kind in verified_parts(self.dir)}
+        out: list[dict[str, Any]] = []
+        for n in sorted(segments):
+            if n not in files:
+                continue
+            path, kind = files[n]
+            try:
+                if kind == "h5":
+                    records = read_task_records(path, tid)
+                else:
+                    records = [read_at(path, offset) for offset in segments[n] if offset >= 0]
+            except (OSError, JournalError) as exc:
+                log.warning("the transitions of task %s in %s could not be read: %s", tid[:64], path.name, exc)
+                continue
+            for record in records:
+                try:
+                    v = Transition.of(record) if record and record[0] == TRANSITION else None
+                except RecordError:
+                    v = None
+                if v is not None and v.task_id == tid:
+                    out.append({"t": v.time, "state": v.state.name.lower(), "attempt": v.attempt,
+                                "sat": v.satellite, "reason": v.reason})
+        return out
 
     def _key(self, tid: str) -> Key:
-        row = self.fold.rows.get(tid)
+        row = self.table.get(tid)
         return (row.kind if row is not None else "", self.tags.get(tid, frozenset()))
 
     def _bucket(self, tid: str, t: float) -> Bucket:
@@ -180,7 +296,9 @@ class HistoryIndex:
         """History rows (as :func:`~orchester.journal.history.select`), also by ``owner`` and ``tag``."""
         filters = dict(filters)
         owner, tag = filters.pop("owner", None), filters.pop("tag", None)
-        table: dict[str, Row] = self.fold.rows
+        table: dict[str, Row] = self.table
+        if filters.get("ids"):  # a few tasks: looked up, not searched for
+            table = {tid: table[tid] for tid in filters["ids"] if tid in table}
         if owner is not None or tag is not None:
             table = {tid: r for tid, r in table.items()
                      if (owner is None or r.owner == owner) and (tag is None or tag in self.tags.get(tid, ()))}
@@ -219,63 +337,8 @@ class HistoryIndex:
         return {"step": step, "buckets": out}
 
 
-_STATES = frozenset(int(s) for s in TaskState)
-
-
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def columns(record: Any) -> tuple[dict[str, Any], frozenset[str]] | None:
-    """The history columns of a task's record (those of :func:`~orchester.journal.history.fields`) and
-    a submission's tags; ``None`` for any other record or one of the wrong shape.
-
-    The index reads every record of the journal once: this checks the fields it reads (types,
-    known states) and unpacks a header once, never the payload frames it does not read.
-    """
-    if not isinstance(record, list) or len(record) < 4:
-        return None
-    code, tid = record[0], record[1]
-    if not isinstance(tid, str):
-        return None
-    if code == SUBMITTED and len(record) >= 6:
-        header, t = record[3], record[5]
-        owner = record[7] if len(record) > 7 else None
-        if not isinstance(header, (bytes, bytearray)) or not _number(t) \
-                or not (owner is None or isinstance(owner, str)):
-            return None
-        try:
-            hdr = unpack(bytes(header))
-        except ProtocolError:
-            return None
-        tg = hdr.get("tg")
-        tags = frozenset(x for x in tg[:MAX_TAGS] if isinstance(x, str) and 0 < len(x) <= 256) \
-            if isinstance(tg, list) else frozenset()
-        return ({"code": SUBMITTED, "task_id": tid, "t": float(t), "kind": str(hdr.get("k", "")),
-                 "state": int(TaskState.PENDING), "attempt": 0, "satellite": owner or "", "etype": ""}, tags)
-    if code == TRANSITION and len(record) >= 7:
-        state, attempt, sat, t = record[2], record[3], record[4], record[6]
-        if (state not in _STATES or not isinstance(attempt, int) or isinstance(attempt, bool)
-                or not (sat is None or isinstance(sat, str)) or not (t is None or _number(t))):
-            return None
-        return ({"code": TRANSITION, "task_id": tid, "t": float(t or 0.0), "kind": "", "state": int(state),
-                 "attempt": attempt, "satellite": sat or "", "etype": ""}, frozenset())
-    if code == RESULT:
-        frames, t = record[2], record[3]
-        if not isinstance(frames, list) or not frames or not isinstance(frames[0], (bytes, bytearray)) \
-                or not (t is None or _number(t)):
-            return None
-        try:
-            hdr = unpack(bytes(frames[0]))
-        except ProtocolError:
-            return None
-        err = hdr.get("err") if not hdr.get("ok") else None
-        attempt = hdr.get("a", 0)
-        return ({"code": RESULT, "task_id": tid, "t": float(t or 0.0), "kind": "", "state": -1,
-                 "attempt": attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else 0,
-                 "satellite": str(hdr.get("sat") or ""),
-                 "etype": str(err.get("type", "")) if isinstance(err, dict) else ""}, frozenset())
-    return None
+    return (type(v) is float or type(v) is int)
 
 
 def _message(record: list[Any]) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 from orchester.journal.child import validate_in_subprocess
 from orchester.journal.folder import JournalError, fsync_directory
-from orchester.journal.hdf5 import find_record, read_h5, read_h5_fields, write_file
+from orchester.journal.hdf5 import find_record, find_records, read_h5, read_h5_fields, write_file
 from orchester.journal.manifest import (
     Manifest,
     Signature,
@@ -203,6 +203,16 @@ def read_task_record(path: Path, task_id: str, code: str = SUBMITTED) -> list[An
     if not _readable(path, load_manifest(path.parent)):
         raise JournalError(f"journal segment {path.name} fails verification: not read")
     return find_record(path, task_id, code)
+
+
+def read_task_records(path: Path, task_id: str) -> list[list[Any]]:
+    """Every record of ``task_id`` in a compacted segment, in order, found through the task id index.
+
+    Raises :class:`JournalError` when the segment fails verification: it is not opened.
+    """
+    if not _readable(path, load_manifest(path.parent)):
+        raise JournalError(f"journal segment {path.name} fails verification: not read")
+    return find_records(path, task_id)
 
 
 def parts(directory: Path) -> list[tuple[Path, str]]:

@@ -44,12 +44,11 @@ from typing import Any
 import zmq
 
 from orchester.journal.folder import JournalError
-from orchester.journal.index import HistoryIndex
-from orchester.journal.records import RESULT, RecordError, Result, Submitted, payload_bytes
+from orchester.journal.historian import Historian, HistorianGone
+from orchester.journal.records import RecordError, Submitted, payload_bytes
 from orchester.journal.recovery import recover
-from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record, verified_parts
+from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
 from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at
-from serializers.header import ProtocolError, unpack
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -254,61 +253,19 @@ def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[A
     return list(read_journal(d, report)), report
 
 
-def history(directory: Path, filters: dict[str, Any], index: HistoryIndex | None = None) -> list[dict[str, Any]]:
-    """History rows from a journal folder (through ``index``, refreshed first; a new one when not given).
-
-    A failed task's ``error`` is its type and message; the message only for the rows of the
-    key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
-    """
-    filters = dict(filters)
-    viewer = filters.pop("viewer", None)
-    index = index if index is not None else HistoryIndex(directory)
-    index.refresh()
-    rows = index.rows(filters)
-    _add_messages(directory, rows, dict(index.messages), viewer)
-    return rows
-
-
-def _error_message(record: list[Any]) -> str:
-    """The error message of a result record (``""`` when it has none)."""
-    try:
-        err = unpack(Result.of(record).header).get("err")
-    except (ProtocolError, RecordError):
-        return ""
-    return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""
-
-
-def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[str, str], viewer: str | None) -> None:
-    """Complete the ``error`` of the failed rows the viewer may read with the error's message (from the
-    log tail, else from the compacted segments, newest first, through their task id index)."""
-    wanted = {r["id"] for r in rows if r["error"] and (viewer is None or r["owner"] == viewer)}
-    missing = wanted - set(messages)
-    if missing:
-        for path, kind in reversed(verified_parts(directory)):
-            if kind != "h5" or not missing:
-                continue
-            for tid in list(missing):
-                try:
-                    record = read_task_record(path, tid, RESULT)
-                except JournalError:
-                    break
-                if record is not None:
-                    messages[tid] = _error_message(record)
-                    missing.discard(tid)
-    for row in rows:
-        msg = messages.get(row["id"]) if row["id"] in wanted else None
-        if msg:
-            row["error"] = f"{row['error']}: {msg}"
-
-
-#: Seconds between two reads of what the journal gained, while history queries come.
-REFRESH_EVERY = 5.0
-#: Seconds after the last query during which the index keeps up by itself.
-KEEP_CURRENT_FOR = 600.0
+#: Seconds between two starts of the historian (one that keeps failing costs little).
+RESTART_EVERY = 5.0
 
 
 class HistoryReader:
-    """Answers history queries from the journal in a thread; replies come back on ``results``."""
+    """Answers history queries through the historian process (:mod:`orchester.journal.historian`).
+
+    The broker hands the core's queries to :meth:`ask_all`; a thread passes them to the
+    historian one at a time (waiting on its pipe, it holds no lock the broker needs) and puts
+    each answer on :attr:`results`, an inproc socket the broker polls; :meth:`replies` turns
+    them into reply frames. A historian that ended or hung is replaced at the next query; the
+    query it was answering gets an error. Nothing of the index lives in this process.
+    """
 
     def __init__(self, directory: Path, context: zmq.Context[Any]) -> None:
         self.dir = directory
@@ -322,6 +279,9 @@ class HistoryReader:
         self._pending: dict[int, tuple[Any, bytes, Any]] = {}  #: token -> (socket key, identity, rid)
         self._query_ids = 0
         self._cond = threading.Condition()
+        self._historian: Historian | None = None
+        self._started = 0.0  #: when the last historian was started (monotonic)
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="orchester-history", daemon=True)
         self._thread.start()
 
@@ -330,7 +290,7 @@ class HistoryReader:
         for sock, ident, rid, filters in queries:
             self._query_ids += 1
             self._pending[self._query_ids] = (sock, ident, rid)
-            self.ask(self._query_ids, filters)
+            self.ask(self._query_ids, {**filters, "rid": rid})
 
     def replies(self) -> Iterator[tuple[Any, list[Any]]]:
         """``(socket key, frames)`` of the answers that arrived on :attr:`results` (broker thread)."""
@@ -341,25 +301,46 @@ class HistoryReader:
 
         while True:
             try:
-                token, body = self.results.recv_multipart(zmq.NOBLOCK)
+                token, ok, body = self.results.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             query = self._pending.pop(_SEQ.unpack(token)[0], None)
             if query is None:
                 continue
             sock, ident, rid = query
-            reply = msgpack.unpackb(body, raw=False)
-            if "error" in reply:
-                yield sock, [ident, *error_frames(P.E_BAD_REQUEST, reply["error"], rid=rid)]
+            if ok == b"1":  # the historian's reply map, with the rid: sent as it came
+                yield sock, [ident, P.SIGNATURE, P.REPLY, body]
             else:
-                reply["rid"] = rid
-                yield sock, [ident, P.SIGNATURE, P.REPLY, msgpack.packb(reply, use_bin_type=True)]
+                why = str(msgpack.unpackb(body, raw=False).get("error", "the history query failed"))
+                yield sock, [ident, *error_frames(P.E_BAD_REQUEST, why, rid=rid)]
 
     def ask(self, token: int, filters: dict[str, Any]) -> None:
-        """Queue a query; its answer arrives on :attr:`results` as ``[token, msgpack body]``."""
+        """Queue a query; its answer arrives on :attr:`results` as ``[token, ok, msgpack body]``."""
         with self._cond:
             self._queue.append((token, filters))
             self._cond.notify()
+
+    def _start(self) -> Historian | None:
+        """A historian (the running one, or a new one: at most one start every :data:`RESTART_EVERY` s)."""
+        if self._historian is not None and self._historian.alive():
+            return self._historian
+        if self._historian is not None:
+            self._historian.stop(1.0)
+            self._historian = None
+        if self._started and time.monotonic() - self._started < RESTART_EVERY:
+            return None
+        self._started = time.monotonic()
+        try:
+            historian = Historian(self.dir)
+        except (OSError, JournalError) as exc:
+            log.error("the history process could not be started: %s", exc)
+            return None
+        with self._cond:
+            if self._stopping:
+                historian.stop(1.0)
+                return None
+            self._historian = historian
+        return historian
 
     def _run(self) -> None:
         import msgpack
@@ -367,54 +348,40 @@ class HistoryReader:
         sock = self.ctx.socket(zmq.PAIR)
         sock.linger = 0
         sock.connect(self._addr)
-        index = HistoryIndex(self.dir)  # this thread's: built once, then read on from where it stopped
-        asked = None  # when the last query came (monotonic): while history is in use, the index keeps up
         try:
-            self._warm(index)  # at start: the first query does not wait for the whole journal
+            self._start()  # at start: it builds its index while no query waits for it
             while True:
                 with self._cond:
                     while not self._queue:
-                        in_use = asked is not None and time.monotonic() - asked < KEEP_CURRENT_FOR
-                        if not self._cond.wait(REFRESH_EVERY if in_use else None) and in_use:
-                            break
-                    if not self._queue:  # idle while history is in use: read what the journal gained meanwhile
-                        item = None
-                    else:
-                        item = self._queue.popleft()
-                        if item is None:
-                            return
+                        self._cond.wait()
+                    item = self._queue.popleft()
                 if item is None:
-                    self._warm(index)
-                    continue
-                asked = time.monotonic()
+                    return
                 token, filters = item
-                try:
-                    if "rollup" in filters:
-                        index.refresh()
-                        f = dict(filters)
-                        body = {**index.rollup(f["since"], f["until"], f["rollup"], f.get("kind"), f.get("tag")),
-                                "source": "journal"}
-                    else:
-                        rows = history(self.dir, filters, index)
-                        body = {"rows": rows, "count": len(rows), "source": "journal"}
-                except Exception as exc:
-                    log.exception("history query failed")
-                    body = {"error": f"{type(exc).__name__}: {exc}"}
-                sock.send_multipart([_SEQ.pack(token), msgpack.packb(body, use_bin_type=True)])
+                historian = self._start()
+                if historian is None:
+                    ok, body = False, msgpack.packb({"error": "the history process is not running: it is "
+                                                              f"started again within {RESTART_EVERY:.0f} s"})
+                else:
+                    try:
+                        ok, body = historian.ask(token, filters)
+                    except HistorianGone as exc:
+                        log.error("%s: it is started again", exc)
+                        ok, body = False, msgpack.packb({"error": f"{exc}; it is started again"})
+                        historian.stop(1.0)
+                        self._historian = None
+                sock.send_multipart([_SEQ.pack(token), b"1" if ok else b"0", body])
         finally:
             sock.close(0)
 
-    @staticmethod
-    def _warm(index: HistoryIndex) -> None:
-        try:
-            index.refresh()
-        except Exception:  # a query will say what is wrong; the thread goes on
-            log.exception("the history index could not be brought up to date")
-
     def close(self) -> None:
-        """Stop the thread."""
+        """Stop the thread and the historian."""
         with self._cond:
+            self._stopping = True
             self._queue.append(None)
             self._cond.notify()
+            historian = self._historian
+        if historian is not None:
+            historian.stop(2.0)  # a query it was answering fails at once: the thread ends
         self._thread.join(10)
         self.results.close(0)

@@ -205,7 +205,7 @@ class Requests:
     def _memory_history(self, state: str | None = None, kind: str | None = None, since: float | None = None,
                         until: float | None = None, limit: int | None = None,
                         ids: list[Any] | None = None, owner: str | None = None,
-                        tag: str | None = None) -> list[dict[str, Any]]:
+                        tag: str | None = None, timeline: bool = False) -> list[dict[str, Any]]:
         """History rows from the task table, newest submissions first found, oldest first returned.
 
         One request costs at most one pass over the table and builds at most ``limit`` rows
@@ -233,7 +233,10 @@ class Requests:
             submitted = rows[0][0] if rows else 0.0
             if (since is not None and submitted < since) or (until is not None and submitted >= until):
                 continue
-            out.append((task.seq, self._history_row(task, rows, everyone or task.owner == self.state.user)))
+            row = self._history_row(task, rows, everyone or task.owner == self.state.user)
+            if timeline:
+                row["history"] = task.history.entries()
+            out.append((task.seq, row))
         out.sort(key=lambda r: r[0])  # oldest submission first
         return [row for _, row in out]
 

@@ -384,27 +384,14 @@ class TaskApi(Api):
         self.bus()
         if len(tid) > 256 or not tid.isprintable():
             raise self.bad("not a task id")
-        try:
-            self.json(await self.hub.client.show(tid, timeout=10))
-            return
+        try:  # a task the orchestrator no longer holds: its row and transitions from the history (the journal)
+            self.json(await self.hub.client.show(tid, timeout=30, journal=True))
         except RemoteError as exc:
-            if exc.code not in ("unknown_task", "not_found"):
-                raise self.bad(str(exc)) from None
-        except (OrchesterError, TimeoutError) as exc:
-            raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
-        try:  # no longer in the orchestrator's memory: its row in the history (the journal)
-            rows = await self.hub.client.history(ids=[tid], limit=1, timeout=30)
-        except RemoteError as exc:
+            if exc.code in ("unknown_task", "not_found"):
+                raise tornado.web.HTTPError(404, "no such task") from None
             raise self.bad(str(exc)) from None
         except (OrchesterError, TimeoutError) as exc:
             raise tornado.web.HTTPError(503, f"the orchestrator did not answer: {exc}".replace("%", "%%")) from None
-        if not rows:
-            raise tornado.web.HTTPError(404, "no such task")
-        row = rows[0]
-        self.json({"id": row["id"], "kind": row["kind"], "state": row["state"], "attempt": row["attempts"],
-                   "satellite": row["satellite"], "owner": row["owner"], "tags": row.get("tags", []),
-                   "submitted": row["submitted"], "finished": row["finished"], "error_type": row["error"],
-                   "history": [], "result_retained": False, "source": "history"})
 
 
 class TaskResultApi(Api):

@@ -181,6 +181,43 @@ def test_submit_shows_progress_on_a_terminal(served: dict[str, str]) -> None:
     assert "done=" in text and "total=5" in text  # the bar showed the task's progress reports
 
 
+def test_show_reads_a_forgotten_task_from_the_journal(tmp_path: Path) -> None:
+    """An orchestrator keeping one finished task: the others' transitions come back from its journal."""
+    efile = tmp_path / "endpoints.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "orchester", "--log-level", "WARNING", "serve",
+                               "--bind", "tcp://127.0.0.1:*", "--pub", "tcp://127.0.0.1:*", "--journal",
+                               str(tmp_path / "j"), "--result-retention", "1", "--heartbeat-interval", "0.2",
+                               "--endpoint-file", str(efile)], stdin=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 30
+        while not efile.exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, "orchestrator did not start"
+            time.sleep(0.02)
+        connect = json.loads(efile.read_text())["bind"][0]
+        procs.append(subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", "WARNING", "run",
+                                       "--connect", connect, "--workers", "1", "--heartbeat-interval", "0.2",
+                                       "--id", "old-sat"], stdin=subprocess.DEVNULL))
+        from orchester import Client
+
+        with Client(connect) as c:
+            first = c.submit("echo", 1)
+            first.result(timeout=60)
+            for i in range(3):
+                c.submit("echo", i).result(timeout=60)
+        r = run("orchester", "show", first.task_id, "--connect", connect, "--json")
+        assert r.returncode == 0, r.stderr
+        task = json.loads(r.stdout)
+        assert task["source"] == "history" and task["state"] == "done" and task["kind"] == "echo"
+        assert [h["state"] for h in task["history"]][-3:] == ["dispatched", "running", "done"]
+        assert {h["sat"] for h in task["history"] if h["state"] == "running"} == {"old-sat"}
+        r = run("orchester", "show", first.task_id, "--connect", connect)
+        assert r.returncode == 0 and "old-sat" in r.stdout and "done" in r.stdout, r.stdout + r.stderr
+        r = run("orchester", "show", "no-such-task", "--connect", connect)
+        assert r.returncode == 1 and "unknown" in r.stderr
+    finally:
+        stop_processes(procs)
+
+
 def test_show_prints_a_tasks_history(served: dict[str, str]) -> None:
     r = run("orchester", "submit", "sleep", "0.1", "--no-wait", "--connect", served["connect"])
     task_id = r.stdout.strip()

@@ -191,23 +191,25 @@ class TestStatusAndTasks(WebCase):
         assert task["error"]["type"] and "kaboom" in task["error"]["msg"] and "Traceback" in task["error"]["tb"]
         assert self.json_of("/api/tasks/" + "f" * 32, 404)["status"] == 404
         assert self.json_of(f"/api/tasks/{bad}/result", 404)["status"] == 404  # failed: no result
-        # a task the orchestrator no longer holds (its show answers unknown_task): its history row
-
-        class Forgetful:
-            async def show(self, tid: str, timeout: float) -> Any:
-                from orchester.errors import RemoteError
-                raise RemoteError("unknown_task", "gone")
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
+        # a task the orchestrator no longer holds (its STATUS answers unknown_task): its history row
+        from orchester.errors import RemoteError
+        from serializers import messages as M
 
         real = self.hub.client
-        self.hub.client = Forgetful()  # type: ignore[assignment]
+        call = real._call
+
+        async def forgetful(msg: Any, timeout: Any) -> Any:
+            if isinstance(msg, M.Status) and msg.task:
+                raise RemoteError("unknown_task", "gone")
+            return await call(msg, timeout)
+
+        real._call = forgetful  # type: ignore[method-assign]
         try:
             old = self.json_of(f"/api/tasks/{bad}")
         finally:
-            self.hub.client = real
+            del real._call
         assert old["source"] == "history" and old["state"] == "failed" and old["kind"] == "fail"
+        assert [h["state"] for h in old["history"]] == states  # no journal: the orchestrator's table has them
         good = self.submit(("echo", ([1, 2.5, "three"],), {}))[0]
         r = self.fetch_api(f"/api/tasks/{good}/result")
         assert r.code == 200 and "attachment" in r.headers["Content-Disposition"]
@@ -423,22 +425,46 @@ class TestHistory(WebCase):
         cls.journal = Path(tempfile.mkdtemp(prefix="orchester-web-journal-"))
         cls.cluster = LocalCluster(satellites=1, workers=2, tasks=["orchester_test_tasks"], heartbeat_interval=FAST_HB,
                                    liveness=3, env=TEST_ENV, log_level="WARNING", tags=["blue"],
-                                   serve_args=["--journal", str(cls.journal / "j")]).start()
+                                   serve_args=["--journal", str(cls.journal / "j"),
+                                               "--result-retention", "3"]).start()
 
     @classmethod
     def tearDownClass(cls) -> None:
         super().tearDownClass()
         shutil.rmtree(cls.journal, ignore_errors=True)
 
+    def test_a_task_the_orchestrator_forgot_shows_its_timeline_from_the_journal(self) -> None:
+        from orchester.errors import RemoteError
+
+        bad = self.submit(("fail", ("kaboom",), {}))[0]
+        self.submit(*[("echo", (i,), {}) for i in range(6)])  # it keeps 3 finished tasks: the failed one goes
+
+        async def forgotten() -> bool:
+            try:
+                await self.hub.client.show(bad, timeout=10)
+            except RemoteError as exc:
+                return exc.code == "unknown_task"
+            return False
+
+        assert self.io_loop.run_sync(forgotten, timeout=30)
+        task = self.json_of(f"/api/tasks/{bad}")
+        assert task["source"] == "history" and task["state"] == "failed" and task["kind"] == "fail"
+        states = [h["state"] for h in task["history"]]
+        assert states[-1] == "failed" and "running" in states and "dispatched" in states
+        assert all(h["sat"] == "local-0" for h in task["history"] if h["state"] == "running")
+        assert "kaboom" in task["error_type"]
+
     def test_tasks_per_minute_work_and_satellites_from_the_journal(self) -> None:
         started = time.time()
+        since, until = int(started // 60) * 60 - 60, time.time() + 120
+        earlier = self.json_of(f"/api/history?since={since}&until={until}&step=60")["buckets"]  # other tests' tasks
         blue = self.submit(*[("echo", (i,), {"tags": ["blue"]}) for i in range(4)])
         self.submit(*[("echo", (i,), {}) for i in range(6)], ("fail", ("x",), {}), ("fail", ("y",), {}))
         self.io_loop.run_sync(lambda: asyncio.sleep(0.5))  # a status or two for the fleet log
-        since, until = int(started // 60) * 60 - 60, time.time() + 60
         h = self.json_of(f"/api/history?since={since}&until={until}&step=60")
         assert h["step"] == 60
-        assert sum(b["done"] for b in h["buckets"]) == 10 and sum(b["failed"] for b in h["buckets"]) == 2
+        assert sum(b["done"] for b in h["buckets"]) - sum(b["done"] for b in earlier) == 10
+        assert sum(b["failed"] for b in h["buckets"]) - sum(b["failed"] for b in earlier) == 2
         assert sum(b["busy_seconds"] for b in h["buckets"]) > 0
         assert max(b["satellites"] for b in h["buckets"]) == 1
         seen = [b for b in h["buckets"] if b["satellites_available"] is not None]  # the minutes the web saw

@@ -204,10 +204,12 @@ const Orchester = (() => {
     }
     fill($("#timeline tbody"), (t.history || []).map((h) => row([clock(h.t), el("span", h.state, `state ${h.state}`),
                                                              h.attempt, h.sat, h.reason])));
-    if (t.source === "history") {  // no longer in the orchestrator's memory: its history row only
+    if (t.source === "history") {  // no longer in the orchestrator's memory: from the journal
       facts.append(el("dt", "submitted"), el("dd", clock(t.submitted)), el("dt", "finished"), el("dd", clock(t.finished)),
-                   el("dt", "error"), el("dd", t.error_type));
-      $("#timeline tbody").append(row(["", "", "", "", "the orchestrator no longer holds this task's transitions"]));
+                   el("dt", "error"), el("dd", t.error_type), el("dt", "from"), el("dd", "the journal"));
+      if (!(t.history || []).length) {
+        $("#timeline tbody").append(row(["", "", "", "", "the journal holds no transitions of this task"]));
+      }
     }
     if (t.error) {
       $("#failure").hidden = false;

@@ -1,0 +1,298 @@
+"""The historian: the journal's history index in a process of its own, so that history never costs the bus.
+
+History queries (``orchester history``, the web's tasks and history pages) are answered from a
+:class:`~orchester.journal.index.HistoryIndex` of the journal's files. Building it costs about
+15 µs per task, and keeping it current costs as much again for every task the bus runs: in the
+orchestrator's process that time would be taken from routing (the interpreter runs one thread
+at a time). So the index lives in a child process, the historian:
+
+* the orchestrator's :class:`~orchester.journal.writer.HistoryReader` starts it (``python -P -c``
+  :data:`_CHILD` with the journal's folder) and hands it the queries the core accepted, one at
+  a time, over its standard input; the answers come back on its standard output, ready to send
+  (the orchestrator forwards them without decoding them);
+* it reads the journal's files only, never writes them; it builds the index at start, then
+  reads what the journal gained every :data:`REFRESH_EVERY` seconds while idle, so that a
+  query pays only for the last moments' records, never for a day's;
+* it runs at a lower CPU priority (:data:`NICENESS`): when the machine is busy, the bus comes
+  first and the index catches up later;
+* it ends when its standard input closes (the orchestrator stopped, or died: the pipe closes
+  with it) or with the orchestrator's thread that started it (``PR_SET_PDEATHSIG``, Linux);
+  ``SIGINT`` and ``SIGHUP`` are the orchestrator's to handle (it stops the historian);
+* it fails alone: a crash, a hang (:data:`ANSWER_TIMEOUT`) or a damaged file that kills it makes
+  the query it was answering fail with a clear error, and the next query starts a new one.
+
+Frames on both pipes are a 4-byte big-endian length and a msgpack body. A query is
+``[token, filters]`` (the filters of :meth:`~orchester.client.sync.Client.history` plus ``rid``,
+``viewer``, and ``rollup`` or ``timeline``); an answer is ``[token, ok, body]`` where ``body`` is
+the reply's msgpack map (``{"rows", "count", "source", "rid"}``, the roll-up's, or ``{"error"}``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from orchester.journal.folder import JournalError
+from orchester.journal.index import HistoryIndex
+from orchester.journal.records import RESULT, RecordError, Result
+from serializers.header import ProtocolError, unpack
+
+log = logging.getLogger("orchester.journal")
+
+#: Seconds between two reads of what the journal gained, while no query comes.
+REFRESH_EVERY = 1.0
+#: How much lower the historian's CPU priority is than the orchestrator's.
+NICENESS = 10
+#: Seconds an answer may take before the historian is taken for hung (and replaced).
+ANSWER_TIMEOUT = 600.0
+#: Most bytes of one frame (a query is small; an answer holds at most 10,000 rows).
+MAX_FRAME = 1 << 30
+
+_LENGTH = struct.Struct(">I")
+_CHILD = ("import sys; from orchester.journal.historian import main; sys.exit(main(sys.argv[1:]))")
+_PR_SET_PDEATHSIG = 1
+
+
+class HistorianGone(Exception):
+    """The historian stopped, hung or answered nonsense: it is replaced at the next query."""
+
+
+# -- the queries -------------------------------------------------------------------------------------
+
+def history(directory: Path, filters: dict[str, Any], index: HistoryIndex | None = None) -> list[dict[str, Any]]:
+    """History rows from a journal folder (through ``index``, refreshed first; a new one when not given).
+
+    A failed task's ``error`` is its type and message; the message only for the rows of the
+    key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
+    With ``timeline`` true, each row also has its ``history``: every transition, read back from
+    the journal (:meth:`~orchester.journal.index.HistoryIndex.timeline`).
+    """
+    filters = dict(filters)
+    viewer = filters.pop("viewer", None)
+    timeline = bool(filters.pop("timeline", False))
+    index = index if index is not None else HistoryIndex(directory)
+    index.refresh()
+    rows = index.rows(filters)
+    _add_messages(directory, rows, dict(index.messages), viewer)
+    if timeline:
+        for row in rows:
+            row["history"] = index.timeline(row["id"])
+    return rows
+
+
+def answer(index: HistoryIndex, filters: dict[str, Any]) -> dict[str, Any]:
+    """The reply map to one query (see the module's docstring): rows, or roll-ups with ``rollup``."""
+    f = dict(filters)
+    rid = f.pop("rid", None)
+    if "rollup" in f:
+        index.refresh()
+        body = {**index.rollup(f["since"], f["until"], f["rollup"], f.get("kind"), f.get("tag")), "source": "journal"}
+    else:
+        rows = history(index.dir, f, index)
+        body = {"rows": rows, "count": len(rows), "source": "journal"}
+    body["rid"] = rid
+    return body
+
+
+def _error_message(record: list[Any]) -> str:
+    """The error message of a result record (``""`` when it has none)."""
+    try:
+        err = unpack(Result.of(record).header).get("err")
+    except (ProtocolError, RecordError):
+        return ""
+    return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""
+
+
+def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[str, str], viewer: str | None) -> None:
+    """Complete the ``error`` of the failed rows the viewer may read with the error's message (from the
+    log tail, else from the compacted segments, newest first, through their task id index)."""
+    from orchester.journal.segments import read_task_record, verified_parts
+
+    wanted = {r["id"] for r in rows if r["error"] and (viewer is None or r["owner"] == viewer)}
+    missing = wanted - set(messages)
+    if missing:
+        for path, kind in reversed(verified_parts(directory)):
+            if kind != "h5" or not missing:
+                continue
+            for tid in list(missing):
+                try:
+                    record = read_task_record(path, tid, RESULT)
+                except JournalError:
+                    break
+                if record is not None:
+                    messages[tid] = _error_message(record)
+                    missing.discard(tid)
+    for row in rows:
+        msg = messages.get(row["id"]) if row["id"] in wanted else None
+        if msg:
+            row["error"] = f"{row['error']}: {msg}"
+
+
+# -- frames ----------------------------------------------------------------------------------------
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes | None:
+    """``n`` bytes from ``fd`` (``None``: end of file first); :class:`TimeoutError` past ``deadline``."""
+    parts: list[bytes] = []
+    while n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise TimeoutError
+        chunk = os.read(fd, min(n, 1 << 20))
+        if not chunk:
+            return None
+        parts.append(chunk)
+        n -= len(chunk)
+    return b"".join(parts)
+
+
+def _read_frame(fd: int, deadline: float | None = None) -> bytes | None:
+    head = _read_exact(fd, _LENGTH.size, deadline)
+    if head is None:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length:,} bytes")
+    return _read_exact(fd, length, deadline)
+
+
+def _frame(body: bytes) -> bytes:
+    return _LENGTH.pack(len(body)) + body
+
+
+# -- the orchestrator's side -------------------------------------------------------------------------
+
+class Historian:
+    """The historian process of one journal folder, from the orchestrator's side (one thread uses it)."""
+
+    def __init__(self, directory: Path) -> None:
+        if not sys.executable:
+            raise JournalError(f"journal {directory}: no Python executable to start the historian with")
+        self.proc = subprocess.Popen([sys.executable, "-P", "-c", _CHILD, str(directory)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+
+    def ask(self, token: int, filters: dict[str, Any], timeout: float = ANSWER_TIMEOUT) -> tuple[bool, bytes]:
+        """Send one query; ``(ok, body)``: the reply's msgpack map, ready to send. Raises
+        :class:`HistorianGone` when the historian ended, hung past ``timeout`` or answered nonsense."""
+        try:
+            _write_all(self._stdin.fileno(), _frame(msgpack.packb([token, filters], use_bin_type=True)))
+            raw = _read_frame(self._stdout.fileno(), time.monotonic() + timeout)
+        except (OSError, ValueError) as exc:
+            raise HistorianGone(f"the history process failed: {exc}") from None
+        except TimeoutError:
+            raise HistorianGone(f"the history process gave no answer in {timeout:.0f} s") from None
+        if raw is None:
+            code = self.proc.poll()
+            raise HistorianGone("the history process ended" + ("" if code is None else f" (exit code {code})"))
+        try:
+            got, ok, body = msgpack.unpackb(raw, raw=False)
+        except (ValueError, TypeError) as exc:
+            raise HistorianGone(f"the history process answered nonsense: {exc}") from None
+        if got != token or not isinstance(body, bytes):
+            raise HistorianGone("the history process answered another query")
+        return bool(ok), body
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Close its input (it ends by itself), then terminate it, then kill it."""
+        for pipe in (self._stdin, self._stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- the historian's side --------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Ask Linux for a SIGTERM when the orchestrator's thread that started this process ends."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the end of standard input stops it
+
+
+def _refresh(index: HistoryIndex) -> None:
+    try:
+        index.refresh()
+    except Exception:  # a query will say what is wrong; the historian goes on
+        log.exception("the history index could not be brought up to date")
+
+
+def main(argv: list[str]) -> int:
+    """The historian's loop (see the module's docstring): ``argv`` is the journal's folder."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _die_with_parent()
+    if len(argv) != 1:
+        print("usage: historian JOURNAL_DIR", file=sys.stderr)
+        return 2
+    # answers go to a private copy of standard output; whatever else prints lands on standard error
+    out = os.dup(1)
+    os.dup2(2, 1)
+    inp = 0
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s orchester-historian %(levelname)s %(message)s")
+    index = HistoryIndex(Path(argv[0]))
+    _refresh(index)
+    while True:
+        if not select.select([inp], [], [], REFRESH_EVERY)[0]:
+            _refresh(index)
+            continue
+        try:
+            raw = _read_frame(inp)
+        except ValueError as exc:
+            log.error("a query that is no query: %s; the historian stops", exc)
+            return 2
+        if raw is None:
+            return 0
+        try:
+            token, filters = msgpack.unpackb(raw, raw=False)
+        except (ValueError, TypeError) as exc:
+            log.error("a query that is no query: %s; the historian stops", exc)
+            return 2
+        try:
+            body, ok = msgpack.packb(answer(index, filters), use_bin_type=True), True
+        except Exception as exc:
+            log.exception("history query failed")
+            body, ok = msgpack.packb({"error": f"{type(exc).__name__}: {exc}"}, use_bin_type=True), False
+        try:
+            _write_all(out, _frame(msgpack.packb([token, ok, body], use_bin_type=True)))
+        except BrokenPipeError:
+            return 0
