@@ -184,6 +184,7 @@ def test_the_historian_answers_from_its_own_process_and_keeps_current(tmp_path: 
     append(path, task("a", "echo", T0, 1))
     historian = Historian(tmp_path)
     try:
+        assert historian.wait_ready(60) and historian.ready  # it says when its index is built
         ok, body = historian.ask(1, {"rid": 7, "limit": 10})
         reply = mp.unpackb(body)
         assert ok and reply["rid"] == 7 and [r["id"] for r in reply["rows"]] == ["a"]
@@ -237,3 +238,175 @@ def test_a_historian_that_dies_fails_its_query_and_the_reader_starts_another(tmp
         reader.close()
         ctx.term()
     assert historian is not None and historian.proc.poll() is not None  # closed with the reader
+
+
+def test_an_id_submitted_again_is_a_task_of_its_own(tmp_path: Path) -> None:
+    """Once a task has left the orchestrator's memory its id may be submitted again, by any key: the
+    new task's row, error message and timeline inherit nothing of the earlier one (another key's)."""
+    first = tmp_path / "wal-000001.log"
+    append(first, task("a", "fit", T0, 5, TS.FAILED, owner="ann", sat="s1"))
+    append(first, [R.submitted("a", b"c", header("echo"), [], T0 + 100, None, "bob"),
+                   R.transition("a", TS.DISPATCHED, 1, "s2", None, T0 + 101)])
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    (row,) = history(tmp_path, {"ids": ["a"], "timeline": True, "viewer": "bob"}, index)
+    assert (row["owner"], row["kind"], row["state"], row["error"]) == ("bob", "echo", "dispatched", "")
+    assert _states(row["history"]) == [("dispatched", "s2")]
+    # and the same once the segment is compacted (the earlier task's records share it)
+    compact(first)
+    append(tmp_path / "wal-000002.log", [R.transition("a", TS.RUNNING, 1, "s2", None, T0 + 102)])
+    fresh = HistoryIndex(tmp_path)
+    fresh.refresh()
+    (row,) = history(tmp_path, {"ids": ["a"], "timeline": True, "viewer": "bob"}, fresh)
+    assert row["error"] == "" and _states(row["history"]) == [("dispatched", "s2"), ("running", "s2")]
+    index.refresh()
+    assert _states(index.timeline("a")) == [("dispatched", "s2"), ("running", "s2")]
+
+
+def test_a_snapshot_after_a_barrier_does_not_repeat_a_timeline(tmp_path: Path) -> None:
+    recs = task("a", "echo", T0, 1)
+    append(tmp_path / "wal-000001.log", [*recs, R.barrier(T0 + 10), *recs])  # a passive server's resync
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    assert _states(index.timeline("a")) == [("dispatched", "s1"), ("running", "s1"), ("done", "s1")]
+
+
+def test_a_timelines_reasons_only_to_whom_may_read_the_error(tmp_path: Path) -> None:
+    append(tmp_path / "wal-000001.log", [
+        R.submitted("a", b"c", header("fit"), [], T0, None, "ann"),
+        R.transition("a", TS.FAILED, 0, None, "quarantined after 3 crashes; last: secret path /home/ann", T0 + 1)])
+    index = HistoryIndex(tmp_path)
+    reasons = {who: [h["reason"] for h in history(tmp_path, {"ids": ["a"], "timeline": True, "viewer": who},
+                                                  index)[0]["history"]] for who in ("ann", "bob", None)}
+    assert reasons["ann"] == reasons[None] == ["quarantined after 3 crashes; last: secret path /home/ann"]
+    assert reasons["bob"] == [None]
+
+
+def test_a_timeline_skips_a_record_it_cannot_read_and_keeps_the_newest(tmp_path: Path, monkeypatch: Any) -> None:
+    from orchester.journal import index as index_module
+
+    path = tmp_path / "wal-000001.log"
+    recs = [R.submitted("a", b"c", header("fit"), [], T0, None, None)]
+    recs += [R.transition("a", TS.RETRY if i % 2 else TS.DISPATCHED, i // 2 + 1, None, f"r{i}", T0 + i)
+             for i in range(10)]
+    append(path, recs)
+    index = HistoryIndex(tmp_path)
+    index.refresh()
+    assert len(index.timeline("a")) == 10
+    # the bytes of the third transition damaged under the index; the file's tail cut off
+    data = bytearray(path.read_bytes())
+    at = len(encode_record(recs[0])) + len(encode_record(recs[1])) + len(encode_record(recs[2])) + 10
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data[:-5]))
+    got = [h["reason"] for h in index.timeline("a")]
+    assert got == [f"r{i}" for i in range(10) if i not in (2, 9)]
+    # a task with more transitions than MAX_TIMELINE: the newest are kept (and only they cost memory)
+    monkeypatch.setattr(index_module, "MAX_TIMELINE", 3)
+    append(tmp_path / "wal-000002.log", [R.submitted("b", b"c", header("fit"), [], T0, None, None)]
+           + [R.transition("b", TS.RETRY, i + 1, None, f"b{i}", T0 + i) for i in range(40)])
+    index.refresh()
+    assert [h["reason"] for h in index.timeline("b")] == ["b37", "b38", "b39"]
+    assert len(index.where["b"]) == 3 * 8
+
+
+def _reader(tmp_path: Path) -> tuple[Any, Any, Any]:
+    import zmq
+
+    from orchester.journal import writer
+
+    ctx = zmq.Context()
+    reader = writer.HistoryReader(tmp_path, ctx)
+    poller = zmq.Poller()
+    poller.register(reader.results, zmq.POLLIN)
+    return ctx, reader, poller
+
+
+def test_queries_beyond_those_that_may_wait_are_refused_busy(tmp_path: Path, monkeypatch: Any) -> None:
+    from orchester.journal import writer
+    from serializers import protocol as P
+
+    append(tmp_path / "wal-000001.log", task("a", "echo", T0, 1))
+    monkeypatch.setattr(writer, "MAX_WAITING", 0)
+    ctx, reader, poller = _reader(tmp_path)
+    try:
+        reader.ask_all([("s", b"client", 5, {"limit": 1})])
+        assert poller.poll(60_000), "no answer"
+        ((sock, frames),) = list(reader.replies())
+        assert sock == "s" and frames[0] == b"client" and P.E_BUSY.encode() in b"".join(frames[1:])
+    finally:
+        reader.close()
+        ctx.term()
+
+
+def test_a_query_that_cannot_be_sent_is_answered_and_the_reader_goes_on(tmp_path: Path) -> None:
+    append(tmp_path / "wal-000001.log", task("a", "echo", T0, 1))
+    ctx, reader, poller = _reader(tmp_path)
+    try:
+        reader.ask(1, {"rid": 1, "bad": object()})  # (the core never sends one: the thread must not die of it)
+        assert poller.poll(60_000), "no answer"
+        _, ok, _ = reader.results.recv_multipart()
+        assert ok == b"0"
+        reader.ask(2, {"rid": 2})
+        assert poller.poll(60_000), "no answer"
+        _, ok, _ = reader.results.recv_multipart()
+        assert ok == b"1"
+    finally:
+        reader.close()
+        ctx.term()
+
+
+def test_close_while_a_query_is_in_flight_stops_the_historian_at_once(tmp_path: Path, monkeypatch: Any) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from orchester.journal import historian as hmod
+    from orchester.journal import writer
+
+    class Silent(hmod.Historian):  # a historian that reads its query and never answers
+        def __init__(self, directory: Path) -> None:
+            self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+
+    monkeypatch.setattr(writer, "Historian", Silent)
+    ctx, reader, _ = _reader(tmp_path)
+    reader.ask(1, {"rid": 1})
+    deadline = time.monotonic() + 30
+    while reader._historian is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    historian = reader._historian
+    time.sleep(0.2)  # the thread waits for its answer
+    began = time.monotonic()
+    reader.close()
+    ctx.term()
+    assert time.monotonic() - began < 1.5 and not reader._thread.is_alive()
+    assert historian is not None and historian.proc.poll() is not None and historian._stdout.closed
+
+
+def test_an_answer_holds_at_most_max_rows_and_a_message_is_searched_for_once(tmp_path: Path,
+                                                                             monkeypatch: Any) -> None:
+    from orchester.journal import historian as hmod
+    from orchester.journal import segments
+
+    first = tmp_path / "wal-000001.log"
+    recs = [r for i in range(5) for r in task(f"t{i}", "echo", T0 + i, 1)]
+    recs += [R.submitted("f", b"c", header("fit"), [], T0 + 10, None, None),
+             R.result("f", [msgpack.packb({"id": "f", "a": 1, "ok": False, "err": {"type": "E", "msg": ""}})], T0 + 11),
+             R.transition("f", TS.FAILED, 1, "s1", "E", T0 + 11)]
+    append(first, recs)
+    compact(first)
+    append(tmp_path / "wal-000002.log", task("z", "echo", T0 + 20, 1))
+    index = HistoryIndex(tmp_path)
+    searched: list[str] = []
+    real = segments.read_task_record
+    monkeypatch.setattr(segments, "read_task_record", lambda *a: searched.append(a[1]) or real(*a))
+    monkeypatch.setattr(hmod, "MAX_ROWS", 3)
+    for limit in (None, -1, 100):
+        assert [r["id"] for r in hmod.answer(index, {"rid": 1, "limit": limit})["rows"]] == ["t4", "f", "z"]
+    assert len(hmod.answer(index, {"rid": 1, "limit": 2})["rows"]) == 2
+    for _ in range(3):
+        (row,) = hmod.answer(index, {"rid": 1, "state": "failed"})["rows"]
+        assert row["error"] == "E"
+    assert searched == ["f"]

@@ -19,6 +19,7 @@ mode), and set 0600 again as soon as PyTables has it open, before any record is 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import threading
 import zlib
@@ -149,9 +150,14 @@ def find_record(path: Path, task_id: str, code: str) -> list[Any] | None:
     return found[0] if found else None
 
 
+#: Most rows one search by task id examines in a segment: the column holds an id's first 64 bytes, and
+#: ids sharing them (anyone may submit such ids) all match; the body says which is which.
+MAX_EXAMINED = 100_000
+
+
 def find_records(path: Path, task_id: str, code: str | None = None, most: int = 1000) -> list[Any]:
-    """The records of ``task_id`` in a segment (only its ``code`` records if given), in order, at most
-    ``most``: found through the task id index."""
+    """The records of ``task_id`` in a segment (only its ``code`` records if given), in order: the newest
+    ``most``, found through the task id index."""
     tb = tables()
     condition = "(task_id == tid)" if code is None else "(task_id == tid) & (code == c)"
     condvars: dict[str, Any] = {"tid": _cut(task_id, _WIDTHS["task_id"])}
@@ -159,9 +165,10 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
         condvars["c"] = code.encode()
     out: list[Any] = []
     with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
-        rows = h5.root.records.read_where(condition, condvars=condvars)
-        # the column holds the id's first 64 bytes: ids sharing them all match, the body says which is which
-        for offset, length in sorted((int(r["offset"]), int(r["length"])) for r in rows[:1000]):  # in journal order
+        table = h5.root.records
+        places = [(int(r["offset"]), int(r["length"]))
+                  for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED)]
+        for offset, length in sorted(places, reverse=True):  # newest first, in journal order once reversed
             body = h5.root.bodies[offset:offset + length].tobytes()
             record = msgpack.unpackb(body, raw=False, strict_map_key=False)
             if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
@@ -169,6 +176,7 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
                 out.append(record)
                 if len(out) >= most:
                     break
+    out.reverse()
     return out
 
 

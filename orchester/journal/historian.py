@@ -54,14 +54,22 @@ log = logging.getLogger("orchester.journal")
 REFRESH_EVERY = 1.0
 #: How much lower the historian's CPU priority is than the orchestrator's.
 NICENESS = 10
-#: Seconds an answer may take before the historian is taken for hung (and replaced).
+#: Seconds an answer may take before the historian is taken for hung (and replaced); the index's first
+#: build, before the historian says it is ready, is not timed: it takes what the journal holds.
 ANSWER_TIMEOUT = 600.0
-#: Most bytes of one frame (a query is small; an answer holds at most 10,000 rows).
+#: The token of the frame a historian sends once its index is built (queries count from 1).
+_READY = 0
+#: Most rows of one answer (the newest matching; as many without a ``limit``): what one query costs the
+#: historian, the pipe and the orchestrator, who holds the answer until it is sent, whatever the journal holds.
+MAX_ROWS = 10_000
+#: Most bytes of one frame (a query is small; an answer holds at most :data:`MAX_ROWS` rows).
 MAX_FRAME = 1 << 30
 
 _LENGTH = struct.Struct(">I")
 _CHILD = ("import sys; from orchester.journal.historian import main; sys.exit(main(sys.argv[1:]))")
 _PR_SET_PDEATHSIG = 1
+#: The folder ``orchester`` (and ``serializers``, ``tracker``) is imported from.
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 class HistorianGone(Exception):
@@ -76,7 +84,9 @@ def history(directory: Path, filters: dict[str, Any], index: HistoryIndex | None
     A failed task's ``error`` is its type and message; the message only for the rows of the
     key named by the ``viewer`` filter (``None`` or absent: every row — no keys, or an admin).
     With ``timeline`` true, each row also has its ``history``: every transition, read back from
-    the journal (:meth:`~orchester.journal.index.HistoryIndex.timeline`).
+    the journal (:meth:`~orchester.journal.index.HistoryIndex.timeline`); the transitions' reasons
+    only for the rows whose message the viewer may read (a failure's reason is its message: a
+    timeout's, a quarantine's with the worker's last words).
     """
     filters = dict(filters)
     viewer = filters.pop("viewer", None)
@@ -84,10 +94,14 @@ def history(directory: Path, filters: dict[str, Any], index: HistoryIndex | None
     index = index if index is not None else HistoryIndex(directory)
     index.refresh()
     rows = index.rows(filters)
-    _add_messages(directory, rows, dict(index.messages), viewer)
+    _add_messages(directory, rows, index.messages, viewer)
     if timeline:
         for row in rows:
-            row["history"] = index.timeline(row["id"])
+            entries = index.timeline(row["id"])
+            if viewer is not None and row["owner"] != viewer:
+                for entry in entries:
+                    entry["reason"] = None
+            row["history"] = entries
     return rows
 
 
@@ -99,6 +113,8 @@ def answer(index: HistoryIndex, filters: dict[str, Any]) -> dict[str, Any]:
         index.refresh()
         body = {**index.rollup(f["since"], f["until"], f["rollup"], f.get("kind"), f.get("tag")), "source": "journal"}
     else:
+        limit = f.get("limit")
+        f["limit"] = MAX_ROWS if limit is None or limit < 0 else min(limit, MAX_ROWS)
         rows = history(index.dir, f, index)
         body = {"rows": rows, "count": len(rows), "source": "journal"}
     body["rid"] = rid
@@ -116,7 +132,11 @@ def _error_message(record: list[Any]) -> str:
 
 def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[str, str], viewer: str | None) -> None:
     """Complete the ``error`` of the failed rows the viewer may read with the error's message (from the
-    log tail, else from the compacted segments, newest first, through their task id index)."""
+    index's ``messages``, else from the compacted segments, newest first, through their task id index).
+
+    What a search finds, or not (``""``), goes into ``messages``: a failed task without a message
+    (there are: a satellite may send none) is searched for once, not at every query.
+    """
     from orchester.journal.segments import read_task_record, verified_parts
 
     wanted = {r["id"] for r in rows if r["error"] and (viewer is None or r["owner"] == viewer)}
@@ -133,6 +153,8 @@ def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[st
                 if record is not None:
                     messages[tid] = _error_message(record)
                     missing.discard(tid)
+        for tid in missing:
+            messages[tid] = ""
     for row in rows:
         msg = messages.get(row["id"]) if row["id"] in wanted else None
         if msg:
@@ -185,16 +207,51 @@ class Historian:
     def __init__(self, directory: Path) -> None:
         if not sys.executable:
             raise JournalError(f"journal {directory}: no Python executable to start the historian with")
+        # -P: nothing imported from the working folder; the folder this orchester comes from is named
+        # instead (a checkout run as ``python -m orchester`` from it, not installed, imports from there)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen([sys.executable, "-P", "-c", _CHILD, str(directory)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env)
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._stdin, self._stdout = self.proc.stdin, self.proc.stdout
+        self.ready = False  #: its index is built (it said so)
+
+    def wait_ready(self, timeout: float | None) -> bool:
+        """Wait at most ``timeout`` seconds (``None``: as long as it takes) for the historian to have
+        built its index; whether it has. Raises :class:`HistorianGone` if it ended or said nonsense."""
+        if self.ready:
+            return True
+        try:
+            raw = _read_frame(self._stdout.fileno(), None if timeout is None else time.monotonic() + timeout)
+        except TimeoutError:
+            return False
+        except (OSError, ValueError) as exc:
+            raise HistorianGone(f"the history process failed: {exc}") from None
+        if raw is None:
+            code = self.proc.poll()
+            raise HistorianGone("the history process ended" + ("" if code is None else f" (exit code {code})"))
+        try:
+            got = msgpack.unpackb(raw, raw=False)
+        except ValueError as exc:
+            raise HistorianGone(f"the history process answered nonsense: {exc}") from None
+        if not (isinstance(got, list) and got and got[0] == _READY):
+            raise HistorianGone("the history process answered before it was ready")
+        self.ready = True
+        return True
 
     def ask(self, token: int, filters: dict[str, Any], timeout: float = ANSWER_TIMEOUT) -> tuple[bool, bytes]:
         """Send one query; ``(ok, body)``: the reply's msgpack map, ready to send. Raises
-        :class:`HistorianGone` when the historian ended, hung past ``timeout`` or answered nonsense."""
+        :class:`HistorianGone` when the historian ended, hung past ``timeout`` or answered nonsense;
+        :class:`ValueError` for a query that cannot be sent (nothing was: the historian is fine).
+        A historian that is still building its index is waited for first, however long that takes."""
+        self.wait_ready(None)
         try:
-            _write_all(self._stdin.fileno(), _frame(msgpack.packb([token, filters], use_bin_type=True)))
+            query = _frame(msgpack.packb([token, filters], use_bin_type=True))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"a history query that cannot be sent: {exc}") from None
+        try:
+            _write_all(self._stdin.fileno(), query)
             raw = _read_frame(self._stdout.fileno(), time.monotonic() + timeout)
         except (OSError, ValueError) as exc:
             raise HistorianGone(f"the history process failed: {exc}") from None
@@ -214,6 +271,17 @@ class Historian:
     def alive(self) -> bool:
         """Whether the process still runs."""
         return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """Send it ``SIGTERM`` (its pipes stay open: the thread reading them sees them end)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        """Kill it and reap it (its pipes stay open)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def stop(self, grace: float = 5.0) -> None:
         """Close its input (it ends by itself), then terminate it, then kill it."""
@@ -271,6 +339,10 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s orchester-historian %(levelname)s %(message)s")
     index = HistoryIndex(Path(argv[0]))
     _refresh(index)
+    try:  # built: from here on, its answers are timed
+        _write_all(out, _frame(msgpack.packb([_READY, True, b""], use_bin_type=True)))
+    except BrokenPipeError:
+        return 0
     while True:
         if not select.select([inp], [], [], REFRESH_EVERY)[0]:
             _refresh(index)

@@ -45,6 +45,9 @@ MINUTE = 60
 MAX_BUCKETS = 2000
 #: Most tags one task's roll-up key holds (the rest are not indexed).
 MAX_TAGS = 16
+#: Most transitions of one task :meth:`HistoryIndex.timeline` gives (the newest): what one task costs the
+#: index (8 bytes each) and one timeline costs the historian, whatever the journal holds.
+MAX_TIMELINE = 10_000
 
 _RUNNING = int(TaskState.RUNNING)
 _ENDINGS = {int(s): s.name.lower() for s in TaskState if s.terminal}
@@ -81,7 +84,8 @@ class HistoryIndex:
         self.tags: dict[str, frozenset[str]] = {}  #: tags of the tasks that have some
         self.buckets: dict[int, dict[Key, Bucket]] = defaultdict(dict)
         #: where each task's transitions lie: packed positions (:data:`_POSITION`), for :meth:`timeline`
-        self.where: dict[str, bytes] = {}
+        #: (a ``bytearray`` once it is long: appended to in place, never copied whole)
+        self.where: dict[str, bytes | bytearray] = {}
         self._running: dict[str, tuple[float, str]] = {}  #: task -> (start of its attempt, satellite)
         self._done: set[int] = set()  #: segments read to their end
         self._partial: tuple[int, int, int] | None = None  #: (segment, byte offset, records) of the live log
@@ -177,7 +181,7 @@ class HistoryIndex:
                 row.satellite = sat
             if state in _TERMINAL:
                 row.finished = t
-            self.where[tid] = self.where.get(tid, b"") + _POSITION.pack(where)
+            self._place(tid, where)
             running = self._running.pop(tid, None)
             if running is not None:
                 self._work(tid, running[0], t, running[1])
@@ -199,6 +203,10 @@ class HistoryIndex:
             except ProtocolError:
                 return
             self.records += 1
+            if tid in self.table:  # an id submitted again (once its first task left the orchestrator's memory, by
+                # whichever key; or a snapshot's copy after a barrier): a task of its own, that inherits nothing
+                # of the earlier one (its state, error and message, tags, transitions)
+                self._forget(tid)
             row = self._row(tid)
             row.kind, row.submitted, row.owner = str(hdr.get("k", "")), float(t), owner or ""
             tg = hdr.get("tg")
@@ -225,16 +233,46 @@ class HistoryIndex:
                 if msg:
                     self.messages[tid] = msg
 
+    def _forget(self, tid: str) -> None:
+        """Forget what the index holds of ``tid`` (its roll-ups stay: they count what happened)."""
+        del self.table[tid]
+        self.messages.pop(tid, None)
+        self.tags.pop(tid, None)
+        self.where.pop(tid, None)
+        self._running.pop(tid, None)
+
+    def _place(self, tid: str, where: int) -> None:
+        """Keep where one more transition of ``tid`` lies (the newest :data:`MAX_TIMELINE`)."""
+        blob = self.where.get(tid)
+        packed = _POSITION.pack(where)
+        if blob is None:
+            blob = packed
+        elif type(blob) is bytearray:
+            blob += packed  # in place: a long one is never copied whole
+        elif len(blob) < 32 * _POSITION.size:  # most tasks: a few transitions, a few bytes each
+            blob = blob + packed
+        else:
+            blob = bytearray(blob)
+            blob += packed
+        excess = len(blob) - MAX_TIMELINE * _POSITION.size
+        if excess > 0:
+            if type(blob) is bytearray:
+                del blob[:excess]  # (cheap: a bytearray drops its head without moving the rest)
+            else:
+                blob = blob[excess:]
+        self.where[tid] = blob
+
     def timeline(self, tid: str) -> list[dict[str, Any]]:
-        """Every transition of ``tid``, oldest first, read back from the journal's files: time, state,
-        attempt, satellite, reason (as :meth:`tracker.history.History.entries` gives them).
+        """Every transition of ``tid`` (the newest :data:`MAX_TIMELINE`), oldest first, read back from the
+        journal's files: time, state, attempt, satellite, reason (as :meth:`tracker.history.History.entries`
+        gives them).
 
         The index keeps where each transition lies; a log segment's records are read at their
-        offsets, a compacted segment's through its task id index. Segments removed since, or that
-        fail verification, give nothing.
+        offsets, a compacted segment's through its task id index (those of an earlier task of the
+        same id, before its submission, are left out). Segments removed since, or that fail
+        verification, give nothing; a record that cannot be read is skipped (and logged).
         """
         from orchester.journal.segments import read_task_records, verified_parts
-        from orchester.journal.wal import read_at
 
         blob = self.where.get(tid)
         if not blob:
@@ -248,23 +286,26 @@ class HistoryIndex:
             if n not in files:
                 continue
             path, kind = files[n]
-            try:
-                if kind == "h5":
-                    records = read_task_records(path, tid)
-                else:
-                    records = [read_at(path, offset) for offset in segments[n] if offset >= 0]
-            except (OSError, JournalError) as exc:
-                log.warning("the transitions of task %s in %s could not be read: %s", tid[:64], path.name, exc)
-                continue
-            for record in records:
+            if kind == "h5":
                 try:
-                    v = Transition.of(record) if record and record[0] == TRANSITION else None
+                    records = read_task_records(path, tid)
+                except (OSError, JournalError) as exc:
+                    log.warning("the transitions of task %s in %s could not be read: %s", tid[:64], path.name, exc)
+                    continue
+            else:
+                records = _read_log_records(path, segments[n], tid)
+            for record in records:
+                if record[0] == SUBMITTED and record[1] == tid:  # what came before was an earlier task of this id
+                    out.clear()
+                    continue
+                try:
+                    v = Transition.of(record) if record[0] == TRANSITION else None
                 except RecordError:
                     v = None
                 if v is not None and v.task_id == tid:
                     out.append({"t": v.time, "state": v.state.name.lower(), "attempt": v.attempt,
                                 "sat": v.satellite, "reason": v.reason})
-        return out
+        return out[-MAX_TIMELINE:]
 
     def _key(self, tid: str) -> Key:
         row = self.table.get(tid)
@@ -339,6 +380,29 @@ class HistoryIndex:
 
 def _number(v: Any) -> bool:
     return (type(v) is float or type(v) is int)
+
+
+def _read_log_records(path: Path, offsets: list[int], tid: str) -> list[list[Any]]:
+    """The records at ``offsets`` of a log segment (those that cannot be read: skipped, logged once)."""
+    from orchester.journal.wal import read_at
+
+    out: list[list[Any]] = []
+    bad = 0
+    for offset in offsets:
+        if offset < 0:
+            continue
+        try:
+            record = read_at(path, offset)
+        except FileNotFoundError:  # compacted (renamed) meanwhile: the next timeline finds it as such
+            break
+        except (OSError, JournalError, ValueError, TypeError, struct.error):
+            bad += 1
+            continue
+        if len(record) > 1:
+            out.append(record)
+    if bad:
+        log.warning("%d transition(s) of task %s in %s could not be read", bad, tid[:64], path.name)
+    return out
 
 
 def _message(record: list[Any]) -> str:

@@ -255,6 +255,11 @@ def replay(directory: str | Path, live: Path | None = None) -> tuple[list[list[A
 
 #: Seconds between two starts of the historian (one that keeps failing costs little).
 RESTART_EVERY = 5.0
+#: Seconds a query waits for a new historian to build its index before it is answered "retry".
+READY_WAIT = 30.0
+#: Most history queries waiting for the historian: those beyond are refused at once (busy), so that
+#: queries coming faster than it answers cost neither memory without end nor answers hours late.
+MAX_WAITING = 256
 
 
 class HistoryReader:
@@ -275,7 +280,7 @@ class HistoryReader:
         self.results.linger = 0
         self.results.bind(addr)
         self._addr = addr
-        self._queue: deque[tuple[int, dict[str, Any]] | None] = deque()
+        self._queue: deque[tuple[int, dict[str, Any] | None] | None] = deque()  #: None filters: refused
         self._pending: dict[int, tuple[Any, bytes, Any]] = {}  #: token -> (socket key, identity, rid)
         self._query_ids = 0
         self._cond = threading.Condition()
@@ -286,10 +291,16 @@ class HistoryReader:
         self._thread.start()
 
     def ask_all(self, queries: list[tuple[Any, bytes, Any, dict[str, Any]]]) -> None:
-        """Queue the core's history queries ``(socket key, identity, rid, filters)``."""
+        """Queue the core's history queries ``(socket key, identity, rid, filters)`` (beyond
+        :data:`MAX_WAITING` waiting, a query is refused: answered busy, ahead of the others)."""
         for sock, ident, rid, filters in queries:
             self._query_ids += 1
             self._pending[self._query_ids] = (sock, ident, rid)
+            with self._cond:
+                if len(self._queue) >= MAX_WAITING:
+                    self._queue.appendleft((self._query_ids, None))
+                    self._cond.notify()
+                    continue
             self.ask(self._query_ids, {**filters, "rid": rid})
 
     def replies(self) -> Iterator[tuple[Any, list[Any]]]:
@@ -310,12 +321,20 @@ class HistoryReader:
             sock, ident, rid = query
             if ok == b"1":  # the historian's reply map, with the rid: sent as it came
                 yield sock, [ident, P.SIGNATURE, P.REPLY, body]
+            elif ok == b"busy":
+                yield sock, [ident, *error_frames(P.E_BUSY, f"{MAX_WAITING} history queries wait already: "
+                                                  "retry later", rid=rid)]
             else:
-                why = str(msgpack.unpackb(body, raw=False).get("error", "the history query failed"))
+                try:
+                    got = msgpack.unpackb(body, raw=False)
+                except ValueError:
+                    got = None
+                why = str(got.get("error", "") if isinstance(got, dict) else "")[:2000] or "the history query failed"
                 yield sock, [ident, *error_frames(P.E_BAD_REQUEST, why, rid=rid)]
 
     def ask(self, token: int, filters: dict[str, Any]) -> None:
-        """Queue a query; its answer arrives on :attr:`results` as ``[token, ok, msgpack body]``."""
+        """Queue a query; its answer arrives on :attr:`results` as ``[token, ok, msgpack body]`` (``ok``:
+        ``b"1"``, ``b"0"``, or ``b"busy"`` for a query refused)."""
         with self._cond:
             self._queue.append((token, filters))
             self._cond.notify()
@@ -343,8 +362,6 @@ class HistoryReader:
         return historian
 
     def _run(self) -> None:
-        import msgpack
-
         sock = self.ctx.socket(zmq.PAIR)
         sock.linger = 0
         sock.connect(self._addr)
@@ -358,30 +375,62 @@ class HistoryReader:
                 if item is None:
                     return
                 token, filters = item
-                historian = self._start()
-                if historian is None:
-                    ok, body = False, msgpack.packb({"error": "the history process is not running: it is "
-                                                              f"started again within {RESTART_EVERY:.0f} s"})
-                else:
-                    try:
-                        ok, body = historian.ask(token, filters)
-                    except HistorianGone as exc:
-                        log.error("%s: it is started again", exc)
-                        ok, body = False, msgpack.packb({"error": f"{exc}; it is started again"})
-                        historian.stop(1.0)
-                        self._historian = None
+                if filters is None:  # refused: too many wait
+                    sock.send_multipart([_SEQ.pack(token), b"busy", b""])
+                    continue
+                ok, body = self._answer(token, filters)
                 sock.send_multipart([_SEQ.pack(token), b"1" if ok else b"0", body])
         finally:
             sock.close(0)
+
+    def _answer(self, token: int, filters: dict[str, Any]) -> tuple[bool, bytes]:
+        """The historian's answer to one query; an error map when it failed (never an exception: the
+        thread goes on, and every query gets an answer)."""
+        import msgpack
+
+        historian = self._start()
+        if historian is None:
+            return False, msgpack.packb({"error": "the history process is not running: it is "
+                                                  f"started again within {RESTART_EVERY:.0f} s"})
+        try:
+            if not historian.wait_ready(READY_WAIT):
+                return False, msgpack.packb({"error": "the history index is still being built from the journal "
+                                                      "(about 70,000 tasks a second): retry in a moment"})
+            return historian.ask(token, filters)
+        except ValueError as exc:  # never sent: the historian is fine
+            log.error("%s", exc)
+            return False, msgpack.packb({"error": str(exc)})
+        except HistorianGone as exc:
+            log.error("%s: it is started again", exc)
+            why = f"{exc}; it is started again"
+        except Exception as exc:  # (a bug) its pipes may be out of step: it is replaced too
+            log.exception("history query failed")
+            why = f"{type(exc).__name__}: {exc}"
+        historian.stop(1.0)
+        with self._cond:
+            if self._historian is historian:
+                self._historian = None
+        return False, msgpack.packb({"error": why})
 
     def close(self) -> None:
         """Stop the thread and the historian."""
         with self._cond:
             self._stopping = True
+            self._queue.clear()  # (their askers are answered no more: the orchestrator stops)
             self._queue.append(None)
             self._cond.notify()
             historian = self._historian
         if historian is not None:
-            historian.stop(2.0)  # a query it was answering fails at once: the thread ends
+            # a signal, not its pipes closed under the thread that may be reading them (their numbers
+            # could be reused meanwhile): a query it was answering fails at once, the thread ends
+            historian.terminate()
         self._thread.join(10)
+        with self._cond:
+            historian = self._historian
+            self._historian = None
+        if historian is not None:
+            if self._thread.is_alive():  # (stuck: its pipes are left to it, the process is not)
+                historian.kill()
+            else:
+                historian.stop(2.0)
         self.results.close(0)

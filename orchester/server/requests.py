@@ -233,9 +233,10 @@ class Requests:
             submitted = rows[0][0] if rows else 0.0
             if (since is not None and submitted < since) or (until is not None and submitted >= until):
                 continue
-            row = self._history_row(task, rows, everyone or task.owner == self.state.user)
+            mine = everyone or task.owner == self.state.user
+            row = self._history_row(task, rows, mine)
             if timeline:
-                row["history"] = task.history.entries()
+                row["history"] = self._entries(task, mine)
             out.append((task.seq, row))
         out.sort(key=lambda r: r[0])  # oldest submission first
         return [row for _, row in out]
@@ -267,12 +268,24 @@ class Requests:
         """Answer a request (``rid``: its request id)."""
         self.outbox.send(sock, [ident, *reply(rid, body)])
 
+    def _entries(self, task: Task, mine: bool) -> list[dict[str, Any]]:
+        """The task's transitions; their reasons only when ``mine`` (the asker's own task, an admin, or
+        no keys): a failure's reason is its message (a timeout's, a quarantine's with the worker's last
+        words), which only its owner may read."""
+        entries = self.life.attempts(task)
+        if not mine:
+            for entry in entries:
+                entry["reason"] = None
+        return entries
+
     def describe_task(self, task: Task) -> dict[str, Any]:
         """One task's state, attempts and history, for ``orchester show``; a failed task's error
-        (type, message, traceback) to its owner or an admin (to anyone without keys)."""
+        (type, message, traceback) and the reasons of its transitions to its owner or an admin (to
+        anyone without keys)."""
+        mine = self.ports.identify is None or self.is_admin() or task.owner == self.state.user
         out = {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
-               "tags": sorted(task.tags), "history": self.life.attempts(task),
+               "tags": sorted(task.tags), "history": self._entries(task, mine),
                "owner": task.owner if isinstance(task.owner, str) else None,
                "result_retained": task.id in self.state.results}
         stored = self.state.results.get(task.id) if task.state is TS.FAILED else None

@@ -15,7 +15,7 @@ import zmq
 from conftest import TEST_ENV
 
 from orchester import Client, LocalCluster
-from orchester.errors import RemoteError
+from orchester.errors import RemoteError, TaskFailed
 from orchester.security.keys import generate_keys, load_keypair, load_public
 from serializers import pack, unpack
 from serializers import protocol as P
@@ -234,3 +234,21 @@ def test_a_name_given_a_new_key_no_longer_covers_the_old_key(secured: Any) -> No
                 break
             assert time.monotonic() < deadline, "the old key still works"
             time.sleep(0.1)
+
+
+def test_another_keys_task_shows_its_transitions_without_their_reasons(secured: Any) -> None:
+    """A failure's reason is its message: only the task's owner (or an admin) reads it, live or from history."""
+    cluster, keys = secured
+    with keys.client(cluster.endpoint, "alice") as alice, keys.client(cluster.endpoint, "bob") as bob:
+        fut = alice.submit("sleep", 30, timeout=0.5)
+        with pytest.raises(TaskFailed, match="timeout"):
+            fut.result(timeout=30)
+        own = alice.show(fut.task_id)
+        assert own["state"] == "failed" and any(h["reason"] for h in own["history"])
+        other = bob.show(fut.task_id)
+        assert [h["state"] for h in other["history"]] == [h["state"] for h in own["history"]]
+        assert all(h["reason"] is None for h in other["history"]) and "error" not in other
+        (row,) = bob.history(ids=[fut.task_id], timeline=True)
+        assert row["history"] and all(h["reason"] is None for h in row["history"])
+        (row,) = alice.history(ids=[fut.task_id], timeline=True)
+        assert any(h["reason"] for h in row["history"])
