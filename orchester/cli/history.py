@@ -44,7 +44,7 @@ def parse_time(text: str | None) -> float | None:
 @click.option("--since", default=None, help="Submitted at or after: epoch seconds, ISO 8601, or an age (2h).")
 @click.option("--until", default=None, help="Submitted before (same forms).")
 @click.option("--id", "ids", multiple=True, help="Only these task ids; repeatable.")
-@click.option("--limit", type=int, default=None, help="Only the newest N rows.")
+@click.option("--limit", type=int, default=None, help="Only the newest N rows (10,000 at most; older ones: --until).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
               help="A table for the terminal (columns that do not fit are left out), or every column as CSV or JSON.")
 @click.option("--timeout", type=click.FloatRange(0.0, min_open=True), default=60.0, show_default=True,
