@@ -11,10 +11,11 @@ at a time). So the index lives in a child process, the historian:
   a time, over its standard input; the answers come back on its standard output, ready to send
   (the orchestrator forwards them without decoding them);
 * it reads the journal's files only, never writes them; it builds the index at start, then
-  reads what the journal gained every :data:`REFRESH_EVERY` seconds while idle, so that a
-  query pays only for the last moments' records, never for a day's;
-* it runs at a lower CPU priority (:data:`NICENESS`): when the machine is busy, the bus comes
-  first and the index catches up later;
+  reads what the journal gained every :data:`REFRESH_EVERY` seconds, so that a query pays only
+  for the last moments' records, never for a day's;
+* the bus comes first: it runs at a lower CPU priority (:data:`NICENESS`), and reads on by
+  itself only while the machine has idle CPU (:data:`IDLE_CORES`, from ``/proc/stat``) or
+  after :data:`MAX_DEFER` seconds without; a query reads on first, whatever the load;
 * it ends when its standard input closes (the orchestrator stopped, or died: the pipe closes
   with it) or with the orchestrator's thread that started it (``PR_SET_PDEATHSIG``, Linux);
   ``SIGINT`` and ``SIGHUP`` are the orchestrator's to handle (it stops the historian);
@@ -54,6 +55,11 @@ log = logging.getLogger("orchester.journal")
 REFRESH_EVERY = 1.0
 #: How much lower the historian's CPU priority is than the orchestrator's.
 NICENESS = 10
+#: Idle CPU (in cores, over the last :data:`REFRESH_EVERY`) the machine must have for the historian to
+#: read on by itself: while the machine is busier, it waits (the bus comes first)...
+IDLE_CORES = 0.5
+#: ...at most this many seconds; a query reads on first, whatever the machine's load.
+MAX_DEFER = 30.0
 #: Seconds an answer may take before the historian is taken for hung (and replaced); the index's first
 #: build, before the historian says it is ready, is not timed: it takes what the journal holds.
 ANSWER_TIMEOUT = 600.0
@@ -313,6 +319,30 @@ def _die_with_parent() -> None:
         pass  # not Linux: the end of standard input stops it
 
 
+class IdleCpu:
+    """The machine's idle CPU since the last look, in cores (from ``/proc/stat``; elsewhere: always idle)."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)  # total, idle + iowait
+
+    def cores(self) -> float:
+        """Idle cores, on average, since the previous call."""
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[0] <= last[0]:
+            return float(os.cpu_count() or 1)
+        return (now[1] - last[1]) / (now[0] - last[0]) * (os.cpu_count() or 1)
+
+
 def _refresh(index: HistoryIndex) -> None:
     try:
         index.refresh()
@@ -343,10 +373,16 @@ def main(argv: list[str]) -> int:
         _write_all(out, _frame(msgpack.packb([_READY, True, b""], use_bin_type=True)))
     except BrokenPipeError:
         return 0
+    idle = IdleCpu()
+    last = time.monotonic()
     while True:
         if not select.select([inp], [], [], REFRESH_EVERY)[0]:
-            _refresh(index)
+            now = time.monotonic()
+            if idle.cores() >= IDLE_CORES or now - last >= MAX_DEFER:
+                _refresh(index)
+                last = time.monotonic()
             continue
+        last = time.monotonic()  # (the query reads on first)
         try:
             raw = _read_frame(inp)
         except ValueError as exc:
