@@ -13,6 +13,7 @@ submitter. Only let trusted clients submit ``genx.fit`` tasks.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from typing import Any
@@ -39,15 +40,17 @@ def genx_version() -> str:
         return str(__version__)
 
 
-def _callbacks(started: float) -> Any:
+def _callbacks(started: float, max_seconds: float | None) -> Any:
     from genx.solver_basis import GenxOptimizerCallback
 
     class Progress(GenxOptimizerCallback):
-        """Per-generation progress to the orchestrator (the tracker's task-progress signal)."""
+        """Per-generation progress to the orchestrator (the tracker's task-progress signal), and
+        the wall-time stop rule (``max_seconds``: GenX stops before its next generation)."""
 
         def __init__(self) -> None:
             self.optimizer: Any = None
             self.generation = 0
+            self.timed_out = False
 
         def text_output(self, text: str) -> None:
             """GenX's status lines: progress carries what matters."""
@@ -57,10 +60,13 @@ def _callbacks(started: float) -> Any:
             opt = self.optimizer
             evals = int(getattr(opt, "n_fom", 0) or 0)
             elapsed = max(time.perf_counter() - started, 1e-9)
-            total = int(opt.opt.max_generations) if opt is not None else 0
+            total = int(getattr(opt, "max_gen", 0) or 0) if opt is not None else 0
             # GenX reports the initial population first: generations go 0 (that one) to ``total``
             progress(generation=self.generation - 1, total=total, fom=float(update_data.fom_value),
                      evaluations=evals, evals_per_s=round(evals / elapsed, 1))
+            if max_seconds is not None and elapsed >= max_seconds and opt is not None:
+                self.timed_out = True
+                opt.stop = True
 
         def parameter_output(self, param_info: Any) -> None:
             """Parameter updates: the result carries the best values."""
@@ -72,6 +78,62 @@ def _callbacks(started: float) -> Any:
             """GenX's autosave: the fitted model is returned, never written behind the user's back."""
 
     return Progress()
+
+
+#: GenX's differential-evolution settings a model file stores (``genx.diffev.DiffEvConfig``) that decide
+#: a fit: each is read from the file unless an argument names it.
+FILE_SETTINGS = ("km", "kr", "create_trial", "use_pop_mult", "pop_size", "pop_mult", "use_max_generations",
+                 "max_generations", "max_generation_mult", "use_start_guess", "use_boundaries", "min_parameter_spread")
+
+
+def _file_settings(o: Any) -> dict[str, Any]:
+    """The model file's settings as GenX read them (plain values)."""
+    out: dict[str, Any] = {}
+    for name in FILE_SETTINGS:
+        value = getattr(o, name)
+        if not isinstance(value, (bool, str)):
+            value = float(value) if isinstance(value, float) else int(value)
+        out[name] = value
+    return out
+
+
+def _reset_genx_config() -> None:
+    """GenX's configuration (a module global) back to its shipped default profile, as ``genx --run`` starts:
+    a model file without a stored config then fits as GenX would fit it, whatever this worker fitted before."""
+    import genx
+    from genx.core import config as io
+
+    io.config.load_default(os.path.join(os.path.dirname(os.path.abspath(genx.__file__)), "profiles",
+                                        "default.profile"), reset=True)
+
+
+def _checked(**given: Any) -> dict[str, Any]:
+    """The settings given (not ``None``), checked: a bad one is a clear :class:`ValueError`."""
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name in ("start_guess", "boundaries"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, not {value!r}")
+            out[name] = value
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, not {value!r}")
+        low, high, integer = _LIMITS[name]
+        if integer and value != int(value):
+            raise ValueError(f"{name} must be a whole number, not {value!r}")
+        if not low <= value <= high or (name == "km" and value == 0):
+            raise ValueError(f"{name} must be between {low:g} and {high:g}, not {value!r}")
+        out[name] = int(value) if integer else float(value)
+    return out
+
+
+#: Each numeric setting's range: (lowest, highest, whole number).
+_LIMITS: dict[str, tuple[float, float, bool]] = {
+    "generations": (1, 2**31 - 1, True), "population": (5, 2**31 - 1, True), "km": (0.0, 2.0, False),
+    "kr": (0.0, 1.0, False), "min_spread": (0.0, 100.0, False), "max_evaluations": (1, 2**62, True),
+    "max_seconds": (0.001, 1e9, False)}
 
 
 def _apply_overrides(model: Any, overrides: dict[str, dict[str, Any]]) -> None:
@@ -91,38 +153,54 @@ def _apply_overrides(model: Any, overrides: dict[str, dict[str, Any]]) -> None:
 
 
 @task("genx.fit", reports_progress=True, stall_timeout=STALL_TIMEOUT, version=genx_version())
-def genx_fit(model: bytes, generations: int = 100, population: int = 50, seed: int = 0,
-             km: float = 0.7, kr: float = 0.7, method: str = "best_1_bin",
+def genx_fit(model: bytes, generations: int | None = None, population: int | None = None, seed: int = 0,
+             km: float | None = None, kr: float | None = None, method: str | None = None,
              fit: dict[str, dict[str, Any]] | None = None, fom: str | None = None,
-             max_evaluations: int | None = None) -> dict[str, Any]:
-    """Fit a GenX model (``.hgx`` bytes) by differential evolution; deterministic for a seed."""
+             max_evaluations: int | None = None, start_guess: bool | None = None,
+             boundaries: bool | None = None, min_spread: float | None = None,
+             max_seconds: float | None = None) -> dict[str, Any]:
+    """Fit a GenX model (``.hgx`` bytes) by differential evolution, as GenX itself would; deterministic
+    for a seed.
+
+    Every optimizer setting comes from the model file (as ``genx --run`` reads it) unless an
+    argument names it: ``generations`` (a fixed number, instead of the file's), ``population``
+    (a fixed size), ``km``, ``kr``, ``method`` (the trial method), ``start_guess`` (the file's
+    values are the first member), ``boundaries`` (fit within the bounds), ``min_spread`` (stop
+    when every parameter's spread in the population is below this percentage of its range).
+    ``max_evaluations`` sets the generations from a budget of figure-of-merit evaluations;
+    ``max_seconds`` stops the fit after that much wall time (at the end of a generation). The
+    result's ``settings`` says the value used for each and where it came from (``file`` or
+    ``argument``); ``genx_settings`` has the file's own.
+    """
     from genx.diffev import DiffEv
     from genx.model_control import ModelController
 
     if not isinstance(model, (bytes, bytearray, memoryview)) or len(model) == 0:
         raise ValueError("model must be the bytes of a GenX .hgx file")
-    if method not in TRIAL_METHODS:
+    if method is not None and method not in TRIAL_METHODS:
         raise ValueError(f"unknown differential-evolution method {method!r}; use one of {TRIAL_METHODS}")
-    population = int(population)
-    if max_evaluations:  # a budget of figure-of-merit evaluations instead of generations
-        generations = max(1, int(max_evaluations) // max(population, 1) - 1)
-    generations, seed = int(generations), int(seed)
-    if generations < 1 or population < 5:
-        raise ValueError("need generations >= 1 and population >= 5")
+    given = _checked(generations=generations, population=population, km=km, kr=kr, start_guess=start_guess,
+                     boundaries=boundaries, min_spread=min_spread, max_evaluations=max_evaluations,
+                     max_seconds=max_seconds)
+    seed = int(seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="genx-fit-") as tmp:
         path = os.path.join(tmp, "model.hgx")
         with open(path, "wb") as f:
             f.write(bytes(model))
+        _reset_genx_config()
         opt = DiffEv()
         ctrl = ModelController(opt)
-        cb = _callbacks(started)
+        cb = _callbacks(started, given.get("max_seconds"))
         cb.optimizer = opt
         ctrl.set_callbacks(cb)
         try:
             ctrl.load_file(path)
         except Exception as exc:
             raise ValueError(f"cannot load the model: {type(exc).__name__}: {exc}") from exc
+        if ctrl.optimizer is not opt:  # a file saved with another solver: fitted with DiffEv, the file's settings
+            ctrl.optimizer = opt
+            opt.ReadConfig()
         m = ctrl.model
         if fit:
             _apply_overrides(m, fit)
@@ -131,15 +209,34 @@ def genx_fit(model: bytes, generations: int = 100, population: int = 50, seed: i
         m.simulate()
         fom_start = float(m.fom)
         o = opt.opt
-        o.use_max_generations = True
-        o.max_generations = generations
-        o.use_pop_mult = False
-        o.pop_size = population
-        o.km, o.kr, o.create_trial = float(km), float(kr), method
-        o.use_parallel_processing = False
+        stored = _file_settings(o)
+        sources = {name: "file" for name in ("generations", "population", "km", "kr", "method", "start_guess",
+                                             "boundaries", "min_spread")}
+        if "generations" in given:
+            o.use_max_generations, o.max_generations = True, given["generations"]
+            sources["generations"] = "argument"
+        if "population" in given:
+            o.use_pop_mult, o.pop_size = False, given["population"]
+            sources["population"] = "argument"
+        for name, attr in (("km", "km"), ("kr", "kr"), ("start_guess", "use_start_guess"),
+                           ("boundaries", "use_boundaries"), ("min_spread", "min_parameter_spread")):
+            if name in given:
+                setattr(o, attr, given[name])
+                sources[name] = "argument"
+        if method is not None:
+            o.create_trial = method
+            sources["method"] = "argument"
+        o.use_parallel_processing = False  # one fit per worker: the satellite runs them side by side
+        o.use_mpi = False
+        o.use_autosave = False
         np.random.seed(seed)  # differential evolution draws from numpy's global generator
         opt.reset()
         opt.init_fitting(m)
+        if "max_evaluations" in given:  # a budget of figure-of-merit evaluations instead of generations
+            opt.max_gen = max(1, given["max_evaluations"] // max(opt.n_pop, 1) - 1)
+            sources["generations"] = "max_evaluations"
+        if opt.n_pop < 5:
+            raise ValueError(f"the population would be {opt.n_pop} (GenX needs at least 5): give a population")
         opt.stop = False
         try:
             opt.optimize()
@@ -150,6 +247,12 @@ def genx_fit(model: bytes, generations: int = 100, population: int = 50, seed: i
         best_fom = float(opt.best_fom)
         if not np.isfinite(best_fom):
             raise ValueError(f"the fit produced a non-finite figure of merit ({best_fom})")
+        used = {"generations": int(opt.max_gen), "population": int(opt.n_pop), "km": float(o.km), "kr": float(o.kr),
+                "method": str(o.create_trial), "start_guess": bool(o.use_start_guess),
+                "boundaries": bool(o.use_boundaries), "min_spread": float(o.min_parameter_spread)}
+        settings = {name: {"value": value, "source": sources[name]} for name, value in used.items()}
+        if "max_seconds" in given:
+            settings["max_seconds"] = {"value": given["max_seconds"], "source": "argument"}
         names = list(m.parameters.get_fit_pars()[1])
         values = np.asarray(opt.best_vec, dtype=float)
         m.parameters.set_value_pars(values)
@@ -180,6 +283,10 @@ def genx_fit(model: bytes, generations: int = 100, population: int = 50, seed: i
     return {
         "parameters": params, "fom": best_fom, "fom_start": fom_start, "fom_name": str(m.fomfunction),
         "fom_history": fom_log, "datasets": datasets, "model": fitted, "genx_version": genx_version(),
-        "seconds": round(time.perf_counter() - started, 3), "generations": generations,
-        "population": population, "seed": seed, "evaluations": int(getattr(opt, "n_fom", 0) or 0),
+        "seconds": round(time.perf_counter() - started, 3), "generations": used["generations"],
+        "generations_run": max(0, cb.generation - 1), "population": used["population"], "seed": seed,
+        "evaluations": int(getattr(opt, "n_fom", 0) or 0), "settings": settings, "genx_settings": stored,
+        "host": socket.gethostname(),
+        "stopped": "max_seconds" if cb.timed_out else ("min_spread" if cb.generation - 1 < used["generations"]
+                                                       else "generations"),
     }

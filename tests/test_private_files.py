@@ -315,7 +315,7 @@ def test_run_fits_fits_again_instead_of_serving_a_planted_entry(tmp_path: Path) 
     client = _Client(RESULT)
     quiet = Console(file=open(os.devnull, "w"))
     rows = run_fits(client, [model], settings, tmp_path / "out", cache, console=quiet)  # type: ignore[arg-type]
-    assert client.submitted == 1 and rows[0]["cached"] == "" and rows[0]["fom"] == "0.25"
+    assert client.submitted == 1 and rows[0]["cached"] == "no" and rows[0]["fom"] == "0.25"
     rows = run_fits(client, [model], settings, tmp_path / "out2", cache, console=quiet)  # type: ignore[arg-type]
     assert client.submitted == 1 and rows[0]["cached"] == "yes" and rows[0]["fom"] == "0.25"
     quiet.file.close()

@@ -49,6 +49,12 @@ BOUNDS = {"Film.setD": (40.0, 200.0, 110.0), "Film.setSigma": (0.5, 10.0, 2.0),
           "Sub.setSigma": (0.5, 10.0, 5.0), "inst.setI0": (0.5, 2.0, 1.2)}
 
 
+#: GenX's differential-evolution settings stored in each model (``genx.diffev.DiffEvConfig`` names)
+SOLVER: dict[str, Any] = {"use_pop_mult": False, "pop_size": 50, "use_max_generations": True, "max_generations": 120,
+                          "km": 0.7, "kr": 0.7, "create_trial": "best_1_bin", "use_start_guess": True,
+                          "use_boundaries": True, "min_parameter_spread": 0.0}
+
+
 def set_rows(model: Any, rows: list[list[Any]]) -> None:
     """Fill the model's parameter grid (name, value, fit, min, max, error) with ``rows``."""
     while model.parameters.get_len_rows() < len(rows):
@@ -81,6 +87,10 @@ def build(name: str, path: str, seed: int = 0, noise: float = 0.03) -> dict[str,
     m.fomfunction = "chi2bars"
     ctrl = ModelController(DiffEv())
     ctrl.model = m
+    # the optimizer settings stored in the file, which `orchester fit` (like GenX) uses unless a flag says
+    # otherwise: a fixed population and number of generations that recover the truth
+    for setting, value in SOLVER.items():
+        setattr(ctrl.optimizer.opt, setting, value)
     ctrl.save_file(path)  # .hgx: GenX's HDF5 format
     return dict(spec["true"])
 

@@ -19,18 +19,26 @@ from orchester.render import clean_text
               "a folder only you can open).")
 @click.option("--local", "local", type=click.IntRange(min=0), default=0,
               help="Satellites of the local cluster (default: one per core).")
-@click.option("--generations", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Generations of differential evolution per fit (at least 1).")
-@click.option("--population", type=click.IntRange(min=MIN_POPULATION), default=50, show_default=True,
-              help=f"Candidate parameter sets per generation (at least {MIN_POPULATION}).")
+@click.option("--generations", type=click.IntRange(min=1), default=None,
+              help="Generations of differential evolution per fit (at least 1; default: the model file's).")
+@click.option("--population", type=click.IntRange(min=MIN_POPULATION), default=None,
+              help=f"Candidate parameter sets per generation (at least {MIN_POPULATION}; default: the model file's).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Random seed (0 to 2**32-1): the same model, settings and seed give the same fit.")
-@click.option("--method", type=click.Choice(TRIAL_METHODS), default="best_1_bin", show_default=True,
-              help="Differential-evolution trial method.")
-@click.option("--km", type=click.FloatRange(0.0, 2.0, min_open=True), default=0.7, show_default=True,
-              help="Mutation constant (0 < km <= 2).")
-@click.option("--kr", type=click.FloatRange(0.0, 1.0), default=0.7, show_default=True,
-              help="Crossover constant (0 to 1).")
+@click.option("--method", type=click.Choice(TRIAL_METHODS), default=None,
+              help="Differential-evolution trial method (default: the model file's).")
+@click.option("--km", type=click.FloatRange(0.0, 2.0, min_open=True), default=None,
+              help="Mutation constant (0 < km <= 2; default: the model file's).")
+@click.option("--kr", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Crossover constant (0 to 1; default: the model file's).")
+@click.option("--start-guess/--no-start-guess", default=None,
+              help="Start from the model's values (default: the model file's choice).")
+@click.option("--boundaries/--no-boundaries", default=None,
+              help="Keep parameters within their bounds (default: the model file's choice).")
+@click.option("--min-spread", type=click.FloatRange(0.0, 100.0), default=None,
+              help="Stop when every parameter's spread is below this % of its range (default: the model file's).")
+@click.option("--max-seconds", type=click.FloatRange(0.0, 1e9, min_open=True), default=None,
+              help="Stop each fit after this many seconds of wall time (its best so far is its result).")
 @click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
               help="Budget of figure-of-merit evaluations (instead of --generations).")
 @click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
@@ -40,10 +48,13 @@ from orchester.render import clean_text
               help="Fit cache folder (default $ORCHESTER_CACHE or ~/.cache/orchester/fits).")
 @click.option("--genx-examples", is_flag=True, help="Also fit the example models that ship inside genx3.")
 @timeout_option
-def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int, population: int,
-        seed: int, method: str, km: float, kr: float, max_evaluations: int | None, out: str, no_cache: bool,
-        cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
-    """Fit GenX models (.hgx) on satellites; write CSVs, plots, fitted models and summary.csv."""
+def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int | None,
+        population: int | None, seed: int, method: str | None, km: float | None, kr: float | None,
+        start_guess: bool | None, boundaries: bool | None, min_spread: float | None, max_seconds: float | None,
+        max_evaluations: int | None, out: str, no_cache: bool, cache_dir: str | None, genx_examples: bool,
+        timeout: float) -> None:
+    """Fit GenX models (.hgx) on satellites, each with its own optimizer settings (a flag overrides
+    only the setting it names); write CSVs, plots, fitted models, summary.csv and summary.json."""
     from orchester.genx.fits import FitCache, FitSettings, default_cache_dir
 
     paths = list(files)
@@ -52,7 +63,8 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
     if not paths:
         raise click.UsageError("give model files (.hgx), or --genx-examples")
     settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
-                           method=method, max_evaluations=max_evaluations)
+                           method=method, max_evaluations=max_evaluations, start_guess=start_guess,
+                           boundaries=boundaries, min_spread=min_spread, max_seconds=max_seconds)
     cache = None if no_cache else FitCache(cache_dir or default_cache_dir())
     from pathlib import Path
 

@@ -40,21 +40,29 @@ log = logging.getLogger("orchester.fits")
 
 @dataclass
 class FitSettings:
-    """Settings of a ``genx.fit`` task (the keyword arguments of the task kind)."""
+    """Settings of a ``genx.fit`` task (the keyword arguments of the task kind).
 
-    generations: int = 100
-    population: int = 50
+    ``None`` is the model file's own (GenX's differential-evolution settings stored in the
+    ``.hgx``, as GenX itself reads them); a value overrides only that setting.
+    """
+
+    generations: int | None = None
+    population: int | None = None
     seed: int = 0
-    km: float = 0.7
-    kr: float = 0.7
-    method: str = "best_1_bin"
+    km: float | None = None
+    kr: float | None = None
+    method: str | None = None
     #: per parameter name: {"fit": bool, "value": v, "min": lo, "max": hi}
     fit: dict[str, dict[str, Any]] = field(default_factory=dict)
     fom: str | None = None
     max_evaluations: int | None = None
+    start_guess: bool | None = None  #: the file's values are the first member of the population
+    boundaries: bool | None = None  #: fit within the parameters' bounds
+    min_spread: float | None = None  #: stop when every parameter's spread is below this % of its range
+    max_seconds: float | None = None  #: stop a fit after this much wall time
 
     def kwargs(self) -> dict[str, Any]:
-        """The task's keyword arguments (defaults left out where GenX's own apply)."""
+        """The task's keyword arguments (those left to the model file left out)."""
         out = asdict(self)
         return {k: v for k, v in out.items() if v not in (None, {})}
 
@@ -345,20 +353,52 @@ def plot(name: str, result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-SUMMARY_FIELDS = ["file", "fom", "generations", "seconds", "satellite", "status", "error", "cached"]
+SUMMARY_FIELDS = ["file", "fom", "generations", "population", "km", "kr", "method", "seed", "settings_from",
+                  "evaluations", "seconds", "satellite", "host", "status", "error", "cached"]
 
 
 def write_summary(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
-    """``summary.csv``: one row per model (written under a temporary name, then renamed into place)."""
+    """``summary.csv`` (one row per model, in the order the models were given) and ``summary.json`` (the
+    same with each fit's provenance), each written under a temporary name, then renamed into place."""
+    ordered = sorted(rows, key=lambda r: r.get("order", len(rows)))
     p = Path(out) / "summary.csv"
     tmp = _part(p, secrets.token_hex(4))
     try:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
             w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in SUMMARY_FIELDS})
+            for r in ordered:
+                w.writerow({k: csv_text(r.get(k, "")) for k in SUMMARY_FIELDS})
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
+    j = Path(out) / "summary.json"
+    tmp = _part(j, secrets.token_hex(4))
+    try:
+        fits = [{**{k: r.get(k) for k in SUMMARY_FIELDS if k in r}, **({"provenance": r["provenance"]}
+                                                                        if "provenance" in r else {})}
+                for r in ordered]
+        tmp.write_text(json.dumps({"fits": fits}, indent=2, default=str) + "\n")
+        os.replace(tmp, j)
+    finally:
+        tmp.unlink(missing_ok=True)
     return p
+
+
+def provenance(model: bytes, result: dict[str, Any]) -> dict[str, Any]:
+    """What a fit's result says of how it was made, for ``summary.json``: GenX's version, the model's
+    SHA-256 (its data are inside it), every optimizer setting with where it came from, the seed,
+    evaluations, generations run and why the fit stopped, wall time."""
+    return {"genx_version": result.get("genx_version"), "model_sha256": hashlib.sha256(model).hexdigest(),
+            "settings": result.get("settings"), "genx_settings": result.get("genx_settings"),
+            "seed": result.get("seed"), "evaluations": result.get("evaluations"),
+            "generations_run": result.get("generations_run"), "stopped": result.get("stopped"),
+            "seconds": result.get("seconds"), "fom_name": result.get("fom_name")}
+
+
+def settings_from(result: dict[str, Any]) -> str:
+    """Where each setting of a fit came from, in one cell: ``km=argument population=file …``."""
+    settings = result.get("settings")
+    if not isinstance(settings, dict):
+        return ""
+    return " ".join(f"{name}={v.get('source')}" for name, v in settings.items() if isinstance(v, dict))

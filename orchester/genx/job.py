@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError, RemoteError, TaskFailed
-from orchester.genx.fits import FitCache, FitSettings, fit_key, write_outputs, write_summary
+from orchester.genx.fits import FitCache, FitSettings, fit_key, provenance, settings_from, write_outputs, write_summary
 from orchester.render import fit_progress
 from orchester.signals import Interrupted, interrupt_exit_code, shielded, signal_name
 
@@ -67,14 +67,15 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    pending: dict[str, tuple[str, Path, Any, str | None, float]] = {}
+    pending: dict[str, tuple[str, Path, Any, str | None, float, int, bytes]] = {}
     seen = [0]  # files that have a row or a pending fit (the rest were never submitted)
     try:
         _run_fits(client, files, settings, out, cache, console, timeout, rows, pending, seen)
     except KeyboardInterrupt as exc:
         signum = interrupt_exit_code(exc) - 128
-        rows += interrupted_rows([p[1] for p in pending.values()], signum, "before the fit finished")
-        rows += interrupted_rows(files[seen[0]:], signum)
+        for _, path, _, _, _, order, _ in pending.values():
+            rows += interrupted_rows([path], signum, "before the fit finished", first=order)
+        rows += interrupted_rows(files[seen[0]:], signum, first=seen[0])
         _cancel(client, list(pending))
         raise FitsInterrupted(signum, rows, write_summary(rows, out)) from exc
     write_summary(rows, out)
@@ -82,15 +83,17 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
 
 
 def interrupted_rows(files: Sequence[str | os.PathLike[str]], signum: int,
-                     when: str = "before it was submitted") -> list[dict[str, Any]]:
-    """Summary rows (status ``"interrupted"``) for fits that signal ``signum`` stopped ``when``."""
+                     when: str = "before it was submitted", first: int = 0) -> list[dict[str, Any]]:
+    """Summary rows (status ``"interrupted"``) for fits that signal ``signum`` stopped ``when`` (``first``:
+    the first one's place among the models given)."""
     why = f"interrupted by {signal_name(signum)} {when}"
-    return [{"file": str(Path(f)), "status": "interrupted", "error": why} for f in files]
+    return [{"file": str(Path(f)), "status": "interrupted", "error": why, "order": first + i}
+            for i, f in enumerate(files)]
 
 
 def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings, out: Path,
               cache: FitCache | None, console: Console, timeout: float | None, rows: list[dict[str, Any]],
-              pending: dict[str, tuple[str, Path, Any, str | None, float]], seen: list[int]) -> None:
+              pending: dict[str, tuple[str, Path, Any, str | None, float, int, bytes]], seen: list[int]) -> None:
     """The work of :func:`run_fits`, filling ``rows`` and ``pending`` as it goes (``seen[0]``: files dealt with).
 
     Each step that changes them is :func:`~orchester.signals.shielded`, so that a stop signal
@@ -107,6 +110,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bars:
         overall = bars.add_task("all fits", total=len(files), info="")
         per_fit: dict[str, TaskID] = {}
+        totals: dict[str, int] = {}  #: generations of each fit, once known (from its progress)
         stream = client.subscribe(["progress:"])
         try:
             for index, file in enumerate(files):
@@ -119,7 +123,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
                     model = path.read_bytes()
                 except OSError as exc:
                     with shielded():
-                        rows.append({"file": str(path), "status": "failed",
+                        rows.append({"file": str(path), "status": "failed", "order": index,
                                      "error": f"cannot read: {exc.strerror}"})
                         seen[0] = index + 1
                     bars.advance(overall)
@@ -129,37 +133,49 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
                 if hit is not None:
                     with shielded():
                         write_outputs(name, hit, out)
-                        rows.append(_row(path, hit, "done", cached=True))
+                        rows.append({**_row(path, hit, "done", cached=True), "order": index,
+                                     "provenance": {**provenance(model, hit), "cached": True}})
                         seen[0] = index + 1
                     bars.advance(overall)
                     continue
                 with shielded():
                     fut = client.submit("genx.fit", model, **settings.kwargs())
-                    pending[fut.task_id] = (name, path, fut, key, time.monotonic())
+                    pending[fut.task_id] = (name, path, fut, key, time.monotonic(), index, model)
                     seen[0] = index + 1
                 per_fit[fut.task_id] = bars.add_task(escape(name[:28]), total=settings.generations, info="queued")
+                if settings.generations:
+                    totals[fut.task_id] = settings.generations
             deadline = None if timeout is None else time.monotonic() + timeout
             while pending:
                 ev = stream.recv(timeout=0.1)
                 if ev is not None and ev.category == "progress":
-                    checked = fit_progress(ev.data, settings.generations)  # forged fields never crash the bars
+                    total = settings.generations or _total(ev.data)  # the file's: each fit says how many
+                    checked = fit_progress(ev.data, total or MAX_BAR)  # forged fields never crash the bars
                     if checked is not None and checked[0] in per_fit:
-                        bars.update(per_fit[checked[0]], completed=checked[1], info=checked[2])
+                        if total:
+                            totals[checked[0]] = total
+                        bars.update(per_fit[checked[0]], completed=checked[1], total=total, info=checked[2])
                 for tid in [t for t, p in pending.items() if p[2].done()]:
-                    name, path, fut, key, _ = pending[tid]
+                    name, path, fut, key, _, order, model = pending[tid]
                     satellite = _satellite(client, tid) if fut.exception() is None else ""
                     with shielded():  # the fit's files, its row and its removal from pending: all or none
-                        rows.append(_finish(tid, name, path, fut, key, cache, out, satellite))
+                        rows.append({**_finish(tid, name, path, fut, key, cache, out, satellite, model),
+                                     "order": order})
                         del pending[tid]
-                    bars.update(per_fit[tid], completed=settings.generations, info=rows[-1]["status"])
+                    done_at = totals.get(tid) or 1
+                    bars.update(per_fit[tid], completed=done_at, total=done_at, info=rows[-1]["status"])
                     bars.advance(overall)
                 if deadline is not None and time.monotonic() > deadline:
-                    for _, path, _, _, _ in pending.values():
-                        rows.append({"file": str(path), "status": "failed", "error": "timed out"})
+                    for _, path, _, _, _, order, _ in pending.values():
+                        rows.append({"file": str(path), "status": "failed", "error": "timed out", "order": order})
                     pending.clear()
                     break
         finally:
             stream.close()
+
+
+#: Most generations a progress bar takes from a fit's own events.
+MAX_BAR = 2**31 - 1
 
 
 def _cancel(client: Client, task_ids: list[str], timeout: float = 2.0) -> None:
@@ -180,7 +196,7 @@ def _satellite(client: Client, tid: str) -> str:
 
 
 def _finish(tid: str, name: str, path: Path, fut: Any, key: str | None, cache: FitCache | None, out: Path,
-            satellite: str) -> dict[str, Any]:
+            satellite: str, model: bytes) -> dict[str, Any]:
     try:
         result = fut.result()
     except TaskFailed as exc:
@@ -196,6 +212,7 @@ def _finish(tid: str, name: str, path: Path, fut: Any, key: str | None, cache: F
     if cache is not None and key:
         cache.put(key, result)
     row["satellite"] = satellite
+    row["provenance"] = {**provenance(model, result), "satellite": satellite, "host": row.get("host", "")}
     return row
 
 
@@ -203,6 +220,22 @@ def _row(path: Path, result: dict[str, Any], status: str, cached: bool = False, 
     fom = result["fom"]
     if isinstance(fom, bool) or not isinstance(fom, (int, float)):
         raise TypeError(f"the figure of merit is a {type(fom).__name__}, not a number")
+    used: dict[str, Any] = result["settings"] if isinstance(result.get("settings"), dict) else {}
+
+    def value(name: str) -> Any:
+        entry = used.get(name)
+        return entry.get("value", "") if isinstance(entry, dict) else ""
+
     return {"file": str(path), "fom": f"{fom:.10g}", "generations": result["generations"],
-            "seconds": result["seconds"], "satellite": satellite, "status": status, "error": "",
-            "cached": "yes" if cached else ""}
+            "population": result.get("population", ""), "km": value("km"), "kr": value("kr"),
+            "method": value("method"), "seed": result.get("seed", ""), "settings_from": settings_from(result),
+            "evaluations": result.get("evaluations", ""), "seconds": result["seconds"], "satellite": satellite,
+            "host": str(result.get("host") or ""), "status": status, "error": "", "cached": "yes" if cached else "no"}
+
+
+def _total(data: Any) -> int | None:
+    """The generations a fit's progress event says it runs (``None``: none, or not a sensible count)."""
+    total = data.get("total") if isinstance(data, dict) else None
+    if isinstance(total, bool) or not isinstance(total, int) or not 0 < total <= MAX_BAR:
+        return None
+    return total

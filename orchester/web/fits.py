@@ -70,13 +70,14 @@ _RANGES: dict[str, tuple[type, float, float, bool]] = {
 }
 
 
-def parse_settings(form: Mapping[str, str], defaults: Mapping[str, Any]) -> FitSettings:
-    """:class:`FitSettings` from the model file's ``defaults`` and the form's fields (strings).
+def parse_settings(form: Mapping[str, str]) -> FitSettings:
+    """:class:`FitSettings` from the form's fields (strings): what the user typed overrides the model
+    file's own setting, an empty field leaves it to the file (as ``orchester fit`` without the flag).
 
-    An empty field keeps the default; anything else out of range is a :class:`SettingsError`
-    naming the field and the range, as ``orchester fit`` would refuse it.
+    Anything out of range is a :class:`SettingsError` naming the field and the range, as
+    ``orchester fit`` would refuse it.
     """
-    values: dict[str, Any] = {k: v for k, v in defaults.items() if k in _RANGES or k == "method"}
+    values: dict[str, Any] = {}
     for name, (kind, lo, hi, open_lo) in _RANGES.items():
         raw = form.get(name, "").strip()
         if not raw:
@@ -131,12 +132,13 @@ class WebFit:
     #: the fitted parameters: ``{name, value, min, max, error: [low, high] | None}``
     parameters: list[dict[str, Any]] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)  #: what inspection read of the model
+    total: int | None = None  #: generations the fit runs (from its progress: the model file's, or the form's)
 
     def json(self) -> dict[str, Any]:
         """The fit as ``GET /api/fits/{id}`` gives it."""
         return {"id": self.id, "name": self.name, "file": self.file, "settings": self.settings,
                 "state": self.state, "submitted": self.submitted, "finished": self.finished,
-                "generation": self.generation, "generations": self.settings.get("generations"),
+                "generation": self.generation, "generations": self.settings.get("generations") or self.total,
                 "fom": self.fom, "fom_name": self.fom_name, "fom_history": self.fom_history,
                 "error": self.error, "satellite": self.satellite, "seconds": self.seconds,
                 "files": self.files, "parameters": self.parameters, "model": self.model}
@@ -240,8 +242,7 @@ class FitStore:
         from orchester.genx.inspect import inspect_model
 
         info = await asyncio.get_running_loop().run_in_executor(INSPECTORS, self.inspect or inspect_model, data)
-        defaults = dict(getattr(info, "defaults", {}) or {})
-        settings = parse_settings(form, defaults)
+        settings = parse_settings(form)
         fid = secrets.token_hex(16)
         model_info = info.to_json() if hasattr(info, "to_json") else {}
         fit = WebFit(fid, safe_name(filename), filename[:300], settings.kwargs(), submitted=time.time(),
@@ -372,6 +373,9 @@ class FitStore:
             sat = data.get("sat")
             if isinstance(sat, str) and sat:
                 fit.satellite = sat[:200]
+            total = data.get("total")
+            if isinstance(total, int) and not isinstance(total, bool) and 0 < total <= MAX_GENERATIONS:
+                fit.total = total
             if isinstance(gen, (int, float)) and not isinstance(gen, bool) and math.isfinite(gen):
                 fit.generation = int(max(0, min(gen, MAX_GENERATIONS)))
                 if isinstance(fom, (int, float)) and not isinstance(fom, bool) and math.isfinite(fom):

@@ -147,14 +147,14 @@ def test_cache_returns_an_identical_fit_at_once(genx_cluster: LocalCluster, tmp_
     settings = FitSettings(generations=10, population=15, seed=5)
     first = run_fits(c, [EXAMPLES / "nickel_film.hgx"], settings, tmp_path / "one", cache)
     second = run_fits(c, [EXAMPLES / "nickel_film.hgx"], settings, tmp_path / "two", cache)
-    assert first[0]["cached"] == "" and second[0]["cached"] == "yes"
+    assert first[0]["cached"] == "no" and second[0]["cached"] == "yes"
     assert first[0]["fom"] == second[0]["fom"]
     for suffix in (".csv", "_params.csv", "_fom.csv", ".hgx"):
         assert (tmp_path / "one" / f"nickel_film{suffix}").read_bytes() == \
             (tmp_path / "two" / f"nickel_film{suffix}").read_bytes()
     other = run_fits(c, [EXAMPLES / "nickel_film.hgx"], FitSettings(generations=10, population=15, seed=6),
                      tmp_path / "three", cache)
-    assert other[0]["cached"] == ""  # another seed is another fit
+    assert other[0]["cached"] == "no"  # another seed is another fit
 
 
 def test_orchester_fit_command_on_the_shipped_examples(tmp_path: Path) -> None:
@@ -172,6 +172,25 @@ def test_orchester_fit_command_on_the_shipped_examples(tmp_path: Path) -> None:
         assert fitted["Film.setD"] == pytest.approx(true["Film.setD"], rel=0.03), name
         for suffix in (".csv", "_fom.csv", ".png", ".hgx"):
             assert (tmp_path / "fits" / f"{name}{suffix}").exists()
+    # the summary: the models in the order given, each setting's value and where it came from, provenance
+    with open(tmp_path / "fits" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    given = sorted(EXAMPLES.glob("*.hgx"))
+    assert [Path(r["file"]).name for r in rows] == [p.name for p in given]
+    for row in rows:
+        assert row["generations"] == "30" and row["population"] == "50" and row["km"] == "0.7"  # the file's own
+        assert "generations=argument" in row["settings_from"] and "population=file" in row["settings_from"]
+        assert row["cached"] == "no" and row["seed"] == "0" and int(row["evaluations"]) > 0
+    fits = json.loads((tmp_path / "fits" / "summary.json").read_text())["fits"]
+    import hashlib
+
+    for fit, path in zip(fits, given, strict=True):
+        prov = fit["provenance"]
+        assert prov["model_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert prov["genx_version"] and prov["seed"] == 0 and prov["stopped"] == "generations"
+        assert prov["settings"]["generations"] == {"value": 30, "source": "argument"}
+        assert prov["settings"]["population"] == {"value": 50, "source": "file"}
+        assert prov["genx_settings"]["pop_size"] == 50 and prov["host"] and prov["satellite"]
     r = subprocess.run([sys.executable, "-m", "orchester", "fit", str(tmp_path / "nope.hgx"), "--local", "1",
                         "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=env,
                        stdin=subprocess.DEVNULL)
