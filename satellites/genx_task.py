@@ -107,6 +107,58 @@ def _reset_genx_config() -> None:
                                         "default.profile"), reset=True)
 
 
+def _plain(value: Any) -> float | str:
+    """A parameter grid cell as a number when it is one (GenX keeps them as numbers or text)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if np.isfinite(number) else str(value)
+
+
+def _label(model: Any, axis: str) -> str:
+    """The axis label the model's script (its GenX model library) sets, as GenX's own plot reads it
+    (``__xlabel__``/``__ylabel__``; ``""`` when it sets none)."""
+    try:
+        text = model.eval_in_model(f'globals().get("__{axis}label__", getattr(model, "__{axis}label__", ""))')
+    except Exception:
+        try:
+            text = model.eval_in_model(f'globals().get("__{axis}label__", "")')
+        except Exception:
+            return ""
+    return str(text)[:200] if isinstance(text, str) else ""
+
+
+def _sld_profile(model: Any) -> dict[str, Any] | None:
+    """The scattering length density profile, where the model's script provides one (GenX's reflectivity
+    models: ``sample.SimSLD``): depth ``z``, one real-valued array per part (``Re``, ``Im``, …), the unit."""
+    try:
+        sm = model.script_module
+        raw = sm.sample.SimSLD(None, None, sm.inst)
+    except Exception:  # a model without a layered sample (a peak fit, a surface diffraction model)
+        return None
+    if not isinstance(raw, dict) or "z" not in raw:
+        return None
+    z = np.asarray(raw["z"], dtype=float)
+    parts: dict[str, np.ndarray] = {}
+    for key, value in raw.items():
+        if key in ("z", "SLD unit") or not isinstance(key, str):
+            continue
+        try:
+            arr = np.asarray(value)
+        except Exception:
+            continue
+        if arr.shape != z.shape or not np.issubdtype(arr.dtype, np.number):
+            continue
+        arr = np.real(arr).astype(float)
+        if np.all(arr == 0) or not np.all(np.isfinite(arr)):
+            continue
+        parts[key[:40]] = arr
+    if not parts or z.size == 0:
+        return None
+    return {"z": z, "parts": parts, "unit": str(raw.get("SLD unit", ""))[:60]}
+
+
 def _checked(**given: Any) -> dict[str, Any]:
     """The settings given (not ``None``), checked: a bad one is a clear :class:`ValueError`."""
     out: dict[str, Any] = {}
@@ -267,6 +319,13 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
                 error = None
             params.append({"name": name, "value": float(values[i]), "min": float(m.parameters.get_value(row, 3)),
                            "max": float(m.parameters.get_value(row, 4)), "error": error})
+        grid = m.parameters
+        every = [{"name": str(grid.get_value(r, 0)), "value": _plain(grid.get_value(r, 1)),
+                  "fit": bool(grid.get_value(r, 2)), "min": _plain(grid.get_value(r, 3)),
+                  "max": _plain(grid.get_value(r, 4))}
+                 for r in range(grid.get_len_rows()) if str(grid.get_value(r, 0)).strip()]
+        labels = {axis: _label(m, axis) for axis in ("x", "y")}
+        sld = _sld_profile(m)
         datasets: list[dict[str, Any]] = [
             {"name": str(d.name), "x": np.asarray(d.x, dtype=float), "y": np.asarray(d.y, dtype=float),
              "error": np.asarray(d.error, dtype=float), "y_sim": np.asarray(d.y_sim, dtype=float)}
@@ -286,7 +345,8 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
         "seconds": round(time.perf_counter() - started, 3), "generations": used["generations"],
         "generations_run": max(0, cb.generation - 1), "population": used["population"], "seed": seed,
         "evaluations": int(getattr(opt, "n_fom", 0) or 0), "settings": settings, "genx_settings": stored,
-        "host": socket.gethostname(),
+        "host": socket.gethostname(), "all_parameters": every, "errorbar_level": float(o.errorbar_level),
+        "xlabel": labels["x"], "ylabel": labels["y"], **({"sld": sld} if sld is not None else {}),
         "stopped": "max_seconds" if cb.timed_out else ("min_spread" if cb.generation - 1 < used["generations"]
                                                        else "generations"),
     }

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -264,15 +265,70 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orchester" / "fits"
 
 
-def output_paths(name: str, out: str | os.PathLike[str]) -> list[Path]:
-    """The files a fit of model ``name`` writes into ``out``."""
+def output_paths(name: str, out: str | os.PathLike[str], sld: bool = False) -> list[Path]:
+    """The files a fit of model ``name`` writes into ``out`` (with ``sld``: also its scattering length
+    density profile, ``<name>_sld.csv`` and ``<name>_sld.png``, for a model whose script provides one)."""
     out = Path(out)
-    return [out / f"{name}{suffix}" for suffix in (".csv", "_params.csv", "_fom.csv", ".hgx", ".png")]
+    suffixes = [".csv", "_params.csv", "_fom.csv", ".hgx", ".png"] + (["_sld.csv", "_sld.png"] if sld else [])
+    return [out / f"{name}{suffix}" for suffix in suffixes]
 
 
 def _part(path: Path, token: str) -> Path:
     """The temporary name ``path`` is written under (hidden, same folder, same extension)."""
     return path.with_name(f".{path.stem}.{token}.part{path.suffix}")
+
+
+def significant(value: float, error: float | None = None, digits: int = 2) -> str:
+    """``value`` as text: to the decimal place of ``error``'s ``digits`` significant digits when an error is
+    given (a value is never printed more precisely than it is known), else with 10 significant digits."""
+    if error is None or not math.isfinite(error) or error <= 0 or not math.isfinite(value):
+        return f"{value:.10g}"
+    place = digits - 1 - math.floor(math.log10(error))
+    return f"{round(value, place):.{max(place, 0)}f}" if place > 0 else f"{round(value, place):.0f}"
+
+
+def _bound(value: Any, low: Any, high: Any) -> str:
+    """``"min"`` or ``"max"`` when a fitted value sits at (within 1e-6 of the range of) a bound, else ``""``."""
+    try:
+        v, lo, hi = float(value), float(low), float(high)
+    except (TypeError, ValueError):
+        return ""
+    if not (math.isfinite(v) and math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return ""
+    tol = 1e-6 * (hi - lo)
+    return "min" if v - lo <= tol else "max" if hi - v <= tol else ""
+
+
+def parameter_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The parameter table of a fit: every parameter of the model, fitted or not, with its value, bounds,
+    GenX's error bars (the values where the figure of merit rises to ``errorbar_level`` times its best:
+    +5 % by default — not 1σ), and whether a fitted value sits at a bound."""
+    fitted = {p["name"]: p for p in result["parameters"]}
+    level = result.get("errorbar_level", 1.05)
+    every = result.get("all_parameters") or [{**p, "fit": True} for p in result["parameters"]]
+    rows = []
+    for par in every:
+        name = str(par.get("name", ""))
+        best = fitted.get(name)
+        value = best["value"] if best is not None else par.get("value")
+        err = (best or {}).get("error") or None
+        low = high = None
+        if err is not None:
+            low, high = float(err[0]), float(err[1])
+        width = max(abs(low), abs(high)) if low is not None and high is not None else None
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        rows.append({"parameter": name, "value": significant(float(value), width) if number else str(value),
+                     "fitted": "yes" if best is not None else "no",
+                     "min": (best or par).get("min", ""), "max": (best or par).get("max", ""),
+                     "error_low": significant(low, abs(low) or None) if low is not None else "",
+                     "error_high": significant(high, abs(high) or None) if high is not None else "",
+                     "error_level": f"fom x {level:g}" if err is not None else "",
+                     "at_bound": _bound(value, (best or par).get("min"), (best or par).get("max"))
+                     if best is not None else ""})
+    return rows
+
+
+PARAMETER_FIELDS = ["parameter", "value", "fitted", "min", "max", "error_low", "error_high", "error_level", "at_bound"]
 
 
 def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
@@ -288,10 +344,11 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    finals = output_paths(name, out)
+    sld = result.get("sld") if isinstance(result.get("sld"), dict) else None
+    finals = output_paths(name, out, sld=sld is not None)
     token = secrets.token_hex(4)
     parts = [_part(p, token) for p in finals]
-    data, params, fom, model, png = parts
+    data, params, fom, model, png = parts[:5]
     try:
         with open(data, "w", newline="") as f:
             w = csv.writer(f)
@@ -300,11 +357,10 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
                 for row in zip(d["x"], d["y"], d["error"], d["y_sim"], strict=True):
                     w.writerow([csv_text(d["name"]), *(f"{v:.10g}" for v in row)])
         with open(params, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["parameter", "value", "min", "max", "error_low", "error_high"])
-            for par in result["parameters"]:
-                err = par.get("error") or ["", ""]
-                w.writerow([csv_text(par["name"]), f"{par['value']:.10g}", par["min"], par["max"], *err])
+            table = csv.DictWriter(f, fieldnames=PARAMETER_FIELDS)
+            table.writeheader()
+            for par in parameter_rows(result):
+                table.writerow({k: csv_text(v) for k, v in par.items()})
         with open(fom, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["generation", result.get("fom_name", "fom")])
@@ -312,6 +368,15 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
                 w.writerow([int(gen), f"{value:.10g}"])
         model.write_bytes(bytes(result["model"]))
         plot(name, result, png)
+        if sld is not None:
+            sld_csv, sld_png = parts[5:]
+            keys = list(sld["parts"])
+            with open(sld_csv, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["z", *(f"{csv_text(k)} ({sld.get('unit', '')})" for k in keys)])
+                for i, z in enumerate(np.asarray(sld["z"], dtype=float)):
+                    w.writerow([f"{z:.10g}", *(f"{float(np.asarray(sld['parts'][k])[i]):.10g}" for k in keys)])
+            plot_sld(name, sld, sld_png)
         with shielded():
             for part, final in zip(parts, finals, strict=True):
                 os.replace(part, final)
@@ -321,31 +386,93 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
     return finals
 
 
+def _tex(label: str, fallback: str) -> str:
+    """A GenX axis label for matplotlib (GenX writes ``q [Å$^{-1}$]``: mathtext already)."""
+    text = (label or fallback).replace("\n", " ")
+    return text if text.count("$") % 2 == 0 else text.replace("$", "")
+
+
 def plot(name: str, result: dict[str, Any], path: Path) -> Path:
-    """Data and fit (log intensity against Q) beside the figure of merit per generation."""
+    """Each dataset's data (with error bars) and fit, on a log scale when the data span decades, over its
+    residuals (normalised by the error); beside them the named figure of merit per generation. The
+    axes are labelled as the model's script labels them (as GenX shows them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, axf) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    datasets = list(result["datasets"])[:MAX_PLOTTED]
+    n = max(1, len(datasets))
+    fom_name = str(result.get("fom_name", "fom"))
+    fig = plt.figure(figsize=(11.5, 2.2 + 3.0 * n))
+    grid = fig.add_gridspec(2 * n, 2, width_ratios=[3, 2], height_ratios=[3, 1] * n, hspace=0.08, wspace=0.28)
+    xlabel, ylabel = _tex(str(result.get("xlabel", "")), "x"), _tex(str(result.get("ylabel", "")), "y")
     try:
-        for d in result["datasets"]:
-            x, y, e, ys = (np.asarray(d[k]) for k in ("x", "y", "error", "y_sim"))
-            pos = y > 0
-            ax.errorbar(x[pos], y[pos], yerr=np.minimum(e[pos], y[pos] * 0.999), fmt=".", ms=3, lw=0.5,
-                        label=f"{d['name']} data")
-            ax.plot(x, ys, lw=1.2, label=f"{d['name']} fit")
-        ax.set_yscale("log")
-        ax.set_xlabel("Q (1/Å)")
-        ax.set_ylabel("reflectivity")
-        ax.set_title(f"{name}: {result.get('fom_name', 'fom')} = {result['fom']:.4g}")
-        ax.legend(fontsize=7)
+        for i, d in enumerate(datasets):
+            ax = fig.add_subplot(grid[2 * i, 0])
+            res = fig.add_subplot(grid[2 * i + 1, 0], sharex=ax)
+            x, y, e, ys = (np.asarray(d[k], dtype=float) for k in ("x", "y", "error", "y_sim"))
+            log = bool(np.all(y[np.isfinite(y)] > 0)) and _decades(y) >= 2
+            shown = (y > 0) if log else np.isfinite(y)
+            err = np.minimum(e[shown], y[shown] * 0.999) if log else e[shown]
+            ax.errorbar(x[shown], y[shown], yerr=np.abs(err), fmt="o", ms=2.5, lw=0.6, color="#4c72b0",
+                        ecolor="#9fb3d6", alpha=0.8, label="data", zorder=2)
+            ax.plot(x, ys, lw=1.6, color="#dd5521", label="fit", zorder=3)  # over the data, never under
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{d['name']}" if n > 1 else f"{name}: {d['name']}", fontsize=9, loc="left")
+            ax.legend(fontsize=7, loc="best")
+            ax.tick_params(labelbottom=False)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                r = np.where(e > 0, (y - ys) / e, np.nan)
+            res.axhline(0, color="0.4", lw=0.8)
+            res.plot(x, r, ".", ms=2.5, color="#4c72b0")
+            res.set_ylabel("(data−fit)/σ", fontsize=8)
+            res.set_xlabel(xlabel)
+        axf = fig.add_subplot(grid[:, 1])
         hist = np.asarray(result["fom_history"]).reshape(-1, 2)
-        axf.plot(hist[:, 0], hist[:, 1], lw=1.2)
-        axf.set_yscale("log")
+        axf.plot(hist[:, 0], hist[:, 1], lw=1.4, color="#55a868")
+        if len(hist) and np.all(hist[:, 1] > 0):
+            axf.set_yscale("log")
         axf.set_xlabel("generation")
-        axf.set_ylabel("best figure of merit")
+        axf.set_ylabel(f"best figure of merit ({fom_name})")
+        axf.set_title(f"{name}: {fom_name} = {result['fom']:.5g}", fontsize=10, loc="left")
+        if len(result["datasets"]) > MAX_PLOTTED:
+            fig.suptitle(f"the first {MAX_PLOTTED} of {len(result['datasets'])} datasets", fontsize=9)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return path
+
+
+#: Most datasets one figure shows (one row each).
+MAX_PLOTTED = 8
+
+
+def _decades(y: np.ndarray) -> float:
+    pos = y[np.isfinite(y) & (y > 0)]
+    return float(np.log10(pos.max() / pos.min())) if pos.size > 1 else 0.0
+
+
+def plot_sld(name: str, sld: dict[str, Any], path: Path) -> Path:
+    """The scattering length density profile against depth, each part (real, imaginary …) a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    try:
+        z = np.asarray(sld["z"], dtype=float)
+        for key, values in sld["parts"].items():
+            ax.plot(z, np.asarray(values, dtype=float), lw=1.5, label=str(key))
+        ax.set_xlabel("depth z (Å)")
+        unit = str(sld.get("unit", ""))
+        shown = f" (${unit}$)" if unit and "$" not in unit else ""
+        ax.set_ylabel(f"scattering length density{shown}")
+        ax.set_title(f"{name}: SLD profile", fontsize=10, loc="left")
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
     finally:

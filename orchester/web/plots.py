@@ -115,24 +115,38 @@ def result_figure(name: str, result: dict[str, Any]) -> dict[str, Any]:
     from bokeh.models import ColumnDataSource
     from bokeh.models.annotations import Whisker
 
-    fig = _figure(height=380, y_axis_type="log", x_axis_label="Q (1/Å)", y_axis_label="reflectivity",
+    sets = [tuple(np.asarray(d[k], dtype=float) for k in ("x", "y", "error", "y_sim")) for d in result["datasets"]]
+    ys_all = np.concatenate([s[1] for s in sets]) if sets else np.zeros(0)
+    finite = ys_all[np.isfinite(ys_all)]
+    pos_all = finite[finite > 0]
+    log = bool(finite.size) and bool(np.all(finite > 0)) and pos_all.max() / pos_all.min() >= 100
+    fig = _figure(height=380, y_axis_type="log" if log else "linear",
+                  x_axis_label=_label(result.get("xlabel"), "x"), y_axis_label=_label(result.get("ylabel"), "y"),
                   title=f"{name}: {result.get('fom_name', 'fom')} = {_g(result.get('fom'))}")
-    for i, d in enumerate(result["datasets"]):
-        x, y, e, ys = (np.asarray(d[k], dtype=float) for k in ("x", "y", "error", "y_sim"))
+    for i, (d, (x, y, e, ys)) in enumerate(zip(result["datasets"], sets, strict=True)):
         colour = PALETTE[i % len(PALETTE)]
-        pos = (y > 0) & np.isfinite(y) & np.isfinite(x)
-        lower = np.maximum(y[pos] - np.nan_to_num(e[pos]), y[pos] * 1e-3)  # a log axis has no room below 0
+        pos = ((y > 0) if log else np.ones_like(y, dtype=bool)) & np.isfinite(y) & np.isfinite(x)
+        lower = np.maximum(y[pos] - np.nan_to_num(e[pos]), y[pos] * 1e-3) if log \
+            else y[pos] - np.nan_to_num(e[pos])  # a log axis has no room below 0
         data = ColumnDataSource({"x": x[pos].tolist(), "y": y[pos].tolist(), "lower": lower.tolist(),
                                  "upper": (y[pos] + np.nan_to_num(e[pos])).tolist()})
         label = str(d.get("name", f"data {i}"))[:60]
         fig.scatter("x", "y", source=data, size=4, color=colour, legend_label=f"{label} data")
         fig.add_layout(Whisker(source=data, base="x", lower="lower", upper="upper", line_color=colour,
                                line_alpha=0.6, upper_head=None, lower_head=None))
-        fin = np.isfinite(ys) & (ys > 0) & np.isfinite(x)
+        fin = np.isfinite(ys) & ((ys > 0) if log else True) & np.isfinite(x)
         fig.line(x[fin].tolist(), ys[fin].tolist(), line_width=2, color=colour, legend_label=f"{label} fit")
     fig.legend.location = "top_right"
     fig.legend.click_policy = "hide"
     return _item(fig)
+
+
+def _label(text: Any, fallback: str) -> str:
+    """A GenX axis label as plain text (GenX writes mathtext: ``q [Å$^{-1}$]``)."""
+    if not isinstance(text, str) or not text.strip():
+        return fallback
+    plain = text.replace("$^{-1}$", "⁻¹").replace("$^{-2}$", "⁻²").replace("$", "").replace("\\AA", "Å")
+    return plain[:80]
 
 
 def _g(value: Any) -> str:

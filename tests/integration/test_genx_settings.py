@@ -116,3 +116,12 @@ def test_bad_settings_fail_the_fit_with_a_clear_error(genx_cluster: LocalCluster
     model = (OURS / "iron_film.hgx").read_bytes()
     with pytest.raises(TaskFailed, match=next(iter(bad))):
         genx_cluster.client().submit("genx.fit", model, **bad).result(120)
+
+
+def test_a_fit_says_its_models_axis_labels_and_gives_its_sld_profile(genx_cluster: LocalCluster) -> None:
+    client = genx_cluster.client()
+    xray = client.submit("genx.fit", (genx_examples() / "X-ray_Reflectivity.hgx").read_bytes(), generations=2).result(600)
+    assert xray["xlabel"].startswith("2θ") and xray["sld"]["parts"]["Re"].shape == xray["sld"]["z"].shape
+    assert xray["errorbar_level"] == 1.05 and sum(p["fit"] for p in xray["all_parameters"]) == len(xray["parameters"])
+    peaks = client.submit("genx.fit", (genx_examples() / "Peakfit_Gauss.hgx").read_bytes(), generations=2).result(600)
+    assert peaks["xlabel"] == "x-axis" and "sld" not in peaks  # not reflectivity: no profile, its own labels

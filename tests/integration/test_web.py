@@ -372,7 +372,8 @@ class TestFits(WebCase):
         assert fit["generation"] == 4 and fit["fom_history"] and fit["parameters"]
         assert fit["satellite"] == "local-0"
         assert sorted(fit["files"]) == sorted(["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv",
-                                               "nickel_film.hgx", "nickel_film.png", "nickel_film.zip"])
+                                               "nickel_film.hgx", "nickel_film.png", "nickel_film_sld.csv",
+                                               "nickel_film_sld.png", "nickel_film.zip"])
         figure = self.json_of(f"/api/fits/{fid}/figure")
         assert figure["target_id"] is None and figure["doc"]["roots"]
 
@@ -385,7 +386,7 @@ class TestFits(WebCase):
             rows = run_fits(c, [EXAMPLES / "nickel_film.hgx"], FitSettings(generations=4, population=10, seed=3),
                             out, cache=None)
         assert rows[0]["status"] == "done"
-        for name in ("nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv"):
+        for name in ("nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv", "nickel_film_sld.csv"):
             r = self.fetch_api(f"/api/fits/{fid}/files/{name}")
             assert r.code == 200 and f'filename="{name}"' in r.headers["Content-Disposition"]
             assert r.body == (out / name).read_bytes(), name
@@ -393,7 +394,8 @@ class TestFits(WebCase):
         import zipfile
 
         assert sorted(zipfile.ZipFile(io.BytesIO(z.body)).namelist()) == sorted(
-            ["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv", "nickel_film.hgx", "nickel_film.png"])
+            ["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv", "nickel_film.hgx", "nickel_film.png",
+             "nickel_film_sld.csv", "nickel_film_sld.png"])
         for bad in ("../fit.json", "fit.json", "plot.json", urllib.parse.quote("../../etc/passwd", safe="")):
             assert self.fetch_api(f"/api/fits/{fid}/files/{bad}").code == 404
 
