@@ -107,6 +107,48 @@ def _reset_genx_config() -> None:
                                         "default.profile"), reset=True)
 
 
+#: The GenX data loaders a series fit may use (``genx.plugins.data_loaders``), and the largest data file.
+DATA_LOADERS = ("default", "orso")
+MAX_DATA_BYTES = 256 * 1024 * 1024
+
+
+def _load_data(model: Any, data: Any, tmp: str) -> None:
+    """Replace one dataset's data with a data file's (see :func:`genx_fit`); a clear ``ValueError`` when
+    the file cannot be read or gives no points."""
+    import importlib
+
+    if not isinstance(data, dict):
+        raise ValueError("data must be a map of name, content, loader and dataset")
+    name, content = data.get("name"), data.get("content")
+    loader, index = data.get("loader", "default"), data.get("dataset", 0)
+    if not isinstance(name, str) or not isinstance(content, (bytes, bytearray, memoryview)):
+        raise ValueError("data needs a file name and its content (bytes)")
+    if len(content) > MAX_DATA_BYTES:
+        raise ValueError(f"the data file is larger than {MAX_DATA_BYTES // 2**20} MiB")
+    if loader not in DATA_LOADERS:
+        raise ValueError(f"unknown data loader {loader!r}; use one of {DATA_LOADERS}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(model.data):
+        raise ValueError(f"the model has no dataset {index!r} (it has {len(model.data)})")
+    suffix = os.path.splitext(name)[1][:16] if loader == "default" else ".ort"
+    path = os.path.join(tmp, "data" + "".join(c for c in suffix if c.isalnum() or c == "."))
+    with open(path, "wb") as f:
+        f.write(bytes(content))
+    plugin = importlib.import_module(f"genx.plugins.data_loaders.{loader}").Plugin(None)
+    plugin.SetStatusText = lambda text: None  # (GenX's loaders report to a window's status bar)
+    dataset = model.data[index]
+    dataset.x_raw = np.zeros(0)
+    try:
+        plugin.LoadData(dataset, path)
+    except Exception as exc:
+        raise ValueError(f"cannot read the data file {name!r} with GenX's {loader} loader: "
+                         f"{type(exc).__name__}: {exc}") from None
+    if len(getattr(dataset, "x_raw", ())) == 0:
+        raise ValueError(f"cannot read the data file {name!r} with GenX's {loader} loader: no data points "
+                         f"(the default loader reads whitespace-separated columns x, y, error)")
+    dataset.name = os.path.splitext(os.path.basename(name))[0][:100] or dataset.name
+    dataset.run_command()
+
+
 def _plain(value: Any) -> float | str:
     """A parameter grid cell as a number when it is one (GenX keeps them as numbers or text)."""
     try:
@@ -210,7 +252,7 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
              fit: dict[str, dict[str, Any]] | None = None, fom: str | None = None,
              max_evaluations: int | None = None, start_guess: bool | None = None,
              boundaries: bool | None = None, min_spread: float | None = None,
-             max_seconds: float | None = None) -> dict[str, Any]:
+             max_seconds: float | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit a GenX model (``.hgx`` bytes) by differential evolution, as GenX itself would; deterministic
     for a seed.
 
@@ -223,6 +265,11 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
     ``max_seconds`` stops the fit after that much wall time (at the end of a generation). The
     result's ``settings`` says the value used for each and where it came from (``file`` or
     ``argument``); ``genx_settings`` has the file's own.
+
+    ``data`` (``{"name", "content", "loader", "dataset"}``) replaces one dataset's data (the
+    first by default) with a data file's, read by GenX's own data loader (``default``: columns
+    x, y, error; ``orso``: an ORSO ``.ort`` file, through orsopy); the model's transforms of
+    that dataset apply. The parameters' values before the fit are the result's ``start``.
     """
     from genx.diffev import DiffEv
     from genx.model_control import ModelController
@@ -254,12 +301,16 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
             ctrl.optimizer = opt
             opt.ReadConfig()
         m = ctrl.model
+        if data is not None:
+            _load_data(m, data, tmp)
         if fit:
             _apply_overrides(m, fit)
         if fom:
             m.fomfunction = fom
         m.simulate()
         fom_start = float(m.fom)
+        start = {str(n): float(v) for n, v in zip(m.parameters.get_fit_pars()[1], m.parameters.get_fit_pars()[2],
+                                                   strict=True)}
         o = opt.opt
         stored = _file_settings(o)
         sources = {name: "file" for name in ("generations", "population", "km", "kr", "method", "start_guess",
@@ -345,7 +396,8 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
         "seconds": round(time.perf_counter() - started, 3), "generations": used["generations"],
         "generations_run": max(0, cb.generation - 1), "population": used["population"], "seed": seed,
         "evaluations": int(getattr(opt, "n_fom", 0) or 0), "settings": settings, "genx_settings": stored,
-        "host": socket.gethostname(), "all_parameters": every, "errorbar_level": float(o.errorbar_level),
+        "host": socket.gethostname(), "start": start, "all_parameters": every,
+        "errorbar_level": float(o.errorbar_level),
         "xlabel": labels["x"], "ylabel": labels["y"], **({"sld": sld} if sld is not None else {}),
         "stopped": "max_seconds" if cb.timed_out else ("min_spread" if cb.generation - 1 < used["generations"]
                                                        else "generations"),

@@ -41,6 +41,15 @@ from orchester.render import clean_text
               help="Stop each fit after this many seconds of wall time (its best so far is its result).")
 @click.option("--max-evaluations", type=click.IntRange(min=1), default=None,
               help="Budget of figure-of-merit evaluations (instead of --generations).")
+@click.option("--data", "data", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="A series fit: fit the one model to each of these data files (GenX's default columns "
+              "x, y, error; ORSO .ort), in parallel over the satellites: --data series/*.dat (the files "
+              "after it that are not .hgx are data files too).")
+@click.option("--chain", is_flag=True, help="Series: fit in sequence order, each from the previous result.")
+@click.option("--adjust-bounds", is_flag=True,
+              help="Series with --chain: centre each parameter's bounds on the previous result.")
+@click.option("--sequence", default=None, help="Series: the sequence values, comma-separated, one per data file "
+              "(default: the last number in each file's name).")
 @click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the results.")
 @click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
@@ -51,8 +60,8 @@ from orchester.render import clean_text
 def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generations: int | None,
         population: int | None, seed: int, method: str | None, km: float | None, kr: float | None,
         start_guess: bool | None, boundaries: bool | None, min_spread: float | None, max_seconds: float | None,
-        max_evaluations: int | None, out: str, no_cache: bool, cache_dir: str | None, genx_examples: bool,
-        timeout: float) -> None:
+        max_evaluations: int | None, data: tuple[str, ...], chain: bool, adjust_bounds: bool, sequence: str | None,
+        out: str, no_cache: bool, cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
     """Fit GenX models (.hgx) on satellites, each with its own optimizer settings (a flag overrides
     only the setting it names); write CSVs, plots, fitted models, summary.csv and summary.json."""
     from orchester.genx.fits import FitCache, FitSettings, default_cache_dir
@@ -62,6 +71,10 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
         paths += genx_example_files()
     if not paths:
         raise click.UsageError("give model files (.hgx), or --genx-examples")
+    if data:  # `--data series/*.dat`: the shell gives the first to --data, the others come as arguments
+        data = data + tuple(p for p in paths if not p.lower().endswith((".hgx", ".gx")))
+        paths = [p for p in paths if p.lower().endswith((".hgx", ".gx"))]
+    series = _series_options(paths, data, chain, adjust_bounds, sequence)
     settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
                            method=method, max_evaluations=max_evaluations, start_guess=start_guess,
                            boundaries=boundaries, min_spread=min_spread, max_seconds=max_seconds)
@@ -74,7 +87,7 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
 
     with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP: the local cluster stops; exit 128 + the signal's number
         try:
-            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout)
+            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout, series)
         except KeyboardInterrupt as exc:
             code = interrupt_exit_code(exc)
             rows = exc.rows if isinstance(exc, FitsInterrupted) else interrupted_rows(paths, code - 128)
@@ -99,8 +112,34 @@ def genx_example_files() -> list[str]:
     return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "examples", "*.hgx")))
 
 
+def _series_options(paths: list[str], data: tuple[str, ...], chain: bool, adjust_bounds: bool,
+                    sequence: str | None) -> dict[str, Any] | None:
+    """The series fit the flags ask for (``None``: none); a usage error (exit 2) for flags that do not fit."""
+    if not data:
+        if chain or adjust_bounds or sequence is not None:
+            raise click.UsageError("--chain, --adjust-bounds and --sequence are for a series fit (--data FILES)")
+        return None
+    if len(paths) != 1:
+        raise click.UsageError(f"a series fit takes one model and many data files; got {len(paths)} models")
+    if adjust_bounds and not chain:
+        raise click.UsageError("--adjust-bounds moves the bounds around the previous result: it needs --chain")
+    values = None
+    if sequence is not None:
+        import math
+
+        try:
+            values = [float(v) for v in sequence.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{sequence[:60]!r} is not a comma-separated list of numbers",
+                                     param_hint="--sequence") from None
+        if len(values) != len(data) or not all(math.isfinite(v) for v in values):
+            raise click.BadParameter(f"{len(values)} values for {len(data)} data files (finite numbers, one each)",
+                                     param_hint="--sequence")
+    return {"data": list(data), "chain": chain, "adjust_bounds": adjust_bounds, "sequence": values}
+
+
 def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any, out: str, cache: Any,
-                 timeout: float) -> int:
+                 timeout: float, series: dict[str, Any] | None = None) -> int:
     import os
 
     from rich.console import Console
@@ -126,8 +165,15 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
             client = cluster.client()
         with client:
             try:
-                rows = run_fits(client, paths, settings, out, cache, console)
-            except OrchesterError as exc:
+                if series is not None:
+                    from orchester.genx.series import run_series
+
+                    rows = run_series(client, paths[0], series["data"], settings, out, chain=series["chain"],
+                                      adjust_bounds=series["adjust_bounds"], sequence=series["sequence"],
+                                      console=console)
+                else:
+                    rows = run_fits(client, paths, settings, out, cache, console)
+            except (OrchesterError, OSError, ValueError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 return EXIT_TASK_FAILED
     finally:
@@ -136,8 +182,9 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
     failed = [r for r in rows if r["status"] != "done"]
     for r in rows:
         mark = "ok " if r["status"] == "done" else "FAILED"
-        detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") else "") \
+        detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") == "yes" else "") \
             if r["status"] == "done" else r.get("error", "")
         click.echo(f"{mark} {clean_text(r['file'], 300)}: {clean_text(detail, 500)}")
-    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv)")
+    more = ", series.csv, series.png" if series is not None else ""
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv{more})")
     return EXIT_TASK_FAILED if failed else EXIT_OK

@@ -120,7 +120,8 @@ def test_bad_settings_fail_the_fit_with_a_clear_error(genx_cluster: LocalCluster
 
 def test_a_fit_says_its_models_axis_labels_and_gives_its_sld_profile(genx_cluster: LocalCluster) -> None:
     client = genx_cluster.client()
-    xray = client.submit("genx.fit", (genx_examples() / "X-ray_Reflectivity.hgx").read_bytes(), generations=2).result(600)
+    model = (genx_examples() / "X-ray_Reflectivity.hgx").read_bytes()
+    xray = client.submit("genx.fit", model, generations=2).result(600)
     assert xray["xlabel"].startswith("2θ") and xray["sld"]["parts"]["Re"].shape == xray["sld"]["z"].shape
     assert xray["errorbar_level"] == 1.05 and sum(p["fit"] for p in xray["all_parameters"]) == len(xray["parameters"])
     peaks = client.submit("genx.fit", (genx_examples() / "Peakfit_Gauss.hgx").read_bytes(), generations=2).result(600)
