@@ -171,6 +171,31 @@ def _label(model: Any, axis: str) -> str:
     return str(text)[:200] if isinstance(text, str) else ""
 
 
+def _orso(model: Any, tmp: str) -> bytes | None:
+    """The data and the fitted curve in the field's exchange format, an ORSO ``.ort`` file, as GenX's own
+    export writes it (the model's layers, its script and parameters in the header); ``None`` for a model
+    GenX cannot export (not a reflectivity model). GenX describes the layers only when the script names
+    each stack; otherwise the file has everything but that description."""
+    import contextlib
+    import io
+
+    base = os.path.join(tmp, "export")
+    for attempt in range(2):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model.export_orso(base)
+            break
+        except Exception:
+            if attempt:
+                return None
+            model.create_simple_model = lambda: None  # (this model object only: it is thrown away after the fit)
+    for path in (base, base + ".ort"):
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+    return None
+
+
 def _sld_profile(model: Any) -> dict[str, Any] | None:
     """The scattering length density profile, where the model's script provides one (GenX's reflectivity
     models: ``sample.SimSLD``): depth ``z``, one real-valued array per part (``Re``, ``Im``, …), the unit."""
@@ -377,6 +402,7 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
                  for r in range(grid.get_len_rows()) if str(grid.get_value(r, 0)).strip()]
         labels = {axis: _label(m, axis) for axis in ("x", "y")}
         sld = _sld_profile(m)
+        orso = _orso(m, tmp)
         datasets: list[dict[str, Any]] = [
             {"name": str(d.name), "x": np.asarray(d.x, dtype=float), "y": np.asarray(d.y, dtype=float),
              "error": np.asarray(d.error, dtype=float), "y_sim": np.asarray(d.y_sim, dtype=float)}
@@ -399,6 +425,7 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
         "host": socket.gethostname(), "start": start, "all_parameters": every,
         "errorbar_level": float(o.errorbar_level),
         "xlabel": labels["x"], "ylabel": labels["y"], **({"sld": sld} if sld is not None else {}),
+        **({"orso": orso} if orso is not None else {}),
         "stopped": "max_seconds" if cb.timed_out else ("min_spread" if cb.generation - 1 < used["generations"]
                                                        else "generations"),
     }

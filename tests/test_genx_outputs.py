@@ -59,3 +59,12 @@ def test_a_fit_writes_its_sld_profile_and_a_plot_with_residuals(tmp_path: Path) 
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     without = {k: v for k, v in RESULT.items() if k != "sld"}  # a peak fit: no layered sample, no profile
     assert "m2_sld.csv" not in {p.name for p in write_outputs("m2", without, tmp_path)}
+
+
+def test_figures_in_other_formats_and_the_orso_file_are_written_when_asked(tmp_path: Path) -> None:
+    result = {**RESULT, "orso": b"# # ORSO reflectivity data file | 1.0 standard | YAML encoding\n"}
+    written = {p.name for p in write_outputs("m", result, tmp_path, figures=["png", "pdf", "svg"])}
+    assert {"m.ort", "m.pdf", "m.svg", "m_sld.pdf", "m_sld.svg", "m.png"} <= written
+    assert (tmp_path / "m.pdf").read_bytes()[:5] == b"%PDF-" and b"<svg" in (tmp_path / "m.svg").read_bytes()[:2000]
+    assert (tmp_path / "m.ort").read_bytes() == result["orso"]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left

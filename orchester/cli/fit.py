@@ -50,6 +50,8 @@ from orchester.render import clean_text
               help="Series with --chain: centre each parameter's bounds on the previous result.")
 @click.option("--sequence", default=None, help="Series: the sequence values, comma-separated, one per data file "
               "(default: the last number in each file's name).")
+@click.option("--figures", default="png", show_default=True,
+              help="Formats of the figures, comma-separated: png, and pdf or svg beside it.")
 @click.option("--out", default="fits", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the results.")
 @click.option("--no-cache", is_flag=True, help="Fit again even when an identical fit is cached.")
@@ -61,7 +63,7 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
         population: int | None, seed: int, method: str | None, km: float | None, kr: float | None,
         start_guess: bool | None, boundaries: bool | None, min_spread: float | None, max_seconds: float | None,
         max_evaluations: int | None, data: tuple[str, ...], chain: bool, adjust_bounds: bool, sequence: str | None,
-        out: str, no_cache: bool, cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
+        figures: str, out: str, no_cache: bool, cache_dir: str | None, genx_examples: bool, timeout: float) -> None:
     """Fit GenX models (.hgx) on satellites, each with its own optimizer settings (a flag overrides
     only the setting it names); write CSVs, plots, fitted models, summary.csv and summary.json."""
     from orchester.genx.fits import FitCache, FitSettings, default_cache_dir
@@ -75,6 +77,7 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
         data = data + tuple(p for p in paths if not p.lower().endswith((".hgx", ".gx")))
         paths = [p for p in paths if p.lower().endswith((".hgx", ".gx"))]
     series = _series_options(paths, data, chain, adjust_bounds, sequence)
+    formats = _figure_formats(figures)
     settings = FitSettings(generations=generations, population=population, seed=seed, km=km, kr=kr,
                            method=method, max_evaluations=max_evaluations, start_guess=start_guess,
                            boundaries=boundaries, min_spread=min_spread, max_seconds=max_seconds)
@@ -87,7 +90,7 @@ def fit(files: tuple[str, ...], connect: tuple[str, ...], local: int, generation
 
     with stop_on_signals():  # SIGINT/SIGTERM/SIGHUP: the local cluster stops; exit 128 + the signal's number
         try:
-            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout, series)
+            code = _run_fit_job(list(connect), local, paths, settings, out, cache, timeout, series, formats)
         except KeyboardInterrupt as exc:
             code = interrupt_exit_code(exc)
             rows = exc.rows if isinstance(exc, FitsInterrupted) else interrupted_rows(paths, code - 128)
@@ -110,6 +113,18 @@ def genx_example_files() -> list[str]:
     if spec is None or not spec.origin:
         raise click.UsageError("--genx-examples needs GenX installed here (pip install --no-deps genx3)")
     return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "examples", "*.hgx")))
+
+
+def _figure_formats(text: str) -> list[str]:
+    """``--figures``: the formats, checked (a usage error names the ones it takes)."""
+    from orchester.genx.fits import FIGURE_FORMATS
+
+    formats = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FIGURE_FORMATS]
+    if unknown or not formats:
+        raise click.BadParameter(f"{', '.join(unknown) or 'nothing'}: use {', '.join(FIGURE_FORMATS)}",
+                                 param_hint="--figures")
+    return formats
 
 
 def _series_options(paths: list[str], data: tuple[str, ...], chain: bool, adjust_bounds: bool,
@@ -139,7 +154,7 @@ def _series_options(paths: list[str], data: tuple[str, ...], chain: bool, adjust
 
 
 def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any, out: str, cache: Any,
-                 timeout: float, series: dict[str, Any] | None = None) -> int:
+                 timeout: float, series: dict[str, Any] | None = None, figures: list[str] | None = None) -> int:
     import os
 
     from rich.console import Console
@@ -170,9 +185,9 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
 
                     rows = run_series(client, paths[0], series["data"], settings, out, chain=series["chain"],
                                       adjust_bounds=series["adjust_bounds"], sequence=series["sequence"],
-                                      console=console)
+                                      console=console, figures=figures or ())
                 else:
-                    rows = run_fits(client, paths, settings, out, cache, console)
+                    rows = run_fits(client, paths, settings, out, cache, console, figures=figures or ())
             except (OrchesterError, OSError, ValueError) as exc:
                 click.echo(f"error: {exc}", err=True)
                 return EXIT_TASK_FAILED

@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,11 +266,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "orchester" / "fits"
 
 
-def output_paths(name: str, out: str | os.PathLike[str], sld: bool = False) -> list[Path]:
-    """The files a fit of model ``name`` writes into ``out`` (with ``sld``: also its scattering length
-    density profile, ``<name>_sld.csv`` and ``<name>_sld.png``, for a model whose script provides one)."""
+#: The formats a fit's figures may also be written in, beside PNG (``orchester fit --figures``).
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def output_paths(name: str, out: str | os.PathLike[str], sld: bool = False, orso: bool = False,
+                 figures: Sequence[str] = ()) -> list[Path]:
+    """The files a fit of model ``name`` writes into ``out``: with ``sld``, also its scattering length
+    density profile (``<name>_sld.csv``, ``<name>_sld.png``); with ``orso``, the data and the fitted
+    curve as an ORSO file (``<name>.ort``); each figure also in the other ``figures`` formats."""
     out = Path(out)
     suffixes = [".csv", "_params.csv", "_fom.csv", ".hgx", ".png"] + (["_sld.csv", "_sld.png"] if sld else [])
+    suffixes += [".ort"] if orso else []
+    for fmt in figures:
+        if fmt != "png":
+            suffixes += [f".{fmt}"] + ([f"_sld.{fmt}"] if sld else [])
     return [out / f"{name}{suffix}" for suffix in suffixes]
 
 
@@ -331,7 +342,8 @@ def parameter_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 PARAMETER_FIELDS = ["parameter", "value", "fitted", "min", "max", "error_low", "error_high", "error_level", "at_bound"]
 
 
-def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]) -> list[Path]:
+def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str],
+                  figures: Sequence[str] = ()) -> list[Path]:
     """Write the files of one fit into ``out`` all or nothing; return their paths.
 
     Every file is first written under a hidden temporary name in ``out``
@@ -345,9 +357,12 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sld = result.get("sld") if isinstance(result.get("sld"), dict) else None
-    finals = output_paths(name, out, sld=sld is not None)
+    orso = result.get("orso") if isinstance(result.get("orso"), (bytes, bytearray)) else None
+    figures = [f for f in figures if f in FIGURE_FORMATS and f != "png"]
+    finals = output_paths(name, out, sld=sld is not None, orso=orso is not None, figures=figures)
     token = secrets.token_hex(4)
     parts = [_part(p, token) for p in finals]
+    by_name = {final.name: part for final, part in zip(finals, parts, strict=True)}
     data, params, fom, model, png = parts[:5]
     try:
         with open(data, "w", newline="") as f:
@@ -368,8 +383,12 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
                 w.writerow([int(gen), f"{value:.10g}"])
         model.write_bytes(bytes(result["model"]))
         plot(name, result, png)
+        for fmt in figures:
+            plot(name, result, by_name[f"{name}.{fmt}"])
+        if orso is not None:
+            by_name[f"{name}.ort"].write_bytes(bytes(orso))
         if sld is not None:
-            sld_csv, sld_png = parts[5:]
+            sld_csv, sld_png = by_name[f"{name}_sld.csv"], by_name[f"{name}_sld.png"]
             keys = list(sld["parts"])
             with open(sld_csv, "w", newline="") as f:
                 w = csv.writer(f)
@@ -377,6 +396,8 @@ def write_outputs(name: str, result: dict[str, Any], out: str | os.PathLike[str]
                 for i, z in enumerate(np.asarray(sld["z"], dtype=float)):
                     w.writerow([f"{z:.10g}", *(f"{float(np.asarray(sld['parts'][k])[i]):.10g}" for k in keys)])
             plot_sld(name, sld, sld_png)
+            for fmt in figures:
+                plot_sld(name, sld, by_name[f"{name}_sld.{fmt}"])
         with shielded():
             for part, final in zip(parts, finals, strict=True):
                 os.replace(part, final)
@@ -440,10 +461,16 @@ def plot(name: str, result: dict[str, Any], path: Path) -> Path:
         axf.set_title(f"{name}: {fom_name} = {result['fom']:.5g}", fontsize=10, loc="left")
         if len(result["datasets"]) > MAX_PLOTTED:
             fig.suptitle(f"the first {MAX_PLOTTED} of {len(result['datasets'])} datasets", fontsize=9)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        fig.savefig(path, dpi=110, bbox_inches="tight", format=_format(path))
     finally:
         plt.close(fig)
     return path
+
+
+def _format(path: Path) -> str:
+    """A figure's format from its final name (a temporary ``….part.pdf`` keeps the extension)."""
+    fmt = path.suffix.lstrip(".").lower()
+    return fmt if fmt in FIGURE_FORMATS else "png"
 
 
 #: Most datasets one figure shows (one row each).
@@ -474,7 +501,7 @@ def plot_sld(name: str, sld: dict[str, Any], path: Path) -> Path:
         ax.set_title(f"{name}: SLD profile", fontsize=10, loc="left")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format=_format(path))
     finally:
         plt.close(fig)
     return path

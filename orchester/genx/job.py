@@ -51,7 +51,7 @@ class FitsInterrupted(Interrupted):
 
 def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings,
              out: str | os.PathLike[str], cache: FitCache | None = None, console: Console | None = None,
-             timeout: float | None = None) -> list[dict[str, Any]]:
+             timeout: float | None = None, figures: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Fit every model file on the satellites; write each fit's files and ``summary.csv`` into ``out``.
 
     A model that fails (unreadable, bad script, NaN figure of merit) gets a summary row with
@@ -70,7 +70,7 @@ def run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: 
     pending: dict[str, tuple[str, Path, Any, str | None, float, int, bytes]] = {}
     seen = [0]  # files that have a row or a pending fit (the rest were never submitted)
     try:
-        _run_fits(client, files, settings, out, cache, console, timeout, rows, pending, seen)
+        _run_fits(client, files, settings, out, cache, console, timeout, rows, pending, seen, figures)
     except KeyboardInterrupt as exc:
         signum = interrupt_exit_code(exc) - 128
         for _, path, _, _, _, order, _ in pending.values():
@@ -93,7 +93,8 @@ def interrupted_rows(files: Sequence[str | os.PathLike[str]], signum: int,
 
 def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings: FitSettings, out: Path,
               cache: FitCache | None, console: Console, timeout: float | None, rows: list[dict[str, Any]],
-              pending: dict[str, tuple[str, Path, Any, str | None, float, int, bytes]], seen: list[int]) -> None:
+              pending: dict[str, tuple[str, Path, Any, str | None, float, int, bytes]], seen: list[int],
+              figures: Sequence[str] = ()) -> None:
     """The work of :func:`run_fits`, filling ``rows`` and ``pending`` as it goes (``seen[0]``: files dealt with).
 
     Each step that changes them is :func:`~orchester.signals.shielded`, so that a stop signal
@@ -132,7 +133,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
                 hit = cache.get(key) if cache is not None and key else None
                 if hit is not None:
                     with shielded():
-                        write_outputs(name, hit, out)
+                        write_outputs(name, hit, out, figures)
                         rows.append({**_row(path, hit, "done", cached=True), "order": index,
                                      "provenance": {**provenance(model, hit), "cached": True}})
                         seen[0] = index + 1
@@ -159,7 +160,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
                     name, path, fut, key, _, order, model = pending[tid]
                     satellite = _satellite(client, tid) if fut.exception() is None else ""
                     with shielded():  # the fit's files, its row and its removal from pending: all or none
-                        rows.append({**_finish(tid, name, path, fut, key, cache, out, satellite, model),
+                        rows.append({**_finish(tid, name, path, fut, key, cache, out, satellite, model, figures),
                                      "order": order})
                         del pending[tid]
                     done_at = totals.get(tid) or 1
@@ -196,7 +197,7 @@ def _satellite(client: Client, tid: str) -> str:
 
 
 def _finish(tid: str, name: str, path: Path, fut: Any, key: str | None, cache: FitCache | None, out: Path,
-            satellite: str, model: bytes) -> dict[str, Any]:
+            satellite: str, model: bytes, figures: Sequence[str] = ()) -> dict[str, Any]:
     try:
         result = fut.result()
     except TaskFailed as exc:
@@ -206,7 +207,7 @@ def _finish(tid: str, name: str, path: Path, fut: Any, key: str | None, cache: F
         return {"file": str(path), "status": "failed", "error": str(exc)}
     try:
         row = _row(path, result, "done")
-        write_outputs(name, result, out)
+        write_outputs(name, result, out, figures)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a result no real fit returns
         return {"file": str(path), "status": "failed", "error": f"malformed result: {type(exc).__name__}: {exc}"}
     if cache is not None and key:

@@ -64,7 +64,8 @@ def _safe(stem: str) -> str:
 def run_series(client: Client, model_file: str | os.PathLike[str], data_files: Sequence[str | os.PathLike[str]],
                settings: FitSettings, out: str | os.PathLike[str], *, chain: bool = False,
                adjust_bounds: bool = False, sequence: Sequence[float] | None = None,
-               console: Console | None = None, timeout: float | None = None) -> list[dict[str, Any]]:
+               console: Console | None = None, timeout: float | None = None,
+               figures: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Fit ``model_file`` to each of ``data_files`` (see the module's docstring); the series' rows, in the
     order of the sequence. Raises :class:`~orchester.genx.job.FitsInterrupted` on a stop signal, with
     ``series.csv`` and ``summary.csv`` written (unfinished fits marked ``interrupted``)."""
@@ -92,7 +93,7 @@ def run_series(client: Client, model_file: str | os.PathLike[str], data_files: S
                 for place, i in enumerate(order):
                     fut = _submit(client, model, files[i], settings, _start_from(last, adjust_bounds))
                     pending[fut.task_id] = i
-                    rows[i] = _collect(client, fut, files[i], values[i], base, out, place, model, timeout)
+                    rows[i] = _collect(client, fut, files[i], values[i], base, out, place, model, timeout, figures)
                     del pending[fut.task_id]
                     if rows[i]["status"] == "done":
                         last = rows[i]["result"]
@@ -101,7 +102,7 @@ def run_series(client: Client, model_file: str | os.PathLike[str], data_files: S
                 futures = [(i, _submit(client, model, files[i], settings, None)) for i in order]
                 pending.update({fut.task_id: i for i, fut in futures})
                 for place, (i, fut) in enumerate(futures):
-                    rows[i] = _collect(client, fut, files[i], values[i], base, out, place, model, timeout)
+                    rows[i] = _collect(client, fut, files[i], values[i], base, out, place, model, timeout, figures)
                     del pending[fut.task_id]
                     bars.update(overall, advance=1, info=f"{files[i].name}: {rows[i]['status']}"[:40])
     except KeyboardInterrupt as exc:
@@ -147,7 +148,7 @@ def _submit(client: Client, model: bytes, path: Path, settings: FitSettings,
 
 
 def _collect(client: Client, fut: Any, path: Path, value: float, base: str, out: Path, place: int, model: bytes,
-             timeout: float | None) -> dict[str, Any]:
+             timeout: float | None, figures: Sequence[str] = ()) -> dict[str, Any]:
     """Wait for one fit; write its files; its series row (with the result, for a chained fit)."""
     name = f"{base}_{_safe(path.stem)}"
     common = {"file": str(path), "sequence": value, "order": place}
@@ -159,7 +160,7 @@ def _collect(client: Client, fut: Any, path: Path, value: float, base: str, out:
         return {**common, "status": "failed", "error": str(exc) or type(exc).__name__}
     try:
         with shielded():
-            write_outputs(name, result, out)
+            write_outputs(name, result, out, figures)
         row = _row(path, result, "done")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return {**common, "status": "failed", "error": f"malformed result: {type(exc).__name__}: {exc}"}

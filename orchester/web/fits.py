@@ -420,7 +420,7 @@ class FitStore:
 
 def expected_files(name: str) -> list[str]:
     """The names of the files a finished fit of model ``name`` offers."""
-    return [p.name for p in output_paths(name, ".", sld=True)] + [f"{name}.zip"]
+    return [p.name for p in output_paths(name, ".", sld=True, orso=True)] + [f"{name}.zip"]
 
 
 def _number(v: Any) -> float | None:

@@ -124,5 +124,12 @@ def test_a_fit_says_its_models_axis_labels_and_gives_its_sld_profile(genx_cluste
     xray = client.submit("genx.fit", model, generations=2).result(600)
     assert xray["xlabel"].startswith("2θ") and xray["sld"]["parts"]["Re"].shape == xray["sld"]["z"].shape
     assert xray["errorbar_level"] == 1.05 and sum(p["fit"] for p in xray["all_parameters"]) == len(xray["parameters"])
+    import io
+
+    from orsopy.fileio import load_orso
+
+    (exported,) = load_orso(io.StringIO(xray["orso"].decode()))  # the field's exchange format, read back
+    assert [c.name for c in exported.info.columns][:4] == ["Qz", "R", "sR", "Rsim"]
+    assert exported.data.shape[0] == len(xray["datasets"][0]["x"])
     peaks = client.submit("genx.fit", (genx_examples() / "Peakfit_Gauss.hgx").read_bytes(), generations=2).result(600)
-    assert peaks["xlabel"] == "x-axis" and "sld" not in peaks  # not reflectivity: no profile, its own labels
+    assert peaks["xlabel"] == "x-axis" and "sld" not in peaks and "orso" not in peaks  # not reflectivity
