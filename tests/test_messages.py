@@ -416,6 +416,19 @@ def test_the_orchestrators_messages_are_the_bytes_of_before() -> None:
     assert M.dispatch("t1", 2, {}) == [P.SIGNATURE, P.DISPATCH, pack({"id": "t1", "a": 2})]
     assert M.dispatch("t1", 2, {"pk": True}) == [P.SIGNATURE, P.DISPATCH, pack({"id": "t1", "a": 2, "pk": True})]
     assert M.abort("t1", 4) == [P.SIGNATURE, P.ABORT, pack({"id": "t1", "a": 4})]
+    # the builders the orchestrator calls for every task write what their typed messages write
+    assert M.beat(P.HEARTBEAT, E)[2] == M.Beat(E).encode() and M.ack(["t1"], E) == M.Ack(("t1",), E).frames()
+    assert M.dispatch("t1", 2, {"pk": True}) == M.Dispatch("t1", 2, True).frames()
+    assert M.dispatch("t1", 2, {}) == M.Dispatch("t1", 2).frames() and M.abort("t1", 4) == M.Abort("t1", 4).frames()
+    # and the fast paths of the decoders that run for every task refuse what the full checks refuse
+    for hdr in ({"id": "", "a": 1}, {"id": "t\n", "a": 1}, {"id": "t", "a": -1}, {"id": "t", "a": True},
+                {"id": "t" * 300, "a": 1}, {"id": "t", "a": 2**31 + 1}, {"id": 5, "a": 1}):
+        with pytest.raises(ProtocolError):
+            M.Dispatch.decode(hdr)
+    for hdr in ({"k": ""}, {"k": "a\tb"}, {"k": 3}, {"k": "x" * 300}, {"k": "echo", "arr": "bad"}):
+        with pytest.raises(ProtocolError):
+            M.TaskHeader.decode(hdr)
+    assert M.TaskHeader.decode({"k": "echo"}) == M.TaskHeader("echo")
     # what the orchestrator decides itself (a failed RESULT) and its errors, as it builds them
     err = {"type": "Expired", "msg": "ttl", "tb": ""}
     assert M.Result("t1", 1, False, err=err, sat="s1").encode() == pack(
