@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 from . import protocol as P
-from .codecs import PICKLE_CONSENT, header_codec
+from .codecs import MAX_CODEC_NAME, PICKLE_CONSENT, header_codec
 from .header import MAX_HEADER, MAX_NAME, MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
 from .header import field as typed
 
@@ -584,8 +584,14 @@ class Done(Wire):
         tid = hdr.get("id")
         attempt = hdr.get("a")
         ok = hdr.get("ok")
-        # the common shapes are checked inline (this runs for every task); anything else goes
-        # through the checking helpers, which raise the errors
+        # the common shapes are checked inline (this runs for every task, in the orchestrator and
+        # in the client); anything else goes through the checking helpers, which raise the errors
+        sat, codec, dt = hdr.get("sat"), hdr.get("c"), hdr.get("dt")
+        if (type(tid) is str and type(attempt) is int and type(ok) is bool and "arr" not in hdr
+                and (sat is None or (type(sat) is str and 0 < len(sat) <= MAX_SID and sat.isprintable()))
+                and ("c" not in hdr or (type(codec) is str and 0 < len(codec) <= MAX_CODEC_NAME))
+                and ("dt" not in hdr or ((type(dt) is float or type(dt) is int) and 0 <= dt <= MAX_SECONDS))):
+            return cls(tid, attempt, ok, hdr.get("err"), sat, codec, None if dt is None else float(dt))
         return cls(tid if type(tid) is str else typed(hdr, "id", str),
                    attempt if type(attempt) is int else typed(hdr, "a", int),
                    ok if type(ok) is bool else _flag(hdr, "ok"), hdr.get("err"),
