@@ -110,7 +110,7 @@ def test_examples_inspect_and_match_what_genx_reads(genx_reads: Any) -> None:
             assert info.defaults[name] == (CLI[name] if name in info.fallbacks else value), (path.name, name)
         assert json.loads(json.dumps(info.to_json())) == info.to_json()
     iron = infos[paths.index(IRON)]
-    assert iron.defaults == {"generations": 6 * 4 * 12, "population": 3 * 4, "km": 0.7, "kr": 0.7,
+    assert iron.defaults == {"generations": 120, "population": 50, "km": 0.7, "kr": 0.7,  # stored in the file
                              "method": "best_1_bin"}
     assert iron.fallbacks == () and iron.model_names == ("spec_nx",) and iron.solver == "DiffEv"
     assert iron.datasets == ("iron_film (synthetic)",) and iron.parameter_count == 4
@@ -271,10 +271,9 @@ def test_settings_of_a_hand_made_file_fall_back_to_the_command_line(tmp_path: Pa
         del f["current/config"]
         f["current/config"] = (config.replace("km = 0.7", "km = nan").replace("kr = 0.7", "kr = 1.5")
                                .replace("create trial = best_1_bin", "create trial = os.system")
-                               .replace("use max generations = False", "use max generations = True")
-                               .replace("max generations = 500", "max generations = 40")).encode()
+                               .replace("max generations = 120", "max generations = 40")).encode()
     info = inspect_model(odd.read_bytes())
-    assert info.defaults == {"generations": 40, "population": 12, "km": 0.7, "kr": 0.7, "method": "best_1_bin"}
+    assert info.defaults == {"generations": 40, "population": 50, "km": 0.7, "kr": 0.7, "method": "best_1_bin"}
     assert set(info.fallbacks) == {"km", "kr", "method"}
     no_config = tmp_path / "no_config.hgx"
     no_config.write_bytes(IRON.read_bytes())

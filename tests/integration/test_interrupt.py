@@ -264,8 +264,8 @@ def test_a_stop_signal_ends_orchester_fit_cleanly(command: Any, sig: signal.Sign
     assert rows["second"]["status"] == "interrupted"
     assert f"interrupted by {sig.name}" in rows["second"]["error"]
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["first.csv", "first.hgx", "first.png", "first_fom.csv", "first_params.csv", "first_sld.csv",
-                     "first_sld.png", "summary.csv", "summary.json"]
+    assert names == ["first.csv", "first.hgx", "first.ort", "first.png", "first_fom.csv", "first_params.csv",
+                     "first_sld.csv", "first_sld.png", "summary.csv", "summary.json"]
 
 
 @needs_genx

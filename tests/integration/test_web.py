@@ -373,7 +373,7 @@ class TestFits(WebCase):
         assert fit["satellite"] == "local-0"
         assert sorted(fit["files"]) == sorted(["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv",
                                                "nickel_film.hgx", "nickel_film.png", "nickel_film_sld.csv",
-                                               "nickel_film_sld.png", "nickel_film.zip"])
+                                               "nickel_film_sld.png", "nickel_film.ort", "nickel_film.zip"])
         figure = self.json_of(f"/api/fits/{fid}/figure")
         assert figure["target_id"] is None and figure["doc"]["roots"]
 
@@ -395,7 +395,7 @@ class TestFits(WebCase):
 
         assert sorted(zipfile.ZipFile(io.BytesIO(z.body)).namelist()) == sorted(
             ["nickel_film.csv", "nickel_film_params.csv", "nickel_film_fom.csv", "nickel_film.hgx", "nickel_film.png",
-             "nickel_film_sld.csv", "nickel_film_sld.png"])
+             "nickel_film_sld.csv", "nickel_film_sld.png", "nickel_film.ort"])
         for bad in ("../fit.json", "fit.json", "plot.json", urllib.parse.quote("../../etc/passwd", safe="")):
             assert self.fetch_api(f"/api/fits/{fid}/files/{bad}").code == 404
 
