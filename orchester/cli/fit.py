@@ -200,6 +200,6 @@ def _run_fit_job(connect: list[str], local: int, paths: list[str], settings: Any
         detail = f"fom {r['fom']}  {r['seconds']}s" + ("  (cached)" if r.get("cached") == "yes" else "") \
             if r["status"] == "done" else r.get("error", "")
         click.echo(f"{mark} {clean_text(r['file'], 300)}: {clean_text(detail, 500)}")
-    more = ", series.csv, series.png" if series is not None else ""
-    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ (summary.csv{more})")
+    made = "summary.csv, summary.json" + (", series.csv, series.png" if series is not None else "")
+    click.echo(f"{len(rows) - len(failed)} of {len(rows)} fits done; results in {out}/ ({made})")
     return EXIT_TASK_FAILED if failed else EXIT_OK
