@@ -20,12 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from orchester.genx import TRIAL_METHODS as _TRIAL_METHODS
+
 from .context import progress
 from .registry import task
 
 #: Seconds without a new generation after which a fit counts as stalled (tracker).
 STALL_TIMEOUT = 300.0
-TRIAL_METHODS = ("best_1_bin", "rand_1_bin", "best_either_or", "rand_either_or", "jade_best", "simplex_best_1_bin")
+#: GenX's differential-evolution trial methods (one list, in :mod:`orchester.genx`, which imports no GenX).
+TRIAL_METHODS = _TRIAL_METHODS
 
 
 def genx_version() -> str:
@@ -107,15 +110,16 @@ def _reset_genx_config() -> None:
                                         "default.profile"), reset=True)
 
 
-#: The GenX data loaders a series fit may use (``genx.plugins.data_loaders``), and the largest data file.
+#: The GenX data loaders a series fit may use (``genx.plugins.data_loaders``).
 DATA_LOADERS = ("default", "orso")
-MAX_DATA_BYTES = 256 * 1024 * 1024
 
 
 def _load_data(model: Any, data: Any, tmp: str) -> None:
     """Replace one dataset's data with a data file's (see :func:`genx_fit`); a clear ``ValueError`` when
     the file cannot be read or gives no points."""
     import importlib
+
+    from orchester.genx import MAX_DATA_BYTES
 
     if not isinstance(data, dict):
         raise ValueError("data must be a map of name, content, loader and dataset")
@@ -227,32 +231,19 @@ def _sld_profile(model: Any) -> dict[str, Any] | None:
 
 
 def _checked(**given: Any) -> dict[str, Any]:
-    """The settings given (not ``None``), checked: a bad one is a clear :class:`ValueError`."""
+    """The settings given (not ``None``), checked (:func:`orchester.genx.setting_error`): a bad one is a
+    clear :class:`ValueError`."""
+    from orchester.genx import check_setting, setting_error
+
     out: dict[str, Any] = {}
     for name, value in given.items():
         if value is None:
             continue
-        if name in ("start_guess", "boundaries"):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, not {value!r}")
-            out[name] = value
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, not {value!r}")
-        low, high, integer = _LIMITS[name]
-        if integer and value != int(value):
-            raise ValueError(f"{name} must be a whole number, not {value!r}")
-        if not low <= value <= high or (name == "km" and value == 0):
-            raise ValueError(f"{name} must be between {low:g} and {high:g}, not {value!r}")
-        out[name] = int(value) if integer else float(value)
+        why = setting_error(name, value)
+        if why is not None:
+            raise ValueError(why)
+        out[name] = check_setting(name, value)
     return out
-
-
-#: Each numeric setting's range: (lowest, highest, whole number).
-_LIMITS: dict[str, tuple[float, float, bool]] = {
-    "generations": (1, 2**31 - 1, True), "population": (5, 2**31 - 1, True), "km": (0.0, 2.0, False),
-    "kr": (0.0, 1.0, False), "min_spread": (0.0, 100.0, False), "max_evaluations": (1, 2**62, True),
-    "max_seconds": (0.001, 1e9, False)}
 
 
 def _apply_overrides(model: Any, overrides: dict[str, dict[str, Any]]) -> None:
@@ -334,8 +325,8 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
             m.fomfunction = fom
         m.simulate()
         fom_start = float(m.fom)
-        start = {str(n): float(v) for n, v in zip(m.parameters.get_fit_pars()[1], m.parameters.get_fit_pars()[2],
-                                                   strict=True)}
+        _, fitted, first, _, _ = m.parameters.get_fit_pars()
+        start = {str(n): float(v) for n, v in zip(fitted, first, strict=True)}
         o = opt.opt
         stored = _file_settings(o)
         sources = {name: "file" for name in ("generations", "population", "km", "kr", "method", "start_guess",

@@ -937,7 +937,7 @@ def beat(command: bytes, epoch: str) -> list[bytes]:
 
 def ack(ids: list[str], epoch: str) -> list[bytes]:
     """ACK frames: these submitted tasks are accepted (journaled, when there is a journal)."""
-    return [P.SIGNATURE, P.ACK, pack({"ids": list(ids), "e": epoch})]
+    return [P.SIGNATURE, P.ACK, pack({"ids": ids, "e": epoch})]
 
 
 def reply(rid: RequestId, body: dict[str, Any]) -> list[bytes]:

@@ -292,7 +292,8 @@ def _part(path: Path, token: str) -> Path:
 def significant(value: float, error: float | None = None, digits: int = 2) -> str:
     """``value`` as text: to the decimal place of ``error``'s ``digits`` significant digits when an error is
     given (a value is never printed more precisely than it is known), else with 10 significant digits."""
-    if error is None or not math.isfinite(error) or error <= 0 or not math.isfinite(value):
+    if error is None or not math.isfinite(error) or error <= 0 or not math.isfinite(value) \
+            or error < abs(value) * 1e-10:  # (an error below 10 significant digits says nothing more)
         return f"{value:.10g}"
     place = digits - 1 - math.floor(math.log10(error))
     return f"{round(value, place):.{max(place, 0)}f}" if place > 0 else f"{round(value, place):.0f}"

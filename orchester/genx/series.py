@@ -36,14 +36,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError, RemoteError, TaskFailed
+from orchester.genx import MAX_DATA_BYTES
 from orchester.genx.fits import FitSettings, _part, provenance, settings_from, write_outputs, write_summary
-from orchester.genx.job import FitsInterrupted, _cancel, _row
+from orchester.genx.job import FitsInterrupted, _cancel, _row, _satellite
 from orchester.render import csv_text
 from orchester.signals import interrupt_exit_code, shielded, signal_name
 
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-#: Largest data file read for a series fit (the satellite refuses larger ones too).
-MAX_DATA_BYTES = 256 * 1024 * 1024
 
 
 def sequence_value(name: str) -> float | None:
@@ -164,11 +163,7 @@ def _collect(client: Client, fut: Any, path: Path, value: float, base: str, out:
         row = _row(path, result, "done")
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return {**common, "status": "failed", "error": f"malformed result: {type(exc).__name__}: {exc}"}
-    satellite = ""
-    try:
-        satellite = str(client.show(fut.task_id).get("satellite") or "")
-    except OrchesterError:
-        pass
+    satellite = _satellite(client, fut.task_id)
     row.update(common, satellite=satellite, result=result, settings_from=settings_from(result),
                provenance={**provenance(model, result), "data_file": path.name,
                            "data_sha256": _sha256(path), "satellite": satellite, "host": row.get("host", "")})

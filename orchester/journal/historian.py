@@ -30,6 +30,7 @@ the reply's msgpack map (``{"rows", "count", "source", "rid"}``, the roll-up's, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -45,9 +46,8 @@ from typing import Any
 import msgpack
 
 from orchester.journal.folder import JournalError
-from orchester.journal.index import HistoryIndex
-from orchester.journal.records import RESULT, RecordError, Result
-from serializers.header import ProtocolError, unpack
+from orchester.journal.index import HistoryIndex, error_message
+from orchester.journal.records import RESULT
 
 log = logging.getLogger("orchester.journal")
 
@@ -127,15 +127,6 @@ def answer(index: HistoryIndex, filters: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _error_message(record: list[Any]) -> str:
-    """The error message of a result record (``""`` when it has none)."""
-    try:
-        err = unpack(Result.of(record).header).get("err")
-    except (ProtocolError, RecordError):
-        return ""
-    return str(err.get("msg", ""))[:2000] if isinstance(err, dict) else ""
-
-
 def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[str, str], viewer: str | None) -> None:
     """Complete the ``error`` of the failed rows the viewer may read with the error's message (from the
     index's ``messages``, else from the compacted segments, newest first, through their task id index).
@@ -157,7 +148,7 @@ def _add_messages(directory: Path, rows: list[dict[str, Any]], messages: dict[st
                 except JournalError:
                     break
                 if record is not None:
-                    messages[tid] = _error_message(record)
+                    messages[tid] = error_message(record)
                     missing.discard(tid)
         for tid in missing:
             messages[tid] = ""
@@ -292,10 +283,8 @@ class Historian:
     def stop(self, grace: float = 5.0) -> None:
         """Close its input (it ends by itself), then terminate it, then kill it."""
         for pipe in (self._stdin, self._stdout):
-            try:
+            with contextlib.suppress(OSError):
                 pipe.close()
-            except OSError:
-                pass
         try:
             self.proc.wait(grace)
             return
@@ -312,11 +301,9 @@ class Historian:
 
 def _die_with_parent() -> None:
     """Ask Linux for a SIGTERM when the orchestrator's thread that started this process ends."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the end of standard input stops it
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the end of standard input stops it
 
 
 class IdleCpu:
@@ -362,10 +349,8 @@ def main(argv: list[str]) -> int:
     out = os.dup(1)
     os.dup2(2, 1)
     inp = 0
-    try:
+    with contextlib.suppress(OSError):  # (already as low as it goes)
         os.nice(NICENESS)
-    except OSError:
-        pass
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s orchester-historian %(levelname)s %(message)s")
     index = HistoryIndex(Path(argv[0]))
     _refresh(index)

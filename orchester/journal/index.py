@@ -229,7 +229,7 @@ class HistoryIndex:
             etype = str(err.get("type", "")) if isinstance(err, dict) else ""
             if etype:
                 row.error = etype
-                msg = _message(record)
+                msg = error_message(record)
                 if msg:
                     self.messages[tid] = msg
 
@@ -405,7 +405,7 @@ def _read_log_records(path: Path, offsets: list[int], tid: str) -> list[list[Any
     return out
 
 
-def _message(record: list[Any]) -> str:
+def error_message(record: list[Any]) -> str:
     """The error message of a failed task's result record (``""`` when it has none)."""
     try:
         err = unpack(Result.of(record).header).get("err")
