@@ -354,7 +354,7 @@ class Satellite:
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
             started.append((tid, attempt))
         if started:
-            self._tell(M.Started(tuple(started)), now)
+            self._send([P.STARTED, M.started(started)], now)
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(256):

@@ -95,9 +95,8 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
         return [error_header(tid, attempt, sid, etype=P.ERR_UNKNOWN_KIND, msg=str(exc))]
     except Exception as exc:
         return [error_header(tid, attempt, sid, exc)]
-    done = M.Done(tid, attempt, True, sat=sid, codec=codec, duration=round(time.perf_counter() - t0, 6),
-                  arrays=M.arrays_of(meta))
-    return [done.encode(), *out]
+    return [M.done(tid, attempt, sid, codec, round(time.perf_counter() - t0, 6), M.arrays_of(meta) if meta else ()),
+            *out]
 
 
 def _alive(pid: int) -> bool:

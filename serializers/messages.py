@@ -957,3 +957,41 @@ def dispatch(task_id: str, attempt: int, consent: dict[str, Any]) -> list[bytes]
 def abort(task_id: str, attempt: int) -> list[bytes]:
     """ABORT frames: stop this attempt of the task (cancelled, timed out, rerouted)."""
     return [P.SIGNATURE, P.ABORT, pack({"id": task_id, "a": attempt})]
+
+
+# ------------------------------------------------------------- what clients and satellites send per task
+# (as above: the header their message's ``header()`` gives, key for key, without building the message)
+def submit(task_id: str, kind: str, codec: str, priority: int = 0, tags: Iterable[str] = (),
+           timeout: float | None = None, ttl: float = 0.0, max_run: float = 0.0, duration: float = 0.0,
+           arrays: Arrays = ()) -> list[bytes]:
+    """SUBMIT frames (without the payload frames): what ``Submit(...).frames()`` gives."""
+    hdr: dict[str, Any] = {"id": task_id, "k": kind, "c": codec}
+    if priority:
+        hdr["p"] = priority
+    if tags:
+        hdr["tg"] = sorted(set(tags), key=str)
+    if timeout is not None:
+        hdr["to"] = timeout
+    if ttl:
+        hdr["ttl"] = ttl
+    if max_run:
+        hdr["mr"] = max_run
+    if duration:
+        hdr["dur"] = duration
+    if arrays:
+        hdr["arr"] = _arr(arrays)
+    return [P.SIGNATURE, P.SUBMIT, pack(hdr)]
+
+
+def done(task_id: str, attempt: int, sat: str, codec: str, duration: float, arrays: Arrays = ()) -> bytes:
+    """The DONE header of a task that succeeded: what ``Done(task_id, attempt, True, sat=sat,
+    codec=codec, duration=duration, arrays=arrays).encode()`` gives."""
+    hdr: dict[str, Any] = {"id": task_id, "a": attempt, "ok": True, "c": codec, "sat": sat, "dt": duration}
+    if arrays:
+        hdr["arr"] = _arr(arrays)
+    return pack(hdr)
+
+
+def started(tasks: Iterable[tuple[str, int]]) -> bytes:
+    """The STARTED header: what ``Started(tuple(tasks)).encode()`` gives."""
+    return pack({"t": [[tid, attempt] for tid, attempt in tasks]})

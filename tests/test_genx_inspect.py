@@ -16,13 +16,20 @@ import pytest
 
 from orchester.errors import OrchesterError
 from orchester.genx import inspect as gi
-from orchester.genx.inspect import ModelError, ModelInfo, fit_defaults, genx_settings, hdf5_offset, inspect_model
+from orchester.genx.inspect import (
+    GENX_DEFAULT_PROFILE, GENX_SETTINGS, ModelError, ModelInfo, fit_defaults, genx_settings, hdf5_offset, inspect_model,
+)
 
 h5py = pytest.importorskip("h5py")
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "genx").glob("*.hgx"))
 IRON = ROOT / "examples" / "genx" / "iron_film.hgx"
-CLI = {"generations": 100, "population": 50, "km": 0.7, "kr": 0.7, "method": "best_1_bin"}
+SETTING_NAMES = {"generations", "population", "km", "kr", "method"}
+
+
+def genx_default(n: int) -> dict[str, Any]:
+    """The fit GenX's shipped default profile gives a model with ``n`` fitted parameters."""
+    return {"generations": 6 * n * 50, "population": 50, "km": 0.6, "kr": 0.6, "method": "best_1_bin"}
 
 
 def genx_examples() -> list[Path]:
@@ -48,7 +55,7 @@ def refused(data: bytes, kind: str | None = None, **kw: Any) -> ModelError:
 
 
 def in_range(defaults: dict[str, Any]) -> None:
-    assert set(defaults) == set(CLI)
+    assert set(defaults) == SETTING_NAMES
     assert isinstance(defaults["generations"], int) and defaults["generations"] >= 1
     assert isinstance(defaults["population"], int) and defaults["population"] >= 5
     assert 0 < defaults["km"] <= 2 and 0 <= defaults["kr"] <= 1
@@ -107,7 +114,7 @@ def test_examples_inspect_and_match_what_genx_reads(genx_reads: Any) -> None:
         expected = {"generations": generations, "population": population, "km": s["km"], "kr": s["kr"],
                     "method": s["create_trial"]}
         for name, value in expected.items():
-            assert info.defaults[name] == (CLI[name] if name in info.fallbacks else value), (path.name, name)
+            assert info.defaults[name] == (genx_default(n)[name] if name in info.fallbacks else value), (path.name, name)
         assert json.loads(json.dumps(info.to_json())) == info.to_json()
     iron = infos[paths.index(IRON)]
     assert iron.defaults == {"generations": 120, "population": 50, "km": 0.7, "kr": 0.7,  # stored in the file
@@ -263,7 +270,7 @@ def test_links_and_storage_outside_the_file_are_not_followed(tmp_path: Path) -> 
     refused(linked.read_bytes(), "not_genx")
 
 
-def test_settings_of_a_hand_made_file_fall_back_to_the_command_line(tmp_path: Path) -> None:
+def test_settings_of_a_hand_made_file_fall_back_to_genx_s_defaults(tmp_path: Path) -> None:
     odd = tmp_path / "odd.hgx"
     odd.write_bytes(IRON.read_bytes())
     with h5py.File(odd, "r+") as f:
@@ -273,14 +280,15 @@ def test_settings_of_a_hand_made_file_fall_back_to_the_command_line(tmp_path: Pa
                                .replace("create trial = best_1_bin", "create trial = os.system")
                                .replace("max generations = 120", "max generations = 40")).encode()
     info = inspect_model(odd.read_bytes())
-    assert info.defaults == {"generations": 40, "population": 50, "km": 0.7, "kr": 0.7, "method": "best_1_bin"}
+    assert info.defaults == {"generations": 40, "population": 50, "km": 0.6, "kr": 0.6, "method": "best_1_bin"}
     assert set(info.fallbacks) == {"km", "kr", "method"}
     no_config = tmp_path / "no_config.hgx"
     no_config.write_bytes(IRON.read_bytes())
     with h5py.File(no_config, "r+") as f:
         del f["current/config"]
     info = inspect_model(no_config.read_bytes())
-    assert info.defaults == CLI and set(info.fallbacks) == set(CLI) and info.genx_settings == {}
+    # no stored config: GenX's default profile, as GenX fits it (4 parameters fitted)
+    assert info.defaults == genx_default(4) and set(info.fallbacks) == SETTING_NAMES and info.genx_settings == {}
 
 
 def test_mapping_of_genx_settings() -> None:
@@ -298,13 +306,26 @@ def test_mapping_of_genx_settings() -> None:
     defaults, fallbacks = fit_defaults(genx, 2)
     assert defaults["population"] == 50 and defaults["generations"] == 3 * 2 * 4 and fallbacks == ("population",)
     defaults, fallbacks = fit_defaults(genx, 0)  # nothing fitted: GenX's numbers are 0
-    assert defaults["population"] == 50 and defaults["generations"] == 100
-    assert fit_defaults({}, 5) == (CLI, tuple(CLI))
-    assert fit_defaults({"km": 0.0, "kr": -0.1, "create_trial": "x"}, 5)[0] == CLI
-    assert fit_defaults({"km": 2.0, "kr": 0.0}, 5)[0] | {"km": 2.0, "kr": 0.0} == CLI | {"km": 2.0, "kr": 0.0}
+    assert defaults["population"] == 50 and defaults["generations"] == 500  # GenX's fixed numbers
+    names = ("generations", "population", "km", "kr", "method")  # in the order fit_defaults gives them
+    assert fit_defaults({}, 5) == (genx_default(5), names)
+    assert fit_defaults({"km": 0.0, "kr": -0.1, "create_trial": "x"}, 5) == (genx_default(5), names)
+    # stored and in range (km 2 and kr 0 are GenX's limits): the file's own
+    assert fit_defaults({"km": 2.0, "kr": 0.0}, 5) == (genx_default(5) | {"km": 2.0, "kr": 0.0},
+                                                        ("generations", "population", "method"))
     assert genx_settings({"km": "inf", "kr": "1e400", "pop_size": "5.0", "use_pop_mult": "maybe"}) == {}
     huge = {"use_pop_mult": False, "pop_size": 10**30, "use_max_generations": True, "max_generations": 2**31}
-    assert fit_defaults(huge, 5) == (CLI, tuple(CLI))
+    assert fit_defaults(huge, 5) == (genx_default(5), ("generations", "population", "km", "kr", "method"))
+
+
+def test_genx_default_profile_is_genx_s_own() -> None:
+    import configparser
+
+    genx = pytest.importorskip("genx")
+    profile = configparser.ConfigParser()
+    profile.read(Path(genx.__file__).parent / "profiles" / "default.profile")
+    raw = {name: profile.get("solver", name.replace("_", " ")) for name in GENX_SETTINGS}
+    assert genx_settings(raw) == GENX_DEFAULT_PROFILE
 
 
 # the child: its limits, its hangs, crashes and nonsense

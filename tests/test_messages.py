@@ -420,6 +420,15 @@ def test_the_orchestrators_messages_are_the_bytes_of_before() -> None:
     assert M.beat(P.HEARTBEAT, E)[2] == M.Beat(E).encode() and M.ack(["t1"], E) == M.Ack(("t1",), E).frames()
     assert M.dispatch("t1", 2, {"pk": True}) == M.Dispatch("t1", 2, True).frames()
     assert M.dispatch("t1", 2, {}) == M.Dispatch("t1", 2).frames() and M.abort("t1", 4) == M.Abort("t1", 4).frames()
+    # and so do the builders of a client's submit and a worker's DONE and a satellite's STARTED
+    assert M.submit("t1", "echo", "msgpack") == M.Submit("t1", "echo").frames()
+    full = M.Submit("t2", "fit", 3, frozenset({"b", "a"}), 5.0, 6.0, 7.0, 8.0, "json", (("<f8", (2, 3)),))
+    assert M.submit("t2", "fit", "json", 3, ["b", "a", "b"], 5.0, 6.0, 7.0, 8.0, (("<f8", (2, 3)),)) == full.frames()
+    assert M.submit("t3", "echo", "msgpack", timeout=0.0) == M.Submit("t3", "echo", timeout=0.0).frames()
+    for arrays in ((), (("<i4", (4,)),)):
+        assert M.done("t1", 2, "s1", "msgpack", 0.25, arrays) == M.Done(
+            "t1", 2, True, sat="s1", codec="msgpack", duration=0.25, arrays=arrays).encode()
+    assert M.started([("t1", 1), ("t2", 3)]) == M.Started((("t1", 1), ("t2", 3))).encode()
     # and the fast paths of the decoders that run for every task refuse what the full checks refuse
     for hdr in ({"id": "", "a": 1}, {"id": "t\n", "a": 1}, {"id": "t", "a": -1}, {"id": "t", "a": True},
                 {"id": "t" * 300, "a": 1}, {"id": "t", "a": 2**31 + 1}, {"id": 5, "a": 1}):

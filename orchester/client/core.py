@@ -73,10 +73,6 @@ def stopped(what: str, exc: BaseException) -> ClientClosed:
     return failure
 
 
-
-_NO_TAGS: frozenset[str] = frozenset()
-
-
 def task_of_row(row: dict[str, Any]) -> dict[str, Any]:
     """What :meth:`~orchester.Client.show` gives for a task the orchestrator no longer holds, made of
     its history row (``Client.history(ids=[...], timeline=True)``): ``source`` is ``"history"``."""
@@ -157,11 +153,10 @@ class ClientCore:
         tid = task_id or self.task_id()
         # the values as given (the orchestrator checks them): a timeout of 0 or -1 is sent, and means none
         # (positional, and the common empty options without a call: this runs for every task)
-        sub = M.Submit(tid, kind, int(priority), frozenset(tags) if tags else _NO_TAGS,
-                       None if timeout is None else float(timeout), 0.0 if ttl is None else float(ttl),
-                       0.0 if max_run is None else float(max_run), 0.0 if duration is None else float(duration),
-                       codec, M.arrays_of(meta) if meta else ())
-        frames: list[Any] = [*sub.frames(), *body]
+        frames: list[Any] = M.submit(tid, kind, codec, int(priority), tags, None if timeout is None else float(timeout),
+                                     0.0 if ttl is None else float(ttl), 0.0 if max_run is None else float(max_run),
+                                     0.0 if duration is None else float(duration), M.arrays_of(meta) if meta else ())
+        frames += body
         self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None, codec)
         return tid, frames
 

@@ -7,9 +7,6 @@ job that submits models and collects results (``job``). Satellites run the fits 
 TRIAL_METHODS = ("best_1_bin", "rand_1_bin", "best_either_or", "rand_either_or", "jade_best", "simplex_best_1_bin")
 #: The smallest population GenX's differential evolution (and the genx.fit task) takes.
 MIN_POPULATION = 5
-#: The fit settings a model file may give and their defaults (those of ``orchester fit``).
-DEFAULTS: dict[str, int | float | str] = {"generations": 100, "population": 50, "km": 0.7, "kr": 0.7,
-                                          "method": "best_1_bin"}
 #: Largest count taken for a setting (msgpack carries it, a worker can loop over it).
 MAX_COUNT = 2**31 - 1
 

@@ -21,8 +21,9 @@ Orchester's (:class:`ModelInfo`). Every file is taken as hostile:
 GenX keeps its solver settings in the model file, in the ``[solver]`` section of the config it
 stores (``current/config``; the names of ``genx.diffev.DiffEvConfig``). They become Orchester's
 ``generations``, ``population``, ``km``, ``kr`` and ``method`` as GenX itself would use them (see
-:func:`fit_defaults`), each checked against the range the ``orchester fit`` command line
-accepts; a setting that is missing, unreadable or out of range is the command line's default.
+:func:`fit_defaults`): GenX's default profile under the file's own settings, each checked against
+the range the ``orchester fit`` command line accepts; a setting the file does not store, or
+stores unreadable or out of range, is GenX's default.
 
 The module imports neither GenX nor h5py (the child does).
 """
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from orchester.errors import OrchesterError
-from orchester.genx import DEFAULTS, check_setting
+from orchester.genx import check_setting
 
 log = logging.getLogger("orchester.genx.inspect")
 
@@ -82,6 +83,13 @@ GENX_SETTINGS: dict[str, type] = {
 _HELPER_MODULES = frozenset({"utils", "lib"})
 _MODEL_IMPORT = re.compile(r"^[ \t]*import[ \t]+models\.([A-Za-z_]\w*)", re.MULTILINE)
 _FOM_NAME = re.compile(r"[A-Za-z_]\w{0,63}")
+#: The ``[solver]`` settings of GenX's shipped default profile (``genx/profiles/default.profile``):
+#: GenX loads them before a model file's own, so a file that stores none fits with these (the tests
+#: compare them with GenX's file).
+GENX_DEFAULT_PROFILE: dict[str, Any] = {
+    "km": 0.6, "kr": 0.6, "create_trial": "best_1_bin", "use_pop_mult": False, "pop_size": 50, "pop_mult": 3,
+    "use_max_generations": False, "max_generations": 500, "max_generation_mult": 6,
+}
 _MODULE = "orchester.genx.inspect"
 _MAX_TEXT = 16 * 1024 * 1024  # longest script or config the child reads (characters)
 _MAX_ROWS = 100_000  # most rows of the parameter grid
@@ -136,8 +144,8 @@ class ModelInfo:
     #: the proposed fit settings, for ``orchester fit`` / ``genx.fit``: ``generations``,
     #: ``population``, ``km``, ``kr``, ``method``, each valid for ``orchester fit``
     defaults: dict[str, Any] = field(hash=False)
-    #: the settings of :attr:`defaults` that are the command line's default, not the file's (missing,
-    #: unreadable or out of range in the file)
+    #: the settings of :attr:`defaults` that are GenX's defaults, not the file's (missing, unreadable
+    #: or out of range in the file)
     fallbacks: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -332,18 +340,8 @@ def genx_settings(raw: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def fit_defaults(genx: Mapping[str, Any], fit_parameters: int) -> tuple[dict[str, Any], tuple[str, ...]]:
-    """Orchester's fit settings from GenX's (``genx_settings``) for a model with ``fit_parameters`` fitted.
-
-    As GenX's ``DiffEv.init_fitting`` sets them: ``population`` is ``pop_mult`` × the number of
-    fitted parameters when ``use_pop_mult``, else ``pop_size``; ``generations`` is
-    ``max_generations`` when ``use_max_generations``, else ``max_generation_mult`` × fitted
-    parameters × population; ``km``, ``kr`` as they are; ``method`` is ``create_trial``. Each is
-    then checked by :func:`orchester.genx.check_setting` (the ranges ``orchester fit`` accepts); one that
-    GenX's settings do not determine, or out of range, is ``orchester fit``'s default.
-
-    Returns the settings and the names of those that are defaults.
-    """
+def _proposed(genx: Mapping[str, Any], fit_parameters: int) -> dict[str, Any]:
+    """The fit settings GenX's ``DiffEv.init_fitting`` derives from its solver settings ``genx``."""
     proposed: dict[str, Any] = {"km": genx.get("km"), "kr": genx.get("kr"), "method": genx.get("create_trial")}
     population = None
     if genx.get("use_pop_mult") is True and "pop_mult" in genx:
@@ -355,14 +353,39 @@ def fit_defaults(genx: Mapping[str, Any], fit_parameters: int) -> tuple[dict[str
         proposed["generations"] = int(genx["max_generations"])
     elif genx.get("use_max_generations") is False and "max_generation_mult" in genx and population is not None:
         proposed["generations"] = int(genx["max_generation_mult"] * fit_parameters * population)
+    return proposed
+
+
+def fit_defaults(genx: Mapping[str, Any], fit_parameters: int) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Orchester's fit settings from GenX's (``genx_settings``) for a model with ``fit_parameters`` fitted.
+
+    As GenX fits the file: its shipped default profile (:data:`GENX_DEFAULT_PROFILE`) under the
+    settings the file stores, then as ``DiffEv.init_fitting`` sets them: ``population`` is
+    ``pop_mult`` × the number of fitted parameters when ``use_pop_mult``, else ``pop_size``;
+    ``generations`` is ``max_generations`` when ``use_max_generations``, else
+    ``max_generation_mult`` × fitted parameters × population; ``km``, ``kr`` as they are;
+    ``method`` is ``create_trial``. Each is then checked by :func:`orchester.genx.check_setting`
+    (the ranges ``orchester fit`` accepts); one out of range is what GenX's default profile alone
+    gives (with its fixed population and generation count when that is out of range too).
+
+    Returns the settings and the names of those that are not the file's own (the file does not
+    store what determines them, or stores a value out of range): GenX's defaults.
+    """
+    stored = _proposed(genx, fit_parameters)
+    merged = _proposed({**GENX_DEFAULT_PROFILE, **genx}, fit_parameters)
+    profile = _proposed(GENX_DEFAULT_PROFILE, fit_parameters)
+    fixed = _proposed({**GENX_DEFAULT_PROFILE, "use_pop_mult": False, "use_max_generations": True}, fit_parameters)
     defaults: dict[str, Any] = {}
     fallbacks: list[str] = []
     for name in SETTINGS:
-        value = proposed.get(name)
+        value = merged.get(name)
         checked = check_setting(name, value) if value is not None else None
-        if checked is None:
+        if checked is None or stored.get(name) is None:
             fallbacks.append(name)
-            checked = DEFAULTS[name]
+        if checked is None:
+            checked = check_setting(name, profile[name])
+        if checked is None:
+            checked = check_setting(name, fixed[name])
         defaults[name] = checked
     return defaults, tuple(fallbacks)
 

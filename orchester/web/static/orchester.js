@@ -250,8 +250,12 @@ const Orchester = (() => {
           const input = form.querySelector(`[name=${k}]`);
           if (input && input.tagName === "INPUT") input.placeholder = String(v);
         }
+        const genxDefault = new Set(m.fallbacks || []);  // not stored in the file: GenX's default profile
+        const listed = (own) => Object.entries(m.defaults || {}).filter(([k]) => genxDefault.has(k) !== own)
+          .map(([k, v]) => `${k}=${v}`).join(" ");
         defaults.textContent = `${chosen[0].name}: ${m.dataset_count} data set(s), ${m.fit_parameter_count} fitted ` +
-          `parameter(s); stored settings ` + Object.entries(m.defaults || {}).map(([k, v]) => `${k}=${v}`).join(" ");
+          `parameter(s)` + (listed(true) ? `; stored settings ${listed(true)}` : "") +
+          (listed(false) ? `; GenX defaults ${listed(false)}` : "");
         showError("#fit-error", "");
       } catch (err) {
         showError("#fit-error", err.message);
