@@ -1,8 +1,9 @@
 """Take the web chapter's screenshots (docs/_static/web-*.png) from a real local cluster.
 
 A local cluster with a journal and its web process run a few minutes of work (bursts of
-``echo`` and ``sleep`` tasks, a few failures, two GenX fits uploaded through the API), then
-headless Chromium (Debian's, driven by Playwright) takes one picture of each page.
+``echo`` and ``sleep`` tasks, a few failures, two GenX fits and a chained series of ten datasets
+uploaded through the API), then headless Chromium (Debian's, driven by Playwright) takes one
+picture of each page.
 
 Run: ``python docs/web_screenshots.py [--minutes 4] [--out docs/_static]``
 """
@@ -43,6 +44,20 @@ def upload(link: str, model: Path, generations: int) -> str:
     return str(reply["fits"][0]["id"])
 
 
+def upload_series(link: str, model: Path, data: list[Path], generations: int) -> str:
+    """A chained series of ``model`` over the ``data`` files; its id."""
+    boundary = "docs-boundary"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+             for k, v in (("generations", generations), ("chain", "yes"))]
+    for field, path in [("model", model), *(("data", d) for d in data)]:
+        parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{path.name}\"\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    reply = api(link, "/api/series", body, f"multipart/form-data; boundary={boundary}")
+    assert isinstance(reply, dict)
+    return str(reply["id"])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=4.0, help="minutes of work before the pictures")
@@ -60,6 +75,7 @@ def main() -> int:
                       web=True, web_data_dir=str(work / "web")) as cluster, cluster.client() as client:
         link = cluster.web_url
         fits = [upload(link, EXAMPLES / "nickel_film.hgx", 2500), upload(link, EXAMPLES / "platinum_film.hgx", 2500)]
+        series = upload_series(link, EXAMPLES / "nickel_film.hgx", sorted((EXAMPLES / "series").glob("*.dat")), 60)
         failed = ""
         end = time.monotonic() + args.minutes * 60
         while time.monotonic() < end:
@@ -102,6 +118,12 @@ def main() -> int:
             page.wait_for_selector("#files a")
             time.sleep(1)
             page.screenshot(path=str(out / "web-fit.png"), full_page=True)
+            while api(link, f"/api/series/{series}")["state"] != "done":  # type: ignore[index]
+                time.sleep(1)
+            page.goto(base + f"series/{series}")
+            page.wait_for_selector("#files a")
+            time.sleep(1)
+            page.screenshot(path=str(out / "web-series.png"), full_page=True)
             page.goto(base + "history")
             page.wait_for_function("Bokeh.documents.length > 0 && document.querySelector('#history-info').textContent")
             since = time.strftime("%Y-%m-%dT%H:%M", time.localtime(time.time() - args.minutes * 60 - 120))

@@ -17,7 +17,14 @@ import pytest
 from orchester.errors import OrchesterError
 from orchester.genx import inspect as gi
 from orchester.genx.inspect import (
-    GENX_DEFAULT_PROFILE, GENX_SETTINGS, ModelError, ModelInfo, fit_defaults, genx_settings, hdf5_offset, inspect_model,
+    GENX_DEFAULT_PROFILE,
+    GENX_SETTINGS,
+    ModelError,
+    ModelInfo,
+    fit_defaults,
+    genx_settings,
+    hdf5_offset,
+    inspect_model,
 )
 
 h5py = pytest.importorskip("h5py")
@@ -114,7 +121,8 @@ def test_examples_inspect_and_match_what_genx_reads(genx_reads: Any) -> None:
         expected = {"generations": generations, "population": population, "km": s["km"], "kr": s["kr"],
                     "method": s["create_trial"]}
         for name, value in expected.items():
-            assert info.defaults[name] == (genx_default(n)[name] if name in info.fallbacks else value), (path.name, name)
+            want = genx_default(n)[name] if name in info.fallbacks else value
+            assert info.defaults[name] == want, (path.name, name)
         assert json.loads(json.dumps(info.to_json())) == info.to_json()
     iron = infos[paths.index(IRON)]
     assert iron.defaults == {"generations": 120, "population": 50, "km": 0.7, "kr": 0.7,  # stored in the file

@@ -51,6 +51,18 @@ def sequence_value(name: str) -> float | None:
     return float(found[-1]) if found else None
 
 
+def sequence_values(names: Sequence[str], given: Sequence[float] | None = None) -> list[float]:
+    """The sequence value of each data file: ``given``, or the last number in each name, or (when a
+    name has none) the order the files were given in (0, 1, 2, ...)."""
+    if given is not None:
+        if len(given) != len(names):
+            raise ValueError(f"{len(given)} sequence values for {len(names)} data files")
+        return [float(v) for v in given]
+    found = [sequence_value(n) for n in names]
+    values = [v for v in found if v is not None]
+    return values if len(values) == len(names) else [float(i) for i in range(len(names))]
+
+
 def loader_of(path: Path) -> str:
     """GenX's data loader for a file: ``orso`` for ``.ort``, else ``default`` (columns x, y, error)."""
     return "orso" if path.suffix.lower() == ".ort" else "default"
@@ -76,10 +88,7 @@ def run_series(client: Client, model_file: str | os.PathLike[str], data_files: S
     files = [Path(f) for f in data_files]
     if sequence is not None and len(sequence) != len(files):
         raise ValueError(f"{len(sequence)} sequence values for {len(files)} data files")
-    found = list(sequence) if sequence is not None else [sequence_value(f.name) for f in files]
-    values: list[float] = [float(v) for v in found if v is not None]
-    if len(values) != len(files):
-        values = [float(i) for i in range(len(files))]  # names without numbers: the order given
+    values = sequence_values([f.name for f in files], sequence)
     order = sorted(range(len(files)), key=lambda i: (values[i], i))
     rows: dict[int, dict[str, Any]] = {}
     pending: dict[str, int] = {}
@@ -120,18 +129,29 @@ def run_series(client: Client, model_file: str | os.PathLike[str], data_files: S
     return ordered
 
 
-def _start_from(last: dict[str, Any] | None, adjust_bounds: bool) -> dict[str, dict[str, Any]] | None:
-    """The parameter overrides that start a chained fit from the previous result (``None``: the model's own)."""
-    if last is None:
-        return None
+def start_from(parameters: Sequence[dict[str, Any]], adjust_bounds: bool) -> dict[str, dict[str, Any]]:
+    """The parameter overrides that start a chained fit from a previous fit's ``parameters`` (``name``,
+    ``value``, ``min``, ``max``): each value, and with ``adjust_bounds`` its bounds moved to centre on
+    it, keeping their width (GenX's "adjust boundaries around last values"). A parameter without a
+    finite value is left to the model."""
     start: dict[str, dict[str, Any]] = {}
-    for p in last["parameters"]:
-        change: dict[str, Any] = {"value": float(p["value"])}
-        if adjust_bounds:
-            width = float(p["max"]) - float(p["min"])
-            change["min"], change["max"] = p["value"] - width / 2, p["value"] + width / 2
+    for p in parameters:
+        value = p.get("value")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            continue
+        change: dict[str, Any] = {"value": float(value)}
+        low, high = p.get("min"), p.get("max")
+        if adjust_bounds and isinstance(low, (int, float)) and isinstance(high, (int, float)) \
+                and math.isfinite(low) and math.isfinite(high):
+            width = float(high) - float(low)
+            change["min"], change["max"] = value - width / 2, value + width / 2
         start[str(p["name"])] = change
     return start
+
+
+def _start_from(last: dict[str, Any] | None, adjust_bounds: bool) -> dict[str, dict[str, Any]] | None:
+    """The parameter overrides that start a chained fit from the previous result (``None``: the model's own)."""
+    return None if last is None else start_from(last["parameters"], adjust_bounds)
 
 
 def _submit(client: Client, model: bytes, path: Path, settings: FitSettings,

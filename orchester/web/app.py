@@ -35,8 +35,9 @@ import tornado.websocket
 
 from orchester.errors import OrchesterError, RemoteError
 from orchester.render import csv_text
-from orchester.web.fits import FIT_ID, INSPECTORS, FitStore, SettingsError
+from orchester.web.fits import FIT_ID, INSPECTORS, WRITER, FitStore, SettingsError
 from orchester.web.hub import QUIET_TOPICS, Hub, Subscriber, dumps
+from orchester.web.series import MAX_DATASETS, SeriesStore
 
 log = logging.getLogger("orchester.web")
 
@@ -153,6 +154,10 @@ class Base(tornado.web.RequestHandler):
     @property
     def fits(self) -> FitStore:
         return cast(FitStore, self.settings["fits"])
+
+    @property
+    def series(self) -> SeriesStore:
+        return cast(SeriesStore, self.settings["series"])
 
     _request_summary = redacted_summary
 
@@ -464,7 +469,10 @@ def result_json(value: Any) -> str:
 
 
 #: How uploads are parsed: the models, the settings and room to spare (tornado counts every part).
-_PARSE = tornado.httputil.ParseBodyConfig(multipart=tornado.httputil.ParseMultipartConfig(max_parts=MAX_MODELS + 40))
+_PARSE = tornado.httputil.ParseBodyConfig(multipart=tornado.httputil.ParseMultipartConfig(
+    max_parts=MAX_MODELS + MAX_DATASETS + 40))
+#: The longest text field of an upload (``sequence`` may list a value per data file), and the others'.
+LONG_FIELDS, MAX_LONG_FIELD, MAX_FIELD = frozenset({"sequence"}), 32 * 1024, 100
 
 
 @tornado.web.stream_request_body
@@ -523,6 +531,17 @@ class Upload(Api):
 
     def models(self) -> tuple[list[tornado.httputil.HTTPFile], dict[str, str]]:
         """The ``model`` files (1 to 100) and the other fields of the body (UTF-8 text, 100 characters each)."""
+        files, form = self.parts()
+        models = files.get("model", [])
+        if not models:
+            raise self.bad("no model file: send one or more .hgx files as 'model'")
+        if len(models) > MAX_MODELS:
+            raise self.bad(f"at most {MAX_MODELS} models at once")
+        return models, form
+
+    def parts(self) -> tuple[dict[str, list[tornado.httputil.HTTPFile]], dict[str, str]]:
+        """The files of the body by field name, and its other fields (UTF-8 text, 100 characters each,
+        :data:`MAX_LONG_FIELD` for ``sequence``)."""
         if self._too_large:
             self._refuse_size()
         args: dict[str, list[bytes]] = {}
@@ -536,16 +555,12 @@ class Upload(Api):
                                                   config=_PARSE)
         except (tornado.httputil.HTTPInputError, UnicodeDecodeError, ValueError) as exc:
             raise self.bad(f"not a multipart upload this server reads: {str(exc)[:200]}") from None
-        models = files.get("model", [])
-        if not models:
-            raise self.bad("no model file: send one or more .hgx files as 'model'")
-        if len(models) > MAX_MODELS:
-            raise self.bad(f"at most {MAX_MODELS} models at once")
         try:
-            form = {k: v[-1].decode("utf-8", "strict")[:100] for k, v in args.items() if k != "_xsrf"}
+            form = {k: v[-1].decode("utf-8", "strict")[:MAX_LONG_FIELD if k in LONG_FIELDS else MAX_FIELD]
+                    for k, v in args.items() if k != "_xsrf"}
         except UnicodeDecodeError:
             raise self.bad("settings must be UTF-8 text") from None
-        return models, form
+        return files, form
 
 
 #: The fields of a fit in the list of fits (its page has the rest), and most fits listed.
@@ -634,18 +649,98 @@ class FitFileApi(Api):
         path = self.fits.file(fid, name) if FIT_ID.fullmatch(fid) else None
         if path is None:
             raise tornado.web.HTTPError(404, "no such file")
-        types = {".csv": "text/csv; charset=utf-8", ".png": "image/png", ".zip": "application/zip",
-                 ".hgx": "application/x-hdf5"}
-        self.set_header("Content-Type", types.get(path.suffix, "application/octet-stream"))
-        self.set_header("Content-Disposition", f'attachment; filename="{name}"')
+        await _send_file(self, path, name)
+
+
+async def _send_file(handler: Base, path: Path, name: str) -> None:
+    """Send one of a fit's or a series' files as a download (``name`` is one the store listed)."""
+    types = {".csv": "text/csv; charset=utf-8", ".png": "image/png", ".zip": "application/zip",
+             ".hgx": "application/x-hdf5"}
+    handler.set_header("Content-Type", types.get(path.suffix, "application/octet-stream"))
+    handler.set_header("Content-Disposition", f'attachment; filename="{name}"')
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                handler.write(chunk)
+                await handler.flush()
+    except OSError:
+        raise tornado.web.HTTPError(404, "the file is gone") from None
+    handler.finish()
+
+
+class SeriesListApi(Upload):
+    """``GET /api/series``: every series; ``POST /api/series`` (multipart: one ``model``, ``data`` files,
+    settings fields, ``chain``, ``adjust_bounds``, ``sequence``): a new series of fits, one per data file.
+
+    The model, the settings and the data files are checked (400, and nothing runs) before any fit
+    is submitted.
+    """
+
+    def get(self) -> None:
+        listed = sorted(self.series.series.values(), key=lambda s: s.submitted, reverse=True)[:MAX_LISTED]
+        out = []
+        for s in listed:
+            body = self.series.json(s)
+            out.append({k: body[k] for k in ("id", "name", "file", "state", "submitted", "finished", "chain",
+                                             "counts")} | {"datasets": len(s.datasets)})
+        self.json({"series": out})
+
+    async def post(self) -> None:
+        from orchester.genx.inspect import ModelError
+
+        files, form = self.parts()
+        models, data = files.get("model", []), files.get("data", [])
+        if len(models) != 1:
+            raise self.bad("a series fits one model: send one .hgx file as 'model'")
+        if not data:
+            raise self.bad("no data files: send the series' data files as 'data'")
+        m = models[0]
         try:
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    self.write(chunk)
-                    await self.flush()
-        except OSError:
-            raise tornado.web.HTTPError(404, "the file is gone") from None
-        self.finish()
+            series = await self.series.add(m.filename or "model.hgx", m.body,
+                                           [(d.filename or f"data_{i}", d.body) for i, d in enumerate(data)], form)
+        except (ModelError, SettingsError) as exc:
+            raise self.bad(f"{(m.filename or 'model')[:100]}: {exc}" if isinstance(exc, ModelError)
+                           else str(exc)) from None
+        except OrchesterError as exc:  # the inspection could not run
+            raise tornado.web.HTTPError(503, f"the model could not be checked: {exc}".replace("%", "%%")) from None
+        except OSError as exc:
+            raise tornado.web.HTTPError(507, f"the series could not be kept: {exc.strerror}".replace("%", "%%")) \
+                from None
+        self.set_status(201)
+        self.json({"id": series.id, "name": series.name, "datasets": len(series.datasets), "chain": series.chain})
+
+
+class SeriesApi(Api):
+    """``GET /api/series/{id}``: one series: its settings, and per dataset (in the order of the sequence)
+    its fit's state, figure of merit and fitted parameters with error bars."""
+
+    def get(self, sid: str) -> None:
+        series = self.series.series.get(sid) if FIT_ID.fullmatch(sid) else None
+        if series is None:
+            raise tornado.web.HTTPError(404, "no such series")
+        self.json(self.series.json(series))
+
+
+class SeriesFigureApi(Api):
+    """``GET /api/series/{id}/figure``: the series' figure (bokeh JSON), filled by the page."""
+
+    async def get(self, sid: str) -> None:
+        series = self.series.series.get(sid) if FIT_ID.fullmatch(sid) else None
+        if series is None:
+            raise tornado.web.HTTPError(404, "no such series")
+        # made on the thread that draws every figure (bokeh is not thread-safe)
+        item = await asyncio.get_running_loop().run_in_executor(WRITER, self.series.figure, series)
+        self.json(item)
+
+
+class SeriesFileApi(Api):
+    """``GET /api/series/{id}/files/{name}``: ``series.csv``, ``series.png`` or ``series.zip`` of a finished series."""
+
+    async def get(self, sid: str, name: str) -> None:
+        path = self.series.file(sid, name) if FIT_ID.fullmatch(sid) else None
+        if path is None:
+            raise tornado.web.HTTPError(404, "no such file")
+        await _send_file(self, path, name)
 
 
 class Events(tornado.websocket.WebSocketHandler):
@@ -689,8 +784,10 @@ class Events(tornado.websocket.WebSocketHandler):
 
 
 def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 1024 * 1024,
-             cookie_secret: str | None = None, tls: bool = False) -> tornado.web.Application:
-    """The application: pages, API and websocket on ``hub`` and ``fits``, guarded by ``auth``."""
+             cookie_secret: str | None = None, tls: bool = False,
+             series: SeriesStore | None = None) -> tornado.web.Application:
+    """The application: pages, API and websocket on ``hub``, ``fits`` and ``series`` (by default a
+    store in the ``series`` folder beside ``fits``'), guarded by ``auth``."""
     import bokeh
 
     bokeh_js = Path(bokeh.__file__).parent / "server" / "static" / "js"
@@ -699,6 +796,7 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
             (r"/", Page, {"template": "overview.html"}), (r"/tasks", Page, {"template": "tasks.html"}),
             (r"/tasks/([^/]+)", Page, {"template": "task.html"}), (r"/fits", Page, {"template": "fits.html"}),
             (r"/fits/([0-9a-f]{32})", Page, {"template": "fit.html"}),
+            (r"/series/([0-9a-f]{32})", Page, {"template": "series.html"}),
             (r"/history", Page, {"template": "history.html"}),
             (r"/api/history", HistoryApi),
             (r"/api/status", StatusApi), (r"/api/figures/([a-z]+)", FiguresApi),
@@ -707,10 +805,14 @@ def make_app(hub: Hub, fits: FitStore, auth: Auth, *, max_upload: int = 100 * 10
             (r"/api/fits", FitsApi), (r"/api/models", ModelsApi), (r"/api/fits/([0-9a-f]{32})", FitApi),
             (r"/api/fits/([0-9a-f]{32})/figure", FitFigureApi),
             (r"/api/fits/([0-9a-f]{32})/files/([^/]+)", FitFileApi),
+            (r"/api/series", SeriesListApi), (r"/api/series/([0-9a-f]{32})", SeriesApi),
+            (r"/api/series/([0-9a-f]{32})/figure", SeriesFigureApi),
+            (r"/api/series/([0-9a-f]{32})/files/([^/]+)", SeriesFileApi),
             (r"/ws", Events),
             (r"/bokeh/(.*)", Static, {"path": str(bokeh_js)}),
         ],
         hub=hub, fits=fits, auth=auth, max_upload=max_upload,
+        series=series if series is not None else SeriesStore(fits.root.parent / "series", fits),
         bus_budget={"browser": Budget(BUS_REQUESTS, BUS_BURST), "script": Budget(BUS_REQUESTS, BUS_BURST)},
         uploads=asyncio.Semaphore(MAX_UPLOADS),
         template_path=str(HERE / "templates"), static_path=str(HERE / "static"), static_handler_class=Static,

@@ -5,6 +5,8 @@ task's id: 128 random bits)::
 
     <data>/fits/<id>/fit.json       what the page shows (state, settings, figure of merit per generation)
     <data>/fits/<id>/model.hgx      the uploaded model, as uploaded
+    <data>/fits/<id>/data           the data file a fit of a series reads instead of the model's own
+                                    (:mod:`orchester.web.series`)
     <data>/fits/<id>/out/           the files ``orchester fit`` writes for the same model and settings
                                     (<name>.csv, <name>_params.csv, <name>_fom.csv, <name>.hgx, <name>.png),
                                     plot.json (the result page's figure) and <name>.zip (all of it)
@@ -67,7 +69,11 @@ _RANGES: dict[str, tuple[type, float, float, bool]] = {
     "km": (float, 0.0, 2.0, True),
     "kr": (float, 0.0, 1.0, False),
     "max_evaluations": (int, 1, 10**9, False),
+    "min_spread": (float, 0.0, 100.0, False),
+    "max_seconds": (float, 0.001, 1e9, False),
 }
+#: The form's words for the settings that are true or false (an empty field: the file's own).
+_FLAG_WORDS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
 
 
 def parse_settings(form: Mapping[str, str]) -> FitSettings:
@@ -90,6 +96,12 @@ def parse_settings(form: Mapping[str, str]) -> FitSettings:
             bound = f"more than {lo:g}" if open_lo else f"at least {lo:g}"
             raise SettingsError(f"{name}: {raw[:40]} is out of range ({bound} and at most {hi:g})")
         values[name] = number
+    for name in ("start_guess", "boundaries"):
+        raw = form.get(name, "").strip().lower()
+        if raw:
+            if raw not in _FLAG_WORDS:
+                raise SettingsError(f"{name}: {raw[:40]!r} is not yes or no")
+            values[name] = _FLAG_WORDS[raw]
     method = form.get("method", "").strip()
     if method:
         if method not in TRIAL_METHODS:
@@ -133,10 +145,18 @@ class WebFit:
     parameters: list[dict[str, Any]] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)  #: what inspection read of the model
     total: int | None = None  #: generations the fit runs (from its progress: the model file's, or the form's)
+    series: str = ""  #: the series it belongs to (its id), if any
+    data: str = ""  #: the data file it fits (its name as uploaded: shown, never a path), if any
+    loader: str = ""  #: GenX's data loader for that file (``default`` or ``orso``)
+    sequence: float | None = None  #: its place in the series (temperature, time, ...)
+    #: where it starts: per fitted parameter ``{value, min?, max?}`` (a chained series' previous result)
+    start: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def json(self) -> dict[str, Any]:
         """The fit as ``GET /api/fits/{id}`` gives it."""
         return {"id": self.id, "name": self.name, "file": self.file, "settings": self.settings,
+                "series": self.series, "data": self.data, "loader": self.loader, "sequence": self.sequence,
+                "start": self.start,
                 "state": self.state, "submitted": self.submitted, "finished": self.finished,
                 "generation": self.generation, "generations": self.settings.get("generations") or self.total,
                 "fom": self.fom, "fom_name": self.fom_name, "fom_history": self.fom_history,
@@ -151,7 +171,7 @@ class WebFit:
             raise ValueError("not a fit record")
         fid, name, state = data.get("id"), data.get("name"), data.get("state")
         if not (isinstance(fid, str) and FIT_ID.fullmatch(fid) and state in STATES and isinstance(name, str)
-                and name == safe_name(name)):
+                and name == safe_name(f"{name}.hgx")):
             raise ValueError("not a fit record (id, name or state)")
         files = data.get("files", [])
         if not isinstance(files, list) or not set(files) <= set(expected_files(name)):
@@ -160,7 +180,11 @@ class WebFit:
         if not isinstance(settings, dict) or len(settings) > 20:
             raise ValueError("settings of the wrong shape")
         history = data.get("fom_history", [])
-        return cls(
+        series, loader = data.get("series", ""), data.get("loader", "")
+        if not (series == "" or (isinstance(series, str) and FIT_ID.fullmatch(series))) or loader not in LOADERS:
+            raise ValueError("not a fit record (series or loader)")
+        start = _start(data.get("start", {}))
+        fit = cls(
             fid, name, str(data.get("file", ""))[:300], _plain_settings(settings), state,
             _number(data.get("submitted")) or 0.0, _number(data.get("finished")),
             int(_number(data.get("generation")) or 0), _number(data.get("fom")), str(data.get("fom_name", "fom"))[:40],
@@ -170,6 +194,29 @@ class WebFit:
             [_parameter(p) for p in data.get("parameters", [])[:10_000] if isinstance(p, dict)]
             if isinstance(data.get("parameters"), list) else [],
             {})
+        fit.series, fit.loader, fit.start = series, loader, start
+        fit.data, fit.sequence = str(data.get("data", ""))[:300], _number(data.get("sequence"))
+        return fit
+
+
+#: GenX's data loaders a fit's data file may be read with ("": the fit has no data file of its own).
+LOADERS = ("", "default", "orso")
+
+
+def _start(value: Any) -> dict[str, dict[str, float]]:
+    """A fit's start values read back: parameter names to ``{value, min?, max?}`` of finite numbers."""
+    if not isinstance(value, dict) or len(value) > 10_000:
+        raise ValueError("start values of the wrong shape")
+    out: dict[str, dict[str, float]] = {}
+    for name, change in value.items():
+        if not (isinstance(name, str) and 0 < len(name) <= 200 and isinstance(change, dict)
+                and set(change) <= {"value", "min", "max"}):
+            raise ValueError("start values of the wrong shape")
+        numbers = {k: _number(v) for k, v in change.items()}
+        if any(v is None for v in numbers.values()):
+            raise ValueError("start values that are not finite numbers")
+        out[name] = {k: float(v) for k, v in numbers.items() if v is not None}
+    return out
 
 
 Inspect = Callable[[bytes], Any]
@@ -198,6 +245,8 @@ class FitStore:
         self.inspect = inspect
         self.max_running = max_running
         self.fits: dict[str, WebFit] = {}
+        #: called with each fit that ends (done or failed), after its ``fit.json`` is written
+        self.finished: list[Callable[[WebFit], None]] = []
         self._checking = 0
         self._waiting: dict[str, asyncio.Task[None]] = {}
 
@@ -230,7 +279,7 @@ class FitStore:
         :class:`~orchester.genx.inspect.ModelError` for a file that is not a GenX model,
         :class:`SettingsError` for a bad setting: nothing is kept or run then.
         """
-        if sum(f.state in ("queued", "running") for f in self.fits.values()) + self._checking >= self.max_running:
+        if self.waiting() >= self.max_running:
             raise SettingsError(f"{self.max_running} fits are already waiting or running: wait for some to finish")
         self._checking += 1  # counted while its model is checked: concurrent uploads never pass the cap together
         try:
@@ -260,6 +309,47 @@ class FitStore:
         self._follow(fit, fut)
         self._trim()
         return fit
+
+    def waiting(self) -> int:
+        """Fits waiting or running, and uploads being checked (against ``max_running``)."""
+        return sum(f.state in ("queued", "running") for f in self.fits.values()) + self._checking
+
+    def add_member(self, series: str, name: str, filename: str, model: bytes, model_info: dict[str, Any],
+                   data_name: str, data: bytes, loader: str, sequence: float, settings: FitSettings,
+                   start: dict[str, dict[str, float]], fid: str) -> WebFit:
+        """Keep and submit one fit of a series (:mod:`orchester.web.series`), of id ``fid`` (the series
+        records it first: a series taken up again never fits a dataset twice): ``model`` (already
+        checked) fitted to the data file ``data`` read by GenX's ``loader``, starting from ``start``;
+        the new fit. A fit the bus does not take is kept as failed, with the reason."""
+        if loader not in LOADERS[1:] or not FIT_ID.fullmatch(fid):
+            raise ValueError(f"unknown data loader {loader!r} or a fit id of the wrong shape")
+        fit = WebFit(fid, safe_name(name), filename[:300], settings.kwargs(), submitted=time.time(), model=model_info,
+                     series=series, data=data_name[:300], loader=loader, sequence=sequence, start=start)
+        folder = self.root / fid
+        folder.mkdir(mode=0o700, exist_ok=True)  # (a series taken up again may have made it)
+        _write_atomic(folder / "model.hgx", model)
+        _write_atomic(folder / "data", data)
+        self._save(fit)
+        self.fits[fid] = fit
+        try:
+            fut = self.client.submit_nowait("genx.fit", model, task_id=fid, **self._kwargs(fit, data))
+        except (OrchesterError, ValueError) as exc:
+            self._finish(fit, "failed", error=f"not submitted: {exc}")
+            return fit
+        self._follow(fit, fut)
+        self._trim()
+        return fit
+
+    def _kwargs(self, fit: WebFit, data: bytes | None) -> dict[str, Any]:
+        """The ``genx.fit`` keywords of a fit: its settings, its data file, its start values."""
+        kwargs = dict(fit.settings)
+        if fit.loader:
+            if data is None:
+                data = (self.root / fit.id / "data").read_bytes()
+            kwargs["data"] = {"name": fit.data or "data", "content": data, "loader": fit.loader}
+        if fit.start:
+            kwargs["fit"] = {name: dict(change) for name, change in fit.start.items()}
+        return kwargs
 
     def _follow(self, fit: WebFit, fut: Any) -> None:
         self._waiting[fit.id] = asyncio.get_running_loop().create_task(self._wait(fit, fut),
@@ -322,7 +412,7 @@ class FitStore:
                 raise
         model = (self.root / fit.id / "model.hgx").read_bytes()
         log.info("fit %s was never accepted by the bus: submitted again", fit.id)
-        return await self.client.submit_nowait("genx.fit", model, task_id=fit.id, **fit.settings)
+        return await self.client.submit_nowait("genx.fit", model, task_id=fit.id, **self._kwargs(fit, None))
 
     def _write(self, fit: WebFit, result: dict[str, Any]) -> list[str]:
         """The result's files (those of ``orchester fit``), its figure and a zip of it all: the file names."""
@@ -349,6 +439,11 @@ class FitStore:
         if satellite:
             fit.satellite = satellite[:200]
         self._save(fit)
+        for call in list(self.finished):
+            try:
+                call(fit)
+            except Exception:  # a listener's bug: logged, the fit stays ended
+                log.exception("a listener of fit %s failed", fit.id)
 
     def _save(self, fit: WebFit) -> None:
         _write_atomic(self.root / fit.id / "fit.json", json.dumps(fit.json(), allow_nan=False).encode())
@@ -429,9 +524,8 @@ def _number(v: Any) -> float | None:
 
 
 def _plain_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings read back: short names to numbers or short strings only."""
-    return {str(k)[:40]: (v if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)[:40])
-            for k, v in settings.items()}
+    """Settings read back: short names to numbers, true or false, or short strings only."""
+    return {str(k)[:40]: (v if isinstance(v, (int, float)) else str(v)[:40]) for k, v in settings.items()}
 
 
 def _parameter(p: dict[str, Any]) -> dict[str, Any]:

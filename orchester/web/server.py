@@ -209,6 +209,7 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     from orchester.web.app import Auth, make_app
     from orchester.web.fits import FitStore
     from orchester.web.hub import Hub
+    from orchester.web.series import SeriesStore
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -221,17 +222,20 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     hub.listeners.append(fits.on_event)
     hub.start()
     known = fits.load()
-    if known:
-        log.info("%d fit(s) read back from %s", known, data)
+    series = SeriesStore(data / "series", fits)
+    taken = series.load()
+    if known or taken:
+        log.info("%d fit(s) and %d series read back from %s", known, taken, data)
     token = options.token or secrets.token_hex(24)
     auth = Auth(token)
-    app = make_app(hub, fits, auth, max_upload=options.max_upload, tls=tls is not None)
+    app = make_app(hub, fits, auth, max_upload=options.max_upload, tls=tls is not None, series=series)
     _raise_file_limit()
     server = BoundedHTTPServer(app, ssl_options=tls, max_body_size=1024 * 1024, max_buffer_size=64 * 1024 * 1024,
                                idle_connection_timeout=IDLE_TIMEOUT, body_timeout=BODY_TIMEOUT)
     try:
         sockets = tornado.netutil.bind_sockets(port, host)
     except OSError as exc:
+        await series.close()
         await fits.close()
         await hub.close()
         raise WebConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -251,6 +255,7 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     finally:
         server.stop()
         await server.close_all_connections()
+        await series.close()
         await fits.close()
         await hub.close()
     return 0

@@ -133,6 +133,49 @@ def test_upload_fit_watch_download(web: str, web_cluster: LocalCluster, browser:
         assert (tmp_path / f"{name}.png").stat().st_size > 10_000
 
 
+def test_a_series_from_the_page(web: str, browser: Any, tmp_path: Path) -> None:
+    """One model and four data files, chained: the series' page fills its table and figure as fits end."""
+    series = sorted((EXAMPLES / "series").glob("*.dat"))[:4]
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        page.goto(web)
+        page.goto(web.split("?")[0] + "fits")
+        page.set_input_files("#model", str(EXAMPLES / "nickel_film.hgx"))
+        page.wait_for_selector("#defaults >> text=stored settings", timeout=60_000)
+        page.set_input_files("#data", [str(p) for p in reversed(series)])
+        assert "4 data file(s)" in page.inner_text("#data-chosen")
+        page.fill("input[name=generations]", "15")
+        page.fill("input[name=population]", "10")
+        page.check("input[name=chain]")
+        page.click("#fit-button")
+        page.wait_for_url(re.compile(r".*/series/[0-9a-f]{32}$"), timeout=60_000)
+        page.wait_for_selector("#rows tbody tr", timeout=60_000)
+        page.wait_for_function("document.querySelector('#series-state').textContent === 'done'", timeout=300_000)
+        page.wait_for_selector("#files a >> text=series.csv", timeout=30_000)
+        rows = page.locator("#rows tbody tr")
+        assert rows.count() == 4
+        assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(4)] == [p.name for p in series]
+        assert all(rows.nth(i).locator("td").nth(2).inner_text() == "done" for i in range(4))
+        # every panel of the figure has a point per dataset
+        panels = page.evaluate("Bokeh.documents[0].all_models.size && Array.from(Bokeh.documents[0].all_models)"
+                               ".filter((m) => (m.name || '').startsWith('series-')).map((m) => m.data.value.length)")
+        assert panels and all(n == 4 for n in panels), panels
+        page.screenshot(path=str(tmp_path / "series.png"), full_page=True)
+        with page.expect_download() as download:
+            page.click("#files a >> text=series.csv")
+        table = Path(download.value.path()).read_text().splitlines()
+        assert len(table) == 5 and table[0].startswith("file,sequence,status,fom")
+        page.click("text=Fits")
+        page.wait_for_selector("#series-list tbody tr >> text=nickel_film", timeout=30_000)
+    finally:
+        context.close()
+    assert not problems, problems
+    assert (tmp_path / "series.png").stat().st_size > 10_000
+
+
 def test_a_page_without_the_token_says_how_to_get_in(web: str, browser: Any) -> None:
     page = browser.new_page()
     try:

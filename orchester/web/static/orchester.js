@@ -262,17 +262,37 @@ const Orchester = (() => {
       }
     }
     input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
+    const dataInput = $("#data");
+    dataInput.addEventListener("change", () => {
+      const n = dataInput.files.length;
+      $("#data-chosen").textContent = n ? `${n} data file(s): one fit each` : "";
+    });
     for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
     for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, () => drop.classList.remove("over"));
     drop.addEventListener("drop", (e) => { e.preventDefault(); chosen = Array.from(e.dataTransfer.files); show(); });
     form.addEventListener("submit", async (e) => {
       e.preventDefault();
       if (!chosen.length) { showError("#fit-error", "choose or drop one or more .hgx model files first"); return; }
+      const series = dataInput.files.length > 0;
+      if (series && chosen.length !== 1) { showError("#fit-error", "a series fits one model: choose one .hgx file"); return; }
       const data = new FormData();
       for (const f of chosen) data.append("model", f, f.name);
-      for (const [k, v] of new FormData(form)) if (k !== "model" && v !== "") data.append(k, v);
+      for (const f of series ? dataInput.files : []) data.append("data", f, f.name);
+      for (const [k, v] of new FormData(form)) if (k !== "model" && k !== "data" && v !== "") data.append(k, v);
       $("#fit-button").disabled = true;
       $("#fit-message").textContent = "uploading and checking…";
+      if (series) {
+        try {
+          const body = await api("/api/series", {method: "POST", body: data, headers: {"X-XSRFToken": xsrf()}});
+          location.href = `/series/${body.id}`;
+        } catch (err) {
+          showError("#fit-error", err.message);
+          $("#fit-message").textContent = "";
+        } finally {
+          $("#fit-button").disabled = false;
+        }
+        return;
+      }
       try {
         const body = await api("/api/fits", {method: "POST", body: data, headers: {"X-XSRFToken": xsrf()}});
         showError("#fit-error", body.fits.filter((f) => f.error).map((f) => `${f.file}: ${f.error}`).join("; "));
@@ -289,8 +309,69 @@ const Orchester = (() => {
     async function refresh() {
       const body = await api("/api/fits");
       fill($("#fits tbody"), body.fits.map(fitRow));
+      const list = await api("/api/series");
+      fill($("#series-list tbody"), list.series.map((s) => row([link(`/series/${s.id}`, s.name),
+        el("span", s.state, `state ${s.state}`), s.datasets, s.counts.done, s.counts.failed, s.chain ? "yes" : "no",
+        clock(s.submitted)])));
     }
     every(1, refresh);
+  }
+
+  async function series(id) {
+    let shownFiles = false, head = "";
+    try { await embed(await api(`/api/series/${id}/figure`), "fig-series"); } catch (e) { showError("#series-error", e.message); }
+    const timer = every(1, async () => {
+      let s;
+      try { s = await api(`/api/series/${id}`); } catch (e) { showError("#series-error", e.message); return; }
+      showError("#series-error", "");
+      $("#series-name").textContent = s.name;
+      const st = $("#series-state");
+      st.textContent = s.state;
+      st.className = `state ${s.state}`;
+      const c = s.counts;
+      const facts = $("#facts");
+      facts.replaceChildren();
+      const pairs = [["model", s.file], ["data sets", s.rows.length],
+        ["progress", `${c.done} done, ${c.failed} failed, ${c.running} running, ${c.queued + c.waiting} waiting`],
+        ["chained", s.chain ? (s.adjust_bounds ? "yes, bounds centred on the previous values" : "yes") : "no: all at once"],
+        ["settings", Object.entries(s.settings || {}).map(([k, v]) => `${k}=${v}`).join("  ") || "the model file's"]];
+      for (const [k, v] of pairs) facts.append(el("dt", k), el("dd", v));
+      const columns = ["sequence", "data file", "state", s.fom_name || "figure of merit", "satellite", ...s.parameters, "error"];
+      if (head !== columns.join("\n")) {  // the sequence, the file, the fit, then each fitted parameter
+        head = columns.join("\n");
+        $("#rows thead tr").replaceChildren(...columns.map((h) => el("th", h)));
+      }
+      const err = (p) => !p.error ? "" : (p.error[0] === 0 && p.error[1] === 0) ? " (±0)"
+        : ` (−${num(Math.abs(p.error[0]), 2)} / +${num(p.error[1], 2)})`;
+      fill($("#rows tbody"), s.rows.map((r) => {
+        const byName = Object.fromEntries(r.parameters.map((p) => [p.name, p]));
+        const state = r.fit ? link(`/fits/${r.fit}`, r.state) : el("span", r.state);
+        state.className = `state ${r.state}`;
+        return row([num(r.sequence, 6), r.file, state, num(r.fom, 5), r.satellite,
+          ...s.parameters.map((n) => byName[n] ? `${num(byName[n].value, 5)}${err(byName[n])}` : ""), r.error]);
+      }));
+      s.parameters.forEach((n, k) => {  // the figure's panel k: the fits done so far
+        const src = source(`series-${k}`);
+        if (!src) return;
+        const pts = s.rows.flatMap((r) => r.parameters.filter((p) => p.name === n).map((p) => [r.sequence, p]));
+        src.data = {sequence: pts.map(([x]) => x), value: pts.map(([, p]) => p.value),
+          lower: pts.map(([, p]) => p.value - (p.error ? Math.abs(Math.min(p.error[0], 0)) : 0)),
+          upper: pts.map(([, p]) => p.value + (p.error ? Math.abs(Math.max(p.error[1], 0)) : 0))};
+      });
+      if (s.state === "done" && !shownFiles) {
+        shownFiles = true;
+        $("#downloads").hidden = false;
+        const ul = $("#files");
+        for (const name of s.files) {
+          const li = el("li");
+          const a = link(`/api/series/${id}/files/${encodeURIComponent(name)}`, name);
+          a.setAttribute("download", name);
+          li.appendChild(a);
+          ul.appendChild(li);
+        }
+        clearInterval(timer);
+      }
+    });
   }
 
   async function fit(id) {
@@ -375,5 +456,5 @@ const Orchester = (() => {
     load();
   }
 
-  return {overview, tasks, task, fits, fit, history};
+  return {overview, tasks, task, fits, fit, series, history};
 })();
