@@ -8,6 +8,8 @@ from setuptools import find_packages, setup
 GENX = ["scipy>=1.10", "platformdirs>=3", "h5py>=3.8", "orsopy>=1.2.0", "pint>=0.22", "requests>=2.28",
         "matplotlib>=3.7"]
 MPI = ["mpi4py>=3.1", "mpich"]
+# GenX's kernels compiled by numba (satellites.genx_numba): the tests fetch it for their own satellites only
+NUMBA = ["numba>=0.59"]
 # a real Graphite carbon-cache for the metrics tests (operators run their own)
 CARBON = ["carbon>=1.1", "whisper>=1.1"]
 # Playwright drives Debian's chromium (tests/conftest.py installs it when missing): no browser download
@@ -38,7 +40,7 @@ setup(
         "tornado>=6.4",
         "bokeh>=3.4",
     ],
-    extras_require={"test": TESTS, "docs": DOCS, "genx": GENX, "mpi": MPI},
+    extras_require={"test": TESTS, "docs": DOCS, "genx": GENX, "mpi": MPI, "numba": NUMBA},
     entry_points={
         "console_scripts": [
             "orchester = orchester.cli.main:main",

@@ -5,15 +5,23 @@
    Each is the median of ``--repeat`` runs after one warm-up run.
 2. Scaling: ``--k`` fits through one satellite, then through two (one worker each); the
    ratio of the makespans (target >= 1.8x on 2 cores).
+3. numba (when installed: ``pip install 'orchester[numba]'``): the same fit run directly in a
+   fresh process with GenX's numba kernels and with its numpy ones (``ORCHESTER_GENX_NUMBA=0``,
+   what ``satellite run --no-numba`` sets), one thread per fit as on a satellite that runs one
+   fit per core, then on all cores; and the bus overhead with numba on (one satellite, one
+   worker, numba's threads as the satellite sets them).
 
-Run: ``python bench/genx.py [--generations 500] [--population 40] [--repeat 3] [--k 6]``
+Run: ``python bench/genx.py [--generations 500] [--population 40] [--repeat 3] [--k 6] [--model FILE]
+[--numba-only]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +46,8 @@ def direct(model: bytes, kwargs: dict[str, int], repeat: int) -> float:
     return statistics.median(times)
 
 
-def through_bus(model: bytes, kwargs: dict[str, int], repeat: int) -> float:
-    with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as c:
+def through_bus(model: bytes, kwargs: dict[str, int], repeat: int, env: dict[str, str] | None = None) -> float:
+    with LocalCluster(satellites=1, workers=1, log_level="ERROR", env=env) as cluster, cluster.client() as c:
         c.submit("genx.fit", model, **kwargs).result(600)  # warm-up of the worker process
         times = []
         for _ in range(repeat):
@@ -59,15 +67,78 @@ def makespan(model: bytes, kwargs: dict[str, int], k: int, satellites: int) -> f
         return time.perf_counter() - t0
 
 
+#: The child that times a fit run directly: GenX with numba or without, as the environment says.
+_CHILD = """
+import json, statistics, sys, time
+from satellites.genx_task import genx_fit
+model = open(sys.argv[1], "rb").read()
+kwargs, repeat = json.loads(sys.argv[2]), int(sys.argv[3])
+result = genx_fit(model, **kwargs)  # warm-up: imports, kernels from numba's cache
+times = []
+for _ in range(repeat):
+    t0 = time.perf_counter()
+    genx_fit(model, **kwargs)
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"seconds": statistics.median(times), "numba": result["numba"],
+                  "threads": result["numba_threads"], "fom": result["fom"]}))
+"""
+
+
+def direct_in_child(model: Path, kwargs: dict[str, int], repeat: int, numba: bool, threads: int) -> dict[str, object]:
+    """One fit, directly (no bus), timed in a fresh process: GenX's numba kernels on ``threads`` threads, or numpy."""
+    from satellites import genx_numba
+
+    env = {**os.environ, genx_numba.ENV_ENABLED: "1" if numba else "0", "NUMBA_NUM_THREADS": str(threads),
+           "NUMBA_CACHE_DIR": genx_numba.cache_dir()}
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(kwargs), str(repeat)], env=env,
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
+    out: dict[str, object] = json.loads(r.stdout.strip().splitlines()[-1])
+    return out
+
+
+def numba_section(model: Path, kwargs: dict[str, int], repeat: int) -> None:
+    from satellites import genx_numba
+
+    if not genx_numba.installed():
+        print("numba: not installed (pip install 'orchester[numba]'): nothing to compare")
+        return
+    error = genx_numba.warm()
+    if error:
+        print(f"numba: GenX's kernels do not compile here: {error}")
+        return
+    cores = genx_numba.usable_cores()
+    print(f"numba ({model.name}, {kwargs['generations']} generations, population {kwargs['population']}):")
+    for threads in sorted({1, cores}):
+        numpy = direct_in_child(model, kwargs, repeat, False, threads)
+        jit = direct_in_child(model, kwargs, repeat, True, threads)
+        assert jit["numba"] and not numpy["numba"], (jit, numpy)
+        print(f"  {threads} thread(s): numpy {numpy['seconds']:.3f} s, numba {jit['seconds']:.3f} s: "
+              f"{float(numpy['seconds']) / float(jit['seconds']):.2f}x   (figure of merit {numpy['fom']:.6g} and "  # type: ignore[arg-type]
+              f"{jit['fom']:.6g})")
+    share = genx_numba.worker_share(1)
+    alone = direct_in_child(model, kwargs, repeat, True, share)
+    bus = through_bus(model.read_bytes(), kwargs, repeat, {genx_numba.ENV_ENABLED: "1"})
+    print(f"  through the bus with numba ({share} thread(s), one worker): direct {alone['seconds']:.3f} s, bus "
+          f"{bus:.3f} s: overhead {(bus - float(alone['seconds'])) / float(alone['seconds']) * 100:+.2f} %"  # type: ignore[arg-type]
+          "   (target <= 2 %)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--generations", type=int, default=500)
     ap.add_argument("--population", type=int, default=40)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--model", type=Path, default=MODEL, help="the GenX model fitted (default: %(default)s)")
+    ap.add_argument("--numba-only", action="store_true", help="only the numba comparison (part 3)")
     args = ap.parse_args(argv)
-    model = MODEL.read_bytes()
+    model = args.model.read_bytes()
     kwargs = {"generations": args.generations, "population": args.population, "seed": 1}
+    if args.numba_only:
+        numba_section(args.model, kwargs, args.repeat)
+        return 0
     t_direct = direct(model, kwargs, args.repeat)
     t_bus = through_bus(model, kwargs, args.repeat)
     overhead = (t_bus - t_direct) / t_direct
@@ -78,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     two = makespan(model, kwargs, args.k, 2)
     print(f"{args.k} fits: one satellite {one:.2f} s, two satellites {two:.2f} s")
     print(f"  speed-up {one / two:.2f}x   (target >= 1.8x on 2 cores)")
+    numba_section(args.model, kwargs, args.repeat)
     return 0
 
 

@@ -58,9 +58,13 @@ def main(log_level: str) -> None:
               help="CurveZMQ: the orchestrator's public key file.")
 @click.option("--walltime", default=None, help="Time left in the allocation (seconds or HH:MM:SS): tasks that "
               "would not finish are not sent here, and the satellite leaves a minute before it ends.")
+@click.option("--numba/--no-numba", default=True, show_default=True,
+              help="GenX's kernels with numba, when it is installed (warmed once before the satellite registers).")
+@click.option("--numba-threads", type=click.IntRange(min=1), default=None, envvar="ORCHESTER_NUMBA_THREADS",
+              help="numba threads per worker [default: the usable cores divided by --workers].")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
-        server_key: str | None, walltime: str | None) -> None:
+        server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -72,7 +76,8 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
         sat = Satellite(list(connect), workers=workers, tags=[t for t in tags.split(",") if t],
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
-                        walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key)
+                        walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key,
+                        numba=numba, numba_threads=numba_threads)
     except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

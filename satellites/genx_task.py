@@ -287,6 +287,9 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
     x, y, error; ``orso``: an ORSO ``.ort`` file, through orsopy); the model's transforms of
     that dataset apply. The parameters' values before the fit are the result's ``start``.
     """
+    from . import genx_numba
+
+    genx_numba.apply_in_worker()  # numba off for this satellite: GenX's numpy kernels (before GenX loads)
     from genx.diffev import DiffEv
     from genx.model_control import ModelController
 
@@ -413,7 +416,7 @@ def genx_fit(model: bytes, generations: int | None = None, population: int | Non
         "seconds": round(time.perf_counter() - started, 3), "generations": used["generations"],
         "generations_run": max(0, cb.generation - 1), "population": used["population"], "seed": seed,
         "evaluations": int(getattr(opt, "n_fom", 0) or 0), "settings": settings, "genx_settings": stored,
-        "host": socket.gethostname(), "start": start, "all_parameters": every,
+        "host": socket.gethostname(), "start": start, "all_parameters": every, **genx_numba.in_use(),
         "errorbar_level": float(o.errorbar_level),
         "xlabel": labels["x"], "ylabel": labels["y"], **({"sld": sld} if sld is not None else {}),
         **({"orso": orso} if orso is not None else {}),

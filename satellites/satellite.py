@@ -37,6 +37,7 @@ from serializers import messages as M
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
+from . import genx_numba
 from . import worker as W
 from .pool import WorkerPool
 from .registry import load_task_modules, registry
@@ -78,7 +79,7 @@ class Satellite:
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
-                 server_key: str | None = None) -> None:
+                 server_key: str | None = None, numba: bool = True, numba_threads: int | None = None) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         #: the endpoints (checked here, not by a connect that never comes; ``@FILE`` read), the
         #: failover rule, the heartbeat clock and (in :meth:`run`) the orchestrator socket and its monitor
@@ -93,6 +94,11 @@ class Satellite:
         #: and ORCHESTER_SERVER_KEY; None without CurveZMQ
         self.curve = self._uplink.curve
         self.workers = workers
+        #: GenX's kernels with numba (when installed): on or off, threads per worker (default: the
+        #: cores over the workers); set up by :meth:`run` (:mod:`satellites.genx_numba`)
+        self.use_numba = numba
+        self.numba_threads = numba_threads
+        self.numba_state: genx_numba.NumbaState | None = None
         self.tags = sorted(set(tags))
         self.modules = list(tasks)
         self.heartbeat_interval = heartbeat_interval
@@ -143,6 +149,10 @@ class Satellite:
         self._wsock = wsock
         self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
                                self.allow_pickle)
+        if "genx.fit" in self.kinds:  # before the forkserver starts: it loads the kernels for every worker
+            self.numba_state = genx_numba.setup(self.workers, enabled=self.use_numba, threads=self.numba_threads,
+                                                stopped=self._stop.is_set)
+            log.info("satellite %s: GenX with %s", self.sid, self.numba_state.describe())
         try:
             self.pool.start()
             self._connect(ctx)

@@ -543,12 +543,14 @@ def write_summary(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Pa
 def provenance(model: bytes, result: dict[str, Any]) -> dict[str, Any]:
     """What a fit's result says of how it was made, for ``summary.json``: GenX's version, the model's
     SHA-256 (its data are inside it), every optimizer setting with where it came from, the seed,
-    evaluations, generations run and why the fit stopped, wall time."""
+    evaluations, generations run and why the fit stopped, wall time, and whether GenX's kernels ran
+    with numba (on how many threads)."""
     return {"genx_version": result.get("genx_version"), "model_sha256": hashlib.sha256(model).hexdigest(),
             "settings": result.get("settings"), "genx_settings": result.get("genx_settings"),
             "seed": result.get("seed"), "evaluations": result.get("evaluations"),
             "generations_run": result.get("generations_run"), "stopped": result.get("stopped"),
-            "seconds": result.get("seconds"), "fom_name": result.get("fom_name")}
+            "seconds": result.get("seconds"), "fom_name": result.get("fom_name"),
+            "numba": result.get("numba"), "numba_threads": result.get("numba_threads")}
 
 
 def settings_from(result: dict[str, Any]) -> str:

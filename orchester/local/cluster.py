@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -42,6 +43,8 @@ from typing import Any
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError
 from orchester.signals import parent_death_signal, shielded
+
+log = logging.getLogger("orchester")
 
 
 class ClusterError(OrchesterError, RuntimeError):
@@ -171,6 +174,7 @@ class LocalCluster:
         self._started = True
         try:
             self.start_orchestrator()
+            self._warm_numba()
             for i in range(self.n_satellites):
                 self.add_satellite(f"local-{i}")
             self.wait_for_satellites(self.n_satellites)
@@ -180,6 +184,16 @@ class LocalCluster:
             self.close()
             raise
         return self
+
+    def _warm_numba(self) -> None:
+        """GenX's numba kernels compiled once, here, before the satellites start (each then loads them from
+        numba's cache in a second, not compiling them side by side against the start timeout)."""
+        from satellites import genx_numba
+
+        if genx_numba.wanted({**os.environ, **self.env}):
+            error = genx_numba.warm(self.env)
+            if error:  # each satellite tries again, and runs GenX on numpy if it fails too
+                log.warning("GenX's numba kernels could not be compiled: %s", error)
 
     def start_orchestrator(self, bind: str | None = None, pub: str | None = None) -> None:
         """Start (or restart) the orchestrator process.
@@ -253,6 +267,11 @@ class LocalCluster:
             cmd += ["--tags", ",".join(t)]
         for m in self.tasks:
             cmd += ["--tasks", m]
+        merged = {**os.environ, **self.env, **(env or {})}
+        if "ORCHESTER_NUMBA_THREADS" not in merged:  # numba's threads: the cores over every worker started here
+            from satellites.genx_numba import worker_share
+
+            cmd += ["--numba-threads", str(worker_share(workers or self.workers, max(1, self.n_satellites)))]
         cmd += list(extra)
         p = self._popen(cmd, {**self.env, **(env or {})})
         self.satellites.append(p)
