@@ -42,6 +42,8 @@ from orchester.genx.job import FitsInterrupted, _cancel, _row, _satellite
 from orchester.render import csv_text
 from orchester.signals import interrupt_exit_code, shielded, signal_name
 
+#: Most parameters ``series.png`` draws.
+MAX_PANELS = 24
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
@@ -57,9 +59,11 @@ def sequence_values(names: Sequence[str], given: Sequence[float] | None = None) 
     if given is not None:
         if len(given) != len(names):
             raise ValueError(f"{len(given)} sequence values for {len(names)} data files")
+        if not all(math.isfinite(float(v)) for v in given):
+            raise ValueError("sequence values must be finite numbers")
         return [float(v) for v in given]
     found = [sequence_value(n) for n in names]
-    values = [v for v in found if v is not None]
+    values = [v for v in found if v is not None and math.isfinite(v)]
     return values if len(values) == len(names) else [float(i) for i in range(len(names))]
 
 
@@ -142,9 +146,10 @@ def start_from(parameters: Sequence[dict[str, Any]], adjust_bounds: bool) -> dic
         change: dict[str, Any] = {"value": float(value)}
         low, high = p.get("min"), p.get("max")
         if adjust_bounds and isinstance(low, (int, float)) and isinstance(high, (int, float)) \
-                and math.isfinite(low) and math.isfinite(high):
+                and math.isfinite(float(high) - float(low)):
             width = float(high) - float(low)
-            change["min"], change["max"] = value - width / 2, value + width / 2
+            if math.isfinite(value - width / 2) and math.isfinite(value + width / 2):  # (else the model's own)
+                change["min"], change["max"] = value - width / 2, value + width / 2
         start[str(p["name"])] = change
     return start
 
@@ -235,9 +240,11 @@ def write_series(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def plot_series(rows: list[dict[str, Any]], names: list[str], path: Path) -> Path | None:
-    """Each fitted parameter against the sequence, with GenX's error bars (``None``: nothing fitted)."""
+    """Each fitted parameter against the sequence, with GenX's error bars (``None``: nothing fitted); the
+    first :data:`MAX_PANELS` parameters (``series.csv`` has them all)."""
     if not names:
         return None
+    names = names[:MAX_PANELS]
     import matplotlib
 
     matplotlib.use("Agg")

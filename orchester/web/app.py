@@ -556,10 +556,13 @@ class Upload(Api):
         except (tornado.httputil.HTTPInputError, UnicodeDecodeError, ValueError) as exc:
             raise self.bad(f"not a multipart upload this server reads: {str(exc)[:200]}") from None
         try:
-            form = {k: v[-1].decode("utf-8", "strict")[:MAX_LONG_FIELD if k in LONG_FIELDS else MAX_FIELD]
-                    for k, v in args.items() if k != "_xsrf"}
+            form = {k: v[-1].decode("utf-8", "strict") for k, v in args.items() if k != "_xsrf"}
         except UnicodeDecodeError:
             raise self.bad("settings must be UTF-8 text") from None
+        for k, v in form.items():
+            limit = MAX_LONG_FIELD if k in LONG_FIELDS else MAX_FIELD
+            if len(v) > limit:
+                raise self.bad(f"{k[:40]}: longer than {limit:,} characters")
         return files, form
 
 
@@ -678,12 +681,9 @@ class SeriesListApi(Upload):
 
     def get(self) -> None:
         listed = sorted(self.series.series.values(), key=lambda s: s.submitted, reverse=True)[:MAX_LISTED]
-        out = []
-        for s in listed:
-            body = self.series.json(s)
-            out.append({k: body[k] for k in ("id", "name", "file", "state", "submitted", "finished", "chain",
-                                             "counts")} | {"datasets": len(s.datasets)})
-        self.json({"series": out})
+        self.json({"series": [{"id": s.id, "name": s.name, "file": s.file, "state": s.state, "submitted": s.submitted,
+                                "finished": s.finished, "chain": s.chain, "counts": self.series.counts(s),
+                                "datasets": len(s.datasets)} for s in listed]})
 
     async def post(self) -> None:
         from orchester.genx.inspect import ModelError

@@ -32,7 +32,7 @@ import re
 import secrets
 import time
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +73,7 @@ _RANGES: dict[str, tuple[type, float, float, bool]] = {
     "max_seconds": (float, 0.001, 1e9, False),
 }
 #: The form's words for the settings that are true or false (an empty field: the file's own).
-_FLAG_WORDS = {"yes": True, "true": True, "on": True, "no": False, "false": False, "off": False}
+_FLAG_WORDS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 
 
 def parse_settings(form: Mapping[str, str]) -> FitSettings:
@@ -247,6 +247,8 @@ class FitStore:
         self.fits: dict[str, WebFit] = {}
         #: called with each fit that ends (done or failed), after its ``fit.json`` is written
         self.finished: list[Callable[[WebFit], None]] = []
+        #: series (ids) under way: their fits are never forgotten from memory (:meth:`_trim`)
+        self.pinned: set[str] = set()
         self._checking = 0
         self._waiting: dict[str, asyncio.Task[None]] = {}
 
@@ -314,20 +316,62 @@ class FitStore:
         """Fits waiting or running, and uploads being checked (against ``max_running``)."""
         return sum(f.state in ("queued", "running") for f in self.fits.values()) + self._checking
 
+    @contextlib.contextmanager
+    def reserve(self, count: int) -> Iterator[None]:
+        """Count ``count`` fits against ``max_running`` while they are checked (a series' upload):
+        concurrent uploads never pass the cap together. :class:`SettingsError` when they would."""
+        waiting = self.waiting()
+        if waiting + count > self.max_running:
+            raise SettingsError(f"{waiting} fits are already waiting or running (at most {self.max_running}): "
+                                "wait for some to finish")
+        self._checking += count
+        try:
+            yield
+        finally:
+            self._checking -= count
+
+    def recall(self, fid: str) -> WebFit | None:
+        """A fit forgotten from memory (or never read back), read from its folder again; ``None`` when it
+        has none. One that was not finished is followed again."""
+        fit = self.fits.get(fid)
+        if fit is not None or not FIT_ID.fullmatch(fid):
+            return fit
+        try:
+            with open(self.root / fid / "fit.json", "rb") as f:
+                raw = f.read(MAX_FIT_JSON + 1)
+            if len(raw) > MAX_FIT_JSON:
+                raise ValueError(f"larger than {MAX_FIT_JSON >> 20} MB")
+            fit = WebFit.of(json.loads(raw))
+            if fit.id != fid:
+                raise ValueError("its id is not its folder's name")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
+            log.warning("fit folder %s skipped: %s", fid, exc)
+            return None
+        self.fits[fid] = fit
+        if fit.state in ("queued", "running"):
+            self._follow(fit, None)
+        return fit
+
     def add_member(self, series: str, name: str, filename: str, model: bytes, model_info: dict[str, Any],
                    data_name: str, data: bytes, loader: str, sequence: float, settings: FitSettings,
-                   start: dict[str, dict[str, float]], fid: str) -> WebFit:
+                   start: dict[str, dict[str, float]], fid: str, *, model_file: Path) -> WebFit:
         """Keep and submit one fit of a series (:mod:`orchester.web.series`), of id ``fid`` (the series
         records it first: a series taken up again never fits a dataset twice): ``model`` (already
-        checked) fitted to the data file ``data`` read by GenX's ``loader``, starting from ``start``;
-        the new fit. A fit the bus does not take is kept as failed, with the reason."""
+        checked; kept in ``model_file``, which the fit's folder links to) fitted to the data file
+        ``data`` read by GenX's ``loader``, starting from ``start``; the new fit. A fit the bus does
+        not take is kept as failed, with the reason. :class:`ValueError` for a fit that exists."""
         if loader not in LOADERS[1:] or not FIT_ID.fullmatch(fid):
             raise ValueError(f"unknown data loader {loader!r} or a fit id of the wrong shape")
-        fit = WebFit(fid, safe_name(name), filename[:300], settings.kwargs(), submitted=time.time(), model=model_info,
-                     series=series, data=data_name[:300], loader=loader, sequence=sequence, start=start)
+        fit = WebFit(fid, safe_name(f"{name}.hgx"), filename[:300], settings.kwargs(), submitted=time.time(),
+                     model=model_info, series=series, data=data_name[:300], loader=loader, sequence=sequence,
+                     start=start)
         folder = self.root / fid
-        folder.mkdir(mode=0o700, exist_ok=True)  # (a series taken up again may have made it)
-        _write_atomic(folder / "model.hgx", model)
+        folder.mkdir(mode=0o700, exist_ok=True)  # (a series taken up again may have made it, never its fit.json)
+        if (folder / "fit.json").exists():
+            raise ValueError(f"fit {fid} exists already")
+        _link_or_copy(model_file, folder / "model.hgx")  # the series' one copy of the model, linked
         _write_atomic(folder / "data", data)
         self._save(fit)
         self.fits[fid] = fit
@@ -453,7 +497,7 @@ class FitStore:
         if len(self.fits) <= MAX_FITS:
             return
         for fid in [f.id for f in sorted(self.fits.values(), key=lambda f: f.submitted)
-                    if f.state in ("done", "failed")][:len(self.fits) - MAX_FITS]:
+                    if f.state in ("done", "failed") and f.series not in self.pinned][:len(self.fits) - MAX_FITS]:
             del self.fits[fid]
 
     # ------------------------------------------------------------- progress
@@ -548,6 +592,19 @@ def _pairs(history: Any) -> list[list[float]]:
     except (TypeError, ValueError):
         return []
     return [[g, v] for g, v in arr.tolist() if math.isfinite(g) and math.isfinite(v)]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``target`` the same file as ``source`` (a hard link), or a copy where links do not work."""
+    part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    try:
+        try:
+            os.link(source, part)
+        except OSError:
+            _write_atomic(part, source.read_bytes())
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -16,10 +16,12 @@ Each series lives in a folder of its own under the web process's data folder::
     <data>/series/<id>/out/          series.csv, series.png and series.zip (those and every fit's
                                      files), written when every fit has ended
 
-``series.json`` is replaced atomically at every change, and a fit is recorded in it only after
-the fit's own folder is written, so a web process killed at any moment leaves series that a
-restarted one takes up again: the fits still running are followed, the datasets of a chain not yet
-submitted are submitted from where it stopped.
+``series.json`` is replaced atomically at every change, and every fit's id is recorded in it
+before the first is submitted, so a web process killed at any moment leaves series that a
+restarted one takes up again: the fits still running are followed, the datasets not yet
+submitted are submitted from where it stopped, under the ids recorded (the orchestrator knows a
+fit it has seen by its id). At most :data:`WINDOW` fits of a series are in flight at once; each
+fit's folder links to the series' one copy of the model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -49,7 +52,6 @@ from orchester.web.fits import (
     SettingsError,
     WebFit,
     _number,
-    _plain_settings,
     _write_atomic,
     parse_settings,
     safe_name,
@@ -66,6 +68,11 @@ MAX_SERIES_JSON = 16 * 1024 * 1024
 #: The files a finished series offers.
 SERIES_FILES = ("series.csv", "series.png", "series.zip")
 STATES = ("running", "done")
+#: Fits of one series submitted and not ended at once, at most (each holds the model in the web process
+#: until it ends, and in the bus's budget of this client).
+WINDOW = 16
+#: Series figures kept made (the most recently asked).
+MAX_FIGURES = 32
 
 
 @dataclass
@@ -75,7 +82,8 @@ class Dataset:
     file: str  #: its name as uploaded (shown, never a path)
     sequence: float
     loader: str  #: GenX's data loader for it (``default`` or ``orso``)
-    fit: str = ""  #: the id of its fit, once submitted
+    fit: str = ""  #: the id of its fit (recorded before it is submitted)
+    error: str = ""  #: why it has no fit, when its fit could not even be made
 
 
 @dataclass
@@ -100,8 +108,8 @@ class WebSeries:
         return {"id": self.id, "name": self.name, "file": self.file, "settings": self.settings, "chain": self.chain,
                 "adjust_bounds": self.adjust_bounds, "parameters": self.parameters, "submitted": self.submitted,
                 "state": self.state, "finished": self.finished, "files": self.files,
-                "datasets": [{"file": d.file, "sequence": d.sequence, "loader": d.loader, "fit": d.fit}
-                             for d in self.datasets]}
+                "datasets": [{"file": d.file, "sequence": d.sequence, "loader": d.loader, "fit": d.fit,
+                              **({"error": d.error} if d.error else {})} for d in self.datasets]}
 
     @classmethod
     def of(cls, data: Any) -> WebSeries:
@@ -128,11 +136,17 @@ class WebSeries:
             if not (fid == "" or (isinstance(fid, str) and FIT_ID.fullmatch(fid))) or sequence is None \
                     or loader not in ("default", "orso"):
                 raise ValueError("a dataset of the wrong shape")
-            sets.append(Dataset(str(d.get("file", ""))[:300], sequence, loader, fid))
+            sets.append(Dataset(str(d.get("file", ""))[:300], sequence, loader, fid, str(d.get("error", ""))[:1000]))
         files = data.get("files", [])
         if not isinstance(files, list) or not set(files) <= set(SERIES_FILES):
             raise ValueError("files that are not a series'")
-        return cls(sid, name, str(data.get("file", ""))[:300], _plain_settings(settings), data.get("chain") is True,
+        try:  # the settings as the form would give them, every one in range
+            checked = parse_settings({str(k): str(v) for k, v in settings.items()}).kwargs()
+        except SettingsError as exc:
+            raise ValueError(f"settings out of range: {exc}") from None
+        if set(checked) != set(settings):
+            raise ValueError("settings that are not a series'")
+        return cls(sid, name, str(data.get("file", ""))[:300], checked, data.get("chain") is True,
                    data.get("adjust_bounds") is True, sets, [p[:200] for p in params],
                    _number(data.get("submitted")) or 0.0, state, _number(data.get("finished")), list(files))
 
@@ -147,8 +161,10 @@ def parse_sequence(text: str, count: int) -> list[float] | None:
         values = [float(w) for w in words]
     except ValueError:
         raise SettingsError("sequence: give one number per data file, separated by commas") from None
-    if len(values) != count or not all(abs(v) < 1e300 for v in values):
-        raise SettingsError(f"sequence: {len(values)} finite numbers for {count} data files")
+    if not all(abs(v) < 1e300 for v in values):
+        raise SettingsError("sequence: every value must be a finite number")
+    if len(values) != count:
+        raise SettingsError(f"sequence: {len(values)} numbers for {count} data files")
     return values
 
 
@@ -215,12 +231,13 @@ class SeriesStore:
         chain, adjust = _flag(form, "chain"), _flag(form, "adjust_bounds")
         if adjust and not chain:
             raise SettingsError("adjust_bounds: only for a chained series (each fit starts from the previous)")
-        values = sequence_values([n for n, _ in data], parse_sequence(form.get("sequence", ""), len(data)))
-        waiting = self.fits.waiting()
-        if waiting + (1 if chain else len(data)) > self.fits.max_running:
-            raise SettingsError(f"{waiting} fits are already waiting or running (at most {self.fits.max_running}): "
-                                "wait for some to finish")
-        info = await asyncio.get_running_loop().run_in_executor(INSPECTORS, self.fits.inspect or inspect_model, model)
+        try:
+            values = sequence_values([n for n, _ in data], parse_sequence(form.get("sequence", ""), len(data)))
+        except ValueError as exc:
+            raise SettingsError(f"sequence: {exc}") from None
+        with self.fits.reserve(min(len(data), WINDOW)):  # (a series keeps at most WINDOW fits in flight)
+            info = await asyncio.get_running_loop().run_in_executor(INSPECTORS, self.fits.inspect or inspect_model,
+                                                                    model)
         model_info = info.to_json() if hasattr(info, "to_json") else {}
         order = sorted(range(len(data)), key=lambda i: (values[i], i))
         sid = secrets.token_hex(16)
@@ -230,11 +247,15 @@ class SeriesStore:
                            if isinstance(model_info, dict) else [], submitted=time.time())
         folder = self.root / sid
         folder.mkdir(mode=0o700)
-        (folder / "data").mkdir(mode=0o700)
-        _write_atomic(folder / "model.hgx", model)
-        for k, i in enumerate(order):
-            _write_atomic(folder / "data" / str(k), data[i][1])
-        self._save(series)
+        try:
+            (folder / "data").mkdir(mode=0o700)
+            _write_atomic(folder / "model.hgx", model)
+            for k, i in enumerate(order):
+                _write_atomic(folder / "data" / str(k), data[i][1])
+            self._save(series)
+        except BaseException:  # nothing kept of a series that is not started
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         self.series[sid] = series
         self._trim()
         self._start(series)
@@ -245,19 +266,33 @@ class SeriesStore:
             self._run(series), name=f"orchester-web-series-{series.id[:8]}")
 
     async def _run(self, series: WebSeries) -> None:
-        """Submit the series' fits (all at once, or one after another for a chain), wait for every one,
-        write the series' files. Whatever goes wrong ends the series with what it has."""
+        """Submit the series' fits (at most :data:`WINDOW` at once, or one after another for a chain), wait
+        for every one, write the series' files. A dataset whose fit cannot even be made is a row with its
+        error; the rest go on; the series always ends."""
+        self.fits.pinned.add(series.id)
         try:
+            if any(not d.fit for d in series.datasets):  # every fit's id recorded before any is submitted
+                for d in series.datasets:
+                    d.fit = d.fit or secrets.token_hex(16)
+                self._save(series)
             if series.chain:
                 last: WebFit | None = None
                 for k in range(len(series.datasets)):
                     fit = self._fit_of(series, k, last)
-                    await self._until_ended(fit)
-                    if fit.state == "done":
-                        last = fit
+                    if fit is not None:
+                        await self._until_ended(fit)
+                        if fit.state == "done":
+                            last = fit
             else:
-                fits = [self._fit_of(series, k, None) for k in range(len(series.datasets))]
-                for fit in fits:
+                flight: list[WebFit] = []
+                for k in range(len(series.datasets)):
+                    fit = self._fit_of(series, k, None)
+                    if fit is None:
+                        continue
+                    flight.append(fit)
+                    while sum(f.state in ("queued", "running") for f in flight) >= WINDOW:
+                        await self._until_ended(next(f for f in flight if f.state in ("queued", "running")))
+                for fit in flight:
                     await self._until_ended(fit)
         except asyncio.CancelledError:
             raise
@@ -265,30 +300,40 @@ class SeriesStore:
             log.exception("series %s could not go on", series.id)
         finally:
             self._running.pop(series.id, None)
+            self.fits.pinned.discard(series.id)
         try:
             series.files = await asyncio.get_running_loop().run_in_executor(WRITER, self._write, series)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except Exception as exc:  # the series ends all the same: its fits have their own files
             log.warning("the files of series %s could not be written: %s", series.id, exc)
         series.state, series.finished = "done", time.time()
-        self._save(series)
+        try:
+            self._save(series)
+        except Exception as exc:  # (a full disk): a restarted web process takes it up again
+            log.warning("series %s could not be saved: %s", series.id, exc)
 
-    def _fit_of(self, series: WebSeries, k: int, last: WebFit | None) -> WebFit:
-        """The fit of the series' ``k``-th dataset: the one it has, or a new one submitted (a chain's
-        starting from ``last``, the previous fit that succeeded)."""
+    def _fit_of(self, series: WebSeries, k: int, last: WebFit | None) -> WebFit | None:
+        """The fit of the series' ``k``-th dataset: the one it has (read back from its folder if need be),
+        or a new one submitted (a chain's starting from ``last``, the previous fit that succeeded);
+        ``None`` when it cannot be made (the dataset's row then says why)."""
         d = series.datasets[k]
-        fit = self.fits.fits.get(d.fit) if d.fit else None
+        if d.error:
+            return None
+        fit = self.fits.recall(d.fit)
         if fit is not None:
             return fit
-        if not d.fit:  # its id recorded before anything is submitted under it
-            d.fit = secrets.token_hex(16)
-            self._save(series)
         folder = self.root / series.id
         start = start_from(last.parameters, series.adjust_bounds) if last is not None and series.chain else {}
-        fit = self.fits.add_member(
-            series.id, f"{series.name}_{_safe(Path(d.file).stem)}", series.file, (folder / "model.hgx").read_bytes(),
-            {}, d.file, (folder / "data" / str(k)).read_bytes(), d.loader, d.sequence,
-            FitSettings(**series.settings), start, d.fit)
-        return fit
+        try:
+            return self.fits.add_member(
+                series.id, f"{series.name}_{_safe(Path(d.file).stem)}", series.file,
+                (folder / "model.hgx").read_bytes(), {}, d.file, (folder / "data" / str(k)).read_bytes(), d.loader,
+                d.sequence, FitSettings(**series.settings), start, d.fit, model_file=folder / "model.hgx")
+        except Exception as exc:  # its files gone, a disk full, a start value out of range: this dataset only
+            log.warning("series %s: the fit of %s could not be made: %s", series.id, d.file, exc)
+            d.error = f"the fit could not be made: {type(exc).__name__}: {exc}"[:1000]
+            with contextlib.suppress(Exception):
+                self._save(series)
+            return None
 
     async def _until_ended(self, fit: WebFit) -> None:
         if fit.state in ("done", "failed"):
@@ -311,21 +356,31 @@ class SeriesStore:
         out: list[dict[str, Any]] = []
         for d in series.datasets:
             fit = self.fits.fits.get(d.fit) if d.fit else None
-            row: dict[str, Any] = {"file": d.file, "sequence": d.sequence, "fit": d.fit, "state": "waiting",
-                                   "fom": None, "error": "", "generation": 0, "satellite": ""}
+            row: dict[str, Any] = {"file": d.file, "sequence": d.sequence, "fit": d.fit if fit else "",
+                                   "state": "waiting", "fom": None, "error": "", "generation": 0, "satellite": ""}
             if fit is not None:
                 row.update(state=fit.state, fom=fit.fom, error=fit.error, generation=fit.generation,
                            satellite=fit.satellite)
+            elif d.error:
+                row.update(state="failed", error=d.error, fit="")
             row["parameters"] = [{"name": p["name"], "value": p["value"], "error": p["error"]}
                                  for p in (fit.parameters if fit is not None and fit.state == "done" else [])
                                  if p.get("value") is not None]
             out.append(row)
         return out
 
+    def counts(self, series: WebSeries) -> dict[str, int]:
+        """How many of the series' datasets wait, are queued, run, are done or failed."""
+        out = dict.fromkeys(("waiting", "queued", "running", "done", "failed"), 0)
+        for d in series.datasets:
+            fit = self.fits.fits.get(d.fit) if d.fit else None
+            out["failed" if fit is None and d.error else fit.state if fit is not None else "waiting"] += 1
+        return out
+
     def json(self, series: WebSeries) -> dict[str, Any]:
         """The series as ``GET /api/series/{id}`` gives it."""
         rows = self.rows(series)
-        counts = {s: sum(r["state"] == s for r in rows) for s in ("waiting", "queued", "running", "done", "failed")}
+        counts = self.counts(series)
         return {**{k: v for k, v in series.json().items() if k != "datasets"}, "rows": rows, "counts": counts,
                 "fom_name": next((f.fom_name for d in series.datasets
                                   if (f := self.fits.fits.get(d.fit)) is not None and f.state == "done"), "fom")}
@@ -334,9 +389,12 @@ class SeriesStore:
         """The series' live figure (bokeh JSON, made once): each fitted parameter against the sequence."""
         from orchester.web.plots import series_figure
 
-        item = self._figures.get(series.id)
+        item = self._figures.pop(series.id, None)
         if item is None:
-            item = self._figures[series.id] = series_figure(series.parameters)
+            item = series_figure(series.parameters)
+        self._figures[series.id] = item  # the newest last: the oldest are dropped
+        while len(self._figures) > MAX_FIGURES:
+            del self._figures[next(iter(self._figures))]
         return item
 
     def file(self, sid: str, name: str) -> Path | None:
@@ -368,14 +426,14 @@ class SeriesStore:
             with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as z:
                 for n in names:
                     z.write(out / n, n)
-                for d in series.datasets:
+                for k, d in enumerate(series.datasets):  # each fit's files but its fitted model (on its page)
                     fit = self.fits.fits.get(d.fit) if d.fit else None
                     if fit is None:
                         continue
                     for n in fit.files:
-                        if not n.endswith(".zip"):
+                        if not n.endswith((".zip", ".hgx")):
                             with contextlib.suppress(OSError):
-                                z.write(self.fits.root / fit.id / "out" / n, f"{fit.name}/{n}")
+                                z.write(self.fits.root / fit.id / "out" / n, f"{k + 1:04d}_{fit.name}/{n}")
             os.replace(part, archive)
         finally:
             part.unlink(missing_ok=True)

@@ -30,7 +30,7 @@ def genx_examples() -> Path:
 
 
 def genx_directly(path: Path, seed: int, generations: int | None = None, km: float | None = None,
-                  population: int | None = None) -> dict[str, Any]:
+                  population: int | None = None, min_spread: float | None = None) -> dict[str, Any]:
     """GenX's own fit of ``path``, as ``genx --run`` does it (its ``set_diffev_pars`` for the overrides)."""
     import genx
     from genx.core import config as io
@@ -50,6 +50,8 @@ def genx_directly(path: Path, seed: int, generations: int | None = None, km: flo
         opt.set_use_pop_mult(False)
     if km is not None:
         opt.set_km(km)
+    if min_spread is not None:
+        opt.opt.min_parameter_spread = min_spread
     opt.opt.use_parallel_processing = False
     np.random.seed(seed)
     opt.start_fit(ctrl.model)
@@ -106,6 +108,18 @@ def test_a_fit_stops_at_its_wall_time_and_says_so(genx_cluster: LocalCluster) ->
     assert result["stopped"] == "max_seconds" and result["generations_run"] < result["generations"]
     assert result["settings"]["max_seconds"] == {"value": 1.0, "source": "argument"}
     assert time.monotonic() - started < 120  # (the file's own stop would be thousands of generations later)
+
+
+def test_a_fit_stops_on_genx_s_parameter_spread_and_says_so(genx_cluster: LocalCluster) -> None:
+    # GenX's stop rule: every fitted parameter's spread over the population below min_spread % of its
+    # range; a generous threshold stops the nickel film's fit long before its 400 generations
+    model = (OURS / "nickel_film.hgx").read_bytes()
+    result = genx_cluster.client().submit("genx.fit", model, seed=2, generations=400, population=12,
+                                          min_spread=40.0).result(600)
+    assert result["stopped"] == "min_spread" and 0 < result["generations_run"] < 400
+    assert result["settings"]["min_spread"] == {"value": 40.0, "source": "argument"}
+    same = genx_directly(OURS / "nickel_film.hgx", 2, generations=400, population=12, min_spread=40.0)
+    assert result["fom"] == pytest.approx(same["fom"], rel=1e-9)  # where GenX itself stops
 
 
 @pytest.mark.parametrize("bad", [{"km": 0}, {"kr": 1.5}, {"generations": 0}, {"population": 4}, {"km": float("nan")},

@@ -107,7 +107,12 @@ class TestSeries(SeriesCase):
         assert png.code == 200 and png.body[:4] == b"\x89PNG"
         archive = self.fetch_api(f"/api/series/{made['id']}/files/series.zip").body
         names = zipfile.ZipFile(io.BytesIO(archive)).namelist()
-        assert "series.csv" in names and "nickel_film_nickel_T450K/nickel_film_nickel_T450K_params.csv" in names
+        assert "series.csv" in names and "0004_nickel_film_nickel_T450K/nickel_film_nickel_T450K_params.csv" in names
+        assert not [n for n in names if n.endswith(".hgx")]  # (each fitted model is on its fit's page)
+        # every fit's folder links to the series' one copy of the model
+        folder = self.data / "series" / made["id"]
+        assert all((self.data / "fits" / r["fit"] / "model.hgx").stat().st_ino == (folder / "model.hgx").stat().st_ino
+                   for r in s["rows"])
         figure = self.json_of(f"/api/series/{made['id']}/figure")
         assert figure["doc"]["roots"]
         listed = self.json_of("/api/series")["series"]
@@ -148,11 +153,14 @@ class TestSeries(SeriesCase):
             (two, {}, {"model": None}, "one model"),
             (two, {}, {"models": 2}, "one model"),
             ([], {}, {}, "no data files"),
-            (two, {"sequence": "1, 2, 3"}, {}, "3 finite numbers for 2"),
+            (two, {"sequence": "1, 2, 3"}, {}, "3 numbers for 2"),
             (two, {"sequence": "1, x"}, {}, "one number per data file"),
             (two, {"adjust_bounds": "yes"}, {}, "only for a chained series"),
             (two, {"chain": "maybe"}, {}, "not yes or no"),
             (two, {"generations": "0"}, {}, "generations"),
+            (two, {"sequence": "1, " + "9" * 400}, {}, "finite"),
+            ([("T" + "9" * 400 + ".dat", b"1 2 3\n"), ("T1.dat", b"1 2 3\n")], {"sequence": "1e999 2"}, {}, "finite"),
+            (two, {"km": "0." + "5" * 200}, {}, "longer than 100"),
             ([("empty.dat", b"")], {}, {}, "empty"),
             (two, {}, {"model": ("fake.hgx", b"not a model")}, "fake.hgx"),
         ]
@@ -165,6 +173,7 @@ class TestSeries(SeriesCase):
             body = self.post_series(data, fields, 400, **kw)
             assert said in body["error"], (said, body)
         assert self.json_of("/api/series")["series"] == [] and self.json_of("/api/fits")["fits"] == []
+        assert not list((self.data / "series").iterdir())  # nothing kept of a refused upload
 
     def test_a_sequence_given_orders_the_series(self) -> None:
         made = self.post_series(files(SERIES[:3]), {"generations": "2", "population": "6", "sequence": "30 10 20"})
@@ -199,6 +208,60 @@ class TestSeries(SeriesCase):
         assert len({r["fit"] for r in s["rows"]}) == 3  # no dataset fitted twice
         record = json.loads((self.data / "series" / sid / "series.json").read_text())
         assert record["state"] == "done" and [d["fit"] for d in record["datasets"]] == [r["fit"] for r in s["rows"]]
+
+
+class TestSeriesEdges(SeriesCase):
+    def test_a_wide_series_keeps_a_window_of_fits_in_flight(self) -> None:
+        from orchester.web import series as S
+
+        seen: list[int] = []
+        real = self.fits.add_member
+
+        def counting(*a: Any, **kw: Any) -> Any:
+            seen.append(sum(f.state in ("queued", "running") for f in self.fits.fits.values()))
+            return real(*a, **kw)
+
+        self.fits.add_member = counting  # type: ignore[method-assign]
+        old, S.WINDOW = S.WINDOW, 2
+        try:
+            made = self.post_series(files(SERIES[:5]), {"generations": "2", "population": "6"})
+            s = self.wait_done(made["id"])
+        finally:
+            S.WINDOW = old
+        assert s["counts"]["done"] == 5 and len(seen) == 5 and max(seen) <= 2, seen
+
+    def test_a_dataset_whose_fit_cannot_be_made_is_a_row_and_the_rest_complete(self) -> None:
+        made = self.post_series(files(SERIES[:3]), {"generations": "2", "population": "6", "chain": "yes"})
+        sid = made["id"]
+        (self.data / "series" / sid / "data" / "1").unlink(missing_ok=True)  # its data file gone under it
+        s = self.wait_done(sid)
+        states = [r["state"] for r in s["rows"]]
+        # (the first may have been submitted before the file went: done either way)
+        assert states[0] == "done" and states[2] == "done", s["rows"]
+        if states[1] == "failed":
+            assert "could not be made" in s["rows"][1]["error"]
+
+    def test_a_fit_forgotten_from_memory_is_read_back_not_fitted_again(self) -> None:
+        made = self.post_series(files(SERIES[:2]), {"generations": "2", "population": "6", "chain": "yes"})
+        sid = made["id"]
+        s = self.wait_done(sid)
+        first = s["rows"][0]["fit"]
+        del self.fits.fits[first]  # as _trim would, past MAX_FITS
+        assert self.fits.recall(first) is not None and self.fits.fits[first].state == "done"
+        with pytest.raises(ValueError, match="exists already"):
+            from orchester.genx.fits import FitSettings as FS
+
+            folder = self.data / "series" / sid
+            self.fits.add_member(sid, "x", "m.hgx", b"", {}, "d.dat", b"1", "default", 1.0, FS(), {}, first,
+                                 model_file=folder / "model.hgx")
+
+    def test_dotted_names_give_distinct_fits(self) -> None:
+        data = [("run.T300.5K.dat", SERIES[0].read_bytes()), ("run.T300.7K.dat", SERIES[1].read_bytes())]
+        made = self.post_series(data, {"generations": "2", "population": "6"},
+                                model=("film.v2.hgx", MODEL.read_bytes()))
+        s = self.wait_done(made["id"])
+        names = [self.json_of(f"/api/fits/{r['fit']}")["name"] for r in s["rows"]]
+        assert names == ["film.v2_run.T300.5K", "film.v2_run.T300.7K"], names
 
 
 def test_the_sequence_field() -> None:
