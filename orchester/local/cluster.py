@@ -38,6 +38,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Iterable, Sequence
+from importlib.machinery import PathFinder
 from typing import Any
 
 from orchester.client.sync import Client
@@ -45,6 +46,18 @@ from orchester.errors import OrchesterError
 from orchester.signals import parent_death_signal, shielded
 
 log = logging.getLogger("orchester")
+
+
+#: Seconds the one compilation of GenX's numba kernels may take (``satellites.genx_numba.WARM_TIMEOUT``).
+WARM_TIMEOUT = 900.0
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), as ``satellites.genx_numba.usable_cores``."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class ClusterError(OrchesterError, RuntimeError):
@@ -186,14 +199,21 @@ class LocalCluster:
         return self
 
     def _warm_numba(self) -> None:
-        """GenX's numba kernels compiled once, here, before the satellites start (each then loads them from
-        numba's cache in a second, not compiling them side by side against the start timeout)."""
-        from satellites import genx_numba
-
-        if genx_numba.wanted({**os.environ, **self.env}):
-            error = genx_numba.warm(self.env)
-            if error:  # each satellite tries again, and runs GenX on numpy if it fails too
-                log.warning("GenX's numba kernels could not be compiled: %s", error)
+        """GenX's numba kernels compiled once, before the satellites start (each then loads them from
+        numba's cache in a second, not compiling them side by side against the start timeout): by
+        :func:`satellites.genx_numba.warm`, in a process of its own, when the satellites would use numba."""
+        env = {**os.environ, **self.env}
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p] + sys.path
+        if env.get("ORCHESTER_GENX_NUMBA", "1") == "0" or \
+                any(PathFinder.find_spec(name, path) is None for name in ("genx", "numba")):
+            return
+        code = ("import sys; from satellites.genx_numba import warm; e = warm(); print(e, file=sys.stderr); "
+                "sys.exit(bool(e))")
+        with shielded():
+            r = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                               text=True, timeout=WARM_TIMEOUT + 60, preexec_fn=parent_death_signal(signal.SIGTERM))
+        if r.returncode != 0:  # each satellite tries again, and runs GenX on numpy if it fails too
+            log.warning("GenX's numba kernels could not be compiled: %s", (r.stderr.strip() or "?")[-300:])
 
     def start_orchestrator(self, bind: str | None = None, pub: str | None = None) -> None:
         """Start (or restart) the orchestrator process.
@@ -269,9 +289,8 @@ class LocalCluster:
             cmd += ["--tasks", m]
         merged = {**os.environ, **self.env, **(env or {})}
         if "ORCHESTER_NUMBA_THREADS" not in merged:  # numba's threads: the cores over every worker started here
-            from satellites.genx_numba import worker_share
-
-            cmd += ["--numba-threads", str(worker_share(workers or self.workers, max(1, self.n_satellites)))]
+            cmd += ["--numba-threads", str(max(1, _usable_cores() // ((workers or self.workers)
+                                                                      * max(1, self.n_satellites))))]
         cmd += list(extra)
         p = self._popen(cmd, {**self.env, **(env or {})})
         self.satellites.append(p)

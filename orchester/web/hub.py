@@ -38,7 +38,7 @@ import zmq.asyncio
 
 from orchester.client.aio import AsyncClient
 from orchester.client.sync import reachable_endpoint
-from orchester.errors import OrchesterError
+from orchester.errors import OrchesterError, RemoteError
 from serializers import ProtocolError, unpack
 
 log = logging.getLogger("orchester.web")
@@ -246,7 +246,8 @@ class Hub:
         self.marks: deque[tuple[float, str]] = deque(maxlen=1000)
         self.subscribers: set[Subscriber] = set()
         self.listeners: list[Listener] = []
-        self.stats: dict[str, int] = {"events": 0, "bad_events": 0, "pushes": 0, "status_failures": 0}
+        self.stats: dict[str, int] = {"events": 0, "bad_events": 0, "pushes": 0, "status_failures": 0,
+                                      "status_refused": 0}
         self._sub: zmq.asyncio.Socket | None = None
         self._pubs: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -323,6 +324,8 @@ class Hub:
                 st = await self.client.status(timeout=max(2.0, self.refresh * 3))
             except (OrchesterError, TimeoutError) as exc:
                 self.stats["status_failures"] += 1
+                if isinstance(exc, RemoteError):  # the orchestrator said no (its request budget, for one)
+                    self.stats["status_refused"] += 1
                 self.status_error = str(exc) or type(exc).__name__
             else:
                 self._took(st, time.time())

@@ -78,6 +78,11 @@ def overview_figures() -> dict[str, Any]:
     lat.legend.location = "top_left"
     for fig in (tput, lat, fleet):
         fig.sizing_mode = "stretch_width"
+        legend = fig.legend[0]  # above the plot, in one row: never over the curves
+        legend.orientation = "horizontal"
+        legend.label_text_font_size = "11px"
+        legend.padding = legend.margin = 2
+        fig.add_layout(legend, "above")
     return _item(gridplot([[tput, lat, fleet]], sizing_mode="stretch_width", toolbar_location="right"))
 
 
