@@ -155,7 +155,6 @@ def series_figure(parameters: list[str]) -> dict[str, Any]:
     """
     from bokeh.layouts import gridplot
     from bokeh.models import ColumnDataSource
-    from bokeh.models.annotations import Whisker
 
     panels = []
     x_range = None
@@ -167,7 +166,8 @@ def series_figure(parameters: list[str]) -> dict[str, Any]:
         colour = PALETTE[k % len(PALETTE)]
         fig.line("sequence", "value", source=src, line_width=1, color=colour)
         fig.scatter("sequence", "value", source=src, size=6, color=colour)
-        fig.add_layout(Whisker(source=src, base="sequence", lower="lower", upper="upper", line_color=colour))
+        # error bars as a glyph (not a whisker): the axis takes them in when it scales itself
+        fig.segment("sequence", "lower", "sequence", "upper", source=src, color=colour, line_width=1.5)
         panels.append(fig)
     if not panels:  # a model with nothing fitted: an empty panel says so
         fig = _figure(height=120, title="the model has no fitted parameters")
