@@ -259,11 +259,7 @@ class FitStore:
             if not FIT_ID.fullmatch(d.name):
                 continue
             try:
-                with open(d / "fit.json", "rb") as f:
-                    raw = f.read(MAX_FIT_JSON + 1)
-                if len(raw) > MAX_FIT_JSON:
-                    raise ValueError(f"larger than {MAX_FIT_JSON >> 20} MB")
-                fit = WebFit.of(json.loads(raw))
+                fit = WebFit.of(read_json(d / "fit.json", MAX_FIT_JSON))
                 if fit.id != d.name:
                     raise ValueError("its id is not its folder's name")
             except (OSError, ValueError, TypeError, RecursionError) as exc:
@@ -301,16 +297,7 @@ class FitStore:
         folder = self.root / fid
         folder.mkdir(mode=0o700)
         _write_atomic(folder / "model.hgx", data)
-        self._save(fit)
-        self.fits[fid] = fit
-        try:
-            fut = self.client.submit_nowait("genx.fit", data, task_id=fid, **settings.kwargs())
-        except (OrchesterError, ValueError) as exc:
-            self._finish(fit, "failed", error=f"not submitted: {exc}")
-            return fit
-        self._follow(fit, fut)
-        self._trim()
-        return fit
+        return self._submit(fit, data, settings.kwargs())
 
     def waiting(self) -> int:
         """Fits waiting or running, and uploads being checked (against ``max_running``)."""
@@ -337,11 +324,7 @@ class FitStore:
         if fit is not None or not FIT_ID.fullmatch(fid):
             return fit
         try:
-            with open(self.root / fid / "fit.json", "rb") as f:
-                raw = f.read(MAX_FIT_JSON + 1)
-            if len(raw) > MAX_FIT_JSON:
-                raise ValueError(f"larger than {MAX_FIT_JSON >> 20} MB")
-            fit = WebFit.of(json.loads(raw))
+            fit = WebFit.of(read_json(self.root / fid / "fit.json", MAX_FIT_JSON))
             if fit.id != fid:
                 raise ValueError("its id is not its folder's name")
         except FileNotFoundError:
@@ -373,10 +356,14 @@ class FitStore:
             raise ValueError(f"fit {fid} exists already")
         _link_or_copy(model_file, folder / "model.hgx")  # the series' one copy of the model, linked
         _write_atomic(folder / "data", data)
+        return self._submit(fit, model, self._kwargs(fit, data))
+
+    def _submit(self, fit: WebFit, model: bytes, kwargs: dict[str, Any]) -> WebFit:
+        """Keep a new fit (its folder is written) and submit it; one the bus does not take fails, with the reason."""
         self._save(fit)
-        self.fits[fid] = fit
+        self.fits[fit.id] = fit
         try:
-            fut = self.client.submit_nowait("genx.fit", model, task_id=fid, **self._kwargs(fit, data))
+            fut = self.client.submit_nowait("genx.fit", model, task_id=fit.id, **kwargs)
         except (OrchesterError, ValueError) as exc:
             self._finish(fit, "failed", error=f"not submitted: {exc}")
             return fit
@@ -592,6 +579,16 @@ def _pairs(history: Any) -> list[list[float]]:
     except (TypeError, ValueError):
         return []
     return [[g, v] for g, v in arr.tolist() if math.isfinite(g) and math.isfinite(v)]
+
+
+def read_json(path: Path, limit: int) -> Any:
+    """A record read back from ``path``: JSON of at most ``limit`` bytes (:class:`ValueError` beyond, or
+    for anything that is not JSON; :class:`OSError` when it cannot be read)."""
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise ValueError(f"larger than {limit >> 20} MB")
+    return json.loads(raw)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -54,6 +54,7 @@ from orchester.web.fits import (
     _number,
     _write_atomic,
     parse_settings,
+    read_json,
     safe_name,
 )
 
@@ -193,11 +194,7 @@ class SeriesStore:
             if not FIT_ID.fullmatch(d.name):
                 continue
             try:
-                with open(d / "series.json", "rb") as f:
-                    raw = f.read(MAX_SERIES_JSON + 1)
-                if len(raw) > MAX_SERIES_JSON:
-                    raise ValueError(f"larger than {MAX_SERIES_JSON >> 20} MB")
-                series = WebSeries.of(json.loads(raw))
+                series = WebSeries.of(read_json(d / "series.json", MAX_SERIES_JSON))
                 if series.id != d.name:
                     raise ValueError("its id is not its folder's name")
             except (OSError, ValueError, TypeError, RecursionError) as exc:
