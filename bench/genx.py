@@ -1,15 +1,15 @@
 """GenX through the bus: dispatch overhead against a direct fit, and scaling with satellites.
 
-1. Overhead: the same fit (same model, settings, seed) run directly in this process, then
-   through a local cluster with one satellite; ``(bus - direct) / direct`` (target <= 2 %).
-   Each is the median of ``--repeat`` runs after one warm-up run.
+1. Overhead: the same fit (same model, settings, seed) run directly in this process and through
+   a local cluster with one satellite, alternately; ``(bus - direct) / direct`` (target <= 2 %).
+   Each is the median of ``--repeat`` runs after one warm-up run. GenX runs with numba in both
+   when numba is installed here (``PYTHONPATH`` may bring it), on numpy otherwise.
 2. Scaling: ``--k`` fits through one satellite, then through two (one worker each); the
    ratio of the makespans (target >= 1.8x on 2 cores).
 3. numba (when installed: ``pip install 'orchester[numba]'``): the same fit run directly in a
    fresh process with GenX's numba kernels and with its numpy ones (``ORCHESTER_GENX_NUMBA=0``,
    what ``satellite run --no-numba`` sets), one thread per fit as on a satellite that runs one
-   fit per core, then on all cores; and the bus overhead with numba on (one satellite, one
-   worker, numba's threads as the satellite sets them).
+   fit per core, then on all cores (processes alternately, two of each).
 
 Run: ``python bench/genx.py [--generations 500] [--population 40] [--repeat 3] [--k 6] [--model FILE]
 [--numba-only]``
@@ -34,27 +34,24 @@ from orchester import LocalCluster  # noqa: E402
 MODEL = Path(__file__).resolve().parents[1] / "examples" / "genx" / "nickel_film.hgx"
 
 
-def direct(model: bytes, kwargs: dict[str, int], repeat: int) -> float:
+def overhead(model: bytes, kwargs: dict[str, int], repeat: int) -> tuple[float, float, bool]:
+    """The same fit directly in this process and through a local cluster of one satellite (one worker),
+    alternately, ``repeat`` times each after one warm-up of each: the medians (s), and whether GenX ran
+    its numba kernels (in this process as in the worker: numba is used wherever it is installed)."""
     from satellites.genx_task import genx_fit
 
-    genx_fit(model, **kwargs)  # warm-up: imports, GenX's model compilation caches
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        genx_fit(model, **kwargs)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def through_bus(model: bytes, kwargs: dict[str, int], repeat: int, env: dict[str, str] | None = None) -> float:
-    with LocalCluster(satellites=1, workers=1, log_level="ERROR", env=env) as cluster, cluster.client() as c:
-        c.submit("genx.fit", model, **kwargs).result(600)  # warm-up of the worker process
-        times = []
-        for _ in range(repeat):
+    with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as c:
+        jit = bool(genx_fit(model, **kwargs)["numba"])  # warm-ups: imports, GenX's caches, the worker process
+        c.submit("genx.fit", model, **kwargs).result(600)
+        direct, bus = [], []
+        for _ in range(repeat):  # alternately: a drift of the machine's speed falls on both
+            t0 = time.perf_counter()
+            genx_fit(model, **kwargs)
+            direct.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             c.submit("genx.fit", model, **kwargs).result(600)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            bus.append(time.perf_counter() - t0)
+    return statistics.median(direct), statistics.median(bus), jit
 
 
 def makespan(model: bytes, kwargs: dict[str, int], k: int, satellites: int) -> float:
@@ -111,18 +108,18 @@ def numba_section(model: Path, kwargs: dict[str, int], repeat: int) -> None:
     cores = genx_numba.usable_cores()
     print(f"numba ({model.name}, {kwargs['generations']} generations, population {kwargs['population']}):")
     for threads in sorted({1, cores}):
-        numpy = direct_in_child(model, kwargs, repeat, False, threads)
-        jit = direct_in_child(model, kwargs, repeat, True, threads)
-        assert jit["numba"] and not numpy["numba"], (jit, numpy)
-        print(f"  {threads} thread(s): numpy {numpy['seconds']:.3f} s, numba {jit['seconds']:.3f} s: "
-              f"{float(numpy['seconds']) / float(jit['seconds']):.2f}x   (figure of merit {numpy['fom']:.6g} and "  # type: ignore[arg-type]
-              f"{jit['fom']:.6g})")
-    share = genx_numba.worker_share(1)
-    alone = direct_in_child(model, kwargs, repeat, True, share)
-    bus = through_bus(model.read_bytes(), kwargs, repeat, {genx_numba.ENV_ENABLED: "1"})
-    print(f"  through the bus with numba ({share} thread(s), one worker): direct {alone['seconds']:.3f} s, bus "
-          f"{bus:.3f} s: overhead {(bus - float(alone['seconds'])) / float(alone['seconds']) * 100:+.2f} %"  # type: ignore[arg-type]
-          "   (target <= 2 %)")
+        numpy: list[float] = []
+        jit: list[float] = []
+        foms = set()
+        for _ in range(2):  # alternately: a drift of the machine's speed falls on both
+            for on, times in ((False, numpy), (True, jit)):
+                r = direct_in_child(model, kwargs, repeat, on, threads)
+                assert r["numba"] is on, r
+                times.append(float(r["seconds"]))  # type: ignore[arg-type]
+                foms.add(r["fom"])
+        a, b = statistics.median(numpy), statistics.median(jit)
+        print(f"  {threads} thread(s): numpy {a:.3f} s, numba {b:.3f} s: {a / b:.2f}x   "
+              f"(figures of merit: {', '.join(f'{f:.6g}' for f in sorted(foms))})")  # type: ignore[str-format]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,12 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.numba_only:
         numba_section(args.model, kwargs, args.repeat)
         return 0
-    t_direct = direct(model, kwargs, args.repeat)
-    t_bus = through_bus(model, kwargs, args.repeat)
-    overhead = (t_bus - t_direct) / t_direct
-    print(f"one fit ({args.generations} generations, population {args.population}): direct {t_direct:.3f} s, "
-          f"through the bus {t_bus:.3f} s")
-    print(f"  dispatch overhead {overhead * 100:+.2f} %   (target <= 2 %)")
+    t_direct, t_bus, jit = overhead(model, kwargs, args.repeat)
+    print(f"one fit ({args.model.name}, {args.generations} generations, population {args.population}, GenX "
+          f"{'with numba' if jit else 'on numpy'}): direct {t_direct:.3f} s, through the bus {t_bus:.3f} s")
+    print(f"  dispatch overhead {(t_bus - t_direct) / t_direct * 100:+.2f} %   (target <= 2 %)")
     one = makespan(model, kwargs, args.k, 1)
     two = makespan(model, kwargs, args.k, 2)
     print(f"{args.k} fits: one satellite {one:.2f} s, two satellites {two:.2f} s")
