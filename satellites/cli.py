@@ -144,9 +144,13 @@ def parse_duration(text: str | None) -> float | None:
               help="An option for the orchestrator rank's 'orchester serve' (e.g. --serve-option=--journal=DIR).")
 @click.option("--insecure", is_flag=True,
               help="Let the orchestrator rank bind a non-loopback address without CurveZMQ keys.")
+@click.option("--numba/--no-numba", default=True, show_default=True,
+              help="GenX's kernels with numba on every satellite rank, when it is installed.")
+@click.option("--numba-threads", type=click.IntRange(min=1), default=None, envvar="ORCHESTER_NUMBA_THREADS",
+              help="numba threads per worker [default: each rank's usable cores divided by --workers-per-rank].")
 def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int, tags: str, modules: tuple[str, ...],
         endpoint_file: str | None, bind_host: str, heartbeat_interval: float, liveness: int, walltime: str | None,
-        serve_args: tuple[str, ...], insecure: bool) -> None:
+        serve_args: tuple[str, ...], insecure: bool, numba: bool, numba_threads: int | None) -> None:
     """Run under mpiexec: one rank the orchestrator, every other rank a satellite.
 
     CurveZMQ: give the orchestrator rank its keys with ``--serve-option=--curve-secret=FILE``
@@ -159,7 +163,8 @@ def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int,
     try:
         code = run_mpi(list(connect), orchestrator_rank, workers_per_rank, [t for t in tags.split(",") if t],
                        list(modules), endpoint_file, bind_host, heartbeat_interval, liveness,
-                       parse_duration(walltime), [*serve_args, *(["--insecure"] if insecure else [])])
+                       parse_duration(walltime), [*serve_args, *(["--insecure"] if insecure else [])],
+                       numba=numba, numba_threads=numba_threads)
     except (MPIMismatch, ValueError, ImportError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

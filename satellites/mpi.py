@@ -51,8 +51,10 @@ def check_world(size: int, env: dict[str, str] | None = None) -> None:
 
 def run_mpi(connect: list[str], orchestrator_rank: int, workers: int, tags: list[str], modules: list[str],
             endpoint_file: str | None, bind_host: str, heartbeat_interval: float, liveness: int,
-            walltime: float | None, serve_args: list[str]) -> int:
-    """Run this rank's part of the job; return its exit code."""
+            walltime: float | None, serve_args: list[str], *, numba: bool = True,
+            numba_threads: int | None = None) -> int:
+    """Run this rank's part of the job; return its exit code (``numba``, ``numba_threads``: GenX's
+    kernels on each satellite rank, see :mod:`satellites.genx_numba`)."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
@@ -60,7 +62,8 @@ def run_mpi(connect: list[str], orchestrator_rank: int, workers: int, tags: list
     check_world(size)
     host = _socket.gethostname()
     if connect:
-        return _satellite(connect, rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime)
+        return _satellite(connect, rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime,
+                          numba, numba_threads)
     if not 0 <= orchestrator_rank < size or size < 2:
         if rank != 0:
             return EXIT_NOT_STARTED  # every rank sees the same mistake: rank 0 alone says it
@@ -74,7 +77,8 @@ def run_mpi(connect: list[str], orchestrator_rank: int, workers: int, tags: list
     if not endpoint:  # the orchestrator rank says why, once for the whole job
         log.debug("rank %d: no orchestrator: leaving", rank)
         return EXIT_NOT_STARTED
-    return _satellite([endpoint], rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime)
+    return _satellite([endpoint], rank, host, workers, tags, modules, heartbeat_interval, liveness, walltime,
+                      numba, numba_threads)
 
 
 #: The exit code of every rank of a job whose orchestrator could not start (a usage or configuration error).
@@ -193,12 +197,13 @@ def _orchestrator(comm: Any, host: str, bind_host: str, endpoint_file: str | Non
 
 
 def _satellite(connect: list[str], rank: int, host: str, workers: int, tags: list[str], modules: list[str],
-               heartbeat_interval: float, liveness: int, walltime: float | None) -> int:
+               heartbeat_interval: float, liveness: int, walltime: float | None, numba: bool,
+               numba_threads: int | None) -> int:
     from .satellite import Satellite
 
     sat = Satellite(connect, workers=workers, tags=[*tags, host, f"rank{rank}"], tasks=modules,
                     sid=f"{host}-rank{rank}", heartbeat_interval=heartbeat_interval, liveness=liveness,
-                    walltime=walltime)
+                    walltime=walltime, numba=numba, numba_threads=numba_threads)
     signal.signal(signal.SIGTERM, lambda *_: sat.stop())
     signal.signal(signal.SIGINT, lambda *_: sat.stop())
     sat.run()

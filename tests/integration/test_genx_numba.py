@@ -161,3 +161,10 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+@pytest.mark.parametrize("command", ["run", "mpi"])
+def test_a_bad_thread_count_is_one_line_and_exit_2(command: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "satellites", command, "--numba-threads", "0"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, **TEST_ENV})
+    assert r.returncode == 2 and "--numba-threads" in r.stderr and "Traceback" not in r.stderr, r.stderr
