@@ -20,6 +20,8 @@ import click
 
 from orchester.cli.common import OneLineErrors, check_connect, config_option
 
+from .genx_numba import MAX_THREADS as MAX_NUMBA_THREADS
+
 
 @click.group(cls=OneLineErrors,
              context_settings={"auto_envvar_prefix": "SATELLITE", "help_option_names": ["-h", "--help"]})
@@ -60,7 +62,8 @@ def main(log_level: str) -> None:
               "would not finish are not sent here, and the satellite leaves a minute before it ends.")
 @click.option("--numba/--no-numba", default=True, show_default=True,
               help="GenX's kernels with numba, when it is installed (warmed once before the satellite registers).")
-@click.option("--numba-threads", type=click.IntRange(min=1), default=None, envvar="ORCHESTER_NUMBA_THREADS",
+@click.option("--numba-threads", type=click.IntRange(1, MAX_NUMBA_THREADS), default=None,
+              envvar="ORCHESTER_NUMBA_THREADS",
               help="numba threads per worker [default: the usable cores divided by --workers].")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
@@ -146,7 +149,8 @@ def parse_duration(text: str | None) -> float | None:
               help="Let the orchestrator rank bind a non-loopback address without CurveZMQ keys.")
 @click.option("--numba/--no-numba", default=True, show_default=True,
               help="GenX's kernels with numba on every satellite rank, when it is installed.")
-@click.option("--numba-threads", type=click.IntRange(min=1), default=None, envvar="ORCHESTER_NUMBA_THREADS",
+@click.option("--numba-threads", type=click.IntRange(1, MAX_NUMBA_THREADS), default=None,
+              envvar="ORCHESTER_NUMBA_THREADS",
               help="numba threads per worker [default: each rank's usable cores divided by --workers-per-rank].")
 def mpi(connect: tuple[str, ...], orchestrator_rank: int, workers_per_rank: int, tags: str, modules: tuple[str, ...],
         endpoint_file: str | None, bind_host: str, heartbeat_interval: float, liveness: int, walltime: str | None,

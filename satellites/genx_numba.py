@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,8 @@ ENV_ENABLED = "ORCHESTER_GENX_NUMBA"
 ENV_THREADS = "ORCHESTER_NUMBA_THREADS"
 #: The warm-up child: compile (or load) the kernels, exit 0.
 _WARM = "from satellites.genx_numba import load_kernels; load_kernels()"
+#: Most numba threads per worker taken (``--numba-threads``; numba starts them all in every worker).
+MAX_THREADS = 1024
 #: Seconds a first compilation may take (GenX's kernels compile in about a minute on one core).
 WARM_TIMEOUT = 900.0
 
@@ -113,8 +116,8 @@ def setup(workers: int, *, enabled: bool = True, threads: int | None = None, tim
         return NumbaState(False, reason="not installed (pip install 'orchester[numba]')")
     if threads is None:
         given = os.environ.get(ENV_THREADS, "")
-        threads = int(given) if given.isdigit() and int(given) > 0 else worker_share(workers)
-    threads = max(1, threads)
+        threads = int(given) if re.fullmatch(r"[0-9]{1,6}", given) and int(given) > 0 else worker_share(workers)
+    threads = min(max(1, threads), MAX_THREADS)
     os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read by numba when it loads (in the forkserver, the workers)
     os.environ[ENV_THREADS] = str(threads)
     os.environ["NUMBA_CACHE_DIR"] = cache_dir()
@@ -125,12 +128,6 @@ def setup(workers: int, *, enabled: bool = True, threads: int | None = None, tim
         return NumbaState(False, reason=f"its warm-up failed ({error}): GenX runs on numpy")
     os.environ[ENV_ENABLED] = "1"
     return NumbaState(True, threads, time.monotonic() - t0)
-
-
-def wanted(env: Mapping[str, str]) -> bool:
-    """Whether a satellite started with the environment ``env`` would run GenX with numba: installed,
-    and not turned off."""
-    return env.get(ENV_ENABLED, "1") != "0" and installed(env)
 
 
 def warm(env: Mapping[str, str] | None = None, *, timeout: float = WARM_TIMEOUT,

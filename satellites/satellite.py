@@ -149,7 +149,7 @@ class Satellite:
         self._wsock = wsock
         self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
                                self.allow_pickle)
-        if "genx.fit" in self.kinds:  # before the forkserver starts: it loads the kernels for every worker
+        if "genx.fit" in self.kinds:  # before the forkserver starts: the workers inherit numba's environment
             self.numba_state = genx_numba.setup(self.workers, enabled=self.use_numba, threads=self.numba_threads,
                                                 stopped=self._stop.is_set)
             log.info("satellite %s: GenX with %s", self.sid, self.numba_state.describe())

@@ -219,22 +219,29 @@ class Submit(Wire):
         """``{id, k, c, p?, tg?, to?, ttl?, mr?, dur?, arr?}``: ``c`` always; the others when set
         (``to`` whenever a timeout is given; a zero priority, time-to-live, run time or duration is
         the default and left out); tags sorted."""
-        hdr: dict[str, Any] = {"id": self.id, "k": self.kind, "c": self.codec}
-        if self.priority:
-            hdr["p"] = self.priority
-        if self.tags:
-            hdr["tg"] = sorted(self.tags, key=str)
-        if self.timeout is not None:
-            hdr["to"] = self.timeout
-        if self.ttl:
-            hdr["ttl"] = self.ttl
-        if self.max_run:
-            hdr["mr"] = self.max_run
-        if self.duration:
-            hdr["dur"] = self.duration
-        if self.arrays:
-            hdr["arr"] = _arr(self.arrays)
-        return hdr
+        return _submit_header(self.id, self.kind, self.codec, self.priority, self.tags, self.timeout, self.ttl,
+                              self.max_run, self.duration, self.arrays)
+
+
+def _submit_header(task_id: str, kind: str, codec: str, priority: int, tags: Iterable[str], timeout: float | None,
+                   ttl: float, max_run: float, duration: float, arrays: Arrays) -> dict[str, Any]:
+    """A SUBMIT header (:meth:`Submit.header`, and :func:`submit` without building the message)."""
+    hdr: dict[str, Any] = {"id": task_id, "k": kind, "c": codec}
+    if priority:
+        hdr["p"] = priority
+    if tags:
+        hdr["tg"] = sorted(set(tags), key=str)
+    if timeout is not None:
+        hdr["to"] = timeout
+    if ttl:
+        hdr["ttl"] = ttl
+    if max_run:
+        hdr["mr"] = max_run
+    if duration:
+        hdr["dur"] = duration
+    if arrays:
+        hdr["arr"] = _arr(arrays)
+    return hdr
 
 
 @dataclass(slots=True)
@@ -558,7 +565,11 @@ class Started(Wire):
 
     def header(self) -> dict[str, Any]:
         """``{t: [[task id, attempt], ...]}``."""
-        return {"t": [[tid, attempt] for tid, attempt in self.tasks]}
+        return _started_header(self.tasks)
+
+
+def _started_header(tasks: Iterable[tuple[Any, Any]]) -> dict[str, Any]:
+    return {"t": [[tid, attempt] for tid, attempt in tasks]}
 
 
 @dataclass(slots=True)
@@ -965,22 +976,8 @@ def submit(task_id: str, kind: str, codec: str, priority: int = 0, tags: Iterabl
            timeout: float | None = None, ttl: float = 0.0, max_run: float = 0.0, duration: float = 0.0,
            arrays: Arrays = ()) -> list[bytes]:
     """SUBMIT frames (without the payload frames): what ``Submit(...).frames()`` gives."""
-    hdr: dict[str, Any] = {"id": task_id, "k": kind, "c": codec}
-    if priority:
-        hdr["p"] = priority
-    if tags:
-        hdr["tg"] = sorted(set(tags), key=str)
-    if timeout is not None:
-        hdr["to"] = timeout
-    if ttl:
-        hdr["ttl"] = ttl
-    if max_run:
-        hdr["mr"] = max_run
-    if duration:
-        hdr["dur"] = duration
-    if arrays:
-        hdr["arr"] = _arr(arrays)
-    return [P.SIGNATURE, P.SUBMIT, pack(hdr)]
+    return [P.SIGNATURE, P.SUBMIT,
+            pack(_submit_header(task_id, kind, codec, priority, tags, timeout, ttl, max_run, duration, arrays))]
 
 
 def done(task_id: str, attempt: int, sat: str, codec: str, duration: float, arrays: Arrays = ()) -> bytes:
@@ -994,4 +991,4 @@ def done(task_id: str, attempt: int, sat: str, codec: str, duration: float, arra
 
 def started(tasks: Iterable[tuple[str, int]]) -> bytes:
     """The STARTED header: what ``Started(tuple(tasks)).encode()`` gives."""
-    return pack({"t": [[tid, attempt] for tid, attempt in tasks]})
+    return pack(_started_header(tasks))

@@ -55,8 +55,9 @@ MAX_UPLOADS = 4
 MAX_MODELS = 100
 #: Requests a second that reach the bus (tasks, history, a task, a result), and the burst: as much for the
 #: browsers' pages (the cookie) and for scripts (the token in a header), so that a script never starves
-#: the pages; with the hub's status, less than the orchestrator's default ``--request-rate`` (50).
-BUS_REQUESTS, BUS_BURST = 20.0, 40.0
+#: the pages; both budgets with the hub's status stay within the orchestrator's default ``--request-rate``
+#: (50 a second, in bursts of 50, for this process's key), in rate and in burst: the status always gets through.
+BUS_REQUESTS, BUS_BURST = 20.0, 20.0
 #: What an upload may send beyond its limit before the connection is cut (so that the 413 is read).
 DRAIN = 256 * 1024 * 1024
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from orchester.client.aio import AsyncClient
 from orchester.errors import OrchesterError, RemoteError, TaskFailed
-from orchester.genx import MIN_POPULATION, TRIAL_METHODS
+from orchester.genx import FLAGS, MIN_POPULATION, RANGES, TRIAL_METHODS
 from orchester.genx.fits import FitSettings, output_paths, write_outputs
 
 log = logging.getLogger("orchester.web")
@@ -69,11 +69,20 @@ _RANGES: dict[str, tuple[type, float, float, bool]] = {
     "km": (float, 0.0, 2.0, True),
     "kr": (float, 0.0, 1.0, False),
     "max_evaluations": (int, 1, 10**9, False),
-    "min_spread": (float, 0.0, 100.0, False),
-    "max_seconds": (float, 0.001, 1e9, False),
+    **{name: (float, *RANGES[name][:2], False) for name in ("min_spread", "max_seconds")},  # orchester fit's
 }
-#: The form's words for the settings that are true or false (an empty field: the file's own).
+#: The form's words for true and false.
 _FLAG_WORDS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+
+def form_flag(form: Mapping[str, str], name: str) -> bool | None:
+    """A yes-or-no field of the form (``None`` when empty); :class:`SettingsError` for another word."""
+    raw = form.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in _FLAG_WORDS:
+        raise SettingsError(f"{name}: {raw[:40]!r} is not yes or no")
+    return _FLAG_WORDS[raw]
 
 
 def parse_settings(form: Mapping[str, str]) -> FitSettings:
@@ -96,12 +105,10 @@ def parse_settings(form: Mapping[str, str]) -> FitSettings:
             bound = f"more than {lo:g}" if open_lo else f"at least {lo:g}"
             raise SettingsError(f"{name}: {raw[:40]} is out of range ({bound} and at most {hi:g})")
         values[name] = number
-    for name in ("start_guess", "boundaries"):
-        raw = form.get(name, "").strip().lower()
-        if raw:
-            if raw not in _FLAG_WORDS:
-                raise SettingsError(f"{name}: {raw[:40]!r} is not yes or no")
-            values[name] = _FLAG_WORDS[raw]
+    for name in FLAGS:
+        flag = form_flag(form, name)
+        if flag is not None:
+            values[name] = flag
     method = form.get("method", "").strip()
     if method:
         if method not in TRIAL_METHODS:
@@ -111,6 +118,20 @@ def parse_settings(form: Mapping[str, str]) -> FitSettings:
         return FitSettings(**values)
     except TypeError as exc:  # a default of a shape FitSettings does not take
         raise SettingsError(f"settings: {exc}") from None
+
+
+def checked_settings(settings: Any) -> dict[str, Any]:
+    """Settings read back from a record (a fit's or a series'): those the form would give, every one in
+    range (:class:`ValueError` otherwise: a damaged or planted record never reaches the bus)."""
+    if not isinstance(settings, dict) or len(settings) > 20:
+        raise ValueError("settings of the wrong shape")
+    try:
+        checked = parse_settings({str(k): str(v) for k, v in settings.items()}).kwargs()
+    except SettingsError as exc:
+        raise ValueError(f"settings out of range: {exc}") from None
+    if not set(settings) <= set(checked):
+        raise ValueError("settings that the form does not give")
+    return {k: checked[k] for k in settings}  # (as recorded: a default the record leaves out stays out)
 
 
 def safe_name(filename: str) -> str:
@@ -176,16 +197,14 @@ class WebFit:
         files = data.get("files", [])
         if not isinstance(files, list) or not set(files) <= set(expected_files(name)):
             raise ValueError("files that are not this fit's")
-        settings = data.get("settings")
-        if not isinstance(settings, dict) or len(settings) > 20:
-            raise ValueError("settings of the wrong shape")
+        settings = checked_settings(data.get("settings"))
         history = data.get("fom_history", [])
         series, loader = data.get("series", ""), data.get("loader", "")
         if not (series == "" or (isinstance(series, str) and FIT_ID.fullmatch(series))) or loader not in LOADERS:
             raise ValueError("not a fit record (series or loader)")
         start = _start(data.get("start", {}))
-        fit = cls(
-            fid, name, str(data.get("file", ""))[:300], _plain_settings(settings), state,
+        return cls(
+            fid, name, str(data.get("file", ""))[:300], settings, state,
             _number(data.get("submitted")) or 0.0, _number(data.get("finished")),
             int(_number(data.get("generation")) or 0), _number(data.get("fom")), str(data.get("fom_name", "fom"))[:40],
             list(_pairs(history))[:MAX_GENERATIONS] if isinstance(history, list) else [],
@@ -193,10 +212,8 @@ class WebFit:
             list(files),
             [_parameter(p) for p in data.get("parameters", [])[:10_000] if isinstance(p, dict)]
             if isinstance(data.get("parameters"), list) else [],
-            {})
-        fit.series, fit.loader, fit.start = series, loader, start
-        fit.data, fit.sequence = str(data.get("data", ""))[:300], _number(data.get("sequence"))
-        return fit
+            {}, series=series, data=str(data.get("data", ""))[:300], loader=loader,
+            sequence=_number(data.get("sequence")), start=start)
 
 
 #: GenX's data loaders a fit's data file may be read with ("": the fit has no data file of its own).
@@ -337,26 +354,25 @@ class FitStore:
             self._follow(fit, None)
         return fit
 
-    def add_member(self, series: str, name: str, filename: str, model: bytes, model_info: dict[str, Any],
-                   data_name: str, data: bytes, loader: str, sequence: float, settings: FitSettings,
-                   start: dict[str, dict[str, float]], fid: str, *, model_file: Path) -> WebFit:
+    def add_member(self, series: str, name: str, filename: str, model_file: Path, data_name: str, data: bytes,
+                   loader: str, sequence: float, settings: FitSettings, start: dict[str, dict[str, float]],
+                   fid: str) -> WebFit:
         """Keep and submit one fit of a series (:mod:`orchester.web.series`), of id ``fid`` (the series
-        records it first: a series taken up again never fits a dataset twice): ``model`` (already
-        checked; kept in ``model_file``, which the fit's folder links to) fitted to the data file
-        ``data`` read by GenX's ``loader``, starting from ``start``; the new fit. A fit the bus does
-        not take is kept as failed, with the reason. :class:`ValueError` for a fit that exists."""
+        records it first: a series taken up again never fits a dataset twice): the model in
+        ``model_file`` (already checked; the fit's folder links to it) fitted to the data file ``data``
+        read by GenX's ``loader``, starting from ``start``; the new fit. A fit the bus does not take is
+        kept as failed, with the reason. :class:`ValueError` for a fit that exists."""
         if loader not in LOADERS[1:] or not FIT_ID.fullmatch(fid):
             raise ValueError(f"unknown data loader {loader!r} or a fit id of the wrong shape")
         fit = WebFit(fid, safe_name(f"{name}.hgx"), filename[:300], settings.kwargs(), submitted=time.time(),
-                     model=model_info, series=series, data=data_name[:300], loader=loader, sequence=sequence,
-                     start=start)
+                     series=series, data=data_name[:300], loader=loader, sequence=sequence, start=start)
         folder = self.root / fid
         folder.mkdir(mode=0o700, exist_ok=True)  # (a series taken up again may have made it, never its fit.json)
         if (folder / "fit.json").exists():
             raise ValueError(f"fit {fid} exists already")
         _link_or_copy(model_file, folder / "model.hgx")  # the series' one copy of the model, linked
         _write_atomic(folder / "data", data)
-        return self._submit(fit, model, self._kwargs(fit, data))
+        return self._submit(fit, model_file.read_bytes(), self._kwargs(fit, data))
 
     def _submit(self, fit: WebFit, model: bytes, kwargs: dict[str, Any]) -> WebFit:
         """Keep a new fit (its folder is written) and submit it; one the bus does not take fails, with the reason."""
@@ -552,11 +568,6 @@ def expected_files(name: str) -> list[str]:
 def _number(v: Any) -> float | None:
     """A finite number, or ``None``."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _plain_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings read back: short names to numbers, true or false, or short strings only."""
-    return {str(k)[:40]: (v if isinstance(v, (int, float)) else str(v)[:40]) for k, v in settings.items()}
 
 
 def _parameter(p: dict[str, Any]) -> dict[str, Any]:

@@ -149,16 +149,19 @@ def result_figure(name: str, result: dict[str, Any]) -> dict[str, Any]:
 def series_figure(parameters: list[str]) -> dict[str, Any]:
     """A series' live figure: each fitted parameter against the sequence, with GenX's error bars.
 
-    One panel per parameter (at most :data:`MAX_SERIES_PANELS`), all on one sequence axis; panel
+    One panel per parameter (the first :data:`orchester.genx.series.MAX_PANELS`, as ``series.png``), all
+    on one sequence axis; panel
     ``k``'s source is ``series-k`` (columns ``sequence``, ``value``, ``lower``, ``upper``), which the
     page fills as fits end.
     """
     from bokeh.layouts import gridplot
     from bokeh.models import ColumnDataSource
 
+    from orchester.genx.series import MAX_PANELS
+
     panels = []
     x_range = None
-    for k, name in enumerate(parameters[:MAX_SERIES_PANELS]):
+    for k, name in enumerate(parameters[:MAX_PANELS]):
         kw: dict[str, Any] = {"x_range": x_range} if x_range is not None else {}
         fig = _figure(height=230, title=str(name)[:80], x_axis_label="sequence", **kw)
         x_range = fig.x_range
@@ -173,10 +176,6 @@ def series_figure(parameters: list[str]) -> dict[str, Any]:
         fig = _figure(height=120, title="the model has no fitted parameters")
         panels.append(fig)
     return _item(gridplot(panels, ncols=min(3, len(panels)), sizing_mode="stretch_width", toolbar_location="right"))
-
-
-#: Most parameters a series' figure draws (the table and series.csv have them all).
-MAX_SERIES_PANELS = 24
 
 
 def _label(text: Any, fallback: str) -> str:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -47,12 +48,15 @@ from orchester.genx.series import _safe, loader_of, sequence_values, start_from,
 from orchester.web.fits import (
     FIT_ID,
     INSPECTORS,
+    LOADERS,
     WRITER,
     FitStore,
     SettingsError,
     WebFit,
     _number,
     _write_atomic,
+    checked_settings,
+    form_flag,
     parse_settings,
     read_json,
     safe_name,
@@ -122,9 +126,7 @@ class WebSeries:
         if not (isinstance(sid, str) and FIT_ID.fullmatch(sid) and state in STATES and isinstance(name, str)
                 and name == safe_name(f"{name}.hgx")):
             raise ValueError("not a series record (id, name or state)")
-        settings, raw_sets, params = data.get("settings"), data.get("datasets"), data.get("parameters", [])
-        if not isinstance(settings, dict) or len(settings) > 20:
-            raise ValueError("settings of the wrong shape")
+        raw_sets, params = data.get("datasets"), data.get("parameters", [])
         if not (isinstance(raw_sets, list) and 0 < len(raw_sets) <= MAX_DATASETS):
             raise ValueError("datasets of the wrong shape")
         if not (isinstance(params, list) and len(params) <= 10_000 and all(isinstance(p, str) for p in params)):
@@ -135,20 +137,14 @@ class WebSeries:
                 raise ValueError("a dataset of the wrong shape")
             fid, sequence, loader = d.get("fit", ""), _number(d.get("sequence")), d.get("loader")
             if not (fid == "" or (isinstance(fid, str) and FIT_ID.fullmatch(fid))) or sequence is None \
-                    or loader not in ("default", "orso"):
+                    or loader not in LOADERS[1:]:
                 raise ValueError("a dataset of the wrong shape")
             sets.append(Dataset(str(d.get("file", ""))[:300], sequence, loader, fid, str(d.get("error", ""))[:1000]))
         files = data.get("files", [])
         if not isinstance(files, list) or not set(files) <= set(SERIES_FILES):
             raise ValueError("files that are not a series'")
-        try:  # the settings as the form would give them, every one in range
-            checked = parse_settings({str(k): str(v) for k, v in settings.items()}).kwargs()
-        except SettingsError as exc:
-            raise ValueError(f"settings out of range: {exc}") from None
-        if set(checked) != set(settings):
-            raise ValueError("settings that are not a series'")
-        return cls(sid, name, str(data.get("file", ""))[:300], checked, data.get("chain") is True,
-                   data.get("adjust_bounds") is True, sets, [p[:200] for p in params],
+        return cls(sid, name, str(data.get("file", ""))[:300], checked_settings(data.get("settings")),
+                   data.get("chain") is True, data.get("adjust_bounds") is True, sets, [p[:200] for p in params],
                    _number(data.get("submitted")) or 0.0, state, _number(data.get("finished")), list(files))
 
 
@@ -162,7 +158,7 @@ def parse_sequence(text: str, count: int) -> list[float] | None:
         values = [float(w) for w in words]
     except ValueError:
         raise SettingsError("sequence: give one number per data file, separated by commas") from None
-    if not all(abs(v) < 1e300 for v in values):
+    if not all(math.isfinite(v) for v in values):
         raise SettingsError("sequence: every value must be a finite number")
     if len(values) != count:
         raise SettingsError(f"sequence: {len(values)} numbers for {count} data files")
@@ -225,7 +221,7 @@ class SeriesStore:
             if len(content) > MAX_DATA_BYTES:
                 raise SettingsError(f"{name[:100]}: larger than {MAX_DATA_BYTES >> 20} MiB")
         settings = parse_settings(form)
-        chain, adjust = _flag(form, "chain"), _flag(form, "adjust_bounds")
+        chain, adjust = form_flag(form, "chain") is True, form_flag(form, "adjust_bounds") is True
         if adjust and not chain:
             raise SettingsError("adjust_bounds: only for a chained series (each fit starts from the previous)")
         try:
@@ -281,16 +277,14 @@ class SeriesStore:
                         if fit.state == "done":
                             last = fit
             else:
-                flight: list[WebFit] = []
+                flight: list[WebFit] = []  # submitted, not ended
                 for k in range(len(series.datasets)):
                     fit = self._fit_of(series, k, None)
-                    if fit is None:
-                        continue
-                    flight.append(fit)
-                    while sum(f.state in ("queued", "running") for f in flight) >= WINDOW:
-                        await self._until_ended(next(f for f in flight if f.state in ("queued", "running")))
-                for fit in flight:
-                    await self._until_ended(fit)
+                    if fit is not None:
+                        flight.append(fit)
+                    while len(flight) >= WINDOW or (flight and k == len(series.datasets) - 1):
+                        await self._until_ended(flight[0])
+                        flight = [f for f in flight if f.state in ("queued", "running")]
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug of ours: the series ends with the fits it has, never left running
@@ -319,12 +313,12 @@ class SeriesStore:
         if fit is not None:
             return fit
         folder = self.root / series.id
-        start = start_from(last.parameters, series.adjust_bounds) if last is not None and series.chain else {}
+        start = start_from(last.parameters, series.adjust_bounds) if last is not None else {}
         try:
             return self.fits.add_member(
-                series.id, f"{series.name}_{_safe(Path(d.file).stem)}", series.file,
-                (folder / "model.hgx").read_bytes(), {}, d.file, (folder / "data" / str(k)).read_bytes(), d.loader,
-                d.sequence, FitSettings(**series.settings), start, d.fit, model_file=folder / "model.hgx")
+                series.id, f"{series.name}_{_safe(Path(d.file).stem)}", series.file, folder / "model.hgx", d.file,
+                (folder / "data" / str(k)).read_bytes(), d.loader, d.sequence, FitSettings(**series.settings), start,
+                d.fit)
         except Exception as exc:  # its files gone, a disk full, a start value out of range: this dataset only
             log.warning("series %s: the fit of %s could not be made: %s", series.id, d.file, exc)
             d.error = f"the fit could not be made: {type(exc).__name__}: {exc}"[:1000]
@@ -347,12 +341,16 @@ class SeriesStore:
             event.set()
 
     # ------------------------------------------------------------- what the pages show
+    def _fit(self, d: Dataset) -> WebFit | None:
+        """A dataset's fit, once it has one in memory."""
+        return self.fits.fits.get(d.fit) if d.fit else None
+
     def rows(self, series: WebSeries) -> list[dict[str, Any]]:
         """One row per dataset, in the order of the sequence: its fit's state, figure of merit and
         fitted parameters (``{name, value, error}``), or its error."""
         out: list[dict[str, Any]] = []
         for d in series.datasets:
-            fit = self.fits.fits.get(d.fit) if d.fit else None
+            fit = self._fit(d)
             row: dict[str, Any] = {"file": d.file, "sequence": d.sequence, "fit": d.fit if fit else "",
                                    "state": "waiting", "fom": None, "error": "", "generation": 0, "satellite": ""}
             if fit is not None:
@@ -370,17 +368,18 @@ class SeriesStore:
         """How many of the series' datasets wait, are queued, run, are done or failed."""
         out = dict.fromkeys(("waiting", "queued", "running", "done", "failed"), 0)
         for d in series.datasets:
-            fit = self.fits.fits.get(d.fit) if d.fit else None
-            out["failed" if fit is None and d.error else fit.state if fit is not None else "waiting"] += 1
+            fit = self._fit(d)
+            if fit is not None:
+                out[fit.state] += 1
+            else:
+                out["failed" if d.error else "waiting"] += 1
         return out
 
     def json(self, series: WebSeries) -> dict[str, Any]:
         """The series as ``GET /api/series/{id}`` gives it."""
-        rows = self.rows(series)
-        counts = self.counts(series)
-        return {**{k: v for k, v in series.json().items() if k != "datasets"}, "rows": rows, "counts": counts,
-                "fom_name": next((f.fom_name for d in series.datasets
-                                  if (f := self.fits.fits.get(d.fit)) is not None and f.state == "done"), "fom")}
+        done = [f for f in map(self._fit, series.datasets) if f is not None and f.state == "done"]
+        return {**{k: v for k, v in series.json().items() if k != "datasets"}, "rows": self.rows(series),
+                "counts": self.counts(series), "fom_name": done[0].fom_name if done else "fom"}
 
     def figure(self, series: WebSeries) -> dict[str, Any]:
         """The series' live figure (bokeh JSON, made once): each fitted parameter against the sequence."""
@@ -424,7 +423,7 @@ class SeriesStore:
                 for n in names:
                     z.write(out / n, n)
                 for k, d in enumerate(series.datasets):  # each fit's files but its fitted model (on its page)
-                    fit = self.fits.fits.get(d.fit) if d.fit else None
+                    fit = self._fit(d)
                     if fit is None:
                         continue
                     for n in fit.files:
@@ -457,12 +456,4 @@ class SeriesStore:
                 await t
         self._running.clear()
 
-
-def _flag(form: Mapping[str, str], name: str) -> bool:
-    raw = form.get(name, "").strip().lower()
-    if raw in ("", "no", "false", "off", "0"):
-        return False
-    if raw in ("yes", "true", "on", "1"):
-        return True
-    raise SettingsError(f"{name}: {raw[:40]!r} is not yes or no")
 

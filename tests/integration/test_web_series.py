@@ -252,8 +252,8 @@ class TestSeriesEdges(SeriesCase):
             from orchester.genx.fits import FitSettings as FS
 
             folder = self.data / "series" / sid
-            self.fits.add_member(sid, "x", "m.hgx", b"", {}, "d.dat", b"1", "default", 1.0, FS(), {}, first,
-                                 model_file=folder / "model.hgx")
+            self.fits.add_member(sid, "x", "m.hgx", folder / "model.hgx", "d.dat", b"1", "default", 1.0, FS(), {},
+                                 first)
 
     def test_dotted_names_give_distinct_fits(self) -> None:
         data = [("run.T300.5K.dat", SERIES[0].read_bytes()), ("run.T300.7K.dat", SERIES[1].read_bytes())]
@@ -276,9 +276,6 @@ def test_the_sequence_field() -> None:
 def test_make_app_keeps_series_beside_the_fits(tmp_path: Path) -> None:
     from orchester.web.app import Auth
 
-    class NoClient:
-        pass
-
-    fits = FitStore(tmp_path / "fits", NoClient())  # type: ignore[arg-type]
+    fits = FitStore(tmp_path / "fits", object())  # type: ignore[arg-type]  (never asked: nothing is submitted)
     app = make_app(None, fits, Auth("t" * 32))  # type: ignore[arg-type]
     assert app.settings["series"].root == tmp_path / "series"

@@ -29,6 +29,16 @@ const Orchester = (() => {
     return tr;
   }
 
+  function downloads(ul, base, names) {  // one download link per file
+    for (const name of names) {
+      const a = link(base + encodeURIComponent(name), name);
+      a.setAttribute("download", name);
+      const li = el("li");
+      li.appendChild(a);
+      ul.appendChild(li);
+    }
+  }
+
   function fill(tbody, rows) {
     tbody.replaceChildren(...rows);
   }
@@ -361,14 +371,7 @@ const Orchester = (() => {
       if (s.state === "done" && !shownFiles) {
         shownFiles = true;
         $("#downloads").hidden = false;
-        const ul = $("#files");
-        for (const name of s.files) {
-          const li = el("li");
-          const a = link(`/api/series/${id}/files/${encodeURIComponent(name)}`, name);
-          a.setAttribute("download", name);
-          li.appendChild(a);
-          ul.appendChild(li);
-        }
+        downloads($("#files"), `/api/series/${id}/files/`, s.files);
         clearInterval(timer);
       }
     });
@@ -411,14 +414,7 @@ const Orchester = (() => {
         await embed(await api(`/api/fits/${id}/figure`), "fig-result");
         fill($("#parameters tbody"), f.parameters.map((p) => row([p.name, num(p.value, 6), num(p.min, 4), num(p.max, 4),
           p.error ? num(p.error[0], 3) : "", p.error ? num(p.error[1], 3) : ""])));
-        const ul = $("#files");
-        for (const name of f.files) {
-          const li = el("li");
-          const a = link(`/api/fits/${id}/files/${encodeURIComponent(name)}`, name);
-          a.setAttribute("download", name);
-          li.appendChild(a);
-          ul.appendChild(li);
-        }
+        downloads($("#files"), `/api/fits/${id}/files/`, f.files);
       }
       if (f.state === "done" || f.state === "failed") clearInterval(timer);
     });
