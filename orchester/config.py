@@ -140,6 +140,11 @@ class OrchestratorConfig:
     #: Most task slots one satellite may announce (a larger announcement is cut to this).
     max_slots: int = field(default=1024, metadata=flag(
         "Most task slots one satellite may announce (more are cut to this)."))
+    #: Seconds a task that needs more cores (or memory) than any satellite has free may wait while narrower
+    #: tasks pass it; then one satellite able to run it is reserved for it: it gets no other task until the
+    #: wide one fits there (0: reserve at once, no narrower task ever passes a wider one).
+    reserve_after: float = field(default=30.0, metadata=flag(
+        "Seconds a wide task lets narrower ones pass before a satellite is reserved for it."))
     #: Seconds a satellite drained for failing tasks waits before it is given a task again, on probation.
     probation_cooldown: float = field(default=30.0, metadata=flag(
         "Seconds a satellite drained for failing waits before it gets tasks again, on probation."))
@@ -249,7 +254,7 @@ class OrchestratorConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, not {getattr(self, name)!r}")
         for name in ("retry_backoff", "queue_ttl", "dispatch_timeout", "stall_timeout", "max_run_time",
-                     "probation_cooldown", "request_rate"):
+                     "probation_cooldown", "request_rate", "reserve_after"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, not {value!r}")

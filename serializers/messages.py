@@ -67,6 +67,18 @@ MAX_CODE = 64
 #: Most array frames a payload may announce (``arr``), and most dimensions of each.
 MAX_ARRAYS = 100_000
 MAX_DIMS = 64
+#: Most tasks one task may wait for (``after``): a fan-in of this many is one SUBMIT.
+MAX_AFTER = 20_000
+#: Largest SUBMIT header (the one header that lists task ids by the thousand: ``after``); the header
+#: travels to the satellite unchanged, which reads it with the same limit. Other headers are at most
+#: :data:`~serializers.header.MAX_HEADER`.
+MAX_TASK_HEADER = 1024 * 1024
+#: Most cores one task may ask for, and one satellite announce.
+MAX_CORES = 65_536
+#: Most bytes of memory one task may ask for, and one satellite announce (1 PiB).
+MAX_MEMORY = 2**50
+#: What a task whose dependency did not succeed does: fail (the default) or run anyway.
+ON_FAILURE = ("fail", "run")
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows); other
 #: headers are at most :data:`~serializers.header.MAX_HEADER`.
 MAX_REPLY = 256 * 1024 * 1024
@@ -197,12 +209,23 @@ class Submit(Wire):
     duration: float = 0.0  #: expected run time (0 if unknown)
     codec: str = "msgpack"  #: how the payload is encoded (checked against the server's consent apart)
     arrays: Arrays = ()  #: ``(dtype, shape)`` of each array frame after the body
+    after: tuple[str, ...] = ()  #: the tasks it waits for (each must be known when it is submitted)
+    refs: tuple[int, ...] = ()  #: which of ``after`` its payload takes the result of (indexes, ascending)
+    run_on_failure: bool = False  #: runs even when a dependency did not succeed (``on_failure="run"``)
+    cores: int = 1  #: cores it needs (a satellite's credit is counted in cores)
+    memory: int = 0  #: bytes of memory it needs (0: not said)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Submit:
         """Check and convert a decoded SUBMIT header (an absent optional field is not looked at twice:
         this runs for every task)."""
         timeout = number(hdr, "to", -MAX_SECONDS, MAX_SECONDS) if "to" in hdr else None
+        if "af" in hdr or "rf" in hdr or "of" in hdr or "cr" in hdr or "mem" in hdr:
+            after, refs, run = _after(hdr)
+            cores = number(hdr, "cr", 1, MAX_CORES, 1, integer=True)
+            memory = number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True)
+        else:
+            after, refs, run, cores, memory = (), (), False, 1, 0
         return cls(
             text(hdr, "id"), text(hdr, "k"),
             number(hdr, "p", -MAX_PRIORITY, MAX_PRIORITY, integer=True) if "p" in hdr else 0,
@@ -213,18 +236,56 @@ class Submit(Wire):
             max(0.0, float(number(hdr, "dur", -MAX_SECONDS, MAX_SECONDS))) if "dur" in hdr else 0.0,
             header_codec(hdr),
             _arrays(hdr) if "arr" in hdr else (),
+            after, refs, run, cores, memory,
         )
 
     def header(self) -> dict[str, Any]:
-        """``{id, k, c, p?, tg?, to?, ttl?, mr?, dur?, arr?}``: ``c`` always; the others when set
-        (``to`` whenever a timeout is given; a zero priority, time-to-live, run time or duration is
-        the default and left out); tags sorted."""
+        """``{id, k, c, p?, tg?, to?, ttl?, mr?, dur?, arr?, af?, rf?, of?, cr?, mem?}``: ``c`` always; the
+        others when set (``to`` whenever a timeout is given; a zero priority, time-to-live, run time,
+        duration or memory, one core, no dependency and ``on_failure="fail"`` are the defaults and left
+        out); tags sorted."""
         return _submit_header(self.id, self.kind, self.codec, self.priority, self.tags, self.timeout, self.ttl,
-                              self.max_run, self.duration, self.arrays)
+                              self.max_run, self.duration, self.arrays, self.after, self.refs, self.run_on_failure,
+                              self.cores, self.memory)
+
+    @property
+    def on_failure(self) -> str:
+        """``"run"`` or ``"fail"``: what it does when a dependency did not succeed."""
+        return "run" if self.run_on_failure else "fail"
+
+    @property
+    def referenced(self) -> tuple[str, ...]:
+        """The dependencies whose results its payload takes (``after`` at the indexes ``refs``)."""
+        return tuple(self.after[i] for i in self.refs)
+
+
+def _after(hdr: dict[str, Any]) -> tuple[tuple[str, ...], tuple[int, ...], bool]:
+    """``af`` (distinct task ids, at most :data:`MAX_AFTER`), ``rf`` (ascending indexes into ``af``) and
+    ``of`` (``"fail"`` or ``"run"``) of a SUBMIT header."""
+    listed = typed(hdr, "af", list, [])
+    if len(listed) > MAX_AFTER:
+        raise ProtocolError(P.E_MALFORMED, f"a task may wait for at most {MAX_AFTER:,} tasks ('af')")
+    after = tuple(names(hdr, "af", [], limit=MAX_AFTER)) if listed else ()
+    if len(set(after)) != len(after):
+        raise ProtocolError(P.E_MALFORMED, "header field 'af' names a task twice")
+    if "id" in hdr and hdr["id"] in after:
+        raise ProtocolError(P.E_MALFORMED, "a task cannot wait for itself ('af')")
+    refs = typed(hdr, "rf", list, [])
+    last = -1
+    for i in refs:
+        if type(i) is not int or not last < i < len(after):
+            raise ProtocolError(P.E_MALFORMED, "header field 'rf' must list ascending indexes into 'af'")
+        last = i
+    run = text(hdr, "of", "fail", limit=8)
+    if run not in ON_FAILURE:
+        raise ProtocolError(P.E_MALFORMED, f"header field 'of' must be one of {list(ON_FAILURE)}")
+    return after, tuple(refs), run == "run"
 
 
 def _submit_header(task_id: str, kind: str, codec: str, priority: int, tags: Iterable[str], timeout: float | None,
-                   ttl: float, max_run: float, duration: float, arrays: Arrays) -> dict[str, Any]:
+                   ttl: float, max_run: float, duration: float, arrays: Arrays, after: Sequence[str] = (),
+                   refs: Sequence[int] = (), run_on_failure: bool = False, cores: int = 1,
+                   memory: int = 0) -> dict[str, Any]:
     """A SUBMIT header (:meth:`Submit.header`, and :func:`submit` without building the message)."""
     hdr: dict[str, Any] = {"id": task_id, "k": kind, "c": codec}
     if priority:
@@ -241,6 +302,16 @@ def _submit_header(task_id: str, kind: str, codec: str, priority: int, tags: Ite
         hdr["dur"] = duration
     if arrays:
         hdr["arr"] = _arr(arrays)
+    if after:
+        hdr["af"] = list(after)
+    if refs:
+        hdr["rf"] = list(refs)
+    if run_on_failure:
+        hdr["of"] = "run"
+    if cores != 1:
+        hdr["cr"] = cores
+    if memory:
+        hdr["mem"] = memory
     return hdr
 
 
@@ -505,6 +576,8 @@ class Register(Wire):
     running: tuple[tuple[str, int], ...] = ()  #: [task id, attempt] it runs
     recent: tuple[tuple[str, int], ...] = ()  #: [task id, attempt] it just finished (results follow)
     vote: bool = False  #: it failed over because the other server of a pair went silent
+    cores: int = 0  #: cores its tasks may use together (0: not said; its workers count then)
+    memory: int = 0  #: bytes of memory its tasks may use together (0: not said)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Register:
@@ -526,11 +599,13 @@ class Register(Wire):
             host=str(hdr.get("host", ""))[:256],
             versions={str(k)[:64]: str(v)[:64] for k, v in list(versions.items())[:64]}
             if isinstance(versions, dict) else {},
-            running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"))
+            running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"),
+            cores=number(hdr, "cores", 0, MAX_CORES, 0, integer=True),
+            memory=number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True))
 
     def header(self) -> dict[str, Any]:
         """``{vote?, sid, slots, workers, kinds, progress, versions, walltime?, tags, host, pid,
-        running, recent}``."""
+        running, recent, cores?, mem?}``."""
         hdr: dict[str, Any] = {"vote": True} if self.vote else {}
         hdr["sid"] = self.sid
         hdr["slots"] = self.slots
@@ -545,6 +620,10 @@ class Register(Wire):
         hdr["pid"] = self.pid
         hdr["running"] = [[tid, attempt] for tid, attempt in self.running]
         hdr["recent"] = [[tid, attempt] for tid, attempt in self.recent]
+        if self.cores:
+            hdr["cores"] = self.cores
+        if self.memory:
+            hdr["mem"] = self.memory
         return hdr
 
 
@@ -725,7 +804,7 @@ def decode(command: bytes, header: bytes | memoryview) -> Message:
     cls = INBOUND.get(command)
     if cls is None:
         raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(command)}")
-    msg: Message = cls.decode(unpack(header))
+    msg: Message = cls.decode(unpack(header, MAX_TASK_HEADER if command == P.SUBMIT else MAX_HEADER))
     return msg
 
 
@@ -865,6 +944,9 @@ class Dispatch(Wire):
     id: str
     attempt: int
     pickle: bool = False
+    #: the results that follow the task's payload, in order: ``(task id, frames)`` of each (header first)
+    results: tuple[tuple[str, int], ...] = ()
+    cores: int = 1  #: cores the task asked for (the satellite starts it only when it has them free)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Dispatch:
@@ -873,16 +955,35 @@ class Dispatch(Wire):
         # the common shape checked inline (this runs twice for every task: satellite and worker);
         # anything else goes through the checking helpers, which raise the errors
         if type(tid) is str and 0 < len(tid) <= MAX_NAME and tid.isprintable() \
-                and type(attempt) is int and 0 <= attempt <= 2**31:
+                and type(attempt) is int and 0 <= attempt <= 2**31 and "rs" not in hdr and "cr" not in hdr:
             return cls(tid, attempt, hdr.get(PICKLE_CONSENT) is True)
-        return cls(text(hdr, "id"), _attempt(hdr), hdr.get(PICKLE_CONSENT) is True)
+        return cls(text(hdr, "id"), _attempt(hdr), hdr.get(PICKLE_CONSENT) is True, _results(hdr),
+                   number(hdr, "cr", 1, MAX_CORES, 1, integer=True))
 
     def header(self) -> dict[str, Any]:
-        """``{id, a, pk?}``."""
+        """``{id, a, pk?, rs?, cr?}``."""
         hdr: dict[str, Any] = {"id": self.id, "a": self.attempt}
         if self.pickle:
             hdr[PICKLE_CONSENT] = True
+        if self.results:
+            hdr["rs"] = [[tid, n] for tid, n in self.results]
+        if self.cores != 1:
+            hdr["cr"] = self.cores
         return hdr
+
+
+def _results(hdr: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    """``rs``: ``[[task id, frames], ...]``, the dependencies' results a DISPATCH carries after the payload."""
+    items = typed(hdr, "rs", list, [])
+    if len(items) > MAX_AFTER:
+        raise ProtocolError(P.E_MALFORMED, f"a DISPATCH carries at most {MAX_AFTER:,} results ('rs')")
+    out = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and 0 < len(item[0]) <= MAX_NAME
+                and type(item[1]) is int and 1 <= item[1] <= MAX_ARRAYS + 2):
+            raise ProtocolError(P.E_MALFORMED, "DISPATCH 'rs' entries are [task id, frames]")
+        out.append((item[0], item[1]))
+    return tuple(out)
 
 
 @dataclass(slots=True)
@@ -956,12 +1057,17 @@ def reply(rid: RequestId, body: dict[str, Any]) -> list[bytes]:
     return Reply(rid, body).frames()
 
 
-def dispatch(task_id: str, attempt: int, consent: dict[str, Any]) -> list[bytes]:
-    """DISPATCH frames (without the client's header and payload frames that follow them);
-    ``consent``: :func:`serializers.codecs.dispatch_consent`."""
+def dispatch(task_id: str, attempt: int, consent: dict[str, Any], results: Sequence[tuple[str, int]] = (),
+             cores: int = 1) -> list[bytes]:
+    """DISPATCH frames (without the client's header and payload frames that follow them, and the
+    dependencies' results after those); ``consent``: :func:`serializers.codecs.dispatch_consent`."""
     hdr: dict[str, Any] = {"id": task_id, "a": attempt}
     if consent.get(PICKLE_CONSENT) is True:
         hdr[PICKLE_CONSENT] = True
+    if results:
+        hdr["rs"] = [[tid, n] for tid, n in results]
+    if cores != 1:
+        hdr["cr"] = cores
     return [P.SIGNATURE, P.DISPATCH, pack(hdr)]
 
 
@@ -974,10 +1080,12 @@ def abort(task_id: str, attempt: int) -> list[bytes]:
 # (as above: the header their message's ``header()`` gives, key for key, without building the message)
 def submit(task_id: str, kind: str, codec: str, priority: int = 0, tags: Iterable[str] = (),
            timeout: float | None = None, ttl: float = 0.0, max_run: float = 0.0, duration: float = 0.0,
-           arrays: Arrays = ()) -> list[bytes]:
+           arrays: Arrays = (), after: Sequence[str] = (), refs: Sequence[int] = (), run_on_failure: bool = False,
+           cores: int = 1, memory: int = 0) -> list[bytes]:
     """SUBMIT frames (without the payload frames): what ``Submit(...).frames()`` gives."""
     return [P.SIGNATURE, P.SUBMIT,
-            pack(_submit_header(task_id, kind, codec, priority, tags, timeout, ttl, max_run, duration, arrays))]
+            pack(_submit_header(task_id, kind, codec, priority, tags, timeout, ttl, max_run, duration, arrays,
+                                after, refs, run_on_failure, cores, memory))]
 
 
 def done(task_id: str, attempt: int, sat: str, codec: str, duration: float, arrays: Arrays = ()) -> bytes:

@@ -111,6 +111,7 @@ ERR_EXPIRED: Final = "Expired"  # no satellite took it within its time-to-live
 ERR_MAX_RUN: Final = "MaxRunTime"  # ran longer than its maximum run time
 ERR_REVOKED: Final = "Revoked"  # the key that submitted it was revoked before it finished
 ERR_PAYLOAD_LOST: Final = "PayloadLost"  # its payload, spilled to the journal while queued, cannot be read back
+ERR_DEPENDENCY: Final = "DependencyFailed"  # a task it waited for did not succeed (failed, cancelled, expired, ...)
 
 #: Default maximum message size accepted by the orchestrator (also ZMQ_MAXMSGSIZE).
 DEFAULT_MAX_MESSAGE: Final = 256 * 1024 * 1024

@@ -81,7 +81,7 @@ def test_queues_order_and_lazy_removal() -> None:
     for t in tasks:
         q.push(t)
     tasks[1].state = TaskState.CANCELLED
-    key = ("k", frozenset())
+    key = ("k", frozenset(), 1, 0)
     order = []
     while q.head(key) is not None:
         order.append(q.pop(key).seq)

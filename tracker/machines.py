@@ -31,6 +31,8 @@ class TaskEvent(IntEnum):
     requeue = 7  #: the back-off is over: queue again
     quarantine = 8  #: it has stalled or killed its satellites too often: never run again
     expire = 9  #: it waited in the queue longer than its time-to-live
+    wait = 10  #: submitted with dependencies that have not ended: it waits for them
+    release = 11  #: every dependency ended (succeeded, or may fail: ``on_failure="run"``): queue it
 
 
 class SatelliteEvent(IntEnum):
@@ -54,13 +56,15 @@ TASK_TRANSITIONS: list[tuple[TaskEvent, tuple[TaskState, ...], TaskState]] = [
     (TaskEvent.dispatch, (T.PENDING,), T.DISPATCHED),
     (TaskEvent.start, (T.DISPATCHED,), T.RUNNING),
     (TaskEvent.finish, (T.DISPATCHED, T.RUNNING), T.DONE),
-    (TaskEvent.fail, (T.PENDING, T.DISPATCHED, T.RUNNING, T.STALLED, T.RETRY), T.FAILED),
-    (TaskEvent.cancel, (T.PENDING, T.DISPATCHED, T.RUNNING, T.STALLED, T.RETRY), T.CANCELLED),
+    (TaskEvent.fail, (T.PENDING, T.DISPATCHED, T.RUNNING, T.STALLED, T.RETRY, T.WAITING), T.FAILED),
+    (TaskEvent.cancel, (T.PENDING, T.DISPATCHED, T.RUNNING, T.STALLED, T.RETRY, T.WAITING), T.CANCELLED),
     (TaskEvent.stall, (T.DISPATCHED, T.RUNNING), T.STALLED),
     (TaskEvent.retry, (T.STALLED,), T.RETRY),
     (TaskEvent.requeue, (T.RETRY, T.STALLED), T.PENDING),
     (TaskEvent.quarantine, (T.STALLED,), T.QUARANTINED),
     (TaskEvent.expire, (T.PENDING,), T.EXPIRED),
+    (TaskEvent.wait, (T.PENDING,), T.WAITING),
+    (TaskEvent.release, (T.WAITING,), T.PENDING),
 ]
 
 S = SatelliteState

@@ -12,6 +12,7 @@ from typing import Any
 
 from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Submitted, Transition, view
 from serializers import ProtocolError, unpack
+from serializers.messages import MAX_TASK_HEADER
 from tracker import TaskState
 
 COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner", "tags")
@@ -22,7 +23,7 @@ def fields(record: list[Any]) -> dict[str, Any] | None:
     try:
         v = view(record)
         if isinstance(v, Submitted):  # its "satellite" column holds who submitted it (the key name, CurveZMQ on)
-            hdr = unpack(v.header)
+            hdr = unpack(v.header, MAX_TASK_HEADER)
             return {"code": SUBMITTED, "task_id": v.task_id, "t": v.time, "kind": str(hdr.get("k", "")),
                     "state": int(TaskState.PENDING), "attempt": 0, "satellite": v.owner or "", "etype": ""}
         if isinstance(v, Transition):

@@ -35,6 +35,7 @@ from orchester.journal.history import Row, select
 from orchester.journal.manifest import number
 from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Transition
 from serializers import ProtocolError, unpack
+from serializers.messages import MAX_TASK_HEADER
 from tracker import TaskState
 
 log = logging.getLogger("orchester.journal")
@@ -199,7 +200,7 @@ class HistoryIndex:
             if type(header) is not bytes or not _number(t) or not (owner is None or type(owner) is str):
                 return
             try:
-                hdr = unpack(header)
+                hdr = unpack(header, MAX_TASK_HEADER)
             except ProtocolError:
                 return
             self.records += 1

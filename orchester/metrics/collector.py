@@ -42,7 +42,8 @@ ALWAYS_EXPORTED = frozenset({
     "results_waiting", "results_withheld", "retries", "revoked_tasks", "satellites_lost", "satellites_registered",
     "sid_refused", "spilled", "stale_results", "stalled", "strategy_switches", "submitted", "subscribers_muted",
     "subscription_floods", "subscriptions_refused", "timeouts", "timer_errors", "undeliverable", "unknown_satellite",
-    "unspilled", "spill_lost", "wakeups",
+    "unspilled", "spill_lost", "wakeups", "dependency_failed", "dependency_results_lost", "reservations",
+    "results_kept", "submitted_after", "unknown_dependency",
 })
 
 

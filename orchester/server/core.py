@@ -205,9 +205,11 @@ class Orchestrator:
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; {len(offered)} kind(s) "
                                 f"offered{': ' if shown else ''}{', '.join(shown)}"
                                 f"{' ...' if len(offered) > len(shown) else ''}")
+        deps = self._dependencies(sub) if sub.after else None
         task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.next_seq(),
                     size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
+        task.cores, task.memory = sub.cores, sub.memory
         task.owner, task.counted = owner, True
         wall = self.state.wall()
         task.history.add(wall, TS.PENDING, 0)
@@ -215,7 +217,6 @@ class Orchestrator:
         load[0] += 1
         load[1] += size
         self.state.add_pending(task)
-        self.state.queues.push(task)
         self.state.counters["submitted"] += 1
         if timeout is not None:
             task.deadline = self.state.timers.schedule(now + timeout, tid, T_DEADLINE)
@@ -224,10 +225,42 @@ class Orchestrator:
                                                  self.state.user))
             if self.cfg.spill_bytes and self.state.queued_bytes > self.cfg.spill_bytes:
                 self.state.to_spill[tid] = task
-        self.life.arm(task, now)
         self._ack(sock, ident, tid)
         if self.state.want[b"task:"]:
             self.life.publish_task(task, wall)
+        if deps is None:
+            self.state.queues.push(task)
+        else:
+            task.after, task.refs, task.run_on_failure = sub.after, sub.referenced, sub.run_on_failure
+            self.state.counters["submitted_after"] += 1
+            self.life.attach(task, deps, now)
+        self.life.arm(task, now)
+
+    def _dependencies(self, sub: Submit) -> list[Task | None]:
+        """The tasks ``sub`` waits for, each checked before anything changes: known here, and (CurveZMQ
+        on) its submitter's own, or the submitter is an admin; a result it takes by reference still
+        kept (or still to come)."""
+        tasks = self.state.tasks
+        deps: list[Task | None] = []
+        for dep_id in sub.after:
+            dep = tasks.get(dep_id)
+            if dep is None:
+                self.state.counters["unknown_dependency"] += 1
+                raise ProtocolError(P.E_UNKNOWN_TASK, f"dependency {dep_id!r} is unknown (never submitted here, or "
+                                    "it ended and its result has left the retention window)")
+            if self.ports.identify is not None and dep.owner != (self.state.user or None) \
+                    and not self.requests.is_admin():
+                self.state.counters["forbidden"] += 1
+                raise ProtocolError(P.E_FORBIDDEN, f"dependency {dep_id!r} belongs to another key: a task may wait "
+                                    "only for tasks of its own key (or of any key, for an admin)")
+            deps.append(dep)
+        for ref in sub.referenced:
+            dep = tasks[ref]
+            if dep.state.terminal and ref not in self.state.results and (dep.state is TS.DONE
+                                                                           or sub.run_on_failure):
+                raise ProtocolError(P.E_UNKNOWN_TASK, f"dependency {ref!r} ended, but its result is no longer kept: "
+                                    "it cannot be passed by reference")
+        return deps
 
     def _ack(self, sock: Any, ident: bytes, tid: str) -> None:
         key = (sock, ident)
@@ -291,7 +324,7 @@ class Orchestrator:
         if prior is not None:  # this connection was another satellite id: that record goes, with its tasks
             self.life.lose(prior, now, "replaced on its connection", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
-                              host=reg.host, pid=reg.pid, workers=reg.workers)
+                              host=reg.host, pid=reg.pid, workers=reg.workers, cores=reg.cores, memory=reg.memory)
         sat.stall_timeouts = dict(reg.progress)
         sat.user = self.state.user
         if reg.walltime is not None:
@@ -415,12 +448,14 @@ class Orchestrator:
     def housekeeping(self, now: float) -> None:
         """Run after every wake-up: retention, timeouts, satellites, heartbeats, acks, dispatch."""
         results = self.state.results
-        if len(results) > self.cfg.result_retention or results.bytes > results.max_bytes:
+        if results.over():
             for tid in self.state.results.trim(self.state.unread.pinned):
                 old = self.state.tasks.get(tid)
                 if old is not None and old.state.terminal:
                     del self.state.tasks[tid]
                     self.state.state_counts[old.state] -= 1
+                    if old.after or tid in self.state.graph.dependents:
+                        self.state.graph.forget(tid)
         queues, pending = self.state.queues, self.state.state_counts[TS.PENDING]
         if len(queues) - pending > max(1024, pending):  # cancelled or expired while queued: memory, not work
             queues.drop_stale()

@@ -15,16 +15,25 @@ class SatelliteRecord:
         "recover_at", "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
         "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
+        "cores", "capacity", "used", "memory", "mem_used", "reserved",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
                  kinds: frozenset[str], now: float, host: str = "", pid: int = 0,
-                 workers: int = 0) -> None:
+                 workers: int = 0, cores: int = 0, memory: int = 0) -> None:
         self.sid = sid
         self.ident = ident
         self.sock = sock
         self.slots = slots  #: announced capacity
         self.credit = slots  #: at most this many tasks in flight (fewer on probation, none draining)
+        #: cores its tasks may use together (announced; else one per worker, or per slot)
+        self.cores = cores or workers or slots
+        #: cores of the tasks it may hold: its cores, plus one per slot beyond its workers (prefetch)
+        self.capacity = self.cores + (max(0, slots - workers) if workers else max(0, slots - self.cores))
+        self.used = 0  #: cores of the tasks in flight on it
+        self.memory = memory  #: bytes of memory its tasks may use together (0: not announced, not counted)
+        self.mem_used = 0  #: memory asked for by the tasks in flight on it
+        self.reserved: Task | None = None  #: a wide task it is kept for: it takes no other until that one fits
         self.tags = tags
         self.kinds = kinds
         self.state = SatelliteState.JOINING
@@ -56,6 +65,30 @@ class SatelliteRecord:
         """Credit left (never negative)."""
         return max(0, self.credit - len(self.inflight))
 
+    def fits(self, task: Task) -> bool:
+        """Whether ``task`` fits now: a credit, its cores and its memory free."""
+        return (len(self.inflight) < self.credit and self.used + task.cores <= self.capacity
+                and task.cores <= self.cores and (not task.memory or not self.memory
+                                                  or self.mem_used + task.memory <= self.memory))
+
+    def could_fit(self, task: Task) -> bool:
+        """Whether ``task`` fits here when nothing else runs (its cores and memory are no more than this has)."""
+        return task.cores <= self.cores and (not task.memory or not self.memory or task.memory <= self.memory)
+
+    def take(self, task: Task) -> None:
+        """``task`` is in flight here (credit, cores and memory taken)."""
+        self.inflight[task.id] = task
+        self.used += task.cores
+        self.mem_used += task.memory
+
+    def give_back(self, task: Task) -> bool:
+        """``task`` is no longer in flight here; whether it was."""
+        if self.inflight.pop(task.id, None) is None:
+            return False
+        self.used -= task.cores
+        self.mem_used -= task.memory
+        return True
+
     @property
     def load(self) -> float:
         """In-flight tasks over slots (0 idle, 1 full)."""
@@ -63,8 +96,7 @@ class SatelliteRecord:
 
     def can_run(self, key: QueueKey) -> bool:
         """Whether this satellite offers the kind and has every required tag."""
-        kind, tags = key
-        return kind in self.kinds and tags <= self.tags
+        return key[0] in self.kinds and key[1] <= self.tags
 
     def describe(self, now: float) -> dict[str, Any]:
         """A msgpack-friendly summary for status replies and events."""
@@ -76,7 +108,9 @@ class SatelliteRecord:
             "failed": self.failed, "uptime": round(now - self.registered, 3),
             "fail_streak": self.fail_streak, "versions": self.versions,
             "walltime_left": None if self.deadline == float("inf") else round(self.deadline - now, 1),
-            "reported": self.reported, "user": self.user,
+            "reported": self.reported, "user": self.user, "cores": self.cores, "cores_used": self.used,
+            "memory": self.memory, "memory_used": self.mem_used,
+            "reserved_for": self.reserved.id if self.reserved is not None else None,
         }
 
 

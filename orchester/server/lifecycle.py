@@ -12,6 +12,7 @@ timeout on the one timer wheel, record the history and publish the event.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ class Lifecycle:
         config = state.cfg
         self._consent = dispatch_consent(config.allow_pickle)  #: what each DISPATCH says this server accepts
         self.retry = RetryPolicy(config.retries, config.retry_backoff)
+        self._settling: deque[Task] = deque()  #: tasks that ended, whose dependents are being settled
         self.probation = ProbationPolicy(config.probation_after, config.drain_after)
 
     # ------------------------------------------------------- restore, adopt
@@ -86,17 +88,96 @@ class Lifecycle:
             if result is not None and (len(result) > 1 or not unpack(bytes(result[0])).get("ok")):
                 state.results.put(task.id, [P.SIGNATURE, P.RESULT, *result], _len(result), delivered=True)
             task.payload = []
+            if task.after:
+                state.graph.link(task.id, task.after, ended=True)
             return "finished"
         in_flight = task.state in (TS.DISPATCHED, TS.RUNNING)
         task.state = TS.PENDING
         state.add_pending(task)
         if reclaim and in_flight:  # keeps its satellite and attempt: only that one may claim it
+            state.graph.link(task.id, task.after)
             state.reclaim[task.id] = task
             return "reclaimable"
         task.satellite = None
+        if task.after:  # its dependencies were installed before it (they were submitted before it)
+            self.attach(task, [state.tasks.get(dep) for dep in task.after], now)
+            self.arm(task, now)
+            return "waiting" if task.state is TS.WAITING else "requeued" if task.state is TS.PENDING else "failed"
         state.queues.push(task)
         self.arm(task, now)
         return "requeued"
+
+    # ---------------------------------------------------------- dependencies
+    def attach(self, task: Task, deps: Sequence[Task | None], now: float) -> None:
+        """A pending task that is in the table but not queued gets its dependencies ``deps`` (those of
+        :attr:`Task.after`, in order; ``None`` for one the table does not hold: only after a restart
+        whose journal lost it). It waits (WAITING) while some have not ended, fails at once when one
+        did not succeed (unless it runs on failure), and is queued otherwise."""
+        graph = self.state.graph
+        graph.link(task.id, task.after)
+        blockers, failed, missing = 0, None, None
+        for dep_id, dep in zip(task.after, deps, strict=True):
+            if dep is None:
+                missing = missing or dep_id
+            elif not dep.state.terminal:
+                blockers += 1
+            elif dep.state is not TS.DONE and failed is None and not task.run_on_failure:
+                failed = dep
+        if task.refs:  # what its owner passes by reference reaches it here, not its client (unless asked)
+            for ref in task.refs:
+                dep = self.state.tasks.get(ref)
+                if dep is not None and not dep.state.terminal and dep.owner == task.owner:
+                    dep.quiet = True
+        task.blockers = blockers
+        if missing is not None:
+            self.fail(task, P.ERR_DEPENDENCY, f"its dependency {missing} is not known here (the journal lost it)",
+                      now, dependency=missing)
+        elif failed is not None:
+            task.cause = failed.cause or failed.id
+            self.fail(task, P.ERR_DEPENDENCY, self._dependency_message(failed), now, dependency=failed.id)
+        elif blockers:
+            self.task_to(task, TE.wait, now, f"waiting for {blockers} task(s)")
+        else:
+            self.state.queues.push(task)
+
+    @staticmethod
+    def _dependency_message(dep: Task) -> str:
+        how = {TS.FAILED: "failed", TS.CANCELLED: "was cancelled", TS.EXPIRED: "expired",
+               TS.QUARANTINED: "was quarantined"}.get(dep.state, dep.state.name.lower())
+        cause = f" (it waited for {dep.cause}, which did not succeed)" if dep.cause and dep.cause != dep.id else ""
+        return f"its dependency {dep.id} {how}{cause}"
+
+    def settle(self, ended: Task, now: float) -> None:
+        """``ended`` reached a final state: it needs its dependencies' results no longer, and the
+        tasks waiting for it go on (queued once nothing else holds them) or fail with it (unless they
+        run on failure), transitively. Iterative: a chain of any length fails without recursion."""
+        work = self._settling
+        work.append(ended)
+        if len(work) > 1:  # settling already: the loop below takes it
+            return
+        graph, tasks = self.state.graph, self.state.tasks
+        try:
+            while work:
+                task = work[0]
+                if task.after:
+                    graph.unlink(task.after)
+                for did in graph.dependents.get(task.id, ()):
+                    dependent = tasks.get(did)
+                    if dependent is None or dependent.state is not TS.WAITING:
+                        continue
+                    if task.state is TS.DONE or dependent.run_on_failure:
+                        dependent.blockers -= 1
+                        if dependent.blockers <= 0:
+                            self.task_to(dependent, TE.release, now, "its dependencies ended")
+                            self.state.queues.push(dependent)
+                    else:  # complete() appends it to the work list
+                        self.state.counters["dependency_failed"] += 1
+                        dependent.cause = task.cause or task.id
+                        self.fail(dependent, P.ERR_DEPENDENCY, self._dependency_message(task), now,
+                                  dependency=task.id)
+                work.popleft()
+        finally:
+            work.clear()
 
     def adopt(self, sat: SatelliteRecord, running: Sequence[tuple[str, int]], now: float,
               finished: bool = False) -> None:
@@ -135,7 +216,7 @@ class Lifecycle:
             self.state.unqueued(task)
             task.attempt = attempt
             task.satellite = sat.sid
-            sat.inflight[tid] = task
+            sat.take(task)
             if sat.state is SS.IDLE:
                 self.sat_to(sat, SE.load, now)
             self.state.fleet.free_slots -= 1
@@ -157,6 +238,7 @@ class Lifecycle:
             st.pending_left(task.kind)
         elif state is TS.PENDING:
             st.pending_kinds[task.kind] += 1
+            task.queued_at = now
         task.state = state
         wall = st.wall()  # one reading for the history, the journal and the event
         task.history.add(wall, state, task.attempt, task.satellite, reason)
@@ -254,20 +336,68 @@ class Lifecycle:
                 key = queues.best_key(None)
             if key is None:
                 return
-            cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit]
-            head = queues.head(key) if cands else None
-            if head is not None and head.duration:  # only where it can finish before the allocation ends
+            head = queues.head(key)
+            if head is None:
+                continue
+            if key[2] == 1 and not key[3]:  # one core, no memory said: the common case, checked inline
+                cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit and s.used < s.capacity
+                         and (s.reserved is None or self._unreserve(s))]
+            else:
+                cands = [s for s in fleet.eligible(key) if s.fits(head)
+                         and (s.reserved is None or s.reserved is head or self._unreserve(s))]
+            if cands and head.duration:  # only where it can finish before the allocation ends
                 cands = [s for s in cands if s.deadline - now >= head.duration]
                 if not cands:
                     deferred.append(queues.pop(key))
                     continue
             if not cands:
+                if (head.cores > 1 or head.memory) and head.reserved_on is None \
+                        and now - head.queued_at >= self.state.cfg.reserve_after:
+                    self._reserve(head, fleet.eligible(key))
                 blocked.add(key)
                 continue
             task = queues.pop(key)
             self._dispatch(task, self.state.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
 
+    @staticmethod
+    def _unreserve(sat: SatelliteRecord) -> bool:
+        """Whether ``sat``'s reservation is over (its task left the queue): then it is dropped."""
+        task = sat.reserved
+        if task is not None and task.state is TS.PENDING and task.reserved_on is sat:
+            return False
+        sat.reserved = None
+        return True
+
+    def _reserve(self, task: Task, eligible: list[SatelliteRecord]) -> None:
+        """Keep a satellite for ``task``, a wide task that let narrower ones pass for ``reserve_after``
+        seconds: of the satellites that could ever run it and are not kept for another, the one with
+        the most cores free (then the fewest tasks). It takes no other task until ``task`` fits there."""
+        best: SatelliteRecord | None = None
+        for sat in eligible:
+            if not sat.could_fit(task) or (sat.reserved is not None and not self._unreserve(sat)):
+                continue
+            if best is None or (sat.capacity - sat.used, -len(sat.inflight)) > (best.capacity - best.used,
+                                                                                -len(best.inflight)):
+                best = sat
+        if best is not None:
+            best.reserved, task.reserved_on = task, best
+            self.state.counters["reservations"] += 1
+
     def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
+        results: list[tuple[str, int]] = []
+        inputs: list[Any] = []
+        for ref in task.refs:  # the results it takes by reference follow its payload, as they were received
+            stored = self.state.results.get(ref)
+            if stored is None:  # (pinned while it waits: only a journal that lost it gets here)
+                self.state.counters["dependency_results_lost"] += 1
+                self.fail(task, P.ERR_DEPENDENCY, f"the result of its dependency {ref} is no longer kept", now,
+                          dependency=ref)
+                return
+            results.append((ref, len(stored.frames) - 2))
+            inputs.extend(stored.frames[2:])
+        if task.reserved_on is not None:
+            task.reserved_on.reserved = None
+            task.reserved_on = None
         if task.spilled is not None:  # its payload waits on disk: read it back
             assert self.ports.load_spilled is not None
             try:
@@ -285,21 +415,25 @@ class Lifecycle:
             self.state.unqueued(task)
         task.attempt += 1
         task.satellite = sat.sid
-        sat.inflight[task.id] = task
+        sat.take(task)
         if sat.state is SS.IDLE:
             self.sat_to(sat, SE.load, now)
         self.state.fleet.free_slots -= 1
         self.state.dispatch_seq += 1
         sat.last_dispatch = self.state.dispatch_seq
         self.state.counters["dispatched"] += 1
-        self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent), task.header,
-                                    *task.payload])
+        if results or task.cores != 1:
+            self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent, results,
+                                                               task.cores), task.header, *task.payload, *inputs])
+        else:
+            self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent), task.header,
+                                        *task.payload])
         self.task_to(task, TE.dispatch, now)
 
     def release(self, task: Task, now: float, abort: bool) -> SatelliteRecord | None:
         """Take ``task`` off its satellite's credit (telling the satellite to drop it if ``abort``)."""
         sat = self.state.fleet.by_id.get(task.satellite or "")
-        if sat is None or sat.inflight.pop(task.id, None) is None:
+        if sat is None or not sat.give_back(task):
             return None
         self.state.fleet.free_slots += 1
         if abort:
@@ -336,18 +470,22 @@ class Lifecycle:
                          f"on probation again in {self.state.cfg.probation_cooldown:g}s")
 
     def fail(self, task: Task, etype: str, msg: str, now: float, event: TaskEvent = TE.fail,
-              abort: bool = True) -> None:
-        """End ``task`` with an error the orchestrator decided (cancel, timeouts, quarantine, expiry)."""
+              abort: bool = True, dependency: str | None = None) -> None:
+        """End ``task`` with an error the orchestrator decided (cancel, timeouts, quarantine, expiry, a
+        dependency that did not succeed: ``dependency`` names it)."""
         if task.state in (TS.DISPATCHED, TS.RUNNING):
             self.release(task, now, abort)
-        elif task.state is TS.PENDING:
-            self.state.unqueued(task)  # it leaves the queue without being dispatched
+        elif task.state is TS.PENDING or task.state is TS.WAITING:
+            self.state.unqueued(task)  # it leaves the queue (or its wait) without being dispatched
         self.state.counters[{TE.cancel: "cancelled", TE.quarantine: "quarantined",
                        TE.expire: "expired"}.get(event, "failed")] += 1
         self.task_to(task, event, now, msg)
         err: dict[str, Any] = {"type": etype, "msg": msg, "tb": ""}
         if event is TE.quarantine:
             err["attempts"] = self.attempts(task)
+        if dependency is not None:
+            err["dependency"] = dependency
+            err["cause"] = task.cause = task.cause or dependency
         hdr = M.Result(task.id, task.attempt, False, err=err, sat=task.satellite).encode()
         self.complete(task, [P.SIGNATURE, P.RESULT, hdr])
 
@@ -385,7 +523,7 @@ class Lifecycle:
 
     def spilled(self, task: Task, where: Any) -> None:
         """The adapter wrote ``task``'s payload to disk (at ``where``): drop it from memory."""
-        if task.state is TS.PENDING and task.payload and task.spilled is None:
+        if (task.state is TS.PENDING or task.state is TS.WAITING) and task.payload and task.spilled is None:
             self.state.unqueued(task)
             task.payload = []
             task.spilled = where
@@ -403,7 +541,13 @@ class Lifecycle:
         if self.outbox.journaling:
             self.outbox.record(records.result(task.id, result[2:], self.state.wall()))
         task.payload = []  # the input is no longer needed
-        self.send_result(task, result, _len(result), store=True)
+        if task.quiet:  # a task of its owner takes it by reference: its client gets it when it asks (FETCH)
+            self.state.counters["results_kept"] += 1
+            self.state.results.put(task.id, result, _len(result))
+        else:
+            self.send_result(task, result, _len(result), store=True)
+        if task.after or task.id in self.state.graph.dependents:
+            self.settle(task, self.state.clock)
 
     def send_result(self, task: Task, frames: list[Any], size: int, store: bool) -> None:
         if not self.deliverable(task):  # kept for fetch: only a connection of the owner's key gets it
@@ -447,7 +591,7 @@ class Lifecycle:
             self.fail(task, P.ERR_EXPIRED, self.why_unrouted(task), now, TE.expire)
         elif code == T_START and task.state is TS.DISPATCHED:
             sat = self.state.fleet.by_id.get(task.satellite or "")
-            if sat is not None and self._workers_busy(sat):  # prefetched behind running tasks: it waits its turn
+            if sat is not None and self._workers_busy(sat, task):  # prefetched behind running tasks: it waits
                 task.timer = self.state.timers.schedule(now + self.state.cfg.dispatch_timeout, task.id, T_START)
             else:  # a free worker and it was not started: the satellite's fault, not the task's
                 self.stall(task, now, f"not started within {self.state.cfg.dispatch_timeout:g}s on {task.satellite}",
@@ -466,16 +610,29 @@ class Lifecycle:
             self.enqueue(task, now, TE.requeue, "back-off over")
 
     @staticmethod
-    def _workers_busy(sat: SatelliteRecord) -> bool:
-        """Whether every worker of ``sat`` runs a task (a dispatched task then waits in its prefetch)."""
-        running = sum(1 for t in sat.inflight.values() if t.state is TS.RUNNING)
-        return running >= (sat.workers or sat.slots)
+    def _workers_busy(sat: SatelliteRecord, task: Task | None = None) -> bool:
+        """Whether every worker of ``sat`` runs a task, or too few of its cores are free for ``task`` (a
+        dispatched task then waits in its prefetch)."""
+        running = [t for t in sat.inflight.values() if t.state is TS.RUNNING]
+        if len(running) >= (sat.workers or sat.slots):
+            return True
+        return task is not None and sum(t.cores for t in running) + task.cores > sat.cores
 
     def why_unrouted(self, task: Task) -> str:
+        """Why ``task`` expired in the queue, in words."""
         ttl = task.ttl or self.state.cfg.queue_ttl
-        if not self.state.fleet.eligible(task.queue_key):
+        eligible = self.state.fleet.eligible(task.queue_key)
+        if not eligible:
             return (f"expired after {ttl:g}s in the queue: no satellite offers kind {task.kind!r}"
                     + (f" with tags {sorted(task.tags)}" if task.tags else ""))
+        if not any(s.could_fit(task) for s in eligible):
+            most = max(s.cores for s in eligible)
+            if task.cores > most:
+                return (f"expired after {ttl:g}s in the queue: it needs {task.cores} cores and no satellite "
+                        f"offering kind {task.kind!r} has more than {most}")
+            memory = max(s.memory for s in eligible)
+            return (f"expired after {ttl:g}s in the queue: it needs {task.memory} bytes of memory and no "
+                    f"satellite offering kind {task.kind!r} has more than {memory}")
         return f"expired after {ttl:g}s in the queue: every eligible satellite stayed busy"
 
     # ---------------------------------------------------------- satellites
@@ -517,6 +674,11 @@ class Lifecycle:
         for task in tasks:
             self.stall(task, now, f"satellite {sat.sid} {reason}", crash=crash, abort=False, blame=False)
         sat.inflight.clear()
+        sat.used = sat.mem_used = 0
+        if sat.reserved is not None:
+            if sat.reserved.reserved_on is sat:
+                sat.reserved.reserved_on = None
+            sat.reserved = None
         self.sat_to(sat, event, now, reason)
         self.state.fleet.remove(sat)
         if tasks:

@@ -22,7 +22,7 @@ from orchester.journal import records
 from orchester.server.lifecycle import _len
 from orchester.server.tasks import Task
 from serializers.header import ProtocolError, unpack
-from serializers.messages import Submit
+from serializers.messages import MAX_TASK_HEADER, Submit
 from tracker import TaskState as TS
 from tracker.history import History
 
@@ -55,7 +55,8 @@ class RestoreFold:
     A finished task's payload is dropped as soon as its end is folded, and at most
     ``keep_finished`` finished tasks are kept (the oldest go first, as the active's result
     retention drops them): a passive server following a long run holds what the active holds,
-    not the whole run.
+    not the whole run. A finished task that an unfinished one waits for is kept (as the active
+    pins its result) until that one ends.
     """
 
     def __init__(self, keep_finished: int | None = None) -> None:
@@ -65,6 +66,9 @@ class RestoreFold:
         self.history: dict[str, History] = {}
         self.keep_finished = keep_finished
         self._finished: dict[str, None] = {}  #: finished task ids, oldest first
+        #: task id -> unfinished tasks of the fold that wait for it; finished ones among them are held apart
+        self._needed: Counter[str] = Counter()
+        self._held: dict[str, None] = {}
         #: satellite id -> the key it belongs to ("K" records, CurveZMQ on)
         self.sat_keys: dict[str, str] = {}
         self.bad = 0
@@ -76,13 +80,27 @@ class RestoreFold:
         self.results.clear()
         self.history.clear()
         self._finished.clear()
+        self._needed.clear()
+        self._held.clear()
         self.sat_keys.clear()
 
     def _ended(self, tid: str, entry: list[Any]) -> None:
         submitted: records.Submitted = entry[0]
         if submitted.payload:  # a copy without it: the record itself may still be on its way to disk
             entry[0] = dataclasses.replace(submitted, payload=[])
-        self._finished[tid] = None
+        hdr: Submit = entry[2]
+        for dep in hdr.after:  # it no longer holds what it waited for
+            n = self._needed[dep] - 1
+            if n > 0:
+                self._needed[dep] = n
+            else:
+                del self._needed[dep]
+                if self._held.pop(dep, "") is None:  # held apart while needed: the retention applies again
+                    self._finished[dep] = None
+        if tid in self._needed:
+            self._held[tid] = None
+        else:
+            self._finished[tid] = None
         if self.keep_finished is not None:
             while len(self._finished) > self.keep_finished:
                 old = next(iter(self._finished))
@@ -101,9 +119,11 @@ class RestoreFold:
             elif isinstance(v, records.Submitted):
                 if v.task_id not in self.tasks:
                     # refuse, now, a record whose header is unreadable or that a live server would refuse
-                    hdr = Submit.decode(unpack(v.header))
+                    hdr = Submit.decode(unpack(v.header, MAX_TASK_HEADER))
                     if hdr.id != v.task_id:
                         raise ValueError(f"submission record of {v.task_id!r} carries the header of {hdr.id!r}")
+                    for dep in hdr.after:
+                        self._needed[dep] += 1
                     history = History()
                     history.add(v.time, TS.PENDING, 0)
                     self.tasks[v.task_id] = [v, None, hdr]
@@ -152,6 +172,9 @@ class RestoreFold:
             t = Task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
                      core.state.next_seq(), _len(payload))
             t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
+            t.cores, t.memory = hdr.cores, hdr.memory
+            if hdr.after:
+                t.after, t.refs, t.run_on_failure = hdr.after, hdr.referenced, hdr.run_on_failure
             if sub.owner is not None:
                 t.owner = sub.owner
             t.history = self.history[tid]

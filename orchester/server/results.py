@@ -3,7 +3,9 @@
 Results are retained up to ``max_results`` entries and ``max_bytes`` bytes.
 When over either bound the oldest *delivered* result is evicted first; an
 undelivered one (its client had gone or was not reading) is evicted only when
-nothing delivered is left, and that eviction is counted as a drop.
+nothing delivered is left, and that eviction is counted as a drop. A *pinned* result (one that
+tasks waiting for it will take by reference) is kept apart and never evicted; once unpinned it
+is the newest delivered one, and the normal retention applies again.
 """
 
 from __future__ import annotations
@@ -34,25 +36,60 @@ class ResultStore:
         self.dropped_undelivered = 0
         self._delivered: OrderedDict[str, StoredResult] = OrderedDict()
         self._undelivered: OrderedDict[str, StoredResult] = OrderedDict()
+        #: task ids pinned (dependents will take their results), and the results of those that ended
+        self._pins: set[str] = set()
+        self._pinned: dict[str, StoredResult] = {}
+        self.pinned_bytes = 0  #: bytes of the pinned results (outside the bounds)
 
     def __len__(self) -> int:
-        return len(self._delivered) + len(self._undelivered)
+        return len(self._delivered) + len(self._undelivered) + len(self._pinned)
 
     def __contains__(self, task_id: str) -> bool:
-        return task_id in self._delivered or task_id in self._undelivered
+        return task_id in self._delivered or task_id in self._undelivered or task_id in self._pinned
 
     def get(self, task_id: str) -> StoredResult | None:
         """The stored result of ``task_id``, if retained."""
-        return self._delivered.get(task_id) or self._undelivered.get(task_id)
+        return self._delivered.get(task_id) or self._undelivered.get(task_id) or self._pinned.get(task_id)
 
     def put(self, task_id: str, frames: list[Any], size: int, delivered: bool = False) -> None:
         """Retain a result (call :meth:`trim` later to get back within bounds)."""
         r = StoredResult(frames, size, delivered)
-        (self._delivered if delivered else self._undelivered)[task_id] = r
+        if task_id in self._pins:
+            self._pinned[task_id] = r
+            self.pinned_bytes += size
+        else:
+            (self._delivered if delivered else self._undelivered)[task_id] = r
         self.bytes += size
+
+    def over(self) -> bool:
+        """Whether the results that are not pinned exceed a bound (:meth:`trim` is due)."""
+        return (len(self._delivered) + len(self._undelivered) > self.max_results
+                or self.bytes - self.pinned_bytes > self.max_bytes)
+
+    def pin(self, task_id: str) -> None:
+        """Keep ``task_id``'s result (now, or when it comes) whatever the bounds, until :meth:`unpin`."""
+        if task_id in self._pins:
+            return
+        self._pins.add(task_id)
+        r = self._delivered.pop(task_id, None) or self._undelivered.pop(task_id, None)
+        if r is not None:
+            self._pinned[task_id] = r
+            self.pinned_bytes += r.size
+
+    def unpin(self, task_id: str) -> None:
+        """Give ``task_id``'s result back to the retention (as its newest result)."""
+        self._pins.discard(task_id)
+        r = self._pinned.pop(task_id, None)
+        if r is not None:
+            self.pinned_bytes -= r.size
+            (self._delivered if r.delivered else self._undelivered)[task_id] = r
 
     def mark(self, task_id: str, delivered: bool) -> None:
         """Move a result between the delivered and undelivered lists."""
+        pinned = self._pinned.get(task_id)
+        if pinned is not None:
+            pinned.delivered = delivered
+            return
         src, dst = (self._undelivered, self._delivered) if delivered else (self._delivered, self._undelivered)
         r = src.pop(task_id, None)
         if r is not None:
@@ -62,6 +99,10 @@ class ResultStore:
     def pop(self, task_id: str) -> StoredResult | None:
         """Forget a result (e.g. replaced after a retry)."""
         r = self._delivered.pop(task_id, None) or self._undelivered.pop(task_id, None)
+        if r is None:
+            r = self._pinned.pop(task_id, None)
+            if r is not None:
+                self.pinned_bytes -= r.size
         if r is not None:
             self.bytes -= r.size
         return r
@@ -77,8 +118,9 @@ class ResultStore:
         store may stay above its bounds by them (their owners' byte limits bound them)."""
         evicted: list[str] = []
         kept: list[tuple[str, StoredResult]] = []
-        held = 0  #: bytes of the pinned results set aside
-        while len(self) + len(kept) > self.max_results or (self.bytes + held > self.max_bytes and len(self) > 1):
+        held = -self.pinned_bytes  #: bytes of the pinned results set aside (and of those kept apart)
+        while (len(self._delivered) + len(self._undelivered) + len(kept) > self.max_results
+               or (self.bytes + held > self.max_bytes and len(self._delivered) + len(self._undelivered) > 1)):
             if self._delivered:
                 tid, r = self._delivered.popitem(last=False)
             elif self._undelivered:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from orchester.config import OrchestratorConfig
 from orchester.server.fleet import Fleet
+from orchester.server.graph import TaskGraph
 from orchester.server.peers import ConnectionKeys, RequestRate, Subscriptions, UnreadResults
 from orchester.server.results import ResultStore
 from orchester.server.routing import RoutingStrategy, make_strategy
@@ -46,6 +47,7 @@ class ServerState:
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
+        self.graph = TaskGraph(self.results)  #: dependencies, seen from the tasks depended on
         self.timers: TimerWheel[str] = TimerWheel()
         self.strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
         self.counters: Counter[str] = Counter()

@@ -10,7 +10,9 @@ from tracker import TaskState
 from tracker.history import History
 from tracker.timers import Timer
 
-QueueKey = tuple[str, frozenset[str]]
+#: The queue a task waits in: its kind, its required tags, the cores and the memory it needs (tasks of
+#: one shape queue together, so a narrow task is never stuck behind a wide one that does not fit).
+QueueKey = tuple[str, frozenset[str], int, int]
 
 
 class Task:
@@ -20,6 +22,8 @@ class Task:
         "id", "kind", "priority", "tags", "client", "csock", "header", "payload",
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
         "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled", "duration", "owner", "counted",
+        "after", "refs", "run_on_failure", "blockers", "quiet", "cause", "cores", "memory", "queued_at",
+        "reserved_on",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -52,11 +56,22 @@ class Task:
         #: who submitted it: the authenticated key's name, or the client's routing identity
         self.owner: str | bytes | None = None
         self.counted = False  #: whether it counts against its owner's limits (unfinished, not restored)
+        self.after: tuple[str, ...] = ()  #: the tasks it waits for
+        self.refs: tuple[str, ...] = ()  #: those of them whose results its payload takes
+        self.run_on_failure = False  #: it runs even when a dependency did not succeed
+        self.blockers = 0  #: dependencies that have not ended yet (WAITING while above zero)
+        #: its result goes to its client only when asked for (a task of the same owner takes it by reference)
+        self.quiet = False
+        self.cause: str | None = None  #: failed for a dependency: the task whose failure started it
+        self.cores = 1  #: cores it needs
+        self.memory = 0  #: bytes of memory it needs (0: not said)
+        self.queued_at = submitted  #: when it last entered PENDING (monotonic; a wide task's wait counts from it)
+        self.reserved_on: Any = None  #: the satellite reserved for it (a wide task that waited too long)
 
     @property
     def queue_key(self) -> QueueKey:
-        """The queue this task waits in: its kind and required tags."""
-        return (self.kind, self.tags)
+        """The queue this task waits in: its kind, required tags, cores and memory."""
+        return (self.kind, self.tags, self.cores, self.memory)
 
     def __repr__(self) -> str:
         return f"Task({self.id!r}, {self.kind!r}, {self.state.name}, attempt={self.attempt})"
@@ -141,7 +156,7 @@ class TaskQueues:
     def depth(self) -> dict[str, int]:
         """Pending tasks per kind (stale entries excluded)."""
         out: dict[str, int] = {}
-        for (kind, _), q in self._queues.items():
+        for (kind, *_), q in self._queues.items():
             n = sum(1 for _, _, t in q if t.state is TaskState.PENDING)
             if n:
                 out[kind] = out.get(kind, 0) + n
