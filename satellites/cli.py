@@ -18,7 +18,8 @@ from typing import Any
 
 import click
 
-from orchester.cli.common import OneLineErrors, check_connect, config_option
+from orchester.cli.common import ByteSize, OneLineErrors, check_connect, config_option
+from serializers.messages import MAX_CORES
 
 from .genx_numba import MAX_THREADS as MAX_NUMBA_THREADS
 
@@ -65,9 +66,15 @@ def main(log_level: str) -> None:
 @click.option("--numba-threads", type=click.IntRange(1, MAX_NUMBA_THREADS), default=None,
               envvar="ORCHESTER_NUMBA_THREADS",
               help="numba threads per worker [default: the usable cores divided by --workers].")
+@click.option("--cores", type=click.IntRange(1, MAX_CORES), default=None,
+              help="Cores its tasks may use together (a task asking for 4 takes 4) [default: its usable cores, "
+              "or --workers if more].")
+@click.option("--memory", type=ByteSize(), default=None,
+              help="Memory its tasks may use together, e.g. 64G [default: the machine's].")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
-        server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None) -> None:
+        server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None, cores: int | None,
+        memory: int | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -80,7 +87,7 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
                         walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key,
-                        numba=numba, numba_threads=numba_threads)
+                        numba=numba, numba_threads=numba_threads, cores=cores, memory=memory)
     except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

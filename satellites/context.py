@@ -1,4 +1,4 @@
-"""What a running handler can know and say: its task id, attempt, and progress."""
+"""What a running handler can know and say: its task id, attempt, cores, and progress."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class TaskContext:
     kind: str
     satellite: str
     _send: Callable[[dict[str, Any]], None] | None = None
+    cores: int = 1  #: the cores the task asked for (its worker's thread pools are set to as many)
 
     def progress(self, **info: Any) -> None:
         """Send a progress report (any msgpack-encodable keyword values) to the orchestrator."""
@@ -35,6 +36,12 @@ def set_current(ctx: TaskContext | None) -> None:
     """Install the context of the task about to run (used by the worker loop)."""
     global _current
     _current = ctx
+
+
+def cores() -> int:
+    """The cores the running task may use (``cores=`` at submit; 1 outside a satellite). Its worker's
+    thread pools (OpenMP, BLAS, numba) are set to as many before it starts."""
+    return _current.cores if _current is not None else 1
 
 
 def progress(**info: Any) -> None:

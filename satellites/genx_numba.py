@@ -102,10 +102,12 @@ def cache_dir() -> str:
 
 
 def setup(workers: int, *, enabled: bool = True, threads: int | None = None, timeout: float = WARM_TIMEOUT,
-          stopped: Callable[[], bool] = lambda: False) -> NumbaState:
+          stopped: Callable[[], bool] = lambda: False, pool: int = 0) -> NumbaState:
     """Set this process's environment for its workers (and the forkserver they come from) and warm the
     kernels; call it before the worker pool starts. Never raises for numba's sake: numba off instead.
-    ``stopped``: asked while the warm-up runs; when it says so, the warm-up is killed (numba off)."""
+    ``stopped``: asked while the warm-up runs; when it says so, the warm-up is killed (numba off).
+    ``pool``: numba's pool in each worker is at least this many threads (the satellite's cores: a task
+    that asked for that many gets them all; :mod:`satellites.threads` sets each task's share)."""
     if os.environ.get(ENV_ENABLED, "1") == "0":
         enabled = False
     if not enabled:
@@ -118,7 +120,8 @@ def setup(workers: int, *, enabled: bool = True, threads: int | None = None, tim
         given = os.environ.get(ENV_THREADS, "")
         threads = int(given) if re.fullmatch(r"[0-9]{1,6}", given) and int(given) > 0 else worker_share(workers)
     threads = min(max(1, threads), MAX_THREADS)
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read by numba when it loads (in the forkserver, the workers)
+    # read by numba when it loads in a worker: the pool; each task then uses its share (satellites.threads)
+    os.environ["NUMBA_NUM_THREADS"] = str(min(max(threads, pool), MAX_THREADS))
     os.environ[ENV_THREADS] = str(threads)
     os.environ["NUMBA_CACHE_DIR"] = cache_dir()
     t0 = time.monotonic()

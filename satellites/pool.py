@@ -25,7 +25,7 @@ _mp.set_forkserver_preload(["satellites.worker", "satellites.builtins", "numpy",
 class Worker:
     """One worker process and the task it is running, if any."""
 
-    __slots__ = ("index", "process", "ident", "ready", "task", "started")
+    __slots__ = ("index", "process", "ident", "ready", "task", "started", "cores")
 
     def __init__(self, index: int, process: Any) -> None:
         self.index = index
@@ -34,6 +34,7 @@ class Worker:
         self.ready = False
         self.task: tuple[str, int] | None = None  #: (task id, attempt) running now
         self.started = 0.0
+        self.cores = 0  #: cores of the task running now
 
     @property
     def sentinel(self) -> int:

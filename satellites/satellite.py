@@ -56,6 +56,14 @@ def _cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def physical_memory() -> int:
+    """Bytes of memory of this machine (0 when unknown)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _rss_mb(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/statm") as f:
@@ -79,7 +87,8 @@ class Satellite:
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
-                 server_key: str | None = None, numba: bool = True, numba_threads: int | None = None) -> None:
+                 server_key: str | None = None, numba: bool = True, numba_threads: int | None = None,
+                 cores: int | None = None, memory: int | None = None) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         #: the endpoints (checked here, not by a connect that never comes; ``@FILE`` read), the
         #: failover rule, the heartbeat clock and (in :meth:`run`) the orchestrator socket and its monitor
@@ -90,6 +99,16 @@ class Satellite:
         self.endpoints = self._uplink.endpoints
         if workers < 1 or prefetch < 0:
             raise ValueError("workers must be >= 1 and prefetch >= 0")
+        if cores is not None and not 1 <= cores <= M.MAX_CORES:
+            raise ValueError(f"cores must be from 1 to {M.MAX_CORES}")
+        if memory is not None and not 0 <= memory <= M.MAX_MEMORY:
+            raise ValueError(f"memory must be from 0 to {M.MAX_MEMORY} bytes")
+        #: cores its tasks may use together (announced; the orchestrator counts credit in cores): by
+        #: default its usable cores (CPU affinity), or its workers if there are more of them
+        self.cores = cores if cores is not None else max(workers, genx_numba.usable_cores())
+        #: bytes of memory its tasks may use together (announced): by default the machine's
+        self.memory = memory if memory is not None else physical_memory()
+        self._peak_cores = 0  #: the most cores its running tasks held together since the last report
         #: CurveZMQ keys (public, secret, server public), from the arguments or ORCHESTER_CURVE_SECRET
         #: and ORCHESTER_SERVER_KEY; None without CurveZMQ
         self.curve = self._uplink.curve
@@ -121,8 +140,8 @@ class Satellite:
         self._durations: list[float] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
-        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on)
-        self._queue: collections.deque[tuple[str, int, list[Any]]] = collections.deque()
+        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores)
+        self._queue: collections.deque[tuple[str, int, list[Any], int]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
         #: results sent lately, (sent at, task id, attempt, DONE frames): after a failover they are
         #: announced and sent again, so the new orchestrator neither loses nor reruns them
@@ -151,7 +170,7 @@ class Satellite:
                                self.allow_pickle)
         if "genx.fit" in self.kinds:  # before the forkserver starts: the workers inherit numba's environment
             self.numba_state = genx_numba.setup(self.workers, enabled=self.use_numba, threads=self.numba_threads,
-                                                stopped=self._stop.is_set)
+                                                stopped=self._stop.is_set, pool=self.cores)
             log.info("satellite %s: GenX with %s", self.sid, self.numba_state.describe())
         try:
             self.pool.start()
@@ -182,8 +201,8 @@ class Satellite:
         now = time.monotonic()
         self._uplink.restart(now)
         self._announce(now, vote)
-        log.info("satellite %s connecting to %s (%d workers, kinds %s)", self.sid, self._uplink.current,
-                 self.workers, self.kinds)
+        log.info("satellite %s connecting to %s (%d workers, %d cores, kinds %s)", self.sid, self._uplink.current,
+                 self.workers, self.cores, self.kinds)
 
     def _announce(self, now: float, vote: bool = False) -> None:
         """Register, then send again the results of the last liveness period (the orchestrator
@@ -201,7 +220,8 @@ class Satellite:
             walltime=None if self.deadline is None else max(0.0, self.deadline - now),
             tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
             running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task),
-            recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote), now)
+            recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
+            cores=self.cores, memory=self.memory), now)
 
     def _tell(self, message: M.Wire, now: float) -> None:
         """Send a message of :mod:`serializers.messages` (no payload) to the orchestrator."""
@@ -278,10 +298,17 @@ class Satellite:
         self._cpu_mark = (now, cpu)
         rss = _rss_mb(os.getpid()) + sum(_rss_mb(w.process.pid) for w in self.pool.workers.values())
         durations, self._durations = self._durations, []
+        peak, self._peak_cores = self._peak_cores, self.busy_cores
         return {"cpu_percent": round(100.0 * max(0.0, cpu - c0) / max(now - t0, 1e-9), 1), "rss_mb": round(rss, 1),
                 "tasks_done": float(len(durations)),
                 "task_seconds_avg": round(sum(durations) / len(durations), 6) if durations else 0.0,
-                "workers": float(len(self.pool.workers)), "queued_here": float(len(self._queue))}
+                "workers": float(len(self.pool.workers)), "queued_here": float(len(self._queue)),
+                "cores": float(self.cores), "cores_busy_max": float(peak)}
+
+    @property
+    def busy_cores(self) -> int:
+        """Cores held by the tasks its workers run now."""
+        return sum(w.cores for w in self._running.values())
 
     # ------------------------------------------------------- orchestrator side
     def _drain_orchestrator(self, orch: zmq.Socket[Any], now: float) -> None:
@@ -307,7 +334,7 @@ class Satellite:
         if isinstance(msg, M.Dispatch):
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            self._queue.append((msg.id, msg.attempt, frames[2:]))
+            self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores))
             self.counters["received"] += 1
         elif isinstance(msg, M.Abort):
             self._abort(msg.id, msg.attempt, now)
@@ -334,7 +361,7 @@ class Satellite:
 
     def _abort(self, tid: str, attempt: int, now: float) -> None:
         """Cancel a task: drop it if only queued here, kill its worker if running."""
-        for i, (qtid, _, _) in enumerate(self._queue):
+        for i, (qtid, _, _, _) in enumerate(self._queue):
             if qtid == tid:
                 del self._queue[i]
                 break
@@ -351,19 +378,27 @@ class Satellite:
 
     # ------------------------------------------------------------ worker side
     def _assign(self, now: float) -> None:
-        """Hand queued tasks to idle workers; tell the orchestrator which started (one message)."""
+        """Hand queued tasks to idle workers, in order, while their cores are free (a wide task waits for
+        its cores: none is ever oversubscribed); tell the orchestrator which started (one message)."""
         started: list[tuple[str, int]] = []
+        busy = self.busy_cores
         while self._queue:
+            cores = self._queue[0][3]
+            if busy and busy + cores > self.cores:
+                break
             w = self.pool.idle()
             if w is None:
                 break
-            tid, attempt, frames = self._queue.popleft()
+            tid, attempt, frames, cores = self._queue.popleft()
             w.task = (tid, attempt)
+            w.cores = cores
             w.started = now
             self._running[tid] = w
+            busy += cores
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
             started.append((tid, attempt))
         if started:
+            self._peak_cores = max(self._peak_cores, busy)
             self._send([P.STARTED, M.started(started)], now)
 
     def _drain_workers(self, now: float) -> None:

@@ -6,7 +6,9 @@ to the satellite's ROUTER over ``ipc://``. Messages, first frame a tag:
 * worker → satellite: ``[READY, pid]``, ``[DONE, result_header, body, *buffers]``
   (``result_header`` is the wire DONE header, forwarded as is), ``[PROGRESS, header]`` (the wire
   PROGRESS header); both are built with :mod:`serializers.messages`
-* satellite → worker: ``[RUN, dispatch_header, task_header, body, *buffers]``
+* satellite → worker: ``[RUN, dispatch_header, task_header, body, *buffers, *results]``: ``results`` are
+  the frames of the dependencies' results the task takes by reference (``rs`` of the DISPATCH header
+  says whose, and how many frames each), forwarded by the orchestrator as the satellites sent them
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import zmq
 
+from orchester.errors import TaskFailed
 from serializers import ProtocolError, codecs, unpack
 from serializers import messages as M
 from serializers import protocol as P
@@ -28,6 +31,7 @@ from serializers.zmqframes import recv_frames, send_frames
 
 from . import context
 from .registry import UnknownKind, load_task_modules, registry
+from .threads import TaskThreads
 
 READY = b"R"
 RUN = b"T"
@@ -49,14 +53,54 @@ def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None
                   sat=sid).encode()
 
 
+def result_value(task_id: str, frames: list[Any], dispatch: dict[str, Any]) -> Any:
+    """The value a reference to task ``task_id`` stands for, from that task's RESULT frames (``[header,
+    body, *buffers]``, as its satellite sent them): its result, or the :class:`~orchester.TaskFailed`
+    of a task that did not succeed (a dependent that runs on failure gets it). A pickle-coded result
+    is decoded only with the consent a pickle-coded task needs."""
+    hdr = unpack(frames[0])
+    res = M.Result.decode(hdr)
+    if res.id != task_id:
+        raise ProtocolError(P.E_MALFORMED, f"the result sent for {task_id!r} is the result of {res.id!r}")
+    if not res.ok:
+        err = res.error or {}
+        return TaskFailed(task_id, str(err.get("type", "Error"))[:256], str(err.get("msg", ""))[:100_000],
+                          str(err.get("tb", ""))[:1_000_000], res.sat)
+    return codecs.decode(codecs.check_run_codec(hdr, dispatch), list(res.arrays), frames[1:])
+
+
+def _inputs(frames: list[Any], order: M.Dispatch, task: M.TaskHeader,
+            dispatch: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None]:
+    """The task's payload frames, and the values of the results that follow them (by task id)."""
+    if not order.results:
+        return frames[2:], None
+    end = 3 + len(task.arrays)
+    values: dict[str, Any] = {}
+    for tid, count in order.results:
+        chunk = frames[end:end + count]
+        if len(chunk) != count:
+            raise ProtocolError(P.E_MALFORMED, "the DISPATCH carries fewer result frames than its 'rs' says")
+        values[tid] = result_value(tid, chunk, dispatch)
+        end += count
+    if end != len(frames):
+        raise ProtocolError(P.E_MALFORMED, "the DISPATCH carries more frames than its payload and results")
+    return frames[2:3 + len(task.arrays)], values
+
+
+#: This worker's thread pools, set for each task's cores.
+THREADS = TaskThreads()
+
+
 def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
-    """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers]``).
+    """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers, *results]``).
 
     Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
     for a handler's failure: it becomes a structured error header. The payload is decoded with
     the codec its header names, pickle only with every party's consent
     (:func:`serializers.codecs.check_run_codec`); otherwise the task fails with
-    :data:`~serializers.codecs.ERR_CODEC_REFUSED` before anything is decoded.
+    :data:`~serializers.codecs.ERR_CODEC_REFUSED` before anything is decoded. Each reference
+    in the payload is replaced by the result the DISPATCH carries for it (:func:`result_value`).
+    The worker's thread pools get the task's cores (:class:`~satellites.threads.TaskThreads`).
     """
     try:
         dispatch = unpack(bytes(frames[0]))
@@ -66,14 +110,17 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     tid, attempt = order.id, order.attempt
     t0 = time.perf_counter()
     try:
-        hdr = unpack(frames[1])
+        hdr = unpack(frames[1], M.MAX_TASK_HEADER)
         task = M.TaskHeader.decode(hdr)
         kind = registry.get(task.kind)
         try:  # pickle only with the submitter's, the orchestrator's and this satellite's consent
             codec = codecs.check_run_codec(hdr, dispatch)
+            payload, values = _inputs(frames, order, task, dispatch)
         except ProtocolError as exc:
+            if exc.code != P.E_CODEC:
+                raise
             return [error_header(tid, attempt, sid, etype=codecs.ERR_CODEC_REFUSED, msg=exc.detail)]
-        call = codecs.decode(codec, list(task.arrays), frames[2:])
+        call = codecs.decode(codec, list(task.arrays), payload, refs=values)
         if not (isinstance(call, list) and len(call) == 2 and isinstance(call[0], list)
                 and isinstance(call[1], dict)):
             raise ProtocolError(P.E_MALFORMED, "task body must be [args, kwargs]")
@@ -85,7 +132,8 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
                 last[0] = now
                 send_progress(M.Progress(tid, attempt, sid, info).encode())
 
-        context.set_current(context.TaskContext(tid, attempt, kind.name, sid, progress))
+        THREADS.use(order.cores)
+        context.set_current(context.TaskContext(tid, attempt, kind.name, sid, progress, order.cores))
         try:
             value = kind.fn(*call[0], **call[1])
         finally:

@@ -10,6 +10,13 @@ Built-in codecs: ``msgpack`` (default), ``json`` (for debugging) and
 ``pickle``, which executes code on load and is therefore refused unless the
 process opts in with :func:`allow_pickle` (or ``ORCHESTER_ALLOW_PICKLE=1``).
 
+A value may hold *references* to other tasks' results: a :class:`Ref` (``orchester.ref(task_id)``)
+or any object with an ``__orchester_ref__`` attribute naming a task id (a client's future). Each
+codec writes a reference as the task id alone (msgpack: extension type :data:`EXT_REF`; JSON:
+``{"__ref__": id}``; pickle: a persistent id), :func:`encode` lists the ids it wrote, and
+:func:`decode` replaces each by the value its ``refs`` map gives (a satellite decodes the
+results that the DISPATCH carries after the payload into that map).
+
 A pickle-coded *task* runs code on the satellite that decodes it, and a submitter's own
 opt-in cannot be checked (it is whatever its header says), so a task is decoded as pickle
 only when every party that can refuse has agreed: the submitter named it (``"c": "pickle"``,
@@ -21,6 +28,8 @@ at submit; :func:`dispatch_consent` in each DISPATCH) and the satellite allows p
 from __future__ import annotations
 
 import base64
+import inspect
+import io
 import json
 import os
 import pickle
@@ -35,6 +44,8 @@ from .header import ProtocolError
 
 #: msgpack extension type used for a reference to an array buffer frame.
 EXT_ARRAY = 1
+#: msgpack extension type used for a reference to another task's result (its task id, UTF-8).
+EXT_REF = 2
 #: Default codec name.
 DEFAULT_CODEC = "msgpack"
 
@@ -42,8 +53,75 @@ Buffer = bytes | memoryview
 ArrayMeta = list[Any]  # [dtype.str, [shape...]]
 
 
+class Ref:
+    """A reference to the result of task ``task_id``: passed as a task's argument (``orchester.ref(id)``),
+    the satellite that runs the task replaces it by that result. The task waits for ``task_id``."""
+
+    __slots__ = ("task_id",)
+
+    def __init__(self, task_id: str) -> None:
+        if not isinstance(task_id, str) or not task_id or not task_id.isprintable():
+            raise ValueError(f"a reference names a task id (printable text), not {task_id!r}")
+        self.task_id = task_id
+
+    @property
+    def __orchester_ref__(self) -> str:
+        """The task id this reference names (what a codec writes)."""
+        return self.task_id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and other.task_id == self.task_id
+
+    def __hash__(self) -> int:
+        return hash(("orchester.ref", self.task_id))
+
+    def __repr__(self) -> str:
+        return f"orchester.ref({self.task_id!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Ref, (self.task_id,))
+
+
+def ref_id(obj: Any) -> str | None:
+    """The task id ``obj`` refers to (a :class:`Ref`, a client's future), or ``None``."""
+    tid = getattr(obj, "__orchester_ref__", None)
+    return tid if isinstance(tid, str) and tid else None
+
+
+class Refs:
+    """The references one encoding wrote (ids in first-seen order) or one decoding resolves."""
+
+    __slots__ = ("ids", "values")
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        self.ids: dict[str, None] = {}
+        self.values = values
+
+    def write(self, obj: Any) -> str | None:
+        """The task id of ``obj`` if it is a reference (noted), else ``None``."""
+        tid = ref_id(obj)
+        if tid is not None:
+            self.ids[tid] = None
+        return tid
+
+    def read(self, tid: str) -> Any:
+        """The value of the reference to ``tid``: the result given for it, or (nothing given: a client
+        reading a value that holds references) the :class:`Ref` itself."""
+        if self.values is None:
+            return Ref(tid)
+        try:
+            return self.values[tid]
+        except KeyError:
+            raise ProtocolError(P.E_MALFORMED, f"the payload refers to the result of task {tid!r}, which was not "
+                                "sent with it (a reference must be one of the task's dependencies)") from None
+
+
 class Codec(Protocol):
-    """What a codec implements. Register new ones with :func:`register_codec`."""
+    """What a codec implements. Register new ones with :func:`register_codec`.
+
+    ``refs`` (keyword, optional): the references met (:meth:`Refs.write` while encoding, :meth:`Refs.read`
+    while decoding); a codec without it cannot carry references.
+    """
 
     name: str
 
@@ -55,11 +133,11 @@ class Codec(Protocol):
 
 
 class MsgpackCodec:
-    """The default codec: msgpack with numpy arrays as extension references."""
+    """The default codec: msgpack with numpy arrays and task references as extension types."""
 
     name = "msgpack"
 
-    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+    def dumps(self, obj: Any, arrays: list[np.ndarray], refs: Refs | None = None) -> bytes:
         def default(o: Any) -> Any:
             if isinstance(o, np.ndarray):
                 arrays.append(o)
@@ -68,14 +146,19 @@ class MsgpackCodec:
                 return o.item()
             if isinstance(o, (set, frozenset)):
                 return list(o)
+            tid = (refs or Refs()).write(o)
+            if tid is not None:
+                return msgpack.ExtType(EXT_REF, tid.encode())
             raise TypeError(f"cannot encode object of type {type(o).__name__} with msgpack")
 
         return msgpack.packb(obj, default=default, use_bin_type=True)
 
-    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray], refs: Refs | None = None) -> Any:
         def ext_hook(code: int, data: bytes) -> Any:
             if code == EXT_ARRAY:
                 return arrays[int.from_bytes(data, "big")]
+            if code == EXT_REF:
+                return (refs or Refs()).read(data.decode())
             return msgpack.ExtType(code, data)
 
         return msgpack.unpackb(body, raw=False, ext_hook=ext_hook, strict_map_key=False)
@@ -86,7 +169,7 @@ class JsonCodec:
 
     name = "json"
 
-    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+    def dumps(self, obj: Any, arrays: list[np.ndarray], refs: Refs | None = None) -> bytes:
         def default(o: Any) -> Any:
             if isinstance(o, np.ndarray):
                 arrays.append(o)
@@ -97,17 +180,22 @@ class JsonCodec:
                 return {"__bytes__": base64.b64encode(bytes(o)).decode()}
             if isinstance(o, (set, frozenset)):
                 return list(o)
+            tid = (refs or Refs()).write(o)
+            if tid is not None:
+                return {"__ref__": tid}
             raise TypeError(f"cannot encode object of type {type(o).__name__} as JSON")
 
         return json.dumps(obj, default=default, separators=(",", ":")).encode()
 
-    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray], refs: Refs | None = None) -> Any:
         def hook(d: dict[str, Any]) -> Any:
             if len(d) == 1:
                 if "__ndarray__" in d:
                     return arrays[d["__ndarray__"]]
                 if "__bytes__" in d:
                     return base64.b64decode(d["__bytes__"])
+                if "__ref__" in d and isinstance(d["__ref__"], str):
+                    return (refs or Refs()).read(d["__ref__"])
             return d
 
         return json.loads(bytes(body), object_hook=hook)
@@ -118,20 +206,39 @@ class PickleCodec:
 
     name = "pickle"
 
-    def dumps(self, obj: Any, arrays: list[np.ndarray]) -> bytes:
+    def dumps(self, obj: Any, arrays: list[np.ndarray], refs: Refs | None = None) -> bytes:
         _require_pickle()
+        noted = refs or Refs()
 
         def callback(buf: pickle.PickleBuffer) -> None:
             arrays.append(np.frombuffer(buf.raw(), dtype=np.uint8))
 
-        return pickle.dumps(obj, protocol=5, buffer_callback=callback)
+        class Pickler(pickle.Pickler):
+            def persistent_id(self, o: Any) -> Any:
+                if getattr(type(o), "__orchester_ref__", None) is None:
+                    return None
+                tid = noted.write(o)
+                return None if tid is None else ("orchester.ref", tid)
 
-    def loads(self, body: Buffer, arrays: Sequence[np.ndarray]) -> Any:
+        out = io.BytesIO()
+        Pickler(out, protocol=5, buffer_callback=callback).dump(obj)
+        return out.getvalue()
+
+    def loads(self, body: Buffer, arrays: Sequence[np.ndarray], refs: Refs | None = None) -> Any:
         _require_pickle()
-        return pickle.loads(body, buffers=[memoryview(a) for a in arrays])  # type: ignore[arg-type]
+        given = refs or Refs()
+
+        class Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid: Any) -> Any:
+                if isinstance(pid, tuple) and len(pid) == 2 and pid[0] == "orchester.ref" and isinstance(pid[1], str):
+                    return given.read(pid[1])
+                raise pickle.UnpicklingError("unknown persistent id")
+
+        return Unpickler(io.BytesIO(bytes(body)), buffers=[memoryview(a) for a in arrays]).load()  # type: ignore[arg-type]
 
 
 _CODECS: dict[str, Codec] = {}
+_WITH_REFS: dict[str, bool] = {}  #: whether a codec carries references (its methods take ``refs``)
 _pickle_allowed = os.environ.get("ORCHESTER_ALLOW_PICKLE", "") not in ("", "0", "false", "no")
 
 
@@ -229,6 +336,11 @@ def check_run_codec(task_header: Mapping[str, Any], dispatch_header: Mapping[str
 def register_codec(codec: Codec) -> None:
     """Make ``codec`` available under ``codec.name`` for encoding and decoding."""
     _CODECS[codec.name] = codec
+    try:
+        _WITH_REFS[codec.name] = "refs" in inspect.signature(codec.dumps).parameters \
+            and "refs" in inspect.signature(codec.loads).parameters
+    except (TypeError, ValueError):
+        _WITH_REFS[codec.name] = False
 
 
 def get_codec(name: str) -> Codec:
@@ -248,15 +360,16 @@ for _c in (MsgpackCodec(), JsonCodec(), PickleCodec()):
     register_codec(_c)
 
 
-def encode(obj: Any, codec: str = DEFAULT_CODEC) -> tuple[list[ArrayMeta], list[Buffer]]:
+def encode(obj: Any, codec: str = DEFAULT_CODEC, refs: Refs | None = None) -> tuple[list[ArrayMeta], list[Buffer]]:
     """Encode ``obj`` into ``(array_meta, frames)`` where ``frames = [body, *buffers]``.
 
     Array buffers are memoryviews of the (C-contiguous) arrays: send them with
-    ``copy=False`` to avoid any copy.
+    ``copy=False`` to avoid any copy. ``refs``: notes the task ids of the references written.
     """
     arrays: list[np.ndarray] = []
     try:
-        body = get_codec(codec).dumps(obj, arrays)
+        c = get_codec(codec)
+        body = c.dumps(obj, arrays, refs=refs) if _WITH_REFS.get(codec) else c.dumps(obj, arrays)  # type: ignore[call-arg]
     except ProtocolError:
         raise
     except (TypeError, ValueError, OverflowError) as exc:
@@ -273,10 +386,12 @@ def encode(obj: Any, codec: str = DEFAULT_CODEC) -> tuple[list[ArrayMeta], list[
     return meta, frames
 
 
-def decode(codec: str, meta: Any, frames: Sequence[Any]) -> Any:
+def decode(codec: str, meta: Any, frames: Sequence[Any], refs: Mapping[str, Any] | None = None) -> Any:
     """Decode ``frames = [body, *buffers]`` (bytes, memoryviews or zmq Frames).
 
     Arrays are rebuilt with :func:`numpy.frombuffer` on the frames (read-only, no copy).
+    ``refs``: the value of each task id a reference may name (a reference to any other is a
+    :class:`ProtocolError`); without it, references decode to :class:`Ref` objects.
     """
     if not frames:
         raise ProtocolError(P.E_MALFORMED, "payload body frame is missing")
@@ -294,7 +409,10 @@ def decode(codec: str, meta: Any, frames: Sequence[Any]) -> Any:
         except (TypeError, ValueError, IndexError) as exc:
             raise ProtocolError(P.E_MALFORMED, f"bad array frame {m!r}: {exc}") from None
     try:
-        return get_codec(codec).loads(_buffer(frames[0]), arrays)
+        c = get_codec(codec)
+        if _WITH_REFS.get(codec):
+            return c.loads(_buffer(frames[0]), arrays, refs=Refs(refs))  # type: ignore[call-arg]
+        return c.loads(_buffer(frames[0]), arrays)
     except ProtocolError:
         raise
     except Exception as exc:

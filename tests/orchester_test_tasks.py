@@ -59,3 +59,44 @@ def hang(seconds: float = 60.0) -> None:
 
 
 task("t.mark")(mark)  # the harness's marking kind, under the name the tests use
+
+
+@task("t.inc")
+def inc(x: int = 0, by: int = 1) -> int:
+    """``x + by`` (a chain's link)."""
+    return x + by
+
+
+@task("t.sum")
+def total(values: list[int]) -> int:
+    """The sum of ``values`` (a fan-in)."""
+    return sum(values)
+
+
+@task("t.describe")
+def describe(value: object) -> dict[str, object]:
+    """What the handler received: its type's name, and a failed dependency's error type."""
+    return {"type": type(value).__name__, "error": getattr(value, "type", None),
+            "task": getattr(value, "task_id", None)}
+
+
+@task("t.threads")
+def threads() -> dict[str, object]:
+    """The cores the task was given, and what its worker's thread pools were set to."""
+    from threadpoolctl import threadpool_info
+
+    from satellites import context
+
+    return {"cores": context.cores(), "omp": os.environ.get("OMP_NUM_THREADS"),
+            "blas": sorted({int(p["num_threads"]) for p in threadpool_info()})}
+
+
+@task("t.hold")
+def hold(seconds: float = 0.2) -> dict[str, object]:
+    """Hold the worker ``seconds``; when it ran (monotonic, machine-wide), where, and with how many cores."""
+    from satellites import context
+
+    ctx = current()
+    start = time.monotonic()
+    time.sleep(seconds)
+    return {"start": start, "end": time.monotonic(), "sat": ctx.satellite if ctx else "", "cores": context.cores()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -25,6 +26,28 @@ CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history", "top")
 #: The tables one deployment-wide config file may hold (each process reads its own).
 CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "top",
                            "demo", "satellite"})
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
+
+
+class ByteSize(click.ParamType):
+    """A number of bytes: ``4096``, ``512M``, ``64G``, ``1.5T`` (binary units; ``GiB``, ``GB`` alike)."""
+
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number, unit = float(value), ""
+        else:
+            match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+            if match is None:
+                self.fail(f"{value!r} is not a size (bytes, or a number with K, M, G, T or P)", param, ctx)
+            number, unit = float(match.group(1)), match.group(2).upper()
+        size = int(number * _UNITS[unit])
+        if not 0 <= size <= 2**50:
+            self.fail(f"{value!r} is out of range (at most 1P)", param, ctx)
+        return size
 
 
 def setup_logging(level: str) -> None:

@@ -20,15 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped, task_of_row
+from orchester.client.core import (
+    ClientCore,
+    Request,
+    reject_future,
+    resolve_future,
+    stopped,
+    task_of_row,
+    task_options,
+)
 from orchester.client.sync import reachable_endpoint, unreachable_message
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
@@ -53,6 +62,39 @@ class AsyncTaskFuture(asyncio.Future[Any]):
     def __init__(self, *, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
         self.accepted = asyncio.Event()
+        #: passed by reference to another task: its result is fetched when someone waits for it
+        self._on_demand: Callable[[], None] | None = None
+
+    @property
+    def __orchester_ref__(self) -> str:
+        """Its task id: passed as an argument of another task, the future stands for its result."""
+        return self.task_id
+
+    def _ask(self) -> None:
+        ask, self._on_demand = self._on_demand, None
+        if ask is not None and not self.done():
+            ask()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        self._ask()
+        return super().__await__()
+
+    __iter__ = __await__
+
+    def result(self) -> Any:
+        """The task's result (see :class:`asyncio.Future`)."""
+        self._ask()
+        return super().result()
+
+    def exception(self) -> BaseException | None:
+        """The task's exception, if it failed (see :class:`asyncio.Future`)."""
+        self._ask()
+        return super().exception()
+
+    def add_done_callback(self, fn: Callable[[Any], object], *, context: contextvars.Context | None = None) -> None:
+        """Call ``fn`` with this future when it is done (see :class:`asyncio.Future`)."""
+        self._ask()
+        super().add_done_callback(fn, context=context)
 
 
 def _accepted(fut: Any) -> None:
@@ -94,7 +136,8 @@ class AsyncClient:
         self.ctx = context or zmq.asyncio.Context.instance()
         #: CurveZMQ keys, as for :class:`~orchester.Client` (arguments or ORCHESTER_CURVE_SECRET/SERVER_KEY)
         self.curve = self._uplink.curve
-        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
+        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted,
+                               on_demand=self._on_demand)
         self.core.alternatives = self._uplink.alternatives
         self._refused: str | None = None  #: why the orchestrator refused our key, once it did
         self._connect()
@@ -118,9 +161,11 @@ class AsyncClient:
     def submit_nowait(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                       timeout: float | None = None, codec: str | None = None, ttl: float | None = None,
                       max_run: float | None = None, duration: float | None = None, task_id: str | None = None,
+                      after: Any = (), on_failure: str = "fail", cores: int = 1, memory: int | None = None,
                       **kwargs: Any) -> AsyncTaskFuture:
         """Submit a task; return an :class:`AsyncTaskFuture` of its result at once (the options are those
-        of :meth:`orchester.Client.submit`; other keywords go to the task)."""
+        of :meth:`orchester.Client.submit`, dependencies and resources included; other keywords go to the task)."""
+        options = task_options(after, on_failure, cores, memory)
         self._ensure_reader()
         fut = AsyncTaskFuture(loop=asyncio.get_running_loop())
         fut.task_id = tid = task_id or self.core.task_id()
@@ -128,9 +173,14 @@ class AsyncClient:
             return fut
         _, frames = self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
                                      timeout=timeout, codec=codec, ttl=ttl, max_run=max_run, duration=duration,
-                                     task_id=tid)
+                                     task_id=tid, **options)
         self._send(frames)
         return fut
+
+    def _on_demand(self, fut: Any) -> None:
+        """``fut``'s task is passed by reference: its result is fetched when someone waits for it."""
+        if isinstance(fut, AsyncTaskFuture):
+            fut._on_demand = lambda: self._send(self.core.fetch(fut, fut.task_id))
 
     def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[AsyncTaskFuture]:
         """One task per argument tuple; return their futures at once (as :meth:`orchester.Client.submit_many`)."""

@@ -82,6 +82,34 @@ def task_of_row(row: dict[str, Any]) -> dict[str, Any]:
             "history": row.get("history", []), "result_retained": False, "source": "history"}
 
 
+def task_options(after: Any = (), on_failure: str = "fail", cores: int = 1,
+                 memory: int | None = None) -> dict[str, Any]:
+    """Check a task's dependencies and resources where it is submitted (a :class:`ValueError` or
+    :class:`TypeError` at the call, not a failed future): ``after`` is one task or a list of them
+    (futures, :func:`orchester.ref` references or task ids); ``on_failure`` ``"fail"`` (fail with a
+    ``DependencyFailed`` error when a dependency does not succeed) or ``"run"`` (run anyway);
+    ``cores`` at least 1; ``memory`` in bytes. Returns the options :meth:`ClientCore.submit` takes."""
+    if after is None:
+        after = ()
+    items = [after] if isinstance(after, str) or codecs.ref_id(after) is not None else list(after)
+    ids: dict[str, None] = {}
+    for item in items:
+        tid = item if isinstance(item, str) else codecs.ref_id(item)
+        if not tid or not tid.isprintable() or len(tid) > 1024:
+            raise TypeError(f"after= takes futures, orchester.ref() references or task ids, not {item!r}")
+        ids[tid] = None
+    if len(ids) > M.MAX_AFTER:
+        raise ValueError(f"a task may wait for at most {M.MAX_AFTER:,} tasks, not {len(ids):,}")
+    if on_failure not in M.ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {list(M.ON_FAILURE)}, not {on_failure!r}")
+    if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= M.MAX_CORES:
+        raise ValueError(f"cores must be a whole number from 1 to {M.MAX_CORES}, not {cores!r}")
+    memory = 0 if memory is None else memory
+    if isinstance(memory, bool) or not isinstance(memory, int) or not 0 <= memory <= M.MAX_MEMORY:
+        raise ValueError(f"memory must be a whole number of bytes from 0 to {M.MAX_MEMORY}, not {memory!r}")
+    return {"after": tuple(ids), "run_on_failure": on_failure == "run", "cores": cores, "memory": memory}
+
+
 class _RandomIds:
     """128-bit task ids cut from a buffer of the operating system's random bytes (``os.urandom``,
     as :func:`secrets.token_hex` uses): one system call per 256 ids instead of one per id, and
@@ -119,8 +147,11 @@ class ClientCore:
     """Request building, pending bookkeeping and reply handling (no I/O)."""
 
     def __init__(self, resolve: Resolve, reject: Reject, codec: str = codecs.DEFAULT_CODEC,
-                 keep_for_resend: bool = True, accepted: Callable[[Any], None] | None = None) -> None:
+                 keep_for_resend: bool = True, accepted: Callable[[Any], None] | None = None,
+                 on_demand: Callable[[Any], None] | None = None) -> None:
         self.name = uuid.uuid4().hex[:12]
+        #: called with the future of a task passed by reference (its result comes when asked for)
+        self._on_demand = on_demand
         self.codec = codec
         self.keep_for_resend = keep_for_resend
         self._resolve = resolve
@@ -146,24 +177,52 @@ class ClientCore:
     def submit(self, future: Any, kind: str, args: Sequence[Any], kwargs: dict[str, Any], *,
                priority: int = 0, tags: Sequence[str] = (), timeout: float | None = None,
                codec: str | None = None, task_id: str | None = None, ttl: float | None = None,
-               max_run: float | None = None, duration: float | None = None) -> tuple[str, list[Any]]:
-        """Register ``future`` for a new task and return ``(task_id, frames)`` to send."""
+               max_run: float | None = None, duration: float | None = None, after: Sequence[str] = (),
+               run_on_failure: bool = False, cores: int = 1, memory: int = 0) -> tuple[str, list[Any]]:
+        """Register ``future`` for a new task and return ``(task_id, frames)`` to send.
+
+        ``after``: task ids it waits for (checked by :func:`task_options`); every reference among the
+        arguments (a future, :func:`orchester.ref`) is one more, whose result the task takes.
+        """
         codec = codec or self.codec
-        meta, body = codecs.encode([list(args), kwargs], codec)
+        refs = codecs.Refs()
+        meta, body = codecs.encode([list(args), kwargs], codec, refs)
         tid = task_id or self.task_id()
+        deps: list[str] = list(after)
+        rf: tuple[int, ...] = ()
+        if refs.ids:  # each reference is a dependency whose result it takes (and its client need not get)
+            index = {dep: i for i, dep in enumerate(deps)}
+            for ref in refs.ids:
+                if ref not in index:
+                    index[ref] = len(deps)
+                    deps.append(ref)
+            rf = tuple(sorted(index[ref] for ref in refs.ids))
+            for ref in refs.ids:
+                self._quiet(ref)
         # the values as given (the orchestrator checks them): a timeout of 0 or -1 is sent, and means none
         # (positional, and the common empty options without a call: this runs for every task)
         frames: list[Any] = M.submit(tid, kind, codec, int(priority), tags, None if timeout is None else float(timeout),
                                      0.0 if ttl is None else float(ttl), 0.0 if max_run is None else float(max_run),
-                                     0.0 if duration is None else float(duration), M.arrays_of(meta) if meta else ())
+                                     0.0 if duration is None else float(duration), M.arrays_of(meta) if meta else (),
+                                     deps, rf, run_on_failure, cores, memory)
         frames += body
         self.tasks[tid] = Pending(future, frames if self.keep_for_resend else None, codec)
         return tid, frames
 
+    def _quiet(self, task_id: str) -> None:
+        """A task of this client is passed by reference: the orchestrator keeps its result for the task that
+        takes it, and sends it here only when asked; its future asks when someone waits for it."""
+        p = self.tasks.get(task_id)
+        if p is not None and self._on_demand is not None:
+            self._on_demand(p.future)
+
     def fetch(self, future: Any, task_id: str) -> list[Any]:
-        """Register ``future`` for the result of an existing task; return the FETCH frames."""
+        """Register ``future`` for the result of an existing task; return the FETCH frames. (A task this
+        client submitted keeps its entry, with its frames to send again after a failover.)"""
         frames: list[Any] = M.Fetch(task_id, next(self._ids)).frames()
-        self.tasks[task_id] = Pending(future, None)
+        p = self.tasks.get(task_id)
+        if p is None or p.future is not future:
+            self.tasks[task_id] = Pending(future, None)
         return frames
 
     def ask(self, future: Any, message: Request) -> list[Any]:

@@ -25,12 +25,20 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import zmq
 
-from orchester.client.core import ClientCore, Request, reject_future, resolve_future, stopped, task_of_row
+from orchester.client.core import (
+    ClientCore,
+    Request,
+    reject_future,
+    resolve_future,
+    stopped,
+    task_of_row,
+    task_options,
+)
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
@@ -54,6 +62,51 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
         self.accepted = threading.Event()
+        #: passed by reference to another task: its result stays with the orchestrator until someone
+        #: waits for it here (:meth:`result`, :meth:`exception`, :meth:`add_done_callback` ask for it)
+        self._on_demand: Callable[[], None] | None = None
+        self._wanted = False  #: someone waited for it (a reference to it made later fetches it at once)
+
+    @property
+    def __orchester_ref__(self) -> str:
+        """Its task id: passed as an argument of another task, the future stands for its result."""
+        return self.task_id
+
+    def _ask(self) -> None:
+        with _DEMAND:
+            self._wanted = True
+            ask, self._on_demand = self._on_demand, None
+        if ask is not None and not self.done():
+            ask()
+
+    def _demand(self, ask: Callable[[], None]) -> None:
+        """(The I/O thread) it was passed by reference: ``ask`` fetches it, now if someone waits already."""
+        with _DEMAND:
+            if not self._wanted:
+                self._on_demand = ask
+                return
+        ask()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The task's result (see :class:`concurrent.futures.Future`)."""
+        self._ask()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The task's exception, if it failed (see :class:`concurrent.futures.Future`)."""
+        self._ask()
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], object]) -> None:
+        """Call ``fn`` with this future when it is done (see :class:`concurrent.futures.Future`)."""
+        self._ask()
+        super().add_done_callback(fn)
+
+
+#: Guards the hand-over of a future's on-demand fetch between the I/O thread and the waiting ones.
+_DEMAND = threading.Lock()
+#: The keyword options of a task's dependencies and resources (checked by :func:`task_options`).
+WORKFLOW_OPTIONS = ("after", "on_failure", "cores", "memory")
 
 
 def _accepted(fut: Any) -> None:
@@ -99,7 +152,8 @@ class Client:
         self._refused: str | None = None  #: why the orchestrator refused our key, once it did
         self.sends_deferred = 0  #: requests the socket could not take at once (retried, in order)
         self._unsent: collections.deque[list[Any]] = collections.deque()
-        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted)
+        self.core = ClientCore(resolve_future, reject_future, codec=codec, accepted=_accepted,
+                               on_demand=self._on_demand)
         self.core.alternatives = self._uplink.alternatives
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._lock = threading.Lock()
@@ -123,6 +177,7 @@ class Client:
     def submit(self, kind: str, *args: Any, priority: int = 0, tags: Sequence[str] = (),
                timeout: float | None = None, codec: str | None = None, task_id: str | None = None,
                ttl: float | None = None, max_run: float | None = None, duration: float | None = None,
+               after: Any = (), on_failure: str = "fail", cores: int = 1, memory: int | None = None,
                **kwargs: Any) -> TaskFuture:
         """Submit a task of ``kind`` with ``args``/``kwargs``; return a future of its result.
 
@@ -134,12 +189,20 @@ class Client:
         unique id (submitting the same id twice runs the task once). The future's exception is
         :class:`~orchester.TaskFailed` when the task fails, :class:`~orchester.RemoteError` when
         it is refused.
+
+        Workflows: ``after``: tasks (futures, :func:`orchester.ref` references, task ids) it waits for
+        (``WAITING``); a future or reference among the arguments is one too, and the satellite
+        replaces it by that task's result (which then reaches this client only if asked for). When
+        one does not succeed, the task fails with ``DependencyFailed``, unless ``on_failure="run"``
+        (a reference to a failed task is then its :class:`~orchester.TaskFailed`). ``cores``: cores it
+        needs (its worker's thread pools get as many); ``memory``: bytes it needs.
         """
+        options = task_options(after, on_failure, cores, memory)
         fut = TaskFuture()
         fut.task_id = tid = task_id or self.core.task_id()
         self._post(lambda: self.core.submit(fut, kind, args, kwargs, priority=priority, tags=tags,
                                             timeout=timeout, codec=codec, task_id=tid, ttl=ttl,
-                                            max_run=max_run, duration=duration)[1], fut)
+                                            max_run=max_run, duration=duration, **options)[1], fut)
         return fut
 
     def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
@@ -266,6 +329,11 @@ class Client:
         self.close()
 
     # ------------------------------------------------------------- internals
+    def _on_demand(self, fut: Any) -> None:
+        """(The I/O thread) ``fut``'s task is passed by reference: its result is fetched when asked for."""
+        if isinstance(fut, TaskFuture):
+            fut._demand(lambda: self._post(lambda: self.core.fetch(fut, fut.task_id), fut))
+
     def _prepare(self, kind: str, args: tuple[Any, ...], options: dict[str, Any]) -> TaskFuture:
         if self._closed:
             raise ClientClosed("the client is closed")
@@ -274,6 +342,7 @@ class Client:
         kwargs = dict(options)
         opts: dict[str, Any] = {k: kwargs.pop(k) for k in ("priority", "tags", "timeout", "codec", "ttl",
                                                            "max_run", "duration") if k in kwargs}
+        opts.update(task_options(**{k: kwargs.pop(k) for k in WORKFLOW_OPTIONS if k in kwargs}))
         opts["task_id"] = fut.task_id
         self._outbox.append(("submit", fut, kind, args, kwargs, opts))
         if self.failure is not None:

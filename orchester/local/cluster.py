@@ -131,8 +131,10 @@ class LocalCluster:
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  serve_args: Sequence[str] = (), start_timeout: float = 60.0,
                  log_level: str = "WARNING", env: dict[str, str] | None = None, web: bool = False,
-                 web_bind: str = "127.0.0.1:0", web_data_dir: str | None = None) -> None:
+                 web_bind: str = "127.0.0.1:0", web_data_dir: str | None = None, cores: int | None = None) -> None:
         self.n_satellites = satellites
+        #: cores each satellite announces (``satellite run --cores``; default: its own choice)
+        self.cores = cores
         self.workers = workers
         self.tasks = list(tasks)
         self.tags = list(tags)
@@ -280,6 +282,8 @@ class LocalCluster:
                *where, "--workers", str(workers or self.workers),
                "--heartbeat-interval", str(self.heartbeat_interval), "--liveness", str(self.liveness),
                "--prefetch", str(self.prefetch)]
+        if self.cores is not None:
+            cmd += ["--cores", str(self.cores)]
         if sid:
             cmd += ["--id", sid]
         t = self.tags if tags is None else list(tags)

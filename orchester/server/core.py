@@ -184,7 +184,7 @@ class Orchestrator:
                     self.outbox.send(sock, [ident, *stored.frames])
                 return
             old.client, old.csock = ident, sock
-            if stored is not None:
+            if stored is not None and not old.quiet:  # (a result kept for a dependent goes out when asked for)
                 self.life.send_result(old, stored.frames, stored.size, store=False)
             return
         if self.state.state_counts[TS.PENDING] >= self.cfg.max_queue:  # (not cancelled entries the queue skips)

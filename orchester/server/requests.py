@@ -117,14 +117,14 @@ class Requests:
         if stored is not None and task is not None and not self.owner_asks(task):  # an admin: a copy for it
             self.outbox.send(sock, [ident, *stored.frames])
         elif stored is not None and task is not None:
-            task.client, task.csock = ident, sock
+            task.client, task.csock, task.quiet = ident, sock, False
             self.life.send_result(task, stored.frames, stored.size, store=False)
         elif task is not None and task.state.terminal:  # finished, result dropped by retention
             raise ProtocolError(P.E_UNKNOWN_TASK, f"task {tid!r} finished ({task.state.name.lower()}) but its "
                                 "result is no longer kept (journal retention)")
         elif task is not None:  # not finished: the result will go to this client (if it is the owner's)
             if self.owner_asks(task):
-                task.client, task.csock = ident, sock
+                task.client, task.csock, task.quiet = ident, sock, False
             self.reply(sock, ident, msg.rid, {"id": tid, "state": task.state.name.lower()})
         else:
             raise _unknown(tid)
@@ -287,7 +287,16 @@ class Requests:
                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
                "tags": sorted(task.tags), "history": self._entries(task, mine),
                "owner": task.owner if isinstance(task.owner, str) else None,
-               "result_retained": task.id in self.state.results}
+               "result_retained": task.id in self.state.results,
+               "after": list(task.after), "dependents": self.state.graph.of(task.id), "cores": task.cores}
+        if task.after:
+            out["on_failure"] = "run" if task.run_on_failure else "fail"
+            out["referenced"] = list(task.refs)
+            if task.state is TS.WAITING:
+                out["waiting_for"] = [d for d in task.after if (t := self.state.tasks.get(d)) is not None
+                                      and not t.state.terminal]
+        if task.memory:
+            out["memory"] = task.memory
         stored = self.state.results.get(task.id) if task.state is TS.FAILED else None
         if stored is not None and (self.ports.identify is None or self.is_admin() or task.owner == self.state.user):
             try:
