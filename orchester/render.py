@@ -302,14 +302,19 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     cols = [Column("id", keep=True, whole=True), Column("state", keep=True), Column("host", rank=5, wrap=True),
             Column("inflight/credit", rank=0, justify="right"), Column("done", rank=1, justify="right"),
             Column("failed", rank=2, justify="right"), Column("heartbeat age", rank=3, justify="right"),
-            Column("tags", rank=4, wrap=True)]
+            Column("tags", rank=4, wrap=True), Column("cores used", rank=1, justify="right")]
     for s in _rows(st.get("satellites")):
         tags = s.get("tags")
+        cores = f"{_count(s.get('cores_used'))}/{_count(s.get('cores'))}" if "cores" in s else ""
         add_row(cols, cell(s.get("id")), cell(s.get("state")), cell(s.get("host")),
                 f"{_count(s.get('inflight'))}/{_count(s.get('credit', s.get('slots')))}",
                 _count(s.get("done", 0)), _count(s.get("failed", 0)), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
-                cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""))
+                cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""), cores)
     console.print(FittedTable("satellites", cols, "status --json shows everything"))
+
+
+#: Task ids ``show`` lists of a task's dependencies or dependents (``show --json`` has them all).
+MAX_LISTED = 20
 
 
 def render_task(task: dict[str, Any], console: Console | None = None) -> None:
@@ -322,6 +327,18 @@ def render_task(task: dict[str, Any], console: Console | None = None) -> None:
     if task.get("source") == "history":  # no longer in the orchestrator's memory: from its journal
         error = f"  error {markup(task.get('error_type'), MAX_ERROR)}" if task.get("error_type") else ""
         console.print(f"from the journal (the orchestrator no longer holds it){error}")
+    cores = _count(task.get("cores")) if isinstance(task.get("cores"), int) and task.get("cores") != 1 else ""
+    if cores or task.get("memory"):
+        console.print(f"needs {cores or 1} core(s)" + (f", {_count(task.get('memory'))} bytes of memory"
+                                                      if task.get("memory") else ""))
+    for label, key in (("waits for", "after"), ("dependents", "dependents")):
+        ids = [markup(i, 64) for i in (task.get(key) or [])[:MAX_LISTED] if isinstance(i, str)]
+        if ids:
+            more = len(task.get(key) or []) - len(ids)
+            extra = f" (+{more})" if more > 0 else ""
+            if key == "after" and task.get("on_failure") == "run":
+                extra += "  (runs even if one fails)"
+            console.print(f"{label}: {', '.join(ids)}{extra}")
     cols = [Column("time", keep=True), Column("state", keep=True), Column("attempt", rank=1, justify="right"),
             Column("satellite", whole=True, rank=0), Column("reason", keep=True, wrap=True)]
     for h in _rows(task.get("history")):
@@ -342,9 +359,12 @@ def render_history(rows: list[dict[str, Any]], console: Console | None = None) -
     usable = _rows(rows)
     cols = [Column("id", keep=True, whole=True), Column("kind", rank=0), Column("state", keep=True),
             Column("attempts", rank=2, justify="right"), Column("satellite", whole=True, rank=3),
-            Column("submitted", rank=4), Column("finished", rank=1), Column("error", keep=True, wrap=True)]
+            Column("submitted", rank=4), Column("finished", rank=1), Column("error", keep=True, wrap=True),
+            Column("after", rank=5, wrap=True)]
     for r in usable:
+        after = [a for a in r.get("after") or [] if isinstance(a, str)] if isinstance(r.get("after"), list) else []
         add_row(cols, cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
                 cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
-                cell(r.get("error"), MAX_ERROR))
+                cell(r.get("error"), MAX_ERROR),
+                cell(after[0] + (f" (+{len(after) - 1})" if len(after) > 1 else "")) if after else "")
     console.print(FittedTable(f"{len(usable)} task(s)", cols, "--format csv shows every column"))

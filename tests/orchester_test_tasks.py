@@ -100,3 +100,13 @@ def hold(seconds: float = 0.2) -> dict[str, object]:
     start = time.monotonic()
     time.sleep(seconds)
     return {"start": start, "end": time.monotonic(), "sat": ctx.satellite if ctx else "", "cores": context.cores()}
+
+
+@task("t.link")
+def link(previous: dict[str, float] | None = None, seconds: float = 0.1) -> dict[str, float]:
+    """A chain's link: one more than ``previous``, and when it ran (monotonic, machine-wide) and when
+    ``previous`` ended (a link can only start after it)."""
+    start = time.monotonic()
+    time.sleep(seconds)
+    n = previous["n"] + 1 if previous else 1
+    return {"n": n, "start": start, "end": time.monotonic(), "previous_end": previous["end"] if previous else 0.0}

@@ -64,7 +64,8 @@ def history(connect: tuple[str, ...], state: str | None, kind: str | None, since
 
         w = csv.DictWriter(sys.stdout, fieldnames=list(COLUMNS), extrasaction="ignore")  # a newer server's columns
         w.writeheader()
-        w.writerows({**r, "tags": " ".join(map(str, r.get("tags") or []))} for r in rows)
+        w.writerows({**r, "tags": " ".join(map(str, r.get("tags") or [])),
+                     "after": " ".join(map(str, r.get("after") or []))} for r in rows)
     else:
         from orchester.render import render_history
 

@@ -11,6 +11,7 @@ import click
 
 from orchester.cli.common import (
     EXIT_TASK_FAILED,
+    ByteSize,
     ask,
     check_connect,
     connect_option,
@@ -19,6 +20,8 @@ from orchester.cli.common import (
     unreachable,
     wait_for,
 )
+from serializers.codecs import Ref
+from serializers.messages import MAX_CORES
 
 
 def _parse_arg(text: str) -> Any:
@@ -36,10 +39,21 @@ def _parse_arg(text: str) -> Any:
               help="Higher runs first among queued tasks of the same kind (negative: later).")
 @click.option("--tags", default="", help="Comma-separated tags a satellite must have.")
 @click.option("--task-timeout", type=float, default=None, help="Fail the task after this many seconds.")
+@click.option("--after", "after", multiple=True, metavar="ID",
+              help="Run once task ID has ended (repeatable); if it did not succeed, fail (see --on-failure).")
+@click.option("--ref", "refs", multiple=True, metavar="ID",
+              help="Pass the result of task ID as one more argument, after ARGS (repeatable): the task waits "
+              "for ID, and the result goes from satellite to satellite.")
+@click.option("--on-failure", type=click.Choice(["fail", "run"]), default="fail", show_default=True,
+              help="When a task it waits for does not succeed: fail with DependencyFailed, or run anyway.")
+@click.option("--cores", type=click.IntRange(1, MAX_CORES), default=1, show_default=True,
+              help="Cores the task needs (a satellite's credit is counted in cores).")
+@click.option("--memory", type=ByteSize(), default=None, help="Memory the task needs, e.g. 8G.")
 @timeout_option
 @click.option("--no-wait", is_flag=True, help="Print the task id and exit once accepted.")
 def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority: int, tags: str,
-           task_timeout: float | None, timeout: float, no_wait: bool) -> None:
+           task_timeout: float | None, after: tuple[str, ...], refs: tuple[str, ...], on_failure: str, cores: int,
+           memory: int | None, timeout: float, no_wait: bool) -> None:
     """Submit one task; print its result as JSON. ARGS are JSON values (or plain strings)."""
     from orchester.errors import RemoteError, TaskFailed, Unreachable
     from orchester.render import clean_block, clean_text
@@ -56,8 +70,10 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
         tid = client.core.task_id()
         show = not no_wait and sys.stderr.isatty()
         stream = client.subscribe([f"progress:{tid}", f"task:{tid}"], timeout=timeout) if show else None
-        fut = client.submit(kind, *[_parse_arg(a) for a in args], priority=priority,
-                            tags=[t for t in tags.split(",") if t], timeout=task_timeout, task_id=tid)
+        values = [_parse_arg(a) for a in args] + [Ref(r) for r in refs]
+        fut = client.submit(kind, *values, priority=priority, tags=[t for t in tags.split(",") if t],
+                            timeout=task_timeout, task_id=tid, after=list(after), on_failure=on_failure,
+                            cores=cores, memory=memory)
         try:
             if no_wait:
                 # requests on one socket are handled in order: once this status is answered the

@@ -15,7 +15,8 @@ from serializers import ProtocolError, unpack
 from serializers.messages import MAX_TASK_HEADER
 from tracker import TaskState
 
-COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner", "tags")
+COLUMNS = ("id", "kind", "state", "attempts", "satellite", "submitted", "finished", "error", "owner", "tags",
+           "after")
 
 
 def fields(record: list[Any]) -> dict[str, Any] | None:
@@ -54,6 +55,7 @@ class Row:
     error: str = ""
     owner: str = ""  #: who submitted it: the key's name (CurveZMQ on), else empty
     tags: list[str] = field(default_factory=list)  #: the task's tags, sorted
+    after: list[str] = field(default_factory=list)  #: the tasks it waited for (``after``), in order
 
 
 class HistoryFold:

@@ -35,7 +35,7 @@ from orchester.journal.history import Row, select
 from orchester.journal.manifest import number
 from orchester.journal.records import RESULT, SUBMITTED, TRANSITION, RecordError, Result, Transition
 from serializers import ProtocolError, unpack
-from serializers.messages import MAX_TASK_HEADER
+from serializers.messages import MAX_AFTER, MAX_TASK_HEADER
 from tracker import TaskState
 
 log = logging.getLogger("orchester.journal")
@@ -83,6 +83,7 @@ class HistoryIndex:
         self.table: dict[str, Row] = {}  #: one row per task, by id
         self.messages: dict[str, str] = {}  #: error messages of failed tasks read from log records
         self.tags: dict[str, frozenset[str]] = {}  #: tags of the tasks that have some
+        self.after: dict[str, tuple[str, ...]] = {}  #: the dependencies of the tasks that have some
         self.buckets: dict[int, dict[Key, Bucket]] = defaultdict(dict)
         #: where each task's transitions lie: packed positions (:data:`_POSITION`), for :meth:`timeline`
         #: (a ``bytearray`` once it is long: appended to in place, never copied whole)
@@ -215,6 +216,11 @@ class HistoryIndex:
                 tags = frozenset(x for x in tg[:MAX_TAGS] if type(x) is str and 0 < len(x) <= 256)
                 if tags:
                     self.tags[tid] = tags
+            af = hdr.get("af")
+            if type(af) is list and af:
+                deps = tuple(x for x in af[:MAX_AFTER] if type(x) is str and 0 < len(x) <= 256)
+                if deps:
+                    self.after[tid] = deps
         elif code == RESULT:
             frames, t = record[2], record[3]
             if type(frames) is not list or not frames or type(frames[0]) is not bytes \
@@ -239,6 +245,7 @@ class HistoryIndex:
         del self.table[tid]
         self.messages.pop(tid, None)
         self.tags.pop(tid, None)
+        self.after.pop(tid, None)
         self.where.pop(tid, None)
         self._running.pop(tid, None)
 
@@ -347,6 +354,7 @@ class HistoryIndex:
         out = select(table, **filters)
         for row in out:
             row["tags"] = sorted(self.tags.get(row["id"], ()))
+            row["after"] = list(self.after.get(row["id"], ()))
         return out
 
     def rollup(self, since: float, until: float, step: float, kind: str | None = None,

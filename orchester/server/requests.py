@@ -262,7 +262,7 @@ class Requests:
                 error = str(rows[-1][4]) if message else task.state.name.lower()
         return asdict(Row(task.id, task.kind, task.state.name.lower(), task.attempt, sat,
                           rows[0][0] if rows else 0.0, rows[-1][0] if rows and task.state.terminal else 0.0, error,
-                          task.owner if isinstance(task.owner, str) else "", sorted(task.tags)))
+                          task.owner if isinstance(task.owner, str) else "", sorted(task.tags), list(task.after)))
 
     def reply(self, sock: Any, ident: bytes, rid: RequestId, body: dict[str, Any]) -> None:
         """Answer a request (``rid``: its request id)."""

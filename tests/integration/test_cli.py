@@ -80,6 +80,27 @@ def test_no_wait_prints_an_id_whose_result_can_be_fetched(served: dict[str, str]
         assert c.result(task_id, timeout=30) == 0.1
 
 
+def test_submit_after_and_ref_and_show_the_dependencies(served: dict[str, str]) -> None:
+    first = run("orchester", "submit", "sleep", "0.5", "--no-wait", "--connect", served["connect"])
+    assert first.returncode == 0, first.stderr
+    a = first.stdout.strip()
+    r = run("orchester", "submit", "echo", '"then"', "--after", a, "--ref", a, "--connect", served["connect"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == ["then", 0.5]  # ARGS, then the referenced result
+    waits = run("orchester", "submit", "echo", "x", "--after", a, "--cores", "1", "--memory", "1M", "--no-wait",
+                "--connect", served["connect"])
+    assert waits.returncode == 0, waits.stderr
+    shown = run("orchester", "show", waits.stdout.strip(), "--connect", served["connect"])
+    assert shown.returncode == 0 and f"waits for: {a}" in shown.stdout, shown.stdout
+    shown = run("orchester", "show", a, "--connect", served["connect"], "--json")
+    assert waits.stdout.strip() in json.loads(shown.stdout)["dependents"]
+    bad = run("orchester", "submit", "echo", "--after", "f" * 32, "--connect", served["connect"])
+    assert bad.returncode == 1 and "unknown_task" in bad.stderr
+    for flags in (["--cores", "0"], ["--memory", "lots"], ["--on-failure", "maybe"]):
+        r = run("orchester", "submit", "echo", *flags, "--connect", served["connect"])
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
 def test_status_json_and_table(served: dict[str, str]) -> None:
     r = run("orchester", "status", "--connect", served["connect"], "--json")
     st = json.loads(r.stdout)
