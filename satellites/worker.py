@@ -103,7 +103,7 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     The worker's thread pools get the task's cores (:class:`~satellites.threads.TaskThreads`).
     """
     try:
-        dispatch = unpack(bytes(frames[0]))
+        dispatch = unpack(bytes(frames[0]), M.MAX_TASK_HEADER)
         order = M.Dispatch.decode(dispatch)
     except ProtocolError as exc:  # never let a bad message kill the worker
         return [error_header("", 0, sid, exc)]

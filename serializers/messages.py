@@ -1025,12 +1025,13 @@ def decode_for_client(command: bytes, header: bytes | memoryview) -> ToClient:
 
 
 def decode_for_satellite(command: bytes, header: bytes | memoryview) -> ToSatellite:
-    """What a satellite received: the typed message of ``command`` from its header frame;
-    :class:`ProtocolError` on anything else."""
+    """What a satellite received: the typed message of ``command`` from its header frame (a DISPATCH, which
+    lists the results it carries, may be up to :data:`MAX_TASK_HEADER` bytes); :class:`ProtocolError` on
+    anything else."""
     cls = TO_SATELLITE.get(command)
     if cls is None:
         raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(command)}")
-    msg: ToSatellite = cls.decode(unpack(header))
+    msg: ToSatellite = cls.decode(unpack(header, MAX_TASK_HEADER if command == P.DISPATCH else MAX_HEADER))
     return msg
 
 

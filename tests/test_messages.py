@@ -355,14 +355,15 @@ def test_a_satellites_messages_are_the_bytes_of_before() -> None:
     before = {"sid": "sat-1", "slots": 3, "workers": 2, "kinds": sat.kinds, "progress": sat.progress_kinds,
               "versions": sat.versions}
     after = {"tags": ["big", "gpu"], "host": _socket.gethostname(), "pid": os.getpid(), "running": [], "recent": []}
-    assert sent[-1] == [P.REGISTER, pack({**before, **after})]
+    resources = {"cores": sat.cores, "mem": sat.memory}  # (since tasks ask for cores and memory: what it has)
+    assert sent[-1] == [P.REGISTER, pack({**before, **after, **resources})]
     sat.deadline = 1000.0
     sat._recent.append((4.0, "t0", 1, [P.DONE, b""]))
     sat._register(400.0, vote=True)
     assert sent[-1] == [P.REGISTER, pack({"vote": True, **before, "walltime": 600.0, **after,
-                                          "recent": [["t0", 1]]})]
+                                          "recent": [["t0", 1]], **resources})]
     sat._abort("t-unknown", 1, 0.0)  # neither queued nor running here: nothing to say
-    sat._queue.append(("t1", 2, []))
+    sat._queue.append(("t1", 2, [], 1))
     sat._abort("t1", 2, 0.0)
     assert sent[-1] == [P.DONE, pack({"id": "t1", "a": 2, "ok": False, "sat": "sat-1",
                                       "err": {"type": "Cancelled", "msg": "cancelled", "tb": ""}})]

@@ -54,7 +54,7 @@ def test_terminal_states_have_no_way_out() -> None:
 
 def test_every_state_is_reachable_and_documented() -> None:
     for compiled in (TASK_MACHINE, SATELLITE_MACHINE):
-        reachable = {compiled.initial} | {d for _, _, d in compiled.transitions}
+        reachable = {compiled.initial, *compiled.entries} | {d for _, _, d in compiled.transitions}
         assert reachable == set(compiled.states)
         rst = compiled.rst_table()
         assert all(f"``{e.name}``" in rst for e in compiled.events)

@@ -54,7 +54,7 @@ def test_a_chain_runs_in_order_and_waits_in_the_waiting_state() -> None:
     assert dispatched_ids(out) == ["a"]
     tasks = h.core.state.tasks
     assert tasks["b"].state is TS.WAITING and tasks["c"].state is TS.WAITING
-    assert [e["state"] for e in tasks["b"].history.entries()] == ["pending", "waiting"]
+    assert [e["state"] for e in tasks["b"].history.entries()] == ["waiting"]
     assert h.core.state.state_counts[TS.WAITING] == 2
     h.done(sat, "a")
     assert run_all(h, sat) == ["b", "c"]

@@ -31,8 +31,7 @@ class TaskEvent(IntEnum):
     requeue = 7  #: the back-off is over: queue again
     quarantine = 8  #: it has stalled or killed its satellites too often: never run again
     expire = 9  #: it waited in the queue longer than its time-to-live
-    wait = 10  #: submitted with dependencies that have not ended: it waits for them
-    release = 11  #: every dependency ended (succeeded, or may fail: ``on_failure="run"``): queue it
+    release = 10  #: every dependency ended (succeeded, or may fail: ``on_failure="run"``): queue it
 
 
 class SatelliteEvent(IntEnum):
@@ -63,7 +62,6 @@ TASK_TRANSITIONS: list[tuple[TaskEvent, tuple[TaskState, ...], TaskState]] = [
     (TaskEvent.requeue, (T.RETRY, T.STALLED), T.PENDING),
     (TaskEvent.quarantine, (T.STALLED,), T.QUARANTINED),
     (TaskEvent.expire, (T.PENDING,), T.EXPIRED),
-    (TaskEvent.wait, (T.PENDING,), T.WAITING),
     (TaskEvent.release, (T.WAITING,), T.PENDING),
 ]
 
@@ -94,12 +92,14 @@ class CompiledMachine(Generic[St, E]):
     """A transition table compiled from a declaration: ``table[state][event] -> state``."""
 
     def __init__(self, name: str, states: type[St], events: type[E],
-                 transitions: list[tuple[E, tuple[St, ...], St]], initial: St) -> None:
+                 transitions: list[tuple[E, tuple[St, ...], St]], initial: St, entries: tuple[St, ...] = ()) -> None:
         self.name = name
         self.states = states
         self.events = events
         self.transitions = transitions
         self.initial = initial
+        #: other states one may enter the machine in (a task submitted with dependencies starts WAITING)
+        self.entries = entries
         self.machine = self.declare()
         self.table: list[list[St | None]] = [[None] * len(events) for _ in states]
         for event, sources, dest in transitions:
@@ -137,6 +137,6 @@ class CompiledMachine(Generic[St, E]):
 
 
 TASK_MACHINE: CompiledMachine[TaskState, TaskEvent] = CompiledMachine(
-    "task", TaskState, TaskEvent, TASK_TRANSITIONS, TaskState.PENDING)
+    "task", TaskState, TaskEvent, TASK_TRANSITIONS, TaskState.PENDING, entries=(TaskState.WAITING,))
 SATELLITE_MACHINE: CompiledMachine[SatelliteState, SatelliteEvent] = CompiledMachine(
     "satellite", SatelliteState, SatelliteEvent, SATELLITE_TRANSITIONS, SatelliteState.JOINING)

@@ -18,7 +18,7 @@ class TaskState(IntEnum):
     RETRY = 7  #: waiting out a back-off before its next attempt
     QUARANTINED = 8  #: it stalled or killed its satellites too often; never run again
     EXPIRED = 9  #: no satellite took it within its time-to-live
-    WAITING = 10  #: accepted, waiting for the tasks it depends on to end (then PENDING)
+    WAITING = 10  #: accepted with dependencies (``after``): waits for them to end, then PENDING
 
     @property
     def terminal(self) -> bool:

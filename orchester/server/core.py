@@ -205,14 +205,16 @@ class Orchestrator:
             raise ProtocolError(P.E_UNKNOWN_KIND, f"no satellite offers task kind {kind!r}; {len(offered)} kind(s) "
                                 f"offered{': ' if shown else ''}{', '.join(shown)}"
                                 f"{' ...' if len(offered) > len(shown) else ''}")
-        deps = self._dependencies(sub) if sub.after else None
+        deps, refs = self._dependencies(sub) if sub.after else (None, ())
         task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.next_seq(),
                     size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
         task.cores, task.memory = sub.cores, sub.memory
         task.owner, task.counted = owner, True
+        if deps is not None:  # it enters waiting for them (attach() below releases it if none is left to wait for)
+            task.state = TS.WAITING
         wall = self.state.wall()
-        task.history.add(wall, TS.PENDING, 0)
+        task.history.add(wall, task.state, 0)
         load = self.state.client_load.setdefault(owner, [0, 0])
         load[0] += 1
         load[1] += size
@@ -231,15 +233,15 @@ class Orchestrator:
         if deps is None:
             self.state.queues.push(task)
         else:
-            task.after, task.refs, task.run_on_failure = sub.after, sub.referenced, sub.run_on_failure
+            task.after, task.refs, task.run_on_failure = sub.after, refs, sub.run_on_failure
             self.state.counters["submitted_after"] += 1
             self.life.attach(task, deps, now)
         self.life.arm(task, now)
 
-    def _dependencies(self, sub: Submit) -> list[Task | None]:
+    def _dependencies(self, sub: Submit) -> tuple[list[Task | None], tuple[str, ...]]:
         """The tasks ``sub`` waits for, each checked before anything changes: known here, and (CurveZMQ
         on) its submitter's own, or the submitter is an admin; a result it takes by reference still
-        kept (or still to come)."""
+        kept (or still to come). Returns them, and the ids of those it takes by reference."""
         tasks = self.state.tasks
         deps: list[Task | None] = []
         for dep_id in sub.after:
@@ -254,13 +256,14 @@ class Orchestrator:
                 raise ProtocolError(P.E_FORBIDDEN, f"dependency {dep_id!r} belongs to another key: a task may wait "
                                     "only for tasks of its own key (or of any key, for an admin)")
             deps.append(dep)
-        for ref in sub.referenced:
+        refs = tuple(sub.after[i] for i in sub.refs)
+        for ref in refs:
             dep = tasks[ref]
             if dep.state.terminal and ref not in self.state.results and (dep.state is TS.DONE
                                                                            or sub.run_on_failure):
                 raise ProtocolError(P.E_UNKNOWN_TASK, f"dependency {ref!r} ended, but its result is no longer kept: "
                                     "it cannot be passed by reference")
-        return deps
+        return deps, refs
 
     def _ack(self, sock: Any, ident: bytes, tid: str) -> None:
         key = (sock, ident)

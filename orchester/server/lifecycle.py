@@ -92,7 +92,7 @@ class Lifecycle:
                 state.graph.link(task.id, task.after, ended=True)
             return "finished"
         in_flight = task.state in (TS.DISPATCHED, TS.RUNNING)
-        task.state = TS.PENDING
+        task.state = TS.WAITING if task.after and not in_flight else TS.PENDING
         state.add_pending(task)
         if reclaim and in_flight:  # keeps its satellite and attempt: only that one may claim it
             state.graph.link(task.id, task.after)
@@ -109,10 +109,10 @@ class Lifecycle:
 
     # ---------------------------------------------------------- dependencies
     def attach(self, task: Task, deps: Sequence[Task | None], now: float) -> None:
-        """A pending task that is in the table but not queued gets its dependencies ``deps`` (those of
+        """A task that entered the table WAITING gets its dependencies ``deps`` (those of
         :attr:`Task.after`, in order; ``None`` for one the table does not hold: only after a restart
-        whose journal lost it). It waits (WAITING) while some have not ended, fails at once when one
-        did not succeed (unless it runs on failure), and is queued otherwise."""
+        whose journal lost it). It waits while some have not ended, fails at once when one did not
+        succeed (unless it runs on failure), and is released (queued) when none is left to wait for."""
         graph = self.state.graph
         graph.link(task.id, task.after)
         blockers, failed, missing = 0, None, None
@@ -135,9 +135,8 @@ class Lifecycle:
         elif failed is not None:
             task.cause = failed.cause or failed.id
             self.fail(task, P.ERR_DEPENDENCY, self._dependency_message(failed), now, dependency=failed.id)
-        elif blockers:
-            self.task_to(task, TE.wait, now, f"waiting for {blockers} task(s)")
-        else:
+        elif not blockers:
+            self.task_to(task, TE.release, now, "its dependencies had ended")
             self.state.queues.push(task)
 
     @staticmethod

@@ -125,7 +125,7 @@ class RestoreFold:
                     for dep in hdr.after:
                         self._needed[dep] += 1
                     history = History()
-                    history.add(v.time, TS.PENDING, 0)
+                    history.add(v.time, TS.WAITING if hdr.after else TS.PENDING, 0)
                     self.tasks[v.task_id] = [v, None, hdr]
                     self.history[v.task_id] = history
             elif isinstance(v, records.Transition):

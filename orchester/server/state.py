@@ -98,11 +98,13 @@ class ServerState:
         return self.seq
 
     def add_pending(self, task: Task) -> None:
-        """A pending task enters the table (submitted, or rebuilt from the journal): counted, its payload
-        held in memory. Queuing it (or waiting for its satellite to claim it back) is the caller's."""
+        """A pending (or, with dependencies, waiting) task enters the table (submitted, or rebuilt from the
+        journal): counted, its payload held in memory. Queuing it (or waiting for its dependencies, or for
+        its satellite to claim it back) is the caller's."""
         self.tasks[task.id] = task
-        self.state_counts[TaskState.PENDING] += 1
-        self.pending_kinds[task.kind] += 1
+        self.state_counts[task.state] += 1
+        if task.state is TaskState.PENDING:
+            self.pending_kinds[task.kind] += 1
         self.queued(task)
 
     def queued(self, task: Task) -> None:

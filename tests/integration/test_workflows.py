@@ -39,9 +39,9 @@ def test_an_intermediate_result_comes_when_asked_for(cluster: LocalCluster) -> N
 
 def test_a_fan_out_and_its_fan_in(cluster: LocalCluster) -> None:
     with cluster.client() as client:
-        parts = [client.submit("t.inc", i) for i in range(200)]
+        parts = [client.submit("t.inc", i) for i in range(3000)]  # its DISPATCH header is above 64 KiB
         total = client.submit("t.sum", parts)
-        assert total.result(timeout=60) == sum(range(1, 201))
+        assert total.result(timeout=120) == sum(range(1, 3001))
         show = client.show(total.task_id)
         assert show["after"] == [p.task_id for p in parts] and show["state"] == "done"
         assert client.show(parts[0].task_id)["dependents"] == [total.task_id]
