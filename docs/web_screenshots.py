@@ -92,6 +92,11 @@ def main() -> int:
             time.sleep(rng.uniform(2, 10))
         for fid in fits:
             client.result(fid, timeout=600)
+        parts = [client.submit("echo", i) for i in range(5)]  # a small workflow: a fan-in and what follows it
+        joined = client.submit("echo", parts)
+        follow = [client.submit("echo", joined), client.submit("sleep", 0.2, after=[joined])]
+        for f in follow:
+            f.result(120)
         busy = [client.submit("sleep", rng.uniform(0.5, 3.0)) for _ in range(40)]  # work while the overview is taken
         base = link.split("?")[0]
         with sync_playwright() as p:
@@ -111,6 +116,10 @@ def main() -> int:
             page.wait_for_selector("#traceback")
             time.sleep(0.5)
             page.screenshot(path=str(out / "web-task.png"), full_page=True)
+            page.goto(base + f"tasks/{joined.task_id}")
+            page.wait_for_selector("#graph svg")
+            time.sleep(0.5)
+            page.screenshot(path=str(out / "web-neighbourhood.png"), full_page=True)
             page.goto(base + "fits")
             page.wait_for_selector("#fits tbody tr")
             page.screenshot(path=str(out / "web-fits.png"), full_page=True)

@@ -31,6 +31,8 @@ TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
 #: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
 RUNNING_SHOWN = 8
+#: Dependencies and dependents whose kind and state ``show`` gives (the web page draws them).
+NEIGHBOURS = 50
 #: Rows of an in-memory history reply when the request names no limit, and at most.
 HISTORY_PAGE = 1000
 HISTORY_MAX = 10_000
@@ -283,12 +285,19 @@ class Requests:
         (type, message, traceback) and the reasons of its transitions to its owner or an admin (to
         anyone without keys)."""
         mine = self.ports.identify is None or self.is_admin() or task.owner == self.state.user
+        dependents = self.state.graph.of(task.id)
         out = {"id": task.id, "kind": task.kind, "state": task.state.name.lower(), "attempt": task.attempt,
                "crashes": task.crashes, "satellite": task.satellite, "priority": task.priority,
                "tags": sorted(task.tags), "history": self._entries(task, mine),
                "owner": task.owner if isinstance(task.owner, str) else None,
                "result_retained": task.id in self.state.results,
-               "after": list(task.after), "dependents": self.state.graph.of(task.id), "cores": task.cores}
+               "after": list(task.after), "dependents": dependents, "cores": task.cores}
+        if task.after or dependents:  # the first ones of each side, with kind and state (the web draws them)
+            near: dict[str, list[str]] = {}
+            for tid in [*task.after[:NEIGHBOURS], *dependents[:NEIGHBOURS]]:
+                other = self.state.tasks.get(tid)
+                near[tid] = [other.kind, other.state.name.lower()] if other is not None else ["", "forgotten"]
+            out["neighbours"] = near
         if task.after:
             out["on_failure"] = "run" if task.run_on_failure else "fail"
             out["referenced"] = list(task.refs)

@@ -176,6 +176,46 @@ def test_a_series_from_the_page(web: str, browser: Any, tmp_path: Path) -> None:
     assert (tmp_path / "series.png").stat().st_size > 10_000
 
 
+def test_a_tasks_page_draws_its_neighbourhood(web: str, web_cluster: LocalCluster, browser: Any,
+                                              tmp_path: Path) -> None:
+    """A fan-in's page draws what it waited for, itself and what waits for it; each box links to its task."""
+    with web_cluster.client() as client:
+        parts = [client.submit("t.inc", i) for i in range(3)]
+        bad = client.submit("fail", "on purpose")
+        total = client.submit("t.sum", parts)
+        after = client.submit("t.inc", total)
+        cleanup = client.submit("echo", "tidy", after=[total, bad], on_failure="run")
+        assert after.result(timeout=60) == 7 and cleanup.result(timeout=60) == "tidy"
+    base = web.split("?")[0]
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        page.goto(web)
+        page.goto(f"{base}tasks/{total.task_id}")
+        page.wait_for_selector("#graph svg", timeout=30_000)
+        assert page.locator("#graph svg rect").count() == 3 + 1 + 2  # its three inputs, itself, two dependents
+        assert page.locator("#graph svg rect.current").count() == 1
+        assert page.locator("#graph svg path.edge").count() == 5
+        labels = page.locator("#graph svg text").all_text_contents()
+        assert any(parts[0].task_id[:8] in t and "done" in t for t in labels), labels
+        assert "waits for 3 task(s)" in page.inner_text("#neighbourhood-note")
+        page.screenshot(path=str(tmp_path / "neighbourhood.png"), full_page=True)
+        page.click(f"#graph svg a[href$='{cleanup.task_id}']")
+        page.wait_for_url(re.compile(f".*/tasks/{cleanup.task_id}$"))
+        page.wait_for_selector("#graph svg", timeout=30_000)
+        assert "runs even if one fails" in page.inner_text("#neighbourhood-note")
+        assert page.locator("#graph svg rect.s-failed").count() == 1
+        page.goto(f"{base}tasks/{parts[0].task_id}")  # no dependency, one dependent
+        page.wait_for_selector("#graph svg", timeout=30_000)
+        assert page.locator("#graph svg rect").count() == 2
+    finally:
+        context.close()
+    assert not problems, problems
+    assert (tmp_path / "neighbourhood.png").stat().st_size > 5_000
+
+
 def test_a_page_without_the_token_says_how_to_get_in(web: str, browser: Any) -> None:
     page = browser.new_page()
     try:

@@ -209,7 +209,7 @@ const Orchester = (() => {
     let t;
     try { t = await api(`/api/tasks/${encodeURIComponent(id)}`); } catch (e) { showError("#task-error", e.message); return; }
     const facts = $("#facts");
-    for (const k of ["kind", "state", "attempt", "crashes", "satellite", "priority", "tags", "owner", "result_retained"]) {
+    for (const k of ["kind", "state", "attempt", "crashes", "satellite", "priority", "tags", "cores", "owner", "result_retained"]) {
       facts.append(el("dt", k), el("dd", Array.isArray(t[k]) ? t[k].join(", ") : t[k]));
     }
     fill($("#timeline tbody"), (t.history || []).map((h) => row([clock(h.t), el("span", h.state, `state ${h.state}`),
@@ -230,6 +230,69 @@ const Orchester = (() => {
       $("#result").hidden = false;
       $("#result-link").href = `/api/tasks/${encodeURIComponent(id)}/result`;
     }
+    neighbourhood(t);
+  }
+
+  // a task's neighbourhood: what it waits for (left), itself, the tasks that wait for it (right)
+  const SHOWN = 12;
+  function neighbourhood(t) {
+    const after = Array.isArray(t.after) ? t.after : [], deps = Array.isArray(t.dependents) ? t.dependents : [];
+    if (!after.length && !deps.length) return;
+    $("#neighbourhood").hidden = false;
+    const near = t.neighbours || {};
+    const left = after.slice(0, SHOWN), right = deps.slice(0, SHOWN);
+    const rows = Math.max(left.length + (after.length > SHOWN), right.length + (deps.length > SHOWN), 1);
+    const W = 760, bw = 200, bh = 30, gap = 38, H = rows * gap + 20;
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("width", String(W));
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", `task ${t.id}: ${after.length} dependencies, ${deps.length} dependents`);
+    const mid = H / 2;
+    const ys = (n) => Array.from({length: n}, (_, i) => H / 2 + (i - (n - 1) / 2) * gap);
+    function node(x, y, tid, kind, state, current) {
+      const g = document.createElementNS(ns, "a");
+      if (!current) g.setAttribute("href", `/tasks/${encodeURIComponent(tid)}`);
+      const r = document.createElementNS(ns, "rect");
+      for (const [k, v] of [["x", x], ["y", y - bh / 2], ["width", bw], ["height", bh], ["rx", 6]]) r.setAttribute(k, String(v));
+      r.setAttribute("class", `node ${current ? "current" : ""} s-${state || "unknown"}`);
+      const label = document.createElementNS(ns, "text");
+      label.setAttribute("x", String(x + 8));
+      label.setAttribute("y", String(y + 5));
+      label.textContent = `${tid.slice(0, 8)} ${kind || ""} · ${state || "?"}`;
+      const title = document.createElementNS(ns, "title");
+      title.textContent = `${tid} (${kind || "?"}): ${state || "?"}`;
+      g.append(r, label, title);
+      return g;
+    }
+    function edge(x1, y1, x2, y2) {
+      const p = document.createElementNS(ns, "path");
+      const cx = (x1 + x2) / 2;
+      p.setAttribute("d", `M${x1},${y1} C${cx},${y1} ${cx},${y2} ${x2},${y2}`);
+      p.setAttribute("class", "edge");
+      return p;
+    }
+    function more(x, y, n) {
+      const m = document.createElementNS(ns, "text");
+      m.setAttribute("x", String(x + 8));
+      m.setAttribute("y", String(y + 5));
+      m.setAttribute("class", "more");
+      m.textContent = `+ ${n} more (show --json lists them all)`;
+      return m;
+    }
+    const lx = 10, cx = (W - bw) / 2, rx = W - bw - 10;
+    const ly = ys(left.length + (after.length > SHOWN)), ry = ys(right.length + (deps.length > SHOWN));
+    left.forEach((tid, i) => svg.append(edge(lx + bw, ly[i], cx, mid)));
+    right.forEach((tid, i) => svg.append(edge(cx + bw, mid, rx, ry[i])));
+    left.forEach((tid, i) => { const [k, s] = near[tid] || ["", ""]; svg.append(node(lx, ly[i], tid, k, s, false)); });
+    right.forEach((tid, i) => { const [k, s] = near[tid] || ["", ""]; svg.append(node(rx, ry[i], tid, k, s, false)); });
+    if (after.length > SHOWN) svg.append(more(lx, ly[ly.length - 1], after.length - SHOWN));
+    if (deps.length > SHOWN) svg.append(more(rx, ry[ry.length - 1], deps.length - SHOWN));
+    svg.append(node(cx, mid, t.id || "", t.kind, t.state, true));
+    $("#graph").replaceChildren(svg);
+    $("#neighbourhood-note").textContent = `waits for ${after.length} task(s)` +
+      (t.on_failure === "run" ? " (runs even if one fails)" : "") + ` · ${deps.length} task(s) wait for it`;
   }
 
   // ---------------------------------------------------------------- fits
