@@ -95,7 +95,12 @@ def test_the_threads_and_the_switch_are_the_satellites(numba_env: dict[str, str]
         with one.client() as c:
             three = c.submit("genx.fit", MODEL.read_bytes(), generations=2, population=8, tags=["three"]).result(300)
             off = c.submit("genx.fit", MODEL.read_bytes(), generations=2, population=8, tags=["off"]).result(300)
+            # a fit that asked for two cores: numba's threads are its cores, then the worker's share again
+            wide = c.submit("genx.fit", MODEL.read_bytes(), generations=2, population=8, tags=["three"],
+                            cores=2).result(300)
+            again = c.submit("genx.fit", MODEL.read_bytes(), generations=2, population=8, tags=["three"]).result(300)
     assert three["numba"] and three["numba_threads"] == 3
+    assert wide["numba"] and wide["numba_threads"] == 2 and again["numba_threads"] == 3
     assert off["numba"] is False
 
 

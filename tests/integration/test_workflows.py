@@ -72,6 +72,10 @@ def test_references_by_id_and_after_by_id(cluster: LocalCluster) -> None:
         c = client.submit("echo", "then", after=tid)
         assert b.result(timeout=30) == 43 and c.result(timeout=30) == "then"
         assert client.show(c.task_id)["after"] == [tid]
+        rows = {r["id"]: r for r in client.history(ids=[tid, b.task_id, c.task_id])}
+        assert rows[b.task_id]["after"] == [tid] and rows[c.task_id]["after"] == [tid] and rows[tid]["after"] == []
+        mapped = list(client.map("t.inc", [1, 2], after=[c]))
+        assert mapped == [2, 3]
 
 
 def test_a_dependency_on_an_unknown_task_is_refused(cluster: LocalCluster) -> None:

@@ -66,6 +66,12 @@ def test_a_restart_mid_graph_loses_no_edge_and_runs_nothing_early(tmp_path: Path
         cluster.start_orchestrator(bind=endpoint, pub=pub)
         check(client, by_ref, by_after, join)
         assert client.status()["counters"]["journal_restored"] >= 2 * LINKS + 1
+        deadline = time.monotonic() + 30  # the journal's history (its index, another process) has the edges
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not (rows and rows[0]["state"] == "done"):
+            rows = client.history(ids=[join.task_id])
+            time.sleep(0.2)
+        assert rows[0]["after"] == [by_ref[-1].task_id, by_after[-1].task_id]
 
 
 @pytest.fixture
