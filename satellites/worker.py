@@ -53,11 +53,11 @@ def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None
                   sat=sid).encode()
 
 
-def result_value(task_id: str, frames: list[Any], dispatch: dict[str, Any]) -> Any:
+def result_value(task_id: str, frames: list[Any], consent: dict[str, Any]) -> Any:
     """The value a reference to task ``task_id`` stands for, from that task's RESULT frames (``[header,
     body, *buffers]``, as its satellite sent them): its result, or the :class:`~orchester.TaskFailed`
     of a task that did not succeed (a dependent that runs on failure gets it). A pickle-coded result
-    is decoded only with the consent a pickle-coded task needs."""
+    is decoded only with ``consent`` (the DISPATCH header of a pickle-coded dependent; ``{}`` for any other)."""
     hdr = unpack(frames[0])
     res = M.Result.decode(hdr)
     if res.id != task_id:
@@ -66,12 +66,13 @@ def result_value(task_id: str, frames: list[Any], dispatch: dict[str, Any]) -> A
         err = res.error or {}
         return TaskFailed(task_id, str(err.get("type", "Error"))[:256], str(err.get("msg", ""))[:100_000],
                           str(err.get("tb", ""))[:1_000_000], res.sat)
-    return codecs.decode(codecs.check_run_codec(hdr, dispatch), list(res.arrays), frames[1:])
+    return codecs.decode(codecs.check_run_codec(hdr, consent), list(res.arrays), frames[1:])
 
 
 def _inputs(frames: list[Any], order: M.Dispatch, task: M.TaskHeader,
-            dispatch: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None]:
-    """The task's payload frames, and the values of the results that follow them (by task id)."""
+            consent: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None]:
+    """The task's payload frames, and the values of the results that follow them (by task id); ``consent``:
+    to pickle, for a pickle-coded task only (a result is trusted no more than the task that takes it)."""
     if not order.results:
         return frames[2:], None
     end = 3 + len(task.arrays)
@@ -80,7 +81,7 @@ def _inputs(frames: list[Any], order: M.Dispatch, task: M.TaskHeader,
         chunk = frames[end:end + count]
         if len(chunk) != count:
             raise ProtocolError(P.E_MALFORMED, "the DISPATCH carries fewer result frames than its 'rs' says")
-        values[tid] = result_value(tid, chunk, dispatch)
+        values[tid] = result_value(tid, chunk, consent)
         end += count
     if end != len(frames):
         raise ProtocolError(P.E_MALFORMED, "the DISPATCH carries more frames than its payload and results")
@@ -115,7 +116,7 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
         kind = registry.get(task.kind)
         try:  # pickle only with the submitter's, the orchestrator's and this satellite's consent
             codec = codecs.check_run_codec(hdr, dispatch)
-            payload, values = _inputs(frames, order, task, dispatch)
+            payload, values = _inputs(frames, order, task, dispatch if codec == codecs.PickleCodec.name else {})
         except ProtocolError as exc:
             if exc.code != P.E_CODEC:
                 raise

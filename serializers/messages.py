@@ -804,8 +804,21 @@ def decode(command: bytes, header: bytes | memoryview) -> Message:
     cls = INBOUND.get(command)
     if cls is None:
         raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(command)}")
-    msg: Message = cls.decode(unpack(header, MAX_TASK_HEADER if command == P.SUBMIT else MAX_HEADER))
+    if command == P.SUBMIT:
+        hdr = unpack(header, MAX_TASK_HEADER)
+        if len(header) > MAX_HEADER and len(header) - _edge_bytes(hdr) > MAX_HEADER:
+            raise ProtocolError(P.E_TOO_LARGE, f"a SUBMIT header may pass {MAX_HEADER} bytes only by the task ids it "
+                                "waits for ('af', 'rf')")
+        return Submit.decode(hdr)
+    msg: Message = cls.decode(unpack(header))
     return msg
+
+
+def _edge_bytes(hdr: dict[str, Any]) -> int:
+    """About the bytes ``af`` and ``rf`` take in a SUBMIT header (what may take it past 64 KiB)."""
+    af, rf = hdr.get("af"), hdr.get("rf")
+    size = sum(len(x) + 2 for x in af if isinstance(x, str)) if isinstance(af, list) else 0
+    return size + (5 * len(rf) if isinstance(rf, list) else 0)
 
 
 # ------------------------------------------------------------- orchestrator -> peers

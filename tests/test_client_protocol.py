@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from orchester import AsyncClient, Client
+from orchester import ref as orchester_ref
 from orchester.client.core import ClientCore
 from orchester.errors import RemoteError, TaskFailed
 from serializers import ProtocolError, encode, pack, unpack
@@ -265,3 +266,42 @@ def test_the_async_client_survives_whatever_the_orchestrator_sends(socket: Any) 
             assert client.failure is None
 
     asyncio.run(main())
+
+
+def test_a_result_passed_by_reference_is_asked_for_when_wanted_and_again_after_a_resend() -> None:
+    """A task of this client that another task of it takes by reference: its future asks for its result
+    (FETCH) when someone wants it, and asks again with the SUBMIT it resends to a restarted server."""
+    asked: list[Any] = []
+    core = ClientCore(lambda f, v: None, lambda f, e: None, on_demand=asked.append)
+    first, second = cf.Future(), cf.Future()
+    tid, _ = core.submit(first, "echo", [1], {})
+    _, frames = core.submit(second, "echo", [orchester_ref(tid)], {})
+    assert asked == [first]  # passed by reference: its future is told
+    hdr = unpack(frames[2])
+    assert hdr["af"] == [tid] and hdr["rf"] == [0]
+    assert not any(f[1] == P.FETCH for f in core.pending_frames())
+    core.fetch(first, tid)  # someone waits for it: asked
+    resent = core.pending_frames()
+    fetches = [unpack(f[2])["id"] for f in resent if f[1] == P.FETCH]
+    assert fetches == [tid] and core.tasks[tid].frames is not None  # the SUBMIT is kept, and sent again too
+
+
+def test_an_async_future_awaited_before_it_is_passed_by_reference_is_fetched() -> None:
+    from orchester.client.aio import AsyncTaskFuture
+
+    async def main() -> list[Any]:
+        sent: list[Any] = []
+        fut = AsyncTaskFuture(loop=asyncio.get_running_loop())
+        fut.task_id = "t1"
+        async def wait() -> Any:
+            return await fut
+
+        waiter = asyncio.ensure_future(wait())  # someone awaits it first
+        await asyncio.sleep(0)
+        client = type("C", (), {"_send": sent.append, "core": ClientCore(lambda f, v: None, lambda f, e: None)})()
+        AsyncClient._on_demand(client, fut)  # type: ignore[arg-type]
+        waiter.cancel()
+        return sent
+
+    sent = asyncio.run(main())
+    assert len(sent) == 1 and sent[0][1] == P.FETCH

@@ -69,7 +69,7 @@ def of(out: list[tuple[Any, list[Any], Any]], cmd: bytes) -> list[list[Any]]:
 
 
 def dispatched_ids(out: list[tuple[Any, list[Any], Any]]) -> list[str]:
-    return [unpack(f[3])["id"] for f in of(out, P.DISPATCH)]
+    return [unpack(f[3], 2**20)["id"] for f in of(out, P.DISPATCH)]
 
 
 def test_submit_is_acked_then_dispatched_within_credit() -> None:

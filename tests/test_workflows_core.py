@@ -453,3 +453,173 @@ def test_a_followers_fold_keeps_a_finished_dependency_while_a_dependent_waits() 
         fold.add(rec)
     assert "a" in fold.tasks and "a" in fold.results  # held while b waits
     assert "x0" not in fold.tasks
+
+
+# ---------------------------------------------------------------- what an attacker's review found
+
+def test_a_dependent_in_flight_is_installed_by_a_restart_or_a_takeover() -> None:
+    from orchester.server.restore import take_over
+
+    h, written = journaled_harness()
+    sat = h.register(slots=4)
+    h.submit("a")
+    h.submit("b", af=["a"], rf=[0])
+    h.tick()
+    h.done(sat, "a")
+    assert dispatched_ids(h.tick()) == ["b"]
+    for reclaim in (0.0, 5.0):
+        h2 = Harness()
+        restore(h2.core, list(written), h2.now, C, reclaim=reclaim)
+        assert h2.core.state.tasks["b"].state is TS.PENDING
+    h3 = Harness()
+    ids, counts = take_over(h3.core, list(written), h3.now, C)
+    assert ids == {"a", "b"} and h3.core.state.tasks["b"].state is TS.PENDING
+
+
+def test_revoking_a_key_whose_tasks_wait_for_each_other() -> None:
+    class Who:
+        roles = frozenset({"submit", "satellite"})
+
+    revoked: set[str] = set()
+    h = Harness()
+    core = h.use_ports(identify=lambda user: Who() if user and user not in revoked else None)
+    body = pack([["a"], {}])
+    core.handle(C, [b"alice", P.SIGNATURE, P.SUBMIT, pack({"id": "a", "k": "echo", "c": "msgpack"}), body], h.now,
+                user="alice")
+    core.handle(C, [b"alice", P.SIGNATURE, P.SUBMIT, pack({"id": "b", "k": "echo", "c": "msgpack", "af": ["a"]}),
+                    body], h.now, user="alice")
+    revoked.add("alice")
+    core.revoke({"alice"}, h.now)
+    assert core.state.tasks["a"].state is TS.CANCELLED and core.state.tasks["b"].state is TS.FAILED
+
+
+def test_a_result_in_another_codec_than_its_tasks_is_refused() -> None:
+    h = Harness()
+    sat = h.register(slots=2)
+    h.submit("a")
+    h.submit("b", af=["a"], rf=[0])
+    h.tick()
+    h.send(S, sat, P.DONE, {"id": "a", "a": 1, "ok": True, "c": "pickle"}, b"\x80\x05N.")
+    res = results_of(h.tick())  # (a's own result is kept for b's connection, which asks when it wants it)
+    assert res["b"]["err"]["type"] == P.ERR_DEPENDENCY and h.core.state.tasks["a"].state is TS.FAILED
+    stored = h.core.state.results.get("a")
+    assert stored is not None and unpack(stored.frames[2])["err"]["type"] == "BadResult"
+
+
+def test_a_workers_reference_is_decoded_with_the_dependents_consent_only(tmp_path: Any) -> None:
+    from satellites.worker import result_value
+    from serializers import codecs
+
+    hdr = pack({"id": "dep", "a": 1, "ok": True, "c": "pickle", "sat": "s"})
+    frames = [hdr, b"\x80\x05N."]
+    with pytest.raises(codecs.ProtocolError):  # a msgpack task: no pickle, whatever the DISPATCH says
+        result_value("dep", frames, {})
+    codecs.allow_pickle(True)
+    try:
+        assert result_value("dep", frames, {codecs.PICKLE_CONSENT: True}) is None  # a pickle task, with consent
+    finally:
+        codecs.allow_pickle(False)
+
+
+def test_pinned_results_count_against_their_owners_byte_limit() -> None:
+    h = Harness(max_client_bytes=20_000, result_retention=2)
+    sat = h.register(slots=8)
+    h.submit("slow")
+    for i in range(3):
+        h.submit(f"d{i}")
+    h.submit("holder", af=["slow", "d0", "d1", "d2"], rf=[1, 2, 3])
+    h.tick()
+    for i in range(3):
+        h.send(S, sat, P.DONE, {"id": f"d{i}", "a": 1, "ok": True, "c": "msgpack"}, b"\xc4" + b"x" * 9000)
+    h.tick()
+    assert h.core.state.results.held_by(b"cli") > 20_000
+    h.submit("more")
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert [e["code"] for e in errors] == [P.E_LIMIT]  # until the holder has run
+    h.done(sat, "slow")
+    h.tick()
+    h.done(sat, "holder")
+    h.tick()
+    assert h.core.state.results.held_by(b"cli") == 0
+
+
+def test_a_submit_header_passes_64_kib_only_by_its_dependencies() -> None:
+    h = Harness(max_client_tasks=10_000)
+    sat = h.register(slots=64)
+    h.submit("junk", pad="x" * 70_000)
+    assert [unpack(f[3])["code"] for f in of(h.tick(), P.ERROR)] == [P.E_TOO_LARGE]
+    ids = [f"{i:032x}" for i in range(3000)]
+    for tid in ids:
+        h.submit(tid)
+    h.submit("fan-in", af=ids, rf=list(range(3000)))
+    assert len(h.core.state.tasks["fan-in"].header) > 64 * 1024
+    run_all(h, sat)
+    task = h.core.state.tasks["fan-in"]
+    assert task.state is TS.DONE and len(task.header) < 1024 and task.after == tuple(ids)
+
+
+def test_a_dependent_that_left_the_table_leaves_its_dependencys_edges() -> None:
+    h = Harness(result_retention=5, max_client_tasks=10_000)
+    h.register(slots=1)
+    h.submit("x")
+    h.submit("blocker")
+    for i in range(200):
+        h.submit(f"w{i}", af=["x"])
+        h.send(C, b"cli", P.CANCEL, {"id": f"w{i}", "rid": i})
+        h.tick()
+    assert len(h.core.state.graph.dependents["x"]) <= 10
+
+
+def test_only_the_connection_that_passes_a_result_keeps_it_from_itself() -> None:
+    h = Harness()
+    sat = h.register(slots=2)
+    h.submit("a", client=b"notebook")
+    h.submit("b", af=["a"], rf=[0], client=b"cli")  # another connection takes a's result
+    h.tick()
+    h.done(sat, "a")
+    assert "a" in results_of(h.tick())  # the notebook still gets a
+
+
+def test_a_followers_fold_holds_a_finished_dependency_the_active_still_had() -> None:
+    h, written = journaled_harness()
+    h.core.cfg.result_retention = 3
+    sat = h.register(slots=8)
+    for t in ("slow", "a", "x1", "x2", "x3"):
+        h.submit(t)
+    h.tick()
+    for t in ("a", "x1", "x2", "x3"):
+        h.done(sat, t)
+    h.submit("b", af=["a", "slow"], rf=[0])
+    h.tick()
+    fold = RestoreFold(keep_finished=3)
+    for rec in written:
+        fold.add(rec)
+    h2 = Harness()
+    fold.finish(h2.core, h2.now, C, reclaim=3.0)
+    assert h2.core.state.tasks["b"].state is TS.WAITING and "a" in h2.core.state.results
+
+
+def test_a_fold_takes_an_id_submitted_again_after_it_ended() -> None:
+    h, written = journaled_harness()
+    sat = h.register(slots=4)
+    h.submit("a")
+    h.tick()
+    h.done(sat, "a")
+    h.tick()
+    del h.core.state.tasks["a"]  # (as the retention does)
+    h.core.state.state_counts[TS.DONE] -= 1
+    h.core.state.results.pop("a")
+    h.submit("a")  # the same id, a new task
+    h.submit("b", af=["a"], rf=[0])
+    h2 = Harness()
+    restore(h2.core, list(written), h2.now, C)
+    assert h2.core.state.tasks["a"].state is TS.PENDING and h2.core.state.tasks["b"].state is TS.WAITING
+
+
+def test_waiting_tasks_count_in_the_queue_bound() -> None:
+    h = Harness(max_queue=5)
+    h.submit("x")
+    for i in range(10):
+        h.submit(f"w{i}", af=["x"], client=f"c{i}".encode())
+    waiting = h.core.state.state_counts[TS.WAITING]
+    assert waiting == 4 and h.core.state.state_counts[TS.PENDING] == 1

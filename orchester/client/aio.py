@@ -64,6 +64,7 @@ class AsyncTaskFuture(asyncio.Future[Any]):
         self.accepted = asyncio.Event()
         #: passed by reference to another task: its result is fetched when someone waits for it
         self._on_demand: Callable[[], None] | None = None
+        self._wanted = False  #: someone waited for it (a reference to it made later fetches it at once)
 
     @property
     def __orchester_ref__(self) -> str:
@@ -71,6 +72,7 @@ class AsyncTaskFuture(asyncio.Future[Any]):
         return self.task_id
 
     def _ask(self) -> None:
+        self._wanted = True
         ask, self._on_demand = self._on_demand, None
         if ask is not None and not self.done():
             ask()
@@ -181,6 +183,8 @@ class AsyncClient:
         """``fut``'s task is passed by reference: its result is fetched when someone waits for it."""
         if isinstance(fut, AsyncTaskFuture):
             fut._on_demand = lambda: self._send(self.core.fetch(fut, fut.task_id))
+            if fut._wanted:  # someone waits for it already
+                fut._ask()
 
     def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[AsyncTaskFuture]:
         """One task per argument tuple; return their futures at once (as :meth:`orchester.Client.submit_many`)."""

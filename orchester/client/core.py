@@ -48,12 +48,14 @@ def reject_future(fut: Any, exc: BaseException) -> None:
 class Pending:
     """A request waiting for its answer: the future and the frames to resend."""
 
-    __slots__ = ("future", "frames", "acked", "codec")
+    __slots__ = ("future", "frames", "acked", "codec", "asked")
 
     def __init__(self, future: Any, frames: list[Any] | None, codec: str | None = None) -> None:
         self.future = future
         self.frames = frames
         self.acked = False
+        #: its result was asked for (a task passed by reference keeps it otherwise): asked again after a resend
+        self.asked = False
         self.codec = codec  #: the codec the task was submitted with (None: fetched, not submitted here)
 
 
@@ -223,6 +225,8 @@ class ClientCore:
         p = self.tasks.get(task_id)
         if p is None or p.future is not future:
             self.tasks[task_id] = Pending(future, None)
+        else:
+            p.asked = True
         return frames
 
     def ask(self, future: Any, message: Request) -> list[Any]:
@@ -266,7 +270,12 @@ class ClientCore:
 
     def pending_frames(self) -> list[list[Any]]:
         """Every request to resend after a reconnect or an orchestrator restart."""
-        out = [p.frames for p in self.tasks.values() if p.frames is not None]
+        out: list[list[Any]] = []
+        for tid, p in self.tasks.items():
+            if p.frames is not None:
+                out.append(p.frames)
+                if p.asked:  # a server that restarted (or the other one) keeps it for a dependent again: ask again
+                    out.append(M.Fetch(tid, next(self._ids)).frames())
         out += [p.frames for p in self.requests.values() if p.frames is not None]
         return out
 

@@ -84,6 +84,9 @@ class HistoryIndex:
         self.messages: dict[str, str] = {}  #: error messages of failed tasks read from log records
         self.tags: dict[str, frozenset[str]] = {}  #: tags of the tasks that have some
         self.after: dict[str, tuple[str, ...]] = {}  #: the dependencies of the tasks that have some
+        #: finished tasks whose records come again (a snapshot's copy, or repeated before a task that waits for
+        #: it): their transitions and result until the final one are not counted twice
+        self._copies: set[str] = set()
         self.buckets: dict[int, dict[Key, Bucket]] = defaultdict(dict)
         #: where each task's transitions lie: packed positions (:data:`_POSITION`), for :meth:`timeline`
         #: (a ``bytearray`` once it is long: appended to in place, never copied whole)
@@ -166,6 +169,10 @@ class HistoryIndex:
         code, tid = record[0], record[1]
         if type(tid) is not str:
             return
+        if tid in self._copies and code in (TRANSITION, RESULT):
+            if code == TRANSITION and len(record) > 2 and record[2] in _ENDINGS:
+                self._copies.discard(tid)  # the copy's last record: what follows is news
+            return
         if code == TRANSITION:
             if len(record) < 7:
                 return
@@ -205,6 +212,10 @@ class HistoryIndex:
             except ProtocolError:
                 return
             self.records += 1
+            known = self.table.get(tid)
+            if known is not None and known.finished and known.submitted == float(t):
+                self._copies.add(tid)  # the same finished task's records again: counted once
+                return
             if tid in self.table:  # an id submitted again (once its first task left the orchestrator's memory, by
                 # whichever key; or a snapshot's copy after a barrier): a task of its own, that inherits nothing
                 # of the earlier one (its state, error and message, tags, transitions)

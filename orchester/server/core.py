@@ -187,11 +187,13 @@ class Orchestrator:
             if stored is not None and not old.quiet:  # (a result kept for a dependent goes out when asked for)
                 self.life.send_result(old, stored.frames, stored.size, store=False)
             return
-        if self.state.state_counts[TS.PENDING] >= self.cfg.max_queue:  # (not cancelled entries the queue skips)
-            raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks)")
+        counts = self.state.state_counts
+        if counts[TS.PENDING] + counts[TS.WAITING] >= self.cfg.max_queue:  # (not cancelled entries the queue skips)
+            raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks waiting or queued)")
         owner = self.state.user or ident
         unfinished, held = self.state.client_load.get(owner, (0, 0))
         held += self.state.unread.waiting_bytes(owner)  # its results that wait for it to read
+        held += self.state.results.held_by(owner)  # and those kept for its tasks that take them by reference
         payload = frames[4:]
         # what this task costs its client: payload, header and identity (a 64 KB header is not free)
         size = _len(payload) + len(frames[3]) + len(ident) + len(tid)
@@ -209,7 +211,7 @@ class Orchestrator:
         task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now, self.state.next_seq(),
                     size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
-        task.cores, task.memory = sub.cores, sub.memory
+        task.cores, task.memory, task.codec = sub.cores, sub.memory, sub.codec
         task.owner, task.counted = owner, True
         if deps is not None:  # it enters waiting for them (attach() below releases it if none is left to wait for)
             task.state = TS.WAITING
@@ -223,6 +225,10 @@ class Orchestrator:
         if timeout is not None:
             task.deadline = self.state.timers.schedule(now + timeout, tid, T_DEADLINE)
         if self.outbox.journaling:
+            for dep in deps or ():
+                if dep is not None and dep.state.terminal:  # (a passive peer may have let it go: it holds it again)
+                    for rec in self.life.records_of(dep):
+                        self.outbox.record(rec)
             self.outbox.record(records.submitted(tid, ident, bytes(frames[3]), payload, wall, timeout,
                                                  self.state.user))
             if self.cfg.spill_bytes and self.state.queued_bytes > self.cfg.spill_bytes:
@@ -379,6 +385,20 @@ class Orchestrator:
             return
         if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, or was lost
             self.life.task_to(task, TE.start, now)
+        if done.ok and (done.codec or "msgpack") != task.codec:
+            # a result is decoded as the task was (pickle only for a pickle task: its consent); another codec is
+            # a satellite's lie (a pickle result for a msgpack task would run code where it is decoded)
+            self.state.counters["bad_results"] += 1
+            warn_limited(log, "satellite %r answered task %s with codec %r, not %r: refused", sat.sid, tid[:64],
+                         str(done.codec)[:64], task.codec)
+            lie = {"type": "BadResult", "msg": f"satellite {sat.sid!r} encoded the result with another codec than "
+                   "the task's", "tb": ""}
+            self.life.release(task, now, abort=False)
+            self.state.counters["failed"] += 1
+            self.life.task_to(task, TE.fail, now, "BadResult")
+            refused = Result(tid, attempt, False, err=lie, sat=sat.sid).encode()
+            self.life.complete(task, [P.SIGNATURE, P.RESULT, refused])
+            return
         if done.ok:
             self.life.release(task, now, abort=False)
             self.life.succeeded(task, sat, [P.SIGNATURE, P.RESULT, frames[3], *frames[4:]], now)
@@ -458,7 +478,7 @@ class Orchestrator:
                     del self.state.tasks[tid]
                     self.state.state_counts[old.state] -= 1
                     if old.after or tid in self.state.graph.dependents:
-                        self.state.graph.forget(tid)
+                        self.state.graph.forget(tid, old.after)
         queues, pending = self.state.queues, self.state.state_counts[TS.PENDING]
         if len(queues) - pending > max(1024, pending):  # cancelled or expired while queued: memory, not work
             queues.drop_stale()
@@ -520,6 +540,8 @@ class Orchestrator:
         if not names:
             return counts
         for task in [t for t in self.state.tasks.values() if t.owner in names and not t.state.terminal]:
+            if task.state.terminal:  # failed meanwhile: it waited for one of them (DependencyFailed)
+                continue
             self.state.reclaim.pop(task.id, None)
             self.life.fail(task, P.ERR_REVOKED, f"the key {task.owner!r} that submitted it was revoked", now,
                        TE.cancel)

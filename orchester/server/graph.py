@@ -13,7 +13,8 @@ The decisions (release a waiting task, fail it for its dependency) are the lifec
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from orchester.server.results import ResultStore
 
@@ -21,14 +22,17 @@ from orchester.server.results import ResultStore
 class TaskGraph:
     """The dependency edges of the tasks in the table, seen from the dependencies."""
 
-    __slots__ = ("dependents", "needed", "_results")
+    __slots__ = ("dependents", "needed", "_results", "_tasks")
 
-    def __init__(self, results: ResultStore) -> None:
-        #: dependency id -> its dependents' ids, in submission order (ended ones too, for ``show``)
+    def __init__(self, results: ResultStore, tasks: Mapping[str, Any]) -> None:
+        #: dependency id -> its dependents' ids, in submission order (ended ones too, while in the table, for
+        #: ``show``)
         self.dependents: dict[str, dict[str, None]] = {}
-        #: dependency id -> how many of its dependents have not ended (its result is pinned meanwhile)
+        #: dependency id -> how many of its dependents have not ended (its result is pinned meanwhile, and
+        #: counts against its owner's byte limit)
         self.needed: dict[str, int] = {}
         self._results = results
+        self._tasks = tasks  #: the table (whose result a pin holds: its owner's)
 
     def __len__(self) -> int:
         """Dependencies that some unended task still needs."""
@@ -48,12 +52,13 @@ class TaskGraph:
                 n = needed.get(dep, 0)
                 needed[dep] = n + 1
                 if n == 0:
-                    self._results.pin(dep)
+                    task = self._tasks.get(dep)
+                    self._results.pin(dep, task.owner if task is not None else None)
 
-    def unlink(self, after: Iterable[str]) -> None:
+    def unlink(self, after: Iterable[str]) -> list[str]:
         """A dependent of each of ``after`` ended: it needs their results no longer (the last one
-        to end gives them back to the normal retention)."""
-        needed = self.needed
+        to end gives them back to the normal retention); returns those no task needs any more."""
+        needed, free = self.needed, []
         for dep in after:
             n = needed.get(dep, 0) - 1
             if n > 0:
@@ -61,11 +66,18 @@ class TaskGraph:
             elif n == 0:
                 del needed[dep]
                 self._results.unpin(dep)
+                free.append(dep)
+        return free
 
     def of(self, task_id: str) -> list[str]:
         """The ids of ``task_id``'s dependents, in submission order."""
         return list(self.dependents.get(task_id, ()))
 
-    def forget(self, task_id: str) -> None:
-        """``task_id`` left the table (its result was dropped by the retention)."""
+    def forget(self, task_id: str, after: Iterable[str] = ()) -> None:
+        """``task_id`` (which waited for ``after``) left the table (its result was dropped by the retention):
+        its edges go, both ways."""
         self.dependents.pop(task_id, None)
+        for dep in after:
+            known = self.dependents.get(dep)
+            if known is not None:
+                known.pop(task_id, None)

@@ -92,7 +92,9 @@ class Lifecycle:
                 state.graph.link(task.id, task.after, ended=True)
             return "finished"
         in_flight = task.state in (TS.DISPATCHED, TS.RUNNING)
-        task.state = TS.WAITING if task.after and not in_flight else TS.PENDING
+        # with dependencies it enters waiting, as at submit (attach() releases it when they have ended), unless
+        # it waits for its satellite to claim it back (it ran: they had ended)
+        task.state = TS.WAITING if task.after and not (reclaim and in_flight) else TS.PENDING
         state.add_pending(task)
         if reclaim and in_flight:  # keeps its satellite and attempt: only that one may claim it
             state.graph.link(task.id, task.after)
@@ -123,10 +125,10 @@ class Lifecycle:
                 blockers += 1
             elif dep.state is not TS.DONE and failed is None and not task.run_on_failure:
                 failed = dep
-        if task.refs:  # what its owner passes by reference reaches it here, not its client (unless asked)
+        if task.refs:  # what a connection passes by reference reaches the task, not that connection (unless asked)
             for ref in task.refs:
                 dep = self.state.tasks.get(ref)
-                if dep is not None and not dep.state.terminal and dep.owner == task.owner:
+                if dep is not None and not dep.state.terminal and dep.client == task.client:
                     dep.quiet = True
         task.blockers = blockers
         if missing is not None:
@@ -138,6 +140,20 @@ class Lifecycle:
         elif not blockers:
             self.task_to(task, TE.release, now, "its dependencies had ended")
             self.state.queues.push(task)
+
+    def records_of(self, task: Task) -> list[list[Any]]:
+        """The journal records of an ended ``task`` again: its submission (without its payload), its
+        transitions and its result. Journaled before a task that waits for it, so that the passive server
+        of a pair (whose table keeps only the newest finished tasks) holds it as long as the active does."""
+        rows = task.history.rows()
+        out = [records.submitted(task.id, task.client, task.header, [], rows[0][0] if rows else self.state.wall(),
+                                 None, task.owner if isinstance(task.owner, str) else None)]
+        out.extend(records.transition(task.id, state, attempt, sat, reason, when)
+                   for when, state, attempt, sat, reason in rows[1:])
+        stored = self.state.results.get(task.id)
+        if stored is not None:
+            out.append(records.result(task.id, stored.frames[2:], self.state.wall()))
+        return out
 
     @staticmethod
     def _dependency_message(dep: Task) -> str:
@@ -347,12 +363,14 @@ class Lifecycle:
             if cands and head.duration:  # only where it can finish before the allocation ends
                 cands = [s for s in cands if s.deadline - now >= head.duration]
                 if not cands:
+                    if head.reserved_on is not None:  # (kept on a satellite whose allocation ends too soon)
+                        head.reserved_on.reserved = head.reserved_on = None
                     deferred.append(queues.pop(key))
                     continue
             if not cands:
                 if (head.cores > 1 or head.memory) and head.reserved_on is None \
                         and now - head.queued_at >= self.state.cfg.reserve_after:
-                    self._reserve(head, fleet.eligible(key))
+                    self._reserve(head, fleet.eligible(key), now)
                 blocked.add(key)
                 continue
             task = queues.pop(key)
@@ -367,13 +385,15 @@ class Lifecycle:
         sat.reserved = None
         return True
 
-    def _reserve(self, task: Task, eligible: list[SatelliteRecord]) -> None:
+    def _reserve(self, task: Task, eligible: list[SatelliteRecord], now: float) -> None:
         """Keep a satellite for ``task``, a wide task that let narrower ones pass for ``reserve_after``
-        seconds: of the satellites that could ever run it and are not kept for another, the one with
-        the most cores free (then the fewest tasks). It takes no other task until ``task`` fits there."""
+        seconds: of the satellites that could ever run it (and, with a duration, whose allocation lasts
+        long enough) and are not kept for another, the one with the most cores free (then the fewest
+        tasks). It takes no other task until ``task`` fits there."""
         best: SatelliteRecord | None = None
         for sat in eligible:
-            if not sat.could_fit(task) or (sat.reserved is not None and not self._unreserve(sat)):
+            if not sat.could_fit(task) or (task.duration and sat.deadline - now < task.duration) \
+                    or (sat.reserved is not None and not self._unreserve(sat)):
                 continue
             if best is None or (sat.capacity - sat.used, -len(sat.inflight)) > (best.capacity - best.used,
                                                                                 -len(best.inflight)):
@@ -540,6 +560,9 @@ class Lifecycle:
         if self.outbox.journaling:
             self.outbox.record(records.result(task.id, result[2:], self.state.wall()))
         task.payload = []  # the input is no longer needed
+        if len(task.header) > M.MAX_HEADER:  # a wide fan-in's: its ids stay in task.after, not twice
+            hdr = unpack(bytes(task.header), M.MAX_TASK_HEADER)
+            task.header = pack({k: v for k, v in hdr.items() if k not in ("af", "rf")})
         if task.quiet:  # a task of its owner takes it by reference: its client gets it when it asks (FETCH)
             self.state.counters["results_kept"] += 1
             self.state.results.put(task.id, result, _len(result))

@@ -109,6 +109,14 @@ class RestoreFold:
                 self.history.pop(old, None)
                 self.results.pop(old, None)
 
+    def _forget(self, tid: str) -> None:
+        """Drop what the fold holds of ``tid`` (an ended task: what it waited for it no longer holds)."""
+        self._finished.pop(tid, None)
+        self._held.pop(tid, None)
+        self.tasks.pop(tid, None)
+        self.history.pop(tid, None)
+        self.results.pop(tid, None)
+
     def add(self, rec: list[Any]) -> None:
         """Fold one record; a record that cannot be applied is counted and skipped."""
         self.records += 1
@@ -117,13 +125,21 @@ class RestoreFold:
             if isinstance(v, records.Barrier):
                 self.reset()
             elif isinstance(v, records.Submitted):
-                if v.task_id not in self.tasks:
+                known = self.tasks.get(v.task_id)
+                if known is not None and known[1] is not None and known[1].state.terminal:
+                    # an id that ended and was submitted again (once the active forgot it), or a finished task's
+                    # records again (the active repeats them for a task that waits for it): this one holds
+                    self._forget(v.task_id)
+                    known = None
+                if known is None:
                     # refuse, now, a record whose header is unreadable or that a live server would refuse
                     hdr = Submit.decode(unpack(v.header, MAX_TASK_HEADER))
                     if hdr.id != v.task_id:
                         raise ValueError(f"submission record of {v.task_id!r} carries the header of {hdr.id!r}")
                     for dep in hdr.after:
                         self._needed[dep] += 1
+                        if self._finished.pop(dep, "") is None:  # finished, and needed again: held apart
+                            self._held[dep] = None
                     history = History()
                     history.add(v.time, TS.WAITING if hdr.after else TS.PENDING, 0)
                     self.tasks[v.task_id] = [v, None, hdr]
@@ -172,7 +188,7 @@ class RestoreFold:
             t = Task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
                      core.state.next_seq(), _len(payload))
             t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
-            t.cores, t.memory = hdr.cores, hdr.memory
+            t.cores, t.memory, t.codec = hdr.cores, hdr.memory, hdr.codec
             if hdr.after:
                 t.after, t.refs, t.run_on_failure = hdr.after, hdr.referenced, hdr.run_on_failure
             if sub.owner is not None:

@@ -37,9 +37,10 @@ class ResultStore:
         self._delivered: OrderedDict[str, StoredResult] = OrderedDict()
         self._undelivered: OrderedDict[str, StoredResult] = OrderedDict()
         #: task ids pinned (dependents will take their results), and the results of those that ended
-        self._pins: set[str] = set()
+        self._pins: dict[str, Any] = {}  #: pinned task id -> whose result it is (its owner)
         self._pinned: dict[str, StoredResult] = {}
         self.pinned_bytes = 0  #: bytes of the pinned results (outside the bounds)
+        self._owner_bytes: dict[Any, int] = {}  #: per owner, bytes of its pinned results (its limits count them)
 
     def __len__(self) -> int:
         return len(self._delivered) + len(self._undelivered) + len(self._pinned)
@@ -56,7 +57,7 @@ class ResultStore:
         r = StoredResult(frames, size, delivered)
         if task_id in self._pins:
             self._pinned[task_id] = r
-            self.pinned_bytes += size
+            self._count_pinned(task_id, size)
         else:
             (self._delivered if delivered else self._undelivered)[task_id] = r
         self.bytes += size
@@ -66,23 +67,38 @@ class ResultStore:
         return (len(self._delivered) + len(self._undelivered) > self.max_results
                 or self.bytes - self.pinned_bytes > self.max_bytes)
 
-    def pin(self, task_id: str) -> None:
-        """Keep ``task_id``'s result (now, or when it comes) whatever the bounds, until :meth:`unpin`."""
+    def pin(self, task_id: str, owner: Any = None) -> None:
+        """Keep ``task_id``'s result (now, or when it comes) whatever the bounds, until :meth:`unpin`; its
+        bytes count against ``owner`` (:meth:`held_by`)."""
         if task_id in self._pins:
             return
-        self._pins.add(task_id)
+        self._pins[task_id] = owner
         r = self._delivered.pop(task_id, None) or self._undelivered.pop(task_id, None)
         if r is not None:
             self._pinned[task_id] = r
-            self.pinned_bytes += r.size
+            self._count_pinned(task_id, r.size)
 
     def unpin(self, task_id: str) -> None:
         """Give ``task_id``'s result back to the retention (as its newest result)."""
-        self._pins.discard(task_id)
+        owner = self._pins.pop(task_id, None)
         r = self._pinned.pop(task_id, None)
         if r is not None:
             self.pinned_bytes -= r.size
+            n = self._owner_bytes.get(owner, 0) - r.size
+            if n > 0:
+                self._owner_bytes[owner] = n
+            else:
+                self._owner_bytes.pop(owner, None)
             (self._delivered if r.delivered else self._undelivered)[task_id] = r
+
+    def _count_pinned(self, task_id: str, size: int) -> None:
+        self.pinned_bytes += size
+        owner = self._pins[task_id]
+        self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) + size
+
+    def held_by(self, owner: Any) -> int:
+        """Bytes of ``owner``'s results pinned for its waiting tasks (they count against its byte limit)."""
+        return self._owner_bytes.get(owner, 0)
 
     def mark(self, task_id: str, delivered: bool) -> None:
         """Move a result between the delivered and undelivered lists."""
@@ -101,8 +117,12 @@ class ResultStore:
         r = self._delivered.pop(task_id, None) or self._undelivered.pop(task_id, None)
         if r is None:
             r = self._pinned.pop(task_id, None)
-            if r is not None:
+            if r is not None:  # (still pinned: a result put again is kept apart, as this one was)
                 self.pinned_bytes -= r.size
+                owner = self._pins.get(task_id)
+                self._owner_bytes[owner] = self._owner_bytes.get(owner, 0) - r.size
+                if self._owner_bytes[owner] <= 0:
+                    del self._owner_bytes[owner]
         if r is not None:
             self.bytes -= r.size
         return r

@@ -47,7 +47,7 @@ class ServerState:
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
-        self.graph = TaskGraph(self.results)  #: dependencies, seen from the tasks depended on
+        self.graph = TaskGraph(self.results, self.tasks)  #: dependencies, seen from the tasks depended on
         self.timers: TimerWheel[str] = TimerWheel()
         self.strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
         self.counters: Counter[str] = Counter()

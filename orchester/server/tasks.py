@@ -23,7 +23,7 @@ class Task:
         "state", "attempt", "satellite", "submitted", "seq", "timer", "run_timer", "deadline",
         "size", "crashes", "ttl", "max_run", "history", "progress_at", "spilled", "duration", "owner", "counted",
         "after", "refs", "run_on_failure", "blockers", "quiet", "cause", "cores", "memory", "queued_at",
-        "reserved_on",
+        "reserved_on", "codec",
     )
 
     def __init__(self, task_id: str, kind: str, priority: int, tags: frozenset[str],
@@ -67,6 +67,7 @@ class Task:
         self.memory = 0  #: bytes of memory it needs (0: not said)
         self.queued_at = submitted  #: when it last entered PENDING (monotonic; a wide task's wait counts from it)
         self.reserved_on: Any = None  #: the satellite reserved for it (a wide task that waited too long)
+        self.codec = "msgpack"  #: how its payload is encoded (its result must be encoded the same way)
 
     @property
     def queue_key(self) -> QueueKey:
