@@ -359,12 +359,14 @@ def render_history(rows: list[dict[str, Any]], console: Console | None = None) -
     usable = _rows(rows)
     cols = [Column("id", keep=True, whole=True), Column("kind", rank=0), Column("state", keep=True),
             Column("attempts", rank=2, justify="right"), Column("satellite", whole=True, rank=3),
-            Column("submitted", rank=4), Column("finished", rank=1), Column("after", rank=5),
-            Column("error", keep=True, wrap=True)]
+            Column("submitted", rank=4), Column("finished", rank=1), Column("error", keep=True, wrap=True)]
+    waits = any(isinstance(r.get("after"), list) and r.get("after") for r in usable)
+    if waits:  # (a column of its own only when some task waited for others)
+        cols.insert(-1, Column("after", rank=5))
     for r in usable:
         after = [a for a in r.get("after") or [] if isinstance(a, str)] if isinstance(r.get("after"), list) else []
+        shown = cell(after[0][:8] + (f" +{len(after) - 1}" if len(after) > 1 else "")) if after else ""
         add_row(cols, cell(r.get("id")), cell(r.get("kind")), cell(r.get("state")), _count(r.get("attempts")),
                 cell(r.get("satellite")), stamp(r.get("submitted")), stamp(r.get("finished")),
-                cell(after[0][:8] + (f" +{len(after) - 1}" if len(after) > 1 else "")) if after else "",
-                cell(r.get("error"), MAX_ERROR))
+                *([shown] if waits else []), cell(r.get("error"), MAX_ERROR))
     console.print(FittedTable(f"{len(usable)} task(s)", cols, "--format csv shows every column"))

@@ -51,7 +51,7 @@ def test_each_command_acts(sat: Satellite) -> None:
     assert sat.registered
     task = [pack({"id": "t1", "k": "echo"}), b"body"]
     sat._handle([*M.dispatch("t1", 2, {"pk": True}), *task], now)
-    assert [(tid, a) for tid, a, _ in sat._queue] == [("t1", 2)] and sat._queue[0][2][1:] == task
+    assert [(tid, a, cores) for tid, a, _, cores in sat._queue] == [("t1", 2, 1)] and sat._queue[0][2][1:] == task
     assert unpack(sat._queue[0][2][0]) == {"id": "t1", "a": 2, "pk": True}  # the worker reads it as sent
     sat._handle(M.beat(P.HEARTBEAT, E), now)
     sat._handle(M.abort("t1", 2), now)
