@@ -190,7 +190,11 @@ def main() -> None:
 
     figures: dict[str, list[tuple[float, float]]] = {k: [] for k in ("chain_ref", "chain_flat", "fan_ref",
                                                                      "fan_flat")}
-    with LocalCluster(satellites=2, workers=1) as cluster, cluster.client() as client:
+    # the orchestrator keeps --result-retention finished tasks: a fan-in must find its parts there (they may
+    # have finished before it is submitted), and the flat runs' results must not push them out
+    retention = str(max(10_000, 4 * (args.fan + args.chain)))
+    with LocalCluster(satellites=2, workers=1, serve_args=["--result-retention", retention]) as cluster, \
+            cluster.client() as client:
         for w in [client.submit("echo", i) for i in range(200)]:  # warm up
             w.result(60)
         for _ in range(args.repeat):

@@ -623,3 +623,10 @@ def test_waiting_tasks_count_in_the_queue_bound() -> None:
         h.submit(f"w{i}", af=["x"], client=f"c{i}".encode())
     waiting = h.core.state.state_counts[TS.WAITING]
     assert waiting == 4 and h.core.state.state_counts[TS.PENDING] == 1
+
+
+def test_a_refused_fan_in_is_answered_with_its_id() -> None:
+    h = Harness()
+    h.submit("fan-in", af=[f"{i:032x}" for i in range(3000)])  # a header past 64 KiB, naming unknown tasks
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert [(e["code"], e.get("id")) for e in errors] == [(P.E_UNKNOWN_TASK, "fan-in")]  # its future fails at once

@@ -40,6 +40,7 @@ from serializers.header import (
     unpack,
 )
 from serializers.messages import (
+    MAX_TASK_HEADER,
     Done,
     Heartbeat,
     Leave,
@@ -156,8 +157,8 @@ class Orchestrator:
 
     def _request_ids(self, frames: list[Any]) -> dict[str, Any]:
         """Best effort: the ``id``/``rid`` of the refused request, so the sender can match the error."""
-        try:
-            hdr = unpack(bytes(frames[3]))
+        try:  # (a SUBMIT that waits for thousands of tasks has a header past 64 KiB: its id must come back too)
+            hdr = unpack(bytes(frames[3]), MAX_TASK_HEADER)
         except (ProtocolError, IndexError):
             return {}
         return {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
