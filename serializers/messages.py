@@ -1079,7 +1079,7 @@ def dispatch(task_id: str, attempt: int, consent: dict[str, Any], results: Seque
     if consent.get(PICKLE_CONSENT) is True:
         hdr[PICKLE_CONSENT] = True
     if results:
-        hdr["rs"] = [[tid, n] for tid, n in results]
+        hdr["rs"] = results  # (pairs: msgpack writes each as an array)
     if cores != 1:
         hdr["cr"] = cores
     return [P.SIGNATURE, P.DISPATCH, pack(hdr)]

@@ -567,7 +567,7 @@ def test_a_dependent_that_left_the_table_leaves_its_dependencys_edges() -> None:
         h.submit(f"w{i}", af=["x"])
         h.send(C, b"cli", P.CANCEL, {"id": f"w{i}", "rid": i})
         h.tick()
-    assert len(h.core.state.graph.dependents["x"]) <= 10
+    assert len(h.core.state.graph.of("x")) <= 10
 
 
 def test_only_the_connection_that_passes_a_result_keeps_it_from_itself() -> None:

@@ -25,9 +25,9 @@ class TaskGraph:
     __slots__ = ("dependents", "needed", "_results", "_tasks")
 
     def __init__(self, results: ResultStore, tasks: Mapping[str, Any]) -> None:
-        #: dependency id -> its dependents' ids, in submission order (ended ones too, while in the table, for
-        #: ``show``)
-        self.dependents: dict[str, dict[str, None]] = {}
+        #: dependency id -> its dependent's id, or its dependents' ids in submission order (ended ones too,
+        #: while in the table, for ``show``); one id alone is kept as it is (a chain, a fan-in: no map per edge)
+        self.dependents: dict[str, str | dict[str, None]] = {}
         #: dependency id -> how many of its dependents have not ended (its result is pinned meanwhile, and
         #: counts against its owner's byte limit)
         self.needed: dict[str, int] = {}
@@ -45,7 +45,10 @@ class TaskGraph:
         for dep in after:
             known = dependents.get(dep)
             if known is None:
-                dependents[dep] = {task_id: None}
+                dependents[dep] = task_id
+            elif isinstance(known, str):
+                if known != task_id:
+                    dependents[dep] = {known: None, task_id: None}
             else:
                 known[task_id] = None
             if not ended:
@@ -71,13 +74,19 @@ class TaskGraph:
 
     def of(self, task_id: str) -> list[str]:
         """The ids of ``task_id``'s dependents, in submission order."""
-        return list(self.dependents.get(task_id, ()))
+        known = self.dependents.get(task_id)
+        if known is None:
+            return []
+        return [known] if type(known) is str else list(known)
 
     def forget(self, task_id: str, after: Iterable[str] = ()) -> None:
         """``task_id`` (which waited for ``after``) left the table (its result was dropped by the retention):
         its edges go, both ways."""
-        self.dependents.pop(task_id, None)
+        dependents = self.dependents
+        dependents.pop(task_id, None)
         for dep in after:
-            known = self.dependents.get(dep)
-            if known is not None:
+            known = dependents.get(dep)
+            if known == task_id:
+                del dependents[dep]
+            elif type(known) is dict:
                 known.pop(task_id, None)

@@ -68,7 +68,8 @@ class Lifecycle:
         config = state.cfg
         self._consent = dispatch_consent(config.allow_pickle)  #: what each DISPATCH says this server accepts
         self.retry = RetryPolicy(config.retries, config.retry_backoff)
-        self._settling: deque[Task] = deque()  #: tasks that ended, whose dependents are being settled
+        self._settling: deque[Task] = deque()  #: tasks that ended, whose dependents are to be settled
+        self._busy = False  #: settling now (a task that ends meanwhile joins :attr:`_settling`)
         self.probation = ProbationPolicy(config.probation_after, config.drain_after)
 
     # ------------------------------------------------------- restore, adopt
@@ -167,32 +168,39 @@ class Lifecycle:
         tasks waiting for it go on (queued once nothing else holds them) or fail with it (unless they
         run on failure), transitively. Iterative: a chain of any length fails without recursion."""
         work = self._settling
-        work.append(ended)
-        if len(work) > 1:  # settling already: the loop below takes it
+        if self._busy:  # settling already: the loop below takes it (a dependent failed with it)
+            work.append(ended)
             return
-        graph, tasks = self.state.graph, self.state.tasks
+        self._busy = True
         try:
-            while work:
-                task = work[0]
-                if task.after:
-                    graph.unlink(task.after)
-                for did in graph.dependents.get(task.id, ()):
-                    dependent = tasks.get(did)
-                    if dependent is None or dependent.state is not TS.WAITING:
-                        continue
-                    if task.state is TS.DONE or dependent.run_on_failure:
-                        dependent.blockers -= 1
-                        if dependent.blockers <= 0:
-                            self.task_to(dependent, TE.release, now, "its dependencies ended")
-                            self.state.queues.push(dependent)
-                    else:  # complete() appends it to the work list
-                        self.state.counters["dependency_failed"] += 1
-                        dependent.cause = task.cause or task.id
-                        self.fail(dependent, P.ERR_DEPENDENCY, self._dependency_message(task), now,
-                                  dependency=task.id)
-                work.popleft()
+            task: Task | None = ended
+            while task is not None:
+                self._settle_one(task, now)
+                task = work.popleft() if work else None
         finally:
+            self._busy = False
             work.clear()
+
+    def _settle_one(self, task: Task, now: float) -> None:
+        if task.after:
+            self.state.graph.unlink(task.after)
+        known = self.state.graph.dependents.get(task.id)
+        if known is None:
+            return
+        tasks = self.state.tasks
+        for did in (known,) if type(known) is str else list(known):
+            dependent = tasks.get(did)
+            if dependent is None or dependent.state is not TS.WAITING:
+                continue
+            if task.state is TS.DONE or dependent.run_on_failure:
+                dependent.blockers -= 1
+                if dependent.blockers <= 0:
+                    self.task_to(dependent, TE.release, now, "its dependencies ended")
+                    self.state.queues.push(dependent)
+            else:  # complete() hands it back to settle(), which queues it in the work list
+                self.state.counters["dependency_failed"] += 1
+                dependent.cause = task.cause or task.id
+                self.fail(dependent, P.ERR_DEPENDENCY, self._dependency_message(task), now, dependency=task.id)
 
     def adopt(self, sat: SatelliteRecord, running: Sequence[tuple[str, int]], now: float,
               finished: bool = False) -> None:
@@ -412,7 +420,7 @@ class Lifecycle:
                 self.fail(task, P.ERR_DEPENDENCY, f"the result of its dependency {ref} is no longer kept", now,
                           dependency=ref)
                 return
-            results.append((ref, len(stored.frames) - 2))
+            results.append((ref, len(stored.frames) - 2))  # (tuples: no list per result for the collector)
             inputs.extend(stored.frames[2:])
         if task.reserved_on is not None:
             task.reserved_on.reserved = None
