@@ -34,6 +34,7 @@ from orchester.server.tasks import Task
 from serializers import protocol as P
 from serializers.codecs import check_codec_consent
 from serializers.header import (
+    MAX_NAME,
     ProtocolError,
     check_signature,
     error_frames,
@@ -161,7 +162,9 @@ class Orchestrator:
             hdr = unpack(bytes(frames[3]), MAX_TASK_HEADER)
         except (ProtocolError, IndexError):
             return {}
-        return {k: hdr[k] for k in ("id", "rid") if isinstance(hdr.get(k), (str, int))}
+        # (only what could be a valid id: an error must stay a small header, whatever the request held)
+        return {k: v for k in ("id", "rid") if isinstance(v := hdr.get(k), int)
+                or (isinstance(v, str) and len(v) <= MAX_NAME)}
 
     # ----------------------------------------------------------------- clients
     def _on_submit(self, sock: Any, ident: bytes, sub: Submit, frames: list[Any], now: float) -> None:
