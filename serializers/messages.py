@@ -220,12 +220,14 @@ class Submit(Wire):
         """Check and convert a decoded SUBMIT header (an absent optional field is not looked at twice:
         this runs for every task)."""
         timeout = number(hdr, "to", -MAX_SECONDS, MAX_SECONDS) if "to" in hdr else None
-        if "af" in hdr or "rf" in hdr or "of" in hdr or "cr" in hdr or "mem" in hdr:
+        after: tuple[str, ...] = ()
+        refs: tuple[int, ...] = ()
+        if _WORKFLOW_KEYS.isdisjoint(hdr):  # (most tasks: one test, in C)
+            run, cores, memory = False, 1, 0
+        else:
             after, refs, run = _after(hdr)
             cores = number(hdr, "cr", 1, MAX_CORES, 1, integer=True)
             memory = number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True)
-        else:
-            after, refs, run, cores, memory = (), (), False, 1, 0
         return cls(
             text(hdr, "id"), text(hdr, "k"),
             number(hdr, "p", -MAX_PRIORITY, MAX_PRIORITY, integer=True) if "p" in hdr else 0,
@@ -257,6 +259,10 @@ class Submit(Wire):
     def referenced(self) -> tuple[str, ...]:
         """The dependencies whose results its payload takes (``after`` at the indexes ``refs``)."""
         return tuple(self.after[i] for i in self.refs)
+
+
+#: The SUBMIT fields of dependencies and resources.
+_WORKFLOW_KEYS = frozenset({"af", "rf", "of", "cr", "mem"})
 
 
 def _after(hdr: dict[str, Any]) -> tuple[tuple[str, ...], tuple[int, ...], bool]:

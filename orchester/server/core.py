@@ -197,7 +197,8 @@ class Orchestrator:
         owner = self.state.user or ident
         unfinished, held = self.state.client_load.get(owner, (0, 0))
         held += self.state.unread.waiting_bytes(owner)  # its results that wait for it to read
-        held += self.state.results.held_by(owner)  # and those kept for its tasks that take them by reference
+        if self.state.results.pinned_bytes:  # and those kept for its tasks that take them by reference
+            held += self.state.results.held_by(owner)
         payload = frames[4:]
         # what this task costs its client: payload, header and identity (a 64 KB header is not free)
         size = _len(payload) + len(frames[3]) + len(ident) + len(tid)

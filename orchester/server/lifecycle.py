@@ -568,7 +568,7 @@ class Lifecycle:
         if self.outbox.journaling:
             self.outbox.record(records.result(task.id, result[2:], self.state.wall()))
         task.payload = []  # the input is no longer needed
-        if len(task.header) > M.MAX_HEADER:  # a wide fan-in's: its ids stay in task.after, not twice
+        if task.after and len(task.header) > M.MAX_HEADER:  # a wide fan-in's: its ids stay in task.after, not twice
             hdr = unpack(bytes(task.header), M.MAX_TASK_HEADER)
             task.header = pack({k: v for k, v in hdr.items() if k not in ("af", "rf")})
         if task.quiet:  # a task of its owner takes it by reference: its client gets it when it asks (FETCH)
