@@ -1,0 +1,216 @@
+"""The autoscaler's decisions: when to ask the scheduler for satellite jobs and when to give them back.
+
+Pure policy, as the orchestrator's core: :meth:`Autoscaler.step` takes what the bus says
+(:class:`Bus`: the queue, the satellites), what the scheduler says (the state of each job the
+autoscaler submitted) and the time, and returns decisions (:class:`Submit`, :class:`Drain`,
+:class:`Cancel`) for an adapter to carry out; the adapter reports back what became of a submission
+(:meth:`Autoscaler.submitted`, :meth:`Autoscaler.refused`). No socket, no process, no clock.
+
+The rules:
+
+* **Up.** Work waits when the cores the queued tasks ask for are more than the cores free on the
+  satellites that take work, plus those of the jobs still pending in the scheduler. When work waits
+  and its oldest task has waited ``wait_bound`` seconds (at once when no satellite is there at all),
+  enough jobs are submitted to cover it, never more than ``max_jobs`` pending or running. A job
+  that ends (walltime, a node lost) is replaced by the same rule while work remains. At least
+  ``min_jobs`` are kept.
+* **Refusals.** A submission the scheduler refuses is retried after ``backoff`` seconds, doubled at
+  each refusal in a row up to ``backoff_max``.
+* **Down.** A running job whose satellites have all been without a task for ``idle_timeout``
+  seconds, while nothing waits and more than ``min_jobs`` run, is drained first (its satellites get
+  no new task); once its satellites are empty it is cancelled (work that comes meanwhile goes to
+  the other jobs, or to new ones by the first rule). No task is killed for scaling down.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+#: What the scheduler says of a job, as the adapter reads it.
+PENDING, RUNNING, ENDED = "pending", "running", "ended"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The autoscaler's bounds (``orchester autoscale`` flags)."""
+
+    max_jobs: int
+    min_jobs: int = 0
+    satellites_per_job: int = 1
+    cores_per_satellite: int = 1
+    wait_bound: float = 10.0  #: seconds work may wait before jobs are asked for
+    idle_timeout: float = 300.0  #: seconds a job's satellites may be idle before it is given back
+    backoff: float = 10.0  #: seconds after a refused submission before the next
+    backoff_max: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_jobs <= self.max_jobs or self.max_jobs < 1:
+            raise ValueError("need 0 <= min_jobs <= max_jobs and max_jobs >= 1")
+        if self.satellites_per_job < 1 or self.cores_per_satellite < 1:
+            raise ValueError("need at least one satellite per job and one core per satellite")
+        for name in ("wait_bound", "idle_timeout", "backoff", "backoff_max"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+
+    @property
+    def cores_per_job(self) -> int:
+        """Cores one job brings."""
+        return self.satellites_per_job * self.cores_per_satellite
+
+
+@dataclass(frozen=True)
+class Satellite:
+    """One satellite as the bus reports it; ``job``: the job it runs in (from its id), if one of ours."""
+
+    sid: str
+    job: str | None
+    cores: int
+    cores_used: int
+    inflight: int
+    accepts_work: bool = True
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class Bus:
+    """What the orchestrator says: the queued tasks (their number, the cores they ask for together, and
+    how long the oldest has waited) and the satellites."""
+
+    queued: int
+    queued_cores: int
+    oldest_wait: float
+    satellites: tuple[Satellite, ...] = ()
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Ask the scheduler for ``count`` more satellite jobs."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Give satellite ``sid`` no new task (its job is about to be given back)."""
+
+    sid: str
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Give job ``job`` back to the scheduler (its satellites are drained and empty)."""
+
+    job: str
+
+
+Decision = Submit | Drain | Cancel
+
+
+@dataclass
+class _Job:
+    state: str
+    idle_since: float | None = None
+    draining: bool = False
+    cancelled: bool = False
+
+
+@dataclass
+class Autoscaler:
+    """The decisions of one autoscaler, from one :meth:`step` to the next (see the module docstring)."""
+
+    limits: Limits
+    jobs: dict[str, _Job] = field(default_factory=dict)
+    #: submissions asked for and not yet answered (:meth:`submitted` or :meth:`refused`)
+    asked: int = 0
+    not_before: float = 0.0  #: no submission before this time (back-off after a refusal)
+    refusals: int = 0  #: refusals in a row
+
+    def step(self, bus: Bus, scheduler: Mapping[str, str], now: float) -> list[Decision]:
+        """The decisions for now: ``scheduler`` maps each of our jobs the scheduler knows to its state
+        (``pending``, ``running``; a job it no longer lists has ended)."""
+        self._follow(scheduler)
+        out: list[Decision] = []
+        by_job: dict[str, list[Satellite]] = {}
+        for sat in bus.satellites:
+            if sat.job is not None and sat.job in self.jobs:
+                by_job.setdefault(sat.job, []).append(sat)
+        waits = self._waiting_cores(bus)
+        self._down(by_job, waits, now, out)
+        self._up(bus, waits, now, out)
+        return out
+
+    def submitted(self, job_ids: list[str], asked: int) -> None:
+        """The adapter submitted ``asked`` jobs, and the scheduler took ``job_ids``."""
+        self.asked = max(0, self.asked - asked)
+        for job in job_ids:
+            self.jobs.setdefault(job, _Job(PENDING))
+        self.refusals = 0
+
+    def refused(self, asked: int, now: float) -> None:
+        """The scheduler refused a submission of ``asked`` jobs: try again after the back-off."""
+        self.asked = max(0, self.asked - asked)
+        self.refusals += 1
+        delay = min(self.limits.backoff * 2 ** (self.refusals - 1), self.limits.backoff_max)
+        self.not_before = now + delay
+
+    def adopt(self, scheduler: Mapping[str, str]) -> None:
+        """After a restart: take the jobs the scheduler lists under our tag as ours (no duplicate is submitted)."""
+        for job, state in scheduler.items():
+            self.jobs.setdefault(job, _Job(state))
+
+    @property
+    def live(self) -> int:
+        """Jobs pending or running, and submissions on their way."""
+        return sum(1 for j in self.jobs.values() if j.state != ENDED and not j.cancelled) + self.asked
+
+    # ----------------------------------------------------------------- rules
+    def _follow(self, scheduler: Mapping[str, str]) -> None:
+        for job, record in list(self.jobs.items()):
+            state = scheduler.get(job, ENDED)
+            record.state = state
+            if state == ENDED:
+                del self.jobs[job]
+
+    def _waiting_cores(self, bus: Bus) -> int:
+        """Cores the queue asks for beyond what the satellites have free now."""
+        free = sum(max(0, s.cores - s.cores_used) for s in bus.satellites if s.accepts_work and not s.draining)
+        return max(0, bus.queued_cores - free)
+
+    def _up(self, bus: Bus, waits: int, now: float, out: list[Decision]) -> None:
+        limits = self.limits
+        coming = sum(1 for j in self.jobs.values() if j.state == PENDING) + self.asked
+        need = 0
+        if waits > 0 and (bus.oldest_wait >= limits.wait_bound or not bus.satellites):
+            need = math.ceil(waits / limits.cores_per_job) - coming
+        need = max(need, limits.min_jobs - self.live)
+        need = min(need, limits.max_jobs - self.live)
+        if need > 0 and now >= self.not_before:
+            self.asked += need
+            out.append(Submit(need))
+
+    def _down(self, by_job: dict[str, list[Satellite]], waits: int, now: float, out: list[Decision]) -> None:
+        limits = self.limits
+        running = sum(1 for j in self.jobs.values() if j.state == RUNNING and not j.cancelled and not j.draining)
+        for job, record in self.jobs.items():
+            if record.state != RUNNING or record.cancelled:
+                continue
+            sats = by_job.get(job, [])
+            if record.draining:  # given back once its satellites have finished what they had
+                if all(s.inflight == 0 for s in sats):
+                    record.cancelled = True
+                    out.append(Cancel(job))
+                continue
+            idle = bool(sats) and all(s.inflight == 0 for s in sats)
+            if not idle:
+                record.idle_since = None
+                continue
+            if record.idle_since is None:
+                record.idle_since = now
+            if waits > 0 or running <= limits.min_jobs or now - record.idle_since < limits.idle_timeout:
+                continue
+            record.draining = True
+            running -= 1
+            out.extend(Drain(s.sid) for s in sats)

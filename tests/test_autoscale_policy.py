@@ -1,0 +1,157 @@
+"""The autoscaler's policy alone, with a fake clock: when it asks the scheduler for jobs and gives them back."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from orchester.autoscale.policy import (
+    ENDED,
+    PENDING,
+    RUNNING,
+    Autoscaler,
+    Bus,
+    Cancel,
+    Drain,
+    Limits,
+    Satellite,
+    Submit,
+)
+
+
+def sat(sid: str, job: str | None, cores: int = 4, used: int = 0, inflight: int = 0,
+        draining: bool = False) -> Satellite:
+    return Satellite(sid, job, cores, used, inflight, accepts_work=not draining, draining=draining)
+
+
+def test_a_burst_with_no_satellite_asks_for_jobs_at_once_within_max_jobs() -> None:
+    a = Autoscaler(Limits(max_jobs=3, cores_per_satellite=4, satellites_per_job=2))
+    assert a.step(Bus(0, 0, 0.0), {}, 0.0) == []  # nothing waits: nothing asked
+    out = a.step(Bus(queued=100, queued_cores=100, oldest_wait=0.0), {}, 1.0)
+    assert out == [Submit(3)]  # 100 cores wanted, 8 per job: capped at three jobs
+    assert a.step(Bus(100, 100, 0.5), {}, 2.0) == []  # asked already: nothing more until answered
+    a.submitted(["j1", "j2", "j3"], 3)
+    assert a.step(Bus(100, 100, 5.0), {"j1": PENDING, "j2": PENDING, "j3": PENDING}, 3.0) == []
+
+
+def test_work_that_fits_or_waits_briefly_asks_for_nothing() -> None:
+    a = Autoscaler(Limits(max_jobs=4, wait_bound=10.0, cores_per_satellite=4))
+    a.adopt({"j1": RUNNING})
+    running = (sat("s1", "j1", cores=4, used=1, inflight=1),)
+    assert a.step(Bus(3, 3, 60.0, running), {"j1": RUNNING}, 0.0) == []  # three free cores hold it
+    busy = (sat("s1", "j1", cores=4, used=4, inflight=4),)
+    assert a.step(Bus(8, 8, 2.0, busy), {"j1": RUNNING}, 1.0) == []  # waits, but not for long yet
+    assert a.step(Bus(8, 8, 12.0, busy), {"j1": RUNNING}, 2.0) == [Submit(2)]  # waited past the bound
+
+
+def test_pending_jobs_count_as_capacity_on_its_way() -> None:
+    a = Autoscaler(Limits(max_jobs=10, cores_per_satellite=4, wait_bound=0.0))
+    a.adopt({"j1": PENDING})
+    assert a.step(Bus(6, 6, 1.0), {"j1": PENDING}, 0.0) == [Submit(1)]  # 6 cores: one job coming, one more
+
+
+def test_a_refused_submission_backs_off_doubling() -> None:
+    a = Autoscaler(Limits(max_jobs=2, backoff=10.0, backoff_max=25.0))
+    bus = Bus(5, 5, 0.0)
+    assert a.step(bus, {}, 0.0) == [Submit(2)]
+    a.refused(2, 0.0)
+    assert a.step(bus, {}, 9.0) == []
+    assert a.step(bus, {}, 10.0) == [Submit(2)]
+    a.refused(2, 10.0)
+    assert a.step(bus, {}, 29.0) == []
+    assert a.step(bus, {}, 30.0) == [Submit(2)]
+    a.refused(2, 30.0)  # a third time: the back-off stops growing at backoff_max
+    assert a.step(bus, {}, 54.0) == [] and a.step(bus, {}, 55.0) == [Submit(2)]
+    a.submitted(["j1"], 2)  # the scheduler took one of two: the next refusal starts again from backoff
+    assert a.refusals == 0 and a.live == 1
+
+
+def test_an_idle_job_is_drained_then_cancelled_and_no_task_is_killed() -> None:
+    a = Autoscaler(Limits(max_jobs=2, idle_timeout=60.0))
+    a.adopt({"j1": RUNNING, "j2": RUNNING})
+    jobs = {"j1": RUNNING, "j2": RUNNING}
+    work = (sat("a", "j1", used=1, inflight=1), sat("b", "j2", used=1, inflight=1))
+    assert a.step(Bus(0, 0, 0.0, work), jobs, 0.0) == []
+    idle = (sat("a", "j1"), sat("b", "j2", used=1, inflight=1))
+    assert a.step(Bus(0, 0, 0.0, idle), jobs, 10.0) == []  # j1 idle from now
+    assert a.step(Bus(0, 0, 0.0, idle), jobs, 69.0) == []
+    assert a.step(Bus(0, 0, 0.0, idle), jobs, 70.0) == [Drain("a")]
+    # a task reached it just before the drain: no cancel until it is done
+    late = (sat("a", "j1", used=1, inflight=1, draining=True), sat("b", "j2", used=1, inflight=1))
+    assert a.step(Bus(0, 0, 0.0, late), jobs, 71.0) == []
+    done = (sat("a", "j1", draining=True), sat("b", "j2", used=1, inflight=1))
+    assert a.step(Bus(0, 0, 0.0, done), jobs, 72.0) == [Cancel("j1")]
+    assert a.step(Bus(0, 0, 0.0, done), jobs, 73.0) == []  # asked once
+    assert a.step(Bus(0, 0, 0.0, done[1:]), {"j2": RUNNING}, 74.0) == []  # gone from the scheduler: forgotten
+    assert set(a.jobs) == {"j2"}
+
+
+def test_min_jobs_stay_and_an_idle_job_waits_while_work_waits() -> None:
+    a = Autoscaler(Limits(max_jobs=3, min_jobs=1, idle_timeout=1.0, wait_bound=100.0, cores_per_satellite=4))
+    assert a.step(Bus(0, 0, 0.0), {}, 0.0) == [Submit(1)]  # the minimum, with nothing to do
+    a.submitted(["j1"], 1)
+    idle = (sat("s1", "j1"),)
+    for t in range(1, 10):
+        assert a.step(Bus(0, 0, 0.0, idle), {"j1": RUNNING}, float(t)) == []  # never below min_jobs
+
+
+def test_a_job_that_ends_while_work_remains_is_replaced() -> None:
+    a = Autoscaler(Limits(max_jobs=1, wait_bound=5.0, cores_per_satellite=4))
+    a.adopt({"j1": RUNNING})
+    busy = (sat("s1", "j1", used=4, inflight=4),)
+    assert a.step(Bus(4, 4, 1.0, busy), {"j1": RUNNING}, 0.0) == []  # at max_jobs
+    assert a.step(Bus(8, 8, 1.0), {}, 1.0) == [Submit(1)]  # the job ended (walltime, a node lost): replaced
+
+
+def test_after_a_restart_the_jobs_of_its_tag_are_adopted_and_none_submitted_twice() -> None:
+    a = Autoscaler(Limits(max_jobs=2, cores_per_satellite=4))
+    a.adopt({"j1": RUNNING, "j2": PENDING})
+    assert a.step(Bus(50, 50, 100.0, (sat("s1", "j1", used=4, inflight=4),)), {"j1": RUNNING, "j2": PENDING},
+                  0.0) == []  # two live jobs: max_jobs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_max_jobs_is_never_passed(seed: int) -> None:
+    rng = random.Random(seed)
+    limits = Limits(max_jobs=rng.randint(1, 5), min_jobs=0, satellites_per_job=rng.randint(1, 3),
+                    cores_per_satellite=rng.randint(1, 8), wait_bound=rng.choice([0.0, 5.0]),
+                    idle_timeout=rng.choice([1.0, 30.0]))
+    a = Autoscaler(limits)
+    scheduler: dict[str, str] = {}
+    sats: list[Satellite] = []
+    n = 0
+    for step in range(300):
+        now = float(step)
+        queued = rng.choice([0, 0, 5, 50, 500])
+        for d in a.step(Bus(queued, queued, rng.uniform(0, 20), tuple(sats)), dict(scheduler), now):
+            if isinstance(d, Submit):
+                if rng.random() < 0.2:
+                    a.refused(d.count, now)
+                    continue
+                ids = []
+                for _ in range(d.count):
+                    n += 1
+                    ids.append(f"j{n}")
+                    scheduler[f"j{n}"] = PENDING
+                a.submitted(ids, d.count)
+            elif isinstance(d, Cancel):
+                scheduler.pop(d.job, None)
+                sats = [s for s in sats if s.job != d.job]
+        for job, state in list(scheduler.items()):  # the scheduler starts jobs, and ends some
+            if state == PENDING and rng.random() < 0.5:
+                scheduler[job] = RUNNING
+                sats += [sat(f"{job}-{i}", job, cores=limits.cores_per_satellite)
+                         for i in range(limits.satellites_per_job)]
+            elif state == RUNNING and rng.random() < 0.02:
+                del scheduler[job]
+                sats = [s for s in sats if s.job != job]
+        assert len(scheduler) <= limits.max_jobs, (step, scheduler)
+    assert ENDED not in scheduler.values()
+
+
+def test_limits_are_checked() -> None:
+    for bad in ({"max_jobs": 0}, {"max_jobs": 2, "min_jobs": 3}, {"max_jobs": 1, "satellites_per_job": 0},
+                {"max_jobs": 1, "wait_bound": float("nan")}, {"max_jobs": 1, "idle_timeout": -1.0}):
+        with pytest.raises(ValueError):
+            Limits(**bad)  # type: ignore[arg-type]
