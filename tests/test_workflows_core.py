@@ -630,3 +630,28 @@ def test_a_refused_fan_in_is_answered_with_its_id() -> None:
     h.submit("fan-in", af=[f"{i:032x}" for i in range(3000)])  # a header past 64 KiB, naming unknown tasks
     errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
     assert [(e["code"], e.get("id")) for e in errors] == [(P.E_UNKNOWN_TASK, "fan-in")]  # its future fails at once
+
+
+def test_the_status_says_what_the_queue_asks_for() -> None:
+    """An autoscaler sizes its jobs by the cores the pending tasks ask for and how long they waited."""
+    h = Harness()
+    h.submit("a", cr=4)
+    h.submit("b")
+    h.submit("c", af=["a"], cr=2)
+    h.tick(5.0)
+    state = h.core.state
+
+    def pending_cores() -> int:
+        return sum(t.cores for t in state.tasks.values() if t.state is TS.PENDING)
+
+    queue = h.core.requests.status(h.now)["queue"]
+    assert queue == {"tasks": 2, "cores": 5, "oldest_wait": 5.0, "waiting": 1} and state.pending_cores == 5
+    sat = register_cores(h, "s", 4)
+    h.tick()
+    assert state.pending_cores == pending_cores()
+    for tid in ("a", "b"):
+        if state.tasks[tid].state is TS.DISPATCHED:
+            h.done(sat, tid)
+    run_all(h, sat)
+    assert state.pending_cores == pending_cores() == 0
+    assert h.core.requests.status(h.now)["queue"] == {"tasks": 0, "cores": 0, "oldest_wait": 0.0, "waiting": 0}

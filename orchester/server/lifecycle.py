@@ -258,9 +258,10 @@ class Lifecycle:
         counts[task.state] -= 1
         counts[state] += 1
         if task.state is TS.PENDING:
-            st.pending_left(task.kind)
+            st.pending_left(task.kind, task.cores)
         elif state is TS.PENDING:
             st.pending_kinds[task.kind] += 1
+            st.pending_cores += task.cores
             task.queued_at = now
         task.state = state
         wall = st.wall()  # one reading for the history, the journal and the event

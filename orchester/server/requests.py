@@ -328,6 +328,19 @@ class Requests:
                        max=round(recent[-1], 6))
         return out
 
+    def queue(self, now: float) -> dict[str, Any]:
+        """The queue as an autoscaler sizes it: tasks pending, the cores they ask for together, the seconds
+        the one queued longest has waited (0 when none), and the tasks waiting for others."""
+        queues, oldest = self.state.queues, None
+        for key in queues.keys():  # (the head of each queue: the oldest of its priority, enough for a bound)
+            head = queues.head(key)
+            if head is not None and (oldest is None or head.queued_at < oldest):
+                oldest = head.queued_at
+        counts = self.state.state_counts
+        return {"tasks": counts[TS.PENDING], "cores": self.state.pending_cores,
+                "oldest_wait": round(max(0.0, now - oldest), 3) if oldest is not None else 0.0,
+                "waiting": counts[TS.WAITING]}
+
     def status(self, now: float) -> dict[str, Any]:
         """A summary of tasks, queues and satellites for ``STATUS`` replies."""
         states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state.state_counts) if n}
@@ -340,6 +353,7 @@ class Requests:
             "epoch": self.state.epoch, "uptime": round(now - self.state.started, 3), "pub": self.ports.pub_endpoints(),
             "strategy": self.state.strategy.name, "tasks": states,
             "queued": dict(self.state.pending_kinds),
+            "queue": self.queue(now),
             "satellites": described,
             "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
             "results_retained": len(self.state.results),

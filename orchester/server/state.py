@@ -44,6 +44,7 @@ class ServerState:
         self.state_counts = [0] * len(TaskState)
         #: pending tasks per kind (the queue depths of status replies and metrics)
         self.pending_kinds: Counter[str] = Counter()
+        self.pending_cores = 0  #: cores the pending tasks ask for together (what an autoscaler sizes by)
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
@@ -105,6 +106,7 @@ class ServerState:
         self.state_counts[task.state] += 1
         if task.state is TaskState.PENDING:
             self.pending_kinds[task.kind] += 1
+            self.pending_cores += task.cores
         self.queued(task)
 
     def queued(self, task: Task) -> None:
@@ -117,8 +119,9 @@ class ServerState:
         if task.spilled is None:
             self.queued_bytes -= task.size
 
-    def pending_left(self, kind: str) -> None:
-        """One pending task of ``kind`` left the queue (dispatched, expired, cancelled)."""
+    def pending_left(self, kind: str, cores: int = 1) -> None:
+        """One pending task of ``kind`` (asking for ``cores``) left the queue (dispatched, expired, cancelled)."""
+        self.pending_cores -= cores
         n = self.pending_kinds[kind] - 1
         if n > 0:
             self.pending_kinds[kind] = n
