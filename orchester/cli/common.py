@@ -40,14 +40,15 @@ class ByteSize(click.ParamType):
         if isinstance(value, int) and not isinstance(value, bool):
             number, unit = float(value), ""
         else:
-            match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGTP]?)(?:i?B)?\s*", str(value), re.IGNORECASE)
+            match = re.fullmatch(r"\s*([0-9]{1,20}(?:\.[0-9]{1,9})?)\s*([KMGTP]?)(?:i?B)?\s*", str(value)[:64],
+                                 re.IGNORECASE)
             if match is None:
                 self.fail(f"{value!r} is not a size (bytes, or a number with K, M, G, T or P)", param, ctx)
             number, unit = float(match.group(1)), match.group(2).upper()
-        size = int(number * _UNITS[unit])
-        if not 0 <= size <= 2**50:
-            self.fail(f"{value!r} is out of range (at most 1P)", param, ctx)
-        return size
+        scaled = number * _UNITS[unit]
+        if not 0 <= scaled <= 2**50:  # (a finite float: at most 20 digits)
+            self.fail(f"{str(value)[:64]!r} is out of range (at most 1P)", param, ctx)
+        return int(scaled)
 
 
 def setup_logging(level: str) -> None:

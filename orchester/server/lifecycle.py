@@ -142,16 +142,21 @@ class Lifecycle:
             self.task_to(task, TE.release, now, "its dependencies had ended")
             self.state.queues.push(task)
 
-    def records_of(self, task: Task) -> list[list[Any]]:
-        """The journal records of an ended ``task`` again: its submission (without its payload), its
-        transitions and its result. Journaled before a task that waits for it, so that the passive server
-        of a pair (whose table keeps only the newest finished tasks) holds it as long as the active does."""
-        rows = task.history.rows()
-        out = [records.submitted(task.id, task.client, task.header, [], rows[0][0] if rows else self.state.wall(),
-                                 None, task.owner if isinstance(task.owner, str) else None)]
+    def records_of(self, task: Task, payload: Sequence[Any] = (), count: int | None = None,
+                   stored: Any = ...) -> list[list[Any]]:
+        """The journal records of ``task``: its submission (with ``payload``), its transitions (the first
+        ``count``, all by default) and its result (``stored``, by default the one kept now). A snapshot is
+        made of them (:func:`orchester.server.restore.task_records`), and an ended task's are journaled
+        again before a task that waits for it, so that the passive server of a pair (whose table keeps
+        only the newest finished tasks) holds it as long as the active does."""
+        rows = task.history.rows(count)
+        out = [records.submitted(task.id, task.client, task.header, list(payload),
+                                 rows[0][0] if rows else self.state.wall(), None,
+                                 task.owner if isinstance(task.owner, str) else None)]
         out.extend(records.transition(task.id, state, attempt, sat, reason, when)
                    for when, state, attempt, sat, reason in rows[1:])
-        stored = self.state.results.get(task.id)
+        if stored is ...:
+            stored = self.state.results.get(task.id)
         if stored is not None:
             out.append(records.result(task.id, stored.frames[2:], self.state.wall()))
         return out
@@ -372,8 +377,7 @@ class Lifecycle:
             if cands and head.duration:  # only where it can finish before the allocation ends
                 cands = [s for s in cands if s.deadline - now >= head.duration]
                 if not cands:
-                    if head.reserved_on is not None:  # (kept on a satellite whose allocation ends too soon)
-                        head.reserved_on.reserved = head.reserved_on = None
+                    self._drop_reservation(head)  # (kept on a satellite whose allocation ends too soon)
                     deferred.append(queues.pop(key))
                     continue
             if not cands:
@@ -393,6 +397,13 @@ class Lifecycle:
             return False
         sat.reserved = None
         return True
+
+    @staticmethod
+    def _drop_reservation(task: Task) -> None:
+        """``task`` no longer keeps a satellite (it was dispatched, or that satellite will not do)."""
+        if task.reserved_on is not None:
+            task.reserved_on.reserved = None
+            task.reserved_on = None
 
     def _reserve(self, task: Task, eligible: list[SatelliteRecord], now: float) -> None:
         """Keep a satellite for ``task``, a wide task that let narrower ones pass for ``reserve_after``
@@ -423,9 +434,7 @@ class Lifecycle:
                 return
             results.append((ref, len(stored.frames) - 2))  # (tuples: no list per result for the collector)
             inputs.extend(stored.frames[2:])
-        if task.reserved_on is not None:
-            task.reserved_on.reserved = None
-            task.reserved_on = None
+        self._drop_reservation(task)
         if task.spilled is not None:  # its payload waits on disk: read it back
             assert self.ports.load_spilled is not None
             try:
@@ -450,12 +459,8 @@ class Lifecycle:
         self.state.dispatch_seq += 1
         sat.last_dispatch = self.state.dispatch_seq
         self.state.counters["dispatched"] += 1
-        if results or task.cores != 1:
-            self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent, results,
-                                                               task.cores), task.header, *task.payload, *inputs])
-        else:
-            self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent), task.header,
-                                        *task.payload])
+        self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent, results, task.cores),
+                                    task.header, *task.payload, *inputs])
         self.task_to(task, TE.dispatch, now)
 
     def release(self, task: Task, now: float, abort: bool) -> SatelliteRecord | None:
@@ -706,10 +711,9 @@ class Lifecycle:
             self.stall(task, now, f"satellite {sat.sid} {reason}", crash=crash, abort=False, blame=False)
         sat.inflight.clear()
         sat.used = sat.mem_used = 0
-        if sat.reserved is not None:
-            if sat.reserved.reserved_on is sat:
-                sat.reserved.reserved_on = None
-            sat.reserved = None
+        if sat.reserved is not None and sat.reserved.reserved_on is sat:
+            self._drop_reservation(sat.reserved)
+        sat.reserved = None
         self.sat_to(sat, event, now, reason)
         self.state.fleet.remove(sat)
         if tasks:

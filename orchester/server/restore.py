@@ -240,15 +240,7 @@ def task_records(core: Orchestrator, item: Captured) -> list[list[Any]]:
 
     Frames are memoryviews of the table's own frames, not copies: packing them copies once."""
     t, payload, count, stored = item
-    rows = t.history.rows(count)
-    submitted = rows[0][0] if rows else core.state.wall()
-    out = [records.submitted(t.id, t.client, t.header, payload, submitted, None,
-                             t.owner if isinstance(t.owner, str) else None)]
-    out.extend(records.transition(t.id, state, attempt, sat, reason, when)
-               for when, state, attempt, sat, reason in rows[1:])
-    if stored is not None:
-        out.append(records.result(t.id, stored.frames[2:], core.state.wall()))
-    return out
+    return core.life.records_of(t, payload, count, stored)
 
 
 def snapshot(core: Orchestrator) -> Iterator[list[Any]]:
