@@ -169,3 +169,17 @@ def test_a_package_does_not_load_what_it_must_not(module: str, forbidden: tuple[
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     leaked = [m for m in out.stdout.split() if any(m == f or m.startswith(f + ".") for f in forbidden)]
     assert not leaked, f"{module} loads {leaked}"
+
+
+def test_no_test_imports_the_tests_directory_as_a_package() -> None:
+    """``tests`` is no package: pytest puts each test's directory on the path, so a test imports a
+    sibling as ``conftest`` or ``test_core``. ``from tests.conftest import …`` works only when the
+    checkout is itself on ``PYTHONPATH`` — and fails the README's plain ``pytest`` on a fresh clone."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno}" for n in names
+                          if n == "tests" or n.startswith("tests.")]
+    assert not offenders, f"imports of the tests directory as a package: {offenders}"

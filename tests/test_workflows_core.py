@@ -15,7 +15,7 @@ import pytest
 from orchester.server.restore import RestoreFold, restore
 from serializers import pack, unpack
 from serializers import protocol as P
-from tests.test_core import C, Harness, S, dispatched_ids, of
+from test_core import C, Harness, S, dispatched_ids, of
 from tracker import TaskState
 
 TS = TaskState

@@ -12,7 +12,7 @@ import pytest
 
 from orchester import Client, LocalCluster
 from orchester.local.pair import LocalPair
-from tests.conftest import TEST_ENV
+from conftest import TEST_ENV
 
 pytestmark = pytest.mark.integration
 HB = 0.2
