@@ -324,6 +324,105 @@ NOT_FLAGS: Mapping[str, str] = {
 }
 
 
+#: The batch schedulers ``orchester autoscale`` drives.
+SCHEDULERS = ("slurm", "pbs")
+
+
+@dataclass
+class AutoscaleConfig:
+    """Settings of one autoscaler (``orchester autoscale``, a ``[autoscale]`` table, ``serve --autoscale``):
+    which bus, which scheduler, how many jobs and what each runs, and when to ask and give back."""
+
+    connect: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"], metadata=flag(
+        "The orchestrator the satellites join (repeatable: a binary-star pair; @FILE: an endpoint file). The "
+        "nodes must reach it: give its address on the cluster's network, not 127.0.0.1."))
+    scheduler: str = field(default="slurm", metadata=flag("The batch scheduler.", choices=SCHEDULERS))
+    tag: str = field(default="default", metadata=flag(
+        "The autoscaler's jobs are named orchester-TAG: it finds them again after a restart and never "
+        "touches another job. One tag per autoscaler."))
+    min_jobs: int = field(default=0, metadata=flag("Jobs kept even when idle."))
+    max_jobs: int = field(default=4, metadata=flag("Most jobs pending or running at once."))
+    satellites_per_job: int = field(default=1, metadata=flag("Nodes per job: one satellite on each."))
+    workers: int = field(default=1, metadata=flag("Worker processes per satellite (tasks it runs at once)."))
+    cores: int | None = field(default=None, metadata=flag(
+        "Cores per satellite, asked of the scheduler and announced to the bus [default: --workers]."))
+    walltime: str = field(default="01:00:00", metadata=flag("Each job's walltime, HH:MM:SS."))
+    partition: str | None = field(default=None, metadata=flag("The partition (Slurm) or queue (PBS)."))
+    account: str | None = field(default=None, metadata=flag("The account the jobs are charged to."))
+    directives: list[str] = field(default_factory=list, metadata=flag(
+        "An extra scheduler line for the jobs' scripts, e.g. '#SBATCH --mem=8G' (repeatable).",
+        name="--directive"))
+    tasks: list[str] = field(default_factory=list, metadata=flag(
+        "A module registering task kinds, for the satellites (repeatable)."))
+    satellite_options: list[str] = field(default_factory=list, metadata=flag(
+        "An extra flag for every satellite, e.g. --satellite-option=--tags=gpu (repeatable).",
+        name="--satellite-option"))
+    python: str | None = field(default=None, metadata=flag(
+        "The Python with Orchester on the nodes [default: the autoscaler's own, as on a shared file system]."))
+    workdir: str | None = field(default=None, metadata=flag(
+        "The folder the jobs start in and write their output to [default: the current one].", path="dir"))
+    satellite_secret: str | None = field(default=None, metadata=flag(
+        "The satellites' CurveZMQ secret key file, as the nodes see it (with --satellite-server-key).",
+        path="file"))
+    satellite_server_key: str | None = field(default=None, metadata=flag(
+        "The orchestrator's public key file, as the nodes see it (with --satellite-secret).", path="file"))
+    wait_bound: float = field(default=10.0, metadata=flag(
+        "Seconds work may wait for a free core before jobs are asked for (none at all: at once)."))
+    idle_timeout: float = field(default=300.0, metadata=flag(
+        "Seconds a job's satellites may be idle before it is drained and given back."))
+    start_timeout: float = field(default=600.0, metadata=flag(
+        "Seconds a running job may go without a satellite of it joining before it is cancelled."))
+    backoff: float = field(default=10.0, metadata=flag(
+        "Seconds before trying again after the scheduler refused or failed (doubled each time in a row)."))
+    backoff_max: float = field(default=600.0, metadata=flag("The longest back-off, in seconds."))
+    interval: float = field(default=5.0, metadata=flag("Seconds between two looks at the bus and the scheduler."))
+    timeout: float = field(default=10.0, metadata=flag("Seconds to wait for the orchestrator's answers."))
+
+    def validate(self) -> AutoscaleConfig:
+        """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        if not self.connect:
+            raise ConfigError("connect: at least one endpoint is required")
+        for ep in self.connect:  # (an @FILE is read, and its endpoints checked, when the client opens)
+            if not (isinstance(ep, str) and ep.startswith("@") and len(ep) > 1):
+                check_endpoint(ep)
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {list(SCHEDULERS)}, not {self.scheduler!r}")
+        for name in ("min_jobs", "max_jobs", "satellites_per_job", "workers", "cores"):
+            value = getattr(self, name)
+            low = 0 if name == "min_jobs" else 1
+            if value is None and name == "cores":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 100_000:
+                raise ConfigError(f"{name} must be an integer from {low} to 100000, not {value!r}")
+        if self.min_jobs > self.max_jobs:
+            raise ConfigError(f"min_jobs ({self.min_jobs}) is more than max_jobs ({self.max_jobs})")
+        for name in ("wait_bound", "idle_timeout", "start_timeout", "backoff", "backoff_max", "interval", "timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10 * 366 * 86400:
+                raise ConfigError(f"{name} must be a number of seconds >= 0, not {value!r}")
+        if not self.interval > 0 or not self.timeout > 0:
+            raise ConfigError("interval and timeout must be > 0")
+        for name in ("tag", "walltime", "python", "partition", "account", "workdir", "satellite_secret",
+                     "satellite_server_key"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or "\n" in value or "\0" in value):
+                raise ConfigError(f"{name} must be a non-empty line of text, not {value!r}")
+        for name in ("directives", "tasks", "satellite_options"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v and "\n" not in v
+                                                               and "\0" not in v for v in value):
+                raise ConfigError(f"{name} must be a list of non-empty lines of text, not {value!r}")
+        if bool(self.satellite_secret) != bool(self.satellite_server_key):
+            raise ConfigError("the satellites' keys need both --satellite-secret and --satellite-server-key")
+        from orchester.batch.scripts import check_satellite_job
+
+        try:
+            check_satellite_job(self)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return self
+
+
 #: Transports a client or a satellite may connect over (libzmq's, for a DEALER socket).
 CONNECT_TRANSPORTS = ("tcp", "ipc", "inproc", "ws", "wss", "tipc", "vmci")
 #: Transports an orchestrator may bind (its sockets are ROUTER and XPUB).

@@ -69,12 +69,14 @@ def main(log_level: str) -> None:
 @click.option("--cores", type=click.IntRange(1, MAX_CORES), default=None,
               help="Cores its tasks may use together (a task asking for 4 takes 4) [default: its usable cores, "
               "or --workers if more].")
+@click.option("--job", default=None,
+              help="The batch job it runs in, announced to the orchestrator [default: $SLURM_JOB_ID or $PBS_JOBID].")
 @click.option("--memory", type=ByteSize(), default=None,
               help="Memory its tasks may use together, e.g. 64G [default: the machine's].")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
         server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None, cores: int | None,
-        memory: int | None) -> None:
+        job: str | None, memory: int | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -87,7 +89,7 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
                         walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key,
-                        numba=numba, numba_threads=numba_threads, cores=cores, memory=memory)
+                        numba=numba, numba_threads=numba_threads, cores=cores, memory=memory, job=job)
     except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import zmq
@@ -72,6 +73,17 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
+
+def batch_job(environ: Mapping[str, str] | None = None) -> str:
+    """The batch job this process runs in: Slurm's ``SLURM_JOB_ID`` or PBS's ``PBS_JOBID`` ("" outside one,
+    or when the variable holds something that is no job id)."""
+    env = os.environ if environ is None else environ
+    for name in ("SLURM_JOB_ID", "PBS_JOBID"):
+        value = env.get(name, "").strip()
+        if value and len(value) <= M.MAX_JOB and value.isprintable():
+            return value
+    return ""
+
 class Satellite:
     """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes.
 
@@ -88,8 +100,13 @@ class Satellite:
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
                  server_key: str | None = None, numba: bool = True, numba_threads: int | None = None,
-                 cores: int | None = None, memory: int | None = None) -> None:
+                 cores: int | None = None, memory: int | None = None, job: str | None = None) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: the batch job it runs in, announced (an autoscaler gives back a job by its satellites): by
+        #: default the scheduler's (``SLURM_JOB_ID``, ``PBS_JOBID``), "" outside one
+        self.job = batch_job() if job is None else job
+        if len(self.job) > M.MAX_JOB or not self.job.isprintable():
+            raise ValueError(f"a job id is at most {M.MAX_JOB} printable characters")
         #: the endpoints (checked here, not by a connect that never comes; ``@FILE`` read), the
         #: failover rule, the heartbeat clock and (in :meth:`run`) the orchestrator socket and its monitor
         self._uplink: Uplink[zmq.Socket[Any]] = Uplink(
@@ -221,7 +238,7 @@ class Satellite:
             tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
             running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task),
             recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
-            cores=self.cores, memory=self.memory), now)
+            cores=self.cores, memory=self.memory, job=self.job), now)
 
     def _tell(self, message: M.Wire, now: float) -> None:
         """Send a message of :mod:`serializers.messages` (no payload) to the orchestrator."""

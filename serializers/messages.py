@@ -79,6 +79,12 @@ MAX_CORES = 65_536
 MAX_MEMORY = 2**50
 #: What a task whose dependency did not succeed does: fail (the default) or run anyway.
 ON_FAILURE = ("fail", "run")
+#: Longest batch job id a satellite or an autoscaler names (Slurm's ``123_4``, PBS's ``123.server``).
+MAX_JOB = 128
+#: Most jobs one autoscaler reports (``CONTROL jobs``).
+MAX_JOBS_REPORTED = 4096
+#: A reported job's states: pending in the scheduler's queue, running, or ending (drained, to be cancelled).
+JOB_STATES = ("pending", "running", "ending")
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows); other
 #: headers are at most :data:`~serializers.header.MAX_HEADER`.
 MAX_REPLY = 256 * 1024 * 1024
@@ -384,9 +390,53 @@ class Cancel(Wire):
 _CONTROL_KEYS = frozenset({"op", "name", "sid", "force", "rid"})
 
 
+@dataclass(frozen=True, slots=True)
+class JobsReport:
+    """What an autoscaler says of its batch jobs (``CONTROL`` operation ``jobs``): the orchestrator keeps the
+    last report of each tag and shows it in ``status``, ``top``, the web page and carbon."""
+
+    tag: str  #: the autoscaler's tag (its jobs' names carry it)
+    scheduler: str  #: slurm or pbs
+    jobs: tuple[tuple[str, str, float], ...] = ()  #: [job id, state (:data:`JOB_STATES`), seconds since submitted]
+    max_jobs: int = 0
+    min_jobs: int = 0
+    error: str = ""  #: the scheduler's last error, while it lasts ("" when the last command worked)
+
+    @classmethod
+    def decode(cls, hdr: dict[str, Any]) -> JobsReport:
+        """Check the fields of a ``jobs`` report (every job before any is kept)."""
+        items = typed(hdr, "jobs", list)
+        if len(items) > MAX_JOBS_REPORTED:
+            raise ProtocolError(P.E_MALFORMED, f"a jobs report lists at most {MAX_JOBS_REPORTED} jobs")
+        jobs = []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and 0 < len(item[0]) <= MAX_JOB and item[0].isprintable() and item[1] in JOB_STATES
+                    and isinstance(item[2], (int, float)) and not isinstance(item[2], bool)
+                    and math.isfinite(item[2]) and 0 <= item[2] <= MAX_SECONDS):
+                raise ProtocolError(P.E_MALFORMED, "jobs are [job id, pending|running|ending, seconds since "
+                                    "submitted]")
+            jobs.append((item[0], item[1], float(item[2])))
+        scheduler = text(hdr, "scheduler", limit=16)
+        max_jobs = number(hdr, "max", 0, MAX_JOBS_REPORTED, 0, integer=True)
+        min_jobs = number(hdr, "min", 0, MAX_JOBS_REPORTED, 0, integer=True)
+        error = typed(hdr, "error", str, "")
+        return cls(text(hdr, "tag", limit=64), scheduler, tuple(jobs), max_jobs, min_jobs,
+                   "".join(c if c.isprintable() else " " for c in error[:500]))
+
+    def header(self) -> dict[str, Any]:
+        """``{tag, scheduler, jobs: [[id, state, age]], max, min, error?}`` (the fields of the CONTROL)."""
+        hdr: dict[str, Any] = {"tag": self.tag, "scheduler": self.scheduler,
+                               "jobs": [[j, st, round(age, 1)] for j, st, age in self.jobs],
+                               "max": self.max_jobs, "min": self.min_jobs}
+        if self.error:
+            hdr["error"] = self.error
+        return hdr
+
+
 @dataclass(slots=True)
 class Control(Wire):
-    """CONTROL: an operator's operation (``strategy``, ``drain``, ``promote``, ``peer_link``).
+    """CONTROL: an operator's operation (``strategy``, ``drain``, ``promote``, ``peer_link``, ``jobs``).
 
     ``fields`` keeps the header for the binary-star operations, which check their own fields
     (``up`` of the ``peer_link`` test hook); when encoding, its keys other than those named here
@@ -400,6 +450,7 @@ class Control(Wire):
     sid: str | None = None  #: the satellite to drain (``drain``)
     force: bool = False  #: even while the peer is active and alive (``promote``)
     fields: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    report: JobsReport | None = field(default=None, compare=False, repr=False)  #: ``jobs``: checked fields
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Control:
@@ -408,7 +459,8 @@ class Control(Wire):
         name = text(hdr, "name", limit=4096) if op == "strategy" else None
         sid = text(hdr, "sid", limit=MAX_SID) if op == "drain" else None
         force = _flag(hdr, "force") if op == "promote" else False
-        return cls(op, _rid(hdr), name, sid, force, hdr)
+        report = JobsReport.decode(hdr) if op == "jobs" else None
+        return cls(op, _rid(hdr), name, sid, force, hdr, report)
 
     def header(self) -> dict[str, Any]:
         """``{op, name?, sid?, force?, …, rid}``: ``force`` for ``promote`` only."""
@@ -584,6 +636,7 @@ class Register(Wire):
     vote: bool = False  #: it failed over because the other server of a pair went silent
     cores: int = 0  #: cores its tasks may use together (0: not said; its workers count then)
     memory: int = 0  #: bytes of memory its tasks may use together (0: not said)
+    job: str = ""  #: the batch job it runs in (Slurm's or PBS's job id; "" outside one)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Register:
@@ -607,11 +660,12 @@ class Register(Wire):
             if isinstance(versions, dict) else {},
             running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"),
             cores=number(hdr, "cores", 0, MAX_CORES, 0, integer=True),
-            memory=number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True))
+            memory=number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True),
+            job=text(hdr, "job", "", limit=MAX_JOB))
 
     def header(self) -> dict[str, Any]:
         """``{vote?, sid, slots, workers, kinds, progress, versions, walltime?, tags, host, pid,
-        running, recent, cores?, mem?}``."""
+        running, recent, cores?, mem?, job?}``."""
         hdr: dict[str, Any] = {"vote": True} if self.vote else {}
         hdr["sid"] = self.sid
         hdr["slots"] = self.slots
@@ -630,6 +684,8 @@ class Register(Wire):
             hdr["cores"] = self.cores
         if self.memory:
             hdr["mem"] = self.memory
+        if self.job:
+            hdr["job"] = self.job
         return hdr
 
 

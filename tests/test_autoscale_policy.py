@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from orchester.autoscale.policy import (
+from orchester.batch.policy import (
     ENDED,
     PENDING,
     RUNNING,

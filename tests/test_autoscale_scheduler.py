@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchester.autoscale.policy import PENDING, RUNNING
-from orchester.autoscale.scheduler import Output, Pbs, SchedulerError, Slurm, run_command, scheduler
+from orchester.batch.policy import PENDING, RUNNING
+from orchester.batch.scheduler import Output, Pbs, SchedulerError, Slurm, run_command, scheduler
 
 
 class Recorded:

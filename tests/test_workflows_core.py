@@ -11,11 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from test_core import C, Harness, S, dispatched_ids, of
 
 from orchester.server.restore import RestoreFold, restore
 from serializers import pack, unpack
 from serializers import protocol as P
-from test_core import C, Harness, S, dispatched_ids, of
 from tracker import TaskState
 
 TS = TaskState
@@ -635,9 +635,9 @@ def test_a_refused_fan_in_is_answered_with_its_id() -> None:
 def test_the_status_says_what_the_queue_asks_for() -> None:
     """An autoscaler sizes its jobs by the cores the pending tasks ask for and how long they waited."""
     h = Harness()
-    h.submit("a", cr=4)
+    h.submit("a", cr=4, dur=10.0)
     h.submit("b")
-    h.submit("c", af=["a"], cr=2)
+    h.submit("c", af=["a"], cr=2, dur=3.0)
     h.tick(5.0)
     state = h.core.state
 
@@ -645,13 +645,16 @@ def test_the_status_says_what_the_queue_asks_for() -> None:
         return sum(t.cores for t in state.tasks.values() if t.state is TS.PENDING)
 
     queue = h.core.requests.status(h.now)["queue"]
-    assert queue == {"tasks": 2, "cores": 5, "oldest_wait": 5.0, "waiting": 1} and state.pending_cores == 5
+    assert queue == {"tasks": 2, "cores": 5, "work": 40.0, "oldest_wait": 5.0, "waiting": 1}
+    assert state.pending_cores == 5
     sat = register_cores(h, "s", 4)
     h.tick()
     assert state.pending_cores == pending_cores()
+    assert state.pending_work == sum(t.duration * t.cores for t in state.tasks.values() if t.state is TS.PENDING)
     for tid in ("a", "b"):
         if state.tasks[tid].state is TS.DISPATCHED:
             h.done(sat, tid)
     run_all(h, sat)
     assert state.pending_cores == pending_cores() == 0
-    assert h.core.requests.status(h.now)["queue"] == {"tasks": 0, "cores": 0, "oldest_wait": 0.0, "waiting": 0}
+    assert h.core.requests.status(h.now)["queue"] == {"tasks": 0, "cores": 0, "work": 0.0, "oldest_wait": 0.0,
+                                                      "waiting": 0}

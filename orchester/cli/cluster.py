@@ -1,8 +1,17 @@
-"""``orchester cluster script``: a SLURM or PBS batch script that starts the bus in an allocation."""
+"""``orchester cluster script``: a SLURM or PBS batch script that starts the bus in an allocation; and
+``orchester autoscale``: satellite jobs asked of the scheduler when work waits, given back when idle."""
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from typing import Any
+
 import click
+
+from orchester.cli.common import EXIT_USAGE, config_options
+from orchester.config import AutoscaleConfig, ConfigError, from_mapping
 
 
 @click.group()
@@ -27,10 +36,51 @@ def cluster_script(scheduler: str, nodes: int, walltime: str, workers: int, modu
                    endpoint_file: str, journal: str | None, job_name: str, python: str,
                    directives: tuple[str, ...]) -> None:
     """Print a SLURM or PBS batch script that starts the orchestrator and the satellites."""
-    from orchester.cli.scripts import ScriptSettings, render
+    from orchester.batch.scripts import ScriptSettings, render
 
     try:
         click.echo(render(ScriptSettings(scheduler, nodes, walltime, workers, list(modules), endpoint_file,
                                          job_name, journal, python, list(directives))), nl=False)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+@click.command(params=config_options(AutoscaleConfig))
+def autoscale(**kw: Any) -> None:
+    """Ask a batch scheduler for satellite jobs when work waits, and give them back when idle.
+
+    Its jobs are named orchester-TAG; started again with the same tag it adopts them. Stopped
+    (SIGTERM, SIGINT, SIGHUP), it leaves its jobs running: ``scancel --name orchester-TAG`` (or
+    ``qdel``) gives them back. With CurveZMQ it needs an admin key (``--curve-secret``).
+    """
+    settings = {key: list(value) if isinstance(value, tuple) else value for key, value in kw.items()}
+    cfg = load_autoscale(settings, "autoscale")
+    run_autoscale(cfg)
+
+
+def load_autoscale(settings: dict[str, Any], where: str) -> AutoscaleConfig:
+    """An :class:`~orchester.config.AutoscaleConfig` from flags or a table; a bad value is exit 2 with one line."""
+    try:
+        cfg: AutoscaleConfig = from_mapping(AutoscaleConfig, settings, where)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return cfg
+
+
+def run_autoscale(cfg: AutoscaleConfig) -> None:
+    """Run an autoscaler until a stop signal."""
+    from orchester.batch.autoscaler import Autoscale
+    from orchester.batch.scheduler import scheduler
+    from orchester.cli.common import open_client
+    from orchester.client.uplink import resolve_endpoint
+
+    try:
+        endpoints = [resolve_endpoint(ep) for ep in cfg.connect]
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    with open_client(endpoints) as client:
+        Autoscale(cfg, client, scheduler(cfg.scheduler), endpoints).run(stop)

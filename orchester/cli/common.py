@@ -1,5 +1,6 @@
 """What the command lines share: exit codes, logging, TOML config tables, one-line usage errors,
-the endpoint check of every ``--connect``; and what the ``orchester`` client commands share:
+the endpoint check of every ``--connect``, the options of a config dataclass's flags
+(:func:`config_options`: ``serve``, ``autoscale``); and what the ``orchester`` client commands share:
 ``--connect`` and ``--timeout``, opening a client, asking it, waiting for a task.
 
 Every command family (:mod:`orchester.cli.tasks`, :mod:`orchester.cli.fit`, …) imports this,
@@ -9,15 +10,18 @@ too. Heavier modules (the client) are imported inside the functions that need th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import sys
+import types
+import typing
 from typing import Any, NoReturn
 
 import click
 
-from orchester.config import ConfigError, load_toml
+from orchester.config import ConfigError, Flag, field_flags, load_toml
 
 EXIT_OK, EXIT_TASK_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 #: Interrupted (Ctrl-C, SIGINT): 128 + the signal's number, as shells report it.
@@ -25,7 +29,7 @@ EXIT_INTERRUPTED = 130
 CLIENT_COMMANDS = ("submit", "status", "watch", "show", "fit", "history", "top")
 #: The tables one deployment-wide config file may hold (each process reads its own).
 CONFIG_TABLES = frozenset({"client", "serve", "submit", "status", "watch", "show", "fit", "history", "top",
-                           "demo", "satellite"})
+                           "demo", "satellite", "autoscale"})
 
 
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "P": 2**50}
@@ -227,3 +231,61 @@ def wait_for(fut: Any) -> Any:
             return fut.result(timeout=0.5)
         except cf.TimeoutError:
             continue
+
+
+def config_options(cls: type) -> list[click.Option]:
+    """One click option per :class:`~orchester.config.Flag` of dataclass ``cls``'s fields, in field order.
+
+    The option's parameter is the field's name (so ``--config`` tables and the
+    ``ORCHESTER_<COMMAND>_<FIELD>`` environment variables use it), its default the field's.
+    """
+    hints = typing.get_type_hints(cls)
+    return [_option(f, hints[f.name], spec, first=i == 0)
+            for f in dataclasses.fields(cls) for i, spec in enumerate(field_flags(f))]
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """The default of field ``f`` (a fresh one from its factory, if it has one)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _option(f: dataclasses.Field[Any], hint: Any, spec: Flag, first: bool) -> click.Option:
+    """The option of one flag of field ``f`` (annotated ``hint``); ``first``: the field's first flag."""
+    default = field_default(f)
+    kind = _value_type(hint)
+    name = spec.name or "--" + f.name.replace("_", "-")
+    extra: dict[str, Any]
+    if spec.value is not None:  # one of the value-less flags that set this field; the first one holds the default
+        extra = {"flag_value": spec.value, **({"default": default} if first else {})}
+    elif kind is bool:
+        extra = {"is_flag": True, "default": default}
+    else:
+        multiple = typing.get_origin(kind) is list
+        item = typing.get_args(kind)[0] if multiple else kind
+        extra = {"multiple": multiple, "default": tuple(default) if multiple else default,
+                 "type": _click_type(spec, item)}
+        if default is not None and default != []:  # no "[default: None]" nor an empty one
+            extra["show_default"] = True
+    return click.Option([name, f.name], help=spec.help, metavar=spec.metavar, **extra)
+
+
+def _click_type(spec: Flag, item: Any) -> Any:
+    """The click type of one value of a flag: its choices, a kind of path, or the field's own type."""
+    if spec.choices:
+        return click.Choice(spec.choices)
+    if spec.path == "file":
+        return click.Path(dir_okay=False)
+    if spec.path == "dir":
+        return click.Path(file_okay=False)
+    return item
+
+
+def _value_type(hint: Any) -> Any:
+    """``X`` for ``X | None``, else ``hint`` itself."""
+    if isinstance(hint, types.UnionType):
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)]
+        if len(kinds) == 1:
+            return kinds[0]
+    return hint

@@ -1,7 +1,7 @@
 """The ``orchester`` command group: its global flags, and every command registered from its family module.
 
 Every flag can also come from a TOML file given with ``--config`` (a table per
-command: ``[serve]``, ``[submit]``, ``[status]``, ``[watch]``, ``[demo]``; a
+command: ``[serve]``, ``[submit]``, ``[status]``, ``[watch]``, ``[demo]``, ``[autoscale]``; a
 ``[client]`` table applies to every client command) and from environment
 variables ``ORCHESTER_<COMMAND>_<FLAG>``; the endpoint also from
 ``ORCHESTER_CONNECT``. Exit codes (docs/cli.rst): 0 ok, 1 a task or fit failed, 2 usage or
@@ -17,7 +17,7 @@ import os
 
 import click
 
-from orchester.cli.cluster import cluster
+from orchester.cli.cluster import autoscale, cluster
 from orchester.cli.common import CLIENT_COMMANDS, OneLineErrors, config_option, setup_logging
 from orchester.cli.control import drain, promote
 from orchester.cli.demo import demo
@@ -33,7 +33,8 @@ from orchester.cli.web import web
 
 @click.group(cls=OneLineErrors,
              context_settings={"auto_envvar_prefix": "ORCHESTER", "help_option_names": ["-h", "--help"]})
-@config_option({c: c for c in (*CLIENT_COMMANDS, "serve", "demo")}, "TOML file with a table of flags per command.")
+@config_option({c: c for c in (*CLIENT_COMMANDS, "serve", "demo", "autoscale")},
+               "TOML file with a table of flags per command.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Least important log messages written to stderr.")
@@ -53,7 +54,7 @@ def main(log_level: str, curve_secret: str | None, server_key: str | None) -> No
 
 
 for _command in (serve, keys, submit, status, show, watch, drain, promote, fit, history, replay, journal, cluster,
-                 top, demo, web):
+                 autoscale, top, demo, web):
     main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover

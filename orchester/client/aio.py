@@ -249,6 +249,10 @@ class AsyncClient:
         """Send no more tasks to ``satellite`` (see :meth:`orchester.Client.drain`)."""
         return await self._call(M.Control("drain", sid=satellite), timeout)
 
+    async def report_jobs(self, report: M.JobsReport, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Tell the orchestrator an autoscaler's batch jobs (see :meth:`orchester.Client.report_jobs`)."""
+        return await self._call(M.Control("jobs", fields=report.header()), timeout)
+
     async def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
         """Make the binary-star server this client talks to ACTIVE (see :meth:`orchester.Client.promote`)."""
         return await self._call(M.Control("promote", force=bool(force)), timeout)

@@ -295,6 +295,11 @@ class Client:
         """Send no more tasks to ``satellite``; what it runs finishes (then stop it). Needs ``admin`` with keys."""
         return self._call(M.Control("drain", sid=satellite), timeout)
 
+    def report_jobs(self, report: M.JobsReport, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Tell the orchestrator an autoscaler's batch jobs (shown by ``status``, ``top``, the web page and carbon).
+        Needs ``admin`` with keys; ``orchester autoscale`` sends it at every step."""
+        return self._call(M.Control("jobs", fields=report.header()), timeout)
+
     def promote(self, force: bool = False, timeout: float | None = 10.0) -> dict[str, Any]:
         """Make the binary-star server this client talks to ACTIVE (manual recovery, see ``docs/ha.rst``).
 

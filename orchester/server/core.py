@@ -338,7 +338,8 @@ class Orchestrator:
         if prior is not None:  # this connection was another satellite id: that record goes, with its tasks
             self.life.lose(prior, now, "replaced on its connection", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
-                              host=reg.host, pid=reg.pid, workers=reg.workers, cores=reg.cores, memory=reg.memory)
+                              host=reg.host, pid=reg.pid, workers=reg.workers, cores=reg.cores, memory=reg.memory,
+                              job=reg.job)
         sat.stall_timeouts = dict(reg.progress)
         sat.user = self.state.user
         if reg.walltime is not None:

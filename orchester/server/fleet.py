@@ -15,13 +15,14 @@ class SatelliteRecord:
         "recover_at", "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
         "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
-        "cores", "capacity", "used", "memory", "mem_used", "reserved",
+        "cores", "capacity", "used", "memory", "mem_used", "reserved", "job",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
                  kinds: frozenset[str], now: float, host: str = "", pid: int = 0,
-                 workers: int = 0, cores: int = 0, memory: int = 0) -> None:
+                 workers: int = 0, cores: int = 0, memory: int = 0, job: str = "") -> None:
         self.sid = sid
+        self.job = job  #: the batch job it runs in ("" outside one)
         self.ident = ident
         self.sock = sock
         self.slots = slots  #: announced capacity
@@ -111,6 +112,7 @@ class SatelliteRecord:
             "reported": self.reported, "user": self.user, "cores": self.cores, "cores_used": self.used,
             "memory": self.memory, "memory_used": self.mem_used,
             "reserved_for": self.reserved.id if self.reserved is not None else None,
+            "job": self.job or None,
         }
 
 

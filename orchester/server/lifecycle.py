@@ -263,10 +263,9 @@ class Lifecycle:
         counts[task.state] -= 1
         counts[state] += 1
         if task.state is TS.PENDING:
-            st.pending_left(task.kind, task.cores)
+            st.pending_left(task)
         elif state is TS.PENDING:
-            st.pending_kinds[task.kind] += 1
-            st.pending_cores += task.cores
+            st.pending_entered(task)
             task.queued_at = now
         task.state = state
         wall = st.wall()  # one reading for the history, the journal and the event

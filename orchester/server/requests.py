@@ -22,13 +22,16 @@ from orchester.server.state import LATENCY_WINDOW, ServerState
 from orchester.server.tasks import Task
 from serializers import protocol as P
 from serializers.header import ProtocolError, pack, unpack
-from serializers.messages import Cancel, Control, Fetch, History, RequestId, Status, reply
+from serializers.messages import Cancel, Control, Fetch, History, JobsReport, RequestId, Status, reply
 from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
 log = logging.getLogger("orchester")
 
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
+#: Most autoscalers whose job reports are kept (``CONTROL jobs``), and seconds a report is shown without a newer.
+MAX_AUTOSCALERS = 16
+JOBS_REPORT_TTL = 120.0
 #: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
 RUNNING_SHOWN = 8
 #: Dependencies and dependents whose kind and state ``show`` gives (the web page draws them).
@@ -156,9 +159,13 @@ class Requests:
             assert msg.sid is not None  # (decoded with the op)
             self._drain(sock, ident, msg.sid, msg.rid, now)
             return
+        if op == "jobs":
+            assert msg.report is not None  # (decoded with the op)
+            self._jobs(sock, ident, msg.report, msg.rid, now)
+            return
         if op != "strategy":
             raise ProtocolError(P.E_BAD_REQUEST, f"unknown control operation {op!r}; "
-                                "known: ['strategy', 'drain', 'promote']")
+                                "known: ['strategy', 'drain', 'promote', 'jobs']")
         name = msg.name
         assert name is not None  # (decoded with the op)
         try:
@@ -186,6 +193,36 @@ class Requests:
             self.state.counters["drains"] += 1
         self.reply(sock, ident, rid, {"sid": sid, "state": sat.state.name.lower(),
                                                   "inflight": len(sat.inflight)})
+
+    def _jobs(self, sock: Any, ident: bytes, report: JobsReport, rid: RequestId, now: float) -> None:
+        """An autoscaler reports its batch jobs: kept (the last report of each tag, at most
+        :data:`MAX_AUTOSCALERS` tags: a new tag pushes out the one silent longest) for the status."""
+        reports = self.state.job_reports
+        reports.pop(report.tag, None)
+        while len(reports) >= MAX_AUTOSCALERS:
+            del reports[min(reports, key=lambda tag: reports[tag][1])]
+        reports[report.tag] = (report, now)
+        self.state.counters["job_reports"] += 1
+        self.reply(sock, ident, rid, {"tag": report.tag, "jobs": len(report.jobs)})
+
+    def jobs(self, now: float) -> list[dict[str, Any]]:
+        """The autoscalers' last reports, each job with the satellites that run in it (``status``'s ``jobs``);
+        a report older than :data:`JOBS_REPORT_TTL` seconds is dropped (its autoscaler is gone)."""
+        reports = self.state.job_reports
+        for tag in [t for t, (_, seen) in reports.items() if now - seen > JOBS_REPORT_TTL]:
+            del reports[tag]
+        if not reports:
+            return []
+        by_job: dict[str, list[str]] = {}
+        for sat in self.state.fleet:
+            if sat.job:
+                by_job.setdefault(sat.job, []).append(sat.sid)
+        return [{"tag": tag, "scheduler": r.scheduler, "age": round(now - seen, 1), "max": r.max_jobs,
+                 "min": r.min_jobs, "error": r.error or None,
+                 "counts": dict(Counter(state for _, state, _ in r.jobs)),
+                 "jobs": [{"id": job, "state": state, "age": age, "satellites": by_job.get(job, [])}
+                          for job, state, age in r.jobs]}
+                for tag, (r, seen) in sorted(reports.items())]
 
     def on_history(self, sock: Any, ident: bytes, msg: History, frames: list[Any], now: float) -> None:
         """HISTORY: rows from the journal's reader when there is a journal, else from the table."""
@@ -329,8 +366,9 @@ class Requests:
         return out
 
     def queue(self, now: float) -> dict[str, Any]:
-        """The queue as an autoscaler sizes it: tasks pending, the cores they ask for together, the seconds
-        the one queued longest has waited (0 when none), and the tasks waiting for others."""
+        """The queue as an autoscaler sizes it: tasks pending, the cores they ask for together, the core-seconds
+        of work they declare (``duration`` times cores; tasks declaring none count 0), the seconds the one
+        queued longest has waited (0 when none), and the tasks waiting for others."""
         queues, oldest = self.state.queues, None
         for key in queues.keys():  # (the head of each queue: the oldest of its priority, enough for a bound)
             head = queues.head(key)
@@ -338,6 +376,7 @@ class Requests:
                 oldest = head.queued_at
         counts = self.state.state_counts
         return {"tasks": counts[TS.PENDING], "cores": self.state.pending_cores,
+                "work": round(self.state.pending_work, 3),
                 "oldest_wait": round(max(0.0, now - oldest), 3) if oldest is not None else 0.0,
                 "waiting": counts[TS.WAITING]}
 
@@ -359,5 +398,6 @@ class Requests:
             "results_retained": len(self.state.results),
             "latency": self.latency(now),
             "counters": dict(self.state.counters),
+            "jobs": self.jobs(now),
             **({"ha": self.ports.ha_status(now)} if self.ports.ha_status is not None else {}),
         }

@@ -17,6 +17,7 @@ from orchester.server.peers import ConnectionKeys, RequestRate, Subscriptions, U
 from orchester.server.results import ResultStore
 from orchester.server.routing import RoutingStrategy, make_strategy
 from orchester.server.tasks import Task, TaskQueues
+from serializers.messages import JobsReport
 from tracker import TaskState, TimerWheel
 
 #: Task latencies kept for the status (the last ones that ended, over :data:`LATENCY_WINDOW` seconds at most).
@@ -45,6 +46,8 @@ class ServerState:
         #: pending tasks per kind (the queue depths of status replies and metrics)
         self.pending_kinds: Counter[str] = Counter()
         self.pending_cores = 0  #: cores the pending tasks ask for together (what an autoscaler sizes by)
+        #: core-seconds of work the pending tasks declare together (their ``duration`` times their cores)
+        self.pending_work = 0.0
         self.queues = TaskQueues()
         self.fleet = Fleet()
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
@@ -67,6 +70,8 @@ class ServerState:
         self.client_load: dict[str | bytes, list[int]] = {}
         #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
         self.sat_keys: dict[str, str] = {}
+        #: the last report of each autoscaler (by tag), and when it came (monotonic): shown, not journaled
+        self.job_reports: dict[str, tuple[JobsReport, float]] = {}
         #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
         self.conns = ConnectionKeys(config.max_key_connections)
         self.unread = UnreadResults(config.max_unread_bytes)
@@ -105,8 +110,7 @@ class ServerState:
         self.tasks[task.id] = task
         self.state_counts[task.state] += 1
         if task.state is TaskState.PENDING:
-            self.pending_kinds[task.kind] += 1
-            self.pending_cores += task.cores
+            self.pending_entered(task)
         self.queued(task)
 
     def queued(self, task: Task) -> None:
@@ -119,9 +123,19 @@ class ServerState:
         if task.spilled is None:
             self.queued_bytes -= task.size
 
-    def pending_left(self, kind: str, cores: int = 1) -> None:
-        """One pending task of ``kind`` (asking for ``cores``) left the queue (dispatched, expired, cancelled)."""
-        self.pending_cores -= cores
+    def pending_entered(self, task: Task) -> None:
+        """``task`` became pending: counted by kind, cores and declared work."""
+        self.pending_kinds[task.kind] += 1
+        self.pending_cores += task.cores
+        if task.duration:
+            self.pending_work += task.duration * task.cores
+
+    def pending_left(self, task: Task) -> None:
+        """A pending task left the queue (dispatched, expired, cancelled)."""
+        self.pending_cores -= task.cores
+        if task.duration:
+            self.pending_work = max(0.0, self.pending_work - task.duration * task.cores)
+        kind = task.kind
         n = self.pending_kinds[kind] - 1
         if n > 0:
             self.pending_kinds[kind] = n

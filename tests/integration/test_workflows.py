@@ -12,11 +12,11 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
+from conftest import FAST_HB, TEST_ENV
 
 import orchester
 from orchester import LocalCluster, RemoteError, TaskFailed
 from serializers import protocol as P
-from conftest import FAST_HB, TEST_ENV
 
 
 def test_a_chain_passes_each_result_by_reference_and_the_client_gets_only_the_last(

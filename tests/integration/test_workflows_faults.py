@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TEST_ENV
 
 from orchester import Client, LocalCluster
 from orchester.local.pair import LocalPair
-from conftest import TEST_ENV
 
 pytestmark = pytest.mark.integration
 HB = 0.2

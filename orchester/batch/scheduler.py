@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from orchester.autoscale.policy import PENDING, RUNNING
+from orchester.batch.policy import PENDING, RUNNING
 from orchester.errors import OrchesterError
 
 #: Seconds a scheduler command may take.

@@ -9,7 +9,8 @@ autoscaler submitted) and the time, and returns decisions (:class:`Submit`, :cla
 The rules:
 
 * **Up.** Work waits when the cores the queued tasks ask for are more than the cores free on the
-  satellites that take work, plus those of the jobs still pending in the scheduler. When work waits
+  satellites that take work (and whose allocation lasts the queued tasks' declared mean duration),
+  plus those of the jobs still pending in the scheduler. When work waits
   and its oldest task has waited ``wait_bound`` seconds (at once when no satellite is there at all),
   enough jobs are submitted to cover it, never more than ``max_jobs`` pending or running. A job
   that ends (walltime, a node lost) is replaced by the same rule while work remains. At least
@@ -20,6 +21,9 @@ The rules:
   seconds, while nothing waits and more than ``min_jobs`` run, is drained first (its satellites get
   no new task); once its satellites are empty it is cancelled (work that comes meanwhile goes to
   the other jobs, or to new ones by the first rule). No task is killed for scaling down.
+* **Broken jobs.** A job that has run ``start_timeout`` seconds with none of its satellites
+  registered (its script cannot reach the bus, or its satellites die at start) is cancelled, and
+  replaced by the first rule while work waits.
 """
 
 from __future__ import annotations
@@ -44,13 +48,16 @@ class Limits:
     idle_timeout: float = 300.0  #: seconds a job's satellites may be idle before it is given back
     backoff: float = 10.0  #: seconds after a refused submission before the next
     backoff_max: float = 600.0
+    #: seconds a running job may go without any satellite of it registered before it is cancelled (its
+    #: script cannot reach the bus, or dies at start): it is then replaced by the rule above
+    start_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_jobs <= self.max_jobs or self.max_jobs < 1:
             raise ValueError("need 0 <= min_jobs <= max_jobs and max_jobs >= 1")
         if self.satellites_per_job < 1 or self.cores_per_satellite < 1:
             raise ValueError("need at least one satellite per job and one core per satellite")
-        for name in ("wait_bound", "idle_timeout", "backoff", "backoff_max"):
+        for name in ("wait_bound", "idle_timeout", "backoff", "backoff_max", "start_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
@@ -72,17 +79,24 @@ class Satellite:
     inflight: int
     accepts_work: bool = True
     draining: bool = False
+    walltime_left: float | None = None  #: seconds until its allocation ends (None: no end known)
 
 
 @dataclass(frozen=True)
 class Bus:
-    """What the orchestrator says: the queued tasks (their number, the cores they ask for together, and
-    how long the oldest has waited) and the satellites."""
+    """What the orchestrator says: the queued tasks (their number, the cores they ask for together, how
+    long the oldest has waited, and the core-seconds of work they declare) and the satellites."""
 
     queued: int
     queued_cores: int
     oldest_wait: float
     satellites: tuple[Satellite, ...] = ()
+    queued_work: float = 0.0  #: core-seconds the queued tasks declare (``duration`` times cores; 0: none)
+
+    @property
+    def mean_duration(self) -> float:
+        """Seconds a queued core's work lasts on average, as the tasks declare it (0: they declare none)."""
+        return self.queued_work / self.queued_cores if self.queued_cores and self.queued_work > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +126,9 @@ Decision = Submit | Drain | Cancel
 @dataclass
 class _Job:
     state: str
+    since: float = 0.0  #: when it was submitted (or adopted)
     idle_since: float | None = None
+    alone_since: float | None = None  #: running with no satellite of it registered, since
     draining: bool = False
     cancelled: bool = False
 
@@ -142,11 +158,11 @@ class Autoscaler:
         self._up(bus, waits, now, out)
         return out
 
-    def submitted(self, job_ids: list[str], asked: int) -> None:
+    def submitted(self, job_ids: list[str], asked: int, now: float = 0.0) -> None:
         """The adapter submitted ``asked`` jobs, and the scheduler took ``job_ids``."""
         self.asked = max(0, self.asked - asked)
         for job in job_ids:
-            self.jobs.setdefault(job, _Job(PENDING))
+            self.jobs.setdefault(job, _Job(PENDING, now))
         self.refusals = 0
 
     def refused(self, asked: int, now: float) -> None:
@@ -156,15 +172,28 @@ class Autoscaler:
         delay = min(self.limits.backoff * 2 ** (self.refusals - 1), self.limits.backoff_max)
         self.not_before = now + delay
 
-    def adopt(self, scheduler: Mapping[str, str]) -> None:
+    def adopt(self, scheduler: Mapping[str, str], now: float = 0.0) -> None:
         """After a restart: take the jobs the scheduler lists under our tag as ours (no duplicate is submitted)."""
         for job, state in scheduler.items():
-            self.jobs.setdefault(job, _Job(state))
+            self.jobs.setdefault(job, _Job(state, now))
+
+    def report(self, now: float) -> list[tuple[str, str, float]]:
+        """Our jobs as the bus shows them: ``[job, pending|running|ending, seconds since submitted]`` (ending:
+        drained or cancelled, on its way out)."""
+        return [(job, "ending" if j.draining or j.cancelled else j.state, max(0.0, now - j.since))
+                for job, j in self.jobs.items()]
+
+    def cancel_failed(self, job: str) -> None:
+        """The scheduler did not take the cancellation of ``job``: it is asked for again at the next step."""
+        record = self.jobs.get(job)
+        if record is not None:
+            record.cancelled = False
 
     @property
     def live(self) -> int:
-        """Jobs pending or running, and submissions on their way."""
-        return sum(1 for j in self.jobs.values() if j.state != ENDED and not j.cancelled) + self.asked
+        """Jobs the scheduler lists (a cancelled one too, until it is gone: ``max_jobs`` bounds what the
+        scheduler shows), and submissions on their way."""
+        return sum(1 for j in self.jobs.values() if j.state != ENDED) + self.asked
 
     # ----------------------------------------------------------------- rules
     def _follow(self, scheduler: Mapping[str, str]) -> None:
@@ -175,8 +204,11 @@ class Autoscaler:
                 del self.jobs[job]
 
     def _waiting_cores(self, bus: Bus) -> int:
-        """Cores the queue asks for beyond what the satellites have free now."""
-        free = sum(max(0, s.cores - s.cores_used) for s in bus.satellites if s.accepts_work and not s.draining)
+        """Cores the queue asks for beyond what the satellites have free now (a satellite whose allocation ends
+        before the queued work's declared mean duration is no help: the orchestrator sends it no such task)."""
+        lasts = bus.mean_duration
+        free = sum(max(0, s.cores - s.cores_used) for s in bus.satellites
+                   if s.accepts_work and not s.draining and (s.walltime_left is None or s.walltime_left >= lasts))
         return max(0, bus.queued_cores - free)
 
     def _up(self, bus: Bus, waits: int, now: float, out: list[Decision]) -> None:
@@ -203,6 +235,15 @@ class Autoscaler:
                     record.cancelled = True
                     out.append(Cancel(job))
                 continue
+            if not sats:  # running, and none of its satellites is there (yet, or any more)
+                if record.alone_since is None:
+                    record.alone_since = now
+                elif now - record.alone_since >= limits.start_timeout:
+                    record.cancelled = True
+                    running -= 1
+                    out.append(Cancel(job))
+                continue
+            record.alone_since = None
             idle = bool(sats) and all(s.inflight == 0 for s in sats)
             if not idle:
                 record.idle_since = None
