@@ -110,6 +110,22 @@ def _install_chromium() -> None:
 
 
 @pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real one-node Slurm (munged, slurmctld, slurmd: :mod:`slurm_node`), installed when missing;
+    stopped, with every job, at the end of the module that uses it."""
+    from slurm_node import OneNodeSlurm
+
+    try:
+        node = OneNodeSlurm(tmp_path_factory.mktemp("slurm")).start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (Debian's) under Playwright; closed at the end of the module that uses it
     (Playwright's sync API holds an asyncio loop in this thread while it runs: later tests need none)."""

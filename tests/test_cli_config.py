@@ -172,8 +172,8 @@ def test_command_families_import_common_never_the_group() -> None:
 
 
 def test_every_command_is_registered_on_the_group() -> None:
-    assert sorted(main.commands) == ["autoscale", "cluster", "demo", "drain", "fit", "history", "journal", "keys", "promote",
-                                     "replay", "serve", "show", "status", "submit", "top", "watch", "web"]
+    assert sorted(main.commands) == ["autoscale", "cluster", "demo", "drain", "fit", "history", "journal", "keys",
+                                     "promote", "replay", "serve", "show", "status", "submit", "top", "watch", "web"]
 
 
 def test_the_command_line_starts_without_its_heavy_modules() -> None:

@@ -1,0 +1,196 @@
+"""A real one-node Slurm for the tests: munged, slurmctld and slurmd on this machine.
+
+Debian's ``slurm-wlm`` (installed when missing, as root), configured in a temporary folder: its own
+ports (chosen by the OS), state and spool; ``proctrack/linuxproc`` and ``task/none`` (no cgroups in
+a container), ``select/cons_tres`` with the node's real CPUs and memory, ``OverSubscribe=FORCE`` so
+that more jobs than cores may run. Every daemon this starts is stopped by its pid at the end
+(munged only if it was not running already). Client commands need ``SLURM_CONF``: :attr:`env`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+#: The Debian packages the fixture needs.
+PACKAGES = ("slurm-wlm", "munge")
+MUNGE_KEY = Path("/etc/munge/munge.key")
+MUNGE_RUN = Path("/run/munge")
+
+
+def install() -> None:
+    """Install Debian's slurm-wlm and munge when missing (CI runs as root on a fresh machine)."""
+    if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0:
+        raise RuntimeError("the Slurm tests need Debian's slurm-wlm and munge: apt-get install slurm-wlm munge "
+                           "(as root)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=900)
+    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], check=True, env=env,
+                   stdout=subprocess.DEVNULL, timeout=1200)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 1024
+
+
+def _pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OneNodeSlurm:
+    """The daemons of a one-node cluster, started in ``root`` (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.cpus = os.cpu_count() or 1
+        self._munged: int | None = None  #: the munged this started (None: one was running)
+
+    # ------------------------------------------------------------ start, stop
+    def start(self, timeout: float = 60.0) -> OneNodeSlurm:
+        """Start munged (if needed), slurmctld and slurmd; wait until the node is idle."""
+        install()
+        self._start_munge()
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        r = self.root
+        self.conf.write_text("\n".join([
+            "ClusterName=orchestertest",
+            f"SlurmctldHost={self.host}",
+            "AuthType=auth/munge",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool",
+            f"SlurmctldPidFile={r}/slurmctld.pid",
+            f"SlurmdPidFile={r}/slurmd.pid",
+            f"SlurmctldLogFile={r}/ctld.log",
+            f"SlurmdLogFile={r}/d.log",
+            "SlurmUser=root",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "ReturnToService=2",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MinJobAge=2",
+            "KillWait=5",
+            "SchedulerParameters=sched_interval=1",
+            f"NodeName={self.host} CPUs={self.cpus} RealMemory={max(256, _memory_mib() - 1024)} State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:8",
+            "",
+        ]))
+        try:
+            subprocess.run(["slurmctld", "-f", str(self.conf)], env=self.env, check=True, timeout=60,
+                           capture_output=True)
+            subprocess.run(["slurmd", "-f", str(self.conf)], env=self.env, check=True, timeout=60,
+                           capture_output=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:  # (a node not yet registered is "idle*", "unk*": not up)
+                out = self.run("sinfo", "--noheader", "--format=%t", check=False)
+                if out.strip() in ("idle", "mix", "alloc"):
+                    return self
+                time.sleep(0.3)
+            raise RuntimeError(f"the Slurm node did not come up in {timeout:g} s: {self.logs()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_munge(self) -> None:
+        running = _pid(MUNGE_RUN / "munged.pid")
+        if running and _alive(running) and (MUNGE_RUN / "munge.socket.2").exists():
+            return
+        if not MUNGE_KEY.exists():
+            MUNGE_KEY.parent.mkdir(parents=True, exist_ok=True)
+            MUNGE_KEY.write_bytes(os.urandom(1024))
+            shutil.chown(MUNGE_KEY, "munge", "munge")
+            MUNGE_KEY.chmod(0o400)
+        MUNGE_RUN.mkdir(parents=True, exist_ok=True)
+        shutil.chown(MUNGE_RUN, "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--force"], check=True, timeout=30)
+        self._munged = _pid(MUNGE_RUN / "munged.pid")
+        deadline = time.monotonic() + 10
+        while not (MUNGE_RUN / "munge.socket.2").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Cancel every job, then stop slurmd, slurmctld and the munged this started (by pid)."""
+        if self.conf.exists() and _pid(self.root / "slurmctld.pid"):
+            subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+            deadline = time.monotonic() + 30  # the jobs' steps end while slurmd and munged still run
+            while time.monotonic() < deadline and self.run("squeue", "--noheader", check=False).strip():
+                time.sleep(0.3)
+        pids = [p for p in (_pid(self.root / "slurmd.pid"), _pid(self.root / "slurmctld.pid"), self._munged) if p]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 20
+        for pid in pids:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self._munged = None
+
+    # ------------------------------------------------------------ commands
+    def run(self, *argv: str, check: bool = True) -> str:
+        """A Slurm client command's output (``SLURM_CONF`` set)."""
+        try:
+            done = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            if check:
+                raise
+            return ""
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+        return done.stdout
+
+    def jobs(self, name: str | None = None) -> dict[str, str]:
+        """``squeue``: job id → state (PENDING, RUNNING, COMPLETING, …), of the jobs named ``name``."""
+        argv = ["squeue", "--noheader", "--format=%i|%T"] + ([f"--name={name}"] if name else [])
+        out = self.run(*argv)
+        return dict(line.strip().split("|", 1) for line in out.splitlines() if "|" in line)
+
+    def logs(self) -> str:
+        """The last lines of the daemons' logs (for a failure's message)."""
+        out = []
+        for name in ("ctld.log", "d.log"):
+            path = self.root / name
+            if path.exists():
+                out.append(f"{name}: " + " | ".join(path.read_text(errors="replace").splitlines()[-8:]))
+        return "; ".join(out)
