@@ -302,15 +302,46 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
     cols = [Column("id", keep=True, whole=True), Column("state", keep=True), Column("host", rank=5, wrap=True),
             Column("inflight/credit", rank=0, justify="right"), Column("done", rank=1, justify="right"),
             Column("failed", rank=2, justify="right"), Column("heartbeat age", rank=3, justify="right"),
-            Column("tags", rank=4, wrap=True), Column("cores used", rank=1, justify="right")]
+            Column("tags", rank=4, wrap=True), Column("cores used", rank=1, justify="right"),
+            Column("job", rank=6, whole=True)]
     for s in _rows(st.get("satellites")):
         tags = s.get("tags")
         cores = f"{_count(s.get('cores_used'))}/{_count(s.get('cores'))}" if "cores" in s else ""
         add_row(cols, cell(s.get("id")), cell(s.get("state")), cell(s.get("host")),
                 f"{_count(s.get('inflight'))}/{_count(s.get('credit', s.get('slots')))}",
                 _count(s.get("done", 0)), _count(s.get("failed", 0)), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
-                cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""), cores)
+                cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""), cores,
+                cell(s.get("job") or ""))
     console.print(FittedTable("satellites", cols, "status --json shows everything"))
+    for line in jobs_lines(st):
+        console.print(line)
+
+
+def jobs_lines(st: Mapping[str, Any]) -> list[Text]:
+    """A line per autoscaler of a status (``jobs``): its tag and scheduler, its jobs by state with the
+    satellites of each, and the scheduler's last error. Nothing when no autoscaler reports."""
+    out = []
+    for r in _rows(st.get("jobs"), 64):
+        jobs = _rows(r.get("jobs"), 10_000)
+        counts = {state: sum(1 for j in jobs if j.get("state") == state) for state in ("pending", "running", "ending")}
+        line = Text.assemble(("autoscaler ", "bold"), (clean_text(r.get("tag"), 40), "cyan"),
+                             f" ({clean_text(r.get('scheduler'), 16)}, {_count(r.get('min'))} to "
+                             f"{_count(r.get('max'))} jobs): ",
+                             ", ".join(f"{n} {state}" for state, n in counts.items()))
+        listed = [f"{clean_text(j.get('id'), 64)} {clean_text(j.get('state'), 10)}"
+                  + (f" [{', '.join(clean_text(s, 64) for s in j['satellites'][:8])}]"
+                     if isinstance(j.get("satellites"), list) and j["satellites"] else "")
+                  for j in jobs[:MAX_JOBS_LISTED]]
+        if listed:
+            line.append("  " + "; ".join(listed) + (" …" if len(jobs) > MAX_JOBS_LISTED else ""))
+        if r.get("error"):
+            line.append(f"  scheduler: {clean_text(r.get('error'), 300)}", "red")
+        out.append(line)
+    return out
+
+
+#: Jobs a status line lists by id (``status --json`` has them all).
+MAX_JOBS_LISTED = 12
 
 
 #: Task ids ``show`` lists of a task's dependencies or dependents (``show --json`` has them all).

@@ -155,3 +155,52 @@ def test_limits_are_checked() -> None:
                 {"max_jobs": 1, "wait_bound": float("nan")}, {"max_jobs": 1, "idle_timeout": -1.0}):
         with pytest.raises(ValueError):
             Limits(**bad)  # type: ignore[arg-type]
+
+
+def test_a_job_none_of_whose_satellites_joins_is_cancelled_after_the_start_timeout() -> None:
+    a = Autoscaler(Limits(max_jobs=1, start_timeout=60.0, wait_bound=0.0))
+    a.submitted(["j1"], 1, 0.0)
+    waiting = Bus(4, 4, 30.0)
+    assert a.step(waiting, {"j1": RUNNING}, 10.0) == []  # running, no satellite yet: it may still be starting
+    assert a.step(waiting, {"j1": RUNNING}, 69.0) == []
+    assert a.step(waiting, {"j1": RUNNING}, 70.0) == [Cancel("j1")]  # its script cannot reach the bus
+    assert a.step(waiting, {}, 71.0) == [Submit(1)]  # gone: replaced while work waits
+    a.submitted(["j2"], 1, 71.0)
+    assert a.step(Bus(4, 4, 30.0, (sat("s2", "j2"),)), {"j2": RUNNING}, 72.0) == []
+    assert a.step(waiting, {"j2": RUNNING}, 200.0) == []  # (its satellite went: the clock starts again)
+
+
+def test_a_failed_cancellation_is_asked_for_again() -> None:
+    a = Autoscaler(Limits(max_jobs=2, idle_timeout=5.0))
+    a.adopt({"j1": RUNNING, "j2": RUNNING}, 0.0)
+    idle = Bus(0, 0, 0.0, (sat("s1", "j1"), sat("s2", "j2")))
+    a.step(idle, {"j1": RUNNING, "j2": RUNNING}, 0.0)
+    out = a.step(idle, {"j1": RUNNING, "j2": RUNNING}, 6.0)
+    assert sorted(map(str, out)) == sorted(map(str, [Drain("s1"), Drain("s2")]))
+    drained = Bus(0, 0, 0.0, (sat("s1", "j1", draining=True), sat("s2", "j2", draining=True)))
+    assert a.step(drained, {"j1": RUNNING, "j2": RUNNING}, 7.0) == [Cancel("j1"), Cancel("j2")]
+    a.cancel_failed("j2")  # scancel failed for j2
+    assert a.step(drained, {"j1": RUNNING, "j2": RUNNING}, 8.0) == [Cancel("j2")]
+    assert a.live == 2  # cancelled jobs count until the scheduler drops them: max_jobs bounds what it lists
+    assert [(j, s) for j, s, _ in a.report(9.0)] == [("j1", "ending"), ("j2", "ending")]
+
+
+def test_a_satellite_whose_allocation_ends_before_the_declared_work_is_no_capacity() -> None:
+    a = Autoscaler(Limits(max_jobs=4, cores_per_satellite=4, wait_bound=0.0))
+    a.adopt({"j1": RUNNING})
+    ending = (Satellite("s1", "j1", 4, 0, 0, walltime_left=120.0),)
+    short = Bus(4, 4, 1.0, ending, queued_work=4 * 60.0)  # one minute each: the satellite's 2 minutes do
+    assert short.mean_duration == 60.0
+    assert a.step(short, {"j1": RUNNING}, 0.0) == []
+    long = Bus(4, 4, 1.0, ending, queued_work=4 * 600.0)  # ten minutes each: they cannot run there
+    assert a.step(long, {"j1": RUNNING}, 1.0) == [Submit(1)]
+    assert Bus(4, 4, 1.0).mean_duration == 0.0  # no declared duration: every satellite counts
+
+
+def test_the_report_says_each_job_and_how_long_ago_it_was_submitted() -> None:
+    a = Autoscaler(Limits(max_jobs=3))
+    a.submitted(["j1"], 1, 10.0)
+    a.adopt({"j2": RUNNING}, 12.0)
+    assert a.report(15.0) == [("j1", PENDING, 5.0), ("j2", RUNNING, 3.0)]
+    a.step(Bus(0, 0, 0.0), {"j2": RUNNING}, 16.0)  # j1 no longer listed: ended
+    assert a.report(17.0) == [("j2", RUNNING, 5.0)] and ENDED not in {s for _, s, _ in a.report(17.0)}

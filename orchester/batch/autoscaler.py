@@ -94,7 +94,7 @@ class Autoscale:
         self.error = ""  #: the scheduler's last error, while it lasts
         self.failures = 0  #: scheduler queries failed in a row
         self.ask_after = 0.0  #: no query of the scheduler before this time (back-off)
-        self.counters: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  #: what it did (submitted, cancelled, failed to ask)
 
     # ---------------------------------------------------------------- the loop
     def run(self, stop: threading.Event) -> None:
@@ -113,7 +113,7 @@ class Autoscale:
         try:
             status = self.client.status(self.cfg.timeout)
         except OrchesterError as exc:
-            self.counters["bus_unreachable"] += 1
+            self.counts["bus_unreachable"] += 1
             log_limited(log, logging.WARNING, "the bus did not answer (%s): no decision this time", exc)
             return []
         try:
@@ -131,7 +131,7 @@ class Autoscale:
         before = set(self.policy.jobs)
         decisions = self.policy.step(bus_of(status), jobs, now)
         for job in sorted(before - set(self.policy.jobs)):
-            self.counters["jobs_ended"] += 1
+            self.counts["jobs_ended"] += 1
             log.info("job %s ended", job)
         for decision in decisions:
             self._carry_out(decision, now)
@@ -145,14 +145,14 @@ class Autoscale:
         elif isinstance(decision, Drain):
             try:
                 self.client.drain(decision.sid, self.cfg.timeout)
-                self.counters["satellites_drained"] += 1
+                self.counts["satellites_drained"] += 1
                 log.info("satellite %s drained (its job is idle)", decision.sid)
             except OrchesterError as exc:  # gone meanwhile, or the bus did not answer: the job is cancelled
                 log.warning("could not drain satellite %s: %s", decision.sid, exc)  # once it is empty anyway
         elif isinstance(decision, Cancel):
             try:
                 self.scheduler.cancel(decision.job)
-                self.counters["jobs_cancelled"] += 1
+                self.counts["jobs_cancelled"] += 1
                 log.info("job %s given back", decision.job)
             except SchedulerError as exc:
                 self.policy.cancel_failed(decision.job)
@@ -164,18 +164,18 @@ class Autoscale:
                 job = self.scheduler.submit(self.script, self.cfg.tag)
             except SchedulerError as exc:
                 self.policy.refused(count - done, now)
-                self.counters["submissions_refused"] += 1
+                self.counts["submissions_refused"] += 1
                 self.error = str(exc)
                 log.warning("%s; next try in %.0f s", exc, self.policy.not_before - now)
                 return
             self.policy.submitted([job], 1, now)
-            self.counters["jobs_submitted"] += 1
+            self.counts["jobs_submitted"] += 1
             log.info("job %s submitted (%d of %d)", job, done + 1, count)
 
     def _scheduler_failed(self, exc: SchedulerError, now: float) -> None:
         self.failures += 1
         self.error = str(exc)
-        self.counters["scheduler_errors"] += 1
+        self.counts["scheduler_errors"] += 1
         delay = min(self.cfg.backoff * 2 ** (self.failures - 1), self.cfg.backoff_max)
         self.ask_after = now + delay
         log.warning("%s; asking again in %.0f s", exc, delay)

@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from orchester.cli.common import ask, connect_option, timeout_option
-from orchester.render import Column, FittedTable, add_row, cell, clean_text, finite, fmt
+from orchester.render import Column, FittedTable, add_row, cell, clean_text, finite, fmt, jobs_lines
 
 #: Most tasks tracked at once (submitted, or running on a satellite); events beyond are not kept.
 MAX_TRACKED = 100_000
@@ -92,7 +92,7 @@ class TopModel:
                  Column("load", rank=1, justify="right"), Column("current task", whole=True, rank=0),
                  Column("heartbeat", rank=4, justify="right"), Column("done", rank=2, justify="right"),
                  Column("failed", rank=3, justify="right"), Column("cpu %", rank=5, justify="right"),
-                 Column("rss MB", rank=6, justify="right")]
+                 Column("rss MB", rank=6, justify="right"), Column("job", rank=7, whole=True)]
         satellites = st.get("satellites")
         for s in satellites if isinstance(satellites, list) else []:
             if not isinstance(s, dict):
@@ -106,7 +106,7 @@ class TopModel:
                     f"{fmt(s.get('inflight'), '.0f', '?')}/{fmt(s.get('credit', s.get('slots')), '.0f', '?')}",
                     cell(now_running), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
                     fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
-                    fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"))
+                    fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"), cell(s.get("job") or ""))
         sats = FittedTable("satellites", cols, "a wider terminal shows more")
         queues = Table(title="tasks", expand=True)
         queues.add_column("state or queue")
@@ -115,7 +115,7 @@ class TopModel:
             counts = st.get(key)
             for name, n in sorted(counts.items(), key=lambda kv: clean_text(kv[0])) if isinstance(counts, dict) else []:
                 queues.add_row(cell(label.format(clean_text(name))), fmt(n, ".0f", "?"))
-        return Group(head, sats, queues)
+        return Group(head, sats, queues, *jobs_lines(st))
 
 
 #: The keys that quit.

@@ -43,7 +43,7 @@ ALWAYS_EXPORTED = frozenset({
     "sid_refused", "spilled", "stale_results", "stalled", "strategy_switches", "submitted", "subscribers_muted",
     "subscription_floods", "subscriptions_refused", "timeouts", "timer_errors", "undeliverable", "unknown_satellite",
     "unspilled", "spill_lost", "wakeups", "dependency_failed", "dependency_results_lost", "reservations",
-    "results_kept", "submitted_after", "unknown_dependency",
+    "results_kept", "submitted_after", "unknown_dependency", "job_reports",
 })
 
 
@@ -114,6 +114,17 @@ class Collector:
             add(f"{base}.busy_ratio", sat.load)
             for key, value in sat.reported.items():
                 add(f"{base}.{safe(key)}", value)
+        # the autoscalers' batch jobs (their last reports): in all, and per autoscaler's tag
+        jobs: Counter[str] = Counter()
+        for tag, (report, _) in sorted(core.state.job_reports.items()):
+            mine = Counter(state for _, state, _ in report.jobs)
+            for job_state in ("pending", "running", "ending"):
+                add(f"jobs.{safe(tag)}.{job_state}", mine.get(job_state, 0))
+            jobs.update(mine)
+        if core.state.job_reports:
+            for job_state in ("pending", "running", "ending"):
+                add(f"jobs.{job_state}", jobs.get(job_state, 0))
+            add("jobs.satellites", sum(1 for sat in core.state.fleet if sat.job))
         by_kind: dict[str, list[float]] = {}
         for kind, seconds in core.state.latencies:
             by_kind.setdefault(kind, []).append(seconds)

@@ -18,6 +18,7 @@ import pytest
 
 from orchester import Client, LocalCluster, TaskFailed
 from orchester.metrics.collector import CarbonSender, quantiles
+from serializers.messages import JobsReport
 
 pytestmark = pytest.mark.integration
 CARBON = os.path.join(os.path.dirname(sys.executable), "carbon-cache.py")
@@ -123,6 +124,8 @@ def test_the_numbers_reach_carbon(carbon: dict[str, Any], protocol: str) -> None
         assert list(c.map("echo", range(n), timeout=60)) == list(range(n))
         with pytest.raises(TaskFailed):
             c.submit("fail").result(30)
+        # what an autoscaler reports of its batch jobs (orchester autoscale sends it at every step)
+        c.report_jobs(JobsReport("lab", "slurm", (("41", "running", 60.0), ("42", "pending", 5.0)), 4))
         time.sleep(3.0)  # two more reports
     root = carbon["whisper"]
     p = f"test_{protocol}"
@@ -135,6 +138,7 @@ def test_the_numbers_reach_carbon(carbon: dict[str, Any], protocol: str) -> None
     assert whisper_sum(root, f"{p}.satellites.idle") > 0
     assert whisper_sum(root, f"{p}.satellite.local-0.rss_mb") > 0  # reported by the satellite itself
     assert whisper_sum(root, f"{p}.counters.bytes_in") > 0
+    assert whisper_sum(root, f"{p}.jobs.running") > 0 and whisper_sum(root, f"{p}.jobs.lab.pending") > 0
 
 
 def test_a_missing_carbon_drops_points_without_blocking_then_reconnects() -> None:
