@@ -21,6 +21,7 @@ import pytest
 from conftest import FAST_HB, TEST_ENV, stop_processes
 
 from orchester import LocalCluster
+from serializers.messages import JobsReport
 
 pytestmark = pytest.mark.integration
 
@@ -297,3 +298,39 @@ def test_killing_the_web_process_costs_the_bus_nothing(web_cluster: LocalCluster
         assert fit["state"] == "done" and "iron_film.csv" in fit["files"]
     finally:
         stop_processes([proc])  # type: ignore[list-item]
+
+
+def test_the_overview_shows_the_autoscalers_jobs_and_their_satellites(web: str, web_cluster: LocalCluster,
+                                                                      browser: Any, tmp_path: Path) -> None:
+    """A satellite started in a batch job names it; an autoscaler's report lists its jobs by state."""
+    sat = subprocess.Popen([sys.executable, "-m", "satellites", "run", "--connect", web_cluster.endpoint,
+                            "--workers", "1", "--id", "node7-sat", "--job", "4242", "--heartbeat-interval",
+                            str(FAST_HB)], env={**os.environ, **TEST_ENV})
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        with web_cluster.client() as client:
+            deadline = time.monotonic() + 60
+            while not any(s["id"] == "node7-sat" for s in client.status()["satellites"]):
+                assert time.monotonic() < deadline and sat.poll() is None
+                time.sleep(0.2)
+            page.goto(web)
+            page.wait_for_selector("#satellites tbody tr >> text=node7-sat", timeout=30_000)
+            assert page.is_hidden("#batch")  # no autoscaler yet: no section
+            client.report_jobs(JobsReport("lab", "slurm", (("4242", "running", 310.0), ("4243", "pending", 4.0)),
+                                          max_jobs=4, error="sbatch failed (exit 1): QOSMaxSubmitJobPerUserLimit"))
+            page.wait_for_selector("#jobs tbody tr >> text=4243", timeout=30_000)
+        rows = [r.split("\t") for r in page.locator("#jobs tbody tr").all_inner_texts()]
+        assert rows[0][:3] == ["lab", "4242", "running"] and rows[0][4] == "node7-sat", rows
+        assert rows[1][:3] == ["lab", "4243", "pending"] and rows[1][4] == "", rows
+        assert "1 pending · 1 running · 0 ending" in page.inner_text("#batch-summary")
+        assert "QOSMaxSubmitJobPerUserLimit" in page.inner_text("#batch-error")
+        sat_row = page.locator("#satellites tbody tr", has_text="node7-sat").inner_text().split("\t")
+        assert "4242" in sat_row
+        page.screenshot(path=str(tmp_path / "jobs.png"), full_page=True)
+    finally:
+        context.close()
+        stop_processes([sat])
+    assert not problems, problems

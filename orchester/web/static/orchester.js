@@ -164,9 +164,30 @@ const Orchester = (() => {
         return row([s.id, s.state, s.host, `${s.inflight || 0}/${s.workers || 0}`, now,
                     `${num(s.heartbeat_age, 2)} s`, num(r.cpu_percent, 3), num(r.rss_mb, 4),
                     s.walltime_left === null || s.walltime_left === undefined ? "" : `${Math.round(s.walltime_left)} s`,
-                    s.done, s.failed, (s.kinds || []).join(" ")]);
+                    s.done, s.failed, s.job || "", (s.kinds || []).join(" ")]);
       }));
+      batchJobs(st.jobs || []);
     });
+  }
+
+  // the autoscalers' batch jobs (orchester autoscale reports them): shown only when one reports
+  function batchJobs(reports) {
+    $("#batch").hidden = reports.length === 0;
+    if (!reports.length) return;
+    const count = (r, state) => (r.jobs || []).filter((j) => j.state === state).length;
+    $("#batch-summary").textContent = reports.map((r) =>
+      `${r.tag} (${r.scheduler}, ${r.min} to ${r.max} jobs): ${count(r, "pending")} pending · ` +
+      `${count(r, "running")} running · ${count(r, "ending")} ending`).join("  —  ");
+    const errors = reports.filter((r) => r.error).map((r) => `${r.tag}: ${r.error}`);
+    showError("#batch-error", errors.join("; "));
+    const rows = [];
+    for (const r of reports) {
+      for (const j of (r.jobs || []).slice(0, 500)) {
+        rows.push(row([r.tag, j.id, el("span", j.state, `state job-${j.state}`), `${Math.round(j.age || 0)} s ago`,
+                       (j.satellites || []).join(" ")]));
+      }
+    }
+    fill($("#jobs tbody"), rows);
   }
 
   // ---------------------------------------------------------------- tasks
