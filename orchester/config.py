@@ -177,6 +177,11 @@ class OrchestratorConfig:
     #: When acknowledgements wait for the journal: ``full`` (fsync), ``batch`` (written), ``off``.
     durability: str = field(default="full", metadata=flag(
         "full: acknowledge after fsync; batch: after the write; off: do not wait.", choices=("full", "batch", "off")))
+    #: a TOML file whose ``[autoscale]`` table runs an autoscaler beside this orchestrator (a child process of
+    #: ``orchester serve``: the bus does not depend on it)
+    autoscale: str | None = field(default=None, metadata=flag(
+        "A TOML file whose [autoscale] table runs 'orchester autoscale' beside this orchestrator (its connect "
+        "defaults to this server's first endpoint).", path="file"))
     #: carbon daemon (``HOST:PORT``) to send metrics to (``None``: no metrics)
     carbon: str | None = field(default=None, metadata=flag("Send metrics to this carbon daemon (HOST:PORT)."))
     #: metric names start with this
@@ -336,6 +341,9 @@ class AutoscaleConfig:
     connect: list[str] = field(default_factory=lambda: ["tcp://127.0.0.1:5555"], metadata=flag(
         "The orchestrator the satellites join (repeatable: a binary-star pair; @FILE: an endpoint file). The "
         "nodes must reach it: give its address on the cluster's network, not 127.0.0.1."))
+    satellite_connect: list[str] = field(default_factory=list, metadata=flag(
+        "Where the jobs' satellites connect, if not --connect (a server's separate --satellite-bind; "
+        "repeatable).", name="--satellite-connect"))
     scheduler: str = field(default="slurm", metadata=flag("The batch scheduler.", choices=SCHEDULERS))
     tag: str = field(default="default", metadata=flag(
         "The autoscaler's jobs are named orchester-TAG: it finds them again after a restart and never "
@@ -382,7 +390,7 @@ class AutoscaleConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
         if not self.connect:
             raise ConfigError("connect: at least one endpoint is required")
-        for ep in self.connect:  # (an @FILE is read, and its endpoints checked, when the client opens)
+        for ep in [*self.connect, *self.satellite_connect]:  # (an @FILE is read, and checked, when opened)
             if not (isinstance(ep, str) and ep.startswith("@") and len(ep) > 1):
                 check_endpoint(ep)
         if self.scheduler not in SCHEDULERS:

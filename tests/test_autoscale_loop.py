@@ -194,3 +194,14 @@ def test_the_command_refuses_bad_flags_in_one_line_and_a_bad_table_too(tmp_path:
     conf.write_text('[autoscale]\nmax_jbos = 2\n')
     bad = run("--config", str(conf), "autoscale")
     assert bad.returncode == 2 and "max_jbos" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_serve_refuses_a_bad_autoscale_table_before_it_binds_anything(tmp_path: Any) -> None:
+    conf = tmp_path / "o.toml"
+    for text, said in (("[serve]\n", "no [autoscale] table"), ("[autoscale]\nmax_jobs = -1\n", "max_jobs"),
+                       ("[autoscale\n", "not valid TOML")):
+        conf.write_text(text)
+        bad = subprocess.run([sys.executable, "-m", "orchester", "serve", "--bind", "tcp://127.0.0.1:0",
+                              "--pub", "tcp://127.0.0.1:0", "--autoscale", str(conf)],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and said in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -76,6 +76,7 @@ def run_autoscale(cfg: AutoscaleConfig) -> None:
 
     try:
         endpoints = [resolve_endpoint(ep) for ep in cfg.connect]
+        for_satellites = [resolve_endpoint(ep) for ep in cfg.satellite_connect] or endpoints
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
@@ -83,4 +84,4 @@ def run_autoscale(cfg: AutoscaleConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     with open_client(endpoints) as client:
-        Autoscale(cfg, client, scheduler(cfg.scheduler), endpoints).run(stop)
+        Autoscale(cfg, client, scheduler(cfg.scheduler), for_satellites).run(stop)

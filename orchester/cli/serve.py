@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
+import subprocess
 import sys
 from typing import Any
 
@@ -32,6 +34,7 @@ def serve(**kw: Any) -> None:
     from orchester.journal.folder import JournalError
     from orchester.security.auth import SecurityError
 
+    table = autoscale_table(config.autoscale) if config.autoscale else None  # checked before anything starts
     try:
         broker = Broker(config)
     except (JournalError, SecurityError) as exc:
@@ -40,9 +43,64 @@ def serve(**kw: Any) -> None:
     signal.signal(signal.SIGTERM, lambda *_: broker.stop())
     signal.signal(signal.SIGINT, lambda *_: broker.stop())
     signal.signal(signal.SIGHUP, lambda *_: reload_keys(broker))
-    broker.run()
+    child = start_autoscaler(config.autoscale, table, broker.endpoints) if config.autoscale and table else None
+    try:
+        broker.run()
+    finally:
+        if child is not None:
+            stop_child(child)
     if broker.exit_code:
         sys.exit(broker.exit_code)
+
+
+def autoscale_table(path: str) -> dict[str, Any]:
+    """The ``[autoscale]`` table of ``path``, checked (exit 2 with one line if it cannot be used)."""
+    from orchester.config import AutoscaleConfig, load_toml
+
+    try:
+        data = load_toml(path)
+        table = data.get("autoscale")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path} has no [autoscale] table")
+        from_mapping(AutoscaleConfig, table, f"{path} [autoscale]")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    return table
+
+
+def _reachable(endpoint: str, host: str) -> str:
+    """``endpoint`` as another process connects to it: a wildcard address (``*``, ``0.0.0.0``, ``[::]``) → ``host``."""
+    for wild in ("://*:", "://0.0.0.0:", "://[::]:"):
+        if wild in endpoint:
+            return endpoint.replace(wild, f"://{host}:", 1)
+    return endpoint
+
+
+def start_autoscaler(path: str, table: dict[str, Any], endpoints: dict[str, list[str]]) -> subprocess.Popen[bytes]:
+    """``orchester autoscale --config PATH`` as a child process, told this server's endpoints unless the table
+    names them (the satellites get the satellite endpoint, and this host's name for a wildcard address)."""
+    from orchester.signals import parent_death_signal
+
+    argv = [sys.executable, "-m", "orchester", "--log-level", logging.getLevelName(logging.getLogger().level),
+            "--config", path, "autoscale"]
+    if "connect" not in table:
+        argv += ["--connect", _reachable(endpoints["bind"][0], "127.0.0.1")]
+    if "satellite_connect" not in table and "satellite-connect" not in table:
+        for ep in endpoints.get("satellite_bind") or endpoints["bind"]:
+            argv += ["--satellite-connect", _reachable(ep, socket.getfqdn())]
+    logging.getLogger("orchester").info("starting the autoscaler of %s", path)
+    return subprocess.Popen(argv, preexec_fn=parent_death_signal())  # noqa: PLW1509 (one prctl call)
+
+
+def stop_child(child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait(5)
 
 
 def reload_keys(broker: Any) -> None:

@@ -188,3 +188,44 @@ def test_a_restarted_autoscaler_adopts_its_jobs_and_submits_no_duplicate(slurm: 
     assert watch.most <= 2
     assert other in slurm.jobs()  # another user's job, of another name, untouched
     slurm.run("scancel", other)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                out.append(int(entry.name))
+    return out
+
+
+def test_serve_runs_the_autoscaler_of_its_table_and_stops_it(slurm: Any, tmp_path: Path) -> None:
+    """``orchester serve --autoscale FILE``: the autoscaler is a child of the orchestrator, told its endpoint."""
+    conf = tmp_path / "orchester.toml"
+    conf.write_text("\n".join([
+        "[autoscale]", 'tag = "served"', "max_jobs = 1", "workers = 2", "wait_bound = 0", "idle_timeout = 2",
+        "interval = 0.3", 'walltime = "00:10:00"', f'workdir = "{tmp_path}"',
+        'satellite_options = ["--heartbeat-interval=0.5"]', ""]))
+    endpoints = tmp_path / "endpoints.json"
+    serve = subprocess.Popen([sys.executable, "-m", "orchester", "serve", "--bind", "tcp://127.0.0.1:0",
+                              "--pub", "tcp://127.0.0.1:0", "--endpoint-file", str(endpoints),
+                              "--autoscale", str(conf)], env={**slurm.env, **TEST_ENV})
+    try:
+        wait_until(endpoints.exists, 60, "the orchestrator's endpoint file")
+        with Client(f"@{endpoints}") as client:
+            futures = [client.submit("sleep", 0.2) for _ in range(6)]
+            assert [f.result(timeout=180) for f in futures] == [0.2] * 6
+            jobs = {r["tag"]: r for r in client.status()["jobs"]}["served"]["jobs"]
+            assert jobs and all(j["state"] in ("running", "ending") for j in jobs)
+        wait_until(lambda: not slurm.jobs("orchester-served"), 90, "the idle job given back")
+        children = _children(serve.pid)
+        assert children, "the autoscaler runs as the orchestrator's child"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        slurm.run("scancel", "--name=orchester-served", check=False)
+    wait_until(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 20, "the autoscaler stopped with it")
