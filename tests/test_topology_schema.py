@@ -56,6 +56,12 @@ def test_load_a_topology(tmp_path: Path) -> None:
     ({"clients": [{"rate": -1}]}, r"clients\[0\].rate must be"),
     ({"faults": [{"at": 1, "action": "kill_orchestrator"}]}, "without a journal loses every task"),
     ({"satellites": [], "clients": []}, "at least one"),
+    ({"satellites": []}, r"or \[elastic\]"),
+    ({"elastic": {"max_jobs": 0}}, r"elastic.max_jobs must be an integer >= 1"),
+    ({"elastic": {"min_jobs": 5, "max_jobs": 2}}, "min_jobs must be an integer from 0 to max_jobs"),
+    ({"elastic": {"queue_delay": -1}}, "queue_delay"),
+    ({"elastic": {"nodes": 2}}, r"elastic: unknown field"),
+    ({"clients": [{"start": -2}]}, r"clients\[0\].start"),
 ])
 def test_bad_topologies_name_the_field(data: dict, match: str) -> None:
     with pytest.raises(TopologyError, match=match):
@@ -90,3 +96,11 @@ def test_pairs_open_loops_and_journals_load() -> None:
                    "faults": [{"at": 1.0, "action": "kill_orchestrator"},
                               {"at": 2.0, "action": "restart_orchestrator"}]})
     assert t.orchestrators == 2 and t.journal and t.clients[0].rate == 50.0 and len(t.faults) == 2
+
+
+def test_an_elastic_topology_has_no_fixed_satellite_unless_it_declares_one() -> None:
+    t = from_dict({"elastic": {"max_jobs": 3, "queue_delay": 0.5}, "clients": [{"tasks": 5, "start": 2.0}]})
+    assert t.satellite_count == 0 and t.elastic is not None and t.elastic.max_jobs == 3
+    assert t.clients[0].start == 2.0
+    both = from_dict({"elastic": {}, "satellites": [{"count": 1}]})
+    assert both.satellite_count == 1 and both.elastic is not None

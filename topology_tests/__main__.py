@@ -36,8 +36,8 @@ def run_command(topology: str, strategies: str | None, repeat: int, out: str) ->
     out_dir.mkdir(parents=True, exist_ok=True)
     table(results)
     write_csv(results, out_dir / "results.csv")
-    plots(results, out_dir)
-    click.echo(f"report in {out_dir}/ (results.csv, throughput.png, latency_cdf.png)")
+    written = plots(results, out_dir)
+    click.echo(f"report in {out_dir}/ (results.csv, {', '.join(p.name for p in written)})")
     if any(r.lost or r.duplicated for r in results):
         click.echo("error: tasks were lost or duplicated", err=True)
         sys.exit(1)

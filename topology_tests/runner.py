@@ -27,6 +27,7 @@ from orchester import LocalCluster, OrchesterError
 from orchester.client.events import EventRecorder
 from orchester.local.pair import LocalPair
 
+from .elastic import ElasticFleet
 from .linkproxy import LinkProxy
 from .schema import Topology
 from .tasks import SPEED_VARIABLE
@@ -52,6 +53,16 @@ class RunResult:
     completions: list[float] = field(default_factory=list)  #: seconds since start, one per task
     latencies: list[float] = field(default_factory=list)  #: seconds from submission to result, sorted
     faults: list[float] = field(default_factory=list)  #: seconds since start
+    jobs: int = 0  #: elastic jobs that ran (``[elastic]``)
+    #: worker-seconds the satellites held: the fixed ones over the makespan, the elastic ones while their job ran
+    allocation: float = 0.0
+    busy: float = 0.0  #: worker-seconds spent running tasks
+    job_spans: list[tuple[float, float]] = field(default_factory=list)  #: each elastic job's run, seconds since start
+
+    @property
+    def allocation_used(self) -> float:
+        """The share of the allocation spent running tasks."""
+        return self.busy / self.allocation if self.allocation > 0 else 0.0
 
     def row(self) -> dict[str, Any]:
         """A flat row for tables and CSV."""
@@ -60,7 +71,9 @@ class RunResult:
                 "latency_p99_ms": round(self.latency_p99 * 1e3, 1), "fairness": round(self.fairness, 3),
                 "rerouted": self.rerouted, "lost": self.lost, "duplicated": self.duplicated,
                 "recovery_s": ";".join(f"{r:.2f}" for r in self.recovery),
-                "utilisation": ";".join(f"{k}={v:.2f}" for k, v in sorted(self.utilisation.items()))}
+                "utilisation": ";".join(f"{k}={v:.2f}" for k, v in sorted(self.utilisation.items())),
+                "jobs": self.jobs, "allocation_worker_s": round(self.allocation, 1),
+                "allocation_used": round(self.allocation_used, 3)}
 
 
 def jain(values: list[float]) -> float:
@@ -134,6 +147,10 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
            workers: dict[str, int], proxies: dict[int, list[LinkProxy]], timeout: float) -> RunResult:
     cluster.wait_for_satellites(len(procs))
     client = cluster.client(heartbeat_interval=topo.heartbeat_interval, liveness=topo.liveness)
+    fleet = None
+    if topo.elastic is not None:  # the autoscaler, with its own client
+        fleet = ElasticFleet(cluster, topo.elastic, cluster.client(heartbeat_interval=topo.heartbeat_interval,
+                                                                    liveness=topo.liveness)).start()
     recorder = EventRecorder(list(pair.pub_endpoints.values()) if pair else [cluster.pub_endpoint], ["task:"])
     time.sleep(0.3)  # let the subscriptions reach the orchestrators
     start = time.time()
@@ -190,8 +207,10 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
         now = time.time()
         for i, load in enumerate(topo.clients):
             while sent[i] < load.tasks:
+                if now < start + load.start:  # not yet: a later burst
+                    break
                 if load.rate > 0:  # open loop: on schedule, whatever is outstanding
-                    if now < start + sent[i] / load.rate:
+                    if now < start + load.start + sent[i] / load.rate:
                         break
                 elif in_flight[i] >= load.concurrency:
                     break
@@ -215,16 +234,33 @@ def _drive(topo: Topology, strategy: str, cluster: LocalCluster, pair: LocalPair
         if time.monotonic() > deadline:
             break
         time.sleep(0.002)
-    end = time.time()
+    end, end_mono = time.time(), time.monotonic()
     time.sleep(0.3)  # the last events
     stop.set()
     injector.join(5)
     recorder.close()
+    fixed = sum(workers.values())
+    jobs, allocation = 0, 0.0
+    if fleet is not None:
+        fleet.stop()
+        held = fleet.jobs
+        jobs, allocation = len(held.started), held.core_seconds(end_mono)
+        offset = end - end_mono  # (monotonic to seconds since start)
+        spans = [(t + offset - start, min(held.ended.get(j, end_mono), end_mono) + offset - start)
+                 for j, t in held.started.items()]
+        for job in held.started:
+            for k in range(topo.elastic.satellites_per_job if topo.elastic else 0):
+                workers[f"{job}-{k}"] = topo.elastic.workers if topo.elastic else 1
     for p in procs:  # thaw frozen satellites so the cluster can stop them
         with contextlib.suppress(ProcessLookupError):
             os.kill(p.pid, signal.SIGCONT)
-    return _figures(strategy, topo, start, end, submitted, finished, failed,
-                    [(e.topic, e.data) for e in recorder.received], workers, fault_times)
+    result = _figures(strategy, topo, start, end, submitted, finished, failed,
+                      [(e.topic, e.data) for e in recorder.received], workers, fault_times)
+    result.jobs = jobs
+    result.allocation = allocation + fixed * (end - start)
+    if fleet is not None:
+        result.job_spans = spans
+    return result
 
 
 def _figures(strategy: str, topo: Topology, start: float, end: float, submitted: dict[str, float],
@@ -266,4 +302,5 @@ def _figures(strategy: str, topo: Topology, start: float, end: float, submitted:
         utilisation=utilisation, done_per_satellite=dict(done_by_sat),
         fairness=jain(list(utilisation.values())), rerouted=rerouted,
         lost=total - len(finished), duplicated=sum(1 for a in done_attempts.values() if len(a) > 1),
-        recovery=recovery, completions=completions, faults=fault_times, latencies=latencies)
+        recovery=recovery, completions=completions, faults=fault_times, latencies=latencies,
+        busy=sum(busy.values()))

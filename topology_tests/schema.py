@@ -34,6 +34,19 @@ A topology file::
 ``orchestrators = 2`` runs a binary-star pair (``kill_orchestrator`` then kills the active
 one: the other takes over); ``journal = true`` gives each orchestrator a journal.
 
+An ``[elastic]`` table adds satellites that come and go with the load: the autoscaler of
+``orchester autoscale`` (its policy and its loop) asks for jobs, here started on this machine
+after a simulated scheduler's queue delay, and gives them back when idle::
+
+    [elastic]
+    max_jobs = 4
+    satellites_per_job = 1
+    workers = 1
+    queue_delay = 1.0       # seconds a job waits in the scheduler's queue before its satellites start
+    idle_timeout = 2.0
+
+With ``[elastic]`` and no ``[[satellites]]``, there is no fixed satellite: every one comes from a job.
+
 Every value is checked when loaded; a bad file gives a :class:`TopologyError`
 naming the field.
 """
@@ -82,6 +95,8 @@ class ClientLoad:
     duration: float = 0.01
     payload_bytes: int = 0
     tags: list[str] = field(default_factory=list)
+    #: Seconds after the run starts before this client submits its first task (staggered loads, bursts).
+    start: float = 0.0
 
 
 @dataclass
@@ -100,6 +115,22 @@ ACTIONS = SATELLITE_ACTIONS + ORCHESTRATOR_ACTIONS
 
 
 @dataclass
+class Elastic:
+    """Satellite jobs asked for by the autoscaler when work waits, given back when idle (see the module)."""
+
+    max_jobs: int = 4
+    min_jobs: int = 0
+    satellites_per_job: int = 1
+    workers: int = 1
+    #: seconds a job waits in the (simulated) scheduler's queue before its satellites start
+    queue_delay: float = 1.0
+    idle_timeout: float = 2.0
+    wait_bound: float = 0.0
+    #: seconds between two looks of the autoscaler at the bus
+    interval: float = 0.2
+
+
+@dataclass
 class Topology:
     """A whole topology."""
 
@@ -113,6 +144,7 @@ class Topology:
     satellites: list[SatelliteGroup] = field(default_factory=lambda: [SatelliteGroup(count=2)])
     clients: list[ClientLoad] = field(default_factory=lambda: [ClientLoad()])
     faults: list[Fault] = field(default_factory=list)
+    elastic: Elastic | None = None
 
     @property
     def satellite_count(self) -> int:
@@ -133,8 +165,19 @@ class Topology:
         need(self.orchestrators in (1, 2) and _int(self.orchestrators), "topology", "orchestrators",
              "1 or 2 (a binary-star pair)", self.orchestrators)
         need(isinstance(self.journal, bool), "topology", "journal", "true or false", self.journal)
-        if not self.satellites or not self.clients:
-            raise TopologyError("a topology needs at least one satellite group and one client")
+        if not (self.satellites or self.elastic) or not self.clients:
+            raise TopologyError("a topology needs at least one satellite group (or [elastic]) and one client")
+        e = self.elastic
+        if e is not None:
+            for name in ("max_jobs", "satellites_per_job", "workers"):
+                need(_int(getattr(e, name)) and getattr(e, name) >= 1, "elastic", name, "an integer >= 1",
+                     getattr(e, name))
+            need(_int(e.min_jobs) and 0 <= e.min_jobs <= e.max_jobs, "elastic", "min_jobs",
+                 "an integer from 0 to max_jobs", e.min_jobs)
+            for name in ("queue_delay", "idle_timeout", "wait_bound"):
+                need(_num(getattr(e, name)) and getattr(e, name) >= 0, "elastic", name, "a number of seconds >= 0",
+                     getattr(e, name))
+            need(_num(e.interval) and e.interval > 0, "elastic", "interval", "a number of seconds > 0", e.interval)
         for i, g in enumerate(self.satellites):
             w = f"satellites[{i}]"
             need(_int(g.count) and g.count >= 1, w, "count", "an integer >= 1", g.count)
@@ -151,6 +194,7 @@ class Topology:
             need(_num(c.rate) and c.rate >= 0, w, "rate", "a number >= 0 (tasks per second; 0: closed loop)",
                  c.rate)
             need(_num(c.duration) and c.duration >= 0, w, "duration", "a number >= 0", c.duration)
+            need(_num(c.start) and c.start >= 0, w, "start", "a number of seconds >= 0", c.start)
             need(_int(c.payload_bytes) and c.payload_bytes >= 0, w, "payload_bytes", "an integer >= 0",
                  c.payload_bytes)
             need(isinstance(c.tags, list) and all(isinstance(t, str) for t in c.tags), w, "tags",
@@ -198,6 +242,9 @@ def from_dict(data: dict[str, Any]) -> Topology:
     data = dict(data)
     nested = {"satellites": SatelliteGroup, "clients": ClientLoad, "faults": Fault}
     parts: dict[str, Any] = {}
+    if "elastic" in data:
+        parts["elastic"] = _build(Elastic, data.pop("elastic"), "elastic")
+        parts.setdefault("satellites", [])  # (no fixed group unless one is declared)
     for key, cls in nested.items():
         if key in data:
             items = data.pop(key)

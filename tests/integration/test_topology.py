@@ -24,6 +24,18 @@ def test_least_loaded_beats_round_robin_on_heterogeneous_satellites() -> None:
     assert least.done_per_satellite["g0-0"] > least.done_per_satellite.get("g1-0", 0)
 
 
+def test_an_elastic_fleet_grows_for_each_burst_and_shrinks_between() -> None:
+    """The example: two bursts, no satellite at first; jobs come for the first, go, and come again."""
+    result = run(load(EXAMPLES / "elastic.toml"), "least_loaded")
+    assert result.tasks == 160 and result.lost == 0 and result.duplicated == 0
+    assert result.jobs > 3  # more jobs than max_jobs in all: given back after the first burst, asked for again
+    second = 7.0  # the second client's start
+    assert any(e < second for _, e in result.job_spans) and any(s >= second for s, _ in result.job_spans)
+    assert 0 < result.allocation_used < 1 and result.allocation > 0
+    held = sum(e - s for s, e in result.job_spans)
+    assert held < 3 * result.makespan  # less than max_jobs held the whole run: the point of it
+
+
 def test_faults_reroute_work_and_lose_nothing() -> None:
     result = run(load(EXAMPLES / "churn.toml"), "least_loaded")
     assert result.tasks == 120 and result.lost == 0 and result.duplicated == 0
