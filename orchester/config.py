@@ -331,6 +331,8 @@ NOT_FLAGS: Mapping[str, str] = {
 
 #: The batch schedulers ``orchester autoscale`` drives.
 SCHEDULERS = ("slurm", "pbs")
+#: Most jobs one autoscaler may hold (what one ``CONTROL jobs`` report may list).
+MAX_AUTOSCALE_JOBS = 4096
 
 
 @dataclass
@@ -388,33 +390,43 @@ class AutoscaleConfig:
 
     def validate(self) -> AutoscaleConfig:
         """Check every value; raise :class:`ConfigError` naming the first bad one."""
+        for name in ("connect", "satellite_connect"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(ep, str) for ep in value):
+                raise ConfigError(f"{name} must be a list of endpoints, not {value!r}")
         if not self.connect:
             raise ConfigError("connect: at least one endpoint is required")
         for ep in [*self.connect, *self.satellite_connect]:  # (an @FILE is read, and checked, when opened)
-            if not (isinstance(ep, str) and ep.startswith("@") and len(ep) > 1):
+            if not (ep.startswith("@") and len(ep) > 1):
                 check_endpoint(ep)
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler must be one of {list(SCHEDULERS)}, not {self.scheduler!r}")
-        for name in ("min_jobs", "max_jobs", "satellites_per_job", "workers", "cores"):
+        for name, low, high in (("min_jobs", 0, MAX_AUTOSCALE_JOBS), ("max_jobs", 1, MAX_AUTOSCALE_JOBS),
+                                ("satellites_per_job", 1, 100_000), ("workers", 1, 100_000), ("cores", 1, 65_536)):
             value = getattr(self, name)
-            low = 0 if name == "min_jobs" else 1
             if value is None and name == "cores":
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 100_000:
-                raise ConfigError(f"{name} must be an integer from {low} to 100000, not {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}")
         if self.min_jobs > self.max_jobs:
             raise ConfigError(f"min_jobs ({self.min_jobs}) is more than max_jobs ({self.max_jobs})")
         for name in ("wait_bound", "idle_timeout", "start_timeout", "backoff", "backoff_max", "interval", "timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 10 * 366 * 86400:
                 raise ConfigError(f"{name} must be a number of seconds >= 0, not {value!r}")
-        if not self.interval > 0 or not self.timeout > 0:
-            raise ConfigError("interval and timeout must be > 0")
+        for name, least in (("interval", 0.1), ("timeout", 0.1), ("start_timeout", 1.0), ("backoff", 0.1)):
+            if getattr(self, name) < least:  # (a scheduler asked in a tight loop; jobs cancelled before they start)
+                raise ConfigError(f"{name} must be at least {least:g} s, not {getattr(self, name)!r}")
+        if self.backoff_max < self.backoff:
+            raise ConfigError(f"backoff_max ({self.backoff_max!r}) is less than backoff ({self.backoff!r})")
         for name in ("tag", "walltime", "python", "partition", "account", "workdir", "satellite_secret",
                      "satellite_server_key"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value or "\n" in value or "\0" in value):
                 raise ConfigError(f"{name} must be a non-empty line of text, not {value!r}")
+        if self.workdir is not None and any(c.isspace() or c in "%\"'\\" for c in self.workdir):
+            raise ConfigError(f"workdir {self.workdir!r}: a folder without spaces, quotes or '%' (it names the "
+                              "jobs' output in a scheduler directive)")
         for name in ("directives", "tasks", "satellite_options"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v and "\n" not in v

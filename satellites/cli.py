@@ -69,6 +69,8 @@ def main(log_level: str) -> None:
 @click.option("--cores", type=click.IntRange(1, MAX_CORES), default=None,
               help="Cores its tasks may use together (a task asking for 4 takes 4) [default: its usable cores, "
               "or --workers if more].")
+@click.option("--chdir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Change to this folder first (task modules are found there, as in the working directory).")
 @click.option("--job", default=None,
               help="The batch job it runs in, announced to the orchestrator [default: $SLURM_JOB_ID or $PBS_JOBID].")
 @click.option("--memory", type=ByteSize(), default=None,
@@ -76,10 +78,12 @@ def main(log_level: str) -> None:
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
         server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None, cores: int | None,
-        job: str | None, memory: int | None) -> None:
+        chdir: str | None, job: str | None, memory: int | None) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
+    if chdir:
+        os.chdir(chdir)
     import_from_working_directory()
 
     if workers < 1 or prefetch < 0 or heartbeat_interval <= 0 or liveness < 1:

@@ -417,6 +417,8 @@ class JobsReport:
                 raise ProtocolError(P.E_MALFORMED, "jobs are [job id, pending|running|ending, seconds since "
                                     "submitted]")
             jobs.append((item[0], item[1], float(item[2])))
+        if len({job for job, _, _ in jobs}) != len(jobs):
+            raise ProtocolError(P.E_MALFORMED, "a jobs report names each job once")
         scheduler = text(hdr, "scheduler", limit=16)
         max_jobs = number(hdr, "max", 0, MAX_JOBS_REPORTED, 0, integer=True)
         min_jobs = number(hdr, "min", 0, MAX_JOBS_REPORTED, 0, integer=True)

@@ -138,9 +138,11 @@ def test_idle_jobs_are_drained_then_cancelled_and_a_failed_cancel_is_retried() -
     sched.fail_cancel = True
     a.step(7.0)
     assert "7" in sched.listed and a.ask_after == 17.0  # scancel failed: backing off, asked again after
-    sched.fail_cancel = False
     a.step(17.0)
-    assert sched.listed == {}
+    assert a.ask_after == 37.0  # failed again (though squeue worked): the back-off doubles
+    sched.fail_cancel = False
+    a.step(37.0)
+    assert sched.listed == {} and a.failures == 0 and bus.reports[-1].error == ""
 
 
 def test_bus_of_reads_the_status_the_orchestrator_sends() -> None:

@@ -63,8 +63,26 @@ def test_a_refused_submission_backs_off_doubling() -> None:
     assert a.step(bus, {}, 30.0) == [Submit(2)]
     a.refused(2, 30.0)  # a third time: the back-off stops growing at backoff_max
     assert a.step(bus, {}, 54.0) == [] and a.step(bus, {}, 55.0) == [Submit(2)]
-    a.submitted(["j1"], 2)  # the scheduler took one of two: the next refusal starts again from backoff
-    assert a.refusals == 0 and a.live == 1
+    a.submitted(["j1"], 2)  # the scheduler took one of two
+    assert a.live == 1 and a.refusals == 3  # (taken is not yet working: its script may be broken)
+    a.step(Bus(5, 5, 0.0, (sat("s1", "j1"),)), {"j1": RUNNING}, 56.0)
+    assert a.refusals == 0  # its satellite joined: the next refusal starts again from backoff
+
+
+def test_a_job_that_ends_before_its_satellites_join_backs_off_and_the_back_off_grows() -> None:
+    a = Autoscaler(Limits(max_jobs=1, backoff=10.0, backoff_max=100.0, wait_bound=0.0))
+    waiting = Bus(4, 4, 5.0)
+    t, submissions = 0.0, []
+    for i in range(4):  # the job script is broken: each job runs a moment and ends, no satellite ever joins
+        while not (out := a.step(waiting, {}, t)):
+            t += 1.0
+        assert out == [Submit(1)]
+        submissions.append(t)
+        a.submitted([f"j{i}"], 1, t)
+        a.step(waiting, {f"j{i}": RUNNING}, t + 1.0)
+        t += 2.0
+    gaps = [b - a for a, b in zip(submissions, submissions[1:], strict=False)]
+    assert gaps == [12.0, 22.0, 42.0]  # not once an interval: 10, 20, 40 s after each end is seen (2 s on)
 
 
 def test_an_idle_job_is_drained_then_cancelled_and_no_task_is_killed() -> None:
@@ -164,9 +182,10 @@ def test_a_job_none_of_whose_satellites_joins_is_cancelled_after_the_start_timeo
     assert a.step(waiting, {"j1": RUNNING}, 10.0) == []  # running, no satellite yet: it may still be starting
     assert a.step(waiting, {"j1": RUNNING}, 69.0) == []
     assert a.step(waiting, {"j1": RUNNING}, 70.0) == [Cancel("j1")]  # its script cannot reach the bus
-    assert a.step(waiting, {}, 71.0) == [Submit(1)]  # gone: replaced while work waits
-    a.submitted(["j2"], 1, 71.0)
-    assert a.step(Bus(4, 4, 30.0, (sat("s2", "j2"),)), {"j2": RUNNING}, 72.0) == []
+    assert a.step(waiting, {}, 71.0) == []  # gone: replaced while work waits, after the back-off (10 s)
+    assert a.step(waiting, {}, 81.0) == [Submit(1)]
+    a.submitted(["j2"], 1, 81.0)
+    assert a.step(Bus(4, 4, 30.0, (sat("s2", "j2"),)), {"j2": RUNNING}, 82.0) == []
     assert a.step(waiting, {"j2": RUNNING}, 200.0) == []  # (its satellite went: the clock starts again)
 
 
@@ -204,3 +223,59 @@ def test_the_report_says_each_job_and_how_long_ago_it_was_submitted() -> None:
     assert a.report(15.0) == [("j1", PENDING, 5.0), ("j2", RUNNING, 3.0)]
     a.step(Bus(0, 0, 0.0), {"j2": RUNNING}, 16.0)  # j1 no longer listed: ended
     assert a.report(17.0) == [("j2", RUNNING, 5.0)] and ENDED not in {s for _, s, _ in a.report(17.0)}
+
+
+def test_a_job_listed_under_our_name_that_we_did_not_know_is_ours() -> None:
+    """sbatch timed out after Slurm queued the job: the job is listed, and counted against max_jobs."""
+    a = Autoscaler(Limits(max_jobs=2, wait_bound=0.0))
+    waiting = Bus(20, 20, 5.0)
+    assert a.step(waiting, {}, 0.0) == [Submit(2)]
+    a.submitted(["j1"], 1, 0.0)
+    a.refused(1, 0.0)  # the second sbatch's answer was lost, but the job was queued
+    assert a.step(waiting, {"j1": PENDING, "j2": PENDING}, 20.0) == []  # j2 adopted: two, the most
+    assert a.live == 2 and {j for j, _, _ in a.report(21.0)} == {"j1", "j2"}
+
+
+def test_a_satellite_with_many_cores_and_few_free_slots_is_little_capacity() -> None:
+    a = Autoscaler(Limits(max_jobs=4, cores_per_satellite=2, wait_bound=0.0))
+    login = (Satellite("login", None, 64, 2, 2, slots_free=0),)  # 64 cores, two workers, both busy
+    assert a.step(Bus(40, 40, 60.0, login), {}, 0.0) == [Submit(4)]  # its 62 idle cores take no task
+    b = Autoscaler(Limits(max_jobs=4, cores_per_satellite=2, wait_bound=0.0))
+    one_slot = (Satellite("login", None, 64, 2, 2, slots_free=1),)
+    assert b.step(Bus(3, 6, 60.0, one_slot), {}, 0.0) == [Submit(2)]  # one slot: one task of two cores
+
+
+def test_running_jobs_whose_satellites_have_not_joined_yet_are_capacity_on_its_way() -> None:
+    a = Autoscaler(Limits(max_jobs=8, cores_per_satellite=2, wait_bound=0.0))
+    waiting = Bus(8, 8, 5.0)
+    assert a.step(waiting, {}, 0.0) == [Submit(4)]
+    a.submitted(["j1", "j2", "j3", "j4"], 4, 0.0)
+    running = {"j1": RUNNING, "j2": RUNNING, "j3": RUNNING, "j4": RUNNING}
+    for t in (1.0, 2.0, 3.0):  # starting: no satellite yet, and no more jobs asked for meanwhile
+        assert a.step(waiting, running, t) == []
+
+
+def test_jobs_idle_while_work_waits_that_they_cannot_run_are_given_back_and_submissions_back_off() -> None:
+    a = Autoscaler(Limits(max_jobs=2, cores_per_satellite=8, idle_timeout=60.0, backoff=100.0, wait_bound=0.0))
+    a.adopt({"j1": RUNNING, "j2": RUNNING}, 0.0)
+    idle = (sat("s1", "j1", cores=8), sat("s2", "j2", cores=8))
+    wide = Bus(1, 64, 10.0, idle)  # one task of 64 cores: no job of ours can run it
+    jobs = {"j1": RUNNING, "j2": RUNNING}
+    assert a.step(wide, jobs, 0.0) == []
+    assert a.step(Bus(1, 64, 50.0, idle), jobs, 59.0) == []  # idle, but the work has not waited long yet
+    out = a.step(Bus(1, 64, 70.0, idle), jobs, 60.0)
+    assert sorted(d.sid for d in out if isinstance(d, Drain)) == ["s1", "s2"]
+    assert all("cannot run" in d.reason for d in out if isinstance(d, Drain))
+    assert a.not_before == 160.0  # and no new job of the same kind for a while
+
+
+def test_a_drain_that_did_not_take_is_sent_again_and_nothing_is_cancelled_meanwhile() -> None:
+    a = Autoscaler(Limits(max_jobs=1, idle_timeout=5.0))
+    a.adopt({"j1": RUNNING}, 0.0)
+    idle = Bus(0, 0, 0.0, (sat("s1", "j1"),))
+    a.step(idle, {"j1": RUNNING}, 0.0)
+    assert a.step(idle, {"j1": RUNNING}, 6.0) == [Drain("s1")]
+    # the drain was lost: the satellite still takes work; cancelling now could kill a task sent meanwhile
+    assert a.step(idle, {"j1": RUNNING}, 7.0) == [Drain("s1")]
+    drained = Bus(0, 0, 0.0, (sat("s1", "j1", draining=True),))
+    assert a.step(drained, {"j1": RUNNING}, 8.0) == [Cancel("j1")]

@@ -18,7 +18,8 @@ class Recorded:
 
     def __call__(self, argv: list[str], stdin: str | None) -> Output:
         self.calls.append((argv, stdin))
-        return self.answers[argv[0]]
+        answer = self.answers.get(" ".join(argv)) or self.answers[argv[0]]  # a whole command line, or the command
+        return answer
 
 
 SQUEUE = """\
@@ -30,42 +31,46 @@ SQUEUE = """\
 46|CANCELLED
 """
 
-QSTAT = """\
-Job id            Name             User              Time Use S Queue
-----------------  ---------------- ----------------  -------- - -----
-1234.pbs-server   orchester-bus1   alice             00:00:01 R workq
-1235.pbs-server   orchester-bus1   alice             0        Q workq
-1236.pbs-server   other-job        alice             0        R workq
-1237.pbs-server   orchester-bus1   alice             00:10:00 F workq
-1238.pbs-server   orchester-bus2   alice             0        Q workq
-"""
+#: ``qselect -u alice -N orchester-bus1 -s …`` on a PBS Pro server whose name is long: ids come whole
+#: (``qstat``'s table would cut them to ``1234.pbs-serv*``)
+QSELECT_PENDING = "1235.pbs-server-01.example.org\n1240.pbs-server-01.example.org\n"
+QSELECT_RUNNING = "1234.pbs-server-01.example.org\n"
 
 
-def test_slurm_submits_lists_and_cancels() -> None:
+def test_slurm_submits_lists_its_users_jobs_and_cancels() -> None:
     run = Recorded({"sbatch": Output(0, "4242;cluster\n"), "squeue": Output(0, SQUEUE), "scancel": Output(0, "")})
-    slurm = Slurm(run)
+    slurm = Slurm(run, user=lambda: "alice")
     assert slurm.submit("#!/bin/bash\nsatellite ...\n", "bus1") == "4242"
     assert run.calls[0] == (["sbatch", "--parsable", "--job-name=orchester-bus1"], "#!/bin/bash\nsatellite ...\n")
     assert slurm.jobs("bus1") == {"41": PENDING, "42": RUNNING, "43": RUNNING, "44": PENDING}
-    assert run.calls[1][0] == ["squeue", "--noheader", "--name=orchester-bus1", "--format=%i|%T"]
+    # only this user's jobs of exactly that name: another user's autoscaler with the same tag is not ours
+    assert run.calls[1][0] == ["squeue", "--noheader", "--user=alice", "--name=orchester-bus1", "--format=%i|%T"]
     slurm.cancel("42")
     assert run.calls[2][0] == ["scancel", "42"]
 
 
-def test_pbs_submits_lists_only_its_own_jobs_and_cancels() -> None:
-    run = Recorded({"qsub": Output(0, "1239.pbs-server\n"), "qstat": Output(0, QSTAT), "qdel": Output(0, "")})
-    pbs = Pbs(run)
-    assert pbs.submit("#!/bin/bash\n", "bus1") == "1239.pbs-server"
+def test_pbs_submits_lists_only_its_own_jobs_whole_and_cancels() -> None:
+    run = Recorded({"qsub": Output(0, "1239.pbs-server-01.example.org\n"),
+                    "qselect -u alice -N orchester-bus1 -s QHWT": Output(0, QSELECT_PENDING),
+                    "qselect -u alice -N orchester-bus1 -s RES": Output(0, QSELECT_RUNNING), "qdel": Output(0, "")})
+    pbs = Pbs(run, user=lambda: "alice")
+    assert pbs.submit("#!/bin/bash\n", "bus1") == "1239.pbs-server-01.example.org"
     assert run.calls[0] == (["qsub", "-N", "orchester-bus1"], "#!/bin/bash\n")
-    assert pbs.jobs("bus1") == {"1234.pbs-server": RUNNING, "1235.pbs-server": PENDING}
-    pbs.cancel("1234.pbs-server")
-    assert run.calls[-1][0] == ["qdel", "1234.pbs-server"]
+    assert pbs.jobs("bus1") == {"1234.pbs-server-01.example.org": RUNNING, "1235.pbs-server-01.example.org": PENDING,
+                                "1240.pbs-server-01.example.org": PENDING}
+    pbs.cancel("1234.pbs-server-01.example.org")
+    assert run.calls[-1][0] == ["qdel", "1234.pbs-server-01.example.org"]
+
+
+def test_an_empty_answer_is_no_job_and_a_stray_line_is_ignored() -> None:
+    run = Recorded({"qselect": Output(0, "qselect: warning: something\n\n"), "squeue": Output(0, "")})
+    assert Pbs(run, user=lambda: "bob").jobs("t") == {} and Slurm(run, user=lambda: "bob").jobs("t") == {}
 
 
 @pytest.mark.parametrize("adapter", [Slurm, Pbs])
 def test_a_failing_command_is_one_line_naming_it(adapter: type) -> None:
     run = Recorded({name: Output(1, "", "sbatch: error: Batch job submission failed: Invalid account\n")
-                    for name in ("sbatch", "squeue", "scancel", "qsub", "qstat", "qdel")})
+                    for name in ("sbatch", "squeue", "scancel", "qsub", "qselect", "qdel")})
     with pytest.raises(SchedulerError) as err:
         adapter(run).submit("#!/bin/bash\n", "bus1")
     assert "failed (exit 1)" in str(err.value) and "Invalid account" in str(err.value) and "\n" not in str(err.value)

@@ -69,10 +69,13 @@ def bus_of(status: dict[str, Any]) -> Bus:
         state = d.get("state")
         if state in GONE:
             continue
+        inflight = int(d.get("inflight") or 0)
+        credit = d.get("credit")
         sats.append(Satellite(sid=str(d["id"]), job=d.get("job") or None, cores=int(d.get("cores") or 1),
-                              cores_used=int(d.get("cores_used") or 0), inflight=int(d.get("inflight") or 0),
+                              cores_used=int(d.get("cores_used") or 0), inflight=inflight,
                               accepts_work=state in WORKING, draining=state == "draining",
-                              walltime_left=d.get("walltime_left")))
+                              walltime_left=d.get("walltime_left"),
+                              slots_free=None if credit is None else max(0, int(credit) - inflight)))
     return Bus(queued=int(queue.get("tasks", 0)), queued_cores=int(queue.get("cores", 0)),
                oldest_wait=float(queue.get("oldest_wait", 0.0)), satellites=tuple(sats),
                queued_work=float(queue.get("work", 0.0)))
@@ -94,6 +97,7 @@ class Autoscale:
         self.error = ""  #: the scheduler's last error, while it lasts
         self.failures = 0  #: scheduler queries failed in a row
         self.ask_after = 0.0  #: no query of the scheduler before this time (back-off)
+        self._failed = False  #: a scheduler command failed in this step
         self.counts: Counter[str] = Counter()  #: what it did (submitted, cancelled, failed to ask)
 
     # ---------------------------------------------------------------- the loop
@@ -116,25 +120,30 @@ class Autoscale:
             self.counts["bus_unreachable"] += 1
             log_limited(log, logging.WARNING, "the bus did not answer (%s): no decision this time", exc)
             return []
+        self._failed = False
         try:
             jobs = self.scheduler.jobs(self.cfg.tag)
         except SchedulerError as exc:
             self._scheduler_failed(exc, now)
             self._report(now)
             return []
-        self.failures, self.error = 0, ""
         if not self.adopted:
             self.adopted = True
             self.policy.adopt(jobs, now)
             if jobs:
-                log.info("adopted %d job(s) named %s: %s", len(jobs), self.cfg.tag, sorted(jobs))
+                log.info("adopted %d job(s) named orchester-%s: %s", len(jobs), self.cfg.tag, sorted(jobs))
         before = set(self.policy.jobs)
+        strangers = sorted(set(jobs) - before)
         decisions = self.policy.step(bus_of(status), jobs, now)
+        for job in strangers:  # (a submission whose answer was lost: the scheduler lists it under our name)
+            log.warning("job %s is listed under our name but was not known: taken as ours", job)
         for job in sorted(before - set(self.policy.jobs)):
             self.counts["jobs_ended"] += 1
             log.info("job %s ended", job)
         for decision in decisions:
             self._carry_out(decision, now)
+        if not self._failed:  # every scheduler command of this step worked: the back-off starts again
+            self.failures, self.error = 0, ""
         self._report(now)
         return decisions
 
@@ -146,9 +155,9 @@ class Autoscale:
             try:
                 self.client.drain(decision.sid, self.cfg.timeout)
                 self.counts["satellites_drained"] += 1
-                log.info("satellite %s drained (its job is idle)", decision.sid)
-            except OrchesterError as exc:  # gone meanwhile, or the bus did not answer: the job is cancelled
-                log.warning("could not drain satellite %s: %s", decision.sid, exc)  # once it is empty anyway
+                log.info("satellite %s drained (%s)", decision.sid, decision.reason)
+            except OrchesterError as exc:  # gone meanwhile, or the bus did not answer: asked again at the
+                log_limited(log, logging.WARNING, "could not drain satellite %s: %s", decision.sid, exc)  # next step
         elif isinstance(decision, Cancel):
             try:
                 self.scheduler.cancel(decision.job)
@@ -165,6 +174,7 @@ class Autoscale:
             except SchedulerError as exc:
                 self.policy.refused(count - done, now)
                 self.counts["submissions_refused"] += 1
+                self._failed = True
                 self.error = str(exc)
                 log.warning("%s; next try in %.0f s", exc, self.policy.not_before - now)
                 return
@@ -173,6 +183,7 @@ class Autoscale:
             log.info("job %s submitted (%d of %d)", job, done + 1, count)
 
     def _scheduler_failed(self, exc: SchedulerError, now: float) -> None:
+        self._failed = True
         self.failures += 1
         self.error = str(exc)
         self.counts["scheduler_errors"] += 1

@@ -16,11 +16,19 @@ The rules:
   that ends (walltime, a node lost) is replaced by the same rule while work remains. At least
   ``min_jobs`` are kept.
 * **Refusals.** A submission the scheduler refuses is retried after ``backoff`` seconds, doubled at
-  each refusal in a row up to ``backoff_max``.
+  each refusal in a row up to ``backoff_max``; so is one after a job that ended (or was cancelled)
+  before any satellite of it joined: its script is broken, or its satellites cannot reach the
+  bus. The doubling starts again once a job's satellite joins.
+* **Our jobs.** Every job the scheduler lists under our name (this user's, named for our tag) is
+  ours: after a restart, or a submission whose answer was lost, it is adopted, counted and given
+  back like the others.
 * **Down.** A running job whose satellites have all been without a task for ``idle_timeout``
-  seconds, while nothing waits and more than ``min_jobs`` run, is drained first (its satellites get
-  no new task); once its satellites are empty it is cancelled (work that comes meanwhile goes to
-  the other jobs, or to new ones by the first rule). No task is killed for scaling down.
+  seconds, while more than ``min_jobs`` run, is drained first (its satellites get no new task);
+  once its satellites are all drained and empty it is cancelled (work that comes meanwhile goes
+  to the other jobs, or to new ones by the first rule). No task is killed for scaling down. While
+  work waits the job is kept, unless that work has itself waited ``idle_timeout`` seconds: then it
+  is work this job cannot run (too wide, or tags and kinds its satellites lack), the job is given
+  back, and submissions back off (below) rather than bring more of the same.
 * **Broken jobs.** A job that has run ``start_timeout`` seconds with none of its satellites
   registered (its script cannot reach the bus, or its satellites die at start) is cancelled, and
   replaced by the first rule while work waits.
@@ -80,6 +88,7 @@ class Satellite:
     accepts_work: bool = True
     draining: bool = False
     walltime_left: float | None = None  #: seconds until its allocation ends (None: no end known)
+    slots_free: int | None = None  #: tasks it may still take (its credit less its tasks; None: not said)
 
 
 @dataclass(frozen=True)
@@ -108,9 +117,10 @@ class Submit:
 
 @dataclass(frozen=True)
 class Drain:
-    """Give satellite ``sid`` no new task (its job is about to be given back)."""
+    """Give satellite ``sid`` no new task (its job is about to be given back), and why."""
 
     sid: str
+    reason: str = field(default="its job is idle", compare=False)
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,7 @@ class _Job:
     alone_since: float | None = None  #: running with no satellite of it registered, since
     draining: bool = False
     cancelled: bool = False
+    seen: bool = False  #: a satellite of it registered once (the job works)
 
 
 @dataclass
@@ -145,17 +156,23 @@ class Autoscaler:
     refusals: int = 0  #: refusals in a row
 
     def step(self, bus: Bus, scheduler: Mapping[str, str], now: float) -> list[Decision]:
-        """The decisions for now: ``scheduler`` maps each of our jobs the scheduler knows to its state
-        (``pending``, ``running``; a job it no longer lists has ended)."""
-        self._follow(scheduler)
+        """The decisions for now: ``scheduler`` maps each job the scheduler lists under our name to its state
+        (``pending``, ``running``; a job it no longer lists has ended). A listed job we did not know (a
+        restart, a submission whose answer was lost) is taken as ours."""
+        self._follow(scheduler, now)
         out: list[Decision] = []
         by_job: dict[str, list[Satellite]] = {}
         for sat in bus.satellites:
             if sat.job is not None and sat.job in self.jobs:
                 by_job.setdefault(sat.job, []).append(sat)
+        for job in by_job:
+            record = self.jobs[job]
+            if not record.seen:  # a satellite of it joined: the job works, and so does the script
+                record.seen = True
+                self.refusals = 0
         waits = self._waiting_cores(bus)
-        self._down(by_job, waits, now, out)
-        self._up(bus, waits, now, out)
+        self._down(by_job, bus, waits, now, out)
+        self._up(bus, by_job, waits, now, out)
         return out
 
     def submitted(self, job_ids: list[str], asked: int, now: float = 0.0) -> None:
@@ -163,14 +180,18 @@ class Autoscaler:
         self.asked = max(0, self.asked - asked)
         for job in job_ids:
             self.jobs.setdefault(job, _Job(PENDING, now))
-        self.refusals = 0
 
     def refused(self, asked: int, now: float) -> None:
         """The scheduler refused a submission of ``asked`` jobs: try again after the back-off."""
         self.asked = max(0, self.asked - asked)
+        self._back_off(now)
+
+    def _back_off(self, now: float) -> None:
+        """No submission for a while: ``backoff`` seconds, doubled at each failure in a row (a refusal, a job
+        that ended before any satellite of it joined, jobs idle while work waits), until a job works."""
         self.refusals += 1
         delay = min(self.limits.backoff * 2 ** (self.refusals - 1), self.limits.backoff_max)
-        self.not_before = now + delay
+        self.not_before = max(self.not_before, now + delay)
 
     def adopt(self, scheduler: Mapping[str, str], now: float = 0.0) -> None:
         """After a restart: take the jobs the scheduler lists under our tag as ours (no duplicate is submitted)."""
@@ -196,24 +217,39 @@ class Autoscaler:
         return sum(1 for j in self.jobs.values() if j.state != ENDED) + self.asked
 
     # ----------------------------------------------------------------- rules
-    def _follow(self, scheduler: Mapping[str, str]) -> None:
+    def _follow(self, scheduler: Mapping[str, str], now: float) -> None:
         for job, record in list(self.jobs.items()):
             state = scheduler.get(job, ENDED)
             record.state = state
             if state == ENDED:
                 del self.jobs[job]
+                if not record.seen:  # it ended, or was cancelled, before any satellite of it joined: its
+                    self._back_off(now)  # script is broken or cannot reach the bus; do not resubmit at once
+        for job, state in scheduler.items():
+            if job not in self.jobs:
+                self.jobs[job] = _Job(state, now)
 
     def _waiting_cores(self, bus: Bus) -> int:
-        """Cores the queue asks for beyond what the satellites have free now (a satellite whose allocation ends
-        before the queued work's declared mean duration is no help: the orchestrator sends it no such task)."""
+        """Cores the queue asks for beyond what the satellites have free now: a satellite's free cores, at most
+        its free slots times the cores a queued task asks for on average (a satellite with many cores and
+        few workers takes few tasks); a satellite whose allocation ends before the queued work's declared
+        mean duration is no help (the orchestrator sends it no such task)."""
         lasts = bus.mean_duration
-        free = sum(max(0, s.cores - s.cores_used) for s in bus.satellites
-                   if s.accepts_work and not s.draining and (s.walltime_left is None or s.walltime_left >= lasts))
+        per_task = math.ceil(bus.queued_cores / bus.queued) if bus.queued else 1
+        free = 0
+        for s in bus.satellites:
+            if s.accepts_work and not s.draining and (s.walltime_left is None or s.walltime_left >= lasts):
+                cores = max(0, s.cores - s.cores_used)
+                free += cores if s.slots_free is None else min(cores, max(0, s.slots_free) * per_task)
         return max(0, bus.queued_cores - free)
 
-    def _up(self, bus: Bus, waits: int, now: float, out: list[Decision]) -> None:
+    def _up(self, bus: Bus, by_job: dict[str, list[Satellite]], waits: int, now: float, out: list[Decision]) -> None:
         limits = self.limits
-        coming = sum(1 for j in self.jobs.values() if j.state == PENDING) + self.asked
+        # on their way: jobs pending in the scheduler, jobs running whose satellites have not joined yet, and
+        # submissions not yet answered
+        coming = sum(1 for job, j in self.jobs.items()
+                     if j.state == PENDING or (j.state == RUNNING and not j.cancelled and not j.draining
+                                               and job not in by_job)) + self.asked
         need = 0
         if waits > 0 and (bus.oldest_wait >= limits.wait_bound or not bus.satellites):
             need = math.ceil(waits / limits.cores_per_job) - coming
@@ -223,15 +259,20 @@ class Autoscaler:
             self.asked += need
             out.append(Submit(need))
 
-    def _down(self, by_job: dict[str, list[Satellite]], waits: int, now: float, out: list[Decision]) -> None:
+    def _down(self, by_job: dict[str, list[Satellite]], bus: Bus, waits: int, now: float,
+              out: list[Decision]) -> None:
         limits = self.limits
         running = sum(1 for j in self.jobs.values() if j.state == RUNNING and not j.cancelled and not j.draining)
+        stranded = False  # jobs idle while work waits: that work is not for them
         for job, record in self.jobs.items():
             if record.state != RUNNING or record.cancelled:
                 continue
             sats = by_job.get(job, [])
-            if record.draining:  # given back once its satellites have finished what they had
-                if all(s.inflight == 0 for s in sats):
+            if record.draining:  # given back once its satellites are all drained and hold nothing
+                undrained = [s for s in sats if not s.draining]
+                if undrained:  # the drain did not take (the bus did not answer, or it was refused): again
+                    out.extend(Drain(s.sid, "its job is being given back") for s in undrained)
+                elif all(s.inflight == 0 for s in sats):
                     record.cancelled = True
                     out.append(Cancel(job))
                 continue
@@ -250,8 +291,16 @@ class Autoscaler:
                 continue
             if record.idle_since is None:
                 record.idle_since = now
-            if waits > 0 or running <= limits.min_jobs or now - record.idle_since < limits.idle_timeout:
+            if running <= limits.min_jobs or now - record.idle_since < limits.idle_timeout:
                 continue
+            if waits > 0 and bus.oldest_wait < limits.idle_timeout:
+                continue  # work waits, and not for long: it may be on its way to these satellites
+            reason = "its job is idle"
+            if waits > 0:  # idle for the whole timeout while work waited as long: it cannot run here (too
+                stranded = True  # wide, or tags, kinds our satellites lack)
+                reason = "its job stayed idle while work waited that it cannot run"
             record.draining = True
             running -= 1
-            out.extend(Drain(s.sid) for s in sats)
+            out.extend(Drain(s.sid, reason) for s in sats)
+        if stranded:  # asking for more of the same jobs would not run that work either: slowly, then
+            self._back_off(now)

@@ -3,13 +3,16 @@
 
 Each adapter runs the scheduler's commands (``run``: :func:`run_command` by default; a test gives
 recorded outputs) and reads their output into what the policy wants: a job's id, and the state of
-each job whose name carries the autoscaler's tag (``pending``, ``running``; a job the scheduler no
-longer lists has ended). A command that is missing, fails or times out is a :class:`SchedulerError`
-in one line, naming the command; the autoscaler backs off and tries again.
+each job *of this user* whose name is exactly the autoscaler's (``orchester-TAG``: ``pending``,
+``running``; a job the scheduler no longer lists has ended). Another user's job of the same name
+is never listed, so never adopted nor cancelled. A command that is missing, fails or times out is
+a :class:`SchedulerError` in one line, naming the command; the autoscaler backs off and tries
+again.
 """
 
 from __future__ import annotations
 
+import getpass
 import re
 import subprocess
 from collections.abc import Callable
@@ -85,6 +88,14 @@ def job_name(tag: str) -> str:
     return JOB_PREFIX + tag
 
 
+def current_user() -> str:
+    """The user whose jobs the autoscaler lists (checked: it goes on a command line)."""
+    user = getpass.getuser()
+    if not re.fullmatch(r"[A-Za-z0-9_.][A-Za-z0-9_.@-]{0,63}", user):
+        raise SchedulerError(f"cannot list the jobs of user {user!r}: not a user name the scheduler takes")
+    return user
+
+
 def _job_id(job: str) -> str:
     if not re.fullmatch(r"[0-9]+(?:[._][A-Za-z0-9.-]+)?", job):
         raise ValueError(f"not a job id: {job!r}")
@@ -99,8 +110,9 @@ class Slurm:
     STATES = {"PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "RESIZING": PENDING,
               "RUNNING": RUNNING, "COMPLETING": RUNNING, "SUSPENDED": RUNNING, "STOPPED": RUNNING}
 
-    def __init__(self, run: Runner = run_command) -> None:
+    def __init__(self, run: Runner = run_command, user: Callable[[], str] = current_user) -> None:
         self.run = run
+        self.user = user
 
     def submit(self, script: str, tag: str) -> str:
         """``sbatch --parsable --job-name orchester-TAG`` with the script on standard input."""
@@ -112,9 +124,9 @@ class Slurm:
         return job
 
     def jobs(self, tag: str) -> dict[str, str]:
-        """``squeue --noheader --name orchester-TAG --format %i|%T``."""
-        out = _checked("squeue", self.run(["squeue", "--noheader", f"--name={job_name(tag)}", "--format=%i|%T"],
-                                          None))
+        """``squeue --noheader --user USER --name orchester-TAG --format %i|%T``: this user's jobs of that name."""
+        out = _checked("squeue", self.run(["squeue", "--noheader", f"--user={self.user()}", f"--name={job_name(tag)}",
+                                           "--format=%i|%T"], None))
         found: dict[str, str] = {}
         for line in out.splitlines():
             job, _, state = line.strip().partition("|")
@@ -129,16 +141,21 @@ class Slurm:
 
 
 class Pbs:
-    """PBS (OpenPBS, PBS Pro, Torque): ``qsub -N``, ``qstat``, ``qdel``."""
+    """PBS (OpenPBS, PBS Pro, Torque): ``qsub -N``, ``qselect``, ``qdel``.
+
+    ``qselect -u USER -N NAME -s STATES`` lists the ids of this user's jobs of exactly that name in
+    those states, whole (``qstat``'s table cuts long ids and names, and lists every user's jobs).
+    """
 
     name = "pbs"
-    #: PBS job states (``qstat``'s S column): queued, held, waiting, transiting → pending; running, exiting,
-    #: suspended → running; finished (F), completed (C) → ended
-    STATES = {"Q": PENDING, "H": PENDING, "W": PENDING, "T": PENDING, "R": RUNNING, "E": RUNNING, "S": RUNNING,
-              "B": RUNNING}
+    #: PBS job states (``qselect -s``): queued, held, waiting, transiting → pending; running, exiting,
+    #: suspended → running; finished (F) and completed (C) are not asked for: ended
+    PENDING_STATES = "QHWT"
+    RUNNING_STATES = "RES"
 
-    def __init__(self, run: Runner = run_command) -> None:
+    def __init__(self, run: Runner = run_command, user: Callable[[], str] = current_user) -> None:
         self.run = run
+        self.user = user
 
     def submit(self, script: str, tag: str) -> str:
         """``qsub -N orchester-TAG`` with the script on standard input."""
@@ -149,21 +166,15 @@ class Pbs:
         return job
 
     def jobs(self, tag: str) -> dict[str, str]:
-        """``qstat`` (every job of this user), filtered by name: the name column may be cut by qstat, so
-        the full name is matched where it fits and its first 16 characters otherwise."""
-        out = _checked("qstat", self.run(["qstat"], None))
-        name = job_name(tag)
+        """``qselect`` twice: this user's jobs named ``orchester-TAG``, pending and running."""
+        name, user = job_name(tag), self.user()
         found: dict[str, str] = {}
-        for line in out.splitlines():
-            cols = line.split()
-            if len(cols) < 6 or not re.fullmatch(r"[0-9]+(?:\.[A-Za-z0-9.-]+)?", cols[0]):
-                continue  # the header, the dashes, anything else
-            job, shown, state = cols[0], cols[1], cols[4]
-            if shown != name and not (len(shown) >= 10 and name.startswith(shown.rstrip("*+"))):
-                continue
-            kind = self.STATES.get(state)
-            if kind is not None:
-                found[job] = kind
+        for states, kind in ((self.PENDING_STATES, PENDING), (self.RUNNING_STATES, RUNNING)):
+            out = _checked("qselect", self.run(["qselect", "-u", user, "-N", name, "-s", states], None))
+            for line in out.splitlines():
+                job = line.strip()
+                if re.fullmatch(r"[0-9]+(?:\.[A-Za-z0-9.-]+)?", job):
+                    found[job] = kind
         return found
 
     def cancel(self, job: str) -> None:

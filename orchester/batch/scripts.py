@@ -142,7 +142,9 @@ def satellite_job(cfg: Any, endpoints: list[str]) -> str:
     for ep in endpoints:
         argv += ["--connect", ep]
     argv += ["--workers", str(cfg.workers), "--cores", str(cores), "--walltime", str(walltime_seconds(cfg.walltime)),
-             "--job", job_var]
+             "--job", job_var, "--chdir", workdir]
+    if cfg.satellite_secret and cfg.satellite_server_key:  # paths on the nodes, as flags (pbsdsh passes no
+        argv += ["--curve-secret", cfg.satellite_secret, "--server-key", cfg.satellite_server_key]  # environment)
     for module in cfg.tasks:
         argv += ["--tasks", module]
     argv += list(cfg.satellite_options)
@@ -156,16 +158,12 @@ def satellite_job(cfg: Any, endpoints: list[str]) -> str:
         launch = f"exec srun --nodes={nodes} --ntasks-per-node=1 --cpus-per-task={cores} --kill-on-bad-exit=0 {command}"
     elif cfg.scheduler == "pbs":
         head = [f"#PBS -N {name}", f"#PBS -l select={nodes}:ncpus={cores}:mpiprocs=1",
-                f"#PBS -l walltime={cfg.walltime}", "#PBS -j oe"]
+                f"#PBS -l walltime={cfg.walltime}", "#PBS -j oe", f"#PBS -o {workdir.rstrip('/') or ''}/"]
         head += [f"#PBS -q {cfg.partition}"] if cfg.partition else []
         head += [f"#PBS -A {cfg.account}"] if cfg.account else []
         launch = f"exec {command}" if nodes == 1 else f"exec pbsdsh -u -- {command}"
     else:
         raise ValueError(f"unknown scheduler {cfg.scheduler!r}: slurm or pbs")
-    keys = []
-    if cfg.satellite_secret and cfg.satellite_server_key:
-        keys = [f"export ORCHESTER_CURVE_SECRET={shlex.quote(cfg.satellite_secret)}",
-                f"export ORCHESTER_SERVER_KEY={shlex.quote(cfg.satellite_server_key)}"]
     return "\n".join([
         "#!/bin/bash",
         *head,
@@ -175,7 +173,6 @@ def satellite_job(cfg: Any, endpoints: list[str]) -> str:
         "# satellites before it gives the job back, so no task is killed for scaling down.",
         "set -euo pipefail",
         f"cd {shlex.quote(workdir)}",
-        *keys,
         launch,
         "",
     ])

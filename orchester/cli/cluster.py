@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 import sys
 import threading
 from typing import Any
@@ -71,15 +73,20 @@ def run_autoscale(cfg: AutoscaleConfig) -> None:
     """Run an autoscaler until a stop signal."""
     from orchester.batch.autoscaler import Autoscale
     from orchester.batch.scheduler import scheduler
-    from orchester.cli.common import open_client
+    from orchester.cli.common import is_loopback, open_client, reachable_endpoint
     from orchester.client.uplink import resolve_endpoint
 
     try:
         endpoints = [resolve_endpoint(ep) for ep in cfg.connect]
-        for_satellites = [resolve_endpoint(ep) for ep in cfg.satellite_connect] or endpoints
+        for_satellites = [reachable_endpoint(resolve_endpoint(ep), socket.getfqdn())  # (an endpoint file may
+                          for ep in cfg.satellite_connect or cfg.connect]           # name a wildcard bind)
     except ValueError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
+    if any(is_loopback(ep) for ep in for_satellites):
+        logging.getLogger("orchester.autoscale").warning(
+            "the jobs' satellites connect to %s: only jobs on this host can reach it (give --connect, or "
+            "--satellite-connect, the bus's address on the cluster's network)", " ".join(for_satellites))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())

@@ -180,6 +180,22 @@ timeout_option = click.option("--timeout", type=click.FloatRange(0.0, min_open=T
                               help="Seconds to wait for the orchestrator before exit code 3.")
 
 
+def reachable_endpoint(endpoint: str, host: str) -> str:
+    """``endpoint`` as another process connects to it: a wildcard address (``*``, ``0.0.0.0``, ``[::]``) → ``host``."""
+    for wild in ("://*:", "://0.0.0.0:", "://[::]:"):
+        if wild in endpoint:
+            return endpoint.replace(wild, f"://{host}:", 1)
+    return endpoint
+
+
+def is_loopback(endpoint: str) -> bool:
+    """Whether only this host can connect to ``endpoint`` (a TCP loopback address, or ``ipc://``)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint.partition("://")[2].rpartition(":")[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def open_client(connect: list[str] | tuple[str, ...], **client_options: Any) -> Any:
     """A :class:`~orchester.Client` of ``connect``; exit 2 with one line if an endpoint is malformed."""
     from orchester.client.sync import Client

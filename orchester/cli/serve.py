@@ -13,12 +13,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import click
 
-from orchester.cli.common import EXIT_USAGE, config_options
+from orchester.cli.common import EXIT_USAGE, config_options, reachable_endpoint
 from orchester.config import ConfigError, OrchestratorConfig, from_mapping
+from orchester.signals import parent_death_signal
 
 
 @click.command(params=config_options(OrchestratorConfig))
@@ -48,7 +50,7 @@ def serve(**kw: Any) -> None:
         broker.run()
     finally:
         if child is not None:
-            stop_child(child)
+            child.stop()
     if broker.exit_code:
         sys.exit(broker.exit_code)
 
@@ -68,39 +70,48 @@ def autoscale_table(path: str) -> dict[str, Any]:
     return table
 
 
-def _reachable(endpoint: str, host: str) -> str:
-    """``endpoint`` as another process connects to it: a wildcard address (``*``, ``0.0.0.0``, ``[::]``) → ``host``."""
-    for wild in ("://*:", "://0.0.0.0:", "://[::]:"):
-        if wild in endpoint:
-            return endpoint.replace(wild, f"://{host}:", 1)
-    return endpoint
+class AutoscalerChild:
+    """``orchester autoscale --config PATH`` as a child of ``serve`` (see :func:`start_autoscaler`)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.stopping = threading.Event()
+        # a session of its own: a terminal's SIGHUP or Ctrl-C reaches the server only (whose SIGHUP re-reads
+        # the keys), which stops the autoscaler itself; the kernel stops it if the server dies
+        self.proc = subprocess.Popen(argv, preexec_fn=parent_death_signal(), start_new_session=True)  # noqa: PLW1509
+        threading.Thread(target=self._watch, daemon=True, name="orchester-autoscale-watch").start()
+
+    def _watch(self) -> None:
+        """Say so when the autoscaler ends by itself (the server goes on without it: nothing depends on it)."""
+        code = self.proc.wait()
+        if not self.stopping.is_set():
+            logging.getLogger("orchester").error("the autoscaler stopped (exit %s): the bus goes on without it; "
+                                                 "its jobs keep running until it is started again", code)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        self.stopping.set()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
-def start_autoscaler(path: str, table: dict[str, Any], endpoints: dict[str, list[str]]) -> subprocess.Popen[bytes]:
+def start_autoscaler(path: str, table: dict[str, Any], endpoints: dict[str, list[str]]) -> AutoscalerChild:
     """``orchester autoscale --config PATH`` as a child process, told this server's endpoints unless the table
     names them (the satellites get the satellite endpoint, and this host's name for a wildcard address)."""
-    from orchester.signals import parent_death_signal
-
     argv = [sys.executable, "-m", "orchester", "--log-level", logging.getLevelName(logging.getLogger().level),
             "--config", path, "autoscale"]
-    if "connect" not in table:
-        argv += ["--connect", _reachable(endpoints["bind"][0], "127.0.0.1")]
-    if "satellite_connect" not in table and "satellite-connect" not in table:
-        for ep in endpoints.get("satellite_bind") or endpoints["bind"]:
-            argv += ["--satellite-connect", _reachable(ep, socket.getfqdn())]
+    named = {key.replace("-", "_") for key in table}
+    if "connect" not in named:
+        argv += ["--connect", reachable_endpoint(endpoints["bind"][0], "127.0.0.1")]
+        if "satellite_connect" not in named:  # (a table naming connect: its satellites connect there too)
+            for ep in endpoints.get("satellite_bind") or endpoints["bind"]:
+                argv += ["--satellite-connect", reachable_endpoint(ep, socket.getfqdn())]
     logging.getLogger("orchester").info("starting the autoscaler of %s", path)
-    return subprocess.Popen(argv, preexec_fn=parent_death_signal())  # noqa: PLW1509 (one prctl call)
-
-
-def stop_child(child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """Stop a child process: SIGTERM, then SIGKILL after ``timeout`` seconds."""
-    if child.poll() is None:
-        child.terminate()
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait(5)
+    return AutoscalerChild(argv)
 
 
 def reload_keys(broker: Any) -> None:

@@ -32,6 +32,8 @@ TASK_STATE_VALUES = frozenset(s.name.lower() for s in TaskState)
 #: Most autoscalers whose job reports are kept (``CONTROL jobs``), and seconds a report is shown without a newer.
 MAX_AUTOSCALERS = 16
 JOBS_REPORT_TTL = 120.0
+#: Satellites a status lists under one job (``status --json``'s satellites show each one's job).
+SATELLITES_PER_JOB_SHOWN = 64
 #: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
 RUNNING_SHOWN = 8
 #: Dependencies and dependents whose kind and state ``show`` gives (the web page draws them).
@@ -216,7 +218,9 @@ class Requests:
         by_job: dict[str, list[str]] = {}
         for sat in self.state.fleet:
             if sat.job:
-                by_job.setdefault(sat.job, []).append(sat.sid)
+                sids = by_job.setdefault(sat.job, [])
+                if len(sids) < SATELLITES_PER_JOB_SHOWN:  # (satellites may claim any job: a status stays small)
+                    sids.append(sat.sid)
         return [{"tag": tag, "scheduler": r.scheduler, "age": round(now - seen, 1), "max": r.max_jobs,
                  "min": r.min_jobs, "error": r.error or None,
                  "counts": dict(Counter(state for _, state, _ in r.jobs)),
