@@ -80,7 +80,7 @@ class Watch:
 
 def start_autoscaler(slurm: OneNodeSlurm, endpoint: str, workdir: Path, tag: str,
                      *flags: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "orchester", "--log-level", "WARNING", "autoscale", "--connect", endpoint,
+    argv = [sys.executable, "-m", "orchester", "--log-level", "ERROR", "autoscale", "--connect", endpoint,
             "--tag", tag, "--workdir", str(workdir), "--interval", "0.3", "--wait-bound", "0",
             "--walltime", "00:30:00", "--workers", "1", "--cores", "1",
             "--satellite-option=--heartbeat-interval=0.5", *flags]
