@@ -29,6 +29,9 @@ SQUEUE = """\
 44|CONFIGURING
 45|COMPLETED
 46|CANCELLED
+47|REQUEUE_HOLD
+48|TIMEOUT
+not a line
 """
 
 #: ``qselect -u alice -N orchester-bus1 -s …`` on a PBS Pro server whose name is long: ids come whole
@@ -42,7 +45,8 @@ def test_slurm_submits_lists_its_users_jobs_and_cancels() -> None:
     slurm = Slurm(run, user=lambda: "alice")
     assert slurm.submit("#!/bin/bash\nsatellite ...\n", "bus1") == "4242"
     assert run.calls[0] == (["sbatch", "--parsable", "--job-name=orchester-bus1"], "#!/bin/bash\nsatellite ...\n")
-    assert slurm.jobs("bus1") == {"41": PENDING, "42": RUNNING, "43": RUNNING, "44": PENDING}
+    # a held job (or one in a state this does not know) is listed, so counted: pending; ended states are not
+    assert slurm.jobs("bus1") == {"41": PENDING, "42": RUNNING, "43": RUNNING, "44": PENDING, "47": PENDING}
     # only this user's jobs of exactly that name: another user's autoscaler with the same tag is not ours
     assert run.calls[1][0] == ["squeue", "--noheader", "--user=alice", "--name=orchester-bus1", "--format=%i|%T"]
     slurm.cancel("42")

@@ -106,9 +106,13 @@ class Slurm:
     """Slurm: ``sbatch --parsable``, ``squeue --noheader``, ``scancel``."""
 
     name = "slurm"
-    #: Slurm's job states that the policy counts as pending or running (any other: ended, or ending)
-    STATES = {"PENDING": PENDING, "CONFIGURING": PENDING, "REQUEUED": PENDING, "RESIZING": PENDING,
-              "RUNNING": RUNNING, "COMPLETING": RUNNING, "SUSPENDED": RUNNING, "STOPPED": RUNNING}
+    #: Slurm's job states that the policy counts as running; the states of a job that has ended; any other
+    #: state squeue lists (pending, configuring, requeued or held, one it does not know yet) counts as
+    #: pending: a job listed is never left out of ``max_jobs``
+    RUNNING_STATES = frozenset({"RUNNING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
+                                "RESIZING"})
+    ENDED_STATES = frozenset({"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+                              "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED"})
 
     def __init__(self, run: Runner = run_command, user: Callable[[], str] = current_user) -> None:
         self.run = run
@@ -129,10 +133,11 @@ class Slurm:
                                            "--format=%i|%T"], None))
         found: dict[str, str] = {}
         for line in out.splitlines():
-            job, _, state = line.strip().partition("|")
-            kind = self.STATES.get(state.strip())
-            if job and kind is not None:
-                found[job.strip()] = kind
+            job, bar, state = line.strip().partition("|")
+            job, state = job.strip(), state.strip()
+            if not bar or not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job) or not state or state in self.ENDED_STATES:
+                continue
+            found[job] = RUNNING if state in self.RUNNING_STATES else PENDING
         return found
 
     def cancel(self, job: str) -> None:
