@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from orchester.server.tasks import QueueKey, Task
@@ -117,14 +118,27 @@ class SatelliteRecord:
 
 
 class Fleet:
-    """Satellites by id and by routing identity, with an eligibility cache per queue key."""
+    """Satellites by id and by routing identity, with an eligibility index per queue key.
+
+    Everything here is kept up to date on each change of one satellite, never rebuilt by a scan of the
+    fleet: the free credit of all satellites together (:attr:`free_slots`), the satellites able to run
+    each queue key that was asked for (:meth:`eligible`), and the kinds offered. A registration, a
+    loss or a change of state costs the same with 10 satellites as with 5,000.
+    """
+
+    #: Queue keys whose eligible satellites are indexed at once; past it the index starts again (a client
+    #: asking for ever new tag sets must not make every change of a satellite cost more)
+    MAX_KEYS = 1024
 
     def __init__(self) -> None:
         self.by_id: dict[str, SatelliteRecord] = {}
         self.by_ident: dict[bytes, SatelliteRecord] = {}
-        self._eligible: dict[QueueKey, list[SatelliteRecord]] = {}
-        self._kinds: frozenset[str] | None = None  #: every kind offered (cached until the fleet changes)
-        self.free_slots = 0
+        #: per queue key: the satellites that may run it now (registered, taking work), in the order they
+        #: became eligible (a dict as an ordered set)
+        self._eligible: dict[QueueKey, dict[SatelliteRecord, None]] = {}
+        self._kind_count: dict[str, int] = {}  #: kind -> registered satellites offering it
+        self._kinds: frozenset[str] | None = None  #: every kind offered (cached until a satellite comes or goes)
+        self.free_slots = 0  #: the free credit of every satellite, together
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -133,42 +147,65 @@ class Fleet:
         return iter(list(self.by_id.values()))
 
     def add(self, sat: SatelliteRecord) -> None:
-        """Add (or replace) a satellite."""
+        """Add a satellite (one of the same id or routing identity is removed first)."""
+        for old in (self.by_id.get(sat.sid), self.by_ident.get(sat.ident)):
+            if old is not None and old is not sat:
+                self.remove(old)
         self.by_id[sat.sid] = sat
         self.by_ident[sat.ident] = sat
-        self.changed()
+        self.free_slots += sat.free
+        for kind in sat.kinds:
+            self._kind_count[kind] = self._kind_count.get(kind, 0) + 1
+        self._kinds = None
+        self.changed(sat)
 
     def remove(self, sat: SatelliteRecord) -> None:
         """Forget a satellite (its tasks must already have been requeued)."""
         if self.by_id.get(sat.sid) is sat:
             del self.by_id[sat.sid]
+            self.free_slots -= sat.free
+            for kind in sat.kinds:
+                n = self._kind_count.get(kind, 0) - 1
+                if n > 0:
+                    self._kind_count[kind] = n
+                else:
+                    self._kind_count.pop(kind, None)
+            self._kinds = None
         if self.by_ident.get(sat.ident) is sat:
             del self.by_ident[sat.ident]
-        self.changed()
+        for sats in self._eligible.values():
+            sats.pop(sat, None)
 
-    def changed(self) -> None:
-        """Invalidate caches after a registration, loss or departure."""
-        self._eligible.clear()
-        self._kinds = None
-        self.free_slots = sum(s.free for s in self.by_id.values())
+    def changed(self, sat: SatelliteRecord) -> None:
+        """``sat`` joined, or its state changed: it is eligible for the keys it can run while it takes work."""
+        member = sat.state.accepts_work and self.by_id.get(sat.sid) is sat
+        for key, sats in self._eligible.items():
+            if member and sat.can_run(key):
+                sats[sat] = None
+            else:
+                sats.pop(sat, None)
 
-    def eligible(self, key: QueueKey) -> list[SatelliteRecord]:
-        """Satellites able to run tasks of queue ``key`` (cached until the fleet changes)."""
+    def credit_changed(self, sat: SatelliteRecord, free_before: int) -> None:
+        """``sat``'s free credit was ``free_before`` before its credit or its tasks changed."""
+        if self.by_id.get(sat.sid) is sat:
+            self.free_slots += sat.free - free_before
+
+    def eligible(self, key: QueueKey) -> Collection[SatelliteRecord]:
+        """Satellites able to run tasks of queue ``key`` now (indexed from the first time ``key`` is asked)."""
         sats = self._eligible.get(key)
         if sats is None:
-            sats = self._eligible[key] = [s for s in self.by_id.values()
-                                          if s.can_run(key) and s.state.accepts_work]
-        return sats
+            if len(self._eligible) >= self.MAX_KEYS:
+                self._eligible.clear()
+            sats = self._eligible[key] = {s: None for s in self.by_id.values()
+                                          if s.can_run(key) and s.state.accepts_work}
+        return sats.keys()
 
     def offers(self, kind: str) -> bool:
         """Whether any registered satellite offers ``kind``."""
-        return kind in self.kinds()
+        return kind in self._kind_count
 
     def kinds(self) -> frozenset[str]:
-        """Every kind offered by some satellite (built once per change of the fleet)."""
+        """Every kind offered by some satellite."""
         if self._kinds is None:
-            out: set[str] = set()
-            for s in self.by_id.values():
-                out |= s.kinds
-            self._kinds = frozenset(out)
+            self._kinds = frozenset(self._kind_count)
         return self._kinds

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from orchester.journal import records
@@ -244,10 +244,11 @@ class Lifecycle:
             self.state.unqueued(task)
             task.attempt = attempt
             task.satellite = sat.sid
+            free = sat.free
             sat.take(task)
+            self.state.fleet.credit_changed(sat, free)
             if sat.state is SS.IDLE:
                 self.sat_to(sat, SE.load, now)
-            self.state.fleet.free_slots -= 1
             self.task_to(task, TE.dispatch, now, "adopted")
             self.task_to(task, TE.start, now, "adopted")
             self.state.counters["adopted"] += 1
@@ -404,7 +405,7 @@ class Lifecycle:
             task.reserved_on.reserved = None
             task.reserved_on = None
 
-    def _reserve(self, task: Task, eligible: list[SatelliteRecord], now: float) -> None:
+    def _reserve(self, task: Task, eligible: Iterable[SatelliteRecord], now: float) -> None:
         """Keep a satellite for ``task``, a wide task that let narrower ones pass for ``reserve_after``
         seconds: of the satellites that could ever run it (and, with a duration, whose allocation lasts
         long enough) and are not kept for another, the one with the most cores free (then the fewest
@@ -451,10 +452,11 @@ class Lifecycle:
             self.state.unqueued(task)
         task.attempt += 1
         task.satellite = sat.sid
+        free = sat.free
         sat.take(task)
+        self.state.fleet.credit_changed(sat, free)
         if sat.state is SS.IDLE:
             self.sat_to(sat, SE.load, now)
-        self.state.fleet.free_slots -= 1
         self.state.dispatch_seq += 1
         sat.last_dispatch = self.state.dispatch_seq
         self.state.counters["dispatched"] += 1
@@ -465,9 +467,12 @@ class Lifecycle:
     def release(self, task: Task, now: float, abort: bool) -> SatelliteRecord | None:
         """Take ``task`` off its satellite's credit (telling the satellite to drop it if ``abort``)."""
         sat = self.state.fleet.by_id.get(task.satellite or "")
-        if sat is None or not sat.give_back(task):
+        if sat is None:
             return None
-        self.state.fleet.free_slots += 1
+        free = sat.free
+        if not sat.give_back(task):
+            return None
+        self.state.fleet.credit_changed(sat, free)
         if abort:
             self.outbox.send(sat.sock, [sat.ident, *M.abort(task.id, task.attempt)])
         if not sat.inflight and sat.state is SS.BUSY:
@@ -675,15 +680,16 @@ class Lifecycle:
         """Fire ``event`` on ``sat``: new state, credit, eligibility and event."""
         old = sat.state
         sat.state = SATELLITE_MACHINE.next(old, event)
+        free = sat.free
         if sat.state is SS.PROBATION:
             sat.credit = self.probation.credits(sat.slots)
         elif sat.state in (SS.DRAINING, SS.SILENT, SS.LOST, SS.LEFT):
             sat.credit = 0
         else:
             sat.credit = sat.slots
-        if sat.state.accepts_work != old.accepts_work or sat.state in (SS.PROBATION, SS.DRAINING) \
-                or old is SS.PROBATION:
-            self.state.fleet.changed()
+        self.state.fleet.credit_changed(sat, free)
+        if sat.state.accepts_work != old.accepts_work:
+            self.state.fleet.changed(sat)
         if event not in (SE.load, SE.unload):  # limited: a peer registering in a loop could flood the log
             log_limited(log, logging.INFO, "satellite %r: %s -> %s%s", sat.sid, old.name, sat.state.name,
                         f" ({reason})" if reason else "")
@@ -708,8 +714,10 @@ class Lifecycle:
         tasks = [t for t in sat.inflight.values() if not t.state.terminal]
         for task in tasks:
             self.stall(task, now, f"satellite {sat.sid} {reason}", crash=crash, abort=False, blame=False)
+        free = sat.free
         sat.inflight.clear()
         sat.used = sat.mem_used = 0
+        self.state.fleet.credit_changed(sat, free)
         if sat.reserved is not None and sat.reserved.reserved_on is sat:
             self._drop_reservation(sat.reserved)
         sat.reserved = None

@@ -1,0 +1,123 @@
+"""The fleet's indexes, kept up to date on each change instead of rebuilt by a scan: the free credit of all
+satellites together, the satellites eligible for each queue key, the kinds offered. A random walk of
+registrations, tasks, results, silences, losses, drains, departures and crashes through the real core
+checks after every step that each index equals what a scan of the fleet gives."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from test_core import C, Harness, of
+from test_workflows_core import register_cores
+
+from orchester.server.fleet import Fleet, SatelliteRecord
+from serializers import encode, pack, unpack
+from serializers import protocol as P
+from tracker import SatelliteState
+
+KINDS = ("echo", "a", "b")
+TAGS = ("x", "y")
+
+
+def check(h: Harness) -> None:
+    fleet = h.core.state.fleet
+    sats = list(fleet.by_id.values())
+    assert fleet.free_slots == sum(s.free for s in sats)
+    for key in list(fleet._eligible):
+        assert set(fleet.eligible(key)) == {s for s in sats if s.can_run(key) and s.state.accepts_work}, key
+    assert fleet.kinds() == frozenset(k for s in sats for k in s.kinds)
+    assert set(fleet.by_ident.values()) == set(sats)
+
+
+def walk(seed: int, steps: int = 250) -> None:
+    rng = random.Random(seed)
+    h = Harness(probation_after=2, drain_after=4, dispatch_timeout=5.0)
+    sids: list[str] = []
+    n = 0
+    for _ in range(steps):
+        action = rng.random()
+        if action < 0.12 or not sids:  # a satellite registers (or registers again)
+            sid = rng.choice(sids) if sids and rng.random() < 0.3 else f"s{len(sids)}"
+            if sid not in sids:
+                sids.append(sid)
+            kinds = rng.sample(KINDS, rng.randint(1, 3))
+            tags = rng.sample(TAGS, rng.randint(0, 2))
+            h.send("sat", f"id-{sid}".encode(), P.REGISTER, {"sid": sid, "slots": rng.randint(1, 3),
+                                                             "kinds": kinds, "tags": tags,
+                                                             "cores": rng.randint(1, 4)})
+        elif action < 0.45:  # a task
+            n += 1
+            _, body = encode([[n], {}])
+            hdr: dict[str, Any] = {"id": f"t{n}", "k": rng.choice(KINDS), "c": "msgpack"}
+            if rng.random() < 0.3:
+                hdr["tg"] = rng.sample(TAGS, 1)
+            if rng.random() < 0.2:
+                hdr["cr"] = rng.randint(1, 3)
+            h.send(C, b"cli", P.SUBMIT, hdr, *body)
+        elif action < 0.75:  # a satellite ends one of its tasks, well or badly
+            busy = [s for s in h.core.state.fleet.by_id.values() if s.inflight]
+            if busy:
+                sat = rng.choice(busy)
+                task = rng.choice(list(sat.inflight.values()))
+                ok = rng.random() < 0.8
+                hdr = {"id": task.id, "a": task.attempt, "ok": ok, "c": "msgpack"}
+                if not ok:
+                    hdr["err"] = {"type": "WorkerDied" if rng.random() < 0.5 else "ValueError", "msg": "x", "tb": ""}
+                h.send("sat", sat.ident, P.DONE, hdr, pack(None))
+        elif action < 0.85:  # a heartbeat
+            sid = rng.choice(sids)
+            h.send("sat", f"id-{sid}".encode(), P.HEARTBEAT, {"sid": sid})
+        elif action < 0.9:  # a satellite leaves
+            sid = rng.choice(sids)
+            h.send("sat", f"id-{sid}".encode(), P.LEAVE, {"sid": sid})
+        elif action < 0.93:  # an operator drains one
+            sid = rng.choice(sids)
+            h.send(C, b"ops", P.CONTROL, {"op": "drain", "sid": sid, "rid": 1})
+        h.tick(rng.choice((0.0, 0.0, 0.5, 1.5, 4.0)))  # time: silences, losses, timeouts
+        check(h)
+    assert h.core.state.counters["handler_errors"] == 0 and h.core.state.counters["timer_errors"] == 0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_fleet_indexes_equal_a_scan_after_every_step(seed: int) -> None:
+    walk(seed)
+
+
+def test_a_registration_changes_no_other_satellites_entry() -> None:
+    """What a registration costs does not grow with the fleet: the index gains one entry per key asked for."""
+    h = Harness()
+    for i in range(200):
+        register_cores(h, f"s{i}", 1)
+    h.tick()
+    fleet = h.core.state.fleet
+    key = ("echo", frozenset(), 1, 0)
+    assert len(fleet.eligible(key)) == 200 and fleet.free_slots == 200
+    register_cores(h, "late", 2)
+    assert len(fleet.eligible(key)) == 201 and fleet.free_slots == 202
+    h.send("sat", b"id-late", P.LEAVE, {"sid": "late"})
+    h.tick()
+    assert len(fleet.eligible(key)) == 200 and fleet.free_slots == 200
+    check(h)
+
+
+def test_a_fleet_asked_for_ever_new_keys_starts_its_index_again() -> None:
+    fleet = Fleet()
+    sat = SatelliteRecord("s", b"s", None, 1, frozenset(), frozenset({"echo"}), 0.0)
+    sat.state = SatelliteState.IDLE
+    fleet.add(sat)
+    for i in range(Fleet.MAX_KEYS + 5):
+        fleet.eligible(("echo", frozenset({f"t{i}"}), 1, 0))
+    assert len(fleet._eligible) <= Fleet.MAX_KEYS
+    assert list(fleet.eligible(("echo", frozenset(), 1, 0))) == [sat]
+
+
+def test_unknown_kinds_are_refused_by_the_index_of_kinds() -> None:
+    h = Harness()
+    h.register("s1", kinds=("echo",))
+    h.tick()
+    _, body = encode([[1], {}])
+    h.send(C, b"cli", P.SUBMIT, {"id": "t", "k": "nope", "c": "msgpack"}, *body)
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    assert errors and errors[0]["code"] == P.E_UNKNOWN_KIND
