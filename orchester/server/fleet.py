@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import heapq
+import itertools
+from collections.abc import Callable, Collection
 from typing import Any
 
 from orchester.server.tasks import QueueKey, Task
@@ -139,6 +141,12 @@ class Fleet:
         self._kind_count: dict[str, int] = {}  #: kind -> registered satellites offering it
         self._kinds: frozenset[str] | None = None  #: every kind offered (cached until a satellite comes or goes)
         self.free_slots = 0  #: the free credit of every satellite, together
+        #: the routing strategy's rank (the least is chosen), when it has one: then, per queue key, a heap of
+        #: ``(rank, order, satellite)`` of the eligible satellites with free credit; an entry whose rank is no
+        #: longer the satellite's (it changes with each task given or taken back) is dropped when it comes up
+        self.rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None = None
+        self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
+        self._order = itertools.count()
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -184,11 +192,62 @@ class Fleet:
                 sats[sat] = None
             else:
                 sats.pop(sat, None)
+        self._ranked(sat)
 
     def credit_changed(self, sat: SatelliteRecord, free_before: int) -> None:
-        """``sat``'s free credit was ``free_before`` before its credit or its tasks changed."""
+        """``sat``'s free credit was ``free_before`` before its credit or its tasks changed (and so, maybe, its
+        rank: call this after a change of what the rank reads)."""
         if self.by_id.get(sat.sid) is sat:
             self.free_slots += sat.free - free_before
+            self._ranked(sat)
+
+    def set_rank(self, rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None) -> None:
+        """The routing strategy's rank (``None``: it has none; the heaps go)."""
+        self.rank = rank
+        self._heaps.clear()
+
+    def _ranked(self, sat: SatelliteRecord) -> None:
+        """A fresh heap entry for ``sat`` under each key it is eligible and ready for (its rank may have changed)."""
+        rank = self.rank
+        if rank is None or not self._heaps or len(sat.inflight) >= sat.credit:
+            return
+        for key, heap in self._heaps.items():
+            if sat in self._eligible[key]:
+                heapq.heappush(heap, (rank(sat, key), next(self._order), sat))
+                if len(heap) > 4 * len(self._eligible[key]) + 64:  # mostly stale entries: built again
+                    self._heaps[key] = self._heap(key)
+
+    def _heap(self, key: QueueKey) -> list[tuple[tuple[Any, ...], int, SatelliteRecord]]:
+        assert self.rank is not None
+        heap = [(self.rank(s, key), next(self._order), s) for s in self._eligible[key]
+                if len(s.inflight) < s.credit]
+        heapq.heapify(heap)
+        return heap
+
+    def best(self, key: QueueKey, accept: Callable[[SatelliteRecord], bool]) -> SatelliteRecord | None:
+        """The eligible satellite of least rank with free credit that ``accept`` takes (only with a rank);
+        ``None`` when there is none. What ``choose`` would pick of the same candidates, without a scan."""
+        rank = self.rank
+        assert rank is not None
+        self.eligible(key)  # (indexed)
+        heap = self._heaps.get(key)
+        if heap is None:
+            heap = self._heaps[key] = self._heap(key)
+        sats = self._eligible[key]
+        passed = []
+        found = None
+        while heap:
+            r, _, sat = heap[0]
+            if sat not in sats or len(sat.inflight) >= sat.credit or rank(sat, key) != r:
+                heapq.heappop(heap)  # stale: no longer eligible, ready, or of that rank
+                continue
+            if accept(sat):
+                found = sat
+                break
+            passed.append(heapq.heappop(heap))  # ready but not for this task (cores, a reservation)
+        for entry in passed:
+            heapq.heappush(heap, entry)
+        return found
 
     def eligible(self, key: QueueKey) -> Collection[SatelliteRecord]:
         """Satellites able to run tasks of queue ``key`` now (indexed from the first time ``key`` is asked)."""
@@ -196,6 +255,7 @@ class Fleet:
         if sats is None:
             if len(self._eligible) >= self.MAX_KEYS:
                 self._eligible.clear()
+                self._heaps.clear()
             sats = self._eligible[key] = {s: None for s in self.by_id.values()
                                           if s.can_run(key) and s.state.accepts_work}
         return sats.keys()

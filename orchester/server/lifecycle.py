@@ -368,7 +368,15 @@ class Lifecycle:
             head = queues.head(key)
             if head is None:
                 continue
-            if key[2] == 1 and not key[3]:  # one core, no memory said: the common case, checked inline
+            if key[2] == 1 and not key[3] and not head.duration and fleet.rank is not None:
+                # the common case with a built-in strategy: the ready satellite of least rank, from the index
+                best = fleet.best(key, self._takes_one)
+                if best is None:
+                    blocked.add(key)
+                    continue
+                self._dispatch(queues.pop(key), best, now)
+                continue
+            if key[2] == 1 and not key[3]:  # one core, no memory said: checked inline
                 cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit and s.used < s.capacity
                          and (s.reserved is None or self._unreserve(s))]
             else:
@@ -388,6 +396,11 @@ class Lifecycle:
                 continue
             task = queues.pop(key)
             self._dispatch(task, self.state.strategy.choose(task, cands) if len(cands) > 1 else cands[0], now)
+
+    @classmethod
+    def _takes_one(cls, sat: SatelliteRecord) -> bool:
+        """Whether ``sat`` (with free credit) takes a one-core task now: a core free, kept for no other task."""
+        return sat.used < sat.capacity and (sat.reserved is None or cls._unreserve(sat))
 
     @staticmethod
     def _unreserve(sat: SatelliteRecord) -> bool:
@@ -452,13 +465,13 @@ class Lifecycle:
             self.state.unqueued(task)
         task.attempt += 1
         task.satellite = sat.sid
+        self.state.dispatch_seq += 1
+        sat.last_dispatch = self.state.dispatch_seq  # (before the fleet hears of it: part of the rank)
         free = sat.free
         sat.take(task)
         self.state.fleet.credit_changed(sat, free)
         if sat.state is SS.IDLE:
             self.sat_to(sat, SE.load, now)
-        self.state.dispatch_seq += 1
-        sat.last_dispatch = self.state.dispatch_seq
         self.state.counters["dispatched"] += 1
         self.outbox.send(sat.sock, [sat.ident, *M.dispatch(task.id, task.attempt, self._consent, results, task.cores),
                                     task.header, *task.payload, *inputs])

@@ -5,6 +5,11 @@ method; ``candidates`` is never empty and holds only satellites that offer the
 task's kind, have every tag it requires and have credit left. Strategies are
 pure: they may keep counters but never touch a socket or a clock.
 
+A strategy may also have a ``rank(sat, key)`` method, the value its ``choose`` minimises (the
+built-in ones do): the fleet then keeps, per queue key, the ready satellites in a heap by rank, and
+a dispatch costs the same with 10 satellites as with 5,000. Without it, ``choose`` gets the list of
+ready candidates of the key.
+
 Name a built-in strategy (``least_loaded``, ``round_robin``, ``tags``) or a
 class by import path (``package.module:ClassName``). An import path runs code (the
 module's import, the class's constructor), so only the paths the operator allowed at
@@ -18,10 +23,10 @@ import importlib
 import inspect
 import re
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchester.server.fleet import SatelliteRecord
-from orchester.server.tasks import Task
+from orchester.server.tasks import QueueKey, Task
 
 
 class RoutingStrategy(Protocol):
@@ -43,6 +48,11 @@ class LeastLoaded:
             return candidates[0]
         return min(candidates, key=lambda s: (len(s.inflight) / s.slots, s.last_dispatch))
 
+    @staticmethod
+    def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
+        """What :meth:`choose` minimises, for the fleet's index of ready satellites (the least is chosen)."""
+        return (len(sat.inflight) / sat.slots, sat.last_dispatch)
+
 
 class RoundRobin:
     """Each satellite in turn: the one that received a task least recently."""
@@ -53,6 +63,11 @@ class RoundRobin:
         if len(candidates) == 1:
             return candidates[0]
         return min(candidates, key=lambda s: s.last_dispatch)
+
+    @staticmethod
+    def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
+        """What :meth:`choose` minimises."""
+        return (sat.last_dispatch,)
 
 
 class TagAffinity:
@@ -69,6 +84,11 @@ class TagAffinity:
             return candidates[0]
         return min(candidates, key=lambda s: (len(s.tags - task.tags), len(s.inflight) / s.slots,
                                               s.last_dispatch))
+
+    @staticmethod
+    def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
+        """What :meth:`choose` minimises (a task's tags are its queue key's)."""
+        return (len(sat.tags - key[1]), len(sat.inflight) / sat.slots, sat.last_dispatch)
 
 
 BUILTIN: dict[str, type] = {c.name: c for c in (LeastLoaded, RoundRobin, TagAffinity)}

@@ -53,7 +53,8 @@ class ServerState:
         self.results = ResultStore(config.result_retention, config.result_retention_bytes)
         self.graph = TaskGraph(self.results, self.tasks)  #: dependencies, seen from the tasks depended on
         self.timers: TimerWheel[str] = TimerWheel()
-        self.strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
+        self._strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
+        self.fleet.set_rank(getattr(self._strategy, "rank", None))
         self.counters: Counter[str] = Counter()
         #: payload bytes of queued tasks held in memory (changed only by :meth:`queued`, :meth:`unqueued`)
         self.queued_bytes = 0
@@ -102,6 +103,16 @@ class ServerState:
         """The submission order of a new (or restored) task."""
         self.seq += 1
         return self.seq
+
+    @property
+    def strategy(self) -> RoutingStrategy:
+        """The routing strategy (a switch gives the fleet the new one's rank, if it has one)."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: RoutingStrategy) -> None:
+        self._strategy = strategy
+        self.fleet.set_rank(getattr(strategy, "rank", None))
 
     def add_pending(self, task: Task) -> None:
         """A pending (or, with dependencies, waiting) task enters the table (submitted, or rebuilt from the
