@@ -134,3 +134,47 @@ def test_unknown_kinds_are_refused_by_the_index_of_kinds() -> None:
     h.send(C, b"cli", P.SUBMIT, {"id": "t", "k": "nope", "c": "msgpack"}, *body)
     errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
     assert errors and errors[0]["code"] == P.E_UNKNOWN_KIND
+
+
+class FewestDone:
+    """A strategy of one's own with a rank (as docs/routing.rst shows): served from the index."""
+
+    name = "fewest_done"
+
+    def choose(self, task: Any, candidates: Any) -> Any:
+        return min(candidates, key=lambda s: self.rank(s, task.queue_key))
+
+    @staticmethod
+    def rank(sat: Any, key: Any) -> tuple[Any, ...]:
+        return (sat.done, sat.last_dispatch)
+
+
+class NoRank:
+    name = "no_rank"
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def choose(self, task: Any, candidates: Any) -> Any:
+        self.asked += 1
+        return candidates[-1]
+
+
+def test_a_strategy_of_ones_own_is_served_from_the_index_with_a_rank_and_asked_without() -> None:
+    h = Harness()
+    for sid in ("a", "b", "c"):
+        register_cores(h, sid, 4)
+    h.tick()
+    h.core.state.strategy = FewestDone()
+    fleet = h.core.state.fleet
+    assert fleet.rank is not None
+    fleet.by_id["a"].done, fleet.by_id["b"].done, fleet.by_id["c"].done = 5, 0, 3
+    h.submit("t1")
+    assert [unpack(f[3], 2**20)["id"] for f in of(h.tick(), P.DISPATCH)] == ["t1"]
+    assert fleet.by_id["b"].inflight and not fleet.by_id["a"].inflight  # the fewest done
+    h.core.state.strategy = strategy = NoRank()
+    assert fleet.rank is None and not fleet._heaps
+    h.submit("t2")
+    h.tick()
+    assert strategy.asked == 1  # no rank: choose() gets the candidates
+    check(h)
