@@ -29,6 +29,10 @@ def check(h: Harness) -> None:
         assert set(fleet.eligible(key)) == {s for s in sats if s.can_run(key) and s.state.accepts_work}, key
     assert fleet.kinds() == frozenset(k for s in sats for k in s.kinds)
     assert set(fleet.by_ident.values()) == set(sats)
+    order = list(fleet.by_silence)
+    assert set(order) == set(sats) and len(order) == len(sats)
+    assert [s.last_seen for s in order] == sorted(s.last_seen for s in order)  # heard from longest ago first
+    assert set(fleet.draining) == {s for s in sats if s.state is SatelliteState.DRAINING}
     rank = fleet.rank
     for key, heap in list(fleet._heaps.items()):  # every ready eligible satellite has an entry of its rank now
         assert rank is not None
@@ -177,4 +181,34 @@ def test_a_strategy_of_ones_own_is_served_from_the_index_with_a_rank_and_asked_w
     h.submit("t2")
     h.tick()
     assert strategy.asked == 1  # no rank: choose() gets the candidates
+    check(h)
+
+
+def test_silence_is_counted_up_to_the_last_time_the_server_read_everything() -> None:
+    """A satellite is never lost because the orchestrator was busy, or had its messages still unread."""
+    h = Harness()  # heartbeat 1 s, liveness 3: lost after 3 s of silence
+    h.register("s1")
+    h.tick()
+    state = h.core.state
+    state.read_until = h.now  # everything read until now; then a backlog: nothing read for 10 s
+    h.tick(10.0)
+    assert "s1" in state.fleet.by_id and state.fleet.by_id["s1"].state is SatelliteState.IDLE
+    state.read_until = h.now  # read everything at last, and nothing came from s1: now it is silent for 10 s
+    h.tick(0.01)
+    assert "s1" not in state.fleet.by_id and state.counters["satellites_lost"] == 1
+
+
+def test_only_the_satellites_heard_from_longest_ago_are_looked_at() -> None:
+    h = Harness()
+    for i in range(50):
+        h.register(f"s{i}")
+    h.tick()
+    h.tick(1.0)
+    for i in range(1, 50):  # all but s0 speak
+        h.send("sat", f"id-s{i}".encode(), P.HEARTBEAT, {"sid": f"s{i}"})
+    fleet = h.core.state.fleet
+    assert next(iter(fleet.by_silence)).sid == "s0"
+    h.tick(1.5)  # 2.5 s for s0: silent (after 2 s); the others 1.5 s
+    assert fleet.by_id["s0"].state is SatelliteState.SILENT
+    assert all(fleet.by_id[f"s{i}"].state is SatelliteState.IDLE for i in range(1, 50))
     check(h)

@@ -133,6 +133,7 @@ class Broker:
         #: ... and the handler of each (the Guide's ``mediate()`` table)
         self._handlers: dict[zmq.Socket[Any], Callable[[zmq.Socket[Any], float], None]] = {}
         self._journal_full = False  #: this wake-up: the journal is behind, clients and satellites wait
+        self._unread = False  #: this wake-up: messages may wait unread (a full batch, or the journal behind)
         self._next_report = 0.0  #: when metrics go to carbon next
         self._next_events_retry = 0.0  #: when event endpoints that could not be bound again are tried
         if config.ha:
@@ -365,8 +366,11 @@ class Broker:
                 if self._journal_full:
                     assert journal is not None
                     journal.notify.poll(5)  # wait for the writer rather than spin
+                self._unread = self._journal_full  # (backpressure: the routers are not read this time)
                 for sock, _ in ready:
                     self._handlers[sock](sock, now)
+                if not self._unread:  # every message that had come was read: silences are counted to now
+                    core.state.read_until = now
                 if not self._after_wakeup(now):
                     break
 
@@ -388,6 +392,7 @@ class Broker:
             return  # let ZeroMQ's high-water marks push back until the journal catches up
         secure, metrics_on, handle = self.curve is not None, self.metrics is not None, self.core.handle
         frames: list[Any]
+        drained = False
         for _ in range(self.config.batch):
             user = None
             try:
@@ -399,6 +404,7 @@ class Broker:
                 else:
                     frames = recv_frames(sock, NOBLOCK, 4)
             except zmq.Again:
+                drained = True
                 break
             counters["messages_in"] += 1
             if metrics_on:
@@ -406,6 +412,8 @@ class Broker:
             if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
                 continue
             handle(sock, frames, now, user)
+        if not drained:  # a whole batch: more may wait (silences are not counted past the last full read)
+            self._unread = True
 
     def _on_journal(self, sock: zmq.Socket[Any], now: float) -> None:
         """The journal writer made records durable: release what waited for them; spill payloads."""

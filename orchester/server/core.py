@@ -131,7 +131,7 @@ class Orchestrator:
             msg = decode(cmd, frames[3])  # every field checked: past this line, any failure is ours
             sat = st.fleet.by_ident.get(ident)
             if sat is not None:
-                sat.last_seen = now
+                st.fleet.heard(sat, now)
                 if sat.state is SS.SILENT:
                     self.life.heard(sat, now)
             try:
@@ -528,12 +528,14 @@ class Orchestrator:
             deadline = t
         if self.state.reclaim and self.state.reclaim_until < deadline:
             deadline = self.state.reclaim_until
-        silent_after = self.cfg.silent_after
-        for sat in self.state.fleet.by_id.values():
-            expiry = sat.last_seen + (self._lost_after if sat.state is SS.SILENT else
-                                      min(silent_after, self._lost_after))
+        silent_after = min(self.cfg.silent_after, self._lost_after)
+        for sat in self.state.fleet.by_silence:  # (heard from longest ago first: the silent ones, then one more)
+            silent = sat.state is SS.SILENT
+            expiry = sat.last_seen + (self._lost_after if silent else silent_after)
             if expiry < deadline:
                 deadline = expiry
+            if not silent:
+                break
         return max(0.0, deadline - now)
 
     def revoke(self, names: set[str], now: float) -> dict[str, int]:

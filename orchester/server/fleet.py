@@ -144,6 +144,9 @@ class Fleet:
         #: the routing strategy's rank (the least is chosen), when it has one: then, per queue key, a heap of
         #: ``(rank, order, satellite)`` of the eligible satellites with free credit; an entry whose rank is no
         #: longer the satellite's (it changes with each task given or taken back) is dropped when it comes up
+        #: every satellite, the one heard from longest ago first (liveness looks at the front only)
+        self.by_silence: dict[SatelliteRecord, None] = {}
+        self.draining: dict[SatelliteRecord, None] = {}  #: the satellites draining (a cool-down may end it)
         self.rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None = None
         self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
         self._order = itertools.count()
@@ -161,6 +164,8 @@ class Fleet:
                 self.remove(old)
         self.by_id[sat.sid] = sat
         self.by_ident[sat.ident] = sat
+        self.by_silence.pop(sat, None)
+        self.by_silence[sat] = None
         self.free_slots += sat.free
         for kind in sat.kinds:
             self._kind_count[kind] = self._kind_count.get(kind, 0) + 1
@@ -181,18 +186,32 @@ class Fleet:
             self._kinds = None
         if self.by_ident.get(sat.ident) is sat:
             del self.by_ident[sat.ident]
+        self.by_silence.pop(sat, None)
+        self.draining.pop(sat, None)
         for sats in self._eligible.values():
             sats.pop(sat, None)
 
     def changed(self, sat: SatelliteRecord) -> None:
         """``sat`` joined, or its state changed: it is eligible for the keys it can run while it takes work."""
         member = sat.state.accepts_work and self.by_id.get(sat.sid) is sat
+        if sat.state is SatelliteState.DRAINING and self.by_id.get(sat.sid) is sat:
+            self.draining[sat] = None
+        else:
+            self.draining.pop(sat, None)
         for key, sats in self._eligible.items():
             if member and sat.can_run(key):
                 sats[sat] = None
             else:
                 sats.pop(sat, None)
         self._ranked(sat)
+
+    def heard(self, sat: SatelliteRecord, now: float) -> None:
+        """A message from ``sat``: it moves to the back of :attr:`by_silence`."""
+        sat.last_seen = now
+        order = self.by_silence
+        if sat in order:
+            del order[sat]
+            order[sat] = None
 
     def credit_changed(self, sat: SatelliteRecord, free_before: int) -> None:
         """``sat``'s free credit was ``free_before`` before its credit or its tasks changed (and so, maybe, its

@@ -742,15 +742,25 @@ class Lifecycle:
     def watch_satellites(self, now: float) -> None:
         """Silent satellites get no new work; lost ones have their tasks rerouted."""
         silent_after, lost_after = self.state.cfg.silent_after, self.state.cfg.lost_after
-        for sat in list(self.state.fleet.by_id.values()):
-            quiet = now - sat.last_seen
+        fleet = self.state.fleet
+        # silence is counted up to the last time the orchestrator read everything that had come: a satellite
+        # is never lost because the orchestrator itself was busy, or had messages still unread
+        heard_until = now if self.state.read_until is None else min(now, self.state.read_until)
+        quiet_ones = []
+        for sat in fleet.by_silence:  # heard from longest ago first: stop at the first one heard lately
+            if heard_until - sat.last_seen <= min(silent_after, lost_after):
+                break
+            quiet_ones.append(sat)
+        for sat in quiet_ones:
+            quiet = heard_until - sat.last_seen
             if quiet > lost_after:
                 self.state.counters["satellites_lost"] += 1
                 log.warning("satellite %s silent for %.1fs: lost", sat.sid, quiet)
                 self.lose(sat, now, "lost (heartbeat timeout)")
             elif quiet > silent_after and SATELLITE_MACHINE.allows(sat.state, SE.miss):
                 self.sat_to(sat, SE.miss, now, f"silent for {quiet:.1f}s")
-            elif sat.state is SS.DRAINING and now >= sat.recover_at:  # a drain for failing is not for good
+        for sat in [s for s in fleet.draining if now >= s.recover_at]:
+            if sat.state is SS.DRAINING and now >= sat.recover_at:  # a drain for failing is not for good
                 sat.recover_at = float("inf")
                 sat.fail_streak = self.probation.demote_after
                 self.sat_to(sat, SE.recover, now, "cool-down over")

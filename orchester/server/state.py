@@ -40,6 +40,9 @@ class ServerState:
         self.started = now
         #: the monotonic time of the current wake-up (set on every message and housekeeping)
         self.clock = now
+        #: the last time the server read every message that had come (its adapter says so after each
+        #: wake-up); silences are counted up to it. None: no adapter says (a test driving the core): now
+        self.read_until: float | None = None
         self.tasks: dict[str, Task] = {}
         #: tasks in the table per state (indexed by :class:`~tracker.TaskState`): status costs nothing
         self.state_counts = [0] * len(TaskState)
