@@ -212,3 +212,21 @@ def test_only_the_satellites_heard_from_longest_ago_are_looked_at() -> None:
     assert fleet.by_id["s0"].state is SatelliteState.SILENT
     assert all(fleet.by_id[f"s{i}"].state is SatelliteState.IDLE for i in range(1, 50))
     check(h)
+
+
+def test_a_keys_satellite_ids_are_bounded_oldest_unregistered_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_hardening_core import _keyed
+
+    import orchester.server.core as core_module
+
+    monkeypatch.setattr(core_module, "MAX_SIDS_PER_KEY", 5)
+    h = Harness()
+    _keyed(h)
+    state = h.core.state
+    for i in range(8):  # eight satellite ids of one key, each leaving before the next comes
+        h.core.handle("sat", [f"id-{i}".encode(), P.SIGNATURE, P.REGISTER,
+                              pack({"sid": f"s{i}", "slots": 1, "kinds": ["echo"]})], h.now, "node")
+        h.core.handle("sat", [f"id-{i}".encode(), P.SIGNATURE, P.LEAVE, pack({"sid": f"s{i}"})], h.now, "node")
+        h.tick()
+    assert list(state.key_sids["node"]) == ["s3", "s4", "s5", "s6", "s7"]  # the newest kept, the oldest forgotten
+    assert set(state.key_sids["node"]) == set(state.sat_keys)

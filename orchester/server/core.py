@@ -14,6 +14,7 @@ frames are forwarded to the client as received.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -361,12 +362,12 @@ class Orchestrator:
 
     def _bind_sid(self, sid: str, user: str) -> None:
         """``sid`` belongs to ``user``'s key from now on (journaled, so a restart keeps it)."""
-        mine = [s for s, u in self.state.sat_keys.items() if u == user]
+        mine = self.state.key_sids.get(user, {})
         if len(mine) >= MAX_SIDS_PER_KEY:  # forget the oldest ids of this key that are not registered now
-            for old in mine[:len(mine) - MAX_SIDS_PER_KEY + 1]:
+            for old in list(itertools.islice(mine, len(mine) - MAX_SIDS_PER_KEY + 1)):
                 if old not in self.state.fleet.by_id:
-                    del self.state.sat_keys[old]
-        self.state.sat_keys[sid] = user
+                    self.state.unbind_sid(old)
+        self.state.bind_sid(sid, user)
         self.outbox.record(records.satellite_key(sid, user, self.state.wall()))
 
     def _on_started(self, sock: Any, ident: bytes, msg: Started, frames: list[Any], now: float) -> None:

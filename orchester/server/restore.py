@@ -173,7 +173,8 @@ class RestoreFold:
         with gc_paused():
             counts = self._install(core, now, sock, reclaim)
         for sid, user in self.sat_keys.items():
-            core.state.sat_keys.setdefault(sid, user)
+            if sid not in core.state.sat_keys:
+                core.state.bind_sid(sid, user)
         core.revoke_unknown(now)  # a key revoked while this server was down has no work here
         # a later, smaller fold never shortens it
         core.state.reclaim_until = max(core.state.reclaim_until, now + reclaim)

@@ -74,6 +74,9 @@ class ServerState:
         self.client_load: dict[str | bytes, list[int]] = {}
         #: CurveZMQ on: the key each satellite id belongs to (the first that registered it; journaled)
         self.sat_keys: dict[str, str] = {}
+        #: the same, by key: each key's satellite ids in the order they were bound (kept with ``sat_keys``
+        #: by :meth:`bind_sid` and :meth:`unbind_sid`)
+        self.key_sids: dict[str, dict[str, None]] = {}
         #: the last report of each autoscaler (by tag), and when it came (monotonic): shown, not journaled
         self.job_reports: dict[str, tuple[JobsReport, float]] = {}
         #: CurveZMQ on: which key owns each routing identity (results go only to their owner's)
@@ -106,6 +109,24 @@ class ServerState:
         """The submission order of a new (or restored) task."""
         self.seq += 1
         return self.seq
+
+    def bind_sid(self, sid: str, user: str) -> None:
+        """Satellite id ``sid`` belongs to key ``user``."""
+        old = self.sat_keys.get(sid)
+        if old is not None:
+            self.key_sids.get(old, {}).pop(sid, None)
+        self.sat_keys[sid] = user
+        self.key_sids.setdefault(user, {})[sid] = None
+
+    def unbind_sid(self, sid: str) -> None:
+        """Satellite id ``sid`` belongs to no key any more."""
+        user = self.sat_keys.pop(sid, None)
+        if user is not None:
+            sids = self.key_sids.get(user)
+            if sids is not None:
+                sids.pop(sid, None)
+                if not sids:
+                    del self.key_sids[user]
 
     @property
     def strategy(self) -> RoutingStrategy:
