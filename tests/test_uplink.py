@@ -31,15 +31,16 @@ def pair(**kw: Any) -> Uplink[zmq.Socket[Any]]:
 
 def test_a_silence_while_waiting_moves_to_the_next_endpoint_with_a_vote() -> None:
     up = pair()
-    assert up.current == A and up.silent_after == 3.0
+    assert up.current == A and up.silent_after == 3.0 and 3.0 <= up.patience <= 3.75
     assert up.check(102.0, waiting=True) is None
     assert up.check(103.0, waiting=True) is None  # exactly liveness × interval: not yet
-    move = up.check(103.5, waiting=True)
-    assert move == Failover(B, vote=True, silent_for=3.5) and move.reason == "silent"
+    t = 100.0 + up.patience + 0.1
+    move = up.check(t, waiting=True)
+    assert move == Failover(B, vote=True, silent_for=pytest.approx(t - 100.0)) and move.reason == "silent"
     assert up.current == B and up.index == 1
-    assert up.last_heard == up.last_sent == 103.5  # the new server's silence counts from the move
-    assert up.check(106.0, waiting=True) is None
-    again = up.check(106.6, waiting=True)
+    assert up.last_heard == up.last_sent == t  # the new server's silence counts from the move
+    assert up.check(t + 3.0, waiting=True) is None
+    again = up.check(t + up.patience + 0.1, waiting=True)
     assert again is not None and again.endpoint == A  # and back to the first: it may be active again
 
 
@@ -47,7 +48,17 @@ def test_a_silence_counts_only_while_waiting_for_an_answer() -> None:
     up = pair()
     assert up.check(150.0, waiting=False) is None  # nothing asked: nothing expected
     assert up.check(152.0, waiting=True) is None  # the silence counts from the last idle check
-    assert up.check(153.5, waiting=True) is not None
+    assert up.check(150.0 + up.patience + 0.1, waiting=True) is not None
+
+
+def test_peers_that_connected_together_do_not_give_up_together() -> None:
+    """Each (re)connection draws its patience: from liveness × interval to a quarter more."""
+    draws = set()
+    for _ in range(200):
+        up = pair()
+        assert 3.0 <= up.patience <= 3.75
+        draws.add(round(up.patience, 3))
+    assert len(draws) > 50
 
 
 def test_hearing_from_the_orchestrator_resets_the_silence() -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ _REFUSED_TAIL: dict[str, str] = {
 #: The largest endpoint file read (``@FILE``).
 MAX_ENDPOINT_FILE = 1 << 16
 
+
+#: The share of :attr:`Uplink.silent_after` a connection may wait longer, drawn at each (re)connection.
+PATIENCE_JITTER = 0.25
 
 def resolve_endpoint(endpoint: str) -> str:
     """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
@@ -130,6 +134,8 @@ class Uplink(Generic[S]):
         self.curve = client_curve(curve_secret, server_key)
         self.heartbeat_interval = heartbeat_interval
         self.liveness = liveness
+        #: the silence after which this connection gives up (:attr:`silent_after`, and up to a quarter more)
+        self.patience = self.silent_after
         self.reconnect_alone = reconnect_alone
         #: how many times the uplink moved on (the current endpoint is this, modulo their number)
         self.index = 0
@@ -164,8 +170,11 @@ class Uplink(Generic[S]):
 
     # ------------------------------------------------------------ the rule
     def restart(self, now: float) -> None:
-        """Count silence and heartbeats from ``now`` (a loop that starts, a new connection)."""
+        """Count silence and heartbeats from ``now`` (a loop that starts, a new connection); the silence this
+        connection is given (:attr:`patience`) is drawn again: peers that connected together (a fleet of
+        satellites starting, a failover) do not all give up, reconnect and register in the same instant."""
         self.last_heard = self.last_sent = now
+        self.patience = self.silent_after * (1.0 + random.uniform(0.0, PATIENCE_JITTER))
 
     def heard(self, now: float) -> None:
         """A message came from the orchestrator at ``now``."""
@@ -197,7 +206,7 @@ class Uplink(Generic[S]):
         if not waiting:
             self.last_heard = now
         silent = now - self.last_heard
-        if waiting and silent > self.silent_after and (self.alternatives or self.reconnect_alone):
+        if waiting and silent > self.patience and (self.alternatives or self.reconnect_alone):
             return self._move(now, vote=True, silent_for=silent)
         if self._redirect and now >= self._redirect_after:
             self._redirect = False
