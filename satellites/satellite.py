@@ -74,6 +74,10 @@ def _rss_mb(pid: int) -> float:
 
 
 
+#: Most UTF-8 bytes of a satellite id: with ``s:`` before it and ``:`` and 32 hex digits after, the routing
+#: id stays within ZeroMQ's 255 bytes.
+MAX_SID_BYTES = 200
+
 def batch_job(environ: Mapping[str, str] | None = None) -> str:
     """The batch job this process runs in: Slurm's ``SLURM_JOB_ID`` or PBS's ``PBS_JOBID`` ("" outside one,
     or when the variable holds something that is no job id)."""
@@ -102,6 +106,9 @@ class Satellite:
                  server_key: str | None = None, numba: bool = True, numba_threads: int | None = None,
                  cores: int | None = None, memory: int | None = None, job: str | None = None) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not (0 < len(self.sid) <= M.MAX_SID and self.sid.isprintable() and len(self.sid.encode()) <= MAX_SID_BYTES):
+            raise ValueError(f"a satellite id is 1 to {M.MAX_SID} printable characters ({MAX_SID_BYTES} bytes "
+                             f"in UTF-8: it is part of the socket's routing id), not {self.sid[:40]!r}…")
         #: the batch job it runs in, announced (an autoscaler gives back a job by its satellites): by
         #: default the scheduler's (``SLURM_JOB_ID``, ``PBS_JOBID``), "" outside one
         self.job = batch_job() if job is None else job

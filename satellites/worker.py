@@ -42,15 +42,29 @@ PROGRESS = b"P"
 PROGRESS_MIN_INTERVAL = 0.05
 
 
+#: Characters of a failed task's message and traceback sent (their beginning and end): a DONE header is at
+#: most 64 KiB (``MAX_HEADER``), and one the orchestrator refuses would never end its task.
+MAX_ERROR_MESSAGE, MAX_TRACEBACK = 4_000, 8_000
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text``, or its beginning and its end with what was cut said between them."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n… [{len(text) - 2 * half:,} characters cut] …\n{text[-half:]}"
+
+
 def error_header(task_id: str, attempt: int, sid: str, exc: BaseException | None = None, *,
                  etype: str | None = None, msg: str | None = None, tb: str = "") -> bytes:
-    """The RESULT header of a failed task: ``err`` holds type, message and traceback."""
+    """The RESULT header of a failed task: ``err`` holds type, message and traceback (bounded)."""
     if exc is not None:
         etype = type(exc).__name__
         msg = str(exc)
         tb = "".join(traceback.format_exception(exc))
-    return M.Done(task_id, attempt, False, err={"type": etype or "Error", "msg": msg or "", "tb": tb},
-                  sat=sid).encode()
+    err = {"type": (etype or "Error")[:256], "msg": bounded(msg or "", MAX_ERROR_MESSAGE),
+           "tb": bounded(tb, MAX_TRACEBACK)}
+    return M.Done(task_id, attempt, False, err=err, sat=sid).encode()
 
 
 def result_value(task_id: str, frames: list[Any], consent: dict[str, Any]) -> Any:

@@ -663,7 +663,7 @@ class Register(Wire):
             running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"),
             cores=number(hdr, "cores", 0, MAX_CORES, 0, integer=True),
             memory=number(hdr, "mem", 0, MAX_MEMORY, 0, integer=True),
-            job=text(hdr, "job", "", limit=MAX_JOB))
+            job="" if hdr.get("job") == "" else text(hdr, "job", "", limit=MAX_JOB))  # ("": no job, as absent)
 
     def header(self) -> dict[str, Any]:
         """``{vote?, sid, slots, workers, kinds, progress, versions, walltime?, tags, host, pid,

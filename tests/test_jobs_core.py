@@ -43,7 +43,7 @@ def test_a_satellite_names_its_job_and_the_status_lists_each_jobs_satellites() -
     assert lab["counts"] == {"running": 1}
 
 
-@pytest.mark.parametrize("job", ["x" * 129, "line\nbreak", 42, ""])
+@pytest.mark.parametrize("job", ["x" * 129, "line\nbreak", 42])
 def test_a_bad_job_in_a_registration_is_refused(job: Any) -> None:
     h = Harness()
     h.send(S, b"id-a", P.REGISTER, {"sid": "a", "slots": 1, "kinds": ["echo"], "job": job})
@@ -96,3 +96,25 @@ def test_satellites_claiming_one_job_are_listed_up_to_a_bound() -> None:
     report(h)
     [job] = status(h)["jobs"][0]["jobs"]
     assert len(job["satellites"]) == SATELLITES_PER_JOB_SHOWN
+
+
+def test_an_empty_job_is_no_job() -> None:
+    h = Harness()
+    h.send(S, b"id-a", P.REGISTER, {"sid": "a", "slots": 1, "kinds": ["echo"], "job": ""})
+    h.tick()
+    assert h.core.state.fleet.by_id["a"].job == ""
+
+
+@pytest.mark.parametrize("sid", ["x" * 129, "é" * 101, "tab\there"])
+def test_a_satellite_refuses_an_id_the_orchestrator_or_zeromq_would_refuse(sid: str) -> None:
+    """Checked before anything is sent (a satellite whose REGISTER is refused would loop), one line, exit 2."""
+    import subprocess
+    import sys
+
+    from satellites.satellite import Satellite
+
+    with pytest.raises(ValueError, match="satellite id"):
+        Satellite("tcp://127.0.0.1:1", sid=sid)
+    done = subprocess.run([sys.executable, "-m", "satellites", "run", "--connect", "tcp://127.0.0.1:1", "--id", sid],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "satellite id" in done.stderr and "Traceback" not in done.stderr

@@ -208,3 +208,17 @@ def test_watch_prints_forged_events_as_inert_text() -> None:
     events = [json.loads(line, parse_constant=no_constants) for line in out.splitlines()]
     assert len(events) == 3 and events[0]["fom"] is None and events[0]["topic"] == "progress:t-1\x1b[2J"
     assert "\x1b" not in out  # JSON escapes it
+
+
+def test_a_task_failing_with_a_huge_message_ends_with_it_cut_instead_of_hanging(cluster: Any) -> None:
+    """A DONE header is at most 64 KiB: a worker sends a failure's message and traceback cut to fit
+    (their beginning and end), so the task ends instead of holding its slot forever."""
+    from orchester import TaskFailed
+
+    with cluster.client() as client:
+        fut = client.submit("fail", "é" * 1_000_000 + "THE END", "ValueError")
+        exc = fut.exception(timeout=60)
+        assert isinstance(exc, TaskFailed) and exc.type == "ValueError"
+        assert "characters cut" in exc.message and exc.message.endswith("THE END")
+        assert len(exc.message) < 5_000 and len(exc.remote_traceback) < 9_000
+        assert client.submit("echo", 1).result(timeout=30) == 1  # the satellite's slot is free again
