@@ -47,7 +47,7 @@ def main(log_level: str) -> None:
 @click.option("--tasks", "modules", multiple=True, help="Module registering task kinds; repeatable.")
 @click.option("--id", "sid", default=None, help="Satellite id (default: host-pid-random).")
 @click.option("--heartbeat-interval", type=float, default=1.0, show_default=True,
-              help="Seconds between heartbeats to the orchestrator (use the orchestrator's value).")
+              help="Seconds between heartbeats until registered; then the orchestrator's own (its WELCOME).")
 @click.option("--liveness", type=int, default=3, show_default=True,
               help="Heartbeats the orchestrator may miss before this satellite reconnects (or fails over).")
 @click.option("--prefetch", type=int, default=1, show_default=True,

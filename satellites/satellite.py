@@ -365,6 +365,12 @@ class Satellite:
         elif isinstance(msg, M.Welcome):
             self.registered = True
             log.info("satellite %s registered with orchestrator %s", self.sid, msg.epoch)
+            beat = min(max(msg.heartbeat, 0.01), 3600.0)
+            if msg.heartbeat > 0 and beat != self.heartbeat_interval:  # the orchestrator's pace, both ways
+                log.info("satellite %s beats every %g s, as the orchestrator asks (not %g s)", self.sid, beat,
+                         self.heartbeat_interval)
+                self.heartbeat_interval = beat
+                self._uplink.set_interval(beat)
         elif isinstance(msg, M.Reconnect):
             if msg.epoch == self._answered_epoch and now - self._answered_at < self.heartbeat_interval * self.liveness:
                 # an answer to a message we sent before registering with this orchestrator: a

@@ -176,6 +176,13 @@ class Uplink(Generic[S]):
         self.last_heard = self.last_sent = now
         self.patience = self.silent_after * (1.0 + random.uniform(0.0, PATIENCE_JITTER))
 
+    def set_interval(self, seconds: float) -> None:
+        """Beat every ``seconds`` from now on, and count silence in such intervals (a satellite takes the
+        orchestrator's pace from its WELCOME)."""
+        share = self.patience / self.silent_after
+        self.heartbeat_interval = seconds
+        self.patience = self.silent_after * share
+
     def heard(self, now: float) -> None:
         """A message came from the orchestrator at ``now``."""
         self.last_heard = now

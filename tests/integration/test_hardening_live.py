@@ -222,3 +222,22 @@ def test_a_task_failing_with_a_huge_message_ends_with_it_cut_instead_of_hanging(
         assert "characters cut" in exc.message and exc.message.endswith("THE END")
         assert len(exc.message) < 5_000 and len(exc.remote_traceback) < 9_000
         assert client.submit("echo", 1).result(timeout=30) == 1  # the satellite's slot is free again
+
+
+@pytest.mark.parametrize("own", ["1.5", "0.05"])
+def test_a_satellite_takes_the_orchestrators_heartbeat_pace(own: str) -> None:
+    """A satellite started with another --heartbeat-interval than the orchestrator's beats at the orchestrator's
+    once welcomed: it neither goes silent (slower) nor makes the orchestrator beat for nothing (faster), and
+    it never reconnects for an orchestrator that beats slower than it expected."""
+    from orchester import LocalCluster
+
+    with LocalCluster(satellites=0, heartbeat_interval=0.3, liveness=3, log_level="WARNING") as cluster:
+        cluster.add_satellite("paced", extra=["--heartbeat-interval", own, "--liveness", "2"])
+        cluster.wait_for_satellites(1)
+        with cluster.client() as client:
+            time.sleep(4.0)  # many of the orchestrator's intervals (and of the satellite's own liveness)
+            st = client.status()
+            assert [(s["id"], s["state"]) for s in st["satellites"]] == [("paced", "idle")]
+            counters = st["counters"]
+            assert counters.get("satellites_lost", 0) == 0 and counters["satellites_registered"] == 1
+            assert client.submit("echo", 1).result(timeout=30) == 1
