@@ -50,6 +50,7 @@ def check(h: Harness) -> None:
 def walk(seed: int, steps: int = 250, strategy: str = "least_loaded") -> None:
     rng = random.Random(seed)
     h = Harness(probation_after=2, drain_after=4, dispatch_timeout=5.0, strategy=strategy)
+    h.core.state.fleet.heap_from = 0 if seed % 2 == 0 else 6  # heaps from the first satellite, or from a few
     sids: list[str] = []
     n = 0
     for _ in range(steps):
@@ -171,6 +172,7 @@ def test_a_strategy_of_ones_own_is_served_from_the_index_with_a_rank_and_asked_w
     h.tick()
     h.core.state.strategy = FewestDone()
     fleet = h.core.state.fleet
+    fleet.heap_from = 0
     assert fleet.rank is not None
     fleet.by_id["a"].done, fleet.by_id["b"].done, fleet.by_id["c"].done = 5, 0, 3
     h.submit("t1")

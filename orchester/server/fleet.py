@@ -131,6 +131,9 @@ class Fleet:
     #: Queue keys whose eligible satellites are indexed at once; past it the index starts again (a client
     #: asking for ever new tag sets must not make every change of a satellite cost more)
     MAX_KEYS = 1024
+    #: Satellites from which a dispatch takes the ready one of least rank from a heap: a smaller fleet is
+    #: scanned, which costs it less than keeping heaps up to date
+    HEAP_FROM = 16
 
     def __init__(self) -> None:
         self.by_id: dict[str, SatelliteRecord] = {}
@@ -150,6 +153,7 @@ class Fleet:
         self.rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None = None
         self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
         self._order = itertools.count()
+        self.heap_from = self.HEAP_FROM
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -186,6 +190,8 @@ class Fleet:
             self._kinds = None
         if self.by_ident.get(sat.ident) is sat:
             del self.by_ident[sat.ident]
+        if len(self.by_id) < self.heap_from:
+            self._heaps.clear()  # (small again: scanned)
         self.by_silence.pop(sat, None)
         self.draining.pop(sat, None)
         for sats in self._eligible.values():
@@ -217,8 +223,10 @@ class Fleet:
         """``sat``'s free credit was ``free_before`` before its credit or its tasks changed (and so, maybe, its
         rank: call this after a change of what the rank reads)."""
         if self.by_id.get(sat.sid) is sat:
-            self.free_slots += sat.free - free_before
-            self._ranked(sat)
+            free = sat.credit - len(sat.inflight)  # (sat.free, inline: this runs twice for every task)
+            self.free_slots += (free if free > 0 else 0) - free_before
+            if self._heaps:
+                self._ranked(sat)
 
     def set_rank(self, rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None) -> None:
         """The routing strategy's rank (``None``: it has none; the heaps go)."""
@@ -242,6 +250,11 @@ class Fleet:
                 if len(s.inflight) < s.credit]
         heapq.heapify(heap)
         return heap
+
+    @property
+    def ranked(self) -> bool:
+        """Whether a dispatch takes its satellite from the heaps (a rank, and a fleet large enough)."""
+        return self.rank is not None and len(self.by_id) >= self.heap_from
 
     def best(self, key: QueueKey, accept: Callable[[SatelliteRecord], bool]) -> SatelliteRecord | None:
         """The eligible satellite of least rank with free credit that ``accept`` takes (only with a rank);

@@ -368,7 +368,7 @@ class Lifecycle:
             head = queues.head(key)
             if head is None:
                 continue
-            if key[2] == 1 and not key[3] and not head.duration and fleet.rank is not None:
+            if key[2] == 1 and not key[3] and not head.duration and fleet.ranked:
                 # the common case with a built-in strategy: the ready satellite of least rank, from the index
                 best = fleet.best(key, self._takes_one)
                 if best is None:
