@@ -644,9 +644,9 @@ class Register(Wire):
     def decode(cls, hdr: dict[str, Any]) -> Register:
         """Check a REGISTER header (every claimed task too, before any is taken back)."""
         progress = typed(hdr, "progress", dict, {})
-        if len(progress) > MAX_KINDS or not all(isinstance(k, str) and isinstance(v, (int, float))
-                                                and not isinstance(v, bool) and 0 <= v <= MAX_SECONDS
-                                                for k, v in progress.items()):
+        if len(progress) > MAX_KINDS or not all(isinstance(k, str) and 0 < len(k) <= MAX_NAME and k.isprintable()
+                                                and isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                and 0 <= v <= MAX_SECONDS for k, v in progress.items()):
             raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts in seconds")
         walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
         versions = hdr.get("versions")
@@ -657,7 +657,7 @@ class Register(Wire):
             walltime=None if walltime is None else float(walltime),
             pid=number(hdr, "pid", 0, 2**31, 0, integer=True),
             workers=number(hdr, "workers", 0, 2**20, 0, integer=True),
-            host=str(hdr.get("host", ""))[:256],
+            host="".join(c for c in hdr["host"][:256] if c.isprintable()) if isinstance(hdr.get("host"), str) else "",
             versions={str(k)[:64]: str(v)[:64] for k, v in list(versions.items())[:64]}
             if isinstance(versions, dict) else {},
             running=_claims(hdr, "running"), recent=_claims(hdr, "recent"), vote=_flag(hdr, "vote"),

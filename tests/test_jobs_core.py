@@ -118,3 +118,14 @@ def test_a_satellite_refuses_an_id_the_orchestrator_or_zeromq_would_refuse(sid: 
     done = subprocess.run([sys.executable, "-m", "satellites", "run", "--connect", "tcp://127.0.0.1:1", "--id", sid],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "satellite id" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_registrations_host_and_progress_kinds_are_checked() -> None:
+    h = Harness()
+    h.send(S, b"id-a", P.REGISTER, {"sid": "a", "slots": 1, "kinds": ["echo"], "host": "node\x1b[2J7\n"})
+    h.send(S, b"id-b", P.REGISTER, {"sid": "b", "slots": 1, "kinds": ["echo"], "host": None})
+    h.send(S, b"id-c", P.REGISTER, {"sid": "c", "slots": 1, "kinds": ["echo"], "progress": {"x" * 300: 5}})
+    errors = [unpack(f[3]) for f in of(h.tick(), P.ERROR)]
+    fleet = h.core.state.fleet
+    assert fleet.by_id["a"].host == "node[2J7" and fleet.by_id["b"].host == ""  # (control characters dropped)
+    assert "c" not in fleet.by_id and [e["code"] for e in errors] == [P.E_MALFORMED]
