@@ -78,11 +78,13 @@ def one(n: int) -> dict[str, float]:
         for i in range(n):
             core.handle("c", [b"cli", P.SIGNATURE, P.SUBMIT, pack({"id": f"t{i:09d}", "k": "echo", "c": "msgpack"}),
                               *body], 0.0)
-            if i % 4096 == 0:
-                core.outbox.take_messages()  # (the acks, as the adapter would send them)
+            if i % 256 == 255:  # a wake-up of the broker: a batch of messages, then housekeeping (the acks)
+                core.housekeeping(0.0)
+                core.outbox.take_messages()
             if (i + 1) % tenth == 0:
                 cpu.append(time.process_time() - t0)
                 t0 = time.process_time()
+        core.housekeeping(0.0)
         core.outbox.take_messages()
         grown = rss() - before
         t = time.perf_counter()
