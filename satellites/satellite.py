@@ -73,10 +73,10 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-
 #: Most UTF-8 bytes of a satellite id: with ``s:`` before it and ``:`` and 32 hex digits after, the routing
 #: id stays within ZeroMQ's 255 bytes.
 MAX_SID_BYTES = 200
+
 
 def batch_job(environ: Mapping[str, str] | None = None) -> str:
     """The batch job this process runs in: Slurm's ``SLURM_JOB_ID`` or PBS's ``PBS_JOBID`` ("" outside one,
@@ -87,6 +87,7 @@ def batch_job(environ: Mapping[str, str] | None = None) -> str:
         if value and len(value) <= M.MAX_JOB and value.isprintable():
             return value
     return ""
+
 
 class Satellite:
     """Connect to an orchestrator, announce credit, run dispatched tasks in worker processes.

@@ -9,6 +9,7 @@ that more jobs than cores may run. Every daemon this starts is stopped by its pi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -155,16 +156,15 @@ class OneNodeSlurm:
                 time.sleep(0.3)
         pids = [p for p in (_pid(self.root / "slurmd.pid"), _pid(self.root / "slurmctld.pid"), self._munged) if p]
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # (gone already)
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + 20
         for pid in pids:
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # (it may end between the look and the kill)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
         self._munged = None
 
     # ------------------------------------------------------------ commands

@@ -279,3 +279,14 @@ def test_a_drain_that_did_not_take_is_sent_again_and_nothing_is_cancelled_meanwh
     assert a.step(idle, {"j1": RUNNING}, 7.0) == [Drain("s1")]
     drained = Bus(0, 0, 0.0, (sat("s1", "j1", draining=True),))
     assert a.step(drained, {"j1": RUNNING}, 8.0) == [Cancel("j1")]
+
+
+def test_thousands_of_refusals_in_a_row_stay_at_the_longest_back_off() -> None:
+    """2 ** 1024 is no float: the doubling stops at backoff_max without overflowing (it used to raise)."""
+    from orchester.batch.policy import backoff_delay
+
+    a = Autoscaler(Limits(max_jobs=1, backoff=0.1, backoff_max=0.1))
+    for i in range(3000):
+        a.refused(0, float(i))
+    assert a.not_before == pytest.approx(2999.1)
+    assert backoff_delay(10.0, 600.0, 1) == 10.0 and backoff_delay(10.0, 600.0, 10_000) == 600.0

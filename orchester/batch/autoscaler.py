@@ -24,7 +24,17 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
-from orchester.batch.policy import Autoscaler, Bus, Cancel, Decision, Drain, Limits, Satellite, Submit
+from orchester.batch.policy import (
+    Autoscaler,
+    Bus,
+    Cancel,
+    Decision,
+    Drain,
+    Limits,
+    Satellite,
+    Submit,
+    backoff_delay,
+)
 from orchester.batch.scheduler import Scheduler, SchedulerError
 from orchester.batch.scripts import satellite_job
 from orchester.config import AutoscaleConfig
@@ -93,7 +103,7 @@ class Autoscale:
         self.policy = Autoscaler(limits(cfg))
         #: the job script (the bus's endpoints resolved: the nodes need not see an endpoint file)
         self.script = satellite_job(self.cfg, endpoints)
-        self.adopted = False  #: the scheduler's jobs of our tag taken as ours (at the first answer)
+        self.adopted = False  #: the scheduler answered once (the jobs it listed then were adopted)
         self.error = ""  #: the scheduler's last error, while it lasts
         self.failures = 0  #: scheduler queries failed in a row
         self.ask_after = 0.0  #: no query of the scheduler before this time (back-off)
@@ -127,16 +137,19 @@ class Autoscale:
             self._scheduler_failed(exc, now)
             self._report(now)
             return []
-        if not self.adopted:
-            self.adopted = True
-            self.policy.adopt(jobs, now)
-            if jobs:
-                log.info("adopted %d job(s) named orchester-%s: %s", len(jobs), self.cfg.tag, sorted(jobs))
+        try:
+            bus = bus_of(status)
+        except (KeyError, TypeError, ValueError) as exc:  # (an orchestrator of another version)
+            log_limited(log, logging.WARNING, "the bus's status could not be read (%r): no decision", exc)
+            return []
         before = set(self.policy.jobs)
-        strangers = sorted(set(jobs) - before)
-        decisions = self.policy.step(bus_of(status), jobs, now)
-        for job in strangers:  # (a submission whose answer was lost: the scheduler lists it under our name)
+        strangers = sorted(set(jobs) - before)  # the policy takes every job listed under our name as ours
+        decisions = self.policy.step(bus, jobs, now)
+        if strangers and not self.adopted:  # (a restart: the jobs it left running)
+            log.info("adopted %d job(s) named orchester-%s: %s", len(strangers), self.cfg.tag, strangers)
+        for job in strangers if self.adopted else ():  # (a submission whose answer was lost)
             log.warning("job %s is listed under our name but was not known: taken as ours", job)
+        self.adopted = True
         for job in sorted(before - set(self.policy.jobs)):
             self.counts["jobs_ended"] += 1
             log.info("job %s ended", job)
@@ -187,7 +200,7 @@ class Autoscale:
         self.failures += 1
         self.error = str(exc)
         self.counts["scheduler_errors"] += 1
-        delay = min(self.cfg.backoff * 2 ** (self.failures - 1), self.cfg.backoff_max)
+        delay = backoff_delay(self.cfg.backoff, self.cfg.backoff_max, self.failures)
         self.ask_after = now + delay
         log.warning("%s; asking again in %.0f s", exc, delay)
 

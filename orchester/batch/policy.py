@@ -133,6 +133,12 @@ class Cancel:
 Decision = Submit | Drain | Cancel
 
 
+def backoff_delay(first: float, most: float, failures: int) -> float:
+    """Seconds to wait after ``failures`` in a row: ``first``, doubled at each, at most ``most`` (the exponent
+    is bounded: a thousand failures in a row is no overflow)."""
+    return min(first * 2.0 ** min(failures - 1, 60), most)
+
+
 @dataclass
 class _Job:
     state: str
@@ -190,8 +196,8 @@ class Autoscaler:
         """No submission for a while: ``backoff`` seconds, doubled at each failure in a row (a refusal, a job
         that ended before any satellite of it joined, jobs idle while work waits), until a job works."""
         self.refusals += 1
-        delay = min(self.limits.backoff * 2 ** (self.refusals - 1), self.limits.backoff_max)
-        self.not_before = max(self.not_before, now + delay)
+        self.not_before = max(self.not_before, now + backoff_delay(self.limits.backoff, self.limits.backoff_max,
+                                                                    self.refusals))
 
     def adopt(self, scheduler: Mapping[str, str], now: float = 0.0) -> None:
         """After a restart: take the jobs the scheduler lists under our tag as ours (no duplicate is submitted)."""

@@ -96,8 +96,12 @@ def current_user() -> str:
     return user
 
 
+#: A job id as Slurm (``123``, ``123_4``) and PBS (``123.server.domain``) print it.
+JOB_ID = re.compile(r"[0-9]{1,20}(?:[._][A-Za-z0-9.-]{1,100})?")
+
+
 def _job_id(job: str) -> str:
-    if not re.fullmatch(r"[0-9]+(?:[._][A-Za-z0-9.-]+)?", job):
+    if not JOB_ID.fullmatch(job):
         raise ValueError(f"not a job id: {job!r}")
     return job
 
@@ -123,7 +127,7 @@ class Slurm:
         out = _checked("sbatch", self.run(["sbatch", "--parsable", f"--job-name={job_name(tag)}"], script))
         first = out.strip().splitlines()[0] if out.strip() else ""
         job = first.split(";")[0]  # "<id>" or "<id>;<cluster>"
-        if not re.fullmatch(r"[0-9]+", job):
+        if not JOB_ID.fullmatch(job):
             raise SchedulerError(f"sbatch printed no job id: {first[:200]!r}")
         return job
 
@@ -135,7 +139,7 @@ class Slurm:
         for line in out.splitlines():
             job, bar, state = line.strip().partition("|")
             job, state = job.strip(), state.strip()
-            if not bar or not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", job) or not state or state in self.ENDED_STATES:
+            if not bar or not JOB_ID.fullmatch(job) or not state or state in self.ENDED_STATES:
                 continue
             found[job] = RUNNING if state in self.RUNNING_STATES else PENDING
         return found
@@ -166,7 +170,7 @@ class Pbs:
         """``qsub -N orchester-TAG`` with the script on standard input."""
         out = _checked("qsub", self.run(["qsub", "-N", job_name(tag)], script)).strip()
         job = out.splitlines()[-1].strip() if out else ""
-        if not re.fullmatch(r"[0-9]+(?:\.[A-Za-z0-9.-]+)?", job):
+        if not JOB_ID.fullmatch(job):
             raise SchedulerError(f"qsub printed no job id: {job[:200]!r}")
         return job
 
@@ -178,7 +182,7 @@ class Pbs:
             out = _checked("qselect", self.run(["qselect", "-u", user, "-N", name, "-s", states], None))
             for line in out.splitlines():
                 job = line.strip()
-                if re.fullmatch(r"[0-9]+(?:\.[A-Za-z0-9.-]+)?", job):
+                if JOB_ID.fullmatch(job):
                     found[job] = kind
         return found
 

@@ -56,17 +56,11 @@ def autoscale(**kw: Any) -> None:
     ``qdel``) gives them back. With CurveZMQ it needs an admin key (``--curve-secret``).
     """
     settings = {key: list(value) if isinstance(value, tuple) else value for key, value in kw.items()}
-    cfg = load_autoscale(settings, "autoscale")
-    run_autoscale(cfg)
-
-
-def load_autoscale(settings: dict[str, Any], where: str) -> AutoscaleConfig:
-    """An :class:`~orchester.config.AutoscaleConfig` from flags or a table; a bad value is exit 2 with one line."""
     try:
-        cfg: AutoscaleConfig = from_mapping(AutoscaleConfig, settings, where)
-    except ConfigError as exc:
+        cfg: AutoscaleConfig = from_mapping(AutoscaleConfig, settings, "autoscale")
+    except ConfigError as exc:  # (one line, exit 2)
         raise click.UsageError(str(exc)) from None
-    return cfg
+    run_autoscale(cfg)
 
 
 def run_autoscale(cfg: AutoscaleConfig) -> None:

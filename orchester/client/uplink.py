@@ -72,6 +72,7 @@ MAX_ENDPOINT_FILE = 1 << 16
 #: The share of :attr:`Uplink.silent_after` a connection may wait longer, drawn at each (re)connection.
 PATIENCE_JITTER = 0.25
 
+
 def resolve_endpoint(endpoint: str) -> str:
     """An endpoint, or ``@FILE``: the first client endpoint written in an endpoint file (JSON)."""
     if not endpoint.startswith("@"):

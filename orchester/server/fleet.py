@@ -144,12 +144,12 @@ class Fleet:
         self._kind_count: dict[str, int] = {}  #: kind -> registered satellites offering it
         self._kinds: frozenset[str] | None = None  #: every kind offered (cached until a satellite comes or goes)
         self.free_slots = 0  #: the free credit of every satellite, together
-        #: the routing strategy's rank (the least is chosen), when it has one: then, per queue key, a heap of
-        #: ``(rank, order, satellite)`` of the eligible satellites with free credit; an entry whose rank is no
-        #: longer the satellite's (it changes with each task given or taken back) is dropped when it comes up
         #: every satellite, the one heard from longest ago first (liveness looks at the front only)
         self.by_silence: dict[SatelliteRecord, None] = {}
         self.draining: dict[SatelliteRecord, None] = {}  #: the satellites draining (a cool-down may end it)
+        #: the routing strategy's rank (the least is chosen), when it has one: then, per queue key, a heap of
+        #: ``(rank, order, satellite)`` of the eligible satellites with free credit; an entry whose rank is no
+        #: longer the satellite's (it changes with each task given or taken back) is dropped when it comes up
         self.rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None = None
         self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
         self._order = itertools.count()

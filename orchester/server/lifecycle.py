@@ -746,9 +746,10 @@ class Lifecycle:
         # silence is counted up to the last time the orchestrator read everything that had come: a satellite
         # is never lost because the orchestrator itself was busy, or had messages still unread
         heard_until = now if self.state.read_until is None else min(now, self.state.read_until)
+        first_miss = min(silent_after, lost_after)
         quiet_ones = []
         for sat in fleet.by_silence:  # heard from longest ago first: stop at the first one heard lately
-            if heard_until - sat.last_seen <= min(silent_after, lost_after):
+            if heard_until - sat.last_seen <= first_miss:
                 break
             quiet_ones.append(sat)
         for sat in quiet_ones:
@@ -759,8 +760,7 @@ class Lifecycle:
                 self.lose(sat, now, "lost (heartbeat timeout)")
             elif quiet > silent_after and SATELLITE_MACHINE.allows(sat.state, SE.miss):
                 self.sat_to(sat, SE.miss, now, f"silent for {quiet:.1f}s")
-        for sat in [s for s in fleet.draining if now >= s.recover_at]:
-            if sat.state is SS.DRAINING and now >= sat.recover_at:  # a drain for failing is not for good
-                sat.recover_at = float("inf")
-                sat.fail_streak = self.probation.demote_after
-                self.sat_to(sat, SE.recover, now, "cool-down over")
+        for sat in [s for s in fleet.draining if s.state is SS.DRAINING and now >= s.recover_at]:
+            sat.recover_at = float("inf")  # a drain for failing is not for good
+            sat.fail_streak = self.probation.demote_after
+            self.sat_to(sat, SE.recover, now, "cool-down over")

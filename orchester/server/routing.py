@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from typing import Any, Protocol
 
@@ -38,15 +39,29 @@ class RoutingStrategy(Protocol):
         """Return one of ``candidates`` for ``task``."""
 
 
-class LeastLoaded:
+class Ranked(ABC):
+    """A strategy that picks the candidate of least :meth:`rank` (the built-in ones): ``choose`` scans the
+    candidates, the fleet's index serves the same pick from a heap."""
+
+    name = "ranked"
+
+    def choose(self, task: Task, candidates: Sequence[SatelliteRecord]) -> SatelliteRecord:
+        """The candidate of least rank (the first of them, at a tie)."""
+        if len(candidates) == 1:
+            return candidates[0]
+        key, rank = task.queue_key, self.rank
+        return min(candidates, key=lambda s: rank(s, key))
+
+    @staticmethod
+    @abstractmethod
+    def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
+        """What :meth:`choose` minimises for a task of queue ``key`` (each strategy says its own)."""
+
+
+class LeastLoaded(Ranked):
     """The satellite with the lowest in-flight/slots ratio; ties go to the least recently used."""
 
     name = "least_loaded"
-
-    def choose(self, task: Task, candidates: Sequence[SatelliteRecord]) -> SatelliteRecord:
-        if len(candidates) == 1:
-            return candidates[0]
-        return min(candidates, key=lambda s: (len(s.inflight) / s.slots, s.last_dispatch))
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
@@ -54,15 +69,10 @@ class LeastLoaded:
         return (len(sat.inflight) / sat.slots, sat.last_dispatch)
 
 
-class RoundRobin:
+class RoundRobin(Ranked):
     """Each satellite in turn: the one that received a task least recently."""
 
     name = "round_robin"
-
-    def choose(self, task: Task, candidates: Sequence[SatelliteRecord]) -> SatelliteRecord:
-        if len(candidates) == 1:
-            return candidates[0]
-        return min(candidates, key=lambda s: s.last_dispatch)
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
@@ -70,7 +80,7 @@ class RoundRobin:
         return (sat.last_dispatch,)
 
 
-class TagAffinity:
+class TagAffinity(Ranked):
     """Prefer the satellite whose tags best match the task's: fewest tags the task did not ask for.
 
     Keeps specialised satellites free for the tasks that need them; ties are
@@ -78,12 +88,6 @@ class TagAffinity:
     """
 
     name = "tags"
-
-    def choose(self, task: Task, candidates: Sequence[SatelliteRecord]) -> SatelliteRecord:
-        if len(candidates) == 1:
-            return candidates[0]
-        return min(candidates, key=lambda s: (len(s.tags - task.tags), len(s.inflight) / s.slots,
-                                              s.last_dispatch))
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
