@@ -461,9 +461,10 @@ class Satellite:
         self._assign(now)
 
     def _trim_recent(self, now: float) -> None:
-        """Keep the results of the last liveness period (and at most 10,000 of them)."""
+        """Keep the results of the longest silence a connection may wait out, and one interval more (at most
+        10,000 of them): a satellite that reconnects sends again every result an orchestrator may have missed."""
         recent = self._recent
-        horizon = now - self.heartbeat_interval * (self.liveness + 1)
+        horizon = now - self._uplink.longest_silence - self.heartbeat_interval
         while recent and (recent[0][0] < horizon or len(recent) > 10_000):
             recent.popleft()
 

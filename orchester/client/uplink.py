@@ -165,6 +165,11 @@ class Uplink(Generic[S]):
         """Seconds of silence after which the orchestrator counts as gone."""
         return self.heartbeat_interval * self.liveness
 
+    @property
+    def longest_silence(self) -> float:
+        """The longest silence a connection may wait out before it gives up (:attr:`patience` at its most)."""
+        return self.silent_after * (1.0 + PATIENCE_JITTER)
+
     def refusal(self) -> str:
         """Why nothing gets through, in words, once :attr:`monitor` said the orchestrator refused the key."""
         return f"the orchestrator at {self.current} refused this {self.who}'s CurveZMQ key{_REFUSED_TAIL[self.who]}"
