@@ -77,8 +77,10 @@ def test_one_endpoint_a_client_waits_a_satellite_reconnects_to_it() -> None:
     sat: Uplink[zmq.Socket[Any]] = Uplink(A, who="satellite", heartbeat_interval=HB, liveness=3,
                                           reconnect_alone=True)
     sat.restart(0.0)
-    move = sat.check(3.5)
-    assert move == Failover(A, vote=True, silent_for=3.5)  # a new socket to the same one: it registers again
+    assert sat.check(sat.patience - 0.05) is None
+    t = sat.patience + 0.1  # drawn per connection: from liveness × interval to a quarter more
+    move = sat.check(t)
+    assert move == Failover(A, vote=True, silent_for=t)  # a new socket to the same one: it registers again
 
 
 def test_a_redirect_moves_without_a_vote_and_two_refusals_do_not_ping_pong() -> None:
