@@ -34,6 +34,7 @@ import msgpack  # noqa: E402
 
 from orchester.config import OrchestratorConfig  # noqa: E402
 from orchester.server.core import Orchestrator  # noqa: E402
+from orchester.server.heap import HeapKeeper  # noqa: E402
 from serializers import encode, pack  # noqa: E402
 from serializers import protocol as P  # noqa: E402
 
@@ -62,11 +63,13 @@ class GcWatch:
             self.longest = max(self.longest, time.perf_counter() - self._t0)
 
 
-def one(n: int) -> dict[str, float]:
-    """The figures for ``n`` queued tasks."""
+def one(n: int, keep_heap: bool) -> dict[str, float]:
+    """The figures for ``n`` queued tasks (``keep_heap``: with the broker's :class:`HeapKeeper`, on the
+    process clock, as the broker runs it after each wake-up)."""
     gc.collect()
     core = Orchestrator(OrchestratorConfig(max_client_tasks=10**8, max_client_bytes=2**42, max_queue=10**8,
                                            result_retention=10**8), 0.0)
+    heap = HeapKeeper(time.monotonic()) if keep_heap else None
     watch = GcWatch()
     gc.callbacks.append(watch)
     try:
@@ -81,6 +84,8 @@ def one(n: int) -> dict[str, float]:
             if i % 256 == 255:  # a wake-up of the broker: a batch of messages, then housekeeping (the acks)
                 core.housekeeping(0.0)
                 core.outbox.take_messages()
+                if heap is not None:
+                    heap.tick(time.monotonic())
             if (i + 1) % tenth == 0:
                 cpu.append(time.process_time() - t0)
                 t0 = time.process_time()
@@ -99,6 +104,8 @@ def one(n: int) -> dict[str, float]:
         while done < n:
             w = time.perf_counter()
             core.housekeeping(now)
+            if heap is not None:
+                heap.tick(time.monotonic())
             longest_wake = max(longest_wake, time.perf_counter() - w)
             for _, frames, _ in core.outbox.take_messages():
                 if frames[2] == P.DISPATCH:
@@ -110,7 +117,11 @@ def one(n: int) -> dict[str, float]:
         drain = n / (time.perf_counter() - t)
     finally:
         gc.callbacks.remove(watch)
-    return {"tasks": n, "bytes_per_queued_task": grown / n,
+        if heap is not None:
+            heap.release()
+        del core
+        gc.collect()
+    return {"tasks": n, "heap_keeper": keep_heap, "bytes_per_queued_task": grown / n,
             "submit_us_first_tenth": cpu[0] / tenth * 1e6, "submit_us_last_tenth": cpu[-1] / tenth * 1e6,
             "longest_gc_ms": watch.longest * 1000, "gc_runs": watch.runs,
             "housekeeping_ms_at_depth": housekeeping * 1000, "longest_wake_ms": longest_wake * 1000,
@@ -121,13 +132,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument("--without-keeper", action="store_true",
+                    help="also run each size without the heap keeper (Python's collector as it comes)")
     args = ap.parse_args()
-    rows = [one(int(n)) for n in args.sizes.split(",") if n]
+    rows = []
+    for n in (int(n) for n in args.sizes.split(",") if n):
+        if args.without_keeper:
+            rows.append(one(n, False))
+        rows.append(one(n, True))
     print("a deep queue in the policy core (in-process, no socket), no-op tasks")
-    print(f"{'queued':>10} {'bytes/task':>10} {'submit µs (first/last tenth)':>28} {'longest GC ms':>13} "
+    print(f"{'queued':>10} {'keeper':>6} {'bytes/task':>10} {'submit µs (first/last tenth)':>28} {'longest GC ms':>13} "
           f"{'GC runs':>7} {'wake ms at depth':>16} {'longest wake ms':>15} {'drain/s':>8}")
     for r in rows:
-        print(f"{r['tasks']:>10,} {r['bytes_per_queued_task']:>10,.0f} "
+        print(f"{r['tasks']:>10,} {'yes' if r['heap_keeper'] else 'no':>6} {r['bytes_per_queued_task']:>10,.0f} "
               f"{r['submit_us_first_tenth']:>13.1f} / {r['submit_us_last_tenth']:<12.1f} "
               f"{r['longest_gc_ms']:>13.1f} {r['gc_runs']:>7,} {r['housekeeping_ms_at_depth']:>16.2f} "
               f"{r['longest_wake_ms']:>15.1f} {r['drain_tasks_per_s']:>8,.0f}")

@@ -45,6 +45,7 @@ from orchester.security.auth import (
 )
 from orchester.server.core import Orchestrator
 from orchester.server.gate import ReleaseGate, gate_bound
+from orchester.server.heap import HeapKeeper
 from orchester.server.ports import Ports
 from orchester.server.restore import restore
 from serializers import protocol as P
@@ -136,6 +137,8 @@ class Broker:
         self._unread = False  #: this wake-up: messages may wait unread (a full batch, or the journal behind)
         self._next_report = 0.0  #: when metrics go to carbon next
         self._next_events_retry = 0.0  #: when event endpoints that could not be bound again are tried
+        #: the task tables kept out of the cyclic collector's way (frozen as they age)
+        self.heap = HeapKeeper(time.monotonic(), self.core.state.counters)
         if config.ha:
             try:
                 self.pair = Pair(config, self.ctx, self.core, self.router, time.monotonic(),
@@ -178,6 +181,7 @@ class Broker:
                      directory, report.records, report.segments, len(self.pair.fold.tasks))
         else:
             counts = restore(self.core, records, time.monotonic(), self.router, self.config.lost_after)
+            self.heap.settled(time.monotonic())
             log.info("journal %s: %d records in %d segment(s); %d task(s) finished, %d requeued", directory,
                      report.records, report.segments, counts.get("finished", 0), counts.get("requeued", 0))
         for name, offset, lost in report.damaged:
@@ -459,6 +463,7 @@ class Broker:
             self._retry_events()
         core.housekeeping(now)
         self._flush(now)
+        self.heap.tick(now)
         if self.metrics is not None and now >= self._next_report:
             self._next_report = now + self.config.metrics_interval
             self._report(now)
@@ -562,6 +567,8 @@ class Broker:
 
     def close(self) -> None:
         """Close the journal (after writing what is queued) and every socket (idempotent)."""
+        if getattr(self, "heap", None) is not None:
+            self.heap.release()
         if getattr(self, "journal", None) is not None:
             assert self.journal is not None
             self.journal.close()

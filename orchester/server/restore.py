@@ -38,13 +38,16 @@ def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while a bulk of long-lived objects is built.
 
     A collection pass walks the whole heap; building a large table (a snapshot, a takeover) triggers
-    dozens of them, which cost more than the building itself (measured: about two thirds).
+    dozens of them, which cost more than the building itself (measured: about two thirds). What was
+    built is long-lived: it is frozen (``gc.freeze()``, see :mod:`orchester.server.heap`), so that the
+    first collection after it does not walk it all either.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
 
