@@ -94,17 +94,24 @@ def fleet(endpoint: str, n: int, interval: float, stop: Any) -> None:
                         frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
-                    cmd = frames[1]
-                    if cmd == P.DISPATCH:
-                        order = msgpack.unpackb(frames[2])
-                        task = unpack(frames[3])
-                        args = msgpack.unpackb(frames[4]) if task.get("c", "msgpack") == "msgpack" else [[None]]
-                        result = msgpack.packb(args[0][0] if args and args[0] else None)
-                        s.send_multipart([P.SIGNATURE, P.DONE, done(order["id"], order["a"], sids[i],
-                                                                     task.get("c", "msgpack"), 0.0), result])
-                        last[i] = now
-                    elif cmd == P.RECONNECT:
-                        register(i)
+                    messages = [frames]
+                    if frames[1] == P.BATCH:  # several messages: {n: [frames of each]}, then their frames
+                        messages, at = [], 3
+                        for count in msgpack.unpackb(frames[2])["n"]:
+                            messages.append([frames[0], *frames[at:at + count]])
+                            at += count
+                    for msg in messages:
+                        cmd = msg[1]
+                        if cmd == P.DISPATCH:
+                            order = msgpack.unpackb(msg[2])
+                            task = unpack(msg[3])
+                            args = msgpack.unpackb(msg[4]) if task.get("c", "msgpack") == "msgpack" else [[None]]
+                            result = msgpack.packb(args[0][0] if args and args[0] else None)
+                            s.send_multipart([P.SIGNATURE, P.DONE, done(order["id"], order["a"], sids[i],
+                                                                         task.get("c", "msgpack"), 0.0), result])
+                            last[i] = now
+                        elif cmd == P.RECONNECT:
+                            register(i)
             for i in range(n):
                 if now - last[i] >= interval:
                     socks[i].send_multipart([P.SIGNATURE, P.HEARTBEAT, beat[i]])

@@ -120,16 +120,18 @@ def fake_fleet(endpoint: str, n: int, heartbeat: float, ready: Any, stop: Any, o
                         frames = s.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    counters["received"] += 1
-                    cmd = frames[1] if len(frames) > 1 else b""
-                    if cmd == P.WELCOME:
-                        counters["welcomes"] += 1
-                        welcomed.add(s)
-                    elif cmd == P.RECONNECT:  # the orchestrator does not know us (any more): register again
-                        counters["reconnects"] += 1
-                        register(s)
-                    elif cmd == P.DISPATCH:  # never: nobody submits bench.idle
-                        counters["dispatches"] += 1
+                    batched = len(frames) > 2 and frames[1] == P.BATCH
+                    for msg in M.unbatch(frames, 1) if batched else [frames]:  # (a BATCH: message by message)
+                        counters["received"] += 1
+                        cmd = msg[1] if len(msg) > 1 else b""
+                        if cmd == P.WELCOME:
+                            counters["welcomes"] += 1
+                            welcomed.add(s)
+                        elif cmd == P.RECONNECT:  # the orchestrator does not know us (any more): register again
+                            counters["reconnects"] += 1
+                            register(s)
+                        elif cmd == P.DISPATCH:  # never: nobody submits bench.idle
+                            counters["dispatches"] += 1
             if len(welcomed) == n and not ready.is_set():
                 ready.set()
             now = time.monotonic()

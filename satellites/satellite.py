@@ -165,6 +165,8 @@ class Satellite:
         self._durations: list[float] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
+        #: messages for the orchestrator produced by this wake-up, sent together at its end (:meth:`_flush`)
+        self._out: list[list[Any]] = []
         #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores)
         self._queue: collections.deque[tuple[str, int, list[Any], int]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
@@ -204,6 +206,7 @@ class Satellite:
         finally:
             if self._uplink.sock is not None:
                 try:
+                    self._flush(time.monotonic())  # (the results of the last wake-up, then LEAVE)
                     self._uplink.sock.send_multipart(M.Leave(self.sid).frames(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
@@ -253,12 +256,23 @@ class Satellite:
         self._send([message.command, message.encode()], now)
 
     def _send(self, frames: list[Any], now: float) -> None:
-        assert self._uplink.sock is not None
-        try:
-            send_frames(self._uplink.sock, [P.SIGNATURE, *frames], NOBLOCK)
-            self._uplink.sent(now)  # every message counts as a heartbeat
-        except zmq.Again:
-            self.counters["send_dropped"] += 1
+        """Queue a message (``[COMMAND, HEADER, PAYLOAD...]``) for the orchestrator: what one wake-up
+        produces goes out together (:meth:`_flush`), several as one BATCH."""
+        self._out.append(frames)
+
+    def _flush(self, now: float) -> None:
+        """Send what this wake-up produced, in order: a run of messages as one BATCH."""
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        sock = self._uplink.sock
+        assert sock is not None
+        for frames in M.batches(out):
+            try:
+                send_frames(sock, frames, NOBLOCK)
+                self._uplink.sent(now)  # every message counts as a heartbeat
+            except zmq.Again:
+                self.counters["send_dropped"] += 1
 
     def _poller(self) -> zmq.Poller:
         """A poller over the orchestrator socket, the workers' socket and every worker's sentinel."""
@@ -281,6 +295,7 @@ class Satellite:
             if self._poll_key != (uplink.sock, tuple(self.pool.sentinels())):
                 poller = self._poller()  # a worker was replaced or we reconnected
             orch, monitor = uplink.sock, uplink.monitor
+            self._flush(time.monotonic())  # what the last wake-up produced, together
             ready = poller.poll(timeout_ms)
             now = time.monotonic()
             for item, _ in ready:
@@ -295,6 +310,7 @@ class Satellite:
                 else:
                     self._worker_died(int(item), now)  # type: ignore[arg-type]
             # housekeeping after every wake-up: a silent orchestrator, or a passive one that refused us
+            self._flush(now)  # (results go to the orchestrator they were dispatched by, before any move)
             move = uplink.check(now)
             if move is not None:
                 if move.vote:
@@ -343,13 +359,26 @@ class Satellite:
             except zmq.Again:
                 return
             self._uplink.heard(now)
-            try:
-                self._handle(frames, now)
-            except ProtocolError as exc:
-                self.counters["bad_messages"] += 1
-                warn_limited(log, "bad message from orchestrator: %s", exc)
-                if len(frames) > 1 and bytes(frames[1]) != P.ERROR:  # never answer an error with one
-                    self._tell(M.PeerError(exc.code, exc.detail, self.sid), now)
+            messages = [frames]
+            if len(frames) > 2 and bytes(frames[1]) == P.BATCH:  # several in one: each as if it came alone
+                try:
+                    check_signature(bytes(frames[0]))
+                    messages = M.unbatch(frames, 1)
+                except ProtocolError as exc:
+                    self._refused(frames, exc, now)
+                    continue
+            for message in messages:
+                try:
+                    self._handle(message, now)
+                except ProtocolError as exc:
+                    self._refused(message, exc, now)
+
+    def _refused(self, frames: list[Any], exc: ProtocolError, now: float) -> None:
+        """A message from the orchestrator that is not valid: counted, logged (rate-limited), answered."""
+        self.counters["bad_messages"] += 1
+        warn_limited(log, "bad message from orchestrator: %s", exc)
+        if len(frames) > 1 and bytes(frames[1]) != P.ERROR:  # never answer an error with one
+            self._tell(M.PeerError(exc.code, exc.detail, self.sid), now)
 
     def _handle(self, frames: list[Any], now: float) -> None:
         if len(frames) < 3:

@@ -24,6 +24,9 @@ is its own (the one error boundary of :mod:`orchester.server.core`). Clients and
 what they receive the same way: a malformed message is theirs to count and drop, never an
 exception in their I/O loop.
 
+Several messages travel as one ``BATCH`` (:func:`batch`, read back by :func:`unbatch`): each keeps its
+command, header and payload frames, and is decoded and answered as if it had come alone.
+
 The short keys of the wire (``"k"`` for a task's kind, ``"a"`` for its attempt, ...) are spelled
 only here. ``docs/protocol.rst`` is the specification and names this module as the reference of
 every header's fields.
@@ -1178,3 +1181,70 @@ def done(task_id: str, attempt: int, sat: str, codec: str, duration: float, arra
 def started(tasks: Iterable[tuple[str, int]]) -> bytes:
     """The STARTED header: what ``Started(tuple(tasks)).encode()`` gives."""
     return pack(_started_header(tasks))
+
+
+# ------------------------------------------------------------- batches (several messages in one)
+def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """BATCH frames carrying ``messages``, each ``[COMMAND, HEADER, PAYLOAD...]`` (no signature), in order.
+
+    The header lists how many frames each message has (``{"n": [3, 3, 5]}``); the messages' frames
+    follow it, one message after the other."""
+    frames: list[Any] = [P.SIGNATURE, P.BATCH, pack({"n": [len(m) for m in messages]})]
+    for m in messages:
+        frames.extend(m)
+    return frames
+
+
+def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
+    """The messages of a BATCH, each as ``frames[:head]`` (the envelope and signature it came with) then its
+    own frames (command and header as ``bytes``, its payload frames as they came).
+
+    ``frames[head]`` is the BATCH command and ``frames[head + 1]`` its header. Checked before anything is
+    returned: the header is a map whose ``n`` lists 1 to :data:`~serializers.protocol.BATCH_MAX` counts, each
+    at least 2 (a command and a header), which add up to the frames that follow; no message is itself a
+    BATCH. Anything else is :class:`ProtocolError` (``malformed``)."""
+    if len(frames) < head + 2:
+        raise ProtocolError(P.E_MALFORMED, "BATCH needs a header")
+    counts = unpack(bytes(frames[head + 1])).get("n")
+    if not isinstance(counts, list) or not 1 <= len(counts) <= P.BATCH_MAX:
+        raise ProtocolError(P.E_MALFORMED, f"BATCH 'n' must list 1 to {P.BATCH_MAX} frame counts")
+    rest = len(frames) - head - 2
+    if not all(type(n) is int and 2 <= n <= rest for n in counts) or sum(counts) != rest:
+        raise ProtocolError(P.E_MALFORMED, f"BATCH 'n' must be counts of at least 2 frames adding up to the "
+                            f"{rest} frames that follow")
+    prefix = list(frames[:head])
+    out: list[list[Any]] = []
+    at = head + 2
+    for n in counts:
+        cmd = bytes(frames[at])
+        if cmd == P.BATCH:
+            raise ProtocolError(P.E_MALFORMED, "a BATCH may not carry a BATCH")
+        out.append([*prefix, cmd, bytes(frames[at + 1]), *frames[at + 2:at + n]])
+        at += n
+    return out
+
+
+def runs(sizes: Sequence[int], limit: int = P.BATCH_MESSAGES, max_bytes: int = P.BATCH_BYTES) -> list[slice]:
+    """Messages of these ``sizes`` (bytes of their frames), in order, cut into runs that one BATCH each may
+    carry: at most ``limit`` messages and ``max_bytes`` bytes, a message larger than that alone."""
+    out: list[slice] = []
+    start, size = 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and (i - start >= limit or size + n > max_bytes):
+            out.append(slice(start, i))
+            start, size = i, 0
+        size += n
+    if len(sizes) > start:
+        out.append(slice(start, len(sizes)))
+    return out
+
+
+def batches(messages: Sequence[Sequence[Any]], limit: int = P.BATCH_MESSAGES,
+            max_bytes: int = P.BATCH_BYTES) -> list[list[Any]]:
+    """``messages`` (each ``[COMMAND, HEADER, PAYLOAD...]``, in order) as few messages as the limits allow
+    (:func:`runs`): a run of several as one BATCH, a message alone as itself, the signature before it."""
+    out: list[list[Any]] = []
+    for run in runs([sum(map(len, m)) for m in messages], limit, max_bytes):
+        group = messages[run]
+        out.append(batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]])
+    return out

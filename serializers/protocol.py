@@ -4,13 +4,16 @@ Every Orchester message is a ZeroMQ multipart message laid out as::
 
     [routing envelope (ROUTER side only)] SIGNATURE COMMAND HEADER [PAYLOAD ...]
 
-* ``SIGNATURE`` names the protocol and its version (``b"ORCH/1"``). A peer that
+* ``SIGNATURE`` names the protocol and its version (``b"ORCH/2"``). A peer that
   sends another signature is refused with an ``ERROR`` whose code is
   ``"version"`` (same prefix, other version) or ``"malformed"``.
 * ``COMMAND`` is one byte (see the constants below).
 * ``HEADER`` is a small msgpack map with short keys.
 * ``PAYLOAD`` frames are opaque to the orchestrator: a body encoded by the codec
   named in the header, followed by one frame per numpy array buffer.
+
+A ``BATCH`` carries several of these messages in one (``docs/protocol.rst``, Batches): the
+signature once, then each message's command, header and payload frames in turn.
 
 The full specification lives in ``docs/protocol.rst``.
 """
@@ -22,14 +25,15 @@ from typing import Final
 #: Protocol family prefix; a signature with this prefix but another version is
 #: refused with the ``version`` error code rather than ``malformed``.
 FAMILY: Final = b"ORCH/"
-#: Protocol version implemented by this package.
-VERSION: Final = 1
+#: Protocol version implemented by this package (2: ``BATCH``; a version-1 peer is refused with ``version``).
+VERSION: Final = 2
 #: The first frame of every message.
 SIGNATURE: Final = FAMILY + str(VERSION).encode()
 
 # -- commands valid in both directions on every socket ----------------------
 HEARTBEAT: Final = b"\x01"
 ERROR: Final = b"\x02"
+BATCH: Final = b"\x03"  # several messages in one: see BATCH_* below
 
 # -- client -> orchestrator ------------------------------------------------
 SUBMIT: Final = b"\x10"
@@ -61,6 +65,7 @@ RECONNECT: Final = b"\x2b"
 COMMAND_NAMES: Final[dict[bytes, str]] = {
     HEARTBEAT: "HEARTBEAT",
     ERROR: "ERROR",
+    BATCH: "BATCH",
     SUBMIT: "SUBMIT",
     FETCH: "FETCH",
     STATUS: "STATUS",
@@ -82,9 +87,16 @@ COMMAND_NAMES: Final[dict[bytes, str]] = {
 }
 
 #: Commands a client may send to the orchestrator.
-CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL, HISTORY})
+CLIENT_COMMANDS: Final = frozenset({HEARTBEAT, SUBMIT, FETCH, STATUS, CANCEL, CONTROL, HISTORY, BATCH})
 #: Commands a satellite may send to the orchestrator.
-SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, STARTED, ERROR})
+SATELLITE_COMMANDS: Final = frozenset({HEARTBEAT, REGISTER, DONE, PROGRESS, LEAVE, STARTED, ERROR, BATCH})
+
+#: Most messages one BATCH may carry (a receiver refuses more as ``malformed``).
+BATCH_MAX: Final = 1024
+#: What a sender puts in one BATCH at most: messages, and bytes of frames (a message larger than
+#: this goes alone: batching saves a send per message, which a large message does not notice).
+BATCH_MESSAGES: Final = 256
+BATCH_BYTES: Final = 1 << 20
 
 # -- structured error codes (ERROR header key "code") ----------------------
 E_MALFORMED: Final = "malformed"  # frames missing, header not a msgpack map, bad field

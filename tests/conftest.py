@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import threading
@@ -19,6 +20,8 @@ os.environ.setdefault("ORCHESTER_STRICT", "1")
 from orchester import LocalCluster  # noqa: E402
 from orchester.config import OrchestratorConfig  # noqa: E402
 from orchester.server.broker import BrokerThread  # noqa: E402
+from serializers import messages as M  # noqa: E402
+from serializers import protocol as P  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 #: Environment for processes that must import tests/orchester_test_tasks.py.
@@ -34,16 +37,49 @@ def ctx() -> Iterator[zmq.Context[Any]]:
     c.destroy(linger=0)
 
 
+class Unbatched:
+    """A raw socket read as a third party following ``docs/protocol.rst`` reads it: a ``BATCH`` is the
+    messages it carries, returned one by one by :meth:`recv_multipart` (each with the envelope and the
+    signature it came with). Everything else is the socket's own."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        object.__setattr__(self, "sock", sock)
+        object.__setattr__(self, "pending", collections.deque())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.sock, name, value)
+
+    def poll(self, timeout: float | None = None, flags: int = zmq.POLLIN) -> int:
+        if self.pending and flags & zmq.POLLIN:
+            return zmq.POLLIN
+        return self.sock.poll(timeout, flags)
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True, track: bool = False) -> list[Any]:
+        if not self.pending:
+            frames = self.sock.recv_multipart(flags, copy=copy, track=track)
+            for head in (1, 2):  # a DEALER's message starts with the signature, a ROUTER's with the envelope
+                if len(frames) > head + 1 and bytes(frames[head - 1]) == P.SIGNATURE and bytes(frames[head]) == P.BATCH:
+                    self.pending.extend(M.unbatch(frames, head))
+                    break
+            else:
+                return frames
+        return self.pending.popleft()
+
+
 @pytest.fixture
 def socket(ctx: zmq.Context[Any]) -> Iterator[Any]:
-    """A socket factory: ``socket(zmq.DEALER)``; every socket made is closed with linger=0."""
+    """A socket factory: ``socket(zmq.DEALER)``; every socket made is closed with linger=0. What it
+    receives is read message by message (:class:`Unbatched`)."""
     made: list[zmq.Socket[Any]] = []
 
-    def make(kind: int) -> zmq.Socket[Any]:
+    def make(kind: int) -> Any:
         s = ctx.socket(kind)
         s.linger = 0
         made.append(s)
-        return s
+        return Unbatched(s)
 
     yield make
     for s in made:

@@ -26,7 +26,7 @@ E = "0f3c2a9b1d4e5f60"
 #: Messages a client cannot read (after the routing envelope), and the error code each gets.
 GARBAGE: list[tuple[list[bytes], str]] = [
     ([b"junk"], P.E_MALFORMED),
-    ([b"ORCH/2", P.ACK, pack({"ids": [], "e": E})], P.E_VERSION),
+    ([b"ORCH/1", P.ACK, pack({"ids": [], "e": E})], P.E_VERSION),
     ([P.SIGNATURE, P.ACK, b"\xc1"], P.E_MALFORMED),
     ([P.SIGNATURE, P.ACK, pack({"ids": "t", "e": E})], P.E_MALFORMED),
     ([P.SIGNATURE, P.ACK, pack({"ids": [1], "e": E})], P.E_MALFORMED),

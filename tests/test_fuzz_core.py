@@ -30,7 +30,7 @@ headers = st.one_of(
 )
 messages = st.lists(
     st.tuples(st.sampled_from([b"a", b"b", b"sat"]),
-              st.sampled_from([P.SIGNATURE, P.SIGNATURE, b"ORCH/2", b"", b"junk"]),
+              st.sampled_from([P.SIGNATURE, P.SIGNATURE, b"ORCH/1", b"", b"junk"]),
               st.sampled_from(COMMANDS), headers, st.lists(st.binary(max_size=16), max_size=3)),
     max_size=25,
 )

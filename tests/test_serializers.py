@@ -159,8 +159,8 @@ def test_fields_are_type_checked() -> None:
 def test_signature_versions() -> None:
     check_signature(P.SIGNATURE)
     with pytest.raises(ProtocolError) as e:
-        check_signature(b"ORCH/2")
-    assert e.value.code == P.E_VERSION and "version 1" in e.value.detail
+        check_signature(b"ORCH/1")
+    assert e.value.code == P.E_VERSION and "version 2" in e.value.detail
     with pytest.raises(ProtocolError) as e:
         check_signature(b"MDPC01")
     assert e.value.code == P.E_MALFORMED

@@ -142,6 +142,9 @@ class AsyncClient:
                                on_demand=self._on_demand)
         self.core.alternatives = self._uplink.alternatives
         self._refused: str | None = None  #: why the orchestrator refused our key, once it did
+        #: messages for the orchestrator made since the event loop last ran this client's flush: they go
+        #: out together (a loop of ``submit_nowait`` as a few BATCHes), at the end of the loop's iteration
+        self._out: list[list[Any]] = []
         self._connect()
         self._reader: asyncio.Task[None] | None = None
         self._closed = False
@@ -309,10 +312,21 @@ class AsyncClient:
         return True
 
     def _send(self, frames: list[Any]) -> None:
-        """Queue ``frames`` on the socket (sent when it can take them: the event loop never blocks)."""
+        """Queue ``frames`` (with their signature) for the orchestrator: sent, with the others made in the
+        same turn of the event loop, as soon as the loop is free (:meth:`_flush`)."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frames)
+
+    def _flush(self) -> None:
+        """Send the queued messages in order, several as one BATCH (the socket queues what the
+        orchestrator cannot take yet: the event loop never blocks)."""
+        out, self._out = self._out, []
         sock = self._uplink.sock
-        assert sock is not None, "the uplink is open from __init__ until close"
-        sock.send_multipart(frames, copy=False)
+        if not out or sock is None or self._closed:
+            return
+        for frames in (M.batches([f[1:] for f in out]) if len(out) > 1 else out):
+            sock.send_multipart(frames, copy=False)
 
     async def _call(self, message: Request, timeout: float | None) -> dict[str, Any]:
         """Send a request (:mod:`serializers.messages`) and wait for the body of its REPLY."""
@@ -387,6 +401,7 @@ class AsyncClient:
 
     def _switch(self, vote: bool) -> None:
         """Connect to the uplink's (new) current endpoint, say the vote, resend what is pending."""
+        self._out.clear()  # (everything pending is resent below)
         sock = self._connect()
         self.core.epoch = None  # the new server's epoch is news, not a restart: everything is resent here
         sock.send_multipart(self.core.ping(vote=vote))

@@ -297,7 +297,7 @@ class ClientCore:
 
     # ------------------------------------------------------------- replies
     def handle(self, frames: list[Any]) -> bool:
-        """Handle one message from the orchestrator. Returns True when its epoch changed
+        """Handle one message from the orchestrator (a ``BATCH``: each it carries). Returns True when its epoch changed
         (the orchestrator restarted or failed over: the caller should resend :meth:`pending_frames`).
 
         Every header is decoded by :func:`serializers.messages.decode_for_client`. Anything wrong
@@ -305,6 +305,21 @@ class ClientCore:
         RESULT that does not decode failed the future of the task it names: fields come from
         satellites through the orchestrator, so no shape is trusted.
         """
+        if len(frames) > 2 and bytes(frames[1]) == P.BATCH:  # several in one: each as if it came alone
+            if bytes(frames[0]) != P.SIGNATURE:
+                raise ProtocolError(P.E_VERSION, f"unexpected signature {bytes(frames[0])[:16]!r}")
+            restarted, first = False, None
+            for message in M.unbatch(frames, 1):
+                try:
+                    restarted = self._one(message) or restarted
+                except ProtocolError as exc:  # the others are handled still; the first error is told
+                    first = first or exc
+            if first is not None and not restarted:
+                raise first
+            return restarted
+        return self._one(frames)
+
+    def _one(self, frames: list[Any]) -> bool:
         try:
             return self._handle(frames)
         except ProtocolError:

@@ -519,6 +519,7 @@ class Client:
             if not _offer(sock, unsent[0]):
                 return
             unsent.popleft()
+        ready: list[list[Any]] = []  # built, to go out together: a run of them as one BATCH
         while outbox:
             item = outbox.popleft()
             if self._refused is not None and item[0] != "forget":
@@ -541,10 +542,23 @@ class Client:
                 except Exception as exc:
                     reject_future(fut, exc)
                     continue
-            if not _offer(sock, frames):  # the queue to the orchestrator is full: keep it, retry soon
-                self.sends_deferred += 1
-                unsent.append(frames)
+            ready.append(frames)
+            if len(ready) >= P.BATCH_MESSAGES and not self._send_ready(sock, ready):
                 return
+        if ready:
+            self._send_ready(sock, ready)
+
+    def _send_ready(self, sock: zmq.Socket[Any], ready: list[list[Any]]) -> bool:
+        """Send the messages built (each with its signature), in order, several as one BATCH; what the
+        socket does not take waits in order (False)."""
+        out = M.batches([frames[1:] for frames in ready]) if len(ready) > 1 else ready[:]
+        ready.clear()
+        for i, frames in enumerate(out):
+            if not _offer(sock, frames):  # the queue to the orchestrator is full: keep the rest, retry soon
+                self.sends_deferred += 1
+                self._unsent.extend(out[i:])
+                return False
+        return True
 
 
 def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:

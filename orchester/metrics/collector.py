@@ -43,7 +43,8 @@ ALWAYS_EXPORTED = frozenset({
     "sid_refused", "spilled", "stale_results", "stalled", "strategy_switches", "submitted", "subscribers_muted",
     "subscription_floods", "subscriptions_refused", "timeouts", "timer_errors", "undeliverable", "unknown_satellite",
     "unspilled", "spill_lost", "wakeups", "dependency_failed", "dependency_results_lost", "reservations",
-    "results_kept", "submitted_after", "unknown_dependency", "job_reports",
+    "results_kept", "submitted_after", "unknown_dependency", "job_reports", "batches_in", "batches_out",
+    "gc_freezes", "gc_full_passes", "gc_full_deferred", "gc_cycles_found",
 })
 
 

@@ -50,6 +50,7 @@ from orchester.server.ports import Ports
 from orchester.server.restore import restore
 from serializers import protocol as P
 from serializers.header import ProtocolError
+from serializers.messages import batch, runs, unbatch
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("orchester")
@@ -397,7 +398,8 @@ class Broker:
         secure, metrics_on, handle = self.curve is not None, self.metrics is not None, self.core.handle
         frames: list[Any]
         drained = False
-        for _ in range(self.config.batch):
+        budget = self.config.batch  # messages per wake-up, those a BATCH carries counted one by one
+        while budget > 0:
             user = None
             try:
                 if secure:
@@ -410,12 +412,21 @@ class Broker:
             except zmq.Again:
                 drained = True
                 break
-            counters["messages_in"] += 1
             if metrics_on:
                 counters["bytes_in"] += sum(map(len, frames))
-            if pair is not None and not pair.star.serving and not pair.gatekeep(sock, frames, now):
-                continue
-            handle(sock, frames, now, user)
+            messages = [frames]
+            if len(frames) > 3 and frames[2] == P.BATCH:
+                try:
+                    messages = unbatch(frames, 2)
+                    counters["batches_in"] += 1
+                except ProtocolError:
+                    pass  # the core refuses it, answered as one message (malformed)
+            budget -= len(messages)
+            counters["messages_in"] += len(messages)
+            for message in messages:  # a passive server of a pair looks at each (a vote may be any of them)
+                if pair is not None and not pair.star.serving and not pair.gatekeep(sock, message, now):
+                    continue
+                handle(sock, message, now, user)
         if not drained:  # a whole batch: more may wait (silences are not counted past the last full read)
             self._unread = True
 
@@ -519,13 +530,13 @@ class Broker:
         bound = self._gate(now) if gating else None  # once per wake-up: what may go out
         if core.outbox.queries and self.history is not None:
             self.history.ask_all(core.outbox.take_queries())
+        going: list[tuple[Any, list[Any], str | None]] = []
         if core.outbox.messages:
-            out = core.outbox.take_messages()
-            for sock, frames, task_id in self.gate.route(out, self._rseq, bound):
-                self._send(sock, frames, task_id)
+            going.extend(self.gate.route(core.outbox.take_messages(), self._rseq, bound))
         if len(self.gate):
-            for sock, frames, task_id in self.gate.release(bound):
-                self._send(sock, frames, task_id)
+            going.extend(self.gate.release(bound))
+        if going:
+            self._send_all(going)
         if core.outbox.events:
             pub = core.outbox.take_events()  # (to an event socket with no endpoint bound: dropped by libzmq)
             for frames in pub:
@@ -548,6 +559,48 @@ class Broker:
             task = self._spilling.pop(seq, None)
             if task is not None:
                 self.core.life.spilled(task, (path, offset))
+
+    def _send_all(self, going: list[tuple[Any, list[Any], str | None]]) -> None:
+        """Send what may go out now; the messages to one peer together, in their order, a run of them as
+        one BATCH (a satellite's dispatches, a client's results: one send, one wake-up of each side)."""
+        if len(going) == 1:
+            self._send(*going[0])
+            return
+        peers: dict[tuple[Any, bytes], list[tuple[Any, list[Any], str | None]]] = {}
+        for item in going:
+            peers.setdefault((item[0], item[1][0]), []).append(item)
+        for (sock, ident), queued in peers.items():
+            if len(queued) == 1:
+                self._send(*queued[0])
+                continue
+            for run in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in queued]):
+                group = queued[run]
+                if len(group) == 1:
+                    self._send(*group[0])
+                else:
+                    self._send_batch(sock, ident, group)
+
+    def _send_batch(self, sock: Any, ident: bytes, group: list[tuple[Any, list[Any], str | None]]) -> None:
+        """One BATCH to one peer; each message it carries is delivered (or not) as if sent alone."""
+        core = self.core
+        frames = [ident, *batch([f[2:] for _, f, _ in group])]
+        try:
+            send_frames(sock, frames, NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in _UNDELIVERABLE:
+                raise
+            for _, _, task_id in group:
+                if task_id is not None:
+                    core.undeliverable(task_id)
+                else:
+                    core.state.counters["undeliverable"] += 1
+            return
+        core.state.counters["batches_out"] += 1
+        if self.metrics is not None:
+            core.state.counters["bytes_out"] += sum(map(len, frames))
+        for _, _, task_id in group:
+            if task_id is not None:
+                core.delivered(task_id)
 
     def _send(self, sock: Any, frames: list[Any], task_id: str | None) -> None:
         core = self.core

@@ -55,6 +55,7 @@ from serializers.messages import (
     ack,
     beat,
     decode,
+    unbatch,
     welcome,
 )
 from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState
@@ -103,7 +104,8 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ input
     def handle(self, sock: Any, frames: list[Any], now: float, user: str | None = None) -> None:
-        """Handle one message received on a ROUTER socket (``frames[0]`` is the identity).
+        """Handle one message received on a ROUTER socket (``frames[0]`` is the identity); a ``BATCH``, each
+        of the messages it carries.
 
         ``user``: the name of the key the sender authenticated with (CurveZMQ), if any.
         """
@@ -116,6 +118,12 @@ class Orchestrator:
                 raise ProtocolError(P.E_MALFORMED, f"expected at least 4 frames, got {len(frames)}")
             check_signature(bytes(frames[1]))
             cmd = bytes(frames[2])
+            if cmd == P.BATCH:  # several messages in one: each handled (and answered) as if it came alone
+                messages = unbatch(frames, 2)
+                st.counters["batches_in"] += 1
+                for message in messages:
+                    self.handle(sock, message, now, user)
+                return
             handler = self._handlers.get(cmd)
             if handler is None:
                 raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")

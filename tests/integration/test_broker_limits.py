@@ -50,9 +50,9 @@ def test_oversized_messages(socket: Any) -> None:
 def test_version_mismatch_is_refused_with_the_supported_version(broker: Any, socket: Any) -> None:
     s = socket(zmq.DEALER)
     s.connect(broker.client_endpoint)
-    reply = ask(s, [b"ORCH/2", P.SUBMIT, pack({"id": "x", "k": "echo"}), b"\x90"])
+    reply = ask(s, [b"ORCH/1", P.SUBMIT, pack({"id": "x", "k": "echo"}), b"\x90"])
     hdr = unpack(reply[2])
-    assert reply[:2] == [P.SIGNATURE, P.ERROR] and hdr["code"] == P.E_VERSION and "ORCH/1" in hdr["msg"]
+    assert reply[:2] == [P.SIGNATURE, P.ERROR] and hdr["code"] == P.E_VERSION and "ORCH/2" in hdr["msg"]
 
 
 def test_wildcard_endpoints_are_reached_through_the_known_host() -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import zmq
+from conftest import Unbatched
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,6 +84,7 @@ def test_orchestrator_survives_random_and_mutated_frames(fuzz_cluster: LocalClus
     pid = fuzz_cluster.orchestrator.pid
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
+    s = Unbatched(s)  # (a BATCH read message by message)
     s.linger = 0
     s.connect(fuzz_cluster.endpoint)
     rng = random.Random(1234)
@@ -127,6 +129,7 @@ def test_orchestrator_survives_random_and_mutated_frames(fuzz_cluster: LocalClus
 def test_orchestrator_answers_hypothesis_frames(fuzz_cluster: LocalCluster, frames: list[bytes]) -> None:
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
+    s = Unbatched(s)  # (a BATCH read message by message)
     s.linger = 0
     try:
         s.connect(fuzz_cluster.endpoint)
@@ -154,6 +157,7 @@ class FakeOrchestrator:
         self.router.linger = 0
         self.router.sndhwm = 0  # a ROUTER drops what exceeds its high-water mark: keep the whole storm
         self.router.router_mandatory = 1
+        self.router = Unbatched(self.router)  # (a BATCH read message by message)
         port = self.router.bind_to_random_port("tcp://127.0.0.1")
         level = os.environ.get("FZ_LOG", "ERROR")
         self.proc = subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", level, "run",

@@ -12,7 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import TEST_ENV
+from conftest import TEST_ENV, Unbatched
 
 from orchester import Client
 from orchester.client.events import EventRecorder
@@ -222,6 +222,7 @@ def test_a_dual_active_is_detected_and_the_backup_steps_down(pair: LocalPair) ->
         ctx = zmq.Context()
         try:  # the other island's client fails over to the backup and votes
             s = ctx.socket(zmq.DEALER)
+            s = Unbatched(s)  # (a BATCH read message by message)
             s.linger = 0
             s.connect(pair.endpoints["backup"])
             s.send_multipart([P.SIGNATURE, P.HEARTBEAT, msgpack.packb({"vote": True})])

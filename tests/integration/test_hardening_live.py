@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import stop_processes
+from conftest import Unbatched, stop_processes
 
 from orchester import Client
 from orchester.errors import RemoteError
@@ -91,6 +91,7 @@ def test_a_pickle_submit_never_runs_without_the_orchestrators_consent(served: An
     marker = tmp_path / "ran"
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
+    s = Unbatched(s)  # (a BATCH read message by message)
     s.linger = 0
     try:
         s.connect(endpoint)
@@ -127,6 +128,7 @@ def test_a_satellite_runs_pickle_only_when_the_dispatch_carries_the_orchestrator
     """The test is the orchestrator: a real ``satellite run --allow-pickle`` gets two pickle DISPATCHes."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
+    router = Unbatched(router)  # (a BATCH read message by message)
     router.linger = 0
     port = router.bind_to_random_port("tcp://127.0.0.1")
     sat = subprocess.Popen([sys.executable, "-m", "satellites", "--log-level", "WARNING", "run", "--allow-pickle",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import zmq
+from conftest import Unbatched
 
 from orchester import Client, LocalCluster, RemoteError, TaskFailed
 from orchester.journal.wal import ReadReport, encode_record, read_all
@@ -61,6 +62,7 @@ def test_kill_9_at_random_moments_loses_no_acknowledged_task(tmp_path: Path) -> 
     ctx = zmq.Context()
     with journal_cluster(tmp_path / "journal", durability="full") as cluster:
         raw = ctx.socket(zmq.DEALER)  # a client that never resends: only the journal keeps its tasks
+        raw = Unbatched(raw)  # (a BATCH read message by message)
         raw.linger = 0
         raw.routing_id = b"c:raw-journal-test"
         raw.connect(cluster.endpoint)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import TEST_ENV
+from conftest import TEST_ENV, Unbatched
 
 from orchester import Client, LocalCluster
 from orchester.errors import RemoteError, TaskFailed
@@ -130,6 +130,7 @@ def test_roles_are_enforced(secured: Any) -> None:
     ctx = zmq.Context()
     try:  # a submit-only key cannot pose as a satellite
         s = ctx.socket(zmq.DEALER)
+        s = Unbatched(s)  # (a BATCH read message by message)
         s.linger = 0
         public, secret = load_keypair(keys.secrets["alice"])
         s.curve_publickey, s.curve_secretkey = public, secret
