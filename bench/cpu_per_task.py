@@ -7,7 +7,7 @@ worker processes. On a 2-core machine the sum bounds throughput at about
 ``2 / sum`` tasks per second, which is what this benchmark is for: naming
 exactly what holds throughput back.
 
-Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500]``
+Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500] [--kind echo|echo.inline]``
 """
 
 from __future__ import annotations
@@ -57,11 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--payload", type=int, default=0, help="bytes of float64 array per task (0: an int)")
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--prefetch", type=int, default=8)
+    ap.add_argument("--kind", default="echo", help="echo (a worker process) or echo.inline (the satellite's thread)")
     args = ap.parse_args(argv)
     arg = np.zeros(args.payload // 8) if args.payload else 1
     with LocalCluster(satellites=2, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:
         client = cluster.client()
-        for f in [client.submit("echo", arg) for _ in range(200)]:
+        for f in [client.submit(args.kind, arg) for _ in range(200)]:
             f.result(60)
         assert cluster.orchestrator is not None
         procs = {"orchestrator": cluster.orchestrator.pid}
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         window: deque = deque()
         for _ in range(args.n):
-            window.append(client.submit("echo", arg))
+            window.append(client.submit(args.kind, arg))
             if len(window) >= args.window:
                 window.popleft().result(60)
         for f in window:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - t0
         rows = [("client (this process)", time.process_time() - me0)]
         rows += [(name, cpu_seconds(pid) - before[name]) for name, pid in procs.items()]
-    print(f"{args.n} echo tasks, payload {args.payload} B: {args.n / elapsed:.0f} tasks/s")
+    print(f"{args.n} {args.kind} tasks, payload {args.payload} B: {args.n / elapsed:.0f} tasks/s")
     total = 0.0
     for name, sec in rows:
         if sec > 0:

@@ -1,4 +1,5 @@
-"""Built-in task kinds: ``echo``, ``sleep``, ``fail`` and ``spin``."""
+"""Built-in task kinds: ``echo`` (and ``echo.inline``, the same run in the satellite's own thread), ``sleep``,
+``fail`` and ``spin``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ def echo(*args: Any, **kwargs: Any) -> Any:
     if kwargs:
         return {"args": list(args), "kwargs": kwargs}
     return list(args)
+
+
+@task("echo.inline", inline=True)
+def echo_inline(*args: Any, **kwargs: Any) -> Any:
+    """``echo``, run in the satellite's own thread (a light kind: no worker-process hop)."""
+    return echo(*args, **kwargs)
 
 
 @task("sleep", reports_progress=True, stall_timeout=30.0)

@@ -15,6 +15,10 @@ satellite with ``--tasks that.module`` (or ``Satellite(tasks=["that.module"])``)
             ...
             progress(done=i + 1, total=len(points))
 
+    @task("mylab.lookup", inline=True)     # light: runs in the satellite's own thread
+    def lookup(key):
+        return TABLE.get(key)
+
 Handlers take the positional and keyword arguments given to ``Client.submit``
 and return any value the chosen codec can encode (numpy arrays travel as
 zero-copy frames).
@@ -44,6 +48,9 @@ class TaskKind:
     doc: str = ""
     #: Version of what the kind runs (e.g. the GenX version), told to the orchestrator and clients.
     version: str = ""
+    #: A light task: run in the satellite's own thread, without the worker-process hop
+    #: (:mod:`satellites.inline`; it cannot be killed: a cancelled one is answered and its result dropped).
+    inline: bool = False
 
 
 class UnknownKind(LookupError):
@@ -57,14 +64,14 @@ class TaskRegistry:
         self._kinds: dict[str, TaskKind] = {}
 
     def register(self, name: str, fn: Callable[..., Any], *, reports_progress: bool = False,
-                 stall_timeout: float | None = None, version: str = "") -> TaskKind:
+                 stall_timeout: float | None = None, version: str = "", inline: bool = False) -> TaskKind:
         """Register ``fn`` under ``name`` (re-registering the same function is a no-op)."""
         if not name or not isinstance(name, str):
             raise ValueError("a task kind needs a non-empty string name")
         old = self._kinds.get(name)
         if old is not None and old.fn is not fn and getattr(old.fn, "__qualname__", None) != fn.__qualname__:
             raise ValueError(f"task kind {name!r} is already registered to {old.fn!r}")
-        kind = TaskKind(name, fn, reports_progress, stall_timeout, (fn.__doc__ or "").strip(), version)
+        kind = TaskKind(name, fn, reports_progress, stall_timeout, (fn.__doc__ or "").strip(), version, inline)
         self._kinds[name] = kind
         return kind
 
@@ -88,12 +95,15 @@ registry = TaskRegistry()
 
 
 def task(name: str | None = None, *, reports_progress: bool = False,
-         stall_timeout: float | None = None, version: str = "") -> Callable[[F], F]:
-    """Decorator: register the function as task kind ``name`` (default: ``module.function``)."""
+         stall_timeout: float | None = None, version: str = "", inline: bool = False) -> Callable[[F], F]:
+    """Decorator: register the function as task kind ``name`` (default: ``module.function``).
+
+    ``inline=True``: a light task (microseconds to milliseconds, nothing a kill would have to free), run in the
+    satellite's own thread without the worker-process hop; the default runs each task in a worker process."""
 
     def deco(fn: F) -> F:
         registry.register(name or f"{fn.__module__}.{fn.__name__}", fn, reports_progress=reports_progress,
-                          stall_timeout=stall_timeout, version=version)
+                          stall_timeout=stall_timeout, version=version, inline=inline)
         return fn
 
     return deco

@@ -33,13 +33,14 @@ import zmq
 
 from orchester.client.uplink import Uplink
 from orchester.logutil import warn_limited
-from serializers import ProtocolError, check_signature
+from serializers import ProtocolError, check_signature, unpack
 from serializers import messages as M
 from serializers import protocol as P
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 from . import genx_numba
 from . import worker as W
+from .inline import InlineRunner
 from .pool import WorkerPool
 from .registry import load_task_modules, registry
 
@@ -167,8 +168,9 @@ class Satellite:
         self._stop = threading.Event()
         #: messages for the orchestrator produced by this wake-up, sent together at its end (:meth:`_flush`)
         self._out: list[list[Any]] = []
-        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores)
-        self._queue: collections.deque[tuple[str, int, list[Any], int]] = collections.deque()
+        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores, light:
+        #: of an inline kind, run in this process's own thread)
+        self._queue: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
         #: results sent lately, (sent at, task id, attempt, DONE frames): after a failover they are
         #: announced and sent again, so the new orchestrator neither loses nor reruns them
@@ -179,6 +181,11 @@ class Satellite:
         self.progress_kinds = {k.name: float(k.stall_timeout or 0) for k in map(registry.get, self.kinds)
                                if k.reports_progress and k.stall_timeout}
         self.versions = {k.name: k.version for k in map(registry.get, self.kinds) if k.version}
+        #: light kinds (``@task(..., inline=True)``): run in :attr:`inline`'s thread, not in a worker process
+        self.inline_kinds = frozenset(k.name for k in map(registry.get, self.kinds) if k.inline)
+        self.inline: InlineRunner | None = None  #: made by :meth:`run` when there are inline kinds
+        #: light tasks handed to :attr:`inline`: task id -> (attempt, when)
+        self._inline_running: dict[str, tuple[int, float]] = {}
 
     def stop(self) -> None:
         """Ask the loop to leave cleanly (thread-safe)."""
@@ -199,6 +206,8 @@ class Satellite:
             self.numba_state = genx_numba.setup(self.workers, enabled=self.use_numba, threads=self.numba_threads,
                                                 stopped=self._stop.is_set, pool=self.cores)
             log.info("satellite %s: GenX with %s", self.sid, self.numba_state.describe())
+        if self.inline_kinds:
+            self.inline = InlineRunner(ctx, self.sid)
         try:
             self.pool.start()
             self._connect(ctx)
@@ -212,6 +221,8 @@ class Satellite:
                     pass
             self._uplink.close(linger=200)  # the LEAVE gets its chance
             self.pool.close()
+            if self.inline is not None:
+                self.inline.close()
             wsock.close(0)
             ctx.term()
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -247,7 +258,8 @@ class Satellite:
             progress=self.progress_kinds, versions=self.versions,
             walltime=None if self.deadline is None else max(0.0, self.deadline - now),
             tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
-            running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task),
+            running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task)
+            + tuple((tid, attempt) for tid, (attempt, _) in self._inline_running.items()),
             recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
             cores=self.cores, memory=self.memory, job=self.job), now)
 
@@ -280,6 +292,8 @@ class Satellite:
         assert self._uplink.sock is not None
         poller.register(self._uplink.sock, zmq.POLLIN)
         poller.register(self._wsock, zmq.POLLIN)
+        if self.inline is not None:
+            poller.register(self.inline.results, zmq.POLLIN)
         if self._uplink.monitor is not None:  # made with the orchestrator socket: rebuilt with it
             poller.register(self._uplink.monitor, zmq.POLLIN)
         for fd in self.pool.sentinels():
@@ -303,6 +317,8 @@ class Satellite:
                     self._drain_orchestrator(orch, now)
                 elif item is self._wsock:
                     self._drain_workers(now)
+                elif self.inline is not None and item is self.inline.results:
+                    self._drain_inline(now)
                 elif monitor is not None and item is monitor:
                     monitor.recv_multipart()
                     self.counters["key_refused"] += 1
@@ -388,7 +404,13 @@ class Satellite:
         if isinstance(msg, M.Dispatch):
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores))
+            light = False
+            if self.inline_kinds and msg.cores == 1:  # a light kind runs in this process (one core at most)
+                try:
+                    light = unpack(bytes(frames[3]), M.MAX_TASK_HEADER).get("k") in self.inline_kinds
+                except ProtocolError:
+                    light = False  # a worker reports what is wrong with it
+            self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores, light))
             self.counters["received"] += 1
         elif isinstance(msg, M.Abort):
             self._abort(msg.id, msg.attempt, now)
@@ -421,11 +443,18 @@ class Satellite:
 
     def _abort(self, tid: str, attempt: int, now: float) -> None:
         """Cancel a task: drop it if only queued here, kill its worker if running."""
-        for i, (qtid, _, _, _) in enumerate(self._queue):
-            if qtid == tid:
+        for i, queued in enumerate(self._queue):
+            if queued[0] == tid:
                 del self._queue[i]
                 break
         else:
+            if tid in self._inline_running and self.inline is not None:  # (a thread is not killed: its result
+                del self._inline_running[tid]                              # is dropped when it comes)
+                self.inline.abort(tid, attempt)
+                self.counters["aborted"] += 1
+                self._send([P.DONE, W.error_header(tid, attempt, self.sid, etype=P.ERR_CANCELLED,
+                                                   msg="cancelled")], now)
+                return
             w = self._running.get(tid)
             if w is None:
                 return
@@ -442,14 +471,21 @@ class Satellite:
         its cores: none is ever oversubscribed); tell the orchestrator which started (one message)."""
         started: list[tuple[str, int]] = []
         busy = self.busy_cores
+        inline = self.inline
         while self._queue:
+            if self._queue[0][4] and inline is not None and not inline.wedged:  # light: this process's thread
+                tid, attempt, frames, _, _ = self._queue.popleft()
+                self._inline_running[tid] = (attempt, now)
+                inline.run(tid, attempt, frames)
+                started.append((tid, attempt))
+                continue
             cores = self._queue[0][3]
             if busy and busy + cores > self.cores:
                 break
             w = self.pool.idle()
             if w is None:
                 break
-            tid, attempt, frames, cores = self._queue.popleft()
+            tid, attempt, frames, cores, _ = self._queue.popleft()
             w.task = (tid, attempt)
             w.cores = cores
             w.started = now
@@ -487,6 +523,32 @@ class Satellite:
                     self._send([P.PROGRESS, frames[2]], now)
             elif tag == W.READY:
                 w.ready = True
+        self._assign(now)
+
+    def _drain_inline(self, now: float) -> None:
+        """Results (and progress) of light tasks from the inline thread."""
+        assert self.inline is not None
+        for _ in range(256):
+            try:
+                frames = self.inline.receive()
+            except zmq.Again:
+                break
+            if frames is None:
+                continue  # the late result of a task given up on
+            if bytes(frames[0]) == W.PROGRESS:
+                self._send([P.PROGRESS, frames[1]], now)
+                continue
+            tid = frames[1].decode()
+            started = self._inline_running.pop(tid, None)
+            if started is None:
+                continue
+            self._durations.append(now - started[1])
+            self.counters["done"] += 1
+            self.counters["inline_done"] += 1
+            done = [P.DONE, *frames[3:]]
+            self._send(done, now)
+            self._recent.append((now, tid, started[0], done))
+        self._trim_recent(now)
         self._assign(now)
 
     def _trim_recent(self, now: float) -> None:

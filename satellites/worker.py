@@ -106,7 +106,7 @@ def _inputs(frames: list[Any], order: M.Dispatch, task: M.TaskHeader,
 THREADS = TaskThreads()
 
 
-def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
+def run_task(frames: list[Any], sid: str, send_progress: Any, pools: TaskThreads | None = THREADS) -> list[Any]:
     """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers, *results]``).
 
     Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
@@ -115,7 +115,8 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
     (:func:`serializers.codecs.check_run_codec`); otherwise the task fails with
     :data:`~serializers.codecs.ERR_CODEC_REFUSED` before anything is decoded. Each reference
     in the payload is replaced by the result the DISPATCH carries for it (:func:`result_value`).
-    The worker's thread pools get the task's cores (:class:`~satellites.threads.TaskThreads`).
+    The worker's thread pools get the task's cores (:class:`~satellites.threads.TaskThreads`; ``pools=None``:
+    left as they are, for a light task run in the satellite's own thread, :mod:`satellites.inline`).
     """
     try:
         dispatch = unpack(bytes(frames[0]), M.MAX_TASK_HEADER)
@@ -147,7 +148,8 @@ def run_task(frames: list[Any], sid: str, send_progress: Any) -> list[Any]:
                 last[0] = now
                 send_progress(M.Progress(tid, attempt, sid, info).encode())
 
-        THREADS.use(order.cores)
+        if pools is not None:
+            pools.use(order.cores)
         context.set_current(context.TaskContext(tid, attempt, kind.name, sid, progress, order.cores))
         try:
             value = kind.fn(*call[0], **call[1])

@@ -110,3 +110,17 @@ def link(previous: dict[str, float] | None = None, seconds: float = 0.1) -> dict
     time.sleep(seconds)
     n = previous["n"] + 1 if previous else 1
     return {"n": n, "start": start, "end": time.monotonic(), "previous_end": previous["end"] if previous else 0.0}
+
+
+@task("t.inline_pid", inline=True)
+def inline_pid(_: object = None) -> int:
+    """The process a light task runs in (the satellite's own)."""
+    return os.getpid()
+
+
+@task("t.inline_wait", inline=True, reports_progress=True, stall_timeout=60.0)
+def inline_wait(seconds: float = 1.0) -> int:
+    """A light kind that is not light: waits ``seconds`` (reporting progress once), returns the process id."""
+    progress(waited=0)
+    time.sleep(seconds)
+    return os.getpid()

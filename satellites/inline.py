@@ -1,0 +1,125 @@
+"""Light tasks run in the satellite's own thread, without the worker-process hop.
+
+A kind registered with ``@task(..., inline=True)`` is light: it returns in microseconds to
+milliseconds and holds no resource a kill would have to free (a lookup, a small transform, a
+no-op). Sending it to a worker process costs two more messages and two more process wake-ups
+than running it; :class:`InlineRunner` runs such tasks one after the other in one thread of the
+satellite, handed over in order, with the same :func:`~satellites.worker.run_task` as a worker.
+
+Results come back to the I/O loop on an ``inproc://`` PAIR socket it polls, as a worker's do:
+``[DONE, task id, attempt, result header, body, *buffers]`` and ``[PROGRESS, header]``.
+
+What a thread cannot do: be killed. A cancelled or timed-out inline task is answered at once
+(``Cancelled``), its result dropped when it comes; while it still runs the runner is *wedged*
+(:attr:`InlineRunner.wedged`) and the satellite sends its inline kinds to worker processes
+instead. A task that needs more than one core always runs in a worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+import zmq
+
+from serializers.zmqframes import recv_frames, send_frames
+
+from .worker import DONE, PROGRESS, error_header, run_task
+
+log = logging.getLogger("satellites")
+
+_ids = itertools.count()
+
+
+class InlineRunner:
+    """One thread that runs light tasks in order; results on :attr:`results` (polled by the I/O loop).
+
+    Made and used by the I/O thread: :meth:`run` hands a task over, :meth:`receive` reads what the
+    thread answered, :meth:`abort` gives up on a task, :meth:`close` stops the thread.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], sid: str) -> None:
+        self.sid = sid
+        self.endpoint = f"inproc://orchester-inline-{next(_ids)}"
+        #: where the thread's answers arrive (the I/O loop polls it)
+        self.results = ctx.socket(zmq.PAIR)
+        self.results.linger = 0
+        self.results.bind(self.endpoint)
+        self._ctx = ctx
+        self._tasks: queue.SimpleQueue[tuple[str, int, list[Any]] | None] = queue.SimpleQueue()
+        #: tasks handed over and not answered yet, in order: (task id, attempt)
+        self.pending: dict[tuple[str, int], None] = {}
+        #: tasks given up on (cancelled, timed out) that the thread has not finished yet
+        self.abandoned: set[tuple[str, int]] = set()
+        #: the task the thread runs now (set by the thread; read by the I/O loop)
+        self.current: tuple[str, int] | None = None
+        self._thread = threading.Thread(target=self._main, name=f"satellite-{sid}-inline", daemon=True)
+        self._ready = threading.Event()
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def wedged(self) -> bool:
+        """The thread runs a task given up on: inline kinds go to worker processes meanwhile."""
+        current = self.current
+        return current is not None and current in self.abandoned
+
+    def run(self, task_id: str, attempt: int, frames: list[Any]) -> None:
+        """Hand a task over (``frames``: from its DISPATCH header on, as a worker gets them)."""
+        self.pending[(task_id, attempt)] = None
+        self._tasks.put((task_id, attempt, frames))
+
+    def abort(self, task_id: str, attempt: int) -> bool:
+        """Give up on a task handed over (its result, if it comes, is dropped); False if it was not here."""
+        key = (task_id, attempt)
+        if key not in self.pending:
+            return False
+        del self.pending[key]
+        self.abandoned.add(key)
+        return True
+
+    def receive(self) -> list[Any] | None:
+        """One answer of the thread, if any: ``[DONE, tid, attempt, *done frames]`` or ``[PROGRESS, header]``.
+        A DONE of an abandoned task is dropped here (``None``)."""
+        frames = recv_frames(self.results, zmq.NOBLOCK, 4)
+        if bytes(frames[0]) == DONE:
+            key = (frames[1].decode(), int(frames[2]))
+            if key in self.abandoned:
+                self.abandoned.discard(key)
+                return None
+            self.pending.pop(key, None)
+        return frames
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread after the task it runs (waited for at most ``timeout`` seconds: it is a daemon)."""
+        self._tasks.put(None)
+        self._thread.join(timeout)
+        self.results.close(0)
+
+    def _main(self) -> None:
+        out = self._ctx.socket(zmq.PAIR)
+        out.linger = 0
+        out.connect(self.endpoint)
+        self._ready.set()
+        try:
+            while True:
+                item = self._tasks.get()
+                if item is None:
+                    return
+                tid, attempt, frames = item
+                if (tid, attempt) in self.abandoned:  # given up on before it began
+                    send_frames(out, [DONE, tid.encode(), str(attempt).encode(), b""])
+                    continue
+                self.current = (tid, attempt)
+                try:
+                    done = run_task(frames, self.sid, lambda h: out.send_multipart([PROGRESS, h]), pools=None)
+                except Exception as exc:  # a bug of ours: this task fails, the thread goes on
+                    log.exception("inline task %s failed in the runner", tid)
+                    done = [error_header(tid, attempt, self.sid, exc)]
+                self.current = None
+                send_frames(out, [DONE, tid.encode(), str(attempt).encode(), *done])
+        finally:
+            out.close(0)

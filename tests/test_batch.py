@@ -1,0 +1,104 @@
+"""BATCH (protocol version 2): several messages in one, each decoded, checked and answered as if it
+had come alone; the frames, the checks of a batch's header, the runs a sender cuts, and the core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_core import C, S, Harness, dispatched_ids, of
+
+from serializers import ProtocolError, encode, pack, unpack
+from serializers import messages as M
+from serializers import protocol as P
+
+
+def submit_message(tid: str, kind: str = "echo") -> list[Any]:
+    _, body = encode([[tid], {}])
+    return [P.SUBMIT, pack({"id": tid, "k": kind, "c": "msgpack"}), *body]
+
+
+def test_a_batch_carries_messages_in_order_with_their_payloads() -> None:
+    messages = [submit_message("a"), [P.HEARTBEAT, pack({"rx": 0})], submit_message("b")]
+    frames = M.batch(messages)
+    assert frames[:2] == [P.SIGNATURE, P.BATCH] and unpack(frames[2]) == {"n": [3, 2, 3]}
+    assert M.unbatch([b"ident", *frames], 2) == [[b"ident", P.SIGNATURE, *m] for m in messages]
+    assert M.unbatch(frames, 1) == [[P.SIGNATURE, *m] for m in messages]
+
+
+@pytest.mark.parametrize("header, rest", [
+    ({"n": [2, 2]}, 3),  # adds up to 4, 3 follow
+    ({"n": [1, 2]}, 3),  # a message needs a command and a header
+    ({"n": []}, 0),
+    ({"n": "22"}, 4),
+    ({"n": [2.0, 2]}, 4),
+    ({"n": [True, 3]}, 4),
+    ({}, 2),
+    ({"n": [2] * (P.BATCH_MAX + 1)}, 2 * (P.BATCH_MAX + 1)),
+])
+def test_a_batch_header_that_does_not_fit_its_frames_is_malformed(header: dict[str, Any], rest: int) -> None:
+    frames = [P.SIGNATURE, P.BATCH, pack(header), *[P.HEARTBEAT] * rest]
+    with pytest.raises(ProtocolError) as e:
+        M.unbatch(frames, 1)
+    assert e.value.code == P.E_MALFORMED
+
+
+def test_a_batch_never_carries_a_batch_and_needs_a_header() -> None:
+    inner = M.batch([[P.HEARTBEAT, pack({})], [P.HEARTBEAT, pack({})]])[1:]
+    with pytest.raises(ProtocolError, match="may not carry a BATCH"):
+        M.unbatch([P.SIGNATURE, P.BATCH, pack({"n": [len(inner)]}), *inner], 1)
+    with pytest.raises(ProtocolError):
+        M.unbatch([P.SIGNATURE, P.BATCH], 1)
+    with pytest.raises(ProtocolError):
+        M.unbatch([P.SIGNATURE, P.BATCH, b"\xc1", P.HEARTBEAT, b"\x80"], 1)  # not msgpack
+
+
+def test_senders_cut_runs_by_count_and_bytes_and_a_large_message_goes_alone() -> None:
+    assert M.runs([10] * 5, limit=2, max_bytes=1000) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert M.runs([10, 2000, 10, 10], limit=100, max_bytes=1000) == [slice(0, 1), slice(1, 2), slice(2, 4)]
+    assert M.runs([]) == []
+    small, big = [P.DONE, b"h"], [P.DONE, b"h", b"x" * (P.BATCH_BYTES + 1)]
+    out = M.batches([small, small, big, small])
+    assert [f[1] for f in out] == [P.BATCH, P.DONE, P.DONE]  # two as a batch, the large one, the last alone
+    assert out[1] == [P.SIGNATURE, *big] and out[2] == [P.SIGNATURE, *small]
+
+
+def test_the_core_handles_each_message_of_a_batch_and_answers_each_on_its_own() -> None:
+    h = Harness()
+    sat = h.register(slots=10)
+    h.tick()
+    bad = [P.SUBMIT, pack({"id": "bad", "k": "echo", "c": "msgpack"})]  # no payload: malformed
+    h.core.handle(C, [b"cli", *M.batch([submit_message("a"), bad, submit_message("b")])], h.now)
+    out = h.tick()
+    assert unpack(of(out, P.ACK)[0][3])["ids"] == ["a", "b"]
+    errors = [unpack(f[3]) for f in of(out, P.ERROR)]
+    assert [e.get("id") for e in errors] == ["bad"]
+    assert dispatched_ids(out) == ["a", "b"]
+    counters = h.core.state.counters
+    assert counters["batches_in"] == 1 and counters["submitted"] == 2
+    # a satellite's results, several in one
+    done = [[P.DONE, pack({"id": t, "a": 1, "ok": True, "c": "msgpack"}), b"\xc0"] for t in ("a", "b")]
+    h.core.handle(S, [sat, *M.batch(done)], h.now)
+    assert [unpack(f[3])["id"] for f in of(h.tick(), P.RESULT)] == ["a", "b"]
+
+
+def test_a_malformed_batch_is_refused_as_a_whole_and_nothing_in_it_happens() -> None:
+    h = Harness()
+    h.register()
+    h.tick()
+    frames = M.batch([submit_message("a"), submit_message("b")])
+    frames[2] = pack({"n": [3, 4]})  # one frame too many announced
+    h.core.handle(C, [b"cli", *frames], h.now)
+    out = h.tick()
+    assert [unpack(f[3])["code"] for f in of(out, P.ERROR)] == [P.E_MALFORMED]
+    assert not of(out, P.ACK) and not h.core.state.tasks
+
+
+def test_the_rate_limit_counts_each_message_a_batch_carries() -> None:
+    h = Harness(request_rate=5.0)
+    h.tick()
+    status = [[P.STATUS, pack({"rid": i})] for i in range(20)]
+    h.core.handle(C, [b"cli", *M.batch(status)], h.now)
+    out = h.tick()
+    codes = [unpack(f[3])["code"] for f in of(out, P.ERROR)]
+    assert len(of(out, P.REPLY)) + len(codes) == 20 and codes and set(codes) == {P.E_BUSY}
