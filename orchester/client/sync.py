@@ -55,17 +55,52 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 
     ``accepted`` is set when the orchestrator acknowledged the task: with a journal, once the
     task is durable there (it then survives a crash of the orchestrator).
+
+    A future waiting in a ``map`` of a million items must stay small (under a kilobyte with its
+    task's entry): its condition and its ``accepted`` event (about 800 bytes each) are made only
+    when something uses them, under one lock shared by all futures.
     """
 
     task_id: str = ""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.accepted = threading.Event()
+    def __init__(self) -> None:  # (cf.Future's, but for the condition, made when first used)
+        self._state = cf._base.PENDING
+        self._result = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
+        self._acked = False  #: the orchestrator acknowledged it (``accepted`` is set once made)
         #: passed by reference to another task: its result stays with the orchestrator until someone
         #: waits for it here (:meth:`result`, :meth:`exception`, :meth:`add_done_callback` ask for it)
         self._on_demand: Callable[[], None] | None = None
         self._wanted = False  #: someone waited for it (a reference to it made later fetches it at once)
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond: threading.Condition | None = self.__dict__.get("_cond")
+        if cond is None:
+            with _MAKE:
+                cond = self.__dict__.setdefault("_cond", threading.Condition())
+        return cond
+
+    @property
+    def accepted(self) -> threading.Event:
+        """Set once the orchestrator acknowledged the task (with a journal: once it is durable there)."""
+        with _DEMAND:
+            event: threading.Event | None = self.__dict__.get("_accepted")
+            if event is None:
+                event = self.__dict__["_accepted"] = threading.Event()
+                if self._acked:
+                    event.set()
+        return event
+
+    def _acknowledged(self) -> None:
+        """(The I/O thread) the orchestrator acknowledged the task."""
+        with _DEMAND:
+            self._acked = True
+            event = self.__dict__.get("_accepted")
+        if event is not None:
+            event.set()
 
     @property
     def __orchester_ref__(self) -> str:
@@ -103,16 +138,18 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         super().add_done_callback(fn)
 
 
-#: Guards the hand-over of a future's on-demand fetch between the I/O thread and the waiting ones.
+#: Guards the hand-over of a future's on-demand fetch between the I/O thread and the waiting ones (and
+#: a future's ``accepted`` event, made when first asked for).
 _DEMAND = threading.Lock()
+#: Guards the making of a future's condition, when first used.
+_MAKE = threading.Lock()
 #: The keyword options of a task's dependencies and resources (checked by :func:`task_options`).
 WORKFLOW_OPTIONS = ("after", "on_failure", "cores", "memory")
 
 
 def _accepted(fut: Any) -> None:
-    event = getattr(fut, "accepted", None)
-    if event is not None:
-        event.set()
+    if isinstance(fut, TaskFuture):
+        fut._acknowledged()
 
 
 class Client:
@@ -212,12 +249,12 @@ class Client:
         ``timeout`` bounds the wait for each result (seconds). Other keyword arguments
         are passed to :meth:`submit`.
         """
-        futures = [self._prepare(kind, (item,), options) for item in iterable]
+        futures = collections.deque(self._prepare(kind, (item,), options) for item in iterable)
         self._wake()
         deadline = None if timeout is None else time.monotonic() + timeout
-        for fut in futures:
+        while futures:  # (each future let go once its result is yielded: a long map holds only what waits)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            yield fut.result(remaining)
+            yield futures.popleft().result(remaining)
 
     def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[TaskFuture]:
         """Submit one task per argument tuple with a single wake-up of the I/O thread."""
@@ -449,7 +486,10 @@ class Client:
         core = self.core
         uplink.restart(time.monotonic())
         while True:
-            ready = dict(poller.poll(10 if self._unsent else int(self.heartbeat_interval * 250)))
+            # (the socket full: retry soon; requests still in the outbox: a slice of them went out last time,
+            # the rest go on at once)
+            wait = 10 if self._unsent else 0 if self._outbox else int(self.heartbeat_interval * 250)
+            ready = dict(poller.poll(wait))
             now = time.monotonic()
             if self._wake_rx in ready:
                 with self._lock:
@@ -520,7 +560,10 @@ class Client:
                 return
             unsent.popleft()
         ready: list[list[Any]] = []  # built, to go out together: a run of them as one BATCH
-        while outbox:
+        # a slice at a time: a map of a million items never keeps the results that come meanwhile unread
+        for _ in range(OUTBOX_SLICE):
+            if not outbox:
+                break
             item = outbox.popleft()
             if self._refused is not None and item[0] != "forget":
                 fut = item[2] if item[0] == "build" else item[1]
@@ -559,6 +602,10 @@ class Client:
                 self._unsent.extend(out[i:])
                 return False
         return True
+
+
+#: Requests the I/O thread builds and sends per turn of its loop, before it reads what came.
+OUTBOX_SLICE = 1024
 
 
 def _offer(sock: zmq.Socket[Any], frames: list[Any]) -> bool:
