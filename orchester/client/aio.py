@@ -19,6 +19,7 @@ Use one instance from one event loop. Submitting returns an ``asyncio.Future`` (
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import logging
@@ -38,7 +39,7 @@ from orchester.client.core import (
     task_of_row,
     task_options,
 )
-from orchester.client.sync import reachable_endpoint, unreachable_message
+from orchester.client.sync import MAP_WINDOW, reachable_endpoint, unreachable_message
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
@@ -193,10 +194,21 @@ class AsyncClient:
         """One task per argument tuple; return their futures at once (as :meth:`orchester.Client.submit_many`)."""
         return [self.submit_nowait(kind, *args, **options) for args in args_list]
 
-    async def map(self, kind: str, iterable: Iterable[Any], **options: Any) -> list[Any]:
-        """Submit ``kind(item)`` for every item; return the results in order."""
-        futs = [self.submit_nowait(kind, item, **options) for item in iterable]
-        return list(await asyncio.gather(*futs))
+    async def map(self, kind: str, iterable: Iterable[Any], *, window: int | None = MAP_WINDOW,
+                  **options: Any) -> list[Any]:
+        """Submit ``kind(item)`` for every item; return the results in order. ``window``: at most this
+        many unfinished at once (as :meth:`orchester.Client.map`; ``None``: every item at once)."""
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1 (or None: every item at once)")
+        results: list[Any] = []
+        pending: collections.deque[AsyncTaskFuture] = collections.deque()
+        for item in iterable:
+            pending.append(self.submit_nowait(kind, item, **options))
+            if window is not None and len(pending) >= window:
+                results.append(await pending.popleft())
+        while pending:
+            results.append(await pending.popleft())
+        return results
 
     async def result(self, task_id: str, timeout: float | None = None) -> Any:
         """Wait for the result of any task by id (also one submitted by another client)."""

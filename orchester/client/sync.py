@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -141,6 +142,9 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 #: Guards the hand-over of a future's on-demand fetch between the I/O thread and the waiting ones (and
 #: a future's ``accepted`` event, made when first asked for).
 _DEMAND = threading.Lock()
+#: Tasks of one :meth:`Client.map` unfinished at once, by default (half the orchestrator's default
+#: ``--max-client-tasks``: another client of the same key still has room).
+MAP_WINDOW = 50_000
 #: Guards the making of a future's condition, when first used.
 _MAKE = threading.Lock()
 #: The keyword options of a task's dependencies and resources (checked by :func:`task_options`).
@@ -243,18 +247,32 @@ class Client:
         return fut
 
     def map(self, kind: str, iterable: Iterable[Any], *, timeout: float | None = None,
-            **options: Any) -> Iterator[Any]:
+            window: int | None = MAP_WINDOW, **options: Any) -> Iterator[Any]:
         """Submit ``kind(item)`` for every item (pipelined); yield the results in order.
 
-        ``timeout`` bounds the wait for each result (seconds). Other keyword arguments
-        are passed to :meth:`submit`.
+        ``window``: at most this many tasks of the map unfinished at once (the next items are submitted
+        as results are yielded): a map of millions stays within the orchestrator's limit per client
+        (``--max-client-tasks``, 100,000 by default) and its memory here within the window; ``None``:
+        every item at once. ``timeout`` bounds the whole map (seconds). Other keyword arguments are
+        passed to :meth:`submit`.
         """
-        futures = collections.deque(self._prepare(kind, (item,), options) for item in iterable)
+        if window is not None and window < 1:
+            raise ValueError("window must be at least 1 (or None: every item at once)")
+        items = iter(iterable)
+        futures: collections.deque[TaskFuture] = collections.deque()
+        # (each future let go once its result is yielded: a long map holds only what waits)
+        for item in items if window is None else itertools.islice(items, window):
+            futures.append(self._prepare(kind, (item,), options))
         self._wake()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while futures:  # (each future let go once its result is yielded: a long map holds only what waits)
+        while futures:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            yield futures.popleft().result(remaining)
+            fut = futures.popleft()
+            if window is not None:  # the next item takes its place
+                for item in itertools.islice(items, 1):
+                    futures.append(self._prepare(kind, (item,), options))
+                    self._wake()
+            yield fut.result(remaining)
 
     def submit_many(self, kind: str, args_list: Iterable[Sequence[Any]], **options: Any) -> list[TaskFuture]:
         """Submit one task per argument tuple with a single wake-up of the I/O thread."""
