@@ -15,13 +15,17 @@ from typing import Any
 from .states import TaskState
 
 
+#: The rows of a history with no transition yet (shared, never written to).
+_NONE = array("d")
+
+
 class History:
     """Transitions of one task, oldest first."""
 
     __slots__ = ("_rows", "_sats", "_reasons")
 
     def __init__(self) -> None:
-        self._rows = array("d")
+        self._rows = _NONE  # (made with the first transition, at its size: a queued task has one)
         #: the satellite of each attempt: a str while there was one attempt, then a list
         self._sats: str | list[str | None] | None = None
         self._reasons: dict[int, str] | None = None
@@ -42,6 +46,9 @@ class History:
                 while len(sats) < attempt:
                     sats.append(None)
                 sats[attempt - 1] = sat
+        if self._rows is _NONE:
+            self._rows = array("d", (t, state + 16 * attempt))
+            return
         self._rows.append(t)
         self._rows.append(state + 16 * attempt)
 
