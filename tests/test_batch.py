@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_core import C, S, Harness, dispatched_ids, of
+from test_core import C, Harness, S, dispatched_ids, of
 
 from serializers import ProtocolError, encode, pack, unpack
 from serializers import messages as M

@@ -51,7 +51,8 @@ def test_each_command_acts(sat: Satellite) -> None:
     assert sat.registered
     task = [pack({"id": "t1", "k": "echo"}), b"body"]
     sat._handle([*M.dispatch("t1", 2, {"pk": True}), *task], now)
-    assert [(tid, a, cores) for tid, a, _, cores in sat._queue] == [("t1", 2, 1)] and sat._queue[0][2][1:] == task
+    assert [(tid, a, cores, light) for tid, a, _, cores, light in sat._queue] == [("t1", 2, 1, False)]
+    assert sat._queue[0][2][1:] == task
     assert unpack(sat._queue[0][2][0]) == {"id": "t1", "a": 2, "pk": True}  # the worker reads it as sent
     sat._handle(M.beat(P.HEARTBEAT, E), now)
     sat._handle(M.abort("t1", 2), now)
@@ -114,3 +115,10 @@ def test_the_satellite_loop_counts_answers_and_goes_on(socket: Any) -> None:
     finally:
         sat._uplink.close()
         ctx.destroy(linger=0)
+
+
+def test_a_light_kind_is_marked_for_the_inline_thread_unless_it_asks_for_more_cores(sat: Satellite) -> None:
+    assert "echo.inline" in sat.inline_kinds and "echo" not in sat.inline_kinds
+    for tid, kind, cores in (("a", "echo.inline", 1), ("b", "echo", 1), ("c", "echo.inline", 2)):
+        sat._handle([*M.dispatch(tid, 1, {}, cores=cores), pack({"id": tid, "k": kind}), b"body"], 100.0)
+    assert [(tid, light) for tid, _, _, _, light in sat._queue] == [("a", True), ("b", False), ("c", False)]

@@ -14,7 +14,6 @@ from typing import Any
 
 from .states import TaskState
 
-
 #: The rows of a history with no transition yet (shared, never written to).
 _NONE = array("d")
 
