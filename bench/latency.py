@@ -3,12 +3,13 @@
 Every stage runs in the same process and the same run, one request outstanding, and prints its p50 and
 p99 round trip; the difference between two stages is what the piece added between them costs:
 
-1. **raw pyzmq**: a DEALER and an echo ROUTER in another process: one process wake-up each way;
+1. **raw pyzmq**: a DEALER and an echo ROUTER in another process (``tcp://`` loopback): one process
+   wake-up each way;
 2. **orchestrator, simulated satellite**: a raw DEALER speaking ``docs/protocol.rst`` submits to a real
-   ``orchester serve``; the satellite is a DEALER in this process answering each ``DISPATCH`` with its
-   ``DONE`` at once: the orchestrator's handling and its two more wake-ups;
-3. **+ satellite, inline**: a real ``satellite run`` process instead, the task ``echo.inline`` (its I/O
-   loop, its inline thread): the satellite's process and thread wake-ups;
+   ``orchester serve`` (``ipc://``); the satellite is a minimal one in a process of its own, answering
+   each ``DISPATCH`` with its ``DONE`` at once: the orchestrator's handling and one more process each way;
+3. **+ satellite, inline**: a real ``satellite run`` process instead, the task ``echo.inline``: what the
+   satellite's I/O loop and its inline thread add to a minimal satellite;
 4. **+ worker process**: ``echo`` instead: the hop to a worker process and back;
 5. **+ Client API**: :class:`~orchester.Client` instead of the raw DEALER, ``echo``: the hand-over
    between the caller's thread and the client's I/O thread, both ways.
@@ -94,25 +95,41 @@ def messages(frames: list[Any]) -> list[list[Any]]:
     return [frames[1:]]
 
 
-class Protocol:
-    """A raw client DEALER, and optionally a simulated satellite DEALER, on one poller (this thread)."""
+def simulated_satellite(endpoint: str, stop: Any) -> None:
+    """A satellite written from ``docs/protocol.rst`` in a process of its own: each ``DISPATCH`` is answered
+    with its ``DONE`` at once (the echo of its body), each heartbeat with one, until ``stop`` is set."""
+    ctx = zmq.Context()
+    sat = ctx.socket(zmq.DEALER)
+    sat.linger = 0
+    sat.routing_id = b"s:simulated:0123456789abcdef0123456789abcdef"
+    sat.connect(endpoint)
+    sat.send_multipart(M.Register(sid="simulated", slots=4, workers=1, kinds=("echo",), host="bench",
+                                  pid=os.getpid()).frames())
+    try:
+        while not stop.is_set():
+            if not sat.poll(100):
+                continue
+            for msg in messages(sat.recv_multipart()):
+                if msg[0] == P.DISPATCH:
+                    order = msgpack.unpackb(msg[1])
+                    sat.send_multipart([P.SIGNATURE, P.DONE, M.done(order["id"], order["a"], "simulated", "msgpack",
+                                                                    0.0), msg[3]])
+                elif msg[0] in (P.HEARTBEAT, P.WELCOME):
+                    sat.send_multipart(M.Heartbeat(sid="simulated").frames())
+        sat.send_multipart(M.Leave("simulated").frames())
+    finally:
+        sat.close(100)
+        ctx.term()
 
-    def __init__(self, endpoint: str, satellite: bool) -> None:
+
+class Protocol:
+    """A raw client DEALER speaking ``docs/protocol.rst``: one task at a time."""
+
+    def __init__(self, endpoint: str) -> None:
         self.ctx = zmq.Context()
         self.client = self.ctx.socket(zmq.DEALER)
         self.client.linger = 0
         self.client.connect(endpoint)
-        self.sat: zmq.Socket[Any] | None = None
-        self.poller = zmq.Poller()
-        self.poller.register(self.client, zmq.POLLIN)
-        if satellite:
-            self.sat = self.ctx.socket(zmq.DEALER)
-            self.sat.linger = 0
-            self.sat.routing_id = b"s:simulated:0123456789abcdef0123456789abcdef"
-            self.sat.connect(endpoint)
-            self.sat.send_multipart(M.Register(sid="simulated", slots=4, workers=1, kinds=("echo",), host="bench",
-                                               pid=os.getpid()).frames())
-            self.poller.register(self.sat, zmq.POLLIN)
         self._body = encode([[1], {}])[1]
         self._n = 0
 
@@ -124,21 +141,13 @@ class Protocol:
         self.client.send_multipart([P.SIGNATURE, P.SUBMIT, pack({"id": tid, "k": kind, "c": "msgpack"}),
                                     *self._body])
         while True:
-            for sock, _ in self.poller.poll(10_000):
-                for msg in messages(sock.recv_multipart()):
-                    if sock is self.client and msg[0] == P.RESULT:
-                        return time.perf_counter() - t0
-                    if sock is self.sat and msg[0] == P.DISPATCH:
-                        order = msgpack.unpackb(msg[1])
-                        self.sat.send_multipart([P.SIGNATURE, P.DONE, M.done(order["id"], order["a"], "simulated",
-                                                                             "msgpack", 0.0), msg[3]])
-                    elif sock is self.sat and msg[0] in (P.HEARTBEAT, P.WELCOME):
-                        self.sat.send_multipart(M.Heartbeat(sid="simulated").frames())
+            if not self.client.poll(10_000):
+                raise RuntimeError(f"no result for {tid} in 10 s")
+            for msg in messages(self.client.recv_multipart()):
+                if msg[0] == P.RESULT:
+                    return time.perf_counter() - t0
 
     def close(self) -> None:
-        if self.sat is not None:
-            self.sat.send_multipart(M.Leave("simulated").frames())
-            self.sat.close(0)
         self.client.close(0)
         self.ctx.term()
 
@@ -150,17 +159,26 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n
     stages: list[tuple[str, list[float]]] = [("raw pyzmq (one hop)", raw(n))]
     with LocalCluster(satellites=0, workers=1, log_level="ERROR") as cluster:
-        sim = Protocol(cluster.endpoint, satellite=True)
+        spawn = mp.get_context("spawn")
+        stop = spawn.Event()
+        simulated = spawn.Process(target=simulated_satellite, args=(cluster.endpoint, stop), daemon=True)
+        simulated.start()
+        cluster.wait_for_satellites(1)
+        proto = Protocol(cluster.endpoint)
         try:
             for _ in range(100):
-                sim.once("echo")
-            stages.append(("orchestrator, simulated satellite", [sim.once("echo") for _ in range(n)]))
-        finally:
-            sim.close()
-        cluster.add_satellite(workers=1)
-        cluster.wait_for_satellites(1)
-        proto = Protocol(cluster.endpoint, satellite=False)
-        try:
+                proto.once("echo")
+            stages.append(("orchestrator, simulated satellite", [proto.once("echo") for _ in range(n)]))
+            stop.set()
+            simulated.join(10)
+            cluster.add_satellite(workers=1)
+            deadline = time.monotonic() + 60
+            with cluster.client() as c:  # until the simulated one is gone and the real one is here
+                while [s.get("id") for s in c.status()["satellites"]] in ([], ["simulated"]) or \
+                        len(c.status()["satellites"]) != 1:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the satellite did not take over from the simulated one")
+                    time.sleep(0.1)
             for kind, label in (("echo.inline", "+ satellite, inline"), ("echo", "+ worker process")):
                 for _ in range(100):
                     proto.once(kind)
