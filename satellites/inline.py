@@ -10,9 +10,11 @@ Results come back to the I/O loop on an ``inproc://`` PAIR socket it polls, as a
 ``[DONE, task id, attempt, result header, body, *buffers]`` and ``[PROGRESS, header]``.
 
 What a thread cannot do: be killed. A cancelled or timed-out inline task is answered at once
-(``Cancelled``), its result dropped when it comes; while it still runs the runner is *wedged*
-(:attr:`InlineRunner.wedged`) and the satellite sends its inline kinds to worker processes
-instead. A task that needs more than one core always runs in a worker.
+(``Cancelled``), its result dropped when it comes. While it still runs, or while any inline task
+runs longer than :data:`PATIENCE` (a light task that is not), the runner is *wedged*
+(:meth:`InlineRunner.wedged`): the satellite takes back the tasks handed over behind it
+(:meth:`InlineRunner.reclaim`) and sends them, and the inline kinds that come meanwhile, to worker
+processes. A task that needs more than one core always runs in a worker.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -32,6 +35,9 @@ from .worker import DONE, PROGRESS, error_header, run_task
 log = logging.getLogger("satellites")
 
 _ids = itertools.count()
+
+#: Seconds an inline task may run before the runner counts as wedged (light means micro- to milliseconds).
+PATIENCE = 1.0
 
 
 class InlineRunner:
@@ -54,18 +60,29 @@ class InlineRunner:
         self.pending: dict[tuple[str, int], None] = {}
         #: tasks given up on (cancelled, timed out) that the thread has not finished yet
         self.abandoned: set[tuple[str, int]] = set()
-        #: the task the thread runs now (set by the thread; read by the I/O loop)
+        #: the task the thread runs now, and since when (monotonic; set by the thread, read by the I/O loop)
         self.current: tuple[str, int] | None = None
+        self.since = 0.0
         self._thread = threading.Thread(target=self._main, name=f"satellite-{sid}-inline", daemon=True)
         self._ready = threading.Event()
         self._thread.start()
         self._ready.wait(10)
 
-    @property
-    def wedged(self) -> bool:
-        """The thread runs a task given up on: inline kinds go to worker processes meanwhile."""
+    def wedged(self, now: float, patience: float = PATIENCE) -> bool:
+        """The thread runs a task given up on, or one that has run longer than ``patience`` seconds: inline
+        kinds go to worker processes meanwhile."""
         current = self.current
-        return current is not None and current in self.abandoned
+        return current is not None and (current in self.abandoned or now - self.since > patience)
+
+    def reclaim(self) -> list[tuple[str, int]]:
+        """Take back the tasks handed over and not begun (the thread will skip them): ``(task id, attempt)``,
+        in order, for a worker process to run."""
+        current = self.current
+        out = [key for key in self.pending if key != current]
+        for key in out:
+            del self.pending[key]
+            self.abandoned.add(key)
+        return out
 
     def run(self, task_id: str, attempt: int, frames: list[Any]) -> None:
         """Hand a task over (``frames``: from its DISPATCH header on, as a worker gets them)."""
@@ -113,6 +130,7 @@ class InlineRunner:
                 if (tid, attempt) in self.abandoned:  # given up on before it began
                     send_frames(out, [DONE, tid.encode(), str(attempt).encode(), b""])
                     continue
+                self.since = time.monotonic()
                 self.current = (tid, attempt)
                 try:
                     done = run_task(frames, self.sid, lambda h: out.send_multipart([PROGRESS, h]), pools=None)

@@ -184,8 +184,8 @@ class Satellite:
         #: light kinds (``@task(..., inline=True)``): run in :attr:`inline`'s thread, not in a worker process
         self.inline_kinds = frozenset(k.name for k in map(registry.get, self.kinds) if k.inline)
         self.inline: InlineRunner | None = None  #: made by :meth:`run` when there are inline kinds
-        #: light tasks handed to :attr:`inline`: task id -> (attempt, when)
-        self._inline_running: dict[str, tuple[int, float]] = {}
+        #: light tasks handed to :attr:`inline`: task id -> (attempt, when, frames from the dispatch header on)
+        self._inline_running: dict[str, tuple[int, float, list[Any]]] = {}
 
     def stop(self) -> None:
         """Ask the loop to leave cleanly (thread-safe)."""
@@ -259,7 +259,7 @@ class Satellite:
             walltime=None if self.deadline is None else max(0.0, self.deadline - now),
             tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
             running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task)
-            + tuple((tid, attempt) for tid, (attempt, _) in self._inline_running.items()),
+            + tuple((tid, attempt) for tid, (attempt, _, _) in self._inline_running.items()),
             recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
             cores=self.cores, memory=self.memory, job=self.job), now)
 
@@ -279,12 +279,13 @@ class Satellite:
         out, self._out = self._out, []
         sock = self._uplink.sock
         assert sock is not None
-        for frames in M.batches(out):
+        for run in M.runs([sum(map(len, m)) for m in out]):
+            group = out[run]
             try:
-                send_frames(sock, frames, NOBLOCK)
+                send_frames(sock, M.batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]], NOBLOCK)
                 self._uplink.sent(now)  # every message counts as a heartbeat
-            except zmq.Again:
-                self.counters["send_dropped"] += 1
+            except zmq.Again:  # (results come back with the next registration's resend: see _recent)
+                self.counters["send_dropped"] += len(group)
 
     def _poller(self) -> zmq.Poller:
         """A poller over the orchestrator socket, the workers' socket and every worker's sentinel."""
@@ -345,7 +346,7 @@ class Satellite:
             if len(self.pool.workers) < self.pool.size:
                 for index in self.pool.missing():
                     self.pool.replace(index)
-            if self._queue:
+            if self._queue or (self.inline is not None and self.inline.pending):
                 self._assign(now)
 
     def _self_report(self, now: float) -> dict[str, float]:
@@ -388,6 +389,11 @@ class Satellite:
                     self._handle(message, now)
                 except ProtocolError as exc:
                     self._refused(message, exc, now)
+                except Exception as exc:  # a field of a shape nothing foresaw: this message only is dropped
+                    self.counters["handler_errors"] += 1
+                    log.exception("satellite %s could not handle a message from the orchestrator", self.sid)
+                    self._refused(message, ProtocolError(P.E_MALFORMED, f"cannot handle it: {type(exc).__name__}"),
+                                  now)
 
     def _refused(self, frames: list[Any], exc: ProtocolError, now: float) -> None:
         """A message from the orchestrator that is not valid: counted, logged (rate-limited), answered."""
@@ -407,7 +413,8 @@ class Satellite:
             light = False
             if self.inline_kinds and msg.cores == 1:  # a light kind runs in this process (one core at most)
                 try:
-                    light = unpack(bytes(frames[3]), M.MAX_TASK_HEADER).get("k") in self.inline_kinds
+                    kind = unpack(bytes(frames[3]), M.MAX_TASK_HEADER).get("k")
+                    light = isinstance(kind, str) and kind in self.inline_kinds
                 except ProtocolError:
                     light = False  # a worker reports what is wrong with it
             self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores, light))
@@ -472,10 +479,17 @@ class Satellite:
         started: list[tuple[str, int]] = []
         busy = self.busy_cores
         inline = self.inline
+        if inline is not None and inline.pending and inline.wedged(now):
+            # a light task that is not: those handed over behind it go to workers, in order, first
+            for tid, attempt in reversed(inline.reclaim()):
+                _, _, frames = self._inline_running.pop(tid)
+                self._queue.appendleft((tid, attempt, frames, 1, False))
+                self.counters["inline_reclaimed"] += 1
+        light_ok = inline is not None and not inline.wedged(now)
         while self._queue:
-            if self._queue[0][4] and inline is not None and not inline.wedged:  # light: this process's thread
+            if self._queue[0][4] and light_ok and inline is not None:  # light: this process's thread
                 tid, attempt, frames, _, _ = self._queue.popleft()
-                self._inline_running[tid] = (attempt, now)
+                self._inline_running[tid] = (attempt, now, frames)
                 inline.run(tid, attempt, frames)
                 started.append((tid, attempt))
                 continue

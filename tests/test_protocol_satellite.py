@@ -122,3 +122,8 @@ def test_a_light_kind_is_marked_for_the_inline_thread_unless_it_asks_for_more_co
     for tid, kind, cores in (("a", "echo.inline", 1), ("b", "echo", 1), ("c", "echo.inline", 2)):
         sat._handle([*M.dispatch(tid, 1, {}, cores=cores), pack({"id": tid, "k": kind}), b"body"], 100.0)
     assert [(tid, light) for tid, _, _, _, light in sat._queue] == [("a", True), ("b", False), ("c", False)]
+
+
+def test_a_dispatch_whose_kind_is_not_text_is_refused_not_fatal(sat: Satellite) -> None:
+    sat._handle([*M.dispatch("x", 1, {}), pack({"id": "x", "k": ["echo.inline"]}), b"body"], 100.0)
+    assert [light for *_, light in sat._queue] == [False]  # (its worker reports the bad header)

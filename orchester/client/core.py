@@ -314,8 +314,10 @@ class ClientCore:
                     restarted = self._one(message) or restarted
                 except ProtocolError as exc:  # the others are handled still; the first error is told
                     first = first or exc
-            if first is not None and not restarted:
-                raise first
+            if first is not None:
+                if not restarted:
+                    raise first
+                log.warning("bad message from orchestrator: %s", first)  # (the restart is what the caller needs)
             return restarted
         return self._one(frames)
 

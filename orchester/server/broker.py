@@ -49,7 +49,7 @@ from orchester.server.heap import HeapKeeper
 from orchester.server.ports import Ports
 from orchester.server.restore import restore
 from serializers import protocol as P
-from serializers.header import ProtocolError
+from serializers.header import ProtocolError, check_signature
 from serializers.messages import batch, runs, unbatch
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
@@ -59,6 +59,10 @@ log = logging.getLogger("orchester")
 JOURNAL_BACKLOG = 32 << 20
 #: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
 MUTE_SECONDS = 60.0
+#: What the orchestrator sends batched to one peer: what a task's course produces, bounded by what the peer
+#: was allowed (its credit, its unfinished tasks, its unread results). An ERROR or a REPLY, which a peer can
+#: provoke without such a bound, goes alone: a peer that never reads holds at most ``--hwm`` of them queued.
+BATCHED = frozenset({P.DISPATCH, P.ABORT, P.ACK, P.RESULT})
 #: errnos that mean "this peer cannot take the message now"; anything else propagates.
 _UNDELIVERABLE = (zmq.EAGAIN, zmq.EHOSTUNREACH)
 
@@ -417,10 +421,11 @@ class Broker:
             messages = [frames]
             if len(frames) > 3 and frames[2] == P.BATCH:
                 try:
+                    check_signature(frames[1])  # (a batch of another version is refused whole, not per message)
                     messages = unbatch(frames, 2)
                     counters["batches_in"] += 1
                 except ProtocolError:
-                    pass  # the core refuses it, answered as one message (malformed)
+                    pass  # the core refuses it, answered as one message (malformed, version)
             budget -= len(messages)
             counters["messages_in"] += len(messages)
             for message in messages:  # a passive server of a pair looks at each (a vote may be any of them)
@@ -568,6 +573,9 @@ class Broker:
             return
         peers: dict[tuple[Any, bytes], list[tuple[Any, list[Any], str | None]]] = {}
         for item in going:
+            if item[1][2] not in BATCHED:  # (an ERROR or a REPLY goes alone: see BATCHED)
+                self._send(*item)
+                continue
             peers.setdefault((item[0], item[1][0]), []).append(item)
         for (sock, ident), queued in peers.items():
             if len(queued) == 1:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import zmq
 from conftest import FAST_HB, TEST_ENV
 
 from orchester import AsyncClient, LocalCluster, TaskFailed
@@ -76,3 +78,60 @@ def test_an_asyncio_submit_loop_coalesces(bus: LocalCluster) -> None:
     before = bus.client().status()["counters"].get("batches_in", 0)
     assert asyncio.run(main()) == list(range(300))
     assert bus.client().status()["counters"]["batches_in"] > before
+
+
+def test_errors_go_alone_and_a_batch_of_another_version_is_refused_whole(broker: Any, socket: Any) -> None:
+    """What a peer can provoke without bound (ERRORs) never travels batched: a peer that never reads holds
+    at most --hwm of them queued, not --hwm batches of them."""
+    from serializers import messages as M
+    from serializers import pack, unpack
+    from serializers import protocol as P
+
+    s = socket(zmq.DEALER).sock  # read raw: no BATCH expanded here
+    s.connect(broker.client_endpoint)
+    bad = [[P.SUBMIT, pack({"id": f"b{i}", "k": "echo", "c": "msgpack"})] for i in range(3)]  # no payload
+    s.send_multipart(M.batch(bad))
+    got = []
+    while len(got) < 3 and s.poll(10_000):
+        got.append(s.recv_multipart())
+    assert [f[1] for f in got] == [P.ERROR] * 3
+    assert [unpack(f[2])["id"] for f in got] == ["b0", "b1", "b2"]
+    old = M.batch(bad)
+    old[0] = b"ORCH/1"
+    s.send_multipart(old)
+    assert s.poll(10_000)
+    reply = s.recv_multipart()
+    assert reply[1] == P.ERROR and unpack(reply[2])["code"] == P.E_VERSION
+    assert not s.poll(300)  # one answer for the whole batch
+
+
+def test_the_inline_runner_hands_back_what_waits_behind_a_task_that_is_not_light() -> None:
+    import orchester_test_tasks  # noqa: F401  (registers t.inline_wait)
+
+    from satellites.inline import InlineRunner
+    from serializers import encode, pack
+    from serializers import messages as M
+
+    def frames(tid: str, kind: str, *args: Any) -> list[Any]:
+        return [M.dispatch(tid, 1, {})[2], pack({"id": tid, "k": kind, "c": "msgpack"}), *encode([list(args), {}])[1]]
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    runner = InlineRunner(ctx, "s-test")
+    try:
+        runner.run("slow", 1, frames("slow", "t.inline_wait", 1.0))
+        runner.run("next", 1, frames("next", "echo.inline", 7))
+        deadline = time.monotonic() + 10
+        while runner.current != ("slow", 1) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        now = time.monotonic()
+        assert not runner.wedged(now) and runner.wedged(now + 5.0)  # past its patience: not light
+        assert runner.reclaim() == [("next", 1)] and list(runner.pending) == [("slow", 1)]
+        answers = []
+        while len(answers) < 3 and runner.results.poll(10_000):
+            answers.append(runner.receive())
+        done = [a for a in answers if a is not None and a[0] == b"D"]
+        assert [a[1] for a in done] == [b"slow"]  # "next" was skipped: a worker runs it now
+        assert not runner.pending and not runner.abandoned
+    finally:
+        runner.close()
+        ctx.destroy(linger=0)
