@@ -205,9 +205,9 @@ def measure(system: Any, n: int, n_rtt: int, n_mb: int, window: int) -> dict[str
     return out
 
 
-#: The Orchester configurations measured: name, kind, journal durability (None: no journal), 1 MiB arrays.
-CONFIGS = (("orchester", "echo", None, True), ("orchester inline", "echo.inline", None, False),
-           ("orchester batch journal", "echo", "batch", True), ("inline, batch journal", "echo.inline", "batch", False))
+#: The Orchester configurations measured: name, kind, journal durability (None: no journal).
+CONFIGS = (("orchester", "echo", None), ("orchester inline", "echo.inline", None),
+           ("orchester batch journal", "echo", "batch"), ("inline, batch journal", "echo.inline", "batch"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,16 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the figures as JSON here")
     args = ap.parse_args(argv)
     results: dict[str, dict[str, float]] = {}
-    makers: list[tuple[str, Callable[[str], Any], bool]] = [
-        ("raw", lambda tmp: RawSystem("raw", False), True), ("proxy", lambda tmp: RawSystem("proxy", True), True)]
-    for name, kind, journal, arrays in CONFIGS:
+    makers: list[tuple[str, Callable[[str], Any]]] = [
+        ("raw", lambda tmp: RawSystem("raw", False)), ("proxy", lambda tmp: RawSystem("proxy", True))]
+    for name, kind, journal in CONFIGS:
         makers.append((name, lambda tmp, name=name, kind=kind, journal=journal: OrchesterSystem(
-            name, args.prefetch, kind, journal, tmp), arrays))
+            name, args.prefetch, kind, journal, tmp)))
     with tempfile.TemporaryDirectory(prefix="orchester-bench-throughput-") as tmp:
-        for name, make, arrays in makers:
+        for name, make in makers:
             system = make(tmp)
             try:
-                results[name] = measure(system, args.n, args.rtt, args.mb if arrays else 0, args.window)
+                results[name] = measure(system, args.n, args.rtt, args.mb, args.window)
             finally:
                 system.close()
             r = results[name]
