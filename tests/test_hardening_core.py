@@ -413,3 +413,23 @@ def test_ids_with_control_characters_are_refused() -> None:
     h.send(S, b"s", P.REGISTER, {"sid": "a\nFORGED line", "slots": 1, "kinds": ["echo"]})
     h.submit("t\x1b[2J")
     assert [unpack(f[3])["code"] for f in of(h.tick(), P.ERROR)] == [P.E_MALFORMED, P.E_MALFORMED]
+
+
+def test_a_restored_task_keeps_its_overall_timeout_counted_from_its_submission() -> None:
+    """``timeout`` counts from the submission: a restart from the journal re-arms it for what is left
+    (the core's wall clock says 1234.5 here)."""
+    _, body = encode([[1], {}])
+    fold = RestoreFold()
+    for tid, submitted, timeout in (("left", 1230.5, 10.0), ("late", 1000.0, 10.0), ("none", 1000.0, None)):
+        hdr = {"id": tid, "k": "echo"} if timeout is None else {"id": tid, "k": "echo", "to": timeout}
+        fold.add(["S", tid, b"c", pack(hdr), list(body), submitted, None, None])
+    h = Harness()
+    fold.finish(h.core, h.now, C)
+    tasks = h.core.state.tasks
+    assert tasks["left"].deadline is not None and tasks["none"].deadline is None
+    h.tick(0.1)
+    assert tasks["late"].state is TaskState.FAILED  # its 10 s were over before the restart
+    h.tick(5.7)
+    assert tasks["left"].state is TaskState.PENDING  # 4 s had passed: 6 s are left
+    h.tick(0.4)
+    assert tasks["left"].state is TaskState.FAILED and tasks["none"].state is TaskState.PENDING

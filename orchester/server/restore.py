@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from orchester.journal import records
-from orchester.server.lifecycle import _len
+from orchester.server.lifecycle import T_DEADLINE, _len
 from orchester.server.tasks import Task
 from serializers.header import ProtocolError, unpack
 from serializers.messages import MAX_TASK_HEADER, Submit
@@ -202,6 +202,12 @@ class RestoreFold:
                 t.state, t.attempt, t.satellite = last.state, last.attempt, last.satellite
             outcome = core.life.install(t, self.results.get(tid), now, reclaim > 0)
             counts[outcome] += 1
+            if outcome != "finished" and hdr.timeout is not None and t.deadline is None:
+                # its overall timeout counts from its submission, as before the restart (wall times: the
+                # journal keeps no other; at most the whole timeout again, at least nothing)
+                first = t.history.rows(1)
+                elapsed = max(0.0, core.state.wall() - first[0][0]) if first else 0.0
+                t.deadline = core.state.timers.schedule(now + max(0.0, hdr.timeout - elapsed), tid, T_DEADLINE)
             if outcome == "reclaimable":  # (queued too: it runs again unless its satellite claims it)
                 counts["requeued"] += 1
         return counts
