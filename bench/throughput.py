@@ -175,8 +175,8 @@ class OrchesterSystem:
     def mapped(self, n: int) -> float:
         """``Client.map`` over ``n`` no-op items: tasks per second."""
         t0 = time.perf_counter()
-        for _ in self.client.map(self.kind, range(n), timeout=300):
-            pass
+        got = sum(1 for _ in self.client.map(self.kind, range(n), timeout=300))
+        assert got == n, f"{got} results of {n}"
         return n / (time.perf_counter() - t0)
 
     def close(self) -> None:

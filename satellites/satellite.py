@@ -379,7 +379,6 @@ class Satellite:
             messages = [frames]
             if len(frames) > 2 and bytes(frames[1]) == P.BATCH:  # several in one: each as if it came alone
                 try:
-                    check_signature(bytes(frames[0]))
                     messages = M.unbatch(frames, 1)
                 except ProtocolError as exc:
                     self._refused(frames, exc, now)
@@ -449,25 +448,23 @@ class Satellite:
         # a HEARTBEAT (Beat): any message counts as a heartbeat, and the uplink heard it already
 
     def _abort(self, tid: str, attempt: int, now: float) -> None:
-        """Cancel a task: drop it if only queued here, kill its worker if running."""
+        """Cancel a task: drop it if only queued here, give it up if in the inline thread (a thread is not
+        killed: its result is dropped when it comes), kill its worker if running."""
         for i, queued in enumerate(self._queue):
             if queued[0] == tid:
                 del self._queue[i]
                 break
         else:
-            if tid in self._inline_running and self.inline is not None:  # (a thread is not killed: its result
-                del self._inline_running[tid]                              # is dropped when it comes)
+            if self._inline_running.pop(tid, None) is not None:
+                assert self.inline is not None
                 self.inline.abort(tid, attempt)
-                self.counters["aborted"] += 1
-                self._send([P.DONE, W.error_header(tid, attempt, self.sid, etype=P.ERR_CANCELLED,
-                                                   msg="cancelled")], now)
-                return
-            w = self._running.get(tid)
-            if w is None:
-                return
-            self.pool.kill(w)  # its sentinel fires; _worker_died reports nothing more for it
-            w.task = None
-            del self._running[tid]
+            else:
+                w = self._running.get(tid)
+                if w is None:
+                    return
+                self.pool.kill(w)  # its sentinel fires; _worker_died reports nothing more for it
+                w.task = None
+                del self._running[tid]
         self.counters["aborted"] += 1
         self._send([P.DONE, W.error_header(tid, attempt, self.sid, etype=P.ERR_CANCELLED,
                                            msg="cancelled")], now)

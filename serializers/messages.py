@@ -50,7 +50,19 @@ from typing import Any, ClassVar, Self
 
 from . import protocol as P
 from .codecs import MAX_CODEC_NAME, PICKLE_CONSENT, header_codec
-from .header import MAX_HEADER, MAX_NAME, MAX_PRIORITY, MAX_SECONDS, ProtocolError, names, number, pack, text, unpack
+from .header import (
+    MAX_HEADER,
+    MAX_NAME,
+    MAX_PRIORITY,
+    MAX_SECONDS,
+    ProtocolError,
+    check_signature,
+    names,
+    number,
+    pack,
+    text,
+    unpack,
+)
 from .header import field as typed
 
 #: Most tasks a REGISTER may claim back (``running`` and ``recent``), an ACK acknowledge or a HISTORY name.
@@ -1199,12 +1211,14 @@ def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     """The messages of a BATCH, each as ``frames[:head]`` (the envelope and signature it came with) then its
     own frames (command and header as ``bytes``, its payload frames as they came).
 
-    ``frames[head]`` is the BATCH command and ``frames[head + 1]`` its header. Checked before anything is
-    returned: the header is a map whose ``n`` lists 1 to :data:`~serializers.protocol.BATCH_MAX` counts, each
-    at least 2 (a command and a header), which add up to the frames that follow; no message is itself a
-    BATCH. Anything else is :class:`ProtocolError` (``malformed``)."""
+    ``frames[head - 1]`` is the signature, ``frames[head]`` the BATCH command and ``frames[head + 1]`` its
+    header. Checked before anything is returned: the signature (:func:`~serializers.header.check_signature`:
+    a batch of another version is refused whole); the header, a map whose ``n`` lists 1 to
+    :data:`~serializers.protocol.BATCH_MAX` counts, each at least 2 (a command and a header), which add up
+    to the frames that follow; no message is itself a BATCH. Anything else is :class:`ProtocolError`."""
     if len(frames) < head + 2:
         raise ProtocolError(P.E_MALFORMED, "BATCH needs a header")
+    check_signature(bytes(frames[head - 1]))
     counts = unpack(bytes(frames[head + 1])).get("n")
     if not isinstance(counts, list) or not 1 <= len(counts) <= P.BATCH_MAX:
         raise ProtocolError(P.E_MALFORMED, f"BATCH 'n' must list 1 to {P.BATCH_MAX} frame counts")

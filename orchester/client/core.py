@@ -306,8 +306,6 @@ class ClientCore:
         satellites through the orchestrator, so no shape is trusted.
         """
         if len(frames) > 2 and bytes(frames[1]) == P.BATCH:  # several in one: each as if it came alone
-            if bytes(frames[0]) != P.SIGNATURE:
-                raise ProtocolError(P.E_VERSION, f"unexpected signature {bytes(frames[0])[:16]!r}")
             restarted, first = False, None
             for message in M.unbatch(frames, 1):
                 try:

@@ -49,7 +49,7 @@ from orchester.server.heap import HeapKeeper
 from orchester.server.ports import Ports
 from orchester.server.restore import restore
 from serializers import protocol as P
-from serializers.header import ProtocolError, check_signature
+from serializers.header import ProtocolError
 from serializers.messages import batch, runs, unbatch
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
@@ -420,12 +420,9 @@ class Broker:
                 counters["bytes_in"] += sum(map(len, frames))
             messages = [frames]
             if len(frames) > 3 and frames[2] == P.BATCH:
-                try:
-                    check_signature(frames[1])  # (a batch of another version is refused whole, not per message)
+                with contextlib.suppress(ProtocolError):  # (the core refuses it whole: malformed, version)
                     messages = unbatch(frames, 2)
                     counters["batches_in"] += 1
-                except ProtocolError:
-                    pass  # the core refuses it, answered as one message (malformed, version)
             budget -= len(messages)
             counters["messages_in"] += len(messages)
             for message in messages:  # a passive server of a pair looks at each (a vote may be any of them)
@@ -566,23 +563,33 @@ class Broker:
                 self.core.life.spilled(task, (path, offset))
 
     def _send_all(self, going: list[tuple[Any, list[Any], str | None]]) -> None:
-        """Send what may go out now; the messages to one peer together, in their order, a run of them as
-        one BATCH (a satellite's dispatches, a client's results: one send, one wake-up of each side)."""
+        """Send what may go out now, each peer's messages in their order: a run of them that may be batched
+        (:data:`BATCHED`: a satellite's dispatches, a client's results) as one BATCH, one send and one
+        wake-up of each side; any other message alone, where it stands."""
         if len(going) == 1:
             self._send(*going[0])
             return
         peers: dict[tuple[Any, bytes], list[tuple[Any, list[Any], str | None]]] = {}
         for item in going:
-            if item[1][2] not in BATCHED:  # (an ERROR or a REPLY goes alone: see BATCHED)
-                self._send(*item)
-                continue
             peers.setdefault((item[0], item[1][0]), []).append(item)
         for (sock, ident), queued in peers.items():
-            if len(queued) == 1:
-                self._send(*queued[0])
-                continue
-            for run in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in queued]):
-                group = queued[run]
+            run: list[tuple[Any, list[Any], str | None]] = []
+            for item in queued:
+                if item[1][2] in BATCHED:
+                    run.append(item)
+                    continue
+                self._send_run(sock, ident, run)  # (what came before it goes first)
+                run = []
+                self._send(*item)
+            self._send_run(sock, ident, run)
+
+    def _send_run(self, sock: Any, ident: bytes, run: list[tuple[Any, list[Any], str | None]]) -> None:
+        """Messages to one peer that may be batched, in order, cut where one BATCH would be too large."""
+        if len(run) == 1:
+            self._send(*run[0])
+        elif run:
+            for part in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in run]):
+                group = run[part]
                 if len(group) == 1:
                     self._send(*group[0])
                 else:

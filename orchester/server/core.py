@@ -67,8 +67,8 @@ log = logging.getLogger("orchester")
 STRICT = os.environ.get("ORCHESTER_STRICT", "") not in ("", "0")
 #: Satellite ids one key keeps bound (each new satellite process may pick a new one).
 MAX_SIDS_PER_KEY = 4096
-#: Most routing ids the core keeps one object of (:meth:`Orchestrator.handle`).
-MAX_IDENTS = 100_000
+#: Most routing ids, kinds and codecs the core keeps one object of (:meth:`Orchestrator._on_submit`).
+MAX_INTERNED = 100_000
 #: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
 RATED = frozenset({P.STATUS, P.HISTORY})
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
@@ -93,7 +93,10 @@ class Orchestrator:
         self.life = Lifecycle(self.state, self.outbox, ports)
         self.requests = Requests(self.state, self.life, self.outbox, ports)
         self._acks: dict[tuple[Any, bytes], list[str]] = {}
-        self._idents = {}
+        #: the routing ids, kinds and codecs of submitted tasks, each kept once (a queued task holds its
+        #: client's, its kind's and its codec's: a million tasks of one client share one object of each);
+        #: cleared past :data:`MAX_INTERNED`
+        self._interned: dict[Any, Any] = {}
         self._hb_every = config.heartbeat_interval
         self._lost_after = config.lost_after
         self._next_hb = now + self._hb_every
@@ -106,11 +109,6 @@ class Orchestrator:
         }
 
     # ------------------------------------------------------------------ input
-    #: the routing ids heard lately, and the kinds and codecs of tasks, each kept once (a queued task holds
-    #: its client's, its kind's and its codec's: a million tasks of one client share one object of each);
-    #: cleared past :data:`MAX_IDENTS`
-    _idents: dict[Any, Any]
-
     def handle(self, sock: Any, frames: list[Any], now: float, user: str | None = None) -> None:
         """Handle one message received on a ROUTER socket (``frames[0]`` is the identity); a ``BATCH``, each
         of the messages it carries.
@@ -118,9 +116,6 @@ class Orchestrator:
         ``user``: the name of the key the sender authenticated with (CurveZMQ), if any.
         """
         ident = bytes(frames[0])
-        ident = self._idents.setdefault(ident, ident)  # one object per peer, however many tasks hold it
-        if len(self._idents) > MAX_IDENTS:
-            self._idents.clear()
         st = self.state
         st.user = user
         st.clock = now
@@ -214,6 +209,10 @@ class Orchestrator:
         counts = self.state.state_counts
         if counts[TS.PENDING] + counts[TS.WAITING] >= self.cfg.max_queue:  # (not cancelled entries the queue skips)
             raise ProtocolError(P.E_BUSY, f"queue full ({self.cfg.max_queue} tasks waiting or queued)")
+        interned = self._interned
+        if len(interned) > MAX_INTERNED:
+            interned.clear()
+        ident = interned.setdefault(ident, ident)
         owner = self.state.user or ident
         unfinished, held = self.state.client_load.get(owner, (0, 0))
         held += self.state.unread.waiting_bytes(owner)  # its results that wait for it to read
@@ -233,12 +232,11 @@ class Orchestrator:
                                 f"offered{': ' if shown else ''}{', '.join(shown)}"
                                 f"{' ...' if len(offered) > len(shown) else ''}")
         deps, refs = self._dependencies(sub) if sub.after else (None, ())
-        names = self._idents  # (kinds and codecs are few: each kept once, as routing ids, not once per task)
-        kind = names.setdefault(kind, kind)  # type: ignore[arg-type]
+        kind, codec = interned.setdefault(kind, kind), interned.setdefault(sub.codec, sub.codec)
         task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now,
                     self.state.next_seq(), size)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
-        task.cores, task.memory, task.codec = sub.cores, sub.memory, names.setdefault(sub.codec, sub.codec)  # type: ignore[arg-type]
+        task.cores, task.memory, task.codec = sub.cores, sub.memory, codec
         task.owner, task.counted = owner, True
         if deps is not None:  # it enters waiting for them (attach() below releases it if none is left to wait for)
             task.state = TS.WAITING
