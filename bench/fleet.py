@@ -148,7 +148,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, float]:
             with Client(endpoint) as client:
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 sim.start()
-                while len(client.status(timeout=60)["satellites"]) < n:
+                while client.status(timeout=60, satellites=0)["fleet"]["satellites"] < n:
                     if time.monotonic() - t0 > 600 or not sim.is_alive():
                         raise RuntimeError(f"the fleet of {n} did not register in 600 s"
                                            if sim.is_alive() else "the simulated fleet died")
@@ -163,6 +163,11 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, float]:
                 st = client.status(timeout=60)
                 out["status_ms"] = (time.perf_counter() - t0) * 1000
                 out["status_kb"] = len(pack(st)) / 1024
+                assert st["fleet"]["satellites"] == n, st["fleet"]
+                t0 = time.perf_counter()
+                listed = sum(1 for _ in client.satellites(timeout=60))  # the full list, a page at a time
+                out["list_ms"] = (time.perf_counter() - t0) * 1000
+                assert listed == n, (listed, n)
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 window: list[Any] = []
                 for i in range(args.tasks):
@@ -200,11 +205,12 @@ def main() -> None:
     print(f"a simulated fleet against orchester serve, {args.tasks:,} echo tasks each, heartbeats every "
           f"{args.heartbeat_interval:g} s")
     print(f"{'satellites':>10} {'register s':>10} {'reg. CPU s':>10} {'idle core':>9} {'status ms':>9} "
-          f"{'status KB':>9} {'CPU/task µs':>11} {'tasks/s':>8} {'lost':>5} {'re-reg':>6}")
+          f"{'status KB':>9} {'list ms':>8} {'CPU/task µs':>11} {'tasks/s':>8} {'lost':>5} {'re-reg':>6}")
     for r in rows:
         print(f"{r['satellites']:>10,.0f} {r['register_s']:>10.2f} {r['register_cpu_s']:>10.2f} "
               f"{r['idle_core_share']:>9.1%} {r['status_ms']:>9.1f} {r['status_kb']:>9.0f} "
-              f"{r['cpu_per_task_us']:>11.0f} {r['tasks_per_s']:>8.0f} {r['lost']:>5.0f} {r['registered_again']:>6.0f}")
+              f"{r['list_ms']:>8.0f} {r['cpu_per_task_us']:>11.0f} {r['tasks_per_s']:>8.0f} {r['lost']:>5.0f} "
+              f"{r['registered_again']:>6.0f}")
     base = rows[0]
     for r in rows:
         r["heartbeat_cpu_us"] = r["idle_core_share"] * args.heartbeat_interval / r["satellites"] * 1e6

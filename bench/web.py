@@ -740,9 +740,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError("the simulated satellites were not welcomed in time")
             cluster.wait_for_satellites(args.satellites)
             st = client.status()
-            live = [s for s in st["satellites"] if s.get("state") != "lost"]
-            print(f"fleet: {len(live)} satellites ({args.real} real, {n_fake} simulated in one process)", flush=True)
-            results["fleet"] = {"satellites": len(live), "real": args.real, "simulated": n_fake}
+            live = st["fleet"]["satellites"]
+            print(f"fleet: {live} satellites ({args.real} real, {n_fake} simulated in one process)", flush=True)
+            results["fleet"] = {"satellites": live, "real": args.real, "simulated": n_fake}
 
             done = int(st.get("counters", {}).get("done", 0))
             results["history_tasks"] = done

@@ -313,8 +313,29 @@ def render_status(st: dict[str, Any], console: Console | None = None) -> None:
                 cell(",".join(map(clean_text, tags[:50])) if isinstance(tags, list) else ""), cores,
                 cell(s.get("job") or ""))
     console.print(FittedTable("satellites", cols, "status --json shows everything"))
+    for line in fleet_lines(st):
+        console.print(line)
     for line in jobs_lines(st):
         console.print(line)
+
+
+def fleet_lines(st: Mapping[str, Any]) -> list[Text]:
+    """What a status sums up of the whole fleet, when it lists fewer satellites than it has: how many, their
+    slots and cores, per state and on the busiest hosts. Nothing when every satellite is listed."""
+    fleet = st.get("fleet")
+    listed = _rows(st.get("satellites"))
+    if not isinstance(fleet, Mapping) or (finite(fleet.get("satellites"), 0, 0) or 0) <= len(listed):
+        return []
+    total = _count(fleet.get("satellites"))
+    states = ", ".join(f"{_count(n)} {clean_text(s, 20)}" for s, n in _items(fleet.get("states"), 20))
+    hosts = ", ".join(f"{clean_text(h, 64) or '?'} ({_count(n)})" for h, n in sorted(
+        _items(fleet.get("busiest_hosts"), 16), key=lambda hn: -(finite(hn[1], 0) or 0)))
+    return [Text.assemble(("fleet ", "bold"), f"{len(listed)} of {total} satellites listed "
+                          "(orchester status --satellites all lists them): ", states),
+            Text(f"  slots {_count(fleet.get('inflight'))}/{_count(fleet.get('credit'))} busy, "
+                 f"cores {_count(fleet.get('cores_used'))}/{_count(fleet.get('cores'))} used, "
+                 f"{_count(fleet.get('hosts'))} hosts"),
+            Text(f"  busiest hosts: {hosts}")]
 
 
 def jobs_lines(st: Mapping[str, Any]) -> list[Text]:

@@ -100,6 +100,10 @@ MAX_JOB = 128
 MAX_JOBS_REPORTED = 4096
 #: A reported job's states: pending in the scheduler's queue, running, or ending (drained, to be cancelled).
 JOB_STATES = ("pending", "running", "ending")
+#: Satellites a STATUS summary lists when it does not say (``sats``); the fleet is summed up whatever its size.
+SATELLITES_SHOWN = 100
+#: Most satellites one STATUS page lists (``sats``).
+MAX_SATELLITES_PAGE = 1000
 #: Largest REPLY header a client takes (a status of a large fleet, many history rows); other
 #: headers are at most :data:`~serializers.header.MAX_HEADER`.
 MAX_REPLY = 256 * 1024 * 1024
@@ -344,22 +348,33 @@ def _submit_header(task_id: str, kind: str, codec: str, priority: int, tags: Ite
 
 @dataclass(slots=True)
 class Status(Wire):
-    """STATUS: the summary (no ``task``) or one task (``task``: its id)."""
+    """STATUS: the summary (no ``task``) or one task (``task``: its id).
+
+    A summary lists at most ``sats`` satellites (:data:`SATELLITES_SHOWN` when absent, at most
+    :data:`MAX_SATELLITES_PAGE`), those whose id sorts after ``after`` (a page's ``next``): the
+    fleet as a whole is summed up in the reply's ``fleet``, whatever its size."""
 
     command: ClassVar[bytes] = P.STATUS
     rid: RequestId = None
     task: str | None = None
+    sats: int | None = None
+    after: str | None = None
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Status:
         """Check a STATUS header."""
-        return cls(_rid(hdr), text(hdr, "task", None))
+        sats = number(hdr, "sats", 0, MAX_SATELLITES_PAGE, None, integer=True)
+        return cls(_rid(hdr), text(hdr, "task", None), sats, _optional_text(hdr, "after", MAX_SID))
 
     def header(self) -> dict[str, Any]:
-        """``{task?, rid}``."""
+        """``{task?, sats?, after?, rid}``."""
         hdr: dict[str, Any] = {}
         if self.task is not None:
             hdr["task"] = self.task
+        if self.sats is not None:
+            hdr["sats"] = self.sats
+        if self.after is not None:
+            hdr["after"] = self.after
         if self.rid is not None:
             hdr["rid"] = self.rid
         return hdr

@@ -124,6 +124,74 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(5)
 
 
+class SimulatedFleet:
+    """``n`` satellites speaking ``docs/protocol.rst`` from one thread of this process (a DEALER each): they
+    register, beat every ``interval`` seconds, register again when told to, and LEAVE when closed. They offer
+    only ``kinds`` (by default one nobody submits: they never take real work)."""
+
+    def __init__(self, endpoint: str, n: int, interval: float = FAST_HB, kinds: tuple[str, ...] = ("sim.none",),
+                 hosts: int = 7) -> None:
+        from serializers.header import pack
+
+        self.sids = [f"sim{i:04d}" for i in range(n)]
+        self._pack, self._kinds, self._hosts, self._interval = pack, list(kinds), hosts, interval
+        self._ctx = zmq.Context()
+        self._ctx.set(zmq.MAX_SOCKETS, n + 64)
+        self._socks: list[zmq.Socket[bytes]] = []
+        for sid in self.sids:
+            s = self._ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.identity = f"s:{sid}:".encode()
+            s.connect(endpoint)
+            self._socks.append(s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="simulated-fleet", daemon=True)
+
+    def _register(self, i: int) -> None:
+        self._socks[i].send_multipart([P.SIGNATURE, P.REGISTER, self._pack(
+            {"sid": self.sids[i], "slots": 2, "workers": 2, "kinds": self._kinds, "tags": [],
+             "host": f"node{i % self._hosts:02d}", "pid": 1000 + i, "cores": 2})])
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        for s in self._socks:
+            poller.register(s, zmq.POLLIN)
+        for i in range(len(self.sids)):
+            self._register(i)
+        index = {s: i for i, s in enumerate(self._socks)}
+        beats = [self._pack({"sid": sid}) for sid in self.sids]
+        next_beat = 0.0
+        import time
+
+        while not self._stop.is_set():
+            for s, _ in poller.poll(50):
+                for _ in range(100):
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if frames[1] == P.RECONNECT:
+                        self._register(index[s])
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self._interval
+                for s, beat in zip(self._socks, beats, strict=True):
+                    s.send_multipart([P.SIGNATURE, P.HEARTBEAT, beat])
+        for s, sid in zip(self._socks, self.sids, strict=True):
+            s.send_multipart([P.SIGNATURE, P.LEAVE, self._pack({"sid": sid})])
+        time.sleep(0.2)  # (the LEAVEs on their way before the sockets close)
+
+    def __enter__(self) -> SimulatedFleet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for s in self._socks:
+            s.close(0)
+        self._ctx.term()
+
+
 #: Where Debian's Chromium lives (``apt-get install chromium``); the browser tests drive it with
 #: Playwright through ``executable_path``: no browser is ever downloaded.
 CHROMIUM = "/usr/bin/chromium"

@@ -408,6 +408,47 @@ def test_status_reports_tasks_queues_and_satellites() -> None:
     assert st["satellites"][0]["id"] == "a" and st["satellites"][0]["inflight"] == 1
 
 
+def test_status_lists_a_page_of_satellites_and_sums_up_the_whole_fleet() -> None:
+    h = Harness()
+    for i in range(250):
+        ident = h.register(f"sat{i:03d}", slots=2, kinds=("echo", "genx.fit") if i % 2 else ("echo",))
+        h.send(S, ident, P.HEARTBEAT, {})
+    h.tick()
+
+    def status(**hdr: Any) -> dict[str, Any]:
+        h.send(C, b"c", P.STATUS, hdr)
+        return dict(unpack(of(h.tick(), P.REPLY)[0][3]))
+
+    st = status()  # by default: 100 listed, the whole fleet summed up
+    assert [s["id"] for s in st["satellites"]] == [f"sat{i:03d}" for i in range(100)]
+    assert st["satellites_next"] == "sat099"
+    fleet = st["fleet"]
+    assert fleet["satellites"] == 250 and fleet["slots"] == 500 and fleet["free"] == 500
+    assert fleet["kinds"] == {"echo": 250, "genx.fit": 125} and sum(fleet["states"].values()) == 250
+    assert st["satellite_states"] == fleet["states"]
+    seen, after = [], None  # paged: every satellite once, in id order
+    for _ in range(10):
+        page = status(sats=120, **({"after": after} if after else {}))
+        seen += [s["id"] for s in page["satellites"]]
+        after = page["satellites_next"]
+        if after is None:
+            break
+    assert seen == [f"sat{i:03d}" for i in range(250)]
+    assert status(sats=0)["satellites"] == [] and status(sats=0)["fleet"]["satellites"] == 250
+    assert status(after="sat248")["satellites"][0]["id"] == "sat249"
+
+
+@pytest.mark.parametrize("hdr", [{"sats": -1}, {"sats": 1001}, {"sats": "all"}, {"sats": True}, {"sats": 1.5},
+                                 {"after": ""}, {"after": "x" * 500}, {"after": 7}])
+def test_a_status_page_out_of_range_is_refused(hdr: dict[str, Any]) -> None:
+    h = Harness()
+    h.register("a")
+    h.tick()
+    h.send(C, b"c", P.STATUS, hdr)
+    err = unpack(of(h.tick(), P.ERROR)[0][3])
+    assert err["code"] == P.E_MALFORMED
+
+
 def test_events_only_when_subscribed_and_strategy_switch_is_published() -> None:
     h = Harness()
     h.register()

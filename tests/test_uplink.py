@@ -12,7 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from orchester.client.uplink import Failover, Uplink, resolve_endpoint
+from orchester.client.uplink import PATIENCE_JITTER, Failover, Uplink, resolve_endpoint
 from orchester.security.keys import generate_keys
 
 A, B = "tcp://127.0.0.1:5001", "tcp://127.0.0.1:5002"
@@ -219,3 +219,35 @@ def test_on_an_asyncio_context_it_makes_asyncio_sockets(keys: tuple[str, str],
     finally:
         up.close()
         actx.term()
+
+
+def test_rounds_of_silence_back_off_and_an_answer_ends_the_back_off() -> None:
+    """The first round of the endpoints at the usual patience; each further round in silence waits twice as
+    long, at most 8 times; a message from the orchestrator brings the usual patience back."""
+    up = pair()
+    t, waits, factors = 100.0, [], []
+    for _ in range(10):
+        waits.append(up.patience / up.silent_after)
+        factors.append(up.backoff)
+        t += up.patience + 0.01
+        move = up.check(t, waiting=True)
+        assert move is not None and move.vote
+    assert factors == [1, 1, 2, 2, 4, 4, 8, 8, 8, 8], waits
+    assert all(1.0 <= w / f <= 1.0 + PATIENCE_JITTER for w, f in zip(waits, factors, strict=True))  # jittered
+    assert up.longest_silence == pytest.approx(up.silent_after * 8 * (1.0 + PATIENCE_JITTER))
+    up.heard(t + 1.0)
+    assert up.backoff == 1 and 3.0 <= up.patience <= 3.75
+    assert up.check(t + 1.0 + up.patience + 0.01, waiting=True) is not None  # noticed as soon as before
+
+
+def test_a_satellite_alone_backs_off_from_its_second_silence() -> None:
+    sat: Uplink[zmq.Socket[Any]] = Uplink(A, who="satellite", heartbeat_interval=HB, liveness=3,
+                                          reconnect_alone=True)
+    sat.restart(0.0)
+    t, factors = 0.0, []
+    for _ in range(5):
+        factors.append(sat.backoff)
+        assert sat.backoff <= sat.patience / sat.silent_after <= sat.backoff * (1.0 + PATIENCE_JITTER)
+        t += sat.patience + 0.01
+        assert sat.check(t) is not None and sat.current == A
+    assert factors == [1, 2, 4, 8, 8]

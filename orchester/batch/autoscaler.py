@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -55,6 +55,9 @@ class BusClient(Protocol):
 
     def status(self, timeout: float | None = ...) -> dict[str, Any]:
         """The orchestrator's status."""
+
+    def satellites(self, *, timeout: float | None = ...) -> Iterator[dict[str, Any]]:
+        """Every satellite, a page at a time."""
 
     def drain(self, satellite: str, timeout: float | None = ...) -> dict[str, Any]:
         """Give ``satellite`` no new task."""
@@ -126,6 +129,8 @@ class Autoscale:
             return []
         try:
             status = self.client.status(self.cfg.timeout)
+            if status.get("satellites_next"):  # more than a page: the policy weighs every satellite
+                status["satellites"] = list(self.client.satellites(timeout=self.cfg.timeout))
         except OrchesterError as exc:
             self.counts["bus_unreachable"] += 1
             log_limited(log, logging.WARNING, "the bus did not answer (%s): no decision this time", exc)

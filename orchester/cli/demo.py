@@ -99,7 +99,7 @@ def _demo(satellites: int, workers: int, n_tasks: int, seconds: float, console: 
         st = client.status()
         console.print(f"{n_tasks} tasks in {elapsed:.2f}s ({n_tasks / elapsed:.0f} tasks/s), "
                       f"{failed} failed, {wrong} wrong results")
-        for s in st["satellites"]:
+        for s in st["satellites"]:  # (a demo's few satellites: all listed)
             console.print(f"  satellite {s['id']}: {s['done']} done, {s['failed']} failed")
     finally:
         cluster.close()

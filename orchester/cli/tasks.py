@@ -21,7 +21,7 @@ from orchester.cli.common import (
     wait_for,
 )
 from serializers.codecs import Ref
-from serializers.messages import MAX_CORES
+from serializers.messages import MAX_CORES, MAX_SATELLITES_PAGE
 
 
 def _parse_arg(text: str) -> Any:
@@ -63,7 +63,7 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             st = client.status(timeout=timeout)
         except Unreachable:
             unreachable(connect, timeout)
-        if not st.get("satellites"):  # said once; the task waits in the queue for the first one
+        if not st["fleet"]["satellites"]:  # said once; the task waits in the queue for the first one
             click.echo(f"warning: no satellite is connected to the orchestrator at {', '.join(connect)}: the task "
                        + ("waits in its queue until one connects" if no_wait else
                           "waits until one connects (Ctrl-C stops waiting; the task stays queued)"), err=True)
@@ -135,13 +135,47 @@ def _jsonable(o: Any) -> Any:
     return repr(o)
 
 
+#: ``status --satellites all``.
+ALL = -1
+
+
+class SatelliteCount(click.ParamType):
+    """``--satellites``: a number of satellites from 0 to 1,000, or ``all``."""
+
+    name = "N|all"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """The number, or :data:`ALL`."""
+        if isinstance(value, int):
+            return value
+        if str(value).strip().lower() == "all":
+            return ALL
+        try:
+            n = int(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is neither a number nor 'all'", param, ctx)
+        if not 0 <= n <= MAX_SATELLITES_PAGE:
+            self.fail(f"{n} is not from 0 to {MAX_SATELLITES_PAGE:,} (or 'all')", param, ctx)
+        return n
+
+
 @click.command()
 @connect_option
 @timeout_option
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
-def status(connect: tuple[str, ...], timeout: float, as_json: bool) -> None:
+@click.option("--satellites", "satellites", type=SatelliteCount(), default=None,
+              help="Satellites listed one by one: a number (0 to 1000; default 100) or 'all' (fetched a page "
+                   "at a time). The whole fleet is always summed up.")
+def status(connect: tuple[str, ...], timeout: float, as_json: bool, satellites: int | None) -> None:
     """Show tasks per state, queues and satellites."""
-    st = ask(connect, timeout, lambda c: c.status(timeout=timeout))
+    def fetch(c: Any) -> dict[str, Any]:
+        if satellites != ALL:
+            return c.status(timeout=timeout, satellites=satellites)
+        st: dict[str, Any] = c.status(timeout=timeout, satellites=0)
+        st["satellites"], st["satellites_next"] = list(c.satellites(timeout=timeout)), None
+        return st
+
+    st = ask(connect, timeout, fetch)
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return

@@ -76,8 +76,11 @@ class TopModel:
         (t0, d0), (t1, d1) = self.done_marks[0], self.done_marks[-1]
         return (d1 - d0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def render(self) -> Group:
-        """The whole screen."""
+    def render(self, height: int | None = None) -> Group:
+        """The whole screen, for a terminal of ``height`` lines (``None``: as tall as needed).
+
+        When the satellites are more than the screen holds beside the rest (or more than the status listed),
+        they are summed up instead: per state, and the busiest hosts."""
         from orchester.metrics.collector import quantiles
 
         st = self.status
@@ -94,7 +97,13 @@ class TopModel:
                  Column("failed", rank=3, justify="right"), Column("cpu %", rank=5, justify="right"),
                  Column("rss MB", rank=6, justify="right"), Column("job", rank=7, whole=True)]
         satellites = st.get("satellites")
-        for s in satellites if isinstance(satellites, list) else []:
+        listed = satellites if isinstance(satellites, list) else []
+        fleet = st.get("fleet")
+        total = finite(fleet.get("satellites"), 0, 0) if isinstance(fleet, dict) else None
+        room = None if height is None else max(MIN_ROWS, height - OTHER_LINES)
+        if isinstance(fleet, dict) and ((total or 0) > len(listed) or (room is not None and len(listed) > room)):
+            return Group(head, fleet_table(fleet), self._queues(st), *jobs_lines(st))
+        for s in listed:
             if not isinstance(s, dict):
                 continue
             sid = s.get("id")
@@ -108,6 +117,10 @@ class TopModel:
                     fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
                     fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"), cell(s.get("job") or ""))
         sats = FittedTable("satellites", cols, "a wider terminal shows more")
+        return Group(head, sats, self._queues(st), *jobs_lines(st))
+
+    @staticmethod
+    def _queues(st: dict[str, Any]) -> Table:
         queues = Table(title="tasks", expand=True)
         queues.add_column("state or queue")
         queues.add_column("count", justify="right")
@@ -115,7 +128,35 @@ class TopModel:
             counts = st.get(key)
             for name, n in sorted(counts.items(), key=lambda kv: clean_text(kv[0])) if isinstance(counts, dict) else []:
                 queues.add_row(cell(label.format(clean_text(name))), fmt(n, ".0f", "?"))
-        return Group(head, sats, queues, *jobs_lines(st))
+        return queues
+
+
+#: Lines of the screen that are not satellite rows (the head, the tables' frames, the tasks), and the fewest
+#: satellite rows shown before the fleet is summed up instead.
+OTHER_LINES = 16
+MIN_ROWS = 5
+
+
+def fleet_table(fleet: dict[str, Any]) -> Table:
+    """The whole fleet of a status, summed up: satellites per state, the slots and cores busy, and the busiest
+    hosts with their satellites (``top`` shows it when the satellites do not fit on the screen)."""
+    table = Table(title=f"satellites: {fmt(fleet.get('satellites'), '.0f', '?')} on "
+                  f"{fmt(fleet.get('hosts'), '.0f', '?')} hosts (summed up: more than a screen)", expand=True)
+    table.add_column("state or host")
+    table.add_column("satellites", justify="right")
+    states = fleet.get("states")
+    for name, n in sorted(states.items(), key=lambda kv: -(finite(kv[1], 0) or 0))[:20] \
+            if isinstance(states, dict) else []:
+        table.add_row(cell(name), fmt(n, ".0f", "?"))
+    table.add_row(Text("slots busy", "bold"), f"{fmt(fleet.get('inflight'), '.0f', '?')}/"
+                  f"{fmt(fleet.get('credit'), '.0f', '?')}")
+    table.add_row(Text("cores used", "bold"), f"{fmt(fleet.get('cores_used'), '.0f', '?')}/"
+                  f"{fmt(fleet.get('cores'), '.0f', '?')}")
+    hosts = fleet.get("busiest_hosts")
+    for name, n in sorted(hosts.items(), key=lambda kv: -(finite(kv[1], 0) or 0))[:16] \
+            if isinstance(hosts, dict) else []:
+        table.add_row(cell(f"host {clean_text(name, 64) or '?'}"), fmt(n, ".0f", "?"))
+    return table
 
 
 #: The keys that quit.
@@ -189,7 +230,7 @@ def run_top(client: Any, interval: float = 1.0, console: Console | None = None,
                     if quit_pressed(fd):
                         return model
                 model.on_status(client.status(), time.monotonic())
-                live.update(model.render())
+                live.update(model.render(live.console.size.height))
                 n += 1
     except KeyboardInterrupt:
         pass

@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Sequence
 from typing import Any
 
 import zmq
@@ -218,9 +218,22 @@ class AsyncClient:
             self._send(self.core.fetch(fut, task_id))
         return await asyncio.wait_for(fut, timeout)
 
-    async def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
+    async def status(self, timeout: float | None = 10.0, *, satellites: int | None = None,
+                     after: str | None = None) -> dict[str, Any]:
         """The orchestrator's status (see :meth:`orchester.Client.status`)."""
-        return await self._call(M.Status(), timeout)
+        return await self._call(M.Status(sats=satellites, after=after), timeout)
+
+    async def satellites(self, page: int = M.MAX_SATELLITES_PAGE,
+                         timeout: float | None = 10.0) -> AsyncIterator[dict[str, Any]]:
+        """Every satellite, in id order, ``page`` at a time (see :meth:`orchester.Client.satellites`)."""
+        after: str | None = None
+        while True:
+            st = await self.status(timeout, satellites=page, after=after)
+            for sat in st["satellites"]:
+                yield sat
+            after = st.get("satellites_next")
+            if not after:
+                return
 
     async def history(self, timeout: float | None = 60.0, **filters: Any) -> list[dict[str, Any]]:
         """The history of every task (see :meth:`orchester.Client.history` for the filters; another

@@ -286,9 +286,25 @@ class Client:
         self._post(lambda: self.core.fetch(fut, task_id), fut)
         return fut.result(timeout)
 
-    def status(self, timeout: float | None = 10.0) -> dict[str, Any]:
-        """Tasks per state, queue depths, satellites and counters of the orchestrator."""
-        return self._call(M.Status(), timeout)
+    def status(self, timeout: float | None = 10.0, *, satellites: int | None = None,
+               after: str | None = None) -> dict[str, Any]:
+        """Tasks per state, queue depths, satellites and counters of the orchestrator.
+
+        ``fleet`` sums up every satellite; ``satellites`` lists the first ``satellites`` of them by id (100 when
+        not given, at most 1,000), after the id ``after``; ``satellites_next`` is the ``after`` of the next page
+        (``None`` on the last). :meth:`satellites` pages through the whole fleet."""
+        return self._call(M.Status(sats=satellites, after=after), timeout)
+
+    def satellites(self, page: int = M.MAX_SATELLITES_PAGE, timeout: float | None = 10.0) -> Iterator[dict[str, Any]]:
+        """Every satellite the orchestrator knows, in id order, fetched ``page`` at a time (a satellite that
+        registers or goes meanwhile may be missed or listed on its new page)."""
+        after: str | None = None
+        while True:
+            st = self.status(timeout, satellites=page, after=after)
+            yield from st["satellites"]
+            after = st.get("satellites_next")
+            if not after:
+                return
 
     def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,
                 until: float | None = None, ids: Sequence[str] | None = None, limit: int | None = None,

@@ -71,6 +71,10 @@ MAX_ENDPOINT_FILE = 1 << 16
 
 #: The share of :attr:`Uplink.silent_after` a connection may wait longer, drawn at each (re)connection.
 PATIENCE_JITTER = 0.25
+#: Back-off: after each whole round of the endpoints in silence (nothing heard from any), a connection waits
+#: this many times longer before it gives up, up to :data:`MAX_BACKOFF` times :attr:`Uplink.silent_after`.
+BACKOFF = 2
+MAX_BACKOFF = 8
 
 
 def resolve_endpoint(endpoint: str) -> str:
@@ -140,6 +144,8 @@ class Uplink(Generic[S]):
         self.reconnect_alone = reconnect_alone
         #: how many times the uplink moved on (the current endpoint is this, modulo their number)
         self.index = 0
+        #: moves on silence since the orchestrator (any endpoint) was last heard from (the back-off's count)
+        self.silent_moves = 0
         #: the DEALER to :attr:`current`, once :meth:`open` made it
         self.sock: S | None = None
         #: with CurveZMQ: a PAIR that receives one message each time the orchestrator refuses the key
@@ -162,13 +168,20 @@ class Uplink(Generic[S]):
 
     @property
     def silent_after(self) -> float:
-        """Seconds of silence after which the orchestrator counts as gone."""
+        """Seconds of silence after which the orchestrator counts as gone (before back-off and jitter)."""
         return self.heartbeat_interval * self.liveness
 
     @property
+    def backoff(self) -> int:
+        """How many times :attr:`silent_after` this connection waits (before its jitter): 1 until a whole round
+        of the endpoints went by in silence, then :data:`BACKOFF` times more each round, at most
+        :data:`MAX_BACKOFF`."""
+        return int(min(BACKOFF ** (self.silent_moves // len(self.endpoints)), MAX_BACKOFF))
+
+    @property
     def longest_silence(self) -> float:
-        """The longest silence a connection may wait out before it gives up (:attr:`patience` at its most)."""
-        return self.silent_after * (1.0 + PATIENCE_JITTER)
+        """The longest silence this connection may wait out before it gives up (:attr:`patience` at its most)."""
+        return self.silent_after * self.backoff * (1.0 + PATIENCE_JITTER)
 
     def refusal(self) -> str:
         """Why nothing gets through, in words, once :attr:`monitor` said the orchestrator refused the key."""
@@ -180,7 +193,7 @@ class Uplink(Generic[S]):
         connection is given (:attr:`patience`) is drawn again: peers that connected together (a fleet of
         satellites starting, a failover) do not all give up, reconnect and register in the same instant."""
         self.last_heard = self.last_sent = now
-        self.patience = self.silent_after * (1.0 + random.uniform(0.0, PATIENCE_JITTER))
+        self.patience = self.silent_after * self.backoff * (1.0 + random.uniform(0.0, PATIENCE_JITTER))
 
     def set_interval(self, seconds: float) -> None:
         """Beat every ``seconds`` from now on, and count silence in such intervals (a satellite takes the
@@ -190,8 +203,12 @@ class Uplink(Generic[S]):
         self.patience = self.silent_after * share
 
     def heard(self, now: float) -> None:
-        """A message came from the orchestrator at ``now``."""
+        """A message came from the orchestrator at ``now`` (the back-off starts again from its first round)."""
         self.last_heard = now
+        if self.silent_moves:  # back: a later silence is noticed as soon as on a first connection
+            share = self.patience / (self.silent_after * self.backoff)
+            self.silent_moves = 0
+            self.patience = self.silent_after * share
 
     def sent(self, now: float) -> None:
         """A heartbeat (or, for a peer whose every message counts as one, any message) left at ``now``."""
@@ -229,6 +246,8 @@ class Uplink(Generic[S]):
 
     def _move(self, now: float, vote: bool, silent_for: float) -> Failover:
         self.index += 1
+        if vote:
+            self.silent_moves += 1
         self.restart(now)
         return Failover(self.current, vote, silent_for)
 

@@ -31,9 +31,8 @@ from orchester.signals import Interrupted, interrupt_exit_code, shielded, signal
 
 def genx_version(client: Client) -> str | None:
     """The GenX version the satellites report for ``genx.fit`` (``None``: none, or several differ)."""
-    versions = {s.get("versions", {}).get("genx.fit") for s in client.status()["satellites"]}
-    versions.discard(None)
-    return versions.pop() if len(versions) == 1 else None
+    versions = client.status(satellites=0)["fleet"]["versions"].get("genx.fit", [])
+    return versions[0] if len(versions) == 1 else None
 
 
 class FitsInterrupted(Interrupted):
@@ -102,7 +101,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
     """
     version = genx_version(client)
     if version is None:
-        if not any("genx.fit" in s["kinds"] for s in client.status()["satellites"]):
+        if not client.status(satellites=0)["fleet"]["kinds"].get("genx.fit"):
             raise OrchesterError("no satellite offers genx.fit: install GenX on the satellites "
                                  "(pip install --no-deps genx3 and the 'genx' extra)")
         cache = None  # satellites disagree on the GenX version: a cached result could be another's

@@ -317,7 +317,7 @@ class LocalCluster:
                         raise ClusterError(f"satellite exited with {p.returncode} at start")
                 try:
                     st = c.status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    if len(st["satellites"]) >= n:
+                    if st["fleet"]["satellites"] >= n:
                         return
                 except OrchesterError:  # not up yet: the deadline below bounds the wait
                     pass

@@ -109,7 +109,7 @@ class LocalPair(LocalCluster):
             except OrchesterError:
                 return None
         ha = st.get("ha")
-        return {**ha, "satellites": len(st.get("satellites", []))} if isinstance(ha, dict) else None
+        return {**ha, "satellites": st["fleet"]["satellites"]} if isinstance(ha, dict) else None
 
     def active_role(self) -> str | None:
         """The role of the server that says it is active, if one does."""

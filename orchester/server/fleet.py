@@ -296,6 +296,10 @@ class Fleet:
         """Whether any registered satellite offers ``kind``."""
         return kind in self._kind_count
 
+    def kind_counts(self) -> dict[str, int]:
+        """How many registered satellites offer each kind."""
+        return dict(sorted(self._kind_count.items()))
+
     def kinds(self) -> frozenset[str]:
         """Every kind offered by some satellite."""
         if self._kinds is None:

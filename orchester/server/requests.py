@@ -15,6 +15,7 @@ from typing import Any
 
 from orchester.journal.history import Row
 from orchester.security.roles import allowed
+from orchester.server.fleet import SatelliteRecord
 from orchester.server.lifecycle import Lifecycle
 from orchester.server.ports import Outbox, Ports
 from orchester.server.routing import make_strategy
@@ -22,7 +23,17 @@ from orchester.server.state import LATENCY_WINDOW, ServerState
 from orchester.server.tasks import Task
 from serializers import protocol as P
 from serializers.header import ProtocolError, pack, unpack
-from serializers.messages import Cancel, Control, Fetch, History, JobsReport, RequestId, Status, reply
+from serializers.messages import (
+    SATELLITES_SHOWN,
+    Cancel,
+    Control,
+    Fetch,
+    History,
+    JobsReport,
+    RequestId,
+    Status,
+    reply,
+)
 from tracker import SATELLITE_MACHINE, SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
 log = logging.getLogger("orchester")
@@ -34,6 +45,9 @@ MAX_AUTOSCALERS = 16
 JOBS_REPORT_TTL = 120.0
 #: Satellites a status lists under one job (``status --json``'s satellites show each one's job).
 SATELLITES_PER_JOB_SHOWN = 64
+#: Hosts a status names with their satellite counts (the ones with most), and versions of one kind it lists.
+HOSTS_SHOWN = 16
+VERSIONS_SHOWN = 16
 #: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
 RUNNING_SHOWN = 8
 #: Dependencies and dependents whose kind and state ``show`` gives (the web page draws them).
@@ -49,6 +63,11 @@ ROLE_OF: dict[bytes, str] = {
     P.REGISTER: "satellite", P.DONE: "satellite", P.PROGRESS: "satellite", P.STARTED: "satellite",
     P.LEAVE: "satellite",
 }
+
+
+def states_of(counts: Any) -> dict[str, int]:
+    """Tasks per state (lower-case names), the states with none left out."""
+    return {TaskState(i).name.lower(): n for i, n in enumerate(counts) if n}
 
 
 def _unknown(tid: Any) -> ProtocolError:
@@ -107,7 +126,8 @@ class Requests:
     def on_status(self, sock: Any, ident: bytes, msg: Status, frames: list[Any], now: float) -> None:
         """STATUS: the summary, or one task."""
         if msg.task is None:
-            self.reply(sock, ident, msg.rid, self.status(now))
+            self.reply(sock, ident, msg.rid, self.status(
+                now, SATELLITES_SHOWN if msg.sats is None else msg.sats, msg.after))
             return
         task = self.state.tasks.get(msg.task)
         if task is None:
@@ -384,24 +404,73 @@ class Requests:
                 "oldest_wait": round(max(0.0, now - oldest), 3) if oldest is not None else 0.0,
                 "waiting": counts[TS.WAITING]}
 
-    def status(self, now: float) -> dict[str, Any]:
-        """A summary of tasks, queues and satellites for ``STATUS`` replies."""
-        states = {TaskState(i).name.lower(): n for i, n in enumerate(self.state.state_counts) if n}
-        sats = list(self.state.fleet)
-        described = [s.describe(now) for s in sats]
+    def status(self, now: float, sats: int = SATELLITES_SHOWN, after: str | None = None) -> dict[str, Any]:
+        """A summary of tasks, queues and satellites for ``STATUS`` replies.
+
+        ``fleet`` sums up every satellite, whatever their number; ``satellites`` lists at most ``sats`` of
+        them in full, those whose id sorts after ``after``, and ``satellites_next`` is the ``after`` of the
+        next page (``None``: this was the last)."""
+        page, more = self.satellites_page(sats, after)
+        described = [s.describe(now) for s in page]
         if self.ports.identify is None or self.is_admin():  # the tasks running now (ids: of anyone's tasks)
-            for d, s in zip(described, sats, strict=True):
+            for d, s in zip(described, page, strict=True):
                 d["running"] = list(itertools.islice(s.inflight, RUNNING_SHOWN))
+        summary = self.fleet_summary()
         return {
             "epoch": self.state.epoch, "uptime": round(now - self.state.started, 3), "pub": self.ports.pub_endpoints(),
-            "strategy": self.state.strategy.name, "tasks": states,
+            "strategy": self.state.strategy.name, "tasks": states_of(self.state.state_counts),
             "queued": dict(self.state.pending_kinds),
             "queue": self.queue(now),
+            "fleet": summary,
             "satellites": described,
-            "satellite_states": dict(Counter(s.state.name.lower() for s in sats)),
+            "satellites_next": page[-1].sid if more and page else None,
+            "satellite_states": summary["states"],
             "results_retained": len(self.state.results),
             "latency": self.latency(now),
             "counters": dict(self.state.counters),
             "jobs": self.jobs(now),
             **({"ha": self.ports.ha_status(now)} if self.ports.ha_status is not None else {}),
+        }
+
+    def satellites_page(self, sats: int, after: str | None) -> tuple[list[SatelliteRecord], bool]:
+        """At most ``sats`` satellites whose id sorts after ``after``, in id order, and whether more follow."""
+        ids = sorted(self.state.fleet.by_id) if after is None else sorted(
+            sid for sid in self.state.fleet.by_id if sid > after)
+        by_id = self.state.fleet.by_id
+        return [by_id[sid] for sid in ids[:sats]], len(ids) > sats
+
+    def fleet_summary(self) -> dict[str, Any]:
+        """Every satellite summed up: how many, per state, on how many hosts (the busiest named) and in how many
+        jobs; their slots, workers, cores and memory, announced and used; the satellites offering each kind and
+        the versions they run of it. (A lost satellite has left the fleet: it is not counted.)"""
+        states: Counter[str] = Counter()
+        hosts: Counter[str] = Counter()
+        jobs: Counter[str] = Counter()
+        versions: dict[str, set[str]] = {}
+        slots = inflight = credit = cores = cores_used = memory = memory_used = workers = 0
+        for sat in self.state.fleet.by_id.values():
+            states[sat.state.name.lower()] += 1
+            hosts[sat.host] += 1
+            if sat.job:
+                jobs[sat.job] += 1
+            slots += sat.slots
+            workers += sat.workers
+            credit += sat.credit
+            inflight += len(sat.inflight)
+            cores += sat.cores
+            cores_used += sat.used
+            memory += sat.memory
+            memory_used += sat.mem_used
+            for kind, version in sat.versions.items():
+                seen = versions.setdefault(kind, set())
+                if len(seen) < VERSIONS_SHOWN:
+                    seen.add(version)
+        return {
+            "satellites": len(self.state.fleet), "states": dict(states), "hosts": len(hosts),
+            "busiest_hosts": dict(hosts.most_common(HOSTS_SHOWN)), "jobs": len(jobs),
+            "slots": slots, "workers": workers, "credit": credit, "free": self.state.fleet.free_slots,
+            "inflight": inflight,
+            "cores": cores, "cores_used": cores_used, "memory": memory, "memory_used": memory_used,
+            "kinds": self.state.fleet.kind_counts(),
+            "versions": {kind: sorted(v) for kind, v in sorted(versions.items())},
         }

@@ -349,14 +349,15 @@ class Hub:
         if previous is not None and self._finished is not None and finished >= self._finished and now > previous.t:
             rate = (finished - self._finished) / (now - previous.t)
         self._finished = finished
-        sats = [s for s in st.get("satellites", []) if isinstance(s, dict) and s.get("state") != "lost"]
+        fleet: dict[str, Any] = st["fleet"] if isinstance(st.get("fleet"), dict) else {}
         tasks: dict[str, Any] = st["tasks"] if isinstance(st.get("tasks"), dict) else {}
         queued: dict[str, Any] = st["queued"] if isinstance(st.get("queued"), dict) else {}
         latency: dict[str, Any] = st["latency"] if isinstance(st.get("latency"), dict) else {}
         point = Point(
             now, rate, sum(v for v in queued.values() if isinstance(v, int)),
-            int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0), len(sats),
-            sum(int(s.get("workers") or 0) for s in sats), sum(int(s.get("inflight") or 0) for s in sats),
+            int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0),
+            int(fleet.get("satellites", 0) or 0),
+            int(fleet.get("workers", 0) or 0), int(fleet.get("inflight", 0) or 0),
             _seconds(latency.get("p50")), _seconds(latency.get("p95")))
         self.series.append(point)
         self.fleet.add(now, point.satellites, point.slots)

@@ -334,3 +334,33 @@ def test_the_overview_shows_the_autoscalers_jobs_and_their_satellites(web: str, 
         context.close()
         stop_processes([sat])
     assert not problems, problems
+
+
+def test_the_overview_sums_up_a_fleet_larger_than_its_list(web: str, web_cluster: LocalCluster, browser: Any,
+                                                           tmp_path: Path) -> None:
+    """Past the 100 satellites a status lists, the overview shows the whole fleet per state, host and kind."""
+    from conftest import SimulatedFleet
+
+    context = browser.new_context(viewport={"width": 1400, "height": 1100})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    try:
+        with SimulatedFleet(web_cluster.endpoint, 120), web_cluster.client() as client:
+            deadline = time.monotonic() + 60
+            while client.status(satellites=0)["fleet"]["satellites"] < 121:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            page.goto(web)
+            page.wait_for_selector("#fleet-listed >> text=100 of 121 satellites", timeout=30_000)
+            assert page.inner_text("#c-sats") == "121"
+            assert len(page.locator("#satellites tbody tr").all()) == 100
+            hosts = [r.split("\t") for r in page.locator("#fleet-hosts tbody tr").all_inner_texts()]
+            assert len(hosts) == 8 and sum(int(n) for _, n in hosts) == 121, hosts
+            kinds = dict(r.split("\t")[:2] for r in page.locator("#fleet-kinds tbody tr").all_inner_texts())
+            assert kinds["sim.none"] == "120" and kinds["echo"] == "1", kinds
+            page.screenshot(path=str(tmp_path / "fleet.png"), full_page=False)
+        page.wait_for_selector("#fleet", state="hidden", timeout=30_000)  # they left: every satellite listed
+    finally:
+        context.close()
+    assert not problems, problems

@@ -136,9 +136,10 @@ const Orchester = (() => {
       $("#c-ha").textContent = ha;
       $("#c-epoch").textContent = `epoch ${st.epoch || "?"} · up ${Math.round(st.uptime || 0)} s`;
       const sats = (st.satellites || []);
-      const live = sats.filter((s) => s.state !== "lost");
-      $("#c-sats").textContent = String(live.length);
-      $("#c-slots").textContent = `${live.reduce((a, s) => a + (s.inflight || 0), 0)} of ${live.reduce((a, s) => a + (s.workers || 0), 0)} slots busy`;
+      const fleet = st.fleet || {};
+      $("#c-sats").textContent = String(fleet.satellites ?? sats.length);
+      $("#c-slots").textContent = `${fleet.inflight ?? 0} of ${fleet.workers ?? 0} slots busy`;
+      fleetSummary(fleet, sats.length);
       const tasks = st.tasks || {};
       $("#c-tasks").textContent = String(Object.values(tasks).reduce((a, b) => a + b, 0));
       $("#c-states").textContent = Object.entries(tasks).map(([k, v]) => `${k} ${v}`).join(" · ");
@@ -168,6 +169,22 @@ const Orchester = (() => {
       }));
       batchJobs(st.jobs || []);
     });
+  }
+
+  // past the satellites listed one by one (a status lists 100): the whole fleet, summed up
+  function fleetSummary(fleet, listed) {
+    const total = fleet.satellites || 0;
+    $("#fleet").hidden = total <= listed;
+    if (total <= listed) return;
+    $("#fleet-listed").textContent = `${listed} of ${total} satellites are listed below, by id; ` +
+      `the fleet as a whole: ${fleet.hosts || 0} hosts, ${fleet.jobs || 0} batch jobs, ` +
+      `cores ${fleet.cores_used || 0} of ${fleet.cores || 0} used.`;
+    fill($("#fleet-states tbody"), Object.entries(fleet.states || {}).sort((a, b) => b[1] - a[1])
+      .map(([k, v]) => row([el("span", k, `state ${k}`), v])));
+    fill($("#fleet-hosts tbody"), Object.entries(fleet.busiest_hosts || {}).sort((a, b) => b[1] - a[1])
+      .map(([k, v]) => row([k || "?", v])));
+    fill($("#fleet-kinds tbody"), Object.entries(fleet.kinds || {}).sort((a, b) => b[1] - a[1])
+      .map(([k, v]) => row([k, v, ((fleet.versions || {})[k] || []).join(" ")])));
   }
 
   // the autoscalers' batch jobs (orchester autoscale reports them): shown only when one reports

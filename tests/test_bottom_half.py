@@ -1,0 +1,243 @@
+"""The bottom half of a satellite (``docs/bottom_half.rst``), with real processes on loopback.
+
+A satellite's I/O loop hands tasks to worker processes and, for light (``inline=True``) kinds,
+to one thread of its own. These tests show what that split buys and what the exception costs:
+
+* a model that fails for lack of memory (a real ``MemoryError``) fails its task, and the same
+  worker serves the next one;
+* a worker killed with SIGKILL, as the kernel's OOM killer kills, costs a worker, not the
+  satellite;
+* cancelling a running task, its overall timeout and its maximum run time each end the worker
+  process that runs it, and a new worker serves;
+* a light task that ends the interpreter ends the satellite with it;
+* light tasks never wait behind a light task that is not light: they run in a worker meanwhile;
+* on an MPI rank, a worker's death is no rank's death: the job goes on.
+
+The satellites import this module (``--tasks test_bottom_half``) for the kinds below; every wait is
+bounded, and nothing asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchester import LocalCluster, TaskFailed
+from satellites import task
+
+pytestmark = pytest.mark.integration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+#: Satellites and their workers import this module (and ``conftest``'s neighbours) from here.
+ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH", "")]))}
+HB = 0.2
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+
+
+# ------------------------------------------------------------------ the kinds the satellites load
+@task("bh.pid")
+def worker_pid(_: object = None) -> int:
+    """The process that ran the task."""
+    return os.getpid()
+
+
+@task("bh.memory")
+def out_of_memory() -> None:
+    """Ask for 4 EiB: ``malloc`` fails and Python raises a real ``MemoryError`` (nothing is touched)."""
+    bytearray(1 << 62)
+
+
+@task("bh.sigkill")
+def killed() -> None:
+    """Die by SIGKILL, the signal of the kernel's OOM killer."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@task("bh.exit")
+def hard_exit(code: int = 3) -> None:
+    """Leave the process at once (``os._exit``), as a crashing extension would."""
+    os._exit(code)
+
+
+@task("bh.park")
+def park(path: str, seconds: float = 60.0) -> None:
+    """Write this worker's pid to ``path``, then wait ``seconds`` (a task that must be stopped from outside)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+    time.sleep(seconds)
+
+
+@task("bh.inline_pid", inline=True)
+def inline_pid(_: object = None) -> int:
+    """A light kind: the process it ran in."""
+    return os.getpid()
+
+
+@task("bh.inline_exit", inline=True)
+def inline_exit(code: int = 3) -> None:
+    """A light kind that ends the interpreter it runs in."""
+    os._exit(code)
+
+
+@task("bh.inline_block", inline=True)
+def inline_block(flag: str, limit: float = 60.0) -> int:
+    """A light kind that is not light: waits until the file ``flag`` exists (at most ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(flag) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.getpid()
+
+
+# ------------------------------------------------------------------ helpers
+def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``pred`` until it is truthy (bounded); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def bus(**kw: Any) -> LocalCluster:
+    """One satellite of one worker loading this module, fast heartbeats, quick retries."""
+    args: dict[str, Any] = {"satellites": 1, "workers": 1, "tasks": ["test_bottom_half"], "heartbeat_interval": HB,
+                            "liveness": 3, "env": ENV, "log_level": "ERROR",
+                            "serve_args": ["--retry-backoff", "0.1"]}
+    args.update(kw)
+    return LocalCluster(**args)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with bus() as c:
+        yield c
+
+
+# ------------------------------------------------------------------ a model that crashes
+def test_a_memory_error_fails_its_task_and_the_same_worker_serves_on(cluster: LocalCluster) -> None:
+    c = cluster.client()
+    before = c.submit("bh.pid").result(30)
+    fut = c.submit("bh.memory")
+    with pytest.raises(TaskFailed) as e:
+        fut.result(30)
+    assert e.value.type == "MemoryError"  # the handler's exception, as any other: FAILED, not retried
+    shown = c.show(fut.task_id)
+    assert shown["state"] == "failed" and shown["attempt"] == 1 and shown["crashes"] == 0
+    assert c.submit("bh.pid").result(30) == before  # the worker process lived through it
+    st = c.status()
+    assert len(st["satellites"]) == 1 and st["counters"].get("satellites_lost", 0) == 0
+
+
+def test_a_worker_killed_like_the_oom_killer_kills_costs_a_worker_not_the_satellite(cluster: LocalCluster) -> None:
+    c = cluster.client()
+    satellite = cluster.satellites[0]
+    before = c.submit("bh.pid").result(30)
+    fut = c.submit("bh.sigkill")
+    with pytest.raises(TaskFailed) as e:
+        fut.result(60)
+    assert e.value.type == "Quarantined" and "signal 9" in e.value.message  # WorkerDied three times
+    assert c.show(fut.task_id)["crashes"] == 3
+    assert satellite.poll() is None  # the satellite process is the one that started
+    st = c.status()
+    assert [s["pid"] for s in st["satellites"]] == [satellite.pid]
+    assert st["counters"].get("satellites_lost", 0) == 0
+    after = c.submit("bh.pid").result(30)
+    assert after != before and not running(before)  # a new worker serves
+
+
+# ------------------------------------------------------------------ kills on cancel and timeouts
+@pytest.mark.parametrize("how", ["cancel", "timeout", "max_run"])
+def test_a_running_task_given_up_on_ends_its_worker_process(cluster: LocalCluster, tmp_path: Path, how: str) -> None:
+    c = cluster.client()
+    pidfile = tmp_path / "pid"
+    limits = {"timeout": {"timeout": 3.0}, "max_run": {"max_run": 1.0}}.get(how, {})
+    fut = c.submit("bh.park", str(pidfile), 60.0, **limits)
+    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the task started"))
+    assert running(pid)
+    if how == "cancel":
+        assert c.cancel(fut.task_id)["cancelled"] is True
+    with pytest.raises(TaskFailed) as e:
+        fut.result(30)
+    assert e.value.type == {"cancel": "Cancelled", "timeout": "TaskTimeout", "max_run": "MaxRunTime"}[how]
+    wait_for(lambda: not running(pid), 10, "the worker process ended")  # killed, not left to sleep 60 s
+    assert c.submit("bh.pid").result(30) not in (pid, None)  # its replacement serves
+    st = c.status()
+    assert len(st["satellites"]) == 1 and st["counters"].get("satellites_lost", 0) == 0
+
+
+# ------------------------------------------------------------------ light kinds: the exception
+def test_a_light_task_that_ends_the_interpreter_ends_its_satellite() -> None:
+    with bus() as cluster:
+        c = cluster.client()
+        satellite = cluster.satellites[0]
+        assert c.submit("bh.inline_pid").result(30) == satellite.pid  # light kinds run in the satellite
+        c.submit("bh.inline_exit", 3)
+        assert satellite.wait(30) == 3  # the satellite process itself exited
+        wait_for(lambda: c.status()["counters"].get("satellites_lost", 0) == 1, 30, "the satellite was lost")
+
+
+def test_light_tasks_never_wait_behind_a_light_task_that_is_not(tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    with bus(prefetch=8) as cluster:
+        c = cluster.client()
+        satellite = cluster.satellites[0].pid
+        blocker = c.submit("bh.inline_block", str(flag))  # holds the inline thread until the flag exists
+        light = [c.submit("bh.inline_pid", i) for i in range(4)]  # dispatched right behind it
+        pids = [f.result(60) for f in light]
+        assert not blocker.done()  # they finished while the thread was still held ...
+        assert satellite not in pids  # ... because a worker process ran them
+        flag.touch()
+        assert blocker.result(60) == satellite
+        assert c.submit("bh.inline_pid").result(30) == satellite  # the thread is free: light runs inline again
+
+
+# ------------------------------------------------------------------ MPI ranks
+@pytest.mark.skipif(MPIEXEC is None, reason="mpiexec comes with the test extras (pip install mpich)")
+def test_a_worker_that_dies_on_an_mpi_rank_does_not_end_the_job() -> None:
+    """MPI aborts the whole job when a rank dies (``tests/integration/test_mpi.py``); a worker is no rank."""
+    assert MPIEXEC is not None
+    env = {**os.environ, **ENV, "UCX_TLS": "self,sm", "MPIEXEC_PORT_RANGE": "50000:50100", "HYDRA_IFACE": "lo"}
+    with bus(satellites=0) as cluster:
+        job = subprocess.Popen([MPIEXEC, "-n", "2", sys.executable, "-m", "satellites", "--log-level", "ERROR", "mpi",
+                                "--connect", cluster.endpoint, "--heartbeat-interval", str(HB),
+                                "--workers-per-rank", "1", "--tasks", "test_bottom_half", "--no-numba"],
+                               env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            c = cluster.client()
+            ranks = wait_for(lambda: (lambda s: s if len(s) == 2 else None)(c.status()["satellites"]), 60,
+                             "both ranks registered")
+            fut = c.submit("bh.exit", 3)
+            with pytest.raises(TaskFailed) as e:
+                fut.result(60)
+            assert e.value.type == "Quarantined" and "exit code 3" in e.value.message
+            assert job.poll() is None  # the job runs on
+            st = c.status()
+            assert sorted(s["pid"] for s in st["satellites"]) == sorted(s["pid"] for s in ranks)
+            assert st["counters"].get("satellites_lost", 0) == 0
+            assert list(c.map("echo", range(20), timeout=60)) == list(range(20))
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+            job.wait(30)
