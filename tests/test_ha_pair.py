@@ -120,3 +120,50 @@ def test_the_passive_heartbeat_repeats_its_acknowledgement(pair: tuple[Pair, zmq
     assert link.Ack(PEER, 4) in messages
     half.tick(HB)
     assert heard(spy) == [link.State(HAState.PASSIVE, "backup", half.epoch, 0, False, stream=PEER, acked=4)]
+
+
+def test_a_large_takeover_installs_a_slice_per_wake_up_and_keeps_the_waiting_peers(
+        pair: tuple[Pair, zmq.Socket[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table goes in a slice at a time; the messages that come meanwhile wait, in order, and each sender
+    hears a HEARTBEAT once an interval; when the table is in, they are handled and the role is a Leader."""
+    from orchester.ha import pair as pair_module
+    from orchester.server.restore import Installation
+    from serializers import protocol as P
+    from serializers.header import unpack
+
+    half, _ = pair
+    n = 5000
+    for i in range(n):
+        half.fold.add(["S", f"t{i:05d}", b"c", pack({"id": f"t{i:05d}", "k": "echo"}), [b"x"], 1.0, None])
+    monkeypatch.setattr(Installation, "CHUNK", 100)
+    monkeypatch.setattr(pair_module, "INSTALL_SLICE", -1.0)  # one chunk per slice, whatever the clock says
+    assert half.promote(False, 0.0)["state"] == "active"
+    assert half.installing is not None and half.installing.installed == 100 and half.follower is not None
+    assert half.next_wakeup(0.0) == 0.0  # the loop goes round at once
+    status = [P.SIGNATURE, P.STATUS, pack({"rid": 7})]
+    submit = [P.SIGNATURE, P.SUBMIT, pack({"id": "t00003", "k": "echo", "c": "msgpack"}), b"\x91\xc0"]
+    half.defer("router", [b"client-1", *status], None)
+    half.defer("router", [b"client-1", *submit], None)  # a resend of one it holds: handled as one it holds
+    half.core.outbox.take_messages()
+    slices, beats, replies = 1, [], []
+    now = 0.0
+    while half.installing is not None:
+        now += 0.3
+        half.install_step(now)
+        slices += 1
+        sent = half.core.outbox.take_messages()
+        if half.installing is None:
+            replies = sent  # what the deferred messages were answered
+        else:
+            assert all(m[2] == P.HEARTBEAT for _, m, _ in sent)
+            beats += [m for _, m, _ in sent]
+        assert slices <= n // 100 + 1
+    assert slices == n // 100 + 1  # (the last slice finds nothing more, then ends it)
+    assert all(b[0] == b"client-1" and unpack(b[3])["e"] == half.core.state.epoch for b in beats)
+    assert 10 <= len(beats) <= 16  # once an interval (1 s), not once per slice (0.3 s)
+    assert isinstance(half.role, Leader) and len(half.core.state.tasks) == n and not half.deferred
+    kinds = [m[2] for _, m, _ in replies]
+    assert kinds[0] == P.REPLY and unpack(replies[0][1][3])["rid"] == 7  # in the order they came
+    counters = half.core.state.counters
+    assert counters["duplicate_submits"] == 1 and counters["submitted"] == 0  # the resend: one it holds
+    assert counters["ha_deferred"] == 2

@@ -40,7 +40,9 @@ from orchester.ha.leader import Leader
 from orchester.ha.requests import PairRequests
 from orchester.ha.star import DUAL_ACTIVE, BinaryStar, Change, HAState
 from orchester.security.auth import PEER_DOMAIN, secure_client, secure_server
-from orchester.server.restore import RestoreFold
+from orchester.server.restore import Installation, RestoreFold
+from serializers import messages as M
+from serializers import protocol as P
 from serializers.header import pack
 
 if TYPE_CHECKING:
@@ -50,6 +52,12 @@ log = logging.getLogger("orchester.ha")
 
 #: Seconds of peer messages handled per wake-up (a passive folding a large snapshot still beats).
 DRAIN_SLICE = 0.05
+#: Seconds of a takeover's installation per wake-up (the table of a million tasks takes seconds: meanwhile the
+#: loop goes round, and the peers that wait hear from this server).
+INSTALL_SLICE = 0.1
+#: Messages held back while a takeover installs its table; past it the routers are not read (ZeroMQ's
+#: high-water marks push back) until the installation ends.
+MAX_DEFERRED = 200_000
 
 
 class Pair:
@@ -99,6 +107,12 @@ class Pair:
             self.close()
             raise
         self._next_state = now
+        #: a takeover's table being installed, a slice per wake-up (None: none, or done)
+        self.installing: Installation | None = None
+        #: the messages that came while it was: ``(socket, frames, user)``, handled in order once it is done
+        self.deferred: list[tuple[Any, list[Any], str | None]] = []
+        self._kept_alive: dict[tuple[Any, bytes], float] = {}  #: (socket, routing id) -> last HEARTBEAT sent there
+        self._activated_from = HAState.PASSIVE
         #: the current role: replication in until this server is active, replication out from then on
         self.role: Follower | Leader = Follower(
             epoch=self.epoch, heartbeat=config.ha_heartbeat, keep_finished=config.result_retention,
@@ -276,24 +290,68 @@ class Pair:
 
     def _activate(self, before: HAState, now: float) -> None:
         """Install what the journal and the stream said (a snapshot cut short by the takeover is of
-        no use any more), then serve: the role becomes a :class:`~orchester.ha.leader.Leader`."""
-        core = self.core
+        no use any more), then serve: the role becomes a :class:`~orchester.ha.leader.Leader`.
+
+        A large table is installed a slice per wake-up (:meth:`install_step`); meanwhile the broker hands
+        every request to :meth:`defer` and this server sends each peer that waits a ``HEARTBEAT`` every
+        interval, so that none gives up on it."""
         follower = self.role
         assert isinstance(follower, Follower), "only a server that is not active takes over"
-        counts = follower.fold.finish(core, now, self.router, reclaim=core.cfg.lost_after)
+        self._activated_from = before
+        self.installing = follower.fold.installation(self.core, self.router, reclaim=self.core.cfg.lost_after)
+        self.install_step(now)
+
+    def install_step(self, now: float) -> None:
+        """One slice of a takeover's installation (:data:`INSTALL_SLICE` seconds); when it ends, serve: the
+        Leader role, then the messages deferred meanwhile, in the order they came."""
+        installing, core = self.installing, self.core
+        assert installing is not None
+        if not installing.step(now, time.monotonic() + INSTALL_SLICE):
+            self._keep_alive(now)
+            return
+        self.installing = None
+        counts = installing.counts
+        core.state.counters["ha_install_slices"] += installing.slices
         self.role = Leader(core=core, router=self.router, heartbeat=self.star.heartbeat, sync=self.sync,
                            last_seq=self.last_seq, send=self._send, clock=time.perf_counter, now=now)
-        if before is HAState.PASSIVE:
+        if self._activated_from is HAState.PASSIVE:
             core.state.counters["failovers"] += 1
-        log.warning("active with %d task(s): %d finished, %d to run (%d awaiting their satellite)",
+        log.warning("active with %d task(s): %d finished, %d to run (%d awaiting their satellite)%s",
                     len(core.state.tasks), counts.get("finished", 0), counts.get("requeued", 0),
-                    counts.get("reclaimable", 0))
+                    counts.get("reclaimable", 0),
+                    f"; installed in {installing.slices} slices, {len(self.deferred)} message(s) held meanwhile"
+                    if installing.slices > 1 else "")
+        deferred, self.deferred = self.deferred, []
+        self._kept_alive.clear()
+        for sock, frames, user in deferred:
+            core.handle(sock, frames, now, user)
+
+    def defer(self, sock: Any, frames: list[Any], user: str | None) -> None:
+        """A message that came while a takeover installs its table: handled once it is done."""
+        self.deferred.append((sock, frames, user))
+        self.counters["ha_deferred"] += 1
+
+    @property
+    def deferring_full(self) -> bool:
+        """Whether :data:`MAX_DEFERRED` messages wait already (the routers are left unread meanwhile)."""
+        return len(self.deferred) >= MAX_DEFERRED
+
+    def _keep_alive(self, now: float) -> None:
+        """A ``HEARTBEAT`` to each peer whose message waits, once an interval: it hears from this server (a
+        satellite waiting for its ``WELCOME``, a client for its answer) and does not give up on it."""
+        beat, every, kept = None, self.core.cfg.heartbeat_interval, self._kept_alive
+        for sock, frames, _ in self.deferred[-10_000:]:  # (the newest: each waiting peer sent one lately)
+            key = (sock, bytes(frames[0]))
+            if now - kept.get(key, float("-inf")) >= every:
+                kept[key] = now
+                beat = beat or M.beat(P.HEARTBEAT, self.core.state.epoch)
+                self.core.outbox.messages.append((sock, [key[1], *beat], None))
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
         leader = self.leader
-        if leader is not None and leader.sending:
-            return 0.0  # the rest of a snapshot to send
+        if self.installing is not None or (leader is not None and leader.sending):
+            return 0.0  # the rest of a takeover's table to install, or of a snapshot to send
         due = self._next_state
         if leader is not None and leader.streaming:
             due = min(due, self.star.peer_expiry)

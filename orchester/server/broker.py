@@ -404,6 +404,8 @@ class Broker:
         drained = False
         budget = self.config.batch  # messages per wake-up, those a BATCH carries counted one by one
         while budget > 0:
+            if pair is not None and pair.installing is not None and pair.deferring_full:
+                break  # a takeover installs its table: enough waits already (the high-water marks push back)
             user = None
             try:
                 if secure:
@@ -427,6 +429,9 @@ class Broker:
             counters["messages_in"] += len(messages)
             for message in messages:  # a passive server of a pair looks at each (a vote may be any of them)
                 if pair is not None and not pair.star.serving and not pair.gatekeep(sock, message, now):
+                    continue
+                if pair is not None and pair.installing is not None:  # (a vote above may have started it)
+                    pair.defer(sock, message, user)
                     continue
                 handle(sock, message, now, user)
         if not drained:  # a whole batch: more may wait (silences are not counted past the last full read)
@@ -465,6 +470,11 @@ class Broker:
                 self._flush(now)
                 self._xpub_linger = 1000
                 return False
+            if pair.installing is not None:  # a takeover: its table a slice at a time, the waiting peers kept
+                pair.install_step(now)
+                if pair.installing is not None:
+                    self._flush(now)
+                    return True
         if self._revoked:
             revoked, self._revoked = self._revoked, set()
             self._revoke(revoked)

@@ -21,7 +21,7 @@ from orchester.logutil import log_limited
 from orchester.server.fleet import Fleet, SatelliteRecord
 from orchester.server.ports import Outbox, Ports
 from orchester.server.state import ServerState
-from orchester.server.tasks import QueueKey, Task, TaskQueues
+from orchester.server.tasks import LinkedTask, QueueKey, Task, TaskQueues
 from serializers import messages as M
 from serializers import protocol as P
 from serializers.codecs import dispatch_consent
@@ -102,7 +102,7 @@ class Lifecycle:
             state.reclaim[task.id] = task
             return "reclaimable"
         task.satellite = None
-        if task.after:  # its dependencies were installed before it (they were submitted before it)
+        if isinstance(task, LinkedTask):  # its dependencies were installed before it (submitted before it)
             self.attach(task, [state.tasks.get(dep) for dep in task.after], now)
             self.arm(task, now)
             return "waiting" if task.state is TS.WAITING else "requeued" if task.state is TS.PENDING else "failed"
@@ -111,7 +111,7 @@ class Lifecycle:
         return "requeued"
 
     # ---------------------------------------------------------- dependencies
-    def attach(self, task: Task, deps: Sequence[Task | None], now: float) -> None:
+    def attach(self, task: LinkedTask, deps: Sequence[Task | None], now: float) -> None:
         """A task that entered the table WAITING gets its dependencies ``deps`` (those of
         :attr:`Task.after`, in order; ``None`` for one the table does not hold: only after a restart
         whose journal lost it). It waits while some have not ended, fails at once when one did not
@@ -197,6 +197,7 @@ class Lifecycle:
             dependent = tasks.get(did)
             if dependent is None or dependent.state is not TS.WAITING:
                 continue
+            assert isinstance(dependent, LinkedTask)  # (a dependent was submitted with its dependencies)
             if task.state is TS.DONE or dependent.run_on_failure:
                 dependent.blockers -= 1
                 if dependent.blockers <= 0:
@@ -535,6 +536,7 @@ class Lifecycle:
             err["attempts"] = self.attempts(task)
         if dependency is not None:
             err["dependency"] = dependency
+            assert isinstance(task, LinkedTask)  # (only a task with dependencies fails for one)
             err["cause"] = task.cause = task.cause or dependency
         hdr = M.Result(task.id, task.attempt, False, err=err, sat=task.satellite).encode()
         self.complete(task, [P.SIGNATURE, P.RESULT, hdr])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchester.journal import records
 from orchester.server.lifecycle import T_DEADLINE, _len
-from orchester.server.tasks import Task
+from orchester.server.tasks import LinkedTask, Task
 from serializers.header import ProtocolError, unpack
 from serializers.messages import MAX_TASK_HEADER, Submit
 from tracker import TaskState as TS
@@ -166,51 +166,103 @@ class RestoreFold:
                         isinstance(exc, RecursionError) else exc)
 
     def finish(self, core: Orchestrator, now: float, sock: Any, reclaim: float = 0.0) -> dict[str, int]:
-        """Install the folded tasks into ``core`` (before it serves); returns counts.
+        """Install the folded tasks into ``core`` (before it serves), in one piece; returns counts.
 
         Finished tasks keep their results for fetch; unfinished ones are queued again (their
         next dispatch raises the attempt). With ``reclaim`` > 0, tasks that were in flight wait
         that many seconds for their satellite to re-announce them (see
         :meth:`~orchester.server.core.Orchestrator.adopt`) before they are queued.
         """
+        installing = self.installation(core, sock, reclaim)
+        installing.step(now, None)
+        return installing.counts
+
+    def installation(self, core: Orchestrator, sock: Any, reclaim: float = 0.0) -> Installation:
+        """What :meth:`finish` does, to be done a slice at a time (:class:`Installation`: a takeover of a
+        large table, which must not hold the loop for seconds). The fold must not change meanwhile."""
+        return Installation(self, core, sock, reclaim)
+
+
+class Installation:
+    """The tasks of a :class:`RestoreFold` installed into a core a slice at a time (:meth:`step`), in the order
+    they were submitted (a task's dependencies before it); then its satellite keys, revocations and reclaim
+    window (counted from the end). Each slice's tasks take that slice's time as their own (their timers count
+    from when they entered the table)."""
+
+    #: Tasks installed between two looks at the clock.
+    CHUNK = 2048
+
+    def __init__(self, fold: RestoreFold, core: Orchestrator, sock: Any, reclaim: float) -> None:
+        self.fold, self.core, self.sock, self.reclaim = fold, core, sock, reclaim
+        self.total = len(fold.tasks)  #: tasks to install
+        self.installed = 0  #: tasks installed so far
+        self.slices = 0  #: steps taken
+        self.done = False  #: every task installed, and the rest done
+        self.counts: dict[str, int] = {}  #: per outcome (``finished``, ``requeued``, ``reclaimable``…)
+        self._items = iter(list(fold.tasks.items()))
+        self._counts: Counter[str] = Counter()
+
+    def step(self, now: float, until: float | None) -> bool:
+        """Install tasks until the monotonic clock (:func:`time.monotonic`) passes ``until`` (``None``: all of
+        them); whether every task is installed (and the rest is done)."""
+        if self.done:
+            return True
+        self.slices += 1
+        monotonic = time.monotonic
         with gc_paused():
-            counts = self._install(core, now, sock, reclaim)
-        for sid, user in self.sat_keys.items():
+            while True:
+                n = self._install(now, self.CHUNK)
+                self.installed += n
+                if n < self.CHUNK:
+                    break
+                if until is not None and monotonic() >= until:
+                    return False
+        fold, core = self.fold, self.core
+        for sid, user in fold.sat_keys.items():
             if sid not in core.state.sat_keys:
                 core.state.bind_sid(sid, user)
         core.revoke_unknown(now)  # a key revoked while this server was down has no work here
         # a later, smaller fold never shortens it
-        core.state.reclaim_until = max(core.state.reclaim_until, now + reclaim)
-        core.state.counters["journal_restored"] += len(self.tasks)
-        core.state.counters["journal_bad_records"] += self.bad
-        return dict(counts)
+        core.state.reclaim_until = max(core.state.reclaim_until, now + self.reclaim)
+        core.state.counters["journal_restored"] += self.total
+        core.state.counters["journal_bad_records"] += fold.bad
+        self.counts = dict(self._counts)
+        self.done = True
+        return True
 
-    def _install(self, core: Orchestrator, now: float, sock: Any, reclaim: float) -> Counter[str]:
-        counts: Counter[str] = Counter()
-        for tid, (sub, last, hdr) in self.tasks.items():
+    def _install(self, now: float, limit: int) -> int:
+        """Install up to ``limit`` more tasks; how many."""
+        core, sock, history, results = self.core, self.sock, self.fold.history, self.fold.results
+        counts, reclaim, state, install = self._counts, self.reclaim > 0, core.state, core.life.install
+        n = 0
+        for tid, (sub, last, hdr) in self._items:
             payload = list(sub.payload)
             t = Task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
-                     core.state.next_seq(), _len(payload))
+                     state.next_seq(), _len(payload)) if not hdr.after else LinkedTask(
+                tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
+                state.next_seq(), _len(payload), after=hdr.after, refs=hdr.referenced,
+                run_on_failure=hdr.run_on_failure)
             t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
             t.cores, t.memory, t.codec = hdr.cores, hdr.memory, hdr.codec
-            if hdr.after:
-                t.after, t.refs, t.run_on_failure = hdr.after, hdr.referenced, hdr.run_on_failure
             if sub.owner is not None:
                 t.owner = sub.owner
-            t.history = self.history[tid]
+            t.history = history[tid]
             if last is not None:
                 t.state, t.attempt, t.satellite = last.state, last.attempt, last.satellite
-            outcome = core.life.install(t, self.results.get(tid), now, reclaim > 0)
+            outcome = install(t, results.get(tid), now, reclaim)
             counts[outcome] += 1
             if outcome != "finished" and hdr.timeout is not None and t.deadline is None:
                 # its overall timeout counts from its submission, as before the restart (wall times: the
                 # journal keeps no other; at most the whole timeout again, at least nothing)
                 first = t.history.rows(1)
-                elapsed = max(0.0, core.state.wall() - first[0][0]) if first else 0.0
-                t.deadline = core.state.timers.schedule(now + max(0.0, hdr.timeout - elapsed), tid, T_DEADLINE)
+                elapsed = max(0.0, state.wall() - first[0][0]) if first else 0.0
+                t.deadline = state.timers.schedule(now + max(0.0, hdr.timeout - elapsed), tid, T_DEADLINE)
             if outcome == "reclaimable":  # (queued too: it runs again unless its satellite claims it)
                 counts["requeued"] += 1
-        return counts
+            n += 1
+            if n >= limit:
+                break
+        return n
 
 
 def restore(core: Orchestrator, records: list[list[Any]], now: float, sock: Any,

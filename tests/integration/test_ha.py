@@ -271,3 +271,25 @@ def test_tasks_the_backup_took_alone_survive_a_restart_of_both(pair: LocalPair) 
                 time.sleep(0.1)
         assert shown == {"taken-alone": "done", "waits-alone": "pending"}
         assert c.result("taken-alone", timeout=30) == pytest.approx(0.05, abs=1)
+
+
+def test_a_takeover_of_a_large_table_installs_it_in_slices_and_loses_nothing(pair: LocalPair,
+                                                                           tmp_path: Path) -> None:
+    """80,000 queued tasks (a tag no satellite has) and 200 running: the backup installs the table a slice per
+    wake-up, the clients and satellites that wait meanwhile are kept, and every task runs once."""
+    marks = tmp_path / "marks"
+    n_queued, n = 80_000, 200
+    with pair.client(heartbeat_interval=HB, liveness=3) as client:
+        held = client.submit_many("echo", [(i,) for i in range(n_queued)], tags=["nowhere"])
+        futs = [client.submit("t.mark", str(marks), f"k{i}", 0.01) for i in range(n)]
+        for f in held[-10:]:
+            f.accepted.wait(120)  # (acknowledged: journaled and replicated)
+        pair.kill("primary")
+        results = [f.result(timeout=180) for f in futs]
+        st = client.status(timeout=30)
+    assert results == [f"k{i}" for i in range(n)]
+    assert max(executions(marks).values()) == 1
+    counters = st["counters"]
+    assert st["ha"]["state"] == "active", st["ha"]
+    assert counters["ha_install_slices"] >= 2 and counters["ha_deferred"] >= 1, counters
+    assert st["tasks"].get("pending", 0) == n_queued and st["fleet"]["satellites"] == 2
