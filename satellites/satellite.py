@@ -1,11 +1,13 @@
 """A satellite: the I/O loop that owns the orchestrator socket, and its worker pool.
 
 The I/O loop never runs a task itself: tasks run in worker processes (see
-:mod:`satellites.pool`), so a CPU-bound task never delays a heartbeat. The
-loop polls the orchestrator DEALER, the workers' ROUTER and every worker's
-process sentinel; after each wake-up it sends heartbeats when due, notices a
-silent orchestrator (and reconnects, to the next endpoint if several are
-given), and hands queued tasks to idle workers.
+:mod:`satellites.pool`), so a CPU-bound task never delays a heartbeat; a kind
+declared light (``inline=True``) runs in the one inline thread
+(:mod:`satellites.inline`), which cannot be killed. The loop polls the
+orchestrator DEALER, the workers' ROUTER, the inline thread's PAIR and every
+worker's process sentinel; after each wake-up it sends heartbeats when due,
+notices a silent orchestrator (and reconnects, to the next endpoint if several
+are given), and hands queued tasks to idle workers (light ones to the thread).
 
 Example::
 

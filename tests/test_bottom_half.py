@@ -172,7 +172,7 @@ def test_a_worker_killed_like_the_oom_killer_kills_costs_a_worker_not_the_satell
 def test_a_running_task_given_up_on_ends_its_worker_process(cluster: LocalCluster, tmp_path: Path, how: str) -> None:
     c = cluster.client()
     pidfile = tmp_path / "pid"
-    limits = {"timeout": {"timeout": 3.0}, "max_run": {"max_run": 1.0}}.get(how, {})
+    limits: dict[str, Any] = {"timeout": {"timeout": 3.0}, "max_run": {"max_run": 1.0}}.get(how, {})
     fut = c.submit("bh.park", str(pidfile), 60.0, **limits)
     pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the task started"))
     assert running(pid)
@@ -196,6 +196,26 @@ def test_a_light_task_that_ends_the_interpreter_ends_its_satellite() -> None:
         c.submit("bh.inline_exit", 3)
         assert satellite.wait(30) == 3  # the satellite process itself exited
         wait_for(lambda: c.status()["counters"].get("satellites_lost", 0) == 1, 30, "the satellite was lost")
+
+
+def test_a_light_task_given_up_on_is_answered_while_its_handler_still_runs(tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    with bus() as cluster:
+        c = cluster.client()
+        satellite = cluster.satellites[0].pid
+        held = c.submit("bh.inline_block", str(flag))
+        wait_for(lambda: c.show(held.task_id)["state"] == "running", 30, "the light task runs")
+        assert c.cancel(held.task_id)["cancelled"] is True
+        with pytest.raises(TaskFailed) as e:
+            held.result(30)
+        assert e.value.type == "Cancelled"  # answered although the handler cannot have returned: no flag yet
+        # the satellite's own answer to the ABORT (DONE, Cancelled) comes for an attempt already taken back
+        stale = wait_for(lambda: c.status()["counters"].get("stale_results", 0), 30, "the satellite answered")
+        assert c.submit("bh.inline_pid").result(30) != satellite  # the thread is still held: a worker runs it
+        flag.touch()  # the handler returns; the satellite drops its result
+        wait_for(lambda: c.submit("bh.inline_pid").result(30) == satellite, 30, "light tasks inline again")
+        assert c.show(held.task_id)["state"] == "cancelled"
+        assert c.status()["counters"].get("stale_results", 0) == stale  # the late result was never sent
 
 
 def test_light_tasks_never_wait_behind_a_light_task_that_is_not(tmp_path: Path) -> None:

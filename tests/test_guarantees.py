@@ -139,8 +139,9 @@ def test_an_ack_waits_for_the_passive_only_with_synchronous_replication(replicat
     """The passive frozen (SIGSTOP): the active counts on it for two more --ha-heartbeat (3 s here),
     then falls back to local durability for good (the passive stays frozen). With ``sync`` nothing is
     acknowledged while it counts on it; with ``async`` every result comes meanwhile."""
-    with LocalPair(satellites=1, workers=2, heartbeat_interval=FAST_HB, liveness=3, ha_heartbeat=3.0,
-                   replication=replication, durability="batch", env=TEST_ENV, log_level="ERROR") as pair:
+    pair = LocalPair(satellites=1, workers=2, heartbeat_interval=FAST_HB, liveness=3, ha_heartbeat=3.0,
+                     replication=replication, durability="batch", env=TEST_ENV, log_level="ERROR")
+    with pair:
         pair.wait_state("backup", "passive", timeout=60)
         backup = pair.servers["backup"]
         assert backup is not None
@@ -251,10 +252,9 @@ def test_without_a_journal_a_living_client_resends_what_a_killed_orchestrator_ha
         cluster.orchestrator.kill()  # SIGKILL, no journal: the new orchestrator knows nothing of them
         cluster.orchestrator.wait(10)
         cluster.start_orchestrator(bind=cluster.endpoint, pub=cluster.pub_endpoint)
-        assert c.status()["counters"].get("submitted", 0) in (0, 5)  # (0: before the client resent them)
         cluster.add_satellite("late")
         assert [f.result(timeout=60) for f in futs] == [f"k{i}" for i in range(5)]
-        assert c.status()["counters"]["duplicate_submits"] == 0  # accepted anew, from the resend
+        assert c.status()["counters"]["submitted"] == 5  # the new orchestrator had them from the client
     assert marks(path) == {f"k{i}": 1 for i in range(5)}
 
 

@@ -227,7 +227,8 @@ class Client:
         and kills its worker; ``ttl``: seconds it may wait in the queue (``Expired``);
         ``max_run``: seconds it may run once started (``MaxRunTime``); ``duration``: the seconds
         it is expected to run (only satellites whose allocation lasts that long get it). ``task_id``: your own
-        unique id (submitting the same id twice runs the task once). The future's exception is
+        unique id (submitting the same id twice runs the task once, while the orchestrator still holds
+        the task: after its result left ``--result-retention``, the id is new again). The future's exception is
         :class:`~orchester.TaskFailed` when the task fails, :class:`~orchester.RemoteError` when
         it is refused.
 
