@@ -305,3 +305,14 @@ def test_an_async_future_awaited_before_it_is_passed_by_reference_is_fetched() -
 
     sent = asyncio.run(main())
     assert len(sent) == 1 and sent[0][1] == P.FETCH
+
+
+def test_the_fleet_of_a_status_is_read_also_from_an_orchestrator_that_lists_every_satellite() -> None:
+    from orchester.client.status import fleet_of
+
+    summed = {"fleet": {"satellites": 3, "states": {"idle": 3}, "kinds": {"echo": 3}, "versions": {}}}
+    assert fleet_of(summed) is summed["fleet"]
+    older = {"satellites": [{"state": "idle", "kinds": ["echo", "genx.fit"], "versions": {"genx.fit": "3.8.13"}},
+                            {"state": "busy", "kinds": ["echo"], "versions": {}}, "junk"]}
+    assert fleet_of(older) == {"satellites": 2, "states": {"idle": 1, "busy": 1}, "kinds": {"echo": 2, "genx.fit": 1},
+                               "versions": {"genx.fit": ["3.8.13"]}}

@@ -438,6 +438,27 @@ def test_status_lists_a_page_of_satellites_and_sums_up_the_whole_fleet() -> None
     assert status(after="sat248")["satellites"][0]["id"] == "sat249"
 
 
+def test_a_status_names_the_kinds_most_offered_and_sums_a_large_fleet_up_once_a_second() -> None:
+    h = Harness()
+    h.register("wide", kinds=tuple(f"k{i:03d}" for i in range(200)))
+    for i in range(1001):
+        h.register(f"sat{i:04d}")
+    h.tick()
+
+    def status() -> dict[str, Any]:
+        h.send(C, b"c", P.STATUS, {"sats": 5})
+        return dict(unpack(of(h.tick(), P.REPLY)[0][3]))
+
+    fleet = status()["fleet"]
+    assert fleet["kinds_offered"] == 201 and len(fleet["kinds"]) == 64 and fleet["kinds"]["echo"] == 1001
+    assert fleet["satellites"] == 1002
+    h.register("sat9999")  # a fleet this large is summed up again a second later; its list is up to date
+    st = status()
+    assert st["fleet"]["satellites"] == 1002 and st["satellites"][0]["id"] == "sat0000"
+    h.now += 1.1
+    assert status()["fleet"]["satellites"] == 1003
+
+
 @pytest.mark.parametrize("hdr", [{"sats": -1}, {"sats": 1001}, {"sats": "all"}, {"sats": True}, {"sats": 1.5},
                                  {"after": ""}, {"after": "x" * 500}, {"after": 7}])
 def test_a_status_page_out_of_range_is_refused(hdr: dict[str, Any]) -> None:

@@ -142,28 +142,62 @@ def test_a_large_takeover_installs_a_slice_per_wake_up_and_keeps_the_waiting_pee
     assert half.next_wakeup(0.0) == 0.0  # the loop goes round at once
     status = [P.SIGNATURE, P.STATUS, pack({"rid": 7})]
     submit = [P.SIGNATURE, P.SUBMIT, pack({"id": "t00003", "k": "echo", "c": "msgpack"}), b"\x91\xc0"]
-    half.defer("router", [b"client-1", *status], None)
-    half.defer("router", [b"client-1", *submit], None)  # a resend of one it holds: handled as one it holds
+    half.defer("router", [b"client-1", *status], None, 0.0)
+    half.defer("router", [b"client-1", *submit], None, 0.0)  # a resend of one it holds: handled as one it holds
     half.core.outbox.take_messages()
-    slices, beats, replies = 1, [], []
+    slices, beats = 1, []
     now = 0.0
     while half.installing is not None:
         now += 0.3
         half.install_step(now)
         slices += 1
         sent = half.core.outbox.take_messages()
-        if half.installing is None:
-            replies = sent  # what the deferred messages were answered
-        else:
-            assert all(m[2] == P.HEARTBEAT for _, m, _ in sent)
-            beats += [m for _, m, _ in sent]
+        assert all(m[2] == P.HEARTBEAT for _, m, _ in sent)
+        beats += [m for _, m, _ in sent]
         assert slices <= n // 100 + 1
     assert slices == n // 100 + 1  # (the last slice finds nothing more, then ends it)
     assert all(b[0] == b"client-1" and unpack(b[3])["e"] == half.core.state.epoch for b in beats)
     assert 10 <= len(beats) <= 16  # once an interval (1 s), not once per slice (0.3 s)
-    assert isinstance(half.role, Leader) and len(half.core.state.tasks) == n and not half.deferred
+    assert isinstance(half.role, Leader) and len(half.core.state.tasks) == n
+    assert half.holding and len(half.deferred) == 2  # what was held is handled from the next wake-up on
+    half.replay_step(now)
+    assert not half.holding and not half.deferred and half.deferred_bytes == 0
+    replies = half.core.outbox.take_messages()
     kinds = [m[2] for _, m, _ in replies]
     assert kinds[0] == P.REPLY and unpack(replies[0][1][3])["rid"] == 7  # in the order they came
     counters = half.core.state.counters
     assert counters["duplicate_submits"] == 1 and counters["submitted"] == 0  # the resend: one it holds
     assert counters["ha_deferred"] == 2
+
+
+def test_what_a_takeover_held_is_handled_a_slice_at_a_time_rated_as_it_came(
+        pair: tuple[Pair, zmq.Socket[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held messages go in slices, in order, the peers still waiting kept alive between slices; a
+    sender's request rate counts each held message when it came, not when the held ones are handled."""
+    from orchester.ha import pair as pair_module
+    from serializers import protocol as P
+    from serializers.header import unpack
+
+    half, _ = pair
+    half.fold.add(["S", "t0", b"c", pack({"id": "t0", "k": "echo"}), [b"x"], 1.0, None])
+    monkeypatch.setattr(pair_module, "INSTALL_SLICE", -1.0)  # 64 messages per slice, whatever the clock says
+    assert half.promote(False, 0.0)["state"] == "active" and half.installing is None  # small: at once
+    rate = half.core.cfg.request_rate
+    n = int(rate * 4)  # four seconds of statuses at the highest rate a client is allowed, held back
+    for i in range(n):
+        half.defer("router", [b"client-1", P.SIGNATURE, P.STATUS, pack({"rid": i})], None, i / rate)
+    assert half.holding and half.deferred_bytes > 0
+    half.core.outbox.take_messages()
+    rids, beats, now = [], 0, 4.0
+    for _ in range(n):
+        half.replay_step(now)
+        for _, m, _ in half.core.outbox.take_messages():
+            if m[2] == P.REPLY:
+                rids.append(unpack(m[3])["rid"])
+            elif m[2] == P.HEARTBEAT:
+                beats += 1
+        if not half.holding:
+            break
+        now += 0.5
+    assert rids == list(range(n)) and half.core.state.counters["rate_limited"] == 0
+    assert beats >= 1 and half.deferred_bytes == 0

@@ -251,3 +251,14 @@ def test_a_satellite_alone_backs_off_from_its_second_silence() -> None:
         t += sat.patience + 0.01
         assert sat.check(t) is not None and sat.current == A
     assert factors == [1, 2, 4, 8, 8]
+
+
+def test_a_peer_that_waits_for_nothing_ends_its_back_off() -> None:
+    up = pair()
+    t = 100.0
+    for _ in range(4):
+        t += up.patience + 0.01
+        assert up.check(t, waiting=True) is not None
+    assert up.backoff == 4
+    assert up.check(t + 1.0, waiting=False) is None  # idle: its next request is patient as a first one
+    assert up.backoff == 1 and 3.0 <= up.patience <= 3.75

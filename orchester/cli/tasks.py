@@ -20,6 +20,7 @@ from orchester.cli.common import (
     unreachable,
     wait_for,
 )
+from orchester.client.status import fleet_of
 from serializers.codecs import Ref
 from serializers.messages import MAX_CORES, MAX_SATELLITES_PAGE
 
@@ -63,7 +64,7 @@ def submit(kind: str, args: tuple[str, ...], connect: tuple[str, ...], priority:
             st = client.status(timeout=timeout)
         except Unreachable:
             unreachable(connect, timeout)
-        if not st["fleet"]["satellites"]:  # said once; the task waits in the queue for the first one
+        if not fleet_of(st)["satellites"]:  # said once; the task waits in the queue for the first one
             click.echo(f"warning: no satellite is connected to the orchestrator at {', '.join(connect)}: the task "
                        + ("waits in its queue until one connects" if no_wait else
                           "waits until one connects (Ctrl-C stops waiting; the task stays queued)"), err=True)

@@ -233,8 +233,8 @@ class Uplink(Generic[S]):
         pending; a satellite always): only then does a silence count. The caller connects to
         :attr:`current` with :meth:`open` and says the vote in its first message.
         """
-        if not waiting:
-            self.last_heard = now
+        if not waiting:  # (nothing expected: no silence, and no back-off for the next request)
+            self.heard(now)
         silent = now - self.last_heard
         if waiting and silent > self.patience and (self.alternatives or self.reconnect_alone):
             return self._move(now, vote=True, silent_for=silent)

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from orchester.client.status import fleet_of
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError, RemoteError, TaskFailed
 from orchester.genx.fits import FitCache, FitSettings, fit_key, provenance, settings_from, write_outputs, write_summary
@@ -31,7 +32,7 @@ from orchester.signals import Interrupted, interrupt_exit_code, shielded, signal
 
 def genx_version(client: Client) -> str | None:
     """The GenX version the satellites report for ``genx.fit`` (``None``: none, or several differ)."""
-    versions = client.status(satellites=0)["fleet"]["versions"].get("genx.fit", [])
+    versions = fleet_of(client.status(satellites=0))["versions"].get("genx.fit", [])
     return versions[0] if len(versions) == 1 else None
 
 
@@ -101,7 +102,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
     """
     version = genx_version(client)
     if version is None:
-        if not client.status(satellites=0)["fleet"]["kinds"].get("genx.fit"):
+        if not fleet_of(client.status(satellites=0))["kinds"].get("genx.fit"):
             raise OrchesterError("no satellite offers genx.fit: install GenX on the satellites "
                                  "(pip install --no-deps genx3 and the 'genx' extra)")
         cache = None  # satellites disagree on the GenX version: a cached result could be another's

@@ -25,6 +25,7 @@ durability and says so. Requests reaching a server that is not active are
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -50,14 +51,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orchester.ha")
 
+
+def _size(frames: list[Any]) -> int:
+    """Bytes of a message's frames."""
+    return sum(len(f) for f in frames)
+
 #: Seconds of peer messages handled per wake-up (a passive folding a large snapshot still beats).
 DRAIN_SLICE = 0.05
 #: Seconds of a takeover's installation per wake-up (the table of a million tasks takes seconds: meanwhile the
 #: loop goes round, and the peers that wait hear from this server).
 INSTALL_SLICE = 0.1
-#: Messages held back while a takeover installs its table; past it the routers are not read (ZeroMQ's
-#: high-water marks push back) until the installation ends.
+#: Messages, and bytes, held back while a takeover installs its table; past either the routers are not read
+#: (ZeroMQ's high-water marks push back) until the held messages are handled.
 MAX_DEFERRED = 200_000
+MAX_DEFERRED_BYTES = 256 << 20
 
 
 class Pair:
@@ -109,9 +116,13 @@ class Pair:
         self._next_state = now
         #: a takeover's table being installed, a slice per wake-up (None: none, or done)
         self.installing: Installation | None = None
-        #: the messages that came while it was: ``(socket, frames, user)``, handled in order once it is done
-        self.deferred: list[tuple[Any, list[Any], str | None]] = []
-        self._kept_alive: dict[tuple[Any, bytes], float] = {}  #: (socket, routing id) -> last HEARTBEAT sent there
+        #: the messages that came while it was (and while those were handled): ``(socket, frames, user, when)``,
+        #: handled in order, a slice per wake-up, once it is done
+        self.deferred: collections.deque[tuple[Any, list[Any], str | None, float]] = collections.deque()
+        self.deferred_bytes = 0
+        #: (socket, routing id) of each peer whose message is held -> when it last heard a HEARTBEAT from here
+        self._waiting: dict[tuple[Any, bytes], float] = {}
+        self._next_keep_alive = 0.0
         self._activated_from = HAState.PASSIVE
         #: the current role: replication in until this server is active, replication out from then on
         self.role: Follower | Leader = Follower(
@@ -303,7 +314,7 @@ class Pair:
 
     def install_step(self, now: float) -> None:
         """One slice of a takeover's installation (:data:`INSTALL_SLICE` seconds); when it ends, serve: the
-        Leader role, then the messages deferred meanwhile, in the order they came."""
+        Leader role; the messages held meanwhile are handled from the next wake-up (:meth:`replay_step`)."""
         installing, core = self.installing, self.core
         assert installing is not None
         if not installing.step(now, time.monotonic() + INSTALL_SLICE):
@@ -321,37 +332,68 @@ class Pair:
                     counts.get("reclaimable", 0),
                     f"; installed in {installing.slices} slices, {len(self.deferred)} message(s) held meanwhile"
                     if installing.slices > 1 else "")
-        deferred, self.deferred = self.deferred, []
-        self._kept_alive.clear()
-        for sock, frames, user in deferred:
-            core.handle(sock, frames, now, user)
+        if not self.deferred:  # (a small table, installed at once: nothing was held)
+            self._waiting.clear()
 
-    def defer(self, sock: Any, frames: list[Any], user: str | None) -> None:
-        """A message that came while a takeover installs its table: handled once it is done."""
-        self.deferred.append((sock, frames, user))
+    @property
+    def holding(self) -> bool:
+        """Whether requests are held back: a takeover installs its table, or the messages held meanwhile are
+        still being handled (a newer one waits behind them, in order)."""
+        return self.installing is not None or bool(self.deferred)
+
+    def replay_step(self, now: float) -> None:
+        """Handle held messages, in the order they came, for at most :data:`INSTALL_SLICE` seconds (each with
+        its time of arrival for its sender's request rate); keep the peers whose messages still wait."""
+        deferred, handle = self.deferred, self.core.handle
+        until = time.monotonic() + INSTALL_SLICE
+        n = 0
+        while deferred:
+            sock, frames, user, when = deferred.popleft()
+            self.deferred_bytes -= _size(frames)
+            handle(sock, frames, now, user, when)
+            n += 1
+            if n % 64 == 0 and time.monotonic() >= until:
+                break
+        if deferred:
+            self._keep_alive(now)
+        else:
+            self._waiting.clear()
+            self.deferred_bytes = 0
+
+    def defer(self, sock: Any, frames: list[Any], user: str | None, now: float) -> None:
+        """A message that came while requests are held back (:attr:`holding`): handled later, in order."""
+        self.deferred.append((sock, frames, user, now))
+        self.deferred_bytes += _size(frames)
         self.counters["ha_deferred"] += 1
+        key = (sock, bytes(frames[0]))
+        if key not in self._waiting:
+            self._waiting[key] = float("-inf")
 
     @property
     def deferring_full(self) -> bool:
-        """Whether :data:`MAX_DEFERRED` messages wait already (the routers are left unread meanwhile)."""
-        return len(self.deferred) >= MAX_DEFERRED
+        """Whether :data:`MAX_DEFERRED` messages or :data:`MAX_DEFERRED_BYTES` bytes are held already (the routers
+        are left unread meanwhile)."""
+        return len(self.deferred) >= MAX_DEFERRED or self.deferred_bytes >= MAX_DEFERRED_BYTES
 
     def _keep_alive(self, now: float) -> None:
-        """A ``HEARTBEAT`` to each peer whose message waits, once an interval: it hears from this server (a
+        """A ``HEARTBEAT`` to each peer whose message is held, once an interval: it hears from this server (a
         satellite waiting for its ``WELCOME``, a client for its answer) and does not give up on it."""
-        beat, every, kept = None, self.core.cfg.heartbeat_interval, self._kept_alive
-        for sock, frames, _ in self.deferred[-10_000:]:  # (the newest: each waiting peer sent one lately)
-            key = (sock, bytes(frames[0]))
-            if now - kept.get(key, float("-inf")) >= every:
-                kept[key] = now
-                beat = beat or M.beat(P.HEARTBEAT, self.core.state.epoch)
-                self.core.outbox.messages.append((sock, [key[1], *beat], None))
+        if now < self._next_keep_alive:
+            return
+        every = self.core.cfg.heartbeat_interval
+        self._next_keep_alive = now + every / 2
+        beat = M.beat(P.HEARTBEAT, self.core.state.epoch)
+        out = self.core.outbox.messages
+        for key, last in self._waiting.items():
+            if now - last >= every:
+                self._waiting[key] = now
+                out.append((key[0], [key[1], *beat], None))
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
         leader = self.leader
-        if self.installing is not None or (leader is not None and leader.sending):
-            return 0.0  # the rest of a takeover's table to install, or of a snapshot to send
+        if self.holding or (leader is not None and leader.sending):
+            return 0.0  # the rest of a takeover's table to install or of what it held, or of a snapshot to send
         due = self._next_state
         if leader is not None and leader.streaming:
             due = min(due, self.star.peer_expiry)

@@ -41,6 +41,7 @@ from collections.abc import Iterable, Sequence
 from importlib.machinery import PathFinder
 from typing import Any
 
+from orchester.client.status import fleet_of
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError
 from orchester.signals import parent_death_signal, shielded
@@ -317,7 +318,7 @@ class LocalCluster:
                         raise ClusterError(f"satellite exited with {p.returncode} at start")
                 try:
                     st = c.status(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-                    if st["fleet"]["satellites"] >= n:
+                    if fleet_of(st)["satellites"] >= n:
                         return
                 except OrchesterError:  # not up yet: the deadline below bounds the wait
                     pass

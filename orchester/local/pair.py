@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from orchester.client.status import fleet_of
 from orchester.client.sync import Client
 from orchester.errors import OrchesterError
 from orchester.local.cluster import ClusterError, LocalCluster
@@ -109,7 +110,7 @@ class LocalPair(LocalCluster):
             except OrchesterError:
                 return None
         ha = st.get("ha")
-        return {**ha, "satellites": st["fleet"]["satellites"]} if isinstance(ha, dict) else None
+        return {**ha, "satellites": fleet_of(st)["satellites"]} if isinstance(ha, dict) else None
 
     def active_role(self) -> str | None:
         """The role of the server that says it is active, if one does."""

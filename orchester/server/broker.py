@@ -57,6 +57,8 @@ log = logging.getLogger("orchester")
 
 #: Payload bytes the journal may have queued before the broker stops reading new messages.
 JOURNAL_BACKLOG = 32 << 20
+#: While a takeover holds requests back, a wake-up reads this many times ``--batch`` messages per router.
+HOLDING_READS = 16
 #: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
 MUTE_SECONDS = 60.0
 #: What the orchestrator sends batched to one peer: what a task's course produces, bounded by what the peer
@@ -378,8 +380,8 @@ class Broker:
                 self._unread = self._journal_full  # (backpressure: the routers are not read this time)
                 for sock, _ in ready:
                     self._handlers[sock](sock, now)
-                if not self._unread:  # every message that had come was read: silences are counted to now
-                    core.state.read_until = now
+                if not self._unread and not (pair is not None and pair.holding):
+                    core.state.read_until = now  # every message that had come was handled: silences count to now
                 if not self._after_wakeup(now):
                     break
 
@@ -403,9 +405,12 @@ class Broker:
         frames: list[Any]
         drained = False
         budget = self.config.batch  # messages per wake-up, those a BATCH carries counted one by one
+        holding = pair is not None and pair.holding
+        if holding:
+            budget *= HOLDING_READS  # (held back, a message costs an append: the senders' ids are known sooner)
         while budget > 0:
-            if pair is not None and pair.installing is not None and pair.deferring_full:
-                break  # a takeover installs its table: enough waits already (the high-water marks push back)
+            if holding and pair is not None and pair.deferring_full:
+                break  # a takeover holds requests: enough wait already (the high-water marks push back)
             user = None
             try:
                 if secure:
@@ -430,8 +435,8 @@ class Broker:
             for message in messages:  # a passive server of a pair looks at each (a vote may be any of them)
                 if pair is not None and not pair.star.serving and not pair.gatekeep(sock, message, now):
                     continue
-                if pair is not None and pair.installing is not None:  # (a vote above may have started it)
-                    pair.defer(sock, message, user)
+                if pair is not None and pair.holding:  # (a vote above may have started it)
+                    pair.defer(sock, message, user, now)
                     continue
                 handle(sock, message, now, user)
         if not drained:  # a whole batch: more may wait (silences are not counted past the last full read)
@@ -472,9 +477,8 @@ class Broker:
                 return False
             if pair.installing is not None:  # a takeover: its table a slice at a time, the waiting peers kept
                 pair.install_step(now)
-                if pair.installing is not None:
-                    self._flush(now)
-                    return True
+            elif pair.deferred:  # then what came meanwhile, a slice at a time, in order
+                pair.replay_step(now)
         if self._revoked:
             revoked, self._revoked = self._revoked, set()
             self._revoke(revoked)
@@ -484,9 +488,12 @@ class Broker:
         if self._events_reopened and now >= self._next_events_retry:
             self._next_events_retry = now + 1.0
             self._retry_events()
-        core.housekeeping(now)
+        installing = pair is not None and pair.installing is not None
+        if not installing:  # (while a takeover installs its table, its timers and satellites wait for it)
+            core.housekeeping(now)
         self._flush(now)
-        self.heap.tick(now)
+        if not installing:
+            self.heap.tick(now)
         if self.metrics is not None and now >= self._next_report:
             self._next_report = now + self.config.metrics_interval
             self._report(now)

@@ -109,11 +109,14 @@ class Orchestrator:
         }
 
     # ------------------------------------------------------------------ input
-    def handle(self, sock: Any, frames: list[Any], now: float, user: str | None = None) -> None:
+    def handle(self, sock: Any, frames: list[Any], now: float, user: str | None = None,
+               arrived: float | None = None) -> None:
         """Handle one message received on a ROUTER socket (``frames[0]`` is the identity); a ``BATCH``, each
         of the messages it carries.
 
-        ``user``: the name of the key the sender authenticated with (CurveZMQ), if any.
+        ``user``: the name of the key the sender authenticated with (CurveZMQ), if any. ``arrived``: when a
+        message held back (a takeover installing its table) came; its sender's request rate is counted at
+        that time, not at the instant the held messages are handled together.
         """
         ident = bytes(frames[0])
         st = self.state
@@ -128,7 +131,7 @@ class Orchestrator:
                 messages = unbatch(frames, 2)
                 st.counters["batches_in"] += 1
                 for message in messages:
-                    self.handle(sock, message, now, user)
+                    self.handle(sock, message, now, user, arrived)
                 return
             handler = self._handlers.get(cmd)
             if handler is None:
@@ -139,7 +142,7 @@ class Orchestrator:
                 self.requests.authorise(cmd, user)
                 if user is not None:
                     st.conns.bind(ident, user, now)  # refuses another key on this identity
-            if cmd in RATED and not st.rate.take(user or ident, now):
+            if cmd in RATED and not st.rate.take(user or ident, now if arrived is None else arrived):
                 st.counters["rate_limited"] += 1
                 raise ProtocolError(P.E_BUSY, f"too many requests: at most {self.cfg.request_rate:g} a second "
                                     "(--request-rate); retry later")

@@ -154,6 +154,7 @@ class Fleet:
         self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
         self._order = itertools.count()
         self.heap_from = self.HEAP_FROM
+        self.members = 0  #: counts the satellites that came and went (a list of them sorted once stays valid)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -168,6 +169,7 @@ class Fleet:
                 self.remove(old)
         self.by_id[sat.sid] = sat
         self.by_ident[sat.ident] = sat
+        self.members += 1
         self.by_silence.pop(sat, None)
         self.by_silence[sat] = None
         self.free_slots += sat.free
@@ -180,6 +182,7 @@ class Fleet:
         """Forget a satellite (its tasks must already have been requeued)."""
         if self.by_id.get(sat.sid) is sat:
             del self.by_id[sat.sid]
+            self.members += 1
             self.free_slots -= sat.free
             for kind in sat.kinds:
                 n = self._kind_count.get(kind, 0) - 1
@@ -296,9 +299,17 @@ class Fleet:
         """Whether any registered satellite offers ``kind``."""
         return kind in self._kind_count
 
-    def kind_counts(self) -> dict[str, int]:
-        """How many registered satellites offer each kind."""
-        return dict(sorted(self._kind_count.items()))
+    def kind_counts(self, most: int) -> dict[str, int]:
+        """How many registered satellites offer each kind: the ``most`` kinds offered by most satellites."""
+        counts = self._kind_count
+        if len(counts) > most:
+            return dict(heapq.nlargest(most, counts.items(), key=lambda kv: (kv[1], kv[0])))
+        return dict(sorted(counts.items()))
+
+    @property
+    def kinds_offered(self) -> int:
+        """How many kinds the satellites offer together."""
+        return len(self._kind_count)
 
     def kinds(self) -> frozenset[str]:
         """Every kind offered by some satellite."""

@@ -111,7 +111,7 @@ class RequestRate:
         if self.rate <= 0:
             return True
         tokens, when = self._buckets.get(caller, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - when) * self.rate)
+        tokens = min(self.burst, tokens + max(0.0, now - when) * self.rate)  # (a held message may be older)
         if tokens < 1.0:
             self._buckets[caller] = (tokens, now)
             return False

@@ -7,6 +7,7 @@ CurveZMQ is on, and never touch a socket.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 from collections import Counter
@@ -45,9 +46,14 @@ MAX_AUTOSCALERS = 16
 JOBS_REPORT_TTL = 120.0
 #: Satellites a status lists under one job (``status --json``'s satellites show each one's job).
 SATELLITES_PER_JOB_SHOWN = 64
-#: Hosts a status names with their satellite counts (the ones with most), and versions of one kind it lists.
+#: Hosts a status names with their satellite counts (the ones with most), kinds it counts the satellites of (the
+#: ones most offer), versions of a kind it lists (of at most as many kinds).
 HOSTS_SHOWN = 16
+KINDS_SHOWN = 64
 VERSIONS_SHOWN = 16
+#: A fleet larger than this is summed up again at most once a SUMMARY_TTL seconds (a smaller one at every status).
+SUMMARY_FRESH = 1000
+SUMMARY_TTL = 1.0
 #: Task ids of a satellite's running tasks a status shows (to an admin, or without keys).
 RUNNING_SHOWN = 8
 #: Dependencies and dependents whose kind and state ``show`` gives (the web page draws them).
@@ -87,6 +93,8 @@ class Requests:
         self.life = life
         self.outbox = outbox
         self.ports = ports
+        self._sorted: tuple[int, list[str]] = (-1, [])  #: (the fleet's ``members`` then, its ids sorted)
+        self._summary: tuple[float, dict[str, Any] | None] = (float("-inf"), None)  #: (when, the fleet summed up)
 
     def authorise(self, cmd: bytes, user: str | None) -> None:
         """Refuse a command the sender's key may not give (CurveZMQ on)."""
@@ -415,7 +423,7 @@ class Requests:
         if self.ports.identify is None or self.is_admin():  # the tasks running now (ids: of anyone's tasks)
             for d, s in zip(described, page, strict=True):
                 d["running"] = list(itertools.islice(s.inflight, RUNNING_SHOWN))
-        summary = self.fleet_summary()
+        summary = self.fleet_summary(now)
         return {
             "epoch": self.state.epoch, "uptime": round(now - self.state.started, 3), "pub": self.ports.pub_endpoints(),
             "strategy": self.state.strategy.name, "tasks": states_of(self.state.state_counts),
@@ -433,16 +441,34 @@ class Requests:
         }
 
     def satellites_page(self, sats: int, after: str | None) -> tuple[list[SatelliteRecord], bool]:
-        """At most ``sats`` satellites whose id sorts after ``after``, in id order, and whether more follow."""
-        ids = sorted(self.state.fleet.by_id) if after is None else sorted(
-            sid for sid in self.state.fleet.by_id if sid > after)
-        by_id = self.state.fleet.by_id
-        return [by_id[sid] for sid in ids[:sats]], len(ids) > sats
+        """At most ``sats`` satellites whose id sorts after ``after``, in id order, and whether more follow (the
+        ids sorted once for as long as no satellite comes or goes: a page costs its own length)."""
+        fleet = self.state.fleet
+        if self._sorted[0] != fleet.members:
+            self._sorted = (fleet.members, sorted(fleet.by_id))
+        ids = self._sorted[1]
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        by_id = fleet.by_id
+        return [by_id[sid] for sid in ids[start:start + sats]], len(ids) > start + sats
 
-    def fleet_summary(self) -> dict[str, Any]:
+    def fleet_summary(self, now: float | None = None) -> dict[str, Any]:
+        """:meth:`sum_fleet`, computed again at most once a :data:`SUMMARY_TTL` for a fleet of more than
+        :data:`SUMMARY_FRESH` satellites (a status of 100,000 walks them all: not at every request)."""
+        cached_at, summary = self._summary
+        fleet = self.state.fleet
+        if (now is not None and summary is not None and len(fleet) > SUMMARY_FRESH
+                and now - cached_at < SUMMARY_TTL):
+            return summary
+        summary = self.sum_fleet()
+        self._summary = (now if now is not None else float("-inf"), summary)
+        return summary
+
+    def sum_fleet(self) -> dict[str, Any]:
         """Every satellite summed up: how many, per state, on how many hosts (the busiest named) and in how many
         jobs; their slots, workers, cores and memory, announced and used; the satellites offering each kind and
-        the versions they run of it. (A lost satellite has left the fleet: it is not counted.)"""
+        the versions they run of it (of the :data:`KINDS_SHOWN` kinds most offer; ``kinds_offered`` counts them
+        all). A lost satellite has left the fleet: it is not counted."""
+        kinds = self.state.fleet.kind_counts(KINDS_SHOWN)
         states: Counter[str] = Counter()
         hosts: Counter[str] = Counter()
         jobs: Counter[str] = Counter()
@@ -462,15 +488,16 @@ class Requests:
             memory += sat.memory
             memory_used += sat.mem_used
             for kind, version in sat.versions.items():
-                seen = versions.setdefault(kind, set())
-                if len(seen) < VERSIONS_SHOWN:
-                    seen.add(version)
+                if kind in kinds:
+                    seen = versions.setdefault(kind, set())
+                    if len(seen) < VERSIONS_SHOWN:
+                        seen.add(version)
         return {
             "satellites": len(self.state.fleet), "states": dict(states), "hosts": len(hosts),
             "busiest_hosts": dict(hosts.most_common(HOSTS_SHOWN)), "jobs": len(jobs),
             "slots": slots, "workers": workers, "credit": credit, "free": self.state.fleet.free_slots,
             "inflight": inflight,
             "cores": cores, "cores_used": cores_used, "memory": memory, "memory_used": memory_used,
-            "kinds": self.state.fleet.kind_counts(),
+            "kinds": kinds, "kinds_offered": self.state.fleet.kinds_offered,
             "versions": {kind: sorted(v) for kind, v in sorted(versions.items())},
         }

@@ -199,7 +199,7 @@ class Installation:
         self.slices = 0  #: steps taken
         self.done = False  #: every task installed, and the rest done
         self.counts: dict[str, int] = {}  #: per outcome (``finished``, ``requeued``, ``reclaimable``…)
-        self._items = iter(list(fold.tasks.items()))
+        self._items = iter(fold.tasks.items())  # (no copy: the fold does not change while it is installed)
         self._counts: Counter[str] = Counter()
 
     def step(self, now: float, until: float | None) -> bool:
