@@ -66,6 +66,8 @@ class Half:
         self.pair.tick(now)
         if self.pair.installing is not None:  # a takeover: a slice of the table per wake-up, as the broker does
             self.pair.install_step(now)
+        elif self.pair.retiring is not None:
+            self.pair.retire_step()
         self.seq += len(self.core.outbox.records)  # queued tasks: their records are in the snapshot
         self.core.outbox.records.clear()
         self.pair.flush()
@@ -105,16 +107,17 @@ def pair_run(n: int, payload: bytes, slice_s: float, tmp: str) -> dict[str, floa
                         "takeover_longest": float("nan")}
             time.sleep(0.0005)
         synced = time.perf_counter() - start
+        passive = b.longest
         # the active is gone: the passive is promoted and installs the table, woken as the broker wakes it
         t0 = time.perf_counter()
         b.pair.promote(True, time.monotonic())
         first = time.perf_counter() - t0
         b.longest = 0.0
-        while b.pair.installing is not None:
+        while b.pair.installing is not None or b.pair.retiring is not None:
             b.wake()
         takeover = time.perf_counter() - t0
         assert len(b.core.state.tasks) == n and b.pair.leader is not None
-        return {"longest": a.longest, "passive": b.longest, "synced": synced, "takeover": takeover,
+        return {"longest": a.longest, "passive": passive, "synced": synced, "takeover": takeover,
                 "takeover_longest": max(first, b.longest)}
     finally:
         a.pair.close()

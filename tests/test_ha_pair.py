@@ -137,6 +137,7 @@ def test_a_large_takeover_installs_a_slice_per_wake_up_and_keeps_the_waiting_pee
         half.fold.add(["S", f"t{i:05d}", b"c", pack({"id": f"t{i:05d}", "k": "echo"}), [b"x"], 1.0, None])
     monkeypatch.setattr(Installation, "CHUNK", 100)
     monkeypatch.setattr(pair_module, "INSTALL_SLICE", -1.0)  # one chunk per slice, whatever the clock says
+    monkeypatch.setattr(pair_module, "RETIRE_AT_ONCE", 1000)  # (and the fold let go of in slices)
     assert half.promote(False, 0.0)["state"] == "active"
     assert half.installing is not None and half.installing.installed == 100 and half.follower is not None
     assert half.next_wakeup(0.0) == 0.0  # the loop goes round at once
@@ -162,6 +163,15 @@ def test_a_large_takeover_installs_a_slice_per_wake_up_and_keeps_the_waiting_pee
     assert half.holding and len(half.deferred) == 2  # what was held is handled from the next wake-up on
     half.replay_step(now)
     assert not half.holding and not half.deferred and half.deferred_bytes == 0
+    fold = half.retiring
+    assert fold is not None and len(fold.tasks) == n and half.next_wakeup(now) == 0.0
+    half.retire_step()  # 4,096 entries, then the clock (past its slice) stops it
+    assert half.retiring is fold and len(fold.tasks) == n - 4096 and len(half.core.state.tasks) == n
+    for _ in range(5):  # (the rest of the tasks, then its histories, 4,096 entries a slice)
+        half.retire_step()
+        if half.retiring is None:
+            break
+    assert half.retiring is None and not fold.tasks and not fold.history
     replies = half.core.outbox.take_messages()
     kinds = [m[2] for _, m, _ in replies]
     assert kinds[0] == P.REPLY and unpack(replies[0][1][3])["rid"] == 7  # in the order they came

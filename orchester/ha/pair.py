@@ -65,6 +65,8 @@ INSTALL_SLICE = 0.1
 #: (ZeroMQ's high-water marks push back) until the held messages are handled.
 MAX_DEFERRED = 200_000
 MAX_DEFERRED_BYTES = 256 << 20
+#: A fold of at most this many tasks is let go of at once when its takeover ends (a larger one, in slices).
+RETIRE_AT_ONCE = 65_536
 
 
 class Pair:
@@ -123,6 +125,9 @@ class Pair:
         #: (socket, routing id) of each peer whose message is held -> when it last heard a HEARTBEAT from here
         self._waiting: dict[tuple[Any, bytes], float] = {}
         self._next_keep_alive = 0.0
+        #: the fold a takeover installed, let go of a slice per wake-up (freeing a million entries at once
+        #: holds the loop for a third of a second)
+        self.retiring: RestoreFold | None = None
         self._activated_from = HAState.PASSIVE
         #: the current role: replication in until this server is active, replication out from then on
         self.role: Follower | Leader = Follower(
@@ -323,6 +328,8 @@ class Pair:
         self.installing = None
         counts = installing.counts
         core.state.counters["ha_install_slices"] += installing.slices
+        if len(installing.fold.tasks) > RETIRE_AT_ONCE:  # (the follower goes with its role, a large fold in slices)
+            self.retiring = installing.fold
         self.role = Leader(core=core, router=self.router, heartbeat=self.star.heartbeat, sync=self.sync,
                            last_seq=self.last_seq, send=self._send, clock=time.perf_counter, now=now)
         if self._activated_from is HAState.PASSIVE:
@@ -334,6 +341,20 @@ class Pair:
                     if installing.slices > 1 else "")
         if not self.deferred:  # (a small table, installed at once: nothing was held)
             self._waiting.clear()
+
+    def retire_step(self) -> None:
+        """Let go of the installed fold's entries for at most :data:`INSTALL_SLICE` seconds (what it shares with
+        the table stays: its own records go)."""
+        fold = self.retiring
+        assert fold is not None
+        until = time.monotonic() + INSTALL_SLICE
+        for table in (fold.tasks, fold.history, fold.results):
+            while table:
+                for _ in range(min(4096, len(table))):
+                    table.popitem()
+                if time.monotonic() >= until:
+                    return
+        self.retiring = None
 
     @property
     def holding(self) -> bool:
@@ -392,8 +413,8 @@ class Pair:
     def next_wakeup(self, now: float) -> float:
         """Seconds until :meth:`tick` has something to do."""
         leader = self.leader
-        if self.holding or (leader is not None and leader.sending):
-            return 0.0  # the rest of a takeover's table to install or of what it held, or of a snapshot to send
+        if self.holding or self.retiring is not None or (leader is not None and leader.sending):
+            return 0.0  # the rest of a takeover (its table, what it held, its fold to let go), or of a snapshot
         due = self._next_state
         if leader is not None and leader.streaming:
             due = min(due, self.star.peer_expiry)

@@ -479,6 +479,8 @@ class Broker:
                 pair.install_step(now)
             elif pair.deferred:  # then what came meanwhile, a slice at a time, in order
                 pair.replay_step(now)
+            elif pair.retiring is not None:  # then the fold it installed, let go of a slice at a time
+                pair.retire_step()
         if self._revoked:
             revoked, self._revoked = self._revoked, set()
             self._revoke(revoked)
