@@ -32,7 +32,7 @@ from orchester.signals import Interrupted, interrupt_exit_code, shielded, signal
 
 def genx_version(client: Client) -> str | None:
     """The GenX version the satellites report for ``genx.fit`` (``None``: none, or several differ)."""
-    versions = fleet_of(client.status(satellites=0))["versions"].get("genx.fit", [])
+    versions = fleet_of(client.status())["versions"].get("genx.fit", [])
     return versions[0] if len(versions) == 1 else None
 
 
@@ -102,7 +102,7 @@ def _run_fits(client: Client, files: Sequence[str | os.PathLike[str]], settings:
     """
     version = genx_version(client)
     if version is None:
-        if not fleet_of(client.status(satellites=0))["kinds"].get("genx.fit"):
+        if not fleet_of(client.status())["kinds"].get("genx.fit"):
             raise OrchesterError("no satellite offers genx.fit: install GenX on the satellites "
                                  "(pip install --no-deps genx3 and the 'genx' extra)")
         cache = None  # satellites disagree on the GenX version: a cached result could be another's
