@@ -6,7 +6,9 @@ import collections
 import os
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,6 +126,24 @@ def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(5)
 
 
+def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``pred`` until it is truthy (bounded by ``timeout`` seconds); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
+        time.sleep(0.05)
+
+
+def executions(path: Path) -> collections.Counter[str]:
+    """How many times each key was run by ``t.mark`` (which appends the key to ``path``)."""
+    if not path.exists():
+        return collections.Counter()
+    return collections.Counter(path.read_text().split())
+
+
 class SimulatedFleet:
     """``n`` satellites speaking ``docs/protocol.rst`` from one thread of this process (a DEALER each): they
     register, beat every ``interval`` seconds, register again when told to, and LEAVE when closed. They offer
@@ -161,8 +181,6 @@ class SimulatedFleet:
         index = {s: i for i, s in enumerate(self._socks)}
         beats = [self._pack({"sid": sid}) for sid in self.sids]
         next_beat = 0.0
-        import time
-
         while not self._stop.is_set():
             for s, _ in poller.poll(50):
                 for _ in range(100):

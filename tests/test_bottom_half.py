@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import wait_for
 
 from orchester import LocalCluster, TaskFailed
 from satellites import task
@@ -100,16 +101,6 @@ def inline_block(flag: str, limit: float = 60.0) -> int:
 
 
 # ------------------------------------------------------------------ helpers
-def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll ``pred`` until it is truthy (bounded); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not met in {timeout} s"
-        time.sleep(0.05)
-
 
 def running(pid: int) -> bool:
     """The process exists and has not ended (a zombie has)."""

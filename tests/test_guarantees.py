@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import FAST_HB, TEST_ENV, Unbatched, broker_config
+from conftest import FAST_HB, TEST_ENV, Unbatched, broker_config, executions, wait_for
 
 from orchester import Client, LocalCluster, RemoteError
 from orchester.journal.wal import SegmentWriter
@@ -31,21 +31,6 @@ from serializers import protocol as P
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def marks(path: Path) -> collections.Counter[str]:
-    """How many times ``t.mark`` ran each key."""
-    return collections.Counter(path.read_text().split()) if path.exists() else collections.Counter()
-
-
-def wait_for(pred: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ when an ACK may go out
@@ -238,7 +223,7 @@ def test_a_killed_clients_tasks_run_once_and_another_client_gets_their_results(t
             assert [c.result(f"orphan-{i}", timeout=30) for i in range(6)] == [f"k{i}" for i in range(6)]
             # submitting an id again (a restarted client) gets the same task, not a second run
             assert c.submit("t.mark", str(path), "k0", 0.3, task_id="orphan-0").result(timeout=30) == "k0"
-    assert marks(path) == {f"k{i}": 1 for i in range(6)}
+    assert executions(path) == {f"k{i}": 1 for i in range(6)}
 
 
 def test_without_a_journal_a_living_client_resends_what_a_killed_orchestrator_had_acknowledged(
@@ -255,7 +240,7 @@ def test_without_a_journal_a_living_client_resends_what_a_killed_orchestrator_ha
         cluster.add_satellite("late")
         assert [f.result(timeout=60) for f in futs] == [f"k{i}" for i in range(5)]
         assert c.status()["counters"]["submitted"] == 5  # the new orchestrator had them from the client
-    assert marks(path) == {f"k{i}": 1 for i in range(5)}
+    assert executions(path) == {f"k{i}": 1 for i in range(5)}
 
 
 def test_a_task_id_is_remembered_only_as_long_as_its_result_is_kept(tmp_path: Path) -> None:
@@ -265,14 +250,14 @@ def test_a_task_id_is_remembered_only_as_long_as_its_result_is_kept(tmp_path: Pa
         with Client(cluster.endpoint) as c:
             assert c.submit("t.mark", str(path), "again", task_id="again").result(timeout=30) == "again"
             assert c.submit("t.mark", str(path), "again", task_id="again").result(timeout=30) == "again"
-            assert marks(path)["again"] == 1  # remembered: answered with the stored result
+            assert executions(path)["again"] == 1  # remembered: answered with the stored result
             for i in range(4):  # newer results push it out of the store (--result-retention 2)
                 c.submit("echo", i).result(timeout=30)
             wait_for(lambda: c.status()["results_retained"] <= 2)
             with pytest.raises(RemoteError):
                 c.show("again")  # forgotten with its result
             assert c.submit("t.mark", str(path), "again", task_id="again").result(timeout=30) == "again"
-    assert marks(path)["again"] == 2  # the same id ran a second time
+    assert executions(path)["again"] == 2  # the same id ran a second time
 
 
 # ------------------------------------------------------------------ the chapter's idempotent kind

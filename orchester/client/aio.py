@@ -39,6 +39,7 @@ from orchester.client.core import (
     task_of_row,
     task_options,
 )
+from orchester.client.status import next_page
 from orchester.client.sync import MAP_WINDOW, reachable_endpoint, unreachable_message
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
@@ -231,8 +232,8 @@ class AsyncClient:
             st = await self.status(timeout, satellites=page, after=after)
             for sat in st["satellites"]:
                 yield sat
-            after = st.get("satellites_next")
-            if not after:
+            after = next_page(st, after)
+            if after is None:
                 return
 
     async def history(self, timeout: float | None = 60.0, **filters: Any) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ from orchester.client.core import (
     task_of_row,
     task_options,
 )
+from orchester.client.status import next_page
 from orchester.client.uplink import Uplink, client_step
 from orchester.config import check_endpoint
 from orchester.errors import ClientClosed, RemoteError, Unreachable
@@ -303,8 +304,8 @@ class Client:
         while True:
             st = self.status(timeout, satellites=page, after=after)
             yield from st["satellites"]
-            after = st.get("satellites_next")
-            if not after:
+            after = next_page(st, after)
+            if after is None:
                 return
 
     def history(self, *, state: str | None = None, kind: str | None = None, since: float | None = None,

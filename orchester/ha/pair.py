@@ -41,6 +41,7 @@ from orchester.ha.leader import Leader
 from orchester.ha.requests import PairRequests
 from orchester.ha.star import DUAL_ACTIVE, BinaryStar, Change, HAState
 from orchester.security.auth import PEER_DOMAIN, secure_client, secure_server
+from orchester.server.lifecycle import _len
 from orchester.server.restore import Installation, RestoreFold
 from serializers import messages as M
 from serializers import protocol as P
@@ -50,11 +51,6 @@ if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
 
 log = logging.getLogger("orchester.ha")
-
-
-def _size(frames: list[Any]) -> int:
-    """Bytes of a message's frames."""
-    return sum(len(f) for f in frames)
 
 #: Seconds of peer messages handled per wake-up (a passive folding a large snapshot still beats).
 DRAIN_SLICE = 0.05
@@ -370,7 +366,7 @@ class Pair:
         n = 0
         while deferred:
             sock, frames, user, when = deferred.popleft()
-            self.deferred_bytes -= _size(frames)
+            self.deferred_bytes -= _len(frames)
             handle(sock, frames, now, user, when)
             n += 1
             if n % 64 == 0 and time.monotonic() >= until:
@@ -379,16 +375,13 @@ class Pair:
             self._keep_alive(now)
         else:
             self._waiting.clear()
-            self.deferred_bytes = 0
 
     def defer(self, sock: Any, frames: list[Any], user: str | None, now: float) -> None:
         """A message that came while requests are held back (:attr:`holding`): handled later, in order."""
         self.deferred.append((sock, frames, user, now))
-        self.deferred_bytes += _size(frames)
+        self.deferred_bytes += _len(frames)
         self.counters["ha_deferred"] += 1
-        key = (sock, bytes(frames[0]))
-        if key not in self._waiting:
-            self._waiting[key] = float("-inf")
+        self._waiting.setdefault((sock, bytes(frames[0])), float("-inf"))
 
     @property
     def deferring_full(self) -> bool:

@@ -31,7 +31,7 @@ from orchester.server.peers import Subscriptions
 from orchester.server.ports import Outbox, Ports
 from orchester.server.requests import Requests
 from orchester.server.state import ServerState
-from orchester.server.tasks import LinkedTask, Task
+from orchester.server.tasks import LinkedTask, Task, new_task
 from serializers import protocol as P
 from serializers.codecs import check_codec_consent
 from serializers.header import (
@@ -236,13 +236,8 @@ class Orchestrator:
                                 f"{' ...' if len(offered) > len(shown) else ''}")
         deps, refs = self._dependencies(sub) if sub.after else (None, ())
         kind, codec = interned.setdefault(kind, kind), interned.setdefault(sub.codec, sub.codec)
-        if deps is None:
-            task = Task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now,
-                        self.state.next_seq(), size)
-        else:
-            task = LinkedTask(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now,
-                              self.state.next_seq(), size, after=sub.after, refs=refs,
-                              run_on_failure=sub.run_on_failure)
+        task = new_task(tid, kind, sub.priority, sub.tags, ident, sock, frames[3], payload, now,
+                        self.state.next_seq(), size, sub.after, refs, sub.run_on_failure)
         task.ttl, task.max_run, task.duration = sub.ttl, sub.max_run, sub.duration
         task.cores, task.memory, task.codec = sub.cores, sub.memory, codec
         task.owner, task.counted = owner, True

@@ -451,16 +451,15 @@ class Requests:
         by_id = fleet.by_id
         return [by_id[sid] for sid in ids[start:start + sats]], len(ids) > start + sats
 
-    def fleet_summary(self, now: float | None = None) -> dict[str, Any]:
+    def fleet_summary(self, now: float) -> dict[str, Any]:
         """:meth:`sum_fleet`, computed again at most once a :data:`SUMMARY_TTL` for a fleet of more than
         :data:`SUMMARY_FRESH` satellites (a status of 100,000 walks them all: not at every request)."""
         cached_at, summary = self._summary
         fleet = self.state.fleet
-        if (now is not None and summary is not None and len(fleet) > SUMMARY_FRESH
-                and now - cached_at < SUMMARY_TTL):
+        if summary is not None and len(fleet) > SUMMARY_FRESH and now - cached_at < SUMMARY_TTL:
             return summary
         summary = self.sum_fleet()
-        self._summary = (now if now is not None else float("-inf"), summary)
+        self._summary = (now, summary)
         return summary
 
     def sum_fleet(self) -> dict[str, Any]:

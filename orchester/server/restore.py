@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchester.journal import records
 from orchester.server.lifecycle import T_DEADLINE, _len
-from orchester.server.tasks import LinkedTask, Task
+from orchester.server.tasks import Task, new_task
 from serializers.header import ProtocolError, unpack
 from serializers.messages import MAX_TASK_HEADER, Submit
 from tracker import TaskState as TS
@@ -175,7 +175,7 @@ class RestoreFold:
         """
         installing = self.installation(core, sock, reclaim)
         installing.step(now, None)
-        return installing.counts
+        return dict(installing.counts)
 
     def installation(self, core: Orchestrator, sock: Any, reclaim: float = 0.0) -> Installation:
         """What :meth:`finish` does, to be done a slice at a time (:class:`Installation`: a takeover of a
@@ -198,9 +198,8 @@ class Installation:
         self.installed = 0  #: tasks installed so far
         self.slices = 0  #: steps taken
         self.done = False  #: every task installed, and the rest done
-        self.counts: dict[str, int] = {}  #: per outcome (``finished``, ``requeued``, ``reclaimable``…)
+        self.counts: Counter[str] = Counter()  #: per outcome (``finished``, ``requeued``, ``reclaimable``…)
         self._items = iter(fold.tasks.items())  # (no copy: the fold does not change while it is installed)
-        self._counts: Counter[str] = Counter()
 
     def step(self, now: float, until: float | None) -> bool:
         """Install tasks until the monotonic clock (:func:`time.monotonic`) passes ``until`` (``None``: all of
@@ -226,22 +225,18 @@ class Installation:
         core.state.reclaim_until = max(core.state.reclaim_until, now + self.reclaim)
         core.state.counters["journal_restored"] += self.total
         core.state.counters["journal_bad_records"] += fold.bad
-        self.counts = dict(self._counts)
         self.done = True
         return True
 
     def _install(self, now: float, limit: int) -> int:
         """Install up to ``limit`` more tasks; how many."""
         core, sock, history, results = self.core, self.sock, self.fold.history, self.fold.results
-        counts, reclaim, state, install = self._counts, self.reclaim > 0, core.state, core.life.install
+        counts, reclaim, state, install = self.counts, self.reclaim > 0, core.state, core.life.install
         n = 0
         for tid, (sub, last, hdr) in self._items:
             payload = list(sub.payload)
-            t = Task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
-                     state.next_seq(), _len(payload)) if not hdr.after else LinkedTask(
-                tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
-                state.next_seq(), _len(payload), after=hdr.after, refs=hdr.referenced,
-                run_on_failure=hdr.run_on_failure)
+            t = new_task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
+                         state.next_seq(), _len(payload), hdr.after, hdr.referenced, hdr.run_on_failure)
             t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
             t.cores, t.memory, t.codec = hdr.cores, hdr.memory, hdr.codec
             if sub.owner is not None:

@@ -104,6 +104,16 @@ class LinkedTask(Task):
         self.cause = None
 
 
+def new_task(task_id: str, kind: str, priority: int, tags: frozenset[str], client: bytes, csock: Any,
+             header: Any, payload: list[Any], submitted: float, seq: int, size: int, after: tuple[str, ...] = (),
+             refs: tuple[str, ...] = (), run_on_failure: bool = False) -> Task:
+    """A :class:`Task`, or a :class:`LinkedTask` when it waits for others (``after``)."""
+    if not after:
+        return Task(task_id, kind, priority, tags, client, csock, header, payload, submitted, seq, size)
+    return LinkedTask(task_id, kind, priority, tags, client, csock, header, payload, submitted, seq, size,
+                      after=after, refs=refs, run_on_failure=run_on_failure)
+
+
 class TaskQueues:
     """Pending tasks per (kind, tags): higher priority first, FIFO within a priority.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import TEST_ENV, Unbatched
+from conftest import TEST_ENV, Unbatched, executions
 
 from orchester import Client
 from orchester.client.events import EventRecorder
@@ -30,13 +29,6 @@ def pair() -> Iterator[LocalPair]:
                    log_level="WARNING") as p:
         p.wait_state("backup", "passive")
         yield p
-
-
-def executions(path: Path) -> collections.Counter[str]:
-    """How many times each key was run by ``t.mark``."""
-    if not path.exists():
-        return collections.Counter()
-    return collections.Counter(path.read_text().split())
 
 
 class Events(EventRecorder):

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import Any
 
 import pytest
-from conftest import FAST_HB, TEST_ENV
+from conftest import FAST_HB, TEST_ENV, wait_for
 
 from orchester import LocalCluster, TaskFailed
 from serializers import protocol as P
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(pred: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_sigstop_satellite_task_rerouted_and_late_reply_discarded() -> None:
