@@ -95,11 +95,21 @@ def fleet(endpoint: str, n: int, interval: float, stop: Any) -> None:
                     except zmq.Again:
                         break
                     messages = [frames]
-                    if frames[1] == P.BATCH:  # several messages: {n: [frames of each]}, then their frames
-                        messages, at = [], 3
-                        for count in msgpack.unpackb(frames[2])["n"]:
-                            messages.append([frames[0], *frames[at:at + count]])
-                            at += count
+                    if frames[1] == P.BATCH:  # several messages: {n: [frames of each], z: [length of each frame]},
+                        batch = msgpack.unpackb(frames[2])  # then a body with those frames back to back
+                        body, lone, messages, at, k = frames[3], frames[4:], [], 0, 0  # (-1: the frame comes alone)
+                        sizes = iter(batch["z"])
+                        for count in batch["n"]:
+                            msg = [frames[0]]
+                            for _ in range(count):
+                                z = next(sizes)
+                                if z < 0:
+                                    msg.append(lone[k])
+                                    k += 1
+                                else:
+                                    msg.append(body[at:at + z])
+                                    at += z
+                            messages.append(msg)
                     for msg in messages:
                         cmd = msg[1]
                         if cmd == P.DISPATCH:

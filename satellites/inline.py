@@ -6,8 +6,10 @@ no-op). Sending it to a worker process costs two more messages and two more proc
 than running it; :class:`InlineRunner` runs such tasks one after the other in one thread of the
 satellite, handed over in order, with the same :func:`~satellites.worker.run_task` as a worker.
 
-Results come back to the I/O loop on an ``inproc://`` PAIR socket it polls, as a worker's do:
-``[DONE, task id, attempt, result header, body, *buffers]`` and ``[PROGRESS, header]``.
+Answers come back to the I/O loop in a queue it takes them from all at once (:meth:`InlineRunner.drain`);
+an ``inproc://`` PAIR socket it polls wakes it, one empty message for however many answers wait (the thread
+sends one only when the loop has taken everything before): tasks answered while the loop was busy cost
+it one wake-up together, not a message each.
 
 What a thread cannot do: be killed. A cancelled or timed-out inline task is answered at once
 (``Cancelled``), its result dropped when it comes. While it still runs, or while any inline task
@@ -19,6 +21,7 @@ processes. A task that needs more than one core always runs in a worker.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
@@ -27,8 +30,6 @@ import time
 from typing import Any
 
 import zmq
-
-from serializers.zmqframes import recv_frames, send_frames
 
 from .worker import DONE, PROGRESS, error_header, run_task
 
@@ -41,21 +42,26 @@ PATIENCE = 1.0
 
 
 class InlineRunner:
-    """One thread that runs light tasks in order; results on :attr:`results` (polled by the I/O loop).
+    """One thread that runs light tasks in order; :attr:`results` (polled by the I/O loop) wakes the loop for
+    its answers.
 
-    Made and used by the I/O thread: :meth:`run` hands a task over, :meth:`receive` reads what the
+    Made and used by the I/O thread: :meth:`run` hands a task over, :meth:`drain` takes what the
     thread answered, :meth:`abort` gives up on a task, :meth:`close` stops the thread.
     """
 
     def __init__(self, ctx: zmq.Context[Any], sid: str) -> None:
         self.sid = sid
         self.endpoint = f"inproc://orchester-inline-{next(_ids)}"
-        #: where the thread's answers arrive (the I/O loop polls it)
+        #: what wakes the I/O loop for the thread's answers (it polls it)
         self.results = ctx.socket(zmq.PAIR)
         self.results.linger = 0
         self.results.bind(self.endpoint)
         self._ctx = ctx
         self._tasks: queue.SimpleQueue[tuple[str, int, list[Any]] | None] = queue.SimpleQueue()
+        #: the thread's answers, in order: ``(DONE, task id, attempt, done frames)`` or ``(PROGRESS, header)``
+        self._answers: collections.deque[tuple[Any, ...]] = collections.deque()
+        #: a wake-up is on its way to the loop, which has not taken the answers yet (set by the thread)
+        self._signalled = False
         #: tasks handed over and not answered yet, in order: (task id, attempt)
         self.pending: dict[tuple[str, int], None] = {}
         #: tasks given up on (cancelled, timed out) that the thread has not finished yet
@@ -98,17 +104,28 @@ class InlineRunner:
         self.abandoned.add(key)
         return True
 
-    def receive(self) -> list[Any] | None:
-        """One answer of the thread, if any: ``[DONE, tid, attempt, *done frames]`` or ``[PROGRESS, header]``.
-        A DONE of an abandoned task is dropped here (``None``)."""
-        frames = recv_frames(self.results, zmq.NOBLOCK, 4)
-        if bytes(frames[0]) == DONE:
-            key = (frames[1].decode(), int(frames[2]))
-            if key in self.abandoned:
-                self.abandoned.discard(key)
-                return None
-            self.pending.pop(key, None)
-        return frames
+    def drain(self) -> list[tuple[Any, ...]]:
+        """Every answer of the thread waiting now, in order: ``(DONE, task id, attempt, done frames)`` (as a
+        worker's ``[result header, body, *buffers]``) or ``(PROGRESS, header)``. An answer for a task given up
+        on is dropped here. Call it when :attr:`results` is readable."""
+        while True:  # the wake-ups first, then the flag, then the answers: one that comes later wakes us again
+            try:
+                self.results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        self._signalled = False
+        answers = self._answers
+        out: list[tuple[Any, ...]] = []
+        while answers:
+            answer = answers.popleft()
+            if answer[0] == DONE:
+                key = (answer[1], answer[2])
+                if key in self.abandoned:
+                    self.abandoned.discard(key)
+                    continue
+                self.pending.pop(key, None)
+            out.append(answer)
+        return out
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread after the task it runs (waited for at most ``timeout`` seconds: it is a daemon)."""
@@ -116,11 +133,19 @@ class InlineRunner:
         self._thread.join(timeout)
         self.results.close(0)
 
+    def _answer(self, answer: tuple[Any, ...], wake: zmq.Socket[Any]) -> None:
+        """(The thread) queue an answer; wake the loop unless a wake-up is already on its way."""
+        self._answers.append(answer)
+        if not self._signalled:
+            self._signalled = True
+            wake.send(b"")
+
     def _main(self) -> None:
         out = self._ctx.socket(zmq.PAIR)
         out.linger = 0
         out.connect(self.endpoint)
         self._ready.set()
+        answer = self._answer
         try:
             while True:
                 item = self._tasks.get()
@@ -128,16 +153,16 @@ class InlineRunner:
                     return
                 tid, attempt, frames = item
                 if (tid, attempt) in self.abandoned:  # given up on before it began
-                    send_frames(out, [DONE, tid.encode(), str(attempt).encode(), b""])
+                    answer((DONE, tid, attempt, []), out)
                     continue
                 self.since = time.monotonic()
                 self.current = (tid, attempt)
                 try:
-                    done = run_task(frames, self.sid, lambda h: out.send_multipart([PROGRESS, h]), pools=None)
+                    done = run_task(frames, self.sid, lambda h: answer((PROGRESS, h), out), pools=None)
                 except Exception as exc:  # a bug of ours: this task fails, the thread goes on
                     log.exception("inline task %s failed in the runner", tid)
                     done = [error_header(tid, attempt, self.sid, exc)]
                 self.current = None
-                send_frames(out, [DONE, tid.encode(), str(attempt).encode(), *done])
+                answer((DONE, tid, attempt, done), out)
         finally:
             out.close(0)

@@ -539,26 +539,20 @@ class Satellite:
         self._assign(now)
 
     def _drain_inline(self, now: float) -> None:
-        """Results (and progress) of light tasks from the inline thread."""
+        """Results (and progress) of light tasks from the inline thread: all that wait, at once."""
         assert self.inline is not None
-        for _ in range(256):
-            try:
-                frames = self.inline.receive()
-            except zmq.Again:
-                break
-            if frames is None:
-                continue  # the late result of a task given up on
-            if bytes(frames[0]) == W.PROGRESS:
-                self._send([P.PROGRESS, frames[1]], now)
+        for answer in self.inline.drain():
+            if answer[0] == W.PROGRESS:
+                self._send([P.PROGRESS, answer[1]], now)
                 continue
-            tid = frames[1].decode()
+            tid = answer[1]
             started = self._inline_running.pop(tid, None)
             if started is None:
                 continue
             self._durations.append(now - started[1])
             self.counters["done"] += 1
             self.counters["inline_done"] += 1
-            done = [P.DONE, *frames[3:]]
+            done = [P.DONE, *answer[3]]
             self._send(done, now)
             self._recent.append((now, tid, started[0], done))
         self._trim_recent(now)

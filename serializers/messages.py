@@ -25,7 +25,8 @@ what they receive the same way: a malformed message is theirs to count and drop,
 exception in their I/O loop.
 
 Several messages travel as one ``BATCH`` (:func:`batch`, read back by :func:`unbatch`): each keeps its
-command, header and payload frames, and is decoded and answered as if it had come alone.
+command, header and payload frames, and is decoded and answered as if it had come alone. Their small
+frames travel packed in one body frame, so a batch costs one send and one receive, not one per frame.
 
 The short keys of the wire (``"k"`` for a task's kind, ``"a"`` for its attempt, ...) are spelled
 only here. ``docs/protocol.rst`` is the specification and names this module as the reference of
@@ -1214,42 +1215,90 @@ def started(tasks: Iterable[tuple[str, int]]) -> bytes:
 def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     """BATCH frames carrying ``messages``, each ``[COMMAND, HEADER, PAYLOAD...]`` (no signature), in order.
 
-    The header lists how many frames each message has (``{"n": [3, 3, 5]}``); the messages' frames
-    follow it, one message after the other."""
-    frames: list[Any] = [P.SIGNATURE, P.BATCH, pack({"n": [len(m) for m in messages]})]
+    The header lists how many frames each message has (``"n": [3, 3, 5]``) and how long each of those
+    frames is (``"z"``, one entry per frame, in order). Every frame shorter than
+    :data:`~serializers.protocol.BATCH_ALONE` is packed into one body frame, back to back; a longer one
+    (a large payload) travels as its own frame after the body, sent without a copy, its length given as
+    ``-1``. A command and a header are always packed. So a batch of small messages is four frames, however
+    many messages it carries: one send and one receive, not one per frame."""
+    counts: list[int] = []
+    sizes: list[int] = []
+    packed: list[Any] = []
+    alone: list[Any] = []
+    limit = P.BATCH_ALONE
     for m in messages:
-        frames.extend(m)
-    return frames
+        counts.append(len(m))
+        for i, f in enumerate(m):
+            size = len(f)
+            if size >= limit and i > 1:
+                sizes.append(-1)
+                alone.append(f)
+            else:
+                sizes.append(size)
+                packed.append(f)
+    return [P.SIGNATURE, P.BATCH, pack({"n": counts, "z": sizes}), b"".join(packed), *alone]
 
 
 def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     """The messages of a BATCH, each as ``frames[:head]`` (the envelope and signature it came with) then its
-    own frames (command and header as ``bytes``, its payload frames as they came).
+    own frames (command, header and packed payload frames as ``bytes``; a payload frame that travelled alone
+    as it came).
 
-    ``frames[head - 1]`` is the signature, ``frames[head]`` the BATCH command and ``frames[head + 1]`` its
-    header. Checked before anything is returned: the signature (:func:`~serializers.header.check_signature`:
-    a batch of another version is refused whole); the header, a map whose ``n`` lists 1 to
-    :data:`~serializers.protocol.BATCH_MAX` counts, each at least 2 (a command and a header), which add up
-    to the frames that follow; no message is itself a BATCH. Anything else is :class:`ProtocolError`."""
-    if len(frames) < head + 2:
-        raise ProtocolError(P.E_MALFORMED, "BATCH needs a header")
+    ``frames[head - 1]`` is the signature, ``frames[head]`` the BATCH command, ``frames[head + 1]`` its
+    header and ``frames[head + 2]`` its body (:func:`batch`). Checked before anything is returned: the
+    signature (:func:`~serializers.header.check_signature`: a batch of another version is refused whole);
+    the header, a map whose ``n`` lists 1 to :data:`~serializers.protocol.BATCH_MAX` counts, each at least 2
+    (a command and a header), and whose ``z`` gives one length per frame they count, each a length in the
+    body or ``-1`` (alone; never a command or a header); the lengths add up to the body's, and the ``-1`` to
+    the frames after it; no message is itself a BATCH. Anything else is :class:`ProtocolError`."""
+    if len(frames) < head + 3:
+        raise ProtocolError(P.E_MALFORMED, "BATCH needs a header and a body")
     check_signature(bytes(frames[head - 1]))
-    counts = unpack(bytes(frames[head + 1])).get("n")
+    hdr = unpack(bytes(frames[head + 1]))
+    counts, sizes = hdr.get("n"), hdr.get("z")
     if not isinstance(counts, list) or not 1 <= len(counts) <= P.BATCH_MAX:
         raise ProtocolError(P.E_MALFORMED, f"BATCH 'n' must list 1 to {P.BATCH_MAX} frame counts")
-    rest = len(frames) - head - 2
-    if not all(type(n) is int and 2 <= n <= rest for n in counts) or sum(counts) != rest:
-        raise ProtocolError(P.E_MALFORMED, f"BATCH 'n' must be counts of at least 2 frames adding up to the "
-                            f"{rest} frames that follow")
+    if not all(type(n) is int and n >= 2 for n in counts):
+        raise ProtocolError(P.E_MALFORMED, "BATCH 'n' must be counts of at least 2 frames")
+    if not isinstance(sizes, list) or len(sizes) != sum(counts):
+        raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must give one length per frame 'n' counts")
+    body = frames[head + 2]
+    if type(body) is not bytes:
+        body = bytes(body)
+    alone = frames[head + 3:]
+    packed = lone = 0
+    for z in sizes:
+        if type(z) is not int or z < -1:
+            raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must list lengths (-1: the frame travels alone)")
+        if z < 0:
+            lone += 1
+        else:
+            packed += z
+    if packed != len(body) or lone != len(alone):
+        raise ProtocolError(P.E_MALFORMED, f"BATCH 'z' must add up to its body ({len(body)} bytes) and list "
+                            f"-1 for each of the {len(alone)} frames after it")
     prefix = list(frames[:head])
     out: list[list[Any]] = []
-    at = head + 2
+    at = i = k = 0
     for n in counts:
-        cmd = bytes(frames[at])
+        cz, hz = sizes[i], sizes[i + 1]
+        if cz < 0 or hz < 0:
+            raise ProtocolError(P.E_MALFORMED, "a BATCH carries each command and header in its body")
+        cmd = body[at:at + cz]
         if cmd == P.BATCH:
             raise ProtocolError(P.E_MALFORMED, "a BATCH may not carry a BATCH")
-        out.append([*prefix, cmd, bytes(frames[at + 1]), *frames[at + 2:at + n]])
-        at += n
+        at += cz
+        message = [*prefix, cmd, body[at:at + hz]]
+        at += hz
+        for z in sizes[i + 2:i + n]:
+            if z < 0:
+                message.append(alone[k])
+                k += 1
+            else:
+                message.append(body[at:at + z])
+                at += z
+        i += n
+        out.append(message)
     return out
 
 

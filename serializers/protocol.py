@@ -4,7 +4,7 @@ Every Orchester message is a ZeroMQ multipart message laid out as::
 
     [routing envelope (ROUTER side only)] SIGNATURE COMMAND HEADER [PAYLOAD ...]
 
-* ``SIGNATURE`` names the protocol and its version (``b"ORCH/2"``). A peer that
+* ``SIGNATURE`` names the protocol and its version (``b"ORCH/3"``). A peer that
   sends another signature is refused with an ``ERROR`` whose code is
   ``"version"`` (same prefix, other version) or ``"malformed"``.
 * ``COMMAND`` is one byte (see the constants below).
@@ -13,7 +13,8 @@ Every Orchester message is a ZeroMQ multipart message laid out as::
   named in the header, followed by one frame per numpy array buffer.
 
 A ``BATCH`` carries several of these messages in one (``docs/protocol.rst``, Batches): the
-signature once, then each message's command, header and payload frames in turn.
+signature once, a header giving each message's frame count and each frame's length, then one body
+frame with their small frames back to back, then the large payload frames, each alone.
 
 The full specification lives in ``docs/protocol.rst``.
 """
@@ -25,8 +26,9 @@ from typing import Final
 #: Protocol family prefix; a signature with this prefix but another version is
 #: refused with the ``version`` error code rather than ``malformed``.
 FAMILY: Final = b"ORCH/"
-#: Protocol version implemented by this package (2: ``BATCH``; a version-1 peer is refused with ``version``).
-VERSION: Final = 2
+#: Protocol version implemented by this package (2: ``BATCH``; 3: a ``BATCH`` packs its small frames into one;
+#: a peer of another version is refused with ``version``).
+VERSION: Final = 3
 #: The first frame of every message.
 SIGNATURE: Final = FAMILY + str(VERSION).encode()
 
@@ -97,6 +99,9 @@ BATCH_MAX: Final = 1024
 #: this goes alone: batching saves a send per message, which a large message does not notice).
 BATCH_MESSAGES: Final = 256
 BATCH_BYTES: Final = 1 << 20
+#: A payload frame of at least this many bytes travels in a BATCH as its own frame, without a copy; smaller
+#: ones are packed into the BATCH's body (a copy is cheaper than a send and a receive per frame).
+BATCH_ALONE: Final = 64 * 1024
 
 # -- structured error codes (ERROR header key "code") ----------------------
 E_MALFORMED: Final = "malformed"  # frames missing, header not a msgpack map, bad field

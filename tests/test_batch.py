@@ -1,11 +1,14 @@
-"""BATCH (protocol version 2): several messages in one, each decoded, checked and answered as if it
-had come alone; the frames, the checks of a batch's header, the runs a sender cuts, and the core."""
+"""BATCH (protocol version 3): several messages in one, their small frames packed into one body frame,
+each decoded, checked and answered as if it had come alone; the frames, the checks of a batch's header,
+the runs a sender cuts, and the core."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
+import zmq
 from test_core import C, Harness, S, dispatched_ids, of
 
 from serializers import ProtocolError, encode, pack, unpack
@@ -21,36 +24,70 @@ def submit_message(tid: str, kind: str = "echo") -> list[Any]:
 def test_a_batch_carries_messages_in_order_with_their_payloads() -> None:
     messages = [submit_message("a"), [P.HEARTBEAT, pack({"rx": 0})], submit_message("b")]
     frames = M.batch(messages)
-    assert frames[:2] == [P.SIGNATURE, P.BATCH] and unpack(frames[2]) == {"n": [3, 2, 3]}
+    sizes = [len(f) for m in messages for f in m]
+    assert frames[:2] == [P.SIGNATURE, P.BATCH] and unpack(frames[2]) == {"n": [3, 2, 3], "z": sizes}
+    assert len(frames) == 4 and frames[3] == b"".join(f for m in messages for f in m)  # one body, packed
     assert M.unbatch([b"ident", *frames], 2) == [[b"ident", P.SIGNATURE, *m] for m in messages]
     assert M.unbatch(frames, 1) == [[P.SIGNATURE, *m] for m in messages]
 
 
-@pytest.mark.parametrize("header, rest", [
-    ({"n": [2, 2]}, 3),  # adds up to 4, 3 follow
-    ({"n": [1, 2]}, 3),  # a message needs a command and a header
-    ({"n": []}, 0),
-    ({"n": "22"}, 4),
-    ({"n": [2.0, 2]}, 4),
-    ({"n": [True, 3]}, 4),
-    ({}, 2),
-    ({"n": [2] * (P.BATCH_MAX + 1)}, 2 * (P.BATCH_MAX + 1)),
+def test_a_large_payload_frame_travels_alone_without_a_copy() -> None:
+    array = np.arange(P.BATCH_ALONE // 8 + 1, dtype=np.float64)
+    big = memoryview(array).cast("B")
+    messages = [[P.DONE, pack({"id": "a"}), b"body", big], [P.DONE, pack({"id": "b"}), b"", b"x" * 10]]
+    frames = M.batch(messages)
+    header = unpack(frames[2])
+    assert header["z"] == [1, len(messages[0][1]), 4, -1, 1, len(messages[1][1]), 0, 10]
+    assert len(frames) == 5 and frames[4] is big  # (the very buffer: sent without a copy)
+    out = M.unbatch(frames, 1)
+    assert out[0][:4] == [P.SIGNATURE, P.DONE, messages[0][1], b"body"] and out[0][4] is big
+    assert out[1] == [P.SIGNATURE, *messages[1]]
+    # as a receiver gets it: the body and the lone frame as zmq Frames
+    received = [*frames[:3], zmq.Frame(frames[3]), zmq.Frame(big)]
+    again = M.unbatch(received, 1)
+    assert again[0][:4] == out[0][:4] and bytes(again[0][4]) == big.tobytes() and again[1] == out[1]
+
+
+def _frames(header: dict[str, Any], body: bytes, alone: int = 0) -> list[Any]:
+    return [P.SIGNATURE, P.BATCH, pack(header), body, *[b"y"] * alone]
+
+
+@pytest.mark.parametrize("frames", [
+    _frames({"n": [2, 2], "z": [1, 1, 1]}, b"\x01\x80\x01"),  # three lengths for four frames
+    _frames({"n": [1, 2], "z": [1, 1, 1]}, b"\x01\x80\x01"),  # a message needs a command and a header
+    _frames({"n": [], "z": []}, b""),
+    _frames({"n": "22", "z": [1, 1, 1, 1]}, b"\x01\x80\x01\x80"),
+    _frames({"n": [2.0, 2], "z": [1, 1, 1, 1]}, b"\x01\x80\x01\x80"),
+    _frames({"n": [True, 3], "z": [1, 1, 1, 1]}, b"\x01\x80\x01\x80"),
+    _frames({"z": [1, 1]}, b"\x01\x80"),
+    _frames({"n": [2]}, b"\x01\x80"),  # version 2's header: no lengths
+    _frames({"n": [2], "z": [1, 2]}, b"\x01\x80"),  # lengths past the body
+    _frames({"n": [2], "z": [1, 0]}, b"\x01\x80"),  # lengths short of it
+    _frames({"n": [2], "z": [1, 1.0]}, b"\x01\x80"),
+    _frames({"n": [2], "z": [1, -2]}, b"\x01"),
+    _frames({"n": [3], "z": [1, 1, -1]}, b"\x01\x80"),  # a lone frame announced, none follows
+    _frames({"n": [2], "z": [1, 1]}, b"\x01\x80", alone=1),  # a frame follows, none announced
+    _frames({"n": [2], "z": [1, -1]}, b"\x01", alone=1),  # a header travels in the body
+    _frames({"n": [2] * (P.BATCH_MAX + 1), "z": [1, 1] * (P.BATCH_MAX + 1)}, b"\x01\x80" * (P.BATCH_MAX + 1)),
+    [P.SIGNATURE, P.BATCH, pack({"n": [2], "z": [1, 1]})],  # no body
 ])
-def test_a_batch_header_that_does_not_fit_its_frames_is_malformed(header: dict[str, Any], rest: int) -> None:
-    frames = [P.SIGNATURE, P.BATCH, pack(header), *[P.HEARTBEAT] * rest]
+def test_a_batch_header_that_does_not_fit_its_frames_is_malformed(frames: list[Any]) -> None:
     with pytest.raises(ProtocolError) as e:
         M.unbatch(frames, 1)
     assert e.value.code == P.E_MALFORMED
 
 
 def test_a_batch_never_carries_a_batch_and_needs_a_header() -> None:
-    inner = M.batch([[P.HEARTBEAT, pack({})], [P.HEARTBEAT, pack({})]])[1:]
+    inner = M.batch([[P.HEARTBEAT, pack({})], [P.HEARTBEAT, pack({})]])
     with pytest.raises(ProtocolError, match="may not carry a BATCH"):
-        M.unbatch([P.SIGNATURE, P.BATCH, pack({"n": [len(inner)]}), *inner], 1)
+        M.unbatch(M.batch([[P.BATCH, inner[2], inner[3]]]), 1)
     with pytest.raises(ProtocolError):
         M.unbatch([P.SIGNATURE, P.BATCH], 1)
     with pytest.raises(ProtocolError):
-        M.unbatch([P.SIGNATURE, P.BATCH, b"\xc1", P.HEARTBEAT, b"\x80"], 1)  # not msgpack
+        M.unbatch([P.SIGNATURE, P.BATCH, b"\xc1", b"\x01\x80"], 1)  # not msgpack
+    with pytest.raises(ProtocolError) as e:
+        M.unbatch([b"ORCH/2", *inner[1:]], 1)
+    assert e.value.code == P.E_VERSION
 
 
 def test_senders_cut_runs_by_count_and_bytes_and_a_large_message_goes_alone() -> None:
@@ -87,7 +124,8 @@ def test_a_malformed_batch_is_refused_as_a_whole_and_nothing_in_it_happens() -> 
     h.register()
     h.tick()
     frames = M.batch([submit_message("a"), submit_message("b")])
-    frames[2] = pack({"n": [3, 4]})  # one frame too many announced
+    header = unpack(frames[2])
+    frames[2] = pack({"n": [3, 4], "z": [*header["z"], 5]})  # one frame more than the body holds
     h.core.handle(C, [b"cli", *frames], h.now)
     out = h.tick()
     assert [unpack(f[3])["code"] for f in of(out, P.ERROR)] == [P.E_MALFORMED]

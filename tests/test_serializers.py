@@ -160,7 +160,7 @@ def test_signature_versions() -> None:
     check_signature(P.SIGNATURE)
     with pytest.raises(ProtocolError) as e:
         check_signature(b"ORCH/1")
-    assert e.value.code == P.E_VERSION and "version 2" in e.value.detail
+    assert e.value.code == P.E_VERSION and f"version {P.VERSION}" in e.value.detail
     with pytest.raises(ProtocolError) as e:
         check_signature(b"MDPC01")
     assert e.value.code == P.E_MALFORMED
