@@ -47,6 +47,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, ClassVar, Self
 
 from . import protocol as P
@@ -1228,8 +1229,13 @@ def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     limit = P.BATCH_ALONE
     for m in messages:
         counts.append(len(m))
+        lengths = list(map(len, m))
+        if max(lengths) < limit:  # (the common case: every frame small)
+            sizes.extend(lengths)
+            packed.extend(m)
+            continue
         for i, f in enumerate(m):
-            size = len(f)
+            size = lengths[i]
             if size >= limit and i > 1:
                 sizes.append(-1)
                 alone.append(f)
@@ -1266,39 +1272,29 @@ def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     if type(body) is not bytes:
         body = bytes(body)
     alone = frames[head + 3:]
-    packed = lone = 0
-    for z in sizes:
-        if type(z) is not int or z < -1:
-            raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must list lengths (-1: the frame travels alone)")
-        if z < 0:
-            lone += 1
-        else:
-            packed += z
-    if packed != len(body) or lone != len(alone):
+    if not set(map(type, sizes)) <= {int} or min(sizes) < -1:
+        raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must list lengths (-1: the frame travels alone)")
+    lone = sizes.count(-1)
+    if sum(sizes) + lone != len(body) or lone != len(alone):
         raise ProtocolError(P.E_MALFORMED, f"BATCH 'z' must add up to its body ({len(body)} bytes) and list "
                             f"-1 for each of the {len(alone)} frames after it")
+    if lone:  # a lone frame takes its place; the body is cut by the others
+        others = iter(alone)
+        ends = list(accumulate(z if z >= 0 else 0 for z in sizes))
+        parts = [next(others) if z < 0 else body[e - z:e] for z, e in zip(sizes, ends, strict=True)]
+    else:
+        ends = list(accumulate(sizes))
+        parts = [body[e - z:e] for z, e in zip(sizes, ends, strict=True)]
     prefix = list(frames[:head])
     out: list[list[Any]] = []
-    at = i = k = 0
+    at = 0
     for n in counts:
-        cz, hz = sizes[i], sizes[i + 1]
-        if cz < 0 or hz < 0:
+        if sizes[at] < 0 or sizes[at + 1] < 0:
             raise ProtocolError(P.E_MALFORMED, "a BATCH carries each command and header in its body")
-        cmd = body[at:at + cz]
-        if cmd == P.BATCH:
+        if parts[at] == P.BATCH:
             raise ProtocolError(P.E_MALFORMED, "a BATCH may not carry a BATCH")
-        at += cz
-        message = [*prefix, cmd, body[at:at + hz]]
-        at += hz
-        for z in sizes[i + 2:i + n]:
-            if z < 0:
-                message.append(alone[k])
-                k += 1
-            else:
-                message.append(body[at:at + z])
-                at += z
-        i += n
-        out.append(message)
+        out.append(prefix + parts[at:at + n])
+        at += n
     return out
 
 

@@ -85,6 +85,36 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
                 cond = self.__dict__.setdefault("_cond", threading.Condition())
         return cond
 
+    def done(self) -> bool:
+        """Whether the future is done (cancelled or finished); never waits, and makes no condition."""
+        return self._state in _DONE_STATES
+
+    def set_result(self, result: Any) -> None:
+        """(The I/O thread) the task's result. Nobody waits on a future that has no condition yet (a waiter,
+        ``concurrent.futures.wait`` and a done callback each make it first), so such a future is finished
+        without making one: the window of a ``map`` costs no condition per future that nobody waited on."""
+        if "_cond" not in self.__dict__:
+            with _MAKE:  # (a condition is made under this lock: none can appear meanwhile)
+                if "_cond" not in self.__dict__:
+                    if self._state in _DONE_STATES:
+                        raise cf.InvalidStateError(f"{self._state}: {self!r}")
+                    self._result = result
+                    self._state = cf._base.FINISHED
+                    return
+        super().set_result(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """(The I/O thread) the task's exception; as :meth:`set_result`, without a condition if none was made."""
+        if "_cond" not in self.__dict__:
+            with _MAKE:
+                if "_cond" not in self.__dict__:
+                    if self._state in _DONE_STATES:
+                        raise cf.InvalidStateError(f"{self._state}: {self!r}")
+                    self._exception = exception
+                    self._state = cf._base.FINISHED
+                    return
+        super().set_exception(exception)
+
     @property
     def accepted(self) -> threading.Event:
         """Set once the orchestrator acknowledged the task (with a journal: once it is durable there)."""
@@ -148,6 +178,8 @@ _DEMAND = threading.Lock()
 MAP_WINDOW = 50_000
 #: Guards the making of a future's condition, when first used.
 _MAKE = threading.Lock()
+#: The states of a future that is done.
+_DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED})
 #: The keyword options of a task's dependencies and resources (checked by :func:`task_options`).
 WORKFLOW_OPTIONS = ("after", "on_failure", "cores", "memory")
 

@@ -50,7 +50,7 @@ TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
 
 
 def _len(frames: list[Any]) -> int:
-    return sum(len(f) for f in frames)
+    return sum(map(len, frames))
 
 
 class Lifecycle:
