@@ -397,3 +397,13 @@ def test_the_servers_own_key_holds_no_role(tmp_path: Any) -> None:
     ring = KeyRing(tmp_path / "ring")
     who = ring.by_name("head")
     assert who is not None and who.roles == frozenset()  # even if authorised by mistake: it may do nothing
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "5000", "soon"])
+def test_web_refuses_an_idle_timeout_out_of_range_in_one_line(value: str) -> None:
+    from click.testing import CliRunner
+
+    from orchester.cli.main import main
+
+    r = CliRunner().invoke(main, ["web", "--idle-timeout", value, "--bind", "127.0.0.1:0"])
+    assert r.exit_code == 2 and "--idle-timeout" in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -45,15 +45,18 @@ def _size(ctx: click.Context, param: click.Parameter, value: str) -> int:
               help="Access token (default: a new random one, printed with the link).")
 @click.option("--local", type=click.IntRange(min=0), default=0,
               help="Satellites of the local cluster without --connect (default: one per core).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1, max=3600.0), default=15.0, show_default=True,
+              help="Seconds a connection may stay idle, or take to send a request's headers, before it is closed.")
 def web(connect: tuple[str, ...], bind: str, certfile: str | None, keyfile: str | None, insecure: bool,
-        data_dir: str | None, max_upload: int, token: str | None, local: int) -> None:
+        data_dir: str | None, max_upload: int, token: str | None, local: int, idle_timeout: float) -> None:
     """Serve the web interface: fit GenX models from the browser, watch the bus, browse every task."""
     from orchester.web.server import WebConfigError, WebOptions, serve_web
 
     if token is not None and not 16 <= len(token) <= 256:
         raise click.BadParameter("the token must have 16 to 256 characters", param_hint="--token")
     options = WebOptions(connect=list(connect), bind=bind, certfile=certfile, keyfile=keyfile, insecure=insecure,
-                         data_dir=data_dir, max_upload=max_upload, token=token, local=local)
+                         data_dir=data_dir, max_upload=max_upload, token=token, local=local,
+                         idle_timeout=idle_timeout)
     try:
         code = serve_web(options)
     except WebConfigError as exc:

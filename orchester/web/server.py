@@ -89,6 +89,10 @@ def is_loopback(host: str) -> bool:
     return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
+#: Seconds a connection may stay idle (or take to send its headers) before it is closed.
+IDLE_TIMEOUT = 15.0
+
+
 @dataclass
 class WebOptions:
     """What ``orchester web`` is told (see :func:`serve_web`)."""
@@ -106,6 +110,8 @@ class WebOptions:
     server_key: str | None = None
     refresh: float = 1.0  #: seconds between two status requests
     local_tasks: Sequence[str] = ()  #: task modules the local cluster's satellites import
+    #: seconds a connection may stay idle, or take to send a request's headers (``--idle-timeout``)
+    idle_timeout: float = IDLE_TIMEOUT
 
     def check(self) -> tuple[str, int, ssl.SSLContext | None]:
         """The address to bind and the TLS context; :class:`WebConfigError` when they cannot work."""
@@ -126,11 +132,11 @@ class WebOptions:
             raise WebConfigError("--max-upload must be at least 1 byte")
         if self.refresh <= 0:
             raise WebConfigError("the refresh interval must be positive")
+        if not 0 < self.idle_timeout <= 3600 or self.idle_timeout != self.idle_timeout:
+            raise WebConfigError("--idle-timeout must be more than 0 and at most 3600 seconds")
         return host, port, context
 
 
-#: Seconds a connection may stay idle (or take to send its headers) before it is closed.
-IDLE_TIMEOUT = 15.0
 #: Seconds an upload may take to arrive.
 BODY_TIMEOUT = 300.0
 #: Open connections at most; a new one beyond is closed at once (nobody can hold them all).
@@ -231,7 +237,7 @@ async def _main(options: WebOptions, connect: list[str], host: str, port: int, t
     app = make_app(hub, fits, auth, max_upload=options.max_upload, tls=tls is not None, series=series)
     _raise_file_limit()
     server = BoundedHTTPServer(app, ssl_options=tls, max_body_size=1024 * 1024, max_buffer_size=64 * 1024 * 1024,
-                               idle_connection_timeout=IDLE_TIMEOUT, body_timeout=BODY_TIMEOUT)
+                               idle_connection_timeout=options.idle_timeout, body_timeout=BODY_TIMEOUT)
     try:
         sockets = tornado.netutil.bind_sockets(port, host)
     except OSError as exc:

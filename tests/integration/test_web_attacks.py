@@ -39,8 +39,9 @@ SESSION = Auth(TOKEN).session
 
 
 async def raw_exchange(port: int, request: bytes, *, read_for: float = 5.0, chunks: list[bytes] | None = None,
-                       pause: float = 0.0) -> bytes:
-    """Send ``request`` (then each of ``chunks``) on a plain TCP connection; what came back within ``read_for`` s."""
+                       pause: float = 0.0, until: bytes | None = None) -> bytes:
+    """Send ``request`` (then each of ``chunks``) on a plain TCP connection; what came back within ``read_for`` s
+    (``until``: or as soon as what came back holds it)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
@@ -63,6 +64,8 @@ async def raw_exchange(port: int, request: bytes, *, read_for: float = 5.0, chun
             if not data:
                 break
             out += data
+            if until is not None and until in out:
+                break
         return out
     finally:
         writer.close()
@@ -204,8 +207,8 @@ class TestUploads(WebCase):
                 f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
         pieces = [data[i:i + 32768] for i in range(0, len(data), 32768)]
         chunks = [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
-        out = self.io_loop.run_sync(lambda: raw_exchange(self.get_http_port(), head, chunks=chunks, read_for=10),
-                                    timeout=60)
+        out = self.io_loop.run_sync(lambda: raw_exchange(self.get_http_port(), head, chunks=chunks, read_for=10,
+                                                         until=b"\r\n\r\n"), timeout=60)
         assert status_of(out) == 413, out[:300]
 
     def test_a_chunked_upload_under_the_limit_is_checked(self) -> None:
@@ -483,17 +486,19 @@ def test_idle_connections_without_a_token_cannot_lock_the_owner_out(attack_clust
 
 
 def test_a_half_sent_request_is_dropped(attack_cluster: LocalCluster, tmp_path: Path) -> None:
-    web = WebProcess(attack_cluster, tmp_path / "web")
+    web = WebProcess(attack_cluster, tmp_path / "web", "--idle-timeout", "2")  # (15 s by default)
     try:
         s = socket.create_connection(("127.0.0.1", web.port))
         s.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")  # and never the end of the headers
         s.settimeout(20)
+        t0 = time.monotonic()
         try:
             closed = s.recv(1024) == b""
         except TimeoutError:
             closed = False
         s.close()
         assert closed, "the server still holds the connection after 20 s"
+        assert time.monotonic() - t0 >= 1.5  # (closed by the idle timeout, not at once)
     finally:
         web.stop()
 
