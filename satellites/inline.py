@@ -31,6 +31,8 @@ from typing import Any
 
 import zmq
 
+from serializers.protocol import BATCH_ALONE
+
 from .worker import DONE, PROGRESS, error_header, run_task
 
 log = logging.getLogger("satellites")
@@ -163,6 +165,9 @@ class InlineRunner:
                     log.exception("inline task %s failed in the runner", tid)
                     done = [error_header(tid, attempt, self.sid, exc)]
                 self.current = None
+                # (as a worker's answer is: frames under BATCH_ALONE copied now, so the result kept for a
+                # resend is the one sent even if the task changes an array it returned)
+                done = [bytes(f) if type(f) is memoryview and f.nbytes < BATCH_ALONE else f for f in done]
                 answer((DONE, tid, attempt, done), out)
         finally:
             out.close(0)

@@ -281,7 +281,7 @@ class Satellite:
         out, self._out = self._out, []
         sock = self._uplink.sock
         assert sock is not None
-        for run in M.runs([sum(map(len, m)) for m in out]):
+        for run in M.runs([sum(map(len, m)) for m in out], frames=[len(m) for m in out]):
             group = out[run]
             try:
                 send_frames(sock, M.batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]], NOBLOCK)

@@ -1230,6 +1230,8 @@ def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     for m in messages:
         counts.append(len(m))
         lengths = list(map(len, m))
+        if memoryview in map(type, m):  # (a memoryview's len counts its items: its bytes are what travel)
+            lengths = [f.nbytes if type(f) is memoryview else n for f, n in zip(m, lengths, strict=True)]
         if max(lengths) < limit:  # (the common case: every frame small)
             sizes.extend(lengths)
             packed.extend(m)
@@ -1269,8 +1271,10 @@ def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     if not isinstance(sizes, list) or len(sizes) != sum(counts):
         raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must give one length per frame 'n' counts")
     body = frames[head + 2]
+    if len(body) > P.BATCH_BYTES:  # (a sender packs at most that much: nothing to copy past it)
+        raise ProtocolError(P.E_TOO_LARGE, f"a BATCH body holds at most {P.BATCH_BYTES} bytes")
     if type(body) is not bytes:
-        body = bytes(body)
+        body = memoryview(body)  # (each part is copied out of it once)
     alone = frames[head + 3:]
     if not set(map(type, sizes)) <= {int} or min(sizes) < -1:
         raise ProtocolError(P.E_MALFORMED, "BATCH 'z' must list lengths (-1: the frame travels alone)")
@@ -1285,6 +1289,8 @@ def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     else:
         ends = list(accumulate(sizes))
         parts = [body[e - z:e] for z, e in zip(sizes, ends, strict=True)]
+    if type(body) is memoryview:
+        parts = [bytes(p) if type(p) is memoryview else p for p in parts]
     prefix = list(frames[:head])
     out: list[list[Any]] = []
     at = 0
@@ -1298,16 +1304,20 @@ def unbatch(frames: Sequence[Any], head: int) -> list[list[Any]]:
     return out
 
 
-def runs(sizes: Sequence[int], limit: int = P.BATCH_MESSAGES, max_bytes: int = P.BATCH_BYTES) -> list[slice]:
+def runs(sizes: Sequence[int], limit: int = P.BATCH_MESSAGES, max_bytes: int = P.BATCH_BYTES,
+         frames: Sequence[int] | None = None, max_frames: int = P.BATCH_FRAMES) -> list[slice]:
     """Messages of these ``sizes`` (bytes of their frames), in order, cut into runs that one BATCH each may
-    carry: at most ``limit`` messages and ``max_bytes`` bytes, a message larger than that alone."""
+    carry: at most ``limit`` messages, ``max_bytes`` bytes and (given each message's number of ``frames``)
+    ``max_frames`` frames; a message larger than that alone."""
     out: list[slice] = []
-    start, size = 0, 0
+    start, size, count = 0, 0, 0
     for i, n in enumerate(sizes):
-        if i > start and (i - start >= limit or size + n > max_bytes):
+        k = frames[i] if frames is not None else 0
+        if i > start and (i - start >= limit or size + n > max_bytes or count + k > max_frames):
             out.append(slice(start, i))
-            start, size = i, 0
+            start, size, count = i, 0, 0
         size += n
+        count += k
     if len(sizes) > start:
         out.append(slice(start, len(sizes)))
     return out
@@ -1318,7 +1328,7 @@ def batches(messages: Sequence[Sequence[Any]], limit: int = P.BATCH_MESSAGES,
     """``messages`` (each ``[COMMAND, HEADER, PAYLOAD...]``, in order) as few messages as the limits allow
     (:func:`runs`): a run of several as one BATCH, a message alone as itself, the signature before it."""
     out: list[list[Any]] = []
-    for run in runs([sum(map(len, m)) for m in messages], limit, max_bytes):
+    for run in runs([sum(map(len, m)) for m in messages], limit, max_bytes, [len(m) for m in messages]):
         group = messages[run]
         out.append(batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]])
     return out

@@ -99,6 +99,9 @@ BATCH_MAX: Final = 1024
 #: this goes alone: batching saves a send per message, which a large message does not notice).
 BATCH_MESSAGES: Final = 256
 BATCH_BYTES: Final = 1 << 20
+#: Most frames a sender puts in one BATCH (its header lists each frame's length: it stays far below
+#: :data:`~serializers.header.MAX_HEADER`); a message with more goes alone.
+BATCH_FRAMES: Final = 4096
 #: A payload frame of at least this many bytes travels in a BATCH as its own frame, without a copy; smaller
 #: ones are packed into the BATCH's body (a copy is cheaper than a send and a receive per frame).
 BATCH_ALONE: Final = 64 * 1024

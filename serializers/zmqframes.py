@@ -42,8 +42,11 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0, head: int = 4) -> list[An
     """Receive a multipart message: ``head`` leading parts as bytes, the rest as zmq Frames (those smaller
     than :data:`SMALL_FRAME` as bytes too).
 
-    Each part is received as a Frame, which says whether more follow (``Frame.more``): no ``RCVMORE``
-    option read per part, which costs as much as the receive."""
+    Each part is received as a Frame, which says whether more follow (``Frame.more``, set by the receive
+    itself): no separate ``RCVMORE`` option read from Python per part, which cost as much as the receive.
+    (pyzmq's cffi backend never sets ``Frame.more``: there, the option is read.)"""
+    if not _FRAME_MORE:
+        return _recv_frames_rcvmore(sock, flags, head)
     frame = _recv(sock, flags, False, False)
     parts: list[Any] = [frame.bytes]
     n = 1
@@ -52,3 +55,20 @@ def recv_frames(sock: zmq.Socket[Any], flags: int = 0, head: int = 4) -> list[An
         parts.append(frame.bytes if n < head or len(frame) < SMALL_FRAME else frame)
         n += 1
     return parts
+
+
+def _recv_frames_rcvmore(sock: zmq.Socket[Any], flags: int, head: int) -> list[Any]:
+    parts: list[Any] = [_recv(sock, flags, True, False)]
+    n = 1
+    while sock.get(zmq.RCVMORE):
+        if n < head:
+            parts.append(_recv(sock, flags, True, False))
+        else:
+            frame = _recv(sock, flags, False, False)
+            parts.append(frame.bytes if len(frame) < SMALL_FRAME else frame)
+        n += 1
+    return parts
+
+
+#: Whether a received Frame says if more parts follow (pyzmq's Cython backend; its cffi backend does not).
+_FRAME_MORE = "cffi" not in _Base.__module__

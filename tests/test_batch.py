@@ -140,3 +140,54 @@ def test_the_rate_limit_counts_each_message_a_batch_carries() -> None:
     out = h.tick()
     codes = [unpack(f[3])["code"] for f in of(out, P.ERROR)]
     assert len(of(out, P.REPLY)) + len(codes) == 20 and codes and set(codes) == {P.E_BUSY}
+
+
+def test_a_sender_bounds_the_frames_of_a_batch_so_its_header_stays_small() -> None:
+    assert M.runs([10] * 3, frames=[3, 3, 3], max_frames=6) == [slice(0, 2), slice(2, 3)]
+    assert M.runs([10] * 3, frames=[3, 9, 3], max_frames=6) == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    # a SUBMIT of 70,000 one-element arrays (allowed: under a MiB) goes alone, its neighbours batched
+    many = [P.SUBMIT, pack({"id": "many"}), b"\x90", *[b"\x00" * 8] * 70_000]
+    out = M.batches([submit_message("a"), many, submit_message("b"), submit_message("c")])
+    assert [f[1] for f in out] == [P.SUBMIT, P.SUBMIT, P.BATCH]
+    assert len(unpack(out[2][2])["z"]) == 6
+
+
+def test_a_batch_body_past_what_a_sender_packs_is_refused_before_it_is_read() -> None:
+    frames = _frames({"n": [2], "z": [1, P.BATCH_BYTES]}, b"\x01" + b"\x80" * P.BATCH_BYTES)
+    with pytest.raises(ProtocolError) as e:
+        M.unbatch(frames, 1)
+    assert e.value.code == P.E_TOO_LARGE
+
+
+def test_a_memoryview_of_any_format_travels_as_its_bytes() -> None:
+    values = memoryview(np.arange(10, dtype=np.float64))  # len() counts 10 items, 80 bytes travel
+    out = M.unbatch(M.batch([[P.DONE, pack({"id": "a"}), b"", values], [P.HEARTBEAT, pack({})]]), 1)
+    assert out[0][4] == values.tobytes() and out[1] == [P.SIGNATURE, P.HEARTBEAT, pack({})]
+    received = M.unbatch([*M.batch([[P.DONE, b"h", values]])[:3], zmq.Frame(M.batch([[P.DONE, b"h", values]])[3])], 1)
+    assert received[0][3] == values.tobytes() and type(received[0][3]) is bytes
+
+
+def test_both_ways_of_receiving_a_message_give_the_same_parts() -> None:
+    """``Frame.more`` (pyzmq's Cython backend) and the ``RCVMORE`` option (its cffi backend) alike."""
+    from serializers import zmqframes
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://both-ways")
+        b.connect("inproc://both-ways")
+        big = b"x" * (zmqframes.SMALL_FRAME + 1)
+        message = [b"sig", P.DONE, pack({"id": "a"}), b"small", big]
+        got = []
+        for receive in (zmqframes.recv_frames, zmqframes._recv_frames_rcvmore):
+            for head in (1, 3, 4):
+                zmqframes.send_frames(a, message)
+                got.append([(type(p), bytes(p)) for p in receive(b, 0, head)])
+        assert all(g == got[0] for g in got[1:3]) and all(g == got[3] for g in got[4:])
+        assert got[0] == got[3] and [t for t, _ in got[2]] == [bytes] * 4 + [zmq.Frame]
+        with pytest.raises(zmq.Again):
+            zmqframes.recv_frames(b, zmq.NOBLOCK)
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

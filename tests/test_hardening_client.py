@@ -363,3 +363,39 @@ def test_events_give_checked_fields() -> None:
     ev = Event("progress:t", dict(FORGED))
     assert ev.number("fom") is None and ev.number("fom", 0.0) == 0.0 and ev.number("a") == 1.0
     assert "\x1b" not in ev.text("msg") and len(ev.text("msg", 10)) == 10
+
+
+def test_a_result_for_a_future_cancelled_meanwhile_is_dropped_without_an_error() -> None:
+    """The I/O thread checks ``done()`` then sets the result; a caller's ``cancel()`` in between must not
+    raise in the I/O thread (it would stop it, failing every pending future)."""
+    import asyncio
+
+    from orchester.client.core import reject_future, resolve_future
+    from orchester.client.sync import TaskFuture
+
+    class SeenPending(TaskFuture):
+        def done(self) -> bool:
+            return False  # (what the I/O thread saw, just before the caller cancelled)
+
+    for make_condition in (False, True):
+        fut = SeenPending()
+        if make_condition:
+            assert not fut.running()  # (a condition made: the slow path)
+        assert fut.cancel()
+        resolve_future(fut, 1)
+        reject_future(fut, ValueError("late"))
+        assert fut.cancelled()
+
+    class SeenPendingAio(asyncio.Future):  # type: ignore[type-arg]
+        def done(self) -> bool:
+            return False
+
+    loop = asyncio.new_event_loop()
+    try:
+        aio = SeenPendingAio(loop=loop)
+        aio.cancel()
+        resolve_future(aio, 1)
+        reject_future(aio, ValueError("late"))
+        assert aio.cancelled()
+    finally:
+        loop.close()

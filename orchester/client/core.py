@@ -9,6 +9,9 @@ typed messages of :mod:`serializers.messages`, the one place that spells their k
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -33,16 +36,23 @@ Reject = Callable[[Any, BaseException], None]  # (future, exception)
 Request = M.Status | M.Cancel | M.Control | M.History
 
 
+#: What setting a future that became done meanwhile raises (a caller's ``cancel()`` in another thread).
+_SETTLED = (cf.InvalidStateError, asyncio.InvalidStateError)
+
+
 def resolve_future(fut: Any, value: Any) -> None:
-    """Set a future's result unless it is already done (concurrent or asyncio futures alike)."""
+    """Set a future's result unless it is already done (concurrent or asyncio futures alike; one cancelled
+    by another thread between the check and the setting is left as it is)."""
     if not fut.done():
-        fut.set_result(value)
+        with contextlib.suppress(*_SETTLED):
+            fut.set_result(value)
 
 
 def reject_future(fut: Any, exc: BaseException) -> None:
-    """Set a future's exception unless it is already done."""
+    """Set a future's exception unless it is already done (or cancelled meanwhile)."""
     if not fut.done():
-        fut.set_exception(exc)
+        with contextlib.suppress(*_SETTLED):
+            fut.set_exception(exc)
 
 
 class Pending:

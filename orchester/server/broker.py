@@ -607,7 +607,8 @@ class Broker:
         if len(run) == 1:
             self._send(*run[0])
         elif run:
-            for part in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in run]):
+            for part in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in run],
+                             frames=[len(frames) - 2 for _, frames, _ in run]):
                 group = run[part]
                 if len(group) == 1:
                     self._send(*group[0])
