@@ -93,27 +93,27 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         """(The I/O thread) the task's result. Nobody waits on a future that has no condition yet (a waiter,
         ``concurrent.futures.wait`` and a done callback each make it first), so such a future is finished
         without making one: the window of a ``map`` costs no condition per future that nobody waited on."""
-        if "_cond" not in self.__dict__:
-            with _MAKE:  # (a condition is made under this lock: none can appear meanwhile)
-                if "_cond" not in self.__dict__:
-                    if self._state in _DONE_STATES:
-                        raise cf.InvalidStateError(f"{self._state}: {self!r}")
-                    self._result = result
-                    self._state = cf._base.FINISHED
-                    return
-        super().set_result(result)
+        if not self._finish_alone("_result", result):
+            super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
         """(The I/O thread) the task's exception; as :meth:`set_result`, without a condition if none was made."""
-        if "_cond" not in self.__dict__:
-            with _MAKE:
-                if "_cond" not in self.__dict__:
-                    if self._state in _DONE_STATES:
-                        raise cf.InvalidStateError(f"{self._state}: {self!r}")
-                    self._exception = exception
-                    self._state = cf._base.FINISHED
-                    return
-        super().set_exception(exception)
+        if not self._finish_alone("_exception", exception):
+            super().set_exception(exception)
+
+    def _finish_alone(self, field: str, value: Any) -> bool:
+        """Finish with ``value`` in ``field`` if no condition was made (a condition is made under ``_MAKE``:
+        none can appear meanwhile); False when one was, and the caller takes ``Future``'s own way."""
+        if "_cond" in self.__dict__:
+            return False
+        with _MAKE:
+            if "_cond" in self.__dict__:
+                return False
+            if self._state in _DONE_STATES:
+                raise cf.InvalidStateError(f"{self._state}: {self!r}")
+            setattr(self, field, value)
+            self._state = cf._base.FINISHED
+            return True
 
     @property
     def accepted(self) -> threading.Event:
