@@ -281,13 +281,12 @@ class Satellite:
         out, self._out = self._out, []
         sock = self._uplink.sock
         assert sock is not None
-        for run in M.runs([sum(map(len, m)) for m in out], frames=[len(m) for m in out]):
-            group = out[run]
+        for run, frames in M.grouped(out):
             try:
-                send_frames(sock, M.batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]], NOBLOCK)
+                send_frames(sock, frames, NOBLOCK)
                 self._uplink.sent(now)  # every message counts as a heartbeat
             except zmq.Again:  # (results come back with the next registration's resend: see _recent)
-                self.counters["send_dropped"] += len(group)
+                self.counters["send_dropped"] += run.stop - run.start
 
     def _poller(self) -> zmq.Poller:
         """A poller over the orchestrator socket, the workers' socket and every worker's sentinel."""

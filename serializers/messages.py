@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, ClassVar, Self
@@ -1213,7 +1213,7 @@ def started(tasks: Iterable[tuple[str, int]]) -> bytes:
 
 
 # ------------------------------------------------------------- batches (several messages in one)
-def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+def batch(messages: Sequence[Sequence[Any]], lengths: Sequence[list[int]] | None = None) -> list[Any]:
     """BATCH frames carrying ``messages``, each ``[COMMAND, HEADER, PAYLOAD...]`` (no signature), in order.
 
     The header lists how many frames each message has (``"n": [3, 3, 5]``) and how long each of those
@@ -1221,23 +1221,24 @@ def batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
     :data:`~serializers.protocol.BATCH_ALONE` is packed into one body frame, back to back; a longer one
     (a large payload) travels as its own frame after the body, sent without a copy, its length given as
     ``-1``. A command and a header are always packed. So a batch of small messages is four frames, however
-    many messages it carries: one send and one receive, not one per frame."""
+    many messages it carries: one send and one receive, not one per frame. ``lengths``: each message's frame
+    lengths, when the caller has them already (:func:`grouped`)."""
     counts: list[int] = []
     sizes: list[int] = []
     packed: list[Any] = []
     alone: list[Any] = []
     limit = P.BATCH_ALONE
-    for m in messages:
+    for j, m in enumerate(messages):
         counts.append(len(m))
-        lengths = list(map(len, m))
+        frame_lengths = lengths[j] if lengths is not None else list(map(len, m))
         if memoryview in map(type, m):  # (a memoryview's len counts its items: its bytes are what travel)
-            lengths = [f.nbytes if type(f) is memoryview else n for f, n in zip(m, lengths, strict=True)]
-        if max(lengths) < limit:  # (the common case: every frame small)
-            sizes.extend(lengths)
+            frame_lengths = [f.nbytes if type(f) is memoryview else n for f, n in zip(m, frame_lengths, strict=True)]
+        if max(frame_lengths) < limit:  # (the common case: every frame small)
+            sizes.extend(frame_lengths)
             packed.extend(m)
             continue
         for i, f in enumerate(m):
-            size = lengths[i]
+            size = frame_lengths[i]
             if size >= limit and i > 1:
                 sizes.append(-1)
                 alone.append(f)
@@ -1323,12 +1324,19 @@ def runs(sizes: Sequence[int], limit: int = P.BATCH_MESSAGES, max_bytes: int = P
     return out
 
 
+def grouped(messages: Sequence[Sequence[Any]], limit: int = P.BATCH_MESSAGES,
+            max_bytes: int = P.BATCH_BYTES) -> Iterator[tuple[slice, list[Any]]]:
+    """``messages`` (each ``[COMMAND, HEADER, PAYLOAD...]``, in order) cut into the runs one BATCH each may carry
+    (:func:`runs`), each with the frames that carry it: a run of several as one BATCH, a message alone as
+    itself after the signature. Each frame's length is taken once, for the runs and for the batch."""
+    lengths = [list(map(len, m)) for m in messages]
+    for run in runs([sum(n) for n in lengths], limit, max_bytes, [len(n) for n in lengths]):
+        group = messages[run]
+        yield run, batch(group, lengths[run]) if len(group) > 1 else [P.SIGNATURE, *group[0]]
+
+
 def batches(messages: Sequence[Sequence[Any]], limit: int = P.BATCH_MESSAGES,
             max_bytes: int = P.BATCH_BYTES) -> list[list[Any]]:
-    """``messages`` (each ``[COMMAND, HEADER, PAYLOAD...]``, in order) as few messages as the limits allow
-    (:func:`runs`): a run of several as one BATCH, a message alone as itself, the signature before it."""
-    out: list[list[Any]] = []
-    for run in runs([sum(map(len, m)) for m in messages], limit, max_bytes, [len(m) for m in messages]):
-        group = messages[run]
-        out.append(batch(group) if len(group) > 1 else [P.SIGNATURE, *group[0]])
-    return out
+    """``messages`` as few messages as the limits allow (:func:`grouped`): a run of several as one BATCH, a
+    message alone as itself, the signature before it."""
+    return [frames for _, frames in grouped(messages, limit, max_bytes)]

@@ -24,6 +24,11 @@ NOBLOCK = int(zmq.NOBLOCK)
 ZERO_COPY_MIN = 64 * 1024
 
 
+def frames_size(frames: Sequence[Any]) -> int:
+    """Bytes of a message's frames (bytes, Frames, or memoryviews cast to bytes, as the codecs make them)."""
+    return sum(map(len, frames))
+
+
 def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) -> None:
     """Send a multipart message; large buffers go out without a copy."""
     last = len(frames) - 1

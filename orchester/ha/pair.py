@@ -41,11 +41,11 @@ from orchester.ha.leader import Leader
 from orchester.ha.requests import PairRequests
 from orchester.ha.star import DUAL_ACTIVE, BinaryStar, Change, HAState
 from orchester.security.auth import PEER_DOMAIN, secure_client, secure_server
-from orchester.server.lifecycle import _len
 from orchester.server.restore import Installation, RestoreFold
 from serializers import messages as M
 from serializers import protocol as P
 from serializers.header import pack
+from serializers.zmqframes import frames_size
 
 if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
@@ -366,7 +366,7 @@ class Pair:
         n = 0
         while deferred:
             sock, frames, user, when = deferred.popleft()
-            self.deferred_bytes -= _len(frames)
+            self.deferred_bytes -= frames_size(frames)
             handle(sock, frames, now, user, when)
             n += 1
             if n % 64 == 0 and time.monotonic() >= until:
@@ -379,7 +379,7 @@ class Pair:
     def defer(self, sock: Any, frames: list[Any], user: str | None, now: float) -> None:
         """A message that came while requests are held back (:attr:`holding`): handled later, in order."""
         self.deferred.append((sock, frames, user, now))
-        self.deferred_bytes += _len(frames)
+        self.deferred_bytes += frames_size(frames)
         self.counters["ha_deferred"] += 1
         self._waiting.setdefault((sock, bytes(frames[0])), float("-inf"))
 

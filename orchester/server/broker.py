@@ -50,7 +50,7 @@ from orchester.server.ports import Ports
 from orchester.server.restore import restore
 from serializers import protocol as P
 from serializers.header import ProtocolError
-from serializers.messages import batch, runs, unbatch
+from serializers.messages import grouped, unbatch
 from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger("orchester")
@@ -607,18 +607,17 @@ class Broker:
         if len(run) == 1:
             self._send(*run[0])
         elif run:
-            for part in runs([sum(map(len, frames)) - len(ident) for _, frames, _ in run],
-                             frames=[len(frames) - 2 for _, frames, _ in run]):
+            for part, batched in grouped([f[2:] for _, f, _ in run]):
                 group = run[part]
                 if len(group) == 1:
                     self._send(*group[0])
                 else:
-                    self._send_batch(sock, ident, group)
+                    self._send_batch(sock, [ident, *batched], group)
 
-    def _send_batch(self, sock: Any, ident: bytes, group: list[tuple[Any, list[Any], str | None]]) -> None:
-        """One BATCH to one peer; each message it carries is delivered (or not) as if sent alone."""
+    def _send_batch(self, sock: Any, frames: list[Any], group: list[tuple[Any, list[Any], str | None]]) -> None:
+        """One BATCH (``frames``, its peer's routing id first) to one peer; each message it carries is delivered
+        (or not) as if sent alone."""
         core = self.core
-        frames = [ident, *batch([f[2:] for _, f, _ in group])]
         try:
             send_frames(sock, frames, NOBLOCK)
         except zmq.ZMQError as exc:

@@ -26,7 +26,7 @@ from orchester.config import OrchestratorConfig
 from orchester.journal import records
 from orchester.logutil import log_limited, warn_limited
 from orchester.server.fleet import SatelliteRecord
-from orchester.server.lifecycle import T_DEADLINE, Lifecycle, _len
+from orchester.server.lifecycle import T_DEADLINE, Lifecycle
 from orchester.server.peers import Subscriptions
 from orchester.server.ports import Outbox, Ports
 from orchester.server.requests import Requests
@@ -58,6 +58,7 @@ from serializers.messages import (
     unbatch,
     welcome,
 )
+from serializers.zmqframes import frames_size
 from tracker import SatelliteEvent, SatelliteState, TaskEvent, TaskState
 
 log = logging.getLogger("orchester")
@@ -136,7 +137,7 @@ class Orchestrator:
             handler = self._handlers.get(cmd)
             if handler is None:
                 raise ProtocolError(P.E_UNKNOWN_COMMAND, f"unknown command {P.command_name(cmd)}")
-            if self.cfg.max_message and len(frames) > 4 and _len(frames) > self.cfg.max_message:
+            if self.cfg.max_message and len(frames) > 4 and frames_size(frames) > self.cfg.max_message:
                 raise ProtocolError(P.E_TOO_LARGE, f"message exceeds {self.cfg.max_message} bytes")
             if self.ports.identify is not None:
                 self.requests.authorise(cmd, user)
@@ -223,7 +224,7 @@ class Orchestrator:
             held += self.state.results.held_by(owner)
         payload = frames[4:]
         # what this task costs its client: payload, header and identity (a 64 KB header is not free)
-        size = _len(payload) + len(frames[3]) + len(ident) + len(tid)
+        size = frames_size(payload) + len(frames[3]) + len(ident) + len(tid)
         if unfinished >= self.cfg.max_client_tasks or held + size > self.cfg.max_client_bytes:
             raise ProtocolError(P.E_LIMIT, f"this client has {unfinished} unfinished tasks holding {held} bytes; "
                                 f"a task of {size} bytes more would pass --max-client-tasks "

@@ -26,6 +26,7 @@ from serializers import messages as M
 from serializers import protocol as P
 from serializers.codecs import dispatch_consent
 from serializers.header import pack, unpack
+from serializers.zmqframes import frames_size
 from tracker import (
     SATELLITE_MACHINE,
     TASK_MACHINE,
@@ -47,10 +48,6 @@ MAX_ATTEMPTS = 1000
 T_EXPIRE, T_START, T_STALL, T_MAX_RUN, T_REQUEUE, T_DEADLINE, T_RESULT = range(7)
 
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
-
-
-def _len(frames: list[Any]) -> int:
-    return sum(map(len, frames))
 
 
 class Lifecycle:
@@ -87,7 +84,7 @@ class Lifecycle:
             state.tasks[task.id] = task
             state.state_counts[task.state] += 1
             if result is not None and (len(result) > 1 or not unpack(bytes(result[0])).get("ok")):
-                state.results.put(task.id, [P.SIGNATURE, P.RESULT, *result], _len(result), delivered=True)
+                state.results.put(task.id, [P.SIGNATURE, P.RESULT, *result], frames_size(result), delivered=True)
             task.payload = []
             if task.after:
                 state.graph.link(task.id, task.after, ended=True)
@@ -598,9 +595,9 @@ class Lifecycle:
             task.header = pack({k: v for k, v in hdr.items() if k not in ("af", "rf")})
         if task.quiet:  # a task of its owner takes it by reference: its client gets it when it asks (FETCH)
             self.state.counters["results_kept"] += 1
-            self.state.results.put(task.id, result, _len(result))
+            self.state.results.put(task.id, result, frames_size(result))
         else:
-            self.send_result(task, result, _len(result), store=True)
+            self.send_result(task, result, frames_size(result), store=True)
         if task.after or task.id in self.state.graph.dependents:
             self.settle(task, self.state.clock)
 

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from orchester.journal import records
-from orchester.server.lifecycle import T_DEADLINE, _len
+from orchester.server.lifecycle import T_DEADLINE
 from orchester.server.tasks import Task, new_task
 from serializers.header import ProtocolError, unpack
 from serializers.messages import MAX_TASK_HEADER, Submit
+from serializers.zmqframes import frames_size
 from tracker import TaskState as TS
 from tracker.history import History
 
@@ -236,7 +237,7 @@ class Installation:
         for tid, (sub, last, hdr) in self._items:
             payload = list(sub.payload)
             t = new_task(tid, hdr.kind, hdr.priority, hdr.tags, sub.client, sock, sub.header, payload, now,
-                         state.next_seq(), _len(payload), hdr.after, hdr.referenced, hdr.run_on_failure)
+                         state.next_seq(), frames_size(payload), hdr.after, hdr.referenced, hdr.run_on_failure)
             t.ttl, t.max_run, t.duration = hdr.ttl, hdr.max_run, hdr.duration
             t.cores, t.memory, t.codec = hdr.cores, hdr.memory, hdr.codec
             if sub.owner is not None:

@@ -89,8 +89,10 @@ def is_loopback(host: str) -> bool:
     return bool(found) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in found)
 
 
-#: Seconds a connection may stay idle (or take to send its headers) before it is closed.
+#: Seconds a connection may stay idle (or take to send its headers) before it is closed, by default; and the
+#: range ``--idle-timeout`` may set (the command line's option says the same: it does not import tornado).
 IDLE_TIMEOUT = 15.0
+IDLE_TIMEOUT_RANGE = (0.1, 3600.0)
 
 
 @dataclass
@@ -132,8 +134,9 @@ class WebOptions:
             raise WebConfigError("--max-upload must be at least 1 byte")
         if self.refresh <= 0:
             raise WebConfigError("the refresh interval must be positive")
-        if not 0 < self.idle_timeout <= 3600 or self.idle_timeout != self.idle_timeout:
-            raise WebConfigError("--idle-timeout must be more than 0 and at most 3600 seconds")
+        low, high = IDLE_TIMEOUT_RANGE
+        if not low <= self.idle_timeout <= high:  # (NaN and inf fail it too)
+            raise WebConfigError(f"--idle-timeout must be {low:g} to {high:g} seconds")
         return host, port, context
 
 
