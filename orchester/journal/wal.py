@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,67 @@ def frame(body: bytes) -> bytes:
 def encode_record(body: list[Any]) -> bytes:
     """One on-disk record."""
     return frame(msgpack.packb(body, use_bin_type=True))
+
+
+#: A bytes field at least this large (a payload or result frame) is written from its own buffer, never
+#: copied into the record's encoded body (:func:`record_chunks`).
+WRITE_ALONE = 64 * 1024
+_BIN16, _BIN32 = struct.Struct(">BH"), struct.Struct(">BI")
+_ARRAY16, _ARRAY32 = struct.Struct(">BH"), struct.Struct(">BI")
+
+
+def _large(value: Any) -> bool:
+    return isinstance(value, (bytes, memoryview)) and (value.nbytes if isinstance(value, memoryview)
+                                                      else len(value)) >= WRITE_ALONE
+
+
+def _array_head(n: int) -> bytes:
+    return bytes((0x90 | n,)) if n < 16 else _ARRAY16.pack(0xDC, n) if n < 65536 else _ARRAY32.pack(0xDD, n)
+
+
+def _bin_head(n: int) -> bytes:  # only for fields of WRITE_ALONE bytes or more: never the 8-bit form
+    return _BIN16.pack(0xC5, n) if n < 65536 else _BIN32.pack(0xC6, n)
+
+
+def record_chunks(body: list[Any]) -> list[Any]:
+    """One on-disk record as buffers to write one after another (``writev``), byte for byte
+    :func:`encode_record`'s: a bytes field of :data:`WRITE_ALONE` bytes or more (at the top level, or in
+    a list at the top level: payload and result frames) is its own buffer, neither copied into the
+    encoded body nor joined to it; the checksum runs over the buffers in turn."""
+    if not any(_large(f) or (isinstance(f, list) and any(map(_large, f))) for f in body):
+        return [encode_record(body)]
+    pieces: list[Any] = []
+    small = bytearray(_array_head(len(body)))
+
+    def alone(value: Any) -> None:
+        nonlocal small
+        view = memoryview(value).cast("B") if isinstance(value, memoryview) else value
+        small += _bin_head(len(view))
+        pieces.append(bytes(small))
+        pieces.append(view)
+        small = bytearray()
+
+    for f in body:
+        if _large(f):
+            alone(f)
+        elif isinstance(f, list) and any(map(_large, f)):
+            small += _array_head(len(f))
+            for item in f:
+                if _large(item):
+                    alone(item)
+                else:
+                    small += msgpack.packb(item, use_bin_type=True)
+        else:
+            small += msgpack.packb(f, use_bin_type=True)
+    if small:
+        pieces.append(bytes(small))
+    crc = 0
+    length = 0
+    for piece in pieces:
+        crc = zlib.crc32(piece, crc)
+        length += len(piece)
+    pieces[0] = _HEAD.pack(length, crc) + pieces[0]
+    return pieces
 
 
 def segments(directory: Path) -> list[Path]:
@@ -212,34 +273,52 @@ class SegmentWriter:
         self._size = 0
         fsync_directory(self.dir)  # the new file's directory entry is durable too
 
-    def write(self, chunks: list[bytes]) -> list[int]:
-        """Append encoded records (one ``write`` call for the whole batch); return each one's offset."""
+    def write(self, records: Sequence[bytes | Sequence[Any]]) -> list[int]:
+        """Append encoded records, each one ``bytes`` (:func:`encode_record`) or a list of buffers
+        (:func:`record_chunks`), with ``writev``: no copy of a record or of the batch into one buffer.
+        Return each record's offset."""
         offsets = []
         pos = self._size
-        for c in chunks:
+        iov: list[Any] = []
+        for r in records:
             offsets.append(pos)
-            pos += len(c)
+            if isinstance(r, bytes):
+                iov.append(r)
+                pos += len(r)
+            else:
+                iov.extend(r)
+                pos += sum(map(len, r))
         fd = self._file.fileno()
-        for start in range(0, len(chunks), 512):  # writev: no copy of the batch into one buffer
-            part = chunks[start:start + 512]
-            total = sum(len(c) for c in part)
+        for start in range(0, len(iov), 512):  # at most 512 buffers a call (IOV_MAX is 1,024)
+            part = iov[start:start + 512]
+            total = sum(map(len, part))
             written = os.writev(fd, part)
-            if written != total:  # a short write (a full disk, say): finish it or fail loudly
-                rest = b"".join(part)[written:]
-                while rest:
-                    n = os.write(fd, rest)
-                    rest = rest[n:]
+            if written < total:  # a short write (a full disk, say): finish it or fail loudly
+                rest = memoryview(b"".join(part))
+                while written < total:
+                    written += os.write(fd, rest[written:])
         self._size = pos
         return offsets
 
     def sync(self) -> Path | None:
         """Make everything written so far durable (fsync); rotate a full segment and return its path."""
         os.fsync(self._file.fileno())
-        if self._size >= self.segment_bytes:
-            closed = self.path
-            self._open_next()
-            return closed
-        return None
+        return self.rotate()
+
+    def rotate(self) -> Path | None:
+        """Start the next segment once this one is full (after an ``fsync`` of it); return the closed
+        segment's path, or ``None``."""
+        if self._size < self.segment_bytes:
+            return None
+        os.fsync(self._file.fileno())  # (nothing to write back when sync() just did)
+        closed = self.path
+        self._open_next()
+        return closed
+
+    def dup(self) -> int:
+        """A duplicate of the live segment's descriptor (an ``fsync`` from another thread, while this
+        one writes on or rotates); the caller closes it."""
+        return os.dup(self._file.fileno())
 
     def close(self) -> None:
         """Close the segment and release the lock."""

@@ -2,10 +2,12 @@
 
 The broker hands records (accepted tasks with their payload, state transitions, results) to
 :meth:`Journal.append`, which returns a sequence number. The journal thread takes whatever
-has queued — up to ``batch_max`` records, waiting at most ``batch_wait`` seconds for more —
-writes it with one ``write``, makes it durable, and tells the broker the highest durable
-sequence number through an inproc socket. The broker releases an acknowledgement or a result
-only once the records it depends on are durable.
+has queued — up to ``batch_max`` records; by default it does not wait for more
+(``batch_wait``): the records that queue while one batch is written and synced make the next —
+writes it with ``writev`` (payload and result frames from their own buffers, never copied:
+:func:`~orchester.journal.wal.record_chunks`), makes it durable, and tells the broker the highest
+durable sequence number through an inproc socket. The broker releases an acknowledgement or a
+result only once the records it depends on are durable.
 
 Durability (``--durability``):
 
@@ -14,7 +16,8 @@ Durability (``--durability``):
     lost, even to a power cut.
 ``batch``
     release once the batch is written to the operating system (it survives ``kill -9`` of the
-    orchestrator, not a crash of the machine); fsync every ``sync_every`` seconds.
+    orchestrator, not a crash of the machine); a second thread fsyncs every ``sync_every`` seconds
+    while the writer goes on writing (and the writer fsyncs a full segment before it starts the next).
 ``off``
     records are written in the background and nothing waits for them (the history is kept; a
     crash can lose the last accepted tasks).
@@ -33,6 +36,7 @@ No HDF5 segment is opened unless its SHA-256 matches the journal's manifest: at 
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -48,7 +52,7 @@ from orchester.journal.historian import Historian, HistorianGone
 from orchester.journal.records import RecordError, Submitted, payload_bytes
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
-from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_at
+from orchester.journal.wal import ReadReport, SegmentWriter, read_at, record_chunks
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -59,7 +63,7 @@ class Journal:
     """A writer thread over a :class:`~orchester.journal.wal.SegmentWriter`."""
 
     def __init__(self, directory: str | Path, durability: str = "full", context: zmq.Context[Any] | None = None,
-                 batch_max: int = 1024, batch_wait: float = 0.002, sync_every: float = 0.1,
+                 batch_max: int = 1024, batch_wait: float = 0.0, sync_every: float = 0.1,
                  segment_bytes: int = 64 << 20) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {DURABILITY}, not {durability!r}")
@@ -78,6 +82,9 @@ class Journal:
         self.locations: deque[tuple[int, Path, int]] = deque()
         self.spillable: set[int] = set()  #: seqs whose location the broker wants (broker thread adds)
         self._cond = threading.Condition()
+        self._writing = threading.Lock()  #: held by the writer while it writes or rotates, by the syncer to dup
+        self._halt = threading.Event()  #: set when the writer ends: the syncer ends too
+        self._batches_written = 0  #: batches written (the syncer skips a sync when none was since the last)
         self._stop = False
         self.seq = 0  #: last sequence number handed out (broker thread only)
         self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
@@ -124,15 +131,16 @@ class Journal:
         sock = self.ctx.socket(zmq.PAIR)
         sock.linger = 0
         sock.connect(self._addr)
-        last_sync = time.monotonic()
+        full = self.durability == "full"
+        syncer = None if full else threading.Thread(target=self._sync_periodically, name="orchester-journal-sync",
+                                                    daemon=True)
+        if syncer is not None:
+            syncer.start()
         try:
             while True:
                 with self._cond:
                     while not self._queue and not self._stop:
-                        self._cond.wait(self.sync_every)
-                        if not self._queue and self.durability != "full" and \
-                                time.monotonic() - last_sync >= self.sync_every:
-                            break  # a periodic sync is due
+                        self._cond.wait()
                     if self._stop and not self._queue:
                         break
                 if self.batch_wait and len(self._queue) < self.batch_max:
@@ -141,42 +149,60 @@ class Journal:
                     n = min(len(self._queue), self.batch_max)
                     batch = [self._queue.popleft() for _ in range(n)]
                 t_write = time.perf_counter()
-                if batch:
-                    self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
+                self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
+                with self._writing:
                     path = self.writer.path
-                    offsets = self.writer.write([encode_record(rec) for _, rec in batch])
-                    for (seq, _), offset in zip(batch, offsets, strict=True):
-                        if seq in self.spillable:
-                            self.locations.append((seq, path, offset))
-                now = time.monotonic()
-                closed = None
-                if (self.durability == "full" and batch) or now - last_sync >= self.sync_every:
-                    closed = self.writer.sync()
-                    last_sync = now
+                    offsets = self.writer.write([record_chunks(rec) for _, rec in batch])
+                    self._batches_written += 1
+                    closed = self.writer.sync() if full else self.writer.rotate()
+                for (seq, _), offset in zip(batch, offsets, strict=True):
+                    if seq in self.spillable:
+                        self.locations.append((seq, path, offset))
                 if closed is not None:  # a full segment: to PyTables, off this thread, one at a time
                     self._compactions.append(closed)
                     if self._compactor is None or not self._compactor.is_alive():
                         self._compactor = threading.Thread(target=self._compact_all, name="orchester-compact",
                                                            daemon=True)
                         self._compactor.start()
-                if batch:
-                    took = time.perf_counter() - t_write
-                    st = self._stats
-                    st["batches"] += 1
-                    st["records"] += len(batch)
-                    st["flush_sum"] += took
-                    st["flush_max"] = max(st["flush_max"], took)
-                    sock.send(_SEQ.pack(batch[-1][0]))
+                took = time.perf_counter() - t_write
+                st = self._stats
+                st["batches"] += 1
+                st["records"] += len(batch)
+                st["flush_sum"] += took
+                st["flush_max"] = max(st["flush_max"], took)
+                sock.send(_SEQ.pack(batch[-1][0]))
         except BaseException as exc:  # a full disk, say: the broker must know, not hang
             self.error = exc
             log.critical("journal writer failed: %s", exc)
             raise
         finally:
+            self._halt.set()
+            if syncer is not None:
+                syncer.join()
             try:
                 self.writer.sync()
             except Exception:
                 pass
             sock.close(0)
+
+    def _sync_periodically(self) -> None:
+        """``batch`` and ``off``: fsync the live segment every ``sync_every`` seconds, beside the writer
+        (which goes on writing meanwhile), until the journal stops."""
+        try:
+            synced = 0
+            while not self._halt.wait(self.sync_every):
+                if self._batches_written == synced:
+                    continue  # nothing written since the last one
+                with self._writing:
+                    synced = self._batches_written
+                    fd = self.writer.dup()
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException as exc:  # an I/O error: as fatal as one of the writer's
+            self.error = exc
+            log.critical("journal sync failed: %s", exc)
 
     def take_stats(self) -> dict[str, float]:
         """Batches, records and flush times (sum, max) since the last call; resets them."""

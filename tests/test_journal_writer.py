@@ -1,0 +1,152 @@
+"""The journal's writer thread and its on-disk encoding, without an orchestrator: records written from their
+own buffers (byte for byte what a whole encoding gives), group commit without waiting, and the ``batch``
+durability's fsync beside the writer."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from orchester.journal import wal
+from orchester.journal import writer as writer_module
+from orchester.journal.wal import WRITE_ALONE, ReadReport, SegmentWriter, encode_record, read_all, record_chunks
+from orchester.journal.writer import Journal
+
+BIG = bytes(range(256)) * (WRITE_ALONE // 256 + 5)  # just over the threshold
+HUGE = os.urandom(1 << 20)
+
+
+def flat(chunks: list[Any]) -> bytes:
+    return b"".join(bytes(c) for c in chunks)
+
+
+@pytest.mark.parametrize("record", [
+    ["T", "a", 3, 1, "s1", None, 1.5],  # no large field: one buffer
+    ["S", "a", b"client", b"\x81\xa1k\xa4echo", [memoryview(HUGE)], 1.0, None, "alice"],
+    ["S", "a", b"c", b"h", [b"small", memoryview(BIG), b"", memoryview(HUGE), b"x" * 100], 2.0, 5.0, None],
+    ["R", "a", [b"\x84", memoryview(np.arange(WRITE_ALONE, dtype=np.float64))], 3.0],  # not bytes-shaped
+    ["R", "a", [b"h"] * 20 + [BIG], 3.0],  # a 16-bit array header
+    ["R", "a", [b""] * 70_000 + [BIG], 3.0],  # a 32-bit one
+    ["X", HUGE, "a big field at the top level"],
+    ["S", "a", b"c", b"h", [b"x" * (WRITE_ALONE - 1)], 1.0, None],  # just under: packed
+])
+def test_a_record_from_its_own_buffers_is_byte_for_byte_the_whole_encoding(record: list[Any]) -> None:
+    chunks = record_chunks(record)
+    assert flat(chunks) == encode_record(record)
+    fields = [*record, *(x for f in record if isinstance(f, list) for x in f)]
+    large = [f for f in fields if isinstance(f, (bytes, memoryview)) and memoryview(f).nbytes >= WRITE_ALONE]
+    alone = chunks[1::2] if large else []  # [head + packed, large, packed, large, ...]
+    assert len(alone) == len(large)
+    for chunk, field in zip(alone, large, strict=True):  # the very buffer, not a copy
+        assert chunk is field or (isinstance(chunk, memoryview) and np.shares_memory(chunk, field))
+
+
+def test_records_written_from_buffers_read_back_at_their_offsets(tmp_path: Path) -> None:
+    records = [["T", f"t{i}", 1, 1, None, None, float(i)] for i in range(3)]
+    records.insert(1, ["S", "big", b"c", b"h", [memoryview(HUGE), b"tail"], 1.0, None, None])
+    w = SegmentWriter(tmp_path)
+    offsets = w.write([record_chunks(r) if i % 2 else encode_record(r) for i, r in enumerate(records)])
+    w.sync()
+    w.close()
+    back = list(read_all(tmp_path, ReadReport()))
+    assert back[1][4] == [HUGE, b"tail"] and [r[1] for r in back] == ["t0", "big", "t1", "t2"]
+    data = (tmp_path / "wal-000001.log").read_bytes()
+    assert [data[o:o + len(encode_record(r))] for o, r in zip(offsets, records, strict=True)] == \
+        [encode_record(r) for r in records]
+
+
+def test_a_short_write_is_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.writev
+
+    def short(fd: int, buffers: list[Any]) -> int:  # a disk that takes a few bytes at a time
+        return real(fd, [memoryview(flat(buffers))[:1000]])
+
+    monkeypatch.setattr(wal.os, "writev", short)
+    rec = ["S", "a", b"c", b"h", [memoryview(HUGE)], 1.0, None, None]
+    w = SegmentWriter(tmp_path)
+    w.write([record_chunks(rec), encode_record(["T", "a", 1, 1, None, None, 2.0])])
+    w.sync()
+    w.close()
+    assert [r[0] for r in read_all(tmp_path, ReadReport())] == ["S", "T"]  # (a generator)
+
+
+def durable(journal: Journal, seq: int, timeout: float = 20.0) -> bool:
+    poller = zmq.Poller()
+    poller.register(journal.notify, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while journal.drain_notifications() < seq and time.monotonic() < deadline:
+        poller.poll(100)
+    return journal.durable >= seq
+
+
+def test_batch_durability_releases_while_a_sync_is_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``batch``: the periodic fsync runs beside the writer; a slow disk's fsync holds back no release."""
+    in_sync, release = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def slow(fd: int) -> None:
+        in_sync.set()
+        release.wait(30)
+        real(fd)
+
+    journal = Journal(tmp_path / "j", durability="batch", sync_every=0.05)
+    monkeypatch.setattr(writer_module.os, "fsync", slow)  # (the os module's: after the folder's fsync)
+    try:
+        assert durable(journal, journal.append(["T", "a", 1, 1, None, None, 1.0]))
+        assert in_sync.wait(20)  # the syncer is inside its fsync now, and stays there
+        seqs = [journal.append(["T", f"b{i}", 1, 1, None, None, 2.0]) for i in range(50)]
+        assert durable(journal, seqs[-1])  # written and released all the same
+    finally:
+        release.set()
+        journal.close()
+    assert len(list(read_all(tmp_path / "j", ReadReport()))) == 51
+
+
+def test_full_durability_syncs_each_batch_and_batch_syncs_only_after_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = os.fsync
+
+    def counted(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", counted)
+    journal = Journal(tmp_path / "full", durability="full")
+    calls.clear()  # the new log's folder
+    try:
+        for i in range(3):
+            assert durable(journal, journal.append(["T", f"a{i}", 1, 1, None, None, 1.0]))
+            assert len(calls) >= i + 1  # each released batch was synced first
+    finally:
+        journal.close()
+    journal = Journal(tmp_path / "batch", durability="batch", sync_every=0.02)
+    calls.clear()
+    try:
+        time.sleep(0.3)  # idle: nothing written, nothing to sync
+        assert calls == []
+        assert durable(journal, journal.append(["T", "a", 1, 1, None, None, 1.0]))
+        deadline = time.monotonic() + 20
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls  # synced within a period of the write
+    finally:
+        journal.close()
+
+
+def test_close_ends_both_threads_and_keeps_every_record(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", durability="batch", sync_every=10.0)  # a period longer than the test
+    for i in range(200):
+        journal.append(["S", f"t{i}", b"c", b"h", [memoryview(BIG)], 1.0, None, None])
+    t0 = time.monotonic()
+    journal.close()
+    assert time.monotonic() - t0 < 10  # the syncer did not wait out its period
+    assert not [t for t in threading.enumerate() if t.name.startswith("orchester-journal")]
+    assert [r[1] for r in read_all(tmp_path / "j", ReadReport())] == [f"t{i}" for i in range(200)]
