@@ -122,6 +122,7 @@ def _validate_file(path: str) -> dict[str, Any]:
             raise ValueError("not a journal segment")
         offsets, lengths = table.read(field="offset"), table.read(field="length")
         crcs = table.read(field="crc") if "crc" in table.colnames else None
+        far = table.read(field="outside") if "outside" in table.colnames else None
         data = bodies.read().tobytes()
         for col in (table.cols.task_id, table.cols.t):
             if col.is_indexed:  # read_where (a spilled payload) goes through them
@@ -131,6 +132,10 @@ def _validate_file(path: str) -> dict[str, Any]:
     list(read_h5_fields(Path(path)))  # the columns decode (the history reads them)
     expected = 0
     for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
+        if far is not None and far[i]:  # its body lies in the payload file, checked when read
+            if int(offset) < 0 or not 0 < int(length) <= MAX_RECORD:
+                raise ValueError(f"record {i} is out of place")
+            continue
         body = data[int(offset):int(offset) + int(length)]
         if int(offset) != expected or len(body) != int(length):
             raise ValueError(f"record {i} is out of place")
@@ -194,10 +199,11 @@ def _salvage_file(path: str, out: str, expected: str) -> dict[str, Any]:
                 except Exception:
                     errors += 1
                     continue
+                far = "outside" in rows.dtype.names
                 for row in rows:
                     offset, length = int(row["offset"]), int(row["length"])
-                    if offset < 0 or not 0 < length <= MAX_RECORD:
-                        continue
+                    if offset < 0 or not 0 < length <= MAX_RECORD or (far and row["outside"]):
+                        continue  # (a body in the payload file: not in this one)
                     try:
                         body = bodies[offset:offset + length].tobytes()
                         record = msgpack.unpackb(body, raw=False, strict_map_key=False)

@@ -3,8 +3,11 @@
 A closed ``wal-<n>.log`` becomes ``seg-<n>.h5``: a table ``records`` with one row of indexed
 columns per record (code, task id, time, kind, state, attempt, satellite, error type, where its
 body lies and the body's CRC-32; indexes on task id and time) and an ``EArray`` ``bodies`` of
-bytes holding every whole record (msgpack) end to end, both blosc2-compressed with explicit
-chunk shapes (HDF5 does not compress variable-length arrays). The file's root carries its
+bytes holding the records (msgpack) end to end, both blosc2-compressed with explicit chunk
+shapes (HDF5 does not compress variable-length arrays). A large record (a payload or a result of
+64 KiB or more) is not copied: its row says it lies ``outside``, in the segment's **payload
+file** ``pay-<n>.log`` — the log itself, kept under that name — at ``offset``, and it is read
+from there and checked against the row's CRC-32 (:func:`payload_path`). The file's root carries its
 segment number and the journal's identity. HDF5 files are only ever read once closed; the live
 tail stays in the checksummed log, because an HDF5 file open for writing does not survive
 ``kill -9``.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import threading
 import zlib
@@ -33,6 +37,9 @@ import numpy as np
 from orchester.journal.folder import FILE_MODE, open_private
 from orchester.journal.history import fields
 from orchester.journal.records import head
+from orchester.journal.wal import read_body
+
+log = logging.getLogger("orchester.journal")
 
 #: HDF5 is not thread-safe: every PyTables call of this process goes through this lock.
 HDF5_LOCK = threading.RLock()
@@ -64,6 +71,7 @@ def _description() -> Any:
         offset = tb.Int64Col(pos=8)  # where the record's body starts in ``bodies``
         length = tb.Int32Col(pos=9)
         crc = tb.UInt32Col(pos=10)  # CRC-32 of the body: a salvaged record is kept only if it matches
+        outside = tb.BoolCol(pos=11)  # the body lies in the payload file (pay-<n>.log), at ``offset``
 
     return Record
 
@@ -102,15 +110,28 @@ def _cell(key: str, value: Any) -> Any:
     return value
 
 
-def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: str | None) -> dict[str, Any]:
+#: A record placed outside the HDF5 file: ``(record, offset, length, crc)`` of its body in the payload file.
+Placed = tuple[list[Any], int, int, int]
+
+
+def payload_path(segment: Path) -> Path:
+    """The payload file of an HDF5 segment: ``pay-<n>.log`` beside ``seg-<n>.h5`` (the log it was compacted
+    from, kept for the large records it holds)."""
+    return segment.with_name("pay-" + segment.name[len("seg-"):].split(".", 1)[0] + ".log")
+
+
+def write_file(tmp: Path, records: Iterable[list[Any] | Placed], segment: int,
+               journal: str | None) -> dict[str, Any]:
     """Write ``records`` to a new HDF5 file ``tmp`` (0600), fsync it; return its record count and bodies' hash.
 
+    A record given as :data:`Placed` gets a row only: its body stays where it lies, in the
+    segment's payload file (``outside``); the answer counts them (``outside``, ``outside_bytes``).
     The file's root carries the segment's number (``segment``) and the journal's identity
     (``journal``), which a salvage checks before trusting records it reads back.
     """
     tb = tables()
     filters = tb.Filters(complevel=5, complib="blosc2:lz4", shuffle=True)
-    n = 0
+    n = outside = outside_bytes = 0
     bodies_hash = hashlib.sha256()
     tmp.unlink(missing_ok=True)  # a leftover of an interrupted rewrite
     os.close(open_private(tmp, os.O_WRONLY | os.O_EXCL))  # 0600 before PyTables writes a byte into it
@@ -123,15 +144,23 @@ def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: s
                                   chunkshape=(1 << 16,))
         row = table.row
         offset = 0
-        for record in records:
+        for item in records:
+            record = item[0] if isinstance(item, tuple) else item
             for key, value in _columns(record).items():
                 row[key] = _cell(key, value)
-            body = msgpack.packb(record, use_bin_type=True)
-            row["offset"], row["length"], row["crc"] = offset, len(body), zlib.crc32(body)
-            row.append()
-            bodies.append(np.frombuffer(body, dtype=np.uint8))
-            bodies_hash.update(body)
-            offset += len(body)
+            if isinstance(item, tuple):
+                _, at, length, crc = item
+                row["offset"], row["length"], row["crc"], row["outside"] = at, length, crc, True
+                row.append()
+                outside += 1
+                outside_bytes += length
+            else:
+                body = msgpack.packb(record, use_bin_type=True)
+                row["offset"], row["length"], row["crc"], row["outside"] = offset, len(body), zlib.crc32(body), False
+                row.append()
+                bodies.append(np.frombuffer(body, dtype=np.uint8))
+                bodies_hash.update(body)
+                offset += len(body)
             n += 1
         table.flush()
         table.cols.task_id.create_index()
@@ -141,7 +170,55 @@ def write_file(tmp: Path, records: Iterable[list[Any]], segment: int, journal: s
         os.fsync(fd)
     finally:
         os.close(fd)
-    return {"records": n, "bodies_sha256": bodies_hash.hexdigest(), "bodies_bytes": offset, "journal": journal}
+    return {"records": n, "bodies_sha256": bodies_hash.hexdigest(), "bodies_bytes": offset, "journal": journal,
+            "outside": outside, "outside_bytes": outside_bytes}
+
+
+class _Outside:
+    """Reads the bodies a segment keeps in its payload file, each checked against its row's CRC-32.
+
+    One that is missing or fails is skipped: noted in ``report`` (when given) and logged once."""
+
+    def __init__(self, segment: Path, report: Any = None) -> None:
+        self.path = payload_path(segment)
+        self.report = report
+        self._file: Any = None
+        self._missing = False
+
+    def body(self, offset: int, length: int, crc: int) -> bytes | None:
+        if self._file is None and not self._missing:
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError:
+                self._missing = True
+        body = None if self._file is None else read_body(self._file, offset, length, crc)
+        if body is None:
+            if self.report is not None:
+                self.report.damaged.append((self.path.name, offset, length))
+            key = (str(self.path), offset)
+            with _LOGGED_LOCK:
+                first = key not in _LOGGED
+                _LOGGED.add(key)
+            if first:
+                log.error("journal payload file %s: the record at byte %d is %s: skipped", self.path.name, offset,
+                          "missing (the file is gone)" if self._missing else "damaged")
+        return body
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+_LOGGED: set[tuple[str, int]] = set()  #: records of payload files already logged as missing or damaged
+_LOGGED_LOCK = threading.Lock()
+
+
+def _places(table: Any) -> tuple[Any, Any, Any, Any]:
+    """A table's offset, length, CRC-32 and outside columns (the last two ``None`` in files older than them)."""
+    names = table.colnames
+    return (table.read(field="offset"), table.read(field="length"),
+            table.read(field="crc") if "crc" in names else None,
+            table.read(field="outside") if "outside" in names else None)
 
 
 def find_record(path: Path, task_id: str, code: str) -> list[Any] | None:
@@ -164,30 +241,53 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
     if code is not None:
         condvars["c"] = code.encode()
     out: list[Any] = []
-    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
-        table = h5.root.records
-        places = [(int(r["offset"]), int(r["length"]))
-                  for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED)]
-        for offset, length in sorted(places, reverse=True):  # newest first, in journal order once reversed
-            body = h5.root.bodies[offset:offset + length].tobytes()
-            record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-            if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
-                    and (code is None or record[0] == code):
-                out.append(record)
-                if len(out) >= most:
-                    break
+    outside = _Outside(path)
+    try:
+        with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+            table = h5.root.records
+            far, has_crc = "outside" in table.colnames, "crc" in table.colnames
+            places = [(r.nrow, int(r["offset"]), int(r["length"]), int(r["crc"]) if has_crc else 0,
+                       far and bool(r["outside"]))
+                      for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED)]
+            for _, offset, length, crc, far_away in sorted(places, reverse=True):  # newest first: in order, reversed
+                body = outside.body(offset, length, crc) if far_away else \
+                    h5.root.bodies[offset:offset + length].tobytes()
+                if body is None:
+                    continue
+                record = msgpack.unpackb(body, raw=False, strict_map_key=False)
+                if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
+                        and (code is None or record[0] == code):
+                    out.append(record)
+                    if len(out) >= most:
+                        break
+    finally:
+        outside.close()
     out.reverse()
     return out
 
 
-def read_h5(path: Path) -> Iterator[list[Any]]:
-    """The records of a compacted segment, in order (the caller verified it: see :mod:`orchester.journal.segments`)."""
+def read_h5(path: Path, report: Any = None) -> Iterator[list[Any]]:
+    """The records of a compacted segment, in order (the caller verified it: see :mod:`orchester.journal.segments`).
+
+    A large record is read from the payload file and checked against its row's CRC-32; one that is
+    missing or damaged is skipped, noted in ``report`` (a :class:`~orchester.journal.wal.ReadReport`)."""
     tb = tables()
     with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
-        index = h5.root.records.read(field="offset"), h5.root.records.read(field="length")
+        offsets, lengths, crcs, far = _places(h5.root.records)
         data = h5.root.bodies.read().tobytes()
-    for offset, length in zip(*index, strict=True):
-        yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
+    if far is None or not far.any():
+        for offset, length in zip(offsets, lengths, strict=True):
+            yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
+        return
+    outside = _Outside(path, report)
+    try:
+        for offset, length, crc, away in zip(offsets.tolist(), lengths.tolist(), crcs.tolist(), far.tolist(),
+                                             strict=True):
+            body = outside.body(offset, length, crc) if away else data[offset:offset + length]
+            if body is not None:
+                yield msgpack.unpackb(body, raw=False, strict_map_key=False)
+    finally:
+        outside.close()
 
 
 def read_h5_fields(path: Path) -> Iterator[dict[str, Any]]:

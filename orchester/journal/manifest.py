@@ -41,7 +41,8 @@ _FORMAT = "orchester-journal-manifest"
 _VERSION = 1
 _SEGMENT = re.compile(r"seg-(\d{1,12})\.h5")
 _LOG = re.compile(r"wal-(\d{1,12})\.log")
-_NUMBERED = re.compile(r"(?:seg|wal)-(\d{1,12})\.")  #: (a longer number is no segment of ours)
+_PAYLOADS = re.compile(r"pay-(\d{1,12})\.log")
+_NUMBERED = re.compile(r"(?:seg|wal|pay)-(\d{1,12})\.")  #: (a longer number is no segment of ours)
 _SHA = re.compile(r"[0-9a-f]{64}")
 #: A journal's identity, in its manifest and on the root of each of its HDF5 segments.
 JOURNAL_ID = re.compile(r"[0-9a-f]{32}")
@@ -80,6 +81,11 @@ def h5_segments(directory: Path) -> list[Path]:
 def log_segments(directory: Path) -> list[Path]:
     """Log segments, oldest first."""
     return sorted(p for p in directory.glob("wal-*.log") if _LOG.fullmatch(p.name))
+
+
+def payload_files(directory: Path) -> list[Path]:
+    """Payload files (``pay-<n>.log``: logs kept for the large records their HDF5 segments point into)."""
+    return sorted(p for p in directory.glob("pay-*.log") if _PAYLOADS.fullmatch(p.name))
 
 
 def move_aside(path: Path) -> Path:
@@ -149,6 +155,12 @@ def _check_entry(name: str, entry: Any) -> None:
         for key in ("size", "records"):
             if not isinstance(e.get(key), int) or e[key] < 0:
                 raise ValueError(f"the entry of {name} has no {key}")
+        pay = e.get("payloads")
+        if pay is not None and not (isinstance(pay, dict) and isinstance(pay.get("name"), str)
+                                    and _PAYLOADS.fullmatch(pay["name"]) and number(pay["name"]) == number(name)
+                                    and all(isinstance(pay.get(k), int) and pay[k] >= 0
+                                            for k in ("size", "records", "bytes"))):
+            raise ValueError(f"the entry of {name} has a bad payload file")
 
 
 def _new_id() -> str:
@@ -161,7 +173,8 @@ class Manifest:
 
     #: the journal's identity, also written into each of its segments: a salvaged record must come from it
     journal: str = field(default_factory=_new_id)
-    #: file name → ``{"sha256", "size", "records", "bodies_sha256", "bodies_bytes", "written"[, "pending"]}``
+    #: file name → ``{"sha256", "size", "records", "bodies_sha256", "bodies_bytes", "written"[, "pending"]
+    #: [, "payloads": {"name", "size", "records", "bytes"[, "lost"]}]}`` (``payloads``: its payload file)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: one entry per segment found damaged or missing: what it held, where it went, what was recovered
     damaged: list[dict[str, Any]] = field(default_factory=list)
@@ -276,7 +289,7 @@ def highest_number(directory: Path) -> int:
     """
     numbers = []
     for p in directory.iterdir():
-        if p.name.startswith(("seg-", "wal-")) and not p.name.endswith(".tmp"):
+        if p.name.startswith(("seg-", "wal-", "pay-")) and not p.name.endswith(".tmp"):
             with contextlib.suppress(ValueError):  # a name that holds no number counts for none
                 numbers.append(number(p))
     manifest = Manifest.load(directory)

@@ -31,7 +31,7 @@ from typing import Any
 
 from orchester.journal.child import salvage, validate
 from orchester.journal.folder import fsync_directory
-from orchester.journal.hdf5 import has_signature
+from orchester.journal.hdf5 import has_signature, payload_path
 from orchester.journal.manifest import (
     JOURNAL_ID,
     MANIFEST,
@@ -43,6 +43,7 @@ from orchester.journal.manifest import (
     manifest_lock,
     move_aside,
     number,
+    payload_files,
     remember_digest,
     segment_path,
 )
@@ -75,7 +76,8 @@ def _salvage(moved: Path, n: int, entry: dict[str, Any] | None, journal: str) ->
         bodies = list(_frames(out.read_bytes()))
         if answer.get("whole"):  # exactly the bodies written: no identity needed
             digest = hashlib.sha256(b"".join(bodies)).hexdigest()
-            if entry is None or digest != expected or len(bodies) != entry.get("records"):
+            inside = entry.get("records", 0) - (entry.get("payloads") or {}).get("records", 0) if entry else None
+            if entry is None or digest != expected or len(bodies) != inside:
                 return None  # cannot happen unless the file changed under us: trust nothing
         elif not answer.get("crc") or answer.get("journal") != journal or answer.get("segment") != n:
             log.info("journal segment %s: records read back, but nothing says they are segment %d of this journal",
@@ -150,6 +152,9 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
                 f.moved = move_aside(directory / f.name)
         _put_back(directory, manifest, failed, missing, report)
         refilled = {f.put_back_as for f in failed if f.put_back_as is not None}
+        for name in [f.name for f in failed] + missing:
+            if name not in refilled:
+                _raw_log_from_payloads(directory, name, manifest, logs)
         settle = [f for f in failed if f.name not in refilled]
         for f in failed:
             if f.name in refilled and f.moved is not None:
@@ -175,7 +180,63 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
             manifest = Manifest.load(directory) or Manifest()  # the recoveries listed their segments
             manifest.damaged += found
             manifest.save(directory)
+        _check_payload_files(directory, logs, report)
     return report
+
+
+def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs: dict[int, Path]) -> None:
+    """A failed or missing segment whose payload file is there: that file is the log it was compacted from, whole
+    (small records and large), so it becomes the raw log again, compacted anew: nothing is lost."""
+    try:
+        n = number(name)
+    except ValueError:  # a gap's name
+        return
+    pay = payload_path(segment_path(directory, n))
+    entry = manifest.segments.get(name)
+    if n in logs or not pay.exists() or entry is None or not entry.get("payloads"):
+        return
+    target = log_path_of(directory, n)
+    os.replace(pay, target)
+    fsync_directory(directory)
+    logs[n] = target
+    log.warning("journal segment %s failed or is missing: its payload file %s is the log it came from; compacting "
+                "it again from there", name, pay.name)
+
+
+def _check_payload_files(directory: Path, logs: dict[int, Path], report: ReadReport) -> None:
+    """Every segment's payload file is there (each record read from one is checked against the CRC-32 of its
+    row when read: hashing them all at every start would read every payload). One that is gone is reported
+    once, with what it held; a payload file no segment lists is moved aside."""
+    manifest = Manifest.load(directory)
+    if manifest is None:
+        return
+    listed = set()
+    changed = False
+    for name, entry in manifest.segments.items():
+        for e in (entry, entry.get("pending") or {}):
+            pay = e.get("payloads")
+            if not pay:
+                continue
+            listed.add(pay["name"])
+            if e is entry and not pay.get("lost") and not (directory / pay["name"]).exists() \
+                    and number(name) not in logs:  # (a log compacted, then killed: it becomes the file next)
+                pay["lost"] = "is missing"
+                changed = True
+                d = DamagedSegment(pay["name"], f"is missing (the payload file of {name})", pay["size"],
+                                   pay["records"], lost_records=pay["records"], lost_bytes=pay["bytes"])
+                report.damaged_segments.append(d)
+                log.error("%s", d.describe())
+                manifest.damaged.append({"name": pay["name"], "reason": d.reason, "moved_to": None,
+                                         "size": pay["size"], "records": pay["records"], "recovered": 0,
+                                         "lost_records": pay["records"], "lost_bytes": pay["bytes"],
+                                         "at": round(time.time(), 3)})
+    if changed:
+        manifest.save(directory)
+    for pay in payload_files(directory):
+        if pay.name not in listed and number(pay) not in logs:
+            moved = move_aside(pay)
+            log.warning("journal payload file %s belongs to no segment (a retention rewrite stopped before removing "
+                        "it?): moved aside to %s", pay.name, moved.name)
 
 
 def _adopt(directory: Path, files: dict[str, Path], logs: set[int], failed: list[_Failed]) -> Manifest:

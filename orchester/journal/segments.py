@@ -27,7 +27,7 @@ from typing import Any
 
 from orchester.journal.child import validate_in_subprocess
 from orchester.journal.folder import JournalError, fsync_directory
-from orchester.journal.hdf5 import find_record, find_records, read_h5, read_h5_fields, write_file
+from orchester.journal.hdf5 import Placed, find_record, find_records, payload_path, read_h5, read_h5_fields, write_file
 from orchester.journal.manifest import (
     Manifest,
     Signature,
@@ -43,7 +43,7 @@ from orchester.journal.manifest import (
     stat_signature,
 )
 from orchester.journal.records import SUBMITTED, TRANSITION, RecordError, Result, Submitted, view, without_payload
-from orchester.journal.wal import DamagedSegment, ReadReport, read_segment
+from orchester.journal.wal import WRITE_ALONE, DamagedSegment, ReadReport, read_placed, read_segment
 from tracker import TaskState
 
 log = logging.getLogger("orchester.journal")
@@ -89,7 +89,7 @@ def _readable(path: Path, manifest: Manifest | None, report: ReadReport | None =
 
 # -- writing ---------------------------------------------------------------------------------------
 
-def write_h5(out: Path, records: Iterable[list[Any]]) -> int:
+def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: int | None = None) -> int:
     """Write ``records`` to the HDF5 segment ``out`` atomically and list it in the manifest; return the count.
 
     The file is written as ``out.tmp`` and fsync'ed, its entry goes into the manifest, then it is
@@ -97,13 +97,21 @@ def write_h5(out: Path, records: Iterable[list[Any]]) -> int:
     as ``pending`` first, so that after a crash either version passes verification. A journal of
     an older version (segments but no manifest) gets no manifest here: the orchestrator validates
     every segment and writes it at its next start.
+
+    ``payloads``: the size of the log the :data:`~orchester.journal.hdf5.Placed` records lie in, which
+    becomes the segment's payload file; the entry lists it (``payloads``: its name, size, records
+    and bytes).
     """
     directory = out.parent
     tmp = out.with_name(out.name + ".tmp")
     info = write_file(tmp, records, number(tmp), _journal_id(directory))
     sha, size = file_digest(tmp, cached=False)
     journal = info.pop("journal")
+    outside, outside_bytes = info.pop("outside"), info.pop("outside_bytes")
     entry = {"sha256": sha, "size": size, **info, "written": round(time.time(), 3)}
+    if outside:
+        entry["payloads"] = {"name": payload_path(out).name, "size": payloads, "records": outside,
+                             "bytes": outside_bytes}
     with manifest_lock(directory):
         manifest = Manifest.load(directory)
         if manifest is None and not any(p != out for p in h5_segments(directory)):
@@ -139,19 +147,45 @@ def _journal_id(directory: Path) -> str | None:
         return manifest.journal if manifest is not None else None
 
 
+#: A record whose body is at least this large (a payload or a result) stays in the log when it is compacted:
+#: written once, never copied into the HDF5 file.
+OUTSIDE = WRITE_ALONE
+
+
+def _placed(log_path: Path, report: ReadReport) -> Iterator[list[Any] | Placed]:
+    for record, offset, length, crc in read_placed(log_path, report):
+        yield (record, offset, length, crc) if length >= OUTSIDE else record
+
+
 def compact_log(log_path: Path, damage: ReadReport | None) -> tuple[Path, int]:
     """:func:`compact`, returning the number of records written too."""
     out = segment_path(log_path.parent, number(log_path))
     report = ReadReport()
-    n = write_h5(out, read_segment(log_path, report))
-    os.unlink(log_path)  # only now: the HDF5 file is durable and listed
-    fsync_directory(log_path.parent)
+    n = write_h5(out, _placed(log_path, report), payloads=log_path.stat().st_size)
+    keep_log(log_path, out)
     if damage is not None:
         damage.damaged.extend(report.damaged)
     if report.damaged:
         log.error("segment %s was damaged at byte %d: %d bytes after it dropped when compacting",
                   log_path.name, report.damaged[0][1], report.damaged[0][2])
     return out, n
+
+
+def keep_log(log_path: Path, out: Path) -> None:
+    """A compacted log, once its HDF5 segment ``out`` is durable and listed: kept as the segment's payload
+    file if the manifest says it is one, else removed."""
+    entry = manifest_entry(out)
+    if entry is not None and entry.get("payloads"):
+        os.replace(log_path, payload_path(out))
+    else:
+        os.unlink(log_path)
+    fsync_directory(log_path.parent)
+
+
+def manifest_entry(segment: Path) -> dict[str, Any] | None:
+    """The manifest's entry of an HDF5 segment (``None``: none, or no manifest)."""
+    manifest = Manifest.load(segment.parent)
+    return manifest.segments.get(segment.name) if manifest is not None else None
 
 
 def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
@@ -178,8 +212,8 @@ def compact_closed(directory: Path, keep: Path | None = None, damage: ReadReport
             continue
         h5 = segment_path(directory, number(log_path))
         if h5.exists():
-            if segment_ok(h5, manifest):  # compacted, then killed before the log was removed
-                log_path.unlink()
+            if segment_ok(h5, manifest):  # compacted, then killed before the log was removed (or kept)
+                keep_log(log_path, h5)
                 continue
             moved = move_aside(h5)
             log.error("journal segment %s fails verification: moved aside to %s; compacted again from %s",
@@ -233,7 +267,7 @@ def read_journal(directory: Path, report: ReadReport | None = None) -> Iterator[
     for path, kind in verified_parts(directory, report):
         report.segments += 1
         if kind == "h5":
-            for record in read_h5(path):
+            for record in read_h5(path, report):
                 report.records += 1
                 yield record
         else:
@@ -276,6 +310,10 @@ def apply_retention(directory: Path, results_before: float) -> dict[str, int]:
             records[i] = without_payload(rec)
             changed = True
         if changed:
-            write_h5(path, records)
+            write_h5(path, records)  # whole: what it kept of its payload file is in it now
+            pay = payload_path(path)
+            if pay.exists():
+                os.unlink(pay)
+                fsync_directory(directory)
             counts["segments_rewritten"] += 1
     return counts

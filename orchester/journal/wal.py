@@ -204,6 +204,28 @@ def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
         report.damaged.append((path.name, pos, len(data) - pos))
 
 
+def read_placed(path: Path, report: ReadReport) -> Iterator[tuple[list[Any], int, int, int]]:
+    """:func:`read_segment`'s records, each with where its body lies in the file: ``(record, offset,
+    length, crc)`` (a compaction leaves a large one there: :mod:`orchester.journal.segments`)."""
+    data = path.read_bytes()
+    pos = 0
+    for record, after in _records(data):
+        report.records += 1
+        crc = _HEAD.unpack_from(data, pos)[1]
+        yield record, pos + _HEAD.size, after - pos - _HEAD.size, crc
+        pos = after
+    if pos < len(data):
+        report.damaged.append((path.name, pos, len(data) - pos))
+
+
+def read_body(f: Any, offset: int, length: int, crc: int) -> bytes | None:
+    """The record body at ``offset`` of an open file, if it is ``length`` bytes that match ``crc``; else ``None``."""
+    if offset < 0 or not 0 < length <= MAX_RECORD:
+        return None
+    body = os.pread(f.fileno(), length, offset)
+    return body if len(body) == length and zlib.crc32(body) == crc else None
+
+
 def read_from(path: Path, offset: int = 0) -> Iterator[tuple[list[Any], int]]:
     """The intact records of a log segment from byte ``offset`` on, each with the offset after it.
 

@@ -1,0 +1,194 @@
+"""Payloads written once: a compacted segment leaves its large records (payloads and results of 64 KiB or more)
+in the log they were written to, kept as the segment's payload file, and reads them from there; what a crash,
+a missing or damaged payload file, a damaged segment and retention do to them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from orchester.journal.child import validate_in_subprocess
+from orchester.journal.hdf5 import find_records, payload_path, read_h5
+from orchester.journal.manifest import MANIFEST, Manifest
+from orchester.journal.segments import OUTSIDE, _placed, apply_retention, compact_closed, read_journal, write_h5
+from orchester.journal.wal import ReadReport, SegmentWriter, encode_record, read_placed, record_chunks
+from orchester.journal.writer import Journal, load_spilled, replay
+from serializers import pack
+from tracker import TaskState
+
+BIG = 3 * OUTSIDE
+
+
+def submit(tid: str, payload: bytes) -> list[Any]:
+    return ["S", tid, b"client", pack({"id": tid, "k": "echo"}), [payload], 100.0, None, "alice"]
+
+
+def transition(tid: str, state: TaskState, t: float = 101.0) -> list[Any]:
+    return ["T", tid, int(state), 1, "s1", None, t]
+
+
+def result(tid: str, payload: bytes, t: float = 102.0) -> list[Any]:
+    return ["R", tid, [pack({"id": tid, "a": 1, "ok": True, "sat": "s1"}), payload], t]
+
+
+def records_of(n_big: int = 4) -> list[list[Any]]:
+    out: list[list[Any]] = []
+    for i in range(n_big):
+        tid = f"big{i}"
+        out += [submit(tid, os.urandom(BIG)), transition(tid, TaskState.DISPATCHED),
+                transition(tid, TaskState.DONE), result(tid, os.urandom(BIG))]
+    out += [submit("small", b"\x01\x02"), transition("small", TaskState.DONE), result("small", b"\xc0")]
+    return out
+
+
+def write_log(directory: Path, records: list[list[Any]]) -> Path:
+    w = SegmentWriter(directory)
+    w.write([record_chunks(r) for r in records])
+    w.sync()
+    path = w.path
+    w.close()
+    return path
+
+
+def entry(directory: Path, name: str = "seg-000001.h5") -> dict[str, Any]:
+    manifest = Manifest.load(directory)
+    assert manifest is not None
+    return manifest.segments[name]
+
+
+def test_compaction_leaves_large_records_in_the_log_it_keeps_as_the_payload_file(tmp_path: Path) -> None:
+    records = records_of()
+    log = write_log(tmp_path, records)
+    written = log.read_bytes()
+    compact_closed(tmp_path)
+    h5, pay = tmp_path / "seg-000001.h5", tmp_path / "pay-000001.log"
+    assert not log.exists() and pay.read_bytes() == written  # the very file: renamed, not rewritten
+    assert h5.stat().st_size < BIG  # 8 large records of 3 × 64 KiB stayed out of it
+    e = entry(tmp_path)
+    assert e["payloads"] == {"name": "pay-000001.log", "size": len(written), "records": 8,
+                             "bytes": sum(length for _, _, length, _ in read_placed(pay, ReadReport())
+                                          if length >= OUTSIDE)}
+    assert e["records"] == len(records)
+    report = ReadReport()
+    assert [encode_record(r) for r in read_journal(tmp_path, report)] == [encode_record(r) for r in records]
+    assert not report.damaged and not report.damaged_segments
+    found = find_records(h5, "big2")
+    assert [r[0] for r in found] == ["S", "T", "T", "R"] and found[0][4] == records[8][4]
+    assert validate_in_subprocess(h5) is not None  # a separate process's whole read accepts it too
+
+
+def test_a_crash_between_listing_the_segment_and_keeping_its_log_loses_nothing(tmp_path: Path) -> None:
+    records = records_of(2)
+    log = write_log(tmp_path, records)
+    h5 = tmp_path / "seg-000001.h5"
+    write_h5(h5, _placed(log, ReadReport()), payloads=log.stat().st_size)  # listed; killed before the rename
+    assert log.exists() and not payload_path(h5).exists()
+    got, report = replay(tmp_path)
+    assert not log.exists() and payload_path(h5).exists()
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
+    assert not report.damaged_segments
+
+
+def test_a_missing_payload_file_loses_its_large_records_only_and_is_reported_once(tmp_path: Path) -> None:
+    records = records_of(3)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    os.unlink(tmp_path / "pay-000001.log")
+    got, report = replay(tmp_path)
+    small = [r for r in records if len(encode_record(r)) < OUTSIDE]
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in small]
+    [d] = report.damaged_segments
+    assert d.name == "pay-000001.log" and d.lost_records == 6 and "missing" in d.reason
+    assert report.counters()["journal_damaged_segments"] == 1
+    again, report2 = replay(tmp_path)
+    assert len(again) == len(small) and not report2.damaged_segments  # said once, remembered in the manifest
+    assert entry(tmp_path)["payloads"]["lost"]
+
+
+def test_a_damaged_large_record_is_skipped_and_reported_the_rest_read(tmp_path: Path) -> None:
+    records = records_of(3)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    pay = tmp_path / "pay-000001.log"
+    places = [(o, n) for _, o, n, _ in read_placed(pay, ReadReport())]
+    offset, length = places[4]  # big1's submission
+    data = bytearray(pay.read_bytes())
+    data[offset + length // 2] ^= 0xFF
+    pay.write_bytes(bytes(data))
+    report = ReadReport()
+    got = list(read_journal(tmp_path, report))
+    assert [encode_record(r) for r in got] == [encode_record(r) for i, r in enumerate(records) if i != 4]
+    assert report.damaged == [("pay-000001.log", offset, length)]
+    assert find_records(tmp_path / "seg-000001.h5", "big1", "S") == []  # not handed out either
+
+
+def test_a_damaged_segment_is_recovered_whole_from_its_payload_file(tmp_path: Path) -> None:
+    records = records_of(2)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    h5 = tmp_path / "seg-000001.h5"
+    data = bytearray(h5.read_bytes())
+    for i in range(2000, 2100):
+        data[i] ^= 0x5A
+    h5.write_bytes(bytes(data))
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in records]  # small records too
+    [d] = report.damaged_segments
+    assert d.recovered == len(records) and d.lost_records == 0
+    assert payload_path(h5).exists() and entry(tmp_path)["payloads"]["records"] == 4
+    assert list(tmp_path.glob("seg-000001.h5.damaged-*"))  # set aside, never deleted
+
+
+def test_retention_keeps_the_headers_and_removes_the_payload_file(tmp_path: Path) -> None:
+    records = records_of(2)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    counts = apply_retention(tmp_path, results_before=1e12)
+    assert counts == {"results_dropped": 3, "inputs_dropped": 3, "segments_rewritten": 1}
+    assert not (tmp_path / "pay-000001.log").exists() and "payloads" not in entry(tmp_path)
+    got = list(read_journal(tmp_path))
+    assert [r[:2] for r in got] == [r[:2] for r in records]
+    assert all(r[4] == [] for r in got if r[0] == "S")
+
+
+def test_a_payload_file_no_segment_lists_is_moved_aside(tmp_path: Path) -> None:
+    write_log(tmp_path, records_of(1))
+    compact_closed(tmp_path)
+    manifest = Manifest.load(tmp_path)
+    assert manifest is not None
+    del manifest.segments["seg-000001.h5"]["payloads"]  # as a retention rewrite leaves it, killed before the unlink
+    manifest.save(tmp_path)
+    replay(tmp_path)
+    assert not (tmp_path / "pay-000001.log").exists() and list(tmp_path.glob("pay-000001.log.damaged-*"))
+
+
+def test_a_manifest_entry_with_a_bad_payload_file_refuses_the_journal(tmp_path: Path) -> None:
+    write_log(tmp_path, records_of(1))
+    compact_closed(tmp_path)
+    doc = json.loads((tmp_path / MANIFEST).read_text())
+    doc["segments"]["seg-000001.h5"]["payloads"]["name"] = "../../etc/passwd"
+    (tmp_path / MANIFEST).write_text(json.dumps(doc))
+    from orchester.journal.manifest import ManifestError
+
+    with pytest.raises(ManifestError):
+        Manifest.load(tmp_path)
+
+
+def test_a_spilled_payload_is_read_from_the_payload_file_once_compacted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j", durability="full", segment_bytes=1 << 20)
+    payload = os.urandom(BIG)
+    journal.append(submit("spilled", payload), spill=True)
+    for i in range(12):  # past a segment: it is compacted
+        journal.append(submit(f"more{i}", os.urandom(BIG)))
+    journal.close()
+    compact_closed(tmp_path / "j")
+    seq, path, offset = journal.locations[0]
+    assert not path.exists() and payload_path(tmp_path / "j" / f"seg-{path.name[4:10]}.h5").exists()
+    task = SimpleNamespace(id="spilled", spilled=(path, offset))
+    assert load_spilled(task) == [payload]
+    assert [len(r[4][0]) for r in read_h5(tmp_path / "j" / "seg-000001.h5")][:1] == [BIG]
