@@ -1,20 +1,21 @@
-"""At start, before anything reads the journal: verify every HDF5 segment, set the damaged ones aside, recover.
+"""At start, before anything reads the journal: verify every HDF5 segment, set the damaged ones
+aside, recover.
 
 Called by :func:`orchester.journal.writer.replay` under the journal's lock. Every segment is
 checked against the manifest (:mod:`orchester.journal.manifest`). One that fails (truncated,
 zeroed, bytes flipped, not listed, holding another segment's bytes) is moved aside as
-``seg-<n>.h5.damaged-<UTC time>``, never deleted; a listed one that is gone is noted. Two
-segments whose bytes were swapped (or a segment renamed) are put back where their checksums say
-they belong. Records are recovered where that is safe: from the raw log the segment was
-compacted from, when it still exists; otherwise by reading the damaged file **in a separate
-process** (:func:`orchester.journal.child.salvage`: a crash there cannot take the orchestrator
-down), keeping the records whose CRC-32 matches, or all of them when their bodies hash to the
-manifest's figure. What is lost is logged and reported
-(:class:`~orchester.journal.wal.DamagedSegment`), and recorded in the manifest. A journal
-written before the manifest existed has each segment validated once, by reading it whole in a
-separate process, before its checksums are recorded. A damaged manifest cannot tell what is
-missing: the journal is refused (:class:`~orchester.journal.manifest.ManifestError`).
-"""
+``seg-<n>.h5.damaged-<UTC time>``, never deleted; a listed one that is gone is noted. Two segments
+whose bytes were swapped (or a segment renamed) are put back where their checksums say they
+belong. Records are recovered where that is safe: from the raw log the segment was compacted from,
+when it still exists (its payload file is that log, kept); otherwise by reading the damaged file
+**in a separate process** (:func:`orchester.journal.child.salvage`: a crash there cannot take the
+orchestrator down), keeping the records whose CRC-32 matches, or all of them when their bodies
+hash to the manifest's figure. What is lost is logged and reported
+(:class:`~orchester.journal.wal.DamagedSegment`), and recorded in the manifest. A journal written
+before the manifest existed has each segment validated once, by reading it whole in a separate
+process, before its checksums are recorded. A damaged manifest cannot tell what is missing: the
+journal is refused (:class:`~orchester.journal.manifest.ManifestError`). A payload file that is
+gone is reported once and marked lost in the manifest; one no segment lists is moved aside."""
 
 from __future__ import annotations
 

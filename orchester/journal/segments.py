@@ -8,12 +8,13 @@ aside at the orchestrator's next start (:mod:`orchester.journal.recovery`).
 
 **Writing.** A segment is written as ``seg-<n>.h5.tmp`` (:mod:`orchester.journal.hdf5`), closed
 and fsync'ed; its entry goes into the manifest; it is renamed to ``seg-<n>.h5`` (and the folder
-fsync'ed); only then is its log removed. A crash at any moment leaves either the log (the
-compaction is done again) or a complete, listed HDF5 file (when both exist, the HDF5 file wins
-and the log is removed). A retention rewrite of an existing segment records the new file as
-``pending`` in the old one's entry before the rename, so that either version is accepted after
-a crash.
-"""
+fsync'ed); only then is its log removed — or, when it holds records of :data:`OUTSIDE` bytes or
+more, renamed to the segment's payload file ``pay-<n>.log``: those records are never copied, their
+rows say where they lie (:mod:`orchester.journal.hdf5`), and the manifest lists the file. A crash
+at any moment leaves either the log (the compaction is done again) or a complete, listed HDF5 file
+(when both exist, the HDF5 file wins and the log is removed or kept as the payload file). A
+retention rewrite of an existing segment records the new file as ``pending`` in the old one's
+entry before the rename, so that either version is accepted after a crash."""
 
 from __future__ import annotations
 
