@@ -15,7 +15,8 @@ hash to the manifest's figure. What is lost is logged and reported
 before the manifest existed has each segment validated once, by reading it whole in a separate
 process, before its checksums are recorded. A damaged manifest cannot tell what is missing: the
 journal is refused (:class:`~orchester.journal.manifest.ManifestError`). A payload file that is
-gone is reported once and marked lost in the manifest; one no segment lists is moved aside."""
+gone is reported once and marked lost in the manifest; one no segment lists is moved aside.
+"""
 
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ rows say where they lie (:mod:`orchester.journal.hdf5`), and the manifest lists 
 at any moment leaves either the log (the compaction is done again) or a complete, listed HDF5 file
 (when both exist, the HDF5 file wins and the log is removed or kept as the payload file). A
 retention rewrite of an existing segment records the new file as ``pending`` in the old one's
-entry before the rename, so that either version is accepted after a crash."""
+entry before the rename, so that either version is accepted after a crash.
+"""
 
 from __future__ import annotations
 
