@@ -177,9 +177,10 @@ def _records(data: bytes, base: int = 0) -> Iterator[tuple[list[Any], int]]:
     """The intact records at the start of ``data`` (read from byte ``base`` of a segment), each with
     the segment offset after it; it stops at the first incomplete or damaged one."""
     pos, end = 0, len(data)
+    view = memoryview(data)  # a body is checked and decoded where it lies, not copied out first
     while end - pos >= _HEAD.size:
         length, crc = _HEAD.unpack_from(data, pos)
-        body = data[pos + _HEAD.size: pos + _HEAD.size + length]
+        body = view[pos + _HEAD.size: pos + _HEAD.size + length]
         if length > MAX_RECORD or len(body) != length or zlib.crc32(body) != crc:
             return
         try:
