@@ -4,6 +4,7 @@ a missing or damaged payload file, a damaged segment and retention do to them.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from orchester.journal.child import validate_in_subprocess
+from orchester.journal.folder import private_directory
 from orchester.journal.hdf5 import find_records, payload_path, read_h5
 from orchester.journal.manifest import MANIFEST, Manifest
 from orchester.journal.segments import OUTSIDE, _placed, apply_retention, compact_closed, read_journal, write_h5
@@ -71,6 +73,7 @@ def test_compaction_leaves_large_records_in_the_log_it_keeps_as_the_payload_file
     assert h5.stat().st_size < BIG  # 8 large records of 3 × 64 KiB stayed out of it
     e = entry(tmp_path)
     assert e["payloads"] == {"name": "pay-000001.log", "size": len(written), "records": 8,
+                             "sha256": hashlib.sha256(written).hexdigest(),
                              "bytes": sum(length for _, _, length, _ in read_placed(pay, ReadReport())
                                           if length >= OUTSIDE)}
     assert e["records"] == len(records)
@@ -86,8 +89,12 @@ def test_a_crash_between_listing_the_segment_and_keeping_its_log_loses_nothing(t
     records = records_of(2)
     log = write_log(tmp_path, records)
     h5 = tmp_path / "seg-000001.h5"
-    write_h5(h5, _placed(log, ReadReport()), payloads=log.stat().st_size)  # listed; killed before the rename
+    digest = hashlib.sha256(log.read_bytes()).hexdigest()
+    write_h5(h5, _placed(log, ReadReport()), {"size": log.stat().st_size, "sha256": digest})  # killed before the rename
     assert log.exists() and not payload_path(h5).exists()
+    report = ReadReport()  # a reader in that window (the history, say) finds the large records in the log
+    assert [encode_record(r) for r in read_h5(h5, report)] == [encode_record(r) for r in records]
+    assert not report.damaged
     got, report = replay(tmp_path)
     assert not log.exists() and payload_path(h5).exists()
     assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
@@ -104,9 +111,11 @@ def test_a_missing_payload_file_loses_its_large_records_only_and_is_reported_onc
     assert [encode_record(r) for r in got] == [encode_record(r) for r in small]
     [d] = report.damaged_segments
     assert d.name == "pay-000001.log" and d.lost_records == 6 and "missing" in d.reason
-    assert report.counters()["journal_damaged_segments"] == 1
+    assert report.counters() == {"journal_damaged_segments": 1, "journal_lost_bytes": d.lost_bytes}  # counted once
+    assert d.lost_bytes == entry(tmp_path)["payloads"]["bytes"]
     again, report2 = replay(tmp_path)
-    assert len(again) == len(small) and not report2.damaged_segments  # said once, remembered in the manifest
+    assert len(again) == len(small)  # said once, remembered in the manifest
+    assert report2.counters() == {"journal_damaged_segments": 0, "journal_lost_bytes": 0}
     assert entry(tmp_path)["payloads"]["lost"]
 
 
@@ -125,6 +134,101 @@ def test_a_damaged_large_record_is_skipped_and_reported_the_rest_read(tmp_path: 
     assert [encode_record(r) for r in got] == [encode_record(r) for i, r in enumerate(records) if i != 4]
     assert report.damaged == [("pay-000001.log", offset, length)]
     assert find_records(tmp_path / "seg-000001.h5", "big1", "S") == []  # not handed out either
+
+
+def test_a_deleted_segment_is_rebuilt_from_its_payload_file_and_reported(tmp_path: Path) -> None:
+    records = records_of(2)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    os.unlink(tmp_path / "seg-000001.h5")
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
+    [d] = report.damaged_segments
+    assert d.name == "seg-000001.h5" and d.recovered == len(records) and d.lost_records == 0 and d.lost_bytes == 0
+
+
+def test_a_payload_file_that_is_not_the_log_is_not_used_to_rebuild(tmp_path: Path) -> None:
+    write_log(tmp_path, records_of(2))
+    compact_closed(tmp_path)
+    pay = tmp_path / "pay-000001.log"
+    data = bytearray(pay.read_bytes())
+    data[100] ^= 1  # same size, other bytes
+    pay.write_bytes(bytes(data))
+    os.unlink(tmp_path / "seg-000001.h5")
+    got, report = replay(tmp_path)  # nothing read from a file that is not the log: the segment is lost, said so
+    assert got == [] and [d.name for d in report.damaged_segments] == ["seg-000001.h5"]
+    assert pay.exists()  # left where it was, for a person to look at
+
+
+def test_swapped_payload_files_are_put_back(tmp_path: Path) -> None:
+    first, second = records_of(1), [submit("other", os.urandom(BIG)), result("other", os.urandom(2 * BIG))]
+    write_log(tmp_path, first)
+    write_log(tmp_path, second)
+    compact_closed(tmp_path)
+    a, b = tmp_path / "pay-000001.log", tmp_path / "pay-000002.log"
+    os.rename(a, tmp_path / "x")
+    os.rename(b, a)
+    os.rename(tmp_path / "x", b)
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in first + second]
+    assert not report.damaged_segments and not report.damaged
+
+
+@pytest.mark.parametrize("what", ["folder", "fifo", "symlink"])
+def test_a_payload_file_that_is_not_a_file_is_set_aside_and_start_goes_on(tmp_path: Path, what: str) -> None:
+    records = records_of(1)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    pay = tmp_path / "pay-000001.log"
+    real = pay.read_bytes()
+    pay.unlink()
+    outside = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    outside.write_bytes(real)
+    {"folder": pay.mkdir, "fifo": lambda: os.mkfifo(pay), "symlink": lambda: pay.symlink_to(outside)}[what]()
+    got, report = replay(tmp_path)  # no traceback, no hang, nothing read through a link
+    assert [r for r in got if r[1] != "small"] == [r for r in records if r[1] != "small" and r[0] == "T"]
+    [d] = report.damaged_segments
+    assert d.name == "pay-000001.log" and d.lost_records == 2 and d.moved_to
+
+
+def test_a_journal_without_a_manifest_keeps_its_payload_files(tmp_path: Path) -> None:
+    """``orchester journal compact`` and the rebuilding of a manifest (moved aside, as the docs say to do
+    when it is damaged) keep the large records."""
+    first, second = records_of(1), records_of(2)[4:]
+    write_log(tmp_path, first)
+    compact_closed(tmp_path)
+    os.rename(tmp_path / MANIFEST, tmp_path / "MANIFEST.aside")
+    write_log(tmp_path, second)
+    compact_closed(tmp_path)  # no manifest: the log holds large records, so it is kept
+    assert (tmp_path / "pay-000002.log").exists()
+    got, report = replay(tmp_path)  # the manifest is made anew, payload files listed
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in first + second]
+    assert not report.damaged_segments and not report.damaged
+    assert entry(tmp_path, "seg-000002.h5")["payloads"]["records"] == 2
+
+
+def test_retention_leaves_a_segment_whose_payload_file_is_damaged_as_it_is(tmp_path: Path) -> None:
+    write_log(tmp_path, records_of(2))
+    compact_closed(tmp_path)
+    pay = tmp_path / "pay-000001.log"
+    offset, length = [(o, n) for _, o, n, _ in read_placed(pay, ReadReport())][0]
+    data = bytearray(pay.read_bytes())
+    data[offset + 10] ^= 0xFF
+    pay.write_bytes(bytes(data))
+    before = (tmp_path / "seg-000001.h5").read_bytes()
+    assert apply_retention(tmp_path, results_before=1e12)["segments_rewritten"] == 0
+    assert pay.exists() and (tmp_path / "seg-000001.h5").read_bytes() == before  # the damage stays visible
+
+
+def test_payload_files_are_made_private(tmp_path: Path) -> None:
+    d = tmp_path / "j"
+    d.mkdir(mode=0o700)
+    write_log(d, records_of(1))
+    compact_closed(d)
+    os.chmod(d / "pay-000001.log", 0o644)
+    os.chmod(d, 0o755)
+    private_directory(d)
+    assert (d / "pay-000001.log").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_damaged_segment_is_recovered_whole_from_its_payload_file(tmp_path: Path) -> None:
@@ -171,12 +275,15 @@ def test_a_manifest_entry_with_a_bad_payload_file_refuses_the_journal(tmp_path: 
     write_log(tmp_path, records_of(1))
     compact_closed(tmp_path)
     doc = json.loads((tmp_path / MANIFEST).read_text())
-    doc["segments"]["seg-000001.h5"]["payloads"]["name"] = "../../etc/passwd"
-    (tmp_path / MANIFEST).write_text(json.dumps(doc))
     from orchester.journal.manifest import ManifestError
 
-    with pytest.raises(ManifestError):
-        Manifest.load(tmp_path)
+    for name in ("../../etc/passwd", "pay-1.log", "pay-000002.log"):
+        doc["segments"]["seg-000001.h5"]["payloads"]["name"] = name
+        body = {k: v for k, v in doc.items() if k != "sha256"}
+        doc["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        (tmp_path / MANIFEST).write_text(json.dumps(doc))
+        with pytest.raises(ManifestError, match="bad payload file"):
+            Manifest.load(tmp_path)
 
 
 def test_a_spilled_payload_is_read_from_the_payload_file_once_compacted(tmp_path: Path) -> None:

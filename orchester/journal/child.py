@@ -123,6 +123,8 @@ def _validate_file(path: str) -> dict[str, Any]:
         offsets, lengths = table.read(field="offset"), table.read(field="length")
         crcs = table.read(field="crc") if "crc" in table.colnames else None
         far = table.read(field="outside") if "outside" in table.colnames else None
+        if far is not None and far.any() and crcs is None:
+            raise ValueError("records in a payload file, without CRC-32s to check them by")
         data = bodies.read().tobytes()
         for col in (table.cols.task_id, table.cols.t):
             if col.is_indexed:  # read_where (a spilled payload) goes through them
@@ -131,10 +133,13 @@ def _validate_file(path: str) -> dict[str, Any]:
         ident = identity(h5)
     list(read_h5_fields(Path(path)))  # the columns decode (the history reads them)
     expected = 0
+    outside = outside_bytes = 0
     for i, (offset, length) in enumerate(zip(offsets, lengths, strict=True)):
         if far is not None and far[i]:  # its body lies in the payload file, checked when read
             if int(offset) < 0 or not 0 < int(length) <= MAX_RECORD:
                 raise ValueError(f"record {i} is out of place")
+            outside += 1
+            outside_bytes += int(length)
             continue
         body = data[int(offset):int(offset) + int(length)]
         if int(offset) != expected or len(body) != int(length):
@@ -148,7 +153,7 @@ def _validate_file(path: str) -> dict[str, Any]:
     if expected != len(data):
         raise ValueError("the bodies hold more than the records")
     return {"records": len(offsets), "bodies_sha256": hashlib.sha256(data).hexdigest(), "bodies_bytes": len(data),
-            **ident}
+            "outside": outside, "outside_bytes": outside_bytes, **ident}
 
 
 def _split(data: bytes) -> list[bytes]:

@@ -40,7 +40,7 @@ def _who(mode: int) -> str:
 
 
 #: The names a journal folder holds (anything else in it is left alone, never re-moded).
-JOURNAL_NAMES = re.compile(r"(LOCK|MANIFEST|wal-\d+\.log|seg-\d+\.h5)(\..*)?|\..*\.tmp")
+JOURNAL_NAMES = re.compile(r"(LOCK|MANIFEST|wal-\d+\.log|pay-\d+\.log|seg-\d+\.h5)(\..*)?|\..*\.tmp")
 
 
 def private_directory(directory: str | os.PathLike[str], what: str = "journal",

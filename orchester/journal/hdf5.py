@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import logging
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
@@ -34,8 +35,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from orchester.journal.folder import FILE_MODE, open_private
+from orchester.journal.folder import FILE_MODE, JournalError, open_private
 from orchester.journal.history import fields
+from orchester.journal.manifest import load_manifest, payload_name
 from orchester.journal.records import head
 from orchester.journal.wal import read_body
 
@@ -117,7 +119,7 @@ Placed = tuple[list[Any], int, int, int]
 def payload_path(segment: Path) -> Path:
     """The payload file of an HDF5 segment: ``pay-<n>.log`` beside ``seg-<n>.h5`` (the log it was compacted
     from, kept for the large records it holds)."""
-    return segment.with_name("pay-" + segment.name[len("seg-"):].split(".", 1)[0] + ".log")
+    return segment.with_name(payload_name(segment.name))
 
 
 def write_file(tmp: Path, records: Iterable[list[Any] | Placed], segment: int,
@@ -175,41 +177,95 @@ def write_file(tmp: Path, records: Iterable[list[Any] | Placed], segment: int,
 
 
 class _Outside:
-    """Reads the bodies a segment keeps in its payload file, each checked against its row's CRC-32.
+    """Reads the records a segment keeps in its payload file, each checked against its row: the body's
+    length and CRC-32, then its code and task id once decoded.
 
-    One that is missing or fails is skipped: noted in ``report`` (when given) and logged once."""
+    The file is opened before the HDF5 file (:meth:`open`): a compaction renaming the log, or a retention
+    rewrite removing the file, cannot come between the two. Until a compaction has renamed it, the file is
+    still the log ``wal-<n>.log`` (numbers are never reused). Only a regular file is read (never a link,
+    a pipe or a folder planted under its name). A record that is missing or fails is skipped, noted in
+    ``report`` (when given) and logged once; a payload file the manifest marks lost (reported at the
+    start that found it gone) is skipped without a word."""
 
     def __init__(self, segment: Path, report: Any = None) -> None:
         self.path = payload_path(segment)
         self.report = report
-        self._file: Any = None
+        self._fd = -1
         self._missing = False
+        self.lost = _marked_lost(segment)
 
-    def body(self, offset: int, length: int, crc: int) -> bytes | None:
-        if self._file is None and not self._missing:
+    def open(self) -> None:
+        if self._fd >= 0 or self._missing or self.lost:
+            return
+        log_path = self.path.with_name("wal-" + self.path.name[len("pay-"):])
+        for candidate in (self.path, log_path, self.path):  # (renamed between the first two tries: the third)
+            fd = _open_regular(candidate)
+            if fd >= 0:
+                self._fd = fd
+                return
+        self._missing = True
+
+    def record(self, offset: int, length: int, crc: int, code: str, task_id: bytes) -> list[Any] | None:
+        """The record at ``offset``, if it is the row's (``code``; ``task_id``: the row's column, cut)."""
+        if self.lost:
+            return None
+        self.open()
+        record = None
+        body = None if self._fd < 0 else read_body(self._fd, offset, length, crc)
+        if body is not None:
             try:
-                self._file = open(self.path, "rb")
-            except FileNotFoundError:
-                self._missing = True
-        body = None if self._file is None else read_body(self._file, offset, length, crc)
-        if body is None:
-            if self.report is not None:
-                self.report.damaged.append((self.path.name, offset, length))
-            key = (str(self.path), offset)
-            with _LOGGED_LOCK:
-                first = key not in _LOGGED
-                _LOGGED.add(key)
-            if first:
-                log.error("journal payload file %s: the record at byte %d is %s: skipped", self.path.name, offset,
-                          "missing (the file is gone)" if self._missing else "damaged")
-        return body
+                got = msgpack.unpackb(body, raw=False, strict_map_key=False)
+            except Exception:
+                got = None
+            if isinstance(got, list) and len(got) > 1 and got[0] == code and isinstance(got[1], str) \
+                    and _cut(got[1], _WIDTHS["task_id"]) == task_id:
+                record = got
+        if record is None:
+            self._skipped(offset, length, "missing (the file is gone)" if self._missing else "damaged")
+        return record
+
+    def _skipped(self, offset: int, length: int, why: str) -> None:
+        if self.report is not None:
+            self.report.damaged.append((self.path.name, offset, length))
+        key = (str(self.path), offset, why)
+        with _LOGGED_LOCK:
+            first = key not in _LOGGED
+            _LOGGED.add(key)
+        if first:
+            log.error("journal payload file %s: the record at byte %d is %s: skipped", self.path.name, offset, why)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
-_LOGGED: set[tuple[str, int]] = set()  #: records of payload files already logged as missing or damaged
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path`` if it is a regular file (not followed if a link; a pipe does not block), else -1."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return -1
+
+
+def _marked_lost(segment: Path) -> bool:
+    """Whether the manifest marks the segment's payload file lost (reported once, when it was found gone)."""
+    try:
+        manifest = load_manifest(segment.parent)
+    except JournalError:
+        return False
+    entry = manifest.segments.get(segment.name) if manifest is not None else None
+    return bool(entry and (entry.get("payloads") or {}).get("lost"))
+
+
+_LOGGED: set[tuple[str, int, str]] = set()  #: records of payload files already logged as missing or damaged
 _LOGGED_LOCK = threading.Lock()
 
 
@@ -242,24 +298,32 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
         condvars["c"] = code.encode()
     out: list[Any] = []
     outside = _Outside(path)
+    outside.open()
     try:
+        wanted: list[tuple[int, int, int, int, str, bool]] = []
+        inside: dict[int, bytes] = {}
         with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
             table = h5.root.records
-            far, has_crc = "outside" in table.colnames, "crc" in table.colnames
-            places = [(r.nrow, int(r["offset"]), int(r["length"]), int(r["crc"]) if has_crc else 0,
-                       far and bool(r["outside"]))
-                      for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED)]
-            for _, offset, length, crc, far_away in sorted(places, reverse=True):  # newest first: in order, reversed
-                body = outside.body(offset, length, crc) if far_away else \
-                    h5.root.bodies[offset:offset + length].tobytes()
-                if body is None:
-                    continue
-                record = msgpack.unpackb(body, raw=False, strict_map_key=False)
-                if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
-                        and (code is None or record[0] == code):
-                    out.append(record)
-                    if len(out) >= most:
-                        break
+            has_crc = "crc" in table.colnames
+            far = "outside" in table.colnames and has_crc  # (the validation refuses outside rows without CRCs)
+            for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED):
+                away = far and bool(r["outside"])
+                wanted.append((r.nrow, int(r["offset"]), int(r["length"]), int(r["crc"]) if has_crc else 0,
+                               r["code"].decode("utf-8", "replace"), away))
+            for nrow, offset, length, _, _, away in wanted:
+                if not away:
+                    inside[nrow] = h5.root.bodies[offset:offset + length].tobytes()
+        tid = _cut(task_id, _WIDTHS["task_id"])
+        for nrow, offset, length, crc, row_code, away in sorted(wanted, reverse=True):  # newest first
+            if away:  # read from the payload file outside the HDF5 lock
+                record = outside.record(offset, length, crc, row_code, tid)
+            else:
+                record = msgpack.unpackb(inside[nrow], raw=False, strict_map_key=False)
+            if isinstance(record, list) and len(record) > 1 and record[1] == task_id \
+                    and (code is None or record[0] == code):
+                out.append(record)
+                if len(out) >= most:
+                    break
     finally:
         outside.close()
     out.reverse()
@@ -269,23 +333,31 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
 def read_h5(path: Path, report: Any = None) -> Iterator[list[Any]]:
     """The records of a compacted segment, in order (the caller verified it: see :mod:`orchester.journal.segments`).
 
-    A large record is read from the payload file and checked against its row's CRC-32; one that is
-    missing or damaged is skipped, noted in ``report`` (a :class:`~orchester.journal.wal.ReadReport`)."""
+    A large record is read from the payload file and checked against its row (:class:`_Outside`); one that
+    is missing or damaged is skipped, noted in ``report`` (a :class:`~orchester.journal.wal.ReadReport`)."""
     tb = tables()
-    with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
-        offsets, lengths, crcs, far = _places(h5.root.records)
-        data = h5.root.bodies.read().tobytes()
-    if far is None or not far.any():
-        for offset, length in zip(offsets, lengths, strict=True):
-            yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
-        return
     outside = _Outside(path, report)
+    outside.open()
     try:
-        for offset, length, crc, away in zip(offsets.tolist(), lengths.tolist(), crcs.tolist(), far.tolist(),
-                                             strict=True):
-            body = outside.body(offset, length, crc) if away else data[offset:offset + length]
-            if body is not None:
-                yield msgpack.unpackb(body, raw=False, strict_map_key=False)
+        with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
+            table = h5.root.records
+            offsets, lengths, crcs, far = _places(table)
+            data = h5.root.bodies.read().tobytes()
+            away_rows = far is not None and crcs is not None and bool(far.any())
+            if away_rows:
+                codes, tids = table.read(field="code"), table.read(field="task_id")
+        if not away_rows:  # (a segment written before payload files, or without a large record)
+            for offset, length in zip(offsets, lengths, strict=True):
+                yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
+            return
+        for i, (offset, length, crc, away) in enumerate(zip(offsets.tolist(), lengths.tolist(), crcs.tolist(),
+                                                            far.tolist(), strict=True)):
+            if away:
+                record = outside.record(offset, length, crc, codes[i].decode("utf-8", "replace"), bytes(tids[i]))
+                if record is not None:
+                    yield record
+            else:
+                yield msgpack.unpackb(data[offset:offset + length], raw=False, strict_map_key=False)
     finally:
         outside.close()
 

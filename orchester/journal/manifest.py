@@ -83,6 +83,11 @@ def log_segments(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("wal-*.log") if _LOG.fullmatch(p.name))
 
 
+def payload_name(segment: str) -> str:
+    """The name of an HDF5 segment's payload file: ``seg-<n>.h5`` → ``pay-<n>.log`` (the same digits)."""
+    return "pay-" + segment[len("seg-"):].split(".", 1)[0] + ".log"
+
+
 def payload_files(directory: Path) -> list[Path]:
     """Payload files (``pay-<n>.log``: logs kept for the large records their HDF5 segments point into)."""
     return sorted(p for p in directory.glob("pay-*.log") if _PAYLOADS.fullmatch(p.name))
@@ -156,8 +161,8 @@ def _check_entry(name: str, entry: Any) -> None:
             if not isinstance(e.get(key), int) or e[key] < 0:
                 raise ValueError(f"the entry of {name} has no {key}")
         pay = e.get("payloads")
-        if pay is not None and not (isinstance(pay, dict) and isinstance(pay.get("name"), str)
-                                    and _PAYLOADS.fullmatch(pay["name"]) and number(pay["name"]) == number(name)
+        if pay is not None and not (isinstance(pay, dict) and pay.get("name") == payload_name(name)
+                                    and isinstance(pay.get("sha256"), str) and _SHA.fullmatch(pay["sha256"])
                                     and all(isinstance(pay.get(k), int) and pay[k] >= 0
                                             for k in ("size", "records", "bytes"))):
             raise ValueError(f"the entry of {name} has a bad payload file")

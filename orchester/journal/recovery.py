@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import time
 import zlib
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from typing import Any
 
 from orchester.journal.child import salvage, validate
 from orchester.journal.folder import fsync_directory
-from orchester.journal.hdf5 import has_signature, payload_path
+from orchester.journal.hdf5 import has_signature
 from orchester.journal.manifest import (
     JOURNAL_ID,
     MANIFEST,
@@ -46,6 +47,7 @@ from orchester.journal.manifest import (
     move_aside,
     number,
     payload_files,
+    payload_name,
     remember_digest,
     segment_path,
 )
@@ -154,9 +156,9 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
                 f.moved = move_aside(directory / f.name)
         _put_back(directory, manifest, failed, missing, report)
         refilled = {f.put_back_as for f in failed if f.put_back_as is not None}
-        for name in [f.name for f in failed] + missing:
-            if name not in refilled:
-                _raw_log_from_payloads(directory, name, manifest, logs)
+        _sort_payload_files(directory, manifest, logs, report)
+        rebuilt = {name for name in [f.name for f in failed] + missing
+                   if name not in refilled and _raw_log_from_payloads(directory, name, manifest, logs)}
         settle = [f for f in failed if f.name not in refilled]
         for f in failed:
             if f.name in refilled and f.moved is not None:
@@ -166,6 +168,9 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
             if name in refilled:
                 continue
             entry = manifest.segments[name]
+            if name in rebuilt:  # rebuilt whole from its payload file: reported, nothing lost
+                settle.append(_Failed(name, "is missing (listed in the manifest)", entry["size"], "", entry))
+                continue
             if number(name) in logs:
                 continue  # listed, then killed before the rename: compacted again from its log, nothing lost
             left = sorted(directory.glob(f"{name}.damaged-*"))  # the newest last (UTC times in the names)
@@ -182,63 +187,110 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
             manifest = Manifest.load(directory) or Manifest()  # the recoveries listed their segments
             manifest.damaged += found
             manifest.save(directory)
-        _check_payload_files(directory, logs, report)
     return report
 
 
-def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs: dict[int, Path]) -> None:
-    """A failed or missing segment whose payload file is there: that file is the log it was compacted from, whole
-    (small records and large), so it becomes the raw log again, compacted anew: nothing is lost."""
+def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs: dict[int, Path]) -> bool:
+    """A failed or missing segment whose payload file is there, whole: that file is the log it was compacted
+    from, record for record (small records and large), so it becomes the raw log again, to be compacted
+    anew, and nothing is lost. Whole: its SHA-256 is the one the manifest recorded (another log, or a
+    damaged one, would rebuild the segment wrong). Returns whether it did."""
     try:
         n = number(name)
     except ValueError:  # a gap's name
-        return
-    pay = payload_path(segment_path(directory, n))
+        return False
+    pay = directory / payload_name(name)
     entry = manifest.segments.get(name)
-    if n in logs or not pay.exists() or entry is None or not entry.get("payloads"):
-        return
+    expected = (entry or {}).get("payloads") or {}
+    if n in logs or not expected or expected.get("lost") or _regular_size(pay) is None:
+        return False
+    if file_digest(pay, cached=False)[0] != expected["sha256"]:
+        log.error("journal segment %s failed or is missing, and its payload file %s is not the log it was compacted "
+                  "from (its checksum differs): not rebuilt from it", name, pay.name)
+        return False
     target = log_path_of(directory, n)
     os.replace(pay, target)
     fsync_directory(directory)
     logs[n] = target
     log.warning("journal segment %s failed or is missing: its payload file %s is the log it came from; compacting "
                 "it again from there", name, pay.name)
+    return True
 
 
-def _check_payload_files(directory: Path, logs: dict[int, Path], report: ReadReport) -> None:
-    """Every segment's payload file is there (each record read from one is checked against the CRC-32 of its
-    row when read: hashing them all at every start would read every payload). One that is gone is reported
-    once, with what it held; a payload file no segment lists is moved aside."""
-    manifest = Manifest.load(directory)
-    if manifest is None:
-        return
-    listed = set()
-    changed = False
+def _regular_size(path: Path) -> int | None:
+    """The size of ``path`` if it is a regular file (not a link, a pipe or a folder), else ``None``."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Path], report: ReadReport) -> None:
+    """Check every segment's payload file before anything reads one (the manifest is changed in memory; the
+    caller saves it).
+
+    One that is a regular file of the size the manifest lists is taken as it is: each record read
+    from it is checked against its row when read (hashing them all at every start would read every
+    payload). Any other — another size, not a regular file, gone — is looked for among the payload
+    files by its SHA-256 (files swapped or renamed go back where they belong); one still not found
+    is set aside if something else has its name, reported once with the records it held, and marked
+    lost. A payload file no segment lists is moved aside."""
+    wanted: dict[str, dict[str, Any]] = {}
+    listed: set[str] = set()
     for name, entry in manifest.segments.items():
         for e in (entry, entry.get("pending") or {}):
             pay = e.get("payloads")
-            if not pay:
-                continue
-            listed.add(pay["name"])
-            if e is entry and not pay.get("lost") and not (directory / pay["name"]).exists() \
-                    and number(name) not in logs:  # (a log compacted, then killed: it becomes the file next)
-                pay["lost"] = "is missing"
-                changed = True
-                d = DamagedSegment(pay["name"], f"is missing (the payload file of {name})", pay["size"],
-                                   pay["records"], lost_records=pay["records"], lost_bytes=pay["bytes"])
-                report.damaged_segments.append(d)
-                log.error("%s", d.describe())
-                manifest.damaged.append({"name": pay["name"], "reason": d.reason, "moved_to": None,
-                                         "size": pay["size"], "records": pay["records"], "recovered": 0,
-                                         "lost_records": pay["records"], "lost_bytes": pay["bytes"],
-                                         "at": round(time.time(), 3)})
-    if changed:
-        manifest.save(directory)
-    for pay in payload_files(directory):
-        if pay.name not in listed and number(pay) not in logs:
-            moved = move_aside(pay)
+            if pay:
+                listed.add(pay["name"])
+        pay = entry.get("payloads")
+        if not pay or pay.get("lost") or number(name) in logs:  # (a log compacted, then killed: it is the file)
+            continue
+        if _regular_size(directory / pay["name"]) != pay["size"]:
+            wanted[name] = pay
+    if wanted:
+        by_sha: dict[str, Path] = {}
+        for p in payload_files(directory):
+            if p.name not in listed or any(p.name == pay["name"] for pay in wanted.values()):
+                if _regular_size(p) is not None:
+                    by_sha.setdefault(file_digest(p, cached=False)[0], p)
+        moves = {by_sha[pay["sha256"]]: directory / pay["name"] for pay in wanted.values() if pay["sha256"] in by_sha}
+        moves = {src: dst for src, dst in moves.items() if src != dst}
+        for dst in moves.values():  # whatever holds a wanted name and is not moving elsewhere: aside
+            if os.path.lexists(dst) and dst not in moves:
+                move_aside(dst)
+        staged = {}
+        for src, dst in moves.items():  # two steps: a swap must not overwrite its other half
+            tmp = src.with_name(src.name + ".moving.tmp")
+            os.rename(src, tmp)
+            staged[tmp] = dst
+        for tmp, dst in staged.items():
+            os.rename(tmp, dst)
+            log.warning("journal payload file %s held the bytes of %s (swapped or renamed): put back",
+                        tmp.name[:-len(".moving.tmp")], dst.name)
+        if staged:
+            fsync_directory(directory)
+        for name, pay in wanted.items():
+            if _regular_size(directory / pay["name"]) == pay["size"]:
+                continue  # put back
+            where = directory / pay["name"]
+            moved = move_aside(where) if os.path.lexists(where) else None
+            why = "is missing" if moved is None else "is not the file written (another size, or not a file)"
+            pay["lost"] = why
+            d = DamagedSegment(pay["name"], f"{why} (the payload file of {name})", pay["size"], pay["records"],
+                               moved_to=moved.name if moved else None, lost_records=pay["records"],
+                               lost_bytes=pay["bytes"])
+            report.damaged_segments.append(d)
+            log.error("%s", d.describe())
+            manifest.damaged.append({"name": pay["name"], "reason": d.reason, "moved_to": d.moved_to,
+                                     "size": pay["size"], "records": pay["records"], "recovered": 0,
+                                     "lost_records": pay["records"], "lost_bytes": pay["bytes"],
+                                     "at": round(time.time(), 3)})
+    for p in payload_files(directory):
+        if p.name not in listed and number(p) not in logs:
+            moved = move_aside(p)
             log.warning("journal payload file %s belongs to no segment (a retention rewrite stopped before removing "
-                        "it?): moved aside to %s", pay.name, moved.name)
+                        "it?): moved aside to %s", p.name, moved.name)
 
 
 def _adopt(directory: Path, files: dict[str, Path], logs: set[int], failed: list[_Failed]) -> Manifest:
@@ -261,6 +313,13 @@ def _adopt(directory: Path, files: dict[str, Path], logs: set[int], failed: list
             manifest.segments[name] = {"sha256": sha, "size": size, "records": int(answer["records"]),
                                        "bodies_sha256": answer["bodies_sha256"],
                                        "bodies_bytes": int(answer["bodies_bytes"]), "written": None}
+            if answer.get("outside"):  # records in its payload file: listed (checked, reported if gone, below)
+                pay = directory / payload_name(name)
+                there = _regular_size(pay)
+                manifest.segments[name]["payloads"] = {
+                    "name": pay.name, "size": there or 0,
+                    "sha256": file_digest(pay, cached=False)[0] if there is not None else "0" * 64,
+                    "records": int(answer["outside"]), "bytes": int(answer.get("outside_bytes", 0))}
             if answer.get("journal"):
                 identities.add(str(answer["journal"]))
         else:

@@ -19,11 +19,12 @@ entry before the rename, so that either version is accepted after a crash.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def _readable(path: Path, manifest: Manifest | None, report: ReadReport | None =
 
 # -- writing ---------------------------------------------------------------------------------------
 
-def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: int | None = None) -> int:
+def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: dict[str, Any] | None = None,
+             then: Callable[[int], None] | None = None) -> int:
     """Write ``records`` to the HDF5 segment ``out`` atomically and list it in the manifest; return the count.
 
     The file is written as ``out.tmp`` and fsync'ed, its entry goes into the manifest, then it is
@@ -100,9 +102,11 @@ def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: int | N
     an older version (segments but no manifest) gets no manifest here: the orchestrator validates
     every segment and writes it at its next start.
 
-    ``payloads``: the size of the log the :data:`~orchester.journal.hdf5.Placed` records lie in, which
-    becomes the segment's payload file; the entry lists it (``payloads``: its name, size, records
-    and bytes).
+    ``payloads``: the size and SHA-256 of the log the :data:`~orchester.journal.hdf5.Placed` records
+    lie in, which becomes the segment's payload file; the entry lists it (``payloads``: its name,
+    size, SHA-256, and the number and bytes of the records it holds for the segment). ``then`` is
+    called with that number of records once the file is in place, still under the manifest's lock
+    (the log is kept or removed there: no reader or rewrite comes between).
     """
     directory = out.parent
     tmp = out.with_name(out.name + ".tmp")
@@ -112,8 +116,10 @@ def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: int | N
     outside, outside_bytes = info.pop("outside"), info.pop("outside_bytes")
     entry = {"sha256": sha, "size": size, **info, "written": round(time.time(), 3)}
     if outside:
-        entry["payloads"] = {"name": payload_path(out).name, "size": payloads, "records": outside,
-                             "bytes": outside_bytes}
+        if payloads is None:
+            raise ValueError("records placed outside, but no payload file")
+        entry["payloads"] = {"name": payload_path(out).name, "size": int(payloads["size"]),
+                             "sha256": str(payloads["sha256"]), "records": outside, "bytes": outside_bytes}
     with manifest_lock(directory):
         manifest = Manifest.load(directory)
         if manifest is None and not any(p != out for p in h5_segments(directory)):
@@ -135,7 +141,9 @@ def write_h5(out: Path, records: Iterable[list[Any] | Placed], payloads: int | N
                 manifest.save(directory)
                 os.replace(tmp, out)
                 fsync_directory(directory)
-    remember_digest(out, sha)  # reading it back does not hash it again
+        remember_digest(out, sha)  # reading it back does not hash it again
+        if then is not None:
+            then(outside)
     return int(info["records"])
 
 
@@ -154,8 +162,8 @@ def _journal_id(directory: Path) -> str | None:
 OUTSIDE = WRITE_ALONE
 
 
-def _placed(log_path: Path, report: ReadReport) -> Iterator[list[Any] | Placed]:
-    for record, offset, length, crc in read_placed(log_path, report):
+def _placed(log_path: Path, report: ReadReport, digest: Any = None) -> Iterator[list[Any] | Placed]:
+    for record, offset, length, crc in read_placed(log_path, report, digest):
         yield (record, offset, length, crc) if length >= OUTSIDE else record
 
 
@@ -163,8 +171,14 @@ def compact_log(log_path: Path, damage: ReadReport | None) -> tuple[Path, int]:
     """:func:`compact`, returning the number of records written too."""
     out = segment_path(log_path.parent, number(log_path))
     report = ReadReport()
-    n = write_h5(out, _placed(log_path, report), payloads=log_path.stat().st_size)
-    keep_log(log_path, out)
+    digest = hashlib.sha256()
+    payloads = {"size": log_path.stat().st_size, "sha256": ""}
+
+    def placed() -> Iterator[list[Any] | Placed]:
+        yield from _placed(log_path, report, digest)
+        payloads["sha256"] = digest.hexdigest()  # (read whole by now: before the entry is made)
+
+    n = write_h5(out, placed(), payloads, then=lambda outside: keep_log(log_path, out, outside > 0))
     if damage is not None:
         damage.damaged.extend(report.damaged)
     if report.damaged:
@@ -173,21 +187,14 @@ def compact_log(log_path: Path, damage: ReadReport | None) -> tuple[Path, int]:
     return out, n
 
 
-def keep_log(log_path: Path, out: Path) -> None:
+def keep_log(log_path: Path, out: Path, payloads: bool) -> None:
     """A compacted log, once its HDF5 segment ``out`` is durable and listed: kept as the segment's payload
-    file if the manifest says it is one, else removed."""
-    entry = manifest_entry(out)
-    if entry is not None and entry.get("payloads"):
+    file when records of it lie there (``payloads``), else removed."""
+    if payloads:
         os.replace(log_path, payload_path(out))
     else:
         os.unlink(log_path)
     fsync_directory(log_path.parent)
-
-
-def manifest_entry(segment: Path) -> dict[str, Any] | None:
-    """The manifest's entry of an HDF5 segment (``None``: none, or no manifest)."""
-    manifest = Manifest.load(segment.parent)
-    return manifest.segments.get(segment.name) if manifest is not None else None
 
 
 def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
@@ -215,7 +222,9 @@ def compact_closed(directory: Path, keep: Path | None = None, damage: ReadReport
         h5 = segment_path(directory, number(log_path))
         if h5.exists():
             if segment_ok(h5, manifest):  # compacted, then killed before the log was removed (or kept)
-                keep_log(log_path, h5)
+                entry = manifest.segments.get(h5.name) if manifest is not None else None
+                with manifest_lock(directory):  # (no manifest to say: kept, lest it hold records of the file)
+                    keep_log(log_path, h5, entry is None or bool(entry.get("payloads")))
                 continue
             moved = move_aside(h5)
             log.error("journal segment %s fails verification: moved aside to %s; compacted again from %s",
@@ -296,26 +305,35 @@ def apply_retention(directory: Path, results_before: float) -> dict[str, int]:
     old = {tid for tid, t in finished.items() if t < results_before}
     counts = {"results_dropped": 0, "inputs_dropped": 0, "segments_rewritten": 0}
     for path in segs:
-        records = list(read_h5(path))
-        changed = False
-        for i, rec in enumerate(records):
-            try:
-                v = view(rec)
-            except RecordError:
+        with manifest_lock(directory):  # a compaction keeping its log, or another rewrite, waits
+            report = ReadReport()
+            records = list(read_h5(path, report))
+            if report.damaged:  # rewritten, they would be gone for good, and unreported: left as they are
+                log.error("journal segment %s: %d record(s) of its payload file could not be read: not rewritten",
+                          path.name, len(report.damaged))
                 continue
-            if isinstance(v, Result) and v.task_id in old and len(v.frames) > 1:
-                counts["results_dropped"] += 1
-            elif isinstance(v, Submitted) and v.task_id in old and v.payload:
-                counts["inputs_dropped"] += 1
-            else:
-                continue
-            records[i] = without_payload(rec)
-            changed = True
-        if changed:
-            write_h5(path, records)  # whole: what it kept of its payload file is in it now
-            pay = payload_path(path)
-            if pay.exists():
-                os.unlink(pay)
-                fsync_directory(directory)
-            counts["segments_rewritten"] += 1
+            changed = False
+            dropped = {"results_dropped": 0, "inputs_dropped": 0}
+            for i, rec in enumerate(records):
+                try:
+                    v = view(rec)
+                except RecordError:
+                    continue
+                if isinstance(v, Result) and v.task_id in old and len(v.frames) > 1:
+                    dropped["results_dropped"] += 1
+                elif isinstance(v, Submitted) and v.task_id in old and v.payload:
+                    dropped["inputs_dropped"] += 1
+                else:
+                    continue
+                records[i] = without_payload(rec)
+                changed = True
+            if changed:
+                write_h5(path, records)  # whole: what it kept of its payload file is in it now
+                pay = payload_path(path)
+                if pay.exists():
+                    os.unlink(pay)
+                    fsync_directory(directory)
+                for key, k in dropped.items():
+                    counts[key] += k
+                counts["segments_rewritten"] += 1
     return counts

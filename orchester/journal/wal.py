@@ -205,10 +205,13 @@ def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
         report.damaged.append((path.name, pos, len(data) - pos))
 
 
-def read_placed(path: Path, report: ReadReport) -> Iterator[tuple[list[Any], int, int, int]]:
+def read_placed(path: Path, report: ReadReport, digest: Any = None) -> Iterator[tuple[list[Any], int, int, int]]:
     """:func:`read_segment`'s records, each with where its body lies in the file: ``(record, offset,
-    length, crc)`` (a compaction leaves a large one there: :mod:`orchester.journal.segments`)."""
+    length, crc)`` (a compaction leaves a large one there: :mod:`orchester.journal.segments`).
+    ``digest``: a hash object, given the whole file's bytes."""
     data = path.read_bytes()
+    if digest is not None:
+        digest.update(data)
     pos = 0
     for record, after in _records(data):
         report.records += 1
@@ -219,11 +222,14 @@ def read_placed(path: Path, report: ReadReport) -> Iterator[tuple[list[Any], int
         report.damaged.append((path.name, pos, len(data) - pos))
 
 
-def read_body(f: Any, offset: int, length: int, crc: int) -> bytes | None:
+def read_body(fd: int, offset: int, length: int, crc: int) -> bytes | None:
     """The record body at ``offset`` of an open file, if it is ``length`` bytes that match ``crc``; else ``None``."""
     if offset < 0 or not 0 < length <= MAX_RECORD:
         return None
-    body = os.pread(f.fileno(), length, offset)
+    try:
+        body = os.pread(fd, length, offset)
+    except OSError:
+        return None
     return body if len(body) == length and zlib.crc32(body) == crc else None
 
 
