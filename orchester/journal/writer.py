@@ -150,9 +150,10 @@ class Journal:
                     batch = [self._queue.popleft() for _ in range(n)]
                 t_write = time.perf_counter()
                 self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
+                chunks = [record_chunks(rec) for _, rec in batch]  # (checksums: before the syncer's lock)
                 with self._writing:
                     path = self.writer.path
-                    offsets = self.writer.write([record_chunks(rec) for _, rec in batch])
+                    offsets = self.writer.write(chunks)
                     self._batches_written += 1
                     closed = self.writer.sync() if full else self.writer.rotate()
                 for (seq, _), offset in zip(batch, offsets, strict=True):
