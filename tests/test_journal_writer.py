@@ -150,3 +150,29 @@ def test_close_ends_both_threads_and_keeps_every_record(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10  # the syncer did not wait out its period
     assert not [t for t in threading.enumerate() if t.name.startswith("orchester-journal")]
     assert [r[1] for r in read_all(tmp_path / "j", ReadReport())] == [f"t{i}" for i in range(200)]
+
+
+def test_a_lone_record_is_written_at_once_and_a_busy_journal_gathers(tmp_path: Path) -> None:
+    """Group commit waits for records to gather only after a batch of ``gather_after`` or more: a lone
+    record is not held back by ``batch_wait`` (here far longer than the test's own timeout)."""
+    journal = Journal(tmp_path / "j", durability="full", batch_wait=60.0, gather_after=64)
+    try:
+        for i in range(3):
+            assert durable(journal, journal.append(["T", f"a{i}", 1, 1, None, None, 1.0]), timeout=30.0)
+    finally:
+        journal.close(timeout=1.0)
+    busy = Journal(tmp_path / "k", durability="batch", batch_wait=2.0, gather_after=4)
+    try:
+        with busy._cond:  # five records queued at once: a busy journal
+            for i in range(5):
+                busy.seq += 1
+                busy._queue.append((busy.seq, ["T", f"b{i}", 1, 1, None, None, 1.0]))
+            busy._cond.notify()
+        assert durable(busy, 5)
+        busy.append(["T", "c0", 1, 1, None, None, 1.0])
+        assert not durable(busy, 6, timeout=0.3)  # held while a group gathers (2 s)...
+        busy.append(["T", "c1", 1, 1, None, None, 1.0])
+        assert durable(busy, 7)  # ...then written together
+        assert busy.take_stats()["batches"] == 2
+    finally:
+        busy.close()

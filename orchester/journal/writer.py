@@ -2,8 +2,9 @@
 
 The broker hands records (accepted tasks with their payload, state transitions, results) to
 :meth:`Journal.append`, which returns a sequence number. The journal thread takes whatever
-has queued — up to ``batch_max`` records; by default it does not wait for more
-(``batch_wait``): the records that queue while one batch is written and synced make the next —
+has queued — up to ``batch_max`` records; it waits ``batch_wait`` seconds for more only after a
+batch of ``gather_after`` records or more (busy), else the records that queue while one batch is
+written and synced make the next —
 writes it with ``writev`` (payload and result frames from their own buffers, never copied:
 :func:`~orchester.journal.wal.record_chunks`), makes it durable, and tells the broker the highest
 durable sequence number through an inproc socket. The broker releases an acknowledgement or a
@@ -63,13 +64,14 @@ class Journal:
     """A writer thread over a :class:`~orchester.journal.wal.SegmentWriter`."""
 
     def __init__(self, directory: str | Path, durability: str = "full", context: zmq.Context[Any] | None = None,
-                 batch_max: int = 1024, batch_wait: float = 0.0, sync_every: float = 0.1,
+                 batch_max: int = 1024, batch_wait: float = 0.002, gather_after: int = 64, sync_every: float = 0.1,
                  segment_bytes: int = 64 << 20) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be one of {DURABILITY}, not {durability!r}")
         self.dir = Path(directory)
         self.durability = durability
         self.batch_max, self.batch_wait, self.sync_every = batch_max, batch_wait, sync_every
+        self.gather_after = gather_after
         self.writer = SegmentWriter(self.dir, segment_bytes)  # takes the lock: one writer per journal
         self.ctx = context or zmq.Context.instance()
         addr = f"inproc://orchester-journal-{id(self)}"
@@ -132,6 +134,7 @@ class Journal:
         sock.linger = 0
         sock.connect(self._addr)
         full = self.durability == "full"
+        last = 0  # records in the last batch
         syncer = None if full else threading.Thread(target=self._sync_periodically, name="orchester-journal-sync",
                                                     daemon=True)
         if syncer is not None:
@@ -143,10 +146,10 @@ class Journal:
                         self._cond.wait()
                     if self._stop and not self._queue:
                         break
-                if self.batch_wait and len(self._queue) < self.batch_max:
-                    time.sleep(self.batch_wait)  # let a group gather (group commit)
+                if self.batch_wait and last >= self.gather_after and len(self._queue) < self.batch_max:
+                    time.sleep(self.batch_wait)  # busy: let a group gather (group commit)
                 with self._cond:
-                    n = min(len(self._queue), self.batch_max)
+                    n = last = min(len(self._queue), self.batch_max)
                     batch = [self._queue.popleft() for _ in range(n)]
                 t_write = time.perf_counter()
                 self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
