@@ -174,6 +174,19 @@ def test_swapped_payload_files_are_put_back(tmp_path: Path) -> None:
     assert not report.damaged_segments and not report.damaged
 
 
+def test_a_put_back_killed_half_way_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    first, second = records_of(1), [submit("other", os.urandom(BIG)), result("other", os.urandom(2 * BIG))]
+    write_log(tmp_path, first)
+    write_log(tmp_path, second)
+    compact_closed(tmp_path)
+    a, b = tmp_path / "pay-000001.log", tmp_path / "pay-000002.log"
+    os.rename(a, tmp_path / "pay-000002.log.moving.tmp")  # swapped, then the first step of putting them back
+    os.rename(b, tmp_path / "pay-000001.log.moving.tmp")
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in first + second]
+    assert not report.damaged_segments and not list(tmp_path.glob("*.moving.tmp"))
+
+
 @pytest.mark.parametrize("what", ["folder", "fifo", "symlink"])
 def test_a_payload_file_that_is_not_a_file_is_set_aside_and_start_goes_on(tmp_path: Path, what: str) -> None:
     records = records_of(1)

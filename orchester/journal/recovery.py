@@ -248,9 +248,10 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
             continue
         if _regular_size(directory / pay["name"]) != pay["size"]:
             wanted[name] = pay
+    moving = sorted(directory.glob("pay-*.log.moving.tmp"))  # a put-back killed between its two renames
     if wanted:
         by_sha: dict[str, Path] = {}
-        for p in payload_files(directory):
+        for p in payload_files(directory) + moving:
             if p.name not in listed or any(p.name == pay["name"] for pay in wanted.values()):
                 if _regular_size(p) is not None:
                     by_sha.setdefault(file_digest(p, cached=False)[0], p)
@@ -261,8 +262,9 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
                 move_aside(dst)
         staged = {}
         for src, dst in moves.items():  # two steps: a swap must not overwrite its other half
-            tmp = src.with_name(src.name + ".moving.tmp")
-            os.rename(src, tmp)
+            tmp = src if src.name.endswith(".moving.tmp") else src.with_name(src.name + ".moving.tmp")
+            if tmp != src:
+                os.rename(src, tmp)
             staged[tmp] = dst
         for tmp, dst in staged.items():
             os.rename(tmp, dst)
@@ -286,7 +288,7 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
                                      "size": pay["size"], "records": pay["records"], "recovered": 0,
                                      "lost_records": pay["records"], "lost_bytes": pay["bytes"],
                                      "at": round(time.time(), 3)})
-    for p in payload_files(directory):
+    for p in payload_files(directory) + [m for m in moving if m.exists()]:
         if p.name not in listed and number(p) not in logs:
             moved = move_aside(p)
             log.warning("journal payload file %s belongs to no segment (a retention rewrite stopped before removing "
