@@ -19,7 +19,8 @@ def journal() -> None:
 @click.option("--keep-results", type=float, default=None,
               help="Days to keep results and inputs of finished tasks (headers and history stay forever).")
 def journal_compact(directory: str, keep_results: float | None) -> None:
-    """Move closed log segments to PyTables and apply the retention policy."""
+    """Move closed log segments to PyTables (unless an orchestrator runs on the journal: it compacts its own),
+    and apply the retention policy."""
     import fcntl
     import os
     import time
@@ -29,7 +30,6 @@ def journal_compact(directory: str, keep_results: float | None) -> None:
     from orchester.journal.segments import apply_retention, compact_closed
 
     d = Path(directory)
-    live = None
     if not d.is_dir():
         click.echo(f"error: {d} is not a journal folder", err=True)
         sys.exit(EXIT_USAGE)
@@ -40,14 +40,17 @@ def journal_compact(directory: str, keep_results: float | None) -> None:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
     try:
+        running = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # an orchestrator writes it: leave its live (newest) segment alone
-            logs = sorted(d.glob("wal-*.log"))
-            live = logs[-1] if logs else None
+        except BlockingIOError:  # an orchestrator writes it, and compacts its own logs as they close
+            running = True
         try:
-            done = compact_closed(d, keep=live)
-            click.echo(f"compacted {len(done)} log segment(s) to PyTables")
+            if running:
+                click.echo("an orchestrator is running on this journal: it compacts its own log segments")
+            else:
+                done = compact_closed(d)
+                click.echo(f"compacted {len(done)} log segment(s) to PyTables")
             if keep_results is not None:
                 counts = apply_retention(d, time.time() - keep_results * 86400)
                 click.echo(f"dropped {counts['results_dropped']} result(s) and {counts['inputs_dropped']} input(s) "

@@ -217,9 +217,10 @@ class _Outside:
                 got = msgpack.unpackb(body, raw=False, strict_map_key=False)
             except Exception:
                 got = None
-            if isinstance(got, list) and len(got) > 1 and got[0] == code and isinstance(got[1], str) \
-                    and _cut(got[1], _WIDTHS["task_id"]) == task_id:
-                record = got
+            if isinstance(got, list) and got:
+                cells = _columns(got)  # what its row was written from
+                if _cell("code", cells["code"]) == code.encode() and _cell("task_id", cells["task_id"]) == task_id:
+                    record = got
         if record is None:
             self._skipped(offset, length, "missing (the file is gone)" if self._missing else "damaged")
         return record

@@ -232,7 +232,7 @@ def compact_closed(directory: Path, keep: Path | None = None, damage: ReadReport
         try:
             done.append(compact(log_path, damage))
         except Exception as exc:  # a record PyTables cannot hold, say: the log stays, readable as it is
-            (directory / f"seg-{number(log_path):012d}.h5.tmp").unlink(missing_ok=True)
+            h5.with_name(h5.name + ".tmp").unlink(missing_ok=True)
             log.error("journal log %s could not be compacted (%s: %s): it is kept as a log and read as one",
                       log_path.name, type(exc).__name__, str(exc)[:200])
     return done

@@ -143,6 +143,7 @@ class Journal:
             while True:
                 with self._cond:
                     while not self._queue and not self._stop:
+                        last = 0  # idle: the next record is written at once
                         self._cond.wait()
                     if self._stop and not self._queue:
                         break

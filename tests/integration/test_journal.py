@@ -246,7 +246,7 @@ def test_replay_resubmits_chosen_tasks_and_compact_applies_retention(tmp_path: P
         assert r.returncode == 1
         r = subprocess.run([sys.executable, "-m", "orchester", "journal", "compact", str(journal)],
                            capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0 and "compacted" in r.stdout  # the live segment is left to its writer
+        assert r.returncode == 0 and "an orchestrator is running" in r.stdout  # its logs are left to it
         cluster.orchestrator.terminate()  # type: ignore[union-attr]
         cluster.orchestrator.wait(10)  # type: ignore[union-attr]
         r = subprocess.run([sys.executable, "-m", "orchester", "journal", "compact", str(journal),
