@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -312,3 +313,74 @@ def test_a_spilled_payload_is_read_from_the_payload_file_once_compacted(tmp_path
     task = SimpleNamespace(id="spilled", spilled=(path, offset))
     assert load_spilled(task) == [payload]
     assert [len(r[4][0]) for r in read_h5(tmp_path / "j" / "seg-000001.h5")][:1] == [BIG]
+
+
+@pytest.mark.parametrize("large", [True, False])
+def test_a_start_killed_while_recovering_a_segment_finishes_it_at_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large: bool) -> None:
+    from orchester.journal import recovery
+
+    records = records_of(2) if large else [transition(f"t{i}", TaskState.DONE) for i in range(20)]
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    h5 = tmp_path / "seg-000001.h5"
+    data = bytearray(h5.read_bytes())
+    for i in range(2000, 2100):
+        data[i] ^= 0x5A
+    h5.write_bytes(bytes(data))
+
+    twin = tmp_path.parent / f"{tmp_path.name}-twin"
+    shutil.copytree(tmp_path, twin)  # the same damage, recovered by a start nobody kills
+    expected, expected_report = replay(twin)
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("killed while recovering")
+
+    with monkeypatch.context() as m:
+        m.setattr(recovery, "_settle", killed)
+        with pytest.raises(KeyboardInterrupt):
+            replay(tmp_path)
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in expected]
+    if large:  # rebuilt from its payload file: nothing lost
+        assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
+    [d] = report.damaged_segments  # reported, by the start that finished it, as the other start did
+    [e] = expected_report.damaged_segments
+    assert (d.name, d.lost_records, d.lost_bytes) == (e.name, e.lost_records, e.lost_bytes)
+    assert replay(tmp_path)[1].counters() == {"journal_lost_bytes": 0, "journal_damaged_segments": 0}
+
+
+def test_a_manifest_made_anew_rebuilds_a_deleted_segment_from_its_payload_file(tmp_path: Path) -> None:
+    first, second = records_of(1), records_of(2)[4:]
+    write_log(tmp_path, first)
+    write_log(tmp_path, second)
+    compact_closed(tmp_path)
+    os.rename(tmp_path / MANIFEST, tmp_path / "MANIFEST.aside")
+    os.unlink(tmp_path / "seg-000002.h5")  # the newest: no gap in the numbers tells
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in first + second]
+    [d] = report.damaged_segments
+    assert d.name == "seg-000002.h5" and d.lost_records == 0
+
+
+def test_a_payload_file_marked_lost_is_read_again_once_it_is_back(tmp_path: Path) -> None:
+    records = records_of(2)
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    pay = tmp_path / "pay-000001.log"
+    backup = pay.read_bytes()
+    pay.unlink()
+    assert len(replay(tmp_path)[0]) == 7  # the small records
+    pay.write_bytes(backup)  # from a backup
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
+    assert "lost" not in entry(tmp_path)["payloads"]
+
+
+def test_a_large_record_of_a_kind_this_version_does_not_know_is_kept(tmp_path: Path) -> None:
+    records = [["XY", 42, os.urandom(BIG)], submit("a", os.urandom(BIG))]
+    write_log(tmp_path, records)
+    compact_closed(tmp_path)
+    got, report = replay(tmp_path)
+    assert [encode_record(r) for r in got] == [encode_record(r) for r in records]
+    assert not report.damaged

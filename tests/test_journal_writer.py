@@ -163,16 +163,37 @@ def test_a_lone_record_is_written_at_once_and_a_busy_journal_gathers(tmp_path: P
         journal.close(timeout=1.0)
     busy = Journal(tmp_path / "k", durability="batch", batch_wait=2.0, gather_after=4)
     try:
-        with busy._cond:  # five records queued at once: a busy journal
-            for i in range(5):
-                busy.seq += 1
-                busy._queue.append((busy.seq, ["T", f"b{i}", 1, 1, None, None, 1.0]))
-            busy._cond.notify()
+        with busy._writing:  # the writer takes the first five, then waits here to write them
+            with busy._cond:
+                for i in range(5):
+                    busy.seq += 1
+                    busy._queue.append((busy.seq, ["T", f"b{i}", 1, 1, None, None, 1.0]))
+                busy._cond.notify()
+            for _ in range(2000):
+                if not busy._queue:
+                    break
+                time.sleep(0.01)
+            assert not busy._queue
+            busy.append(["T", "c0", 1, 1, None, None, 1.0])  # queued while it writes: it stays busy
         assert durable(busy, 5)
-        busy.append(["T", "c0", 1, 1, None, None, 1.0])
         assert not durable(busy, 6, timeout=0.3)  # held while a group gathers (2 s)...
         busy.append(["T", "c1", 1, 1, None, None, 1.0])
         assert durable(busy, 7)  # ...then written together
         assert busy.take_stats()["batches"] == 2
     finally:
         busy.close()
+    idle = Journal(tmp_path / "m", durability="batch", batch_wait=60.0, gather_after=4)
+    try:  # a busy batch, then idle: the next lone record is written at once all the same
+        with idle._cond:
+            for i in range(5):
+                idle.seq += 1
+                idle._queue.append((idle.seq, ["T", f"d{i}", 1, 1, None, None, 1.0]))
+            idle._cond.notify()
+        assert durable(idle, 5)
+        for _ in range(2000):  # (until the writer waits for records again)
+            if idle._cond._waiters:  # type: ignore[attr-defined]
+                break
+            time.sleep(0.01)
+        assert durable(idle, idle.append(["T", "e", 1, 1, None, None, 1.0]), timeout=30.0)
+    finally:
+        idle.close(timeout=1.0)

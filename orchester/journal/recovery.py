@@ -148,6 +148,7 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
         files = {p.name: p for p in h5_segments(directory)}
         if manifest is None:
             manifest = _adopt(directory, files, set(logs), failed)
+            _adopt_payload_logs(directory, manifest, logs, failed)
         else:
             _verify(directory, manifest, files, failed)
         missing = [name for name in manifest.segments if name not in files]
@@ -156,7 +157,7 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
                 f.moved = move_aside(directory / f.name)
         _put_back(directory, manifest, failed, missing, report)
         refilled = {f.put_back_as for f in failed if f.put_back_as is not None}
-        _sort_payload_files(directory, manifest, logs, report)
+        _sort_payload_files(directory, manifest, logs, report, {f.name for f in failed} | set(missing))
         rebuilt = {name for name in [f.name for f in failed] + missing
                    if name not in refilled and _raw_log_from_payloads(directory, name, manifest, logs)}
         settle = [f for f in failed if f.name not in refilled]
@@ -168,8 +169,10 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
             if name in refilled:
                 continue
             entry = manifest.segments[name]
-            if name in rebuilt:  # rebuilt whole from its payload file: reported, nothing lost
-                settle.append(_Failed(name, "is missing (listed in the manifest)", entry["size"], "", entry))
+            if name in rebuilt or (number(name) in logs and entry.get("recovering")):
+                # rebuilt whole from its payload file (by this start, or one killed before it was done): reported
+                settle.append(_Failed(name, entry.get("recovering") or "is missing (listed in the manifest)",
+                                      entry["size"], "", entry))
                 continue
             if number(name) in logs:
                 continue  # listed, then killed before the rename: compacted again from its log, nothing lost
@@ -179,12 +182,20 @@ def recover(directory: Path, live: Path | None = None, report: ReadReport | None
                                       entry, moved=left[-1]))
             else:
                 settle.append(_Failed(name, "is missing (listed in the manifest)", entry["size"], "", entry))
-        for name in [f.name for f in settle] + [m for m in missing if m not in refilled]:
-            manifest.segments.pop(name, None)  # a recovery lists it anew
+        settling = {f.name for f in settle}
+        for name in missing:
+            if name not in refilled and name not in settling:
+                manifest.segments.pop(name, None)  # its log is compacted again (below, by the caller)
+        for f in settle:  # kept listed until recovered: a start killed meanwhile finds it again
+            if f.name in manifest.segments:
+                manifest.segments[f.name]["recovering"] = f.reason
         manifest.save(directory)
         found = [_settle(directory, f, logs.get(number(f.name)), manifest.journal, report) for f in settle]
         if found:
-            manifest = Manifest.load(directory) or Manifest()  # the recoveries listed their segments
+            manifest = Manifest.load(directory) or Manifest()  # the recoveries listed their segments anew
+            for name in settling:
+                if not (directory / name).exists():
+                    manifest.segments.pop(name, None)  # nothing recovered: no longer listed
             manifest.damaged += found
             manifest.save(directory)
     return report
@@ -208,6 +219,9 @@ def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs:
         log.error("journal segment %s failed or is missing, and its payload file %s is not the log it was compacted "
                   "from (its checksum differs): not rebuilt from it", name, pay.name)
         return False
+    assert entry is not None
+    entry["recovering"] = "is missing or damaged; rebuilt from its payload file"
+    manifest.save(directory)  # before the rename: a start killed after it still reports the segment
     target = log_path_of(directory, n)
     os.replace(pay, target)
     fsync_directory(directory)
@@ -215,6 +229,25 @@ def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs:
     log.warning("journal segment %s failed or is missing: its payload file %s is the log it came from; compacting "
                 "it again from there", name, pay.name)
     return True
+
+
+def _adopt_payload_logs(directory: Path, manifest: Manifest, logs: dict[int, Path], failed: list[_Failed]) -> None:
+    """A journal without a manifest: the payload file of a segment that is missing or failed validation is the
+    log it was compacted from (a log is trusted as its per-record CRC-32s allow, as any log is here): it
+    becomes ``wal-<n>.log`` again, and the segment is reported and rebuilt from it."""
+    for pay in payload_files(directory):
+        n = number(pay)
+        name = segment_path(directory, n).name
+        if n in logs or name in manifest.segments or _regular_size(pay) is None:
+            continue  # a log of its own, or a valid segment's payload file (listed by _adopt)
+        target = log_path_of(directory, n)
+        os.replace(pay, target)
+        fsync_directory(directory)
+        logs[n] = target
+        failed[:] = [f for f in failed if f.name != name or f.salvage]  # (a gap's entry, if it was one)
+        if not any(f.name == name for f in failed):
+            failed.append(_Failed(name, "is missing (its payload file, the log it came from, is there)", 0, "", None))
+        log.warning("journal segment %s is missing or failed: rebuilt from its payload file %s", name, pay.name)
 
 
 def _regular_size(path: Path) -> int | None:
@@ -226,7 +259,8 @@ def _regular_size(path: Path) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Path], report: ReadReport) -> None:
+def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Path], report: ReadReport,
+                        reported: set[str]) -> None:
     """Check every segment's payload file before anything reads one (the manifest is changed in memory; the
     caller saves it).
 
@@ -235,7 +269,9 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
     payload). Any other — another size, not a regular file, gone — is looked for among the payload
     files by its SHA-256 (files swapped or renamed go back where they belong); one still not found
     is set aside if something else has its name, reported once with the records it held, and marked
-    lost. A payload file no segment lists is moved aside."""
+    lost (unless its segment is reported whole: ``reported``). A payload file marked lost that is
+    back (from a backup, say: its size and SHA-256 the listed ones) is taken again. A payload file
+    no segment lists is moved aside."""
     wanted: dict[str, dict[str, Any]] = {}
     listed: set[str] = set()
     for name, entry in manifest.segments.items():
@@ -244,11 +280,11 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
             if pay:
                 listed.add(pay["name"])
         pay = entry.get("payloads")
-        if not pay or pay.get("lost") or number(name) in logs:  # (a log compacted, then killed: it is the file)
+        if not pay or number(name) in logs:  # (a log compacted, then killed: it is the file)
             continue
-        if _regular_size(directory / pay["name"]) != pay["size"]:
+        if pay.get("lost") or _regular_size(directory / pay["name"]) != pay["size"]:
             wanted[name] = pay
-    moving = sorted(directory.glob("pay-*.log.moving.tmp"))  # a put-back killed between its two renames
+    moving = sorted(directory.glob("pay-*.log.moving*.tmp"))  # a put-back killed between its two renames
     if wanted:
         by_sha: dict[str, Path] = {}
         for p in payload_files(directory) + moving:
@@ -262,19 +298,32 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
                 move_aside(dst)
         staged = {}
         for src, dst in moves.items():  # two steps: a swap must not overwrite its other half
-            tmp = src if src.name.endswith(".moving.tmp") else src.with_name(src.name + ".moving.tmp")
-            if tmp != src:
+            tmp = src
+            if src in moving:  # staged already, by a start that was killed
+                tmp = src
+            else:
+                k = 0
+                while os.path.lexists(tmp := src.with_name(f"{src.name}.moving{k or ''}.tmp")):
+                    k += 1  # never over a leftover (maybe the only copy of another file) or a folder
                 os.rename(src, tmp)
             staged[tmp] = dst
         for tmp, dst in staged.items():
             os.rename(tmp, dst)
             log.warning("journal payload file %s held the bytes of %s (swapped or renamed): put back",
-                        tmp.name[:-len(".moving.tmp")], dst.name)
+                        tmp.name.split(".moving", 1)[0], dst.name)
         if staged:
             fsync_directory(directory)
         for name, pay in wanted.items():
             if _regular_size(directory / pay["name"]) == pay["size"]:
-                continue  # put back
+                if not pay.get("lost"):
+                    continue  # put back
+                if file_digest(directory / pay["name"], cached=False)[0] == pay["sha256"]:
+                    del pay["lost"]
+                    log.warning("journal payload file %s, marked lost, is back: its records are read again",
+                                pay["name"])
+                    continue
+            if pay.get("lost") or name in reported:
+                continue  # said already, or said with its segment
             where = directory / pay["name"]
             moved = move_aside(where) if os.path.lexists(where) else None
             why = "is missing" if moved is None else "is not the file written (another size, or not a file)"
@@ -401,7 +450,9 @@ def _settle(directory: Path, f: _Failed, log_path: Path | None, journal: str, re
         total = records if records is not None else (rows if rows >= count else None)
         d.lost_records = None if total is None else total - count
         if entry is not None and entry.get("bodies_bytes") is not None:
-            d.lost_bytes = max(0, int(entry["bodies_bytes"]) - nbytes)
+            # (a salvage reads the file alone: the records of its payload file are lost with it)
+            outside = int((entry.get("payloads") or {}).get("bytes", 0))
+            d.lost_bytes = max(0, int(entry["bodies_bytes"]) - nbytes) + outside
         elif d.lost_records != 0:
             d.lost_bytes = size if not total else size * (total - count) // total
     elif d.recovered_from is None:
