@@ -58,6 +58,18 @@ def write_log(directory: Path, records: list[list[Any]]) -> Path:
     return path
 
 
+def compacted_and_damaged(directory: Path, records: list[list[Any]]) -> Path:
+    """Write ``records`` as one log, compact it, change 100 bytes of the segment; the segment's path."""
+    write_log(directory, records)
+    compact_closed(directory)
+    h5 = directory / "seg-000001.h5"
+    data = bytearray(h5.read_bytes())
+    for i in range(2000, 2100):
+        data[i] ^= 0x5A
+    h5.write_bytes(bytes(data))
+    return h5
+
+
 def entry(directory: Path, name: str = "seg-000001.h5") -> dict[str, Any]:
     manifest = Manifest.load(directory)
     assert manifest is not None
@@ -247,13 +259,7 @@ def test_payload_files_are_made_private(tmp_path: Path) -> None:
 
 def test_a_damaged_segment_is_recovered_whole_from_its_payload_file(tmp_path: Path) -> None:
     records = records_of(2)
-    write_log(tmp_path, records)
-    compact_closed(tmp_path)
-    h5 = tmp_path / "seg-000001.h5"
-    data = bytearray(h5.read_bytes())
-    for i in range(2000, 2100):
-        data[i] ^= 0x5A
-    h5.write_bytes(bytes(data))
+    h5 = compacted_and_damaged(tmp_path, records)
     got, report = replay(tmp_path)
     assert [encode_record(r) for r in got] == [encode_record(r) for r in records]  # small records too
     [d] = report.damaged_segments
@@ -321,13 +327,7 @@ def test_a_start_killed_while_recovering_a_segment_finishes_it_at_the_next(
     from orchester.journal import recovery
 
     records = records_of(2) if large else [transition(f"t{i}", TaskState.DONE) for i in range(20)]
-    write_log(tmp_path, records)
-    compact_closed(tmp_path)
-    h5 = tmp_path / "seg-000001.h5"
-    data = bytearray(h5.read_bytes())
-    for i in range(2000, 2100):
-        data[i] ^= 0x5A
-    h5.write_bytes(bytes(data))
+    compacted_and_damaged(tmp_path, records)
 
     twin = tmp_path.parent / f"{tmp_path.name}-twin"
     shutil.copytree(tmp_path, twin)  # the same damage, recovered by a start nobody kills
