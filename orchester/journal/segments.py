@@ -208,6 +208,10 @@ def compact(log_path: Path, damage: ReadReport | None = None) -> Path:
 def compact_closed(directory: Path, keep: Path | None = None, damage: ReadReport | None = None) -> list[Path]:
     """Compact every log segment except ``keep`` (the live one); tidy up after a crash mid-way.
 
+    Only with the journal's lock held (``DIR/LOCK``: no orchestrator writes the journal meanwhile; the
+    orchestrator at start, or ``orchester journal compact`` when it could take the lock): it works from
+    one listing of the folder and the manifest.
+
     A log whose HDF5 segment exists and verifies was compacted, then the process was killed
     before removing it: the log is removed. One whose HDF5 segment fails verification is
     compacted again, after the damaged file is moved aside.
