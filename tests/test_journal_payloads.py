@@ -306,6 +306,22 @@ def test_a_manifest_entry_with_a_bad_payload_file_refuses_the_journal(tmp_path: 
             Manifest.load(tmp_path)
 
 
+@pytest.mark.parametrize("where, mark", [("entry", "recovering"), ("payloads", "lost")])
+def test_a_recovery_mark_that_is_not_words_refuses_the_journal(tmp_path: Path, where: str, mark: str) -> None:
+    from orchester.journal.manifest import ManifestError
+
+    write_log(tmp_path, records_of(1))
+    compact_closed(tmp_path)
+    doc = json.loads((tmp_path / MANIFEST).read_text())
+    e = doc["segments"]["seg-000001.h5"]
+    (e if where == "entry" else e["payloads"])[mark] = {"not": "words"}
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    doc["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    (tmp_path / MANIFEST).write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="bad recovery mark"):
+        Manifest.load(tmp_path)
+
+
 def test_a_spilled_payload_is_read_from_the_payload_file_once_compacted(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j", durability="full", segment_bytes=1 << 20)
     payload = os.urandom(BIG)

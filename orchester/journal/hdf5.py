@@ -37,7 +37,7 @@ import numpy as np
 
 from orchester.journal.folder import FILE_MODE, JournalError, open_private
 from orchester.journal.history import fields
-from orchester.journal.manifest import load_manifest, payload_name
+from orchester.journal.manifest import load_manifest, log_path_of, number, payload_name
 from orchester.journal.records import head
 from orchester.journal.wal import read_body
 
@@ -197,7 +197,7 @@ class _Outside:
     def open(self) -> None:
         if self._fd >= 0 or self._missing or self.lost:
             return
-        log_path = self.path.with_name("wal-" + self.path.name[len("pay-"):])
+        log_path = log_path_of(self.path.parent, number(self.path))
         for candidate in (self.path, log_path, self.path):  # (renamed between the first two tries: the third)
             fd = _open_regular(candidate)
             if fd >= 0:
@@ -205,8 +205,8 @@ class _Outside:
                 return
         self._missing = True
 
-    def record(self, offset: int, length: int, crc: int, code: str, task_id: bytes) -> list[Any] | None:
-        """The record at ``offset``, if it is the row's (``code``; ``task_id``: the row's column, cut)."""
+    def record(self, offset: int, length: int, crc: int, code: bytes, task_id: bytes) -> list[Any] | None:
+        """The record at ``offset``, if it is the row's (``code``, ``task_id``: the row's columns)."""
         if self.lost:
             return None
         self.open()
@@ -219,7 +219,7 @@ class _Outside:
                 got = None
             if isinstance(got, list) and got:
                 cells = _columns(got)  # what its row was written from
-                if _cell("code", cells["code"]) == code.encode() and _cell("task_id", cells["task_id"]) == task_id:
+                if _cell("code", cells["code"]) == code and _cell("task_id", cells["task_id"]) == task_id:
                     record = got
         if record is None:
             self._skipped(offset, length, "missing (the file is gone)" if self._missing else "damaged")
@@ -248,12 +248,13 @@ def _open_regular(path: Path) -> int:
     except OSError:
         return -1
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except OSError:
-        pass
-    os.close(fd)
-    return -1
+        regular = False
+    if not regular:
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _marked_lost(segment: Path) -> bool:
@@ -301,7 +302,7 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
     outside = _Outside(path)
     outside.open()
     try:
-        wanted: list[tuple[int, int, int, int, str, bool]] = []
+        wanted: list[tuple[int, int, int, int, bytes, bool]] = []
         inside: dict[int, bytes] = {}
         with HDF5_LOCK, tb.open_file(str(path), "r") as h5:
             table = h5.root.records
@@ -310,7 +311,7 @@ def find_records(path: Path, task_id: str, code: str | None = None, most: int = 
             for r in itertools.islice(table.where(condition, condvars=condvars), MAX_EXAMINED):
                 away = far and bool(r["outside"])
                 wanted.append((r.nrow, int(r["offset"]), int(r["length"]), int(r["crc"]) if has_crc else 0,
-                               r["code"].decode("utf-8", "replace"), away))
+                               bytes(r["code"]), away))
             for nrow, offset, length, _, _, away in wanted:
                 if not away:
                     inside[nrow] = h5.root.bodies[offset:offset + length].tobytes()
@@ -354,7 +355,7 @@ def read_h5(path: Path, report: Any = None) -> Iterator[list[Any]]:
         for i, (offset, length, crc, away) in enumerate(zip(offsets.tolist(), lengths.tolist(), crcs.tolist(),
                                                             far.tolist(), strict=True)):
             if away:
-                record = outside.record(offset, length, crc, codes[i].decode("utf-8", "replace"), bytes(tids[i]))
+                record = outside.record(offset, length, crc, bytes(codes[i]), bytes(tids[i]))
                 if record is not None:
                     yield record
             else:

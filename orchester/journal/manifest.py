@@ -166,6 +166,8 @@ def _check_entry(name: str, entry: Any) -> None:
                                     and all(isinstance(pay.get(k), int) and pay[k] >= 0
                                             for k in ("size", "records", "bytes"))):
             raise ValueError(f"the entry of {name} has a bad payload file")
+        if not isinstance(e.get("recovering", ""), str) or (pay and not isinstance(pay.get("lost", ""), str)):
+            raise ValueError(f"the entry of {name} has a bad recovery mark")
 
 
 def _new_id() -> str:
@@ -179,7 +181,8 @@ class Manifest:
     #: the journal's identity, also written into each of its segments: a salvaged record must come from it
     journal: str = field(default_factory=_new_id)
     #: file name → ``{"sha256", "size", "records", "bodies_sha256", "bodies_bytes", "written"[, "pending"]
-    #: [, "payloads": {"name", "size", "records", "bytes"[, "lost"]}]}`` (``payloads``: its payload file)
+    #: [, "payloads": {"name", "size", "sha256", "records", "bytes"[, "lost"]}][, "recovering"]}``
+    #: (``payloads``: its payload file; ``lost``, ``recovering``: why, in words)
     segments: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: one entry per segment found damaged or missing: what it held, where it went, what was recovered
     damaged: list[dict[str, Any]] = field(default_factory=list)

@@ -222,13 +222,19 @@ def _raw_log_from_payloads(directory: Path, name: str, manifest: Manifest, logs:
     assert entry is not None
     entry["recovering"] = "is missing or damaged; rebuilt from its payload file"
     manifest.save(directory)  # before the rename: a start killed after it still reports the segment
+    _payload_to_log(directory, pay, logs)
+    return True
+
+
+def _payload_to_log(directory: Path, pay: Path, logs: dict[int, Path]) -> None:
+    """A payload file becomes the log it was (``wal-<n>.log``), to be compacted again."""
+    n = number(pay)
     target = log_path_of(directory, n)
     os.replace(pay, target)
     fsync_directory(directory)
     logs[n] = target
-    log.warning("journal segment %s failed or is missing: its payload file %s is the log it came from; compacting "
-                "it again from there", name, pay.name)
-    return True
+    log.warning("journal segment %s is missing or failed: its payload file %s is the log it came from; compacting "
+                "it again from there", segment_path(directory, n).name, pay.name)
 
 
 def _adopt_payload_logs(directory: Path, manifest: Manifest, logs: dict[int, Path], failed: list[_Failed]) -> None:
@@ -240,14 +246,10 @@ def _adopt_payload_logs(directory: Path, manifest: Manifest, logs: dict[int, Pat
         name = segment_path(directory, n).name
         if n in logs or name in manifest.segments or _regular_size(pay) is None:
             continue  # a log of its own, or a valid segment's payload file (listed by _adopt)
-        target = log_path_of(directory, n)
-        os.replace(pay, target)
-        fsync_directory(directory)
-        logs[n] = target
+        _payload_to_log(directory, pay, logs)
         failed[:] = [f for f in failed if f.name != name or f.salvage]  # (a gap's entry, if it was one)
         if not any(f.name == name for f in failed):
             failed.append(_Failed(name, "is missing (its payload file, the log it came from, is there)", 0, "", None))
-        log.warning("journal segment %s is missing or failed: rebuilt from its payload file %s", name, pay.name)
 
 
 def _regular_size(path: Path) -> int | None:
@@ -298,10 +300,8 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
                 move_aside(dst)
         staged = {}
         for src, dst in moves.items():  # two steps: a swap must not overwrite its other half
-            tmp = src
-            if src in moving:  # staged already, by a start that was killed
-                tmp = src
-            else:
+            tmp = src  # (one in ``moving`` was staged already, by a start that was killed)
+            if src not in moving:
                 k = 0
                 while os.path.lexists(tmp := src.with_name(f"{src.name}.moving{k or ''}.tmp")):
                     k += 1  # never over a leftover (maybe the only copy of another file) or a folder
@@ -331,12 +331,7 @@ def _sort_payload_files(directory: Path, manifest: Manifest, logs: dict[int, Pat
             d = DamagedSegment(pay["name"], f"{why} (the payload file of {name})", pay["size"], pay["records"],
                                moved_to=moved.name if moved else None, lost_records=pay["records"],
                                lost_bytes=pay["bytes"])
-            report.damaged_segments.append(d)
-            log.error("%s", d.describe())
-            manifest.damaged.append({"name": pay["name"], "reason": d.reason, "moved_to": d.moved_to,
-                                     "size": pay["size"], "records": pay["records"], "recovered": 0,
-                                     "lost_records": pay["records"], "lost_bytes": pay["bytes"],
-                                     "at": round(time.time(), 3)})
+            manifest.damaged.append(_reported(d, report))
     for p in payload_files(directory) + [m for m in moving if m.exists()]:
         if p.name not in listed and number(p) not in logs:
             moved = move_aside(p)
@@ -457,8 +452,13 @@ def _settle(directory: Path, f: _Failed, log_path: Path | None, journal: str, re
             d.lost_bytes = size if not total else size * (total - count) // total
     elif d.recovered_from is None:
         d.lost_records, d.lost_bytes = records, size
+    return _reported(d, report)
+
+
+def _reported(d: DamagedSegment, report: ReadReport) -> dict[str, Any]:
+    """Report and log a damaged file; what the manifest records of it (``damaged``)."""
     report.damaged_segments.append(d)
     log.error("%s", d.describe())
-    return {"name": f.name, "reason": d.reason, "moved_to": d.moved_to, "size": size, "records": records,
+    return {"name": d.name, "reason": d.reason, "moved_to": d.moved_to, "size": d.size, "records": d.records,
             "recovered": d.recovered, "lost_records": d.lost_records, "lost_bytes": d.lost_bytes,
             "at": round(time.time(), 3)}

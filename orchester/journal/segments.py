@@ -316,7 +316,6 @@ def apply_retention(directory: Path, results_before: float) -> dict[str, int]:
                 log.error("journal segment %s: %d record(s) of its payload file could not be read: not rewritten",
                           path.name, len(report.damaged))
                 continue
-            changed = False
             dropped = {"results_dropped": 0, "inputs_dropped": 0}
             for i, rec in enumerate(records):
                 try:
@@ -330,8 +329,7 @@ def apply_retention(directory: Path, results_before: float) -> dict[str, int]:
                 else:
                     continue
                 records[i] = without_payload(rec)
-                changed = True
-            if changed:
+            if any(dropped.values()):
                 write_h5(path, records)  # whole: what it kept of its payload file is in it now
                 pay = payload_path(path)
                 if pay.exists():

@@ -110,17 +110,12 @@ def encode_record(body: list[Any]) -> bytes:
 #: A bytes field at least this large (a payload or result frame) is written from its own buffer, never
 #: copied into the record's encoded body (:func:`record_chunks`).
 WRITE_ALONE = 64 * 1024
-_BIN16, _BIN32 = struct.Struct(">BH"), struct.Struct(">BI")
-_ARRAY16, _ARRAY32 = struct.Struct(">BH"), struct.Struct(">BI")
+_BIN16, _BIN32 = struct.Struct(">BH"), struct.Struct(">BI")  # msgpack's bin 16 and bin 32 heads
 
 
 def _large(value: Any) -> bool:
     return isinstance(value, (bytes, memoryview)) and (value.nbytes if isinstance(value, memoryview)
                                                       else len(value)) >= WRITE_ALONE
-
-
-def _array_head(n: int) -> bytes:
-    return bytes((0x90 | n,)) if n < 16 else _ARRAY16.pack(0xDC, n) if n < 65536 else _ARRAY32.pack(0xDD, n)
 
 
 def _bin_head(n: int) -> bytes:  # only for fields of WRITE_ALONE bytes or more: never the 8-bit form
@@ -135,7 +130,8 @@ def record_chunks(body: list[Any]) -> list[Any]:
     if not any(_large(f) or (isinstance(f, list) and any(map(_large, f))) for f in body):
         return [encode_record(body)]
     pieces: list[Any] = []
-    small = bytearray(_array_head(len(body)))
+    array_head = msgpack.Packer().pack_array_header  # (msgpack has no such method for bin heads)
+    small = bytearray(array_head(len(body)))
 
     def alone(value: Any) -> None:
         nonlocal small
@@ -149,7 +145,7 @@ def record_chunks(body: list[Any]) -> list[Any]:
         if _large(f):
             alone(f)
         elif isinstance(f, list) and any(map(_large, f)):
-            small += _array_head(len(f))
+            small += array_head(len(f))
             for item in f:
                 if _large(item):
                     alone(item)
@@ -195,14 +191,8 @@ def _records(data: bytes, base: int = 0) -> Iterator[tuple[list[Any], int]]:
 
 def read_segment(path: Path, report: ReadReport) -> Iterator[list[Any]]:
     """Yield the intact records of one segment; note where it is damaged, if it is."""
-    data = path.read_bytes()
-    pos = 0  # where the intact records end
-    for record, after in _records(data):
-        report.records += 1
-        pos = after
+    for record, *_ in read_placed(path, report):
         yield record
-    if pos < len(data):
-        report.damaged.append((path.name, pos, len(data) - pos))
 
 
 def read_placed(path: Path, report: ReadReport, digest: Any = None) -> Iterator[tuple[list[Any], int, int, int]]:
@@ -212,7 +202,7 @@ def read_placed(path: Path, report: ReadReport, digest: Any = None) -> Iterator[
     data = path.read_bytes()
     if digest is not None:
         digest.update(data)
-    pos = 0
+    pos = 0  # where the intact records end
     for record, after in _records(data):
         report.records += 1
         crc = _HEAD.unpack_from(data, pos)[1]
