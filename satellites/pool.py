@@ -4,6 +4,10 @@ Workers are forked from a ``forkserver`` (a clean interpreter with no ZeroMQ
 context), so they never inherit the satellite's sockets. Each worker's
 process sentinel is polled by the I/O thread, so a dead worker is noticed at
 once, its task reported, and a replacement started.
+
+Each worker has its own scratch folder, its temporary folder (``tempfile`` and ``TMPDIR``): the
+pool removes it when the worker ends, so a task killed halfway (cancelled, timed out, its worker
+lost) leaves none of its temporary files behind.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -25,11 +31,12 @@ _mp.set_forkserver_preload(["satellites.worker", "satellites.builtins", "numpy",
 class Worker:
     """One worker process and the task it is running, if any."""
 
-    __slots__ = ("index", "process", "ident", "ready", "task", "started", "cores")
+    __slots__ = ("index", "process", "scratch", "ident", "ready", "task", "started", "cores")
 
-    def __init__(self, index: int, process: Any) -> None:
+    def __init__(self, index: int, process: Any, scratch: str = "") -> None:
         self.index = index
         self.process = process
+        self.scratch = scratch  #: its temporary folder, removed when it ends
         self.ident = f"w{index}-{process.pid}".encode()
         self.ready = False
         self.task: tuple[str, int] | None = None  #: (task id, attempt) running now
@@ -48,10 +55,15 @@ class Worker:
 
 
 class WorkerPool:
-    """N worker processes connected to ``endpoint``; replacements are rate-limited."""
+    """N worker processes connected to ``endpoint``; replacements are rate-limited.
 
-    def __init__(self, size: int, endpoint: str, sid: str, modules: list[str], allow_pickle: bool) -> None:
+    ``scratch``: the folder under which each worker gets its own temporary folder (the system's when empty).
+    """
+
+    def __init__(self, size: int, endpoint: str, sid: str, modules: list[str], allow_pickle: bool,
+                 scratch: str = "") -> None:
         self.size = size
+        self.scratch = scratch
         self.endpoint = endpoint
         self.sid = sid
         self.modules = modules
@@ -66,11 +78,17 @@ class WorkerPool:
             self._spawn(i)
 
     def _spawn(self, index: int) -> Worker:
+        scratch = tempfile.mkdtemp(prefix=f"w{index}-", dir=self.scratch or None)
         p = _mp.Process(target=worker_main, name=f"satellite-{self.sid}-w{index}",
-                        args=(self.endpoint, self.sid, index, self.modules, self.allow_pickle, os.getpid()),
+                        args=(self.endpoint, self.sid, index, self.modules, self.allow_pickle, os.getpid(),
+                              scratch),
                         daemon=True)
-        p.start()
-        w = Worker(index, p)
+        try:
+            p.start()
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        w = Worker(index, p, scratch)
         self.workers[w.ident] = w
         self.by_sentinel[w.sentinel] = w
         return w
@@ -93,6 +111,7 @@ class WorkerPool:
             return None
         self.workers.pop(w.ident, None)
         w.process.join(1)
+        _remove_scratch(w)
         self._recent_deaths.append(time.monotonic())
         log.warning("worker %s (pid %s) exited with %s%s", w.index, w.process.pid, w.process.exitcode,
                     f" while running {w.task[0]}" if w.task else "")
@@ -128,5 +147,12 @@ class WorkerPool:
             if w.process.is_alive():
                 w.process.kill()
                 w.process.join(1)
+            _remove_scratch(w)
         self.workers.clear()
         self.by_sentinel.clear()
+
+
+def _remove_scratch(worker: Worker) -> None:
+    """Remove an ended worker's temporary folder, with what its tasks left there."""
+    if worker.scratch:
+        shutil.rmtree(worker.scratch, ignore_errors=True)

@@ -203,7 +203,7 @@ class Satellite:
         wsock.bind(f"ipc://{tmpdir}/workers")
         self._wsock = wsock
         self.pool = WorkerPool(self.workers, f"ipc://{tmpdir}/workers", self.sid, self.modules,
-                               self.allow_pickle)
+                               self.allow_pickle, scratch=tmpdir)
         if "genx.fit" in self.kinds:  # before the forkserver starts: the workers inherit numba's environment
             self.numba_state = genx_numba.setup(self.workers, enabled=self.use_numba, threads=self.numba_threads,
                                                 stopped=self._stop.is_set, pool=self.cores)

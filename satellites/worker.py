@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import tempfile
 import threading
 import time
 import traceback
@@ -208,14 +209,17 @@ def watch_satellite(satellite_pid: int) -> threading.Thread:
 
 
 def worker_main(endpoint: str, sid: str, index: int, modules: list[str], allow_pickle: bool,
-                satellite_pid: int = 0) -> None:
+                satellite_pid: int = 0, scratch: str = "") -> None:
     """Entry point of a worker process: connect, announce, run tasks until the socket closes.
 
     A worker whose satellite died without stopping it (``kill -9``) does not outlive it, even in
-    the middle of a task: see :func:`watch_satellite`.
+    the middle of a task: see :func:`watch_satellite`. ``scratch``: the worker's own temporary
+    folder (its tasks' ``tempfile`` and ``TMPDIR``), which the satellite removes when it ends.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the satellite decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if scratch:
+        os.environ["TMPDIR"] = tempfile.tempdir = scratch
     if satellite_pid:
         watch_satellite(satellite_pid)
     codecs.allow_pickle(allow_pickle)

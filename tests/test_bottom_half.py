@@ -8,7 +8,7 @@ to one thread of its own. These tests show what that split buys and what the exc
 * a worker killed with SIGKILL, as the kernel's OOM killer kills, costs a worker, not the
   satellite;
 * cancelling a running task, its overall timeout and its maximum run time each end the worker
-  process that runs it, and a new worker serves;
+  process that runs it, its temporary files go with it, and a new worker serves;
 * a light task that ends the interpreter ends the satellite with it;
 * light tasks never wait behind a light task that is not light: they run in a worker meanwhile;
 * on an MPI rank, a worker's death is no rank's death: the job goes on.
@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,10 +72,14 @@ def hard_exit(code: int = 3) -> None:
 
 @task("bh.park")
 def park(path: str, seconds: float = 60.0) -> None:
-    """Write this worker's pid to ``path``, then wait ``seconds`` (a task that must be stopped from outside)."""
+    """Make a temporary folder with a file in it, write this worker's pid and that folder to ``path``, then
+    wait ``seconds`` (a task that must be stopped from outside, leaving what it made)."""
+    scratch = tempfile.mkdtemp(prefix="bh-park-")
+    with open(os.path.join(scratch, "model.hgx"), "wb") as f:
+        f.write(b"x" * 4096)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        f.write(str(os.getpid()))
+        f.write(f"{os.getpid()} {scratch}")
     os.replace(tmp, path)
     time.sleep(seconds)
 
@@ -165,8 +170,11 @@ def test_a_running_task_given_up_on_ends_its_worker_process(cluster: LocalCluste
     pidfile = tmp_path / "pid"
     limits: dict[str, Any] = {"timeout": {"timeout": 3.0}, "max_run": {"max_run": 1.0}}.get(how, {})
     fut = c.submit("bh.park", str(pidfile), 60.0, **limits)
-    pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the task started"))
+    pid_text, scratch = wait_for(lambda: pidfile.exists() and pidfile.read_text(), 30, "the task started").split()
+    pid = int(pid_text)
     assert running(pid)
+    assert os.path.isfile(os.path.join(scratch, "model.hgx"))
+    assert not scratch.startswith(os.path.join(tempfile.gettempdir(), "bh-park-"))  # in its worker's own folder
     if how == "cancel":
         assert c.cancel(fut.task_id)["cancelled"] is True
     with pytest.raises(TaskFailed) as e:
@@ -174,6 +182,8 @@ def test_a_running_task_given_up_on_ends_its_worker_process(cluster: LocalCluste
     assert e.value.type == {"cancel": "Cancelled", "timeout": "TaskTimeout", "max_run": "MaxRunTime"}[how]
     wait_for(lambda: not running(pid), 10, "the worker process ended")  # killed, not left to sleep 60 s
     assert c.submit("bh.pid").result(30) not in (pid, None)  # its replacement serves
+    # what the killed task left in its temporary folder went with its worker
+    wait_for(lambda: not os.path.exists(scratch), 10, "the worker's temporary folder removed")
     st = c.status()
     assert len(st["satellites"]) == 1 and st["counters"].get("satellites_lost", 0) == 0
 
