@@ -13,8 +13,9 @@ NUMBA = ["numba>=0.59"]
 # a real Graphite carbon-cache for the metrics tests (operators run their own)
 CARBON = ["carbon>=1.1", "whisper>=1.1"]
 # Playwright drives Debian's chromium (tests/conftest.py installs it when missing): no browser download
-TESTS = ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10", "sphinx>=7",
-         "playwright>=1.40", *GENX, *MPI, *CARBON]
+# pytest-xdist: the suite runs in two worker processes (pyproject's addopts), a module (or class) to each at a time
+TESTS = ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5", "mypy>=1.10",
+         "sphinx>=7", "playwright>=1.40", *GENX, *MPI, *CARBON]
 DOCS = ["sphinx>=7"]
 
 setup(

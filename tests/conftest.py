@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import zmq
+from debian_packages import apt_install
 
 # strict: a failure of our own in the orchestrator's handlers or timers is raised (and a served
 # orchestrator stops), never answered "internal" behind the error boundary; set before orchester
@@ -223,12 +224,10 @@ def _install_chromium() -> None:
     """Install Debian's chromium when it is missing (CI runs as root on a fresh machine)."""
     if os.path.exists(CHROMIUM):
         return
-    if os.geteuid() != 0:
-        pytest.fail(f"the browser tests need Debian's chromium at {CHROMIUM}: apt-get install chromium (as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=900)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], check=True, env=env,
-                   stdout=subprocess.DEVNULL, timeout=1200)
+    try:
+        apt_install(["chromium"], [CHROMIUM], "the browser tests")
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from debian_packages import apt_install
+
 #: The Debian packages the fixture needs.
 PACKAGES = ("slurm-wlm", "munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -26,15 +28,7 @@ MUNGE_RUN = Path("/run/munge")
 
 def install() -> None:
     """Install Debian's slurm-wlm and munge when missing (CI runs as root on a fresh machine)."""
-    if all(shutil.which(p) for p in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    if os.geteuid() != 0:
-        raise RuntimeError("the Slurm tests need Debian's slurm-wlm and munge: apt-get install slurm-wlm munge "
-                           "(as root)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, env=env, stdout=subprocess.DEVNULL, timeout=900)
-    subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES], check=True, env=env,
-                   stdout=subprocess.DEVNULL, timeout=1200)
+    apt_install(PACKAGES, ("slurmctld", "slurmd", "sbatch", "munged"), "the Slurm tests")
 
 
 def _free_port() -> int:

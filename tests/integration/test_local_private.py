@@ -13,6 +13,7 @@ import errno
 import gc
 import os
 import re
+import shutil
 import socket
 import stat
 import subprocess
@@ -199,14 +200,13 @@ def test_a_long_tmpdir_falls_back_to_a_short_folder(tmp_path: Path, monkeypatch:
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700
     finally:
         os.rmdir(path)
-    short_dir = tmp_path / "s"
-    short_dir.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(short_dir))
-    path = private_dir()
+    short_dir = tempfile.mkdtemp(prefix="s", dir="/tmp")  # (short whatever pytest's own folders are called)
+    monkeypatch.setattr(tempfile, "tempdir", short_dir)
     try:
-        assert os.path.dirname(path) == str(short_dir)
+        path = private_dir()
+        assert os.path.dirname(path) == short_dir
     finally:
-        os.rmdir(path)
+        shutil.rmtree(short_dir)
 
 
 def test_a_private_folder_ignores_a_permissive_umask() -> None:
