@@ -78,7 +78,11 @@ class WorkerPool:
             self._spawn(i)
 
     def _spawn(self, index: int) -> Worker:
-        scratch = tempfile.mkdtemp(prefix=f"w{index}-", dir=self.scratch or None)
+        try:
+            scratch = tempfile.mkdtemp(prefix=f"w{index}-", dir=self.scratch or None)
+        except OSError as exc:  # (the satellite's folder removed from under it: the worker still starts)
+            log.warning("worker %s gets no temporary folder of its own (%s): it uses the system's", index, exc)
+            scratch = ""
         p = _mp.Process(target=worker_main, name=f"satellite-{self.sid}-w{index}",
                         args=(self.endpoint, self.sid, index, self.modules, self.allow_pickle, os.getpid(),
                               scratch),
@@ -86,7 +90,8 @@ class WorkerPool:
         try:
             p.start()
         except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
             raise
         w = Worker(index, p, scratch)
         self.workers[w.ident] = w

@@ -188,6 +188,37 @@ def test_a_running_task_given_up_on_ends_its_worker_process(cluster: LocalCluste
     assert len(st["satellites"]) == 1 and st["counters"].get("satellites_lost", 0) == 0
 
 
+def test_each_worker_has_a_temporary_folder_of_its_own_removed_when_it_ends(tmp_path: Path) -> None:
+    from satellites.pool import WorkerPool
+
+    pool = WorkerPool(2, f"ipc://{tmp_path}/nobody", "scratch-test", [], False, scratch=str(tmp_path))
+    pool.start()
+    try:
+        folders = [w.scratch for w in pool.workers.values()]
+        assert len(set(folders)) == 2 and all(os.path.dirname(f) == str(tmp_path) for f in folders)
+        assert all(stat_mode(f) == 0o700 for f in folders)
+        victim = next(iter(pool.workers.values()))
+        pool.kill(victim)
+        victim.process.join(30)
+        assert pool.reap(victim.sentinel) is victim and not os.path.exists(victim.scratch)
+        survivor = next(iter(pool.workers.values()))
+        assert os.path.isdir(survivor.scratch)
+    finally:
+        pool.close()
+    assert not os.path.exists(survivor.scratch)
+    # the satellite's folder removed from under it: a worker still starts, in the system's temporary folder
+    pool = WorkerPool(1, f"ipc://{tmp_path}/nobody", "scratch-test", [], False, scratch=str(tmp_path / "gone"))
+    pool.start()
+    try:
+        assert [w.scratch for w in pool.workers.values()] == [""]
+    finally:
+        pool.close()
+
+
+def stat_mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
 # ------------------------------------------------------------------ light kinds: the exception
 def test_a_light_task_that_ends_the_interpreter_ends_its_satellite() -> None:
     with bus() as cluster:
