@@ -211,3 +211,53 @@ def test_what_a_takeover_held_is_handled_a_slice_at_a_time_rated_as_it_came(
         now += 0.5
     assert rids == list(range(n)) and half.core.state.counters["rate_limited"] == 0
     assert beats >= 1 and half.deferred_bytes == 0
+
+
+def test_a_vote_on_silence_reads_what_the_peer_said_first(pair: tuple[Pair, zmq.Socket[Any]]) -> None:
+    """A busy passive that has not read its peer's messages yet does not take over from a peer that is alive,
+    nor read the last words of a peer it already replaced (which made it step down: a dual active)."""
+    from serializers import protocol as P
+
+    half, spy = pair
+    peer = spy.context.socket(zmq.PUB)
+    peer.linger = 0
+    peer.bind("inproc://peer")
+    try:
+        active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
+        half.receive(active, 1.0)  # passive; the peer counts as silent after 3.0
+        for _ in range(200):  # (PUB/SUB: until the subscription reached the peer's socket)
+            peer.send_multipart(active)
+            if half.sub.poll(20):
+                break
+        assert half.sub.poll(0)  # the peer's words wait unread
+        vote = [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": "t1", "vote": True})]
+        assert half.gatekeep("router", vote, 10.0) is False  # read first: the peer is alive, no takeover
+        assert half.state is HAState.PASSIVE and half.star.peer_alive(10.0)
+        assert not half.sub.poll(0)
+        # nothing unread and the peer silent for real: the vote takes over
+        assert half.gatekeep("router", vote, 20.0) is True and half.state is HAState.ACTIVE
+    finally:
+        peer.close()
+
+
+def test_a_slice_that_leaves_the_peers_messages_unread_keeps_the_peer_alive(
+        pair: tuple[Pair, zmq.Socket[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+    half, spy = pair
+    peer = spy.context.socket(zmq.PUB)
+    peer.linger = 0
+    peer.bind("inproc://peer")
+    try:
+        active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
+        half.receive(active, 1.0)
+        for _ in range(200):
+            peer.send_multipart(active)
+            if half.sub.poll(20):
+                break
+        for _ in range(5):
+            peer.send_multipart(active)
+        monkeypatch.setattr("orchester.ha.pair.DRAIN_SLICE", -1.0)  # one message a slice: the rest waits
+        half.drain(50.0)
+        assert half.sub.poll(0) and half.counters["ha_peer_backlog"] == 1
+        assert half.star.peer_alive(51.0)  # (silence counts from when everything it sent was read)
+    finally:
+        peer.close()

@@ -93,7 +93,8 @@ class Pair:
         self.counters = core.state.counters
         self.link_up = True  #: a test fault hook: False drops everything on the peer link
         self.requests = PairRequests(core, self.star, self.apply, self._set_link,
-                                     fault_hooks=os.environ.get("ORCHESTER_FAULT_HOOKS") == "1")
+                                     fault_hooks=os.environ.get("ORCHESTER_FAULT_HOOKS") == "1",
+                                     catch_up=self.catch_up)
         self.pub = ctx.socket(zmq.PUB)
         self.pub.linger = 0
         self.pub.sndhwm = 100_000
@@ -194,10 +195,12 @@ class Pair:
         changes it caused."""
         changes: list[Change] = []
         start = time.perf_counter()
+        emptied = False
         for _ in range(10_000):
             try:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
+                emptied = True
                 break
             if not self.link_up:
                 continue
@@ -206,7 +209,18 @@ class Pair:
                 changes.append(change)
             if time.perf_counter() - start > DRAIN_SLICE:
                 break
+        if not emptied and self.link_up:
+            # more waits unread: the peer is not silent, this server is behind (its silence is counted from
+            # the moment everything it sent was read, as a satellite's is)
+            self.star.heard(now)
+            self.counters["ha_peer_backlog"] += 1
         return changes
+
+    def catch_up(self, now: float) -> None:
+        """Read what the peer sent that waits unread (a slice), and act on it: before this server decides on the
+        peer's silence (a vote, a promotion), so that it never decides on it while the peer's words wait."""
+        if self.sub.poll(0):
+            self.apply(self.drain(now), now)
 
     def receive(self, frames: list[bytes], now: float) -> Change | None:
         """One message of the peer: to the role (in its state), then a ``STATE`` to the table.

@@ -28,16 +28,20 @@ class PairRequests:
     ``core``: the orchestrator (refusals go to its ``out``, counts to its counters); ``star``: the
     pair's table; ``apply``: acts on the state changes a request makes (:meth:`~orchester.ha.pair.Pair.apply`);
     ``set_link``: cuts (False) or restores (True) the peer link; ``fault_hooks``: ``CONTROL
-    peer_link`` is honoured only with this set (``ORCHESTER_FAULT_HOOKS=1``).
+    peer_link`` is honoured only with this set (``ORCHESTER_FAULT_HOOKS=1``); ``catch_up``: reads what the peer
+    sent and this server has not read yet (:meth:`~orchester.ha.pair.Pair.catch_up`), before a decision that
+    rests on the peer's silence.
     """
 
     def __init__(self, core: Orchestrator, star: BinaryStar, apply: Callable[[list[Change], float], None],
-                 set_link: Callable[[bool], None], fault_hooks: bool) -> None:
+                 set_link: Callable[[bool], None], fault_hooks: bool,
+                 catch_up: Callable[[float], None] | None = None) -> None:
         self.core = core
         self.star = star
         self.apply = apply
         self.set_link = set_link
         self.fault_hooks = fault_hooks
+        self.catch_up = catch_up
 
     def gatekeep(self, sock: Any, frames: list[Any], now: float) -> bool:
         """A request reached a server that is not ACTIVE: serve it (True) or refuse it.
@@ -58,6 +62,10 @@ class PairRequests:
             return True
         if cmd == P.CONTROL and hdr.get("op") in ("promote", "peer_link"):
             return True  # the core refers it back to control()
+        if not self.star.peer_alive(now) and self.catch_up is not None:
+            # silent, as far as we read: first read what the peer may have said meanwhile (a busy server
+            # that had not read it would take over from a peer that is alive, or read its last words after)
+            self.catch_up(now)
         serve, change = self.star.request(now, vote=hdr.get("vote") is True)
         if change is not None:
             self.apply([change], now)
@@ -87,6 +95,8 @@ class PairRequests:
         star = self.star
         if star.state is HAState.ACTIVE:
             return {"state": "active", "changed": False}
+        if not star.peer_alive(now) and self.catch_up is not None:
+            self.catch_up(now)
         if star.peer is HAState.ACTIVE and star.peer_alive(now) and not force:
             raise ProtocolError(P.E_BAD_REQUEST, "the peer is active and alive: promoting would make two "
                                 "actives (use --force only if you know the peer is cut off for good)")

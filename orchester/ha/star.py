@@ -171,6 +171,10 @@ class BinaryStar:
         """Whether the peer was heard within the last two heartbeats."""
         return now < self.peer_expiry
 
+    def heard(self, now: float) -> None:
+        """The peer has more to say than was read yet: it is not silent (its expiry starts again)."""
+        self.peer_expiry = max(self.peer_expiry, now + 2 * self.heartbeat)
+
     def peer_state(self, peer: HAState, now: float) -> Change | None:
         """The peer said it is in ``peer``; returns what changed (a state or an alarm)."""
         self.peer = peer
