@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from orchester.cli.common import ByteSize, OneLineErrors, check_connect, config_option
-from serializers.messages import MAX_CORES
+from serializers.messages import LIGHT_CREDIT, MAX_CORES, MAX_LIGHT
 
 from .genx_numba import MAX_THREADS as MAX_NUMBA_THREADS
 
@@ -52,6 +52,9 @@ def main(log_level: str) -> None:
               help="Heartbeats the orchestrator may miss before this satellite reconnects (or fails over).")
 @click.option("--prefetch", type=int, default=1, show_default=True,
               help="Tasks accepted beyond the number of workers.")
+@click.option("--light-credit", type=click.IntRange(0, MAX_LIGHT), default=LIGHT_CREDIT, show_default=True,
+              help="Light tasks (of kinds declared inline=True) taken beside the slots: they run in the satellite's "
+              "own thread (0: they count against the slots).")
 @click.option("--allow-pickle", is_flag=True,
               help="Accept pickle-coded tasks (they run code on load) that the orchestrator accepted too "
               "(orchester serve --allow-pickle).")
@@ -78,7 +81,7 @@ def main(log_level: str) -> None:
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
         server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None, cores: int | None,
-        chdir: str | None, job: str | None, memory: int | None) -> None:
+        chdir: str | None, job: str | None, memory: int | None, light_credit: int) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -93,7 +96,8 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
                         tasks=list(modules), sid=sid, heartbeat_interval=heartbeat_interval,
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
                         walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key,
-                        numba=numba, numba_threads=numba_threads, cores=cores, memory=memory, job=job)
+                        numba=numba, numba_threads=numba_threads, cores=cores, memory=memory, job=job,
+                        light_credit=light_credit)
     except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

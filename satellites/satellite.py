@@ -108,7 +108,8 @@ class Satellite:
                  allow_pickle: bool = False, max_message: int = P.DEFAULT_MAX_MESSAGE,
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
                  server_key: str | None = None, numba: bool = True, numba_threads: int | None = None,
-                 cores: int | None = None, memory: int | None = None, job: str | None = None) -> None:
+                 cores: int | None = None, memory: int | None = None, job: str | None = None,
+                 light_credit: int = M.LIGHT_CREDIT) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         if not (0 < len(self.sid) <= M.MAX_SID and self.sid.isprintable() and len(self.sid.encode()) <= MAX_SID_BYTES):
             raise ValueError(f"a satellite id is 1 to {M.MAX_SID} printable characters ({MAX_SID_BYTES} bytes "
@@ -127,6 +128,10 @@ class Satellite:
         self.endpoints = self._uplink.endpoints
         if workers < 1 or prefetch < 0:
             raise ValueError("workers must be >= 1 and prefetch >= 0")
+        if not 0 <= light_credit <= M.MAX_LIGHT:
+            raise ValueError(f"the light credit must be from 0 to {M.MAX_LIGHT}")
+        #: light tasks (of its light kinds) it takes in flight beside its slots (announced when it has light kinds)
+        self.light_credit = light_credit
         if cores is not None and not 1 <= cores <= M.MAX_CORES:
             raise ValueError(f"cores must be from 1 to {M.MAX_CORES}")
         if memory is not None and not 0 <= memory <= M.MAX_MEMORY:
@@ -263,7 +268,9 @@ class Satellite:
             running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task)
             + tuple((tid, attempt) for tid, (attempt, _, _) in self._inline_running.items()),
             recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
-            cores=self.cores, memory=self.memory, job=self.job), now)
+            cores=self.cores, memory=self.memory, job=self.job,
+            inline=tuple(sorted(self.inline_kinds)) if self.light_credit else (),
+            light=self.light_credit if self.inline_kinds else 0), now)
 
     def _tell(self, message: M.Wire, now: float) -> None:
         """Send a message of :mod:`serializers.messages` (no payload) to the orchestrator."""
@@ -505,6 +512,19 @@ class Satellite:
             busy += cores
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
             started.append((tid, attempt))
+        if light_ok and inline is not None and len(self._queue) > 1:
+            # light tasks never wait behind one that waits for a worker: they took no slot of the
+            # orchestrator's (their own credit), and they run in this process's thread
+            waiting: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
+            for item in self._queue:
+                if item[4]:
+                    tid, attempt, frames = item[0], item[1], item[2]
+                    self._inline_running[tid] = (attempt, now, frames)
+                    inline.run(tid, attempt, frames)
+                    started.append((tid, attempt))
+                else:
+                    waiting.append(item)
+            self._queue = waiting
         if started:
             self._peak_cores = max(self._peak_cores, busy)
             self._send([P.STARTED, M.started(started)], now)

@@ -92,6 +92,11 @@ MAX_AFTER = 20_000
 MAX_TASK_HEADER = 1024 * 1024
 #: Most cores one task may ask for, and one satellite announce.
 MAX_CORES = 65_536
+#: Most light tasks one satellite may take in flight at once (REGISTER ``light``).
+MAX_LIGHT = 65_536
+#: Light tasks a satellite with light kinds takes in flight beside its slots, by default (``satellite run
+#: --light-credit``).
+LIGHT_CREDIT = 128
 #: Most bytes of memory one task may ask for, and one satellite announce (1 PiB).
 MAX_MEMORY = 2**50
 #: What a task whose dependency did not succeed does: fail (the default) or run anyway.
@@ -671,6 +676,10 @@ class Register(Wire):
     cores: int = 0  #: cores its tasks may use together (0: not said; its workers count then)
     memory: int = 0  #: bytes of memory its tasks may use together (0: not said)
     job: str = ""  #: the batch job it runs in (Slurm's or PBS's job id; "" outside one)
+    #: its light kinds (of ``kinds``): a task of one of them asking for one core and no memory runs in its own
+    #: thread, and counts against ``light`` instead of ``slots``
+    inline: tuple[str, ...] = ()
+    light: int = 0  #: light tasks it takes in flight at once, beside ``slots`` (0: they count against ``slots``)
 
     @classmethod
     def decode(cls, hdr: dict[str, Any]) -> Register:
@@ -682,9 +691,14 @@ class Register(Wire):
             raise ProtocolError(P.E_MALFORMED, "REGISTER progress must map kinds to stall timeouts in seconds")
         walltime = number(hdr, "walltime", 0, MAX_SECONDS, None)
         versions = hdr.get("versions")
+        kinds = tuple(names(hdr, "kinds", limit=MAX_KINDS))
+        inline = tuple(names(hdr, "inline", [], limit=MAX_KINDS))
+        if inline and not set(inline) <= set(kinds):
+            raise ProtocolError(P.E_MALFORMED, "REGISTER inline must name kinds the satellite offers (of kinds)")
         return cls(
             sid=text(hdr, "sid", limit=MAX_SID), slots=number(hdr, "slots", 1, 2**31, integer=True),
-            kinds=tuple(names(hdr, "kinds", limit=MAX_KINDS)), tags=tuple(names(hdr, "tags", [])),
+            kinds=kinds, tags=tuple(names(hdr, "tags", [])), inline=inline,
+            light=number(hdr, "light", 0, MAX_LIGHT, 0, integer=True),
             progress={k: float(v) for k, v in progress.items()},
             walltime=None if walltime is None else float(walltime),
             pid=number(hdr, "pid", 0, 2**31, 0, integer=True),
@@ -699,7 +713,7 @@ class Register(Wire):
 
     def header(self) -> dict[str, Any]:
         """``{vote?, sid, slots, workers, kinds, progress, versions, walltime?, tags, host, pid,
-        running, recent, cores?, mem?, job?}``."""
+        running, recent, cores?, mem?, job?, inline?, light?}``."""
         hdr: dict[str, Any] = {"vote": True} if self.vote else {}
         hdr["sid"] = self.sid
         hdr["slots"] = self.slots
@@ -720,6 +734,10 @@ class Register(Wire):
             hdr["mem"] = self.memory
         if self.job:
             hdr["job"] = self.job
+        if self.inline:
+            hdr["inline"] = list(self.inline)
+        if self.light:
+            hdr["light"] = self.light
         return hdr
 
 

@@ -265,6 +265,30 @@ def test_light_tasks_never_wait_behind_a_light_task_that_is_not(tmp_path: Path) 
         assert c.submit("bh.inline_pid").result(30) == satellite  # the thread is free: light runs inline again
 
 
+@pytest.mark.parametrize("light_credit", [128, 0])
+def test_light_tasks_pass_tasks_waiting_for_a_worker_on_a_credit_of_their_own(tmp_path: Path,
+                                                                              light_credit: int) -> None:
+    with bus(light_credit=light_credit) as cluster:  # one worker, prefetch 1: two slots
+        c = cluster.client()
+        satellite = cluster.satellites[0].pid
+        parked = [c.submit("bh.park", str(tmp_path / f"p{i}"), 120.0) for i in range(2)]
+        wait_for(lambda: (tmp_path / "p0").exists() or (tmp_path / "p1").exists(), 30, "a parked task runs")
+        wait_for(lambda: all(c.show(f.task_id)["state"] in ("dispatched", "running") for f in parked), 30,
+                 "both slots taken")
+        light = [c.submit("bh.inline_pid", i) for i in range(5)]
+        if light_credit:  # they run at once, in the satellite's thread, while both slots stay taken
+            assert [f.result(60) for f in light] == [satellite] * 5
+            assert not any(f.done() for f in parked)
+            sat = c.status()["satellites"][0]
+            assert sat["light"] == light_credit and "bh.inline_pid" in sat["inline"]
+        else:  # without: they wait for a slot, as any task
+            wait_for(lambda: all(c.show(f.task_id)["state"] == "pending" for f in light), 30, "the light tasks queued")
+            assert not any(f.done() for f in light) and c.status()["satellites"][0]["light"] == 0
+        for f in parked:
+            c.cancel(f.task_id)
+        assert [f.result(60) for f in light] == [satellite] * 5
+
+
 # ------------------------------------------------------------------ MPI ranks
 @pytest.mark.skipif(MPIEXEC is None, reason="mpiexec comes with the test extras (pip install mpich)")
 def test_a_worker_that_dies_on_an_mpi_rank_does_not_end_the_job() -> None:

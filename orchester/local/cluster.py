@@ -132,8 +132,11 @@ class LocalCluster:
                  heartbeat_interval: float = 1.0, liveness: int = 3, prefetch: int = 1,
                  serve_args: Sequence[str] = (), start_timeout: float = 60.0,
                  log_level: str = "WARNING", env: dict[str, str] | None = None, web: bool = False,
-                 web_bind: str = "127.0.0.1:0", web_data_dir: str | None = None, cores: int | None = None) -> None:
+                 web_bind: str = "127.0.0.1:0", web_data_dir: str | None = None, cores: int | None = None,
+                 light_credit: int | None = None) -> None:
         self.n_satellites = satellites
+        #: light tasks each satellite takes beside its slots (``satellite run --light-credit``; default: its own)
+        self.light_credit = light_credit
         #: cores each satellite announces (``satellite run --cores``; default: its own choice)
         self.cores = cores
         self.workers = workers
@@ -285,6 +288,8 @@ class LocalCluster:
                "--prefetch", str(self.prefetch)]
         if self.cores is not None:
             cmd += ["--cores", str(self.cores)]
+        if self.light_credit is not None:
+            cmd += ["--light-credit", str(self.light_credit)]
         if sid:
             cmd += ["--id", sid]
         t = self.tags if tags is None else list(tags)

@@ -363,7 +363,7 @@ class Orchestrator:
             self.life.lose(prior, now, "replaced on its connection", SE.lose, crash=False)
         sat = SatelliteRecord(sid, ident, sock, slots, frozenset(tags), frozenset(kinds), now,
                               host=reg.host, pid=reg.pid, workers=reg.workers, cores=reg.cores, memory=reg.memory,
-                              job=reg.job)
+                              job=reg.job, inline=frozenset(reg.inline), light=min(reg.light, self.cfg.max_slots))
         sat.stall_timeouts = dict(reg.progress)
         sat.user = self.state.user
         if reg.walltime is not None:

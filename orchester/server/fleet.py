@@ -10,6 +10,9 @@ from typing import Any
 from orchester.server.tasks import QueueKey, Task
 from tracker import SatelliteState
 
+#: Satellites with light credit free a light task's kind looks at for one with its tags, before it takes a slot.
+LIGHT_SCAN = 64
+
 
 class SatelliteRecord:
     """One registered satellite: its routing identity, credit and in-flight tasks."""
@@ -18,12 +21,14 @@ class SatelliteRecord:
         "recover_at", "sid", "ident", "sock", "slots", "credit", "tags", "kinds", "state", "inflight",
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
         "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
-        "cores", "capacity", "used", "memory", "mem_used", "reserved", "job",
+        "cores", "capacity", "used", "memory", "mem_used", "reserved", "job", "inline", "light_credit", "light",
+        "light_counted", "light_listed",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
                  kinds: frozenset[str], now: float, host: str = "", pid: int = 0,
-                 workers: int = 0, cores: int = 0, memory: int = 0, job: str = "") -> None:
+                 workers: int = 0, cores: int = 0, memory: int = 0, job: str = "",
+                 inline: frozenset[str] = frozenset(), light: int = 0) -> None:
         self.sid = sid
         self.job = job  #: the batch job it runs in ("" outside one)
         self.ident = ident
@@ -38,6 +43,13 @@ class SatelliteRecord:
         self.memory = memory  #: bytes of memory its tasks may use together (0: not announced, not counted)
         self.mem_used = 0  #: memory asked for by the tasks in flight on it
         self.reserved: Task | None = None  #: a wide task it is kept for: it takes no other until that one fits
+        #: its light kinds: a task of one of them, of one core and no memory said, runs in its own thread and takes
+        #: a light credit (``light_credit`` of them, beside ``credit``), not a slot, a core or memory
+        self.inline = inline & kinds
+        self.light_credit = light if self.inline else 0
+        self.light: set[str] = set()  #: the ids of the light tasks in flight (in :attr:`inflight` too)
+        self.light_counted = 0  #: (the free light credit the fleet counts for it)
+        self.light_listed = False  #: (whether the fleet lists it as ready for light tasks)
         self.tags = tags
         self.kinds = kinds
         self.state = SatelliteState.JOINING
@@ -65,13 +77,22 @@ class SatelliteRecord:
         self.reported: dict[str, float] = {}
 
     @property
+    def heavy(self) -> int:
+        """Tasks in flight that take a slot (all but the light ones)."""
+        return len(self.inflight) - len(self.light)
+
+    @property
     def free(self) -> int:
-        """Credit left (never negative)."""
-        return max(0, self.credit - len(self.inflight))
+        """Credit left (never negative; light tasks take none of it)."""
+        return max(0, self.credit - len(self.inflight) + len(self.light))
+
+    def takes_light(self, task: Task) -> bool:
+        """Whether ``task`` would be light here: a light kind of this satellite, one core, no memory said."""
+        return self.light_credit > 0 and task.kind in self.inline and task.cores == 1 and not task.memory
 
     def fits(self, task: Task) -> bool:
         """Whether ``task`` fits now: a credit, its cores and its memory free."""
-        return (len(self.inflight) < self.credit and self.used + task.cores <= self.capacity
+        return (self.heavy < self.credit and self.used + task.cores <= self.capacity
                 and task.cores <= self.cores and (not task.memory or not self.memory
                                                   or self.mem_used + task.memory <= self.memory))
 
@@ -79,9 +100,12 @@ class SatelliteRecord:
         """Whether ``task`` fits here when nothing else runs (its cores and memory are no more than this has)."""
         return task.cores <= self.cores and (not task.memory or not self.memory or task.memory <= self.memory)
 
-    def take(self, task: Task) -> None:
-        """``task`` is in flight here (credit, cores and memory taken)."""
+    def take(self, task: Task, light: bool = False) -> None:
+        """``task`` is in flight here: a light credit if ``light``, else a credit, its cores and its memory."""
         self.inflight[task.id] = task
+        if light:
+            self.light.add(task.id)
+            return
         self.used += task.cores
         self.mem_used += task.memory
 
@@ -89,14 +113,23 @@ class SatelliteRecord:
         """``task`` is no longer in flight here; whether it was."""
         if self.inflight.pop(task.id, None) is None:
             return False
+        if self.light and task.id in self.light:
+            self.light.discard(task.id)
+            return True
         self.used -= task.cores
         self.mem_used -= task.memory
         return True
 
+    def drop_all(self) -> None:
+        """Nothing is in flight here any more (it is lost)."""
+        self.inflight.clear()
+        self.light.clear()
+        self.used = self.mem_used = 0
+
     @property
     def load(self) -> float:
-        """In-flight tasks over slots (0 idle, 1 full)."""
-        return len(self.inflight) / self.slots if self.slots else 1.0
+        """In-flight tasks that take a slot, over slots (0 idle, 1 full)."""
+        return self.heavy / self.slots if self.slots else 1.0
 
     def can_run(self, key: QueueKey) -> bool:
         """Whether this satellite offers the kind and has every required tag."""
@@ -115,7 +148,8 @@ class SatelliteRecord:
             "reported": self.reported, "user": self.user, "cores": self.cores, "cores_used": self.used,
             "memory": self.memory, "memory_used": self.mem_used,
             "reserved_for": self.reserved.id if self.reserved is not None else None,
-            "job": self.job or None,
+            "job": self.job or None, "inline": sorted(self.inline), "light": self.light_credit,
+            "light_inflight": len(self.light),
         }
 
 
@@ -155,6 +189,10 @@ class Fleet:
         self._order = itertools.count()
         self.heap_from = self.HEAP_FROM
         self.members = 0  #: counts the satellites that came and went (a list of them sorted once stays valid)
+        self.free_light = 0  #: the free light credit of every satellite taking light tasks now, together
+        #: per light kind: the satellites taking light tasks now with light credit free, the next one to take one
+        #: first (each one taken goes to the back: light tasks go to them in turn)
+        self._light_ready: dict[str, dict[SatelliteRecord, None]] = {}
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -184,6 +222,7 @@ class Fleet:
             del self.by_id[sat.sid]
             self.members += 1
             self.free_slots -= sat.free
+            self.light_changed(sat)  # (no longer a member: its light credit goes)
             for kind in sat.kinds:
                 n = self._kind_count.get(kind, 0) - 1
                 if n > 0:
@@ -213,6 +252,60 @@ class Fleet:
             else:
                 sats.pop(sat, None)
         self._ranked(sat)
+        self.light_changed(sat)
+
+    def light_changed(self, sat: SatelliteRecord) -> None:
+        """``sat``'s light tasks, credit or state changed: its free light credit and its place in the light index.
+
+        A satellite takes light tasks while it is a member that takes work, not on probation (a satellite whose
+        tasks fail gets one at a time, as its credit says) and with credit (none while silent or draining)."""
+        if not sat.light_credit and not sat.light_counted and not sat.light_listed:
+            return  # (no light kinds: the common case, nothing to do)
+        takes = (sat.light_credit > 0 and sat.credit > 0 and sat.state.accepts_work
+                 and sat.state is not SatelliteState.PROBATION and self.by_id.get(sat.sid) is sat)
+        free = max(0, sat.light_credit - len(sat.light)) if takes else 0
+        self.free_light += free - sat.light_counted
+        sat.light_counted = free
+        if (free > 0) != sat.light_listed:
+            sat.light_listed = free > 0
+            for kind in sat.inline:
+                ready = self._light_ready.setdefault(kind, {})
+                if free > 0:
+                    ready[sat] = None
+                else:
+                    ready.pop(sat, None)
+                    if not ready:
+                        del self._light_ready[kind]
+
+    def light_for(self, key: QueueKey) -> SatelliteRecord | None:
+        """The satellite to take a light task of queue ``key`` now (each in turn), if one has light credit free:
+        of those that offer its kind as light, the first with every tag it needs (among the first
+        :data:`LIGHT_SCAN`: past them, the task takes a slot instead)."""
+        ready = self._light_ready.get(key[0])
+        if not ready:
+            return None
+        tags = key[1]
+        for i, sat in enumerate(ready):
+            if i >= LIGHT_SCAN:
+                return None
+            if tags <= sat.tags:
+                return sat
+        return None
+
+    def light_taken(self, sat: SatelliteRecord, kind: str) -> None:
+        """``sat`` took a light task of ``kind``: it goes to the back of that kind's turn."""
+        ready = self._light_ready.get(kind)
+        if ready is not None and sat in ready:
+            del ready[sat]
+            ready[sat] = None
+        self.light_given_back(sat)
+
+    def light_given_back(self, sat: SatelliteRecord) -> None:
+        """``sat``'s light tasks changed (one taken or given back): its light credit, and its rank (a strategy of
+        one's own may read what it has in flight)."""
+        self.light_changed(sat)
+        if self._heaps and self.by_id.get(sat.sid) is sat:
+            self._ranked(sat)
 
     def heard(self, sat: SatelliteRecord, now: float) -> None:
         """A message from ``sat``: it moves to the back of :attr:`by_silence`."""
@@ -226,7 +319,7 @@ class Fleet:
         """``sat``'s free credit was ``free_before`` before its credit or its tasks changed (and so, maybe, its
         rank: call this after a change of what the rank reads)."""
         if self.by_id.get(sat.sid) is sat:
-            free = sat.credit - len(sat.inflight)  # (sat.free, inline: this runs twice for every task)
+            free = sat.credit - len(sat.inflight) + len(sat.light)  # (sat.free, inline: it runs twice a task)
             self.free_slots += (free if free > 0 else 0) - free_before
             if self._heaps:
                 self._ranked(sat)
@@ -239,7 +332,7 @@ class Fleet:
     def _ranked(self, sat: SatelliteRecord) -> None:
         """A fresh heap entry for ``sat`` under each key it is eligible and ready for (its rank may have changed)."""
         rank = self.rank
-        if rank is None or not self._heaps or len(sat.inflight) >= sat.credit:
+        if rank is None or not self._heaps or sat.heavy >= sat.credit:
             return
         for key, heap in self._heaps.items():
             if sat in self._eligible[key]:
@@ -250,7 +343,7 @@ class Fleet:
     def _heap(self, key: QueueKey) -> list[tuple[tuple[Any, ...], int, SatelliteRecord]]:
         assert self.rank is not None
         heap = [(self.rank(s, key), next(self._order), s) for s in self._eligible[key]
-                if len(s.inflight) < s.credit]
+                if s.heavy < s.credit]
         heapq.heapify(heap)
         return heap
 
@@ -273,7 +366,7 @@ class Fleet:
         found = None
         while heap:
             r, _, sat = heap[0]
-            if sat not in sats or len(sat.inflight) >= sat.credit or rank(sat, key) != r:
+            if sat not in sats or sat.heavy >= sat.credit or rank(sat, key) != r:
                 heapq.heappop(heap)  # stale: no longer eligible, ready, or of that rank
                 continue
             if accept(sat):

@@ -242,9 +242,13 @@ class Lifecycle:
             self.state.unqueued(task)
             task.attempt = attempt
             task.satellite = sat.sid
-            free = sat.free
-            sat.take(task)
-            self.state.fleet.credit_changed(sat, free)
+            if sat.takes_light(task) and len(sat.light) < sat.light_credit:  # (as it was dispatched, most likely)
+                sat.take(task, light=True)
+                self.state.fleet.light_given_back(sat)
+            else:
+                free = sat.free
+                sat.take(task)
+                self.state.fleet.credit_changed(sat, free)
             if sat.state is SS.IDLE:
                 self.sat_to(sat, SE.load, now)
             self.task_to(task, TE.dispatch, now, "adopted")
@@ -355,7 +359,7 @@ class Lifecycle:
 
     def _schedule(self, now: float, fleet: Fleet, queues: TaskQueues, blocked: set[QueueKey],
                   deferred: list[Task]) -> None:
-        while fleet.free_slots > 0 and len(queues):
+        while (fleet.free_slots > 0 or fleet.free_light > 0) and len(queues):
             if blocked:
                 allowed = [k for k in queues.keys() if k not in blocked]
                 key = queues.best_key(allowed) if allowed else None
@@ -366,6 +370,15 @@ class Lifecycle:
             head = queues.head(key)
             if head is None:
                 continue
+            if key[2] == 1 and not key[3] and not head.duration and fleet.free_light > 0:
+                # a light kind on some satellite: one with light credit free takes it, in turn (no slot taken)
+                light = fleet.light_for(key)
+                if light is not None:
+                    self._dispatch(queues.pop(key), light, now, light=True)
+                    continue
+            if fleet.free_slots <= 0:  # (only light credit is free: this key waits)
+                blocked.add(key)
+                continue
             if key[2] == 1 and not key[3] and not head.duration and fleet.ranked:
                 # the common case with a built-in strategy: the ready satellite of least rank, from the index
                 best = fleet.best(key, self._takes_one)
@@ -375,7 +388,7 @@ class Lifecycle:
                 self._dispatch(queues.pop(key), best, now)
                 continue
             if key[2] == 1 and not key[3]:  # one core, no memory said: checked inline
-                cands = [s for s in fleet.eligible(key) if len(s.inflight) < s.credit and s.used < s.capacity
+                cands = [s for s in fleet.eligible(key) if s.heavy < s.credit and s.used < s.capacity
                          and (s.reserved is None or self._unreserve(s))]
             else:
                 cands = [s for s in fleet.eligible(key) if s.fits(head)
@@ -426,14 +439,14 @@ class Lifecycle:
             if not sat.could_fit(task) or (task.duration and sat.deadline - now < task.duration) \
                     or (sat.reserved is not None and not self._unreserve(sat)):
                 continue
-            if best is None or (sat.capacity - sat.used, -len(sat.inflight)) > (best.capacity - best.used,
-                                                                                -len(best.inflight)):
+            if best is None or (sat.capacity - sat.used, -sat.heavy) > (best.capacity - best.used, -best.heavy):
                 best = sat
         if best is not None:
             best.reserved, task.reserved_on = task, best
             self.state.counters["reservations"] += 1
 
-    def _dispatch(self, task: Task, sat: SatelliteRecord, now: float) -> None:
+    def _dispatch(self, task: Task, sat: SatelliteRecord, now: float, light: bool = False) -> None:
+        """Send ``task`` to ``sat``, on one of its light credits if ``light`` (else a slot, its cores, its memory)."""
         results: list[tuple[str, int]] = []
         inputs: list[Any] = []
         for ref in task.refs:  # the results it takes by reference follow its payload, as they were received
@@ -463,11 +476,15 @@ class Lifecycle:
             self.state.unqueued(task)
         task.attempt += 1
         task.satellite = sat.sid
-        self.state.dispatch_seq += 1
-        sat.last_dispatch = self.state.dispatch_seq  # (before the fleet hears of it: part of the rank)
-        free = sat.free
-        sat.take(task)
-        self.state.fleet.credit_changed(sat, free)
+        if light:  # (its last dispatch, part of the slots' rank, is a slot's: light tasks go in their own turn)
+            sat.take(task, light=True)
+            self.state.fleet.light_taken(sat, task.kind)
+        else:
+            self.state.dispatch_seq += 1
+            sat.last_dispatch = self.state.dispatch_seq  # (before the fleet hears of it: part of the rank)
+            free = sat.free
+            sat.take(task)
+            self.state.fleet.credit_changed(sat, free)
         if sat.state is SS.IDLE:
             self.sat_to(sat, SE.load, now)
         self.state.counters["dispatched"] += 1
@@ -481,9 +498,13 @@ class Lifecycle:
         if sat is None:
             return None
         free = sat.free
+        light = task.id in sat.light
         if not sat.give_back(task):
             return None
-        self.state.fleet.credit_changed(sat, free)
+        if light:
+            self.state.fleet.light_given_back(sat)
+        else:
+            self.state.fleet.credit_changed(sat, free)
         if abort:
             self.outbox.send(sat.sock, [sat.ident, *M.abort(task.id, task.attempt)])
         if not sat.inflight and sat.state is SS.BUSY:
@@ -702,6 +723,8 @@ class Lifecycle:
         self.state.fleet.credit_changed(sat, free)
         if sat.state.accepts_work != old.accepts_work:
             self.state.fleet.changed(sat)
+        else:
+            self.state.fleet.light_changed(sat)  # (probation: no light tasks; its credit back: light ones again)
         if event not in (SE.load, SE.unload):  # limited: a peer registering in a loop could flood the log
             log_limited(log, logging.INFO, "satellite %r: %s -> %s%s", sat.sid, old.name, sat.state.name,
                         f" ({reason})" if reason else "")
@@ -727,9 +750,9 @@ class Lifecycle:
         for task in tasks:
             self.stall(task, now, f"satellite {sat.sid} {reason}", crash=crash, abort=False, blame=False)
         free = sat.free
-        sat.inflight.clear()
-        sat.used = sat.mem_used = 0
+        sat.drop_all()
         self.state.fleet.credit_changed(sat, free)
+        self.state.fleet.light_changed(sat)
         if sat.reserved is not None and sat.reserved.reserved_on is sat:
             self._drop_reservation(sat.reserved)
         sat.reserved = None

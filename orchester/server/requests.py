@@ -472,7 +472,7 @@ class Requests:
         hosts: Counter[str] = Counter()
         jobs: Counter[str] = Counter()
         versions: dict[str, set[str]] = {}
-        slots = inflight = credit = cores = cores_used = memory = memory_used = workers = 0
+        slots = inflight = credit = cores = cores_used = memory = memory_used = workers = light = light_inflight = 0
         for sat in self.state.fleet.by_id.values():
             states[sat.state.name.lower()] += 1
             hosts[sat.host] += 1
@@ -482,6 +482,8 @@ class Requests:
             workers += sat.workers
             credit += sat.credit
             inflight += len(sat.inflight)
+            light += sat.light_credit
+            light_inflight += len(sat.light)
             cores += sat.cores
             cores_used += sat.used
             memory += sat.memory
@@ -495,7 +497,8 @@ class Requests:
             "satellites": len(self.state.fleet), "states": dict(states), "hosts": len(hosts),
             "busiest_hosts": dict(hosts.most_common(HOSTS_SHOWN)), "jobs": len(jobs),
             "slots": slots, "workers": workers, "credit": credit, "free": self.state.fleet.free_slots,
-            "inflight": inflight,
+            "inflight": inflight, "light": light, "light_free": self.state.fleet.free_light,
+            "light_inflight": light_inflight,
             "cores": cores, "cores_used": cores_used, "memory": memory, "memory_used": memory_used,
             "kinds": kinds, "kinds_offered": self.state.fleet.kinds_offered,
             "versions": {kind: sorted(v) for kind, v in sorted(versions.items())},

@@ -66,7 +66,7 @@ class LeastLoaded(Ranked):
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
         """What :meth:`choose` minimises, for the fleet's index of ready satellites (the least is chosen)."""
-        return (len(sat.inflight) / sat.slots, sat.last_dispatch)
+        return (sat.load, sat.last_dispatch)
 
 
 class RoundRobin(Ranked):
@@ -92,7 +92,7 @@ class TagAffinity(Ranked):
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
         """What :meth:`choose` minimises (a task's tags are its queue key's)."""
-        return (len(sat.tags - key[1]), len(sat.inflight) / sat.slots, sat.last_dispatch)
+        return (len(sat.tags - key[1]), sat.load, sat.last_dispatch)
 
 
 BUILTIN: dict[str, type] = {c.name: c for c in (LeastLoaded, RoundRobin, TagAffinity)}
