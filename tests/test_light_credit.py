@@ -280,3 +280,70 @@ def test_light_credit_is_cut_to_max_slots() -> None:
     assert rec(h).light_credit == 4
     check_sums(h)
 
+
+
+@pytest.mark.parametrize("light", [0, 5])
+def test_a_lost_dispatch_is_found_while_light_tasks_run(light: int) -> None:
+    """A heavy task whose DISPATCH never arrived is rerouted after ``--dispatch-timeout``, light tasks running
+    beside it or not: they keep no worker busy (a start timer is put off only while every worker is busy)."""
+    h = Harness(dispatch_timeout=5.0)
+    sat = b"id-s1"
+    h.send(S, sat, P.REGISTER, {"sid": "s1", "slots": 1, "workers": 1, "kinds": KINDS, "inline": ["echo.inline"],
+                                "light": light})
+    h.tick()
+    h.submit("h0")  # its DISPATCH is lost: the satellite never starts it
+    assert dispatched_ids(h.tick()) == ["h0"]
+    n = 0
+    for _ in range(30):  # 15 s of light traffic: a light task running at any time
+        h.submit(f"l{n}", kind="echo.inline")
+        n += 1
+        for tid in dispatched_ids(h.tick(0.5)):
+            if tid.startswith("l"):
+                h.send(S, sat, P.STARTED, {"t": [[tid, 1]]})
+        for tid in [t for t in rec(h).inflight if t.startswith("l")][:-1]:
+            h.done(sat, tid)
+        h.send(S, sat, P.HEARTBEAT, {"sid": "s1"})
+        check_sums(h)
+    assert h.core.state.tasks["h0"].attempt >= 2 and h.core.state.counters["stalled"] >= 1
+
+
+def test_with_only_light_credit_free_the_keys_that_cannot_go_light_are_set_aside_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slot taken, light credit free, hundreds of queues (tasks differing by memory) that cannot go light: a
+    dispatch pass looks at each queue a bounded number of times, not once per other queue."""
+    from orchester.server.tasks import TaskQueues
+
+    h = Harness()
+    register(h, slots=1, light=128)
+    h.tick()
+    h.submit("blocker")
+    h.tick()
+    for i in range(300):
+        h.submit(f"m{i}", mem=(i + 1) * 1024)
+    h.submit("l0", kind="echo.inline")
+    calls = []
+    best_key = TaskQueues.best_key
+
+    def counted(self: TaskQueues, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return best_key(self, *args, **kw)
+
+    monkeypatch.setattr(TaskQueues, "best_key", counted)
+    assert dispatched_ids(h.tick()) == ["l0"]
+    assert len(calls) <= 3
+    check_sums(h)
+
+
+def test_a_satellite_indexes_at_most_max_inline_light_kinds() -> None:
+    from orchester.server.fleet import MAX_INLINE
+
+    h = Harness()
+    kinds = [f"k{i:04d}" for i in range(1000)]
+    register(h, slots=1, light=1, inline=tuple(kinds), kinds=kinds)
+    h.tick()
+    assert rec(h).inline == frozenset(kinds[:MAX_INLINE])
+    h.submit("first", kind="k0000")
+    h.submit("past", kind="k0999")  # not indexed as light here: it takes the slot
+    out = h.tick()
+    assert dispatched_ids(out) == ["first", "past"] and rec(h).light == {"first"} and rec(h).heavy == 1
+    check_sums(h)

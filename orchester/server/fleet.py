@@ -12,6 +12,9 @@ from tracker import SatelliteState
 
 #: Satellites with light credit free a light task's kind looks at for one with its tags, before it takes a slot.
 LIGHT_SCAN = 64
+#: Light kinds of one satellite the orchestrator indexes (the first, in order of their names; tasks of the others
+#: take slots): each change of its light credit between none free and some costs one index update per kind.
+MAX_INLINE = 64
 
 
 class SatelliteRecord:
@@ -45,7 +48,7 @@ class SatelliteRecord:
         self.reserved: Task | None = None  #: a wide task it is kept for: it takes no other until that one fits
         #: its light kinds: a task of one of them, of one core and no memory said, runs in its own thread and takes
         #: a light credit (``light_credit`` of them, beside ``credit``), not a slot, a core or memory
-        self.inline = inline & kinds
+        self.inline = frozenset(sorted(inline & kinds)[:MAX_INLINE])
         self.light_credit = light if self.inline else 0
         self.light: set[str] = set()  #: the ids of the light tasks in flight (in :attr:`inflight` too)
         self.light_counted = 0  #: (the free light credit the fleet counts for it)
@@ -185,6 +188,7 @@ class Fleet:
         #: ``(rank, order, satellite)`` of the eligible satellites with free credit; an entry whose rank is no
         #: longer the satellite's (it changes with each task given or taken back) is dropped when it comes up
         self.rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None = None
+        self.rank_reads_light = True  #: whether :attr:`rank` may change with a satellite's light tasks
         self._heaps: dict[QueueKey, list[tuple[tuple[Any, ...], int, SatelliteRecord]]] = {}
         self._order = itertools.count()
         self.heap_from = self.HEAP_FROM
@@ -292,6 +296,10 @@ class Fleet:
                 return sat
         return None
 
+    def offers_light(self, kind: str) -> bool:
+        """Whether some satellite taking light tasks has light credit free for ``kind`` now."""
+        return kind in self._light_ready
+
     def light_taken(self, sat: SatelliteRecord, kind: str) -> None:
         """``sat`` took a light task of ``kind``: it goes to the back of that kind's turn."""
         ready = self._light_ready.get(kind)
@@ -304,7 +312,7 @@ class Fleet:
         """``sat``'s light tasks changed (one taken or given back): its light credit, and its rank (a strategy of
         one's own may read what it has in flight)."""
         self.light_changed(sat)
-        if self._heaps and self.by_id.get(sat.sid) is sat:
+        if self._heaps and self.rank_reads_light and self.by_id.get(sat.sid) is sat:
             self._ranked(sat)
 
     def heard(self, sat: SatelliteRecord, now: float) -> None:
@@ -324,9 +332,12 @@ class Fleet:
             if self._heaps:
                 self._ranked(sat)
 
-    def set_rank(self, rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None) -> None:
-        """The routing strategy's rank (``None``: it has none; the heaps go)."""
+    def set_rank(self, rank: Callable[[SatelliteRecord, QueueKey], tuple[Any, ...]] | None,
+                 reads_light: bool = True) -> None:
+        """The routing strategy's rank (``None``: it has none; the heaps go); ``reads_light``: whether that rank
+        may change when a light task comes or goes (then the satellite is ranked again each time)."""
         self.rank = rank
+        self.rank_reads_light = reads_light
         self._heaps.clear()
 
     def _ranked(self, sat: SatelliteRecord) -> None:

@@ -359,12 +359,13 @@ class Lifecycle:
 
     def _schedule(self, now: float, fleet: Fleet, queues: TaskQueues, blocked: set[QueueKey],
                   deferred: list[Task]) -> None:
+        light_only = False  # (only light credit left: the keys that cannot go light were blocked at once)
         while (fleet.free_slots > 0 or fleet.free_light > 0) and len(queues):
-            if blocked:
-                allowed = [k for k in queues.keys() if k not in blocked]
-                key = queues.best_key(allowed) if allowed else None
-            else:
-                key = queues.best_key(None)
+            if fleet.free_slots <= 0 and not light_only:
+                light_only = True
+                blocked.update(k for k in queues.keys()
+                               if k[2] != 1 or k[3] or not fleet.offers_light(k[0]))
+            key = queues.best_key(skip=blocked)
             if key is None:
                 return
             head = queues.head(key)
@@ -685,8 +686,11 @@ class Lifecycle:
     @staticmethod
     def _workers_busy(sat: SatelliteRecord, task: Task | None = None) -> bool:
         """Whether every worker of ``sat`` runs a task, or too few of its cores are free for ``task`` (a
-        dispatched task then waits in its prefetch)."""
-        running = [t for t in sat.inflight.values() if t.state is TS.RUNNING]
+        dispatched task then waits in its prefetch). Light tasks wait for no worker, and keep none busy."""
+        if task is not None and task.id in sat.light:
+            return False
+        light = sat.light
+        running = [t for t in sat.inflight.values() if t.state is TS.RUNNING and (not light or t.id not in light)]
         if len(running) >= (sat.workers or sat.slots):
             return True
         return task is not None and sum(t.cores for t in running) + task.cores > sat.cores

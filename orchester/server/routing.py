@@ -44,6 +44,10 @@ class Ranked(ABC):
     candidates, the fleet's index serves the same pick from a heap."""
 
     name = "ranked"
+    #: whether :meth:`rank` may read a satellite's light tasks (``inflight`` holds them too): then the fleet ranks
+    #: a satellite again whenever one comes or goes. The built-in ranks read ``load`` and ``last_dispatch``,
+    #: which light tasks do not change; a strategy of one's own keeps the safe default.
+    reads_light = True
 
     def choose(self, task: Task, candidates: Sequence[SatelliteRecord]) -> SatelliteRecord:
         """The candidate of least rank (the first of them, at a tie)."""
@@ -62,6 +66,7 @@ class LeastLoaded(Ranked):
     """The satellite with the lowest in-flight/slots ratio; ties go to the least recently used."""
 
     name = "least_loaded"
+    reads_light = False
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
@@ -73,6 +78,7 @@ class RoundRobin(Ranked):
     """Each satellite in turn: the one that received a task least recently."""
 
     name = "round_robin"
+    reads_light = False
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:
@@ -88,6 +94,7 @@ class TagAffinity(Ranked):
     """
 
     name = "tags"
+    reads_light = False
 
     @staticmethod
     def rank(sat: SatelliteRecord, key: QueueKey) -> tuple[Any, ...]:

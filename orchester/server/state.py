@@ -57,7 +57,7 @@ class ServerState:
         self.graph = TaskGraph(self.results, self.tasks)  #: dependencies, seen from the tasks depended on
         self.timers: TimerWheel[str] = TimerWheel()
         self._strategy: RoutingStrategy = make_strategy(config.strategy, allowed=config.allowed_strategies)
-        self.fleet.set_rank(getattr(self._strategy, "rank", None))
+        self.fleet.set_rank(getattr(self._strategy, "rank", None), getattr(self._strategy, "reads_light", True))
         self.counters: Counter[str] = Counter()
         #: payload bytes of queued tasks held in memory (changed only by :meth:`queued`, :meth:`unqueued`)
         self.queued_bytes = 0
@@ -136,7 +136,7 @@ class ServerState:
     @strategy.setter
     def strategy(self, strategy: RoutingStrategy) -> None:
         self._strategy = strategy
-        self.fleet.set_rank(getattr(strategy, "rank", None))
+        self.fleet.set_rank(getattr(strategy, "rank", None), getattr(strategy, "reads_light", True))
 
     def add_pending(self, task: Task) -> None:
         """A pending (or, with dependencies, waiting) task enters the table (submitted, or rebuilt from the
