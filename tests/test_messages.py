@@ -356,7 +356,9 @@ def test_a_satellites_messages_are_the_bytes_of_before() -> None:
               "versions": sat.versions}
     after = {"tags": ["big", "gpu"], "host": _socket.gethostname(), "pid": os.getpid(), "running": [], "recent": []}
     resources = {"cores": sat.cores, "mem": sat.memory}  # (since tasks ask for cores and memory: what it has)
-    assert sent[-1] == [P.REGISTER, pack({**before, **after, **resources})]
+    # (since light tasks have a credit of their own: its light kinds and that credit)
+    resources.update(inline=sorted(sat.inline_kinds), light=M.LIGHT_CREDIT)
+    assert sat.inline_kinds and sent[-1] == [P.REGISTER, pack({**before, **after, **resources})]
     sat.deadline = 1000.0
     sat._recent.append((4.0, "t0", 1, [P.DONE, b""]))
     sat._register(400.0, vote=True)

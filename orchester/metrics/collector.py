@@ -45,6 +45,7 @@ ALWAYS_EXPORTED = frozenset({
     "unspilled", "spill_lost", "wakeups", "dependency_failed", "dependency_results_lost", "reservations",
     "results_kept", "submitted_after", "unknown_dependency", "job_reports", "batches_in", "batches_out",
     "gc_freezes", "gc_full_passes", "gc_full_deferred", "gc_cycles_found", "ha_install_slices", "ha_deferred",
+    "ha_peer_backlog",
 })
 
 
