@@ -236,6 +236,14 @@ def test_a_vote_on_silence_reads_what_the_peer_said_first(pair: tuple[Pair, zmq.
         assert not half.sub.poll(0)
         # nothing unread and the peer silent for real: the vote takes over
         assert half.gatekeep("router", vote, 20.0) is True and half.state is HAState.ACTIVE
+        # then the primary speaks as active after all: the backup steps down at once, and exits; what comes
+        # after it in the same wake-up is refused (it goes to the primary), not accepted by a server that exits
+        change = half.receive(active, 21.0)
+        assert change is not None
+        half.apply([change], 21.0)
+        assert half.exit_code == 3 and half.state is HAState.PASSIVE
+        plain = [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": "t2"})]
+        assert half.gatekeep("router", plain, 21.0) is False and half.gatekeep("router", vote, 21.0) is False
     finally:
         peer.close()
 

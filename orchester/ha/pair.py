@@ -219,7 +219,7 @@ class Pair:
     def catch_up(self, now: float) -> None:
         """Read what the peer sent that waits unread (a slice), and act on it: before this server decides on the
         peer's silence (a vote, a promotion), so that it never decides on it while the peer's words wait."""
-        if self.sub.poll(0):
+        if self.sub.get(zmq.EVENTS) & zmq.POLLIN:
             self.apply(self.drain(now), now)
 
     def receive(self, frames: list[bytes], now: float) -> Change | None:
@@ -312,6 +312,9 @@ class Pair:
                                                         "e": self.epoch, "t": wall})])
                     self._next_state = now  # one last state message, so that the primary learns it too
                     self.tick(now)
+                    # serving no more at once: what comes later in this wake-up (a catch-up can find the dual
+                    # active in the middle of a batch of requests) is refused, and goes to the primary
+                    self.star.step_down()
                     self.exit_code = 3
 
     def _activate(self, before: HAState, now: float) -> None:

@@ -62,11 +62,14 @@ class PairRequests:
             return True
         if cmd == P.CONTROL and hdr.get("op") in ("promote", "peer_link"):
             return True  # the core refers it back to control()
-        if not self.star.peer_alive(now) and self.catch_up is not None:
-            # silent, as far as we read: first read what the peer may have said meanwhile (a busy server
-            # that had not read it would take over from a peer that is alive, or read its last words after)
+        vote = hdr.get("vote") is True
+        if self.catch_up is not None and not self.star.peer_alive(now) \
+                and (self.star.state is HAState.PRIMARY or (vote and self.star.state is HAState.PASSIVE)):
+            # silent, as far as we read, and the silence would decide: first read what the peer may have
+            # said meanwhile (a busy server that had not read it would take over from a peer that is alive,
+            # or read its last words after)
             self.catch_up(now)
-        serve, change = self.star.request(now, vote=hdr.get("vote") is True)
+        serve, change = self.star.request(now, vote=vote)
         if change is not None:
             self.apply([change], now)
         if serve:
@@ -97,6 +100,8 @@ class PairRequests:
             return {"state": "active", "changed": False}
         if not star.peer_alive(now) and self.catch_up is not None:
             self.catch_up(now)
+            if star.state is HAState.ACTIVE:  # (what it read made it active)
+                return {"state": "active", "changed": False}
         if star.peer is HAState.ACTIVE and star.peer_alive(now) and not force:
             raise ProtocolError(P.E_BAD_REQUEST, "the peer is active and alive: promoting would make two "
                                 "actives (use --force only if you know the peer is cut off for good)")
