@@ -347,3 +347,18 @@ def test_a_satellite_indexes_at_most_max_inline_light_kinds() -> None:
     out = h.tick()
     assert dispatched_ids(out) == ["first", "past"] and rec(h).light == {"first"} and rec(h).heavy == 1
     check_sums(h)
+
+
+def test_top_shows_light_tasks_beside_the_slots() -> None:
+    from rich.console import Console
+
+    from orchester.cli.top import fleet_table, load_cell
+
+    assert load_cell({"inflight": 12, "light_inflight": 9, "credit": 4}) == "3/4 +9 light"
+    assert load_cell({"inflight": 2, "credit": 4}) == "2/4"  # (an orchestrator of before: no light fields)
+    assert load_cell({"inflight": "x", "light_inflight": -5, "slots": 4}) == "?/4"  # forged: nothing believed
+    console = Console(width=100, record=True)
+    console.print(fleet_table({"satellites": 2, "hosts": 1, "inflight": 130, "credit": 18, "light": 256,
+                               "light_inflight": 128, "cores": 4, "cores_used": 2}))
+    text = console.export_text()
+    assert "2/18" in text and "128/256" in text and "light tasks" in text

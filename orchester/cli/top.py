@@ -111,8 +111,7 @@ class TopModel:
             now_running = (current[0] + (f" +{len(current) - 1}" if len(current) > 1 else "")) if current else ""
             rep = s.get("reported")
             rep = rep if isinstance(rep, dict) else {}
-            add_row(cols, cell(sid), cell(s.get("state")),
-                    f"{fmt(s.get('inflight'), '.0f', '?')}/{fmt(s.get('credit', s.get('slots')), '.0f', '?')}",
+            add_row(cols, cell(sid), cell(s.get("state")), load_cell(s),
                     cell(now_running), f"{fmt(s.get('heartbeat_age'), '.1f', '?')}s",
                     fmt(s.get("done", 0), ".0f", "?"), fmt(s.get("failed", 0), ".0f", "?"),
                     fmt(rep.get("cpu_percent"), ".0f"), fmt(rep.get("rss_mb"), ".0f"), cell(s.get("job") or ""))
@@ -137,6 +136,15 @@ OTHER_LINES = 16
 MIN_ROWS = 5
 
 
+def load_cell(sat: dict[str, Any]) -> str:
+    """A satellite's tasks in flight over its credit, and its light tasks beside (``+N light``) when it has some."""
+    light = finite(sat.get("light_inflight"), 0, 0) or 0
+    inflight = finite(sat.get("inflight"))
+    text = f"{fmt(None if inflight is None else inflight - light, '.0f', '?')}/" \
+           f"{fmt(sat.get('credit', sat.get('slots')), '.0f', '?')}"
+    return text + (f" +{light:.0f} light" if light else "")
+
+
 def fleet_table(fleet: dict[str, Any]) -> Table:
     """The whole fleet of a status, summed up: satellites per state, the slots and cores busy, and the busiest
     hosts with their satellites (``top`` shows it when the satellites do not fit on the screen)."""
@@ -148,8 +156,12 @@ def fleet_table(fleet: dict[str, Any]) -> Table:
     for name, n in sorted(states.items(), key=lambda kv: -(finite(kv[1], 0) or 0))[:20] \
             if isinstance(states, dict) else []:
         table.add_row(cell(name), fmt(n, ".0f", "?"))
-    table.add_row(Text("slots busy", "bold"), f"{fmt(fleet.get('inflight'), '.0f', '?')}/"
+    light = finite(fleet.get("light_inflight"), 0, 0) or 0
+    inflight = finite(fleet.get("inflight"))
+    table.add_row(Text("slots busy", "bold"), f"{fmt(None if inflight is None else inflight - light, '.0f', '?')}/"
                   f"{fmt(fleet.get('credit'), '.0f', '?')}")
+    if finite(fleet.get("light"), 0, 0):
+        table.add_row(Text("light tasks", "bold"), f"{fmt(light, '.0f', '?')}/{fmt(fleet.get('light'), '.0f', '?')}")
     table.add_row(Text("cores used", "bold"), f"{fmt(fleet.get('cores_used'), '.0f', '?')}/"
                   f"{fmt(fleet.get('cores'), '.0f', '?')}")
     hosts = fleet.get("busiest_hosts")
