@@ -357,7 +357,8 @@ class Hub:
             now, rate, sum(v for v in queued.values() if isinstance(v, int)),
             int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0),
             int(fleet.get("satellites", 0) or 0),
-            int(fleet.get("workers", 0) or 0), int(fleet.get("inflight", 0) or 0),
+            int(fleet.get("workers", 0) or 0),
+            int(fleet.get("inflight", 0) or 0) - int(fleet.get("light_inflight", 0) or 0),  # (light tasks: no slot)
             _seconds(latency.get("p50")), _seconds(latency.get("p95")))
         self.series.append(point)
         self.fleet.add(now, point.satellites, point.slots)

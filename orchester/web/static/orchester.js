@@ -138,7 +138,9 @@ const Orchester = (() => {
       const sats = (st.satellites || []);
       const fleet = st.fleet || {};
       $("#c-sats").textContent = String(fleet.satellites ?? sats.length);
-      $("#c-slots").textContent = `${fleet.inflight ?? 0} of ${fleet.workers ?? 0} slots busy`;
+      const lightBusy = fleet.light_inflight || 0;
+      $("#c-slots").textContent = `${(fleet.inflight ?? 0) - lightBusy} of ${fleet.workers ?? 0} slots busy`
+        + (lightBusy ? ` · ${lightBusy} light` : "");
       fleetSummary(fleet, sats.length);
       const tasks = st.tasks || {};
       $("#c-tasks").textContent = String(Object.values(tasks).reduce((a, b) => a + b, 0));
@@ -162,7 +164,8 @@ const Orchester = (() => {
         const now = Array.isArray(s.running) && s.running.length
           ? el("span") : (s.inflight || 0);
         if (now instanceof Node) for (const tid of s.running) { now.append(link(`/tasks/${encodeURIComponent(tid)}`, tid.slice(0, 8)), " "); }
-        return row([s.id, s.state, s.host, `${s.inflight || 0}/${s.workers || 0}`, now,
+        const light = s.light_inflight || 0;
+        return row([s.id, s.state, s.host, `${(s.inflight || 0) - light}/${s.workers || 0}` + (light ? ` +${light}` : ""), now,
                     `${num(s.heartbeat_age, 2)} s`, num(r.cpu_percent, 3), num(r.rss_mb, 4),
                     s.walltime_left === null || s.walltime_left === undefined ? "" : `${Math.round(s.walltime_left)} s`,
                     s.done, s.failed, s.job || "", (s.kinds || []).join(" ")]);
