@@ -96,7 +96,7 @@ def test_a_takeover_installs_the_fold_and_the_role_becomes_a_leader(pair: tuple[
     with pytest.raises(RuntimeError, match="follows no one"):
         half.fold  # noqa: B018
     status = half.describe(0.0)
-    assert list(status) == ["state", "role", "peer", "peer_alive", "replication", "stream", "applied", "acked",
+    assert list(status) == ["state", "role", "peer", "peer_alive", "replication", "seq", "stream", "applied", "acked",
                             "alarms"]
     assert status["state"] == "active" and status["replication"] == "local"
     assert half.gate(0.0) is None  # no one follows: replication does not gate

@@ -160,7 +160,7 @@ class Pair:
         return {"state": self.star.state.name.lower(), "role": self.star.role,
                 "peer": self.star.peer.name.lower() if self.star.peer else None,
                 "peer_alive": self.star.peer_alive(now), "replication": self.replication_mode(now),
-                **self.role.status(), "alarms": dict(self.star.alarms)}
+                "seq": self.last_seq(), **self.role.status(), "alarms": dict(self.star.alarms)}
 
     def replication_mode(self, now: float) -> str:
         """``sync``/``async`` while the passive follows, ``local`` when it does not, ``follower`` on a passive."""

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from conftest import TEST_ENV, Unbatched, executions
+from conftest import TEST_ENV, Unbatched, executions, wait_for
 
 from orchester import Client
 from orchester.client.events import EventRecorder
@@ -275,7 +275,12 @@ def test_a_takeover_of_a_large_table_installs_it_in_slices_and_loses_nothing(pai
         held = client.submit_many("echo", [(i,) for i in range(n_queued)], tags=["nowhere"])
         futs = [client.submit("t.mark", str(marks), f"k{i}", 0.01) for i in range(n)]
         for f in held[-10:]:
-            f.accepted.wait(120)  # (acknowledged: journaled and replicated)
+            f.accepted.wait(120)  # (acknowledged: journaled, and replicated while the passive keeps up)
+        # a passive that fell behind (a loaded machine: ha:replication "local") may run again what it never
+        # heard of (docs/ha.rst): the kill comes once it has acknowledged every record of these tasks
+        with Client(pair.endpoints["primary"]) as primary:
+            seq = primary.status(timeout=30)["ha"]["seq"]
+            wait_for(lambda: primary.status(timeout=30)["ha"]["acked"] >= seq, 180, "the passive caught up")
         pair.kill("primary")
         results = [f.result(timeout=180) for f in futs]
         st = client.status(timeout=30)
