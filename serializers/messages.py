@@ -1180,6 +1180,29 @@ def ack(ids: list[str], epoch: str) -> list[bytes]:
     return [P.SIGNATURE, P.ACK, pack({"ids": ids, "e": epoch})]
 
 
+#: Bytes of task ids one ACK carries at most: its header stays well within what a peer reads
+#: (:data:`~serializers.header.MAX_HEADER`), however many tasks one wake-up accepted.
+ACK_IDS_BYTES = 48 * 1024
+
+
+def acks(ids: Sequence[str], epoch: str) -> list[list[bytes]]:
+    """ACK messages for ``ids``, in order, cut so that each header is well within a peer's limit (a client
+    that resends tens of thousands of tasks after a failover gets them accepted in several ACKs)."""
+    out: list[list[bytes]] = []
+    part: list[str] = []
+    size = 0
+    for tid in ids:
+        cost = len(tid) * 4 + 3 if not tid.isascii() else len(tid) + 3  # (msgpack's str head, at most 3 bytes)
+        if part and size + cost > ACK_IDS_BYTES:
+            out.append(ack(part, epoch))
+            part, size = [], 0
+        part.append(tid)
+        size += cost
+    if part:
+        out.append(ack(part, epoch))
+    return out
+
+
 def reply(rid: RequestId, body: dict[str, Any]) -> list[bytes]:
     """REPLY frames: the answer to a request, carrying its request id."""
     return Reply(rid, body).frames()

@@ -579,3 +579,25 @@ def test_an_operator_drains_a_satellite() -> None:
     err = unpack(of(h.tick(), P.ERROR)[0][3])
     assert err["code"] == P.E_BAD_REQUEST and "no satellite 'nope'" in err["msg"]
     assert sat == b"id-s1"
+
+
+def test_an_ack_of_many_tasks_is_cut_into_acks_a_client_reads() -> None:
+    """A client resending tens of thousands of tasks after a failover gets them accepted in several ACKs, each
+    within what a peer reads (64 KiB headers), in order, every id once."""
+    from serializers import messages as M
+    from serializers.header import MAX_HEADER
+
+    h = Harness()
+    h.tick()
+    ids = [f"{i:08d}-" + "x" * 40 for i in range(5_000)] + ["é" * 256] * 3
+    for tid in ids[:-3]:
+        h.submit(tid)
+    for i in range(3):
+        h.submit("é" * 255 + str(i))
+    out = h.tick()
+    acks = of(out, P.ACK)
+    assert len(acks) > 1 and all(len(f[3]) <= MAX_HEADER for f in acks)
+    got = [tid for f in acks for tid in unpack(f[3])["ids"]]
+    assert got == ids[:-3] + ["é" * 255 + str(i) for i in range(3)]
+    assert len(M.acks(["é" * 256] * 200, "e")) > 1  # (non-ASCII ids weigh their UTF-8 bytes)
+    assert all(len(frames[2]) <= MAX_HEADER for frames in M.acks(["é" * 256] * 200, "e"))
