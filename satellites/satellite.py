@@ -512,7 +512,7 @@ class Satellite:
             busy += cores
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
             started.append((tid, attempt))
-        if light_ok and inline is not None and len(self._queue) > 1:
+        if light_ok and inline is not None and len(self._queue) > 1 and any(item[4] for item in self._queue):
             # light tasks never wait behind one that waits for a worker: they took no slot of the
             # orchestrator's (their own credit), and they run in this process's thread
             waiting: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()

@@ -1183,11 +1183,15 @@ def ack(ids: list[str], epoch: str) -> list[bytes]:
 #: Bytes of task ids one ACK carries at most: its header stays well within what a peer reads
 #: (:data:`~serializers.header.MAX_HEADER`), however many tasks one wake-up accepted.
 ACK_IDS_BYTES = 48 * 1024
+#: Task ids that always fit one ACK (at most 256 characters, 1 KiB in UTF-8, each): counted no further.
+ACK_AT_ONCE = ACK_IDS_BYTES // (4 * MAX_NAME + 3)
 
 
 def acks(ids: Sequence[str], epoch: str) -> list[list[bytes]]:
     """ACK messages for ``ids``, in order, cut so that each header is well within a peer's limit (a client
     that resends tens of thousands of tasks after a failover gets them accepted in several ACKs)."""
+    if len(ids) <= ACK_AT_ONCE:  # (the common case: one ACK, however long its ids)
+        return [ack(list(ids), epoch)]
     out: list[list[bytes]] = []
     part: list[str] = []
     size = 0

@@ -7,6 +7,7 @@ sends is read from its PUB socket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -219,16 +220,7 @@ def test_a_vote_on_silence_reads_what_the_peer_said_first(pair: tuple[Pair, zmq.
     from serializers import protocol as P
 
     half, spy = pair
-    peer = spy.context.socket(zmq.PUB)
-    peer.linger = 0
-    peer.bind("inproc://peer")
-    try:
-        active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
-        half.receive(active, 1.0)  # passive; the peer counts as silent after 3.0
-        for _ in range(200):  # (PUB/SUB: until the subscription reached the peer's socket)
-            peer.send_multipart(active)
-            if half.sub.poll(20):
-                break
+    with active_peer(half, spy) as (_, active):  # passive; the peer counts as silent after 3.0
         assert half.sub.poll(0)  # the peer's words wait unread
         vote = [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": "t1", "vote": True})]
         assert half.gatekeep("router", vote, 10.0) is False  # read first: the peer is alive, no takeover
@@ -244,28 +236,34 @@ def test_a_vote_on_silence_reads_what_the_peer_said_first(pair: tuple[Pair, zmq.
         assert half.exit_code == 3 and half.state is HAState.PASSIVE
         plain = [b"client", P.SIGNATURE, P.SUBMIT, pack({"id": "t2"})]
         assert half.gatekeep("router", plain, 21.0) is False and half.gatekeep("router", vote, 21.0) is False
-    finally:
-        peer.close()
 
 
 def test_a_slice_that_leaves_the_peers_messages_unread_keeps_the_peer_alive(
         pair: tuple[Pair, zmq.Socket[Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     half, spy = pair
-    peer = spy.context.socket(zmq.PUB)
-    peer.linger = 0
-    peer.bind("inproc://peer")
-    try:
-        active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
-        half.receive(active, 1.0)
-        for _ in range(200):
-            peer.send_multipart(active)
-            if half.sub.poll(20):
-                break
+    with active_peer(half, spy) as (peer, active):
         for _ in range(5):
             peer.send_multipart(active)
         monkeypatch.setattr("orchester.ha.pair.DRAIN_SLICE", -1.0)  # one message a slice: the rest waits
         half.drain(50.0)
         assert half.sub.poll(0) and half.counters["ha_peer_backlog"] == 1
         assert half.star.peer_alive(51.0)  # (silence counts from when everything it sent was read)
+
+
+@contextlib.contextmanager
+def active_peer(half: Pair, spy: zmq.Socket[Any]) -> Iterator[tuple[zmq.Socket[Any], list[bytes]]]:
+    """The peer's PUB, bound where ``half`` listens, that said once it is active (``half`` heard it at 1.0, and
+    one such state message waits unread in ``half``'s socket); yields it and that message; closed after."""
+    peer = spy.context.socket(zmq.PUB)
+    peer.linger = 0
+    peer.bind("inproc://peer")
+    try:
+        active = link.encode_state(HAState.ACTIVE, "primary", PEER, 0, False)
+        half.receive(active, 1.0)
+        for _ in range(200):  # (PUB/SUB: until the subscription reached the peer's socket)
+            peer.send_multipart(active)
+            if half.sub.poll(20):
+                break
+        yield peer, active
     finally:
         peer.close()

@@ -52,7 +52,6 @@ from serializers.messages import (
     Result,
     Started,
     Submit,
-    ack,
     acks,
     beat,
     decode,
@@ -71,10 +70,6 @@ STRICT = os.environ.get("ORCHESTER_STRICT", "") not in ("", "0")
 MAX_SIDS_PER_KEY = 4096
 #: Most routing ids, kinds and codecs the core keeps one object of (:meth:`Orchestrator._on_submit`).
 MAX_INTERNED = 100_000
-#: Tasks one wake-up accepts from one peer that always fit one ACK (ids of at most 256 characters, 1 KiB in
-#: UTF-8: 40 of them are under 48 KiB); more are cut into as many as their ids need
-#: (:func:`serializers.messages.acks`).
-ACK_AT_ONCE = 40
 #: Requests that read or walk the tables: one key may make ``request_rate`` of them a second.
 RATED = frozenset({P.STATUS, P.HISTORY})
 TE, SE, TS, SS = TaskEvent, SatelliteEvent, TaskState, SatelliteState
@@ -545,11 +540,8 @@ class Orchestrator:
                 self.outbox.send(sat.sock, [sat.ident, *hb])
         if self._acks:
             for (sock, ident), ids in self._acks.items():
-                if len(ids) <= ACK_AT_ONCE:  # (the common case: one ACK, whatever the ids)
-                    self.outbox.send(sock, [ident, *ack(ids, self.state.epoch)])
-                else:
-                    for frames in acks(ids, self.state.epoch):
-                        self.outbox.send(sock, [ident, *frames])
+                for frames in acks(ids, self.state.epoch):
+                    self.outbox.send(sock, [ident, *frames])
             self._acks.clear()
         self.life.schedule(now)
 

@@ -25,7 +25,7 @@ class SatelliteRecord:
         "last_seen", "host", "pid", "registered", "done", "failed", "last_dispatch", "workers",
         "fail_streak", "ok_streak", "stall_timeouts", "versions", "deadline", "reported", "user",
         "cores", "capacity", "used", "memory", "mem_used", "reserved", "job", "inline", "light_credit", "light",
-        "light_counted", "light_listed",
+        "light_counted",
     )
 
     def __init__(self, sid: str, ident: bytes, sock: Any, slots: int, tags: frozenset[str],
@@ -51,8 +51,7 @@ class SatelliteRecord:
         self.inline = frozenset(sorted(inline & kinds)[:MAX_INLINE])
         self.light_credit = light if self.inline else 0
         self.light: set[str] = set()  #: the ids of the light tasks in flight (in :attr:`inflight` too)
-        self.light_counted = 0  #: (the free light credit the fleet counts for it)
-        self.light_listed = False  #: (whether the fleet lists it as ready for light tasks)
+        self.light_counted = 0  #: (the free light credit the fleet counts for it: listed as ready while above 0)
         self.tags = tags
         self.kinds = kinds
         self.state = SatelliteState.JOINING
@@ -263,15 +262,15 @@ class Fleet:
 
         A satellite takes light tasks while it is a member that takes work, not on probation (a satellite whose
         tasks fail gets one at a time, as its credit says) and with credit (none while silent or draining)."""
-        if not sat.light_credit and not sat.light_counted and not sat.light_listed:
+        if not sat.light_credit and not sat.light_counted:
             return  # (no light kinds: the common case, nothing to do)
         takes = (sat.light_credit > 0 and sat.credit > 0 and sat.state.accepts_work
                  and sat.state is not SatelliteState.PROBATION and self.by_id.get(sat.sid) is sat)
         free = max(0, sat.light_credit - len(sat.light)) if takes else 0
+        listed = sat.light_counted > 0
         self.free_light += free - sat.light_counted
         sat.light_counted = free
-        if (free > 0) != sat.light_listed:
-            sat.light_listed = free > 0
+        if (free > 0) != listed:
             for kind in sat.inline:
                 ready = self._light_ready.setdefault(kind, {})
                 if free > 0:
@@ -306,9 +305,9 @@ class Fleet:
         if ready is not None and sat in ready:
             del ready[sat]
             ready[sat] = None
-        self.light_given_back(sat)
+        self.light_moved(sat)
 
-    def light_given_back(self, sat: SatelliteRecord) -> None:
+    def light_moved(self, sat: SatelliteRecord) -> None:
         """``sat``'s light tasks changed (one taken or given back): its light credit, and its rank (a strategy of
         one's own may read what it has in flight)."""
         self.light_changed(sat)

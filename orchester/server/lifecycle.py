@@ -244,7 +244,7 @@ class Lifecycle:
             task.satellite = sat.sid
             if sat.takes_light(task) and len(sat.light) < sat.light_credit:  # (as it was dispatched, most likely)
                 sat.take(task, light=True)
-                self.state.fleet.light_given_back(sat)
+                self.state.fleet.light_moved(sat)
             else:
                 free = sat.free
                 sat.take(task)
@@ -503,7 +503,7 @@ class Lifecycle:
         if not sat.give_back(task):
             return None
         if light:
-            self.state.fleet.light_given_back(sat)
+            self.state.fleet.light_moved(sat)
         else:
             self.state.fleet.credit_changed(sat, free)
         if abort:

@@ -155,13 +155,13 @@ class TaskQueues:
         self._count -= 1
         return heapq.heappop(self._queues[key])[2]
 
-    def best_key(self, allowed: Any = None, skip: Collection[QueueKey] = ()) -> QueueKey | None:
-        """The queue whose head comes first overall (priority, then age), among ``allowed`` keys (all when
-        ``None``), but for those in ``skip`` (a set: each key is looked up once)."""
+    def best_key(self, skip: Collection[QueueKey] = ()) -> QueueKey | None:
+        """The queue whose head comes first overall (priority, then age), but for those in ``skip`` (a set: each
+        key is looked up once)."""
         best: QueueKey | None = None
         best_rank: tuple[int, int] | None = None
         for key in list(self._queues):
-            if (allowed is not None and key not in allowed) or (skip and key in skip):
+            if skip and key in skip:
                 continue
             task = self.head(key)
             if task is None:

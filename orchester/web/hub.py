@@ -39,6 +39,7 @@ import zmq.asyncio
 from orchester.client.aio import AsyncClient
 from orchester.client.sync import reachable_endpoint
 from orchester.errors import OrchesterError, RemoteError
+from orchester.render import finite
 from serializers import ProtocolError, unpack
 
 log = logging.getLogger("orchester.web")
@@ -358,7 +359,7 @@ class Hub:
             int(tasks.get("running", 0) or 0) + int(tasks.get("dispatched", 0) or 0),
             int(fleet.get("satellites", 0) or 0),
             int(fleet.get("workers", 0) or 0),
-            int(fleet.get("inflight", 0) or 0) - int(fleet.get("light_inflight", 0) or 0),  # (light tasks: no slot)
+            int(fleet.get("inflight", 0) or 0) - int(finite(fleet.get("light_inflight"), 0, 0) or 0),  # (no slot)
             _seconds(latency.get("p50")), _seconds(latency.get("p95")))
         self.series.append(point)
         self.fleet.add(now, point.satellites, point.slots)
