@@ -31,10 +31,13 @@ def install() -> None:
     apt_install(PACKAGES, ("slurmctld", "slurmd", "sbatch", "munged"), "the Slurm tests")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct ports the OS has free now (all held open together, so none is chosen twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _memory_mib() -> int:
@@ -74,10 +77,27 @@ class OneNodeSlurm:
         self._munged: int | None = None  #: the munged this started (None: one was running)
 
     # ------------------------------------------------------------ start, stop
-    def start(self, timeout: float = 60.0) -> OneNodeSlurm:
-        """Start munged (if needed), slurmctld and slurmd; wait until the node is idle."""
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> OneNodeSlurm:
+        """Start munged (if needed), slurmctld and slurmd; wait until the node is idle.
+
+        The daemons' ports are chosen free, but another process (a test in another worker) may
+        take one before slurmctld binds it: then the daemons start again on new ports, up to
+        ``attempts`` times."""
         install()
         self._start_munge()
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_daemons(timeout)
+            except RuntimeError as exc:
+                if attempt == attempts or "Address already in use" not in str(exc):
+                    raise
+                for name in ("ctld.log", "d.log", "slurmctld.pid", "slurmd.pid"):
+                    (self.root / name).unlink(missing_ok=True)
+        raise AssertionError("unreachable")
+
+    def _start_daemons(self, timeout: float) -> OneNodeSlurm:
+        """slurmctld and slurmd on two ports free now; the node idle (else RuntimeError, both stopped)."""
+        ctld_port, d_port = _free_ports(2)
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         r = self.root
@@ -97,8 +117,8 @@ class OneNodeSlurm:
             f"SlurmctldLogFile={r}/ctld.log",
             f"SlurmdLogFile={r}/d.log",
             "SlurmUser=root",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={d_port}",
             "ReturnToService=2",
             "JobAcctGatherType=jobacct_gather/none",
             "MinJobAge=2",
@@ -118,10 +138,12 @@ class OneNodeSlurm:
                 out = self.run("sinfo", "--noheader", "--format=%t", check=False)
                 if out.strip() in ("idle", "mix", "alloc"):
                     return self
+                if "Address already in use" in self.logs():  # (a daemon lost its port: start again)
+                    break
                 time.sleep(0.3)
-            raise RuntimeError(f"the Slurm node did not come up in {timeout:g} s: {self.logs()}")
+            raise RuntimeError(f"the Slurm node did not come up (waited up to {timeout:g} s): {self.logs()}")
         except BaseException:
-            self.stop()
+            self.stop(daemons_only=True)
             raise
 
     def _start_munge(self) -> None:
@@ -141,14 +163,16 @@ class OneNodeSlurm:
         while not (MUNGE_RUN / "munge.socket.2").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and the munged this started (by pid)."""
+    def stop(self, daemons_only: bool = False) -> None:
+        """Cancel every job, then stop slurmd, slurmctld and the munged this started (by pid;
+        ``daemons_only``: not munged)."""
         if self.conf.exists() and _pid(self.root / "slurmctld.pid"):
             subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
             deadline = time.monotonic() + 30  # the jobs' steps end while slurmd and munged still run
             while time.monotonic() < deadline and self.run("squeue", "--noheader", check=False).strip():
                 time.sleep(0.3)
-        pids = [p for p in (_pid(self.root / "slurmd.pid"), _pid(self.root / "slurmctld.pid"), self._munged) if p]
+        munged = None if daemons_only else self._munged
+        pids = [p for p in (_pid(self.root / "slurmd.pid"), _pid(self.root / "slurmctld.pid"), munged) if p]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):  # (gone already)
                 os.kill(pid, signal.SIGTERM)
@@ -159,7 +183,8 @@ class OneNodeSlurm:
             with contextlib.suppress(ProcessLookupError):  # (it may end between the look and the kill)
                 if _alive(pid):
                     os.kill(pid, signal.SIGKILL)
-        self._munged = None
+        if not daemons_only:
+            self._munged = None
 
     # ------------------------------------------------------------ commands
     def run(self, *argv: str, check: bool = True) -> str:
