@@ -78,10 +78,13 @@ def main(log_level: str) -> None:
               help="The batch job it runs in, announced to the orchestrator [default: $SLURM_JOB_ID or $PBS_JOBID].")
 @click.option("--memory", type=ByteSize(), default=None,
               help="Memory its tasks may use together, e.g. 64G [default: the machine's].")
+@click.option("--resend-memory", type=ByteSize(), default="64M", show_default=True,
+              help="Results sent lately kept to send again after a failover, at most this many bytes (the tasks "
+              "of those let go run again if the orchestrator never got them).")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,
         heartbeat_interval: float, liveness: int, prefetch: int, allow_pickle: bool, curve_secret: str | None,
         server_key: str | None, walltime: str | None, numba: bool, numba_threads: int | None, cores: int | None,
-        chdir: str | None, job: str | None, memory: int | None, light_credit: int) -> None:
+        chdir: str | None, job: str | None, memory: int | None, light_credit: int, resend_memory: int) -> None:
     """Connect to an orchestrator and run tasks until SIGTERM or Ctrl-C."""
     from .satellite import Satellite
 
@@ -97,7 +100,7 @@ def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, .
                         liveness=liveness, prefetch=prefetch, allow_pickle=allow_pickle,
                         walltime=parse_duration(walltime), curve_secret=curve_secret, server_key=server_key,
                         numba=numba, numba_threads=numba_threads, cores=cores, memory=memory, job=job,
-                        light_credit=light_credit)
+                        light_credit=light_credit, resend_memory=resend_memory)
     except (ImportError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

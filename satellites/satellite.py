@@ -38,7 +38,7 @@ from orchester.logutil import warn_limited
 from serializers import ProtocolError, check_signature, unpack
 from serializers import messages as M
 from serializers import protocol as P
-from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+from serializers.zmqframes import NOBLOCK, frames_size, recv_frames, send_frames
 
 from . import genx_numba
 from . import worker as W
@@ -79,6 +79,10 @@ def _rss_mb(pid: int) -> float:
 #: Most UTF-8 bytes of a satellite id: with ``s:`` before it and ``:`` and 32 hex digits after, the routing
 #: id stays within ZeroMQ's 255 bytes.
 MAX_SID_BYTES = 200
+#: Most results sent lately that a satellite keeps to send again after a failover.
+RESEND_RESULTS = 10_000
+#: Bytes of results sent lately that a satellite keeps by default (``satellite run --resend-memory``).
+RESEND_MEMORY = 64 << 20
 
 
 def batch_job(environ: Mapping[str, str] | None = None) -> str:
@@ -109,7 +113,7 @@ class Satellite:
                  walltime: float | None = None, leave_before: float = 60.0, curve_secret: str | None = None,
                  server_key: str | None = None, numba: bool = True, numba_threads: int | None = None,
                  cores: int | None = None, memory: int | None = None, job: str | None = None,
-                 light_credit: int = M.LIGHT_CREDIT) -> None:
+                 light_credit: int = M.LIGHT_CREDIT, resend_memory: int = RESEND_MEMORY) -> None:
         self.sid = sid or f"{_socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         if not (0 < len(self.sid) <= M.MAX_SID and self.sid.isprintable() and len(self.sid.encode()) <= MAX_SID_BYTES):
             raise ValueError(f"a satellite id is 1 to {M.MAX_SID} printable characters ({MAX_SID_BYTES} bytes "
@@ -132,6 +136,11 @@ class Satellite:
             raise ValueError(f"the light credit must be from 0 to {M.MAX_LIGHT}")
         #: light tasks (of its light kinds) it takes in flight beside its slots (announced when it has light kinds)
         self.light_credit = light_credit
+        if not 0 <= resend_memory <= M.MAX_MEMORY:
+            raise ValueError(f"the resend memory must be from 0 to {M.MAX_MEMORY} bytes")
+        #: bytes of results sent lately that it keeps to send again after a failover (older ones beyond it are
+        #: let go: their tasks run again if the orchestrator never got them)
+        self.resend_memory = resend_memory
         if cores is not None and not 1 <= cores <= M.MAX_CORES:
             raise ValueError(f"cores must be from 1 to {M.MAX_CORES}")
         if memory is not None and not 0 <= memory <= M.MAX_MEMORY:
@@ -179,9 +188,10 @@ class Satellite:
         #: of an inline kind, run in this process's own thread)
         self._queue: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
-        #: results sent lately, (sent at, task id, attempt, DONE frames): after a failover they are
+        #: results sent lately, (sent at, task id, attempt, DONE frames, their bytes): after a failover they are
         #: announced and sent again, so the new orchestrator neither loses nor reruns them
-        self._recent: collections.deque[tuple[float, str, int, list[Any]]] = collections.deque()
+        self._recent: collections.deque[tuple[float, str, int, list[Any], int]] = collections.deque()
+        self._recent_bytes = 0  #: the bytes of :attr:`_recent`'s frames
         load_task_modules(self.modules)  # fail fast, in this process, on a bad --tasks module
         self.kinds = registry.kinds()
         #: kinds that report progress, with the stall timeout they declare
@@ -255,7 +265,7 @@ class Satellite:
         may have restarted or failed over without them: it takes them back, see ``adopt``)."""
         self._trim_recent(now)
         self._register(now, vote)
-        for _, _, _, frames in self._recent:
+        for _, _, _, frames, _ in self._recent:
             self._send(frames, now)
         self.counters["results_resent"] += len(self._recent)
 
@@ -267,7 +277,7 @@ class Satellite:
             tags=tuple(self.tags), host=_socket.gethostname(), pid=os.getpid(),
             running=tuple((tid, w.task[1]) for tid, w in self._running.items() if w.task)
             + tuple((tid, attempt) for tid, (attempt, _, _) in self._inline_running.items()),
-            recent=tuple((tid, attempt) for _, tid, attempt, _ in self._recent), vote=vote,
+            recent=tuple((tid, attempt) for _, tid, attempt, _, _ in self._recent), vote=vote,
             cores=self.cores, memory=self.memory, job=self.job,
             inline=tuple(sorted(self.inline_kinds)) if self.light_credit else (),
             light=self.light_credit if self.inline_kinds else 0), now)
@@ -548,7 +558,7 @@ class Satellite:
                     self.counters["done"] += 1
                     done = [P.DONE, *frames[2:]]
                     self._send(done, now)
-                    self._recent.append((now, tid, attempt, done))
+                    self._keep_recent(now, tid, attempt, done)
                     self._trim_recent(now)
             elif tag == W.PROGRESS:
                 if w.task is not None:
@@ -573,17 +583,32 @@ class Satellite:
             self.counters["inline_done"] += 1
             done = [P.DONE, *answer[3]]
             self._send(done, now)
-            self._recent.append((now, tid, started[0], done))
+            self._keep_recent(now, tid, started[0], done)
         self._trim_recent(now)
         self._assign(now)
 
+    def _keep_recent(self, now: float, tid: str, attempt: int, done: list[Any]) -> None:
+        """Keep a result just sent, to send it again after a failover (see :meth:`_trim_recent`)."""
+        size = frames_size(done)
+        self._recent.append((now, tid, attempt, done, size))
+        self._recent_bytes += size
+
     def _trim_recent(self, now: float) -> None:
         """Keep the results of the longest silence a connection may wait out, and one interval more (at most
-        10,000 of them): a satellite that reconnects sends again every result an orchestrator may have missed."""
+        :data:`RESEND_RESULTS` of them, :attr:`resend_memory` bytes): a satellite that reconnects sends again
+        every result an orchestrator may have missed.
+
+        The bound in bytes matters for large results: kept for seconds, they would hold hundreds of MiB (and
+        every new message would come into fresh memory); the tasks of results let go run again after a
+        failover if the orchestrator never got them."""
         recent = self._recent
         horizon = now - self._uplink.longest_silence - self.heartbeat_interval
-        while recent and (recent[0][0] < horizon or len(recent) > 10_000):
-            recent.popleft()
+        while recent and (recent[0][0] < horizon or len(recent) > RESEND_RESULTS
+                          or self._recent_bytes > self.resend_memory):
+            sent_at, *_, size = recent.popleft()
+            self._recent_bytes -= size
+            if sent_at >= horizon:  # (let go early: a failover now would run its task again)
+                self.counters["resend_let_go"] += 1
 
     def _worker_died(self, sentinel: int, now: float) -> None:
         w = self.pool.reap(sentinel)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import wait_for
 
@@ -114,6 +115,15 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def rss(pid: int) -> int:
+    """The resident memory of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def bus(**kw: Any) -> LocalCluster:
@@ -287,6 +297,35 @@ def test_light_tasks_pass_tasks_waiting_for_a_worker_on_a_credit_of_their_own(tm
         for f in parked:
             c.cancel(f.task_id)
         assert [f.result(60) for f in light] == [satellite] * 5
+
+
+def test_results_kept_to_send_again_after_a_failover_stay_within_the_resend_memory() -> None:
+    """A satellite keeps the results it sent lately (a failover may have lost them) for tens of seconds, but
+    never more than ``--resend-memory`` bytes of them: 1 MiB results at full speed do not grow it."""
+    arr = np.random.default_rng(0).random(131072)  # 1 MiB
+    with bus(satellites=0, prefetch=4) as cluster:
+        sat = cluster.add_satellite(extra=["--resend-memory", "4M"])
+        cluster.wait_for_satellites(1)
+        c = cluster.client()
+        for f in [c.submit("echo.inline", arr) for _ in range(10)]:
+            assert np.array_equal(f.result(60), arr)
+        before = rss(sat.pid)
+        window: list[Any] = []
+        for _ in range(160):  # 160 MiB of results, within seconds: all of them would still be kept
+            window.append(c.submit("echo.inline", arr))
+            if len(window) == 8:
+                assert np.array_equal(window.pop(0).result(60), arr)
+        for f in window:
+            f.result(60)
+        grown = rss(sat.pid) - before
+        assert grown < 48 << 20, f"the satellite grew by {grown >> 20} MiB"
+
+
+def test_a_resend_memory_that_is_no_size_is_refused_in_one_line() -> None:
+    out = subprocess.run([sys.executable, "-m", "satellites", "run", "--resend-memory", "lots"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "'lots' is not a size" in out.stderr
 
 
 # ------------------------------------------------------------------ MPI ranks

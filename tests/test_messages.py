@@ -360,7 +360,7 @@ def test_a_satellites_messages_are_the_bytes_of_before() -> None:
     resources.update(inline=sorted(sat.inline_kinds), light=M.LIGHT_CREDIT)
     assert sat.inline_kinds and sent[-1] == [P.REGISTER, pack({**before, **after, **resources})]
     sat.deadline = 1000.0
-    sat._recent.append((4.0, "t0", 1, [P.DONE, b""]))
+    sat._keep_recent(4.0, "t0", 1, [P.DONE, b""])
     sat._register(400.0, vote=True)
     assert sent[-1] == [P.REGISTER, pack({"vote": True, **before, "walltime": 600.0, **after,
                                           "recent": [["t0", 1]], **resources})]
