@@ -78,7 +78,7 @@ def main(log_level: str) -> None:
               help="The batch job it runs in, announced to the orchestrator [default: $SLURM_JOB_ID or $PBS_JOBID].")
 @click.option("--memory", type=ByteSize(), default=None,
               help="Memory its tasks may use together, e.g. 64G [default: the machine's].")
-@click.option("--resend-memory", type=ByteSize(), default="64M", show_default=True,
+@click.option("--resend-memory", type=ByteSize(), default="16M", show_default=True,
               help="Results sent lately kept to send again after a failover, at most this many bytes (the tasks "
               "of those let go run again if the orchestrator never got them).")
 def run(connect: tuple[str, ...], workers: int, tags: str, modules: tuple[str, ...], sid: str | None,

@@ -82,7 +82,7 @@ MAX_SID_BYTES = 200
 #: Most results sent lately that a satellite keeps to send again after a failover.
 RESEND_RESULTS = 10_000
 #: Bytes of results sent lately that a satellite keeps by default (``satellite run --resend-memory``).
-RESEND_MEMORY = 64 << 20
+RESEND_MEMORY = 16 << 20
 
 
 def batch_job(environ: Mapping[str, str] | None = None) -> str:
