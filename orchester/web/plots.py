@@ -18,6 +18,40 @@ import numpy as np
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
+#: Ticks of a log axis (BokehJS, ``CustomJSTicker``): 1, 2 and 5 of each decade when at most six of them
+#: fall in the view, else the decades (every second or third one over many); over less than one of them,
+#: a few round numbers. (Bokeh's own ticker
+#: labels every one of 1000 to 9000 over a decade and a half, and on a log axis those run into each other.)
+LOG_TICKS = """
+const start = cb_data.start, end = cb_data.end;
+const lo = Math.log10(Math.max(Math.min(start, end), 1e-12)), hi = Math.log10(Math.max(start, end, 1e-12));
+const within = (steps) => {
+  const ticks = [];
+  for (let e = Math.floor(lo); e <= Math.ceil(hi); e++) {
+    for (const m of steps) {
+      const t = m * 10 ** e, l = Math.log10(t);
+      if (l >= lo - 1e-9 && l <= hi + 1e-9) ticks.push(Number(t.toPrecision(12)));
+    }
+  }
+  return ticks;
+};
+const fine = within([1, 2, 5]);
+if (fine.length >= 2 && fine.length <= 6) return fine;
+const decades = within([1]);
+if (decades.length >= 2) {
+  const every = Math.ceil(decades.length / 6);
+  return decades.filter((_, i) => i % every === 0);
+}
+const raw = Math.abs(end - start) / 5 || 1, mag = 10 ** Math.floor(Math.log10(raw));
+const step = [1, 2, 5, 10].map((x) => x * mag).find((x) => x >= raw);
+const out = [];
+for (let t = Math.ceil(Math.min(start, end) / step) * step; t <= Math.max(start, end) && out.length < 12; t += step) {
+  out.push(Number(t.toPrecision(12)));
+}
+return out;
+"""
+
+
 def _figure(**kw: Any) -> Any:
     from bokeh.plotting import figure
 
@@ -55,16 +89,19 @@ def overview_figures() -> dict[str, Any]:
     ``busy``, ``queued``), ``marks`` (``t``: a failover or a restart of the orchestrator).
     """
     from bokeh.layouts import gridplot
-    from bokeh.models import ColumnDataSource
+    from bokeh.models import AdaptiveTicker, ColumnDataSource, CustomJSTicker, DataRange1d
 
     marks = ColumnDataSource({"t": [], "what": []}, name="marks")
-    tput = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks finished / s", title="Throughput")
+    # (counts and rates from 0: an idle bus shows 0 to 1, not -1 to 1; counts only at whole numbers)
+    tput = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks finished / s", title="Throughput",
+                   y_range=DataRange1d(start=0, default_span=1))
     src = ColumnDataSource({"t": [], "done_per_s": []}, name="throughput")
     tput.line("t", "done_per_s", source=src, line_width=2)
     tput.scatter("t", 0, source=marks, marker="triangle", size=12, color="#d62728", legend_label="failover / restart")
     tput.legend.location = "top_left"
     fleet = _figure(height=220, x_axis_type="datetime", y_axis_label="count", title="Satellites, slots, queue",
-                    x_range=tput.x_range)
+                    x_range=tput.x_range, y_range=DataRange1d(start=0, default_span=1))
+    fleet.yaxis.ticker = AdaptiveTicker(min_interval=1)
     fsrc = ColumnDataSource({"t": [], "satellites": [], "slots": [], "busy": [], "queued": []}, name="fleet")
     for col, colour in (("satellites", PALETTE[0]), ("slots", PALETTE[2]), ("busy", PALETTE[1]),
                         ("queued", PALETTE[3])):
@@ -72,12 +109,14 @@ def overview_figures() -> dict[str, Any]:
     fleet.legend.location = "top_left"
     lat = _figure(height=220, x_axis_type="datetime", y_axis_label="ms", y_axis_type="log",
                   title="Latency, submission to end", x_range=tput.x_range)
+    lat.yaxis.ticker = CustomJSTicker(major_code=LOG_TICKS)
     lsrc = ColumnDataSource({"t": [], "p50": [], "p95": []}, name="latency")
     lat.line("t", "p50", source=lsrc, line_width=2, color=PALETTE[0], legend_label="p50")
     lat.line("t", "p95", source=lsrc, line_width=2, color=PALETTE[1], legend_label="p95")
     lat.legend.location = "top_left"
     for fig in (tput, lat, fleet):
         fig.sizing_mode = "stretch_width"
+        fig.xaxis.ticker.desired_num_ticks = 4  # (a third of the page wide: six times would run into each other)
         legend = fig.legend[0]  # above the plot, in one row: never over the curves
         legend.orientation = "horizontal"
         legend.label_text_font_size = "11px"
@@ -95,19 +134,22 @@ def history_figure() -> dict[str, Any]:
     ``failed``, ``utilisation`` (percent), ``available``, ``active``.
     """
     from bokeh.layouts import column
-    from bokeh.models import ColumnDataSource
+    from bokeh.models import AdaptiveTicker, ColumnDataSource, DataRange1d
 
     src = ColumnDataSource({"t": [], "w": [], "done": [], "failed": [], "utilisation": [], "available": [],
                             "active": []}, name="history")
-    ended = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks per step", title="Tasks ended")
+    ended = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks per step", title="Tasks ended",
+                    y_range=DataRange1d(start=0, default_span=1))
+    ended.yaxis.ticker = AdaptiveTicker(min_interval=1)
     ended.vbar_stack(["done", "failed"], x="t", width="w", source=src, color=[PALETTE[2], PALETTE[3]],
                      legend_label=["done", "failed"])
     ended.legend.location = "top_left"
     util = _figure(height=180, x_axis_type="datetime", y_axis_label="%", title="Utilisation (busy / available slots)",
-                   x_range=ended.x_range)
+                   x_range=ended.x_range, y_range=DataRange1d(start=0, default_span=1))
     util.line("t", "utilisation", source=src, line_width=2, color=PALETTE[1])
     fleet = _figure(height=180, x_axis_type="datetime", y_axis_label="satellites", title="Satellites",
-                    x_range=ended.x_range)
+                    x_range=ended.x_range, y_range=DataRange1d(start=0, default_span=1))
+    fleet.yaxis.ticker = AdaptiveTicker(min_interval=1)
     fleet.step("t", "available", source=src, line_width=6, line_alpha=0.45, color=PALETTE[0], legend_label="available",
                mode="after")
     fleet.step("t", "active", source=src, line_width=2, color=PALETTE[4], legend_label="worked", mode="after")

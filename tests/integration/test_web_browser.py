@@ -364,3 +364,24 @@ def test_the_overview_sums_up_a_fleet_larger_than_its_list(web: str, web_cluster
     finally:
         context.close()
     assert not problems, problems
+
+
+def test_the_latency_axis_labels_a_few_round_numbers_whatever_its_span(browser: Any) -> None:
+    """The overview's latency axis (log) takes its ticks from ``plots.LOG_TICKS``, run here by the browser: 1, 2
+    and 5 of each decade when at most six fall in view, else the decades, else a few round numbers."""
+    from orchester.web.plots import LOG_TICKS, overview_figures
+
+    page = browser.new_page()
+    try:
+        ticks = page.evaluate(f"(spans) => spans.map(([start, end]) => (function (cb_data) {{ {LOG_TICKS} }})"
+                              "({start, end}))", [[150, 7200], [0.1, 10], [1, 1e6], [221, 318], [5, 5]])
+    finally:
+        page.close()
+    assert ticks[0] == [200, 500, 1000, 2000, 5000]  # (bokeh's own: every one of 1000 to 7000, run together)
+    assert ticks[1] == [0.1, 1, 10]  # (1, 2, 5 of three decades: seven, too many)
+    assert ticks[2] == [1, 100, 10000, 1000000]  # (seven decades: every second one)
+    assert ticks[3] == [240, 260, 280, 300]  # less than a 1-2-5 step: round numbers
+    assert ticks[4] == [5]
+    # the overview's figure uses it; counts and rates start at 0 (an idle bus: 0 to 1, never -1 to 1)
+    text = str(overview_figures())
+    assert "CustomJSTicker" in text and "AdaptiveTicker" in text
