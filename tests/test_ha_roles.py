@@ -328,6 +328,39 @@ def test_the_leader_falls_back_to_local_durability_when_the_passive_is_silent_or
     assert wire.to_passive == []  # nothing streamed until the passive asks again
 
 
+def test_a_passive_taking_a_snapshot_may_be_silent_for_a_while_in_proportion_to_it(clock: Clock) -> None:
+    """A loaded passive folds and journals a large snapshot for longer than its peer expiry: given up then, it
+    asked for the snapshot again, and again (a takeover test saw it for three minutes). The leader waits four
+    heartbeats and SNAPSHOT_PATIENCE per record of it before it gives the passive up."""
+    from orchester.ha.leader import SNAPSHOT_PATIENCE
+
+    wire = Wire(clock)
+    wire.submit(*(f"t{i}" for i in range(500)))
+    wire.follower.tick(clock.now, peer_alive=True)
+    wire.leader.receive(link.decode(wire.to_active.pop()), clock.now)  # SYNC: the whole snapshot at once
+    leader = wire.leader
+    assert leader.streaming and not leader.synced and leader.outgoing is None
+    records = sum(len(getattr(link.decode(m), "records", ())) for m in wire.to_passive)
+    assert records >= 500  # (a submitted record per task at least)
+    allowed = 4 * HB + records * SNAPSHOT_PATIENCE
+    clock.now += allowed - 0.01
+    leader.tick(clock.now, peer_alive=False)  # silent and not acknowledging, but within its allowance
+    assert leader.streaming and wire.core.state.counters["ha_peer_lost"] == 0
+    clock.now += 0.02
+    leader.tick(clock.now, peer_alive=False)
+    assert not leader.streaming and wire.core.state.counters["ha_peer_lost"] == 1
+    # taken in time, the snapshot syncs it, and the usual rules hold again
+    wire = Wire(Clock())
+    wire.submit(*(f"t{i}" for i in range(500)))
+    wire.follower.tick(wire.clock.now, peer_alive=True)
+    wire.deliver()
+    wire.make_durable()
+    wire.wake()
+    assert wire.in_sync()
+    wire.leader.tick(wire.clock.now, peer_alive=False)
+    assert not wire.leader.streaming  # in sync: a silent passive is given up at once
+
+
 def test_an_acknowledgement_of_another_stream_is_ignored(clock: Clock) -> None:
     wire = synced(clock)
     wire.submit("t3")

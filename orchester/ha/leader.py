@@ -7,7 +7,8 @@ journaled meanwhile and streams them after the last chunk (``REC``), then every 
 journaled. It tracks the passive's acknowledgements (``ACK``, repeated in its ``STATE``) and
 tells the release gate (:meth:`Leader.gate`) which records are on both servers. When the passive
 goes silent or stops acknowledging, it falls back to local durability and says so
-(``ha:replication``). It takes the tasks a rejoining server hands back (``ORPHANS``).
+(``ha:replication``) — except while the passive takes a snapshot just sent: four heartbeats and
+:data:`SNAPSHOT_PATIENCE` per record of it. It takes the tasks a rejoining server hands back (``ORPHANS``).
 
 No socket and no clock of its own: ``now`` is passed in, and the work clock that slices a
 snapshot is the caller's (:func:`time.perf_counter` in the pair, a fake one in tests).
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
     from orchester.server.core import Orchestrator
 
 log = logging.getLogger("orchester.ha")
+
+#: Seconds a passive is given per record of a snapshot to fold and journal it and acknowledge, beside four
+#: heartbeats: meanwhile its silence and its missing acknowledgement are expected, not a reason to give it
+#: up (a passive given up asks for a snapshot again: one it could never take in time came round forever).
+SNAPSHOT_PATIENCE = 100e-6
 
 
 class Leader:
@@ -64,6 +70,8 @@ class Leader:
         self.snap_seq = 0  #: the last record the current snapshot covers
         self.acked = 0  #: highest record the passive acknowledged
         self._ack_progress = now  #: when ``acked`` last moved
+        #: until when the passive may be silent or not acknowledging, busy with the snapshot just sent
+        self._settle_until = now
         self.sent_upto = 0  #: highest record streamed
         self._batch: list[bytes] = []
         self._batch_first = 0
@@ -173,6 +181,7 @@ class Leader:
         if out.done:
             self.outgoing = None
             self._ack_progress = now
+            self._settle_until = now + 4 * self.heartbeat + out.records * SNAPSHOT_PATIENCE
             self.counters["ha_snapshots_sent"] += 1
             log.info("sent a snapshot of %d tasks (%d records) to the passive at record %d", len(out.items),
                      out.records, out.q)
@@ -184,7 +193,9 @@ class Leader:
         if not self.streaming:
             return
         why = None
-        if not peer_alive:
+        if not self.synced and self.outgoing is None and now < self._settle_until:
+            pass  # the passive folds and journals the snapshot: silence and no acknowledgement yet are expected
+        elif not peer_alive:
             why = "the passive is silent"
         elif self.outgoing is None and self.acked < self.sent_upto \
                 and now - self._ack_progress > 4 * self.heartbeat:
