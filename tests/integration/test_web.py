@@ -10,6 +10,7 @@ import asyncio
 import csv
 import io
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +28,10 @@ from orchester import LocalCluster
 from orchester.client.aio import AsyncClient
 from orchester.web.app import COOKIE, Auth, make_app
 from orchester.web.fits import FitStore
+
+# tornado's test case waits ASYNC_TEST_TIMEOUT seconds for each fetch, 5 by default: an upload of four models
+# on a loaded machine took longer (a timeout here only stops a hang)
+os.environ.setdefault("ASYNC_TEST_TIMEOUT", "60")
 from orchester.web.hub import Hub
 
 pytestmark = pytest.mark.integration
