@@ -7,13 +7,20 @@ worker processes. On a 2-core machine the sum bounds throughput at about
 ``2 / sum`` tasks per second, which is what this benchmark is for: naming
 exactly what holds throughput back.
 
-Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500] [--kind echo|echo.inline]``
+Beside the CPU, each process's minor page faults per task: memory touched for the first time. With
+large payloads, a process that keeps what it received for a while (results kept for a resend or a
+fetch) takes each new message into fresh pages, a fault per 4 KiB (``--resend-memory`` sets what a
+satellite keeps).
+
+Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500] [--kind echo|echo.inline]
+[--resend-memory 16M]``
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from collections import deque
@@ -25,11 +32,11 @@ from orchester import LocalCluster
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` (its threads included)."""
+def usage(pid: int) -> tuple[float, int]:
+    """User + system CPU seconds and minor page faults of ``pid`` (its threads included)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return (int(fields[11]) + int(fields[12])) / TICK, int(fields[7])
 
 
 def descendants(pid: int) -> list[int]:
@@ -58,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--prefetch", type=int, default=8)
     ap.add_argument("--kind", default="echo", help="echo (a worker process) or echo.inline (the satellite's thread)")
+    ap.add_argument("--resend-memory", default=None, help="the satellites' --resend-memory (default: their own)")
     args = ap.parse_args(argv)
     arg = np.zeros(args.payload // 8) if args.payload else 1
-    with LocalCluster(satellites=2, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:
+    extra = ["--resend-memory", args.resend_memory] if args.resend_memory else []
+    with LocalCluster(satellites=0, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:
+        for _ in range(2):
+            cluster.add_satellite(extra=extra)
+        cluster.wait_for_satellites(2)
         client = cluster.client()
         for f in [client.submit(args.kind, arg) for _ in range(200)]:
             f.result(60)
@@ -70,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             procs[f"satellite {i} I/O"] = sat.pid
             for j, pid in enumerate(descendants(sat.pid)):
                 procs[f"satellite {i} child {j}"] = pid
-        before = {name: cpu_seconds(pid) for name, pid in procs.items()}
-        me0 = time.process_time()
+        before = {name: usage(pid) for name, pid in procs.items()}
+        me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         window: deque = deque()
         for _ in range(args.n):
@@ -81,14 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         for f in window:
             f.result(60)
         elapsed = time.perf_counter() - t0
-        rows = [("client (this process)", time.process_time() - me0)]
-        rows += [(name, cpu_seconds(pid) - before[name]) for name, pid in procs.items()]
+        rows = [("client (this process)", time.process_time() - me0,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
+        for name, pid in procs.items():
+            sec, faults = usage(pid)
+            rows.append((name, sec - before[name][0], faults - before[name][1]))
     print(f"{args.n} {args.kind} tasks, payload {args.payload} B: {args.n / elapsed:.0f} tasks/s")
     total = 0.0
-    for name, sec in rows:
+    for name, sec, faults in rows:
         if sec > 0:
             total += sec
-            print(f"  {name:28s} {sec / args.n * 1e6:8.1f} µs CPU per task")
+            print(f"  {name:28s} {sec / args.n * 1e6:8.1f} µs CPU per task  {faults / args.n:7.1f} page faults")
     print(f"  {'total':28s} {total / args.n * 1e6:8.1f} µs CPU per task "
           f"(2 cores: at most {2 * args.n / total:.0f} tasks/s)")
     return 0
