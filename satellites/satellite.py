@@ -504,8 +504,7 @@ class Satellite:
         while self._queue:
             if self._queue[0][4] and light_ok and inline is not None:  # light: this process's thread
                 tid, attempt, frames, _, _ = self._queue.popleft()
-                self._inline_running[tid] = (attempt, now, frames)
-                inline.run(tid, attempt, frames)
+                self._run_inline(inline, tid, attempt, frames, now)
                 started.append((tid, attempt))
                 continue
             cores = self._queue[0][3]
@@ -528,16 +527,19 @@ class Satellite:
             waiting: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
             for item in self._queue:
                 if item[4]:
-                    tid, attempt, frames = item[0], item[1], item[2]
-                    self._inline_running[tid] = (attempt, now, frames)
-                    inline.run(tid, attempt, frames)
-                    started.append((tid, attempt))
+                    self._run_inline(inline, item[0], item[1], item[2], now)
+                    started.append((item[0], item[1]))
                 else:
                     waiting.append(item)
             self._queue = waiting
         if started:
             self._peak_cores = max(self._peak_cores, busy)
             self._send([P.STARTED, M.started(started)], now)
+
+    def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], now: float) -> None:
+        """Hand a light task to the inline thread (it runs from now on, as far as the orchestrator is told)."""
+        self._inline_running[tid] = (attempt, now, frames)
+        inline.run(tid, attempt, frames)
 
     def _drain_workers(self, now: float) -> None:
         for _ in range(256):

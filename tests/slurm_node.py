@@ -85,15 +85,15 @@ class OneNodeSlurm:
         ``attempts`` times."""
         install()
         self._start_munge()
-        for attempt in range(1, attempts + 1):
+        for _ in range(attempts - 1):
             try:
                 return self._start_daemons(timeout)
             except RuntimeError as exc:
-                if attempt == attempts or "Address already in use" not in str(exc):
+                if "Address already in use" not in str(exc):
                     raise
                 for name in ("ctld.log", "d.log", "slurmctld.pid", "slurmd.pid"):
                     (self.root / name).unlink(missing_ok=True)
-        raise AssertionError("unreachable")
+        return self._start_daemons(timeout)
 
     def _start_daemons(self, timeout: float) -> OneNodeSlurm:
         """slurmctld and slurmd on two ports free now; the node idle (else RuntimeError, both stopped)."""

@@ -136,13 +136,18 @@ OTHER_LINES = 16
 MIN_ROWS = 5
 
 
+def _on_slots(status: dict[str, Any]) -> tuple[str, float]:
+    """Of a satellite's or the fleet's status: its tasks in flight that take a slot (all but the light ones),
+    formatted, and its light tasks in flight."""
+    light = finite(status.get("light_inflight"), 0, 0) or 0
+    inflight = finite(status.get("inflight"))
+    return fmt(None if inflight is None else inflight - light, ".0f", "?"), light
+
+
 def load_cell(sat: dict[str, Any]) -> str:
     """A satellite's tasks in flight over its credit, and its light tasks beside (``+N light``) when it has some."""
-    light = finite(sat.get("light_inflight"), 0, 0) or 0
-    inflight = finite(sat.get("inflight"))
-    text = f"{fmt(None if inflight is None else inflight - light, '.0f', '?')}/" \
-           f"{fmt(sat.get('credit', sat.get('slots')), '.0f', '?')}"
-    return text + (f" +{light:.0f} light" if light else "")
+    heavy, light = _on_slots(sat)
+    return f"{heavy}/{fmt(sat.get('credit', sat.get('slots')), '.0f', '?')}" + (f" +{light:.0f} light" if light else "")
 
 
 def fleet_table(fleet: dict[str, Any]) -> Table:
@@ -156,10 +161,8 @@ def fleet_table(fleet: dict[str, Any]) -> Table:
     for name, n in sorted(states.items(), key=lambda kv: -(finite(kv[1], 0) or 0))[:20] \
             if isinstance(states, dict) else []:
         table.add_row(cell(name), fmt(n, ".0f", "?"))
-    light = finite(fleet.get("light_inflight"), 0, 0) or 0
-    inflight = finite(fleet.get("inflight"))
-    table.add_row(Text("slots busy", "bold"), f"{fmt(None if inflight is None else inflight - light, '.0f', '?')}/"
-                  f"{fmt(fleet.get('credit'), '.0f', '?')}")
+    heavy, light = _on_slots(fleet)
+    table.add_row(Text("slots busy", "bold"), f"{heavy}/{fmt(fleet.get('credit'), '.0f', '?')}")
     if finite(fleet.get("light"), 0, 0):
         table.add_row(Text("light tasks", "bold"), f"{fmt(light, '.0f', '?')}/{fmt(fleet.get('light'), '.0f', '?')}")
     table.add_row(Text("cores used", "bold"), f"{fmt(fleet.get('cores_used'), '.0f', '?')}/"

@@ -86,7 +86,7 @@ class SatelliteRecord:
     @property
     def free(self) -> int:
         """Credit left (never negative; light tasks take none of it)."""
-        return max(0, self.credit - len(self.inflight) + len(self.light))
+        return max(0, self.credit - self.heavy)
 
     def takes_light(self, task: Task) -> bool:
         """Whether ``task`` would be light here: a light kind of this satellite, one core, no memory said."""

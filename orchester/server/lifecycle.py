@@ -371,7 +371,8 @@ class Lifecycle:
             head = queues.head(key)
             if head is None:
                 continue
-            if key[2] == 1 and not key[3] and not head.duration and fleet.free_light > 0:
+            simple = key[2] == 1 and not key[3] and not head.duration  # (one core, no memory, no duration said)
+            if simple and fleet.free_light > 0:
                 # a light kind on some satellite: one with light credit free takes it, in turn (no slot taken)
                 light = fleet.light_for(key)
                 if light is not None:
@@ -380,7 +381,7 @@ class Lifecycle:
             if fleet.free_slots <= 0:  # (only light credit is free: this key waits)
                 blocked.add(key)
                 continue
-            if key[2] == 1 and not key[3] and not head.duration and fleet.ranked:
+            if simple and fleet.ranked:
                 # the common case with a built-in strategy: the ready satellite of least rank, from the index
                 best = fleet.best(key, self._takes_one)
                 if best is None:

@@ -52,13 +52,21 @@ return out;
 """
 
 
-def _figure(**kw: Any) -> Any:
+def _figure(*, from_zero: bool = False, counts: bool = False, **kw: Any) -> Any:
+    """A figure; ``from_zero``: its y axis starts at 0 (an idle series shows 0 to 1, not -1 to 1); ``counts``:
+    it also labels whole numbers only."""
+    from bokeh.models import AdaptiveTicker, DataRange1d
     from bokeh.plotting import figure
 
     base: dict[str, Any] = {"sizing_mode": "stretch_width", "height": 300, "toolbar_location": "above",
                             "tools": "pan,wheel_zoom,box_zoom,reset,save"}
+    if from_zero or counts:
+        base["y_range"] = DataRange1d(start=0, default_span=1)
     base.update(kw)
-    return figure(**base)
+    fig = figure(**base)
+    if counts:
+        fig.yaxis.ticker = AdaptiveTicker(min_interval=1)
+    return fig
 
 
 def _item(fig: Any) -> dict[str, Any]:
@@ -89,19 +97,17 @@ def overview_figures() -> dict[str, Any]:
     ``busy``, ``queued``), ``marks`` (``t``: a failover or a restart of the orchestrator).
     """
     from bokeh.layouts import gridplot
-    from bokeh.models import AdaptiveTicker, ColumnDataSource, CustomJSTicker, DataRange1d
+    from bokeh.models import ColumnDataSource, CustomJSTicker
 
     marks = ColumnDataSource({"t": [], "what": []}, name="marks")
-    # (counts and rates from 0: an idle bus shows 0 to 1, not -1 to 1; counts only at whole numbers)
     tput = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks finished / s", title="Throughput",
-                   y_range=DataRange1d(start=0, default_span=1))
+                   from_zero=True)
     src = ColumnDataSource({"t": [], "done_per_s": []}, name="throughput")
     tput.line("t", "done_per_s", source=src, line_width=2)
     tput.scatter("t", 0, source=marks, marker="triangle", size=12, color="#d62728", legend_label="failover / restart")
     tput.legend.location = "top_left"
     fleet = _figure(height=220, x_axis_type="datetime", y_axis_label="count", title="Satellites, slots, queue",
-                    x_range=tput.x_range, y_range=DataRange1d(start=0, default_span=1))
-    fleet.yaxis.ticker = AdaptiveTicker(min_interval=1)
+                    x_range=tput.x_range, counts=True)
     fsrc = ColumnDataSource({"t": [], "satellites": [], "slots": [], "busy": [], "queued": []}, name="fleet")
     for col, colour in (("satellites", PALETTE[0]), ("slots", PALETTE[2]), ("busy", PALETTE[1]),
                         ("queued", PALETTE[3])):
@@ -134,22 +140,20 @@ def history_figure() -> dict[str, Any]:
     ``failed``, ``utilisation`` (percent), ``available``, ``active``.
     """
     from bokeh.layouts import column
-    from bokeh.models import AdaptiveTicker, ColumnDataSource, DataRange1d
+    from bokeh.models import ColumnDataSource
 
     src = ColumnDataSource({"t": [], "w": [], "done": [], "failed": [], "utilisation": [], "available": [],
                             "active": []}, name="history")
     ended = _figure(height=220, x_axis_type="datetime", y_axis_label="tasks per step", title="Tasks ended",
-                    y_range=DataRange1d(start=0, default_span=1))
-    ended.yaxis.ticker = AdaptiveTicker(min_interval=1)
+                    counts=True)
     ended.vbar_stack(["done", "failed"], x="t", width="w", source=src, color=[PALETTE[2], PALETTE[3]],
                      legend_label=["done", "failed"])
     ended.legend.location = "top_left"
     util = _figure(height=180, x_axis_type="datetime", y_axis_label="%", title="Utilisation (busy / available slots)",
-                   x_range=ended.x_range, y_range=DataRange1d(start=0, default_span=1))
+                   x_range=ended.x_range, from_zero=True)
     util.line("t", "utilisation", source=src, line_width=2, color=PALETTE[1])
     fleet = _figure(height=180, x_axis_type="datetime", y_axis_label="satellites", title="Satellites",
-                    x_range=ended.x_range, y_range=DataRange1d(start=0, default_span=1))
-    fleet.yaxis.ticker = AdaptiveTicker(min_interval=1)
+                    x_range=ended.x_range, counts=True)
     fleet.step("t", "available", source=src, line_width=6, line_alpha=0.45, color=PALETTE[0], legend_label="available",
                mode="after")
     fleet.step("t", "active", source=src, line_width=2, color=PALETTE[4], legend_label="worked", mode="after")
