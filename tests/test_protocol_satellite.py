@@ -4,6 +4,7 @@ ERROR with an ERROR), and the I/O loop goes on."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 import zmq
 
+import satellites.satellite as satellite_module
 from satellites.satellite import Satellite
-from serializers import ProtocolError, pack, unpack
+from serializers import ProtocolError, encode, pack, unpack
 from serializers import messages as M
 from serializers import protocol as P
 
@@ -127,3 +129,47 @@ def test_a_light_kind_is_marked_for_the_inline_thread_unless_it_asks_for_more_co
 def test_a_dispatch_whose_kind_is_not_text_is_refused_not_fatal(sat: Satellite) -> None:
     sat._handle([*M.dispatch("x", 1, {}), pack({"id": "x", "k": ["echo.inline"]}), b"body"], 100.0)
     assert [light for *_, light in sat._queue] == [False]  # (its worker reports the bad header)
+
+
+def test_a_task_that_ends_at_once_is_told_by_its_done_alone_a_longer_one_by_started_first(
+        socket: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A satellite tells which tasks began (``STARTED``) once the oldest began ``STARTED_DELAY`` ago: one that
+    ends sooner is told by its ``DONE`` alone (which starts it too), a longer one shows as running meanwhile."""
+    monkeypatch.setattr(satellite_module, "STARTED_DELAY", 1.5)  # (a loaded machine never makes "at once" longer)
+    router = socket(zmq.ROUTER)
+    endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+    sat = Satellite([endpoint], sid="sat-started", workers=1, heartbeat_interval=0.5, tasks=["orchester_test_tasks"])
+    thread = threading.Thread(target=sat.run, daemon=True)
+    thread.start()
+    try:
+        assert router.poll(60_000), "the satellite never registered"
+        ident, _, cmd, _ = router.recv_multipart()
+        assert cmd == P.REGISTER
+        router.send_multipart([ident, *M.welcome(E, 0.5, 3)])
+        body = encode([[7], {}])[1]
+        hold = encode([[4.0], {}])[1]
+        for tid, kind, payload in (("quick", "echo.inline", body), ("also-quick", "echo", body),
+                                   ("long", "t.hold", hold)):
+            router.send_multipart([ident, *M.dispatch(tid, 1, {}), pack({"id": tid, "k": kind, "c": "msgpack"}),
+                                   *payload])
+        told: list[tuple[bytes, str]] = []  # (command, task id), in the order they came
+        deadline = time.monotonic() + 60
+        while sum(cmd == P.DONE for cmd, _ in told) < 3 and time.monotonic() < deadline:
+            if not router.poll(200):
+                continue
+            _, _, cmd, hdr, *_ = router.recv_multipart()
+            router.send_multipart([ident, *M.beat(P.HEARTBEAT, E)])  # (an orchestrator that stays alive)
+            if cmd == P.STARTED:
+                told.extend((cmd, tid) for tid, _ in M.Started.decode(unpack(hdr)).tasks)
+            elif cmd == P.DONE:
+                done = M.Done.decode(unpack(hdr))
+                assert done.ok, done.error
+                told.append((cmd, done.id))
+        assert {tid for cmd, tid in told if cmd == P.DONE} == {"quick", "also-quick", "long"}
+        assert (P.STARTED, "quick") not in told  # ended within STARTED_DELAY: its DONE says it all
+        assert told.index((P.STARTED, "long")) < told.index((P.DONE, "long"))  # running, told, then done
+        assert told.count((P.STARTED, "long")) == 1
+    finally:
+        sat.stop()
+        thread.join(30)
+    assert not thread.is_alive()
