@@ -32,6 +32,7 @@ from typing import Any
 import zmq
 
 from serializers.protocol import BATCH_ALONE
+from serializers.zmqframes import readable
 
 from .worker import DONE, PROGRESS, error_header, run_task
 
@@ -110,11 +111,8 @@ class InlineRunner:
         """Every answer of the thread waiting now, in order: ``(DONE, task id, attempt, done frames)`` (as a
         worker's ``[result header, body, *buffers]``) or ``(PROGRESS, header)``. An answer for a task given up
         on is dropped here. Call it when :attr:`results` is readable."""
-        while True:  # the wake-ups first, then the flag, then the answers: one that comes later wakes us again
-            try:
-                self.results.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        while readable(self.results):  # the wake-ups first, then the flag, then the answers: one that comes
+            self.results.recv(zmq.NOBLOCK)  # later wakes us again
         self._signalled = False
         answers = self._answers
         out: list[tuple[Any, ...]] = []

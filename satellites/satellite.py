@@ -39,7 +39,7 @@ from orchester.logutil import warn_limited
 from serializers import ProtocolError, check_signature, unpack
 from serializers import messages as M
 from serializers import protocol as P
-from serializers.zmqframes import NOBLOCK, frames_size, recv_frames, send_frames
+from serializers.zmqframes import NOBLOCK, frames_size, readable, recv_frames, send_frames
 
 from . import genx_numba
 from . import worker as W
@@ -404,7 +404,9 @@ class Satellite:
 
     # ------------------------------------------------------- orchestrator side
     def _drain_orchestrator(self, orch: zmq.Socket[Any], now: float) -> None:
-        for _ in range(256):
+        for i in range(256):
+            if i and not readable(orch):  # (cheaper than a receive that fails)
+                return
             try:
                 frames = recv_frames(orch, NOBLOCK, 3)
             except zmq.Again:
@@ -569,7 +571,9 @@ class Satellite:
         inline.run(tid, attempt, frames)
 
     def _drain_workers(self, now: float) -> None:
-        for _ in range(256):
+        for i in range(256):
+            if i and not readable(self._wsock):
+                break
             try:
                 frames = recv_frames(self._wsock, NOBLOCK, 3)
             except zmq.Again:

@@ -18,8 +18,11 @@ from zmq.backend import Socket as _Base
 
 _send = _Base.send
 _recv = _Base.recv
+_get = _Base.get
 SNDMORE = int(zmq.SNDMORE)
 NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 #: Frames at least this large are sent without a copy (smaller ones are cheaper to copy).
 ZERO_COPY_MIN = 64 * 1024
 
@@ -36,6 +39,15 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Any], flags: int = 0) ->
     for i, f in enumerate(frames):
         copy = not (isinstance(f, (memoryview, zmq.Frame)) and len(f) >= ZERO_COPY_MIN)
         _send(sock, f, flags if i == last else more, copy, False)
+
+
+def readable(sock: zmq.Socket[Any]) -> bool:
+    """Whether a message waits to be read from ``sock`` now (``ZMQ_EVENTS``).
+
+    A loop that drains a socket after a wake-up asks this before its second receive: most wake-ups
+    bring one message, and a receive that finds none costs three times as much (pyzmq builds an
+    ``Again`` exception each time: 7 µs against 2 µs here)."""
+    return bool(int(_get(sock, _EVENTS)) & _POLLIN)
 
 
 #: A payload frame smaller than this is kept as ``bytes``, not as a :class:`zmq.Frame` (a queued task's small

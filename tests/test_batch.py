@@ -191,3 +191,28 @@ def test_both_ways_of_receiving_a_message_give_the_same_parts() -> None:
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def test_a_drain_loop_asks_whether_a_message_waits_instead_of_failing_a_receive() -> None:
+    """:func:`~serializers.zmqframes.readable` says whether a receive now would find a message, whole."""
+    from serializers import zmqframes
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://readable")
+        b.connect("inproc://readable")
+        assert not zmqframes.readable(b)
+        for n in range(2):
+            zmqframes.send_frames(a, [b"sig", P.DONE, pack({"n": n})])
+        assert b.poll(5000)
+        got = []
+        while zmqframes.readable(b):  # (as the orchestrator's, the satellites' and the clients' loops drain)
+            got.append(unpack(zmqframes.recv_frames(b, zmq.NOBLOCK)[2])["n"])
+        assert got == [0, 1] and not zmqframes.readable(b)
+        with pytest.raises(zmq.Again):
+            zmqframes.recv_frames(b, zmq.NOBLOCK)
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

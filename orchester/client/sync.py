@@ -47,7 +47,7 @@ from orchester.errors import ClientClosed, RemoteError, Unreachable
 from serializers import ProtocolError
 from serializers import messages as M
 from serializers import protocol as P
-from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+from serializers.zmqframes import NOBLOCK, readable, recv_frames, send_frames
 
 log = logging.getLogger("orchester.client")
 
@@ -561,11 +561,8 @@ class Client:
             now = time.monotonic()
             if self._wake_rx in ready:
                 with self._lock:
-                    while True:
-                        try:
-                            self._wake_rx.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
+                    while readable(self._wake_rx):
+                        self._wake_rx.recv(zmq.NOBLOCK)
                     self._signalled = False
                 if self._closed:
                     break
@@ -573,7 +570,9 @@ class Client:
                 self._key_refused(monitor)
             self._drain_outbox(sock)
             if sock in ready:
-                for _ in range(1024):
+                for i in range(1024):
+                    if i and not readable(sock):  # (cheaper than a receive that fails)
+                        break
                     try:
                         frames = recv_frames(sock, NOBLOCK, 3)
                     except zmq.Again:

@@ -51,7 +51,7 @@ from orchester.server.restore import restore
 from serializers import protocol as P
 from serializers.header import ProtocolError
 from serializers.messages import grouped, unbatch
-from serializers.zmqframes import NOBLOCK, recv_frames, send_frames
+from serializers.zmqframes import NOBLOCK, readable, recv_frames, send_frames
 
 log = logging.getLogger("orchester")
 
@@ -408,9 +408,14 @@ class Broker:
         holding = pair is not None and pair.holding
         if holding:
             budget *= HOLDING_READS  # (held back, a message costs an append: the senders' ids are known sooner)
+        first = True
         while budget > 0:
             if holding and pair is not None and pair.deferring_full:
                 break  # a takeover holds requests: enough wait already (the high-water marks push back)
+            if not first and not readable(sock):
+                drained = True  # (most wake-ups bring one message: asking is cheaper than a receive that fails)
+                break
+            first = False
             user = None
             try:
                 if secure:
