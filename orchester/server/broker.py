@@ -57,8 +57,8 @@ log = logging.getLogger("orchester")
 
 #: Payload bytes the journal may have queued before the broker stops reading new messages.
 JOURNAL_BACKLOG = 32 << 20
-#: While a takeover holds requests back, a wake-up reads this many times ``--batch`` messages per router.
-HOLDING_READS = 16
+#: While a takeover holds requests back, a wake-up reads this many times ``batch`` messages per router.
+HOLDING_READS = 64
 #: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
 MUTE_SECONDS = 60.0
 #: What the orchestrator sends batched to one peer: what a task's course produces, bounded by what the peer
