@@ -7,13 +7,18 @@ worker processes. On a 2-core machine the sum bounds throughput at about
 ``2 / sum`` tasks per second, which is what this benchmark is for: naming
 exactly what holds throughput back.
 
+The baseline, run in the same process after it: the one-hop Python proxy of ``bench/throughput.py`` (a
+ROUTER↔DEALER proxy and two echo servers) on the same stream, measured the same way. Beside the CPU of
+each, the share of the machine's cores busy during the run (``/proc/stat``): a pipeline whose processes
+wait on each other leaves cores idle, and runs slower than its CPU per task allows.
+
 Beside the CPU, each process's minor page faults per task: memory touched for the first time. With
 large payloads, a process that keeps what it received for a while (results kept for a resend or a
 fetch) takes each new message into fresh pages, a fault per 4 KiB (``--resend-memory`` sets what a
 satellite keeps).
 
 Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500] [--kind echo|echo.inline]
-[--resend-memory 16M]``
+[--resend-memory 16M] [--no-baseline]``
 """
 
 from __future__ import annotations
@@ -24,12 +29,66 @@ import resource
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from orchester import LocalCluster
 
 TICK = os.sysconf("SC_CLK_TCK")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine() -> tuple[int, int]:
+    """Jiffies of all cores since boot: (all, idle or waiting for I/O)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]
+
+
+def busy_since(mark: tuple[int, int]) -> float:
+    """The share of the machine's cores busy since ``mark`` (:func:`machine`)."""
+    total, idle = machine()
+    return 1.0 - (idle - mark[1]) / max(1, total - mark[0])
+
+
+def proxy_baseline(n: int, window: int, payload: int) -> tuple[list[tuple[str, float, int]], float, float]:
+    """The same stream through the one-hop proxy of ``bench/throughput.py``: (rows, seconds, busy share)."""
+    if HERE not in sys.path:
+        sys.path.append(HERE)  # (last: bench/*.py never shadows a package)
+    from throughput import RawSystem
+
+    system = RawSystem("proxy", True)
+    try:
+        make: Callable[[int], list[Any]] = (lambda i: [np.zeros(payload // 8)]) if payload else (lambda i: [b"x" * 16])
+        procs = dict(zip(("proxy", "echo server 1", "echo server 2"), (p.pid for p in system.procs), strict=True))
+        before = {name: usage(pid) for name, pid in procs.items()}
+        me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        mark, t0 = machine(), time.perf_counter()
+        system.roundtrips(n, make, window)
+        elapsed, busy = time.perf_counter() - t0, busy_since(mark)
+        rows = [("client (this process)", time.process_time() - me0,
+                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
+        for name, pid in procs.items():
+            sec, faults = usage(pid)
+            rows.append((name, sec - before[name][0], faults - before[name][1]))
+        return rows, elapsed, busy
+    finally:
+        system.close()
+
+
+def report(title: str, n: int, rows: list[tuple[str, float, int]], elapsed: float, busy: float) -> float:
+    """Print one system's figures; returns its CPU seconds per task."""
+    print(f"{title}: {n / elapsed:.0f} tasks/s, {busy * 100:.0f} % of the machine's {os.cpu_count()} cores busy")
+    total = 0.0
+    for name, sec, faults in rows:
+        if sec > 0:
+            total += sec
+            print(f"  {name:28s} {sec / n * 1e6:8.1f} µs CPU per task  {faults / n:7.1f} page faults")
+    print(f"  {'total':28s} {total / n * 1e6:8.1f} µs CPU per task "
+          f"({os.cpu_count()} cores: at most {(os.cpu_count() or 1) * n / total:.0f} tasks/s)")
+    return total / n
 
 
 def usage(pid: int) -> tuple[float, int]:
@@ -66,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefetch", type=int, default=8)
     ap.add_argument("--kind", default="echo", help="echo (a worker process) or echo.inline (the satellite's thread)")
     ap.add_argument("--resend-memory", default=None, help="the satellites' --resend-memory (default: their own)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the one-hop proxy run")
     args = ap.parse_args(argv)
     arg = np.zeros(args.payload // 8) if args.payload else 1
     extra = ["--resend-memory", args.resend_memory] if args.resend_memory else []
@@ -84,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 procs[f"satellite {i} child {j}"] = pid
         before = {name: usage(pid) for name, pid in procs.items()}
         me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
+        mark, t0 = machine(), time.perf_counter()
         window: deque = deque()
         for _ in range(args.n):
             window.append(client.submit(args.kind, arg))
@@ -92,20 +152,19 @@ def main(argv: list[str] | None = None) -> int:
                 window.popleft().result(60)
         for f in window:
             f.result(60)
-        elapsed = time.perf_counter() - t0
+        elapsed, busy = time.perf_counter() - t0, busy_since(mark)
         rows = [("client (this process)", time.process_time() - me0,
                  resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
         for name, pid in procs.items():
             sec, faults = usage(pid)
             rows.append((name, sec - before[name][0], faults - before[name][1]))
-    print(f"{args.n} {args.kind} tasks, payload {args.payload} B: {args.n / elapsed:.0f} tasks/s")
-    total = 0.0
-    for name, sec, faults in rows:
-        if sec > 0:
-            total += sec
-            print(f"  {name:28s} {sec / args.n * 1e6:8.1f} µs CPU per task  {faults / args.n:7.1f} page faults")
-    print(f"  {'total':28s} {total / args.n * 1e6:8.1f} µs CPU per task "
-          f"(2 cores: at most {2 * args.n / total:.0f} tasks/s)")
+    ours = report(f"{args.n} {args.kind} tasks, payload {args.payload} B", args.n, rows, elapsed, busy)
+    if args.no_baseline:
+        return 0
+    base_rows, base_elapsed, base_busy = proxy_baseline(args.n, args.window, args.payload)
+    base = report("the one-hop proxy, the same stream", args.n, base_rows, base_elapsed, base_busy)
+    print(f"against the proxy: {base_elapsed / elapsed:.2f}× its tasks/s; {ours / base:.2f}× its CPU per task; "
+          f"{busy * 100:.0f} % of the cores busy against its {base_busy * 100:.0f} %")
     return 0
 
 
