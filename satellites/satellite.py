@@ -88,8 +88,6 @@ RESEND_MEMORY = 16 << 20
 #: ends sooner is told by its ``DONE`` alone, which starts it too (one message less each way, and one wake-up
 #: less of the orchestrator while the task runs); a longer one shows as running this much later.
 STARTED_DELAY = 0.02
-#: Most tasks one ``STARTED`` names.
-STARTED_CHUNK = 1000
 
 
 def batch_job(environ: Mapping[str, str] | None = None) -> str:
@@ -558,12 +556,12 @@ class Satellite:
     def _tell_started(self, now: float) -> None:
         """Tell the orchestrator which tasks began (one ``STARTED``), once the oldest of them began
         :data:`STARTED_DELAY` ago: those that ended meanwhile were told by their ``DONE``."""
-        if now < next(iter(self._starting.values())) + STARTED_DELAY:
+        if not self._starting or now < next(iter(self._starting.values())) + STARTED_DELAY:
             return
         started = list(self._starting)
         self._starting.clear()
-        for i in range(0, len(started), STARTED_CHUNK):  # (each header well within the 64 KiB a header may be)
-            self._send([P.STARTED, M.started(started[i:i + STARTED_CHUNK])], now)
+        for header in M.started_parts(started):  # (each well within what a header may be)
+            self._send([P.STARTED, header], now)
 
     def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], now: float) -> None:
         """Hand a light task to the inline thread (it runs from now on, as far as the orchestrator is told)."""
@@ -573,7 +571,7 @@ class Satellite:
     def _drain_workers(self, now: float) -> None:
         for i in range(256):
             if i and not readable(self._wsock):
-                break
+                return  # (what to assign is looked at once the wake-up's dead workers are known)
             try:
                 frames = recv_frames(self._wsock, NOBLOCK, 3)
             except zmq.Again:

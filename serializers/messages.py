@@ -1257,6 +1257,24 @@ def started(tasks: Iterable[tuple[str, int]]) -> bytes:
     return pack(_started_header(tasks))
 
 
+def started_parts(tasks: Sequence[tuple[str, int]]) -> list[bytes]:
+    """STARTED headers for ``tasks``, in order, cut as :func:`acks` cuts an ACK: each well within a peer's
+    limit, however many tasks began together and however long their ids."""
+    out: list[bytes] = []
+    part: list[tuple[str, int]] = []
+    size = 0
+    for tid, attempt in tasks:
+        cost = (len(tid) * 4 if not tid.isascii() else len(tid)) + 13  # (str, int and array heads: at most 13)
+        if part and size + cost > ACK_IDS_BYTES:
+            out.append(started(part))
+            part, size = [], 0
+        part.append((tid, attempt))
+        size += cost
+    if part:
+        out.append(started(part))
+    return out
+
+
 # ------------------------------------------------------------- batches (several messages in one)
 def batch(messages: Sequence[Sequence[Any]], lengths: Sequence[list[int]] | None = None) -> list[Any]:
     """BATCH frames carrying ``messages``, each ``[COMMAND, HEADER, PAYLOAD...]`` (no signature), in order.

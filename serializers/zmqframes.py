@@ -46,7 +46,8 @@ def readable(sock: zmq.Socket[Any]) -> bool:
 
     A loop that drains a socket after a wake-up asks this before its second receive: most wake-ups
     bring one message, and a receive that finds none costs three times as much (pyzmq builds an
-    ``Again`` exception each time: 7 µs against 2 µs here)."""
+    ``Again`` exception each time: 7 µs against 2 µs here). For sockets polled with :class:`zmq.Poller`
+    only: it reads the option through pyzmq's backend, past what ``zmq.asyncio`` keeps track of."""
     return bool(int(_get(sock, _EVENTS)) & _POLLIN)
 
 

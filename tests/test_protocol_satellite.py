@@ -17,6 +17,7 @@ from satellites.satellite import Satellite
 from serializers import ProtocolError, encode, pack, unpack
 from serializers import messages as M
 from serializers import protocol as P
+from serializers.header import MAX_HEADER
 
 E = "0f3c2a9b1d4e5f60"
 
@@ -173,3 +174,22 @@ def test_a_task_that_ends_at_once_is_told_by_its_done_alone_a_longer_one_by_star
         sat.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_started_is_told_after_the_delay_in_headers_the_orchestrator_reads_whatever_the_ids(sat: Satellite) -> None:
+    """Tasks begun within one ``STARTED_DELAY`` are told together, cut into headers a peer reads (long
+    non-ASCII ids included), and once."""
+    now = 100.0
+    begun = [(f"{'é' * 250}{i:06d}", 1) for i in range(300)] + [(f"t{i}", 2) for i in range(3000)]
+    sat._starting.update(dict.fromkeys(begun, now))
+    sat._tell_started(now + satellite_module.STARTED_DELAY / 2)
+    assert sat.sent == []  # type: ignore[attr-defined]  # (not yet: one of them may end meanwhile)
+    sat._tell_started(now + satellite_module.STARTED_DELAY)
+    told = []
+    for command, header in sat.sent:  # type: ignore[attr-defined]
+        assert command == P.STARTED and len(header) <= MAX_HEADER
+        told.extend(M.decode(P.STARTED, header).tasks)  # (as the orchestrator reads it)
+    assert told == begun and len(sat.sent) > 1 and not sat._starting  # type: ignore[attr-defined]
+    sent = len(sat.sent)  # type: ignore[attr-defined]
+    sat._tell_started(now + 1.0)
+    assert len(sat.sent) == sent  # type: ignore[attr-defined]  # (told once)

@@ -59,6 +59,8 @@ log = logging.getLogger("orchester")
 JOURNAL_BACKLOG = 32 << 20
 #: While a takeover holds requests back, a wake-up reads this many times ``batch`` messages per router.
 HOLDING_READS = 64
+#: (Un)subscriptions read from the event socket per wake-up: a flood of them cannot hold the loop.
+SUBSCRIPTION_READS = 1024
 #: Seconds a key that subscribed beyond ``--max-subscriptions`` is kept off the event stream.
 MUTE_SECONDS = 60.0
 #: What the orchestrator sends batched to one peer: what a task's course produces, bounded by what the peer
@@ -507,11 +509,11 @@ class Broker:
         return True
 
     def _on_subscriptions(self, sock: zmq.Socket[Any], now: float) -> None:
-        """At most a batch of (un)subscriptions per wake-up: a flood of them cannot hold the loop.
+        """At most :data:`SUBSCRIPTION_READS` (un)subscriptions per wake-up: a flood of them cannot hold the loop.
 
         With keys, each one is counted against the key that sent it (its ``User-Id``)."""
         ring = self.ring
-        for _ in range(self.config.batch * 4):
+        for _ in range(SUBSCRIPTION_READS):
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:

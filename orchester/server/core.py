@@ -538,12 +538,12 @@ class Orchestrator:
             hb = beat(P.HEARTBEAT, self.state.epoch)
             for sat in self.state.fleet:
                 self.outbox.send(sat.sock, [sat.ident, *hb])
-        self.life.schedule(now)  # (dispatches first: a task on its way sooner; its client's ACK right after)
-        if self._acks:
+        if self._acks:  # (before any dispatch: a task that fails as it is dispatched has its RESULT after its ACK)
             for (sock, ident), ids in self._acks.items():
                 for frames in acks(ids, self.state.epoch):
                     self.outbox.send(sock, [ident, *frames])
             self._acks.clear()
+        self.life.schedule(now)
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until housekeeping has something to do, at most one heartbeat interval."""
