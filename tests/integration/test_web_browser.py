@@ -82,6 +82,12 @@ def test_upload_fit_watch_download(web: str, web_cluster: LocalCluster, browser:
         page.click("#fit-button")
         page.wait_for_selector("#fits tbody tr >> text=nickel_film", timeout=60_000)
         page.screenshot(path=str(tmp_path / "fits.png"), full_page=True)
+        # the list refreshes every second; the link stays the same element, so no click is lost to a refresh
+        page.evaluate("window.shownLink = document.querySelector('#fits tbody a')")
+        for _ in range(2):
+            with page.expect_response(lambda r: r.url.endswith("/api/series"), timeout=30_000):
+                pass
+        assert page.evaluate("document.querySelector('#fits tbody a') === window.shownLink")
         page.click("#fits tbody tr >> text=nickel_film")
         page.wait_for_url(re.compile(r".*/fits/[0-9a-f]{32}$"))
 

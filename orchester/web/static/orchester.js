@@ -39,8 +39,18 @@ const Orchester = (() => {
     }
   }
 
+  // A table refreshed every second keeps the rows and cells that did not change: the link under the
+  // pointer stays the same element, so a click (a press, then a release) is never lost to a refresh.
   function fill(tbody, rows) {
-    tbody.replaceChildren(...rows);
+    rows.forEach((tr, i) => {
+      const cur = tbody.rows[i];
+      if (!cur || cur.cells.length !== tr.cells.length || cur.className !== tr.className) {
+        if (cur) cur.replaceWith(tr); else tbody.appendChild(tr);
+        return;
+      }
+      [...tr.cells].forEach((td, j) => { if (!cur.cells[j].isEqualNode(td)) cur.cells[j].replaceWith(td); });
+    });
+    while (tbody.rows.length > rows.length) tbody.deleteRow(-1);
   }
 
   function clock(t) {
