@@ -53,7 +53,26 @@ def busy_since(mark: tuple[int, int]) -> float:
     return 1.0 - (idle - mark[1]) / max(1, total - mark[0])
 
 
-def proxy_baseline(n: int, window: int, payload: int) -> tuple[list[tuple[str, float, int]], float, float]:
+Rows = list[tuple[str, float, int]]
+
+
+def measured(procs: dict[str, int], stream: Callable[[], object]) -> tuple[Rows, float, float]:
+    """Run ``stream``; the CPU seconds and page faults of this process and of ``procs`` (name: pid) it took,
+    its seconds, and the share of the machine's cores busy meanwhile."""
+    before = {name: usage(pid) for name, pid in procs.items()}
+    me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    mark, t0 = machine(), time.perf_counter()
+    stream()
+    elapsed, busy = time.perf_counter() - t0, busy_since(mark)
+    rows = [("client (this process)", time.process_time() - me0,
+             resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
+    for name, pid in procs.items():
+        sec, faults = usage(pid)
+        rows.append((name, sec - before[name][0], faults - before[name][1]))
+    return rows, elapsed, busy
+
+
+def proxy_baseline(n: int, window: int, payload: int) -> tuple[Rows, float, float]:
     """The same stream through the one-hop proxy of ``bench/throughput.py``: (rows, seconds, busy share)."""
     if HERE not in sys.path:
         sys.path.append(HERE)  # (last: bench/*.py never shadows a package)
@@ -63,22 +82,12 @@ def proxy_baseline(n: int, window: int, payload: int) -> tuple[list[tuple[str, f
     try:
         make: Callable[[int], list[Any]] = (lambda i: [np.zeros(payload // 8)]) if payload else (lambda i: [b"x" * 16])
         procs = dict(zip(("proxy", "echo server 1", "echo server 2"), (p.pid for p in system.procs), strict=True))
-        before = {name: usage(pid) for name, pid in procs.items()}
-        me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        mark, t0 = machine(), time.perf_counter()
-        system.roundtrips(n, make, window)
-        elapsed, busy = time.perf_counter() - t0, busy_since(mark)
-        rows = [("client (this process)", time.process_time() - me0,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
-        for name, pid in procs.items():
-            sec, faults = usage(pid)
-            rows.append((name, sec - before[name][0], faults - before[name][1]))
-        return rows, elapsed, busy
+        return measured(procs, lambda: system.roundtrips(n, make, window))
     finally:
         system.close()
 
 
-def report(title: str, n: int, rows: list[tuple[str, float, int]], elapsed: float, busy: float) -> float:
+def report(title: str, n: int, rows: Rows, elapsed: float, busy: float) -> float:
     """Print one system's figures; returns its CPU seconds per task."""
     print(f"{title}: {n / elapsed:.0f} tasks/s, {busy * 100:.0f} % of the machine's {os.cpu_count()} cores busy")
     total = 0.0
@@ -142,22 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             procs[f"satellite {i} I/O"] = sat.pid
             for j, pid in enumerate(descendants(sat.pid)):
                 procs[f"satellite {i} child {j}"] = pid
-        before = {name: usage(pid) for name, pid in procs.items()}
-        me0, faults0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        mark, t0 = machine(), time.perf_counter()
-        window: deque = deque()
-        for _ in range(args.n):
-            window.append(client.submit(args.kind, arg))
-            if len(window) >= args.window:
-                window.popleft().result(60)
-        for f in window:
-            f.result(60)
-        elapsed, busy = time.perf_counter() - t0, busy_since(mark)
-        rows = [("client (this process)", time.process_time() - me0,
-                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0)]
-        for name, pid in procs.items():
-            sec, faults = usage(pid)
-            rows.append((name, sec - before[name][0], faults - before[name][1]))
+
+        def stream() -> None:
+            window: deque[Any] = deque()
+            for _ in range(args.n):
+                window.append(client.submit(args.kind, arg))
+                if len(window) >= args.window:
+                    window.popleft().result(60)
+            for f in window:
+                f.result(60)
+
+        rows, elapsed, busy = measured(procs, stream)
     ours = report(f"{args.n} {args.kind} tasks, payload {args.payload} B", args.n, rows, elapsed, busy)
     if args.no_baseline:
         return 0

@@ -4,6 +4,7 @@ the runs a sender cuts, and the core."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -167,52 +168,52 @@ def test_a_memoryview_of_any_format_travels_as_its_bytes() -> None:
     assert received[0][3] == values.tobytes() and type(received[0][3]) is bytes
 
 
-def test_both_ways_of_receiving_a_message_give_the_same_parts() -> None:
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[Any], zmq.Socket[Any]]]:
+    """Two connected inproc PAIR sockets (closed after the test)."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://pair")
+        b.connect("inproc://pair")
+        yield a, b
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()
+
+
+def test_both_ways_of_receiving_a_message_give_the_same_parts(pair: tuple[zmq.Socket[Any], zmq.Socket[Any]]) -> None:
     """``Frame.more`` (pyzmq's Cython backend) and the ``RCVMORE`` option (its cffi backend) alike."""
     from serializers import zmqframes
 
-    ctx: zmq.Context[Any] = zmq.Context()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://both-ways")
-        b.connect("inproc://both-ways")
-        big = b"x" * (zmqframes.SMALL_FRAME + 1)
-        message = [b"sig", P.DONE, pack({"id": "a"}), b"small", big]
-        got = []
-        for receive in (zmqframes.recv_frames, zmqframes._recv_frames_rcvmore):
-            for head in (1, 3, 4):
-                zmqframes.send_frames(a, message)
-                got.append([(type(p), bytes(p)) for p in receive(b, 0, head)])
-        assert all(g == got[0] for g in got[1:3]) and all(g == got[3] for g in got[4:])
-        assert got[0] == got[3] and [t for t, _ in got[2]] == [bytes] * 4 + [zmq.Frame]
-        with pytest.raises(zmq.Again):
-            zmqframes.recv_frames(b, zmq.NOBLOCK)
-    finally:
-        a.close(0)
-        b.close(0)
-        ctx.term()
+    a, b = pair
+    big = b"x" * (zmqframes.SMALL_FRAME + 1)
+    message = [b"sig", P.DONE, pack({"id": "a"}), b"small", big]
+    got = []
+    for receive in (zmqframes.recv_frames, zmqframes._recv_frames_rcvmore):
+        for head in (1, 3, 4):
+            zmqframes.send_frames(a, message)
+            got.append([(type(p), bytes(p)) for p in receive(b, 0, head)])
+    assert all(g == got[0] for g in got[1:3]) and all(g == got[3] for g in got[4:])
+    assert got[0] == got[3] and [t for t, _ in got[2]] == [bytes] * 4 + [zmq.Frame]
+    with pytest.raises(zmq.Again):
+        zmqframes.recv_frames(b, zmq.NOBLOCK)
 
 
-def test_a_drain_loop_asks_whether_a_message_waits_instead_of_failing_a_receive() -> None:
+def test_a_drain_loop_asks_whether_a_message_waits_instead_of_failing_a_receive(
+        pair: tuple[zmq.Socket[Any], zmq.Socket[Any]]) -> None:
     """:func:`~serializers.zmqframes.readable` says whether a receive now would find a message, whole."""
     from serializers import zmqframes
 
-    ctx: zmq.Context[Any] = zmq.Context()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    try:
-        a.bind("inproc://readable")
-        b.connect("inproc://readable")
-        assert not zmqframes.readable(b)
-        for n in range(2):
-            zmqframes.send_frames(a, [b"sig", P.DONE, pack({"n": n})])
-        assert b.poll(5000)
-        got = []
-        while zmqframes.readable(b):  # (as the orchestrator's, the satellites' and the clients' loops drain)
-            got.append(unpack(zmqframes.recv_frames(b, zmq.NOBLOCK)[2])["n"])
-        assert got == [0, 1] and not zmqframes.readable(b)
-        with pytest.raises(zmq.Again):
-            zmqframes.recv_frames(b, zmq.NOBLOCK)
-    finally:
-        a.close(0)
-        b.close(0)
-        ctx.term()
+    a, b = pair
+    assert not zmqframes.readable(b)
+    for n in range(2):
+        zmqframes.send_frames(a, [b"sig", P.DONE, pack({"n": n})])
+    assert b.poll(5000)
+    got = []
+    while zmqframes.readable(b):  # (as the orchestrator's, the satellites' and the clients' loops drain)
+        got.append(unpack(zmqframes.recv_frames(b, zmq.NOBLOCK)[2])["n"])
+    assert got == [0, 1] and not zmqframes.readable(b)
+    with pytest.raises(zmq.Again):
+        zmqframes.recv_frames(b, zmq.NOBLOCK)
