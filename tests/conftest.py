@@ -32,6 +32,18 @@ TEST_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PY
 FAST_HB = 0.2
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found() -> Iterator[None]:
+    """Every test leaves this process's environment as it found it. A satellite run in the test's own process
+    sets the environment its workers inherit (GenX's numba switch and threads): left behind, it turned numba
+    off for the tests that came after it in the same worker."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def ctx() -> Iterator[zmq.Context[Any]]:
     """A fresh context; terminated at teardown (a leaked socket would hang term: the timeout fails it)."""
