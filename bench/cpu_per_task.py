@@ -132,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--payload", type=int, default=0, help="bytes of float64 array per task (0: an int)")
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--prefetch", type=int, default=8)
-    ap.add_argument("--kind", default="echo", help="echo (a worker process) or echo.inline (the satellite's thread)")
+    ap.add_argument("--kind", default="echo", choices=("echo", "echo.inline"),
+                    help="echo (a worker process) or echo.inline (the satellite's thread)")
     ap.add_argument("--resend-memory", default=None, help="the satellites' --resend-memory (default: their own)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-hop proxy run")
     args = ap.parse_args(argv)
+    if args.n < 1 or args.window < 1 or args.payload < 0 or args.prefetch < 0:
+        ap.error("--n and --window must be at least 1, --payload and --prefetch at least 0")
     arg = np.zeros(args.payload // 8) if args.payload else 1
     extra = ["--resend-memory", args.resend_memory] if args.resend_memory else []
     with LocalCluster(satellites=0, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:

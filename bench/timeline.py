@@ -255,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="round trips")
-    ap.add_argument("--kind", default="echo.inline", help="echo.inline (the satellite's thread) or echo (a worker)")
+    ap.add_argument("--kind", default="echo.inline", choices=("echo.inline", "echo"),
+                    help="echo.inline (the satellite's thread) or echo (a worker)")
     ap.add_argument("--client", action="store_true", help="through the Client API instead of a raw DEALER")
     args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error("--n must be at least 1")
     with tempfile.TemporaryDirectory(prefix="orchester-timeline-") as tmp:
         out = os.path.join(tmp, "steps")
         os.mkdir(out)

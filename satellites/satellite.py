@@ -337,10 +337,9 @@ class Satellite:
                 poller = self._poller()  # a worker was replaced or we reconnected
             orch, monitor = uplink.sock, uplink.monitor
             self._flush(time.monotonic())  # what the last wake-up produced, together
-            wait = timeout_ms
-            if self._starting:  # (until the oldest task begun is to be told)
-                due = next(iter(self._starting.values())) + STARTED_DELAY - time.monotonic()
-                wait = min(wait, max(0, math.ceil(due * 1000)))
+            wait, due = timeout_ms, self._started_due()
+            if due is not None:  # (until the oldest task begun is to be told)
+                wait = min(wait, max(0, math.ceil((due - time.monotonic()) * 1000)))
             ready = poller.poll(wait)
             now = time.monotonic()
             for item, _ in ready:
@@ -357,8 +356,7 @@ class Satellite:
                 else:
                     self._worker_died(int(item), now)  # type: ignore[arg-type]
             # housekeeping after every wake-up: a silent orchestrator, or a passive one that refused us
-            if self._starting:
-                self._tell_started(now)
+            self._tell_started(now)
             self._flush(now)  # (results go to the orchestrator they were dispatched by, before any move)
             move = uplink.check(now)
             if move is not None:
@@ -553,10 +551,15 @@ class Satellite:
             self._peak_cores = max(self._peak_cores, busy)
             self._starting.update(dict.fromkeys(started, now))
 
+    def _started_due(self) -> float | None:
+        """When the tasks begun and not yet told are to be told (the oldest's start and :data:`STARTED_DELAY`)."""
+        return next(iter(self._starting.values())) + STARTED_DELAY if self._starting else None
+
     def _tell_started(self, now: float) -> None:
         """Tell the orchestrator which tasks began (one ``STARTED``), once the oldest of them began
         :data:`STARTED_DELAY` ago: those that ended meanwhile were told by their ``DONE``."""
-        if not self._starting or now < next(iter(self._starting.values())) + STARTED_DELAY:
+        due = self._started_due()
+        if due is None or now < due:
             return
         started = list(self._starting)
         self._starting.clear()

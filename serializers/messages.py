@@ -1187,24 +1187,30 @@ ACK_IDS_BYTES = 48 * 1024
 ACK_AT_ONCE = ACK_IDS_BYTES // (4 * MAX_NAME + 3)
 
 
+def _cut(items: Sequence[Any], ids: Sequence[str], extra: int) -> list[list[Any]]:
+    """``items`` in order, cut so that the task ids they carry (``ids``, one each) and ``extra`` bytes of
+    msgpack around each id stay within :data:`ACK_IDS_BYTES` a part."""
+    out: list[list[Any]] = []
+    part: list[Any] = []
+    size = 0
+    for item, tid in zip(items, ids, strict=True):
+        cost = (len(tid) * 4 if not tid.isascii() else len(tid)) + extra
+        if part and size + cost > ACK_IDS_BYTES:
+            out.append(part)
+            part, size = [], 0
+        part.append(item)
+        size += cost
+    if part:
+        out.append(part)
+    return out
+
+
 def acks(ids: Sequence[str], epoch: str) -> list[list[bytes]]:
     """ACK messages for ``ids``, in order, cut so that each header is well within a peer's limit (a client
     that resends tens of thousands of tasks after a failover gets them accepted in several ACKs)."""
     if len(ids) <= ACK_AT_ONCE:  # (the common case: one ACK, however long its ids)
         return [ack(list(ids), epoch)]
-    out: list[list[bytes]] = []
-    part: list[str] = []
-    size = 0
-    for tid in ids:
-        cost = len(tid) * 4 + 3 if not tid.isascii() else len(tid) + 3  # (msgpack's str head, at most 3 bytes)
-        if part and size + cost > ACK_IDS_BYTES:
-            out.append(ack(part, epoch))
-            part, size = [], 0
-        part.append(tid)
-        size += cost
-    if part:
-        out.append(ack(part, epoch))
-    return out
+    return [ack(part, epoch) for part in _cut(ids, ids, 3)]  # (msgpack's str head: at most 3 bytes)
 
 
 def reply(rid: RequestId, body: dict[str, Any]) -> list[bytes]:
@@ -1260,19 +1266,8 @@ def started(tasks: Iterable[tuple[str, int]]) -> bytes:
 def started_parts(tasks: Sequence[tuple[str, int]]) -> list[bytes]:
     """STARTED headers for ``tasks``, in order, cut as :func:`acks` cuts an ACK: each well within a peer's
     limit, however many tasks began together and however long their ids."""
-    out: list[bytes] = []
-    part: list[tuple[str, int]] = []
-    size = 0
-    for tid, attempt in tasks:
-        cost = (len(tid) * 4 if not tid.isascii() else len(tid)) + 13  # (str, int and array heads: at most 13)
-        if part and size + cost > ACK_IDS_BYTES:
-            out.append(started(part))
-            part, size = [], 0
-        part.append((tid, attempt))
-        size += cost
-    if part:
-        out.append(started(part))
-    return out
+    # (the str, int and array heads of an entry: at most 13 bytes)
+    return [started(part) for part in _cut(tasks, [tid for tid, _ in tasks], 13)]
 
 
 # ------------------------------------------------------------- batches (several messages in one)

@@ -192,14 +192,7 @@ class Leader:
         acknowledging (local durability from then on), send the next slice of a snapshot."""
         if not self.streaming:
             return
-        why = None
-        if not self.synced and self.outgoing is None and now < self._settle_until:
-            pass  # the passive folds and journals the snapshot: silence and no acknowledgement yet are expected
-        elif not peer_alive:
-            why = "the passive is silent"
-        elif self.outgoing is None and self.acked < self.sent_upto \
-                and now - self._ack_progress > 4 * self.heartbeat:
-            why = "the passive stopped acknowledging"
+        why = self._failing(now, peer_alive)
         if why is not None:
             self.streaming = self.synced = False
             self._batch, self.outgoing = [], None
@@ -207,6 +200,17 @@ class Leader:
             log.warning("%s: acknowledging on local durability alone", why)
             self._publish("local", why)
         self._pump(now)
+
+    def _failing(self, now: float, peer_alive: bool) -> str | None:
+        """Why the passive must be given up now, if it must: silent, or no longer acknowledging. Never while
+        it folds and journals a snapshot just sent (its silence and missing acknowledgement are expected)."""
+        if not self.synced and self.outgoing is None and now < self._settle_until:
+            return None
+        if not peer_alive:
+            return "the passive is silent"
+        if self.outgoing is None and self.acked < self.sent_upto and now - self._ack_progress > 4 * self.heartbeat:
+            return "the passive stopped acknowledging"
+        return None
 
     def _publish(self, mode: str, why: str) -> None:
         self.core.outbox.publish([b"ha:replication", pack({"mode": mode, "why": why, "e": self.epoch,
