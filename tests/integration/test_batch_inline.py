@@ -128,7 +128,7 @@ def test_the_inline_runner_hands_back_what_waits_behind_a_task_that_is_not_light
         assert runner.reclaim() == [("next", 1)] and list(runner.pending) == [("slow", 1)]
         answers: list[Any] = []
         deadline = time.monotonic() + 10
-        while runner.pending and time.monotonic() < deadline and runner.results.poll(10_000):
+        while (runner.pending or runner.abandoned) and time.monotonic() < deadline and runner.results.poll(10_000):
             answers.extend(runner.drain())
         done = [a[1] for a in answers if a[0] == b"D"]
         assert done == ["slow"]  # "next" was skipped: a worker runs it now
