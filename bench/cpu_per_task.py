@@ -17,8 +17,11 @@ large payloads, a process that keeps what it received for a while (results kept 
 fetch) takes each new message into fresh pages, a fault per 4 KiB (``--resend-memory`` sets what a
 satellite keeps).
 
+With ``--durability batch`` (or ``full``, ``off``) the orchestrator journals to a temporary folder: the
+journal's threads are counted in the orchestrator's CPU.
+
 Run: ``python bench/cpu_per_task.py [--n 20000] [--payload 0|1048576] [--window 500] [--kind echo|echo.inline]
-[--resend-memory 16M] [--no-baseline]``
+[--durability batch] [--resend-memory 16M] [--no-baseline]``
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import os
 import resource
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -135,13 +139,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="echo", choices=("echo", "echo.inline"),
                     help="echo (a worker process) or echo.inline (the satellite's thread)")
     ap.add_argument("--resend-memory", default=None, help="the satellites' --resend-memory (default: their own)")
+    ap.add_argument("--durability", choices=("full", "batch", "off"), default=None,
+                    help="journal to a temporary folder with this durability (default: no journal)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-hop proxy run")
     args = ap.parse_args(argv)
     if args.n < 1 or args.window < 1 or args.payload < 0 or args.prefetch < 0:
         ap.error("--n and --window must be at least 1, --payload and --prefetch at least 0")
     arg = np.zeros(args.payload // 8) if args.payload else 1
     extra = ["--resend-memory", args.resend_memory] if args.resend_memory else []
-    with LocalCluster(satellites=0, workers=1, prefetch=args.prefetch, log_level="ERROR") as cluster:
+    with tempfile.TemporaryDirectory(prefix="orchester-cpu-") as tmp, LocalCluster(
+            satellites=0, workers=1, prefetch=args.prefetch, log_level="ERROR",
+            serve_args=["--journal", f"{tmp}/journal", "--durability", args.durability] if args.durability else ()
+    ) as cluster:
         for _ in range(2):
             cluster.add_satellite(extra=extra)
         cluster.wait_for_satellites(2)
@@ -165,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 f.result(60)
 
         rows, elapsed, busy = measured(procs, stream)
-    ours = report(f"{args.n} {args.kind} tasks, payload {args.payload} B", args.n, rows, elapsed, busy)
+    journal = f", {args.durability} journal" if args.durability else ""
+    ours = report(f"{args.n} {args.kind} tasks, payload {args.payload} B{journal}", args.n, rows, elapsed, busy)
     if args.no_baseline:
         return 0
     base_rows, base_elapsed, base_busy = proxy_baseline(args.n, args.window, args.payload)

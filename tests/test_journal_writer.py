@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
 import zmq
@@ -36,10 +37,14 @@ def flat(chunks: list[Any]) -> bytes:
     ["R", "a", [b""] * 70_000 + [BIG], 3.0],  # a 32-bit one
     ["X", HUGE, "a big field at the top level"],
     ["S", "a", b"c", b"h", [b"x" * (WRITE_ALONE - 1)], 1.0, None],  # just under: packed
+    ["S", "a"], ["R", "a", HUGE, 3.0], ["T", "a", [memoryview(HUGE)]], [7, HUGE], [[], 1],  # not of their code's shape
 ])
 def test_a_record_from_its_own_buffers_is_byte_for_byte_the_whole_encoding(record: list[Any]) -> None:
     chunks = record_chunks(record)
     assert flat(chunks) == encode_record(record)
+    # as the journal's thread writes it: looking only where the record's code keeps its frames, with its packer
+    pack = msgpack.Packer(use_bin_type=True).pack
+    assert flat(record_chunks(record, writer_module._frames_at(record), pack)) == encode_record(record)
     fields = [*record, *(x for f in record if isinstance(f, list) for x in f)]
     large = [f for f in fields if isinstance(f, (bytes, memoryview)) and memoryview(f).nbytes >= WRITE_ALONE]
     alone = chunks[1::2] if large else []  # [head + packed, large, packed, large, ...]

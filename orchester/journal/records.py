@@ -358,6 +358,12 @@ def payload_bytes(record: Record) -> int:
         return 0
 
 
+#: Where a record of each kind keeps its list of frames (``None``: it has none), for the journal's writer
+#: (:func:`orchester.journal.wal.record_chunks`).
+FRAMES_AT: dict[str, int | None] = {SUBMITTED: _S_PAYLOAD, TRANSITION: None, RESULT: _R_FRAMES,
+                                     SATELLITE_KEY: None, BARRIER: None}
+
+
 def head(record: Sequence[Any]) -> tuple[str, str]:
     """The code and subject (a task or satellite id) of any record, known or not, well-formed or not.
 

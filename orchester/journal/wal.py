@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,13 +122,31 @@ def _bin_head(n: int) -> bytes:  # only for fields of WRITE_ALONE bytes or more:
     return _BIN16.pack(0xC5, n) if n < 65536 else _BIN32.pack(0xC6, n)
 
 
-def record_chunks(body: list[Any]) -> list[Any]:
-    """One on-disk record as buffers to write one after another (``writev``), byte for byte
-    :func:`encode_record`'s: a bytes field of :data:`WRITE_ALONE` bytes or more (at the top level, or in
-    a list at the top level: payload and result frames) is its own buffer, neither copied into the
-    encoded body nor joined to it; the checksum runs over the buffers in turn."""
-    if not any(_large(f) or (isinstance(f, list) and any(map(_large, f))) for f in body):
-        return [encode_record(body)]
+#: :func:`record_chunks`'s default ``frames_at``: look at every field for a large one.
+EVERY_FIELD = -1
+
+
+def record_chunks(body: list[Any], frames_at: int | None = EVERY_FIELD,
+                  pack: Callable[[Any], bytes] | None = None) -> list[Any]:
+    """One on-disk record, byte for byte :func:`encode_record`'s, as buffers to write one after another
+    (``writev``): a bytes field of :data:`WRITE_ALONE` bytes or more (at the top level, or
+    in a list at the top level: payload and result frames) is its own buffer, neither copied into the
+    encoded body nor joined to it; the checksum runs over the buffers in turn.
+
+    ``frames_at``: where the record keeps its list of frames, the only field then looked at for large
+    ones (``None``: it has none; by default every field is looked at). A large field elsewhere is then
+    copied into the body: the bytes written are the same. ``pack``: a msgpack packer's ``pack`` (with
+    ``use_bin_type``) of the calling thread, reused from one record to the next (a packer is not
+    thread-safe)."""
+    frames = body[frames_at] if frames_at is not None and 0 <= frames_at < len(body) else None
+    if frames_at is None:
+        large = False
+    elif isinstance(frames, list):
+        large = any(map(_large, frames))
+    else:  # every field (by default, and for a record not of the shape said)
+        large = any(_large(f) or (isinstance(f, list) and any(map(_large, f))) for f in body)
+    if not large:
+        return [frame(pack(body) if pack is not None else msgpack.packb(body, use_bin_type=True))]
     pieces: list[Any] = []
     array_head = msgpack.Packer().pack_array_header  # (msgpack has no such method for bin heads)
     small = bytearray(array_head(len(body)))

@@ -42,18 +42,19 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from orchester.journal.folder import JournalError
 from orchester.journal.historian import Historian, HistorianGone
-from orchester.journal.records import RecordError, Submitted, payload_bytes
+from orchester.journal.records import FRAMES_AT, SUBMITTED, RecordError, Submitted, payload_bytes
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
-from orchester.journal.wal import ReadReport, SegmentWriter, read_at, record_chunks
+from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, read_at, record_chunks
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -120,6 +121,27 @@ class Journal:
                 self._cond.notify()
         return self.seq
 
+    def extend(self, records: list[list[Any]], spill: Iterable[int] = ()) -> int:
+        """Queue ``records`` in order, under one lock (a wake-up's records); return the last one's sequence
+        number (called from the broker thread). ``spill``: positions in ``records`` of those whose location
+        to report (:meth:`append`)."""
+        first = self.seq + 1
+        for i in spill:
+            self.spillable.add(first + i)
+        queued = 0
+        for record in records:
+            if record[0] == SUBMITTED:
+                queued += payload_bytes(record)
+        self.queued_bytes += queued
+        numbered = list(enumerate(records, first))
+        self.seq += len(records)
+        with self._cond:
+            was_empty = not self._queue
+            self._queue.extend(numbered)
+            if was_empty and numbered:
+                self._cond.notify()
+        return self.seq
+
     def drain_notifications(self) -> int:
         """Read the durable sequence numbers the thread reported; return the highest."""
         while True:
@@ -134,6 +156,7 @@ class Journal:
         sock.linger = 0
         sock.connect(self._addr)
         full = self.durability == "full"
+        pack = msgpack.Packer(use_bin_type=True).pack  # this thread's, one for every record
         last = 0  # records in the last batch
         syncer = None if full else threading.Thread(target=self._sync_periodically, name="orchester-journal-sync",
                                                     daemon=True)
@@ -154,7 +177,7 @@ class Journal:
                     batch = [self._queue.popleft() for _ in range(n)]
                 t_write = time.perf_counter()
                 self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
-                chunks = [record_chunks(rec) for _, rec in batch]  # (checksums: before the syncer's lock)
+                chunks = [record_chunks(rec, _frames_at(rec), pack) for _, rec in batch]  # (before the syncer's lock)
                 with self._writing:
                     path = self.writer.path
                     offsets = self.writer.write(chunks)
@@ -237,6 +260,13 @@ class Journal:
             self._compactor.join(timeout)  # a compaction cut short leaves its log: it is redone at start
         self.writer.close()
         self.notify.close(0)
+
+
+def _frames_at(record: list[Any]) -> int | None:
+    """Where ``record`` keeps its frames, by its code (:data:`~orchester.journal.records.FRAMES_AT`); a
+    record of another code (one replicated from a newer peer, say) has every field looked at."""
+    code = record[0] if record else None
+    return FRAMES_AT.get(code, EVERY_FIELD) if isinstance(code, str) else EVERY_FIELD
 
 
 def load_spilled(task: Any) -> list[Any]:

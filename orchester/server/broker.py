@@ -539,21 +539,25 @@ class Broker:
         written = core.outbox.take_records()
         gating = bool(written or len(self.gate))
         if written:
-            to_spill = core.state.to_spill
-            for record in written:
-                if journal is not None:
-                    task = None
-                    if to_spill:
+            first = self._rseq + 1
+            if journal is not None:
+                to_spill = core.state.to_spill
+                spilling: list[tuple[int, Any]] = []
+                if to_spill:
+                    for i, record in enumerate(written):
                         code, tid = records.head(record)
                         task = to_spill.pop(tid, None) if code == records.SUBMITTED else None
-                    seq = self._rseq = journal.append(record, spill=task is not None)
-                    if task is not None:
-                        self._spilling[seq] = task
-                else:
-                    self._rseq += 1
-                if pair is not None:
-                    pair.replicate(self._rseq, record)
+                        if task is not None:
+                            spilling.append((i, task))
+                self._rseq = journal.extend(written, [i for i, _ in spilling])
+                first = self._rseq - len(written) + 1
+                for i, task in spilling:
+                    self._spilling[first + i] = task
+            else:
+                self._rseq += len(written)
             if pair is not None:
+                for seq, record in enumerate(written, first):
+                    pair.replicate(seq, record)
                 pair.flush()
         bound = self._gate(now) if gating else None  # once per wake-up: what may go out
         if core.outbox.queries and self.history is not None:
