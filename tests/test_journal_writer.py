@@ -202,3 +202,55 @@ def test_a_lone_record_is_written_at_once_and_a_busy_journal_gathers(tmp_path: P
         assert durable(idle, idle.append(["T", "e", 1, 1, None, None, 1.0]), timeout=30.0)
     finally:
         idle.close(timeout=1.0)
+
+
+def test_a_batch_journal_writes_a_small_batch_at_once_when_its_thread_is_idle_and_keeps_the_order(
+        tmp_path: Path) -> None:
+    """``batch``: :meth:`Journal.extend` writes small records on the caller's thread while the writer thread
+    is idle (durable when it returns); records with large frames, and any that come while the thread holds a
+    batch, go through the thread. Whatever path each took, the log holds them in their order."""
+    journal = Journal(tmp_path / "j", durability="batch", sync_every=0.05)
+    small = [["T", "a", 1, 1, None, None, 1.0], ["R", "a", [b"h", b"r" * 100], 1.0]]
+    try:
+        last = journal.extend(small)
+        assert journal.durable == last == 2 and journal._direct_writes == 1  # no hand-over: durable at once
+        big = ["S", "b", b"c", b"h", [memoryview(BIG)], 1.0, None, None]
+        last = journal.extend([big, ["T", "b", 1, 1, None, None, 1.0]])
+        assert journal.durable < last and journal._direct_writes == 1  # the thread writes large frames
+        assert durable(journal, last)
+        big_result = ["R", "b", [b"h", memoryview(BIG)], 2.0]
+        assert journal.extend([big_result]) > journal.durable  # a large result too
+        assert durable(journal, journal.seq)
+        with journal._writing:  # the thread takes the next batch, then waits here to write it
+            journal.extend([big])
+            for _ in range(2000):
+                if journal._busy:
+                    break
+                time.sleep(0.01)
+            assert journal._busy
+            small_seq = journal.extend([["T", "c", 1, 1, None, None, 3.0]])  # small, but the thread is busy:
+            assert journal.durable < small_seq  # queued behind its batch, not written ahead of it
+        assert durable(journal, small_seq)
+        for i in range(300):  # and many more, small and large mixed, the thread busy or not
+            journal.extend([["T", f"m{i}", 1, 1, None, None, 4.0]] if i % 7 else [big])
+            if i % 50 == 49:  # (now and then the thread's done: the next small ones go at once)
+                assert durable(journal, journal.seq)
+        assert durable(journal, journal.seq)
+        assert journal._direct_writes > 1
+        spilled = journal.extend([["S", "s", b"c", b"h", [b"p"], 5.0, None, None]], spill=[0])
+        assert durable(journal, spilled) and journal.locations[-1][0] == spilled  # a spilled one: its place told
+    finally:
+        journal.close()
+    written = [r[1] for r in read_all(tmp_path / "j", ReadReport())]
+    assert written == ["a", "a", "b", "b", "b", "b", "c", *(f"m{i}" if i % 7 else "b" for i in range(300)), "s"]
+
+
+def test_full_and_off_journals_never_write_on_the_callers_thread(tmp_path: Path) -> None:
+    for durability in ("full", "off"):
+        journal = Journal(tmp_path / durability, durability=durability)
+        try:
+            seq = journal.extend([["T", "a", 1, 1, None, None, 1.0]])
+            assert journal._direct_writes == 0
+            assert durable(journal, seq)
+        finally:
+            journal.close()

@@ -364,6 +364,16 @@ FRAMES_AT: dict[str, int | None] = {SUBMITTED: _S_PAYLOAD, TRANSITION: None, RES
                                      SATELLITE_KEY: None, BARRIER: None}
 
 
+def result_bytes(record: Record) -> int:
+    """Bytes of result frames an ``R`` record carries (its header frame included), else 0.
+
+    Unchecked and cheap, as :func:`payload_bytes`."""
+    try:
+        return sum(map(len, record[_R_FRAMES])) if record[0] == RESULT else 0
+    except (IndexError, TypeError):
+        return 0
+
+
 def head(record: Sequence[Any]) -> tuple[str, str]:
     """The code and subject (a task or satellite id) of any record, known or not, well-formed or not.
 

@@ -337,6 +337,11 @@ class SegmentWriter:
         self._size = pos
         return offsets
 
+    @property
+    def full(self) -> bool:
+        """Whether the live segment reached its size (the next :meth:`rotate` starts another)."""
+        return self._size >= self.segment_bytes
+
     def sync(self) -> Path | None:
         """Make everything written so far durable (fsync); rotate a full segment and return its path."""
         os.fsync(self._file.fileno())

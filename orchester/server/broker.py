@@ -451,9 +451,13 @@ class Broker:
 
     def _on_journal(self, sock: zmq.Socket[Any], now: float) -> None:
         """The journal writer made records durable: release what waited for them; spill payloads."""
-        journal, pair = self.journal, self.pair
+        journal = self.journal
         assert journal is not None
-        durable = journal.drain_notifications()
+        self._durable(journal, journal.drain_notifications())
+
+    def _durable(self, journal: Journal, durable: int) -> None:
+        """Records up to ``durable`` are in the journal: a passive acknowledges them; payloads spill."""
+        pair = self.pair
         if pair is not None and pair.state is HAState.PASSIVE:
             pair.durable(durable)
         self._spill(journal)
@@ -553,6 +557,8 @@ class Broker:
                 first = self._rseq - len(written) + 1
                 for i, task in spilling:
                     self._spilling[first + i] = task
+                if journal.durable == self._rseq:  # written at once (a batch journal's small batch)
+                    self._durable(journal, self._rseq)
             else:
                 self._rseq += len(written)
             if pair is not None:
