@@ -228,8 +228,12 @@ def test_a_batch_journal_writes_a_small_batch_at_once_when_its_thread_is_idle_an
                     break
                 time.sleep(0.01)
             assert journal._busy
-            small_seq = journal.extend([["T", "c", 1, 1, None, None, 3.0]])  # small, but the thread is busy:
-            assert journal.durable < small_seq  # queued behind its batch, not written ahead of it
+            seqs: list[int] = []  # small, but the thread is busy: queued behind its batch, not written ahead of it
+            side = threading.Thread(target=lambda: seqs.append(journal.extend([["T", "c", 1, 1, None, None, 3.0]])))
+            side.start()
+            side.join(10)  # (a write ahead of the thread's would wait here for the lock this thread holds)
+            assert seqs and journal.durable < seqs[0]
+        small_seq = seqs[0]
         assert durable(journal, small_seq)
         for i in range(300):  # and many more, small and large mixed, the thread busy or not
             journal.extend([["T", f"m{i}", 1, 1, None, None, 4.0]] if i % 7 else [big])
@@ -254,3 +258,59 @@ def test_full_and_off_journals_never_write_on_the_callers_thread(tmp_path: Path)
             assert durable(journal, seq)
         finally:
             journal.close()
+
+
+def test_a_batch_journal_leaves_long_records_and_slow_writes_to_its_thread(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the broker's thread writes is bounded once encoded (a long header counts, not only frames); a write
+    that took long (a throttled disk) leaves the writes to the thread for a while."""
+    journal = Journal(tmp_path / "j", durability="batch", sync_every=0.05)
+    try:
+        long_header = ["S", "h", b"c", b"\x81" + b"h" * writer_module.DIRECT_MAX, [b"p"], 1.0, None, None]
+        seq = journal.extend([long_header])
+        assert journal._direct_writes == 0 and journal.durable < seq  # the thread writes it
+        assert durable(journal, seq)
+        many = [["T", f"t{i}", 1, 1, None, "r" * 1000, 1.0] for i in range(100)]  # 100 kB of reasons
+        seq = journal.extend(many)
+        assert journal._direct_writes == 0 and durable(journal, seq)
+        real = journal.writer.write
+
+        def slow(chunks: list[Any]) -> list[int]:
+            time.sleep(writer_module.DIRECT_SLOW * 4)
+            return real(chunks)
+
+        monkeypatch.setattr(journal.writer, "write", slow)
+        seq = journal.extend([["T", "slow", 1, 1, None, None, 1.0]])
+        assert journal._direct_writes == 1 and journal.durable == seq  # written, and found slow:
+        monkeypatch.setattr(journal.writer, "write", real)
+        seq = journal.extend([["T", "after", 1, 1, None, None, 1.0]])
+        assert journal._direct_writes == 1 and journal.durable < seq  # the next one is the thread's
+        assert durable(journal, seq)
+        journal._direct_after = time.monotonic() - 1  # (the pause over)
+        seq = journal.extend([["T", "again", 1, 1, None, None, 1.0]])
+        assert journal._direct_writes == 2 and journal.durable == seq
+    finally:
+        journal.close()
+    assert [r[1] for r in read_all(tmp_path / "j", ReadReport())] == [
+        "h", *(f"t{i}" for i in range(100)), "slow", "after", "again"]
+
+
+def test_a_failed_write_on_the_brokers_thread_is_the_journals_failure(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    journal = Journal(tmp_path / "j", durability="batch", sync_every=0.05)
+    try:
+        first = journal.extend([["T", "a", 1, 1, None, None, 1.0]])
+        assert journal.durable == first
+
+        def full(chunks: list[Any]) -> list[int]:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(journal.writer, "write", full)
+        seq = journal.extend([["T", "b", 1, 1, None, None, 1.0]])
+        assert isinstance(journal.error, OSError) and journal.durable == first  # nothing of it durable
+        monkeypatch.undo()
+        seq = journal.extend([["T", "c", 1, 1, None, None, 1.0]])  # nor anything after it, by either thread
+        assert not durable(journal, seq, timeout=0.5)
+    finally:
+        journal.close()
+    assert [r[1] for r in read_all(tmp_path / "j", ReadReport())] == ["a"]

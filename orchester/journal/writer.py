@@ -58,9 +58,15 @@ from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, read_a
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
-#: With ``batch`` durability, a wake-up's records carrying fewer bytes of payload and result frames than this
-#: are written by the broker's thread itself when the writer thread is idle (:meth:`Journal.extend`).
+#: With ``batch`` durability, a wake-up's records of fewer bytes than this, encoded, are written by the
+#: broker's thread itself when the writer thread is idle (:meth:`Journal.extend`).
 DIRECT_MAX = 64 * 1024
+#: Seconds a write on the broker's thread may take; a slower one leaves the writes to the writer thread for
+#: :data:`DIRECT_PAUSE` seconds.
+DIRECT_SLOW = 0.005
+DIRECT_PAUSE = 1.0
+#: A msgpack packer that packed a record larger than this is replaced: it keeps the largest buffer it grew to.
+PACKER_KEEP = 1 << 20
 _SEQ = struct.Struct(">Q")
 
 
@@ -81,6 +87,8 @@ class Journal:
         self._busy = False  #: the writer thread holds records it took from the queue (under ``_cond``)
         self._pack = msgpack.Packer(use_bin_type=True).pack  # the broker thread's
         self._direct_writes = 0  #: batches the broker wrote itself (broker thread only)
+        self._direct_slow = 0  #: of which took longer than DIRECT_SLOW
+        self._direct_after = 0.0  #: no direct write before this (monotonic; 0: none held back)
         self.writer = SegmentWriter(self.dir, segment_bytes)  # takes the lock: one writer per journal
         self.ctx = context or zmq.Context.instance()
         addr = f"inproc://orchester-journal-{id(self)}"
@@ -134,12 +142,16 @@ class Journal:
         number (called from the broker thread). ``spill``: positions in ``records`` of those whose location
         to report (:meth:`append`).
 
-        With ``batch`` durability, records that carry less than :data:`DIRECT_MAX` bytes of frames are
-        written at once by the calling thread when the writer thread is idle (nothing queued, nothing in
-        its hands) and the live segment is not full: they are durable (:attr:`durable`) when this returns,
-        and what waits for them goes out in the same wake-up, without a hand-over to the writer thread and
-        back. ``writev`` into the page cache only: no ``fsync`` (the syncer's) and no rotation (the
-        thread's) on the caller's thread."""
+        With ``batch`` durability, records of fewer than :data:`DIRECT_MAX` bytes in all, once encoded, are
+        written at once by the calling thread when the writer thread is idle (nothing queued, nothing in its
+        hands) and the live segment is not full: they are durable (:attr:`durable`) when this returns, and
+        what waits for them goes out in the same wake-up, without a hand-over to the writer thread and back.
+        ``writev`` into the page cache only: no ``fsync`` (the syncer's) and no rotation (the thread's) on the
+        caller's thread; a write that took longer than :data:`DIRECT_SLOW` (a disk that throttles writers,
+        say) leaves the writes to the thread for :data:`DIRECT_PAUSE` seconds. A failed write is the
+        journal's failure (:attr:`error`): nothing of it is durable, nothing more is written."""
+        if not records:
+            return self.seq
         first = self.seq + 1
         spilled = False
         for i in spill:
@@ -156,39 +168,52 @@ class Journal:
         self.queued_bytes += queued
         numbered = list(enumerate(records, first))
         self.seq += len(records)
-        direct = self.direct and not spilled and queued + frames < DIRECT_MAX and self.error is None
+        direct = (self.direct and not spilled and queued + frames < DIRECT_MAX and self.error is None
+                  and (not self._direct_after or time.monotonic() >= self._direct_after))
         with self._cond:
-            if direct and not self._queue and not self._busy and not self.writer.full:
-                self._write_direct(numbered, queued)
+            if direct and not self._queue and not self._busy and not self.writer.full \
+                    and self._wrote_direct(numbered, queued):
                 return self.seq
             was_empty = not self._queue
             self._queue.extend(numbered)
-            if was_empty and numbered:
+            if was_empty:
                 self._cond.notify()
         return self.seq
 
-    def _write_direct(self, batch: list[tuple[int, list[Any]]], payload: int) -> None:
+    def _wrote_direct(self, batch: list[tuple[int, list[Any]]], payload: int) -> bool:
         """:meth:`extend`'s write on the broker's thread (under ``_cond``: the writer thread cannot take a
-        batch meanwhile, so records reach the log in their order)."""
+        batch meanwhile, so records reach the log in their order). ``False``: the batch is
+        :data:`DIRECT_MAX` bytes or more once encoded (long headers, say), for the writer thread."""
         t_write = time.perf_counter()
         try:
             chunks = [record_chunks(rec, _frames_at(rec), self._pack) for _, rec in batch]
+            size = sum(len(piece) for chunk in chunks for piece in chunk)
+            if size >= DIRECT_MAX:
+                if size > PACKER_KEEP:  # a packer keeps the largest buffer it grew to: start afresh
+                    self._pack = msgpack.Packer(use_bin_type=True).pack
+                return False
             with self._writing:
                 self.writer.write(chunks)
                 self._batches_written += 1
-        except BaseException as exc:  # a full disk, say: as fatal as the writer thread's own failure
+        except Exception as exc:  # a full disk, say: the journal failed (the broker stops at its next wake-up)
             self.error = exc
             log.critical("journal write failed: %s", exc)
-            raise
+            return True
         self.written_bytes += payload
         self.durable = batch[-1][0]
         self._direct_writes += 1
         took = time.perf_counter() - t_write
+        if took > DIRECT_SLOW:
+            self._direct_after = time.monotonic() + DIRECT_PAUSE
+            self._direct_slow += 1
+            log.info("a journal write took %.1f ms on the broker's thread: the writer thread writes for the next "
+                     "%.0f s", took * 1000, DIRECT_PAUSE)
         st = self._stats
         st["batches"] += 1
         st["records"] += len(batch)
         st["flush_sum"] += took
         st["flush_max"] = max(st["flush_max"], took)
+        return True
 
     def drain_notifications(self) -> int:
         """Read the durable sequence numbers the thread reported; return the highest."""
@@ -221,12 +246,16 @@ class Journal:
                 if self.batch_wait and last >= self.gather_after and len(self._queue) < self.batch_max:
                     time.sleep(self.batch_wait)  # busy: let a group gather (group commit)
                 with self._cond:
+                    if self.error is not None:  # a write on the broker's thread failed: nothing more is written
+                        break
                     n = last = min(len(self._queue), self.batch_max)
                     batch = [self._queue.popleft() for _ in range(n)]
                     self._busy = True
                 t_write = time.perf_counter()
                 self.written_bytes += sum(payload_bytes(rec) for _, rec in batch)
                 chunks = [record_chunks(rec, _frames_at(rec), pack) for _, rec in batch]  # (before the syncer's lock)
+                if max(len(chunk[0]) for chunk in chunks) > PACKER_KEEP:  # (it keeps the largest buffer it grew to)
+                    pack = msgpack.Packer(use_bin_type=True).pack
                 with self._writing:
                     path = self.writer.path
                     offsets = self.writer.write(chunks)
@@ -251,15 +280,19 @@ class Journal:
                     self._busy = False
                 sock.send(_SEQ.pack(batch[-1][0]))
         except BaseException as exc:  # a full disk, say: the broker must know, not hang
-            self.error = exc
+            if self.error is None:
+                self.error = exc
             log.critical("journal writer failed: %s", exc)
             raise
         finally:
+            with self._cond:
+                self._busy = True  # ended: the broker's thread writes no more either
             self._halt.set()
             if syncer is not None:
                 syncer.join()
-            try:
-                self.writer.sync()
+            try:  # (after a failed write too: what was written before it reaches the disk)
+                with self._writing:
+                    self.writer.sync()
             except Exception:
                 pass
             sock.close(0)
