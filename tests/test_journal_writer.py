@@ -45,6 +45,8 @@ def test_a_record_from_its_own_buffers_is_byte_for_byte_the_whole_encoding(recor
     # as the journal's thread writes it: looking only where the record's code keeps its frames, with its packer
     pack = msgpack.Packer(use_bin_type=True).pack
     assert flat(record_chunks(record, writer_module._frames_at(record), pack)) == encode_record(record)
+    # as the broker's thread writes small ones: in a run, each record as it would be alone
+    assert bytes(wal.encode_run([record, record], pack)) == encode_record(record) * 2
     fields = [*record, *(x for f in record if isinstance(f, list) for x in f)]
     large = [f for f in fields if isinstance(f, (bytes, memoryview)) and memoryview(f).nbytes >= WRITE_ALONE]
     alone = chunks[1::2] if large else []  # [head + packed, large, packed, large, ...]

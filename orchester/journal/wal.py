@@ -26,7 +26,7 @@ import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,18 @@ def _large(value: Any) -> bool:
 
 def _bin_head(n: int) -> bytes:  # only for fields of WRITE_ALONE bytes or more: never the 8-bit form
     return _BIN16.pack(0xC5, n) if n < 65536 else _BIN32.pack(0xC6, n)
+
+
+def encode_run(bodies: Iterable[list[Any]], pack: Callable[[Any], bytes]) -> bytearray:
+    """Records one after another in one buffer, each byte for byte :func:`encode_record`'s (for small
+    records: a large field is copied in). ``pack``: a msgpack packer's ``pack`` (``use_bin_type``)."""
+    out = bytearray()
+    head, crc32 = _HEAD.pack, zlib.crc32
+    for body in bodies:
+        packed = pack(body)
+        out += head(len(packed), crc32(packed))
+        out += packed
+    return out
 
 
 #: :func:`record_chunks`'s default ``frames_at``: look at every field for a large one.

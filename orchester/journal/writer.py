@@ -54,7 +54,7 @@ from orchester.journal.historian import Historian, HistorianGone
 from orchester.journal.records import FRAMES_AT, RESULT, SUBMITTED, RecordError, Submitted, payload_bytes, result_bytes
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
-from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, read_at, record_chunks
+from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, encode_run, read_at, record_chunks
 
 log = logging.getLogger("orchester.journal")
 DURABILITY = ("full", "batch", "off")
@@ -186,14 +186,14 @@ class Journal:
         :data:`DIRECT_MAX` bytes or more once encoded (long headers, say), for the writer thread."""
         t_write = time.perf_counter()
         try:
-            chunks = [record_chunks(rec, _frames_at(rec), self._pack) for _, rec in batch]
-            size = sum(len(piece) for chunk in chunks for piece in chunk)
-            if size >= DIRECT_MAX:
-                if size > PACKER_KEEP:  # a packer keeps the largest buffer it grew to: start afresh
+            # (no frame of WRITE_ALONE bytes here, fewer than DIRECT_MAX in all: the records in one buffer)
+            run = encode_run((rec for _, rec in batch), self._pack)
+            if len(run) >= DIRECT_MAX:
+                if len(run) > PACKER_KEEP:  # a packer keeps the largest buffer it grew to: start afresh
                     self._pack = msgpack.Packer(use_bin_type=True).pack
                 return False
             with self._writing:
-                self.writer.write(chunks)
+                self.writer.write([[run]])  # (as one: their offsets are not needed, none of them spills)
                 self._batches_written += 1
         except Exception as exc:  # a full disk, say: the journal failed (the broker stops at its next wake-up)
             self.error = exc
