@@ -46,7 +46,9 @@ def test_a_record_from_its_own_buffers_is_byte_for_byte_the_whole_encoding(recor
     pack = msgpack.Packer(use_bin_type=True).pack
     assert flat(record_chunks(record, writer_module._frames_at(record), pack)) == encode_record(record)
     # as the broker's thread writes small ones: in a run, each record as it would be alone
-    assert bytes(wal.encode_run([record, record], pack)) == encode_record(record) * 2
+    run = wal.encode_run([record, record], pack)
+    assert run is not None and bytes(run) == encode_record(record) * 2
+    assert wal.encode_run([record] * 3, pack, limit=len(encode_record(record)) + 1) is None  # stops at its limit
     fields = [*record, *(x for f in record if isinstance(f, list) for x in f)]
     large = [f for f in fields if isinstance(f, (bytes, memoryview)) and memoryview(f).nbytes >= WRITE_ALONE]
     alone = chunks[1::2] if large else []  # [head + packed, large, packed, large, ...]

@@ -122,15 +122,18 @@ def _bin_head(n: int) -> bytes:  # only for fields of WRITE_ALONE bytes or more:
     return _BIN16.pack(0xC5, n) if n < 65536 else _BIN32.pack(0xC6, n)
 
 
-def encode_run(bodies: Iterable[list[Any]], pack: Callable[[Any], bytes]) -> bytearray:
+def encode_run(bodies: Iterable[list[Any]], pack: Callable[[Any], bytes], limit: int = MAX_RECORD) -> bytearray | None:
     """Records one after another in one buffer, each byte for byte :func:`encode_record`'s (for small
-    records: a large field is copied in). ``pack``: a msgpack packer's ``pack`` (``use_bin_type``)."""
+    records: a large field is copied in). ``pack``: a msgpack packer's ``pack`` (``use_bin_type``).
+    ``None`` as soon as the buffer reaches ``limit`` bytes (the rest is not encoded)."""
     out = bytearray()
     head, crc32 = _HEAD.pack, zlib.crc32
     for body in bodies:
         packed = pack(body)
         out += head(len(packed), crc32(packed))
         out += packed
+        if len(out) >= limit:
+            return None
     return out
 
 

@@ -187,10 +187,9 @@ class Journal:
         t_write = time.perf_counter()
         try:
             # (no frame of WRITE_ALONE bytes here, fewer than DIRECT_MAX in all: the records in one buffer)
-            run = encode_run((rec for _, rec in batch), self._pack)
-            if len(run) >= DIRECT_MAX:
-                if len(run) > PACKER_KEEP:  # a packer keeps the largest buffer it grew to: start afresh
-                    self._pack = msgpack.Packer(use_bin_type=True).pack
+            run = encode_run((rec for _, rec in batch), self._pack, DIRECT_MAX)
+            if run is None:  # too large: the thread's (a packer keeps the largest buffer it grew to: a new one)
+                self._pack = msgpack.Packer(use_bin_type=True).pack
                 return False
             with self._writing:
                 self.writer.write([[run]])  # (as one: their offsets are not needed, none of them spills)
