@@ -216,8 +216,11 @@ def test_a_batch_journal_writes_a_small_batch_at_once_when_its_thread_is_idle_an
     journal = Journal(tmp_path / "j", durability="batch", sync_every=0.05)
     small = [["T", "a", 1, 1, None, None, 1.0], ["R", "a", [b"h", b"r" * 100], 1.0]]
     try:
+        journal.take_stats()
         last = journal.extend(small)
         assert journal.durable == last == 2 and journal._direct_writes == 1  # no hand-over: durable at once
+        stats = journal.take_stats()  # (what the metrics say: journal.direct_batches, .direct_slow)
+        assert (stats["batches"], stats["records"], stats["direct"], stats["direct_slow"]) == (1, 2, 1, 0)
         big = ["S", "b", b"c", b"h", [memoryview(BIG)], 1.0, None, None]
         last = journal.extend([big, ["T", "b", 1, 1, None, None, 1.0]])
         assert journal.durable < last and journal._direct_writes == 1  # the thread writes large frames
@@ -286,6 +289,7 @@ def test_a_batch_journal_leaves_long_records_and_slow_writes_to_its_thread(tmp_p
         monkeypatch.setattr(journal.writer, "write", slow)
         seq = journal.extend([["T", "slow", 1, 1, None, None, 1.0]])
         assert journal._direct_writes == 1 and journal.durable == seq  # written, and found slow:
+        assert journal.take_stats()["direct_slow"] == 1
         monkeypatch.setattr(journal.writer, "write", real)
         seq = journal.extend([["T", "after", 1, 1, None, None, 1.0]])
         assert journal._direct_writes == 1 and journal.durable < seq  # the next one is the thread's

@@ -87,7 +87,6 @@ class Journal:
         self._busy = False  #: the writer thread holds records it took from the queue (under ``_cond``)
         self._pack = msgpack.Packer(use_bin_type=True).pack  # the broker thread's
         self._direct_writes = 0  #: batches the broker wrote itself (broker thread only)
-        self._direct_slow = 0  #: of which took longer than DIRECT_SLOW
         self._direct_after = 0.0  #: no direct write before this (monotonic; 0: none held back)
         self.writer = SegmentWriter(self.dir, segment_bytes)  # takes the lock: one writer per journal
         self.ctx = context or zmq.Context.instance()
@@ -107,7 +106,7 @@ class Journal:
         self._stop = False
         self.seq = 0  #: last sequence number handed out (broker thread only)
         self.durable = 0  #: last sequence number known durable (broker thread, from notifications)
-        self._stats = {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0}
+        self._stats = _fresh_stats()
         self.queued_bytes = 0  #: payload bytes handed to the journal (broker thread only)
         self.written_bytes = 0  #: payload bytes written (journal thread only)
         self._compactions: deque[Path] = deque()
@@ -204,7 +203,6 @@ class Journal:
         took = time.perf_counter() - t_write
         if took > DIRECT_SLOW:
             self._direct_after = time.monotonic() + DIRECT_PAUSE
-            self._direct_slow += 1
             log.info("a journal write took %.1f ms on the broker's thread: the writer thread writes for the next "
                      "%.0f s", took * 1000, DIRECT_PAUSE)
         st = self._stats
@@ -212,6 +210,9 @@ class Journal:
         st["records"] += len(batch)
         st["flush_sum"] += took
         st["flush_max"] = max(st["flush_max"], took)
+        st["direct"] += 1
+        if took > DIRECT_SLOW:
+            st["direct_slow"] += 1
         return True
 
     def drain_notifications(self) -> int:
@@ -316,8 +317,10 @@ class Journal:
             log.critical("journal sync failed: %s", exc)
 
     def take_stats(self) -> dict[str, float]:
-        """Batches, records and flush times (sum, max) since the last call; resets them."""
-        stats, self._stats = self._stats, {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0}
+        """Batches, records and flush times (sum, max) since the last call, and how many of the batches
+        the broker's thread wrote itself (``direct``; ``direct_slow``: slower than :data:`DIRECT_SLOW`);
+        resets them."""
+        stats, self._stats = self._stats, _fresh_stats()
         return stats
 
     @property
@@ -343,6 +346,10 @@ class Journal:
             self._compactor.join(timeout)  # a compaction cut short leaves its log: it is redone at start
         self.writer.close()
         self.notify.close(0)
+
+
+def _fresh_stats() -> dict[str, float]:
+    return {"batches": 0, "records": 0, "flush_sum": 0.0, "flush_max": 0.0, "direct": 0, "direct_slow": 0}
 
 
 def _frames_at(record: list[Any]) -> int | None:

@@ -144,6 +144,8 @@ class Collector:
             add("journal.flush_ms_max", stats["flush_max"] * 1000.0)
             add("journal.flush_ms_avg", stats["flush_sum"] / stats["batches"] * 1000.0 if stats["batches"] else 0)
             add("journal.backlog_bytes", journal.backlog)
+            add("journal.direct_batches", stats["direct"])
+            add("journal.direct_slow", stats["direct_slow"])
         for name, value in (extra or {}).items():
             add(name, value)
         return points
