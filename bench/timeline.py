@@ -14,7 +14,7 @@ A step that follows one in another process is a hop: what ZeroMQ and the operati
 process (a raw pyzmq round trip is two of them); a step that follows one in the same process is its own
 Python.
 
-Run: ``python bench/timeline.py [--n 2000] [--kind echo.inline|echo] [--client]``
+Run: ``python bench/timeline.py [--n 2000] [--kind echo.inline|echo] [--client] [--durability batch]``
 """
 
 from __future__ import annotations
@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default="echo.inline", choices=("echo.inline", "echo"),
                     help="echo.inline (the satellite's thread) or echo (a worker)")
     ap.add_argument("--client", action="store_true", help="through the Client API instead of a raw DEALER")
+    ap.add_argument("--durability", choices=("full", "batch", "off"), default=None,
+                    help="the orchestrator journals to a temporary folder with this durability (default: no journal)")
     args = ap.parse_args(argv)
     if args.n < 1:
         ap.error("--n must be at least 1")
@@ -265,8 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(tmp, "steps")
         os.mkdir(out)
         endpoint = f"ipc://{tmp}/bus.sock"
+        journal = ["--journal", f"{tmp}/journal", "--durability", args.durability] if args.durability else []
         procs = [start("orchester", ["--log-level", "ERROR", "serve", "--bind", endpoint, "--pub",
-                                     f"ipc://{tmp}/events.sock"], out)]
+                                     f"ipc://{tmp}/events.sock", *journal], out)]
         try:
             procs.append(start("satellites", ["--log-level", "ERROR", "run", "--connect", endpoint, "--workers", "1",
                                               "--id", "timeline"], out))
