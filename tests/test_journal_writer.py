@@ -280,6 +280,9 @@ def test_a_batch_journal_leaves_long_records_and_slow_writes_to_its_thread(tmp_p
         many = [["T", f"t{i}", 1, 1, None, "r" * 1000, 1.0] for i in range(100)]  # 100 kB of reasons
         seq = journal.extend(many)
         assert journal._direct_writes == 0 and durable(journal, seq)
+        crowd = [["T", f"u{i}", 1, 1, None, None, 1.0] for i in range(writer_module.DIRECT_RECORDS + 1)]
+        seq = journal.extend(crowd)  # small, but more than the loop writes at once
+        assert journal._direct_writes == 0 and durable(journal, seq)
         real = journal.writer.write
 
         def slow(chunks: list[Any]) -> list[int]:
@@ -300,7 +303,8 @@ def test_a_batch_journal_leaves_long_records_and_slow_writes_to_its_thread(tmp_p
     finally:
         journal.close()
     assert [r[1] for r in read_all(tmp_path / "j", ReadReport())] == [
-        "h", *(f"t{i}" for i in range(100)), "slow", "after", "again"]
+        "h", *(f"t{i}" for i in range(100)), *(f"u{i}" for i in range(writer_module.DIRECT_RECORDS + 1)),
+        "slow", "after", "again"]
 
 
 def test_a_failed_write_on_the_brokers_thread_is_the_journals_failure(tmp_path: Path,

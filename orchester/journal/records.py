@@ -51,6 +51,7 @@ Record = list[Any]
 #: A frame of a payload or a result: ``bytes`` once decoded, a ``memoryview`` while in memory.
 Frame = bytes | memoryview
 
+_S_HEADER = 3  #: where an ``S`` record holds its task header
 _S_PAYLOAD = 4  #: where an ``S`` record holds its payload frames
 _R_FRAMES = 2  #: where an ``R`` record holds its result frames
 _WIDTH = 100  #: the docs' table lines
@@ -362,6 +363,14 @@ def payload_bytes(record: Record) -> int:
 #: (:func:`orchester.journal.wal.record_chunks`).
 FRAMES_AT: dict[str, int | None] = {SUBMITTED: _S_PAYLOAD, TRANSITION: None, RESULT: _R_FRAMES,
                                      SATELLITE_KEY: None, BARRIER: None}
+
+
+def header_bytes(record: Record) -> int:
+    """Bytes of the task header an ``S`` record carries, else 0 (unchecked and cheap, as :func:`payload_bytes`)."""
+    try:
+        return len(record[_S_HEADER]) if record[0] == SUBMITTED else 0
+    except (IndexError, TypeError):
+        return 0
 
 
 def result_bytes(record: Record) -> int:

@@ -51,7 +51,16 @@ import zmq
 
 from orchester.journal.folder import JournalError
 from orchester.journal.historian import Historian, HistorianGone
-from orchester.journal.records import FRAMES_AT, RESULT, SUBMITTED, RecordError, Submitted, payload_bytes, result_bytes
+from orchester.journal.records import (
+    FRAMES_AT,
+    RESULT,
+    SUBMITTED,
+    RecordError,
+    Submitted,
+    header_bytes,
+    payload_bytes,
+    result_bytes,
+)
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
 from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, encode_run, read_at, record_chunks
@@ -61,9 +70,12 @@ DURABILITY = ("full", "batch", "off")
 #: With ``batch`` durability, a wake-up's records of fewer bytes than this, encoded, are written by the
 #: broker's thread itself when the writer thread is idle (:meth:`Journal.extend`).
 DIRECT_MAX = 64 * 1024
-#: Seconds a write on the broker's thread may take; a slower one leaves the writes to the writer thread for
-#: :data:`DIRECT_PAUSE` seconds.
-DIRECT_SLOW = 0.005
+#: Most records the broker's thread writes at once (a wake-up of more goes to the writer thread).
+DIRECT_RECORDS = 1024
+#: Seconds a write on the broker's thread may take (its ``writev``; above Python's 5 ms switch interval, so
+#: that waiting for the GIL back is not taken for a slow disk); a slower one leaves the writes to the writer
+#: thread for :data:`DIRECT_PAUSE` seconds.
+DIRECT_SLOW = 0.02
 DIRECT_PAUSE = 1.0
 #: A msgpack packer that packed a record larger than this is replaced: it keeps the largest buffer it grew to.
 PACKER_KEEP = 1 << 20
@@ -157,18 +169,20 @@ class Journal:
             self.spillable.add(first + i)
             spilled = True
         queued = 0
-        frames = 0
+        sized = 0  # payloads, results and task headers: what makes a record large
         for record in records:
             code = record[0]
             if code == SUBMITTED:
-                queued += payload_bytes(record)
+                payload = payload_bytes(record)
+                queued += payload
+                sized += payload + header_bytes(record)
             elif code == RESULT:
-                frames += result_bytes(record)
+                sized += result_bytes(record)
         self.queued_bytes += queued
         numbered = list(enumerate(records, first))
         self.seq += len(records)
-        direct = (self.direct and not spilled and queued + frames < DIRECT_MAX and self.error is None
-                  and (not self._direct_after or time.monotonic() >= self._direct_after))
+        direct = (self.direct and not spilled and sized < DIRECT_MAX and len(records) <= DIRECT_RECORDS
+                  and self.error is None and (not self._direct_after or time.monotonic() >= self._direct_after))
         with self._cond:
             if direct and not self._queue and not self._busy and not self.writer.full \
                     and self._wrote_direct(numbered, queued):
@@ -183,15 +197,16 @@ class Journal:
         """:meth:`extend`'s write on the broker's thread (under ``_cond``: the writer thread cannot take a
         batch meanwhile, so records reach the log in their order). ``False``: the batch is
         :data:`DIRECT_MAX` bytes or more once encoded (long headers, say), for the writer thread."""
-        t_write = time.perf_counter()
         try:
             # (no frame of WRITE_ALONE bytes here, fewer than DIRECT_MAX in all: the records in one buffer)
             run = encode_run((rec for _, rec in batch), self._pack, DIRECT_MAX)
-            if run is None:  # too large: the thread's (a packer keeps the largest buffer it grew to: a new one)
-                self._pack = msgpack.Packer(use_bin_type=True).pack
+            if run is None:  # too large (long reasons, say; rare: sizes were counted above): the thread's
+                self._pack = msgpack.Packer(use_bin_type=True).pack  # (a packer keeps the largest buffer it grew to)
                 return False
             with self._writing:
+                t_write = time.perf_counter()  # (the write alone: not the encoding, nor waiting for the GIL before it)
                 self.writer.write([[run]])  # (as one: their offsets are not needed, none of them spills)
+                took = time.perf_counter() - t_write
                 self._batches_written += 1
         except Exception as exc:  # a full disk, say: the journal failed (the broker stops at its next wake-up)
             self.error = exc
@@ -200,7 +215,6 @@ class Journal:
         self.written_bytes += payload
         self.durable = batch[-1][0]
         self._direct_writes += 1
-        took = time.perf_counter() - t_write
         if took > DIRECT_SLOW:
             self._direct_after = time.monotonic() + DIRECT_PAUSE
             log.info("a journal write took %.1f ms on the broker's thread: the writer thread writes for the next "
