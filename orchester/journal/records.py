@@ -365,22 +365,20 @@ FRAMES_AT: dict[str, int | None] = {SUBMITTED: _S_PAYLOAD, TRANSITION: None, RES
                                      SATELLITE_KEY: None, BARRIER: None}
 
 
-def header_bytes(record: Record) -> int:
-    """Bytes of the task header an ``S`` record carries, else 0 (unchecked and cheap, as :func:`payload_bytes`)."""
+def sizes(record: Record) -> tuple[int, int]:
+    """``(payload, large)``: the bytes of input payload a record carries (as :func:`payload_bytes`), and the
+    bytes that make it large: an ``S`` record's payload frames and task header, an ``R`` record's result
+    frames (its header frame included); 0 for anything else. Unchecked and cheap, as :func:`payload_bytes`."""
     try:
-        return len(record[_S_HEADER]) if record[0] == SUBMITTED else 0
+        code = record[0]
+        if code == SUBMITTED:
+            payload = sum(map(len, record[_S_PAYLOAD]))
+            return payload, payload + len(record[_S_HEADER])
+        if code == RESULT:
+            return 0, sum(map(len, record[_R_FRAMES]))
     except (IndexError, TypeError):
-        return 0
-
-
-def result_bytes(record: Record) -> int:
-    """Bytes of result frames an ``R`` record carries (its header frame included), else 0.
-
-    Unchecked and cheap, as :func:`payload_bytes`."""
-    try:
-        return sum(map(len, record[_R_FRAMES])) if record[0] == RESULT else 0
-    except (IndexError, TypeError):
-        return 0
+        pass
+    return 0, 0
 
 
 def head(record: Sequence[Any]) -> tuple[str, str]:

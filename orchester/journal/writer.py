@@ -51,16 +51,7 @@ import zmq
 
 from orchester.journal.folder import JournalError
 from orchester.journal.historian import Historian, HistorianGone
-from orchester.journal.records import (
-    FRAMES_AT,
-    RESULT,
-    SUBMITTED,
-    RecordError,
-    Submitted,
-    header_bytes,
-    payload_bytes,
-    result_bytes,
-)
+from orchester.journal.records import FRAMES_AT, RecordError, Submitted, payload_bytes, sizes
 from orchester.journal.recovery import recover
 from orchester.journal.segments import compact, compact_closed, read_journal, read_task_record
 from orchester.journal.wal import EVERY_FIELD, ReadReport, SegmentWriter, encode_run, read_at, record_chunks
@@ -168,16 +159,11 @@ class Journal:
         for i in spill:
             self.spillable.add(first + i)
             spilled = True
-        queued = 0
-        sized = 0  # payloads, results and task headers: what makes a record large
+        queued = sized = 0  # payloads; payloads, results and task headers (what makes a record large)
         for record in records:
-            code = record[0]
-            if code == SUBMITTED:
-                payload = payload_bytes(record)
-                queued += payload
-                sized += payload + header_bytes(record)
-            elif code == RESULT:
-                sized += result_bytes(record)
+            payload, large = sizes(record)
+            queued += payload
+            sized += large
         self.queued_bytes += queued
         numbered = list(enumerate(records, first))
         self.seq += len(records)
@@ -215,19 +201,23 @@ class Journal:
         self.written_bytes += payload
         self.durable = batch[-1][0]
         self._direct_writes += 1
-        if took > DIRECT_SLOW:
+        slow = took > DIRECT_SLOW
+        if slow:
             self._direct_after = time.monotonic() + DIRECT_PAUSE
             log.info("a journal write took %.1f ms on the broker's thread: the writer thread writes for the next "
                      "%.0f s", took * 1000, DIRECT_PAUSE)
+        self._count(len(batch), took, direct=True, slow=slow)
+        return True
+
+    def _count(self, records: int, took: float, direct: bool = False, slow: bool = False) -> None:
+        """Count a batch written (by either thread, never both at once) in :meth:`take_stats`'s figures."""
         st = self._stats
         st["batches"] += 1
-        st["records"] += len(batch)
+        st["records"] += records
         st["flush_sum"] += took
         st["flush_max"] = max(st["flush_max"], took)
-        st["direct"] += 1
-        if took > DIRECT_SLOW:
-            st["direct_slow"] += 1
-        return True
+        st["direct"] += direct
+        st["direct_slow"] += slow
 
     def drain_notifications(self) -> int:
         """Read the durable sequence numbers the thread reported; return the highest."""
@@ -285,11 +275,7 @@ class Journal:
                                                            daemon=True)
                         self._compactor.start()
                 took = time.perf_counter() - t_write
-                st = self._stats
-                st["batches"] += 1
-                st["records"] += len(batch)
-                st["flush_sum"] += took
-                st["flush_max"] = max(st["flush_max"], took)
+                self._count(len(batch), took)
                 with self._cond:  # (idle before it says so: the broker, woken by it, may write at once)
                     self._busy = False
                 sock.send(_SEQ.pack(batch[-1][0]))

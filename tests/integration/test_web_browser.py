@@ -85,8 +85,7 @@ def test_upload_fit_watch_download(web: str, web_cluster: LocalCluster, browser:
         # the list refreshes every second; the link stays the same element, so no click is lost to a refresh
         page.evaluate("window.shownLink = document.querySelector('#fits tbody a')")
         for _ in range(2):
-            with page.expect_response(lambda r: r.url.endswith("/api/series"), timeout=30_000):
-                pass
+            page.wait_for_event("response", lambda r: r.url.endswith("/api/series"), timeout=30_000)
         assert page.evaluate("document.querySelector('#fits tbody a') === window.shownLink")
         page.click("#fits tbody tr >> text=nickel_film")
         page.wait_for_url(re.compile(r".*/fits/[0-9a-f]{32}$"))
