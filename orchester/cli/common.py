@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import time
 import types
 import typing
 from typing import Any, NoReturn
@@ -234,19 +235,22 @@ def ask(connect: tuple[str, ...], timeout: float, request: Any, **client_options
             sys.exit(EXIT_TASK_FAILED)
 
 
+#: Seconds between two looks of :func:`wait_for` at its future.
+WAIT_POLL = 0.02
+
+
 def wait_for(fut: Any) -> Any:
-    """``fut.result()``, woken twice a second so that Ctrl-C is seen at once.
+    """``fut.result()``, looked for every :data:`WAIT_POLL` seconds in a sleep, so that Ctrl-C is seen at once
+    and ends the command cleanly.
 
-    A blocked wait is only interrupted by a signal the kernel delivers to the main thread; one
-    that lands on the client's I/O thread would go unnoticed until the result came.
+    Not a blocked ``fut.result(timeout)``: a signal the kernel delivers to the client's I/O thread would go
+    unnoticed until it woke, and a ``KeyboardInterrupt`` raised inside a condition's wait can leave its lock
+    released under the ``with`` that then releases it again (``RuntimeError: cannot release un-acquired
+    lock``: a traceback and exit 1 instead of exit 130). A sleep holds no lock.
     """
-    import concurrent.futures as cf
-
-    while True:
-        try:
-            return fut.result(timeout=0.5)
-        except cf.TimeoutError:
-            continue
+    while not fut.done():
+        time.sleep(WAIT_POLL)
+    return fut.result()
 
 
 def config_options(cls: type) -> list[click.Option]:
