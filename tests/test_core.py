@@ -601,3 +601,27 @@ def test_an_ack_of_many_tasks_is_cut_into_acks_a_client_reads() -> None:
     assert got == ids[:-3] + ["é" * 255 + str(i) for i in range(3)]
     assert len(M.acks(["é" * 256] * 200, "e")) > 1  # (non-ASCII ids weigh their UTF-8 bytes)
     assert all(len(frames[2]) <= MAX_HEADER for frames in M.acks(["é" * 256] * 200, "e"))
+
+
+def test_a_task_told_by_its_done_alone_began_as_long_ago_as_it_ran_never_before_its_dispatch() -> None:
+    """A satellite tells no STARTED for a task that ended within its STARTED_DELAY: the DONE's ``dt`` dates the
+    running row (the history's work seconds), bounded by the dispatch (a satellite's ``dt`` cannot move it back)."""
+    h = Harness()
+    clock = [1234.5]
+    h.core = Orchestrator(h.core.cfg, h.now, wall=lambda: clock[0])
+    sat = h.register("s", slots=2)
+    for tid in ("short", "liar"):
+        h.submit(tid)
+    h.tick()
+    clock[0] += 1.0  # a second after their dispatch
+    for tid, dt in (("short", 0.005), ("liar", 1e6)):
+        h.send(S, sat, P.DONE, {"id": tid, "a": 1, "ok": True, "c": "msgpack", "sat": "s", "dt": dt}, b"\xc0")
+    h.tick()
+    for tid, dt in (("short", 0.005), ("liar", None)):
+        rows = {state: when for when, state, *_ in h.core.state.tasks[tid].history.rows()}
+        running, done, dispatched = rows[TaskState.RUNNING], rows[TaskState.DONE], rows[TaskState.DISPATCHED]
+        assert dispatched <= running <= done
+        if dt is not None:
+            assert done - running == pytest.approx(dt, abs=0.002)
+        else:
+            assert running == dispatched  # not before its dispatch, whatever the satellite says

@@ -51,6 +51,11 @@ class History:
         self._rows.append(t)
         self._rows.append(state + 16 * attempt)
 
+    @property
+    def last(self) -> float | None:
+        """When the newest row happened (``None``: no row yet)."""
+        return self._rows[-2] if self._rows else None
+
     def __len__(self) -> int:
         return len(self._rows) // 2
 

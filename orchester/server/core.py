@@ -413,8 +413,9 @@ class Orchestrator:
             log_limited(log, logging.INFO, "discarded stale result of %r attempt %s from %s", tid[:256], attempt,
                         sat.sid)
             return
-        if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, or was lost
-            self.life.task_to(task, TE.start, now)
+        if task.state is TS.DISPATCHED:  # its STARTED may ride in the same batch, was lost, or was not sent (a task
+            # that ended within the satellite's STARTED_DELAY): it began when it ran for, as far as its history says
+            self.life.task_to(task, TE.start, now, ago=done.duration)
         if done.ok and (done.codec or "msgpack") != task.codec:
             # a result is decoded as the task was (pickle only for a pickle task: its consent); another codec is
             # a satellite's lie (a pickle result for a msgpack task would run code where it is decoded)

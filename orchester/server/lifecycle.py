@@ -258,8 +258,10 @@ class Lifecycle:
                 task.timer = self.state.timers.schedule(now + self.state.cfg.lost_after, tid, T_RESULT)
 
     # ------------------------------------------------------------ task moves
-    def task_to(self, task: Task, event: TaskEvent, now: float, reason: str | None = None) -> None:
-        """Fire ``event`` on ``task``: new state, its timer, history and event."""
+    def task_to(self, task: Task, event: TaskEvent, now: float, reason: str | None = None,
+                ago: float | None = None) -> None:
+        """Fire ``event`` on ``task``: new state, its timer, history and event. ``ago``: the move happened that
+        many seconds before now (never before the task's previous move), for the history, journal and event."""
         st = self.state  # (the hottest path of the core: one lookup of each collaborator)
         state = TASK_MACHINE.next(task.state, event)
         counts = st.state_counts
@@ -272,6 +274,8 @@ class Lifecycle:
             task.queued_at = now
         task.state = state
         wall = st.wall()  # one reading for the history, the journal and the event
+        if ago:
+            wall = max(wall - ago, task.history.last or wall - ago)
         task.history.add(wall, state, task.attempt, task.satellite, reason)
         written = self.outbox.records
         if written is not None:
