@@ -14,16 +14,38 @@ p99 round trip; the difference between two stages is what the piece added betwee
 5. **+ Client API**: :class:`~orchester.Client` instead of the raw DEALER, ``echo``: the hand-over
    between the caller's thread and the client's I/O thread, both ways.
 
-Run: ``python bench/latency.py [--n 2000]``
+Then **the floor of this shape**: the processes and threads a round trip of ``echo.inline`` through the
+:class:`~orchester.Client` crosses, with nothing in them. Each stage adds one hand-over to the one before:
+
+a. **one-hop proxy**: a DEALER in the caller's thread, a Python ROUTER–DEALER proxy process (the baseline of
+   ``bench/throughput.py``), an echo process behind it;
+b. **+ a satellite's inline thread**: the echo process hands each message to a thread of its own and takes
+   the answer back through an ``inproc://`` PAIR, as a satellite's I/O loop and its inline thread do;
+c. **+ a client's I/O thread**: the caller hands each request to an I/O thread through an ``inproc://``
+   PAIR and waits for a :class:`concurrent.futures.Future` the I/O thread resolves, as
+   :class:`~orchester.Client` does.
+
+d. **Orchester**: ``echo.inline`` through :class:`~orchester.Client`, a real ``orchester serve`` and
+   ``satellite run``: the same processes and threads, with the bus in them.
+
+Stage (c) is what the bus costs before it does anything: its ratio to (a) is what is left of a goal stated
+as a multiple of the proxy's round trip for all the bus's own work (decoding, checking, tracking, routing),
+and (d) minus (c) is what that work takes now.
+
+Run: ``python bench/latency.py [--n 2000] [--floor-only]``
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures as cf
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
+import threading
 import time
 from typing import Any
 
@@ -152,11 +174,217 @@ class Protocol:
         self.ctx.term()
 
 
+# ----------------------------------------------------------------- the floor: the shape with nothing in it
+def one_hop_proxy(front: str, back: str) -> None:
+    """A Python ROUTER–DEALER proxy (as ``bench/throughput.py``'s baseline), until ``STOP`` comes through."""
+    ctx = zmq.Context()
+    f, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    f.bind(front)
+    b.bind(back)
+    poller = zmq.Poller()
+    poller.register(f, zmq.POLLIN)
+    poller.register(b, zmq.POLLIN)
+    stopping = False
+    while not stopping:
+        for sock, _ in poller.poll():
+            msg = sock.recv_multipart(copy=False)
+            stopping = msg[-1].bytes == b"STOP"
+            (b if sock is f else f).send_multipart(msg, copy=False)
+    for s in (f, b):
+        s.close(100)
+    ctx.term()
+
+
+def echo_behind(endpoint: str, threaded: bool) -> None:
+    """The echo behind the proxy: answers in its loop, or (``threaded``) hands each message to a thread of its
+    own and sends the answer when that thread wakes it through an ``inproc://`` PAIR (a satellite's inline
+    thread), until ``STOP``."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(endpoint)
+    wake = ctx.socket(zmq.PAIR)
+    wake.bind("inproc://floor-inline")
+    todo: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+    done: collections.deque[list[Any]] = collections.deque()
+
+    def inline() -> None:
+        tx = ctx.socket(zmq.PAIR)
+        tx.connect("inproc://floor-inline")
+        while (msg := todo.get()) is not None:
+            done.append(msg)
+            tx.send(b"")
+        tx.close(0)
+
+    worker = threading.Thread(target=inline, daemon=True)
+    worker.start()
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(wake, zmq.POLLIN)
+    while True:
+        ready = dict(poller.poll())
+        if sock in ready:
+            msg = sock.recv_multipart(copy=False)
+            if msg[-1].bytes == b"STOP":
+                break
+            if threaded:
+                todo.put(msg)
+            else:
+                sock.send_multipart(msg, copy=False)
+        if wake in ready:
+            wake.recv()
+            while done:
+                sock.send_multipart(done.popleft(), copy=False)
+    todo.put(None)
+    worker.join(5)
+    for s in (sock, wake):
+        s.close(0)
+    ctx.term()
+
+
+class HandOver:
+    """A caller's thread and an I/O thread that owns the DEALER: each request handed over through an
+    ``inproc://`` PAIR, each answer through a :class:`concurrent.futures.Future` (as :class:`~orchester.Client`)."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+        self.ctx, self.endpoint = ctx, endpoint
+        self._out: collections.deque[tuple[bytes, cf.Future[Any]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._tx = ctx.socket(zmq.PAIR)
+        self._tx.bind("inproc://floor-client")
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def once(self) -> float:
+        t0 = time.perf_counter()
+        fut: cf.Future[Any] = cf.Future()
+        with self._lock:
+            self._out.append((b"x" * 16, fut))
+            self._tx.send(b"")
+        fut.result(10)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        with self._lock:
+            self._tx.send(b"STOP")
+        self._thread.join(5)
+        self._tx.close(0)
+
+    def _loop(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self.endpoint)
+        rx = self.ctx.socket(zmq.PAIR)
+        rx.connect("inproc://floor-client")
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(rx, zmq.POLLIN)
+        waiting: collections.deque[cf.Future[Any]] = collections.deque()
+        while True:
+            ready = dict(poller.poll())
+            if rx in ready:
+                with self._lock:
+                    if rx.recv() == b"STOP":
+                        break
+                while self._out:
+                    body, fut = self._out.popleft()
+                    waiting.append(fut)
+                    sock.send(body)
+            if sock in ready:
+                waiting.popleft().set_result(sock.recv())
+        sock.close(0)
+        rx.close(0)
+
+
+def floor(n: int) -> list[tuple[str, list[float]]]:
+    """The stages of the floor (see the module's docstring), each ``n`` round trips after 100 to warm up."""
+    out: list[tuple[str, list[float]]] = []
+    spawn = mp.get_context("spawn")
+    for label, threaded, handed in (("(a) one-hop proxy", False, False), ("(b) + a satellite's inline thread",
+                                    True, False), ("(c) + a client's I/O thread", True, True)):
+        ctx = zmq.Context()
+        probe = ctx.socket(zmq.ROUTER)
+        front, back = (f"tcp://127.0.0.1:{probe.bind_to_random_port('tcp://127.0.0.1')}" for _ in range(2))
+        probe.close(0)
+        procs = [spawn.Process(target=one_hop_proxy, args=(front, back), daemon=True),
+                 spawn.Process(target=echo_behind, args=(back, threaded), daemon=True)]
+        for p in procs:
+            p.start()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        dealer.connect(front)
+        try:
+            if handed:
+                client = HandOver(ctx, front)
+                try:
+                    for _ in range(100):
+                        client.once()
+                    out.append((label, [client.once() for _ in range(n)]))
+                finally:
+                    client.close()
+            else:
+                rtts = []
+                for _ in range(n + 100):
+                    t0 = time.perf_counter()
+                    dealer.send(b"x" * 16)
+                    if not dealer.poll(10_000):
+                        raise RuntimeError("the floor's echo did not answer in 10 s")
+                    dealer.recv()
+                    rtts.append(time.perf_counter() - t0)
+                out.append((label, rtts[100:]))
+            dealer.send(b"STOP")
+        finally:
+            for p in procs:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+            dealer.close(0)
+            ctx.term()
+    with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as client:
+        for _ in range(100):
+            client.submit("echo.inline", 1).result(30)
+        rtts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            client.submit("echo.inline", 1).result(30)
+            rtts.append(time.perf_counter() - t0)
+        out.append(("(d) Orchester, echo.inline, Client", rtts))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="round trips per stage")
+    ap.add_argument("--floor-only", action="store_true", help="only the floor: the shape with nothing in it")
     args = ap.parse_args(argv)
     n = args.n
+    if n < 100:
+        ap.error("--n must be at least 100")
+    if not args.floor_only:
+        print_stages(f"one task at a time, {n} round trips per stage (µs)", path(n))
+    bottom = floor(n)
+    print_stages(f"\nthe floor: the same processes and threads with nothing in them (a-c), then the bus in them (d), "
+                 f"{n} round trips per stage (µs)",
+                 bottom)
+    base, shape, bus = (quantiles(bottom[i][1])[0] for i in (0, 2, 3))
+    print(f"the shape alone costs {shape / base:.2f}x the one-hop proxy's p50: a goal of 2x leaves "
+          f"{max(2 * base - shape, 0):.0f} µs ({max(2 - shape / base, 0):.2f}x) for all the bus's own work, "
+          f"which takes {bus - shape:.0f} µs now ({bus / base:.2f}x in all)")
+    return 0
+
+
+def print_stages(title: str, stages: list[tuple[str, list[float]]]) -> None:
+    """Each stage's p50 and p99, and what its p50 adds to the one before."""
+    print(title)
+    print(f"{'stage':36s} {'p50':>8s} {'p99':>8s} {'p50 added':>10s}")
+    before = 0.0
+    for label, rtts in stages:
+        p50, p99 = quantiles(rtts)
+        print(f"{label:36s} {p50:8.0f} {p99:8.0f} {p50 - before:+10.0f}")
+        before = p50
+
+
+def path(n: int) -> list[tuple[str, list[float]]]:
+    """The stages of the bus's path (see the module's docstring), one piece added at a time."""
     stages: list[tuple[str, list[float]]] = [("raw pyzmq (one hop)", raw(n))]
     with LocalCluster(satellites=0, workers=1, log_level="ERROR") as cluster:
         spawn = mp.get_context("spawn")
@@ -194,14 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 client.submit("echo", 1).result(30)
                 rtts.append(time.perf_counter() - t0)
             stages.append(("+ Client API", rtts))
-    print(f"one task at a time, {n} round trips per stage (µs)")
-    print(f"{'stage':36s} {'p50':>8s} {'p99':>8s} {'p50 added':>10s}")
-    before = 0.0
-    for label, rtts in stages:
-        p50, p99 = quantiles(rtts)
-        print(f"{label:36s} {p50:8.0f} {p99:8.0f} {p50 - before:+10.0f}")
-        before = p50
-    return 0
+    return stages
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ also measures what this machine's disk takes (sequential 1 MiB writes to the jou
 as the journal writes them) and prints the journal's 1 MiB figure against that sustained ceiling too
 (a run shorter than the page cache passes it).
 
+The 1 MiB arrays go twice, in two passes of ``--mb`` each, on every system alike. Orchester keeps finished
+results for fetch by task id, up to 256 MiB of them: in the first pass from a fresh start that store is
+filling, and every result it keeps lands in memory the orchestrator touches for the first time (a page
+fault per 4 KiB). In the second the store is full: each result takes the memory an older one leaves, as a
+proxy that keeps nothing does from the start. The first pass is what a fresh orchestrator's first few
+hundred MiB of results cost; the second, what it sustains.
+
 On a shared VM the figures move from minute to minute: ``--repeat N`` measures every system N times,
 in turns (raw, proxy, the Orchester configurations, then again), and prints the median of each figure.
 
@@ -194,7 +201,8 @@ class OrchesterSystem:
 
 def measure(system: Any, n: int, n_rtt: int, n_mb: int, window: int) -> dict[str, float]:
     """The peers' workloads for one system: a windowed submit loop of no-ops, ``map`` (Orchester only), one
-    at a time (p50/p99 round trip), 1 MiB arrays with 8 outstanding."""
+    at a time (p50/p99 round trip), 1 MiB arrays with 8 outstanding (two passes of ``n_mb``: a fresh
+    orchestrator's result store fills during the first)."""
     raw = isinstance(system, RawSystem)
     noop: Callable[[int], Any] = (lambda i: [b"x" * 16]) if raw else (lambda i: i)
     t0 = time.perf_counter()
@@ -208,9 +216,10 @@ def measure(system: Any, n: int, n_rtt: int, n_mb: int, window: int) -> dict[str
     if n_mb:
         arr = np.random.default_rng(0).random(131072)  # 1 MiB of float64
         big: Callable[[int], Any] = (lambda i: [arr]) if raw else (lambda i: arr)
-        t0 = time.perf_counter()
-        system.roundtrips(n_mb, big, 8)
-        out["mb_per_s"] = n_mb * arr.nbytes / 2**20 / (time.perf_counter() - t0)
+        for key in ("mb_per_s", "mb_full_per_s"):
+            t0 = time.perf_counter()
+            system.roundtrips(n_mb, big, 8)
+            out[key] = n_mb * arr.nbytes / 2**20 / (time.perf_counter() - t0)
     return out
 
 
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20000, help="no-op requests per system")
     ap.add_argument("--rtt", type=int, default=2000, help="sequential round trips for p50/p99")
-    ap.add_argument("--mb", type=int, default=300, help="1 MiB payloads per system")
+    ap.add_argument("--mb", type=int, default=300, help="1 MiB payloads per system and pass (two passes)")
     ap.add_argument("--window", type=int, default=500, help="outstanding requests for throughput")
     ap.add_argument("--prefetch", type=int, default=8, help="Orchester satellite prefetch")
     ap.add_argument("--repeat", type=int, default=1, help="measure every system this many times, in turns; "
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                     system.close()
                 runs.setdefault(name, []).append(r)
                 extra = f"   map {r['map_per_s']:7.0f}/s" if "map_per_s" in r else ""
-                mb = f"   1 MB: {r['mb_per_s']:6.0f} MB/s" if "mb_per_s" in r else ""
+                mb = f"   1 MB: {r['mb_per_s']:6.0f} then {r['mb_full_per_s']:6.0f} MB/s" if "mb_per_s" in r else ""
                 print(f"{name:24s} {r['tasks_per_s']:8.0f} tasks/s{extra}   p50 {r['p50_us']:6.0f} µs   "
                       f"p99 {r['p99_us']:6.0f} µs{mb}", flush=True)
             if args.mb:
@@ -281,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             ("map / submit loop", "map_per_s", lambda o: o["map_per_s"] / o["tasks_per_s"], ">= 1.00 (of itself)"),
             ("p50 round trip", "p50_us", lambda o: o["p50_us"], "<= 2.00"),
             ("p99 round trip", "p99_us", lambda o: o["p99_us"], ""),
-            ("1 MiB arrays", "mb_per_s", lambda o: o["mb_per_s"], ">= 0.80 (off), >= 0.56 (batch)")]
+            ("1 MiB arrays", "mb_per_s", lambda o: o["mb_per_s"], ">= 0.80 (off), >= 0.56 (batch)"),
+            ("1 MiB, 2nd pass", "mb_full_per_s", lambda o: o["mb_full_per_s"], "(the result store full)")]
     print(f"  {'':22s}" + "".join(f"{name[:22]:>24s}" for name, *_ in CONFIGS) + "   goal")
     for label, key, value, goal in rows:
         cells = []
@@ -302,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
               "what the journal's syncer has not flushed yet)")
         for name, _, journal in CONFIGS:
             if journal:
-                print(f"  {name:22s} {results[name]['mb_per_s']:6.0f} MB/s: "
-                      f"{results[name]['mb_per_s'] / ceiling:.2f} of the disk's ceiling")
+                first, second = results[name]["mb_per_s"], results[name]["mb_full_per_s"]
+                print(f"  {name:22s} {first:6.0f} then {second:6.0f} MB/s: {first / ceiling:.2f} and "
+                      f"{second / ceiling:.2f} of the disk's ceiling")
         results["disk"] = {"mib_per_s": statistics.median(disk)}
     if args.json:
         with open(args.json, "w") as f:
