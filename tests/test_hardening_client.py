@@ -399,3 +399,36 @@ def test_a_result_for_a_future_cancelled_meanwhile_is_dropped_without_an_error()
         assert aio.cancelled()
     finally:
         loop.close()
+
+
+def test_a_finished_future_answers_result_at_once_and_every_other_state_as_a_future_does() -> None:
+    """``result()`` of a future that has its result returns it without a lock or a condition; one that failed
+    raises its exception, one cancelled raises CancelledError, one still pending waits (and times out)."""
+    import concurrent.futures as cf
+
+    from orchester.client.core import reject_future, resolve_future
+    from orchester.client.sync import TaskFuture
+
+    done = TaskFuture()
+    resolve_future(done, {"x": 1})
+    assert done.result() == {"x": 1} and done.result(0) == {"x": 1}
+    assert "_cond" not in done.__dict__ and done._wanted  # (the fast path made nothing; the wait is recorded)
+    asked: list[int] = []
+    done._demand(lambda: asked.append(1))  # passed by reference after a wait: asked for at once, as before
+    assert asked == [1]
+
+    failed = TaskFuture()
+    reject_future(failed, ValueError("bad"))
+    with pytest.raises(ValueError, match="bad"):
+        failed.result()
+
+    cancelled = TaskFuture()
+    assert cancelled.cancel()
+    with pytest.raises(cf.CancelledError):
+        cancelled.result()
+
+    pending = TaskFuture()
+    with pytest.raises(TimeoutError):
+        pending.result(0.01)
+    resolve_future(pending, 2)
+    assert pending.result() == 2

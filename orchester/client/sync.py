@@ -156,6 +156,9 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 
     def result(self, timeout: float | None = None) -> Any:
         """The task's result (see :class:`concurrent.futures.Future`)."""
+        if self._state is _FINISHED and self._exception is None:  # (finished: no lock, no condition to make)
+            self._wanted = True
+            return self._result
         self._ask()
         return super().result(timeout)
 
@@ -178,6 +181,8 @@ _DEMAND = threading.Lock()
 MAP_WINDOW = 50_000
 #: Guards the making of a future's condition, when first used.
 _MAKE = threading.Lock()
+#: The state of a future that has its result or its exception.
+_FINISHED = cf._base.FINISHED
 #: The states of a future that is done.
 _DONE_STATES = frozenset({cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED})
 #: The keyword options of a task's dependencies and resources (checked by :func:`task_options`).
