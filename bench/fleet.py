@@ -15,7 +15,8 @@ For each fleet size N (``--sizes``):
   share of one core (``--heartbeat-interval``, 1 s by default);
 * **status**: the wall time of one ``STATUS`` request and the size of its reply;
 * **tasks**: ``--tasks`` echo tasks through a window of 2,000 (``Client.submit``), the
-  orchestrator's CPU per task and the throughput;
+  orchestrator's CPU per task, its wake-ups per task (its ``wakeups`` counter: fewer, larger wake-ups
+  cost less a task) and the throughput;
 * **stability**: satellites lost and registrations repeated (the orchestrator's counters) during the
   run: both must stay 0.
 
@@ -178,6 +179,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, float]:
                 listed = sum(1 for _ in client.satellites(timeout=60))  # the full list, a page at a time
                 out["list_ms"] = (time.perf_counter() - t0) * 1000
                 assert listed == n, (listed, n)
+                wakeups = client.status(timeout=60)["counters"].get("wakeups", 0)
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 window: list[Any] = []
                 for i in range(args.tasks):
@@ -190,6 +192,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict[str, float]:
                 out["cpu_per_task_us"] = (cpu_seconds(proc.pid) - c0) / args.tasks * 1e6
                 out["tasks_per_s"] = args.tasks / wall
                 counters = client.status(timeout=60)["counters"]
+                out["wakeups_per_task"] = (counters.get("wakeups", 0) - wakeups) / args.tasks
                 out["lost"] = counters.get("satellites_lost", 0)
                 out["registered_again"] = counters.get("registered_again", 0) + max(
                     0, counters.get("satellites_registered", 0) - n)
@@ -215,11 +218,13 @@ def main() -> None:
     print(f"a simulated fleet against orchester serve, {args.tasks:,} echo tasks each, heartbeats every "
           f"{args.heartbeat_interval:g} s")
     print(f"{'satellites':>10} {'register s':>10} {'reg. CPU s':>10} {'idle core':>9} {'status ms':>9} "
-          f"{'status KB':>9} {'list ms':>8} {'CPU/task µs':>11} {'tasks/s':>8} {'lost':>5} {'re-reg':>6}")
+          f"{'status KB':>9} {'list ms':>8} {'CPU/task µs':>11} {'wakes/task':>10} {'tasks/s':>8} {'lost':>5} "
+          f"{'re-reg':>6}")
     for r in rows:
         print(f"{r['satellites']:>10,.0f} {r['register_s']:>10.2f} {r['register_cpu_s']:>10.2f} "
               f"{r['idle_core_share']:>9.1%} {r['status_ms']:>9.1f} {r['status_kb']:>9.0f} "
-              f"{r['list_ms']:>8.0f} {r['cpu_per_task_us']:>11.0f} {r['tasks_per_s']:>8.0f} {r['lost']:>5.0f} "
+              f"{r['list_ms']:>8.0f} {r['cpu_per_task_us']:>11.0f} {r['wakeups_per_task']:>10.2f} "
+              f"{r['tasks_per_s']:>8.0f} {r['lost']:>5.0f} "
               f"{r['registered_again']:>6.0f}")
     base = rows[0]
     for r in rows:
