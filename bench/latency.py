@@ -28,6 +28,10 @@ c. **+ a client's I/O thread**: the caller hands each request to an I/O thread t
 d. **Orchester**: ``echo.inline`` through :class:`~orchester.Client`, a real ``orchester serve`` and
    ``satellite run``: the same processes and threads, with the bus in them.
 
+Stages (a) to (c) speak ``tcp://`` loopback, as ``bench/throughput.py``'s baselines do; (d), a
+:class:`~orchester.LocalCluster`, speaks ``ipc://``. On the 2-core VM of ``docs/performance.rst`` the two
+transports gave the one-hop proxy the same round trip within the noise.
+
 Stage (c) is what the bus costs before it does anything: its ratio to (a) is what is left of a goal stated
 as a multiple of the proxy's round trip for all the bus's own work (decoding, checking, tracking, routing),
 and (d) minus (c) is what that work takes now.
@@ -188,7 +192,7 @@ def one_hop_proxy(front: str, back: str) -> None:
     while not stopping:
         for sock, _ in poller.poll():
             msg = sock.recv_multipart(copy=False)
-            stopping = msg[-1].bytes == b"STOP"
+            stopping = stopping or msg[-1].bytes == b"STOP"
             (b if sock is f else f).send_multipart(msg, copy=False)
     for s in (f, b):
         s.close(100)
@@ -274,25 +278,28 @@ class HandOver:
         sock.linger = 0
         sock.connect(self.endpoint)
         rx = self.ctx.socket(zmq.PAIR)
+        rx.linger = 0
         rx.connect("inproc://floor-client")
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(rx, zmq.POLLIN)
         waiting: collections.deque[cf.Future[Any]] = collections.deque()
-        while True:
-            ready = dict(poller.poll())
-            if rx in ready:
-                with self._lock:
-                    if rx.recv() == b"STOP":
-                        break
-                while self._out:
-                    body, fut = self._out.popleft()
-                    waiting.append(fut)
-                    sock.send(body)
-            if sock in ready:
-                waiting.popleft().set_result(sock.recv())
-        sock.close(0)
-        rx.close(0)
+        try:
+            while True:
+                ready = dict(poller.poll())
+                if rx in ready:
+                    with self._lock:
+                        if rx.recv() == b"STOP":
+                            break
+                    while self._out:
+                        body, fut = self._out.popleft()
+                        waiting.append(fut)
+                        sock.send(body)
+                if sock in ready:
+                    waiting.popleft().set_result(sock.recv())
+        finally:
+            sock.close(0)
+            rx.close(0)
 
 
 def floor(n: int) -> list[tuple[str, list[float]]]:
@@ -338,7 +345,7 @@ def floor(n: int) -> list[tuple[str, list[float]]]:
                 if p.is_alive():
                     p.kill()
             dealer.close(0)
-            ctx.term()
+            ctx.destroy(linger=0)  # (whatever a stage left open: a failed stage never hangs the run)
     with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as client:
         for _ in range(100):
             client.submit("echo.inline", 1).result(30)
