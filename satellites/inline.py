@@ -34,7 +34,7 @@ import zmq
 from serializers.protocol import BATCH_ALONE
 from serializers.zmqframes import readable
 
-from .worker import DONE, PROGRESS, error_header, run_task
+from .worker import DONE, PROGRESS, Decoded, error_header, run_task
 
 log = logging.getLogger("satellites")
 
@@ -60,7 +60,7 @@ class InlineRunner:
         self.results.linger = 0
         self.results.bind(self.endpoint)
         self._ctx = ctx
-        self._tasks: queue.SimpleQueue[tuple[str, int, list[Any]] | None] = queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[str, int, list[Any], Decoded | None] | None] = queue.SimpleQueue()
         #: the thread's answers, in order: ``(DONE, task id, attempt, done frames)`` or ``(PROGRESS, header)``
         self._answers: collections.deque[tuple[Any, ...]] = collections.deque()
         #: a wake-up is on its way to the loop, which has not taken the answers yet (set by the thread)
@@ -93,10 +93,11 @@ class InlineRunner:
             self.abandoned.add(key)
         return out
 
-    def run(self, task_id: str, attempt: int, frames: list[Any]) -> None:
-        """Hand a task over (``frames``: from its DISPATCH header on, as a worker gets them)."""
+    def run(self, task_id: str, attempt: int, frames: list[Any], decoded: Decoded | None = None) -> None:
+        """Hand a task over (``frames``: from its DISPATCH header on, as a worker gets them; ``decoded``: its
+        DISPATCH and task headers as the satellite's loop decoded them, not decoded again)."""
         self.pending[(task_id, attempt)] = None
-        self._tasks.put((task_id, attempt, frames))
+        self._tasks.put((task_id, attempt, frames, decoded))
 
     def abort(self, task_id: str, attempt: int) -> bool:
         """Give up on a task handed over (its result, if it comes, is dropped); False if it was not here."""
@@ -151,14 +152,15 @@ class InlineRunner:
                 item = self._tasks.get()
                 if item is None:
                     return
-                tid, attempt, frames = item
+                tid, attempt, frames, decoded = item
                 if (tid, attempt) in self.abandoned:  # given up on before it began
                     answer((DONE, tid, attempt, []), out)
                     continue
                 self.since = time.monotonic()
                 self.current = (tid, attempt)
                 try:
-                    done = run_task(frames, self.sid, lambda h: answer((PROGRESS, h), out), pools=None)
+                    done = run_task(frames, self.sid, lambda h: answer((PROGRESS, h), out), pools=None,
+                                    decoded=decoded)
                 except Exception as exc:  # a bug of ours: this task fails, the thread goes on
                     log.exception("inline task %s failed in the runner", tid)
                     done = [error_header(tid, attempt, self.sid, exc)]

@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import zmq
 
@@ -76,6 +76,12 @@ def _rss_mb(pid: int) -> float:
     except (OSError, IndexError, ValueError):
         return 0.0
 
+
+#: A light task's DISPATCH and task headers as the I/O loop decoded them (``None``: a task for a worker).
+Decoded: TypeAlias = W.Decoded
+#: A task received and not started yet: id, attempt, frames from its DISPATCH header on, cores, and for a light
+#: task its decoded headers.
+Queued: TypeAlias = tuple[str, int, list[Any], int, Decoded | None]
 
 #: Most UTF-8 bytes of a satellite id: with ``s:`` before it and ``:`` and 32 hex digits after, the routing
 #: id stays within ZeroMQ's 255 bytes.
@@ -191,7 +197,7 @@ class Satellite:
         self._out: list[list[Any]] = []
         #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores, light:
         #: of an inline kind, run in this process's own thread)
-        self._queue: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
+        self._queue: collections.deque[Queued] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
         #: results sent lately, (sent at, task id, attempt, DONE frames, their bytes): after a failover they are
         #: announced and sent again, so the new orchestrator neither loses nor reruns them
@@ -441,13 +447,15 @@ class Satellite:
         if isinstance(msg, M.Dispatch):
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            light = False
+            light: Decoded | None = None
             if self.inline_kinds and msg.cores == 1:  # a light kind runs in this process (one core at most)
                 try:
-                    kind = unpack(bytes(frames[3]), M.MAX_TASK_HEADER).get("k")
-                    light = isinstance(kind, str) and kind in self.inline_kinds
+                    task = unpack(bytes(frames[3]), M.MAX_TASK_HEADER)
+                    kind = task.get("k")
+                    if isinstance(kind, str) and kind in self.inline_kinds:
+                        light = (msg, task)  # (its thread decodes neither header again)
                 except ProtocolError:
-                    light = False  # a worker reports what is wrong with it
+                    light = None  # a worker reports what is wrong with it
             self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores, light))
             self.counters["received"] += 1
         elif isinstance(msg, M.Abort):
@@ -513,13 +521,14 @@ class Satellite:
             # a light task that is not: those handed over behind it go to workers, in order, first
             for tid, attempt in reversed(inline.reclaim()):
                 _, _, frames = self._inline_running.pop(tid)
-                self._queue.appendleft((tid, attempt, frames, 1, False))
+                self._queue.appendleft((tid, attempt, frames, 1, None))
                 self.counters["inline_reclaimed"] += 1
         light_ok = inline is not None and not inline.wedged(now)
         while self._queue:
-            if self._queue[0][4] and light_ok and inline is not None:  # light: this process's thread
+            decoded = self._queue[0][4]
+            if decoded is not None and light_ok and inline is not None:  # light: this process's thread
                 tid, attempt, frames, _, _ = self._queue.popleft()
-                self._run_inline(inline, tid, attempt, frames, now)
+                self._run_inline(inline, tid, attempt, frames, decoded, now)
                 started.append((tid, attempt))
                 continue
             cores = self._queue[0][3]
@@ -536,13 +545,14 @@ class Satellite:
             busy += cores
             send_frames(self._wsock, [w.ident, W.RUN, *frames])
             started.append((tid, attempt))
-        if light_ok and inline is not None and len(self._queue) > 1 and any(item[4] for item in self._queue):
+        if light_ok and inline is not None and len(self._queue) > 1 and \
+                any(item[4] is not None for item in self._queue):
             # light tasks never wait behind one that waits for a worker: they took no slot of the
             # orchestrator's (their own credit), and they run in this process's thread
-            waiting: collections.deque[tuple[str, int, list[Any], int, bool]] = collections.deque()
+            waiting: collections.deque[Queued] = collections.deque()
             for item in self._queue:
-                if item[4]:
-                    self._run_inline(inline, item[0], item[1], item[2], now)
+                if item[4] is not None:
+                    self._run_inline(inline, item[0], item[1], item[2], item[4], now)
                     started.append((item[0], item[1]))
                 else:
                     waiting.append(item)
@@ -566,10 +576,12 @@ class Satellite:
         for header in M.started_parts(started):  # (each well within what a header may be)
             self._send([P.STARTED, header], now)
 
-    def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], now: float) -> None:
-        """Hand a light task to the inline thread (it runs from now on, as far as the orchestrator is told)."""
+    def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], decoded: Decoded,
+                    now: float) -> None:
+        """Hand a light task to the inline thread (it runs from now on, as far as the orchestrator is told),
+        with its DISPATCH and task headers as this loop decoded them."""
         self._inline_running[tid] = (attempt, now, frames)
-        inline.run(tid, attempt, frames)
+        inline.run(tid, attempt, frames, decoded)
 
     def _drain_workers(self, now: float) -> None:
         for i in range(256):

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, TypeAlias
 
 import zmq
 
@@ -107,7 +107,12 @@ def _inputs(frames: list[Any], order: M.Dispatch, task: M.TaskHeader,
 THREADS = TaskThreads()
 
 
-def run_task(frames: list[Any], sid: str, send_progress: Any, pools: TaskThreads | None = THREADS) -> list[Any]:
+#: A task's DISPATCH header as its receiver decoded it, and its task header unpacked (checked no further).
+Decoded: TypeAlias = tuple[M.Dispatch, dict[str, Any]]
+
+
+def run_task(frames: list[Any], sid: str, send_progress: Any, pools: TaskThreads | None = THREADS,
+             decoded: Decoded | None = None) -> list[Any]:
     """Run the task in ``frames`` (``[dispatch_header, task_header, body, *buffers, *results]``).
 
     Returns the DONE frames without the tag: ``[result_header, body, *buffers]``. Never raises
@@ -118,16 +123,23 @@ def run_task(frames: list[Any], sid: str, send_progress: Any, pools: TaskThreads
     in the payload is replaced by the result the DISPATCH carries for it (:func:`result_value`).
     The worker's thread pools get the task's cores (:class:`~satellites.threads.TaskThreads`; ``pools=None``:
     left as they are, for a light task run in the satellite's own thread, :mod:`satellites.inline`).
+    ``decoded``: the DISPATCH header as the satellite's loop checked it and the task header as it unpacked it
+    (a light task: neither is decoded twice); the task header is checked here all the same.
     """
-    try:
-        dispatch = unpack(bytes(frames[0]), M.MAX_TASK_HEADER)
-        order = M.Dispatch.decode(dispatch)
-    except ProtocolError as exc:  # never let a bad message kill the worker
-        return [error_header("", 0, sid, exc)]
+    if decoded is not None:
+        order, hdr = decoded
+        dispatch = order.header()  # (the consent to pickle, for the checks below)
+    else:
+        try:
+            dispatch = unpack(bytes(frames[0]), M.MAX_TASK_HEADER)
+            order = M.Dispatch.decode(dispatch)
+        except ProtocolError as exc:  # never let a bad message kill the worker
+            return [error_header("", 0, sid, exc)]
     tid, attempt = order.id, order.attempt
     t0 = time.perf_counter()
     try:
-        hdr = unpack(frames[1], M.MAX_TASK_HEADER)
+        if decoded is None:
+            hdr = unpack(frames[1], M.MAX_TASK_HEADER)
         task = M.TaskHeader.decode(hdr)
         kind = registry.get(task.kind)
         try:  # pickle only with the submitter's, the orchestrator's and this satellite's consent

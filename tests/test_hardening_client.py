@@ -141,12 +141,24 @@ def pickle_on() -> Iterator[None]:
 
 
 def _run(task_header: dict[str, Any], body: bytes, dispatch: dict[str, Any]) -> dict[str, Any]:
+    """Run the task as a worker does (every header decoded from its bytes) and as the inline thread does
+    (the headers as the satellite's loop decoded them): both must come to the same answer, and call the task
+    alike (``HITS``)."""
     import satellites.builtins  # noqa: F401  (registers echo)
     from satellites.worker import run_task
+    from serializers import messages as M
     from serializers import pack, unpack
 
-    out = run_task([pack({"id": "t-1", "a": 1, **dispatch}), pack(task_header), body], "sat-1", lambda h: None)
-    return unpack(out[0])
+    frames = [pack({"id": "t-1", "a": 1, **dispatch}), pack(task_header), body]
+    before = len(HITS)
+    order = M.Dispatch.decode(unpack(frames[0]))
+    inline = unpack(run_task(frames, "sat-1", lambda h: None, pools=None, decoded=(order, unpack(frames[1])))[0])
+    inline_hits = HITS[before:]
+    del HITS[before:]
+    out = unpack(run_task(frames, "sat-1", lambda h: None)[0])
+    assert HITS[before:] == inline_hits
+    assert {k: v for k, v in inline.items() if k != "dt"} == {k: v for k, v in out.items() if k != "dt"}
+    return out
 
 
 def test_the_orchestrator_accepts_pickle_submits_only_when_started_with_allow_pickle() -> None:

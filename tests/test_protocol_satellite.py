@@ -54,7 +54,7 @@ def test_each_command_acts(sat: Satellite) -> None:
     assert sat.registered
     task = [pack({"id": "t1", "k": "echo"}), b"body"]
     sat._handle([*M.dispatch("t1", 2, {"pk": True}), *task], now)
-    assert [(tid, a, cores, light) for tid, a, _, cores, light in sat._queue] == [("t1", 2, 1, False)]
+    assert [(tid, a, cores, light is not None) for tid, a, _, cores, light in sat._queue] == [("t1", 2, 1, False)]
     assert sat._queue[0][2][1:] == task
     assert unpack(sat._queue[0][2][0]) == {"id": "t1", "a": 2, "pk": True}  # the worker reads it as sent
     sat._handle(M.beat(P.HEARTBEAT, E), now)
@@ -124,12 +124,15 @@ def test_a_light_kind_is_marked_for_the_inline_thread_unless_it_asks_for_more_co
     assert "echo.inline" in sat.inline_kinds and "echo" not in sat.inline_kinds
     for tid, kind, cores in (("a", "echo.inline", 1), ("b", "echo", 1), ("c", "echo.inline", 2)):
         sat._handle([*M.dispatch(tid, 1, {}, cores=cores), pack({"id": tid, "k": kind}), b"body"], 100.0)
-    assert [(tid, light) for tid, _, _, _, light in sat._queue] == [("a", True), ("b", False), ("c", False)]
+    assert [(tid, light is not None) for tid, _, _, _, light in sat._queue] == [("a", True), ("b", False),
+                                                                                ("c", False)]
+    order, task = sat._queue[0][4]  # a light task's headers, as the loop decoded them: its thread uses them
+    assert (order.id, order.attempt, task["k"]) == ("a", 1, "echo.inline")
 
 
 def test_a_dispatch_whose_kind_is_not_text_is_refused_not_fatal(sat: Satellite) -> None:
     sat._handle([*M.dispatch("x", 1, {}), pack({"id": "x", "k": ["echo.inline"]}), b"body"], 100.0)
-    assert [light for *_, light in sat._queue] == [False]  # (its worker reports the bad header)
+    assert [light for *_, light in sat._queue] == [None]  # (its worker reports the bad header)
 
 
 def test_a_task_that_ends_at_once_is_told_by_its_done_alone_a_longer_one_by_started_first(
