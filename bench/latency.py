@@ -347,15 +347,21 @@ def floor(n: int) -> list[tuple[str, list[float]]]:
             dealer.close(0)
             ctx.destroy(linger=0)  # (whatever a stage left open: a failed stage never hangs the run)
     with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as client:
-        for _ in range(100):
-            client.submit("echo.inline", 1).result(30)
-        rtts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            client.submit("echo.inline", 1).result(30)
-            rtts.append(time.perf_counter() - t0)
-        out.append(("(d) Orchester, echo.inline, Client", rtts))
+        out.append(("(d) Orchester, echo.inline, Client", client_roundtrips(client, "echo.inline", n)))
     return out
+
+
+def client_roundtrips(client: Any, kind: str, n: int) -> list[float]:
+    """``n`` tasks of ``kind`` one at a time through :class:`~orchester.Client`, after 100 to warm up: each
+    round trip from the caller's submit to its result, in seconds."""
+    for _ in range(100):
+        client.submit(kind, 1).result(30)
+    rtts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.submit(kind, 1).result(30)
+        rtts.append(time.perf_counter() - t0)
+    return rtts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,14 +427,7 @@ def path(n: int) -> list[tuple[str, list[float]]]:
         finally:
             proto.close()
         with cluster.client() as client:
-            for _ in range(100):
-                client.submit("echo", 1).result(30)
-            rtts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                client.submit("echo", 1).result(30)
-                rtts.append(time.perf_counter() - t0)
-            stages.append(("+ Client API", rtts))
+            stages.append(("+ Client API", client_roundtrips(client, "echo", n)))
     return stages
 
 
