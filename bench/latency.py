@@ -55,9 +55,11 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]  # bench/*.py must not shadow packages
+sys.path.append(HERE)  # (last: for throughput.py's one-hop proxy, here and in the processes spawned)
 
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
+from throughput import proxy  # noqa: E402
 
 from orchester import LocalCluster  # noqa: E402
 from serializers import encode, pack  # noqa: E402
@@ -179,48 +181,26 @@ class Protocol:
 
 
 # ----------------------------------------------------------------- the floor: the shape with nothing in it
-def one_hop_proxy(front: str, back: str) -> None:
-    """A Python ROUTER–DEALER proxy (as ``bench/throughput.py``'s baseline), until ``STOP`` comes through."""
-    ctx = zmq.Context()
-    f, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
-    f.bind(front)
-    b.bind(back)
-    poller = zmq.Poller()
-    poller.register(f, zmq.POLLIN)
-    poller.register(b, zmq.POLLIN)
-    stopping = False
-    while not stopping:
-        for sock, _ in poller.poll():
-            msg = sock.recv_multipart(copy=False)
-            stopping = stopping or msg[-1].bytes == b"STOP"
-            (b if sock is f else f).send_multipart(msg, copy=False)
-    for s in (f, b):
-        s.close(100)
-    ctx.term()
-
-
 def echo_behind(endpoint: str, threaded: bool) -> None:
     """The echo behind the proxy: answers in its loop, or (``threaded``) hands each message to a thread of its
     own and sends the answer when that thread wakes it through an ``inproc://`` PAIR (a satellite's inline
-    thread), until ``STOP``."""
+    thread). It runs until killed (the proxy keeps a ``STOP`` to itself)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(endpoint)
     wake = ctx.socket(zmq.PAIR)
     wake.bind("inproc://floor-inline")
-    todo: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+    todo: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
     done: collections.deque[list[Any]] = collections.deque()
 
     def inline() -> None:
         tx = ctx.socket(zmq.PAIR)
         tx.connect("inproc://floor-inline")
-        while (msg := todo.get()) is not None:
-            done.append(msg)
+        while True:
+            done.append(todo.get())
             tx.send(b"")
-        tx.close(0)
 
-    worker = threading.Thread(target=inline, daemon=True)
-    worker.start()
+    threading.Thread(target=inline, daemon=True).start()
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     poller.register(wake, zmq.POLLIN)
@@ -228,8 +208,6 @@ def echo_behind(endpoint: str, threaded: bool) -> None:
         ready = dict(poller.poll())
         if sock in ready:
             msg = sock.recv_multipart(copy=False)
-            if msg[-1].bytes == b"STOP":
-                break
             if threaded:
                 todo.put(msg)
             else:
@@ -238,11 +216,6 @@ def echo_behind(endpoint: str, threaded: bool) -> None:
             wake.recv()
             while done:
                 sock.send_multipart(done.popleft(), copy=False)
-    todo.put(None)
-    worker.join(5)
-    for s in (sock, wake):
-        s.close(0)
-    ctx.term()
 
 
 class HandOver:
@@ -312,7 +285,7 @@ def floor(n: int) -> list[tuple[str, list[float]]]:
         probe = ctx.socket(zmq.ROUTER)
         front, back = (f"tcp://127.0.0.1:{probe.bind_to_random_port('tcp://127.0.0.1')}" for _ in range(2))
         probe.close(0)
-        procs = [spawn.Process(target=one_hop_proxy, args=(front, back), daemon=True),
+        procs = [spawn.Process(target=proxy, args=(front, back), daemon=True),
                  spawn.Process(target=echo_behind, args=(back, threaded), daemon=True)]
         for p in procs:
             p.start()
@@ -339,11 +312,12 @@ def floor(n: int) -> list[tuple[str, list[float]]]:
                     rtts.append(time.perf_counter() - t0)
                 out.append((label, rtts[100:]))
             dealer.send(b"STOP")
+            procs[0].join(5)  # (the proxy ends at the STOP; the echo behind it runs until killed)
         finally:
             for p in procs:
-                p.join(5)
                 if p.is_alive():
                     p.kill()
+                p.join(5)
             dealer.close(0)
             ctx.destroy(linger=0)  # (whatever a stage left open: a failed stage never hangs the run)
     with LocalCluster(satellites=1, workers=1, log_level="ERROR") as cluster, cluster.client() as client:

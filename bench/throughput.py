@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import zmq
 
+from orchester.config import OrchestratorConfig
+
 
 # ---------------------------------------------------------------- raw pyzmq
 def echo_worker(endpoint: str, bind: bool) -> None:
@@ -240,9 +242,9 @@ def disk_ceiling(directory: str, mib: int = 512) -> float:
         os.unlink(path)
 
 
-#: MiB of results an orchestrator keeps by default (``OrchestratorConfig.result_retention_bytes``): a first
-#: pass of at least that many 1 MiB arrays fills its result store.
-FULL_STORE_MIB = 256
+#: MiB of results an orchestrator keeps by default: a first pass of at least that many 1 MiB arrays fills its
+#: result store.
+FULL_STORE_MIB = OrchestratorConfig.result_retention_bytes >> 20
 
 #: The Orchester configurations measured: name, kind, journal durability (None: no journal).
 CONFIGS = (("orchester", "echo", None), ("orchester inline", "echo.inline", None),
@@ -296,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             ("p99 round trip", "p99_us", lambda o: o["p99_us"], ""),
             ("1 MiB arrays", "mb_per_s", lambda o: o["mb_per_s"], ">= 0.80 (off), >= 0.56 (batch)"),
             ("1 MiB, 2nd pass", "mb_full_per_s", lambda o: o["mb_full_per_s"],
-             "(the result store full)" if args.mb >= FULL_STORE_MIB else "(--mb < 256: the store not full yet)")]
+             "(the result store full)" if args.mb >= FULL_STORE_MIB
+             else f"(--mb < {FULL_STORE_MIB}: the store not full yet)")]
     print(f"  {'':22s}" + "".join(f"{name[:22]:>24s}" for name, *_ in CONFIGS) + "   goal")
     for label, key, value, goal in rows:
         cells = []

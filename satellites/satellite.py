@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -77,11 +78,9 @@ def _rss_mb(pid: int) -> float:
         return 0.0
 
 
-#: A light task's DISPATCH and task headers as the I/O loop decoded them (``None``: a task for a worker).
-Decoded: TypeAlias = W.Decoded
 #: A task received and not started yet: id, attempt, frames from its DISPATCH header on, cores, and for a light
-#: task its decoded headers.
-Queued: TypeAlias = tuple[str, int, list[Any], int, Decoded | None]
+#: task its DISPATCH and task headers as the I/O loop decoded them (``None``: a task for a worker).
+Queued: TypeAlias = tuple[str, int, list[Any], int, W.Decoded | None]
 
 #: Most UTF-8 bytes of a satellite id: with ``s:`` before it and ``:`` and 32 hex digits after, the routing
 #: id stays within ZeroMQ's 255 bytes.
@@ -195,8 +194,8 @@ class Satellite:
         self._stop = threading.Event()
         #: messages for the orchestrator produced by this wake-up, sent together at its end (:meth:`_flush`)
         self._out: list[list[Any]] = []
-        #: dispatched here, not yet running: (task id, attempt, frames from the dispatch header on, cores, light:
-        #: of an inline kind, run in this process's own thread)
+        #: dispatched here, not yet running (:data:`Queued`; a light task, of an inline kind, runs in this
+        #: process's own thread)
         self._queue: collections.deque[Queued] = collections.deque()
         self._running: dict[str, Any] = {}  # task id -> Worker
         #: results sent lately, (sent at, task id, attempt, DONE frames, their bytes): after a failover they are
@@ -447,15 +446,13 @@ class Satellite:
         if isinstance(msg, M.Dispatch):
             if len(frames) < 5:
                 raise ProtocolError(P.E_MALFORMED, "DISPATCH needs a task header and a body")
-            light: Decoded | None = None
+            light: W.Decoded | None = None
             if self.inline_kinds and msg.cores == 1:  # a light kind runs in this process (one core at most)
-                try:
+                with contextlib.suppress(ProtocolError):  # (a header that does not unpack: a worker says why)
                     task = unpack(bytes(frames[3]), M.MAX_TASK_HEADER)
                     kind = task.get("k")
                     if isinstance(kind, str) and kind in self.inline_kinds:
                         light = (msg, task)  # (its thread decodes neither header again)
-                except ProtocolError:
-                    light = None  # a worker reports what is wrong with it
             self._queue.append((msg.id, msg.attempt, frames[2:], msg.cores, light))
             self.counters["received"] += 1
         elif isinstance(msg, M.Abort):
@@ -576,7 +573,7 @@ class Satellite:
         for header in M.started_parts(started):  # (each well within what a header may be)
             self._send([P.STARTED, header], now)
 
-    def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], decoded: Decoded,
+    def _run_inline(self, inline: InlineRunner, tid: str, attempt: int, frames: list[Any], decoded: W.Decoded,
                     now: float) -> None:
         """Hand a light task to the inline thread (it runs from now on, as far as the orchestrator is told),
         with its DISPATCH and task headers as this loop decoded them."""

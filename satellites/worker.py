@@ -128,7 +128,7 @@ def run_task(frames: list[Any], sid: str, send_progress: Any, pools: TaskThreads
     """
     if decoded is not None:
         order, hdr = decoded
-        dispatch = order.header()  # (the consent to pickle, for the checks below)
+        dispatch = codecs.dispatch_consent(order.pickle)  # (all the checks below read of it)
     else:
         try:
             dispatch = unpack(bytes(frames[0]), M.MAX_TASK_HEADER)

@@ -374,11 +374,9 @@ def sizes(record: Record) -> tuple[int, int]:
         if code == SUBMITTED:
             payload = sum(map(len, record[_S_PAYLOAD]))
             return payload, payload + len(record[_S_HEADER])
-        if code == RESULT:
-            return 0, sum(map(len, record[_R_FRAMES]))
+        return (0, sum(map(len, record[_R_FRAMES]))) if code == RESULT else (0, 0)
     except (IndexError, TypeError):
-        pass
-    return 0, 0
+        return 0, 0
 
 
 def head(record: Sequence[Any]) -> tuple[str, str]:

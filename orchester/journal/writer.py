@@ -129,20 +129,13 @@ class Journal:
         ``spill``: report where the record lands (:attr:`locations`), so that its payload can be
         dropped from memory and read back later.
         """
-        self.seq += 1
-        if spill:
-            self.spillable.add(self.seq)
-        self.queued_bytes += payload_bytes(record)
-        with self._cond:
-            self._queue.append((self.seq, record))
-            if len(self._queue) == 1:
-                self._cond.notify()
-        return self.seq
+        return self.extend([record], (0,) if spill else (), direct=False)
 
-    def extend(self, records: list[list[Any]], spill: Iterable[int] = ()) -> int:
+    def extend(self, records: list[list[Any]], spill: Iterable[int] = (), direct: bool = True) -> int:
         """Queue ``records`` in order, under one lock (a wake-up's records); return the last one's sequence
         number (called from the broker thread). ``spill``: positions in ``records`` of those whose location
-        to report (:meth:`append`).
+        to report (:meth:`append`). ``direct=False``: never written on the calling thread (its caller
+        learns of durability from the writer thread's notifications only).
 
         With ``batch`` durability, records of fewer than :data:`DIRECT_MAX` bytes in all, once encoded, are
         written at once by the calling thread when the writer thread is idle (nothing queued, nothing in its
@@ -167,7 +160,7 @@ class Journal:
         self.queued_bytes += queued
         numbered = list(enumerate(records, first))
         self.seq += len(records)
-        direct = (self.direct and not spilled and sized < DIRECT_MAX and len(records) <= DIRECT_RECORDS
+        direct = (direct and self.direct and not spilled and sized < DIRECT_MAX and len(records) <= DIRECT_RECORDS
                   and self.error is None and (not self._direct_after or time.monotonic() >= self._direct_after))
         with self._cond:
             if direct and not self._queue and not self._busy and not self.writer.full \

@@ -543,7 +543,6 @@ class Broker:
         written = core.outbox.take_records()
         gating = bool(written or len(self.gate))
         if written:
-            first = self._rseq + 1
             if journal is not None:
                 to_spill = core.state.to_spill
                 spilling: list[tuple[int, Any]] = []
@@ -554,13 +553,14 @@ class Broker:
                         if task is not None:
                             spilling.append((i, task))
                 self._rseq = journal.extend(written, [i for i, _ in spilling])
-                first = self._rseq - len(written) + 1
+                first = self._rseq - len(written) + 1  # (the journal numbers them; without one, we do)
                 for i, task in spilling:
                     self._spilling[first + i] = task
                 if journal.durable == self._rseq:  # written at once (a batch journal's small batch)
                     self._durable(journal, self._rseq)
             else:
                 self._rseq += len(written)
+                first = self._rseq - len(written) + 1
             if pair is not None:
                 for seq, record in enumerate(written, first):
                     pair.replicate(seq, record)

@@ -274,8 +274,9 @@ class Lifecycle:
             task.queued_at = now
         task.state = state
         wall = st.wall()  # one reading for the history, the journal and the event
-        if ago:
-            wall = max(wall - ago, task.history.last or wall - ago)
+        if ago:  # (never before the previous move: a satellite's long dt cannot date it earlier)
+            last = task.history.last
+            wall = wall - ago if last is None else max(wall - ago, last)
         task.history.add(wall, state, task.attempt, task.satellite, reason)
         written = self.outbox.records
         if written is not None:
